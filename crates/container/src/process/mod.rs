@@ -303,6 +303,11 @@ pub fn exec_in(
             (Err(e), _) => return Err(e).ctx(|| format!("container process {pid} is gone")),
         }
     }
+    // The console socket is a host path: connect before joining the mount namespace.
+    let console = match console_socket {
+        Some(s) => Some(init::connect_console(s)?),
+        None => None,
+    };
     let (parent, child) = Channel::pair()?;
     let stage1 = fork_child(&child, false, || {
         for (flag, fd) in &join {
@@ -316,10 +321,6 @@ pub fn exec_in(
                 return Err(Error::Init("runtime did not release the process".into()));
             }
             nix::unistd::setsid().ctx(|| "setsid")?;
-            let console = match console_socket {
-                Some(s) => Some(init::connect_console(s)?),
-                None => None,
-            };
             init::finalize(
                 spec,
                 process,

@@ -1,0 +1,243 @@
+//! End-to-end tests of the OCI runtime verbs with real namespaces, mounts and cgroups
+//! (run as root). Each test has its own bundle, state root and container id.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+#[test]
+fn run_passes_output_and_exit_code() {
+    let b = Bundle::new("exit", &["sh", "-c", "echo out; echo err >&2; exit 7"]);
+    let o = b.run();
+    assert_eq!(o.status.code(), Some(7), "stderr: {}", stderr(&o));
+    assert_eq!(stdout(&o), "out\n");
+    assert!(stderr(&o).contains("err"));
+    // Foreground run deletes the container afterwards.
+    assert!(b.state_json().is_none());
+    assert!(!cgroup_exists(&b.id));
+}
+
+#[test]
+fn isolation_pid_hostname_mounts() {
+    let b = Bundle::new(
+        "iso",
+        &[
+            "sh",
+            "-c",
+            "echo pid=$$; hostname; ps -o pid | wc -l; cat /proc/mounts",
+        ],
+    );
+    b.edit(|c| c["hostname"] = json!("box-under-test"));
+    let o = b.run();
+    assert!(o.status.success(), "stderr: {}", stderr(&o));
+    let out = stdout(&o);
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("pid=1"));
+    assert_eq!(lines.next(), Some("box-under-test"));
+    let procs: usize = lines.next().unwrap().trim().parse().unwrap();
+    // header + sh + ps + wc at most: the host's processes are invisible.
+    assert!(
+        procs <= 5,
+        "saw {procs} lines of ps: host processes leak in"
+    );
+    let host_dir = b.dir.path().to_str().unwrap();
+    assert!(
+        !out.contains(host_dir),
+        "host bundle path visible in container mounts:\n{out}"
+    );
+    assert!(!out.contains("/work"), "host mounts visible:\n{out}");
+}
+
+#[test]
+fn user_namespace_maps_root_to_unprivileged_uid() {
+    let b = Bundle::with(
+        "userns",
+        &["sh", "-c", "id -u; cat /proc/self/uid_map; touch /data/f"],
+        true,
+    );
+    let data = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(data.path(), Some(100_000), Some(100_000)).unwrap();
+    b.edit(|c| {
+        c["mounts"].as_array_mut().unwrap().push(json!({
+            "destination": "/data", "type": "bind", "source": data.path(), "options": ["rbind", "rw"]
+        }));
+    });
+    let o = b.run();
+    assert!(o.status.success(), "stderr: {}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("0\n"), "{out}");
+    assert!(out.contains("100000"), "uid_map: {out}");
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(data.path().join("f")).unwrap();
+    assert_eq!(md.uid(), 100_000, "container root must be host uid 100000");
+}
+
+#[test]
+fn no_runtime_fd_leaks_into_container() {
+    let b = Bundle::new("fds", &["ls", "/proc/self/fd"]);
+    // An extra inherited descriptor in nestor's own process.
+    let f = std::fs::File::open("/etc/hostname").unwrap();
+    use std::os::fd::AsRawFd;
+    let raw = f.as_raw_fd();
+    unsafe {
+        let fl = libc::fcntl(raw, libc::F_GETFD);
+        libc::fcntl(raw, libc::F_SETFD, fl & !libc::FD_CLOEXEC);
+    }
+    let o = b.run();
+    assert!(o.status.success(), "stderr: {}", stderr(&o));
+    let fds: Vec<u32> = stdout(&o)
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    // 0,1,2 and ls's own directory handle.
+    assert!(fds.iter().all(|&fd| fd <= 3), "descriptors leaked: {fds:?}");
+}
+
+#[test]
+fn masked_and_readonly_paths_and_caps() {
+    let b = Bundle::new(
+        "mask",
+        &["sh", "-c", "ls /sys/firmware | wc -l; echo 1 > /proc/sys/kernel/ns_last_pid && echo WROTE; grep CapEff /proc/self/status; touch /x && echo ROOTRW"],
+    );
+    let o = b.run();
+    let out = stdout(&o);
+    assert!(
+        out.starts_with("0\n"),
+        "/sys/firmware not masked: {out} {}",
+        stderr(&o)
+    );
+    assert!(!out.contains("WROTE"), "/proc/sys writable");
+    assert!(!out.contains("ROOTRW"), "readonly root is writable");
+    // Default spec: AUDIT_WRITE(29), KILL(5), NET_BIND_SERVICE(10).
+    let want = (1u64 << 29) | (1 << 5) | (1 << 10);
+    assert!(
+        out.contains(&format!("CapEff:\t{want:016x}")),
+        "caps: {out}"
+    );
+}
+
+#[test]
+fn lifecycle_create_start_exec_kill_delete() {
+    let b = Bundle::new("life", &["sleep", "1000"]);
+    let pidfile = b.dir.path().join("pid");
+    // The container keeps create's stdio: give it files, not the test's pipes.
+    let errf = b.dir.path().join("create.err");
+    let mut c = b.cmd(&[
+        "create",
+        "--bundle",
+        b.dir.path().to_str().unwrap(),
+        "--pid-file",
+        pidfile.to_str().unwrap(),
+    ]);
+    c.arg(&b.id)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&errf).unwrap());
+    let ok = c.status().unwrap().success();
+    assert!(ok, "create: {}", std::fs::read_to_string(&errf).unwrap());
+    let st = b.state_json().unwrap();
+    assert_eq!(st["status"], "created");
+    let pid: i64 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(st["pid"], pid);
+    // A created container's process has not exec'd the program yet.
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_ne!(comm.trim(), "sleep");
+    assert!(b.oci(&["start"]).status.success());
+    assert_eq!(b.state_json().unwrap()["status"], "running");
+    // Starting twice is an error naming the status.
+    let again = b.oci(&["start"]);
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("running"), "{}", stderr(&again));
+    // exec with a process.json, as podman does.
+    let pj = b.dir.path().join("p.json");
+    std::fs::write(&pj, r#"{"args":["sh","-c","echo $$ $(cat /proc/1/comm); exit 4"],"cwd":"/","env":["PATH=/bin"],"user":{"uid":0,"gid":0}}"#).unwrap();
+    let mut c = b.cmd(&["exec", "--process", pj.to_str().unwrap()]);
+    c.arg(&b.id);
+    let o = c.output().unwrap();
+    assert_eq!(o.status.code(), Some(4), "exec: {}", stderr(&o));
+    assert!(stdout(&o).contains("sleep"), "{}", stdout(&o));
+    // Deleting a running container needs --force.
+    let d = b.oci(&["delete"]);
+    assert!(!d.status.success());
+    assert!(b.cmd(&["kill", &b.id, "KILL"]).status().unwrap().success());
+    for _ in 0..500 {
+        if b.state_json().unwrap()["status"] == "stopped" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(b.state_json().unwrap()["status"], "stopped");
+    assert!(b.oci(&["delete"]).status.success());
+    assert!(b.state_json().is_none());
+    assert!(!cgroup_exists(&b.id));
+}
+
+#[test]
+fn bad_inputs_give_clear_errors_and_leave_nothing() {
+    // Malformed config.json.
+    let b = Bundle::new("bad", &["true"]);
+    std::fs::write(b.config(), b"{ not json").unwrap();
+    let o = b.run();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("config.json"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"));
+    assert!(b.state_json().is_none());
+    // Missing rootfs.
+    let b = Bundle::new("norootfs", &["true"]);
+    std::fs::remove_dir_all(b.rootfs()).unwrap();
+    let o = b.run();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("root.path"), "{}", stderr(&o));
+    // A program that does not exist.
+    let b = Bundle::new("noexe", &["/no/such/program"]);
+    let o = b.run();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("/no/such/program"), "{}", stderr(&o));
+    assert!(b.state_json().is_none());
+    assert!(!cgroup_exists(&b.id));
+    // Empty args.
+    let b = Bundle::new("noargs", &[]);
+    let o = b.run();
+    assert!(stderr(&o).contains("process.args"), "{}", stderr(&o));
+    // Hostile id.
+    let b = Bundle::new("id", &["true"]);
+    let o = b.cmd(&["state", "../../etc"]).output().unwrap();
+    assert!(
+        stderr(&o).contains("invalid container id"),
+        "{}",
+        stderr(&o)
+    );
+    // Unknown container.
+    let o = b
+        .cmd(&["kill", "no-such-container-xyz", "9"])
+        .output()
+        .unwrap();
+    assert!(stderr(&o).contains("does not exist"), "{}", stderr(&o));
+    // A mount destination that symlinks out of the rootfs stays inside.
+    let b = Bundle::new("symlink", &["ls", "/escape"]);
+    let outside = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(outside.path(), b.rootfs().join("escape")).unwrap();
+    b.edit(|c| {
+        c["mounts"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"destination": "/escape/sub", "type": "tmpfs", "source": "tmpfs"}));
+    });
+    let o = b.run();
+    // Either the mount lands inside the rootfs or it is refused with a message naming
+    // the path; it never lands outside.
+    assert!(
+        o.status.success() || stderr(&o).contains("escape"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !outside.path().join("sub").exists(),
+        "mount escaped the rootfs through a symlink"
+    );
+}
