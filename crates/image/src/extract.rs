@@ -65,7 +65,8 @@ pub(crate) fn extract_layer<R: Read>(
             libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
         )
     };
-    let root_fd = owned(fd).map_err(|e| ImageError::io(format!("cannot open {}", root.display()), e))?;
+    let root_fd =
+        owned(fd).map_err(|e| ImageError::io(format!("cannot open {}", root.display()), e))?;
     let mut x = Extractor {
         root: root_fd,
         layer,
@@ -134,10 +135,21 @@ fn open_dir_at(dir: RawFd, name: &CStr) -> io::Result<OwnedFd> {
 fn file_type_at(dir: RawFd, name: &CStr) -> io::Result<Option<u32>> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: fstatat(2) writes into st on success; we read it only then.
-    let r = unsafe { libc::fstatat(dir, name.as_ptr(), st.as_mut_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let r = unsafe {
+        libc::fstatat(
+            dir,
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     if r < 0 {
         let e = io::Error::last_os_error();
-        return if errno(&e) == libc::ENOENT { Ok(None) } else { Err(e) };
+        return if errno(&e) == libc::ENOENT {
+            Ok(None)
+        } else {
+            Err(e)
+        };
     }
     // SAFETY: fstatat succeeded, so st is initialised.
     Ok(Some(unsafe { st.assume_init() }.st_mode & libc::S_IFMT))
@@ -188,7 +200,13 @@ impl Extractor<'_> {
 
     /// Opens the directory `comps` below the root without following any symlink,
     /// creating missing directories (mode 0755) when `create` is set.
-    fn walk(&self, comps: &[Vec<u8>], create: bool, entry: &str, role: &str) -> Result<OwnedFd, ImageError> {
+    fn walk(
+        &self,
+        comps: &[Vec<u8>],
+        create: bool,
+        entry: &str,
+        role: &str,
+    ) -> Result<OwnedFd, ImageError> {
         let mut cur = self
             .root
             .try_clone()
@@ -211,7 +229,10 @@ impl Extractor<'_> {
                 Err(e) if errno(&e) == libc::ENOENT => {
                     return Err(self.unsafe_entry(
                         entry,
-                        format!("{role} '{}' does not exist in this layer", show(&comps[..=i])),
+                        format!(
+                            "{role} '{}' does not exist in this layer",
+                            show(&comps[..=i])
+                        ),
                     ))
                 }
                 Err(e) if errno(&e) == libc::ELOOP || errno(&e) == libc::ENOTDIR => {
@@ -236,11 +257,18 @@ impl Extractor<'_> {
         match file_type_at(dir, name).map_err(|e| self.io_err(entry, "stat", e))? {
             None => Ok(()),
             Some(t) => {
-                let flags = if t == libc::S_IFDIR { libc::AT_REMOVEDIR } else { 0 };
+                let flags = if t == libc::S_IFDIR {
+                    libc::AT_REMOVEDIR
+                } else {
+                    0
+                };
                 // SAFETY: unlinkat(2) with a valid dirfd and name.
                 cvt(unsafe { libc::unlinkat(dir, name.as_ptr(), flags) }).map_err(|e| {
                     if errno(&e) == libc::ENOTEMPTY || errno(&e) == libc::EEXIST {
-                        self.unsafe_entry(entry, "would replace a non-empty directory of the same layer")
+                        self.unsafe_entry(
+                            entry,
+                            "would replace a non-empty directory of the same layer",
+                        )
                     } else {
                         self.io_err(entry, "cannot replace existing file", e)
                     }
@@ -253,23 +281,41 @@ impl Extractor<'_> {
         // Order matters: chown clears setuid bits and file capabilities, so chmod and the
         // xattrs come after it, and the mtime last.
         // SAFETY: plain syscalls on a valid fd.
-        cvt(unsafe { libc::fchown(fd, meta.uid, meta.gid) }).map_err(|e| self.io_err(entry, "chown", e))?;
-        cvt(unsafe { libc::fchmod(fd, meta.mode as libc::mode_t) }).map_err(|e| self.io_err(entry, "chmod", e))?;
+        cvt(unsafe { libc::fchown(fd, meta.uid, meta.gid) })
+            .map_err(|e| self.io_err(entry, "chown", e))?;
+        cvt(unsafe { libc::fchmod(fd, meta.mode as libc::mode_t) })
+            .map_err(|e| self.io_err(entry, "chmod", e))?;
         for (k, v) in &meta.xattrs {
             set_xattr(fd, k, v).map_err(|e| self.io_err(entry, "set xattr", e))?;
         }
         let ts = times(meta.mtime);
         // SAFETY: futimens(2) reads two timespecs.
-        cvt(unsafe { libc::futimens(fd, ts.as_ptr()) }).map_err(|e| self.io_err(entry, "set mtime", e))
+        cvt(unsafe { libc::futimens(fd, ts.as_ptr()) })
+            .map_err(|e| self.io_err(entry, "set mtime", e))
     }
 
     /// Owner, mode and mtime for a node that cannot be opened (symlink, fifo, device),
     /// set by name in its parent without following it.
-    fn apply_at(&self, dir: RawFd, name: &CStr, meta: &Meta, chmod: bool, entry: &str) -> Result<(), ImageError> {
+    fn apply_at(
+        &self,
+        dir: RawFd,
+        name: &CStr,
+        meta: &Meta,
+        chmod: bool,
+        entry: &str,
+    ) -> Result<(), ImageError> {
         // SAFETY: *at syscalls with a valid dirfd and name; AT_SYMLINK_NOFOLLOW everywhere
         // it exists.
-        cvt(unsafe { libc::fchownat(dir, name.as_ptr(), meta.uid, meta.gid, libc::AT_SYMLINK_NOFOLLOW) })
-            .map_err(|e| self.io_err(entry, "chown", e))?;
+        cvt(unsafe {
+            libc::fchownat(
+                dir,
+                name.as_ptr(),
+                meta.uid,
+                meta.gid,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        })
+        .map_err(|e| self.io_err(entry, "chown", e))?;
         if chmod {
             cvt(unsafe { libc::fchmodat(dir, name.as_ptr(), meta.mode as libc::mode_t, 0) })
                 .map_err(|e| self.io_err(entry, "chmod", e))?;
@@ -302,9 +348,13 @@ impl Extractor<'_> {
                         tracing::debug!(layer = self.layer, entry = %disp, xattr = name, "dropping xattr");
                     }
                 } else if key == "uid" {
-                    pax_uid = std::str::from_utf8(ext.value_bytes()).ok().and_then(|v| v.parse().ok());
+                    pax_uid = std::str::from_utf8(ext.value_bytes())
+                        .ok()
+                        .and_then(|v| v.parse().ok());
                 } else if key == "gid" {
-                    pax_gid = std::str::from_utf8(ext.value_bytes()).ok().and_then(|v| v.parse().ok());
+                    pax_gid = std::str::from_utf8(ext.value_bytes())
+                        .ok()
+                        .and_then(|v| v.parse().ok());
                 }
             }
         }
@@ -313,13 +363,20 @@ impl Extractor<'_> {
         let id = |v: u64| u32::try_from(v).ok();
         let meta = Meta {
             mode: hdr.mode().map_err(bad)? & 0o7777,
-            uid: pax_uid.or_else(|| hdr.uid().ok().and_then(id)).ok_or_else(|| bad(io::Error::other("bad uid")))?,
-            gid: pax_gid.or_else(|| hdr.gid().ok().and_then(id)).ok_or_else(|| bad(io::Error::other("bad gid")))?,
+            uid: pax_uid
+                .or_else(|| hdr.uid().ok().and_then(id))
+                .ok_or_else(|| bad(io::Error::other("unreadable uid in its tar header")))?,
+            gid: pax_gid
+                .or_else(|| hdr.gid().ok().and_then(id))
+                .ok_or_else(|| bad(io::Error::other("unreadable gid in its tar header")))?,
             mtime: hdr.mtime().map_err(bad)?.min(i64::MAX as u64) as i64,
             xattrs,
         };
         use tar::EntryType as T;
-        if matches!(kind, T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink) {
+        if matches!(
+            kind,
+            T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink
+        ) {
             return Ok(());
         }
 
@@ -348,8 +405,15 @@ impl Extractor<'_> {
                 let t = cstr(target).map_err(|e| self.io_err(&disp, "bad name", e))?;
                 self.clear(parent.as_raw_fd(), &t, &disp)?;
                 // SAFETY: mknodat(2) with a valid dirfd and name.
-                cvt(unsafe { libc::mknodat(parent.as_raw_fd(), t.as_ptr(), libc::S_IFCHR, libc::makedev(0, 0)) })
-                    .map_err(|e| self.io_err(&disp, "cannot create whiteout", e))?;
+                cvt(unsafe {
+                    libc::mknodat(
+                        parent.as_raw_fd(),
+                        t.as_ptr(),
+                        libc::S_IFCHR,
+                        libc::makedev(0, 0),
+                    )
+                })
+                .map_err(|e| self.io_err(&disp, "cannot create whiteout", e))?;
             }
             self.stats.entries += 1;
             return Ok(());
@@ -379,7 +443,11 @@ impl Extractor<'_> {
                     libc::openat(
                         pfd,
                         cname.as_ptr(),
-                        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                        libc::O_WRONLY
+                            | libc::O_CREAT
+                            | libc::O_EXCL
+                            | libc::O_NOFOLLOW
+                            | libc::O_CLOEXEC,
                         0o600 as libc::c_uint,
                     )
                 })
@@ -397,7 +465,8 @@ impl Extractor<'_> {
                     .link_name_bytes()
                     .filter(|t| !t.is_empty())
                     .ok_or_else(|| self.unsafe_entry(&disp, "is a symlink with an empty target"))?;
-                let target = cstr(&target).map_err(|err| self.io_err(&disp, "bad link target", err))?;
+                let target =
+                    cstr(&target).map_err(|err| self.io_err(&disp, "bad link target", err))?;
                 self.clear(pfd, &cname, &disp)?;
                 // SAFETY: symlinkat(2); the target is stored, never resolved here.
                 cvt(unsafe { libc::symlinkat(target.as_ptr(), pfd, cname.as_ptr()) })
@@ -411,7 +480,10 @@ impl Extractor<'_> {
                     .ok_or_else(|| self.unsafe_entry(&disp, "is a hard link with no target"))?;
                 let tshow = String::from_utf8_lossy(&raw_target).into_owned();
                 let tcomps = split_path(&raw_target).map_err(|_| {
-                    self.unsafe_entry(&disp, format!("is a hard link whose target '{tshow}' escapes the layer root"))
+                    self.unsafe_entry(
+                        &disp,
+                        format!("is a hard link whose target '{tshow}' escapes the layer root"),
+                    )
                 })?;
                 let Some((tname, tparents)) = tcomps.split_last() else {
                     return Err(self.unsafe_entry(&disp, "is a hard link to the layer root"));
@@ -424,13 +496,16 @@ impl Extractor<'_> {
                 }
                 self.clear(pfd, &cname, &disp)?;
                 // SAFETY: linkat(2) without AT_SYMLINK_FOLLOW: links the target entry itself.
-                cvt(unsafe { libc::linkat(tparent.as_raw_fd(), tc.as_ptr(), pfd, cname.as_ptr(), 0) }).map_err(
-                    |err| match errno(&err) {
-                        libc::ENOENT => self.unsafe_entry(&disp, format!("{role} does not exist in this layer")),
-                        libc::EPERM => self.unsafe_entry(&disp, format!("{role} is a directory")),
-                        _ => self.io_err(&disp, "cannot create hard link", err),
-                    },
-                )?;
+                cvt(unsafe {
+                    libc::linkat(tparent.as_raw_fd(), tc.as_ptr(), pfd, cname.as_ptr(), 0)
+                })
+                .map_err(|err| match errno(&err) {
+                    libc::ENOENT => {
+                        self.unsafe_entry(&disp, format!("{role} does not exist in this layer"))
+                    }
+                    libc::EPERM => self.unsafe_entry(&disp, format!("{role} is a directory")),
+                    _ => self.io_err(&disp, "cannot create hard link", err),
+                })?;
             }
             T::Char | T::Block => {
                 let major = hdr.device_major().ok().flatten().unwrap_or(u32::MAX);
@@ -438,10 +513,16 @@ impl Extractor<'_> {
                 if kind == T::Char && major == 0 && minor == 0 {
                     self.clear(pfd, &cname, &disp)?;
                     // SAFETY: mknodat(2) of an overlayfs whiteout (char 0:0).
-                    cvt(unsafe { libc::mknodat(pfd, cname.as_ptr(), libc::S_IFCHR, libc::makedev(0, 0)) })
-                        .map_err(|err| self.io_err(&disp, "cannot create whiteout", err))?;
+                    cvt(unsafe {
+                        libc::mknodat(pfd, cname.as_ptr(), libc::S_IFCHR, libc::makedev(0, 0))
+                    })
+                    .map_err(|err| self.io_err(&disp, "cannot create whiteout", err))?;
                 } else {
-                    let what = if kind == T::Char { "character" } else { "block" };
+                    let what = if kind == T::Char {
+                        "character"
+                    } else {
+                        "block"
+                    };
                     return Err(self.unsafe_entry(
                         &disp,
                         format!("is a {what} device {major}:{minor} (device nodes are not allowed in image layers)"),
@@ -456,7 +537,10 @@ impl Extractor<'_> {
                 self.apply_at(pfd, &cname, &meta, true, &disp)?;
             }
             other => {
-                return Err(self.unsafe_entry(&disp, format!("has an unsupported tar entry type {:?}", other)));
+                return Err(self.unsafe_entry(
+                    &disp,
+                    format!("has an unsupported tar entry type {:?}", other),
+                ));
             }
         }
         self.stats.entries += 1;

@@ -68,11 +68,17 @@ pub(crate) fn parse(name: &str) -> Result<Reference, ImageError> {
         }
         _ => ("localhost".to_string(), name, false),
     };
+    let host = domain.split(':').next().unwrap_or_default();
     if !domain
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
+        || host
+            .split('.')
+            .any(|p| !p.starts_with(|c: char| c.is_ascii_alphanumeric()))
     {
-        return Err(bad("the registry part may hold only letters, digits, '.', '-' and ':'"));
+        return Err(bad(
+            "the registry part may hold only letters, digits, '.', '-' and ':'",
+        ));
     }
     let last_slash = rest.rfind('/').map(|i| i + 1).unwrap_or(0);
     let (path, tag) = match rest[last_slash..].rfind(':') {
@@ -122,18 +128,49 @@ mod tests {
 
     #[test]
     fn normalises_like_podman() {
-        for n in ["busybox", "busybox:latest", "localhost/busybox", "localhost/busybox:latest"] {
-            assert_eq!(normalize_name(n).unwrap(), "localhost/busybox:latest", "{n}");
+        for n in [
+            "busybox",
+            "busybox:latest",
+            "localhost/busybox",
+            "localhost/busybox:latest",
+        ] {
+            assert_eq!(
+                normalize_name(n).unwrap(),
+                "localhost/busybox:latest",
+                "{n}"
+            );
         }
-        assert_eq!(normalize_name("docker.io/busybox").unwrap(), "docker.io/library/busybox:latest");
-        assert_eq!(normalize_name("quay.io/a/b:1.2").unwrap(), "quay.io/a/b:1.2");
-        assert_eq!(normalize_name("localhost:5000/x:v1").unwrap(), "localhost:5000/x:v1");
-        assert_eq!(normalize_name("my/repo:tag").unwrap(), "localhost/my/repo:tag");
+        assert_eq!(
+            normalize_name("docker.io/busybox").unwrap(),
+            "docker.io/library/busybox:latest"
+        );
+        assert_eq!(
+            normalize_name("quay.io/a/b:1.2").unwrap(),
+            "quay.io/a/b:1.2"
+        );
+        assert_eq!(
+            normalize_name("localhost:5000/x:v1").unwrap(),
+            "localhost:5000/x:v1"
+        );
+        assert_eq!(
+            normalize_name("my/repo:tag").unwrap(),
+            "localhost/my/repo:tag"
+        );
     }
 
     #[test]
     fn rejects_bad_names() {
-        for n in ["", "Busybox", "a@sha256:00", "a:", "a:-x", "/a", "a//b", "../x", "a b"] {
+        for n in [
+            "",
+            "Busybox",
+            "a@sha256:00",
+            "a:",
+            "a:-x",
+            "/a",
+            "a//b",
+            "../x",
+            "a b",
+        ] {
             let e = normalize_name(n).unwrap_err();
             assert!(e.to_string().contains("invalid image name"), "{n}: {e}");
         }

@@ -37,7 +37,10 @@ impl std::fmt::Display for ArchiveFormat {
 
 #[derive(Debug, Clone)]
 pub(crate) enum TarItem {
-    File { offset: u64, size: u64 },
+    File {
+        offset: u64,
+        size: u64,
+    },
     /// A symlink or hard link, with its target already made archive-relative.
     Link(String),
 }
@@ -68,7 +71,8 @@ impl Source {
         }
         let mut file = File::open(path).ctx(|| format!("cannot open {}", path.display()))?;
         let mut magic = [0u8; 4];
-        let n = read_up_to(&mut file, &mut magic).ctx(|| format!("cannot read {}", path.display()))?;
+        let n =
+            read_up_to(&mut file, &mut magic).ctx(|| format!("cannot read {}", path.display()))?;
         let tar_path = match &magic[..n] {
             [0x1f, 0x8b, ..] => decompress_to(
                 flate2::read::MultiGzDecoder::new(BufReader::new(reopen(path)?)),
@@ -125,7 +129,11 @@ impl Source {
 
     /// Opens a file of the layout or archive by its archive-relative name. `what` names it
     /// in errors (usually the blob digest).
-    pub(crate) fn open_file(&self, name: &str, what: &str) -> Result<(Box<dyn Read + '_>, u64), ImageError> {
+    pub(crate) fn open_file(
+        &self,
+        name: &str,
+        what: &str,
+    ) -> Result<(Box<dyn Read + '_>, u64), ImageError> {
         match self {
             Source::Dir(d) => {
                 let p = d.join(name);
@@ -134,9 +142,14 @@ impl Source {
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {
                         return Err(ImageError::BlobMissing(what.to_string()))
                     }
-                    Err(e) => return Err(ImageError::io(format!("cannot open {}", p.display()), e)),
+                    Err(e) => {
+                        return Err(ImageError::io(format!("cannot open {}", p.display()), e))
+                    }
                 };
-                let len = f.metadata().ctx(|| format!("cannot stat {}", p.display()))?.len();
+                let len = f
+                    .metadata()
+                    .ctx(|| format!("cannot stat {}", p.display()))?
+                    .len();
                 Ok((Box::new(f), len))
             }
             Source::Tar { file, .. } => {
@@ -155,10 +168,15 @@ impl Source {
     pub(crate) fn read_small(&self, name: &str, what: &str) -> Result<Vec<u8>, ImageError> {
         let (r, len) = self.open_file(name, what)?;
         if len > MAX_JSON {
-            return Err(ImageError::invalid(what, format!("{len} bytes is too large for a JSON document")));
+            return Err(ImageError::invalid(
+                what,
+                format!("{len} bytes is too large for a JSON document"),
+            ));
         }
         let mut buf = Vec::with_capacity(len as usize);
-        r.take(MAX_JSON).read_to_end(&mut buf).ctx(|| format!("cannot read {what}"))?;
+        r.take(MAX_JSON)
+            .read_to_end(&mut buf)
+            .ctx(|| format!("cannot read {what}"))?;
         Ok(buf)
     }
 }
@@ -213,8 +231,12 @@ fn index_tar(tar_path: &Path, orig: &Path) -> Result<HashMap<String, TarItem>, I
         let entry = entry.map_err(not_tar)?;
         any = true;
         let raw = entry.path_bytes();
-        let Ok(name) = std::str::from_utf8(&raw) else { continue };
-        let Some(name) = normalize(name) else { continue };
+        let Ok(name) = std::str::from_utf8(&raw) else {
+            continue;
+        };
+        let Some(name) = normalize(name) else {
+            continue;
+        };
         let kind = entry.header().entry_type();
         let item = if kind.is_file() {
             TarItem::File {
@@ -222,8 +244,12 @@ fn index_tar(tar_path: &Path, orig: &Path) -> Result<HashMap<String, TarItem>, I
                 size: entry.size(),
             }
         } else if kind.is_symlink() || kind.is_hard_link() {
-            let Some(target) = entry.link_name_bytes() else { continue };
-            let Ok(target) = std::str::from_utf8(&target) else { continue };
+            let Some(target) = entry.link_name_bytes() else {
+                continue;
+            };
+            let Ok(target) = std::str::from_utf8(&target) else {
+                continue;
+            };
             let joined = if kind.is_symlink() && !target.starts_with('/') {
                 match name.rfind('/') {
                     Some(i) => format!("{}/{}", &name[..i], target),
@@ -232,7 +258,9 @@ fn index_tar(tar_path: &Path, orig: &Path) -> Result<HashMap<String, TarItem>, I
             } else {
                 target.to_string()
             };
-            let Some(t) = normalize(&joined) else { continue };
+            let Some(t) = normalize(&joined) else {
+                continue;
+            };
             TarItem::Link(t)
         } else {
             continue;

@@ -89,14 +89,23 @@ impl Image {
     /// The process to run, with docker's rules: `entrypoint + args` when `args` is
     /// non-empty, else `entrypoint + cmd`.
     pub fn command(&self, args: &[String]) -> Vec<String> {
-        let tail = if args.is_empty() { &self.config.cmd } else { args };
+        let tail = if args.is_empty() {
+            &self.config.cmd
+        } else {
+            args
+        };
         self.config.entrypoint.iter().chain(tail).cloned().collect()
     }
 
     /// The overlayfs `lowerdir=` value: the layers top-most first, joined by `:`.
     /// The store root must not contain `:` or `,` for this to be a valid mount option.
     pub fn overlay_lowerdir(&self) -> String {
-        let parts: Vec<String> = self.layers.iter().rev().map(|p| p.display().to_string()).collect();
+        let parts: Vec<String> = self
+            .layers
+            .iter()
+            .rev()
+            .map(|p| p.display().to_string())
+            .collect();
         parts.join(":")
     }
 }
@@ -239,7 +248,13 @@ impl ImageStore {
         let store = ImageStore {
             root: root.to_path_buf(),
         };
-        for d in [root.to_path_buf(), store.layers_dir(), store.images_dir(), store.blobs_dir(), store.tmp_dir()] {
+        for d in [
+            root.to_path_buf(),
+            store.layers_dir(),
+            store.images_dir(),
+            store.blobs_dir(),
+            store.tmp_dir(),
+        ] {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -337,7 +352,8 @@ impl ImageStore {
     }
 
     fn write_record(&self, r: &Record) -> Result<(), ImageError> {
-        let bytes = serde_json::to_vec_pretty(r).map_err(|e| ImageError::invalid("image record", e))?;
+        let bytes =
+            serde_json::to_vec_pretty(r).map_err(|e| ImageError::invalid("image record", e))?;
         self.write_atomic(&self.images_dir().join(format!("{}.json", r.id)), &bytes)
     }
 
@@ -399,8 +415,15 @@ impl ImageStore {
                 }
             }
         }
-        if !id_query.is_empty() && id_query.len() <= 64 && id_query.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            let hits: Vec<usize> = (0..records.len()).filter(|&i| records[i].id.starts_with(id_query)).collect();
+        if !id_query.is_empty()
+            && id_query.len() <= 64
+            && id_query
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            let hits: Vec<usize> = (0..records.len())
+                .filter(|&i| records[i].id.starts_with(id_query))
+                .collect();
             match hits.len() {
                 0 => {}
                 1 => return Ok((hits[0], false)),
@@ -421,7 +444,7 @@ impl ImageStore {
             path: cfg_path.clone(),
             reason: format!("config of image {} unreadable: {e}", &r.id[..12]),
         })?;
-        let cfg: ImageConfiguration = serde_json::from_slice(&bytes).map_err(|e| ImageError::Damaged {
+        let cfg = parse_config(&bytes).map_err(|e| ImageError::Damaged {
             path: cfg_path.clone(),
             reason: format!("config of image {} unparsable: {e}", &r.id[..12]),
         })?;
@@ -431,7 +454,11 @@ impl ImageStore {
             if !p.is_dir() {
                 return Err(ImageError::Damaged {
                     path: p,
-                    reason: format!("layer sha256:{} of image {} is missing", &l[..12], &r.id[..12]),
+                    reason: format!(
+                        "layer sha256:{} of image {} is missing",
+                        &l[..12],
+                        &r.id[..12]
+                    ),
                 });
             }
             layers.push(p);
@@ -465,7 +492,8 @@ impl ImageStore {
             path: self.tmp_dir().join(unique("import")),
             armed: true,
         };
-        fs::create_dir(&staging.path).ctx(|| format!("cannot create {}", staging.path.display()))?;
+        fs::create_dir(&staging.path)
+            .ctx(|| format!("cannot create {}", staging.path.display()))?;
         let (src, format) = Source::open(path, &staging.path)?;
         progress(&format!("importing {format} {}", path.display()));
         let candidates = match format {
@@ -473,12 +501,18 @@ impl ImageStore {
             ArchiveFormat::DockerArchive => docker_candidates(&src)?,
         };
         if candidates.is_empty() {
-            return Err(ImageError::invalid(format!("{format} {}", path.display()), "it holds no image"));
+            return Err(ImageError::invalid(
+                format!("{format} {}", path.display()),
+                "it holds no image",
+            ));
         }
         if override_name.is_some() && candidates.len() > 1 {
             return Err(ImageError::invalid(
                 format!("{format} {}", path.display()),
-                format!("it holds {} images, so one name cannot be given to all", candidates.len()),
+                format!(
+                    "it holds {} images, so one name cannot be given to all",
+                    candidates.len()
+                ),
             ));
         }
         let mut out = Vec::new();
@@ -511,13 +545,17 @@ impl ImageStore {
     ) -> Result<ImageSummary, ImageError> {
         let (config_digest, config_bytes) = &c.config;
         let id = sha256_hex(config_digest, "config digest")?.to_string();
-        let cfg: ImageConfiguration =
-            serde_json::from_slice(config_bytes).map_err(|e| ImageError::invalid(format!("image config {config_digest}"), e))?;
+        let cfg = parse_config(config_bytes)
+            .map_err(|e| ImageError::invalid(format!("image config {config_digest}"), e))?;
         let diff_ids = cfg.rootfs().diff_ids();
         if diff_ids.len() != c.layers.len() {
             return Err(ImageError::invalid(
                 format!("image config {config_digest}"),
-                format!("it lists {} diff_ids but the manifest has {} layers", diff_ids.len(), c.layers.len()),
+                format!(
+                    "it lists {} diff_ids but the manifest has {} layers",
+                    diff_ids.len(),
+                    c.layers.len()
+                ),
             ));
         }
         let n = c.layers.len();
@@ -528,11 +566,16 @@ impl ImageStore {
             let info_path = self.layers_dir().join(&diff_hex).join("layer.json");
             let info = match fs::read(&info_path) {
                 Ok(b) => {
-                    let info: LayerInfo = serde_json::from_slice(&b).map_err(|e| ImageError::Damaged {
-                        path: info_path.clone(),
-                        reason: e.to_string(),
-                    })?;
-                    progress(&format!("layer {}/{n} {} already present", i + 1, short(diff_id)));
+                    let info: LayerInfo =
+                        serde_json::from_slice(&b).map_err(|e| ImageError::Damaged {
+                            path: info_path.clone(),
+                            reason: e.to_string(),
+                        })?;
+                    progress(&format!(
+                        "layer {}/{n} {} already present",
+                        i + 1,
+                        short(diff_id)
+                    ));
                     info
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -545,7 +588,12 @@ impl ImageStore {
                     ));
                     info
                 }
-                Err(e) => return Err(ImageError::io(format!("cannot read {}", info_path.display()), e)),
+                Err(e) => {
+                    return Err(ImageError::io(
+                        format!("cannot read {}", info_path.display()),
+                        e,
+                    ))
+                }
             };
             size += info.size;
             layer_hexes.push(diff_hex);
@@ -595,18 +643,29 @@ impl ImageStore {
         progress(&format!(
             "image {} {}",
             s.short_id(),
-            if s.names.is_empty() { "<none>".to_string() } else { s.names.join(", ") }
+            if s.names.is_empty() {
+                "<none>".to_string()
+            } else {
+                s.names.join(", ")
+            }
         ));
         Ok(s)
     }
 
     /// Extracts one layer blob into `tmp/`, verifying its digests in the same pass, and
     /// renames it into `layers/<diff_id>` only when complete and verified.
-    fn extract_one(&self, src: &Source, l: &LayerSrc, diff_hex: &str) -> Result<LayerInfo, ImageError> {
+    fn extract_one(
+        &self,
+        src: &Source,
+        l: &LayerSrc,
+        diff_hex: &str,
+    ) -> Result<LayerInfo, ImageError> {
         let diff_id = format!("sha256:{diff_hex}");
         let layer_name = short(&diff_id);
         let stage = Staging {
-            path: self.tmp_dir().join(unique(&format!("layer-{}", &diff_hex[..12]))),
+            path: self
+                .tmp_dir()
+                .join(unique(&format!("layer-{}", &diff_hex[..12]))),
             armed: true,
         };
         let diff_dir = stage.path.join("diff");
@@ -629,22 +688,29 @@ impl ImageStore {
         let mut comp = HashingReader::new(reader);
         let (extracted, plain_digest) = {
             let mut buf = BufReader::new(&mut comp);
-            let magic = buf.fill_buf().ctx(|| format!("cannot read layer {what}"))?.to_vec();
+            let magic = buf
+                .fill_buf()
+                .ctx(|| format!("cannot read layer {what}"))?
+                .to_vec();
             let dec: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
                 Box::new(flate2::read::MultiGzDecoder::new(buf))
             } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-                Box::new(
-                    ruzstd::decoding::StreamingDecoder::new(buf).map_err(|e| ImageError::BadLayer {
+                Box::new(ruzstd::decoding::StreamingDecoder::new(buf).map_err(|e| {
+                    ImageError::BadLayer {
                         layer: layer_name.clone(),
                         reason: format!("bad zstd data: {e}"),
-                    })?,
-                )
+                    }
+                })?)
             } else {
                 Box::new(buf)
             };
             let mut plain = HashingReader::new(dec);
             let res = extract_layer(&mut plain, &diff_dir, &layer_name);
-            let pd = if res.is_ok() { Some(plain.finish()) } else { None };
+            let pd = if res.is_ok() {
+                Some(plain.finish())
+            } else {
+                None
+            };
             (res, pd)
         };
         let (blob_digest, _) = comp.finish().ctx(|| format!("cannot read layer {what}"))?;
@@ -681,11 +747,13 @@ impl ImageStore {
             size: stats.bytes,
             entries: stats.entries,
         };
-        let info_bytes = serde_json::to_vec_pretty(&info).map_err(|e| ImageError::invalid("layer info", e))?;
+        let info_bytes =
+            serde_json::to_vec_pretty(&info).map_err(|e| ImageError::invalid("layer info", e))?;
         fs::write(stage.path.join("layer.json"), info_bytes)
             .ctx(|| format!("cannot write layer info in {}", stage.path.display()))?;
         let dest = self.layers_dir().join(diff_hex);
-        fs::rename(&stage.path, &dest).ctx(|| format!("cannot move layer into {}", dest.display()))?;
+        fs::rename(&stage.path, &dest)
+            .ctx(|| format!("cannot move layer into {}", dest.display()))?;
         let mut stage = stage;
         stage.armed = false;
         Ok(info)
@@ -736,10 +804,17 @@ impl ImageStore {
             ..GcReport::default()
         };
         let records = self.records()?;
-        let layers: BTreeSet<&str> = records.iter().flat_map(|r| r.layers.iter().map(String::as_str)).collect();
+        let layers: BTreeSet<&str> = records
+            .iter()
+            .flat_map(|r| r.layers.iter().map(String::as_str))
+            .collect();
         let mut blobs: BTreeSet<String> = records.iter().map(|r| r.id.clone()).collect();
         for r in &records {
-            if let Some(Ok(h)) = r.manifest_digest.as_deref().map(|d| sha256_hex(d, "manifest digest")) {
+            if let Some(Ok(h)) = r
+                .manifest_digest
+                .as_deref()
+                .map(|d| sha256_hex(d, "manifest digest"))
+            {
                 blobs.insert(h.to_string());
             }
         }
@@ -750,7 +825,8 @@ impl ImageStore {
             if !layers.contains(name.as_str()) {
                 // Rename first, so a half-deleted layer is never taken as complete.
                 let doomed = self.tmp_dir().join(unique("rm"));
-                fs::rename(e.path(), &doomed).ctx(|| format!("cannot remove layer {}", e.path().display()))?;
+                fs::rename(e.path(), &doomed)
+                    .ctx(|| format!("cannot remove layer {}", e.path().display()))?;
                 remove_any(&doomed).ctx(|| format!("cannot remove {}", doomed.display()))?;
                 report.layers_removed += 1;
             }
@@ -766,6 +842,17 @@ impl ImageStore {
         }
         Ok(report)
     }
+}
+
+/// Parses an image config, accepting configs without `history` (optional in the OCI
+/// spec, required by oci-spec 0.7's type).
+fn parse_config(bytes: &[u8]) -> Result<ImageConfiguration, serde_json::Error> {
+    let mut v: serde_json::Value = serde_json::from_slice(bytes)?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.entry("history")
+            .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+    }
+    serde_json::from_value(v)
 }
 
 fn image_config(cfg: &ImageConfiguration) -> ImageConfig {
@@ -820,7 +907,8 @@ fn names_of(desc: &Descriptor) -> Vec<String> {
 
 fn oci_candidates(src: &Source) -> Result<Vec<Candidate>, ImageError> {
     let bytes = src.read_small("index.json", "index.json")?;
-    let index: ImageIndex = serde_json::from_slice(&bytes).map_err(|e| ImageError::invalid("index.json", e))?;
+    let index: ImageIndex =
+        serde_json::from_slice(&bytes).map_err(|e| ImageError::invalid("index.json", e))?;
     let mut out = Vec::new();
     for desc in index.manifests() {
         if let Some(c) = oci_candidate(src, desc, names_of(desc), 0)? {
@@ -830,28 +918,38 @@ fn oci_candidates(src: &Source) -> Result<Vec<Candidate>, ImageError> {
     Ok(out)
 }
 
-fn oci_candidate(src: &Source, desc: &Descriptor, names: Vec<String>, depth: u32) -> Result<Option<Candidate>, ImageError> {
+fn oci_candidate(
+    src: &Source,
+    desc: &Descriptor,
+    names: Vec<String>,
+    depth: u32,
+) -> Result<Option<Candidate>, ImageError> {
     let mt = desc.media_type().to_string();
     if INDEX_TYPES.contains(&mt.as_str()) {
         if depth > 2 {
-            return Err(ImageError::Unsupported("image indexes nested more than 2 deep".into()));
+            return Err(ImageError::Unsupported(
+                "image indexes nested more than 2 deep".into(),
+            ));
         }
         let (d, bytes) = load_blob(src, desc, "image index")?;
-        let idx: ImageIndex = serde_json::from_slice(&bytes).map_err(|e| ImageError::invalid(format!("image index {d}"), e))?;
+        let idx: ImageIndex = serde_json::from_slice(&bytes)
+            .map_err(|e| ImageError::invalid(format!("image index {d}"), e))?;
         let arch = host_arch();
         let pick = idx
             .manifests()
             .iter()
             .find(|m| {
-                m.platform()
-                    .as_ref()
-                    .is_some_and(|p| p.os().to_string() == "linux" && p.architecture().to_string() == arch)
+                m.platform().as_ref().is_some_and(|p| {
+                    p.os().to_string() == "linux" && p.architecture().to_string() == arch
+                })
             })
             .or_else(|| match idx.manifests().as_slice() {
                 [only] if only.platform().is_none() => Some(only),
                 _ => None,
             })
-            .ok_or_else(|| ImageError::Unsupported(format!("image index {d} has no linux/{arch} image")))?;
+            .ok_or_else(|| {
+                ImageError::Unsupported(format!("image index {d} has no linux/{arch} image"))
+            })?;
         return oci_candidate(src, pick, names, depth + 1);
     }
     if !MANIFEST_TYPES.contains(&mt.as_str()) {
@@ -859,14 +957,17 @@ fn oci_candidate(src: &Source, desc: &Descriptor, names: Vec<String>, depth: u32
         return Ok(None);
     }
     let (mdigest, mbytes) = load_blob(src, desc, "image manifest")?;
-    let manifest: ImageManifest =
-        serde_json::from_slice(&mbytes).map_err(|e| ImageError::invalid(format!("image manifest {mdigest}"), e))?;
+    let manifest: ImageManifest = serde_json::from_slice(&mbytes)
+        .map_err(|e| ImageError::invalid(format!("image manifest {mdigest}"), e))?;
     let config = load_blob(src, manifest.config(), "image config")?;
     let mut layers = Vec::new();
     for l in manifest.layers() {
         let lmt = l.media_type().to_string();
         if !(lmt.contains(".layer.") || lmt.contains("rootfs.diff.tar")) {
-            return Err(ImageError::Unsupported(format!("layer {} has media type {lmt}, not a tar layer", l.digest())));
+            return Err(ImageError::Unsupported(format!(
+                "layer {} has media type {lmt}, not a tar layer",
+                l.digest()
+            )));
         }
         let digest = l.digest().to_string();
         let hex = sha256_hex(&digest, "layer digest")?;
@@ -888,21 +989,27 @@ fn oci_candidate(src: &Source, desc: &Descriptor, names: Vec<String>, depth: u32
 /// which docker and podman use as the file's sha256.
 fn digest_from_path(p: &str) -> Option<String> {
     let base = p.rsplit('/').next()?;
-    let stem = base.strip_suffix(".json").or_else(|| base.strip_suffix(".tar")).unwrap_or(base);
+    let stem = base
+        .strip_suffix(".json")
+        .or_else(|| base.strip_suffix(".tar"))
+        .unwrap_or(base);
     is_hex64(stem).then(|| format!("sha256:{stem}"))
 }
 
 fn docker_candidates(src: &Source) -> Result<Vec<Candidate>, ImageError> {
     let bytes = src.read_small("manifest.json", "manifest.json")?;
-    let entries: Vec<DockerEntry> =
-        serde_json::from_slice(&bytes).map_err(|e| ImageError::invalid("docker-archive manifest.json", e))?;
+    let entries: Vec<DockerEntry> = serde_json::from_slice(&bytes)
+        .map_err(|e| ImageError::invalid("docker-archive manifest.json", e))?;
     let mut out = Vec::new();
     for e in entries {
         let cbytes = src.read_small(&e.config, &e.config)?;
         let actual = sha256_of(&cbytes);
         if let Some(expected) = digest_from_path(&e.config) {
             if expected != actual {
-                return Err(ImageError::DigestMismatch { digest: expected, actual });
+                return Err(ImageError::DigestMismatch {
+                    digest: expected,
+                    actual,
+                });
             }
         }
         let layers = e
