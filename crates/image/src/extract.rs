@@ -361,15 +361,40 @@ impl Extractor<'_> {
         let hdr = e.header();
         let kind = hdr.entry_type();
         let id = |v: u64| u32::try_from(v).ok();
+        // A field left all-NUL (some writers do this) reads as 0, as GNU tar reads it.
+        let old = hdr.as_old();
+        let num = |field: &[u8], parsed: io::Result<u64>| {
+            if field.iter().all(|&b| b == 0) {
+                Ok(0)
+            } else {
+                parsed
+            }
+        };
+        let unreadable = |what: &str| {
+            bad(io::Error::other(format!(
+                "unreadable {what} in its tar header"
+            )))
+        };
         let meta = Meta {
-            mode: hdr.mode().map_err(bad)? & 0o7777,
-            uid: pax_uid
-                .or_else(|| hdr.uid().ok().and_then(id))
-                .ok_or_else(|| bad(io::Error::other("unreadable uid in its tar header")))?,
-            gid: pax_gid
-                .or_else(|| hdr.gid().ok().and_then(id))
-                .ok_or_else(|| bad(io::Error::other("unreadable gid in its tar header")))?,
-            mtime: hdr.mtime().map_err(bad)?.min(i64::MAX as u64) as i64,
+            mode: num(&old.mode, hdr.mode().map(u64::from)).map_err(|_| unreadable("mode"))? as u32
+                & 0o7777,
+            uid: match pax_uid {
+                Some(u) => u,
+                None => num(&old.uid, hdr.uid())
+                    .ok()
+                    .and_then(id)
+                    .ok_or_else(|| unreadable("uid"))?,
+            },
+            gid: match pax_gid {
+                Some(g) => g,
+                None => num(&old.gid, hdr.gid())
+                    .ok()
+                    .and_then(id)
+                    .ok_or_else(|| unreadable("gid"))?,
+            },
+            mtime: num(&old.mtime, hdr.mtime())
+                .map_err(|_| unreadable("mtime"))?
+                .min(i64::MAX as u64) as i64,
             xattrs,
         };
         use tar::EntryType as T;

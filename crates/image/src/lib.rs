@@ -66,7 +66,7 @@
 //!
 //! # Extraction safety and formats
 //!
-//! See [`extract`](crate::extract) (private) for the rules; in short: no `..`, leading
+//! The rules in short (the private `extract` module has them in full): no `..`, leading
 //! `/` stripped, no symlink ever followed, hard links only to entries of the same layer,
 //! no device nodes except the 0:0 whiteout form. Layers may be plain tar, gzip or zstd
 //! (single frame); outer archives may be plain, gzip or zstd compressed.

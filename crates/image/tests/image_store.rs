@@ -211,6 +211,27 @@ impl RawTar {
         self.0.append(&h, &b""[..]).unwrap();
         self
     }
+    /// A pax extended header ('x') applying `records` to the next entry.
+    fn pax(&mut self, records: &[(&str, &[u8])]) -> &mut Self {
+        let mut data = Vec::new();
+        for (k, v) in records {
+            let body = k.len() + v.len() + 3; // ' ', '=', '\n'
+            let mut len = body + 1;
+            while len != body + len.to_string().len() {
+                len = body + len.to_string().len();
+            }
+            data.extend_from_slice(format!("{len} {k}=").as_bytes());
+            data.extend_from_slice(v);
+            data.push(b'\n');
+        }
+        self.add(
+            b"PaxHeaders/entry",
+            tar::EntryType::XHeader,
+            b"",
+            &data,
+            0o644,
+        )
+    }
     fn finish(&mut self) -> Vec<u8> {
         std::mem::replace(&mut self.0, tar::Builder::new(Vec::new()))
             .into_inner()
@@ -1165,4 +1186,85 @@ fn gc_clears_leftovers_of_an_interrupted_import() {
     assert!(store.get("busybox").is_ok());
     let perms = fs::metadata(&root).unwrap().permissions();
     assert_eq!(perms.mode() & 0o777, 0o700);
+}
+
+#[test]
+fn keeps_user_and_capability_xattrs_drops_trusted_ones() {
+    let area = Area::new();
+    // VFS_CAP_REVISION_2 with the effective flag, permitted = CAP_NET_RAW (bit 13).
+    let mut cap = vec![0x01, 0x00, 0x00, 0x02, 0x00, 0x20, 0x00, 0x00];
+    cap.resize(20, 0);
+    let tar = RawTar::new()
+        .pax(&[
+            ("SCHILY.xattr.user.note", b"hello"),
+            ("SCHILY.xattr.security.capability", &cap),
+            ("SCHILY.xattr.trusted.overlay.opaque", b"y"),
+        ])
+        .file("bin/ping", b"\x7fELF")
+        .pax(&[("SCHILY.xattr.trusted.overlay.redirect", b"/etc")])
+        .dir("forged")
+        .finish();
+    let s = area.import_tar(tar).unwrap().remove(0);
+    let layer = &area.store().get(&s.id).unwrap().layers[0];
+    let get = |p: &Path, name: &std::ffi::CStr| -> Option<Vec<u8>> {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        let mut buf = vec![0u8; 64];
+        // SAFETY: lgetxattr writes at most buf.len() bytes.
+        let n = unsafe {
+            libc::lgetxattr(
+                c.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        (n >= 0).then(|| buf[..n as usize].to_vec())
+    };
+    let ping = layer.join("bin/ping");
+    assert_eq!(get(&ping, c"user.note").as_deref(), Some(&b"hello"[..]));
+    assert_eq!(get(&ping, c"security.capability"), Some(cap));
+    assert_eq!(get(&ping, c"trusted.overlay.opaque"), None);
+    assert_eq!(
+        get(&layer.join("forged"), c"trusted.overlay.redirect"),
+        None
+    );
+}
+
+#[test]
+fn imports_zstd_layers_and_long_names() {
+    let area = Area::new();
+    let long = format!("{}/file", "d".repeat(150));
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(4);
+    h.set_mode(0o644);
+    h.set_mtime(1);
+    b.append_data(&mut h, &long, &b"long"[..]).unwrap();
+    let plain = b.into_inner().unwrap();
+    let zst =
+        ruzstd::encoding::compress_to_vec(&plain[..], ruzstd::encoding::CompressionLevel::Fastest);
+    assert_ne!(zst, plain);
+    let layout = area.path().join("layout");
+    write_layout(
+        &layout,
+        &[(zst, "application/vnd.oci.image.layer.v1.tar+zstd")],
+        &[plain],
+        "zst",
+        "sh",
+    );
+    let s = area
+        .store()
+        .import(&layout, None, &mut quiet())
+        .unwrap()
+        .remove(0);
+    let layer = &area.store().get("zst").unwrap().layers[0];
+    assert_eq!(s.size, 4);
+    assert_eq!(fs::read(layer.join(&long)).unwrap(), b"long");
+}
+
+#[test]
+fn refuses_nameless_whiteout() {
+    let area = Area::new();
+    let tar = RawTar::new().file("etc/.wh..", b"").finish();
+    expect_refused(&area, tar, "etc/.wh..", "whiteout with no valid name");
 }
