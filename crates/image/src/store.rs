@@ -248,18 +248,27 @@ impl ImageStore {
         let store = ImageStore {
             root: root.to_path_buf(),
         };
+        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).ctx(|| format!("cannot create {}", parent.display()))?;
+        }
         for d in [
             root.to_path_buf(),
             store.layers_dir(),
             store.images_dir(),
+            store.root.join("blobs"),
             store.blobs_dir(),
             store.tmp_dir(),
         ] {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&d)
-                .ctx(|| format!("cannot create image store directory {}", d.display()))?;
+            match fs::DirBuilder::new().mode(0o700).create(&d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => {}
+                Err(e) => {
+                    return Err(ImageError::io(
+                        format!("cannot create image store directory {}", d.display()),
+                        e,
+                    ))
+                }
+            }
         }
         Ok(store)
     }
@@ -345,6 +354,12 @@ impl ImageStore {
                 path: p.clone(),
                 reason: format!("unreadable image record: {e}"),
             })?;
+            if !is_hex64(&r.id) || !r.layers.iter().all(|l| is_hex64(l)) {
+                return Err(ImageError::Damaged {
+                    path: p,
+                    reason: "image record has an id or layer that is not a sha256 digest".into(),
+                });
+            }
             out.push(r);
         }
         out.sort_by(|a, b| b.created.cmp(&a.created).then(a.id.cmp(&b.id)));

@@ -1268,3 +1268,98 @@ fn refuses_nameless_whiteout() {
     let tar = RawTar::new().file("etc/.wh..", b"").finish();
     expect_refused(&area, tar, "etc/.wh..", "whiteout with no valid name");
 }
+
+/// A docker-archive in the legacy `docker save` shape, made here: `<v1id>/layer.tar`
+/// symlinks to the layer files, the config named by its digest.
+fn write_docker_archive(path: &Path, tamper_config: bool) -> String {
+    let src = sample_layout();
+    let m = manifest_of(&src);
+    let blob = |d: &str| {
+        fs::read(
+            src.join("blobs/sha256")
+                .join(d.trim_start_matches("sha256:")),
+        )
+        .unwrap()
+    };
+    let cfg_digest = m["config"]["digest"].as_str().unwrap();
+    let mut cfg = blob(cfg_digest);
+    if tamper_config {
+        cfg = String::from_utf8(cfg)
+            .unwrap()
+            .replace("\"sh\"", "\"id\"")
+            .into_bytes();
+    }
+    let cfg_name = format!("{}.json", cfg_digest.trim_start_matches("sha256:"));
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o444);
+        h.set_cksum();
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    add(&cfg_name, &cfg);
+    let mut layer_paths = Vec::new();
+    let mut links = Vec::new();
+    for (i, l) in m["layers"].as_array().unwrap().iter().enumerate() {
+        let raw = blob(l["digest"].as_str().unwrap());
+        let mut tar_bytes = Vec::new();
+        if raw.starts_with(&[0x1f, 0x8b]) {
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&raw[..]), &mut tar_bytes)
+                .unwrap();
+        } else {
+            tar_bytes = raw;
+        }
+        let file = format!("{}.tar", sha256_hex(&tar_bytes));
+        add(&file, &tar_bytes);
+        let v1 = format!("{:064x}", i + 1);
+        links.push((format!("{v1}/layer.tar"), format!("../{file}")));
+        layer_paths.push(format!("{v1}/layer.tar"));
+    }
+    let manifest =
+        serde_json::json!([{"Config": cfg_name, "RepoTags": ["legacy:1"], "Layers": layer_paths}]);
+    add("manifest.json", &serde_json::to_vec(&manifest).unwrap());
+    for (name, target) in links {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        b.append_link(&mut h, name, target).unwrap();
+    }
+    fs::write(path, b.into_inner().unwrap()).unwrap();
+    cfg_digest.to_string()
+}
+
+#[test]
+fn imports_legacy_docker_archive_and_rejects_tampered_config() {
+    let area = Area::new();
+    let store = area.store();
+    let good = area.path().join("docker.tar");
+    let cfg = write_docker_archive(&good, false);
+    let mut lines = Vec::new();
+    let s = store
+        .import(&good, None, &mut |l| lines.push(l.to_string()))
+        .unwrap()
+        .remove(0);
+    assert!(
+        lines[0].starts_with("importing docker-archive"),
+        "{lines:?}"
+    );
+    assert_eq!(s.names, vec!["localhost/legacy:1".to_string()]);
+    assert_eq!(format!("sha256:{}", s.id), cfg);
+    assert!(store.get("legacy:1").unwrap().layers[0]
+        .join("bin/busybox")
+        .is_file());
+
+    let bad = area.path().join("docker-bad.tar");
+    write_docker_archive(&bad, true);
+    let fresh = ImageStore::open(&area.path().join("store2")).unwrap();
+    let err = fresh
+        .import(&bad, None, &mut quiet())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&cfg) && err.contains("digest mismatch"),
+        "{err}"
+    );
+}
