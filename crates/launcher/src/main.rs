@@ -1,5 +1,85 @@
-//! `nestor`: the command line users type. Parses arguments and wires the libraries together.
+//! `nestor`: the command line users type. Parses arguments (`cli`), then hands each
+//! verb to its module; errors become one line on stderr (and a JSON line in `--log`
+//! for podman's conmon) and a non-zero exit code.
 
-fn main() {
-    println!("nestor {}", env!("CARGO_PKG_VERSION"));
+mod cli;
+mod oci;
+mod signals;
+mod spec;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Parser;
+use nestor_container::container::Runtime;
+
+use cli::{Cli, Cmd};
+
+fn dispatch(cli: &Cli) -> Result<i32> {
+    let rt = Runtime::new(cli.root.clone());
+    match &cli.cmd {
+        Cmd::Create(a) => oci::create(&rt, a)?,
+        Cmd::Start { id } => rt.start(id)?,
+        Cmd::State { id } => oci::state(&rt, id)?,
+        Cmd::Kill(a) => oci::kill(&rt, a)?,
+        Cmd::Delete { force, id } => rt.delete(id, *force)?,
+        Cmd::Pause { id } => rt.pause(id)?,
+        Cmd::Resume { id } => rt.resume(id)?,
+        Cmd::List { format, quiet } => oci::list(&rt, format, *quiet)?,
+        Cmd::Spec { bundle, rootless } => oci::spec(bundle, *rootless)?,
+        Cmd::Exec(a) => {
+            return if a.process.is_some() {
+                oci::exec(&rt, a)
+            } else {
+                anyhow::bail!("exec without --process: Docker-style exec is not wired yet")
+            }
+        }
+        Cmd::Run(a) => {
+            return if a.bundle.is_some() {
+                oci::run(&rt, a)
+            } else {
+                anyhow::bail!("run without --bundle: image runs are not wired yet")
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn log_error(cli: &Cli, msg: &str) {
+    let Some(path) = &cli.log else { return };
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    else {
+        return;
+    };
+    let time = nestor_container::state::rfc3339(nestor_container::state::now_ns());
+    let line = if cli.log_format == "json" {
+        serde_json::json!({"level": "error", "msg": msg, "time": time}).to_string()
+    } else {
+        format!("{time} error: {msg}")
+    };
+    let _ = writeln!(f, "{line}");
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = if cli.debug { "debug" } else { "warn" };
+    let filter = std::env::var("NESTOR_LOG").unwrap_or_else(|_| level.to_string());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+    match dispatch(&cli) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            let msg = format!("{e:#}");
+            log_error(&cli, &msg);
+            eprintln!("nestor: {msg}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -1,0 +1,109 @@
+//! `create` (and the first half of `run`): bundle -> cgroup -> namespaces -> rootfs ->
+//! a process waiting to exec, with its state recorded.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use super::{write_pid_file, Runtime};
+use crate::cgroups::{self, Cgroup};
+use crate::error::{Context, Result};
+use crate::process::{self, Event, InitConfig};
+use crate::rootfs::CgroupMount;
+use crate::state::{now_ns, proc_start, State};
+
+/// Options of `create` / `run`.
+#[derive(Debug, Default, Clone)]
+pub struct CreateOpts {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub console_socket: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
+    pub preserve_fds: u32,
+    /// Kept in the state for higher layers (the nestor CLI).
+    pub labels: HashMap<String, String>,
+}
+
+impl Runtime {
+    /// OCI `create`: the container's process exists and waits for `start`.
+    pub fn create(&self, o: &CreateOpts) -> Result<State> {
+        self.make(o, true)
+    }
+
+    /// `run` without the wait: the process is created and exec'd at once. The caller
+    /// (the runtime process) is its parent and reaps it with [`super::wait_exit`].
+    pub fn create_and_start(&self, o: &CreateOpts) -> Result<State> {
+        self.make(o, false)
+    }
+
+    fn make(&self, o: &CreateOpts, wait_for_start: bool) -> Result<State> {
+        let bundle = crate::spec::load(&o.bundle)?;
+        let dir = self.root.reserve(&o.id)?;
+        let mut cgroup: Option<Cgroup> = None;
+        let res = (|| -> Result<State> {
+            let fifo = if wait_for_start {
+                let p = self.root.fifo_path(&o.id);
+                nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600))
+                    .ctx(|| format!("mkfifo {}", p.display()))?;
+                Some(p)
+            } else {
+                None
+            };
+            let linux = bundle.spec.linux().as_ref();
+            let rel = linux
+                .and_then(|l| l.cgroups_path().as_ref())
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_else(|| format!("nestor/{}", o.id));
+            let cg = Cgroup::create(&rel, linux.and_then(|l| l.resources().as_ref()))?;
+            let cgroup_mount = if cgroups::layout()?.is_v2_only() {
+                CgroupMount::V2
+            } else {
+                CgroupMount::V1(cg.paths())
+            };
+            cgroup = Some(cg);
+            let cfg = InitConfig {
+                spec: &bundle.spec,
+                rootfs: &bundle.rootfs,
+                bundle: &bundle.dir,
+                fifo,
+                console_socket: o.console_socket.clone(),
+                cgroup_mount,
+                preserve_fds: o.preserve_fds,
+            };
+            let cgref = cgroup.as_ref();
+            let pid = process::spawn(&cfg, &mut |ev| match ev {
+                Event::Pid(p) => match cgref {
+                    Some(c) => c.add_pid(p).map_err(Into::into),
+                    None => Ok(()),
+                },
+            })?;
+            let st = State {
+                id: o.id.clone(),
+                pid,
+                pid_start: proc_start(pid).map(|s| s.0).unwrap_or(0),
+                bundle: bundle.dir.clone(),
+                rootfs: bundle.rootfs.clone(),
+                annotations: bundle.spec.annotations().clone().unwrap_or_default(),
+                created_ns: now_ns(),
+                cgroup: cgroup.as_ref().and_then(|c| serde_json::to_value(c).ok()),
+                new_pid_ns: crate::process::ns_plan(&bundle.spec)?
+                    .new
+                    .contains(nix::sched::CloneFlags::CLONE_NEWPID),
+                started: !wait_for_start,
+                paused: false,
+                labels: o.labels.clone(),
+            };
+            self.root.save(&st)?;
+            if let Some(p) = &o.pid_file {
+                write_pid_file(p, pid)?;
+            }
+            Ok(st)
+        })();
+        if res.is_err() {
+            if let Some(c) = &cgroup {
+                let _ = c.destroy();
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        res
+    }
+}

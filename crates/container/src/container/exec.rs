@@ -1,0 +1,55 @@
+//! `exec`: run another process inside a running container, with the container's
+//! namespaces and cgroup, and the given process spec.
+
+use std::path::PathBuf;
+
+use oci_spec::runtime::Process;
+
+use super::{write_pid_file, Runtime};
+use crate::error::{Error, Result};
+use crate::process::{self, Event};
+use crate::state::Status;
+
+/// Options of `exec`.
+#[derive(Debug, Clone)]
+pub struct ExecOpts {
+    pub id: String,
+    pub process: Process,
+    pub console_socket: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
+    pub preserve_fds: u32,
+}
+
+impl Runtime {
+    /// Start the process; returns its host pid (a child of the caller, to be reaped).
+    pub fn exec(&self, o: &ExecOpts) -> Result<i32> {
+        let st = self.root.load(&o.id)?;
+        Self::require(&st, &[Status::Running], "exec needs a running container")?;
+        let bundle = crate::spec::load(&st.bundle)?;
+        if o.process.args().as_ref().is_none_or(|a| a.is_empty()) {
+            return Err(Error::Invalid("exec: no command given".into()));
+        }
+        let cg = Self::cgroup_of(&st);
+        let pid = process::exec_in(
+            st.pid,
+            &bundle.spec,
+            &o.process,
+            if o.process.terminal().unwrap_or(false) {
+                o.console_socket.as_deref()
+            } else {
+                None
+            },
+            o.preserve_fds,
+            &mut |ev| match ev {
+                Event::Pid(p) => match &cg {
+                    Some(c) => c.add_pid(p).map_err(Into::into),
+                    None => Ok(()),
+                },
+            },
+        )?;
+        if let Some(p) = &o.pid_file {
+            write_pid_file(p, pid)?;
+        }
+        Ok(pid)
+    }
+}

@@ -1,0 +1,390 @@
+//! The container's own process before exec: stage 2 (cgroup namespace, rootfs,
+//! hostname, console, exec fifo) and [`finalize`], shared with `exec`, which applies
+//! the process spec (rlimits, no_new_privs, user and groups, capabilities, seccomp,
+//! cwd, environment) and execs the program.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use nix::sched::CloneFlags;
+use oci_spec::runtime::{Process, Spec};
+
+use super::{InitConfig, NsPlan};
+use crate::error::{Context, Error, Result};
+use crate::rootfs::{self, RootfsContext};
+use crate::sys::Channel;
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Stage 2: runs as the container's PID 1 (or first process) and never returns on success.
+pub(super) fn stage2(
+    cfg: &InitConfig<'_>,
+    ch: &Channel,
+    plan: &NsPlan,
+    userns: bool,
+) -> Result<()> {
+    if ch.recv()? != b"g" {
+        return Err(Error::Init(
+            "runtime did not release the container process".into(),
+        ));
+    }
+    if plan.new.contains(CloneFlags::CLONE_NEWCGROUP) {
+        nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP).ctx(|| "unshare cgroup namespace")?;
+    }
+    nix::unistd::setsid().ctx(|| "setsid")?;
+    let process = cfg
+        .spec
+        .process()
+        .as_ref()
+        .ok_or_else(|| Error::Init("spec has no process".into()))?;
+    let console = if process.terminal().unwrap_or(false) {
+        let s = cfg.console_socket.as_deref().ok_or_else(|| {
+            Error::Invalid("process.terminal is true but no --console-socket was given".into())
+        })?;
+        Some(connect_console(s)?)
+    } else {
+        None
+    };
+    // The fifo lives on the host: hold it by an O_PATH descriptor across pivot_root.
+    let fifo = match &cfg.fifo {
+        Some(p) => {
+            let fd = nix::fcntl::open(
+                p,
+                nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .ctx(|| format!("open {}", p.display()))?;
+            // SAFETY: fresh descriptor.
+            Some(unsafe { OwnedFd::from_raw_fd(fd) })
+        }
+        None => None,
+    };
+    if plan.new.contains(CloneFlags::CLONE_NEWNS) {
+        rootfs::setup(&RootfsContext {
+            spec: cfg.spec,
+            rootfs: cfg.rootfs,
+            bundle: cfg.bundle,
+            userns,
+            cgroup: cfg.cgroup_mount.clone(),
+        })?;
+    } else {
+        return Err(Error::Invalid(
+            "the spec must ask for a new mount namespace".into(),
+        ));
+    }
+    if plan.new.contains(CloneFlags::CLONE_NEWUTS) {
+        if let Some(h) = cfg.spec.hostname() {
+            nix::unistd::sethostname(h).ctx(|| format!("set hostname '{h}'"))?;
+        }
+        if let Some(d) = cfg.spec.domainname() {
+            let c = CString::new(d.as_str())
+                .map_err(|_| Error::Invalid("domainname has a NUL byte".into()))?;
+            // SAFETY: valid pointer and length.
+            if unsafe { libc::setdomainname(c.as_ptr(), d.len()) } != 0 {
+                return Err(nix::Error::last()).ctx(|| format!("set domainname '{d}'"));
+            }
+        }
+    }
+    finalize(
+        cfg.spec,
+        process,
+        ch,
+        console.as_ref().map(|c| c.as_raw_fd()),
+        cfg.preserve_fds,
+        fifo,
+    )
+}
+
+/// Connect to the OCI console socket (before pivot_root: the path is on the host).
+pub(crate) fn connect_console(path: &Path) -> Result<OwnedFd> {
+    let s = std::os::unix::net::UnixStream::connect(path)
+        .ctx(|| format!("connect to console socket {}", path.display()))?;
+    Ok(OwnedFd::from(s))
+}
+
+/// Make a pty inside the container, send its master to the console socket and take
+/// the slave as stdin, stdout, stderr and controlling terminal.
+fn setup_terminal(sock: RawFd) -> Result<()> {
+    use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
+    let master = posix_openpt(
+        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_NOCTTY | nix::fcntl::OFlag::O_CLOEXEC,
+    )
+    .ctx(|| "open /dev/ptmx")?;
+    grantpt(&master).ctx(|| "grantpt")?;
+    unlockpt(&master).ctx(|| "unlockpt")?;
+    let name = ptsname_r(&master).ctx(|| "ptsname")?;
+    let slave = nix::fcntl::open(
+        name.as_str(),
+        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_NOCTTY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .ctx(|| format!("open {name}"))?;
+    crate::sys::send_fd(sock, master.as_raw_fd())?;
+    for fd in 0..3 {
+        nix::unistd::dup2(slave, fd).ctx(|| "dup2 pty slave")?;
+    }
+    if slave > 2 {
+        let _ = nix::unistd::close(slave);
+    }
+    // SAFETY: TIOCSCTTY on our own stdin, which is the new pty.
+    if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
+        return Err(nix::Error::last()).ctx(|| "make the pty the controlling terminal");
+    }
+    Ok(())
+}
+
+fn rlimit_resource(name: &str) -> Option<libc::__rlimit_resource_t> {
+    Some(match name {
+        "RLIMIT_CPU" => libc::RLIMIT_CPU,
+        "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
+        "RLIMIT_DATA" => libc::RLIMIT_DATA,
+        "RLIMIT_STACK" => libc::RLIMIT_STACK,
+        "RLIMIT_CORE" => libc::RLIMIT_CORE,
+        "RLIMIT_RSS" => libc::RLIMIT_RSS,
+        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
+        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
+        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
+        "RLIMIT_AS" => libc::RLIMIT_AS,
+        "RLIMIT_LOCKS" => libc::RLIMIT_LOCKS,
+        "RLIMIT_SIGPENDING" => libc::RLIMIT_SIGPENDING,
+        "RLIMIT_MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => libc::RLIMIT_NICE,
+        "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
+        _ => return None,
+    })
+}
+
+fn apply_rlimits(process: &Process) -> Result<()> {
+    for r in process.rlimits().iter().flatten() {
+        let name = serde_json::to_value(r.typ())
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let res = rlimit_resource(&name)
+            .ok_or_else(|| Error::Invalid(format!("unknown rlimit {name}")))?;
+        let lim = libc::rlimit {
+            rlim_cur: r.soft(),
+            rlim_max: r.hard(),
+        };
+        // SAFETY: valid rlimit struct.
+        if unsafe { libc::setrlimit(res, &lim) } != 0 {
+            return Err(nix::Error::last())
+                .ctx(|| format!("set {name} to {}:{}", r.soft(), r.hard()));
+        }
+    }
+    Ok(())
+}
+
+fn to_caps(set: Option<&oci_spec::runtime::Capabilities>) -> caps::CapsHashSet {
+    let mut out = caps::CapsHashSet::new();
+    for c in set.into_iter().flatten() {
+        let name = serde_json::to_value(c)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        match name.parse::<caps::Capability>() {
+            Ok(cap) => {
+                out.insert(cap);
+            }
+            Err(_) => tracing::debug!("capability {name} unknown here; skipped"),
+        }
+    }
+    out
+}
+
+fn caps_err(what: &str, e: caps::errors::CapsError) -> Error {
+    Error::Init(format!("{what}: {e}"))
+}
+
+/// Drop capabilities from the bounding set and switch user, keeping the permitted set
+/// across the uid change; the other sets are applied by [`set_caps`].
+fn switch_user(process: &Process, bounding: Option<&caps::CapsHashSet>) -> Result<()> {
+    if let Some(b) = bounding {
+        let supported = caps::runtime::procfs_all_supported(None).unwrap_or_else(|_| caps::all());
+        for c in supported {
+            if !b.contains(&c) {
+                caps::drop(None, caps::CapSet::Bounding, c)
+                    .map_err(|e| caps_err("drop bounding capability", e))?;
+            }
+        }
+    }
+    let user = process.user();
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) };
+    let mut groups: Vec<nix::unistd::Gid> = user
+        .additional_gids()
+        .iter()
+        .flatten()
+        .map(|g| (*g).into())
+        .collect();
+    groups.dedup();
+    if let Err(e) = nix::unistd::setgroups(&groups) {
+        // In a user namespace whose setgroups is denied only an empty list could pass.
+        if !groups.is_empty() || e != nix::Error::EPERM {
+            return Err(e).ctx(|| "setgroups");
+        }
+    }
+    let gid = user.gid().into();
+    nix::unistd::setresgid(gid, gid, gid).ctx(|| format!("setgid {}", user.gid()))?;
+    let uid = user.uid().into();
+    nix::unistd::setresuid(uid, uid, uid).ctx(|| format!("setuid {}", user.uid()))?;
+    // SAFETY: as above.
+    unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) };
+    if let Some(mask) = user.umask() {
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
+    }
+    Ok(())
+}
+
+fn set_caps(process: &Process) -> Result<()> {
+    let Some(c) = process.capabilities() else {
+        // No capabilities object: the process gets none.
+        for set in [
+            caps::CapSet::Inheritable,
+            caps::CapSet::Effective,
+            caps::CapSet::Permitted,
+        ] {
+            caps::clear(None, set).map_err(|e| caps_err("clear capabilities", e))?;
+        }
+        return Ok(());
+    };
+    let eff = to_caps(c.effective().as_ref());
+    let perm = to_caps(c.permitted().as_ref());
+    let inh = to_caps(c.inheritable().as_ref());
+    let amb = to_caps(c.ambient().as_ref());
+    // Permitted must be a superset of effective when set; set it first while effective still allows it.
+    caps::set(
+        None,
+        caps::CapSet::Effective,
+        &perm
+            .intersection(&caps::read(None, caps::CapSet::Permitted).unwrap_or_default())
+            .copied()
+            .collect(),
+    )
+    .map_err(|e| caps_err("set effective capabilities", e))?;
+    caps::set(None, caps::CapSet::Inheritable, &inh)
+        .map_err(|e| caps_err("set inheritable capabilities", e))?;
+    caps::set(None, caps::CapSet::Permitted, &perm)
+        .map_err(|e| caps_err("set permitted capabilities", e))?;
+    caps::set(None, caps::CapSet::Effective, &eff)
+        .map_err(|e| caps_err("set effective capabilities", e))?;
+    caps::clear(None, caps::CapSet::Ambient).ok();
+    for a in amb {
+        if let Err(e) = caps::raise(None, caps::CapSet::Ambient, a) {
+            tracing::debug!("ambient capability {a} not raised: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Find the program to exec, as execvp would, with the container's PATH.
+fn resolve_exe(arg0: &str, env: &[String]) -> Result<PathBuf> {
+    if arg0.contains('/') {
+        let p = PathBuf::from(arg0);
+        return match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() => Ok(p),
+            Ok(_) => Err(Error::Invalid(format!(
+                "exec {arg0}: is not a regular file"
+            ))),
+            Err(e) => Err(Error::Invalid(format!("exec {arg0}: {e}"))),
+        };
+    }
+    let path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH);
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let cand = Path::new(dir).join(arg0);
+        if nix::unistd::access(&cand, nix::unistd::AccessFlags::X_OK).is_ok() && cand.is_file() {
+            return Ok(cand);
+        }
+    }
+    Err(Error::Invalid(format!(
+        "executable '{arg0}' not found in $PATH ({path})"
+    )))
+}
+
+/// Apply the process spec and exec. Never returns on success.
+pub(crate) fn finalize(
+    spec: &Spec,
+    process: &Process,
+    ch: &Channel,
+    console: Option<RawFd>,
+    preserve_fds: u32,
+    fifo: Option<OwnedFd>,
+) -> Result<()> {
+    if let Some(sock) = console {
+        setup_terminal(sock)?;
+        let _ = nix::unistd::close(sock);
+    }
+    if let Some(adj) = process.oom_score_adj() {
+        std::fs::write("/proc/self/oom_score_adj", adj.to_string())
+            .ctx(|| "write oom_score_adj")?;
+    }
+    apply_rlimits(process)?;
+    let nnp = process.no_new_privileges().unwrap_or(false);
+    if nnp {
+        // SAFETY: prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+            return Err(nix::Error::last()).ctx(|| "set no_new_privs");
+        }
+    }
+    let bounding = process
+        .capabilities()
+        .as_ref()
+        .map(|c| to_caps(c.bounding().as_ref()));
+    let env: Vec<String> = process.env().clone().unwrap_or_default();
+    let args = process.args().clone().unwrap_or_default();
+    let arg0 = args
+        .first()
+        .ok_or_else(|| Error::Invalid("process.args is empty".into()))?;
+    nix::unistd::chdir(process.cwd())
+        .ctx(|| format!("chdir to process.cwd {}", process.cwd().display()))?;
+    // A cwd that resolves outside the container root (a leaked host fd) is refused.
+    let cwd = nix::unistd::getcwd().ctx(|| "getcwd")?;
+    if !cwd.is_absolute() || cwd.to_string_lossy().starts_with("(unreachable)") {
+        return Err(Error::Invalid(
+            "process.cwd is outside the container".into(),
+        ));
+    }
+    let _ = spec;
+    switch_user(process, bounding.as_ref())?;
+    set_caps(process)?;
+    let exe = resolve_exe(arg0, &env)?;
+    crate::sys::cloexec_from(3 + preserve_fds)?;
+    let cexe = CString::new(exe.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::Invalid("executable path has a NUL byte".into()))?;
+    let cargs: Vec<CString> = args
+        .iter()
+        .map(|a| CString::new(a.as_str()))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| Error::Invalid("process.args has a NUL byte".into()))?;
+    let cenv: Vec<CString> = env
+        .iter()
+        .map(|a| CString::new(a.as_str()))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| Error::Invalid("process.env has a NUL byte".into()))?;
+    ch.send(b"R")?;
+    if let Some(f) = fifo {
+        // Block until `start` opens the fifo for reading.
+        let path = crate::sys::fd_path(f.as_raw_fd());
+        let w = nix::fcntl::open(
+            path.as_str(),
+            nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .ctx(|| "open exec fifo")?;
+        let _ = nix::unistd::write(unsafe { std::os::fd::BorrowedFd::borrow_raw(w) }, b"0");
+        let _ = nix::unistd::close(w);
+        drop(f);
+    }
+    let e = nix::unistd::execve(&cexe, &cargs, &cenv)
+        .err()
+        .unwrap_or(nix::Error::UnknownErrno);
+    Err(Error::Sys {
+        context: format!("exec {}", exe.display()),
+        source: e,
+    })
+}

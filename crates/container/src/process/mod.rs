@@ -1,0 +1,363 @@
+//! Creating the container's processes. The runtime forks a stage-1 child that joins
+//! or creates the namespaces (the user namespace first, its id maps written by the
+//! runtime), then forks the stage-2 child with CLONE_PARENT, so the container's
+//! process is the runtime's own child and PID 1 of its new PID namespace. Stage 2
+//! builds the rootfs, applies the process spec ([`init`]) and execs. The runtime and
+//! its children talk over a SOCK_SEQPACKET pair ([`crate::sys::Channel`]).
+
+pub mod init;
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::sched::CloneFlags;
+use nix::sys::wait::waitpid;
+use nix::unistd::{ForkResult, Pid};
+use oci_spec::runtime::{LinuxIdMapping, LinuxNamespaceType, Process, Spec};
+
+use crate::error::{Context, Error, Result};
+use crate::rootfs::CgroupMount;
+use crate::sys::Channel;
+
+/// What the runtime tells the container's processes to do.
+pub struct InitConfig<'a> {
+    pub spec: &'a Spec,
+    pub rootfs: &'a Path,
+    pub bundle: &'a Path,
+    /// `create`: wait on this fifo before exec; `run`: exec at once.
+    pub fifo: Option<PathBuf>,
+    pub console_socket: Option<PathBuf>,
+    pub cgroup_mount: CgroupMount,
+    /// Descriptors 3..3+N are passed to the container (systemd socket activation style).
+    pub preserve_fds: u32,
+}
+
+/// Something the runtime must do while the container is being made.
+pub enum Event {
+    /// The container's process exists (host pid): put it in its cgroup now, before it
+    /// unshares its cgroup namespace or runs anything.
+    Pid(i32),
+}
+
+pub(crate) fn ns_flag(t: LinuxNamespaceType) -> CloneFlags {
+    match t {
+        LinuxNamespaceType::Mount => CloneFlags::CLONE_NEWNS,
+        LinuxNamespaceType::Cgroup => CloneFlags::CLONE_NEWCGROUP,
+        LinuxNamespaceType::Uts => CloneFlags::CLONE_NEWUTS,
+        LinuxNamespaceType::Ipc => CloneFlags::CLONE_NEWIPC,
+        LinuxNamespaceType::User => CloneFlags::CLONE_NEWUSER,
+        LinuxNamespaceType::Pid => CloneFlags::CLONE_NEWPID,
+        LinuxNamespaceType::Network => CloneFlags::CLONE_NEWNET,
+        LinuxNamespaceType::Time => CloneFlags::from_bits_retain(libc::CLONE_NEWTIME),
+    }
+}
+
+/// Namespaces to create and namespaces to join, from the spec.
+pub(crate) struct NsPlan {
+    pub new: CloneFlags,
+    pub join: Vec<(CloneFlags, OwnedFd)>,
+}
+
+pub(crate) fn ns_plan(spec: &Spec) -> Result<NsPlan> {
+    let mut plan = NsPlan {
+        new: CloneFlags::empty(),
+        join: Vec::new(),
+    };
+    for ns in spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .into_iter()
+        .flatten()
+    {
+        let flag = ns_flag(ns.typ());
+        match ns.path() {
+            None => plan.new |= flag,
+            Some(p) => {
+                let fd = nix::fcntl::open(
+                    p,
+                    nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                    nix::sys::stat::Mode::empty(),
+                )
+                .ctx(|| format!("open namespace {:?} at {}", ns.typ(), p.display()))?;
+                // SAFETY: fresh descriptor from open.
+                plan.join.push((flag, unsafe { OwnedFd::from_raw_fd(fd) }));
+            }
+        }
+    }
+    // The user namespace is joined before the others so they are owned by it.
+    plan.join.sort_by_key(|(f, _)| {
+        if *f == CloneFlags::CLONE_NEWUSER {
+            0
+        } else {
+            1
+        }
+    });
+    Ok(plan)
+}
+
+fn write_id_map(pid: i32, file: &str, maps: &[LinuxIdMapping]) -> Result<()> {
+    let mut s = String::new();
+    for m in maps {
+        s.push_str(&format!(
+            "{} {} {}\n",
+            m.container_id(),
+            m.host_id(),
+            m.size()
+        ));
+    }
+    let path = format!("/proc/{pid}/{file}");
+    std::fs::write(&path, s.as_bytes())
+        .ctx(|| format!("write {path} ({})", s.trim().replace('\n', ", ")))
+}
+
+/// Fork a process that never returns into the caller's code: it runs `f` and exits,
+/// reporting an error on `ch` first.
+fn fork_child<F: FnOnce() -> Result<()>>(ch: &Channel, clone_parent: bool, f: F) -> Result<i32> {
+    let pid = if clone_parent {
+        // SAFETY: a raw clone without CLONE_VM behaves like fork; the runtime is
+        // single-threaded, so the child may allocate and run Rust code.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            )
+        };
+        if r < 0 {
+            return Err(nix::Error::last()).ctx(|| "clone");
+        }
+        r as i32
+    } else {
+        // SAFETY: as above.
+        match unsafe { nix::unistd::fork() }.ctx(|| "fork")? {
+            ForkResult::Parent { child } => child.as_raw(),
+            ForkResult::Child => 0,
+        }
+    };
+    if pid == 0 {
+        let code = match f() {
+            Ok(()) => 0,
+            Err(e) => {
+                let _ = ch.send(format!("E{e}").as_bytes());
+                1
+            }
+        };
+        // SAFETY: leave without running the parent's destructors or atexit handlers.
+        unsafe { libc::_exit(code) }
+    }
+    Ok(pid)
+}
+
+/// Create the container's init process. Returns its host pid once it is ready to exec
+/// (for `create`, it then waits on the fifo; for `run`, it has exec'd or is about to).
+pub fn spawn(cfg: &InitConfig<'_>, on_event: &mut dyn FnMut(Event) -> Result<()>) -> Result<i32> {
+    let plan = ns_plan(cfg.spec)?;
+    let (parent, child) = Channel::pair()?;
+    let linux = cfg.spec.linux().as_ref();
+    let uid_maps = linux
+        .and_then(|l| l.uid_mappings().clone())
+        .unwrap_or_default();
+    let gid_maps = linux
+        .and_then(|l| l.gid_mappings().clone())
+        .unwrap_or_default();
+    let new_user = plan.new.contains(CloneFlags::CLONE_NEWUSER);
+    let userns = new_user
+        || plan
+            .join
+            .iter()
+            .any(|(f, _)| *f == CloneFlags::CLONE_NEWUSER);
+
+    let stage1 = fork_child(&child, false, || {
+        for (flag, fd) in &plan.join {
+            nix::sched::setns(fd, *flag).ctx(|| format!("join namespace {flag:?}"))?;
+        }
+        if new_user {
+            nix::sched::unshare(CloneFlags::CLONE_NEWUSER).ctx(|| "unshare user namespace")?;
+            child.send(b"U")?;
+            if child.recv()? != b"u" {
+                return Err(Error::Init("runtime did not write the id maps".into()));
+            }
+        }
+        if userns {
+            become_root()?;
+        }
+        let rest = plan.new & !(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWCGROUP);
+        nix::sched::unshare(rest).ctx(|| format!("unshare {rest:?}"))?;
+        let init = fork_child(&child, true, || init::stage2(cfg, &child, &plan, userns))?;
+        child.send(format!("P{init}").as_bytes())?;
+        Ok(())
+    })?;
+    drop(child);
+
+    let mut init_pid = 0;
+    let result = (|| -> Result<i32> {
+        loop {
+            let msg = parent.recv()?;
+            match msg.first() {
+                Some(b'U') => {
+                    write_id_map(stage1, "uid_map", &uid_maps)?;
+                    write_id_map(stage1, "gid_map", &gid_maps)?;
+                    parent.send(b"u")?;
+                }
+                Some(b'P') => {
+                    init_pid = std::str::from_utf8(&msg[1..])
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .ok_or_else(|| Error::Init("bad pid message".into()))?;
+                    on_event(Event::Pid(init_pid))?;
+                    parent.send(b"g")?;
+                }
+                Some(b'R') => return Ok(init_pid),
+                Some(b'E') => {
+                    return Err(Error::Init(String::from_utf8_lossy(&msg[1..]).into_owned()))
+                }
+                None => return Err(Error::Init("container process exited during set-up".into())),
+                Some(_) => {
+                    return Err(Error::Init(
+                        "unexpected message from container process".into(),
+                    ))
+                }
+            }
+        }
+    })();
+    let _ = waitpid(Pid::from_raw(stage1), None);
+    match result {
+        Ok(pid) => {
+            if cfg.fifo.is_none() {
+                // `run`: the channel closes on a successful exec (CLOEXEC) or carries the error.
+                let msg = parent.recv()?;
+                if msg.first() == Some(&b'E') {
+                    let _ = waitpid(Pid::from_raw(pid), None);
+                    return Err(Error::Init(String::from_utf8_lossy(&msg[1..]).into_owned()));
+                }
+            }
+            Ok(pid)
+        }
+        Err(e) => {
+            if init_pid > 0 {
+                let _ = nix::sys::signal::kill(
+                    Pid::from_raw(init_pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = waitpid(Pid::from_raw(init_pid), None);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// In a user namespace: become uid/gid 0 of that namespace.
+pub(crate) fn become_root() -> Result<()> {
+    nix::unistd::setresgid(0.into(), 0.into(), 0.into())
+        .ctx(|| "setresgid 0 in user namespace (is gid 0 mapped?)")?;
+    nix::unistd::setresuid(0.into(), 0.into(), 0.into())
+        .ctx(|| "setresuid 0 in user namespace (is uid 0 mapped?)")?;
+    Ok(())
+}
+
+/// Run `process` inside the running container whose init is `pid`: join its
+/// namespaces, then exec. Returns the new process's host pid.
+pub fn exec_in(
+    pid: i32,
+    spec: &Spec,
+    process: &Process,
+    console_socket: Option<&Path>,
+    preserve_fds: u32,
+    on_event: &mut dyn FnMut(Event) -> Result<()>,
+) -> Result<i32> {
+    let order = [
+        ("user", CloneFlags::CLONE_NEWUSER),
+        ("ipc", CloneFlags::CLONE_NEWIPC),
+        ("uts", CloneFlags::CLONE_NEWUTS),
+        ("net", CloneFlags::CLONE_NEWNET),
+        ("pid", CloneFlags::CLONE_NEWPID),
+        ("cgroup", CloneFlags::CLONE_NEWCGROUP),
+        ("mnt", CloneFlags::CLONE_NEWNS),
+    ];
+    let mut join = Vec::new();
+    let mut userns = false;
+    for (name, flag) in order {
+        let theirs = std::fs::metadata(format!("/proc/{pid}/ns/{name}"));
+        let ours = std::fs::metadata(format!("/proc/self/ns/{name}"));
+        use std::os::unix::fs::MetadataExt;
+        match (theirs, ours) {
+            (Ok(t), Ok(o)) if t.ino() == o.ino() && t.dev() == o.dev() => continue,
+            (Ok(_), _) => {
+                let p = format!("/proc/{pid}/ns/{name}");
+                let fd = nix::fcntl::open(
+                    p.as_str(),
+                    nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                    nix::sys::stat::Mode::empty(),
+                )
+                .ctx(|| format!("open {p}"))?;
+                // SAFETY: fresh descriptor.
+                join.push((flag, unsafe { OwnedFd::from_raw_fd(fd) }));
+                if flag == CloneFlags::CLONE_NEWUSER {
+                    userns = true;
+                }
+            }
+            (Err(e), _) => return Err(e).ctx(|| format!("container process {pid} is gone")),
+        }
+    }
+    let (parent, child) = Channel::pair()?;
+    let stage1 = fork_child(&child, false, || {
+        for (flag, fd) in &join {
+            nix::sched::setns(fd, *flag).ctx(|| format!("join container namespace {flag:?}"))?;
+        }
+        if userns {
+            become_root()?;
+        }
+        let p = fork_child(&child, true, || {
+            if child.recv()? != b"g" {
+                return Err(Error::Init("runtime did not release the process".into()));
+            }
+            nix::unistd::setsid().ctx(|| "setsid")?;
+            let console = match console_socket {
+                Some(s) => Some(init::connect_console(s)?),
+                None => None,
+            };
+            init::finalize(
+                spec,
+                process,
+                &child,
+                console.as_ref().map(|c| c.as_raw_fd()),
+                preserve_fds,
+                None,
+            )
+        })?;
+        child.send(format!("P{p}").as_bytes())?;
+        Ok(())
+    })?;
+    drop(child);
+    let mut exec_pid = 0;
+    let res = (|| -> Result<i32> {
+        loop {
+            let msg = parent.recv()?;
+            match msg.first() {
+                Some(b'P') => {
+                    exec_pid = std::str::from_utf8(&msg[1..])
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                    on_event(Event::Pid(exec_pid))?;
+                    parent.send(b"g")?;
+                }
+                Some(b'R') => {}
+                Some(b'E') => {
+                    return Err(Error::Init(String::from_utf8_lossy(&msg[1..]).into_owned()))
+                }
+                None if exec_pid > 0 => return Ok(exec_pid),
+                _ => return Err(Error::Init("exec process exited during set-up".into())),
+            }
+        }
+    })();
+    let _ = waitpid(Pid::from_raw(stage1), None);
+    if res.is_err() && exec_pid > 0 {
+        let _ = waitpid(Pid::from_raw(exec_pid), None);
+    }
+    res
+}

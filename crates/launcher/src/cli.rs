@@ -1,0 +1,153 @@
+//! The command line, as clap structs only: no behaviour here. The OCI runtime verbs
+//! (create, start, state, kill, delete, exec --process, pause, resume, list, spec, run
+//! --bundle) follow runc's and crun's shapes so podman can drive nestor; the others
+//! follow Docker's.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "nestor",
+    version,
+    about = "Containers, microVMs, and both nestings, measured side by side"
+)]
+pub struct Cli {
+    /// State root for containers (OCI --root).
+    #[arg(long, global = true, env = "NESTOR_STATE", default_value = nestor_container::state::DEFAULT_ROOT)]
+    pub root: PathBuf,
+    /// Write errors to this file too (OCI runtimes' --log; podman's conmon reads it).
+    #[arg(long, global = true)]
+    pub log: Option<PathBuf>,
+    /// Format of --log: text or json.
+    #[arg(long, global = true, default_value = "text")]
+    pub log_format: String,
+    /// Verbose logs on stderr.
+    #[arg(long, global = true)]
+    pub debug: bool,
+    /// Accepted for compatibility; nestor manages cgroupfs directly.
+    #[arg(long, global = true, hide = true)]
+    pub systemd_cgroup: bool,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// OCI: create a container from a bundle; its process waits for `start`.
+    Create(CreateArgs),
+    /// OCI: start a created container.
+    Start { id: String },
+    /// OCI: print a container's state as JSON.
+    State { id: String },
+    /// Send a signal to a container (OCI: `kill ID [SIGNAL]`).
+    Kill(KillArgs),
+    /// OCI: delete a container.
+    Delete {
+        #[arg(short, long)]
+        force: bool,
+        id: String,
+    },
+    /// Freeze every process of a container.
+    Pause { id: String },
+    /// Thaw a paused container.
+    Resume { id: String },
+    /// OCI: list containers in the state root.
+    List {
+        #[arg(short, long, default_value = "table")]
+        format: String,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// OCI: write a default config.json into a bundle directory.
+    Spec {
+        #[arg(short, long, default_value = ".")]
+        bundle: PathBuf,
+        /// Map container root to an unprivileged host uid range.
+        #[arg(long)]
+        rootless: bool,
+    },
+    /// Run a process in a running container (OCI with --process; Docker-style otherwise).
+    Exec(ExecArgs),
+    /// Run a container: OCI style with --bundle, Docker style with an image.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    #[arg(short, long, default_value = ".")]
+    pub bundle: PathBuf,
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub preserve_fds: u32,
+    #[arg(long, hide = true)]
+    pub no_pivot: bool,
+    #[arg(long, hide = true)]
+    pub no_new_keyring: bool,
+    pub id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct KillArgs {
+    /// Signal every process in the container's cgroup.
+    #[arg(short, long)]
+    pub all: bool,
+    /// Signal to send (name or number), Docker style.
+    #[arg(short, long)]
+    pub signal: Option<String>,
+    pub id: String,
+    /// Signal to send (name or number), OCI style; default TERM (Docker: KILL).
+    pub sig: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    /// OCI: the process spec as JSON.
+    #[arg(short, long)]
+    pub process: Option<PathBuf>,
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    #[arg(short, long)]
+    pub detach: bool,
+    #[arg(short, long)]
+    pub tty: bool,
+    #[arg(short, long)]
+    pub interactive: bool,
+    #[arg(long)]
+    pub cwd: Option<String>,
+    #[arg(short = 'w', long = "workdir")]
+    pub workdir: Option<String>,
+    #[arg(short, long = "env")]
+    pub env: Vec<String>,
+    #[arg(short, long)]
+    pub user: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub preserve_fds: u32,
+    pub id: String,
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// OCI: run the bundle in this directory (and take ID as the first argument).
+    #[arg(short, long)]
+    pub bundle: Option<PathBuf>,
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub preserve_fds: u32,
+    #[arg(short, long)]
+    pub detach: bool,
+    /// IMAGE [CMD…] (Docker style) or ID (OCI style, with --bundle).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    pub args: Vec<String>,
+}
