@@ -1363,3 +1363,138 @@ fn imports_legacy_docker_archive_and_rejects_tampered_config() {
         "{err}"
     );
 }
+
+/// Not a test by itself: the importer process that
+/// `kill_9_mid_import_leaves_nothing_taken_as_complete` starts and kills.
+#[test]
+#[ignore = "helper process for kill_9_mid_import_leaves_nothing_taken_as_complete"]
+fn helper_import_process() {
+    let args = std::env::var("NESTOR_IMAGE_TEST_CHILD").expect("run by the kill test only");
+    let (root, layout) = args.split_once('\n').unwrap();
+    let _ = ImageStore::open(Path::new(root))
+        .unwrap()
+        .import(Path::new(layout), None, &mut |_| {});
+}
+
+#[test]
+fn kill_9_mid_import_leaves_nothing_taken_as_complete() {
+    let area = Area::new();
+    let root = area.path().join("store");
+    ImageStore::open(&root).unwrap();
+    // A layer with one 512 MiB file of zeros; the blob is a sparse file, so it costs no
+    // disk to make, but takes the importer a while to hash and write.
+    let layout = area.path().join("layout");
+    fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    let size: u64 = 512 << 20;
+    let mut h = tar::Header::new_gnu();
+    h.set_path("big").unwrap();
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1);
+    h.set_cksum();
+    let blob_tmp = layout.join("blob.tmp");
+    {
+        let mut f = fs::File::create(&blob_tmp).unwrap();
+        f.write_all(h.as_bytes()).unwrap();
+        f.set_len(512 + size + 1024).unwrap();
+    }
+    // The digests are not checked before the end of the layer, and the importer is
+    // killed before that: any well-formed digest will do.
+    let fake = "ab".repeat(32);
+    fs::rename(&blob_tmp, layout.join("blobs/sha256").join(&fake)).unwrap();
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{fake}")]}});
+    let config_b = serde_json::to_vec(&config).unwrap();
+    let ch = sha256_hex(&config_b);
+    fs::write(layout.join("blobs/sha256").join(&ch), &config_b).unwrap();
+    let manifest = serde_json::json!({"schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": format!("sha256:{ch}"), "size": config_b.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": format!("sha256:{fake}"), "size": 512 + size + 1024}]});
+    let manifest_b = serde_json::to_vec(&manifest).unwrap();
+    let mh = sha256_hex(&manifest_b);
+    fs::write(layout.join("blobs/sha256").join(&mh), &manifest_b).unwrap();
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": format!("sha256:{mh}"), "size": manifest_b.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "big"}}]});
+    fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    fs::write(
+        layout.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Reap(
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "helper_import_process",
+                "--ignored",
+                "--test-threads=1",
+            ])
+            .env(
+                "NESTOR_IMAGE_TEST_CHILD",
+                format!("{}\n{}", root.display(), layout.display()),
+            )
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Wait until its file is partly written, then SIGKILL it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let partial = loop {
+        let staged: Vec<PathBuf> = fs::read_dir(root.join("tmp"))
+            .unwrap()
+            .map(|e| e.unwrap().path().join("diff/big"))
+            .filter(|p| fs::metadata(p).is_ok_and(|m| m.len() > 0))
+            .collect();
+        if let Some(p) = staged.into_iter().next() {
+            break p;
+        }
+        if let Some(status) = child.0.try_wait().unwrap() {
+            panic!("importer exited ({status}) before it could be killed mid-layer");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "importer never started writing the layer"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    child.0.kill().unwrap();
+    let status = child.0.wait().unwrap();
+    assert!(!status.success());
+    let written = fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        written < size,
+        "importer finished the layer before the kill ({written} bytes)"
+    );
+
+    // Nothing of it is taken as complete.
+    let store = area.store();
+    assert!(dir_entries(&root.join("layers")).is_empty());
+    assert!(store.list().unwrap().is_empty());
+    assert_eq!(
+        store.get("big").unwrap_err().to_string(),
+        "image 'big' not found"
+    );
+    // gc clears the staging leftovers; a new import works.
+    assert!(!dir_entries(&root.join("tmp")).is_empty());
+    assert!(store.gc().unwrap().staging_removed >= 1);
+    assert!(dir_entries(&root.join("tmp")).is_empty());
+    store.import(&sample_layout(), None, &mut quiet()).unwrap();
+    assert!(store.get("busybox").is_ok());
+}
