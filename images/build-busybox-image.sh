@@ -27,7 +27,7 @@ version=$(dpkg-query -W -f '${Version}' busybox-static)
 arch=$(dpkg --print-architecture)
 script="${BASH_SOURCE[0]}"
 hash=$( { cat "$script"; echo "$version $arch"; } | sha256sum | cut -c1-16)
-cache="${NESTOR_CACHE:-$HOME/.cache/nestor}/images"
+cache="${NESTOR_CACHE:-${HOME:-/root}/.cache/nestor}/images"
 out="$cache/busybox-$hash"
 
 if [ -f "$out/index.json" ]; then

@@ -13,7 +13,7 @@
 //! let imported = store.import("/path/to/layout".as_ref(), None, &mut |line| eprintln!("{line}"))?;
 //! let image = store.get("busybox")?;               // name, id, or unique id prefix
 //! let argv = image.command(&[]);                   // entrypoint + cmd
-//! let lower = image.overlay_lowerdir();            // "top:…:base" for mount -t overlay
+//! let data = image.overlay_mount_data("/c/upper".as_ref(), "/c/work".as_ref())?; // for mount(2)
 //! store.remove("busybox")?;                        // shared layers stay
 //! # Ok(()) }
 //! ```

@@ -98,7 +98,8 @@ impl Image {
     }
 
     /// The overlayfs `lowerdir=` value: the layers top-most first, joined by `:`.
-    /// The store root must not contain `:` or `,` for this to be a valid mount option.
+    /// The store root must not contain `:` or `,` for this to be a valid mount option;
+    /// [`Image::overlay_mount_data`] checks that.
     pub fn overlay_lowerdir(&self) -> String {
         let parts: Vec<String> = self
             .layers
@@ -107,6 +108,47 @@ impl Image {
             .map(|p| p.display().to_string())
             .collect();
         parts.join(":")
+    }
+
+    /// The full data string for `mount("overlay", target, "overlay", 0, data)`:
+    /// `lowerdir=…,upperdir=UPPER,workdir=WORK`. Refuses an image without layers, paths
+    /// holding `:`, `,` or NUL (they would split the option), and strings longer than the
+    /// kernel's one-page limit for mount data (about 60 layers under a short root).
+    pub fn overlay_mount_data(&self, upper: &Path, work: &Path) -> Result<String, ImageError> {
+        let bad = |reason: String| {
+            ImageError::Unsupported(format!(
+                "overlay mount of image {}: {reason}",
+                &self.id[..12.min(self.id.len())]
+            ))
+        };
+        if self.layers.is_empty() {
+            return Err(bad("the image has no layers".into()));
+        }
+        for p in self
+            .layers
+            .iter()
+            .map(PathBuf::as_path)
+            .chain([upper, work])
+        {
+            let s = p.to_string_lossy();
+            if s.contains([':', ',', '\0']) {
+                return Err(bad(format!("path {s} contains ':' or ','")));
+            }
+        }
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            self.overlay_lowerdir(),
+            upper.display(),
+            work.display()
+        );
+        if data.len() >= 4096 {
+            return Err(bad(format!(
+                "{} layers make a {}-byte option string, over the kernel's 4095",
+                self.layers.len(),
+                data.len()
+            )));
+        }
+        Ok(data)
     }
 }
 

@@ -323,16 +323,13 @@ impl Drop for Mount {
     }
 }
 
-fn mount_overlay(lower: &str, base: &Path) -> Mount {
+fn mount_overlay(img: &nestor_image::Image, base: &Path) -> Mount {
     let (upper, work, merged) = (base.join("upper"), base.join("work"), base.join("merged"));
     for d in [&upper, &work, &merged] {
         fs::create_dir_all(d).unwrap();
     }
-    let opts = format!(
-        "lowerdir={lower},upperdir={},workdir={}",
-        upper.display(),
-        work.display()
-    );
+    let opts = img.overlay_mount_data(&upper, &work).unwrap();
+    assert!(opts.starts_with(&format!("lowerdir={},", img.overlay_lowerdir())));
     nix::mount::mount(
         Some("overlay"),
         &merged,
@@ -490,7 +487,7 @@ fn sample_layers_stack_as_overlayfs_lowerdirs() {
     let store = area.store();
     store.import(&sample_layout(), None, &mut quiet()).unwrap();
     let img = store.get("busybox").unwrap();
-    let mnt = mount_overlay(&img.overlay_lowerdir(), &area.path().join("ovl"));
+    let mnt = mount_overlay(&img, &area.path().join("ovl"));
     let m = &mnt.0;
     assert!(m.join("bin/busybox").is_file());
     assert!(
@@ -526,6 +523,12 @@ fn sample_layers_stack_as_overlayfs_lowerdirs() {
     );
     assert!(img.layers.iter().all(|l| !l.join("tmp/w").exists()));
     drop(mnt);
+
+    let bad = img
+        .overlay_mount_data(Path::new("/a,b"), Path::new("/w"))
+        .unwrap_err()
+        .to_string();
+    assert!(bad.contains("contains ':' or ','"), "{bad}");
 }
 
 #[test]
