@@ -25,7 +25,11 @@
 //! import takes the names in the archive (`io.containerd.image.name`, else
 //! `org.opencontainers.image.ref.name` annotations of an OCI index; `RepoTags` of a
 //! docker-archive) unless a name is given. A name moves to the newest image given it;
-//! an image left with no name stays (shown as `<none>`), removable by id.
+//! an image left with no name stays (shown as `<none>`), removable by id. An OCI
+//! `ref.name` that is only a tag (`latest`, as `skopeo copy … oci:DIR:latest` writes
+//! it) is taken as a repository name; pass a name to `import` for such layouts. The
+//! busybox sample (`images/build-busybox-image.sh`) is named `busybox:latest`, stored as
+//! `localhost/busybox:latest`, found as `busybox`.
 //!
 //! # Store layout (`ROOT` = `$NESTOR_ROOT/images` for the CLI)
 //!
