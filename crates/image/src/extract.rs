@@ -325,9 +325,12 @@ impl Extractor<'_> {
             .map_err(|e| self.io_err(entry, "set mtime", e))
     }
 
-    fn entry<R: Read>(&mut self, mut e: tar::Entry<'_, R>) -> Result<(), ImageError> {
-        let raw = e.path_bytes().into_owned();
-        let disp = String::from_utf8_lossy(&raw).into_owned();
+    /// Mode, owner, mtime and kept xattrs of an entry, from its header and pax records.
+    fn read_meta<R: Read>(
+        &self,
+        e: &mut tar::Entry<'_, R>,
+        disp: &str,
+    ) -> Result<Meta, ImageError> {
         let bad = |err: io::Error| ImageError::BadLayer {
             layer: self.layer.to_string(),
             reason: format!("entry '{disp}': {err}"),
@@ -359,7 +362,6 @@ impl Extractor<'_> {
             }
         }
         let hdr = e.header();
-        let kind = hdr.entry_type();
         let id = |v: u64| u32::try_from(v).ok();
         // A field left all-NUL (some writers do this) reads as 0, as GNU tar reads it.
         let old = hdr.as_old();
@@ -375,7 +377,7 @@ impl Extractor<'_> {
                 "unreadable {what} in its tar header"
             )))
         };
-        let meta = Meta {
+        Ok(Meta {
             mode: num(&old.mode, hdr.mode().map(u64::from)).map_err(|_| unreadable("mode"))? as u32
                 & 0o7777,
             uid: match pax_uid {
@@ -396,7 +398,49 @@ impl Extractor<'_> {
                 .map_err(|_| unreadable("mtime"))?
                 .min(i64::MAX as u64) as i64,
             xattrs,
-        };
+        })
+    }
+
+    /// `.wh.NAME` becomes a char 0:0 device NAME; `.wh..wh..opq` marks its directory
+    /// opaque; other `.wh..wh.*` (aufs metadata) are skipped.
+    fn whiteout(
+        &mut self,
+        parents: &[Vec<u8>],
+        target: &[u8],
+        disp: &str,
+    ) -> Result<(), ImageError> {
+        let parent = self.walk(parents, true, disp, "path")?;
+        if target == b".wh..opq" {
+            set_xattr(parent.as_raw_fd(), c"trusted.overlay.opaque", b"y")
+                .map_err(|e| self.io_err(disp, "cannot mark directory opaque", e))?;
+        } else if target.starts_with(b".wh.") {
+            // aufs metadata (.wh..wh.plnk, .wh..wh.aufs): nothing to do for overlayfs.
+        } else if target.is_empty() || target == b"." || target == b".." {
+            return Err(self.unsafe_entry(disp, "is a whiteout with no valid name"));
+        } else {
+            let t = cstr(target).map_err(|e| self.io_err(disp, "bad name", e))?;
+            self.clear(parent.as_raw_fd(), &t, disp)?;
+            // SAFETY: mknodat(2) with a valid dirfd and name.
+            cvt(unsafe {
+                libc::mknodat(
+                    parent.as_raw_fd(),
+                    t.as_ptr(),
+                    libc::S_IFCHR,
+                    libc::makedev(0, 0),
+                )
+            })
+            .map_err(|e| self.io_err(disp, "cannot create whiteout", e))?;
+        }
+        self.stats.entries += 1;
+        Ok(())
+    }
+
+    fn entry<R: Read>(&mut self, mut e: tar::Entry<'_, R>) -> Result<(), ImageError> {
+        let raw = e.path_bytes().into_owned();
+        let disp = String::from_utf8_lossy(&raw).into_owned();
+        let meta = self.read_meta(&mut e, &disp)?;
+        let hdr = e.header();
+        let kind = hdr.entry_type();
         use tar::EntryType as T;
         if matches!(
             kind,
@@ -416,32 +460,8 @@ impl Extractor<'_> {
         };
         let cname = cstr(name).map_err(|e| self.io_err(&disp, "bad name", e))?;
 
-        // Whiteouts.
         if let Some(target) = name.strip_prefix(b".wh.") {
-            let parent = self.walk(parents, true, &disp, "path")?;
-            if target == b".wh..opq" {
-                set_xattr(parent.as_raw_fd(), c"trusted.overlay.opaque", b"y")
-                    .map_err(|e| self.io_err(&disp, "cannot mark directory opaque", e))?;
-            } else if target.starts_with(b".wh.") {
-                // aufs metadata (.wh..wh.plnk, .wh..wh.aufs): nothing to do for overlayfs.
-            } else if target.is_empty() || target == b"." || target == b".." {
-                return Err(self.unsafe_entry(&disp, "is a whiteout with no valid name"));
-            } else {
-                let t = cstr(target).map_err(|e| self.io_err(&disp, "bad name", e))?;
-                self.clear(parent.as_raw_fd(), &t, &disp)?;
-                // SAFETY: mknodat(2) with a valid dirfd and name.
-                cvt(unsafe {
-                    libc::mknodat(
-                        parent.as_raw_fd(),
-                        t.as_ptr(),
-                        libc::S_IFCHR,
-                        libc::makedev(0, 0),
-                    )
-                })
-                .map_err(|e| self.io_err(&disp, "cannot create whiteout", e))?;
-            }
-            self.stats.entries += 1;
-            return Ok(());
+            return self.whiteout(parents, target, &disp);
         }
 
         let parent = self.walk(parents, true, &disp, "path")?;
