@@ -199,7 +199,9 @@ impl Extractor<'_> {
     }
 
     /// Opens the directory `comps` below the root without following any symlink,
-    /// creating missing directories (mode 0755) when `create` is set.
+    /// creating missing directories (mode 0755) when `create` is set. `role` starts the
+    /// refusal reason: empty for the entry's own path, else e.g. "is a hard link whose
+    /// target 'x' " (with its trailing space).
     fn walk(
         &self,
         comps: &[Vec<u8>],
@@ -230,7 +232,7 @@ impl Extractor<'_> {
                     return Err(self.unsafe_entry(
                         entry,
                         format!(
-                            "{role} '{}' does not exist in this layer",
+                            "{role}needs '{}', which does not exist in this layer",
                             show(&comps[..=i])
                         ),
                     ))
@@ -239,9 +241,9 @@ impl Extractor<'_> {
                     let prefix = show(&comps[..=i]);
                     let is_link = matches!(file_type_at(cur.as_raw_fd(), &name), Ok(Some(t)) if t == libc::S_IFLNK);
                     let reason = if is_link {
-                        format!("{role} goes through the symlink '{prefix}' (refused: symlinks are never followed during extraction)")
+                        format!("{role}goes through the symlink '{prefix}' (refused: symlinks are never followed during extraction)")
                     } else {
-                        format!("{role} goes through '{prefix}', which is not a directory")
+                        format!("{role}goes through '{prefix}', which is not a directory")
                     };
                     return Err(self.unsafe_entry(entry, reason));
                 }
@@ -409,7 +411,7 @@ impl Extractor<'_> {
         target: &[u8],
         disp: &str,
     ) -> Result<(), ImageError> {
-        let parent = self.walk(parents, true, disp, "path")?;
+        let parent = self.walk(parents, true, disp, "")?;
         if target == b".wh..opq" {
             set_xattr(parent.as_raw_fd(), c"trusted.overlay.opaque", b"y")
                 .map_err(|e| self.io_err(disp, "cannot mark directory opaque", e))?;
@@ -464,7 +466,7 @@ impl Extractor<'_> {
             return self.whiteout(parents, target, &disp);
         }
 
-        let parent = self.walk(parents, true, &disp, "path")?;
+        let parent = self.walk(parents, true, &disp, "")?;
         let pfd = parent.as_raw_fd();
         match kind {
             _ if is_dir => {
@@ -533,7 +535,7 @@ impl Extractor<'_> {
                 let Some((tname, tparents)) = tcomps.split_last() else {
                     return Err(self.unsafe_entry(&disp, "is a hard link to the layer root"));
                 };
-                let role = format!("hard link target '{tshow}'");
+                let role = format!("is a hard link whose target '{tshow}' ");
                 let tparent = self.walk(tparents, false, &disp, &role)?;
                 let tc = cstr(tname).map_err(|err| self.io_err(&disp, "bad link target", err))?;
                 if tparents == parents && tname == name {
@@ -546,9 +548,9 @@ impl Extractor<'_> {
                 })
                 .map_err(|err| match errno(&err) {
                     libc::ENOENT => {
-                        self.unsafe_entry(&disp, format!("{role} does not exist in this layer"))
+                        self.unsafe_entry(&disp, format!("{role}does not exist in this layer"))
                     }
-                    libc::EPERM => self.unsafe_entry(&disp, format!("{role} is a directory")),
+                    libc::EPERM => self.unsafe_entry(&disp, format!("{role}is a directory")),
                     _ => self.io_err(&disp, "cannot create hard link", err),
                 })?;
             }
@@ -599,7 +601,7 @@ impl Extractor<'_> {
         for (comps, meta) in dirs.iter().rev() {
             let disp = show(comps);
             // A directory later replaced by another entry type is skipped.
-            if let Ok(fd) = self.walk(comps, false, &disp, "directory") {
+            if let Ok(fd) = self.walk(comps, false, &disp, "") {
                 self.apply_fd(fd.as_raw_fd(), meta, &disp)?;
             }
         }
