@@ -312,6 +312,7 @@ fn expect_refused(area: &Area, tar: Vec<u8>, entry: &str, reason: &str) {
         msg.contains(reason),
         "error does not say why ({reason}): {msg}"
     );
+    eprintln!("refused as expected: {msg}");
     area.assert_untouched();
 }
 
