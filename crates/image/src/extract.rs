@@ -1,0 +1,613 @@
+//! Safe extraction of one layer tarball into an empty directory, producing a directory
+//! that overlayfs can use directly as a read-only lower layer.
+//!
+//! Safety rules (every refusal is an [`ImageError::UnsafeEntry`] naming the entry):
+//! - A path with a `..` component is refused ("escapes the layer root"). A leading `/`
+//!   is stripped, as docker does: `/etc/passwd` is the layer's `etc/passwd`.
+//! - Nothing is ever followed: every parent directory is opened component by component
+//!   with `O_NOFOLLOW | O_DIRECTORY` relative to the layer root, so an entry whose path
+//!   goes through a symlink (`a -> /etc`, then `a/passwd`) is refused, and a final
+//!   component that exists is unlinked and re-created, never opened through.
+//! - Hard links must name a target already extracted in this layer; the target path obeys
+//!   the same rules (no `..`, no symlinked parents) and its last component is linked
+//!   itself (`linkat` without `AT_SYMLINK_FOLLOW`).
+//! - Character and block devices are refused, except a character device 0:0, which is the
+//!   overlayfs whiteout form. FIFOs are allowed (they grant nothing).
+//! - Modes (setuid/setgid/sticky kept: the container runtime decides), numeric uid/gid,
+//!   mtimes, and the xattrs `user.*` and `security.capability` are preserved; other xattrs
+//!   (notably `trusted.*`, which could forge overlayfs metadata) are dropped.
+//!
+//! Whiteouts are converted to overlayfs form, as containers/storage does: `.wh.NAME`
+//! becomes a character device 0:0 named NAME, `.wh..wh..opq` sets
+//! `trusted.overlay.opaque=y` on its directory; other `.wh..wh.*` (aufs metadata) are
+//! skipped.
+
+use std::ffi::{CStr, CString};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use crate::ImageError;
+
+/// What one extraction produced.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ExtractStats {
+    /// Entries written (files, dirs, links, whiteouts).
+    pub entries: u64,
+    /// Bytes of regular file content written.
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Meta {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+    xattrs: Vec<(CString, Vec<u8>)>,
+}
+
+/// Extracts the tar stream `reader` into the existing empty directory `root`.
+/// `layer` names the layer in errors. Stops at the end-of-archive marker; the caller
+/// drains the rest of the stream if it needs its digest.
+pub(crate) fn extract_layer<R: Read>(
+    reader: R,
+    root: &Path,
+    layer: &str,
+) -> Result<ExtractStats, ImageError> {
+    let root_c = CString::new(root.as_os_str().as_encoded_bytes())
+        .map_err(|_| ImageError::invalid("layer directory", "path contains NUL"))?;
+    // SAFETY: plain open(2) of a path we own; the result is checked.
+    let fd = unsafe {
+        libc::open(
+            root_c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    let root_fd =
+        owned(fd).map_err(|e| ImageError::io(format!("cannot open {}", root.display()), e))?;
+    let mut x = Extractor {
+        root: root_fd,
+        layer,
+        dirs: Vec::new(),
+        root_meta: None,
+        stats: ExtractStats::default(),
+    };
+    let mut ar = tar::Archive::new(reader);
+    let bad = |e: io::Error| ImageError::BadLayer {
+        layer: layer.to_string(),
+        reason: format!("not a readable tar stream: {e}"),
+    };
+    for entry in ar.entries().map_err(bad)? {
+        let entry = entry.map_err(bad)?;
+        x.entry(entry)?;
+    }
+    x.finish()?;
+    Ok(x.stats)
+}
+
+struct Extractor<'a> {
+    root: OwnedFd,
+    layer: &'a str,
+    dirs: Vec<(Vec<Vec<u8>>, Meta)>,
+    root_meta: Option<Meta>,
+    stats: ExtractStats,
+}
+
+fn owned(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        // SAFETY: fd was just returned by a successful syscall and is owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+}
+
+fn cvt(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn errno(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+fn cstr(b: &[u8]) -> io::Result<CString> {
+    CString::new(b).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains NUL"))
+}
+
+fn open_dir_at(dir: RawFd, name: &CStr) -> io::Result<OwnedFd> {
+    // SAFETY: openat(2) with a valid dirfd and NUL-terminated name; result checked.
+    owned(unsafe {
+        libc::openat(
+            dir,
+            name.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    })
+}
+
+/// File type bits (`S_IFMT`) of `name` in `dir`, not following symlinks; `None` if absent.
+fn file_type_at(dir: RawFd, name: &CStr) -> io::Result<Option<u32>> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstatat(2) writes into st on success; we read it only then.
+    let r = unsafe {
+        libc::fstatat(
+            dir,
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if errno(&e) == libc::ENOENT {
+            Ok(None)
+        } else {
+            Err(e)
+        };
+    }
+    // SAFETY: fstatat succeeded, so st is initialised.
+    Ok(Some(unsafe { st.assume_init() }.st_mode & libc::S_IFMT))
+}
+
+fn set_xattr(fd: RawFd, name: &CStr, value: &[u8]) -> io::Result<()> {
+    // SAFETY: fsetxattr(2) reads name and value for the given lengths.
+    cvt(unsafe { libc::fsetxattr(fd, name.as_ptr(), value.as_ptr().cast(), value.len(), 0) })
+}
+
+fn times(mtime: i64) -> [libc::timespec; 2] {
+    let ts = libc::timespec {
+        tv_sec: mtime as libc::time_t,
+        tv_nsec: 0,
+    };
+    [ts, ts]
+}
+
+/// Splits a tar path into components: leading `/` and `.` dropped, `..` refused.
+fn split_path(raw: &[u8]) -> Result<Vec<Vec<u8>>, &'static str> {
+    let mut out = Vec::new();
+    for c in raw.split(|&b| b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => return Err("escapes the layer root ('..' component)"),
+            c => out.push(c.to_vec()),
+        }
+    }
+    Ok(out)
+}
+
+fn show(comps: &[Vec<u8>]) -> String {
+    String::from_utf8_lossy(&comps.join(&b'/')).into_owned()
+}
+
+impl Extractor<'_> {
+    fn unsafe_entry(&self, entry: &str, reason: impl Into<String>) -> ImageError {
+        ImageError::UnsafeEntry {
+            layer: self.layer.to_string(),
+            entry: entry.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    fn io_err(&self, entry: &str, what: &str, e: io::Error) -> ImageError {
+        ImageError::io(format!("layer {}: entry '{entry}': {what}", self.layer), e)
+    }
+
+    /// Opens the directory `comps` below the root without following any symlink,
+    /// creating missing directories (mode 0755) when `create` is set. `role` starts the
+    /// refusal reason: empty for the entry's own path, else e.g. "is a hard link whose
+    /// target 'x' " (with its trailing space).
+    fn walk(
+        &self,
+        comps: &[Vec<u8>],
+        create: bool,
+        entry: &str,
+        role: &str,
+    ) -> Result<OwnedFd, ImageError> {
+        let mut cur = self
+            .root
+            .try_clone()
+            .map_err(|e| self.io_err(entry, "dup of layer root", e))?;
+        for (i, c) in comps.iter().enumerate() {
+            let name = cstr(c).map_err(|e| self.io_err(entry, "bad name", e))?;
+            match open_dir_at(cur.as_raw_fd(), &name) {
+                Ok(fd) => cur = fd,
+                Err(e) if errno(&e) == libc::ENOENT && create => {
+                    // SAFETY: mkdirat(2) with a valid dirfd and name.
+                    let r = cvt(unsafe { libc::mkdirat(cur.as_raw_fd(), name.as_ptr(), 0o755) });
+                    if let Err(e) = r {
+                        if errno(&e) != libc::EEXIST {
+                            return Err(self.io_err(entry, "cannot create parent directory", e));
+                        }
+                    }
+                    cur = open_dir_at(cur.as_raw_fd(), &name)
+                        .map_err(|e| self.io_err(entry, "cannot open parent directory", e))?;
+                }
+                Err(e) if errno(&e) == libc::ENOENT => {
+                    return Err(self.unsafe_entry(
+                        entry,
+                        format!(
+                            "{role}needs '{}', which does not exist in this layer",
+                            show(&comps[..=i])
+                        ),
+                    ))
+                }
+                Err(e) if errno(&e) == libc::ELOOP || errno(&e) == libc::ENOTDIR => {
+                    let prefix = show(&comps[..=i]);
+                    let is_link = matches!(file_type_at(cur.as_raw_fd(), &name), Ok(Some(t)) if t == libc::S_IFLNK);
+                    let reason = if is_link {
+                        format!("{role}goes through the symlink '{prefix}' (refused: symlinks are never followed during extraction)")
+                    } else {
+                        format!("{role}goes through '{prefix}', which is not a directory")
+                    };
+                    return Err(self.unsafe_entry(entry, reason));
+                }
+                Err(e) => return Err(self.io_err(entry, "cannot open parent directory", e)),
+            }
+        }
+        Ok(cur)
+    }
+
+    /// Clears `name` in `dir` so a non-directory can be created there. An empty directory
+    /// is removed; a non-empty one is an error.
+    fn clear(&self, dir: RawFd, name: &CStr, entry: &str) -> Result<(), ImageError> {
+        match file_type_at(dir, name).map_err(|e| self.io_err(entry, "stat", e))? {
+            None => Ok(()),
+            Some(t) => {
+                let flags = if t == libc::S_IFDIR {
+                    libc::AT_REMOVEDIR
+                } else {
+                    0
+                };
+                // SAFETY: unlinkat(2) with a valid dirfd and name.
+                cvt(unsafe { libc::unlinkat(dir, name.as_ptr(), flags) }).map_err(|e| {
+                    if errno(&e) == libc::ENOTEMPTY || errno(&e) == libc::EEXIST {
+                        self.unsafe_entry(
+                            entry,
+                            "would replace a non-empty directory of the same layer",
+                        )
+                    } else {
+                        self.io_err(entry, "cannot replace existing file", e)
+                    }
+                })
+            }
+        }
+    }
+
+    fn apply_fd(&self, fd: RawFd, meta: &Meta, entry: &str) -> Result<(), ImageError> {
+        // Order matters: chown clears setuid bits and file capabilities, so chmod and the
+        // xattrs come after it, and the mtime last.
+        // SAFETY: plain syscalls on a valid fd.
+        cvt(unsafe { libc::fchown(fd, meta.uid, meta.gid) })
+            .map_err(|e| self.io_err(entry, "chown", e))?;
+        cvt(unsafe { libc::fchmod(fd, meta.mode as libc::mode_t) })
+            .map_err(|e| self.io_err(entry, "chmod", e))?;
+        for (k, v) in &meta.xattrs {
+            set_xattr(fd, k, v).map_err(|e| self.io_err(entry, "set xattr", e))?;
+        }
+        let ts = times(meta.mtime);
+        // SAFETY: futimens(2) reads two timespecs.
+        cvt(unsafe { libc::futimens(fd, ts.as_ptr()) })
+            .map_err(|e| self.io_err(entry, "set mtime", e))
+    }
+
+    /// Owner, mode and mtime for a node that cannot be opened (symlink, fifo, device),
+    /// set by name in its parent without following it.
+    fn apply_at(
+        &self,
+        dir: RawFd,
+        name: &CStr,
+        meta: &Meta,
+        chmod: bool,
+        entry: &str,
+    ) -> Result<(), ImageError> {
+        // SAFETY: *at syscalls with a valid dirfd and name; AT_SYMLINK_NOFOLLOW everywhere
+        // it exists.
+        cvt(unsafe {
+            libc::fchownat(
+                dir,
+                name.as_ptr(),
+                meta.uid,
+                meta.gid,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        })
+        .map_err(|e| self.io_err(entry, "chown", e))?;
+        if chmod {
+            cvt(unsafe { libc::fchmodat(dir, name.as_ptr(), meta.mode as libc::mode_t, 0) })
+                .map_err(|e| self.io_err(entry, "chmod", e))?;
+        }
+        let ts = times(meta.mtime);
+        cvt(unsafe { libc::utimensat(dir, name.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })
+            .map_err(|e| self.io_err(entry, "set mtime", e))
+    }
+
+    /// Mode, owner, mtime and kept xattrs of an entry, from its header and pax records.
+    fn read_meta<R: Read>(
+        &self,
+        e: &mut tar::Entry<'_, R>,
+        disp: &str,
+    ) -> Result<Meta, ImageError> {
+        let bad = |err: io::Error| ImageError::BadLayer {
+            layer: self.layer.to_string(),
+            reason: format!("entry '{disp}': {err}"),
+        };
+
+        let mut xattrs = Vec::new();
+        let (mut pax_uid, mut pax_gid) = (None, None);
+        if let Some(exts) = e.pax_extensions().map_err(bad)? {
+            for ext in exts {
+                let ext = ext.map_err(bad)?;
+                let Ok(key) = ext.key() else { continue };
+                if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+                    if name.starts_with("user.") || name == "security.capability" {
+                        if let Ok(n) = CString::new(name) {
+                            xattrs.push((n, ext.value_bytes().to_vec()));
+                        }
+                    } else {
+                        tracing::debug!(layer = self.layer, entry = %disp, xattr = name, "dropping xattr");
+                    }
+                } else if key == "uid" {
+                    pax_uid = std::str::from_utf8(ext.value_bytes())
+                        .ok()
+                        .and_then(|v| v.parse().ok());
+                } else if key == "gid" {
+                    pax_gid = std::str::from_utf8(ext.value_bytes())
+                        .ok()
+                        .and_then(|v| v.parse().ok());
+                }
+            }
+        }
+        let hdr = e.header();
+        let id = |v: u64| u32::try_from(v).ok();
+        // A field left all-NUL (some writers do this) reads as 0, as GNU tar reads it.
+        let old = hdr.as_old();
+        let num = |field: &[u8], parsed: io::Result<u64>| {
+            if field.iter().all(|&b| b == 0) {
+                Ok(0)
+            } else {
+                parsed
+            }
+        };
+        let unreadable = |what: &str| {
+            bad(io::Error::other(format!(
+                "unreadable {what} in its tar header"
+            )))
+        };
+        Ok(Meta {
+            mode: num(&old.mode, hdr.mode().map(u64::from)).map_err(|_| unreadable("mode"))? as u32
+                & 0o7777,
+            uid: match pax_uid {
+                Some(u) => u,
+                None => num(&old.uid, hdr.uid())
+                    .ok()
+                    .and_then(id)
+                    .ok_or_else(|| unreadable("uid"))?,
+            },
+            gid: match pax_gid {
+                Some(g) => g,
+                None => num(&old.gid, hdr.gid())
+                    .ok()
+                    .and_then(id)
+                    .ok_or_else(|| unreadable("gid"))?,
+            },
+            mtime: num(&old.mtime, hdr.mtime())
+                .map_err(|_| unreadable("mtime"))?
+                .min(i64::MAX as u64) as i64,
+            xattrs,
+        })
+    }
+
+    /// `.wh.NAME` becomes a char 0:0 device NAME; `.wh..wh..opq` marks its directory
+    /// opaque; other `.wh..wh.*` (aufs metadata) are skipped.
+    fn whiteout(
+        &mut self,
+        parents: &[Vec<u8>],
+        target: &[u8],
+        disp: &str,
+    ) -> Result<(), ImageError> {
+        let parent = self.walk(parents, true, disp, "")?;
+        if target == b".wh..opq" {
+            set_xattr(parent.as_raw_fd(), c"trusted.overlay.opaque", b"y")
+                .map_err(|e| self.io_err(disp, "cannot mark directory opaque", e))?;
+        } else if target.starts_with(b".wh.") {
+            // aufs metadata (.wh..wh.plnk, .wh..wh.aufs): nothing to do for overlayfs.
+        } else if target.is_empty() || target == b"." || target == b".." {
+            return Err(self.unsafe_entry(disp, "is a whiteout with no valid name"));
+        } else {
+            let t = cstr(target).map_err(|e| self.io_err(disp, "bad name", e))?;
+            self.clear(parent.as_raw_fd(), &t, disp)?;
+            // SAFETY: mknodat(2) with a valid dirfd and name.
+            cvt(unsafe {
+                libc::mknodat(
+                    parent.as_raw_fd(),
+                    t.as_ptr(),
+                    libc::S_IFCHR,
+                    libc::makedev(0, 0),
+                )
+            })
+            .map_err(|e| self.io_err(disp, "cannot create whiteout", e))?;
+        }
+        self.stats.entries += 1;
+        Ok(())
+    }
+
+    fn entry<R: Read>(&mut self, mut e: tar::Entry<'_, R>) -> Result<(), ImageError> {
+        let raw = e.path_bytes().into_owned();
+        let disp = String::from_utf8_lossy(&raw).into_owned();
+        let meta = self.read_meta(&mut e, &disp)?;
+        let hdr = e.header();
+        let kind = hdr.entry_type();
+        use tar::EntryType as T;
+        if matches!(
+            kind,
+            T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink
+        ) {
+            return Ok(());
+        }
+
+        let comps = split_path(&raw).map_err(|r| self.unsafe_entry(&disp, r))?;
+        let is_dir = kind == T::Directory || (kind == T::Regular && raw.ends_with(b"/"));
+        let Some((name, parents)) = comps.split_last() else {
+            if is_dir {
+                self.root_meta = Some(meta);
+                return Ok(());
+            }
+            return Err(self.unsafe_entry(&disp, "has an empty path"));
+        };
+        let cname = cstr(name).map_err(|e| self.io_err(&disp, "bad name", e))?;
+
+        if let Some(target) = name.strip_prefix(b".wh.") {
+            return self.whiteout(parents, target, &disp);
+        }
+
+        let parent = self.walk(parents, true, &disp, "")?;
+        let pfd = parent.as_raw_fd();
+        match kind {
+            _ if is_dir => {
+                match file_type_at(pfd, &cname).map_err(|e| self.io_err(&disp, "stat", e))? {
+                    Some(t) if t == libc::S_IFDIR => {}
+                    existing => {
+                        if existing.is_some() {
+                            self.clear(pfd, &cname, &disp)?;
+                        }
+                        // SAFETY: mkdirat(2) with a valid dirfd and name.
+                        cvt(unsafe { libc::mkdirat(pfd, cname.as_ptr(), 0o700) })
+                            .map_err(|e| self.io_err(&disp, "cannot create directory", e))?;
+                    }
+                }
+                self.dirs.push((comps.clone(), meta));
+            }
+            T::Regular | T::Continuous | T::GNUSparse => {
+                self.clear(pfd, &cname, &disp)?;
+                // SAFETY: openat(2) creating a new file (O_EXCL, O_NOFOLLOW); result checked.
+                let fd = owned(unsafe {
+                    libc::openat(
+                        pfd,
+                        cname.as_ptr(),
+                        libc::O_WRONLY
+                            | libc::O_CREAT
+                            | libc::O_EXCL
+                            | libc::O_NOFOLLOW
+                            | libc::O_CLOEXEC,
+                        0o600 as libc::c_uint,
+                    )
+                })
+                .map_err(|err| self.io_err(&disp, "cannot create file", err))?;
+                let mut f = File::from(fd);
+                let n = io::copy(&mut e, &mut f).map_err(|err| ImageError::BadLayer {
+                    layer: self.layer.to_string(),
+                    reason: format!("entry '{disp}': cannot copy its content: {err}"),
+                })?;
+                self.stats.bytes += n;
+                self.apply_fd(f.as_raw_fd(), &meta, &disp)?;
+            }
+            T::Symlink => {
+                let target = e
+                    .link_name_bytes()
+                    .filter(|t| !t.is_empty())
+                    .ok_or_else(|| self.unsafe_entry(&disp, "is a symlink with an empty target"))?;
+                let target =
+                    cstr(&target).map_err(|err| self.io_err(&disp, "bad link target", err))?;
+                self.clear(pfd, &cname, &disp)?;
+                // SAFETY: symlinkat(2); the target is stored, never resolved here.
+                cvt(unsafe { libc::symlinkat(target.as_ptr(), pfd, cname.as_ptr()) })
+                    .map_err(|err| self.io_err(&disp, "cannot create symlink", err))?;
+                self.apply_at(pfd, &cname, &meta, false, &disp)?;
+            }
+            T::Link => {
+                let raw_target = e
+                    .link_name_bytes()
+                    .map(|t| t.into_owned())
+                    .ok_or_else(|| self.unsafe_entry(&disp, "is a hard link with no target"))?;
+                let tshow = String::from_utf8_lossy(&raw_target).into_owned();
+                let tcomps = split_path(&raw_target).map_err(|_| {
+                    self.unsafe_entry(
+                        &disp,
+                        format!("is a hard link whose target '{tshow}' escapes the layer root"),
+                    )
+                })?;
+                let Some((tname, tparents)) = tcomps.split_last() else {
+                    return Err(self.unsafe_entry(&disp, "is a hard link to the layer root"));
+                };
+                let role = format!("is a hard link whose target '{tshow}' ");
+                let tparent = self.walk(tparents, false, &disp, &role)?;
+                let tc = cstr(tname).map_err(|err| self.io_err(&disp, "bad link target", err))?;
+                if tparents == parents && tname == name {
+                    return Err(self.unsafe_entry(&disp, "is a hard link to itself"));
+                }
+                self.clear(pfd, &cname, &disp)?;
+                // SAFETY: linkat(2) without AT_SYMLINK_FOLLOW: links the target entry itself.
+                cvt(unsafe {
+                    libc::linkat(tparent.as_raw_fd(), tc.as_ptr(), pfd, cname.as_ptr(), 0)
+                })
+                .map_err(|err| match errno(&err) {
+                    libc::ENOENT => {
+                        self.unsafe_entry(&disp, format!("{role}does not exist in this layer"))
+                    }
+                    libc::EPERM => self.unsafe_entry(&disp, format!("{role}is a directory")),
+                    _ => self.io_err(&disp, "cannot create hard link", err),
+                })?;
+            }
+            T::Char | T::Block => {
+                let major = hdr.device_major().ok().flatten().unwrap_or(u32::MAX);
+                let minor = hdr.device_minor().ok().flatten().unwrap_or(u32::MAX);
+                if kind == T::Char && major == 0 && minor == 0 {
+                    self.clear(pfd, &cname, &disp)?;
+                    // SAFETY: mknodat(2) of an overlayfs whiteout (char 0:0).
+                    cvt(unsafe {
+                        libc::mknodat(pfd, cname.as_ptr(), libc::S_IFCHR, libc::makedev(0, 0))
+                    })
+                    .map_err(|err| self.io_err(&disp, "cannot create whiteout", err))?;
+                } else {
+                    let what = if kind == T::Char {
+                        "character"
+                    } else {
+                        "block"
+                    };
+                    return Err(self.unsafe_entry(
+                        &disp,
+                        format!("is a {what} device {major}:{minor} (device nodes are not allowed in image layers)"),
+                    ));
+                }
+            }
+            T::Fifo => {
+                self.clear(pfd, &cname, &disp)?;
+                // SAFETY: mknodat(2) of a FIFO.
+                cvt(unsafe { libc::mknodat(pfd, cname.as_ptr(), libc::S_IFIFO | 0o600, 0) })
+                    .map_err(|err| self.io_err(&disp, "cannot create fifo", err))?;
+                self.apply_at(pfd, &cname, &meta, true, &disp)?;
+            }
+            other => {
+                return Err(self.unsafe_entry(
+                    &disp,
+                    format!("has an unsupported tar entry type {:?}", other),
+                ));
+            }
+        }
+        self.stats.entries += 1;
+        Ok(())
+    }
+
+    /// Directory owners, modes and mtimes are set last, deepest first, so that creating
+    /// their children does not change them afterwards.
+    fn finish(&mut self) -> Result<(), ImageError> {
+        let dirs = std::mem::take(&mut self.dirs);
+        for (comps, meta) in dirs.iter().rev() {
+            let disp = show(comps);
+            // A directory later replaced by another entry type is skipped.
+            if let Ok(fd) = self.walk(comps, false, &disp, "") {
+                self.apply_fd(fd.as_raw_fd(), meta, &disp)?;
+            }
+        }
+        if let Some(meta) = self.root_meta.take() {
+            self.apply_fd(self.root.as_raw_fd(), &meta, "./")?;
+        }
+        Ok(())
+    }
+}

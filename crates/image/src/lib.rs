@@ -1,0 +1,88 @@
+//! nestor-image: the image store (the seed's LayerFS). Owns importing container images
+//! (OCI image layouts, oci-archive and docker-archive tarballs), verifying every blob
+//! against its sha256 digest, extracting each layer once, safely, into a directory that
+//! overlayfs can stack directly as a read-only lower layer, and naming, listing and
+//! removing images.
+//!
+//! # Use
+//!
+//! ```no_run
+//! use nestor_image::ImageStore;
+//! # fn main() -> Result<(), nestor_image::ImageError> {
+//! let store = ImageStore::open("/var/lib/nestor/images".as_ref())?;
+//! let imported = store.import("/path/to/layout".as_ref(), None, &mut |line| eprintln!("{line}"))?;
+//! let image = store.get("busybox")?;               // name, id, or unique id prefix
+//! let argv = image.command(&[]);                   // entrypoint + cmd
+//! let data = image.overlay_mount_data("/c/upper".as_ref(), "/c/work".as_ref())?; // for mount(2)
+//! store.remove("busybox")?;                        // shared layers stay
+//! # Ok(()) }
+//! ```
+//!
+//! # Names
+//!
+//! Names are stored fully qualified (`localhost/busybox:latest`); see [`normalize_name`].
+//! `busybox`, `busybox:latest` and `localhost/busybox:latest` are the same name. An
+//! import takes the names in the archive (`io.containerd.image.name`, else
+//! `org.opencontainers.image.ref.name` annotations of an OCI index; `RepoTags` of a
+//! docker-archive) unless a name is given. A name moves to the newest image given it;
+//! an image left with no name stays (shown as `<none>`), removable by id. An OCI
+//! `ref.name` that is only a tag (`latest`, as `skopeo copy … oci:DIR:latest` writes
+//! it) is taken as a repository name; pass a name to `import` for such layouts. The
+//! busybox sample (`images/build-busybox-image.sh`) is named `busybox:latest`, stored as
+//! `localhost/busybox:latest`, found as `busybox`.
+//!
+//! # Store layout (`ROOT` = `$NESTOR_ROOT/images` for the CLI)
+//!
+//! ```text
+//! ROOT/                          mode 0700 (layers keep setuid files: keep others out)
+//!   lock                         flock(2)ed exclusively by import, remove and gc
+//!   images/<id>.json             one record per image: id, names, manifest digest,
+//!                                layer diff_ids (lowest first), size, created
+//!   blobs/sha256/<hex>           verified image config (the image id is its sha256)
+//!                                and OCI manifest blobs
+//!   layers/<diff_id hex>/diff/   an extracted layer: overlayfs-ready lowerdir, with
+//!                                whiteouts as char 0:0 devices and opaque directories
+//!                                marked trusted.overlay.opaque=y
+//!   layers/<diff_id hex>/layer.json   diff_id, blob digest, bytes, entry count
+//!   tmp/                         staging: layers being extracted, files being written,
+//!                                decompressed archives, layers being deleted
+//! ```
+//!
+//! Layer blobs themselves are not kept once extracted (images cannot be exported again).
+//!
+//! # Integrity and concurrency
+//!
+//! - Every manifest, config and layer blob is checked against its digest (and size when
+//!   the descriptor gives one) in the same pass that extracts it; a layer's uncompressed
+//!   stream is checked against the config's `diff_id`, which is what makes
+//!   docker-archive layers (which carry no digest) trustworthy: the config is named by
+//!   its own digest.
+//! - A layer is extracted into `tmp/` and renamed into `layers/` only when complete and
+//!   verified; an image record is written (write temp, fsync, rename) only after all its
+//!   layers are in place, so an interrupted import leaves nothing that is taken as
+//!   complete. The next import, `remove` or [`ImageStore::gc`] empties `tmp/`.
+//! - `import`, `remove` and `gc` hold an exclusive `flock` on `ROOT/lock` for their whole
+//!   run, so parallel imports (threads or processes) serialise and the second finds the
+//!   layers present. `list` and `get` take no lock: they only read records that are
+//!   replaced atomically.
+//! - Removing an image that a running container still uses deletes its layers under it;
+//!   the caller must check that no container uses the image first.
+//!
+//! # Extraction safety and formats
+//!
+//! The rules in short (the private `extract` module has them in full): no `..`, leading
+//! `/` stripped, no symlink ever followed, hard links only to entries of the same layer,
+//! no device nodes except the 0:0 whiteout form. Layers may be plain tar, gzip or zstd
+//! (single frame); outer archives may be plain, gzip or zstd compressed.
+
+mod digest;
+mod error;
+mod extract;
+mod reference;
+mod source;
+mod store;
+
+pub use error::ImageError;
+pub use reference::normalize_name;
+pub use source::ArchiveFormat;
+pub use store::{human_size, GcReport, Image, ImageConfig, ImageStore, ImageSummary, Removed};
