@@ -81,24 +81,26 @@ pub(crate) fn keyed(text: &str, key: &str) -> Option<u64> {
 }
 
 /// Creates `root/rel` one level at a time, calling `each(dir, parent)` on every level
-/// below `root` (created now or already there), top-down.
+/// below `root` (created now or already there), top-down. Returns whether the last
+/// level was created now (rather than already there).
 pub(crate) fn create_levels(
     root: &Path,
     rel: &str,
     mut each: impl FnMut(&Path, &Path) -> Result<(), CgroupError>,
-) -> Result<PathBuf, CgroupError> {
+) -> Result<bool, CgroupError> {
     let mut dir = root.to_path_buf();
+    let mut created = false;
     for comp in rel.split('/') {
         let parent = dir.clone();
         dir.push(comp);
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        created = match fs::create_dir(&dir) {
+            Ok(()) => true,
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => false,
             Err(source) => return Err(CgroupError::Create { path: dir, source }),
-        }
+        };
         each(&dir, &parent)?;
     }
-    Ok(dir)
+    Ok(created)
 }
 
 /// Appends the pids in `dir/cgroup.procs` and in every descendant cgroup to `out`.
@@ -151,28 +153,36 @@ pub(crate) fn subdirs(dir: &Path) -> Result<Vec<PathBuf>, CgroupError> {
 const RMDIR_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Removes the cgroup `dir` and its descendants, deepest first. A missing
-/// directory is fine. Retries briefly on EBUSY.
+/// directory is fine. Retries briefly on EBUSY (tasks still exiting).
 pub(crate) fn remove_tree(dir: &Path) -> Result<(), CgroupError> {
-    for sub in subdirs(dir)? {
-        remove_tree(&sub)?;
-    }
     let start = Instant::now();
     let mut nap = Duration::from_micros(200);
+    let mut children_removed = false;
     loop {
-        match fs::remove_dir(dir) {
+        let err = match fs::remove_dir(dir) {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && start.elapsed() < RMDIR_PATIENCE => {
-                std::thread::sleep(nap);
-                nap = (nap * 2).min(Duration::from_millis(20));
+            Err(e) => e,
+        };
+        let errno = err.raw_os_error();
+        if !children_removed && matches!(errno, Some(libc::EBUSY) | Some(libc::ENOTEMPTY)) {
+            // Child cgroups first (a container may have made some); only looked
+            // for when needed, to keep the common case at one syscall.
+            children_removed = true;
+            for sub in subdirs(dir)? {
+                remove_tree(&sub)?;
             }
-            Err(source) => {
-                return Err(CgroupError::Remove {
-                    path: dir.to_path_buf(),
-                    source,
-                })
-            }
+            continue;
         }
+        if errno == Some(libc::EBUSY) && start.elapsed() < RMDIR_PATIENCE {
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(Duration::from_millis(20));
+            continue;
+        }
+        return Err(CgroupError::Remove {
+            path: dir.to_path_buf(),
+            source: err,
+        });
     }
 }
 
@@ -201,16 +211,17 @@ mod tests {
     fn create_levels_and_remove_tree() {
         let d = tempfile::tempdir().unwrap();
         let mut seen = Vec::new();
-        let leaf = create_levels(d.path(), "a/b/c", |dir, parent| {
+        let fresh = create_levels(d.path(), "a/b/c", |dir, parent| {
             seen.push((dir.to_path_buf(), parent.to_path_buf()));
             Ok(())
         })
         .unwrap();
-        assert_eq!(leaf, d.path().join("a/b/c"));
+        assert!(fresh);
+        assert!(d.path().join("a/b/c").is_dir());
         assert_eq!(seen.len(), 3);
         assert_eq!(seen[1], (d.path().join("a/b"), d.path().join("a")));
-        // Idempotent.
-        create_levels(d.path(), "a/b/c", |_, _| Ok(())).unwrap();
+        // Idempotent, and says the leaf was already there.
+        assert!(!create_levels(d.path(), "a/b/c", |_, _| Ok(())).unwrap());
         fs::create_dir(d.path().join("a/b/c/child")).unwrap();
         remove_tree(&d.path().join("a/b")).unwrap();
         assert!(!d.path().join("a/b").exists());

@@ -150,27 +150,51 @@ impl Cgroup {
             layout: layout.clone(),
             path: normalize(rel_path)?,
         };
-        match &cg.layout {
+        let mut fresh = false;
+        let res = cg
+            .make_dirs(resources, &mut fresh)
+            .and_then(|()| match resources {
+                Some(r) => cg.apply_inner(r, false),
+                None => Ok(()),
+            });
+        match res {
+            Ok(()) => Ok(cg),
+            Err(e) => {
+                // Leave nothing half-made behind, unless the cgroup was there before
+                // (then it is not ours to remove).
+                if fresh {
+                    if let Err(e2) = cg.destroy() {
+                        tracing::warn!("cgroups: cleanup after failed create: {e2}");
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn make_dirs(
+        &self,
+        resources: Option<&LinuxResources>,
+        fresh: &mut bool,
+    ) -> Result<(), CgroupError> {
+        match &self.layout {
             Layout::V1 {
                 hierarchies,
                 unified,
             } => {
-                v1::create(hierarchies, &cg.path)?;
+                v1::create(hierarchies, &self.path, fresh)?;
                 if let Some(u) = unified {
                     // Hybrid: the unified dir tracks processes only; no controllers
                     // are enabled in the host's unified root.
-                    files::create_levels(u, &cg.path, |_, _| Ok(()))?;
+                    *fresh |= files::create_levels(u, &self.path, |_, _| Ok(()))?;
                 }
             }
             Layout::V2 { root } => {
-                files::create_levels(root, &cg.path, |_, _| Ok(()))?;
-                v2::enable_controllers(root, &cg.path, &v2::wanted_controllers(resources))?;
+                *fresh |= files::create_levels(root, &self.path, |_, _| Ok(()))?;
+                v2::enable_controllers(root, &self.path, &v2::wanted_controllers(resources))?;
             }
         }
-        if let Some(r) = resources {
-            cg.apply_inner(r, false)?;
-        }
-        Ok(cg)
+        Ok(())
     }
 
     /// A handle to the cgroup `rel_path` on this host's layout, whether it exists or

@@ -22,16 +22,20 @@ const V1_UNLIMITED: u64 = 1 << 62;
 /// Creates `rel` in every hierarchy. In the cpuset hierarchy, fills an empty
 /// cpuset.cpus / cpuset.mems of every level from its parent: v1 refuses tasks in a
 /// cpuset with no cpus or mems.
-pub(crate) fn create(hierarchies: &[V1Hierarchy], rel: &str) -> Result<(), CgroupError> {
+pub(crate) fn create(
+    hierarchies: &[V1Hierarchy],
+    rel: &str,
+    fresh: &mut bool,
+) -> Result<(), CgroupError> {
     for h in hierarchies {
-        if h.has("cpuset") {
+        *fresh |= if h.has("cpuset") {
             files::create_levels(&h.mount, rel, |dir, parent| {
                 inherit_if_empty(dir, parent, "cpuset.cpus")?;
                 inherit_if_empty(dir, parent, "cpuset.mems")
-            })?;
+            })?
         } else {
-            files::create_levels(&h.mount, rel, |_, _| Ok(()))?;
-        }
+            files::create_levels(&h.mount, rel, |_, _| Ok(()))?
+        };
     }
     Ok(())
 }
