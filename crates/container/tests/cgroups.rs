@@ -34,6 +34,12 @@ impl Drop for Guard {
         if let Err(e) = self.0.destroy() {
             eprintln!("cleanup of cgroup {}: {e}", self.0.rel_path());
         }
+        // The shared parent goes when the last test leaves it (rmdir of a non-empty
+        // directory fails, and a concurrent create re-makes missing parents).
+        let parent = Cgroup::open_in(self.0.layout(), "nestor-test").unwrap();
+        for (_, p) in parent.paths() {
+            let _ = std::fs::remove_dir(p);
+        }
     }
 }
 
@@ -634,4 +640,17 @@ fn v2_on_the_unified_mount_kill_all() {
     };
     let cg = create_in(&layout, "v2-kill");
     check_kill_all(&cg);
+}
+
+#[test]
+fn a_deep_new_path_can_take_processes() {
+    // Every new level needs cpuset.cpus/mems on v1 before a task can join the leaf.
+    let top = Guard(Cgroup::open(&unique("deep")).unwrap());
+    let cg = Cgroup::create(&format!("{}/a/b", top.rel_path()), None).unwrap();
+    let child = spawn_in(&cg, sleeper);
+    assert_eq!(cg.pids().unwrap(), vec![child.pid]);
+    assert_eq!(top.pids().unwrap(), vec![child.pid]);
+    drop(child);
+    top.destroy().unwrap();
+    assert!(cg.paths().iter().all(|(_, p)| !p.exists()));
 }

@@ -80,25 +80,26 @@ pub(crate) fn keyed(text: &str, key: &str) -> Option<u64> {
     })
 }
 
-/// Creates `root/rel` one level at a time, calling `each(dir, parent)` on every level
-/// below `root` (created now or already there), top-down. Returns whether the last
-/// level was created now (rather than already there).
-pub(crate) fn create_levels(
-    root: &Path,
-    rel: &str,
-    mut each: impl FnMut(&Path, &Path) -> Result<(), CgroupError>,
-) -> Result<bool, CgroupError> {
+/// Creates the directory `root/rel` and any missing levels above it (one `mkdir` in
+/// the common case where the parent exists). Returns whether the directory itself
+/// was created now, rather than already there.
+pub(crate) fn mkdir_p(root: &Path, rel: &str) -> Result<bool, CgroupError> {
+    let leaf = root.join(rel);
+    match fs::create_dir(&leaf) {
+        Ok(()) => return Ok(true),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(source) => return Err(CgroupError::Create { path: leaf, source }),
+    }
     let mut dir = root.to_path_buf();
     let mut created = false;
     for comp in rel.split('/') {
-        let parent = dir.clone();
         dir.push(comp);
         created = match fs::create_dir(&dir) {
             Ok(()) => true,
             Err(e) if e.kind() == ErrorKind::AlreadyExists => false,
             Err(source) => return Err(CgroupError::Create { path: dir, source }),
         };
-        each(&dir, &parent)?;
     }
     Ok(created)
 }
@@ -208,20 +209,15 @@ mod tests {
     }
 
     #[test]
-    fn create_levels_and_remove_tree() {
+    fn mkdir_p_and_remove_tree() {
         let d = tempfile::tempdir().unwrap();
-        let mut seen = Vec::new();
-        let fresh = create_levels(d.path(), "a/b/c", |dir, parent| {
-            seen.push((dir.to_path_buf(), parent.to_path_buf()));
-            Ok(())
-        })
-        .unwrap();
-        assert!(fresh);
+        assert!(mkdir_p(d.path(), "a/b/c").unwrap());
         assert!(d.path().join("a/b/c").is_dir());
-        assert_eq!(seen.len(), 3);
-        assert_eq!(seen[1], (d.path().join("a/b"), d.path().join("a")));
         // Idempotent, and says the leaf was already there.
-        assert!(!create_levels(d.path(), "a/b/c", |_, _| Ok(())).unwrap());
+        assert!(!mkdir_p(d.path(), "a/b/c").unwrap());
+        assert!(mkdir_p(d.path(), "a/b/d").unwrap());
+        let e = mkdir_p(&d.path().join("missing-root"), "x").unwrap_err();
+        assert!(!d.path().join("missing-root").exists(), "{e}");
         fs::create_dir(d.path().join("a/b/c/child")).unwrap();
         remove_tree(&d.path().join("a/b")).unwrap();
         assert!(!d.path().join("a/b").exists());

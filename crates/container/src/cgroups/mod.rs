@@ -186,11 +186,11 @@ impl Cgroup {
                 if let Some(u) = unified {
                     // Hybrid: the unified dir tracks processes only; no controllers
                     // are enabled in the host's unified root.
-                    *fresh |= files::create_levels(u, &self.path, |_, _| Ok(()))?;
+                    *fresh |= files::mkdir_p(u, &self.path)?;
                 }
             }
             Layout::V2 { root } => {
-                *fresh |= files::create_levels(root, &self.path, |_, _| Ok(()))?;
+                *fresh |= files::mkdir_p(root, &self.path)?;
                 v2::enable_controllers(root, &self.path, &v2::wanted_controllers(resources))?;
             }
         }

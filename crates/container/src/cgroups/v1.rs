@@ -20,31 +20,45 @@ pub(crate) type DirOf<'a> = dyn Fn(&str) -> Option<PathBuf> + 'a;
 const V1_UNLIMITED: u64 = 1 << 62;
 
 /// Creates `rel` in every hierarchy. In the cpuset hierarchy, fills an empty
-/// cpuset.cpus / cpuset.mems of every level from its parent: v1 refuses tasks in a
-/// cpuset with no cpus or mems.
+/// cpuset.cpus / cpuset.mems from the nearest ancestor: v1 refuses tasks in a cpuset
+/// with no cpus or mems. Sets `fresh` when a directory was made now.
 pub(crate) fn create(
     hierarchies: &[V1Hierarchy],
     rel: &str,
     fresh: &mut bool,
 ) -> Result<(), CgroupError> {
     for h in hierarchies {
-        *fresh |= if h.has("cpuset") {
-            files::create_levels(&h.mount, rel, |dir, parent| {
-                inherit_if_empty(dir, parent, "cpuset.cpus")?;
-                inherit_if_empty(dir, parent, "cpuset.mems")
-            })?
-        } else {
-            files::create_levels(&h.mount, rel, |_, _| Ok(()))?
-        };
+        let made = files::mkdir_p(&h.mount, rel)?;
+        *fresh |= made;
+        if h.has("cpuset") {
+            fill_cpuset(&h.mount, rel, "cpuset.cpus", made)?;
+            fill_cpuset(&h.mount, rel, "cpuset.mems", made)?;
+        }
     }
     Ok(())
 }
 
-fn inherit_if_empty(dir: &Path, parent: &Path, file: &str) -> Result<(), CgroupError> {
-    if read(dir, file)?.is_empty() {
-        write(dir, file, &read(parent, file)?)?;
+/// Makes `file` of `mount/rel` non-empty by copying its parent's, filling empty
+/// ancestors first. A directory made just now is known to be empty: not read.
+fn fill_cpuset(mount: &Path, rel: &str, file: &str, known_empty: bool) -> Result<(), CgroupError> {
+    let dir = mount.join(rel);
+    if !known_empty && !read(&dir, file)?.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let value = match rel.rsplit_once('/') {
+        Some((parent_rel, _)) => {
+            let parent = mount.join(parent_rel);
+            let v = read(&parent, file)?;
+            if v.is_empty() {
+                fill_cpuset(mount, parent_rel, file, true)?;
+                read(&parent, file)?
+            } else {
+                v
+            }
+        }
+        None => read(mount, file)?,
+    };
+    write(&dir, file, &value)
 }
 
 fn need(dir_of: &DirOf, controller: &str, what: &str) -> Result<PathBuf, CgroupError> {
