@@ -654,3 +654,28 @@ fn a_deep_new_path_can_take_processes() {
     top.destroy().unwrap();
     assert!(cg.paths().iter().all(|(_, p)| !p.exists()));
 }
+
+#[test]
+fn kill_all_on_hybrid_also_gets_processes_missing_from_the_unified_dir() {
+    let cg = create("half-joined", None);
+    if !cg.layout().is_hybrid() {
+        eprintln!("not a hybrid host; skipped");
+        return;
+    }
+    // Joined to the v1 hierarchies only, as another tool might do.
+    let mut child = Child::spawn(sleeper);
+    for (name, p) in cg.paths() {
+        if name != "unified" {
+            std::fs::write(p.join("cgroup.procs"), child.pid.to_string()).unwrap();
+        }
+    }
+    child.release();
+    assert_eq!(cg.pids().unwrap(), vec![child.pid]);
+    cg.kill_all(Signal::SIGKILL).unwrap();
+    assert!(cg.pids().unwrap().is_empty());
+    let pid = Pid::from_raw(child.pid);
+    assert_eq!(
+        child.wait(),
+        WaitStatus::Signaled(pid, Signal::SIGKILL, false)
+    );
+}

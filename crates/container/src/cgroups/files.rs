@@ -82,26 +82,34 @@ pub(crate) fn keyed(text: &str, key: &str) -> Option<u64> {
 
 /// Creates the directory `root/rel` and any missing levels above it (one `mkdir` in
 /// the common case where the parent exists). Returns whether the directory itself
-/// was created now, rather than already there.
+/// was created now, rather than already there. A level removed concurrently (an
+/// empty parent being cleaned up) is made again.
 pub(crate) fn mkdir_p(root: &Path, rel: &str) -> Result<bool, CgroupError> {
     let leaf = root.join(rel);
-    match fs::create_dir(&leaf) {
-        Ok(()) => return Ok(true),
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(false),
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(source) => return Err(CgroupError::Create { path: leaf, source }),
+    let mut attempts = 0;
+    loop {
+        match fs::create_dir(&leaf) {
+            Ok(()) => return Ok(true),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) if e.kind() == ErrorKind::NotFound && attempts < 5 => {}
+            Err(source) => return Err(CgroupError::Create { path: leaf, source }),
+        }
+        attempts += 1;
+        let mut dir = root.to_path_buf();
+        let mut comps = rel.split('/').peekable();
+        while let Some(comp) = comps.next() {
+            if comps.peek().is_none() {
+                break; // the leaf: made by the next round
+            }
+            dir.push(comp);
+            match fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => break, // retried
+                Err(source) => return Err(CgroupError::Create { path: dir, source }),
+            }
+        }
     }
-    let mut dir = root.to_path_buf();
-    let mut created = false;
-    for comp in rel.split('/') {
-        dir.push(comp);
-        created = match fs::create_dir(&dir) {
-            Ok(()) => true,
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => false,
-            Err(source) => return Err(CgroupError::Create { path: dir, source }),
-        };
-    }
-    Ok(created)
 }
 
 /// Appends the pids in `dir/cgroup.procs` and in every descendant cgroup to `out`.
