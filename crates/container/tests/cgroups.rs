@@ -679,3 +679,67 @@ fn kill_all_on_hybrid_also_gets_processes_missing_from_the_unified_dir() {
         WaitStatus::Signaled(pid, Signal::SIGKILL, false)
     );
 }
+
+/// Undoes what the hugetlb test changes on the host's unified mount.
+struct UnifiedRestore {
+    root: PathBuf,
+    parent: PathBuf,
+    was_enabled: bool,
+}
+
+impl Drop for UnifiedRestore {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.parent);
+        if !self.was_enabled {
+            if let Err(e) = std::fs::write(self.root.join("cgroup.subtree_control"), "-hugetlb") {
+                eprintln!(
+                    "could not disable hugetlb again in {}: {e}",
+                    self.root.display()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn v2_on_the_unified_mount_enables_hugetlb_and_writes_its_limit() {
+    let Some(layout) = unified_v2_layout() else {
+        return;
+    };
+    let root = layout.unified_root().unwrap().to_path_buf();
+    if !read(&root, "cgroup.controllers")
+        .split_whitespace()
+        .any(|c| c == "hugetlb")
+    {
+        eprintln!("no hugetlb controller in {}; skipped", root.display());
+        return;
+    }
+    let parent = format!("nestor-test-hugetlb-{}", std::process::id());
+    let _restore = UnifiedRestore {
+        root: root.clone(),
+        parent: root.join(&parent),
+        was_enabled: read(&root, "cgroup.subtree_control")
+            .split_whitespace()
+            .any(|c| c == "hugetlb"),
+    };
+    let limit: i64 = 4 << 20;
+    let r = LinuxResourcesBuilder::default()
+        .hugepage_limits(vec![oci_spec::runtime::LinuxHugepageLimitBuilder::default(
+        )
+        .page_size("2MB")
+        .limit(limit)
+        .build()
+        .unwrap()])
+        .build()
+        .unwrap();
+    let cg = Guard(Cgroup::create_in(&layout, &format!("{parent}/c"), Some(&r)).unwrap());
+    for d in [root.clone(), root.join(&parent)] {
+        let enabled = read(&d, "cgroup.subtree_control");
+        assert!(
+            enabled.split_whitespace().any(|c| c == "hugetlb"),
+            "{}: {enabled}",
+            d.display()
+        );
+    }
+    assert_eq!(read(&cg.paths()[0].1, "hugetlb.2MB.max"), limit.to_string());
+}
