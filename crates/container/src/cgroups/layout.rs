@@ -91,6 +91,12 @@ impl Layout {
         Layout::V2 { root: root.into() }
     }
 
+    /// Whether this is pure cgroup v2 (one hierarchy; the container gets a cgroup2
+    /// mount rather than per-controller bind mounts).
+    pub fn is_v2_only(&self) -> bool {
+        matches!(self, Layout::V2 { .. })
+    }
+
     /// Whether this is the v1 layout with a cgroup2 mount beside it.
     pub fn is_hybrid(&self) -> bool {
         matches!(
@@ -235,6 +241,7 @@ mod tests {
         assert_eq!(names, ["cpu", "cpuacct", "cpuset", "memory"]);
         assert_eq!(hierarchies[3].mount, Path::new("/sys/fs/cgroup/memory"));
         assert!(l.is_hybrid());
+        assert!(!l.is_v2_only());
     }
 
     #[test]
@@ -243,6 +250,7 @@ mod tests {
         let l = Layout::parse_mountinfo(text).unwrap();
         assert_eq!(l, Layout::v2_at("/sys/fs/cgroup"));
         assert!(!l.is_hybrid());
+        assert!(l.is_v2_only());
         assert_eq!(l.unified_root(), Some(Path::new("/sys/fs/cgroup")));
     }
 
