@@ -72,6 +72,50 @@ pub enum Cmd {
     Exec(ExecArgs),
     /// Run a container: OCI style with --bundle, Docker style with an image.
     Run(RunArgs),
+    /// List containers made with `nestor run`.
+    Ps {
+        /// Show exited containers too.
+        #[arg(short, long)]
+        all: bool,
+        #[arg(short, long)]
+        quiet: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the output of a detached container.
+    Logs {
+        #[arg(short, long)]
+        follow: bool,
+        container: String,
+    },
+    /// Stop containers: the stop signal, then KILL after a grace period.
+    Stop {
+        #[arg(short, long, default_value_t = 10)]
+        time: u64,
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Remove containers.
+    Rm {
+        #[arg(short, long)]
+        force: bool,
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Show a container or an image as JSON.
+    Inspect { name: String },
+    /// List images.
+    Images {
+        #[arg(short, long)]
+        quiet: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage images.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Remove whatever killed runs left behind: mounts, cgroups, state, unused layers.
+    Gc,
 }
 
 #[derive(Args, Debug)]
@@ -104,7 +148,7 @@ pub struct KillArgs {
     pub sig: Option<String>,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct ExecArgs {
     /// OCI: the process spec as JSON.
     #[arg(short, long)]
@@ -147,7 +191,70 @@ pub struct RunArgs {
     pub preserve_fds: u32,
     #[arg(short, long)]
     pub detach: bool,
+    /// Remove the container when it exits.
+    #[arg(long)]
+    pub rm: bool,
+    /// Keep stdin open (pass it to the container).
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Give the container a pseudo-terminal.
+    #[arg(short, long)]
+    pub tty: bool,
+    /// Set an environment variable (K=V, or K to copy nestor's own).
+    #[arg(short, long = "env")]
+    pub env: Vec<String>,
+    /// Bind mount SRC:DST[:ro].
+    #[arg(short, long = "volume")]
+    pub volume: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(short, long)]
+    pub workdir: Option<String>,
+    /// Memory limit (bytes, or with k, m, g).
+    #[arg(short, long)]
+    pub memory: Option<String>,
+    /// CPU limit in CPUs (e.g. 0.5).
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Maximum number of processes.
+    #[arg(long)]
+    pub pids_limit: Option<i64>,
+    /// USER[:GROUP] (names or ids) to run as.
+    #[arg(short, long)]
+    pub user: Option<String>,
+    /// none (own network namespace, loopback only) or host.
+    #[arg(long, default_value = "none")]
+    pub network: String,
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Map container root to an unprivileged host uid range (user namespace).
+    #[arg(long)]
+    pub userns: bool,
     /// IMAGE [CMD…] (Docker style) or ID (OCI style, with --bundle).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
     pub args: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// Import an OCI layout directory, an oci-archive or a docker-archive.
+    Import {
+        path: PathBuf,
+        /// Name to give the image (default: the name the archive carries).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List images.
+    Ls {
+        #[arg(short, long)]
+        quiet: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove images.
+    Rm {
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
 }

@@ -3,9 +3,17 @@
 //! for podman's conmon) and a non-zero exit code.
 
 mod cli;
+mod manage;
 mod oci;
+mod run;
 mod signals;
 mod spec;
+mod store;
+mod tty;
+
+/// The seccomp profile Docker-style containers get (podman's default, from Debian's
+/// containers-common package), when installed.
+pub const SECCOMP_PROFILE: &str = "/usr/share/containers/seccomp.json";
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -14,7 +22,7 @@ use anyhow::Result;
 use clap::Parser;
 use nestor_container::container::Runtime;
 
-use cli::{Cli, Cmd};
+use cli::{Cli, Cmd, ImageCmd};
 
 fn dispatch(cli: &Cli) -> Result<i32> {
     let rt = Runtime::new(cli.root.clone());
@@ -22,7 +30,12 @@ fn dispatch(cli: &Cli) -> Result<i32> {
         Cmd::Create(a) => oci::create(&rt, a)?,
         Cmd::Start { id } => rt.start(id)?,
         Cmd::State { id } => oci::state(&rt, id)?,
-        Cmd::Kill(a) => oci::kill(&rt, a)?,
+        Cmd::Kill(a) => {
+            let sig = a.sig.as_deref().or(a.signal.as_deref());
+            if !manage::kill(&a.id, sig)? {
+                oci::kill(&rt, a)?
+            }
+        }
         Cmd::Delete { force, id } => rt.delete(id, *force)?,
         Cmd::Pause { id } => rt.pause(id)?,
         Cmd::Resume { id } => rt.resume(id)?,
@@ -32,16 +45,26 @@ fn dispatch(cli: &Cli) -> Result<i32> {
             return if a.process.is_some() {
                 oci::exec(&rt, a)
             } else {
-                anyhow::bail!("exec without --process: Docker-style exec is not wired yet")
+                manage::exec(&rt, a)
             }
         }
         Cmd::Run(a) => {
             return if a.bundle.is_some() {
                 oci::run(&rt, a)
             } else {
-                anyhow::bail!("run without --bundle: image runs are not wired yet")
+                run::run(&rt, a)
             }
         }
+        Cmd::Ps { all, quiet, json } => manage::ps(*all, *quiet, *json)?,
+        Cmd::Logs { follow, container } => manage::logs(container, *follow)?,
+        Cmd::Stop { time, containers } => manage::stop(containers, *time)?,
+        Cmd::Rm { force, containers } => manage::rm(containers, *force)?,
+        Cmd::Inspect { name } => manage::inspect(name)?,
+        Cmd::Images { quiet, json } => manage::images(*quiet, *json)?,
+        Cmd::Image(ImageCmd::Ls { quiet, json }) => manage::images(*quiet, *json)?,
+        Cmd::Image(ImageCmd::Import { path, name }) => manage::image_import(path, name.as_deref())?,
+        Cmd::Image(ImageCmd::Rm { images }) => manage::image_rm(images)?,
+        Cmd::Gc => manage::gc(&rt)?,
     }
     Ok(0)
 }

@@ -45,6 +45,15 @@ impl Runtime {
             .collect())
     }
 
+    /// Resource usage of the container's cgroup (None when it has none).
+    pub fn stats(&self, id: &str) -> Result<Option<crate::cgroups::CgroupStats>> {
+        let st = self.root.load(id)?;
+        match Self::cgroup_of(&st) {
+            Some(c) => Ok(Some(c.stats()?)),
+            None => Ok(None),
+        }
+    }
+
     pub(crate) fn cgroup_of(st: &State) -> Option<Cgroup> {
         st.cgroup
             .as_ref()

@@ -1,0 +1,431 @@
+//! Docker-style management verbs: ps, logs, stop, kill, rm, inspect, exec, images,
+//! image import/rm, and gc (the sweep after killed runs).
+
+use std::io::{Read, Seek, Write};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nestor_container::container::{parse_signal, Runtime};
+use nestor_container::state::{rfc3339, Root};
+use nix::sys::signal::Signal;
+
+use crate::cli::ExecArgs;
+use crate::store::{self, Meta};
+
+fn runtime_of(m: &Meta) -> Runtime {
+    Runtime::new(m.state_root.clone())
+}
+
+fn ago(ns: u128) -> String {
+    let secs = (nestor_container::state::now_ns().saturating_sub(ns) / 1_000_000_000) as u64;
+    match secs {
+        0..=59 => format!("{secs} seconds ago"),
+        60..=3599 => format!("{} minutes ago", secs / 60),
+        3600..=86399 => format!("{} hours ago", secs / 3600),
+        _ => format!("{} days ago", secs / 86400),
+    }
+}
+
+pub fn ps(all: bool, quiet: bool, json: bool) -> Result<()> {
+    let list: Vec<Meta> = store::all()
+        .into_iter()
+        .filter(|m| all || m.status == "running")
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    if quiet {
+        for m in &list {
+            println!("{}", &m.id[..12]);
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<12}  {:<24}  {:<20}  {:<16}  {:<24}  NAMES",
+        "CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS"
+    );
+    for m in &list {
+        let mut cmd = m.command.join(" ");
+        if cmd.len() > 20 {
+            cmd.truncate(17);
+            cmd.push_str("...");
+        }
+        println!(
+            "{:<12}  {:<24}  {:<20}  {:<16}  {:<24}  {}",
+            &m.id[..12],
+            m.image,
+            cmd,
+            ago(m.created_ns),
+            m.status_line(),
+            m.name
+        );
+    }
+    Ok(())
+}
+
+pub fn logs(name: &str, follow: bool) -> Result<()> {
+    let m = store::resolve(name)?;
+    let path = store::dir(&m.id).join("log");
+    let mut f = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(_) => bail!(
+            "container {} has no log: only detached (-d) containers keep one",
+            m.name
+        ),
+    };
+    let mut out = std::io::stdout();
+    let mut buf = [0u8; 65536];
+    loop {
+        let n = f.read(&mut buf).context("read log")?;
+        if n > 0 {
+            out.write_all(&buf[..n])?;
+            continue;
+        }
+        if !follow
+            || store::load(&m.id)
+                .map(|x| x.status != "running" || !x.owner_alive())
+                .unwrap_or(true)
+        {
+            break;
+        }
+        out.flush()?;
+        std::thread::sleep(Duration::from_millis(100));
+        let pos = f.stream_position()?;
+        f.seek(std::io::SeekFrom::Start(pos))?;
+    }
+    Ok(())
+}
+
+fn signal_container(m: &Meta, sig: Signal) -> Result<()> {
+    runtime_of(m)
+        .kill(&m.id, sig, false)
+        .with_context(|| format!("signal container {}", m.name))
+}
+
+fn wait_stopped(m: &Meta, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let rt = runtime_of(m);
+    while Instant::now() < deadline {
+        let running = rt.state(&m.id).map(|s| s.init_alive()).unwrap_or(false);
+        if !running {
+            // The owner records the exit: give it a moment to do so.
+            for _ in 0..200 {
+                if store::load(&m.id)
+                    .map(|x| x.status != "running")
+                    .unwrap_or(true)
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+pub fn stop(names: &[String], secs: u64) -> Result<()> {
+    for n in names {
+        let m = store::resolve(n)?;
+        if m.status != "running" {
+            println!("{}", m.name);
+            continue;
+        }
+        let _ = signal_container(&m, Signal::SIGTERM);
+        if !wait_stopped(&m, Duration::from_secs(secs)) {
+            let _ = runtime_of(&m).kill(&m.id, Signal::SIGKILL, true);
+            wait_stopped(&m, Duration::from_secs(10));
+        }
+        println!("{}", m.name);
+    }
+    Ok(())
+}
+
+/// `kill` of a nestor-run container (Docker: default KILL). Returns false when the
+/// name is not one, so the caller falls back to the OCI verb.
+pub fn kill(name: &str, sig: Option<&str>) -> Result<bool> {
+    let Ok(m) = store::resolve(name) else {
+        return Ok(false);
+    };
+    if m.status != "running" {
+        bail!("container {} is not running", m.name);
+    }
+    signal_container(&m, parse_signal(sig.unwrap_or("KILL"))?)?;
+    println!("{}", m.name);
+    Ok(true)
+}
+
+pub fn rm(names: &[String], force: bool) -> Result<()> {
+    let mut failed = false;
+    for n in names {
+        let r = (|| -> Result<()> {
+            let m = store::resolve(n)?;
+            if m.status == "running" && m.owner_alive() {
+                if !force {
+                    bail!(
+                        "container {} is running: stop it first or use rm -f",
+                        m.name
+                    );
+                }
+                let _ = runtime_of(&m).kill(&m.id, Signal::SIGKILL, true);
+                wait_stopped(&m, Duration::from_secs(10));
+            }
+            runtime_of(&m).delete(&m.id, true)?;
+            store::remove_dir(&m.id)?;
+            println!("{}", m.name);
+            Ok(())
+        })();
+        if let Err(e) = r {
+            eprintln!("nestor: {e:#}");
+            failed = true;
+        }
+    }
+    if failed {
+        bail!("some containers were not removed");
+    }
+    Ok(())
+}
+
+pub fn inspect(name: &str) -> Result<()> {
+    if let Ok(m) = store::resolve(name) {
+        let state = runtime_of(&m).state(&m.id).ok();
+        let stats = runtime_of(&m).stats(&m.id).ok().flatten();
+        let v = serde_json::json!({
+            "Id": m.id, "Name": m.name, "Image": m.image, "ImageId": m.image_id,
+            "Command": m.command, "Created": rfc3339(m.created_ns), "Status": m.status_line(),
+            "ExitCode": m.exit_code, "OOMKilled": m.oom_killed, "AutoRemove": m.auto_remove,
+            "Pid": state.as_ref().map(|s| if s.init_alive() { s.pid } else { 0 }),
+            "Stats": stats.map(|s| serde_json::json!({
+                "memory_current": s.memory_current, "memory_peak": s.memory_peak, "memory_limit": s.memory_limit,
+                "oom_kills": s.oom_kills, "cpu_usage_ns": s.cpu_usage_ns, "pids_current": s.pids_current, "pids_limit": s.pids_limit,
+            })),
+            "Bundle": store::dir(&m.id),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let img = store::image_store()?
+        .get(name)
+        .map_err(|e| anyhow::anyhow!("no such container or image: {name} ({e})"))?;
+    let v = serde_json::json!({
+        "Id": img.id, "RepoTags": img.names, "Created": img.created, "Size": img.size,
+        "Layers": img.layers, "Config": img.config, "ManifestDigest": img.manifest_digest,
+    });
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
+/// Docker-style exec: the container's own process settings with another command.
+pub fn exec(rt_default: &Runtime, a: &ExecArgs) -> Result<i32> {
+    let m = store::resolve(&a.id)?;
+    if a.cmd.is_empty() {
+        bail!("exec needs a command");
+    }
+    let cfg = store::dir(&m.id).join("config.json");
+    let spec = nestor_container::spec::parse(
+        &cfg,
+        &std::fs::read(&cfg).with_context(|| format!("read {}", cfg.display()))?,
+    )?;
+    let mut process = spec
+        .process()
+        .clone()
+        .context("container config has no process")?;
+    process.set_args(Some(a.cmd.clone()));
+    process.set_terminal(Some(a.tty));
+    let mut env = process.env().clone().unwrap_or_default();
+    for e in &a.env {
+        let key = e.split('=').next().unwrap_or("");
+        env.retain(|x| x.split('=').next() != Some(key));
+        env.push(e.clone());
+    }
+    process.set_env(Some(env));
+    if let Some(w) = a.workdir.as_ref().or(a.cwd.as_ref()) {
+        process.set_cwd(w.into());
+    }
+    if let Some(u) = &a.user {
+        let (uid, gid) = match u.split_once(':') {
+            Some((u, g)) => (
+                u.parse()
+                    .context("--user takes numeric uid[:gid] for exec")?,
+                g.parse().context("--user gid")?,
+            ),
+            None => {
+                let uid: u32 = u
+                    .parse()
+                    .context("--user takes numeric uid[:gid] for exec")?;
+                (uid, uid)
+            }
+        };
+        let mut user = process.user().clone();
+        user.set_uid(uid);
+        user.set_gid(gid);
+        process.set_user(user);
+    }
+    let rt = runtime_of(&m);
+    let _ = rt_default;
+    if a.tty {
+        nestor_container::sys::ensure_cloned_binary()?;
+        let dir = tempfile_dir()?;
+        let console = crate::tty::ConsoleListener::new(&dir)?;
+        let pid = rt.exec(&nestor_container::container::ExecOpts {
+            id: m.id.clone(),
+            process,
+            console_socket: Some(console.path.clone()),
+            pid_file: None,
+            preserve_fds: 0,
+        })?;
+        let h = crate::tty::proxy(console.accept_master()?, a.interactive);
+        let g = crate::signals::forward_to(pid);
+        let code = nestor_container::container::wait_exit(pid)?;
+        drop(g);
+        let _ = h.join();
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(code);
+    }
+    let mut oa = crate::cli::ExecArgs { ..a.clone() };
+    oa.id = m.id.clone();
+    crate::oci::exec_process(&rt, &oa, process)
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let d = std::env::temp_dir().join(format!("nestor-exec-{}", std::process::id()));
+    std::fs::create_dir_all(&d).with_context(|| format!("create {}", d.display()))?;
+    Ok(d)
+}
+
+pub fn images(quiet: bool, json: bool) -> Result<()> {
+    let list = store::image_store()?.list()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    if quiet {
+        for i in &list {
+            println!("{}", i.short_id());
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<32}  {:<10}  {:<12}  {:<8}  SIZE",
+        "REPOSITORY", "TAG", "IMAGE ID", "LAYERS"
+    );
+    for i in &list {
+        let names = if i.names.is_empty() {
+            vec!["<none>:<none>".to_string()]
+        } else {
+            i.names.clone()
+        };
+        for n in names {
+            let (repo, tag) = n.rsplit_once(':').unwrap_or((&n, "<none>"));
+            println!(
+                "{:<32}  {:<10}  {:<12}  {:<8}  {}",
+                repo,
+                tag,
+                i.short_id(),
+                i.layers,
+                nestor_image::human_size(i.size)
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn image_import(path: &std::path::Path, name: Option<&str>) -> Result<()> {
+    let store = store::image_store()?;
+    let mut progress = |line: &str| eprintln!("{line}");
+    for s in store.import(path, name, &mut progress)? {
+        println!("{}", s.id);
+    }
+    Ok(())
+}
+
+pub fn image_rm(names: &[String]) -> Result<()> {
+    let store = store::image_store()?;
+    for n in names {
+        let img = store.get(n)?;
+        if let Some(m) = store::all()
+            .iter()
+            .find(|m| m.image_id == img.id && m.status == "running")
+        {
+            bail!("image {n} is in use by running container {}", m.name);
+        }
+        match store.remove(n)? {
+            nestor_image::Removed::Untagged(t) => println!("Untagged: {t}"),
+            nestor_image::Removed::Deleted { id, .. } => println!("Deleted: {id}"),
+        }
+    }
+    Ok(())
+}
+
+/// Sweep what killed runs left: containers whose owner died (killed, then removed or
+/// marked exited), runtime state of dead containers, stray overlay mounts, empty
+/// cgroups under nestor/, and unused image layers.
+pub fn gc(rt: &Runtime) -> Result<()> {
+    let mut n = 0;
+    for mut m in store::all() {
+        if m.status != "exited" && !m.owner_alive() {
+            let r = runtime_of(&m);
+            let _ = r.delete(&m.id, true);
+            store::unmount_rootfs(&m.id);
+            if m.auto_remove || m.status == "created" {
+                store::remove_dir(&m.id)?;
+            } else {
+                m.status = "exited".into();
+                m.exit_code = Some(137);
+                store::save(&m)?;
+            }
+            n += 1;
+        }
+    }
+    // Overlay mounts under our containers dir that no live container owns.
+    let base = store::containers_dir();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for line in mounts.lines() {
+        let Some(mp) = line.split(' ').nth(4) else {
+            continue;
+        };
+        let p = std::path::Path::new(mp);
+        if let Ok(rest) = p.strip_prefix(&base) {
+            let id = rest
+                .components()
+                .next()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let live = store::load(&id)
+                .map(|m| m.status == "running" && m.owner_alive())
+                .unwrap_or(false);
+            if !live {
+                let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+                n += 1;
+            }
+        }
+    }
+    // Runtime state whose process is gone, in the default root.
+    for st in rt.list()? {
+        if !st.init_alive() {
+            let owned = store::load(&st.id)
+                .map(|m| m.status == "running" && m.owner_alive())
+                .unwrap_or(false);
+            if !owned {
+                rt.delete(&st.id, true)?;
+                n += 1;
+            }
+        }
+    }
+    // Cgroups under nestor/ that no container state names.
+    let root = Root::new(rt.root.path.clone());
+    for child in nestor_container::cgroups::list_children("nestor").unwrap_or_default() {
+        if root.load(&child).is_err() {
+            if let Ok(cg) = nestor_container::cgroups::Cgroup::open(&format!("nestor/{child}")) {
+                if cg.pids().map(|p| p.is_empty()).unwrap_or(false) && cg.destroy().is_ok() {
+                    n += 1;
+                }
+            }
+        }
+    }
+    let report = store::image_store()?.gc()?;
+    println!("gc: {n} container leftovers removed; images: {report:?}");
+    Ok(())
+}

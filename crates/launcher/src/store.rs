@@ -1,0 +1,186 @@
+//! Where the Docker-style commands keep their containers: `$NESTOR_ROOT/containers/ID/`
+//! with `meta.json` (name, image, command, status, exit code, owner), `config.json`
+//! (the OCI bundle), `rootfs/` (the overlay mount point), `upper/` and `work/`
+//! (the writable layer) and `log` (output of detached containers).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use nestor_container::state::{now_ns, proc_start};
+use serde::{Deserialize, Serialize};
+
+pub fn data_root() -> PathBuf {
+    std::env::var_os("NESTOR_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/lib/nestor".into())
+}
+
+pub fn image_store() -> Result<nestor_image::ImageStore> {
+    Ok(nestor_image::ImageStore::open(&data_root().join("images"))?)
+}
+
+/// What `ps` and `inspect` show about a container.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Meta {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub image_id: String,
+    pub command: Vec<String>,
+    pub created_ns: u128,
+    /// "running" or "exited" as recorded; a dead owner makes "running" stale (`gc`).
+    pub status: String,
+    pub exit_code: Option<i32>,
+    pub oom_killed: bool,
+    pub auto_remove: bool,
+    /// The nestor process that waits for the container (foreground run or monitor).
+    pub owner_pid: i32,
+    pub owner_start: u64,
+    /// The OCI runtime's state root the container lives in.
+    pub state_root: PathBuf,
+}
+
+impl Meta {
+    pub fn owner_alive(&self) -> bool {
+        matches!(proc_start(self.owner_pid), Some((s, false)) if s == self.owner_start)
+    }
+
+    /// Docker-like status column.
+    pub fn status_line(&self) -> String {
+        match self.status.as_str() {
+            "running" if self.owner_alive() => "Up".into(),
+            "running" => "Orphaned (run nestor gc)".into(),
+            "created" => "Created".into(),
+            _ => format!(
+                "Exited ({}){}",
+                self.exit_code.unwrap_or(-1),
+                if self.oom_killed { " OOM-killed" } else { "" }
+            ),
+        }
+    }
+}
+
+pub fn containers_dir() -> PathBuf {
+    data_root().join("containers")
+}
+
+pub fn dir(id: &str) -> PathBuf {
+    containers_dir().join(id)
+}
+
+pub fn save(m: &Meta) -> Result<()> {
+    let d = dir(&m.id);
+    let tmp = d.join(".meta.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(m)?)
+        .with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, d.join("meta.json"))
+        .with_context(|| format!("write {}/meta.json", d.display()))?;
+    Ok(())
+}
+
+pub fn load(id: &str) -> Result<Meta> {
+    let p = dir(id).join("meta.json");
+    let b = std::fs::read(&p).with_context(|| format!("read {}", p.display()))?;
+    serde_json::from_slice(&b).with_context(|| format!("corrupt {}", p.display()))
+}
+
+pub fn all() -> Vec<Meta> {
+    let mut v: Vec<Meta> = std::fs::read_dir(containers_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| load(&e.file_name().to_string_lossy()).ok())
+        .collect();
+    v.sort_by_key(|m| std::cmp::Reverse(m.created_ns));
+    v
+}
+
+/// Find a container by name, full id or unique id prefix.
+pub fn resolve(name_or_id: &str) -> Result<Meta> {
+    let all = all();
+    if let Some(m) = all
+        .iter()
+        .find(|m| m.name == name_or_id || m.id == name_or_id)
+    {
+        return Ok(m.clone());
+    }
+    let hits: Vec<&Meta> = all
+        .iter()
+        .filter(|m| m.id.starts_with(name_or_id))
+        .collect();
+    match hits.as_slice() {
+        [m] if name_or_id.len() >= 3 => Ok((*m).clone()),
+        [] | [_] => bail!("no such container: {name_or_id}"),
+        _ => bail!("container id prefix '{name_or_id}' is ambiguous"),
+    }
+}
+
+pub fn new_id() -> Result<String> {
+    let mut b = [0u8; 32];
+    let f = std::fs::File::open("/dev/urandom").context("open /dev/urandom")?;
+    std::io::Read::read_exact(&mut &f, &mut b).context("read /dev/urandom")?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+pub fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if !ok {
+        bail!("invalid container name '{name}': use [a-zA-Z0-9][a-zA-Z0-9_.-]*, at most 64 characters");
+    }
+    if all().iter().any(|m| m.name == name) {
+        bail!("the container name '{name}' is already in use");
+    }
+    Ok(())
+}
+
+pub fn new_meta(
+    id: &str,
+    name: String,
+    image: &nestor_image::Image,
+    image_ref: &str,
+    command: Vec<String>,
+    auto_remove: bool,
+    state_root: &Path,
+) -> Meta {
+    let me = std::process::id() as i32;
+    Meta {
+        id: id.to_string(),
+        name,
+        image: image_ref.to_string(),
+        image_id: image.id.clone(),
+        command,
+        created_ns: now_ns(),
+        status: "created".into(),
+        exit_code: None,
+        oom_killed: false,
+        auto_remove,
+        owner_pid: me,
+        owner_start: proc_start(me).map(|s| s.0).unwrap_or(0),
+        state_root: state_root.to_path_buf(),
+    }
+}
+
+/// Unmount the container's rootfs (lazily, so a busy mount cannot wedge cleanup).
+pub fn unmount_rootfs(id: &str) {
+    let r = dir(id).join("rootfs");
+    let _ = nix::mount::umount2(&r, nix::mount::MntFlags::MNT_DETACH);
+}
+
+/// Remove everything of a container that has exited (its directory included).
+pub fn remove_dir(id: &str) -> Result<()> {
+    unmount_rootfs(id);
+    let d = dir(id);
+    match std::fs::remove_dir_all(&d) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("remove {}", d.display())),
+    }
+}
