@@ -419,7 +419,15 @@ pub fn gc(rt: &Runtime) -> Result<()> {
     for child in nestor_container::cgroups::list_children("nestor").unwrap_or_default() {
         if root.load(&child).is_err() {
             if let Ok(cg) = nestor_container::cgroups::Cgroup::open(&format!("nestor/{child}")) {
-                if cg.pids().map(|p| p.is_empty()).unwrap_or(false) && cg.destroy().is_ok() {
+                // A cgroup being set up right now is empty for a moment: leave young ones.
+                let old = cg
+                    .paths()
+                    .first()
+                    .and_then(|(_, p)| std::fs::metadata(p).ok())
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > Duration::from_secs(30));
+                if old && cg.pids().map(|p| p.is_empty()).unwrap_or(false) && cg.destroy().is_ok() {
                     n += 1;
                 }
             }

@@ -53,7 +53,10 @@ impl Runtime {
                 .and_then(|l| l.cgroups_path().as_ref())
                 .map(|p| p.to_string_lossy().into_owned())
                 .unwrap_or_else(|| format!("nestor/{}", o.id));
-            let cg = Cgroup::create(&rel, linux.and_then(|l| l.resources().as_ref()))?;
+            let resources = linux
+                .and_then(|l| l.resources().clone())
+                .map(|r| with_default_devices(r, linux));
+            let cg = Cgroup::create(&rel, resources.as_ref())?;
             let cgroup_mount = if cgroups::layout()?.is_v2_only() {
                 CgroupMount::V2
             } else {
@@ -106,4 +109,55 @@ impl Runtime {
         }
         res
     }
+}
+
+/// Device access every container gets on top of its spec's rules, as runc and crun
+/// grant it: mknod of any node (the device list decides what can be opened), the
+/// standard nodes, ptys, and the spec's own `linux.devices`.
+fn with_default_devices(
+    mut r: oci_spec::runtime::LinuxResources,
+    linux: Option<&oci_spec::runtime::Linux>,
+) -> oci_spec::runtime::LinuxResources {
+    use oci_spec::runtime::{LinuxDeviceCgroup, LinuxDeviceType};
+    let Some(mut rules) = r.devices().clone() else {
+        return r;
+    };
+    let rule = |typ: LinuxDeviceType, major: Option<i64>, minor: Option<i64>, access: &str| {
+        let mut d = LinuxDeviceCgroup::default();
+        d.set_allow(true);
+        d.set_typ(Some(typ));
+        d.set_major(major);
+        d.set_minor(minor);
+        d.set_access(Some(access.to_string()));
+        d
+    };
+    rules.push(rule(LinuxDeviceType::C, None, None, "m"));
+    rules.push(rule(LinuxDeviceType::B, None, None, "m"));
+    for (maj, min) in [
+        (1, 3),
+        (1, 5),
+        (1, 7),
+        (1, 8),
+        (1, 9),
+        (5, 0),
+        (5, 1),
+        (5, 2),
+        (10, 200),
+    ] {
+        rules.push(rule(LinuxDeviceType::C, Some(maj), Some(min), "rwm"));
+    }
+    rules.push(rule(LinuxDeviceType::C, Some(136), None, "rwm"));
+    for d in linux
+        .and_then(|l| l.devices().as_ref())
+        .into_iter()
+        .flatten()
+    {
+        let t = match d.typ() {
+            LinuxDeviceType::B => LinuxDeviceType::B,
+            _ => LinuxDeviceType::C,
+        };
+        rules.push(rule(t, Some(d.major()), Some(d.minor()), "rwm"));
+    }
+    r.set_devices(Some(rules));
+    r
 }

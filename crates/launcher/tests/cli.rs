@@ -1,0 +1,391 @@
+//! End-to-end tests of the Docker-style commands on the built-in busybox sample image,
+//! and of podman driving nestor as its OCI runtime. Each test has its own data root,
+//! state root and names, so they run in parallel.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A private nestor installation: data root with the sample image imported, state root.
+struct Env {
+    data: tempfile::TempDir,
+    state: tempfile::TempDir,
+}
+
+fn sample_image() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../images/build-busybox-image.sh");
+    let o = Command::new("bash")
+        .arg(root)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "sample image build failed");
+    PathBuf::from(stdout(&o).lines().last().unwrap().trim())
+}
+
+impl Env {
+    fn new() -> Env {
+        let e = Env {
+            data: tempfile::tempdir().unwrap(),
+            state: tempfile::tempdir().unwrap(),
+        };
+        let o = e.run(&["image", "import", sample_image().to_str().unwrap()]);
+        assert!(o.status.success(), "import: {}", stderr(&o));
+        e
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(nestor());
+        c.env("NESTOR_ROOT", self.data.path())
+            .env("NESTOR_STATE", self.state.path())
+            .args(args);
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).stdin(Stdio::null()).output().unwrap()
+    }
+
+    fn mounts_under_root(&self) -> Vec<String> {
+        let root = self.data.path().to_string_lossy().into_owned();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+            .filter(|m| m.starts_with(&root))
+            .collect()
+    }
+
+    fn ps_json(&self) -> serde_json::Value {
+        let o = self.run(&["ps", "-a", "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let ids = self.run(&["ps", "-a", "-q"]);
+        for id in stdout(&ids).lines() {
+            let _ = self.run(&["rm", "-f", id]);
+        }
+        let _ = self.run(&["gc"]);
+        for m in self.mounts_under_root() {
+            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+#[test]
+fn run_image_passes_output_and_exit_code_and_cleans_up() {
+    let e = Env::new();
+    let o = e.run(&[
+        "run",
+        "--rm",
+        "busybox",
+        "sh",
+        "-c",
+        "echo hi; echo oops >&2; exit 3",
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "hi\n");
+    assert!(stderr(&o).contains("oops"));
+    assert_eq!(
+        e.ps_json().as_array().unwrap().len(),
+        0,
+        "--rm left a record"
+    );
+    assert!(
+        e.mounts_under_root().is_empty(),
+        "mount left: {:?}",
+        e.mounts_under_root()
+    );
+    // stdin is passed with -i.
+    let mut c = e.cmd(&["run", "--rm", "-i", "busybox", "tr", "a-z", "A-Z"]);
+    c.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut ch = c.spawn().unwrap();
+    use std::io::Write;
+    ch.stdin.take().unwrap().write_all(b"piped in\n").unwrap();
+    let o = ch.wait_with_output().unwrap();
+    assert_eq!(stdout(&o), "PIPED IN\n");
+}
+
+#[test]
+fn overlay_writes_never_touch_the_image_and_whiteouts_apply() {
+    let e = Env::new();
+    let o = e.run(&[
+        "run",
+        "--name",
+        "writer",
+        "busybox",
+        "sh",
+        "-c",
+        "ls /etc/motd; ls /var/cache/sample; echo x > /bin/newfile; rm /bin/ls",
+    ]);
+    let out = stdout(&o);
+    assert!(!out.contains("motd"), "whited-out file visible: {out}");
+    assert_eq!(out.trim(), "new", "opaque dir shows lower files: {out}");
+    // The store's layers are untouched.
+    let layers = e.data.path().join("images/layers");
+    for l in std::fs::read_dir(&layers).unwrap().flatten() {
+        assert!(
+            !l.path().join("diff/bin/newfile").exists(),
+            "write reached the layer store"
+        );
+    }
+    let again = e.run(&[
+        "run",
+        "--rm",
+        "busybox",
+        "sh",
+        "-c",
+        "ls /bin/ls && ! ls /bin/newfile",
+    ]);
+    assert!(
+        again.status.success(),
+        "a second container sees the first one's writes: {}",
+        stdout(&again)
+    );
+    // The writes are in the first container's upper layer until it is removed.
+    let ps = e.ps_json();
+    let id = ps[0]["id"].as_str().unwrap().to_string();
+    let upper = e.data.path().join("containers").join(&id).join("upper");
+    assert!(upper.join("bin/newfile").exists());
+    assert!(e.run(&["rm", "writer"]).status.success());
+    assert!(!upper.exists());
+}
+
+#[test]
+fn limits_are_enforced_and_reported() {
+    let e = Env::new();
+    let o = e.run(&[
+        "run",
+        "--rm",
+        "--memory",
+        "32m",
+        "busybox",
+        "sh",
+        "-c",
+        "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived",
+    ]);
+    assert_eq!(o.status.code(), Some(137), "memory hog: {}", stderr(&o));
+    assert!(!stdout(&o).contains("survived"));
+    assert!(
+        stderr(&o).contains("OOM-killed"),
+        "OOM not reported: {}",
+        stderr(&o)
+    );
+    // A fork bomb stops at the pids limit: busybox sh gives up with "can't fork".
+    let o = e.run(&[
+        "run",
+        "--rm",
+        "--pids-limit",
+        "10",
+        "busybox",
+        "sh",
+        "-c",
+        "for i in $(seq 40); do sleep 5 & done; echo all-forked",
+    ]);
+    assert!(!stdout(&o).contains("all-forked"));
+    assert!(stderr(&o).contains("can't fork"), "{}", stderr(&o));
+    // CPU quota is written where the container can read it.
+    let o = e.run(&["run", "--rm", "--cpus", "0.5", "busybox", "sh", "-c", "cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us 2>/dev/null || cut -d' ' -f1 /sys/fs/cgroup/cpu.max"]);
+    assert_eq!(stdout(&o).trim(), "50000", "{}", stderr(&o));
+}
+
+#[test]
+fn detached_exec_logs_stop_rm() {
+    let e = Env::new();
+    let o = e.run(&[
+        "run",
+        "-d",
+        "--name",
+        "bg",
+        "busybox",
+        "sh",
+        "-c",
+        "echo started; trap 'echo bye; exit 0' TERM; while true; do sleep 0.1; done",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim().len(), 64, "run -d prints the id");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stdout(&e.run(&["logs", "bg"])).contains("started") {
+        assert!(Instant::now() < deadline, "no log output");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = e.run(&["exec", "bg", "sh", "-c", "echo $((6*7)); hostname"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("42\n"));
+    let ps = e.run(&["ps"]);
+    assert!(
+        stdout(&ps).contains("bg") && stdout(&ps).contains("Up"),
+        "{}",
+        stdout(&ps)
+    );
+    let o = e.run(&["stop", "-t", "5", "bg"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ps = e.ps_json();
+    assert_eq!(ps[0]["status"], "exited");
+    assert_eq!(ps[0]["exit_code"], 0, "TERM trap should exit 0: {ps}");
+    assert!(stdout(&e.run(&["logs", "bg"])).contains("bye"));
+    assert!(e.run(&["rm", "bg"]).status.success());
+    assert_eq!(e.ps_json().as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn kill_9_of_nestor_then_gc_leaves_nothing() {
+    let e = Env::new();
+    let mut child = e
+        .cmd(&["run", "--name", "victim", "busybox", "sleep", "1000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let id = loop {
+        let ps = e.ps_json();
+        if let Some(m) = ps
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["status"] == "running")
+        {
+            break m["id"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "container never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let o = e.run(&["gc"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        e.mounts_under_root().is_empty(),
+        "mounts left: {:?}",
+        e.mounts_under_root()
+    );
+    assert!(!cgroup_exists(&id), "cgroup left");
+    assert!(!e.state.path().join(&id).exists(), "runtime state left");
+    let ps = e.ps_json();
+    assert_eq!(ps[0]["status"], "exited");
+    // The container's process is gone too.
+    let o = Command::new("pgrep")
+        .args(["-f", "sleep 1000$"])
+        .output()
+        .unwrap();
+    let survivors: Vec<String> = stdout(&o).lines().map(str::to_string).collect();
+    for pid in survivors {
+        let root = std::fs::read_link(format!("/proc/{pid}/root")).unwrap_or_default();
+        assert!(
+            !root.to_string_lossy().contains(&id),
+            "container process {pid} survived gc"
+        );
+    }
+}
+
+#[test]
+fn cli_errors_are_one_clear_line() {
+    let e = Env::new();
+    for (args, want) in [
+        (vec!["run", "--rm", "no-such-image"], "not found"),
+        (
+            vec!["run", "--rm", "-v", "nocolon", "busybox", "true"],
+            "invalid volume",
+        ),
+        (
+            vec!["run", "--rm", "--memory", "lots", "busybox", "true"],
+            "invalid size",
+        ),
+        (
+            vec!["run", "--rm", "--network", "bridge", "busybox", "true"],
+            "unsupported --network",
+        ),
+        (
+            vec!["run", "--rm", "--user", "nosuchuser", "busybox", "true"],
+            "unknown user",
+        ),
+        (
+            vec!["run", "--rm", "busybox", "/no/such/bin"],
+            "/no/such/bin",
+        ),
+        (vec!["logs", "ghost"], "no such container"),
+        (vec!["image", "import", "/nonexistent/path"], "nonexistent"),
+    ] {
+        let o = e.run(&args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let err = stderr(&o);
+        assert!(err.contains(want), "{args:?}: wanted '{want}' in: {err}");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+    assert_eq!(
+        e.ps_json().as_array().unwrap().len(),
+        0,
+        "failed runs left records"
+    );
+    assert!(e.mounts_under_root().is_empty());
+}
+
+/// podman driving nestor as its OCI runtime (`podman --runtime PATH`).
+#[test]
+fn podman_runs_containers_through_nestor() {
+    let name = unique("podman");
+    let tag = format!("localhost/nestor-{name}:latest");
+    let rootfs = tempfile::tempdir().unwrap();
+    make_rootfs(rootfs.path());
+    let imp = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "tar -C {} -c . | podman import -q - {tag}",
+            rootfs.path().display()
+        ))
+        .output()
+        .unwrap();
+    assert!(imp.status.success(), "podman import: {}", stderr(&imp));
+    struct Cleanup(String, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = Command::new("podman")
+                .args(["rm", "-f", "-t", "0", &self.1])
+                .output();
+            let _ = Command::new("podman").args(["rmi", "-f", &self.0]).output();
+        }
+    }
+    let _c = Cleanup(tag.clone(), name.clone());
+    let podman = |args: &[&str]| -> Output {
+        let mut c = Command::new("podman");
+        c.args(["--runtime", nestor()]);
+        c.args(args);
+        c.stdin(Stdio::null()).output().unwrap()
+    };
+    let lim = [
+        "--ulimit",
+        "nofile=20000:20000",
+        "--ulimit",
+        "nproc=32768:32768",
+        "--network=none",
+    ];
+    let mut a = vec!["run", "--rm"];
+    a.extend(lim);
+    a.extend([tag.as_str(), "sh", "-c", "echo via-podman; exit 5"]);
+    let o = podman(&a);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(stdout(&o).contains("via-podman"));
+    let mut a = vec!["run", "-d", "--name", name.as_str()];
+    a.extend(lim);
+    a.extend([tag.as_str(), "sleep", "1000"]);
+    let o = podman(&a);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = podman(&["exec", &name, "sh", "-c", "echo in-exec; cat /proc/1/comm"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "in-exec\nsleep\n");
+    let o = podman(&["stop", "-t", "1", &name]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = podman(&["rm", &name]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
