@@ -383,16 +383,25 @@ const DEFAULT_DEVICES: [(&str, u64, u64); 6] = [
     ("/dev/tty", 5, 0),
 ];
 
-fn create_device(
-    rootfd: RawFd,
-    path: &Path,
+/// A device node to make in the container's /dev.
+struct Node<'a> {
+    path: &'a Path,
     kind: SFlag,
     major: u64,
     minor: u64,
     mode: u32,
     owner: Option<(u32, u32)>,
-    userns: bool,
-) -> Result<()> {
+}
+
+fn create_device(rootfd: RawFd, n: &Node<'_>, userns: bool) -> Result<()> {
+    let Node {
+        path,
+        kind,
+        major,
+        minor,
+        mode,
+        owner,
+    } = *n;
     let rel = path.strip_prefix("/").unwrap_or(path);
     if userns {
         // mknod is not allowed in a user namespace: bind the host's node instead.
@@ -452,16 +461,15 @@ fn spec_device(rootfd: RawFd, d: &LinuxDevice, userns: bool) -> Result<()> {
     };
     let mode = d.file_mode().unwrap_or(0o666) & 0o7777;
     let owner = Some((d.uid().unwrap_or(0), d.gid().unwrap_or(0)));
-    create_device(
-        rootfd,
-        d.path(),
+    let node = Node {
+        path: d.path(),
         kind,
-        d.major() as u64,
-        d.minor() as u64,
+        major: d.major() as u64,
+        minor: d.minor() as u64,
         mode,
         owner,
-        userns,
-    )
+    };
+    create_device(rootfd, &node, userns)
 }
 
 fn dev_symlinks(rootfd: RawFd) -> Result<()> {
@@ -584,16 +592,15 @@ pub fn setup(ctx: &RootfsContext<'_>) -> Result<()> {
             if spec_devs.iter().any(|d| d.path() == Path::new(path)) {
                 continue;
             }
-            create_device(
-                rootfd,
-                Path::new(path),
-                SFlag::S_IFCHR,
+            let node = Node {
+                path: Path::new(path),
+                kind: SFlag::S_IFCHR,
                 major,
                 minor,
-                0o666,
-                None,
-                ctx.userns,
-            )?;
+                mode: 0o666,
+                owner: None,
+            };
+            create_device(rootfd, &node, ctx.userns)?;
         }
         for d in spec_devs {
             spec_device(rootfd, d, ctx.userns)?;

@@ -116,6 +116,8 @@ pub enum Cmd {
     Image(ImageCmd),
     /// Remove whatever killed runs left behind: mounts, cgroups, state, unused layers.
     Gc,
+    /// Measure and compare: container start time with nestor, crun and runc.
+    Bench(BenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -257,4 +259,17 @@ pub enum ImageCmd {
         #[arg(required = true)]
         images: Vec<String>,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Runs per runtime.
+    #[arg(long, default_value_t = 50)]
+    pub runs: usize,
+    /// Fewer runs, for a first look.
+    #[arg(long)]
+    pub quick: bool,
+    /// Write every sample as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }

@@ -2,6 +2,7 @@
 //! verb to its module; errors become one line on stderr (and a JSON line in `--log`
 //! for podman's conmon) and a non-zero exit code.
 
+mod bench;
 mod cli;
 mod manage;
 mod oci;
@@ -65,6 +66,7 @@ fn dispatch(cli: &Cli) -> Result<i32> {
         Cmd::Image(ImageCmd::Import { path, name }) => manage::image_import(path, name.as_deref())?,
         Cmd::Image(ImageCmd::Rm { images }) => manage::image_rm(images)?,
         Cmd::Gc => manage::gc(&rt)?,
+        Cmd::Bench(a) => bench::run(a)?,
     }
     Ok(0)
 }

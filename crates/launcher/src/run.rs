@@ -43,7 +43,7 @@ pub fn parse_bytes(s: &str) -> Result<i64> {
     let n: f64 = num.parse().map_err(|_| {
         anyhow::anyhow!("invalid size '{s}': use a number with an optional k, m or g suffix")
     })?;
-    if !(n > 0.0) {
+    if n.is_nan() || n <= 0.0 {
         bail!("invalid size '{s}': must be positive");
     }
     Ok((n * mul as f64) as i64)
@@ -196,7 +196,7 @@ pub fn build_spec(
         res["memory"] = json!({"limit": b, "swap": b});
     }
     if let Some(c) = a.cpus {
-        if !(c > 0.0) || c > 1024.0 {
+        if c.is_nan() || c <= 0.0 || c > 1024.0 {
             bail!("--cpus {c} must be between 0 and 1024");
         }
         res["cpu"] = json!({"quota": (c * 100_000.0) as i64, "period": 100_000u64});

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Install what nestor needs on a Debian 12 host (only what is missing), build it,
+# build the sample image and import it. Idempotent; a second run is fast.
+#   scripts/setup.sh            install + build (release) + sample image
+#   NESTOR_SETUP_NO_BUILD=1     only install packages
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PKGS=(podman crun runc busybox-static qemu-system-x86 hyperfine linux-source-6.1
+      erofs-utils fio iperf3 iproute2 flex bison bc libelf-dev libssl-dev cpio kmod
+      uidmap libseccomp-dev pkg-config e2fsprogs xz-utils)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >&2
+  apt-get install -y -qq "${missing[@]}" >&2
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo is not installed: install the Rust toolchain (rustup) first" >&2
+  exit 1
+fi
+[ -n "${NESTOR_SETUP_NO_BUILD:-}" ] && exit 0
+
+echo "setup: building nestor (release)" >&2
+cargo build --release --workspace --quiet >&2
+BIN="$PWD/target/release"
+echo "setup: building the busybox sample image" >&2
+img=$(images/build-busybox-image.sh | tail -n 1)
+if ! "$BIN/nestor" images -q | grep -q .; then
+  "$BIN/nestor" image import "$img" >/dev/null
+fi
+echo "setup: done; binaries in $BIN" >&2
+echo "$BIN"
