@@ -23,11 +23,16 @@ pub(super) fn stage2(
     ch: &Channel,
     plan: &NsPlan,
     userns: bool,
+    root_first: bool,
 ) -> Result<()> {
     if ch.recv()? != b"g" {
         return Err(Error::Init(
             "runtime did not release the container process".into(),
         ));
+    }
+    if root_first {
+        // Made by one clone with its user namespace: the maps exist now.
+        super::become_root()?;
     }
     if plan.new.contains(CloneFlags::CLONE_NEWCGROUP) {
         nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP).ctx(|| "unshare cgroup namespace")?;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use nix::sched::CloneFlags;
 use nix::sys::wait::waitpid;
-use nix::unistd::{ForkResult, Pid};
+use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxIdMapping, LinuxNamespaceType, Process, Spec};
 
 use crate::error::{Context, Error, Result};
@@ -112,32 +112,25 @@ fn write_id_map(pid: i32, file: &str, maps: &[LinuxIdMapping]) -> Result<()> {
 }
 
 /// Fork a process that never returns into the caller's code: it runs `f` and exits,
-/// reporting an error on `ch` first.
-fn fork_child<F: FnOnce() -> Result<()>>(ch: &Channel, clone_parent: bool, f: F) -> Result<i32> {
-    let pid = if clone_parent {
-        // SAFETY: a raw clone without CLONE_VM behaves like fork; the runtime is
-        // single-threaded, so the child may allocate and run Rust code.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_clone,
-                (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong,
-                0usize,
-                0usize,
-                0usize,
-                0usize,
-            )
-        };
-        if r < 0 {
-            return Err(nix::Error::last()).ctx(|| "clone");
-        }
-        r as i32
-    } else {
-        // SAFETY: as above.
-        match unsafe { nix::unistd::fork() }.ctx(|| "fork")? {
-            ForkResult::Parent { child } => child.as_raw(),
-            ForkResult::Child => 0,
-        }
+/// reporting an error on `ch` first. `flags` are extra clone flags (namespaces,
+/// CLONE_PARENT).
+fn fork_child<F: FnOnce() -> Result<()>>(ch: &Channel, flags: libc::c_int, f: F) -> Result<i32> {
+    // SAFETY: a raw clone without CLONE_VM behaves like fork; the runtime is
+    // single-threaded, so the child may allocate and run Rust code.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (flags | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
     };
+    if r < 0 {
+        return Err(nix::Error::last()).ctx(|| "clone");
+    }
+    let pid = r as i32;
     if pid == 0 {
         let code = match f() {
             Ok(()) => 0,
@@ -171,7 +164,12 @@ pub fn spawn(cfg: &InitConfig<'_>, on_event: &mut dyn FnMut(Event) -> Result<()>
             .iter()
             .any(|(f, _)| *f == CloneFlags::CLONE_NEWUSER);
 
-    let stage1 = fork_child(&child, false, || {
+    if plan.join.is_empty() {
+        return spawn_direct(
+            cfg, &plan, parent, child, new_user, on_event, &uid_maps, &gid_maps,
+        );
+    }
+    let stage1 = fork_child(&child, 0, || {
         for (flag, fd) in &plan.join {
             nix::sched::setns(fd, *flag).ctx(|| format!("join namespace {flag:?}"))?;
         }
@@ -187,7 +185,9 @@ pub fn spawn(cfg: &InitConfig<'_>, on_event: &mut dyn FnMut(Event) -> Result<()>
         }
         let rest = plan.new & !(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWCGROUP);
         nix::sched::unshare(rest).ctx(|| format!("unshare {rest:?}"))?;
-        let init = fork_child(&child, true, || init::stage2(cfg, &child, &plan, userns))?;
+        let init = fork_child(&child, libc::CLONE_PARENT, || {
+            init::stage2(cfg, &child, &plan, userns, false)
+        })?;
         child.send(format!("P{init}").as_bytes())?;
         Ok(())
     })?;
@@ -245,6 +245,64 @@ pub fn spawn(cfg: &InitConfig<'_>, on_event: &mut dyn FnMut(Event) -> Result<()>
                 );
                 let _ = waitpid(Pid::from_raw(init_pid), None);
             }
+            Err(e)
+        }
+    }
+}
+
+/// The fast path when no namespace is joined by path: one clone with every new
+/// namespace (as crun does), the child being the container's PID 1 at once.
+#[allow(clippy::too_many_arguments)]
+fn spawn_direct(
+    cfg: &InitConfig<'_>,
+    plan: &NsPlan,
+    parent: Channel,
+    child: Channel,
+    new_user: bool,
+    on_event: &mut dyn FnMut(Event) -> Result<()>,
+    uid_maps: &[LinuxIdMapping],
+    gid_maps: &[LinuxIdMapping],
+) -> Result<i32> {
+    let flags = (plan.new & !CloneFlags::CLONE_NEWCGROUP).bits();
+    let pid = fork_child(&child, flags, || {
+        init::stage2(cfg, &child, plan, new_user, new_user)
+    })?;
+    drop(child);
+    let res = (|| -> Result<()> {
+        if new_user {
+            write_id_map(pid, "uid_map", uid_maps)?;
+            write_id_map(pid, "gid_map", gid_maps)?;
+        }
+        on_event(Event::Pid(pid))?;
+        parent.send(b"g")?;
+        loop {
+            let msg = parent.recv()?;
+            match msg.first() {
+                Some(b'R') => break,
+                Some(b'E') => {
+                    return Err(Error::Init(String::from_utf8_lossy(&msg[1..]).into_owned()))
+                }
+                None => return Err(Error::Init("container process exited during set-up".into())),
+                Some(_) => {
+                    return Err(Error::Init(
+                        "unexpected message from container process".into(),
+                    ))
+                }
+            }
+        }
+        if cfg.fifo.is_none() {
+            let msg = parent.recv()?;
+            if msg.first() == Some(&b'E') {
+                return Err(Error::Init(String::from_utf8_lossy(&msg[1..]).into_owned()));
+            }
+        }
+        Ok(())
+    })();
+    match res {
+        Ok(()) => Ok(pid),
+        Err(e) => {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = waitpid(Pid::from_raw(pid), None);
             Err(e)
         }
     }
@@ -309,14 +367,14 @@ pub fn exec_in(
         None => None,
     };
     let (parent, child) = Channel::pair()?;
-    let stage1 = fork_child(&child, false, || {
+    let stage1 = fork_child(&child, 0, || {
         for (flag, fd) in &join {
             nix::sched::setns(fd, *flag).ctx(|| format!("join container namespace {flag:?}"))?;
         }
         if userns {
             become_root()?;
         }
-        let p = fork_child(&child, true, || {
+        let p = fork_child(&child, libc::CLONE_PARENT, || {
             if child.recv()? != b"g" {
                 return Err(Error::Init("runtime did not release the process".into()));
             }
