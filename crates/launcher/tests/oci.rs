@@ -246,16 +246,33 @@ fn bad_inputs_give_clear_errors_and_leave_nothing() {
 fn joins_a_network_namespace_by_path() {
     let b = Bundle::new("netns", &["cat", "/proc/net/dev"]);
     let ns = unique("ns");
-    assert!(std::process::Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success());
+    assert!(std::process::Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .unwrap()
+        .success());
     struct Del(String);
     impl Drop for Del {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
         }
     }
     let _d = Del(ns.clone());
     let ok = std::process::Command::new("ip")
-        .args(["-n", &ns, "link", "add", "nestortest0", "type", "veth", "peer", "name", "nestortest1"])
+        .args([
+            "-n",
+            &ns,
+            "link",
+            "add",
+            "nestortest0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "nestortest1",
+        ])
         .status()
         .unwrap()
         .success();
@@ -269,5 +286,9 @@ fn joins_a_network_namespace_by_path() {
     });
     let o = b.run();
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("nestortest0"), "not in the joined netns: {}", stdout(&o));
+    assert!(
+        stdout(&o).contains("nestortest0"),
+        "not in the joined netns: {}",
+        stdout(&o)
+    );
 }

@@ -275,19 +275,15 @@ fn spawn_direct(
         }
         on_event(Event::Pid(pid))?;
         parent.send(b"g")?;
-        loop {
-            let msg = parent.recv()?;
-            match msg.first() {
-                Some(b'R') => break,
-                Some(b'E') => {
-                    return Err(Error::Init(String::from_utf8_lossy(&msg[1..]).into_owned()))
-                }
-                None => return Err(Error::Init("container process exited during set-up".into())),
-                Some(_) => {
-                    return Err(Error::Init(
-                        "unexpected message from container process".into(),
-                    ))
-                }
+        let msg = parent.recv()?;
+        match msg.first() {
+            Some(b'R') => {}
+            Some(b'E') => return Err(Error::Init(String::from_utf8_lossy(&msg[1..]).into_owned())),
+            None => return Err(Error::Init("container process exited during set-up".into())),
+            Some(_) => {
+                return Err(Error::Init(
+                    "unexpected message from container process".into(),
+                ))
             }
         }
         if cfg.fifo.is_none() {
