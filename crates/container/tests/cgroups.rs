@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use nestor_container::cgroups::{self, Cgroup, CgroupError, Layout};
 use nix::sys::signal::Signal;
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use oci_spec::runtime::{
     LinuxCpuBuilder, LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResources, LinuxResourcesBuilder,
@@ -31,6 +31,8 @@ struct Guard(Cgroup);
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        // A test that failed while its cgroup was frozen must not leave it so.
+        let _ = self.0.thaw();
         if let Err(e) = self.0.destroy() {
             eprintln!("cleanup of cgroup {}: {e}", self.0.rel_path());
         }
@@ -111,7 +113,15 @@ impl Drop for Child {
         unsafe { libc::close(self.go) };
         if !self.reaped {
             unsafe { libc::kill(self.pid, libc::SIGKILL) };
-            let _ = waitpid(Pid::from_raw(self.pid), None);
+            // Not forever: a child frozen by a failed test cannot die until its
+            // cgroup's guard thaws it.
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(5) {
+                match waitpid(Pid::from_raw(self.pid), Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(5)),
+                    _ => break,
+                }
+            }
         }
     }
 }
@@ -524,6 +534,33 @@ fn kill_all_without_cgroup_kill_freezes_and_signals() {
     };
     let cg = create_in(&layout, "killall-v1");
     check_kill_all(&cg);
+}
+
+fn check_kill_all_of_frozen(cg: &Cgroup) {
+    let mut kids: Vec<Child> = (0..2).map(|_| spawn_in(cg, sleeper)).collect();
+    cg.freeze().unwrap();
+    assert!(cg.is_frozen().unwrap());
+    cg.kill_all(Signal::SIGKILL).unwrap();
+    assert!(cg.pids().unwrap().is_empty());
+    for k in &mut kids {
+        let pid = Pid::from_raw(k.pid);
+        assert_eq!(k.wait(), WaitStatus::Signaled(pid, Signal::SIGKILL, false));
+    }
+}
+
+#[test]
+fn kill_all_of_a_frozen_cgroup_empties_it() {
+    let cg = create("killfrozen", None);
+    check_kill_all_of_frozen(&cg);
+}
+
+#[test]
+fn v2_on_the_unified_mount_kill_all_of_a_frozen_cgroup() {
+    let Some(layout) = unified_v2_layout() else {
+        return;
+    };
+    let cg = create_in(&layout, "v2-killfrozen");
+    check_kill_all_of_frozen(&cg);
 }
 
 #[test]
