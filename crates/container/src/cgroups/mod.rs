@@ -369,8 +369,9 @@ impl Cgroup {
     /// Sends `sig` to every process in the cgroup (and its descendants). For SIGKILL,
     /// returns once the cgroup is empty: via `cgroup.kill` when the kernel has it
     /// (>= 5.14, on v2 and on the unified hierarchy in hybrid), else by freezing,
-    /// signalling every pid and thawing, repeated until no process is left. A
-    /// missing cgroup is fine.
+    /// signalling every pid and thawing, repeated until no process is left. A frozen
+    /// (paused) cgroup is thawed by SIGKILL so that its processes can die; other
+    /// signals stay pending until [`Cgroup::thaw`]. A missing cgroup is fine.
     pub fn kill_all(&self, sig: Signal) -> Result<(), CgroupError> {
         if sig != Signal::SIGKILL {
             for pid in self.pids()? {
@@ -381,6 +382,14 @@ impl Cgroup {
         if let Some(dir) = self.unified_dir() {
             if dir.join("cgroup.kill").exists() {
                 files::write(&dir, "cgroup.kill", "1")?;
+                // A v1 freezer (hybrid) holds frozen tasks even against SIGKILL:
+                // thaw so that they can die (v2-frozen tasks die by themselves).
+                if let Some(f) = self.v1_dir("freezer") {
+                    match files::write(&f, "freezer.state", "THAWED") {
+                        Ok(()) | Err(CgroupError::MissingFile { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
                 // Processes that are in the v1 hierarchies but not in the unified
                 // one (put there by another tool) are signalled after a grace time.
                 return self.wait_empty(Duration::from_millis(50));
