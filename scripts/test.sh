@@ -13,7 +13,9 @@ fi
 ulimit -n 20000 2>/dev/null || true
 echo "test: cargo test --workspace" >&2
 cargo test --workspace --release 2>&1
-if [ -x tests/kvm/run-all.sh ]; then
-  echo "test: KVM tests" >&2
-  tests/kvm/run-all.sh
+echo "test: KVM test host self-test" >&2
+tests/testhost/selftest.sh
+if compgen -G "tests/kvm/*.sh" >/dev/null; then
+  echo "test: KVM tests (in the KVM test host unless this host has hardware KVM)" >&2
+  tests/testhost/batch tests/kvm
 fi
