@@ -292,7 +292,7 @@ pub fn ensure_cloned_binary() -> Result<()> {
     let args: Vec<CString> = std::env::args_os()
         .map(|a| CString::new(a.as_encoded_bytes()).unwrap_or_default())
         .collect();
-    let env: Vec<CString> = std::env::vars_os()
+    let mut env: Vec<CString> = std::env::vars_os()
         .map(|(k, v)| {
             let mut b = k.as_encoded_bytes().to_vec();
             b.push(b'=');
@@ -300,6 +300,17 @@ pub fn ensure_cloned_binary() -> Result<()> {
             CString::new(b).unwrap_or_default()
         })
         .collect();
+    // The copy's /proc/self/exe is the memfd: keep the installed path for lookups of
+    // sibling binaries (nestor-vmm, nestor-agent).
+    if std::env::var_os("NESTOR_EXE").is_none() {
+        if let Ok(p) = std::fs::read_link("/proc/self/exe") {
+            let mut b = b"NESTOR_EXE=".to_vec();
+            b.extend_from_slice(p.as_os_str().as_encoded_bytes());
+            if let Ok(c) = CString::new(b) {
+                env.push(c);
+            }
+        }
+    }
     let e = nix::unistd::fexecve(mfd.as_raw_fd(), &args, &env)
         .err()
         .unwrap_or(nix::Error::UnknownErrno);

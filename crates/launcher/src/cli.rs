@@ -118,6 +118,11 @@ pub enum Cmd {
     Gc,
     /// Measure and compare: container start time with nestor, crun and runc.
     Bench(BenchArgs),
+    /// Run any program jailed as Firecracker's jailer would (scenario 2's jail).
+    Jail(JailArgs),
+    /// MicroVMs.
+    #[command(subcommand)]
+    Vm(VmCmd),
 }
 
 #[derive(Args, Debug)]
@@ -272,4 +277,89 @@ pub struct BenchArgs {
     /// Write every sample as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+/// Limits and identity of a jail.
+#[derive(Args, Debug, Clone)]
+pub struct JailOpts {
+    /// Host uid that root in the jail maps to.
+    #[arg(long, default_value_t = 200_000)]
+    pub jail_uid: u32,
+    /// Host gid that root in the jail maps to.
+    #[arg(long, default_value_t = 200_000)]
+    pub jail_gid: u32,
+    /// Memory limit of the jail's cgroup (bytes, or with k, m, g).
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// CPU limit in CPUs.
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Maximum number of processes (threads count).
+    #[arg(long)]
+    pub pids_limit: Option<i64>,
+    /// Open files limit inside the jail.
+    #[arg(long, default_value_t = 2048)]
+    pub nofile: u64,
+    /// Largest file the jail may write, bytes.
+    #[arg(long)]
+    pub fsize: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+pub struct JailArgs {
+    /// Name of the jail (default: generated).
+    #[arg(long)]
+    pub id: Option<String>,
+    #[command(flatten)]
+    pub opts: JailOpts,
+    /// Give the jail /dev/kvm.
+    #[arg(long)]
+    pub kvm: bool,
+    /// Bind a host file read-only: HOST:INSIDE (repeatable).
+    #[arg(long = "file")]
+    pub files: Vec<String>,
+    /// The program and its arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCmd {
+    /// Boot a microVM with nestor-vmm, optionally jailed (--jail).
+    Run(VmRunArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct VmRunArgs {
+    #[arg(long)]
+    pub kernel: PathBuf,
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long)]
+    pub mem: Option<u64>,
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// PATH[,ro] (repeatable).
+    #[arg(long)]
+    pub disk: Vec<String>,
+    /// Host-side Unix socket of the guest's vsock.
+    #[arg(long)]
+    pub vsock: Option<PathBuf>,
+    /// Tap device for virtio-net.
+    #[arg(long)]
+    pub net: Option<String>,
+    /// stdio, none or a file.
+    #[arg(long)]
+    pub console: Option<String>,
+    /// The VMM binary (default: nestor-vmm next to nestor, or $NESTOR_VMM).
+    #[arg(long)]
+    pub vmm: Option<PathBuf>,
+    /// Run the VMM in a jail (scenario 2).
+    #[arg(long)]
+    pub jail: bool,
+    #[command(flatten)]
+    pub jail_opts: JailOpts,
 }

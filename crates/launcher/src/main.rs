@@ -4,6 +4,7 @@
 
 mod bench;
 mod cli;
+mod jail;
 mod manage;
 mod oci;
 mod run;
@@ -11,6 +12,7 @@ mod signals;
 mod spec;
 mod store;
 mod tty;
+mod vm;
 
 /// The seccomp profile Docker-style containers get (podman's default, from Debian's
 /// containers-common package), when installed.
@@ -67,6 +69,8 @@ fn dispatch(cli: &Cli) -> Result<i32> {
         Cmd::Image(ImageCmd::Rm { images }) => manage::image_rm(images)?,
         Cmd::Gc => manage::gc(&rt)?,
         Cmd::Bench(a) => bench::run(a)?,
+        Cmd::Jail(a) => return vm::jail_cmd(&rt, a),
+        Cmd::Vm(cli::VmCmd::Run(a)) => return vm::vm_run(&rt, a),
     }
     Ok(0)
 }

@@ -402,6 +402,39 @@ pub fn gc(rt: &Runtime) -> Result<()> {
             }
         }
     }
+    // Jails whose nestor died: kill the jailed program, drop the jail.
+    for st in rt.list()? {
+        if let (Some(_), Some(owner)) =
+            (st.labels.get("nestor.jail"), st.labels.get("nestor.owner"))
+        {
+            let alive = owner
+                .parse::<i32>()
+                .ok()
+                .and_then(nestor_container::state::proc_start)
+                .is_some_and(|(_, z)| !z);
+            if !alive {
+                rt.delete(&st.id, true)?;
+                crate::jail::remove(&st.id);
+                n += 1;
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(crate::jail::jails_dir()) {
+        for e in rd.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            // A jail being set up has no state yet for a moment: leave young ones.
+            let old = e
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|a| a > Duration::from_secs(30));
+            if old && rt.state(&id).is_err() {
+                crate::jail::remove(&id);
+                n += 1;
+            }
+        }
+    }
     // Runtime state whose process is gone, in the default root.
     for st in rt.list()? {
         if !st.init_alive() {

@@ -149,7 +149,10 @@ fn lifecycle_create_start_exec_kill_delete() {
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
     assert_ne!(comm.trim(), "sleep");
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
-    assert!(exe.to_string_lossy().starts_with("/memfd:nestor"), "container init runs {exe:?}, not a sealed copy");
+    assert!(
+        exe.to_string_lossy().starts_with("/memfd:nestor"),
+        "container init runs {exe:?}, not a sealed copy"
+    );
     assert!(b.oci(&["start"]).status.success());
     assert_eq!(b.state_json().unwrap()["status"], "running");
     // Starting twice is an error naming the status.
