@@ -125,8 +125,11 @@ fn errno_rule_under_default_allow() {
 fn allow_list_under_default_errno() {
     let filter = compiled(
         r#"{"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 38,
-            "syscalls": [{"names": ["exit_group", "exit", "getpid"], "action": "SCMP_ACT_ALLOW"}]}"#,
+            "syscalls": [{"names": ["exit_group", "exit", "getpid"], "action": "SCMP_ACT_ALLOW"},
+                         {"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
+                         {"names": ["rmdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": 2}]}"#,
     );
+    // The profile does not allow seccomp(2) itself: installing must take one call.
     // SAFETY: raw syscalls without arguments.
     let getpid = under(&filter, || {
         let pid = unsafe { libc::syscall(libc::SYS_getpid) };
@@ -141,6 +144,27 @@ fn allow_list_under_default_errno() {
         End::Code(libc::ENOSYS),
         "getppid gets the default errno"
     );
+    // SAFETY: rmdir with a valid C string.
+    let rmdir = under(&filter, || {
+        outcome(unsafe { libc::syscall(libc::SYS_rmdir, c"/nonexistent".as_ptr()) })
+    });
+    assert_eq!(rmdir, End::Code(libc::ENOENT), "rmdir gets its errnoRet");
+}
+
+#[test]
+fn rule_with_many_conditions_is_accepted_by_the_kernel() {
+    // 60 conditions make seccompiler insert long-jump helpers inside the rule.
+    let args: Vec<_> = (0..60)
+        .map(|i| serde_json::json!({"index": i % 6, "value": 1000 + i, "op": "SCMP_CMP_NE"}))
+        .collect();
+    let json = serde_json::json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+        {"names": ["getpriority"], "action": "SCMP_ACT_ERRNO", "errnoRet": 9, "args": args}]});
+    let filter = compiled(&json.to_string());
+    // SAFETY: getpriority with integer arguments.
+    let end = under(&filter, || {
+        outcome(unsafe { libc::syscall(libc::SYS_getpriority, libc::PRIO_PROCESS, 0) })
+    });
+    assert_eq!(end, End::Code(libc::EBADF));
 }
 
 #[test]
@@ -229,8 +253,6 @@ fn every_action() {
             {"names": ["getpid"], "action": "SCMP_ACT_ERRNO", "errnoRet": 61}
         ]}"#,
     );
-    // One filter per distinct non-ALLOW action; SCMP_ACT_KILL is SCMP_ACT_KILL_THREAD.
-    assert_eq!(filter.filter_count(), 6);
     // SAFETY: raw syscalls without arguments.
     let run = |nr: libc::c_long| under(&filter, || outcome(unsafe { libc::syscall(nr) }));
     let sigsys = End::Signal(Signal::SIGSYS);
@@ -316,8 +338,6 @@ fn podman_profile() -> String {
 #[test]
 fn podman_default_profile() {
     let filter = compiled(&podman_profile());
-    // Default ERRNO(ENOSYS) with its allow-list, ERRNO(EPERM), ERRNO(EINVAL).
-    assert_eq!(filter.filter_count(), 3);
 
     // A real binary runs under it. Like podman's default (noNewPrivileges false), no
     // no_new_privs: the test runs as root, so CAP_SYS_ADMIN allows the install.
@@ -427,9 +447,7 @@ fn podman_template_compiles_unresolved() {
     let text = std::fs::read_to_string("/usr/share/containers/seccomp.json")
         .expect("podman's seccomp.json");
     let filter = compiled(&text);
-    // socket has an unconditional ALLOW here, which overrides its conditional rules, so the
-    // ERRNO(EINVAL) filter disappears: the default filter and ERRNO(EPERM) remain.
-    assert_eq!(filter.filter_count(), 2);
+    // socket has an unconditional ALLOW here, which overrides its conditional rules.
     let audit = under(&filter, || {
         // SAFETY: socket with integer arguments.
         let rc = unsafe {
@@ -513,7 +531,7 @@ fn install_needs_no_new_privs_or_cap_sys_admin() {
             }
             match filter.install() {
                 Ok(()) => outcome(unsafe { libc::syscall(libc::SYS_getppid) }),
-                Err(SeccompError::NotPermitted { index: 1, .. }) => 42,
+                Err(SeccompError::NotPermitted) => 42,
                 Err(_) => INSTALL_FAILED,
             }
         })
@@ -528,7 +546,7 @@ fn install_needs_no_new_privs_or_cap_sys_admin() {
         End::Code(libc::ESRCH),
         "installed with no_new_privs"
     );
-    let err = SeccompError::NotPermitted { index: 1, total: 1 }.to_string();
+    let err = SeccompError::NotPermitted.to_string();
     assert!(
         err.contains("no_new_privs") && err.contains("CAP_SYS_ADMIN"),
         "{err}"
@@ -544,10 +562,8 @@ fn flags_are_honoured() {
             "syscalls": [{"names": ["getppid"], "action": "SCMP_ACT_ERRNO", "errnoRet": 3},
                          {"names": ["getpgrp"], "action": "SCMP_ACT_ERRNO", "errnoRet": 4}]}"#,
     );
-    let expect = filter.filter_count();
-    assert_eq!(expect, 2);
     let end = under(&filter, || {
-        // /proc/self/status must say how many filters the kernel holds for this thread.
+        // /proc/self/status: the whole profile is one filter.
         let mut buf = [0u8; 8192];
         // SAFETY: open/read/close into a stack buffer.
         let len = unsafe {
@@ -564,8 +580,8 @@ fn flags_are_honoured() {
         }
         let status = &buf[..len as usize];
         if !status
-            .windows(b"Seccomp_filters:\t2\n".len())
-            .any(|w| w == b"Seccomp_filters:\t2\n")
+            .windows(b"Seccomp_filters:\t1\n".len())
+            .any(|w| w == b"Seccomp_filters:\t1\n")
         {
             return 102;
         }
