@@ -492,8 +492,8 @@ fn other_abis_are_killed() {
         outcome(unsafe { libc::syscall(0x4000_0000 | libc::SYS_getpid) })
     });
     assert_eq!(x32, End::Signal(Signal::SIGSYS), "x32 syscall");
-    // i386 ABI getpid (number 20) through int 0x80.
-    let i386 = under(&filter, || {
+    // i386 ABI getpid (number 20) through int 0x80: 0 when it returned a pid.
+    let i386_getpid = || {
         let mut rax: u64 = 20;
         // SAFETY: i386 getpid has no arguments and touches no memory.
         unsafe {
@@ -504,9 +504,18 @@ fn other_abis_are_killed() {
                 options(nostack)
             );
         }
-        i32::from(rax == 0)
-    });
-    assert_eq!(i386, End::Signal(Signal::SIGSYS), "i386 syscall");
+        i32::from(rax as i64 <= 0)
+    };
+    if in_child(i386_getpid) == End::Code(0) {
+        assert_eq!(
+            under(&filter, i386_getpid),
+            End::Signal(Signal::SIGSYS),
+            "i386 syscall"
+        );
+    } else {
+        // A kernel without IA32 emulation (or booted with ia32_emulation=0) faults first.
+        eprintln!("i386 ABI not available on this kernel: its seccomp check is skipped");
+    }
     // -1 (what a tracer writes to skip a syscall) is not treated as x32.
     // SAFETY: an invalid syscall number only returns ENOSYS.
     let minus_one = under(&filter, || outcome(unsafe { libc::syscall(-1) }));
