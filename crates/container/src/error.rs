@@ -38,6 +38,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Cgroup(#[from] crate::cgroups::CgroupError),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// The container's init process reported a failure before exec.
     #[error("container init: {0}")]
     Init(String),

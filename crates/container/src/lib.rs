@@ -11,6 +11,7 @@ pub mod container;
 pub mod error;
 pub mod process;
 pub mod rootfs;
+pub mod seccomp;
 pub mod spec;
 pub mod state;
 pub mod sys;

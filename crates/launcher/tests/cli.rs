@@ -99,6 +99,22 @@ fn run_image_passes_output_and_exit_code_and_cleans_up() {
         0,
         "--rm left a record"
     );
+    // Docker-style containers get the default seccomp profile and Docker's capabilities.
+    let o = e.run(&[
+        "run",
+        "--rm",
+        "busybox",
+        "grep",
+        "-E",
+        "^(Seccomp|CapEff):",
+        "/proc/self/status",
+    ]);
+    assert!(stdout(&o).contains("Seccomp:\t2"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("CapEff:\t00000000a80425fb"),
+        "{}",
+        stdout(&o)
+    );
     assert!(
         e.mounts_under_root().is_empty(),
         "mount left: {:?}",

@@ -298,3 +298,46 @@ fn joins_a_network_namespace_by_path() {
         stdout(&o)
     );
 }
+
+#[test]
+fn seccomp_from_the_spec_is_enforced() {
+    let b = Bundle::new(
+        "seccomp",
+        &[
+            "sh",
+            "-c",
+            "grep ^Seccomp: /proc/self/status; mkdir /tmp/d && echo MADE; echo done",
+        ],
+    );
+    b.edit(|c| {
+        c["root"]["readonly"] = json!(false);
+        c["linux"]["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+        });
+    });
+    let o = b.run();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("Seccomp:\t2"), "{out}");
+    assert!(!out.contains("MADE"), "mkdir was not filtered: {out}");
+    assert!(
+        stderr(&o).contains("Operation not permitted"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(out.contains("done"));
+    // A malformed profile is refused before anything runs, naming the problem.
+    let b = Bundle::new("seccomp-bad", &["true"]);
+    b.edit(|c| {
+        c["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "args": [{"index": 9, "value": 1, "op": "SCMP_CMP_EQ"}]}]});
+    });
+    let o = b.run();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).to_lowercase().contains("index"),
+        "{}",
+        stderr(&o)
+    );
+}

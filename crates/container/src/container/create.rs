@@ -63,6 +63,7 @@ impl Runtime {
                 CgroupMount::V1(cg.paths())
             };
             cgroup = Some(cg);
+            let seccomp = process::compile_seccomp(&bundle.spec)?;
             let cfg = InitConfig {
                 spec: &bundle.spec,
                 rootfs: &bundle.rootfs,
@@ -71,6 +72,7 @@ impl Runtime {
                 console_socket: o.console_socket.clone(),
                 cgroup_mount,
                 preserve_fds: o.preserve_fds,
+                seccomp: seccomp.as_ref(),
             };
             let cgref = cgroup.as_ref();
             let pid = process::spawn(&cfg, &mut |ev| match ev {

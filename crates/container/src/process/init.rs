@@ -8,7 +8,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use nix::sched::CloneFlags;
-use oci_spec::runtime::{Process, Spec};
+use oci_spec::runtime::Process;
+
+use crate::seccomp::CompiledSeccomp;
 
 use super::{InitConfig, NsPlan};
 use crate::error::{Context, Error, Result};
@@ -92,7 +94,7 @@ pub(super) fn stage2(
         }
     }
     finalize(
-        cfg.spec,
+        cfg.seccomp,
         process,
         ch,
         console.as_ref().map(|c| c.as_raw_fd()),
@@ -313,7 +315,7 @@ fn resolve_exe(arg0: &str, env: &[String]) -> Result<PathBuf> {
 
 /// Apply the process spec and exec. Never returns on success.
 pub(crate) fn finalize(
-    spec: &Spec,
+    seccomp: Option<&CompiledSeccomp>,
     process: &Process,
     ch: &Channel,
     console: Option<RawFd>,
@@ -354,11 +356,18 @@ pub(crate) fn finalize(
             "process.cwd is outside the container".into(),
         ));
     }
-    let _ = spec;
+    // Without no_new_privs the filter needs CAP_SYS_ADMIN: install it before dropping
+    // capabilities; with it, as late as possible.
+    if let (Some(f), false) = (seccomp, nnp) {
+        f.install()?;
+    }
     switch_user(process, bounding.as_ref())?;
     set_caps(process)?;
     let exe = resolve_exe(arg0, &env)?;
     crate::sys::cloexec_from(3 + preserve_fds)?;
+    if let (Some(f), true) = (seccomp, nnp) {
+        f.install()?;
+    }
     let cexe = CString::new(exe.as_os_str().as_encoded_bytes())
         .map_err(|_| Error::Invalid("executable path has a NUL byte".into()))?;
     let cargs: Vec<CString> = args

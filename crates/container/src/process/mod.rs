@@ -30,6 +30,8 @@ pub struct InitConfig<'a> {
     pub cgroup_mount: CgroupMount,
     /// Descriptors 3..3+N are passed to the container (systemd socket activation style).
     pub preserve_fds: u32,
+    /// The spec's seccomp filter, compiled before any fork.
+    pub seccomp: Option<&'a crate::seccomp::CompiledSeccomp>,
 }
 
 /// Something the runtime must do while the container is being made.
@@ -304,6 +306,14 @@ fn spawn_direct(
     }
 }
 
+/// The spec's `linux.seccomp`, compiled (None when the spec has none).
+pub fn compile_seccomp(spec: &Spec) -> Result<Option<crate::seccomp::CompiledSeccomp>> {
+    match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
+        Some(s) => Ok(Some(crate::seccomp::compile(s)?)),
+        None => Ok(None),
+    }
+}
+
 /// In a user namespace: become uid/gid 0 of that namespace.
 pub(crate) fn become_root() -> Result<()> {
     nix::unistd::setresgid(0.into(), 0.into(), 0.into())
@@ -357,6 +367,7 @@ pub fn exec_in(
             (Err(e), _) => return Err(e).ctx(|| format!("container process {pid} is gone")),
         }
     }
+    let seccomp = compile_seccomp(spec)?;
     // The console socket is a host path: connect before joining the mount namespace.
     let console = match console_socket {
         Some(s) => Some(init::connect_console(s)?),
@@ -376,7 +387,7 @@ pub fn exec_in(
             }
             nix::unistd::setsid().ctx(|| "setsid")?;
             init::finalize(
-                spec,
+                seccomp.as_ref(),
                 process,
                 &child,
                 console.as_ref().map(|c| c.as_raw_fd()),
