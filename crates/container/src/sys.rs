@@ -239,83 +239,110 @@ pub fn recv_fd(sock: RawFd) -> Result<OwnedFd> {
     Err(Error::Invalid("peer sent no descriptor".into()))
 }
 
-/// Re-execute the running binary from a sealed memfd copy unless it already is one,
-/// so that no process in a container can reach (and overwrite) the runtime binary on
-/// the host through /proc/PID/exe (the CVE-2019-5736 class). Returns only when the
-/// binary is already a sealed copy; otherwise execs.
-pub fn ensure_cloned_binary() -> Result<()> {
-    use std::io::Read;
-    let exe = std::fs::File::open("/proc/self/exe").ctx(|| "open /proc/self/exe")?;
-    let want = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
-    // SAFETY: fcntl on a valid descriptor.
-    let seals = unsafe { libc::fcntl(exe.as_raw_fd(), libc::F_GET_SEALS) };
-    if seals >= 0 && seals & want == want {
-        return Ok(());
+/// The "dmz": a 168-byte static x86-64 ELF whose only job is
+/// `execve(argv[0], &argv[1], envp)` (then `exit_group(127)` if that fails). The
+/// container's process execs its program through a sealed memfd holding it, so at the
+/// moment the program is resolved, `/proc/self/exe` is the dmz and never the nestor
+/// binary on the host: a container cannot reach (and overwrite) the runtime through
+/// `/proc/self/exe`, `#!/proc/self/exe` or `/proc/PID/exe` (the CVE-2019-5736
+/// class). Costs one tiny exec instead of copying the whole runtime (runc's runc-dmz
+/// idea, done without a second binary).
+pub fn dmz_elf() -> Vec<u8> {
+    const BASE: u64 = 0x40_0000;
+    let code: [u8; 48] = [
+        0x48, 0x83, 0x3c, 0x24,
+        0x02, // cmp qword [rsp], 2      ; need a program and its argv[0]
+        0x72,
+        0x1a, // jb fail                                     ; (stops #!/proc/self/exe loops)
+        0x48, 0x8b, 0x7c, 0x24, 0x08, // mov rdi, [rsp+8]        ; argv[0]: the program
+        0x48, 0x8d, 0x74, 0x24, 0x10, // lea rsi, [rsp+16]       ; &argv[1]: its argv
+        0x48, 0x8b, 0x0c, 0x24, // mov rcx, [rsp]                ; argc
+        0x48, 0x8d, 0x54, 0xcc, 0x10, // lea rdx, [rsp+rcx*8+16] ; envp
+        0xb8, 0x3b, 0x00, 0x00, 0x00, // mov eax, 59 (execve)
+        0x0f, 0x05, // syscall
+        0xbf, 0x7f, 0x00, 0x00, 0x00, // fail: mov edi, 127
+        0xb8, 0xe7, 0x00, 0x00, 0x00, // mov eax, 231 (exit_group)
+        0x0f, 0x05, // syscall
+        0xf4, 0xeb, 0xfd, // hlt; jmp hlt (never reached)
+    ];
+    let total = (64 + 56 + code.len()) as u64;
+    let mut e = Vec::with_capacity(total as usize);
+    e.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    e.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    e.extend_from_slice(&1u32.to_le_bytes());
+    e.extend_from_slice(&(BASE + 120).to_le_bytes()); // entry
+    e.extend_from_slice(&64u64.to_le_bytes()); // phoff
+    e.extend_from_slice(&0u64.to_le_bytes()); // shoff
+    e.extend_from_slice(&0u32.to_le_bytes()); // flags
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        e.extend_from_slice(&v.to_le_bytes());
     }
-    let name = c"nestor";
+    e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    e.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    for v in [0u64, BASE, BASE, total, total, 0x1000] {
+        e.extend_from_slice(&v.to_le_bytes());
+    }
+    e.extend_from_slice(&code);
+    e
+}
+
+/// A sealed, close-on-exec memfd holding [`dmz_elf`], ready for `fexecve`.
+pub fn dmz_fd() -> Result<OwnedFd> {
+    let name = c"nestor-dmz";
     // SAFETY: memfd_create with a static name.
-    let mfd =
+    let fd =
         unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    if mfd < 0 {
+    if fd < 0 {
         return Err(nix::Error::last()).ctx(|| "memfd_create");
     }
     // SAFETY: fresh descriptor.
-    let mfd = unsafe { OwnedFd::from_raw_fd(mfd) };
-    let len = exe.metadata().ctx(|| "stat /proc/self/exe")?.len() as usize;
-    let mut off = 0usize;
-    while off < len {
-        // SAFETY: sendfile between two valid descriptors.
-        let n = unsafe {
-            libc::sendfile(
-                mfd.as_raw_fd(),
-                exe.as_raw_fd(),
-                std::ptr::null_mut(),
-                len - off,
-            )
-        };
-        if n <= 0 {
-            // Fallback: a plain copy.
-            let mut buf = Vec::new();
-            let mut e = &exe;
-            e.read_to_end(&mut buf).ctx(|| "read /proc/self/exe")?;
-            let mut f = std::fs::File::from(mfd.try_clone().ctx(|| "dup memfd")?);
-            std::io::Write::write_all(&mut f, &buf[off.min(buf.len())..])
-                .ctx(|| "copy runtime binary")?;
-            break;
-        }
-        off += n as usize;
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let elf = dmz_elf();
+    let n = nix::unistd::write(&fd, &elf).ctx(|| "write dmz")?;
+    if n != elf.len() {
+        return Err(Error::Invalid("short write of the dmz".into()));
     }
+    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
     // SAFETY: fcntl on a valid descriptor.
-    if unsafe { libc::fcntl(mfd.as_raw_fd(), libc::F_ADD_SEALS, want) } != 0 {
-        return Err(nix::Error::last()).ctx(|| "seal runtime copy");
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(nix::Error::last()).ctx(|| "seal dmz");
     }
-    let args: Vec<CString> = std::env::args_os()
-        .map(|a| CString::new(a.as_encoded_bytes()).unwrap_or_default())
-        .collect();
-    let mut env: Vec<CString> = std::env::vars_os()
-        .map(|(k, v)| {
-            let mut b = k.as_encoded_bytes().to_vec();
-            b.push(b'=');
-            b.extend_from_slice(v.as_encoded_bytes());
-            CString::new(b).unwrap_or_default()
-        })
-        .collect();
-    // The copy's /proc/self/exe is the memfd: keep the installed path for lookups of
-    // sibling binaries (nestor-vmm, nestor-agent).
-    if std::env::var_os("NESTOR_EXE").is_none() {
-        if let Ok(p) = std::fs::read_link("/proc/self/exe") {
-            let mut b = b"NESTOR_EXE=".to_vec();
-            b.extend_from_slice(p.as_os_str().as_encoded_bytes());
-            if let Ok(c) = CString::new(b) {
-                env.push(c);
-            }
-        }
+    Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    #[test]
+    fn dmz_execs_argv0_with_the_rest_as_argv() {
+        let dir = std::env::temp_dir().join(format!("nestor-dmz-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("dmz");
+        std::fs::write(&p, dmz_elf()).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let o = std::process::Command::new(&p)
+            .arg0("/bin/sh")
+            .args(["sh", "-c", "echo $0:$1:$X", "zero", "one"])
+            .env("X", "env-ok")
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "zero:one:env-ok\n");
+        // A program that cannot be executed: exit 127, no crash.
+        let o = std::process::Command::new(&p)
+            .arg0("/nonexistent")
+            .arg("x")
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(127));
+        // Without a program argv[0] it refuses instead of looping.
+        let o = std::process::Command::new(&p)
+            .arg0("/bin/true")
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(127));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
-    let e = nix::unistd::fexecve(mfd.as_raw_fd(), &args, &env)
-        .err()
-        .unwrap_or(nix::Error::UnknownErrno);
-    Err(Error::Sys {
-        context: "re-exec the runtime from a sealed copy".into(),
-        source: e,
-    })
 }

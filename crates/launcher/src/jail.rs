@@ -241,7 +241,6 @@ pub fn remove(id: &str) {
 
 /// Run the program jailed in the foreground; returns its exit code.
 pub fn run(rt: &Runtime, c: &JailConfig) -> Result<i32> {
-    nestor_container::sys::ensure_cloned_binary()?;
     let dir = match prepare(c) {
         Ok(d) => d,
         Err(e) => {

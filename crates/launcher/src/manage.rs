@@ -266,7 +266,6 @@ pub fn exec(rt_default: &Runtime, a: &ExecArgs) -> Result<i32> {
     let rt = runtime_of(&m);
     let _ = rt_default;
     if a.tty {
-        nestor_container::sys::ensure_cloned_binary()?;
         let dir = tempfile_dir()?;
         let console = crate::tty::ConsoleListener::new(&dir)?;
         let pid = rt.exec(&nestor_container::container::ExecOpts {
@@ -467,6 +466,9 @@ pub fn gc(rt: &Runtime) -> Result<()> {
         }
     }
     let report = store::image_store()?.gc()?;
-    println!("gc: {n} container leftovers removed; images: {report:?}");
+    println!(
+        "gc: {n} container leftovers removed; {} unused layers, {} blobs, {} staging entries removed",
+        report.layers_removed, report.blobs_removed, report.staging_removed
+    );
     Ok(())
 }

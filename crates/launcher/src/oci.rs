@@ -10,7 +10,6 @@ use oci_spec::runtime::Process;
 use crate::cli::{CreateArgs, ExecArgs, KillArgs, RunArgs};
 
 pub fn create(rt: &Runtime, a: &CreateArgs) -> Result<()> {
-    nestor_container::sys::ensure_cloned_binary()?;
     rt.create(&CreateOpts {
         id: a.id.clone(),
         bundle: a.bundle.clone(),
@@ -32,7 +31,6 @@ pub fn run(rt: &Runtime, a: &RunArgs) -> Result<i32> {
             a.args
         );
     };
-    nestor_container::sys::ensure_cloned_binary()?;
     let o = CreateOpts {
         id: id.clone(),
         bundle,
@@ -111,7 +109,6 @@ pub fn exec(rt: &Runtime, a: &ExecArgs) -> Result<i32> {
 }
 
 pub fn exec_process(rt: &Runtime, a: &ExecArgs, process: Process) -> Result<i32> {
-    nestor_container::sys::ensure_cloned_binary()?;
     let pid = rt.exec(&ExecOpts {
         id: a.id.clone(),
         process,

@@ -340,7 +340,6 @@ pub fn run(rt: &Runtime, a: &RunArgs) -> Result<i32> {
     if a.detach {
         return detach(rt, a);
     }
-    nestor_container::sys::ensure_cloned_binary()?;
     let mut p = prepare(a, &rt.root.path)?;
     if !a.interactive && !a.tty {
         redirect_stdin_null()?;
@@ -368,7 +367,6 @@ fn detach(rt: &Runtime, a: &RunArgs) -> Result<i32> {
     if a.tty {
         bail!("-t with -d is not supported yet: use `nestor exec -it` into a detached container");
     }
-    nestor_container::sys::ensure_cloned_binary()?;
     let mut p = prepare(a, &rt.root.path)?;
     let (r, w) = nix::unistd::pipe().context("pipe")?;
     // SAFETY: nestor is single-threaded here.

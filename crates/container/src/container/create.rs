@@ -64,6 +64,7 @@ impl Runtime {
             };
             cgroup = Some(cg);
             let seccomp = process::compile_seccomp(&bundle.spec)?;
+            let dmz = crate::sys::dmz_fd()?;
             let cfg = InitConfig {
                 spec: &bundle.spec,
                 rootfs: &bundle.rootfs,
@@ -73,6 +74,7 @@ impl Runtime {
                 cgroup_mount,
                 preserve_fds: o.preserve_fds,
                 seccomp: seccomp.as_ref(),
+                dmz: std::os::fd::AsRawFd::as_raw_fd(&dmz),
             };
             let cgref = cgroup.as_ref();
             let pid = process::spawn(&cfg, &mut |ev| match ev {

@@ -94,6 +94,7 @@ pub(super) fn stage2(
         }
     }
     finalize(
+        cfg.dmz,
         cfg.seccomp,
         process,
         ch,
@@ -315,6 +316,7 @@ fn resolve_exe(arg0: &str, env: &[String]) -> Result<PathBuf> {
 
 /// Apply the process spec and exec. Never returns on success.
 pub(crate) fn finalize(
+    dmz: RawFd,
     seccomp: Option<&CompiledSeccomp>,
     process: &Process,
     ch: &Channel,
@@ -394,7 +396,11 @@ pub(crate) fn finalize(
         let _ = nix::unistd::close(w);
         drop(f);
     }
-    let e = nix::unistd::execve(&cexe, &cargs, &cenv)
+    // Through the dmz: at exec time /proc/self/exe is never the runtime binary.
+    let mut dargs = Vec::with_capacity(cargs.len() + 1);
+    dargs.push(cexe.clone());
+    dargs.extend(cargs);
+    let e = nix::unistd::fexecve(dmz, &dargs, &cenv)
         .err()
         .unwrap_or(nix::Error::UnknownErrno);
     Err(Error::Sys {

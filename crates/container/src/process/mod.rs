@@ -32,6 +32,8 @@ pub struct InitConfig<'a> {
     pub preserve_fds: u32,
     /// The spec's seccomp filter, compiled before any fork.
     pub seccomp: Option<&'a crate::seccomp::CompiledSeccomp>,
+    /// The sealed dmz the process execs its program through ([`crate::sys::dmz_fd`]).
+    pub dmz: std::os::fd::RawFd,
 }
 
 /// Something the runtime must do while the container is being made.
@@ -134,6 +136,10 @@ fn fork_child<F: FnOnce() -> Result<()>>(ch: &Channel, flags: libc::c_int, f: F)
     }
     let pid = r as i32;
     if pid == 0 {
+        // Other processes in the container must not reach this one's /proc/PID/exe
+        // (the runtime binary) before it execs.
+        // SAFETY: prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
         let code = match f() {
             Ok(()) => 0,
             Err(e) => {
@@ -368,6 +374,7 @@ pub fn exec_in(
         }
     }
     let seccomp = compile_seccomp(spec)?;
+    let dmz = crate::sys::dmz_fd()?;
     // The console socket is a host path: connect before joining the mount namespace.
     let console = match console_socket {
         Some(s) => Some(init::connect_console(s)?),
@@ -387,6 +394,7 @@ pub fn exec_in(
             }
             nix::unistd::setsid().ctx(|| "setsid")?;
             init::finalize(
+                dmz.as_raw_fd(),
                 seccomp.as_ref(),
                 process,
                 &child,
