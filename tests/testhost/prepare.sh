@@ -48,7 +48,7 @@ if [[ -z ${NESTOR_TESTHOST_KERNEL_PKG:-} && -f $memo && $memo -nt /var/lib/apt/l
     && read -r pkg version <"$memo" && [[ -n $pkg && -n $version ]]; then
     :
 else
-    pkg= version=
+    pkg='' version=''
 fi
 [[ -n $pkg ]] || pkg=$(resolve_pkg)
 if [[ -z $pkg ]]; then
@@ -116,7 +116,9 @@ mods=$tmp/out/modules/lib/modules/$kver
 # Two groups, each in dependency order (deps from modules.dep, each module once):
 # "boot" is needed to reach the root filesystem; "late" loads in the background
 # meanwhile (kvm-amd gets nested=1 from the init).
+# shellcheck disable=SC2034 # used through declare -n
 boot_mods=(virtio_pci virtio_mmio virtio_console virtio-rng 9pnet_virtio 9p overlay)
+# shellcheck disable=SC2034
 late_mods=(kvm-amd tun veth bridge vsock)
 declare -A seen=()
 order=()
