@@ -20,7 +20,7 @@ log() { echo "testhost prepare: $*" >&2; }
 die() { echo "testhost prepare: error: $*" >&2; exit 1; }
 
 # --- apt packages the harness itself needs --------------------------------------
-need_pkgs=(qemu-system-x86 busybox-static kmod cpio)
+need_pkgs=(qemu-system-x86 busybox-static kmod cpio xz-utils iproute2)
 missing=()
 for p in "${need_pkgs[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -38,7 +38,7 @@ qemu_left() { # any process still holding this selftest's dir in its command lin
     local p
     for p in /proc/[0-9]*; do
         [[ $p == "/proc/$$" ]] && continue
-        tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -q "$st/tmp" && return 0
+        tr '\0' ' ' 2>/dev/null <"$p/cmdline" | grep -q "$st/tmp" && return 0
     done
     return 1
 }
@@ -86,7 +86,7 @@ mkdir -p "$st/share"
         t "tun: a tap device can be made" "ip tuntap add mode tap name sttap0 && ip link del sttap0"
         t "veth and bridge work" "ip link add stv0 type veth peer name stv1 && ip link add stbr0 type bridge && ip link set stv0 master stbr0 && ip link del stv0 && ip link del stbr0"
         t "modprobe finds the kernel modules" "modprobe dummy && rmmod dummy"
-        t "/tmp is writable" "echo x >/tmp/selftest && test \$(cat /tmp/selftest) = x"
+        t "/tmp is writable and the host /tmp is visible" "echo x >/tmp/selftest-$$ && test \$(cat /tmp/selftest-$$) = x && test -d '"$st"'"
         t "the root is writable (overlay)" "mkdir -p /var/lib/nestor-selftest && rmdir /var/lib/nestor-selftest"
         t "the checkout is at the same path" "test -x '"$repo"'/tests/testhost/run"
         t "the working directory is kept" "test \$(pwd -P) = '"$repo"'/tests"
