@@ -8,6 +8,7 @@
 #   modules/lib/modules/V/  the package's whole module tree, with modules.dep
 #   initramfs.cpio          busybox-static + stage-1 init + the modules stage 1 loads
 #   kernel-version          V
+#   last-used               touched by every use; other keys unused for 3 days are removed
 #
 # Environment:
 #   NESTOR_CACHE                 cache root (default $HOME/.cache/nestor)
@@ -69,6 +70,7 @@ fi
 key=$( { echo "$pkg $version"; cat "$here/prepare.sh" "$here/init"; } | sha256sum | cut -c1-16)
 dir=$cache_root/testhost/$key
 if [[ -f $dir/ready ]]; then
+    touch "$dir/last-used"
     echo "$dir"
     exit 0
 fi
@@ -77,6 +79,7 @@ mkdir -p "$cache_root/testhost"
 exec 9>"$cache_root/testhost/.lock"
 flock 9
 if [[ -f $dir/ready ]]; then
+    touch "$dir/last-used"
     echo "$dir"
     exit 0
 fi
@@ -168,5 +171,11 @@ chmod 755 "$root/init"
 touch "$tmp/out/ready"
 rm -rf "$tmp/x"
 mv "$tmp/out" "$dir"
+touch "$dir/last-used"
 log "cached in $dir ($(du -sh "$dir" | cut -f1))"
+# Other keys (older harness or kernel versions) unused for 3 days go.
+find "$cache_root/testhost" -mindepth 2 -maxdepth 2 -name last-used -mtime +3 -printf '%h\n' \
+    | while read -r old; do
+        [[ $old != "$dir" ]] && log "removing unused $old" && rm -rf "$old"
+    done
 echo "$dir"

@@ -69,11 +69,19 @@ check "a bad option exits 125 with a message" \
     bash -c '[[ $0 == 125 && $1 == *"unknown option"* ]]' "$rc" "$err"
 check "no leftovers after normal runs" no_leftovers
 
+# --- the project's binaries on PATH ---------------------------------------------------
+mkdir -p "$st/bin" "$st/target/debug"
+printf '#!/bin/sh\necho "fake nestor from NESTOR_BIN_DIR"\n' >"$st/bin/nestor"
+printf '#!/bin/sh\necho "fake nestor-vmm from CARGO_TARGET_DIR"\n' >"$st/target/debug/nestor-vmm"
+chmod +x "$st/bin/nestor" "$st/target/debug/nestor-vmm"
+NESTOR_BIN_DIR=$st/bin capture nestor
+check "NESTOR_BIN_DIR comes first on PATH inside" test "$out" = "fake nestor from NESTOR_BIN_DIR"
+
 # --- inside the machine: one boot checks many things ---------------------------------
 mkdir -p "$st/share"
 (
     cd "$repo/tests" || exit 1
-    SELFTEST_VAR='a b "c"' "$run" --share "$st/share" -- bash -c '
+    SELFTEST_VAR='a b "c"' CARGO_TARGET_DIR=$st/target "$run" --share "$st/share" -- bash -c '
         t() { if eval "$2" >/dev/null 2>&1; then echo "ok - inside: $1"; else echo "not ok - inside: $1"; fi; }
         t "/dev/kvm is a character device" "test -c /dev/kvm"
         t "kvm_amd is loaded with nested=1" "grep -qE \"^(1|Y)\$\" /sys/module/kvm_amd/parameters/nested"
@@ -97,6 +105,7 @@ mkdir -p "$st/share"
         t "a --share dir is writable" "echo shared >'"$st/share"'/f"
         t "/dev/pts, /dev/shm and /dev/mqueue are mounted" "mountpoint -q /dev/pts && mountpoint -q /dev/shm && mountpoint -q /dev/mqueue"
         t "loopback is up" "ip -o link show lo | grep -q UP"
+        t "binaries in \$CARGO_TARGET_DIR/debug are on PATH" "test \"\$(nestor-vmm)\" = \"fake nestor-vmm from CARGO_TARGET_DIR\""
     '
 ) >"$st/inside" 2>"$st/inside.err"
 rc=$?
