@@ -8,6 +8,7 @@
 #   modules/lib/modules/V/  the package's whole module tree, with modules.dep
 #   initramfs.cpio          busybox-static + stage-1 init + the modules stage 1 loads
 #   kernel-version          V
+#   last-used               touched by every use; other keys unused for 3 days are removed
 #
 # Environment:
 #   NESTOR_CACHE                 cache root (default $HOME/.cache/nestor)
@@ -20,7 +21,7 @@ log() { echo "testhost prepare: $*" >&2; }
 die() { echo "testhost prepare: error: $*" >&2; exit 1; }
 
 # --- apt packages the harness itself needs --------------------------------------
-need_pkgs=(qemu-system-x86 busybox-static kmod cpio)
+need_pkgs=(qemu-system-x86 busybox-static kmod cpio xz-utils iproute2)
 missing=()
 for p in "${need_pkgs[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -48,7 +49,7 @@ if [[ -z ${NESTOR_TESTHOST_KERNEL_PKG:-} && -f $memo && $memo -nt /var/lib/apt/l
     && read -r pkg version <"$memo" && [[ -n $pkg && -n $version ]]; then
     :
 else
-    pkg= version=
+    pkg='' version=''
 fi
 [[ -n $pkg ]] || pkg=$(resolve_pkg)
 if [[ -z $pkg ]]; then
@@ -69,6 +70,7 @@ fi
 key=$( { echo "$pkg $version"; cat "$here/prepare.sh" "$here/init"; } | sha256sum | cut -c1-16)
 dir=$cache_root/testhost/$key
 if [[ -f $dir/ready ]]; then
+    touch "$dir/last-used"
     echo "$dir"
     exit 0
 fi
@@ -77,6 +79,7 @@ mkdir -p "$cache_root/testhost"
 exec 9>"$cache_root/testhost/.lock"
 flock 9
 if [[ -f $dir/ready ]]; then
+    touch "$dir/last-used"
     echo "$dir"
     exit 0
 fi
@@ -116,7 +119,9 @@ mods=$tmp/out/modules/lib/modules/$kver
 # Two groups, each in dependency order (deps from modules.dep, each module once):
 # "boot" is needed to reach the root filesystem; "late" loads in the background
 # meanwhile (kvm-amd gets nested=1 from the init).
+# shellcheck disable=SC2034 # used through declare -n
 boot_mods=(virtio_pci virtio_mmio virtio_console virtio-rng 9pnet_virtio 9p overlay)
+# shellcheck disable=SC2034
 late_mods=(kvm-amd tun veth bridge vsock)
 declare -A seen=()
 order=()
@@ -166,5 +171,11 @@ chmod 755 "$root/init"
 touch "$tmp/out/ready"
 rm -rf "$tmp/x"
 mv "$tmp/out" "$dir"
+touch "$dir/last-used"
 log "cached in $dir ($(du -sh "$dir" | cut -f1))"
+# Other keys (older harness or kernel versions) unused for 3 days go.
+find "$cache_root/testhost" -mindepth 2 -maxdepth 2 -name last-used -mtime +3 -printf '%h\n' \
+    | while read -r old; do
+        [[ $old != "$dir" ]] && log "removing unused $old" && rm -rf "$old"
+    done
 echo "$dir"

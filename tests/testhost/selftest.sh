@@ -38,7 +38,7 @@ qemu_left() { # any process still holding this selftest's dir in its command lin
     local p
     for p in /proc/[0-9]*; do
         [[ $p == "/proc/$$" ]] && continue
-        tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -q "$st/tmp" && return 0
+        tr '\0' ' ' 2>/dev/null <"$p/cmdline" | grep -q "$st/tmp" && return 0
     done
     return 1
 }
@@ -69,24 +69,32 @@ check "a bad option exits 125 with a message" \
     bash -c '[[ $0 == 125 && $1 == *"unknown option"* ]]' "$rc" "$err"
 check "no leftovers after normal runs" no_leftovers
 
+# --- the project's binaries on PATH ---------------------------------------------------
+mkdir -p "$st/bin" "$st/target/debug"
+printf '#!/bin/sh\necho "fake nestor from NESTOR_BIN_DIR"\n' >"$st/bin/nestor"
+printf '#!/bin/sh\necho "fake nestor-vmm from CARGO_TARGET_DIR"\n' >"$st/target/debug/nestor-vmm"
+chmod +x "$st/bin/nestor" "$st/target/debug/nestor-vmm"
+NESTOR_BIN_DIR=$st/bin capture nestor
+check "NESTOR_BIN_DIR comes first on PATH inside" test "$out" = "fake nestor from NESTOR_BIN_DIR"
+
 # --- inside the machine: one boot checks many things ---------------------------------
 mkdir -p "$st/share"
 (
     cd "$repo/tests" || exit 1
-    SELFTEST_VAR='a b "c"' "$run" --share "$st/share" -- bash -c '
+    SELFTEST_VAR='a b "c"' CARGO_TARGET_DIR=$st/target "$run" --share "$st/share" -- bash -c '
         t() { if eval "$2" >/dev/null 2>&1; then echo "ok - inside: $1"; else echo "not ok - inside: $1"; fi; }
         t "/dev/kvm is a character device" "test -c /dev/kvm"
         t "kvm_amd is loaded with nested=1" "grep -qE \"^(1|Y)\$\" /sys/module/kvm_amd/parameters/nested"
         t "the CPU shows svm" "grep -qw svm /proc/cpuinfo"
         t "cgroup2 is mounted on /sys/fs/cgroup" "test \$(stat -fc %T /sys/fs/cgroup) = cgroup2fs"
-        t "no cgroup v1 hierarchy is mounted" "! grep -qw cgroup /proc/mounts"
+        t "no cgroup v1 hierarchy is mounted" "! cut -d\" \" -f3 /proc/mounts | grep -qx cgroup"
         t "cgroup controllers are enabled for children" "grep -qw memory /sys/fs/cgroup/cgroup.subtree_control && grep -qw cpu /sys/fs/cgroup/cgroup.subtree_control"
         t "a child cgroup can be made" "mkdir /sys/fs/cgroup/selftest && rmdir /sys/fs/cgroup/selftest"
         t "all namespaces can be made" "unshare -m -n -p -i -u -C -U -f true"
         t "tun: a tap device can be made" "ip tuntap add mode tap name sttap0 && ip link del sttap0"
         t "veth and bridge work" "ip link add stv0 type veth peer name stv1 && ip link add stbr0 type bridge && ip link set stv0 master stbr0 && ip link del stv0 && ip link del stbr0"
         t "modprobe finds the kernel modules" "modprobe dummy && rmmod dummy"
-        t "/tmp is writable" "echo x >/tmp/selftest && test \$(cat /tmp/selftest) = x"
+        t "/tmp is writable and the host /tmp is visible" "echo x >/tmp/selftest-$$ && test \$(cat /tmp/selftest-$$) = x && test -d '"$st"'"
         t "the root is writable (overlay)" "mkdir -p /var/lib/nestor-selftest && rmdir /var/lib/nestor-selftest"
         t "the checkout is at the same path" "test -x '"$repo"'/tests/testhost/run"
         t "the working directory is kept" "test \$(pwd -P) = '"$repo"'/tests"
@@ -97,6 +105,7 @@ mkdir -p "$st/share"
         t "a --share dir is writable" "echo shared >'"$st/share"'/f"
         t "/dev/pts, /dev/shm and /dev/mqueue are mounted" "mountpoint -q /dev/pts && mountpoint -q /dev/shm && mountpoint -q /dev/mqueue"
         t "loopback is up" "ip -o link show lo | grep -q UP"
+        t "binaries in \$CARGO_TARGET_DIR/debug are on PATH" "test \"\$(nestor-vmm)\" = \"fake nestor-vmm from CARGO_TARGET_DIR\""
     '
 ) >"$st/inside" 2>"$st/inside.err"
 rc=$?
