@@ -117,8 +117,8 @@ echo "$pkg $version" >"$tmp/out/package"
 log "building initramfs"
 mods=$tmp/out/modules/lib/modules/$kver
 # Two groups, each in dependency order (deps from modules.dep, each module once):
-# "boot" is needed to reach the root filesystem; "late" loads in the background
-# meanwhile (kvm-amd gets nested=1 from the init).
+# "boot" is needed to reach the root filesystem; "late" loads in the background at
+# the same time (kvm-amd gets nested=1 from the init), so they share no module.
 # shellcheck disable=SC2034 # used through declare -n
 boot_mods=(virtio_pci virtio_mmio virtio_console virtio-rng 9pnet_virtio 9p overlay)
 # shellcheck disable=SC2034
@@ -156,11 +156,17 @@ if command -v readelf >/dev/null && LC_ALL=C readelf -d /bin/busybox 2>/dev/null
     die "/bin/busybox is not static (install busybox-static)"
 fi
 ln -s busybox "$root/bin/sh"
+declare -A in_boot=()
 for group in boot late; do
     declare -n names=${group}_mods
+    # The two groups load at the same time: they must not share a module.
+    seen=()
     resolve_group "${names[@]}"
     : >"$root/modules/$group"
     for rel in "${order[@]}"; do
+        [[ $group == boot ]] && in_boot[$rel]=1
+        [[ $group == late && -n ${in_boot[$rel]:-} ]] \
+            && die "late module $rel is also a boot module; the groups load in parallel"
         cp "$mods/$rel" "$root/modules/"
         basename "$rel" >>"$root/modules/$group"
     done
