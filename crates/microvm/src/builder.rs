@@ -179,6 +179,7 @@ impl Vmm {
         };
         let cmdline_len = boot_params::write_cmdline(&mem, &cmdline)?;
         regs::write_boot_tables(&mem)?;
+        regs::write_reset_stub(&mem)?;
         mptable::write(&mem, cfg.vcpus)?;
         let rsdp = acpi::write_tables(&mem, cfg.vcpus)?;
         boot_params::write_zero_page(

@@ -188,6 +188,17 @@ fn long_mode_guest_poweroff_via_acpi_sleep_register() {
 }
 
 #[test]
+fn jump_to_the_bios_reset_vector_reboots() {
+    if !have_kvm() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let (e, out, _) = boot_tiny(BIOS_RESET, 1);
+    assert_eq!(e, GuestExit::Reboot);
+    assert_eq!(out, b"OK\n");
+}
+
+#[test]
 fn triple_fault_is_reported() {
     if !have_kvm() {
         eprintln!("skipped: no /dev/kvm");

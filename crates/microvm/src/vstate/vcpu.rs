@@ -254,9 +254,11 @@ pub fn run_loop(mut vcpu: Vcpu, ctx: VcpuContext) {
                 if !ctx.pio.read(u64::from(port), data) {
                     data.fill(0);
                 }
+                tracing::trace!(port, ?data, "pio in");
                 None
             }
             Ok(VcpuExit::IoOut(port, data)) => {
+                tracing::trace!(port, ?data, "pio out");
                 ctx.pio.write(u64::from(port), data);
                 None
             }

@@ -26,6 +26,8 @@ pub const REBOOT: &[u8] = &[0xb0, 0xfe, 0xe6, 0x64];
 pub const POWEROFF: &[u8] = &[0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee];
 /// ud2 with an empty IDT: #UD -> #GP -> #DF -> triple fault.
 pub const TRIPLE_FAULT: &[u8] = &[0x0f, 0x0b];
+/// Jump to the BIOS reset vector: mov eax, 0xffff0; jmp rax.
+pub const BIOS_RESET: &[u8] = &[0xb8, 0xf0, 0xff, 0x0f, 0x00, 0xff, 0xe0];
 /// Nothing: the guest halts forever.
 pub const HANG: &[u8] = &[];
 

@@ -32,6 +32,9 @@ pub const CMDLINE_MAX_SIZE: usize = 4096;
 pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI tables live in the BIOS read-only area where Linux scans for the RSDP.
 pub const ACPI_START: u64 = 0xe0000;
+/// The x86 reset vector in the BIOS area (F000:FFF0), where a guest that reboots
+/// through its BIOS (Linux `reboot=b`, or its fallback) jumps.
+pub const RESET_VECTOR: u64 = 0xffff0;
 /// Start of high memory (1 MiB).
 pub const HIGH_MEM_START: u64 = 0x100000;
 /// Start of the 32-bit MMIO gap.

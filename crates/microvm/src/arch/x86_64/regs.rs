@@ -7,7 +7,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::gdt::{segment_from_gdt, BOOT_GDT};
 use super::layout::{
-    BOOT_STACK_POINTER, GDT_ADDR, IDT_ADDR, PDPT_ADDR, PD_ADDR, PML4_ADDR, ZERO_PAGE_ADDR,
+    BOOT_STACK_POINTER, GDT_ADDR, IDT_ADDR, PDPT_ADDR, PD_ADDR, PML4_ADDR, RESET_VECTOR,
+    ZERO_PAGE_ADDR,
 };
 use crate::vstate::memory::GuestMemory;
 
@@ -64,6 +65,17 @@ pub fn write_boot_tables(mem: &GuestMemory) -> Result<(), RegsError> {
             .map_err(mem_err("PD"))?;
     }
     Ok(())
+}
+
+/// The "BIOS" at the reset vector: `mov al, 0xfe; out 0x64, al; hlt; jmp $-1`, the
+/// same bytes in real, protected and long mode. A guest that reboots by jumping to the
+/// BIOS thus resets through the i8042 and ends the VM instead of running zeroes.
+pub const RESET_STUB: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
+
+/// Writes [`RESET_STUB`] at the reset vector.
+pub fn write_reset_stub(mem: &GuestMemory) -> Result<(), RegsError> {
+    mem.write_slice(&RESET_STUB, GuestAddress(RESET_VECTOR))
+        .map_err(mem_err("reset vector"))
 }
 
 /// Special registers for 64-bit long mode with the boot GDT and page tables.
