@@ -1,0 +1,380 @@
+//! Assembles a microVM from a [`VmConfig`]: checks and opens every input first, maps
+//! guest memory, creates the VM with its irqchip, loads kernel/initramfs/command line,
+//! writes the boot tables, wires the legacy devices onto the buses and creates the vCPUs;
+//! then runs it until the guest ends it (or the VMM is asked to stop).
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::boot_params::{self, BootError, ZeroPage};
+use crate::arch::x86_64::layout::{
+    self, BOOT_MARKER_PORT, I8042_PORT, PM1A_EVT_PORT, SERIAL_IRQ, SERIAL_PORT,
+};
+use crate::arch::x86_64::{acpi, mptable, regs};
+use crate::config::{Console, VmConfig};
+use crate::devices::acpi_pm::AcpiPm;
+use crate::devices::boot_marker::{BootMarker, BootTime};
+use crate::devices::i8042::I8042;
+use crate::devices::serial::{ConsoleOut, SerialDevice};
+use crate::devices::{Bus, BusError};
+use crate::exit::{ExitSignal, GuestExit};
+use crate::vstate::memory::{self, GuestMemory, MemoryError};
+use crate::vstate::vcpu::{self, Vcpu, VcpuContext, VcpuControl, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Errors while building or running the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// An input file could not be opened.
+    #[error("cannot open {what} {path}: {source}")]
+    Open {
+        /// Kernel, initramfs, console…
+        what: &'static str,
+        /// The path.
+        path: std::path::PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// A feature the config asks for is not built yet.
+    #[error("{0} is not supported by this nestor-vmm yet")]
+    Unsupported(&'static str),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// KVM VM.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Kernel, initramfs, command line.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Boot tables.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// MP table.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    /// vCPU set-up.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Device registration.
+    #[error("device set-up: {0}")]
+    Device(String),
+    /// An eventfd.
+    #[error("eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+impl From<BusError> for VmmError {
+    fn from(e: BusError) -> Self {
+        VmmError::Device(e.to_string())
+    }
+}
+
+/// A built (and possibly running) microVM.
+pub struct Vmm {
+    // Field order is drop order: threads are joined explicitly, then the VM fd closes,
+    // then guest memory is unmapped.
+    handles: Vec<JoinHandle<()>>,
+    pending: Vec<Vcpu>,
+    ctx: VcpuContext,
+    vm: Vm,
+    mem: GuestMemory,
+    boot_time: BootTime,
+    start: Instant,
+    ended: Option<(GuestExit, Instant)>,
+    vcpus: u8,
+}
+
+fn open(what: &'static str, path: &Path) -> Result<File, VmmError> {
+    File::open(path).map_err(|source| VmmError::Open {
+        what,
+        path: path.into(),
+        source,
+    })
+}
+
+fn open_console(c: &Console) -> Result<ConsoleOut, VmmError> {
+    Ok(match c {
+        Console::Stdio => Box::new(std::io::stdout()),
+        Console::None => Box::new(std::io::sink()),
+        Console::File(p) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|source| VmmError::Open {
+                    what: "console file",
+                    path: p.clone(),
+                    source,
+                })?,
+        ),
+    })
+}
+
+impl Vmm {
+    /// Builds the VM; `start` is the instant boot times are measured from. Console
+    /// output goes where the config says unless `console` overrides it.
+    pub fn build(
+        cfg: &VmConfig,
+        start: Instant,
+        console: Option<ConsoleOut>,
+    ) -> Result<Self, VmmError> {
+        cfg.validate()?;
+        if !cfg.disks.is_empty() {
+            return Err(VmmError::Unsupported("virtio-blk (--disk)"));
+        }
+        if cfg.vsock.is_some() {
+            return Err(VmmError::Unsupported("virtio-vsock (--vsock)"));
+        }
+        if cfg.net.is_some() {
+            return Err(VmmError::Unsupported("virtio-net (--net)"));
+        }
+        // Every input is opened before anything is created.
+        let mut kernel = open("kernel", &cfg.kernel)?;
+        let initrd = match &cfg.initrd {
+            Some(p) => {
+                let f = open("initramfs", p)?;
+                let size = f
+                    .metadata()
+                    .map_err(|source| VmmError::Open {
+                        what: "initramfs",
+                        path: p.clone(),
+                        source,
+                    })?
+                    .len();
+                Some((f, size))
+            }
+            None => None,
+        };
+        let cmdline = boot_params::build_cmdline(&cfg.cmdline)?;
+
+        let ram = layout::ram_ranges(cfg.mem_mib << 20);
+        let mem = memory::create_guest_memory(&ram)?;
+        let vm = Vm::new()?;
+        vm.register_memory(&mem)?;
+        vm.setup_irqchip()?;
+
+        let kernel_info = boot_params::load_kernel(&mem, &mut kernel)?;
+        drop(kernel);
+        let initrd = match initrd {
+            Some((mut f, size)) => Some(boot_params::load_initrd(
+                &mem,
+                kernel_info.end,
+                &mut f,
+                size,
+            )?),
+            None => None,
+        };
+        let cmdline_len = boot_params::write_cmdline(&mem, &cmdline)?;
+        regs::write_boot_tables(&mem)?;
+        regs::write_reset_stub(&mem)?;
+        mptable::write(&mem, cfg.vcpus)?;
+        let rsdp = acpi::write_tables(&mem, cfg.vcpus)?;
+        boot_params::write_zero_page(
+            &mem,
+            &ram,
+            &ZeroPage {
+                cmdline_len,
+                initrd,
+                setup_header: kernel_info.setup_header,
+                rsdp: Some(rsdp),
+            },
+        )?;
+
+        let exit = Arc::new(ExitSignal::new().map_err(VmmError::EventFd)?);
+        let mut pio = Bus::new();
+        let out = match console {
+            Some(c) => c,
+            None => open_console(&cfg.console)?,
+        };
+        let serial_irq = EventFd::new(0).map_err(VmmError::EventFd)?;
+        vm.fd()
+            .register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(|e| VmmError::Device(format!("serial irqfd: {e}")))?;
+        pio.insert(
+            u64::from(SERIAL_PORT),
+            8,
+            Arc::new(Mutex::new(SerialDevice::new(serial_irq, out))),
+        )?;
+        pio.insert(
+            u64::from(I8042_PORT),
+            5,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        )?;
+        let (marker, boot_time) = BootMarker::new(start, true);
+        pio.insert(u64::from(BOOT_MARKER_PORT), 1, Arc::new(Mutex::new(marker)))?;
+        pio.insert(
+            u64::from(PM1A_EVT_PORT),
+            AcpiPm::LEN,
+            Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+        )?;
+
+        let mut pending = Vec::with_capacity(usize::from(cfg.vcpus));
+        for id in 0..cfg.vcpus {
+            let v = Vcpu::new(&vm, id)?;
+            v.configure_cpu(&vm, cfg.vcpus)?;
+            v.configure_boot_regs(kernel_info.entry)?;
+            pending.push(v);
+        }
+        vcpu::install_kick_handler()?;
+        Ok(Vmm {
+            handles: Vec::new(),
+            pending,
+            ctx: VcpuContext {
+                pio: Arc::new(pio),
+                mmio: Arc::new(Bus::new()),
+                exit,
+                control: Arc::new(VcpuControl::default()),
+            },
+            vm,
+            mem,
+            boot_time,
+            start,
+            ended: None,
+            vcpus: cfg.vcpus,
+        })
+    }
+
+    /// Starts one thread per vCPU.
+    pub fn start(&mut self) -> Result<(), VmmError> {
+        for v in self.pending.drain(..) {
+            self.handles.push(vcpu::spawn(v, self.ctx.clone())?);
+        }
+        Ok(())
+    }
+
+    /// The eventfd that becomes readable when the guest ends the VM.
+    pub fn exit_eventfd(&self) -> &EventFd {
+        self.ctx.exit.eventfd()
+    }
+
+    /// The guest's ending, if it has ended.
+    pub fn exit_reason(&self) -> Option<GuestExit> {
+        self.ctx.exit.get()
+    }
+
+    /// Blocks until the guest ends the VM (or `timeout` passes: then None).
+    pub fn wait(&self, timeout: Option<Duration>) -> Option<GuestExit> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if let Some(e) = self.ctx.exit.get() {
+                return Some(e);
+            }
+            let ms = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    left.as_millis().min(i32::MAX as u128) as i32
+                }
+                None => -1,
+            };
+            let mut pfd = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(self.ctx.exit.eventfd()),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, ms) };
+        }
+    }
+
+    /// Pauses all vCPUs; true once every one is parked.
+    pub fn pause(&self) -> bool {
+        vcpu::pause_all(&self.ctx.control, &self.handles, Duration::from_secs(2))
+    }
+
+    /// Resumes paused vCPUs.
+    pub fn resume(&self) {
+        self.ctx.control.resume();
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.ctx.control.is_paused()
+    }
+
+    /// Records `reason` as the ending (unless the guest already ended the VM).
+    pub fn request_exit(&self, reason: GuestExit) {
+        self.ctx.exit.set(reason);
+    }
+
+    /// Stops and joins every vCPU thread; returns the ending (Stopped if none yet).
+    pub fn shutdown(&mut self) -> GuestExit {
+        self.ctx.exit.set(GuestExit::Stopped);
+        vcpu::stop_all(&self.ctx.control, std::mem::take(&mut self.handles));
+        let e = self.ctx.exit.get().unwrap_or(GuestExit::Stopped);
+        self.ended.get_or_insert((e.clone(), Instant::now()));
+        e
+    }
+
+    /// Time from start to the guest's boot marker.
+    pub fn boot_time(&self) -> Option<Duration> {
+        self.boot_time.get()
+    }
+
+    /// Time since the VMM started.
+    pub fn uptime(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// Guest memory (for tests and devices).
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// The KVM VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> u8 {
+        self.vcpus
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if !self.handles.is_empty() {
+            self.shutdown();
+        }
+    }
+}
+
+/// Writes console output into a shared buffer (for tests and the API).
+#[derive(Clone, Default)]
+pub struct SharedBuffer(pub Arc<Mutex<Vec<u8>>>);
+
+impl SharedBuffer {
+    /// A copy of everything written so far.
+    pub fn contents(&self) -> Vec<u8> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Write for SharedBuffer {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,366 @@
+//! The VM's configuration: command-line flags (clap) and the equivalent JSON file
+//! (`--config FILE`); flags given together with a file override its values.
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+use crate::arch::x86_64::mptable::MAX_VCPUS;
+
+/// Errors in the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The JSON file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The JSON file is malformed.
+    #[error("bad config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Underlying error.
+        source: serde_json::Error,
+    },
+    /// A value is out of range or malformed.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Console {
+    /// The VMM's stdout.
+    Stdio,
+    /// Discarded.
+    None,
+    /// Appended to a file.
+    File(PathBuf),
+}
+
+impl TryFrom<String> for Console {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "stdio" => Ok(Console::Stdio),
+            "none" => Ok(Console::None),
+            "" => Err("console must be stdio, none or a file path".into()),
+            p => Ok(Console::File(PathBuf::from(p))),
+        }
+    }
+}
+
+impl From<Console> for String {
+    fn from(c: Console) -> String {
+        match c {
+            Console::Stdio => "stdio".into(),
+            Console::None => "none".into(),
+            Console::File(p) => p.display().to_string(),
+        }
+    }
+}
+
+/// A virtio-blk disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Backing file.
+    pub path: PathBuf,
+    /// Refuse guest writes.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (path, ro) = match s.rsplit_once(',') {
+            Some((p, "ro")) => (p, true),
+            Some((p, "rw")) => (p, false),
+            Some((_, opt)) => return Err(format!("unknown disk option '{opt}' (ro or rw)")),
+            None => (s, false),
+        };
+        if path.is_empty() {
+            return Err("disk path is empty".into());
+        }
+        Ok(DiskConfig {
+            path: PathBuf::from(path),
+            read_only: ro,
+        })
+    }
+}
+
+fn default_mem() -> u64 {
+    128
+}
+fn default_vcpus() -> u8 {
+    1
+}
+fn default_console() -> Console {
+    Console::Stdio
+}
+
+/// Everything needed to build and boot one microVM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// ELF vmlinux or bzImage.
+    pub kernel: PathBuf,
+    /// Initramfs (newc cpio, optionally compressed).
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (virtio-mmio devices are appended to it).
+    #[serde(default)]
+    pub cmdline: String,
+    /// Guest memory in MiB.
+    #[serde(default = "default_mem")]
+    pub mem_mib: u64,
+    /// Number of vCPUs.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// virtio-blk disks.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// Host side of the virtio-vsock device (Unix socket path).
+    #[serde(default)]
+    pub vsock: Option<PathBuf>,
+    /// Tap device backing virtio-net.
+    #[serde(default)]
+    pub net: Option<String>,
+    /// Serial console destination.
+    #[serde(default = "default_console")]
+    pub console: Console,
+    /// Control socket path.
+    #[serde(default)]
+    pub api: Option<PathBuf>,
+}
+
+impl VmConfig {
+    /// A config with defaults for everything but the kernel.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: String::new(),
+            mem_mib: default_mem(),
+            vcpus: default_vcpus(),
+            disks: Vec::new(),
+            vsock: None,
+            net: None,
+            console: default_console(),
+            api: None,
+        }
+    }
+
+    /// Reads a JSON config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })
+    }
+
+    /// Checks ranges that do not need the filesystem.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.kernel.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid("no kernel given (--kernel)".into()));
+        }
+        if self.mem_mib < 16 {
+            return Err(ConfigError::Invalid(format!(
+                "--mem {} MiB is too small (at least 16)",
+                self.mem_mib
+            )));
+        }
+        if self.mem_mib > 1 << 20 {
+            return Err(ConfigError::Invalid(format!(
+                "--mem {} MiB is too large (at most 1 TiB)",
+                self.mem_mib
+            )));
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Invalid(format!(
+                "--vcpus {} is out of range (1 to {MAX_VCPUS})",
+                self.vcpus
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `nestor-vmm` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "nestor-vmm",
+    version,
+    about = "nestor's KVM microVM monitor",
+    after_help = "Exit status: 0 guest powered off (or halted, or API shutdown), 1 bad \
+                  arguments or set-up error, 2 guest rebooted, 3 triple fault, 4 KVM \
+                  internal error."
+)]
+pub struct Cli {
+    /// JSON file with the same settings (flags override it).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// ELF vmlinux or bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Guest memory in MiB [default: 128].
+    #[arg(long, value_name = "MiB")]
+    pub mem: Option<u64>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<u8>,
+    /// virtio-blk disk, PATH[,ro] (repeatable).
+    #[arg(long, value_name = "PATH[,ro]")]
+    pub disk: Vec<DiskConfig>,
+    /// Host Unix socket of the virtio-vsock device.
+    #[arg(long, value_name = "PATH")]
+    pub vsock: Option<PathBuf>,
+    /// Tap device for virtio-net.
+    #[arg(long, value_name = "TAP")]
+    pub net: Option<String>,
+    /// Console: stdio, none or a file path [default: stdio].
+    #[arg(long, value_name = "stdio|PATH|none")]
+    pub console: Option<String>,
+    /// Control socket (JSON requests: pause, resume, shutdown, metrics).
+    #[arg(long, value_name = "PATH")]
+    pub api: Option<PathBuf>,
+}
+
+impl Cli {
+    /// Merges the file (if any) and the flags into a validated config.
+    pub fn into_config(self) -> Result<VmConfig, ConfigError> {
+        let mut cfg = match &self.config {
+            Some(p) => VmConfig::from_file(p)?,
+            None => VmConfig::new(self.kernel.clone().ok_or_else(|| {
+                ConfigError::Invalid("no kernel given (--kernel PATH or --config FILE)".into())
+            })?),
+        };
+        if let Some(k) = self.kernel {
+            cfg.kernel = k;
+        }
+        if let Some(i) = self.initrd {
+            cfg.initrd = Some(i);
+        }
+        if let Some(c) = self.cmdline {
+            cfg.cmdline = c;
+        }
+        if let Some(m) = self.mem {
+            cfg.mem_mib = m;
+        }
+        if let Some(v) = self.vcpus {
+            cfg.vcpus = v;
+        }
+        if !self.disk.is_empty() {
+            cfg.disks = self.disk;
+        }
+        if let Some(v) = self.vsock {
+            cfg.vsock = Some(v);
+        }
+        if let Some(n) = self.net {
+            cfg.net = Some(n);
+        }
+        if let Some(c) = self.console {
+            cfg.console = Console::try_from(c).map_err(ConfigError::Invalid)?;
+        }
+        if let Some(a) = self.api {
+            cfg.api = Some(a);
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Result<VmConfig, String> {
+        let mut v = vec!["nestor-vmm"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v)
+            .map_err(|e| e.to_string())?
+            .into_config()
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn flags_give_a_config() {
+        let c = cli(&[
+            "--kernel",
+            "/k",
+            "--mem",
+            "256",
+            "--vcpus",
+            "2",
+            "--disk",
+            "/d,ro",
+            "--disk",
+            "/e",
+            "--console",
+            "none",
+        ])
+        .unwrap();
+        assert_eq!(c.mem_mib, 256);
+        assert_eq!(c.vcpus, 2);
+        assert_eq!(
+            c.disks[0],
+            DiskConfig {
+                path: "/d".into(),
+                read_only: true
+            }
+        );
+        assert!(!c.disks[1].read_only);
+        assert_eq!(c.console, Console::None);
+    }
+
+    #[test]
+    fn bad_flags_are_refused_with_a_reason() {
+        assert!(cli(&[]).unwrap_err().contains("no kernel"));
+        assert!(cli(&["--kernel", "/k", "--vcpus", "0"])
+            .unwrap_err()
+            .contains("vcpus"));
+        assert!(cli(&["--kernel", "/k", "--mem", "4"])
+            .unwrap_err()
+            .contains("too small"));
+        assert!(cli(&["--kernel", "/k", "--disk", "/d,rx"]).is_err());
+        assert!(cli(&["--kernel", "/k", "--mem", "lots"]).is_err());
+    }
+
+    #[test]
+    fn json_file_and_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("vm.json");
+        std::fs::write(
+            &p,
+            r#"{"kernel":"/k","mem_mib":64,"console":"/tmp/c.log","disks":[{"path":"/d","read_only":true}]}"#,
+        )
+        .unwrap();
+        let c = cli(&["--config", p.to_str().unwrap(), "--vcpus", "3"]).unwrap();
+        assert_eq!(c.mem_mib, 64);
+        assert_eq!(c.vcpus, 3);
+        assert_eq!(c.console, Console::File("/tmp/c.log".into()));
+        std::fs::write(&p, r#"{"kernel":"/k","bogus":1}"#).unwrap();
+        assert!(cli(&["--config", p.to_str().unwrap()])
+            .unwrap_err()
+            .contains("bogus"));
+        std::fs::write(&p, "{not json").unwrap();
+        assert!(cli(&["--config", p.to_str().unwrap()]).is_err());
+    }
+}

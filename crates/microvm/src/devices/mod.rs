@@ -1,0 +1,9 @@
+//! Emulated devices and the buses that route guest port-I/O and MMIO accesses to them.
+
+pub mod acpi_pm;
+pub mod boot_marker;
+pub mod bus;
+pub mod i8042;
+pub mod serial;
+
+pub use bus::{Bus, BusDevice, BusError};

@@ -1,0 +1,97 @@
+//! The COM1 8250 UART (vm-superio) on the port-I/O bus; its interrupt is an eventfd the
+//! VMM registers as an irqfd for IRQ 4; output goes to any writer (stdout, a file, a buffer).
+
+use std::io::Write;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::BusDevice;
+
+/// An eventfd used as an interrupt line.
+pub struct EventFdTrigger(pub EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where console output goes.
+pub type ConsoleOut = Box<dyn Write + Send>;
+
+/// The UART as a bus device.
+pub struct SerialDevice {
+    serial: Serial<EventFdTrigger, NoEvents, ConsoleOut>,
+}
+
+impl SerialDevice {
+    /// A UART that raises `irq` and writes transmitted bytes to `out`.
+    pub fn new(irq: EventFd, out: ConsoleOut) -> Self {
+        SerialDevice {
+            serial: Serial::new(EventFdTrigger(irq), out),
+        }
+    }
+
+    /// Queues bytes for the guest to read (console input).
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        self.serial.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if data.len() == 1 && offset < 8 {
+            data[0] = self.serial.read(offset as u8);
+        } else {
+            data.fill(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.len() == 1 && offset < 8 {
+            if let Err(e) = self.serial.write(offset as u8, data[0]) {
+                tracing::warn!("serial write failed: {e:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    pub struct SharedBuf(pub Arc<Mutex<Vec<u8>>>);
+    impl Write for SharedBuf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn transmitted_bytes_reach_the_writer_and_raise_the_irq() {
+        let buf = SharedBuf::default();
+        let irq = EventFd::new(0).unwrap();
+        let mut s = SerialDevice::new(irq.try_clone().unwrap(), Box::new(buf.clone()));
+        // Enable the THR-empty interrupt (IER bit 1), then send two bytes.
+        s.write(1, &[0x2]);
+        s.write(0, b"h");
+        s.write(0, b"i");
+        assert_eq!(&*buf.0.lock().unwrap(), b"hi");
+        assert!(irq.read().unwrap() >= 1);
+        // Wider accesses are ignored, reads of them give zero.
+        s.write(0, b"xy");
+        let mut d = [0xffu8; 2];
+        s.read(5, &mut d);
+        assert_eq!(d, [0, 0]);
+        assert_eq!(&*buf.0.lock().unwrap(), b"hi");
+    }
+}

@@ -1,0 +1,17 @@
+//! nestor-microvm: a KVM microVM monitor on the rust-vmm crates.
+//!
+//! It owns the whole life of one microVM: guest memory (`vstate::memory`), the KVM VM
+//! and vCPU objects (`vstate`), the x86_64 boot set-up (`arch::x86_64`), the legacy
+//! devices on the port-I/O bus (`devices`), and the assembly of all of these from a
+//! [`config::VmConfig`] into a running machine (`builder`).
+
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod devices;
+pub mod exit;
+pub mod vstate;
+
+pub use builder::{Vmm, VmmError};
+pub use config::VmConfig;
+pub use exit::GuestExit;

@@ -1,0 +1,367 @@
+//! vCPUs: creation, boot register set-up (CPUID, MSRs, long mode, FPU, LAPIC) and the run
+//! loop that dispatches port-I/O and MMIO exits to the buses, one thread per vCPU, with
+//! pause/resume/stop driven by a shared [`VcpuControl`] and a kick signal.
+
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::arch::x86_64::{cpuid, msr, regs};
+use crate::devices::Bus;
+use crate::exit::{ExitSignal, GuestExit};
+use crate::vstate::vm::Vm;
+
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+
+/// Errors while creating or configuring a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM ioctl failed.
+    #[error("vCPU {id}: KVM {what} failed: {source}")]
+    Ioctl {
+        /// vCPU index.
+        id: u8,
+        /// Which operation.
+        what: &'static str,
+        /// Underlying error.
+        source: kvm_ioctls::Error,
+    },
+    /// Register set-up failed.
+    #[error("vCPU {id}: {source}")]
+    Regs {
+        /// vCPU index.
+        id: u8,
+        /// Underlying error.
+        source: regs::RegsError,
+    },
+    /// Only part of the MSRs were accepted.
+    #[error("vCPU {id}: KVM accepted {set} of {want} boot MSRs")]
+    Msrs {
+        /// vCPU index.
+        id: u8,
+        /// How many were set.
+        set: usize,
+        /// How many were asked for.
+        want: usize,
+    },
+    /// The vCPU thread could not be spawned.
+    #[error("cannot spawn the thread of vCPU {id}: {source}")]
+    Spawn {
+        /// vCPU index.
+        id: u8,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+}
+
+/// A vCPU file descriptor with its index.
+pub struct Vcpu {
+    /// The KVM vCPU.
+    pub fd: VcpuFd,
+    /// Index (= APIC id).
+    pub id: u8,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` in `vm`.
+    pub fn new(vm: &Vm, id: u8) -> Result<Self, VcpuError> {
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(id))
+            .map_err(|source| VcpuError::Ioctl {
+                id,
+                what: "CREATE_VCPU",
+                source,
+            })?;
+        Ok(Vcpu { fd, id })
+    }
+
+    fn ioctl(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let id = self.id;
+        move |source| VcpuError::Ioctl { id, what, source }
+    }
+
+    /// CPUID (filtered for this vCPU of `count`), boot MSRs and the LAPIC's LINT pins.
+    pub fn configure_cpu(&self, vm: &Vm, count: u8) -> Result<(), VcpuError> {
+        let mut c = vm
+            .kvm()
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(self.ioctl("GET_SUPPORTED_CPUID"))?;
+        cpuid::filter_cpuid(&mut c, self.id, count);
+        self.fd.set_cpuid2(&c).map_err(self.ioctl("SET_CPUID2"))?;
+        let msrs = msr::boot_msrs().map_err(|_| VcpuError::Msrs {
+            id: self.id,
+            set: 0,
+            want: msr::boot_msr_entries().len(),
+        })?;
+        let set = self.fd.set_msrs(&msrs).map_err(self.ioctl("SET_MSRS"))?;
+        if set != msrs.as_slice().len() {
+            return Err(VcpuError::Msrs {
+                id: self.id,
+                set,
+                want: msrs.as_slice().len(),
+            });
+        }
+        regs::setup_lapic(&self.fd).map_err(|source| VcpuError::Regs {
+            id: self.id,
+            source,
+        })
+    }
+
+    /// Long mode at `entry` (the boot vCPU); others wait for INIT/SIPI in the LAPIC.
+    pub fn configure_boot_regs(&self, entry: u64) -> Result<(), VcpuError> {
+        let r = if self.id == 0 {
+            regs::setup_long_mode(&self.fd, entry)
+        } else {
+            regs::setup_fpu(&self.fd)
+        };
+        r.map_err(|source| VcpuError::Regs {
+            id: self.id,
+            source,
+        })
+    }
+}
+
+const RUNNING: u8 = 0;
+const PAUSED: u8 = 1;
+const STOPPING: u8 = 2;
+
+/// Shared run state of all vCPUs of one VM.
+pub struct VcpuControl {
+    state: AtomicU8,
+    parked: AtomicUsize,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl Default for VcpuControl {
+    fn default() -> Self {
+        VcpuControl {
+            state: AtomicU8::new(RUNNING),
+            parked: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            cv: Condvar::new(),
+        }
+    }
+}
+
+impl VcpuControl {
+    /// Whether the vCPUs are asked to pause.
+    pub fn is_paused(&self) -> bool {
+        self.state.load(Ordering::SeqCst) == PAUSED
+    }
+
+    /// How many vCPU threads are parked (paused).
+    pub fn parked(&self) -> usize {
+        self.parked.load(Ordering::SeqCst)
+    }
+
+    fn set(&self, s: u8) {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.state.store(s, Ordering::SeqCst);
+        self.cv.notify_all();
+    }
+
+    /// Asks vCPUs to pause at their next exit (kick them to make that prompt).
+    pub fn pause(&self) {
+        if self.state.load(Ordering::SeqCst) == RUNNING {
+            self.set(PAUSED);
+        }
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        if self.state.load(Ordering::SeqCst) == PAUSED {
+            self.set(RUNNING);
+        }
+    }
+
+    /// Asks vCPUs to stop for good.
+    pub fn stop(&self) {
+        self.set(STOPPING);
+    }
+
+    /// Called by a vCPU thread between runs: parks while paused; false once stopping.
+    fn checkpoint(&self) -> bool {
+        match self.state.load(Ordering::SeqCst) {
+            RUNNING => true,
+            STOPPING => false,
+            _ => {
+                let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+                self.parked.fetch_add(1, Ordering::SeqCst);
+                while self.state.load(Ordering::SeqCst) == PAUSED {
+                    g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                }
+                self.parked.fetch_sub(1, Ordering::SeqCst);
+                self.state.load(Ordering::SeqCst) == RUNNING
+            }
+        }
+    }
+}
+
+/// What a vCPU thread needs besides its fd.
+#[derive(Clone)]
+pub struct VcpuContext {
+    /// Port-I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// Where the VM's ending is reported.
+    pub exit: Arc<ExitSignal>,
+    /// Pause/resume/stop.
+    pub control: Arc<VcpuControl>,
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn kick_handler(_: i32, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) kick handler once per process, without SA_RESTART, so a kicked
+/// KVM_RUN returns EINTR.
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    static ONCE: Once = Once::new();
+    static mut RESULT: i32 = 0;
+    ONCE.call_once(|| {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
+            // SAFETY: written once inside call_once, read only after it.
+            unsafe { RESULT = e.errno() };
+        }
+    });
+    // SAFETY: only read after call_once completed.
+    let r = unsafe { RESULT };
+    if r != 0 {
+        return Err(VcpuError::Signal(vmm_sys_util::errno::Error::new(r)));
+    }
+    Ok(())
+}
+
+/// Runs the vCPU until the VM ends or it is stopped; reports guest-caused endings.
+pub fn run_loop(mut vcpu: Vcpu, ctx: VcpuContext) {
+    while ctx.control.checkpoint() {
+        let end = match vcpu.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !ctx.pio.read(u64::from(port), data) {
+                    data.fill(0);
+                }
+                tracing::trace!(port, ?data, "pio in");
+                None
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                tracing::trace!(port, ?data, "pio out");
+                ctx.pio.write(u64::from(port), data);
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !ctx.mmio.read(addr, data) {
+                    data.fill(0);
+                }
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                ctx.mmio.write(addr, data);
+                None
+            }
+            Ok(VcpuExit::Hlt) => Some(GuestExit::Halted),
+            Ok(VcpuExit::Shutdown) => Some(GuestExit::TripleFault),
+            Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => GuestExit::Poweroff,
+                KVM_SYSTEM_EVENT_RESET => GuestExit::Reboot,
+                other => GuestExit::InternalError(format!("system event {other}")),
+            }),
+            Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => None,
+            Ok(VcpuExit::InternalError) => {
+                let run = vcpu.fd.get_kvm_run();
+                // SAFETY: KVM filled the `internal` member of the union for this exit.
+                let sub = unsafe { run.__bindgen_anon_1.internal.suberror };
+                Some(GuestExit::InternalError(format!(
+                    "vCPU {}: suberror {sub}",
+                    vcpu.id
+                )))
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(GuestExit::InternalError(format!(
+                "vCPU {}: entry failed, hardware reason {reason:#x} on host CPU {cpu}",
+                vcpu.id
+            ))),
+            Ok(other) => Some(GuestExit::InternalError(format!(
+                "vCPU {}: unexpected exit {other:?}",
+                vcpu.id
+            ))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.fd.set_kvm_immediate_exit(0);
+                None
+            }
+            Err(e) => Some(GuestExit::InternalError(format!(
+                "vCPU {}: KVM_RUN: {e}",
+                vcpu.id
+            ))),
+        };
+        if let Some(end) = end {
+            ctx.exit.set(end);
+            return;
+        }
+    }
+}
+
+/// Spawns the thread of `vcpu`.
+pub fn spawn(vcpu: Vcpu, ctx: VcpuContext) -> Result<JoinHandle<()>, VcpuError> {
+    let id = vcpu.id;
+    std::thread::Builder::new()
+        .name(format!("vcpu{id}"))
+        .spawn(move || run_loop(vcpu, ctx))
+        .map_err(|source| VcpuError::Spawn { id, source })
+}
+
+/// Sends the kick signal to a vCPU thread.
+pub fn kick(handle: &JoinHandle<()>) {
+    use std::os::unix::thread::JoinHandleExt;
+    if handle.is_finished() {
+        return;
+    }
+    // SAFETY: the pthread is alive (not joined: we hold its JoinHandle).
+    unsafe {
+        libc::pthread_kill(handle.as_pthread_t(), kick_signal());
+    }
+}
+
+/// Stops every vCPU thread and joins it: kicks repeatedly, since a kick that lands
+/// just before KVM_RUN is entered would otherwise be lost.
+pub fn stop_all(control: &VcpuControl, handles: Vec<JoinHandle<()>>) {
+    control.stop();
+    for h in handles {
+        while !h.is_finished() {
+            kick(&h);
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        if h.join().is_err() {
+            tracing::error!("a vCPU thread panicked");
+        }
+    }
+}
+
+/// Pauses every vCPU and waits (up to `timeout`) until all are parked.
+pub fn pause_all(control: &VcpuControl, handles: &[JoinHandle<()>], timeout: Duration) -> bool {
+    control.pause();
+    let deadline = std::time::Instant::now() + timeout;
+    let live = || handles.iter().filter(|h| !h.is_finished()).count();
+    while control.parked() < live() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        for h in handles {
+            kick(h);
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    true
+}

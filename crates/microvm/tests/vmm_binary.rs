@@ -1,0 +1,168 @@
+//! The `nestor-vmm` binary end to end on the real /dev/kvm with tiny ELF guests: exit
+//! statuses, console destinations, the boot-marker line, and one clear error line (exit
+//! 1, nothing left behind) for every kind of bad input.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+
+fn vmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nestor-vmm"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts exit 1 with exactly one stderr line containing `needle`.
+fn assert_one_error(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "stderr: {err}");
+    assert!(err.contains(needle), "'{needle}' not in: {err}");
+}
+
+#[test]
+fn exit_status_says_how_the_guest_ended() {
+    if !have_kvm() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (name, ending, status) in [
+        ("poweroff", POWEROFF, 0),
+        ("reboot", REBOOT, 2),
+        ("triple", TRIPLE_FAULT, 3),
+    ] {
+        let k = write_file(dir.path(), name, &elf(&code64(b"hello\n", ending)));
+        let o = vmm(&["--kernel", k.to_str().unwrap(), "--mem", "32"]);
+        assert_eq!(o.status.code(), Some(status), "{name}: {}", stderr(&o));
+        assert_eq!(o.stdout, b"hello\n", "{name}");
+        assert!(
+            stderr(&o).contains("nestor-vmm: guest init reached after "),
+            "{name}: {}",
+            stderr(&o)
+        );
+    }
+}
+
+#[test]
+fn console_goes_to_a_file_or_nowhere() {
+    if !have_kvm() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_file(dir.path(), "k", &elf(&code64(b"to file\n", POWEROFF)));
+    let log = dir.path().join("console.log");
+    let o = vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--console",
+        log.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(o.stdout.is_empty());
+    assert_eq!(std::fs::read(&log).unwrap(), b"to file\n");
+    let o = vmm(&["--kernel", k.to_str().unwrap(), "--console", "none"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(o.stdout.is_empty());
+}
+
+#[test]
+fn json_config_file_boots_the_same_guest() {
+    if !have_kvm() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_file(dir.path(), "k", &elf(&code64(b"json\n", REBOOT)));
+    let cfg = dir.path().join("vm.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"kernel": "{}", "mem_mib": 48, "vcpus": 2, "cmdline": "console=ttyS0"}}"#,
+            k.display()
+        ),
+    )
+    .unwrap();
+    let o = vmm(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(o.stdout, b"json\n");
+}
+
+#[test]
+fn bad_input_gives_one_error_line_and_status_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write_file(dir.path(), "k", &elf(&code64(b"", POWEROFF)));
+    let good = good.to_str().unwrap();
+    let garbage = write_file(dir.path(), "garbage", &[0x55; 4096]);
+    let truncated = write_file(dir.path(), "trunc", &elf(&code64(b"", POWEROFF))[..100]);
+    let big = dir.path().join("big.cpio");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let missing = dir.path().join("nope");
+
+    assert_one_error(&vmm(&[]), "no kernel");
+    assert_one_error(
+        &vmm(&["--kernel", missing.to_str().unwrap()]),
+        "cannot open kernel",
+    );
+    assert_one_error(
+        &vmm(&["--kernel", garbage.to_str().unwrap()]),
+        "neither an x86_64 ELF vmlinux",
+    );
+    assert_one_error(
+        &vmm(&["--kernel", truncated.to_str().unwrap()]),
+        "neither an x86_64 ELF vmlinux",
+    );
+    assert_one_error(
+        &vmm(&["--kernel", good, "--initrd", missing.to_str().unwrap()]),
+        "cannot open initramfs",
+    );
+    assert_one_error(&vmm(&["--kernel", good, "--vcpus", "0"]), "--vcpus 0");
+    assert_one_error(&vmm(&["--kernel", good, "--mem", "x"]), "invalid value");
+    assert_one_error(&vmm(&["--kernel", good, "--bogus"]), "--bogus");
+    let bad_json = write_file(dir.path(), "bad.json", b"{\"kernel\": 3}");
+    assert_one_error(
+        &vmm(&["--config", bad_json.to_str().unwrap()]),
+        "bad config file",
+    );
+    if have_kvm() {
+        assert_one_error(
+            &vmm(&[
+                "--kernel",
+                good,
+                "--initrd",
+                big.to_str().unwrap(),
+                "--mem",
+                "32",
+            ]),
+            "does not fit in guest memory",
+        );
+        // A console file is not created when set-up fails before it.
+        let log = dir.path().join("never.log");
+        let o = vmm(&[
+            "--kernel",
+            garbage.to_str().unwrap(),
+            "--console",
+            log.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(!log.exists());
+    }
+    // Nothing else appeared in the directory.
+    let mut names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["bad.json", "big.cpio", "garbage", "k", "trunc"]);
+}

@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# tests/kvm/vmm-boot.sh [--kernel VMLINUX] [--initrd INITRD] [--vmm PATH] [--no-qemu]
+#
+# Boots a Linux guest with nestor-vmm on /dev/kvm and checks that: the guest reaches its
+# init (console line + the boot marker nestor-vmm reports), it sees every vCPU (2), a
+# guest `poweroff -f` ends nestor-vmm with status 0 and a guest `reboot -f` with status 2.
+# Then, in the same run, boots the same kernel and initramfs with 1 vCPU under nestor-vmm
+# and under QEMU `-M microvm` and prints launch -> init, launch -> exit and peak RSS of
+# both (labelled when inside the TCG test host). Every launch runs under `timeout 60`.
+#
+# Meant for a host with hardware KVM or the KVM test host:
+#   tests/testhost/run -- tests/kvm/vmm-boot.sh
+# Without --kernel it uses guest-kernel/build.sh's cached vmlinux if there is one, else
+# the test host's own kernel (ELF vmlinux). Without --initrd it builds a busybox one.
+# Exit status 0 when every check passes, 1 when one fails, 2 on bad usage/missing parts.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+repo=$(cd "$here/../.." && pwd -P)
+cache=${NESTOR_CACHE:-$HOME/.cache/nestor}
+kernel= initrd= vmm= qemu=1
+while (($#)); do
+    case $1 in
+    --kernel) kernel=$2; shift 2 ;;
+    --initrd) initrd=$2; shift 2 ;;
+    --vmm) vmm=$2; shift 2 ;;
+    --no-qemu) qemu=0; shift ;;
+    -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+    *) echo "vmm-boot.sh: unknown argument '$1'" >&2; exit 2 ;;
+    esac
+done
+label=""
+[[ ${NESTOR_TESTHOST:-} == inside ]] && label=" (inside TCG test host)"
+
+if [[ -z $vmm ]]; then
+    for c in "${CARGO_TARGET_DIR:-$repo/target}/release/nestor-vmm" "${CARGO_TARGET_DIR:-$repo/target}/debug/nestor-vmm"; do
+        [[ -x $c ]] && { vmm=$c; break; }
+    done
+fi
+[[ -x $vmm ]] || { echo "vmm-boot.sh: no nestor-vmm binary (cargo build --release -p nestor-microvm)" >&2; exit 2; }
+if [[ -z $kernel ]]; then
+    kernel=$(ls -t "$cache"/guest-kernel/*/vmlinux 2>/dev/null | head -n1 || true)
+    [[ -n $kernel ]] || kernel=$(ls -t "$cache"/testhost/*/vmlinux 2>/dev/null | head -n1 || true)
+fi
+[[ -r $kernel ]] || { echo "vmm-boot.sh: no kernel (give --kernel VMLINUX)" >&2; exit 2; }
+[[ -c /dev/kvm ]] || { echo "vmm-boot.sh: no /dev/kvm" >&2; exit 2; }
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/vmm-boot.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+marker="vmm-boot-init-$$-$RANDOM"
+if [[ -z $initrd ]]; then
+    mkdir -p "$work/root/bin" "$work/root/proc" "$work/root/dev"
+    cp /bin/busybox "$work/root/bin/busybox"
+    ln -s busybox "$work/root/bin/sh"
+    cat >"$work/root/init" <<INIT
+#!/bin/sh
+/bin/busybox mount -t devtmpfs dev /dev
+exec </dev/console >/dev/console 2>&1
+/bin/busybox mount -t proc proc /proc
+# Boot marker: 123 to port 0x3f0 (1008), Firecracker's convention.
+printf '\173' | /bin/busybox dd of=/dev/port bs=1 seek=1008 count=1 2>/dev/null
+echo "$marker uptime \$(/bin/busybox cut -d' ' -f1 /proc/uptime) cpus \$(/bin/busybox grep -c ^processor /proc/cpuinfo)"
+case \$(/bin/busybox cat /proc/cmdline) in
+*nestor.action=reboot*) /bin/busybox reboot -f ;;
+*) /bin/busybox poweroff -f ;;
+esac
+INIT
+    chmod 755 "$work/root/init"
+    (cd "$work/root" && find . | cpio -o -H newc --quiet) >"$work/initrd"
+    initrd=$work/initrd
+fi
+cmdline="console=ttyS0 quiet panic=-1 rdinit=/init"
+
+now() { date +%s%N; }
+# launch NAME CMD... : runs CMD (console on its stdout) under a time limit; records the
+# status, the time the init marker appeared on the console, launch -> exit, peak RSS.
+launch() {
+    local name=$1; shift
+    local t0
+    t0=$(now)
+    echo "$t0" >"$work/$name.t0"
+    {
+        set +e
+        /usr/bin/time -f %M -o "$work/$name.rss" timeout --kill-after=5 60 "$@" </dev/null 2>"$work/$name.err"
+        echo $? >"$work/$name.rc"
+    } | while IFS= read -r line; do
+        if [[ $line == *"$marker"* && ! -e $work/$name.tinit ]]; then now >"$work/$name.tinit"; fi
+        printf '%s\n' "$line" >>"$work/$name.console"
+    done
+    now >"$work/$name.t1"
+}
+ms() { echo $((($(cat "$work/$1.$3") - $(cat "$work/$1.$2")) / 1000000)); }
+rc() { tail -n1 "$work/$1.rc"; }
+
+fail=0
+check() { # NAME EXPECTED_STATUS EXPECTED_CPUS
+    local name=$1 want=$2 cpus=$3
+    if ! grep -q "$marker" "$work/$name.console" 2>/dev/null; then
+        echo "FAIL $name: the guest's init never ran (status $(rc "$name")); console and stderr:" >&2
+        tail -n 20 "$work/$name.console" "$work/$name.err" >&2 2>/dev/null || true
+        fail=1; return
+    fi
+    if [[ $(rc "$name") != "$want" ]]; then
+        echo "FAIL $name: exit status $(rc "$name"), want $want" >&2
+        tail -n 5 "$work/$name.err" >&2; fail=1; return
+    fi
+    local seen
+    seen=$(grep "$marker" "$work/$name.console" | tr -d '\r' | sed 's/.* cpus //')
+    if [[ $seen != "$cpus" ]]; then
+        echo "FAIL $name: guest sees $seen vCPUs, want $cpus" >&2; fail=1; return
+    fi
+    echo "ok   $name: init ran, guest sees $seen vCPU(s), exit status $want"
+}
+
+echo "kernel $kernel; initrd $initrd; vmm $vmm" >&2
+launch nestor-smp-poweroff "$vmm" --kernel "$kernel" --initrd "$initrd" --mem 256 --vcpus 2 --cmdline "$cmdline"
+check nestor-smp-poweroff 0 2
+grep -q "guest init reached after" "$work/nestor-smp-poweroff.err" ||
+    { echo "FAIL nestor-smp-poweroff: no boot-marker line from nestor-vmm" >&2; fail=1; }
+launch nestor-reboot "$vmm" --kernel "$kernel" --initrd "$initrd" --mem 256 --cmdline "$cmdline nestor.action=reboot"
+check nestor-reboot 2 1
+launch nestor "$vmm" --kernel "$kernel" --initrd "$initrd" --mem 256 --cmdline "$cmdline"
+check nestor 0 1
+
+report() { # NAME
+    local name=$1
+    [[ -e $work/$name.tinit ]] || return 0
+    printf '%-14s launch -> init %5d ms, launch -> exit %5d ms, peak RSS %6d KiB%s\n' \
+        "$name" "$(ms "$name" t0 tinit)" "$(ms "$name" t0 t1)" "$(cat "$work/$name.rss" | tail -n1)" "$label"
+}
+if ((qemu)) && command -v qemu-system-x86_64 >/dev/null; then
+    launch qemu-microvm qemu-system-x86_64 -M microvm,rtc=off -enable-kvm -cpu host -m 256 -smp 1 \
+        -nodefaults -no-user-config -display none -no-reboot -serial stdio \
+        -kernel "$kernel" -initrd "$initrd" -append "$cmdline"
+    check qemu-microvm 0 1
+fi
+echo "--- same kernel, initramfs, 1 vCPU, 256 MiB; guest poweroff -f$label"
+report nestor
+echo "    nestor-vmm's own marker: $(grep -o 'guest init reached after [0-9]* ms' "$work/nestor.err" || echo none)"
+report qemu-microvm
+exit $fail
