@@ -4,7 +4,10 @@
 # images/initramfs/init.sh), plus /bin/nestor with --nestor. See images/initramfs/README.md
 # for the contract with the VMM (boot marker, command line settings).
 #
-#   build-initramfs.sh [--agent PATH] [--nestor PATH]
+#   build-initramfs.sh [--agent PATH] [--nestor PATH] [--test-rootfs]
+#
+# --test-rootfs adds a busybox container root filesystem at /rootfs/busybox (for tests
+# that run a container in the guest before rootfs disks exist).
 #
 # Cached under ${NESTOR_CACHE:-$HOME/.cache/nestor}/initramfs/<hash>/initramfs.cpio.gz,
 # <hash> covering this script, the shell init, the busybox package version and the
@@ -16,11 +19,12 @@ log() { echo "build-initramfs: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-agent= nestor=
+agent= nestor= test_rootfs=0
 while (($#)); do
     case $1 in
     --agent) [[ -n ${2:-} ]] || die "--agent needs a path"; agent=$2; shift 2 ;;
     --nestor) [[ -n ${2:-} ]] || die "--nestor needs a path"; nestor=$2; shift 2 ;;
+    --test-rootfs) test_rootfs=1; shift ;;
     -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
     esac
@@ -44,7 +48,7 @@ fi
 version=$(dpkg-query -W -f '${Version}' busybox-static)
 hash=$( {
     cat "${BASH_SOURCE[0]}" "$here/initramfs/init.sh"
-    echo "busybox-static $version"
+    echo "busybox-static $version test-rootfs $test_rootfs"
     [[ -z $agent ]] || { echo agent; sha256sum <"$agent"; }
     [[ -z $nestor ]] || { echo nestor; sha256sum <"$nestor"; }
 } | sha256sum | cut -c1-16)
@@ -60,12 +64,13 @@ tmp=$(mktemp -d "$cache/.build-$hash.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 log "building (busybox-static $version, init: ${agent:-shell test init}${nestor:+, nestor: $nestor})"
 
-python3 - "$tmp/initramfs.cpio.gz" /bin/busybox "${agent:-$here/initramfs/init.sh}" "$nestor" <<'PY'
+python3 - "$tmp/initramfs.cpio.gz" /bin/busybox "${agent:-$here/initramfs/init.sh}" "$nestor" "$test_rootfs" <<'PY'
 import gzip, os, subprocess, sys
 
-out, busybox, init, nestor = sys.argv[1:5]
+out, busybox, init, nestor, test_rootfs = sys.argv[1:6]
 MTIME = 1704067200  # 2024-01-01T00:00:00Z
 entries = {}  # name -> (mode, data, rdev)
+hardlinks = {}  # name -> name of the entry whose inode it shares
 
 def d(name, mode=0o755):
     entries[name] = (0o040000 | mode, b"", (0, 0))
@@ -96,6 +101,19 @@ for a in applets:
     depth = a.count("/")
     l(a, "../" * depth + "bin/busybox" if depth else "busybox")
 f("init", init)
+if test_rootfs == "1":
+    r = "rootfs/busybox"
+    for name in ["rootfs", r, r + "/bin", r + "/proc", r + "/sys", r + "/dev", r + "/etc",
+                 r + "/root", r + "/run"]:
+        d(name)
+    d(r + "/tmp", 0o1777)
+    hardlinks[r + "/bin/busybox"] = "bin/busybox"  # stored once
+    for a in applets:
+        name = r + "/bin/" + a.strip("/").split("/")[-1]
+        if name not in entries and not name.endswith("/busybox"):
+            l(name, "busybox")
+    entries[r + "/etc/passwd"] = (0o100644, b"root:x:0:0:root:/root:/bin/sh\n", (0, 0))
+    entries[r + "/etc/group"] = (0o100644, b"root:x:0:\n", (0, 0))
 if nestor:
     f("bin/nestor", nestor)
 entries["etc/passwd"] = (0o100644, b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n", (0, 0))
@@ -109,14 +127,29 @@ def hdr(ino, name, mode, size, rdev, nlink):
 def pad(n):
     return b"\0" * ((4 - n % 4) % 4)
 
+for name, target in hardlinks.items():
+    entries[name] = entries[target]
+names = sorted(entries)
+inos, ino = {}, 1
+for name in names:
+    if name not in hardlinks:
+        inos[name] = ino
+        ino += 1
+for name, target in hardlinks.items():
+    inos[name] = inos[target]
+members = {}
+for name in names:
+    members.setdefault(inos[name], []).append(name)
 buf = bytearray()
-ino = 1
-for name in sorted(entries):
+for name in names:
     mode, data, rdev = entries[name]
-    nb = name.encode()
-    h = hdr(ino, nb, mode, len(data), rdev, 2 if mode & 0o040000 == 0o040000 else 1)
+    group = members[inos[name]]
+    # newc hard links: same inode number, the data only with the last member.
+    if len(group) > 1 and name != group[-1]:
+        data = b""
+    nlink = 2 if mode & 0o170000 == 0o040000 else len(group)
+    h = hdr(inos[name], name.encode(), mode, len(data), rdev, nlink)
     buf += h + pad(len(h)) + data + pad(len(data))
-    ino += 1
 h = hdr(0, b"TRAILER!!!", 0, 0, (0, 0), 1)
 buf += h + pad(len(h))
 with open(out, "wb") as fh:

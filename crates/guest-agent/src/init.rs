@@ -111,6 +111,29 @@ const MOUNTS: &[Mnt] = &[
     },
 ];
 
+/// The initramfs root cannot be pivot_root'ed away from (it is the mount without a
+/// parent), so a container runtime's pivot_root would fail with EINVAL. Make the root a
+/// bind mount of itself, moved over `/`, and chroot into it: the same files, but now a
+/// mount with a parent, as on a disk-booted system. Done once, first, as PID 1.
+pub fn make_root_pivotable() -> Result<()> {
+    let staging = "/.nestor-root";
+    std::fs::create_dir_all(staging).with_context(|| format!("mkdir {staging}"))?;
+    mount(
+        Some("/"),
+        staging,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .context("bind / on /.nestor-root")?;
+    nix::unistd::chdir(staging).context("chdir /.nestor-root")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .context("move the bind mount over /")?;
+    nix::unistd::chroot(".").context("chroot into the moved root")?;
+    nix::unistd::chdir("/").context("chdir /")?;
+    Ok(())
+}
+
 /// Mounts /dev, /proc, /sys, cgroup2, /dev/pts, /dev/shm, /tmp and /run. A mount point
 /// that is already mounted (EBUSY) is left as it is.
 pub fn mount_all() -> Result<()> {

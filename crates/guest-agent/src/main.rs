@@ -108,6 +108,9 @@ fn pid1_main() -> ! {
         eprintln!("nestor-agent: fatal: {e:#}");
         init::end_vm(reboot)
     };
+    if let Err(e) = init::make_root_pivotable() {
+        fatal(reboot, e);
+    }
     if let Err(e) = init::mount_all() {
         fatal(reboot, e);
     }

@@ -280,6 +280,15 @@ impl Server {
                 if ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
                     self.read_conn(id);
                 }
+                // The peer is gone both ways: nobody is left to answer (and POLLHUP would
+                // otherwise wake every poll while a deferred reply is pending).
+                if ev.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
+                    if let Some(c) = self.conns.get_mut(&id) {
+                        if c.eof || c.close_after_flush || ev.contains(PollFlags::POLLERR) {
+                            c.dead = true;
+                        }
+                    }
+                }
                 if ev.contains(PollFlags::POLLOUT) || ev.contains(PollFlags::POLLNVAL) {
                     self.flush(id);
                 }
