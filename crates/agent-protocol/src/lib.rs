@@ -1,0 +1,424 @@
+//! The wire protocol between the host (nestor's launcher) and the guest agent
+//! (`nestor-agent`, PID 1 of a nestor microVM). This crate owns the message types and
+//! the framing; it has no I/O of its own beyond `std::io::Read`/`Write` helpers, so the
+//! host side can depend on it without pulling in the agent.
+//!
+//! # Transport
+//! The agent listens on AF_VSOCK port [`DEFAULT_PORT`] (any CID) inside the guest; with
+//! nestor-vmm's hybrid vsock the host connects to the VMM's Unix socket, writes
+//! `CONNECT 1024\n` and reads `OK <n>\n` first. For host-side tests the agent can listen
+//! on a Unix socket instead; the protocol is the same.
+//!
+//! # Framing
+//! Every message is one frame: a `u32` big-endian byte length, then that many bytes of
+//! UTF-8 JSON. A frame longer than [`MAX_FRAME`] is refused: the agent answers with an
+//! error and closes that connection (it cannot resynchronise). A frame that is not a
+//! valid [`Envelope`] gets an [`ErrorKind::BadRequest`] reply and the connection goes on.
+//!
+//! # Connections
+//! A connection is one of two kinds, decided by its first frame:
+//! - **control**: any number of [`Envelope`] requests. Each gets exactly one
+//!   [`Reply`] carrying the same `id`. Replies may come out of order: a [`Request::Wait`]
+//!   is answered only when the process has exited, while later requests on the same
+//!   connection are answered meanwhile. Ids are the host's choice (echoed, not checked).
+//! - **stdio**: the first request is [`Request::Attach`]. The agent answers with one
+//!   [`Reply`] ([`Response::Ok`] or an error), and from then on the connection carries raw
+//!   bytes only: it becomes the stdin, stdout or stderr of the process named by
+//!   `container` and `exec`, which is started later by [`Request::Create`],
+//!   [`Request::Run`] or [`Request::Exec`]. The agent hands the socket itself to the
+//!   process as that fd (no copying in the agent); a stream not attached is /dev/null.
+//!   The host therefore opens (up to) three stdio connections, then sends the request
+//!   that starts the process on a control connection. EOF on stdout/stderr means the
+//!   process (and everything that inherited the stream) closed it.
+//!
+//! # Lifecycle
+//! `Create` (the OCI runtime's `create`: the container waits for `Start`) then `Start`,
+//! or `Run` (create + start in one step, the fast path); `Exec` adds a process to a
+//! running container; `Signal` sends a signal; `Wait` returns the exit code (128+N for a
+//! signal N); `Delete` removes the container's runtime state; `Stats` reports guest and
+//! container figures; `Shutdown` powers the VM off (or reboots it) after replying.
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// The agent's default vsock port (kernel command line `nestor.agent.port=` changes it).
+pub const DEFAULT_PORT: u32 = 1024;
+/// Largest accepted frame payload, in bytes.
+pub const MAX_FRAME: usize = 1 << 20;
+/// Protocol version reported by [`Response::Pong`]; bumped on incompatible changes.
+pub const VERSION: u32 = 1;
+
+/// A request with the host's id, echoed in the [`Reply`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    pub id: u64,
+    pub request: Request,
+}
+
+/// The agent's answer to the [`Envelope`] with the same id (0 when the request was too
+/// malformed to carry one).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reply {
+    pub id: u64,
+    pub response: Response,
+}
+
+/// Which standard stream a stdio connection becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    Stdin,
+    Stdout,
+    Stderr,
+}
+
+/// Where a container's bundle comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Bundle {
+    /// An OCI bundle directory (holding config.json) already inside the guest.
+    Path(String),
+    /// An OCI runtime spec (config.json contents) and the guest path of its root
+    /// filesystem; the agent writes the bundle (and sets `root.path`) itself.
+    Spec {
+        spec: serde_json::Value,
+        rootfs: String,
+    },
+}
+
+/// Requests from host to agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Liveness and version check.
+    Ping,
+    /// Make this connection a stdio stream of a process (see the module docs).
+    Attach {
+        container: String,
+        /// `None` for the container's main process, else the exec id.
+        #[serde(default)]
+        exec: Option<String>,
+        stream: Stream,
+    },
+    /// OCI create: the container's process is set up and waits for `Start`.
+    Create { container: String, bundle: Bundle },
+    /// OCI start of a created container.
+    Start { container: String },
+    /// Create and start in one step.
+    Run { container: String, bundle: Bundle },
+    /// Run another process in a running container.
+    Exec {
+        container: String,
+        exec: String,
+        args: Vec<String>,
+        #[serde(default)]
+        env: Vec<String>,
+        #[serde(default)]
+        cwd: Option<String>,
+    },
+    /// Send a signal (a number, e.g. 15) to the main process or to an exec'd one.
+    Signal {
+        container: String,
+        #[serde(default)]
+        exec: Option<String>,
+        signal: i32,
+    },
+    /// Answered when the process has exited (at once if it already has).
+    Wait {
+        container: String,
+        #[serde(default)]
+        exec: Option<String>,
+    },
+    /// Remove the container's runtime state (killing what still runs).
+    Delete { container: String },
+    /// Guest-wide figures, plus the container's cgroup figures when one is named.
+    Stats {
+        #[serde(default)]
+        container: Option<String>,
+    },
+    /// Reply, then power the VM off (or reboot it when `reboot` is true or the kernel
+    /// command line says `nestor.reboot=1`).
+    Shutdown {
+        #[serde(default)]
+        reboot: bool,
+    },
+}
+
+/// Error classes, so the host can react without parsing messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The frame was not a valid request (bad JSON, unknown type, bad field).
+    BadRequest,
+    /// The frame's length prefix exceeds [`MAX_FRAME`]; the connection is closed.
+    TooLarge,
+    /// No such container or exec.
+    NotFound,
+    /// The container or exec id is already in use, or the stream already attached.
+    Exists,
+    /// The request is valid but not in this state (e.g. start before create finished).
+    State,
+    /// The OCI runtime failed; the message holds its error output.
+    Runtime,
+    /// The agent hit a limit (too many connections, attachments, processes).
+    Limit,
+    /// Any other failure inside the agent (an I/O error, a failed syscall).
+    Internal,
+}
+
+/// Guest-wide figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestStats {
+    pub uptime_ms: u64,
+    pub mem_total_kib: u64,
+    pub mem_available_kib: u64,
+    pub load1: f64,
+    pub containers: u32,
+    pub processes_running: u32,
+}
+
+/// A container's cgroup v2 figures (absent files give `None`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContainerStats {
+    pub pid: i32,
+    pub cgroup: String,
+    pub memory_current: Option<u64>,
+    pub memory_max: Option<String>,
+    pub cpu_usage_usec: Option<u64>,
+    pub pids_current: Option<u64>,
+}
+
+/// Responses from agent to host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    Pong {
+        version: u32,
+        pid1: bool,
+    },
+    Ok,
+    /// Create, Run or Exec succeeded; `pid` is the process in the guest's pid namespace.
+    Started {
+        pid: i32,
+    },
+    /// Exit code: the process's own, or 128 + signal number.
+    Exited {
+        code: i32,
+    },
+    Stats {
+        guest: GuestStats,
+        #[serde(default)]
+        container: Option<ContainerStats>,
+    },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+impl Response {
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Response::Error {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Framing errors.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    #[error("frame is not valid JSON for this message: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Encodes one message as a frame (length prefix + JSON).
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let body = serde_json::to_vec(msg)?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Writes one frame to a blocking writer.
+pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
+    w.write_all(&encode(msg)?)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads one frame's payload from a blocking reader. `Ok(None)` is a clean EOF before
+/// any byte of a frame.
+pub fn read_frame_bytes<R: Read>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut len[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(FrameError::Truncated),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => FrameError::Truncated,
+        _ => FrameError::Io(e),
+    })?;
+    Ok(Some(body))
+}
+
+/// Reads and decodes one frame from a blocking reader (`Ok(None)` on clean EOF).
+pub fn read_frame<R: Read, T: for<'de> Deserialize<'de>>(
+    r: &mut R,
+) -> Result<Option<T>, FrameError> {
+    match read_frame_bytes(r)? {
+        None => Ok(None),
+        Some(b) => Ok(Some(serde_json::from_slice(&b)?)),
+    }
+}
+
+/// Checks a container or exec id: 1-64 characters of `[A-Za-z0-9_.-]`, not starting
+/// with a dot (so it is safe as a file name and as an OCI runtime argument).
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with('.')
+        && !id.starts_with('-')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_every_request_shape() {
+        let reqs = vec![
+            Request::Ping,
+            Request::Attach {
+                container: "c1".into(),
+                exec: Some("e1".into()),
+                stream: Stream::Stdout,
+            },
+            Request::Create {
+                container: "c1".into(),
+                bundle: Bundle::Path("/b".into()),
+            },
+            Request::Run {
+                container: "c1".into(),
+                bundle: Bundle::Spec {
+                    spec: serde_json::json!({"ociVersion": "1.0.2"}),
+                    rootfs: "/r".into(),
+                },
+            },
+            Request::Signal {
+                container: "c1".into(),
+                exec: None,
+                signal: 15,
+            },
+            Request::Shutdown { reboot: true },
+        ];
+        for (i, r) in reqs.into_iter().enumerate() {
+            let env = Envelope {
+                id: i as u64,
+                request: r,
+            };
+            let frame = encode(&env).unwrap();
+            let back: Envelope = read_frame(&mut &frame[..]).unwrap().unwrap();
+            assert_eq!(back, env);
+        }
+    }
+
+    #[test]
+    fn wire_format_is_tagged_json() {
+        let env = Envelope {
+            id: 7,
+            request: Request::Wait {
+                container: "x".into(),
+                exec: None,
+            },
+        };
+        let f = encode(&env).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(f[..4].try_into().unwrap()) as usize,
+            f.len() - 4
+        );
+        let v: serde_json::Value = serde_json::from_slice(&f[4..]).unwrap();
+        assert_eq!(v["request"]["type"], "wait");
+        assert_eq!(v["id"], 7);
+    }
+
+    #[test]
+    fn oversized_and_truncated_frames_are_errors() {
+        let mut big = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
+        big.extend_from_slice(b"{}");
+        assert!(matches!(
+            read_frame_bytes(&mut &big[..]),
+            Err(FrameError::TooLarge(n)) if n == MAX_FRAME + 1
+        ));
+        let trunc = [0u8, 0, 0, 10, b'{'];
+        assert!(matches!(
+            read_frame_bytes(&mut &trunc[..]),
+            Err(FrameError::Truncated)
+        ));
+        assert!(matches!(
+            read_frame_bytes(&mut &[0u8, 0][..]),
+            Err(FrameError::Truncated)
+        ));
+        assert!(read_frame_bytes(&mut &[][..]).unwrap().is_none());
+    }
+
+    #[test]
+    fn unknown_request_type_and_fields_are_rejected() {
+        assert!(
+            serde_json::from_str::<Envelope>(r#"{"id":1,"request":{"type":"reboot_host"}}"#)
+                .is_err()
+        );
+        assert!(serde_json::from_str::<Envelope>(
+            r#"{"id":1,"request":{"type":"wait","container":"c","x":1}}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<Envelope>(r#"{"id":1,"request":{"type":"ping"}}"#).is_ok());
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        for ok in ["a", "c-1", "A_b.c", &"x".repeat(64)] {
+            assert!(valid_id(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "-rf",
+            &"x".repeat(65),
+            "a b",
+            "é",
+        ] {
+            assert!(!valid_id(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! What the agent does as PID 1 of a guest before it serves: the boot-time marker, the
+//! mounts a container runtime needs, cgroup v2 controllers, loopback, hostname; and how
+//! it ends the VM (power-off or reboot), including on a fatal error or a panic, so the
+//! VMM exits instead of hanging on a dead guest.
+//!
+//! Boot-time marker: as Firecracker's, the guest writes the byte 123 to I/O port 0x3f0
+//! when its init starts (first thing the agent does); it writes 124 to the same port
+//! when the agent is listening for the host. A VMM timestamps those writes; elsewhere
+//! (QEMU) the port is unassigned and the write is ignored.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use nix::mount::{mount, MsFlags};
+
+/// The debug I/O port the markers go to (Firecracker's boot-time port).
+pub const MARKER_PORT: u16 = 0x3f0;
+/// Written when init starts.
+pub const MARKER_INIT: u8 = 123;
+/// Written when the agent listens for the host.
+pub const MARKER_READY: u8 = 124;
+
+/// Writes a boot marker byte to [`MARKER_PORT`]. Only call as PID 1 of a guest: on a
+/// real machine the port belongs to the floppy controller.
+pub fn boot_marker(value: u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: ioperm grants this process access to one port; the asm writes one byte to
+    // it and touches no memory.
+    unsafe {
+        if libc::ioperm(MARKER_PORT as libc::c_ulong, 1, 1) == 0 {
+            std::arch::asm!(
+                "out dx, al",
+                in("dx") MARKER_PORT,
+                in("al") value,
+                options(nomem, nostack, preserves_flags)
+            );
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
+}
+
+struct Mnt {
+    source: &'static str,
+    target: &'static str,
+    fstype: &'static str,
+    flags: MsFlags,
+    data: Option<&'static str>,
+}
+
+const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
+
+const MOUNTS: &[Mnt] = &[
+    Mnt {
+        source: "devtmpfs",
+        target: "/dev",
+        fstype: "devtmpfs",
+        flags: MsFlags::MS_NOSUID,
+        data: Some("mode=0755"),
+    },
+    Mnt {
+        source: "proc",
+        target: "/proc",
+        fstype: "proc",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
+    Mnt {
+        source: "sysfs",
+        target: "/sys",
+        fstype: "sysfs",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
+    Mnt {
+        source: "cgroup2",
+        target: "/sys/fs/cgroup",
+        fstype: "cgroup2",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
+    Mnt {
+        source: "devpts",
+        target: "/dev/pts",
+        fstype: "devpts",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        data: Some("newinstance,ptmxmode=0666,mode=0620"),
+    },
+    Mnt {
+        source: "shm",
+        target: "/dev/shm",
+        fstype: "tmpfs",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: Some("mode=1777"),
+    },
+    Mnt {
+        source: "tmpfs",
+        target: "/tmp",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=1777"),
+    },
+    Mnt {
+        source: "tmpfs",
+        target: "/run",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=0755"),
+    },
+];
+
+/// The initramfs root cannot be pivot_root'ed away from (it is the mount without a
+/// parent), so a container runtime's pivot_root would fail with EINVAL. Make the root a
+/// bind mount of itself, moved over `/`, and chroot into it: the same files, but now a
+/// mount with a parent, as on a disk-booted system. Done once, first, as PID 1.
+pub fn make_root_pivotable() -> Result<()> {
+    let staging = "/.nestor-root";
+    std::fs::create_dir_all(staging).with_context(|| format!("mkdir {staging}"))?;
+    mount(
+        Some("/"),
+        staging,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .context("bind / on /.nestor-root")?;
+    nix::unistd::chdir(staging).context("chdir /.nestor-root")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .context("move the bind mount over /")?;
+    nix::unistd::chroot(".").context("chroot into the moved root")?;
+    nix::unistd::chdir("/").context("chdir /")?;
+    Ok(())
+}
+
+/// Mounts /dev, /proc, /sys, cgroup2, /dev/pts, /dev/shm, /tmp and /run. A mount point
+/// that is already mounted (EBUSY) is left as it is.
+pub fn mount_all() -> Result<()> {
+    for m in MOUNTS {
+        std::fs::create_dir_all(m.target).with_context(|| format!("mkdir {}", m.target))?;
+        match mount(Some(m.source), m.target, Some(m.fstype), m.flags, m.data) {
+            Ok(()) | Err(nix::Error::EBUSY) => {}
+            Err(e) => return Err(e).with_context(|| format!("mount {} on {}", m.fstype, m.target)),
+        }
+    }
+    if !Path::new("/dev/ptmx").exists() {
+        let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
+    }
+    for (link, target) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        if std::fs::symlink_metadata(link).is_err() {
+            let _ = std::os::unix::fs::symlink(target, link);
+        }
+    }
+    Ok(())
+}
+
+/// Enables every controller the root cgroup offers in its subtree_control, one by one
+/// (a controller the kernel refuses is logged, not fatal). Returns those enabled.
+pub fn enable_controllers(root: &Path) -> Result<Vec<String>> {
+    let avail = std::fs::read_to_string(root.join("cgroup.controllers"))
+        .with_context(|| format!("read {}/cgroup.controllers", root.display()))?;
+    let mut on = Vec::new();
+    for c in avail.split_ascii_whitespace() {
+        match std::fs::write(root.join("cgroup.subtree_control"), format!("+{c}")) {
+            Ok(()) => on.push(c.to_string()),
+            Err(e) => tracing::warn!("cgroup controller {c} not enabled: {e}"),
+        }
+    }
+    Ok(on)
+}
+
+/// Brings the loopback interface up.
+pub fn loopback_up() -> Result<()> {
+    // SAFETY: plain socket/ioctl calls on a zero-initialised ifreq that names "lo"; the
+    // fd is closed before returning.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("socket for ioctl on lo");
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        let r = if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
+            Err(std::io::Error::last_os_error()).context("SIOCGIFFLAGS lo")
+        } else {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            if libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) < 0 {
+                Err(std::io::Error::last_os_error()).context("SIOCSIFFLAGS lo up")
+            } else {
+                Ok(())
+            }
+        };
+        libc::close(fd);
+        r
+    }
+}
+
+/// Everything PID 1 sets up before serving.
+pub fn setup(hostname: &str) -> Result<()> {
+    mount_all()?;
+    nix::unistd::sethostname(hostname).with_context(|| format!("set hostname {hostname}"))?;
+    if let Err(e) = loopback_up() {
+        tracing::warn!("loopback: {e:#}");
+    }
+    let on = enable_controllers(Path::new("/sys/fs/cgroup"))?;
+    tracing::debug!("cgroup controllers enabled: {}", on.join(" "));
+    Ok(())
+}
+
+/// Ends the VM: kills every other process, syncs, and powers off or reboots. Never
+/// returns; if the reboot call itself fails, it halts the CPU in a sleep loop.
+pub fn end_vm(reboot: bool) -> ! {
+    // SAFETY: signalling every process but ourselves, syncing and rebooting are the
+    // documented way for init to end the system.
+    unsafe {
+        libc::kill(-1, libc::SIGKILL);
+        libc::sync();
+        libc::reboot(if reboot {
+            libc::RB_AUTOBOOT
+        } else {
+            libc::RB_POWER_OFF
+        });
+    }
+    eprintln!(
+        "nestor-agent: reboot(2) failed: {}",
+        std::io::Error::last_os_error()
+    );
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
+
+/// As PID 1, a panic must end the VM, not leave a kernel panic or a hung guest.
+pub fn install_panic_hook(reboot: bool) {
+    std::panic::set_hook(Box::new(move |info| {
+        eprintln!("nestor-agent: fatal: {info}");
+        end_vm(reboot);
+    }));
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Builds the guest's static binaries: nestor-agent (the guest's /init) and nestor (the
+# OCI runtime the agent runs containers with, /bin/nestor in the initramfs), as static
+# executables on the gnu target: RUSTFLAGS="-C target-feature=+crt-static" cargo build
+# --release --target x86_64-unknown-linux-gnu (musl is not needed, nor downloadable here).
+# Both land in $CARGO_TARGET_DIR (default <repo>/target)/x86_64-unknown-linux-gnu/release/.
+# Cargo makes a second run fast. Progress on stderr; stdout's last two lines are
+# the absolute paths of nestor and, LAST, nestor-agent.
+set -euo pipefail
+
+log() { echo "build-agent: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+target=x86_64-unknown-linux-gnu
+tdir=${CARGO_TARGET_DIR:-$repo/target}
+command -v cargo >/dev/null || die "cargo is not installed"
+log "cargo build --release --target $target (crt-static): nestor-agent, nestor"
+(cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target "$target" \
+    -p nestor-guest-agent --bin nestor-agent -p nestor --bin nestor >&2)
+out="$(cd "$tdir" && pwd)/$target/release"
+for b in nestor nestor-agent; do
+    [[ -x $out/$b ]] || die "$out/$b was not built"
+    if LC_ALL=C readelf -d "$out/$b" 2>/dev/null | grep -q NEEDED; then
+        die "$out/$b is dynamically linked"
+    fi
+done
+log "static: $out/nestor, $out/nestor-agent"
+echo "$out/nestor"
+echo "$out/nestor-agent"

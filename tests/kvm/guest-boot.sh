@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Boots nestor's guest kernel (guest-kernel/build.sh) with the shell-init initramfs
+# (images/build-initramfs.sh) under QEMU -M microvm on /dev/kvm, 2 vCPUs, and checks
+# that /init ran the command given on the kernel command line (nestor.cmd), saw both
+# vCPUs and every cgroup v2 controller the agent needs, and that QEMU exited by itself
+# when the guest rebooted (nestor.reboot=1, reboot=t: triple fault; -no-reboot).
+# Prints the launch-to-exit time and the guest's uptime at /init, labelled when inside
+# the TCG test host. Exit 0 on success.
+#
+# Where: builds (or finds cached) kernel and initramfs on this host, then runs the boot
+# through tests/testhost/kvm-exec (directly on hardware KVM, else in the KVM test host).
+# The lead's CI, already inside the test host (NESTOR_TESTHOST=inside), runs it directly.
+#   guest-boot.sh [--timeout SECS]
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+limit=120
+direct=0 kernel= initrd=
+while (($#)); do
+    case $1 in
+    --timeout) limit=$2; shift 2 ;;
+    --direct) direct=1; shift ;;
+    --kernel) kernel=$2; shift 2 ;;
+    --initrd) initrd=$2; shift 2 ;;
+    *) echo "guest-boot.sh: unknown argument '$1'" >&2; exit 2 ;;
+    esac
+done
+[[ -n $kernel ]] || kernel=$("$repo/guest-kernel/build.sh" | tail -n1)
+[[ -n $initrd ]] || initrd=$("$repo/images/build-initramfs.sh" | tail -n1)
+if [[ ${NESTOR_TESTHOST:-} != inside && $direct == 0 ]]; then
+    exec "$repo/tests/testhost/kvm-exec" --timeout $((limit + 120)) -- \
+        "$here/guest-boot.sh" --direct --timeout "$limit" --kernel "$kernel" --initrd "$initrd"
+fi
+[[ -c /dev/kvm ]] || { echo "guest-boot.sh: no /dev/kvm" >&2; exit 1; }
+command -v qemu-system-x86_64 >/dev/null || { echo "guest-boot.sh: qemu-system-x86_64 missing (apt-get install qemu-system-x86)" >&2; exit 1; }
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/guest-boot.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+marker="guest-boot-$$-$RANDOM"
+cmd="echo $marker up=\$(cut -d' ' -f1 /proc/uptime) cpus=\$(grep -c ^processor /proc/cpuinfo) ctl=\$(tr ' ' , </sys/fs/cgroup/cgroup.controllers) kernel=\$(uname -r); exit 3"
+b64=$(printf '%s' "$cmd" | base64 -w0)
+
+label=""
+[[ ${NESTOR_TESTHOST:-} == inside ]] && label=" (inside TCG test host; compare only within this run)"
+t0=$(date +%s%N)
+set +e
+timeout --kill-after=5 "$limit" qemu-system-x86_64 -M microvm,rtc=off -enable-kvm -cpu host \
+    -m 256 -smp 2 -nodefaults -no-user-config -display none -no-reboot \
+    -serial "file:$work/console" -kernel "$kernel" -initrd "$initrd" \
+    -append "console=ttyS0 reboot=t panic=-1 quiet nestor.reboot=1 nestor.cmd=$b64" \
+    </dev/null >"$work/qemu.log" 2>&1
+rc=$?
+set -e
+t1=$(date +%s%N)
+fail() {
+    echo "guest-boot.sh: $* (QEMU status $rc); console and QEMU output:" >&2
+    tail -n 40 "$work/console" "$work/qemu.log" >&2
+    exit 1
+}
+line=$(grep -a "^$marker " "$work/console" || true)
+[[ -n $line ]] || fail "the guest's /init never ran the command"
+grep -aq "^nestor-init: exit 3" "$work/console" || fail "/init did not report the command's exit code 3"
+[[ $rc == 0 ]] || fail "QEMU did not exit by itself after the guest rebooted"
+[[ $line == *" cpus=2 "* ]] || fail "the guest does not see both vCPUs: $line"
+for c in cpu cpuset io memory pids; do
+    [[ $line =~ ctl=([^ ]*) && ,${BASH_REMATCH[1]}, == *",$c,"* ]] || fail "cgroup controller $c missing: $line"
+done
+up=${line#* up=}; up=${up%% *}
+echo "guest-boot: ok: ${line#"$marker "}"
+echo "guest-boot: QEMU microvm launch to exit $(( (t1 - t0) / 1000000 )) ms; guest uptime at /init ${up} s$label"
