@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite: installs what is missing, then runs every test (unit,
-# integration as root with real namespaces/cgroups/podman, and the KVM tests in the
-# KVM test host where this machine has no hardware KVM).
+# The whole test suite: installs what is missing, builds what the tests need (release
+# binaries, the static guest binaries, the guest kernel and initramfs; all cached),
+# then runs every test: unit and integration tests as root with real namespaces,
+# cgroups and podman; the KVM test host's self-test; and the KVM tests, in the KVM test
+# host unless this host has hardware KVM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NESTOR_SETUP_NO_BUILD=1 scripts/setup.sh
@@ -11,11 +13,21 @@ if [ "$(id -u)" != 0 ]; then
 fi
 # Podman and the containers it runs need these on this kind of machine.
 ulimit -n 20000 2>/dev/null || true
+
+echo "test: building (release)" >&2
+cargo build --release --workspace 2>&1 | tail -n 3 >&2
+echo "test: building the guest's static binaries, kernel and initramfs (cached)" >&2
+bins=$(images/build-agent.sh)
+nestor_static=$(tail -n2 <<<"$bins" | head -n1)
+agent_static=$(tail -n1 <<<"$bins")
+guest-kernel/build.sh >/dev/null
+images/build-initramfs.sh >/dev/null
+images/build-initramfs.sh --agent "$agent_static" --nestor "$nestor_static" --test-rootfs >/dev/null
+
 echo "test: cargo test --workspace" >&2
 cargo test --workspace --release 2>&1
+
 echo "test: KVM test host self-test" >&2
 tests/testhost/selftest.sh
-if compgen -G "tests/kvm/*.sh" >/dev/null; then
-  echo "test: KVM tests (in the KVM test host unless this host has hardware KVM)" >&2
-  tests/testhost/batch tests/kvm
-fi
+echo "test: KVM tests (in the KVM test host unless this host has hardware KVM)" >&2
+tests/testhost/batch tests/kvm
