@@ -22,6 +22,10 @@ use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::boot_marker::{BootMarker, BootTime};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{ConsoleOut, SerialDevice};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::{Bus, BusError};
 use crate::exit::{ExitSignal, GuestExit};
 use crate::vstate::memory::{self, GuestMemory, MemoryError};
@@ -71,6 +75,9 @@ pub enum VmmError {
     /// Device registration.
     #[error("device set-up: {0}")]
     Device(String),
+    /// A disk could not be opened.
+    #[error(transparent)]
+    Disk(#[from] crate::devices::virtio::block::BlockError),
     /// An eventfd.
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
@@ -95,6 +102,14 @@ pub struct Vmm {
     start: Instant,
     ended: Option<(GuestExit, Instant)>,
     vcpus: u8,
+}
+
+/// MMIO address and GSI of the `i`-th virtio device.
+fn virtio_slot(i: usize) -> (u64, u32) {
+    (
+        layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE,
+        layout::VIRTIO_IRQ_START + i as u32,
+    )
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, VmmError> {
@@ -132,9 +147,6 @@ impl Vmm {
         console: Option<ConsoleOut>,
     ) -> Result<Self, VmmError> {
         cfg.validate()?;
-        if !cfg.disks.is_empty() {
-            return Err(VmmError::Unsupported("virtio-blk (--disk)"));
-        }
         if cfg.vsock.is_some() {
             return Err(VmmError::Unsupported("virtio-vsock (--vsock)"));
         }
@@ -158,7 +170,29 @@ impl Vmm {
             }
             None => None,
         };
-        let cmdline = boot_params::build_cmdline(&cfg.cmdline)?;
+        // virtio devices: disks first (in order: /dev/vda, /dev/vdb, …), then the RNG.
+        let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        for (i, d) in cfg.disks.iter().enumerate() {
+            devices.push(Box::new(Block::open(
+                &d.path,
+                d.read_only,
+                &format!("nestor-disk{i}"),
+            )?));
+        }
+        devices.push(Box::new(Rng));
+        let slots = (layout::IRQ_MAX - layout::VIRTIO_IRQ_START + 1) as usize;
+        if devices.len() > slots {
+            return Err(VmmError::Device(format!(
+                "{} virtio devices asked for, at most {slots} fit",
+                devices.len()
+            )));
+        }
+        let mut full_cmdline = cfg.cmdline.trim().to_string();
+        for i in 0..devices.len() {
+            let (addr, irq) = virtio_slot(i);
+            full_cmdline.push_str(&format!(" virtio_mmio.device=4K@{addr:#x}:{irq}"));
+        }
+        let cmdline = boot_params::build_cmdline(&full_cmdline)?;
 
         let ram = layout::ram_ranges(cfg.mem_mib << 20);
         let mem = memory::create_guest_memory(&ram)?;
@@ -221,6 +255,20 @@ impl Vmm {
             Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
         )?;
 
+        let mut mmio = Bus::new();
+        for (i, dev) in devices.into_iter().enumerate() {
+            let (addr, irq) = virtio_slot(i);
+            let evt = EventFd::new(0).map_err(VmmError::EventFd)?;
+            vm.fd()
+                .register_irqfd(&evt, irq)
+                .map_err(|e| VmmError::Device(format!("virtio irqfd {irq}: {e}")))?;
+            mmio.insert(
+                addr,
+                layout::VIRTIO_MMIO_SIZE,
+                Arc::new(Mutex::new(MmioTransport::new(dev, mem.clone(), evt))),
+            )?;
+        }
+
         let mut pending = Vec::with_capacity(usize::from(cfg.vcpus));
         for id in 0..cfg.vcpus {
             let v = Vcpu::new(&vm, id)?;
@@ -234,7 +282,7 @@ impl Vmm {
             pending,
             ctx: VcpuContext {
                 pio: Arc::new(pio),
-                mmio: Arc::new(Bus::new()),
+                mmio: Arc::new(mmio),
                 exit,
                 control: Arc::new(VcpuControl::default()),
             },

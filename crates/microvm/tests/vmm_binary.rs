@@ -127,6 +127,10 @@ fn bad_input_gives_one_error_line_and_status_1() {
         &vmm(&["--kernel", good, "--initrd", missing.to_str().unwrap()]),
         "cannot open initramfs",
     );
+    assert_one_error(
+        &vmm(&["--kernel", good, "--disk", missing.to_str().unwrap()]),
+        "cannot open disk",
+    );
     assert_one_error(&vmm(&["--kernel", good, "--vcpus", "0"]), "--vcpus 0");
     assert_one_error(&vmm(&["--kernel", good, "--mem", "x"]), "invalid value");
     assert_one_error(&vmm(&["--kernel", good, "--bogus"]), "--bogus");
