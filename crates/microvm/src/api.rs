@@ -184,7 +184,7 @@ fn answer(vmm: &mut Vmm, line: &str) -> (serde_json::Value, bool) {
     }
 }
 
-fn poll(fds: &[RawFd]) -> Vec<bool> {
+fn poll(fds: &[RawFd], timeout_ms: i32) -> Option<Vec<bool>> {
     let mut p: Vec<libc::pollfd> = fds
         .iter()
         .map(|&fd| libc::pollfd {
@@ -194,11 +194,11 @@ fn poll(fds: &[RawFd]) -> Vec<bool> {
         })
         .collect();
     // SAFETY: `p` is a valid array of pollfds for the duration of the call.
-    let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, -1) };
+    let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
     if n <= 0 {
-        return vec![false; fds.len()];
+        return None;
     }
-    p.iter().map(|x| x.revents != 0).collect()
+    Some(p.iter().map(|x| x.revents != 0).collect())
 }
 
 /// Serves requests until the guest ends the VM (or a `shutdown` request); returns the
@@ -213,7 +213,10 @@ pub fn serve(server: &ApiServer, vmm: &mut Vmm) -> GuestExit {
         if let Some((c, _)) = &client {
             fds.push(c.as_raw_fd());
         }
-        let ready = poll(&fds);
+        let Some(ready) = poll(&fds, crate::builder::HALT_CHECK_MS) else {
+            vmm.check_halted();
+            continue;
+        };
         if ready[1] {
             if let Ok((s, _)) = server.listener.accept() {
                 // One client at a time: a new one replaces the old.

@@ -89,6 +89,10 @@ impl From<BusError> for VmmError {
     }
 }
 
+/// How often a waiting VMM checks for a guest that halted every vCPU (power-off
+/// without ACPI).
+pub const HALT_CHECK_MS: i32 = 50;
+
 /// A built (and possibly running) microVM.
 pub struct Vmm {
     // Field order is drop order: threads are joined explicitly, then the VM fd closes,
@@ -297,6 +301,7 @@ impl Vmm {
 
     /// Starts one thread per vCPU.
     pub fn start(&mut self) -> Result<(), VmmError> {
+        self.ctx.control.set_count(self.pending.len());
         for v in self.pending.drain(..) {
             self.handles.push(vcpu::spawn(v, self.ctx.clone())?);
         }
@@ -328,15 +333,27 @@ impl Vmm {
                     }
                     left.as_millis().min(i32::MAX as u128) as i32
                 }
-                None => -1,
+                None => HALT_CHECK_MS,
             };
+            let ms = ms.min(HALT_CHECK_MS);
             let mut pfd = libc::pollfd {
                 fd: std::os::fd::AsRawFd::as_raw_fd(self.ctx.exit.eventfd()),
                 events: libc::POLLIN,
                 revents: 0,
             };
             // SAFETY: one valid pollfd for the duration of the call.
-            unsafe { libc::poll(&mut pfd, 1, ms) };
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if n == 0 {
+                self.check_halted();
+            }
+        }
+    }
+
+    /// Kicks the vCPUs so each checks whether it is halted for good (see
+    /// [`GuestExit::Halted`]); call every [`HALT_CHECK_MS`] while waiting.
+    pub fn check_halted(&self) {
+        if !self.ctx.control.is_paused() {
+            vcpu::kick_all(&self.handles);
         }
     }
 

@@ -38,6 +38,7 @@ fn exit_status_says_how_the_guest_ended() {
         ("poweroff", POWEROFF, 0),
         ("reboot", REBOOT, 2),
         ("triple", TRIPLE_FAULT, 3),
+        ("halt", HANG, 0),
     ] {
         let k = write_file(dir.path(), name, &elf(&code64(b"hello\n", ending)));
         let o = vmm(&["--kernel", k.to_str().unwrap(), "--mem", "32"]);
@@ -180,7 +181,7 @@ fn api_socket_pauses_resumes_reports_and_shuts_down() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let k = write_file(dir.path(), "k", &elf(&code64(b"up\n", HANG)));
+    let k = write_file(dir.path(), "k", &elf(&code64(b"up\n", SPIN)));
     let sock = dir.path().join("api.sock");
     let mut child = Command::new(env!("CARGO_BIN_EXE_nestor-vmm"))
         .args([

@@ -56,24 +56,27 @@ impl BusDevice for AcpiPm {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        // Only whole-register (16-bit) or low-byte writes are meaningful.
-        let value = match data {
-            [lo] => u16::from(*lo),
-            [lo, hi] => u16::from_le_bytes([*lo, *hi]),
-            _ => return,
-        };
-        match offset {
-            // Status bits are write-one-to-clear.
-            0 => self.status &= !value,
-            2 => self.enable = value,
-            4 => {
-                self.control = (value & !SLP_EN) | SCI_EN;
-                let typ = (value >> SLP_TYP_SHIFT) & 7;
-                if value & SLP_EN != 0 && typ == u16::from(S5_SLP_TYP) {
-                    self.exit.set(GuestExit::Poweroff);
-                }
+        // Byte-wise, so that 8- and 16-bit accesses (and /dev/port's byte writes) work.
+        let before = self.control;
+        for (i, b) in data.iter().enumerate() {
+            let o = offset + i as u64;
+            let shift = 8 * (o & 1);
+            let v = u16::from(*b) << shift;
+            let mask = 0xffu16 << shift;
+            match o & !1 {
+                // Status bits are write-one-to-clear.
+                0 => self.status &= !v,
+                2 => self.enable = (self.enable & !mask) | v,
+                4 => self.control = (self.control & !mask) | v,
+                _ => {}
             }
-            _ => {}
+        }
+        if self.control != before || self.control & SLP_EN != 0 {
+            let typ = (self.control >> SLP_TYP_SHIFT) & 7;
+            if self.control & SLP_EN != 0 && typ == u16::from(S5_SLP_TYP) {
+                self.exit.set(GuestExit::Poweroff);
+            }
+            self.control = (self.control & !SLP_EN) | SCI_EN;
         }
     }
 }
@@ -90,12 +93,15 @@ mod tests {
         pm.write(4, &s5.to_le_bytes()); // SLP_TYP first, without SLP_EN
         pm.write(4, &((3 << 10) | SLP_EN).to_le_bytes()); // S3
         pm.write(0, &(s5 | SLP_EN).to_le_bytes()); // the status register
-        pm.write(4, &[0, 0, 0, 0]); // wrong width
         assert_eq!(exit.get(), None);
         let mut d = [0u8; 2];
         pm.read(4, &mut d);
         assert_eq!(u16::from_le_bytes(d), (3 << 10) | SCI_EN);
-        pm.write(4, &(s5 | SLP_EN).to_le_bytes());
+        // Two byte writes (as /dev/port does them) work too.
+        let v = (s5 | SLP_EN).to_le_bytes();
+        pm.write(4, &v[..1]);
+        assert_eq!(exit.get(), None);
+        pm.write(5, &v[1..]);
         assert_eq!(exit.get(), Some(GuestExit::Poweroff));
     }
 }

@@ -28,7 +28,9 @@ pub const POWEROFF: &[u8] = &[0x66, 0xba, 0x04, 0x06, 0x66, 0xb8, 0x00, 0x34, 0x
 pub const TRIPLE_FAULT: &[u8] = &[0x0f, 0x0b];
 /// Jump to the BIOS reset vector: mov eax, 0xffff0; jmp rax.
 pub const BIOS_RESET: &[u8] = &[0xb8, 0xf0, 0xff, 0x0f, 0x00, 0xff, 0xe0];
-/// Nothing: the guest halts forever.
+/// Spin forever (jmp $), never halting.
+pub const SPIN: &[u8] = &[0xeb, 0xfe];
+/// Nothing: the guest halts forever with interrupts off.
 pub const HANG: &[u8] = &[];
 
 /// An ELF64 executable with one PT_LOAD segment holding `code` at [`LOAD_ADDR`].
