@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::eventfd::EventFd;
+use kvm_ioctls::IoEventAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::boot_params::{self, BootError, ZeroPage};
 use crate::arch::x86_64::layout::{
@@ -23,6 +24,7 @@ use crate::devices::boot_marker::{BootMarker, BootTime};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{ConsoleOut, SerialDevice};
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::event_loop::{EventLoop, QueueEvent};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::VirtioDevice;
@@ -99,6 +101,7 @@ pub struct Vmm {
     // then guest memory is unmapped.
     handles: Vec<JoinHandle<()>>,
     pending: Vec<Vcpu>,
+    events: Option<EventLoop>,
     ctx: VcpuContext,
     vm: Vm,
     mem: GuestMemory,
@@ -260,18 +263,32 @@ impl Vmm {
         )?;
 
         let mut mmio = Bus::new();
+        let mut queue_events = Vec::new();
         for (i, dev) in devices.into_iter().enumerate() {
             let (addr, irq) = virtio_slot(i);
             let evt = EventFd::new(0).map_err(VmmError::EventFd)?;
             vm.fd()
                 .register_irqfd(&evt, irq)
                 .map_err(|e| VmmError::Device(format!("virtio irqfd {irq}: {e}")))?;
-            mmio.insert(
-                addr,
-                layout::VIRTIO_MMIO_SIZE,
-                Arc::new(Mutex::new(MmioTransport::new(dev, mem.clone(), evt))),
-            )?;
+            let transport = Arc::new(Mutex::new(MmioTransport::new(dev, mem.clone(), evt)));
+            let queues = transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .num_queues();
+            for q in 0..queues as u32 {
+                let qevt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+                vm.fd()
+                    .register_ioevent(&qevt, &IoEventAddress::Mmio(addr + 0x50), q)
+                    .map_err(|e| VmmError::Device(format!("virtio ioeventfd: {e}")))?;
+                queue_events.push(QueueEvent {
+                    evt: qevt,
+                    transport: transport.clone(),
+                    queue: q,
+                });
+            }
+            mmio.insert(addr, layout::VIRTIO_MMIO_SIZE, transport)?;
         }
+        let events = EventLoop::start(queue_events).map_err(VmmError::EventFd)?;
 
         let mut pending = Vec::with_capacity(usize::from(cfg.vcpus));
         for id in 0..cfg.vcpus {
@@ -284,6 +301,7 @@ impl Vmm {
         Ok(Vmm {
             handles: Vec::new(),
             pending,
+            events: Some(events),
             ctx: VcpuContext {
                 pio: Arc::new(pio),
                 mmio: Arc::new(mmio),
@@ -381,6 +399,8 @@ impl Vmm {
     pub fn shutdown(&mut self) -> GuestExit {
         self.ctx.exit.set(GuestExit::Stopped);
         vcpu::stop_all(&self.ctx.control, std::mem::take(&mut self.handles));
+        // Devices stop after the vCPUs, before guest memory goes away.
+        self.events.take();
         let e = self.ctx.exit.get().unwrap_or(GuestExit::Stopped);
         self.ended.get_or_insert((e.clone(), Instant::now()));
         e

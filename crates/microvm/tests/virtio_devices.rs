@@ -347,4 +347,41 @@ mod transport {
         t.read(0x100, &mut c);
         assert_eq!(c, [0; 8]);
     }
+
+    #[test]
+    fn event_thread_serves_ioeventfd_notifications() {
+        use nestor_microvm::devices::virtio::event_loop::{EventLoop, QueueEvent};
+        use std::sync::{Arc, Mutex};
+        let mem = create_guest_memory(&[(0, MEM)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut t = MmioTransport::new(Box::new(Rng), mem.clone(), irq.try_clone().unwrap());
+        setup(
+            &mut t,
+            vq.desc_table_addr().0,
+            vq.avail_addr().0,
+            vq.used_addr().0,
+            true,
+        );
+        let t = Arc::new(Mutex::new(t));
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let events = EventLoop::start(vec![QueueEvent {
+            evt: kick.try_clone().unwrap(),
+            transport: t.clone(),
+            queue: 0,
+        }])
+        .unwrap();
+        vq.add_desc_chains(&[d(DATA, 16, WRITE, 0)], 0).unwrap();
+        kick.write(1).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while vq.used().idx().load() != 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "event thread never ran"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        drop(events);
+        assert_eq!(irq.read().unwrap(), 1);
+    }
 }

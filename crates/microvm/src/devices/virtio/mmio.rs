@@ -1,6 +1,6 @@
 //! The virtio-mmio transport (version 2 register layout) for one device: feature
 //! negotiation, queue set-up, the device status state machine, queue notifications
-//! (handled on the notifying vCPU's thread) and the interrupt, an eventfd registered
+//! (normally delivered by KVM through ioeventfds to the event thread) and the interrupt, an eventfd registered
 //! with KVM as an irqfd.
 
 use virtio_queue::{Queue, QueueT};
@@ -55,6 +55,11 @@ impl MmioTransport {
         }
     }
 
+    /// Number of virtqueues.
+    pub fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
     fn reset(&mut self) {
         for q in &mut self.queues {
             q.reset();
@@ -73,7 +78,9 @@ impl MmioTransport {
         self.queues.get_mut(self.queue_sel as usize)
     }
 
-    fn notify(&mut self, index: u32) {
+    /// Processes queue `index` as if the guest had notified it (the event thread calls
+    /// this on an ioeventfd; a notify register write lands here when there is none).
+    pub fn notify_queue(&mut self, index: u32) {
         if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_NEEDS_RESET != 0 {
             return;
         }
@@ -167,7 +174,7 @@ impl MmioTransport {
                     q.set_ready(v == 1);
                 }
             }
-            0x50 => self.notify(v),
+            0x50 => self.notify_queue(v),
             0x64 => self.interrupt_status &= !v,
             0x70 => self.set_status(v),
             0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 => {

@@ -1,7 +1,9 @@
 //! virtio devices on the virtio-mmio transport: the device trait, the transport
-//! (`mmio`), and the devices (`block`, `rng`).
+//! (`mmio`), the event thread serving queue notifications (`event_loop`), and the
+//! devices (`block`, `rng`).
 
 pub mod block;
+pub mod event_loop;
 pub mod mmio;
 pub mod rng;
 
