@@ -3,10 +3,17 @@
 #
 # Boots a Linux guest with nestor-vmm on /dev/kvm and checks that: the guest reaches its
 # init (console line + the boot marker nestor-vmm reports), it sees every vCPU (2), a
-# guest `poweroff -f` ends nestor-vmm with status 0 and a guest `reboot -f` with status 2.
+# guest `poweroff -f` ends nestor-vmm with status 0 (ACPI S5, or every vCPU halted for a
+# kernel without ACPI) and a guest `reboot -f` with status 2; and, when the kernel has
+# virtio-mmio command-line devices (the project's guest kernel), that the guest reads and
+# writes a virtio-blk disk (the data is in the host file afterwards), a read-only disk
+# refuses writes, and virtio-rng is the guest's hardware RNG.
 # Then, in the same run, boots the same kernel and initramfs with 1 vCPU under nestor-vmm
-# and under QEMU `-M microvm` and prints launch -> init, launch -> exit and peak RSS of
-# both (labelled when inside the TCG test host). Every launch runs under `timeout 60`.
+# and under QEMU `-M microvm` (guest `reboot -f` with `reboot=t` and `-no-reboot`, which
+# ends QEMU with or without guest ACPI) and prints launch -> init, launch -> exit, peak
+# RSS and nestor-vmm's own overhead beyond guest pages (labelled when inside the TCG test
+# host). QEMU not reaching init is reported, not a failure. Every launch runs under
+# `timeout 60`.
 #
 # Meant for a host with hardware KVM or the KVM test host:
 #   tests/testhost/run -- tests/kvm/vmm-boot.sh
@@ -57,9 +64,25 @@ if [[ -z $initrd ]]; then
 /bin/busybox mount -t devtmpfs dev /dev
 exec </dev/console >/dev/console 2>&1
 /bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
 # Boot marker: 123 to port 0x3f0 (1008), Firecracker's convention.
 printf '\173' | /bin/busybox dd of=/dev/port bs=1 seek=1008 count=1 2>/dev/null
-echo "$marker uptime \$(/bin/busybox cut -d' ' -f1 /proc/uptime) cpus \$(/bin/busybox grep -c ^processor /proc/cpuinfo)"
+# Reports go through /dev/kmsg: printk reaches the console synchronously, so nothing is
+# lost when the guest powers off right after (tty output may still be queued then).
+say() { echo "<2>\$*" >/dev/kmsg; }
+[ -c /dev/port ] && say "devport: yes" || say "devport: no"
+if [ -b /dev/vda ]; then
+    say "vda: \$(/bin/busybox dd if=/dev/vda bs=8 count=1 2>/dev/null)"
+    printf GUESTWROTE | /bin/busybox dd of=/dev/vda bs=512 seek=1 conv=notrunc 2>/dev/null
+    /bin/busybox sync
+    if printf X | /bin/busybox dd of=/dev/vdb bs=1 count=1 conv=notrunc 2>/dev/null; then
+        say "vdb: write accepted"
+    else
+        say "vdb: write refused"
+    fi
+    say "rng: \$(/bin/busybox dd if=/dev/hwrng bs=16 count=1 2>/dev/null | /bin/busybox wc -c) bytes from /dev/hwrng; current \$(/bin/busybox cat /sys/devices/virtual/misc/hw_random/rng_current 2>&1); virtio ids \$(/bin/busybox cat /sys/bus/virtio/devices/*/device 2>/dev/null | /bin/busybox tr '\\n' ' ')"
+fi
+say "$marker uptime \$(/bin/busybox cut -d' ' -f1 /proc/uptime) cpus \$(/bin/busybox grep -c ^processor /proc/cpuinfo)"
 case \$(/bin/busybox cat /proc/cmdline) in
 *nestor.action=reboot*) /bin/busybox reboot -f ;;
 *) /bin/busybox poweroff -f ;;
@@ -113,13 +136,41 @@ check() { # NAME EXPECTED_STATUS EXPECTED_CPUS
 }
 
 echo "kernel $kernel; initrd $initrd; vmm $vmm" >&2
-launch nestor-smp-poweroff "$vmm" --kernel "$kernel" --initrd "$initrd" --mem 256 --vcpus 2 --cmdline "$cmdline"
+virtio=0
+[[ $kernel == "$cache"/guest-kernel/* ]] && virtio=1
+printf 'HOSTDATA' >"$work/rw.img"; truncate -s 1M "$work/rw.img"
+printf 'READONLY' >"$work/ro.img"; truncate -s 1M "$work/ro.img"
+cp "$work/ro.img" "$work/ro.orig"
+launch nestor-smp-poweroff "$vmm" --kernel "$kernel" --initrd "$initrd" --mem 256 --vcpus 2 \
+    --disk "$work/rw.img" --disk "$work/ro.img,ro" --cmdline "$cmdline"
 check nestor-smp-poweroff 0 2
-grep -q "guest init reached after" "$work/nestor-smp-poweroff.err" ||
-    { echo "FAIL nestor-smp-poweroff: no boot-marker line from nestor-vmm" >&2; fail=1; }
+con=$work/nestor-smp-poweroff.console
+if grep -q "vda: " "$con"; then
+    grep -q "vda: HOSTDATA" "$con" && echo "ok   virtio-blk: guest read the host's data" ||
+        { echo "FAIL virtio-blk: guest read '$(grep "vda: " "$con")'" >&2; fail=1; }
+    [[ $(dd if="$work/rw.img" bs=1 skip=512 count=10 2>/dev/null) == GUESTWROTE ]] &&
+        echo "ok   virtio-blk: guest's write is in the host file" ||
+        { echo "FAIL virtio-blk: guest's write not in the host file" >&2; fail=1; }
+    grep -q "vdb: write refused" "$con" && cmp -s "$work/ro.img" "$work/ro.orig" &&
+        echo "ok   virtio-blk: read-only disk refused the write" ||
+        { echo "FAIL virtio-blk: read-only disk: $(grep "vdb: " "$con")" >&2; fail=1; }
+    grep -q "rng: 16 bytes from /dev/hwrng" "$con" && echo "ok   virtio-rng: $(grep -o "rng: .*" "$con" | tr -d '\r')" ||
+        { echo "FAIL virtio-rng: $(grep "rng: " "$con")" >&2; fail=1; }
+elif ((virtio)); then
+    echo "FAIL virtio: the guest kernel sees no /dev/vda" >&2; fail=1
+else
+    echo "skip virtio checks: this kernel has no virtio-mmio command-line devices"
+fi
+if grep -q "devport: no" "$work/nestor-smp-poweroff.console"; then
+    echo "skip boot-marker check: the guest kernel has no /dev/port (CONFIG_DEVPORT)"
+elif grep -q "guest init reached after" "$work/nestor-smp-poweroff.err"; then
+    echo "ok   boot marker: $(grep -o 'guest init reached after [0-9]* ms' "$work/nestor-smp-poweroff.err")"
+else
+    echo "FAIL nestor-smp-poweroff: no boot-marker line from nestor-vmm" >&2; fail=1
+fi
 launch nestor-reboot "$vmm" --kernel "$kernel" --initrd "$initrd" --mem 256 --cmdline "$cmdline nestor.action=reboot"
 check nestor-reboot 2 1
-launch nestor "$vmm" --kernel "$kernel" --initrd "$initrd" --mem 256 --cmdline "$cmdline"
+NESTOR_VMM_STATS=1 launch nestor "$vmm" --kernel "$kernel" --initrd "$initrd" --mem 256 --cmdline "$cmdline"
 check nestor 0 1
 
 report() { # NAME
@@ -131,11 +182,14 @@ report() { # NAME
 if ((qemu)) && command -v qemu-system-x86_64 >/dev/null; then
     launch qemu-microvm qemu-system-x86_64 -M microvm,rtc=off -enable-kvm -cpu host -m 256 -smp 1 \
         -nodefaults -no-user-config -display none -no-reboot -serial stdio \
-        -kernel "$kernel" -initrd "$initrd" -append "$cmdline"
-    check qemu-microvm 0 1
+        -kernel "$kernel" -initrd "$initrd" -append "$cmdline reboot=t nestor.action=reboot"
+    grep -q "$marker" "$work/qemu-microvm.console" 2>/dev/null ||
+        { echo "note qemu-microvm: init not reached (status $(rc qemu-microvm)); its console and stderr:"
+          tail -n 5 "$work/qemu-microvm.console" "$work/qemu-microvm.err" 2>/dev/null || true; }
 fi
-echo "--- same kernel, initramfs, 1 vCPU, 256 MiB; guest poweroff -f$label"
+echo "--- same kernel, initramfs, 1 vCPU, 256 MiB$label"
 report nestor
 echo "    nestor-vmm's own marker: $(grep -o 'guest init reached after [0-9]* ms' "$work/nestor.err" || echo none)"
+echo "    nestor-vmm at exit: $(grep -o 'stats: .*' "$work/nestor.err" || echo none)"
 report qemu-microvm
 exit $fail

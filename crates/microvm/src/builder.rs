@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::eventfd::EventFd;
+use kvm_ioctls::IoEventAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::boot_params::{self, BootError, ZeroPage};
 use crate::arch::x86_64::layout::{
@@ -22,6 +23,11 @@ use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::boot_marker::{BootMarker, BootTime};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{ConsoleOut, SerialDevice};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::event_loop::{EventLoop, QueueEvent};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::{Bus, BusError};
 use crate::exit::{ExitSignal, GuestExit};
 use crate::vstate::memory::{self, GuestMemory, MemoryError};
@@ -71,6 +77,9 @@ pub enum VmmError {
     /// Device registration.
     #[error("device set-up: {0}")]
     Device(String),
+    /// A disk could not be opened.
+    #[error(transparent)]
+    Disk(#[from] crate::devices::virtio::block::BlockError),
     /// An eventfd.
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
@@ -82,12 +91,17 @@ impl From<BusError> for VmmError {
     }
 }
 
+/// How often a waiting VMM checks for a guest that halted every vCPU (power-off
+/// without ACPI).
+pub const HALT_CHECK_MS: i32 = 50;
+
 /// A built (and possibly running) microVM.
 pub struct Vmm {
     // Field order is drop order: threads are joined explicitly, then the VM fd closes,
     // then guest memory is unmapped.
     handles: Vec<JoinHandle<()>>,
     pending: Vec<Vcpu>,
+    events: Option<EventLoop>,
     ctx: VcpuContext,
     vm: Vm,
     mem: GuestMemory,
@@ -95,6 +109,14 @@ pub struct Vmm {
     start: Instant,
     ended: Option<(GuestExit, Instant)>,
     vcpus: u8,
+}
+
+/// MMIO address and GSI of the `i`-th virtio device.
+fn virtio_slot(i: usize) -> (u64, u32) {
+    (
+        layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE,
+        layout::VIRTIO_IRQ_START + i as u32,
+    )
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, VmmError> {
@@ -132,9 +154,6 @@ impl Vmm {
         console: Option<ConsoleOut>,
     ) -> Result<Self, VmmError> {
         cfg.validate()?;
-        if !cfg.disks.is_empty() {
-            return Err(VmmError::Unsupported("virtio-blk (--disk)"));
-        }
         if cfg.vsock.is_some() {
             return Err(VmmError::Unsupported("virtio-vsock (--vsock)"));
         }
@@ -158,7 +177,29 @@ impl Vmm {
             }
             None => None,
         };
-        let cmdline = boot_params::build_cmdline(&cfg.cmdline)?;
+        // virtio devices: disks first (in order: /dev/vda, /dev/vdb, …), then the RNG.
+        let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        for (i, d) in cfg.disks.iter().enumerate() {
+            devices.push(Box::new(Block::open(
+                &d.path,
+                d.read_only,
+                &format!("nestor-disk{i}"),
+            )?));
+        }
+        devices.push(Box::new(Rng));
+        let slots = (layout::IRQ_MAX - layout::VIRTIO_IRQ_START + 1) as usize;
+        if devices.len() > slots {
+            return Err(VmmError::Device(format!(
+                "{} virtio devices asked for, at most {slots} fit",
+                devices.len()
+            )));
+        }
+        let mut full_cmdline = cfg.cmdline.trim().to_string();
+        for i in 0..devices.len() {
+            let (addr, irq) = virtio_slot(i);
+            full_cmdline.push_str(&format!(" virtio_mmio.device=4K@{addr:#x}:{irq}"));
+        }
+        let cmdline = boot_params::build_cmdline(&full_cmdline)?;
 
         let ram = layout::ram_ranges(cfg.mem_mib << 20);
         let mem = memory::create_guest_memory(&ram)?;
@@ -221,6 +262,34 @@ impl Vmm {
             Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
         )?;
 
+        let mut mmio = Bus::new();
+        let mut queue_events = Vec::new();
+        for (i, dev) in devices.into_iter().enumerate() {
+            let (addr, irq) = virtio_slot(i);
+            let evt = EventFd::new(0).map_err(VmmError::EventFd)?;
+            vm.fd()
+                .register_irqfd(&evt, irq)
+                .map_err(|e| VmmError::Device(format!("virtio irqfd {irq}: {e}")))?;
+            let transport = Arc::new(Mutex::new(MmioTransport::new(dev, mem.clone(), evt)));
+            let queues = transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .num_queues();
+            for q in 0..queues as u32 {
+                let qevt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+                vm.fd()
+                    .register_ioevent(&qevt, &IoEventAddress::Mmio(addr + 0x50), q)
+                    .map_err(|e| VmmError::Device(format!("virtio ioeventfd: {e}")))?;
+                queue_events.push(QueueEvent {
+                    evt: qevt,
+                    transport: transport.clone(),
+                    queue: q,
+                });
+            }
+            mmio.insert(addr, layout::VIRTIO_MMIO_SIZE, transport)?;
+        }
+        let events = EventLoop::start(queue_events).map_err(VmmError::EventFd)?;
+
         let mut pending = Vec::with_capacity(usize::from(cfg.vcpus));
         for id in 0..cfg.vcpus {
             let v = Vcpu::new(&vm, id)?;
@@ -232,9 +301,10 @@ impl Vmm {
         Ok(Vmm {
             handles: Vec::new(),
             pending,
+            events: Some(events),
             ctx: VcpuContext {
                 pio: Arc::new(pio),
-                mmio: Arc::new(Bus::new()),
+                mmio: Arc::new(mmio),
                 exit,
                 control: Arc::new(VcpuControl::default()),
             },
@@ -249,6 +319,7 @@ impl Vmm {
 
     /// Starts one thread per vCPU.
     pub fn start(&mut self) -> Result<(), VmmError> {
+        self.ctx.control.set_count(self.pending.len());
         for v in self.pending.drain(..) {
             self.handles.push(vcpu::spawn(v, self.ctx.clone())?);
         }
@@ -280,15 +351,27 @@ impl Vmm {
                     }
                     left.as_millis().min(i32::MAX as u128) as i32
                 }
-                None => -1,
+                None => HALT_CHECK_MS,
             };
+            let ms = ms.min(HALT_CHECK_MS);
             let mut pfd = libc::pollfd {
                 fd: std::os::fd::AsRawFd::as_raw_fd(self.ctx.exit.eventfd()),
                 events: libc::POLLIN,
                 revents: 0,
             };
             // SAFETY: one valid pollfd for the duration of the call.
-            unsafe { libc::poll(&mut pfd, 1, ms) };
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if n == 0 {
+                self.check_halted();
+            }
+        }
+    }
+
+    /// Kicks the vCPUs so each checks whether it is halted for good (see
+    /// [`GuestExit::Halted`]); call every [`HALT_CHECK_MS`] while waiting.
+    pub fn check_halted(&self) {
+        if !self.ctx.control.is_paused() {
+            vcpu::kick_all(&self.handles);
         }
     }
 
@@ -316,6 +399,8 @@ impl Vmm {
     pub fn shutdown(&mut self) -> GuestExit {
         self.ctx.exit.set(GuestExit::Stopped);
         vcpu::stop_all(&self.ctx.control, std::mem::take(&mut self.handles));
+        // Devices stop after the vCPUs, before guest memory goes away.
+        self.events.take();
         let e = self.ctx.exit.get().unwrap_or(GuestExit::Stopped);
         self.ended.get_or_insert((e.clone(), Instant::now()));
         e

@@ -10,8 +10,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub enum GuestExit {
     /// ACPI S5 power-off (or a KVM system-event shutdown): exit status 0.
     Poweroff,
-    /// Every vCPU halted with nothing left to wake it (only seen without an in-kernel
-    /// irqchip, as in the tiny test guests): exit status 0.
+    /// Every vCPU halted with interrupts off (or never started): how a guest kernel
+    /// without ACPI powers off. Exit status 0.
     Halted,
     /// Stopped on request (API `shutdown` or a signal): exit status 0.
     Stopped,

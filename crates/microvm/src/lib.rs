@@ -5,6 +5,7 @@
 //! devices on the port-I/O bus (`devices`), and the assembly of all of these from a
 //! [`config::VmConfig`] into a running machine (`builder`).
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod config;

@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+use nestor_microvm::api::{self, ApiServer};
 use nestor_microvm::config::Cli;
-use nestor_microvm::Vmm;
+use nestor_microvm::{GuestExit, Vmm};
 
 fn run(start: Instant) -> anyhow::Result<i32> {
     let cli = match Cli::try_parse() {
@@ -21,16 +22,31 @@ fn run(start: Instant) -> anyhow::Result<i32> {
         ),
     };
     let cfg = cli.into_config()?;
+    // The socket is bound before the VM exists, so a bad path costs nothing.
+    let api = match &cfg.api {
+        Some(p) => Some(ApiServer::bind(p)?),
+        None => None,
+    };
     let mut vmm = Vmm::build(&cfg, start, None)?;
     vmm.start()?;
-    let reason = vmm.wait(None).unwrap_or(nestor_microvm::GuestExit::Stopped);
+    let reason = match &api {
+        Some(server) => api::serve(server, &mut vmm),
+        None => vmm.wait(None).unwrap_or(GuestExit::Stopped),
+    };
+    let stats = api::metrics(&vmm);
     let end = vmm.shutdown();
     tracing::info!(
         "guest ended: {} after {} ms",
         end.describe(),
         vmm.uptime().as_millis()
     );
-    if let nestor_microvm::GuestExit::InternalError(e) = &reason {
+    if std::env::var_os("NESTOR_VMM_STATS").is_some() {
+        eprintln!(
+            "nestor-vmm: stats: {}",
+            serde_json::to_string(&stats).unwrap_or_default()
+        );
+    }
+    if let GuestExit::InternalError(e) = &reason {
         eprintln!("nestor-vmm: guest stopped: KVM internal error: {e}");
     }
     Ok(reason.status())

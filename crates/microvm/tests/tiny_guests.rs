@@ -210,19 +210,31 @@ fn triple_fault_is_reported() {
 }
 
 #[test]
-fn halted_guest_keeps_running_until_shutdown_and_pause_resume_work() {
+fn guest_halting_every_vcpu_with_interrupts_off_ends_the_vm() {
+    if !have_kvm() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    // vCPU 0 halts with IF=0; vCPU 1 is never started: nothing can wake either.
+    let (e, out, _) = boot_tiny(HANG, 2);
+    assert_eq!(e, GuestExit::Halted);
+    assert_eq!(out, b"OK\n");
+}
+
+#[test]
+fn spinning_guest_runs_until_shutdown_and_pause_resume_work() {
     if !have_kvm() {
         eprintln!("skipped: no /dev/kvm");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let kernel = write_file(dir.path(), "vmlinux", &elf(&code64(b"", HANG)));
+    let kernel = write_file(dir.path(), "vmlinux", &elf(&code64(b"", SPIN)));
     let mut cfg = VmConfig::new(kernel);
     cfg.mem_mib = 32;
     cfg.vcpus = 2;
     let mut vmm = Vmm::build(&cfg, Instant::now(), Some(Box::new(std::io::sink()))).unwrap();
     vmm.start().unwrap();
-    // With the in-kernel irqchip HLT stays in KVM: the VM does not end by itself.
+    // A busy guest is never taken for a halted one.
     assert_eq!(vmm.wait(Some(Duration::from_millis(300))), None);
     assert!(vmm.pause());
     assert!(vmm.is_paused());

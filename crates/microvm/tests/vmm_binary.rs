@@ -38,6 +38,7 @@ fn exit_status_says_how_the_guest_ended() {
         ("poweroff", POWEROFF, 0),
         ("reboot", REBOOT, 2),
         ("triple", TRIPLE_FAULT, 3),
+        ("halt", HANG, 0),
     ] {
         let k = write_file(dir.path(), name, &elf(&code64(b"hello\n", ending)));
         let o = vmm(&["--kernel", k.to_str().unwrap(), "--mem", "32"]);
@@ -127,6 +128,10 @@ fn bad_input_gives_one_error_line_and_status_1() {
         &vmm(&["--kernel", good, "--initrd", missing.to_str().unwrap()]),
         "cannot open initramfs",
     );
+    assert_one_error(
+        &vmm(&["--kernel", good, "--disk", missing.to_str().unwrap()]),
+        "cannot open disk",
+    );
     assert_one_error(&vmm(&["--kernel", good, "--vcpus", "0"]), "--vcpus 0");
     assert_one_error(&vmm(&["--kernel", good, "--mem", "x"]), "invalid value");
     assert_one_error(&vmm(&["--kernel", good, "--bogus"]), "--bogus");
@@ -165,4 +170,83 @@ fn bad_input_gives_one_error_line_and_status_1() {
         .collect();
     names.sort();
     assert_eq!(names, ["bad.json", "big.cpio", "garbage", "k", "trunc"]);
+}
+
+#[test]
+fn api_socket_pauses_resumes_reports_and_shuts_down() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    if !have_kvm() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_file(dir.path(), "k", &elf(&code64(b"up\n", SPIN)));
+    let sock = dir.path().join("api.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nestor-vmm"))
+        .args([
+            "--kernel",
+            k.to_str().unwrap(),
+            "--vcpus",
+            "2",
+            "--console",
+            "none",
+        ])
+        .arg("--api")
+        .arg(&sock)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let stream = loop {
+        if let Ok(s) = UnixStream::connect(&sock) {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "API socket never appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let mut w = stream.try_clone().unwrap();
+    let mut r = BufReader::new(stream);
+    let mut ask = |req: &str| -> serde_json::Value {
+        writeln!(w, "{req}").unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    };
+    let m = ask(r#"{"action":"metrics"}"#);
+    assert_eq!(m["ok"], true);
+    assert_eq!(m["metrics"]["vcpus"], 2);
+    assert_eq!(m["metrics"]["paused"], false);
+    assert!(m["metrics"]["rss_kib"].as_u64().unwrap() > 0);
+    assert_eq!(ask(r#"{"action":"pause"}"#)["ok"], true);
+    assert_eq!(ask(r#"{"action":"metrics"}"#)["metrics"]["paused"], true);
+    assert_eq!(ask(r#"{"action":"resume"}"#)["ok"], true);
+    assert_eq!(ask(r#"{"action":"metrics"}"#)["metrics"]["paused"], false);
+    let bad = ask(r#"{"action":"explode"}"#);
+    assert_eq!(bad["ok"], false);
+    assert!(bad["error"].as_str().unwrap().contains("bad request"));
+    assert_eq!(ask(r#"{"action":"shutdown"}"#)["ok"], true);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(!sock.exists(), "API socket left behind");
+}
+
+#[test]
+fn api_socket_path_that_exists_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_file(dir.path(), "k", &elf(&code64(b"", POWEROFF)));
+    let taken = write_file(dir.path(), "taken", b"keep me");
+    assert_one_error(
+        &vmm(&[
+            "--kernel",
+            k.to_str().unwrap(),
+            "--api",
+            taken.to_str().unwrap(),
+        ]),
+        "already exists",
+    );
+    assert_eq!(std::fs::read(&taken).unwrap(), b"keep me");
 }

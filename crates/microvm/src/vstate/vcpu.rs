@@ -138,6 +138,10 @@ const STOPPING: u8 = 2;
 pub struct VcpuControl {
     state: AtomicU8,
     parked: AtomicUsize,
+    /// Bit i set: vCPU i sits in HLT with interrupts off (or was never started), so only
+    /// an NMI or INIT could wake it. All bits set = the guest halted the machine.
+    dead: std::sync::atomic::AtomicU64,
+    count: AtomicUsize,
     lock: Mutex<()>,
     cv: Condvar,
 }
@@ -147,6 +151,8 @@ impl Default for VcpuControl {
         VcpuControl {
             state: AtomicU8::new(RUNNING),
             parked: AtomicUsize::new(0),
+            dead: std::sync::atomic::AtomicU64::new(0),
+            count: AtomicUsize::new(0),
             lock: Mutex::new(()),
             cv: Condvar::new(),
         }
@@ -182,6 +188,23 @@ impl VcpuControl {
         if self.state.load(Ordering::SeqCst) == PAUSED {
             self.set(RUNNING);
         }
+    }
+
+    /// Sets how many vCPUs the VM has (for the all-halted check).
+    pub fn set_count(&self, n: usize) {
+        self.count.store(n, Ordering::SeqCst);
+    }
+
+    /// Records whether vCPU `id` is dead-halted; true if now every vCPU is.
+    fn mark_dead(&self, id: u8, dead: bool) -> bool {
+        let bit = 1u64 << id;
+        let all = if dead {
+            self.dead.fetch_or(bit, Ordering::SeqCst) | bit
+        } else {
+            self.dead.fetch_and(!bit, Ordering::SeqCst) & !bit
+        };
+        let n = self.count.load(Ordering::SeqCst);
+        n > 0 && n < 64 && all == (1u64 << n) - 1
     }
 
     /// Asks vCPUs to stop for good.
@@ -299,7 +322,13 @@ pub fn run_loop(mut vcpu: Vcpu, ctx: VcpuContext) {
             ))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.fd.set_kvm_immediate_exit(0);
-                None
+                // Kicked: a guest without ACPI powers off by halting every CPU with
+                // interrupts disabled, which KVM's in-kernel LAPIC never reports.
+                if ctx.control.mark_dead(vcpu.id, dead_halted(&vcpu.fd)) {
+                    Some(GuestExit::Halted)
+                } else {
+                    None
+                }
             }
             Err(e) => Some(GuestExit::InternalError(format!(
                 "vCPU {}: KVM_RUN: {e}",
@@ -310,6 +339,31 @@ pub fn run_loop(mut vcpu: Vcpu, ctx: VcpuContext) {
             ctx.exit.set(end);
             return;
         }
+    }
+}
+
+/// Whether the vCPU can only be woken by NMI/INIT: halted with RFLAGS.IF clear, or never
+/// started by the boot vCPU.
+fn dead_halted(fd: &VcpuFd) -> bool {
+    use kvm_bindings::{
+        KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED,
+    };
+    const RFLAGS_IF: u64 = 1 << 9;
+    match fd.get_mp_state() {
+        Ok(m) if m.mp_state == KVM_MP_STATE_HALTED => {
+            fd.get_regs().is_ok_and(|r| r.rflags & RFLAGS_IF == 0)
+        }
+        Ok(m) => {
+            m.mp_state == KVM_MP_STATE_UNINITIALIZED || m.mp_state == KVM_MP_STATE_INIT_RECEIVED
+        }
+        Err(_) => false,
+    }
+}
+
+/// Kicks every running vCPU once (the periodic halt check).
+pub fn kick_all(handles: &[JoinHandle<()>]) {
+    for h in handles {
+        kick(h);
     }
 }
 

@@ -22,13 +22,15 @@ pub fn code64(text: &[u8], ending: &[u8]) -> Vec<u8> {
 
 /// i8042 reset: mov al, 0xfe; out 0x64, al.
 pub const REBOOT: &[u8] = &[0xb0, 0xfe, 0xe6, 0x64];
-/// ACPI S5: mov dx, 0x600; mov al, (5 << 2) | SLP_EN; out dx, al.
-pub const POWEROFF: &[u8] = &[0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee];
+/// ACPI S5 through PM1a_CNT: mov dx, 0x604; mov ax, (5 << 10) | SLP_EN; out dx, ax.
+pub const POWEROFF: &[u8] = &[0x66, 0xba, 0x04, 0x06, 0x66, 0xb8, 0x00, 0x34, 0x66, 0xef];
 /// ud2 with an empty IDT: #UD -> #GP -> #DF -> triple fault.
 pub const TRIPLE_FAULT: &[u8] = &[0x0f, 0x0b];
 /// Jump to the BIOS reset vector: mov eax, 0xffff0; jmp rax.
 pub const BIOS_RESET: &[u8] = &[0xb8, 0xf0, 0xff, 0x0f, 0x00, 0xff, 0xe0];
-/// Nothing: the guest halts forever.
+/// Spin forever (jmp $), never halting.
+pub const SPIN: &[u8] = &[0xeb, 0xfe];
+/// Nothing: the guest halts forever with interrupts off.
 pub const HANG: &[u8] = &[];
 
 /// An ELF64 executable with one PT_LOAD segment holding `code` at [`LOAD_ADDR`].

@@ -1,18 +1,25 @@
-//! Minimal ACPI tables (hardware-reduced ACPI 6.0): RSDP -> XSDT -> FADT (with the
-//! DSDT), MADT. The DSDT holds only `\_S5`; the FADT's sleep control register is the
-//! port the [`crate::devices::acpi_pm::AcpiPm`] device traps, so a guest power-off ends
-//! the VM; its reset register is the i8042 command port, so a guest reboot does too.
+//! Minimal ACPI tables: RSDP -> XSDT -> FADT (with the DSDT), MADT. The DSDT holds only
+//! `\_S5`; the FADT's PM1a event/control blocks are the ports the
+//! [`crate::devices::acpi_pm::AcpiPm`] device traps, so a guest power-off ends the VM;
+//! its reset register is the i8042 command port, so a guest reboot does too.
+//!
+//! Not hardware-reduced ACPI on purpose: in that mode Linux drops the legacy PIC and
+//! with it the identity mapping of ISA IRQs, so the COM1 UART's IRQ 4 would not arrive.
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::layout::{ACPI_START, APIC_ADDR, IOAPIC_ADDR, PM1A_EVT_PORT};
+use super::layout::{ACPI_START, APIC_ADDR, IOAPIC_ADDR, PM1A_CNT_PORT, PM1A_EVT_PORT};
 use crate::devices::acpi_pm::S5_SLP_TYP;
 use crate::vstate::memory::GuestMemory;
 
 const OEM_ID: &[u8; 6] = b"NESTOR";
 const OEM_TABLE: &[u8; 8] = b"NESTORVM";
 const CREATOR: &[u8; 4] = b"NSTR";
-const FADT_HW_REDUCED_ACPI: u32 = 1 << 20;
+const FADT_WBINVD: u32 = 1 << 0;
+const FADT_PWR_BUTTON: u32 = 1 << 4;
+const FADT_SLP_BUTTON: u32 = 1 << 5;
+/// The SCI's IRQ (never raised: there are no ACPI events).
+const SCI_IRQ: u8 = 9;
 const FADT_RESET_REG_SUP: u32 = 1 << 10;
 const IAPC_NO_VGA: u16 = 1 << 2;
 const IAPC_NO_CMOS_RTC: u16 = 1 << 5;
@@ -70,24 +77,30 @@ pub fn dsdt() -> Vec<u8> {
     finish(t)
 }
 
-/// The FADT (revision 6, hardware-reduced) pointing at the DSDT at `dsdt_addr`.
+/// The FADT (revision 6) pointing at the DSDT at `dsdt_addr`.
 pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
     let mut t = sdt(b"FACP", 6);
     t.resize(276, 0);
     t[40..44].copy_from_slice(&(dsdt_addr as u32).to_le_bytes());
+    t[46..48].copy_from_slice(&u16::from(SCI_IRQ).to_le_bytes());
+    // SMI_CMD stays 0: the machine is always in ACPI mode.
+    t[56..60].copy_from_slice(&u32::from(PM1A_EVT_PORT).to_le_bytes());
+    t[64..68].copy_from_slice(&u32::from(PM1A_CNT_PORT).to_le_bytes());
+    t[88] = 4; // PM1_EVT_LEN
+    t[89] = 2; // PM1_CNT_LEN
     t[109..111].copy_from_slice(&(IAPC_NO_VGA | IAPC_NO_CMOS_RTC).to_le_bytes());
-    t[112..116].copy_from_slice(&(FADT_HW_REDUCED_ACPI | FADT_RESET_REG_SUP).to_le_bytes());
+    let flags = FADT_WBINVD | FADT_PWR_BUTTON | FADT_SLP_BUTTON | FADT_RESET_REG_SUP;
+    t[112..116].copy_from_slice(&flags.to_le_bytes());
     t[116..128].copy_from_slice(&gas_io(0x64));
     t[128] = 0xfe;
     t[131] = 0; // minor version 6.0
     t[140..148].copy_from_slice(&dsdt_addr.to_le_bytes());
-    t[244..256].copy_from_slice(&gas_io(PM1A_EVT_PORT));
-    t[256..268].copy_from_slice(&gas_io(PM1A_EVT_PORT + 1));
     t[268..276].copy_from_slice(b"NESTORVM");
     finish(t)
 }
 
-/// The MADT: one enabled local APIC per vCPU, the IO-APIC, IRQ 0 routed to GSI 2.
+/// The MADT: one enabled local APIC per vCPU, the IO-APIC, IRQ 0 routed to GSI 2 and
+/// the SCI (IRQ 9) level-triggered active-high.
 pub fn madt(vcpus: u8) -> Vec<u8> {
     let mut t = sdt(b"APIC", 4);
     t.extend_from_slice(&(APIC_ADDR as u32).to_le_bytes());
@@ -103,6 +116,9 @@ pub fn madt(vcpus: u8) -> Vec<u8> {
     t.extend_from_slice(&[2, 10, 0, 0]);
     t.extend_from_slice(&2u32.to_le_bytes());
     t.extend_from_slice(&0u16.to_le_bytes());
+    t.extend_from_slice(&[2, 10, 0, SCI_IRQ]);
+    t.extend_from_slice(&u32::from(SCI_IRQ).to_le_bytes());
+    t.extend_from_slice(&0x000du16.to_le_bytes());
     finish(t)
 }
 
@@ -171,7 +187,7 @@ mod tests {
         }
         assert_eq!(fadt(0).len(), 276);
         // 3 local APICs + IO-APIC + override after the 44-byte MADT header.
-        assert_eq!(madt(3).len(), 44 + 3 * 8 + 12 + 10);
+        assert_eq!(madt(3).len(), 44 + 3 * 8 + 12 + 2 * 10);
     }
 
     #[test]
@@ -192,10 +208,18 @@ mod tests {
         let mut d = [0u8; 4];
         mem.read_slice(&mut d, GuestAddress(dsdt_addr)).unwrap();
         assert_eq!(&d, b"DSDT");
-        // The sleep control register is the trapped PM port.
+        // The PM1a blocks are the trapped PM ports; not hardware-reduced.
         assert_eq!(
-            u64::from_le_bytes(f[248..256].try_into().unwrap()),
-            u64::from(PM1A_EVT_PORT)
+            u32::from_le_bytes(f[56..60].try_into().unwrap()),
+            u32::from(PM1A_EVT_PORT)
+        );
+        assert_eq!(
+            u32::from_le_bytes(f[64..68].try_into().unwrap()),
+            u32::from(PM1A_CNT_PORT)
+        );
+        assert_eq!(
+            u32::from_le_bytes(f[112..116].try_into().unwrap()) & (1 << 20),
+            0
         );
     }
 }

@@ -1,0 +1,294 @@
+//! The control socket (`--api PATH`): a Unix stream socket taking one JSON request per
+//! line — `{"action": "pause" | "resume" | "shutdown" | "metrics"}` — and answering one
+//! JSON line each. It is served from the VMM's main thread, which also waits for the
+//! guest to end the VM; the socket file is removed when the VMM exits.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::builder::Vmm;
+use crate::exit::GuestExit;
+
+/// Errors setting up the socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The path exists already (a stale socket or another file): not clobbered.
+    #[error("API socket path {0} already exists")]
+    Exists(PathBuf),
+    /// bind(2) failed.
+    #[error("cannot bind API socket {path}: {source}")]
+    Bind {
+        /// The path.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// One request line: `{"action": …}` and nothing else.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope {
+    action: Request,
+}
+
+/// Parses a request line.
+pub fn parse_request(line: &str) -> Result<Request, serde_json::Error> {
+    serde_json::from_str::<Envelope>(line).map(|e| e.action)
+}
+
+/// A request.
+#[derive(Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Request {
+    /// Pause every vCPU.
+    Pause,
+    /// Resume paused vCPUs.
+    Resume,
+    /// Stop the VM (the VMM exits with status 0).
+    Shutdown,
+    /// Report [`Metrics`].
+    Metrics,
+}
+
+/// What `metrics` reports.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct Metrics {
+    /// VMM start to the guest's boot marker.
+    pub boot_ms: Option<u64>,
+    /// Time since VMM start.
+    pub uptime_ms: u64,
+    /// Whether the vCPUs are paused.
+    pub paused: bool,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Resident set of the whole VMM process.
+    pub rss_kib: u64,
+    /// Peak resident set.
+    pub peak_rss_kib: u64,
+    /// Guest RAM pages resident now.
+    pub guest_resident_kib: u64,
+    /// rss_kib - guest_resident_kib: the VMM's own memory.
+    pub overhead_kib: u64,
+}
+
+fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// KiB of guest RAM resident in host memory (mincore over every region).
+pub fn guest_resident_kib(vmm: &Vmm) -> u64 {
+    let page = 4096usize;
+    let mut pages = 0u64;
+    let mem = vmm.memory();
+    for r in mem.iter() {
+        let Ok(host) = mem.get_host_address(r.start_addr()) else {
+            continue;
+        };
+        let len = r.len() as usize;
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        // SAFETY: host..host+len is the region's own mapping; vec has one byte per page.
+        let rc = unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) };
+        if rc == 0 {
+            pages += vec.iter().filter(|b| *b & 1 == 1).count() as u64;
+        }
+    }
+    pages * 4
+}
+
+/// Current metrics of `vmm`.
+pub fn metrics(vmm: &Vmm) -> Metrics {
+    let rss = status_kib("VmRSS:");
+    let guest = guest_resident_kib(vmm);
+    Metrics {
+        boot_ms: vmm.boot_time().map(|d| d.as_millis() as u64),
+        uptime_ms: vmm.uptime().as_millis() as u64,
+        paused: vmm.is_paused(),
+        vcpus: vmm.vcpu_count(),
+        rss_kib: rss,
+        peak_rss_kib: status_kib("VmHWM:"),
+        guest_resident_kib: guest,
+        overhead_kib: rss.saturating_sub(guest),
+    }
+}
+
+/// The bound socket; removes its file when dropped.
+pub struct ApiServer {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ApiServer {
+    /// Binds `path` (which must not exist yet).
+    pub fn bind(path: &Path) -> Result<Self, ApiError> {
+        if path.symlink_metadata().is_ok() {
+            return Err(ApiError::Exists(path.into()));
+        }
+        let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
+            path: path.into(),
+            source,
+        })?;
+        Ok(ApiServer {
+            listener,
+            path: path.into(),
+        })
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn answer(vmm: &mut Vmm, line: &str) -> (serde_json::Value, bool) {
+    let req = match parse_request(line) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
+                false,
+            )
+        }
+    };
+    match req {
+        Request::Pause => {
+            let ok = vmm.pause();
+            (serde_json::json!({"ok": ok}), false)
+        }
+        Request::Resume => {
+            vmm.resume();
+            (serde_json::json!({"ok": true}), false)
+        }
+        Request::Shutdown => {
+            vmm.request_exit(GuestExit::Stopped);
+            (serde_json::json!({"ok": true}), true)
+        }
+        Request::Metrics => (
+            serde_json::json!({"ok": true, "metrics": metrics(vmm)}),
+            false,
+        ),
+    }
+}
+
+fn poll(fds: &[RawFd], timeout_ms: i32) -> Option<Vec<bool>> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `p` is a valid array of pollfds for the duration of the call.
+    let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
+    if n <= 0 {
+        return None;
+    }
+    Some(p.iter().map(|x| x.revents != 0).collect())
+}
+
+/// Serves requests until the guest ends the VM (or a `shutdown` request); returns the
+/// ending.
+pub fn serve(server: &ApiServer, vmm: &mut Vmm) -> GuestExit {
+    let mut client: Option<(UnixStream, Vec<u8>)> = None;
+    loop {
+        if let Some(e) = vmm.exit_reason() {
+            return e;
+        }
+        let mut fds = vec![vmm.exit_eventfd().as_raw_fd(), server.listener.as_raw_fd()];
+        if let Some((c, _)) = &client {
+            fds.push(c.as_raw_fd());
+        }
+        let Some(ready) = poll(&fds, crate::builder::HALT_CHECK_MS) else {
+            vmm.check_halted();
+            continue;
+        };
+        if ready[1] {
+            if let Ok((s, _)) = server.listener.accept() {
+                // One client at a time: a new one replaces the old.
+                client = Some((s, Vec::new()));
+                continue;
+            }
+        }
+        if ready.get(2) == Some(&true) {
+            let Some((c, buf)) = client.as_mut() else {
+                continue;
+            };
+            let mut chunk = [0u8; 4096];
+            match c.read(&mut chunk) {
+                Ok(0) | Err(_) => {
+                    client = None;
+                    continue;
+                }
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            if buf.len() > 64 * 1024 {
+                client = None;
+                continue;
+            }
+            while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                let text = String::from_utf8_lossy(&line);
+                if text.trim().is_empty() {
+                    continue;
+                }
+                let (reply, stop) = answer(vmm, text.trim());
+                let _ = writeln!(c, "{reply}");
+                if stop {
+                    return vmm.exit_reason().unwrap_or(GuestExit::Stopped);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_garbage_does_not() {
+        assert_eq!(
+            parse_request(r#"{"action":"pause"}"#).unwrap(),
+            Request::Pause
+        );
+        assert_eq!(
+            parse_request(r#"{"action":"metrics"}"#).unwrap(),
+            Request::Metrics
+        );
+        for bad in [
+            r#"{"action":"explode"}"#,
+            "{}",
+            "pause",
+            r#"{"action":"pause","x":1}"#,
+        ] {
+            assert!(parse_request(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bind_refuses_an_existing_path_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("api.sock");
+        {
+            let _s = ApiServer::bind(&p).unwrap();
+            assert!(p.exists());
+            assert!(matches!(ApiServer::bind(&p), Err(ApiError::Exists(_))));
+        }
+        assert!(!p.exists());
+    }
+}

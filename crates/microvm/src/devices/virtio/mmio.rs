@@ -1,0 +1,216 @@
+//! The virtio-mmio transport (version 2 register layout) for one device: feature
+//! negotiation, queue set-up, the device status state machine, queue notifications
+//! (normally delivered by KVM through ioeventfds to the event thread) and the interrupt, an eventfd registered
+//! with KVM as an irqfd.
+
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{process_queue, VirtioDevice, QUEUE_MAX_SIZE};
+use crate::devices::BusDevice;
+use crate::vstate::memory::GuestMemory;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR: u32 = 0x4e53_5452; // "NSTR"
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_NEEDS_RESET: u32 = 0x40;
+const INT_VRING: u32 = 1;
+const CONFIG_OFFSET: u64 = 0x100;
+
+/// A virtio device behind its MMIO register window.
+pub struct MmioTransport {
+    dev: Box<dyn VirtioDevice>,
+    mem: GuestMemory,
+    irq: EventFd,
+    queues: Vec<Queue>,
+    queue_sel: u32,
+    dev_features_sel: u32,
+    drv_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+    interrupt_status: u32,
+    config_generation: u32,
+}
+
+impl MmioTransport {
+    /// Wraps `dev`; `irq` is signalled when the device uses buffers.
+    pub fn new(dev: Box<dyn VirtioDevice>, mem: GuestMemory, irq: EventFd) -> Self {
+        let queues = (0..dev.num_queues())
+            .filter_map(|_| Queue::new(QUEUE_MAX_SIZE).ok())
+            .collect();
+        MmioTransport {
+            dev,
+            mem,
+            irq,
+            queues,
+            queue_sel: 0,
+            dev_features_sel: 0,
+            drv_features_sel: 0,
+            driver_features: 0,
+            status: 0,
+            interrupt_status: 0,
+            config_generation: 0,
+        }
+    }
+
+    /// Number of virtqueues.
+    pub fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    fn reset(&mut self) {
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.queue_sel = 0;
+        self.driver_features = 0;
+        self.status = 0;
+        self.interrupt_status = 0;
+    }
+
+    fn queue(&mut self) -> Option<&mut Queue> {
+        // Queues can only be set up before DRIVER_OK.
+        if self.status & STATUS_DRIVER_OK != 0 {
+            return None;
+        }
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// Processes queue `index` as if the guest had notified it (the event thread calls
+    /// this on an ioeventfd; a notify register write lands here when there is none).
+    pub fn notify_queue(&mut self, index: u32) {
+        if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_NEEDS_RESET != 0 {
+            return;
+        }
+        let i = index as usize;
+        let Some(q) = self.queues.get_mut(i) else {
+            return;
+        };
+        if !q.ready() {
+            return;
+        }
+        if process_queue(self.dev.as_mut(), i, q, &self.mem) {
+            self.interrupt_status |= INT_VRING;
+            if let Err(e) = self.irq.write(1) {
+                tracing::warn!("virtio irq: {e}");
+            }
+        }
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        if v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0 {
+            // Refuse to run with queues the guest set up wrongly.
+            let bad = self
+                .queues
+                .iter()
+                .any(|q| q.ready() && !q.is_valid(&self.mem));
+            if bad || self.status & STATUS_FEATURES_OK == 0 {
+                self.status |= STATUS_NEEDS_RESET;
+                return;
+            }
+        }
+        self.status = v;
+    }
+
+    fn read_reg(&mut self, offset: u64) -> u32 {
+        let feats = self.dev.features();
+        match offset {
+            0x00 => MAGIC,
+            0x04 => VERSION,
+            0x08 => self.dev.device_type(),
+            0x0c => VENDOR,
+            0x10 => match self.dev_features_sel {
+                0 => feats as u32,
+                1 => (feats >> 32) as u32,
+                _ => 0,
+            },
+            0x34 => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.max_size())),
+            0x44 => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.ready())),
+            0x60 => self.interrupt_status,
+            0x70 => self.status,
+            0xfc => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn write_reg(&mut self, offset: u64, v: u32) {
+        match offset {
+            0x14 => self.dev_features_sel = v,
+            0x20 => {
+                let offered = self.dev.features();
+                match self.drv_features_sel {
+                    0 => {
+                        self.driver_features =
+                            (self.driver_features & !0xffff_ffff) | (u64::from(v) & offered)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | ((u64::from(v) << 32) & offered)
+                    }
+                    _ => {}
+                }
+            }
+            0x24 => self.drv_features_sel = v,
+            0x30 => self.queue_sel = v,
+            0x38 => {
+                if let Some(q) = self.queue() {
+                    q.set_size(v as u16);
+                }
+            }
+            0x44 => {
+                if let Some(q) = self.queue() {
+                    q.set_ready(v == 1);
+                }
+            }
+            0x50 => self.notify_queue(v),
+            0x64 => self.interrupt_status &= !v,
+            0x70 => self.set_status(v),
+            0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 => {
+                let Some(q) = self.queue() else { return };
+                let (lo, hi) = if offset & 4 == 0 {
+                    (Some(v), None)
+                } else {
+                    (None, Some(v))
+                };
+                match offset & !4 {
+                    0x80 => q.set_desc_table_address(lo, hi),
+                    0x90 => q.set_avail_ring_address(lo, hi),
+                    _ => q.set_used_ring_address(lo, hi),
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_OFFSET {
+            self.dev.read_config(offset - CONFIG_OFFSET, data);
+        } else if data.len() == 4 && offset & 3 == 0 {
+            data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
+        } else {
+            data.fill(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset < CONFIG_OFFSET && data.len() == 4 && offset & 3 == 0 {
+            let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            self.write_reg(offset, v);
+        }
+        // Config space is read-only for our devices.
+    }
+}
