@@ -51,7 +51,7 @@ trap cleanup EXIT
 cid=$((1000 + RANDOM % 30000))
 
 t0=$(date +%s%N)
-timeout --kill-after=5 "$limit" qemu-system-x86_64 -M microvm,rtc=off -enable-kvm -cpu host \
+timeout --kill-after=5 "$limit" qemu-system-x86_64 -M microvm,rtc=off,acpi=off -enable-kvm -cpu host \
     -m 512 -smp 2 -nodefaults -no-user-config -display none -no-reboot \
     -serial "file:$work/console" -kernel "$kernel" -initrd "$initrd" \
     -device "vhost-vsock-device,guest-cid=$cid" \

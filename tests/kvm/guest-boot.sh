@@ -45,7 +45,7 @@ label=""
 [[ ${NESTOR_TESTHOST:-} == inside ]] && label=" (inside TCG test host; compare only within this run)"
 t0=$(date +%s%N)
 set +e
-timeout --kill-after=5 "$limit" qemu-system-x86_64 -M microvm,rtc=off -enable-kvm -cpu host \
+timeout --kill-after=5 "$limit" qemu-system-x86_64 -M microvm,rtc=off,acpi=off -enable-kvm -cpu host \
     -m 256 -smp 2 -nodefaults -no-user-config -display none -no-reboot \
     -serial "file:$work/console" -kernel "$kernel" -initrd "$initrd" \
     -append "console=ttyS0 reboot=t panic=-1 quiet nestor.reboot=1 nestor.cmd=$b64" \
