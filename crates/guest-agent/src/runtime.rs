@@ -141,22 +141,25 @@ impl Runtime {
 
     /// `nestor create --bundle B --pid-file P ID`; the container inherits `stdio`.
     pub fn create(&self, container: &str, bundle: &Path, stdio: Stdio3) -> Result<Child> {
-        self.clear(container, None);
-        let mut c = self.base(container);
-        c.arg("create")
-            .arg("--bundle")
-            .arg(bundle)
-            .arg("--pid-file")
-            .arg(self.pid_file(container, None))
-            .arg(container);
-        spawn(c, stdio)
+        self.with_bundle("create", container, bundle, stdio)
     }
 
     /// `nestor run --bundle B --pid-file P ID` (foreground: exits with the container).
     pub fn run(&self, container: &str, bundle: &Path, stdio: Stdio3) -> Result<Child> {
+        self.with_bundle("run", container, bundle, stdio)
+    }
+
+    /// `nestor VERB --bundle B --pid-file P ID`, for the verbs that take a bundle.
+    fn with_bundle(
+        &self,
+        verb: &str,
+        container: &str,
+        bundle: &Path,
+        stdio: Stdio3,
+    ) -> Result<Child> {
         self.clear(container, None);
         let mut c = self.base(container);
-        c.arg("run")
+        c.arg(verb)
             .arg("--bundle")
             .arg(bundle)
             .arg("--pid-file")
