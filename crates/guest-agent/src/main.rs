@@ -10,6 +10,7 @@ mod server;
 mod settings;
 mod stats;
 mod transport;
+mod tty;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
