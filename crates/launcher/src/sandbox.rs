@@ -154,6 +154,16 @@ impl Sandbox {
             .stderr(Stdio::from(
                 std::fs::File::create(dir.join("vmm.err")).context("create vmm.err")?,
             ));
+        // The VM dies with the nestor process that owns it (kill -9 included).
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut c, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let start = Instant::now();
         let child = match c.spawn() {
             Ok(ch) => ch,
