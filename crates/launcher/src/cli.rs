@@ -26,6 +26,10 @@ pub struct Cli {
     /// Verbose logs on stderr.
     #[arg(long, global = true)]
     pub debug: bool,
+    /// VM mode: the OCI verbs and `run` put every container in its own microVM (also
+    /// selected by invoking nestor as `nestor-vm`).
+    #[arg(long, global = true)]
+    pub vm_runtime: bool,
     /// Accepted for compatibility; nestor manages cgroupfs directly.
     #[arg(long, global = true, hide = true)]
     pub systemd_cgroup: bool,

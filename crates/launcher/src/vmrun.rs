@@ -153,7 +153,7 @@ fn guest_init_ms(sb: &Sandbox) -> Option<f64> {
 }
 
 /// Copies `from` into `to` until EOF; then closes `to`'s write side if it is a socket.
-fn pump<R: Read + Send + 'static, W: Write + Send + 'static>(
+pub fn pump<R: Read + Send + 'static, W: Write + Send + 'static>(
     mut from: R,
     mut to: W,
 ) -> std::thread::JoinHandle<()> {
@@ -177,7 +177,7 @@ fn pump<R: Read + Send + 'static, W: Write + Send + 'static>(
 
 /// Forwards the signals nestor receives (from the pipe `signals` fills) to the
 /// container as agent requests, on a connection of its own.
-fn forward_signals(pipe: OwnedFd, mut agent: Agent, container: String) {
+pub fn forward_signals(pipe: OwnedFd, mut agent: Agent, container: String) {
     std::thread::spawn(move || {
         let mut f = std::fs::File::from(pipe);
         let mut b = [0u8; 1];
