@@ -231,7 +231,24 @@ else
 fi
 n rm -f k9 >/dev/null 2>&1 || true
 
-# 13. podman through `nestor-vm` (a symlink to nestor): run, exit code, the guest kernel,
+# 13. Pods: containers share one VM; pod rm powers it off.
+n pod create p1 >/dev/null
+b1=$(n run --pod p1 --rm busybox cat /proc/sys/kernel/random/boot_id || true)
+b2=$(n run --pod p1 --rm busybox cat /proc/sys/kernel/random/boot_id || true)
+b3=$(n run --vm --rm busybox cat /proc/sys/kernel/random/boot_id || true)
+[[ -n $b1 && $b1 == "$b2" && $b1 != "$b3" ]] && pass "pod: two containers share one VM, run --vm gets its own" ||
+    bad "pod boot ids: '$b1' '$b2' own '$b3'"
+n run --pod p1 -d --name inpod busybox sleep 600 >/dev/null
+out=$(n exec inpod cat /proc/sys/kernel/random/boot_id || true)
+expect "exec into a pod container" "$b1" "$out"
+n pod rm p1 >/dev/null 2>&1 && bad "pod rm with a running container succeeded" || pass "pod rm refuses while containers run"
+n pod rm -f p1 >/dev/null
+sleep 1
+[[ -z $(n pod ls --json | python3 -c 'import json,sys; print(" ".join(p["name"] for p in json.load(sys.stdin)))') ]] &&
+    ! pgrep -f "nestor-vmm.*$NESTOR_ROOT" >/dev/null && pass "pod rm -f: VM gone" || bad "pod rm -f left $(n pod ls) $(pgrep -af nestor-vmm)"
+n rm -f inpod >/dev/null 2>&1 || true
+
+# 14. podman through `nestor-vm` (a symlink to nestor): run, exit code, the guest kernel,
 # -d, exec, stop, rm.
 if command -v podman >/dev/null; then
     mkdir -p "$work/pm" "$work/bin"

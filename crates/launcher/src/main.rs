@@ -8,6 +8,7 @@ mod jail;
 mod manage;
 mod oci;
 mod oci_vm;
+mod pod;
 mod run;
 mod sandbox;
 mod signals;
@@ -110,7 +111,7 @@ fn dispatch(cli: &Cli) -> Result<i32> {
         Cmd::Run(a) => {
             return if a.bundle.is_some() {
                 oci::run(&rt, a)
-            } else if a.vm {
+            } else if a.vm || a.pod.is_some() {
                 vmrun::run(a)
             } else {
                 run::run(&rt, a)
@@ -129,6 +130,13 @@ fn dispatch(cli: &Cli) -> Result<i32> {
         Cmd::Bench(a) => bench::run(a)?,
         Cmd::Jail(a) => return vm::jail_cmd(&rt, a),
         Cmd::Vm(cli::VmCmd::Run(a)) => return vm::vm_run(&rt, a),
+        Cmd::Pod(cli::PodCmd::Create {
+            name,
+            vm_mem,
+            vm_cpus,
+        }) => pod::create(name, *vm_mem, *vm_cpus)?,
+        Cmd::Pod(cli::PodCmd::Ls { json }) => pod::ls(*json)?,
+        Cmd::Pod(cli::PodCmd::Rm { names, force }) => pod::rm(names, *force)?,
     }
     Ok(0)
 }
