@@ -181,7 +181,7 @@ fn spawn_shim(
     assets: &Assets,
     terminal: bool,
 ) -> Result<i32> {
-    let (r, w) = nix::unistd::pipe().context("pipe")?;
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
     // SAFETY: nestor is single-threaded here.
     match unsafe { nix::unistd::fork() }.context("fork the VM shim")? {
         nix::unistd::ForkResult::Parent { child } => {
@@ -500,7 +500,7 @@ pub fn exec(root: &Path, a: &crate::cli::ExecArgs) -> Result<i32> {
         }
         return exec_in_vm(&st, &req, None);
     }
-    let (r, w) = nix::unistd::pipe().context("pipe")?;
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
     // SAFETY: nestor is single-threaded here.
     match unsafe { nix::unistd::fork() }.context("fork the exec shim")? {
         nix::unistd::ForkResult::Parent { child } => {

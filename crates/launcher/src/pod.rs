@@ -126,7 +126,7 @@ pub fn create(name: &str, mem_mib: u32, vcpus: u8) -> Result<()> {
         ids.push(s.id.clone());
     }
     let assets = Assets::find(None, None)?;
-    let (r, w) = nix::unistd::pipe().context("pipe")?;
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
     // SAFETY: nestor is single-threaded here.
     match unsafe { nix::unistd::fork() }.context("fork the pod monitor")? {
         nix::unistd::ForkResult::Parent { .. } => {

@@ -370,7 +370,7 @@ fn detach(rt: &Runtime, a: &RunArgs) -> Result<i32> {
         bail!("-t with -d is not supported yet: use `nestor exec -it` into a detached container");
     }
     let mut p = prepare(a, &rt.root.path)?;
-    let (r, w) = nix::unistd::pipe().context("pipe")?;
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
     // SAFETY: nestor is single-threaded here.
     match unsafe { nix::unistd::fork() }.context("fork the container monitor")? {
         nix::unistd::ForkResult::Parent { .. } => {

@@ -196,6 +196,8 @@ struct Running {
     sb: Sandbox,
     /// In a pod: the container is deleted, the VM stays.
     in_pod: bool,
+    /// Signals to nestor go to the container while this lives.
+    signals: Option<crate::signals::Guard>,
     agent: Agent,
     guest_id: String,
     outputs: Vec<std::thread::JoinHandle<()>>,
@@ -310,6 +312,10 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
             });
         }
     }
+    // From here on, signals to nestor are queued for the container (a signal sent
+    // as soon as the container's first output appears must not kill nestor).
+    let (signals, pipe) = crate::signals::forward_to_pipe().context("signal pipe")?;
+    let sig_conn = sb.connect(proto::DEFAULT_PORT, deadline)?;
     let r = agent.call(Request::Run {
         container: guest_id.clone(),
         bundle: Bundle::Disk {
@@ -326,11 +332,13 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
         other => bail!("the container did not start in the VM: unexpected answer {other:?}"),
     }
     timings.container_started_ms = Some(sb.elapsed_ms());
+    forward_signals(pipe, Agent::new(sig_conn)?, guest_id.clone());
     meta.status = "running".into();
     store::save(meta)?;
     Ok(Running {
         sb,
         in_pod: a.pod.is_some(),
+        signals: Some(signals),
         agent,
         guest_id,
         outputs,
@@ -341,16 +349,11 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
 
 /// Waits for the container, then powers the VM off; returns the exit code.
 fn wait_and_stop(r: &mut Running) -> Result<i32> {
-    let (guard, pipe) = crate::signals::forward_to_pipe().context("signal pipe")?;
-    let deadline = Instant::now() + sandbox::boot_timeout();
-    if let Ok(s) = r.sb.connect(proto::DEFAULT_PORT, deadline) {
-        forward_signals(pipe, Agent::new(s)?, r.guest_id.clone());
-    }
     let waited = r.agent.call(Request::Wait {
         container: r.guest_id.clone(),
         exec: None,
     });
-    drop(guard);
+    r.signals.take();
     let code = match waited {
         Ok(Response::Exited { code }) => code,
         Ok(Response::Error { message, .. }) => bail!("waiting for the container: {message}"),
@@ -454,7 +457,7 @@ pub fn run(a: &RunArgs) -> Result<i32> {
 /// `-d`: a monitor process (this one, forked and detached) owns the VM; its output
 /// goes to the container's log. The parent prints the id once the container started.
 fn detach(a: &RunArgs, mut meta: Meta, image: &nestor_image::Image) -> Result<i32> {
-    let (r, w) = nix::unistd::pipe().context("pipe")?;
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
     // SAFETY: nestor is single-threaded here.
     match unsafe { nix::unistd::fork() }.context("fork the VM monitor")? {
         nix::unistd::ForkResult::Parent { .. } => {
