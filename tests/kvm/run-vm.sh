@@ -68,7 +68,8 @@ out=$(n run --vm --rm -v "$work/vol.img:/data:ro" busybox sh -c 'cat /data/f; to
 expect "volume disk rw then ro" "persisted ro" "$(tr '\n' ' ' <<<"$out" | sed 's/ $//')"
 
 # 8. A signal reaches the container.
-n run --vm --rm busybox sh -c 'trap "exit 42" TERM; echo ready; while :; do sleep 0.1; done' >"$work/sig" 2>&1 &
+# (nestor itself, not under timeout(1): the signal must reach nestor.)
+"$bin/nestor" run --vm --rm busybox sh -c 'trap "exit 42" TERM; echo ready; while :; do sleep 0.1; done' >"$work/sig" 2>&1 &
 npid=$!
 for _ in $(seq 600); do grep -q ready "$work/sig" 2>/dev/null && break; sleep 0.1; done
 kill -TERM $npid
@@ -153,7 +154,7 @@ for c in "nestor.no-such-setting=1|agent exits: the guest powered off|the guest 
 done
 
 # 12. kill -9 of nestor mid-run, then gc: no VMM, sandbox, container left.
-n run --vm --name k9 busybox sh -c 'echo up; sleep 600' >"$work/k9" 2>&1 &
+"$bin/nestor" run --vm --name k9 busybox sh -c 'echo up; sleep 600' >"$work/k9" 2>&1 &
 npid=$!
 for _ in $(seq 600); do grep -q up "$work/k9" 2>/dev/null && break; sleep 0.1; done
 kill -9 $npid

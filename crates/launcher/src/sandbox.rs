@@ -233,9 +233,11 @@ impl Sandbox {
         let status = match self.ended() {
             Some(s) => match s.code() {
                 Some(0) => "the guest powered off".to_string(),
-                Some(2) => "the guest rebooted (a guest kernel panic or a dead agent reboots it)"
-                    .to_string(),
-                Some(3) => "the guest triple-faulted".to_string(),
+                // With reboot=t a guest reboot is a triple fault.
+                Some(2) | Some(3) => {
+                    "the guest rebooted (a guest kernel panic or a dead agent reboots it)"
+                        .to_string()
+                }
                 Some(4) => "KVM reported an error".to_string(),
                 Some(1) => "nestor-vmm could not set the VM up".to_string(),
                 Some(n) => format!("nestor-vmm exited with status {n}"),
