@@ -339,6 +339,11 @@ impl Vmm {
         Ok(())
     }
 
+    /// The one-shot ending signal (for a thread that stops the VM, e.g. on SIGTERM).
+    pub fn exit_signal(&self) -> Arc<ExitSignal> {
+        self.ctx.exit.clone()
+    }
+
     /// The eventfd that becomes readable when the guest ends the VM.
     pub fn exit_eventfd(&self) -> &EventFd {
         self.ctx.exit.eventfd()

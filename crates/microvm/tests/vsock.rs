@@ -659,6 +659,18 @@ fn socket_path_rules() {
     assert!(e.contains("v.sock"), "{e}");
     drop(v);
     assert!(!path.exists(), "socket left behind");
+    // A stale socket (its listener gone without removing it) is taken over; a live one
+    // is not.
+    let stale = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let e = Vsock::new(&path, CID)
+        .err()
+        .expect("took a live socket over");
+    assert!(e.to_string().contains("v.sock"), "{e}");
+    drop(stale);
+    assert!(path.exists());
+    let v = Vsock::new(&path, CID).expect("stale socket not taken over");
+    drop(v);
+    assert!(!path.exists());
     assert!(Vsock::new(&path, 2).is_err());
     assert!(Vsock::new(&path, u64::from(u32::MAX)).is_err());
     assert!(!path.exists());

@@ -432,6 +432,14 @@ fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
     Ok(UnixStream::from(owned))
 }
 
+/// Whether `path` is a Unix socket nobody listens on.
+fn is_stale_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+        && UnixStream::connect(path)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
 fn parse_connect(line: &[u8]) -> Option<u32> {
     let s = std::str::from_utf8(line).ok()?;
     let port = s.strip_prefix("CONNECT ")?.trim_end_matches(['\r', '\n']);
@@ -439,8 +447,8 @@ fn parse_connect(line: &[u8]) -> Option<u32> {
 }
 
 impl Vsock {
-    /// Binds the host socket at `path` (an existing file is refused) for a guest with
-    /// CID `cid`.
+    /// Binds the host socket at `path` for a guest with CID `cid`. An existing file is
+    /// refused, unless it is a stale socket (nobody listens on it), which is replaced.
     pub fn new(path: &Path, cid: u64) -> Result<Self, VsockError> {
         if !(3..u64::from(u32::MAX)).contains(&cid) {
             return Err(VsockError::Cid(cid));
@@ -449,7 +457,14 @@ impl Vsock {
             path: path.into(),
             source,
         };
-        let listener = UnixListener::bind(path).map_err(err)?;
+        let listener = match UnixListener::bind(path) {
+            // A socket left by a VMM that was killed: nobody listens, so take it over.
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && is_stale_socket(path) => {
+                std::fs::remove_file(path).map_err(err)?;
+                UnixListener::bind(path).map_err(err)?
+            }
+            r => r.map_err(err)?,
+        };
         if let Err(e) = listener.set_nonblocking(true) {
             let _ = std::fs::remove_file(path);
             return Err(err(e));
