@@ -6,7 +6,8 @@
 # boot, with nestor-agent as the guest's init running a test command (nestor.cmd):
 #   - vsock guest -> host: the guest connects to CID 2 port 6000 (`nestor-agent
 #     vsock-cat connect 2 6000`), which reaches the host's Unix socket <vsock>_6000;
-#     bytes go both ways;
+#     bytes go both ways; then 1.3 MB go to <vsock>_6001 and are echoed back intact
+#     (credit flow control under load);
 #   - vsock host -> guest: the host connects to the vsock socket, writes
 #     `CONNECT 5000`, gets `OK <port>`, and exchanges bytes with `vsock-cat listen 5000`
 #     in the guest;
@@ -64,6 +65,7 @@ hip=$net.1 gip=$net.2
 mac=06:00:ac:$(printf '%02x:%02x:%02x' $((RANDOM % 256)) $((RANDOM % 256)) $((RANDOM % 256)))
 tag=t$$r$RANDOM
 tcp_port=$((20000 + RANDOM % 20000))
+bulk_n=200000 # seq 1 N: 1.3 MB each way, far past the credit and socket buffers
 ip tuntap add dev "$tap" mode tap
 ip addr add "$hip/24" dev "$tap"
 ip link set "$tap" up
@@ -73,6 +75,7 @@ sock=$work/v.sock
 guest=$(cat <<G
 r() { echo "vd: \$*"; }
 echo g2h-$tag | /init vsock-cat connect 2 6000 >/tmp/a 2>/tmp/ae; r "g2h rc=\$? got=\$(cat /tmp/a) \$(cat /tmp/ae)"
+t0=\$(date +%s); seq 1 $bulk_n | /init vsock-cat connect 2 6001 | md5sum >/tmp/m; r "bulk rc=\$? md5=\$(cut -d' ' -f1 /tmp/m) secs=\$((\$(date +%s) - t0))"
 echo h2g-reply-$tag | timeout 60 /init vsock-cat listen 5000 >/tmp/b 2>/tmp/be; r "h2g rc=\$? got=\$(cat /tmp/b) \$(cat /tmp/be)"
 r "mac \$(cat /sys/class/net/eth0/address)"
 ip link set eth0 up; ip addr add $gip/24 dev eth0
@@ -120,6 +123,25 @@ def tcp_server():
     except Exception as e:
         say("tcp error", e)
 threading.Thread(target=tcp_server, daemon=True).start()
+bulk = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+bulk.bind(sock + "_6001"); bulk.listen(1); bulk.settimeout(100)
+def bulk_echo():
+    import hashlib
+    try:
+        c, _ = bulk.accept(); c.settimeout(60)
+        h, n = hashlib.md5(), 0
+        while True:
+            b = c.recv(65536)
+            if not b:
+                break
+            h.update(b); n += len(b)
+            c.sendall(b)
+        c.shutdown(socket.SHUT_WR)
+        say("bulk got", n, h.hexdigest())
+        c.close()
+    except Exception as e:
+        say("bulk error", e)
+threading.Thread(target=bulk_echo, daemon=True).start()
 say("ready")
 try:
     c, _ = g2h.accept(); c.settimeout(30)
@@ -163,6 +185,8 @@ rc=$?
 set -e
 kill "$hpid" 2>/dev/null; wait "$hpid" 2>/dev/null || true
 
+label=""
+[[ ${NESTOR_TESTHOST:-} == inside ]] && label=", inside TCG test host"
 fail=0
 ok() { echo "ok   $*"; }
 bad() { echo "FAIL $*" >&2; fail=1; }
@@ -179,6 +203,11 @@ grep -q "guest init reached after" "$work/err" && ok "boot marker: $(grep -o 'gu
     [[ $(host "h2g got") == "h2g got h2g-reply-$tag" ]] &&
     ok "vsock host -> guest (CONNECT 5000, $(host 'h2g ok line' | cut -d' ' -f4-)): both ways" ||
     bad "vsock host -> guest: guest '$(con h2g)', host '$(host 'h2g')'"
+want_md5=$(seq 1 "$bulk_n" | md5sum | cut -d' ' -f1)
+want_len=$(seq 1 "$bulk_n" | wc -c)
+[[ $(host "bulk got") == "bulk got $want_len $want_md5" ]] && [[ $(con bulk) == "vd: bulk rc=0 md5=$want_md5 "* ]] &&
+    ok "vsock bulk: $want_len bytes guest -> host and echoed back intact ($(con bulk | grep -o 'secs=[0-9]*') in the guest$label)" ||
+    bad "vsock bulk: guest '$(con bulk)', host '$(host bulk)', want $want_len bytes md5 $want_md5"
 [[ $(con mac) == "vd: mac $mac" ]] && ok "virtio-net MAC $mac" || bad "guest MAC: '$(con mac)', want $mac"
 [[ $(con ping) == "vd: ping rc=0 3 packets received" ]] && ok "net: guest pinged the host's tap address $hip" ||
     bad "net ping: '$(con ping)'"
