@@ -315,6 +315,7 @@ fn shim(
     save(root, &st)?;
     // The caller may exit now; stdio stays with us. Detach from its session's signals.
     ready.write_all(b"ok").context("tell the caller")?;
+    crate::sandbox::release_pipe(ready);
     let null = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -598,6 +599,7 @@ fn exec_in_vm(st: &VmState, r: &ExecReq, ready: Option<&mut std::fs::File>) -> R
     }
     if let Some(w) = ready {
         w.write_all(b"ok").context("tell the caller")?;
+        crate::sandbox::release_pipe(w);
         let null = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

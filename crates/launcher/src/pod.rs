@@ -206,6 +206,7 @@ fn monitor(
         created_ns: now_ns(),
     })?;
     ready.write_all(b"ok").context("tell the caller")?;
+    crate::sandbox::release_pipe(ready);
     // Until the guest powers off (pod rm) or the VMM dies.
     while sb.running() {
         std::thread::sleep(Duration::from_millis(100));
