@@ -7,6 +7,7 @@ use std::time::Instant;
 use clap::Parser;
 use nestor_microvm::api::{self, ApiServer};
 use nestor_microvm::config::Cli;
+use nestor_microvm::seccomp;
 use nestor_microvm::{GuestExit, Vmm};
 
 fn run(start: Instant) -> anyhow::Result<i32> {
@@ -21,14 +22,25 @@ fn run(start: Instant) -> anyhow::Result<i32> {
             e.to_string().lines().next().unwrap_or("bad arguments")
         ),
     };
+    if cli.seccomp.seccomp_print {
+        use std::io::Write;
+        writeln!(std::io::stdout(), "{:#}", seccomp::default_filters()?)?;
+        return Ok(0);
+    }
+    let filters = cli.seccomp.clone();
     let cfg = cli.into_config()?;
+    // Filters are compiled before anything is built; each thread installs its own.
+    seccomp::setup(&filters)?;
     // The socket is bound before the VM exists, so a bad path costs nothing.
     let api = match &cfg.api {
         Some(p) => Some(ApiServer::bind(p)?),
         None => None,
     };
     let mut vmm = Vmm::build(&cfg, start, None)?;
-    vmm.start()?;
+    let started = vmm.start();
+    // The main thread's filter goes in after the vCPU threads exist; it opens their gate.
+    seccomp::install_main();
+    started?;
     let reason = match &api {
         Some(server) => api::serve(server, &mut vmm),
         None => vmm.wait(None).unwrap_or(GuestExit::Stopped),
