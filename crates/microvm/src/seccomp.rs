@@ -99,12 +99,15 @@ pub enum ThreadKind {
     Vcpu(u8),
     /// The virtio queue event thread.
     Virtio,
+    /// A control thread of the main thread's (e.g. one waiting for stop signals with
+    /// sigwait): the main filter, reported under its own name.
+    Signals,
 }
 
 impl ThreadKind {
     fn key(self) -> &'static str {
         match self {
-            ThreadKind::Main => "main",
+            ThreadKind::Main | ThreadKind::Signals => "main",
             ThreadKind::Vcpu(_) => "vcpu",
             ThreadKind::Virtio => "virtio",
         }
@@ -268,6 +271,7 @@ static NAMES: &[(i64, &str)] = syscalls![
     SYS_execveat,
     SYS_statx,
     SYS_rseq,
+    SYS_rt_sigtimedwait,
     SYS_pidfd_open,
     SYS_clone3,
     SYS_openat2,
@@ -414,6 +418,11 @@ fn device_io() -> Vec<Rule> {
         libc::SYS_getrandom,
         libc::SYS_eventfd2,
         libc::SYS_epoll_ctl,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmsg,
+        libc::SYS_shutdown,
     ]
     .map(any)
     .into_iter()
@@ -452,6 +461,7 @@ fn main_rules() -> Vec<Rule> {
             libc::SYS_unlinkat,
             libc::SYS_getrandom,
             libc::SYS_shutdown,
+            libc::SYS_rt_sigtimedwait,
         ]
         .map(any),
     );
@@ -500,11 +510,6 @@ fn virtio_rules() -> Vec<Rule> {
             libc::SYS_accept4,
             libc::SYS_bind,
             libc::SYS_listen,
-            libc::SYS_recvfrom,
-            libc::SYS_sendto,
-            libc::SYS_recvmsg,
-            libc::SYS_sendmsg,
-            libc::SYS_shutdown,
             libc::SYS_getsockopt,
             libc::SYS_unlink,
         ]
@@ -677,10 +682,11 @@ pub fn enter(kind: ThreadKind) {
         ThreadKind::Main => (0, 0),
         ThreadKind::Vcpu(i) => (1, i),
         ThreadKind::Virtio => (2, 0),
+        ThreadKind::Signals => (3, 0),
     };
     THREAD.with(|t| t.set((code, index)));
     let prog = match kind {
-        ThreadKind::Main => &f.main,
+        ThreadKind::Main | ThreadKind::Signals => &f.main,
         ThreadKind::Vcpu(_) => &f.vcpu,
         ThreadKind::Virtio => &f.virtio,
     };
@@ -750,6 +756,7 @@ fn report(buf: &mut [u8], thread: (u8, u8), nr: i64) -> usize {
             put_num(buf, &mut len, u64::from(thread.1));
         }
         2 => put(buf, &mut len, b"virtio-events"),
+        3 => put(buf, &mut len, b"signals"),
         _ => put(buf, &mut len, b"main"),
     }
     put(buf, &mut len, b" made forbidden syscall ");
