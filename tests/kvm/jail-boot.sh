@@ -13,7 +13,8 @@
 #    from the host, the VMM has CapEff 0, the jail's unprivileged uid, Seccomp 2 on every
 #    thread, its cgroup limits, and a root listing only the jail's files; afterwards no
 #    jail directory, cgroup or runtime state is left.
-#    (vsock through the jail is checked once nestor-vmm has --vsock: skipped otherwise.)
+#    vsock through the jail: the host connects to the socket the jail shares and talks
+#    to `nestor-agent vsock-cat` in the guest (skipped without a static nestor-agent).
 # 4. Benchmark: launch -> guest init and peak RSS (largest process of the launch) of the
 #    jailed against the unjailed VMM, N runs each (default 3), medians, labelled.
 #
@@ -68,6 +69,14 @@ marker="jail-boot-init-$$-$RANDOM"
 mkdir -p "$work/root/bin" "$work/root/proc" "$work/root/dev" "$work/root/sys"
 cp /bin/busybox "$work/root/bin/busybox"
 ln -s busybox "$work/root/bin/sh"
+# The static guest agent (scripts/test.sh builds it before the KVM batch) brings
+# `vsock-cat`, a vsock client/server for the guest side of the vsock check.
+agent=${NESTOR_AGENT:-$tdir/x86_64-unknown-linux-gnu/release/nestor-agent}
+have_vsock=0
+if [[ -x $agent ]] && grep -aq "vsock-cat" "$agent" && "$vmm" --help 2>/dev/null | grep -c -- --vsock >/dev/null; then
+    cp "$agent" "$work/root/bin/nestor-agent"
+    have_vsock=1
+fi
 cat >"$work/root/init" <<INIT
 #!/bin/sh
 /bin/busybox mount -t devtmpfs dev /dev
@@ -88,7 +97,12 @@ if [ -b /dev/vda ]; then
 fi
 say "$marker cpus \$(/bin/busybox grep -c ^processor /proc/cpuinfo)"
 for a in \$(/bin/busybox cat /proc/cmdline); do
-    case \$a in nestor.sleep=*) /bin/busybox sleep \${a#nestor.sleep=} ;; esac
+    case \$a in
+    nestor.vsock=1)
+        echo guest-says-hi | /bin/nestor-agent vsock-cat listen 5000 >/vsock.got 2>/vsock.err
+        say "vsock: \$(/bin/busybox cat /vsock.got /vsock.err)" ;;
+    nestor.sleep=*) /bin/busybox sleep \${a#nestor.sleep=} ;;
+    esac
 done
 /bin/busybox poweroff -f
 INIT
@@ -144,11 +158,43 @@ check_boot() { # NAME
 
 echo "kernel $kernel; nestor $nestor; vmm $vmm" >&2
 
+# vsock_client SOCKET: the host side of Firecracker's hybrid vsock: CONNECT 5000 on the
+# Unix socket, send host-says-hi, print what the guest sends back (retries while the
+# guest's listener is not up yet).
+vsock_client() {
+    python3 - "$1" <<'PY'
+import socket, sys, time
+end = time.time() + 90
+while time.time() < end:
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(sys.argv[1])
+        s.sendall(b"CONNECT 5000\n")
+        f = s.makefile("rb")
+        if not f.readline().startswith(b"OK"):
+            s.close(); time.sleep(0.5); continue
+        s.sendall(b"host-says-hi\n")
+        s.shutdown(socket.SHUT_WR)
+        print(f.read().decode().strip())
+        sys.exit(0)
+    except OSError:
+        time.sleep(0.5)
+sys.exit(1)
+PY
+}
+
 # --- 1. syscalls per thread, measured -------------------------------------------------
 fresh_disks
 mkdir -p "$work/st"
+st_vsock=() st_cmd=
+((have_vsock)) && { st_vsock=(--vsock "$work/st.sock"); st_cmd=nestor.vsock=1; }
 launch strace strace -qq -f -ff -o "$work/st/t" "$vmm" --seccomp none --kernel "$kernel" --initrd "$initrd" \
-    --mem 256 --vcpus 2 --disk "$work/rw.img" --disk "$work/ro.img,ro" --cmdline "$cmdline"
+    --mem 256 --vcpus 2 --disk "$work/rw.img" --disk "$work/ro.img,ro" "${st_vsock[@]}" \
+    --cmdline "$cmdline $st_cmd" &
+spid=$!
+# With vsock, the guest waits for the host's connection: its syscalls are measured too.
+((have_vsock)) && { vsock_client "$work/st.sock" >/dev/null || bad "strace run: vsock exchange failed"; }
+wait "$spid" || true
 check_boot strace
 "$vmm" --seccomp-print >"$work/filters.json"
 python3 - "$work/st" "$work/filters.json" <<'PY' || fail=1
@@ -191,10 +237,12 @@ grep -q "seccomp:" "$work/plain.err" && bad "plain: $(grep seccomp: "$work/plain
 
 # --- 3. jailed ------------------------------------------------------------------------
 fresh_disks
+vsock_args=() vsock_cmd=
+((have_vsock)) && { vsock_args=(--vsock "$work/v.sock"); vsock_cmd=nestor.vsock=1; }
 jails_before=$( (ls /run/nestor-jail 2>/dev/null || true) | wc -l)
 launch jailed "$nestor" vm run --jail --jail-uid "$juid" --jail-gid "$juid" --memory 512m \
     --pids-limit 32 --vmm "$vmm" --kernel "$kernel" --initrd "$initrd" --mem 256 --vcpus 2 \
-    --disk "$work/rw.img" --disk "$work/ro.img,ro" --cmdline "$cmdline nestor.sleep=20" &
+    --disk "$work/rw.img" --disk "$work/ro.img,ro" "${vsock_args[@]}" --cmdline "$cmdline $vsock_cmd nestor.sleep=2" &
 lpid=$!
 vpid=
 for _ in $(seq 1 600); do
@@ -229,16 +277,25 @@ else
     fi
     set -e
 fi
+if ((have_vsock)); then
+    # Host side of Firecracker's hybrid vsock: CONNECT <port> on the Unix socket, which
+    # the jail shares with the host (the --vsock path is a link to it).
+    got=$(vsock_client "$work/v.sock" || true)
+    [[ $got == guest-says-hi ]] && ok "jailed: vsock host -> guest: the host read '$got' from the guest" ||
+        bad "jailed: vsock: the host got '$got'"
+fi
 wait "$lpid" || true
 check_boot jailed
 grep -q "seccomp:" "$work/jailed.err" && bad "jailed: $(grep seccomp: "$work/jailed.err")"
 left=$( (ls /run/nestor-jail 2>/dev/null || true) | wc -l)
 [[ $left == "$jails_before" ]] && ok "jailed: no jail directory left" || bad "jailed: jail directories left: $(ls /run/nestor-jail || true)"
 [[ -z $("$nestor" list -q 2>/dev/null || true) ]] && ok "jailed: no runtime state left" || bad "jailed: state left: $("$nestor" list -q || true)"
-if "$vmm" --help | grep -q -- --vsock && ! "$vmm" --kernel /nonexistent --vsock /tmp/x 2>&1 | grep -q "not supported"; then
-    echo "note vsock through the jail: not checked by this script yet"
+if ((have_vsock)); then
+    grep -q "vsock: host-says-hi" "$work/jailed.console" && ok "jailed: vsock guest side read 'host-says-hi'" ||
+        bad "jailed: vsock guest side: $(grep "vsock: " "$work/jailed.console" || echo nothing)"
+    [[ ! -e $work/v.sock && ! -L $work/v.sock ]] && ok "jailed: vsock link removed" || bad "jailed: $work/v.sock left"
 else
-    echo "skip vsock through the jail: this nestor-vmm has no virtio-vsock yet"
+    echo "skip vsock through the jail: no static nestor-agent with vsock-cat ($agent) or no --vsock in nestor-vmm"
 fi
 
 # --- 4. benchmark ---------------------------------------------------------------------

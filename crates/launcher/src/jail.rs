@@ -486,3 +486,45 @@ impl Drop for Jailed {
 pub fn run(rt: &Runtime, c: &JailConfig) -> Result<i32> {
     spawn(rt, c)?.wait()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tap_names_fit_ifnamsiz_and_follow_the_id() {
+        let t = tap_name("jail-0123456789abcdef");
+        assert_eq!(t, "nj456789abcdef");
+        assert!(t.len() < 16);
+        assert_eq!(tap_name("t-x-1"), "nj tx1".replace(' ', ""));
+    }
+
+    #[test]
+    fn closed_directories_on_the_path_are_found() {
+        let d = tempfile::tempdir().unwrap();
+        let open = d.path().join("open");
+        let closed = d.path().join("closed");
+        for p in [&open, &closed] {
+            std::fs::create_dir(p).unwrap();
+            std::fs::write(p.join("f"), b"x").unwrap();
+            std::fs::set_permissions(p.join("f"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(closed_dir(&open.join("f"), 123_456, 123_456), None);
+        assert_eq!(
+            closed_dir(&closed.join("f"), 123_456, 123_456),
+            Some(closed.clone())
+        );
+        // The owner may enter its own 0700 directory.
+        let me = nix::unistd::getuid().as_raw();
+        assert_eq!(closed_dir(&closed.join("f"), me, 123_456), None);
+        // An unreadable file is reported itself.
+        std::fs::set_permissions(open.join("f"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            closed_dir(&open.join("f"), 123_456, 123_456),
+            Some(open.join("f"))
+        );
+    }
+}
