@@ -367,6 +367,7 @@ pub struct Jailed {
     #[allow(dead_code)] // read by `nestor run --vm --jail` callers
     pub tap: Option<String>,
     rt: Runtime,
+    program: String,
     reaped: bool,
     done: bool,
 }
@@ -389,6 +390,11 @@ pub fn spawn(rt: &Runtime, c: &JailConfig) -> Result<Jailed> {
         dir: dir.clone(),
         tap: c.tap.clone(),
         rt: rt.clone(),
+        program: c
+            .binary
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         reaped: false,
         done: false,
     };
@@ -451,7 +457,10 @@ impl Jailed {
         self.cleanup();
         let code = code?;
         if oom {
-            eprintln!("nestor: the jail's memory limit was reached: the VMM was OOM-killed (raise --memory above the guest's memory plus VMM overhead)");
+            eprintln!(
+                "nestor: the jail's memory limit was reached: {} was OOM-killed (for a VMM, raise --memory above the guest's memory plus the VMM's overhead)",
+                self.program
+            );
         }
         Ok(code)
     }

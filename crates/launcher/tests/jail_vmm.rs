@@ -551,3 +551,40 @@ fn network_tap_is_given_only_when_asked_and_never_left_behind() {
         assert_eq!(ours(), before, "tap or netns left");
     }
 }
+
+#[test]
+fn an_oom_kill_in_the_jail_is_reported_clearly() {
+    let w = World::new();
+    let u = w.uid.to_string();
+    let id = unique("joom");
+    // dd fills a 64 MiB buffer from /dev/urandom (the jail's one data device): 16 MiB
+    // of memory cannot hold it.
+    let o = w
+        .cmd(&[
+            "jail",
+            "--id",
+            &id,
+            "--jail-uid",
+            &u,
+            "--jail-gid",
+            &u,
+            "--memory",
+            "16m",
+            "--",
+            "/bin/busybox",
+            "dd",
+            "if=/dev/urandom",
+            "bs=64M",
+            "count=1",
+        ])
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(137), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("the jail's memory limit was reached: busybox was OOM-killed"),
+        "{}",
+        stderr(&o)
+    );
+    w.assert_clean(Some(&id));
+}
