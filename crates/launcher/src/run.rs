@@ -175,7 +175,9 @@ pub fn build_spec(
         }
         mounts.push(json!({"destination": dst, "type": "bind", "source": src, "options": opts}));
     }
-    mounts.push(json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}));
+    if !mounts.iter().any(|m| m["destination"] == "/sys/fs/cgroup") {
+        mounts.push(json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}));
+    }
     // Namespaces and resources.
     let linux = &mut s["linux"];
     match a.network.as_str() {

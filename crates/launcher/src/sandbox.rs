@@ -102,6 +102,8 @@ pub struct Timeline {
 /// A booted (or booting) microVM running the agent.
 pub struct Sandbox {
     child: Option<Child>,
+    /// False for a VM another process owns (a pod's): never shut down or removed here.
+    owned: bool,
     dir: PathBuf,
     vsock: PathBuf,
     console: PathBuf,
@@ -174,6 +176,7 @@ impl Sandbox {
         };
         Ok(Sandbox {
             child: Some(child),
+            owned: true,
             dir,
             vsock,
             console,
@@ -183,6 +186,19 @@ impl Sandbox {
             },
             start,
         })
+    }
+
+    /// A running VM that another process owns (a pod), by its sandbox directory.
+    pub fn join(dir: PathBuf) -> Sandbox {
+        Sandbox {
+            child: None,
+            owned: false,
+            vsock: dir.join("v.sock"),
+            console: dir.join("console.log"),
+            dir,
+            start: Instant::now(),
+            timeline: Timeline::default(),
+        }
     }
 
     /// The VMM's pid.
@@ -198,6 +214,11 @@ impl Sandbox {
     /// Milliseconds since the VMM was spawned.
     pub fn elapsed_ms(&self) -> f64 {
         ms(self.start.elapsed())
+    }
+
+    /// Whether the VMM still runs (always true for a VM this process does not own).
+    pub fn running(&mut self) -> bool {
+        self.child.is_none() || self.ended().is_none()
     }
 
     /// The VMM's exit status, if it has ended.
@@ -336,8 +357,10 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if self.owned {
+            self.kill();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
