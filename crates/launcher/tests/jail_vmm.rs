@@ -533,7 +533,13 @@ fn network_tap_is_given_only_when_asked_and_never_left_behind() {
                 .iter()
                 .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("nj"))
+                // Taps of generated jail ids only ("nj" + 12 hex digits): the other
+                // tests' jails have names of their own.
+                .filter(|n| {
+                    n.len() == 14
+                        && n.starts_with("nj")
+                        && n[2..].chars().all(|c| c.is_ascii_hexdigit())
+                })
                 .collect();
             v.sort();
             v
@@ -587,4 +593,62 @@ fn an_oom_kill_in_the_jail_is_reported_clearly() {
         stderr(&o)
     );
     w.assert_clean(Some(&id));
+}
+
+#[test]
+fn kill_9_of_nestor_then_gc_removes_a_jail_with_its_tap_and_netns() {
+    let w = World::new();
+    let u = w.uid.to_string();
+    let id = unique("jtapgc");
+    let tail: String = id.chars().filter(char::is_ascii_alphanumeric).collect();
+    let tap = format!("nj{}", &tail[tail.len().saturating_sub(12)..]);
+    let mut c = w
+        .cmd(&[
+            "jail",
+            "--id",
+            &id,
+            "--jail-uid",
+            &u,
+            "--jail-gid",
+            &u,
+            "--network",
+            "tap",
+            "--",
+            "/bin/busybox",
+            "sleep",
+            "60",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let pid = loop {
+        let o = w.cmd(&["state", &id]).output().unwrap();
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) {
+            if v["status"] == "running" {
+                break v["pid"].as_i64().unwrap() as i32;
+            }
+        }
+        assert!(Instant::now() < deadline, "the jail never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let netns = Path::new("/run/netns").join(&tap);
+    assert!(netns.exists(), "no netns file {}", netns.display());
+    c.kill().unwrap();
+    c.wait().unwrap();
+    let o = w.cmd(&["gc"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() && !field(pid, "State:").starts_with('Z') {
+        assert!(Instant::now() < deadline, "the jailed program survived gc");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    w.assert_clean(Some(&id));
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(netns.to_str().unwrap()),
+        "netns mount left"
+    );
 }
