@@ -39,10 +39,15 @@ done
 label=""
 [[ ${NESTOR_TESTHOST:-} == inside ]] && label=" (inside TCG test host)"
 tdir=${CARGO_TARGET_DIR:-$repo/target}
+# A static nestor-vmm (RUSTFLAGS="-C target-feature=+crt-static" cargo build --release
+# --target x86_64-unknown-linux-gnu -p nestor-microvm) is preferred: the jail then needs
+# none of the host's libraries, its root is the VMM, /dev and /vm only.
 for b in nestor vmm; do
     [[ -n ${!b} ]] && continue
     name=nestor; [[ $b == vmm ]] && name=nestor-vmm
-    for c in "$tdir/release/$name" "$tdir/debug/$name"; do
+    cands=("$tdir/release/$name" "$tdir/debug/$name")
+    [[ $b == vmm ]] && cands=("$tdir/x86_64-unknown-linux-gnu/release/nestor-vmm" "${cands[@]}")
+    for c in "${cands[@]}"; do
         [[ -x $c ]] && { printf -v "$b" %s "$c"; break; }
     done
 done
