@@ -38,8 +38,14 @@ fn run(start: Instant) -> anyhow::Result<i32> {
     };
     let mut vmm = Vmm::build(&cfg, start, None)?;
     let started = vmm.start();
-    // The main thread's filter goes in after the vCPU threads exist; it opens their gate.
-    seccomp::install_main();
+    // The main thread's filter goes in after the vCPU threads exist; once they and the
+    // virtio event thread have theirs too, it opens the vCPUs' gate.
+    let threads = if started.is_ok() {
+        usize::from(cfg.vcpus) + 1
+    } else {
+        0
+    };
+    seccomp::install_main(threads);
     started?;
     let reason = match &api {
         Some(server) => api::serve(server, &mut vmm),

@@ -642,8 +642,26 @@ pub fn from_file(path: &std::path::Path) -> Result<Filters, SeccompError> {
 }
 
 static FILTERS: OnceLock<Filters> = OnceLock::new();
-/// Opened by [`install_main`]: vCPU threads wait here before their first KVM_RUN.
-static GATE: (Mutex<bool>, Condvar) = (Mutex::new(true), Condvar::new());
+/// The vCPU gate: `open` is set by [`install_main`] once the main thread's filter is in
+/// and every expected thread has installed its own (`entered` counts them); vCPU threads
+/// wait for it before their first KVM_RUN.
+struct Gate {
+    open: bool,
+    entered: usize,
+}
+static GATE: (Mutex<Gate>, Condvar) = (
+    Mutex::new(Gate {
+        open: true,
+        entered: 0,
+    }),
+    Condvar::new(),
+);
+/// How long [`install_main`] waits for the other threads to install their filters.
+const ENTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+fn gate() -> std::sync::MutexGuard<'static, Gate> {
+    GATE.0.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 thread_local! {
     /// This thread's kind and index, for the SIGSYS report (const: no lazy init, so
@@ -661,7 +679,7 @@ pub fn setup(args: &SeccompArgs) -> Result<(), SeccompError> {
         (None, SeccompMode::None) => return Ok(()),
     };
     install_sigsys_handler()?;
-    *GATE.0.lock().unwrap_or_else(|p| p.into_inner()) = false;
+    gate().open = false;
     let _ = FILTERS.set(filters);
     Ok(())
 }
@@ -673,7 +691,8 @@ fn die(e: SeccompError) -> ! {
 }
 
 /// Installs this thread's filter (first thing in every VMM thread; a no-op when
-/// filtering is off). vCPU threads then wait until [`install_main`] ran.
+/// filtering is off) and counts it for [`install_main`]. vCPU threads then wait until
+/// [`install_main`] opened their gate.
 pub fn enter(kind: ThreadKind) {
     let Some(f) = FILTERS.get() else {
         return;
@@ -696,21 +715,51 @@ pub fn enter(kind: ThreadKind) {
             msg: e.to_string(),
         });
     }
+    if kind == ThreadKind::Main {
+        return;
+    }
+    let mut g = gate();
+    g.entered += 1;
+    GATE.1.notify_all();
     if let ThreadKind::Vcpu(_) = kind {
-        let mut open = GATE.0.lock().unwrap_or_else(|p| p.into_inner());
-        while !*open {
-            open = GATE.1.wait(open).unwrap_or_else(|p| p.into_inner());
+        while !g.open {
+            g = GATE.1.wait(g).unwrap_or_else(|p| p.into_inner());
         }
     }
 }
 
-/// Installs the main thread's filter and lets the vCPUs run (call after the vCPU
-/// threads are spawned, whether or not that succeeded).
-pub fn install_main() {
-    if FILTERS.get().is_some() {
-        enter(ThreadKind::Main);
+/// Installs the main thread's filter, waits until `threads` other threads (every vCPU
+/// thread and the virtio event thread, plus any other VMM thread that calls [`enter`])
+/// have installed theirs, then lets the vCPUs run: so no guest code runs while any VMM
+/// thread is unfiltered. Call after the vCPU threads are spawned, with the number that
+/// were (a thread missing after a long wait ends the VMM with status 1).
+pub fn install_main(threads: usize) {
+    if FILTERS.get().is_none() {
+        gate().open = true;
+        GATE.1.notify_all();
+        return;
     }
-    *GATE.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+    enter(ThreadKind::Main);
+    let deadline = std::time::Instant::now() + ENTER_TIMEOUT;
+    let mut g = gate();
+    while g.entered < threads {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            die(SeccompError::Install {
+                thread: "main",
+                msg: format!(
+                    "only {} of {threads} VMM threads installed their filters",
+                    g.entered
+                ),
+            });
+        }
+        g = GATE
+            .1
+            .wait_timeout(g, left)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+    g.open = true;
     GATE.1.notify_all();
 }
 

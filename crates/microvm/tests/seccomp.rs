@@ -132,8 +132,12 @@ fn every_vmm_thread_is_filtered_and_the_api_still_works() {
         assert_eq!(
             field(s, "Seccomp:").as_deref(),
             Some("2"),
-            "thread {:?} is not filtered",
-            field(s, "Name:")
+            "thread {:?} is not filtered: {:?}",
+            field(s, "Name:"),
+            statuses
+                .iter()
+                .map(|s| (field(s, "Name:"), field(s, "Pid:"), field(s, "Seccomp:")))
+                .collect::<Vec<_>>()
         );
     }
     // The API works under the main thread's filter (accept, recv, send, /proc reads,
