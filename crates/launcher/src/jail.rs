@@ -35,12 +35,16 @@ pub struct JailConfig {
     pub uid: u32,
     pub gid: u32,
     pub kvm: bool,
-    pub tun: bool,
+    /// A tap device (created here, owned by the jail's uid, moved into the jail's
+    /// network namespace before the program starts) and /dev/net/tun; None: no network.
+    pub tap: Option<String>,
     pub memory: Option<i64>,
     pub cpus: Option<f64>,
     pub pids_limit: Option<i64>,
     pub nofile: u64,
     pub fsize: Option<u64>,
+    /// RLIMIT_NPROC (threads of the jail's uid in its user namespace).
+    pub nproc: u64,
     /// A directory shared with the host, writable by the jail (sockets), at /run/nestor.
     pub share_dir: bool,
 }
@@ -103,7 +107,7 @@ pub fn prepare(c: &JailConfig) -> Result<PathBuf> {
     if c.kvm {
         mknod(&root.join("dev/kvm"), 10, 232, 0o600, owner)?;
     }
-    if c.tun {
+    if c.tap.is_some() {
         mknod(&root.join("dev/net/tun"), 10, 200, 0o600, owner)?;
     }
     mknod(&root.join("dev/urandom"), 1, 9, 0o666, None)?;
@@ -118,7 +122,7 @@ pub fn prepare(c: &JailConfig) -> Result<PathBuf> {
     ];
     if is_dynamic(&c.binary)? {
         // A dynamically linked program needs the host's loader and libraries (read-only).
-        for d in ["/lib", "/lib64", "/usr/lib"] {
+        for d in ["/lib", "/lib64", "/usr/lib", "/usr/lib64"] {
             let p = Path::new(d);
             if p.exists() && !p.is_symlink() {
                 mounts.push(json!({"destination": d, "type": "bind", "source": d, "options": ["rbind", "ro", "nosuid", "nodev"]}));
@@ -133,6 +137,30 @@ pub fn prepare(c: &JailConfig) -> Result<PathBuf> {
             bail!("jail path {} must be absolute and plain", f.inside);
         }
         let md = std::fs::metadata(&f.host).with_context(|| format!("{}", f.host.display()))?;
+        if !md.is_file() {
+            bail!("{} is not a regular file", f.host.display());
+        }
+        let mut source = f.host.clone();
+        if let Some(closed) = closed_dir(&f.host, c.uid, c.gid) {
+            if f.writable {
+                bail!(
+                    "{} is not reachable by the jail's uid {}:{} ({} is closed to it): move the file or open the directory",
+                    f.host.display(),
+                    c.uid,
+                    c.gid,
+                    closed.display()
+                );
+            }
+            // A read-only file behind a closed directory (e.g. under /root) is copied
+            // into the jail's own directory, as Firecracker's jailer does.
+            let files = dir.join("files");
+            std::fs::create_dir_all(&files)?;
+            let copy = files.join(f.inside.trim_start_matches('/').replace('/', "_"));
+            std::fs::copy(&f.host, &copy)
+                .with_context(|| format!("copy {} into the jail", f.host.display()))?;
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o444))?;
+            source = copy;
+        }
         if f.writable {
             use std::os::unix::fs::MetadataExt;
             let other_w = md.mode() & 0o002 != 0;
@@ -152,7 +180,7 @@ pub fn prepare(c: &JailConfig) -> Result<PathBuf> {
             opts.push("ro");
         }
         mounts.push(
-            json!({"destination": f.inside, "type": "bind", "source": f.host, "options": opts}),
+            json!({"destination": f.inside, "type": "bind", "source": source, "options": opts}),
         );
     }
     if c.share_dir {
@@ -187,17 +215,21 @@ pub fn prepare(c: &JailConfig) -> Result<PathBuf> {
     args.extend(c.args.iter().cloned());
     let mut rlimits = vec![
         json!({"type": "RLIMIT_NOFILE", "hard": c.nofile, "soft": c.nofile}),
-        json!({"type": "RLIMIT_NPROC", "hard": 4096, "soft": 4096}),
+        json!({"type": "RLIMIT_NPROC", "hard": c.nproc, "soft": c.nproc}),
     ];
     if let Some(f) = c.fsize {
         rlimits.push(json!({"type": "RLIMIT_FSIZE", "hard": f, "soft": f}));
     }
-    let mut res = json!({"devices": [
-        {"allow": false, "access": "rwm"},
-        {"allow": true, "type": "c", "major": 10, "minor": 232, "access": "rw"},
-        {"allow": true, "type": "c", "major": 10, "minor": 200, "access": "rw"},
-        {"allow": true, "type": "c", "major": 1, "minor": 9, "access": "rw"},
-    ]});
+    let mut devices = vec![
+        json!({"allow": false, "access": "rwm"}),
+        json!({"allow": true, "type": "c", "major": 10, "minor": 232, "access": "rw"}),
+        json!({"allow": true, "type": "c", "major": 1, "minor": 9, "access": "rw"}),
+    ];
+    if c.tap.is_some() {
+        devices
+            .push(json!({"allow": true, "type": "c", "major": 10, "minor": 200, "access": "rw"}));
+    }
+    let mut res = json!({ "devices": devices });
     if let Some(m) = c.memory {
         res["memory"] = json!({"limit": m, "swap": m});
     }
@@ -208,6 +240,10 @@ pub fn prepare(c: &JailConfig) -> Result<PathBuf> {
         res["pids"] = json!({"limit": p});
     }
     let none: [&str; 0] = [];
+    let net = match &c.tap {
+        Some(t) => json!({"type": "network", "path": netns_path(t)}),
+        None => json!({"type": "network"}),
+    };
     let spec: Value = json!({
         "ociVersion": "1.0.2",
         "root": {"path": root, "readonly": true},
@@ -224,7 +260,7 @@ pub fn prepare(c: &JailConfig) -> Result<PathBuf> {
         },
         "mounts": mounts,
         "linux": {
-            "namespaces": [{"type": "mount"}, {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "network"}, {"type": "user"}, {"type": "cgroup"}],
+            "namespaces": [{"type": "mount"}, {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, net, {"type": "user"}, {"type": "cgroup"}],
             "uidMappings": [{"containerID": 0, "hostID": c.uid, "size": 1}],
             "gidMappings": [{"containerID": 0, "hostID": c.gid, "size": 1}],
             "resources": res,
@@ -234,13 +270,111 @@ pub fn prepare(c: &JailConfig) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Remove a jail's directory (device nodes, share dir; nothing is mounted on the host).
-pub fn remove(id: &str) {
-    let _ = std::fs::remove_dir_all(jails_dir().join(id));
+/// The first directory on the path to `path` that `uid`:`gid` cannot search (None:
+/// the file is reachable).
+fn closed_dir(path: &Path, uid: u32, gid: u32) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let abs = std::fs::canonicalize(path).ok()?;
+    let mut dir = abs.parent();
+    let mut closed = None;
+    while let Some(d) = dir {
+        let md = std::fs::metadata(d).ok()?;
+        let bit = if md.uid() == uid {
+            0o100
+        } else if md.gid() == gid {
+            0o010
+        } else {
+            0o001
+        };
+        if md.mode() & bit == 0 {
+            closed = Some(d.to_path_buf());
+        }
+        dir = d.parent();
+    }
+    if closed.is_none() {
+        let md = std::fs::metadata(&abs).ok()?;
+        let bit = if md.uid() == uid {
+            0o400
+        } else if md.gid() == gid {
+            0o040
+        } else {
+            0o004
+        };
+        if md.mode() & bit == 0 {
+            return Some(abs);
+        }
+    }
+    closed
 }
 
-/// Run the program jailed in the foreground; returns its exit code.
-pub fn run(rt: &Runtime, c: &JailConfig) -> Result<i32> {
+/// The tap name of jail `id` (at most 15 bytes, derived from the id so `gc` finds it).
+pub fn tap_name(id: &str) -> String {
+    let tail: String = id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .rev()
+        .take(12)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    format!("nj{tail}")
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let o = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .context("run ip(8) (iproute2)")?;
+    if !o.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Where `ip netns` keeps the network namespace of a jail with tap `tap`.
+fn netns_path(tap: &str) -> PathBuf {
+    Path::new("/run/netns").join(tap)
+}
+
+/// Remove a jail's directory, its network namespace file and its tap (if still on the
+/// host); the tap inside the namespace dies with it once the jail's process is gone.
+pub fn remove(id: &str) {
+    let _ = std::fs::remove_dir_all(jails_dir().join(id));
+    let tap = tap_name(id);
+    if netns_path(&tap).exists() {
+        let _ = ip(&["netns", "del", &tap]);
+    }
+    if Path::new("/sys/class/net").join(&tap).exists() {
+        let _ = ip(&["link", "del", "dev", &tap]);
+    }
+}
+
+/// A running jailed program, as seen from the host.
+pub struct Jailed {
+    /// Jail (and runtime container) id.
+    pub id: String,
+    /// Host pid of the jailed program.
+    pub pid: i32,
+    /// `/run/nestor-jail/<id>`: `root/` is the jail's root, `share/` (when asked for)
+    /// is its `/run/nestor`.
+    pub dir: PathBuf,
+    /// The tap moved into the jail's network namespace.
+    #[allow(dead_code)] // read by `nestor run --vm --jail` callers
+    pub tap: Option<String>,
+    rt: Runtime,
+    program: String,
+    reaped: bool,
+    done: bool,
+}
+
+/// Lay out the jail, create its namespaces and cgroup, hand it the tap, and start the
+/// program; everything is undone if a step fails.
+pub fn spawn(rt: &Runtime, c: &JailConfig) -> Result<Jailed> {
     let dir = match prepare(c) {
         Ok(d) => d,
         Err(e) => {
@@ -250,8 +384,22 @@ pub fn run(rt: &Runtime, c: &JailConfig) -> Result<i32> {
             return Err(e);
         }
     };
+    let mut j = Jailed {
+        id: c.id.clone(),
+        pid: 0,
+        dir: dir.clone(),
+        tap: c.tap.clone(),
+        rt: rt.clone(),
+        program: c
+            .binary
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        reaped: false,
+        done: false,
+    };
     let owner = std::process::id().to_string();
-    let r = rt.create_and_start(&CreateOpts {
+    let opts = CreateOpts {
         id: c.id.clone(),
         bundle: dir.clone(),
         console_socket: None,
@@ -263,29 +411,129 @@ pub fn run(rt: &Runtime, c: &JailConfig) -> Result<i32> {
         ]
         .into_iter()
         .collect(),
-    });
-    let st = match r {
-        Ok(st) => st,
-        Err(e) => {
-            remove(&c.id);
-            return Err(e.into());
-        }
     };
-    let guard = crate::signals::forward_to(st.pid);
-    let code = wait_exit(st.pid);
-    drop(guard);
-    let oom = rt
-        .stats(&c.id)
-        .ok()
-        .flatten()
-        .and_then(|s| s.oom_kills)
-        .unwrap_or(0)
-        > 0;
-    let _ = rt.delete(&c.id, true);
-    remove(&c.id);
-    let code = code?;
-    if oom {
-        eprintln!("nestor: the jail's memory limit was reached: the VMM was OOM-killed (raise --memory above the guest's memory plus VMM overhead)");
+    let r = (|| -> Result<i32> {
+        if let Some(tap) = &c.tap {
+            // The tap lives in a network namespace made for the jail (joined by path),
+            // owned by the jail's uid so the unprivileged VMM can attach to it.
+            let (u, g) = (c.uid.to_string(), c.gid.to_string());
+            ip(&["netns", "add", tap])?;
+            ip(&[
+                "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr", "user", &u, "group", &g,
+            ])?;
+            ip(&["link", "set", "dev", tap, "netns", tap])?;
+            ip(&["-n", tap, "link", "set", "dev", tap, "up"])?;
+        }
+        Ok(rt.create_and_start(&opts)?.pid)
+    })();
+    match r {
+        Ok(pid) => {
+            j.pid = pid;
+            Ok(j)
+        }
+        Err(e) => {
+            j.cleanup();
+            Err(e)
+        }
     }
-    Ok(code)
+}
+
+impl Jailed {
+    /// Waits for the program to end (forwarding SIGINT/SIGTERM/… to it), cleans the jail
+    /// up and returns its exit code; reports an OOM kill by the jail's memory limit.
+    pub fn wait(mut self) -> Result<i32> {
+        let guard = crate::signals::forward_to(self.pid);
+        let code = wait_exit(self.pid);
+        self.reaped = true;
+        drop(guard);
+        let oom = self
+            .rt
+            .stats(&self.id)
+            .ok()
+            .flatten()
+            .and_then(|s| s.oom_kills)
+            .unwrap_or(0)
+            > 0;
+        self.cleanup();
+        let code = code?;
+        if oom {
+            eprintln!(
+                "nestor: the jail's memory limit was reached: {} was OOM-killed (for a VMM, raise --memory above the guest's memory plus the VMM's overhead)",
+                self.program
+            );
+        }
+        Ok(code)
+    }
+
+    /// Kills the program if it still runs and removes everything the jail made: runtime
+    /// state, cgroup, jail directory, tap. Idempotent; also done on drop.
+    pub fn cleanup(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if self.pid > 0 && !self.reaped {
+            // Still running (or a zombie): it is our child (CLONE_PARENT), so kill and
+            // reap it; the pid cannot have been reused before it is reaped.
+            let pid = nix::unistd::Pid::from_raw(self.pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+            self.reaped = true;
+        }
+        let _ = self.rt.delete(&self.id, true);
+        remove(&self.id);
+    }
+}
+
+impl Drop for Jailed {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// Run the program jailed in the foreground; returns its exit code.
+pub fn run(rt: &Runtime, c: &JailConfig) -> Result<i32> {
+    spawn(rt, c)?.wait()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tap_names_fit_ifnamsiz_and_follow_the_id() {
+        let t = tap_name("jail-0123456789abcdef");
+        assert_eq!(t, "nj456789abcdef");
+        assert!(t.len() < 16);
+        assert_eq!(tap_name("t-x-1"), "nj tx1".replace(' ', ""));
+    }
+
+    #[test]
+    fn closed_directories_on_the_path_are_found() {
+        let d = tempfile::tempdir().unwrap();
+        let open = d.path().join("open");
+        let closed = d.path().join("closed");
+        for p in [&open, &closed] {
+            std::fs::create_dir(p).unwrap();
+            std::fs::write(p.join("f"), b"x").unwrap();
+            std::fs::set_permissions(p.join("f"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(closed_dir(&open.join("f"), 123_456, 123_456), None);
+        assert_eq!(
+            closed_dir(&closed.join("f"), 123_456, 123_456),
+            Some(closed.clone())
+        );
+        // The owner may enter its own 0700 directory.
+        let me = nix::unistd::getuid().as_raw();
+        assert_eq!(closed_dir(&closed.join("f"), me, 123_456), None);
+        // An unreadable file is reported itself.
+        std::fs::set_permissions(open.join("f"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            closed_dir(&open.join("f"), 123_456, 123_456),
+            Some(open.join("f"))
+        );
+    }
 }

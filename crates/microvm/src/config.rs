@@ -218,7 +218,7 @@ impl VmConfig {
     about = "nestor's KVM microVM monitor",
     after_help = "Exit status: 0 guest powered off (or halted, or API shutdown), 1 bad \
                   arguments or set-up error, 2 guest rebooted, 3 triple fault, 4 KVM \
-                  internal error."
+                  internal error, 5 stopped by the seccomp filter."
 )]
 pub struct Cli {
     /// JSON file with the same settings (flags override it).
@@ -257,6 +257,9 @@ pub struct Cli {
     /// Control socket (JSON requests: pause, resume, shutdown, metrics).
     #[arg(long, value_name = "PATH")]
     pub api: Option<PathBuf>,
+    /// Seccomp flags (per-thread filters).
+    #[command(flatten)]
+    pub seccomp: crate::seccomp::SeccompArgs,
 }
 
 impl Cli {

@@ -24,7 +24,8 @@ pub enum GuestExit {
 }
 
 impl GuestExit {
-    /// The process exit status `nestor-vmm` uses for this ending.
+    /// The process exit status `nestor-vmm` uses for this ending (1 is set-up errors,
+    /// 5 a seccomp violation: [`crate::seccomp::EXIT_SECCOMP`]).
     pub fn status(&self) -> i32 {
         match self {
             GuestExit::Poweroff | GuestExit::Halted | GuestExit::Stopped => 0,

@@ -10,6 +10,7 @@ use clap::Parser;
 use nestor_microvm::api::{self, ApiServer};
 use nestor_microvm::config::Cli;
 use nestor_microvm::exit::ExitSignal;
+use nestor_microvm::seccomp;
 use nestor_microvm::{GuestExit, Vmm};
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in this thread and every thread started after it,
@@ -32,13 +33,16 @@ fn block_stop_signals() -> libc::sigset_t {
 fn stop_on_signals(set: libc::sigset_t, exit: Arc<ExitSignal>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || loop {
-            let mut sig = 0;
-            // SAFETY: sigwait with a valid set and out-parameter.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                eprintln!("nestor-vmm: signal {sig}: stopping the VM");
-                exit.set(GuestExit::Stopped);
-                return;
+        .spawn(move || {
+            seccomp::enter(seccomp::ThreadKind::Signals);
+            loop {
+                let mut sig = 0;
+                // SAFETY: sigwait with a valid set and out-parameter.
+                if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                    eprintln!("nestor-vmm: signal {sig}: stopping the VM");
+                    exit.set(GuestExit::Stopped);
+                    return;
+                }
             }
         })
         .map(drop)
@@ -56,7 +60,15 @@ fn run(start: Instant) -> anyhow::Result<i32> {
             e.to_string().lines().next().unwrap_or("bad arguments")
         ),
     };
+    if cli.seccomp.seccomp_print {
+        use std::io::Write;
+        writeln!(std::io::stdout(), "{:#}", seccomp::default_filters()?)?;
+        return Ok(0);
+    }
+    let filters = cli.seccomp.clone();
     let cfg = cli.into_config()?;
+    // Filters are compiled before anything is built; each thread installs its own.
+    seccomp::setup(&filters)?;
     let signals = block_stop_signals();
     // The socket is bound before the VM exists, so a bad path costs nothing.
     let api = match &cfg.api {
@@ -65,7 +77,17 @@ fn run(start: Instant) -> anyhow::Result<i32> {
     };
     let mut vmm = Vmm::build(&cfg, start, None)?;
     stop_on_signals(signals, vmm.exit_signal())?;
-    vmm.start()?;
+    let started = vmm.start();
+    // The main thread's filter goes in after the vCPU threads exist; once they, the
+    // virtio event thread and the signal thread have theirs too, it opens the vCPUs'
+    // gate.
+    let threads = if started.is_ok() {
+        usize::from(cfg.vcpus) + 2
+    } else {
+        0
+    };
+    seccomp::install_main(threads);
+    started?;
     let reason = match &api {
         Some(server) => api::serve(server, &mut vmm),
         None => vmm.wait(None).unwrap_or(GuestExit::Stopped),

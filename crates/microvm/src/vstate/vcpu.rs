@@ -372,7 +372,10 @@ pub fn spawn(vcpu: Vcpu, ctx: VcpuContext) -> Result<JoinHandle<()>, VcpuError> 
     let id = vcpu.id;
     std::thread::Builder::new()
         .name(format!("vcpu{id}"))
-        .spawn(move || run_loop(vcpu, ctx))
+        .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu(id));
+            run_loop(vcpu, ctx)
+        })
         .map_err(|source| VcpuError::Spawn { id, source })
 }
 

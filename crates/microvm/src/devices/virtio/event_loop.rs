@@ -65,7 +65,10 @@ impl EventLoop {
         let stop_rx = stop.try_clone()?;
         let handle = std::thread::Builder::new()
             .name("virtio-events".into())
-            .spawn(move || run(epoll, stop_rx, queues, transports))?;
+            .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Virtio);
+                run(epoll, stop_rx, queues, transports)
+            })?;
         Ok(EventLoop {
             stop,
             handle: Some(handle),
