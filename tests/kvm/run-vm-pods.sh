@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Scenario 1, shared VMs and the OCI command line: pods (two containers in one VM, exec
-# into a pod container, pod rm refusing then forcing) and podman through `nestor-vm`
-# (run with exit code and the guest kernel, -d, exec, stop, rm).
+# Scenario 1, shared VMs, both nestings at once and the OCI command line: pods (two
+# containers in one VM, exec into a pod container, pod rm refusing then forcing);
+# `run --vm --jail` (exit code, the guest kernel, and the jailed VMM seen from the host:
+# unprivileged uid, no capabilities, seccomp, a jail root; nothing left after rm -f);
+# podman through `nestor-vm` (run with exit code and the guest kernel, -d, exec, stop, rm).
 # Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all pass.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -30,6 +32,25 @@ n rm -f inpod >/dev/null 2>&1 || true
 # podman through `nestor-vm` (a symlink to nestor): run, exit code, the guest kernel,
 # -d, exec, stop, rm.
 guest=$(n run --vm --rm busybox uname -r || true)
+
+# Both nestings at once: a container in a microVM whose VMM is jailed.
+set +e
+out=$(n run --vm --jail --rm busybox sh -c 'uname -r; exit 4' 2>"$work/jv.err")
+rc=$?
+set -e
+[[ $rc == 4 && $out == "$guest" ]] && pass "run --vm --jail: exit 4, guest kernel" ||
+    bad "run --vm --jail: rc $rc, out '$out': $(tail -n 5 "$work/jv.err")"
+n run --vm --jail -d --name jv busybox sleep 600 >/dev/null 2>"$work/jv.err" || bad "run --vm --jail -d: $(tail -n 5 "$work/jv.err")"
+vpid=$(n inspect jv | python3 -c 'import json,sys; print(json.load(sys.stdin)["VM"]["VmmPid"])' || echo 0)
+st=$(grep -E '^(Uid|CapEff|Seccomp):' "/proc/$vpid/status" 2>/dev/null | awk '{print $1 $2}' | tr '\n' ' ')
+expect "jailed VMM: uid, capabilities, seccomp" "Uid:200000 CapEff:0000000000000000 Seccomp:2 " "$st"
+root=$(ls "/proc/$vpid/root" 2>/dev/null | tr '\n' ' ')
+[[ -n $root && $root != *etc* && $root != *home* ]] && pass "jailed VMM's root holds only the jail ($root)" || bad "jailed VMM root: '$root'"
+n rm -f jv >/dev/null
+sleep 1
+[[ -z $(ls /run/nestor-jail 2>/dev/null) ]] && ! kill -0 "$vpid" 2>/dev/null && pass "rm -f: jailed VMM and jail gone" ||
+    bad "rm -f left: $(ls /run/nestor-jail 2>/dev/null) pid $vpid"
+
 if command -v podman >/dev/null; then
     mkdir -p "$work/pm" "$work/bin"
     mount -t tmpfs tmpfs "$work/pm"

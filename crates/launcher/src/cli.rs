@@ -284,6 +284,16 @@ pub struct RunArgs {
     /// Guest kernel for --vm (default: $NESTOR_VM_KERNEL or $NESTOR_ROOT/vm/vmlinux).
     #[arg(long, value_name = "PATH")]
     pub vm_kernel: Option<PathBuf>,
+    /// With --vm: run the microVM's monitor in a jail too (scenario 2 around scenario 1:
+    /// its own namespaces, cgroup, unprivileged uid, no capabilities, seccomp).
+    #[arg(long)]
+    pub jail: bool,
+    /// Host uid that root in the VMM's jail maps to (--jail).
+    #[arg(long, default_value_t = 200_000)]
+    pub jail_uid: u32,
+    /// Host gid that root in the VMM's jail maps to (--jail).
+    #[arg(long, default_value_t = 200_000)]
+    pub jail_gid: u32,
     /// Run the container in this pod's microVM (`nestor pod create`); implies --vm.
     #[arg(long, value_name = "POD")]
     pub pod: Option<String>,

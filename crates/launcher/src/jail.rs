@@ -370,6 +370,8 @@ pub struct Jailed {
     program: String,
     reaped: bool,
     done: bool,
+    /// Exit code, once reaped by [`Jailed::try_wait`].
+    status: Option<i32>,
 }
 
 /// Lay out the jail, create its namespaces and cgroup, hand it the tap, and start the
@@ -397,6 +399,7 @@ pub fn spawn(rt: &Runtime, c: &JailConfig) -> Result<Jailed> {
             .unwrap_or_default(),
         reaped: false,
         done: false,
+        status: None,
     };
     let owner = std::process::id().to_string();
     let opts = CreateOpts {
@@ -439,6 +442,26 @@ pub fn spawn(rt: &Runtime, c: &JailConfig) -> Result<Jailed> {
 }
 
 impl Jailed {
+    /// The program's exit code if it has ended (reaping it), without blocking; the jail
+    /// itself stays until [`Jailed::cleanup`].
+    pub fn try_wait(&mut self) -> Option<i32> {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        if self.reaped || self.pid <= 0 {
+            return self.status;
+        }
+        match waitpid(
+            nix::unistd::Pid::from_raw(self.pid),
+            Some(WaitPidFlag::WNOHANG),
+        ) {
+            Ok(WaitStatus::Exited(_, c)) => self.status = Some(c),
+            Ok(WaitStatus::Signaled(_, sig, _)) => self.status = Some(128 + sig as i32),
+            Ok(_) => return None,
+            Err(_) => self.status = Some(137),
+        }
+        self.reaped = true;
+        self.status
+    }
+
     /// Waits for the program to end (forwarding SIGINT/SIGTERM/… to it), cleans the jail
     /// up and returns its exit code; reports an OOM kill by the jail's memory limit.
     pub fn wait(mut self) -> Result<i32> {

@@ -111,6 +111,8 @@ fn dispatch(cli: &Cli) -> Result<i32> {
         Cmd::Run(a) => {
             return if a.bundle.is_some() {
                 oci::run(&rt, a)
+            } else if a.jail && !a.vm {
+                anyhow::bail!("--jail jails a microVM's monitor: use it with --vm")
             } else if a.vm || a.pod.is_some() {
                 vmrun::run(a)
             } else {

@@ -256,6 +256,7 @@ fn shim(
             disks: vec![(disk.to_path_buf(), true)],
             hostname,
             net: None,
+            jail: None,
         },
     )?;
     let deadline = Instant::now() + sandbox::boot_timeout();

@@ -187,6 +187,7 @@ fn monitor(
             disks,
             hostname: name.to_string(),
             net: None,
+            jail: None,
         },
     )?;
     let deadline = Instant::now() + sandbox::boot_timeout();

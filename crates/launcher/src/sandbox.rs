@@ -6,6 +6,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -78,6 +79,8 @@ pub struct BootOpts {
     pub hostname: String,
     /// A tap device for the guest's eth0.
     pub net: Option<String>,
+    /// Run the VMM jailed (scenario 2 around scenario 1): these limits, its own uid.
+    pub jail: Option<crate::cli::JailOpts>,
 }
 
 /// The deadline for the guest agent to answer after the VMM started:
@@ -102,6 +105,8 @@ pub struct Timeline {
 /// A booted (or booting) microVM running the agent.
 pub struct Sandbox {
     child: Option<Child>,
+    /// The jailed VMM, when the sandbox runs in a jail (then `child` is None).
+    jailed: Option<crate::vm::JailedVm>,
     /// False for a VM another process owns (a pod's): never shut down or removed here.
     owned: bool,
     dir: PathBuf,
@@ -114,18 +119,14 @@ pub struct Sandbox {
 impl Sandbox {
     /// Spawns nestor-vmm for `id` (its files go to [`sandboxes_dir`]/`id`).
     pub fn boot(id: &str, assets: &Assets, o: &BootOpts) -> Result<Sandbox> {
+        if let Some(j) = &o.jail {
+            return Self::boot_jailed(id, assets, o, j);
+        }
         let dir = sandboxes_dir().join(id);
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let vsock = dir.join("v.sock");
         let console = dir.join("console.log");
-        let mut cmdline = format!(
-            "console=ttyS0 reboot=t panic=-1 quiet nestor.hostname={}",
-            o.hostname
-        );
-        if let Ok(extra) = std::env::var("NESTOR_VM_CMDLINE") {
-            cmdline.push(' ');
-            cmdline.push_str(&extra);
-        }
+        let cmdline = boot_cmdline(&o.hostname);
         let mut c = Command::new(&assets.vmm);
         c.arg("--kernel")
             .arg(&assets.kernel)
@@ -176,6 +177,7 @@ impl Sandbox {
         };
         Ok(Sandbox {
             child: Some(child),
+            jailed: None,
             owned: true,
             dir,
             vsock,
@@ -188,10 +190,69 @@ impl Sandbox {
         })
     }
 
+    /// The VMM in a jail of its own (`crate::vm::spawn_jailed_vmm`): its console is
+    /// not kept (a jailed VMM writes nowhere outside its jail), its vsock socket is the
+    /// jail's.
+    fn boot_jailed(
+        id: &str,
+        assets: &Assets,
+        o: &BootOpts,
+        j: &crate::cli::JailOpts,
+    ) -> Result<Sandbox> {
+        if o.net.is_some() {
+            bail!("a network device with a jailed VM is not supported yet");
+        }
+        let dir = sandboxes_dir().join(id);
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let rt = nestor_container::container::Runtime::new(
+            std::env::var_os("NESTOR_STATE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| nestor_container::state::DEFAULT_ROOT.into()),
+        );
+        let spec = crate::vm::VmmSpec {
+            vmm: assets.vmm.clone(),
+            kernel: assets.kernel.clone(),
+            initrd: Some(assets.initrd.clone()),
+            cmdline: Some(boot_cmdline(&o.hostname)),
+            disks: o.disks.clone(),
+            vsock: true,
+            mem_mib: Some(u64::from(o.mem_mib)),
+            vcpus: Some(u32::from(o.vcpus)),
+            console: Some("none".into()),
+            extra_args: Vec::new(),
+        };
+        let start = Instant::now();
+        let jailed = match crate::vm::spawn_jailed_vmm(&rt, &spec, j, Some(format!("vm-{id}"))) {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let vsock = jailed
+            .vsock
+            .clone()
+            .context("the jailed VMM has no vsock socket")?;
+        Ok(Sandbox {
+            child: None,
+            jailed: Some(jailed),
+            owned: true,
+            console: dir.join("console.log"),
+            vsock,
+            dir,
+            timeline: Timeline {
+                vmm_spawned_ms: ms(start.elapsed()),
+                agent_ready_ms: None,
+            },
+            start,
+        })
+    }
+
     /// A running VM that another process owns (a pod), by its sandbox directory.
     pub fn join(dir: PathBuf) -> Sandbox {
         Sandbox {
             child: None,
+            jailed: None,
             owned: false,
             vsock: dir.join("v.sock"),
             console: dir.join("console.log"),
@@ -203,7 +264,10 @@ impl Sandbox {
 
     /// The VMM's pid.
     pub fn vmm_pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        match &self.jailed {
+            Some(j) => Some(j.jail.pid as u32),
+            None => self.child.as_ref().map(Child::id),
+        }
     }
 
     /// The sandbox's files (socket, console log, VMM stderr).
@@ -218,20 +282,24 @@ impl Sandbox {
 
     /// Whether the VMM still runs (always true for a VM this process does not own).
     pub fn running(&mut self) -> bool {
-        self.child.is_none() || self.ended().is_none()
+        !self.owned || self.ended().is_none()
     }
 
-    /// The VMM's exit status, if it has ended.
-    fn ended(&mut self) -> Option<std::process::ExitStatus> {
+    /// The VMM's exit code (128 + N for signal N), if it has ended.
+    fn ended(&mut self) -> Option<i32> {
+        if let Some(j) = self.jailed.as_mut() {
+            return j.jail.try_wait();
+        }
         self.child
             .as_mut()
             .and_then(|c| c.try_wait().ok().flatten())
+            .map(|s| s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(9)))
     }
 
     /// Why the VM is gone, with the last console and VMM lines.
     pub fn failure(&mut self, what: &str) -> anyhow::Error {
         let status = match self.ended() {
-            Some(s) => match s.code() {
+            Some(s) => match Some(s).filter(|c| *c < 128) {
                 Some(0) => "the guest powered off".to_string(),
                 // With reboot=t a guest reboot is a triple fault.
                 Some(2) | Some(3) => {
@@ -338,7 +406,7 @@ impl Sandbox {
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Some(s) = self.ended() {
-                return s.code();
+                return Some(s);
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -348,6 +416,9 @@ impl Sandbox {
 
     /// Kills and reaps the VMM (no-op once it is gone).
     pub fn kill(&mut self) {
+        if let Some(j) = self.jailed.as_mut() {
+            j.cleanup();
+        }
         if let Some(c) = self.child.as_mut() {
             if c.try_wait().ok().flatten().is_none() {
                 let _ = c.kill();
@@ -364,6 +435,16 @@ impl Drop for Sandbox {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// The guest kernel's command line (plus `NESTOR_VM_CMDLINE`, for tests).
+fn boot_cmdline(hostname: &str) -> String {
+    let mut cmdline = format!("console=ttyS0 reboot=t panic=-1 quiet nestor.hostname={hostname}");
+    if let Ok(extra) = std::env::var("NESTOR_VM_CMDLINE") {
+        cmdline.push(' ');
+        cmdline.push_str(&extra);
+    }
+    cmdline
 }
 
 fn ms(d: Duration) -> f64 {

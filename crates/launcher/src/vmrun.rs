@@ -119,6 +119,24 @@ fn guest_spec(
     Ok(s)
 }
 
+/// `--jail`: the VMM's jail, limited to the guest's memory plus the VMM's overhead and
+/// to the guest's vCPUs.
+fn jail_opts(a: &RunArgs, mem_mib: u32, vcpus: u8) -> Option<crate::cli::JailOpts> {
+    a.jail.then(|| crate::cli::JailOpts {
+        jail_uid: a.jail_uid,
+        jail_gid: a.jail_gid,
+        memory: Some(format!(
+            "{}m",
+            u64::from(mem_mib) + crate::vm::VMM_OVERHEAD_MIB
+        )),
+        cpus: Some(f64::from(vcpus)),
+        pids_limit: None,
+        nofile: 2048,
+        fsize: None,
+        network: crate::cli::JailNetwork::None,
+    })
+}
+
 /// Guest memory for the run's flags.
 fn guest_mem(a: &RunArgs) -> Result<u32> {
     let limit_mib = match &a.memory {
@@ -261,6 +279,7 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
                     disks,
                     hostname,
                     net: None,
+                    jail: jail_opts(a, mem_mib, vcpus),
                 },
             )?;
             let pid = sb.vmm_pid().unwrap_or(0) as i32;
@@ -387,6 +406,9 @@ fn wait_and_stop(r: &mut Running) -> Result<i32> {
 
 /// `nestor run --vm …` in the foreground.
 pub fn run(a: &RunArgs) -> Result<i32> {
+    if a.jail && a.pod.is_some() {
+        bail!("--jail with --pod is not supported: jail the pod's VM instead (not built yet)");
+    }
     if a.pod.is_some() && (a.vm_mem.is_some() || a.vm_cpus.is_some()) {
         bail!("--vm-mem and --vm-cpus are the pod's (set them with `nestor pod create`)");
     }
