@@ -211,6 +211,23 @@ fn spawn_shim(
     }
 }
 
+/// Where a process's stdio comes from and goes to, as files of their own: this
+/// process's stdin, stdout and stderr (conmon's pipes), or a host pty's slave for a
+/// terminal (input and output on it; no separate stderr).
+fn stdio_ends(
+    slave: Option<&OwnedFd>,
+) -> Result<(std::fs::File, std::fs::File, Option<std::fs::File>)> {
+    let dup = |fd: i32| -> Result<std::fs::File> {
+        let n = nix::unistd::dup(fd).context("dup stdio")?;
+        // SAFETY: dup just returned this fd to us.
+        Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(n) }))
+    };
+    Ok(match slave {
+        Some(s) => (dup(s.as_raw_fd())?, dup(s.as_raw_fd())?, None),
+        None => (dup(0)?, dup(1)?, Some(dup(2)?)),
+    })
+}
+
 /// A host pty for a terminal container: the master goes to the console socket, the
 /// slave (raw) is where the guest's terminal streams are relayed.
 fn host_pty(console_socket: &Path) -> Result<OwnedFd> {
@@ -267,15 +284,7 @@ fn shim(
         Some(cs) if terminal => Some(host_pty(cs)?),
         _ => None,
     };
-    let dup = |fd: i32| -> Result<std::fs::File> {
-        let n = nix::unistd::dup(fd).context("dup stdio")?;
-        // SAFETY: dup just returned this fd to us.
-        Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(n) }))
-    };
-    let (stdin_src, stdout_dst, stderr_dst) = match &slave {
-        Some(s) => (dup(s.as_raw_fd())?, dup(s.as_raw_fd())?, None),
-        None => (dup(0)?, dup(1)?, Some(dup(2)?)),
-    };
+    let (stdin_src, stdout_dst, stderr_dst) = stdio_ends(slave.as_ref())?;
     let input = sb.attach(&gid, None, Stream::Stdin, deadline)?;
     let out = sb.attach(&gid, None, Stream::Stdout, deadline)?;
     outputs.push(crate::vmrun::pump(out, stdout_dst));
@@ -317,13 +326,7 @@ fn shim(
     // The caller may exit now; stdio stays with us. Detach from its session's signals.
     ready.write_all(b"ok").context("tell the caller")?;
     crate::sandbox::release_pipe(ready);
-    let null = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")?;
-    for fd in 0..3 {
-        let _ = nix::unistd::dup2(null.as_raw_fd(), fd);
-    }
+    crate::sandbox::stdio_to_null()?;
     let (_guard, pipe) = crate::signals::forward_to_pipe().context("signal pipe")?;
     if let Ok(s) = sb.connect(proto::DEFAULT_PORT, deadline) {
         crate::vmrun::forward_signals(pipe, Agent::new(s)?, gid.clone());
@@ -566,15 +569,7 @@ fn exec_in_vm(st: &VmState, r: &ExecReq, ready: Option<&mut std::fs::File>) -> R
         Some(cs) => Some(host_pty(cs)?),
         None => None,
     };
-    let dup = |fd: i32| -> Result<std::fs::File> {
-        let n = nix::unistd::dup(fd).context("dup stdio")?;
-        // SAFETY: dup just returned this fd to us.
-        Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(n) }))
-    };
-    let (stdin_src, stdout_dst, stderr_dst) = match &slave {
-        Some(s) => (dup(s.as_raw_fd())?, dup(s.as_raw_fd())?, None),
-        None => (dup(0)?, dup(1)?, Some(dup(2)?)),
-    };
+    let (stdin_src, stdout_dst, stderr_dst) = stdio_ends(slave.as_ref())?;
     let input = attach(Stream::Stdin)?;
     let mut outputs = vec![crate::vmrun::pump(attach(Stream::Stdout)?, stdout_dst)];
     if let Some(e) = stderr_dst {
@@ -601,13 +596,7 @@ fn exec_in_vm(st: &VmState, r: &ExecReq, ready: Option<&mut std::fs::File>) -> R
     if let Some(w) = ready {
         w.write_all(b"ok").context("tell the caller")?;
         crate::sandbox::release_pipe(w);
-        let null = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/null")?;
-        for fd in 0..3 {
-            let _ = nix::unistd::dup2(null.as_raw_fd(), fd);
-        }
+        crate::sandbox::stdio_to_null()?;
     }
     let code = match ag.call(Request::Wait {
         container: gid,

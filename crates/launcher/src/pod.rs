@@ -170,14 +170,7 @@ fn monitor(
     ready: &mut std::fs::File,
 ) -> Result<()> {
     nix::unistd::setsid().context("setsid")?;
-    let null = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")?;
-    use std::os::fd::AsRawFd;
-    for fd in 0..3 {
-        let _ = nix::unistd::dup2(null.as_raw_fd(), fd);
-    }
+    crate::sandbox::stdio_to_null()?;
     let mut sb = Sandbox::boot(
         &format!("pod-{name}"),
         assets,

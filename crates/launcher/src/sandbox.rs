@@ -451,6 +451,21 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Points stdin, stdout and stderr at /dev/null (a detached helper lets go of the
+/// caller's terminal or pipes).
+pub fn stdio_to_null() -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .context("open /dev/null")?;
+    for fd in 0..3 {
+        nix::unistd::dup2(null.as_raw_fd(), fd).context("redirect stdio")?;
+    }
+    Ok(())
+}
+
 /// Closes the pipe a forked helper reported "ok" on while keeping its fd number taken
 /// (it becomes /dev/null), so the waiting parent sees EOF while the helper lives on.
 pub fn release_pipe(f: &std::fs::File) {

@@ -404,6 +404,19 @@ fn wait_and_stop(r: &mut Running) -> Result<i32> {
     Ok(code)
 }
 
+/// Records the container's exit (or removes it with --rm); returns the code.
+fn finish(meta: &mut Meta, code: i32) -> Result<i32> {
+    meta.status = "exited".into();
+    meta.exit_code = Some(code);
+    meta.vm = None;
+    if meta.auto_remove {
+        store::remove_dir(&meta.id)?;
+    } else {
+        store::save(meta)?;
+    }
+    Ok(code)
+}
+
 /// `nestor run --vm …` in the foreground.
 pub fn run(a: &RunArgs) -> Result<i32> {
     if a.jail && a.pod.is_some() {
@@ -458,17 +471,7 @@ pub fn run(a: &RunArgs) -> Result<i32> {
         code
     });
     match result {
-        Ok(code) => {
-            meta.status = "exited".into();
-            meta.exit_code = Some(code);
-            meta.vm = None;
-            if meta.auto_remove {
-                store::remove_dir(&meta.id)?;
-            } else {
-                store::save(&meta)?;
-            }
-            Ok(code)
-        }
+        Ok(code) => finish(&mut meta, code),
         Err(e) => {
             let _ = store::remove_dir(&meta.id);
             Err(e)
@@ -527,15 +530,7 @@ fn detach(a: &RunArgs, mut meta: Meta, image: &nestor_image::Image) -> Result<i3
                 let code = wait_and_stop(&mut running);
                 drop(running);
                 let code = code?;
-                meta.status = "exited".into();
-                meta.exit_code = Some(code);
-                meta.vm = None;
-                if meta.auto_remove {
-                    store::remove_dir(&meta.id)?;
-                } else {
-                    store::save(&meta)?;
-                }
-                Ok(code)
+                finish(&mut meta, code)
             })();
             if let Err(e) = res {
                 let _ = store::remove_dir(&meta.id);
