@@ -33,5 +33,7 @@ img=$(images/build-busybox-image.sh | tail -n 1)
 if ! "$BIN/nestor" images -q | grep -q .; then
   "$BIN/nestor" image import "$img" >/dev/null
 fi
+echo "setup: building the guest kernel and agent initramfs for --vm (cached; the first build takes minutes)" >&2
+scripts/vm-assets.sh >/dev/null
 echo "setup: done; binaries in $BIN" >&2
 echo "$BIN"

@@ -23,6 +23,7 @@ agent_static=$(tail -n1 <<<"$bins")
 guest-kernel/build.sh >/dev/null
 images/build-initramfs.sh >/dev/null
 images/build-initramfs.sh --agent "$agent_static" --nestor "$nestor_static" --test-rootfs >/dev/null
+images/build-initramfs.sh --agent "$agent_static" --nestor "$nestor_static" >/dev/null
 
 echo "test: cargo test --workspace" >&2
 cargo test --workspace --release 2>&1
@@ -30,4 +31,4 @@ cargo test --workspace --release 2>&1
 echo "test: KVM test host self-test" >&2
 tests/testhost/selftest.sh
 echo "test: KVM tests (in the KVM test host unless this host has hardware KVM)" >&2
-tests/testhost/batch tests/kvm
+tests/testhost/batch --per-test-timeout 900 tests/kvm

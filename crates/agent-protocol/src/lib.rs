@@ -87,6 +87,42 @@ pub enum Bundle {
         spec: serde_json::Value,
         rootfs: String,
     },
+    /// An OCI runtime spec and a read-only image disk (`device`, e.g. `/dev/vda`, holding
+    /// the image's flattened layers as `fstype`: erofs or ext4). The agent mounts the disk
+    /// read-only once, shared by every container of that image, and gives the container
+    /// an overlay of it with a writable upper layer in guest memory (tmpfs); the overlay
+    /// goes away with the container.
+    Disk {
+        spec: serde_json::Value,
+        device: String,
+        fstype: String,
+    },
+}
+
+/// Filesystem types a [`Bundle::Disk`] may carry.
+pub const DISK_FSTYPES: [&str; 2] = ["erofs", "ext4"];
+
+/// Whether `device` names a virtio disk node (`/dev/vd` + letters), the only devices a
+/// [`Bundle::Disk`] may mount.
+pub fn valid_disk_device(device: &str) -> bool {
+    device
+        .strip_prefix("/dev/vd")
+        .is_some_and(|s| !s.is_empty() && s.len() <= 3 && s.bytes().all(|b| b.is_ascii_lowercase()))
+}
+
+/// The guest device node of the `index`-th virtio disk (0 -> `/dev/vda`, 26 -> `/dev/vdaa`).
+pub fn disk_device(index: usize) -> String {
+    let mut name = Vec::new();
+    let mut i = index;
+    loop {
+        name.push(b'a' + (i % 26) as u8);
+        if i < 26 {
+            break;
+        }
+        i = i / 26 - 1;
+    }
+    name.reverse();
+    format!("/dev/vd{}", String::from_utf8_lossy(&name))
 }
 
 /// Requests from host to agent.
@@ -332,6 +368,14 @@ mod tests {
                     rootfs: "/r".into(),
                 },
             },
+            Request::Create {
+                container: "c2".into(),
+                bundle: Bundle::Disk {
+                    spec: serde_json::json!({"ociVersion": "1.0.2"}),
+                    device: "/dev/vda".into(),
+                    fstype: "erofs".into(),
+                },
+            },
             Request::Signal {
                 container: "c1".into(),
                 exec: None,
@@ -419,6 +463,28 @@ mod tests {
             "é",
         ] {
             assert!(!valid_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn disk_devices_are_virtio_nodes_only() {
+        assert_eq!(disk_device(0), "/dev/vda");
+        assert_eq!(disk_device(1), "/dev/vdb");
+        assert_eq!(disk_device(25), "/dev/vdz");
+        assert_eq!(disk_device(26), "/dev/vdaa");
+        for i in [0, 3, 25, 26, 700] {
+            assert!(valid_disk_device(&disk_device(i)), "{}", disk_device(i));
+        }
+        for bad in [
+            "/dev/sda",
+            "/dev/vd",
+            "/dev/vda1",
+            "/dev/vd/../sda",
+            "vda",
+            "/dev/vdA",
+            "/dev/vdaaaa",
+        ] {
+            assert!(!valid_disk_device(bad), "{bad}");
         }
     }
 }

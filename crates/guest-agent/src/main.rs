@@ -10,6 +10,8 @@ mod server;
 mod settings;
 mod stats;
 mod transport;
+mod tty;
+mod vsockcat;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -143,6 +145,17 @@ fn pid1_main() -> ! {
 fn main() -> ExitCode {
     if std::process::id() == 1 {
         pid1_main();
+    }
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("vsock-cat") {
+        // Hidden test tool (see vsockcat.rs).
+        return match vsockcat::main(&args[2..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("nestor-agent vsock-cat: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let cli = Cli::parse();
     init_logging(&cli.log);

@@ -112,23 +112,114 @@ impl Runtime {
                 if !Path::new(rootfs).is_dir() {
                     bail!("rootfs {rootfs} is not a directory");
                 }
-                let mut spec = spec.clone();
-                let obj = spec
-                    .as_object_mut()
-                    .context("spec must be a JSON object (an OCI config.json)")?;
-                let root = obj
-                    .entry("root")
-                    .or_insert_with(|| serde_json::json!({}))
-                    .as_object_mut()
-                    .context("spec.root must be an object")?;
-                root.insert("path".into(), serde_json::Value::String(rootfs.clone()));
-                let dir = self.work.join("bundles").join(container);
-                fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-                let bytes = serde_json::to_vec_pretty(&spec).context("serialise spec")?;
-                fs::write(dir.join("config.json"), bytes)
-                    .with_context(|| format!("write {}/config.json", dir.display()))?;
-                Ok(dir)
+                self.write_bundle(container, spec, Path::new(rootfs))
             }
+            Bundle::Disk {
+                spec,
+                device,
+                fstype,
+            } => {
+                if !nestor_agent_protocol::valid_disk_device(device) {
+                    bail!("disk device '{device}' is not a virtio disk node (/dev/vdX)");
+                }
+                if !nestor_agent_protocol::DISK_FSTYPES.contains(&fstype.as_str()) {
+                    bail!(
+                        "disk filesystem '{fstype}' is not one of {}",
+                        nestor_agent_protocol::DISK_FSTYPES.join(", ")
+                    );
+                }
+                let rootfs = self.overlay_rootfs(container, device, fstype)?;
+                let r = self.write_bundle(container, spec, &rootfs);
+                if r.is_err() {
+                    self.drop_overlay(container);
+                }
+                r
+            }
+        }
+    }
+
+    /// Writes `spec` (with `root.path` = `rootfs`) as the container's bundle.
+    fn write_bundle(
+        &self,
+        container: &str,
+        spec: &serde_json::Value,
+        rootfs: &Path,
+    ) -> Result<PathBuf> {
+        let mut spec = spec.clone();
+        let obj = spec
+            .as_object_mut()
+            .context("spec must be a JSON object (an OCI config.json)")?;
+        let root = obj
+            .entry("root")
+            .or_insert_with(|| serde_json::json!({}))
+            .as_object_mut()
+            .context("spec.root must be an object")?;
+        root.insert(
+            "path".into(),
+            serde_json::Value::String(rootfs.to_string_lossy().into_owned()),
+        );
+        let dir = self.work.join("bundles").join(container);
+        fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let bytes = serde_json::to_vec_pretty(&spec).context("serialise spec")?;
+        fs::write(dir.join("config.json"), bytes)
+            .with_context(|| format!("write {}/config.json", dir.display()))?;
+        Ok(dir)
+    }
+
+    fn overlay_dir(&self, container: &str) -> PathBuf {
+        self.work.join("overlay").join(container)
+    }
+
+    /// Mounts `device` read-only (once: every container of the image shares it) and an
+    /// overlay of it with a tmpfs-backed upper layer for `container`; returns its root.
+    fn overlay_rootfs(&self, container: &str, device: &str, fstype: &str) -> Result<PathBuf> {
+        use nix::mount::{mount, MsFlags};
+        let name = device.trim_start_matches("/dev/");
+        let lower = self.work.join("lower").join(name);
+        fs::create_dir_all(&lower).with_context(|| format!("create {}", lower.display()))?;
+        if !is_mount_point(&lower) {
+            mount(
+                Some(device),
+                &lower,
+                Some(fstype),
+                MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
+                None::<&str>,
+            )
+            .with_context(|| format!("mount the image disk {device} ({fstype}) read-only"))?;
+        }
+        let dir = self.overlay_dir(container);
+        let (upper, work, rootfs) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
+        for d in [&upper, &work, &rootfs] {
+            fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+        }
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            upper.display(),
+            work.display()
+        );
+        if let Err(e) = mount(
+            Some("overlay"),
+            &rootfs,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(data.as_str()),
+        ) {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(e).with_context(|| format!("mount the overlay for {container}"));
+        }
+        Ok(rootfs)
+    }
+
+    /// Unmounts and removes a container's overlay (if it has one).
+    fn drop_overlay(&self, container: &str) {
+        let dir = self.overlay_dir(container);
+        if !dir.exists() {
+            return;
+        }
+        let _ = nix::mount::umount2(&dir.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
+        if let Err(e) = fs::remove_dir_all(&dir) {
+            tracing::warn!("remove {}: {e}", dir.display());
         }
     }
 
@@ -163,8 +254,21 @@ impl Runtime {
             .arg("--bundle")
             .arg(bundle)
             .arg("--pid-file")
-            .arg(self.pid_file(container, None))
-            .arg(container);
+            .arg(self.pid_file(container, None));
+        let stdio = if wants_terminal(bundle) {
+            // The runtime sends the pty master to a console socket; a relay joins it
+            // to the host's stdin and stdout streams. The runtime itself gets no stdio.
+            let sock = self.work.join(format!("{container}.console"));
+            let _ = fs::remove_file(&sock);
+            let listener = std::os::unix::net::UnixListener::bind(&sock)
+                .with_context(|| format!("bind console socket {}", sock.display()))?;
+            c.arg("--console-socket").arg(&sock);
+            crate::tty::relay(listener, sock, stdio)?;
+            Stdio3::default()
+        } else {
+            stdio
+        };
+        c.arg(container);
         spawn(c, stdio)
     }
 
@@ -228,6 +332,7 @@ impl Runtime {
     pub fn forget(&self, container: &str) {
         self.clear(container, None);
         let _ = fs::remove_dir_all(self.work.join("bundles").join(container));
+        self.drop_overlay(container);
         if let Ok(rd) = fs::read_dir(&self.work) {
             let prefix = format!("{container}.exec.");
             for e in rd.flatten() {
@@ -245,6 +350,24 @@ fn spawn(mut c: Command, stdio: Stdio3) -> Result<Child> {
         .stderr(to_stdio(stdio.stderr)?);
     c.spawn()
         .with_context(|| format!("start {:?}", c.get_program()))
+}
+
+/// Whether a bundle's process asks for a terminal (`process.terminal: true`).
+fn wants_terminal(bundle: &Path) -> bool {
+    fs::read(bundle.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["process"]["terminal"].as_bool())
+        .unwrap_or(false)
+}
+
+/// Whether `p` is the root of a mount (its device differs from its parent's).
+fn is_mount_point(p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (fs::metadata(p), p.parent().map(fs::metadata)) {
+        (Ok(a), Some(Ok(b))) => a.dev() != b.dev(),
+        _ => false,
+    }
 }
 
 /// Reads a pid file the runtime wrote (`None` when absent or not a positive number).

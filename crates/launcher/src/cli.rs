@@ -188,7 +188,7 @@ pub struct ExecArgs {
     pub cmd: Vec<String>,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// OCI: run the bundle in this directory (and take ID as the first argument).
     #[arg(short, long)]
@@ -241,6 +241,22 @@ pub struct RunArgs {
     /// Map container root to an unprivileged host uid range (user namespace).
     #[arg(long)]
     pub userns: bool,
+    /// Run the container inside a fresh KVM microVM (scenario 1).
+    #[arg(long)]
+    pub vm: bool,
+    /// Guest memory of the microVM in MiB (--vm; default 256, or --memory + 64).
+    #[arg(long, value_name = "MiB")]
+    pub vm_mem: Option<u32>,
+    /// vCPUs of the microVM (--vm; default 1).
+    #[arg(long, value_name = "N")]
+    pub vm_cpus: Option<u8>,
+    /// Guest kernel for --vm (default: $NESTOR_VM_KERNEL or $NESTOR_ROOT/vm/vmlinux).
+    #[arg(long, value_name = "PATH")]
+    pub vm_kernel: Option<PathBuf>,
+    /// Agent initramfs for --vm (default: $NESTOR_VM_INITRD or
+    /// $NESTOR_ROOT/vm/initramfs.cpio.gz).
+    #[arg(long, value_name = "PATH")]
+    pub vm_initrd: Option<PathBuf>,
     /// IMAGE [CMD…] (Docker style) or ID (OCI style, with --bundle).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
     pub args: Vec<String>,

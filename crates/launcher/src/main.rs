@@ -8,11 +8,14 @@ mod jail;
 mod manage;
 mod oci;
 mod run;
+mod sandbox;
 mod signals;
 mod spec;
 mod store;
 mod tty;
 mod vm;
+mod vmdisk;
+mod vmrun;
 
 /// The seccomp profile Docker-style containers get (podman's default, from Debian's
 /// containers-common package), when installed.
@@ -54,6 +57,8 @@ fn dispatch(cli: &Cli) -> Result<i32> {
         Cmd::Run(a) => {
             return if a.bundle.is_some() {
                 oci::run(&rt, a)
+            } else if a.vm {
+                vmrun::run(a)
             } else {
                 run::run(&rt, a)
             }

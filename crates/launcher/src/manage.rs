@@ -98,6 +98,9 @@ pub fn logs(name: &str, follow: bool) -> Result<()> {
 }
 
 fn signal_container(m: &Meta, sig: Signal) -> Result<()> {
+    if let Some(vm) = &m.vm {
+        return crate::vmrun::signal(m, vm, sig as i32);
+    }
     runtime_of(m)
         .kill(&m.id, sig, false)
         .with_context(|| format!("signal container {}", m.name))
@@ -107,7 +110,13 @@ fn wait_stopped(m: &Meta, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     let rt = runtime_of(m);
     while Instant::now() < deadline {
-        let running = rt.state(&m.id).map(|s| s.init_alive()).unwrap_or(false);
+        let running = match &m.vm {
+            // The owner records the exit and powers the VM off.
+            Some(_) => store::load(&m.id)
+                .map(|x| x.status == "running" && x.owner_alive())
+                .unwrap_or(false),
+            None => rt.state(&m.id).map(|s| s.init_alive()).unwrap_or(false),
+        };
         if !running {
             // The owner records the exit: give it a moment to do so.
             for _ in 0..200 {
@@ -135,7 +144,12 @@ pub fn stop(names: &[String], secs: u64) -> Result<()> {
         }
         let _ = signal_container(&m, Signal::SIGTERM);
         if !wait_stopped(&m, Duration::from_secs(secs)) {
-            let _ = runtime_of(&m).kill(&m.id, Signal::SIGKILL, true);
+            match &m.vm {
+                Some(vm) => crate::vmrun::kill_vmm(vm),
+                None => {
+                    let _ = runtime_of(&m).kill(&m.id, Signal::SIGKILL, true);
+                }
+            }
             wait_stopped(&m, Duration::from_secs(10));
         }
         println!("{}", m.name);
@@ -169,10 +183,17 @@ pub fn rm(names: &[String], force: bool) -> Result<()> {
                         m.name
                     );
                 }
-                let _ = runtime_of(&m).kill(&m.id, Signal::SIGKILL, true);
+                match &m.vm {
+                    Some(vm) => crate::vmrun::kill_vmm(vm),
+                    None => {
+                        let _ = runtime_of(&m).kill(&m.id, Signal::SIGKILL, true);
+                    }
+                }
                 wait_stopped(&m, Duration::from_secs(10));
             }
-            runtime_of(&m).delete(&m.id, true)?;
+            if m.vm.is_none() {
+                runtime_of(&m).delete(&m.id, true)?;
+            }
             store::remove_dir(&m.id)?;
             println!("{}", m.name);
             Ok(())
@@ -202,6 +223,10 @@ pub fn inspect(name: &str) -> Result<()> {
                 "oom_kills": s.oom_kills, "cpu_usage_ns": s.cpu_usage_ns, "pids_current": s.pids_current, "pids_limit": s.pids_limit,
             })),
             "Bundle": store::dir(&m.id),
+            "VM": m.vm.as_ref().map(|vm| serde_json::json!({
+                "VmmPid": vm.vmm_pid, "Running": vm.vmm_alive(), "MemoryMiB": vm.mem_mib,
+                "Vcpus": vm.vcpus, "Sandbox": vm.sandbox, "GuestId": vm.guest_id,
+            })),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -222,6 +247,9 @@ pub fn exec(rt_default: &Runtime, a: &ExecArgs) -> Result<i32> {
     let m = store::resolve(&a.id)?;
     if a.cmd.is_empty() {
         bail!("exec needs a command");
+    }
+    if let Some(vm) = &m.vm {
+        return crate::vmrun::exec(&m, vm, a);
     }
     let cfg = store::dir(&m.id).join("config.json");
     let spec = nestor_container::spec::parse(
@@ -365,6 +393,10 @@ pub fn gc(rt: &Runtime) -> Result<()> {
     let mut n = 0;
     for mut m in store::all() {
         if m.status != "exited" && !m.owner_alive() {
+            if let Some(vm) = m.vm.take() {
+                crate::vmrun::kill_vmm(&vm);
+                let _ = std::fs::remove_dir_all(&vm.sandbox);
+            }
             let r = runtime_of(&m);
             let _ = r.delete(&m.id, true);
             store::unmount_rootfs(&m.id);
@@ -465,7 +497,9 @@ pub fn gc(rt: &Runtime) -> Result<()> {
             }
         }
     }
-    let report = store::image_store()?.gc()?;
+    let images = store::image_store()?;
+    n += crate::vmrun::gc(&images)?;
+    let report = images.gc()?;
     println!(
         "gc: {n} container leftovers removed; {} unused layers, {} blobs, {} staging entries removed",
         report.layers_removed, report.blobs_removed, report.staging_removed

@@ -38,6 +38,29 @@ pub struct Meta {
     pub owner_start: u64,
     /// The OCI runtime's state root the container lives in.
     pub state_root: PathBuf,
+    /// Set for a container running in its own microVM (`run --vm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmMeta>,
+}
+
+/// The microVM of a `run --vm` container.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmMeta {
+    /// nestor-vmm's pid and start time (so a recycled pid is never killed).
+    pub vmm_pid: i32,
+    pub vmm_start: u64,
+    /// The sandbox directory: vsock socket, console log.
+    pub sandbox: PathBuf,
+    pub mem_mib: u32,
+    pub vcpus: u8,
+    /// The container's id inside the guest agent.
+    pub guest_id: String,
+}
+
+impl VmMeta {
+    pub fn vmm_alive(&self) -> bool {
+        matches!(proc_start(self.vmm_pid), Some((s, false)) if s == self.vmm_start)
+    }
 }
 
 impl Meta {
@@ -165,6 +188,7 @@ pub fn new_meta(
         owner_pid: me,
         owner_start: proc_start(me).map(|s| s.0).unwrap_or(0),
         state_root: state_root.to_path_buf(),
+        vm: None,
     }
 }
 

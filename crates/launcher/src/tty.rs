@@ -74,16 +74,29 @@ fn copy_winsize(master: &OwnedFd) {
 
 /// Copy stdin -> pty and pty -> stdout until the container side closes.
 pub fn proxy(master: OwnedFd, interactive: bool) -> std::thread::JoinHandle<()> {
+    copy_winsize(&master);
+    let input = master.try_clone().ok();
+    proxy_split(master, input, interactive)
+}
+
+/// Copy stdin -> `input` and `output` -> stdout (the user's terminal in raw mode when
+/// interactive) until `output` ends: a pty master, or a VM container's terminal
+/// carried on two streams.
+pub fn proxy_split(
+    output: OwnedFd,
+    input: Option<OwnedFd>,
+    interactive: bool,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let _raw = if interactive {
             Some(RawMode::enter())
         } else {
             None
         };
-        copy_winsize(&master);
         let mut out = std::io::stdout();
-        let mut m = std::fs::File::from(master);
-        let mut stdin_open = interactive;
+        let mut m = std::fs::File::from(output);
+        let mut inp = input.map(std::fs::File::from);
+        let mut stdin_open = interactive && inp.is_some();
         let mut buf = [0u8; 8192];
         loop {
             let stdin = std::io::stdin();
@@ -114,7 +127,9 @@ pub fn proxy(master: OwnedFd, interactive: bool) -> std::thread::JoinHandle<()> 
                 match std::io::stdin().lock().read(&mut buf) {
                     Ok(0) | Err(_) => stdin_open = false,
                     Ok(n) => {
-                        let _ = m.write_all(&buf[..n]);
+                        if let Some(i) = inp.as_mut() {
+                            let _ = i.write_all(&buf[..n]);
+                        }
                     }
                 }
             }

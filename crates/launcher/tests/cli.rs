@@ -405,3 +405,126 @@ fn podman_runs_containers_through_nestor() {
     let o = podman(&["rm", &name]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// `run --vm` refuses what it cannot do with one clear line, and a VM that cannot boot
+/// (a corrupt kernel here) fails without leaving a container, a sandbox, a mount or a
+/// VMM behind. The image disk is built once and reused.
+#[test]
+fn vm_mode_errors_are_clear_and_leave_nothing_behind() {
+    let e = Env::new();
+    let scratch = tempfile::tempdir().unwrap();
+    let junk = scratch.path().join("junk");
+    std::fs::write(&junk, vec![0x5au8; 8192]).unwrap();
+    let junk_s = junk.to_str().unwrap();
+    let vol_dir = format!("{}:/data", scratch.path().display());
+    let vol_junk = format!("{junk_s}:/data");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "run",
+                "--vm",
+                "--rm",
+                "--vm-kernel",
+                "/nonexistent/vmlinux",
+                "busybox",
+                "true",
+            ],
+            "no guest kernel at /nonexistent/vmlinux",
+        ),
+        (
+            vec!["run", "--vm", "--rm", "-v", &vol_dir, "busybox", "true"],
+            "filesystem image file",
+        ),
+        (
+            vec!["run", "--vm", "--rm", "-v", &vol_junk, "busybox", "true"],
+            "neither an ext4 nor an erofs filesystem",
+        ),
+        (
+            vec![
+                "run",
+                "--vm",
+                "--rm",
+                "--network",
+                "host",
+                "busybox",
+                "true",
+            ],
+            "--network host with --vm",
+        ),
+        (
+            vec![
+                "run",
+                "--vm",
+                "--rm",
+                "--vm-kernel",
+                junk_s,
+                "--vm-initrd",
+                junk_s,
+                "busybox",
+                "true",
+            ],
+            "nestor-vmm could not set the VM up",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = e.run(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(want),
+            "{args:?}: want '{want}' in: {}",
+            stderr(&o)
+        );
+        assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    }
+    let left: Vec<_> = std::fs::read_dir(e.data.path().join("containers"))
+        .map(|r| r.flatten().map(|x| x.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "containers left: {left:?}");
+    assert!(e.mounts_under_root().is_empty());
+    // The image disk was built by the last case, once; a second run reuses it.
+    let disks: Vec<_> = std::fs::read_dir(e.data.path().join("vm-disks"))
+        .unwrap()
+        .flatten()
+        .map(|x| x.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "erofs"))
+        .collect();
+    assert_eq!(disks.len(), 1, "{disks:?}");
+    let magic = std::fs::read(&disks[0]).unwrap();
+    assert_eq!(
+        &magic[1024..1028],
+        &0xE0F5_E1E2u32.to_le_bytes(),
+        "not an erofs image"
+    );
+    let before = std::fs::metadata(&disks[0]).unwrap().modified().unwrap();
+    let o = e.run(&[
+        "run",
+        "--vm",
+        "--rm",
+        "--vm-kernel",
+        junk_s,
+        "--vm-initrd",
+        junk_s,
+        "busybox",
+        "true",
+    ]);
+    assert!(
+        !stderr(&o).contains("building the VM disk"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::metadata(&disks[0]).unwrap().modified().unwrap(),
+        before
+    );
+    // No VMM of this data root is left running.
+    let root = e.data.path().to_string_lossy().into_owned();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(p.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd);
+            assert!(
+                !(cmd.contains("nestor-vmm") && cmd.contains(&root)),
+                "VMM left: {cmd}"
+            );
+        }
+    }
+}

@@ -27,6 +27,7 @@ use crate::devices::virtio::block::Block;
 use crate::devices::virtio::event_loop::{EventLoop, QueueEvent};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{Bus, BusError};
 use crate::exit::{ExitSignal, GuestExit};
@@ -80,6 +81,9 @@ pub enum VmmError {
     /// A disk could not be opened.
     #[error(transparent)]
     Disk(#[from] crate::devices::virtio::block::BlockError),
+    /// The vsock socket could not be set up.
+    #[error(transparent)]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
     /// An eventfd.
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
@@ -154,9 +158,6 @@ impl Vmm {
         console: Option<ConsoleOut>,
     ) -> Result<Self, VmmError> {
         cfg.validate()?;
-        if cfg.vsock.is_some() {
-            return Err(VmmError::Unsupported("virtio-vsock (--vsock)"));
-        }
         if cfg.net.is_some() {
             return Err(VmmError::Unsupported("virtio-net (--net)"));
         }
@@ -187,6 +188,9 @@ impl Vmm {
             )?));
         }
         devices.push(Box::new(Rng));
+        if let Some(p) = &cfg.vsock {
+            devices.push(Box::new(Vsock::new(p, cfg.vsock_cid)?));
+        }
         let slots = (layout::IRQ_MAX - layout::VIRTIO_IRQ_START + 1) as usize;
         if devices.len() > slots {
             return Err(VmmError::Device(format!(

@@ -102,6 +102,9 @@ fn default_mem() -> u64 {
 fn default_vcpus() -> u8 {
     1
 }
+fn default_cid() -> u64 {
+    3
+}
 fn default_console() -> Console {
     Console::Stdio
 }
@@ -130,6 +133,9 @@ pub struct VmConfig {
     /// Host side of the virtio-vsock device (Unix socket path).
     #[serde(default)]
     pub vsock: Option<PathBuf>,
+    /// The guest's vsock CID.
+    #[serde(default = "default_cid")]
+    pub vsock_cid: u64,
     /// Tap device backing virtio-net.
     #[serde(default)]
     pub net: Option<String>,
@@ -152,6 +158,7 @@ impl VmConfig {
             vcpus: default_vcpus(),
             disks: Vec::new(),
             vsock: None,
+            vsock_cid: default_cid(),
             net: None,
             console: default_console(),
             api: None,
@@ -193,6 +200,12 @@ impl VmConfig {
                 self.vcpus
             )));
         }
+        if !(3..u64::from(u32::MAX)).contains(&self.vsock_cid) {
+            return Err(ConfigError::Invalid(format!(
+                "--vsock-cid {} is out of range (3 to 4294967294)",
+                self.vsock_cid
+            )));
+        }
         Ok(())
     }
 }
@@ -232,8 +245,11 @@ pub struct Cli {
     /// Host Unix socket of the virtio-vsock device.
     #[arg(long, value_name = "PATH")]
     pub vsock: Option<PathBuf>,
-    /// Tap device for virtio-net.
-    #[arg(long, value_name = "TAP")]
+    /// The guest's vsock CID [default: 3].
+    #[arg(long, value_name = "CID")]
+    pub vsock_cid: Option<u64>,
+    /// Tap device for virtio-net, TAP[,mac=XX:XX:XX:XX:XX:XX].
+    #[arg(long, value_name = "TAP[,mac=MAC]")]
     pub net: Option<String>,
     /// Console: stdio, none or a file path [default: stdio].
     #[arg(long, value_name = "stdio|PATH|none")]
@@ -272,6 +288,9 @@ impl Cli {
         }
         if let Some(v) = self.vsock {
             cfg.vsock = Some(v);
+        }
+        if let Some(c) = self.vsock_cid {
+            cfg.vsock_cid = c;
         }
         if let Some(n) = self.net {
             cfg.net = Some(n);

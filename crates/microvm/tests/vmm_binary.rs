@@ -250,3 +250,45 @@ fn api_socket_path_that_exists_is_refused() {
     );
     assert_eq!(std::fs::read(&taken).unwrap(), b"keep me");
 }
+
+#[test]
+fn vsock_socket_exists_while_running_and_is_removed_at_exit() {
+    if !have_kvm() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_file(dir.path(), "k", &elf(&code64(b"v\n", POWEROFF)));
+    let sock = dir.path().join("v.sock");
+    let o = vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--vsock",
+        sock.to_str().unwrap(),
+        "--vsock-cid",
+        "9",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!sock.exists(), "vsock socket left behind");
+    // An existing path is refused, a reserved CID too; nothing is left behind.
+    std::fs::write(&sock, b"x").unwrap();
+    let o = vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--vsock",
+        sock.to_str().unwrap(),
+    ]);
+    assert_one_error(&o, "cannot bind vsock socket");
+    assert_eq!(std::fs::read(&sock).unwrap(), b"x");
+    std::fs::remove_file(&sock).unwrap();
+    let o = vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--vsock",
+        sock.to_str().unwrap(),
+        "--vsock-cid",
+        "2",
+    ]);
+    assert_one_error(&o, "--vsock-cid 2");
+    assert!(!sock.exists());
+}

@@ -1,6 +1,7 @@
 //! The virtio event thread: one epoll loop over the queue-notify eventfds that KVM
 //! signals (ioeventfd) when the guest writes a queue index to a transport's QueueNotify
-//! register, so queue work runs off the vCPU threads.
+//! register, and over the host-side fds devices register themselves (vsock sockets, a
+//! tap) through their [`Registrar`], so queue and backend work runs off the vCPU threads.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
@@ -10,6 +11,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mmio::MmioTransport;
+use super::Registrar;
 
 /// One watched queue: its notify eventfd, its transport and its index.
 pub struct QueueEvent {
@@ -28,28 +30,42 @@ pub struct EventLoop {
 }
 
 const STOP: u64 = u64::MAX;
+const MAX_EVENTS: usize = 64;
+
+fn lock(t: &Mutex<MmioTransport>) -> std::sync::MutexGuard<'_, MmioTransport> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 impl EventLoop {
-    /// Starts the thread watching `queues`.
+    /// Starts the thread watching `queues`; every distinct transport among them gets a
+    /// [`Registrar`] for its device's own fds.
     pub fn start(queues: Vec<QueueEvent>) -> std::io::Result<Self> {
-        let epoll = Epoll::new()?;
+        let epoll = Arc::new(Epoll::new()?);
         let stop = EventFd::new(EFD_NONBLOCK)?;
         epoll.ctl(
             ControlOperation::Add,
             stop.as_raw_fd(),
             EpollEvent::new(EventSet::IN, STOP),
         )?;
+        let mut transports: Vec<Arc<Mutex<MmioTransport>>> = Vec::new();
         for (i, q) in queues.iter().enumerate() {
             epoll.ctl(
                 ControlOperation::Add,
                 q.evt.as_raw_fd(),
                 EpollEvent::new(EventSet::IN, i as u64),
             )?;
+            if !transports.iter().any(|t| Arc::ptr_eq(t, &q.transport)) {
+                let dev = u16::try_from(transports.len()).map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidInput, "too many devices")
+                })?;
+                lock(&q.transport).attach(Registrar::new(epoll.clone(), dev));
+                transports.push(q.transport.clone());
+            }
         }
         let stop_rx = stop.try_clone()?;
         let handle = std::thread::Builder::new()
             .name("virtio-events".into())
-            .spawn(move || run(epoll, stop_rx, queues))?;
+            .spawn(move || run(epoll, stop_rx, queues, transports))?;
         Ok(EventLoop {
             stop,
             handle: Some(handle),
@@ -57,8 +73,13 @@ impl EventLoop {
     }
 }
 
-fn run(epoll: Epoll, _stop: EventFd, queues: Vec<QueueEvent>) {
-    let mut events = vec![EpollEvent::default(); queues.len() + 1];
+fn run(
+    epoll: Arc<Epoll>,
+    _stop: EventFd,
+    queues: Vec<QueueEvent>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+) {
+    let mut events = vec![EpollEvent::default(); MAX_EVENTS];
     loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -69,18 +90,26 @@ fn run(epoll: Epoll, _stop: EventFd, queues: Vec<QueueEvent>) {
             }
         };
         for ev in &events[..n] {
-            if ev.data() == STOP {
+            let data = ev.data();
+            if data == STOP {
+                // Devices forget their fds before the loop's epoll goes away.
+                for t in &transports {
+                    lock(t).detach();
+                }
                 return;
             }
-            let Some(q) = queues.get(ev.data() as usize) else {
+            if let Some((dev, token)) = Registrar::decode(data) {
+                if let Some(t) = transports.get(usize::from(dev)) {
+                    lock(t).handle_event(token, ev.event_set());
+                }
+                continue;
+            }
+            let Some(q) = queues.get(data as usize) else {
                 continue;
             };
             // Draining the counter may fail with EAGAIN when another wake-up got it.
             let _ = q.evt.read();
-            q.transport
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .notify_queue(q.queue);
+            lock(&q.transport).notify_queue(q.queue);
         }
     }
 }

@@ -1,12 +1,14 @@
 //! The virtio-mmio transport (version 2 register layout) for one device: feature
-//! negotiation, queue set-up, the device status state machine, queue notifications
-//! (normally delivered by KVM through ioeventfds to the event thread) and the interrupt, an eventfd registered
-//! with KVM as an irqfd.
+//! negotiation, queue set-up, the device status state machine (activating the device
+//! at DRIVER_OK, resetting it on a zero status), queue notifications (normally delivered
+//! by KVM through ioeventfds to the event thread), events on the device's own host fds,
+//! and the interrupt, an eventfd registered with KVM as an irqfd.
 
 use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{process_queue, VirtioDevice, QUEUE_MAX_SIZE};
+use super::{DeviceContext, Registrar, VirtioDevice, QUEUE_MAX_SIZE};
 use crate::devices::BusDevice;
 use crate::vstate::memory::GuestMemory;
 
@@ -24,6 +26,8 @@ pub struct MmioTransport {
     dev: Box<dyn VirtioDevice>,
     mem: GuestMemory,
     irq: EventFd,
+    fds: Registrar,
+    active: bool,
     queues: Vec<Queue>,
     queue_sel: u32,
     dev_features_sel: u32,
@@ -44,6 +48,8 @@ impl MmioTransport {
             dev,
             mem,
             irq,
+            fds: Registrar::none(),
+            active: false,
             queues,
             queue_sel: 0,
             dev_features_sel: 0,
@@ -60,7 +66,45 @@ impl MmioTransport {
         self.queues.len()
     }
 
+    /// Gives the device its way to register host fds (the event loop calls this).
+    pub fn attach(&mut self, fds: Registrar) {
+        self.fds = fds;
+    }
+
+    /// The event loop is going away: the device drops its host-side state.
+    pub fn detach(&mut self) {
+        self.dev.reset(&self.fds);
+        self.active = false;
+        self.fds = Registrar::none();
+    }
+
+    fn signal(&mut self) {
+        self.interrupt_status |= INT_VRING;
+        if let Err(e) = self.irq.write(1) {
+            tracing::warn!("virtio irq: {e}");
+        }
+    }
+
+    /// A host fd the device registered is ready.
+    pub fn handle_event(&mut self, token: u32, events: EventSet) {
+        if !self.active {
+            return;
+        }
+        let mut ctx = DeviceContext {
+            mem: &self.mem,
+            queues: &mut self.queues,
+            fds: &self.fds,
+        };
+        if self.dev.handle_event(token, events, &mut ctx) {
+            self.signal();
+        }
+    }
+
     fn reset(&mut self) {
+        if self.active {
+            self.dev.reset(&self.fds);
+            self.active = false;
+        }
         for q in &mut self.queues {
             q.reset();
         }
@@ -85,17 +129,16 @@ impl MmioTransport {
             return;
         }
         let i = index as usize;
-        let Some(q) = self.queues.get_mut(i) else {
-            return;
-        };
-        if !q.ready() {
+        if !self.active || !self.queues.get(i).is_some_and(|q| q.ready()) {
             return;
         }
-        if process_queue(self.dev.as_mut(), i, q, &self.mem) {
-            self.interrupt_status |= INT_VRING;
-            if let Err(e) = self.irq.write(1) {
-                tracing::warn!("virtio irq: {e}");
-            }
+        let mut ctx = DeviceContext {
+            mem: &self.mem,
+            queues: &mut self.queues,
+            fds: &self.fds,
+        };
+        if self.dev.queue_notify(i, &mut ctx) {
+            self.signal();
         }
     }
 
@@ -114,6 +157,21 @@ impl MmioTransport {
                 self.status |= STATUS_NEEDS_RESET;
                 return;
             }
+            let mut ctx = DeviceContext {
+                mem: &self.mem,
+                queues: &mut self.queues,
+                fds: &self.fds,
+            };
+            if let Err(e) = self.dev.activate(&mut ctx) {
+                tracing::warn!(
+                    "virtio device {}: cannot activate: {e}",
+                    self.dev.device_type()
+                );
+                self.dev.reset(&self.fds);
+                self.status |= STATUS_NEEDS_RESET;
+                return;
+            }
+            self.active = true;
         }
         self.status = v;
     }

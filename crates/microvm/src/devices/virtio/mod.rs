@@ -1,13 +1,21 @@
 //! virtio devices on the virtio-mmio transport: the device trait, the transport
-//! (`mmio`), the event thread serving queue notifications (`event_loop`), and the
-//! devices (`block`, `rng`).
+//! (`mmio`), the event thread serving queue notifications and device-owned host fds
+//! (`event_loop`), descriptor-chain gathering shared by the devices (`chain`), and the
+//! devices (`block`, `rng`, `vsock`, `net`).
 
 pub mod block;
+pub mod chain;
 pub mod event_loop;
 pub mod mmio;
+
 pub mod rng;
+pub mod vsock;
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::vstate::memory::GuestMemory;
 
@@ -15,6 +23,88 @@ use crate::vstate::memory::GuestMemory;
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Largest queue any of our devices offers.
 pub const QUEUE_MAX_SIZE: u16 = 256;
+
+/// epoll data of device-owned fds: this bit, the device index in bits 32..48 and the
+/// device's own token in the low 32 bits.
+const DEVICE_FD: u64 = 1 << 62;
+
+/// Lets a device add and remove its own host-side fds (sockets, a tap) on the event
+/// thread's epoll, each with a device-local token that comes back in
+/// [`VirtioDevice::handle_event`]. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Registrar {
+    epoll: Option<Arc<Epoll>>,
+    dev: u16,
+}
+
+impl Registrar {
+    /// A registrar for device `dev` on `epoll`.
+    pub fn new(epoll: Arc<Epoll>, dev: u16) -> Self {
+        Registrar {
+            epoll: Some(epoll),
+            dev,
+        }
+    }
+
+    /// A registrar with no event loop behind it: every call fails (devices with host
+    /// fds then refuse to activate).
+    pub fn none() -> Self {
+        Registrar::default()
+    }
+
+    fn data(&self, token: u32) -> u64 {
+        DEVICE_FD | (u64::from(self.dev) << 32) | u64::from(token)
+    }
+
+    fn ctl(&self, op: ControlOperation, fd: RawFd, ev: EpollEvent) -> std::io::Result<()> {
+        match &self.epoll {
+            Some(e) => e.ctl(op, fd, ev),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "no event loop for device fds",
+            )),
+        }
+    }
+
+    /// Watches `fd` for `events`, reported with `token`.
+    pub fn add(&self, fd: RawFd, events: EventSet, token: u32) -> std::io::Result<()> {
+        self.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(events, self.data(token)),
+        )
+    }
+
+    /// Changes what `fd` is watched for.
+    pub fn modify(&self, fd: RawFd, events: EventSet, token: u32) -> std::io::Result<()> {
+        self.ctl(
+            ControlOperation::Modify,
+            fd,
+            EpollEvent::new(events, self.data(token)),
+        )
+    }
+
+    /// Stops watching `fd` (closing an fd also does this).
+    pub fn remove(&self, fd: RawFd) -> std::io::Result<()> {
+        self.ctl(ControlOperation::Delete, fd, EpollEvent::default())
+    }
+
+    /// Splits epoll data made by a registrar into (device index, token).
+    pub fn decode(data: u64) -> Option<(u16, u32)> {
+        (data & DEVICE_FD != 0 && data != u64::MAX).then_some(((data >> 32) as u16, data as u32))
+    }
+}
+
+/// What a device gets when it runs: guest memory, its queues (in order) and its
+/// registrar.
+pub struct DeviceContext<'a> {
+    /// Guest memory.
+    pub mem: &'a GuestMemory,
+    /// The device's virtqueues.
+    pub queues: &'a mut [Queue],
+    /// Host fd registration on the event thread.
+    pub fds: &'a Registrar,
+}
 
 /// What the transport needs from a device model.
 pub trait VirtioDevice: Send {
@@ -26,20 +116,52 @@ pub trait VirtioDevice: Send {
     fn features(&self) -> u64;
     /// Reads device config space at `offset` (bytes past the end read as zero).
     fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Handles one used-up descriptor chain; returns the number of bytes written into
+    /// Handles one available descriptor chain of `queue` (for devices served by the
+    /// default [`VirtioDevice::queue_notify`]); returns the number of bytes written into
     /// guest memory (the used length). Malformed chains must yield an error status (or a
     /// zero length), never a panic and never an access outside guest memory.
     fn process_chain(
         &mut self,
-        queue: usize,
-        mem: &GuestMemory,
-        chain: virtio_queue::DescriptorChain<&GuestMemory>,
-    ) -> u32;
+        _queue: usize,
+        _mem: &GuestMemory,
+        _chain: virtio_queue::DescriptorChain<&GuestMemory>,
+    ) -> u32 {
+        0
+    }
+    /// The driver set DRIVER_OK: register host fds. An error makes the transport refuse
+    /// the device (NEEDS_RESET).
+    fn activate(&mut self, _ctx: &mut DeviceContext) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// The guest notified `queue`; returns whether buffers were used (the transport
+    /// then interrupts the guest). By default every available chain goes through
+    /// [`VirtioDevice::process_chain`].
+    fn queue_notify(&mut self, queue: usize, ctx: &mut DeviceContext) -> bool {
+        match ctx.queues.get_mut(queue) {
+            Some(q) => process_queue_with(|i, m, c| self.process_chain(i, m, c), queue, q, ctx.mem),
+            None => false,
+        }
+    }
+    /// A registered host fd is ready; returns whether buffers were used.
+    fn handle_event(&mut self, _token: u32, _events: EventSet, _ctx: &mut DeviceContext) -> bool {
+        false
+    }
+    /// The driver reset the device: drop host-side state and deregister fds.
+    fn reset(&mut self, _fds: &Registrar) {}
 }
 
 /// Pops and processes every available chain of `queue`; returns whether any was used.
 pub fn process_queue<D: VirtioDevice + ?Sized>(
     dev: &mut D,
+    index: usize,
+    queue: &mut Queue,
+    mem: &GuestMemory,
+) -> bool {
+    process_queue_with(|i, m, c| dev.process_chain(i, m, c), index, queue, mem)
+}
+
+fn process_queue_with(
+    mut f: impl FnMut(usize, &GuestMemory, virtio_queue::DescriptorChain<&GuestMemory>) -> u32,
     index: usize,
     queue: &mut Queue,
     mem: &GuestMemory,
@@ -51,7 +173,7 @@ pub fn process_queue<D: VirtioDevice + ?Sized>(
             break;
         };
         let head = chain.head_index();
-        let len = dev.process_chain(index, mem, chain);
+        let len = f(index, mem, chain);
         if let Err(e) = queue.add_used(mem, head, len) {
             tracing::warn!("virtio queue {index}: cannot add used element: {e}");
             break;

@@ -1,0 +1,418 @@
+//! A nestor microVM with its guest agent, seen from the host (scenario 1's sandbox, as
+//! Kata calls it): finds the guest kernel and agent initramfs, boots `nestor-vmm` with
+//! the image disks and a hybrid vsock, connects to the agent (`CONNECT <port>\n`,
+//! `OK <n>\n`, then the agent protocol), and shuts the VM down. Every step has a
+//! deadline; a VMM that ends early is reported with the tail of the guest console.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nestor_agent_protocol::{self as proto, Envelope, Reply, Request, Response, Stream};
+
+/// Where VM sandboxes keep their sockets and console logs (short: Unix socket paths
+/// are limited to 108 bytes).
+/// One directory per data root (`$NESTOR_ROOT`), so `gc` of one never touches
+/// another's VMs.
+pub fn sandboxes_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("NESTOR_VM_RUN") {
+        return PathBuf::from(p);
+    }
+    // FNV-1a of the data root: short and stable.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in crate::store::data_root().as_os_str().as_encoded_bytes() {
+        h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+    }
+    PathBuf::from(format!("/run/nestor-vm/{h:08x}"))
+}
+
+/// The guest kernel, the agent initramfs and the VMM binary.
+#[derive(Debug, Clone)]
+pub struct Assets {
+    pub vmm: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+impl Assets {
+    /// Flags, then `NESTOR_VM_KERNEL`/`NESTOR_VM_INITRD`, then what `scripts/setup.sh`
+    /// installs under `$NESTOR_ROOT/vm/`.
+    pub fn find(kernel: Option<&Path>, initrd: Option<&Path>) -> Result<Assets> {
+        let vmm = crate::vm::sibling("nestor-vmm", "NESTOR_VMM")?;
+        let pick = |flag: Option<&Path>, env: &str, file: &str, what: &str| -> Result<PathBuf> {
+            let p = flag
+                .map(Path::to_path_buf)
+                .or_else(|| std::env::var_os(env).map(PathBuf::from))
+                .unwrap_or_else(|| crate::store::data_root().join("vm").join(file));
+            if !p.is_file() {
+                bail!(
+                    "no {what} at {} (run scripts/setup.sh, or set {env})",
+                    p.display()
+                );
+            }
+            Ok(p)
+        };
+        Ok(Assets {
+            vmm,
+            kernel: pick(kernel, "NESTOR_VM_KERNEL", "vmlinux", "guest kernel")?,
+            initrd: pick(
+                initrd,
+                "NESTOR_VM_INITRD",
+                "initramfs.cpio.gz",
+                "agent initramfs",
+            )?,
+        })
+    }
+}
+
+/// How to boot the sandbox.
+#[derive(Debug, Clone)]
+pub struct BootOpts {
+    pub mem_mib: u32,
+    pub vcpus: u8,
+    /// Disks in order (`/dev/vda`, `/dev/vdb`, …) and whether each is read-only.
+    pub disks: Vec<(PathBuf, bool)>,
+    pub hostname: String,
+    /// A tap device for the guest's eth0.
+    pub net: Option<String>,
+}
+
+/// The deadline for the guest agent to answer after the VMM started:
+/// `NESTOR_VM_TIMEOUT` seconds (default 30; the KVM test host needs more than hardware).
+pub fn boot_timeout() -> Duration {
+    let secs = std::env::var("NESTOR_VM_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(30);
+    Duration::from_secs(secs.max(1))
+}
+
+/// Timestamps of a sandbox's life, from the instant before the VMM was spawned.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timeline {
+    /// The VMM process exists.
+    pub vmm_spawned_ms: f64,
+    /// The agent answered its first ping.
+    pub agent_ready_ms: Option<f64>,
+}
+
+/// A booted (or booting) microVM running the agent.
+pub struct Sandbox {
+    child: Option<Child>,
+    dir: PathBuf,
+    vsock: PathBuf,
+    console: PathBuf,
+    start: Instant,
+    pub timeline: Timeline,
+}
+
+impl Sandbox {
+    /// Spawns nestor-vmm for `id` (its files go to [`sandboxes_dir`]/`id`).
+    pub fn boot(id: &str, assets: &Assets, o: &BootOpts) -> Result<Sandbox> {
+        let dir = sandboxes_dir().join(id);
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let vsock = dir.join("v.sock");
+        let console = dir.join("console.log");
+        let mut cmdline = format!(
+            "console=ttyS0 reboot=t panic=-1 quiet nestor.hostname={}",
+            o.hostname
+        );
+        if let Ok(extra) = std::env::var("NESTOR_VM_CMDLINE") {
+            cmdline.push(' ');
+            cmdline.push_str(&extra);
+        }
+        let mut c = Command::new(&assets.vmm);
+        c.arg("--kernel")
+            .arg(&assets.kernel)
+            .arg("--initrd")
+            .arg(&assets.initrd)
+            .arg("--cmdline")
+            .arg(&cmdline)
+            .arg("--mem")
+            .arg(o.mem_mib.to_string())
+            .arg("--vcpus")
+            .arg(o.vcpus.to_string())
+            .arg("--vsock")
+            .arg(&vsock)
+            .arg("--console")
+            .arg(&console);
+        for (d, ro) in &o.disks {
+            let mut s = d.as_os_str().to_owned();
+            if *ro {
+                s.push(",ro");
+            }
+            c.arg("--disk").arg(s);
+        }
+        if let Some(t) = &o.net {
+            c.arg("--net").arg(t);
+        }
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join("vmm.err")).context("create vmm.err")?,
+            ));
+        // The VM dies with the nestor process that owns it (kill -9 included).
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut c, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let start = Instant::now();
+        let child = match c.spawn() {
+            Ok(ch) => ch,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e).with_context(|| format!("start {}", assets.vmm.display()));
+            }
+        };
+        Ok(Sandbox {
+            child: Some(child),
+            dir,
+            vsock,
+            console,
+            timeline: Timeline {
+                vmm_spawned_ms: ms(start.elapsed()),
+                agent_ready_ms: None,
+            },
+            start,
+        })
+    }
+
+    /// The VMM's pid.
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The sandbox's files (socket, console log, VMM stderr).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Milliseconds since the VMM was spawned.
+    pub fn elapsed_ms(&self) -> f64 {
+        ms(self.start.elapsed())
+    }
+
+    /// The VMM's exit status, if it has ended.
+    fn ended(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Why the VM is gone, with the last console and VMM lines.
+    pub fn failure(&mut self, what: &str) -> anyhow::Error {
+        let status = match self.ended() {
+            Some(s) => match s.code() {
+                Some(0) => "the guest powered off".to_string(),
+                Some(2) => "the guest rebooted (a guest kernel panic or a dead agent reboots it)"
+                    .to_string(),
+                Some(3) => "the guest triple-faulted".to_string(),
+                Some(4) => "KVM reported an error".to_string(),
+                Some(1) => "nestor-vmm could not set the VM up".to_string(),
+                Some(n) => format!("nestor-vmm exited with status {n}"),
+                None => "nestor-vmm was killed by a signal".to_string(),
+            },
+            None => "the VM is still running".to_string(),
+        };
+        let tail = |p: &Path, n: usize| -> String {
+            let t = std::fs::read_to_string(p).unwrap_or_default();
+            let lines: Vec<&str> = t.lines().filter(|l| !l.trim().is_empty()).collect();
+            lines[lines.len().saturating_sub(n)..].join("\n  ")
+        };
+        let mut msg = format!("{what}: {status}");
+        let vmm = tail(&self.dir.join("vmm.err"), 3);
+        if !vmm.is_empty() {
+            msg.push_str(&format!("\nnestor-vmm:\n  {vmm}"));
+        }
+        let con = tail(&self.console, 6);
+        if !con.is_empty() {
+            msg.push_str(&format!("\nguest console:\n  {con}"));
+        }
+        anyhow::anyhow!(msg)
+    }
+
+    /// Opens a stream to the guest's vsock `port` through the VMM's hybrid socket,
+    /// retrying until the agent listens or `deadline` passes (or the VMM ends).
+    pub fn connect(&mut self, port: u32, deadline: Instant) -> Result<UnixStream> {
+        let mut last = String::from("the VMM has not created its vsock socket");
+        loop {
+            if self.ended().is_some() {
+                return Err(self.failure("the VM ended before its agent answered"));
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return Err(self.failure(&format!(
+                    "the guest agent did not answer within {:?} ({last})",
+                    boot_timeout()
+                )));
+            }
+            match hybrid_connect(&self.vsock, port) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = format!("{e:#}"),
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The agent's control connection, once it answers a ping; records agent-ready time.
+    pub fn agent(&mut self, deadline: Instant) -> Result<Agent> {
+        loop {
+            let s = self.connect(proto::DEFAULT_PORT, deadline)?;
+            let mut a = Agent::new(s)?;
+            match a.call(Request::Ping) {
+                Ok(Response::Pong { .. }) => {
+                    self.timeline
+                        .agent_ready_ms
+                        .get_or_insert(self.elapsed_ms());
+                    return Ok(a);
+                }
+                Ok(other) => bail!("the agent answered a ping with {other:?}"),
+                // The connection was accepted but reset (agent not serving yet): retry.
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A stdio stream of a process: `Attach`ed, then raw bytes.
+    pub fn attach(
+        &mut self,
+        container: &str,
+        exec: Option<&str>,
+        stream: Stream,
+        deadline: Instant,
+    ) -> Result<UnixStream> {
+        let s = self.connect(proto::DEFAULT_PORT, deadline)?;
+        let mut a = Agent::new(s)?;
+        match a.call(Request::Attach {
+            container: container.into(),
+            exec: exec.map(str::to_string),
+            stream,
+        })? {
+            Response::Ok => {}
+            Response::Error { message, .. } => bail!("attach {stream:?}: {message}"),
+            other => bail!("attach {stream:?}: unexpected answer {other:?}"),
+        }
+        Ok(a.into_stream())
+    }
+
+    /// Asks the agent to power the guest off, then waits for the VMM (killing it after
+    /// `grace`). Returns the VMM's exit status code, if it exited by itself.
+    pub fn shutdown(&mut self, agent: Option<&mut Agent>, grace: Duration) -> Option<i32> {
+        if let Some(a) = agent {
+            let _ = a.call(Request::Shutdown { reboot: false });
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Some(s) = self.ended() {
+                return s.code();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.kill();
+        None
+    }
+
+    /// Kills and reaps the VMM (no-op once it is gone).
+    pub fn kill(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            if c.try_wait().ok().flatten().is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Firecracker's hybrid vsock handshake on the VMM's Unix socket.
+pub fn hybrid_connect(sock: &Path, port: u32) -> Result<UnixStream> {
+    let mut s = UnixStream::connect(sock).with_context(|| format!("connect {}", sock.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .context("write CONNECT")?;
+    // Byte by byte: nothing after the newline belongs to the handshake.
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => {
+                bail!("the VMM closed the connection (nothing listens on guest port {port} yet)")
+            }
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) if line.len() < 32 => line.push(b[0]),
+            Ok(_) => bail!("the VMM's handshake answer is too long"),
+            Err(e) => return Err(e).context("read the handshake answer"),
+        }
+    }
+    let text = String::from_utf8_lossy(&line);
+    if !text.starts_with("OK ") {
+        bail!("the VMM answered '{text}' to CONNECT {port}");
+    }
+    s.set_read_timeout(None)?;
+    Ok(s)
+}
+
+/// A control connection to the agent: one request at a time.
+pub struct Agent {
+    stream: UnixStream,
+    next_id: u64,
+}
+
+impl Agent {
+    pub fn new(stream: UnixStream) -> Result<Agent> {
+        Ok(Agent { stream, next_id: 1 })
+    }
+
+    /// A second connection for another thread (e.g. signal forwarding).
+    pub fn into_stream(self) -> UnixStream {
+        self.stream
+    }
+
+    /// Sends `req` and returns the reply with the same id.
+    pub fn call(&mut self, req: Request) -> Result<Response> {
+        let id = self.next_id;
+        self.next_id += 1;
+        proto::write_frame(&mut self.stream, &Envelope { id, request: req })
+            .context("send a request to the guest agent")?;
+        loop {
+            let r: Reply = match proto::read_frame(&mut self.stream) {
+                Ok(Some(r)) => r,
+                Ok(None) => bail!("the guest agent closed the connection"),
+                Err(e) => return Err(e).context("read the guest agent's reply"),
+            };
+            if r.id == id {
+                return Ok(r.response);
+            }
+        }
+    }
+}
+
+/// `Ok(())` for [`Response::Ok`], the agent's message as an error otherwise.
+pub fn expect_ok(what: &str, r: Response) -> Result<()> {
+    match r {
+        Response::Ok => Ok(()),
+        Response::Error { message, .. } => bail!("{what}: {message}"),
+        other => bail!("{what}: unexpected answer {other:?}"),
+    }
+}

@@ -1,0 +1,626 @@
+//! `nestor run --vm` (scenario 1): the same image and flags as a native container, but
+//! the container runs in a fresh microVM. The image becomes a read-only erofs disk
+//! (`vmdisk`), the VM boots with the guest agent as PID 1 (`sandbox`), and the agent
+//! runs the container with nestor's own runtime inside the guest; stdio travels on vsock
+//! streams, signals are forwarded as agent requests, and the container's exit code is
+//! nestor's. Volumes reach the guest as extra virtio disks: `-v IMAGEFILE:/dst` mounts
+//! an ext4 or erofs filesystem image at /dst (host directories cannot be shared yet).
+
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nestor_agent_protocol::{self as proto, Bundle, Request, Response, Stream};
+use serde_json::{json, Value};
+
+use crate::cli::RunArgs;
+use crate::sandbox::{self, Agent, Assets, BootOpts, Sandbox};
+use crate::store::{self, Meta, VmMeta};
+
+/// Guest memory when neither --vm-mem nor --memory says otherwise.
+const DEFAULT_MEM_MIB: u32 = 256;
+/// Guest memory beyond a --memory limit (kernel, agent, page cache).
+const GUEST_OVERHEAD_MIB: u32 = 64;
+
+/// A volume as a virtio disk: the host file, read-only or not, its filesystem.
+struct DiskVolume {
+    file: PathBuf,
+    dest: String,
+    read_only: bool,
+    fstype: &'static str,
+}
+
+/// The filesystem in an image file, from its superblock magic.
+fn fs_type(file: &Path) -> Result<&'static str> {
+    let mut f = std::fs::File::open(file).with_context(|| format!("open {}", file.display()))?;
+    let mut sb = [0u8; 1084];
+    f.read_exact(&mut sb)
+        .with_context(|| format!("{} is too small to hold a filesystem", file.display()))?;
+    if u32::from_le_bytes([sb[1024], sb[1025], sb[1026], sb[1027]]) == 0xE0F5_E1E2 {
+        return Ok("erofs");
+    }
+    if u16::from_le_bytes([sb[1080], sb[1081]]) == 0xEF53 {
+        return Ok("ext4");
+    }
+    bail!(
+        "{} holds neither an ext4 nor an erofs filesystem",
+        file.display()
+    )
+}
+
+fn disk_volumes(a: &RunArgs) -> Result<Vec<DiskVolume>> {
+    let mut v = Vec::new();
+    for spec in &a.volume {
+        let parts: Vec<&str> = spec.split(':').collect();
+        let (src, dst, ro) = match parts.as_slice() {
+            [s, d] => (*s, *d, false),
+            [s, d, "ro"] => (*s, *d, true),
+            [s, d, "rw"] => (*s, *d, false),
+            _ => bail!("invalid volume '{spec}': use SRC:DST[:ro]"),
+        };
+        if !dst.starts_with('/') {
+            bail!("invalid volume '{spec}': the destination must be absolute");
+        }
+        let file = std::fs::canonicalize(src).with_context(|| format!("volume source {src}"))?;
+        if !file.is_file() {
+            bail!(
+                "volume '{spec}': with --vm a volume is a filesystem image file (ext4 or erofs) \
+                 that reaches the guest as a virtio disk; host directories cannot be shared yet"
+            );
+        }
+        v.push(DiskVolume {
+            fstype: fs_type(&file)?,
+            file,
+            dest: dst.to_string(),
+            read_only: ro,
+        });
+    }
+    Ok(v)
+}
+
+/// The layer directory holding the image's /etc/passwd (for --user name lookups).
+fn lookup_root(image: &nestor_image::Image) -> PathBuf {
+    image
+        .layers
+        .iter()
+        .rev()
+        .find(|l| l.join("etc/passwd").exists())
+        .or(image.layers.last())
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The guest container's OCI spec: the native one, with volumes as disk mounts.
+fn guest_spec(
+    a: &RunArgs,
+    image: &nestor_image::Image,
+    cmd: &[String],
+    id: &str,
+    vols: &[DiskVolume],
+) -> Result<Value> {
+    let mut native = a.clone();
+    native.volume.clear();
+    let mut s = crate::run::build_spec(&native, image, cmd, &lookup_root(image), id)?;
+    let mounts = s["mounts"].as_array_mut().context("spec has no mounts")?;
+    for (i, v) in vols.iter().enumerate() {
+        let mut opts = vec!["nosuid", "nodev"];
+        if v.read_only {
+            opts.push("ro");
+        }
+        mounts.push(json!({
+            "destination": v.dest,
+            "type": v.fstype,
+            "source": proto::disk_device(i + 1),
+            "options": opts,
+        }));
+    }
+    Ok(s)
+}
+
+/// Guest memory for the run's flags.
+fn guest_mem(a: &RunArgs) -> Result<u32> {
+    let limit_mib = match &a.memory {
+        Some(m) => Some((crate::run::parse_bytes(m)? >> 20) as u32),
+        None => None,
+    };
+    Ok(match (a.vm_mem, limit_mib) {
+        (Some(m), _) => m,
+        (None, Some(l)) => l.saturating_add(GUEST_OVERHEAD_MIB).max(DEFAULT_MEM_MIB),
+        (None, None) => DEFAULT_MEM_MIB,
+    })
+}
+
+/// Times of one VM container's life, in ms from the VMM's spawn (NESTOR_VM_TIMINGS=1
+/// prints them as one JSON line on stderr; `nestor bench` reads it).
+#[derive(Debug, Default, serde::Serialize)]
+struct Timings {
+    vmm_spawned_ms: f64,
+    guest_init_ms: Option<f64>,
+    agent_ready_ms: Option<f64>,
+    container_started_ms: Option<f64>,
+    container_exited_ms: Option<f64>,
+    vm_gone_ms: Option<f64>,
+}
+
+/// The guest's boot marker as nestor-vmm reported it (ms after its own start).
+fn guest_init_ms(sb: &Sandbox) -> Option<f64> {
+    let t = std::fs::read_to_string(sb.dir().join("vmm.err")).ok()?;
+    t.lines()
+        .find_map(|l| l.strip_prefix("nestor-vmm: guest init reached after "))
+        .and_then(|r| r.trim_end_matches(" ms").parse().ok())
+}
+
+/// Copies `from` into `to` until EOF; then closes `to`'s write side if it is a socket.
+fn pump<R: Read + Send + 'static, W: Write + Send + 'static>(
+    mut from: R,
+    mut to: W,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 16384];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    let _ = to.flush();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    })
+}
+
+/// Forwards the signals nestor receives (from the pipe `signals` fills) to the
+/// container as agent requests, on a connection of its own.
+fn forward_signals(pipe: OwnedFd, mut agent: Agent, container: String) {
+    std::thread::spawn(move || {
+        let mut f = std::fs::File::from(pipe);
+        let mut b = [0u8; 1];
+        while matches!(f.read(&mut b), Ok(1)) {
+            let _ = agent.call(Request::Signal {
+                container: container.clone(),
+                exec: None,
+                signal: i32::from(b[0]),
+            });
+        }
+    });
+}
+
+/// Everything a VM container holds while it runs.
+struct Running {
+    sb: Sandbox,
+    agent: Agent,
+    guest_id: String,
+    outputs: Vec<std::thread::JoinHandle<()>>,
+    timings: Timings,
+    start: Instant,
+}
+
+/// Boots the VM and starts the container in it, with stdio wired to nestor's own.
+fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> Result<Running> {
+    let vols = disk_volumes(a)?;
+    let cmd = meta.command.clone();
+    let spec = guest_spec(a, image, &cmd, &meta.id, &vols)?;
+    std::fs::write(
+        store::dir(&meta.id).join("guest-config.json"),
+        serde_json::to_vec_pretty(&spec)?,
+    )
+    .context("write guest-config.json")?;
+    let assets = Assets::find(a.vm_kernel.as_deref(), a.vm_initrd.as_deref())?;
+    let root_disk = crate::vmdisk::image_disk(image)?;
+    let mut disks = vec![(root_disk, true)];
+    disks.extend(vols.iter().map(|v| (v.file.clone(), v.read_only)));
+    let mem_mib = guest_mem(a)?;
+    let vcpus = a.vm_cpus.unwrap_or(1);
+    if vcpus == 0 {
+        bail!("--vm-cpus must be at least 1");
+    }
+    let hostname = a
+        .hostname
+        .clone()
+        .unwrap_or_else(|| meta.id[..12].to_string());
+    let guest_id = meta.id[..12].to_string();
+    let start = Instant::now();
+    let mut sb = Sandbox::boot(
+        &guest_id,
+        &assets,
+        &BootOpts {
+            mem_mib,
+            vcpus,
+            disks,
+            hostname,
+            net: None,
+        },
+    )?;
+    let pid = sb.vmm_pid().unwrap_or(0) as i32;
+    meta.vm = Some(VmMeta {
+        vmm_pid: pid,
+        vmm_start: nestor_container::state::proc_start(pid)
+            .map(|s| s.0)
+            .unwrap_or(0),
+        sandbox: sb.dir().to_path_buf(),
+        mem_mib,
+        vcpus,
+        guest_id: guest_id.clone(),
+    });
+    store::save(meta)?;
+    let deadline = Instant::now() + sandbox::boot_timeout();
+    let mut agent = sb.agent(deadline)?;
+    let mut timings = Timings {
+        vmm_spawned_ms: sb.timeline.vmm_spawned_ms,
+        agent_ready_ms: sb.timeline.agent_ready_ms,
+        ..Timings::default()
+    };
+    let mut outputs = Vec::new();
+    let stdin = if a.interactive {
+        Some(sb.attach(&guest_id, None, Stream::Stdin, deadline)?)
+    } else {
+        None
+    };
+    let stdout = sb.attach(&guest_id, None, Stream::Stdout, deadline)?;
+    if a.tty {
+        let input = stdin.map(OwnedFd::from);
+        outputs.push(crate::tty::proxy_split(
+            OwnedFd::from(stdout),
+            input,
+            a.interactive,
+        ));
+    } else {
+        let stderr = sb.attach(&guest_id, None, Stream::Stderr, deadline)?;
+        outputs.push(pump(stdout, std::io::stdout()));
+        outputs.push(pump(stderr, std::io::stderr()));
+        if let Some(s) = stdin {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let _ = std::io::copy(&mut std::io::stdin().lock(), &mut s);
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    }
+    let r = agent.call(Request::Run {
+        container: guest_id.clone(),
+        bundle: Bundle::Disk {
+            spec,
+            device: proto::disk_device(0),
+            fstype: crate::vmdisk::FSTYPE.into(),
+        },
+    })?;
+    match r {
+        Response::Started { .. } => {}
+        Response::Error { message, .. } => {
+            bail!("the container did not start in the VM: {message}")
+        }
+        other => bail!("the container did not start in the VM: unexpected answer {other:?}"),
+    }
+    timings.container_started_ms = Some(sb.elapsed_ms());
+    meta.status = "running".into();
+    store::save(meta)?;
+    Ok(Running {
+        sb,
+        agent,
+        guest_id,
+        outputs,
+        timings,
+        start,
+    })
+}
+
+/// Waits for the container, then powers the VM off; returns the exit code.
+fn wait_and_stop(r: &mut Running) -> Result<i32> {
+    let (guard, pipe) = crate::signals::forward_to_pipe().context("signal pipe")?;
+    let deadline = Instant::now() + sandbox::boot_timeout();
+    if let Ok(s) = r.sb.connect(proto::DEFAULT_PORT, deadline) {
+        forward_signals(pipe, Agent::new(s)?, r.guest_id.clone());
+    }
+    let waited = r.agent.call(Request::Wait {
+        container: r.guest_id.clone(),
+        exec: None,
+    });
+    drop(guard);
+    let code = match waited {
+        Ok(Response::Exited { code }) => code,
+        Ok(Response::Error { message, .. }) => bail!("waiting for the container: {message}"),
+        Ok(other) => bail!("waiting for the container: unexpected answer {other:?}"),
+        Err(e) => {
+            // The connection broke: the guest or its agent is gone. Give the VMM a
+            // moment to end so the reason is known.
+            let _ = r.sb.shutdown(None, Duration::from_secs(2));
+            return Err(r.sb.failure(&format!("the container's VM failed ({e:#})")));
+        }
+    };
+    r.timings.container_exited_ms = Some(r.sb.elapsed_ms());
+    // Output streams end when the container's side closes them.
+    for h in r.outputs.drain(..) {
+        let _ = h.join();
+    }
+    let vmm = r.sb.shutdown(Some(&mut r.agent), Duration::from_secs(10));
+    r.timings.vm_gone_ms = Some(r.start.elapsed().as_secs_f64() * 1000.0);
+    r.timings.guest_init_ms = guest_init_ms(&r.sb);
+    if vmm.is_none() {
+        tracing::warn!("the VM did not power off within 10 s; nestor-vmm was killed");
+    }
+    Ok(code)
+}
+
+/// `nestor run --vm …` in the foreground.
+pub fn run(a: &RunArgs) -> Result<i32> {
+    if a.detach && a.tty {
+        bail!("-t with -d is not supported: use `nestor exec` into a detached container");
+    }
+    if a.userns {
+        bail!("--userns with --vm is not needed: the VM is the boundary (drop --userns)");
+    }
+    if a.network != "none" {
+        bail!(
+            "--network {} with --vm is not supported yet (the guest has no network device)",
+            a.network
+        );
+    }
+    let (image_ref, args) = a.args.split_first().context("no image given")?;
+    let images = store::image_store()?;
+    let image = images
+        .get(image_ref)
+        .map_err(|e| anyhow::anyhow!("{e} (import one with `nestor image import PATH`)"))?;
+    let cmd = image.command(args);
+    if cmd.is_empty() {
+        bail!("no command given and image '{image_ref}' has no Entrypoint or Cmd");
+    }
+    let id = store::new_id()?;
+    let name = match &a.name {
+        Some(n) => {
+            store::check_name(n)?;
+            n.clone()
+        }
+        None => format!("nestor_{}", &id[..8]),
+    };
+    let dir = store::dir(&id);
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let mut meta = store::new_meta(&id, name, &image, image_ref, cmd, a.rm, Path::new("/"));
+    store::save(&meta)?;
+    if a.detach {
+        return detach(a, meta, &image);
+    }
+    let result = boot_and_start(a, &mut meta, &image).and_then(|mut r| {
+        let code = wait_and_stop(&mut r);
+        if std::env::var_os("NESTOR_VM_TIMINGS").is_some() {
+            if let Ok(line) = serde_json::to_string(&r.timings) {
+                eprintln!("nestor-vm-timings: {line}");
+            }
+        }
+        code
+    });
+    match result {
+        Ok(code) => {
+            meta.status = "exited".into();
+            meta.exit_code = Some(code);
+            meta.vm = None;
+            if meta.auto_remove {
+                store::remove_dir(&meta.id)?;
+            } else {
+                store::save(&meta)?;
+            }
+            Ok(code)
+        }
+        Err(e) => {
+            let _ = store::remove_dir(&meta.id);
+            Err(e)
+        }
+    }
+}
+
+/// `-d`: a monitor process (this one, forked and detached) owns the VM; its output
+/// goes to the container's log. The parent prints the id once the container started.
+fn detach(a: &RunArgs, mut meta: Meta, image: &nestor_image::Image) -> Result<i32> {
+    let (r, w) = nix::unistd::pipe().context("pipe")?;
+    // SAFETY: nestor is single-threaded here.
+    match unsafe { nix::unistd::fork() }.context("fork the VM monitor")? {
+        nix::unistd::ForkResult::Parent { .. } => {
+            drop(w);
+            let mut msg = String::new();
+            std::fs::File::from(r)
+                .read_to_string(&mut msg)
+                .context("read from the VM monitor")?;
+            match msg.strip_prefix("ok ") {
+                Some(id) => {
+                    println!("{id}");
+                    Ok(0)
+                }
+                None => bail!(
+                    "{}",
+                    msg.strip_prefix("err ").unwrap_or("the VM monitor died")
+                ),
+            }
+        }
+        nix::unistd::ForkResult::Child => {
+            drop(r);
+            let mut w = std::fs::File::from(w);
+            let res = (|| -> Result<i32> {
+                nix::unistd::setsid().context("setsid")?;
+                let me = std::process::id() as i32;
+                meta.owner_pid = me;
+                meta.owner_start = nestor_container::state::proc_start(me)
+                    .map(|s| s.0)
+                    .unwrap_or(0);
+                let log = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(store::dir(&meta.id).join("log"))
+                    .context("open log")?;
+                let null = std::fs::File::open("/dev/null").context("open /dev/null")?;
+                use std::os::fd::AsRawFd;
+                nix::unistd::dup2(null.as_raw_fd(), 0).context("redirect stdin")?;
+                nix::unistd::dup2(log.as_raw_fd(), 1).context("redirect stdout")?;
+                nix::unistd::dup2(log.as_raw_fd(), 2).context("redirect stderr")?;
+                let mut quiet = a.clone();
+                quiet.interactive = false;
+                let mut running = boot_and_start(&quiet, &mut meta, image)?;
+                let _ = w.write_all(format!("ok {}", meta.id).as_bytes());
+                drop(std::mem::replace(&mut w, std::fs::File::open("/dev/null")?));
+                let code = wait_and_stop(&mut running);
+                drop(running);
+                let code = code?;
+                meta.status = "exited".into();
+                meta.exit_code = Some(code);
+                meta.vm = None;
+                if meta.auto_remove {
+                    store::remove_dir(&meta.id)?;
+                } else {
+                    store::save(&meta)?;
+                }
+                Ok(code)
+            })();
+            if let Err(e) = res {
+                let _ = store::remove_dir(&meta.id);
+                let _ = w.write_all(format!("err {e:#}").as_bytes());
+                std::process::exit(1);
+            }
+            std::process::exit(0);
+        }
+    }
+}
+
+/// A control connection to the agent of a running VM container.
+fn remote(vm: &VmMeta) -> Result<Agent> {
+    let s = sandbox::hybrid_connect(&vm.sandbox.join("v.sock"), proto::DEFAULT_PORT)
+        .context("connect to the container's VM")?;
+    Agent::new(s)
+}
+
+/// Sends `sig` to a VM container's main process.
+pub fn signal(m: &Meta, vm: &VmMeta, sig: i32) -> Result<()> {
+    let r = remote(vm)?.call(Request::Signal {
+        container: vm.guest_id.clone(),
+        exec: None,
+        signal: sig,
+    })?;
+    sandbox::expect_ok(&format!("signal container {}", m.name), r)
+}
+
+/// Kills a VM container's VMM (the container dies with its VM).
+pub fn kill_vmm(vm: &VmMeta) {
+    if vm.vmm_alive() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(vm.vmm_pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// `nestor exec` into a VM container (pipes only; `-t` is not supported yet).
+pub fn exec(m: &Meta, vm: &VmMeta, a: &crate::cli::ExecArgs) -> Result<i32> {
+    if a.tty {
+        bail!("exec -t into a --vm container is not supported yet");
+    }
+    if a.user.is_some() {
+        bail!("exec --user into a --vm container is not supported yet");
+    }
+    let sock = vm.sandbox.join("v.sock");
+    let exec_id = format!("e{}", &store::new_id()?[..8]);
+    let attach = |stream| -> Result<UnixStreamAlias> {
+        let s = sandbox::hybrid_connect(&sock, proto::DEFAULT_PORT)?;
+        let mut ag = Agent::new(s)?;
+        let r = ag.call(Request::Attach {
+            container: vm.guest_id.clone(),
+            exec: Some(exec_id.clone()),
+            stream,
+        })?;
+        sandbox::expect_ok("attach", r)?;
+        Ok(ag.into_stream())
+    };
+    let stdin = if a.interactive {
+        Some(attach(Stream::Stdin)?)
+    } else {
+        None
+    };
+    let out = pump(attach(Stream::Stdout)?, std::io::stdout());
+    let err = pump(attach(Stream::Stderr)?, std::io::stderr());
+    if let Some(s) = stdin {
+        std::thread::spawn(move || {
+            let mut s = s;
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut s);
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        });
+    }
+    // The container's own environment, with the user's additions.
+    let spec: Value = serde_json::from_slice(
+        &std::fs::read(store::dir(&m.id).join("guest-config.json")).unwrap_or_default(),
+    )
+    .unwrap_or(Value::Null);
+    let mut env: Vec<String> = spec["process"]["env"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .filter_map(|e| e.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    for e in &a.env {
+        let key = e.split('=').next().unwrap_or("");
+        env.retain(|x| x.split('=').next() != Some(key));
+        env.push(e.clone());
+    }
+    let mut ag = remote(vm)?;
+    let r = ag.call(Request::Exec {
+        container: vm.guest_id.clone(),
+        exec: exec_id.clone(),
+        args: a.cmd.clone(),
+        env,
+        cwd: a.workdir.clone().or(a.cwd.clone()),
+    })?;
+    match r {
+        Response::Started { .. } => {}
+        Response::Error { message, .. } => bail!("exec in {}: {message}", m.name),
+        other => bail!("exec in {}: unexpected answer {other:?}", m.name),
+    }
+    let code = match ag.call(Request::Wait {
+        container: vm.guest_id.clone(),
+        exec: Some(exec_id),
+    })? {
+        Response::Exited { code } => code,
+        Response::Error { message, .. } => bail!("exec in {}: {message}", m.name),
+        other => bail!("exec in {}: unexpected answer {other:?}", m.name),
+    };
+    let _ = out.join();
+    let _ = err.join();
+    Ok(code)
+}
+
+type UnixStreamAlias = std::os::unix::net::UnixStream;
+
+/// `gc` for VM containers: VMMs whose owner died are killed, sandbox directories no
+/// live container uses are removed, and image disks of removed images are deleted.
+pub fn gc(images: &nestor_image::ImageStore) -> Result<usize> {
+    let mut n = 0;
+    let mut live = std::collections::BTreeSet::new();
+    for m in store::all() {
+        if let Some(vm) = &m.vm {
+            if m.owner_alive() {
+                live.insert(vm.sandbox.clone());
+            } else {
+                kill_vmm(vm);
+                n += 1;
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(sandbox::sandboxes_dir()) {
+        for e in rd.flatten() {
+            // A sandbox being booted is not recorded yet for a moment: leave young ones.
+            let old = e
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > Duration::from_secs(30));
+            if old && !live.contains(&e.path()) && std::fs::remove_dir_all(e.path()).is_ok() {
+                n += 1;
+            }
+        }
+    }
+    n += crate::vmdisk::gc(images)?;
+    Ok(n)
+}

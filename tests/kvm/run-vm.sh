@@ -1,0 +1,261 @@
+#!/usr/bin/env bash
+# Scenario 1 end to end: `nestor run --vm` on the busybox sample image, with nestor-vmm,
+# the project's guest kernel and the agent initramfs (scripts/vm-assets.sh). Checks:
+# output and exit code; stdin piped in; -t; a signal reaches the container; the container
+# sees the guest kernel, not the host's; the memory limit is enforced inside the guest;
+# the host's processes and files are invisible; volumes as disk images; -d with ps,
+# exec, logs, stop, rm; a dead agent and a guest kernel panic fail with a clear error
+# within a bounded time and leave nothing behind; random and malformed bytes at the
+# agent's vsock port never stop it serving; kill -9 of nestor then gc leaves nothing.
+# Then the benchmark: `run --vm --rm busybox true` against a plain microVM boot of the
+# same kernel and initramfs (nestor-vmm, the agent running `true` from the command
+# line) and a native `nestor run --rm busybox true`, in the same run, with the
+# breakdown of the VM run (NESTOR_VM_TIMINGS).
+#   run-vm.sh [--runs N]
+# Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all pass.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+runs=5 direct=0
+while (($#)); do
+    case $1 in
+    --runs) runs=$2; shift 2 ;;
+    --direct) direct=1; shift ;;
+    *) echo "run-vm.sh: unknown argument '$1'" >&2; exit 2 ;;
+    esac
+done
+bin=${NESTOR_BIN_DIR:-$repo/target/release}
+if [[ ${NESTOR_TESTHOST:-} != inside && $direct == 0 ]]; then
+    # Build everything here: nothing compiles under TCG.
+    scratch=$(mktemp -d "${TMPDIR:-/tmp}/run-vm-assets.XXXXXX")
+    trap 'rm -rf "$scratch"' EXIT
+    NESTOR_ROOT=$scratch "$repo/scripts/vm-assets.sh" >/dev/null
+    export NESTOR_VM_KERNEL NESTOR_VM_INITRD
+    NESTOR_VM_KERNEL=$("$repo/guest-kernel/build.sh" 2>/dev/null | tail -n1)
+    bins=$("$repo/images/build-agent.sh" 2>/dev/null)
+    NESTOR_VM_INITRD=$("$repo/images/build-initramfs.sh" --agent "$(tail -n1 <<<"$bins")" \
+        --nestor "$(tail -n2 <<<"$bins" | head -n1)" 2>/dev/null | tail -n1)
+    "$repo/images/build-busybox-image.sh" >/dev/null 2>&1
+    "$repo/tests/testhost/kvm-exec" --timeout 900 -- "$here/run-vm.sh" --direct --runs "$runs"
+    exit
+fi
+: "${NESTOR_VM_KERNEL:=$("$repo/guest-kernel/build.sh" 2>/dev/null | tail -n1)}"
+if [[ -z ${NESTOR_VM_INITRD:-} ]]; then
+    # The static binaries scripts/test.sh built (cargo under TCG would take minutes).
+    static=${CARGO_TARGET_DIR:-$repo/target}/x86_64-unknown-linux-gnu/release
+    if [[ -x $static/nestor && -x $static/nestor-agent ]]; then
+        bins=$(printf '%s\n%s\n' "$static/nestor" "$static/nestor-agent")
+    else
+        bins=$("$repo/images/build-agent.sh" 2>/dev/null)
+    fi
+    NESTOR_VM_INITRD=$("$repo/images/build-initramfs.sh" --agent "$(tail -n1 <<<"$bins")" \
+        --nestor "$(tail -n2 <<<"$bins" | head -n1)" 2>/dev/null | tail -n1)
+fi
+export NESTOR_VM_KERNEL NESTOR_VM_INITRD
+[[ -c /dev/kvm ]] || { echo "run-vm.sh: no /dev/kvm" >&2; exit 1; }
+label=""
+[[ ${NESTOR_TESTHOST:-} == inside ]] && label=" (inside TCG test host; compare only within this run)"
+export NESTOR_VM_TIMEOUT=${NESTOR_VM_TIMEOUT:-120}
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/run-vm.XXXXXX")
+export NESTOR_ROOT=$work/root NESTOR_STATE=$work/state
+n() { timeout --kill-after=5 240 "$bin/nestor" "$@"; }
+cleanup() {
+    for id in $("$bin/nestor" ps -a -q 2>/dev/null); do "$bin/nestor" rm -f "$id" >/dev/null 2>&1 || true; done
+    "$bin/nestor" gc >/dev/null 2>&1 || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+img=$("$repo/images/build-busybox-image.sh" 2>/dev/null | tail -n1)
+"$bin/nestor" image import "$img" >/dev/null 2>&1
+
+fail=0
+pass() { echo "ok   $*"; }
+bad() { echo "FAIL $*" >&2; fail=1; }
+# expect NAME WANT GOT
+expect() { if [[ $3 == "$2" ]]; then pass "$1"; else bad "$1: want '$2', got '$3'"; fi; }
+
+# 1. Output and exit code.
+set +e
+out=$(n run --vm --rm busybox sh -c 'echo out; echo err >&2; exit 7' 2>"$work/err")
+rc=$?
+set -e
+expect "exit code" 7 "$rc"
+expect "stdout" out "$out"
+grep -qx err "$work/err" && pass "stderr" || bad "stderr: $(cat "$work/err")"
+
+# 2. Stdin piped in.
+out=$(printf 'hello\nvm\n' | n run --vm -i --rm busybox sh -c 'cat | wc -l')
+expect "stdin" 2 "$(tr -d ' ' <<<"$out")"
+
+# 3. -t: the container's stdio is a terminal.
+out=$(n run --vm -t --rm busybox sh -c 'test -t 0 && test -t 1 && echo tty-yes' | tr -d '\r')
+expect "-t" tty-yes "$out"
+
+# 4. The guest kernel, not the host's.
+guest=$(n run --vm --rm busybox uname -r)
+[[ -n $guest && $guest != "$(uname -r)" ]] && pass "guest kernel ($guest, host $(uname -r))" ||
+    bad "uname -r in the VM is '$guest', host '$(uname -r)'"
+
+# 5. Memory limit inside the guest: the cgroup says so, and going past it is an OOM kill.
+out=$(n run --vm --rm --memory 32m busybox cat /sys/fs/cgroup/memory.max)
+expect "memory.max in the guest" 33554432 "$out"
+set +e
+n run --vm --rm --memory 32m busybox sh -c 'dd if=/dev/zero of=/dev/shm/fill bs=1M count=64 2>/dev/null; echo survived' >"$work/oom" 2>&1
+rc=$?
+set -e
+[[ $rc == 137 ]] && ! grep -q survived "$work/oom" && pass "memory limit enforced (exit 137)" ||
+    bad "memory limit: exit $rc, output $(cat "$work/oom")"
+
+# 6. Host processes and files are invisible.
+marker=nestor-host-marker-$$-$RANDOM
+sleep 300 "$marker" 2>/dev/null &
+spid=$!
+echo secret >"/tmp/$marker"
+out=$(n run --vm --rm busybox sh -c "ps -ef | grep -c $marker; ls /tmp/$marker 2>&1 | grep -c 'No such'")
+kill $spid 2>/dev/null || true
+rm -f "/tmp/$marker"
+# grep itself matches once inside the container.
+expect "host processes and files invisible" "1 1" "$(tr '\n' ' ' <<<"$out" | sed 's/ $//')"
+
+# 7. Volumes as disk images.
+dd if=/dev/zero of="$work/vol.img" bs=1M count=8 2>/dev/null
+mkfs.ext4 -q -F "$work/vol.img"
+n run --vm --rm -v "$work/vol.img:/data" busybox sh -c 'echo persisted >/data/f' >/dev/null
+out=$(n run --vm --rm -v "$work/vol.img:/data:ro" busybox sh -c 'cat /data/f; touch /data/g 2>/dev/null || echo ro')
+expect "volume disk rw then ro" "persisted ro" "$(tr '\n' ' ' <<<"$out" | sed 's/ $//')"
+
+# 8. A signal reaches the container.
+n run --vm --rm busybox sh -c 'trap "exit 42" TERM; echo ready; while :; do sleep 0.1; done' >"$work/sig" 2>&1 &
+npid=$!
+for _ in $(seq 600); do grep -q ready "$work/sig" 2>/dev/null && break; sleep 0.1; done
+kill -TERM $npid
+set +e
+wait $npid
+rc=$?
+set -e
+expect "SIGTERM forwarded" 42 "$rc"
+
+# 9. -d, ps, exec, logs, stop, rm.
+id=$(n run --vm -d --name vmd busybox sh -c 'echo started; trap "exit 3" TERM; while :; do sleep 0.1; done')
+n ps | grep -q vmd && pass "ps shows the VM container" || bad "ps: $(n ps)"
+out=$(n exec vmd sh -c 'echo in-vm; exit 5' || echo "rc=$?")
+expect "exec output and code" "in-vm rc=5" "$(tr '\n' ' ' <<<"$out" | sed 's/ $//')"
+sleep 0.5
+grep -q started "$NESTOR_ROOT/containers/$id/log" && pass "logs" || bad "log: $(cat "$NESTOR_ROOT/containers/$id/log")"
+
+# 10. Fuzz: random and malformed bytes at the agent's port never stop it serving.
+sock=$(n inspect vmd | python3 -c 'import json,sys; print(json.load(sys.stdin)["VM"]["Sandbox"])')/v.sock
+python3 - "$sock" <<'PY' && pass "agent survives fuzzing" || bad "agent fuzz"
+import os, random, socket, struct, sys, json
+path = sys.argv[1]
+rng = random.Random(1234)
+def conn():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(20)
+    s.connect(path)
+    s.sendall(b"CONNECT 1024\n")
+    line = b""
+    while not line.endswith(b"\n"):
+        c = s.recv(1)
+        if not c:
+            raise SystemExit("handshake refused")
+        line += c
+    assert line.startswith(b"OK "), line
+    return s
+cases = [os.urandom(rng.randint(1, 4096)) for _ in range(40)]
+cases += [struct.pack(">I", 0xFFFFFFFF) + b"x", struct.pack(">I", 5) + b"{bad}", struct.pack(">I", 3) + b"[1]",
+          struct.pack(">I", 40) + b'{"id":1,"request":{"type":"nope"}}     ', b"\x00" * 64,
+          struct.pack(">I", 60) + json.dumps({"id": 1, "request": {"type": "attach", "container": "../x", "stream": "stdin"}}).encode()[:60]]
+for data in cases:
+    s = conn()
+    try:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        s.recv(65536)
+    except OSError:
+        pass
+    s.close()
+s = conn()
+req = json.dumps({"id": 9, "request": {"type": "ping"}}).encode()
+s.sendall(struct.pack(">I", len(req)) + req)
+n = struct.unpack(">I", s.recv(4))[0]
+reply = json.loads(s.recv(n))
+assert reply["id"] == 9 and reply["response"]["type"] == "pong", reply
+PY
+out=$(n exec vmd echo still-serving || true)
+expect "exec after fuzzing" still-serving "$out"
+
+n stop vmd >/dev/null
+st=$(n inspect vmd | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["ExitCode"], d["VM"])')
+expect "stop: exit code, VM gone" "3 None" "$st"
+n rm vmd >/dev/null
+[[ -z $(n ps -a -q) ]] && pass "rm" || bad "rm left $(n ps -a)"
+
+# 11. A dead agent and a guest kernel panic: a clear error, in bounded time, nothing left.
+for c in "nestor.no-such-setting=1|agent exits: the guest powered off|the guest powered off" \
+         "rdinit=/bin/false|guest kernel panic (init exits)|the guest rebooted"; do
+    IFS='|' read -r cmdline what want <<<"$c"
+    t0=$(date +%s)
+    set +e
+    NESTOR_VM_CMDLINE=$cmdline n run --vm --rm busybox true >"$work/dead" 2>&1
+    rc=$?
+    set -e
+    secs=$(($(date +%s) - t0))
+    if [[ $rc == 1 ]] && grep -q "$want" "$work/dead" && [[ -z $(n ps -a -q) ]] &&
+        ! pgrep -f "nestor-vmm.*$NESTOR_ROOT" >/dev/null; then
+        pass "$what: clear error after ${secs}s, nothing left"
+    else
+        bad "$what: rc $rc after ${secs}s: $(cat "$work/dead")"
+    fi
+done
+
+# 12. kill -9 of nestor mid-run, then gc: no VMM, sandbox, container left.
+n run --vm --name k9 busybox sh -c 'echo up; sleep 600' >"$work/k9" 2>&1 &
+npid=$!
+for _ in $(seq 600); do grep -q up "$work/k9" 2>/dev/null && break; sleep 0.1; done
+kill -9 $npid
+wait $npid 2>/dev/null || true
+n gc >/dev/null
+sleep 0.5
+if ! pgrep -f "nestor-vmm.*$NESTOR_ROOT" >/dev/null && [[ $(n ps -a --json) != *'"running"'* ]]; then
+    pass "kill -9 then gc: no VMM left"
+else
+    bad "kill -9 then gc: $(pgrep -af nestor-vmm) $(n ps -a)"
+fi
+n rm -f k9 >/dev/null 2>&1 || true
+
+# Benchmark: plain microVM vs run --vm vs native, interleaved, medians.
+cmd_b64=$(printf 'true' | base64 -w0)
+declare -a t_vm t_run t_native
+breakdown=$work/breakdown
+for i in $(seq "$runs"); do
+    s=$(date +%s%N)
+    timeout 120 "$bin/nestor-vmm" --kernel "$NESTOR_VM_KERNEL" --initrd "$NESTOR_VM_INITRD" \
+        --cmdline "console=ttyS0 reboot=t panic=-1 quiet nestor.cmd=$cmd_b64" --mem 256 \
+        --console none >/dev/null 2>&1 || true
+    t_vm+=($((($(date +%s%N) - s) / 1000000)))
+    s=$(date +%s%N)
+    NESTOR_VM_TIMINGS=1 n run --vm --rm busybox true 2>>"$breakdown" || true
+    t_run+=($((($(date +%s%N) - s) / 1000000)))
+    s=$(date +%s%N)
+    n run --rm busybox true || true
+    t_native+=($((($(date +%s%N) - s) / 1000000)))
+done
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+mv=$(median "${t_vm[@]}") mr=$(median "${t_run[@]}") mn=$(median "${t_native[@]}")
+echo "bench$label, $runs runs each, medians:"
+echo "  plain microVM boot + exit (nestor-vmm, agent runs true): $mv ms"
+echo "  nestor run --vm --rm busybox true:                       $mr ms ($(awk -v a="$mr" -v b="$mv" 'BEGIN{printf "%.2fx", a/b}') of the plain microVM; +$((mr - mv)) ms)"
+echo "  nestor run --rm busybox true (native):                   $mn ms"
+python3 - "$breakdown" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l.split(": ", 1)[1]) for l in open(sys.argv[1]) if l.startswith("nestor-vm-timings: ")]
+if rows:
+    keys = ["vmm_spawned_ms", "guest_init_ms", "agent_ready_ms", "container_started_ms", "container_exited_ms", "vm_gone_ms"]
+    print("  run --vm breakdown (median ms from VMM spawn):", ", ".join(
+        f"{k[:-3]} {statistics.median([r[k] for r in rows if r.get(k) is not None]):.0f}"
+        for k in keys if any(r.get(k) is not None for r in rows)))
+PY
+exit $fail
