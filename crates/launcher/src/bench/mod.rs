@@ -454,7 +454,7 @@ fn launch_workload(
     res
 }
 
-fn workloads(env: &Env, r: &Runner, plan: &Plan) -> WorkloadSet {
+fn workloads(env: &Env, r: &Runner, plan: &Plan, with_fio: bool) -> WorkloadSet {
     let mut set = WorkloadSet {
         mode: r.mode.name().into(),
         status: Status::Measured,
@@ -495,9 +495,20 @@ fn workloads(env: &Env, r: &Runner, plan: &Plan) -> WorkloadSet {
             (PathBuf::from("/dev/vda"), Some(host_disk.clone()))
         }
         Kind::Image | Kind::VmContainer { .. } => {
-            let vol = env.tmp.join("vol");
-            let _ = std::fs::create_dir_all(&vol);
-            (PathBuf::from("/bench/disk"), Some(vol.join("disk")))
+            // With --vm a volume is a filesystem image: an ext4 one holding the static
+            // nestor, with room for the disk workload's file.
+            let img = env.tmp.join(format!("vol-{}.ext4", r.mode.name()));
+            if let Err(e) = env.make_volume(&img, plan.disk_mib) {
+                let why = format!("workload volume: {e:#}");
+                set.status = Status::Skipped;
+                set.reason = Some(why.clone());
+                set.results = WORKLOADS
+                    .iter()
+                    .map(|w| skipped_result(w.0, &why))
+                    .collect();
+                return set;
+            }
+            (PathBuf::from("/bench/disk"), Some(img))
         }
     };
     common.extend(["--disk".into(), unit_disk.display().to_string()]);
@@ -539,14 +550,15 @@ fn workloads(env: &Env, r: &Runner, plan: &Plan) -> WorkloadSet {
         let (bind, container_net) = match r.kind {
             Kind::Process => ("127.0.0.1:0".to_string(), false),
             Kind::Oci(_) => {
-                let n = env.net.as_ref().map_err(|e| format!("container network: {e}"))?;
+                let n = env
+                    .net
+                    .as_ref()
+                    .map_err(|e| format!("container network: {e}"))?;
                 (format!("{}:0", n.host_ip), true)
             }
             Kind::Vm { .. } | Kind::Qemu(_) => {
-                return Err(
-                    "no host network for VM units here: the bench's tap set-up needs nestor-vmm's virtio-net (--net), not wired into the bench yet"
-                        .into(),
-                )
+                let t = env.tap.as_ref().map_err(|e| format!("tap device: {e}"))?;
+                (format!("{}:0", t.host_ip), true)
             }
             Kind::Image | Kind::VmContainer { .. } => {
                 return Err("no host network for `nestor run --vm` units in this build".into())
@@ -570,7 +582,7 @@ fn workloads(env: &Env, r: &Runner, plan: &Plan) -> WorkloadSet {
             results.push(skipped_result(w.0, "the workload program reported nothing"));
         }
     }
-    if r.kind_is_process() && modes::which("fio").is_some() {
+    if with_fio && r.kind_is_process() && modes::which("fio").is_some() {
         progress("process: fio reference for disk");
         let dir = env.tmp.join("fio");
         let _ = std::fs::create_dir_all(&dir);
@@ -630,6 +642,7 @@ fn prepare_env(a: &BenchArgs, modes: &[Mode], inside: bool) -> Result<Env> {
         vm: Err("not requested".into()),
         vm_mem: a.vm_mem,
         net: Err("not requested".into()),
+        tap: Err("not requested".into()),
         timeout,
         vm_timeout,
         tmp,
@@ -641,6 +654,9 @@ fn prepare_env(a: &BenchArgs, modes: &[Mode], inside: bool) -> Result<Env> {
     }
     if modes.iter().any(|m| m.is_vm()) {
         env.vm = prepare_vm(a, &env);
+        if env.vm.is_ok() {
+            env.tap = Env::make_tap(std::process::id());
+        }
     }
     Ok(env)
 }
@@ -660,6 +676,11 @@ fn prepare_vm(a: &BenchArgs, env: &Env) -> std::result::Result<VmAssets, String>
             )
         })?,
     };
+    // A copy in the bench's world-readable temp dir: a jailed VMM (root mapped to an
+    // unprivileged uid) cannot reach files under a closed directory such as /root.
+    let copy = env.tmp.join("vmlinux");
+    std::fs::copy(&kernel, &copy).map_err(|e| format!("copy {}: {e}", kernel.display()))?;
+    let kernel = copy;
     let initrd = env.tmp.join("initramfs.cpio");
     progress("VM: bench initramfs (busybox, static nestor, init)");
     modes::write_initramfs(&initrd, &env.busybox, env.static_nestor.as_deref())
@@ -683,6 +704,26 @@ fn prepare_vm(a: &BenchArgs, env: &Env) -> std::result::Result<VmAssets, String>
     }
 }
 
+/// Ratios of `set` against the native run made just before it (kept in each detail).
+fn pair(set: &mut WorkloadSet, native: &WorkloadSet) {
+    for x in set.results.iter_mut().filter(|x| x.tool == "built-in") {
+        let n = native
+            .results
+            .iter()
+            .find(|n| n.tool == "built-in" && n.workload == x.workload)
+            .and_then(|n| n.value);
+        if let (Some(v), Some(n)) = (x.value, n) {
+            if n > 0.0 {
+                x.ratio_vs_process = Some(v / n);
+            }
+            if let Some(d) = x.detail.as_object_mut() {
+                d.insert("paired_native_value".into(), json!(n));
+            }
+        }
+    }
+}
+
+/// Ratios against the process mode's own run, where no paired native run gave one.
 fn fill_ratios(sets: &mut [WorkloadSet]) {
     let native: Vec<(String, f64)> = sets
         .iter()
@@ -692,7 +733,11 @@ fn fill_ratios(sets: &mut [WorkloadSet]) {
         .filter_map(|r| r.value.map(|v| (r.workload.clone(), v)))
         .collect();
     for s in sets.iter_mut() {
-        for r in s.results.iter_mut().filter(|r| r.tool == "built-in") {
+        for r in s
+            .results
+            .iter_mut()
+            .filter(|r| r.tool == "built-in" && r.ratio_vs_process.is_none())
+        {
             let n = native.iter().find(|(w, _)| *w == r.workload).map(|x| x.1);
             if let (Some(v), Some(n)) = (r.value, n) {
                 if n > 0.0 {
@@ -787,6 +832,7 @@ fn measure(
             env.workload_bin.display()
         ));
     }
+    notes.push("workload ratios: value / the native process's, from a native run made right before each mode's (paired, so load drift on a shared machine is not read as overhead); rtt: > 1 is slower, the others: < 1 is slower".into());
     notes.push("start = launch -> the unit's program printed its marker; stop = marker -> launcher exited (teardown); one warm-up run first. Memory = PSS summed over the unit's host processes (kernel memory such as page tables of the namespaces is not counted).".into());
 
     let mut mode_entries = Vec::new();
@@ -824,7 +870,16 @@ fn measure(
                 }
             }
             dens.push(density(env, &r, plan));
-            wls.push(workloads(env, &r, plan));
+            let mut set = workloads(env, &r, plan, true);
+            if m != Mode::Process && set.results.iter().any(|x| x.value.is_some()) {
+                // A native run right before each mode's, so that load drift on a shared
+                // machine does not pass for overhead: ratios pair with it.
+                progress(&format!("{}: paired native run of the workloads", m.name()));
+                let native = modes::runners(Mode::Process, env).remove(0);
+                let paired = workloads(env, &native, plan, false);
+                pair(&mut set, &paired);
+            }
+            wls.push(set);
         }
         let measured = ss
             .iter()

@@ -149,6 +149,12 @@ pub struct Net {
     pub host_ip: String,
 }
 
+pub struct Tap {
+    pub name: String,
+    pub host_ip: String,
+    pub unit_ip: String,
+}
+
 /// Everything the runners share; removed by `cleanup`.
 pub struct Env {
     pub me: PathBuf,
@@ -164,6 +170,8 @@ pub struct Env {
     pub vm: std::result::Result<VmAssets, String>,
     pub vm_mem: u64,
     pub net: std::result::Result<Net, String>,
+    /// A tap device for VM units' virtio-net (nestor vm run --net).
+    pub tap: std::result::Result<Tap, String>,
     pub timeout: Duration,
     pub vm_timeout: Duration,
 }
@@ -502,19 +510,12 @@ impl Env {
                     }
                 }
                 c.args(["--rm", "--name", id]);
-                if matches!(p, Program::Workload(_)) {
-                    c.arg("-v").arg(format!(
-                        "{}:/nestor-workload:ro",
-                        self.static_nestor
-                            .as_deref()
-                            .unwrap_or(&self.workload_bin)
-                            .display()
-                    ));
-                    if let Some(d) = disk.and_then(Path::parent) {
-                        c.arg("-v").arg(format!("{}:/bench", d.display()));
-                    }
+                if let (Program::Workload(_), Some(vol)) = (p, disk) {
+                    // The ext4 volume from make_volume: the workload binary and its disk.
+                    c.arg("-v").arg(format!("{}:/bench", vol.display()));
                 }
-                c.arg(&self.image).args(Self::argv(p, "/nestor-workload"));
+                c.arg(&self.image)
+                    .args(Self::argv(p, "/bench/nestor-workload"));
                 c
             }
             Kind::Vm { jail } => {
@@ -524,12 +525,21 @@ impl Env {
                 if *jail {
                     c.arg("--jail");
                 }
+                let mut line = Self::sh_line(p, "/bin/nestor");
+                if net {
+                    let t = self.tap.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+                    line = format!(
+                        "ip addr add {}/30 dev eth0 && ip link set eth0 up && {line}",
+                        t.unit_ip
+                    );
+                    c.arg("--net").arg(&t.name);
+                }
                 c.arg("--kernel")
                     .arg(&a.kernel)
                     .arg("--initrd")
                     .arg(&a.initrd)
                     .arg("--cmdline")
-                    .arg(vm_cmdline(&Self::sh_line(p, "/bin/nestor"), false))
+                    .arg(vm_cmdline(&line, false))
                     .arg("--mem")
                     .arg(self.vm_mem.to_string())
                     .args(["--vcpus", "1"]);
@@ -616,6 +626,32 @@ impl Env {
             bundle.join("config.json"),
             serde_json::to_vec_pretty(&spec)?,
         )?;
+        Ok(())
+    }
+
+    /// An ext4 image (mkfs.ext4 -d) holding the static nestor as /nestor-workload, with
+    /// `free_mib` MiB free for the disk workload.
+    pub fn make_volume(&self, img: &Path, free_mib: usize) -> Result<()> {
+        let bin = self
+            .static_nestor
+            .as_deref()
+            .context("no static nestor for the guest (images/build-agent.sh builds it)")?;
+        let src = img.with_extension("d");
+        std::fs::create_dir_all(&src)?;
+        std::fs::copy(bin, src.join("nestor-workload"))
+            .with_context(|| format!("copy {}", bin.display()))?;
+        let size = std::fs::metadata(bin)?.len() + ((free_mib as u64 * 2 + 16) << 20);
+        std::fs::File::create(img)?.set_len(size)?;
+        let o = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
+            .arg(&src)
+            .arg(img)
+            .output()
+            .context("mkfs.ext4 (e2fsprogs) not available")?;
+        let _ = std::fs::remove_dir_all(&src);
+        if !o.status.success() {
+            bail!("mkfs.ext4: {}", String::from_utf8_lossy(&o.stderr).trim());
+        }
         Ok(())
     }
 
@@ -739,6 +775,36 @@ impl Env {
         Ok(net)
     }
 
+    /// A tap device on the host with the first address of a /30 of 10.232.0.0/16.
+    pub fn make_tap(tag: u32) -> std::result::Result<Tap, String> {
+        let (x, y) = ((tag >> 6) % 256, (tag % 64) * 4);
+        let t = Tap {
+            name: format!("nbt{tag}"),
+            host_ip: format!("10.232.{x}.{}", y + 1),
+            unit_ip: format!("10.232.{x}.{}", y + 2),
+        };
+        let host_cidr = format!("{}/30", t.host_ip);
+        for args in [
+            vec!["tuntap", "add", "dev", t.name.as_str(), "mode", "tap"],
+            vec!["addr", "add", host_cidr.as_str(), "dev", t.name.as_str()],
+            vec!["link", "set", t.name.as_str(), "up"],
+        ] {
+            match Command::new("ip").args(&args).output() {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => {
+                    let _ = Command::new("ip").args(["link", "del", &t.name]).output();
+                    return Err(format!(
+                        "ip {}: {}",
+                        args.join(" "),
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ));
+                }
+                Err(e) => return Err(format!("ip (iproute2) not available: {e}")),
+            }
+        }
+        Ok(t)
+    }
+
     pub fn drop_net(n: &Net) {
         let _ = Command::new("ip")
             .args(["link", "del", &n.host_if])
@@ -749,6 +815,9 @@ impl Env {
     pub fn cleanup(&self) {
         if let Ok(n) = &self.net {
             Self::drop_net(n);
+        }
+        if let Ok(t) = &self.tap {
+            let _ = Command::new("ip").args(["link", "del", &t.name]).output();
         }
         let _ = std::fs::remove_dir_all(&self.tmp);
     }

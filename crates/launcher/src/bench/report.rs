@@ -238,7 +238,7 @@ pub fn markdown(r: &Report) -> String {
     // Workloads: a row per workload, a column per mode.
     let _ = writeln!(
         o,
-        "\n## Workloads (the same `nestor workload` program in every mode; value, and ratio to the native process)\n"
+        "\n## Workloads (the same `nestor workload` program in every mode; value, and ratio to a native run made just before)\n"
     );
     let mut head = "| workload | unit |".to_string();
     let mut sep = "|---|---|".to_string();
@@ -278,6 +278,31 @@ pub fn markdown(r: &Report) -> String {
         }
         let _ = writeln!(o, "{line}");
     }
+    let direct: Vec<String> = r
+        .workloads
+        .iter()
+        .filter_map(|s| {
+            let x = s.results.iter().find(|x| {
+                x.tool == "built-in"
+                    && x.workload == "disk-seq-write"
+                    && x.status == Status::Measured
+            })?;
+            let d = &x.detail;
+            Some(format!(
+                "{}: {}{}",
+                s.mode,
+                d["path"].as_str().unwrap_or("?"),
+                match (d["direct"].as_bool(), d["block_device"].as_bool()) {
+                    (Some(true), Some(true)) => " (block device, O_DIRECT)",
+                    (Some(true), _) => " (O_DIRECT)",
+                    _ => " (buffered: the file system refused O_DIRECT; fdatasync + cache dropped)",
+                }
+            ))
+        })
+        .collect();
+    if !direct.is_empty() {
+        let _ = writeln!(o, "\nDisk workload files: {}.", direct.join("; "));
+    }
     let fio: Vec<_> = r
         .workloads
         .iter()
@@ -287,12 +312,23 @@ pub fn markdown(r: &Report) -> String {
     if !fio.is_empty() {
         let _ = writeln!(
             o,
-            "\nfio on the host (O_DIRECT, psync), a reference for the built-in disk figures of the process column:"
+            "\nfio on the host (psync; O_DIRECT unless the file system refuses it), a reference for the built-in disk figures of the process column:"
         );
         for x in fio {
             match x.value {
                 Some(v) => {
-                    let _ = writeln!(o, "- {}: {} {}", x.workload, num(v), x.unit);
+                    let _ = writeln!(
+                        o,
+                        "- {}: {} {}{}",
+                        x.workload,
+                        num(v),
+                        x.unit,
+                        if x.detail["direct"] == false {
+                            " (buffered)"
+                        } else {
+                            ""
+                        }
+                    );
                 }
                 None => {
                     let _ = writeln!(

@@ -185,8 +185,8 @@ impl Unit {
         let tail = |s: Vec<&str>| {
             let v: Vec<String> = s
                 .iter()
-                .filter(|l| !l.trim().is_empty())
-                .map(|l| l.trim().to_string())
+                .map(|l| strip_ansi(l.trim()))
+                .filter(|l| !l.is_empty() && !l.starts_with("WARN "))
                 .collect();
             v[v.len().saturating_sub(3)..].join(" | ")
         };
@@ -231,6 +231,27 @@ impl Drop for Unit {
             self.kill(libc::SIGKILL);
         }
     }
+}
+
+/// Text without terminal escape sequences (colored log lines).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == '\x1b' {
+            if it.peek() == Some(&'[') {
+                it.next();
+                for c in it.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out.trim().to_string()
 }
 
 /// `root` and all its descendants, from /proc/*/stat.
@@ -306,6 +327,11 @@ mod tests {
         assert!(u.success());
         let (s, st, t) = u.times().unwrap();
         assert!(s >= 0.0 && st >= 0.0 && (s + st - t).abs() < 1e-6);
+    }
+
+    #[test]
+    fn escapes_are_stripped() {
+        assert_eq!(strip_ansi("\x1b[33m WARN\x1b[0m x"), "WARN x");
     }
 
     #[test]
