@@ -420,8 +420,10 @@ impl Env {
                 }
             }
             Kind::Vm { .. } | Kind::Qemu(_) => {
-                u.kill(libc::SIGTERM);
-                if u.wait_exit(Duration::from_secs(5)).is_err() {
+                // The launcher first: `nestor vm run --jail` forwards the signal into the
+                // jail and removes it when the VMM is gone.
+                u.signal_launcher(libc::SIGTERM);
+                if u.wait_exit(Duration::from_secs(10)).is_err() {
                     u.kill(libc::SIGKILL);
                     let _ = u.wait_exit(Duration::from_secs(5));
                 }

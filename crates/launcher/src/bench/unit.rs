@@ -9,6 +9,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -27,7 +28,8 @@ pub struct Unit {
     pub exited: Option<(Instant, Option<ExitStatus>)>,
     pub lines: Vec<String>,
     rx: Receiver<Event>,
-    stderr: Option<std::thread::JoinHandle<String>>,
+    /// Filled as it comes: a descendant that outlives the launcher may hold the pipe.
+    stderr: Arc<Mutex<String>>,
     label: String,
 }
 
@@ -61,12 +63,17 @@ impl Unit {
             let st = child.wait();
             let _ = tx.send(Event::Exit(Instant::now(), st));
         });
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            if let Some(e) = err.as_mut() {
-                let _ = e.read_to_string(&mut s);
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let acc = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Some(Ok(n @ 1..)) = err.as_mut().map(|e| e.read(&mut buf)) {
+                if let Ok(mut s) = acc.lock() {
+                    if s.len() < 1 << 20 {
+                        s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    }
+                }
             }
-            s
         });
         Ok(Unit {
             pid,
@@ -75,7 +82,7 @@ impl Unit {
             exited: None,
             lines: Vec::new(),
             rx,
-            stderr: Some(stderr),
+            stderr,
             label: label.to_string(),
         })
     }
@@ -173,15 +180,10 @@ impl Unit {
     }
 
     /// The last lines of stderr and stdout, for error messages.
-    pub fn diagnostics(&mut self) -> String {
-        let err = if self.exited.is_some() {
-            self.stderr
-                .take()
-                .and_then(|h| h.join().ok())
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+    pub fn diagnostics(&self) -> String {
+        // Give the reader a moment to catch up with a launcher that just exited.
+        std::thread::sleep(Duration::from_millis(50));
+        let err = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
         let tail = |s: Vec<&str>| {
             let v: Vec<String> = s
                 .iter()
@@ -200,9 +202,30 @@ impl Unit {
         }
     }
 
+    /// Signals the launcher's process group and every descendant (a runtime may put
+    /// the unit's processes in their own session, out of the group).
     pub fn kill(&self, sig: i32) {
-        // SAFETY: signals the process group this unit's launcher leads.
-        unsafe { libc::kill(-(self.pid as i32), sig) };
+        let pids = if self.exited.is_none() {
+            tree(self.pid)
+        } else {
+            Vec::new()
+        };
+        // SAFETY: signals the process group this unit's launcher leads, and its
+        // descendants found just now.
+        unsafe {
+            libc::kill(-(self.pid as i32), sig);
+            for p in pids.into_iter().skip(1) {
+                libc::kill(p as i32, sig);
+            }
+        }
+    }
+
+    /// Signals only the launcher (which forwards it and cleans up after its unit).
+    pub fn signal_launcher(&self, sig: i32) {
+        if self.exited.is_none() {
+            // SAFETY: the launcher is our child and not yet reaped.
+            unsafe { libc::kill(self.pid as i32, sig) };
+        }
     }
 
     /// start_ms, stop_ms, total_ms of a unit that printed its marker and exited.
