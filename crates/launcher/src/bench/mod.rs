@@ -492,6 +492,13 @@ fn workloads(env: &Env, r: &Runner, plan: &Plan, with_fio: bool) -> WorkloadSet 
                     .collect();
                 return set;
             }
+            if matches!(r.kind, Kind::Vm { jail: true }) {
+                // Writable by the jail's unprivileged uid, as `vm run --jail` requires.
+                let id = Some(modes::JAIL_ID);
+                if let Err(e) = std::os::unix::fs::chown(&host_disk, id, id) {
+                    tracing::warn!("chown {}: {e}", host_disk.display());
+                }
+            }
             (PathBuf::from("/dev/vda"), Some(host_disk.clone()))
         }
         Kind::Image | Kind::VmContainer { .. } => {

@@ -141,6 +141,10 @@ pub struct VmAssets {
     pub initrd: PathBuf,
 }
 
+/// The host uid and gid root in a jailed VMM maps to (passed explicitly, and given
+/// the VM's writable disk).
+pub const JAIL_ID: u32 = 200_000;
+
 pub const CMDLINE: &str = "console=ttyS0 quiet panic=-1 rdinit=/init";
 
 pub struct Net {
@@ -525,7 +529,8 @@ impl Env {
                 let mut c = Command::new(&self.me);
                 c.args(["vm", "run"]);
                 if *jail {
-                    c.arg("--jail");
+                    let id = JAIL_ID.to_string();
+                    c.args(["--jail", "--jail-uid", &id, "--jail-gid", &id]);
                 }
                 let mut line = Self::sh_line(p, "/bin/nestor");
                 if net {

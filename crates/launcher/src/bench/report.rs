@@ -267,6 +267,7 @@ pub fn markdown(r: &Report) -> String {
                 .find(|x| x.tool == "built-in" && &x.workload == w);
             let c = match x {
                 Some(x) if x.status == Status::Measured => match (x.value, x.ratio_vs_process) {
+                    (Some(v), Some(q)) if q < 0.1 => format!("{} ({q:.4}x)", num(v)),
                     (Some(v), Some(q)) => format!("{} ({q:.2}x)", num(v)),
                     (Some(v), None) => num(v),
                     _ => "-".into(),
