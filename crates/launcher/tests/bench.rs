@@ -449,3 +449,28 @@ fn workload_program_prints_json_results() {
     assert!(!o.status.success());
     assert!(stdout(&o).contains("\"error\""), "{}", stdout(&o));
 }
+
+/// A report from a real run inside the KVM test host (scripts/compare.sh's second step),
+/// kept as a fixture: the schema covers measured VM rows too, not only skipped ones.
+#[test]
+fn testhost_report_with_measured_vm_modes_validates() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bench-testhost.json");
+    let doc: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    let errs = errors(&doc);
+    assert!(errs.is_empty(), "schema errors: {errs:#?}");
+    assert_eq!(doc["header"]["inside_testhost"], true);
+    for (mode, runner) in [
+        ("vm", "nestor-vmm"),
+        ("vm", "qemu-microvm"),
+        ("vm-container", "nestor"),
+        ("jailed-vm", "nestor-vmm"),
+    ] {
+        let r = doc["start_stop"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["mode"] == mode && x["runner"] == runner)
+            .unwrap_or_else(|| panic!("no {mode}/{runner} row"));
+        assert_eq!(r["status"], "measured", "{r}");
+    }
+}

@@ -51,14 +51,16 @@ pub fn run(a: &WorkloadArgs) -> Result<i32> {
     Ok(i32::from(failed))
 }
 
-/// A fixed integer mixing kernel (xorshift + multiply), counted in chunks until `secs`.
+/// A fixed integer mixing kernel (xorshift + multiply), in 1M-op chunks until `secs`.
 fn cpu(secs: Duration) -> Result<()> {
     const CHUNK: u64 = 1 << 20;
     let t = Instant::now();
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut acc: u64 = 0;
     let mut ops: u64 = 0;
+    let mut best = f64::INFINITY;
     while t.elapsed() < secs {
+        let tc = Instant::now();
         for _ in 0..CHUNK {
             x ^= x << 13;
             x ^= x >> 7;
@@ -67,17 +69,22 @@ fn cpu(secs: Duration) -> Result<()> {
         }
         ops += CHUNK;
         std::hint::black_box(acc);
+        best = best.min(tc.elapsed().as_secs_f64());
     }
     let el = t.elapsed().as_secs_f64();
+    // The best chunk: what the unit does when no neighbour preempts it (on a shared
+    // machine the average mostly measures the neighbours); the average is kept too.
     emit(
-        json!({"workload": "cpu", "metric": "xorshift-mix", "unit": "Mop/s",
-        "value": ops as f64 / el / 1e6, "higher_is_better": true,
-        "detail": {"ops": ops, "secs": el, "check": acc & 0xffff}}),
+        json!({"workload": "cpu", "metric": "xorshift-mix, best 1M-op chunk",
+        "unit": "Mop/s", "value": CHUNK as f64 / best / 1e6, "higher_is_better": true,
+        "detail": {"ops": ops, "secs": el, "mean_mops": ops as f64 / el / 1e6,
+                   "check": acc & 0xffff}}),
     );
     Ok(())
 }
 
-/// STREAM-like copy between two arrays of `mib` MiB each; bytes read + written per second.
+/// STREAM-like copy between two arrays of `mib` MiB each; bytes read + written per
+/// second in the best pass (the mean is kept in the detail).
 fn mem(secs: Duration, mib: usize) -> Result<()> {
     let n = mib.max(1) * (1 << 20) / 8;
     let mut a = vec![1u64; n];
@@ -86,17 +93,23 @@ fn mem(secs: Duration, mib: usize) -> Result<()> {
     b.copy_from_slice(&a);
     let t = Instant::now();
     let mut passes = 0u64;
+    let mut best = f64::INFINITY;
     while t.elapsed() < secs {
+        let tp = Instant::now();
         b.copy_from_slice(&a);
         a[passes as usize % n] = passes;
         std::hint::black_box(&b);
         passes += 1;
+        best = best.min(tp.elapsed().as_secs_f64());
     }
     let el = t.elapsed().as_secs_f64();
-    let bytes = passes as f64 * 2.0 * (n * 8) as f64;
-    emit(json!({"workload": "mem", "metric": "copy", "unit": "GB/s",
-        "value": bytes / el / 1e9, "higher_is_better": true,
-        "detail": {"array_mib": mib, "passes": passes, "secs": el}}));
+    let pass_bytes = 2.0 * (n * 8) as f64;
+    emit(
+        json!({"workload": "mem", "metric": "copy, best pass", "unit": "GB/s",
+        "value": pass_bytes / best / 1e9, "higher_is_better": true,
+        "detail": {"array_mib": mib, "passes": passes, "secs": el,
+                   "mean_gbs": passes as f64 * pass_bytes / el / 1e9}}),
+    );
     Ok(())
 }
 
