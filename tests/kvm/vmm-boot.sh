@@ -56,7 +56,7 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/vmm-boot.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 marker="vmm-boot-init-$$-$RANDOM"
 if [[ -z $initrd ]]; then
-    mkdir -p "$work/root/bin" "$work/root/proc" "$work/root/dev"
+    mkdir -p "$work/root/bin" "$work/root/proc" "$work/root/dev" "$work/root/sys"
     cp /bin/busybox "$work/root/bin/busybox"
     ln -s busybox "$work/root/bin/sh"
     cat >"$work/root/init" <<INIT

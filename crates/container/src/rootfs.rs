@@ -312,8 +312,9 @@ fn mount_cgroup(
                 None,
             );
             if let Err(e) = r {
-                // Without its own cgroup namespace and user namespace rights, bind the host's view.
-                if e == Errno::EPERM || e == Errno::EBUSY {
+                // Without the rights to mount cgroup2 (a user namespace that does not
+                // own the cgroup namespace), bind the host's view.
+                if e == Errno::EPERM {
                     mount::<str, str, str, str>(
                         Some("/sys/fs/cgroup"),
                         target.as_str(),

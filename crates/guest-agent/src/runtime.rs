@@ -73,6 +73,9 @@ impl Runtime {
 
     fn base(&self, container: &str) -> Command {
         let mut c = Command::new(&self.bin);
+        // The runtime's stderr is the container's: only errors belong there (they also
+        // go to the --log file the agent quotes in its error replies).
+        c.env("NESTOR_LOG", "error");
         c.arg("--root")
             .arg(&self.root)
             .arg("--log")

@@ -26,6 +26,10 @@ pub struct Cli {
     /// Verbose logs on stderr.
     #[arg(long, global = true)]
     pub debug: bool,
+    /// VM mode: the OCI verbs and `run` put every container in its own microVM (also
+    /// selected by invoking nestor as `nestor-vm`).
+    #[arg(long, global = true)]
+    pub vm_runtime: bool,
     /// Accepted for compatibility; nestor manages cgroupfs directly.
     #[arg(long, global = true, hide = true)]
     pub systemd_cgroup: bool,
@@ -126,6 +130,36 @@ pub enum Cmd {
     /// MicroVMs.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Pods: one long-lived microVM that holds several containers (Kata's sandbox).
+    #[command(subcommand)]
+    Pod(PodCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PodCmd {
+    /// Boot a pod's microVM, with the disks of every image in the store (at most 8).
+    Create {
+        name: String,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 512)]
+        vm_mem: u32,
+        /// vCPUs.
+        #[arg(long, default_value_t = 1)]
+        vm_cpus: u8,
+    },
+    /// List pods.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Power a pod's microVM off (with its containers) and remove the pod.
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Remove even if containers still run in it.
+        #[arg(short, long)]
+        force: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -253,6 +287,9 @@ pub struct RunArgs {
     /// Guest kernel for --vm (default: $NESTOR_VM_KERNEL or $NESTOR_ROOT/vm/vmlinux).
     #[arg(long, value_name = "PATH")]
     pub vm_kernel: Option<PathBuf>,
+    /// Run the container in this pod's microVM (`nestor pod create`); implies --vm.
+    #[arg(long, value_name = "POD")]
+    pub pod: Option<String>,
     /// Agent initramfs for --vm (default: $NESTOR_VM_INITRD or
     /// $NESTOR_ROOT/vm/initramfs.cpio.gz).
     #[arg(long, value_name = "PATH")]

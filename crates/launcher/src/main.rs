@@ -7,6 +7,8 @@ mod cli;
 mod jail;
 mod manage;
 mod oci;
+mod oci_vm;
+mod pod;
 mod run;
 mod sandbox;
 mod signals;
@@ -30,7 +32,59 @@ use nestor_container::container::Runtime;
 
 use cli::{Cli, Cmd, ImageCmd};
 
+/// VM mode's OCI verbs (`nestor-vm`); None for the verbs it shares with native.
+fn dispatch_vm(cli: &Cli) -> Option<Result<i32>> {
+    let root = &cli.root;
+    let r = match &cli.cmd {
+        Cmd::Create(a) => oci_vm::create(root, a),
+        Cmd::Start { id } if oci_vm::exists(root, id) => oci_vm::start(root, id),
+        Cmd::State { id } if oci_vm::exists(root, id) => oci_vm::state(root, id),
+        Cmd::Kill(a) if oci_vm::exists(root, &a.id) => oci_vm::kill(root, a),
+        Cmd::Delete { force, id } if oci_vm::exists(root, id) => oci_vm::delete(root, id, *force),
+        Cmd::List { format, quiet } => {
+            let v = oci_vm::list(root);
+            if *quiet {
+                for s in &v {
+                    println!("{}", s["id"].as_str().unwrap_or(""));
+                }
+            } else if format == "json" {
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                println!("{:<66} {:<8} {:<8} BUNDLE", "ID", "PID", "STATUS");
+                for s in &v {
+                    println!(
+                        "{:<66} {:<8} {:<8} {}",
+                        s["id"].as_str().unwrap_or(""),
+                        s["pid"],
+                        s["status"].as_str().unwrap_or(""),
+                        s["bundle"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            Ok(())
+        }
+        Cmd::Run(a) if a.bundle.is_some() => Err(anyhow::anyhow!(
+            "run --bundle in VM mode is not supported: use create and start"
+        )),
+        Cmd::Run(a) => {
+            let mut a = a.clone();
+            a.vm = true;
+            return Some(vmrun::run(&a));
+        }
+        Cmd::Exec(a) if a.process.is_some() && oci_vm::exists(root, &a.id) => {
+            return Some(oci_vm::exec(root, a));
+        }
+        _ => return None,
+    };
+    Some(r.map(|()| 0))
+}
+
 fn dispatch(cli: &Cli) -> Result<i32> {
+    if cli.vm_runtime {
+        if let Some(r) = dispatch_vm(cli) {
+            return r;
+        }
+    }
     let rt = Runtime::new(cli.root.clone());
     match &cli.cmd {
         Cmd::Create(a) => oci::create(&rt, a)?,
@@ -57,7 +111,7 @@ fn dispatch(cli: &Cli) -> Result<i32> {
         Cmd::Run(a) => {
             return if a.bundle.is_some() {
                 oci::run(&rt, a)
-            } else if a.vm {
+            } else if a.vm || a.pod.is_some() {
                 vmrun::run(a)
             } else {
                 run::run(&rt, a)
@@ -77,6 +131,13 @@ fn dispatch(cli: &Cli) -> Result<i32> {
         Cmd::Workload(a) => return bench::workload::run(a),
         Cmd::Jail(a) => return vm::jail_cmd(&rt, a),
         Cmd::Vm(cli::VmCmd::Run(a)) => return vm::vm_run(&rt, a),
+        Cmd::Pod(cli::PodCmd::Create {
+            name,
+            vm_mem,
+            vm_cpus,
+        }) => pod::create(name, *vm_mem, *vm_cpus)?,
+        Cmd::Pod(cli::PodCmd::Ls { json }) => pod::ls(*json)?,
+        Cmd::Pod(cli::PodCmd::Rm { names, force }) => pod::rm(names, *force)?,
     }
     Ok(0)
 }
@@ -100,7 +161,15 @@ fn log_error(cli: &Cli, msg: &str) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // Invoked as `nestor-vm` (a symlink): VM mode.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&argv0)
+        .file_name()
+        .is_some_and(|n| n == "nestor-vm")
+    {
+        cli.vm_runtime = true;
+    }
     let level = if cli.debug { "debug" } else { "warn" };
     let filter = std::env::var("NESTOR_LOG").unwrap_or_else(|_| level.to_string());
     tracing_subscriber::fmt()

@@ -395,7 +395,9 @@ pub fn gc(rt: &Runtime) -> Result<()> {
         if m.status != "exited" && !m.owner_alive() {
             if let Some(vm) = m.vm.take() {
                 crate::vmrun::kill_vmm(&vm);
-                let _ = std::fs::remove_dir_all(&vm.sandbox);
+                if vm.pod.is_none() {
+                    let _ = std::fs::remove_dir_all(&vm.sandbox);
+                }
             }
             let r = runtime_of(&m);
             let _ = r.delete(&m.id, true);

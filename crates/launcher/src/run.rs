@@ -175,7 +175,9 @@ pub fn build_spec(
         }
         mounts.push(json!({"destination": dst, "type": "bind", "source": src, "options": opts}));
     }
-    mounts.push(json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}));
+    if !mounts.iter().any(|m| m["destination"] == "/sys/fs/cgroup") {
+        mounts.push(json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}));
+    }
     // Namespaces and resources.
     let linux = &mut s["linux"];
     match a.network.as_str() {
@@ -368,7 +370,7 @@ fn detach(rt: &Runtime, a: &RunArgs) -> Result<i32> {
         bail!("-t with -d is not supported yet: use `nestor exec -it` into a detached container");
     }
     let mut p = prepare(a, &rt.root.path)?;
-    let (r, w) = nix::unistd::pipe().context("pipe")?;
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
     // SAFETY: nestor is single-threaded here.
     match unsafe { nix::unistd::fork() }.context("fork the container monitor")? {
         nix::unistd::ForkResult::Parent { .. } => {

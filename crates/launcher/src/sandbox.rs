@@ -102,6 +102,8 @@ pub struct Timeline {
 /// A booted (or booting) microVM running the agent.
 pub struct Sandbox {
     child: Option<Child>,
+    /// False for a VM another process owns (a pod's): never shut down or removed here.
+    owned: bool,
     dir: PathBuf,
     vsock: PathBuf,
     console: PathBuf,
@@ -174,6 +176,7 @@ impl Sandbox {
         };
         Ok(Sandbox {
             child: Some(child),
+            owned: true,
             dir,
             vsock,
             console,
@@ -183,6 +186,19 @@ impl Sandbox {
             },
             start,
         })
+    }
+
+    /// A running VM that another process owns (a pod), by its sandbox directory.
+    pub fn join(dir: PathBuf) -> Sandbox {
+        Sandbox {
+            child: None,
+            owned: false,
+            vsock: dir.join("v.sock"),
+            console: dir.join("console.log"),
+            dir,
+            start: Instant::now(),
+            timeline: Timeline::default(),
+        }
     }
 
     /// The VMM's pid.
@@ -200,6 +216,11 @@ impl Sandbox {
         ms(self.start.elapsed())
     }
 
+    /// Whether the VMM still runs (always true for a VM this process does not own).
+    pub fn running(&mut self) -> bool {
+        self.child.is_none() || self.ended().is_none()
+    }
+
     /// The VMM's exit status, if it has ended.
     fn ended(&mut self) -> Option<std::process::ExitStatus> {
         self.child
@@ -212,9 +233,11 @@ impl Sandbox {
         let status = match self.ended() {
             Some(s) => match s.code() {
                 Some(0) => "the guest powered off".to_string(),
-                Some(2) => "the guest rebooted (a guest kernel panic or a dead agent reboots it)"
-                    .to_string(),
-                Some(3) => "the guest triple-faulted".to_string(),
+                // With reboot=t a guest reboot is a triple fault.
+                Some(2) | Some(3) => {
+                    "the guest rebooted (a guest kernel panic or a dead agent reboots it)"
+                        .to_string()
+                }
                 Some(4) => "KVM reported an error".to_string(),
                 Some(1) => "nestor-vmm could not set the VM up".to_string(),
                 Some(n) => format!("nestor-vmm exited with status {n}"),
@@ -336,8 +359,10 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if self.owned {
+            self.kill();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

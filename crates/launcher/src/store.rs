@@ -55,6 +55,9 @@ pub struct VmMeta {
     pub vcpus: u8,
     /// The container's id inside the guest agent.
     pub guest_id: String,
+    /// The pod whose VM runs the container (the VM is not the container's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
 }
 
 impl VmMeta {

@@ -39,15 +39,39 @@ pub fn image_disk(image: &nestor_image::Image) -> Result<PathBuf> {
     Ok(disk)
 }
 
+fn mkfs_erofs() -> Result<&'static Path> {
+    ["/usr/bin/mkfs.erofs", "/usr/sbin/mkfs.erofs"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.is_file())
+        .context("mkfs.erofs not found: install erofs-utils (scripts/setup.sh does)")
+}
+
+/// A read-only erofs snapshot of the directory `src` (an OCI bundle's rootfs) at `disk`.
+pub fn snapshot_dir(src: &Path, disk: &Path) -> Result<()> {
+    let tmp = disk.with_extension("tmp");
+    let out = Command::new(mkfs_erofs()?)
+        .arg("-T0")
+        .arg(&tmp)
+        .arg(src)
+        .output()
+        .context("run mkfs.erofs")?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        bail!(
+            "mkfs.erofs of {} failed: {}",
+            src.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    std::fs::rename(&tmp, disk).with_context(|| format!("create {}", disk.display()))
+}
+
 fn build(image: &nestor_image::Image, disk: &Path) -> Result<()> {
     if image.layers.is_empty() {
         bail!("image {} has no layers", &image.id[..12]);
     }
-    let mkfs = ["/usr/bin/mkfs.erofs", "/usr/sbin/mkfs.erofs"]
-        .into_iter()
-        .map(Path::new)
-        .find(|p| p.is_file())
-        .context("mkfs.erofs not found: install erofs-utils (scripts/setup.sh does)")?;
+    let mkfs = mkfs_erofs()?;
     eprintln!(
         "nestor: building the VM disk of image {} (once per image)",
         &image.id[..12]

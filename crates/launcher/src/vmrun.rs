@@ -153,7 +153,7 @@ fn guest_init_ms(sb: &Sandbox) -> Option<f64> {
 }
 
 /// Copies `from` into `to` until EOF; then closes `to`'s write side if it is a socket.
-fn pump<R: Read + Send + 'static, W: Write + Send + 'static>(
+pub fn pump<R: Read + Send + 'static, W: Write + Send + 'static>(
     mut from: R,
     mut to: W,
 ) -> std::thread::JoinHandle<()> {
@@ -177,7 +177,7 @@ fn pump<R: Read + Send + 'static, W: Write + Send + 'static>(
 
 /// Forwards the signals nestor receives (from the pipe `signals` fills) to the
 /// container as agent requests, on a connection of its own.
-fn forward_signals(pipe: OwnedFd, mut agent: Agent, container: String) {
+pub fn forward_signals(pipe: OwnedFd, mut agent: Agent, container: String) {
     std::thread::spawn(move || {
         let mut f = std::fs::File::from(pipe);
         let mut b = [0u8; 1];
@@ -194,6 +194,10 @@ fn forward_signals(pipe: OwnedFd, mut agent: Agent, container: String) {
 /// Everything a VM container holds while it runs.
 struct Running {
     sb: Sandbox,
+    /// In a pod: the container is deleted, the VM stays.
+    in_pod: bool,
+    /// Signals to nestor go to the container while this lives.
+    signals: Option<crate::signals::Guard>,
     agent: Agent,
     guest_id: String,
     outputs: Vec<std::thread::JoinHandle<()>>,
@@ -211,43 +215,69 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
         serde_json::to_vec_pretty(&spec)?,
     )
     .context("write guest-config.json")?;
-    let assets = Assets::find(a.vm_kernel.as_deref(), a.vm_initrd.as_deref())?;
-    let root_disk = crate::vmdisk::image_disk(image)?;
-    let mut disks = vec![(root_disk, true)];
-    disks.extend(vols.iter().map(|v| (v.file.clone(), v.read_only)));
-    let mem_mib = guest_mem(a)?;
-    let vcpus = a.vm_cpus.unwrap_or(1);
-    if vcpus == 0 {
-        bail!("--vm-cpus must be at least 1");
-    }
-    let hostname = a
-        .hostname
-        .clone()
-        .unwrap_or_else(|| meta.id[..12].to_string());
     let guest_id = meta.id[..12].to_string();
     let start = Instant::now();
-    let mut sb = Sandbox::boot(
-        &guest_id,
-        &assets,
-        &BootOpts {
-            mem_mib,
-            vcpus,
-            disks,
-            hostname,
-            net: None,
-        },
-    )?;
-    let pid = sb.vmm_pid().unwrap_or(0) as i32;
-    meta.vm = Some(VmMeta {
-        vmm_pid: pid,
-        vmm_start: nestor_container::state::proc_start(pid)
-            .map(|s| s.0)
-            .unwrap_or(0),
-        sandbox: sb.dir().to_path_buf(),
-        mem_mib,
-        vcpus,
-        guest_id: guest_id.clone(),
-    });
+    let (mut sb, device) = match &a.pod {
+        Some(name) => {
+            if !vols.is_empty() {
+                bail!("-v with --pod is not supported: a pod's disks are fixed when it boots");
+            }
+            let pod = crate::pod::load(name)?;
+            if !pod.alive() {
+                bail!("pod {name} is not running (remove it with `nestor pod rm {name}`)");
+            }
+            let device = pod.device_of(&image.id)?;
+            meta.vm = Some(VmMeta {
+                vmm_pid: pod.vmm_pid,
+                vmm_start: pod.vmm_start,
+                sandbox: pod.sandbox.clone(),
+                mem_mib: pod.mem_mib,
+                vcpus: pod.vcpus,
+                guest_id: guest_id.clone(),
+                pod: Some(name.clone()),
+            });
+            (Sandbox::join(pod.sandbox), device)
+        }
+        None => {
+            let assets = Assets::find(a.vm_kernel.as_deref(), a.vm_initrd.as_deref())?;
+            let root_disk = crate::vmdisk::image_disk(image)?;
+            let mut disks = vec![(root_disk, true)];
+            disks.extend(vols.iter().map(|v| (v.file.clone(), v.read_only)));
+            let mem_mib = guest_mem(a)?;
+            let vcpus = a.vm_cpus.unwrap_or(1);
+            if vcpus == 0 {
+                bail!("--vm-cpus must be at least 1");
+            }
+            let hostname = a
+                .hostname
+                .clone()
+                .unwrap_or_else(|| meta.id[..12].to_string());
+            let sb = Sandbox::boot(
+                &guest_id,
+                &assets,
+                &BootOpts {
+                    mem_mib,
+                    vcpus,
+                    disks,
+                    hostname,
+                    net: None,
+                },
+            )?;
+            let pid = sb.vmm_pid().unwrap_or(0) as i32;
+            meta.vm = Some(VmMeta {
+                vmm_pid: pid,
+                vmm_start: nestor_container::state::proc_start(pid)
+                    .map(|s| s.0)
+                    .unwrap_or(0),
+                sandbox: sb.dir().to_path_buf(),
+                mem_mib,
+                vcpus,
+                guest_id: guest_id.clone(),
+                pod: None,
+            });
+            (sb, proto::disk_device(0))
+        }
+    };
     store::save(meta)?;
     let deadline = Instant::now() + sandbox::boot_timeout();
     let mut agent = sb.agent(deadline)?;
@@ -282,11 +312,15 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
             });
         }
     }
+    // From here on, signals to nestor are queued for the container (a signal sent
+    // as soon as the container's first output appears must not kill nestor).
+    let (signals, pipe) = crate::signals::forward_to_pipe().context("signal pipe")?;
+    let sig_conn = sb.connect(proto::DEFAULT_PORT, deadline)?;
     let r = agent.call(Request::Run {
         container: guest_id.clone(),
         bundle: Bundle::Disk {
             spec,
-            device: proto::disk_device(0),
+            device,
             fstype: crate::vmdisk::FSTYPE.into(),
         },
     })?;
@@ -298,10 +332,13 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
         other => bail!("the container did not start in the VM: unexpected answer {other:?}"),
     }
     timings.container_started_ms = Some(sb.elapsed_ms());
+    forward_signals(pipe, Agent::new(sig_conn)?, guest_id.clone());
     meta.status = "running".into();
     store::save(meta)?;
     Ok(Running {
         sb,
+        in_pod: a.pod.is_some(),
+        signals: Some(signals),
         agent,
         guest_id,
         outputs,
@@ -312,16 +349,11 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
 
 /// Waits for the container, then powers the VM off; returns the exit code.
 fn wait_and_stop(r: &mut Running) -> Result<i32> {
-    let (guard, pipe) = crate::signals::forward_to_pipe().context("signal pipe")?;
-    let deadline = Instant::now() + sandbox::boot_timeout();
-    if let Ok(s) = r.sb.connect(proto::DEFAULT_PORT, deadline) {
-        forward_signals(pipe, Agent::new(s)?, r.guest_id.clone());
-    }
     let waited = r.agent.call(Request::Wait {
         container: r.guest_id.clone(),
         exec: None,
     });
-    drop(guard);
+    r.signals.take();
     let code = match waited {
         Ok(Response::Exited { code }) => code,
         Ok(Response::Error { message, .. }) => bail!("waiting for the container: {message}"),
@@ -338,6 +370,12 @@ fn wait_and_stop(r: &mut Running) -> Result<i32> {
     for h in r.outputs.drain(..) {
         let _ = h.join();
     }
+    if r.in_pod {
+        let _ = r.agent.call(Request::Delete {
+            container: r.guest_id.clone(),
+        });
+        return Ok(code);
+    }
     let vmm = r.sb.shutdown(Some(&mut r.agent), Duration::from_secs(10));
     r.timings.vm_gone_ms = Some(r.start.elapsed().as_secs_f64() * 1000.0);
     r.timings.guest_init_ms = guest_init_ms(&r.sb);
@@ -349,6 +387,9 @@ fn wait_and_stop(r: &mut Running) -> Result<i32> {
 
 /// `nestor run --vm …` in the foreground.
 pub fn run(a: &RunArgs) -> Result<i32> {
+    if a.pod.is_some() && (a.vm_mem.is_some() || a.vm_cpus.is_some()) {
+        bail!("--vm-mem and --vm-cpus are the pod's (set them with `nestor pod create`)");
+    }
     if a.detach && a.tty {
         bail!("-t with -d is not supported: use `nestor exec` into a detached container");
     }
@@ -416,7 +457,7 @@ pub fn run(a: &RunArgs) -> Result<i32> {
 /// `-d`: a monitor process (this one, forked and detached) owns the VM; its output
 /// goes to the container's log. The parent prints the id once the container started.
 fn detach(a: &RunArgs, mut meta: Meta, image: &nestor_image::Image) -> Result<i32> {
-    let (r, w) = nix::unistd::pipe().context("pipe")?;
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
     // SAFETY: nestor is single-threaded here.
     match unsafe { nix::unistd::fork() }.context("fork the VM monitor")? {
         nix::unistd::ForkResult::Parent { .. } => {
@@ -501,8 +542,22 @@ pub fn signal(m: &Meta, vm: &VmMeta, sig: i32) -> Result<()> {
     sandbox::expect_ok(&format!("signal container {}", m.name), r)
 }
 
-/// Kills a VM container's VMM (the container dies with its VM).
+/// Ends a VM container at once: kills its VMM (the container dies with its VM), or in
+/// a pod, kills and deletes the container in the pod's VM.
 pub fn kill_vmm(vm: &VmMeta) {
+    if vm.pod.is_some() {
+        if let Ok(mut a) = remote(vm) {
+            let _ = a.call(Request::Signal {
+                container: vm.guest_id.clone(),
+                exec: None,
+                signal: 9,
+            });
+            let _ = a.call(Request::Delete {
+                container: vm.guest_id.clone(),
+            });
+        }
+        return;
+    }
     if vm.vmm_alive() {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(vm.vmm_pid),
@@ -595,8 +650,8 @@ type UnixStreamAlias = std::os::unix::net::UnixStream;
 /// `gc` for VM containers: VMMs whose owner died are killed, sandbox directories no
 /// live container uses are removed, and image disks of removed images are deleted.
 pub fn gc(images: &nestor_image::ImageStore) -> Result<usize> {
-    let mut n = 0;
-    let mut live = std::collections::BTreeSet::new();
+    let (pods, mut n) = crate::pod::gc();
+    let mut live: std::collections::BTreeSet<PathBuf> = pods.into_iter().collect();
     for m in store::all() {
         if let Some(vm) = &m.vm {
             if m.owner_alive() {

@@ -26,6 +26,7 @@ use crate::devices::serial::{ConsoleOut, SerialDevice};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::event_loop::{EventLoop, QueueEvent};
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::{Net, NetConfig};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
@@ -81,6 +82,9 @@ pub enum VmmError {
     /// A disk could not be opened.
     #[error(transparent)]
     Disk(#[from] crate::devices::virtio::block::BlockError),
+    /// The tap could not be set up.
+    #[error(transparent)]
+    Net(#[from] crate::devices::virtio::net::NetError),
     /// The vsock socket could not be set up.
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
@@ -158,9 +162,10 @@ impl Vmm {
         console: Option<ConsoleOut>,
     ) -> Result<Self, VmmError> {
         cfg.validate()?;
-        if cfg.net.is_some() {
-            return Err(VmmError::Unsupported("virtio-net (--net)"));
-        }
+        let net = match &cfg.net {
+            Some(n) => Some(Net::open(&n.parse::<NetConfig>()?)?),
+            None => None,
+        };
         // Every input is opened before anything is created.
         let mut kernel = open("kernel", &cfg.kernel)?;
         let initrd = match &cfg.initrd {
@@ -178,7 +183,8 @@ impl Vmm {
             }
             None => None,
         };
-        // virtio devices: disks first (in order: /dev/vda, /dev/vdb, …), then the RNG.
+        // virtio devices: disks first (in order: /dev/vda, /dev/vdb, …), then the RNG,
+        // vsock and net.
         let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
         for (i, d) in cfg.disks.iter().enumerate() {
             devices.push(Box::new(Block::open(
@@ -190,6 +196,9 @@ impl Vmm {
         devices.push(Box::new(Rng));
         if let Some(p) = &cfg.vsock {
             devices.push(Box::new(Vsock::new(p, cfg.vsock_cid)?));
+        }
+        if let Some(n) = net {
+            devices.push(Box::new(n));
         }
         let slots = (layout::IRQ_MAX - layout::VIRTIO_IRQ_START + 1) as usize;
         if devices.len() > slots {
@@ -328,6 +337,11 @@ impl Vmm {
             self.handles.push(vcpu::spawn(v, self.ctx.clone())?);
         }
         Ok(())
+    }
+
+    /// The one-shot ending signal (for a thread that stops the VM, e.g. on SIGTERM).
+    pub fn exit_signal(&self) -> Arc<ExitSignal> {
+        self.ctx.exit.clone()
     }
 
     /// The eventfd that becomes readable when the guest ends the VM.

@@ -363,6 +363,37 @@ mod tests {
     }
 
     #[test]
+    fn vsock_and_net_settings() {
+        let c = cli(&[
+            "--kernel",
+            "/k",
+            "--vsock",
+            "/tmp/v.sock",
+            "--net",
+            "tap0,mac=02:00:00:00:00:01",
+        ])
+        .unwrap();
+        assert_eq!(c.vsock.as_deref(), Some(Path::new("/tmp/v.sock")));
+        assert_eq!(c.vsock_cid, 3, "default guest CID");
+        assert_eq!(c.net.as_deref(), Some("tap0,mac=02:00:00:00:00:01"));
+        let c = cli(&["--kernel", "/k", "--vsock-cid", "42"]).unwrap();
+        assert_eq!(c.vsock_cid, 42);
+        for bad in ["0", "2", "4294967295"] {
+            let e = cli(&["--kernel", "/k", "--vsock-cid", bad]).unwrap_err();
+            assert!(e.contains("--vsock-cid"), "{e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("vm.json");
+        std::fs::write(
+            &p,
+            r#"{"kernel":"/k","vsock":"/v","vsock_cid":7,"net":"tap1"}"#,
+        )
+        .unwrap();
+        let c = cli(&["--config", p.to_str().unwrap()]).unwrap();
+        assert_eq!((c.vsock_cid, c.net.as_deref()), (7, Some("tap1")));
+    }
+
+    #[test]
     fn json_file_and_overrides() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("vm.json");

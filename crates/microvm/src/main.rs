@@ -1,13 +1,48 @@
 //! `nestor-vmm`: boots one microVM from flags or a JSON config and exits with a status
-//! that says how the guest ended (see `--help`).
+//! that says how the guest ended (see `--help`). SIGTERM, SIGINT and SIGHUP stop the VM
+//! cleanly (status 0, as an API shutdown), so sockets are removed on the way out.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
 use nestor_microvm::api::{self, ApiServer};
 use nestor_microvm::config::Cli;
+use nestor_microvm::exit::ExitSignal;
 use nestor_microvm::{GuestExit, Vmm};
+
+/// Blocks SIGTERM, SIGINT and SIGHUP in this thread and every thread started after it,
+/// and returns the set for [`stop_on_signals`].
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use; the mask
+    // change only affects this thread (and the threads it starts later).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Waits on its own thread for one of `set` and then ends the VM as stopped.
+fn stop_on_signals(set: libc::sigset_t, exit: Arc<ExitSignal>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig = 0;
+            // SAFETY: sigwait with a valid set and out-parameter.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                eprintln!("nestor-vmm: signal {sig}: stopping the VM");
+                exit.set(GuestExit::Stopped);
+                return;
+            }
+        })
+        .map(drop)
+}
 
 fn run(start: Instant) -> anyhow::Result<i32> {
     let cli = match Cli::try_parse() {
@@ -22,12 +57,14 @@ fn run(start: Instant) -> anyhow::Result<i32> {
         ),
     };
     let cfg = cli.into_config()?;
+    let signals = block_stop_signals();
     // The socket is bound before the VM exists, so a bad path costs nothing.
     let api = match &cfg.api {
         Some(p) => Some(ApiServer::bind(p)?),
         None => None,
     };
     let mut vmm = Vmm::build(&cfg, start, None)?;
+    stop_on_signals(signals, vmm.exit_signal())?;
     vmm.start()?;
     let reason = match &api {
         Some(server) => api::serve(server, &mut vmm),

@@ -292,3 +292,40 @@ fn vsock_socket_exists_while_running_and_is_removed_at_exit() {
     assert_one_error(&o, "--vsock-cid 2");
     assert!(!sock.exists());
 }
+
+#[test]
+fn sigterm_stops_the_vm_and_removes_its_sockets() {
+    use std::os::unix::net::UnixStream;
+    if !have_kvm() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_file(dir.path(), "k", &elf(&code64(b"up\n", SPIN)));
+    let vsock = dir.path().join("v.sock");
+    let api = dir.path().join("api.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_nestor-vmm"))
+        .args(["--kernel", k.to_str().unwrap(), "--console", "none"])
+        .arg("--vsock")
+        .arg(&vsock)
+        .arg("--api")
+        .arg(&api)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while UnixStream::connect(&vsock).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "vsock socket never appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("stopping the VM"), "{}", stderr(&o));
+    assert!(!vsock.exists(), "vsock socket left behind");
+    assert!(!api.exists(), "api socket left behind");
+}

@@ -18,19 +18,21 @@ use nestor_microvm::devices::virtio::{DeviceContext, Registrar, VirtioDevice};
 use nestor_microvm::vstate::memory::{create_guest_memory, GuestMemory};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::epoll::{Epoll, EpollEvent};
 
 const NEXT: u16 = 1;
 const WRITE: u16 = 2;
-const MEM: u64 = 16 << 20;
+const MEM: u64 = 32 << 20;
 const QSIZE: u16 = 256;
 const RX_BUFS: u64 = 0x10_0000;
 const RX_BUF_LEN: u32 = (HDR_LEN + 64 * 1024) as u32;
-const TX_BUFS: u64 = 0x40_0000;
+const TX_BUFS: u64 = 0x180_0000;
 const SLOT: u64 = 0x1_1000;
 const CID: u64 = 3;
+/// Where each queue's used ring is, from the queue's base.
+const USED_OFF: u64 = 0x2000;
 
 fn d(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
     RawDescriptor::from(Descriptor::new(addr, len, flags, next))
@@ -38,6 +40,7 @@ fn d(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
 
 /// The guest side: three mock queues in guest memory and the device under test.
 struct Guest<'a> {
+    base: u64,
     mem: &'a GuestMemory,
     vqs: Vec<MockSplitQueue<'a, GuestMemory>>,
     queues: Vec<Queue>,
@@ -51,13 +54,32 @@ struct Guest<'a> {
 
 impl<'a> Guest<'a> {
     fn new(mem: &'a GuestMemory, path: &Path) -> Self {
+        Self::with_queues_at(mem, path, 0)
+    }
+
+    /// Like `new`, the queues at `base` (a driver that resets the device and sets it up
+    /// again elsewhere).
+    fn with_queues_at(mem: &'a GuestMemory, path: &Path, base: u64) -> Self {
         let vqs: Vec<_> = (0..3)
-            .map(|i| MockSplitQueue::create(mem, GuestAddress(i * 0x4000), QSIZE))
+            .map(|i| MockSplitQueue::create(mem, GuestAddress(base + i * 0x4000), QSIZE))
             .collect();
-        let queues = vqs.iter().map(|v| v.create_queue().unwrap()).collect();
+        // virtio-queue's mock puts the used ring over the upper half of the avail ring
+        // (its ring end is counted in elements, not bytes); the queues here get their
+        // used rings well apart, and the helpers below read them there.
+        let queues = (0..3u64)
+            .map(|i| {
+                let mut q: Queue = vqs[i as usize].create_queue().unwrap();
+                let used = base + i * 0x4000 + USED_OFF;
+                q.set_ready(false);
+                q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
+                q.set_ready(true);
+                q
+            })
+            .collect();
         let epoll = Arc::new(Epoll::new().unwrap());
         let reg = Registrar::new(epoll.clone(), 0);
         let mut g = Guest {
+            base,
             mem,
             vqs,
             queues,
@@ -110,6 +132,21 @@ impl<'a> Guest<'a> {
         base
     }
 
+    /// The used ring's index of queue `q`.
+    fn used_idx(&self, q: usize) -> u16 {
+        let a = self.base + q as u64 * 0x4000 + USED_OFF + 2;
+        self.mem.read_obj(GuestAddress(a)).unwrap()
+    }
+
+    /// Used element `i` (mod the ring size) of queue `q`: (id, len).
+    fn used_elem(&self, q: usize, i: u16) -> (u32, u32) {
+        let a = self.base + q as u64 * 0x4000 + USED_OFF + 4 + u64::from(i % QSIZE) * 8;
+        (
+            self.mem.read_obj(GuestAddress(a)).unwrap(),
+            self.mem.read_obj(GuestAddress(a + 4)).unwrap(),
+        )
+    }
+
     fn ctx(&mut self) -> DeviceContext<'_> {
         DeviceContext {
             mem: self.mem,
@@ -127,11 +164,11 @@ impl<'a> Guest<'a> {
         self.dev.queue_notify(q, &mut ctx)
     }
 
-    /// Offers `n` RX buffers (one descriptor each, at a fixed address per table slot).
+    /// Offers `n` RX buffers (one descriptor each, at its own address per table slot).
     fn post_rx(&mut self, n: usize) {
         for _ in 0..n {
             let slot = u64::from(self.next_desc[0]);
-            self.add_chain(0, &[d(RX_BUFS + slot % 16 * SLOT, RX_BUF_LEN, WRITE, 0)]);
+            self.add_chain(0, &[d(RX_BUFS + slot * SLOT, RX_BUF_LEN, WRITE, 0)]);
         }
         self.notify(0);
     }
@@ -185,25 +222,20 @@ impl<'a> Guest<'a> {
 
     /// The next used RX element: (used length, header, payload); None if none yet.
     fn recv(&mut self) -> Option<(u32, Header, Vec<u8>)> {
-        let used = self.vqs[0].used().idx().load();
-        if used == self.rx_seen {
+        if self.used_idx(0) == self.rx_seen {
             return None;
         }
-        let e = self.vqs[0]
-            .used()
-            .ring()
-            .ref_at(usize::from(self.rx_seen % QSIZE))
-            .unwrap()
-            .load();
+        let (id, len) = self.used_elem(0, self.rx_seen);
         self.rx_seen = self.rx_seen.wrapping_add(1);
-        let desc = Descriptor::from(self.vqs[0].desc_table().load(e.id() as u16).unwrap());
-        if (e.len() as usize) < HDR_LEN {
-            return Some((e.len(), Header::default(), Vec::new()));
+        let desc = Descriptor::from(self.vqs[0].desc_table().load(id as u16).unwrap());
+        assert!(len <= RX_BUF_LEN, "used len {len} beyond the buffer");
+        if (len as usize) < HDR_LEN {
+            return Some((len, Header::default(), Vec::new()));
         }
         let mut hb = [0u8; HDR_LEN];
         self.mem.read_slice(&mut hb, desc.addr()).unwrap();
         let h = Header::from_bytes(&hb);
-        let mut data = vec![0u8; e.len() as usize - HDR_LEN];
+        let mut data = vec![0u8; len as usize - HDR_LEN];
         self.mem
             .read_slice(&mut data, desc.addr().unchecked_add(HDR_LEN as u64))
             .unwrap();
@@ -212,7 +244,7 @@ impl<'a> Guest<'a> {
             data.len(),
             "header len disagrees with used len"
         );
-        Some((e.len(), h, data))
+        Some((len, h, data))
     }
 
     /// Waits (pumping events) for the next packet to the guest.
@@ -224,7 +256,7 @@ impl<'a> Guest<'a> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if let Some((_, h, data)) = self.recv() {
-                if self.vqs[0].used().idx().load() == self.rx_seen {
+                if self.used_idx(0) == self.rx_seen {
                     self.post_rx(1);
                 }
                 return (h, data);
@@ -603,10 +635,10 @@ fn malformed_packets_and_chains_are_dropped_or_reset_never_a_panic() {
         ),
     ];
     for (name, c) in chains {
-        let before = g.vqs[1].used().idx().load();
+        let before = g.used_idx(1);
         g.send_raw(&c);
         assert_eq!(
-            g.vqs[1].used().idx().load(),
+            g.used_idx(1),
             before.wrapping_add(1),
             "{name}: not returned"
         );
@@ -616,11 +648,7 @@ fn malformed_packets_and_chains_are_dropped_or_reset_never_a_panic() {
     // Unusable RX buffers come back empty and the packet waits for a good one.
     while g.recv().is_some() {}
     // Use up the posted buffers first so the bad ones are next.
-    let posted = g.vqs[0]
-        .avail()
-        .idx()
-        .load()
-        .wrapping_sub(g.vqs[0].used().idx().load());
+    let posted = g.vqs[0].avail().idx().load().wrapping_sub(g.used_idx(0));
     for i in 0..posted {
         g.send(gh(OP_RW, 100 + u32::from(i), 2), &[]);
     }
@@ -659,6 +687,18 @@ fn socket_path_rules() {
     assert!(e.contains("v.sock"), "{e}");
     drop(v);
     assert!(!path.exists(), "socket left behind");
+    // A stale socket (its listener gone without removing it) is taken over; a live one
+    // is not.
+    let stale = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let e = Vsock::new(&path, CID)
+        .err()
+        .expect("took a live socket over");
+    assert!(e.to_string().contains("v.sock"), "{e}");
+    drop(stale);
+    assert!(path.exists());
+    let v = Vsock::new(&path, CID).expect("stale socket not taken over");
+    drop(v);
+    assert!(!path.exists());
     assert!(Vsock::new(&path, 2).is_err());
     assert!(Vsock::new(&path, u64::from(u32::MAX)).is_err());
     assert!(!path.exists());
@@ -759,4 +799,304 @@ fn transport_and_event_thread_serve_host_connections() {
     drop(events);
     drop(t);
     assert!(!path.exists(), "socket left behind");
+}
+
+/// Linux 6.1 posts RX buffers as two descriptors (header, then a 4 KiB payload buffer)
+/// and a driver may split a TX header anywhere: both must work.
+#[test]
+fn headers_and_payloads_split_across_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sock_path(&dir);
+    let mem = create_guest_memory(&[(0, MEM)]).unwrap();
+    let mut g = Guest::new(&mem, &path);
+    for i in 0..4u64 {
+        let a = RX_BUFS + i * SLOT;
+        g.add_chain(
+            0,
+            &[
+                d(a, HDR_LEN as u32, NEXT | WRITE, 1),
+                d(a + 0x100, 4096, WRITE, 0),
+            ],
+        );
+    }
+    g.notify(0);
+    let listener = UnixListener::bind(format!("{}_7000", path.display())).unwrap();
+    // A REQUEST whose header is split 20 + 24 bytes.
+    let hb = gh(OP_REQUEST, 900, 7000).to_bytes();
+    mem.write_slice(&hb[..20], GuestAddress(TX_BUFS)).unwrap();
+    mem.write_slice(&hb[20..], GuestAddress(TX_BUFS + 0x1000))
+        .unwrap();
+    g.send_raw(&[d(TX_BUFS, 20, NEXT, 1), d(TX_BUFS + 0x1000, 24, 0, 0)]);
+    let (mut s, _) = listener.accept().unwrap();
+    // The RESPONSE lands in the two-descriptor buffer: header in the first part.
+    let (id, len) = g.used_elem(0, 0);
+    assert_eq!(len as usize, HDR_LEN);
+    let mut rb = [0u8; HDR_LEN];
+    mem.read_slice(
+        &mut rb,
+        GuestAddress(RX_BUFS + u64::from(id as u16) / 2 * SLOT),
+    )
+    .unwrap();
+    assert_eq!(Header::from_bytes(&rb).op, OP_RESPONSE);
+    g.rx_seen = 1;
+    // 6000 host bytes: the payload goes into the 4 KiB buffers, split across packets.
+    let data: Vec<u8> = (0..6000u32).map(|i| (i % 251) as u8).collect();
+    s.write_all(&data).unwrap();
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (len, id) = loop {
+            let idx = g.used_idx(0);
+            if idx != g.rx_seen {
+                let (id, len) = g.used_elem(0, g.rx_seen);
+                g.rx_seen += 1;
+                break (len as usize, id as u16);
+            }
+            assert!(Instant::now() < deadline, "no data packet");
+            g.pump(20);
+        };
+        let a = RX_BUFS + u64::from(id) / 2 * SLOT;
+        let mut hb = [0u8; HDR_LEN];
+        mem.read_slice(&mut hb, GuestAddress(a)).unwrap();
+        let h = Header::from_bytes(&hb);
+        assert_eq!(h.op, OP_RW);
+        assert!(h.len as usize <= 4096 && len == HDR_LEN + h.len as usize);
+        let mut b = vec![0u8; h.len as usize];
+        mem.read_slice(&mut b, GuestAddress(a + 0x100)).unwrap();
+        got.extend_from_slice(&b);
+    }
+    assert_eq!(got, data);
+}
+
+/// A small deterministic PRNG (xorshift64*), so the fuzz test needs no extra crate and
+/// a failure can be replayed from its seed.
+struct Rand(u64);
+
+impl Rand {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn pick<T: Copy>(&mut self, v: &[T]) -> T {
+        v[self.below(v.len() as u64) as usize]
+    }
+}
+
+/// Random guest packets, random chains, random RX buffers and random host-side
+/// traffic, interleaved: the device must never panic, never exceed its connection
+/// limit, and work normally after the driver resets it and sets it up again.
+#[test]
+fn random_guest_and_host_traffic_never_breaks_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sock_path(&dir);
+    let mem = create_guest_memory(&[(0, MEM)]).unwrap();
+    // A different seed each run; NESTOR_FUZZ_SEED=0x... replays one.
+    let seed = std::env::var("NESTOR_FUZZ_SEED")
+        .ok()
+        .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+        .unwrap_or(0x6e65_7374_6f72_u64 ^ u64::from(std::process::id()))
+        .max(1);
+    eprintln!("fuzz seed {seed:#x} (NESTOR_FUZZ_SEED replays it)");
+    let mut rng = Rand(seed);
+    let mut g = Guest::new(&mem, &path);
+    let listeners: Vec<UnixListener> = (5000..5003)
+        .map(|p| {
+            let l = UnixListener::bind(format!("{}_{p}", path.display())).unwrap();
+            l.set_nonblocking(true).unwrap();
+            l
+        })
+        .collect();
+    let mut host: Vec<UnixStream> = Vec::new();
+    let mut accepted: Vec<UnixStream> = Vec::new();
+    let mut host_ports: Vec<u32> = vec![1 << 30];
+    let mut seen_ops = std::collections::BTreeMap::new();
+    let ports = [1u32, 2, 3, 5000, 5001, 5002, 5003, u32::MAX];
+    let ops = [0u16, 1, 2, 3, 4, 5, 6, 7, 8, 0xffff];
+    let mut last_used = 0u16;
+    for step in 0..3000 {
+        let action = rng.below(10);
+        match action {
+            0..=2 => {
+                let mut h = Header {
+                    src_cid: if rng.below(10) == 0 { rng.next() } else { CID },
+                    dst_cid: if rng.below(10) == 0 { rng.next() } else { 2 },
+                    src_port: rng.pick(&ports),
+                    dst_port: if rng.below(2) == 0 {
+                        rng.pick(&ports)
+                    } else {
+                        rng.pick(&host_ports)
+                    },
+                    len: 0,
+                    type_: if rng.below(10) == 0 {
+                        rng.next() as u16
+                    } else {
+                        TYPE_STREAM
+                    },
+                    op: rng.pick(&ops),
+                    flags: rng.below(4) as u32,
+                    buf_alloc: rng.pick(&[0, 1, 4096, 256 * 1024, u32::MAX]),
+                    fwd_cnt: rng.next() as u32,
+                };
+                let data = vec![rng.next() as u8; rng.below(300) as usize];
+                if h.op == OP_RW {
+                    h.len = data.len() as u32;
+                } else if rng.below(5) == 0 {
+                    h.len = rng.next() as u32;
+                }
+                g.send(h, &data);
+            }
+            3 => {
+                let n = 1 + rng.below(5) as u16;
+                let chain: Vec<RawDescriptor> = (0..n)
+                    .map(|i| {
+                        let addr = match rng.below(4) {
+                            0 => rng.next(),
+                            1 => MEM - rng.below(64),
+                            _ => TX_BUFS + rng.below(0x1000),
+                        };
+                        let len = rng.pick(&[0, 1, 20, 44, 100, 4096, u32::MAX]);
+                        let flags = (rng.below(4) as u16) | if i + 1 < n { NEXT } else { 0 };
+                        d(
+                            addr,
+                            len,
+                            flags,
+                            if rng.below(8) == 0 {
+                                rng.next() as u16
+                            } else {
+                                i + 1
+                            },
+                        )
+                    })
+                    .collect();
+                g.send_raw(&chain);
+            }
+            4 | 5 => {
+                let outstanding = g.vqs[0].avail().idx().load().wrapping_sub(g.used_idx(0));
+                if outstanding < 120 {
+                    if rng.below(5) == 0 {
+                        let bad = rng.pick(&[
+                            (RX_BUFS, 8, WRITE),
+                            (RX_BUFS, 4096, 0),
+                            (MEM - 4, 4096, WRITE),
+                        ]);
+                        g.add_chain(0, &[d(bad.0, bad.1, bad.2, 0)]);
+                        g.notify(0);
+                    } else {
+                        g.post_rx(8);
+                    }
+                }
+            }
+            6 => {
+                if host.len() < 40 {
+                    if let Ok(mut s) = UnixStream::connect(&path) {
+                        s.set_nonblocking(true).unwrap();
+                        let line = match rng.below(4) {
+                            0 => b"CONNECT 5000\n".to_vec(),
+                            1 => format!("CONNECT {}\n", rng.pick(&ports)).into_bytes(),
+                            2 => vec![rng.next() as u8; rng.below(64) as usize],
+                            _ => b"CONNECT 99\nextra bytes right after".to_vec(),
+                        };
+                        let _ = s.write_all(&line);
+                        host.push(s);
+                    }
+                }
+            }
+            7 => {
+                for l in &listeners {
+                    while let Ok((s, _)) = l.accept() {
+                        s.set_nonblocking(true).unwrap();
+                        accepted.push(s);
+                    }
+                }
+                let all = host.len() + accepted.len();
+                if all > 0 {
+                    let i = rng.below(all as u64) as usize;
+                    let s = if i < host.len() {
+                        &mut host[i]
+                    } else {
+                        &mut accepted[i - host.len()]
+                    };
+                    match rng.below(3) {
+                        0 => {
+                            let _ = s.write_all(&vec![0x5a; rng.below(100_000) as usize]);
+                        }
+                        1 => {
+                            let mut b = vec![0u8; 65536];
+                            let _ = s.read(&mut b);
+                        }
+                        _ => {
+                            if i < host.len() {
+                                host.swap_remove(i);
+                            } else {
+                                accepted.swap_remove(i - host.len());
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {
+                g.pump(0);
+                while let Some((_, h, _)) = g.recv() {
+                    *seen_ops.entry(h.op).or_insert(0u32) += 1;
+                    if h.op == OP_REQUEST && host_ports.len() < 16 {
+                        host_ports.push(h.src_port);
+                    }
+                }
+            }
+        }
+        assert!(g.dev.connections() <= MAX_CONNECTIONS);
+        let u = g.used_idx(0);
+        assert!(
+            u.wrapping_sub(last_used) < 1000,
+            "step {step} action {action}: used idx {last_used} -> {u}"
+        );
+        last_used = u;
+    }
+    eprintln!(
+        "packets to the guest by op: {seen_ops:?}, open connections {}",
+        g.dev.connections()
+    );
+    // The driver resets the device and sets it up again with fresh queues: it works.
+    g.dev.reset(&g.reg);
+    assert_eq!(g.dev.connections(), 0);
+    drop(host);
+    drop(accepted);
+    let dev = std::mem::replace(
+        &mut g.dev,
+        Vsock::new(&dir.path().join("spare.sock"), CID).unwrap(),
+    );
+    let mut fresh = Guest::with_queues_at(&mem, &dir.path().join("unused.sock"), 0x8_0000);
+    fresh.dev = dev;
+    {
+        let mut ctx = DeviceContext {
+            mem: &mem,
+            queues: &mut fresh.queues,
+            fds: &fresh.reg,
+        };
+        fresh.dev.activate(&mut ctx).unwrap();
+    }
+    fresh.post_rx(8);
+    let mut s = UnixStream::connect(&path).unwrap();
+    s.write_all(b"CONNECT 4242\n").unwrap();
+    // Host connections still in the listener's backlog from before the reset are served
+    // now too: refuse those.
+    let hp = loop {
+        let h = fresh.recv_wait();
+        if h.op == OP_REQUEST && h.dst_port == 4242 {
+            break h.src_port;
+        }
+        if h.op == OP_REQUEST {
+            fresh.send(gh(OP_RST, h.dst_port, h.src_port), &[]);
+        }
+    };
+    fresh.send(gh(OP_RESPONSE, 4242, hp), &[]);
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(read_line(&mut s), format!("OK {hp}\n"));
+    fresh.send(gh(OP_RW, 4242, hp), b"alive");
+    assert_eq!(read_exact_timeout(&mut s, 5), b"alive");
 }

@@ -7,6 +7,7 @@ pub mod block;
 pub mod chain;
 pub mod event_loop;
 pub mod mmio;
+pub mod net;
 
 pub mod rng;
 pub mod vsock;

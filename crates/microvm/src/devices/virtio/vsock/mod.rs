@@ -12,10 +12,13 @@
 //! controls is bounded: connections ([`MAX_CONNECTIONS`]), bytes buffered, packet size,
 //! queued resets; headers are validated, and a malformed packet is dropped or answered
 //! with OP_RST, never a panic.
+//!
+//! This file is the device (listener, connection table, RX/TX queue work); `conn` is
+//! one connection's state machine and buffers; `packet` the header and its constants.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -24,9 +27,15 @@ use std::path::{Path, PathBuf};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 
+mod conn;
+mod packet;
+
+pub use packet::*;
+
 use super::chain::Buffers;
 use super::{DeviceContext, Registrar, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::vstate::memory::GuestMemory;
+use conn::{Conn, Next, State, P_CREDIT_REQUEST, P_CREDIT_UPDATE, P_REQUEST, P_RESPONSE};
 
 /// virtio device id of a socket device.
 pub const TYPE_VSOCK: u32 = 19;
@@ -34,10 +43,6 @@ pub const TYPE_VSOCK: u32 = 19;
 pub const HOST_CID: u64 = 2;
 /// The guest CID used when none is configured.
 pub const DEFAULT_GUEST_CID: u64 = 3;
-/// Size of the packet header.
-pub const HDR_LEN: usize = 44;
-/// Largest payload of one packet (Linux's VIRTIO_VSOCK_MAX_PKT_BUF_SIZE).
-pub const MAX_PKT_DATA: usize = 64 * 1024;
 /// Receive buffer the device advertises per connection (`buf_alloc`): the most it
 /// holds for a host reader that does not keep up.
 pub const CONN_BUF: u32 = 256 * 1024;
@@ -59,89 +64,6 @@ const RXQ: usize = 0;
 const TXQ: usize = 1;
 const LISTENER: u32 = 0;
 
-/// Stream sockets (the only type offered).
-pub const TYPE_STREAM: u16 = 1;
-/// Packet operations.
-pub const OP_REQUEST: u16 = 1;
-/// Connection accepted.
-pub const OP_RESPONSE: u16 = 2;
-/// Connection reset (refused or closed).
-pub const OP_RST: u16 = 3;
-/// Half or full close (flags: [`SHUTDOWN_RCV`], [`SHUTDOWN_SEND`]).
-pub const OP_SHUTDOWN: u16 = 4;
-/// Data.
-pub const OP_RW: u16 = 5;
-/// Unsolicited credit information.
-pub const OP_CREDIT_UPDATE: u16 = 6;
-/// Asks the peer for a credit update.
-pub const OP_CREDIT_REQUEST: u16 = 7;
-/// The sender will receive nothing more.
-pub const SHUTDOWN_RCV: u32 = 1;
-/// The sender will send nothing more.
-pub const SHUTDOWN_SEND: u32 = 2;
-
-/// A virtio-vsock packet header (little endian, packed, 44 bytes).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Header {
-    /// Source CID.
-    pub src_cid: u64,
-    /// Destination CID.
-    pub dst_cid: u64,
-    /// Source port.
-    pub src_port: u32,
-    /// Destination port.
-    pub dst_port: u32,
-    /// Payload length.
-    pub len: u32,
-    /// Socket type.
-    pub type_: u16,
-    /// Operation.
-    pub op: u16,
-    /// Operation flags.
-    pub flags: u32,
-    /// Sender's receive buffer size.
-    pub buf_alloc: u32,
-    /// Bytes the sender has consumed.
-    pub fwd_cnt: u32,
-}
-
-impl Header {
-    /// Parses the wire form.
-    pub fn from_bytes(b: &[u8; HDR_LEN]) -> Self {
-        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default());
-        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default());
-        let u16_at = |o: usize| u16::from_le_bytes(b[o..o + 2].try_into().unwrap_or_default());
-        Header {
-            src_cid: u64_at(0),
-            dst_cid: u64_at(8),
-            src_port: u32_at(16),
-            dst_port: u32_at(20),
-            len: u32_at(24),
-            type_: u16_at(28),
-            op: u16_at(30),
-            flags: u32_at(32),
-            buf_alloc: u32_at(36),
-            fwd_cnt: u32_at(40),
-        }
-    }
-
-    /// The wire form.
-    pub fn to_bytes(&self) -> [u8; HDR_LEN] {
-        let mut b = [0u8; HDR_LEN];
-        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
-        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
-        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
-        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
-        b[24..28].copy_from_slice(&self.len.to_le_bytes());
-        b[28..30].copy_from_slice(&self.type_.to_le_bytes());
-        b[30..32].copy_from_slice(&self.op.to_le_bytes());
-        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
-        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
-        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
-        b
-    }
-}
-
 /// Errors creating the device.
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
@@ -156,222 +78,6 @@ pub enum VsockError {
         /// Underlying error.
         source: std::io::Error,
     },
-}
-
-// Pending control packets of a connection.
-const P_REQUEST: u8 = 1;
-const P_RESPONSE: u8 = 2;
-const P_CREDIT_UPDATE: u8 = 4;
-const P_CREDIT_REQUEST: u8 = 8;
-
-#[derive(Debug, PartialEq, Eq)]
-enum State {
-    /// Host-initiated, reading `CONNECT <port>\n`.
-    ReadConnect(Vec<u8>),
-    /// Host-initiated, OP_REQUEST sent or queued; waiting for the guest.
-    Requested,
-    /// Both sides agreed.
-    Established,
-}
-
-struct Conn {
-    stream: UnixStream,
-    state: State,
-    local_port: u32,
-    peer_port: u32,
-    /// Guest → host bytes not yet taken by the host stream; the first `tx_prefix` of
-    /// them are the `OK` line, which the guest's credit does not cover.
-    tx_buf: VecDeque<u8>,
-    tx_prefix: usize,
-    fwd_cnt: u32,
-    adv_fwd_cnt: u32,
-    /// Host → guest accounting and the guest's latest credit.
-    rx_cnt: u32,
-    peer_buf_alloc: u32,
-    peer_fwd_cnt: u32,
-    credit_asked: bool,
-    /// The host stream is (maybe) readable and not yet drained.
-    readable: bool,
-    host_eof: bool,
-    peer_shut: u32,
-    pend: u8,
-    queued: bool,
-    interest: EventSet,
-}
-
-enum Next {
-    Packet(Header, usize),
-    Nothing,
-    Kill,
-}
-
-impl Conn {
-    fn new(stream: UnixStream, state: State) -> Self {
-        Conn {
-            stream,
-            state,
-            local_port: 0,
-            peer_port: 0,
-            tx_buf: VecDeque::new(),
-            tx_prefix: 0,
-            fwd_cnt: 0,
-            adv_fwd_cnt: 0,
-            rx_cnt: 0,
-            peer_buf_alloc: 0,
-            peer_fwd_cnt: 0,
-            credit_asked: false,
-            readable: false,
-            host_eof: false,
-            peer_shut: 0,
-            pend: 0,
-            queued: false,
-            interest: EventSet::empty(),
-        }
-    }
-
-    fn credit(&self) -> u32 {
-        self.peer_buf_alloc
-            .saturating_sub(self.rx_cnt.wrapping_sub(self.peer_fwd_cnt))
-    }
-
-    fn can_send_data(&self) -> bool {
-        self.state == State::Established && !self.host_eof && self.peer_shut & SHUTDOWN_RCV == 0
-    }
-
-    fn wants_rx(&self) -> bool {
-        self.pend != 0 || (self.readable && self.can_send_data() && self.credit() > 0)
-    }
-
-    fn wanted_interest(&self) -> EventSet {
-        let mut e = EventSet::empty();
-        match self.state {
-            State::ReadConnect(_) => e |= EventSet::IN,
-            State::Requested => {}
-            State::Established => {
-                if !self.readable && self.can_send_data() {
-                    e |= EventSet::IN;
-                }
-                if !self.tx_buf.is_empty() {
-                    e |= EventSet::OUT;
-                }
-            }
-        }
-        e
-    }
-
-    fn header(&self, cid: u64, op: u16) -> Header {
-        Header {
-            src_cid: HOST_CID,
-            dst_cid: cid,
-            src_port: self.local_port,
-            dst_port: self.peer_port,
-            len: 0,
-            type_: TYPE_STREAM,
-            op,
-            flags: 0,
-            buf_alloc: CONN_BUF,
-            fwd_cnt: self.fwd_cnt,
-        }
-    }
-
-    fn rst(&self, cid: u64) -> Header {
-        self.header(cid, OP_RST)
-    }
-
-    /// The next packet for the guest, with up to `max` payload bytes read into `buf`.
-    fn next_packet(&mut self, cid: u64, max: usize, buf: &mut [u8]) -> Next {
-        let take = |c: &mut Conn, flag: u8| {
-            let had = c.pend & flag != 0;
-            c.pend &= !flag;
-            had
-        };
-        let mut h = if take(self, P_REQUEST) {
-            self.header(cid, OP_REQUEST)
-        } else if take(self, P_RESPONSE) {
-            self.header(cid, OP_RESPONSE)
-        } else if take(self, P_CREDIT_REQUEST) {
-            self.header(cid, OP_CREDIT_REQUEST)
-        } else if self.readable && self.can_send_data() && self.credit() > 0 && max > 0 {
-            let n = (self.credit() as usize).min(max).min(buf.len());
-            match self.stream.read(&mut buf[..n]) {
-                Ok(0) => {
-                    // The host will send nothing more.
-                    self.readable = false;
-                    self.host_eof = true;
-                    let mut h = self.header(cid, OP_SHUTDOWN);
-                    h.flags = SHUTDOWN_SEND;
-                    h
-                }
-                Ok(k) => {
-                    self.rx_cnt = self.rx_cnt.wrapping_add(k as u32);
-                    let mut h = self.header(cid, OP_RW);
-                    h.len = k as u32;
-                    self.pend &= !P_CREDIT_UPDATE;
-                    self.adv_fwd_cnt = self.fwd_cnt;
-                    return Next::Packet(h, k);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    self.readable = false;
-                    if take(self, P_CREDIT_UPDATE) {
-                        self.header(cid, OP_CREDIT_UPDATE)
-                    } else {
-                        return Next::Nothing;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Next::Nothing,
-                Err(_) => return Next::Kill,
-            }
-        } else if take(self, P_CREDIT_UPDATE) {
-            self.header(cid, OP_CREDIT_UPDATE)
-        } else {
-            return Next::Nothing;
-        };
-        // Every packet carries the device's credit.
-        self.pend &= !P_CREDIT_UPDATE;
-        self.adv_fwd_cnt = self.fwd_cnt;
-        h.len = 0;
-        Next::Packet(h, 0)
-    }
-
-    /// Writes what the host stream takes from the buffer; false when the stream is gone.
-    fn flush(&mut self) -> bool {
-        while !self.tx_buf.is_empty() {
-            let (a, _) = self.tx_buf.as_slices();
-            match self.stream.write(a) {
-                Ok(0) => return false,
-                Ok(n) => {
-                    self.tx_buf.drain(..n);
-                    let p = n.min(self.tx_prefix);
-                    self.tx_prefix -= p;
-                    self.fwd_cnt = self.fwd_cnt.wrapping_add((n - p) as u32);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => return false,
-            }
-        }
-        if self.fwd_cnt.wrapping_sub(self.adv_fwd_cnt) >= CONN_BUF / 4 {
-            self.pend |= P_CREDIT_UPDATE;
-        }
-        if self.tx_buf.is_empty() && self.peer_shut & SHUTDOWN_SEND != 0 {
-            let _ = self.stream.shutdown(std::net::Shutdown::Write);
-        }
-        true
-    }
-
-    /// Takes guest data for the host stream; false on a credit violation or a dead
-    /// stream.
-    fn push(&mut self, data: &[u8]) -> bool {
-        if self.tx_buf.len() - self.tx_prefix + data.len() > CONN_BUF as usize {
-            tracing::debug!(
-                "vsock: guest overran its credit on port {}",
-                self.local_port
-            );
-            return false;
-        }
-        self.tx_buf.extend(data);
-        self.flush()
-    }
 }
 
 /// The vsock device.
@@ -432,6 +138,14 @@ fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
     Ok(UnixStream::from(owned))
 }
 
+/// Whether `path` is a Unix socket nobody listens on.
+fn is_stale_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+        && UnixStream::connect(path)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
 fn parse_connect(line: &[u8]) -> Option<u32> {
     let s = std::str::from_utf8(line).ok()?;
     let port = s.strip_prefix("CONNECT ")?.trim_end_matches(['\r', '\n']);
@@ -439,8 +153,8 @@ fn parse_connect(line: &[u8]) -> Option<u32> {
 }
 
 impl Vsock {
-    /// Binds the host socket at `path` (an existing file is refused) for a guest with
-    /// CID `cid`.
+    /// Binds the host socket at `path` for a guest with CID `cid`. An existing file is
+    /// refused, unless it is a stale socket (nobody listens on it), which is replaced.
     pub fn new(path: &Path, cid: u64) -> Result<Self, VsockError> {
         if !(3..u64::from(u32::MAX)).contains(&cid) {
             return Err(VsockError::Cid(cid));
@@ -449,7 +163,14 @@ impl Vsock {
             path: path.into(),
             source,
         };
-        let listener = UnixListener::bind(path).map_err(err)?;
+        let listener = match UnixListener::bind(path) {
+            // A socket left by a VMM that was killed: nobody listens, so take it over.
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && is_stale_socket(path) => {
+                std::fs::remove_file(path).map_err(err)?;
+                UnixListener::bind(path).map_err(err)?
+            }
+            r => r.map_err(err)?,
+        };
         if let Err(e) = listener.set_nonblocking(true) {
             let _ = std::fs::remove_file(path);
             return Err(err(e));

@@ -1,0 +1,621 @@
+//! The OCI runtime verbs in VM mode (`nestor-vm`, or `nestor --vm-runtime`): the same
+//! command line as native, so `podman --runtime /path/to/nestor-vm` gets a VM boundary,
+//! as crun-krun and Kata give it.
+//!
+//! `create` snapshots the bundle's rootfs into an erofs disk, then forks a **shim**: a
+//! host process that boots the microVM, has the guest agent create the container, holds
+//! the container's stdio (the fds the caller passed, or a host pty sent to the console
+//! socket) and relays it over vsock streams, and finally exits with the container's exit
+//! code. The shim's pid is the pid file's pid, so conmon (a subreaper) waits on it as on
+//! a container's init. `start`, `kill` talk to the agent directly; `state` reads the
+//! shim's state file; `delete` kills the shim, whose VM dies with it.
+//!
+//! State: `<root>/.vm/<id>/state.json` (the native runtime ignores that directory).
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nestor_agent_protocol::{self as proto, Bundle, Request, Response, Stream};
+use nestor_container::state::{now_ns, proc_start, rfc3339};
+use serde::{Deserialize, Serialize};
+
+use crate::cli::{CreateArgs, KillArgs};
+use crate::sandbox::{self, Agent, Assets, BootOpts, Sandbox};
+
+/// What `state` reports, kept by `create` and the shim.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct VmState {
+    id: String,
+    bundle: PathBuf,
+    shim_pid: i32,
+    shim_start: u64,
+    sandbox: PathBuf,
+    /// created, running or stopped (as last recorded).
+    status: String,
+    exit_code: Option<i32>,
+    created_ns: u128,
+    #[serde(default)]
+    annotations: serde_json::Map<String, serde_json::Value>,
+}
+
+fn dir(root: &Path, id: &str) -> PathBuf {
+    root.join(".vm").join(id)
+}
+
+fn save(root: &Path, st: &VmState) -> Result<()> {
+    let d = dir(root, &st.id);
+    let tmp = d.join(".state.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(st)?)
+        .with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, d.join("state.json")).context("write state.json")?;
+    Ok(())
+}
+
+fn load(root: &Path, id: &str) -> Result<VmState> {
+    let p = dir(root, id).join("state.json");
+    let b = std::fs::read(&p).with_context(|| format!("container {id} does not exist"))?;
+    serde_json::from_slice(&b).with_context(|| format!("corrupt state file {}", p.display()))
+}
+
+/// Whether `id` is a VM-mode container under `root`.
+pub fn exists(root: &Path, id: &str) -> bool {
+    dir(root, id).join("state.json").is_file()
+}
+
+fn shim_alive(st: &VmState) -> bool {
+    matches!(proc_start(st.shim_pid), Some((s, false)) if s == st.shim_start)
+}
+
+fn status(st: &VmState) -> &str {
+    if st.status != "stopped" && !shim_alive(st) {
+        "stopped"
+    } else {
+        &st.status
+    }
+}
+
+fn agent_of(st: &VmState) -> Result<Agent> {
+    let s = sandbox::hybrid_connect(&st.sandbox.join("v.sock"), proto::DEFAULT_PORT)
+        .with_context(|| format!("connect to the VM of container {}", st.id))?;
+    Agent::new(s)
+}
+
+/// The guest's view of the container: its id in the agent.
+fn guest_id(id: &str) -> String {
+    id.chars().take(64).collect()
+}
+
+/// OCI `create` in VM mode.
+pub fn create(root: &Path, a: &CreateArgs) -> Result<()> {
+    nestor_container::spec::check_id(&a.id)?;
+    if !proto::valid_id(&a.id) {
+        bail!(
+            "container id '{}' is too long for VM mode (64 characters at most)",
+            a.id
+        );
+    }
+    if exists(root, &a.id) || root.join(&a.id).exists() {
+        bail!("container {} already exists", a.id);
+    }
+    let bundle = std::fs::canonicalize(&a.bundle)
+        .with_context(|| format!("bundle {}", a.bundle.display()))?;
+    let cfg = bundle.join("config.json");
+    let spec: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&cfg).with_context(|| format!("read {}", cfg.display()))?,
+    )
+    .with_context(|| format!("{} is not valid JSON", cfg.display()))?;
+    // The same checks the native runtime makes (a malformed spec fails here, clearly).
+    nestor_container::spec::parse(&cfg, &std::fs::read(&cfg)?)?;
+    let rootfs = spec["root"]["path"]
+        .as_str()
+        .context("config.json has no root.path")?;
+    let rootfs = if Path::new(rootfs).is_absolute() {
+        PathBuf::from(rootfs)
+    } else {
+        bundle.join(rootfs)
+    };
+    if !rootfs.is_dir() {
+        bail!("rootfs {} is not a directory", rootfs.display());
+    }
+    let terminal = spec["process"]["terminal"].as_bool().unwrap_or(false);
+    if terminal && a.console_socket.is_none() {
+        bail!("process.terminal is true but no --console-socket was given");
+    }
+    let spec = guest_spec(spec);
+    let d = dir(root, &a.id);
+    std::fs::create_dir_all(&d).with_context(|| format!("create {}", d.display()))?;
+    let r = (|| -> Result<i32> {
+        let disk = d.join("rootfs.erofs");
+        crate::vmdisk::snapshot_dir(&rootfs, &disk)?;
+        let assets = Assets::find(None, None)?;
+        spawn_shim(root, a, &bundle, spec, &disk, &assets, terminal)
+    })();
+    match r {
+        Ok(pid) => {
+            if let Some(p) = &a.pid_file {
+                std::fs::write(p, pid.to_string())
+                    .with_context(|| format!("write pid file {}", p.display()))?;
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&d);
+            Err(e)
+        }
+    }
+}
+
+/// The spec the guest gets: bind mounts of host paths cannot reach the guest (podman's
+/// /etc/hosts, /etc/resolv.conf, volumes): they are left out, with a warning naming them.
+fn guest_spec(mut spec: serde_json::Value) -> serde_json::Value {
+    if let Some(m) = spec["mounts"].as_array_mut() {
+        m.retain(|x| {
+            let opts: Vec<&str> = x["options"]
+                .as_array()
+                .map(|o| o.iter().filter_map(|v| v.as_str()).collect())
+                .unwrap_or_default();
+            let bind = x["type"] == "bind" || opts.contains(&"bind") || opts.contains(&"rbind");
+            if bind {
+                tracing::warn!(
+                    "VM mode: host bind mount {} -> {} is not available in the guest; left out",
+                    x["source"].as_str().unwrap_or("?"),
+                    x["destination"].as_str().unwrap_or("?")
+                );
+            }
+            !bind
+        });
+    }
+    spec
+}
+
+/// Forks the shim; returns its pid once the container is created in the VM.
+fn spawn_shim(
+    root: &Path,
+    a: &CreateArgs,
+    bundle: &Path,
+    spec: serde_json::Value,
+    disk: &Path,
+    assets: &Assets,
+    terminal: bool,
+) -> Result<i32> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+    // SAFETY: nestor is single-threaded here.
+    match unsafe { nix::unistd::fork() }.context("fork the VM shim")? {
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(w);
+            let mut msg = String::new();
+            std::fs::File::from(r)
+                .read_to_string(&mut msg)
+                .context("read from the VM shim")?;
+            if msg == "ok" {
+                return Ok(child.as_raw());
+            }
+            let _ = nix::sys::wait::waitpid(child, None);
+            bail!("{}", msg.strip_prefix("err ").unwrap_or("the VM shim died"))
+        }
+        nix::unistd::ForkResult::Child => {
+            drop(r);
+            let mut w = std::fs::File::from(w);
+            let code = match shim(root, a, bundle, spec, disk, assets, terminal, &mut w) {
+                Ok(code) => code,
+                Err(e) => {
+                    let _ = w.write_all(format!("err {e:#}").as_bytes());
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+    }
+}
+
+/// A host pty for a terminal container: the master goes to the console socket, the
+/// slave (raw) is where the guest's terminal streams are relayed.
+fn host_pty(console_socket: &Path) -> Result<OwnedFd> {
+    let pty = nix::pty::openpty(None, None).context("openpty")?;
+    if let Ok(mut t) = nix::sys::termios::tcgetattr(&pty.slave) {
+        nix::sys::termios::cfmakeraw(&mut t);
+        let _ = nix::sys::termios::tcsetattr(&pty.slave, nix::sys::termios::SetArg::TCSANOW, &t);
+    }
+    let s = std::os::unix::net::UnixStream::connect(console_socket)
+        .with_context(|| format!("connect to console socket {}", console_socket.display()))?;
+    nestor_container::sys::send_fd(s.as_raw_fd(), pty.master.as_raw_fd())?;
+    Ok(pty.slave)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn shim(
+    root: &Path,
+    a: &CreateArgs,
+    bundle: &Path,
+    spec: serde_json::Value,
+    disk: &Path,
+    assets: &Assets,
+    terminal: bool,
+    ready: &mut std::fs::File,
+) -> Result<i32> {
+    let id = a.id.clone();
+    let gid = guest_id(&id);
+    let mem_mib = spec["annotations"]["io.nestor.vm.mem"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(256);
+    let vcpus = spec["annotations"]["io.nestor.vm.cpus"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let hostname = spec["hostname"].as_str().unwrap_or("nestor").to_string();
+    let mut sb = Sandbox::boot(
+        &id[..12.min(id.len())],
+        assets,
+        &BootOpts {
+            mem_mib,
+            vcpus,
+            disks: vec![(disk.to_path_buf(), true)],
+            hostname,
+            net: None,
+        },
+    )?;
+    let deadline = Instant::now() + sandbox::boot_timeout();
+    let mut agent = sb.agent(deadline)?;
+    let mut outputs = Vec::new();
+    // The caller's stdio (conmon's pipes), or the host pty's slave for a terminal.
+    let slave = match &a.console_socket {
+        Some(cs) if terminal => Some(host_pty(cs)?),
+        _ => None,
+    };
+    let dup = |fd: i32| -> Result<std::fs::File> {
+        let n = nix::unistd::dup(fd).context("dup stdio")?;
+        // SAFETY: dup just returned this fd to us.
+        Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(n) }))
+    };
+    let (stdin_src, stdout_dst, stderr_dst) = match &slave {
+        Some(s) => (dup(s.as_raw_fd())?, dup(s.as_raw_fd())?, None),
+        None => (dup(0)?, dup(1)?, Some(dup(2)?)),
+    };
+    let input = sb.attach(&gid, None, Stream::Stdin, deadline)?;
+    let out = sb.attach(&gid, None, Stream::Stdout, deadline)?;
+    outputs.push(crate::vmrun::pump(out, stdout_dst));
+    if let Some(e) = stderr_dst {
+        let err = sb.attach(&gid, None, Stream::Stderr, deadline)?;
+        outputs.push(crate::vmrun::pump(err, e));
+    }
+    std::thread::spawn(move || {
+        let mut src = stdin_src;
+        let mut input = input;
+        let _ = std::io::copy(&mut src, &mut input);
+        let _ = input.shutdown(std::net::Shutdown::Write);
+    });
+    match agent.call(Request::Create {
+        container: gid.clone(),
+        bundle: Bundle::Disk {
+            spec: spec.clone(),
+            device: proto::disk_device(0),
+            fstype: crate::vmdisk::FSTYPE.into(),
+        },
+    })? {
+        Response::Started { .. } => {}
+        Response::Error { message, .. } => bail!("create in the VM: {message}"),
+        other => bail!("create in the VM: unexpected answer {other:?}"),
+    }
+    let me = std::process::id() as i32;
+    let mut st = VmState {
+        id: id.clone(),
+        bundle: bundle.to_path_buf(),
+        shim_pid: me,
+        shim_start: proc_start(me).map(|s| s.0).unwrap_or(0),
+        sandbox: sb.dir().to_path_buf(),
+        status: "created".into(),
+        exit_code: None,
+        created_ns: now_ns(),
+        annotations: spec["annotations"].as_object().cloned().unwrap_or_default(),
+    };
+    save(root, &st)?;
+    // The caller may exit now; stdio stays with us. Detach from its session's signals.
+    ready.write_all(b"ok").context("tell the caller")?;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    for fd in 0..3 {
+        let _ = nix::unistd::dup2(null.as_raw_fd(), fd);
+    }
+    let (_guard, pipe) = crate::signals::forward_to_pipe().context("signal pipe")?;
+    if let Ok(s) = sb.connect(proto::DEFAULT_PORT, deadline) {
+        crate::vmrun::forward_signals(pipe, Agent::new(s)?, gid.clone());
+    }
+    let code = match agent.call(Request::Wait {
+        container: gid,
+        exec: None,
+    }) {
+        Ok(Response::Exited { code }) => code,
+        _ => 137,
+    };
+    for h in outputs {
+        let _ = h.join();
+    }
+    sb.shutdown(Some(&mut agent), Duration::from_secs(10));
+    st.status = "stopped".into();
+    st.exit_code = Some(code);
+    let _ = save(root, &st);
+    Ok(code)
+}
+
+/// OCI `start` in VM mode.
+pub fn start(root: &Path, id: &str) -> Result<()> {
+    let mut st = load(root, id)?;
+    if status(&st) != "created" {
+        bail!("container {id} is {}, not created", status(&st));
+    }
+    match agent_of(&st)?.call(Request::Start {
+        container: guest_id(id),
+    })? {
+        Response::Ok | Response::Started { .. } => {}
+        Response::Error { message, .. } => bail!("start {id}: {message}"),
+        other => bail!("start {id}: unexpected answer {other:?}"),
+    }
+    // The shim may already have recorded a quick exit.
+    if let Ok(cur) = load(root, id) {
+        st = cur;
+    }
+    if st.status == "created" {
+        st.status = "running".into();
+        save(root, &st)?;
+    }
+    Ok(())
+}
+
+/// OCI `state` in VM mode.
+pub fn state(root: &Path, id: &str) -> Result<()> {
+    let st = load(root, id)?;
+    println!("{}", serde_json::to_string_pretty(&oci_state(&st))?);
+    Ok(())
+}
+
+fn oci_state(st: &VmState) -> serde_json::Value {
+    let s = status(st);
+    serde_json::json!({
+        "ociVersion": "1.0.2",
+        "id": st.id,
+        "status": s,
+        "pid": if s == "stopped" { 0 } else { st.shim_pid },
+        "bundle": st.bundle,
+        "created": rfc3339(st.created_ns),
+        "annotations": st.annotations,
+    })
+}
+
+/// OCI `kill` in VM mode.
+pub fn kill(root: &Path, a: &KillArgs) -> Result<()> {
+    let st = load(root, &a.id)?;
+    if status(&st) == "stopped" {
+        bail!("container {} is not running", a.id);
+    }
+    let sig = nestor_container::container::parse_signal(
+        a.sig.as_deref().or(a.signal.as_deref()).unwrap_or("TERM"),
+    )?;
+    let r = agent_of(&st)?.call(Request::Signal {
+        container: guest_id(&a.id),
+        exec: None,
+        signal: sig as i32,
+    })?;
+    sandbox::expect_ok(&format!("kill {}", a.id), r)
+}
+
+/// OCI `delete` in VM mode.
+pub fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
+    let st = load(root, id)?;
+    if status(&st) != "stopped" {
+        if !force {
+            bail!(
+                "container {id} is {}: stop it first or use --force",
+                status(&st)
+            );
+        }
+        // The VMM dies with its shim.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(st.shim_pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while shim_alive(&st) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&st.sandbox);
+    std::fs::remove_dir_all(dir(root, id)).with_context(|| format!("delete {id}"))?;
+    Ok(())
+}
+
+/// The OCI states of every VM-mode container (for `list`).
+pub fn list(root: &Path) -> Vec<serde_json::Value> {
+    let Ok(rd) = std::fs::read_dir(root.join(".vm")) else {
+        return Vec::new();
+    };
+    let mut v: Vec<_> = rd
+        .flatten()
+        .filter_map(|e| load(root, &e.file_name().to_string_lossy()).ok())
+        .map(|st| oci_state(&st))
+        .collect();
+    v.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    v
+}
+
+/// OCI `exec --process F` in VM mode: the process runs in the container in the guest;
+/// with `--detach`, a forked shim (the pid file's pid) holds its stdio and exits with its
+/// code, as the exec'd process would.
+pub fn exec(root: &Path, a: &crate::cli::ExecArgs) -> Result<i32> {
+    let st = load(root, &a.id)?;
+    if status(&st) != "running" {
+        bail!("container {} is {}, not running", a.id, status(&st));
+    }
+    let pf = a
+        .process
+        .as_ref()
+        .context("exec needs --process in VM mode")?;
+    let p: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(pf).with_context(|| format!("read {}", pf.display()))?,
+    )
+    .with_context(|| format!("{} is not valid JSON", pf.display()))?;
+    let args: Vec<String> = p["args"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    if args.is_empty() {
+        bail!("{}: process.args is empty", pf.display());
+    }
+    let env: Vec<String> = p["env"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let cwd = p["cwd"].as_str().map(String::from);
+    let terminal = p["terminal"].as_bool().unwrap_or(false);
+    if terminal && a.console_socket.is_none() {
+        bail!("process.terminal is true but no --console-socket was given");
+    }
+    let req = ExecReq {
+        args,
+        env,
+        cwd,
+        console: if terminal {
+            a.console_socket.clone()
+        } else {
+            None
+        },
+    };
+    if !a.detach {
+        if let Some(pid_file) = &a.pid_file {
+            std::fs::write(pid_file, std::process::id().to_string())
+                .with_context(|| format!("write {}", pid_file.display()))?;
+        }
+        return exec_in_vm(&st, &req, None);
+    }
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+    // SAFETY: nestor is single-threaded here.
+    match unsafe { nix::unistd::fork() }.context("fork the exec shim")? {
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(w);
+            let mut msg = String::new();
+            std::fs::File::from(r)
+                .read_to_string(&mut msg)
+                .context("read from the exec shim")?;
+            if msg != "ok" {
+                let _ = nix::sys::wait::waitpid(child, None);
+                bail!(
+                    "{}",
+                    msg.strip_prefix("err ").unwrap_or("the exec shim died")
+                );
+            }
+            if let Some(pid_file) = &a.pid_file {
+                std::fs::write(pid_file, child.as_raw().to_string())
+                    .with_context(|| format!("write {}", pid_file.display()))?;
+            }
+            Ok(0)
+        }
+        nix::unistd::ForkResult::Child => {
+            drop(r);
+            let mut w = std::fs::File::from(w);
+            let code = match exec_in_vm(&st, &req, Some(&mut w)) {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = w.write_all(format!("err {e:#}").as_bytes());
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+    }
+}
+
+struct ExecReq {
+    args: Vec<String>,
+    env: Vec<String>,
+    cwd: Option<String>,
+    console: Option<PathBuf>,
+}
+
+/// Runs one exec through the agent with this process's stdio (or a host pty); when
+/// `ready` is given, reports "ok" on it once the process started and lets go of stdio.
+fn exec_in_vm(st: &VmState, r: &ExecReq, ready: Option<&mut std::fs::File>) -> Result<i32> {
+    let sock = st.sandbox.join("v.sock");
+    let gid = guest_id(&st.id);
+    let exec_id = format!("x{}", &crate::store::new_id()?[..10]);
+    let attach = |stream| -> Result<std::os::unix::net::UnixStream> {
+        let mut ag = Agent::new(sandbox::hybrid_connect(&sock, proto::DEFAULT_PORT)?)?;
+        let resp = ag.call(Request::Attach {
+            container: gid.clone(),
+            exec: Some(exec_id.clone()),
+            stream,
+        })?;
+        sandbox::expect_ok("attach", resp)?;
+        Ok(ag.into_stream())
+    };
+    let slave = match &r.console {
+        Some(cs) => Some(host_pty(cs)?),
+        None => None,
+    };
+    let dup = |fd: i32| -> Result<std::fs::File> {
+        let n = nix::unistd::dup(fd).context("dup stdio")?;
+        // SAFETY: dup just returned this fd to us.
+        Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(n) }))
+    };
+    let (stdin_src, stdout_dst, stderr_dst) = match &slave {
+        Some(s) => (dup(s.as_raw_fd())?, dup(s.as_raw_fd())?, None),
+        None => (dup(0)?, dup(1)?, Some(dup(2)?)),
+    };
+    let input = attach(Stream::Stdin)?;
+    let mut outputs = vec![crate::vmrun::pump(attach(Stream::Stdout)?, stdout_dst)];
+    if let Some(e) = stderr_dst {
+        outputs.push(crate::vmrun::pump(attach(Stream::Stderr)?, e));
+    }
+    std::thread::spawn(move || {
+        let mut src = stdin_src;
+        let mut input = input;
+        let _ = std::io::copy(&mut src, &mut input);
+        let _ = input.shutdown(std::net::Shutdown::Write);
+    });
+    let mut ag = agent_of(st)?;
+    match ag.call(Request::Exec {
+        container: gid.clone(),
+        exec: exec_id.clone(),
+        args: r.args.clone(),
+        env: r.env.clone(),
+        cwd: r.cwd.clone(),
+    })? {
+        Response::Started { .. } => {}
+        Response::Error { message, .. } => bail!("exec in the VM: {message}"),
+        other => bail!("exec in the VM: unexpected answer {other:?}"),
+    }
+    if let Some(w) = ready {
+        w.write_all(b"ok").context("tell the caller")?;
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")?;
+        for fd in 0..3 {
+            let _ = nix::unistd::dup2(null.as_raw_fd(), fd);
+        }
+    }
+    let code = match ag.call(Request::Wait {
+        container: gid,
+        exec: Some(exec_id),
+    })? {
+        Response::Exited { code } => code,
+        Response::Error { message, .. } => bail!("exec in the VM: {message}"),
+        other => bail!("exec in the VM: unexpected answer {other:?}"),
+    };
+    for h in outputs {
+        let _ = h.join();
+    }
+    Ok(code)
+}

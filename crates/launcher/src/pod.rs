@@ -1,0 +1,318 @@
+//! Pods: one long-lived microVM that holds several containers, as Kata's sandbox does.
+//! `nestor pod create NAME` boots the VM with the disks of the images in the store under
+//! a detached monitor process (the VMM dies with it); `nestor run --pod NAME IMAGE …`
+//! runs a container in it (`vmrun`); `nestor pod rm NAME` powers the VM off.
+//!
+//! Records: `$NESTOR_ROOT/pods/NAME.json`; the VM's files in the sandbox directory.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nestor_agent_protocol::{self as proto, Request};
+use nestor_container::state::{now_ns, proc_start, rfc3339};
+use serde::{Deserialize, Serialize};
+
+use crate::sandbox::{self, Agent, Assets, BootOpts, Sandbox};
+use crate::store;
+
+/// Most image disks a pod's VM gets.
+const MAX_IMAGES: usize = 8;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pod {
+    pub name: String,
+    /// Image ids, in disk order (`/dev/vda` first).
+    pub images: Vec<String>,
+    pub sandbox: PathBuf,
+    pub monitor_pid: i32,
+    pub monitor_start: u64,
+    pub vmm_pid: i32,
+    pub vmm_start: u64,
+    pub mem_mib: u32,
+    pub vcpus: u8,
+    pub created_ns: u128,
+}
+
+impl Pod {
+    pub fn alive(&self) -> bool {
+        matches!(proc_start(self.monitor_pid), Some((s, false)) if s == self.monitor_start)
+    }
+
+    /// The guest device holding `image_id`'s disk.
+    pub fn device_of(&self, image_id: &str) -> Result<String> {
+        match self.images.iter().position(|i| i == image_id) {
+            Some(i) => Ok(proto::disk_device(i)),
+            None => bail!(
+                "image {} is not in pod {} (it was imported after the pod was created: \
+                 recreate the pod)",
+                &image_id[..12.min(image_id.len())],
+                self.name
+            ),
+        }
+    }
+
+    fn agent(&self) -> Result<Agent> {
+        Agent::new(sandbox::hybrid_connect(
+            &self.sandbox.join("v.sock"),
+            proto::DEFAULT_PORT,
+        )?)
+    }
+}
+
+fn pods_dir() -> PathBuf {
+    store::data_root().join("pods")
+}
+
+fn record(name: &str) -> PathBuf {
+    pods_dir().join(format!("{name}.json"))
+}
+
+pub fn load(name: &str) -> Result<Pod> {
+    let p = record(name);
+    let b = std::fs::read(&p).with_context(|| format!("no such pod: {name}"))?;
+    serde_json::from_slice(&b).with_context(|| format!("corrupt pod record {}", p.display()))
+}
+
+fn save(p: &Pod) -> Result<()> {
+    let tmp = pods_dir().join(format!(".{}.tmp", p.name));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(p)?)
+        .with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, record(&p.name)).context("write the pod record")
+}
+
+pub fn all() -> Vec<Pod> {
+    let Ok(rd) = std::fs::read_dir(pods_dir()) else {
+        return Vec::new();
+    };
+    let mut v: Vec<Pod> = rd
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_suffix(".json")
+                .filter(|_| !n.starts_with('.'))
+                .and_then(|n| load(n).ok())
+        })
+        .collect();
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v
+}
+
+/// `nestor pod create NAME`.
+pub fn create(name: &str, mem_mib: u32, vcpus: u8) -> Result<()> {
+    store::check_name(name)?;
+    if vcpus == 0 {
+        bail!("--vm-cpus must be at least 1");
+    }
+    std::fs::create_dir_all(pods_dir()).context("create the pods directory")?;
+    if let Ok(p) = load(name) {
+        if p.alive() {
+            bail!("pod {name} already exists");
+        }
+        let _ = std::fs::remove_file(record(name));
+    }
+    let images = store::image_store()?;
+    let mut list = images.list()?;
+    if list.is_empty() {
+        bail!("no images: import one with `nestor image import PATH` first");
+    }
+    list.truncate(MAX_IMAGES);
+    let mut ids = Vec::new();
+    let mut disks = Vec::new();
+    for s in &list {
+        let img = images.get(&s.id)?;
+        disks.push((crate::vmdisk::image_disk(&img)?, true));
+        ids.push(s.id.clone());
+    }
+    let assets = Assets::find(None, None)?;
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+    // SAFETY: nestor is single-threaded here.
+    match unsafe { nix::unistd::fork() }.context("fork the pod monitor")? {
+        nix::unistd::ForkResult::Parent { .. } => {
+            drop(w);
+            let mut msg = String::new();
+            std::fs::File::from(r)
+                .read_to_string(&mut msg)
+                .context("read from the pod monitor")?;
+            if msg != "ok" {
+                bail!(
+                    "{}",
+                    msg.strip_prefix("err ").unwrap_or("the pod monitor died")
+                );
+            }
+            println!("{name}");
+            Ok(())
+        }
+        nix::unistd::ForkResult::Child => {
+            drop(r);
+            let mut w = std::fs::File::from(w);
+            let res = monitor(name, ids, disks, &assets, mem_mib, vcpus, &mut w);
+            if let Err(e) = res {
+                let _ = std::fs::remove_file(record(name));
+                let _ = w.write_all(format!("err {e:#}").as_bytes());
+                std::process::exit(1);
+            }
+            std::process::exit(0);
+        }
+    }
+}
+
+/// The pod's monitor: owns the VMM (which dies with it), records the pod, and lives
+/// until the VM powers off.
+fn monitor(
+    name: &str,
+    images: Vec<String>,
+    disks: Vec<(PathBuf, bool)>,
+    assets: &Assets,
+    mem_mib: u32,
+    vcpus: u8,
+    ready: &mut std::fs::File,
+) -> Result<()> {
+    nix::unistd::setsid().context("setsid")?;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    use std::os::fd::AsRawFd;
+    for fd in 0..3 {
+        let _ = nix::unistd::dup2(null.as_raw_fd(), fd);
+    }
+    let mut sb = Sandbox::boot(
+        &format!("pod-{name}"),
+        assets,
+        &BootOpts {
+            mem_mib,
+            vcpus,
+            disks,
+            hostname: name.to_string(),
+            net: None,
+        },
+    )?;
+    let deadline = Instant::now() + sandbox::boot_timeout();
+    drop(sb.agent(deadline)?);
+    let me = std::process::id() as i32;
+    let vmm = sb.vmm_pid().unwrap_or(0) as i32;
+    save(&Pod {
+        name: name.to_string(),
+        images,
+        sandbox: sb.dir().to_path_buf(),
+        monitor_pid: me,
+        monitor_start: proc_start(me).map(|s| s.0).unwrap_or(0),
+        vmm_pid: vmm,
+        vmm_start: proc_start(vmm).map(|s| s.0).unwrap_or(0),
+        mem_mib,
+        vcpus,
+        created_ns: now_ns(),
+    })?;
+    ready.write_all(b"ok").context("tell the caller")?;
+    // Until the guest powers off (pod rm) or the VMM dies.
+    while sb.running() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = std::fs::remove_file(record(name));
+    Ok(())
+}
+
+/// `nestor pod ls`.
+pub fn ls(json: bool) -> Result<()> {
+    let pods = all();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&pods)?);
+        return Ok(());
+    }
+    let containers = store::all();
+    println!(
+        "{:<20} {:<8} {:>10} {:>5} {:>10}  CREATED",
+        "NAME", "STATUS", "MEMORY", "CPUS", "CONTAINERS"
+    );
+    for p in pods {
+        let n = containers
+            .iter()
+            .filter(|m| {
+                m.status == "running"
+                    && m.vm.as_ref().and_then(|v| v.pod.as_deref()) == Some(&p.name)
+            })
+            .count();
+        println!(
+            "{:<20} {:<8} {:>7} MiB {:>5} {:>10}  {}",
+            p.name,
+            if p.alive() { "Up" } else { "Dead" },
+            p.mem_mib,
+            p.vcpus,
+            n,
+            rfc3339(p.created_ns)
+        );
+    }
+    Ok(())
+}
+
+/// `nestor pod rm NAME…`.
+pub fn rm(names: &[String], force: bool) -> Result<()> {
+    let mut failed = false;
+    for name in names {
+        let r = (|| -> Result<()> {
+            let p = load(name)?;
+            let running: Vec<String> = store::all()
+                .into_iter()
+                .filter(|m| {
+                    m.status == "running"
+                        && m.owner_alive()
+                        && m.vm.as_ref().and_then(|v| v.pod.as_deref()) == Some(name)
+                })
+                .map(|m| m.name)
+                .collect();
+            if !running.is_empty() && !force {
+                bail!(
+                    "pod {name} still runs {}: stop them first or use pod rm -f",
+                    running.join(", ")
+                );
+            }
+            if p.alive() {
+                if let Ok(mut a) = p.agent() {
+                    let _ = a.call(Request::Shutdown { reboot: false });
+                }
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while p.alive() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                if p.alive() {
+                    // The VMM dies with its monitor.
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(p.monitor_pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            let _ = std::fs::remove_dir_all(&p.sandbox);
+            let _ = std::fs::remove_file(record(name));
+            println!("{name}");
+            Ok(())
+        })();
+        if let Err(e) = r {
+            eprintln!("nestor: {e:#}");
+            failed = true;
+        }
+    }
+    if failed {
+        bail!("some pods were not removed");
+    }
+    Ok(())
+}
+
+/// Sandbox directories of live pods (so `gc` keeps them); records of dead pods are
+/// removed (with their directories), counted in the result.
+pub fn gc() -> (Vec<PathBuf>, usize) {
+    let mut live = Vec::new();
+    let mut n = 0;
+    for p in all() {
+        if p.alive() {
+            live.push(p.sandbox);
+        } else {
+            let _ = std::fs::remove_dir_all(&p.sandbox);
+            let _ = std::fs::remove_file(record(&p.name));
+            n += 1;
+        }
+    }
+    (live, n)
+}
