@@ -120,8 +120,11 @@ pub enum Cmd {
     Image(ImageCmd),
     /// Remove whatever killed runs left behind: mounts, cgroups, state, unused layers.
     Gc,
-    /// Measure and compare: container start time with nestor, crun and runc.
+    /// Measure and compare every nesting: process, container, microVM, both scenarios.
     Bench(BenchArgs),
+    /// The bench's workloads (cpu, mem, disk, net), printing JSON result lines.
+    #[command(hide = true)]
+    Workload(WorkloadArgs),
     /// Run any program jailed as Firecracker's jailer would (scenario 2's jail).
     Jail(JailArgs),
     /// MicroVMs.
@@ -331,15 +334,71 @@ pub enum ImageCmd {
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Runs per runtime.
-    #[arg(long, default_value_t = 50)]
-    pub runs: usize,
-    /// Fewer runs, for a first look.
+    /// Modes to measure: all, or a comma-separated list of process, container, vm,
+    /// vm-container, jailed-vm, jailed-vm-container.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    pub modes: Vec<String>,
+    /// Timed start/stop runs per row [default: 20; 5 with --quick].
+    #[arg(long)]
+    pub runs: Option<usize>,
+    /// A first look in a few minutes: fewer runs, shorter workloads, a small density sweep.
     #[arg(long)]
     pub quick: bool,
-    /// Write every sample as JSON here.
+    /// Write the whole report, every sample included, as JSON here
+    /// (schema: crates/launcher/bench-schema.json).
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write SVG plots here (start time per mode, overhead per workload, density).
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// Image for the `nestor run IMAGE` rows (container and VM-container modes).
+    #[arg(long, default_value = "busybox")]
+    pub image: String,
+    /// Guest kernel [default: the newest guest-kernel/build.sh cached].
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Static nestor binary that runs the workloads [default: found next to this build,
+    /// or $NESTOR_STATIC_BIN; images/build-agent.sh builds it].
+    #[arg(long)]
+    pub workload_bin: Option<PathBuf>,
+    /// Seconds each time-boxed workload runs [default: 2; 0.5 with --quick].
+    #[arg(long)]
+    pub workload_secs: Option<f64>,
+    /// Memory budget of the density sweep, MiB [default: 2048; 256 with --quick].
+    #[arg(long)]
+    pub density_budget: Option<u64>,
+    /// Most units the density sweep starts per mode [default: 100; 8 with --quick].
+    #[arg(long)]
+    pub density_max: Option<usize>,
+    /// Guest memory of VM units, MiB.
+    #[arg(long, default_value_t = 256)]
+    pub vm_mem: u64,
+    /// Time limit per unit launch, seconds [default: 60; 300 inside the KVM test host].
+    #[arg(long)]
+    pub timeout: Option<u64>,
+}
+
+/// `nestor workload KIND…`: what the bench runs in every mode (hidden).
+#[derive(Args, Debug)]
+pub struct WorkloadArgs {
+    /// cpu, mem, disk, net.
+    #[arg(required = true)]
+    pub kinds: Vec<String>,
+    /// Seconds per time-boxed workload.
+    #[arg(long, default_value_t = 1.0)]
+    pub secs: f64,
+    /// Size of each of the two arrays the memory copy uses, MiB.
+    #[arg(long, default_value_t = 64)]
+    pub mem_mib: usize,
+    /// File or block device for the disk workload.
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// Bytes the sequential disk passes move, MiB.
+    #[arg(long, default_value_t = 64)]
+    pub disk_mib: usize,
+    /// HOST:PORT of the bench's TCP server.
+    #[arg(long)]
+    pub net: Option<String>,
 }
 
 /// Limits and identity of a jail.

@@ -130,6 +130,7 @@ fn dispatch(cli: &Cli) -> Result<i32> {
         Cmd::Image(ImageCmd::Rm { images }) => manage::image_rm(images)?,
         Cmd::Gc => manage::gc(&rt)?,
         Cmd::Bench(a) => bench::run(a)?,
+        Cmd::Workload(a) => return bench::workload::run(a),
         Cmd::Jail(a) => return vm::jail_cmd(&rt, a),
         Cmd::Vm(cli::VmCmd::Run(a)) => return vm::vm_run(&rt, a),
         Cmd::Pod(cli::PodCmd::Create {

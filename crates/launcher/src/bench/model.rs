@@ -1,0 +1,215 @@
+//! The bench report as data: what `--json` writes (schema: `crates/launcher/bench-schema.json`,
+//! `nestor-bench/1`), what the Markdown and SVG renderers read, and the summary
+//! statistics (median, p10/p90, min/max) every timed row carries.
+
+use serde::Serialize;
+
+pub const SCHEMA: &str = "nestor-bench/1";
+
+/// Whether a row was measured or skipped (always with a reason).
+#[derive(Serialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Measured,
+    Skipped,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct Report {
+    pub schema: String,
+    pub header: Header,
+    pub modes: Vec<ModeEntry>,
+    pub start_stop: Vec<StartStop>,
+    pub unit_size: Vec<UnitSize>,
+    pub density: Vec<Density>,
+    pub workloads: Vec<WorkloadSet>,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct Header {
+    pub host: String,
+    pub cpu: String,
+    pub cores: usize,
+    pub mem_total_mib: u64,
+    pub kernel: String,
+    pub kvm: Kvm,
+    /// RFC 3339, UTC.
+    pub date: String,
+    pub inside_testhost: bool,
+    pub quick: bool,
+    /// Timed runs per start/stop row (after one warm-up run).
+    pub runs: usize,
+    pub workload_secs: f64,
+    pub nestor_version: String,
+    pub notes: Vec<String>,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct Kvm {
+    pub device: bool,
+    /// The loaded KVM module: kvm_intel, kvm_amd, kvm_pvm, or none.
+    pub module: String,
+    pub hardware_assisted: bool,
+    /// Whether nestor-vmm booted the guest kernel here (the probe), and what it saw.
+    pub guest_boot: bool,
+    pub guest_boot_detail: String,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct ModeEntry {
+    pub mode: String,
+    pub status: Status,
+    pub reason: Option<String>,
+    pub description: String,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct Sample {
+    /// Launch -> the unit's program printed its marker.
+    pub start_ms: f64,
+    /// Marker -> the launcher exited (teardown: container delete, guest power-off, VMM exit).
+    pub stop_ms: f64,
+    pub total_ms: f64,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct Summary {
+    pub n: usize,
+    pub median: f64,
+    pub p10: f64,
+    pub p90: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Summary {
+    pub fn of(values: &[f64]) -> Option<Summary> {
+        if values.is_empty() {
+            return None;
+        }
+        let mut s = values.to_vec();
+        s.sort_by(|a, b| a.total_cmp(b));
+        let q = |p: f64| {
+            let x = (s.len() - 1) as f64 * p;
+            let (lo, hi) = (x.floor() as usize, x.ceil() as usize);
+            s[lo] + (s[hi] - s[lo]) * (x - lo as f64)
+        };
+        Some(Summary {
+            n: s.len(),
+            median: q(0.5),
+            p10: q(0.1),
+            p90: q(0.9),
+            min: s[0],
+            max: s[s.len() - 1],
+        })
+    }
+}
+
+/// One runner of one mode (nestor, or a peer such as crun or QEMU).
+#[derive(Serialize, Clone, Debug)]
+pub struct StartStop {
+    pub mode: String,
+    pub runner: String,
+    pub version: String,
+    pub status: Status,
+    pub reason: Option<String>,
+    pub command: String,
+    pub samples: Vec<Sample>,
+    pub start: Option<Summary>,
+    pub stop: Option<Summary>,
+    pub total: Option<Summary>,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct DiskPart {
+    pub what: String,
+    pub path: String,
+    pub bytes: u64,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct ProcMem {
+    pub pid: u32,
+    pub name: String,
+    pub rss_kib: u64,
+    pub pss_kib: u64,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct UnitSize {
+    pub mode: String,
+    pub runner: String,
+    pub status: Status,
+    pub reason: Option<String>,
+    pub disk: Vec<DiskPart>,
+    pub disk_bytes: u64,
+    /// Sum of PSS over the host processes of one idle unit (launcher, runtime, VMM with
+    /// the guest's touched memory, the sleeping program).
+    pub idle_pss_kib: Option<u64>,
+    /// idle_pss_kib minus the native process's: the memory the nesting adds.
+    pub overhead_kib: Option<i64>,
+    pub processes: Vec<ProcMem>,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct DensityPoint {
+    pub count: usize,
+    pub start_ms: f64,
+    pub total_pss_kib: u64,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct Density {
+    pub mode: String,
+    pub status: Status,
+    pub reason: Option<String>,
+    pub budget_mib: u64,
+    pub max_units: usize,
+    /// Units running when the sweep stopped (budget reached or max_units started).
+    pub fit: usize,
+    pub budget_reached: bool,
+    /// fit, or budget / PSS per unit when the sweep stopped at max_units first.
+    pub estimated_units_in_budget: Option<f64>,
+    pub points: Vec<DensityPoint>,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct WorkloadResult {
+    /// cpu, mem, disk-seq-write, disk-seq-read, disk-rand-read, disk-rand-write, net-tcp, net-rtt
+    pub workload: String,
+    pub metric: String,
+    pub unit: String,
+    pub value: Option<f64>,
+    pub higher_is_better: bool,
+    /// built-in (the `nestor workload` program, identical in every mode) or fio.
+    pub tool: String,
+    pub status: Status,
+    pub reason: Option<String>,
+    /// value relative to the native process's (>1 = better for higher_is_better).
+    pub ratio_vs_process: Option<f64>,
+    pub detail: serde_json::Value,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct WorkloadSet {
+    pub mode: String,
+    pub status: Status,
+    pub reason: Option<String>,
+    pub results: Vec<WorkloadResult>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_interpolates_percentiles() {
+        let s = Summary::of(&[5.0, 1.0, 3.0, 2.0, 4.0]).unwrap();
+        assert_eq!(s.median, 3.0);
+        assert_eq!(s.min, 1.0);
+        assert_eq!(s.max, 5.0);
+        assert!((s.p10 - 1.4).abs() < 1e-9);
+        assert!((s.p90 - 4.6).abs() < 1e-9);
+        assert!(Summary::of(&[]).is_none());
+    }
+}

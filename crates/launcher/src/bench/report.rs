@@ -1,0 +1,434 @@
+//! The Markdown report `nestor bench` prints: a header (host, kernel, KVM, date, test
+//! host), the seed's efficiency table measured (unit size, units per host, start time,
+//! stop time; a column per mode and runner), the workload tables against the native
+//! process, and the density sweep. Skipped rows stay in every table, with their reason.
+
+use std::fmt::Write;
+
+use super::model::*;
+
+fn ms(x: f64) -> String {
+    if x.is_nan() {
+        "-".into()
+    } else if x < 10.0 {
+        format!("{x:.2} ms")
+    } else if x < 1000.0 {
+        format!("{x:.1} ms")
+    } else {
+        format!("{:.2} s", x / 1000.0)
+    }
+}
+
+fn summary(s: &Option<Summary>) -> String {
+    match s {
+        Some(s) => format!("{} [{}–{}]", ms(s.median), ms(s.p10), ms(s.p90)),
+        None => "-".into(),
+    }
+}
+
+pub fn bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.2} GiB", b / 1024.0 / 1024.0 / 1024.0)
+    } else if b >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", b / 1024.0 / 1024.0)
+    } else {
+        format!("{:.0} KiB", b / 1024.0)
+    }
+}
+
+fn kib(k: i64) -> String {
+    let sign = if k < 0 { "-" } else { "" };
+    format!("{sign}{}", bytes(k.unsigned_abs() * 1024))
+}
+
+fn num(v: f64) -> String {
+    if v >= 1000.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// "crun version 1.8.1" -> "crun 1.8.1"; long paths dropped.
+pub fn short_version(runner: &str, version: &str) -> String {
+    let first = version.split(" (").next().unwrap_or_default();
+    let v = first
+        .split_whitespace()
+        .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))
+        .unwrap_or_default();
+    if v.is_empty() {
+        runner.to_string()
+    } else {
+        format!("{runner} {v}")
+    }
+}
+
+pub fn column_label(s: &StartStop) -> String {
+    let who = match s.runner.as_str() {
+        "nestor-image" => "nestor run IMAGE".to_string(),
+        "process" => "native".to_string(),
+        _ => short_version(&s.runner, &s.version),
+    };
+    format!("{}: {who}", s.mode)
+}
+
+fn cell(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+pub fn markdown(r: &Report) -> String {
+    let h = &r.header;
+    let mut o = String::new();
+    let _ = writeln!(o, "# nestor bench\n");
+    let _ = writeln!(o, "| | |\n|---|---|");
+    let _ = writeln!(
+        o,
+        "| host | {}: {}, {} cores, {} MiB |",
+        h.host, h.cpu, h.cores, h.mem_total_mib
+    );
+    let _ = writeln!(o, "| kernel | {} |", h.kernel);
+    let _ = writeln!(
+        o,
+        "| KVM | /dev/kvm {}; module {}; hardware-assisted: **{}**; Linux guest boots here: **{}** ({}) |",
+        if h.kvm.device { "present" } else { "absent" },
+        h.kvm.module,
+        if h.kvm.hardware_assisted { "yes" } else { "no" },
+        if h.kvm.guest_boot { "yes" } else { "no" },
+        cell(&h.kvm.guest_boot_detail)
+    );
+    let _ = writeln!(o, "| date | {} |", h.date);
+    let _ = writeln!(
+        o,
+        "| inside the KVM test host | {} |",
+        if h.inside_testhost {
+            "**yes**: QEMU TCG with nested SVM; timings compare only within this run"
+        } else {
+            "no"
+        }
+    );
+    let _ = writeln!(
+        o,
+        "| runs | {} timed start/stop runs per row{}; workloads {} s each |",
+        h.runs,
+        if h.quick { " (--quick)" } else { "" },
+        h.workload_secs
+    );
+    let _ = writeln!(o, "| nestor | {} |\n", h.nestor_version);
+    for n in &h.notes {
+        let _ = writeln!(o, "- {n}");
+    }
+    let _ = writeln!(o, "\n## Modes\n\n| mode | what | status |\n|---|---|---|");
+    for m in &r.modes {
+        let st = match m.status {
+            Status::Measured => "measured".to_string(),
+            Status::Skipped => format!(
+                "**skipped**: {}",
+                cell(m.reason.as_deref().unwrap_or_default())
+            ),
+        };
+        let _ = writeln!(o, "| {} | {} | {} |", m.mode, m.description, st);
+    }
+
+    // The seed's efficiency table: a column per mode/runner.
+    let cols = &r.start_stop;
+    let _ = writeln!(o, "\n## Efficiency (the seed's table, measured here)\n");
+    let mut head = "| property |".to_string();
+    let mut sep = "|---|".to_string();
+    for c in cols {
+        let _ = write!(head, " {} |", cell(&column_label(c)));
+        sep.push_str("---|");
+    }
+    let _ = writeln!(o, "{head}\n{sep}");
+    let size_of = |c: &StartStop| {
+        r.unit_size
+            .iter()
+            .find(|s| s.mode == c.mode && s.runner == c.runner)
+    };
+    let row = |o: &mut String, name: &str, f: &dyn Fn(&StartStop) -> String| {
+        let mut line = format!("| {name} |");
+        for c in cols {
+            let _ = write!(line, " {} |", f(c));
+        }
+        let _ = writeln!(o, "{line}");
+    };
+    row(&mut o, "unit size: disk", &|c| {
+        size_of(c)
+            .filter(|s| s.disk_bytes > 0)
+            .map(|s| bytes(s.disk_bytes))
+            .unwrap_or_else(|| "-".into())
+    });
+    row(&mut o, "unit size: memory (idle PSS)", &|c| {
+        size_of(c)
+            .and_then(|s| s.idle_pss_kib)
+            .map(|k| kib(k as i64))
+            .unwrap_or_else(|| "-".into())
+    });
+    row(&mut o, "memory overhead vs process", &|c| {
+        size_of(c)
+            .and_then(|s| s.overhead_kib)
+            .map(|k| format!("{}{}", if k >= 0 { "+" } else { "" }, kib(k)))
+            .unwrap_or_else(|| "-".into())
+    });
+    row(&mut o, "units per host (memory budget)", &|c| {
+        let main = r
+            .density
+            .iter()
+            .find(|d| d.mode == c.mode)
+            .filter(|_| is_main(r, c));
+        match main {
+            Some(d) if d.status == Status::Measured => {
+                if d.budget_reached {
+                    format!("{} in {} MiB", d.fit, d.budget_mib)
+                } else {
+                    format!(
+                        "≈{:.0} in {} MiB ({} started)",
+                        d.estimated_units_in_budget.unwrap_or(0.0),
+                        d.budget_mib,
+                        d.fit
+                    )
+                }
+            }
+            _ => "-".into(),
+        }
+    });
+    row(&mut o, "start time, median [p10–p90]", &|c| {
+        summary(&c.start)
+    });
+    row(&mut o, "stop time, median [p10–p90]", &|c| {
+        summary(&c.stop)
+    });
+    row(&mut o, "start + stop, median", &|c| {
+        c.total.as_ref().map(|s| ms(s.median)).unwrap_or("-".into())
+    });
+    let native = cols
+        .iter()
+        .find(|c| c.mode == "process")
+        .and_then(|c| c.total.as_ref().map(|s| s.median));
+    row(
+        &mut o,
+        "start + stop vs process",
+        &|c| match (c.total.as_ref(), native) {
+            (Some(t), Some(n)) if n > 0.0 => format!("{:.1}x", t.median / n),
+            _ => "-".into(),
+        },
+    );
+    row(&mut o, "status", &|c| match c.status {
+        Status::Measured => format!("measured ({} runs)", c.samples.len()),
+        Status::Skipped => "**skipped**".into(),
+    });
+    let skipped: Vec<_> = cols
+        .iter()
+        .filter(|c| c.status == Status::Skipped)
+        .collect();
+    if !skipped.is_empty() {
+        let _ = writeln!(o, "\nSkipped:");
+        for c in skipped {
+            let _ = writeln!(
+                o,
+                "- {}: {}",
+                column_label(c),
+                c.reason.as_deref().unwrap_or_default()
+            );
+        }
+    }
+
+    // Workloads: a row per workload, a column per mode.
+    let _ = writeln!(
+        o,
+        "\n## Workloads (the same `nestor workload` program in every mode; value, and ratio to a native run made just before)\n"
+    );
+    let mut head = "| workload | unit |".to_string();
+    let mut sep = "|---|---|".to_string();
+    for s in &r.workloads {
+        let _ = write!(head, " {} |", s.mode);
+        sep.push_str("---|");
+    }
+    let _ = writeln!(o, "{head}\n{sep}");
+    let mut names: Vec<(String, String, bool)> = Vec::new();
+    for s in &r.workloads {
+        for x in s.results.iter().filter(|x| x.tool == "built-in") {
+            if !names.iter().any(|n| n.0 == x.workload) {
+                names.push((x.workload.clone(), x.unit.clone(), x.higher_is_better));
+            }
+        }
+    }
+    for (w, unit, hib) in &names {
+        let mut line = format!(
+            "| {w} | {unit}{} |",
+            if *hib { "" } else { " (lower is better)" }
+        );
+        for s in &r.workloads {
+            let x = s
+                .results
+                .iter()
+                .find(|x| x.tool == "built-in" && &x.workload == w);
+            let c = match x {
+                Some(x) if x.status == Status::Measured => match (x.value, x.ratio_vs_process) {
+                    (Some(v), Some(q)) if q < 0.1 => format!("{} ({q:.4}x)", num(v)),
+                    (Some(v), Some(q)) => format!("{} ({q:.2}x)", num(v)),
+                    (Some(v), None) => num(v),
+                    _ => "-".into(),
+                },
+                Some(_) => "skipped".into(),
+                None => "-".into(),
+            };
+            let _ = write!(line, " {c} |");
+        }
+        let _ = writeln!(o, "{line}");
+    }
+    let direct: Vec<String> = r
+        .workloads
+        .iter()
+        .filter_map(|s| {
+            let x = s.results.iter().find(|x| {
+                x.tool == "built-in"
+                    && x.workload == "disk-seq-write"
+                    && x.status == Status::Measured
+            })?;
+            let d = &x.detail;
+            Some(format!(
+                "{}: {}{}",
+                s.mode,
+                d["path"].as_str().unwrap_or("?"),
+                match (d["direct"].as_bool(), d["block_device"].as_bool()) {
+                    (Some(true), Some(true)) => " (block device, O_DIRECT)",
+                    (Some(true), _) => " (O_DIRECT)",
+                    _ => " (buffered: the file system refused O_DIRECT; fdatasync + cache dropped)",
+                }
+            ))
+        })
+        .collect();
+    if !direct.is_empty() {
+        let _ = writeln!(o, "\nDisk workload files: {}.", direct.join("; "));
+    }
+    let fio: Vec<_> = r
+        .workloads
+        .iter()
+        .flat_map(|s| s.results.iter())
+        .filter(|x| x.tool == "fio")
+        .collect();
+    if !fio.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nfio on the host (psync; O_DIRECT unless the file system refuses it), a reference for the built-in disk figures of the process column:"
+        );
+        for x in fio {
+            match x.value {
+                Some(v) => {
+                    let _ = writeln!(
+                        o,
+                        "- {}: {} {}{}",
+                        x.workload,
+                        num(v),
+                        x.unit,
+                        if x.detail["direct"] == false {
+                            " (buffered)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        o,
+                        "- fio: skipped: {}",
+                        x.reason.as_deref().unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+    let mut reasons: Vec<String> = Vec::new();
+    for s in &r.workloads {
+        let skipped: Vec<_> = s
+            .results
+            .iter()
+            .filter(|x| x.status == Status::Skipped)
+            .collect();
+        let first = skipped.first().and_then(|x| x.reason.clone());
+        if !skipped.is_empty()
+            && skipped.len() == s.results.iter().filter(|x| x.tool == "built-in").count()
+            && skipped.iter().all(|x| x.reason == first)
+        {
+            reasons.push(format!(
+                "- {} (all workloads): {}",
+                s.mode,
+                first.unwrap_or_default()
+            ));
+            continue;
+        }
+        for x in skipped {
+            reasons.push(format!(
+                "- {} {}: {}",
+                s.mode,
+                x.workload,
+                x.reason.as_deref().unwrap_or_default()
+            ));
+        }
+    }
+    if !reasons.is_empty() {
+        let _ = writeln!(o, "\nSkipped workloads:");
+        for l in reasons {
+            let _ = writeln!(o, "{l}");
+        }
+    }
+
+    let _ = writeln!(
+        o,
+        "\n## Density (units started one by one until the memory budget)\n\n| mode | budget | units started | PSS of all units | start time: first → last | status |\n|---|---|---|---|---|---|"
+    );
+    for d in &r.density {
+        let first = d.points.first();
+        let last = d.points.last();
+        let st = match (d.status, &d.reason) {
+            (Status::Skipped, r) => format!("**skipped**: {}", cell(r.as_deref().unwrap_or(""))),
+            (_, Some(r)) => cell(r),
+            _ if d.budget_reached => "budget reached".into(),
+            _ => format!("stopped at {} units (--density-max)", d.max_units),
+        };
+        let _ = writeln!(
+            o,
+            "| {} | {} MiB | {} | {} | {} | {} |",
+            d.mode,
+            d.budget_mib,
+            d.points.len(),
+            last.map(|p| kib(p.total_pss_kib as i64))
+                .unwrap_or("-".into()),
+            match (first, last) {
+                (Some(f), Some(l)) => format!("{} → {}", ms(f.start_ms), ms(l.start_ms)),
+                _ => "-".into(),
+            },
+            st
+        );
+    }
+    o
+}
+
+fn is_main(r: &Report, c: &StartStop) -> bool {
+    // The mode's own runner is the first row of its mode.
+    r.start_stop
+        .iter()
+        .find(|s| s.mode == c.mode)
+        .is_some_and(|s| s.runner == c.runner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_shorten() {
+        assert_eq!(short_version("crun", "crun version 1.8.1"), "crun 1.8.1");
+        assert_eq!(
+            short_version(
+                "qemu-microvm",
+                "QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7)"
+            ),
+            "qemu-microvm 7.2.19"
+        );
+        assert_eq!(short_version("x", ""), "x");
+    }
+}

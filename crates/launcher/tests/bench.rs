@@ -1,0 +1,476 @@
+//! End to end: `nestor bench --quick --modes all --json F --svg D` on this machine. The
+//! process and container modes are measured; every mode appears, measured or skipped
+//! with a reason (VM modes where KVM cannot boot a guest, scenario commands not built);
+//! the JSON validates against crates/launcher/bench-schema.json (checked by a small
+//! JSON Schema walker below, which refuses keywords it does not implement); the SVG
+//! plots parse as XML and carry their titles. No timing is asserted.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+use common::*;
+
+/// Validates `v` against `schema` (root `root` for $ref); the errors, with JSON paths.
+fn validate(root: &Value, schema: &Value, v: &Value, path: &str, errs: &mut Vec<String>) {
+    let s = match schema {
+        Value::Object(s) => s,
+        Value::Bool(true) => return,
+        _ => panic!("schema at {path} is not an object"),
+    };
+    for (k, want) in s {
+        match k.as_str() {
+            "$schema" | "$id" | "title" | "description" | "$defs" => {}
+            "$ref" => {
+                let r = want.as_str().unwrap();
+                let name = r
+                    .strip_prefix("#/$defs/")
+                    .unwrap_or_else(|| panic!("unsupported $ref {r}"));
+                let target = &root["$defs"][name];
+                assert!(!target.is_null(), "$ref {r} points nowhere");
+                validate(root, target, v, path, errs);
+            }
+            "type" => {
+                let types: Vec<&str> = match want {
+                    Value::String(t) => vec![t.as_str()],
+                    Value::Array(a) => a.iter().map(|t| t.as_str().unwrap()).collect(),
+                    _ => panic!("bad type at {path}"),
+                };
+                let ok = types.iter().any(|t| match *t {
+                    "object" => v.is_object(),
+                    "array" => v.is_array(),
+                    "string" => v.is_string(),
+                    "boolean" => v.is_boolean(),
+                    "null" => v.is_null(),
+                    "number" => v.is_number(),
+                    "integer" => v.is_i64() || v.is_u64(),
+                    other => panic!("unknown type {other}"),
+                });
+                if !ok {
+                    errs.push(format!("{path}: {v} is not of type {want}"));
+                }
+            }
+            "const" => {
+                if v != want {
+                    errs.push(format!("{path}: {v} is not {want}"));
+                }
+            }
+            "enum" => {
+                if !want.as_array().unwrap().contains(v) {
+                    errs.push(format!("{path}: {v} is not one of {want}"));
+                }
+            }
+            "required" => {
+                if let Some(o) = v.as_object() {
+                    for r in want.as_array().unwrap() {
+                        if !o.contains_key(r.as_str().unwrap()) {
+                            errs.push(format!("{path}: missing {r}"));
+                        }
+                    }
+                }
+            }
+            "properties" => {
+                if let Some(o) = v.as_object() {
+                    for (name, sub) in want.as_object().unwrap() {
+                        if let Some(x) = o.get(name) {
+                            validate(root, sub, x, &format!("{path}.{name}"), errs);
+                        }
+                    }
+                }
+            }
+            "additionalProperties" => {
+                assert_eq!(
+                    want,
+                    &Value::Bool(false),
+                    "only additionalProperties: false"
+                );
+                if let Some(o) = v.as_object() {
+                    let known = s.get("properties").and_then(Value::as_object);
+                    for k in o.keys() {
+                        if !known.is_some_and(|p| p.contains_key(k)) {
+                            errs.push(format!("{path}: unexpected property {k}"));
+                        }
+                    }
+                }
+            }
+            "items" => {
+                if let Some(a) = v.as_array() {
+                    for (i, x) in a.iter().enumerate() {
+                        validate(root, want, x, &format!("{path}[{i}]"), errs);
+                    }
+                }
+            }
+            "minItems" => {
+                if let Some(a) = v.as_array() {
+                    if (a.len() as u64) < want.as_u64().unwrap() {
+                        errs.push(format!("{path}: fewer than {want} items"));
+                    }
+                }
+            }
+            "minLength" => {
+                if let Some(t) = v.as_str() {
+                    if (t.chars().count() as u64) < want.as_u64().unwrap() {
+                        errs.push(format!("{path}: shorter than {want}"));
+                    }
+                }
+            }
+            "minimum" => {
+                if let Some(n) = v.as_f64() {
+                    if n < want.as_f64().unwrap() {
+                        errs.push(format!("{path}: {n} < {want}"));
+                    }
+                }
+            }
+            other => panic!("the schema walker does not implement '{other}' (at {path})"),
+        }
+    }
+}
+
+fn schema() -> Value {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench-schema.json");
+    serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()
+}
+
+fn errors(doc: &Value) -> Vec<String> {
+    let s = schema();
+    let mut errs = Vec::new();
+    validate(&s, &s, doc, "$", &mut errs);
+    errs
+}
+
+fn sample_image() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../images/build-busybox-image.sh");
+    let o = Command::new("bash")
+        .arg(script)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "sample image build failed");
+    PathBuf::from(stdout(&o).lines().last().unwrap().trim())
+}
+
+const MODES: [&str; 6] = [
+    "process",
+    "container",
+    "vm",
+    "vm-container",
+    "jailed-vm",
+    "jailed-vm-container",
+];
+
+fn has_reason(x: &Value) -> bool {
+    x["reason"].as_str().is_some_and(|r| !r.trim().is_empty())
+}
+
+#[test]
+fn quick_bench_of_every_mode_reports_validates_and_plots() {
+    let data = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let cmd = |args: &[&str]| {
+        let mut c = Command::new(nestor());
+        c.env("NESTOR_ROOT", data.path())
+            .env("NESTOR_STATE", state.path())
+            .args(args);
+        c
+    };
+    let o = cmd(&["image", "import", sample_image().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "import: {}", stderr(&o));
+    let json = out.path().join("bench.json");
+    let svg = out.path().join("svg");
+    let o = cmd(&[
+        "bench",
+        "--quick",
+        "--modes",
+        "all",
+        "--runs",
+        "3",
+        "--density-max",
+        "4",
+        "--json",
+        json.to_str().unwrap(),
+        "--svg",
+        svg.to_str().unwrap(),
+    ])
+    .stdin(Stdio::null())
+    .output()
+    .unwrap();
+    let md = stdout(&o);
+    assert!(o.status.success(), "bench failed: {}\n{md}", stderr(&o));
+    assert!(
+        stderr(&o).contains("bench: mode container"),
+        "progress lines on stderr"
+    );
+
+    // The JSON validates, and the walker is not a rubber stamp.
+    let doc: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let errs = errors(&doc);
+    assert!(errs.is_empty(), "schema errors: {errs:#?}");
+    let mut bad = doc.clone();
+    bad["modes"][0]["status"] = "maybe".into();
+    bad["header"].as_object_mut().unwrap().remove("kvm");
+    bad["start_stop"][0]["extra"] = 1.into();
+    assert_eq!(errors(&bad).len(), 3, "{:#?}", errors(&bad));
+
+    // Every requested mode appears everywhere, measured or skipped with a reason.
+    for m in MODES {
+        let entry = doc["modes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["mode"] == m)
+            .unwrap_or_else(|| panic!("mode {m} missing from modes"));
+        assert!(
+            entry["status"] == "measured" || has_reason(entry),
+            "{entry}"
+        );
+        for section in ["start_stop", "unit_size", "density", "workloads"] {
+            let rows: Vec<&Value> = doc[section]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|x| x["mode"] == m)
+                .collect();
+            assert!(!rows.is_empty(), "mode {m} missing from {section}");
+            for r in rows {
+                assert!(
+                    r["status"] == "measured" || has_reason(r),
+                    "{section} row without a reason: {r}"
+                );
+            }
+        }
+        assert!(
+            md.contains(&format!("| {m} |")),
+            "mode {m} not in the Markdown"
+        );
+    }
+    for set in doc["workloads"].as_array().unwrap() {
+        for x in set["results"].as_array().unwrap() {
+            assert!(x["status"] == "measured" || has_reason(x), "{x}");
+        }
+    }
+
+    // Process and container modes are measured here, every sample kept.
+    let row = |mode: &str, runner: &str| {
+        doc["start_stop"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["mode"] == mode && x["runner"] == runner)
+            .cloned()
+            .unwrap_or_else(|| panic!("no start_stop row {mode}/{runner}"))
+    };
+    for (mode, runner) in [
+        ("process", "process"),
+        ("container", "nestor"),
+        ("container", "nestor-image"),
+    ] {
+        let r = row(mode, runner);
+        assert_eq!(r["status"], "measured", "{r}");
+        assert_eq!(r["samples"].as_array().unwrap().len(), 3, "{r}");
+        assert!(r["start"]["median"].as_f64().unwrap() > 0.0);
+    }
+    for peer in ["crun", "runc"] {
+        let r = row("container", peer);
+        assert!(r["status"] == "measured" || has_reason(&r), "{r}");
+        if r["status"] == "measured" {
+            assert!(!r["version"].as_str().unwrap().is_empty(), "{r}");
+        }
+    }
+    let wl = |mode: &str, w: &str| {
+        doc["workloads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["mode"] == mode)
+            .and_then(|s| {
+                s["results"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|x| x["workload"] == w && x["tool"] == "built-in")
+                    .cloned()
+            })
+            .unwrap_or_else(|| panic!("no {w} result for {mode}"))
+    };
+    for w in [
+        "cpu",
+        "mem",
+        "disk-seq-write",
+        "disk-seq-read",
+        "disk-rand-read",
+        "disk-rand-write",
+        "net-tcp",
+        "net-rtt",
+    ] {
+        for mode in ["process", "container"] {
+            let x = wl(mode, w);
+            assert_eq!(x["status"], "measured", "{mode} {w}: {x}");
+            assert!(x["value"].as_f64().unwrap() > 0.0, "{x}");
+            assert!(x["ratio_vs_process"].as_f64().unwrap() > 0.0, "{x}");
+        }
+    }
+    let dens = |mode: &str| {
+        doc["density"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["mode"] == mode)
+            .cloned()
+            .unwrap()
+    };
+    for mode in ["process", "container"] {
+        let d = dens(mode);
+        assert_eq!(d["status"], "measured", "{d}");
+        assert!(!d["points"].as_array().unwrap().is_empty(), "{d}");
+    }
+    // Where KVM cannot boot a guest (kvm-pvm here), VM modes say so.
+    if doc["header"]["kvm"]["guest_boot"] == false {
+        assert!(md.contains("Linux guest boots here: **no**"), "{md}");
+        for m in ["vm", "jailed-vm"] {
+            let e = doc["modes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["mode"] == m)
+                .unwrap();
+            assert_eq!(e["status"], "skipped", "{e}");
+        }
+    }
+
+    // Nothing left behind: no container state, no veth, no temp dirs.
+    let left: Vec<_> = std::fs::read_dir(state.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("state.json").exists())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "containers left in the state root: {left:?}"
+    );
+    let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+    assert!(
+        !stdout(&links).contains(&format!("nbh{}", bench_pid(&doc).unwrap_or(0))),
+        "veth left behind"
+    );
+
+    // The plots: three SVG files with their titles, parseable as XML.
+    for (file, title) in [
+        ("start-time.svg", "nestor bench: start time per mode"),
+        (
+            "overhead.svg",
+            "nestor bench: workload overhead vs native process",
+        ),
+        ("density.svg", "nestor bench: density sweep"),
+    ] {
+        let text = std::fs::read_to_string(svg.join(file)).unwrap();
+        let x =
+            roxmltree::Document::parse(&text).unwrap_or_else(|e| panic!("{file} is not XML: {e}"));
+        assert_eq!(x.root_element().tag_name().name(), "svg");
+        assert!(
+            x.descendants()
+                .filter(|n| n.has_tag_name("text"))
+                .any(|n| n.text().is_some_and(|t| t.trim() == title)),
+            "{file} has no title '{title}'"
+        );
+    }
+}
+
+/// The bench's pid, from a bundle path in the JSON (it names its temp dir after it).
+fn bench_pid(doc: &Value) -> Option<u32> {
+    doc["unit_size"]
+        .as_array()?
+        .iter()
+        .flat_map(|u| u["disk"].as_array().cloned().unwrap_or_default())
+        .filter_map(|d| d["path"].as_str().map(str::to_string))
+        .find_map(|p| {
+            p.split('/')
+                .find(|s| s.starts_with("nestor-bench-"))
+                .and_then(|s| s.split('-').nth(2))
+                .and_then(|n| n.parse().ok())
+        })
+}
+
+#[test]
+fn bad_modes_are_refused_with_the_list() {
+    let o = Command::new(nestor())
+        .args(["bench", "--modes", "process,vmm"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("unknown mode 'vmm'") && e.contains("jailed-vm"),
+        "{e}"
+    );
+}
+
+#[test]
+fn workload_program_prints_json_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(nestor())
+        .args(["workload", "cpu", "mem", "disk", "--secs", "0.1"])
+        .args(["--mem-mib", "4", "--disk-mib", "2", "--disk"])
+        .arg(dir.path().join("d"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<Value> = stdout(&o)
+        .lines()
+        .filter_map(|l| l.strip_prefix("NESTOR-WORKLOAD "))
+        .map(|j| serde_json::from_str(j).unwrap())
+        .collect();
+    let names: Vec<&str> = lines
+        .iter()
+        .filter_map(|v| v["workload"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "cpu",
+            "mem",
+            "disk-seq-write",
+            "disk-seq-read",
+            "disk-rand-read",
+            "disk-rand-write"
+        ]
+    );
+    assert!(lines.iter().all(|v| v["value"].as_f64().unwrap() > 0.0));
+    assert!(!dir.path().join("d").exists(), "the disk file is removed");
+    let o = Command::new(nestor())
+        .args(["workload", "net", "--net", "not-an-address"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stdout(&o).contains("\"error\""), "{}", stdout(&o));
+}
+
+/// A report from a real run inside the KVM test host (scripts/compare.sh's second step),
+/// kept as a fixture: the schema covers measured VM rows too, not only skipped ones.
+#[test]
+fn testhost_report_with_measured_vm_modes_validates() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bench-testhost.json");
+    let doc: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    let errs = errors(&doc);
+    assert!(errs.is_empty(), "schema errors: {errs:#?}");
+    assert_eq!(doc["header"]["inside_testhost"], true);
+    for (mode, runner) in [
+        ("vm", "nestor-vmm"),
+        ("vm", "qemu-microvm"),
+        ("vm-container", "nestor"),
+        ("jailed-vm", "nestor-vmm"),
+    ] {
+        let r = doc["start_stop"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["mode"] == mode && x["runner"] == runner)
+            .unwrap_or_else(|| panic!("no {mode}/{runner} row"));
+        assert_eq!(r["status"], "measured", "{r}");
+    }
+}
