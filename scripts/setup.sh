@@ -27,7 +27,7 @@ fi
 
 echo "setup: building nestor (release)" >&2
 cargo build --release --workspace --quiet >&2
-BIN="$PWD/target/release"
+BIN="$(cd "${CARGO_TARGET_DIR:-$PWD/target}" && pwd)/release"
 echo "setup: building the busybox sample image" >&2
 img=$(images/build-busybox-image.sh | tail -n 1)
 if ! "$BIN/nestor" images -q | grep -q .; then
