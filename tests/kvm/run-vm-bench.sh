@@ -8,7 +8,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-runs=5 direct=0
+runs=3 direct=0
 args=("$@")
 while (($#)); do
     case $1 in
@@ -25,6 +25,7 @@ cmd_b64=$(printf 'true' | base64 -w0)
 declare -a t_vm t_run t_native
 breakdown=$work/breakdown
 for i in $(seq "$runs"); do
+    echo "bench: run $i/$runs" >&2
     s=$(date +%s%N)
     timeout 120 "$bin/nestor-vmm" --kernel "$NESTOR_VM_KERNEL" --initrd "$NESTOR_VM_INITRD" \
         --cmdline "console=ttyS0 reboot=t panic=-1 quiet nestor.cmd=$cmd_b64" --mem 256 \
