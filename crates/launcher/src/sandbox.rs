@@ -414,6 +414,25 @@ impl Sandbox {
         None
     }
 
+    /// Stops the VMM from the host (SIGTERM: nestor-vmm ends the VM at once and exits
+    /// 0), for a VM with nothing to flush (every disk read-only); kills it after `grace`.
+    /// Returns the VMM's exit status code, if it exited by itself.
+    pub fn terminate(&mut self, grace: Duration) -> Option<i32> {
+        if self.jailed.is_some() {
+            // The jailed VMM is its pid namespace's init, deaf to SIGTERM from here:
+            // end the jail (nothing in it needs a clean exit).
+            self.kill();
+            return Some(0);
+        }
+        if let Some(pid) = self.vmm_pid().filter(|_| self.owned) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        self.shutdown(None, grace)
+    }
+
     /// Kills and reaps the VMM (no-op once it is gone).
     pub fn kill(&mut self) {
         if let Some(j) = self.jailed.as_mut() {

@@ -214,6 +214,8 @@ struct Running {
     sb: Sandbox,
     /// In a pod: the container is deleted, the VM stays.
     in_pod: bool,
+    /// A writable volume disk: the guest must sync before the VM goes.
+    writable_disks: bool,
     /// Signals to nestor go to the container while this lives.
     signals: Option<crate::signals::Guard>,
     agent: Agent,
@@ -357,6 +359,7 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
     Ok(Running {
         sb,
         in_pod: a.pod.is_some(),
+        writable_disks: vols.iter().any(|v| !v.read_only),
         signals: Some(signals),
         agent,
         guest_id,
@@ -395,7 +398,13 @@ fn wait_and_stop(r: &mut Running) -> Result<i32> {
         });
         return Ok(code);
     }
-    let vmm = r.sb.shutdown(Some(&mut r.agent), Duration::from_secs(10));
+    // Nothing in the VM outlives the container: with only read-only disks there is
+    // nothing to flush, so the host stops the VMM; otherwise the guest powers off.
+    let vmm = if r.writable_disks {
+        r.sb.shutdown(Some(&mut r.agent), Duration::from_secs(10))
+    } else {
+        r.sb.terminate(Duration::from_secs(5))
+    };
     r.timings.vm_gone_ms = Some(r.start.elapsed().as_secs_f64() * 1000.0);
     r.timings.guest_init_ms = guest_init_ms(&r.sb);
     if vmm.is_none() {
