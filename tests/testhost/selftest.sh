@@ -157,7 +157,8 @@ check "kvm-exec rejects a bad NESTOR_TESTHOST" test "$rc" = 125
 # --- batch: several boots, a panic mid-batch, a per-test timeout -----------------------
 cat >"$st/list" <<'EOF'
 # pass, fail, per-test timeout in boot 1; a panic ends boot 2 after its first test;
-# the untouched rest runs in boot 3
+# the panicking test gets one more boot of its own (3), which it ends again; the
+# untouched rest runs in boot 4
 true
 sh -c 'exit 3'
 sleep 1000
@@ -169,10 +170,12 @@ NESTOR_TESTHOST=always "$here/batch" --batch-size 3 --per-test-timeout 15 "$st/l
 rc=$?
 check "batch exits 1 when tests fail" test "$rc" = 1
 check "batch counts 3 passed, 3 failed" test "$(tail -n1 "$st/batch")" = "3 passed, 3 failed"
-check "batch used 3 test-host boots" test "$(grep -c '^batch: test-host boot' "$st/batch.err")" = 3
+check "batch used 4 test-host boots" test "$(grep -c '^batch: test-host boot' "$st/batch.err")" = 4
+check "batch retries a test whose boot died, once" \
+    test "$(grep -c "^--- RETRY sh -c 'echo c >/proc/sysrq-trigger; sleep 600'" "$st/batch")" = 1
 check "batch reports the per-test timeout" grep -q '^--- FAIL sleep 1000 (timed out after 15 s' "$st/batch"
 check "batch reports the test that panicked the test host" \
-    grep -q "^FAILED: sh -c 'echo c >/proc/sysrq-trigger; sleep 600' (did not finish: the test host's kernel panicked)" "$st/batch"
+    grep -q "^FAILED: sh -c 'echo c >/proc/sysrq-trigger; sleep 600' (did not finish: the test host's kernel panicked (twice))" "$st/batch"
 check "no leftovers after batch" no_leftovers
 
 # --- a Linux guest on the test host's /dev/kvm ---------------------------------------
