@@ -4,6 +4,7 @@
 
 mod bench;
 mod cli;
+mod helper;
 mod jail;
 mod manage;
 mod oci;

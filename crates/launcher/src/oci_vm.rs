@@ -12,7 +12,6 @@
 //!
 //! State: `<root>/.vm/<id>/state.json` (the native runtime ignores that directory).
 
-use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -181,34 +180,10 @@ fn spawn_shim(
     assets: &Assets,
     terminal: bool,
 ) -> Result<i32> {
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
-    // SAFETY: nestor is single-threaded here.
-    match unsafe { nix::unistd::fork() }.context("fork the VM shim")? {
-        nix::unistd::ForkResult::Parent { child } => {
-            drop(w);
-            let mut msg = String::new();
-            std::fs::File::from(r)
-                .read_to_string(&mut msg)
-                .context("read from the VM shim")?;
-            if msg == "ok" {
-                return Ok(child.as_raw());
-            }
-            let _ = nix::sys::wait::waitpid(child, None);
-            bail!("{}", msg.strip_prefix("err ").unwrap_or("the VM shim died"))
-        }
-        nix::unistd::ForkResult::Child => {
-            drop(r);
-            let mut w = std::fs::File::from(w);
-            let code = match shim(root, a, bundle, spec, disk, assets, terminal, &mut w) {
-                Ok(code) => code,
-                Err(e) => {
-                    let _ = w.write_all(format!("err {e:#}").as_bytes());
-                    1
-                }
-            };
-            std::process::exit(code);
-        }
-    }
+    let (pid, _) = crate::helper::fork("VM shim", |ready| {
+        shim(root, a, bundle, spec, disk, assets, terminal, ready)
+    })?;
+    Ok(pid)
 }
 
 /// Where a process's stdio comes from and goes to, as files of their own: this
@@ -251,7 +226,7 @@ fn shim(
     disk: &Path,
     assets: &Assets,
     terminal: bool,
-    ready: &mut std::fs::File,
+    ready: &mut crate::helper::Ready,
 ) -> Result<i32> {
     let id = a.id.clone();
     let gid = guest_id(&id);
@@ -324,8 +299,7 @@ fn shim(
     };
     save(root, &st)?;
     // The caller may exit now; stdio stays with us. Detach from its session's signals.
-    ready.write_all(b"ok").context("tell the caller")?;
-    crate::sandbox::release_pipe(ready);
+    ready.ok("")?;
     crate::sandbox::stdio_to_null()?;
     let (_guard, pipe) = crate::signals::forward_to_pipe().context("signal pipe")?;
     if let Ok(s) = sb.connect(proto::DEFAULT_PORT, deadline) {
@@ -505,41 +479,12 @@ pub fn exec(root: &Path, a: &crate::cli::ExecArgs) -> Result<i32> {
         }
         return exec_in_vm(&st, &req, None);
     }
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
-    // SAFETY: nestor is single-threaded here.
-    match unsafe { nix::unistd::fork() }.context("fork the exec shim")? {
-        nix::unistd::ForkResult::Parent { child } => {
-            drop(w);
-            let mut msg = String::new();
-            std::fs::File::from(r)
-                .read_to_string(&mut msg)
-                .context("read from the exec shim")?;
-            if msg != "ok" {
-                let _ = nix::sys::wait::waitpid(child, None);
-                bail!(
-                    "{}",
-                    msg.strip_prefix("err ").unwrap_or("the exec shim died")
-                );
-            }
-            if let Some(pid_file) = &a.pid_file {
-                std::fs::write(pid_file, child.as_raw().to_string())
-                    .with_context(|| format!("write {}", pid_file.display()))?;
-            }
-            Ok(0)
-        }
-        nix::unistd::ForkResult::Child => {
-            drop(r);
-            let mut w = std::fs::File::from(w);
-            let code = match exec_in_vm(&st, &req, Some(&mut w)) {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = w.write_all(format!("err {e:#}").as_bytes());
-                    1
-                }
-            };
-            std::process::exit(code);
-        }
+    let (pid, _) = crate::helper::fork("exec shim", |ready| exec_in_vm(&st, &req, Some(ready)))?;
+    if let Some(pid_file) = &a.pid_file {
+        std::fs::write(pid_file, pid.to_string())
+            .with_context(|| format!("write {}", pid_file.display()))?;
     }
+    Ok(0)
 }
 
 struct ExecReq {
@@ -551,7 +496,7 @@ struct ExecReq {
 
 /// Runs one exec through the agent with this process's stdio (or a host pty); when
 /// `ready` is given, reports "ok" on it once the process started and lets go of stdio.
-fn exec_in_vm(st: &VmState, r: &ExecReq, ready: Option<&mut std::fs::File>) -> Result<i32> {
+fn exec_in_vm(st: &VmState, r: &ExecReq, ready: Option<&mut crate::helper::Ready>) -> Result<i32> {
     let sock = st.sandbox.join("v.sock");
     let gid = guest_id(&st.id);
     let exec_id = format!("x{}", &crate::store::new_id()?[..10]);
@@ -594,8 +539,7 @@ fn exec_in_vm(st: &VmState, r: &ExecReq, ready: Option<&mut std::fs::File>) -> R
         other => bail!("exec in the VM: unexpected answer {other:?}"),
     }
     if let Some(w) = ready {
-        w.write_all(b"ok").context("tell the caller")?;
-        crate::sandbox::release_pipe(w);
+        w.ok("")?;
         crate::sandbox::stdio_to_null()?;
     }
     let code = match ag.call(Request::Wait {

@@ -5,7 +5,6 @@
 //!
 //! Records: `$NESTOR_ROOT/pods/NAME.json`; the VM's files in the sandbox directory.
 
-use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -126,36 +125,15 @@ pub fn create(name: &str, mem_mib: u32, vcpus: u8) -> Result<()> {
         ids.push(s.id.clone());
     }
     let assets = Assets::find(None, None)?;
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
-    // SAFETY: nestor is single-threaded here.
-    match unsafe { nix::unistd::fork() }.context("fork the pod monitor")? {
-        nix::unistd::ForkResult::Parent { .. } => {
-            drop(w);
-            let mut msg = String::new();
-            std::fs::File::from(r)
-                .read_to_string(&mut msg)
-                .context("read from the pod monitor")?;
-            if msg != "ok" {
-                bail!(
-                    "{}",
-                    msg.strip_prefix("err ").unwrap_or("the pod monitor died")
-                );
-            }
-            println!("{name}");
-            Ok(())
+    crate::helper::fork("pod monitor", |ready| {
+        let r = monitor(name, ids, disks, &assets, mem_mib, vcpus, ready);
+        if r.is_err() {
+            let _ = std::fs::remove_file(record(name));
         }
-        nix::unistd::ForkResult::Child => {
-            drop(r);
-            let mut w = std::fs::File::from(w);
-            let res = monitor(name, ids, disks, &assets, mem_mib, vcpus, &mut w);
-            if let Err(e) = res {
-                let _ = std::fs::remove_file(record(name));
-                let _ = w.write_all(format!("err {e:#}").as_bytes());
-                std::process::exit(1);
-            }
-            std::process::exit(0);
-        }
-    }
+        r.map(|()| 0)
+    })?;
+    println!("{name}");
+    Ok(())
 }
 
 /// The pod's monitor: owns the VMM (which dies with it), records the pod, and lives
@@ -167,7 +145,7 @@ fn monitor(
     assets: &Assets,
     mem_mib: u32,
     vcpus: u8,
-    ready: &mut std::fs::File,
+    ready: &mut crate::helper::Ready,
 ) -> Result<()> {
     nix::unistd::setsid().context("setsid")?;
     crate::sandbox::stdio_to_null()?;
@@ -199,8 +177,7 @@ fn monitor(
         vcpus,
         created_ns: now_ns(),
     })?;
-    ready.write_all(b"ok").context("tell the caller")?;
-    crate::sandbox::release_pipe(ready);
+    ready.ok("")?;
     // Until the guest powers off (pod rm) or the VMM dies.
     while sb.running() {
         std::thread::sleep(Duration::from_millis(100));

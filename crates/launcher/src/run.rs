@@ -370,61 +370,37 @@ fn detach(rt: &Runtime, a: &RunArgs) -> Result<i32> {
         bail!("-t with -d is not supported yet: use `nestor exec -it` into a detached container");
     }
     let mut p = prepare(a, &rt.root.path)?;
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
-    // SAFETY: nestor is single-threaded here.
-    match unsafe { nix::unistd::fork() }.context("fork the container monitor")? {
-        nix::unistd::ForkResult::Parent { .. } => {
-            drop(w);
-            let mut msg = String::new();
-            std::io::Read::read_to_string(&mut std::fs::File::from(r), &mut msg)
-                .context("read from monitor")?;
-            match msg.strip_prefix("ok ") {
-                Some(id) => {
-                    println!("{id}");
-                    Ok(0)
-                }
-                None => bail!(
-                    "{}",
-                    msg.strip_prefix("err ")
-                        .unwrap_or("the container monitor died")
-                ),
-            }
+    let (_, id) = crate::helper::fork("container monitor", |ready| {
+        let res = (|| -> Result<i32> {
+            nix::unistd::setsid().context("setsid")?;
+            let me = std::process::id() as i32;
+            p.meta.owner_pid = me;
+            p.meta.owner_start = nestor_container::state::proc_start(me)
+                .map(|s| s.0)
+                .unwrap_or(0);
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p.dir.join("log"))
+                .context("open log")?;
+            redirect_stdin_null()?;
+            use std::os::fd::AsRawFd;
+            nix::unistd::dup2(log.as_raw_fd(), 1).context("redirect stdout")?;
+            nix::unistd::dup2(log.as_raw_fd(), 2).context("redirect stderr")?;
+            let (pid, _) = start(rt, &mut p, false)?;
+            ready.ok(&p.meta.id)?;
+            let code = wait_exit(pid)?;
+            finish(rt, &mut p.meta, code)?;
+            Ok(0)
+        })();
+        if res.is_err() {
+            let _ = rt.delete(&p.meta.id, true);
+            let _ = store::remove_dir(&p.meta.id);
         }
-        nix::unistd::ForkResult::Child => {
-            drop(r);
-            let mut w = std::fs::File::from(w);
-            let res = (|| -> Result<i32> {
-                nix::unistd::setsid().context("setsid")?;
-                let me = std::process::id() as i32;
-                p.meta.owner_pid = me;
-                p.meta.owner_start = nestor_container::state::proc_start(me)
-                    .map(|s| s.0)
-                    .unwrap_or(0);
-                let log = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p.dir.join("log"))
-                    .context("open log")?;
-                redirect_stdin_null()?;
-                use std::os::fd::AsRawFd;
-                nix::unistd::dup2(log.as_raw_fd(), 1).context("redirect stdout")?;
-                nix::unistd::dup2(log.as_raw_fd(), 2).context("redirect stderr")?;
-                let (pid, _) = start(rt, &mut p, false)?;
-                let _ = std::io::Write::write_all(&mut w, format!("ok {}", p.meta.id).as_bytes());
-                drop(std::mem::replace(&mut w, std::fs::File::open("/dev/null")?));
-                let code = wait_exit(pid)?;
-                finish(rt, &mut p.meta, code)?;
-                Ok(code)
-            })();
-            if let Err(e) = res {
-                let _ = rt.delete(&p.meta.id, true);
-                let _ = store::remove_dir(&p.meta.id);
-                let _ = std::io::Write::write_all(&mut w, format!("err {e:#}").as_bytes());
-                std::process::exit(1);
-            }
-            std::process::exit(0);
-        }
-    }
+        res
+    })?;
+    println!("{id}");
+    Ok(0)
 }
 
 #[cfg(test)]

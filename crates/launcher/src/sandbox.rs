@@ -485,15 +485,6 @@ pub fn stdio_to_null() -> Result<()> {
     Ok(())
 }
 
-/// Closes the pipe a forked helper reported "ok" on while keeping its fd number taken
-/// (it becomes /dev/null), so the waiting parent sees EOF while the helper lives on.
-pub fn release_pipe(f: &std::fs::File) {
-    use std::os::fd::AsRawFd;
-    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-        let _ = nix::unistd::dup2(null.as_raw_fd(), f.as_raw_fd());
-    }
-}
-
 /// Firecracker's hybrid vsock handshake on the VMM's Unix socket.
 pub fn hybrid_connect(sock: &Path, port: u32) -> Result<UnixStream> {
     let mut s = UnixStream::connect(sock).with_context(|| format!("connect {}", sock.display()))?;

@@ -491,64 +491,39 @@ pub fn run(a: &RunArgs) -> Result<i32> {
 /// `-d`: a monitor process (this one, forked and detached) owns the VM; its output
 /// goes to the container's log. The parent prints the id once the container started.
 fn detach(a: &RunArgs, mut meta: Meta, image: &nestor_image::Image) -> Result<i32> {
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
-    // SAFETY: nestor is single-threaded here.
-    match unsafe { nix::unistd::fork() }.context("fork the VM monitor")? {
-        nix::unistd::ForkResult::Parent { .. } => {
-            drop(w);
-            let mut msg = String::new();
-            std::fs::File::from(r)
-                .read_to_string(&mut msg)
-                .context("read from the VM monitor")?;
-            match msg.strip_prefix("ok ") {
-                Some(id) => {
-                    println!("{id}");
-                    Ok(0)
-                }
-                None => bail!(
-                    "{}",
-                    msg.strip_prefix("err ").unwrap_or("the VM monitor died")
-                ),
-            }
+    let (_, id) = crate::helper::fork("VM monitor", |ready| {
+        let res = (|| -> Result<i32> {
+            nix::unistd::setsid().context("setsid")?;
+            let me = std::process::id() as i32;
+            meta.owner_pid = me;
+            meta.owner_start = nestor_container::state::proc_start(me)
+                .map(|s| s.0)
+                .unwrap_or(0);
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(store::dir(&meta.id).join("log"))
+                .context("open log")?;
+            let null = std::fs::File::open("/dev/null").context("open /dev/null")?;
+            use std::os::fd::AsRawFd;
+            nix::unistd::dup2(null.as_raw_fd(), 0).context("redirect stdin")?;
+            nix::unistd::dup2(log.as_raw_fd(), 1).context("redirect stdout")?;
+            nix::unistd::dup2(log.as_raw_fd(), 2).context("redirect stderr")?;
+            let mut quiet = a.clone();
+            quiet.interactive = false;
+            let mut running = boot_and_start(&quiet, &mut meta, image)?;
+            ready.ok(&meta.id)?;
+            let code = wait_and_stop(&mut running);
+            drop(running);
+            finish(&mut meta, code?)
+        })();
+        if res.is_err() {
+            let _ = store::remove_dir(&meta.id);
         }
-        nix::unistd::ForkResult::Child => {
-            drop(r);
-            let mut w = std::fs::File::from(w);
-            let res = (|| -> Result<i32> {
-                nix::unistd::setsid().context("setsid")?;
-                let me = std::process::id() as i32;
-                meta.owner_pid = me;
-                meta.owner_start = nestor_container::state::proc_start(me)
-                    .map(|s| s.0)
-                    .unwrap_or(0);
-                let log = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(store::dir(&meta.id).join("log"))
-                    .context("open log")?;
-                let null = std::fs::File::open("/dev/null").context("open /dev/null")?;
-                use std::os::fd::AsRawFd;
-                nix::unistd::dup2(null.as_raw_fd(), 0).context("redirect stdin")?;
-                nix::unistd::dup2(log.as_raw_fd(), 1).context("redirect stdout")?;
-                nix::unistd::dup2(log.as_raw_fd(), 2).context("redirect stderr")?;
-                let mut quiet = a.clone();
-                quiet.interactive = false;
-                let mut running = boot_and_start(&quiet, &mut meta, image)?;
-                let _ = w.write_all(format!("ok {}", meta.id).as_bytes());
-                drop(std::mem::replace(&mut w, std::fs::File::open("/dev/null")?));
-                let code = wait_and_stop(&mut running);
-                drop(running);
-                let code = code?;
-                finish(&mut meta, code)
-            })();
-            if let Err(e) = res {
-                let _ = store::remove_dir(&meta.id);
-                let _ = w.write_all(format!("err {e:#}").as_bytes());
-                std::process::exit(1);
-            }
-            std::process::exit(0);
-        }
-    }
+        res.map(|_| 0)
+    })?;
+    println!("{id}");
+    Ok(0)
 }
 
 /// A control connection to the agent of a running VM container.
