@@ -50,7 +50,7 @@ python3 - "$breakdown" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l.split(": ", 1)[1]) for l in open(sys.argv[1]) if l.startswith("nestor-vm-timings: ")]
 if rows:
-    keys = ["vmm_spawned_ms", "guest_init_ms", "agent_ready_ms", "container_started_ms", "container_exited_ms", "vm_gone_ms"]
+    keys = ["before_vmm_ms", "vmm_spawned_ms", "guest_init_ms", "agent_ready_ms", "attached_ms", "container_started_ms", "container_exited_ms", "vm_gone_ms", "done_ms"]
     print("  run --vm breakdown (median ms from VMM spawn):", ", ".join(
         f"{k[:-3]} {statistics.median([r[k] for r in rows if r.get(k) is not None]):.0f}"
         for k in keys if any(r.get(k) is not None for r in rows)))

@@ -178,6 +178,24 @@ check "batch reports the test that panicked the test host" \
     grep -q "^FAILED: sh -c 'echo c >/proc/sysrq-trigger; sleep 600' (did not finish: the test host's kernel panicked (twice))" "$st/batch"
 check "no leftovers after batch" no_leftovers
 
+# --retry-failed: a test that fails once (a flag file on a share says which run it is)
+# passes on its retry and is reported so; one that always fails fails twice.
+mkdir -p "$st/flaky"
+cat >"$st/list2" <<EOF
+sh -c 'test -e $st/flaky/ran && exit 0; touch $st/flaky/ran; exit 4'
+sh -c 'exit 3'
+EOF
+NESTOR_TESTHOST=always "$here/batch" --retry-failed --batch-size 2 --per-test-timeout 15 \
+    --share "$st/flaky" "$st/list2" >"$st/batch2" 2>"$st/batch2.err"
+rc=$?
+check "batch --retry-failed: a test failing once passes on its retry, one failing twice fails" \
+    bash -c '[[ $0 == 1 && $(tail -n1 "$1") == "1 passed, 1 failed" ]]' "$rc" "$st/batch2"
+check "batch --retry-failed reports the test that passed on its retry" \
+    grep -q "^PASSED ON RETRY: sh -c 'test -e .*(first run failed: status 4 after" "$st/batch2"
+check "batch --retry-failed retries a failed test once" \
+    test "$(grep -c "^--- RETRY sh -c 'exit 3' (failed: status 3" "$st/batch2")" = 1
+check "no leftovers after batch --retry-failed" no_leftovers
+
 # --- a Linux guest on the test host's /dev/kvm ---------------------------------------
 capture --timeout 600 "$here/nested-guest.sh" --timeout 300
 check "a nested Linux guest boots on the test host's /dev/kvm and powers off" test "$rc" = 0

@@ -44,6 +44,11 @@ use serde::{Deserialize, Serialize};
 
 /// The agent's default vsock port (kernel command line `nestor.agent.port=` changes it).
 pub const DEFAULT_PORT: u32 = 1024;
+/// The host-side vsock port the agent reports ready on: once it serves, the agent
+/// connects to the host (CID 2) on this port and sends one frame, a [`Reply`] with id 0
+/// and [`Response::Pong`], so the host waits on a listener instead of polling the guest.
+/// Behind a hybrid-vsock VMM the host listens on `<vsock socket>_1023`.
+pub const READY_PORT: u32 = 1023;
 /// Largest accepted frame payload, in bytes.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Protocol version reported by [`Response::Pong`]; bumped on incompatible changes.

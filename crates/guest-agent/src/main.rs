@@ -19,6 +19,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Parser;
 
+use nestor_agent_protocol as proto;
 use settings::{Listen, Settings};
 
 #[derive(Parser, Debug)]
@@ -63,12 +64,51 @@ fn serve(s: &Settings, pid1: bool) -> Result<server::Exit> {
     tracing::info!("serving on {}", srv.describe());
     if pid1 {
         init::boot_marker(init::MARKER_READY);
+        if matches!(s.listen, Listen::Vsock(_)) {
+            // Before serving, in this thread: the agent forks its runtime and must stay
+            // single-threaded. A host that does not listen answers at once (reset).
+            report_ready();
+        }
     }
     let exit = srv.run();
     if !pid1 {
         srv.delete_all();
     }
     exit
+}
+
+/// Tells the host the agent serves (see `READY_PORT`); the host may not listen (a
+/// pod's VM, an older host), which is not an error.
+fn report_ready() {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
+    use std::os::fd::AsRawFd;
+    let sent = (|| -> Result<()> {
+        let fd = socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        connect(
+            fd.as_raw_fd(),
+            &VsockAddr::new(libc::VMADDR_CID_HOST, proto::READY_PORT),
+        )?;
+        let mut f = std::fs::File::from(fd);
+        proto::write_frame(
+            &mut f,
+            &proto::Reply {
+                id: 0,
+                response: proto::Response::Pong {
+                    version: proto::VERSION,
+                    pid1: true,
+                },
+            },
+        )?;
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        tracing::debug!("ready report not sent: {e:#}");
+    }
 }
 
 /// As PID 1: runs `nestor.cmd` with the console as its stdio, reaping every child, and

@@ -2,9 +2,12 @@
 //! for create, start, run, exec and delete, the files they need (bundles written from a
 //! spec, exec process specs, pid files, logs), and the stdio fds handed to them.
 //!
-//! The agent never forks Rust code itself: every process starts through
-//! `std::process::Command` (fork + exec in one step), so the runtime's own raw clone runs
-//! in a fresh single-threaded process.
+//! `run`, the hot path of `nestor run --vm`, runs the runtime in a forked copy of the
+//! agent (`nestor_container` linked in, no exec): the agent's pages are already mapped,
+//! which saves the exec and start-up of the runtime binary, a few hundred ms on a slow
+//! guest. The agent is single-threaded when it forks, and the child closes every fd
+//! it does not need first. The other verbs start `nestor` through
+//! `std::process::Command` (fork + exec in one step).
 
 use std::fs;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -238,9 +241,46 @@ impl Runtime {
         self.with_bundle("create", container, bundle, stdio)
     }
 
-    /// `nestor run --bundle B --pid-file P ID` (foreground: exits with the container).
-    pub fn run(&self, container: &str, bundle: &Path, stdio: Stdio3) -> Result<Child> {
-        self.with_bundle("run", container, bundle, stdio)
+    /// OCI `run` of the bundle in a forked agent: creates and starts the container
+    /// (pid file as `nestor run --pid-file` writes it), waits for it, deletes it and
+    /// exits with its code. Returns the forked process's pid.
+    pub fn run(&self, container: &str, bundle: &Path, stdio: Stdio3) -> Result<i32> {
+        self.clear(container, None);
+        let (stdio, console_socket) = if wants_terminal(bundle) {
+            let (sock, listener) = self.console_socket(container)?;
+            crate::tty::relay(listener, sock.clone(), stdio)?;
+            (Stdio3::default(), Some(sock))
+        } else {
+            (stdio, None)
+        };
+        let opts = nestor_container::container::CreateOpts {
+            id: container.to_string(),
+            bundle: bundle.to_path_buf(),
+            console_socket,
+            pid_file: Some(self.pid_file(container, None)),
+            preserve_fds: 0,
+            labels: Default::default(),
+        };
+        let root = self.root.clone();
+        fork_run(stdio, &self.log_file(container), move || {
+            let rt = nestor_container::container::Runtime::new(root);
+            let st = rt.create_and_start(&opts)?;
+            let code = nestor_container::container::wait_exit(st.pid)?;
+            rt.delete(&opts.id, true)?;
+            Ok(code)
+        })
+    }
+
+    /// A console socket for `container`'s pty (see `crate::tty`).
+    fn console_socket(
+        &self,
+        container: &str,
+    ) -> Result<(PathBuf, std::os::unix::net::UnixListener)> {
+        let sock = self.work.join(format!("{container}.console"));
+        let _ = fs::remove_file(&sock);
+        let listener = std::os::unix::net::UnixListener::bind(&sock)
+            .with_context(|| format!("bind console socket {}", sock.display()))?;
+        Ok((sock, listener))
     }
 
     /// `nestor VERB --bundle B --pid-file P ID`, for the verbs that take a bundle.
@@ -261,10 +301,7 @@ impl Runtime {
         let stdio = if wants_terminal(bundle) {
             // The runtime sends the pty master to a console socket; a relay joins it
             // to the host's stdin and stdout streams. The runtime itself gets no stdio.
-            let sock = self.work.join(format!("{container}.console"));
-            let _ = fs::remove_file(&sock);
-            let listener = std::os::unix::net::UnixListener::bind(&sock)
-                .with_context(|| format!("bind console socket {}", sock.display()))?;
+            let (sock, listener) = self.console_socket(container)?;
             c.arg("--console-socket").arg(&sock);
             crate::tty::relay(listener, sock, stdio)?;
             Stdio3::default()
@@ -343,6 +380,64 @@ impl Runtime {
                     let _ = fs::remove_file(e.path());
                 }
             }
+        }
+    }
+}
+
+/// Runs `f` in a forked copy of the agent with `stdio` as fds 0-2 and no other fd,
+/// nothing blocked and SIGPIPE at its default; the child exits with `f`'s code, or 1
+/// after writing its error to `log` and to its stderr (as `nestor` would). Returns the
+/// child's pid. Only for a single-threaded agent (fork copies the calling thread only).
+fn fork_run(stdio: Stdio3, log: &Path, f: impl FnOnce() -> anyhow::Result<i32>) -> Result<i32> {
+    let fds = [stdio.stdin, stdio.stdout, stdio.stderr];
+    for fd in fds.iter().flatten() {
+        set_blocking(fd)?;
+    }
+    let null = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .context("open /dev/null")?;
+    let log = log.to_path_buf();
+    // SAFETY: the agent is single-threaded here (its one short-lived helper thread
+    // ends before it serves), so the child's copy of the heap and locks is consistent.
+    match unsafe { nix::unistd::fork() }.context("fork the runtime")? {
+        nix::unistd::ForkResult::Parent { child } => Ok(child.as_raw()),
+        nix::unistd::ForkResult::Child => {
+            let code = (|| -> anyhow::Result<i32> {
+                for (target, fd) in fds.iter().enumerate() {
+                    let src = fd.as_ref().map_or(null.as_raw_fd(), |f| f.as_raw_fd());
+                    // SAFETY: dup2 onto 0-2 from fds this process owns.
+                    if unsafe { libc::dup2(src, target as i32) } < 0 {
+                        return Err(std::io::Error::last_os_error()).context("dup2 stdio");
+                    }
+                }
+                // SAFETY: close_range over fds this process no longer uses (its Rust
+                // owners are never dropped: the process ends with _exit).
+                unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+                use nix::sys::signal::{signal, sigprocmask, SigHandler, SigSet, SigmaskHow};
+                sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+                // SAFETY: SIG_DFL installs no handler.
+                unsafe { signal(nix::sys::signal::Signal::SIGPIPE, SigHandler::SigDfl) }?;
+                // The runtime's warnings are not the container's output: errors only,
+                // to the log file the agent quotes, and to stderr below.
+                let quiet = tracing_subscriber::fmt()
+                    .with_env_filter(tracing_subscriber::EnvFilter::new("error"))
+                    .with_writer(std::io::sink)
+                    .finish();
+                tracing::subscriber::with_default(quiet, f)
+            })();
+            let code = match code {
+                Ok(c) => c,
+                Err(e) => {
+                    let msg = format!("nestor: {e:#}\n");
+                    let _ = fs::write(&log, &msg);
+                    let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
+                    1
+                }
+            };
+            // SAFETY: ends the forked child without running the agent's destructors.
+            unsafe { libc::_exit(code) }
         }
     }
 }

@@ -890,13 +890,12 @@ impl Server {
         let spawned = if run {
             self.runtime.run(&id, &dir, stdio)
         } else {
-            self.runtime.create(&id, &dir, stdio)
+            self.runtime.create(&id, &dir, stdio).map(|c| c.id() as i32)
         };
-        let child = match spawned {
-            Ok(c) => c,
+        let pid = match spawned {
+            Ok(p) => p,
             Err(e) => return Some(Response::error(Internal, format!("{e:#}"))),
         };
-        let pid = child.id() as i32;
         if run {
             self.pids.insert(pid, (id.clone(), None));
             self.starting.insert((id.clone(), None), w);

@@ -710,3 +710,59 @@ fn fuzz_two_thousand_malformed_frames_and_the_agent_still_answers() {
     assert!(a.alive());
     assert!(matches!(a.call(Request::Ping), Response::Pong { .. }));
 }
+
+/// `run` forks the agent itself: the container's process must not inherit the agent's
+/// other fds (another container's stdout would then never reach EOF) nor its ignored
+/// SIGPIPE.
+#[test]
+fn run_in_a_forked_agent_holds_no_other_fd_and_resets_sigpipe() {
+    let a = Agent::start();
+    let (long, short) = (unique("long"), unique("short"));
+    // `short`'s stdout is attached before `long` runs, so the agent holds it when it
+    // forks for `long`.
+    let short_out = a.attach(&short, None, Stream::Stdout);
+    let b_long = TestBundle::new(&["sleep", "30"]);
+    let r = a.call(Request::Run {
+        container: long.clone(),
+        bundle: b_long.path(),
+    });
+    assert!(matches!(r, Response::Started { .. }), "{r:?}");
+    let b_short = TestBundle::new(&[
+        "sh",
+        "-c",
+        "grep SigIgn /proc/self/status; ls /proc/self/fd",
+    ]);
+    let r = a.call(Request::Run {
+        container: short.clone(),
+        bundle: b_short.path(),
+    });
+    assert!(matches!(r, Response::Started { .. }), "{r:?}");
+    // EOF comes when `short` exits, not when `long` does (IO_TIMEOUT is well below 30 s).
+    let out = read_all(short_out);
+    let ign = out
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .map(|h| u64::from_str_radix(h.trim(), 16).unwrap())
+        .unwrap_or_else(|| panic!("no SigIgn line in {out:?}"));
+    assert_eq!(
+        ign & (1 << (libc::SIGPIPE - 1)),
+        0,
+        "SIGPIPE ignored: {out}"
+    );
+    let fds: Vec<&str> = out.lines().skip(1).collect();
+    // ls's own directory fd is the only one beyond stdio.
+    assert!(fds.len() <= 4, "the container holds extra fds: {fds:?}");
+    let r = a.call(Request::Signal {
+        container: long.clone(),
+        exec: None,
+        signal: libc::SIGKILL,
+    });
+    assert_eq!(r, Response::Ok);
+    let r = a.call(Request::Wait {
+        container: long.clone(),
+        exec: None,
+    });
+    assert_eq!(r, Response::Exited { code: 137 });
+    delete(&a, &long);
+    delete(&a, &short);
+}

@@ -5,7 +5,8 @@
 //! deadline; a VMM that ends early is reported with the tail of the guest console.
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -83,6 +84,9 @@ pub struct BootOpts {
     pub jail: Option<crate::cli::JailOpts>,
 }
 
+/// How often `wait_ready` pings the agent in case its ready report was missed.
+const READY_PROBE: Duration = Duration::from_millis(250);
+
 /// The deadline for the guest agent to answer after the VMM started:
 /// `NESTOR_VM_TIMEOUT` seconds (default 30; the KVM test host needs more than hardware).
 pub fn boot_timeout() -> Duration {
@@ -112,8 +116,71 @@ pub struct Sandbox {
     dir: PathBuf,
     vsock: PathBuf,
     console: PathBuf,
+    /// Where the agent reports ready (`<vsock>_READY_PORT`), until it has.
+    ready: Option<ReadyListener>,
     start: Instant,
     pub timeline: Timeline,
+}
+
+/// The host end of the agent's ready report: a Unix listener the VMM connects to when
+/// the guest connects to host port [`proto::READY_PORT`]. Its socket file goes with it.
+struct ReadyListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ReadyListener {
+    /// Listens at `<vsock>_<READY_PORT>`; with `owner`, the socket is handed to that
+    /// uid and gid (a jailed VMM connects as its own uid).
+    fn bind(vsock: &Path, owner: Option<(u32, u32)>) -> Result<ReadyListener> {
+        let mut p = vsock.as_os_str().to_owned();
+        p.push(format!("_{}", proto::READY_PORT));
+        let path = PathBuf::from(p);
+        let _ = std::fs::remove_file(&path);
+        let listener =
+            UnixListener::bind(&path).with_context(|| format!("bind {}", path.display()))?;
+        listener.set_nonblocking(true)?;
+        if let Some((uid, gid)) = owner {
+            nix::unistd::chown(&path, Some(uid.into()), Some(gid.into()))
+                .with_context(|| format!("chown {}", path.display()))?;
+        }
+        Ok(ReadyListener { listener, path })
+    }
+
+    /// Waits up to `wait` for the agent's report; true once a valid one arrived.
+    fn wait(&self, wait: Duration) -> bool {
+        let mut fds = [nix::poll::PollFd::new(
+            self.listener.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
+        if !matches!(nix::poll::poll(&mut fds, ms), Ok(n) if n > 0) {
+            return false;
+        }
+        let Ok((mut s, _)) = self.listener.accept() else {
+            return false;
+        };
+        // The report is one small frame; a guest that sends anything else, or nothing,
+        // is not ready (the host's deadline still runs).
+        let _ = s.set_nonblocking(false);
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        match proto::read_frame::<_, Reply>(&mut s) {
+            Ok(Some(Reply {
+                response: Response::Pong { version, .. },
+                ..
+            })) if version == proto::VERSION => true,
+            other => {
+                tracing::warn!("ignored a bad ready report from the guest: {other:?}");
+                false
+            }
+        }
+    }
+}
+
+impl Drop for ReadyListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 impl Sandbox {
@@ -167,6 +234,7 @@ impl Sandbox {
                 Ok(())
             });
         }
+        let ready = ReadyListener::bind(&vsock, None)?;
         let start = Instant::now();
         let child = match c.spawn() {
             Ok(ch) => ch,
@@ -182,6 +250,7 @@ impl Sandbox {
             dir,
             vsock,
             console,
+            ready: Some(ready),
             timeline: Timeline {
                 vmm_spawned_ms: ms(start.elapsed()),
                 agent_ready_ms: None,
@@ -233,10 +302,24 @@ impl Sandbox {
             .vsock
             .clone()
             .context("the jailed VMM has no vsock socket")?;
+        // Made after the jail (its directory is the jail's): a guest that reports ready
+        // before it exists is found by the probes in `wait_ready`.
+        let owner = vsock.parent().and_then(|d| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(d).ok().map(|m| (m.uid(), m.gid()))
+        });
+        let ready = match ReadyListener::bind(&vsock, owner) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!("no ready listener for the jailed VM: {e:#}");
+                None
+            }
+        };
         Ok(Sandbox {
             child: None,
             jailed: Some(jailed),
             owned: true,
+            ready,
             console: dir.join("console.log"),
             vsock,
             dir,
@@ -254,6 +337,7 @@ impl Sandbox {
             child: None,
             jailed: None,
             owned: false,
+            ready: None,
             vsock: dir.join("v.sock"),
             console: dir.join("console.log"),
             dir,
@@ -353,8 +437,59 @@ impl Sandbox {
         }
     }
 
+    /// Waits until the agent serves: for its ready report when this process booted the
+    /// VM, probing with a ping now and then in case the report was missed; records the
+    /// agent-ready time. Returns the probe's connection when a probe found it serving.
+    pub fn wait_ready(&mut self, deadline: Instant) -> Result<Option<Agent>> {
+        let Some(ready) = self.ready.take() else {
+            return self.agent(deadline).map(Some);
+        };
+        let mut next_probe = Instant::now() + READY_PROBE;
+        loop {
+            if self.ended().is_some() {
+                return Err(self.failure("the VM ended before its agent answered"));
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return Err(self.failure(&format!(
+                    "the guest agent did not report ready within {:?}",
+                    boot_timeout()
+                )));
+            }
+            if ready.wait(Duration::from_millis(20)) {
+                self.timeline
+                    .agent_ready_ms
+                    .get_or_insert(self.elapsed_ms());
+                return Ok(None);
+            }
+            if Instant::now() >= next_probe {
+                next_probe = Instant::now() + READY_PROBE;
+                if let Ok(s) = hybrid_connect(&self.vsock, proto::DEFAULT_PORT) {
+                    let mut a = Agent::new(s)?;
+                    if let Ok(Response::Pong { .. }) = a.call(Request::Ping) {
+                        self.timeline
+                            .agent_ready_ms
+                            .get_or_insert(self.elapsed_ms());
+                        return Ok(Some(a));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The vsock socket the VMM listens on (host end of the hybrid vsock).
+    pub fn vsock(&self) -> &Path {
+        &self.vsock
+    }
+
     /// The agent's control connection, once it answers a ping; records agent-ready time.
     pub fn agent(&mut self, deadline: Instant) -> Result<Agent> {
+        if self.ready.is_some() {
+            return match self.wait_ready(deadline)? {
+                Some(a) => Ok(a),
+                None => Agent::new(self.connect(proto::DEFAULT_PORT, deadline)?),
+            };
+        }
         loop {
             let s = self.connect(proto::DEFAULT_PORT, deadline)?;
             let mut a = Agent::new(s)?;
@@ -384,17 +519,7 @@ impl Sandbox {
         deadline: Instant,
     ) -> Result<UnixStream> {
         let s = self.connect(proto::DEFAULT_PORT, deadline)?;
-        let mut a = Agent::new(s)?;
-        match a.call(Request::Attach {
-            container: container.into(),
-            exec: exec.map(str::to_string),
-            stream,
-        })? {
-            Response::Ok => {}
-            Response::Error { message, .. } => bail!("attach {stream:?}: {message}"),
-            other => bail!("attach {stream:?}: unexpected answer {other:?}"),
-        }
-        Ok(a.into_stream())
+        attach_on(s, container, exec, stream)
     }
 
     /// Asks the agent to power the guest off, then waits for the VMM (killing it after
@@ -483,6 +608,27 @@ pub fn stdio_to_null() -> Result<()> {
         nix::unistd::dup2(null.as_raw_fd(), fd).context("redirect stdio")?;
     }
     Ok(())
+}
+
+/// Makes `s`, a fresh connection to the agent, the `stream` of a process: `Attach`,
+/// then raw bytes.
+pub fn attach_on(
+    s: UnixStream,
+    container: &str,
+    exec: Option<&str>,
+    stream: Stream,
+) -> Result<UnixStream> {
+    let mut a = Agent::new(s)?;
+    match a.call(Request::Attach {
+        container: container.into(),
+        exec: exec.map(str::to_string),
+        stream,
+    })? {
+        Response::Ok => {}
+        Response::Error { message, .. } => bail!("attach {stream:?}: {message}"),
+        other => bail!("attach {stream:?}: unexpected answer {other:?}"),
+    }
+    Ok(a.into_stream())
 }
 
 /// Firecracker's hybrid vsock handshake on the VMM's Unix socket.

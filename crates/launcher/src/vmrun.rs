@@ -152,14 +152,40 @@ fn guest_mem(a: &RunArgs) -> Result<u32> {
 
 /// Times of one VM container's life, in ms from the VMM's spawn (NESTOR_VM_TIMINGS=1
 /// prints them as one JSON line on stderr; `nestor bench` reads it).
-#[derive(Debug, Default, serde::Serialize)]
+#[derive(Debug, Default, Clone, serde::Serialize)]
 struct Timings {
+    /// nestor's own time before the VMM's spawn, from its exec (10 ms resolution).
+    before_vmm_ms: Option<f64>,
     vmm_spawned_ms: f64,
     guest_init_ms: Option<f64>,
     agent_ready_ms: Option<f64>,
+    /// Control, stdio and signal connections made.
+    attached_ms: Option<f64>,
     container_started_ms: Option<f64>,
     container_exited_ms: Option<f64>,
     vm_gone_ms: Option<f64>,
+    /// The container recorded (or removed, with --rm): nestor is about to exit.
+    done_ms: Option<f64>,
+}
+
+/// How long this process ran before `spawned` (the instant before the VMM's spawn),
+/// from the kernel's record of its start.
+fn before_vmm_ms(spawned: Instant) -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Field 22 (starttime, in clock ticks since boot), counted after the ')' that ends
+    // the command name.
+    let ticks: f64 = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()?? as f64;
+    let up = std::fs::read_to_string("/proc/uptime").ok()?;
+    let now_ms = up.split_whitespace().next()?.parse::<f64>().ok()? * 1000.0;
+    let age_ms = now_ms - ticks * 1000.0 / hz;
+    Some(age_ms - spawned.elapsed().as_secs_f64() * 1000.0)
 }
 
 /// The guest's boot marker as nestor-vmm reported it (ms after its own start).
@@ -228,13 +254,6 @@ struct Running {
 /// Boots the VM and starts the container in it, with stdio wired to nestor's own.
 fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> Result<Running> {
     let vols = disk_volumes(a)?;
-    let cmd = meta.command.clone();
-    let spec = guest_spec(a, image, &cmd, &meta.id, &vols)?;
-    std::fs::write(
-        store::dir(&meta.id).join("guest-config.json"),
-        serde_json::to_vec_pretty(&spec)?,
-    )
-    .context("write guest-config.json")?;
     let guest_id = meta.id[..12].to_string();
     let start = Instant::now();
     let (mut sb, device) = match &a.pod {
@@ -299,21 +318,62 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
             (sb, proto::disk_device(0))
         }
     };
+    // The container's spec is made while the guest boots.
+    let cmd = meta.command.clone();
+    let spec = guest_spec(a, image, &cmd, &meta.id, &vols)?;
+    std::fs::write(
+        store::dir(&meta.id).join("guest-config.json"),
+        serde_json::to_vec_pretty(&spec)?,
+    )
+    .context("write guest-config.json")?;
     store::save(meta)?;
     let deadline = Instant::now() + sandbox::boot_timeout();
-    let mut agent = sb.agent(deadline)?;
+    let probed = sb.wait_ready(deadline)?;
     let mut timings = Timings {
         vmm_spawned_ms: sb.timeline.vmm_spawned_ms,
         agent_ready_ms: sb.timeline.agent_ready_ms,
+        before_vmm_ms: before_vmm_ms(start),
         ..Timings::default()
     };
-    let mut outputs = Vec::new();
-    let stdin = if a.interactive {
-        Some(sb.attach(&guest_id, None, Stream::Stdin, deadline)?)
-    } else {
-        None
+    // The agent serves: every connection the run needs (control, stdio, signals) is
+    // made at once, each one handshake and one reply, instead of one after another.
+    let vsock = sb.vsock().to_path_buf();
+    let conns = std::thread::scope(|s| {
+        let open = || sandbox::hybrid_connect(&vsock, proto::DEFAULT_PORT);
+        let attach = |stream| {
+            let (vsock, id) = (&vsock, &guest_id);
+            s.spawn(move || {
+                let c = sandbox::hybrid_connect(vsock, proto::DEFAULT_PORT)?;
+                sandbox::attach_on(c, id, None, stream)
+            })
+        };
+        let stdin = a.interactive.then(|| attach(Stream::Stdin));
+        let stdout = attach(Stream::Stdout);
+        let stderr = (!a.tty).then(|| attach(Stream::Stderr));
+        let sig = s.spawn(open);
+        let control = match probed {
+            Some(agent) => Ok(agent),
+            None => open().and_then(Agent::new),
+        };
+        let join = |h: std::thread::ScopedJoinHandle<'_, Result<UnixStreamAlias>>| {
+            h.join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a connection thread panicked")))
+        };
+        Ok::<_, anyhow::Error>((
+            control?,
+            stdin.map(join).transpose()?,
+            join(stdout)?,
+            stderr.map(join).transpose()?,
+            join(sig)?,
+        ))
+    });
+    let (agent, stdin, stdout, stderr, sig_conn) = match conns {
+        Ok(c) => c,
+        Err(e) => return Err(sb.failure(&format!("connecting to the guest agent: {e:#}"))),
     };
-    let stdout = sb.attach(&guest_id, None, Stream::Stdout, deadline)?;
+    let mut agent = agent;
+    timings.attached_ms = Some(sb.elapsed_ms());
+    let mut outputs = Vec::new();
     if a.tty {
         let input = stdin.map(OwnedFd::from);
         outputs.push(crate::tty::proxy_split(
@@ -322,7 +382,7 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
             a.interactive,
         ));
     } else {
-        let stderr = sb.attach(&guest_id, None, Stream::Stderr, deadline)?;
+        let stderr = stderr.context("no stderr stream")?;
         outputs.push(pump(stdout, std::io::stdout()));
         outputs.push(pump(stderr, std::io::stderr()));
         if let Some(s) = stdin {
@@ -336,7 +396,6 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
     // From here on, signals to nestor are queued for the container (a signal sent
     // as soon as the container's first output appears must not kill nestor).
     let (signals, pipe) = crate::signals::forward_to_pipe().context("signal pipe")?;
-    let sig_conn = sb.connect(proto::DEFAULT_PORT, deadline)?;
     let r = agent.call(Request::Run {
         container: guest_id.clone(),
         bundle: Bundle::Disk {
@@ -470,22 +529,26 @@ pub fn run(a: &RunArgs) -> Result<i32> {
     if a.detach {
         return detach(a, meta, &image);
     }
+    let mut timings = None;
     let result = boot_and_start(a, &mut meta, &image).and_then(|mut r| {
         let code = wait_and_stop(&mut r);
-        if std::env::var_os("NESTOR_VM_TIMINGS").is_some() {
-            if let Ok(line) = serde_json::to_string(&r.timings) {
-                eprintln!("nestor-vm-timings: {line}");
-            }
-        }
+        timings = Some((r.timings.clone(), r.start));
         code
     });
-    match result {
+    let out = match result {
         Ok(code) => finish(&mut meta, code),
         Err(e) => {
             let _ = store::remove_dir(&meta.id);
             Err(e)
         }
+    };
+    if let (Some((mut t, start)), Some(_)) = (timings, std::env::var_os("NESTOR_VM_TIMINGS")) {
+        t.done_ms = Some(start.elapsed().as_secs_f64() * 1000.0);
+        if let Ok(line) = serde_json::to_string(&t) {
+            eprintln!("nestor-vm-timings: {line}");
+        }
     }
+    out
 }
 
 /// `-d`: a monitor process (this one, forked and detached) owns the VM; its output

@@ -36,7 +36,16 @@ impl Runtime {
     }
 
     fn make(&self, o: &CreateOpts, wait_for_start: bool) -> Result<State> {
+        let t0 = std::time::Instant::now();
+        let step = |what: &str| {
+            tracing::debug!(
+                "create {}: {what} after {:.1} ms",
+                o.id,
+                t0.elapsed().as_secs_f64() * 1000.0
+            )
+        };
         let bundle = crate::spec::load(&o.bundle)?;
+        step("spec loaded");
         let dir = self.root.reserve(&o.id)?;
         let mut cgroup: Option<Cgroup> = None;
         let res = (|| -> Result<State> {
@@ -63,7 +72,9 @@ impl Runtime {
                 CgroupMount::V1(cg.paths())
             };
             cgroup = Some(cg);
+            step("cgroup made");
             let seccomp = process::compile_seccomp(&bundle.spec)?;
+            step("seccomp compiled");
             let dmz = crate::sys::dmz_fd()?;
             let cfg = InitConfig {
                 spec: &bundle.spec,
@@ -83,6 +94,7 @@ impl Runtime {
                     None => Ok(()),
                 },
             })?;
+            step("process ready");
             let st = State {
                 id: o.id.clone(),
                 pid,
@@ -103,6 +115,7 @@ impl Runtime {
             if let Some(p) = &o.pid_file {
                 write_pid_file(p, pid)?;
             }
+            step("state saved");
             Ok(st)
         })();
         if res.is_err() {

@@ -333,6 +333,10 @@ pub(crate) fn finalize(
             .ctx(|| "write oom_score_adj")?;
     }
     apply_rlimits(process)?;
+    // The process starts with the signal state a fresh exec gives: nothing blocked,
+    // SIGPIPE not ignored (Rust ignores it in the runtime; an ignored signal would stay
+    // ignored across exec, and `yes | head` in the container would misbehave).
+    reset_signals()?;
     let nnp = process.no_new_privileges().unwrap_or(false);
     if nnp {
         // SAFETY: prctl with integer arguments.
@@ -407,4 +411,13 @@ pub(crate) fn finalize(
         context: format!("exec {}", exe.display()),
         source: e,
     })
+}
+
+/// Unblocks every signal and gives SIGPIPE its default action back.
+fn reset_signals() -> Result<()> {
+    use nix::sys::signal::{signal, sigprocmask, SigHandler, SigSet, SigmaskHow, Signal};
+    // SAFETY: SIG_DFL installs no handler.
+    unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) }.ctx(|| "reset SIGPIPE")?;
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None).ctx(|| "unblock signals")?;
+    Ok(())
 }
