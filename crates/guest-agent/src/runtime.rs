@@ -4,9 +4,9 @@
 //!
 //! `run`, the hot path of `nestor run --vm`, runs the runtime in a forked copy of the
 //! agent (`nestor_container` linked in, no exec): the agent's pages are already mapped,
-//! which saves the exec and start-up of the runtime binary, a few hundred ms on a slow
-//! guest. The agent is single-threaded when it forks, and the child closes every fd
-//! it does not need first. The other verbs start `nestor` through
+//! which saves the exec and start-up of the runtime binary on a slow guest. The agent's
+//! only other threads are terminal relays, which take no lock the child uses (glibc's
+//! fork resets malloc's), and the child closes every fd but its stdio first. The other verbs start `nestor` through
 //! `std::process::Command` (fork + exec in one step).
 
 use std::fs;
@@ -387,7 +387,8 @@ impl Runtime {
 /// Runs `f` in a forked copy of the agent with `stdio` as fds 0-2 and no other fd,
 /// nothing blocked and SIGPIPE at its default; the child exits with `f`'s code, or 1
 /// after writing its error to `log` and to its stderr (as `nestor` would). Returns the
-/// child's pid. Only for a single-threaded agent (fork copies the calling thread only).
+/// child's pid. fork copies the calling thread only: the child uses nothing another
+/// thread of the agent could hold locked.
 fn fork_run(stdio: Stdio3, log: &Path, f: impl FnOnce() -> anyhow::Result<i32>) -> Result<i32> {
     let fds = [stdio.stdin, stdio.stdout, stdio.stderr];
     for fd in fds.iter().flatten() {
@@ -399,8 +400,9 @@ fn fork_run(stdio: Stdio3, log: &Path, f: impl FnOnce() -> anyhow::Result<i32>) 
         .open("/dev/null")
         .context("open /dev/null")?;
     let log = log.to_path_buf();
-    // SAFETY: the agent is single-threaded here (its one short-lived helper thread
-    // ends before it serves), so the child's copy of the heap and locks is consistent.
+    // SAFETY: the agent's poll loop is its main thread; terminal relay threads hold no
+    // lock the child takes (glibc makes malloc fork-safe), so the child's copy of the
+    // heap is consistent.
     match unsafe { nix::unistd::fork() }.context("fork the runtime")? {
         nix::unistd::ForkResult::Parent { child } => Ok(child.as_raw()),
         nix::unistd::ForkResult::Child => {
