@@ -414,21 +414,26 @@ impl Sandbox {
         anyhow::anyhow!(msg)
     }
 
+    /// Fails when the VMM has ended, or (killing it) when `deadline` has passed; `late`
+    /// says what the agent did not do, `{}` standing for the boot timeout.
+    fn check_boot(&mut self, deadline: Instant, late: &str) -> Result<()> {
+        if self.ended().is_some() {
+            return Err(self.failure("the VM ended before its agent answered"));
+        }
+        if Instant::now() > deadline {
+            self.kill();
+            let late = late.replace("{}", &format!("{:?}", boot_timeout()));
+            return Err(self.failure(&format!("the guest agent {late}")));
+        }
+        Ok(())
+    }
+
     /// Opens a stream to the guest's vsock `port` through the VMM's hybrid socket,
     /// retrying until the agent listens or `deadline` passes (or the VMM ends).
     pub fn connect(&mut self, port: u32, deadline: Instant) -> Result<UnixStream> {
         let mut last = String::from("the VMM has not created its vsock socket");
         loop {
-            if self.ended().is_some() {
-                return Err(self.failure("the VM ended before its agent answered"));
-            }
-            if Instant::now() > deadline {
-                self.kill();
-                return Err(self.failure(&format!(
-                    "the guest agent did not answer within {:?} ({last})",
-                    boot_timeout()
-                )));
-            }
+            self.check_boot(deadline, &format!("did not answer within {{}} ({last})"))?;
             match hybrid_connect(&self.vsock, port) {
                 Ok(s) => return Ok(s),
                 Err(e) => last = format!("{e:#}"),
@@ -446,16 +451,7 @@ impl Sandbox {
         };
         let mut next_probe = Instant::now() + READY_PROBE;
         loop {
-            if self.ended().is_some() {
-                return Err(self.failure("the VM ended before its agent answered"));
-            }
-            if Instant::now() > deadline {
-                self.kill();
-                return Err(self.failure(&format!(
-                    "the guest agent did not report ready within {:?}",
-                    boot_timeout()
-                )));
-            }
+            self.check_boot(deadline, "did not report ready within {}")?;
             if ready.wait(Duration::from_millis(20)) {
                 self.timeline
                     .agent_ready_ms
