@@ -3,7 +3,7 @@
 # the project's guest kernel and the agent initramfs. Checks: output and exit code; stdin
 # piped in; -t; the container sees the guest kernel, not the host's; the memory limit is
 # enforced inside the guest; the host's processes and files are invisible; volumes as
-# disk images; a signal reaches the container; -d with ps, exec, logs, stop, rm; random
+# disk images; a signal reaches the container; -d with ps, exec (-t, --user), logs, stop, rm; random
 # and malformed bytes at the agent's vsock port never stop it serving; a dead agent and a
 # guest kernel panic fail with a clear error within a bounded time and leave nothing
 # behind; kill -9 of nestor then gc leaves nothing.
@@ -84,6 +84,10 @@ id=$(n run --vm -d --name vmd busybox sh -c 'echo started; trap "exit 3" TERM; w
 n ps | grep -q vmd && pass "ps shows the VM container" || bad "ps: $(n ps)"
 out=$(n exec vmd sh -c 'echo in-vm; exit 5' || echo "rc=$?")
 expect "exec output and code" "in-vm rc=5" "$(tr '\n' ' ' <<<"$out" | sed 's/ $//')"
+out=$(n exec -t vmd sh -c 'test -t 0 && test -t 1 && echo tty-yes' | tr -d '\r')
+expect "exec -t" tty-yes "$out"
+out=$(n exec --user nobody vmd sh -c 'echo $(id -u):$(id -g)')
+expect "exec --user nobody (from the image's /etc/passwd)" 65534:65534 "$out"
 sleep 0.5
 grep -q started "$NESTOR_ROOT/containers/$id/log" && pass "logs" || bad "log: $(cat "$NESTOR_ROOT/containers/$id/log")"
 

@@ -159,6 +159,12 @@ pub enum Request {
         env: Vec<String>,
         #[serde(default)]
         cwd: Option<String>,
+        /// Give the process a pty (its stdin and stdout streams carry the terminal).
+        #[serde(default)]
+        terminal: bool,
+        /// Numeric uid and gid to run as (default: root).
+        #[serde(default)]
+        user: Option<(u32, u32)>,
     },
     /// Send a signal (a number, e.g. 15) to the main process or to an exec'd one.
     Signal {

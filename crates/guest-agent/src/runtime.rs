@@ -17,6 +17,13 @@ use std::process::{Child, Command, Stdio};
 use anyhow::{bail, Context, Result};
 use nestor_agent_protocol::Bundle;
 
+/// How an exec'd process runs: its working directory, a pty or not, its uid and gid.
+pub struct ExecHow<'a> {
+    pub cwd: Option<&'a str>,
+    pub terminal: bool,
+    pub user: Option<(u32, u32)>,
+}
+
 /// stdin, stdout, stderr for a process (`None` = /dev/null).
 #[derive(Default)]
 pub struct Stdio3 {
@@ -242,8 +249,10 @@ impl Runtime {
     }
 
     /// OCI `run` of the bundle in a forked agent: creates and starts the container
-    /// (pid file as `nestor run --pid-file` writes it), waits for it, deletes it and
-    /// exits with its code. Returns the forked process's pid.
+    /// (pid file as `nestor run --pid-file` writes it), waits for it and exits with its
+    /// code at once: its state and cgroup stay for the host's `Delete` (`nestor delete
+    /// --force`), which a VM that ends with its container never needs. Returns the
+    /// forked process's pid.
     pub fn run(&self, container: &str, bundle: &Path, stdio: Stdio3) -> Result<i32> {
         self.clear(container, None);
         let (stdio, console_socket) = if wants_terminal(bundle) {
@@ -265,9 +274,7 @@ impl Runtime {
         fork_run(stdio, &self.log_file(container), move || {
             let rt = nestor_container::container::Runtime::new(root);
             let st = rt.create_and_start(&opts)?;
-            let code = nestor_container::container::wait_exit(st.pid)?;
-            rt.delete(&opts.id, true)?;
-            Ok(code)
+            Ok(nestor_container::container::wait_exit(st.pid)?)
         })
     }
 
@@ -326,14 +333,15 @@ impl Runtime {
         spawn(c, Stdio3::default())
     }
 
-    /// `nestor exec --process F --pid-file P ID` (waits for the process, exits with its code).
+    /// `nestor exec --process F --pid-file P ID` (waits for the process, exits with its
+    /// code); with a terminal, the pty's master goes to a relay as for `run`.
     pub fn exec(
         &self,
         container: &str,
         exec: &str,
         args: &[String],
         env: &[String],
-        cwd: Option<&str>,
+        how: &ExecHow<'_>,
         stdio: Stdio3,
     ) -> Result<Child> {
         if args.is_empty() {
@@ -344,12 +352,13 @@ impl Runtime {
         } else {
             env.to_vec()
         };
+        let (uid, gid) = how.user.unwrap_or((0, 0));
         let process = serde_json::json!({
-            "terminal": false,
-            "user": {"uid": 0, "gid": 0},
+            "terminal": how.terminal,
+            "user": {"uid": uid, "gid": gid},
             "args": args,
             "env": env,
-            "cwd": cwd.unwrap_or("/"),
+            "cwd": how.cwd.unwrap_or("/"),
         });
         let spec_file = self.work.join(format!("{container}.exec.{exec}.json"));
         fs::write(
@@ -363,8 +372,16 @@ impl Runtime {
             .arg("--process")
             .arg(&spec_file)
             .arg("--pid-file")
-            .arg(self.pid_file(container, Some(exec)))
-            .arg(container);
+            .arg(self.pid_file(container, Some(exec)));
+        let stdio = if how.terminal {
+            let (sock, listener) = self.console_socket(&format!("{container}.exec.{exec}"))?;
+            c.arg("--console-socket").arg(&sock);
+            crate::tty::relay(listener, sock, stdio)?;
+            Stdio3::default()
+        } else {
+            stdio
+        };
+        c.arg(container);
         spawn(c, stdio)
     }
 

@@ -683,6 +683,8 @@ impl Server {
                 args,
                 env,
                 cwd,
+                terminal,
+                user,
             } => {
                 checked!(&container, &exec);
                 let Some(c) = self.containers.get(&container) else {
@@ -710,9 +712,14 @@ impl Server {
                     ));
                 }
                 let stdio = self.take_stdio(&container, Some(&exec));
+                let how = crate::runtime::ExecHow {
+                    cwd: cwd.as_deref(),
+                    terminal,
+                    user,
+                };
                 match self
                     .runtime
-                    .exec(&container, &exec, &args, &env, cwd.as_deref(), stdio)
+                    .exec(&container, &exec, &args, &env, &how, stdio)
                 {
                     Ok(child) => {
                         let pid = child.id() as i32;

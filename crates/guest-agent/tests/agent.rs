@@ -403,6 +403,8 @@ fn exec_and_signal() {
         args: args.iter().map(|s| s.to_string()).collect(),
         env: vec![],
         cwd: Some("/tmp".into()),
+        terminal: false,
+        user: None,
     };
     // The container may still be starting; the runtime refuses exec until it runs.
     let t0 = Instant::now();
@@ -542,7 +544,9 @@ fn bad_requests_get_clear_errors() {
             exec: "e".into(),
             args: vec!["true".into()],
             env: vec![],
-            cwd: None
+            cwd: None,
+            terminal: false,
+            user: None,
         })),
         ErrorKind::NotFound
     );

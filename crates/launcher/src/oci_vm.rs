@@ -533,6 +533,8 @@ fn exec_in_vm(st: &VmState, r: &ExecReq, ready: Option<&mut crate::helper::Ready
         args: r.args.clone(),
         env: r.env.clone(),
         cwd: r.cwd.clone(),
+        terminal: false,
+        user: None,
     })? {
         Response::Started { .. } => {}
         Response::Error { message, .. } => bail!("exec in the VM: {message}"),

@@ -69,7 +69,7 @@ fn lookup_id(rootfs: &Path, file: &str, name: &str) -> Result<u32> {
 }
 
 /// USER[:GROUP] -> (uid, gid), names looked up in the image.
-fn resolve_user(rootfs: &Path, spec: &str) -> Result<(u32, u32)> {
+pub(crate) fn resolve_user(rootfs: &Path, spec: &str) -> Result<(u32, u32)> {
     let (u, g) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),

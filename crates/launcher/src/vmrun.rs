@@ -632,12 +632,17 @@ pub fn kill_vmm(vm: &VmMeta) {
 
 /// `nestor exec` into a VM container (pipes only; `-t` is not supported yet).
 pub fn exec(m: &Meta, vm: &VmMeta, a: &crate::cli::ExecArgs) -> Result<i32> {
-    if a.tty {
-        bail!("exec -t into a --vm container is not supported yet");
-    }
-    if a.user.is_some() {
-        bail!("exec --user into a --vm container is not supported yet");
-    }
+    // Names resolve against the image's /etc/passwd and /etc/group, as for `run --user`.
+    let user = match &a.user {
+        Some(u) => {
+            let images = store::image_store()?;
+            let image = images
+                .get(&m.image_id)
+                .with_context(|| format!("the image of {} for --user {u}", m.name))?;
+            Some(crate::run::resolve_user(&lookup_root(&image), u)?)
+        }
+        None => None,
+    };
     let sock = vm.sandbox.join("v.sock");
     let exec_id = format!("e{}", &store::new_id()?[..8]);
     let attach = |stream| -> Result<UnixStreamAlias> {
@@ -656,14 +661,24 @@ pub fn exec(m: &Meta, vm: &VmMeta, a: &crate::cli::ExecArgs) -> Result<i32> {
     } else {
         None
     };
-    let out = pump(attach(Stream::Stdout)?, std::io::stdout());
-    let err = pump(attach(Stream::Stderr)?, std::io::stderr());
-    if let Some(s) = stdin {
-        std::thread::spawn(move || {
-            let mut s = s;
-            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut s);
-            let _ = s.shutdown(std::net::Shutdown::Write);
-        });
+    let mut outputs = Vec::new();
+    if a.tty {
+        // One pty: its output comes back on the stdout stream.
+        outputs.push(crate::tty::proxy_split(
+            OwnedFd::from(attach(Stream::Stdout)?),
+            stdin.map(OwnedFd::from),
+            a.interactive,
+        ));
+    } else {
+        outputs.push(pump(attach(Stream::Stdout)?, std::io::stdout()));
+        outputs.push(pump(attach(Stream::Stderr)?, std::io::stderr()));
+        if let Some(s) = stdin {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let _ = std::io::copy(&mut std::io::stdin().lock(), &mut s);
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+        }
     }
     // The container's own environment, with the user's additions.
     let spec: Value = serde_json::from_slice(
@@ -690,6 +705,8 @@ pub fn exec(m: &Meta, vm: &VmMeta, a: &crate::cli::ExecArgs) -> Result<i32> {
         args: a.cmd.clone(),
         env,
         cwd: a.workdir.clone().or(a.cwd.clone()),
+        terminal: a.tty,
+        user,
     })?;
     match r {
         Response::Started { .. } => {}
@@ -704,8 +721,9 @@ pub fn exec(m: &Meta, vm: &VmMeta, a: &crate::cli::ExecArgs) -> Result<i32> {
         Response::Error { message, .. } => bail!("exec in {}: {message}", m.name),
         other => bail!("exec in {}: unexpected answer {other:?}", m.name),
     };
-    let _ = out.join();
-    let _ = err.join();
+    for h in outputs {
+        let _ = h.join();
+    }
     Ok(code)
 }
 
