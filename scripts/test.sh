@@ -31,4 +31,4 @@ cargo test --workspace --release 2>&1
 echo "test: KVM test host self-test" >&2
 tests/testhost/selftest.sh
 echo "test: KVM tests (in the KVM test host unless this host has hardware KVM)" >&2
-tests/testhost/batch --retry-failed --batch-size 1 --per-test-timeout 900 tests/kvm
+tests/testhost/batch --retry-failed --batch-size 1 --per-test-timeout 420 tests/kvm
