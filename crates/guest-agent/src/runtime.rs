@@ -278,6 +278,25 @@ impl Runtime {
         })
     }
 
+    /// With `terminal`, the runtime `c` sends the pty master to a console socket named
+    /// after `name`, and a relay joins it to `stdio` (the host's stdin and stdout
+    /// streams); the runtime itself then gets no stdio. Returns the runtime's stdio.
+    fn terminal(
+        &self,
+        c: &mut Command,
+        name: &str,
+        terminal: bool,
+        stdio: Stdio3,
+    ) -> Result<Stdio3> {
+        if !terminal {
+            return Ok(stdio);
+        }
+        let (sock, listener) = self.console_socket(name)?;
+        c.arg("--console-socket").arg(&sock);
+        crate::tty::relay(listener, sock, stdio)?;
+        Ok(Stdio3::default())
+    }
+
     /// A console socket for `container`'s pty (see `crate::tty`).
     fn console_socket(
         &self,
@@ -305,16 +324,7 @@ impl Runtime {
             .arg(bundle)
             .arg("--pid-file")
             .arg(self.pid_file(container, None));
-        let stdio = if wants_terminal(bundle) {
-            // The runtime sends the pty master to a console socket; a relay joins it
-            // to the host's stdin and stdout streams. The runtime itself gets no stdio.
-            let (sock, listener) = self.console_socket(container)?;
-            c.arg("--console-socket").arg(&sock);
-            crate::tty::relay(listener, sock, stdio)?;
-            Stdio3::default()
-        } else {
-            stdio
-        };
+        let stdio = self.terminal(&mut c, container, wants_terminal(bundle), stdio)?;
         c.arg(container);
         spawn(c, stdio)
     }
@@ -373,14 +383,8 @@ impl Runtime {
             .arg(&spec_file)
             .arg("--pid-file")
             .arg(self.pid_file(container, Some(exec)));
-        let stdio = if how.terminal {
-            let (sock, listener) = self.console_socket(&format!("{container}.exec.{exec}"))?;
-            c.arg("--console-socket").arg(&sock);
-            crate::tty::relay(listener, sock, stdio)?;
-            Stdio3::default()
-        } else {
-            stdio
-        };
+        let name = format!("{container}.exec.{exec}");
+        let stdio = self.terminal(&mut c, &name, how.terminal, stdio)?;
         c.arg(container);
         spawn(c, stdio)
     }
