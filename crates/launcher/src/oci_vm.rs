@@ -500,16 +500,7 @@ fn exec_in_vm(st: &VmState, r: &ExecReq, ready: Option<&mut crate::helper::Ready
     let sock = st.sandbox.join("v.sock");
     let gid = guest_id(&st.id);
     let exec_id = format!("x{}", &crate::store::new_id()?[..10]);
-    let attach = |stream| -> Result<std::os::unix::net::UnixStream> {
-        let mut ag = Agent::new(sandbox::hybrid_connect(&sock, proto::DEFAULT_PORT)?)?;
-        let resp = ag.call(Request::Attach {
-            container: gid.clone(),
-            exec: Some(exec_id.clone()),
-            stream,
-        })?;
-        sandbox::expect_ok("attach", resp)?;
-        Ok(ag.into_stream())
-    };
+    let attach = |stream| sandbox::attach_at(&sock, &gid, Some(&exec_id), stream);
     let slave = match &r.console {
         Some(cs) => Some(host_pty(cs)?),
         None => None,

@@ -606,6 +606,22 @@ pub fn stdio_to_null() -> Result<()> {
     Ok(())
 }
 
+/// A fresh connection through the hybrid vsock at `sock`, attached as `stream` of a
+/// process (the agent is known to serve: no retries).
+pub fn attach_at(
+    sock: &Path,
+    container: &str,
+    exec: Option<&str>,
+    stream: Stream,
+) -> Result<UnixStream> {
+    attach_on(
+        hybrid_connect(sock, proto::DEFAULT_PORT)?,
+        container,
+        exec,
+        stream,
+    )
+}
+
 /// Makes `s`, a fresh connection to the agent, the `stream` of a process: `Attach`,
 /// then raw bytes.
 pub fn attach_on(

@@ -332,7 +332,7 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
     let mut timings = Timings {
         vmm_spawned_ms: sb.timeline.vmm_spawned_ms,
         agent_ready_ms: sb.timeline.agent_ready_ms,
-        before_vmm_ms: before_vmm_ms(start),
+        before_vmm_ms: std::env::var_os("NESTOR_VM_TIMINGS").and_then(|_| before_vmm_ms(start)),
         ..Timings::default()
     };
     // The agent serves: every connection the run needs (control, stdio, signals) is
@@ -342,10 +342,7 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
         let open = || sandbox::hybrid_connect(&vsock, proto::DEFAULT_PORT);
         let attach = |stream| {
             let (vsock, id) = (&vsock, &guest_id);
-            s.spawn(move || {
-                let c = sandbox::hybrid_connect(vsock, proto::DEFAULT_PORT)?;
-                sandbox::attach_on(c, id, None, stream)
-            })
+            s.spawn(move || sandbox::attach_at(vsock, id, None, stream))
         };
         let stdin = a.interactive.then(|| attach(Stream::Stdin));
         let stdout = attach(Stream::Stdout);
@@ -645,17 +642,7 @@ pub fn exec(m: &Meta, vm: &VmMeta, a: &crate::cli::ExecArgs) -> Result<i32> {
     };
     let sock = vm.sandbox.join("v.sock");
     let exec_id = format!("e{}", &store::new_id()?[..8]);
-    let attach = |stream| -> Result<UnixStreamAlias> {
-        let s = sandbox::hybrid_connect(&sock, proto::DEFAULT_PORT)?;
-        let mut ag = Agent::new(s)?;
-        let r = ag.call(Request::Attach {
-            container: vm.guest_id.clone(),
-            exec: Some(exec_id.clone()),
-            stream,
-        })?;
-        sandbox::expect_ok("attach", r)?;
-        Ok(ag.into_stream())
-    };
+    let attach = |stream| sandbox::attach_at(&sock, &vm.guest_id, Some(&exec_id), stream);
     let stdin = if a.interactive {
         Some(attach(Stream::Stdin)?)
     } else {
