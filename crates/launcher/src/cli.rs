@@ -292,10 +292,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub jail: bool,
     /// Host uid that root in the VMM's jail maps to (--jail).
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = crate::store::JAIL_ID_DEFAULT)]
     pub jail_uid: u32,
     /// Host gid that root in the VMM's jail maps to (--jail).
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = crate::store::JAIL_ID_DEFAULT)]
     pub jail_gid: u32,
     /// Run the container in this pod's microVM (`nestor pod create`); implies --vm.
     #[arg(long, value_name = "POD")]
@@ -405,10 +405,10 @@ pub struct WorkloadArgs {
 #[derive(Args, Debug, Clone)]
 pub struct JailOpts {
     /// Host uid that root in the jail maps to.
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = crate::store::JAIL_ID_DEFAULT)]
     pub jail_uid: u32,
     /// Host gid that root in the jail maps to.
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = crate::store::JAIL_ID_DEFAULT)]
     pub jail_gid: u32,
     /// Memory limit of the jail's cgroup (bytes, or with k, m, g).
     #[arg(long)]

@@ -49,11 +49,55 @@ pub fn parse_bytes(s: &str) -> Result<i64> {
     Ok((n * mul as f64) as i64)
 }
 
-fn lookup_id(rootfs: &Path, file: &str, name: &str) -> Result<u32> {
+/// The most of an image's `/etc/passwd` or `/etc/group` nestor reads.
+const ID_FILE_MAX: u64 = 1 << 20;
+
+/// The text of `/etc/FILE` of an image root, read as untrusted input: resolved with
+/// `openat2(RESOLVE_IN_ROOT)` (a symlink cannot leave the image), a regular file only
+/// (a FIFO or device is refused, never opened for a blocking read) and at most
+/// [`ID_FILE_MAX`] bytes. A missing file reads as empty.
+fn read_id_file(rootfs: &Path, file: &str) -> Result<String> {
+    use nix::fcntl::OFlag;
+    use std::io::Read;
+    let root = nestor_container::sys::open_dir(rootfs)
+        .with_context(|| format!("open the image root {}", rootfs.display()))?;
+    let rel = Path::new("etc").join(file);
+    let fd = match nestor_container::sys::open_in_root(
+        std::os::fd::AsRawFd::as_raw_fd(&root),
+        &rel,
+        OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
+    ) {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::ENOENT) | Err(nix::errno::Errno::ENOTDIR) => {
+            return Ok(String::new())
+        }
+        Err(e) => bail!("the image's /etc/{file}: {e}"),
+    };
+    let mut f = std::fs::File::from(fd);
+    let md = f
+        .metadata()
+        .with_context(|| format!("the image's /etc/{file}"))?;
+    if !md.is_file() {
+        bail!("the image's /etc/{file} is not a regular file");
+    }
+    if md.len() > ID_FILE_MAX {
+        bail!("the image's /etc/{file} is larger than {ID_FILE_MAX} bytes");
+    }
+    let mut buf = Vec::new();
+    (&mut f)
+        .take(ID_FILE_MAX + 1)
+        .read_to_end(&mut buf)
+        .with_context(|| format!("read the image's /etc/{file}"))?;
+    if buf.len() as u64 > ID_FILE_MAX {
+        bail!("the image's /etc/{file} is larger than {ID_FILE_MAX} bytes");
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+fn lookup_id(text: &str, file: &str, name: &str) -> Result<u32> {
     if let Ok(n) = name.parse() {
         return Ok(n);
     }
-    let text = std::fs::read_to_string(rootfs.join("etc").join(file)).unwrap_or_default();
     for line in text.lines() {
         let f: Vec<&str> = line.split(':').collect();
         if f.len() > 2 && f[0] == name {
@@ -68,19 +112,26 @@ fn lookup_id(rootfs: &Path, file: &str, name: &str) -> Result<u32> {
     )
 }
 
-/// USER[:GROUP] -> (uid, gid), names looked up in the image.
+/// USER[:GROUP] -> (uid, gid), names looked up in the image (see [`read_id_file`]).
 pub(crate) fn resolve_user(rootfs: &Path, spec: &str) -> Result<(u32, u32)> {
     let (u, g) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
-    let uid = lookup_id(rootfs, "passwd", u)?;
+    let numeric = |s: &str| s.parse::<u32>().is_ok();
+    let passwd = if numeric(u) && g.is_some_and(numeric) {
+        String::new()
+    } else {
+        read_id_file(rootfs, "passwd")?
+    };
+    let uid = lookup_id(&passwd, "passwd", u)?;
     let gid = match g {
-        Some(g) => lookup_id(rootfs, "group", g)?,
+        Some(g) if numeric(g) => lookup_id("", "group", g)?,
+        Some(g) => lookup_id(&read_id_file(rootfs, "group")?, "group", g)?,
         None => {
             // The user's primary group from passwd, else the uid.
-            let text = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
-            text.lines()
+            passwd
+                .lines()
                 .map(|l| l.split(':').collect::<Vec<_>>())
                 .find(|f| f.len() > 3 && (f[0] == u || f[2] == u))
                 .and_then(|f| f[3].parse().ok())
@@ -240,8 +291,7 @@ pub fn prepare(a: &RunArgs, state_root: &Path) -> Result<Prepared> {
         }
         None => format!("nestor_{}", &id[..8]),
     };
-    let dir = store::dir(&id);
-    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let dir = store::create_dir(&id, a.userns)?;
     let meta = store::new_meta(&id, name, &image, image_ref, cmd.clone(), a.rm, state_root);
     store::save(&meta)?;
     let r = (|| -> Result<()> {
@@ -255,6 +305,8 @@ pub fn prepare(a: &RunArgs, state_root: &Path) -> Result<Prepared> {
                 .context("chown upper dir for the user namespace")?;
         }
         let data = image.overlay_mount_data(&upper, &work)?;
+        // The rootfs is mounted where only this process and the container see it.
+        store::private_mounts()?;
         nix::mount::mount(
             Some("overlay"),
             &rootfs,
@@ -415,5 +467,50 @@ mod tests {
         assert_eq!(parse_bytes("4096").unwrap(), 4096);
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("-1m").is_err());
+    }
+
+    /// An image root whose /etc/passwd is made by `f`.
+    fn image_root(f: impl FnOnce(&Path)) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("etc")).unwrap();
+        f(&d.path().join("etc/passwd"));
+        d
+    }
+
+    #[test]
+    fn image_users_are_read_as_untrusted_input() {
+        let plain = image_root(|p| std::fs::write(p, "app:x:1000:1001::/:/bin/sh\n").unwrap());
+        assert_eq!(resolve_user(plain.path(), "app").unwrap(), (1000, 1001));
+        assert_eq!(resolve_user(plain.path(), "7:8").unwrap(), (7, 8));
+        assert!(resolve_user(plain.path(), "ghost").is_err());
+        // A device, a FIFO, a link out of the image and a huge file: refused or read
+        // inside the image, at once, never read from the host.
+        let zero = image_root(|p| std::os::unix::fs::symlink("/dev/zero", p).unwrap());
+        std::fs::create_dir_all(zero.path().join("dev")).unwrap();
+        nix::sys::stat::mknod(
+            &zero.path().join("dev/zero"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(1, 5),
+        )
+        .unwrap();
+        let fifo = image_root(|p| {
+            nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap()
+        });
+        let shadow =
+            image_root(|p| std::os::unix::fs::symlink("../../../../etc/shadow", p).unwrap());
+        let big = image_root(|p| {
+            let f = std::fs::File::create(p).unwrap();
+            f.set_len(ID_FILE_MAX + 1).unwrap();
+        });
+        for (root, want) in [
+            (&zero, "not a regular file"),
+            (&fifo, "not a regular file"),
+            (&shadow, "unknown user 'root'"),
+            (&big, "larger than"),
+        ] {
+            let e = resolve_user(root.path(), "root").unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
     }
 }

@@ -2,6 +2,16 @@
 //! with `meta.json` (name, image, command, status, exit code, owner), `config.json`
 //! (the OCI bundle), `rootfs/` (the overlay mount point), `upper/` and `work/`
 //! (the writable layer) and `log` (output of detached containers).
+//!
+//! Modes: no local user but root may reach a container's files or an image's layers
+//! (a setuid file in them would otherwise give any user euid 0). `$NESTOR_ROOT` and
+//! `containers/` are 0711 (traverse only, no listing: `--userns` containers and jails
+//! pass through them), each `containers/<id>/` is 0700 (0710 with group
+//! [`USERNS_BASE`](crate::spec::USERNS_BASE) for a `--userns` container, whose root
+//! must reach its rootfs), `images/`, `pods/` and `networks/` are 0700, and the VM
+//! assets (`vm/`, `vm-disks/`) are 0710 with the default jail group, so a jailed VMM
+//! binds them without a copy. [`data_root`] puts these modes right once per process,
+//! so a store made by an older nestor is fixed at its next start.
 
 use std::path::{Path, PathBuf};
 
@@ -10,9 +20,125 @@ use nestor_container::state::{now_ns, proc_start};
 use serde::{Deserialize, Serialize};
 
 pub fn data_root() -> PathBuf {
-    std::env::var_os("NESTOR_ROOT")
+    static SECURED: std::sync::Once = std::sync::Once::new();
+    let root: PathBuf = std::env::var_os("NESTOR_ROOT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| "/var/lib/nestor".into())
+        .unwrap_or_else(|| "/var/lib/nestor".into());
+    SECURED.call_once(|| secure_layout(&root));
+    root
+}
+
+/// The jail uid and gid `--jail` uses unless told otherwise.
+pub const JAIL_ID_DEFAULT: u32 = 200_000;
+
+/// Gives `path` `mode` (and group `gid`, when given) if it has other ones; true when it
+/// changed something. A missing path is left alone.
+fn fix_mode(path: &Path, mode: u32, gid: Option<u32>) -> bool {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Ok(md) = std::fs::symlink_metadata(path) else {
+        return false;
+    };
+    if !md.is_dir() {
+        return false;
+    }
+    let mut changed = false;
+    if let Some(g) = gid.filter(|g| *g != md.gid()) {
+        if let Err(e) = nix::unistd::chown(path, None, Some(g.into())) {
+            tracing::warn!("cannot give {} group {g}: {e}", path.display());
+        }
+        changed = true;
+    }
+    if md.mode() & 0o7777 != mode {
+        if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+            tracing::warn!("cannot make {} mode {mode:o}: {e}", path.display());
+        }
+        changed = true;
+    }
+    changed
+}
+
+/// Creates the data root if needed and puts the modes of its directories right (see the
+/// module doc). Only root can; another user gets the store as it is.
+fn secure_layout(root: &Path) {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    if !root.exists() {
+        if let Err(e) = std::fs::create_dir_all(root) {
+            tracing::warn!("cannot create {}: {e}", root.display());
+            return;
+        }
+    }
+    fix_mode(root, 0o711, None);
+    for d in [
+        "images",
+        "pods",
+        "networks",
+        "volumes",
+        "vm-disks",
+        "containers",
+    ] {
+        let _ = std::fs::create_dir(root.join(d));
+    }
+    for d in ["images", "pods", "networks", "volumes"] {
+        fix_mode(&root.join(d), 0o700, None);
+    }
+    for d in ["vm", "vm-disks"] {
+        fix_mode(&root.join(d), 0o710, Some(JAIL_ID_DEFAULT));
+    }
+    let containers = root.join("containers");
+    if fix_mode(&containers, 0o711, None) {
+        // Written by a nestor that left container dirs open: close each one.
+        for e in std::fs::read_dir(&containers)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            container_dir_mode(&e.path());
+        }
+    }
+}
+
+/// A container's own directory: 0700, or 0710 when its group is the `--userns` root's.
+fn container_dir_mode(dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let userns = std::fs::metadata(dir).is_ok_and(|m| m.gid() == crate::spec::USERNS_BASE);
+    fix_mode(dir, if userns { 0o710 } else { 0o700 }, None);
+}
+
+/// Creates the directory of container `id`, closed to every other user (see the module
+/// doc); `userns` opens it to the group of a `--userns` container's root.
+pub fn create_dir(id: &str, userns: bool) -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let d = dir(id);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&d)
+        .with_context(|| format!("create {}", d.display()))?;
+    if userns {
+        nix::unistd::chown(&d, None, Some(crate::spec::USERNS_BASE.into()))
+            .with_context(|| format!("give {} the user namespace's group", d.display()))?;
+        container_dir_mode(&d);
+    }
+    Ok(d)
+}
+
+/// Moves this process into a mount namespace of its own (a slave of the host's), so
+/// the overlays it mounts for containers are seen by no process outside it and the
+/// containers made from it.
+pub fn private_mounts() -> Result<()> {
+    use nix::mount::MsFlags;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .context("unshare a mount namespace for the container's rootfs")?;
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .context("make the mount namespace a slave of the host's")?;
+    Ok(())
 }
 
 pub fn image_store() -> Result<nestor_image::ImageStore> {

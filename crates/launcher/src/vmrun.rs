@@ -519,8 +519,7 @@ pub fn run(a: &RunArgs) -> Result<i32> {
         }
         None => format!("nestor_{}", &id[..8]),
     };
-    let dir = store::dir(&id);
-    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    store::create_dir(&id, false)?;
     let mut meta = store::new_meta(&id, name, &image, image_ref, cmd, a.rm, Path::new("/"));
     store::save(&meta)?;
     if a.detach {

@@ -528,3 +528,143 @@ fn vm_mode_errors_are_clear_and_leave_nothing_behind() {
         }
     }
 }
+
+/// `(path, error kind)` for each path, as seen by a process with uid and gid 65534:
+/// a listing of a path that ends in `/`, else its metadata.
+fn stat_as_nobody(paths: &[PathBuf]) -> Vec<(PathBuf, Option<std::io::ErrorKind>)> {
+    let (r, w) = nix::unistd::pipe().unwrap();
+    // SAFETY: the child only calls async-signal-safe code paths before _exit (setgid,
+    // setuid, stat and write on plain fds) and never returns into the test harness.
+    match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => {
+            drop(r);
+            let ok = nix::unistd::setgroups(&[]).is_ok()
+                && nix::unistd::setgid(65534.into()).is_ok()
+                && nix::unistd::setuid(65534.into()).is_ok();
+            let mut out = Vec::new();
+            for p in paths {
+                let code = if !ok {
+                    b'!'
+                } else {
+                    let r = if p.as_os_str().as_encoded_bytes().ends_with(b"/") {
+                        std::fs::read_dir(p).map(|_| ())
+                    } else {
+                        std::fs::metadata(p).map(|_| ())
+                    };
+                    match r {
+                        Ok(()) => b'0',
+                        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => b'A',
+                        Err(_) => b'?',
+                    }
+                };
+                out.push(code);
+            }
+            let _ = nix::unistd::write(&w, &out);
+            // SAFETY: _exit ends the forked child without running the parent's destructors.
+            unsafe { libc::_exit(0) };
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(w);
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut std::fs::File::from(r), &mut buf).unwrap();
+            nix::sys::wait::waitpid(child, None).unwrap();
+            assert!(!buf.contains(&b'!'), "could not become nobody");
+            paths
+                .iter()
+                .zip(buf)
+                .map(|(p, c)| {
+                    let k = match c {
+                        b'0' => None,
+                        b'A' => Some(std::io::ErrorKind::PermissionDenied),
+                        _ => Some(std::io::ErrorKind::Other),
+                    };
+                    (p.clone(), k)
+                })
+                .collect()
+        }
+    }
+}
+
+fn mode_of(p: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().mode() & 0o7777
+}
+
+#[test]
+fn container_files_are_closed_to_other_users() {
+    let e = Env::new();
+    let o = e.run(&["run", "-d", "busybox", "sleep", "60"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let id = stdout(&o).trim().to_string();
+    let root = e.data.path();
+    let cdir = root.join("containers").join(&id);
+    // No local user reaches a running container's rootfs or writable layer, nor an
+    // image's layers (a setuid file there would give them euid 0).
+    let probes = [
+        cdir.join("rootfs/bin/busybox"),
+        cdir.join("upper"),
+        cdir.join(""),
+        root.join("images/"),
+        root.join("containers/"),
+    ];
+    for (p, err) in stat_as_nobody(&probes) {
+        assert_eq!(
+            err,
+            Some(std::io::ErrorKind::PermissionDenied),
+            "{} is reachable by uid 65534",
+            p.display()
+        );
+    }
+    assert_eq!(mode_of(root), 0o711);
+    assert_eq!(mode_of(&root.join("containers")), 0o711);
+    assert_eq!(mode_of(&cdir), 0o700);
+    assert_eq!(mode_of(&root.join("images")), 0o700);
+    // The overlay lives in the container's and its monitor's mount namespace only.
+    assert!(
+        e.mounts_under_root().is_empty(),
+        "the rootfs is mounted in the host's namespace: {:?}",
+        e.mounts_under_root()
+    );
+    let o = e.run(&[
+        "exec",
+        &id,
+        "sh",
+        "-c",
+        "echo x > /f && cat /f && ls /bin/busybox",
+    ]);
+    assert_eq!(stdout(&o), "x\n/bin/busybox\n", "{}", stderr(&o));
+    assert!(e.run(&["rm", "-f", &id]).status.success());
+    assert!(!cdir.exists(), "rm left {}", cdir.display());
+
+    // A --userns container's root (host uid/gid 100000) still reaches its rootfs.
+    let o = e.run(&[
+        "run",
+        "--rm",
+        "--userns",
+        "busybox",
+        "sh",
+        "-c",
+        "touch /new && id -u",
+    ]);
+    assert_eq!(stdout(&o), "0\n", "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(0));
+
+    // A store left open by an older nestor is closed at the next start.
+    let o = e.run(&["run", "-d", "busybox", "sleep", "60"]);
+    let id = stdout(&o).trim().to_string();
+    let cdir = root.join("containers").join(&id);
+    use std::os::unix::fs::PermissionsExt;
+    for d in [
+        root.to_path_buf(),
+        root.join("containers"),
+        cdir.clone(),
+        root.join("images"),
+    ] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    assert!(e.run(&["ps"]).status.success());
+    assert_eq!(mode_of(root), 0o711);
+    assert_eq!(mode_of(&root.join("containers")), 0o711);
+    assert_eq!(mode_of(&cdir), 0o700);
+    assert_eq!(mode_of(&root.join("images")), 0o700);
+}
