@@ -4,21 +4,11 @@
 
 mod bench;
 mod cli;
-mod helper;
+mod docker;
 mod jail;
-mod manage;
 mod oci;
-mod oci_vm;
-mod pod;
-mod run;
-mod sandbox;
-mod signals;
-mod spec;
-mod store;
-mod tty;
+mod sys;
 mod vm;
-mod vmdisk;
-mod vmrun;
 
 /// The seccomp profile Docker-style containers get (podman's default, from Debian's
 /// containers-common package), when installed.
@@ -32,6 +22,9 @@ use clap::Parser;
 use nestor_container::container::Runtime;
 
 use cli::{Cli, Cmd, ImageCmd};
+use docker::{manage, run};
+use oci::vm as oci_vm;
+use vm::{container as vmrun, pod};
 
 /// VM mode's OCI verbs (`nestor-vm`); None for the verbs it shares with native.
 fn dispatch_vm(cli: &Cli) -> Option<Result<i32>> {
@@ -64,12 +57,12 @@ fn dispatch_vm(cli: &Cli) -> Option<Result<i32>> {
             }
             Ok(())
         }
-        Cmd::Run(a) if a.bundle.is_some() => Err(anyhow::anyhow!(
+        Cmd::Run(a) if a.oci.bundle.is_some() => Err(anyhow::anyhow!(
             "run --bundle in VM mode is not supported: use create and start"
         )),
         Cmd::Run(a) => {
             let mut a = a.clone();
-            a.vm = true;
+            a.vm.enabled = true;
             return Some(vmrun::run(&a));
         }
         Cmd::Exec(a) if a.process.is_some() && oci_vm::exists(root, &a.id) => {
@@ -110,11 +103,11 @@ fn dispatch(cli: &Cli) -> Result<i32> {
             }
         }
         Cmd::Run(a) => {
-            return if a.bundle.is_some() {
+            return if a.oci.bundle.is_some() {
                 oci::run(&rt, a)
-            } else if a.jail && !a.vm {
+            } else if a.jail.enabled && !a.vm.enabled {
                 anyhow::bail!("--jail jails a microVM's monitor: use it with --vm")
-            } else if a.vm || a.pod.is_some() {
+            } else if a.vm.enabled || a.vm.pod.is_some() {
                 vmrun::run(a)
             } else {
                 run::run(&rt, a)
@@ -132,8 +125,8 @@ fn dispatch(cli: &Cli) -> Result<i32> {
         Cmd::Gc => manage::gc(&rt)?,
         Cmd::Bench(a) => bench::run(a)?,
         Cmd::Workload(a) => return bench::workload::run(a),
-        Cmd::Jail(a) => return vm::jail_cmd(&rt, a),
-        Cmd::Vm(cli::VmCmd::Run(a)) => return vm::vm_run(&rt, a),
+        Cmd::Jail(a) => return jail::cmd::jail_cmd(&rt, a),
+        Cmd::Vm(cli::VmCmd::Run(a)) => return vm::plain::vm_run(&rt, a),
         Cmd::Pod(cli::PodCmd::Create {
             name,
             vm_mem,

@@ -319,8 +319,8 @@ fn cli_errors_are_one_clear_line() {
             "invalid size",
         ),
         (
-            vec!["run", "--rm", "--network", "bridge", "busybox", "true"],
-            "unsupported --network",
+            vec!["run", "--rm", "--network", "bogus", "busybox", "true"],
+            "invalid value 'bogus' for '--network",
         ),
         (
             vec!["run", "--rm", "--user", "nosuchuser", "busybox", "true"],
@@ -331,6 +331,10 @@ fn cli_errors_are_one_clear_line() {
             "/no/such/bin",
         ),
         (vec!["logs", "ghost"], "no such container"),
+        (
+            vec!["run", "-p", "8080:80", "busybox", "true"],
+            "unexpected argument '-p'",
+        ),
         (vec!["image", "import", "/nonexistent/path"], "nonexistent"),
     ] {
         let o = e.run(&args);

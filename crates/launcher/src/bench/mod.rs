@@ -189,7 +189,7 @@ fn part(what: &str, path: &Path, bytes: u64) -> DiskPart {
 /// What must be on disk to start one unit beyond the host OS.
 fn disk_parts(env: &Env, r: &Runner) -> Vec<DiskPart> {
     let image = || -> Vec<DiskPart> {
-        match crate::store::image_store().and_then(|s| Ok(s.get(&env.image)?)) {
+        match crate::docker::store::image_store().and_then(|s| Ok(s.get(&env.image)?)) {
             Ok(img) => vec![DiskPart {
                 what: format!("image {} (extracted layers)", env.image),
                 path: img
@@ -627,12 +627,12 @@ fn prepare_env(a: &BenchArgs, modes: &[Mode], inside: bool) -> Result<Env> {
     let static_nestor = modes::find_static_nestor(a.workload_bin.as_deref(), &me);
     let workload_bin = static_nestor.clone().unwrap_or_else(|| me.clone());
     let workload_static = modes::is_static_elf(&workload_bin);
-    let image_err = match crate::store::image_store().and_then(|s| Ok(s.get(&a.image)?)) {
+    let image_err = match crate::docker::store::image_store().and_then(|s| Ok(s.get(&a.image)?)) {
         Ok(_) => None,
         Err(e) => Some(format!(
             "image '{}' is not in the store at {} ({e:#}; scripts/setup.sh imports the sample image)",
             a.image,
-            crate::store::data_root().display()
+            crate::docker::store::data_root().display()
         )),
     };
     let timeout = Duration::from_secs(a.timeout.unwrap_or(60));
@@ -672,7 +672,7 @@ fn prepare_vm(a: &BenchArgs, env: &Env) -> std::result::Result<VmAssets, String>
     if !Path::new("/dev/kvm").exists() {
         return Err("no /dev/kvm on this host".into());
     }
-    let vmm = crate::vm::sibling("nestor-vmm", "NESTOR_VMM").map_err(|e| format!("{e:#}"))?;
+    let vmm = crate::sys::bin::sibling("nestor-vmm", "NESTOR_VMM").map_err(|e| format!("{e:#}"))?;
     let kernel = match &a.kernel {
         Some(k) if k.is_file() => k.clone(),
         Some(k) => return Err(format!("--kernel {}: no such file", k.display())),

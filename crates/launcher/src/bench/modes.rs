@@ -577,7 +577,7 @@ impl Env {
     fn write_bundle(&self, bundle: &Path, args: &[String], p: &Program, net: bool) -> Result<()> {
         use oci_spec::runtime::{LinuxNamespaceBuilder, LinuxNamespaceType, MountBuilder};
         std::fs::create_dir_all(bundle)?;
-        let mut spec = crate::spec::default_spec(args, false)?;
+        let mut spec = crate::docker::spec::default_spec(args, false)?;
         if let Some(mut root) = spec.root().clone() {
             root.set_path(self.rootfs.clone());
             root.set_readonly(Some(false));

@@ -222,8 +222,29 @@ pub struct ExecArgs {
     pub cmd: Vec<String>,
 }
 
+/// `nestor run`: Docker-style (IMAGE [CMD…]) or, with `--bundle`, the OCI runtime's
+/// `run ID`. Its options come in groups, one per concern.
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
+    #[command(flatten)]
+    pub oci: OciRunOpts,
+    #[command(flatten)]
+    pub ctr: ContainerOpts,
+    #[command(flatten)]
+    pub net: NetOpts,
+    #[command(flatten)]
+    pub vm: VmOpts,
+    #[command(flatten)]
+    pub jail: JailRunOpts,
+    /// IMAGE [CMD…] (Docker style) or ID (OCI style, with --bundle). Options go before
+    /// the image; everything after it is the container's command.
+    #[arg(trailing_var_arg = true, required = true)]
+    pub args: Vec<String>,
+}
+
+/// The OCI runtime's `run` (with `--bundle`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct OciRunOpts {
     /// OCI: run the bundle in this directory (and take ID as the first argument).
     #[arg(short, long)]
     pub bundle: Option<PathBuf>,
@@ -233,6 +254,11 @@ pub struct RunArgs {
     pub pid_file: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub preserve_fds: u32,
+}
+
+/// The container itself, as Docker's and podman's `run` take it.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ContainerOpts {
     #[arg(short, long)]
     pub detach: bool,
     /// Remove the container when it exits.
@@ -265,9 +291,6 @@ pub struct RunArgs {
     /// USER[:GROUP] (names or ids) to run as.
     #[arg(short, long)]
     pub user: Option<String>,
-    /// none (own network namespace, loopback only) or host.
-    #[arg(long, default_value = "none")]
-    pub network: String,
     #[arg(long)]
     pub name: Option<String>,
     #[arg(long)]
@@ -275,38 +298,63 @@ pub struct RunArgs {
     /// Map container root to an unprivileged host uid range (user namespace).
     #[arg(long)]
     pub userns: bool,
+}
+
+/// The container's network.
+#[derive(Args, Debug, Clone, Default)]
+pub struct NetOpts {
+    /// none (own network namespace, loopback only) or host.
+    #[arg(long, value_enum, default_value_t = NetworkMode::None)]
+    pub network: NetworkMode,
+}
+
+/// `--network`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NetworkMode {
+    /// A network namespace of its own with only loopback.
+    #[default]
+    None,
+    /// The host's network namespace.
+    Host,
+}
+
+/// Scenario 1: the container in a microVM (its own, or a pod's).
+#[derive(Args, Debug, Clone, Default)]
+pub struct VmOpts {
     /// Run the container inside a fresh KVM microVM (scenario 1).
-    #[arg(long)]
-    pub vm: bool,
+    #[arg(id = "vm", long = "vm")]
+    pub enabled: bool,
     /// Guest memory of the microVM in MiB (--vm; default 256, or --memory + 64).
-    #[arg(long, value_name = "MiB")]
-    pub vm_mem: Option<u32>,
+    #[arg(id = "vm_mem", long = "vm-mem", value_name = "MiB")]
+    pub mem: Option<u32>,
     /// vCPUs of the microVM (--vm; default 1).
-    #[arg(long, value_name = "N")]
-    pub vm_cpus: Option<u8>,
+    #[arg(id = "vm_cpus", long = "vm-cpus", value_name = "N")]
+    pub cpus: Option<u8>,
     /// Guest kernel for --vm (default: $NESTOR_VM_KERNEL or $NESTOR_ROOT/vm/vmlinux).
-    #[arg(long, value_name = "PATH")]
-    pub vm_kernel: Option<PathBuf>,
-    /// With --vm: run the microVM's monitor in a jail too (scenario 2 around scenario 1:
-    /// its own namespaces, cgroup, unprivileged uid, no capabilities, seccomp).
-    #[arg(long)]
-    pub jail: bool,
-    /// Host uid that root in the VMM's jail maps to (--jail).
-    #[arg(long, default_value_t = crate::store::JAIL_ID_DEFAULT)]
-    pub jail_uid: u32,
-    /// Host gid that root in the VMM's jail maps to (--jail).
-    #[arg(long, default_value_t = crate::store::JAIL_ID_DEFAULT)]
-    pub jail_gid: u32,
+    #[arg(id = "vm_kernel", long = "vm-kernel", value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Agent initramfs for --vm (default: $NESTOR_VM_INITRD or
+    /// $NESTOR_ROOT/vm/initramfs.cpio.gz).
+    #[arg(id = "vm_initrd", long = "vm-initrd", value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
     /// Run the container in this pod's microVM (`nestor pod create`); implies --vm.
     #[arg(long, value_name = "POD")]
     pub pod: Option<String>,
-    /// Agent initramfs for --vm (default: $NESTOR_VM_INITRD or
-    /// $NESTOR_ROOT/vm/initramfs.cpio.gz).
-    #[arg(long, value_name = "PATH")]
-    pub vm_initrd: Option<PathBuf>,
-    /// IMAGE [CMD…] (Docker style) or ID (OCI style, with --bundle).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
-    pub args: Vec<String>,
+}
+
+/// Scenario 2 around scenario 1: the microVM's monitor jailed.
+#[derive(Args, Debug, Clone, Default)]
+pub struct JailRunOpts {
+    /// With --vm: run the microVM's monitor in a jail too (scenario 2 around scenario 1:
+    /// its own namespaces, cgroup, unprivileged uid, no capabilities, seccomp).
+    #[arg(id = "jail", long = "jail")]
+    pub enabled: bool,
+    /// Host uid that root in the VMM's jail maps to (--jail).
+    #[arg(id = "jail_uid", long = "jail-uid", default_value_t = crate::docker::store::JAIL_ID_DEFAULT)]
+    pub uid: u32,
+    /// Host gid that root in the VMM's jail maps to (--jail).
+    #[arg(id = "jail_gid", long = "jail-gid", default_value_t = crate::docker::store::JAIL_ID_DEFAULT)]
+    pub gid: u32,
 }
 
 #[derive(Subcommand, Debug)]
@@ -405,10 +453,10 @@ pub struct WorkloadArgs {
 #[derive(Args, Debug, Clone)]
 pub struct JailOpts {
     /// Host uid that root in the jail maps to.
-    #[arg(long, default_value_t = crate::store::JAIL_ID_DEFAULT)]
+    #[arg(long, default_value_t = crate::docker::store::JAIL_ID_DEFAULT)]
     pub jail_uid: u32,
     /// Host gid that root in the jail maps to.
-    #[arg(long, default_value_t = crate::store::JAIL_ID_DEFAULT)]
+    #[arg(long, default_value_t = crate::docker::store::JAIL_ID_DEFAULT)]
     pub jail_gid: u32,
     /// Memory limit of the jail's cgroup (bytes, or with k, m, g).
     #[arg(long)]
@@ -496,4 +544,28 @@ pub struct VmRunArgs {
     pub jail: bool,
     #[command(flatten)]
     pub jail_opts: JailOpts,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn an_unknown_flag_before_the_image_is_refused_as_a_flag() {
+        let e = Cli::try_parse_from(["nestor", "run", "-p", "8080:80", "busybox"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::UnknownArgument, "{e}");
+        let c =
+            Cli::try_parse_from(["nestor", "run", "--rm", "busybox", "ls", "-l", "--x"]).unwrap();
+        let Cmd::Run(r) = c.cmd else {
+            panic!("not run")
+        };
+        assert_eq!(r.args, ["busybox", "ls", "-l", "--x"]);
+        assert!(r.ctr.rm);
+    }
 }

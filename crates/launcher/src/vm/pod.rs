@@ -1,7 +1,7 @@
 //! Pods: one long-lived microVM that holds several containers, as Kata's sandbox does.
 //! `nestor pod create NAME` boots the VM with the disks of the images in the store under
 //! a detached monitor process (the VMM dies with it); `nestor run --pod NAME IMAGE …`
-//! runs a container in it (`vmrun`); `nestor pod rm NAME` powers the VM off.
+//! runs a container in it (`vm::container`); `nestor pod rm NAME` powers the VM off.
 //!
 //! Records: `$NESTOR_ROOT/pods/NAME.json`; the VM's files in the sandbox directory.
 
@@ -13,8 +13,8 @@ use nestor_agent_protocol::{self as proto, Request};
 use nestor_container::state::{now_ns, proc_start, rfc3339};
 use serde::{Deserialize, Serialize};
 
-use crate::sandbox::{self, Agent, Assets, BootOpts, Sandbox};
-use crate::store;
+use crate::docker::store;
+use crate::vm::sandbox::{self, Agent, Assets, BootOpts, Sandbox};
 
 /// Most image disks a pod's VM gets.
 const MAX_IMAGES: usize = 8;
@@ -121,11 +121,11 @@ pub fn create(name: &str, mem_mib: u32, vcpus: u8) -> Result<()> {
     let mut disks = Vec::new();
     for s in &list {
         let img = images.get(&s.id)?;
-        disks.push((crate::vmdisk::image_disk(&img)?, true));
+        disks.push((crate::vm::disk::image_disk(&img)?, true));
         ids.push(s.id.clone());
     }
     let assets = Assets::find(None, None)?;
-    crate::helper::fork("pod monitor", |ready| {
+    crate::sys::helper::fork("pod monitor", |ready| {
         let r = monitor(name, ids, disks, &assets, mem_mib, vcpus, ready);
         if r.is_err() {
             let _ = std::fs::remove_file(record(name));
@@ -145,10 +145,10 @@ fn monitor(
     assets: &Assets,
     mem_mib: u32,
     vcpus: u8,
-    ready: &mut crate::helper::Ready,
+    ready: &mut crate::sys::helper::Ready,
 ) -> Result<()> {
     nix::unistd::setsid().context("setsid")?;
-    crate::sandbox::stdio_to_null()?;
+    crate::vm::sandbox::stdio_to_null()?;
     let mut sb = Sandbox::boot(
         &format!("pod-{name}"),
         assets,

@@ -5,6 +5,9 @@
 //! no_new_privs, rlimits and cgroup limits. The program (the VMM) installs its own
 //! seccomp filters before it runs guest code.
 
+pub mod cmd;
+pub mod vmm;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -465,7 +468,7 @@ impl Jailed {
     /// Waits for the program to end (forwarding SIGINT/SIGTERM/… to it), cleans the jail
     /// up and returns its exit code; reports an OOM kill by the jail's memory limit.
     pub fn wait(mut self) -> Result<i32> {
-        let guard = crate::signals::forward_to(self.pid);
+        let guard = crate::sys::signals::forward_to(self.pid);
         let code = wait_exit(self.pid);
         self.reaped = true;
         drop(guard);

@@ -7,7 +7,7 @@
 //! (a setuid file in them would otherwise give any user euid 0). `$NESTOR_ROOT` and
 //! `containers/` are 0711 (traverse only, no listing: `--userns` containers and jails
 //! pass through them), each `containers/<id>/` is 0700 (0710 with group
-//! [`USERNS_BASE`](crate::spec::USERNS_BASE) for a `--userns` container, whose root
+//! [`USERNS_BASE`](crate::docker::spec::USERNS_BASE) for a `--userns` container, whose root
 //! must reach its rootfs), `images/`, `pods/` and `networks/` are 0700, and the VM
 //! assets (`vm/`, `vm-disks/`) are 0710 with the default jail group, so a jailed VMM
 //! binds them without a copy. [`data_root`] puts these modes right once per process,
@@ -102,7 +102,7 @@ fn secure_layout(root: &Path) {
 /// A container's own directory: 0700, or 0710 when its group is the `--userns` root's.
 fn container_dir_mode(dir: &Path) {
     use std::os::unix::fs::MetadataExt;
-    let userns = std::fs::metadata(dir).is_ok_and(|m| m.gid() == crate::spec::USERNS_BASE);
+    let userns = std::fs::metadata(dir).is_ok_and(|m| m.gid() == crate::docker::spec::USERNS_BASE);
     fix_mode(dir, if userns { 0o710 } else { 0o700 }, None);
 }
 
@@ -116,7 +116,7 @@ pub fn create_dir(id: &str, userns: bool) -> Result<PathBuf> {
         .create(&d)
         .with_context(|| format!("create {}", d.display()))?;
     if userns {
-        nix::unistd::chown(&d, None, Some(crate::spec::USERNS_BASE.into()))
+        nix::unistd::chown(&d, None, Some(crate::docker::spec::USERNS_BASE.into()))
             .with_context(|| format!("give {} the user namespace's group", d.display()))?;
         container_dir_mode(&d);
     }

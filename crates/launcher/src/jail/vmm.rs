@@ -1,197 +1,15 @@
-//! `nestor vm run` (a plain microVM: nestor-vmm in the foreground) and `nestor vm run
-//! --jail` (scenario 2: the same VMM inside a jail), plus `nestor jail` for any program.
+//! Scenario 2's building block: nestor-vmm started inside a jail, as a handle (pid,
+//! the host path of its vsock socket, clean-up). `nestor vm run --jail` and the
+//! sandbox of `run --vm --jail` both use it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use nestor_container::container::Runtime;
 
-use crate::cli::{JailArgs, JailNetwork, JailOpts, VmRunArgs};
-use crate::jail::{self, JailConfig, JailFile};
-
-/// A sibling binary of the installed nestor (e.g. nestor-vmm), or one on PATH.
-pub fn sibling(name: &str, env: &str) -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os(env) {
-        return Ok(PathBuf::from(p));
-    }
-    let me = std::env::var_os("NESTOR_EXE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::current_exe().ok());
-    if let Some(dir) = me.as_deref().and_then(Path::parent) {
-        let p = dir.join(name);
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    for d in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
-        let p = d.join(name);
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    bail!("{name} not found next to nestor or on PATH (build it with `cargo build --release`, or set {env})")
-}
-
-/// A jail for `binary` with the user's limits; devices and sharing default to off.
-fn jail_config(
-    id: String,
-    o: &JailOpts,
-    binary: PathBuf,
-    args: Vec<String>,
-    files: Vec<JailFile>,
-) -> Result<JailConfig> {
-    Ok(JailConfig {
-        tap: (o.network == JailNetwork::Tap).then(|| jail::tap_name(&id)),
-        id,
-        binary,
-        args,
-        files,
-        uid: o.jail_uid,
-        gid: o.jail_gid,
-        kvm: false,
-        memory: o
-            .memory
-            .as_deref()
-            .map(crate::run::parse_bytes)
-            .transpose()?,
-        cpus: o.cpus,
-        pids_limit: o.pids_limit,
-        nofile: o.nofile,
-        fsize: o.fsize,
-        nproc: 4096,
-        share_dir: false,
-    })
-}
-
-fn new_jail_id() -> Result<String> {
-    Ok(format!("jail-{}", &crate::store::new_id()?[..12]))
-}
-
-/// `nestor jail [opts] -- PROGRAM ARGS…`
-pub fn jail_cmd(rt: &Runtime, a: &JailArgs) -> Result<i32> {
-    let (prog, args) = a.cmd.split_first().context("no program given")?;
-    let binary = std::fs::canonicalize(prog).with_context(|| format!("program {prog}"))?;
-    let mut files = Vec::new();
-    for f in &a.files {
-        let (h, i) = f
-            .split_once(':')
-            .with_context(|| format!("--file {f}: use HOST:INSIDE"))?;
-        files.push(JailFile {
-            host: PathBuf::from(h),
-            inside: i.to_string(),
-            writable: false,
-        });
-    }
-    let id = match &a.id {
-        Some(i) => i.clone(),
-        None => new_jail_id()?,
-    };
-    let mut c = jail_config(id, &a.opts, binary, args.to_vec(), files)?;
-    c.kvm = a.kvm;
-    jail::run(rt, &c)
-}
-
-/// nestor-vmm's arguments, with paths as the VMM will see them.
-fn vmm_args(
-    a: &VmRunArgs,
-    kernel: &str,
-    initrd: Option<&str>,
-    disks: &[(String, bool)],
-    vsock: Option<&str>,
-) -> Vec<String> {
-    let mut v = vec!["--kernel".to_string(), kernel.to_string()];
-    if let Some(i) = initrd {
-        v.extend(["--initrd".into(), i.into()]);
-    }
-    if let Some(c) = &a.cmdline {
-        v.extend(["--cmdline".into(), c.clone()]);
-    }
-    if let Some(m) = a.mem {
-        v.extend(["--mem".into(), m.to_string()]);
-    }
-    if let Some(n) = a.vcpus {
-        v.extend(["--vcpus".into(), n.to_string()]);
-    }
-    for (d, ro) in disks {
-        v.extend([
-            "--disk".into(),
-            if *ro { format!("{d},ro") } else { d.clone() },
-        ]);
-    }
-    if let Some(s) = vsock {
-        v.extend(["--vsock".into(), s.into()]);
-    }
-    if let Some(n) = &a.net {
-        v.extend(["--net".into(), n.clone()]);
-    }
-    if let Some(c) = &a.console {
-        v.extend(["--console".into(), c.clone()]);
-    }
-    v
-}
-
-fn parse_disk(d: &str) -> (String, bool) {
-    match d.strip_suffix(",ro") {
-        Some(p) => (p.to_string(), true),
-        None => (d.to_string(), false),
-    }
-}
-
-pub fn vm_run(rt: &Runtime, a: &VmRunArgs) -> Result<i32> {
-    let vmm = match &a.vmm {
-        Some(p) => p.clone(),
-        None => sibling("nestor-vmm", "NESTOR_VMM")?,
-    };
-    let disks: Vec<(String, bool)> = a.disk.iter().map(|d| parse_disk(d)).collect();
-    if !a.jail {
-        let args = vmm_args(
-            a,
-            &a.kernel.to_string_lossy(),
-            a.initrd.as_deref().map(|p| p.to_str().unwrap_or_default()),
-            &disks,
-            a.vsock.as_deref().map(|p| p.to_str().unwrap_or_default()),
-        );
-        let st = std::process::Command::new(&vmm)
-            .args(&args)
-            .status()
-            .with_context(|| format!("start {}", vmm.display()))?;
-        return Ok(st.code().unwrap_or(128 + 9));
-    }
-    if a.net.is_some() {
-        bail!("--net names a host tap, which a jail cannot use: give --network tap instead (the jail gets its own tap)");
-    }
-    let spec = VmmSpec {
-        vmm,
-        kernel: a.kernel.clone(),
-        initrd: a.initrd.clone(),
-        cmdline: a.cmdline.clone(),
-        disks: disks
-            .iter()
-            .map(|(d, ro)| (PathBuf::from(d), *ro))
-            .collect(),
-        vsock: a.vsock.is_some(),
-        mem_mib: a.mem,
-        vcpus: a.vcpus,
-        console: a.console.clone(),
-        extra_args: Vec::new(),
-    };
-    let vm = spawn_jailed_vmm(rt, &spec, &a.jail_opts, None)?;
-    // The user's vsock path points at the socket in the jail's shared directory.
-    let link = match (&a.vsock, &vm.vsock) {
-        (Some(p), Some(target)) => {
-            let _ = std::fs::remove_file(p);
-            std::os::unix::fs::symlink(target, p)
-                .with_context(|| format!("create {}", p.display()))?;
-            Some(p.clone())
-        }
-        _ => None,
-    };
-    let r = vm.wait();
-    if let Some(l) = link {
-        let _ = std::fs::remove_file(l);
-    }
-    r
-}
+use crate::cli::{JailNetwork, JailOpts};
+use crate::jail::cmd::{jail_config, new_jail_id};
+use crate::jail::{self, JailFile};
 
 /// The VMM to run in a jail, with host paths.
 #[derive(Debug, Clone, Default)]
@@ -276,7 +94,7 @@ pub fn spawn_jailed_vmm(
     let memory = opts
         .memory
         .as_deref()
-        .map(crate::run::parse_bytes)
+        .map(crate::sys::size::parse_bytes)
         .transpose()?;
     if let Some(limit) = memory {
         let need = (mem_mib + VMM_OVERHEAD_MIB) << 20;

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 pub const FSTYPE: &str = "erofs";
 
 pub fn disks_dir() -> PathBuf {
-    crate::store::data_root().join("vm-disks")
+    crate::docker::store::data_root().join("vm-disks")
 }
 
 /// The image's disk, built if missing (under an exclusive lock, so concurrent runs build

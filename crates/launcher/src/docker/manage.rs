@@ -10,7 +10,7 @@ use nestor_container::state::{rfc3339, Root};
 use nix::sys::signal::Signal;
 
 use crate::cli::ExecArgs;
-use crate::store::{self, Meta};
+use crate::docker::store::{self, Meta};
 
 fn runtime_of(m: &Meta) -> Runtime {
     Runtime::new(m.state_root.clone())
@@ -99,7 +99,7 @@ pub fn logs(name: &str, follow: bool) -> Result<()> {
 
 fn signal_container(m: &Meta, sig: Signal) -> Result<()> {
     if let Some(vm) = &m.vm {
-        return crate::vmrun::signal(m, vm, sig as i32);
+        return crate::vm::container::signal(m, vm, sig as i32);
     }
     runtime_of(m)
         .kill(&m.id, sig, false)
@@ -145,7 +145,7 @@ pub fn stop(names: &[String], secs: u64) -> Result<()> {
         let _ = signal_container(&m, Signal::SIGTERM);
         if !wait_stopped(&m, Duration::from_secs(secs)) {
             match &m.vm {
-                Some(vm) => crate::vmrun::kill_vmm(vm),
+                Some(vm) => crate::vm::container::kill_vmm(vm),
                 None => {
                     let _ = runtime_of(&m).kill(&m.id, Signal::SIGKILL, true);
                 }
@@ -184,7 +184,7 @@ pub fn rm(names: &[String], force: bool) -> Result<()> {
                     );
                 }
                 match &m.vm {
-                    Some(vm) => crate::vmrun::kill_vmm(vm),
+                    Some(vm) => crate::vm::container::kill_vmm(vm),
                     None => {
                         let _ = runtime_of(&m).kill(&m.id, Signal::SIGKILL, true);
                     }
@@ -249,7 +249,7 @@ pub fn exec(rt_default: &Runtime, a: &ExecArgs) -> Result<i32> {
         bail!("exec needs a command");
     }
     if let Some(vm) = &m.vm {
-        return crate::vmrun::exec(&m, vm, a);
+        return crate::vm::container::exec(&m, vm, a);
     }
     let cfg = store::dir(&m.id).join("config.json");
     let spec = nestor_container::spec::parse(
@@ -295,7 +295,7 @@ pub fn exec(rt_default: &Runtime, a: &ExecArgs) -> Result<i32> {
     let _ = rt_default;
     if a.tty {
         let dir = tempfile_dir()?;
-        let console = crate::tty::ConsoleListener::new(&dir)?;
+        let console = crate::sys::tty::ConsoleListener::new(&dir)?;
         let pid = rt.exec(&nestor_container::container::ExecOpts {
             id: m.id.clone(),
             process,
@@ -303,8 +303,8 @@ pub fn exec(rt_default: &Runtime, a: &ExecArgs) -> Result<i32> {
             pid_file: None,
             preserve_fds: 0,
         })?;
-        let h = crate::tty::proxy(console.accept_master()?, a.interactive);
-        let g = crate::signals::forward_to(pid);
+        let h = crate::sys::tty::proxy(console.accept_master()?, a.interactive);
+        let g = crate::sys::signals::forward_to(pid);
         let code = nestor_container::container::wait_exit(pid)?;
         drop(g);
         let _ = h.join();
@@ -394,7 +394,7 @@ pub fn gc(rt: &Runtime) -> Result<()> {
     for mut m in store::all() {
         if m.status != "exited" && !m.owner_alive() {
             if let Some(vm) = m.vm.take() {
-                crate::vmrun::kill_vmm(&vm);
+                crate::vm::container::kill_vmm(&vm);
                 if vm.pod.is_none() {
                     let _ = std::fs::remove_dir_all(&vm.sandbox);
                 }
@@ -500,7 +500,7 @@ pub fn gc(rt: &Runtime) -> Result<()> {
         }
     }
     let images = store::image_store()?;
-    n += crate::vmrun::gc(&images)?;
+    n += crate::vm::container::gc(&images)?;
     let report = images.gc()?;
     println!(
         "gc: {n} container leftovers removed; {} unused layers, {} blobs, {} staging entries removed",

@@ -22,7 +22,7 @@ use nestor_container::state::{now_ns, proc_start, rfc3339};
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{CreateArgs, KillArgs};
-use crate::sandbox::{self, Agent, Assets, BootOpts, Sandbox};
+use crate::vm::sandbox::{self, Agent, Assets, BootOpts, Sandbox};
 
 /// What `state` reports, kept by `create` and the shim.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -128,7 +128,7 @@ pub fn create(root: &Path, a: &CreateArgs) -> Result<()> {
     std::fs::create_dir_all(&d).with_context(|| format!("create {}", d.display()))?;
     let r = (|| -> Result<i32> {
         let disk = d.join("rootfs.erofs");
-        crate::vmdisk::snapshot_dir(&rootfs, &disk)?;
+        crate::vm::disk::snapshot_dir(&rootfs, &disk)?;
         let assets = Assets::find(None, None)?;
         spawn_shim(root, a, &bundle, spec, &disk, &assets, terminal)
     })();
@@ -180,7 +180,7 @@ fn spawn_shim(
     assets: &Assets,
     terminal: bool,
 ) -> Result<i32> {
-    let (pid, _) = crate::helper::fork("VM shim", |ready| {
+    let (pid, _) = crate::sys::helper::fork("VM shim", |ready| {
         shim(root, a, bundle, spec, disk, assets, terminal, ready)
     })?;
     Ok(pid)
@@ -226,7 +226,7 @@ fn shim(
     disk: &Path,
     assets: &Assets,
     terminal: bool,
-    ready: &mut crate::helper::Ready,
+    ready: &mut crate::sys::helper::Ready,
 ) -> Result<i32> {
     let id = a.id.clone();
     let gid = guest_id(&id);
@@ -262,10 +262,10 @@ fn shim(
     let (stdin_src, stdout_dst, stderr_dst) = stdio_ends(slave.as_ref())?;
     let input = sb.attach(&gid, None, Stream::Stdin, deadline)?;
     let out = sb.attach(&gid, None, Stream::Stdout, deadline)?;
-    outputs.push(crate::vmrun::pump(out, stdout_dst));
+    outputs.push(crate::sys::pump::pump(out, stdout_dst));
     if let Some(e) = stderr_dst {
         let err = sb.attach(&gid, None, Stream::Stderr, deadline)?;
-        outputs.push(crate::vmrun::pump(err, e));
+        outputs.push(crate::sys::pump::pump(err, e));
     }
     std::thread::spawn(move || {
         let mut src = stdin_src;
@@ -278,7 +278,7 @@ fn shim(
         bundle: Bundle::Disk {
             spec: spec.clone(),
             device: proto::disk_device(0),
-            fstype: crate::vmdisk::FSTYPE.into(),
+            fstype: crate::vm::disk::FSTYPE.into(),
         },
     })? {
         Response::Started { .. } => {}
@@ -300,10 +300,10 @@ fn shim(
     save(root, &st)?;
     // The caller may exit now; stdio stays with us. Detach from its session's signals.
     ready.ok("")?;
-    crate::sandbox::stdio_to_null()?;
-    let (_guard, pipe) = crate::signals::forward_to_pipe().context("signal pipe")?;
+    crate::vm::sandbox::stdio_to_null()?;
+    let (_guard, pipe) = crate::sys::signals::forward_to_pipe().context("signal pipe")?;
     if let Ok(s) = sb.connect(proto::DEFAULT_PORT, deadline) {
-        crate::vmrun::forward_signals(pipe, Agent::new(s)?, gid.clone());
+        crate::vm::sandbox::forward_signals(pipe, Agent::new(s)?, gid.clone());
     }
     let code = match agent.call(Request::Wait {
         container: gid,
@@ -479,7 +479,8 @@ pub fn exec(root: &Path, a: &crate::cli::ExecArgs) -> Result<i32> {
         }
         return exec_in_vm(&st, &req, None);
     }
-    let (pid, _) = crate::helper::fork("exec shim", |ready| exec_in_vm(&st, &req, Some(ready)))?;
+    let (pid, _) =
+        crate::sys::helper::fork("exec shim", |ready| exec_in_vm(&st, &req, Some(ready)))?;
     if let Some(pid_file) = &a.pid_file {
         std::fs::write(pid_file, pid.to_string())
             .with_context(|| format!("write {}", pid_file.display()))?;
@@ -496,10 +497,14 @@ struct ExecReq {
 
 /// Runs one exec through the agent with this process's stdio (or a host pty); when
 /// `ready` is given, reports "ok" on it once the process started and lets go of stdio.
-fn exec_in_vm(st: &VmState, r: &ExecReq, ready: Option<&mut crate::helper::Ready>) -> Result<i32> {
+fn exec_in_vm(
+    st: &VmState,
+    r: &ExecReq,
+    ready: Option<&mut crate::sys::helper::Ready>,
+) -> Result<i32> {
     let sock = st.sandbox.join("v.sock");
     let gid = guest_id(&st.id);
-    let exec_id = format!("x{}", &crate::store::new_id()?[..10]);
+    let exec_id = format!("x{}", &crate::docker::store::new_id()?[..10]);
     let attach = |stream| sandbox::attach_at(&sock, &gid, Some(&exec_id), stream);
     let slave = match &r.console {
         Some(cs) => Some(host_pty(cs)?),
@@ -507,9 +512,9 @@ fn exec_in_vm(st: &VmState, r: &ExecReq, ready: Option<&mut crate::helper::Ready
     };
     let (stdin_src, stdout_dst, stderr_dst) = stdio_ends(slave.as_ref())?;
     let input = attach(Stream::Stdin)?;
-    let mut outputs = vec![crate::vmrun::pump(attach(Stream::Stdout)?, stdout_dst)];
+    let mut outputs = vec![crate::sys::pump::pump(attach(Stream::Stdout)?, stdout_dst)];
     if let Some(e) = stderr_dst {
-        outputs.push(crate::vmrun::pump(attach(Stream::Stderr)?, e));
+        outputs.push(crate::sys::pump::pump(attach(Stream::Stderr)?, e));
     }
     std::thread::spawn(move || {
         let mut src = stdin_src;
@@ -533,7 +538,7 @@ fn exec_in_vm(st: &VmState, r: &ExecReq, ready: Option<&mut crate::helper::Ready
     }
     if let Some(w) = ready {
         w.ok("")?;
-        crate::sandbox::stdio_to_null()?;
+        crate::vm::sandbox::stdio_to_null()?;
     }
     let code = match ag.call(Request::Wait {
         container: gid,

@@ -9,8 +9,9 @@ use anyhow::{bail, Context, Result};
 use nestor_container::container::{wait_exit, CreateOpts, Runtime};
 use serde_json::{json, Value};
 
-use crate::cli::RunArgs;
-use crate::store::{self, Meta};
+use crate::cli::{NetworkMode, RunArgs};
+use crate::docker::store::{self, Meta};
+use crate::sys::size::parse_bytes;
 
 /// Docker's default capability set.
 const DEFAULT_CAPS: [&str; 14] = [
@@ -29,25 +30,6 @@ const DEFAULT_CAPS: [&str; 14] = [
     "CAP_KILL",
     "CAP_AUDIT_WRITE",
 ];
-
-/// "64m", "1g", "512k", "1048576".
-pub fn parse_bytes(s: &str) -> Result<i64> {
-    let t = s.trim().to_ascii_lowercase();
-    let t = t.strip_suffix('b').unwrap_or(&t);
-    let (num, mul) = match t.chars().last() {
-        Some('k') => (&t[..t.len() - 1], 1i64 << 10),
-        Some('m') => (&t[..t.len() - 1], 1 << 20),
-        Some('g') => (&t[..t.len() - 1], 1 << 30),
-        _ => (t, 1),
-    };
-    let n: f64 = num.parse().map_err(|_| {
-        anyhow::anyhow!("invalid size '{s}': use a number with an optional k, m or g suffix")
-    })?;
-    if n.is_nan() || n <= 0.0 {
-        bail!("invalid size '{s}': must be positive");
-    }
-    Ok((n * mul as f64) as i64)
-}
 
 /// The most of an image's `/etc/passwd` or `/etc/group` nestor reads.
 const ID_FILE_MAX: u64 = 1 << 20;
@@ -149,10 +131,14 @@ pub fn build_spec(
     rootfs: &Path,
     id: &str,
 ) -> Result<Value> {
-    let base = crate::spec::default_spec(cmd, a.userns)?;
+    let base = crate::docker::spec::default_spec(cmd, a.ctr.userns)?;
     let mut s = serde_json::to_value(&base)?;
     s["root"] = json!({"path": rootfs, "readonly": false});
-    let hostname = a.hostname.clone().unwrap_or_else(|| id[..12].to_string());
+    let hostname = a
+        .ctr
+        .hostname
+        .clone()
+        .unwrap_or_else(|| id[..12].to_string());
     s["hostname"] = json!(hostname);
     let p = &mut s["process"];
     let mut env: Vec<String> = image.config.env.clone();
@@ -160,7 +146,7 @@ pub fn build_spec(
         env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
     }
     env.push(format!("HOSTNAME={hostname}"));
-    for e in &a.env {
+    for e in &a.ctr.env {
         let kv = if e.contains('=') {
             e.clone()
         } else {
@@ -173,12 +159,13 @@ pub fn build_spec(
         env.retain(|x| x.split('=').next() != Some(key.as_str()));
         env.push(kv);
     }
-    if a.tty {
+    if a.ctr.tty {
         env.push("TERM=xterm".into());
     }
     p["env"] = json!(env);
-    p["terminal"] = json!(a.tty);
+    p["terminal"] = json!(a.ctr.tty);
     p["cwd"] = json!(a
+        .ctr
         .workdir
         .clone()
         .or_else(|| image.config.working_dir.clone())
@@ -188,6 +175,7 @@ pub fn build_spec(
         bail!("--workdir must be an absolute path");
     }
     let user = a
+        .ctr
         .user
         .clone()
         .or_else(|| image.config.user.clone())
@@ -208,7 +196,7 @@ pub fn build_spec(
     let mounts = s["mounts"]
         .as_array_mut()
         .context("default spec has no mounts")?;
-    for v in &a.volume {
+    for v in &a.ctr.volume {
         let parts: Vec<&str> = v.split(':').collect();
         let (src, dst, ro) = match parts.as_slice() {
             [src, dst] => (*src, *dst, false),
@@ -231,30 +219,29 @@ pub fn build_spec(
     }
     // Namespaces and resources.
     let linux = &mut s["linux"];
-    match a.network.as_str() {
-        "none" => {}
-        "host" => {
+    match a.net.network {
+        NetworkMode::None => {}
+        NetworkMode::Host => {
             if let Some(ns) = linux["namespaces"].as_array_mut() {
                 ns.retain(|n| n["type"] != "network");
             }
         }
-        other => bail!("unsupported --network '{other}': use none or host"),
     }
     let mut res = json!({});
-    if let Some(m) = &a.memory {
+    if let Some(m) = &a.ctr.memory {
         let b = parse_bytes(m)?;
         if b < 6 << 20 {
             bail!("--memory {m} is below the 6 MiB minimum");
         }
         res["memory"] = json!({"limit": b, "swap": b});
     }
-    if let Some(c) = a.cpus {
+    if let Some(c) = a.ctr.cpus {
         if c.is_nan() || c <= 0.0 || c > 1024.0 {
             bail!("--cpus {c} must be between 0 and 1024");
         }
         res["cpu"] = json!({"quota": (c * 100_000.0) as i64, "period": 100_000u64});
     }
-    if let Some(pl) = a.pids_limit {
+    if let Some(pl) = a.ctr.pids_limit {
         res["pids"] = json!({"limit": pl});
     }
     linux["resources"] = res;
@@ -284,23 +271,34 @@ pub fn prepare(a: &RunArgs, state_root: &Path) -> Result<Prepared> {
         bail!("no command given and image '{image_ref}' has no Entrypoint or Cmd");
     }
     let id = store::new_id()?;
-    let name = match &a.name {
+    let name = match &a.ctr.name {
         Some(n) => {
             store::check_name(n)?;
             n.clone()
         }
         None => format!("nestor_{}", &id[..8]),
     };
-    let dir = store::create_dir(&id, a.userns)?;
-    let meta = store::new_meta(&id, name, &image, image_ref, cmd.clone(), a.rm, state_root);
+    let dir = store::create_dir(&id, a.ctr.userns)?;
+    let meta = store::new_meta(
+        &id,
+        name,
+        &image,
+        image_ref,
+        cmd.clone(),
+        a.ctr.rm,
+        state_root,
+    );
     store::save(&meta)?;
     let r = (|| -> Result<()> {
         let (rootfs, upper, work) = (dir.join("rootfs"), dir.join("upper"), dir.join("work"));
         for d in [&rootfs, &upper, &work] {
             std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
         }
-        if a.userns {
-            let (u, g) = (crate::spec::USERNS_BASE, crate::spec::USERNS_BASE);
+        if a.ctr.userns {
+            let (u, g) = (
+                crate::docker::spec::USERNS_BASE,
+                crate::docker::spec::USERNS_BASE,
+            );
             nix::unistd::chown(&upper, Some(u.into()), Some(g.into()))
                 .context("chown upper dir for the user namespace")?;
         }
@@ -327,7 +325,7 @@ pub fn prepare(a: &RunArgs, state_root: &Path) -> Result<Prepared> {
     Ok(Prepared {
         meta,
         dir,
-        interactive: a.interactive,
+        interactive: a.ctr.interactive,
     })
 }
 
@@ -360,7 +358,7 @@ fn start(
     tty: bool,
 ) -> Result<(i32, Option<std::thread::JoinHandle<()>>)> {
     let console = if tty {
-        Some(crate::tty::ConsoleListener::new(&p.dir)?)
+        Some(crate::sys::tty::ConsoleListener::new(&p.dir)?)
     } else {
         None
     };
@@ -377,7 +375,7 @@ fn start(
     p.meta.status = "running".into();
     store::save(&p.meta)?;
     let proxy = match console {
-        Some(c) => Some(crate::tty::proxy(c.accept_master()?, p.interactive)),
+        Some(c) => Some(crate::sys::tty::proxy(c.accept_master()?, p.interactive)),
         None => None,
     };
     Ok((st.pid, proxy))
@@ -391,14 +389,14 @@ fn redirect_stdin_null() -> Result<()> {
 
 /// Foreground run: returns the container's exit code.
 pub fn run(rt: &Runtime, a: &RunArgs) -> Result<i32> {
-    if a.detach {
+    if a.ctr.detach {
         return detach(rt, a);
     }
     let mut p = prepare(a, &rt.root.path)?;
-    if !a.interactive && !a.tty {
+    if !a.ctr.interactive && !a.ctr.tty {
         redirect_stdin_null()?;
     }
-    let (pid, proxy) = match start(rt, &mut p, a.tty) {
+    let (pid, proxy) = match start(rt, &mut p, a.ctr.tty) {
         Ok(x) => x,
         Err(e) => {
             let _ = rt.delete(&p.meta.id, true);
@@ -406,7 +404,7 @@ pub fn run(rt: &Runtime, a: &RunArgs) -> Result<i32> {
             return Err(e);
         }
     };
-    let guard = crate::signals::forward_to(pid);
+    let guard = crate::sys::signals::forward_to(pid);
     let code = wait_exit(pid)?;
     drop(guard);
     finish(rt, &mut p.meta, code)?;
@@ -418,11 +416,11 @@ pub fn run(rt: &Runtime, a: &RunArgs) -> Result<i32> {
 
 /// `-d`: a monitor process owns the container, its log and its exit.
 fn detach(rt: &Runtime, a: &RunArgs) -> Result<i32> {
-    if a.tty {
+    if a.ctr.tty {
         bail!("-t with -d is not supported yet: use `nestor exec -it` into a detached container");
     }
     let mut p = prepare(a, &rt.root.path)?;
-    let (_, id) = crate::helper::fork("container monitor", |ready| {
+    let (_, id) = crate::sys::helper::fork("container monitor", |ready| {
         let res = (|| -> Result<i32> {
             nix::unistd::setsid().context("setsid")?;
             let me = std::process::id() as i32;
@@ -458,16 +456,6 @@ fn detach(rt: &Runtime, a: &RunArgs) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_bytes("64m").unwrap(), 64 << 20);
-        assert_eq!(parse_bytes("1G").unwrap(), 1 << 30);
-        assert_eq!(parse_bytes("512kb").unwrap(), 512 << 10);
-        assert_eq!(parse_bytes("4096").unwrap(), 4096);
-        assert!(parse_bytes("lots").is_err());
-        assert!(parse_bytes("-1m").is_err());
-    }
 
     /// An image root whose /etc/passwd is made by `f`.
     fn image_root(f: impl FnOnce(&Path)) -> tempfile::TempDir {

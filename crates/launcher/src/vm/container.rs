@@ -1,12 +1,12 @@
 //! `nestor run --vm` (scenario 1): the same image and flags as a native container, but
 //! the container runs in a fresh microVM. The image becomes a read-only erofs disk
-//! (`vmdisk`), the VM boots with the guest agent as PID 1 (`sandbox`), and the agent
+//! (`vm::disk`), the VM boots with the guest agent as PID 1 (`vm::sandbox`), and the agent
 //! runs the container with nestor's own runtime inside the guest; stdio travels on vsock
 //! streams, signals are forwarded as agent requests, and the container's exit code is
 //! nestor's. Volumes reach the guest as extra virtio disks: `-v IMAGEFILE:/dst` mounts
 //! an ext4 or erofs filesystem image at /dst (host directories cannot be shared yet).
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -16,8 +16,10 @@ use nestor_agent_protocol::{self as proto, Bundle, Request, Response, Stream};
 use serde_json::{json, Value};
 
 use crate::cli::RunArgs;
-use crate::sandbox::{self, Agent, Assets, BootOpts, Sandbox};
-use crate::store::{self, Meta, VmMeta};
+use crate::docker::store::{self, Meta, VmMeta};
+use crate::sys::pump::pump;
+use crate::vm::sandbox::forward_signals;
+use crate::vm::sandbox::{self, Agent, Assets, BootOpts, Sandbox};
 
 /// Guest memory when neither --vm-mem nor --memory says otherwise.
 const DEFAULT_MEM_MIB: u32 = 256;
@@ -52,7 +54,7 @@ fn fs_type(file: &Path) -> Result<&'static str> {
 
 fn disk_volumes(a: &RunArgs) -> Result<Vec<DiskVolume>> {
     let mut v = Vec::new();
-    for spec in &a.volume {
+    for spec in &a.ctr.volume {
         let parts: Vec<&str> = spec.split(':').collect();
         let (src, dst, ro) = match parts.as_slice() {
             [s, d] => (*s, *d, false),
@@ -101,8 +103,8 @@ fn guest_spec(
     vols: &[DiskVolume],
 ) -> Result<Value> {
     let mut native = a.clone();
-    native.volume.clear();
-    let mut s = crate::run::build_spec(&native, image, cmd, &lookup_root(image), id)?;
+    native.ctr.volume.clear();
+    let mut s = crate::docker::run::build_spec(&native, image, cmd, &lookup_root(image), id)?;
     let mounts = s["mounts"].as_array_mut().context("spec has no mounts")?;
     for (i, v) in vols.iter().enumerate() {
         let mut opts = vec!["nosuid", "nodev"];
@@ -122,12 +124,12 @@ fn guest_spec(
 /// `--jail`: the VMM's jail, limited to the guest's memory plus the VMM's overhead and
 /// to the guest's vCPUs.
 fn jail_opts(a: &RunArgs, mem_mib: u32, vcpus: u8) -> Option<crate::cli::JailOpts> {
-    a.jail.then(|| crate::cli::JailOpts {
-        jail_uid: a.jail_uid,
-        jail_gid: a.jail_gid,
+    a.jail.enabled.then(|| crate::cli::JailOpts {
+        jail_uid: a.jail.uid,
+        jail_gid: a.jail.gid,
         memory: Some(format!(
             "{}m",
-            u64::from(mem_mib) + crate::vm::VMM_OVERHEAD_MIB
+            u64::from(mem_mib) + crate::jail::vmm::VMM_OVERHEAD_MIB
         )),
         cpus: Some(f64::from(vcpus)),
         pids_limit: None,
@@ -139,11 +141,11 @@ fn jail_opts(a: &RunArgs, mem_mib: u32, vcpus: u8) -> Option<crate::cli::JailOpt
 
 /// Guest memory for the run's flags.
 fn guest_mem(a: &RunArgs) -> Result<u32> {
-    let limit_mib = match &a.memory {
-        Some(m) => Some((crate::run::parse_bytes(m)? >> 20) as u32),
+    let limit_mib = match &a.ctr.memory {
+        Some(m) => Some((crate::sys::size::parse_bytes(m)? >> 20) as u32),
         None => None,
     };
-    Ok(match (a.vm_mem, limit_mib) {
+    Ok(match (a.vm.mem, limit_mib) {
         (Some(m), _) => m,
         (None, Some(l)) => l.saturating_add(GUEST_OVERHEAD_MIB).max(DEFAULT_MEM_MIB),
         (None, None) => DEFAULT_MEM_MIB,
@@ -196,45 +198,6 @@ fn guest_init_ms(sb: &Sandbox) -> Option<f64> {
         .and_then(|r| r.trim_end_matches(" ms").parse().ok())
 }
 
-/// Copies `from` into `to` until EOF; then closes `to`'s write side if it is a socket.
-pub fn pump<R: Read + Send + 'static, W: Write + Send + 'static>(
-    mut from: R,
-    mut to: W,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 16384];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    if to.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                    let _ = to.flush();
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-    })
-}
-
-/// Forwards the signals nestor receives (from the pipe `signals` fills) to the
-/// container as agent requests, on a connection of its own.
-pub fn forward_signals(pipe: OwnedFd, mut agent: Agent, container: String) {
-    std::thread::spawn(move || {
-        let mut f = std::fs::File::from(pipe);
-        let mut b = [0u8; 1];
-        while matches!(f.read(&mut b), Ok(1)) {
-            let _ = agent.call(Request::Signal {
-                container: container.clone(),
-                exec: None,
-                signal: i32::from(b[0]),
-            });
-        }
-    });
-}
-
 /// Everything a VM container holds while it runs.
 struct Running {
     sb: Sandbox,
@@ -243,7 +206,7 @@ struct Running {
     /// A writable volume disk: the guest must sync before the VM goes.
     writable_disks: bool,
     /// Signals to nestor go to the container while this lives.
-    signals: Option<crate::signals::Guard>,
+    signals: Option<crate::sys::signals::Guard>,
     agent: Agent,
     guest_id: String,
     outputs: Vec<std::thread::JoinHandle<()>>,
@@ -256,12 +219,12 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
     let vols = disk_volumes(a)?;
     let guest_id = meta.id[..12].to_string();
     let start = Instant::now();
-    let (mut sb, device) = match &a.pod {
+    let (mut sb, device) = match &a.vm.pod {
         Some(name) => {
             if !vols.is_empty() {
                 bail!("-v with --pod is not supported: a pod's disks are fixed when it boots");
             }
-            let pod = crate::pod::load(name)?;
+            let pod = crate::vm::pod::load(name)?;
             if !pod.alive() {
                 bail!("pod {name} is not running (remove it with `nestor pod rm {name}`)");
             }
@@ -278,16 +241,17 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
             (Sandbox::join(pod.sandbox), device)
         }
         None => {
-            let assets = Assets::find(a.vm_kernel.as_deref(), a.vm_initrd.as_deref())?;
-            let root_disk = crate::vmdisk::image_disk(image)?;
+            let assets = Assets::find(a.vm.kernel.as_deref(), a.vm.initrd.as_deref())?;
+            let root_disk = crate::vm::disk::image_disk(image)?;
             let mut disks = vec![(root_disk, true)];
             disks.extend(vols.iter().map(|v| (v.file.clone(), v.read_only)));
             let mem_mib = guest_mem(a)?;
-            let vcpus = a.vm_cpus.unwrap_or(1);
+            let vcpus = a.vm.cpus.unwrap_or(1);
             if vcpus == 0 {
                 bail!("--vm-cpus must be at least 1");
             }
             let hostname = a
+                .ctr
                 .hostname
                 .clone()
                 .unwrap_or_else(|| meta.id[..12].to_string());
@@ -344,9 +308,9 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
             let (vsock, id) = (&vsock, &guest_id);
             s.spawn(move || sandbox::attach_at(vsock, id, None, stream))
         };
-        let stdin = a.interactive.then(|| attach(Stream::Stdin));
+        let stdin = a.ctr.interactive.then(|| attach(Stream::Stdin));
         let stdout = attach(Stream::Stdout);
-        let stderr = (!a.tty).then(|| attach(Stream::Stderr));
+        let stderr = (!a.ctr.tty).then(|| attach(Stream::Stderr));
         let sig = s.spawn(open);
         let control = match probed {
             Some(agent) => Ok(agent),
@@ -371,12 +335,12 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
     let mut agent = agent;
     timings.attached_ms = Some(sb.elapsed_ms());
     let mut outputs = Vec::new();
-    if a.tty {
+    if a.ctr.tty {
         let input = stdin.map(OwnedFd::from);
-        outputs.push(crate::tty::proxy_split(
+        outputs.push(crate::sys::tty::proxy_split(
             OwnedFd::from(stdout),
             input,
-            a.interactive,
+            a.ctr.interactive,
         ));
     } else {
         let stderr = stderr.context("no stderr stream")?;
@@ -392,13 +356,13 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
     }
     // From here on, signals to nestor are queued for the container (a signal sent
     // as soon as the container's first output appears must not kill nestor).
-    let (signals, pipe) = crate::signals::forward_to_pipe().context("signal pipe")?;
+    let (signals, pipe) = crate::sys::signals::forward_to_pipe().context("signal pipe")?;
     let r = agent.call(Request::Run {
         container: guest_id.clone(),
         bundle: Bundle::Disk {
             spec,
             device,
-            fstype: crate::vmdisk::FSTYPE.into(),
+            fstype: crate::vm::disk::FSTYPE.into(),
         },
     })?;
     match r {
@@ -414,7 +378,7 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
     store::save(meta)?;
     Ok(Running {
         sb,
-        in_pod: a.pod.is_some(),
+        in_pod: a.vm.pod.is_some(),
         writable_disks: vols.iter().any(|v| !v.read_only),
         signals: Some(signals),
         agent,
@@ -484,23 +448,20 @@ fn finish(meta: &mut Meta, code: i32) -> Result<i32> {
 
 /// `nestor run --vm …` in the foreground.
 pub fn run(a: &RunArgs) -> Result<i32> {
-    if a.jail && a.pod.is_some() {
+    if a.jail.enabled && a.vm.pod.is_some() {
         bail!("--jail with --pod is not supported: jail the pod's VM instead (not built yet)");
     }
-    if a.pod.is_some() && (a.vm_mem.is_some() || a.vm_cpus.is_some()) {
+    if a.vm.pod.is_some() && (a.vm.mem.is_some() || a.vm.cpus.is_some()) {
         bail!("--vm-mem and --vm-cpus are the pod's (set them with `nestor pod create`)");
     }
-    if a.detach && a.tty {
+    if a.ctr.detach && a.ctr.tty {
         bail!("-t with -d is not supported: use `nestor exec` into a detached container");
     }
-    if a.userns {
+    if a.ctr.userns {
         bail!("--userns with --vm is not needed: the VM is the boundary (drop --userns)");
     }
-    if a.network != "none" {
-        bail!(
-            "--network {} with --vm is not supported yet (the guest has no network device)",
-            a.network
-        );
+    if a.net.network != crate::cli::NetworkMode::None {
+        bail!("--network host with --vm is not supported (the guest has its own kernel)");
     }
     let (image_ref, args) = a.args.split_first().context("no image given")?;
     let images = store::image_store()?;
@@ -512,7 +473,7 @@ pub fn run(a: &RunArgs) -> Result<i32> {
         bail!("no command given and image '{image_ref}' has no Entrypoint or Cmd");
     }
     let id = store::new_id()?;
-    let name = match &a.name {
+    let name = match &a.ctr.name {
         Some(n) => {
             store::check_name(n)?;
             n.clone()
@@ -520,9 +481,9 @@ pub fn run(a: &RunArgs) -> Result<i32> {
         None => format!("nestor_{}", &id[..8]),
     };
     store::create_dir(&id, false)?;
-    let mut meta = store::new_meta(&id, name, &image, image_ref, cmd, a.rm, Path::new("/"));
+    let mut meta = store::new_meta(&id, name, &image, image_ref, cmd, a.ctr.rm, Path::new("/"));
     store::save(&meta)?;
-    if a.detach {
+    if a.ctr.detach {
         return detach(a, meta, &image);
     }
     let mut timings = None;
@@ -550,7 +511,7 @@ pub fn run(a: &RunArgs) -> Result<i32> {
 /// `-d`: a monitor process (this one, forked and detached) owns the VM; its output
 /// goes to the container's log. The parent prints the id once the container started.
 fn detach(a: &RunArgs, mut meta: Meta, image: &nestor_image::Image) -> Result<i32> {
-    let (_, id) = crate::helper::fork("VM monitor", |ready| {
+    let (_, id) = crate::sys::helper::fork("VM monitor", |ready| {
         let res = (|| -> Result<i32> {
             nix::unistd::setsid().context("setsid")?;
             let me = std::process::id() as i32;
@@ -569,7 +530,7 @@ fn detach(a: &RunArgs, mut meta: Meta, image: &nestor_image::Image) -> Result<i3
             nix::unistd::dup2(log.as_raw_fd(), 1).context("redirect stdout")?;
             nix::unistd::dup2(log.as_raw_fd(), 2).context("redirect stderr")?;
             let mut quiet = a.clone();
-            quiet.interactive = false;
+            quiet.ctr.interactive = false;
             let mut running = boot_and_start(&quiet, &mut meta, image)?;
             ready.ok(&meta.id)?;
             let code = wait_and_stop(&mut running);
@@ -635,7 +596,7 @@ pub fn exec(m: &Meta, vm: &VmMeta, a: &crate::cli::ExecArgs) -> Result<i32> {
             let image = images
                 .get(&m.image_id)
                 .with_context(|| format!("the image of {} for --user {u}", m.name))?;
-            Some(crate::run::resolve_user(&lookup_root(&image), u)?)
+            Some(crate::docker::run::resolve_user(&lookup_root(&image), u)?)
         }
         None => None,
     };
@@ -650,7 +611,7 @@ pub fn exec(m: &Meta, vm: &VmMeta, a: &crate::cli::ExecArgs) -> Result<i32> {
     let mut outputs = Vec::new();
     if a.tty {
         // One pty: its output comes back on the stdout stream.
-        outputs.push(crate::tty::proxy_split(
+        outputs.push(crate::sys::tty::proxy_split(
             OwnedFd::from(attach(Stream::Stdout)?),
             stdin.map(OwnedFd::from),
             a.interactive,
@@ -718,7 +679,7 @@ type UnixStreamAlias = std::os::unix::net::UnixStream;
 /// `gc` for VM containers: VMMs whose owner died are killed, sandbox directories no
 /// live container uses are removed, and image disks of removed images are deleted.
 pub fn gc(images: &nestor_image::ImageStore) -> Result<usize> {
-    let (pods, mut n) = crate::pod::gc();
+    let (pods, mut n) = crate::vm::pod::gc();
     let mut live: std::collections::BTreeSet<PathBuf> = pods.into_iter().collect();
     for m in store::all() {
         if let Some(vm) = &m.vm {
@@ -744,6 +705,6 @@ pub fn gc(images: &nestor_image::ImageStore) -> Result<usize> {
             }
         }
     }
-    n += crate::vmdisk::gc(images)?;
+    n += crate::vm::disk::gc(images)?;
     Ok(n)
 }

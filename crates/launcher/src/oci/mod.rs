@@ -1,6 +1,8 @@
 //! The OCI runtime verbs: thin glue from the parsed command line to
 //! `nestor_container::container::Runtime`.
 
+pub mod vm;
+
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -24,7 +26,7 @@ pub fn create(rt: &Runtime, a: &CreateArgs) -> Result<()> {
 /// OCI `run ID` with `--bundle`: create and start; in the foreground wait, delete
 /// and exit with the container's code.
 pub fn run(rt: &Runtime, a: &RunArgs) -> Result<i32> {
-    let bundle = a.bundle.clone().unwrap_or_else(|| ".".into());
+    let bundle = a.oci.bundle.clone().unwrap_or_else(|| ".".into());
     let [id] = a.args.as_slice() else {
         bail!(
             "run --bundle takes exactly one container id, got {:?}",
@@ -34,18 +36,18 @@ pub fn run(rt: &Runtime, a: &RunArgs) -> Result<i32> {
     let o = CreateOpts {
         id: id.clone(),
         bundle,
-        console_socket: a.console_socket.clone(),
-        pid_file: a.pid_file.clone(),
-        preserve_fds: a.preserve_fds,
+        console_socket: a.oci.console_socket.clone(),
+        pid_file: a.oci.pid_file.clone(),
+        preserve_fds: a.oci.preserve_fds,
         labels: Default::default(),
     };
-    if a.detach {
+    if a.ctr.detach {
         rt.create(&o)?;
         rt.start(id)?;
         return Ok(0);
     }
     let st = rt.create_and_start(&o)?;
-    let _guard = crate::signals::forward_to(st.pid);
+    let _guard = crate::sys::signals::forward_to(st.pid);
     let code = wait_exit(st.pid)?;
     rt.delete(id, true)?;
     Ok(code)
@@ -119,7 +121,7 @@ pub fn exec_process(rt: &Runtime, a: &ExecArgs, process: Process) -> Result<i32>
     if a.detach {
         return Ok(0);
     }
-    let _guard = crate::signals::forward_to(pid);
+    let _guard = crate::sys::signals::forward_to(pid);
     Ok(wait_exit(pid)?)
 }
 
@@ -129,7 +131,7 @@ pub fn spec(bundle: &Path, rootless: bool) -> Result<()> {
     if path.exists() {
         bail!("{} already exists; remove it first", path.display());
     }
-    let spec = crate::spec::default_spec(&["sh".to_string()], rootless)?;
+    let spec = crate::docker::spec::default_spec(&["sh".to_string()], rootless)?;
     std::fs::write(&path, serde_json::to_vec_pretty(&spec)?)
         .with_context(|| format!("write {}", path.display()))?;
     Ok(())

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::os::fd::OwnedFd;
+
 use anyhow::{bail, Context, Result};
 use nestor_agent_protocol::{self as proto, Envelope, Reply, Request, Response, Stream};
 
@@ -25,7 +27,10 @@ pub fn sandboxes_dir() -> PathBuf {
     }
     // FNV-1a of the data root: short and stable.
     let mut h: u32 = 0x811c_9dc5;
-    for b in crate::store::data_root().as_os_str().as_encoded_bytes() {
+    for b in crate::docker::store::data_root()
+        .as_os_str()
+        .as_encoded_bytes()
+    {
         h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
     }
     PathBuf::from(format!("/run/nestor-vm/{h:08x}"))
@@ -43,12 +48,12 @@ impl Assets {
     /// Flags, then `NESTOR_VM_KERNEL`/`NESTOR_VM_INITRD`, then what `scripts/setup.sh`
     /// installs under `$NESTOR_ROOT/vm/`.
     pub fn find(kernel: Option<&Path>, initrd: Option<&Path>) -> Result<Assets> {
-        let vmm = crate::vm::sibling("nestor-vmm", "NESTOR_VMM")?;
+        let vmm = crate::sys::bin::sibling("nestor-vmm", "NESTOR_VMM")?;
         let pick = |flag: Option<&Path>, env: &str, file: &str, what: &str| -> Result<PathBuf> {
             let p = flag
                 .map(Path::to_path_buf)
                 .or_else(|| std::env::var_os(env).map(PathBuf::from))
-                .unwrap_or_else(|| crate::store::data_root().join("vm").join(file));
+                .unwrap_or_else(|| crate::docker::store::data_root().join("vm").join(file));
             if !p.is_file() {
                 bail!(
                     "no {what} at {} (run scripts/setup.sh, or set {env})",
@@ -110,7 +115,7 @@ pub struct Timeline {
 pub struct Sandbox {
     child: Option<Child>,
     /// The jailed VMM, when the sandbox runs in a jail (then `child` is None).
-    jailed: Option<crate::vm::JailedVm>,
+    jailed: Option<crate::jail::vmm::JailedVm>,
     /// False for a VM another process owns (a pod's): never shut down or removed here.
     owned: bool,
     dir: PathBuf,
@@ -259,7 +264,7 @@ impl Sandbox {
         })
     }
 
-    /// The VMM in a jail of its own (`crate::vm::spawn_jailed_vmm`): its console is
+    /// The VMM in a jail of its own (`crate::jail::vmm::spawn_jailed_vmm`): its console is
     /// not kept (a jailed VMM writes nowhere outside its jail), its vsock socket is the
     /// jail's.
     fn boot_jailed(
@@ -278,7 +283,7 @@ impl Sandbox {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| nestor_container::state::DEFAULT_ROOT.into()),
         );
-        let spec = crate::vm::VmmSpec {
+        let spec = crate::jail::vmm::VmmSpec {
             vmm: assets.vmm.clone(),
             kernel: assets.kernel.clone(),
             initrd: Some(assets.initrd.clone()),
@@ -291,13 +296,14 @@ impl Sandbox {
             extra_args: Vec::new(),
         };
         let start = Instant::now();
-        let jailed = match crate::vm::spawn_jailed_vmm(&rt, &spec, j, Some(format!("vm-{id}"))) {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e);
-            }
-        };
+        let jailed =
+            match crate::jail::vmm::spawn_jailed_vmm(&rt, &spec, j, Some(format!("vm-{id}"))) {
+                Ok(v) => v,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e);
+                }
+            };
         let vsock = jailed
             .vsock
             .clone()
@@ -713,4 +719,20 @@ pub fn expect_ok(what: &str, r: Response) -> Result<()> {
         Response::Error { message, .. } => bail!("{what}: {message}"),
         other => bail!("{what}: unexpected answer {other:?}"),
     }
+}
+
+/// Forwards the signals nestor receives (from the pipe `signals` fills) to the
+/// container as agent requests, on a connection of its own.
+pub fn forward_signals(pipe: OwnedFd, mut agent: Agent, container: String) {
+    std::thread::spawn(move || {
+        let mut f = std::fs::File::from(pipe);
+        let mut b = [0u8; 1];
+        while matches!(f.read(&mut b), Ok(1)) {
+            let _ = agent.call(Request::Signal {
+                container: container.clone(),
+                exec: None,
+                signal: i32::from(b[0]),
+            });
+        }
+    });
 }
