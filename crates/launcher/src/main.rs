@@ -24,7 +24,7 @@ use nestor_container::container::Runtime;
 use cli::{Cli, Cmd, ImageCmd};
 use docker::{manage, run};
 use oci::vm as oci_vm;
-use vm::{container as vmrun, pod};
+use vm::pod;
 
 /// VM mode's OCI verbs (`nestor-vm`); None for the verbs it shares with native.
 fn dispatch_vm(cli: &Cli) -> Option<Result<i32>> {
@@ -63,7 +63,7 @@ fn dispatch_vm(cli: &Cli) -> Option<Result<i32>> {
         Cmd::Run(a) => {
             let mut a = a.clone();
             a.vm.enabled = true;
-            return Some(vmrun::run(&a));
+            return Some(run::run(&Runtime::new(cli.root.clone()), &a));
         }
         Cmd::Exec(a) if a.process.is_some() && oci_vm::exists(root, &a.id) => {
             return Some(oci_vm::exec(root, a));
@@ -99,16 +99,12 @@ fn dispatch(cli: &Cli) -> Result<i32> {
             return if a.process.is_some() {
                 oci::exec(&rt, a)
             } else {
-                manage::exec(&rt, a)
+                manage::exec(a)
             }
         }
         Cmd::Run(a) => {
             return if a.oci.bundle.is_some() {
                 oci::run(&rt, a)
-            } else if a.jail.enabled && !a.vm.enabled {
-                anyhow::bail!("--jail jails a microVM's monitor: use it with --vm")
-            } else if a.vm.enabled || a.vm.pod.is_some() {
-                vmrun::run(a)
             } else {
                 run::run(&rt, a)
             }

@@ -115,6 +115,21 @@ fn run_image_passes_output_and_exit_code_and_cleans_up() {
         "{}",
         stdout(&o)
     );
+    // Without podman's profile, nestor's built-in one: still filtered.
+    let o = e
+        .cmd(&[
+            "run",
+            "--rm",
+            "busybox",
+            "sh",
+            "-c",
+            "grep ^Seccomp: /proc/self/status",
+        ])
+        .env("NESTOR_SECCOMP_PROFILE", "/nonexistent/seccomp.json")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(stdout(&o).contains("Seccomp:\t2"), "{}", stdout(&o));
     assert!(
         e.mounts_under_root().is_empty(),
         "mount left: {:?}",

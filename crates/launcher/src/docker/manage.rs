@@ -10,11 +10,7 @@ use nestor_container::state::{rfc3339, Root};
 use nix::sys::signal::Signal;
 
 use crate::cli::ExecArgs;
-use crate::docker::store::{self, Meta};
-
-fn runtime_of(m: &Meta) -> Runtime {
-    Runtime::new(m.state_root.clone())
-}
+use crate::docker::store::{self, Meta, Status};
 
 fn ago(ns: u128) -> String {
     let secs = (nestor_container::state::now_ns().saturating_sub(ns) / 1_000_000_000) as u64;
@@ -29,7 +25,7 @@ fn ago(ns: u128) -> String {
 pub fn ps(all: bool, quiet: bool, json: bool) -> Result<()> {
     let list: Vec<Meta> = store::all()
         .into_iter()
-        .filter(|m| all || m.status == "running")
+        .filter(|m| all || m.status == Status::Running)
         .collect();
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
@@ -66,7 +62,7 @@ pub fn ps(all: bool, quiet: bool, json: bool) -> Result<()> {
 
 pub fn logs(name: &str, follow: bool) -> Result<()> {
     let m = store::resolve(name)?;
-    let path = store::dir(&m.id).join("log");
+    let path = m.placement().log();
     let mut f = match std::fs::File::open(&path) {
         Ok(f) => f,
         Err(_) => bail!(
@@ -84,7 +80,7 @@ pub fn logs(name: &str, follow: bool) -> Result<()> {
         }
         if !follow
             || store::load(&m.id)
-                .map(|x| x.status != "running" || !x.owner_alive())
+                .map(|x| x.status != Status::Running || !x.owner_alive())
                 .unwrap_or(true)
         {
             break;
@@ -97,31 +93,15 @@ pub fn logs(name: &str, follow: bool) -> Result<()> {
     Ok(())
 }
 
-fn signal_container(m: &Meta, sig: Signal) -> Result<()> {
-    if let Some(vm) = &m.vm {
-        return crate::vm::container::signal(m, vm, sig as i32);
-    }
-    runtime_of(m)
-        .kill(&m.id, sig, false)
-        .with_context(|| format!("signal container {}", m.name))
-}
-
 fn wait_stopped(m: &Meta, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
-    let rt = runtime_of(m);
+    let at = m.placement();
     while Instant::now() < deadline {
-        let running = match &m.vm {
-            // The owner records the exit and powers the VM off.
-            Some(_) => store::load(&m.id)
-                .map(|x| x.status == "running" && x.owner_alive())
-                .unwrap_or(false),
-            None => rt.state(&m.id).map(|s| s.init_alive()).unwrap_or(false),
-        };
-        if !running {
+        if !at.alive() {
             // The owner records the exit: give it a moment to do so.
             for _ in 0..200 {
                 if store::load(&m.id)
-                    .map(|x| x.status != "running")
+                    .map(|x| x.status != Status::Running)
                     .unwrap_or(true)
                 {
                     break;
@@ -138,18 +118,13 @@ fn wait_stopped(m: &Meta, timeout: Duration) -> bool {
 pub fn stop(names: &[String], secs: u64) -> Result<()> {
     for n in names {
         let m = store::resolve(n)?;
-        if m.status != "running" {
+        if m.status != Status::Running {
             println!("{}", m.name);
             continue;
         }
-        let _ = signal_container(&m, Signal::SIGTERM);
+        let _ = m.placement().signal(Signal::SIGTERM);
         if !wait_stopped(&m, Duration::from_secs(secs)) {
-            match &m.vm {
-                Some(vm) => crate::vm::container::kill_vmm(vm),
-                None => {
-                    let _ = runtime_of(&m).kill(&m.id, Signal::SIGKILL, true);
-                }
-            }
+            m.placement().kill();
             wait_stopped(&m, Duration::from_secs(10));
         }
         println!("{}", m.name);
@@ -163,10 +138,10 @@ pub fn kill(name: &str, sig: Option<&str>) -> Result<bool> {
     let Ok(m) = store::resolve(name) else {
         return Ok(false);
     };
-    if m.status != "running" {
+    if m.status != Status::Running {
         bail!("container {} is not running", m.name);
     }
-    signal_container(&m, parse_signal(sig.unwrap_or("KILL"))?)?;
+    m.placement().signal(parse_signal(sig.unwrap_or("KILL"))?)?;
     println!("{}", m.name);
     Ok(true)
 }
@@ -176,24 +151,17 @@ pub fn rm(names: &[String], force: bool) -> Result<()> {
     for n in names {
         let r = (|| -> Result<()> {
             let m = store::resolve(n)?;
-            if m.status == "running" && m.owner_alive() {
+            if m.running() {
                 if !force {
                     bail!(
                         "container {} is running: stop it first or use rm -f",
                         m.name
                     );
                 }
-                match &m.vm {
-                    Some(vm) => crate::vm::container::kill_vmm(vm),
-                    None => {
-                        let _ = runtime_of(&m).kill(&m.id, Signal::SIGKILL, true);
-                    }
-                }
+                m.placement().kill();
                 wait_stopped(&m, Duration::from_secs(10));
             }
-            if m.vm.is_none() {
-                runtime_of(&m).delete(&m.id, true)?;
-            }
+            m.placement().remove()?;
             store::remove_dir(&m.id)?;
             println!("{}", m.name);
             Ok(())
@@ -211,23 +179,17 @@ pub fn rm(names: &[String], force: bool) -> Result<()> {
 
 pub fn inspect(name: &str) -> Result<()> {
     if let Ok(m) = store::resolve(name) {
-        let state = runtime_of(&m).state(&m.id).ok();
-        let stats = runtime_of(&m).stats(&m.id).ok().flatten();
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "Id": m.id, "Name": m.name, "Image": m.image, "ImageId": m.image_id,
             "Command": m.command, "Created": rfc3339(m.created_ns), "Status": m.status_line(),
             "ExitCode": m.exit_code, "OOMKilled": m.oom_killed, "AutoRemove": m.auto_remove,
-            "Pid": state.as_ref().map(|s| if s.init_alive() { s.pid } else { 0 }),
-            "Stats": stats.map(|s| serde_json::json!({
-                "memory_current": s.memory_current, "memory_peak": s.memory_peak, "memory_limit": s.memory_limit,
-                "oom_kills": s.oom_kills, "cpu_usage_ns": s.cpu_usage_ns, "pids_current": s.pids_current, "pids_limit": s.pids_limit,
-            })),
-            "Bundle": store::dir(&m.id),
-            "VM": m.vm.as_ref().map(|vm| serde_json::json!({
-                "VmmPid": vm.vmm_pid, "Running": vm.vmm_alive(), "MemoryMiB": vm.mem_mib,
-                "Vcpus": vm.vcpus, "Sandbox": vm.sandbox, "GuestId": vm.guest_id,
-            })),
+            "Bundle": store::dir(&m.id), "VM": null,
         });
+        if let (Some(o), serde_json::Value::Object(extra)) =
+            (v.as_object_mut(), m.placement().inspect())
+        {
+            o.extend(extra);
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
@@ -242,15 +204,17 @@ pub fn inspect(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Docker-style exec: the container's own process settings with another command.
-pub fn exec(rt_default: &Runtime, a: &ExecArgs) -> Result<i32> {
+/// Docker-style exec: a command in a running container, whatever runs it.
+pub fn exec(a: &ExecArgs) -> Result<i32> {
     let m = store::resolve(&a.id)?;
     if a.cmd.is_empty() {
         bail!("exec needs a command");
     }
-    if let Some(vm) = &m.vm {
-        return crate::vm::container::exec(&m, vm, a);
-    }
+    m.placement().exec(a)
+}
+
+/// Exec in a native container: its own process settings with another command.
+pub fn exec_native(m: &Meta, rt: &Runtime, a: &ExecArgs) -> Result<i32> {
     let cfg = store::dir(&m.id).join("config.json");
     let spec = nestor_container::spec::parse(
         &cfg,
@@ -291,8 +255,6 @@ pub fn exec(rt_default: &Runtime, a: &ExecArgs) -> Result<i32> {
         user.set_gid(gid);
         process.set_user(user);
     }
-    let rt = runtime_of(&m);
-    let _ = rt_default;
     if a.tty {
         let dir = tempfile_dir()?;
         let console = crate::sys::tty::ConsoleListener::new(&dir)?;
@@ -313,7 +275,7 @@ pub fn exec(rt_default: &Runtime, a: &ExecArgs) -> Result<i32> {
     }
     let mut oa = crate::cli::ExecArgs { ..a.clone() };
     oa.id = m.id.clone();
-    crate::oci::exec_process(&rt, &oa, process)
+    crate::oci::exec_process(rt, &oa, process)
 }
 
 fn tempfile_dir() -> Result<std::path::PathBuf> {
@@ -374,7 +336,7 @@ pub fn image_rm(names: &[String]) -> Result<()> {
         let img = store.get(n)?;
         if let Some(m) = store::all()
             .iter()
-            .find(|m| m.image_id == img.id && m.status == "running")
+            .find(|m| m.image_id == img.id && m.status == Status::Running)
         {
             bail!("image {n} is in use by running container {}", m.name);
         }
@@ -392,20 +354,17 @@ pub fn image_rm(names: &[String]) -> Result<()> {
 pub fn gc(rt: &Runtime) -> Result<()> {
     let mut n = 0;
     for mut m in store::all() {
-        if m.status != "exited" && !m.owner_alive() {
-            if let Some(vm) = m.vm.take() {
-                crate::vm::container::kill_vmm(&vm);
-                if vm.pod.is_none() {
-                    let _ = std::fs::remove_dir_all(&vm.sandbox);
-                }
+        if m.status != Status::Exited && !m.owner_alive() {
+            {
+                let at = m.placement();
+                at.kill();
+                let _ = at.remove();
             }
-            let r = runtime_of(&m);
-            let _ = r.delete(&m.id, true);
-            store::unmount_rootfs(&m.id);
-            if m.auto_remove || m.status == "created" {
+            m.vm = None;
+            if m.auto_remove || m.status == Status::Created {
                 store::remove_dir(&m.id)?;
             } else {
-                m.status = "exited".into();
+                m.status = Status::Exited;
                 m.exit_code = Some(137);
                 store::save(&m)?;
             }
@@ -426,9 +385,7 @@ pub fn gc(rt: &Runtime) -> Result<()> {
                 .next()
                 .map(|c| c.as_os_str().to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let live = store::load(&id)
-                .map(|m| m.status == "running" && m.owner_alive())
-                .unwrap_or(false);
+            let live = store::load(&id).map(|m| m.running()).unwrap_or(false);
             if !live {
                 let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
                 n += 1;
@@ -471,9 +428,7 @@ pub fn gc(rt: &Runtime) -> Result<()> {
     // Runtime state whose process is gone, in the default root.
     for st in rt.list()? {
         if !st.init_alive() {
-            let owned = store::load(&st.id)
-                .map(|m| m.status == "running" && m.owner_alive())
-                .unwrap_or(false);
+            let owned = store::load(&st.id).map(|m| m.running()).unwrap_or(false);
             if !owned {
                 rt.delete(&st.id, true)?;
                 n += 1;

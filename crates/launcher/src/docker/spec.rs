@@ -1,10 +1,21 @@
-//! Default OCI specs: the `spec` verb's config.json, and the base that `nestor run`
-//! fills in from an image and Docker-style flags.
+//! OCI specs: the `spec` verb's default config.json, and the spec `nestor run` builds
+//! from an image and Docker-style flags (with the image's users looked up as untrusted
+//! input).
 
-use anyhow::{Context, Result};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
 use oci_spec::runtime::{
-    LinuxIdMappingBuilder, LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType, Spec,
+    Arch, Capabilities, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxIdMappingBuilder,
+    LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType,
+    LinuxPidsBuilder, LinuxResources, LinuxResourcesBuilder, LinuxSeccomp, LinuxSeccompAction,
+    LinuxSeccompBuilder, LinuxSyscallBuilder, Mount, MountBuilder, PosixRlimitBuilder,
+    PosixRlimitType, RootBuilder, Spec, UserBuilder,
 };
+use serde_json::json;
+
+use crate::cli::{NetworkMode, RunArgs};
+use crate::sys::size::parse_bytes;
 
 /// First host uid/gid of the range container root maps to with `--rootless`/`--userns`.
 pub const USERNS_BASE: u32 = 100_000;
@@ -47,4 +58,425 @@ pub fn default_spec(args: &[String], userns: bool) -> Result<Spec> {
     linux.set_namespaces(Some(nss));
     spec.set_linux(Some(linux));
     Ok(spec)
+}
+
+/// Docker's default capability set.
+const DEFAULT_CAPS: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// The most of an image's `/etc/passwd` or `/etc/group` nestor reads.
+const ID_FILE_MAX: u64 = 1 << 20;
+
+/// The text of `/etc/FILE` of an image root, read as untrusted input: resolved with
+/// `openat2(RESOLVE_IN_ROOT)` (a symlink cannot leave the image), a regular file only
+/// (a FIFO or device is refused, never opened for a blocking read) and at most
+/// [`ID_FILE_MAX`] bytes. A missing file reads as empty.
+fn read_id_file(rootfs: &Path, file: &str) -> Result<String> {
+    use nix::fcntl::OFlag;
+    use std::io::Read;
+    let root = nestor_container::sys::open_dir(rootfs)
+        .with_context(|| format!("open the image root {}", rootfs.display()))?;
+    let rel = Path::new("etc").join(file);
+    let fd = match nestor_container::sys::open_in_root(
+        std::os::fd::AsRawFd::as_raw_fd(&root),
+        &rel,
+        OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
+    ) {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::ENOENT) | Err(nix::errno::Errno::ENOTDIR) => {
+            return Ok(String::new())
+        }
+        Err(e) => bail!("the image's /etc/{file}: {e}"),
+    };
+    let mut f = std::fs::File::from(fd);
+    let md = f
+        .metadata()
+        .with_context(|| format!("the image's /etc/{file}"))?;
+    if !md.is_file() {
+        bail!("the image's /etc/{file} is not a regular file");
+    }
+    if md.len() > ID_FILE_MAX {
+        bail!("the image's /etc/{file} is larger than {ID_FILE_MAX} bytes");
+    }
+    let mut buf = Vec::new();
+    (&mut f)
+        .take(ID_FILE_MAX + 1)
+        .read_to_end(&mut buf)
+        .with_context(|| format!("read the image's /etc/{file}"))?;
+    if buf.len() as u64 > ID_FILE_MAX {
+        bail!("the image's /etc/{file} is larger than {ID_FILE_MAX} bytes");
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+fn lookup_id(text: &str, file: &str, name: &str) -> Result<u32> {
+    if let Ok(n) = name.parse() {
+        return Ok(n);
+    }
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() > 2 && f[0] == name {
+            if let Ok(n) = f[2].parse() {
+                return Ok(n);
+            }
+        }
+    }
+    bail!(
+        "unknown {} '{name}' (not in the image's /etc/{file})",
+        if file == "passwd" { "user" } else { "group" }
+    )
+}
+
+/// USER[:GROUP] -> (uid, gid), names looked up in the image (see [`read_id_file`]).
+pub(crate) fn resolve_user(rootfs: &Path, spec: &str) -> Result<(u32, u32)> {
+    let (u, g) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let numeric = |s: &str| s.parse::<u32>().is_ok();
+    let passwd = if numeric(u) && g.is_some_and(numeric) {
+        String::new()
+    } else {
+        read_id_file(rootfs, "passwd")?
+    };
+    let uid = lookup_id(&passwd, "passwd", u)?;
+    let gid = match g {
+        Some(g) if numeric(g) => lookup_id("", "group", g)?,
+        Some(g) => lookup_id(&read_id_file(rootfs, "group")?, "group", g)?,
+        None => {
+            // The user's primary group from passwd, else the uid.
+            passwd
+                .lines()
+                .map(|l| l.split(':').collect::<Vec<_>>())
+                .find(|f| f.len() > 3 && (f[0] == u || f[2] == u))
+                .and_then(|f| f[3].parse().ok())
+                .unwrap_or(uid)
+        }
+    };
+    Ok((uid, gid))
+}
+
+/// The environment of a container of `image`: the image's, PATH if it has none,
+/// HOSTNAME, the user's `-e` (K=V, or K to copy nestor's own), TERM with `-t`.
+fn container_env(a: &RunArgs, image: &nestor_image::Image, hostname: &str) -> Vec<String> {
+    let mut env: Vec<String> = image.config.env.clone();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    }
+    env.push(format!("HOSTNAME={hostname}"));
+    for e in &a.ctr.env {
+        let kv = if e.contains('=') {
+            e.clone()
+        } else {
+            match std::env::var(e) {
+                Ok(v) => format!("{e}={v}"),
+                Err(_) => continue,
+            }
+        };
+        let key = kv.split('=').next().unwrap_or("").to_string();
+        env.retain(|x| x.split('=').next() != Some(key.as_str()));
+        env.push(kv);
+    }
+    if a.ctr.tty {
+        env.push("TERM=xterm".into());
+    }
+    env
+}
+
+/// `-v SRC:DST[:ro|:rw]` as a bind mount of a host path.
+fn volume_mount(v: &str) -> Result<Mount> {
+    let parts: Vec<&str> = v.split(':').collect();
+    let (src, dst, ro) = match parts.as_slice() {
+        [src, dst] => (*src, *dst, false),
+        [src, dst, "ro"] => (*src, *dst, true),
+        [src, dst, "rw"] => (*src, *dst, false),
+        _ => bail!("invalid volume '{v}': use SRC:DST[:ro]"),
+    };
+    let src = std::fs::canonicalize(src).with_context(|| format!("volume source {src}"))?;
+    if !dst.starts_with('/') {
+        bail!("invalid volume '{v}': the destination must be absolute");
+    }
+    let mut opts = vec!["rbind".to_string(), "rprivate".to_string()];
+    if ro {
+        opts.push("ro".into());
+    }
+    Ok(MountBuilder::default()
+        .destination(dst)
+        .typ("bind")
+        .source(src)
+        .options(opts)
+        .build()?)
+}
+
+/// `--memory`, `--cpus`, `--pids-limit` as cgroup resources.
+fn resources(a: &RunArgs) -> Result<LinuxResources> {
+    let mut res = LinuxResourcesBuilder::default();
+    if let Some(m) = &a.ctr.memory {
+        let b = parse_bytes(m)?;
+        if b < 6 << 20 {
+            bail!("--memory {m} is below the 6 MiB minimum");
+        }
+        res = res.memory(LinuxMemoryBuilder::default().limit(b).swap(b).build()?);
+    }
+    if let Some(c) = a.ctr.cpus {
+        if c.is_nan() || c <= 0.0 || c > 1024.0 {
+            bail!("--cpus {c} must be between 0 and 1024");
+        }
+        res = res.cpu(
+            LinuxCpuBuilder::default()
+                .quota((c * 100_000.0) as i64)
+                .period(100_000u64)
+                .build()?,
+        );
+    }
+    if let Some(pl) = a.ctr.pids_limit {
+        res = res.pids(LinuxPidsBuilder::default().limit(pl).build()?);
+    }
+    Ok(res.build()?)
+}
+
+/// Syscalls the built-in seccomp profile refuses with EPERM: loading kernel code,
+/// rebooting, time and swap, kernel keyrings, BPF and perf, handle-based opens (the
+/// "shocker" escape), tracing other processes' memory, I/O ports and old ABIs.
+const BUILTIN_DENY: &[&str] = &[
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "get_kernel_syms",
+    "init_module",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "name_to_handle_at",
+    "nfsservctl",
+    "open_by_handle_at",
+    "perf_event_open",
+    "process_vm_readv",
+    "process_vm_writev",
+    "query_module",
+    "quotactl",
+    "reboot",
+    "request_key",
+    "settimeofday",
+    "swapoff",
+    "swapon",
+    "sysfs",
+    "_sysctl",
+    "uselib",
+    "userfaultfd",
+    "ustat",
+    "vm86",
+    "vm86old",
+];
+
+/// The seccomp profile Docker-style containers get: `$NESTOR_SECCOMP_PROFILE`, else
+/// podman's default ([`crate::SECCOMP_PROFILE`]) when installed, else nestor's
+/// built-in one, which allows what is not in [`BUILTIN_DENY`]. Either way the container
+/// runs filtered.
+pub fn default_seccomp() -> Result<LinuxSeccomp> {
+    let path = std::env::var_os("NESTOR_SECCOMP_PROFILE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| crate::SECCOMP_PROFILE.into());
+    let path = path.as_path();
+    if path.exists() {
+        let b = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+        return serde_json::from_slice(&b)
+            .with_context(|| format!("the seccomp profile {}", path.display()));
+    }
+    tracing::debug!(
+        "{} is missing: the built-in seccomp profile applies",
+        path.display()
+    );
+    let deny = LinuxSyscallBuilder::default()
+        .names(
+            BUILTIN_DENY
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .action(LinuxSeccompAction::ScmpActErrno)
+        .errno_ret(libc::EPERM as u32)
+        .build()?;
+    Ok(LinuxSeccompBuilder::default()
+        .default_action(LinuxSeccompAction::ScmpActAllow)
+        .architectures(vec![
+            Arch::ScmpArchX86_64,
+            Arch::ScmpArchX86,
+            Arch::ScmpArchX32,
+        ])
+        .syscalls(vec![deny])
+        .build()?)
+}
+
+/// The OCI config for a container of `image` with the user's flags.
+pub fn build_spec(
+    a: &RunArgs,
+    image: &nestor_image::Image,
+    cmd: &[String],
+    rootfs: &Path,
+    id: &str,
+) -> Result<Spec> {
+    let mut s = default_spec(cmd, a.ctr.userns)?;
+    s.set_root(Some(
+        RootBuilder::default()
+            .path(rootfs)
+            .readonly(false)
+            .build()?,
+    ));
+    let hostname = a
+        .ctr
+        .hostname
+        .clone()
+        .unwrap_or_else(|| id[..12].to_string());
+    s.set_hostname(Some(hostname.clone()));
+    let mut p = s.process().clone().context("default spec has no process")?;
+    p.set_env(Some(container_env(a, image, &hostname)));
+    p.set_terminal(Some(a.ctr.tty));
+    let cwd = a
+        .ctr
+        .workdir
+        .clone()
+        .or_else(|| image.config.working_dir.clone())
+        .filter(|w| !w.is_empty())
+        .unwrap_or_else(|| "/".into());
+    if !cwd.starts_with('/') {
+        bail!("--workdir must be an absolute path");
+    }
+    p.set_cwd(cwd.into());
+    let user = a
+        .ctr
+        .user
+        .clone()
+        .or_else(|| image.config.user.clone())
+        .filter(|u| !u.is_empty());
+    if let Some(u) = user {
+        let (uid, gid) = resolve_user(rootfs, &u)?;
+        p.set_user(UserBuilder::default().uid(uid).gid(gid).build()?);
+    }
+    let caps: Capabilities = serde_json::from_value(json!(DEFAULT_CAPS))?;
+    p.set_capabilities(Some(
+        LinuxCapabilitiesBuilder::default()
+            .bounding(caps.clone())
+            .effective(caps.clone())
+            .permitted(caps)
+            .build()?,
+    ));
+    // As many open files as nestor itself may have (Docker's 1048576 where allowed).
+    let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(_, hard)| hard.min(1_048_576))
+        .unwrap_or(1024);
+    p.set_rlimits(Some(vec![PosixRlimitBuilder::default()
+        .typ(PosixRlimitType::RlimitNofile)
+        .hard(nofile)
+        .soft(nofile)
+        .build()?]));
+    s.set_process(Some(p));
+    let mut mounts = s.mounts().clone().unwrap_or_default();
+    for v in &a.ctr.volume {
+        mounts.push(volume_mount(v)?);
+    }
+    if !mounts
+        .iter()
+        .any(|m| m.destination() == Path::new("/sys/fs/cgroup"))
+    {
+        mounts.push(
+            MountBuilder::default()
+                .destination("/sys/fs/cgroup")
+                .typ("cgroup")
+                .source("cgroup")
+                .options(
+                    ["nosuid", "noexec", "nodev", "relatime", "ro"]
+                        .map(String::from)
+                        .to_vec(),
+                )
+                .build()?,
+        );
+    }
+    s.set_mounts(Some(mounts));
+    let mut linux = s
+        .linux()
+        .clone()
+        .context("default spec has no linux section")?;
+    if a.net.network == NetworkMode::Host {
+        let mut ns = linux.namespaces().clone().unwrap_or_default();
+        ns.retain(|n| n.typ() != LinuxNamespaceType::Network);
+        linux.set_namespaces(Some(ns));
+    }
+    linux.set_resources(Some(resources(a)?));
+    linux.set_seccomp(Some(default_seccomp()?));
+    s.set_linux(Some(linux));
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An image root whose /etc/passwd is made by `f`.
+    fn image_root(f: impl FnOnce(&Path)) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("etc")).unwrap();
+        f(&d.path().join("etc/passwd"));
+        d
+    }
+
+    #[test]
+    fn image_users_are_read_as_untrusted_input() {
+        let plain = image_root(|p| std::fs::write(p, "app:x:1000:1001::/:/bin/sh\n").unwrap());
+        assert_eq!(resolve_user(plain.path(), "app").unwrap(), (1000, 1001));
+        assert_eq!(resolve_user(plain.path(), "7:8").unwrap(), (7, 8));
+        assert!(resolve_user(plain.path(), "ghost").is_err());
+        // A device, a FIFO, a link out of the image and a huge file: refused or read
+        // inside the image, at once, never read from the host.
+        let zero = image_root(|p| std::os::unix::fs::symlink("/dev/zero", p).unwrap());
+        std::fs::create_dir_all(zero.path().join("dev")).unwrap();
+        nix::sys::stat::mknod(
+            &zero.path().join("dev/zero"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(1, 5),
+        )
+        .unwrap();
+        let fifo = image_root(|p| {
+            nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap()
+        });
+        let shadow =
+            image_root(|p| std::os::unix::fs::symlink("../../../../etc/shadow", p).unwrap());
+        let big = image_root(|p| {
+            let f = std::fs::File::create(p).unwrap();
+            f.set_len(ID_FILE_MAX + 1).unwrap();
+        });
+        for (root, want) in [
+            (&zero, "not a regular file"),
+            (&fifo, "not a regular file"),
+            (&shadow, "unknown user 'root'"),
+            (&big, "larger than"),
+        ] {
+            let e = resolve_user(root.path(), "root").unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
 }

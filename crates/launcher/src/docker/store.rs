@@ -145,6 +145,26 @@ pub fn image_store() -> Result<nestor_image::ImageStore> {
     Ok(nestor_image::ImageStore::open(&data_root().join("images"))?)
 }
 
+/// A container's life as its record tells it (written as "created", "running",
+/// "exited", as Docker's `ps --format` and earlier records have them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// The record and directory exist; the container has not started.
+    Created,
+    /// Started, and its owner (the foreground nestor or the monitor) waits for it.
+    Running,
+    /// It ended; `exit_code` says how.
+    Exited,
+}
+
+impl Meta {
+    /// Recorded as running and its owner still waits for it.
+    pub fn running(&self) -> bool {
+        self.status == Status::Running && self.owner_alive()
+    }
+}
+
 /// What `ps` and `inspect` show about a container.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Meta {
@@ -154,8 +174,8 @@ pub struct Meta {
     pub image_id: String,
     pub command: Vec<String>,
     pub created_ns: u128,
-    /// "running" or "exited" as recorded; a dead owner makes "running" stale (`gc`).
-    pub status: String,
+    /// As recorded; a dead owner makes `Running` stale (`gc`).
+    pub status: Status,
     pub exit_code: Option<i32>,
     pub oom_killed: bool,
     pub auto_remove: bool,
@@ -199,10 +219,10 @@ impl Meta {
 
     /// Docker-like status column.
     pub fn status_line(&self) -> String {
-        match self.status.as_str() {
-            "running" if self.owner_alive() => "Up".into(),
-            "running" => "Orphaned (run nestor gc)".into(),
-            "created" => "Created".into(),
+        match self.status {
+            Status::Running if self.owner_alive() => "Up".into(),
+            Status::Running => "Orphaned (run nestor gc)".into(),
+            Status::Created => "Created".into(),
             _ => format!(
                 "Exited ({}){}",
                 self.exit_code.unwrap_or(-1),
@@ -310,7 +330,7 @@ pub fn new_meta(
         image_id: image.id.clone(),
         command,
         created_ns: now_ns(),
-        status: "created".into(),
+        status: Status::Created,
         exit_code: None,
         oom_killed: false,
         auto_remove,

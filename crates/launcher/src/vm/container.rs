@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nestor_agent_protocol::{self as proto, Bundle, Request, Response, Stream};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::cli::RunArgs;
-use crate::docker::store::{self, Meta, VmMeta};
+use crate::docker::run::Mode;
+use crate::docker::store::{self, Meta, Status, VmMeta};
 use crate::sys::pump::pump;
 use crate::vm::sandbox::forward_signals;
 use crate::vm::sandbox::{self, Agent, Assets, BootOpts, Sandbox};
@@ -101,23 +102,26 @@ fn guest_spec(
     cmd: &[String],
     id: &str,
     vols: &[DiskVolume],
-) -> Result<Value> {
+) -> Result<oci_spec::runtime::Spec> {
     let mut native = a.clone();
     native.ctr.volume.clear();
-    let mut s = crate::docker::run::build_spec(&native, image, cmd, &lookup_root(image), id)?;
-    let mounts = s["mounts"].as_array_mut().context("spec has no mounts")?;
+    let mut s = crate::docker::spec::build_spec(&native, image, cmd, &lookup_root(image), id)?;
+    let mut mounts = s.mounts().clone().unwrap_or_default();
     for (i, v) in vols.iter().enumerate() {
-        let mut opts = vec!["nosuid", "nodev"];
+        let mut opts = vec!["nosuid".to_string(), "nodev".to_string()];
         if v.read_only {
-            opts.push("ro");
+            opts.push("ro".into());
         }
-        mounts.push(json!({
-            "destination": v.dest,
-            "type": v.fstype,
-            "source": proto::disk_device(i + 1),
-            "options": opts,
-        }));
+        mounts.push(
+            oci_spec::runtime::MountBuilder::default()
+                .destination(&v.dest)
+                .typ(v.fstype)
+                .source(proto::disk_device(i + 1))
+                .options(opts)
+                .build()?,
+        );
     }
+    s.set_mounts(Some(mounts));
     Ok(s)
 }
 
@@ -360,7 +364,7 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
     let r = agent.call(Request::Run {
         container: guest_id.clone(),
         bundle: Bundle::Disk {
-            spec,
+            spec: serde_json::to_value(&spec)?,
             device,
             fstype: crate::vm::disk::FSTYPE.into(),
         },
@@ -374,7 +378,7 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
     }
     timings.container_started_ms = Some(sb.elapsed_ms());
     forward_signals(pipe, Agent::new(sig_conn)?, guest_id.clone());
-    meta.status = "running".into();
+    meta.status = Status::Running;
     store::save(meta)?;
     Ok(Running {
         sb,
@@ -433,117 +437,66 @@ fn wait_and_stop(r: &mut Running) -> Result<i32> {
     Ok(code)
 }
 
-/// Records the container's exit (or removes it with --rm); returns the code.
-fn finish(meta: &mut Meta, code: i32) -> Result<i32> {
-    meta.status = "exited".into();
-    meta.exit_code = Some(code);
-    meta.vm = None;
-    if meta.auto_remove {
-        store::remove_dir(&meta.id)?;
-    } else {
-        store::save(meta)?;
-    }
-    Ok(code)
+/// The VM mode of `nestor run` (`--vm`, `--pod`) for the driver in
+/// [`crate::docker::run`].
+#[derive(Default)]
+pub struct VmMode {
+    running: Option<Running>,
+    /// Timings of a finished run, printed by [`Mode::done`] with NESTOR_VM_TIMINGS.
+    timings: Option<(Timings, Instant)>,
 }
 
-/// `nestor run --vm …` in the foreground.
-pub fn run(a: &RunArgs) -> Result<i32> {
-    if a.jail.enabled && a.vm.pod.is_some() {
-        bail!("--jail with --pod is not supported: jail the pod's VM instead (not built yet)");
-    }
-    if a.vm.pod.is_some() && (a.vm.mem.is_some() || a.vm.cpus.is_some()) {
-        bail!("--vm-mem and --vm-cpus are the pod's (set them with `nestor pod create`)");
-    }
-    if a.ctr.detach && a.ctr.tty {
-        bail!("-t with -d is not supported: use `nestor exec` into a detached container");
-    }
-    if a.ctr.userns {
-        bail!("--userns with --vm is not needed: the VM is the boundary (drop --userns)");
-    }
-    if a.net.network != crate::cli::NetworkMode::None {
-        bail!("--network host with --vm is not supported (the guest has its own kernel)");
-    }
-    let (image_ref, args) = a.args.split_first().context("no image given")?;
-    let images = store::image_store()?;
-    let image = images
-        .get(image_ref)
-        .map_err(|e| anyhow::anyhow!("{e} (import one with `nestor image import PATH`)"))?;
-    let cmd = image.command(args);
-    if cmd.is_empty() {
-        bail!("no command given and image '{image_ref}' has no Entrypoint or Cmd");
-    }
-    let id = store::new_id()?;
-    let name = match &a.ctr.name {
-        Some(n) => {
-            store::check_name(n)?;
-            n.clone()
+impl Mode for VmMode {
+    fn check(&self, a: &RunArgs) -> Result<()> {
+        if a.jail.enabled && a.vm.pod.is_some() {
+            bail!("--jail with --pod is not supported: jail the pod's VM instead (not built yet)");
         }
-        None => format!("nestor_{}", &id[..8]),
-    };
-    store::create_dir(&id, false)?;
-    let mut meta = store::new_meta(&id, name, &image, image_ref, cmd, a.ctr.rm, Path::new("/"));
-    store::save(&meta)?;
-    if a.ctr.detach {
-        return detach(a, meta, &image);
+        if a.vm.pod.is_some() && (a.vm.mem.is_some() || a.vm.cpus.is_some()) {
+            bail!("--vm-mem and --vm-cpus are the pod's (set them with `nestor pod create`)");
+        }
+        if a.ctr.userns {
+            bail!("--userns with --vm is not needed: the VM is the boundary (drop --userns)");
+        }
+        if a.net.network != crate::cli::NetworkMode::None {
+            bail!("--network host with --vm is not supported (the guest has its own kernel)");
+        }
+        Ok(())
     }
-    let mut timings = None;
-    let result = boot_and_start(a, &mut meta, &image).and_then(|mut r| {
+
+    fn state_root(&self) -> PathBuf {
+        PathBuf::from("/")
+    }
+
+    fn start(&mut self, a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> Result<()> {
+        self.running = Some(boot_and_start(a, meta, image)?);
+        Ok(())
+    }
+
+    fn wait(&mut self, _meta: &mut Meta) -> Result<i32> {
+        let mut r = self
+            .running
+            .take()
+            .context("the VM container was not started")?;
         let code = wait_and_stop(&mut r);
-        timings = Some((r.timings.clone(), r.start));
+        self.timings = Some((r.timings.clone(), r.start));
         code
-    });
-    let out = match result {
-        Ok(code) => finish(&mut meta, code),
-        Err(e) => {
-            let _ = store::remove_dir(&meta.id);
-            Err(e)
-        }
-    };
-    if let (Some((mut t, start)), Some(_)) = (timings, std::env::var_os("NESTOR_VM_TIMINGS")) {
-        t.done_ms = Some(start.elapsed().as_secs_f64() * 1000.0);
-        if let Ok(line) = serde_json::to_string(&t) {
-            eprintln!("nestor-vm-timings: {line}");
+    }
+
+    fn abort(&mut self, _meta: &Meta) {
+        // Dropping the sandbox ends a VM of the container's own.
+        self.running.take();
+    }
+
+    fn done(&mut self) {
+        if let (Some((mut t, start)), Some(_)) =
+            (self.timings.take(), std::env::var_os("NESTOR_VM_TIMINGS"))
+        {
+            t.done_ms = Some(start.elapsed().as_secs_f64() * 1000.0);
+            if let Ok(line) = serde_json::to_string(&t) {
+                eprintln!("nestor-vm-timings: {line}");
+            }
         }
     }
-    out
-}
-
-/// `-d`: a monitor process (this one, forked and detached) owns the VM; its output
-/// goes to the container's log. The parent prints the id once the container started.
-fn detach(a: &RunArgs, mut meta: Meta, image: &nestor_image::Image) -> Result<i32> {
-    let (_, id) = crate::sys::helper::fork("VM monitor", |ready| {
-        let res = (|| -> Result<i32> {
-            nix::unistd::setsid().context("setsid")?;
-            let me = std::process::id() as i32;
-            meta.owner_pid = me;
-            meta.owner_start = nestor_container::state::proc_start(me)
-                .map(|s| s.0)
-                .unwrap_or(0);
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(store::dir(&meta.id).join("log"))
-                .context("open log")?;
-            let null = std::fs::File::open("/dev/null").context("open /dev/null")?;
-            use std::os::fd::AsRawFd;
-            nix::unistd::dup2(null.as_raw_fd(), 0).context("redirect stdin")?;
-            nix::unistd::dup2(log.as_raw_fd(), 1).context("redirect stdout")?;
-            nix::unistd::dup2(log.as_raw_fd(), 2).context("redirect stderr")?;
-            let mut quiet = a.clone();
-            quiet.ctr.interactive = false;
-            let mut running = boot_and_start(&quiet, &mut meta, image)?;
-            ready.ok(&meta.id)?;
-            let code = wait_and_stop(&mut running);
-            drop(running);
-            finish(&mut meta, code?)
-        })();
-        if res.is_err() {
-            let _ = store::remove_dir(&meta.id);
-        }
-        res.map(|_| 0)
-    })?;
-    println!("{id}");
-    Ok(0)
 }
 
 /// A control connection to the agent of a running VM container.
@@ -596,7 +549,7 @@ pub fn exec(m: &Meta, vm: &VmMeta, a: &crate::cli::ExecArgs) -> Result<i32> {
             let image = images
                 .get(&m.image_id)
                 .with_context(|| format!("the image of {} for --user {u}", m.name))?;
-            Some(crate::docker::run::resolve_user(&lookup_root(&image), u)?)
+            Some(crate::docker::spec::resolve_user(&lookup_root(&image), u)?)
         }
         None => None,
     };

@@ -13,7 +13,7 @@ use nestor_agent_protocol::{self as proto, Request};
 use nestor_container::state::{now_ns, proc_start, rfc3339};
 use serde::{Deserialize, Serialize};
 
-use crate::docker::store;
+use crate::docker::store::{self, Status};
 use crate::vm::sandbox::{self, Agent, Assets, BootOpts, Sandbox};
 
 /// Most image disks a pod's VM gets.
@@ -202,7 +202,7 @@ pub fn ls(json: bool) -> Result<()> {
         let n = containers
             .iter()
             .filter(|m| {
-                m.status == "running"
+                m.status == Status::Running
                     && m.vm.as_ref().and_then(|v| v.pod.as_deref()) == Some(&p.name)
             })
             .count();
@@ -228,7 +228,7 @@ pub fn rm(names: &[String], force: bool) -> Result<()> {
             let running: Vec<String> = store::all()
                 .into_iter()
                 .filter(|m| {
-                    m.status == "running"
+                    m.status == Status::Running
                         && m.owner_alive()
                         && m.vm.as_ref().and_then(|v| v.pod.as_deref()) == Some(name)
                 })
