@@ -687,3 +687,97 @@ fn container_files_are_closed_to_other_users() {
     assert_eq!(mode_of(&cdir), 0o700);
     assert_eq!(mode_of(&root.join("images")), 0o700);
 }
+
+/// Runs `c` with stdin closed; kills it after `limit`. The output, and whether it had
+/// to be killed (it hung).
+fn run_bounded(mut c: Command, limit: Duration) -> (Output, bool) {
+    let mut ch = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    let mut hung = false;
+    while ch.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = ch.kill();
+            hung = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (ch.wait_with_output().unwrap(), hung)
+}
+
+#[test]
+fn a_guest_that_stops_answering_cannot_hang_nestor() {
+    let e = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, initrd) = (dir.path().join("vmlinux"), dir.path().join("initrd"));
+    std::fs::write(&kernel, b"not a kernel").unwrap();
+    std::fs::write(&initrd, b"not an initrd").unwrap();
+    let fake = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fake-vmm.py");
+    let cmd = |mode: &str, wait: Option<&str>, args: &[&str]| {
+        let mut c = e.cmd(args);
+        c.env("NESTOR_VMM", &fake)
+            .env("FAKE_VMM_MODE", mode)
+            .env("NESTOR_VM_TIMEOUT", "3")
+            .env("NESTOR_VM_KERNEL", &kernel)
+            .env("NESTOR_VM_INITRD", &initrd);
+        match wait {
+            Some(w) => c.env("FAKE_VMM_WAIT", w),
+            None => c.env_remove("FAKE_VMM_WAIT"),
+        };
+        c
+    };
+    // NESTOR_VM_TIMEOUT is 3 s: every command ends by itself well within this.
+    let limit = Duration::from_secs(60);
+    // A guest that never reports ready nor answers a ping: the boot fails.
+    let (o, hung) = run_bounded(
+        cmd("silent", None, &["run", "--vm", "--rm", "busybox", "true"]),
+        limit,
+    );
+    assert!(!hung, "run --vm hung on a silent guest");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("ready"), "{}", stderr(&o));
+    // A guest that reports the exit but keeps stdout open: nestor still ends, with the code.
+    let (o, hung) = run_bounded(
+        cmd(
+            "stuck",
+            Some("0.3"),
+            &["run", "--vm", "--rm", "busybox", "true"],
+        ),
+        limit,
+    );
+    assert!(!hung, "run --vm hung on a stdout kept open: {}", stderr(&o));
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    // A running container whose agent answers nothing more.
+    let (o, hung) = run_bounded(
+        cmd(
+            "stuck",
+            None,
+            &[
+                "run", "--vm", "-d", "--name", "stuck", "busybox", "sleep", "1000",
+            ],
+        ),
+        limit,
+    );
+    assert!(!hung && o.status.success(), "run -d: {}", stderr(&o));
+    let (o, hung) = run_bounded(cmd("stuck", None, &["exec", "stuck", "true"]), limit);
+    assert!(!hung, "exec hung");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("did not answer"), "{}", stderr(&o));
+    let (o, hung) = run_bounded(cmd("stuck", None, &["stop", "-t", "1", "stuck"]), limit);
+    assert!(!hung, "stop hung: {}", stderr(&o));
+    let ps = e.ps_json();
+    assert!(
+        ps.as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["status"] != "running"),
+        "still running after stop: {ps}"
+    );
+    let (o, hung) = run_bounded(cmd("stuck", None, &["gc"]), limit);
+    assert!(!hung && o.status.success(), "gc: {}", stderr(&o));
+}

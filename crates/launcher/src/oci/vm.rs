@@ -312,9 +312,7 @@ fn shim(
         Ok(Response::Exited { code }) => code,
         _ => 137,
     };
-    for h in outputs {
-        let _ = h.join();
-    }
+    crate::sys::pump::join_within(outputs, sandbox::boot_timeout());
     sb.shutdown(Some(&mut agent), Duration::from_secs(10));
     st.status = "stopped".into();
     st.exit_code = Some(code);
@@ -548,8 +546,6 @@ fn exec_in_vm(
         Response::Error { message, .. } => bail!("exec in the VM: {message}"),
         other => bail!("exec in the VM: unexpected answer {other:?}"),
     };
-    for h in outputs {
-        let _ = h.join();
-    }
+    crate::sys::pump::join_within(outputs, sandbox::boot_timeout());
     Ok(code)
 }

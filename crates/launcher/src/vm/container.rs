@@ -412,10 +412,8 @@ fn wait_and_stop(r: &mut Running) -> Result<i32> {
         }
     };
     r.timings.container_exited_ms = Some(r.sb.elapsed_ms());
-    // Output streams end when the container's side closes them.
-    for h in r.outputs.drain(..) {
-        let _ = h.join();
-    }
+    // Output streams end when the container's side closes them (within a deadline).
+    crate::sys::pump::join_within(std::mem::take(&mut r.outputs), sandbox::boot_timeout());
     if r.in_pod {
         let _ = r.agent.call(Request::Delete {
             container: r.guest_id.clone(),
@@ -621,9 +619,7 @@ pub fn exec(m: &Meta, vm: &VmMeta, a: &crate::cli::ExecArgs) -> Result<i32> {
         Response::Error { message, .. } => bail!("exec in {}: {message}", m.name),
         other => bail!("exec in {}: unexpected answer {other:?}", m.name),
     };
-    for h in outputs {
-        let _ = h.join();
-    }
+    crate::sys::pump::join_within(outputs, sandbox::boot_timeout());
     Ok(code)
 }
 

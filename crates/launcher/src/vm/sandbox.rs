@@ -467,7 +467,7 @@ impl Sandbox {
             if Instant::now() >= next_probe {
                 next_probe = Instant::now() + READY_PROBE;
                 if let Ok(s) = hybrid_connect(&self.vsock, proto::DEFAULT_PORT) {
-                    let mut a = Agent::new(s)?;
+                    let mut a = Agent::new(s)?.until(deadline);
                     if let Ok(Response::Pong { .. }) = a.call(Request::Ping) {
                         self.timeline
                             .agent_ready_ms
@@ -494,7 +494,7 @@ impl Sandbox {
         }
         loop {
             let s = self.connect(proto::DEFAULT_PORT, deadline)?;
-            let mut a = Agent::new(s)?;
+            let mut a = Agent::new(s)?.until(deadline);
             match a.call(Request::Ping) {
                 Ok(Response::Pong { .. }) => {
                     self.timeline
@@ -677,15 +677,32 @@ pub fn hybrid_connect(sock: &Path, port: u32) -> Result<UnixStream> {
     Ok(s)
 }
 
-/// A control connection to the agent: one request at a time.
+/// A control connection to the agent: one request at a time. Every request but
+/// `Wait` (which lasts as long as the process it waits for) has a deadline: a guest that
+/// stops answering makes the call fail, never hang.
 pub struct Agent {
     stream: UnixStream,
     next_id: u64,
+    /// How long one request may take: [`boot_timeout`] unless [`Agent::until`] says less.
+    limit: Duration,
 }
 
 impl Agent {
     pub fn new(stream: UnixStream) -> Result<Agent> {
-        Ok(Agent { stream, next_id: 1 })
+        Ok(Agent {
+            stream,
+            next_id: 1,
+            limit: boot_timeout(),
+        })
+    }
+
+    /// Requests on this connection end by `deadline` at the latest.
+    pub fn until(mut self, deadline: Instant) -> Agent {
+        self.limit = self
+            .limit
+            .min(deadline.saturating_duration_since(Instant::now()))
+            .max(Duration::from_millis(10));
+        self
     }
 
     /// A second connection for another thread (e.g. signal forwarding).
@@ -697,17 +714,42 @@ impl Agent {
     pub fn call(&mut self, req: Request) -> Result<Response> {
         let id = self.next_id;
         self.next_id += 1;
+        let waits = matches!(req, Request::Wait { .. });
+        let deadline = Instant::now() + self.limit;
+        self.stream.set_write_timeout(Some(self.limit))?;
         proto::write_frame(&mut self.stream, &Envelope { id, request: req })
-            .context("send a request to the guest agent")?;
+            .map_err(|e| self.timed_out(e, "take a request"))?;
         loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            self.stream.set_read_timeout(if waits {
+                None
+            } else {
+                Some(left.max(Duration::from_millis(1)))
+            })?;
             let r: Reply = match proto::read_frame(&mut self.stream) {
                 Ok(Some(r)) => r,
                 Ok(None) => bail!("the guest agent closed the connection"),
-                Err(e) => return Err(e).context("read the guest agent's reply"),
+                Err(e) => return Err(self.timed_out(e, "answer")),
             };
             if r.id == id {
                 return Ok(r.response);
             }
+        }
+    }
+}
+
+impl Agent {
+    /// An I/O error on the connection, named as a missed deadline when it is one.
+    fn timed_out(&self, e: proto::FrameError, what: &str) -> anyhow::Error {
+        let timed_out = matches!(&e, proto::FrameError::Io(io)
+            if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
+        if timed_out {
+            anyhow::anyhow!(
+                "the guest agent did not {what} within {:.1} s (NESTOR_VM_TIMEOUT)",
+                self.limit.as_secs_f64()
+            )
+        } else {
+            anyhow::Error::new(e).context(format!("the guest agent did not {what}"))
         }
     }
 }
