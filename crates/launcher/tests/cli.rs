@@ -781,3 +781,60 @@ fn a_guest_that_stops_answering_cannot_hang_nestor() {
     let (o, hung) = run_bounded(cmd("stuck", None, &["gc"]), limit);
     assert!(!hung && o.status.success(), "gc: {}", stderr(&o));
 }
+
+#[test]
+fn a_name_belongs_to_one_container_and_an_image_in_use_stays() {
+    let e = Env::new();
+    let kids: Vec<_> = (0..4)
+        .map(|_| {
+            e.cmd(&["run", "-d", "--name", "once", "busybox", "sleep", "30"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<Output> = kids
+        .into_iter()
+        .map(|k| k.wait_with_output().unwrap())
+        .collect();
+    let won = outs.iter().filter(|o| o.status.success()).count();
+    assert_eq!(won, 1, "{} runs got the name 'once'", won);
+    for o in outs.iter().filter(|o| !o.status.success()) {
+        assert!(stderr(o).contains("already in use"), "{}", stderr(o));
+    }
+    let named = e
+        .ps_json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["name"] == "once")
+        .count();
+    assert_eq!(named, 1);
+    // The image of a running container is not removed.
+    let o = e.run(&["image", "rm", "busybox"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("in use by container once"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(e.run(&["run", "--rm", "busybox", "true"]).status.success());
+    // A directory a killed nestor left before its first record is swept by gc.
+    let half = e.data.path().join("containers").join("f".repeat(64));
+    std::fs::create_dir(&half).unwrap();
+    std::fs::write(half.join(".meta.json.tmp"), b"{").unwrap();
+    let old = nix::sys::time::TimeSpec::new(1_000_000, 0);
+    nix::sys::stat::utimensat(
+        None,
+        &half,
+        &old,
+        &old,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap();
+    let o = e.run(&["gc"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!half.exists(), "gc left a half-written record");
+}

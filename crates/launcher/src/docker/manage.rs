@@ -333,12 +333,17 @@ pub fn image_import(path: &std::path::Path, name: Option<&str>) -> Result<()> {
 pub fn image_rm(names: &[String]) -> Result<()> {
     let store = store::image_store()?;
     for n in names {
+        let _lock = store::lock()?;
         let img = store.get(n)?;
         if let Some(m) = store::all()
             .iter()
-            .find(|m| m.image_id == img.id && m.status == Status::Running)
+            .find(|m| m.image_id == img.id && m.status != Status::Exited && m.owner_alive())
         {
-            bail!("image {n} is in use by running container {}", m.name);
+            bail!(
+                "image {n} is in use by container {} ({})",
+                m.name,
+                m.status_line()
+            );
         }
         match store.remove(n)? {
             nestor_image::Removed::Untagged(t) => println!("Untagged: {t}"),
@@ -368,6 +373,13 @@ pub fn gc(rt: &Runtime) -> Result<()> {
                 m.exit_code = Some(137);
                 store::save(&m)?;
             }
+            n += 1;
+        }
+    }
+    // Directories a nestor killed before its first record left.
+    for d in store::orphan_dirs(Duration::from_secs(30)) {
+        let _ = nix::mount::umount2(&d.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
+        if std::fs::remove_dir_all(&d).is_ok() {
             n += 1;
         }
     }

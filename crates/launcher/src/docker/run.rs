@@ -59,27 +59,32 @@ fn drive(mode: &mut impl Mode, a: &RunArgs) -> Result<i32> {
         bail!("no command given and image '{image_ref}' has no Entrypoint or Cmd");
     }
     let id = store::new_id()?;
-    let name = match &a.ctr.name {
-        Some(n) => {
-            store::check_name(n)?;
-            n.clone()
+    let meta = {
+        // The name is checked and taken under the store's lock: one container per name.
+        let _lock = store::lock()?;
+        let name = match &a.ctr.name {
+            Some(n) => {
+                store::check_name(n)?;
+                n.clone()
+            }
+            None => format!("nestor_{}", &id[..8]),
+        };
+        store::create_dir(&id, a.ctr.userns)?;
+        let meta = store::new_meta(
+            &id,
+            name,
+            &image,
+            image_ref,
+            cmd,
+            a.ctr.rm,
+            &mode.state_root(),
+        );
+        if let Err(e) = store::save(&meta) {
+            let _ = store::remove_dir(&id);
+            return Err(e);
         }
-        None => format!("nestor_{}", &id[..8]),
+        meta
     };
-    store::create_dir(&id, a.ctr.userns)?;
-    let meta = store::new_meta(
-        &id,
-        name,
-        &image,
-        image_ref,
-        cmd,
-        a.ctr.rm,
-        &mode.state_root(),
-    );
-    if let Err(e) = store::save(&meta) {
-        let _ = store::remove_dir(&id);
-        return Err(e);
-    }
     if a.ctr.detach {
         return detach(mode, a, meta, &image);
     }

@@ -294,6 +294,42 @@ pub fn new_id() -> Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
+/// The store's lock (`containers/.lock`): held while a record is made under a name and
+/// while an image is removed, so a name belongs to one container under any race, and an
+/// image is never removed under a container being created from it.
+pub fn lock() -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let p = containers_dir().join(".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .with_context(|| format!("open {}", p.display()))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .with_context(|| format!("lock {}", p.display()))
+}
+
+/// Container directories without a record (`meta.json`) older than `age`: what a nestor
+/// killed while writing its first record left.
+pub fn orphan_dirs(age: std::time::Duration) -> Vec<PathBuf> {
+    std::fs::read_dir(containers_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| !e.path().join("meta.json").exists())
+        .filter(|e| {
+            e.metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|a| a > age)
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
 pub fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
