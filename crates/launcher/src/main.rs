@@ -35,28 +35,7 @@ fn dispatch_vm(cli: &Cli) -> Option<Result<i32>> {
         Cmd::State { id } if oci_vm::exists(root, id) => oci_vm::state(root, id),
         Cmd::Kill(a) if oci_vm::exists(root, &a.id) => oci_vm::kill(root, a),
         Cmd::Delete { force, id } if oci_vm::exists(root, id) => oci_vm::delete(root, id, *force),
-        Cmd::List { format, quiet } => {
-            let v = oci_vm::list(root);
-            if *quiet {
-                for s in &v {
-                    println!("{}", s["id"].as_str().unwrap_or(""));
-                }
-            } else if format == "json" {
-                println!("{}", serde_json::Value::Array(v));
-            } else {
-                println!("{:<66} {:<8} {:<8} BUNDLE", "ID", "PID", "STATUS");
-                for s in &v {
-                    println!(
-                        "{:<66} {:<8} {:<8} {}",
-                        s["id"].as_str().unwrap_or(""),
-                        s["pid"],
-                        s["status"].as_str().unwrap_or(""),
-                        s["bundle"].as_str().unwrap_or("")
-                    );
-                }
-            }
-            Ok(())
-        }
+        Cmd::List { format, quiet } => oci::print_list(&oci_vm::list(root), *format, *quiet),
         Cmd::Run(a) if a.oci.bundle.is_some() => Err(anyhow::anyhow!(
             "run --bundle in VM mode is not supported: use create and start"
         )),
@@ -93,7 +72,7 @@ fn dispatch(cli: &Cli) -> Result<i32> {
         Cmd::Delete { force, id } => rt.delete(id, *force)?,
         Cmd::Pause { id } => rt.pause(id)?,
         Cmd::Resume { id } => rt.resume(id)?,
-        Cmd::List { format, quiet } => oci::list(&rt, format, *quiet)?,
+        Cmd::List { format, quiet } => oci::list(&rt, *format, *quiet)?,
         Cmd::Spec { bundle, rootless } => oci::spec(bundle, *rootless)?,
         Cmd::Exec(a) => {
             return if a.process.is_some() {
@@ -144,7 +123,7 @@ fn log_error(cli: &Cli, msg: &str) {
         return;
     };
     let time = nestor_container::state::rfc3339(nestor_container::state::now_ns());
-    let line = if cli.log_format == "json" {
+    let line = if cli.log_format == cli::LogFormat::Json {
         serde_json::json!({"level": "error", "msg": msg, "time": time}).to_string()
     } else {
         format!("{time} error: {msg}")

@@ -20,9 +20,9 @@ pub struct Cli {
     /// Write errors to this file too (OCI runtimes' --log; podman's conmon reads it).
     #[arg(long, global = true)]
     pub log: Option<PathBuf>,
-    /// Format of --log: text or json.
-    #[arg(long, global = true, default_value = "text")]
-    pub log_format: String,
+    /// Format of --log.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Verbose logs on stderr.
     #[arg(long, global = true)]
     pub debug: bool,
@@ -59,8 +59,8 @@ pub enum Cmd {
     Resume { id: String },
     /// OCI: list containers in the state root.
     List {
-        #[arg(short, long, default_value = "table")]
-        format: String,
+        #[arg(short, long, value_enum, default_value_t = ListFormat::Table)]
+        format: ListFormat,
         #[arg(short, long)]
         quiet: bool,
     },
@@ -220,6 +220,20 @@ pub struct ExecArgs {
     pub id: String,
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub cmd: Vec<String>,
+}
+
+/// `--log-format`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `list --format`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListFormat {
+    Table,
+    Json,
 }
 
 /// `nestor run`: Docker-style (IMAGE [CMD…]) or, with `--bundle`, the OCI runtime's

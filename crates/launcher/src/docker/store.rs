@@ -294,11 +294,11 @@ pub fn new_id() -> Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-/// The store's lock (`containers/.lock`): held while a record is made under a name and
+/// The store's lock (`$NESTOR_ROOT/containers.lock`): held while a record is made under a name and
 /// while an image is removed, so a name belongs to one container under any race, and an
 /// image is never removed under a container being created from it.
 pub fn lock() -> Result<nix::fcntl::Flock<std::fs::File>> {
-    let p = containers_dir().join(".lock");
+    let p = data_root().join("containers.lock");
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

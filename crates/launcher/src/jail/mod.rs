@@ -13,7 +13,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use nestor_container::container::{wait_exit, CreateOpts, Runtime};
-use serde_json::{json, Value};
+use oci_spec::runtime::{
+    Capabilities, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDeviceCgroup,
+    LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxIdMappingBuilder, LinuxMemoryBuilder,
+    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResources,
+    LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType,
+    ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
+};
 
 /// Where jail roots live (tmpfs on most hosts).
 pub fn jails_dir() -> PathBuf {
@@ -93,8 +99,18 @@ fn mknod(path: &Path, major: u64, minor: u64, mode: u32, owner: Option<(u32, u32
     Ok(())
 }
 
-/// Lay out the jail root and write the OCI bundle; returns the bundle dir.
-pub fn prepare(c: &JailConfig) -> Result<PathBuf> {
+/// A bind mount of `source` at `dest` with `opts`.
+fn bind(dest: &str, source: &Path, opts: &[&str]) -> Result<Mount> {
+    Ok(MountBuilder::default()
+        .destination(dest)
+        .typ("bind")
+        .source(source)
+        .options(opts.iter().map(|o| o.to_string()).collect::<Vec<_>>())
+        .build()?)
+}
+
+/// The jail's directory and its root with the device nodes the program needs.
+fn make_root(c: &JailConfig) -> Result<(PathBuf, PathBuf)> {
     if c.uid == 0 || c.gid == 0 {
         bail!("the jail uid and gid must not be 0");
     }
@@ -114,21 +130,73 @@ pub fn prepare(c: &JailConfig) -> Result<PathBuf> {
         mknod(&root.join("dev/net/tun"), 10, 200, 0o600, owner)?;
     }
     mknod(&root.join("dev/urandom"), 1, 9, 0o666, None)?;
-    let name = c
-        .binary
-        .file_name()
-        .context("binary has no file name")?
-        .to_string_lossy()
-        .into_owned();
-    let mut mounts = vec![
-        json!({"destination": format!("/{name}"), "type": "bind", "source": c.binary, "options": ["bind", "ro", "nosuid", "nodev"]}),
-    ];
+    Ok((dir, root))
+}
+
+/// One of the jail's files as a bind mount: read-only unless asked; copied into the
+/// jail's directory when the jail's uid cannot reach it (as Firecracker's jailer does).
+fn file_mount(c: &JailConfig, dir: &Path, f: &JailFile) -> Result<Mount> {
+    if !f.inside.starts_with('/') || f.inside.contains("..") {
+        bail!("jail path {} must be absolute and plain", f.inside);
+    }
+    let md = std::fs::metadata(&f.host).with_context(|| format!("{}", f.host.display()))?;
+    if !md.is_file() {
+        bail!("{} is not a regular file", f.host.display());
+    }
+    let mut source = f.host.clone();
+    if let Some(closed) = closed_dir(&f.host, c.uid, c.gid) {
+        if f.writable {
+            bail!(
+                "{} is not reachable by the jail's uid {}:{} ({} is closed to it): move the file or open the directory",
+                f.host.display(),
+                c.uid,
+                c.gid,
+                closed.display()
+            );
+        }
+        let files = dir.join("files");
+        std::fs::create_dir_all(&files)?;
+        let copy = files.join(f.inside.trim_start_matches('/').replace('/', "_"));
+        std::fs::copy(&f.host, &copy)
+            .with_context(|| format!("copy {} into the jail", f.host.display()))?;
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o444))?;
+        source = copy;
+    }
+    if f.writable {
+        use std::os::unix::fs::MetadataExt;
+        let other_w = md.mode() & 0o002 != 0;
+        let owner_w = md.uid() == c.uid && md.mode() & 0o200 != 0;
+        let group_w = md.gid() == c.gid && md.mode() & 0o020 != 0;
+        if !(other_w || owner_w || group_w) {
+            bail!(
+                "{} is not writable by the jail's uid {}:{} (chown it, or attach it read-only)",
+                f.host.display(),
+                c.uid,
+                c.gid
+            );
+        }
+    }
+    let mut opts = vec!["bind", "nosuid", "nodev", "noexec"];
+    if !f.writable {
+        opts.push("ro");
+    }
+    bind(&f.inside, &source, &opts)
+}
+
+/// Everything bound into the jail: the program (and the host's libraries when it is
+/// dynamically linked), its files, and the shared directory.
+fn jail_mounts(c: &JailConfig, dir: &Path, root: &Path, name: &str) -> Result<Vec<Mount>> {
+    let mut mounts = vec![bind(
+        &format!("/{name}"),
+        &c.binary,
+        &["bind", "ro", "nosuid", "nodev"],
+    )?];
     if is_dynamic(&c.binary)? {
         // A dynamically linked program needs the host's loader and libraries (read-only).
         for d in ["/lib", "/lib64", "/usr/lib", "/usr/lib64"] {
             let p = Path::new(d);
             if p.exists() && !p.is_symlink() {
-                mounts.push(json!({"destination": d, "type": "bind", "source": d, "options": ["rbind", "ro", "nosuid", "nodev"]}));
+                mounts.push(bind(d, p, &["rbind", "ro", "nosuid", "nodev"])?);
             } else if p.is_symlink() {
                 let t = std::fs::read_link(p)?;
                 std::os::unix::fs::symlink(&t, root.join(d.trim_start_matches('/')))?;
@@ -136,70 +204,27 @@ pub fn prepare(c: &JailConfig) -> Result<PathBuf> {
         }
     }
     for f in &c.files {
-        if !f.inside.starts_with('/') || f.inside.contains("..") {
-            bail!("jail path {} must be absolute and plain", f.inside);
-        }
-        let md = std::fs::metadata(&f.host).with_context(|| format!("{}", f.host.display()))?;
-        if !md.is_file() {
-            bail!("{} is not a regular file", f.host.display());
-        }
-        let mut source = f.host.clone();
-        if let Some(closed) = closed_dir(&f.host, c.uid, c.gid) {
-            if f.writable {
-                bail!(
-                    "{} is not reachable by the jail's uid {}:{} ({} is closed to it): move the file or open the directory",
-                    f.host.display(),
-                    c.uid,
-                    c.gid,
-                    closed.display()
-                );
-            }
-            // A read-only file behind a closed directory (e.g. under /root) is copied
-            // into the jail's own directory, as Firecracker's jailer does.
-            let files = dir.join("files");
-            std::fs::create_dir_all(&files)?;
-            let copy = files.join(f.inside.trim_start_matches('/').replace('/', "_"));
-            std::fs::copy(&f.host, &copy)
-                .with_context(|| format!("copy {} into the jail", f.host.display()))?;
-            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o444))?;
-            source = copy;
-        }
-        if f.writable {
-            use std::os::unix::fs::MetadataExt;
-            let other_w = md.mode() & 0o002 != 0;
-            let owner_w = md.uid() == c.uid && md.mode() & 0o200 != 0;
-            let group_w = md.gid() == c.gid && md.mode() & 0o020 != 0;
-            if !(other_w || owner_w || group_w) {
-                bail!(
-                    "{} is not writable by the jail's uid {}:{} (chown it, or attach it read-only)",
-                    f.host.display(),
-                    c.uid,
-                    c.gid
-                );
-            }
-        }
-        let mut opts = vec!["bind", "nosuid", "nodev", "noexec"];
-        if !f.writable {
-            opts.push("ro");
-        }
-        mounts.push(
-            json!({"destination": f.inside, "type": "bind", "source": source, "options": opts}),
-        );
+        mounts.push(file_mount(c, dir, f)?);
     }
     if c.share_dir {
         let share = dir.join("share");
         std::fs::create_dir_all(&share)?;
         nix::unistd::chown(&share, Some(c.uid.into()), Some(c.gid.into()))?;
-        mounts.push(json!({"destination": "/run/nestor", "type": "bind", "source": share, "options": ["bind", "nosuid", "nodev", "noexec"]}));
+        mounts.push(bind(
+            "/run/nestor",
+            &share,
+            &["bind", "nosuid", "nodev", "noexec"],
+        )?);
     }
-    // Mount points are made here, as host root; the jail's root (read-only once
-    // set up) belongs to the jail's uid so the runtime can finish /dev inside.
-    for m in &mounts {
-        let dst = m["destination"]
-            .as_str()
-            .unwrap_or_default()
-            .trim_start_matches('/');
-        let src = Path::new(m["source"].as_str().unwrap_or_default());
+    Ok(mounts)
+}
+
+/// Mount points are made here, as host root; the jail's root (read-only once set up)
+/// belongs to the jail's uid so the runtime can finish /dev inside.
+fn make_mount_points(c: &JailConfig, root: &Path, mounts: &[Mount]) -> Result<()> {
+    for m in mounts {
+        let dst = m.destination().strip_prefix("/").unwrap_or(m.destination());
+        let src = m.source().clone().unwrap_or_default();
         let p = root.join(dst);
         if src.is_dir() {
             std::fs::create_dir_all(&p)?;
@@ -211,64 +236,140 @@ pub fn prepare(c: &JailConfig) -> Result<PathBuf> {
         }
     }
     std::fs::create_dir_all(root.join("dev"))?;
-    for d in [root.clone(), root.join("dev")] {
+    for d in [root.to_path_buf(), root.join("dev")] {
         nix::unistd::chown(&d, Some(c.uid.into()), Some(c.gid.into()))?;
     }
-    let mut args = vec![format!("/{name}")];
-    args.extend(c.args.iter().cloned());
-    let mut rlimits = vec![
-        json!({"type": "RLIMIT_NOFILE", "hard": c.nofile, "soft": c.nofile}),
-        json!({"type": "RLIMIT_NPROC", "hard": c.nproc, "soft": c.nproc}),
-    ];
-    if let Some(f) = c.fsize {
-        rlimits.push(json!({"type": "RLIMIT_FSIZE", "hard": f, "soft": f}));
-    }
+    Ok(())
+}
+
+/// The jail's cgroup: only its device nodes, and the user's limits.
+fn jail_resources(c: &JailConfig) -> Result<LinuxResources> {
+    let dev = |major: i64, minor: i64| -> Result<LinuxDeviceCgroup> {
+        Ok(LinuxDeviceCgroupBuilder::default()
+            .allow(true)
+            .typ(LinuxDeviceType::C)
+            .major(major)
+            .minor(minor)
+            .access("rw")
+            .build()?)
+    };
     let mut devices = vec![
-        json!({"allow": false, "access": "rwm"}),
-        json!({"allow": true, "type": "c", "major": 10, "minor": 232, "access": "rw"}),
-        json!({"allow": true, "type": "c", "major": 1, "minor": 9, "access": "rw"}),
+        LinuxDeviceCgroupBuilder::default()
+            .allow(false)
+            .access("rwm")
+            .build()?,
+        dev(10, 232)?,
+        dev(1, 9)?,
     ];
     if c.tap.is_some() {
-        devices
-            .push(json!({"allow": true, "type": "c", "major": 10, "minor": 200, "access": "rw"}));
+        devices.push(dev(10, 200)?);
     }
-    let mut res = json!({ "devices": devices });
+    let mut res = LinuxResourcesBuilder::default().devices(devices);
     if let Some(m) = c.memory {
-        res["memory"] = json!({"limit": m, "swap": m});
+        res = res.memory(LinuxMemoryBuilder::default().limit(m).swap(m).build()?);
     }
     if let Some(cpus) = c.cpus {
-        res["cpu"] = json!({"quota": (cpus * 100_000.0) as i64, "period": 100_000u64});
+        res = res.cpu(
+            LinuxCpuBuilder::default()
+                .quota((cpus * 100_000.0) as i64)
+                .period(100_000u64)
+                .build()?,
+        );
     }
     if let Some(p) = c.pids_limit {
-        res["pids"] = json!({"limit": p});
+        res = res.pids(LinuxPidsBuilder::default().limit(p).build()?);
     }
-    let none: [&str; 0] = [];
-    let net = match &c.tap {
-        Some(t) => json!({"type": "network", "path": netns_path(t)}),
-        None => json!({"type": "network"}),
+    Ok(res.build()?)
+}
+
+/// The jail's OCI spec: root read-only, root in the jail = the jail's uid, no
+/// capabilities, no_new_privs, rlimits, every namespace.
+fn jail_spec(c: &JailConfig, root: &Path, name: &str, mounts: Vec<Mount>) -> Result<Spec> {
+    let mut args = vec![format!("/{name}")];
+    args.extend(c.args.iter().cloned());
+    let rlimit = |typ, n: u64| {
+        PosixRlimitBuilder::default()
+            .typ(typ)
+            .hard(n)
+            .soft(n)
+            .build()
     };
-    let spec: Value = json!({
-        "ociVersion": "1.0.2",
-        "root": {"path": root, "readonly": true},
-        "hostname": "jail",
-        "process": {
-            "terminal": false,
-            "user": {"uid": 0, "gid": 0},
-            "args": args,
-            "env": ["PATH=/"],
-            "cwd": "/",
-            "capabilities": {"bounding": none, "effective": none, "permitted": none, "inheritable": none, "ambient": none},
-            "rlimits": rlimits,
-            "noNewPrivileges": true,
-        },
-        "mounts": mounts,
-        "linux": {
-            "namespaces": [{"type": "mount"}, {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, net, {"type": "user"}, {"type": "cgroup"}],
-            "uidMappings": [{"containerID": 0, "hostID": c.uid, "size": 1}],
-            "gidMappings": [{"containerID": 0, "hostID": c.gid, "size": 1}],
-            "resources": res,
-        },
-    });
+    let mut rlimits = vec![
+        rlimit(PosixRlimitType::RlimitNofile, c.nofile)?,
+        rlimit(PosixRlimitType::RlimitNproc, c.nproc)?,
+    ];
+    if let Some(f) = c.fsize {
+        rlimits.push(rlimit(PosixRlimitType::RlimitFsize, f)?);
+    }
+    let none = Capabilities::new();
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .user(UserBuilder::default().uid(0u32).gid(0u32).build()?)
+        .args(args)
+        .env(vec!["PATH=/".to_string()])
+        .cwd("/")
+        .capabilities(
+            LinuxCapabilitiesBuilder::default()
+                .bounding(none.clone())
+                .effective(none.clone())
+                .permitted(none.clone())
+                .inheritable(none.clone())
+                .ambient(none)
+                .build()?,
+        )
+        .rlimits(rlimits)
+        .no_new_privileges(true)
+        .build()?;
+    let ns = |typ| LinuxNamespaceBuilder::default().typ(typ).build();
+    let mut net = LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network);
+    if let Some(t) = &c.tap {
+        net = net.path(netns_path(t));
+    }
+    let map = |host: u32| {
+        LinuxIdMappingBuilder::default()
+            .container_id(0u32)
+            .host_id(host)
+            .size(1u32)
+            .build()
+    };
+    let linux = LinuxBuilder::default()
+        .namespaces(vec![
+            ns(LinuxNamespaceType::Mount)?,
+            ns(LinuxNamespaceType::Pid)?,
+            ns(LinuxNamespaceType::Ipc)?,
+            ns(LinuxNamespaceType::Uts)?,
+            net.build()?,
+            ns(LinuxNamespaceType::User)?,
+            ns(LinuxNamespaceType::Cgroup)?,
+        ])
+        .uid_mappings(vec![map(c.uid)?])
+        .gid_mappings(vec![map(c.gid)?])
+        .resources(jail_resources(c)?)
+        .masked_paths(Vec::<String>::new())
+        .readonly_paths(Vec::<String>::new())
+        .build()?;
+    Ok(SpecBuilder::default()
+        .version("1.0.2")
+        .root(RootBuilder::default().path(root).readonly(true).build()?)
+        .hostname("jail")
+        .process(process)
+        .mounts(mounts)
+        .linux(linux)
+        .build()?)
+}
+
+/// Lay out the jail root and write the OCI bundle; returns the bundle dir.
+pub fn prepare(c: &JailConfig) -> Result<PathBuf> {
+    let (dir, root) = make_root(c)?;
+    let name = c
+        .binary
+        .file_name()
+        .context("binary has no file name")?
+        .to_string_lossy()
+        .into_owned();
+    let mounts = jail_mounts(c, &dir, &root, &name)?;
+    make_mount_points(c, &root, &mounts)?;
+    let spec = jail_spec(c, &root, &name, mounts)?;
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&spec)?)?;
     Ok(dir)
 }

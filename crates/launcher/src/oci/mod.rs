@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use nestor_container::container::{parse_signal, wait_exit, CreateOpts, ExecOpts, Runtime};
 use oci_spec::runtime::Process;
 
-use crate::cli::{CreateArgs, ExecArgs, KillArgs, RunArgs};
+use crate::cli::{CreateArgs, ExecArgs, KillArgs, ListFormat, RunArgs};
 
 pub fn create(rt: &Runtime, a: &CreateArgs) -> Result<()> {
     rt.create(&CreateOpts {
@@ -65,37 +65,45 @@ pub fn kill(rt: &Runtime, a: &KillArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn list(rt: &Runtime, format: &str, quiet: bool) -> Result<()> {
-    let all = rt.list()?;
+pub fn list(rt: &Runtime, format: ListFormat, quiet: bool) -> Result<()> {
+    let states = rt
+        .list()?
+        .iter()
+        .map(|st| serde_json::to_value(st.oci()))
+        .collect::<Result<Vec<_>, _>>()?;
+    print_list(&states, format, quiet)
+}
+
+/// `list` of either mode: OCI state documents as a table, as JSON, or ids only.
+pub fn print_list(states: &[serde_json::Value], format: ListFormat, quiet: bool) -> Result<()> {
+    let field = |st: &serde_json::Value, k: &str| match &st[k] {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
     if quiet {
-        for st in &all {
-            println!("{}", st.id);
+        for st in states {
+            println!("{}", field(st, "id"));
         }
         return Ok(());
     }
     match format {
-        "json" => {
-            let v: Vec<_> = all.iter().map(|s| s.oci()).collect();
-            println!("{}", serde_json::to_string(&v)?);
-        }
-        "table" => {
+        ListFormat::Json => println!("{}", serde_json::to_string(states)?),
+        ListFormat::Table => {
             println!(
                 "{:<24} {:<8} {:<10} {:<40} CREATED",
                 "ID", "PID", "STATUS", "BUNDLE"
             );
-            for st in &all {
-                let o = st.oci();
+            for st in states {
                 println!(
                     "{:<24} {:<8} {:<10} {:<40} {}",
-                    o.id,
-                    o.pid,
-                    o.status,
-                    o.bundle.display(),
-                    o.created
+                    field(st, "id"),
+                    field(st, "pid"),
+                    field(st, "status"),
+                    field(st, "bundle"),
+                    field(st, "created")
                 );
             }
         }
-        f => bail!("unknown list format '{f}' (table or json)"),
     }
     Ok(())
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nestor_agent_protocol::{self as proto, Bundle, Request, Response, Stream};
-use nestor_container::state::{now_ns, proc_start, rfc3339};
+use nestor_container::state::{now_ns, proc_start, rfc3339, Status};
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{CreateArgs, KillArgs};
@@ -32,8 +32,8 @@ struct VmState {
     shim_pid: i32,
     shim_start: u64,
     sandbox: PathBuf,
-    /// created, running or stopped (as last recorded).
-    status: String,
+    /// Created, running or stopped (as last recorded).
+    status: Status,
     exit_code: Option<i32>,
     created_ns: u128,
     #[serde(default)]
@@ -68,11 +68,11 @@ fn shim_alive(st: &VmState) -> bool {
     matches!(proc_start(st.shim_pid), Some((s, false)) if s == st.shim_start)
 }
 
-fn status(st: &VmState) -> &str {
-    if st.status != "stopped" && !shim_alive(st) {
-        "stopped"
+fn status(st: &VmState) -> Status {
+    if st.status != Status::Stopped && !shim_alive(st) {
+        Status::Stopped
     } else {
-        &st.status
+        st.status
     }
 }
 
@@ -292,7 +292,7 @@ fn shim(
         shim_pid: me,
         shim_start: proc_start(me).map(|s| s.0).unwrap_or(0),
         sandbox: sb.dir().to_path_buf(),
-        status: "created".into(),
+        status: Status::Created,
         exit_code: None,
         created_ns: now_ns(),
         annotations: spec["annotations"].as_object().cloned().unwrap_or_default(),
@@ -314,7 +314,7 @@ fn shim(
     };
     crate::sys::pump::join_within(outputs, sandbox::boot_timeout());
     sb.shutdown(Some(&mut agent), Duration::from_secs(10));
-    st.status = "stopped".into();
+    st.status = Status::Stopped;
     st.exit_code = Some(code);
     let _ = save(root, &st);
     Ok(code)
@@ -323,7 +323,7 @@ fn shim(
 /// OCI `start` in VM mode.
 pub fn start(root: &Path, id: &str) -> Result<()> {
     let mut st = load(root, id)?;
-    if status(&st) != "created" {
+    if status(&st) != Status::Created {
         bail!("container {id} is {}, not created", status(&st));
     }
     match agent_of(&st)?.call(Request::Start {
@@ -337,8 +337,8 @@ pub fn start(root: &Path, id: &str) -> Result<()> {
     if let Ok(cur) = load(root, id) {
         st = cur;
     }
-    if st.status == "created" {
-        st.status = "running".into();
+    if st.status == Status::Created {
+        st.status = Status::Running;
         save(root, &st)?;
     }
     Ok(())
@@ -357,7 +357,7 @@ fn oci_state(st: &VmState) -> serde_json::Value {
         "ociVersion": "1.0.2",
         "id": st.id,
         "status": s,
-        "pid": if s == "stopped" { 0 } else { st.shim_pid },
+        "pid": if s == Status::Stopped { 0 } else { st.shim_pid },
         "bundle": st.bundle,
         "created": rfc3339(st.created_ns),
         "annotations": st.annotations,
@@ -367,7 +367,7 @@ fn oci_state(st: &VmState) -> serde_json::Value {
 /// OCI `kill` in VM mode.
 pub fn kill(root: &Path, a: &KillArgs) -> Result<()> {
     let st = load(root, &a.id)?;
-    if status(&st) == "stopped" {
+    if status(&st) == Status::Stopped {
         bail!("container {} is not running", a.id);
     }
     let sig = nestor_container::container::parse_signal(
@@ -384,7 +384,7 @@ pub fn kill(root: &Path, a: &KillArgs) -> Result<()> {
 /// OCI `delete` in VM mode.
 pub fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
     let st = load(root, id)?;
-    if status(&st) != "stopped" {
+    if status(&st) != Status::Stopped {
         if !force {
             bail!(
                 "container {id} is {}: stop it first or use --force",
@@ -425,7 +425,7 @@ pub fn list(root: &Path) -> Vec<serde_json::Value> {
 /// code, as the exec'd process would.
 pub fn exec(root: &Path, a: &crate::cli::ExecArgs) -> Result<i32> {
     let st = load(root, &a.id)?;
-    if status(&st) != "running" {
+    if status(&st) != Status::Running {
         bail!("container {} is {}, not running", a.id, status(&st));
     }
     let pf = a

@@ -218,73 +218,158 @@ struct Running {
     start: Instant,
 }
 
+/// The container's place in a running pod's VM; records it in `meta`.
+fn join_pod(
+    name: &str,
+    meta: &mut Meta,
+    image: &nestor_image::Image,
+    vols: &[DiskVolume],
+    guest_id: &str,
+) -> Result<(Sandbox, String)> {
+    if !vols.is_empty() {
+        bail!("-v with --pod is not supported: a pod's disks are fixed when it boots");
+    }
+    let pod = crate::vm::pod::load(name)?;
+    if !pod.alive() {
+        bail!("pod {name} is not running (remove it with `nestor pod rm {name}`)");
+    }
+    let device = pod.device_of(&image.id)?;
+    meta.vm = Some(VmMeta {
+        vmm_pid: pod.vmm_pid,
+        vmm_start: pod.vmm_start,
+        sandbox: pod.sandbox.clone(),
+        mem_mib: pod.mem_mib,
+        vcpus: pod.vcpus,
+        guest_id: guest_id.to_string(),
+        pod: Some(name.to_string()),
+    });
+    Ok((Sandbox::join(pod.sandbox), device))
+}
+
+/// Boots a VM of the container's own (image disk + volume disks); records it in `meta`.
+fn boot_own(
+    a: &RunArgs,
+    meta: &mut Meta,
+    image: &nestor_image::Image,
+    vols: &[DiskVolume],
+    guest_id: &str,
+) -> Result<(Sandbox, String)> {
+    let assets = Assets::find(a.vm.kernel.as_deref(), a.vm.initrd.as_deref())?;
+    let root_disk = crate::vm::disk::image_disk(image)?;
+    let mut disks = vec![(root_disk, true)];
+    disks.extend(vols.iter().map(|v| (v.file.clone(), v.read_only)));
+    let mem_mib = guest_mem(a)?;
+    let vcpus = a.vm.cpus.unwrap_or(1);
+    if vcpus == 0 {
+        bail!("--vm-cpus must be at least 1");
+    }
+    let hostname = a
+        .ctr
+        .hostname
+        .clone()
+        .unwrap_or_else(|| meta.id[..12].to_string());
+    let sb = Sandbox::boot(
+        guest_id,
+        &assets,
+        &BootOpts {
+            mem_mib,
+            vcpus,
+            disks,
+            hostname,
+            net: None,
+            jail: jail_opts(a, mem_mib, vcpus),
+        },
+    )?;
+    let pid = sb.vmm_pid().unwrap_or(0) as i32;
+    meta.vm = Some(VmMeta {
+        vmm_pid: pid,
+        vmm_start: nestor_container::state::proc_start(pid)
+            .map(|s| s.0)
+            .unwrap_or(0),
+        sandbox: sb.dir().to_path_buf(),
+        mem_mib,
+        vcpus,
+        guest_id: guest_id.to_string(),
+        pod: None,
+    });
+    Ok((sb, proto::disk_device(0)))
+}
+
+/// The connections a run needs: control, stdio (as asked), signals.
+struct Conns {
+    agent: Agent,
+    stdin: Option<UnixStreamAlias>,
+    stdout: UnixStreamAlias,
+    stderr: Option<UnixStreamAlias>,
+    signals: UnixStreamAlias,
+}
+
+/// Makes every connection the run needs at once, each one handshake and one reply,
+/// instead of one after another. `probed` is the control connection the boot probe
+/// already made, if it did.
+fn connect_all(vsock: &Path, probed: Option<Agent>, a: &RunArgs, guest_id: &str) -> Result<Conns> {
+    std::thread::scope(|s| {
+        let open = || sandbox::hybrid_connect(vsock, proto::DEFAULT_PORT);
+        let attach = |stream| s.spawn(move || sandbox::attach_at(vsock, guest_id, None, stream));
+        let stdin = a.ctr.interactive.then(|| attach(Stream::Stdin));
+        let stdout = attach(Stream::Stdout);
+        let stderr = (!a.ctr.tty).then(|| attach(Stream::Stderr));
+        let sig = s.spawn(open);
+        let control = match probed {
+            Some(agent) => Ok(agent),
+            None => open().and_then(Agent::new),
+        };
+        let join = |h: std::thread::ScopedJoinHandle<'_, Result<UnixStreamAlias>>| {
+            h.join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a connection thread panicked")))
+        };
+        Ok(Conns {
+            agent: control?,
+            stdin: stdin.map(join).transpose()?,
+            stdout: join(stdout)?,
+            stderr: stderr.map(join).transpose()?,
+            signals: join(sig)?,
+        })
+    })
+}
+
+/// Joins the container's streams to nestor's stdio (a pty relay with `-t`); the
+/// threads that carry its output.
+fn wire_stdio(
+    a: &RunArgs,
+    stdin: Option<UnixStreamAlias>,
+    stdout: UnixStreamAlias,
+    stderr: Option<UnixStreamAlias>,
+) -> Result<Vec<std::thread::JoinHandle<()>>> {
+    if a.ctr.tty {
+        return Ok(vec![crate::sys::tty::proxy_split(
+            OwnedFd::from(stdout),
+            stdin.map(OwnedFd::from),
+            a.ctr.interactive,
+        )]);
+    }
+    let stderr = stderr.context("no stderr stream")?;
+    let outputs = vec![
+        pump(stdout, std::io::stdout()),
+        pump(stderr, std::io::stderr()),
+    ];
+    if let Some(mut s) = stdin {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut s);
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        });
+    }
+    Ok(outputs)
+}
+
 /// Boots the VM and starts the container in it, with stdio wired to nestor's own.
 fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> Result<Running> {
     let vols = disk_volumes(a)?;
     let guest_id = meta.id[..12].to_string();
     let start = Instant::now();
     let (mut sb, device) = match &a.vm.pod {
-        Some(name) => {
-            if !vols.is_empty() {
-                bail!("-v with --pod is not supported: a pod's disks are fixed when it boots");
-            }
-            let pod = crate::vm::pod::load(name)?;
-            if !pod.alive() {
-                bail!("pod {name} is not running (remove it with `nestor pod rm {name}`)");
-            }
-            let device = pod.device_of(&image.id)?;
-            meta.vm = Some(VmMeta {
-                vmm_pid: pod.vmm_pid,
-                vmm_start: pod.vmm_start,
-                sandbox: pod.sandbox.clone(),
-                mem_mib: pod.mem_mib,
-                vcpus: pod.vcpus,
-                guest_id: guest_id.clone(),
-                pod: Some(name.clone()),
-            });
-            (Sandbox::join(pod.sandbox), device)
-        }
-        None => {
-            let assets = Assets::find(a.vm.kernel.as_deref(), a.vm.initrd.as_deref())?;
-            let root_disk = crate::vm::disk::image_disk(image)?;
-            let mut disks = vec![(root_disk, true)];
-            disks.extend(vols.iter().map(|v| (v.file.clone(), v.read_only)));
-            let mem_mib = guest_mem(a)?;
-            let vcpus = a.vm.cpus.unwrap_or(1);
-            if vcpus == 0 {
-                bail!("--vm-cpus must be at least 1");
-            }
-            let hostname = a
-                .ctr
-                .hostname
-                .clone()
-                .unwrap_or_else(|| meta.id[..12].to_string());
-            let sb = Sandbox::boot(
-                &guest_id,
-                &assets,
-                &BootOpts {
-                    mem_mib,
-                    vcpus,
-                    disks,
-                    hostname,
-                    net: None,
-                    jail: jail_opts(a, mem_mib, vcpus),
-                },
-            )?;
-            let pid = sb.vmm_pid().unwrap_or(0) as i32;
-            meta.vm = Some(VmMeta {
-                vmm_pid: pid,
-                vmm_start: nestor_container::state::proc_start(pid)
-                    .map(|s| s.0)
-                    .unwrap_or(0),
-                sandbox: sb.dir().to_path_buf(),
-                mem_mib,
-                vcpus,
-                guest_id: guest_id.clone(),
-                pod: None,
-            });
-            (sb, proto::disk_device(0))
-        }
+        Some(name) => join_pod(name, meta, image, &vols, &guest_id)?,
+        None => boot_own(a, meta, image, &vols, &guest_id)?,
     };
     // The container's spec is made while the guest boots.
     let cmd = meta.command.clone();
@@ -303,61 +388,14 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
         before_vmm_ms: std::env::var_os("NESTOR_VM_TIMINGS").and_then(|_| before_vmm_ms(start)),
         ..Timings::default()
     };
-    // The agent serves: every connection the run needs (control, stdio, signals) is
-    // made at once, each one handshake and one reply, instead of one after another.
     let vsock = sb.vsock().to_path_buf();
-    let conns = std::thread::scope(|s| {
-        let open = || sandbox::hybrid_connect(&vsock, proto::DEFAULT_PORT);
-        let attach = |stream| {
-            let (vsock, id) = (&vsock, &guest_id);
-            s.spawn(move || sandbox::attach_at(vsock, id, None, stream))
-        };
-        let stdin = a.ctr.interactive.then(|| attach(Stream::Stdin));
-        let stdout = attach(Stream::Stdout);
-        let stderr = (!a.ctr.tty).then(|| attach(Stream::Stderr));
-        let sig = s.spawn(open);
-        let control = match probed {
-            Some(agent) => Ok(agent),
-            None => open().and_then(Agent::new),
-        };
-        let join = |h: std::thread::ScopedJoinHandle<'_, Result<UnixStreamAlias>>| {
-            h.join()
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("a connection thread panicked")))
-        };
-        Ok::<_, anyhow::Error>((
-            control?,
-            stdin.map(join).transpose()?,
-            join(stdout)?,
-            stderr.map(join).transpose()?,
-            join(sig)?,
-        ))
-    });
-    let (agent, stdin, stdout, stderr, sig_conn) = match conns {
+    let c = match connect_all(&vsock, probed, a, &guest_id) {
         Ok(c) => c,
         Err(e) => return Err(sb.failure(&format!("connecting to the guest agent: {e:#}"))),
     };
-    let mut agent = agent;
     timings.attached_ms = Some(sb.elapsed_ms());
-    let mut outputs = Vec::new();
-    if a.ctr.tty {
-        let input = stdin.map(OwnedFd::from);
-        outputs.push(crate::sys::tty::proxy_split(
-            OwnedFd::from(stdout),
-            input,
-            a.ctr.interactive,
-        ));
-    } else {
-        let stderr = stderr.context("no stderr stream")?;
-        outputs.push(pump(stdout, std::io::stdout()));
-        outputs.push(pump(stderr, std::io::stderr()));
-        if let Some(s) = stdin {
-            std::thread::spawn(move || {
-                let mut s = s;
-                let _ = std::io::copy(&mut std::io::stdin().lock(), &mut s);
-                let _ = s.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    }
+    let outputs = wire_stdio(a, c.stdin, c.stdout, c.stderr)?;
+    let mut agent = c.agent;
     // From here on, signals to nestor are queued for the container (a signal sent
     // as soon as the container's first output appears must not kill nestor).
     let (signals, pipe) = crate::sys::signals::forward_to_pipe().context("signal pipe")?;
@@ -377,7 +415,7 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
         other => bail!("the container did not start in the VM: unexpected answer {other:?}"),
     }
     timings.container_started_ms = Some(sb.elapsed_ms());
-    forward_signals(pipe, Agent::new(sig_conn)?, guest_id.clone());
+    forward_signals(pipe, Agent::new(c.signals)?, guest_id.clone());
     meta.status = Status::Running;
     store::save(meta)?;
     Ok(Running {
