@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use nestor_agent_protocol::{self as proto, Bundle, Request, Response, Stream};
 use nestor_container::state::{now_ns, proc_start, rfc3339, Status};
+use oci_spec::runtime::{Process, Spec};
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{CreateArgs, KillArgs};
@@ -102,24 +103,29 @@ pub fn create(root: &Path, a: &CreateArgs) -> Result<()> {
     let bundle = std::fs::canonicalize(&a.bundle)
         .with_context(|| format!("bundle {}", a.bundle.display()))?;
     let cfg = bundle.join("config.json");
-    let spec: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(&cfg).with_context(|| format!("read {}", cfg.display()))?,
-    )
-    .with_context(|| format!("{} is not valid JSON", cfg.display()))?;
     // The same checks the native runtime makes (a malformed spec fails here, clearly).
-    nestor_container::spec::parse(&cfg, &std::fs::read(&cfg)?)?;
-    let rootfs = spec["root"]["path"]
-        .as_str()
-        .context("config.json has no root.path")?;
-    let rootfs = if Path::new(rootfs).is_absolute() {
-        PathBuf::from(rootfs)
+    let spec = nestor_container::spec::parse(
+        &cfg,
+        &std::fs::read(&cfg).with_context(|| format!("read {}", cfg.display()))?,
+    )?;
+    let rootfs = spec
+        .root()
+        .as_ref()
+        .context("config.json has no root.path")?
+        .path();
+    let rootfs = if rootfs.is_absolute() {
+        rootfs.clone()
     } else {
         bundle.join(rootfs)
     };
     if !rootfs.is_dir() {
         bail!("rootfs {} is not a directory", rootfs.display());
     }
-    let terminal = spec["process"]["terminal"].as_bool().unwrap_or(false);
+    let terminal = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.terminal())
+        .unwrap_or(false);
     if terminal && a.console_socket.is_none() {
         bail!("process.terminal is true but no --console-socket was given");
     }
@@ -149,23 +155,22 @@ pub fn create(root: &Path, a: &CreateArgs) -> Result<()> {
 
 /// The spec the guest gets: bind mounts of host paths cannot reach the guest (podman's
 /// /etc/hosts, /etc/resolv.conf, volumes): they are left out, with a warning naming them.
-fn guest_spec(mut spec: serde_json::Value) -> serde_json::Value {
-    if let Some(m) = spec["mounts"].as_array_mut() {
+fn guest_spec(mut spec: Spec) -> Spec {
+    if let Some(mut m) = spec.mounts().clone() {
         m.retain(|x| {
-            let opts: Vec<&str> = x["options"]
-                .as_array()
-                .map(|o| o.iter().filter_map(|v| v.as_str()).collect())
-                .unwrap_or_default();
-            let bind = x["type"] == "bind" || opts.contains(&"bind") || opts.contains(&"rbind");
+            let opts = x.options().clone().unwrap_or_default();
+            let bind = x.typ().as_deref() == Some("bind")
+                || opts.iter().any(|o| o == "bind" || o == "rbind");
             if bind {
                 tracing::warn!(
                     "VM mode: host bind mount {} -> {} is not available in the guest; left out",
-                    x["source"].as_str().unwrap_or("?"),
-                    x["destination"].as_str().unwrap_or("?")
+                    x.source().as_deref().unwrap_or(Path::new("?")).display(),
+                    x.destination().display()
                 );
             }
             !bind
         });
+        spec.set_mounts(Some(m));
     }
     spec
 }
@@ -175,7 +180,7 @@ fn spawn_shim(
     root: &Path,
     a: &CreateArgs,
     bundle: &Path,
-    spec: serde_json::Value,
+    spec: Spec,
     disk: &Path,
     assets: &Assets,
     terminal: bool,
@@ -222,7 +227,7 @@ fn shim(
     root: &Path,
     a: &CreateArgs,
     bundle: &Path,
-    spec: serde_json::Value,
+    spec: Spec,
     disk: &Path,
     assets: &Assets,
     terminal: bool,
@@ -230,15 +235,16 @@ fn shim(
 ) -> Result<i32> {
     let id = a.id.clone();
     let gid = guest_id(&id);
-    let mem_mib = spec["annotations"]["io.nestor.vm.mem"]
-        .as_str()
+    let annotations = spec.annotations().clone().unwrap_or_default();
+    let mem_mib = annotations
+        .get("io.nestor.vm.mem")
         .and_then(|s| s.parse().ok())
         .unwrap_or(256);
-    let vcpus = spec["annotations"]["io.nestor.vm.cpus"]
-        .as_str()
+    let vcpus = annotations
+        .get("io.nestor.vm.cpus")
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
-    let hostname = spec["hostname"].as_str().unwrap_or("nestor").to_string();
+    let hostname = spec.hostname().clone().unwrap_or_else(|| "nestor".into());
     let mut sb = Sandbox::boot(
         &id[..12.min(id.len())],
         assets,
@@ -276,7 +282,7 @@ fn shim(
     match agent.call(Request::Create {
         container: gid.clone(),
         bundle: Bundle::Disk {
-            spec: spec.clone(),
+            spec: serde_json::to_value(&spec)?,
             device: proto::disk_device(0),
             fstype: crate::vm::disk::FSTYPE.into(),
         },
@@ -295,7 +301,10 @@ fn shim(
         status: Status::Created,
         exit_code: None,
         created_ns: now_ns(),
-        annotations: spec["annotations"].as_object().cloned().unwrap_or_default(),
+        annotations: annotations
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect(),
     };
     save(root, &st)?;
     // The caller may exit now; stdio stays with us. Detach from its session's signals.
@@ -432,31 +441,17 @@ pub fn exec(root: &Path, a: &crate::cli::ExecArgs) -> Result<i32> {
         .process
         .as_ref()
         .context("exec needs --process in VM mode")?;
-    let p: serde_json::Value = serde_json::from_slice(
+    let p: Process = serde_json::from_slice(
         &std::fs::read(pf).with_context(|| format!("read {}", pf.display()))?,
     )
-    .with_context(|| format!("{} is not valid JSON", pf.display()))?;
-    let args: Vec<String> = p["args"]
-        .as_array()
-        .map(|v| {
-            v.iter()
-                .filter_map(|x| x.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+    .with_context(|| format!("{} is not a valid OCI process", pf.display()))?;
+    let args = p.args().clone().unwrap_or_default();
     if args.is_empty() {
         bail!("{}: process.args is empty", pf.display());
     }
-    let env: Vec<String> = p["env"]
-        .as_array()
-        .map(|v| {
-            v.iter()
-                .filter_map(|x| x.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
-    let cwd = p["cwd"].as_str().map(String::from);
-    let terminal = p["terminal"].as_bool().unwrap_or(false);
+    let env = p.env().clone().unwrap_or_default();
+    let cwd = Some(p.cwd().to_string_lossy().into_owned());
+    let terminal = p.terminal().unwrap_or(false);
     if terminal && a.console_socket.is_none() {
         bail!("process.terminal is true but no --console-socket was given");
     }
