@@ -196,7 +196,7 @@ fn before_vmm_ms(spawned: Instant) -> Option<f64> {
 
 /// The guest's boot marker as nestor-vmm reported it (ms after its own start).
 fn guest_init_ms(sb: &Sandbox) -> Option<f64> {
-    let t = std::fs::read_to_string(sb.dir().join("vmm.err")).ok()?;
+    let t = crate::sys::guest_text::head(&sb.dir().join("vmm.err"));
     t.lines()
         .find_map(|l| l.strip_prefix("nestor-vmm: guest init reached after "))
         .and_then(|r| r.trim_end_matches(" ms").parse().ok())

@@ -403,11 +403,7 @@ impl Sandbox {
             },
             None => "the VM is still running".to_string(),
         };
-        let tail = |p: &Path, n: usize| -> String {
-            let t = std::fs::read_to_string(p).unwrap_or_default();
-            let lines: Vec<&str> = t.lines().filter(|l| !l.trim().is_empty()).collect();
-            lines[lines.len().saturating_sub(n)..].join("\n  ")
-        };
+        let tail = |p: &Path, n: usize| crate::sys::guest_text::tail(p, n).join("\n  ");
         let mut msg = format!("{what}: {status}");
         let vmm = tail(&self.dir.join("vmm.err"), 3);
         if !vmm.is_empty() {
