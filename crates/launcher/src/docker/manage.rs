@@ -377,7 +377,7 @@ pub fn gc(rt: &Runtime) -> Result<()> {
         }
     }
     // Directories a nestor killed before its first record left.
-    for d in store::orphan_dirs(Duration::from_secs(30)) {
+    for d in store::orphan_dirs() {
         let _ = nix::mount::umount2(&d.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
         if std::fs::remove_dir_all(&d).is_ok() {
             n += 1;
@@ -425,12 +425,7 @@ pub fn gc(rt: &Runtime) -> Result<()> {
         for e in rd.flatten() {
             let id = e.file_name().to_string_lossy().into_owned();
             // A jail being set up has no state yet for a moment: leave young ones.
-            let old = e
-                .metadata()
-                .ok()
-                .and_then(|m| m.modified().ok())
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|a| a > Duration::from_secs(30));
+            let old = crate::sys::settled(&e.path());
             if old && rt.state(&id).is_err() {
                 crate::jail::remove(&id);
                 n += 1;
@@ -456,10 +451,7 @@ pub fn gc(rt: &Runtime) -> Result<()> {
                 let old = cg
                     .paths()
                     .first()
-                    .and_then(|(_, p)| std::fs::metadata(p).ok())
-                    .and_then(|m| m.modified().ok())
-                    .and_then(|t| t.elapsed().ok())
-                    .is_some_and(|age| age > Duration::from_secs(30));
+                    .is_some_and(|(_, p)| crate::sys::settled(p));
                 if old && cg.pids().map(|p| p.is_empty()).unwrap_or(false) && cg.destroy().is_ok() {
                     n += 1;
                 }

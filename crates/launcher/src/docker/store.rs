@@ -310,22 +310,16 @@ pub fn lock() -> Result<nix::fcntl::Flock<std::fs::File>> {
         .with_context(|| format!("lock {}", p.display()))
 }
 
-/// Container directories without a record (`meta.json`) older than `age`: what a nestor
-/// killed while writing its first record left.
-pub fn orphan_dirs(age: std::time::Duration) -> Vec<PathBuf> {
+/// Container directories without a record (`meta.json`), past the set-up grace: what a
+/// nestor killed while writing its first record left.
+pub fn orphan_dirs() -> Vec<PathBuf> {
     std::fs::read_dir(containers_dir())
         .into_iter()
         .flatten()
         .flatten()
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .filter(|e| !e.path().join("meta.json").exists())
-        .filter(|e| {
-            e.metadata()
-                .ok()
-                .and_then(|m| m.modified().ok())
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|a| a > age)
-        })
+        .filter(|e| crate::sys::settled(&e.path()))
         .map(|e| e.path())
         .collect()
 }

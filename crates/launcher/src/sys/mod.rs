@@ -11,3 +11,16 @@ pub mod pump;
 pub mod signals;
 pub mod size;
 pub mod tty;
+
+/// How long `gc` leaves a thing that is being set up (a jail, a cgroup, a sandbox, a
+/// container directory before its first record) before it counts as left behind.
+pub const SETUP_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Whether `path` was last modified more than [`SETUP_GRACE`] ago (false when unknown).
+pub fn settled(path: &std::path::Path) -> bool {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > SETUP_GRACE)
+}

@@ -681,12 +681,7 @@ pub fn gc(images: &nestor_image::ImageStore) -> Result<usize> {
     if let Ok(rd) = std::fs::read_dir(sandbox::sandboxes_dir()) {
         for e in rd.flatten() {
             // A sandbox being booted is not recorded yet for a moment: leave young ones.
-            let old = e
-                .metadata()
-                .ok()
-                .and_then(|m| m.modified().ok())
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > Duration::from_secs(30));
+            let old = crate::sys::settled(&e.path());
             if old && !live.contains(&e.path()) && std::fs::remove_dir_all(e.path()).is_ok() {
                 n += 1;
             }
