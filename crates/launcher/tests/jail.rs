@@ -181,6 +181,14 @@ fn jail_refuses_bad_input_clearly() {
             "must not be 0",
         ),
         (vec!["jail", "--", "/no/such/vmm"], "/no/such/vmm"),
+        (
+            vec!["jail", "--id", ".uids", "--", "/bin/busybox", "true"],
+            "must not start with '.'",
+        ),
+        (
+            vec!["jail", "--id", "../x", "--", "/bin/busybox", "true"],
+            "invalid container id",
+        ),
         (vec!["jail", "--", "/etc/hostname"], "not a 64-bit ELF"),
         (
             vec![
@@ -198,4 +206,43 @@ fn jail_refuses_bad_input_clearly() {
         assert!(!o.status.success(), "{args:?}");
         assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
     }
+}
+
+#[test]
+fn each_jail_gets_a_uid_of_its_own_and_gives_it_back() {
+    let a = Jail::start("uid-a", &[], &["/bin/busybox", "sleep", "60"]);
+    let b = Jail::start("uid-b", &[], &["/bin/busybox", "sleep", "60"]);
+    let uid = |j: &Jail| -> u32 {
+        status_field(j.pid(), "Uid:")
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (ua, ub) = (uid(&a), uid(&b));
+    assert_ne!(ua, ub, "two jails share uid {ua}");
+    for u in [ua, ub] {
+        assert!(
+            (200_000..204_096).contains(&u),
+            "uid {u} is outside the jail range"
+        );
+    }
+    let owned = |id: &str| {
+        std::fs::read_dir("/run/nestor-jail/.uids")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|o| o.trim() == id))
+    };
+    assert!(owned(&a.id) && owned(&b.id));
+    let (ida, idb) = (a.id.clone(), b.id.clone());
+    for mut j in [a, b] {
+        assert!(j.cmd(&["kill", &j.id, "KILL"]).status().unwrap().success());
+        let _ = j.child.take().unwrap().wait();
+    }
+    assert!(
+        !owned(&ida) && !owned(&idb),
+        "a jail's uid was not given back"
+    );
 }

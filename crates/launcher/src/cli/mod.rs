@@ -363,9 +363,10 @@ pub struct JailRunOpts {
     /// its own namespaces, cgroup, unprivileged uid, no capabilities, seccomp).
     #[arg(id = "jail", long = "jail")]
     pub enabled: bool,
-    /// Host uid that root in the VMM's jail maps to (--jail).
-    #[arg(id = "jail_uid", long = "jail-uid", default_value_t = crate::docker::store::JAIL_ID_DEFAULT)]
-    pub uid: u32,
+    /// Host uid that root in the VMM's jail maps to (--jail; default: a uid of its own,
+    /// from 200000-204095).
+    #[arg(id = "jail_uid", long = "jail-uid")]
+    pub uid: Option<u32>,
     /// Host gid that root in the VMM's jail maps to (--jail).
     #[arg(id = "jail_gid", long = "jail-gid", default_value_t = crate::docker::store::JAIL_ID_DEFAULT)]
     pub gid: u32,
@@ -466,9 +467,10 @@ pub struct WorkloadArgs {
 /// Limits and identity of a jail.
 #[derive(Args, Debug, Clone)]
 pub struct JailOpts {
-    /// Host uid that root in the jail maps to.
-    #[arg(long, default_value_t = crate::docker::store::JAIL_ID_DEFAULT)]
-    pub jail_uid: u32,
+    /// Host uid that root in the jail maps to (default: a uid of its own, from
+    /// 200000-204095).
+    #[arg(long)]
+    pub jail_uid: Option<u32>,
     /// Host gid that root in the jail maps to.
     #[arg(long, default_value_t = crate::docker::store::JAIL_ID_DEFAULT)]
     pub jail_gid: u32,

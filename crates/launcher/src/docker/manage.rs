@@ -424,6 +424,9 @@ pub fn gc(rt: &Runtime) -> Result<()> {
     if let Ok(rd) = std::fs::read_dir(crate::jail::jails_dir()) {
         for e in rd.flatten() {
             let id = e.file_name().to_string_lossy().into_owned();
+            if id.starts_with('.') {
+                continue; // the jails' own records (uids)
+            }
             // A jail being set up has no state yet for a moment: leave young ones.
             let old = crate::sys::settled(&e.path());
             if old && rt.state(&id).is_err() {

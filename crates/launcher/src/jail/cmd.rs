@@ -17,20 +17,25 @@ pub(crate) fn jail_config(
     args: Vec<String>,
     files: Vec<JailFile>,
 ) -> Result<JailConfig> {
+    let memory = o
+        .memory
+        .as_deref()
+        .map(crate::sys::size::parse_bytes)
+        .transpose()?;
+    let uid = match o.jail_uid {
+        Some(u) => u,
+        None => jail::allocate_uid(&id)?,
+    };
     Ok(JailConfig {
         tap: (o.network == JailNetwork::Tap).then(|| jail::tap_name(&id)),
         id,
         binary,
         args,
         files,
-        uid: o.jail_uid,
+        uid,
         gid: o.jail_gid,
         kvm: false,
-        memory: o
-            .memory
-            .as_deref()
-            .map(crate::sys::size::parse_bytes)
-            .transpose()?,
+        memory,
         cpus: o.cpus,
         pids_limit: o.pids_limit,
         nofile: o.nofile,

@@ -28,6 +28,57 @@ pub fn jails_dir() -> PathBuf {
         .unwrap_or_else(|| "/run/nestor-jail".into())
 }
 
+/// The uids jails get by default: one per jail, so no two jailed programs share an
+/// identity (and could signal or trace each other). Their group is shared
+/// ([`JAIL_ID_DEFAULT`](crate::docker::store::JAIL_ID_DEFAULT)): the VM assets are
+/// readable by it.
+pub const JAIL_UIDS: std::ops::Range<u32> = 200_000..204_096;
+
+/// Where the uids of [`JAIL_UIDS`] in use are recorded: `uids/<uid>` names its jail.
+fn uids_dir() -> PathBuf {
+    jails_dir().join(".uids")
+}
+
+/// Takes the first free uid of [`JAIL_UIDS`] for jail `id` (under a lock; an entry whose
+/// jail is gone and settled is taken back). [`remove`] gives it back.
+pub fn allocate_uid(id: &str) -> Result<u32> {
+    let dir = uids_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let lock = std::fs::File::create(dir.join(".lock")).context("create the jail uid lock")?;
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .context("lock the jail uids")?;
+    for uid in JAIL_UIDS {
+        let p = dir.join(uid.to_string());
+        if let Ok(owner) = std::fs::read_to_string(&p) {
+            let gone = !jails_dir().join(owner.trim()).exists();
+            if !(gone && crate::sys::settled(&p)) {
+                continue;
+            }
+        }
+        std::fs::write(&p, id).with_context(|| format!("write {}", p.display()))?;
+        return Ok(uid);
+    }
+    bail!(
+        "every jail uid of {}..{} is in use (run nestor gc, or give --jail-uid)",
+        JAIL_UIDS.start,
+        JAIL_UIDS.end
+    )
+}
+
+/// Gives back the uid jail `id` was allocated, if any.
+fn free_uid(id: &str) {
+    for e in std::fs::read_dir(uids_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if std::fs::read_to_string(e.path()).is_ok_and(|o| o.trim() == id) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// A file the program gets, at `inside` (absolute, in the jail).
 pub struct JailFile {
     pub host: PathBuf,
@@ -113,6 +164,10 @@ fn bind(dest: &str, source: &Path, opts: &[&str]) -> Result<Mount> {
 fn make_root(c: &JailConfig) -> Result<(PathBuf, PathBuf)> {
     if c.uid == 0 || c.gid == 0 {
         bail!("the jail uid and gid must not be 0");
+    }
+    nestor_container::spec::check_id(&c.id)?;
+    if c.id.starts_with('.') {
+        bail!("invalid jail id '{}': it must not start with '.'", c.id);
     }
     let dir = jails_dir().join(&c.id);
     if dir.exists() {
@@ -449,6 +504,7 @@ fn netns_path(tap: &str) -> PathBuf {
 /// host); the tap inside the namespace dies with it once the jail's process is gone.
 pub fn remove(id: &str) {
     let _ = std::fs::remove_dir_all(jails_dir().join(id));
+    free_uid(id);
     let tap = tap_name(id);
     if netns_path(&tap).exists() {
         let _ = ip(&["netns", "del", &tap]);
@@ -484,7 +540,8 @@ pub fn spawn(rt: &Runtime, c: &JailConfig) -> Result<Jailed> {
     let dir = match prepare(c) {
         Ok(d) => d,
         Err(e) => {
-            if !jails_dir().join(&c.id).join("config.json").exists() {
+            let valid = nestor_container::spec::check_id(&c.id).is_ok() && !c.id.starts_with('.');
+            if valid && !jails_dir().join(&c.id).join("config.json").exists() {
                 remove(&c.id);
             }
             return Err(e);
