@@ -44,7 +44,7 @@ fn dispatch_vm(cli: &Cli) -> Option<Result<i32>> {
             a.vm.enabled = true;
             return Some(run::run(&Runtime::new(cli.root.clone()), &a));
         }
-        Cmd::Exec(a) if a.process.is_some() && oci_vm::exists(root, &a.id) => {
+        Cmd::Exec(a) if oci_vm::exists(root, &a.id) => {
             return Some(oci_vm::exec(root, a));
         }
         _ => return None,
@@ -75,11 +75,13 @@ fn dispatch(cli: &Cli) -> Result<i32> {
         Cmd::List { format, quiet } => oci::list(&rt, *format, *quiet)?,
         Cmd::Spec { bundle, rootless } => oci::spec(bundle, *rootless)?,
         Cmd::Exec(a) => {
-            return if a.process.is_some() {
-                oci::exec(&rt, a)
-            } else {
+            // A container `nestor run` made (by name, id or id prefix) takes Docker's
+            // exec; anything else is the OCI runtime's, in --root.
+            return if a.process.is_none() && docker::store::resolve(&a.id).is_ok() {
                 manage::exec(a)
-            }
+            } else {
+                oci::exec(&rt, a)
+            };
         }
         Cmd::Run(a) => {
             return if a.oci.bundle.is_some() {
@@ -153,7 +155,7 @@ fn main() -> ExitCode {
         Err(e) => {
             let msg = format!("{e:#}");
             log_error(&cli, &msg);
-            eprintln!("nestor: {msg}");
+            eprintln!("error: {msg}");
             ExitCode::from(1)
         }
     }

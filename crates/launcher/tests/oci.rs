@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use serde_json::json;
+use std::process::{Command, Output, Stdio};
 
 #[test]
 fn run_passes_output_and_exit_code() {
@@ -362,4 +363,109 @@ fn the_runtime_binary_is_unreachable_through_proc_self_exe() {
         stdout(&o)
     );
     assert_eq!(o.status.code(), Some(127));
+}
+
+/// Runs `exec ARGS… ID CMD…` against runtime `bin` with state root `root`.
+fn exec_with(bin: &str, root: &std::path::Path, id: &str, flags: &[&str], cmd: &[&str]) -> Output {
+    Command::new(bin)
+        .arg("--root")
+        .arg(root)
+        .arg("exec")
+        .args(flags)
+        .arg(id)
+        .args(cmd)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn exec_takes_runcs_flags_without_a_process_file() {
+    let b = Bundle::new("execflags", &["sleep", "1000"]);
+    // The container keeps run -d's stdio: give it files, not pipes this test would
+    // wait on.
+    let create = |bin: &str, root: &std::path::Path, id: &str| {
+        let errf = b.dir.path().join(format!("{bin}.err"));
+        let st = Command::new(bin)
+            .arg("--root")
+            .arg(root)
+            .args(["run", "-d", "--bundle", b.dir.path().to_str().unwrap(), id])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&errf).unwrap())
+            .status()
+            .unwrap();
+        (
+            st.success(),
+            std::fs::read_to_string(&errf).unwrap_or_default(),
+        )
+    };
+    let (ok, err) = create(nestor(), b.state.path(), &b.id);
+    assert!(ok, "run -d: {err}");
+    let flags = ["--env", "X=42", "--cwd", "/tmp", "--cap", "CAP_SYS_ADMIN"];
+    let probe = ["sh", "-c", "echo $X; pwd; grep ^CapEff: /proc/self/status"];
+    let ours = exec_with(nestor(), b.state.path(), &b.id, &flags, &probe);
+    assert!(ours.status.success(), "{}", stderr(&ours));
+    let lines: Vec<String> = stdout(&ours).lines().map(str::to_string).collect();
+    assert_eq!(&lines[..2], ["42", "/tmp"], "{}", stdout(&ours));
+    let capeff = u64::from_str_radix(lines[2].split_whitespace().nth(1).unwrap(), 16).unwrap();
+    assert_ne!(
+        capeff & (1 << 21),
+        0,
+        "CAP_SYS_ADMIN not added: {}",
+        lines[2]
+    );
+    let user = exec_with(
+        nestor(),
+        b.state.path(),
+        &b.id,
+        &["--user", "1000:1001"],
+        &["sh", "-c", "echo $(id -u) $(id -g)"],
+    );
+    assert_eq!(stdout(&user), "1000 1001\n", "{}", stderr(&user));
+    // Bad flags: one line naming what is wrong.
+    let bad = exec_with(
+        nestor(),
+        b.state.path(),
+        &b.id,
+        &["--cap", "CAP_NOPE"],
+        &["true"],
+    );
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).starts_with("error: ") && stderr(&bad).contains("CAP_NOPE"),
+        "{}",
+        stderr(&bad)
+    );
+    let none = exec_with(nestor(), b.state.path(), "no-such-ctr", &[], &["true"]);
+    assert!(!none.status.success());
+    assert!(stderr(&none).starts_with("error: "), "{}", stderr(&none));
+    // Paused: refused unless --ignore-paused.
+    assert!(b.oci(&["pause"]).status.success());
+    let p = exec_with(nestor(), b.state.path(), &b.id, &[], &["true"]);
+    assert!(
+        !p.status.success() && stderr(&p).contains("paused"),
+        "{}",
+        stderr(&p)
+    );
+    assert!(b.oci(&["resume"]).status.success());
+    // The same exec under runc, on the same bundle: the same observable results.
+    if Command::new("runc").arg("--version").output().is_err() {
+        eprintln!("SKIP runc comparison: runc is not installed");
+        return;
+    }
+    let rroot = tempfile::tempdir().unwrap();
+    let rid = format!("{}-runc", b.id);
+    let (ok, err) = create("runc", rroot.path(), &rid);
+    if !ok {
+        eprintln!("SKIP runc comparison: runc cannot run this bundle here: {err}");
+        return;
+    }
+    let theirs = exec_with("runc", rroot.path(), &rid, &flags, &probe);
+    let _ = Command::new("runc")
+        .arg("--root")
+        .arg(rroot.path())
+        .args(["delete", "--force", &rid])
+        .output();
+    assert_eq!(stdout(&theirs), stdout(&ours), "runc: {}", stderr(&theirs));
 }

@@ -192,11 +192,31 @@ pub struct KillArgs {
     pub sig: Option<String>,
 }
 
-#[derive(Args, Debug, Clone)]
+/// `exec`: Docker's (`nestor exec NAME CMD…` on a container `nestor run` made) or the
+/// OCI runtime's (`--process F`, or runc's flags, on a container in `--root`).
+#[derive(Args, Debug, Clone, Default)]
 pub struct ExecArgs {
     /// OCI: the process spec as JSON.
     #[arg(short, long)]
     pub process: Option<PathBuf>,
+    /// OCI: add a capability to the process's bounding, effective and permitted sets.
+    #[arg(short = 'c', long = "cap", value_name = "CAP")]
+    pub caps: Vec<String>,
+    /// OCI: set no_new_privs for the process.
+    #[arg(long)]
+    pub no_new_privs: bool,
+    /// OCI: exec even when the container is paused.
+    #[arg(long)]
+    pub ignore_paused: bool,
+    /// OCI: additional groups of the process (repeatable).
+    #[arg(short = 'g', long = "additional-gids", value_name = "GID")]
+    pub additional_gids: Vec<u32>,
+    /// OCI: the process's SELinux label (accepted; nestor does not apply SELinux).
+    #[arg(long)]
+    pub process_label: Option<String>,
+    /// OCI: the process's AppArmor profile (accepted; nestor does not apply AppArmor).
+    #[arg(long)]
+    pub apparmor: Option<String>,
     #[arg(long)]
     pub pid_file: Option<PathBuf>,
     #[arg(long)]

@@ -167,7 +167,7 @@ pub fn rm(names: &[String], force: bool) -> Result<()> {
             Ok(())
         })();
         if let Err(e) = r {
-            eprintln!("nestor: {e:#}");
+            eprintln!("error: {e:#}");
             failed = true;
         }
     }
@@ -220,41 +220,11 @@ pub fn exec_native(m: &Meta, rt: &Runtime, a: &ExecArgs) -> Result<i32> {
         &cfg,
         &std::fs::read(&cfg).with_context(|| format!("read {}", cfg.display()))?,
     )?;
-    let mut process = spec
+    let base = spec
         .process()
         .clone()
         .context("container config has no process")?;
-    process.set_args(Some(a.cmd.clone()));
-    process.set_terminal(Some(a.tty));
-    let mut env = process.env().clone().unwrap_or_default();
-    for e in &a.env {
-        let key = e.split('=').next().unwrap_or("");
-        env.retain(|x| x.split('=').next() != Some(key));
-        env.push(e.clone());
-    }
-    process.set_env(Some(env));
-    if let Some(w) = a.workdir.as_ref().or(a.cwd.as_ref()) {
-        process.set_cwd(w.into());
-    }
-    if let Some(u) = &a.user {
-        let (uid, gid) = match u.split_once(':') {
-            Some((u, g)) => (
-                u.parse()
-                    .context("--user takes numeric uid[:gid] for exec")?,
-                g.parse().context("--user gid")?,
-            ),
-            None => {
-                let uid: u32 = u
-                    .parse()
-                    .context("--user takes numeric uid[:gid] for exec")?;
-                (uid, uid)
-            }
-        };
-        let mut user = process.user().clone();
-        user.set_uid(uid);
-        user.set_gid(gid);
-        process.set_user(user);
-    }
+    let process = crate::oci::process_from_flags(base, a)?;
     if a.tty {
         let dir = tempfile_dir()?;
         let console = crate::sys::tty::ConsoleListener::new(&dir)?;

@@ -108,14 +108,110 @@ pub fn print_list(states: &[serde_json::Value], format: ListFormat, quiet: bool)
     Ok(())
 }
 
-/// OCI exec with a process.json, as podman calls it.
+/// OCI exec: with `--process F` the process spec as podman and containerd pass it;
+/// without, runc's way: the container's own process with the command and flags given.
 pub fn exec(rt: &Runtime, a: &ExecArgs) -> Result<i32> {
-    let path = a.process.as_deref().context("exec needs --process")?;
-    let bytes =
-        std::fs::read(path).with_context(|| format!("read process spec {}", path.display()))?;
-    let process: Process = serde_json::from_slice(&bytes)
-        .with_context(|| format!("process spec {} is not a valid OCI process", path.display()))?;
+    let st = rt.state(&a.id)?;
+    if st.status() == nestor_container::state::Status::Paused && !a.ignore_paused {
+        bail!(
+            "container {} is paused: resume it, or give --ignore-paused",
+            a.id
+        );
+    }
+    let process = match a.process.as_deref() {
+        Some(path) => {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("read process spec {}", path.display()))?;
+            serde_json::from_slice(&bytes).with_context(|| {
+                format!("process spec {} is not a valid OCI process", path.display())
+            })?
+        }
+        None => {
+            if a.cmd.is_empty() {
+                bail!("exec needs a command (or --process FILE)");
+            }
+            let cfg = st.bundle.join("config.json");
+            let spec = nestor_container::spec::parse(
+                &cfg,
+                &std::fs::read(&cfg).with_context(|| format!("read {}", cfg.display()))?,
+            )?;
+            let base = spec
+                .process()
+                .clone()
+                .context("the container's config has no process")?;
+            process_from_flags(base, a)?
+        }
+    };
     exec_process(rt, a, process)
+}
+
+/// The container's process `base` with `exec`'s command and flags: args, terminal, env
+/// (added, replacing a key given again), cwd, user (numeric `UID[:GID]`), additional
+/// gids, capabilities added, no_new_privs.
+pub fn process_from_flags(mut p: Process, a: &ExecArgs) -> Result<Process> {
+    p.set_args(Some(a.cmd.clone()));
+    p.set_terminal(Some(a.tty));
+    let mut env = p.env().clone().unwrap_or_default();
+    for e in &a.env {
+        let key = e.split('=').next().unwrap_or("");
+        env.retain(|x| x.split('=').next() != Some(key));
+        env.push(e.clone());
+    }
+    p.set_env(Some(env));
+    if let Some(w) = a.workdir.as_ref().or(a.cwd.as_ref()) {
+        if !w.starts_with('/') {
+            bail!("--cwd {w}: the working directory must be absolute");
+        }
+        p.set_cwd(w.into());
+    }
+    let mut user = p.user().clone();
+    if let Some(u) = &a.user {
+        let num = |s: &str, what: &str| {
+            s.parse::<u32>()
+                .with_context(|| format!("--user {u}: the {what} must be numeric (UID[:GID])"))
+        };
+        let (uid, gid) = match u.split_once(':') {
+            Some((u, g)) => (num(u, "uid")?, num(g, "gid")?),
+            None => {
+                let uid = num(u, "uid")?;
+                (uid, uid)
+            }
+        };
+        user.set_uid(uid);
+        user.set_gid(gid);
+    }
+    if !a.additional_gids.is_empty() {
+        user.set_additional_gids(Some(a.additional_gids.clone()));
+    }
+    p.set_user(user);
+    if !a.caps.is_empty() {
+        let mut add = Vec::new();
+        for c in &a.caps {
+            let name = if c.to_ascii_uppercase().starts_with("CAP_") {
+                c.to_ascii_uppercase()
+            } else {
+                format!("CAP_{}", c.to_ascii_uppercase())
+            };
+            let cap: oci_spec::runtime::Capability =
+                serde_json::from_value(serde_json::json!(name))
+                    .map_err(|_| anyhow::anyhow!("--cap {c}: not a capability"))?;
+            add.push(cap);
+        }
+        let mut caps = p.capabilities().clone().unwrap_or_default();
+        let with = |set: &Option<oci_spec::runtime::Capabilities>| {
+            let mut s = set.clone().unwrap_or_default();
+            s.extend(add.iter().copied());
+            s
+        };
+        caps.set_bounding(Some(with(caps.bounding())));
+        caps.set_effective(Some(with(caps.effective())));
+        caps.set_permitted(Some(with(caps.permitted())));
+        p.set_capabilities(Some(caps));
+    }
+    if a.no_new_privs {
+        p.set_no_new_privileges(Some(true));
+    }
+    Ok(p)
 }
 
 pub fn exec_process(rt: &Runtime, a: &ExecArgs, process: Process) -> Result<i32> {

@@ -437,17 +437,27 @@ pub fn exec(root: &Path, a: &crate::cli::ExecArgs) -> Result<i32> {
     if status(&st) != Status::Running {
         bail!("container {} is {}, not running", a.id, status(&st));
     }
-    let pf = a
-        .process
-        .as_ref()
-        .context("exec needs --process in VM mode")?;
-    let p: Process = serde_json::from_slice(
-        &std::fs::read(pf).with_context(|| format!("read {}", pf.display()))?,
-    )
-    .with_context(|| format!("{} is not a valid OCI process", pf.display()))?;
+    let p: Process = match a.process.as_ref() {
+        Some(pf) => serde_json::from_slice(
+            &std::fs::read(pf).with_context(|| format!("read {}", pf.display()))?,
+        )
+        .with_context(|| format!("{} is not a valid OCI process", pf.display()))?,
+        None => {
+            let cfg = st.bundle.join("config.json");
+            let spec = nestor_container::spec::parse(
+                &cfg,
+                &std::fs::read(&cfg).with_context(|| format!("read {}", cfg.display()))?,
+            )?;
+            let base = spec
+                .process()
+                .clone()
+                .context("the container's config has no process")?;
+            crate::oci::process_from_flags(base, a)?
+        }
+    };
     let args = p.args().clone().unwrap_or_default();
     if args.is_empty() {
-        bail!("{}: process.args is empty", pf.display());
+        bail!("exec needs a command (process.args is empty)");
     }
     let env = p.env().clone().unwrap_or_default();
     let cwd = Some(p.cwd().to_string_lossy().into_owned());

@@ -262,7 +262,7 @@ pub fn rm(names: &[String], force: bool) -> Result<()> {
             Ok(())
         })();
         if let Err(e) = r {
-            eprintln!("nestor: {e:#}");
+            eprintln!("error: {e:#}");
             failed = true;
         }
     }
