@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS=(podman crun runc busybox-static qemu-system-x86 hyperfine linux-source-6.1
+PKGS=(podman crun runc busybox-static containernetworking-plugins iptables qemu-system-x86 hyperfine linux-source-6.1
       erofs-utils fio iperf3 iproute2 flex bison bc libelf-dev libssl-dev cpio kmod
       uidmap libseccomp-dev pkg-config e2fsprogs xz-utils python3 strace procps binutils)
 missing=()

@@ -1,0 +1,348 @@
+//! Putting a container on networks and taking it off: its namespace, CNI ADD/DEL per
+//! network, the record DEL needs (`networks/attachments/<id>.json`, written before ADD),
+//! published ports checked first, and the hosts files of every container on a user
+//! network kept current.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::cni::{self, Target};
+use crate::store::DEFAULT;
+use crate::{files, Ctx, Error, Networks, PortMapping, Result};
+
+/// What `run` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct AttachRequest {
+    pub container_id: String,
+    /// The container's name (what its peers resolve).
+    pub name: String,
+    pub hostname: String,
+    /// Network names, in interface order (eth0, eth1, …).
+    pub networks: Vec<String>,
+    /// Published on the first network.
+    pub ports: Vec<PortMapping>,
+    /// A fixed address on the first network.
+    pub ip: Option<Ipv4Addr>,
+    pub dns: Vec<Ipv4Addr>,
+    pub add_hosts: Vec<(String, Ipv4Addr)>,
+    /// Where `hosts`, `resolv.conf` and `hostname` are written for the container.
+    pub files_dir: PathBuf,
+}
+
+/// One interface of a container on one network, with what DEL needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Iface {
+    pub network: String,
+    pub ifname: String,
+    pub address: Option<Ipv4Net>,
+    pub gateway: Option<Ipv4Addr>,
+    pub mac: Option<String>,
+    /// The configuration list ADD ran with, its runtime configuration, and its result.
+    pub conflist: Value,
+    pub runtime: Value,
+    pub result: Value,
+}
+
+/// A container on its networks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attachment {
+    pub container_id: String,
+    pub name: String,
+    pub hostname: String,
+    pub netns: PathBuf,
+    pub files_dir: PathBuf,
+    pub add_hosts: Vec<(String, Ipv4Addr)>,
+    pub ifaces: Vec<Iface>,
+    pub ports: Vec<PortMapping>,
+}
+
+impl Attachment {
+    /// The container's address on `network`.
+    pub fn address_on(&self, network: &str) -> Option<Ipv4Addr> {
+        self.ifaces
+            .iter()
+            .find(|i| i.network == network)
+            .and_then(|i| i.address)
+            .map(|a| a.addr())
+    }
+}
+
+/// The interface's address, gateway and MAC from a CNI result.
+fn read_result(r: &Value, ifname: &str) -> (Option<Ipv4Net>, Option<Ipv4Addr>, Option<String>) {
+    let ip = r["ips"].as_array().and_then(|v| v.first()).cloned();
+    let address = ip
+        .as_ref()
+        .and_then(|i| i["address"].as_str())
+        .and_then(|a| a.parse().ok());
+    let gateway = ip
+        .as_ref()
+        .and_then(|i| i["gateway"].as_str())
+        .and_then(|a| a.parse().ok());
+    let mac = r["interfaces"].as_array().and_then(|v| {
+        v.iter()
+            .find(|i| i["name"] == ifname && !i["sandbox"].is_null())
+            .and_then(|i| i["mac"].as_str().map(String::from))
+    });
+    (address, gateway, mac)
+}
+
+impl Networks {
+    fn record(&self, id: &str) -> PathBuf {
+        self.dir.join("attachments").join(format!("{id}.json"))
+    }
+
+    fn save(&self, a: &Attachment) -> Result<()> {
+        let p = self.record(&a.container_id);
+        let tmp = p.with_extension("tmp");
+        let body = serde_json::to_vec_pretty(a).map_err(|e| Error::Invalid(e.to_string()))?;
+        std::fs::write(&tmp, body).ctx(|| format!("write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &p).ctx(|| format!("write {}", p.display()))
+    }
+
+    /// The record of container `id`, if it is attached.
+    pub fn attachment(&self, id: &str) -> Option<Attachment> {
+        let b = std::fs::read(self.record(id)).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+
+    /// Every attached container of this root.
+    pub fn attachments(&self) -> Vec<Attachment> {
+        std::fs::read_dir(self.dir.join("attachments"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .filter_map(|b| serde_json::from_slice(&b).ok())
+            .collect()
+    }
+
+    /// Where the namespace of container `id` is.
+    pub fn netns_path(&self, id: &str) -> PathBuf {
+        crate::run_dir().join(&self.key).join("netns").join(id)
+    }
+
+    /// Refuses ports a host process or another container holds; picks free ones.
+    fn check_ports(&self, req: &AttachRequest) -> Result<Vec<PortMapping>> {
+        let others: Vec<(String, PortMapping)> = self
+            .attachments()
+            .into_iter()
+            .flat_map(|a| a.ports.into_iter().map(move |p| (a.name.clone(), p)))
+            .collect();
+        let mut out: Vec<PortMapping> = Vec::new();
+        for p in &req.ports {
+            let mut p = *p;
+            p.pick()?;
+            if let Some((who, _)) = others.iter().find(|(_, o)| o.clashes(&p)) {
+                return Err(Error::Invalid(format!(
+                    "host port {}/{} is already published by container {who}",
+                    p.host_port, p.proto
+                )));
+            }
+            if out.iter().any(|o| o.clashes(&p)) {
+                return Err(Error::Invalid(format!(
+                    "host port {}/{} is published twice",
+                    p.host_port, p.proto
+                )));
+            }
+            if !p.host_port_free() {
+                return Err(Error::Invalid(format!(
+                    "host port {}/{} is already in use on the host",
+                    p.host_port, p.proto
+                )));
+            }
+            out.push(p);
+        }
+        Ok(out)
+    }
+
+    /// Puts a container on its networks (see the module doc); on failure nothing is
+    /// left.
+    pub fn attach(&self, req: &AttachRequest) -> Result<Attachment> {
+        if req.networks.is_empty() {
+            return Err(Error::Invalid("no network to attach to".into()));
+        }
+        // Made outside the lock (the default network is made under it).
+        let nets = req
+            .networks
+            .iter()
+            .map(|n| self.get(n))
+            .collect::<Result<Vec<_>>>()?;
+        let _l = self.lock()?;
+        if nets[0].internal && !req.ports.is_empty() {
+            return Err(Error::Invalid(format!(
+                "network {} is internal: it publishes no ports",
+                nets[0].name
+            )));
+        }
+        if let Some(ip) = req.ip {
+            if !nets[0].subnet.contains(&ip) || ip == nets[0].gateway {
+                return Err(Error::Invalid(format!(
+                    "--ip {ip} is not a free address of network {} ({})",
+                    nets[0].name, nets[0].subnet
+                )));
+            }
+        }
+        let ports = self.check_ports(req)?;
+        let mut a = Attachment {
+            container_id: req.container_id.clone(),
+            name: req.name.clone(),
+            hostname: req.hostname.clone(),
+            netns: self.netns_path(&req.container_id),
+            files_dir: req.files_dir.clone(),
+            add_hosts: req.add_hosts.clone(),
+            ifaces: Vec::new(),
+            ports: ports.clone(),
+        };
+        self.save(&a)?;
+        let r = self.bring_up(&mut a, req, &nets, &ports);
+        if let Err(e) = r {
+            drop(_l);
+            let _ = self.detach(&req.container_id);
+            return Err(e);
+        }
+        self.write_files(&a, &req.dns)?;
+        self.refresh_hosts(&req.networks);
+        Ok(a)
+    }
+
+    fn bring_up(
+        &self,
+        a: &mut Attachment,
+        req: &AttachRequest,
+        nets: &[crate::Network],
+        ports: &[PortMapping],
+    ) -> Result<()> {
+        crate::netns::create(&a.netns)?;
+        for (i, net) in nets.iter().enumerate() {
+            let (_, list) = self.read(&net.name)?;
+            let ifname = format!("eth{i}");
+            let runtime = if i == 0 {
+                let ip = req.ip.map(|ip| format!("{ip}/{}", net.subnet.prefix_len()));
+                cni::runtime_config(ports, ip.as_deref())
+            } else {
+                cni::runtime_config(&[], None)
+            };
+            // Recorded before ADD: a crash in the middle is still undone by DEL.
+            a.ifaces.push(Iface {
+                network: net.name.clone(),
+                ifname: ifname.clone(),
+                address: None,
+                gateway: None,
+                mac: None,
+                conflist: list.clone(),
+                runtime: runtime.clone(),
+                result: Value::Null,
+            });
+            self.save(a)?;
+            let t = Target {
+                cni_path: &self.cni_path,
+                container_id: &a.container_id,
+                netns: &a.netns,
+                ifname: &ifname,
+            };
+            let result = cni::add_list(&list, &runtime, &t)?;
+            let (address, gateway, mac) = read_result(&result, &ifname);
+            if let Some(last) = a.ifaces.last_mut() {
+                *last = Iface {
+                    address,
+                    gateway,
+                    mac,
+                    result,
+                    ..last.clone()
+                };
+            }
+            self.save(a)?;
+        }
+        Ok(())
+    }
+
+    /// Takes container `id` off its networks: DEL for each, its namespace and record
+    /// removed; the hosts files of its peers rewritten. Idempotent.
+    pub fn detach(&self, id: &str) -> Result<()> {
+        let _l = self.lock()?;
+        let Some(a) = self.attachment(id) else {
+            let _ = crate::netns::remove(&self.netns_path(id));
+            return Ok(());
+        };
+        let mut first = None;
+        for i in a.ifaces.iter().rev() {
+            let t = Target {
+                cni_path: &self.cni_path,
+                container_id: &a.container_id,
+                netns: &a.netns,
+                ifname: &i.ifname,
+            };
+            if let Err(e) = cni::del_list(&i.conflist, &i.runtime, &i.result, &t) {
+                first.get_or_insert(e);
+            }
+        }
+        if let Err(e) = crate::netns::remove(&a.netns) {
+            first.get_or_insert(e);
+        }
+        let _ = std::fs::remove_file(self.record(id));
+        let nets: Vec<String> = a.ifaces.iter().map(|i| i.network.clone()).collect();
+        self.refresh_hosts(&nets);
+        first.map_or(Ok(()), Err)
+    }
+
+    /// The container's `/etc/hosts`: its addresses with its name and hostname, its
+    /// `--add-host` entries, then its peers on user networks.
+    fn hosts_of(&self, a: &Attachment, all: &[Attachment]) -> String {
+        let mut entries: Vec<(Ipv4Addr, Vec<String>)> = Vec::new();
+        let mut own = vec![a.hostname.clone()];
+        if a.name != a.hostname {
+            own.push(a.name.clone());
+        }
+        for i in &a.ifaces {
+            if let Some(ip) = i.address {
+                entries.push((ip.addr(), own.clone()));
+            }
+        }
+        for (n, ip) in &a.add_hosts {
+            entries.push((*ip, vec![n.clone()]));
+        }
+        for i in a.ifaces.iter().filter(|i| i.network != DEFAULT) {
+            for p in all.iter().filter(|p| p.container_id != a.container_id) {
+                if let Some(ip) = p.address_on(&i.network) {
+                    entries.push((ip, vec![p.name.clone()]));
+                }
+            }
+        }
+        files::hosts(&entries)
+    }
+
+    fn write_files(&self, a: &Attachment, dns: &[Ipv4Addr]) -> Result<()> {
+        let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        std::fs::create_dir_all(&a.files_dir)
+            .ctx(|| format!("create {}", a.files_dir.display()))?;
+        files::write_in_place(
+            &a.files_dir.join("resolv.conf"),
+            &files::resolv_conf(dns, &host),
+        )?;
+        files::write_in_place(&a.files_dir.join("hostname"), &format!("{}\n", a.hostname))?;
+        let all = self.attachments();
+        files::write_in_place(&a.files_dir.join("hosts"), &self.hosts_of(a, &all))
+    }
+
+    /// Rewrites the hosts file of every container on one of the user `networks`.
+    fn refresh_hosts(&self, networks: &[String]) {
+        let all = self.attachments();
+        for a in &all {
+            let on = a
+                .ifaces
+                .iter()
+                .any(|i| i.network != DEFAULT && networks.contains(&i.network));
+            let path = a.files_dir.join("hosts");
+            if on && path.exists() {
+                if let Err(e) = files::write_in_place(&path, &self.hosts_of(a, &all)) {
+                    tracing::warn!("{e}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Running CNI plugins (spec 1.0): one plugin with its configuration on stdin and the
+//! `CNI_*` environment, and a configuration list as a chain (ADD in order, each result
+//! the next one's `prevResult`; DEL in reverse with the cached result).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::{json, Value};
+
+use crate::{Ctx, Error, Result};
+
+/// Where the plugins are: `$NESTOR_CNI_PATH` (colon-separated) or Debian's
+/// `/usr/lib/cni`.
+pub fn plugin_path() -> String {
+    std::env::var("NESTOR_CNI_PATH").unwrap_or_else(|_| "/usr/lib/cni".into())
+}
+
+fn find_plugin(path: &str, kind: &str) -> Option<PathBuf> {
+    path.split(':')
+        .map(|d| Path::new(d).join(kind))
+        .find(|p| p.is_file())
+}
+
+/// What a CNI command runs against.
+#[derive(Debug, Clone)]
+pub struct Target<'a> {
+    /// Where the plugins are (colon-separated).
+    pub cni_path: &'a str,
+    pub container_id: &'a str,
+    pub netns: &'a Path,
+    pub ifname: &'a str,
+}
+
+/// Runs one plugin. `conf` is the plugin's full configuration (with `name`,
+/// `cniVersion` and, when chained, `prevResult`). Returns its result (`Null` for DEL).
+pub fn exec(network: &str, command: &str, conf: &Value, t: &Target) -> Result<Value> {
+    let kind = conf["type"].as_str().unwrap_or_default().to_string();
+    let plugin_err = |msg: String| Error::Plugin {
+        network: network.into(),
+        plugin: kind.clone(),
+        msg,
+    };
+    let bin = find_plugin(t.cni_path, &kind).ok_or_else(|| {
+        plugin_err(format!(
+            "not found in {} (install containernetworking-plugins, or set NESTOR_CNI_PATH)",
+            t.cni_path
+        ))
+    })?;
+    let mut child = Command::new(&bin)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", t.container_id)
+        .env("CNI_NETNS", t.netns)
+        .env("CNI_IFNAME", t.ifname)
+        .env("CNI_PATH", t.cni_path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .ctx(|| format!("run {}", bin.display()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let body = serde_json::to_vec(conf).map_err(|e| Error::Invalid(e.to_string()))?;
+        stdin
+            .write_all(&body)
+            .ctx(|| format!("write to {}", bin.display()))?;
+    }
+    let out = child
+        .wait_with_output()
+        .ctx(|| format!("wait for {}", bin.display()))?;
+    if !out.status.success() {
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let msg = match (v["msg"].as_str(), v["details"].as_str()) {
+            (Some(m), Some(d)) if !d.is_empty() => format!("{command}: {m} ({d})"),
+            (Some(m), _) => format!("{command}: {m}"),
+            _ => format!(
+                "{command} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        };
+        return Err(plugin_err(msg));
+    }
+    if command == "DEL" || out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| plugin_err(format!("{command}: its result is not JSON: {e}")))
+}
+
+/// A plugin of `list` with the list's name and version, the runtime configuration
+/// for the capabilities it declares, and `prev` as `prevResult`.
+fn plugin_conf(list: &Value, plugin: &Value, runtime: &Value, prev: &Value) -> Value {
+    let mut c = plugin.clone();
+    c["name"] = list["name"].clone();
+    c["cniVersion"] = list["cniVersion"].clone();
+    if let Some(caps) = plugin["capabilities"].as_object() {
+        let mut rc = serde_json::Map::new();
+        for (cap, on) in caps {
+            if on.as_bool() == Some(true) && !runtime[cap].is_null() {
+                rc.insert(cap.clone(), runtime[cap].clone());
+            }
+        }
+        if !rc.is_empty() {
+            c["runtimeConfig"] = Value::Object(rc);
+        }
+    }
+    if !prev.is_null() {
+        c["prevResult"] = prev.clone();
+    }
+    c
+}
+
+fn plugins(list: &Value) -> Vec<Value> {
+    list["plugins"].as_array().cloned().unwrap_or_default()
+}
+
+/// ADD of a configuration list; the final result. On a failure the plugins that
+/// succeeded are undone (DEL in reverse) before the error is returned.
+pub fn add_list(list: &Value, runtime: &Value, t: &Target) -> Result<Value> {
+    let name = list["name"].as_str().unwrap_or("?").to_string();
+    let mut prev = Value::Null;
+    let all = plugins(list);
+    for (i, p) in all.iter().enumerate() {
+        match exec(&name, "ADD", &plugin_conf(list, p, runtime, &prev), t) {
+            Ok(r) => prev = r,
+            Err(e) => {
+                for q in all[..=i].iter().rev() {
+                    let _ = exec(&name, "DEL", &plugin_conf(list, q, runtime, &prev), t);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(prev)
+}
+
+/// DEL of a configuration list, plugins in reverse, each with `result` (the cached ADD
+/// result, or `Null` when ADD never finished). Every plugin is asked; the first error
+/// is returned.
+pub fn del_list(list: &Value, runtime: &Value, result: &Value, t: &Target) -> Result<()> {
+    let name = list["name"].as_str().unwrap_or("?").to_string();
+    let mut first = None;
+    for p in plugins(list).iter().rev() {
+        if let Err(e) = exec(&name, "DEL", &plugin_conf(list, p, runtime, result), t) {
+            tracing::warn!("{e}");
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// The runtime configuration nestor passes: published ports and a static address.
+pub fn runtime_config(ports: &[crate::PortMapping], ip: Option<&str>) -> Value {
+    let mut rc = json!({});
+    if !ports.is_empty() {
+        rc["portMappings"] = ports.iter().map(crate::PortMapping::cni).collect();
+    }
+    if let Some(ip) = ip {
+        rc["ips"] = json!([ip]);
+    }
+    rc
+}

@@ -1,0 +1,304 @@
+//! nestor's networks against the real CNI plugins, real network namespaces, bridges
+//! and iptables (run as root). Each test has its own data root, so its own bridges and
+//! subnets; traffic goes only to loopback, the test's bridges and namespaces the tests
+//! create.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use nestor_network::{AttachRequest, Networks, PortMapping};
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+fn unique(tag: &str) -> String {
+    format!(
+        "{tag}{}x{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A data root with its networks, removed (bridges and claims too) on drop.
+struct Root {
+    dir: tempfile::TempDir,
+    nets: Networks,
+}
+
+impl Root {
+    /// None (with the reason printed) when this host cannot run the plugins.
+    fn new() -> Option<Root> {
+        if !Path::new("/usr/lib/cni/bridge").exists() {
+            eprintln!("SKIP: /usr/lib/cni/bridge missing (containernetworking-plugins)");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let nets = Networks::open(dir.path()).unwrap();
+        Some(Root { dir, nets })
+    }
+
+    fn req(&self, name: &str, networks: &[&str]) -> AttachRequest {
+        let id = unique("c");
+        AttachRequest {
+            container_id: id.clone(),
+            name: name.into(),
+            hostname: id.clone(),
+            networks: networks.iter().map(|s| s.to_string()).collect(),
+            files_dir: self.dir.path().join("files").join(&id),
+            ..Default::default()
+        }
+    }
+}
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        for a in self.nets.attachments() {
+            let _ = self.nets.detach(&a.container_id);
+        }
+        for n in self.nets.list() {
+            let _ = self.nets.remove(&n.name);
+        }
+    }
+}
+
+/// Runs `f` on a thread inside the network namespace at `ns`.
+fn in_netns<T: Send + 'static>(ns: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let file = std::fs::File::open(ns).unwrap();
+    std::thread::spawn(move || {
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// A one-shot TCP server in `ns` on `port`: answers each connection with `reply`
+/// and hands back the peers' addresses.
+fn serve(
+    ns: &Path,
+    port: u16,
+    reply: &'static str,
+    n: usize,
+) -> std::thread::JoinHandle<Vec<String>> {
+    let l = in_netns(ns, move || TcpListener::bind(("0.0.0.0", port)).unwrap());
+    std::thread::spawn(move || {
+        let mut peers = Vec::new();
+        for _ in 0..n {
+            let (mut s, peer) = l.accept().unwrap();
+            let _ = s.write_all(reply.as_bytes());
+            peers.push(peer.ip().to_string());
+        }
+        peers
+    })
+}
+
+fn fetch(addr: (Ipv4Addr, u16)) -> String {
+    let mut s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn ip(args: &[&str]) {
+    let o = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn a_published_port_reaches_the_container_and_egress_is_natted() {
+    let Some(r) = Root::new() else { return };
+    let mut req = r.req("web", &["nestor"]);
+    req.ports = vec![PortMapping::parse("127.0.0.1::8080").unwrap()];
+    let a = r.nets.attach(&req).unwrap();
+    let net = r.nets.get("nestor").unwrap();
+    let addr = a.address_on("nestor").unwrap();
+    assert!(net.subnet.contains(&addr), "{addr} outside {}", net.subnet);
+    let host_port = a.ports[0].host_port;
+    assert_ne!(host_port, 0);
+    let srv = serve(&a.netns, 8080, "hello", 2);
+    assert_eq!(fetch((Ipv4Addr::LOCALHOST, host_port)), "hello");
+    // The container's own address on the bridge, from the host.
+    assert_eq!(fetch((addr, 8080)), "hello");
+    srv.join().unwrap();
+    // The files it gets.
+    let hosts = std::fs::read_to_string(req.files_dir.join("hosts")).unwrap();
+    assert!(
+        hosts.contains(&format!("{addr}\t{} web", req.hostname)),
+        "{hosts}"
+    );
+
+    // Egress: an "outside" namespace behind a veth of the host; the container's
+    // packets reach it with the host's address as their source (masquerade).
+    let ext = r.dir.path().join("ext-ns");
+    nestor_network::netns::create(&ext).unwrap();
+    let (h, x) = (unique("vh"), unique("vx"));
+    let (h, x) = (&h[..h.len().min(15)], &x[..x.len().min(15)]);
+    let n = N.fetch_add(1, Ordering::Relaxed) % 60;
+    let (host_ip, ext_ip) = (
+        format!("198.51.100.{}", 4 * n + 1),
+        format!("198.51.100.{}", 4 * n + 2),
+    );
+    ip(&["link", "add", h, "type", "veth", "peer", "name", x]);
+    ip(&["link", "set", x, "netns", ext.to_str().unwrap()]);
+    ip(&["addr", "add", &format!("{host_ip}/30"), "dev", h]);
+    ip(&["link", "set", h, "up"]);
+    let (xs, eip, hip) = (x.to_string(), ext_ip.clone(), host_ip.clone());
+    in_netns(&ext, move || {
+        ip(&["addr", "add", &format!("{eip}/30"), "dev", &xs]);
+        ip(&["link", "set", &xs, "up"]);
+        ip(&["route", "add", "default", "via", &hip]);
+    });
+    let srv = serve(&ext, 9000, "outside", 1);
+    let target: Ipv4Addr = ext_ip.parse().unwrap();
+    let got = in_netns(&a.netns, move || fetch((target, 9000)));
+    assert_eq!(got, "outside");
+    let peers = srv.join().unwrap();
+    assert_eq!(peers, [host_ip], "the source was not masqueraded");
+    let _ = Command::new("ip").args(["link", "del", h]).output();
+    nestor_network::netns::remove(&ext).unwrap();
+    r.nets.detach(&req.container_id).unwrap();
+}
+
+#[test]
+fn containers_on_a_user_network_know_each_other_by_name() {
+    let Some(r) = Root::new() else { return };
+    let name = unique("n");
+    r.nets.create(&name, None, false).unwrap();
+    let ra = r.req("alpha", &[&name]);
+    let rb = r.req("beta", &[&name]);
+    let a = r.nets.attach(&ra).unwrap();
+    let b = r.nets.attach(&rb).unwrap();
+    let (ia, ib) = (a.address_on(&name).unwrap(), b.address_on(&name).unwrap());
+    let ha = std::fs::read_to_string(ra.files_dir.join("hosts")).unwrap();
+    let hb = std::fs::read_to_string(rb.files_dir.join("hosts")).unwrap();
+    assert!(ha.contains(&format!("{ib}\tbeta")), "alpha's hosts: {ha}");
+    assert!(hb.contains(&format!("{ia}\talpha")), "beta's hosts: {hb}");
+    // And they reach each other on the network.
+    let srv = serve(&b.netns, 7000, "beta here", 1);
+    assert_eq!(in_netns(&a.netns, move || fetch((ib, 7000))), "beta here");
+    srv.join().unwrap();
+    // beta leaves: alpha's hosts file forgets it (same file, rewritten in place).
+    r.nets.detach(&rb.container_id).unwrap();
+    let ha = std::fs::read_to_string(ra.files_dir.join("hosts")).unwrap();
+    assert!(!ha.contains("beta"), "{ha}");
+    // In use: not removed.
+    let e = r.nets.remove(&name).unwrap_err().to_string();
+    assert!(e.contains("in use by alpha"), "{e}");
+}
+
+fn iptables_mentions(id: &str) -> bool {
+    let o = Command::new("iptables-save").output().unwrap();
+    String::from_utf8_lossy(&o.stdout).contains(id)
+}
+
+fn veths_on(bridge: &str) -> usize {
+    let o = Command::new("ip")
+        .args(["-o", "link", "show", "master", bridge])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).lines().count()
+}
+
+fn ipam_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy().into_owned();
+            n.parse::<Ipv4Addr>().is_ok()
+        })
+        .collect()
+}
+
+#[test]
+fn a_hundred_attach_detach_cycles_leave_nothing() {
+    let Some(r) = Root::new() else { return };
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let mut req = r.req(&format!("c{i}"), &["nestor"]);
+        req.ports = vec![PortMapping::parse("80").unwrap()];
+        let a = r.nets.attach(&req).unwrap();
+        assert!(a.netns.exists());
+        r.nets.detach(&req.container_id).unwrap();
+        assert!(!a.netns.exists(), "netns left");
+        ids.push(req.container_id);
+    }
+    let net = r.nets.get("nestor").unwrap();
+    assert_eq!(veths_on(&net.bridge), 0, "veths left on {}", net.bridge);
+    assert!(r.nets.attachments().is_empty());
+    let ipam = r.dir.path().join("networks/ipam/nestor");
+    assert!(
+        ipam_files(&ipam).is_empty(),
+        "addresses left: {:?}",
+        ipam_files(&ipam)
+    );
+    for id in &ids {
+        assert!(!iptables_mentions(id), "an iptables rule names {id}");
+    }
+    // Detaching again is fine.
+    r.nets.detach(&ids[0]).unwrap();
+}
+
+#[test]
+fn bad_requests_are_one_clear_line_and_leave_nothing() {
+    let Some(r) = Root::new() else { return };
+    let held = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let mut req = r.req("busy", &["nestor"]);
+    req.ports = vec![PortMapping::parse(&format!("127.0.0.1:{port}:80")).unwrap()];
+    let e = r.nets.attach(&req).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("host port {port}/tcp is already in use")),
+        "{e}"
+    );
+    // Another container's port.
+    let mut first = r.req("first", &["nestor"]);
+    first.ports = vec![PortMapping::parse("18181:80").unwrap()];
+    if first.ports[0].host_port_free() {
+        r.nets.attach(&first).unwrap();
+        let mut second = r.req("second", &["nestor"]);
+        second.ports = first.ports.clone();
+        let e = r.nets.attach(&second).unwrap_err().to_string();
+        assert!(e.contains("already published by container first"), "{e}");
+        r.nets.detach(&first.container_id).unwrap();
+    }
+    let e = r
+        .nets
+        .attach(&r.req("x", &["no-such-net"]))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e, "no such network: no-such-net");
+    let used = r.nets.get("nestor").unwrap().subnet;
+    let e = r
+        .nets
+        .create(&unique("ov"), Some(used), false)
+        .unwrap_err()
+        .to_string();
+    // Named as the bridge's route once the network is up, or as the other network.
+    assert!(e.contains(&format!("subnet {used} overlaps")), "{e}");
+    let e = r.nets.create("host", None, false).unwrap_err().to_string();
+    assert!(e.contains("reserved"), "{e}");
+    // A missing plugin: named, and nothing left.
+    let empty = tempfile::tempdir().unwrap();
+    let broken = Networks::open(r.dir.path())
+        .unwrap()
+        .with_cni_path(empty.path().to_str().unwrap());
+    let req = r.req("noplugin", &["nestor"]);
+    let e = broken.attach(&req).unwrap_err().to_string();
+    assert!(e.contains("CNI plugin bridge: not found in"), "{e}");
+    for n in [&r.nets, &broken] {
+        assert!(n.attachments().is_empty(), "an attachment was left");
+    }
+    assert!(!r.nets.netns_path(&req.container_id).exists());
+}
