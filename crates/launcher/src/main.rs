@@ -110,6 +110,8 @@ fn dispatch(cli: &Cli) -> Result<i32> {
             vm_cpus,
         }) => pod::create(name, *vm_mem, *vm_cpus)?,
         Cmd::Pod(cli::PodCmd::Ls { json }) => pod::ls(*json)?,
+        Cmd::Network(c) => docker::network::run(c)?,
+        Cmd::Port { container } => docker::network::port(container)?,
         Cmd::Pod(cli::PodCmd::Rm { names, force }) => pod::rm(names, *force)?,
     }
     Ok(0)

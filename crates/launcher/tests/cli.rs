@@ -74,6 +74,7 @@ impl Drop for Env {
             let _ = self.run(&["rm", "-f", id]);
         }
         let _ = self.run(&["gc"]);
+        let _ = self.run(&["network", "prune"]);
         for m in self.mounts_under_root() {
             let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
         }
@@ -303,6 +304,12 @@ fn kill_9_of_nestor_then_gc_leaves_nothing() {
     );
     assert!(!cgroup_exists(&id), "cgroup left");
     assert!(!e.state.path().join(&id).exists(), "runtime state left");
+    let att = e.data.path().join("networks/attachments");
+    assert_eq!(
+        std::fs::read_dir(&att).map(|r| r.count()).unwrap_or(0),
+        0,
+        "gc left the container on its network"
+    );
     let ps = e.ps_json();
     assert_eq!(ps[0]["status"], "exited");
     // The container's process is gone too.
@@ -335,7 +342,7 @@ fn cli_errors_are_one_clear_line() {
         ),
         (
             vec!["run", "--rm", "--network", "bogus", "busybox", "true"],
-            "invalid value 'bogus' for '--network",
+            "no such network: bogus",
         ),
         (
             vec!["run", "--rm", "--user", "nosuchuser", "busybox", "true"],
@@ -347,8 +354,8 @@ fn cli_errors_are_one_clear_line() {
         ),
         (vec!["logs", "ghost"], "no such container"),
         (
-            vec!["run", "-p", "8080:80", "busybox", "true"],
-            "unexpected argument '-p'",
+            vec!["run", "--no-such-flag", "busybox", "true"],
+            "unexpected argument '--no-such-flag'",
         ),
         (vec!["image", "import", "/nonexistent/path"], "nonexistent"),
     ] {
@@ -837,4 +844,144 @@ fn a_name_belongs_to_one_container_and_an_image_in_use_stays() {
     let o = e.run(&["gc"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!half.exists(), "gc left a half-written record");
+}
+
+/// GET `path` from `addr` over plain HTTP/1.0; the body.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
+}
+
+#[test]
+fn a_published_port_answers_and_containers_find_each_other_by_name() {
+    if !Path::new("/usr/lib/cni/bridge").exists() {
+        eprintln!("SKIP: containernetworking-plugins is not installed");
+        return;
+    }
+    let e = Env::new();
+    // busybox httpd on the default network, published on a free port of loopback.
+    let o = e.run(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--hostname",
+        "webhost",
+        "-p",
+        "127.0.0.1::80",
+        "busybox",
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/etc",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let port = e.run(&["port", "web"]);
+    let line = stdout(&port);
+    let hp: u16 = line.trim().rsplit(':').next().unwrap().parse().unwrap();
+    assert!(line.starts_with("80/tcp -> 127.0.0.1:"), "{line}");
+    assert!(stdout(&e.run(&["ps"])).contains(&format!("127.0.0.1:{hp}->80/tcp")));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let b = std::panic::catch_unwind(|| http_get(([127, 0, 0, 1], hp).into(), "/hostname"))
+            .unwrap_or_default();
+        if !b.is_empty() || Instant::now() > deadline {
+            break b;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(body, "webhost\n");
+    // The same host port again: refused, nothing made.
+    let o = e.run(&[
+        "run",
+        "--rm",
+        "-p",
+        &format!("127.0.0.1:{hp}:80"),
+        "busybox",
+        "true",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("already published by container web"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(e.run(&["rm", "-f", "web"]).status.success());
+    // A user network: containers reach each other by name.
+    let net = format!("n{}", std::process::id());
+    assert!(e.run(&["network", "create", &net]).status.success());
+    let o = e.run(&[
+        "run",
+        "-d",
+        "--network",
+        &net,
+        "--name",
+        "alpha",
+        "--hostname",
+        "alphahost",
+        "busybox",
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/etc",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = e.run(&["run", "--rm", "--network", &net, "busybox", "sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10; do wget -q -O - http://alpha/hostname && exit 0; sleep 0.2; done; cat /etc/hosts; exit 1"]);
+    assert_eq!(stdout(&o), "alphahost\n", "{}", stderr(&o));
+    let o = e.run(&["network", "rm", &net]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("in use by alpha"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(e.run(&["rm", "-f", "alpha"]).status.success());
+    assert!(e.run(&["network", "rm", &net]).status.success());
+    // Bad input: one clear line each, nothing left.
+    for (args, want) in [
+        (
+            vec!["run", "--rm", "-p", "80:x", "busybox", "true"],
+            "invalid port '80:x'",
+        ),
+        (
+            vec!["run", "--rm", "--network", "nosuchnet", "busybox", "true"],
+            "no such network: nosuchnet",
+        ),
+        (
+            vec![
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "-p",
+                "80",
+                "busybox",
+                "true",
+            ],
+            "need a network",
+        ),
+        (
+            vec!["network", "create", "--subnet", "10.0.0.0/33", "x"],
+            "invalid value",
+        ),
+    ] {
+        let o = e.run(&args);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
+    }
+    assert_eq!(e.ps_json().as_array().unwrap().len(), 0, "records left");
+    let att = e.data.path().join("networks/attachments");
+    assert_eq!(
+        std::fs::read_dir(&att).map(|r| r.count()).unwrap_or(0),
+        0,
+        "attachments left"
+    );
 }

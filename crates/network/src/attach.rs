@@ -284,6 +284,11 @@ impl Networks {
         if let Err(e) = crate::netns::remove(&a.netns) {
             first.get_or_insert(e);
         }
+        // This root's namespace directories go when empty (under the lock attach takes).
+        if let Some(d) = a.netns.parent() {
+            let _ = std::fs::remove_dir(d);
+            let _ = d.parent().map(std::fs::remove_dir);
+        }
         let _ = std::fs::remove_file(self.record(id));
         let nets: Vec<String> = a.ifaces.iter().map(|i| i.network.clone()).collect();
         self.refresh_hosts(&nets);

@@ -516,6 +516,10 @@ impl Env {
                     }
                 }
                 c.args(["--rm", "--name", id]);
+                if matches!(r.kind, Kind::Image) {
+                    // As the crun and runc peers run: no network but loopback.
+                    c.args(["--network", "none"]);
+                }
                 if let (Program::Workload(_), Some(vol)) = (p, disk) {
                     // The ext4 volume from make_volume: the workload binary and its disk.
                     c.arg("-v").arg(format!("{}:/bench", vol.display()));

@@ -133,6 +133,46 @@ pub enum Cmd {
     /// Pods: one long-lived microVM that holds several containers (Kata's sandbox).
     #[command(subcommand)]
     Pod(PodCmd),
+    /// Networks containers join (CNI bridges with NAT and published ports).
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// The published ports of a container.
+    Port { container: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NetworkCmd {
+    /// Create a network: a bridge with its own subnet, NAT and published ports.
+    Create {
+        /// The subnet (default: a free /24 of 10.89.0.0-10.99.255.0).
+        #[arg(long)]
+        subnet: Option<ipnet::Ipv4Net>,
+        /// No NAT to the outside, no default route, no published ports.
+        #[arg(long)]
+        internal: bool,
+        name: String,
+    },
+    /// List networks.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(short, long)]
+        quiet: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show networks and the containers on them, as JSON.
+    Inspect {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove networks (refused while a container is on one).
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove every network no container is on.
+    Prune,
 }
 
 #[derive(Subcommand, Debug)]
@@ -334,22 +374,66 @@ pub struct ContainerOpts {
     pub userns: bool,
 }
 
-/// The container's network.
+/// The container's network, as Docker's `run` takes it.
 #[derive(Args, Debug, Clone, Default)]
 pub struct NetOpts {
-    /// none (own network namespace, loopback only) or host.
-    #[arg(long, value_enum, default_value_t = NetworkMode::None)]
-    pub network: NetworkMode,
+    /// bridge (the default network), none (loopback only), host, container:NAME (join
+    /// another container's), or the name of a network (`nestor network create`).
+    #[arg(long, value_name = "NETWORK")]
+    pub network: Option<String>,
+    /// Publish a port: [IP:][HOST:]CONTAINER[/tcp|/udp] (repeatable).
+    #[arg(short = 'p', long = "publish", value_name = "PORT")]
+    pub publish: Vec<String>,
+    /// Publish every port the image exposes, each on a free host port.
+    #[arg(short = 'P', long = "publish-all")]
+    pub publish_all: bool,
+    /// A nameserver for the container's /etc/resolv.conf (repeatable).
+    #[arg(long, value_name = "IP")]
+    pub dns: Vec<std::net::Ipv4Addr>,
+    /// An /etc/hosts entry NAME:IP (repeatable).
+    #[arg(long = "add-host", value_name = "NAME:IP")]
+    pub add_host: Vec<String>,
+    /// The container's address on its (first) network.
+    #[arg(long, value_name = "IP")]
+    pub ip: Option<std::net::Ipv4Addr>,
 }
 
-/// `--network`.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What `--network` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetworkMode {
     /// A network namespace of its own with only loopback.
-    #[default]
     None,
     /// The host's network namespace.
     Host,
+    /// Another container's network namespace.
+    Container(String),
+    /// A network namespace on these networks (CNI), `bridge` meaning the default one.
+    Networks(Vec<String>),
+}
+
+impl NetOpts {
+    /// `--network`, or `default` when it was not given.
+    pub fn mode(&self, default: NetworkMode) -> NetworkMode {
+        match self.network.as_deref() {
+            None => default,
+            Some("none") => NetworkMode::None,
+            Some("host") => NetworkMode::Host,
+            Some("bridge") | Some("default") => NetworkMode::Networks(vec!["nestor".into()]),
+            Some(s) => match s.strip_prefix("container:") {
+                Some(c) => NetworkMode::Container(c.to_string()),
+                None => NetworkMode::Networks(vec![s.to_string()]),
+            },
+        }
+    }
+
+    /// Whether any option beyond `--network` was given.
+    pub fn wants_more(&self) -> bool {
+        !self.publish.is_empty()
+            || self.publish_all
+            || !self.dns.is_empty()
+            || !self.add_host.is_empty()
+            || self.ip.is_some()
+    }
 }
 
 /// Scenario 1: the container in a microVM (its own, or a pod's).
@@ -594,7 +678,8 @@ mod tests {
 
     #[test]
     fn an_unknown_flag_before_the_image_is_refused_as_a_flag() {
-        let e = Cli::try_parse_from(["nestor", "run", "-p", "8080:80", "busybox"]).unwrap_err();
+        let e =
+            Cli::try_parse_from(["nestor", "run", "--no-such-flag", "x", "busybox"]).unwrap_err();
         assert_eq!(e.kind(), clap::error::ErrorKind::UnknownArgument, "{e}");
         let c =
             Cli::try_parse_from(["nestor", "run", "--rm", "busybox", "ls", "-l", "--x"]).unwrap();

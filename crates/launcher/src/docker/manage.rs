@@ -38,8 +38,8 @@ pub fn ps(all: bool, quiet: bool, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<12}  {:<24}  {:<20}  {:<16}  {:<24}  NAMES",
-        "CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS"
+        "{:<12}  {:<24}  {:<20}  {:<16}  {:<24}  {:<24}  NAMES",
+        "CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS"
     );
     for m in &list {
         let mut cmd = m.command.join(" ");
@@ -47,13 +47,22 @@ pub fn ps(all: bool, quiet: bool, json: bool) -> Result<()> {
             cmd.truncate(17);
             cmd.push_str("...");
         }
+        let ports: Vec<String> = m
+            .ports
+            .iter()
+            .map(|p| {
+                let ip = p.host_ip.map_or("0.0.0.0".to_string(), |i| i.to_string());
+                format!("{ip}:{}->{}/{}", p.host_port, p.container_port, p.proto)
+            })
+            .collect();
         println!(
-            "{:<12}  {:<24}  {:<20}  {:<16}  {:<24}  {}",
+            "{:<12}  {:<24}  {:<20}  {:<16}  {:<24}  {:<24}  {}",
             &m.id[..12],
             m.image,
             cmd,
             ago(m.created_ns),
             m.status_line(),
+            ports.join(", "),
             m.name
         );
     }
@@ -342,6 +351,18 @@ pub fn gc(rt: &Runtime) -> Result<()> {
                 m.status = Status::Exited;
                 m.exit_code = Some(137);
                 store::save(&m)?;
+            }
+            n += 1;
+        }
+    }
+    // Containers on networks whose record is gone or whose owner died.
+    let nets = store::networks()?;
+    for a in nets.attachments() {
+        let live = store::load(&a.container_id)
+            .is_ok_and(|m| m.status != Status::Exited && m.owner_alive());
+        if !live {
+            if let Err(e) = nets.detach(&a.container_id) {
+                eprintln!("error: {e}");
             }
             n += 1;
         }

@@ -90,6 +90,7 @@ impl Placement<'_> {
             Placement::Native { meta, rt } => {
                 rt.delete(&meta.id, true)?;
                 store::unmount_rootfs(&meta.id);
+                store::networks()?.detach(&meta.id)?;
             }
             Placement::Vm { vm, .. } => {
                 if vm.pod.is_none() {

@@ -2,7 +2,7 @@
 //! from an image and Docker-style flags (with the image's users looked up as untrusted
 //! input).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use oci_spec::runtime::{
@@ -14,7 +14,7 @@ use oci_spec::runtime::{
 };
 use serde_json::json;
 
-use crate::cli::{NetworkMode, RunArgs};
+use crate::cli::RunArgs;
 use crate::sys::size::parse_bytes;
 
 /// First host uid/gid of the range container root maps to with `--rootless`/`--userns`.
@@ -331,6 +331,19 @@ pub fn default_seccomp() -> Result<LinuxSeccomp> {
         .build()?)
 }
 
+/// Where the container's network namespace comes from, for its spec.
+#[derive(Debug, Default, Clone)]
+pub struct SpecNet {
+    /// The host's namespace.
+    pub host: bool,
+    /// Join this namespace (a CNI network's, or another container's); neither this
+    /// nor `host`: a new one with loopback only.
+    pub netns: Option<PathBuf>,
+    /// `hosts`, `resolv.conf` and `hostname` in this directory are bound over the
+    /// image's `/etc` ones.
+    pub files: Option<PathBuf>,
+}
+
 /// The OCI config for a container of `image` with the user's flags.
 pub fn build_spec(
     a: &RunArgs,
@@ -338,6 +351,7 @@ pub fn build_spec(
     cmd: &[String],
     rootfs: &Path,
     id: &str,
+    net: &SpecNet,
 ) -> Result<Spec> {
     let mut s = default_spec(cmd, a.ctr.userns)?;
     s.set_root(Some(
@@ -415,16 +429,33 @@ pub fn build_spec(
                 .build()?,
         );
     }
+    if let Some(dir) = &net.files {
+        for f in ["hosts", "resolv.conf", "hostname"] {
+            mounts.push(
+                MountBuilder::default()
+                    .destination(format!("/etc/{f}"))
+                    .typ("bind")
+                    .source(dir.join(f))
+                    .options(["rbind", "rprivate"].map(String::from).to_vec())
+                    .build()?,
+            );
+        }
+    }
     s.set_mounts(Some(mounts));
     let mut linux = s
         .linux()
         .clone()
         .context("default spec has no linux section")?;
-    if a.net.network == NetworkMode::Host {
-        let mut ns = linux.namespaces().clone().unwrap_or_default();
-        ns.retain(|n| n.typ() != LinuxNamespaceType::Network);
-        linux.set_namespaces(Some(ns));
+    let mut ns = linux.namespaces().clone().unwrap_or_default();
+    ns.retain(|n| n.typ() != LinuxNamespaceType::Network);
+    if !net.host {
+        let mut b = LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network);
+        if let Some(p) = &net.netns {
+            b = b.path(p.clone());
+        }
+        ns.push(b.build()?);
     }
+    linux.set_namespaces(Some(ns));
     linux.set_resources(Some(resources(a)?));
     linux.set_seccomp(Some(default_seccomp()?));
     s.set_linux(Some(linux));

@@ -141,6 +141,11 @@ pub fn private_mounts() -> Result<()> {
     Ok(())
 }
 
+/// The networks of this data root.
+pub fn networks() -> Result<nestor_network::Networks> {
+    Ok(nestor_network::Networks::open(&data_root())?)
+}
+
 pub fn image_store() -> Result<nestor_image::ImageStore> {
     Ok(nestor_image::ImageStore::open(&data_root().join("images"))?)
 }
@@ -184,6 +189,12 @@ pub struct Meta {
     pub owner_start: u64,
     /// The OCI runtime's state root the container lives in.
     pub state_root: PathBuf,
+    /// The networks it is on (CNI), in interface order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<String>,
+    /// Its published ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<nestor_network::PortMapping>,
     /// Set for a container running in its own microVM (`run --vm`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<VmMeta>,
@@ -367,6 +378,8 @@ pub fn new_meta(
         owner_pid: me,
         owner_start: proc_start(me).map(|s| s.0).unwrap_or(0),
         state_root: state_root.to_path_buf(),
+        networks: Vec::new(),
+        ports: Vec::new(),
         vm: None,
     }
 }

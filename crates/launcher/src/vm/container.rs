@@ -105,7 +105,14 @@ fn guest_spec(
 ) -> Result<oci_spec::runtime::Spec> {
     let mut native = a.clone();
     native.ctr.volume.clear();
-    let mut s = crate::docker::spec::build_spec(&native, image, cmd, &lookup_root(image), id)?;
+    let mut s = crate::docker::spec::build_spec(
+        &native,
+        image,
+        cmd,
+        &lookup_root(image),
+        id,
+        &crate::docker::spec::SpecNet::default(),
+    )?;
     let mut mounts = s.mounts().clone().unwrap_or_default();
     for (i, v) in vols.iter().enumerate() {
         let mut opts = vec!["nosuid".to_string(), "nodev".to_string()];
@@ -493,8 +500,18 @@ impl Mode for VmMode {
         if a.ctr.userns {
             bail!("--userns with --vm is not needed: the VM is the boundary (drop --userns)");
         }
-        if a.net.network != crate::cli::NetworkMode::None {
-            bail!("--network host with --vm is not supported (the guest has its own kernel)");
+        // The guest has no network device yet: a VM container's network is none.
+        match a.net.mode(crate::cli::NetworkMode::None) {
+            crate::cli::NetworkMode::None => {}
+            crate::cli::NetworkMode::Host => {
+                bail!("--network host with --vm is not supported (the guest has its own kernel)")
+            }
+            _ => {
+                bail!("--network with --vm is not supported yet (the guest has no network device)")
+            }
+        }
+        if a.net.wants_more() {
+            bail!("-p, -P, --dns, --add-host and --ip with --vm are not supported yet (the guest has no network device)");
         }
         Ok(())
     }
