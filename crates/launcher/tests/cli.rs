@@ -430,6 +430,52 @@ fn podman_runs_containers_through_nestor() {
     assert!(o.status.success(), "{}", stderr(&o));
     let o = podman(&["rm", &name]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // podman's own network (its namespace in the bundle): a published port answers.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hp = free.local_addr().unwrap().port();
+    drop(free);
+    let web = format!("{name}-web");
+    let publish = format!("127.0.0.1:{hp}:80");
+    let o = podman(&[
+        "run",
+        "-d",
+        "--name",
+        &web,
+        "--ulimit",
+        "nofile=20000:20000",
+        "--ulimit",
+        "nproc=32768:32768",
+        "-p",
+        &publish,
+        "--hostname",
+        "podweb",
+        tag.as_str(),
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/etc",
+    ]);
+    if !o.status.success() && stderr(&o).contains("netavark") {
+        eprintln!(
+            "SKIP podman -p: podman's network backend failed here: {}",
+            stderr(&o)
+        );
+    } else {
+        assert!(o.status.success(), "{}", stderr(&o));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let body = loop {
+            let b = std::panic::catch_unwind(|| http_get(([127, 0, 0, 1], hp).into(), "/hostname"))
+                .unwrap_or_default();
+            if !b.is_empty() || Instant::now() > deadline {
+                break b;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let _ = podman(&["rm", "-f", "-t", "0", &web]);
+        assert_eq!(body.trim(), "podweb");
+    }
 }
 
 /// `run --vm` refuses what it cannot do with one clear line, and a VM that cannot boot
