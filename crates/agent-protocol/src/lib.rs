@@ -36,7 +36,9 @@
 //! or `Run` (create + start in one step, the fast path); `Exec` adds a process to a
 //! running container; `Signal` sends a signal; `Wait` returns the exit code (128+N for a
 //! signal N); `Delete` removes the container's runtime state; `Stats` reports guest and
-//! container figures; `Shutdown` powers the VM off (or reboots it) after replying.
+//! container figures; `Network` configures the guest's interfaces and writes the
+//! network's files (before `Run`, when the container has a network); `Shutdown` powers
+//! the VM off (or reboots it) after replying.
 
 use std::io::{self, Read, Write};
 
@@ -186,12 +188,39 @@ pub enum Request {
         #[serde(default)]
         container: Option<String>,
     },
+    /// Configure the guest's network as the host's CNI networks gave it: each
+    /// interface (found by its MAC) gets its address, MTU and, for the first, the
+    /// default route; `files` (`hosts`, `resolv.conf`, `hostname`: name -> content) are
+    /// written to [`NET_FILES_DIR`] for containers to bind. Sent before `Run`.
+    Network {
+        ifaces: Vec<NetIface>,
+        #[serde(default)]
+        files: std::collections::BTreeMap<String, String>,
+    },
     /// Reply, then power the VM off (or reboot it when `reboot` is true or the kernel
     /// command line says `nestor.reboot=1`).
     Shutdown {
         #[serde(default)]
         reboot: bool,
     },
+}
+
+/// Where the agent writes the network's files (`hosts`, `resolv.conf`, `hostname`).
+pub const NET_FILES_DIR: &str = "/run/nestor-net";
+
+/// One guest interface of [`Request::Network`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetIface {
+    /// The MAC the host gave the virtio-net device ("02:…").
+    pub mac: String,
+    /// IPv4 address with prefix ("10.89.0.2/24").
+    pub address: String,
+    /// Default gateway, set for the first interface that has one.
+    #[serde(default)]
+    pub gateway: Option<String>,
+    #[serde(default)]
+    pub mtu: Option<u32>,
 }
 
 /// Error classes, so the host can react without parsing messages.
@@ -391,6 +420,17 @@ mod tests {
                 container: "c1".into(),
                 exec: None,
                 signal: 15,
+            },
+            Request::Network {
+                ifaces: vec![NetIface {
+                    mac: "02:00:00:00:00:01".into(),
+                    address: "10.89.0.2/24".into(),
+                    gateway: Some("10.89.0.1".into()),
+                    mtu: Some(1500),
+                }],
+                files: [("hosts".to_string(), "127.0.0.1 localhost\n".to_string())]
+                    .into_iter()
+                    .collect(),
             },
             Request::Shutdown { reboot: true },
         ];

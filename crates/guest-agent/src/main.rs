@@ -5,6 +5,7 @@
 //! Any fatal error as PID 1 is printed on the console and powers the VM off.
 
 mod init;
+mod net;
 mod runtime;
 mod server;
 mod settings;

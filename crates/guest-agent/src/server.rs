@@ -858,6 +858,10 @@ impl Server {
                 };
                 Some(Response::Stats { guest, container })
             }
+            Request::Network { ifaces, files } => Some(match crate::net::apply(&ifaces, &files) {
+                Ok(()) => Response::Ok,
+                Err(e) => Response::error(BadRequest, format!("network: {e}")),
+            }),
             Request::Shutdown { reboot } => {
                 self.shutdown = Some(ShutdownState {
                     reboot: reboot || self.default_reboot,

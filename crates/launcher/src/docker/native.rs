@@ -88,38 +88,7 @@ impl Native {
             }
             NetworkMode::Networks(names) => names,
         };
-        let mut ports = a
-            .net
-            .publish
-            .iter()
-            .map(|p| PortMapping::parse(p))
-            .collect::<Result<Vec<_>, _>>()?;
-        if a.net.publish_all {
-            for e in &image.config.exposed_ports {
-                ports.push(PortMapping::exposed(e)?);
-            }
-        }
-        let add_hosts = a
-            .net
-            .add_host
-            .iter()
-            .map(|h| nestor_network::files::parse_add_host(h))
-            .collect::<Result<Vec<_>, _>>()?;
-        let req = AttachRequest {
-            container_id: meta.id.clone(),
-            name: meta.name.clone(),
-            hostname: a
-                .ctr
-                .hostname
-                .clone()
-                .unwrap_or_else(|| meta.id[..12].to_string()),
-            networks: names.clone(),
-            ports,
-            ip: a.net.ip,
-            dns: a.net.dns.clone(),
-            add_hosts,
-            files_dir: dir.clone(),
-        };
+        let req = attach_request(a, meta, image, &names)?;
         let at = store::networks()?.attach(&req)?;
         self.attached = true;
         meta.networks = names;
@@ -140,6 +109,47 @@ impl Native {
             }
         }
     }
+}
+
+/// What `run`'s network flags ask of crates/network for container `meta`.
+pub(crate) fn attach_request(
+    a: &RunArgs,
+    meta: &Meta,
+    image: &nestor_image::Image,
+    names: &[String],
+) -> Result<AttachRequest> {
+    let mut ports = a
+        .net
+        .publish
+        .iter()
+        .map(|p| PortMapping::parse(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    if a.net.publish_all {
+        for e in &image.config.exposed_ports {
+            ports.push(PortMapping::exposed(e)?);
+        }
+    }
+    let add_hosts = a
+        .net
+        .add_host
+        .iter()
+        .map(|h| nestor_network::files::parse_add_host(h))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(AttachRequest {
+        container_id: meta.id.clone(),
+        name: meta.name.clone(),
+        hostname: a
+            .ctr
+            .hostname
+            .clone()
+            .unwrap_or_else(|| meta.id[..12].to_string()),
+        networks: names.to_vec(),
+        ports,
+        ip: a.net.ip,
+        dns: a.net.dns.clone(),
+        add_hosts,
+        files_dir: store::dir(&meta.id),
+    })
 }
 
 /// Mounts the image's layers on the container's rootfs and writes its bundle.

@@ -92,10 +92,11 @@ impl Placement<'_> {
                 store::unmount_rootfs(&meta.id);
                 store::networks()?.detach(&meta.id)?;
             }
-            Placement::Vm { vm, .. } => {
+            Placement::Vm { meta, vm } => {
                 if vm.pod.is_none() {
                     let _ = std::fs::remove_dir_all(&vm.sandbox);
                 }
+                store::networks()?.detach(&meta.id)?;
             }
         }
         Ok(())

@@ -254,6 +254,7 @@ fn shim(
             disks: vec![(disk.to_path_buf(), true)],
             hostname,
             net: None,
+            netns: None,
             jail: None,
         },
     )?;

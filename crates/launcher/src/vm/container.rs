@@ -102,6 +102,7 @@ fn guest_spec(
     cmd: &[String],
     id: &str,
     vols: &[DiskVolume],
+    networked: bool,
 ) -> Result<oci_spec::runtime::Spec> {
     let mut native = a.clone();
     native.ctr.volume.clear();
@@ -111,7 +112,17 @@ fn guest_spec(
         cmd,
         &lookup_root(image),
         id,
-        &crate::docker::spec::SpecNet::default(),
+        &if networked {
+            // The VM is the boundary: the container shares the guest's network, whose
+            // interface holds the address CNI gave, and binds the files the agent wrote.
+            crate::docker::spec::SpecNet {
+                host: true,
+                netns: None,
+                files: Some(proto::NET_FILES_DIR.into()),
+            }
+        } else {
+            crate::docker::spec::SpecNet::default()
+        },
     )?;
     let mut mounts = s.mounts().clone().unwrap_or_default();
     for (i, v) in vols.iter().enumerate() {
@@ -253,6 +264,96 @@ fn join_pod(
     Ok((Sandbox::join(pod.sandbox), device))
 }
 
+/// A VM's network: the container's namespace on its CNI network, with a tap for
+/// nestor-vmm joined to the CNI interface by tc redirects both ways (Kata's "tcfilter"
+/// model), so the guest holds exactly the address, routes and published ports CNI gave.
+struct VmNet {
+    netns: PathBuf,
+    /// nestor-vmm's `--net`: the tap with the CNI interface's MAC.
+    tap: String,
+    /// What the agent is told before the container runs.
+    request: Request,
+}
+
+/// Runs `args` in the network namespace `netns`.
+fn in_netns(netns: &Path, args: &[&str]) -> Result<()> {
+    let o = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(args)
+        .output()
+        .context("run nsenter (util-linux)")?;
+    if !o.status.success() {
+        bail!(
+            "{} in the VM's network namespace: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The tap for the VMM, eth0's address handed to the guest, and the redirects.
+fn plumb_tap(netns: &Path) -> Result<()> {
+    let redirect = |from: &'static str, to: &'static str| {
+        [
+            "tc", "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32",
+            "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
+        ]
+    };
+    let (e2t, t2e) = (redirect("eth0", "tap0"), redirect("tap0", "eth0"));
+    let steps: [&[&str]; 7] = [
+        &["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"],
+        &["ip", "link", "set", "tap0", "up"],
+        &["ip", "addr", "flush", "dev", "eth0"],
+        &["tc", "qdisc", "add", "dev", "eth0", "ingress"],
+        &e2t,
+        &["tc", "qdisc", "add", "dev", "tap0", "ingress"],
+        &t2e,
+    ];
+    for s in steps {
+        in_netns(netns, s)?;
+    }
+    Ok(())
+}
+
+/// Puts the VM container on its network (when `--network` names one: the VM mode's
+/// default is none for now); records it in `meta`.
+fn vm_network(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> Result<Option<VmNet>> {
+    let crate::cli::NetworkMode::Networks(names) = a.net.mode(crate::cli::NetworkMode::None) else {
+        // `check` refused the other modes.
+        return Ok(None);
+    };
+    let req = crate::docker::native::attach_request(a, meta, image, &names)?;
+    let at = store::networks()?.attach(&req)?;
+    meta.networks = names;
+    meta.ports = at.ports.clone();
+    store::save(meta)?;
+    let i = at.ifaces.first().context("the network gave no interface")?;
+    let (mac, address) = match (&i.mac, i.address) {
+        (Some(m), Some(a)) => (m.clone(), a),
+        _ => bail!("network {}: CNI gave no address or MAC", i.network),
+    };
+    plumb_tap(&at.netns)?;
+    let mut files = std::collections::BTreeMap::new();
+    for f in ["hosts", "resolv.conf", "hostname"] {
+        let text = std::fs::read_to_string(req.files_dir.join(f)).unwrap_or_default();
+        files.insert(f.to_string(), text);
+    }
+    Ok(Some(VmNet {
+        netns: at.netns.clone(),
+        tap: format!("tap0,mac={mac}"),
+        request: Request::Network {
+            ifaces: vec![proto::NetIface {
+                mac,
+                address: address.to_string(),
+                gateway: i.gateway.map(|g| g.to_string()),
+                mtu: None,
+            }],
+            files,
+        },
+    }))
+}
+
 /// Boots a VM of the container's own (image disk + volume disks); records it in `meta`.
 fn boot_own(
     a: &RunArgs,
@@ -260,7 +361,7 @@ fn boot_own(
     image: &nestor_image::Image,
     vols: &[DiskVolume],
     guest_id: &str,
-) -> Result<(Sandbox, String)> {
+) -> Result<(Sandbox, String, Option<Request>)> {
     let assets = Assets::find(a.vm.kernel.as_deref(), a.vm.initrd.as_deref())?;
     let root_disk = crate::vm::disk::image_disk(image)?;
     let mut disks = vec![(root_disk, true)];
@@ -275,6 +376,7 @@ fn boot_own(
         .hostname
         .clone()
         .unwrap_or_else(|| meta.id[..12].to_string());
+    let vnet = vm_network(a, meta, image)?;
     let sb = Sandbox::boot(
         guest_id,
         &assets,
@@ -283,7 +385,8 @@ fn boot_own(
             vcpus,
             disks,
             hostname,
-            net: None,
+            net: vnet.as_ref().map(|n| n.tap.clone()),
+            netns: vnet.as_ref().map(|n| n.netns.clone()),
             jail: jail_opts(a, mem_mib, vcpus),
         },
     )?;
@@ -299,7 +402,7 @@ fn boot_own(
         guest_id: guest_id.to_string(),
         pod: None,
     });
-    Ok((sb, proto::disk_device(0)))
+    Ok((sb, proto::disk_device(0), vnet.map(|n| n.request)))
 }
 
 /// The connections a run needs: control, stdio (as asked), signals.
@@ -374,13 +477,16 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
     let vols = disk_volumes(a)?;
     let guest_id = meta.id[..12].to_string();
     let start = Instant::now();
-    let (mut sb, device) = match &a.vm.pod {
-        Some(name) => join_pod(name, meta, image, &vols, &guest_id)?,
+    let (mut sb, device, network) = match &a.vm.pod {
+        Some(name) => {
+            let (sb, d) = join_pod(name, meta, image, &vols, &guest_id)?;
+            (sb, d, None)
+        }
         None => boot_own(a, meta, image, &vols, &guest_id)?,
     };
     // The container's spec is made while the guest boots.
     let cmd = meta.command.clone();
-    let spec = guest_spec(a, image, &cmd, &meta.id, &vols)?;
+    let spec = guest_spec(a, image, &cmd, &meta.id, &vols, network.is_some())?;
     std::fs::write(
         store::dir(&meta.id).join("guest-config.json"),
         serde_json::to_vec_pretty(&spec)?,
@@ -401,8 +507,12 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
         Err(e) => return Err(sb.failure(&format!("connecting to the guest agent: {e:#}"))),
     };
     timings.attached_ms = Some(sb.elapsed_ms());
-    let outputs = wire_stdio(a, c.stdin, c.stdout, c.stderr)?;
     let mut agent = c.agent;
+    if let Some(n) = network {
+        let r = agent.call(n)?;
+        sandbox::expect_ok("configuring the guest's network", r)?;
+    }
+    let outputs = wire_stdio(a, c.stdin, c.stdout, c.stderr)?;
     // From here on, signals to nestor are queued for the container (a signal sent
     // as soon as the container's first output appears must not kill nestor).
     let (signals, pipe) = crate::sys::signals::forward_to_pipe().context("signal pipe")?;
@@ -500,18 +610,26 @@ impl Mode for VmMode {
         if a.ctr.userns {
             bail!("--userns with --vm is not needed: the VM is the boundary (drop --userns)");
         }
-        // The guest has no network device yet: a VM container's network is none.
+        // Without --network a VM container has none (for now); with it, one network.
         match a.net.mode(crate::cli::NetworkMode::None) {
+            crate::cli::NetworkMode::None if a.net.wants_more() => bail!(
+                "-p, -P, --dns, --add-host and --ip need a network: give --network bridge or a network's name"
+            ),
             crate::cli::NetworkMode::None => {}
             crate::cli::NetworkMode::Host => {
                 bail!("--network host with --vm is not supported (the guest has its own kernel)")
             }
-            _ => {
-                bail!("--network with --vm is not supported yet (the guest has no network device)")
+            crate::cli::NetworkMode::Container(_) => {
+                bail!("--network container: with --vm is not supported (use a pod)")
             }
-        }
-        if a.net.wants_more() {
-            bail!("-p, -P, --dns, --add-host and --ip with --vm are not supported yet (the guest has no network device)");
+            crate::cli::NetworkMode::Networks(n) => {
+                if n.len() > 1 {
+                    bail!("--vm takes one network for now");
+                }
+                if a.jail.enabled || a.vm.pod.is_some() {
+                    bail!("--network with --jail or --pod is not supported yet");
+                }
+            }
         }
         Ok(())
     }
@@ -525,19 +643,22 @@ impl Mode for VmMode {
         Ok(())
     }
 
-    fn wait(&mut self, _meta: &mut Meta) -> Result<i32> {
+    fn wait(&mut self, meta: &mut Meta) -> Result<i32> {
         let mut r = self
             .running
             .take()
             .context("the VM container was not started")?;
         let code = wait_and_stop(&mut r);
         self.timings = Some((r.timings.clone(), r.start));
+        drop(r);
+        detach_networks(meta);
         code
     }
 
-    fn abort(&mut self, _meta: &Meta) {
+    fn abort(&mut self, meta: &Meta) {
         // Dropping the sandbox ends a VM of the container's own.
         self.running.take();
+        detach_networks(meta);
     }
 
     fn done(&mut self) {
@@ -549,6 +670,16 @@ impl Mode for VmMode {
                 eprintln!("nestor-vm-timings: {line}");
             }
         }
+    }
+}
+
+/// Takes a VM container off its network once its VM is gone.
+fn detach_networks(meta: &Meta) {
+    if meta.networks.is_empty() {
+        return;
+    }
+    if let Err(e) = store::networks().and_then(|n| Ok(n.detach(&meta.id)?)) {
+        tracing::warn!("container {}: {e:#}", meta.name);
     }
 }
 

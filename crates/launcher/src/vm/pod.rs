@@ -158,6 +158,7 @@ fn monitor(
             disks,
             hostname: name.to_string(),
             net: None,
+            netns: None,
             jail: None,
         },
     )?;

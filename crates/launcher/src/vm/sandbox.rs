@@ -83,8 +83,10 @@ pub struct BootOpts {
     /// Disks in order (`/dev/vda`, `/dev/vdb`, …) and whether each is read-only.
     pub disks: Vec<(PathBuf, bool)>,
     pub hostname: String,
-    /// A tap device for the guest's eth0.
+    /// A tap device for the guest's eth0 (`TAP[,mac=…]`).
     pub net: Option<String>,
+    /// The network namespace the VMM runs in (where its tap is).
+    pub netns: Option<PathBuf>,
     /// Run the VMM jailed (scenario 2 around scenario 1): these limits, its own uid.
     pub jail: Option<crate::cli::JailOpts>,
 }
@@ -229,12 +231,27 @@ impl Sandbox {
             .stderr(Stdio::from(
                 std::fs::File::create(dir.join("vmm.err")).context("create vmm.err")?,
             ));
-        // The VM dies with the nestor process that owns it (kill -9 included).
-        // SAFETY: prctl is async-signal-safe.
+        let netns = match &o.netns {
+            Some(p) => Some(
+                std::fs::File::open(p)
+                    .with_context(|| format!("open the VM's network namespace {}", p.display()))?,
+            ),
+            None => None,
+        };
+        // The VM dies with the nestor process that owns it (kill -9 included), and runs
+        // in its network namespace when it has one.
+        // SAFETY: prctl and setns are async-signal-safe; the namespace file outlives
+        // the spawn.
         unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut c, || {
+            std::os::unix::process::CommandExt::pre_exec(&mut c, move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(f) = &netns {
+                    use std::os::fd::AsRawFd;
+                    if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
