@@ -14,6 +14,11 @@ fi
 # Podman and the containers it runs need these on this kind of machine.
 ulimit -n 20000 2>/dev/null || true
 
+# Guard rails first: they fail fast.
+echo "test: cargo fmt --check, cargo clippy -D warnings" >&2
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --release --quiet -- -D warnings
+
 echo "test: building (release)" >&2
 cargo build --release --workspace 2>&1 | tail -n 3 >&2
 echo "test: building the guest's static binaries, kernel and initramfs (cached)" >&2

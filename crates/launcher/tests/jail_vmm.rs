@@ -1,4 +1,4 @@
-//! The jailed VMM (`nestor vm run --jail`, issue 6) with tiny hand-built guests on this
+//! The jailed VMM (`nestor vm run --jail`) with tiny hand-built guests on this
 //! machine's /dev/kvm, seen from the host: no capabilities, the unprivileged uid of its
 //! user namespace, seccomp filters on every thread, its cgroup limits, a root holding
 //! only the jail's files; the memory-limit check before boot; the tap only with

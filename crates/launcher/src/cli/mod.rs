@@ -593,7 +593,6 @@ pub struct JailOpts {
     /// Largest file the jail may write, bytes.
     #[arg(long)]
     pub fsize: Option<u64>,
-    // -- added for issue 6 (jail helper) --
     /// Network of the jail: none (own empty network namespace), or tap (a tap device
     /// owned by the jail's uid moved into it, and /dev/net/tun).
     #[arg(long, value_enum, default_value_t = JailNetwork::None)]
