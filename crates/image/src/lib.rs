@@ -78,11 +78,15 @@
 mod digest;
 mod error;
 mod extract;
+mod limits;
 mod reference;
 mod source;
 mod store;
 
 pub use error::ImageError;
+pub use limits::{
+    ImportLimits, ENV_MAX_BYTES, ENV_MAX_ENTRIES, ENV_MAX_LAYER_BYTES, ENV_MAX_LAYER_ENTRIES,
+};
 pub use reference::normalize_name;
 pub use source::ArchiveFormat;
 pub use store::{human_size, GcReport, Image, ImageConfig, ImageStore, ImageSummary, Removed};
