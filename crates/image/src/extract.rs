@@ -727,3 +727,46 @@ impl Extractor<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::{ENV_MAX_BYTES, ENV_MAX_LAYER_BYTES, ENV_MAX_LAYER_ENTRIES};
+    use std::fs;
+
+    /// A tar whose headers each claim 1 MiB (within budget) and hold it: the third file
+    /// crosses the 2.5 MiB budget and must be cut before it is written past it.
+    #[test]
+    fn content_stops_at_the_byte_budget() {
+        let mut b = tar::Builder::new(Vec::new());
+        for i in 0..3 {
+            let mut h = tar::Header::new_gnu();
+            h.set_path(format!("f{i}")).unwrap();
+            h.set_size(1 << 20);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append(&h, &vec![1u8; 1 << 20][..]).unwrap();
+        }
+        let tar = b.into_inner().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let limit = (5 << 20) / 2;
+        let budgets = LayerBudgets {
+            subject: "layer test".into(),
+            bytes: Budget::new(
+                limit,
+                u64::MAX,
+                0,
+                true,
+                (ENV_MAX_LAYER_BYTES, ENV_MAX_BYTES),
+            ),
+            entries: Budget::new(10, u64::MAX, 0, false, (ENV_MAX_LAYER_ENTRIES, "")),
+        };
+        let err = extract_layer(&tar[..], dir.path(), "test", &budgets).unwrap_err();
+        assert!(err.to_string().contains(ENV_MAX_LAYER_BYTES), "{err}");
+        let written: u64 = (0..3)
+            .filter_map(|i| fs::metadata(dir.path().join(format!("f{i}"))).ok())
+            .map(|m| m.len())
+            .sum();
+        assert!(written <= limit, "{written} bytes written past {limit}");
+    }
+}

@@ -278,7 +278,7 @@ mod tests {
 
     #[test]
     fn meter_refuses_the_first_byte_past_the_limit() {
-        let data = vec![7u8; 100];
+        let data = [7u8; 100];
         let m = Meter::new(64);
         let mut out = Vec::new();
         let err = m.reader(&data[..]).read_to_end(&mut out).unwrap_err();

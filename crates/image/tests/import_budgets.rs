@@ -240,7 +240,10 @@ fn octal(field: &mut [u8; 12], v: u64) {
 /// GNU tar does, an empty segment at `real` ends the map when the file ends in a hole.
 fn sparse_tar(real: u64, segments: &[(u64, Vec<u8>)]) -> Vec<u8> {
     let mut segments = segments.to_vec();
-    if segments.last().is_some_and(|(o, d)| o + d.len() as u64 != real) {
+    if segments
+        .last()
+        .is_some_and(|(o, d)| o + d.len() as u64 != real)
+    {
         segments.push((real, Vec::new()));
     }
     let segments = &segments[..];
