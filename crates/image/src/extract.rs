@@ -38,7 +38,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::limits::Budget;
+use crate::limits::{Budget, Meter};
 use crate::ImageError;
 
 /// The budgets one layer's extraction is held to, and the name refusals give it.
@@ -51,6 +51,10 @@ pub(crate) struct LayerBudgets {
     /// Tar entries yielded by the reader.
     pub entries: Budget,
 }
+
+/// Most bytes the tar reader may read for the headers of one entry (its own, pax records,
+/// GNU long name and link, sparse map), which it holds in memory.
+const MAX_HEADERS: u64 = 4 << 20;
 
 /// Granularity of hole detection in sparse entries (a file system block).
 const HOLE_BLOCK: usize = 4096;
@@ -104,20 +108,35 @@ pub(crate) fn extract_layer<R: Read>(
         stats: ExtractStats::default(),
         budgets,
     };
-    let mut ar = tar::Archive::new(reader);
+    // The tar reader keeps pax records, GNU long names and sparse maps in memory: while
+    // it reads the headers of the next entry, it may read at most MAX_HEADERS.
+    let gate = Meter::new(u64::MAX);
+    let mut ar = tar::Archive::new(gate.reader(reader));
     let bad = |e: io::Error| ImageError::BadLayer {
         layer: layer.to_string(),
-        reason: format!("not a readable tar stream: {e}"),
+        reason: if gate.phase_tripped() {
+            format!("the headers of one entry (pax records, long names, sparse maps) take more than {MAX_HEADERS} bytes")
+        } else {
+            format!("not a readable tar stream: {e}")
+        },
     };
-    for entry in ar.entries().map_err(bad)? {
-        let entry = entry.map_err(bad)?;
+    let mut entries = ar.entries().map_err(bad)?;
+    loop {
+        gate.limit_phase(MAX_HEADERS);
+        let next = entries.next();
+        gate.end_phase();
+        let Some(entry) = next else { break };
+        let mut entry = entry.map_err(bad)?;
         if x.stats.seen >= budgets.entries.limit {
             return Err(budgets
                 .entries
                 .exceeded(&budgets.subject, "its number of tar entries"));
         }
         x.stats.seen += 1;
-        x.entry(entry)?;
+        x.entry(&mut entry)?;
+        // Whatever the entry holds that was not used is read here, not while the next
+        // headers are read.
+        io::copy(&mut entry, &mut io::sink()).map_err(bad)?;
     }
     x.finish()?;
     Ok(x.stats)
@@ -556,10 +575,10 @@ impl Extractor<'_> {
         Ok(())
     }
 
-    fn entry<R: Read>(&mut self, mut e: tar::Entry<'_, R>) -> Result<(), ImageError> {
+    fn entry<R: Read>(&mut self, e: &mut tar::Entry<'_, R>) -> Result<(), ImageError> {
         let raw = e.path_bytes().into_owned();
         let disp = String::from_utf8_lossy(&raw).into_owned();
-        let meta = self.read_meta(&mut e, &disp)?;
+        let meta = self.read_meta(e, &disp)?;
         let hdr = e.header();
         let kind = hdr.entry_type();
         use tar::EntryType as T;
@@ -620,7 +639,7 @@ impl Extractor<'_> {
                 .map_err(|err| self.io_err(&disp, "cannot create file", err))?;
                 let mut f = File::from(fd);
                 let size = e.size();
-                self.write_content(&mut e, &mut f, size, kind == T::GNUSparse, &disp)?;
+                self.write_content(e, &mut f, size, kind == T::GNUSparse, &disp)?;
                 self.apply_fd(f.as_raw_fd(), &meta, &disp)?;
             }
             T::Symlink => {
@@ -768,5 +787,38 @@ mod tests {
             .map(|m| m.len())
             .sum();
         assert!(written <= limit, "{written} bytes written past {limit}");
+    }
+
+    /// An 8 MiB GNU long name (the tar reader would hold it in memory) is refused after
+    /// 4 MiB of headers.
+    #[test]
+    fn huge_entry_headers_are_refused() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_path("././@LongLink").unwrap();
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(8 << 20);
+        h.set_cksum();
+        b.append(&h, &vec![b'a'; 8 << 20][..]).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_path("x").unwrap();
+        h.set_size(0);
+        h.set_cksum();
+        b.append(&h, &b""[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let budgets = LayerBudgets {
+            subject: "layer test".into(),
+            bytes: Budget::new(
+                1 << 30,
+                u64::MAX,
+                0,
+                true,
+                (ENV_MAX_LAYER_BYTES, ENV_MAX_BYTES),
+            ),
+            entries: Budget::new(10, u64::MAX, 0, false, (ENV_MAX_LAYER_ENTRIES, "")),
+        };
+        let err = extract_layer(&tar[..], dir.path(), "test", &budgets).unwrap_err();
+        assert!(err.to_string().contains("headers of one entry"), "{err}");
     }
 }

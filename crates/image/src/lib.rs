@@ -91,6 +91,9 @@
 //! over, the budget and its variable; the layer's staging directory is removed and so
 //! are layers this import already added that no image uses.
 //!
+//! The headers of one tar entry (pax records, GNU long names, sparse maps, which the tar
+//! reader holds in memory) may take at most 4 MiB; more is refused as a bad layer.
+//!
 //! GNU sparse entries are stored sparse: their holes (zero blocks) are seeked over and
 //! the length set with `set_len`, so a small tarball never allocates its apparent size;
 //! the apparent size still counts against the byte budget.

@@ -1,7 +1,8 @@
 //! Import budgets: how much an untrusted image may make the store decompress, write and
 //! create. [`ImportLimits`] holds the numbers (defaults, or `NESTOR_IMPORT_*` variables);
 //! [`Meter`] counts decompressed bytes as they stream out of a decoder and refuses the
-//! first byte past the budget, so a small compressed layer can never expand without bound.
+//! first byte past the budget, so a small compressed layer can never expand without bound
+//! (and, with a phase limit, bounds what the tar reader reads for one entry's headers).
 
 use std::cell::Cell;
 use std::io::{self, Read};
@@ -204,11 +205,14 @@ impl Budget {
 }
 
 /// Counts bytes read through [`Metered`] readers against one limit.
+/// A phase limit ([`Meter::limit_phase`]) bounds the bytes read until [`Meter::end_phase`].
 #[derive(Debug)]
 pub(crate) struct Meter {
     limit: u64,
     count: Cell<u64>,
     tripped: Cell<bool>,
+    phase_end: Cell<Option<u64>>,
+    phase_tripped: Cell<bool>,
 }
 
 impl Meter {
@@ -217,7 +221,21 @@ impl Meter {
             limit,
             count: Cell::new(0),
             tripped: Cell::new(false),
+            phase_end: Cell::new(None),
+            phase_tripped: Cell::new(false),
         }
+    }
+    /// From now until [`Meter::end_phase`], at most `bytes` more may be read.
+    pub(crate) fn limit_phase(&self, bytes: u64) {
+        self.phase_end
+            .set(Some(self.count.get().saturating_add(bytes).min(self.limit)));
+    }
+    pub(crate) fn end_phase(&self) {
+        self.phase_end.set(None);
+    }
+    /// True once a read went over a phase limit.
+    pub(crate) fn phase_tripped(&self) -> bool {
+        self.phase_tripped.get()
     }
     /// Bytes handed out so far (never more than the limit).
     pub(crate) fn count(&self) -> u64 {
@@ -246,12 +264,17 @@ impl<R: Read> Read for Metered<'_, R> {
         if m.tripped.get() {
             return Err(io::Error::other("import budget exceeded"));
         }
-        let left = m.limit - m.count.get();
+        let end = m.phase_end.get().unwrap_or(m.limit);
+        let left = end - m.count.get();
         let want = buf
             .len()
             .min(usize::try_from(left.saturating_add(1)).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..want])?;
         if n as u64 > left {
+            if end < m.limit {
+                m.phase_tripped.set(true);
+                return Err(io::Error::other("entry headers too large"));
+            }
             m.tripped.set(true);
             return Err(io::Error::other("import budget exceeded"));
         }
