@@ -423,3 +423,77 @@ fn limits_come_from_the_environment() {
     std::env::remove_var(ENV_MAX_LAYER_BYTES);
     std::env::remove_var(ENV_MAX_LAYER_ENTRIES);
 }
+
+/// A docker-archive (`manifest.json`, config, `layer.tar`) holding `layer` as its one layer.
+fn docker_archive(layer: &[u8]) -> Vec<u8> {
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": {"Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [sha256(layer)]},
+    });
+    let config_b = serde_json::to_vec(&config).unwrap();
+    let cfg_name = format!("{}.json", sha256(&config_b).trim_start_matches("sha256:"));
+    let manifest = serde_json::json!([{"Config": cfg_name, "RepoTags": ["bomb:1"],
+                                       "Layers": ["l/layer.tar"]}]);
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in [
+        (cfg_name.as_str(), &config_b[..]),
+        ("l/layer.tar", layer),
+        ("manifest.json", &serde_json::to_vec(&manifest).unwrap()[..]),
+    ] {
+        b.append(
+            &header(name, tar::EntryType::Regular, data.len() as u64),
+            data,
+        )
+        .unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn small_docker_archive_with_sparse_entry_stays_small() {
+    let gib = 1u64 << 30;
+    let layer = sparse_tar(gib, &[(0, vec![7u8; 512]), (gib / 2, vec![9u8; 512])]);
+    let archive = docker_archive(&layer);
+    assert!(
+        archive.len() < 16 << 10,
+        "archive is {} bytes",
+        archive.len()
+    );
+    let area = Area::new();
+    let path = area.dir.path().join("sparse-docker.tar");
+    fs::write(&path, &archive).unwrap();
+    let store = area.store(ImportLimits::default());
+    store.import(&path, None, &mut |_| {}).expect("refused");
+    let f = store.get("bomb:1").unwrap().layers[0].join("sparse.bin");
+    let m = fs::metadata(&f).unwrap();
+    assert_eq!(m.len(), gib);
+    assert!(
+        m.blocks() * 512 < MIB,
+        "{} bytes allocated",
+        m.blocks() * 512
+    );
+    assert!(area.store_blocks() * 512 < 4 * MIB);
+}
+
+#[test]
+fn compressed_archive_is_decompressed_within_the_import_budget() {
+    // A gzip'd archive that expands to 1 GiB of zeros after a tiny tar.
+    let area = Area::new();
+    let path = area.dir.path().join("bomb.tar.gz");
+    fs::write(&path, gzip_then_zeros(&docker_archive(b""), 1 << 30)).unwrap();
+    let err = area
+        .store(limits(64 * MIB, 64 * MIB, 1000))
+        .import(&path, None, &mut |_| {})
+        .expect_err("the archive bomb was accepted");
+    let msg = err.to_string();
+    eprintln!("refused: {msg}");
+    assert!(
+        matches!(&err, ImageError::BudgetExceeded { setting, .. } if *setting == ENV_MAX_BYTES),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("bomb.tar.gz") && msg.contains("decompressed"),
+        "{msg}"
+    );
+    area.assert_clean();
+}
