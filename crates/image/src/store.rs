@@ -559,7 +559,10 @@ impl ImageStore {
     /// docker-archive; plain, gzip or zstd compressed) and returns one summary per image.
     /// `name`, if given, replaces the names found in the archive (it is an error when the
     /// archive holds more than one image). A name already held by another image moves to
-    /// the imported one. `progress` receives short human-readable lines.
+    /// the imported one. `progress` receives short human-readable lines. The import is
+    /// held to this handle's [`ImportLimits`] (the environment's unless set with
+    /// [`ImageStore::with_limits`]); on any error, layers it added that no image uses
+    /// are removed again.
     pub fn import(
         &self,
         path: &Path,
