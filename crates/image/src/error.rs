@@ -72,6 +72,16 @@ pub enum ImageError {
     #[error("unsupported: {0}")]
     Unsupported(String),
 
+    /// An import budget (see `ImportLimits`) was hit: the layer or archive was refused
+    /// while streaming and nothing of it was kept. `setting` is the variable that sets it.
+    #[error("{subject}: refused: {what} goes over the {budget}")]
+    BudgetExceeded {
+        subject: String,
+        what: String,
+        budget: String,
+        setting: &'static str,
+    },
+
     /// The store's own metadata is damaged (a missing layer, unreadable record).
     #[error("image store damaged at {path}: {reason}")]
     Damaged { path: PathBuf, reason: String },

@@ -17,6 +17,15 @@
 //!   mtimes, and the xattrs `user.*` and `security.capability` are preserved; other xattrs
 //!   (notably `trusted.*`, which could forge overlayfs metadata) are dropped.
 //!
+//! Budgets (see [`crate::ImportLimits`]): every entry the tar reader yields counts
+//! against the entry budget, and regular file content counts against the byte budget as
+//! it is written, chunk by chunk, so a refusal comes before the first byte past it (a
+//! header size over what is left is refused before anything is written). GNU sparse
+//! entries are stored sparse: blocks of zeros in them (their holes, which the tar reader
+//! yields as zeros) are skipped with a seek, and the file gets its apparent length with
+//! `set_len`, so a small tarball never allocates a large file; their apparent size still
+//! counts against the byte budget, which also bounds the time spent reading holes.
+//!
 //! Whiteouts are converted to overlayfs form, as containers/storage does: `.wh.NAME`
 //! becomes a character device 0:0 named NAME, `.wh..wh..opq` sets
 //! `trusted.overlay.opaque=y` on its directory; other `.wh..wh.*` (aufs metadata) are
@@ -24,19 +33,42 @@
 
 use std::ffi::{CStr, CString};
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use crate::limits::{Budget, Meter};
 use crate::ImageError;
+
+/// The budgets one layer's extraction is held to, and the name refusals give it.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerBudgets {
+    /// `layer sha256:<diff_id hex>`.
+    pub subject: String,
+    /// Bytes of regular file content (apparent sizes).
+    pub bytes: Budget,
+    /// Tar entries yielded by the reader.
+    pub entries: Budget,
+}
+
+/// Most bytes the tar reader may read for the headers of one entry (its own, pax records,
+/// GNU long name and link, sparse map), which it holds in memory.
+const MAX_HEADERS: u64 = 4 << 20;
+
+/// Granularity of hole detection in sparse entries (a file system block).
+const HOLE_BLOCK: usize = 4096;
+static ZEROS: [u8; HOLE_BLOCK] = [0; HOLE_BLOCK];
 
 /// What one extraction produced.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct ExtractStats {
     /// Entries written (files, dirs, links, whiteouts).
     pub entries: u64,
-    /// Bytes of regular file content written.
+    /// Bytes of regular file content written (apparent sizes: holes included).
     pub bytes: u64,
+    /// Entries the tar reader yielded (what the entry budget counts).
+    pub seen: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +87,7 @@ pub(crate) fn extract_layer<R: Read>(
     reader: R,
     root: &Path,
     layer: &str,
+    budgets: &LayerBudgets,
 ) -> Result<ExtractStats, ImageError> {
     let root_c = CString::new(root.as_os_str().as_encoded_bytes())
         .map_err(|_| ImageError::invalid("layer directory", "path contains NUL"))?;
@@ -73,15 +106,37 @@ pub(crate) fn extract_layer<R: Read>(
         dirs: Vec::new(),
         root_meta: None,
         stats: ExtractStats::default(),
+        budgets,
     };
-    let mut ar = tar::Archive::new(reader);
+    // The tar reader keeps pax records, GNU long names and sparse maps in memory: while
+    // it reads the headers of the next entry, it may read at most MAX_HEADERS.
+    let gate = Meter::new(u64::MAX);
+    let mut ar = tar::Archive::new(gate.reader(reader));
     let bad = |e: io::Error| ImageError::BadLayer {
         layer: layer.to_string(),
-        reason: format!("not a readable tar stream: {e}"),
+        reason: if gate.phase_tripped() {
+            format!("the headers of one entry (pax records, long names, sparse maps) take more than {MAX_HEADERS} bytes")
+        } else {
+            format!("not a readable tar stream: {e}")
+        },
     };
-    for entry in ar.entries().map_err(bad)? {
-        let entry = entry.map_err(bad)?;
-        x.entry(entry)?;
+    let mut entries = ar.entries().map_err(bad)?;
+    loop {
+        gate.limit_phase(MAX_HEADERS);
+        let next = entries.next();
+        gate.end_phase();
+        let Some(entry) = next else { break };
+        let mut entry = entry.map_err(bad)?;
+        if x.stats.seen >= budgets.entries.limit {
+            return Err(budgets
+                .entries
+                .exceeded(&budgets.subject, "its number of tar entries"));
+        }
+        x.stats.seen += 1;
+        x.entry(&mut entry)?;
+        // Whatever the entry holds that was not used is read here, not while the next
+        // headers are read.
+        io::copy(&mut entry, &mut io::sink()).map_err(bad)?;
     }
     x.finish()?;
     Ok(x.stats)
@@ -93,6 +148,7 @@ struct Extractor<'a> {
     dirs: Vec<(Vec<Vec<u8>>, Meta)>,
     root_meta: Option<Meta>,
     stats: ExtractStats,
+    budgets: &'a LayerBudgets,
 }
 
 fn owned(fd: RawFd) -> io::Result<OwnedFd> {
@@ -110,6 +166,20 @@ fn cvt(ret: libc::c_int) -> io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// Reads until `buf` is full or the stream ends; returns the bytes read.
+fn fill(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 fn errno(e: &io::Error) -> i32 {
@@ -279,6 +349,74 @@ impl Extractor<'_> {
         }
     }
 
+    /// Copies an entry's content into `f`, counting every chunk against the byte budget
+    /// before it is written. `sparse`: all-zero blocks become holes and the length is set
+    /// at the end.
+    fn write_content(
+        &mut self,
+        r: &mut impl Read,
+        f: &mut File,
+        size: u64,
+        sparse: bool,
+        disp: &str,
+    ) -> Result<(), ImageError> {
+        let budget = self.budgets.bytes;
+        let over = |x: &Self| {
+            budget.exceeded(
+                &x.budgets.subject,
+                format!("its extracted file content (entry '{disp}')"),
+            )
+        };
+        if size > budget.limit - self.stats.bytes {
+            return Err(over(self));
+        }
+        let copy_err = |x: &Self, err: io::Error| ImageError::BadLayer {
+            layer: x.layer.to_string(),
+            reason: format!("entry '{disp}': cannot copy its content: {err}"),
+        };
+        let mut buf = vec![0u8; 16 * HOLE_BLOCK];
+        let mut off = 0u64;
+        loop {
+            let n = fill(r, &mut buf).map_err(|err| copy_err(self, err))?;
+            if n == 0 {
+                break;
+            }
+            if n as u64 > budget.limit - self.stats.bytes {
+                return Err(over(self));
+            }
+            if sparse {
+                let mut start = 0;
+                while start < n {
+                    let end = (start + HOLE_BLOCK).min(n);
+                    if buf[start..end] == ZEROS[..end - start] {
+                        start = end;
+                        continue;
+                    }
+                    // A run of blocks with data: one write.
+                    let mut run_end = end;
+                    while run_end < n {
+                        let e = (run_end + HOLE_BLOCK).min(n);
+                        if buf[run_end..e] == ZEROS[..e - run_end] {
+                            break;
+                        }
+                        run_end = e;
+                    }
+                    f.write_all_at(&buf[start..run_end], off + start as u64)
+                        .map_err(|err| copy_err(self, err))?;
+                    start = run_end;
+                }
+            } else {
+                f.write_all(&buf[..n]).map_err(|err| copy_err(self, err))?;
+            }
+            off += n as u64;
+            self.stats.bytes += n as u64;
+        }
+        if sparse {
+            f.set_len(off).map_err(|err| copy_err(self, err))?;
+        }
+        Ok(())
+    }
+
     fn apply_fd(&self, fd: RawFd, meta: &Meta, entry: &str) -> Result<(), ImageError> {
         // Order matters: chown clears setuid bits and file capabilities, so chmod and the
         // xattrs come after it, and the mtime last.
@@ -437,10 +575,10 @@ impl Extractor<'_> {
         Ok(())
     }
 
-    fn entry<R: Read>(&mut self, mut e: tar::Entry<'_, R>) -> Result<(), ImageError> {
+    fn entry<R: Read>(&mut self, e: &mut tar::Entry<'_, R>) -> Result<(), ImageError> {
         let raw = e.path_bytes().into_owned();
         let disp = String::from_utf8_lossy(&raw).into_owned();
-        let meta = self.read_meta(&mut e, &disp)?;
+        let meta = self.read_meta(e, &disp)?;
         let hdr = e.header();
         let kind = hdr.entry_type();
         use tar::EntryType as T;
@@ -500,11 +638,8 @@ impl Extractor<'_> {
                 })
                 .map_err(|err| self.io_err(&disp, "cannot create file", err))?;
                 let mut f = File::from(fd);
-                let n = io::copy(&mut e, &mut f).map_err(|err| ImageError::BadLayer {
-                    layer: self.layer.to_string(),
-                    reason: format!("entry '{disp}': cannot copy its content: {err}"),
-                })?;
-                self.stats.bytes += n;
+                let size = e.size();
+                self.write_content(e, &mut f, size, kind == T::GNUSparse, &disp)?;
                 self.apply_fd(f.as_raw_fd(), &meta, &disp)?;
             }
             T::Symlink => {
@@ -609,5 +744,81 @@ impl Extractor<'_> {
             self.apply_fd(self.root.as_raw_fd(), &meta, "./")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::{ENV_MAX_BYTES, ENV_MAX_LAYER_BYTES, ENV_MAX_LAYER_ENTRIES};
+    use std::fs;
+
+    /// A tar whose headers each claim 1 MiB (within budget) and hold it: the third file
+    /// crosses the 2.5 MiB budget and must be cut before it is written past it.
+    #[test]
+    fn content_stops_at_the_byte_budget() {
+        let mut b = tar::Builder::new(Vec::new());
+        for i in 0..3 {
+            let mut h = tar::Header::new_gnu();
+            h.set_path(format!("f{i}")).unwrap();
+            h.set_size(1 << 20);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append(&h, &vec![1u8; 1 << 20][..]).unwrap();
+        }
+        let tar = b.into_inner().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let limit = (5 << 20) / 2;
+        let budgets = LayerBudgets {
+            subject: "layer test".into(),
+            bytes: Budget::new(
+                limit,
+                u64::MAX,
+                0,
+                true,
+                (ENV_MAX_LAYER_BYTES, ENV_MAX_BYTES),
+            ),
+            entries: Budget::new(10, u64::MAX, 0, false, (ENV_MAX_LAYER_ENTRIES, "")),
+        };
+        let err = extract_layer(&tar[..], dir.path(), "test", &budgets).unwrap_err();
+        assert!(err.to_string().contains(ENV_MAX_LAYER_BYTES), "{err}");
+        let written: u64 = (0..3)
+            .filter_map(|i| fs::metadata(dir.path().join(format!("f{i}"))).ok())
+            .map(|m| m.len())
+            .sum();
+        assert!(written <= limit, "{written} bytes written past {limit}");
+    }
+
+    /// An 8 MiB GNU long name (the tar reader would hold it in memory) is refused after
+    /// 4 MiB of headers.
+    #[test]
+    fn huge_entry_headers_are_refused() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_path("././@LongLink").unwrap();
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(8 << 20);
+        h.set_cksum();
+        b.append(&h, &vec![b'a'; 8 << 20][..]).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_path("x").unwrap();
+        h.set_size(0);
+        h.set_cksum();
+        b.append(&h, &b""[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let budgets = LayerBudgets {
+            subject: "layer test".into(),
+            bytes: Budget::new(
+                1 << 30,
+                u64::MAX,
+                0,
+                true,
+                (ENV_MAX_LAYER_BYTES, ENV_MAX_BYTES),
+            ),
+            entries: Budget::new(10, u64::MAX, 0, false, (ENV_MAX_LAYER_ENTRIES, "")),
+        };
+        let err = extract_layer(&tar[..], dir.path(), "test", &budgets).unwrap_err();
+        assert!(err.to_string().contains("headers of one entry"), "{err}");
     }
 }

@@ -66,7 +66,37 @@
 //!   layers present. `list` and `get` take no lock: they only read records that are
 //!   replaced atomically.
 //! - Removing an image that a running container still uses deletes its layers under it;
-//!   the caller must check that no container uses the image first.
+//!   the caller must check that no container uses the image first (the store keeps no
+//!   record of containers: the launcher's records are where that check belongs).
+//!
+//! # Import budgets
+//!
+//! An image is untrusted input, so one `import` is held to budgets ([`ImportLimits`]),
+//! counted while streaming, never taken from header sizes alone:
+//!
+//! | budget | default | set by |
+//! |---|---|---|
+//! | bytes per layer (decompressed tar stream, and extracted file content) | 10 GiB | `NESTOR_IMPORT_MAX_LAYER_BYTES` |
+//! | bytes per import (both counts, summed over the layers it extracts; also a compressed archive's decompressed size) | 32 GiB | `NESTOR_IMPORT_MAX_BYTES` |
+//! | tar entries per layer | 1,000,000 | `NESTOR_IMPORT_MAX_LAYER_ENTRIES` |
+//! | tar entries per import (and in an archive's own index) | 4,000,000 | `NESTOR_IMPORT_MAX_ENTRIES` |
+//!
+//! The variables are read at each import (`512M`, `10G`, `10GiB` or plain bytes; a bad
+//! value is an error naming it) unless the caller fixes the numbers with
+//! [`ImageStore::with_limits`]. Decompressed bytes are counted as they leave the
+//! decoder, which is never asked for more than one byte past the budget; file content is
+//! counted chunk by chunk before it is written, and a header size over what is left is
+//! refused at once. Layers already in the store cost nothing. A refusal is one line
+//! ([`ImageError::BudgetExceeded`]): the layer's diff_id (or the archive), what went
+//! over, the budget and its variable; the layer's staging directory is removed and so
+//! are layers this import already added that no image uses.
+//!
+//! The headers of one tar entry (pax records, GNU long names, sparse maps, which the tar
+//! reader holds in memory) may take at most 4 MiB; more is refused as a bad layer.
+//!
+//! GNU sparse entries are stored sparse: their holes (zero blocks) are seeked over and
+//! the length set with `set_len`, so a small tarball never allocates its apparent size;
+//! the apparent size still counts against the byte budget.
 //!
 //! # Extraction safety and formats
 //!
@@ -78,11 +108,15 @@
 mod digest;
 mod error;
 mod extract;
+mod limits;
 mod reference;
 mod source;
 mod store;
 
 pub use error::ImageError;
+pub use limits::{
+    ImportLimits, ENV_MAX_BYTES, ENV_MAX_ENTRIES, ENV_MAX_LAYER_BYTES, ENV_MAX_LAYER_ENTRIES,
+};
 pub use reference::normalize_name;
 pub use source::ArchiveFormat;
 pub use store::{human_size, GcReport, Image, ImageConfig, ImageStore, ImageSummary, Removed};

@@ -3,8 +3,9 @@
 //!
 //! A tarball is not unpacked: its entries are indexed once (name -> offset and size in
 //! the file) and each blob is read in place. A gzip- or zstd-compressed tarball is first
-//! decompressed into the store's staging directory. Names inside the archive are only
-//! ever used as keys of that index, never as paths on disk.
+//! decompressed into the store's staging directory, at most the per-import byte budget
+//! (counted as it streams); the index holds at most the per-import entry budget. Names
+//! inside the archive are only ever used as keys of that index, never as paths on disk.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -12,7 +13,8 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use crate::error::IoContext;
-use crate::ImageError;
+use crate::limits::{Budget, Meter, ENV_MAX_BYTES, ENV_MAX_ENTRIES};
+use crate::{ImageError, ImportLimits};
 
 /// The kinds of input `import` understands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +60,11 @@ pub(crate) const MAX_JSON: u64 = 16 << 20;
 
 impl Source {
     /// Opens `path`, decompressing a compressed tarball into `staging` if needed.
-    pub(crate) fn open(path: &Path, staging: &Path) -> Result<(Source, ArchiveFormat), ImageError> {
+    pub(crate) fn open(
+        path: &Path,
+        staging: &Path,
+        limits: &ImportLimits,
+    ) -> Result<(Source, ArchiveFormat), ImageError> {
         let meta = std::fs::metadata(path).ctx(|| format!("cannot read {}", path.display()))?;
         if meta.is_dir() {
             if path.join("oci-layout").is_file() && path.join("index.json").is_file() {
@@ -78,17 +84,18 @@ impl Source {
                 flate2::read::MultiGzDecoder::new(BufReader::new(reopen(path)?)),
                 path,
                 staging,
+                limits,
             )?,
             [0x28, 0xb5, 0x2f, 0xfd] => {
                 let dec = ruzstd::decoding::StreamingDecoder::new(BufReader::new(reopen(path)?))
                     .map_err(|e| {
                         ImageError::UnknownFormat(format!("{}: bad zstd data: {e}", path.display()))
                     })?;
-                decompress_to(dec, path, staging)?
+                decompress_to(dec, path, staging, limits)?
             }
             _ => path.to_path_buf(),
         };
-        let items = index_tar(&tar_path, path)?;
+        let items = index_tar(&tar_path, path, limits)?;
         let source = Source::Tar {
             file: tar_path,
             items,
@@ -196,10 +203,25 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
-fn decompress_to(mut r: impl Read, orig: &Path, staging: &Path) -> Result<PathBuf, ImageError> {
+fn decompress_to(
+    r: impl Read,
+    orig: &Path,
+    staging: &Path,
+    limits: &ImportLimits,
+) -> Result<PathBuf, ImageError> {
     let out = staging.join("archive.tar");
     let mut f = File::create(&out).ctx(|| format!("cannot create {}", out.display()))?;
-    io::copy(&mut r, &mut f).ctx(|| format!("cannot decompress {}", orig.display()))?;
+    let meter = Meter::new(limits.max_bytes);
+    let res = io::copy(&mut meter.reader(r), &mut f);
+    if meter.tripped() {
+        return Err(
+            Budget::single(limits.max_bytes, true, ENV_MAX_BYTES).exceeded(
+                format!("archive {}", orig.display()),
+                "its decompressed size",
+            ),
+        );
+    }
+    res.ctx(|| format!("cannot decompress {}", orig.display()))?;
     Ok(out)
 }
 
@@ -219,17 +241,29 @@ fn normalize(name: &str) -> Option<String> {
     Some(parts.join("/"))
 }
 
-fn index_tar(tar_path: &Path, orig: &Path) -> Result<HashMap<String, TarItem>, ImageError> {
+fn index_tar(
+    tar_path: &Path,
+    orig: &Path,
+    limits: &ImportLimits,
+) -> Result<HashMap<String, TarItem>, ImageError> {
     let not_tar = |e: io::Error| {
         ImageError::UnknownFormat(format!("{} is not a readable tarball: {e}", orig.display()))
     };
     let f = File::open(tar_path).ctx(|| format!("cannot open {}", tar_path.display()))?;
     let mut ar = tar::Archive::new(f);
     let mut items = HashMap::new();
-    let mut any = false;
+    let mut seen = 0u64;
     for entry in ar.entries_with_seek().map_err(not_tar)? {
         let entry = entry.map_err(not_tar)?;
-        any = true;
+        if seen >= limits.max_entries {
+            return Err(
+                Budget::single(limits.max_entries, false, ENV_MAX_ENTRIES).exceeded(
+                    format!("archive {}", orig.display()),
+                    "its number of tar entries",
+                ),
+            );
+        }
+        seen += 1;
         let raw = entry.path_bytes();
         let Ok(name) = std::str::from_utf8(&raw) else {
             continue;
@@ -267,7 +301,7 @@ fn index_tar(tar_path: &Path, orig: &Path) -> Result<HashMap<String, TarItem>, I
         };
         items.insert(name, item);
     }
-    if !any {
+    if seen == 0 {
         return Err(ImageError::UnknownFormat(format!(
             "{} is empty or not a tarball",
             orig.display()

@@ -15,16 +15,32 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::{is_hex64, sha256_hex, sha256_of, short, HashingReader};
 use crate::error::IoContext;
-use crate::extract::extract_layer;
+use crate::extract::{extract_layer, LayerBudgets};
+use crate::limits::{
+    Budget, Meter, ENV_MAX_BYTES, ENV_MAX_ENTRIES, ENV_MAX_LAYER_BYTES, ENV_MAX_LAYER_ENTRIES,
+};
 use crate::reference;
 use crate::source::{ArchiveFormat, Source};
-use crate::ImageError;
+use crate::{ImageError, ImportLimits};
 
 /// A handle on an image store directory. Cheap; holds no open files. Safe to use from
 /// several threads and processes at once (see the crate docs on locking).
 #[derive(Debug, Clone)]
 pub struct ImageStore {
     root: PathBuf,
+    /// Budgets for `import`; `None`: [`ImportLimits::from_env`] at each import.
+    limits: Option<ImportLimits>,
+}
+
+/// What one `import` has used of its budgets, and the layers it added.
+#[derive(Debug)]
+struct ImportRun {
+    limits: ImportLimits,
+    decompressed: u64,
+    extracted: u64,
+    entries: u64,
+    /// diff_id hexes of layers this import moved into `layers/`.
+    created: Vec<String>,
 }
 
 /// One line of `nestor images`.
@@ -289,6 +305,7 @@ impl ImageStore {
     pub fn open(root: &Path) -> Result<Self, ImageError> {
         let store = ImageStore {
             root: root.to_path_buf(),
+            limits: None,
         };
         if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
             fs::create_dir_all(parent).ctx(|| format!("cannot create {}", parent.display()))?;
@@ -313,6 +330,13 @@ impl ImageStore {
             }
         }
         Ok(store)
+    }
+
+    /// This handle with fixed import budgets instead of the environment's (see
+    /// [`ImportLimits::from_env`]).
+    pub fn with_limits(mut self, limits: ImportLimits) -> Self {
+        self.limits = Some(limits);
+        self
     }
 
     /// The store's root directory.
@@ -535,7 +559,10 @@ impl ImageStore {
     /// docker-archive; plain, gzip or zstd compressed) and returns one summary per image.
     /// `name`, if given, replaces the names found in the archive (it is an error when the
     /// archive holds more than one image). A name already held by another image moves to
-    /// the imported one. `progress` receives short human-readable lines.
+    /// the imported one. `progress` receives short human-readable lines. The import is
+    /// held to this handle's [`ImportLimits`] (the environment's unless set with
+    /// [`ImageStore::with_limits`]); on any error, layers it added that no image uses
+    /// are removed again.
     pub fn import(
         &self,
         path: &Path,
@@ -543,7 +570,47 @@ impl ImageStore {
         progress: &mut dyn FnMut(&str),
     ) -> Result<Vec<ImageSummary>, ImageError> {
         let override_name = name.map(reference::normalize_name).transpose()?;
+        let limits = match self.limits {
+            Some(l) => l,
+            None => ImportLimits::from_env()?,
+        };
+        let mut run = ImportRun {
+            limits,
+            decompressed: 0,
+            extracted: 0,
+            entries: 0,
+            created: Vec::new(),
+        };
         let _lock = self.lock()?;
+        let res = self.import_locked(path, override_name, progress, &mut run);
+        if res.is_err() {
+            self.drop_unreferenced(&run.created);
+        }
+        res
+    }
+
+    /// After a failed import: removes the layers it added that no image record uses, so
+    /// a refused import leaves nothing behind. Best effort (gc finishes the job).
+    fn drop_unreferenced(&self, created: &[String]) {
+        let Ok(records) = self.records() else { return };
+        for hex in created {
+            if records.iter().any(|r| r.layers.contains(hex)) {
+                continue;
+            }
+            let doomed = self.tmp_dir().join(unique("rm"));
+            if fs::rename(self.layers_dir().join(hex), &doomed).is_ok() {
+                let _ = remove_any(&doomed);
+            }
+        }
+    }
+
+    fn import_locked(
+        &self,
+        path: &Path,
+        override_name: Option<String>,
+        progress: &mut dyn FnMut(&str),
+        run: &mut ImportRun,
+    ) -> Result<Vec<ImageSummary>, ImageError> {
         self.clean_tmp()?;
         let staging = Staging {
             path: self.tmp_dir().join(unique("import")),
@@ -551,7 +618,7 @@ impl ImageStore {
         };
         fs::create_dir(&staging.path)
             .ctx(|| format!("cannot create {}", staging.path.display()))?;
-        let (src, format) = Source::open(path, &staging.path)?;
+        let (src, format) = Source::open(path, &staging.path, &run.limits)?;
         progress(&format!("importing {format} {}", path.display()));
         let candidates = match format {
             ArchiveFormat::OciLayout | ArchiveFormat::OciArchive => oci_candidates(&src)?,
@@ -588,7 +655,7 @@ impl ImageStore {
                     v
                 }
             };
-            out.push(self.import_one(&src, c, names, progress)?);
+            out.push(self.import_one(&src, c, names, progress, run)?);
         }
         Ok(out)
     }
@@ -599,6 +666,7 @@ impl ImageStore {
         c: Candidate,
         names: Vec<String>,
         progress: &mut dyn FnMut(&str),
+        run: &mut ImportRun,
     ) -> Result<ImageSummary, ImageError> {
         let (config_digest, config_bytes) = &c.config;
         let id = sha256_hex(config_digest, "config digest")?.to_string();
@@ -636,7 +704,7 @@ impl ImageStore {
                     info
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    let info = self.extract_one(src, l, &diff_hex)?;
+                    let info = self.extract_one(src, l, &diff_hex, run)?;
                     progress(&format!(
                         "layer {}/{n} {} {} extracted",
                         i + 1,
@@ -716,9 +784,37 @@ impl ImageStore {
         src: &Source,
         l: &LayerSrc,
         diff_hex: &str,
+        run: &mut ImportRun,
     ) -> Result<LayerInfo, ImageError> {
         let diff_id = format!("sha256:{diff_hex}");
         let layer_name = short(&diff_id);
+        let lim = run.limits;
+        let bytes = (ENV_MAX_LAYER_BYTES, ENV_MAX_BYTES);
+        let dec_budget = Budget::new(
+            lim.max_layer_bytes,
+            lim.max_bytes,
+            run.decompressed,
+            true,
+            bytes,
+        );
+        let budgets = LayerBudgets {
+            subject: format!("layer {diff_id}"),
+            bytes: Budget::new(
+                lim.max_layer_bytes,
+                lim.max_bytes,
+                run.extracted,
+                true,
+                bytes,
+            ),
+            entries: Budget::new(
+                lim.max_layer_entries,
+                lim.max_entries,
+                run.entries,
+                false,
+                (ENV_MAX_LAYER_ENTRIES, ENV_MAX_ENTRIES),
+            ),
+        };
+        let meter = Meter::new(dec_budget.limit);
         let stage = Staging {
             path: self
                 .tmp_dir()
@@ -761,8 +857,8 @@ impl ImageStore {
             } else {
                 Box::new(buf)
             };
-            let mut plain = HashingReader::new(dec);
-            let res = extract_layer(&mut plain, &diff_dir, &layer_name);
+            let mut plain = HashingReader::new(meter.reader(dec));
+            let res = extract_layer(&mut plain, &diff_dir, &layer_name, &budgets);
             let pd = if res.is_ok() {
                 Some(plain.finish())
             } else {
@@ -770,6 +866,9 @@ impl ImageStore {
             };
             (res, pd)
         };
+        if meter.tripped() {
+            return Err(dec_budget.exceeded(&budgets.subject, "its decompressed tar stream"));
+        }
         let (blob_digest, _) = comp.finish().ctx(|| format!("cannot read layer {what}"))?;
         if let Some(d) = &l.digest {
             if &blob_digest != d {
@@ -813,6 +912,10 @@ impl ImageStore {
             .ctx(|| format!("cannot move layer into {}", dest.display()))?;
         let mut stage = stage;
         stage.armed = false;
+        run.created.push(diff_hex.to_string());
+        run.decompressed += meter.count();
+        run.extracted += stats.bytes;
+        run.entries += stats.seen;
         Ok(info)
     }
 
