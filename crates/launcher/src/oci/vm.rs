@@ -129,14 +129,18 @@ pub fn create(root: &Path, a: &CreateArgs) -> Result<()> {
     if terminal && a.console_socket.is_none() {
         bail!("process.terminal is true but no --console-socket was given");
     }
-    let spec = guest_spec(spec);
+    let net = caller_net(&spec)?;
+    let spec = guest_spec(spec, net.is_some());
     let d = dir(root, &a.id);
     std::fs::create_dir_all(&d).with_context(|| format!("create {}", d.display()))?;
     let r = (|| -> Result<i32> {
         let disk = d.join("rootfs.erofs");
         crate::vm::disk::snapshot_dir(&rootfs, &disk)?;
         let assets = Assets::find(None, None)?;
-        spawn_shim(root, a, &bundle, spec, &disk, &assets, terminal)
+        if let Some(n) = &net {
+            crate::vm::container::plumb_tap(&n.netns, &n.ifname)?;
+        }
+        spawn_shim(root, a, &bundle, spec, &disk, &assets, terminal, net)
     })();
     match r {
         Ok(pid) => {
@@ -153,11 +157,114 @@ pub fn create(root: &Path, a: &CreateArgs) -> Result<()> {
     }
 }
 
+/// The network the caller (podman) made for the container: its namespace (the
+/// bundle's network namespace path), holding an interface with an IPv4 address.
+struct CallerNet {
+    netns: PathBuf,
+    ifname: String,
+    /// nestor-vmm's `--net`: the tap with the interface's MAC.
+    tap: String,
+    /// What the agent is told: the interface's address, MAC and gateway, and the
+    /// caller's hosts, resolv.conf and hostname files.
+    request: Request,
+}
+
+/// The caller's network, if it gave the container one (podman's bridge does; with
+/// `--network=none` the namespace has only loopback).
+fn caller_net(spec: &Spec) -> Result<Option<CallerNet>> {
+    let Some(netns) = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().clone())
+        .unwrap_or_default()
+        .into_iter()
+        .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+        .and_then(|n| n.path().clone())
+    else {
+        return Ok(None);
+    };
+    let json = |args: &[&str]| -> Result<serde_json::Value> {
+        let o = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .args(args)
+            .output()
+            .context("run nsenter (util-linux)")?;
+        Ok(serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null))
+    };
+    let addrs = json(&["ip", "-j", "-4", "addr", "show", "scope", "global"])?;
+    let Some(link) = addrs.as_array().and_then(|a| a.first()).cloned() else {
+        return Ok(None);
+    };
+    let ifname = link["ifname"].as_str().unwrap_or_default().to_string();
+    let info = &link["addr_info"][0];
+    let (Some(local), Some(prefix)) = (info["local"].as_str(), info["prefixlen"].as_u64()) else {
+        return Ok(None);
+    };
+    let links = json(&["ip", "-j", "link", "show", "dev", &ifname])?;
+    let mac = links[0]["address"].as_str().unwrap_or_default().to_string();
+    let routes = json(&["ip", "-j", "-4", "route", "show", "default"])?;
+    let gateway = routes[0]["gateway"].as_str().map(String::from);
+    let mut files = std::collections::BTreeMap::new();
+    for m in spec.mounts().clone().unwrap_or_default() {
+        let dest = m.destination().to_string_lossy().into_owned();
+        if let Some(f) = dest.strip_prefix("/etc/") {
+            if matches!(f, "hosts" | "resolv.conf" | "hostname") {
+                if let Some(src) = m.source() {
+                    files.insert(
+                        f.to_string(),
+                        std::fs::read_to_string(src).unwrap_or_default(),
+                    );
+                }
+            }
+        }
+    }
+    Ok(Some(CallerNet {
+        netns,
+        ifname,
+        tap: format!("tap0,mac={mac}"),
+        request: Request::Network {
+            ifaces: vec![proto::NetIface {
+                mac,
+                address: format!("{local}/{prefix}"),
+                gateway,
+                mtu: None,
+            }],
+            files,
+        },
+    }))
+}
+
 /// The spec the guest gets: bind mounts of host paths cannot reach the guest (podman's
-/// /etc/hosts, /etc/resolv.conf, volumes): they are left out, with a warning naming them.
-fn guest_spec(mut spec: Spec) -> Spec {
+/// /etc/hosts, /etc/resolv.conf, volumes): they are left out, with a warning naming them,
+/// except that with the caller's network the network's files come from the agent's
+/// copies. A network namespace path of the host means nothing in the guest: the
+/// container shares the guest's network when it has one, else gets a new namespace.
+fn guest_spec(mut spec: Spec, networked: bool) -> Spec {
+    if let Some(mut linux) = spec.linux().clone() {
+        let mut ns = linux.namespaces().clone().unwrap_or_default();
+        ns.retain(|n| n.typ() != oci_spec::runtime::LinuxNamespaceType::Network);
+        if !networked {
+            if let Ok(n) = oci_spec::runtime::LinuxNamespaceBuilder::default()
+                .typ(oci_spec::runtime::LinuxNamespaceType::Network)
+                .build()
+            {
+                ns.push(n);
+            }
+        }
+        linux.set_namespaces(Some(ns));
+        spec.set_linux(Some(linux));
+    }
     if let Some(mut m) = spec.mounts().clone() {
         m.retain(|x| {
+            let dest = x.destination().to_string_lossy();
+            if networked
+                && matches!(
+                    dest.as_ref(),
+                    "/etc/hosts" | "/etc/resolv.conf" | "/etc/hostname"
+                )
+            {
+                return false;
+            }
             let opts = x.options().clone().unwrap_or_default();
             let bind = x.typ().as_deref() == Some("bind")
                 || opts.iter().any(|o| o == "bind" || o == "rbind");
@@ -170,12 +277,26 @@ fn guest_spec(mut spec: Spec) -> Spec {
             }
             !bind
         });
+        if networked {
+            for f in ["hosts", "resolv.conf", "hostname"] {
+                if let Ok(b) = oci_spec::runtime::MountBuilder::default()
+                    .destination(format!("/etc/{f}"))
+                    .typ("bind")
+                    .source(format!("{}/{f}", proto::NET_FILES_DIR))
+                    .options(vec!["rbind".to_string(), "rprivate".to_string()])
+                    .build()
+                {
+                    m.push(b);
+                }
+            }
+        }
         spec.set_mounts(Some(m));
     }
     spec
 }
 
 /// Forks the shim; returns its pid once the container is created in the VM.
+#[allow(clippy::too_many_arguments)]
 fn spawn_shim(
     root: &Path,
     a: &CreateArgs,
@@ -184,9 +305,10 @@ fn spawn_shim(
     disk: &Path,
     assets: &Assets,
     terminal: bool,
+    net: Option<CallerNet>,
 ) -> Result<i32> {
     let (pid, _) = crate::sys::helper::fork("VM shim", |ready| {
-        shim(root, a, bundle, spec, disk, assets, terminal, ready)
+        shim(root, a, bundle, spec, disk, assets, terminal, net, ready)
     })?;
     Ok(pid)
 }
@@ -231,6 +353,7 @@ fn shim(
     disk: &Path,
     assets: &Assets,
     terminal: bool,
+    net: Option<CallerNet>,
     ready: &mut crate::sys::helper::Ready,
 ) -> Result<i32> {
     let id = a.id.clone();
@@ -253,13 +376,17 @@ fn shim(
             vcpus,
             disks: vec![(disk.to_path_buf(), true)],
             hostname,
-            net: None,
-            netns: None,
+            net: net.as_ref().map(|n| n.tap.clone()),
+            netns: net.as_ref().map(|n| n.netns.clone()),
             jail: None,
         },
     )?;
     let deadline = Instant::now() + sandbox::boot_timeout();
     let mut agent = sb.agent(deadline)?;
+    if let Some(n) = net {
+        let r = agent.call(n.request)?;
+        sandbox::expect_ok("configuring the guest's network", r)?;
+    }
     let mut outputs = Vec::new();
     // The caller's stdio (conmon's pipes), or the host pty's slave for a terminal.
     let slave = match &a.console_socket {

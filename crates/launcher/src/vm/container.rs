@@ -276,7 +276,7 @@ struct VmNet {
 }
 
 /// Runs `args` in the network namespace `netns`.
-fn in_netns(netns: &Path, args: &[&str]) -> Result<()> {
+pub(crate) fn in_netns(netns: &Path, args: &[&str]) -> Result<()> {
     let o = std::process::Command::new("nsenter")
         .arg(format!("--net={}", netns.display()))
         .args(args)
@@ -292,26 +292,29 @@ fn in_netns(netns: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// The tap for the VMM, eth0's address handed to the guest, and the redirects.
-fn plumb_tap(netns: &Path) -> Result<()> {
-    let redirect = |from: &'static str, to: &'static str| {
+/// The tap for the VMM, `ifname`'s address handed to the guest, and the redirects.
+pub(crate) fn plumb_tap(netns: &Path, ifname: &str) -> Result<()> {
+    let redirect = |from: &str, to: &str| -> Vec<String> {
         [
             "tc", "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32",
             "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
         ]
+        .map(String::from)
+        .to_vec()
     };
-    let (e2t, t2e) = (redirect("eth0", "tap0"), redirect("tap0", "eth0"));
-    let steps: [&[&str]; 7] = [
-        &["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"],
-        &["ip", "link", "set", "tap0", "up"],
-        &["ip", "addr", "flush", "dev", "eth0"],
-        &["tc", "qdisc", "add", "dev", "eth0", "ingress"],
-        &e2t,
-        &["tc", "qdisc", "add", "dev", "tap0", "ingress"],
-        &t2e,
+    let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let steps: Vec<Vec<String>> = vec![
+        own(&["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"]),
+        own(&["ip", "link", "set", "tap0", "up"]),
+        own(&["ip", "addr", "flush", "dev", ifname]),
+        own(&["tc", "qdisc", "add", "dev", ifname, "ingress"]),
+        redirect(ifname, "tap0"),
+        own(&["tc", "qdisc", "add", "dev", "tap0", "ingress"]),
+        redirect("tap0", ifname),
     ];
     for s in steps {
-        in_netns(netns, s)?;
+        let args: Vec<&str> = s.iter().map(String::as_str).collect();
+        in_netns(netns, &args)?;
     }
     Ok(())
 }
@@ -333,7 +336,7 @@ fn vm_network(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> Resu
         (Some(m), Some(a)) => (m.clone(), a),
         _ => bail!("network {}: CNI gave no address or MAC", i.network),
     };
-    plumb_tap(&at.netns)?;
+    plumb_tap(&at.netns, "eth0")?;
     let mut files = std::collections::BTreeMap::new();
     for f in ["hosts", "resolv.conf", "hostname"] {
         let text = std::fs::read_to_string(req.files_dir.join(f)).unwrap_or_default();
