@@ -2,7 +2,8 @@
 # Networking of containers in microVMs: `run --vm --network` puts the VM's container on
 # a CNI network (its namespace holds the VMM's tap, joined to the CNI interface by tc
 # redirects), so a published port answers from the host as a native container's does,
-# and VM and native containers on one user network reach each other by name. Then
+# VM and native containers on one user network reach each other by name, and a pod's
+# containers share the pod's network and published ports. Then
 # nothing is left: no attachment, no namespace. Runs in the KVM test host unless this
 # host has hardware KVM. Exit 0 when all pass.
 set -euo pipefail
@@ -40,7 +41,16 @@ expect "native -> VM by name" vmhost "$out"
 out=$(HOST=natweb PORT=80 fetch_in -e HOST -e PORT --vm --network vnet busybox || true)
 expect "VM -> native by name" nathost "$out"
 
-# 3. Nothing left once they are gone.
+# 3. A pod on the network: its containers share the pod's address and ports.
+pport=$((20000 + RANDOM % 20000))
+n pod create pnet --network bridge -p "127.0.0.1:$pport:80" >/dev/null 2>"$work/pod.err" || bad "pod create --network: $(tail -n 5 "$work/pod.err")"
+n run --pod pnet -d --name inpod busybox httpd -f -p 80 -h /etc >/dev/null 2>"$work/inpod.err" || bad "run --pod: $(tail -n 5 "$work/inpod.err")"
+out=$(fetch_host 127.0.0.1 "$pport" || true)
+expect "published port of a pod" pnet "$out"
+n pod rm -f pnet >/dev/null
+n rm -f inpod >/dev/null 2>&1 || true
+
+# 4. Nothing left once they are gone.
 n rm -f vweb vmweb natweb >/dev/null
 n network rm vnet >/dev/null || bad "network rm vnet: still in use"
 left=$(ls "$NESTOR_ROOT/networks/attachments" 2>/dev/null | wc -l)

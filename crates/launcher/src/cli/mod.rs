@@ -186,6 +186,9 @@ pub enum PodCmd {
         /// vCPUs.
         #[arg(long, default_value_t = 1)]
         vm_cpus: u8,
+        /// The pod's network (its containers share it, as a Kubernetes pod's do).
+        #[command(flatten)]
+        net: NetOpts,
     },
     /// List pods.
     Ls {

@@ -358,8 +358,11 @@ pub fn gc(rt: &Runtime) -> Result<()> {
     // Containers on networks whose record is gone or whose owner died.
     let nets = store::networks()?;
     for a in nets.attachments() {
-        let live = store::load(&a.container_id)
-            .is_ok_and(|m| m.status != Status::Exited && m.owner_alive());
+        let live = match a.container_id.strip_prefix("pod-") {
+            Some(pod) => crate::vm::pod::load(pod).is_ok_and(|p| p.alive()),
+            None => store::load(&a.container_id)
+                .is_ok_and(|m| m.status != Status::Exited && m.owner_alive()),
+        };
         if !live {
             if let Err(e) = nets.detach(&a.container_id) {
                 eprintln!("error: {e}");

@@ -118,37 +118,52 @@ pub(crate) fn attach_request(
     image: &nestor_image::Image,
     names: &[String],
 ) -> Result<AttachRequest> {
-    let mut ports = a
-        .net
+    let exposed: &[String] = if a.net.publish_all {
+        &image.config.exposed_ports
+    } else {
+        &[]
+    };
+    let hostname = a
+        .ctr
+        .hostname
+        .clone()
+        .unwrap_or_else(|| meta.id[..12].to_string());
+    let mut req = net_request(&a.net, names, exposed)?;
+    req.container_id = meta.id.clone();
+    req.name = meta.name.clone();
+    req.hostname = hostname;
+    req.files_dir = store::dir(&meta.id);
+    Ok(req)
+}
+
+/// The network part of a request from `--network`'s companions: ports (with the
+/// `exposed` ones of `-P`), `--ip`, `--dns`, `--add-host`; who asks is filled in by
+/// the caller.
+pub(crate) fn net_request(
+    net: &crate::cli::NetOpts,
+    names: &[String],
+    exposed: &[String],
+) -> Result<AttachRequest> {
+    let mut ports = net
         .publish
         .iter()
         .map(|p| PortMapping::parse(p))
         .collect::<Result<Vec<_>, _>>()?;
-    if a.net.publish_all {
-        for e in &image.config.exposed_ports {
-            ports.push(PortMapping::exposed(e)?);
-        }
+    for e in exposed {
+        ports.push(PortMapping::exposed(e)?);
     }
-    let add_hosts = a
-        .net
+    let add_hosts = net
         .add_host
         .iter()
         .map(|h| nestor_network::files::parse_add_host(h))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(AttachRequest {
-        container_id: meta.id.clone(),
-        name: meta.name.clone(),
-        hostname: a
-            .ctr
-            .hostname
-            .clone()
-            .unwrap_or_else(|| meta.id[..12].to_string()),
         networks: names.to_vec(),
         ports,
-        ip: a.net.ip,
-        dns: a.net.dns.clone(),
+        ip: net.ip,
+        dns: net.dns.clone(),
         add_hosts,
-        files_dir: store::dir(&meta.id),
+        ..AttachRequest::default()
     })
 }
 

@@ -243,7 +243,7 @@ fn join_pod(
     image: &nestor_image::Image,
     vols: &[DiskVolume],
     guest_id: &str,
-) -> Result<(Sandbox, String)> {
+) -> Result<(Sandbox, String, bool)> {
     if !vols.is_empty() {
         bail!("-v with --pod is not supported: a pod's disks are fixed when it boots");
     }
@@ -261,18 +261,18 @@ fn join_pod(
         guest_id: guest_id.to_string(),
         pod: Some(name.to_string()),
     });
-    Ok((Sandbox::join(pod.sandbox), device))
+    Ok((Sandbox::join(pod.sandbox), device, pod.networked))
 }
 
 /// A VM's network: the container's namespace on its CNI network, with a tap for
 /// nestor-vmm joined to the CNI interface by tc redirects both ways (Kata's "tcfilter"
 /// model), so the guest holds exactly the address, routes and published ports CNI gave.
-struct VmNet {
-    netns: PathBuf,
+pub(crate) struct VmNet {
+    pub netns: PathBuf,
     /// nestor-vmm's `--net`: the tap with the CNI interface's MAC.
-    tap: String,
+    pub tap: String,
     /// What the agent is told before the container runs.
-    request: Request,
+    pub request: Request,
 }
 
 /// Runs `args` in the network namespace `netns`.
@@ -327,34 +327,54 @@ fn vm_network(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> Resu
         return Ok(None);
     };
     let req = crate::docker::native::attach_request(a, meta, image, &names)?;
-    let at = store::networks()?.attach(&req)?;
+    let (net, ports) = vm_net_from(&req)?;
     meta.networks = names;
-    meta.ports = at.ports.clone();
+    meta.ports = ports;
     store::save(meta)?;
-    let i = at.ifaces.first().context("the network gave no interface")?;
-    let (mac, address) = match (&i.mac, i.address) {
-        (Some(m), Some(a)) => (m.clone(), a),
-        _ => bail!("network {}: CNI gave no address or MAC", i.network),
-    };
-    plumb_tap(&at.netns, "eth0")?;
-    let mut files = std::collections::BTreeMap::new();
-    for f in ["hosts", "resolv.conf", "hostname"] {
-        let text = std::fs::read_to_string(req.files_dir.join(f)).unwrap_or_default();
-        files.insert(f.to_string(), text);
+    Ok(Some(net))
+}
+
+/// A VM's network from `req`: attached (undone by `detach` of the request's id on
+/// every path, including a failure here), the tap plumbed, the agent's request built;
+/// with the published ports as chosen.
+pub(crate) fn vm_net_from(
+    req: &nestor_network::AttachRequest,
+) -> Result<(VmNet, Vec<nestor_network::PortMapping>)> {
+    let nets = store::networks()?;
+    let at = nets.attach(req)?;
+    let r = (|| {
+        let i = at.ifaces.first().context("the network gave no interface")?;
+        let (mac, address) = match (&i.mac, i.address) {
+            (Some(m), Some(a)) => (m.clone(), a),
+            _ => bail!("network {}: CNI gave no address or MAC", i.network),
+        };
+        plumb_tap(&at.netns, "eth0")?;
+        let mut files = std::collections::BTreeMap::new();
+        for f in ["hosts", "resolv.conf", "hostname"] {
+            let text = std::fs::read_to_string(req.files_dir.join(f)).unwrap_or_default();
+            files.insert(f.to_string(), text);
+        }
+        Ok(VmNet {
+            netns: at.netns.clone(),
+            tap: format!("tap0,mac={mac}"),
+            request: Request::Network {
+                ifaces: vec![proto::NetIface {
+                    mac,
+                    address: address.to_string(),
+                    gateway: i.gateway.map(|g| g.to_string()),
+                    mtu: None,
+                }],
+                files,
+            },
+        })
+    })();
+    match r {
+        Ok(n) => Ok((n, at.ports)),
+        Err(e) => {
+            let _ = nets.detach(&req.container_id);
+            Err(e)
+        }
     }
-    Ok(Some(VmNet {
-        netns: at.netns.clone(),
-        tap: format!("tap0,mac={mac}"),
-        request: Request::Network {
-            ifaces: vec![proto::NetIface {
-                mac,
-                address: address.to_string(),
-                gateway: i.gateway.map(|g| g.to_string()),
-                mtu: None,
-            }],
-            files,
-        },
-    }))
 }
 
 /// Boots a VM of the container's own (image disk + volume disks); records it in `meta`.
@@ -480,16 +500,21 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
     let vols = disk_volumes(a)?;
     let guest_id = meta.id[..12].to_string();
     let start = Instant::now();
-    let (mut sb, device, network) = match &a.vm.pod {
+    let (mut sb, device, network, networked) = match &a.vm.pod {
+        // A networked pod's guest is configured already: the container shares it.
         Some(name) => {
-            let (sb, d) = join_pod(name, meta, image, &vols, &guest_id)?;
-            (sb, d, None)
+            let (sb, d, shared) = join_pod(name, meta, image, &vols, &guest_id)?;
+            (sb, d, None, shared)
         }
-        None => boot_own(a, meta, image, &vols, &guest_id)?,
+        None => {
+            let (sb, d, n) = boot_own(a, meta, image, &vols, &guest_id)?;
+            let has = n.is_some();
+            (sb, d, n, has)
+        }
     };
     // The container's spec is made while the guest boots.
     let cmd = meta.command.clone();
-    let spec = guest_spec(a, image, &cmd, &meta.id, &vols, network.is_some())?;
+    let spec = guest_spec(a, image, &cmd, &meta.id, &vols, networked)?;
     std::fs::write(
         store::dir(&meta.id).join("guest-config.json"),
         serde_json::to_vec_pretty(&spec)?,
@@ -629,8 +654,11 @@ impl Mode for VmMode {
                 if n.len() > 1 {
                     bail!("--vm takes one network for now");
                 }
-                if a.jail.enabled || a.vm.pod.is_some() {
-                    bail!("--network with --jail or --pod is not supported yet");
+                if a.vm.pod.is_some() {
+                    bail!("a pod's containers share its network: give --network to `nestor pod create`");
+                }
+                if a.jail.enabled {
+                    bail!("--network with --jail is not supported yet");
                 }
             }
         }

@@ -32,6 +32,14 @@ pub struct Pod {
     pub mem_mib: u32,
     pub vcpus: u8,
     pub created_ns: u128,
+    /// The pod is on a network (its containers share the guest's).
+    #[serde(default)]
+    pub networked: bool,
+}
+
+/// The id the pod's network attachment goes by.
+pub fn net_id(name: &str) -> String {
+    format!("pod-{name}")
 }
 
 impl Pod {
@@ -99,7 +107,17 @@ pub fn all() -> Vec<Pod> {
 }
 
 /// `nestor pod create NAME`.
-pub fn create(name: &str, mem_mib: u32, vcpus: u8) -> Result<()> {
+pub fn create(name: &str, mem_mib: u32, vcpus: u8, net: &crate::cli::NetOpts) -> Result<()> {
+    use crate::cli::NetworkMode;
+    let names = match net.mode(NetworkMode::None) {
+        NetworkMode::None if net.wants_more() => bail!(
+            "-p, -P, --dns, --add-host and --ip need a network: give --network bridge or a network's name"
+        ),
+        NetworkMode::None => None,
+        NetworkMode::Networks(n) if n.len() == 1 => Some(n),
+        NetworkMode::Networks(_) => bail!("a pod takes one network for now"),
+        _ => bail!("a pod's --network is bridge or a network's name"),
+    };
     store::check_name(name)?;
     if vcpus == 0 {
         bail!("--vm-cpus must be at least 1");
@@ -125,19 +143,43 @@ pub fn create(name: &str, mem_mib: u32, vcpus: u8) -> Result<()> {
         ids.push(s.id.clone());
     }
     let assets = Assets::find(None, None)?;
-    crate::sys::helper::fork("pod monitor", |ready| {
-        let r = monitor(name, ids, disks, &assets, mem_mib, vcpus, ready);
+    let vnet = match names {
+        Some(names) => {
+            let mut req = crate::docker::native::net_request(net, &names, &[])?;
+            req.container_id = net_id(name);
+            req.name = name.to_string();
+            req.hostname = name.to_string();
+            req.files_dir = pods_dir().join(format!("{name}.net"));
+            std::fs::create_dir_all(&req.files_dir).context("create the pod's network files")?;
+            Some(crate::vm::container::vm_net_from(&req)?.0)
+        }
+        None => None,
+    };
+    let detach = || {
+        if let Ok(n) = store::networks() {
+            let _ = n.detach(&net_id(name));
+        }
+        let _ = std::fs::remove_dir_all(pods_dir().join(format!("{name}.net")));
+    };
+    let forked = crate::sys::helper::fork("pod monitor", |ready| {
+        let r = monitor(name, ids, disks, &assets, mem_mib, vcpus, vnet, ready);
         if r.is_err() {
             let _ = std::fs::remove_file(record(name));
         }
+        detach();
         r.map(|()| 0)
-    })?;
+    });
+    if let Err(e) = forked {
+        detach();
+        return Err(e);
+    }
     println!("{name}");
     Ok(())
 }
 
 /// The pod's monitor: owns the VMM (which dies with it), records the pod, and lives
 /// until the VM powers off.
+#[allow(clippy::too_many_arguments)]
 fn monitor(
     name: &str,
     images: Vec<String>,
@@ -145,6 +187,7 @@ fn monitor(
     assets: &Assets,
     mem_mib: u32,
     vcpus: u8,
+    vnet: Option<crate::vm::container::VmNet>,
     ready: &mut crate::sys::helper::Ready,
 ) -> Result<()> {
     nix::unistd::setsid().context("setsid")?;
@@ -157,13 +200,19 @@ fn monitor(
             vcpus,
             disks,
             hostname: name.to_string(),
-            net: None,
-            netns: None,
+            net: vnet.as_ref().map(|n| n.tap.clone()),
+            netns: vnet.as_ref().map(|n| n.netns.clone()),
             jail: None,
         },
     )?;
     let deadline = Instant::now() + sandbox::boot_timeout();
-    drop(sb.agent(deadline)?);
+    let mut agent = sb.agent(deadline)?;
+    let networked = vnet.is_some();
+    if let Some(n) = vnet {
+        let r = agent.call(n.request)?;
+        sandbox::expect_ok("configuring the pod's network", r)?;
+    }
+    drop(agent);
     let me = std::process::id() as i32;
     let vmm = sb.vmm_pid().unwrap_or(0) as i32;
     save(&Pod {
@@ -177,6 +226,7 @@ fn monitor(
         mem_mib,
         vcpus,
         created_ns: now_ns(),
+        networked,
     })?;
     ready.ok("")?;
     // Until the guest powers off (pod rm) or the VMM dies.
@@ -259,6 +309,9 @@ pub fn rm(names: &[String], force: bool) -> Result<()> {
             }
             let _ = std::fs::remove_dir_all(&p.sandbox);
             let _ = std::fs::remove_file(record(name));
+            if let Ok(n) = store::networks() {
+                let _ = n.detach(&net_id(name));
+            }
             println!("{name}");
             Ok(())
         })();
@@ -284,6 +337,9 @@ pub fn gc() -> (Vec<PathBuf>, usize) {
         } else {
             let _ = std::fs::remove_dir_all(&p.sandbox);
             let _ = std::fs::remove_file(record(&p.name));
+            if let Ok(nets) = store::networks() {
+                let _ = nets.detach(&net_id(&p.name));
+            }
             n += 1;
         }
     }
