@@ -1031,3 +1031,47 @@ fn a_published_port_answers_and_containers_find_each_other_by_name() {
         "attachments left"
     );
 }
+
+#[test]
+fn a_hundred_runs_on_the_default_network_leave_nothing() {
+    if !Path::new("/usr/lib/cni/bridge").exists() {
+        eprintln!("SKIP: containernetworking-plugins is not installed");
+        return;
+    }
+    let e = Env::new();
+    for i in 0..100 {
+        let o = e.run(&["run", "--rm", "-p", "80", "busybox", "true"]);
+        assert!(o.status.success(), "run {i}: {}", stderr(&o));
+    }
+    let att = e.data.path().join("networks/attachments");
+    assert_eq!(
+        std::fs::read_dir(&att).map(|r| r.count()).unwrap_or(0),
+        0,
+        "attachments left"
+    );
+    let ipam = e.data.path().join("networks/ipam/nestor");
+    let addrs: Vec<String> = std::fs::read_dir(&ipam)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|x| x.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.parse::<std::net::Ipv4Addr>().is_ok())
+        .collect();
+    assert!(addrs.is_empty(), "addresses left: {addrs:?}");
+    let o = e.run(&["network", "inspect", "nestor"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let bridge = v[0]["Bridge"].as_str().unwrap().to_string();
+    let links = Command::new("ip")
+        .args(["-o", "link", "show", "master", &bridge])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&links).lines().count(), 0, "veths left on {bridge}");
+    // (crates/network's own test checks that no iptables rule names a container.)
+    let ids: Vec<String> = std::fs::read_dir(e.data.path().join("containers"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|x| x.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(ids.is_empty(), "records left: {ids:?}");
+}
