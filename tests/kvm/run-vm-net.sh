@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Networking of containers in microVMs: `run --vm --network` puts the VM's container on
+# Networking of containers in microVMs (jailed too): `run --vm --network` puts the VM's container on
 # a CNI network (its namespace holds the VMM's tap, joined to the CNI interface by tc
 # redirects), so a published port answers from the host as a native container's does,
 # VM and native containers on one user network reach each other by name, and a pod's
@@ -30,6 +30,15 @@ n run --vm -d --network bridge -p "127.0.0.1:$port:80" --name vweb --hostname vw
 out=$(fetch_host 127.0.0.1 "$port" || true)
 expect "published port of a VM container" vwebhost "$out"
 expect "port" "80/tcp -> 127.0.0.1:$port" "$(n port vweb)"
+
+# 1b. The same with the VMM jailed (both nestings): the jail joins the VM's namespace,
+# where its tap belongs to the jail's uid.
+jport=$((20000 + RANDOM % 20000))
+n run --vm --jail -d --network bridge -p "127.0.0.1:$jport:80" --name jweb --hostname jwebhost \
+    busybox httpd -f -p 80 -h /etc >/dev/null 2>"$work/jweb.err" || bad "run --vm --jail -p: $(tail -n 5 "$work/jweb.err")"
+out=$(fetch_host 127.0.0.1 "$jport" || true)
+expect "published port of a jailed VM container" jwebhost "$out"
+n rm -f jweb >/dev/null 2>&1 || true
 
 # 2. VM and native containers on one user network, by name, both ways.
 n network create vnet >/dev/null

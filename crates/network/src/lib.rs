@@ -26,6 +26,8 @@
 //!   crash in between is still undone. `detach` runs DEL for each, removes the
 //!   namespace and the record; it is idempotent and collects errors rather than
 //!   stopping halfway.
+//! - **A microVM's tap** (`tap`): inside the container's namespace, a tap for the VMM
+//!   joined to the CNI interface by tc redirects both ways (Kata's "tcfilter" model).
 //! - **Published ports** (`ports`): Docker's `-p [IP:][HOST:]CTR[/tcp|/udp]`; a host
 //!   port is refused before anything is made when a process on the host holds it (a
 //!   bind says so) or another container published it.
@@ -43,6 +45,7 @@ pub mod files;
 pub mod netns;
 pub mod ports;
 pub mod store;
+pub mod tap;
 
 pub use attach::{AttachRequest, Attachment, Iface};
 pub use ports::{PortMapping, Proto};

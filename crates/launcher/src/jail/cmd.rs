@@ -28,6 +28,7 @@ pub(crate) fn jail_config(
     };
     Ok(JailConfig {
         tap: (o.network == JailNetwork::Tap).then(|| jail::tap_name(&id)),
+        join_netns: None,
         id,
         binary,
         args,

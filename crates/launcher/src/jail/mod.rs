@@ -98,6 +98,10 @@ pub struct JailConfig {
     /// A tap device (created here, owned by the jail's uid, moved into the jail's
     /// network namespace before the program starts) and /dev/net/tun; None: no network.
     pub tap: Option<String>,
+    /// Join this network namespace instead (a container's, on its CNI network): a tap
+    /// `tap0` owned by the jail's uid is made in it, joined to the interface named here
+    /// (`/dev/net/tun` is in the jail).
+    pub join_netns: Option<(PathBuf, String)>,
     pub memory: Option<i64>,
     pub cpus: Option<f64>,
     pub pids_limit: Option<i64>,
@@ -181,7 +185,7 @@ fn make_root(c: &JailConfig) -> Result<(PathBuf, PathBuf)> {
     if c.kvm {
         mknod(&root.join("dev/kvm"), 10, 232, 0o600, owner)?;
     }
-    if c.tap.is_some() {
+    if c.tap.is_some() || c.join_netns.is_some() {
         mknod(&root.join("dev/net/tun"), 10, 200, 0o600, owner)?;
     }
     mknod(&root.join("dev/urandom"), 1, 9, 0o666, None)?;
@@ -316,7 +320,7 @@ fn jail_resources(c: &JailConfig) -> Result<LinuxResources> {
         dev(10, 232)?,
         dev(1, 9)?,
     ];
-    if c.tap.is_some() {
+    if c.tap.is_some() || c.join_netns.is_some() {
         devices.push(dev(10, 200)?);
     }
     let mut res = LinuxResourcesBuilder::default().devices(devices);
@@ -379,6 +383,8 @@ fn jail_spec(c: &JailConfig, root: &Path, name: &str, mounts: Vec<Mount>) -> Res
     let mut net = LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network);
     if let Some(t) = &c.tap {
         net = net.path(netns_path(t));
+    } else if let Some((ns, _)) = &c.join_netns {
+        net = net.path(ns.clone());
     }
     let map = |host: u32| {
         LinuxIdMappingBuilder::default()
@@ -587,6 +593,9 @@ pub fn spawn(rt: &Runtime, c: &JailConfig) -> Result<Jailed> {
             ])?;
             ip(&["link", "set", "dev", tap, "netns", tap])?;
             ip(&["-n", tap, "link", "set", "dev", tap, "up"])?;
+        }
+        if let Some((ns, ifname)) = &c.join_netns {
+            nestor_network::tap::plumb(ns, ifname, "tap0", Some((c.uid, c.gid)))?;
         }
         Ok(rt.create_and_start(&opts)?.pid)
     })();

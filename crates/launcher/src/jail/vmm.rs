@@ -30,6 +30,10 @@ pub struct VmmSpec {
     pub vcpus: Option<u32>,
     /// stdio (default) or none: a console file would have to be inside the jail.
     pub console: Option<String>,
+    /// Run in this network namespace (a container's on its CNI network) with its tap
+    /// `tap0`; `--net`'s value (`tap0,mac=…`) in `net`.
+    pub netns: Option<PathBuf>,
+    pub net: Option<String>,
     /// More nestor-vmm arguments, passed as they are (e.g. `--seccomp-filter` of a file
     /// given in `files`).
     pub extra_args: Vec<String>,
@@ -158,7 +162,13 @@ pub fn spawn_jailed_vmm(
         None => new_jail_id()?,
     };
     if opts.network == JailNetwork::Tap {
+        if spec.netns.is_some() {
+            bail!("a jailed VMM has its own tap or a container's network, not both");
+        }
         args.extend(["--net".into(), jail::tap_name(&id)]);
+    }
+    if let Some(n) = &spec.net {
+        args.extend(["--net".into(), n.clone()]);
     }
     if let Some(c) = &spec.console {
         args.extend(["--console".into(), c.clone()]);
@@ -166,6 +176,7 @@ pub fn spawn_jailed_vmm(
     args.extend(spec.extra_args.iter().cloned());
     let mut c = jail_config(id.clone(), opts, spec.vmm.clone(), args, files)?;
     c.kvm = true;
+    c.join_netns = spec.netns.clone().map(|ns| (ns, "eth0".to_string()));
     c.share_dir = spec.vsock;
     c.nproc = vcpus + 16;
     c.fsize = Some(opts.fsize.unwrap_or(largest_rw.max(1 << 20)));

@@ -138,7 +138,7 @@ pub fn create(root: &Path, a: &CreateArgs) -> Result<()> {
         crate::vm::disk::snapshot_dir(&rootfs, &disk)?;
         let assets = Assets::find(None, None)?;
         if let Some(n) = &net {
-            crate::vm::container::plumb_tap(&n.netns, &n.ifname)?;
+            nestor_network::tap::plumb(&n.netns, &n.ifname, "tap0", None)?;
         }
         spawn_shim(root, a, &bundle, spec, &disk, &assets, terminal, net)
     })();

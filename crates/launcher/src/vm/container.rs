@@ -275,50 +275,6 @@ pub(crate) struct VmNet {
     pub request: Request,
 }
 
-/// Runs `args` in the network namespace `netns`.
-pub(crate) fn in_netns(netns: &Path, args: &[&str]) -> Result<()> {
-    let o = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(args)
-        .output()
-        .context("run nsenter (util-linux)")?;
-    if !o.status.success() {
-        bail!(
-            "{} in the VM's network namespace: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&o.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// The tap for the VMM, `ifname`'s address handed to the guest, and the redirects.
-pub(crate) fn plumb_tap(netns: &Path, ifname: &str) -> Result<()> {
-    let redirect = |from: &str, to: &str| -> Vec<String> {
-        [
-            "tc", "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32",
-            "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
-        ]
-        .map(String::from)
-        .to_vec()
-    };
-    let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let steps: Vec<Vec<String>> = vec![
-        own(&["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"]),
-        own(&["ip", "link", "set", "tap0", "up"]),
-        own(&["ip", "addr", "flush", "dev", ifname]),
-        own(&["tc", "qdisc", "add", "dev", ifname, "ingress"]),
-        redirect(ifname, "tap0"),
-        own(&["tc", "qdisc", "add", "dev", "tap0", "ingress"]),
-        redirect("tap0", ifname),
-    ];
-    for s in steps {
-        let args: Vec<&str> = s.iter().map(String::as_str).collect();
-        in_netns(netns, &args)?;
-    }
-    Ok(())
-}
-
 /// Puts the VM container on its network (when `--network` names one: the VM mode's
 /// default is none for now); records it in `meta`.
 fn vm_network(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> Result<Option<VmNet>> {
@@ -327,7 +283,7 @@ fn vm_network(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> Resu
         return Ok(None);
     };
     let req = crate::docker::native::attach_request(a, meta, image, &names)?;
-    let (net, ports) = vm_net_from(&req)?;
+    let (net, ports) = vm_net_from(&req, a.jail.enabled)?;
     meta.networks = names;
     meta.ports = ports;
     store::save(meta)?;
@@ -337,8 +293,10 @@ fn vm_network(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> Resu
 /// A VM's network from `req`: attached (undone by `detach` of the request's id on
 /// every path, including a failure here), the tap plumbed, the agent's request built;
 /// with the published ports as chosen.
+/// A jailed VMM's tap is made by the jail, owned by its uid.
 pub(crate) fn vm_net_from(
     req: &nestor_network::AttachRequest,
+    jailed: bool,
 ) -> Result<(VmNet, Vec<nestor_network::PortMapping>)> {
     let nets = store::networks()?;
     let at = nets.attach(req)?;
@@ -348,7 +306,9 @@ pub(crate) fn vm_net_from(
             (Some(m), Some(a)) => (m.clone(), a),
             _ => bail!("network {}: CNI gave no address or MAC", i.network),
         };
-        plumb_tap(&at.netns, "eth0")?;
+        if !jailed {
+            nestor_network::tap::plumb(&at.netns, "eth0", "tap0", None)?;
+        }
         let mut files = std::collections::BTreeMap::new();
         for f in ["hosts", "resolv.conf", "hostname"] {
             let text = std::fs::read_to_string(req.files_dir.join(f)).unwrap_or_default();
@@ -656,9 +616,6 @@ impl Mode for VmMode {
                 }
                 if a.vm.pod.is_some() {
                     bail!("a pod's containers share its network: give --network to `nestor pod create`");
-                }
-                if a.jail.enabled {
-                    bail!("--network with --jail is not supported yet");
                 }
             }
         }

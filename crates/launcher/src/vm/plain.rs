@@ -92,6 +92,8 @@ pub fn vm_run(rt: &Runtime, a: &VmRunArgs) -> Result<i32> {
         mem_mib: a.mem,
         vcpus: a.vcpus,
         console: a.console.clone(),
+        netns: None,
+        net: None,
         extra_args: Vec::new(),
     };
     let vm = spawn_jailed_vmm(rt, &spec, &a.jail_opts, None)?;

@@ -151,7 +151,7 @@ pub fn create(name: &str, mem_mib: u32, vcpus: u8, net: &crate::cli::NetOpts) ->
             req.hostname = name.to_string();
             req.files_dir = pods_dir().join(format!("{name}.net"));
             std::fs::create_dir_all(&req.files_dir).context("create the pod's network files")?;
-            Some(crate::vm::container::vm_net_from(&req)?.0)
+            Some(crate::vm::container::vm_net_from(&req, false)?.0)
         }
         None => None,
     };

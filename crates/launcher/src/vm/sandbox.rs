@@ -290,9 +290,6 @@ impl Sandbox {
         o: &BootOpts,
         j: &crate::cli::JailOpts,
     ) -> Result<Sandbox> {
-        if o.net.is_some() {
-            bail!("a network device with a jailed VM is not supported yet");
-        }
         let dir = sandboxes_dir().join(id);
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let rt = nestor_container::container::Runtime::new(
@@ -311,6 +308,8 @@ impl Sandbox {
             vcpus: Some(u32::from(o.vcpus)),
             console: Some("none".into()),
             extra_args: Vec::new(),
+            netns: o.netns.clone(),
+            net: o.net.clone(),
         };
         let start = Instant::now();
         let jailed =
