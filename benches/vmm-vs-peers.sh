@@ -6,8 +6,9 @@
 # in one run: same kernel and busybox initramfs, 1 vCPU, 128 MiB, the guest's init
 # writes the boot marker, prints its uptime and does `reboot -f` (reboot=k: i8042 reset
 # for nestor-vmm and Firecracker; reboot=t with -no-reboot for QEMU). Prints the medians
-# over N rounds (default 3) of launch -> first console output, -> init line, -> exit,
-# the guest's uptime at init and peak RSS; then nestor-vmm's own --boot-timings (median).
+# over N rounds (default 3; the order rotates each round) of launch -> first console
+# output, -> init line, -> exit, the guest's uptime at init and peak RSS; then
+# nestor-vmm's own --boot-timings (medians).
 # Progress goes to stderr. Runs in the KVM test host unless this host has hardware KVM
 # (tests/testhost/kvm-exec). --baseline adds another nestor-vmm build (say, before a
 # change) as a peer. A benchmark, not a test.
@@ -77,7 +78,7 @@ launch() {
         /usr/bin/time -f %M -o "$d/rss" timeout --kill-after=5 120 "$@" </dev/null 2>"$d/err"
         echo $? >"$d/rc"
     } | while IFS= read -r line; do
-        [[ -e $d/tout ]] || now >"$d/tout"
+        [[ -e $d/tout ]] || { now >"$d/tout"; printf '%s' "${line:0:60}" | tr -d '\r' >"$d/first"; }
         if [[ $line == *"$marker uptime"* && ! -e $d/tinit ]]; then
             now >"$d/tinit"
             echo "${line##* uptime }" | tr -d '\r' >"$d/uptime"
@@ -89,7 +90,10 @@ launch() {
     if [[ ! -e $d/tinit ]]; then
         echo "  $name: init not reached (status $(cat "$d/rc" 2>/dev/null)): $(tail -n 2 "$d/err" | tr '\n' ' ')" >&2
     fi
-    echo "$(ms tout) $(ms tinit) $(((t1 - t0) / 1000000)) $(cat "$d/uptime" 2>/dev/null || echo -) $(tail -n1 "$d/rss")" >>"$work/$name.rows"
+    local row
+    row="$(ms tout) $(ms tinit) $(((t1 - t0) / 1000000)) $(cat "$d/uptime" 2>/dev/null || echo -) $(tail -n1 "$d/rss")"
+    echo "$row" >>"$work/$name.rows"
+    echo "  $name: output/init/exit ms, uptime s, RSS KiB: $row; first line: $(cat "$d/first" 2>/dev/null)" >&2
     grep -o 'first_kvm_run .*' "$d/err" >>"$work/$name.timings" 2>/dev/null || true
 }
 
@@ -119,8 +123,11 @@ JSON
     esac
 }
 
+# The order rotates each round, so no peer always runs first (or right after another).
 for i in $(seq "$rounds"); do
-    for p in "${peers[@]}"; do
+    n=${#peers[@]}
+    for j in $(seq 0 $((n - 1))); do
+        p=${peers[$(((i - 1 + j) % n))]}
         echo "round $i/$rounds: $p" >&2
         run_peer "$p"
     done
