@@ -61,6 +61,10 @@ pub enum Request {
 pub struct Metrics {
     /// VMM start to the guest's boot marker.
     pub boot_ms: Option<u64>,
+    /// VMM start to the first KVM_RUN.
+    pub first_run_ms: Option<u64>,
+    /// VMM start to the guest's first console byte.
+    pub first_output_ms: Option<u64>,
     /// Time since VMM start.
     pub uptime_ms: u64,
     /// Whether the vCPUs are paused.
@@ -113,8 +117,11 @@ pub fn guest_resident_kib(vmm: &Vmm) -> u64 {
 pub fn metrics(vmm: &Vmm) -> Metrics {
     let rss = status_kib("VmRSS:");
     let guest = guest_resident_kib(vmm);
+    let timings = vmm.boot_timings();
     Metrics {
         boot_ms: vmm.boot_time().map(|d| d.as_millis() as u64),
+        first_run_ms: timings.first_run.map(|d| d.as_millis() as u64),
+        first_output_ms: timings.first_output.map(|d| d.as_millis() as u64),
         uptime_ms: vmm.uptime().as_millis() as u64,
         paused: vmm.is_paused(),
         vcpus: vmm.vcpu_count(),

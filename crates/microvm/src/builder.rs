@@ -15,13 +15,15 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::boot_params::{self, BootError, ZeroPage};
 use crate::arch::x86_64::layout::{
-    self, BOOT_MARKER_PORT, I8042_PORT, PM1A_EVT_PORT, SERIAL_IRQ, SERIAL_PORT,
+    self, BOOT_MARKER_PORT, I8042_KBD_IRQ, I8042_PORT, PCI_CONFIG_PORT, PM1A_EVT_PORT, SERIAL_IRQ,
+    SERIAL_PORT,
 };
 use crate::arch::x86_64::{acpi, mptable, regs};
 use crate::config::{Console, VmConfig};
 use crate::devices::acpi_pm::AcpiPm;
-use crate::devices::boot_marker::{BootMarker, BootTime};
+use crate::devices::boot_marker::{BootMarker, BootTime, FirstByte, Stamp};
 use crate::devices::i8042::I8042;
+use crate::devices::pci_absent::PciAbsent;
 use crate::devices::serial::{ConsoleOut, SerialDevice};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::event_loop::{EventLoop, QueueEvent};
@@ -114,9 +116,21 @@ pub struct Vmm {
     vm: Vm,
     mem: GuestMemory,
     boot_time: BootTime,
+    first_output: Stamp,
     start: Instant,
     ended: Option<(GuestExit, Instant)>,
     vcpus: u8,
+}
+
+/// Boot milestones as times since VMM start (None: not reached).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootTimings {
+    /// A vCPU first entered KVM_RUN.
+    pub first_run: Option<Duration>,
+    /// The guest wrote its first byte to the console UART.
+    pub first_output: Option<Duration>,
+    /// The guest's init wrote the boot marker.
+    pub init: Option<Duration>,
 }
 
 /// MMIO address and GSI of the `i`-th virtio device.
@@ -249,10 +263,12 @@ impl Vmm {
 
         let exit = Arc::new(ExitSignal::new().map_err(VmmError::EventFd)?);
         let mut pio = Bus::new();
+        let first_output = Stamp::new(start);
         let out = match console {
             Some(c) => c,
             None => open_console(&cfg.console)?,
         };
+        let out: ConsoleOut = Box::new(FirstByte::new(out, first_output.clone()));
         let serial_irq = EventFd::new(0).map_err(VmmError::EventFd)?;
         vm.fd()
             .register_irqfd(&serial_irq, SERIAL_IRQ)
@@ -262,10 +278,19 @@ impl Vmm {
             8,
             Arc::new(Mutex::new(SerialDevice::new(serial_irq, out))),
         )?;
+        let kbd_irq = EventFd::new(0).map_err(VmmError::EventFd)?;
+        vm.fd()
+            .register_irqfd(&kbd_irq, I8042_KBD_IRQ)
+            .map_err(|e| VmmError::Device(format!("i8042 irqfd: {e}")))?;
         pio.insert(
             u64::from(I8042_PORT),
             5,
-            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+            Arc::new(Mutex::new(I8042::new(exit.clone(), Some(kbd_irq)))),
+        )?;
+        pio.insert(
+            u64::from(PCI_CONFIG_PORT),
+            PciAbsent::LEN,
+            Arc::new(Mutex::new(PciAbsent)),
         )?;
         let (marker, boot_time) = BootMarker::new(start, true);
         pio.insert(u64::from(BOOT_MARKER_PORT), 1, Arc::new(Mutex::new(marker)))?;
@@ -320,10 +345,12 @@ impl Vmm {
                 mmio: Arc::new(mmio),
                 exit,
                 control: Arc::new(VcpuControl::default()),
+                first_run: Stamp::new(start),
             },
             vm,
             mem,
             boot_time,
+            first_output,
             start,
             ended: None,
             vcpus: cfg.vcpus,
@@ -427,6 +454,16 @@ impl Vmm {
     /// Time from start to the guest's boot marker.
     pub fn boot_time(&self) -> Option<Duration> {
         self.boot_time.get()
+    }
+
+    /// Times from VMM start to the first KVM_RUN, the first console byte and the boot
+    /// marker.
+    pub fn boot_timings(&self) -> BootTimings {
+        BootTimings {
+            first_run: self.ctx.first_run.get(),
+            first_output: self.first_output.get(),
+            init: self.boot_time.get(),
+        }
     }
 
     /// Time since the VMM started.

@@ -257,6 +257,10 @@ pub struct Cli {
     /// Control socket (JSON requests: pause, resume, shutdown, metrics).
     #[arg(long, value_name = "PATH")]
     pub api: Option<PathBuf>,
+    /// At exit, print on stderr the ms from VMM start to the first KVM_RUN, the first
+    /// console byte, the boot marker and the exit.
+    #[arg(long)]
+    pub boot_timings: bool,
     /// Seccomp flags (per-thread filters).
     #[command(flatten)]
     pub seccomp: crate::seccomp::SeccompArgs,

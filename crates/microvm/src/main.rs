@@ -66,6 +66,7 @@ fn run(start: Instant) -> anyhow::Result<i32> {
         return Ok(0);
     }
     let filters = cli.seccomp.clone();
+    let boot_timings = cli.boot_timings;
     let cfg = cli.into_config()?;
     // Filters are compiled before anything is built; each thread installs its own.
     seccomp::setup(&filters)?;
@@ -93,7 +94,21 @@ fn run(start: Instant) -> anyhow::Result<i32> {
         None => vmm.wait(None).unwrap_or(GuestExit::Stopped),
     };
     let stats = api::metrics(&vmm);
+    let timings = vmm.boot_timings();
+    let ended = vmm.uptime();
     let end = vmm.shutdown();
+    if boot_timings {
+        let ms = |d: Option<std::time::Duration>| {
+            d.map_or_else(|| "-".to_string(), |d| d.as_millis().to_string())
+        };
+        eprintln!(
+            "nestor-vmm: boot timings (ms since VMM start): first_kvm_run {} first_output {} init {} exit {}",
+            ms(timings.first_run),
+            ms(timings.first_output),
+            ms(timings.init),
+            ended.as_millis()
+        );
+    }
     tracing::info!(
         "guest ended: {} after {} ms",
         end.describe(),

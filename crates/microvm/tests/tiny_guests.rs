@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use nestor_microvm::builder::SharedBuffer;
+use nestor_microvm::devices::boot_marker::Stamp;
 use nestor_microvm::devices::serial::SerialDevice;
 use nestor_microvm::devices::{Bus, BusDevice};
 use nestor_microvm::exit::ExitSignal;
@@ -82,6 +83,7 @@ fn real_mode_guest_exits_reach_the_buses() {
     .unwrap();
     pio.insert(0x500, 2, rec.clone()).unwrap();
     let exit = Arc::new(ExitSignal::new().unwrap());
+    let first_run = Stamp::new(Instant::now());
     run_loop(
         vcpu,
         VcpuContext {
@@ -89,9 +91,11 @@ fn real_mode_guest_exits_reach_the_buses() {
             mmio: Arc::new(Bus::new()),
             exit: exit.clone(),
             control: Arc::new(VcpuControl::default()),
+            first_run: first_run.clone(),
         },
     );
     assert_eq!(exit.get(), Some(GuestExit::Halted));
+    assert!(first_run.get().is_some());
     assert_eq!(out.contents(), b"A");
     let r = rec.lock().unwrap();
     assert_eq!(r.writes, vec![(0, vec![0x99]), (1, vec![0x42])]);
@@ -141,6 +145,7 @@ fn mmio_reads_and_writes_reach_the_mmio_bus() {
             mmio: Arc::new(mmio),
             exit: exit.clone(),
             control: Arc::new(VcpuControl::default()),
+            first_run: Stamp::new(Instant::now()),
         },
     );
     assert_eq!(exit.get(), Some(GuestExit::Halted));
@@ -160,6 +165,12 @@ fn boot_tiny(ending: &[u8], vcpus: u8) -> (GuestExit, Vec<u8>, Option<Duration>)
     vmm.start().unwrap();
     let e = vmm.wait(Some(Duration::from_secs(20)));
     let boot = vmm.boot_time();
+    let t = vmm.boot_timings();
+    let (run, output) = (t.first_run.unwrap(), t.first_output.unwrap());
+    assert!(
+        run <= output,
+        "first KVM_RUN {run:?} after first output {output:?}"
+    );
     let end = vmm.shutdown();
     (e.unwrap_or(end), out.contents(), boot)
 }

@@ -1,7 +1,9 @@
-//! The boot-time marker port (Firecracker's convention): when the guest's init writes
-//! 123 to port 0x3f0, the time since VMM start is recorded and announced on stderr.
+//! Boot timing: the marker port (Firecracker's convention: when the guest's init writes
+//! 123 to port 0x3f0, the time since VMM start is recorded and announced on stderr), and
+//! the one-shot [`Stamp`]s for the first KVM_RUN and the first console byte.
 
-use std::sync::{Arc, Mutex};
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::BusDevice;
@@ -15,6 +17,61 @@ impl BootTime {
     /// Time from VMM start to the marker, if the guest wrote it.
     pub fn get(&self) -> Option<Duration> {
         *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A moment recorded once, as the time since VMM start.
+#[derive(Clone)]
+pub struct Stamp {
+    start: Instant,
+    at: Arc<OnceLock<Duration>>,
+}
+
+impl Stamp {
+    /// An unset stamp measuring from `start`.
+    pub fn new(start: Instant) -> Self {
+        Stamp {
+            start,
+            at: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Records now, unless a time is already recorded.
+    pub fn mark(&self) {
+        if self.at.get().is_none() {
+            let _ = self.at.set(self.start.elapsed());
+        }
+    }
+
+    /// The recorded time, if any.
+    pub fn get(&self) -> Option<Duration> {
+        self.at.get().copied()
+    }
+}
+
+/// A writer that stamps the first byte written through it (the first console output).
+pub struct FirstByte<W> {
+    inner: W,
+    stamp: Stamp,
+}
+
+impl<W> FirstByte<W> {
+    /// Wraps `inner`; the first non-empty write marks `stamp`.
+    pub fn new(inner: W, stamp: Stamp) -> Self {
+        FirstByte { inner, stamp }
+    }
+}
+
+impl<W: Write> Write for FirstByte<W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if !b.is_empty() {
+            self.stamp.mark();
+        }
+        self.inner.write(b)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -63,6 +120,22 @@ impl BusDevice for BootMarker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stamps_keep_the_first_time_and_first_byte_marks_on_output() {
+        let s = Stamp::new(Instant::now());
+        assert_eq!(s.get(), None);
+        let mut w = FirstByte::new(Vec::new(), s.clone());
+        w.write_all(b"").unwrap();
+        assert_eq!(s.get(), None);
+        w.write_all(b"x").unwrap();
+        let first = s.get().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        w.write_all(b"y").unwrap();
+        s.mark();
+        assert_eq!(s.get(), Some(first));
+        assert_eq!(w.inner, b"xy");
+    }
 
     #[test]
     fn only_the_magic_value_is_recorded_once() {

@@ -4,6 +4,7 @@ pub mod acpi_pm;
 pub mod boot_marker;
 pub mod bus;
 pub mod i8042;
+pub mod pci_absent;
 pub mod serial;
 pub mod virtio;
 

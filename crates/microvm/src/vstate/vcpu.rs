@@ -11,6 +11,7 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::arch::x86_64::{cpuid, msr, regs};
+use crate::devices::boot_marker::Stamp;
 use crate::devices::Bus;
 use crate::exit::{ExitSignal, GuestExit};
 use crate::vstate::vm::Vm;
@@ -241,6 +242,8 @@ pub struct VcpuContext {
     pub exit: Arc<ExitSignal>,
     /// Pause/resume/stop.
     pub control: Arc<VcpuControl>,
+    /// Marked when a vCPU first enters KVM_RUN.
+    pub first_run: Stamp,
 }
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
@@ -272,6 +275,7 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
 /// Runs the vCPU until the VM ends or it is stopped; reports guest-caused endings.
 pub fn run_loop(mut vcpu: Vcpu, ctx: VcpuContext) {
     while ctx.control.checkpoint() {
+        ctx.first_run.mark();
         let end = match vcpu.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !ctx.pio.read(u64::from(port), data) {

@@ -61,6 +61,10 @@ pub const SERIAL_PORT: u16 = 0x3f8;
 pub const SERIAL_IRQ: u32 = 4;
 /// Port of the i8042 controller's data register (command register is +4).
 pub const I8042_PORT: u16 = 0x60;
+/// IRQ of the i8042's keyboard port.
+pub const I8042_KBD_IRQ: u32 = 1;
+/// First PCI configuration port (0xcf8 address, 0xcfc data); no PCI bus is behind it.
+pub const PCI_CONFIG_PORT: u16 = 0xcf8;
 /// Boot-time marker port (Firecracker's convention: the guest writes 123 here).
 pub const BOOT_MARKER_PORT: u16 = 0x3f0;
 /// The value the guest writes to the marker port when its init starts.
