@@ -224,15 +224,7 @@ pub fn exec(a: &ExecArgs) -> Result<i32> {
 
 /// Exec in a native container: its own process settings with another command.
 pub fn exec_native(m: &Meta, rt: &Runtime, a: &ExecArgs) -> Result<i32> {
-    let cfg = store::dir(&m.id).join("config.json");
-    let spec = nestor_container::spec::parse(
-        &cfg,
-        &std::fs::read(&cfg).with_context(|| format!("read {}", cfg.display()))?,
-    )?;
-    let base = spec
-        .process()
-        .clone()
-        .context("container config has no process")?;
+    let base = crate::oci::bundle_process(&store::dir(&m.id).join("config.json"))?;
     let process = crate::oci::process_from_flags(base, a)?;
     if a.tty {
         let dir = tempfile_dir()?;

@@ -130,19 +130,21 @@ pub fn exec(rt: &Runtime, a: &ExecArgs) -> Result<i32> {
             if a.cmd.is_empty() {
                 bail!("exec needs a command (or --process FILE)");
             }
-            let cfg = st.bundle.join("config.json");
-            let spec = nestor_container::spec::parse(
-                &cfg,
-                &std::fs::read(&cfg).with_context(|| format!("read {}", cfg.display()))?,
-            )?;
-            let base = spec
-                .process()
-                .clone()
-                .context("the container's config has no process")?;
-            process_from_flags(base, a)?
+            process_from_flags(bundle_process(&st.bundle.join("config.json"))?, a)?
         }
     };
     exec_process(rt, a, process)
+}
+
+/// The process of the container whose config is `cfg`.
+pub fn bundle_process(cfg: &Path) -> Result<Process> {
+    let spec = nestor_container::spec::parse(
+        cfg,
+        &std::fs::read(cfg).with_context(|| format!("read {}", cfg.display()))?,
+    )?;
+    spec.process()
+        .clone()
+        .with_context(|| format!("{} has no process", cfg.display()))
 }
 
 /// The container's process `base` with `exec`'s command and flags: args, terminal, env

@@ -140,7 +140,16 @@ pub fn create(root: &Path, a: &CreateArgs) -> Result<()> {
         if let Some(n) = &net {
             nestor_network::tap::plumb(&n.netns, &n.ifname, "tap0", None)?;
         }
-        spawn_shim(root, a, &bundle, spec, &disk, &assets, terminal, net)
+        spawn_shim(Shim {
+            root,
+            a,
+            bundle: &bundle,
+            spec,
+            disk: &disk,
+            assets: &assets,
+            terminal,
+            net,
+        })
     })();
     match r {
         Ok(pid) => {
@@ -295,21 +304,21 @@ fn guest_spec(mut spec: Spec, networked: bool) -> Spec {
     spec
 }
 
-/// Forks the shim; returns its pid once the container is created in the VM.
-#[allow(clippy::too_many_arguments)]
-fn spawn_shim(
-    root: &Path,
-    a: &CreateArgs,
-    bundle: &Path,
+/// What the shim needs.
+struct Shim<'a> {
+    root: &'a Path,
+    a: &'a CreateArgs,
+    bundle: &'a Path,
     spec: Spec,
-    disk: &Path,
-    assets: &Assets,
+    disk: &'a Path,
+    assets: &'a Assets,
     terminal: bool,
     net: Option<CallerNet>,
-) -> Result<i32> {
-    let (pid, _) = crate::sys::helper::fork("VM shim", |ready| {
-        shim(root, a, bundle, spec, disk, assets, terminal, net, ready)
-    })?;
+}
+
+/// Forks the shim; returns its pid once the container is created in the VM.
+fn spawn_shim(s: Shim) -> Result<i32> {
+    let (pid, _) = crate::sys::helper::fork("VM shim", |ready| shim(s, ready))?;
     Ok(pid)
 }
 
@@ -344,18 +353,17 @@ fn host_pty(console_socket: &Path) -> Result<OwnedFd> {
     Ok(pty.slave)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn shim(
-    root: &Path,
-    a: &CreateArgs,
-    bundle: &Path,
-    spec: Spec,
-    disk: &Path,
-    assets: &Assets,
-    terminal: bool,
-    net: Option<CallerNet>,
-    ready: &mut crate::sys::helper::Ready,
-) -> Result<i32> {
+fn shim(s: Shim, ready: &mut crate::sys::helper::Ready) -> Result<i32> {
+    let Shim {
+        root,
+        a,
+        bundle,
+        spec,
+        disk,
+        assets,
+        terminal,
+        net,
+    } = s;
     let id = a.id.clone();
     let gid = guest_id(&id);
     let annotations = spec.annotations().clone().unwrap_or_default();
@@ -571,15 +579,7 @@ pub fn exec(root: &Path, a: &crate::cli::ExecArgs) -> Result<i32> {
         )
         .with_context(|| format!("{} is not a valid OCI process", pf.display()))?,
         None => {
-            let cfg = st.bundle.join("config.json");
-            let spec = nestor_container::spec::parse(
-                &cfg,
-                &std::fs::read(&cfg).with_context(|| format!("read {}", cfg.display()))?,
-            )?;
-            let base = spec
-                .process()
-                .clone()
-                .context("the container's config has no process")?;
+            let base = crate::oci::bundle_process(&st.bundle.join("config.json"))?;
             crate::oci::process_from_flags(base, a)?
         }
     };
