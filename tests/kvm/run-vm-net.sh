@@ -2,7 +2,7 @@
 # Networking of containers in microVMs (jailed too): `run --vm --network` puts the VM's container on
 # a CNI network (its namespace holds the VMM's tap, joined to the CNI interface by tc
 # redirects), so a published port answers from the host as a native container's does,
-# VM and native containers on one user network reach each other by name, and a pod's
+# VM and native containers on one user network reach each other by name (every pair), and a pod's
 # containers share the pod's network and published ports. Then
 # nothing is left: no attachment, no namespace. Runs in the KVM test host unless this
 # host has hardware KVM. Exit 0 when all pass.
@@ -49,6 +49,8 @@ out=$(HOST=vmweb PORT=80 fetch_in -e HOST -e PORT --network vnet busybox || true
 expect "native -> VM by name" vmhost "$out"
 out=$(HOST=natweb PORT=80 fetch_in -e HOST -e PORT --vm --network vnet busybox || true)
 expect "VM -> native by name" nathost "$out"
+out=$(HOST=vmweb PORT=80 fetch_in -e HOST -e PORT --vm --network vnet busybox || true)
+expect "VM -> VM by name" vmhost "$out"
 
 # 3. A pod on the network: its containers share the pod's address and ports.
 pport=$((20000 + RANDOM % 20000))
