@@ -92,10 +92,11 @@ fn main() -> Result<()> {
         parse_compile_times.push(start.elapsed());
     }
 
-    // SAFETY (both): the prctl only affects the child it runs in.
     let mut install_times = Vec::with_capacity(rounds);
     for _ in 0..rounds {
         let ns = in_child(|| {
+            // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes integers and affects only the
+            // child it runs in.
             unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
             let start = Instant::now();
             match compiled.install() {
@@ -110,13 +111,16 @@ fn main() -> Result<()> {
     }
 
     const CALLS: u64 = 1_000_000;
-    // SAFETY (all): syscalls with integer arguments.
+    // SAFETY: getppid(2) takes no arguments.
     let cached: fn() = || unsafe {
         libc::syscall(libc::SYS_getppid);
     };
+    // SAFETY: personality(2) takes an integer (0xffffffff only queries).
     let with_args: fn() = || unsafe {
         libc::syscall(libc::SYS_personality, 0xffff_ffffu64);
     };
+    // SAFETY: add_key(2) with null pointers, which the filter refuses before the
+    // kernel would read them (and the kernel checks them otherwise).
     let denied: fn() = || unsafe {
         libc::syscall(libc::SYS_add_key, 0usize, 0usize, 0usize, 0usize, 0usize);
     };

@@ -296,7 +296,7 @@ pub fn dmz_fd() -> Result<OwnedFd> {
     if fd < 0 {
         return Err(nix::Error::last()).ctx(|| "memfd_create");
     }
-    // SAFETY: fresh descriptor.
+    // SAFETY: memfd_create just returned fd (checked above) and nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let elf = dmz_elf();
     let n = nix::unistd::write(&fd, &elf).ctx(|| "write dmz")?;

@@ -70,11 +70,16 @@ struct Child {
 impl Child {
     fn spawn(body: fn() -> !) -> Child {
         let mut fds = [0i32; 2];
+        // SAFETY: pipe2 writes two fds into an array of two.
         assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: the child makes only raw, async-signal-safe syscalls until it exits (see
+        // the bodies below), which is what a fork of a multi-threaded process allows.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork failed");
         if pid == 0 {
             // Child: async-signal-safe calls only.
+            // SAFETY: in the forked child: close/read/_exit on fds this child owns, a one-
+            // byte buffer on the stack.
             unsafe {
                 libc::close(fds[1]);
                 let mut b = 0u8;
@@ -85,6 +90,7 @@ impl Child {
             }
             body();
         }
+        // SAFETY: the read end belongs to the child now; the parent closes its copy once.
         unsafe { libc::close(fds[0]) };
         Child {
             pid,
@@ -96,6 +102,8 @@ impl Child {
     fn release(&mut self) {
         let b = 1u8;
         assert_eq!(
+            // SAFETY: write(2) of one byte from a live stack variable to the pipe this
+            // Child owns.
             unsafe { libc::write(self.go, (&b as *const u8).cast(), 1) },
             1
         );
@@ -110,8 +118,11 @@ impl Child {
 
 impl Drop for Child {
     fn drop(&mut self) {
+        // SAFETY: the write end is owned by this Child and closed only here.
         unsafe { libc::close(self.go) };
         if !self.reaped {
+            // SAFETY: SIGKILL to the child this struct forked and has not reaped, so the
+            // pid is still ours.
             unsafe { libc::kill(self.pid, libc::SIGKILL) };
             // Not forever: a child frozen by a failed test cannot die until its
             // cgroup's guard thaws it.
@@ -129,6 +140,8 @@ impl Drop for Child {
 /// Maps and touches 200 MiB, then exits 0.
 fn hog() -> ! {
     const SIZE: usize = 200 << 20;
+    // SAFETY: a fresh anonymous private mapping, checked against MAP_FAILED; every write
+    // stays below SIZE inside it; then _exit.
     unsafe {
         let p = libc::mmap(
             std::ptr::null_mut(),
@@ -155,6 +168,8 @@ fn hog() -> ! {
 /// The children pause forever.
 fn fork_bomb() -> ! {
     let mut n = 0;
+    // SAFETY: in a forked child: fork, pause and _exit are async-signal-safe and take no
+    // pointers.
     unsafe {
         while n < 200 {
             match libc::fork() {
@@ -180,12 +195,15 @@ fn spin() -> ! {
 /// Sleeps forever.
 fn sleeper() -> ! {
     loop {
+        // SAFETY: pause(2) takes no arguments.
         unsafe { libc::pause() };
     }
 }
 
 /// Keeps forking short-lived children, reaping them, forever.
 fn forker() -> ! {
+    // SAFETY: in a forked child: fork, _exit and waitpid with a null status pointer
+    // (allowed) only.
     unsafe {
         loop {
             let p = libc::fork();
@@ -783,6 +801,8 @@ fn v2_on_the_unified_mount_enables_hugetlb_and_writes_its_limit() {
 
 /// Exits 0 when /dev/null opens and /dev/zero is refused with EPERM, else 1 or 2.
 fn device_probe() -> ! {
+    // SAFETY: open(2) of NUL-terminated literals, errno read right after the failing call,
+    // then _exit; all async-signal-safe.
     unsafe {
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
         if null < 0 {

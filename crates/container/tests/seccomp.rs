@@ -94,7 +94,7 @@ fn unique_path(tag: &str) -> CString {
 }
 
 fn remove_dir(path: &CString) {
-    // SAFETY: valid C string.
+    // SAFETY: rmdir(2) with a NUL-terminated path that outlives the call.
     unsafe { libc::rmdir(path.as_ptr()) };
 }
 
@@ -105,8 +105,8 @@ fn errno_rule_under_default_allow() {
             "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"}]}"#,
     );
     let path = unique_path("mkdir");
-    // SAFETY (both closures): raw syscalls with a valid C string.
     let mkdir = under(&filter, || {
+        // SAFETY: mkdir(2) with a NUL-terminated path that outlives the call.
         outcome(unsafe { libc::syscall(libc::SYS_mkdir, path.as_ptr(), 0o700) })
     });
     assert_eq!(
@@ -115,6 +115,8 @@ fn errno_rule_under_default_allow() {
         "mkdir gets errnoRet's default, EPERM"
     );
     let mkdirat = under(&filter, || {
+        // SAFETY: mkdirat(2) with AT_FDCWD and a NUL-terminated path that outlives the
+        // call.
         outcome(unsafe { libc::syscall(libc::SYS_mkdirat, libc::AT_FDCWD, path.as_ptr(), 0o700) })
     });
     remove_dir(&path);
@@ -130,13 +132,14 @@ fn allow_list_under_default_errno() {
                          {"names": ["rmdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": 2}]}"#,
     );
     // The profile does not allow seccomp(2) itself: installing must take one call.
-    // SAFETY: raw syscalls without arguments.
     let getpid = under(&filter, || {
+        // SAFETY: getpid(2) takes no arguments.
         let pid = unsafe { libc::syscall(libc::SYS_getpid) };
         i32::from(pid <= 0)
     });
     assert_eq!(getpid, End::Code(0), "getpid is allowed");
     let getppid = under(&filter, || {
+        // SAFETY: getppid(2) takes no arguments.
         outcome(unsafe { libc::syscall(libc::SYS_getppid) })
     });
     assert_eq!(
@@ -144,8 +147,8 @@ fn allow_list_under_default_errno() {
         End::Code(libc::ENOSYS),
         "getppid gets the default errno"
     );
-    // SAFETY: rmdir with a valid C string.
     let rmdir = under(&filter, || {
+        // SAFETY: rmdir(2) with a NUL-terminated literal.
         outcome(unsafe { libc::syscall(libc::SYS_rmdir, c"/nonexistent".as_ptr()) })
     });
     assert_eq!(rmdir, End::Code(libc::ENOENT), "rmdir gets its errnoRet");
@@ -160,8 +163,8 @@ fn rule_with_many_conditions_is_accepted_by_the_kernel() {
     let json = serde_json::json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
         {"names": ["getpriority"], "action": "SCMP_ACT_ERRNO", "errnoRet": 9, "args": args}]});
     let filter = compiled(&json.to_string());
-    // SAFETY: getpriority with integer arguments.
     let end = under(&filter, || {
+        // SAFETY: getpriority(2) takes integers only.
         outcome(unsafe { libc::syscall(libc::SYS_getpriority, libc::PRIO_PROCESS, 0) })
     });
     assert_eq!(end, End::Code(libc::EBADF));
@@ -186,8 +189,9 @@ fn argument_conditions() {
         ]}"#,
     );
     let call = |nr: libc::c_long, a0: u64, a1: u64, a2: u64| {
-        // SAFETY: socket/getpriority/getpgid/getsid with integer arguments.
         under(&filter, || {
+            // SAFETY: socket, getpriority, getpgid and getsid take integers only; a socket
+            // made is closed below.
             let rc = unsafe { libc::syscall(nr, a0, a1, a2) };
             if nr == libc::SYS_socket && rc >= 0 {
                 // SAFETY: rc is the new socket's descriptor.
@@ -374,10 +378,11 @@ fn podman_default_profile() {
         .expect("read child output");
     assert_eq!((end, output.as_str()), (End::Code(0), "ok\n"));
 
-    // SAFETY (all closures): raw syscalls with integer or null arguments.
     let run = |body: fn() -> i32| under(&filter, body);
     // Not in the profile: the default errno.
     assert_eq!(
+        // SAFETY: add_key(2) with null pointers: the filter answers before the kernel reads
+        // them, and the kernel checks them otherwise.
         run(|| outcome(unsafe {
             libc::syscall(libc::SYS_add_key, 0usize, 0usize, 0usize, 0usize, 0usize)
         })),
@@ -385,23 +390,27 @@ fn podman_default_profile() {
         "add_key"
     );
     assert_eq!(
+        // SAFETY: request_key(2) with null pointers, refused before they are read.
         run(|| outcome(unsafe { libc::syscall(libc::SYS_request_key, 0usize, 0usize, 0usize) })),
         End::Code(libc::ENOSYS),
         "request_key"
     );
     // Listed with errnoRet 1.
     assert_eq!(
+        // SAFETY: vmsplice(2) on fd -1 with a null iovec: refused before anything is read.
         run(|| outcome(unsafe { libc::syscall(libc::SYS_vmsplice, -1, 0usize, 0usize, 0) })),
         End::Code(libc::EPERM),
         "vmsplice"
     );
     assert_eq!(
+        // SAFETY: bpf(2) with a null attribute pointer: refused before it is read.
         run(|| outcome(unsafe { libc::syscall(libc::SYS_bpf, 0, 0usize, 0) })),
         End::Code(libc::EPERM),
         "bpf without CAP_SYS_ADMIN"
     );
     // socket(AF_NETLINK, SOCK_RAW, NETLINK_AUDIT) gets EINVAL; other sockets are allowed.
     assert_eq!(
+        // SAFETY: socket(2) takes integers only.
         run(|| outcome(unsafe {
             libc::syscall(
                 libc::SYS_socket,
@@ -414,6 +423,8 @@ fn podman_default_profile() {
         "audit socket"
     );
     assert_eq!(
+        // SAFETY: socket(2) takes integers only; the fd is not used again (the child
+        // exits).
         run(|| outcome(unsafe {
             libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0)
         })),
@@ -423,17 +434,20 @@ fn podman_default_profile() {
     // setns is both in the allow-list and in the no-CAP_SYS_ADMIN ERRNO(1) rule; as with
     // libseccomp (runc, crun), the first unconditional rule, ALLOW, decides.
     assert_eq!(
+        // SAFETY: setns(2) on fd -1: integers only.
         run(|| outcome(unsafe { libc::syscall(libc::SYS_setns, -1, 0) })),
         End::Code(libc::EBADF),
         "setns reaches the kernel"
     );
     // personality: the query value is allowed, other personas are not.
     assert_eq!(
+        // SAFETY: personality(2) takes an integer.
         run(|| outcome(unsafe { libc::syscall(libc::SYS_personality, 0xffff_ffffu64) })),
         End::Code(0),
         "personality(0xffffffff)"
     );
     assert_eq!(
+        // SAFETY: personality(2) takes an integer.
         run(|| outcome(unsafe { libc::syscall(libc::SYS_personality, 0x0040000u64) })),
         End::Code(libc::ENOSYS),
         "personality(ADDR_NO_RANDOMIZE)"
@@ -471,8 +485,8 @@ fn unknown_syscall_names_are_skipped() {
              "action": "SCMP_ACT_ERRNO", "errnoRet": 30}]}"#,
     );
     let path = unique_path("unknown");
-    // SAFETY: raw syscall with a valid C string.
     let end = under(&filter, || {
+        // SAFETY: mkdir(2) with a NUL-terminated path that outlives the call.
         outcome(unsafe { libc::syscall(libc::SYS_mkdir, path.as_ptr(), 0o700) })
     });
     remove_dir(&path);
@@ -487,8 +501,8 @@ fn other_abis_are_killed() {
             "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"}]}"#,
     );
     // x32 ABI getpid: x86_64 number with bit 30 set.
-    // SAFETY: getpid takes no argument.
     let x32 = under(&filter, || {
+        // SAFETY: the x32 getpid takes no arguments (and the filter refuses it).
         outcome(unsafe { libc::syscall(0x4000_0000 | libc::SYS_getpid) })
     });
     assert_eq!(x32, End::Signal(Signal::SIGSYS), "x32 syscall");
@@ -539,6 +553,7 @@ fn install_needs_no_new_privs_or_cap_sys_admin() {
                 set_no_new_privs();
             }
             match filter.install() {
+                // SAFETY: getppid(2) takes no arguments.
                 Ok(()) => outcome(unsafe { libc::syscall(libc::SYS_getppid) }),
                 Err(SeccompError::NotPermitted) => 42,
                 Err(_) => INSTALL_FAILED,

@@ -122,8 +122,8 @@ fn run_cmd(cmd: &str) -> Result<i32> {
         .context("start /bin/sh for nestor.cmd")?;
     let want = child.id() as i32;
     loop {
-        // SAFETY: waitpid(-1) with a valid status pointer.
         let mut st = 0;
+        // SAFETY: waitpid(-1) writes the status into a live local.
         let pid = unsafe { libc::waitpid(-1, &mut st, 0) };
         if pid < 0 {
             let e = std::io::Error::last_os_error();

@@ -423,6 +423,7 @@ impl Extractor<'_> {
         // SAFETY: plain syscalls on a valid fd.
         cvt(unsafe { libc::fchown(fd, meta.uid, meta.gid) })
             .map_err(|e| self.io_err(entry, "chown", e))?;
+        // SAFETY: fchmod(2) on the caller's fd, open for the whole call.
         cvt(unsafe { libc::fchmod(fd, meta.mode as libc::mode_t) })
             .map_err(|e| self.io_err(entry, "chmod", e))?;
         for (k, v) in &meta.xattrs {
@@ -457,10 +458,13 @@ impl Extractor<'_> {
         })
         .map_err(|e| self.io_err(entry, "chown", e))?;
         if chmod {
+            // SAFETY: fchmodat(2) with a valid dirfd and a NUL-terminated name.
             cvt(unsafe { libc::fchmodat(dir, name.as_ptr(), meta.mode as libc::mode_t, 0) })
                 .map_err(|e| self.io_err(entry, "chmod", e))?;
         }
         let ts = times(meta.mtime);
+        // SAFETY: utimensat(2) with a valid dirfd, a NUL-terminated name and two timespecs
+        // that outlive the call; AT_SYMLINK_NOFOLLOW, so a link itself is changed.
         cvt(unsafe { libc::utimensat(dir, name.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })
             .map_err(|e| self.io_err(entry, "set mtime", e))
     }

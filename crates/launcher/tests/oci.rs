@@ -81,6 +81,8 @@ fn no_runtime_fd_leaks_into_container() {
     let f = std::fs::File::open("/etc/hostname").unwrap();
     use std::os::fd::AsRawFd;
     let raw = f.as_raw_fd();
+    // SAFETY: fcntl(2) F_GETFD/F_SETFD on the fd of the File held above, which outlives
+    // these calls.
     unsafe {
         let fl = libc::fcntl(raw, libc::F_GETFD);
         libc::fcntl(raw, libc::F_SETFD, fl & !libc::FD_CLOEXEC);

@@ -112,7 +112,7 @@ impl Wire {
             "AF_PACKET socket: {}",
             std::io::Error::last_os_error()
         );
-        // SAFETY: fresh fd.
+        // SAFETY: socket(2) just returned fd (checked above) and nothing else owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let ifindex = tap.ifindex();
         // SAFETY: zeroed sockaddr_ll is valid; fields set below.

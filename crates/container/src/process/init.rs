@@ -62,7 +62,7 @@ pub(super) fn stage2(
                 nix::sys::stat::Mode::empty(),
             )
             .ctx(|| format!("open {}", p.display()))?;
-            // SAFETY: fresh descriptor.
+            // SAFETY: open just returned fd and nothing else owns it.
             Some(unsafe { OwnedFd::from_raw_fd(fd) })
         }
         None => None,
@@ -238,7 +238,7 @@ fn switch_user(process: &Process, bounding: Option<&caps::CapsHashSet>) -> Resul
     nix::unistd::setresgid(gid, gid, gid).ctx(|| format!("setgid {}", user.gid()))?;
     let uid = user.uid().into();
     nix::unistd::setresuid(uid, uid, uid).ctx(|| format!("setuid {}", user.uid()))?;
-    // SAFETY: as above.
+    // SAFETY: prctl(PR_SET_KEEPCAPS) takes integers and changes only this process.
     unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) };
     if let Some(mask) = user.umask() {
         nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
@@ -396,6 +396,8 @@ pub(crate) fn finalize(
             nix::sys::stat::Mode::empty(),
         )
         .ctx(|| "open exec fifo")?;
+        // SAFETY: w was just returned by a successful open and is closed only on the next
+        // line, so it stays valid while borrowed.
         let _ = nix::unistd::write(unsafe { std::os::fd::BorrowedFd::borrow_raw(w) }, b"0");
         let _ = nix::unistd::close(w);
         drop(f);

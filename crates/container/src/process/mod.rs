@@ -364,7 +364,7 @@ pub fn exec_in(
                     nix::sys::stat::Mode::empty(),
                 )
                 .ctx(|| format!("open {p}"))?;
-                // SAFETY: fresh descriptor.
+                // SAFETY: open just returned fd and nothing else owns it.
                 join.push((flag, unsafe { OwnedFd::from_raw_fd(fd) }));
                 if flag == CloneFlags::CLONE_NEWUSER {
                     userns = true;

@@ -63,6 +63,8 @@ impl Drop for RawMode {
 }
 
 fn copy_winsize(master: &OwnedFd) {
+    // SAFETY: winsize is a plain C struct of integers, for which all zeroes is a valid
+    // value.
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
     // SAFETY: TIOCGWINSZ/TIOCSWINSZ with a valid winsize.
     unsafe {
