@@ -45,6 +45,7 @@ mod files;
 mod layout;
 mod v1;
 mod v2;
+mod values;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -11,6 +11,7 @@ use oci_spec::runtime::{
 
 use super::files::{self, keyed, read, read_u64, write};
 use super::layout::V1Hierarchy;
+use super::values::{checked_page_size, checked_swap, pids_value};
 use super::CgroupError;
 
 /// Finds this cgroup's directory in the hierarchy of a controller.
@@ -86,7 +87,7 @@ pub(crate) fn apply(dir_of: &DirOf, r: &LinuxResources) -> Result<(), CgroupErro
     if let Some(h) = r.hugepage_limits().as_ref().filter(|h| !h.is_empty()) {
         let dir = need(dir_of, "hugetlb", "hugepage limits")?;
         for l in h {
-            let size = super::v2::checked_page_size(l.page_size())?;
+            let size = checked_page_size(l.page_size())?;
             write(
                 &dir,
                 &format!("hugetlb.{size}.limit_in_bytes"),
@@ -104,18 +105,9 @@ pub(crate) fn apply(dir_of: &DirOf, r: &LinuxResources) -> Result<(), CgroupErro
     Ok(())
 }
 
-/// pids.max text for an OCI pids limit: <= 0 means no limit.
-pub(crate) fn pids_value(limit: i64) -> String {
-    if limit > 0 {
-        limit.to_string()
-    } else {
-        "max".to_string()
-    }
-}
-
 fn memory(dir_of: &DirOf, m: &LinuxMemory) -> Result<(), CgroupError> {
     let limit = m.limit().filter(|&l| l != 0);
-    let swap = super::v2::checked_swap(limit, m.swap())?;
+    let swap = checked_swap(limit, m.swap())?;
     let needed = limit.is_some()
         || swap.is_some()
         || m.reservation().is_some_and(|r| r != 0)
@@ -409,12 +401,5 @@ mod tests {
             device_rule(&null),
             ("devices.allow", "c 1:3 rw".to_string())
         );
-    }
-
-    #[test]
-    fn pids_values() {
-        assert_eq!(pids_value(16), "16");
-        assert_eq!(pids_value(0), "max");
-        assert_eq!(pids_value(-1), "max");
     }
 }

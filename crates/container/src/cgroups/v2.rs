@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use oci_spec::runtime::{LinuxBlockIo, LinuxCpu, LinuxMemory, LinuxResources};
 
 use super::files::{keyed, read, read_opt, read_u64, write};
+use super::values::{checked_page_size, checked_swap, pids_value};
 use super::{CgroupError, CgroupStats};
 
 /// Controllers nestor enables for every container on v2 (when the root offers them).
@@ -28,30 +29,6 @@ fn blkio_weight_to_io_weight(w: u16) -> u64 {
     1 + ((w - 10) * 9_999) / 990
 }
 
-/// Checks the OCI `memory.swap` (memory + swap, -1 = unlimited, 0 = unset) against
-/// `limit`, returning it when set.
-pub(crate) fn checked_swap(
-    limit: Option<i64>,
-    swap: Option<i64>,
-) -> Result<Option<i64>, CgroupError> {
-    let bad = |reason: String| CgroupError::InvalidResource {
-        what: "memory.swap".into(),
-        reason,
-    };
-    match swap {
-        None | Some(0) => Ok(None),
-        Some(s) if s < -1 => Err(bad(format!(
-            "{s} is negative (only -1, unlimited, is allowed)"
-        ))),
-        Some(s) => match limit {
-            Some(l) if l > 0 && s > 0 && s < l => Err(bad(format!(
-                "memory+swap {s} is below the memory limit {l} (OCI swap counts memory plus swap)"
-            ))),
-            _ => Ok(Some(s)),
-        },
-    }
-}
-
 /// memory.swap.max for an OCI limit and memory+swap value: swap alone, so
 /// `swap - limit`; "max" for -1, and also when memory is unlimited and swap unset.
 fn swap_max(limit: Option<i64>, swap: Option<i64>) -> Result<Option<String>, CgroupError> {
@@ -67,17 +44,6 @@ fn swap_max(limit: Option<i64>, swap: Option<i64>) -> Result<Option<String>, Cgr
             }),
         },
     }
-}
-
-/// Checks a hugepage size (`2MB`, `1GB`): it becomes part of a file name.
-pub(crate) fn checked_page_size(size: &str) -> Result<&str, CgroupError> {
-    if size.is_empty() || !size.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        return Err(CgroupError::InvalidResource {
-            what: "hugepageLimits.pageSize".into(),
-            reason: format!("{size:?} is not a page size like 2MB"),
-        });
-    }
-    Ok(size)
 }
 
 /// The controllers a container with `r` needs enabled.
@@ -142,7 +108,7 @@ pub(crate) fn apply(dir: &Path, r: &LinuxResources) -> Result<(), CgroupError> {
         cpu(dir, c)?;
     }
     if let Some(p) = r.pids() {
-        write(dir, "pids.max", &super::v1::pids_value(p.limit()))?;
+        write(dir, "pids.max", &pids_value(p.limit()))?;
     }
     if let Some(b) = r.block_io() {
         io(dir, b)?;
@@ -550,13 +516,6 @@ mod tests {
             let e = cg.apply(&r).unwrap_err().to_string();
             assert!(e.contains("not a cgroup file name"), "{bad}: {e}");
         }
-    }
-
-    #[test]
-    fn hugepage_size_is_checked() {
-        assert!(checked_page_size("2MB").is_ok());
-        assert!(checked_page_size("../x").is_err());
-        assert!(checked_page_size("").is_err());
     }
 
     #[test]
