@@ -1,6 +1,6 @@
 //! Small system-call helpers the rest of the crate shares: path resolution that cannot
 //! leave a root (openat2 RESOLVE_IN_ROOT), directory creation inside a root, closing
-//! inherited file descriptors, and a sync channel between the runtime and its children.
+//! inherited file descriptors, passing descriptors (SCM_RIGHTS) and the dmz.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -156,55 +156,6 @@ pub fn open_dir(path: &Path) -> Result<OwnedFd> {
     .ctx(|| format!("open {}", path.display()))?;
     // SAFETY: `open` returned a fresh descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// A datagram socket pair carrying short messages between the runtime and the
-/// processes it forks: each message is one datagram.
-pub struct Channel {
-    fd: OwnedFd,
-}
-
-impl Channel {
-    pub fn pair() -> Result<(Channel, Channel)> {
-        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-        let (a, b) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .ctx(|| "socketpair")?;
-        Ok((Channel { fd: a }, Channel { fd: b }))
-    }
-
-    pub fn send(&self, msg: &[u8]) -> Result<()> {
-        nix::unistd::write(&self.fd, msg).ctx(|| "send on sync channel")?;
-        Ok(())
-    }
-
-    /// Receive one message; an empty Vec means the peer closed the channel.
-    pub fn recv(&self) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; 8192];
-        loop {
-            match nix::unistd::read(self.fd.as_raw_fd(), &mut buf) {
-                Ok(n) => {
-                    buf.truncate(n);
-                    return Ok(buf);
-                }
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(e).ctx(|| "receive on sync channel"),
-            }
-        }
-    }
-
-    /// Send a descriptor along with a one-byte message.
-    pub fn send_fd(&self, fd: RawFd) -> Result<()> {
-        send_fd(self.fd.as_raw_fd(), fd)
-    }
-
-    pub fn raw(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
 }
 
 /// Pass `fd` over the Unix socket `sock` with SCM_RIGHTS.

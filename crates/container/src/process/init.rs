@@ -12,10 +12,10 @@ use oci_spec::runtime::Process;
 
 use crate::seccomp::CompiledSeccomp;
 
+use super::sync::{Channel, Msg};
 use super::{InitConfig, NsPlan};
 use crate::error::{Context, Error, Result};
 use crate::rootfs::{self, RootfsContext};
-use crate::sys::Channel;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -27,11 +27,7 @@ pub(super) fn stage2(
     userns: bool,
     root_first: bool,
 ) -> Result<()> {
-    if ch.recv()? != b"g" {
-        return Err(Error::Init(
-            "runtime did not release the container process".into(),
-        ));
-    }
+    ch.wait_go("the container process")?;
     if root_first {
         // Made by one clone with its user namespace: the maps exist now.
         super::become_root()?;
@@ -386,7 +382,7 @@ pub(crate) fn finalize(
         .map(|a| CString::new(a.as_str()))
         .collect::<std::result::Result<_, _>>()
         .map_err(|_| Error::Invalid("process.env has a NUL byte".into()))?;
-    ch.send(b"R")?;
+    ch.send(&Msg::Ready)?;
     if let Some(f) = fifo {
         // Block until `start` opens the fifo for reading.
         let path = crate::sys::fd_path(f.as_raw_fd());

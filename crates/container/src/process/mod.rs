@@ -3,9 +3,10 @@
 //! runtime), then forks the stage-2 child with CLONE_PARENT, so the container's
 //! process is the runtime's own child and PID 1 of its new PID namespace. Stage 2
 //! builds the rootfs, applies the process spec ([`init`]) and execs. The runtime and
-//! its children talk over a SOCK_SEQPACKET pair ([`crate::sys::Channel`]).
+//! its children talk over a SOCK_SEQPACKET pair with typed messages ([`sync`]).
 
 pub mod init;
+pub(crate) mod sync;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use oci_spec::runtime::{LinuxIdMapping, LinuxNamespaceType, Process, Spec};
 
 use crate::error::{Context, Error, Result};
 use crate::rootfs::CgroupMount;
-use crate::sys::Channel;
+use sync::{Channel, Msg};
 
 /// What the runtime tells the container's processes to do.
 pub struct InitConfig<'a> {
@@ -143,7 +144,7 @@ fn fork_child<F: FnOnce() -> Result<()>>(ch: &Channel, flags: libc::c_int, f: F)
         let code = match f() {
             Ok(()) => 0,
             Err(e) => {
-                let _ = ch.send(format!("E{e}").as_bytes());
+                let _ = ch.send(&Msg::Error(e.to_string()));
                 1
             }
         };
@@ -183,8 +184,8 @@ pub fn spawn(cfg: &InitConfig<'_>, on_event: &mut dyn FnMut(Event) -> Result<()>
         }
         if new_user {
             nix::sched::unshare(CloneFlags::CLONE_NEWUSER).ctx(|| "unshare user namespace")?;
-            child.send(b"U")?;
-            if child.recv()? != b"u" {
+            child.send(&Msg::MapUser)?;
+            if child.recv()? != Some(Msg::UserMapped) {
                 return Err(Error::Init("runtime did not write the id maps".into()));
             }
         }
@@ -196,7 +197,7 @@ pub fn spawn(cfg: &InitConfig<'_>, on_event: &mut dyn FnMut(Event) -> Result<()>
         let init = fork_child(&child, libc::CLONE_PARENT, || {
             init::stage2(cfg, &child, &plan, userns, false)
         })?;
-        child.send(format!("P{init}").as_bytes())?;
+        child.send(&Msg::Pid(init))?;
         Ok(())
     })?;
     drop(child);
@@ -204,31 +205,21 @@ pub fn spawn(cfg: &InitConfig<'_>, on_event: &mut dyn FnMut(Event) -> Result<()>
     let mut init_pid = 0;
     let result = (|| -> Result<i32> {
         loop {
-            let msg = parent.recv()?;
-            match msg.first() {
-                Some(b'U') => {
+            match parent.recv()? {
+                Some(Msg::MapUser) => {
                     write_id_map(stage1, "uid_map", &uid_maps)?;
                     write_id_map(stage1, "gid_map", &gid_maps)?;
-                    parent.send(b"u")?;
+                    parent.send(&Msg::UserMapped)?;
                 }
-                Some(b'P') => {
-                    init_pid = std::str::from_utf8(&msg[1..])
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .ok_or_else(|| Error::Init("bad pid message".into()))?;
+                Some(Msg::Pid(pid)) => {
+                    init_pid = pid;
                     on_event(Event::Pid(init_pid))?;
-                    parent.send(b"g")?;
+                    parent.send(&Msg::Go)?;
                 }
-                Some(b'R') => return Ok(init_pid),
-                Some(b'E') => {
-                    return Err(Error::Init(String::from_utf8_lossy(&msg[1..]).into_owned()))
-                }
+                Some(Msg::Ready) => return Ok(init_pid),
+                Some(Msg::Error(m)) => return Err(Error::Init(m)),
                 None => return Err(Error::Init("container process exited during set-up".into())),
-                Some(_) => {
-                    return Err(Error::Init(
-                        "unexpected message from container process".into(),
-                    ))
-                }
+                Some(_) => return Err(unexpected()),
             }
         }
     })();
@@ -237,10 +228,9 @@ pub fn spawn(cfg: &InitConfig<'_>, on_event: &mut dyn FnMut(Event) -> Result<()>
         Ok(pid) => {
             if cfg.fifo.is_none() {
                 // `run`: the channel closes on a successful exec (CLOEXEC) or carries the error.
-                let msg = parent.recv()?;
-                if msg.first() == Some(&b'E') {
+                if let Err(e) = exec_happened(&parent) {
                     let _ = waitpid(Pid::from_raw(pid), None);
-                    return Err(Error::Init(String::from_utf8_lossy(&msg[1..]).into_owned()));
+                    return Err(e);
                 }
             }
             Ok(pid)
@@ -255,6 +245,20 @@ pub fn spawn(cfg: &InitConfig<'_>, on_event: &mut dyn FnMut(Event) -> Result<()>
             }
             Err(e)
         }
+    }
+}
+
+/// A message the runtime does not expect at this point of the set-up.
+fn unexpected() -> Error {
+    Error::Init("unexpected message from container process".into())
+}
+
+/// `run` after [`Msg::Ready`]: the channel's end (close-on-exec) proves the exec
+/// happened; an [`Msg::Error`] says why it did not.
+fn exec_happened(parent: &Channel) -> Result<()> {
+    match parent.recv()? {
+        Some(Msg::Error(m)) => Err(Error::Init(m)),
+        _ => Ok(()),
     }
 }
 
@@ -282,23 +286,15 @@ fn spawn_direct(
             write_id_map(pid, "gid_map", gid_maps)?;
         }
         on_event(Event::Pid(pid))?;
-        parent.send(b"g")?;
-        let msg = parent.recv()?;
-        match msg.first() {
-            Some(b'R') => {}
-            Some(b'E') => return Err(Error::Init(String::from_utf8_lossy(&msg[1..]).into_owned())),
+        parent.send(&Msg::Go)?;
+        match parent.recv()? {
+            Some(Msg::Ready) => {}
+            Some(Msg::Error(m)) => return Err(Error::Init(m)),
             None => return Err(Error::Init("container process exited during set-up".into())),
-            Some(_) => {
-                return Err(Error::Init(
-                    "unexpected message from container process".into(),
-                ))
-            }
+            Some(_) => return Err(unexpected()),
         }
         if cfg.fifo.is_none() {
-            let msg = parent.recv()?;
-            if msg.first() == Some(&b'E') {
-                return Err(Error::Init(String::from_utf8_lossy(&msg[1..]).into_owned()));
-            }
+            exec_happened(&parent)?;
         }
         Ok(())
     })();
@@ -389,9 +385,7 @@ pub fn exec_in(
             become_root()?;
         }
         let p = fork_child(&child, libc::CLONE_PARENT, || {
-            if child.recv()? != b"g" {
-                return Err(Error::Init("runtime did not release the process".into()));
-            }
+            child.wait_go("the process")?;
             nix::unistd::setsid().ctx(|| "setsid")?;
             init::finalize(
                 dmz.as_raw_fd(),
@@ -403,27 +397,21 @@ pub fn exec_in(
                 None,
             )
         })?;
-        child.send(format!("P{p}").as_bytes())?;
+        child.send(&Msg::Pid(p))?;
         Ok(())
     })?;
     drop(child);
     let mut exec_pid = 0;
     let res = (|| -> Result<i32> {
         loop {
-            let msg = parent.recv()?;
-            match msg.first() {
-                Some(b'P') => {
-                    exec_pid = std::str::from_utf8(&msg[1..])
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(0);
+            match parent.recv()? {
+                Some(Msg::Pid(pid)) => {
+                    exec_pid = pid;
                     on_event(Event::Pid(exec_pid))?;
-                    parent.send(b"g")?;
+                    parent.send(&Msg::Go)?;
                 }
-                Some(b'R') => {}
-                Some(b'E') => {
-                    return Err(Error::Init(String::from_utf8_lossy(&msg[1..]).into_owned()))
-                }
+                Some(Msg::Ready) => {}
+                Some(Msg::Error(m)) => return Err(Error::Init(m)),
                 None if exec_pid > 0 => return Ok(exec_pid),
                 _ => return Err(Error::Init("exec process exited during set-up".into())),
             }

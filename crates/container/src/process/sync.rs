@@ -1,0 +1,194 @@
+//! The runtime's sync channel with the processes it forks: a SOCK_SEQPACKET pair
+//! ([`Channel`]), one datagram per [`Msg`], and the only place the messages' bytes are
+//! written and read.
+//!
+//! The wire form is one tag byte and, for two messages, a payload:
+//!
+//! | message | bytes | direction |
+//! |---|---|---|
+//! | [`Msg::MapUser`] | `U` | child -> runtime: the user namespace exists, write its id maps |
+//! | [`Msg::UserMapped`] | `u` | runtime -> child: the id maps are written |
+//! | [`Msg::Pid`] | `P` + decimal pid | child -> runtime: the container's process (host pid) exists, put it in its cgroup |
+//! | [`Msg::Go`] | `g` | runtime -> child: go on (the cgroup holds the process) |
+//! | [`Msg::Ready`] | `R` | child -> runtime: set up, about to wait on the exec fifo or exec |
+//! | [`Msg::Error`] | `E` + UTF-8 message | child -> runtime: set-up failed; the runtime reports the message verbatim |
+//!
+//! Both ends are close-on-exec, so in `run` the end of the channel (no message at all)
+//! proves the container's program was exec'd.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use nix::errno::Errno;
+
+use crate::error::{Context, Error, Result};
+
+/// Largest datagram read; a longer [`Msg::Error`] is cut to this many bytes.
+const MAX_MSG: usize = 8192;
+
+/// One message on the sync channel (see the module docs for the bytes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Msg {
+    /// The child unshared its user namespace: the runtime writes the id maps.
+    MapUser,
+    /// The runtime wrote the id maps.
+    UserMapped,
+    /// The container's process exists with this host pid.
+    Pid(i32),
+    /// The runtime released the process (it is in its cgroup).
+    Go,
+    /// The process is set up and about to exec (or to wait on the exec fifo).
+    Ready,
+    /// Set-up failed with this message.
+    Error(String),
+}
+
+impl Msg {
+    /// The datagram carrying this message.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        match self {
+            Msg::MapUser => b"U".to_vec(),
+            Msg::UserMapped => b"u".to_vec(),
+            Msg::Pid(pid) => format!("P{pid}").into_bytes(),
+            Msg::Go => b"g".to_vec(),
+            Msg::Ready => b"R".to_vec(),
+            Msg::Error(m) => {
+                let mut v = Vec::with_capacity(1 + m.len());
+                v.push(b'E');
+                v.extend_from_slice(m.as_bytes());
+                v
+            }
+        }
+    }
+
+    /// The message a (non-empty) datagram carries.
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Msg> {
+        let bad = || {
+            Error::Init(format!(
+                "unexpected message from the runtime's other end: {:?}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(32)])
+            ))
+        };
+        let (&tag, rest) = bytes.split_first().ok_or_else(bad)?;
+        let bare = |m: Msg| if rest.is_empty() { Ok(m) } else { Err(bad()) };
+        match tag {
+            b'U' => bare(Msg::MapUser),
+            b'u' => bare(Msg::UserMapped),
+            b'g' => bare(Msg::Go),
+            b'R' => bare(Msg::Ready),
+            b'P' => std::str::from_utf8(rest)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .filter(|&pid: &i32| pid > 0)
+                .map(Msg::Pid)
+                .ok_or_else(bad),
+            b'E' => Ok(Msg::Error(String::from_utf8_lossy(rest).into_owned())),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// One end of the sync channel.
+pub(crate) struct Channel {
+    fd: OwnedFd,
+}
+
+impl Channel {
+    /// A connected pair (runtime end, child end), both close-on-exec.
+    pub(crate) fn pair() -> Result<(Channel, Channel)> {
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .ctx(|| "socketpair")?;
+        Ok((Channel { fd: a }, Channel { fd: b }))
+    }
+
+    /// Sends one message.
+    pub(crate) fn send(&self, msg: &Msg) -> Result<()> {
+        nix::unistd::write(&self.fd, &msg.encode()).ctx(|| "send on sync channel")?;
+        Ok(())
+    }
+
+    /// Receives one message; `None` when the other end closed the channel (it exited or
+    /// exec'd).
+    pub(crate) fn recv(&self) -> Result<Option<Msg>> {
+        let mut buf = vec![0u8; MAX_MSG];
+        loop {
+            match nix::unistd::read(self.fd.as_raw_fd(), &mut buf) {
+                Ok(0) => return Ok(None),
+                Ok(n) => return Msg::decode(&buf[..n]).map(Some),
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e).ctx(|| "receive on sync channel"),
+            }
+        }
+    }
+
+    /// Waits for [`Msg::Go`]; anything else (or the end of the channel) is an error
+    /// saying the runtime did not release `what`.
+    pub(crate) fn wait_go(&self, what: &str) -> Result<()> {
+        match self.recv()? {
+            Some(Msg::Go) => Ok(()),
+            _ => Err(Error::Init(format!("runtime did not release {what}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_message_round_trips_in_its_wire_form() {
+        let cases = [
+            (Msg::MapUser, &b"U"[..]),
+            (Msg::UserMapped, b"u"),
+            (Msg::Pid(4242), b"P4242"),
+            (Msg::Go, b"g"),
+            (Msg::Ready, b"R"),
+            (
+                Msg::Error("mount /proc: EPERM".into()),
+                b"Emount /proc: EPERM",
+            ),
+            (Msg::Error(String::new()), b"E"),
+        ];
+        for (msg, wire) in cases {
+            assert_eq!(msg.encode(), wire, "{msg:?}");
+            assert_eq!(Msg::decode(wire).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn malformed_datagrams_are_errors() {
+        for bad in [
+            &b""[..],
+            b"x",
+            b"Ux",
+            b"gg",
+            b"P",
+            b"P-1",
+            b"P0",
+            b"P12a",
+            b"P99999999999",
+        ] {
+            assert!(Msg::decode(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn messages_cross_a_channel_and_its_end_is_none() {
+        let (a, b) = Channel::pair().unwrap();
+        b.send(&Msg::Pid(7)).unwrap();
+        b.send(&Msg::Error("no such file".into())).unwrap();
+        assert_eq!(a.recv().unwrap(), Some(Msg::Pid(7)));
+        assert_eq!(a.recv().unwrap(), Some(Msg::Error("no such file".into())));
+        a.send(&Msg::Ready).unwrap();
+        assert!(b.wait_go("the test").is_err());
+        a.send(&Msg::Go).unwrap();
+        b.wait_go("the test").unwrap();
+        drop(b);
+        assert_eq!(a.recv().unwrap(), None);
+    }
+}
