@@ -10,6 +10,7 @@ mod runtime;
 mod server;
 mod settings;
 mod stats;
+mod stdio;
 mod transport;
 mod tty;
 mod vsockcat;

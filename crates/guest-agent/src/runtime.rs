@@ -10,50 +10,20 @@
 //! `std::process::Command` (fork + exec in one step).
 
 use std::fs;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 use anyhow::{bail, Context, Result};
 use nestor_agent_protocol::Bundle;
+
+use crate::stdio::{set_blocking, to_stdio, Stdio3};
 
 /// How an exec'd process runs: its working directory, a pty or not, its uid and gid.
 pub struct ExecHow<'a> {
     pub cwd: Option<&'a str>,
     pub terminal: bool,
     pub user: Option<(u32, u32)>,
-}
-
-/// stdin, stdout, stderr for a process (`None` = /dev/null).
-#[derive(Default)]
-pub struct Stdio3 {
-    pub stdin: Option<OwnedFd>,
-    pub stdout: Option<OwnedFd>,
-    pub stderr: Option<OwnedFd>,
-}
-
-fn to_stdio(fd: Option<OwnedFd>) -> Result<Stdio> {
-    Ok(match fd {
-        None => Stdio::null(),
-        Some(fd) => {
-            set_blocking(&fd)?;
-            Stdio::from(fd)
-        }
-    })
-}
-
-/// Accepted sockets are non-blocking for the agent's poll loop; a process reading its
-/// stdin must see a blocking fd. O_NONBLOCK lives on the open file, which the agent
-/// stops using once it hands the fd over.
-pub fn set_blocking(fd: &OwnedFd) -> Result<()> {
-    // SAFETY: F_GETFL/F_SETFL on a valid fd.
-    unsafe {
-        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-        if fl < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) < 0 {
-            return Err(std::io::Error::last_os_error()).context("clear O_NONBLOCK");
-        }
-    }
-    Ok(())
 }
 
 /// The runtime binary, its state root and the agent's scratch directory.

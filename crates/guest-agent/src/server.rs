@@ -25,8 +25,9 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::runtime::{read_pid, Runtime, Stdio3};
+use crate::runtime::{read_pid, ExecHow, Runtime};
 use crate::stats;
+use crate::stdio::Stdio3;
 use crate::transport::Transport;
 
 pub const MAX_CONNS: usize = 512;
@@ -177,6 +178,83 @@ fn exit_code(ws: WaitStatus) -> Option<(i32, i32)> {
         WaitStatus::Exited(p, c) => Some((p.as_raw(), c)),
         WaitStatus::Signaled(p, s, _) => Some((p.as_raw(), 128 + s as i32)),
         _ => None,
+    }
+}
+
+/// What a request handler returns: `Ok(Some(reply))` at once, `Ok(None)` when the reply
+/// comes later (the request's [`Waiter`] is kept), `Err(reply)` for a refusal.
+type Outcome = Result<Option<Response>, Refused>;
+
+/// The error reply of a refused request.
+struct Refused(ErrorKind, String);
+
+impl From<Refused> for Response {
+    fn from(r: Refused) -> Response {
+        Response::error(r.0, r.1)
+    }
+}
+
+fn refuse(kind: ErrorKind, message: impl Into<String>) -> Refused {
+    Refused(kind, message.into())
+}
+
+/// The ids in `req` that must be valid: every container id, and the id a new exec
+/// takes. (An exec id that only names an existing exec is looked up, never used as a
+/// name, so an invalid one is simply not found.)
+fn ids_to_check(req: &Request) -> Vec<&str> {
+    match req {
+        Request::Create { container, .. }
+        | Request::Run { container, .. }
+        | Request::Start { container }
+        | Request::Signal { container, .. }
+        | Request::Wait { container, .. }
+        | Request::Delete { container } => vec![container],
+        Request::Exec {
+            container, exec, ..
+        } => vec![container, exec],
+        Request::Stats {
+            container: Some(container),
+        } => vec![container],
+        Request::Ping
+        | Request::Attach { .. }
+        | Request::Stats { container: None }
+        | Request::Network { .. }
+        | Request::Shutdown { .. } => Vec::new(),
+    }
+}
+
+fn invalid_id(id: &str) -> Response {
+    Response::error(
+        ErrorKind::BadRequest,
+        format!(
+            "invalid id {:?} (1-64 of [A-Za-z0-9_.-])",
+            id.chars().take(80).collect::<String>()
+        ),
+    )
+}
+
+/// The container named `id`, or the NotFound reply.
+fn find<'a>(
+    containers: &'a mut HashMap<String, Container>,
+    id: &str,
+) -> Result<&'a mut Container, Refused> {
+    containers
+        .get_mut(id)
+        .ok_or_else(|| refuse(ErrorKind::NotFound, format!("no container {id}")))
+}
+
+/// The container's main process (`exec` None) or one of its execs, or the NotFound reply.
+fn process<'a>(
+    c: &'a mut Container,
+    container: &str,
+    exec: Option<&str>,
+) -> Result<&'a mut Proc, Refused> {
+    match exec {
+        None => Ok(&mut c.main),
+        Some(e) => c
+            .execs
+            .get_mut(e)
+            .ok_or_else(|| refuse(ErrorKind::NotFound, format!("no exec {e} in {container}"))),
     }
 }
 
@@ -610,73 +688,23 @@ impl Server {
         self.attached.retain(|(c, _, _), _| c != container);
     }
 
-    /// Handles a request; `None` means the reply comes later.
+    /// Handles a request; `None` means the reply comes later. The ids a request names
+    /// are checked here, once, before any handler looks them up.
     fn dispatch(&mut self, w: Waiter, req: Request) -> Option<Response> {
-        use ErrorKind::*;
-        let check = |id: &str| -> Option<Response> {
-            if valid_id(id) {
-                None
-            } else {
-                Some(Response::error(
-                    BadRequest,
-                    format!(
-                        "invalid id {:?} (1-64 of [A-Za-z0-9_.-])",
-                        id.chars().take(80).collect::<String>()
-                    ),
-                ))
-            }
-        };
-        macro_rules! checked {
-            ($($id:expr),*) => {
-                $( if let Some(e) = check($id) { return Some(e); } )*
-            };
+        if let Some(bad) = ids_to_check(&req).into_iter().find(|id| !valid_id(id)) {
+            return Some(invalid_id(bad));
         }
-        match req {
-            Request::Ping => Some(Response::Pong {
+        let outcome = match req {
+            Request::Ping => Ok(Some(Response::Pong {
                 version: proto::VERSION,
                 pid1: self.pid1,
-            }),
+            })),
             Request::Attach { .. } => {
-                Some(Response::error(BadRequest, "attach is handled elsewhere"))
+                Err(refuse(ErrorKind::BadRequest, "attach is handled elsewhere"))
             }
-            Request::Create { container, bundle } => {
-                checked!(&container);
-                self.create(w, container, bundle, false)
-            }
-            Request::Run { container, bundle } => {
-                checked!(&container);
-                self.create(w, container, bundle, true)
-            }
-            Request::Start { container } => {
-                checked!(&container);
-                let Some(c) = self.containers.get_mut(&container) else {
-                    return Some(Response::error(
-                        NotFound,
-                        format!("no container {container}"),
-                    ));
-                };
-                if c.phase != Phase::Created {
-                    return Some(Response::error(
-                        State,
-                        format!("container {container} is {:?}, not created", c.phase),
-                    ));
-                }
-                match self.runtime.start(&container) {
-                    Ok(child) => {
-                        c.phase = Phase::Starting;
-                        self.ops.insert(
-                            child.id() as i32,
-                            Op {
-                                kind: OpKind::Start,
-                                container,
-                                reply: w,
-                            },
-                        );
-                        None
-                    }
-                    Err(e) => Some(Response::error(Internal, format!("{e:#}"))),
-                }
-            }
+            Request::Create { container, bundle } => self.create(w, container, bundle, false),
+            Request::Run { container, bundle } => self.create(w, container, bundle, true),
+            Request::Start { container } => self.start(w, container),
             Request::Exec {
                 container,
                 exec,
@@ -686,227 +714,211 @@ impl Server {
                 terminal,
                 user,
             } => {
-                checked!(&container, &exec);
-                let Some(c) = self.containers.get(&container) else {
-                    return Some(Response::error(
-                        NotFound,
-                        format!("no container {container}"),
-                    ));
-                };
-                if c.phase != Phase::Running || c.main.exit.is_some() {
-                    return Some(Response::error(
-                        State,
-                        format!("container {container} is not running"),
-                    ));
-                }
-                if c.execs.contains_key(&exec) {
-                    return Some(Response::error(
-                        Exists,
-                        format!("exec {exec} already exists in {container}"),
-                    ));
-                }
-                if c.execs.len() >= MAX_EXECS {
-                    return Some(Response::error(
-                        Limit,
-                        format!("{MAX_EXECS} execs in {container}"),
-                    ));
-                }
-                let stdio = self.take_stdio(&container, Some(&exec));
-                let how = crate::runtime::ExecHow {
+                let how = ExecHow {
                     cwd: cwd.as_deref(),
                     terminal,
                     user,
                 };
-                match self
-                    .runtime
-                    .exec(&container, &exec, &args, &env, &how, stdio)
-                {
-                    Ok(child) => {
-                        let pid = child.id() as i32;
-                        self.pids
-                            .insert(pid, (container.clone(), Some(exec.clone())));
-                        self.starting
-                            .insert((container.clone(), Some(exec.clone())), w);
-                        if let Some(c) = self.containers.get_mut(&container) {
-                            c.execs.insert(exec, Proc::new(Some(pid)));
-                        }
-                        None
-                    }
-                    Err(e) => Some(Response::error(Runtime, format!("{e:#}"))),
-                }
+                self.exec(w, container, exec, &args, &env, &how)
             }
             Request::Signal {
                 container,
                 exec,
                 signal,
-            } => {
-                checked!(&container);
-                if !(1..=64).contains(&signal) {
-                    return Some(Response::error(
-                        BadRequest,
-                        format!("signal {signal} out of range 1-64"),
-                    ));
-                }
-                let Some(c) = self.containers.get(&container) else {
-                    return Some(Response::error(
-                        NotFound,
-                        format!("no container {container}"),
-                    ));
-                };
-                let p = match &exec {
-                    None => &c.main,
-                    Some(e) => match c.execs.get(e) {
-                        Some(p) => p,
-                        None => {
-                            return Some(Response::error(
-                                NotFound,
-                                format!("no exec {e} in {container}"),
-                            ))
-                        }
-                    },
-                };
-                if p.exit.is_some() {
-                    return Some(Response::error(State, "the process has already exited"));
-                }
-                let target =
-                    read_pid(&self.runtime.pid_file(&container, exec.as_deref())).or(p.pid);
-                let Some(pid) = target else {
-                    return Some(Response::error(State, "the process has not started yet"));
-                };
-                // SAFETY: kill with a checked signal number.
-                if unsafe { libc::kill(pid, signal) } != 0 {
-                    return Some(Response::error(
-                        Internal,
-                        format!("kill({pid}, {signal}): {}", std::io::Error::last_os_error()),
-                    ));
-                }
-                Some(Response::Ok)
-            }
-            Request::Wait { container, exec } => {
-                checked!(&container);
-                let Some(c) = self.containers.get_mut(&container) else {
-                    return Some(Response::error(
-                        NotFound,
-                        format!("no container {container}"),
-                    ));
-                };
-                let p = match &exec {
-                    None => &mut c.main,
-                    Some(e) => match c.execs.get_mut(e) {
-                        Some(p) => p,
-                        None => {
-                            return Some(Response::error(
-                                NotFound,
-                                format!("no exec {e} in {container}"),
-                            ))
-                        }
-                    },
-                };
-                match p.exit {
-                    Some(code) => Some(Response::Exited { code }),
-                    None if p.waiters.len() >= 64 => {
-                        Some(Response::error(Limit, "64 waiters on this process"))
-                    }
-                    None => {
-                        p.waiters.push(w);
-                        None
-                    }
-                }
-            }
-            Request::Delete { container } => {
-                checked!(&container);
-                let Some(c) = self.containers.get_mut(&container) else {
-                    return Some(Response::error(
-                        NotFound,
-                        format!("no container {container}"),
-                    ));
-                };
-                if matches!(c.phase, Phase::Creating | Phase::Starting | Phase::Deleting) {
-                    return Some(Response::error(
-                        State,
-                        format!("container {container} is busy ({:?})", c.phase),
-                    ));
-                }
-                match self.runtime.delete(&container) {
-                    Ok(child) => {
-                        c.phase = Phase::Deleting;
-                        self.ops.insert(
-                            child.id() as i32,
-                            Op {
-                                kind: OpKind::Delete,
-                                container,
-                                reply: w,
-                            },
-                        );
-                        None
-                    }
-                    Err(e) => Some(Response::error(Internal, format!("{e:#}"))),
-                }
-            }
-            Request::Stats { container } => {
-                let guest = stats::guest(self.containers.len() as u32);
-                let container = match container {
-                    None => None,
-                    Some(id) => {
-                        checked!(&id);
-                        let Some(c) = self.containers.get(&id) else {
-                            return Some(Response::error(NotFound, format!("no container {id}")));
-                        };
-                        let pid = read_pid(&self.runtime.pid_file(&id, None)).or(c.main.pid);
-                        pid.and_then(stats::container)
-                    }
-                };
-                Some(Response::Stats { guest, container })
-            }
-            Request::Network { ifaces, files } => Some(match crate::net::apply(&ifaces, &files) {
-                Ok(()) => Response::Ok,
-                Err(e) => Response::error(BadRequest, format!("network: {e}")),
-            }),
+            } => self.signal(&container, exec.as_deref(), signal),
+            Request::Wait { container, exec } => self.wait(w, &container, exec.as_deref()),
+            Request::Delete { container } => self.delete(w, container),
+            Request::Stats { container } => self.stats(container.as_deref()),
+            Request::Network { ifaces, files } => match crate::net::apply(&ifaces, &files) {
+                Ok(()) => Ok(Some(Response::Ok)),
+                Err(e) => Err(refuse(ErrorKind::BadRequest, format!("network: {e}"))),
+            },
             Request::Shutdown { reboot } => {
                 self.shutdown = Some(ShutdownState {
                     reboot: reboot || self.default_reboot,
                     conn: w.conn,
                     deadline: Instant::now() + Duration::from_secs(1),
                 });
-                Some(Response::Ok)
+                Ok(Some(Response::Ok))
+            }
+        };
+        outcome.unwrap_or_else(|r| Some(r.into()))
+    }
+
+    /// `Start`: runs `nestor start` for a created container; answered when it exits.
+    fn start(&mut self, w: Waiter, container: String) -> Outcome {
+        let c = find(&mut self.containers, &container)?;
+        if c.phase != Phase::Created {
+            return Err(refuse(
+                ErrorKind::State,
+                format!("container {container} is {:?}, not created", c.phase),
+            ));
+        }
+        let child = self
+            .runtime
+            .start(&container)
+            .map_err(|e| refuse(ErrorKind::Internal, format!("{e:#}")))?;
+        c.phase = Phase::Starting;
+        self.ops.insert(
+            child.id() as i32,
+            Op {
+                kind: OpKind::Start,
+                container,
+                reply: w,
+            },
+        );
+        Ok(None)
+    }
+
+    /// `Exec`: a new process in a running container, with the streams attached for it;
+    /// answered once the runtime has written its pid.
+    fn exec(
+        &mut self,
+        w: Waiter,
+        container: String,
+        exec: String,
+        args: &[String],
+        env: &[String],
+        how: &ExecHow<'_>,
+    ) -> Outcome {
+        let c = find(&mut self.containers, &container)?;
+        if c.phase != Phase::Running || c.main.exit.is_some() {
+            return Err(refuse(
+                ErrorKind::State,
+                format!("container {container} is not running"),
+            ));
+        }
+        if c.execs.contains_key(&exec) {
+            return Err(refuse(
+                ErrorKind::Exists,
+                format!("exec {exec} already exists in {container}"),
+            ));
+        }
+        if c.execs.len() >= MAX_EXECS {
+            return Err(refuse(
+                ErrorKind::Limit,
+                format!("{MAX_EXECS} execs in {container}"),
+            ));
+        }
+        let stdio = self.take_stdio(&container, Some(&exec));
+        let child = self
+            .runtime
+            .exec(&container, &exec, args, env, how, stdio)
+            .map_err(|e| refuse(ErrorKind::Runtime, format!("{e:#}")))?;
+        let pid = child.id() as i32;
+        self.pids
+            .insert(pid, (container.clone(), Some(exec.clone())));
+        self.starting
+            .insert((container.clone(), Some(exec.clone())), w);
+        if let Some(c) = self.containers.get_mut(&container) {
+            c.execs.insert(exec, Proc::new(Some(pid)));
+        }
+        Ok(None)
+    }
+
+    /// `Signal`: kill(2) of the container's main process or of one of its execs.
+    fn signal(&mut self, container: &str, exec: Option<&str>, signal: i32) -> Outcome {
+        if !(1..=64).contains(&signal) {
+            return Err(refuse(
+                ErrorKind::BadRequest,
+                format!("signal {signal} out of range 1-64"),
+            ));
+        }
+        let c = find(&mut self.containers, container)?;
+        let p = process(c, container, exec)?;
+        if p.exit.is_some() {
+            return Err(refuse(ErrorKind::State, "the process has already exited"));
+        }
+        let Some(pid) = read_pid(&self.runtime.pid_file(container, exec)).or(p.pid) else {
+            return Err(refuse(ErrorKind::State, "the process has not started yet"));
+        };
+        // SAFETY: kill(2) takes integers only; the signal number is checked above.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(refuse(
+                ErrorKind::Internal,
+                format!("kill({pid}, {signal}): {}", std::io::Error::last_os_error()),
+            ));
+        }
+        Ok(Some(Response::Ok))
+    }
+
+    /// `Wait`: the exit code, now if the process has exited, else when it does.
+    fn wait(&mut self, w: Waiter, container: &str, exec: Option<&str>) -> Outcome {
+        let c = find(&mut self.containers, container)?;
+        let p = process(c, container, exec)?;
+        match p.exit {
+            Some(code) => Ok(Some(Response::Exited { code })),
+            None if p.waiters.len() >= 64 => {
+                Err(refuse(ErrorKind::Limit, "64 waiters on this process"))
+            }
+            None => {
+                p.waiters.push(w);
+                Ok(None)
             }
         }
     }
 
-    fn create(
-        &mut self,
-        w: Waiter,
-        id: String,
-        bundle: proto::Bundle,
-        run: bool,
-    ) -> Option<Response> {
+    /// `Delete`: runs `nestor delete --force`; answered when it exits.
+    fn delete(&mut self, w: Waiter, container: String) -> Outcome {
+        let c = find(&mut self.containers, &container)?;
+        if matches!(c.phase, Phase::Creating | Phase::Starting | Phase::Deleting) {
+            return Err(refuse(
+                ErrorKind::State,
+                format!("container {container} is busy ({:?})", c.phase),
+            ));
+        }
+        let child = self
+            .runtime
+            .delete(&container)
+            .map_err(|e| refuse(ErrorKind::Internal, format!("{e:#}")))?;
+        c.phase = Phase::Deleting;
+        self.ops.insert(
+            child.id() as i32,
+            Op {
+                kind: OpKind::Delete,
+                container,
+                reply: w,
+            },
+        );
+        Ok(None)
+    }
+
+    /// `Stats`: guest-wide figures, and the container's cgroup figures when one is named.
+    fn stats(&mut self, container: Option<&str>) -> Outcome {
+        let guest = stats::guest(self.containers.len() as u32);
+        let container = match container {
+            None => None,
+            Some(id) => {
+                let c = find(&mut self.containers, id)?;
+                let pid = read_pid(&self.runtime.pid_file(id, None)).or(c.main.pid);
+                pid.and_then(stats::container)
+            }
+        };
+        Ok(Some(Response::Stats { guest, container }))
+    }
+
+    /// `Create` and `Run`: writes the bundle and starts the runtime with the streams
+    /// attached for the container. `Create` is answered when `nestor create` exits,
+    /// `Run` once the runtime has written the container's pid.
+    fn create(&mut self, w: Waiter, id: String, bundle: proto::Bundle, run: bool) -> Outcome {
         use ErrorKind::*;
         if self.containers.contains_key(&id) {
-            return Some(Response::error(
-                Exists,
-                format!("container {id} already exists"),
-            ));
+            return Err(refuse(Exists, format!("container {id} already exists")));
         }
         if self.containers.len() >= MAX_CONTAINERS {
-            return Some(Response::error(
-                Limit,
-                format!("{MAX_CONTAINERS} containers exist"),
-            ));
+            return Err(refuse(Limit, format!("{MAX_CONTAINERS} containers exist")));
         }
-        let dir = match self.runtime.prepare_bundle(&id, &bundle) {
-            Ok(d) => d,
-            Err(e) => return Some(Response::error(BadRequest, format!("{e:#}"))),
-        };
+        let dir = self
+            .runtime
+            .prepare_bundle(&id, &bundle)
+            .map_err(|e| refuse(BadRequest, format!("{e:#}")))?;
         let stdio = self.take_stdio(&id, None);
         let spawned = if run {
             self.runtime.run(&id, &dir, stdio)
         } else {
             self.runtime.create(&id, &dir, stdio).map(|c| c.id() as i32)
         };
-        let pid = match spawned {
-            Ok(p) => p,
-            Err(e) => return Some(Response::error(Internal, format!("{e:#}"))),
-        };
+        let pid = spawned.map_err(|e| refuse(Internal, format!("{e:#}")))?;
         if run {
             self.pids.insert(pid, (id.clone(), None));
             self.starting.insert((id.clone(), None), w);
@@ -918,7 +930,6 @@ impl Server {
                     execs: HashMap::new(),
                 },
             );
-            None
         } else {
             self.ops.insert(
                 pid,
@@ -936,8 +947,8 @@ impl Server {
                     execs: HashMap::new(),
                 },
             );
-            None
         }
+        Ok(None)
     }
 
     fn reap(&mut self) {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 
-use crate::runtime::Stdio3;
+use crate::stdio::{set_blocking, Stdio3};
 
 /// How long the runtime may take to send the pty master.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -89,7 +89,7 @@ fn copy_both_ways(master: OwnedFd, stdio: Stdio3) {
         let _ = std::thread::Builder::new()
             .name("tty-in".into())
             .spawn(move || {
-                let _ = crate::runtime::set_blocking(&input);
+                let _ = set_blocking(&input);
                 let mut src = File::from(input);
                 let mut dst = File::from(master_in);
                 let mut buf = [0u8; 4096];
@@ -107,7 +107,7 @@ fn copy_both_ways(master: OwnedFd, stdio: Stdio3) {
         while matches!(src.read(&mut buf), Ok(n) if n > 0) {}
         return;
     };
-    let _ = crate::runtime::set_blocking(&out);
+    let _ = set_blocking(&out);
     let mut src = File::from(master);
     let mut dst = File::from(out);
     let mut buf = [0u8; 4096];
