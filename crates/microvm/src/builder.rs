@@ -34,6 +34,7 @@ use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{Bus, BusError};
 use crate::exit::{ExitSignal, GuestExit};
+use crate::seccomp::{self, ThreadKind};
 use crate::vstate::memory::{self, GuestMemory, MemoryError};
 use crate::vstate::vcpu::{self, Vcpu, VcpuContext, VcpuControl, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -361,7 +362,9 @@ impl Vmm {
     pub fn start(&mut self) -> Result<(), VmmError> {
         self.ctx.control.set_count(self.pending.len());
         for v in self.pending.drain(..) {
-            self.handles.push(vcpu::spawn(v, self.ctx.clone())?);
+            self.handles.push(vcpu::spawn(v, self.ctx.clone(), |id| {
+                seccomp::enter(ThreadKind::Vcpu(id))
+            })?);
         }
         Ok(())
     }

@@ -371,13 +371,15 @@ pub fn kick_all(handles: &[JoinHandle<()>]) {
     }
 }
 
-/// Spawns the thread of `vcpu`.
-pub fn spawn(vcpu: Vcpu, ctx: VcpuContext) -> Result<JoinHandle<()>, VcpuError> {
+/// Spawns the thread of `vcpu`, which calls `enter(id)` before anything else (the
+/// VMM installs the thread's seccomp filter there and may hold it until every thread
+/// is filtered).
+pub fn spawn(vcpu: Vcpu, ctx: VcpuContext, enter: fn(u8)) -> Result<JoinHandle<()>, VcpuError> {
     let id = vcpu.id;
     std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .spawn(move || {
-            crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu(id));
+            enter(id);
             run_loop(vcpu, ctx)
         })
         .map_err(|source| VcpuError::Spawn { id, source })

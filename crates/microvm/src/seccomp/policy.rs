@@ -1,0 +1,257 @@
+//! The built-in filters, as data: one allow-list per thread kind (`main`, `vcpu`,
+//! `virtio`) of syscalls with optional argument conditions, turned into seccompiler's
+//! JSON format by [`default_filters`] (what `--seccomp-print` prints). Nothing here
+//! compiles or installs anything.
+
+use serde_json::{json, Value};
+
+use super::names::syscall_name;
+use super::SeccompError;
+
+/// `ioctl` request numbers the filters allow.
+mod ioctls {
+    use kvm_bindings::{kvm_mp_state, kvm_regs, KVMIO};
+    use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
+
+    const fn size<T>() -> u32 {
+        std::mem::size_of::<T>() as u32
+    }
+    pub const KVM_RUN: u64 = ioctl_expr(_IOC_NONE, KVMIO, 0x80, 0);
+    pub const KVM_GET_REGS: u64 = ioctl_expr(_IOC_READ, KVMIO, 0x81, size::<kvm_regs>());
+    pub const KVM_GET_MP_STATE: u64 = ioctl_expr(_IOC_READ, KVMIO, 0x98, size::<kvm_mp_state>());
+    const TUN: u32 = b'T' as u32;
+    pub const TUNSETOFFLOAD: u64 = ioctl_expr(_IOC_WRITE, TUN, 208, 4);
+    pub const TUNSETVNETHDRSZ: u64 = ioctl_expr(_IOC_WRITE, TUN, 216, 4);
+    pub const FIONBIO: u64 = libc::FIONBIO;
+}
+
+/// One allow rule: a syscall, optionally with and-bound argument conditions.
+struct Rule {
+    nr: i64,
+    args: Vec<Value>,
+    comment: &'static str,
+}
+
+fn any(nr: i64) -> Rule {
+    Rule {
+        nr,
+        args: Vec::new(),
+        comment: "",
+    }
+}
+
+/// Argument `index` (32-bit) equals `val`.
+pub(super) fn eq32(index: u8, val: u64, comment: &'static str) -> Value {
+    json!({"index": index, "type": "dword", "op": "eq", "val": val, "comment": comment})
+}
+
+fn when(nr: i64, args: Vec<Value>, comment: &'static str) -> Rule {
+    Rule { nr, args, comment }
+}
+
+/// What every thread needs: memory management without executable mappings, locks,
+/// signal return, clocks, I/O on its own descriptors, thread exit, abort.
+fn common() -> Vec<Rule> {
+    let no_exec = || {
+        json!({"index": 2, "type": "dword", "op": {"masked_eq": libc::PROT_EXEC}, "val": 0,
+               "comment": "no PROT_EXEC"})
+    };
+    let mut v = vec![
+        when(libc::SYS_mmap, vec![no_exec()], "no executable mappings"),
+        when(
+            libc::SYS_mprotect,
+            vec![no_exec()],
+            "no executable mappings",
+        ),
+    ];
+    v.extend(
+        [
+            libc::SYS_read,
+            libc::SYS_write,
+            libc::SYS_close,
+            libc::SYS_futex,
+            libc::SYS_munmap,
+            libc::SYS_madvise,
+            libc::SYS_mremap,
+            libc::SYS_brk,
+            libc::SYS_rt_sigprocmask,
+            libc::SYS_rt_sigreturn,
+            libc::SYS_sigaltstack,
+            libc::SYS_restart_syscall,
+            libc::SYS_clock_gettime,
+            libc::SYS_clock_nanosleep,
+            libc::SYS_nanosleep,
+            libc::SYS_sched_yield,
+            libc::SYS_gettid,
+            libc::SYS_getpid,
+            libc::SYS_exit,
+            libc::SYS_exit_group,
+        ]
+        .map(any),
+    );
+    for cmd in [
+        libc::F_GETFD,
+        libc::F_SETFD,
+        libc::F_GETFL,
+        libc::F_SETFL,
+        libc::F_DUPFD_CLOEXEC,
+    ] {
+        v.push(when(
+            libc::SYS_fcntl,
+            vec![eq32(1, cmd as u64, "fcntl command")],
+            "descriptor flags",
+        ));
+    }
+    // abort() after a panic: raise SIGABRT on itself.
+    v.push(when(
+        libc::SYS_tgkill,
+        vec![eq32(2, libc::SIGABRT as u64, "SIGABRT")],
+        "abort",
+    ));
+    v
+}
+
+/// Disk and entropy backends (the event thread; a vCPU runs them too for a queue
+/// notify that no ioeventfd caught, and activates devices).
+fn device_io() -> Vec<Rule> {
+    [
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
+        libc::SYS_preadv,
+        libc::SYS_pwritev,
+        libc::SYS_readv,
+        libc::SYS_writev,
+        libc::SYS_fsync,
+        libc::SYS_fdatasync,
+        libc::SYS_getrandom,
+        libc::SYS_eventfd2,
+        libc::SYS_epoll_ctl,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmsg,
+        libc::SYS_shutdown,
+    ]
+    .map(any)
+    .into_iter()
+    .chain(
+        [
+            ioctls::TUNSETOFFLOAD,
+            ioctls::TUNSETVNETHDRSZ,
+            ioctls::FIONBIO,
+        ]
+        .map(|req| {
+            when(
+                libc::SYS_ioctl,
+                vec![eq32(1, req, "tap offload / vnet header / non-blocking")],
+                "net and vsock back-ends",
+            )
+        }),
+    )
+    .collect()
+}
+
+fn main_rules() -> Vec<Rule> {
+    let mut v = common();
+    v.extend(
+        [
+            libc::SYS_poll,
+            libc::SYS_ppoll,
+            libc::SYS_accept4,
+            libc::SYS_recvfrom,
+            libc::SYS_sendto,
+            libc::SYS_mincore,
+            libc::SYS_statx,
+            libc::SYS_fstat,
+            libc::SYS_newfstatat,
+            libc::SYS_lseek,
+            libc::SYS_unlink,
+            libc::SYS_unlinkat,
+            libc::SYS_getrandom,
+            libc::SYS_shutdown,
+            libc::SYS_rt_sigtimedwait,
+        ]
+        .map(any),
+    );
+    v.push(when(
+        libc::SYS_openat,
+        vec![eq32(
+            2,
+            (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+            "O_RDONLY|O_CLOEXEC",
+        )],
+        "read-only opens (/proc/self/status for metrics)",
+    ));
+    v.push(when(
+        libc::SYS_tgkill,
+        vec![eq32(
+            2,
+            crate::vstate::vcpu::kick_signal() as u64,
+            "the vCPU kick signal",
+        )],
+        "kicking vCPU threads out of KVM_RUN",
+    ));
+    v
+}
+
+fn vcpu_rules() -> Vec<Rule> {
+    let mut v = common();
+    for (req, name) in [
+        (ioctls::KVM_RUN, "KVM_RUN"),
+        (ioctls::KVM_GET_MP_STATE, "KVM_GET_MP_STATE"),
+        (ioctls::KVM_GET_REGS, "KVM_GET_REGS"),
+    ] {
+        v.push(when(libc::SYS_ioctl, vec![eq32(1, req, name)], name));
+    }
+    v.extend(device_io());
+    v
+}
+
+fn virtio_rules() -> Vec<Rule> {
+    let mut v = common();
+    v.extend(device_io());
+    v.extend(
+        [
+            libc::SYS_epoll_wait,
+            libc::SYS_epoll_pwait,
+            libc::SYS_connect,
+            libc::SYS_accept4,
+            libc::SYS_bind,
+            libc::SYS_listen,
+            libc::SYS_getsockopt,
+            libc::SYS_unlink,
+        ]
+        .map(any),
+    );
+    v.push(when(
+        libc::SYS_socket,
+        vec![eq32(0, libc::AF_UNIX as u64, "AF_UNIX")],
+        "vsock host side: Unix sockets only",
+    ));
+    v
+}
+
+fn to_json(rules: Vec<Rule>) -> Result<Value, SeccompError> {
+    let mut filter = Vec::with_capacity(rules.len());
+    for r in rules {
+        let name = syscall_name(r.nr).ok_or(SeccompError::Unknown(r.nr))?;
+        let mut o = json!({ "syscall": name });
+        if !r.args.is_empty() {
+            o["args"] = Value::Array(r.args);
+        }
+        if !r.comment.is_empty() {
+            o["comment"] = json!(r.comment);
+        }
+        filter.push(o);
+    }
+    Ok(json!({"mismatch_action": "trap", "match_action": "allow", "filter": filter}))
+}
+
+/// The built-in filter set, in seccompiler's JSON format.
+pub fn default_filters() -> Result<Value, SeccompError> {
+    Ok(json!({
+        "main": to_json(main_rules())?,
+        "vcpu": to_json(vcpu_rules())?,
+        "virtio": to_json(virtio_rules())?,
+    }))
+}
