@@ -2,19 +2,19 @@
 //! `nestor-bench/1`), what the Markdown and SVG renderers read, and the summary
 //! statistics (median, p10/p90, min/max) every timed row carries.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub const SCHEMA: &str = "nestor-bench/1";
 
 /// Whether a row was measured or skipped (always with a reason).
-#[derive(Serialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Measured,
     Skipped,
 }
 
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Report {
     pub schema: String,
     pub header: Header,
@@ -25,7 +25,7 @@ pub struct Report {
     pub workloads: Vec<WorkloadSet>,
 }
 
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Header {
     pub host: String,
     pub cpu: String,
@@ -44,7 +44,7 @@ pub struct Header {
     pub notes: Vec<String>,
 }
 
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Kvm {
     pub device: bool,
     /// The loaded KVM module: kvm_intel, kvm_amd, kvm_pvm, or none.
@@ -55,7 +55,7 @@ pub struct Kvm {
     pub guest_boot_detail: String,
 }
 
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct ModeEntry {
     pub mode: String,
     pub status: Status,
@@ -63,7 +63,7 @@ pub struct ModeEntry {
     pub description: String,
 }
 
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Sample {
     /// Launch -> the unit's program printed its marker.
     pub start_ms: f64,
@@ -72,7 +72,7 @@ pub struct Sample {
     pub total_ms: f64,
 }
 
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Summary {
     pub n: usize,
     pub median: f64,
@@ -106,7 +106,7 @@ impl Summary {
 }
 
 /// One runner of one mode (nestor, or a peer such as crun or QEMU).
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct StartStop {
     pub mode: String,
     pub runner: String,
@@ -120,14 +120,14 @@ pub struct StartStop {
     pub total: Option<Summary>,
 }
 
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct DiskPart {
     pub what: String,
     pub path: String,
     pub bytes: u64,
 }
 
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct ProcMem {
     pub pid: u32,
     pub name: String,
@@ -135,7 +135,7 @@ pub struct ProcMem {
     pub pss_kib: u64,
 }
 
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct UnitSize {
     pub mode: String,
     pub runner: String,
@@ -151,14 +151,14 @@ pub struct UnitSize {
     pub processes: Vec<ProcMem>,
 }
 
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct DensityPoint {
     pub count: usize,
     pub start_ms: f64,
     pub total_pss_kib: u64,
 }
 
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Density {
     pub mode: String,
     pub status: Status,
@@ -173,7 +173,7 @@ pub struct Density {
     pub points: Vec<DensityPoint>,
 }
 
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct WorkloadResult {
     /// cpu, mem, disk-seq-write, disk-seq-read, disk-rand-read, disk-rand-write, net-tcp, net-rtt
     pub workload: String,
@@ -190,7 +190,7 @@ pub struct WorkloadResult {
     pub detail: serde_json::Value,
 }
 
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct WorkloadSet {
     pub mode: String,
     pub status: Status,

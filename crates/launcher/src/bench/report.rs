@@ -79,9 +79,22 @@ fn cell(s: &str) -> String {
     s.replace('|', "\\|").replace('\n', " ")
 }
 
+/// The report: one section after another (see the module docs).
 pub fn markdown(r: &Report) -> String {
-    let h = &r.header;
     let mut o = String::new();
+    header(&mut o, &r.header);
+    modes(&mut o, r);
+    efficiency(&mut o, r);
+    workloads(&mut o, r);
+    disk_files(&mut o, r);
+    fio_reference(&mut o, r);
+    skipped_workloads(&mut o, r);
+    density(&mut o, r);
+    o
+}
+
+/// The header table (host, kernel, KVM, date, test host, runs, version) and its notes.
+fn header(o: &mut String, h: &Header) {
     let _ = writeln!(o, "# nestor bench\n");
     let _ = writeln!(o, "| | |\n|---|---|");
     let _ = writeln!(
@@ -120,6 +133,10 @@ pub fn markdown(r: &Report) -> String {
     for n in &h.notes {
         let _ = writeln!(o, "- {n}");
     }
+}
+
+/// Every mode, measured or skipped with its reason.
+fn modes(o: &mut String, r: &Report) {
     let _ = writeln!(o, "\n## Modes\n\n| mode | what | status |\n|---|---|---|");
     for m in &r.modes {
         let st = match m.status {
@@ -131,8 +148,11 @@ pub fn markdown(r: &Report) -> String {
         };
         let _ = writeln!(o, "| {} | {} | {} |", m.mode, m.description, st);
     }
+}
 
-    // The seed's efficiency table: a column per mode/runner.
+/// The seed's efficiency table: a column per mode and runner, a row per property, then
+/// the skipped columns with their reasons.
+fn efficiency(o: &mut String, r: &Report) {
     let cols = &r.start_stop;
     let _ = writeln!(o, "\n## Efficiency (the seed's table, measured here)\n");
     let mut head = "| property |".to_string();
@@ -154,53 +174,30 @@ pub fn markdown(r: &Report) -> String {
         }
         let _ = writeln!(o, "{line}");
     };
-    row(&mut o, "unit size: disk", &|c| {
+    row(o, "unit size: disk", &|c| {
         size_of(c)
             .filter(|s| s.disk_bytes > 0)
             .map(|s| bytes(s.disk_bytes))
             .unwrap_or_else(|| "-".into())
     });
-    row(&mut o, "unit size: memory (idle PSS)", &|c| {
+    row(o, "unit size: memory (idle PSS)", &|c| {
         size_of(c)
             .and_then(|s| s.idle_pss_kib)
             .map(|k| kib(k as i64))
             .unwrap_or_else(|| "-".into())
     });
-    row(&mut o, "memory overhead vs process", &|c| {
+    row(o, "memory overhead vs process", &|c| {
         size_of(c)
             .and_then(|s| s.overhead_kib)
             .map(|k| format!("{}{}", if k >= 0 { "+" } else { "" }, kib(k)))
             .unwrap_or_else(|| "-".into())
     });
-    row(&mut o, "units per host (memory budget)", &|c| {
-        let main = r
-            .density
-            .iter()
-            .find(|d| d.mode == c.mode)
-            .filter(|_| is_main(r, c));
-        match main {
-            Some(d) if d.status == Status::Measured => {
-                if d.budget_reached {
-                    format!("{} in {} MiB", d.fit, d.budget_mib)
-                } else {
-                    format!(
-                        "≈{:.0} in {} MiB ({} started)",
-                        d.estimated_units_in_budget.unwrap_or(0.0),
-                        d.budget_mib,
-                        d.fit
-                    )
-                }
-            }
-            _ => "-".into(),
-        }
+    row(o, "units per host (memory budget)", &|c| {
+        units_per_host(r, c)
     });
-    row(&mut o, "start time, median [p10–p90]", &|c| {
-        summary(&c.start)
-    });
-    row(&mut o, "stop time, median [p10–p90]", &|c| {
-        summary(&c.stop)
-    });
-    row(&mut o, "start + stop, median", &|c| {
+    row(o, "start time, median [p10–p90]", &|c| summary(&c.start));
+    row(o, "stop time, median [p10–p90]", &|c| summary(&c.stop));
+    row(o, "start + stop, median", &|c| {
         c.total.as_ref().map(|s| ms(s.median)).unwrap_or("-".into())
     });
     let native = cols
@@ -208,17 +205,46 @@ pub fn markdown(r: &Report) -> String {
         .find(|c| c.mode == "process")
         .and_then(|c| c.total.as_ref().map(|s| s.median));
     row(
-        &mut o,
+        o,
         "start + stop vs process",
         &|c| match (c.total.as_ref(), native) {
             (Some(t), Some(n)) if n > 0.0 => format!("{:.1}x", t.median / n),
             _ => "-".into(),
         },
     );
-    row(&mut o, "status", &|c| match c.status {
+    row(o, "status", &|c| match c.status {
         Status::Measured => format!("measured ({} runs)", c.samples.len()),
         Status::Skipped => "**skipped**".into(),
     });
+    skipped_columns(o, cols);
+}
+
+/// The "units per host" cell: the density sweep's figure, in the mode's own column only.
+fn units_per_host(r: &Report, c: &StartStop) -> String {
+    let main = r
+        .density
+        .iter()
+        .find(|d| d.mode == c.mode)
+        .filter(|_| is_main(r, c));
+    match main {
+        Some(d) if d.status == Status::Measured => {
+            if d.budget_reached {
+                format!("{} in {} MiB", d.fit, d.budget_mib)
+            } else {
+                format!(
+                    "≈{:.0} in {} MiB ({} started)",
+                    d.estimated_units_in_budget.unwrap_or(0.0),
+                    d.budget_mib,
+                    d.fit
+                )
+            }
+        }
+        _ => "-".into(),
+    }
+}
+
+/// The start/stop columns that were skipped, with their reasons.
+fn skipped_columns(o: &mut String, cols: &[StartStop]) {
     let skipped: Vec<_> = cols
         .iter()
         .filter(|c| c.status == Status::Skipped)
@@ -234,7 +260,11 @@ pub fn markdown(r: &Report) -> String {
             );
         }
     }
+}
 
+/// The workload table: a row per built-in workload, a column per mode, each value with
+/// its ratio to the native run made just before.
+fn workloads(o: &mut String, r: &Report) {
     // Workloads: a row per workload, a column per mode.
     let _ = writeln!(
         o,
@@ -279,6 +309,10 @@ pub fn markdown(r: &Report) -> String {
         }
         let _ = writeln!(o, "{line}");
     }
+}
+
+/// Where each mode's disk workload wrote, and whether with O_DIRECT.
+fn disk_files(o: &mut String, r: &Report) {
     let direct: Vec<String> = r
         .workloads
         .iter()
@@ -304,6 +338,10 @@ pub fn markdown(r: &Report) -> String {
     if !direct.is_empty() {
         let _ = writeln!(o, "\nDisk workload files: {}.", direct.join("; "));
     }
+}
+
+/// fio's figures on the host, the reference for the built-in disk workloads.
+fn fio_reference(o: &mut String, r: &Report) {
     let fio: Vec<_> = r
         .workloads
         .iter()
@@ -341,6 +379,10 @@ pub fn markdown(r: &Report) -> String {
             }
         }
     }
+}
+
+/// The skipped workloads with their reasons (one line for a mode that skipped them all).
+fn skipped_workloads(o: &mut String, r: &Report) {
     let mut reasons: Vec<String> = Vec::new();
     for s in &r.workloads {
         let skipped: Vec<_> = s
@@ -375,7 +417,10 @@ pub fn markdown(r: &Report) -> String {
             let _ = writeln!(o, "{l}");
         }
     }
+}
 
+/// The density sweep: units started one by one until the memory budget.
+fn density(o: &mut String, r: &Report) {
     let _ = writeln!(
         o,
         "\n## Density (units started one by one until the memory budget)\n\n| mode | budget | units started | PSS of all units | start time: first → last | status |\n|---|---|---|---|---|---|"
@@ -404,7 +449,6 @@ pub fn markdown(r: &Report) -> String {
             st
         );
     }
-    o
 }
 
 fn is_main(r: &Report, c: &StartStop) -> bool {
@@ -430,5 +474,41 @@ mod tests {
             "qemu-microvm 7.2.19"
         );
         assert_eq!(short_version("x", ""), "x");
+    }
+
+    /// The test host's report (a real one, kept as test data) rendered section by
+    /// section: every section once, in order, with rows the data implies.
+    #[test]
+    fn testhost_report_renders_every_section_in_order() {
+        let p = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/bench-testhost.json"
+        );
+        let r: Report = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        let md = markdown(&r);
+        let mut at = 0;
+        for heading in [
+            "# nestor bench\n",
+            "| inside the KVM test host | **yes**",
+            "\n## Modes\n",
+            "| jailed-vm-container | both: nestor run --vm --jail | **skipped**: ",
+            "\n## Efficiency",
+            "| start + stop vs process | 1.0x |",
+            "\nSkipped:\n- container: nestor run IMAGE: ",
+            "\n## Workloads",
+            "| net-rtt | µs (lower is better) |",
+            "\nDisk workload files: process: ",
+            "\nfio on the host",
+            "\nSkipped workloads:\n",
+            "- jailed-vm-container (all workloads): ",
+            "\n## Density",
+            "| vm | 256 MiB | 3 | 153.7 MiB | 4.21 s → 4.34 s | stopped at 3 units (--density-max) |",
+        ] {
+            let found = md[at..].find(heading);
+            assert!(found.is_some(), "{heading:?} missing after byte {at} of\n{md}");
+            at += found.unwrap_or_default() + heading.len();
+            assert_eq!(md.matches(heading).count(), 1, "{heading:?} more than once");
+        }
+        assert!(md.ends_with("not available in this build |\n"));
     }
 }
