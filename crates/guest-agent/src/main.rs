@@ -4,6 +4,8 @@
 //! tests, it serves on the address given by `--listen` (e.g. `unix:/tmp/agent.sock`).
 //! Any fatal error as PID 1 is printed on the console and powers the VM off.
 
+mod client;
+mod dial;
 mod init;
 mod net;
 mod runtime;
@@ -189,12 +191,18 @@ fn main() -> ExitCode {
         pid1_main();
     }
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("vsock-cat") {
-        // Hidden test tool (see vsockcat.rs).
-        return match vsockcat::main(&args[2..]) {
+    // Hidden test tools (see vsockcat.rs and client.rs).
+    type Tool = fn(&[String]) -> Result<()>;
+    let tool: Option<Tool> = match args.get(1).map(String::as_str) {
+        Some("vsock-cat") => Some(vsockcat::main),
+        Some("client") => Some(client::main),
+        _ => None,
+    };
+    if let Some(tool) = tool {
+        return match tool(&args[2..]) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("nestor-agent vsock-cat: {e:#}");
+                eprintln!("nestor-agent {}: {e:#}", args[1]);
                 ExitCode::FAILURE
             }
         };

@@ -1,16 +1,23 @@
 //! `nestor-agent vsock-cat`: a hidden test tool (busybox has no vsock client), so tests
 //! can move bytes over AF_VSOCK inside a guest: `vsock-cat listen PORT` accepts one
-//! connection, `vsock-cat connect CID PORT` makes one; either way stdin goes to the
-//! socket (then a write shutdown at EOF) and the socket to stdout until its EOF.
+//! connection, `vsock-cat connect CID PORT` makes one; on the host, `vsock-cat hybrid
+//! SOCKET PORT [SECS]` reaches a guest's port through its VMM's hybrid-vsock socket,
+//! retrying for up to SECS (default 90) while the guest does not listen yet. Either way
+//! stdin goes to the socket (then a write shutdown at EOF) and the socket to stdout until
+//! its EOF.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
+
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nix::sys::socket::{
     accept, bind, connect, listen, shutdown, socket, AddressFamily, Backlog, Shutdown, SockFlag,
     SockType, VsockAddr,
 };
+
+use crate::dial::{dial_until, Via};
 
 fn vsock_socket() -> Result<OwnedFd> {
     socket(
@@ -46,7 +53,16 @@ pub fn main(args: &[String]) -> Result<()> {
                 .with_context(|| format!("connect to vsock {cid}:{port}"))?;
             s
         }
-        _ => bail!("usage: nestor-agent vsock-cat listen PORT | connect CID PORT"),
+        [mode, path, port, rest @ ..] if mode == "hybrid" && rest.len() <= 1 => {
+            let port = number(port, "port")?;
+            let secs = rest.first().map(|s| number(s, "seconds")).transpose()?;
+            let deadline = Instant::now() + Duration::from_secs(secs.unwrap_or(90).into());
+            let via = Via::Hybrid(path.into());
+            OwnedFd::from(dial_until(&via, port, deadline, &|| true)?)
+        }
+        _ => bail!(
+            "usage: nestor-agent vsock-cat listen PORT | connect CID PORT | hybrid SOCKET PORT [SECS]"
+        ),
     };
     let reader = sock.try_clone().context("dup socket")?;
     let out = std::thread::spawn(move || -> std::io::Result<()> {
