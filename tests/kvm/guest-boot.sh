@@ -7,42 +7,23 @@
 # Prints the launch-to-exit time and the guest's uptime at /init, labelled when inside
 # the TCG test host. Exit 0 on success.
 #
-# Where: builds (or finds cached) kernel and initramfs on this host, then runs the boot
-# through tests/testhost/kvm-exec (directly on hardware KVM, else in the KVM test host).
-# The lead's CI, already inside the test host (NESTOR_TESTHOST=inside), runs it directly.
-#   guest-boot.sh [--timeout SECS]
+# Builds (or finds cached) the kernel and initramfs on this host, then runs in the KVM
+# test host unless this host has hardware KVM (see tests/kvm/lib/prelude.sh).
+#   guest-boot.sh [--timeout SECS] [--kernel VMLINUX] [--initrd INITRD]
 set -euo pipefail
-
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-repo=$(cd "$here/../.." && pwd)
 limit=120
-direct=0 kernel= initrd=
-while (($#)); do
-    case $1 in
-    --timeout) limit=$2; shift 2 ;;
-    --direct) direct=1; shift ;;
-    --kernel) kernel=$2; shift 2 ;;
-    --initrd) initrd=$2; shift 2 ;;
-    *) echo "guest-boot.sh: unknown argument '$1'" >&2; exit 2 ;;
-    esac
-done
-[[ -n $kernel ]] || kernel=$("$repo/guest-kernel/build.sh" | tail -n1)
+source "$(dirname "${BASH_SOURCE[0]}")/lib/prelude.sh"
+find_kernel
 [[ -n $initrd ]] || initrd=$("$repo/images/build-initramfs.sh" | tail -n1)
-if [[ ${NESTOR_TESTHOST:-} != inside && $direct == 0 ]]; then
-    exec "$repo/tests/testhost/kvm-exec" --timeout $((limit + 120)) -- \
-        "$here/guest-boot.sh" --direct --timeout "$limit" --kernel "$kernel" --initrd "$initrd"
-fi
-[[ -c /dev/kvm ]] || { echo "guest-boot.sh: no /dev/kvm" >&2; exit 1; }
-command -v qemu-system-x86_64 >/dev/null || { echo "guest-boot.sh: qemu-system-x86_64 missing (apt-get install qemu-system-x86)" >&2; exit 1; }
+rerun_where_kvm_is
+need_kvm
+command -v qemu-system-x86_64 >/dev/null || die2 "qemu-system-x86_64 missing (apt-get install qemu-system-x86)"
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/guest-boot.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+make_work
 marker="guest-boot-$$-$RANDOM"
 cmd="echo $marker up=\$(cut -d' ' -f1 /proc/uptime) cpus=\$(grep -c ^processor /proc/cpuinfo) ctl=\$(tr ' ' , </sys/fs/cgroup/cgroup.controllers) kernel=\$(uname -r); exit 3"
 b64=$(printf '%s' "$cmd" | base64 -w0)
 
-label=""
-[[ ${NESTOR_TESTHOST:-} == inside ]] && label=" (inside TCG test host; compare only within this run)"
 t0=$(date +%s%N)
 set +e
 timeout --kill-after=5 "$limit" qemu-system-x86_64 -M microvm,rtc=off,acpi=off -enable-kvm -cpu host \
@@ -53,19 +34,20 @@ timeout --kill-after=5 "$limit" qemu-system-x86_64 -M microvm,rtc=off,acpi=off -
 rc=$?
 set -e
 t1=$(date +%s%N)
-fail() {
+fatal() {
     echo "guest-boot.sh: $* (QEMU status $rc); console and QEMU output:" >&2
     tail -n 40 "$work/console" "$work/qemu.log" >&2
     exit 1
 }
 line=$(grep -a "^$marker " "$work/console" || true)
-[[ -n $line ]] || fail "the guest's /init never ran the command"
-grep -aq "^nestor-init: exit 3" "$work/console" || fail "/init did not report the command's exit code 3"
-[[ $rc == 0 ]] || fail "QEMU did not exit by itself after the guest rebooted"
-[[ $line == *" cpus=2 "* ]] || fail "the guest does not see both vCPUs: $line"
+[[ -n $line ]] || fatal "the guest's /init never ran the command"
+grep -aq "^nestor-init: exit 3" "$work/console" || fatal "/init did not report the command's exit code 3"
+[[ $rc == 0 ]] || fatal "QEMU did not exit by itself after the guest rebooted"
+[[ $line == *" cpus=2 "* ]] || fatal "the guest does not see both vCPUs: $line"
 for c in cpu cpuset io memory pids; do
-    [[ $line =~ ctl=([^ ]*) && ,${BASH_REMATCH[1]}, == *",$c,"* ]] || fail "cgroup controller $c missing: $line"
+    [[ $line =~ ctl=([^ ]*) && ,${BASH_REMATCH[1]}, == *",$c,"* ]] || fatal "cgroup controller $c missing: $line"
 done
 up=${line#* up=}; up=${up%% *}
 echo "guest-boot: ok: ${line#"$marker "}"
 echo "guest-boot: QEMU microvm launch to exit $(( (t1 - t0) / 1000000 )) ms; guest uptime at /init ${up} s$label"
+finish

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# tests/kvm/jail-boot.sh [--kernel VMLINUX] [--nestor PATH] [--vmm PATH] [--runs N]
+# tests/kvm/jail-boot.sh [--kernel VMLINUX] [--nestor PATH] [--vmm PATH] [--agent PATH] [--runs N]
 #
 # Scenario 2 with a real Linux guest: nestor-vmm inside nestor's jail.
 # 1. Measures, with strace -ff, which syscalls each nestor-vmm thread (main, vcpuN,
@@ -14,71 +14,46 @@
 #    thread, its cgroup limits, and a root listing only the jail's files; afterwards no
 #    jail directory, cgroup or runtime state is left.
 #    vsock through the jail: the host connects to the socket the jail shares and talks
-#    to `nestor-agent vsock-cat` in the guest (skipped without a static nestor-agent).
+#    to `nestor-agent vsock-cat` in the guest, both sides through `vsock-cat` (skipped
+#    without a static nestor-agent that has it).
 # 4. Benchmark: launch -> guest init and peak RSS (largest process of the launch) of the
 #    jailed against the unjailed VMM, N runs each (default 3), medians, labelled.
 #
-# Meant for the KVM test host:  tests/testhost/run -- tests/kvm/jail-boot.sh
+# Runs in the KVM test host unless this host has hardware KVM.
 # Exit status 0 when every check passes, 1 when one fails, 2 on bad usage/missing parts.
 set -euo pipefail
-
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
-repo=$(cd "$here/../.." && pwd -P)
-cache=${NESTOR_CACHE:-$HOME/.cache/nestor}
-kernel= nestor= vmm= runs=3
-while (($#)); do
-    case $1 in
-    --kernel) kernel=$2; shift 2 ;;
-    --nestor) nestor=$2; shift 2 ;;
-    --vmm) vmm=$2; shift 2 ;;
-    --runs) runs=$2; shift 2 ;;
-    -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
-    *) echo "jail-boot.sh: unknown argument '$1'" >&2; exit 2 ;;
-    esac
-done
-label=""
-[[ ${NESTOR_TESTHOST:-} == inside ]] && label=" (inside TCG test host)"
-tdir=${CARGO_TARGET_DIR:-$repo/target}
+limit=600
+runs=3
+script_opt() { [[ $1 == --runs ]] && runs=$2 && return 2; return 0; }
+source "$(dirname "${BASH_SOURCE[0]}")/lib/prelude.sh"
 # A static nestor-vmm (RUSTFLAGS="-C target-feature=+crt-static" cargo build --release
 # --target x86_64-unknown-linux-gnu -p nestor-microvm) is preferred: the jail then needs
 # none of the host's libraries, its root is the VMM, /dev and /vm only.
-for b in nestor vmm; do
-    [[ -n ${!b} ]] && continue
-    name=nestor; [[ $b == vmm ]] && name=nestor-vmm
-    cands=("$tdir/release/$name" "$tdir/debug/$name")
-    [[ $b == vmm ]] && cands=("$tdir/x86_64-unknown-linux-gnu/release/nestor-vmm" "${cands[@]}")
-    for c in "${cands[@]}"; do
-        [[ -x $c ]] && { printf -v "$b" %s "$c"; break; }
-    done
-done
-[[ -x $nestor && -x $vmm ]] || { echo "jail-boot.sh: build nestor and nestor-vmm first (cargo build --release)" >&2; exit 2; }
-[[ -n $kernel ]] || kernel=$(ls -t "$cache"/guest-kernel/*/vmlinux 2>/dev/null | head -n1 || true)
-[[ -r $kernel ]] || { echo "jail-boot.sh: no guest kernel (guest-kernel/build.sh, or --kernel)" >&2; exit 2; }
-[[ -c /dev/kvm ]] || { echo "jail-boot.sh: no /dev/kvm" >&2; exit 2; }
+find_vmm --static-first
+find_nestor
+find_kernel
+# The static guest agent (scripts/test.sh builds it before the KVM batch) brings
+# `vsock-cat`, the vsock client/server of both sides of the vsock check.
+[[ -n $agent ]] || agent=${NESTOR_AGENT:-$tdir/x86_64-unknown-linux-gnu/release/nestor-agent}
+rerun_where_kvm_is
+need_kvm
 if ! command -v strace >/dev/null; then
     dpkg -s strace >/dev/null 2>&1 || apt-get install -y -q strace >&2
 fi
-command -v strace >/dev/null || { echo "jail-boot.sh: strace missing" >&2; exit 2; }
+command -v strace >/dev/null || die2 "strace missing"
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/jail-boot.XXXXXX")
+make_work
 chmod 755 "$work"
 export NESTOR_STATE=$work/state NESTOR_ROOT=$work/root-data
 juid=$((200000 + RANDOM % 50000))
-cleanup() {
-    "$nestor" gc >/dev/null 2>&1 || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+on_exit '"$nestor"' gc
 trap 'echo "jail-boot.sh: line $LINENO: command failed (status $?)" >&2' ERR
 marker="jail-boot-init-$$-$RANDOM"
 mkdir -p "$work/root/bin" "$work/root/proc" "$work/root/dev" "$work/root/sys"
 cp /bin/busybox "$work/root/bin/busybox"
 ln -s busybox "$work/root/bin/sh"
-# The static guest agent (scripts/test.sh builds it before the KVM batch) brings
-# `vsock-cat`, a vsock client/server for the guest side of the vsock check.
-agent=${NESTOR_AGENT:-$tdir/x86_64-unknown-linux-gnu/release/nestor-agent}
 have_vsock=0
-if [[ -x $agent ]] && grep -aq "vsock-cat" "$agent" && "$vmm" --help 2>/dev/null | grep -c -- --vsock >/dev/null; then
+if [[ -x $agent ]] && grep -aq "hybrid SOCKET PORT" "$agent" && "$vmm" --help 2>/dev/null | grep -c -- --vsock >/dev/null; then
     cp "$agent" "$work/root/bin/nestor-agent"
     have_vsock=1
 fi
@@ -141,9 +116,6 @@ launch() {
 ms() { echo $((($(cat "$work/$1.$3") - $(cat "$work/$1.$2")) / 1000000)); }
 rc() { tail -n1 "$work/$1.rc"; }
 
-fail=0
-ok() { echo "ok   $*"; }
-bad() { echo "FAIL $*" >&2; fail=1; }
 check_boot() { # NAME
     local name=$1 con=$work/$1.console
     if ! grep -q "$marker" "$con" 2>/dev/null; then
@@ -151,41 +123,23 @@ check_boot() { # NAME
         tail -n 20 "$con" "$work/$name.err" >&2 2>/dev/null || true
         return
     fi
-    [[ $(rc "$name") == 0 ]] && ok "$name: init ran, exit status 0" ||
+    [[ $(rc "$name") == 0 ]] && pass "$name: init ran, exit status 0" ||
         { bad "$name: exit status $(rc "$name"), want 0"; tail -n 5 "$work/$name.err" >&2; }
-    grep -q "vda: HOSTDATA" "$con" && ok "$name: virtio-blk read the host's data" ||
+    grep -q "vda: HOSTDATA" "$con" && pass "$name: virtio-blk read the host's data" ||
         bad "$name: guest read '$(grep "vda: " "$con" || true)'"
     [[ $(dd if="$work/rw.img" bs=1 skip=512 count=10 2>/dev/null) == GUESTWROTE ]] &&
-        ok "$name: the guest's write is in the host file" || bad "$name: guest's write not in the host file"
+        pass "$name: the guest's write is in the host file" || bad "$name: guest's write not in the host file"
     grep -q "vdb: write refused" "$con" && cmp -s "$work/ro.img" "$work/ro.orig" &&
-        ok "$name: read-only disk refused the write" || bad "$name: read-only disk: $(grep "vdb: " "$con" || true)"
+        pass "$name: read-only disk refused the write" || bad "$name: read-only disk: $(grep "vdb: " "$con" || true)"
 }
 
 echo "kernel $kernel; nestor $nestor; vmm $vmm" >&2
 
-# vsock_client SOCKET: the host side of Firecracker's hybrid vsock: CONNECT 5000 on the
-# Unix socket, send host-says-hi, print what the guest sends back (retries while the
-# guest's listener is not up yet).
+# vsock_client SOCKET: the host side of the hybrid vsock (`nestor-agent vsock-cat
+# hybrid`: CONNECT 5000 on the Unix socket, retried for up to 90 s while the guest's
+# listener is not up yet): sends host-says-hi, prints what the guest sends back.
 vsock_client() {
-    python3 - "$1" <<'PY'
-import socket, sys, time
-end = time.time() + 90
-while time.time() < end:
-    try:
-        s = socket.socket(socket.AF_UNIX)
-        s.connect(sys.argv[1])
-        s.sendall(b"CONNECT 5000\n")
-        f = s.makefile("rb")
-        if not f.readline().startswith(b"OK"):
-            s.close(); time.sleep(0.5); continue
-        s.sendall(b"host-says-hi\n")
-        s.shutdown(socket.SHUT_WR)
-        print(f.read().decode().strip())
-        sys.exit(0)
-    except OSError:
-        time.sleep(0.5)
-sys.exit(1)
-PY
+    echo host-says-hi | "$agent" vsock-cat hybrid "$1" 5000 90
 }
 
 # --- 1. syscalls per thread, measured -------------------------------------------------
@@ -263,23 +217,23 @@ else
     # Checks of a live process: a vanished one fails them, it never aborts the script.
     set +e
     st=/proc/$vpid/status
-    [[ $(awk '/^CapEff:/{print $2}' "$st") == 0000000000000000 ]] && ok "jailed: CapEff 0" || bad "jailed: $(grep CapEff "$st")"
-    [[ $(awk '/^Uid:/{print $2}' "$st") == "$juid" ]] && ok "jailed: runs as host uid $juid (root in its user namespace)" || bad "jailed: uid $(grep Uid "$st")"
+    [[ $(awk '/^CapEff:/{print $2}' "$st") == 0000000000000000 ]] && pass "jailed: CapEff 0" || bad "jailed: $(grep CapEff "$st")"
+    [[ $(awk '/^Uid:/{print $2}' "$st") == "$juid" ]] && pass "jailed: runs as host uid $juid (root in its user namespace)" || bad "jailed: uid $(grep Uid "$st")"
     nt=$(ls /proc/"$vpid"/task 2>/dev/null | wc -l)
     nf=$(grep -L "Seccomp:.2" /proc/"$vpid"/task/*/status 2>/dev/null | wc -l)
-    [[ $nt -gt 0 && $nf == 0 ]] && ok "jailed: Seccomp 2 on all $nt threads" || bad "jailed: $nf of $nt threads without a filter"
+    [[ $nt -gt 0 && $nf == 0 ]] && pass "jailed: Seccomp 2 on all $nt threads" || bad "jailed: $nf of $nt threads without a filter"
     rootls=$(ls /proc/"$vpid"/root | tr '\n' ' ')
     # The host's libraries are there (read-only) only for a dynamically linked VMM, /run
     # (the directory shared with the host) only with vsock.
     want="dev nestor-vmm vm "
     ((have_vsock)) && want="dev nestor-vmm run vm "
     [[ $(echo "$rootls" | sed -E 's/\b(lib|lib64|usr) //g') == "$want" ]] &&
-        ok "jailed: root holds only: $rootls" || bad "jailed: root holds: $rootls"
-    ok "jailed: /vm holds: $(ls /proc/"$vpid"/root/vm | tr '\n' ' ')"
+        pass "jailed: root holds only: $rootls" || bad "jailed: root holds: $rootls"
+    pass "jailed: /vm holds: $(ls /proc/"$vpid"/root/vm | tr '\n' ' ')"
     cg=$(awk -F: '$1=="0"{print $3}' /proc/"$vpid"/cgroup)
     if [[ -n $cg && -e /sys/fs/cgroup$cg/memory.max ]]; then
-        [[ $(cat "/sys/fs/cgroup$cg/memory.max") == $((512 << 20)) ]] && ok "jailed: cgroup memory.max 512 MiB" || bad "jailed: memory.max $(cat "/sys/fs/cgroup$cg/memory.max")"
-        [[ $(cat "/sys/fs/cgroup$cg/pids.max") == 32 ]] && ok "jailed: cgroup pids.max 32" || bad "jailed: pids.max $(cat "/sys/fs/cgroup$cg/pids.max")"
+        [[ $(cat "/sys/fs/cgroup$cg/memory.max") == $((512 << 20)) ]] && pass "jailed: cgroup memory.max 512 MiB" || bad "jailed: memory.max $(cat "/sys/fs/cgroup$cg/memory.max")"
+        [[ $(cat "/sys/fs/cgroup$cg/pids.max") == 32 ]] && pass "jailed: cgroup pids.max 32" || bad "jailed: pids.max $(cat "/sys/fs/cgroup$cg/pids.max")"
     else
         echo "skip cgroup v2 limit check (no unified cgroup for $vpid)"
     fi
@@ -289,21 +243,21 @@ if ((have_vsock)); then
     # Host side of Firecracker's hybrid vsock: CONNECT <port> on the Unix socket, which
     # the jail shares with the host (the --vsock path is a link to it).
     got=$(vsock_client "$work/v.sock" || true)
-    [[ $got == guest-says-hi ]] && ok "jailed: vsock host -> guest: the host read '$got' from the guest" ||
+    [[ $got == guest-says-hi ]] && pass "jailed: vsock host -> guest: the host read '$got' from the guest" ||
         bad "jailed: vsock: the host got '$got'"
 fi
 wait "$lpid" || true
 check_boot jailed
 grep -q "seccomp:" "$work/jailed.err" && bad "jailed: $(grep seccomp: "$work/jailed.err")"
 left=$( (ls /run/nestor-jail 2>/dev/null || true) | wc -l)
-[[ $left == "$jails_before" ]] && ok "jailed: no jail directory left" || bad "jailed: jail directories left: $(ls /run/nestor-jail || true)"
-[[ -z $("$nestor" list -q 2>/dev/null || true) ]] && ok "jailed: no runtime state left" || bad "jailed: state left: $("$nestor" list -q || true)"
+[[ $left == "$jails_before" ]] && pass "jailed: no jail directory left" || bad "jailed: jail directories left: $(ls /run/nestor-jail || true)"
+[[ -z $("$nestor" list -q 2>/dev/null || true) ]] && pass "jailed: no runtime state left" || bad "jailed: state left: $("$nestor" list -q || true)"
 if ((have_vsock)); then
-    grep -q "vsock: host-says-hi" "$work/jailed.console" && ok "jailed: vsock guest side read 'host-says-hi'" ||
+    grep -q "vsock: host-says-hi" "$work/jailed.console" && pass "jailed: vsock guest side read 'host-says-hi'" ||
         bad "jailed: vsock guest side: $(grep "vsock: " "$work/jailed.console" || echo nothing)"
-    [[ ! -e $work/v.sock && ! -L $work/v.sock ]] && ok "jailed: vsock link removed" || bad "jailed: $work/v.sock left"
+    [[ ! -e $work/v.sock && ! -L $work/v.sock ]] && pass "jailed: vsock link removed" || bad "jailed: $work/v.sock left"
 else
-    echo "skip vsock through the jail: no static nestor-agent with vsock-cat ($agent) or no --vsock in nestor-vmm"
+    echo "skip vsock through the jail: no static nestor-agent with vsock-cat hybrid ($agent) or no --vsock in nestor-vmm"
 fi
 
 # --- 4. benchmark ---------------------------------------------------------------------
@@ -340,4 +294,4 @@ for n in b-plain b-jailed b-jailed-copy; do
         "$(cut -d' ' -f3 "$work/$n.samples" | median)"
 done
 echo "    peak RSS: the largest process of the launch (the VMM; for jailed runs nestor waits for it)$copy_note"
-exit $fail
+finish

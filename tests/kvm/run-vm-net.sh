@@ -7,10 +7,8 @@
 # nothing is left: no attachment, no namespace. Runs in the KVM test host unless this
 # host has hardware KVM. Exit 0 when all pass.
 set -euo pipefail
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-repo=$(cd "$here/../.." && pwd)
-direct=0
-[[ ${1:-} == --direct ]] && direct=1
+limit=780
+source "$(dirname "${BASH_SOURCE[0]}")/lib/prelude.sh"
 source "$here/lib/vm-env.sh"
 
 if [[ ! -x /usr/lib/cni/bridge ]]; then
@@ -69,4 +67,4 @@ expect "no attachment left" 0 "$left"
 ns=$(find /run/nestor-net -path '*/netns/*' 2>/dev/null | wc -l)
 expect "no network namespace left" 0 "$ns"
 n network prune >/dev/null
-exit $fail
+finish

@@ -6,10 +6,8 @@
 # podman through `nestor-vm` (run with exit code and the guest kernel, -d, exec, stop, rm).
 # Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all pass.
 set -euo pipefail
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-repo=$(cd "$here/../.." && pwd)
-direct=0
-[[ ${1:-} == --direct ]] && direct=1
+limit=780
+source "$(dirname "${BASH_SOURCE[0]}")/lib/prelude.sh"
 source "$here/lib/vm-env.sh"
 
 # Pods: containers share one VM; pod rm powers it off.
@@ -111,4 +109,4 @@ PY
 else
     echo "skip podman: not installed"
 fi
-exit $fail
+finish

@@ -15,45 +15,20 @@
 # host). QEMU not reaching init is reported, not a failure. Every launch runs under
 # `timeout 60`.
 #
-# Meant for a host with hardware KVM or the KVM test host:
-#   tests/testhost/run -- tests/kvm/vmm-boot.sh
-# Without --kernel it uses guest-kernel/build.sh's cached vmlinux if there is one, else
-# the test host's own kernel (ELF vmlinux). Without --initrd it builds a busybox one.
+# Runs in the KVM test host unless this host has hardware KVM. Without --kernel it uses
+# guest-kernel/build.sh's (cached) vmlinux; without --initrd it builds a busybox one.
 # Exit status 0 when every check passes, 1 when one fails, 2 on bad usage/missing parts.
 set -euo pipefail
+limit=300
+qemu=1
+script_opt() { [[ $1 == --no-qemu ]] && qemu=0 && return 1; return 0; }
+source "$(dirname "${BASH_SOURCE[0]}")/lib/prelude.sh"
+find_vmm
+find_kernel
+rerun_where_kvm_is
+need_kvm
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
-repo=$(cd "$here/../.." && pwd -P)
-cache=${NESTOR_CACHE:-$HOME/.cache/nestor}
-kernel= initrd= vmm= qemu=1
-while (($#)); do
-    case $1 in
-    --kernel) kernel=$2; shift 2 ;;
-    --initrd) initrd=$2; shift 2 ;;
-    --vmm) vmm=$2; shift 2 ;;
-    --no-qemu) qemu=0; shift ;;
-    -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
-    *) echo "vmm-boot.sh: unknown argument '$1'" >&2; exit 2 ;;
-    esac
-done
-label=""
-[[ ${NESTOR_TESTHOST:-} == inside ]] && label=" (inside TCG test host)"
-
-if [[ -z $vmm ]]; then
-    for c in "${CARGO_TARGET_DIR:-$repo/target}/release/nestor-vmm" "${CARGO_TARGET_DIR:-$repo/target}/debug/nestor-vmm"; do
-        [[ -x $c ]] && { vmm=$c; break; }
-    done
-fi
-[[ -x $vmm ]] || { echo "vmm-boot.sh: no nestor-vmm binary (cargo build --release -p nestor-microvm)" >&2; exit 2; }
-if [[ -z $kernel ]]; then
-    kernel=$(ls -t "$cache"/guest-kernel/*/vmlinux 2>/dev/null | head -n1 || true)
-    [[ -n $kernel ]] || kernel=$(ls -t "$cache"/testhost/*/vmlinux 2>/dev/null | head -n1 || true)
-fi
-[[ -r $kernel ]] || { echo "vmm-boot.sh: no kernel (give --kernel VMLINUX)" >&2; exit 2; }
-[[ -c /dev/kvm ]] || { echo "vmm-boot.sh: no /dev/kvm" >&2; exit 2; }
-
-work=$(mktemp -d "${TMPDIR:-/tmp}/vmm-boot.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+make_work
 marker="vmm-boot-init-$$-$RANDOM"
 if [[ -z $initrd ]]; then
     mkdir -p "$work/root/bin" "$work/root/proc" "$work/root/dev" "$work/root/sys"
@@ -115,24 +90,23 @@ launch() {
 ms() { echo $((($(cat "$work/$1.$3") - $(cat "$work/$1.$2")) / 1000000)); }
 rc() { tail -n1 "$work/$1.rc"; }
 
-fail=0
 check() { # NAME EXPECTED_STATUS EXPECTED_CPUS
     local name=$1 want=$2 cpus=$3
     if ! grep -q "$marker" "$work/$name.console" 2>/dev/null; then
-        echo "FAIL $name: the guest's init never ran (status $(rc "$name")); console and stderr:" >&2
+        bad "$name: the guest's init never ran (status $(rc "$name")); console and stderr:"
         tail -n 20 "$work/$name.console" "$work/$name.err" >&2 2>/dev/null || true
-        fail=1; return
+        return
     fi
     if [[ $(rc "$name") != "$want" ]]; then
-        echo "FAIL $name: exit status $(rc "$name"), want $want" >&2
-        tail -n 5 "$work/$name.err" >&2; fail=1; return
+        bad "$name: exit status $(rc "$name"), want $want"
+        tail -n 5 "$work/$name.err" >&2; return
     fi
     local seen
     seen=$(grep "$marker" "$work/$name.console" | tr -d '\r' | sed 's/.* cpus //')
     if [[ $seen != "$cpus" ]]; then
-        echo "FAIL $name: guest sees $seen vCPUs, want $cpus" >&2; fail=1; return
+        bad "$name: guest sees $seen vCPUs, want $cpus"; return
     fi
-    echo "ok   $name: init ran, guest sees $seen vCPU(s), exit status $want"
+    pass "$name: init ran, guest sees $seen vCPU(s), exit status $want"
 }
 
 echo "kernel $kernel; initrd $initrd; vmm $vmm" >&2
@@ -146,27 +120,27 @@ launch nestor-smp-poweroff "$vmm" --kernel "$kernel" --initrd "$initrd" --mem 25
 check nestor-smp-poweroff 0 2
 con=$work/nestor-smp-poweroff.console
 if grep -q "vda: " "$con"; then
-    grep -q "vda: HOSTDATA" "$con" && echo "ok   virtio-blk: guest read the host's data" ||
-        { echo "FAIL virtio-blk: guest read '$(grep "vda: " "$con")'" >&2; fail=1; }
+    grep -q "vda: HOSTDATA" "$con" && pass "virtio-blk: guest read the host's data" ||
+        bad "virtio-blk: guest read '$(grep "vda: " "$con")'"
     [[ $(dd if="$work/rw.img" bs=1 skip=512 count=10 2>/dev/null) == GUESTWROTE ]] &&
-        echo "ok   virtio-blk: guest's write is in the host file" ||
-        { echo "FAIL virtio-blk: guest's write not in the host file" >&2; fail=1; }
+        pass "virtio-blk: guest's write is in the host file" ||
+        bad "virtio-blk: guest's write not in the host file"
     grep -q "vdb: write refused" "$con" && cmp -s "$work/ro.img" "$work/ro.orig" &&
-        echo "ok   virtio-blk: read-only disk refused the write" ||
-        { echo "FAIL virtio-blk: read-only disk: $(grep "vdb: " "$con")" >&2; fail=1; }
-    grep -q "rng: 16 bytes from /dev/hwrng" "$con" && echo "ok   virtio-rng: $(grep -o "rng: .*" "$con" | tr -d '\r')" ||
-        { echo "FAIL virtio-rng: $(grep "rng: " "$con")" >&2; fail=1; }
+        pass "virtio-blk: read-only disk refused the write" ||
+        bad "virtio-blk: read-only disk: $(grep "vdb: " "$con")"
+    grep -q "rng: 16 bytes from /dev/hwrng" "$con" && pass "virtio-rng: $(grep -o "rng: .*" "$con" | tr -d '\r')" ||
+        bad "virtio-rng: $(grep "rng: " "$con")"
 elif ((virtio)); then
-    echo "FAIL virtio: the guest kernel sees no /dev/vda" >&2; fail=1
+    bad "virtio: the guest kernel sees no /dev/vda"
 else
     echo "skip virtio checks: this kernel has no virtio-mmio command-line devices"
 fi
 if grep -q "devport: no" "$work/nestor-smp-poweroff.console"; then
     echo "skip boot-marker check: the guest kernel has no /dev/port (CONFIG_DEVPORT)"
 elif grep -q "guest init reached after" "$work/nestor-smp-poweroff.err"; then
-    echo "ok   boot marker: $(grep -o 'guest init reached after [0-9]* ms' "$work/nestor-smp-poweroff.err")"
+    pass "boot marker: $(grep -o 'guest init reached after [0-9]* ms' "$work/nestor-smp-poweroff.err")"
 else
-    echo "FAIL nestor-smp-poweroff: no boot-marker line from nestor-vmm" >&2; fail=1
+    bad "nestor-smp-poweroff: no boot-marker line from nestor-vmm"
 fi
 launch nestor-reboot "$vmm" --kernel "$kernel" --initrd "$initrd" --mem 256 --cmdline "$cmdline nestor.action=reboot"
 check nestor-reboot 2 1
@@ -192,4 +166,4 @@ report nestor
 echo "    nestor-vmm's own marker: $(grep -o 'guest init reached after [0-9]* ms' "$work/nestor.err" || echo none)"
 echo "    nestor-vmm at exit: $(grep -o 'stats: .*' "$work/nestor.err" || echo none)"
 report qemu-microvm
-exit $fail
+finish

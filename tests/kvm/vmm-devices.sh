@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# tests/kvm/vmm-devices.sh [--kernel VMLINUX] [--agent NESTOR-AGENT] [--vmm PATH]
+# tests/kvm/vmm-devices.sh [--kernel VMLINUX] [--initrd INITRD] [--agent NESTOR-AGENT] [--vmm PATH]
 #
 # Boots nestor's guest kernel under nestor-vmm with virtio-vsock (--vsock) and
 # virtio-net (--net on a uniquely named tap with a host address) and checks, in one
@@ -18,48 +18,26 @@
 #     leaving no vsock socket behind.
 # The tap is created here and deleted on every path.
 #
-# Meant for a host with hardware KVM or the KVM test host:
-#   tests/testhost/run -- tests/kvm/vmm-devices.sh
-# Without --kernel it uses guest-kernel/build.sh's (cached) vmlinux; without --agent
-# images/build-agent.sh's static nestor-agent. The launch runs under `timeout 120`.
+# Runs in the KVM test host unless this host has hardware KVM. Without --kernel it uses
+# guest-kernel/build.sh's (cached) vmlinux; without --agent the static nestor-agent
+# (images/build-agent.sh). The launch runs under `timeout 120`.
 # Exit status 0 when every check passes, 1 when one fails, 2 on bad usage/missing parts.
 set -euo pipefail
-
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
-repo=$(cd "$here/../.." && pwd -P)
-kernel= agent= vmm=
-while (($#)); do
-    case $1 in
-    --kernel) kernel=$2; shift 2 ;;
-    --agent) agent=$2; shift 2 ;;
-    --vmm) vmm=$2; shift 2 ;;
-    -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
-    *) echo "vmm-devices.sh: unknown argument '$1'" >&2; exit 2 ;;
-    esac
-done
-if [[ -z $vmm ]]; then
-    for c in "${CARGO_TARGET_DIR:-$repo/target}/release/nestor-vmm" "${CARGO_TARGET_DIR:-$repo/target}/debug/nestor-vmm"; do
-        [[ -x $c ]] && { vmm=$c; break; }
-    done
-fi
-[[ -x $vmm ]] || { echo "vmm-devices.sh: no nestor-vmm binary (cargo build --release -p nestor-microvm)" >&2; exit 2; }
-[[ -n $kernel ]] || kernel=$("$repo/guest-kernel/build.sh" | tail -n1)
-[[ -n $agent ]] || agent=$("$repo/images/build-agent.sh" | tail -n1)
-[[ -r $kernel && -x $agent ]] || { echo "vmm-devices.sh: no kernel or agent" >&2; exit 2; }
-[[ -c /dev/kvm ]] || { echo "vmm-devices.sh: no /dev/kvm" >&2; exit 2; }
+limit=240
+source "$(dirname "${BASH_SOURCE[0]}")/lib/prelude.sh"
+find_vmm
+find_kernel
+[[ -n $initrd ]] || { find_static_bins; initrd=$("$repo/images/build-initramfs.sh" --agent "$agent" | tail -n1); }
+rerun_where_kvm_is
+need_kvm
 [[ -c /dev/net/tun ]] || modprobe tun 2>/dev/null || true
-[[ -c /dev/net/tun ]] || { echo "vmm-devices.sh: no /dev/net/tun" >&2; exit 2; }
-command -v python3 >/dev/null || { echo "vmm-devices.sh: python3 is needed" >&2; exit 2; }
-initrd=$("$repo/images/build-initramfs.sh" --agent "$agent" | tail -n1)
+[[ -c /dev/net/tun ]] || die2 "no /dev/net/tun"
+command -v python3 >/dev/null || die2 "python3 is needed"
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/vmm-devices.XXXXXX")
+make_work
 tap="nvd$$x$((RANDOM % 1000))"
 tap=${tap:0:15}
-cleanup() {
-    ip link del "$tap" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+on_exit ip link del '"$tap"'
 net="10.$((RANDOM % 200 + 20)).$((RANDOM % 250))"
 hip=$net.1 gip=$net.2
 mac=06:00:ac:$(printf '%02x:%02x:%02x' $((RANDOM % 256)) $((RANDOM % 256)) $((RANDOM % 256)))
@@ -185,37 +163,32 @@ rc=$?
 set -e
 kill "$hpid" 2>/dev/null; wait "$hpid" 2>/dev/null || true
 
-label=""
-[[ ${NESTOR_TESTHOST:-} == inside ]] && label=", inside TCG test host"
-fail=0
-ok() { echo "ok   $*"; }
-bad() { echo "FAIL $*" >&2; fail=1; }
 con() { tr -d '\r' <"$work/console" | grep -o "vd: $1.*" | head -n1; }
 host() { grep "^$1" "$work/host.out" | head -n1; }
-[[ $rc == 0 ]] && ok "nestor-vmm exited 0 on the guest's power-off" || bad "nestor-vmm exit status $rc"
-[[ ! -e $sock ]] && ok "vsock socket removed at exit" || bad "vsock socket $sock left behind"
-grep -q "guest init reached after" "$work/err" && ok "boot marker: $(grep -o 'guest init reached after [0-9]* ms' "$work/err")" ||
+[[ $rc == 0 ]] && pass "nestor-vmm exited 0 on the guest's power-off" || bad "nestor-vmm exit status $rc"
+[[ ! -e $sock ]] && pass "vsock socket removed at exit" || bad "vsock socket $sock left behind"
+grep -q "guest init reached after" "$work/err" && pass "boot marker: $(grep -o 'guest init reached after [0-9]* ms' "$work/err")" ||
     bad "no boot-marker line from nestor-vmm"
 [[ $(con g2h) == "vd: g2h rc=0 got=g2h-reply-$tag "* ]] && [[ $(host "g2h got") == "g2h got g2h-$tag" ]] &&
-    ok "vsock guest -> host (${sock##*/}_6000): both ways" ||
+    pass "vsock guest -> host (${sock##*/}_6000): both ways" ||
     bad "vsock guest -> host: guest '$(con g2h)', host '$(host g2h)'"
 [[ $(host "h2g ok line") == "h2g ok line OK "* ]] && [[ $(con h2g) == "vd: h2g rc=0 got=h2g-$tag "* ]] &&
     [[ $(host "h2g got") == "h2g got h2g-reply-$tag" ]] &&
-    ok "vsock host -> guest (CONNECT 5000, $(host 'h2g ok line' | cut -d' ' -f4-)): both ways" ||
+    pass "vsock host -> guest (CONNECT 5000, $(host 'h2g ok line' | cut -d' ' -f4-)): both ways" ||
     bad "vsock host -> guest: guest '$(con h2g)', host '$(host 'h2g')'"
 want_md5=$(seq 1 "$bulk_n" | md5sum | cut -d' ' -f1)
 want_len=$(seq 1 "$bulk_n" | wc -c)
 [[ $(host "bulk got") == "bulk got $want_len $want_md5" ]] && [[ $(con bulk) == "vd: bulk rc=0 md5=$want_md5 "* ]] &&
-    ok "vsock bulk: $want_len bytes guest -> host and echoed back intact ($(con bulk | grep -o 'secs=[0-9]*') in the guest$label)" ||
+    pass "vsock bulk: $want_len bytes guest -> host and echoed back intact ($(con bulk | grep -o 'secs=[0-9]*') in the guest)$label" ||
     bad "vsock bulk: guest '$(con bulk)', host '$(host bulk)', want $want_len bytes md5 $want_md5"
-[[ $(con mac) == "vd: mac $mac" ]] && ok "virtio-net MAC $mac" || bad "guest MAC: '$(con mac)', want $mac"
-[[ $(con ping) == "vd: ping rc=0 3 packets received" ]] && ok "net: guest pinged the host's tap address $hip" ||
+[[ $(con mac) == "vd: mac $mac" ]] && pass "virtio-net MAC $mac" || bad "guest MAC: '$(con mac)', want $mac"
+[[ $(con ping) == "vd: ping rc=0 3 packets received" ]] && pass "net: guest pinged the host's tap address $hip" ||
     bad "net ping: '$(con ping)'"
-[[ $(host "tcp got") == "tcp got tcp-$tag" ]] && [[ $(con tcp) == "vd: tcp rc=0" ]] && ok "net: TCP from the guest reached the host" ||
+[[ $(host "tcp got") == "tcp got tcp-$tag" ]] && [[ $(con tcp) == "vd: tcp rc=0" ]] && pass "net: TCP from the guest reached the host" ||
     bad "net TCP: guest '$(con tcp)', host '$(host tcp)'"
 if ((fail)); then
     echo "--- console (last 30 lines)" >&2; tail -n 30 "$work/console" >&2
     echo "--- nestor-vmm stderr" >&2; tail -n 20 "$work/err" >&2
     echo "--- host side" >&2; cat "$work/host.out" >&2
 fi
-exit $fail
+finish

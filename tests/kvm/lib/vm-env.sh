@@ -1,39 +1,25 @@
-# Sourced by the tests/kvm/run-vm*.sh scripts: builds what `nestor run --vm` needs on
-# this host (nothing compiles under TCG), re-runs the calling script in the KVM test
-# host unless this host has hardware KVM, and inside sets up a private nestor (data root
-# on a tmpfs, the busybox sample image imported) plus the check helpers.
-# Expects: $here, $repo, $direct (1 = already inside), the script's own args in "$@".
-bin=${NESTOR_BIN_DIR:-$repo/target/release}
-if [[ ${NESTOR_TESTHOST:-} != inside && $direct == 0 ]]; then
-    # Build everything here: nothing compiles under TCG.
-    export NESTOR_VM_KERNEL NESTOR_VM_INITRD
-    NESTOR_VM_KERNEL=$("$repo/guest-kernel/build.sh" 2>/dev/null | tail -n1)
-    bins=$("$repo/images/build-agent.sh" 2>/dev/null)
-    NESTOR_VM_INITRD=$("$repo/images/build-initramfs.sh" --agent "$(tail -n1 <<<"$bins")" \
-        --nestor "$(tail -n2 <<<"$bins" | head -n1)" 2>/dev/null | tail -n1)
-    "$repo/images/build-busybox-image.sh" >/dev/null 2>&1
-    "$repo/tests/testhost/kvm-exec" --timeout 900 -- "$0" --direct "$@"
-    exit
-fi
-: "${NESTOR_VM_KERNEL:=$("$repo/guest-kernel/build.sh" 2>/dev/null | tail -n1)}"
-if [[ -z ${NESTOR_VM_INITRD:-} ]]; then
-    # The static binaries scripts/test.sh built (cargo under TCG would take minutes).
-    static=${CARGO_TARGET_DIR:-$repo/target}/x86_64-unknown-linux-gnu/release
-    if [[ -x $static/nestor && -x $static/nestor-agent ]]; then
-        bins=$(printf '%s\n%s\n' "$static/nestor" "$static/nestor-agent")
-    else
-        bins=$("$repo/images/build-agent.sh" 2>/dev/null)
-    fi
-    NESTOR_VM_INITRD=$("$repo/images/build-initramfs.sh" --agent "$(tail -n1 <<<"$bins")" \
-        --nestor "$(tail -n2 <<<"$bins" | head -n1)" 2>/dev/null | tail -n1)
-fi
-export NESTOR_VM_KERNEL NESTOR_VM_INITRD
-[[ -c /dev/kvm ]] || { echo "$(basename "$0"): no /dev/kvm" >&2; exit 1; }
-label=""
-[[ ${NESTOR_TESTHOST:-} == inside ]] && label=" (inside TCG test host; compare only within this run)"
+# tests/kvm/lib/vm-env.sh: sourced by the run-vm*.sh tests right after prelude.sh. It
+# looks up what `nestor run --vm` needs (the guest kernel, the agent initramfs, nestor
+# and nestor-vmm) and the busybox sample image, all on this host (nothing compiles
+# under TCG), re-runs the test where KVM is, and there sets up a private nestor: data
+# root and state on a tmpfs of their own (NESTOR_ROOT, NESTOR_STATE), the sample image
+# imported, NESTOR_VM_KERNEL/NESTOR_VM_INITRD/NESTOR_VM_TIMEOUT exported, and
+#   n ARGS...   nestor under a 240 s time limit
+#   $bin        the directory nestor and nestor-vmm run from (NESTOR_BIN_DIR, else
+#               nestor's own; a copy on the tmpfs inside the test host)
+#   $img        the sample image's OCI layout
+# Every container and VM of the test is removed on exit.
+find_kernel
+find_agent_initrd
+find_nestor
+"$repo/images/build-busybox-image.sh" >/dev/null 2>&1
+rerun_where_kvm_is
+need_kvm
+bin=${NESTOR_BIN_DIR:-$(dirname "$nestor")}
+export NESTOR_VM_KERNEL=$kernel NESTOR_VM_INITRD=$initrd
 export NESTOR_VM_TIMEOUT=${NESTOR_VM_TIMEOUT:-120}
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/run-vm.XXXXXX")
+make_work
 # A tmpfs of its own: image layers hold whiteouts, which the test host's overlay root
 # refuses to create.
 mount -t tmpfs -o size=2g tmpfs "$work"
@@ -46,20 +32,10 @@ if [[ ${NESTOR_TESTHOST:-} == inside ]]; then
     bin=$work/bin
 fi
 n() { timeout --kill-after=5 240 "$bin/nestor" "$@"; }
-cleanup() {
-    for id in $("$bin/nestor" ps -a -q 2>/dev/null); do "$bin/nestor" rm -f "$id" >/dev/null 2>&1 || true; done
-    "$bin/nestor" gc >/dev/null 2>&1 || true
-    umount -l "$work/pm" 2>/dev/null || true
-    umount -l "$work" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+on_exit umount -l '"$work"'
+on_exit umount -l '"$work/pm"'
+on_exit '"$bin/nestor"' gc
+on_exit 'for id in $("$bin/nestor" ps -a -q 2>/dev/null); do "$bin/nestor" rm -f "$id"; done'
 img=$("$repo/images/build-busybox-image.sh" 2>/dev/null | tail -n1)
 "$bin/nestor" image import "$img" >/dev/null
 
-
-fail=0
-pass() { echo "ok   $*"; }
-bad() { echo "FAIL $*" >&2; fail=1; }
-# expect NAME WANT GOT
-expect() { if [[ $3 == "$2" ]]; then pass "$1"; else bad "$1: want '$2', got '$3'"; fi; }
