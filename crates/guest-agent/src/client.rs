@@ -13,7 +13,8 @@
 //!   run --spec FILE --rootfs DIR [--container ID] [--stdout F] [--stderr F] -- ARGS...
 //!                            attach stdout and stderr, run ARGS in a container of that
 //!                            spec, copy its output to the files, wait: print the replies
-//!                            to run and to wait
+//!                            to run and to wait; with --t0 NANOS (a `date +%s%N`)
+//!                            a third line `started_ms N exited_ms N`, both since then
 //!   fuzz [--seed N]          random and malformed frames, each on a connection of its
 //!                            own, then a ping that must be answered
 //! ```
@@ -81,6 +82,10 @@ enum Cmd {
         /// Where the container's stderr goes (default: discarded).
         #[arg(long)]
         stderr: Option<PathBuf>,
+        /// A start time (nanoseconds since the epoch): print when the container had
+        /// started and exited, in ms since then.
+        #[arg(long)]
+        t0: Option<u128>,
         #[arg(last = true, required = true)]
         args: Vec<String>,
     },
@@ -160,8 +165,10 @@ pub fn main(args: &[String]) -> Result<()> {
             container,
             stdout,
             stderr,
+            t0,
             args,
         } => {
+            let since_t0 = || t0.map(|t0| epoch_ns().saturating_sub(t0) / 1_000_000);
             let mut spec: serde_json::Value = serde_json::from_slice(
                 &std::fs::read(&spec).with_context(|| format!("read {}", spec.display()))?,
             )
@@ -185,6 +192,7 @@ pub fn main(args: &[String]) -> Result<()> {
                 container: container.clone(),
                 bundle: Bundle::Spec { spec, rootfs },
             })?)?;
+            let started = since_t0();
             for d in drains {
                 match d.join() {
                     Ok(r) => r?,
@@ -194,7 +202,11 @@ pub fn main(args: &[String]) -> Result<()> {
             print_json(&ctl.call(Request::Wait {
                 container,
                 exec: None,
-            })?)
+            })?)?;
+            if let (Some(s), Some(e)) = (started, since_t0()) {
+                println!("started_ms {s} exited_ms {e}");
+            }
+            Ok(())
         }
         Cmd::Fuzz { seed } => {
             let mut rng = XorShift(seed | 1);
@@ -233,6 +245,13 @@ fn drain(mut from: File, to: Option<PathBuf>) -> Result<()> {
     std::io::copy(&mut from, &mut sink).context("copy a stdio stream")?;
     sink.flush()?;
     Ok(())
+}
+
+fn epoch_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default()
 }
 
 fn process_exists(pid: i32) -> bool {
