@@ -14,7 +14,10 @@ fi
 # Podman and the containers it runs need these on this kind of machine.
 ulimit -n 20000 2>/dev/null || true
 
-# Guard rails first: they fail fast.
+# Guard rails first: they fail fast. clippy runs in the release profile, the one of the
+# cargo builds and tests below: its check build compiles no crate the release build could reuse
+# (check artifacts are metadata only), but build scripts and proc-macros are shared
+# between the two, so in this profile they are built once for the whole script.
 echo "test: cargo fmt --check, cargo clippy -D warnings" >&2
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release --quiet -- -D warnings

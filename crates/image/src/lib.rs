@@ -1,4 +1,4 @@
-//! nestor-image: the image store (the seed's LayerFS). Owns importing container images
+//! nestor-image: the image store. Owns importing container images
 //! (OCI image layouts, oci-archive and docker-archive tarballs), verifying every blob
 //! against its sha256 digest, extracting each layer once, safely, into a directory that
 //! overlayfs can stack directly as a read-only lower layer, and naming, listing and

@@ -1,5 +1,5 @@
 //! The Markdown report `nestor bench` prints: a header (host, kernel, KVM, date, test
-//! host), the seed's efficiency table measured (unit size, units per host, start time,
+//! host), the efficiency table measured (unit size, units per host, start time,
 //! stop time; a column per mode and runner), the workload tables against the native
 //! process, and the density sweep. Skipped rows stay in every table, with their reason.
 
@@ -150,11 +150,11 @@ fn modes(o: &mut String, r: &Report) {
     }
 }
 
-/// The seed's efficiency table: a column per mode and runner, a row per property, then
+/// The efficiency table: a column per mode and runner, a row per property, then
 /// the skipped columns with their reasons.
 fn efficiency(o: &mut String, r: &Report) {
     let cols = &r.start_stop;
-    let _ = writeln!(o, "\n## Efficiency (the seed's table, measured here)\n");
+    let _ = writeln!(o, "\n## Efficiency (measured here)\n");
     let mut head = "| property |".to_string();
     let mut sep = "|---|".to_string();
     for c in cols {
