@@ -26,7 +26,8 @@ fi
 version=$(dpkg-query -W -f '${Version}' busybox-static)
 arch=$(dpkg --print-architecture)
 script="${BASH_SOURCE[0]}"
-hash=$( { cat "$script"; echo "$version $arch"; } | sha256sum | cut -c1-16)
+here=$(cd "$(dirname "$script")" && pwd)
+hash=$( { cat "$script" "$here/lib/oci_layout.py"; echo "$version $arch"; } | sha256sum | cut -c1-16)
 cache="${NESTOR_CACHE:-${HOME:-/root}/.cache/nestor}/images"
 out="$cache/busybox-$hash"
 
@@ -41,33 +42,11 @@ tmp=$(mktemp -d "$cache/.busybox-$hash.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 log "building busybox image from busybox-static $version ($arch)"
 
-python3 - "$tmp" /bin/busybox "$arch" "$version" <<'PY'
-import gzip, hashlib, io, json, os, subprocess, sys, tarfile
+PYTHONPATH="$here/lib" python3 - "$tmp" /bin/busybox "$arch" "$version" <<'PY'
+import subprocess, sys
+from oci_layout import D, F, L, GZIP, PLAIN, build_tar, gzipped, write_layout
 
 out, busybox, arch, version = sys.argv[1:5]
-MTIME = 1704067200  # 2024-01-01T00:00:00Z
-CREATED = "2024-01-01T00:00:00Z"
-
-def info(name, kind, mode, size=0, link=""):
-    t = tarfile.TarInfo(name)
-    t.type, t.mode, t.size, t.linkname = kind, mode, size, link
-    t.mtime, t.uid, t.gid, t.uname, t.gname = MTIME, 0, 0, "", ""
-    return t
-
-def build_tar(entries):
-    """entries: list of (name, kind, mode, data-or-linkname); written sorted by name."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
-        for name, kind, mode, payload in sorted(entries, key=lambda e: e[0]):
-            if kind == tarfile.REGTYPE:
-                tf.addfile(info(name, kind, mode, len(payload)), io.BytesIO(payload))
-            elif kind == tarfile.SYMTYPE:
-                tf.addfile(info(name, kind, mode, link=payload))
-            else:
-                tf.addfile(info(name, kind, mode))
-    return buf.getvalue()
-
-D, F, L = tarfile.DIRTYPE, tarfile.REGTYPE, tarfile.SYMTYPE
 base = [(d, D, 0o755, None) for d in
         ["bin", "dev", "etc", "home", "proc", "run", "sbin", "sys", "usr", "usr/bin",
          "usr/sbin", "var", "var/cache", "var/cache/sample"]]
@@ -97,64 +76,18 @@ change = [
     ("var/cache/sample/.wh..wh..opq", F, 0o600, b""),
     ("var/cache/sample/new", F, 0o644, text("added by layer 2\n")),
 ]
-
-os.makedirs(f"{out}/blobs/sha256")
-def blob(data):
-    d = hashlib.sha256(data).hexdigest()
-    with open(f"{out}/blobs/sha256/{d}", "wb") as f:
-        f.write(data)
-    return "sha256:" + d
-
-def canon(obj):
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
 base_tar, change_tar = build_tar(base), build_tar(change)
-gz = io.BytesIO()
-with gzip.GzipFile(fileobj=gz, mode="wb", mtime=0, filename="", compresslevel=9) as g:
-    g.write(base_tar)
-base_gz = gz.getvalue()
-
+base_gz = gzipped(base_tar)
 config = {
-    "created": CREATED,
-    "architecture": arch,
-    "os": "linux",
-    "config": {
-        "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-        "Cmd": ["sh"],
-        "Labels": {"org.opencontainers.image.title": "nestor busybox sample",
-                   "org.opencontainers.image.version": version},
-    },
-    "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(t).hexdigest() for t in (base_tar, change_tar)]},
-    "history": [
-        {"created": CREATED, "created_by": "build-busybox-image.sh: busybox-static " + version},
-        {"created": CREATED, "created_by": "build-busybox-image.sh: whiteout /etc/motd, opaque /var/cache/sample"},
-    ],
+    "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+    "Cmd": ["sh"],
+    "Labels": {"org.opencontainers.image.title": "nestor busybox sample",
+               "org.opencontainers.image.version": version},
 }
-config_b = canon(config)
-manifest = {
-    "schemaVersion": 2,
-    "mediaType": "application/vnd.oci.image.manifest.v1+json",
-    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": blob(config_b), "size": len(config_b)},
-    "layers": [
-        {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": blob(base_gz), "size": len(base_gz)},
-        {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": blob(change_tar), "size": len(change_tar)},
-    ],
-}
-manifest_b = canon(manifest)
-index = {
-    "schemaVersion": 2,
-    "mediaType": "application/vnd.oci.image.index.v1+json",
-    "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": blob(manifest_b),
-        "size": len(manifest_b),
-        "annotations": {"org.opencontainers.image.ref.name": "busybox:latest"},
-    }],
-}
-with open(f"{out}/index.json", "wb") as f:
-    f.write(canon(index))
-with open(f"{out}/oci-layout", "wb") as f:
-    f.write(canon({"imageLayoutVersion": "1.0.0"}))
+write_layout(out, "busybox:latest", arch, config,
+             [(GZIP, base_gz, base_tar), (PLAIN, change_tar, change_tar)],
+             ["build-busybox-image.sh: busybox-static " + version,
+              "build-busybox-image.sh: whiteout /etc/motd, opaque /var/cache/sample"])
 print(f"build-busybox-image: {len(applets)} applets, base layer {len(base_gz)} bytes gzipped", file=sys.stderr)
 PY
 

@@ -1,7 +1,9 @@
 //! A tap for a microVM inside a container's network namespace, joined to the CNI
 //! interface by tc ingress redirects both ways (Kata's "tcfilter" model): every frame
 //! that reaches the interface leaves through the tap to the guest, and back. The
-//! interface's address is flushed, since the guest holds it.
+//! interface keeps its address: every frame is redirected at ingress, before the
+//! namespace's own stack could see it, and CNI's bridge plugin finds the masquerade rules
+//! it must remove at DEL by the addresses on the link.
 
 use std::path::Path;
 use std::process::Command;
@@ -36,7 +38,6 @@ pub fn plumb(netns: &Path, ifname: &str, tap: &str, owner: Option<(u32, u32)>) -
     }
     run_in(netns, &add)?;
     run_in(netns, &["ip", "link", "set", tap, "up"])?;
-    run_in(netns, &["ip", "addr", "flush", "dev", ifname])?;
     for (from, to) in [(ifname, tap), (tap, ifname)] {
         run_in(netns, &["tc", "qdisc", "add", "dev", from, "ingress"])?;
         run_in(

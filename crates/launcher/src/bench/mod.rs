@@ -9,6 +9,7 @@ pub mod host;
 pub mod model;
 pub mod modes;
 pub mod report;
+pub mod service;
 pub mod svg;
 pub mod unit;
 pub mod workload;
@@ -847,6 +848,7 @@ fn measure(
     let mut sizes = Vec::new();
     let mut dens = Vec::new();
     let mut wls = Vec::new();
+    let mut services = Vec::new();
     for &m in modes {
         let rs = modes::runners(m, env);
         let main = rs.iter().find(|r| r.main).cloned();
@@ -887,6 +889,9 @@ fn measure(
                 pair(&mut set, &paired);
             }
             wls.push(set);
+        }
+        if service::has_services(m) {
+            services.push(service::measure(env, m, plan));
         }
         let measured = ss
             .iter()
@@ -951,5 +956,6 @@ fn measure(
         unit_size: sizes,
         density: dens,
         workloads: wls,
+        services,
     })
 }

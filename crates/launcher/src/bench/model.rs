@@ -23,6 +23,37 @@ pub struct Report {
     pub unit_size: Vec<UnitSize>,
     pub density: Vec<Density>,
     pub workloads: Vec<WorkloadSet>,
+    /// Servers reached from the host over their published ports (older reports have none).
+    #[serde(default)]
+    pub services: Vec<ServiceSet>,
+}
+
+/// A server in one mode, reached from the host the way a user's client reaches it.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct ServiceSet {
+    pub mode: String,
+    pub runner: String,
+    pub status: Status,
+    pub reason: Option<String>,
+    /// How the host reaches the TCP server ("host loopback" or the published port).
+    pub path: String,
+    /// TCP stream host -> server, MB/s.
+    pub tcp_mbps: Option<f64>,
+    /// 1-byte TCP round trips host -> server -> host, µs.
+    pub rtt_us: Option<Summary>,
+    /// redis-benchmark against redis-server in the mode: one row per test (SET, GET).
+    pub redis: Vec<RedisResult>,
+    pub redis_reason: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct RedisResult {
+    pub test: String,
+    pub requests: u64,
+    pub clients: u32,
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]

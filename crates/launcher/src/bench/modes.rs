@@ -516,8 +516,9 @@ impl Env {
                     }
                 }
                 c.args(["--rm", "--name", id]);
-                if matches!(r.kind, Kind::Image) {
-                    // As the crun and runc peers run: no network but loopback.
+                if matches!(r.kind, Kind::Image | Kind::VmContainer { .. }) {
+                    // As the crun and runc peers run: no network but loopback (the
+                    // services rows measure the network).
                     c.args(["--network", "none"]);
                 }
                 if let (Program::Workload(_), Some(vol)) = (p, disk) {

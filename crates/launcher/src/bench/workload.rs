@@ -1,8 +1,9 @@
 //! The workloads `nestor bench` runs identically in every mode: the hidden `nestor
 //! workload` command (the same static binary natively, bind-mounted into containers and
 //! in the guest initramfs), which prints one `NESTOR-WORKLOAD {json}` line per result;
-//! the host side of the network workload (a TCP sink and echo server); and fio on the
-//! host as a reference for the built-in disk figures.
+//! the host side of the network workload (a TCP sink and echo server, which `serve` also
+//! runs inside a unit for the host to reach); and fio on the host as a reference for the
+//! built-in disk figures.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -39,8 +40,9 @@ pub fn run(a: &WorkloadArgs) -> Result<i32> {
                 Some(addr) => net_client(addr, secs),
                 None => Err(anyhow::anyhow!("net: --net HOST:PORT is required")),
             },
+            "serve" => serve_forever(a.port),
             other => Err(anyhow::anyhow!(
-                "unknown workload '{other}' (cpu, mem, disk, net)"
+                "unknown workload '{other}' (cpu, mem, disk, net, serve)"
             )),
         };
         if let Err(e) = r {
@@ -265,12 +267,22 @@ fn disk(path: &Path, mib: usize, secs: Duration) -> Result<()> {
     Ok(())
 }
 
+/// What one TCP measurement gave: a stream's throughput and 1-byte round trips.
+pub struct NetFigures {
+    pub bytes: u64,
+    pub secs: f64,
+    pub mbps: f64,
+    pub rtt_us: super::model::Summary,
+}
+
 /// TCP throughput (64 KiB writes for `secs`, counted by the server) and round-trip
-/// time (1-byte ping-pong with TCP_NODELAY) against the bench's server on the host.
-fn net_client(addr: &str, secs: Duration) -> Result<()> {
-    let addr: SocketAddr = addr.parse().with_context(|| format!("--net {addr}"))?;
+/// time (1-byte ping-pong with TCP_NODELAY) against a [`NetServer`] at `addr`.
+pub fn net_measure(addr: SocketAddr, secs: Duration) -> Result<NetFigures> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .with_context(|| format!("connect {addr}"))?;
+    // A stalled path ends the measurement, never the bench.
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.set_write_timeout(Some(Duration::from_secs(60)))?;
     s.write_all(b"T")?;
     let chunk = vec![0x5au8; 64 << 10];
     let t = Instant::now();
@@ -282,13 +294,9 @@ fn net_client(addr: &str, secs: Duration) -> Result<()> {
     s.read_exact(&mut got).context("server's byte count")?;
     let el = t.elapsed().as_secs_f64();
     let bytes = u64::from_be_bytes(got);
-    emit(
-        json!({"workload": "net-tcp", "metric": "TCP stream unit -> host", "unit": "MB/s",
-        "value": bytes as f64 / el / 1e6, "higher_is_better": true,
-        "detail": {"bytes": bytes, "secs": el, "server": addr.to_string()}}),
-    );
 
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
     s.set_nodelay(true)?;
     s.write_all(b"P")?;
     let mut rtts = Vec::new();
@@ -301,13 +309,43 @@ fn net_client(addr: &str, secs: Duration) -> Result<()> {
         rtts.push(t1.elapsed().as_secs_f64() * 1e6);
     }
     s.shutdown(Shutdown::Both).ok();
-    let sum = super::model::Summary::of(&rtts).context("no round trips")?;
+    Ok(NetFigures {
+        bytes,
+        secs: el,
+        mbps: bytes as f64 / el / 1e6,
+        rtt_us: super::model::Summary::of(&rtts).context("no round trips")?,
+    })
+}
+
+/// `net`: [`net_measure`] from the unit against the bench's server on the host.
+fn net_client(addr: &str, secs: Duration) -> Result<()> {
+    let addr: SocketAddr = addr.parse().with_context(|| format!("--net {addr}"))?;
+    let f = net_measure(addr, secs)?;
+    emit(
+        json!({"workload": "net-tcp", "metric": "TCP stream unit -> host", "unit": "MB/s",
+        "value": f.mbps, "higher_is_better": true,
+        "detail": {"bytes": f.bytes, "secs": f.secs, "server": addr.to_string()}}),
+    );
+    let sum = f.rtt_us;
     emit(
         json!({"workload": "net-rtt", "metric": "TCP 1-byte ping-pong", "unit": "µs",
         "value": sum.median, "higher_is_better": false,
-        "detail": {"round_trips": rtts.len(), "p10": sum.p10, "p90": sum.p90, "min": sum.min, "max": sum.max}}),
+        "detail": {"round_trips": sum.n, "p10": sum.p10, "p90": sum.p90, "min": sum.min, "max": sum.max}}),
     );
     Ok(())
+}
+
+/// The line `serve` prints once it listens.
+pub const SERVING: &str = "nestor-bench-serving";
+
+/// `serve`: the [`NetServer`] on every address of the unit at `port`, until killed.
+fn serve_forever(port: u16) -> Result<()> {
+    let _srv = NetServer::start(&format!("0.0.0.0:{port}"))?;
+    println!("{SERVING}");
+    let _ = std::io::stdout().flush();
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
 }
 
 /// The host side of `net`: accepts connections until dropped; 'T' = count bytes to EOF

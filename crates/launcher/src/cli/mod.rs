@@ -414,6 +414,14 @@ pub enum NetworkMode {
     Networks(Vec<String>),
 }
 
+impl NetworkMode {
+    /// The default network (`bridge`): what a container gets without `--network`, as
+    /// in Docker and podman, natively and in a microVM.
+    pub fn bridge() -> NetworkMode {
+        NetworkMode::Networks(vec!["nestor".into()])
+    }
+}
+
 impl NetOpts {
     /// `--network`, or `default` when it was not given.
     pub fn mode(&self, default: NetworkMode) -> NetworkMode {
@@ -421,7 +429,7 @@ impl NetOpts {
             None => default,
             Some("none") => NetworkMode::None,
             Some("host") => NetworkMode::Host,
-            Some("bridge") | Some("default") => NetworkMode::Networks(vec!["nestor".into()]),
+            Some("bridge") | Some("default") => NetworkMode::bridge(),
             Some(s) => match s.strip_prefix("container:") {
                 Some(c) => NetworkMode::Container(c.to_string()),
                 None => NetworkMode::Networks(vec![s.to_string()]),
@@ -551,7 +559,8 @@ pub struct BenchArgs {
 /// `nestor workload KIND…`: what the bench runs in every mode (hidden).
 #[derive(Args, Debug)]
 pub struct WorkloadArgs {
-    /// cpu, mem, disk, net.
+    /// cpu, mem, disk, net (a client of the bench's server), serve (the server, until
+    /// killed).
     #[arg(required = true)]
     pub kinds: Vec<String>,
     /// Seconds per time-boxed workload.
@@ -569,6 +578,9 @@ pub struct WorkloadArgs {
     /// HOST:PORT of the bench's TCP server.
     #[arg(long)]
     pub net: Option<String>,
+    /// The port `serve` listens on (every address).
+    #[arg(long, default_value_t = 5201)]
+    pub port: u16,
 }
 
 /// Limits and identity of a jail.

@@ -155,23 +155,30 @@ pub fn kill(name: &str, sig: Option<&str>) -> Result<bool> {
     Ok(true)
 }
 
+/// Removes one container: refused while it runs unless `force`, which kills it and
+/// waits for its monitor to finish, so that nothing writes its record afterwards.
+pub fn remove(m: &Meta, force: bool) -> Result<()> {
+    if m.running() {
+        if !force {
+            bail!(
+                "container {} is running: stop it first or use rm -f",
+                m.name
+            );
+        }
+        m.placement().kill();
+        wait_stopped(m, Duration::from_secs(10));
+    }
+    m.placement().remove()?;
+    store::remove_dir(&m.id)?;
+    Ok(())
+}
+
 pub fn rm(names: &[String], force: bool) -> Result<()> {
     let mut failed = false;
     for n in names {
         let r = (|| -> Result<()> {
             let m = store::resolve(n)?;
-            if m.running() {
-                if !force {
-                    bail!(
-                        "container {} is running: stop it first or use rm -f",
-                        m.name
-                    );
-                }
-                m.placement().kill();
-                wait_stopped(&m, Duration::from_secs(10));
-            }
-            m.placement().remove()?;
-            store::remove_dir(&m.id)?;
+            remove(&m, force)?;
             println!("{}", m.name);
             Ok(())
         })();

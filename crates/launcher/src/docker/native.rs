@@ -70,7 +70,7 @@ impl Native {
         image: &nestor_image::Image,
     ) -> Result<SpecNet> {
         let dir = store::dir(&meta.id);
-        let names = match a.net.mode(NetworkMode::Networks(vec!["nestor".into()])) {
+        let names = match a.net.mode(NetworkMode::bridge()) {
             NetworkMode::None | NetworkMode::Host if a.net.wants_more() => bail!(NEEDS_NETWORK),
             NetworkMode::None => return Ok(SpecNet::default()),
             NetworkMode::Host => {

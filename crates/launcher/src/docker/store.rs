@@ -198,6 +198,10 @@ pub struct Meta {
     /// Set for a container running in its own microVM (`run --vm`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<VmMeta>,
+    /// The pod it belongs to (`run --pod`); kept after it exits, so that `pod rm`
+    /// removes it with the pod, as podman's does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
 }
 
 /// The microVM of a `run --vm` container.
@@ -381,6 +385,7 @@ pub fn new_meta(
         networks: Vec::new(),
         ports: Vec::new(),
         vm: None,
+        pod: None,
     }
 }
 

@@ -261,6 +261,7 @@ fn join_pod(
         guest_id: guest_id.to_string(),
         pod: Some(name.to_string()),
     });
+    meta.pod = Some(name.to_string());
     Ok((Sandbox::join(pod.sandbox), device, pod.networked))
 }
 
@@ -275,10 +276,20 @@ pub(crate) struct VmNet {
     pub request: Request,
 }
 
-/// Puts the VM container on its network (when `--network` names one: the VM mode's
-/// default is none for now); records it in `meta`.
+/// The network mode of a VM container: `bridge` by default, as natively; a pod's
+/// container has none of its own (it shares the pod's).
+fn vm_net_mode(a: &RunArgs) -> crate::cli::NetworkMode {
+    a.net.mode(if a.vm.pod.is_some() {
+        crate::cli::NetworkMode::None
+    } else {
+        crate::cli::NetworkMode::bridge()
+    })
+}
+
+/// Puts the VM container on its network (the default one unless `--network` says
+/// otherwise); records it in `meta`.
 fn vm_network(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> Result<Option<VmNet>> {
-    let crate::cli::NetworkMode::Networks(names) = a.net.mode(crate::cli::NetworkMode::None) else {
+    let crate::cli::NetworkMode::Networks(names) = vm_net_mode(a) else {
         // `check` refused the other modes.
         return Ok(None);
     };
@@ -598,8 +609,8 @@ impl Mode for VmMode {
         if a.ctr.userns {
             bail!("--userns with --vm is not needed: the VM is the boundary (drop --userns)");
         }
-        // Without --network a VM container has none (for now); with it, one network.
-        match a.net.mode(crate::cli::NetworkMode::None) {
+        // One network (the default one unless --network says otherwise), or none.
+        match vm_net_mode(a) {
             crate::cli::NetworkMode::None if a.net.wants_more() => bail!(
                 "-p, -P, --dns, --add-host and --ip need a network: give --network bridge or a network's name"
             ),

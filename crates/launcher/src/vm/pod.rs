@@ -109,7 +109,8 @@ pub fn all() -> Vec<Pod> {
 /// `nestor pod create NAME`.
 pub fn create(name: &str, mem_mib: u32, vcpus: u8, net: &crate::cli::NetOpts) -> Result<()> {
     use crate::cli::NetworkMode;
-    let names = match net.mode(NetworkMode::None) {
+    // As podman's pods: on the default network unless --network says otherwise.
+    let names = match net.mode(NetworkMode::bridge()) {
         NetworkMode::None if net.wants_more() => bail!(
             "-p, -P, --dns, --add-host and --ip need a network: give --network bridge or a network's name"
         ),
@@ -290,6 +291,16 @@ pub fn rm(names: &[String], force: bool) -> Result<()> {
                     "pod {name} still runs {}: stop them first or use pod rm -f",
                     running.join(", ")
                 );
+            }
+            // As podman's pod rm: the pod's containers go with it (running ones
+            // only with -f, checked above), while its agent still answers.
+            for m in store::all()
+                .into_iter()
+                .filter(|m| m.pod.as_deref() == Some(name))
+            {
+                if let Err(e) = crate::docker::manage::remove(&m, true) {
+                    tracing::warn!("pod {name}: container {}: {e:#}", m.name);
+                }
             }
             if p.alive() {
                 if let Ok(mut a) = p.agent() {
