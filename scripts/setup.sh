@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 
 PKGS=(podman crun runc busybox-static containernetworking-plugins iptables qemu-system-x86 hyperfine linux-source-6.1
       erofs-utils fio iperf3 iproute2 flex bison bc libelf-dev libssl-dev cpio kmod
-      uidmap libseccomp-dev pkg-config e2fsprogs xz-utils python3 strace procps binutils)
+      uidmap libseccomp-dev pkg-config e2fsprogs xz-utils python3 strace procps binutils
+      redis-server redis-tools)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -31,6 +32,11 @@ BIN="$(cd "${CARGO_TARGET_DIR:-$PWD/target}" && pwd)/release"
 echo "setup: building the busybox sample image" >&2
 img=$(images/build-busybox-image.sh | tail -n 1)
 if ! "$BIN/nestor" images -q | grep -q .; then
+  "$BIN/nestor" image import "$img" >/dev/null
+fi
+echo "setup: building the redis sample image" >&2
+img=$(images/build-redis-image.sh | tail -n 1)
+if ! "$BIN/nestor" images | grep -q '^localhost/redis '; then
   "$BIN/nestor" image import "$img" >/dev/null
 fi
 echo "setup: building the guest kernel and agent initramfs for --vm (cached; the first build takes minutes)" >&2

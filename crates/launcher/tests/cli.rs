@@ -1032,6 +1032,61 @@ fn a_published_port_answers_and_containers_find_each_other_by_name() {
     );
 }
 
+/// The redis sample image (Debian's redis-server, no shell) serves through its published
+/// port as the image's config says (Entrypoint, Cmd, WorkingDir /data, User redis, who
+/// must be able to write there).
+#[test]
+fn the_redis_sample_image_serves_on_its_published_port() {
+    let have_cli = Command::new("redis-cli").arg("--version").output().is_ok();
+    if !Path::new("/usr/lib/cni/bridge").exists() || !have_cli {
+        eprintln!("SKIP: containernetworking-plugins or redis-tools is not installed");
+        return;
+    }
+    let e = Env::new();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../images/build-redis-image.sh");
+    let o = Command::new("bash").arg(script).output().unwrap();
+    assert!(o.status.success(), "redis image: {}", stderr(&o));
+    let layout = stdout(&o).lines().last().unwrap().trim().to_string();
+    let o = e.run(&["image", "import", &layout]);
+    assert!(o.status.success(), "import: {}", stderr(&o));
+    let o = e.run(&[
+        "run",
+        "-d",
+        "--name",
+        "rds",
+        "-p",
+        "127.0.0.1::6379",
+        "redis",
+    ]);
+    assert!(o.status.success(), "run: {}", stderr(&o));
+    let port = stdout(&e.run(&["port", "rds"]));
+    let port = port.trim().rsplit(':').next().unwrap().to_string();
+    let cli = |args: &[&str]| {
+        let mut last = String::new();
+        for _ in 0..50 {
+            let o = Command::new("redis-cli")
+                .args(["-h", "127.0.0.1", "-p", &port])
+                .args(args)
+                .output()
+                .unwrap();
+            last = stdout(&o).trim().to_string();
+            if o.status.success() && !last.is_empty() && !last.contains("Connection refused") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        last
+    };
+    assert_eq!(cli(&["set", "k", "through-the-port"]), "OK");
+    assert_eq!(cli(&["get", "k"]), "through-the-port");
+    // The image's working directory, as redis itself reports it.
+    assert_eq!(cli(&["config", "get", "dir"]), "dir\n/data");
+    let o = e.run(&["exec", "rds", "/usr/bin/redis-server", "--version"]);
+    assert!(stdout(&o).contains("Redis server v="), "{}", stderr(&o));
+    let o = e.run(&["rm", "-f", "rds"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
 /// VM mode's host side of networking (the VM's namespace, CNI ADD/DEL, the tap and its
 /// tc redirects, published ports; a pod's attachment) over 100 run/rm cycles and 20 pod
 /// cycles, with a stand-in VMM whose guest behaves (a Linux guest cannot boot on this

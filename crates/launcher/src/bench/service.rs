@@ -93,7 +93,8 @@ struct Served {
     unit: Unit,
     id: String,
     addr: SocketAddr,
-    /// The bench's ext4 volume with the static nestor, removed at the end.
+    /// The volume with the static nestor (a directory or an ext4 image), removed at
+    /// the end.
     volume: Option<PathBuf>,
 }
 
@@ -158,8 +159,19 @@ fn serve(env: &Env, r: &Runner, what: Server, plan_disk_mib: usize) -> Result<Se
             (c, Some(([127, 0, 0, 1], port).into()), None)
         }
         (Kind::Image | Kind::VmContainer { .. }, Server::Tcp) => {
-            let vol = env.tmp.join(format!("{id}.ext4"));
-            env.make_volume(&vol, plan_disk_mib.min(16))?;
+            // The static nestor: a bound directory natively, an ext4 image for a VM.
+            let vol = if matches!(r.kind, Kind::Image) {
+                let d = env.tmp.join(format!("{id}.d"));
+                std::fs::create_dir_all(&d)?;
+                let bin = env.static_nestor.as_deref().unwrap_or(&env.workload_bin);
+                std::fs::copy(bin, d.join("nestor-workload"))
+                    .with_context(|| format!("copy {}", bin.display()))?;
+                d
+            } else {
+                let v = env.tmp.join(format!("{id}.ext4"));
+                env.make_volume(&v, plan_disk_mib.min(16))?;
+                v
+            };
             let mut c = run_command(env, r, &id, TCP_PORT);
             c.arg("-v")
                 .arg(format!("{}:/bench", vol.display()))
@@ -235,6 +247,7 @@ fn stop(env: &Env, r: &Runner, s: &mut Served) {
     }
     if let Some(v) = &s.volume {
         let _ = std::fs::remove_file(v);
+        let _ = std::fs::remove_dir_all(v);
     }
 }
 
@@ -247,7 +260,7 @@ fn path_text(r: &Runner, addr: SocketAddr, port: u16) -> String {
 
 fn tcp(env: &Env, r: &Runner, plan: &Plan) -> Result<(String, workload::NetFigures)> {
     let mut s = serve(env, r, Server::Tcp, plan.disk_mib)?;
-    let res = workload::net_measure(s.addr, Duration::from_secs_f64(plan.secs.max(0.5)));
+    let res = workload::net_measure(s.addr, Duration::from_secs_f64(plan.secs.max(2.0)));
     let path = path_text(r, s.addr, TCP_PORT);
     stop(env, r, &mut s);
     Ok((path, res?))
