@@ -959,6 +959,23 @@ fn a_published_port_answers_and_containers_find_each_other_by_name() {
         "{}",
         stderr(&o)
     );
+    // CNI CHECK through `network check`: as ADD made it; then with its address gone,
+    // the plugin that notices says so.
+    let o = e.run(&["network", "check", "web"]);
+    assert_eq!(stdout(&o), "web: ok\n", "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&e.run(&["inspect", "web"]).stdout).unwrap();
+    let ns = nestor_network::Networks::open(e.data.path())
+        .unwrap()
+        .netns_path(v["Id"].as_str().unwrap());
+    let o = Command::new("nsenter")
+        .arg(format!("--net={}", ns.display()))
+        .args(["ip", "addr", "flush", "dev", "eth0"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = e.run(&["network", "check", "web"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("CHECK"), "{}", stderr(&o));
     assert!(e.run(&["rm", "-f", "web"]).status.success());
     // A user network: containers reach each other by name.
     let net = format!("n{}", std::process::id());

@@ -261,6 +261,24 @@ impl Networks {
         Ok(())
     }
 
+    /// CNI CHECK of container `id` on each of its networks: whether the interface,
+    /// address, routes and rules ADD made are still as they were.
+    pub fn check(&self, id: &str) -> Result<()> {
+        let a = self
+            .attachment(id)
+            .ok_or_else(|| Error::Invalid(format!("container {id} is on no network")))?;
+        for i in &a.ifaces {
+            let t = Target {
+                cni_path: &self.cni_path,
+                container_id: &a.container_id,
+                netns: &a.netns,
+                ifname: &i.ifname,
+            };
+            cni::check_list(&i.conflist, &i.runtime, &i.result, &t)?;
+        }
+        Ok(())
+    }
+
     /// Takes container `id` off its networks: DEL for each, its namespace and record
     /// removed; the hosts files of its peers rewritten. Idempotent.
     pub fn detach(&self, id: &str) -> Result<()> {

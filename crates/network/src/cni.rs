@@ -1,6 +1,7 @@
 //! Running CNI plugins (spec 1.0): one plugin with its configuration on stdin and the
 //! `CNI_*` environment, and a configuration list as a chain (ADD in order, each result
-//! the next one's `prevResult`; DEL in reverse with the cached result).
+//! the next one's `prevResult`; DEL in reverse with the cached result; CHECK in order
+//! with it).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -35,6 +36,19 @@ pub struct Target<'a> {
 /// Runs one plugin. `conf` is the plugin's full configuration (with `name`,
 /// `cniVersion` and, when chained, `prevResult`). Returns its result (`Null` for DEL).
 pub fn exec(network: &str, command: &str, conf: &Value, t: &Target) -> Result<Value> {
+    exec_with_path(network, command, conf, t, PLUGIN_PATH)
+}
+
+/// The PATH plugins get (they run iptables, ip6tables and the like).
+const PLUGIN_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+
+fn exec_with_path(
+    network: &str,
+    command: &str,
+    conf: &Value,
+    t: &Target,
+    path: &str,
+) -> Result<Value> {
     let kind = conf["type"].as_str().unwrap_or_default().to_string();
     let plugin_err = |msg: String| Error::Plugin {
         network: network.into(),
@@ -49,7 +63,7 @@ pub fn exec(network: &str, command: &str, conf: &Value, t: &Target) -> Result<Va
     })?;
     let mut child = Command::new(&bin)
         .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("PATH", path)
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", t.container_id)
         .env("CNI_NETNS", t.netns)
@@ -149,6 +163,56 @@ pub fn del_list(list: &Value, runtime: &Value, result: &Value, t: &Target) -> Re
         }
     }
     first.map_or(Ok(()), Err)
+}
+
+/// CHECK of a configuration list (CNI 1.0): every plugin in order, each given the cached
+/// ADD `result` as `prevResult`; the first plugin that finds its part missing or
+/// changed names it.
+///
+/// portmap 1.1 (Debian 12's) checks for IPv6 DNAT rules whenever ip6tables exists,
+/// even for a container with only IPv4 addresses, whose ADD made none, so its CHECK
+/// always fails (fixed upstream later). For such a container it runs with a PATH that
+/// offers the IPv4 tools only, so it checks what its ADD made.
+pub fn check_list(list: &Value, runtime: &Value, result: &Value, t: &Target) -> Result<()> {
+    let name = list["name"].as_str().unwrap_or("?").to_string();
+    let v6 = result["ips"].as_array().is_some_and(|ips| {
+        ips.iter()
+            .any(|i| i["address"].as_str().is_some_and(|a| a.contains(':')))
+    });
+    for p in plugins(list) {
+        let conf = plugin_conf(list, &p, runtime, result);
+        let path = match p["type"].as_str() {
+            Some("portmap") if !v6 => ipv4_tools_path(),
+            _ => PLUGIN_PATH.to_string(),
+        };
+        exec_with_path(&name, "CHECK", &conf, t, &path)?;
+    }
+    Ok(())
+}
+
+/// A directory with the iptables tools but not ip6tables (links, made once), as a PATH;
+/// the plugins' own PATH if it cannot be made.
+fn ipv4_tools_path() -> String {
+    let dir = crate::run_dir().join("ipv4-tools");
+    let made = std::fs::create_dir_all(&dir).is_ok()
+        && ["iptables", "iptables-save", "iptables-restore"]
+            .iter()
+            .all(|tool| {
+                let link = dir.join(tool);
+                link.exists()
+                    || PLUGIN_PATH
+                        .split(':')
+                        .map(|d| Path::new(d).join(tool))
+                        .find(|p| p.exists())
+                        .is_some_and(|target| {
+                            std::os::unix::fs::symlink(&target, &link).is_ok() || link.exists()
+                        })
+            });
+    if made {
+        dir.display().to_string()
+    } else {
+        PLUGIN_PATH.to_string()
+    }
 }
 
 /// The runtime configuration nestor passes: published ports and a static address.

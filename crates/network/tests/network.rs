@@ -193,6 +193,12 @@ fn containers_on_a_user_network_know_each_other_by_name() {
     // In use: not removed.
     let e = r.nets.remove(&name).unwrap_err().to_string();
     assert!(e.contains("in use by alpha"), "{e}");
+    // CNI CHECK: alpha is as ADD left it; with its interface's address gone, the
+    // plugin that finds it missing says so.
+    r.nets.check(&ra.container_id).unwrap();
+    in_netns(&a.netns, || ip(&["addr", "flush", "dev", "eth0"]));
+    let e = r.nets.check(&ra.container_id).unwrap_err().to_string();
+    assert!(e.contains("CHECK"), "{e}");
 }
 
 fn iptables_mentions(id: &str) -> bool {

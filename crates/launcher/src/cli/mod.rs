@@ -173,6 +173,9 @@ pub enum NetworkCmd {
     },
     /// Remove every network no container is on.
     Prune,
+    /// CNI CHECK of a container's (or a pod's) networks: whether its interface,
+    /// address, routes and rules are still as ADD made them.
+    Check { container: String },
 }
 
 #[derive(Subcommand, Debug)]

@@ -1,5 +1,5 @@
-//! `nestor network create/ls/inspect/rm/prune` and `nestor port`: the user's view of
-//! crates/network for this data root.
+//! `nestor network create/ls/inspect/rm/prune/check` and `nestor port`: the user's view
+//! of crates/network for this data root.
 
 use anyhow::{bail, Result};
 
@@ -80,6 +80,17 @@ pub fn run(cmd: &NetworkCmd) -> Result<()> {
             if failed {
                 bail!("some networks were not removed");
             }
+        }
+        NetworkCmd::Check { container } => {
+            let id = match store::resolve(container) {
+                Ok(m) => m.id,
+                Err(_) if crate::vm::pod::load(container).is_ok() => {
+                    crate::vm::pod::net_id(container)
+                }
+                Err(e) => return Err(e),
+            };
+            nets.check(&id)?;
+            println!("{container}: ok");
         }
         NetworkCmd::Prune => {
             let all = nets.attachments();
