@@ -14,6 +14,7 @@
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
@@ -65,7 +66,10 @@ enum Op {
         ro: bool,
         kind: u32,
         sector: u64,
-        data: Vec<u8>,
+        /// Whole sectors of data (0-2), filled with `fill`, plus `extra` odd bytes.
+        sectors: u8,
+        fill: u8,
+        extra: u8,
         split: bool,
     },
     /// A frame on virtio-net's TX queue.
@@ -266,6 +270,13 @@ impl Rig {
         self.wr(dev, 0x70, 0xf);
     }
 
+    /// Sets the device up unless it runs (the shortcuts to the write paths use it).
+    fn ensure(&mut self, dev: usize) {
+        if !self.devs[dev].is_active() {
+            self.setup(dev);
+        }
+    }
+
     /// Writes `descs` (addr, len, flags) as one chain and publishes it on `q`.
     fn publish(&mut self, dev: usize, q: usize, descs: &[(u64, u32, u16, Option<u16>)]) {
         let base = ring_base(dev, q);
@@ -309,6 +320,7 @@ impl Rig {
         }
         for l in &self.listeners {
             while let Ok((s, _)) = l.accept() {
+                VSOCK_ACCEPTS.fetch_add(1, Relaxed);
                 let _ = s.set_nonblocking(true);
                 if self.streams.len() < 16 {
                     self.streams.push(s);
@@ -352,10 +364,14 @@ impl Rig {
                 ro,
                 kind,
                 sector,
-                data,
+                sectors,
+                fill,
+                extra,
                 split,
             } => {
+                let data = vec![fill; usize::from(sectors % 3) * 512 + usize::from(extra % 4)];
                 let dev = if ro { BLK_RO } else { BLK };
+                self.ensure(dev);
                 let hdr = self.alloc(16);
                 let _ = self.mem.write_obj(kind % 16, GuestAddress(hdr));
                 let _ = self.mem.write_obj(0u32, GuestAddress(hdr + 4));
@@ -382,6 +398,7 @@ impl Rig {
             }
             Op::NetTx { frame } => {
                 if n > NET {
+                    self.ensure(NET);
                     let a = self.alloc(12 + frame.len());
                     let _ = self.mem.write_slice(&[0u8; 12], GuestAddress(a));
                     let _ = self.mem.write_slice(&frame, GuestAddress(a + 12));
@@ -417,6 +434,7 @@ impl Rig {
                 h.extend_from_slice(&flags.to_le_bytes());
                 h.extend_from_slice(&buf_alloc.to_le_bytes());
                 h.extend_from_slice(&fwd_cnt.to_le_bytes());
+                self.ensure(VSOCK);
                 let a = self.alloc(44);
                 let _ = self.mem.write_slice(&h, GuestAddress(a));
                 let mut descs = vec![(a, 44, 0, None)];
@@ -434,6 +452,7 @@ impl Rig {
                 len,
             } => {
                 let dev = usize::from(dev) % n;
+                self.ensure(dev);
                 for _ in 0..count % 8 {
                     let a = self.alloc(usize::from(len));
                     self.publish(dev, usize::from(queue % 3), &[(a, u32::from(len), 2, None)]);
@@ -464,8 +483,14 @@ impl Rig {
     }
 
     fn check(&self) {
-        let rw = std::fs::metadata(&self.rw_disk).unwrap().len();
-        assert_eq!(rw, DISK_LEN as u64, "the read-write disk changed size");
+        let rw = std::fs::read(&self.rw_disk).unwrap();
+        assert_eq!(rw.len(), DISK_LEN, "the read-write disk changed size");
+        if rw.iter().any(|&b| b != 0x11) {
+            if std::env::var_os("NESTOR_FUZZ_TRACE").is_some() {
+                eprintln!("disk written");
+            }
+            DISK_WRITES.fetch_add(1, Relaxed);
+        }
         let ro = std::fs::read(&self.ro_disk).unwrap();
         assert!(
             ro.len() == DISK_LEN && ro.iter().all(|&b| b == 0x22),
@@ -474,14 +499,47 @@ impl Rig {
     }
 }
 
+/// Inputs after which the read-write disk held guest data (a block write got through).
+static DISK_WRITES: AtomicU64 = AtomicU64::new(0);
+/// Guest-initiated vsock connections that reached a host listener.
+static VSOCK_ACCEPTS: AtomicU64 = AtomicU64::new(0);
+
+/// With NESTOR_FUZZ_TRACE set, every input's operations are printed (and each input
+/// after which the read-write disk held guest data). With NESTOR_FUZZ_STATS set, says at
+/// exit how often the write paths were reached
+/// (the tap's counters count the TX frames the kernel received or dropped).
+fn report() {
+    if std::env::var_os("NESTOR_FUZZ_STATS").is_none() {
+        return;
+    }
+    let stat = |n: &str| {
+        std::fs::read_to_string(format!("/sys/class/net/{}/statistics/{n}", tap_name()))
+            .map_or_else(|_| "-".into(), |s| s.trim().to_string())
+    };
+    eprintln!(
+        "virtio_mmio stats: inputs with a disk write {}, vsock connections accepted by the host {}, tap rx_packets {} rx_dropped {}",
+        DISK_WRITES.load(Relaxed),
+        VSOCK_ACCEPTS.load(Relaxed),
+        stat("rx_packets"),
+        stat("rx_dropped")
+    );
+}
+
 extern "C" fn remove_dir() {
+    report();
     let dir = std::env::temp_dir().join(format!("nestor-fuzz-virtio-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(dir);
 }
 
 static RIG: std::sync::Mutex<Option<Rig>> = std::sync::Mutex::new(None);
 
-fuzz_target!(|input: Input| {
+fuzz_target!(|data: &[u8]| {
+    let Ok(input) = Input::arbitrary_take_rest(arbitrary::Unstructured::new(data)) else {
+        return;
+    };
+    if std::env::var_os("NESTOR_FUZZ_TRACE").is_some() {
+        eprintln!("input: {input:?}");
+    }
     let mut guard = RIG.lock().unwrap_or_else(|p| p.into_inner());
     let rig = guard.get_or_insert_with(Rig::new);
     rig.reset();
