@@ -67,4 +67,9 @@ for t in "${targets[@]}"; do
     grep -E "panicked|ERROR|SUMMARY|Test unit written|assert" "$log" | head -n 8 || tail -n 20 "$log"
   fi
 done
+# A fuzzer that crashed left its scratch directory behind (its exit handler did not run).
+for d in "${TMPDIR:-/tmp}"/nestor-fuzz-virtio-*; do
+  [[ -d $d ]] || continue
+  kill -0 "${d##*-}" 2>/dev/null || rm -rf "$d"
+done
 exit "$failed"
