@@ -24,6 +24,16 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo is not installed: install the Rust toolchain (rustup) first" >&2
   exit 1
 fi
+# The fuzzers (scripts/fuzz.sh): a nightly toolchain and cargo-fuzz, both cached in
+# ~/.rustup and ~/.cargo.
+if command -v rustup >/dev/null 2>&1 && ! rustup toolchain list | grep -q '^nightly'; then
+  echo "setup: installing the nightly Rust toolchain (for cargo fuzz)" >&2
+  rustup toolchain install nightly --profile minimal >&2
+fi
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+  echo "setup: installing cargo-fuzz" >&2
+  cargo install cargo-fuzz --locked --quiet >&2
+fi
 [ -n "${NESTOR_SETUP_NO_BUILD:-}" ] && exit 0
 
 echo "setup: building nestor (release)" >&2

@@ -36,6 +36,9 @@ images/build-initramfs.sh --agent "$agent_static" --nestor "$nestor_static" >/de
 echo "test: cargo test --workspace" >&2
 cargo test --workspace --release 2>&1
 
+echo "test: fuzz smoke run (8 s per target over the committed seeds)" >&2
+scripts/fuzz.sh --smoke 8
+
 echo "test: KVM test host self-test" >&2
 tests/testhost/selftest.sh
 echo "test: KVM tests (in the KVM test host unless this host has hardware KVM)" >&2

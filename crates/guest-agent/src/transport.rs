@@ -1,6 +1,9 @@
 //! Listening sockets the host reaches the agent through: AF_VSOCK inside a guest, a Unix
 //! socket for host-side tests. Both hand out non-blocking, close-on-exec stream fds;
 //! everything above this module works on plain fds and does not know which it is.
+//! The vsock listener takes connections from the host (CID 2) only: a peer with any
+//! other CID (a process in the guest over a loopback transport, another VM) is closed
+//! at once.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
@@ -23,20 +26,46 @@ pub trait Transport {
     fn describe(&self) -> String;
 }
 
-fn accept_nonblocking(fd: BorrowedFd<'_>) -> std::io::Result<Option<OwnedFd>> {
+/// Whether a vsock peer address is the host's.
+pub fn from_host(peer: &libc::sockaddr_vm, len: libc::socklen_t) -> bool {
+    len as usize >= std::mem::size_of::<libc::sockaddr_vm>()
+        && i32::from(peer.svm_family) == libc::AF_VSOCK
+        && peer.svm_cid == libc::VMADDR_CID_HOST
+}
+
+/// Accepts one pending connection; with `host_only`, a vsock peer that is not the host
+/// is closed and the next one is tried.
+fn accept_nonblocking(fd: BorrowedFd<'_>, host_only: bool) -> std::io::Result<Option<OwnedFd>> {
     loop {
-        // SAFETY: accept4 on a valid listening socket; the address is not wanted.
+        // SAFETY: sockaddr_vm is plain data; all zeros is a valid value.
+        let mut peer: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        let (addr, lenp) = if host_only {
+            ((&raw mut peer).cast::<libc::sockaddr>(), &raw mut len)
+        } else {
+            (std::ptr::null_mut(), std::ptr::null_mut())
+        };
+        // SAFETY: accept4 on a valid listening socket; the address buffer (when given)
+        // is a sockaddr_vm with its size in `len`.
         let r = unsafe {
             libc::accept4(
                 fd.as_raw_fd(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
+                addr,
+                lenp,
                 libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
             )
         };
         if r >= 0 {
             // SAFETY: accept4 returned a new fd that we now own.
-            return Ok(Some(unsafe { OwnedFd::from_raw_fd(r) }));
+            let conn = unsafe { OwnedFd::from_raw_fd(r) };
+            if host_only && !from_host(&peer, len) {
+                tracing::warn!(
+                    "vsock connection from CID {} refused: only the host (CID 2) may connect",
+                    peer.svm_cid
+                );
+                continue;
+            }
+            return Ok(Some(conn));
         }
         let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
@@ -77,7 +106,7 @@ impl Transport for Vsock {
         self.fd.as_fd()
     }
     fn accept(&self) -> std::io::Result<Option<OwnedFd>> {
-        accept_nonblocking(self.fd.as_fd())
+        accept_nonblocking(self.fd.as_fd(), true)
     }
     fn describe(&self) -> String {
         format!("vsock:{}", self.port)
@@ -110,7 +139,7 @@ impl Transport for Unix {
         self.listener.as_fd()
     }
     fn accept(&self) -> std::io::Result<Option<OwnedFd>> {
-        accept_nonblocking(self.listener.as_fd())
+        accept_nonblocking(self.listener.as_fd(), false)
     }
     fn describe(&self) -> String {
         format!("unix:{}", self.path.display())
@@ -129,4 +158,54 @@ pub fn open(listen: &Listen) -> Result<Box<dyn Transport>> {
         Listen::Vsock(port) => Box::new(Vsock::bind(*port)?),
         Listen::Unix(path) => Box::new(Unix::bind(path.clone())?),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(family: i32, cid: u32) -> libc::sockaddr_vm {
+        // SAFETY: sockaddr_vm is plain data; all zeros is a valid value.
+        let mut a: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        a.svm_family = family as libc::sa_family_t;
+        a.svm_cid = cid;
+        a.svm_port = 1024;
+        a
+    }
+
+    #[test]
+    fn only_the_host_cid_is_accepted() {
+        let full = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        assert!(from_host(&addr(libc::AF_VSOCK, 2), full));
+        // Loopback, the guest itself, another VM, "any", the hypervisor.
+        for cid in [0, 1, 3, 4, 77, libc::VMADDR_CID_ANY] {
+            assert!(!from_host(&addr(libc::AF_VSOCK, cid), full), "CID {cid}");
+        }
+        assert!(!from_host(&addr(libc::AF_UNIX, 2), full));
+        assert!(!from_host(&addr(libc::AF_VSOCK, 2), 4));
+    }
+
+    #[test]
+    fn vsock_listener_binds_or_says_why() {
+        // Where AF_VSOCK exists (a guest, or a host with vhost-vsock) the listener
+        // binds; a connection over a loopback transport (CID 1) is then refused.
+        match Vsock::bind(0x7e57) {
+            Ok(l) => {
+                let c = socket(
+                    AddressFamily::Vsock,
+                    SockType::Stream,
+                    SockFlag::SOCK_CLOEXEC,
+                    None,
+                )
+                .unwrap();
+                if nix::sys::socket::connect(c.as_raw_fd(), &VsockAddr::new(1, 0x7e57)).is_err() {
+                    eprintln!("skipped the loopback check: no vsock loopback transport here");
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                assert!(l.accept().unwrap().is_none(), "a CID 1 peer was accepted");
+            }
+            Err(e) => eprintln!("skipped: no AF_VSOCK here: {e:#}"),
+        }
+    }
 }

@@ -114,6 +114,38 @@ mod source;
 mod store;
 
 pub use error::ImageError;
+
+/// Entry points for the coverage-guided fuzzers (`fuzz/`); not a stable interface.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::path::Path;
+
+    use crate::extract::{extract_layer, LayerBudgets};
+    use crate::limits::{Budget, ENV_MAX_BYTES, ENV_MAX_LAYER_BYTES, ENV_MAX_LAYER_ENTRIES};
+    use crate::ImageError;
+
+    /// Extracts the tar stream `tar` into the existing empty directory `root`, with
+    /// `max_bytes` of file content and `max_entries` tar entries.
+    pub fn extract_layer_with_budgets(
+        tar: &[u8],
+        root: &Path,
+        max_bytes: u64,
+        max_entries: u64,
+    ) -> Result<(), ImageError> {
+        let budgets = LayerBudgets {
+            subject: "layer fuzz".into(),
+            bytes: Budget::new(
+                max_bytes,
+                u64::MAX,
+                0,
+                true,
+                (ENV_MAX_LAYER_BYTES, ENV_MAX_BYTES),
+            ),
+            entries: Budget::new(max_entries, u64::MAX, 0, false, (ENV_MAX_LAYER_ENTRIES, "")),
+        };
+        extract_layer(tar, root, "fuzz", &budgets).map(drop)
+    }
+}
 pub use limits::{
     ImportLimits, ENV_MAX_BYTES, ENV_MAX_ENTRIES, ENV_MAX_LAYER_BYTES, ENV_MAX_LAYER_ENTRIES,
 };

@@ -150,11 +150,11 @@ fn open(what: &'static str, path: &Path) -> Result<File, VmmError> {
     })
 }
 
-fn open_console(c: &Console) -> Result<ConsoleOut, VmmError> {
+fn open_console(c: &Console, limit: u64) -> Result<ConsoleOut, VmmError> {
     Ok(match c {
         Console::Stdio => Box::new(std::io::stdout()),
         Console::None => Box::new(std::io::sink()),
-        Console::File(p) => Box::new(
+        Console::File(p) => Box::new(crate::logcap::CappedFile::new(
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -164,7 +164,8 @@ fn open_console(c: &Console) -> Result<ConsoleOut, VmmError> {
                     path: p.clone(),
                     source,
                 })?,
-        ),
+            limit,
+        )),
     })
 }
 
@@ -267,7 +268,7 @@ impl Vmm {
         let first_output = Stamp::new(start);
         let out = match console {
             Some(c) => c,
-            None => open_console(&cfg.console)?,
+            None => open_console(&cfg.console, cfg.log_limit)?,
         };
         let out: ConsoleOut = Box::new(FirstByte::new(out, first_output.clone()));
         let serial_irq = EventFd::new(0).map_err(VmmError::EventFd)?;

@@ -108,6 +108,9 @@ fn default_cid() -> u64 {
 fn default_console() -> Console {
     Console::Stdio
 }
+fn default_log_limit() -> u64 {
+    crate::logcap::DEFAULT_LOG_LIMIT
+}
 
 /// Everything needed to build and boot one microVM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,6 +148,10 @@ pub struct VmConfig {
     /// Control socket path.
     #[serde(default)]
     pub api: Option<PathBuf>,
+    /// Most bytes the console file and stderr (when a file) hold; the newest are kept
+    /// (0: no limit).
+    #[serde(default = "default_log_limit")]
+    pub log_limit: u64,
 }
 
 impl VmConfig {
@@ -162,6 +169,7 @@ impl VmConfig {
             net: None,
             console: default_console(),
             api: None,
+            log_limit: default_log_limit(),
         }
     }
 
@@ -204,6 +212,13 @@ impl VmConfig {
             return Err(ConfigError::Invalid(format!(
                 "--vsock-cid {} is out of range (3 to 4294967294)",
                 self.vsock_cid
+            )));
+        }
+        if self.log_limit != 0 && self.log_limit < crate::logcap::MIN_LOG_LIMIT {
+            return Err(ConfigError::Invalid(format!(
+                "--log-limit {} is too small (0 for no limit, or at least {})",
+                self.log_limit,
+                crate::logcap::MIN_LOG_LIMIT
             )));
         }
         Ok(())
@@ -257,6 +272,10 @@ pub struct Cli {
     /// Control socket (JSON requests: pause, resume, shutdown, metrics).
     #[arg(long, value_name = "PATH")]
     pub api: Option<PathBuf>,
+    /// Most bytes the console file and stderr (when a file) may hold; past it the
+    /// oldest output is dropped [default: 1048576; 0: no limit].
+    #[arg(long, value_name = "BYTES")]
+    pub log_limit: Option<u64>,
     /// At exit, print on stderr the ms from VMM start to the first KVM_RUN, the first
     /// console byte, the boot marker and the exit.
     #[arg(long)]
@@ -307,6 +326,9 @@ impl Cli {
         }
         if let Some(a) = self.api {
             cfg.api = Some(a);
+        }
+        if let Some(l) = self.log_limit {
+            cfg.log_limit = l;
         }
         cfg.validate()?;
         Ok(cfg)

@@ -11,6 +11,7 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod exit;
+pub mod logcap;
 pub mod seccomp;
 pub mod vstate;
 

@@ -68,6 +68,8 @@ fn run(start: Instant) -> anyhow::Result<i32> {
     let filters = cli.seccomp.clone();
     let boot_timings = cli.boot_timings;
     let cfg = cli.into_config()?;
+    // Warnings and traces a guest can provoke never grow a stderr file past the limit.
+    nestor_microvm::logcap::cap_stderr(cfg.log_limit)?;
     // Filters are compiled before anything is built; each thread installs its own.
     seccomp::setup(&filters)?;
     let signals = block_stop_signals();
@@ -129,7 +131,7 @@ fn run(start: Instant) -> anyhow::Result<i32> {
 fn main() -> ExitCode {
     let start = Instant::now();
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(|| nestor_microvm::logcap::StderrWriter)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("NESTOR_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),

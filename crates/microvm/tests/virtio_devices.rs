@@ -348,6 +348,158 @@ mod transport {
         assert_eq!(c, [0; 8]);
     }
 
+    /// An entropy device that counts its activations and resets.
+    struct Counting {
+        rng: Rng,
+        activations: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    }
+
+    impl VirtioDevice for Counting {
+        fn device_type(&self) -> u32 {
+            self.rng.device_type()
+        }
+        fn num_queues(&self) -> usize {
+            self.rng.num_queues()
+        }
+        fn features(&self) -> u64 {
+            self.rng.features()
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            self.rng.read_config(offset, data)
+        }
+        fn process_chain(
+            &mut self,
+            queue: usize,
+            mem: &GuestMemory,
+            chain: virtio_queue::DescriptorChain<&GuestMemory>,
+        ) -> u32 {
+            self.rng.process_chain(queue, mem, chain)
+        }
+        fn activate(
+            &mut self,
+            _ctx: &mut nestor_microvm::devices::virtio::DeviceContext,
+        ) -> std::io::Result<()> {
+            self.activations
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn counting(
+        mem: &GuestMemory,
+    ) -> (MmioTransport, std::sync::Arc<std::sync::atomic::AtomicU32>) {
+        let n = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let dev = Counting {
+            rng: Rng,
+            activations: n.clone(),
+        };
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        (MmioTransport::new(Box::new(dev), mem.clone(), irq), n)
+    }
+
+    #[test]
+    fn status_follows_the_spec_sequence_and_activates_once() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mem = create_guest_memory(&[(0, MEM)]).unwrap();
+        let (mut t, activations) = counting(&mem);
+        // Skipping a step or starting past ACKNOWLEDGE is ignored.
+        for v in [2, 3, 0xb, 8] {
+            wr(&mut t, 0x70, v);
+            assert_eq!(rd(&mut t, 0x70), 0, "{v:#x} accepted from 0");
+        }
+        wr(&mut t, 0x70, 1);
+        wr(&mut t, 0x70, 9); // FEATURES_OK before DRIVER
+        assert_eq!(rd(&mut t, 0x70), 1);
+        wr(&mut t, 0x70, 3);
+        // FEATURES_OK without VERSION_1 accepted stays clear.
+        wr(&mut t, 0x70, 0xb);
+        assert_eq!(rd(&mut t, 0x70), 3);
+        wr(&mut t, 0x24, 1);
+        wr(&mut t, 0x20, 1);
+        wr(&mut t, 0x70, 0xb);
+        assert_eq!(rd(&mut t, 0x70), 0xb);
+        // Driver features are frozen after FEATURES_OK.
+        wr(&mut t, 0x20, 0);
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        wr(&mut t, 0x30, 0);
+        wr(&mut t, 0x38, 16);
+        for (off, a) in [
+            (0x80, vq.desc_table_addr().0),
+            (0x90, vq.avail_addr().0),
+            (0xa0, vq.used_addr().0),
+        ] {
+            wr(&mut t, off, a as u32);
+            wr(&mut t, off + 4, (a >> 32) as u32);
+        }
+        wr(&mut t, 0x44, 1);
+        wr(&mut t, 0x70, 0xf);
+        assert_eq!(rd(&mut t, 0x70), 0xf);
+        assert!(t.is_active());
+        assert_eq!(activations.load(SeqCst), 1);
+        // Clearing DRIVER_OK and setting it again does not activate a second time.
+        for _ in 0..100 {
+            wr(&mut t, 0x70, 0xb);
+            wr(&mut t, 0x70, 0xf);
+        }
+        assert_eq!(rd(&mut t, 0x70), 0xf);
+        assert_eq!(activations.load(SeqCst), 1);
+        // Queue registers are read-only while the device runs: moving the rings away
+        // or dropping readiness changes nothing, the original rings stay in use.
+        wr(&mut t, 0x44, 0);
+        for off in [0x80, 0x84, 0x90, 0x94, 0xa0, 0xa4] {
+            wr(&mut t, off, 0xdead_0000);
+        }
+        wr(&mut t, 0x38, 2);
+        assert_eq!(rd(&mut t, 0x44), 1);
+        vq.add_desc_chains(&[d(DATA, 32, WRITE, 0)], 0).unwrap();
+        wr(&mut t, 0x50, 0);
+        assert_eq!(vq.used().idx().load(), 1);
+        // FAILED is accepted at any time; then only a reset helps.
+        wr(&mut t, 0x70, 0x8f);
+        assert_eq!(rd(&mut t, 0x70), 0x8f);
+        wr(&mut t, 0x70, 0x8b);
+        assert_eq!(rd(&mut t, 0x70), 0x8f);
+        wr(&mut t, 0x70, 0);
+        assert_eq!(rd(&mut t, 0x70), 0);
+        assert!(!t.is_active());
+        // Every ignored write was counted; only a few distinct warnings were logged.
+        let (seen, logged) = t.guest_errors();
+        assert!(seen > 100, "{seen}");
+        assert!(logged <= 10, "{logged}");
+    }
+
+    #[test]
+    fn driver_ok_out_of_order_needs_a_reset() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mem = create_guest_memory(&[(0, MEM)]).unwrap();
+        let (mut t, activations) = counting(&mem);
+        wr(&mut t, 0x70, 1);
+        wr(&mut t, 0x70, 3);
+        wr(&mut t, 0x70, 7);
+        assert_eq!(rd(&mut t, 0x70), 0x43);
+        // Nothing but a reset is accepted now.
+        wr(&mut t, 0x70, 0x4b);
+        wr(&mut t, 0x70, 0x4f);
+        assert_eq!(rd(&mut t, 0x70), 0x43);
+        assert_eq!(activations.load(SeqCst), 0);
+        wr(&mut t, 0x70, 0);
+        wr(&mut t, 0x70, 1);
+        assert_eq!(rd(&mut t, 0x70), 1);
+        // A guest looping over bad writes gets a bounded number of warnings.
+        for _ in 0..10_000 {
+            for v in [3, 7, 0, 1, 0xf, 0] {
+                wr(&mut t, 0x70, v);
+            }
+            wr(&mut t, 0x70, 1);
+        }
+        let (seen, logged) = t.guest_errors();
+        assert!(seen >= 20_000, "{seen}");
+        assert!(
+            logged <= nestor_microvm::devices::virtio::mmio::MAX_GUEST_WARNINGS,
+            "{logged}"
+        );
+    }
+
     #[test]
     fn event_thread_serves_ioeventfd_notifications() {
         use nestor_microvm::devices::virtio::event_loop::{EventLoop, QueueEvent};

@@ -86,6 +86,9 @@ fn common() -> Vec<Rule> {
             libc::SYS_getpid,
             libc::SYS_exit,
             libc::SYS_exit_group,
+            // The capped console file and stderr: truncate and rewind on compaction.
+            libc::SYS_ftruncate,
+            libc::SYS_lseek,
         ]
         .map(any),
     );
@@ -164,7 +167,6 @@ fn main_rules() -> Vec<Rule> {
             libc::SYS_statx,
             libc::SYS_fstat,
             libc::SYS_newfstatat,
-            libc::SYS_lseek,
             libc::SYS_unlink,
             libc::SYS_unlinkat,
             libc::SYS_getrandom,

@@ -1,23 +1,43 @@
 //! The virtio-mmio transport (version 2 register layout) for one device: feature
-//! negotiation, queue set-up, the device status state machine (activating the device
-//! at DRIVER_OK, resetting it on a zero status), queue notifications (normally delivered
-//! by KVM through ioeventfds to the event thread), events on the device's own host fds,
-//! and the interrupt, an eventfd registered with KVM as an irqfd.
+//! negotiation, queue set-up, the device status state machine, queue notifications
+//! (normally delivered by KVM through ioeventfds to the event thread), events on the
+//! device's own host fds, and the interrupt, an eventfd registered with KVM as an irqfd.
+//!
+//! The status follows the virtio specification's sequence one bit at a time:
+//! ACKNOWLEDGE, DRIVER, FEATURES_OK (refused unless VERSION_1 was accepted), DRIVER_OK
+//! (activates the device once). Zero resets; FAILED may be set at any time. Any other
+//! write (clearing a bit, skipping a step, anything after NEEDS_RESET) is ignored, and
+//! DRIVER_OK without FEATURES_OK or with bad rings sets NEEDS_RESET. Driver features
+//! are writable only between DRIVER and FEATURES_OK, queue registers only between
+//! FEATURES_OK and DRIVER_OK. A guest-provoked warning is logged once per device state
+//! and kind (at most [`MAX_GUEST_WARNINGS`] per device), never once per write.
 
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{DeviceContext, Registrar, VirtioDevice, QUEUE_MAX_SIZE};
+use super::{DeviceContext, Registrar, VirtioDevice, QUEUE_MAX_SIZE, VIRTIO_F_VERSION_1};
 use crate::devices::BusDevice;
 use crate::vstate::memory::GuestMemory;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
 const VENDOR: u32 = 0x4e53_5452; // "NSTR"
+const STATUS_ACKNOWLEDGE: u32 = 1;
+const STATUS_DRIVER: u32 = 2;
 const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_NEEDS_RESET: u32 = 0x40;
+const STATUS_FAILED: u32 = 0x80;
+/// The status bits in the order the driver sets them.
+const SEQUENCE: [u32; 4] = [
+    STATUS_ACKNOWLEDGE,
+    STATUS_DRIVER,
+    STATUS_FEATURES_OK,
+    STATUS_DRIVER_OK,
+];
+/// The most distinct guest-provoked warnings one device logs.
+pub const MAX_GUEST_WARNINGS: usize = 16;
 const INT_VRING: u32 = 1;
 const CONFIG_OFFSET: u64 = 0x100;
 
@@ -36,6 +56,10 @@ pub struct MmioTransport {
     status: u32,
     interrupt_status: u32,
     config_generation: u32,
+    /// (state, kind) of the guest-provoked warnings logged so far.
+    warned: Vec<(u32, &'static str)>,
+    /// Guest-provoked problems seen (logged or not).
+    guest_errors: u64,
 }
 
 impl MmioTransport {
@@ -58,12 +82,50 @@ impl MmioTransport {
             status: 0,
             interrupt_status: 0,
             config_generation: 0,
+            warned: Vec::new(),
+            guest_errors: 0,
         }
     }
 
     /// Number of virtqueues.
     pub fn num_queues(&self) -> usize {
         self.queues.len()
+    }
+
+    /// The device status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// Whether the device has been activated (DRIVER_OK accepted).
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// Guest-provoked problems seen so far and how many of them were logged.
+    pub fn guest_errors(&self) -> (u64, usize) {
+        (self.guest_errors, self.warned.len())
+    }
+
+    /// Counts a problem the guest caused; logs it the first time it happens in the
+    /// current status for this kind.
+    fn guest_warn(&mut self, kind: &'static str, detail: std::fmt::Arguments) {
+        self.guest_errors += 1;
+        let key = (self.status, kind);
+        if self.warned.len() >= MAX_GUEST_WARNINGS || self.warned.contains(&key) {
+            return;
+        }
+        self.warned.push(key);
+        let last = if self.warned.len() == MAX_GUEST_WARNINGS {
+            " (further guest warnings of this device are not logged)"
+        } else {
+            ""
+        };
+        tracing::warn!(
+            "virtio device {} (status {:#x}): {kind}: {detail}{last}",
+            self.dev.device_type(),
+            self.status
+        );
     }
 
     /// Gives the device its way to register host fds (the event loop calls this).
@@ -115,8 +177,12 @@ impl MmioTransport {
     }
 
     fn queue(&mut self) -> Option<&mut Queue> {
-        // Queues can only be set up before DRIVER_OK.
-        if self.status & STATUS_DRIVER_OK != 0 {
+        // Queues are set up after FEATURES_OK and are read-only once the device runs.
+        if self.status != STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK {
+            self.guest_warn(
+                "queue register written outside queue set-up",
+                format_args!("ignored"),
+            );
             return None;
         }
         self.queues.get_mut(self.queue_sel as usize)
@@ -147,31 +213,64 @@ impl MmioTransport {
             self.reset();
             return;
         }
-        if v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0 {
-            // Refuse to run with queues the guest set up wrongly.
-            let bad = self
-                .queues
-                .iter()
-                .any(|q| q.ready() && !q.is_valid(&self.mem));
-            if bad || self.status & STATUS_FEATURES_OK == 0 {
+        if v == self.status {
+            return;
+        }
+        // FAILED: the driver gave up; keep everything else as it is.
+        if v == self.status | STATUS_FAILED {
+            self.status = v;
+            return;
+        }
+        let next = SEQUENCE.iter().copied().find(|b| self.status & b == 0);
+        let added = v & !self.status;
+        let in_order = v & self.status == self.status
+            && self.status & (STATUS_NEEDS_RESET | STATUS_FAILED) == 0
+            && Some(added) == next;
+        if !in_order {
+            if v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0 {
+                // DRIVER_OK out of order: the device cannot run until it is reset.
                 self.status |= STATUS_NEEDS_RESET;
-                return;
             }
-            let mut ctx = DeviceContext {
-                mem: &self.mem,
-                queues: &mut self.queues,
-                fds: &self.fds,
-            };
-            if let Err(e) = self.dev.activate(&mut ctx) {
-                tracing::warn!(
-                    "virtio device {}: cannot activate: {e}",
-                    self.dev.device_type()
+            self.guest_warn(
+                "status written out of order",
+                format_args!("{v:#x} ignored"),
+            );
+            return;
+        }
+        match added {
+            STATUS_FEATURES_OK if self.driver_features & VIRTIO_F_VERSION_1 == 0 => {
+                // FEATURES_OK stays clear: the driver sees its features refused.
+                self.guest_warn(
+                    "features without VERSION_1",
+                    format_args!("FEATURES_OK refused"),
                 );
-                self.dev.reset(&self.fds);
-                self.status |= STATUS_NEEDS_RESET;
                 return;
             }
-            self.active = true;
+            STATUS_DRIVER_OK => {
+                // Refuse to run with queues the guest set up wrongly.
+                let bad = self
+                    .queues
+                    .iter()
+                    .any(|q| q.ready() && !q.is_valid(&self.mem));
+                if bad {
+                    self.status |= STATUS_NEEDS_RESET;
+                    self.guest_warn("invalid virtqueue", format_args!("device not started"));
+                    return;
+                }
+                let mut ctx = DeviceContext {
+                    mem: &self.mem,
+                    queues: &mut self.queues,
+                    fds: &self.fds,
+                };
+                if let Err(e) = self.dev.activate(&mut ctx) {
+                    self.dev.reset(&self.fds);
+                    self.status |= STATUS_NEEDS_RESET;
+                    self.guest_warn("cannot activate", format_args!("{e}"));
+                    return;
+                }
+                self.active = true;
+            }
+            _ => {}
         }
         self.status = v;
     }
@@ -206,6 +305,10 @@ impl MmioTransport {
     fn write_reg(&mut self, offset: u64, v: u32) {
         match offset {
             0x14 => self.dev_features_sel = v,
+            0x20 if self.status != STATUS_ACKNOWLEDGE | STATUS_DRIVER => self.guest_warn(
+                "driver features written outside negotiation",
+                format_args!("ignored"),
+            ),
             0x20 => {
                 let offered = self.dev.features();
                 match self.drv_features_sel {
@@ -227,6 +330,8 @@ impl MmioTransport {
                     q.set_size(v as u16);
                 }
             }
+            // Linux clears QueueReady when it deletes queues after a reset: nothing to do.
+            0x44 if v == 0 && self.status & STATUS_FEATURES_OK == 0 => {}
             0x44 => {
                 if let Some(q) = self.queue() {
                     q.set_ready(v == 1);
