@@ -1104,6 +1104,29 @@ fn the_redis_sample_image_serves_on_its_published_port() {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
+/// No attachment, no address in the default network's IPAM, no veth on its bridge.
+fn assert_default_network_is_empty(e: &Env) {
+    let nets = nestor_network::Networks::open(e.data.path()).unwrap();
+    assert!(nets.attachments().is_empty(), "attachments left");
+    let ipam = e.data.path().join("networks/ipam/nestor");
+    let addrs: Vec<String> = std::fs::read_dir(&ipam)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|x| x.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.parse::<std::net::Ipv4Addr>().is_ok())
+        .collect();
+    assert!(addrs.is_empty(), "addresses left: {addrs:?}");
+    let o = e.run(&["network", "inspect", "nestor"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let bridge = v[0]["Bridge"].as_str().unwrap().to_string();
+    let links = Command::new("ip")
+        .args(["-o", "link", "show", "master", &bridge])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&links).lines().count(), 0, "veths left on {bridge}");
+}
+
 /// VM mode's host side of networking (the VM's namespace, CNI ADD/DEL, the tap and its
 /// tc redirects, published ports; a pod's attachment) over 100 run/rm cycles and 20 pod
 /// cycles, with a stand-in VMM whose guest behaves (a Linux guest cannot boot on this
@@ -1159,31 +1182,14 @@ fn vm_mode_network_cycles_leave_nothing() {
         ]);
         run(&["pod", "rm", "-f", &pod]);
     }
+    assert_default_network_is_empty(&e);
     let nets = nestor_network::Networks::open(e.data.path()).unwrap();
-    assert!(nets.attachments().is_empty(), "attachments left");
     for id in ids.iter().chain(&["pod-pn0".to_string()]) {
         assert!(!nets.netns_path(id).exists(), "netns of {id} left");
     }
     let ns_dir = nets.netns_path("x").parent().unwrap().to_path_buf();
     let left: Vec<_> = std::fs::read_dir(&ns_dir).into_iter().flatten().collect();
     assert!(left.is_empty(), "network namespaces left: {left:?}");
-    let ipam = e.data.path().join("networks/ipam/nestor");
-    let addrs: Vec<String> = std::fs::read_dir(&ipam)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|x| x.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.parse::<std::net::Ipv4Addr>().is_ok())
-        .collect();
-    assert!(addrs.is_empty(), "addresses left: {addrs:?}");
-    let o = e.run(&["network", "inspect", "nestor"]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let bridge = v[0]["Bridge"].as_str().unwrap().to_string();
-    let links = Command::new("ip")
-        .args(["-o", "link", "show", "master", &bridge])
-        .output()
-        .unwrap();
-    assert_eq!(stdout(&links).lines().count(), 0, "veths left on {bridge}");
     let rules = Command::new("iptables-save").output().unwrap();
     let rules = stdout(&rules);
     for id in &ids {
@@ -1204,29 +1210,7 @@ fn a_hundred_runs_on_the_default_network_leave_nothing() {
         let o = e.run(&["run", "--rm", "-p", "80", "busybox", "true"]);
         assert!(o.status.success(), "run {i}: {}", stderr(&o));
     }
-    let att = e.data.path().join("networks/attachments");
-    assert_eq!(
-        std::fs::read_dir(&att).map(|r| r.count()).unwrap_or(0),
-        0,
-        "attachments left"
-    );
-    let ipam = e.data.path().join("networks/ipam/nestor");
-    let addrs: Vec<String> = std::fs::read_dir(&ipam)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|x| x.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.parse::<std::net::Ipv4Addr>().is_ok())
-        .collect();
-    assert!(addrs.is_empty(), "addresses left: {addrs:?}");
-    let o = e.run(&["network", "inspect", "nestor"]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let bridge = v[0]["Bridge"].as_str().unwrap().to_string();
-    let links = Command::new("ip")
-        .args(["-o", "link", "show", "master", &bridge])
-        .output()
-        .unwrap();
-    assert_eq!(stdout(&links).lines().count(), 0, "veths left on {bridge}");
+    assert_default_network_is_empty(&e);
     // (crates/network's own test checks that no iptables rule names a container.)
     let ids: Vec<String> = std::fs::read_dir(e.data.path().join("containers"))
         .into_iter()
