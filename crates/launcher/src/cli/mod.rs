@@ -118,6 +118,21 @@ pub enum Cmd {
     /// Manage images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Pull an image from a registry (`alpine` is docker.io/library/alpine:latest; the
+    /// search registries for short names are in the registries.conf file).
+    Pull {
+        /// `[REGISTRY/]REPOSITORY[:TAG][@sha256:DIGEST]`.
+        reference: String,
+        /// `OS/ARCH[/VARIANT]` to pick from a multi-platform image (default: linux and
+        /// this host's architecture).
+        #[arg(long)]
+        platform: Option<String>,
+        /// No progress on stderr.
+        #[arg(short, long)]
+        quiet: bool,
+        #[command(flatten)]
+        registry: crate::docker::registry::RegistryOpts,
+    },
     /// Remove whatever killed runs left behind: mounts, cgroups, state, unused layers.
     Gc,
     /// Measure and compare every nesting: process, container, microVM, both scenarios.
