@@ -130,6 +130,10 @@ pub enum Cmd {
         /// No progress on stderr.
         #[arg(short, long)]
         quiet: bool,
+        /// Print what was pulled as JSON (reference, digest, id, layers downloaded and
+        /// reused).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         registry: crate::docker::registry::RegistryOpts,
     },
@@ -390,6 +394,23 @@ pub struct ContainerOpts {
     /// Map container root to an unprivileged host uid range (user namespace).
     #[arg(long)]
     pub userns: bool,
+    /// Pull the image from its registry: when it is not in the store (missing, the
+    /// default), every time (always), or never.
+    #[arg(long, value_enum, value_name = "WHEN")]
+    pub pull: Option<PullPolicy>,
+    /// Verify the registry's TLS certificate when pulling; `--tls-verify=false` speaks
+    /// plain HTTP.
+    #[arg(long = "tls-verify", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub tls_verify: Option<bool>,
+}
+
+/// When `run` pulls its image.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PullPolicy {
+    #[default]
+    Missing,
+    Always,
+    Never,
 }
 
 /// The container's network, as Docker's `run` takes it.

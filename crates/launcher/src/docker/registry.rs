@@ -17,15 +17,30 @@ pub struct RegistryOpts {
     pub tls_verify: Option<bool>,
 }
 
-/// `nestor pull REF`: prints the image id on stdout; per-layer progress on a terminal.
+/// `nestor pull REF`: prints the image id (or `--json`) on stdout; per-layer progress
+/// on a terminal.
 pub fn pull(
     reference: &str,
     platform: Option<&str>,
     quiet: bool,
+    json: bool,
     opts: &RegistryOpts,
 ) -> Result<()> {
-    let p = pull_image(reference, platform, quiet, opts)?;
-    println!("{}", p.image.id);
+    let p = pull_image(reference, platform, quiet || json, opts)?;
+    if json {
+        let v = serde_json::json!({
+            "reference": p.reference.to_string(),
+            "digest": p.digest,
+            "id": p.image.id,
+            "names": p.image.names,
+            "layers_downloaded": p.layers_downloaded,
+            "bytes_downloaded": p.bytes_downloaded,
+            "layers_reused": p.layers_reused,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{}", p.image.id);
+    }
     Ok(())
 }
 
@@ -67,4 +82,30 @@ pub fn pull_image(
         );
     }
     Ok(p)
+}
+
+/// The image `run` uses: from the store, pulled first as `--pull` says (`missing` by
+/// default: only when the store has no image of that name).
+pub fn image_for_run(
+    images: &nestor_image::ImageStore,
+    reference: &str,
+    ctr: &crate::cli::ContainerOpts,
+) -> Result<nestor_image::Image> {
+    use crate::cli::PullPolicy;
+    let opts = RegistryOpts {
+        tls_verify: ctr.tls_verify,
+    };
+    let policy = ctr.pull.unwrap_or_default();
+    if policy != PullPolicy::Always {
+        match images.get(reference) {
+            Ok(i) => return Ok(i),
+            Err(nestor_image::ImageError::NotFound(_)) if policy == PullPolicy::Missing => {}
+            Err(e @ nestor_image::ImageError::NotFound(_)) => {
+                anyhow::bail!("{e} (--pull=never: pull it with `nestor pull` or import it with `nestor image import PATH`)")
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let p = pull_image(reference, None, false, &opts)?;
+    Ok(images.get(&p.image.id)?)
 }
