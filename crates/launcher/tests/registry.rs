@@ -134,6 +134,30 @@ fn http_get(port: u16, path: &str) -> String {
     out
 }
 
+/// One HTTP/1.0 request; the whole response.
+fn http(port: u16, method: &str, path: &str, headers: &[&str], body: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn http_body(resp: &str) -> Option<&str> {
+    resp.split_once("\r\n\r\n").map(|(_, b)| b)
+}
+
 /// A TCP relay in front of a registry that, once `after` bytes have come back from it
 /// in total, calls `trip` and then either cuts every connection or stalls them.
 struct Relay {
@@ -528,6 +552,33 @@ fn pull_push_by_podman_and_run() {
         "cannot connect",
     );
     one_error_line(&n.run(&["pull", "Bad Name"]), "invalid image reference");
+
+    // A manifest whose layer is not a tar layer (an artifact) is refused as unsupported.
+    let mut m: Value = serde_json::from_str(
+        http_body(&http(
+            reg.port,
+            "GET",
+            "/v2/busybox/manifests/latest",
+            &["Accept: application/vnd.oci.image.manifest.v1+json"],
+            b"",
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    m["layers"][1]["mediaType"] = json!("application/vnd.example.data.v1");
+    let body = serde_json::to_vec(&m).unwrap();
+    let put = http(
+        reg.port,
+        "PUT",
+        "/v2/busybox/manifests/odd",
+        &["Content-Type: application/vnd.oci.image.manifest.v1+json"],
+        &body,
+    );
+    assert!(
+        put.starts_with("HTTP/1.0 201") || put.starts_with("HTTP/1.1 201"),
+        "{put}"
+    );
+    one_error_line(&n.run(&["pull", "busybox:odd"]), "unsupported");
     assert!(n.downloads().is_empty(), "{:?}", n.downloads());
 }
 

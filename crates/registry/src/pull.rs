@@ -585,10 +585,18 @@ pub(crate) fn map_oci(e: OciDistributionError, r: &ImageRef) -> RegistryError {
         },
         OciDistributionError::RequestError(e) => RegistryError::Network {
             registry,
-            reason: if e.is_connect() {
-                format!("cannot connect: {}", chain(&e))
-            } else {
-                chain(&e)
+            reason: {
+                let c = chain(&e);
+                let hint = if c.contains("InvalidContentType") || c.contains("corrupt message") {
+                    " (it speaks plain HTTP? then --tls-verify=false)"
+                } else {
+                    ""
+                };
+                if e.is_connect() {
+                    format!("cannot connect: {c}{hint}")
+                } else {
+                    format!("{c}{hint}")
+                }
             },
         },
         other => RegistryError::Registry {
