@@ -46,6 +46,8 @@
 //!   layers/<diff_id hex>/layer.json   diff_id, blob digest, bytes, entry count
 //!   tmp/                         staging: layers being extracted, files being written,
 //!                                decompressed archives, layers being deleted
+//!   downloads/                   registry pulls: blobs being downloaded, and verified
+//!                                blobs a failed pull left for the next (see `PullStaging`)
 //! ```
 //!
 //! Layer blobs themselves are not kept once extracted (images cannot be exported again).
@@ -109,6 +111,7 @@ mod digest;
 mod error;
 mod extract;
 mod limits;
+mod pull;
 mod reference;
 mod source;
 mod store;
@@ -149,6 +152,7 @@ pub mod fuzzing {
 pub use limits::{
     ImportLimits, ENV_MAX_BYTES, ENV_MAX_ENTRIES, ENV_MAX_LAYER_BYTES, ENV_MAX_LAYER_ENTRIES,
 };
+pub use pull::PullStaging;
 pub use reference::normalize_name;
 pub use source::ArchiveFormat;
 pub use store::{human_size, GcReport, Image, ImageConfig, ImageStore, ImageSummary, Removed};

@@ -231,7 +231,7 @@ struct DockerEntry {
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
 
-fn unique(prefix: &str) -> String {
+pub(crate) fn unique(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
@@ -273,7 +273,7 @@ impl Drop for Staging {
     }
 }
 
-fn remove_any(p: &Path) -> io::Result<()> {
+pub(crate) fn remove_any(p: &Path) -> io::Result<()> {
     match fs::symlink_metadata(p) {
         Ok(m) if m.is_dir() => fs::remove_dir_all(p),
         Ok(_) => fs::remove_file(p),
@@ -337,6 +337,13 @@ impl ImageStore {
     pub fn with_limits(mut self, limits: ImportLimits) -> Self {
         self.limits = Some(limits);
         self
+    }
+
+    /// Whether the layer with this diff_id (`sha256:…`) is in the store, complete.
+    pub fn has_layer(&self, diff_id: &str) -> bool {
+        sha256_hex(diff_id, "diff_id")
+            .map(|h| self.layers_dir().join(h).join("layer.json").is_file())
+            .unwrap_or(false)
     }
 
     /// The store's root directory.
@@ -960,7 +967,7 @@ impl ImageStore {
 
     fn collect_garbage(&self) -> Result<GcReport, ImageError> {
         let mut report = GcReport {
-            staging_removed: self.clean_tmp()?,
+            staging_removed: self.clean_tmp()? + self.clean_downloads()?,
             ..GcReport::default()
         };
         let records = self.records()?;

@@ -99,6 +99,13 @@ fn dispatch(cli: &Cli) -> Result<i32> {
         Cmd::Image(ImageCmd::Ls { quiet, json }) => manage::images(*quiet, *json)?,
         Cmd::Image(ImageCmd::Import { path, name }) => manage::image_import(path, name.as_deref())?,
         Cmd::Image(ImageCmd::Rm { images }) => manage::image_rm(images)?,
+        Cmd::Pull {
+            reference,
+            platform,
+            quiet,
+            json,
+            registry: opts,
+        } => docker::registry::pull(reference, platform.as_deref(), *quiet, *json, opts)?,
         Cmd::Gc => manage::gc(&rt)?,
         Cmd::Bench(a) => bench::run(a)?,
         Cmd::Workload(a) => return bench::workload::run(a),

@@ -118,6 +118,25 @@ pub enum Cmd {
     /// Manage images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Pull an image from a registry (`alpine` is docker.io/library/alpine:latest; the
+    /// search registries for short names are in the registries.conf file).
+    Pull {
+        /// `[REGISTRY/]REPOSITORY[:TAG][@sha256:DIGEST]`.
+        reference: String,
+        /// `OS/ARCH[/VARIANT]` to pick from a multi-platform image (default: linux and
+        /// this host's architecture).
+        #[arg(long)]
+        platform: Option<String>,
+        /// No progress on stderr.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Print what was pulled as JSON (reference, digest, id, layers downloaded and
+        /// reused).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        registry: crate::docker::registry::RegistryOpts,
+    },
     /// Remove whatever killed runs left behind: mounts, cgroups, state, unused layers.
     Gc,
     /// Measure and compare every nesting: process, container, microVM, both scenarios.
@@ -378,6 +397,23 @@ pub struct ContainerOpts {
     /// Map container root to an unprivileged host uid range (user namespace).
     #[arg(long)]
     pub userns: bool,
+    /// Pull the image from its registry: when it is not in the store (missing, the
+    /// default), every time (always), or never.
+    #[arg(long, value_enum, value_name = "WHEN")]
+    pub pull: Option<PullPolicy>,
+    /// Verify the registry's TLS certificate when pulling; `--tls-verify=false` speaks
+    /// plain HTTP.
+    #[arg(long = "tls-verify", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub tls_verify: Option<bool>,
+}
+
+/// When `run` pulls its image.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PullPolicy {
+    #[default]
+    Missing,
+    Always,
+    Never,
 }
 
 /// The container's network, as Docker's `run` takes it.

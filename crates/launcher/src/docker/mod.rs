@@ -1,12 +1,13 @@
 //! The Docker-style verbs and what they keep: `run` (the driver for native and VM
 //! containers; `native` is the native mode), the management verbs (`manage`: ps, logs, stop, kill, rm, inspect,
-//! exec, images, gc), networks and published ports (`network`), where a recorded container runs (`placement`: the seam the
+//! exec, images, gc), registries (`registry`: pull), networks and published ports (`network`), where a recorded container runs (`placement`: the seam the
 //! verbs call instead of branching on the mode), container records (`store`) and the specs `run` builds (`spec`).
 
 pub mod manage;
 pub mod native;
 pub mod network;
 pub mod placement;
+pub mod registry;
 pub mod run;
 pub mod spec;
 pub mod store;

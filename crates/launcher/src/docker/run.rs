@@ -51,9 +51,7 @@ fn drive(mode: &mut impl Mode, a: &RunArgs) -> Result<i32> {
     }
     let (image_ref, args) = a.args.split_first().context("no image given")?;
     let images = store::image_store()?;
-    let image = images
-        .get(image_ref)
-        .map_err(|e| anyhow::anyhow!("{e} (import one with `nestor image import PATH`)"))?;
+    let image = super::registry::image_for_run(&images, image_ref, &a.ctr)?;
     let cmd = image.command(args);
     if cmd.is_empty() {
         bail!("no command given and image '{image_ref}' has no Entrypoint or Cmd");

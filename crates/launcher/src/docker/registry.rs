@@ -1,0 +1,111 @@
+//! The registry verbs: `pull` (and the pull that `run`/`create` do for a missing
+//! image). The protocol lives in `nestor_registry`; this module turns flags into its
+//! options and its results into output.
+
+use std::io::IsTerminal;
+
+use anyhow::Result;
+
+use super::store;
+
+/// `--tls-verify` and `--platform`, shared by the verbs that talk to a registry.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RegistryOpts {
+    /// Verify the registry's TLS certificate; `--tls-verify=false` speaks plain HTTP
+    /// (a local registry).
+    #[arg(long = "tls-verify", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub tls_verify: Option<bool>,
+}
+
+/// `nestor pull REF`: prints the image id (or `--json`) on stdout; per-layer progress
+/// on a terminal.
+pub fn pull(
+    reference: &str,
+    platform: Option<&str>,
+    quiet: bool,
+    json: bool,
+    opts: &RegistryOpts,
+) -> Result<()> {
+    let p = pull_image(reference, platform, quiet || json, opts)?;
+    if json {
+        let v = serde_json::json!({
+            "reference": p.reference.to_string(),
+            "digest": p.digest,
+            "id": p.image.id,
+            "names": p.image.names,
+            "layers_downloaded": p.layers_downloaded,
+            "bytes_downloaded": p.bytes_downloaded,
+            "layers_reused": p.layers_reused,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{}", p.image.id);
+    }
+    Ok(())
+}
+
+/// Pulls `reference` into the store; a summary line on stderr unless `quiet` or stderr
+/// is not a terminal.
+pub fn pull_image(
+    reference: &str,
+    platform: Option<&str>,
+    quiet: bool,
+    opts: &RegistryOpts,
+) -> Result<nestor_registry::Pulled> {
+    let images = store::image_store()?;
+    let tty = std::io::stderr().is_terminal();
+    let p = nestor_registry::pull(
+        &images,
+        reference,
+        &nestor_registry::PullOptions {
+            platform: platform.map(str::to_string),
+            tls_verify: opts.tls_verify,
+            progress: !quiet && tty,
+        },
+    )?;
+    tracing::info!(
+        reference = %p.reference,
+        digest = %p.digest,
+        downloaded = p.layers_downloaded,
+        bytes = p.bytes_downloaded,
+        reused = p.layers_reused,
+        "pulled"
+    );
+    if !quiet && tty {
+        eprintln!(
+            "pulled {} ({}): {} layers downloaded ({}), {} reused",
+            p.reference,
+            p.digest,
+            p.layers_downloaded,
+            nestor_image::human_size(p.bytes_downloaded),
+            p.layers_reused
+        );
+    }
+    Ok(p)
+}
+
+/// The image `run` uses: from the store, pulled first as `--pull` says (`missing` by
+/// default: only when the store has no image of that name).
+pub fn image_for_run(
+    images: &nestor_image::ImageStore,
+    reference: &str,
+    ctr: &crate::cli::ContainerOpts,
+) -> Result<nestor_image::Image> {
+    use crate::cli::PullPolicy;
+    let opts = RegistryOpts {
+        tls_verify: ctr.tls_verify,
+    };
+    let policy = ctr.pull.unwrap_or_default();
+    if policy != PullPolicy::Always {
+        match images.get(reference) {
+            Ok(i) => return Ok(i),
+            Err(nestor_image::ImageError::NotFound(_)) if policy == PullPolicy::Missing => {}
+            Err(e @ nestor_image::ImageError::NotFound(_)) => {
+                anyhow::bail!("{e} (--pull=never: pull it with `nestor pull` or import it with `nestor image import PATH`)")
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let p = pull_image(reference, None, false, &opts)?;
+    Ok(images.get(&p.image.id)?)
+}

@@ -1,0 +1,741 @@
+//! `nestor pull` and `run --pull` against a real registry (Debian's docker-registry,
+//! distribution 2.8) that each test starts on 127.0.0.1 at a free port, fed by podman
+//! (`podman push`, with a storage of the test's own). Faults are real too: a blob
+//! corrupted on the registry's disk, the registry killed mid-download by the TCP relay
+//! the test puts in front of it, nestor killed with SIGKILL mid-pull, a tmpfs too small.
+//! Every test has its own registry, port, podman storage and nestor roots; the registry
+//! is killed on every path (Drop).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Skips the test (with the reason printed) when a tool is missing.
+macro_rules! need {
+    ($($tool:expr),+) => {
+        $(if !have($tool) {
+            eprintln!("SKIP: {} is not installed (scripts/setup.sh installs it)", $tool);
+            return;
+        })+
+    };
+}
+
+/// A docker-registry process on 127.0.0.1, storage in a temp dir; killed on drop.
+struct Registry {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Registry {
+    fn start(storage: &Path) -> Registry {
+        for _ in 0..10 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let conf = storage.join(format!("config-{port}.yml"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                    storage.join("data").display()
+                ),
+            )
+            .unwrap();
+            let child = Command::new("docker-registry")
+                .args(["serve", conf.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut r = Registry {
+                child,
+                port,
+                dir: storage.to_path_buf(),
+            };
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(15) {
+                if let Ok(Some(_)) = r.child.try_wait() {
+                    break; // port taken meanwhile: try another
+                }
+                if http_get(port, "/v2/").starts_with("HTTP/1.0 200")
+                    || http_get(port, "/v2/").starts_with("HTTP/1.1 200")
+                {
+                    return r;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            r.kill();
+        }
+        panic!("docker-registry did not start");
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The largest blob on the registry's disk: its file and digest.
+    fn largest_blob(&self) -> (PathBuf, String) {
+        let mut best: Option<(u64, PathBuf, String)> = None;
+        let top = self.dir.join("data/docker/registry/v2/blobs/sha256");
+        for pre in std::fs::read_dir(top).unwrap().flatten() {
+            for b in std::fs::read_dir(pre.path()).unwrap().flatten() {
+                let f = b.path().join("data");
+                let len = std::fs::metadata(&f).map(|m| m.len()).unwrap_or(0);
+                if best.as_ref().is_none_or(|(l, _, _)| len > *l) {
+                    let d = format!("sha256:{}", b.file_name().to_string_lossy());
+                    best = Some((len, f, d));
+                }
+            }
+        }
+        let (_, f, d) = best.expect("the registry holds blobs");
+        (f, d)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// One HTTP/1.0 request; the whole response.
+fn http(port: u16, method: &str, path: &str, headers: &[&str], body: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn http_body(resp: &str) -> Option<&str> {
+    resp.split_once("\r\n\r\n").map(|(_, b)| b)
+}
+
+/// A TCP relay in front of a registry that, once `after` bytes have come back from it
+/// in total, calls `trip` and then either cuts every connection or stalls them.
+struct Relay {
+    port: u16,
+    tripped: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Relay {
+    fn start(
+        upstream: u16,
+        after: u64,
+        stall: bool,
+        trip: impl Fn() + Send + Sync + 'static,
+    ) -> Relay {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let tripped = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let trip = Arc::new(trip);
+        let (t2, s2) = (tripped.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                if s2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = c else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let (mut c_r, mut s_w) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_r, &mut s_w);
+                    let _ = s_w.shutdown(Shutdown::Write);
+                });
+                let (count, tripped, trip, stop) =
+                    (count.clone(), t2.clone(), trip.clone(), s2.clone());
+                std::thread::spawn(move || {
+                    let (mut s_r, mut c_w) = (server, client);
+                    let mut buf = [0u8; 16384];
+                    loop {
+                        let n = match s_r.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if c_w.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        if count.fetch_add(n as u64, Ordering::SeqCst) + n as u64 > after {
+                            if !tripped.swap(true, Ordering::SeqCst) {
+                                trip();
+                            }
+                            if stall {
+                                while !stop.load(Ordering::SeqCst) {
+                                    std::thread::sleep(Duration::from_millis(50));
+                                }
+                            }
+                            break;
+                        }
+                    }
+                    let _ = c_w.shutdown(Shutdown::Both);
+                    let _ = s_r.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        Relay {
+            port,
+            tripped,
+            stop,
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// A nestor with roots of its own and a registries.conf whose search list is `search`.
+struct Nestor {
+    dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Nestor {
+    fn new(search: &[&str]) -> Nestor {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let quoted: Vec<String> = search.iter().map(|s| format!("\"{s}\"")).collect();
+        let mut conf = format!("unqualified-search-registries = [{}]\n", quoted.join(", "));
+        for s in search {
+            conf.push_str(&format!(
+                "[[registry]]\nlocation = \"{s}\"\ninsecure = true\n"
+            ));
+        }
+        std::fs::write(dir.path().join("registries.conf"), conf).unwrap();
+        Nestor { dir, root }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(nestor());
+        c.env("NESTOR_ROOT", &self.root)
+            .env("NESTOR_STATE", self.dir.path().join("state"))
+            .env(
+                "NESTOR_REGISTRIES_CONF",
+                self.dir.path().join("registries.conf"),
+            )
+            .args(args)
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    fn pull_json(&self, reference: &str) -> Value {
+        let o = self.run(&["pull", "--json", "--tls-verify=false", reference]);
+        assert!(o.status.success(), "pull {reference}: {}", stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+
+    fn images(&self) -> Vec<Value> {
+        let o = self.run(&["images", "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice::<Vec<Value>>(&o.stdout).unwrap()
+    }
+
+    fn downloads(&self) -> Vec<String> {
+        std::fs::read_dir(self.root.join("images/downloads"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n != "blobs")
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn layer_count(&self) -> usize {
+        std::fs::read_dir(self.root.join("images/layers"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Nestor {
+    fn drop(&mut self) {
+        let ids = self.run(&["ps", "-a", "-q"]);
+        for id in stdout(&ids).lines() {
+            let _ = self.run(&["rm", "-f", id]);
+        }
+        let _ = self.run(&["gc"]);
+    }
+}
+
+/// podman with a storage of its own (vfs), removed with the temp dir.
+struct Podman {
+    dir: tempfile::TempDir,
+}
+
+impl Podman {
+    fn new() -> Podman {
+        Podman {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let d = self.dir.path();
+        Command::new("podman")
+            .arg("--root")
+            .arg(d.join("root"))
+            .arg("--runroot")
+            .arg(d.join("run"))
+            .args(["--storage-driver", "vfs"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Loads an OCI layout and pushes it as `dest`; returns the image id.
+    fn push_layout(&self, layout: &Path, dest: &str) -> String {
+        let tar = self.dir.path().join(format!("{}.tar", unique("img")));
+        let o = Command::new("tar")
+            .arg("-C")
+            .arg(layout)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "tar: {}", stderr(&o));
+        let o = self.run(&["load", "-q", "-i", tar.to_str().unwrap()]);
+        assert!(o.status.success(), "podman load: {}", stderr(&o));
+        let loaded = stdout(&o)
+            .lines()
+            .last()
+            .unwrap()
+            .trim()
+            .trim_start_matches("Loaded image: ")
+            .trim_start_matches("Loaded image(s): ")
+            .to_string();
+        let o = self.run(&["push", "-q", "--tls-verify=false", &loaded, dest]);
+        assert!(o.status.success(), "podman push: {}", stderr(&o));
+        let o = self.run(&["image", "inspect", "--format", "{{.Id}}", &loaded]);
+        assert!(o.status.success(), "podman inspect: {}", stderr(&o));
+        stdout(&o).trim().to_string()
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self.run(&["rmi", "-a", "-f"]);
+    }
+}
+
+fn sample_layout() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../images/build-busybox-image.sh");
+    let o = Command::new("bash").arg(script).output().unwrap();
+    assert!(
+        o.status.success(),
+        "sample image build failed: {}",
+        stderr(&o)
+    );
+    PathBuf::from(stdout(&o).lines().last().unwrap().trim())
+}
+
+fn sha(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex(&Sha256::digest(bytes)))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The sample image plus a third layer holding `/big`, `big` bytes of random data
+/// (incompressible, stored uncompressed): a copy of the layout in `dir`.
+fn layout_with_big_layer(dir: &Path, big: usize) -> PathBuf {
+    let src = sample_layout();
+    let out = dir.join("layout");
+    let o = Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let blobs = out.join("blobs/sha256");
+    let read_blob =
+        |d: &str| std::fs::read(blobs.join(d.strip_prefix("sha256:").unwrap())).unwrap();
+    let put_blob = |bytes: &[u8]| -> String {
+        let d = sha(bytes);
+        std::fs::write(blobs.join(d.strip_prefix("sha256:").unwrap()), bytes).unwrap();
+        d
+    };
+    let content = dir.join("big-content");
+    std::fs::create_dir_all(&content).unwrap();
+    let mut data = vec![0u8; big];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut data)
+        .unwrap();
+    std::fs::write(content.join("big"), &data).unwrap();
+    let tar = dir.join("big.tar");
+    let o = Command::new("tar")
+        .args(["--owner=0", "--group=0", "-C"])
+        .arg(&content)
+        .arg("-cf")
+        .arg(&tar)
+        .arg("big")
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let layer = std::fs::read(&tar).unwrap();
+    let layer_digest = put_blob(&layer);
+    let mut index: Value =
+        serde_json::from_slice(&std::fs::read(out.join("index.json")).unwrap()).unwrap();
+    let mdigest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut manifest: Value = serde_json::from_slice(&read_blob(&mdigest)).unwrap();
+    let cdigest = manifest["config"]["digest"].as_str().unwrap().to_string();
+    let mut config: Value = serde_json::from_slice(&read_blob(&cdigest)).unwrap();
+    config["rootfs"]["diff_ids"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!(layer_digest));
+    if let Some(h) = config["history"].as_array_mut() {
+        h.push(json!({"created_by": "test: big layer"}));
+    }
+    let cbytes = serde_json::to_vec(&config).unwrap();
+    manifest["config"]["digest"] = json!(put_blob(&cbytes));
+    manifest["config"]["size"] = json!(cbytes.len());
+    manifest["layers"].as_array_mut().unwrap().push(json!({
+        "mediaType": "application/vnd.oci.image.layer.v1.tar",
+        "digest": layer_digest,
+        "size": layer.len(),
+    }));
+    let mbytes = serde_json::to_vec(&manifest).unwrap();
+    index["manifests"][0]["digest"] = json!(put_blob(&mbytes));
+    index["manifests"][0]["size"] = json!(mbytes.len());
+    index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] = json!("big:latest");
+    std::fs::write(out.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    out
+}
+
+/// Exactly one line on stderr, starting with `error:`, mentioning `what`.
+fn one_error_line(o: &Output, what: &str) {
+    assert!(!o.status.success(), "should have failed: {}", stdout(o));
+    let e = stderr(o);
+    let lines: Vec<&str> = e.lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected, got: {e}");
+    assert!(
+        lines[0].starts_with("error:") && lines[0].contains(what),
+        "{e}"
+    );
+}
+
+/// podman pushes the two-layer sample (a whiteout and an opaque dir in layer 2); nestor
+/// pulls it by short name, by digest and through `run --pull`, runs it, and downloads
+/// nothing the second time.
+#[test]
+fn pull_push_by_podman_and_run() {
+    need!("docker-registry", "podman");
+    let store = tempfile::tempdir().unwrap();
+    let reg = Registry::start(store.path());
+    let podman = Podman::new();
+    let id = podman.push_layout(&sample_layout(), &format!("{}/busybox:latest", reg.addr()));
+    podman.push_layout(&sample_layout(), &format!("{}/tools/second:v2", reg.addr()));
+    let n = Nestor::new(&[&reg.addr()]);
+
+    let p = n.pull_json("busybox");
+    assert_eq!(p["id"], json!(id), "{p}");
+    assert_eq!(p["layers_downloaded"], json!(2), "{p}");
+    assert_eq!(
+        p["names"],
+        json!([format!("{}/busybox:latest", reg.addr())])
+    );
+    let o = n.run(&[
+        "run",
+        "--rm",
+        &format!("{}/busybox", reg.addr()),
+        "sh",
+        "-c",
+        "test ! -e /etc/motd && ls /var/cache/sample && cat /etc/nestor-sample",
+    ]);
+    assert!(o.status.success(), "run: {}", stderr(&o));
+    assert!(
+        stdout(&o).starts_with("new\nnestor busybox sample"),
+        "{}",
+        stdout(&o)
+    );
+
+    // Again: every layer is in the store, nothing is downloaded.
+    let again = n.pull_json(&format!("{}/busybox:latest", reg.addr()));
+    assert_eq!(again["layers_downloaded"], json!(0), "{again}");
+    assert_eq!(again["layers_reused"], json!(2), "{again}");
+    let digest = p["digest"].as_str().unwrap();
+    let by_digest = n.pull_json(&format!("{}/busybox@{digest}", reg.addr()));
+    assert_eq!(by_digest["id"], json!(id));
+
+    // run pulls a missing image, and --pull=never does not.
+    let o = n.run(&["run", "--rm", "--pull=never", "tools/second:v2", "true"]);
+    one_error_line(&o, "not found");
+    let o = n.run(&[
+        "run",
+        "--rm",
+        "tools/second:v2",
+        "sh",
+        "-c",
+        "echo pulled-by-run",
+    ]);
+    assert!(o.status.success(), "run --pull=missing: {}", stderr(&o));
+    assert!(stdout(&o).contains("pulled-by-run"));
+    let o = n.run(&["run", "--rm", "--pull=always", "tools/second:v2", "true"]);
+    assert!(o.status.success(), "run --pull=always: {}", stderr(&o));
+
+    // Unknown tag, unknown repository, nothing listening.
+    one_error_line(&n.run(&["pull", "busybox:nosuch"]), "not found");
+    one_error_line(
+        &n.run(&["pull", &format!("{}/nosuch/repo", reg.addr())]),
+        "not found",
+    );
+    one_error_line(
+        &n.run(&["pull", "--tls-verify=false", "127.0.0.1:1/x:y"]),
+        "cannot connect",
+    );
+    one_error_line(&n.run(&["pull", "Bad Name"]), "invalid image reference");
+
+    // A manifest whose layer is not a tar layer (an artifact) is refused as unsupported.
+    let mut m: Value = serde_json::from_str(
+        http_body(&http(
+            reg.port,
+            "GET",
+            "/v2/busybox/manifests/latest",
+            &["Accept: application/vnd.oci.image.manifest.v1+json"],
+            b"",
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    m["layers"][1]["mediaType"] = json!("application/vnd.example.data.v1");
+    let body = serde_json::to_vec(&m).unwrap();
+    let put = http(
+        reg.port,
+        "PUT",
+        "/v2/busybox/manifests/odd",
+        &["Content-Type: application/vnd.oci.image.manifest.v1+json"],
+        &body,
+    );
+    assert!(
+        put.starts_with("HTTP/1.0 201") || put.starts_with("HTTP/1.1 201"),
+        "{put}"
+    );
+    one_error_line(&n.run(&["pull", "busybox:odd"]), "unsupported");
+    assert!(n.downloads().is_empty(), "{:?}", n.downloads());
+}
+
+/// A layer corrupted on the registry's disk is refused with one line; the store gets
+/// nothing.
+#[test]
+fn pull_refuses_a_corrupt_blob() {
+    need!("docker-registry", "podman");
+    let store = tempfile::tempdir().unwrap();
+    let reg = Registry::start(store.path());
+    let podman = Podman::new();
+    let work = tempfile::tempdir().unwrap();
+    let layout = layout_with_big_layer(work.path(), 256 << 10);
+    podman.push_layout(&layout, &format!("{}/big:v1", reg.addr()));
+    // podman recompresses layers as it pushes: the largest blob on the registry's
+    // disk is the big layer. Flip a byte in its middle, keep the size.
+    let (f, big) = reg.largest_blob();
+    let mut bytes = std::fs::read(&f).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&f, bytes).unwrap();
+
+    let n = Nestor::new(&[&reg.addr()]);
+    let o = n.run(&["pull", "big:v1"]);
+    one_error_line(&o, "does not match its digest");
+    assert!(stderr(&o).contains(&big), "{}", stderr(&o));
+    assert!(n.images().is_empty());
+    assert_eq!(n.layer_count(), 0);
+    assert!(n.downloads().is_empty(), "{:?}", n.downloads());
+}
+
+/// The registry dies mid-download (killed by the relay in front of it): one line, no
+/// image; once it is back, the next pull succeeds and takes the layers the first one
+/// verified from the download cache.
+#[test]
+fn registry_dying_mid_pull_then_pull_again() {
+    need!("docker-registry", "podman");
+    let store = tempfile::tempdir().unwrap();
+    let mut reg = Registry::start(store.path());
+    let podman = Podman::new();
+    let work = tempfile::tempdir().unwrap();
+    let big = 8 << 20;
+    let layout = layout_with_big_layer(work.path(), big);
+    podman.push_layout(&layout, &format!("{}/big:v1", reg.addr()));
+    let pid = reg.child.id() as i32;
+    // Killed when 6 MiB have gone through: the small layers are done, the big one not.
+    let relay = Relay::start(reg.port, 6 << 20, false, move || {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    });
+    let n = Nestor::new(&[&format!("127.0.0.1:{}", relay.port)]);
+    let o = n.run(&["pull", "big:v1"]);
+    assert!(relay.tripped.load(Ordering::SeqCst));
+    one_error_line(&o, &format!("127.0.0.1:{}", relay.port));
+    assert!(n.images().is_empty());
+    assert!(n.downloads().is_empty(), "{:?}", n.downloads());
+    reg.kill();
+
+    let reg2 = Registry::start(store.path());
+    let p = n.pull_json(&format!("{}/big:v1", reg2.addr()));
+    assert!(p["layers_reused"].as_u64().unwrap() >= 1, "{p}");
+    assert_eq!(
+        p["layers_reused"].as_u64().unwrap() + p["layers_downloaded"].as_u64().unwrap(),
+        3,
+        "{p}"
+    );
+    let o = n.run(&[
+        "run",
+        "--rm",
+        &format!("{}/big:v1", reg2.addr()),
+        "sh",
+        "-c",
+        "wc -c < /big",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), big.to_string());
+}
+
+/// nestor killed with SIGKILL mid-download: its staging stays until `gc`, which removes
+/// it; nothing half-written is taken as an image or layer.
+#[test]
+fn kill9_mid_pull_then_gc() {
+    need!("docker-registry", "podman");
+    let store = tempfile::tempdir().unwrap();
+    let reg = Registry::start(store.path());
+    let podman = Podman::new();
+    let work = tempfile::tempdir().unwrap();
+    let layout = layout_with_big_layer(work.path(), 4 << 20);
+    podman.push_layout(&layout, &format!("{}/big:v1", reg.addr()));
+    let relay = Relay::start(reg.port, 2 << 20, true, || {});
+    let n = Nestor::new(&[&format!("127.0.0.1:{}", relay.port)]);
+    let mut child = n
+        .cmd(&["pull", "big:v1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !relay.tripped.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        relay.tripped.load(Ordering::SeqCst),
+        "the pull never got going"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        n.downloads().len(),
+        1,
+        "the killed pull's staging: {:?}",
+        n.downloads()
+    );
+    assert!(n.images().is_empty());
+    let o = n.run(&["gc"]);
+    assert!(o.status.success(), "gc: {}", stderr(&o));
+    assert!(n.downloads().is_empty(), "{:?}", n.downloads());
+    let cache = std::fs::read_dir(n.root.join("images/downloads/blobs"))
+        .unwrap()
+        .count();
+    assert_eq!(cache, 0);
+    assert_eq!(n.layer_count(), 0);
+}
+
+/// A store on a tmpfs too small for the image: one line naming the full disk, nothing
+/// left but what the store had.
+#[test]
+fn pull_on_a_full_disk() {
+    need!("docker-registry", "podman");
+    let store = tempfile::tempdir().unwrap();
+    let reg = Registry::start(store.path());
+    let podman = Podman::new();
+    let work = tempfile::tempdir().unwrap();
+    let layout = layout_with_big_layer(work.path(), 6 << 20);
+    podman.push_layout(&layout, &format!("{}/big:v1", reg.addr()));
+    let n = Nestor::new(&[&reg.addr()]);
+    std::fs::create_dir_all(&n.root).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &n.root,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=4m"),
+    )
+    .unwrap();
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _u = Unmount(n.root.clone());
+    let o = n.run(&["pull", "big:v1"]);
+    one_error_line(&o, "No space left on device");
+    assert!(n.images().is_empty());
+    assert!(n.downloads().is_empty(), "{:?}", n.downloads());
+}
