@@ -138,6 +138,36 @@ pub enum Cmd {
     Network(NetworkCmd),
     /// The published ports of a container.
     Port { container: String },
+    /// Named volumes: directories containers mount with `-v NAME:/dst`.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCmd {
+    /// Create a named volume (`-v NAME:/dst` also makes one on first use).
+    Create { name: String },
+    /// List volumes.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(short, long)]
+        quiet: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show volumes as JSON: mount point, creation time, the containers that mount them.
+    Inspect {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove volumes and their data (refused while a running container mounts one).
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove every volume no container mounts.
+    Prune,
 }
 
 #[derive(Subcommand, Debug)]
