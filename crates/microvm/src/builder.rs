@@ -27,6 +27,7 @@ use crate::devices::pci_absent::PciAbsent;
 use crate::devices::serial::{ConsoleOut, SerialDevice};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::event_loop::{EventLoop, QueueEvent};
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{Net, NetConfig};
 use crate::devices::virtio::rng::Rng;
@@ -91,6 +92,9 @@ pub enum VmmError {
     /// The vsock socket could not be set up.
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    /// A virtio-fs back end could not be reached.
+    #[error(transparent)]
+    Fs(#[from] crate::devices::virtio::fs::FsError),
     /// An eventfd.
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
@@ -209,6 +213,9 @@ impl Vmm {
             )?));
         }
         devices.push(Box::new(Rng));
+        for f in &cfg.fs {
+            devices.push(Box::new(Fs::connect(&f.socket, &f.tag)?));
+        }
         if let Some(p) = &cfg.vsock {
             devices.push(Box::new(Vsock::new(p, cfg.vsock_cid)?));
         }
@@ -230,7 +237,12 @@ impl Vmm {
         let cmdline = boot_params::build_cmdline(&full_cmdline)?;
 
         let ram = layout::ram_ranges(cfg.mem_mib << 20);
-        let mem = memory::create_guest_memory(&ram)?;
+        // A vhost-user back end maps guest RAM itself: then it is shared memfd memory.
+        let mem = if cfg.fs.is_empty() {
+            memory::create_guest_memory(&ram)?
+        } else {
+            memory::create_shared_guest_memory(&ram)?
+        };
         let vm = Vm::new()?;
         vm.register_memory(&mem)?;
         vm.setup_irqchip()?;

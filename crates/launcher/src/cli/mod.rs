@@ -491,6 +491,34 @@ pub struct VmOpts {
     /// Run the container in this pod's microVM (`nestor pod create`); implies --vm.
     #[arg(long, value_name = "POD")]
     pub pod: Option<String>,
+    /// virtiofsd's cache mode for `-v DIR` and `-v NAME` shared into the microVM.
+    #[arg(id = "vm_fs_cache", long = "vm-fs-cache", value_enum, default_value_t = FsCache::Auto)]
+    pub fs_cache: FsCache,
+}
+
+/// virtiofsd's `--cache`: how long the guest may trust what it read from the host.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FsCache {
+    /// Close-to-open: the guest revalidates on open (host changes seen at next open).
+    #[default]
+    Auto,
+    /// The guest caches freely (only the guest writes the directory).
+    Always,
+    /// Metadata cached, data not.
+    Metadata,
+    /// Nothing cached (every read goes to the host).
+    Never,
+}
+
+impl FsCache {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsCache::Auto => "auto",
+            FsCache::Always => "always",
+            FsCache::Metadata => "metadata",
+            FsCache::Never => "never",
+        }
+    }
 }
 
 /// Scenario 2 around scenario 1: the microVM's monitor jailed.

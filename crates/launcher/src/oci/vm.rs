@@ -383,6 +383,7 @@ fn shim(s: Shim, ready: &mut crate::sys::helper::Ready) -> Result<i32> {
             mem_mib,
             vcpus,
             disks: vec![(disk.to_path_buf(), true)],
+            shares: Vec::new(),
             hostname,
             net: net.as_ref().map(|n| n.tap.clone()),
             netns: net.as_ref().map(|n| n.netns.clone()),

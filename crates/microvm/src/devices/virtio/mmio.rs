@@ -157,6 +157,7 @@ impl MmioTransport {
                 self.status |= STATUS_NEEDS_RESET;
                 return;
             }
+            self.dev.ack_features(self.driver_features);
             let mut ctx = DeviceContext {
                 mem: &self.mem,
                 queues: &mut self.queues,
