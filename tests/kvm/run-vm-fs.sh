@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Host directories and named volumes in a microVM over virtio-fs (`nestor run --vm -v
 # DIR:/dst` and `-v NAME:/dst`: one virtiofsd per directory, nestor-vmm's vhost-user-fs
-# device, the guest mounts -t virtiofs by tag). Three VM boots:
+# device, the guest mounts -t virtiofs by tag). Four VM boots:
 #  1. native -> VM -> host round trip through a named volume; a file written in the guest
 #     whose sha256 matches on the host (64 MiB: the TCG test host is slow); 500 small
 #     files; rename and unlink of an open file; a host directory read-write;
 #  2. `:ro`: a write in the guest gets EROFS and the host file is untouched;
-#  3. kill -9 of nestor mid-run, then gc: no virtiofsd, no socket, no sandbox left.
+#  3. kill -9 of nestor mid-run, then gc: no virtiofsd, no socket, no sandbox left;
+#  4. podman --runtime nestor-vm -v DIR: the directory reaches the guest over virtio-fs.
 # Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all pass.
 set -euo pipefail
 limit=600
@@ -86,6 +87,42 @@ socks=$(find /run/nestor-vm -name 'fs-*.sock' 2>/dev/null || true)
 [[ -z $left && -z $socks && -z $(n ps -a -q) ]] &&
     pass "kill -9 then gc: no virtiofsd, socket or container left" ||
     bad "kill -9 then gc left: $left $socks $(n ps -a)"
+
+# 4. podman through nestor-vm: its -v DIR reaches the guest over virtio-fs.
+if command -v podman >/dev/null; then
+    mkdir -p "$work/pm" "$work/rt"
+    mount -t tmpfs tmpfs "$work/pm"
+    on_exit umount -l '"$work/pm"'
+    ln -sf "$bin/nestor" "$work/rt/nestor-vm"
+    cat >"$work/rt/runtime" <<EOF
+#!/bin/sh
+export NESTOR_VM_KERNEL='$NESTOR_VM_KERNEL' NESTOR_VM_INITRD='$NESTOR_VM_INITRD'
+export NESTOR_ROOT='$NESTOR_ROOT' NESTOR_STATE='$NESTOR_STATE' NESTOR_VM_TIMEOUT='$NESTOR_VM_TIMEOUT'
+exec '$work/rt/nestor-vm' "\$@"
+EOF
+    chmod +x "$work/rt/runtime"
+    pm() {
+        timeout 300 podman --root "$work/pm/root" --runroot "$work/pm/run" --runtime "$work/rt/runtime" \
+            --cgroup-manager cgroupfs --events-backend none "$@"
+    }
+    layer=$(python3 - "$img" <<'PY'
+import json, os, sys
+d = sys.argv[1]
+blob = lambda dg: os.path.join(d, "blobs", *dg.split(":"))
+m = json.load(open(blob(json.load(open(os.path.join(d, "index.json")))["manifests"][0]["digest"])))
+print(blob(max(m["layers"], key=lambda l: l["size"])["digest"]))
+PY
+)
+    pm import -q "$layer" localhost/vmbox >/dev/null 2>"$work/pm.err" || bad "podman import: $(cat "$work/pm.err")"
+    out=$(pm run --rm --ulimit nofile=20000:20000 --ulimit nproc=32768:32768 --network=none \
+        -v "$host:/h" localhost/vmbox sh -c 'cat /h/h; echo from-podman-vm >/h/pm; grep -c " virtiofs " /proc/mounts' \
+        2>"$work/pm.err") || bad "podman run -v: $(tail -n 5 "$work/pm.err")"
+    expect "podman --runtime nestor-vm -v DIR: read in the guest, one virtiofs mount" "host-file 1" \
+        "$(tr '\n' ' ' <<<"$out" | sed 's/ $//')"
+    expect "podman --runtime nestor-vm -v DIR: the guest's write on the host" from-podman-vm "$(cat "$host/pm" 2>&1)"
+else
+    echo "skip podman: not installed"
+fi
 
 n volume rm "$vol" >/dev/null
 finish

@@ -609,7 +609,7 @@ pub struct BenchArgs {
 /// `nestor workload KIND…`: what the bench runs in every mode (hidden).
 #[derive(Args, Debug)]
 pub struct WorkloadArgs {
-    /// cpu, mem, disk, net.
+    /// cpu, mem, disk, meta (file metadata in the --disk directory), net.
     #[arg(required = true)]
     pub kinds: Vec<String>,
     /// Seconds per time-boxed workload.
@@ -618,7 +618,7 @@ pub struct WorkloadArgs {
     /// Size of each of the two arrays the memory copy uses, MiB.
     #[arg(long, default_value_t = 64)]
     pub mem_mib: usize,
-    /// File or block device for the disk workload.
+    /// File or block device for the disk workload (a directory for meta).
     #[arg(long)]
     pub disk: Option<PathBuf>,
     /// Bytes the sequential disk passes move, MiB.
