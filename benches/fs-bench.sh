@@ -12,8 +12,7 @@
 # a tmpfs (the test host's root is 9p + overlay), so the figures compare the transports,
 # not a disk. A benchmark, not a test: not part of scripts/test.sh (4 VM boots).
 set -euo pipefail
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-repo=$(cd "$here/.." && pwd)
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 mib=64 secs=2
 script_opt() {
     case $1 in
@@ -24,6 +23,9 @@ script_opt() {
 }
 limit=900
 source "$repo/tests/kvm/lib/prelude.sh"
+# The prelude places the checkout from tests/kvm; this script lives in benches/.
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+tdir=${CARGO_TARGET_DIR:-$repo/target}
 find_static_bins
 source "$repo/tests/kvm/lib/vm-env.sh"
 
@@ -39,7 +41,7 @@ res=$work/results
 wl="/t/nestor workload disk --disk /w/bench.dat --disk-mib $mib --secs $secs; /t/nestor workload meta --disk /w --secs $secs"
 
 record() { # MODE < output
-    sed -n "s/^NESTOR-WORKLOAD /$1 /p" | tr -d '\r' >>"$res"
+    sed -n "s/^NESTOR-WORKLOAD /$1 /p" | tr -d '\r' | tee -a "$res" >&2
 }
 echo "fs-bench: host process" >&2
 { "$tools/nestor" workload disk --disk "$dir/bench.dat" --disk-mib "$mib" --secs "$secs"
