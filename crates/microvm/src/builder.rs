@@ -327,6 +327,17 @@ impl Vmm {
                 .unwrap_or_else(|p| p.into_inner())
                 .num_queues();
             for q in 0..queues as u32 {
+                let direct = transport
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .direct_kick(q as usize);
+                if let Some(k) = direct {
+                    // The back end reads this eventfd itself: KVM signals it directly.
+                    vm.fd()
+                        .register_ioevent(&k, &IoEventAddress::Mmio(addr + 0x50), q)
+                        .map_err(|e| VmmError::Device(format!("virtio ioeventfd: {e}")))?;
+                    continue;
+                }
                 let qevt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
                 vm.fd()
                     .register_ioevent(&qevt, &IoEventAddress::Mmio(addr + 0x50), q)

@@ -5,14 +5,13 @@
 //! space (the mount tag and one request queue), and at DRIVER_OK hands the back end the
 //! memory table, the rings and an eventfd pair per queue.
 //!
-//! Notifications are relayed: a guest kick reaches the transport as today (ioeventfd ->
-//! event thread -> [`VirtioDevice::queue_notify`]), which writes the queue's kick
-//! eventfd; the back end's call eventfd is registered on the event thread and becomes
-//! the transport's interrupt (which also sets the virtio-mmio interrupt status the
-//! guest driver checks). One hop more than wiring the fds into KVM, and no change to
-//! the transport.
+//! Notifications bypass the VMM's threads: each queue's kick eventfd is registered with
+//! KVM as the ioeventfd of its QueueNotify write, and the transport's interrupt eventfd
+//! (a KVM irqfd) is every queue's call eventfd, so the back end reads the guest's kicks
+//! and interrupts the guest itself. The transport then reads its interrupt status as
+//! "used buffer" at all times, since it never sees those completions (the guest driver
+//! checks the status before it looks at its queues; a spurious look finds nothing).
 
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -20,7 +19,6 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryBackend as _};
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{DeviceContext, Registrar, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -64,7 +62,8 @@ pub struct Fs {
     protocol: Option<VhostUserProtocolFeatures>,
     acked: u64,
     kicks: Vec<EventFd>,
-    calls: Vec<EventFd>,
+    /// The transport's interrupt eventfd (an irqfd), once given.
+    call: Option<EventFd>,
     started: bool,
 }
 
@@ -104,7 +103,7 @@ impl Fs {
             protocol,
             acked: 0,
             kicks: (0..NUM_QUEUES).map(|_| fd()).collect::<Result<_, _>>()?,
-            calls: (0..NUM_QUEUES).map(|_| fd()).collect::<Result<_, _>>()?,
+            call: None,
             started: false,
         })
     }
@@ -146,7 +145,8 @@ impl Fs {
                 },
             )?;
             self.frontend.set_vring_base(i, 0)?;
-            self.frontend.set_vring_call(i, &self.calls[i])?;
+            let call = self.call.as_ref().ok_or(vhost::Error::InvalidOperation)?;
+            self.frontend.set_vring_call(i, call)?;
             self.frontend.set_vring_kick(i, &self.kicks[i])?;
             if self.protocol.is_some() {
                 self.frontend.set_vring_enable(i, true)?;
@@ -182,19 +182,24 @@ impl VirtioDevice for Fs {
             data[..n].copy_from_slice(&cfg[off..off + n]);
         }
     }
+    fn direct_kick(&self, queue: usize) -> Option<EventFd> {
+        self.kicks.get(queue).and_then(|k| k.try_clone().ok())
+    }
+    fn direct_irq(&mut self, irq: &EventFd) -> bool {
+        self.call = irq.try_clone().ok();
+        self.call.is_some()
+    }
     fn activate(&mut self, ctx: &mut DeviceContext) -> std::io::Result<()> {
         if ctx.mem.iter().any(|r| r.file_offset().is_none()) {
             return Err(std::io::Error::other(
                 "guest memory is not shared (memfd) memory",
             ));
         }
-        for (i, c) in self.calls.iter().enumerate() {
-            ctx.fds.add(c.as_raw_fd(), EventSet::IN, i as u32)?;
-        }
         self.started = true;
         self.start(ctx).map_err(io)
     }
     fn queue_notify(&mut self, queue: usize, _ctx: &mut DeviceContext) -> bool {
+        // Only a notify register write KVM did not catch lands here: pass it on.
         if let Some(k) = self.kicks.get(queue) {
             if let Err(e) = k.write(1) {
                 tracing::warn!("virtio-fs kick {queue}: {e}");
@@ -202,19 +207,12 @@ impl VirtioDevice for Fs {
         }
         false
     }
-    fn handle_event(&mut self, token: u32, _events: EventSet, _ctx: &mut DeviceContext) -> bool {
-        // Drained: one interrupt covers however many calls came in.
-        self.calls
-            .get(token as usize)
-            .is_some_and(|c| c.read().is_ok())
-    }
-    fn reset(&mut self, fds: &Registrar) {
+    fn reset(&mut self, _fds: &Registrar) {
         if !self.started {
             return;
         }
         self.started = false;
-        for (i, c) in self.calls.iter().enumerate() {
-            let _ = fds.remove(c.as_raw_fd());
+        for i in 0..NUM_QUEUES {
             // GET_VRING_BASE stops the back end's ring.
             if let Err(e) = self.frontend.get_vring_base(i) {
                 tracing::debug!("virtio-fs queue {i} stop: {e}");
