@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 PKGS=(podman crun runc busybox-static containernetworking-plugins iptables qemu-system-x86 hyperfine linux-source-6.1
       erofs-utils fio iperf3 iproute2 flex bison bc libelf-dev libssl-dev cpio kmod
-      uidmap libseccomp-dev pkg-config e2fsprogs xz-utils python3 strace procps binutils
+      uidmap libseccomp-dev libcap-ng-dev pkg-config e2fsprogs xz-utils python3 strace procps binutils
       redis-server redis-tools docker-registry apache2-utils)
 missing=()
 for p in "${PKGS[@]}"; do
@@ -33,6 +33,14 @@ fi
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
   echo "setup: installing cargo-fuzz" >&2
   cargo install cargo-fuzz --locked --quiet >&2
+fi
+# virtiofsd (the file server of -v DIR with --vm), pinned, from crates.io, under the
+# cache root (the KVM test host shares it at the same path).
+VIRTIOFSD_VERSION=1.14.0
+vfs_root="${NESTOR_CACHE:-${HOME:-/root}/.cache/nestor}/virtiofsd-$VIRTIOFSD_VERSION"
+if [ ! -x "$vfs_root/bin/virtiofsd" ]; then
+  echo "setup: installing virtiofsd $VIRTIOFSD_VERSION (cargo install --locked; a few minutes)" >&2
+  cargo install --quiet --locked virtiofsd --version "$VIRTIOFSD_VERSION" --root "$vfs_root" >&2
 fi
 [ -n "${NESTOR_SETUP_NO_BUILD:-}" ] && exit 0
 

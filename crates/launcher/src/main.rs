@@ -120,6 +120,7 @@ fn dispatch(cli: &Cli) -> Result<i32> {
         Cmd::Pod(cli::PodCmd::Ls { json }) => pod::ls(*json)?,
         Cmd::Network(c) => docker::network::run(c)?,
         Cmd::Port { container } => docker::network::port(container)?,
+        Cmd::Volume(c) => docker::volume::run(c)?,
         Cmd::Pod(cli::PodCmd::Rm { names, force }) => pod::rm(names, *force)?,
     }
     Ok(0)

@@ -488,7 +488,7 @@ fn vm_mode_errors_are_clear_and_leave_nothing_behind() {
     let junk = scratch.path().join("junk");
     std::fs::write(&junk, vec![0x5au8; 8192]).unwrap();
     let junk_s = junk.to_str().unwrap();
-    let vol_dir = format!("{}:/data", scratch.path().display());
+    let vol_missing = format!("{}/no-such-dir:/data", scratch.path().display());
     let vol_junk = format!("{junk_s}:/data");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
@@ -504,8 +504,8 @@ fn vm_mode_errors_are_clear_and_leave_nothing_behind() {
             "no guest kernel at /nonexistent/vmlinux",
         ),
         (
-            vec!["run", "--vm", "--rm", "-v", &vol_dir, "busybox", "true"],
-            "filesystem image file",
+            vec!["run", "--vm", "--rm", "-v", &vol_missing, "busybox", "true"],
+            "does not exist",
         ),
         (
             vec!["run", "--vm", "--rm", "-v", &vol_junk, "busybox", "true"],

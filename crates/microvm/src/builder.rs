@@ -27,6 +27,7 @@ use crate::devices::pci_absent::PciAbsent;
 use crate::devices::serial::{ConsoleOut, SerialDevice};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::event_loop::{EventLoop, QueueEvent};
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{Net, NetConfig};
 use crate::devices::virtio::rng::Rng;
@@ -91,6 +92,9 @@ pub enum VmmError {
     /// The vsock socket could not be set up.
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    /// A virtio-fs back end could not be reached.
+    #[error(transparent)]
+    Fs(#[from] crate::devices::virtio::fs::FsError),
     /// An eventfd.
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
@@ -210,6 +214,9 @@ impl Vmm {
             )?));
         }
         devices.push(Box::new(Rng));
+        for f in &cfg.fs {
+            devices.push(Box::new(Fs::connect(&f.socket, &f.tag)?));
+        }
         if let Some(p) = &cfg.vsock {
             devices.push(Box::new(Vsock::new(p, cfg.vsock_cid)?));
         }
@@ -231,7 +238,12 @@ impl Vmm {
         let cmdline = boot_params::build_cmdline(&full_cmdline)?;
 
         let ram = layout::ram_ranges(cfg.mem_mib << 20);
-        let mem = memory::create_guest_memory(&ram)?;
+        // A vhost-user back end maps guest RAM itself: then it is shared memfd memory.
+        let mem = if cfg.fs.is_empty() {
+            memory::create_guest_memory(&ram)?
+        } else {
+            memory::create_shared_guest_memory(&ram)?
+        };
         let vm = Vm::new()?;
         vm.register_memory(&mem)?;
         vm.setup_irqchip()?;
@@ -316,6 +328,17 @@ impl Vmm {
                 .unwrap_or_else(|p| p.into_inner())
                 .num_queues();
             for q in 0..queues as u32 {
+                let direct = transport
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .direct_kick(q as usize);
+                if let Some(k) = direct {
+                    // The back end reads this eventfd itself: KVM signals it directly.
+                    vm.fd()
+                        .register_ioevent(&k, &IoEventAddress::Mmio(addr + 0x50), q)
+                        .map_err(|e| VmmError::Device(format!("virtio ioeventfd: {e}")))?;
+                    continue;
+                }
                 let qevt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
                 vm.fd()
                     .register_ioevent(&qevt, &IoEventAddress::Mmio(addr + 0x50), q)

@@ -96,6 +96,36 @@ impl std::str::FromStr for DiskConfig {
     }
 }
 
+/// A virtio-fs device: the vhost-user socket of its file server (virtiofsd) and the
+/// tag the guest mounts (`mount -t virtiofs TAG DIR`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// The back end's vhost-user socket.
+    pub socket: PathBuf,
+    /// Mount tag, 1 to 36 bytes.
+    pub tag: String,
+}
+
+impl std::str::FromStr for FsConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let Some((socket, opt)) = s.rsplit_once(',') else {
+            return Err(format!("--fs '{s}': use SOCKET,tag=TAG"));
+        };
+        let Some(tag) = opt.strip_prefix("tag=") else {
+            return Err(format!("--fs '{s}': unknown option '{opt}' (tag=TAG)"));
+        };
+        if socket.is_empty() {
+            return Err(format!("--fs '{s}': the socket path is empty"));
+        }
+        Ok(FsConfig {
+            socket: PathBuf::from(socket),
+            tag: tag.to_string(),
+        })
+    }
+}
+
 fn default_mem() -> u64 {
     128
 }
@@ -133,6 +163,9 @@ pub struct VmConfig {
     /// virtio-blk disks.
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// virtio-fs devices (vhost-user back ends); guest RAM is shared memory when any.
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
     /// Host side of the virtio-vsock device (Unix socket path).
     #[serde(default)]
     pub vsock: Option<PathBuf>,
@@ -164,6 +197,7 @@ impl VmConfig {
             mem_mib: default_mem(),
             vcpus: default_vcpus(),
             disks: Vec::new(),
+            fs: Vec::new(),
             vsock: None,
             vsock_cid: default_cid(),
             net: None,
@@ -221,6 +255,20 @@ impl VmConfig {
                 crate::logcap::MIN_LOG_LIMIT
             )));
         }
+        for f in &self.fs {
+            if f.tag.is_empty() || f.tag.len() > crate::devices::virtio::fs::TAG_LEN {
+                return Err(ConfigError::Invalid(format!(
+                    "--fs tag '{}' must be 1 to 36 bytes",
+                    f.tag
+                )));
+            }
+            if self.fs.iter().filter(|g| g.tag == f.tag).count() > 1 {
+                return Err(ConfigError::Invalid(format!(
+                    "--fs tag '{}' is given twice",
+                    f.tag
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -257,6 +305,10 @@ pub struct Cli {
     /// virtio-blk disk, PATH[,ro] (repeatable).
     #[arg(long, value_name = "PATH[,ro]")]
     pub disk: Vec<DiskConfig>,
+    /// virtio-fs device: the vhost-user socket of a file server (virtiofsd) and the
+    /// guest's mount tag (repeatable).
+    #[arg(long, value_name = "SOCKET,tag=TAG")]
+    pub fs: Vec<FsConfig>,
     /// Host Unix socket of the virtio-vsock device.
     #[arg(long, value_name = "PATH")]
     pub vsock: Option<PathBuf>,
@@ -312,6 +364,9 @@ impl Cli {
         if !self.disk.is_empty() {
             cfg.disks = self.disk;
         }
+        if !self.fs.is_empty() {
+            cfg.fs = self.fs;
+        }
         if let Some(v) = self.vsock {
             cfg.vsock = Some(v);
         }
@@ -346,6 +401,36 @@ mod tests {
             .map_err(|e| e.to_string())?
             .into_config()
             .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn fs_devices_from_flags_and_errors() {
+        let c = cli(&[
+            "--kernel",
+            "/k",
+            "--fs",
+            "/run/a.sock,tag=data",
+            "--fs",
+            "/run/b,c.sock,tag=t2",
+        ])
+        .unwrap();
+        assert_eq!(c.fs.len(), 2);
+        assert_eq!(c.fs[1].socket, PathBuf::from("/run/b,c.sock"));
+        assert_eq!(c.fs[1].tag, "t2");
+        for (args, want) in [
+            (vec!["--fs", "/s"], "use SOCKET,tag=TAG"),
+            (vec!["--fs", "/s,ro"], "unknown option 'ro'"),
+            (vec!["--fs", "/s,tag="], "must be 1 to 36 bytes"),
+            (vec!["--fs", "/a,tag=x", "--fs", "/b,tag=x"], "given twice"),
+        ] {
+            let mut v = vec!["--kernel", "/k"];
+            v.extend(args);
+            let e = cli(&v).unwrap_err();
+            assert!(e.contains(want), "{v:?}: {e}");
+        }
+        let json = r#"{"kernel": "/k", "fs": [{"socket": "/s", "tag": "t"}]}"#;
+        let c: VmConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(c.fs[0].tag, "t");
     }
 
     #[test]

@@ -41,8 +41,12 @@ pub fn run(a: &WorkloadArgs) -> Result<i32> {
                 None => Err(anyhow::anyhow!("net: --net HOST:PORT is required")),
             },
             "serve" => serve_forever(a.port),
+            "meta" => match &a.disk {
+                Some(p) => meta(p, secs),
+                None => Err(anyhow::anyhow!("meta: --disk DIR is required")),
+            },
             other => Err(anyhow::anyhow!(
-                "unknown workload '{other}' (cpu, mem, disk, net, serve)"
+                "unknown workload '{other}' (cpu, mem, disk, meta, net, serve)"
             )),
         };
         if let Err(e) = r {
@@ -273,6 +277,41 @@ pub struct NetFigures {
     pub secs: f64,
     pub mbps: f64,
     pub rtt_us: super::model::Summary,
+}
+
+/// File metadata: rounds of create (with 16 bytes) + stat + rename + unlink of 100 files
+/// in a fresh directory under `dir`, for `secs`; one op is one file through all four.
+fn meta(dir: &Path, secs: Duration) -> Result<()> {
+    const PER_ROUND: usize = 100;
+    let work = dir.join(format!("nestor-meta-{}", std::process::id()));
+    std::fs::create_dir(&work).with_context(|| format!("create {}", work.display()))?;
+    let run = || -> Result<u64> {
+        let t = Instant::now();
+        let mut files = 0u64;
+        while t.elapsed() < secs {
+            for i in 0..PER_ROUND {
+                let a = work.join(format!("f{i}"));
+                std::fs::write(&a, b"0123456789abcdef")?;
+                std::fs::metadata(&a)?;
+                let b = work.join(format!("g{i}"));
+                std::fs::rename(&a, &b)?;
+                std::fs::remove_file(&b)?;
+            }
+            files += PER_ROUND as u64;
+        }
+        Ok(files)
+    };
+    let t = Instant::now();
+    let r = run();
+    let elapsed = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&work);
+    let files = r.with_context(|| format!("metadata ops in {}", work.display()))?;
+    emit(
+        json!({"workload": "fs-meta", "metric": "create+stat+rename+unlink per file",
+        "unit": "files/s", "value": files as f64 / elapsed, "higher_is_better": true,
+        "detail": {"path": dir}}),
+    );
+    Ok(())
 }
 
 /// TCP throughput (64 KiB writes for `secs`, counted by the server) and round-trip

@@ -157,6 +157,36 @@ pub enum Cmd {
     Network(NetworkCmd),
     /// The published ports of a container.
     Port { container: String },
+    /// Named volumes: directories containers mount with `-v NAME:/dst`.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCmd {
+    /// Create a named volume (`-v NAME:/dst` also makes one on first use).
+    Create { name: String },
+    /// List volumes.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(short, long)]
+        quiet: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show volumes as JSON: mount point, creation time, the containers that mount them.
+    Inspect {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove volumes and their data (refused while a running container mounts one).
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove every volume no container mounts.
+    Prune,
 }
 
 #[derive(Subcommand, Debug)]
@@ -508,6 +538,34 @@ pub struct VmOpts {
     /// Run the container in this pod's microVM (`nestor pod create`); implies --vm.
     #[arg(long, value_name = "POD")]
     pub pod: Option<String>,
+    /// virtiofsd's cache mode for `-v DIR` and `-v NAME` shared into the microVM.
+    #[arg(id = "vm_fs_cache", long = "vm-fs-cache", value_enum, default_value_t = FsCache::Auto)]
+    pub fs_cache: FsCache,
+}
+
+/// virtiofsd's `--cache`: how long the guest may trust what it read from the host.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FsCache {
+    /// Close-to-open: the guest revalidates on open (host changes seen at next open).
+    #[default]
+    Auto,
+    /// The guest caches freely (only the guest writes the directory).
+    Always,
+    /// Metadata cached, data not.
+    Metadata,
+    /// Nothing cached (every read goes to the host).
+    Never,
+}
+
+impl FsCache {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsCache::Auto => "auto",
+            FsCache::Always => "always",
+            FsCache::Metadata => "metadata",
+            FsCache::Never => "never",
+        }
+    }
 }
 
 /// Scenario 2 around scenario 1: the microVM's monitor jailed.
@@ -598,8 +656,8 @@ pub struct BenchArgs {
 /// `nestor workload KIND…`: what the bench runs in every mode (hidden).
 #[derive(Args, Debug)]
 pub struct WorkloadArgs {
-    /// cpu, mem, disk, net (a client of the bench's server), serve (the server, until
-    /// killed).
+    /// cpu, mem, disk, meta (file metadata in the --disk directory), net (a client of
+    /// the bench's server), serve (the server, until killed).
     #[arg(required = true)]
     pub kinds: Vec<String>,
     /// Seconds per time-boxed workload.
@@ -608,7 +666,7 @@ pub struct WorkloadArgs {
     /// Size of each of the two arrays the memory copy uses, MiB.
     #[arg(long, default_value_t = 64)]
     pub mem_mib: usize,
-    /// File or block device for the disk workload.
+    /// File or block device for the disk workload (a directory for meta).
     #[arg(long)]
     pub disk: Option<PathBuf>,
     /// Bytes the sequential disk passes move, MiB.

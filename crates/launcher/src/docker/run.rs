@@ -67,8 +67,9 @@ fn drive(mode: &mut impl Mode, a: &RunArgs) -> Result<i32> {
             }
             None => format!("nestor_{}", &id[..8]),
         };
+        let volumes = named_volumes(a)?;
         store::create_dir(&id, a.ctr.userns)?;
-        let meta = store::new_meta(
+        let mut meta = store::new_meta(
             &id,
             name,
             &image,
@@ -77,6 +78,7 @@ fn drive(mode: &mut impl Mode, a: &RunArgs) -> Result<i32> {
             a.ctr.rm,
             &mode.state_root(),
         );
+        meta.volumes = volumes;
         if let Err(e) = store::save(&meta) {
             let _ = store::remove_dir(&id);
             return Err(e);
@@ -93,6 +95,26 @@ fn drive(mode: &mut impl Mode, a: &RunArgs) -> Result<i32> {
     let code = start_wait_finish(mode, a, &mut meta, &image);
     mode.done();
     code
+}
+
+/// The named volumes of `-v`, made if missing (Docker's way; call under the store's lock);
+/// a `--userns` container gets the empty ones root still owns (see `volume`).
+fn named_volumes(a: &RunArgs) -> Result<Vec<String>> {
+    use crate::docker::volume::{self, VolumeArg};
+    let mut names = Vec::new();
+    for v in &a.ctr.volume {
+        let arg = VolumeArg::parse(v)?;
+        let Some(n) = arg.name() else { continue };
+        volume::ensure(n)?;
+        if a.ctr.userns {
+            let root = crate::docker::spec::USERNS_BASE;
+            volume::adopt_for_userns(n, root, root)?;
+        }
+        if !names.iter().any(|x| x == n) {
+            names.push(n.to_string());
+        }
+    }
+    Ok(names)
 }
 
 /// Start, wait, record: the life of a container once its record exists.

@@ -197,25 +197,27 @@ fn container_env(a: &RunArgs, image: &nestor_image::Image, hostname: &str) -> Ve
     env
 }
 
-/// `-v SRC:DST[:ro|:rw]` as a bind mount of a host path.
+/// `-v SRC:DST[:ro|:rw]` as a bind mount of a host path or of a named volume's directory
+/// (which `run` has made, under the store's lock, before the spec is built).
 fn volume_mount(v: &str) -> Result<Mount> {
-    let parts: Vec<&str> = v.split(':').collect();
-    let (src, dst, ro) = match parts.as_slice() {
-        [src, dst] => (*src, *dst, false),
-        [src, dst, "ro"] => (*src, *dst, true),
-        [src, dst, "rw"] => (*src, *dst, false),
-        _ => bail!("invalid volume '{v}': use SRC:DST[:ro]"),
+    use crate::docker::volume::{self, Source, VolumeArg};
+    let arg = VolumeArg::parse(v)?;
+    let src = match &arg.source {
+        Source::Host(p) => p.clone(),
+        Source::Named(n) => {
+            let d = volume::data(n);
+            if !d.is_dir() {
+                bail!("no such volume: {n}");
+            }
+            d
+        }
     };
-    let src = std::fs::canonicalize(src).with_context(|| format!("volume source {src}"))?;
-    if !dst.starts_with('/') {
-        bail!("invalid volume '{v}': the destination must be absolute");
-    }
     let mut opts = vec!["rbind".to_string(), "rprivate".to_string()];
-    if ro {
+    if arg.ro {
         opts.push("ro".into());
     }
     Ok(MountBuilder::default()
-        .destination(dst)
+        .destination(arg.dst)
         .typ("bind")
         .source(src)
         .options(opts)

@@ -8,7 +8,9 @@
 //! `containers/` are 0711 (traverse only, no listing: `--userns` containers and jails
 //! pass through them), each `containers/<id>/` is 0700 (0710 with group
 //! [`USERNS_BASE`](crate::docker::spec::USERNS_BASE) for a `--userns` container, whose root
-//! must reach its rootfs), `images/`, `pods/` and `networks/` are 0700, and the VM
+//! must reach its rootfs), `volumes/` is 0711 with each `volumes/<name>/` 0700 (0710 with
+//! that group once a `--userns` container owns its data), `images/`, `pods/` and
+//! `networks/` are 0700, and the VM
 //! assets (`vm/`, `vm-disks/`) are 0710 with the default jail group, so a jailed VMM
 //! binds them without a copy. [`data_root`] puts these modes right once per process,
 //! so a store made by an older nestor is fixed at its next start.
@@ -80,9 +82,12 @@ fn secure_layout(root: &Path) {
     ] {
         let _ = std::fs::create_dir(root.join(d));
     }
-    for d in ["images", "pods", "networks", "volumes"] {
+    for d in ["images", "pods", "networks"] {
         fix_mode(&root.join(d), 0o700, None);
     }
+    // Traverse only, as containers/: each volume's own directory is closed (0700), or
+    // open to the group of the `--userns` root that owns its data (0710).
+    fix_mode(&root.join("volumes"), 0o711, None);
     for d in ["vm", "vm-disks"] {
         fix_mode(&root.join(d), 0o710, Some(JAIL_ID_DEFAULT));
     }
@@ -195,6 +200,9 @@ pub struct Meta {
     /// Its published ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<nestor_network::PortMapping>,
+    /// The named volumes it mounts (`volume rm` refuses them while it runs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<String>,
     /// Set for a container running in its own microVM (`run --vm`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<VmMeta>,
@@ -384,6 +392,7 @@ pub fn new_meta(
         state_root: state_root.to_path_buf(),
         networks: Vec::new(),
         ports: Vec::new(),
+        volumes: Vec::new(),
         vm: None,
         pod: None,
     }

@@ -130,7 +130,7 @@ pub fn create(root: &Path, a: &CreateArgs) -> Result<()> {
         bail!("process.terminal is true but no --console-socket was given");
     }
     let net = caller_net(&spec)?;
-    let spec = guest_spec(spec, net.is_some());
+    let (spec, shares) = guest_spec(spec, net.is_some());
     let d = dir(root, &a.id);
     std::fs::create_dir_all(&d).with_context(|| format!("create {}", d.display()))?;
     let r = (|| -> Result<i32> {
@@ -149,6 +149,7 @@ pub fn create(root: &Path, a: &CreateArgs) -> Result<()> {
             assets: &assets,
             terminal,
             net,
+            shares,
         })
     })();
     match r {
@@ -243,12 +244,16 @@ fn caller_net(spec: &Spec) -> Result<Option<CallerNet>> {
     }))
 }
 
-/// The spec the guest gets: bind mounts of host paths cannot reach the guest (podman's
-/// /etc/hosts, /etc/resolv.conf, volumes): they are left out, with a warning naming them,
-/// except that with the caller's network the network's files come from the agent's
-/// copies. A network namespace path of the host means nothing in the guest: the
-/// container shares the guest's network when it has one, else gets a new namespace.
-fn guest_spec(mut spec: Spec, networked: bool) -> Spec {
+/// The spec the guest gets, and the host directories it shares. A bind mount of a host
+/// directory (podman's `-v DIR:/dst`) becomes a `virtiofs` mount of a share of its own
+/// (one virtiofsd each, as `run --vm -v DIR` has); bind mounts of host files (podman's
+/// /etc/hosts, /etc/resolv.conf, /etc/hostname, /run/.containerenv) and of anything under
+/// /dev cannot reach the guest: they are left out, with a warning naming them, except
+/// that with the caller's network the network's files come from the agent's copies. A
+/// network namespace path of the host means nothing in the guest: the container shares
+/// the guest's network when it has one, else gets a new namespace.
+fn guest_spec(mut spec: Spec, networked: bool) -> (Spec, Vec<sandbox::Share>) {
+    let mut shares = Vec::new();
     if let Some(mut linux) = spec.linux().clone() {
         let mut ns = linux.namespaces().clone().unwrap_or_default();
         ns.retain(|n| n.typ() != oci_spec::runtime::LinuxNamespaceType::Network);
@@ -263,29 +268,56 @@ fn guest_spec(mut spec: Spec, networked: bool) -> Spec {
         linux.set_namespaces(Some(ns));
         spec.set_linux(Some(linux));
     }
-    if let Some(mut m) = spec.mounts().clone() {
-        m.retain(|x| {
-            let dest = x.destination().to_string_lossy();
+    if let Some(old) = spec.mounts().clone() {
+        let mut m = Vec::with_capacity(old.len());
+        for x in old {
+            let dest = x.destination().to_string_lossy().into_owned();
             if networked
                 && matches!(
-                    dest.as_ref(),
+                    dest.as_str(),
                     "/etc/hosts" | "/etc/resolv.conf" | "/etc/hostname"
                 )
             {
-                return false;
+                continue;
             }
             let opts = x.options().clone().unwrap_or_default();
             let bind = x.typ().as_deref() == Some("bind")
                 || opts.iter().any(|o| o == "bind" || o == "rbind");
-            if bind {
-                tracing::warn!(
-                    "VM mode: host bind mount {} -> {} is not available in the guest; left out",
-                    x.source().as_deref().unwrap_or(Path::new("?")).display(),
-                    x.destination().display()
-                );
+            if !bind {
+                m.push(x);
+                continue;
             }
-            !bind
-        });
+            let src = x.source().clone().unwrap_or_default();
+            if src.is_dir() && !dest.starts_with("/dev") {
+                let tag = format!("nestor-fs{}", shares.len());
+                let ro = opts.iter().any(|o| o == "ro");
+                let mut o = vec!["nosuid".to_string(), "nodev".to_string()];
+                if ro {
+                    o.push("ro".into());
+                }
+                if let Ok(b) = oci_spec::runtime::MountBuilder::default()
+                    .destination(&dest)
+                    .typ("virtiofs")
+                    .source(&tag)
+                    .options(o)
+                    .build()
+                {
+                    m.push(b);
+                    shares.push(sandbox::Share {
+                        dir: src,
+                        tag,
+                        read_only: ro,
+                        cache: crate::cli::FsCache::Auto,
+                    });
+                    continue;
+                }
+            }
+            tracing::warn!(
+                "VM mode: host bind mount {} -> {} is not available in the guest; left out",
+                src.display(),
+                x.destination().display()
+            );
+        }
         if networked {
             for f in ["hosts", "resolv.conf", "hostname"] {
                 if let Ok(b) = oci_spec::runtime::MountBuilder::default()
@@ -301,7 +333,7 @@ fn guest_spec(mut spec: Spec, networked: bool) -> Spec {
         }
         spec.set_mounts(Some(m));
     }
-    spec
+    (spec, shares)
 }
 
 /// What the shim needs.
@@ -314,6 +346,8 @@ struct Shim<'a> {
     assets: &'a Assets,
     terminal: bool,
     net: Option<CallerNet>,
+    /// Host directories bind-mounted by the caller, shared over virtio-fs.
+    shares: Vec<sandbox::Share>,
 }
 
 /// Forks the shim; returns its pid once the container is created in the VM.
@@ -363,6 +397,7 @@ fn shim(s: Shim, ready: &mut crate::sys::helper::Ready) -> Result<i32> {
         assets,
         terminal,
         net,
+        shares,
     } = s;
     let id = a.id.clone();
     let gid = guest_id(&id);
@@ -383,6 +418,7 @@ fn shim(s: Shim, ready: &mut crate::sys::helper::Ready) -> Result<i32> {
             mem_mib,
             vcpus,
             disks: vec![(disk.to_path_buf(), true)],
+            shares,
             hostname,
             net: net.as_ref().map(|n| n.tap.clone()),
             netns: net.as_ref().map(|n| n.netns.clone()),

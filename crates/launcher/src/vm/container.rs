@@ -3,8 +3,10 @@
 //! (`vm::disk`), the VM boots with the guest agent as PID 1 (`vm::sandbox`), and the agent
 //! runs the container with nestor's own runtime inside the guest; stdio travels on vsock
 //! streams, signals are forwarded as agent requests, and the container's exit code is
-//! nestor's. Volumes reach the guest as extra virtio disks: `-v IMAGEFILE:/dst` mounts
-//! an ext4 or erofs filesystem image at /dst (host directories cannot be shared yet).
+//! nestor's. Volumes: `-v IMAGEFILE:/dst` reaches the guest as an extra virtio disk (an
+//! ext4 or erofs filesystem image mounted at /dst); `-v /host/dir:/dst` and `-v NAME:/dst`
+//! are shared over virtio-fs, one virtiofsd per directory (`vm::sandbox`), mounted in the
+//! guest as `virtiofs` by tag.
 
 use std::io::Read;
 use std::os::fd::OwnedFd;
@@ -53,32 +55,57 @@ fn fs_type(file: &Path) -> Result<&'static str> {
     )
 }
 
-fn disk_volumes(a: &RunArgs) -> Result<Vec<DiskVolume>> {
-    let mut v = Vec::new();
+/// A host directory (or named volume) shared into the guest over virtio-fs.
+pub struct ShareVolume {
+    pub dir: PathBuf,
+    pub dest: String,
+    pub read_only: bool,
+    /// The virtio-fs mount tag.
+    pub tag: String,
+}
+
+/// The guest mount tag of the `i`-th shared directory.
+fn share_tag(i: usize) -> String {
+    format!("nestor-fs{i}")
+}
+
+struct Volumes {
+    disks: Vec<DiskVolume>,
+    shares: Vec<ShareVolume>,
+}
+
+fn guest_volumes(a: &RunArgs) -> Result<Volumes> {
+    use crate::docker::volume::{self, Source, VolumeArg};
+    let mut v = Volumes {
+        disks: Vec::new(),
+        shares: Vec::new(),
+    };
     for spec in &a.ctr.volume {
-        let parts: Vec<&str> = spec.split(':').collect();
-        let (src, dst, ro) = match parts.as_slice() {
-            [s, d] => (*s, *d, false),
-            [s, d, "ro"] => (*s, *d, true),
-            [s, d, "rw"] => (*s, *d, false),
-            _ => bail!("invalid volume '{spec}': use SRC:DST[:ro]"),
+        let arg = VolumeArg::parse(spec)?;
+        let src = match &arg.source {
+            Source::Host(p) => p.clone(),
+            Source::Named(n) => volume::data(n),
         };
-        if !dst.starts_with('/') {
-            bail!("invalid volume '{spec}': the destination must be absolute");
-        }
-        let file = std::fs::canonicalize(src).with_context(|| format!("volume source {src}"))?;
-        if !file.is_file() {
+        if src.is_dir() {
+            v.shares.push(ShareVolume {
+                tag: share_tag(v.shares.len()),
+                dir: src,
+                dest: arg.dst,
+                read_only: arg.ro,
+            });
+        } else if src.is_file() {
+            v.disks.push(DiskVolume {
+                fstype: fs_type(&src)?,
+                file: src,
+                dest: arg.dst,
+                read_only: arg.ro,
+            });
+        } else {
             bail!(
-                "volume '{spec}': with --vm a volume is a filesystem image file (ext4 or erofs) \
-                 that reaches the guest as a virtio disk; host directories cannot be shared yet"
+                "volume '{spec}': with --vm a volume is a directory (shared over virtio-fs) \
+                 or a filesystem image file (ext4 or erofs)"
             );
         }
-        v.push(DiskVolume {
-            fstype: fs_type(&file)?,
-            file,
-            dest: dst.to_string(),
-            read_only: ro,
-        });
     }
     Ok(v)
 }
@@ -101,7 +128,7 @@ fn guest_spec(
     image: &nestor_image::Image,
     cmd: &[String],
     id: &str,
-    vols: &[DiskVolume],
+    vols: &Volumes,
     networked: bool,
 ) -> Result<oci_spec::runtime::Spec> {
     let mut native = a.clone();
@@ -125,7 +152,21 @@ fn guest_spec(
         },
     )?;
     let mut mounts = s.mounts().clone().unwrap_or_default();
-    for (i, v) in vols.iter().enumerate() {
+    for v in &vols.shares {
+        let mut opts = vec!["nosuid".to_string(), "nodev".to_string()];
+        if v.read_only {
+            opts.push("ro".into());
+        }
+        mounts.push(
+            oci_spec::runtime::MountBuilder::default()
+                .destination(&v.dest)
+                .typ("virtiofs")
+                .source(&v.tag)
+                .options(opts)
+                .build()?,
+        );
+    }
+    for (i, v) in vols.disks.iter().enumerate() {
         let mut opts = vec!["nosuid".to_string(), "nodev".to_string()];
         if v.read_only {
             opts.push("ro".into());
@@ -241,10 +282,10 @@ fn join_pod(
     name: &str,
     meta: &mut Meta,
     image: &nestor_image::Image,
-    vols: &[DiskVolume],
+    vols: &Volumes,
     guest_id: &str,
 ) -> Result<(Sandbox, String, bool)> {
-    if !vols.is_empty() {
+    if !vols.disks.is_empty() || !vols.shares.is_empty() {
         bail!("-v with --pod is not supported: a pod's disks are fixed when it boots");
     }
     let pod = crate::vm::pod::load(name)?;
@@ -353,13 +394,23 @@ fn boot_own(
     a: &RunArgs,
     meta: &mut Meta,
     image: &nestor_image::Image,
-    vols: &[DiskVolume],
+    vols: &Volumes,
     guest_id: &str,
 ) -> Result<(Sandbox, String, Option<Request>)> {
     let assets = Assets::find(a.vm.kernel.as_deref(), a.vm.initrd.as_deref())?;
     let root_disk = crate::vm::disk::image_disk(image)?;
     let mut disks = vec![(root_disk, true)];
-    disks.extend(vols.iter().map(|v| (v.file.clone(), v.read_only)));
+    disks.extend(vols.disks.iter().map(|v| (v.file.clone(), v.read_only)));
+    let shares = vols
+        .shares
+        .iter()
+        .map(|v| sandbox::Share {
+            dir: v.dir.clone(),
+            tag: v.tag.clone(),
+            read_only: v.read_only,
+            cache: a.vm.fs_cache,
+        })
+        .collect();
     let mem_mib = guest_mem(a)?;
     let vcpus = a.vm.cpus.unwrap_or(1);
     if vcpus == 0 {
@@ -378,6 +429,7 @@ fn boot_own(
             mem_mib,
             vcpus,
             disks,
+            shares,
             hostname,
             net: vnet.as_ref().map(|n| n.tap.clone()),
             netns: vnet.as_ref().map(|n| n.netns.clone()),
@@ -468,7 +520,7 @@ fn wire_stdio(
 
 /// Boots the VM and starts the container in it, with stdio wired to nestor's own.
 fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> Result<Running> {
-    let vols = disk_volumes(a)?;
+    let vols = guest_volumes(a)?;
     let guest_id = meta.id[..12].to_string();
     let start = Instant::now();
     let (mut sb, device, network, networked) = match &a.vm.pod {
@@ -537,7 +589,8 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
     Ok(Running {
         sb,
         in_pod: a.vm.pod.is_some(),
-        writable_disks: vols.iter().any(|v| !v.read_only),
+        writable_disks: vols.disks.iter().any(|v| !v.read_only)
+            || vols.shares.iter().any(|v| !v.read_only),
         signals: Some(signals),
         agent,
         guest_id,

@@ -200,6 +200,7 @@ fn monitor(
             mem_mib,
             vcpus,
             disks,
+            shares: Vec::new(),
             hostname: name.to_string(),
             net: vnet.as_ref().map(|n| n.tap.clone()),
             netns: vnet.as_ref().map(|n| n.netns.clone()),

@@ -82,6 +82,8 @@ pub struct BootOpts {
     pub vcpus: u8,
     /// Disks in order (`/dev/vda`, `/dev/vdb`, …) and whether each is read-only.
     pub disks: Vec<(PathBuf, bool)>,
+    /// Host directories shared over virtio-fs (one virtiofsd each).
+    pub shares: Vec<Share>,
     pub hostname: String,
     /// A tap device for the guest's eth0 (`TAP[,mac=…]`).
     pub net: Option<String>,
@@ -89,6 +91,112 @@ pub struct BootOpts {
     pub netns: Option<PathBuf>,
     /// Run the VMM jailed (scenario 2 around scenario 1): these limits, its own uid.
     pub jail: Option<crate::cli::JailOpts>,
+}
+
+/// A host directory the guest mounts as `virtiofs` by `tag`.
+#[derive(Debug, Clone)]
+pub struct Share {
+    pub dir: PathBuf,
+    pub tag: String,
+    pub read_only: bool,
+    pub cache: crate::cli::FsCache,
+}
+
+/// The virtiofsd nestor runs: `$NESTOR_VIRTIOFSD`, the one scripts/setup.sh installs
+/// (pinned, under the cache root), then one next to nestor or on PATH.
+pub fn virtiofsd() -> Result<PathBuf> {
+    if std::env::var_os("NESTOR_VIRTIOFSD").is_none() {
+        let cache = std::env::var_os("NESTOR_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/nestor")))
+            .unwrap_or_else(|| "/root/.cache/nestor".into());
+        let pinned = cache.join(format!("virtiofsd-{VIRTIOFSD_VERSION}/bin/virtiofsd"));
+        if pinned.is_file() {
+            return Ok(pinned);
+        }
+    }
+    crate::sys::bin::sibling("virtiofsd", "NESTOR_VIRTIOFSD")
+        .context("virtiofsd is needed to share a directory with a microVM (run scripts/setup.sh)")
+}
+
+/// The virtiofsd version scripts/setup.sh installs.
+pub const VIRTIOFSD_VERSION: &str = "1.14.0";
+
+/// Starts one virtiofsd per share, each serving `dir/fs-N.sock`, and waits until each
+/// socket exists. They die with this process (PDEATHSIG) and on their own once the VMM,
+/// their only client, disconnects.
+fn start_file_servers(dir: &Path, shares: &[Share]) -> Result<Vec<(Child, PathBuf)>> {
+    let mut out: Vec<(Child, PathBuf)> = Vec::new();
+    if shares.is_empty() {
+        return Ok(out);
+    }
+    let bin = virtiofsd()?;
+    for (i, sh) in shares.iter().enumerate() {
+        let sock = dir.join(format!("fs-{i}.sock"));
+        let _ = std::fs::remove_file(&sock);
+        let mut c = Command::new(&bin);
+        c.arg("--shared-dir")
+            .arg(&sh.dir)
+            .arg("--socket-path")
+            .arg(&sock)
+            .arg("--cache")
+            .arg(sh.cache.as_str())
+            .arg("--sandbox")
+            .arg("namespace")
+            .arg("--log-level")
+            .arg("error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join(format!("fs-{i}.err")))
+                    .context("create virtiofsd's log")?,
+            ));
+        if sh.read_only {
+            c.arg("--readonly");
+        }
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut c, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = c
+            .spawn()
+            .with_context(|| format!("start {}", bin.display()))?;
+        out.push((child, sock.clone()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if sock.exists() {
+                break;
+            }
+            let (child, _) = out.last_mut().expect("just pushed");
+            if let Ok(Some(st)) = child.try_wait() {
+                let err =
+                    std::fs::read_to_string(dir.join(format!("fs-{i}.err"))).unwrap_or_default();
+                for (mut c, _) in out {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                bail!(
+                    "virtiofsd for {} exited ({st}): {}",
+                    sh.dir.display(),
+                    err.lines().last().unwrap_or("no message")
+                );
+            }
+            if Instant::now() > deadline {
+                for (mut c, _) in out {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                bail!("virtiofsd for {} made no socket in 10 s", sh.dir.display());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    Ok(out)
 }
 
 /// How often `wait_ready` pings the agent in case its ready report was missed.
@@ -116,6 +224,8 @@ pub struct Timeline {
 /// A booted (or booting) microVM running the agent.
 pub struct Sandbox {
     child: Option<Child>,
+    /// The virtiofsd of each shared directory (killed with the VM).
+    file_servers: Vec<Child>,
     /// The jailed VMM, when the sandbox runs in a jail (then `child` is None).
     jailed: Option<crate::jail::vmm::JailedVm>,
     /// False for a VM another process owns (a pod's): never shut down or removed here.
@@ -201,7 +311,19 @@ impl Sandbox {
         let vsock = dir.join("v.sock");
         let console = dir.join("console.log");
         let cmdline = boot_cmdline(&o.hostname);
+        let servers = match start_file_servers(&dir, &o.shares) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
         let mut c = Command::new(&assets.vmm);
+        for ((_, sock), sh) in servers.iter().zip(&o.shares) {
+            c.arg("--fs")
+                .arg(format!("{},tag={}", sock.display(), sh.tag));
+        }
+        let file_servers: Vec<Child> = servers.into_iter().map(|(c, _)| c).collect();
         c.arg("--kernel")
             .arg(&assets.kernel)
             .arg("--initrd")
@@ -261,12 +383,17 @@ impl Sandbox {
         let child = match c.spawn() {
             Ok(ch) => ch,
             Err(e) => {
+                for mut f in file_servers {
+                    let _ = f.kill();
+                    let _ = f.wait();
+                }
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(e).with_context(|| format!("start {}", assets.vmm.display()));
             }
         };
         Ok(Sandbox {
             child: Some(child),
+            file_servers,
             jailed: None,
             owned: true,
             dir,
@@ -290,6 +417,9 @@ impl Sandbox {
         o: &BootOpts,
         j: &crate::cli::JailOpts,
     ) -> Result<Sandbox> {
+        if !o.shares.is_empty() {
+            bail!("-v with a host directory or named volume is not supported with --jail yet");
+        }
         let dir = sandboxes_dir().join(id);
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let rt = nestor_container::container::Runtime::new(
@@ -339,6 +469,7 @@ impl Sandbox {
         };
         Ok(Sandbox {
             child: None,
+            file_servers: Vec::new(),
             jailed: Some(jailed),
             owned: true,
             ready,
@@ -357,6 +488,7 @@ impl Sandbox {
     pub fn join(dir: PathBuf) -> Sandbox {
         Sandbox {
             child: None,
+            file_servers: Vec::new(),
             jailed: None,
             owned: false,
             ready: None,
@@ -578,6 +710,12 @@ impl Sandbox {
             j.cleanup();
         }
         if let Some(c) = self.child.as_mut() {
+            if c.try_wait().ok().flatten().is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        for c in &mut self.file_servers {
             if c.try_wait().ok().flatten().is_none() {
                 let _ = c.kill();
                 let _ = c.wait();

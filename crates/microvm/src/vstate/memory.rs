@@ -1,8 +1,10 @@
 //! Guest RAM: anonymous private mappings with `MAP_NORESERVE`, so pages cost host memory
-//! only once the guest touches them.
+//! only once the guest touches them; or, when a vhost-user device (virtio-fs) is attached
+//! and its back end must map the same pages, one memfd per range mapped `MAP_SHARED`
+//! (still `MAP_NORESERVE`, and a memfd's pages too are only allocated when touched).
 
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 /// The guest memory type used throughout the VMM.
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -21,22 +23,61 @@ pub enum MemoryError {
         /// Underlying error.
         source: vm_memory::mmap::MmapRegionError,
     },
+    /// memfd_create or ftruncate failed.
+    #[error("cannot create a {size}-byte memfd for shared guest memory: {source}")]
+    Memfd {
+        /// Requested size.
+        size: u64,
+        /// Underlying error.
+        source: std::io::Error,
+    },
     /// Regions overlap or are otherwise invalid.
     #[error("invalid guest memory layout: {0}")]
     Layout(String),
 }
 
-/// Maps guest RAM for the given `(guest address, size)` ranges.
+/// Maps guest RAM for the given `(guest address, size)` ranges, private and anonymous.
 pub fn create_guest_memory(ranges: &[(u64, u64)]) -> Result<GuestMemory, MemoryError> {
+    create(ranges, false)
+}
+
+/// Maps guest RAM for the given ranges from memfds, shared, so a vhost-user back end
+/// can map it too (each region then has a [`FileOffset`]).
+pub fn create_shared_guest_memory(ranges: &[(u64, u64)]) -> Result<GuestMemory, MemoryError> {
+    create(ranges, true)
+}
+
+fn memfd(size: u64) -> Result<std::fs::File, MemoryError> {
+    use std::os::fd::FromRawFd;
+    let err = |source| MemoryError::Memfd { size, source };
+    // SAFETY: a NUL-terminated name and valid flags; the fd is checked before use.
+    let fd = unsafe { libc::memfd_create(c"nestor-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(size).map_err(err)?;
+    Ok(file)
+}
+
+fn create(ranges: &[(u64, u64)], shared: bool) -> Result<GuestMemory, MemoryError> {
     let mut regions = Vec::with_capacity(ranges.len());
     for &(start, size) in ranges {
         if size == 0 || size % 4096 != 0 {
             return Err(MemoryError::BadSize(size));
         }
         let len = usize::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
-        let mapping = MmapRegionBuilder::new(len)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+        let builder =
+            MmapRegionBuilder::new(len).with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
+        let builder = if shared {
+            builder
+                .with_file_offset(FileOffset::new(memfd(size)?, 0))
+                .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+        } else {
+            builder.with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+        };
+        let mapping = builder
             .build()
             .map_err(|source| MemoryError::Mmap { size, source })?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(start))
@@ -63,6 +104,19 @@ mod tests {
         );
         // The hole between the ranges is not memory.
         assert!(mem.read_obj::<u8>(GuestAddress(2 << 20)).is_err());
+    }
+
+    #[test]
+    fn shared_memory_is_memfd_backed() {
+        use vm_memory::GuestMemoryRegion;
+        let mem = create_shared_guest_memory(&[(0, 1 << 20), (4 << 20, 1 << 20)]).unwrap();
+        for r in mem.iter() {
+            assert!(r.file_offset().is_some(), "a shared region has no fd");
+        }
+        mem.write_obj(7u64, GuestAddress(0x400008)).unwrap();
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x400008)).unwrap(), 7);
+        let private = create_guest_memory(&[(0, 1 << 20)]).unwrap();
+        assert!(private.iter().all(|r| r.file_offset().is_none()));
     }
 
     #[test]

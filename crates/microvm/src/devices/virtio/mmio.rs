@@ -56,6 +56,8 @@ pub struct MmioTransport {
     status: u32,
     interrupt_status: u32,
     config_generation: u32,
+    /// The device's back end signals the irqfd itself.
+    direct_irq: bool,
     /// (state, kind) of the guest-provoked warnings logged so far.
     warned: Vec<(u32, &'static str)>,
     /// Guest-provoked problems seen (logged or not).
@@ -64,7 +66,8 @@ pub struct MmioTransport {
 
 impl MmioTransport {
     /// Wraps `dev`; `irq` is signalled when the device uses buffers.
-    pub fn new(dev: Box<dyn VirtioDevice>, mem: GuestMemory, irq: EventFd) -> Self {
+    pub fn new(mut dev: Box<dyn VirtioDevice>, mem: GuestMemory, irq: EventFd) -> Self {
+        let direct_irq = dev.direct_irq(&irq);
         let queues = (0..dev.num_queues())
             .filter_map(|_| Queue::new(QUEUE_MAX_SIZE).ok())
             .collect();
@@ -82,6 +85,7 @@ impl MmioTransport {
             status: 0,
             interrupt_status: 0,
             config_generation: 0,
+            direct_irq,
             warned: Vec::new(),
             guest_errors: 0,
         }
@@ -90,6 +94,11 @@ impl MmioTransport {
     /// Number of virtqueues.
     pub fn num_queues(&self) -> usize {
         self.queues.len()
+    }
+
+    /// The eventfd KVM signals directly for `queue`, when the device has one.
+    pub fn direct_kick(&self, queue: usize) -> Option<EventFd> {
+        self.dev.direct_kick(queue)
     }
 
     /// The device status register.
@@ -257,6 +266,7 @@ impl MmioTransport {
                     self.guest_warn("invalid virtqueue", format_args!("device not started"));
                     return;
                 }
+                self.dev.ack_features(self.driver_features);
                 let mut ctx = DeviceContext {
                     mem: &self.mem,
                     queues: &mut self.queues,
@@ -295,6 +305,7 @@ impl MmioTransport {
                 .queues
                 .get(self.queue_sel as usize)
                 .map_or(0, |q| u32::from(q.ready())),
+            0x60 if self.direct_irq => self.interrupt_status | INT_VRING,
             0x60 => self.interrupt_status,
             0x70 => self.status,
             0xfc => self.config_generation,

@@ -1,11 +1,12 @@
 //! virtio devices on the virtio-mmio transport: the device trait, the transport
 //! (`mmio`), the event thread serving queue notifications and device-owned host fds
 //! (`event_loop`), descriptor-chain gathering shared by the devices (`chain`), and the
-//! devices (`block`, `rng`, `vsock`, `net`).
+//! devices (`block`, `rng`, `vsock`, `net`, and `fs`, a vhost-user front end).
 
 pub mod block;
 pub mod chain;
 pub mod event_loop;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 
@@ -115,6 +116,22 @@ pub trait VirtioDevice: Send {
     fn num_queues(&self) -> usize;
     /// Feature bits offered to the driver.
     fn features(&self) -> u64;
+    /// An eventfd KVM should signal directly when the guest notifies `queue` (an
+    /// ioeventfd that bypasses the event thread, for a back end outside the VMM);
+    /// None: notifications go through [`VirtioDevice::queue_notify`].
+    fn direct_kick(&self, _queue: usize) -> Option<vmm_sys_util::eventfd::EventFd> {
+        None
+    }
+    /// Takes the interrupt eventfd (an irqfd) for a back end that signals the guest
+    /// itself; true when the device does, and then the transport's interrupt status
+    /// always reads "used buffer" (the guest driver checks it before looking at its
+    /// queues, and the transport never sees those completions).
+    fn direct_irq(&mut self, _irq: &vmm_sys_util::eventfd::EventFd) -> bool {
+        false
+    }
+    /// The driver's accepted features (a subset of [`VirtioDevice::features`]), told
+    /// just before [`VirtioDevice::activate`].
+    fn ack_features(&mut self, _features: u64) {}
     /// Reads device config space at `offset` (bytes past the end read as zero).
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Handles one available descriptor chain of `queue` (for devices served by the

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Host directories and named volumes in a microVM over virtio-fs (`nestor run --vm -v
+# DIR:/dst` and `-v NAME:/dst`: one virtiofsd per directory, nestor-vmm's vhost-user-fs
+# device, the guest mounts -t virtiofs by tag). Four VM boots:
+#  1. native -> VM -> host round trip through a named volume; a file written in the guest
+#     whose sha256 matches on the host (64 MiB: the TCG test host is slow); 500 small
+#     files; rename and unlink of an open file; a host directory read-write;
+#  2. `:ro`: a write in the guest gets EROFS and the host file is untouched;
+#  3. kill -9 of nestor mid-run, then gc: no virtiofsd, no socket, no sandbox left;
+#  4. podman --runtime nestor-vm -v DIR: the directory reaches the guest over virtio-fs.
+# Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all pass.
+set -euo pipefail
+limit=600
+source "$(dirname "${BASH_SOURCE[0]}")/lib/prelude.sh"
+source "$here/lib/vm-env.sh"
+
+mib=${NESTOR_FS_TEST_MIB:-64}
+host=$work/shared
+mkdir -p "$host"
+vol=fsvol-$$
+
+# 1. Round trip: native writes the volume, the VM reads it and writes back, native reads.
+n run --rm -v "$vol:/v" busybox sh -c 'echo from-native >/v/n' >/dev/null
+echo host-file >"$host/h"
+script='
+set -e
+cat /v/n
+cat /h/h
+echo from-vm >/v/vm
+dd if=/dev/urandom of=/h/big bs=1M count='$mib' 2>/dev/null
+sha256sum /h/big | cut -d" " -f1
+mkdir /h/many
+i=0; while [ $i -lt 500 ]; do echo $i >/h/many/f$i; i=$((i+1)); done
+ls /h/many | wc -l
+echo keep >/h/open
+exec 3</h/open
+mv /h/open /h/moved
+rm /h/moved
+cat <&3
+ls /h/open /h/moved 2>/dev/null | wc -l
+grep -c " virtiofs " /proc/mounts
+'
+t0=$(date +%s)
+out=$(n run --vm --rm -v "$vol:/v" -v "$host:/h" busybox sh -c "$script" 2>"$work/err1") ||
+    bad "VM run 1: $(cat "$work/err1")"
+secs=$(($(date +%s) - t0))
+mapfile -t o <<<"$out"
+expect "native -> VM through a named volume" from-native "${o[0]:-}"
+expect "host directory read in the VM" host-file "${o[1]:-}"
+expect "VM -> host: the volume's file" from-vm "$(cat "$NESTOR_ROOT/volumes/$vol/_data/vm" 2>&1)"
+expect "VM -> native: the volume's file" from-vm "$(n run --rm -v "$vol:/v" busybox cat /v/vm 2>&1)"
+hsum=$(sha256sum "$host/big" | cut -d' ' -f1)
+[[ -n ${o[2]:-} && ${o[2]} == "$hsum" ]] &&
+    pass "$mib MiB written in the guest: sha256 matches on the host (run took ${secs}s$label)" ||
+    bad "sha256: guest '${o[2]:-}', host '$hsum'"
+expect "500 small files (guest count)" 500 "$(tr -d ' ' <<<"${o[3]:-}")"
+expect "500 small files (host count)" 500 "$(find "$host/many" -type f | wc -l)"
+expect "small file content" 321 "$(cat "$host/many/f321" 2>&1)"
+expect "an open file read after rename + unlink" keep "${o[4]:-}"
+expect "renamed + unlinked file gone" 0 "$(tr -d ' ' <<<"${o[5]:-}")"
+[[ ! -e $host/open && ! -e $host/moved ]] && pass "rename + unlink reached the host" ||
+    bad "host still has $(ls "$host")"
+expect "two virtiofs mounts in the container" 2 "${o[6]:-}"
+pgrep -f "virtiofsd.*$host" >/dev/null && bad "virtiofsd outlived the VM" ||
+    pass "no virtiofsd after the run"
+
+# 2. Read-only.
+set +e
+out=$(n run --vm --rm -v "$host:/h:ro" busybox sh -c 'cat /h/h; echo changed >/h/h' 2>&1)
+rc=$?
+set -e
+[[ $rc != 0 && $out == *"Read-only file system"* && $out == host-file* ]] &&
+    pass ":ro: the guest reads, a write gets EROFS" || bad ":ro: exit $rc, output $out"
+expect ":ro: host file untouched" host-file "$(cat "$host/h")"
+
+# 3. kill -9 of nestor mid-run, then gc.
+"$bin/nestor" run --vm --rm -v "$host:/h" busybox sh -c 'echo up >/h/up; sleep 300' >/dev/null 2>&1 &
+npid=$!
+for _ in $(seq 1200); do [[ -e $host/up ]] && break; sleep 0.1; done
+[[ -e $host/up ]] || bad "the killed run never started"
+kill -9 $npid
+wait $npid 2>/dev/null || true
+n gc >/dev/null
+sleep 1
+left=$(pgrep -af "virtiofsd.*$host" || true)
+socks=$(find /run/nestor-vm -name 'fs-*.sock' 2>/dev/null || true)
+[[ -z $left && -z $socks && -z $(n ps -a -q) ]] &&
+    pass "kill -9 then gc: no virtiofsd, socket or container left" ||
+    bad "kill -9 then gc left: $left $socks $(n ps -a)"
+
+# 4. podman through nestor-vm: its -v DIR reaches the guest over virtio-fs.
+if command -v podman >/dev/null; then
+    mkdir -p "$work/pm" "$work/rt"
+    mount -t tmpfs tmpfs "$work/pm"
+    on_exit umount -l '"$work/pm"'
+    ln -sf "$bin/nestor" "$work/rt/nestor-vm"
+    cat >"$work/rt/runtime" <<EOF
+#!/bin/sh
+export NESTOR_VM_KERNEL='$NESTOR_VM_KERNEL' NESTOR_VM_INITRD='$NESTOR_VM_INITRD'
+export NESTOR_ROOT='$NESTOR_ROOT' NESTOR_STATE='$NESTOR_STATE' NESTOR_VM_TIMEOUT='$NESTOR_VM_TIMEOUT'
+exec '$work/rt/nestor-vm' "\$@"
+EOF
+    chmod +x "$work/rt/runtime"
+    pm() {
+        timeout 300 podman --root "$work/pm/root" --runroot "$work/pm/run" --runtime "$work/rt/runtime" \
+            --cgroup-manager cgroupfs --events-backend none "$@"
+    }
+    layer=$(python3 - "$img" <<'PY'
+import json, os, sys
+d = sys.argv[1]
+blob = lambda dg: os.path.join(d, "blobs", *dg.split(":"))
+m = json.load(open(blob(json.load(open(os.path.join(d, "index.json")))["manifests"][0]["digest"])))
+print(blob(max(m["layers"], key=lambda l: l["size"])["digest"]))
+PY
+)
+    pm import -q "$layer" localhost/vmbox >/dev/null 2>"$work/pm.err" || bad "podman import: $(cat "$work/pm.err")"
+    out=$(pm run --rm --ulimit nofile=20000:20000 --ulimit nproc=32768:32768 --network=none \
+        -v "$host:/h" localhost/vmbox sh -c 'cat /h/h; echo from-podman-vm >/h/pm; grep -c " virtiofs " /proc/mounts' \
+        2>"$work/pm.err") || bad "podman run -v: $(tail -n 5 "$work/pm.err")"
+    expect "podman --runtime nestor-vm -v DIR: read in the guest, one virtiofs mount" "host-file 1" \
+        "$(tr '\n' ' ' <<<"$out" | sed 's/ $//')"
+    expect "podman --runtime nestor-vm -v DIR: the guest's write on the host" from-podman-vm "$(cat "$host/pm" 2>&1)"
+else
+    echo "skip podman: not installed"
+fi
+
+n volume rm "$vol" >/dev/null
+finish
