@@ -44,8 +44,16 @@ else
     log "KVM here cannot boot a Linux guest: every mode again inside the KVM test host (a few minutes)"
     read -r -a th_args <<<"${NESTOR_COMPARE_TESTHOST_ARGS:---runs 3 --density-max 3}"
     status=0
+    # Inside, the store lives on the test host's tmpfs: its root is an overlay, on
+    # which a container's overlay cannot be mounted. The sample images go in first.
+    busybox_img=$(images/build-busybox-image.sh 2>/dev/null | tail -n 1)
+    redis_img=$(images/build-redis-image.sh 2>/dev/null | tail -n 1)
     NESTOR_BIN_DIR="$BIN" tests/testhost/run --timeout "${NESTOR_COMPARE_TESTHOST_TIMEOUT:-1500}" -- \
-        "$BIN/nestor" bench --quick "${args[@]}" "${th_args[@]}" \
+        env NESTOR_ROOT=/run/nestor-compare NESTOR_STATE=/run/nestor-compare-state bash -c \
+        'nestor=$1 busybox=$2 redis=$3; shift 3
+         "$nestor" image import "$busybox" >/dev/null && "$nestor" image import "$redis" >/dev/null &&
+         exec "$nestor" bench "$@"' \
+        - "$BIN/nestor" "$busybox_img" "$redis_img" --quick "${args[@]}" "${th_args[@]}" \
         --json "$out/testhost.json" --svg "$out/testhost-svg" "$@" >"$out/testhost.md" || status=$?
     if ((status == 0)); then
         echo

@@ -173,8 +173,10 @@ fn serve(env: &Env, r: &Runner, what: Server, plan_disk_mib: usize) -> Result<Se
                 v
             };
             let mut c = run_command(env, r, &id, TCP_PORT);
+            // Read-only: the server writes nothing, and a jailed VMM's uid (its own,
+            // chosen at run) could not open it for writing.
             c.arg("-v")
-                .arg(format!("{}:/bench", vol.display()))
+                .arg(format!("{}:/bench:ro", vol.display()))
                 .arg(&env.image)
                 .args(["/bench/nestor-workload", "workload", "serve"])
                 .args(["--port", &TCP_PORT.to_string()]);
