@@ -45,11 +45,14 @@ else
     read -r -a th_args <<<"${NESTOR_COMPARE_TESTHOST_ARGS:---runs 3 --density-max 3}"
     status=0
     # Inside, the store lives on the test host's tmpfs: its root is an overlay, on
-    # which a container's overlay cannot be mounted. The sample images go in first.
+    # which a container's overlay cannot be mounted. The sample images go in first;
+    # `run --vm` boots the kernel and agent initramfs setup.sh installed.
+    vm_dir=${NESTOR_ROOT:-/var/lib/nestor}/vm
     busybox_img=$(images/build-busybox-image.sh 2>/dev/null | tail -n 1)
     redis_img=$(images/build-redis-image.sh 2>/dev/null | tail -n 1)
     NESTOR_BIN_DIR="$BIN" tests/testhost/run --timeout "${NESTOR_COMPARE_TESTHOST_TIMEOUT:-1500}" -- \
-        env NESTOR_ROOT=/run/nestor-compare NESTOR_STATE=/run/nestor-compare-state bash -c \
+        env NESTOR_ROOT=/run/nestor-compare NESTOR_STATE=/run/nestor-compare-state \
+        NESTOR_VM_KERNEL="$vm_dir/vmlinux" NESTOR_VM_INITRD="$vm_dir/initramfs.cpio.gz" bash -c \
         'nestor=$1 busybox=$2 redis=$3; shift 3
          "$nestor" image import "$busybox" >/dev/null && "$nestor" image import "$redis" >/dev/null &&
          exec "$nestor" bench "$@"' \
