@@ -106,6 +106,12 @@ pub fn image_for_run(
             Err(e) => return Err(e.into()),
         }
     }
-    let p = pull_image(reference, None, false, &opts)?;
+    let p = match pull_image(reference, None, false, &opts) {
+        Ok(p) => p,
+        Err(e) if policy == PullPolicy::Missing => {
+            anyhow::bail!("image '{reference}' not found locally, and pulling it failed: {e:#}")
+        }
+        Err(e) => return Err(e),
+    };
     Ok(images.get(&p.image.id)?)
 }
