@@ -266,7 +266,7 @@ impl Networks {
     pub fn check(&self, id: &str) -> Result<()> {
         let a = self
             .attachment(id)
-            .ok_or_else(|| Error::Invalid(format!("container {id} is on no network")))?;
+            .ok_or_else(|| Error::Invalid("not on any network".into()))?;
         for i in &a.ifaces {
             let t = Target {
                 cni_path: &self.cni_path,

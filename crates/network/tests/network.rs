@@ -201,9 +201,12 @@ fn containers_on_a_user_network_know_each_other_by_name() {
     assert!(e.contains("CHECK"), "{e}");
 }
 
+/// Whether a rule's comment names container `id` exactly (iptables-save shows CNI's
+/// comment as `id: \"ID\"`; a bare substring would also match the longer ids of tests
+/// running alongside).
 fn iptables_mentions(id: &str) -> bool {
     let o = Command::new("iptables-save").output().unwrap();
-    String::from_utf8_lossy(&o.stdout).contains(id)
+    String::from_utf8_lossy(&o.stdout).contains(&format!("id: \\\"{id}\\\""))
 }
 
 fn veths_on(bridge: &str) -> usize {

@@ -89,7 +89,8 @@ pub fn run(cmd: &NetworkCmd) -> Result<()> {
                 }
                 Err(e) => return Err(e),
             };
-            nets.check(&id)?;
+            nets.check(&id)
+                .map_err(|e| anyhow::anyhow!("{container}: {e}"))?;
             println!("{container}: ok");
         }
         NetworkCmd::Prune => {

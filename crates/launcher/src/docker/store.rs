@@ -347,17 +347,21 @@ pub fn orphan_dirs() -> Vec<PathBuf> {
         .collect()
 }
 
-pub fn check_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
+/// Docker's rule for names of containers and volumes: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`,
+/// `min` to 64 characters.
+pub fn valid_name(name: &str, min: usize) -> bool {
+    (min.max(1)..=64).contains(&name.len())
         && name
             .chars()
             .next()
             .is_some_and(|c| c.is_ascii_alphanumeric())
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if !ok {
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+pub fn check_name(name: &str) -> Result<()> {
+    if !valid_name(name, 1) {
         bail!("invalid container name '{name}': use [a-zA-Z0-9][a-zA-Z0-9_.-]*, at most 64 characters");
     }
     if all().iter().any(|m| m.name == name) {

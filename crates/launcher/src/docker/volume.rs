@@ -99,16 +99,7 @@ pub fn data(name: &str) -> PathBuf {
 }
 
 fn check_name(name: &str) -> Result<()> {
-    let ok = name.len() >= 2
-        && name.len() <= 64
-        && name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if !ok {
+    if !store::valid_name(name, 2) {
         bail!(
             "invalid volume name '{name}': use [a-zA-Z0-9][a-zA-Z0-9_.-]+, 2 to 64 characters \
              (a host directory starts with / or .)"
