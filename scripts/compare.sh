@@ -10,12 +10,42 @@
 # whose absolute path is the LAST line of stdout. Progress on stderr.
 #
 #   scripts/compare.sh [nestor bench args...]     e.g. --modes process,container,vm
+# Step 2 boots the test host once per mode (a boot that dies is retried once, then that
+# mode alone is reported as failed) and merges the per-mode reports (`nestor bench
+# --merge`); each bench rewrites its JSON after every mode, so a cut run keeps its rows.
 # Env: NESTOR_COMPARE_OUT (default <repo>/target/compare), NESTOR_COMPARE_TESTHOST=0 to
-# skip step 2, NESTOR_COMPARE_TESTHOST_ARGS (default "--runs 3 --density-max 3").
+# skip step 2, NESTOR_COMPARE_TESTHOST_ARGS (default "--runs 3 --density-max 3"),
+# NESTOR_COMPARE_TESTHOST_TIMEOUT (seconds per boot, default 900).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 log() { echo "compare: $*" >&2; }
+# The --modes list among the bench arguments (default: every mode).
+modes_of() {
+    local m=process,container,vm,vm-container,jailed-vm,jailed-vm-container
+    while (($#)); do
+        case $1 in
+        --modes) m=${2:-}; shift ;;
+        --modes=*) m=${1#--modes=} ;;
+        esac
+        shift
+    done
+    [[ $m == all ]] && m=process,container,vm,vm-container,jailed-vm,jailed-vm-container
+    echo "$m"
+}
+# A report of one mode that gave no result: REPORT (for its header) MODE REASON.
+failed_report() {
+    python3 - "$@" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+r["modes"] = [{"mode": sys.argv[2], "status": "skipped", "reason": sys.argv[3],
+               "description": "no result: see the reason"}]
+for k in ("start_stop", "unit_size", "density", "workloads", "services"):
+    r[k] = []
+r["header"]["notes"] = []
+print(json.dumps(r))
+PY
+}
 
 BIN=$(scripts/setup.sh | tail -n 1)
 log "guest kernel (guest-kernel/build.sh; cached after the first build)"
@@ -41,28 +71,68 @@ if [[ $boots == True ]]; then
 elif [[ ${NESTOR_COMPARE_TESTHOST:-1} == 0 ]]; then
     log "KVM here cannot boot guests; NESTOR_COMPARE_TESTHOST=0: no test-host run"
 else
-    log "KVM here cannot boot a Linux guest: every mode again inside the KVM test host (a few minutes)"
+    log "KVM here cannot boot a Linux guest: every mode again inside the KVM test host, one boot per mode"
     read -r -a th_args <<<"${NESTOR_COMPARE_TESTHOST_ARGS:---runs 3 --density-max 3}"
-    status=0
     # Inside, the store lives on the test host's tmpfs: its root is an overlay, on
     # which a container's overlay cannot be mounted. The sample images go in first;
     # `run --vm` boots the kernel and agent initramfs setup.sh installed.
     vm_dir=${NESTOR_ROOT:-/var/lib/nestor}/vm
     busybox_img=$(images/build-busybox-image.sh 2>/dev/null | tail -n 1)
     redis_img=$(images/build-redis-image.sh 2>/dev/null | tail -n 1)
-    NESTOR_BIN_DIR="$BIN" tests/testhost/run --timeout "${NESTOR_COMPARE_TESTHOST_TIMEOUT:-1500}" -- \
-        env NESTOR_ROOT=/run/nestor-compare NESTOR_STATE=/run/nestor-compare-state \
-        NESTOR_VM_KERNEL="$vm_dir/vmlinux" NESTOR_VM_INITRD="$vm_dir/initramfs.cpio.gz" bash -c \
-        'nestor=$1 busybox=$2 redis=$3; shift 3
-         "$nestor" image import "$busybox" >/dev/null && "$nestor" image import "$redis" >/dev/null &&
-         exec "$nestor" bench "$@"' \
-        - "$BIN/nestor" "$busybox_img" "$redis_img" --quick "${args[@]}" "${th_args[@]}" \
-        --json "$out/testhost.json" --svg "$out/testhost-svg" "$@" >"$out/testhost.md" || status=$?
-    if ((status == 0)); then
+    # One test-host boot per mode: the test host's kernel can die after a few dozen
+    # nested launches, and a boot that dies then costs one mode, not the whole run. A
+    # dead boot is retried once; a mode that fails twice is reported as failed.
+    modes=$(modes_of "$@")
+    rest=() # the bench arguments without --modes: each boot sets its own
+    skip=0
+    for x in "$@"; do
+        if ((skip)); then skip=0; continue; fi
+        case $x in --modes) skip=1 ;; --modes=*) ;; *) rest+=("$x") ;; esac
+    done
+    parts=() failed=()
+    for m in ${modes//,/ }; do
+        ok=0
+        for attempt in 1 2; do
+            log "test host: mode $m (boot $attempt of at most 2)"
+            rm -f "$out/testhost-$m.json"
+            status=0
+            NESTOR_BIN_DIR="$BIN" tests/testhost/run --timeout "${NESTOR_COMPARE_TESTHOST_TIMEOUT:-900}" -- \
+                env NESTOR_ROOT=/run/nestor-compare NESTOR_STATE=/run/nestor-compare-state \
+                NESTOR_VM_KERNEL="$vm_dir/vmlinux" NESTOR_VM_INITRD="$vm_dir/initramfs.cpio.gz" bash -c \
+                'nestor=$1 busybox=$2 redis=$3; shift 3
+                 "$nestor" image import "$busybox" >/dev/null && "$nestor" image import "$redis" >/dev/null &&
+                 exec "$nestor" bench "$@"' \
+                - "$BIN/nestor" "$busybox_img" "$redis_img" --quick "${args[@]}" "${th_args[@]}" \
+                --json "$out/testhost-$m.json" "${rest[@]}" --modes "$m" \
+                >"$out/testhost-$m.md" || status=$?
+            if ((status == 0)); then
+                ok=1
+                break
+            fi
+            if [[ -s $out/testhost-$m.json ]]; then
+                # The bench wrote the mode's rows before the boot died (in its clean-up).
+                log "test host: mode $m: the boot failed (status $status) after the mode was measured; keeping its rows"
+                ok=1
+                break
+            fi
+            log "test host: mode $m failed (status $status: 123 panic, 124 time-out)"
+        done
+        if ((ok)); then
+            parts+=("$out/testhost-$m.json")
+        else
+            failed+=("$m")
+            failed_report "$out/host.json" "$m" "the test-host boot failed twice (last status $status: 123 = its kernel panicked, 124 = time-out, 125 = harness)" \
+                >"$out/testhost-$m.json"
+        fi
+    done
+    for m in "${failed[@]}"; do parts+=("$out/testhost-$m.json"); done
+    if ((${#parts[@]})) && "$BIN/nestor" bench --merge "${parts[@]}" --json "$out/testhost.json" \
+        --svg "$out/testhost-svg" >"$out/testhost.md"; then
         echo
         cat "$out/testhost.md"
+        ((${#failed[@]} == 0)) || log "test host: failed modes: ${failed[*]} (the report says so)"
     else
-        log "the test-host run failed (status $status); the host report above stands"
+        log "the test-host runs gave no report; the host report above stands"
     fi
 fi
 echo "$out"

@@ -107,6 +107,10 @@ fn dispatch(cli: &Cli) -> Result<i32> {
             registry: opts,
         } => docker::registry::pull(reference, platform.as_deref(), *quiet, *json, opts)?,
         Cmd::Gc => manage::gc(&rt)?,
+        Cmd::Bench(a) if !a.compare.is_empty() => bench::compare(&a.compare[0], &a.compare[1])?,
+        Cmd::Bench(a) if !a.merge.is_empty() => {
+            bench::merge(&a.merge, a.json.as_deref(), a.svg.as_deref())?
+        }
         Cmd::Bench(a) => bench::run(a)?,
         Cmd::Workload(a) => return bench::workload::run(a),
         Cmd::Jail(a) => return jail::cmd::jail_cmd(&rt, a),

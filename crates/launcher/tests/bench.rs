@@ -183,7 +183,8 @@ fn quick_bench_of_every_mode_reports_validates_and_plots() {
     assert!(o.status.success(), "import: {}", stderr(&o));
     let json = out.path().join("bench.json");
     let svg = out.path().join("svg");
-    let o = cmd(&[
+    let (out_md, out_err) = (out.path().join("out.md"), out.path().join("err.txt"));
+    let mut child = cmd(&[
         "bench",
         "--quick",
         "--modes",
@@ -198,19 +199,55 @@ fn quick_bench_of_every_mode_reports_validates_and_plots() {
         svg.to_str().unwrap(),
     ])
     .stdin(Stdio::null())
-    .output()
+    .stdout(std::fs::File::create(&out_md).unwrap())
+    .stderr(std::fs::File::create(&out_err).unwrap())
+    .spawn()
     .unwrap();
-    let md = stdout(&o);
-    assert!(o.status.success(), "bench failed: {}\n{md}", stderr(&o));
+    // The JSON is written after each mode while the run goes on, marked partial, with
+    // the modes measured so far: read it while the bench still runs.
+    let mut seen_partial = None;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if seen_partial.is_none() {
+            if let Ok(bytes) = std::fs::read(&json) {
+                let running = child.try_wait().unwrap().is_none();
+                let doc: Value = serde_json::from_slice(&bytes).unwrap();
+                if running {
+                    let modes: Vec<&str> = doc["modes"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|m| m["mode"].as_str().unwrap())
+                        .collect();
+                    assert_eq!(doc["partial"], true, "{doc}");
+                    assert!(modes.len() < MODES.len(), "{modes:?}");
+                    assert_eq!(modes, MODES[..modes.len()], "in the run's order");
+                    assert!(errors(&doc).is_empty(), "{:#?}", errors(&doc));
+                    seen_partial = Some(modes.len());
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let md = std::fs::read_to_string(&out_md).unwrap();
+    let err = std::fs::read_to_string(&out_err).unwrap();
+    assert!(status.success(), "bench failed: {err}\n{md}");
     assert!(
-        stderr(&o).contains("bench: mode container"),
+        err.contains("bench: mode container"),
         "progress lines on stderr"
+    );
+    assert!(
+        seen_partial.is_some(),
+        "no partial JSON seen while the bench ran"
     );
 
     // The JSON validates, and the walker is not a rubber stamp.
     let doc: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let errs = errors(&doc);
     assert!(errs.is_empty(), "schema errors: {errs:#?}");
+    assert_eq!(doc["partial"], false);
     let mut bad = doc.clone();
     bad["modes"][0]["status"] = "maybe".into();
     bad["header"].as_object_mut().unwrap().remove("kvm");
@@ -379,6 +416,78 @@ fn quick_bench_of_every_mode_reports_validates_and_plots() {
             "{file} has no title '{title}'"
         );
     }
+}
+
+/// `--merge` of this host's run (VM modes skipped) with a stored test-host run (VM modes
+/// measured) takes each mode from the first run that measured it; `--compare` of a run
+/// with itself finds nothing changed, and of two runs, the rows both have.
+#[test]
+fn merge_takes_each_mode_from_a_run_that_measured_it_and_compare_pairs_rows() {
+    let out = tempfile::tempdir().unwrap();
+    let stored = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bench-testhost.json");
+    let mut here: Value = serde_json::from_slice(&std::fs::read(&stored).unwrap()).unwrap();
+    // This host's view: VM modes skipped with a reason, their rows gone.
+    for m in here["modes"].as_array_mut().unwrap() {
+        if m["mode"] != "process" && m["mode"] != "container" {
+            m["status"] = "skipped".into();
+            m["reason"] = "KVM here cannot boot a Linux guest".into();
+        }
+    }
+    for section in ["start_stop", "unit_size", "density", "workloads"] {
+        here[section]
+            .as_array_mut()
+            .unwrap()
+            .retain(|x| x["mode"] == "process" || x["mode"] == "container");
+    }
+    here["header"]["kvm"]["guest_boot"] = false.into();
+    let here_p = out.path().join("here.json");
+    std::fs::write(&here_p, here.to_string()).unwrap();
+    let merged = out.path().join("merged.json");
+    let o = Command::new(nestor())
+        .args(["bench", "--merge"])
+        .args([&here_p, &stored])
+        .arg("--json")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let doc: Value = serde_json::from_slice(&std::fs::read(&merged).unwrap()).unwrap();
+    assert!(errors(&doc).is_empty(), "{:#?}", errors(&doc));
+    for m in doc["modes"].as_array().unwrap() {
+        let want = if m["mode"] == "jailed-vm-container" {
+            "skipped" // skipped in the stored run too
+        } else {
+            "measured"
+        };
+        assert_eq!(m["status"], want, "{m}");
+    }
+    assert_eq!(doc["header"]["kvm"]["guest_boot"], true);
+    assert!(stdout(&o).contains("merged from 2 runs"), "{}", stdout(&o));
+
+    let o = Command::new(nestor())
+        .args(["bench", "--compare"])
+        .args([&stored, &stored])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains(" 0 better, 0 worse,"), "{}", stdout(&o));
+    let o = Command::new(nestor())
+        .args(["bench", "--compare"])
+        .args([&stored, &here_p])
+        .output()
+        .unwrap();
+    assert!(stdout(&o).contains("(old only)"), "{}", stdout(&o));
+    // Not a report: one line naming the file.
+    let o = Command::new(nestor())
+        .args(["bench", "--merge", "/etc/hostname"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("/etc/hostname: not a nestor bench report"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// The bench's pid, from a bundle path in the JSON (it names its temp dir after it).

@@ -3,8 +3,9 @@
 //! and both at once, measured in one run with peers (crun, runc, QEMU microvm) where
 //! installed. Owns the order of the steps and the progress lines; `modes` knows how
 //! to launch each unit, `unit` times it, `workload` is what runs inside, `report` and
-//! `svg` render the `model`.
+//! `svg` render the `model`, and `combine` merges and compares stored reports.
 
+pub mod combine;
 pub mod host;
 pub mod model;
 pub mod modes;
@@ -794,21 +795,72 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             return Err(e);
         }
     };
-    let r = measure(a, &modes, &plan, &env, h);
+    // The JSON is rewritten after each mode (marked partial), so that a run cut short (a
+    // test-host boot that dies, a time-out, ^C) keeps what it measured.
+    let mut save_error = None;
+    let mut save = |r: &Report| {
+        if let Some(p) = &a.json {
+            if let Err(e) = write_json(p, r) {
+                save_error.get_or_insert(e);
+            }
+        }
+    };
+    let r = measure(a, &modes, &plan, &env, h, &mut save);
     env.cleanup();
     let _ = std::fs::remove_dir_all(&ns_tmp);
+    if let Some(e) = save_error {
+        return Err(e);
+    }
     let report = r?;
-    print!("{}", report::markdown(&report));
-    if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_vec_pretty(&report)?)
-            .with_context(|| format!("write {}", p.display()))?;
+    output(&report, a.json.as_deref(), a.svg.as_deref())
+}
+
+/// The Markdown on stdout, and the JSON and plots where asked.
+fn output(report: &Report, json: Option<&Path>, svg: Option<&Path>) -> Result<()> {
+    print!("{}", report::markdown(report));
+    if let Some(p) = json {
+        write_json(p, report)?;
         progress(&format!("JSON: {}", p.display()));
     }
-    if let Some(d) = &a.svg {
-        for f in svg::write_all(&report, d)? {
+    if let Some(d) = svg {
+        for f in svg::write_all(report, d)? {
             progress(&format!("SVG: {}", f.display()));
         }
     }
+    Ok(())
+}
+
+/// Writes the report whole or not at all (a temp file renamed over the old one).
+fn write_json(p: &Path, r: &Report) -> Result<()> {
+    let name = p.file_name().context("--json needs a file name")?;
+    let tmp = p.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(r)?)
+        .and_then(|_| std::fs::rename(&tmp, p))
+        .with_context(|| format!("write {}", p.display()))
+}
+
+/// `nestor bench --merge A.json B.json…`: one report from runs that each measured some
+/// modes.
+pub fn merge(paths: &[PathBuf], json: Option<&Path>, svg: Option<&Path>) -> Result<()> {
+    let parts = paths
+        .iter()
+        .map(|p| {
+            let name = p
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            combine::load(p).map(|r| (name, r))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let report = combine::merge(&parts)?;
+    output(&report, json, svg)
+}
+
+/// `nestor bench --compare OLD.json NEW.json`: what changed, as ratios.
+pub fn compare(old: &Path, new: &Path) -> Result<()> {
+    let (o, n) = (combine::load(old)?, combine::load(new)?);
+    print!("{}", combine::compare(&o, &n, 0.05));
     Ok(())
 }
 
@@ -818,6 +870,7 @@ fn measure(
     plan: &Plan,
     env: &Env,
     h: host::HostInfo,
+    save: &mut dyn FnMut(&Report),
 ) -> Result<Report> {
     let mut notes = Vec::new();
     if a.quick {
@@ -843,13 +896,51 @@ fn measure(
     notes.push("workload ratios: value / the native process's, from a native run made right before each mode's (paired, so load drift on a shared machine is not read as overhead); rtt: > 1 is slower, the others: < 1 is slower".into());
     notes.push("start = launch -> the unit's program printed its marker; stop = marker -> launcher exited (teardown); one warm-up run first. Memory = PSS summed over the unit's host processes (kernel memory such as page tables of the namespaces is not counted).".into());
 
-    let mut mode_entries = Vec::new();
-    let mut ss = Vec::new();
-    let mut sizes = Vec::new();
-    let mut dens = Vec::new();
-    let mut wls = Vec::new();
-    let mut services = Vec::new();
+    let vm_detail = match &env.vm {
+        Ok(_) => "nestor-vmm booted the guest kernel to its init".to_string(),
+        Err(e) => e.clone(),
+    };
+    let mut report = Report {
+        schema: SCHEMA.into(),
+        header: Header {
+            host: h.host,
+            cpu: h.cpu,
+            cores: h.cores,
+            mem_total_mib: h.mem_total_mib,
+            kernel: h.kernel,
+            kvm: Kvm {
+                device: h.kvm_device,
+                module: h.kvm_module,
+                hardware_assisted: h.hardware_assisted,
+                guest_boot: env.vm.is_ok(),
+                guest_boot_detail: vm_detail,
+            },
+            date: h.date,
+            inside_testhost: h.inside_testhost,
+            quick: a.quick,
+            runs: plan.runs,
+            workload_secs: plan.secs,
+            nestor_version: env!("CARGO_PKG_VERSION").into(),
+            notes,
+        },
+        modes: Vec::new(),
+        start_stop: Vec::new(),
+        unit_size: Vec::new(),
+        density: Vec::new(),
+        workloads: Vec::new(),
+        services: Vec::new(),
+        partial: true,
+    };
     for &m in modes {
+        let Report {
+            modes: mode_entries,
+            start_stop: ss,
+            unit_size: sizes,
+            density: dens,
+            workloads: wls,
+            services,
+            ..
+        } = &mut report;
         let rs = modes::runners(m, env);
         let main = rs.iter().find(|r| r.main).cloned();
         let main_skip = main.as_ref().and_then(|r| r.skip.clone());
@@ -913,49 +1004,26 @@ fn measure(
             },
             description: m.description().into(),
         });
+        save(&finished(&report));
     }
-    fill_ratios(&mut wls);
-    let native_pss = sizes
+    report.partial = false;
+    Ok(finished(&report))
+}
+
+/// The report with what is derived from all its rows: workload ratios where no paired
+/// native run gave one, and each unit's memory overhead over the native process.
+fn finished(r: &Report) -> Report {
+    let mut r = r.clone();
+    fill_ratios(&mut r.workloads);
+    let native_pss = r
+        .unit_size
         .iter()
         .find(|s| s.mode == Mode::Process.name())
         .and_then(|s| s.idle_pss_kib);
-    for s in sizes.iter_mut() {
+    for s in r.unit_size.iter_mut() {
         if let (Some(p), Some(n)) = (s.idle_pss_kib, native_pss) {
             s.overhead_kib = Some(p as i64 - n as i64);
         }
     }
-    let vm_detail = match &env.vm {
-        Ok(_) => "nestor-vmm booted the guest kernel to its init".to_string(),
-        Err(e) => e.clone(),
-    };
-    Ok(Report {
-        schema: SCHEMA.into(),
-        header: Header {
-            host: h.host,
-            cpu: h.cpu,
-            cores: h.cores,
-            mem_total_mib: h.mem_total_mib,
-            kernel: h.kernel,
-            kvm: Kvm {
-                device: h.kvm_device,
-                module: h.kvm_module,
-                hardware_assisted: h.hardware_assisted,
-                guest_boot: env.vm.is_ok(),
-                guest_boot_detail: vm_detail,
-            },
-            date: h.date,
-            inside_testhost: h.inside_testhost,
-            quick: a.quick,
-            runs: plan.runs,
-            workload_secs: plan.secs,
-            nestor_version: env!("CARGO_PKG_VERSION").into(),
-            notes,
-        },
-        modes: mode_entries,
-        start_stop: ss,
-        unit_size: sizes,
-        density: dens,
-        workloads: wls,
-        services,
-    })
+    r
 }

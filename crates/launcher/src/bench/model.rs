@@ -26,6 +26,10 @@ pub struct Report {
     /// Servers reached from the host over their published ports (older reports have none).
     #[serde(default)]
     pub services: Vec<ServiceSet>,
+    /// Written while the run goes on (after each mode), so a run cut short keeps what it
+    /// measured; false once the run finished.
+    #[serde(default)]
+    pub partial: bool,
 }
 
 /// A server in one mode, reached from the host the way a user's client reaches it.

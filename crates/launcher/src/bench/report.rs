@@ -83,6 +83,12 @@ fn cell(s: &str) -> String {
 pub fn markdown(r: &Report) -> String {
     let mut o = String::new();
     header(&mut o, &r.header);
+    if r.partial {
+        let _ = writeln!(
+            o,
+            "- **partial**: this run was cut short; it holds the modes measured before that"
+        );
+    }
     modes(&mut o, r);
     efficiency(&mut o, r);
     workloads(&mut o, r);

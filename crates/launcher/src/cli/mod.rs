@@ -651,6 +651,14 @@ pub struct BenchArgs {
     /// Time limit per unit launch, seconds [default: 60; 300 inside the KVM test host].
     #[arg(long)]
     pub timeout: Option<u64>,
+    /// Measure nothing: join the reports of runs that each measured some modes into one
+    /// (each mode from the first report that measured it), then print it as usual
+    /// (with --json and --svg where given).
+    #[arg(long, num_args = 1.., value_name = "REPORT.json", conflicts_with = "compare")]
+    pub merge: Vec<PathBuf>,
+    /// Measure nothing: print what changed from OLD to NEW, row by row, as ratios.
+    #[arg(long, num_args = 2, value_names = ["OLD.json", "NEW.json"])]
+    pub compare: Vec<PathBuf>,
 }
 
 /// `nestor workload KIND…`: what the bench runs in every mode (hidden).
