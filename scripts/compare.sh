@@ -90,13 +90,17 @@ else
         case $x in --modes) skip=1 ;; --modes=*) ;; *) rest+=("$x") ;; esac
     done
     parts=() failed=()
+    # The test host sees this machine's files read-only apart from the checkout and the
+    # shares: the reports must land in a shared directory.
+    share=()
+    [[ $out == "$repo"/* ]] || share=(--share "$out")
     for m in ${modes//,/ }; do
         ok=0
         for attempt in 1 2; do
             log "test host: mode $m (boot $attempt of at most 2)"
             rm -f "$out/testhost-$m.json"
             status=0
-            NESTOR_BIN_DIR="$BIN" tests/testhost/run --timeout "${NESTOR_COMPARE_TESTHOST_TIMEOUT:-900}" -- \
+            NESTOR_BIN_DIR="$BIN" tests/testhost/run --timeout "${NESTOR_COMPARE_TESTHOST_TIMEOUT:-900}" "${share[@]}" -- \
                 env NESTOR_ROOT=/run/nestor-compare NESTOR_STATE=/run/nestor-compare-state \
                 NESTOR_VM_KERNEL="$vm_dir/vmlinux" NESTOR_VM_INITRD="$vm_dir/initramfs.cpio.gz" bash -c \
                 'nestor=$1 busybox=$2 redis=$3; shift 3

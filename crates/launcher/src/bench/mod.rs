@@ -882,11 +882,6 @@ fn measure(
     if h.inside_testhost {
         notes.push("inside the KVM test host (QEMU TCG with nested SVM): every timing is a TCG timing; compare only within this run".into());
     }
-    if let Err(why) = &env.vm {
-        if modes.iter().any(|m| m.is_vm()) {
-            notes.push(format!("VM modes skipped: {why}"));
-        }
-    }
     if !env.workload_static {
         notes.push(format!(
             "no static nestor found: the workloads run from {} (dynamic; containers get the host's /lib, /lib64, /usr/lib read-only); images/build-agent.sh builds the static one VMs need",

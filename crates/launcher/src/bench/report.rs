@@ -79,29 +79,49 @@ fn cell(s: &str) -> String {
     s.replace('|', "\\|").replace('\n', " ")
 }
 
+/// Skip reasons, each printed in full once: the first time with a number, `[n]`, and
+/// every later time as `see [n]`, so that a reason shared by many cells (no KVM, a peer
+/// not installed) does not fill the report.
+#[derive(Default)]
+struct Reasons(Vec<String>);
+
+impl Reasons {
+    fn say(&mut self, why: &str) -> String {
+        let why = cell(why);
+        match self.0.iter().position(|r| *r == why) {
+            Some(i) => format!("see [{}]", i + 1),
+            None => {
+                self.0.push(why.clone());
+                format!("{why} [{}]", self.0.len())
+            }
+        }
+    }
+}
+
 /// The report: one section after another (see the module docs).
 pub fn markdown(r: &Report) -> String {
     let mut o = String::new();
-    header(&mut o, &r.header);
+    let mut why = Reasons::default();
+    header(&mut o, &r.header, &mut why);
     if r.partial {
         let _ = writeln!(
             o,
             "- **partial**: this run was cut short; it holds the modes measured before that"
         );
     }
-    modes(&mut o, r);
-    efficiency(&mut o, r);
+    modes(&mut o, r, &mut why);
+    efficiency(&mut o, r, &mut why);
     workloads(&mut o, r);
-    services(&mut o, r);
+    services(&mut o, r, &mut why);
     disk_files(&mut o, r);
-    fio_reference(&mut o, r);
-    skipped_workloads(&mut o, r);
-    density(&mut o, r);
+    fio_reference(&mut o, r, &mut why);
+    skipped_workloads(&mut o, r, &mut why);
+    density(&mut o, r, &mut why);
     o
 }
 
 /// The header table (host, kernel, KVM, date, test host, runs, version) and its notes.
-fn header(o: &mut String, h: &Header) {
+fn header(o: &mut String, h: &Header, why: &mut Reasons) {
     let _ = writeln!(o, "# nestor bench\n");
     let _ = writeln!(o, "| | |\n|---|---|");
     let _ = writeln!(
@@ -117,7 +137,11 @@ fn header(o: &mut String, h: &Header) {
         h.kvm.module,
         if h.kvm.hardware_assisted { "yes" } else { "no" },
         if h.kvm.guest_boot { "yes" } else { "no" },
-        cell(&h.kvm.guest_boot_detail)
+        if h.kvm.guest_boot {
+            cell(&h.kvm.guest_boot_detail)
+        } else {
+            why.say(&h.kvm.guest_boot_detail)
+        }
     );
     let _ = writeln!(o, "| date | {} |", h.date);
     let _ = writeln!(
@@ -138,19 +162,22 @@ fn header(o: &mut String, h: &Header) {
     );
     let _ = writeln!(o, "| nestor | {} |\n", h.nestor_version);
     for n in &h.notes {
-        let _ = writeln!(o, "- {n}");
+        // Reports before skip reasons were numbered repeat the KVM line in a note.
+        if !n.starts_with("VM modes skipped: ") {
+            let _ = writeln!(o, "- {n}");
+        }
     }
 }
 
 /// Every mode, measured or skipped with its reason.
-fn modes(o: &mut String, r: &Report) {
+fn modes(o: &mut String, r: &Report, why: &mut Reasons) {
     let _ = writeln!(o, "\n## Modes\n\n| mode | what | status |\n|---|---|---|");
     for m in &r.modes {
         let st = match m.status {
             Status::Measured => "measured".to_string(),
             Status::Skipped => format!(
                 "**skipped**: {}",
-                cell(m.reason.as_deref().unwrap_or_default())
+                why.say(m.reason.as_deref().unwrap_or_default())
             ),
         };
         let _ = writeln!(o, "| {} | {} | {} |", m.mode, m.description, st);
@@ -159,7 +186,7 @@ fn modes(o: &mut String, r: &Report) {
 
 /// The efficiency table: a column per mode and runner, a row per property, then
 /// the skipped columns with their reasons.
-fn efficiency(o: &mut String, r: &Report) {
+fn efficiency(o: &mut String, r: &Report, why: &mut Reasons) {
     let cols = &r.start_stop;
     let _ = writeln!(o, "\n## Efficiency (measured here)\n");
     let mut head = "| property |".to_string();
@@ -223,7 +250,7 @@ fn efficiency(o: &mut String, r: &Report) {
         Status::Measured => format!("measured ({} runs)", c.samples.len()),
         Status::Skipped => "**skipped**".into(),
     });
-    skipped_columns(o, cols);
+    skipped_columns(o, cols, why);
 }
 
 /// The "units per host" cell: the density sweep's figure, in the mode's own column only.
@@ -250,21 +277,29 @@ fn units_per_host(r: &Report, c: &StartStop) -> String {
     }
 }
 
-/// The start/stop columns that were skipped, with their reasons.
-fn skipped_columns(o: &mut String, cols: &[StartStop]) {
-    let skipped: Vec<_> = cols
+/// The start/stop columns that were skipped, with their reasons: one line per reason.
+fn skipped_columns(o: &mut String, cols: &[StartStop], why: &mut Reasons) {
+    let items = cols
         .iter()
         .filter(|c| c.status == Status::Skipped)
-        .collect();
-    if !skipped.is_empty() {
-        let _ = writeln!(o, "\nSkipped:");
-        for c in skipped {
-            let _ = writeln!(
-                o,
-                "- {}: {}",
-                column_label(c),
-                c.reason.as_deref().unwrap_or_default()
-            );
+        .map(|c| (column_label(c), c.reason.clone().unwrap_or_default()))
+        .collect::<Vec<_>>();
+    list_by_reason(o, "Skipped:", items, why);
+}
+
+/// "- a, b: reason" lines under `title`, the items sharing a reason on one line.
+fn list_by_reason(o: &mut String, title: &str, items: Vec<(String, String)>, why: &mut Reasons) {
+    let mut groups: Vec<(Vec<String>, String)> = Vec::new();
+    for (what, reason) in items {
+        match groups.iter_mut().find(|g| g.1 == reason) {
+            Some(g) => g.0.push(what),
+            None => groups.push((vec![what], reason)),
+        }
+    }
+    if !groups.is_empty() {
+        let _ = writeln!(o, "\n{title}");
+        for (whats, reason) in groups {
+            let _ = writeln!(o, "- {}: {}", whats.join(", "), why.say(&reason));
         }
     }
 }
@@ -320,7 +355,7 @@ fn workloads(o: &mut String, r: &Report) {
 
 /// Servers reached from the host through each mode's published port: TCP and Redis,
 /// ratios to the native process on loopback; the goals and the IBM study beside them.
-fn services(o: &mut String, r: &Report) {
+fn services(o: &mut String, r: &Report, why: &mut Reasons) {
     if r.services.is_empty() {
         return;
     }
@@ -361,11 +396,11 @@ fn services(o: &mut String, r: &Report) {
     }
     let _ = writeln!(o);
     for s in &r.services {
-        if let Some(why) = &s.reason {
-            let _ = writeln!(o, "- {} (TCP): {}", s.mode, cell(why));
+        if let Some(r) = &s.reason {
+            let _ = writeln!(o, "- {} (TCP): {}", s.mode, why.say(r));
         }
-        if let Some(why) = &s.redis_reason {
-            let _ = writeln!(o, "- {} (Redis): {}", s.mode, cell(why));
+        if let Some(r) = &s.redis_reason {
+            let _ = writeln!(o, "- {} (Redis): {}", s.mode, why.say(r));
         }
         if !s.path.is_empty() {
             let _ = writeln!(o, "- {}: {}", s.mode, s.path);
@@ -437,7 +472,7 @@ fn disk_files(o: &mut String, r: &Report) {
 }
 
 /// fio's figures on the host, the reference for the built-in disk workloads.
-fn fio_reference(o: &mut String, r: &Report) {
+fn fio_reference(o: &mut String, r: &Report, why: &mut Reasons) {
     let fio: Vec<_> = r
         .workloads
         .iter()
@@ -469,7 +504,7 @@ fn fio_reference(o: &mut String, r: &Report) {
                     let _ = writeln!(
                         o,
                         "- fio: skipped: {}",
-                        x.reason.as_deref().unwrap_or_default()
+                        why.say(x.reason.as_deref().unwrap_or_default())
                     );
                 }
             }
@@ -478,8 +513,8 @@ fn fio_reference(o: &mut String, r: &Report) {
 }
 
 /// The skipped workloads with their reasons (one line for a mode that skipped them all).
-fn skipped_workloads(o: &mut String, r: &Report) {
-    let mut reasons: Vec<String> = Vec::new();
+fn skipped_workloads(o: &mut String, r: &Report, why: &mut Reasons) {
+    let mut reasons: Vec<(String, String)> = Vec::new();
     for s in &r.workloads {
         let skipped: Vec<_> = s
             .results
@@ -491,32 +526,24 @@ fn skipped_workloads(o: &mut String, r: &Report) {
             && skipped.len() == s.results.iter().filter(|x| x.tool == "built-in").count()
             && skipped.iter().all(|x| x.reason == first)
         {
-            reasons.push(format!(
-                "- {} (all workloads): {}",
-                s.mode,
-                first.unwrap_or_default()
+            reasons.push((
+                format!("{} (all workloads)", s.mode),
+                first.unwrap_or_default(),
             ));
             continue;
         }
         for x in skipped {
-            reasons.push(format!(
-                "- {} {}: {}",
-                s.mode,
-                x.workload,
-                x.reason.as_deref().unwrap_or_default()
+            reasons.push((
+                format!("{} {}", s.mode, x.workload),
+                x.reason.clone().unwrap_or_default(),
             ));
         }
     }
-    if !reasons.is_empty() {
-        let _ = writeln!(o, "\nSkipped workloads:");
-        for l in reasons {
-            let _ = writeln!(o, "{l}");
-        }
-    }
+    list_by_reason(o, "Skipped workloads:", reasons, why);
 }
 
 /// The density sweep: units started one by one until the memory budget.
-fn density(o: &mut String, r: &Report) {
+fn density(o: &mut String, r: &Report, why: &mut Reasons) {
     let _ = writeln!(
         o,
         "\n## Density (units started one by one until the memory budget)\n\n| mode | budget | units started | PSS of all units | start time: first → last | status |\n|---|---|---|---|---|---|"
@@ -525,7 +552,7 @@ fn density(o: &mut String, r: &Report) {
         let first = d.points.first();
         let last = d.points.last();
         let st = match (d.status, &d.reason) {
-            (Status::Skipped, r) => format!("**skipped**: {}", cell(r.as_deref().unwrap_or(""))),
+            (Status::Skipped, r) => format!("**skipped**: {}", why.say(r.as_deref().unwrap_or(""))),
             (_, Some(r)) => cell(r),
             _ if d.budget_reached => "budget reached".into(),
             _ => format!("stopped at {} units (--density-max)", d.max_units),
@@ -605,6 +632,14 @@ mod tests {
             at += found.unwrap_or_default() + heading.len();
             assert_eq!(md.matches(heading).count(), 1, "{heading:?} more than once");
         }
-        assert!(md.ends_with("not available in this build |\n"));
+        // A reason shared by many cells is printed once, numbered, then referred to.
+        let last = md.lines().last().unwrap();
+        assert!(last.starts_with("| jailed-vm-container |"), "{last}");
+        assert!(last.contains("**skipped**: see ["), "{last}");
+        assert_eq!(
+            md.matches("nestor run --vm --jail not available in this build").count(),
+            1,
+            "{md}"
+        );
     }
 }
