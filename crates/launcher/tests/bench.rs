@@ -351,6 +351,18 @@ fn quick_bench_of_every_mode_reports_validates_and_plots() {
             assert!(x["value"].as_f64().unwrap() > 0.0, "{x}");
             assert!(x["ratio_vs_process"].as_f64().unwrap() > 0.0, "{x}");
         }
+        // The container's ratio is the median of 3 pairs (--quick), each kept, with its
+        // 95% interval around it.
+        let x = wl("container", w);
+        let ratios = x["detail"]["pair_ratios"].as_array().unwrap();
+        assert_eq!(ratios.len(), 3, "{x}");
+        let q = x["ratio_vs_process"].as_f64().unwrap();
+        let iv = x["ratio_interval"].as_array().unwrap();
+        let (lo, hi) = (iv[0].as_f64().unwrap(), iv[1].as_f64().unwrap());
+        assert!(0.0 < lo && lo <= hi, "{x}");
+        let mut sorted: Vec<f64> = ratios.iter().map(|r| r.as_f64().unwrap()).collect();
+        sorted.sort_by(f64::total_cmp);
+        assert_eq!(q, sorted[1], "the median pair: {x}");
     }
     let dens = |mode: &str| {
         doc["density"]

@@ -29,6 +29,8 @@ use unit::Unit;
 /// The numbers a run uses, from the flags and --quick.
 struct Plan {
     runs: usize,
+    /// Paired (native, mode) workload runs per mode.
+    pairs: usize,
     secs: f64,
     mem_mib: usize,
     disk_mib: usize,
@@ -410,6 +412,7 @@ fn skipped_result(name: &str, why: &str) -> WorkloadResult {
         status: Status::Skipped,
         reason: Some(why.into()),
         ratio_vs_process: None,
+        ratio_interval: None,
         detail: json!({}),
     }
 }
@@ -429,6 +432,7 @@ fn to_result(v: &serde_json::Value, tool: &str) -> Option<WorkloadResult> {
         status: Status::Measured,
         reason: None,
         ratio_vs_process: None,
+        ratio_interval: None,
         detail: v["detail"].clone(),
     })
 }
@@ -713,23 +717,45 @@ fn prepare_vm(a: &BenchArgs, env: &Env) -> std::result::Result<VmAssets, String>
     }
 }
 
-/// Ratios of `set` against the native run made just before it (kept in each detail).
-fn pair(set: &mut WorkloadSet, native: &WorkloadSet) {
-    for x in set.results.iter_mut().filter(|x| x.tool == "built-in") {
-        let n = native
-            .results
+/// Ratios of a mode's runs against the native run made just before each: per built-in
+/// workload, the median value and ratio over the pairs and the ratio's 95% interval, with
+/// every pair's values kept in the detail. `runs[0]` is the set reported (fio and all).
+fn pair(runs: &[WorkloadSet], natives: &[WorkloadSet]) -> WorkloadSet {
+    let mut set = runs[0].clone();
+    let value = |s: &WorkloadSet, w: &str| {
+        s.results
             .iter()
-            .find(|n| n.tool == "built-in" && n.workload == x.workload)
-            .and_then(|n| n.value);
-        if let (Some(v), Some(n)) = (x.value, n) {
-            if n > 0.0 {
-                x.ratio_vs_process = Some(v / n);
-            }
-            if let Some(d) = x.detail.as_object_mut() {
-                d.insert("paired_native_value".into(), json!(n));
+            .find(|n| n.tool == "built-in" && n.workload == w)
+            .and_then(|n| n.value)
+    };
+    for x in set.results.iter_mut().filter(|x| x.tool == "built-in") {
+        let (mut vs, mut ns, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for (run, native) in runs.iter().zip(natives) {
+            if let (Some(v), Some(n)) = (value(run, &x.workload), value(native, &x.workload)) {
+                vs.push(v);
+                ns.push(n);
+                if n > 0.0 {
+                    ratios.push(v / n);
+                }
             }
         }
+        if let Some((median, interval)) = ratio_stats(&ratios) {
+            x.ratio_vs_process = Some(median);
+            x.ratio_interval = interval;
+        }
+        if let Some(v) = Summary::of(&vs) {
+            x.value = Some(v.median);
+        }
+        if let Some(d) = x.detail.as_object_mut() {
+            if let Some(n) = Summary::of(&ns) {
+                d.insert("paired_native_value".into(), json!(n.median));
+            }
+            d.insert("pair_values".into(), json!(vs));
+            d.insert("pair_native_values".into(), json!(ns));
+            d.insert("pair_ratios".into(), json!(ratios));
+        }
     }
+    set
 }
 
 /// Ratios against the process mode's own run, where no paired native run gave one.
@@ -762,6 +788,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let q = a.quick;
     let plan = Plan {
         runs: a.runs.unwrap_or(if q { 5 } else { 20 }).max(1),
+        pairs: a.pairs.unwrap_or(if q { 3 } else { 5 }).max(1),
         secs: a.workload_secs.unwrap_or(if q { 0.5 } else { 2.0 }),
         mem_mib: if q { 32 } else { 64 },
         disk_mib: if q { 32 } else { 256 },
@@ -888,7 +915,7 @@ fn measure(
             env.workload_bin.display()
         ));
     }
-    notes.push("workload ratios: value / the native process's, from a native run made right before each mode's (paired, so load drift on a shared machine is not read as overhead); rtt: > 1 is slower, the others: < 1 is slower".into());
+    notes.push(format!("workload ratios: value / the native process's, from a native run made right before each of the mode's ({} pairs per mode, so load drift on a shared machine is not read as overhead): the median, and the 95% interval in brackets; ≈ marks no measurable difference (the interval holds 1.0); rtt: > 1 is slower, the others: < 1 is slower", plan.pairs));
     notes.push("start = launch -> the unit's program printed its marker; stop = marker -> launcher exited (teardown); one warm-up run first. Memory = PSS summed over the unit's host processes (kernel memory such as page tables of the namespaces is not counted).".into());
 
     let vm_detail = match &env.vm {
@@ -967,12 +994,26 @@ fn measure(
             dens.push(density(env, &r, plan));
             let mut set = workloads(env, &r, plan, true);
             if m != Mode::Process && set.results.iter().any(|x| x.value.is_some()) {
-                // A native run right before each mode's, so that load drift on a shared
-                // machine does not pass for overhead: ratios pair with it.
-                progress(&format!("{}: paired native run of the workloads", m.name()));
+                // A native run right before each of the mode's, so that load drift on a
+                // shared machine does not pass for overhead: ratios pair with it, and
+                // the pairs give each ratio an interval.
                 let native = modes::runners(Mode::Process, env).remove(0);
-                let paired = workloads(env, &native, plan, false);
-                pair(&mut set, &paired);
+                let (mut runs, mut natives) = (Vec::new(), Vec::new());
+                for i in 0..plan.pairs {
+                    progress(&format!(
+                        "{}: workload pair {}/{}: native run",
+                        m.name(),
+                        i + 1,
+                        plan.pairs
+                    ));
+                    natives.push(workloads(env, &native, plan, false));
+                    if i > 0 {
+                        runs.push(workloads(env, &r, plan, false));
+                    } else {
+                        runs.push(set.clone());
+                    }
+                }
+                set = pair(&runs, &natives);
             }
             wls.push(set);
         }

@@ -220,9 +220,52 @@ pub struct WorkloadResult {
     pub tool: String,
     pub status: Status,
     pub reason: Option<String>,
-    /// value relative to the native process's (>1 = better for higher_is_better).
+    /// value relative to the native process's (>1 = better for higher_is_better): the
+    /// median over the paired runs.
     pub ratio_vs_process: Option<f64>,
+    /// 95% interval of the ratio over the paired runs (Student's t on the log ratios),
+    /// where two or more pairs were measured (older reports have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio_interval: Option<[f64; 2]>,
     pub detail: serde_json::Value,
+}
+
+impl WorkloadResult {
+    /// No measurable difference from native: the ratio's 95% interval holds 1.0.
+    pub fn no_difference(&self) -> bool {
+        self.ratio_interval
+            .is_some_and(|[lo, hi]| lo <= 1.0 && hi >= 1.0)
+    }
+}
+
+/// The median and a 95% interval of ratios from paired runs: Student's t on the log
+/// ratios (ratios of throughputs are log-normal-ish and the interval stays positive).
+/// None for no ratios; the interval is None for fewer than two.
+pub fn ratio_stats(ratios: &[f64]) -> Option<(f64, Option<[f64; 2]>)> {
+    let ok: Vec<f64> = ratios
+        .iter()
+        .copied()
+        .filter(|r| r.is_finite() && *r > 0.0)
+        .collect();
+    let median = Summary::of(&ok)?.median;
+    if ok.len() < 2 {
+        return Some((median, None));
+    }
+    let logs: Vec<f64> = ok.iter().map(|r| r.ln()).collect();
+    let n = logs.len() as f64;
+    let mean = logs.iter().sum::<f64>() / n;
+    let var = logs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    // Two-sided 97.5% quantiles of Student's t for 1..=10 degrees of freedom.
+    const T: [f64; 10] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    ];
+    let df = logs.len() - 1;
+    let t = T
+        .get(df - 1)
+        .copied()
+        .unwrap_or(if df < 30 { 2.1 } else { 1.96 });
+    let half = t * (var / n).sqrt();
+    Some((median, Some([(mean - half).exp(), (mean + half).exp()])))
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -236,6 +279,20 @@ pub struct WorkloadSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ratio_interval_holds_one_only_when_the_pairs_disagree() {
+        let (m, ci) = ratio_stats(&[0.50, 0.52, 0.49, 0.51, 0.50]).unwrap();
+        assert_eq!(m, 0.50);
+        let [lo, hi] = ci.unwrap();
+        assert!(lo > 0.48 && hi < 0.53 && lo < m && m < hi, "{lo} {hi}");
+        let (_, ci) = ratio_stats(&[0.8, 1.3, 0.9, 1.2]).unwrap();
+        let [lo, hi] = ci.unwrap();
+        assert!(lo < 1.0 && hi > 1.0, "{lo} {hi}");
+        assert_eq!(ratio_stats(&[2.0]), Some((2.0, None)));
+        assert_eq!(ratio_stats(&[]), None);
+        assert_eq!(ratio_stats(&[f64::NAN, 0.0]), None);
+    }
 
     #[test]
     fn summary_interpolates_percentiles() {

@@ -75,6 +75,19 @@ pub fn column_label(s: &StartStop) -> String {
     format!("{}: {who}", s.mode)
 }
 
+/// A ratio with the digits it needs: small ones keep theirs.
+fn ratio(q: f64) -> String {
+    if q >= 100.0 {
+        format!("{q:.0}")
+    } else if q < 0.0001 {
+        "<0.0001".into()
+    } else if q < 0.1 {
+        format!("{q:.4}")
+    } else {
+        format!("{q:.2}")
+    }
+}
+
 fn cell(s: &str) -> String {
     s.replace('|', "\\|").replace('\n', " ")
 }
@@ -310,7 +323,7 @@ fn workloads(o: &mut String, r: &Report) {
     // Workloads: a row per workload, a column per mode.
     let _ = writeln!(
         o,
-        "\n## Workloads (the same `nestor workload` program in every mode; value, and ratio to a native run made just before)\n"
+        "\n## Workloads (the same `nestor workload` program in every mode; median value, and median ratio to a native run made just before each run [95% interval])\n"
     );
     let mut head = "| workload | unit |".to_string();
     let mut sep = "|---|---|".to_string();
@@ -339,8 +352,14 @@ fn workloads(o: &mut String, r: &Report) {
                 .find(|x| x.tool == "built-in" && &x.workload == w);
             let c = match x {
                 Some(x) if x.status == Status::Measured => match (x.value, x.ratio_vs_process) {
-                    (Some(v), Some(q)) if q < 0.1 => format!("{} ({q:.4}x)", num(v)),
-                    (Some(v), Some(q)) => format!("{} ({q:.2}x)", num(v)),
+                    (Some(v), Some(q)) => {
+                        let interval = match x.ratio_interval {
+                            Some([lo, hi]) => format!(" [{}–{}]", ratio(lo), ratio(hi)),
+                            None => String::new(),
+                        };
+                        let same = if x.no_difference() { " ≈" } else { "" };
+                        format!("{} ({}x{interval}{same})", num(v), ratio(q))
+                    }
                     (Some(v), None) => num(v),
                     _ => "-".into(),
                 },
@@ -637,7 +656,8 @@ mod tests {
         assert!(last.starts_with("| jailed-vm-container |"), "{last}");
         assert!(last.contains("**skipped**: see ["), "{last}");
         assert_eq!(
-            md.matches("nestor run --vm --jail not available in this build").count(),
+            md.matches("nestor run --vm --jail not available in this build")
+                .count(),
             1,
             "{md}"
         );

@@ -1,6 +1,7 @@
 //! `nestor bench --svg DIR`: three plots drawn with plotters' SVG backend — start time
-//! per mode and runner (median bars, p10–p90 whiskers, log scale), workload overhead
-//! against the native process (ratio per workload and mode), and the density sweep
+//! per mode and runner (median bars, p10–p90 whiskers, log scale), workload performance
+//! against the native process (grouped bars per workload, a bar per mode, 95% interval
+//! whiskers, log scale, higher is better), and the density sweep
 //! (memory and start time as units are added). Skipped rows are named on the plots.
 
 use std::path::{Path, PathBuf};
@@ -131,6 +132,36 @@ fn start_time(r: &Report, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Performance relative to native, higher is better: the ratio, or its inverse where
+/// lower is better (rtt), with its 95% interval turned the same way.
+fn performance(x: &WorkloadResult) -> Option<(f64, Option<[f64; 2]>)> {
+    let q = x.ratio_vs_process.filter(|q| *q > 0.0)?;
+    let iv = x.ratio_interval.filter(|[lo, hi]| *lo > 0.0 && *hi > 0.0);
+    Some(if x.higher_is_better {
+        (q, iv)
+    } else {
+        (1.0 / q, iv.map(|[lo, hi]| [1.0 / hi, 1.0 / lo]))
+    })
+}
+
+/// "0.01x", "0.5x", "2x": a log axis's tick without trailing zeros.
+fn tick(v: f64) -> String {
+    let s = if v >= 1.0 {
+        format!("{v:.1}")
+    } else {
+        let digits = (-v.log10()).ceil().max(1.0) as usize + 1;
+        format!("{v:.digits$}")
+    };
+    let s = if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    };
+    format!("{s}x")
+}
+
+/// Grouped bars: a group per workload, a bar per mode (the native process is the line
+/// at 1x), each with its 95% interval as a whisker; log scale, higher is better.
 fn overhead(r: &Report, path: &Path) -> Result<()> {
     let mut names: Vec<String> = Vec::new();
     for s in &r.workloads {
@@ -140,83 +171,118 @@ fn overhead(r: &Report, path: &Path) -> Result<()> {
             }
         }
     }
+    let sets: Vec<&WorkloadSet> = r.workloads.iter().filter(|s| s.mode != "process").collect();
     let n = names.len().max(1);
-    let ratios: Vec<f64> = r
-        .workloads
-        .iter()
-        .flat_map(|s| s.results.iter())
-        .filter_map(|x| x.ratio_vs_process)
-        .collect();
-    let hi = ratios.iter().copied().fold(1.5, f64::max) * 1.1;
+    let k = sets.len().max(1);
+    let mut lo = 0.5f64;
+    let mut hi = 2.0f64;
+    for x in sets.iter().flat_map(|s| s.results.iter()) {
+        if let Some((q, iv)) = performance(x) {
+            let [a, b] = iv.unwrap_or([q, q]);
+            lo = lo.min(a.min(q));
+            hi = hi.max(b.max(q));
+        }
+    }
+    // Whole decades, so that the ticks are round numbers.
+    let (lo, hi) = (
+        10f64.powf(lo.log10().floor()),
+        10f64.powf(hi.log10().ceil()),
+    );
     let root = SVGBackend::new(path, (1000, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let root = root
         .titled(OVERHEAD_TITLE, ("sans-serif", 22))
         .map_err(err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!(
-                "{}; value / native (rtt: >1 is slower, others: <1 is slower)",
-                subtitle(r)
-            ),
+    let root = root
+        .titled(
+            &format!("{}; higher is better (rtt inverted)", subtitle(r)),
             ("sans-serif", 13),
         )
+        .map_err(err)?;
+    let (plot, legend) = root.split_horizontally(770);
+    let mut chart = ChartBuilder::on(&plot)
         .margin(10)
-        .x_label_area_size(50)
+        .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d((0..n).into_segmented(), 0.0..hi)
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), (lo..hi).log_scale())
         .map_err(err)?;
     chart
         .configure_mesh()
+        .disable_x_mesh()
         .x_labels(n)
-        .x_label_formatter(&|x| match x {
-            SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
-            _ => String::new(),
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 {
+                names.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
         })
-        .y_desc("ratio to the native process")
+        .y_label_formatter(&|v| tick(*v))
+        .y_desc("performance relative to the native process")
         .draw()
         .map_err(err)?;
     chart
         .draw_series(LineSeries::new(
-            (0..=n).map(|i| (SegmentValue::Exact(i), 1.0)),
+            [(-0.5, 1.0), (n as f64 - 0.5, 1.0)],
             BLACK.stroke_width(1),
         ))
-        .map_err(err)?
-        .label("native = 1")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
-    for (j, s) in r.workloads.iter().enumerate() {
+        .map_err(err)?;
+    let width = 0.8 / k as f64;
+    let mut legend_rows = vec![("native process = 1x".to_string(), BLACK)];
+    for (j, s) in sets.iter().enumerate() {
         let color = COLORS[j % COLORS.len()];
-        let pts: Vec<(SegmentValue<usize>, f64)> = names
-            .iter()
-            .enumerate()
-            .filter_map(|(i, w)| {
-                s.results
-                    .iter()
-                    .find(|x| x.tool == "built-in" && &x.workload == w)
-                    .and_then(|x| x.ratio_vs_process)
-                    .map(|q| (SegmentValue::CenterOf(i), q))
-            })
-            .collect();
-        let label = if pts.is_empty() {
-            format!("{} (skipped)", s.mode)
-        } else {
+        let mut any = false;
+        for (i, w) in names.iter().enumerate() {
+            let Some((q, iv)) = s
+                .results
+                .iter()
+                .find(|x| x.tool == "built-in" && &x.workload == w)
+                .and_then(performance)
+            else {
+                continue;
+            };
+            any = true;
+            let x0 = i as f64 - 0.4 + width * j as f64;
+            let (x1, xm) = (x0 + width * 0.9, x0 + width * 0.45);
+            chart
+                .draw_series([Rectangle::new([(x0, lo), (x1, q)], color.filled())])
+                .map_err(err)?;
+            if let Some([a, b]) = iv {
+                let whisker = BLACK.stroke_width(1);
+                let cap = width * 0.2;
+                chart
+                    .draw_series([
+                        PathElement::new(vec![(xm, a), (xm, b)], whisker),
+                        PathElement::new(vec![(xm - cap, a), (xm + cap, a)], whisker),
+                        PathElement::new(vec![(xm - cap, b), (xm + cap, b)], whisker),
+                    ])
+                    .map_err(err)?;
+            }
+        }
+        let label = if any {
             s.mode.clone()
+        } else {
+            format!("{} (skipped)", s.mode)
         };
-        chart
-            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-            .map_err(err)?
-            .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        chart
-            .draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled())))
+        legend_rows.push((label, color));
+    }
+    // The legend beside the plot, never over its bars.
+    for (i, (label, color)) in legend_rows.iter().enumerate() {
+        let y = 60 + 22 * i as i32;
+        legend
+            .draw(&Rectangle::new([(5, y), (19, y + 12)], color.filled()))
+            .map_err(err)?;
+        legend
+            .draw(&Text::new(label.clone(), (25, y), ("sans-serif", 13)))
             .map_err(err)?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
+    legend
+        .draw(&Text::new(
+            "whiskers: 95% interval",
+            (5, 60 + 22 * legend_rows.len() as i32),
+            ("sans-serif", 12),
+        ))
         .map_err(err)?;
     root.present().map_err(err)?;
     Ok(())
@@ -309,4 +375,19 @@ fn density(r: &Report, path: &Path) -> Result<()> {
     }
     root.present().map_err(err)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_ticks_are_short() {
+        assert_eq!(tick(1.0), "1x");
+        assert_eq!(tick(10.0), "10x");
+        assert_eq!(tick(0.1), "0.1x");
+        assert_eq!(tick(0.01), "0.01x");
+        assert_eq!(tick(0.5), "0.5x");
+        assert_eq!(tick(2.5), "2.5x");
+    }
 }

@@ -616,6 +616,10 @@ pub struct BenchArgs {
     /// Timed start/stop runs per row [default: 20; 5 with --quick].
     #[arg(long)]
     pub runs: Option<usize>,
+    /// Paired workload runs per mode, each a native run then the mode's; ratios are the
+    /// median over the pairs, with a 95% interval [default: 5; 3 with --quick].
+    #[arg(long)]
+    pub pairs: Option<usize>,
     /// A first look in a few minutes: fewer runs, shorter workloads, a small density sweep.
     #[arg(long)]
     pub quick: bool,
