@@ -21,4 +21,6 @@ pub const RUNTIME_ID: &str = "io.containerd.nestor.v2";
 #[tokio::main]
 async fn main() {
     containerd_shim::asynchronous::run::<service::Service>(RUNTIME_ID, None).await;
+    // Done serving: exit now rather than wait for the runtime's blocking threads.
+    std::process::exit(0);
 }

@@ -68,6 +68,13 @@ impl Shim for Service {
                 warn!("unmount {}: {e}", rootfs.display());
             }
         }
+        // The dead daemon's ttrpc socket (it removes it itself when it exits cleanly).
+        if let Ok(address) = std::fs::read_to_string(bundle.join("address")) {
+            let path = address.trim().trim_start_matches("unix://");
+            if std::path::Path::new(path).starts_with("/run/containerd/s/") {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         let pid = read_pid(&bundle.join("init.pid")).unwrap_or(0);
         Ok(DeleteResponse {
             pid: pid as u32,

@@ -3,8 +3,9 @@
 //! Without a terminal the container gets pipes and the shim copies them to and from the
 //! FIFOs, so a client that goes away never blocks or kills the container's writes. With
 //! a terminal, nestor sends the pty's master over a console socket, and the shim copies
-//! between it and the FIFOs. Every FIFO is opened read-write, which never blocks on a
-//! missing peer; the container's stdin gets EOF when containerd sends CloseIO.
+//! between it and the FIFOs. Output FIFOs are opened read-write, which never blocks on a
+//! missing reader. Stdin is opened read-only, so the container's stdin ends when
+//! containerd's side closes it, or at CloseIO.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -137,12 +138,18 @@ fn open_sink(uri: &str) -> Result<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>
     })
 }
 
-fn open_source(path: &str) -> Result<pipe::Receiver> {
+/// Copy containerd's stdin FIFO into `to`. The FIFO is opened for reading only and
+/// without blocking: epoll reports nothing until containerd's side has opened it, and
+/// EOF once that side has closed it, which ends the container's stdin.
+fn spawn_stdin<W>(path: &str, to: W) -> Result<JoinHandle<()>>
+where
+    W: tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     let p = path.strip_prefix("fifo://").unwrap_or(path);
-    pipe::OpenOptions::new()
-        .read_write(true)
+    let from = pipe::OpenOptions::new()
         .open_receiver(p)
-        .with_context(|| format!("open FIFO {p}"))
+        .with_context(|| format!("open FIFO {p}"))?;
+    Ok(spawn_copy(from, to))
 }
 
 /// Copy `from` to `to` until EOF or an error (a pty master reads EIO once the last
@@ -164,10 +171,9 @@ pub fn pipes(paths: &Paths) -> Result<(ChildStdio, Copies)> {
     let stdin = if paths.stdin.is_empty() {
         dev_null(false)?
     } else {
-        let src = open_source(&paths.stdin)?;
         let (r, w) = pipe2()?;
         let w = pipe::Sender::from_owned_fd(w).context("stdin pipe")?;
-        copies.stdin = Some(spawn_copy(src, w));
+        copies.stdin = Some(spawn_stdin(&paths.stdin, w)?);
         r
     };
     let mut output = |uri: &str| -> Result<OwnedFd> {
@@ -200,8 +206,11 @@ pub struct ConsoleSocket {
 }
 
 impl ConsoleSocket {
+    /// A socket in `dir` (short: a socket path has at most 107 bytes), named after the
+    /// shim and `name`.
     pub fn new(dir: &Path, name: &str) -> Result<ConsoleSocket> {
-        let path = dir.join(format!("console-{name}.sock"));
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        let path = dir.join(format!("console-{}-{name}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let listener = tokio::net::UnixListener::bind(&path)
             .with_context(|| format!("bind console socket {}", path.display()))?;
@@ -252,11 +261,10 @@ pub fn terminal(master: OwnedFd, paths: &Paths) -> Result<Copies> {
     .context("pty master non-blocking")?;
     let dup = |fd: &OwnedFd| fd.try_clone().context("dup pty master");
     if !paths.stdin.is_empty() {
-        let src = open_source(&paths.stdin)?;
         // A pty master polls as a pipe does; the unchecked constructor only skips the
         // FIFO file-type check.
         let to = pipe::Sender::from_owned_fd_unchecked(dup(&master)?).context("pty")?;
-        copies.stdin = Some(spawn_copy(src, to));
+        copies.stdin = Some(spawn_stdin(&paths.stdin, to)?);
     }
     if !paths.stdout.is_empty() {
         let to = open_sink(&paths.stdout)?;

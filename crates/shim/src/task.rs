@@ -36,6 +36,8 @@ use crate::stdio::{self, ConsoleSocket, Copies, Paths};
 
 /// How long a process's output may take to arrive after it exited.
 const DRAIN: Duration = Duration::from_secs(2);
+/// Where console sockets are made (bundle paths can be too long for a socket).
+const CONSOLE_DIR: &str = "/run/containerd/nestor";
 /// How long nestor may take to send a terminal's master.
 const CONSOLE_WAIT: Duration = Duration::from_secs(10);
 
@@ -204,12 +206,12 @@ impl TaskService {
 
     /// Set up stdio for a process; for a terminal, the console socket to pass nestor.
     fn stdio_for(
-        bundle: &Path,
+        _bundle: &Path,
         name: &str,
         paths: &Paths,
     ) -> Result<(crate::runtime::ChildStdio, Copies, Option<ConsoleSocket>), Error> {
         if paths.terminal {
-            let sock = ConsoleSocket::new(bundle, name).map_err(other)?;
+            let sock = ConsoleSocket::new(Path::new(CONSOLE_DIR), name).map_err(other)?;
             Ok((
                 stdio::null_stdio().map_err(other)?,
                 Copies::default(),
