@@ -20,7 +20,7 @@ use containerd_shim::api::{
 use containerd_shim::asynchronous::ExitSignal;
 use containerd_shim::event::Event;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -167,6 +167,12 @@ impl TaskService {
             let code = exit.await.unwrap_or(255);
             debug!("{cid}/{eid}: pid {pid} exited with {code}");
             if eid.is_empty() {
+                if this.oom_killed(&cid).await {
+                    this.send(TaskOOM {
+                        container_id: cid.clone(),
+                        ..Default::default()
+                    });
+                }
                 // The init is gone: in a shared pid namespace its children live on;
                 // take them down too, as runc's shim does.
                 this.kill_rest(&cid).await;
@@ -186,6 +192,19 @@ impl TaskService {
                 ..Default::default()
             });
         });
+    }
+
+    /// Whether the OOM killer killed anything in the container's cgroup (read when its
+    /// init has exited, before the cgroup goes).
+    async fn oom_killed(&self, id: &str) -> bool {
+        let map = self.containers.lock().await;
+        let Some(c) = map.get(id) else { return false };
+        c.nestor
+            .cgroup(id)
+            .ok()
+            .and_then(|cg| cg.stats().ok())
+            .and_then(|st| st.oom_kills)
+            .is_some_and(|n| n > 0)
     }
 
     /// SIGKILL whatever is left in the container's cgroup after its init exited.

@@ -557,6 +557,92 @@ fn detached_task_exec_ps_pause_metrics_kill_delete() {
 }
 
 #[test]
+fn oom_killed_task_reports_the_oom_event() {
+    need_containerd!();
+    let _ = nestor_bin();
+    let c = Containerd::start();
+    let id = unique("oom");
+    // Not under `timeout`: killing this child must kill ctr itself.
+    let mut events = Command::new("ctr")
+        .arg("-a")
+        .arg(c.dir.path().join("containerd.sock"))
+        .args(["-n", &c.ns, "events"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = events.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    // Subscribed once a namespace update shows up.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut lines = Vec::new();
+    'sub: loop {
+        c.ok(&["namespaces", "label", &c.ns, "probe=1"]);
+        while let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            let seen = l.contains("/namespaces/update");
+            lines.push(l);
+            if seen {
+                break 'sub;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ctr events saw nothing: {lines:?}"
+        );
+    }
+    // `tail` keeps an endless line in memory: 32 MiB are soon used up.
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--memory-limit",
+        "33554432",
+        "--runtime",
+        RUNTIME,
+        &c.image,
+        &id,
+        "tail",
+        "/dev/zero",
+    ]);
+    assert_eq!(code(&out), 137, "{}", String::from_utf8_lossy(&out.stderr));
+    // Events up to the task's delete (published before `ctr run --rm` returns).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !lines
+        .iter()
+        .any(|l| l.contains(&id) && l.contains("/tasks/delete"))
+    {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            lines.push(l);
+        }
+        assert!(Instant::now() < deadline, "no /tasks/delete: {lines:?}");
+    }
+    let _ = events.kill();
+    let _ = events.wait();
+    let _ = reader.join();
+    let text = lines.join("\n");
+    let mine: Vec<&String> = lines.iter().filter(|l| l.contains(&id)).collect();
+    let oom = mine.iter().position(|l| l.contains("/tasks/oom"));
+    let exit = mine.iter().position(|l| l.contains("/tasks/exit"));
+    assert!(oom.is_some() && exit.is_some(), "{text}");
+    assert!(oom < exit, "TaskOOM comes before TaskExit: {text}");
+    for topic in ["/tasks/create", "/tasks/start", "/tasks/delete"] {
+        assert!(
+            mine.iter().any(|l| l.contains(topic)),
+            "no {topic} in {text}"
+        );
+    }
+}
+
+#[test]
 fn tty_session() {
     need_containerd!();
     let _ = nestor_bin();
