@@ -105,6 +105,12 @@ struct Containerd {
 
 impl Containerd {
     fn start() -> Containerd {
+        Containerd::start_with("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n", true)
+    }
+
+    /// A containerd with `extra` in its config (top-level keys and tables), with the
+    /// sample image imported or not.
+    fn start_with(extra: &str, image: bool) -> Containerd {
         let dir = tempfile::Builder::new()
             .prefix("nestor-ctrd-")
             .tempdir_in("/tmp")
@@ -113,11 +119,11 @@ impl Containerd {
         std::fs::write(
             d.join("config.toml"),
             format!(
-                "version = 2\nroot = \"{r}/root\"\nstate = \"{r}/state\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                "version = 2\nroot = \"{r}/root\"\nstate = \"{r}/state\"\n{extra}\
                  [grpc]\n  address = \"{r}/containerd.sock\"\n\
                  [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{r}/opt\"\n",
-                r = d.display()
+                r = d.display(),
+                extra = extra.replace("@DIR@", &d.display().to_string()),
             ),
         )
         .unwrap();
@@ -128,6 +134,9 @@ impl Containerd {
             image: String::new(),
         };
         c.boot();
+        if !image {
+            return c;
+        }
         let tar = busybox_tar(c.dir.path());
         c.ok(&["image", "import", tar.to_str().unwrap()]);
         c.image = c.ok(&["image", "ls", "-q"]).trim().to_string();
@@ -813,4 +822,47 @@ fn containerd_restart_reconnects_to_the_shim() {
     c.ok(&["c", "rm", &id]);
     assert_eq!(c.leftovers(&id, pid), Vec::<String>::new());
     c.wait_shim_gone(&id);
+}
+
+/// The containerd `config.toml` lines docs/kubernetes.md gives operators (the CRI
+/// plugin's runtime handlers), with this test's CNI directory.
+const CRI_CONFIG: &str = r#"
+[plugins."io.containerd.grpc.v1.cri"]
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.nestor]
+      runtime_type = "io.containerd.nestor.v2"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "@DIR@/cni"
+"#;
+
+#[test]
+fn cri_plugin_lists_the_nestor_runtime_handler() {
+    need_containerd!();
+    let c = Containerd::start_with(CRI_CONFIG, false);
+    let plugins = c.ok(&["plugins", "ls"]);
+    let cri = plugins
+        .lines()
+        .find(|l| l.contains("io.containerd.grpc.v1") && l.split_whitespace().nth(1) == Some("cri"))
+        .unwrap_or_else(|| panic!("no CRI plugin in\n{plugins}"));
+    assert_eq!(
+        cri.split_whitespace().last(),
+        Some("ok"),
+        "{cri}\n{}",
+        c.log()
+    );
+    // The CRI plugin logs the configuration it loaded, runtime handlers included (this
+    // is what kubelet's RuntimeClass `handler: nestor` resolves against).
+    let log = c.log();
+    let start = log
+        .lines()
+        .find(|l| l.contains("Start cri plugin with config"))
+        .unwrap_or_else(|| panic!("the CRI plugin did not start:\n{log}"));
+    assert!(
+        start.contains("nestor:{Type:io.containerd.nestor.v2"),
+        "{start}"
+    );
 }
