@@ -366,6 +366,11 @@ impl Drop for Containerd {
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
                 );
+                // A shim killed here leaves its socket.
+                if let Some(sock) = args.iter().skip_while(|a| **a != b"-socket").nth(1) {
+                    let sock = String::from_utf8_lossy(sock);
+                    let _ = std::fs::remove_file(sock.trim_start_matches("unix://"));
+                }
             }
         }
         // Anything still mounted under the temp dir (snapshots, rootfs), deepest first.
