@@ -1,0 +1,107 @@
+//! The shim's own lifecycle, as containerd's shim v2 protocol has it: `start` forks the
+//! daemon and prints its ttrpc address (kept in the bundle's `address` file, which is
+//! how a restarted containerd finds the shim again), the daemon serves the task API
+//! until Shutdown, and `delete` cleans up after a daemon that died (the container is
+//! deleted by force and its rootfs unmounted).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::publisher::RemotePublisher;
+use containerd_shim::asynchronous::util::write_str_to_file;
+use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
+use containerd_shim::protos::protobuf::MessageDyn;
+use containerd_shim::protos::ttrpc::context::with_duration;
+use containerd_shim::{Config, DeleteResponse, Error, Flags, StartOpts};
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::runtime::{read_pid, Nestor};
+use crate::task::TaskService;
+
+pub struct Service {
+    exit: Arc<ExitSignal>,
+    id: String,
+    namespace: String,
+}
+
+/// The runtime options a crashed shim's container was created with (see `create`).
+fn saved_options(bundle: &std::path::Path) -> (String, String) {
+    let s = std::fs::read_to_string(bundle.join("nestor-options")).unwrap_or_default();
+    let mut lines = s.lines();
+    (
+        lines.next().unwrap_or("").to_string(),
+        lines.next().unwrap_or("").to_string(),
+    )
+}
+
+#[async_trait]
+impl Shim for Service {
+    type T = TaskService;
+
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        Service {
+            exit: Arc::new(ExitSignal::default()),
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
+        let grouping = opts.id.clone();
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        write_str_to_file("address", &address).await?;
+        Ok(address)
+    }
+
+    async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
+        let bundle = std::env::current_dir().map_err(|e| Error::Other(e.to_string()))?;
+        let (binary, root) = saved_options(&bundle);
+        let nestor = Nestor::new(&binary, &root, &self.namespace, &bundle);
+        if let Err(e) = nestor.delete(&self.id, true).await {
+            warn!("delete {} after its shim died: {e:#}", self.id);
+        }
+        let rootfs = bundle.join("rootfs");
+        if let Err(e) = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH) {
+            if e != nix::errno::Errno::EINVAL && e != nix::errno::Errno::ENOENT {
+                warn!("unmount {}: {e}", rootfs.display());
+            }
+        }
+        // The dead daemon's ttrpc socket (it removes it itself when it exits cleanly).
+        if let Ok(address) = std::fs::read_to_string(bundle.join("address")) {
+            let path = address.trim().trim_start_matches("unix://");
+            if std::path::Path::new(path).starts_with("/run/containerd/s/") {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        let pid = read_pid(&bundle.join("init.pid")).unwrap_or(0);
+        Ok(DeleteResponse {
+            pid: pid as u32,
+            exit_status: 137,
+            exited_at: Some(containerd_shim::util::timestamp()?).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        crate::exits::init().await;
+        let (tx, mut rx) = mpsc::unbounded_channel::<(String, Box<dyn MessageDyn>)>();
+        let ns = self.namespace.clone();
+        tokio::spawn(async move {
+            while let Some((topic, event)) = rx.recv().await {
+                if let Err(e) = publisher
+                    .publish(with_duration(Duration::from_secs(5)), &topic, &ns, event)
+                    .await
+                {
+                    warn!("publish {topic}: {e}");
+                }
+            }
+        });
+        TaskService::new(&self.namespace, tx, self.exit.clone())
+    }
+}

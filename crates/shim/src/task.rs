@@ -1,0 +1,810 @@
+//! The task API (containerd.task.v2.Task): one container per shim, its init process
+//! and its exec processes, each with its stdio copies and its exit. Exits come from the
+//! reaper (`exits`); each process's watcher drains its output, records the status,
+//! wakes `Wait` and publishes TaskExit. Events go to containerd through one queue in
+//! the order they happened.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use containerd_shim::api::{
+    CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
+    DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest, PauseRequest,
+    PidsRequest, PidsResponse, ResizePtyRequest, ResumeRequest, ShutdownRequest, StartRequest,
+    StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse, Status,
+    UpdateTaskRequest, WaitRequest, WaitResponse,
+};
+use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim::event::Event;
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
+use containerd_shim::protos::types::task::ProcessInfo;
+use containerd_shim::{Error, TtrpcContext, TtrpcResult};
+use tokio::sync::{mpsc, watch, Mutex};
+use tracing::{debug, warn};
+
+use crate::exits;
+use crate::runtime::{read_pid, Nestor};
+use crate::stdio::{self, ConsoleSocket, Copies, Paths};
+
+/// How long a process's output may take to arrive after it exited.
+const DRAIN: Duration = Duration::from_secs(2);
+/// Where console sockets are made (bundle paths can be too long for a socket).
+const CONSOLE_DIR: &str = "/run/containerd/nestor";
+/// How long nestor may take to send a terminal's master.
+const CONSOLE_WAIT: Duration = Duration::from_secs(10);
+
+/// Events on their way to containerd: topic and message.
+pub type EventTx = mpsc::UnboundedSender<(String, Box<dyn MessageDyn>)>;
+
+/// How a process ended.
+#[derive(Clone, Copy, Debug)]
+struct Exited {
+    code: u32,
+    at: SystemTime,
+}
+
+/// One process: the container's init (exec id "") or an exec.
+struct Process {
+    exec_id: String,
+    pid: i32,
+    paths: Paths,
+    /// The exec's OCI process (JSON), until Start.
+    spec: Option<Vec<u8>>,
+    copies: Arc<Mutex<Copies>>,
+    /// Set once, when the process has exited and its output is delivered.
+    exited: Arc<watch::Sender<Option<Exited>>>,
+}
+
+impl Process {
+    fn new(exec_id: &str, paths: Paths) -> Process {
+        Process {
+            exec_id: exec_id.to_string(),
+            pid: 0,
+            paths,
+            spec: None,
+            copies: Arc::new(Mutex::new(Copies::default())),
+            exited: Arc::new(watch::channel(None).0),
+        }
+    }
+
+    fn exit(&self) -> Option<Exited> {
+        *self.exited.borrow()
+    }
+}
+
+struct Container {
+    id: String,
+    bundle: PathBuf,
+    nestor: Nestor,
+    init: Process,
+    execs: HashMap<String, Process>,
+    paused: bool,
+    rootfs_mounted: bool,
+}
+
+impl Container {
+    fn process(&self, exec_id: &str) -> Result<&Process, Error> {
+        if exec_id.is_empty() {
+            return Ok(&self.init);
+        }
+        self.execs
+            .get(exec_id)
+            .ok_or_else(|| Error::NotFoundError(format!("exec {exec_id} of {}", self.id)))
+    }
+
+    fn process_mut(&mut self, exec_id: &str) -> Result<&mut Process, Error> {
+        if exec_id.is_empty() {
+            return Ok(&mut self.init);
+        }
+        let id = self.id.clone();
+        self.execs
+            .get_mut(exec_id)
+            .ok_or_else(|| Error::NotFoundError(format!("exec {exec_id} of {id}")))
+    }
+}
+
+/// The task service of one shim.
+#[derive(Clone)]
+pub struct TaskService {
+    namespace: String,
+    containers: Arc<Mutex<HashMap<String, Container>>>,
+    events: EventTx,
+    exit: Arc<ExitSignal>,
+}
+
+fn ts(t: SystemTime) -> Timestamp {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+        ..Default::default()
+    }
+}
+
+fn other(e: anyhow::Error) -> Error {
+    Error::Other(format!("{e:#}"))
+}
+
+impl TaskService {
+    pub fn new(namespace: &str, events: EventTx, exit: Arc<ExitSignal>) -> TaskService {
+        TaskService {
+            namespace: namespace.to_string(),
+            containers: Arc::default(),
+            events,
+            exit,
+        }
+    }
+
+    fn send<E: Event + MessageDyn>(&self, e: E) {
+        let topic = e.topic();
+        if self.events.send((topic.clone(), Box::new(e))).is_err() {
+            warn!("event {topic} dropped: the publisher is gone");
+        }
+    }
+
+    /// Watch `pid` (already spawned, reparented or about to be): when it is reaped,
+    /// drain its output, record the exit, wake waiters and publish TaskExit.
+    async fn watch_exit(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        pid: i32,
+        copies: Arc<Mutex<Copies>>,
+        tx: Arc<watch::Sender<Option<Exited>>>,
+    ) {
+        let exit = exits::watch(pid).await;
+        let this = self.clone();
+        let (cid, eid) = (container_id.to_string(), exec_id.to_string());
+        tokio::spawn(async move {
+            let code = exit.await.unwrap_or(255);
+            debug!("{cid}/{eid}: pid {pid} exited with {code}");
+            if eid.is_empty() {
+                if this.oom_killed(&cid).await {
+                    this.send(TaskOOM {
+                        container_id: cid.clone(),
+                        ..Default::default()
+                    });
+                }
+                // The init is gone: in a shared pid namespace its children live on;
+                // take them down too, as runc's shim does.
+                this.kill_rest(&cid).await;
+            }
+            copies.lock().await.drain(DRAIN).await;
+            let ex = Exited {
+                code: code as u32,
+                at: SystemTime::now(),
+            };
+            tx.send_replace(Some(ex));
+            this.send(TaskExit {
+                container_id: cid.clone(),
+                id: if eid.is_empty() { cid.clone() } else { eid },
+                pid: pid as u32,
+                exit_status: ex.code,
+                exited_at: MessageField::some(ts(ex.at)),
+                ..Default::default()
+            });
+        });
+    }
+
+    /// Whether the OOM killer killed anything in the container's cgroup (read when its
+    /// init has exited, before the cgroup goes).
+    async fn oom_killed(&self, id: &str) -> bool {
+        let map = self.containers.lock().await;
+        let Some(c) = map.get(id) else { return false };
+        c.nestor
+            .cgroup(id)
+            .ok()
+            .and_then(|cg| cg.stats().ok())
+            .and_then(|st| st.oom_kills)
+            .is_some_and(|n| n > 0)
+    }
+
+    /// SIGKILL whatever is left in the container's cgroup after its init exited.
+    async fn kill_rest(&self, id: &str) {
+        let map = self.containers.lock().await;
+        let Some(c) = map.get(id) else { return };
+        if let Ok(cg) = c.nestor.cgroup(id) {
+            if let Ok(pids) = cg.pids() {
+                for p in pids {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(p),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Set up stdio for a process; for a terminal, the console socket to pass nestor.
+    fn stdio_for(
+        _bundle: &Path,
+        name: &str,
+        paths: &Paths,
+    ) -> Result<(crate::runtime::ChildStdio, Copies, Option<ConsoleSocket>), Error> {
+        if paths.terminal {
+            let sock = ConsoleSocket::new(Path::new(CONSOLE_DIR), name).map_err(other)?;
+            Ok((
+                stdio::null_stdio().map_err(other)?,
+                Copies::default(),
+                Some(sock),
+            ))
+        } else {
+            let (child, copies) = stdio::pipes(paths).map_err(other)?;
+            Ok((child, copies, None))
+        }
+    }
+
+    /// Run a verb that makes a process (`create` or `exec`), with a terminal's master
+    /// received meanwhile.
+    async fn make_process<F, Fut>(
+        paths: &Paths,
+        bundle: &Path,
+        name: &str,
+        run: F,
+    ) -> Result<Copies, Error>
+    where
+        F: FnOnce(crate::runtime::ChildStdio, Option<PathBuf>) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        let (child, mut copies, console) = Self::stdio_for(bundle, name, paths)?;
+        match console {
+            None => {
+                run(child, None).await.map_err(other)?;
+                Ok(copies)
+            }
+            Some(sock) => {
+                let path = sock.path.clone();
+                let master = tokio::spawn(sock.receive(CONSOLE_WAIT));
+                let made = run(child, Some(path)).await;
+                if let Err(e) = made {
+                    master.abort();
+                    return Err(other(e));
+                }
+                let master = master
+                    .await
+                    .map_err(|e| Error::Other(e.to_string()))?
+                    .map_err(other)?;
+                copies = stdio::terminal(master, paths).map_err(other)?;
+                Ok(copies)
+            }
+        }
+    }
+}
+
+fn spec_terminal(bundle: &Path) -> bool {
+    std::fs::read(bundle.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["process"]["terminal"].as_bool())
+        .unwrap_or(false)
+}
+
+/// The runtime options containerd attached (runc's Options type: BinaryName, Root).
+fn runtime_options(
+    any: &MessageField<containerd_shim::protos::protobuf::well_known_types::any::Any>,
+) -> (String, String) {
+    use containerd_shim::protos::protobuf::Message;
+    let Some(any) = any.as_ref() else {
+        return Default::default();
+    };
+    match containerd_shim::api::Options::parse_from_bytes(&any.value) {
+        Ok(o) => (o.binary_name, o.root),
+        Err(_) => Default::default(),
+    }
+}
+
+#[async_trait]
+impl containerd_shim::Task for TaskService {
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateTaskRequest,
+    ) -> TtrpcResult<CreateTaskResponse> {
+        let bundle = PathBuf::from(&req.bundle);
+        let (binary, root) = runtime_options(&req.options);
+        // Kept for `delete` after a crash: the shim's cleanup reads them back.
+        let _ = std::fs::write(bundle.join("nestor-options"), format!("{binary}\n{root}\n"));
+        let nestor = Nestor::new(&binary, &root, &self.namespace, &bundle);
+        let mut rootfs_mounted = false;
+        if !req.rootfs.is_empty() {
+            let target = bundle.join("rootfs");
+            std::fs::create_dir_all(&target).map_err(|e| Error::Other(e.to_string()))?;
+            for m in &req.rootfs {
+                containerd_shim::asynchronous::util::mount_rootfs(m, &target).await?;
+            }
+            rootfs_mounted = true;
+        }
+        let paths = Paths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal || spec_terminal(&bundle),
+        };
+        let pid_file = bundle.join("init.pid");
+        let made = Self::make_process(&paths, &bundle, "init", |child, console| {
+            let nestor = nestor.clone();
+            let (id, bundle, pid_file) = (req.id.clone(), bundle.clone(), pid_file.clone());
+            async move {
+                nestor
+                    .create(&id, &bundle, &pid_file, console.as_deref(), child)
+                    .await
+            }
+        })
+        .await;
+        let copies = match made {
+            Ok(c) => c,
+            Err(e) => {
+                if rootfs_mounted {
+                    let _ = nix::mount::umount2(
+                        &bundle.join("rootfs"),
+                        nix::mount::MntFlags::MNT_DETACH,
+                    );
+                }
+                return Err(e.into());
+            }
+        };
+        let pid = read_pid(&pid_file).map_err(other)?;
+        let mut init = Process::new("", paths);
+        init.pid = pid;
+        init.copies = Arc::new(Mutex::new(copies));
+        self.watch_exit(&req.id, "", pid, init.copies.clone(), init.exited.clone())
+            .await;
+        self.containers.lock().await.insert(
+            req.id.clone(),
+            Container {
+                id: req.id.clone(),
+                bundle: bundle.clone(),
+                nestor,
+                init,
+                execs: HashMap::new(),
+                paused: false,
+                rootfs_mounted,
+            },
+        );
+        self.send(TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: MessageField::some(TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            }),
+            checkpoint: req.checkpoint.clone(),
+            pid: pid as u32,
+            ..Default::default()
+        });
+        Ok(CreateTaskResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
+    }
+
+    async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
+        let mut map = self.containers.lock().await;
+        let c = map
+            .get_mut(&req.id)
+            .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
+        if req.exec_id.is_empty() {
+            c.nestor.start(&req.id).await.map_err(other)?;
+            let pid = c.init.pid;
+            drop(map);
+            self.send(TaskStart {
+                container_id: req.id.clone(),
+                pid: pid as u32,
+                ..Default::default()
+            });
+            return Ok(StartResponse {
+                pid: pid as u32,
+                ..Default::default()
+            });
+        }
+        let (nestor, bundle) = (c.nestor.clone(), c.bundle.clone());
+        let p = c.process_mut(&req.exec_id)?;
+        let Some(spec) = p.spec.take() else {
+            return Err(Error::FailedPreconditionError(format!(
+                "exec {} already started",
+                req.exec_id
+            ))
+            .into());
+        };
+        let paths = p.paths.clone();
+        let safe = req
+            .exec_id
+            .chars()
+            .map(|ch| if ch.is_ascii_alphanumeric() { ch } else { '_' })
+            .collect::<String>();
+        let process_file = bundle.join(format!("exec-{safe}.json"));
+        let pid_file = bundle.join(format!("exec-{safe}.pid"));
+        std::fs::write(&process_file, &spec).map_err(|e| Error::Other(e.to_string()))?;
+        let made = Self::make_process(
+            &paths,
+            &bundle,
+            &format!("exec-{safe}"),
+            |child, console| {
+                let (nestor, id, pf, pid_file) = (
+                    nestor.clone(),
+                    req.id.clone(),
+                    process_file.clone(),
+                    pid_file.clone(),
+                );
+                async move {
+                    nestor
+                        .exec(&id, &pf, &pid_file, console.as_deref(), child)
+                        .await
+                }
+            },
+        )
+        .await;
+        let _ = std::fs::remove_file(&process_file);
+        let copies = made?;
+        let pid = read_pid(&pid_file).map_err(other)?;
+        let _ = std::fs::remove_file(&pid_file);
+        let p = c.process_mut(&req.exec_id)?;
+        p.pid = pid;
+        *p.copies.lock().await = copies;
+        let (copies, tx) = (p.copies.clone(), p.exited.clone());
+        self.watch_exit(&req.id, &req.exec_id, pid, copies, tx)
+            .await;
+        drop(map);
+        self.send(TaskExecStarted {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            pid: pid as u32,
+            ..Default::default()
+        });
+        Ok(StartResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
+    }
+
+    async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
+        let mut map = self.containers.lock().await;
+        let c = map
+            .get_mut(&req.id)
+            .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
+        if c.execs.contains_key(&req.exec_id) || req.exec_id.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "exec id {:?} is empty or in use",
+                req.exec_id
+            ))
+            .into());
+        }
+        let spec = req
+            .spec
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("exec without a process spec".into()))?;
+        let mut process: serde_json::Value = serde_json::from_slice(&spec.value)
+            .map_err(|e| Error::InvalidArgument(format!("exec process spec: {e}")))?;
+        process["terminal"] = serde_json::Value::Bool(req.terminal);
+        let mut p = Process::new(
+            &req.exec_id,
+            Paths {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+            },
+        );
+        p.spec = Some(serde_json::to_vec(&process).map_err(|e| Error::Other(e.to_string()))?);
+        c.execs.insert(req.exec_id.clone(), p);
+        drop(map);
+        self.send(TaskExecAdded {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        });
+        Ok(Empty::new())
+    }
+
+    async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
+        let map = self.containers.lock().await;
+        let c = map
+            .get(&req.id)
+            .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
+        let p = c.process(&req.exec_id)?;
+        let exit = p.exit();
+        let status = match exit {
+            Some(_) => Status::STOPPED,
+            None if p.pid == 0 => Status::CREATED,
+            None if req.exec_id.is_empty() && c.paused => Status::PAUSED,
+            None if req.exec_id.is_empty() => {
+                match nestor_container::state::Root::new(&c.nestor.root).load(&c.id) {
+                    Ok(st) if !st.started => Status::CREATED,
+                    _ => Status::RUNNING,
+                }
+            }
+            None => Status::RUNNING,
+        };
+        Ok(StateResponse {
+            id: if p.exec_id.is_empty() {
+                c.id.clone()
+            } else {
+                p.exec_id.clone()
+            },
+            bundle: c.bundle.display().to_string(),
+            pid: p.pid as u32,
+            status: status.into(),
+            stdin: p.paths.stdin.clone(),
+            stdout: p.paths.stdout.clone(),
+            stderr: p.paths.stderr.clone(),
+            terminal: p.paths.terminal,
+            exit_status: exit.map(|e| e.code).unwrap_or(0),
+            exited_at: exit.map(|e| ts(e.at)).into(),
+            exec_id: p.exec_id.clone(),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
+        let mut rx = {
+            let map = self.containers.lock().await;
+            let c = map
+                .get(&req.id)
+                .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
+            c.process(&req.exec_id)?.exited.subscribe()
+        };
+        // Waits for a process not started yet too (ctr waits before it starts an exec).
+        let ex = loop {
+            if let Some(ex) = *rx.borrow_and_update() {
+                break ex;
+            }
+            if rx.changed().await.is_err() {
+                return Err(Error::NotFoundError(format!(
+                    "process {}/{} was deleted",
+                    req.id, req.exec_id
+                ))
+                .into());
+            }
+        };
+        Ok(WaitResponse {
+            exit_status: ex.code,
+            exited_at: MessageField::some(ts(ex.at)),
+            ..Default::default()
+        })
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
+        let map = self.containers.lock().await;
+        let c = map
+            .get(&req.id)
+            .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
+        let p = c.process(&req.exec_id)?;
+        if p.exit().is_some() || p.pid == 0 {
+            return Err(Error::NotFoundError("process already finished".into()).into());
+        }
+        if req.exec_id.is_empty() {
+            let (nestor, id) = (c.nestor.clone(), c.id.clone());
+            drop(map);
+            nestor.kill(&id, req.signal, req.all).await.map_err(other)?;
+        } else {
+            let sig = nix::sys::signal::Signal::try_from(req.signal as i32)
+                .map_err(|_| Error::InvalidArgument(format!("signal {}", req.signal)))?;
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), sig)
+                .map_err(|e| Error::NotFoundError(format!("kill {}: {e}", p.pid)))?;
+        }
+        Ok(Empty::new())
+    }
+
+    async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> TtrpcResult<DeleteResponse> {
+        let mut map = self.containers.lock().await;
+        let c = map
+            .get_mut(&req.id)
+            .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
+        if !req.exec_id.is_empty() {
+            let p = c.process(&req.exec_id)?;
+            if p.pid != 0 && p.exit().is_none() {
+                return Err(Error::FailedPreconditionError(format!(
+                    "exec {} is still running",
+                    req.exec_id
+                ))
+                .into());
+            }
+            let ex = p.exit();
+            let pid = p.pid;
+            c.execs.remove(&req.exec_id);
+            return Ok(DeleteResponse {
+                pid: pid as u32,
+                exit_status: ex.map(|e| e.code).unwrap_or(0),
+                exited_at: ex.map(|e| ts(e.at)).into(),
+                ..Default::default()
+            });
+        }
+        let ex = c.init.exit();
+        let pid = c.init.pid;
+        // A created container that never ran is deleted by force (containerd deletes
+        // tasks whose start failed).
+        c.nestor.delete(&c.id, ex.is_none()).await.map_err(other)?;
+        if c.rootfs_mounted {
+            let target = c.bundle.join("rootfs");
+            if let Err(e) = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH) {
+                warn!("unmount {}: {e}", target.display());
+            }
+        }
+        let at = ex.map(|e| e.at).unwrap_or_else(SystemTime::now);
+        let code = ex.map(|e| e.code).unwrap_or(137);
+        map.remove(&req.id);
+        drop(map);
+        self.send(TaskDelete {
+            container_id: req.id.clone(),
+            pid: pid as u32,
+            exit_status: code,
+            exited_at: MessageField::some(ts(at)),
+            id: req.id.clone(),
+            ..Default::default()
+        });
+        Ok(DeleteResponse {
+            pid: pid as u32,
+            exit_status: code,
+            exited_at: MessageField::some(ts(at)),
+            ..Default::default()
+        })
+    }
+
+    async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
+        let map = self.containers.lock().await;
+        let c = map
+            .get(&req.id)
+            .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
+        let pids = c
+            .nestor
+            .cgroup(&c.id)
+            .and_then(|cg| Ok(cg.pids()?))
+            .map_err(other)?;
+        Ok(PidsResponse {
+            processes: pids
+                .into_iter()
+                .map(|pid| ProcessInfo {
+                    pid: pid as u32,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> TtrpcResult<Empty> {
+        let mut map = self.containers.lock().await;
+        let c = map
+            .get_mut(&req.id)
+            .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
+        c.nestor.pause(&c.id).await.map_err(other)?;
+        c.paused = true;
+        drop(map);
+        self.send(TaskPaused {
+            container_id: req.id.clone(),
+            ..Default::default()
+        });
+        Ok(Empty::new())
+    }
+
+    async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> TtrpcResult<Empty> {
+        let mut map = self.containers.lock().await;
+        let c = map
+            .get_mut(&req.id)
+            .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
+        c.nestor.resume(&c.id).await.map_err(other)?;
+        c.paused = false;
+        drop(map);
+        self.send(TaskResumed {
+            container_id: req.id.clone(),
+            ..Default::default()
+        });
+        Ok(Empty::new())
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
+        let copies = {
+            let map = self.containers.lock().await;
+            let c = map
+                .get(&req.id)
+                .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
+            c.process(&req.exec_id)?.copies.clone()
+        };
+        copies
+            .lock()
+            .await
+            .resize(req.width, req.height)
+            .map_err(other)?;
+        Ok(Empty::new())
+    }
+
+    async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
+        let copies = {
+            let map = self.containers.lock().await;
+            let c = map
+                .get(&req.id)
+                .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
+            c.process(&req.exec_id)?.copies.clone()
+        };
+        if req.stdin {
+            copies.lock().await.close_stdin();
+        }
+        Ok(Empty::new())
+    }
+
+    async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
+        Err(Error::Unimplemented(format!(
+            "update of {}: nestor's shim does not change resources yet",
+            req.id
+        ))
+        .into())
+    }
+
+    async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
+        use containerd_shim::protos::cgroups::metrics::{
+            CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat,
+        };
+        let map = self.containers.lock().await;
+        let c = map
+            .get(&req.id)
+            .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
+        let st = c
+            .nestor
+            .cgroup(&c.id)
+            .and_then(|cg| Ok(cg.stats()?))
+            .map_err(other)?;
+        let m = Metrics {
+            pids: MessageField::some(PidsStat {
+                current: st.pids_current.unwrap_or(0),
+                limit: st.pids_limit.unwrap_or(0),
+                ..Default::default()
+            }),
+            cpu: MessageField::some(CPUStat {
+                usage: MessageField::some(CPUUsage {
+                    total: st.cpu_usage_ns.unwrap_or(0),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            memory: MessageField::some(MemoryStat {
+                usage: MessageField::some(MemoryEntry {
+                    usage: st.memory_current.unwrap_or(0),
+                    max: st.memory_peak.unwrap_or(0),
+                    limit: st.memory_limit.unwrap_or(u64::MAX),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let any = containerd_shim::util::convert_to_any(Box::new(m))?;
+        Ok(StatsResponse {
+            stats: MessageField::some(any),
+            ..Default::default()
+        })
+    }
+
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ConnectRequest,
+    ) -> TtrpcResult<ConnectResponse> {
+        let map = self.containers.lock().await;
+        let task_pid = map.get(&req.id).map(|c| c.init.pid).unwrap_or(0);
+        Ok(ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid: task_pid as u32,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
+        if self.containers.lock().await.is_empty() {
+            self.exit.signal();
+        }
+        Ok(Empty::new())
+    }
+}
