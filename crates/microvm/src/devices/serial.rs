@@ -1,9 +1,11 @@
 //! The COM1 8250 UART (vm-superio) on the port-I/O bus; its interrupt is an eventfd the
 //! VMM registers as an irqfd for IRQ 4; output goes to any writer (stdout, a file, a buffer).
+//! Its registers and input FIFO are kept in snapshots ([`SerialSnapshot`]).
 
 use std::io::Write;
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -22,6 +24,30 @@ impl Trigger for EventFdTrigger {
 /// Where console output goes.
 pub type ConsoleOut = Box<dyn Write + Send>;
 
+/// The UART's registers and input FIFO, as a snapshot keeps them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low and high byte.
+    pub baud_divisor: [u8; 2],
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// SCR.
+    pub scratch: u8,
+    /// Bytes waiting for the guest to read.
+    pub input: Vec<u8>,
+}
+
 /// The UART as a bus device.
 pub struct SerialDevice {
     serial: Serial<EventFdTrigger, NoEvents, ConsoleOut>,
@@ -32,6 +58,45 @@ impl SerialDevice {
     pub fn new(irq: EventFd, out: ConsoleOut) -> Self {
         SerialDevice {
             serial: Serial::new(EventFdTrigger(irq), out),
+        }
+    }
+
+    /// A UART with the registers of a snapshot (refused if its FIFO overflows).
+    pub fn from_snapshot(
+        irq: EventFd,
+        out: ConsoleOut,
+        s: &SerialSnapshot,
+    ) -> Result<Self, String> {
+        let state = SerialState {
+            baud_divisor_low: s.baud_divisor[0],
+            baud_divisor_high: s.baud_divisor[1],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.input.clone(),
+        };
+        Serial::from_state(&state, EventFdTrigger(irq), NoEvents, out)
+            .map(|serial| SerialDevice { serial })
+            .map_err(|e| format!("serial state: {e:?}"))
+    }
+
+    /// The registers and input FIFO for a snapshot.
+    pub fn save(&self) -> SerialSnapshot {
+        let s = self.serial.state();
+        SerialSnapshot {
+            baud_divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            input: s.in_buffer,
         }
     }
 
