@@ -159,4 +159,38 @@ mod tests {
         assert_eq!(d, [0, 0]);
         assert_eq!(&*buf.0.lock().unwrap(), b"hi");
     }
+
+    #[test]
+    fn registers_and_input_survive_a_snapshot() {
+        let mut s = SerialDevice::new(EventFd::new(0).unwrap(), Box::new(std::io::sink()));
+        s.write(7, &[0x5a]); // scratch
+        s.write(1, &[0x1]); // IER: received data available
+        s.write(3, &[0x83]); // LCR with DLAB
+        s.write(0, &[0x0c]); // divisor low: 9600 baud
+        s.write(3, &[0x03]);
+        assert_eq!(s.enqueue_input(b"in"), 2);
+        let saved = s.save();
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: SerialSnapshot = serde_json::from_str(&json).unwrap();
+        let mut r =
+            SerialDevice::from_snapshot(EventFd::new(0).unwrap(), Box::new(std::io::sink()), &back)
+                .unwrap();
+        let mut b = [0u8];
+        for (off, want) in [(7, 0x5a), (1, 0x1), (3, 0x03)] {
+            r.read(off, &mut b);
+            assert_eq!(b[0], want, "register {off}");
+        }
+        r.read(0, &mut b);
+        assert_eq!(b[0], b'i');
+        r.read(0, &mut b);
+        assert_eq!(b[0], b'n');
+        let mut over = back.clone();
+        over.input = vec![0; 1 << 16];
+        assert!(SerialDevice::from_snapshot(
+            EventFd::new(0).unwrap(),
+            Box::new(std::io::sink()),
+            &over
+        )
+        .is_err());
+    }
 }
