@@ -183,6 +183,22 @@ pub fn metrics(vmm: &Vmm) -> Metrics {
     }
 }
 
+/// Sends one request line to the API socket at `path` and returns the answer line
+/// (`nestor-vmm --api PATH --call JSON`).
+pub fn call(path: &Path, request: &str) -> std::io::Result<String> {
+    let mut s = UnixStream::connect(path)?;
+    writeln!(s, "{}", request.trim())?;
+    let mut answer = Vec::new();
+    let mut b = [0u8; 4096];
+    while !answer.ends_with(b"\n") {
+        match s.read(&mut b)? {
+            0 => break,
+            n => answer.extend_from_slice(&b[..n]),
+        }
+    }
+    Ok(String::from_utf8_lossy(&answer).trim_end().to_string())
+}
+
 /// The bound socket; removes its file when dropped.
 pub struct ApiServer {
     listener: UnixListener,

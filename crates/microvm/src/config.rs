@@ -333,6 +333,10 @@ pub struct Cli {
     /// console byte, the boot marker and the exit.
     #[arg(long)]
     pub boot_timings: bool,
+    /// Send one request to the running nestor-vmm whose API socket is --api, print its
+    /// answer and exit (0 if it says ok, else 1), e.g. '{"action":"pause"}'.
+    #[arg(long, value_name = "JSON", requires = "api", conflicts_with_all = ["config", "kernel", "restore"])]
+    pub call: Option<String>,
     /// Restore the VM of a snapshot directory (made by the API's snapshot-create)
     /// instead of booting a kernel; other flags may change host-side settings only.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "kernel", "initrd", "cmdline"])]

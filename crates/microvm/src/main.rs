@@ -67,6 +67,14 @@ fn run(start: Instant) -> anyhow::Result<i32> {
         writeln!(std::io::stdout(), "{:#}", seccomp::default_filters()?)?;
         return Ok(0);
     }
+    if let (Some(req), Some(path)) = (&cli.call, &cli.api) {
+        let answer = api::call(path, req)
+            .map_err(|e| anyhow::anyhow!("API socket {}: {e}", path.display()))?;
+        println!("{answer}");
+        let ok = serde_json::from_str::<serde_json::Value>(&answer)
+            .is_ok_and(|v| v["ok"] == serde_json::Value::Bool(true));
+        return Ok(if ok { 0 } else { 1 });
+    }
     let filters = cli.seccomp.clone();
     let boot_timings = cli.boot_timings;
     let resume = cli.resume;

@@ -216,8 +216,30 @@ fn a_new_process_restores_the_snapshot_and_bad_snapshots_are_refused() {
     // A second snapshot into the same directory fails; the VM keeps running.
     let r = a.snapshot(&s1, true);
     assert_eq!(r["ok"], false, "{r}");
-    let m = a.call(r#"{"action":"metrics"}"#);
+    // The same through `nestor-vmm --call`.
+    let o = vmm_bin()
+        .args([
+            "--api",
+            a.api.to_str().unwrap(),
+            "--call",
+            r#"{"action":"metrics"}"#,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(m["metrics"]["paused"], false, "{m}");
+    let o = vmm_bin()
+        .args([
+            "--api",
+            a.api.to_str().unwrap(),
+            "--call",
+            r#"{"action":"snapshot-create"}"#,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "a refused request: status 1");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("needs"));
     let o = a.stop();
     assert_eq!(
         o.status.code(),
