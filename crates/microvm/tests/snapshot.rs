@@ -82,6 +82,16 @@ fn counting_guest_counts_on_in_a_restored_vm() {
     let (m1, rbx1) = saved_count(&s1);
     assert_eq!(m1, c1, "the memory file holds the paused guest's counter");
     assert!(rbx1 > 0);
+    // The MTRRs are saved although KVM does not list them (a Linux guest restored
+    // without them crawled): the boot value, enabled and write-back.
+    let l1 = snapshot::read(&s1).unwrap();
+    assert!(
+        l1.state.vcpus[0]
+            .msrs
+            .iter()
+            .any(|m| m.index == 0x2ff && m.data == 0x806),
+        "MTRRdefType not saved"
+    );
     // Snapshotting into an existing directory is refused and leaves it alone.
     let e = vmm.snapshot(&s1).unwrap_err().to_string();
     assert!(e.contains("cannot create the directory"), "{e}");

@@ -338,27 +338,34 @@ pub fn run_loop(mut vcpu: Vcpu, ctx: VcpuContext) {
     let mut round = 0;
     while ctx.control.checkpoint(&vcpu, &mut round) {
         ctx.first_run.mark();
+        let mut io = false;
         let end = match vcpu.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !ctx.pio.read(u64::from(port), data) {
                     data.fill(0);
                 }
                 tracing::trace!(port, ?data, "pio in");
+                io = true;
                 None
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 tracing::trace!(port, ?data, "pio out");
                 ctx.pio.write(u64::from(port), data);
+                io = true;
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 if !ctx.mmio.read(addr, data) {
                     data.fill(0);
                 }
+                tracing::trace!(addr, ?data, "mmio read");
+                io = true;
                 None
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                tracing::trace!(addr, ?data, "mmio write");
                 ctx.mmio.write(addr, data);
+                io = true;
                 None
             }
             Ok(VcpuExit::Hlt) => Some(GuestExit::Halted),
@@ -401,11 +408,31 @@ pub fn run_loop(mut vcpu: Vcpu, ctx: VcpuContext) {
                 vcpu.id
             ))),
         };
+        if io && end.is_none() && ctx.control.is_paused() {
+            complete_io(&mut vcpu);
+        }
         if let Some(end) = end {
             ctx.exit.set(end);
             return;
         }
     }
+}
+
+/// Finishes a port or MMIO access before the vCPU parks: KVM completes it (an IN gets
+/// its data, RIP moves past the instruction) only when KVM_RUN is entered again, so the
+/// vCPU re-enters with `immediate_exit` set, which completes it and returns at once
+/// without running guest code. Saved state then never sits inside an instruction.
+fn complete_io(vcpu: &mut Vcpu) {
+    vcpu.fd.set_kvm_immediate_exit(1);
+    match vcpu.fd.run() {
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+        other => tracing::warn!(
+            "vCPU {}: completing an access before a pause: {:?}",
+            vcpu.id,
+            other.map(|_| ())
+        ),
+    }
+    vcpu.fd.set_kvm_immediate_exit(0);
 }
 
 /// Whether the vCPU can only be woken by NMI/INIT: halted with RFLAGS.IF clear, or never

@@ -118,14 +118,26 @@ impl Vm {
         Ok(())
     }
 
-    /// KVM's list of MSRs a VMM should save and restore (KVM_GET_MSR_INDEX_LIST).
+    /// The MSRs a snapshot keeps: KVM's list of MSRs a VMM should save
+    /// (KVM_GET_MSR_INDEX_LIST), plus the MTRRs, which KVM leaves out of it but a
+    /// guest sets up once at boot (and the boot MSRs, should KVM not list one).
     pub fn saveable_msrs(&self) -> Result<Vec<u32>, VmError> {
-        Ok(self
+        let mut list = self
             .kvm
             .get_msr_index_list()
             .map_err(ioctl("GET_MSR_INDEX_LIST"))?
             .as_slice()
-            .to_vec())
+            .to_vec();
+        let boot = crate::arch::x86_64::msr::boot_msr_entries();
+        let extra = crate::arch::x86_64::msr::mtrr_msrs()
+            .into_iter()
+            .chain(boot.iter().map(|e| e.index));
+        for m in extra {
+            if !list.contains(&m) {
+                list.push(m);
+            }
+        }
+        Ok(list)
     }
 
     /// Reads the irqchip, PIT and clock (the vCPUs must be paused).
