@@ -102,6 +102,9 @@ pub enum VmmError {
     /// An eventfd.
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
+    /// A vCPU's saved state was refused by KVM.
+    #[error(transparent)]
+    VcpuState(#[from] crate::vstate::vcpu_state::VcpuStateError),
     /// A snapshot that cannot be restored here.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
@@ -375,7 +378,7 @@ impl Vmm {
         }
         for s in &st.vcpus {
             let v = Vcpu::new(&vmm.vm, s.id)?;
-            vcpu_state::restore(&v.fd, s).map_err(|e| VmmError::Device(e.to_string()))?;
+            vcpu_state::restore(&v.fd, s)?;
             vmm.pending.push(v);
         }
         if !resume {
