@@ -381,6 +381,9 @@ impl Vmm {
             vcpu_state::restore(&v.fd, s)?;
             vmm.pending.push(v);
         }
+        for t in &vmm.transports {
+            t.lock().unwrap_or_else(|p| p.into_inner()).raise_pending();
+        }
         if !resume {
             vmm.ctx.control.pause();
         }

@@ -1217,6 +1217,8 @@ fn restored_transport_resets_the_guest_transport_and_rings_continue() {
     // The new VMM: same guest memory, a new device, the saved transport state.
     let (t, irq, kicks, events) = device(&path, &mem);
     t.lock().unwrap().restore(&saved).unwrap();
+    assert_eq!(irq.read().ok(), None, "an interrupt before the vCPUs exist");
+    t.lock().unwrap().raise_pending();
     assert_eq!(rd(&t, 0x70), 0xf);
     assert_eq!(vqs[2].used().idx().load(), 1, "no transport-reset event");
     let e = vqs[2].used().ring().ref_at(0).unwrap().load();

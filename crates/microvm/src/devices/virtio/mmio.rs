@@ -263,12 +263,22 @@ impl MmioTransport {
                 .activate(&mut ctx)
                 .map_err(|e| format!("device type {kind}: cannot activate: {e}"))?;
             self.active = true;
-            let used = self.dev.restored(&mut ctx);
-            if used {
-                self.signal();
+            if self.dev.restored(&mut ctx) {
+                // Raised by [`MmioTransport::raise_pending`] once the vCPUs (and their
+                // LAPICs) exist: an interrupt sent now would reach no one.
+                self.interrupt_status |= INT_VRING;
             }
         }
         Ok(())
+    }
+
+    /// After a restore, once the vCPUs exist: raises the interrupt again if the
+    /// interrupt status says one is pending (one saved in flight, or the device's
+    /// restore event), since an edge sent before the LAPICs existed was lost.
+    pub fn raise_pending(&mut self) {
+        if self.interrupt_status != 0 && !self.direct_irq {
+            self.signal();
+        }
     }
 
     /// Guest-provoked problems seen so far and how many of them were logged.
