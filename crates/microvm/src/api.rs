@@ -1,5 +1,6 @@
 //! The control socket (`--api PATH`): a Unix stream socket taking one JSON request per
-//! line — `{"action": "pause" | "resume" | "shutdown" | "metrics"}` — and answering one
+//! line — `{"action": "pause" | "resume" | "shutdown" | "metrics"}`, or
+//! `{"action": "snapshot-create", "dir": DIR, "resume": BOOL}` — and answering one
 //! JSON line each. It is served from the VMM's main thread, which also waits for the
 //! guest to end the VM; the socket file is removed when the VMM exits.
 
@@ -30,21 +31,63 @@ pub enum ApiError {
     },
 }
 
-/// One request line: `{"action": …}` and nothing else.
+/// One request line: `{"action": …}` and, for `snapshot-create`, its `dir` and
+/// optional `resume`; nothing else.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Envelope {
-    action: Request,
+    action: Action,
+    #[serde(default)]
+    dir: Option<PathBuf>,
+    #[serde(default)]
+    resume: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum Action {
+    Pause,
+    Resume,
+    Shutdown,
+    Metrics,
+    SnapshotCreate,
+}
+
+/// A request line that is not a request.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// Not JSON, an unknown action or field.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// A field that does not belong to the action, or one missing.
+    #[error("{0}")]
+    Fields(&'static str),
 }
 
 /// Parses a request line.
-pub fn parse_request(line: &str) -> Result<Request, serde_json::Error> {
-    serde_json::from_str::<Envelope>(line).map(|e| e.action)
+pub fn parse_request(line: &str) -> Result<Request, RequestError> {
+    let e = serde_json::from_str::<Envelope>(line)?;
+    if e.action != Action::SnapshotCreate && (e.dir.is_some() || e.resume.is_some()) {
+        return Err(RequestError::Fields(
+            "\"dir\" and \"resume\" belong to snapshot-create",
+        ));
+    }
+    Ok(match e.action {
+        Action::Pause => Request::Pause,
+        Action::Resume => Request::Resume,
+        Action::Shutdown => Request::Shutdown,
+        Action::Metrics => Request::Metrics,
+        Action::SnapshotCreate => Request::SnapshotCreate {
+            dir: e
+                .dir
+                .ok_or(RequestError::Fields("snapshot-create needs \"dir\""))?,
+            resume: e.resume.unwrap_or(true),
+        },
+    })
 }
 
 /// A request.
-#[derive(Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, PartialEq, Eq)]
 pub enum Request {
     /// Pause every vCPU.
     Pause,
@@ -54,6 +97,14 @@ pub enum Request {
     Shutdown,
     /// Report [`Metrics`].
     Metrics,
+    /// Take a snapshot into the new directory `dir` (the VM is paused meanwhile, and
+    /// resumed after unless `resume` is false or it was paused before).
+    SnapshotCreate {
+        /// The directory to create.
+        dir: PathBuf,
+        /// Resume the vCPUs after.
+        resume: bool,
+    },
 }
 
 /// What `metrics` reports.
@@ -132,6 +183,22 @@ pub fn metrics(vmm: &Vmm) -> Metrics {
     }
 }
 
+/// Sends one request line to the API socket at `path` and returns the answer line
+/// (`nestor-vmm --api PATH --call JSON`).
+pub fn call(path: &Path, request: &str) -> std::io::Result<String> {
+    let mut s = UnixStream::connect(path)?;
+    writeln!(s, "{}", request.trim())?;
+    let mut answer = Vec::new();
+    let mut b = [0u8; 4096];
+    while !answer.ends_with(b"\n") {
+        match s.read(&mut b)? {
+            0 => break,
+            n => answer.extend_from_slice(&b[..n]),
+        }
+    }
+    Ok(String::from_utf8_lossy(&answer).trim_end().to_string())
+}
+
 /// The bound socket; removes its file when dropped.
 pub struct ApiServer {
     listener: UnixListener,
@@ -188,6 +255,28 @@ fn answer(vmm: &mut Vmm, line: &str) -> (serde_json::Value, bool) {
             serde_json::json!({"ok": true, "metrics": metrics(vmm)}),
             false,
         ),
+        Request::SnapshotCreate { dir, resume } => {
+            let was_paused = vmm.is_paused();
+            let t = std::time::Instant::now();
+            let r = vmm.snapshot(&dir);
+            let ms = t.elapsed().as_millis() as u64;
+            if resume && !was_paused {
+                vmm.resume();
+            }
+            match r {
+                Ok(w) => (
+                    serde_json::json!({"ok": true, "snapshot": {
+                        "dir": dir, "ms": ms, "memory_bytes": w.memory_bytes,
+                        "memory_written": w.memory_written, "state_bytes": w.state_bytes,
+                        "paused": vmm.is_paused()}}),
+                    false,
+                ),
+                Err(e) => (
+                    serde_json::json!({"ok": false, "error": e.to_string()}),
+                    false,
+                ),
+            }
+        }
     }
 }
 
@@ -277,11 +366,28 @@ mod tests {
             parse_request(r#"{"action":"metrics"}"#).unwrap(),
             Request::Metrics
         );
+        assert_eq!(
+            parse_request(r#"{"action":"snapshot-create","dir":"/s"}"#).unwrap(),
+            Request::SnapshotCreate {
+                dir: "/s".into(),
+                resume: true
+            }
+        );
+        assert_eq!(
+            parse_request(r#"{"action":"snapshot-create","dir":"/s","resume":false}"#).unwrap(),
+            Request::SnapshotCreate {
+                dir: "/s".into(),
+                resume: false
+            }
+        );
         for bad in [
             r#"{"action":"explode"}"#,
             "{}",
             "pause",
             r#"{"action":"pause","x":1}"#,
+            r#"{"action":"pause","dir":"/s"}"#,
+            r#"{"action":"snapshot-create"}"#,
+            r#"{"action":"snapshot-create","dir":"/s","resume":"no"}"#,
         ] {
             assert!(parse_request(bad).is_err(), "{bad}");
         }

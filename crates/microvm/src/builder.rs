@@ -1,7 +1,9 @@
 //! Assembles a microVM from a [`VmConfig`]: checks and opens every input first, maps
 //! guest memory, creates the VM with its irqchip, loads kernel/initramfs/command line,
 //! writes the boot tables, wires the legacy devices onto the buses and creates the vCPUs;
-//! then runs it until the guest ends it (or the VMM is asked to stop).
+//! then runs it until the guest ends it (or the VMM is asked to stop). The same
+//! assembly restores a VM from a snapshot ([`Vmm::restore`]) and takes one
+//! ([`Vmm::snapshot`]).
 
 use std::fs::File;
 use std::io::Write;
@@ -24,7 +26,7 @@ use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::boot_marker::{BootMarker, BootTime, FirstByte, Stamp};
 use crate::devices::i8042::I8042;
 use crate::devices::pci_absent::PciAbsent;
-use crate::devices::serial::{ConsoleOut, SerialDevice};
+use crate::devices::serial::{ConsoleOut, SerialDevice, SerialSnapshot};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::event_loop::{EventLoop, QueueEvent};
 use crate::devices::virtio::fs::Fs;
@@ -36,8 +38,10 @@ use crate::devices::virtio::VirtioDevice;
 use crate::devices::{Bus, BusError};
 use crate::exit::{ExitSignal, GuestExit};
 use crate::seccomp::{self, ThreadKind};
+use crate::snapshot::{self, SnapshotError};
 use crate::vstate::memory::{self, GuestMemory, MemoryError};
 use crate::vstate::vcpu::{self, Vcpu, VcpuContext, VcpuControl, VcpuError};
+use crate::vstate::vcpu_state;
 use crate::vstate::vm::{Vm, VmError};
 
 /// Errors while building or running the VM.
@@ -98,6 +102,12 @@ pub enum VmmError {
     /// An eventfd.
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
+    /// A vCPU's saved state was refused by KVM.
+    #[error(transparent)]
+    VcpuState(#[from] crate::vstate::vcpu_state::VcpuStateError),
+    /// A snapshot that cannot be restored here.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }
 
 impl From<BusError> for VmmError {
@@ -117,6 +127,8 @@ pub struct Vmm {
     handles: Vec<JoinHandle<()>>,
     pending: Vec<Vcpu>,
     events: Option<EventLoop>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    serial: Arc<Mutex<SerialDevice>>,
     ctx: VcpuContext,
     vm: Vm,
     mem: GuestMemory,
@@ -125,6 +137,7 @@ pub struct Vmm {
     start: Instant,
     ended: Option<(GuestExit, Instant)>,
     vcpus: u8,
+    cfg: VmConfig,
 }
 
 /// Boot milestones as times since VMM start (None: not reached).
@@ -173,6 +186,41 @@ fn open_console(c: &Console, limit: u64) -> Result<ConsoleOut, VmmError> {
     })
 }
 
+/// The virtio devices of `cfg`, opened, in slot order: disks first (/dev/vda,
+/// /dev/vdb, …), then the RNG, virtio-fs, vsock and net.
+fn open_devices(cfg: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, VmmError> {
+    let net = match &cfg.net {
+        Some(n) => Some(Net::open(&n.parse::<NetConfig>()?)?),
+        None => None,
+    };
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for (i, d) in cfg.disks.iter().enumerate() {
+        devices.push(Box::new(Block::open(
+            &d.path,
+            d.read_only,
+            &format!("nestor-disk{i}"),
+        )?));
+    }
+    devices.push(Box::new(Rng));
+    for f in &cfg.fs {
+        devices.push(Box::new(Fs::connect(&f.socket, &f.tag)?));
+    }
+    if let Some(p) = &cfg.vsock {
+        devices.push(Box::new(Vsock::new(p, cfg.vsock_cid)?));
+    }
+    if let Some(n) = net {
+        devices.push(Box::new(n));
+    }
+    let slots = (layout::IRQ_MAX - layout::VIRTIO_IRQ_START + 1) as usize;
+    if devices.len() > slots {
+        return Err(VmmError::Device(format!(
+            "{} virtio devices asked for, at most {slots} fit",
+            devices.len()
+        )));
+    }
+    Ok(devices)
+}
+
 impl Vmm {
     /// Builds the VM; `start` is the instant boot times are measured from. Console
     /// output goes where the config says unless `console` overrides it.
@@ -182,11 +230,8 @@ impl Vmm {
         console: Option<ConsoleOut>,
     ) -> Result<Self, VmmError> {
         cfg.validate()?;
-        let net = match &cfg.net {
-            Some(n) => Some(Net::open(&n.parse::<NetConfig>()?)?),
-            None => None,
-        };
         // Every input is opened before anything is created.
+        let devices = open_devices(cfg)?;
         let mut kernel = open("kernel", &cfg.kernel)?;
         let initrd = match &cfg.initrd {
             Some(p) => {
@@ -203,33 +248,6 @@ impl Vmm {
             }
             None => None,
         };
-        // virtio devices: disks first (in order: /dev/vda, /dev/vdb, …), then the RNG,
-        // vsock and net.
-        let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-        for (i, d) in cfg.disks.iter().enumerate() {
-            devices.push(Box::new(Block::open(
-                &d.path,
-                d.read_only,
-                &format!("nestor-disk{i}"),
-            )?));
-        }
-        devices.push(Box::new(Rng));
-        for f in &cfg.fs {
-            devices.push(Box::new(Fs::connect(&f.socket, &f.tag)?));
-        }
-        if let Some(p) = &cfg.vsock {
-            devices.push(Box::new(Vsock::new(p, cfg.vsock_cid)?));
-        }
-        if let Some(n) = net {
-            devices.push(Box::new(n));
-        }
-        let slots = (layout::IRQ_MAX - layout::VIRTIO_IRQ_START + 1) as usize;
-        if devices.len() > slots {
-            return Err(VmmError::Device(format!(
-                "{} virtio devices asked for, at most {slots} fit",
-                devices.len()
-            )));
-        }
         let mut full_cmdline = cfg.cmdline.trim().to_string();
         for i in 0..devices.len() {
             let (addr, irq) = virtio_slot(i);
@@ -275,6 +293,115 @@ impl Vmm {
             },
         )?;
 
+        let mut vmm = Self::assemble(cfg, start, console, vm, mem, devices, None)?;
+        for id in 0..cfg.vcpus {
+            let v = Vcpu::new(&vmm.vm, id)?;
+            v.configure_cpu(&vmm.vm, cfg.vcpus)?;
+            v.configure_boot_regs(kernel_info.entry)?;
+            vmm.pending.push(v);
+        }
+        Ok(vmm)
+    }
+
+    /// Builds the VM of a snapshot read by [`snapshot::read`]: `cfg` is the snapshot's
+    /// configuration with the host-side changes the caller allows (paths, console,
+    /// API). Guest memory is the snapshot's memory file mapped `MAP_PRIVATE`; nothing is
+    /// loaded or booted. The vCPUs start paused unless `resume`.
+    pub fn restore(
+        cfg: &VmConfig,
+        snap: &snapshot::Loaded,
+        start: Instant,
+        console: Option<ConsoleOut>,
+        resume: bool,
+    ) -> Result<Self, VmmError> {
+        cfg.validate()?;
+        let st = &snap.state;
+        let mismatch = |what: String| {
+            VmmError::Snapshot(SnapshotError::Mismatch {
+                path: snap.dir.clone(),
+                what,
+            })
+        };
+        if !cfg.fs.is_empty() {
+            return Err(VmmError::Snapshot(SnapshotError::Unsupported(
+                "virtio-fs devices (their state is in the file server)".into(),
+            )));
+        }
+        let ram = layout::ram_ranges(cfg.mem_mib << 20);
+        let saved: Vec<(u64, u64)> = st.memory.iter().map(|r| (r.guest_addr, r.size)).collect();
+        if saved != ram {
+            return Err(mismatch(format!(
+                "its guest memory is {} MiB, the configuration's {} MiB",
+                st.memory.iter().map(|r| r.size).sum::<u64>() >> 20,
+                cfg.mem_mib
+            )));
+        }
+        if st.vcpus.len() != usize::from(cfg.vcpus) {
+            return Err(mismatch(format!(
+                "it has {} vCPUs, the configuration {}",
+                st.vcpus.len(),
+                cfg.vcpus
+            )));
+        }
+        let devices = open_devices(cfg)?;
+        let types = |v: &mut dyn Iterator<Item = u32>| {
+            v.map(|t| t.to_string()).collect::<Vec<_>>().join(",")
+        };
+        let have = types(&mut devices.iter().map(|d| d.device_type()));
+        let want = types(&mut st.devices.iter().map(|d| d.device_type));
+        if have != want {
+            return Err(mismatch(format!(
+                "its virtio devices are of types [{want}], the configuration's [{have}]"
+            )));
+        }
+        let ranges: Vec<(u64, u64, u64)> = st
+            .memory
+            .iter()
+            .map(|r| (r.guest_addr, r.size, r.file_offset))
+            .collect();
+        let mem = memory::map_private_file(&ranges, &snap.memory)?;
+        let vm = Vm::new()?;
+        vm.register_memory(&mem)?;
+        vm.setup_irqchip()?;
+        vm.restore_state(&st.vm)?;
+        let mut vmm = Self::assemble(cfg, start, console, vm, mem, devices, Some(&st.serial))?;
+        for (t, s) in vmm.transports.iter().zip(&st.devices) {
+            t.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore(s)
+                .map_err(|e| {
+                    VmmError::Snapshot(SnapshotError::Corrupt {
+                        path: snap.dir.clone(),
+                        what: e,
+                    })
+                })?;
+        }
+        for s in &st.vcpus {
+            let v = Vcpu::new(&vmm.vm, s.id)?;
+            vcpu_state::restore(&v.fd, s)?;
+            vmm.pending.push(v);
+        }
+        for t in &vmm.transports {
+            t.lock().unwrap_or_else(|p| p.into_inner()).raise_pending();
+        }
+        if !resume {
+            vmm.ctx.control.pause();
+        }
+        Ok(vmm)
+    }
+
+    /// Wires the legacy devices, the virtio transports and the event thread around a
+    /// VM whose memory is mapped and registered and whose irqchip exists; the vCPUs
+    /// are the caller's to add. `serial` is a saved UART state to start from.
+    fn assemble(
+        cfg: &VmConfig,
+        start: Instant,
+        console: Option<ConsoleOut>,
+        vm: Vm,
+        mem: GuestMemory,
+        devices: Vec<Box<dyn VirtioDevice>>,
+        serial: Option<&SerialSnapshot>,
+    ) -> Result<Self, VmmError> {
         let exit = Arc::new(ExitSignal::new().map_err(VmmError::EventFd)?);
         let mut pio = Bus::new();
         let first_output = Stamp::new(start);
@@ -287,11 +414,11 @@ impl Vmm {
         vm.fd()
             .register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(|e| VmmError::Device(format!("serial irqfd: {e}")))?;
-        pio.insert(
-            u64::from(SERIAL_PORT),
-            8,
-            Arc::new(Mutex::new(SerialDevice::new(serial_irq, out))),
-        )?;
+        let serial = Arc::new(Mutex::new(match serial {
+            Some(s) => SerialDevice::from_snapshot(serial_irq, out, s).map_err(VmmError::Device)?,
+            None => SerialDevice::new(serial_irq, out),
+        }));
+        pio.insert(u64::from(SERIAL_PORT), 8, serial.clone())?;
         let kbd_irq = EventFd::new(0).map_err(VmmError::EventFd)?;
         vm.fd()
             .register_irqfd(&kbd_irq, I8042_KBD_IRQ)
@@ -316,6 +443,7 @@ impl Vmm {
 
         let mut mmio = Bus::new();
         let mut queue_events = Vec::new();
+        let mut transports = Vec::new();
         for (i, dev) in devices.into_iter().enumerate() {
             let (addr, irq) = virtio_slot(i);
             let evt = EventFd::new(0).map_err(VmmError::EventFd)?;
@@ -349,27 +477,25 @@ impl Vmm {
                     queue: q,
                 });
             }
-            mmio.insert(addr, layout::VIRTIO_MMIO_SIZE, transport)?;
+            mmio.insert(addr, layout::VIRTIO_MMIO_SIZE, transport.clone())?;
+            transports.push(transport);
         }
         let events = EventLoop::start(queue_events).map_err(VmmError::EventFd)?;
-
-        let mut pending = Vec::with_capacity(usize::from(cfg.vcpus));
-        for id in 0..cfg.vcpus {
-            let v = Vcpu::new(&vm, id)?;
-            v.configure_cpu(&vm, cfg.vcpus)?;
-            v.configure_boot_regs(kernel_info.entry)?;
-            pending.push(v);
-        }
         vcpu::install_kick_handler()?;
+        let control = Arc::new(VcpuControl::default());
+        // The list is a system ioctl: read now, before any seccomp filter.
+        control.set_msr_list(vm.saveable_msrs()?);
         Ok(Vmm {
             handles: Vec::new(),
-            pending,
+            pending: Vec::with_capacity(usize::from(cfg.vcpus)),
             events: Some(events),
+            transports,
+            serial,
             ctx: VcpuContext {
                 pio: Arc::new(pio),
                 mmio: Arc::new(mmio),
                 exit,
-                control: Arc::new(VcpuControl::default()),
+                control,
                 first_run: Stamp::new(start),
             },
             vm,
@@ -379,7 +505,56 @@ impl Vmm {
             start,
             ended: None,
             vcpus: cfg.vcpus,
+            cfg: cfg.clone(),
         })
+    }
+
+    /// Takes a snapshot into the new directory `dir` (module [`snapshot`]): pauses the
+    /// vCPUs (they stay paused: the caller resumes them), holds every virtio transport
+    /// so no device touches guest memory meanwhile, has each vCPU thread save its
+    /// state, reads the in-kernel devices, and writes state and memory.
+    pub fn snapshot(&self, dir: &Path) -> Result<snapshot::Written, SnapshotError> {
+        if !self.cfg.fs.is_empty() {
+            return Err(SnapshotError::Unsupported(
+                "it has virtio-fs devices (their state is in the file server)".into(),
+            ));
+        }
+        let live = self.handles.iter().filter(|h| !h.is_finished()).count();
+        if !self.pending.is_empty() || live != usize::from(self.vcpus) {
+            return Err(SnapshotError::Save(format!(
+                "{live} of {} vCPUs are running",
+                self.vcpus
+            )));
+        }
+        if !self.pause() {
+            return Err(SnapshotError::Save("the vCPUs did not pause".into()));
+        }
+        let held: Vec<_> = self
+            .transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        let vcpus = self
+            .ctx
+            .control
+            .save_all(live, Duration::from_secs(5))
+            .map_err(|e| SnapshotError::Save(e.to_string()))?;
+        let vm = self
+            .vm
+            .save_state()
+            .map_err(|e| SnapshotError::Save(e.to_string()))?;
+        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
+        let mut state = snapshot::VmSnapshot {
+            config: self.cfg.clone(),
+            memory: Vec::new(),
+            vm,
+            vcpus,
+            serial,
+            devices: held.iter().map(|t| t.save()).collect(),
+        };
+        let r = snapshot::write(dir, &mut state, &self.mem);
+        drop(held);
+        r
     }
 
     /// Starts one thread per vCPU.

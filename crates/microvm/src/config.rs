@@ -7,6 +7,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::x86_64::mptable::MAX_VCPUS;
+use crate::devices::virtio::net::NetConfig;
 
 /// Errors in the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -332,12 +333,102 @@ pub struct Cli {
     /// console byte, the boot marker and the exit.
     #[arg(long)]
     pub boot_timings: bool,
+    /// Send one request to the running nestor-vmm whose API socket is --api, print its
+    /// answer and exit (0 if it says ok, else 1), e.g. '{"action":"pause"}'.
+    #[arg(long, value_name = "JSON", requires = "api", conflicts_with_all = ["config", "kernel", "restore"])]
+    pub call: Option<String>,
+    /// Restore the VM of a snapshot directory (made by the API's snapshot-create)
+    /// instead of booting a kernel; other flags may change host-side settings only.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "kernel", "initrd", "cmdline"])]
+    pub restore: Option<PathBuf>,
+    /// With --restore: run the vCPUs at once (otherwise they wait for the API's
+    /// resume).
+    #[arg(long, requires = "restore")]
+    pub resume: bool,
     /// Seccomp flags (per-thread filters).
     #[command(flatten)]
     pub seccomp: crate::seccomp::SeccompArgs,
 }
 
 impl Cli {
+    /// The configuration of a restored VM: `saved` (the snapshot's) with the host-side
+    /// settings the flags give (disk paths, the vsock socket, the tap, console, API,
+    /// log limit; the saved API socket is not reused). A flag that changes what the
+    /// guest sees (memory, vCPUs, the number or kind of devices, the vsock CID, the
+    /// MAC) must match the snapshot: `Err` says what differs.
+    pub fn into_restore_config(self, saved: &VmConfig) -> Result<VmConfig, String> {
+        let mut cfg = saved.clone();
+        cfg.api = self.api;
+        if let Some(m) = self.mem.filter(|m| *m != saved.mem_mib) {
+            return Err(format!(
+                "--mem {m} MiB, the snapshot has {} MiB",
+                saved.mem_mib
+            ));
+        }
+        if let Some(v) = self.vcpus.filter(|v| *v != saved.vcpus) {
+            return Err(format!("--vcpus {v}, the snapshot has {}", saved.vcpus));
+        }
+        if !self.disk.is_empty() {
+            let ro = |d: &[DiskConfig]| d.iter().map(|d| d.read_only).collect::<Vec<_>>();
+            if ro(&self.disk) != ro(&saved.disks) {
+                return Err(format!(
+                    "{} --disk given ({} read-only), the snapshot has {} disks ({} read-only)",
+                    self.disk.len(),
+                    self.disk.iter().filter(|d| d.read_only).count(),
+                    saved.disks.len(),
+                    saved.disks.iter().filter(|d| d.read_only).count()
+                ));
+            }
+            cfg.disks = self.disk;
+        }
+        if !self.fs.is_empty() {
+            return Err("--fs given; snapshots have no virtio-fs devices".into());
+        }
+        if let Some(v) = self.vsock {
+            if saved.vsock.is_none() {
+                return Err("--vsock given, the snapshot has no vsock device".into());
+            }
+            cfg.vsock = Some(v);
+        }
+        if let Some(c) = self.vsock_cid.filter(|c| *c != saved.vsock_cid) {
+            return Err(format!(
+                "--vsock-cid {c}, the snapshot has {}",
+                saved.vsock_cid
+            ));
+        }
+        if let Some(n) = self.net {
+            let Some(old) = &saved.net else {
+                return Err("--net given, the snapshot has no network device".into());
+            };
+            let mac = |s: &str| {
+                s.parse::<NetConfig>()
+                    .map(|c| c.mac)
+                    .map_err(|e| e.to_string())
+            };
+            // A new tap keeps the guest's MAC unless the flag names one (which must
+            // be the same).
+            let old_mac = mac(old)?;
+            let new = if n.contains(",mac=") {
+                n.clone()
+            } else {
+                let m: Vec<String> = old_mac.iter().map(|b| format!("{b:02x}")).collect();
+                format!("{n},mac={}", m.join(":"))
+            };
+            if mac(&new)? != old_mac {
+                return Err(format!("--net {n} changes the guest's MAC address"));
+            }
+            cfg.net = Some(new);
+        }
+        if let Some(c) = self.console {
+            cfg.console = Console::try_from(c)?;
+        }
+        if let Some(l) = self.log_limit {
+            cfg.log_limit = l;
+        }
+        cfg.validate().map_err(|e| e.to_string())?;
+        Ok(cfg)
+    }
+
     /// Merges the file (if any) and the flags into a validated config.
     pub fn into_config(self) -> Result<VmConfig, ConfigError> {
         let mut cfg = match &self.config {

@@ -3,7 +3,8 @@
 //! It owns the whole life of one microVM: guest memory (`vstate::memory`), the KVM VM
 //! and vCPU objects (`vstate`), the x86_64 boot set-up (`arch::x86_64`), the legacy
 //! devices on the port-I/O bus (`devices`), and the assembly of all of these from a
-//! [`config::VmConfig`] into a running machine (`builder`).
+//! [`config::VmConfig`] into a running machine (`builder`), and snapshots of it
+//! (`snapshot`: the format; the builder takes and restores them).
 
 pub mod api;
 pub mod arch;
@@ -13,6 +14,7 @@ pub mod devices;
 pub mod exit;
 pub mod logcap;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vstate;
 
 pub use builder::{Vmm, VmmError};

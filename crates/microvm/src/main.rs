@@ -1,6 +1,8 @@
 //! `nestor-vmm`: boots one microVM from flags or a JSON config and exits with a status
 //! that says how the guest ended (see `--help`). SIGTERM, SIGINT and SIGHUP stop the VM
 //! cleanly (status 0, as an API shutdown), so sockets are removed on the way out.
+//! `--restore DIR [--resume]` builds the VM of a snapshot instead of booting one; the
+//! snapshot is read and checked whole before anything is created.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use clap::Parser;
 use nestor_microvm::api::{self, ApiServer};
 use nestor_microvm::config::Cli;
 use nestor_microvm::exit::ExitSignal;
-use nestor_microvm::seccomp;
+use nestor_microvm::{seccomp, snapshot};
 use nestor_microvm::{GuestExit, Vmm};
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in this thread and every thread started after it,
@@ -65,9 +67,27 @@ fn run(start: Instant) -> anyhow::Result<i32> {
         writeln!(std::io::stdout(), "{:#}", seccomp::default_filters()?)?;
         return Ok(0);
     }
+    if let (Some(req), Some(path)) = (&cli.call, &cli.api) {
+        let answer = api::call(path, req)
+            .map_err(|e| anyhow::anyhow!("API socket {}: {e}", path.display()))?;
+        println!("{answer}");
+        let ok = serde_json::from_str::<serde_json::Value>(&answer)
+            .is_ok_and(|v| v["ok"] == serde_json::Value::Bool(true));
+        return Ok(if ok { 0 } else { 1 });
+    }
     let filters = cli.seccomp.clone();
     let boot_timings = cli.boot_timings;
-    let cfg = cli.into_config()?;
+    let resume = cli.resume;
+    let (cfg, restore) = match cli.restore.clone() {
+        Some(dir) => {
+            let loaded = snapshot::read(&dir)?;
+            let cfg = cli
+                .into_restore_config(&loaded.state.config)
+                .map_err(|what| snapshot::SnapshotError::Mismatch { path: dir, what })?;
+            (cfg, Some(loaded))
+        }
+        None => (cli.into_config()?, None),
+    };
     // Warnings and traces a guest can provoke never grow a stderr file past the limit.
     nestor_microvm::logcap::cap_stderr(cfg.log_limit)?;
     // Filters are compiled before anything is built; each thread installs its own.
@@ -78,7 +98,12 @@ fn run(start: Instant) -> anyhow::Result<i32> {
         Some(p) => Some(ApiServer::bind(p)?),
         None => None,
     };
-    let mut vmm = Vmm::build(&cfg, start, None)?;
+    let mut vmm = match &restore {
+        Some(snap) => Vmm::restore(&cfg, snap, start, None, resume)?,
+        None => Vmm::build(&cfg, start, None)?,
+    };
+    // The memory file stays mapped; its descriptor is not needed any more.
+    drop(restore);
     stop_on_signals(signals, vmm.exit_signal())?;
     let started = vmm.start();
     // The main thread's filter goes in after the vCPU threads exist; once they, the

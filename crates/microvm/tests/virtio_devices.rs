@@ -313,6 +313,55 @@ mod transport {
         assert_eq!(rd(&mut t, 0x44), 0);
     }
 
+    /// A transport's saved state in a fresh transport: the queue carries on at its
+    /// saved ring positions; a state whose rings lie outside guest memory is refused
+    /// and leaves the fresh transport untouched.
+    #[test]
+    fn saved_transport_state_restores_and_bad_state_is_refused() {
+        let mem = create_guest_memory(&[(0, MEM)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut t = MmioTransport::new(Box::new(Rng), mem.clone(), irq.try_clone().unwrap());
+        setup(
+            &mut t,
+            vq.desc_table_addr().0,
+            vq.avail_addr().0,
+            vq.used_addr().0,
+            true,
+        );
+        vq.add_desc_chains(&[d(DATA, 32, WRITE, 0)], 0).unwrap();
+        wr(&mut t, 0x50, 0);
+        let saved = t.save();
+        assert_eq!(
+            (saved.queues[0].next_avail, saved.queues[0].next_used),
+            (1, 1)
+        );
+        assert_eq!((saved.status, saved.active), (0xf, true));
+
+        let mut bad = saved.clone();
+        bad.queues[0].used_ring = MEM + 0x1000;
+        let mut fresh = MmioTransport::new(Box::new(Rng), mem.clone(), irq.try_clone().unwrap());
+        let e = fresh.restore(&bad).unwrap_err();
+        assert!(e.contains("invalid saved queue"), "{e}");
+        assert_eq!(rd(&mut fresh, 0x70), 0);
+        let mut bad = saved.clone();
+        bad.queues.pop();
+        assert!(fresh.restore(&bad).unwrap_err().contains("saved queues"));
+        let mut bad = saved.clone();
+        bad.driver_features |= 1 << 40;
+        assert!(fresh.restore(&bad).unwrap_err().contains("not offered"));
+
+        fresh.restore(&saved).unwrap();
+        assert_eq!(rd(&mut fresh, 0x70), 0xf);
+        assert_eq!(rd(&mut fresh, 0x44), 1, "queue 0 ready");
+        vq.add_desc_chains(&[d(DATA + 0x100, 16, WRITE, 1)], 1)
+            .unwrap();
+        wr(&mut fresh, 0x50, 0);
+        assert_eq!(vq.used().idx().load(), 2, "the used ring goes on from 1");
+        assert_eq!(vq.used().ring().ref_at(1).unwrap().load().len(), 16);
+        assert_eq!(fresh.save().queues[0].next_avail, 2);
+    }
+
     #[test]
     fn bad_setups_are_refused_with_needs_reset_and_never_processed() {
         let mem = create_guest_memory(&[(0, MEM)]).unwrap();

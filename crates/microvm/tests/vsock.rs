@@ -1100,3 +1100,155 @@ fn random_guest_and_host_traffic_never_breaks_the_device() {
     fresh.send(gh(OP_RW, 4242, hp), b"alive");
     assert_eq!(read_exact_timeout(&mut s, 5), b"alive");
 }
+
+/// A snapshot's transport state put into a new transport with a new vsock device (as
+/// `nestor-vmm --restore` does): the queues continue at their saved ring positions, the
+/// guest gets the transport-reset event on the event queue with an interrupt, the old
+/// host connections are gone and new ones reach the guest.
+#[test]
+fn restored_transport_resets_the_guest_transport_and_rings_continue() {
+    use nestor_microvm::devices::virtio::event_loop::{EventLoop, QueueEvent};
+    use nestor_microvm::devices::virtio::mmio::MmioTransport;
+    use nestor_microvm::devices::BusDevice;
+    use std::sync::Mutex;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    fn wr(t: &Mutex<MmioTransport>, off: u64, v: u32) {
+        t.lock().unwrap().write(off, &v.to_le_bytes());
+    }
+    fn rd(t: &Mutex<MmioTransport>, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.lock().unwrap().read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+    /// A transport with a vsock device at `path` and its event thread.
+    fn device(
+        path: &Path,
+        mem: &GuestMemory,
+    ) -> (Arc<Mutex<MmioTransport>>, EventFd, Vec<EventFd>, EventLoop) {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let t = Arc::new(Mutex::new(MmioTransport::new(
+            Box::new(Vsock::new(path, CID).unwrap()),
+            mem.clone(),
+            irq.try_clone().unwrap(),
+        )));
+        let kicks: Vec<EventFd> = (0..3)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect();
+        let events = EventLoop::start(
+            kicks
+                .iter()
+                .enumerate()
+                .map(|(i, k)| QueueEvent {
+                    evt: k.try_clone().unwrap(),
+                    transport: t.clone(),
+                    queue: i as u32,
+                })
+                .collect(),
+        )
+        .unwrap();
+        (t, irq, kicks, events)
+    }
+    fn wait_used(vq: &MockSplitQueue<GuestMemory>, n: u16, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while vq.used().idx().load() != n {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    const EVENT_BUF: u64 = 0x1f0_0000;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = sock_path(&dir);
+    let mem = create_guest_memory(&[(0, MEM)]).unwrap();
+    let vqs: Vec<_> = (0..3)
+        .map(|i| MockSplitQueue::create(&mem, GuestAddress(i * 0x4000), 16))
+        .collect();
+    let (t, _irq, kicks, events) = device(&path, &mem);
+    wr(&t, 0x70, 1);
+    wr(&t, 0x70, 3);
+    wr(&t, 0x24, 1);
+    wr(&t, 0x20, 1);
+    wr(&t, 0x70, 0xb);
+    for (i, vq) in vqs.iter().enumerate() {
+        wr(&t, 0x30, i as u32);
+        wr(&t, 0x38, 16);
+        for (off, a) in [
+            (0x80, vq.desc_table_addr().0),
+            (0x90, vq.avail_addr().0),
+            (0xa0, vq.used_addr().0),
+        ] {
+            wr(&t, off, a as u32);
+            wr(&t, off + 4, (a >> 32) as u32);
+        }
+        wr(&t, 0x44, 1);
+    }
+    wr(&t, 0x70, 0xf);
+    assert_eq!(rd(&t, 0x70), 0xf, "device refused DRIVER_OK");
+    // The guest's event buffer, never used before a restore.
+    mem.write_obj(0xffff_ffffu32, GuestAddress(EVENT_BUF))
+        .unwrap();
+    vqs[2]
+        .add_desc_chains(&[d(EVENT_BUF, 8, WRITE, 0)], 0)
+        .unwrap();
+    kicks[2].write(1).unwrap();
+    vqs[0]
+        .add_desc_chains(&[d(RX_BUFS, RX_BUF_LEN, WRITE, 0)], 0)
+        .unwrap();
+    kicks[0].write(1).unwrap();
+    let mut old_host = UnixStream::connect(&path).unwrap();
+    old_host.write_all(b"CONNECT 52\n").unwrap();
+    wait_used(&vqs[0], 1, "no OP_REQUEST before the snapshot");
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(vqs[2].used().idx().load(), 0, "event queue used early");
+
+    // The snapshot: taken with the transport held, then the old VMM goes away.
+    let saved = t.lock().unwrap().save();
+    assert!(saved.active);
+    assert_eq!(saved.queues[0].next_used, 1);
+    drop(events);
+    drop(t);
+    old_host
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut b = [0u8; 4];
+    assert_eq!(old_host.read(&mut b).unwrap_or(0), 0, "old connection kept");
+
+    // The new VMM: same guest memory, a new device, the saved transport state.
+    let (t, irq, kicks, events) = device(&path, &mem);
+    t.lock().unwrap().restore(&saved).unwrap();
+    assert_eq!(irq.read().ok(), None, "an interrupt before the vCPUs exist");
+    t.lock().unwrap().raise_pending();
+    assert_eq!(rd(&t, 0x70), 0xf);
+    assert_eq!(vqs[2].used().idx().load(), 1, "no transport-reset event");
+    let e = vqs[2].used().ring().ref_at(0).unwrap().load();
+    assert_eq!(e.len(), 4);
+    assert_eq!(
+        mem.read_obj::<u32>(GuestAddress(EVENT_BUF)).unwrap(),
+        0,
+        "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET"
+    );
+    assert!(irq.read().unwrap() >= 1, "no interrupt for the event");
+    // A new host connection reaches the guest in the next RX buffer: the RX ring goes
+    // on from its saved position (used index 2, not 1 again).
+    vqs[0]
+        .add_desc_chains(&[d(RX_BUFS + SLOT, RX_BUF_LEN, WRITE, 1)], 1)
+        .unwrap();
+    kicks[0].write(1).unwrap();
+    let mut host = UnixStream::connect(&path).unwrap();
+    host.write_all(b"CONNECT 53\n").unwrap();
+    wait_used(&vqs[0], 2, "no OP_REQUEST after the restore");
+    let mut hb = [0u8; HDR_LEN];
+    mem.read_slice(&mut hb, GuestAddress(RX_BUFS + SLOT))
+        .unwrap();
+    let h = Header::from_bytes(&hb);
+    assert_eq!((h.op, h.dst_port), (OP_REQUEST, 53));
+
+    // A state of another device type is refused.
+    let mut other = saved.clone();
+    other.device_type = 4;
+    assert!(t.lock().unwrap().restore(&other).is_err());
+    drop(events);
+    drop(t);
+    assert!(!path.exists(), "socket left behind");
+}

@@ -10,15 +10,43 @@ use super::SeccompError;
 
 /// `ioctl` request numbers the filters allow.
 mod ioctls {
-    use kvm_bindings::{kvm_mp_state, kvm_regs, KVMIO};
+    use kvm_bindings::{
+        kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state,
+        kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+        kvm_xsave, KVMIO,
+    };
     use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
 
     const fn size<T>() -> u32 {
         std::mem::size_of::<T>() as u32
     }
+    const fn get<T>(nr: u32) -> u64 {
+        ioctl_expr(_IOC_READ, KVMIO, nr, size::<T>())
+    }
+    const fn get_set<T>(nr: u32) -> u64 {
+        ioctl_expr(_IOC_READ | _IOC_WRITE, KVMIO, nr, size::<T>())
+    }
     pub const KVM_RUN: u64 = ioctl_expr(_IOC_NONE, KVMIO, 0x80, 0);
-    pub const KVM_GET_REGS: u64 = ioctl_expr(_IOC_READ, KVMIO, 0x81, size::<kvm_regs>());
-    pub const KVM_GET_MP_STATE: u64 = ioctl_expr(_IOC_READ, KVMIO, 0x98, size::<kvm_mp_state>());
+    pub const KVM_GET_REGS: u64 = get::<kvm_regs>(0x81);
+    pub const KVM_GET_MP_STATE: u64 = get::<kvm_mp_state>(0x98);
+    /// What a paused vCPU thread reads for a snapshot (besides the two above).
+    pub const VCPU_SAVE: [(u64, &str); 9] = [
+        (get::<kvm_sregs>(0x83), "KVM_GET_SREGS"),
+        (get_set::<kvm_msrs>(0x88), "KVM_GET_MSRS"),
+        (get::<kvm_fpu>(0x8c), "KVM_GET_FPU"),
+        (get::<kvm_lapic_state>(0x8e), "KVM_GET_LAPIC"),
+        (get_set::<kvm_cpuid2>(0x91), "KVM_GET_CPUID2"),
+        (get::<kvm_vcpu_events>(0x9f), "KVM_GET_VCPU_EVENTS"),
+        (get::<kvm_debugregs>(0xa1), "KVM_GET_DEBUGREGS"),
+        (get::<kvm_xsave>(0xa4), "KVM_GET_XSAVE"),
+        (get::<kvm_xcrs>(0xa6), "KVM_GET_XCRS"),
+    ];
+    /// What the main thread reads of the VM for a snapshot.
+    pub const VM_SAVE: [(u64, &str); 3] = [
+        (get_set::<kvm_irqchip>(0x62), "KVM_GET_IRQCHIP"),
+        (get::<kvm_clock_data>(0x7c), "KVM_GET_CLOCK"),
+        (get::<kvm_pit_state2>(0x9f), "KVM_GET_PIT2"),
+    ];
     const TUN: u32 = b'T' as u32;
     pub const TUNSETOFFLOAD: u64 = ioctl_expr(_IOC_WRITE, TUN, 208, 4);
     pub const TUNSETVNETHDRSZ: u64 = ioctl_expr(_IOC_WRITE, TUN, 216, 4);
@@ -184,6 +212,30 @@ fn main_rules() -> Vec<Rule> {
         )],
         "read-only opens (/proc/self/status for metrics)",
     ));
+    // snapshot-create: a new directory with new files (never an existing file), and
+    // the VM's in-kernel devices read.
+    v.push(when(
+        libc::SYS_openat,
+        vec![eq32(
+            2,
+            (libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC) as u64,
+            "O_WRONLY|O_CREAT|O_EXCL|O_CLOEXEC",
+        )],
+        "snapshot files: created, never opened for writing if they exist",
+    ));
+    v.extend(
+        [
+            libc::SYS_mkdir,
+            libc::SYS_mkdirat,
+            libc::SYS_rmdir,
+            libc::SYS_pwrite64,
+            libc::SYS_fsync,
+        ]
+        .map(any),
+    );
+    for (req, name) in ioctls::VM_SAVE {
+        v.push(when(libc::SYS_ioctl, vec![eq32(1, req, name)], name));
+    }
     v.push(when(
         libc::SYS_tgkill,
         vec![eq32(
@@ -202,7 +254,10 @@ fn vcpu_rules() -> Vec<Rule> {
         (ioctls::KVM_RUN, "KVM_RUN"),
         (ioctls::KVM_GET_MP_STATE, "KVM_GET_MP_STATE"),
         (ioctls::KVM_GET_REGS, "KVM_GET_REGS"),
-    ] {
+    ]
+    .into_iter()
+    .chain(ioctls::VCPU_SAVE)
+    {
         v.push(when(libc::SYS_ioctl, vec![eq32(1, req, name)], name));
     }
     v.extend(device_io());

@@ -1,7 +1,10 @@
 //! Guest RAM: anonymous private mappings with `MAP_NORESERVE`, so pages cost host memory
 //! only once the guest touches them; or, when a vhost-user device (virtio-fs) is attached
 //! and its back end must map the same pages, one memfd per range mapped `MAP_SHARED`
-//! (still `MAP_NORESERVE`, and a memfd's pages too are only allocated when touched).
+//! (still `MAP_NORESERVE`, and a memfd's pages too are only allocated when touched);
+//! or, for a VM restored from a snapshot, the snapshot's memory file mapped
+//! `MAP_PRIVATE`, so a page is read from the file only when the guest touches it and
+//! the guest's writes never reach the file.
 
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
@@ -59,6 +62,34 @@ fn memfd(size: u64) -> Result<std::fs::File, MemoryError> {
     let file = unsafe { std::fs::File::from_raw_fd(fd) };
     file.set_len(size).map_err(err)?;
     Ok(file)
+}
+
+/// Maps guest RAM from `file`: range `(guest address, size, file offset)` each,
+/// private (copy-on-write) and lazily read.
+pub fn map_private_file(
+    ranges: &[(u64, u64, u64)],
+    file: &std::fs::File,
+) -> Result<GuestMemory, MemoryError> {
+    let mut regions = Vec::with_capacity(ranges.len());
+    for &(start, size, offset) in ranges {
+        if size == 0 || size % 4096 != 0 || offset % 4096 != 0 {
+            return Err(MemoryError::BadSize(size));
+        }
+        let len = usize::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
+        let fd = file
+            .try_clone()
+            .map_err(|source| MemoryError::Memfd { size, source })?;
+        let mapping = MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_file_offset(FileOffset::new(fd, offset))
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|source| MemoryError::Mmap { size, source })?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start))
+            .ok_or_else(|| MemoryError::Layout(format!("region at {start:#x} overflows")))?;
+        regions.push(region);
+    }
+    GuestMemory::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))
 }
 
 fn create(ranges: &[(u64, u64)], shared: bool) -> Result<GuestMemory, MemoryError> {

@@ -1,9 +1,11 @@
 //! vCPUs: creation, boot register set-up (CPUID, MSRs, long mode, FPU, LAPIC) and the run
 //! loop that dispatches port-I/O and MMIO exits to the buses, one thread per vCPU, with
-//! pause/resume/stop driven by a shared [`VcpuControl`] and a kick signal.
+//! pause/resume/stop driven by a shared [`VcpuControl`] and a kick signal. A paused
+//! vCPU thread also saves its own state when asked ([`VcpuControl::save_all`]), so a
+//! vCPU fd is only ever used by its own thread.
 
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -14,6 +16,7 @@ use crate::arch::x86_64::{cpuid, msr, regs};
 use crate::devices::boot_marker::Stamp;
 use crate::devices::Bus;
 use crate::exit::{ExitSignal, GuestExit};
+use crate::vstate::vcpu_state::{self, VcpuState, VcpuStateError};
 use crate::vstate::vm::Vm;
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -143,8 +146,17 @@ pub struct VcpuControl {
     /// an NMI or INIT could wake it. All bits set = the guest halted the machine.
     dead: std::sync::atomic::AtomicU64,
     count: AtomicUsize,
-    lock: Mutex<()>,
+    lock: Mutex<Saves>,
     cv: Condvar,
+    /// KVM's saveable MSRs (set once by the builder; none: MSRs are not saved).
+    msr_list: OnceLock<Vec<u32>>,
+}
+
+/// A state-saving round: its number and what each vCPU thread answered.
+#[derive(Default)]
+struct Saves {
+    round: u64,
+    done: Vec<Result<VcpuState, VcpuStateError>>,
 }
 
 impl Default for VcpuControl {
@@ -154,8 +166,9 @@ impl Default for VcpuControl {
             parked: AtomicUsize::new(0),
             dead: std::sync::atomic::AtomicU64::new(0),
             count: AtomicUsize::new(0),
-            lock: Mutex::new(()),
+            lock: Mutex::new(Saves::default()),
             cv: Condvar::new(),
+            msr_list: OnceLock::new(),
         }
     }
 }
@@ -213,15 +226,63 @@ impl VcpuControl {
         self.set(STOPPING);
     }
 
-    /// Called by a vCPU thread between runs: parks while paused; false once stopping.
-    fn checkpoint(&self) -> bool {
+    /// Sets the MSRs a vCPU saves (KVM_GET_MSR_INDEX_LIST); only the first call counts.
+    pub fn set_msr_list(&self, list: Vec<u32>) {
+        let _ = self.msr_list.set(list);
+    }
+
+    /// Has every one of the `live` parked vCPU threads save its state; returns the states
+    /// by vCPU index. The vCPUs must be paused (see [`pause_all`]).
+    pub fn save_all(
+        &self,
+        live: usize,
+        timeout: Duration,
+    ) -> Result<Vec<VcpuState>, VcpuStateError> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        g.round += 1;
+        g.done.clear();
+        self.cv.notify_all();
+        while g.done.len() < live {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() || !self.is_paused() {
+                return Err(VcpuStateError::Bad {
+                    id: g.done.len() as u8,
+                    what: format!("only {} of {live} vCPUs saved their state", g.done.len()),
+                });
+            }
+            g = self
+                .cv
+                .wait_timeout(g, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let mut states = std::mem::take(&mut g.done)
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        states.sort_by_key(|s| s.id);
+        Ok(states)
+    }
+
+    /// Called by a vCPU thread between runs: parks while paused (saving its state when
+    /// a new saving round starts); false once stopping.
+    fn checkpoint(&self, vcpu: &Vcpu, round: &mut u64) -> bool {
         match self.state.load(Ordering::SeqCst) {
             RUNNING => true,
             STOPPING => false,
             _ => {
                 let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
                 self.parked.fetch_add(1, Ordering::SeqCst);
+                // Rounds started before this vCPU parked are not its business.
+                *round = g.round;
                 while self.state.load(Ordering::SeqCst) == PAUSED {
+                    if g.round != *round {
+                        *round = g.round;
+                        let list = self.msr_list.get().map_or(&[][..], |l| &l[..]);
+                        let r = vcpu_state::save(&vcpu.fd, vcpu.id, list);
+                        g.done.push(r);
+                        self.cv.notify_all();
+                    }
                     g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
                 }
                 self.parked.fetch_sub(1, Ordering::SeqCst);
@@ -274,29 +335,37 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
 
 /// Runs the vCPU until the VM ends or it is stopped; reports guest-caused endings.
 pub fn run_loop(mut vcpu: Vcpu, ctx: VcpuContext) {
-    while ctx.control.checkpoint() {
+    let mut round = 0;
+    while ctx.control.checkpoint(&vcpu, &mut round) {
         ctx.first_run.mark();
+        let mut io = false;
         let end = match vcpu.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !ctx.pio.read(u64::from(port), data) {
                     data.fill(0);
                 }
                 tracing::trace!(port, ?data, "pio in");
+                io = true;
                 None
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 tracing::trace!(port, ?data, "pio out");
                 ctx.pio.write(u64::from(port), data);
+                io = true;
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 if !ctx.mmio.read(addr, data) {
                     data.fill(0);
                 }
+                tracing::trace!(addr, ?data, "mmio read");
+                io = true;
                 None
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                tracing::trace!(addr, ?data, "mmio write");
                 ctx.mmio.write(addr, data);
+                io = true;
                 None
             }
             Ok(VcpuExit::Hlt) => Some(GuestExit::Halted),
@@ -339,11 +408,31 @@ pub fn run_loop(mut vcpu: Vcpu, ctx: VcpuContext) {
                 vcpu.id
             ))),
         };
+        if io && end.is_none() && ctx.control.is_paused() {
+            complete_io(&mut vcpu);
+        }
         if let Some(end) = end {
             ctx.exit.set(end);
             return;
         }
     }
+}
+
+/// Finishes a port or MMIO access before the vCPU parks: KVM completes it (an IN gets
+/// its data, RIP moves past the instruction) only when KVM_RUN is entered again, so the
+/// vCPU re-enters with `immediate_exit` set, which completes it and returns at once
+/// without running guest code. Saved state then never sits inside an instruction.
+fn complete_io(vcpu: &mut Vcpu) {
+    vcpu.fd.set_kvm_immediate_exit(1);
+    match vcpu.fd.run() {
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+        other => tracing::warn!(
+            "vCPU {}: completing an access before a pause: {:?}",
+            vcpu.id,
+            other.map(|_| ())
+        ),
+    }
+    vcpu.fd.set_kvm_immediate_exit(0);
 }
 
 /// Whether the vCPU can only be woken by NMI/INIT: halted with RFLAGS.IF clear, or never

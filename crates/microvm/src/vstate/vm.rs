@@ -1,7 +1,12 @@
-//! The KVM VM: its file descriptor, memory slots, in-kernel irqchip and PIT.
+//! The KVM VM: its file descriptor, memory slots, in-kernel irqchip and PIT, and their
+//! state for snapshots (PIC master and slave, IOAPIC, PIT, kvmclock).
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::KVM_TSS_ADDR;
@@ -28,6 +33,22 @@ pub enum VmError {
 
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Ioctl { what, source }
+}
+
+/// The in-kernel devices' state: what a snapshot keeps of the VM itself.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmState {
+    /// The master 8259.
+    pub pic_master: kvm_irqchip,
+    /// The slave 8259.
+    pub pic_slave: kvm_irqchip,
+    /// The IOAPIC.
+    pub ioapic: kvm_irqchip,
+    /// The 8254 PIT.
+    pub pit: kvm_pit_state2,
+    /// kvmclock (absent where KVM refuses KVM_GET_CLOCK).
+    pub clock: Option<kvm_clock_data>,
 }
 
 /// A KVM virtual machine with its guest memory registered.
@@ -94,6 +115,84 @@ impl Vm {
             ..Default::default()
         };
         self.fd.create_pit2(pit).map_err(ioctl("CREATE_PIT2"))?;
+        Ok(())
+    }
+
+    /// The MSRs a snapshot keeps: KVM's list of MSRs a VMM should save
+    /// (KVM_GET_MSR_INDEX_LIST), plus the MTRRs, which KVM leaves out of it but a
+    /// guest sets up once at boot (and the boot MSRs, should KVM not list one).
+    pub fn saveable_msrs(&self) -> Result<Vec<u32>, VmError> {
+        let mut list = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(ioctl("GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec();
+        let boot = crate::arch::x86_64::msr::boot_msr_entries();
+        let extra = crate::arch::x86_64::msr::mtrr_msrs()
+            .into_iter()
+            .chain(boot.iter().map(|e| e.index));
+        for m in extra {
+            if !list.contains(&m) {
+                list.push(m);
+            }
+        }
+        Ok(list)
+    }
+
+    /// Reads the irqchip, PIT and clock (the vCPUs must be paused).
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let chip = |id: u32, what: &'static str| -> Result<kvm_irqchip, VmError> {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd.get_irqchip(&mut c).map_err(ioctl(what))?;
+            Ok(c)
+        };
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER, "GET_IRQCHIP (PIC master)")?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE, "GET_IRQCHIP (PIC slave)")?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC, "GET_IRQCHIP (IOAPIC)")?,
+            pit: self.fd.get_pit2().map_err(ioctl("GET_PIT2"))?,
+            clock: self.fd.get_clock().ok(),
+        })
+    }
+
+    /// Puts saved irqchip, PIT and clock state into this VM (after
+    /// [`Vm::setup_irqchip`], before any vCPU runs).
+    pub fn restore_state(&self, s: &VmState) -> Result<(), VmError> {
+        for (c, id, what) in [
+            (
+                &s.pic_master,
+                KVM_IRQCHIP_PIC_MASTER,
+                "SET_IRQCHIP (PIC master)",
+            ),
+            (
+                &s.pic_slave,
+                KVM_IRQCHIP_PIC_SLAVE,
+                "SET_IRQCHIP (PIC slave)",
+            ),
+            (&s.ioapic, KVM_IRQCHIP_IOAPIC, "SET_IRQCHIP (IOAPIC)"),
+        ] {
+            if c.chip_id != id {
+                return Err(VmError::Ioctl {
+                    what,
+                    source: kvm_ioctls::Error::new(libc::EINVAL),
+                });
+            }
+            self.fd.set_irqchip(c).map_err(ioctl(what))?;
+        }
+        self.fd.set_pit2(&s.pit).map_err(ioctl("SET_PIT2"))?;
+        if let Some(c) = &s.clock {
+            // Only the clock value goes back: the flags KVM reported (TSC_STABLE, …)
+            // describe the old host and are refused as input.
+            let clock = kvm_clock_data {
+                clock: c.clock,
+                ..Default::default()
+            };
+            self.fd.set_clock(&clock).map_err(ioctl("SET_CLOCK"))?;
+        }
         Ok(())
     }
 }

@@ -30,6 +30,15 @@ pub const TRIPLE_FAULT: &[u8] = &[0x0f, 0x0b];
 pub const BIOS_RESET: &[u8] = &[0xb8, 0xf0, 0xff, 0x0f, 0x00, 0xff, 0xe0];
 /// Spin forever (jmp $), never halting.
 pub const SPIN: &[u8] = &[0xeb, 0xfe];
+/// Where [`COUNT`] keeps its counter.
+pub const COUNTER_ADDR: u64 = 0x200_0000;
+/// Count forever: `inc qword [COUNTER_ADDR]; inc rbx; jmp` (memory and rbx rise
+/// together, rbx lagging by at most one).
+pub const COUNT: &[u8] = &[
+    0x48, 0xff, 0x04, 0x25, 0x00, 0x00, 0x00, 0x02, // inc qword [0x2000000]
+    0x48, 0xff, 0xc3, // inc rbx
+    0xeb, 0xf3, // jmp back to the first inc
+];
 /// Nothing: the guest halts forever with interrupts off.
 pub const HANG: &[u8] = &[];
 

@@ -1,5 +1,5 @@
 //! Boot-time MSR values for each vCPU (syscall MSRs cleared, fast strings on, MTRRs on
-//! with write-back default).
+//! with write-back default), and the MTRRs a snapshot saves besides KVM's list.
 
 use kvm_bindings::{kvm_msr_entry, Msrs};
 
@@ -40,6 +40,15 @@ pub fn boot_msr_entries() -> Vec<kvm_msr_entry> {
         ..Default::default()
     })
     .collect()
+}
+
+/// The MTRR MSRs: the default type, the fixed-range ones and 8 variable-range pairs
+/// (what KVM emulates), for snapshots.
+pub fn mtrr_msrs() -> Vec<u32> {
+    let mut v = vec![MSR_MTRR_DEF_TYPE, 0x250, 0x258, 0x259];
+    v.extend(0x268..=0x26f);
+    v.extend(0x200..0x210);
+    v
 }
 
 /// The boot MSRs as the FAM wrapper KVM_SET_MSRS takes.

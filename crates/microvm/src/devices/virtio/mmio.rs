@@ -12,6 +12,7 @@
 //! FEATURES_OK and DRIVER_OK. A guest-provoked warning is logged once per device state
 //! and kind (at most [`MAX_GUEST_WARNINGS`] per device), never once per write.
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -40,6 +41,57 @@ const SEQUENCE: [u32; 4] = [
 pub const MAX_GUEST_WARNINGS: usize = 16;
 const INT_VRING: u32 = 1;
 const CONFIG_OFFSET: u64 = 0x100;
+
+/// One virtqueue as a snapshot keeps it: its configuration and where the device is in
+/// its rings, so the guest's driver and the device carry on where they were.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSnapshot {
+    /// Largest size the device offers.
+    pub max_size: u16,
+    /// Size the driver chose.
+    pub size: u16,
+    /// QueueReady.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available ring address.
+    pub avail_ring: u64,
+    /// Used ring address.
+    pub used_ring: u64,
+    /// The device's next available-ring index.
+    pub next_avail: u16,
+    /// The device's next used-ring index.
+    pub next_used: u16,
+    /// VIRTIO_F_RING_EVENT_IDX negotiated.
+    pub event_idx: bool,
+}
+
+/// The transport's registers and queues, as a snapshot keeps them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportSnapshot {
+    /// virtio device id (checked against the device on restore).
+    pub device_type: u32,
+    /// Device status register.
+    pub status: u32,
+    /// Whether the device was activated.
+    pub active: bool,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// DeviceFeaturesSel.
+    pub dev_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub drv_features_sel: u32,
+    /// Features the driver accepted.
+    pub driver_features: u64,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// The queues, in order.
+    pub queues: Vec<QueueSnapshot>,
+}
 
 /// A virtio device behind its MMIO register window.
 pub struct MmioTransport {
@@ -109,6 +161,124 @@ impl MmioTransport {
     /// Whether the device has been activated (DRIVER_OK accepted).
     pub fn is_active(&self) -> bool {
         self.active
+    }
+
+    /// The virtio device id.
+    pub fn device_type(&self) -> u32 {
+        self.dev.device_type()
+    }
+
+    /// The transport's state for a snapshot (taken while nothing else runs the device:
+    /// the vCPUs are paused and the caller holds this transport's lock).
+    pub fn save(&self) -> TransportSnapshot {
+        TransportSnapshot {
+            device_type: self.dev.device_type(),
+            status: self.status,
+            active: self.active,
+            queue_sel: self.queue_sel,
+            dev_features_sel: self.dev_features_sel,
+            drv_features_sel: self.drv_features_sel,
+            driver_features: self.driver_features,
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueSnapshot {
+                    max_size: q.max_size(),
+                    size: q.size(),
+                    ready: q.ready(),
+                    desc_table: q.desc_table(),
+                    avail_ring: q.avail_ring(),
+                    used_ring: q.used_ring(),
+                    next_avail: q.next_avail(),
+                    next_used: q.next_used(),
+                    event_idx: q.event_idx_enabled(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Puts a saved state into this fresh transport (its event loop attached, guest
+    /// memory restored): the queues get their rings and positions back and an active
+    /// device is activated again (re-registering its host fds) and told it was
+    /// restored. Refuses a state that does not fit the device.
+    pub fn restore(&mut self, s: &TransportSnapshot) -> Result<(), String> {
+        let kind = self.dev.device_type();
+        if s.device_type != kind {
+            return Err(format!(
+                "saved device type {} where this VM has device type {kind}",
+                s.device_type
+            ));
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "device type {kind}: {} saved queues, the device has {}",
+                s.queues.len(),
+                self.queues.len()
+            ));
+        }
+        if s.driver_features & !self.dev.features() != 0 {
+            return Err(format!(
+                "device type {kind}: saved features {:#x} were not offered",
+                s.driver_features
+            ));
+        }
+        let mut queues = Vec::with_capacity(s.queues.len());
+        for (i, q) in s.queues.iter().enumerate() {
+            let state = virtio_queue::QueueState {
+                max_size: q.max_size,
+                next_avail: q.next_avail,
+                next_used: q.next_used,
+                event_idx_enabled: q.event_idx,
+                size: q.size,
+                ready: q.ready,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+            };
+            let queue =
+                Queue::try_from(state).map_err(|e| format!("device type {kind} queue {i}: {e}"))?;
+            if queue.max_size() != QUEUE_MAX_SIZE || (queue.ready() && !queue.is_valid(&self.mem)) {
+                return Err(format!("device type {kind} queue {i}: invalid saved queue"));
+            }
+            queues.push(queue);
+        }
+        self.queues = queues;
+        self.status = s.status;
+        self.queue_sel = s.queue_sel;
+        self.dev_features_sel = s.dev_features_sel;
+        self.drv_features_sel = s.drv_features_sel;
+        self.driver_features = s.driver_features;
+        self.interrupt_status = s.interrupt_status;
+        self.config_generation = s.config_generation;
+        if s.active {
+            self.dev.ack_features(self.driver_features);
+            let mut ctx = DeviceContext {
+                mem: &self.mem,
+                queues: &mut self.queues,
+                fds: &self.fds,
+            };
+            self.dev
+                .activate(&mut ctx)
+                .map_err(|e| format!("device type {kind}: cannot activate: {e}"))?;
+            self.active = true;
+            if self.dev.restored(&mut ctx) {
+                // Raised by [`MmioTransport::raise_pending`] once the vCPUs (and their
+                // LAPICs) exist: an interrupt sent now would reach no one.
+                self.interrupt_status |= INT_VRING;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a restore, once the vCPUs exist: raises the interrupt again if the
+    /// interrupt status says one is pending (one saved in flight, or the device's
+    /// restore event), since an edge sent before the LAPICs existed was lost.
+    pub fn raise_pending(&mut self) {
+        if self.interrupt_status != 0 && !self.direct_irq {
+            self.signal();
+        }
     }
 
     /// Guest-provoked problems seen so far and how many of them were logged.

@@ -164,6 +164,12 @@ pub trait VirtioDevice: Send {
     fn handle_event(&mut self, _token: u32, _events: EventSet, _ctx: &mut DeviceContext) -> bool {
         false
     }
+    /// The device was just activated again in a VM restored from a snapshot (its host
+    /// connections are new); returns whether buffers were used. vsock sends the guest
+    /// its transport-reset event here.
+    fn restored(&mut self, _ctx: &mut DeviceContext) -> bool {
+        false
+    }
     /// The driver reset the device: drop host-side state and deregister fds.
     fn reset(&mut self, _fds: &Registrar) {}
 }

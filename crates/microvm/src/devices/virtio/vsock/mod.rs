@@ -62,6 +62,9 @@ const ACCEPTS_PER_EVENT: usize = 16;
 
 const RXQ: usize = 0;
 const TXQ: usize = 1;
+const EVQ: usize = 2;
+/// The event queue's only event: the transport was reset (virtio-vsock spec 5.10.6.7).
+const EVENT_TRANSPORT_RESET: u32 = 0;
 const LISTENER: u32 = 0;
 
 /// Errors creating the device.
@@ -655,6 +658,33 @@ impl VirtioDevice for Vsock {
             self.conn_event(token, events, ctx.fds);
         }
         self.fill(ctx)
+    }
+    fn restored(&mut self, ctx: &mut DeviceContext) -> bool {
+        // The guest's connections ended with the old VMM: tell it the transport was
+        // reset, so it drops them (and its agent takes new ones on its listening
+        // ports). The event is one le32 in a write-only buffer of the event queue.
+        let Some(evq) = ctx.queues.get_mut(EVQ) else {
+            return false;
+        };
+        if !evq.ready() {
+            return false;
+        }
+        let Some(chain) = evq.pop_descriptor_chain(ctx.mem) else {
+            tracing::warn!("vsock: no event buffer for the transport reset");
+            return false;
+        };
+        let head = chain.head_index();
+        let len = match Buffers::gather(chain, ctx.mem, true, MAX_DESCS) {
+            Ok(b) if b.len() >= 4 => b
+                .write_at(ctx.mem, 0, &EVENT_TRANSPORT_RESET.to_le_bytes())
+                .map_or(0, |_| 4),
+            _ => 0,
+        };
+        if let Err(e) = evq.add_used(ctx.mem, head, len) {
+            tracing::warn!("vsock: cannot add used event element: {e}");
+            return false;
+        }
+        true
     }
     fn reset(&mut self, fds: &Registrar) {
         if self.listening {
