@@ -2,6 +2,7 @@
 # Networking of containers in microVMs (jailed too): `run --vm --network` puts the VM's container on
 # a CNI network (its namespace holds the VMM's tap, joined to the CNI interface by tc
 # redirects), so a published port answers from the host as a native container's does,
+# its connections out leave through NAT (masqueraded as the host),
 # VM and native containers on one user network reach each other by name (every pair), and a pod's
 # containers share the pod's network and published ports. Then
 # nothing is left: no attachment, no namespace. Runs in the KVM test host unless this
@@ -37,6 +38,34 @@ n run --vm --jail -d --network bridge -p "127.0.0.1:$jport:80" --name jweb --hos
 out=$(fetch_host 127.0.0.1 "$jport" || true)
 expect "published port of a jailed VM container" jwebhost "$out"
 n rm -f jweb >/dev/null 2>&1 || true
+
+# 1c. Egress through NAT: an "outside" namespace behind a veth of the host (addresses of
+# this machine outside the bridge); the VM container's connection reaches it with the
+# host's address as its source (masquerade), through the tap, tc redirect and bridge.
+ip netns add n3ext
+ip link add n3vh type veth peer name n3vx
+ip link set n3vx netns n3ext
+ip addr add 198.51.100.1/30 dev n3vh
+ip link set n3vh up
+ip -n n3ext addr add 198.51.100.2/30 dev n3vx
+ip -n n3ext link set n3vx up
+ip -n n3ext link set lo up
+ip -n n3ext route add default via 198.51.100.1
+on_exit "ip link del n3vh 2>/dev/null; ip netns del n3ext 2>/dev/null"
+ip netns exec n3ext python3 -c '
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("198.51.100.2", 9000)); s.listen(1); s.settimeout(240)
+c, peer = s.accept(); c.sendall(b"outside\n"); c.close()
+open(sys.argv[1], "w").write(peer[0])
+' "$work/egress.peer" &
+egress=$!
+sleep 0.5
+out=$(n run --vm --rm --network bridge busybox sh -c \
+    'for i in $(seq 1 20); do r=$(nc -w 3 198.51.100.2 9000 2>/dev/null); [ -n "$r" ] && { echo "$r"; exit 0; }; sleep 0.5; done; exit 1' \
+    2>"$work/egress.err" || true)
+wait "$egress" 2>/dev/null || true
+expect "egress of a VM container through NAT" "outside 198.51.100.1" "$out $(cat "$work/egress.peer" 2>/dev/null)"
 
 # 2. VM and native containers on one user network, by name, both ways.
 n network create vnet >/dev/null

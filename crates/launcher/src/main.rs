@@ -149,9 +149,17 @@ fn log_error(cli: &Cli, msg: &str) {
 }
 
 fn main() -> ExitCode {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    // Invoked as `nestor-vmm-standin` (a symlink): the tests' stand-in VMM.
+    if std::path::Path::new(&argv0)
+        .file_name()
+        .is_some_and(|n| n == vm::standin::NAME)
+    {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        return vm::standin::main(&args);
+    }
     let mut cli = Cli::parse();
     // Invoked as `nestor-vm` (a symlink): VM mode.
-    let argv0 = std::env::args_os().next().unwrap_or_default();
     if std::path::Path::new(&argv0)
         .file_name()
         .is_some_and(|n| n == "nestor-vm")

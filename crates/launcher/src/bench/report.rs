@@ -424,6 +424,13 @@ fn services(o: &mut String, r: &Report, why: &mut Reasons) {
         if !s.path.is_empty() {
             let _ = writeln!(o, "- {}: {}", s.mode, s.path);
         }
+        if let Some(x) = s.redis.first() {
+            let _ = writeln!(
+                o,
+                "- {} (Redis): redis-benchmark -n {} -c {} per test (fewer where a 1000-request probe said the full count would not end in time)",
+                s.mode, x.requests, x.clients
+            );
+        }
     }
     let by = |m: &str| {
         r.services

@@ -71,6 +71,13 @@ impl JailedVm {
 /// per-VM structures are charged too).
 pub const VMM_OVERHEAD_MIB: u64 = 32;
 
+/// CPU time the VMM needs beyond its vCPU threads, in CPUs, for the jail's quota of
+/// `run --vm --jail`: the device thread (virtio-net, block, vsock) runs beside the vCPUs
+/// and under network load takes about a third of a CPU of its own (measured with Redis
+/// in the KVM test host). With a quota of the vCPUs alone, the two competed and the
+/// jail was throttled in half of its 100 ms periods.
+pub const VMM_OVERHEAD_CPUS: f64 = 1.0;
+
 /// Starts nestor-vmm jailed (scenario 2; the lead's `nestor run --vm --jail` builds on
 /// it): a user namespace mapping jail root to `opts.jail_uid`/`jail_gid`, mount, pid,
 /// ipc, uts, net and cgroup namespaces, a root holding only the VMM binary (plus the

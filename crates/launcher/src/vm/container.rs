@@ -185,7 +185,8 @@ fn guest_spec(
 }
 
 /// `--jail`: the VMM's jail, limited to the guest's memory plus the VMM's overhead and
-/// to the guest's vCPUs.
+/// to the guest's vCPUs plus one CPU for the VMM's own threads (see
+/// [`crate::jail::vmm::VMM_OVERHEAD_CPUS`]).
 fn jail_opts(a: &RunArgs, mem_mib: u32, vcpus: u8) -> Option<crate::cli::JailOpts> {
     a.jail.enabled.then(|| crate::cli::JailOpts {
         jail_uid: a.jail.uid,
@@ -194,7 +195,7 @@ fn jail_opts(a: &RunArgs, mem_mib: u32, vcpus: u8) -> Option<crate::cli::JailOpt
             "{}m",
             u64::from(mem_mib) + crate::jail::vmm::VMM_OVERHEAD_MIB
         )),
-        cpus: Some(f64::from(vcpus)),
+        cpus: Some(f64::from(vcpus) + crate::jail::vmm::VMM_OVERHEAD_CPUS),
         pids_limit: None,
         nofile: 2048,
         fsize: None,

@@ -9,10 +9,9 @@ by FAKE_VMM_MODE:
           anything else (Signal, Exec, Delete, Shutdown) and keeps every stdio stream
           open; Wait is answered "exited 3" after FAKE_VMM_WAIT seconds when that is
           set, else never.
-  good    a well-behaved guest whose container runs nothing: reports ready, answers
-          every request (Network, Run, Create, Start, Signal, Delete: ok; Wait: exited
-          0), closes each stdio stream at once, and exits after Shutdown. For the
-          host-side clean-up tests of VM mode (networks, pods) without a Linux guest.
+
+A guest that behaves is nestor's own stand-in (`nestor-vmm-standin`,
+crates/launcher/src/vm/standin.rs), an ELF that also runs in a jail.
 
 Frames are the agent protocol's: a u32 big-endian length, then JSON.
 """
@@ -66,8 +65,6 @@ def serve(conn):
     if mode == "silent":
         held.append(conn)
         return
-    if mode == "good":
-        return serve_good(conn)
     while True:
         env = recv(conn)
         if env is None:
@@ -92,35 +89,10 @@ def serve(conn):
             return
 
 
-def serve_good(conn):
-    while True:
-        env = recv(conn)
-        if env is None:
-            return
-        req = env.get("request", {})
-        kind = req.get("type")
-        if kind == "ping":
-            send(conn, {"id": env["id"], "response": {"type": "pong", "version": VERSION, "pid1": True}})
-        elif kind == "attach":
-            send(conn, {"id": env["id"], "response": {"type": "ok"}})
-            conn.close()  # a stdio stream: nothing written, closed
-            return
-        elif kind in ("run", "create", "start", "exec"):
-            send(conn, {"id": env["id"], "response": {"type": "started", "pid": 1}})
-        elif kind == "wait":
-            send(conn, {"id": env["id"], "response": {"type": "exited", "code": 0}})
-        elif kind == "shutdown":
-            send(conn, {"id": env["id"], "response": {"type": "ok"}})
-            conn.close()
-            os._exit(0)
-        else:
-            send(conn, {"id": env["id"], "response": {"type": "ok"}})
-
-
 srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 srv.bind(vsock)
 srv.listen(64)
-if mode in ("stuck", "good"):
+if mode == "stuck":
     for _ in range(100):
         try:
             r = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
