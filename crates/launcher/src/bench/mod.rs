@@ -521,6 +521,17 @@ fn workloads(env: &Env, r: &Runner, plan: &Plan, with_fio: bool) -> WorkloadSet 
                     .collect();
                 return set;
             }
+            if matches!(r.kind, Kind::VmContainer { jail: true }) {
+                // The jailed VMM opens the volume as the jail's unprivileged ids: each
+                // run has a uid of its own, all share the default gid.
+                use std::os::unix::fs::PermissionsExt;
+                let gid = Some(crate::docker::store::JAIL_ID_DEFAULT);
+                if let Err(e) = std::os::unix::fs::chown(&img, None, gid).and_then(|_| {
+                    std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o660))
+                }) {
+                    tracing::warn!("chown {}: {e}", img.display());
+                }
+            }
             (PathBuf::from("/bench/disk"), Some(img))
         }
     };
