@@ -471,3 +471,128 @@ fn exec_takes_runcs_flags_without_a_process_file() {
         .output();
     assert_eq!(stdout(&theirs), stdout(&ours), "runc: {}", stderr(&theirs));
 }
+
+/// Runs `create` (stdio to files, as a caller like conmon gives it) and returns its
+/// success and stderr.
+fn create_quiet(
+    bin: &str,
+    root: &std::path::Path,
+    bundle: &std::path::Path,
+    id: &str,
+) -> (bool, String) {
+    let errf = bundle.join(format!("{}.create.err", id));
+    let ok = Command::new(bin)
+        .arg("--root")
+        .arg(root)
+        .args(["create", "--bundle", bundle.to_str().unwrap(), id])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&errf).unwrap())
+        .status()
+        .unwrap()
+        .success();
+    (ok, std::fs::read_to_string(&errf).unwrap_or_default())
+}
+
+fn has_elf_interp(p: &std::path::Path) -> bool {
+    std::fs::read(p).is_ok_and(|b| b.windows(12).any(|w| w == b"/lib64/ld-li"))
+}
+
+#[test]
+fn create_and_run_fail_with_the_reason_when_the_program_cannot_be_executed() {
+    let b = Bundle::new("noexec", &["true"]);
+    let root = b.rootfs();
+    let mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(m)).unwrap()
+    };
+    std::fs::copy(busybox(), root.join("noperm")).unwrap();
+    mode(&root.join("noperm"), 0o644);
+    std::fs::write(root.join("script"), "#!/no/such/interp -e\n").unwrap();
+    mode(&root.join("script"), 0o755);
+    // A dynamic binary in a static rootfs: its ELF interpreter is missing.
+    let dynamic = ["/bin/ls", "/usr/bin/ls", "/bin/true"]
+        .into_iter()
+        .map(std::path::Path::new)
+        .find(|p| has_elf_interp(p));
+    if let Some(d) = dynamic {
+        std::fs::copy(d, root.join("dynamic")).unwrap();
+        mode(&root.join("dynamic"), 0o755);
+    } else {
+        eprintln!("SKIP the bad ELF interpreter case: no dynamic binary on this host");
+    }
+    // An executable on a noexec bind mount.
+    let host = tempfile::tempdir().unwrap();
+    std::fs::copy(busybox(), host.path().join("busybox")).unwrap();
+    mode(&host.path().join("busybox"), 0o755);
+    b.edit(|c| {
+        c["mounts"].as_array_mut().unwrap().push(json!({
+            "destination": "/mnt", "type": "bind", "source": host.path(), "options": ["rbind", "noexec"]
+        }));
+    });
+    let runc = Command::new("runc").arg("--version").output().is_ok();
+    let rroot = tempfile::tempdir().unwrap();
+    let mut cases = vec![
+        (
+            vec!["/no/such/prog"],
+            "/no/such/prog: no such file or directory",
+            true,
+        ),
+        (
+            vec!["nosuchprog"],
+            "nosuchprog: executable file not found in $PATH",
+            true,
+        ),
+        (vec!["/noperm"], "/noperm: permission denied", true),
+        (
+            vec!["/script"],
+            "interpreter /no/such/interp: no such file or directory",
+            false,
+        ),
+        (vec!["/mnt/busybox", "true"], "noexec", false),
+    ];
+    if dynamic.is_some() {
+        cases.push((
+            vec!["/dynamic"],
+            "bad ELF interpreter /lib64/ld-linux",
+            false,
+        ));
+    }
+    for (args, want, runc_fails_too) in cases {
+        b.edit(|c| c["process"]["args"] = json!(args));
+        let (ok, err) = create_quiet(nestor(), b.state.path(), b.dir.path(), &b.id);
+        assert!(!ok, "create of {args:?} succeeded");
+        assert_eq!(err.lines().count(), 1, "{args:?}: not one line: {err}");
+        assert!(
+            err.starts_with("error: ") && err.contains(want),
+            "{args:?}: {err}"
+        );
+        assert!(b.state_json().is_none(), "{args:?}: a container was left");
+        assert!(!cgroup_exists(&b.id), "{args:?}: its cgroup was left");
+        let o = b.run();
+        assert_eq!(o.status.code(), Some(1), "run {args:?}: {}", stderr(&o));
+        assert_eq!(
+            stderr(&o).lines().count(),
+            1,
+            "run {args:?}: {}",
+            stderr(&o)
+        );
+        assert!(
+            stderr(&o).starts_with("error: ") && stderr(&o).contains(want),
+            "run {args:?}: {}",
+            stderr(&o)
+        );
+        assert!(b.state_json().is_none());
+        // runc refuses these at create too (it says the bad interpreter and a
+        // noexec mount only after start).
+        if runc && runc_fails_too {
+            let rid = format!("{}-runc", b.id);
+            let (rok, rerr) = create_quiet("runc", rroot.path(), b.dir.path(), &rid);
+            let _ = Command::new("runc")
+                .arg("--root")
+                .arg(rroot.path())
+                .args(["delete", "--force", &rid])
+                .output();
+            assert!(!rok, "runc created {args:?}: {rerr}");
+        }
+    }
+}

@@ -5,7 +5,7 @@
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nix::sched::CloneFlags;
 use oci_spec::runtime::Process;
@@ -16,8 +16,6 @@ use super::sync::{Channel, Msg};
 use super::{InitConfig, NsPlan};
 use crate::error::{Context, Error, Result};
 use crate::rootfs::{self, RootfsContext};
-
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Stage 2: runs as the container's PID 1 (or first process) and never returns on success.
 pub(super) fn stage2(
@@ -283,33 +281,6 @@ fn set_caps(process: &Process) -> Result<()> {
     Ok(())
 }
 
-/// Find the program to exec, as execvp would, with the container's PATH.
-fn resolve_exe(arg0: &str, env: &[String]) -> Result<PathBuf> {
-    if arg0.contains('/') {
-        let p = PathBuf::from(arg0);
-        return match std::fs::metadata(&p) {
-            Ok(m) if m.is_file() => Ok(p),
-            Ok(_) => Err(Error::Invalid(format!(
-                "exec {arg0}: is not a regular file"
-            ))),
-            Err(e) => Err(Error::Invalid(format!("exec {arg0}: {e}"))),
-        };
-    }
-    let path = env
-        .iter()
-        .find_map(|e| e.strip_prefix("PATH="))
-        .unwrap_or(DEFAULT_PATH);
-    for dir in path.split(':').filter(|d| !d.is_empty()) {
-        let cand = Path::new(dir).join(arg0);
-        if nix::unistd::access(&cand, nix::unistd::AccessFlags::X_OK).is_ok() && cand.is_file() {
-            return Ok(cand);
-        }
-    }
-    Err(Error::Invalid(format!(
-        "executable '{arg0}' not found in $PATH ({path})"
-    )))
-}
-
 /// Apply the process spec and exec. Never returns on success.
 pub(crate) fn finalize(
     dmz: RawFd,
@@ -365,7 +336,9 @@ pub(crate) fn finalize(
     }
     switch_user(process, bounding.as_ref())?;
     set_caps(process)?;
-    let exe = resolve_exe(arg0, &env)?;
+    // Found, executable, and its interpreters present: or fail now, with the reason,
+    // rather than in the dmz after `create` said the container was made.
+    let exe = super::exe::resolve(arg0, &env)?;
     crate::sys::cloexec_from(3 + preserve_fds)?;
     if let (Some(f), true) = (seccomp, nnp) {
         f.install()?;

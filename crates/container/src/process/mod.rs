@@ -5,6 +5,7 @@
 //! builds the rootfs, applies the process spec ([`init`]) and execs. The runtime and
 //! its children talk over a SOCK_SEQPACKET pair with typed messages ([`sync`]).
 
+mod exe;
 pub mod init;
 pub(crate) mod sync;
 
