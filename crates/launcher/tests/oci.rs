@@ -596,3 +596,147 @@ fn create_and_run_fail_with_the_reason_when_the_program_cannot_be_executed() {
         }
     }
 }
+
+/// A tmpfs mounted on the host for one test, unmounted on drop.
+struct HostMount(std::path::PathBuf);
+
+impl HostMount {
+    fn tmpfs(at: &std::path::Path) -> HostMount {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount tmpfs on {}", at.display());
+        HostMount(at.to_path_buf())
+    }
+}
+
+impl Drop for HostMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Runs `b` under runc (`run`, foreground) in a fresh root: None when runc is missing.
+fn runc_run(b: &Bundle) -> Option<Output> {
+    if Command::new("runc").arg("--version").output().is_err() {
+        eprintln!("SKIP runc comparison: runc is not installed");
+        return None;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let id = format!("{}-runc", b.id);
+    let o = Command::new("runc")
+        .arg("--root")
+        .arg(root.path())
+        .args(["run", "--bundle", b.dir.path().to_str().unwrap(), &id])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let _ = Command::new("runc")
+        .arg("--root")
+        .arg(root.path())
+        .args(["delete", "--force", &id])
+        .output();
+    Some(o)
+}
+
+#[test]
+fn recursive_mount_options_reach_submounts() {
+    let host = tempfile::tempdir().unwrap();
+    let _sub = HostMount::tmpfs(&host.path().join("sub"));
+    let probe = "touch /m/top 2>/dev/null; echo top=$?; touch /m/sub/x 2>/dev/null; echo sub=$?; \
+                 grep ' /m/sub ' /proc/self/mountinfo | grep -o 'noatime' | head -1";
+    let b = Bundle::new("rro", &["sh", "-c", probe]);
+    let with = |opts: &[&str]| {
+        b.edit(|c| {
+            let m = c["mounts"].as_array_mut().unwrap();
+            m.retain(|m| m["destination"] != "/m");
+            m.push(json!({"destination": "/m", "type": "bind", "source": host.path(), "options": opts}));
+        })
+    };
+    // Plain ro is the top mount only: the submount stays writable.
+    with(&["rbind", "ro"]);
+    let o = b.run();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "top=1\nsub=0\n", "{}", stderr(&o));
+    // rro (and rnoatime) reach the submount too.
+    with(&["rbind", "rro", "rnoatime"]);
+    let o = b.run();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "top=1\nsub=1\nnoatime\n", "{}", stderr(&o));
+    if let Some(r) = runc_run(&b) {
+        assert_eq!(stdout(&r), stdout(&o), "runc: {}", stderr(&r));
+    }
+    // rrw after rro undoes it; the last option wins.
+    with(&["rbind", "rro", "rrw"]);
+    let o = b.run();
+    assert_eq!(stdout(&o), "top=0\nsub=0\n", "{}", stderr(&o));
+    // The host's mounts are untouched.
+    assert!(std::fs::write(host.path().join("sub/host-can-write"), "x").is_ok());
+}
+
+#[test]
+fn unknown_mount_options_are_errors_naming_them() {
+    let host = tempfile::tempdir().unwrap();
+    let b = Bundle::new("badopt", &["true"]);
+    for (m, want) in [
+        (
+            json!({"destination": "/m", "type": "bind", "source": host.path(), "options": ["rbind", "rr0"]}),
+            "unknown mount option 'rr0'",
+        ),
+        (
+            json!({"destination": "/m", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "bogus=1"]}),
+            "unknown mount option 'bogus=1'",
+        ),
+        (
+            json!({"destination": "/m", "type": "bind", "source": host.path(), "options": ["rbind", "idmap"]}),
+            "'idmap'",
+        ),
+    ] {
+        b.edit(|c| {
+            let ms = c["mounts"].as_array_mut().unwrap();
+            ms.retain(|m| m["destination"] != "/m");
+            ms.push(m.clone());
+        });
+        let o = b.run();
+        assert_eq!(o.status.code(), Some(1), "{m}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert!(
+            err.starts_with("error: ") && err.lines().count() == 1 && err.contains(want),
+            "{m}: {err}"
+        );
+        assert!(err.contains("/m"), "the mount is not named: {err}");
+        assert!(b.state_json().is_none());
+    }
+}
+
+#[test]
+fn tmpcopyup_starts_a_tmpfs_with_the_rootfs_contents() {
+    let b = Bundle::new(
+        "copyup",
+        &["sh", "-c", "cat /etc/group | head -1; ls -ld /etc/sub | cut -c1-10; readlink /etc/link; echo new > /etc/new && cat /etc/new"],
+    );
+    std::fs::create_dir(b.rootfs().join("etc/sub")).unwrap();
+    std::fs::set_permissions(
+        b.rootfs().join("etc/sub"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o750),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("group", b.rootfs().join("etc/link")).unwrap();
+    b.edit(|c| {
+        c["mounts"].as_array_mut().unwrap().push(
+            json!({"destination": "/etc", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "tmpcopyup", "mode=755"]}),
+        );
+    });
+    let o = b.run();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "root:x:0:\ndrwxr-x---\ngroup\nnew\n");
+    // The rootfs itself was not written.
+    assert!(!b.rootfs().join("etc/new").exists());
+    if let Some(r) = runc_run(&b) {
+        assert_eq!(stdout(&r), stdout(&o), "runc: {}", stderr(&r));
+    }
+}
