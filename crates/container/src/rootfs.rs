@@ -906,7 +906,9 @@ fn readonly_path(p: &Path) -> Result<()> {
 
 /// Build the container's filesystem view and pivot into it. Runs in the container's
 /// new mount namespace, before the process spec (user, capabilities) is applied.
-pub fn setup(ctx: &RootfsContext<'_>) -> Result<()> {
+/// `before_pivot` runs once the mounts are made, before pivot_root (the create-time
+/// hooks).
+pub fn setup(ctx: &RootfsContext<'_>, before_pivot: &mut dyn FnMut() -> Result<()>) -> Result<()> {
     let linux = ctx.spec.linux().as_ref();
     let prop = match linux.and_then(|l| l.rootfs_propagation().as_deref()) {
         Some("shared") | Some("rshared") => MsFlags::MS_SHARED,
@@ -961,6 +963,7 @@ pub fn setup(ctx: &RootfsContext<'_>) -> Result<()> {
             dev_symlinks(rootfd)?;
         }
     }
+    before_pivot()?;
     pivot(rootfd)?;
     drop(root);
     if let Some(l) = linux {

@@ -740,3 +740,221 @@ fn tmpcopyup_starts_a_tmpfs_with_the_rootfs_contents() {
         assert_eq!(stdout(&r), stdout(&o), "runc: {}", stderr(&r));
     }
 }
+
+/// A bundle whose hooks of every kind log "KIND MNTNS ENV STATE" to `log`. The hook
+/// directory is bind-mounted at the same path, so the container-side hooks find it.
+struct HookBundle {
+    b: Bundle,
+    hookdir: tempfile::TempDir,
+}
+
+const KINDS: [&str; 6] = [
+    "prestart",
+    "createRuntime",
+    "createContainer",
+    "startContainer",
+    "poststart",
+    "poststop",
+];
+
+impl HookBundle {
+    fn new(tag: &str, args: &[&str]) -> HookBundle {
+        let b = Bundle::new(tag, args);
+        let hookdir = tempfile::tempdir().unwrap();
+        let d = hookdir.path();
+        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let script = format!(
+            "#!/bin/sh\necho \"$1 $(readlink /proc/self/ns/mnt) $HOOKENV $(cat)\" >> {}/log\n\
+             case \"$FAIL\" in \"$1\") echo \"$1 says no\" >&2; exit 3;; esac\n\
+             case \"$SLOW\" in \"$1\") sleep 30;; esac\n",
+            d.display()
+        );
+        std::fs::write(d.join("hook.sh"), script).unwrap();
+        std::fs::set_permissions(
+            d.join("hook.sh"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let hb = HookBundle { b, hookdir };
+        hb.set_hooks("", "");
+        hb
+    }
+
+    /// Hooks of every kind; `fail` names a kind whose hook exits 3, `slow` one that
+    /// sleeps past its 1 s timeout.
+    fn set_hooks(&self, fail: &str, slow: &str) {
+        let d = self.hookdir.path().to_path_buf();
+        self.b.edit(|c| {
+            let mut hooks = serde_json::Map::new();
+            for k in KINDS {
+                hooks.insert(
+                    k.into(),
+                    json!([{
+                        "path": d.join("hook.sh"),
+                        "args": ["hook.sh", k],
+                        "env": [format!("HOOKENV=env-{k}"), format!("FAIL={fail}"), format!("SLOW={slow}"), "PATH=/bin:/usr/bin"],
+                        "timeout": if k == slow { 1 } else { 20 }
+                    }]),
+                );
+            }
+            c["hooks"] = serde_json::Value::Object(hooks);
+            let ms = c["mounts"].as_array_mut().unwrap();
+            ms.retain(|m| m["destination"] != json!(d));
+            ms.push(json!({"destination": d, "type": "bind", "source": d, "options": ["rbind"]}));
+        });
+    }
+
+    /// (kind, mount ns, env, state) per logged line, and clears the log.
+    fn take_log(&self) -> Vec<(String, String, String, serde_json::Value)> {
+        let p = self.hookdir.path().join("log");
+        let text = std::fs::read_to_string(&p).unwrap_or_default();
+        let _ = std::fs::remove_file(&p);
+        text.lines()
+            .map(|l| {
+                let mut it = l.splitn(4, ' ');
+                let k = it.next().unwrap().to_string();
+                let ns = it.next().unwrap().to_string();
+                let env = it.next().unwrap().to_string();
+                let st = serde_json::from_str(it.next().unwrap()).unwrap();
+                (k, ns, env, st)
+            })
+            .collect()
+    }
+}
+
+fn mntns(pid: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn hooks_run_at_the_specs_points_in_the_specs_namespaces() {
+    let hb = HookBundle::new("hooks", &["sleep", "1000"]);
+    let b = &hb.b;
+    let host_ns = mntns("self");
+    let (ok, err) = create_quiet(nestor(), b.state.path(), b.dir.path(), &b.id);
+    assert!(ok, "create: {err}");
+    let pid = b.state_json().unwrap()["pid"].as_i64().unwrap();
+    let ctr_ns = mntns(&pid.to_string());
+    assert_ne!(ctr_ns, host_ns);
+    let mut log = hb.take_log();
+    assert!(b.oci(&["start"]).status.success());
+    log.extend(hb.take_log());
+    assert!(b.cmd(&["kill", &b.id, "KILL"]).status().unwrap().success());
+    for _ in 0..500 {
+        if b.state_json().unwrap()["status"] == "stopped" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let d = b.oci(&["delete"]);
+    assert!(d.status.success(), "{}", stderr(&d));
+    log.extend(hb.take_log());
+    let kinds: Vec<&str> = log.iter().map(|l| l.0.as_str()).collect();
+    assert_eq!(kinds, KINDS, "hooks ran out of the spec's order");
+    let bundle = std::fs::canonicalize(b.dir.path()).unwrap();
+    for (kind, ns, env, st) in &log {
+        let in_container = matches!(kind.as_str(), "createContainer" | "startContainer");
+        assert_eq!(
+            ns,
+            if in_container { &ctr_ns } else { &host_ns },
+            "{kind} ran in the wrong mount namespace"
+        );
+        assert_eq!(env, &format!("env-{kind}"), "{kind}: env not honoured");
+        assert_eq!(st["id"], json!(b.id), "{kind}: {st}");
+        assert_eq!(st["bundle"], json!(bundle), "{kind}: {st}");
+        let want = match kind.as_str() {
+            "prestart" | "createRuntime" | "createContainer" => "creating",
+            "startContainer" => "created",
+            "poststart" => "running",
+            _ => "stopped",
+        };
+        assert_eq!(st["status"], want, "{kind}: {st}");
+        if kind != "poststop" {
+            assert_eq!(st["pid"], json!(pid), "{kind}: the host pid: {st}");
+        }
+    }
+    // runc on the same bundle: the same hooks, the same namespaces (runc runs
+    // poststart before startContainer and gives createContainer pid 1: see
+    // ARCHITECTURE.md).
+    b.edit(|c| c["process"]["args"] = json!(["true"]));
+    if let Some(r) = runc_run(b) {
+        assert!(r.status.success(), "runc: {}", stderr(&r));
+        let theirs = hb.take_log();
+        let mut kinds: Vec<&str> = theirs.iter().map(|l| l.0.as_str()).collect();
+        kinds.sort();
+        let mut want = KINDS.to_vec();
+        want.sort();
+        assert_eq!(kinds, want);
+        for (kind, ns, env, _) in &theirs {
+            let in_container = matches!(kind.as_str(), "createContainer" | "startContainer");
+            assert_eq!(in_container, ns != &host_ns, "runc's {kind}");
+            assert_eq!(env, &format!("env-{kind}"));
+        }
+    }
+}
+
+#[test]
+fn failing_hooks_fail_the_steps_the_spec_says() {
+    let hb = HookBundle::new("hookfail", &["sleep", "1000"]);
+    let b = &hb.b;
+    // createRuntime / createContainer: create fails, naming the hook; poststop runs.
+    for kind in ["prestart", "createRuntime", "createContainer"] {
+        hb.set_hooks(kind, "");
+        let (ok, err) = create_quiet(nestor(), b.state.path(), b.dir.path(), &b.id);
+        assert!(!ok, "{kind}: create succeeded");
+        assert!(
+            err.starts_with("error: ")
+                && err.lines().count() == 1
+                && err.contains(&format!("{kind} hook #0"))
+                && err.contains(&format!("exit status 3: {kind} says no")),
+            "{kind}: {err}"
+        );
+        assert!(b.state_json().is_none(), "{kind}: a container was left");
+        let kinds: Vec<String> = hb.take_log().into_iter().map(|l| l.0).collect();
+        assert_eq!(
+            kinds.last().map(String::as_str),
+            Some("poststop"),
+            "{kind}: {kinds:?}"
+        );
+    }
+    // A hook past its timeout is killed and fails its step.
+    hb.set_hooks("", "createContainer");
+    let (ok, err) = create_quiet(nestor(), b.state.path(), b.dir.path(), &b.id);
+    assert!(!ok && err.contains("timed out after 1s"), "{err}");
+    hb.take_log();
+    // startContainer: start fails with the reason and the container is stopped.
+    hb.set_hooks("startContainer", "");
+    let (ok, err) = create_quiet(nestor(), b.state.path(), b.dir.path(), &b.id);
+    assert!(ok, "{err}");
+    let s = b.oci(&["start"]);
+    assert!(!s.status.success());
+    assert!(
+        stderr(&s).starts_with("error: ") && stderr(&s).contains("startContainer says no"),
+        "{}",
+        stderr(&s)
+    );
+    assert_eq!(b.state_json().unwrap()["status"], "stopped");
+    assert!(b.oci(&["delete"]).status.success());
+    hb.take_log();
+    // poststart and poststop: warnings only; the steps succeed.
+    hb.set_hooks("poststart", "");
+    let (ok, err) = create_quiet(nestor(), b.state.path(), b.dir.path(), &b.id);
+    assert!(ok, "{err}");
+    let s = b.oci(&["start"]);
+    assert!(s.status.success(), "{}", stderr(&s));
+    assert!(stderr(&s).contains("poststart says no"), "{}", stderr(&s));
+    assert_eq!(b.state_json().unwrap()["status"], "running");
+    hb.set_hooks("poststop", "");
+    // delete reads the hooks the container was created with, so this one still fails
+    // poststart's way; make a fresh container for poststop.
+    assert!(b.oci(&["delete", "--force"]).status.success());
+    let (ok, err) = create_quiet(nestor(), b.state.path(), b.dir.path(), &b.id);
+    assert!(ok, "{err}");
+    let d = b.oci(&["delete", "--force"]);
+    assert!(d.status.success(), "{}", stderr(&d));
+    assert!(stderr(&d).contains("poststop says no"), "{}", stderr(&d));
+    assert!(b.state_json().is_none());
+}
