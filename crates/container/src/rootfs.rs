@@ -87,6 +87,7 @@ fn flag_option(opt: &str) -> Option<(MsFlags, MsFlags)> {
         "silent" => (MsFlags::MS_SILENT, none),
         "loud" => (none, MsFlags::MS_SILENT),
         "nosymfollow" => (nosymfollow, none),
+        "symfollow" => (none, nosymfollow),
         "remount" => (MsFlags::MS_REMOUNT, none),
         "bind" => (MsFlags::MS_BIND, none),
         "rbind" => (MsFlags::MS_BIND | MsFlags::MS_REC, none),
@@ -114,6 +115,7 @@ pub(crate) fn recursive_option(opt: &str) -> Option<(u64, u64)> {
         // Back to the kernel's default atime mode.
         "rrelatime" | "ratime" | "rnostrictatime" => (libc::MOUNT_ATTR_RELATIME, atime),
         "rnosymfollow" => (libc::MOUNT_ATTR_NOSYMFOLLOW, 0),
+        "rsymfollow" => (0, libc::MOUNT_ATTR_NOSYMFOLLOW),
         _ => return None,
     })
 }
@@ -180,6 +182,8 @@ pub const KNOWN_OPTIONS: &[&str] = &[
     "rrelatime",
     "rnorelatime",
     "rnosymfollow",
+    "rsymfollow",
+    "symfollow",
     "tmpcopyup",
 ];
 

@@ -958,3 +958,73 @@ fn failing_hooks_fail_the_steps_the_spec_says() {
     assert!(stderr(&d).contains("poststop says no"), "{}", stderr(&d));
     assert!(b.state_json().is_none());
 }
+
+#[test]
+fn features_lists_what_nestor_honours() {
+    let o = Command::new(nestor()).arg("features").output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The spec's schema, as oci-spec types it.
+    let f: oci_spec::runtime::Features = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("not a features document: {e}: {}", stdout(&o)));
+    let hooks = f.hooks().clone().unwrap();
+    for k in KINDS {
+        assert!(hooks.iter().any(|h| h == k), "hook {k} missing");
+    }
+    let opts = f.mount_options().clone().unwrap();
+    assert!(opts.iter().any(|o| o == "rro"));
+    assert!(
+        !opts.iter().any(|o| o == "idmap"),
+        "idmap is listed but refused"
+    );
+    // Every listed option is accepted: one container with a mount per option.
+    let host = tempfile::tempdir().unwrap();
+    let b = Bundle::new("features", &["true"]);
+    b.edit(|c| {
+        let ms = c["mounts"].as_array_mut().unwrap();
+        for (i, o) in opts.iter().enumerate() {
+            let m = if o == "tmpcopyup" {
+                json!({"destination": format!("/m/{i}"), "type": "tmpfs", "source": "tmpfs", "options": [o]})
+            } else {
+                json!({"destination": format!("/m/{i}"), "type": "bind", "source": host.path(), "options": ["rbind", o]})
+            };
+            ms.push(m);
+        }
+    });
+    let r = b.run();
+    assert!(
+        r.status.success(),
+        "a listed option is refused: {}",
+        stderr(&r)
+    );
+    let linux = f.linux().clone().unwrap();
+    assert!(linux
+        .capabilities()
+        .clone()
+        .unwrap()
+        .iter()
+        .any(|c| c == "CAP_SYS_ADMIN"));
+    let sc = linux.seccomp().clone().unwrap();
+    assert!(!sc
+        .actions()
+        .clone()
+        .unwrap()
+        .contains(&oci_spec::runtime::LinuxSeccompAction::ScmpActNotify));
+    // What runc lists, nestor lists too (but the id-mapped mounts it refuses).
+    let Ok(r) = Command::new("runc").arg("features").output() else {
+        eprintln!("SKIP runc comparison: runc is not installed");
+        return;
+    };
+    let theirs: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    for o in theirs["mountOptions"].as_array().unwrap() {
+        let o = o.as_str().unwrap();
+        if o != "idmap" && o != "ridmap" {
+            assert!(
+                opts.iter().any(|x| x == o),
+                "runc lists {o}, nestor does not"
+            );
+        }
+    }
+    for h in theirs["hooks"].as_array().unwrap() {
+        assert!(hooks.iter().any(|x| x == h.as_str().unwrap()));
+    }
+}
