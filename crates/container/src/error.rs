@@ -40,6 +40,9 @@ pub enum Error {
     Cgroup(#[from] crate::cgroups::CgroupError),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// A hook failed (the message names its kind, index and path).
+    #[error("{0}")]
+    Hook(String),
     /// The container's init process reported a failure before exec.
     #[error("container init: {0}")]
     Init(String),

@@ -9,6 +9,8 @@
 pub mod cgroups;
 pub mod container;
 pub mod error;
+pub mod features;
+pub mod hooks;
 pub mod process;
 pub mod rootfs;
 pub mod seccomp;

@@ -35,92 +35,289 @@ pub struct RootfsContext<'a> {
     pub cgroup: CgroupMount,
 }
 
+#[derive(Debug)]
 struct MountOpts {
     flags: MsFlags,
     clear: MsFlags,
     propagation: MsFlags,
     data: Vec<String>,
     bind: bool,
+    /// The recursive forms (`rro`, `rnosuid`, …): mount_setattr(AT_RECURSIVE) attributes.
+    rec_set: u64,
+    rec_clr: u64,
+    /// `tmpcopyup`: a tmpfs starts with a copy of what the rootfs had at its destination.
+    copy_up: bool,
 }
 
-fn parse_options(opts: &[String]) -> MountOpts {
+/// The mount options nestor knows that set or clear one mount flag (runc's list).
+fn flag_option(opt: &str) -> Option<(MsFlags, MsFlags)> {
+    let none = MsFlags::empty();
+    let posix_acl = MsFlags::from_bits_retain(libc::MS_POSIXACL);
+    let i_version = MsFlags::from_bits_retain(libc::MS_I_VERSION);
+    let lazytime = MsFlags::from_bits_retain(libc::MS_LAZYTIME);
+    let nosymfollow = MsFlags::from_bits_retain(libc::MS_NOSYMFOLLOW);
+    Some(match opt {
+        "defaults" | "async" => (none, none),
+        "ro" | "rdonly" => (MsFlags::MS_RDONLY, none),
+        "rw" => (none, MsFlags::MS_RDONLY),
+        "nosuid" => (MsFlags::MS_NOSUID, none),
+        "suid" => (none, MsFlags::MS_NOSUID),
+        "nodev" => (MsFlags::MS_NODEV, none),
+        "dev" => (none, MsFlags::MS_NODEV),
+        "noexec" => (MsFlags::MS_NOEXEC, none),
+        "exec" => (none, MsFlags::MS_NOEXEC),
+        "sync" => (MsFlags::MS_SYNCHRONOUS, none),
+        "dirsync" => (MsFlags::MS_DIRSYNC, none),
+        "mand" => (MsFlags::MS_MANDLOCK, none),
+        "nomand" => (none, MsFlags::MS_MANDLOCK),
+        "noatime" => (MsFlags::MS_NOATIME, none),
+        "atime" => (none, MsFlags::MS_NOATIME),
+        "nodiratime" => (MsFlags::MS_NODIRATIME, none),
+        "diratime" => (none, MsFlags::MS_NODIRATIME),
+        "relatime" => (MsFlags::MS_RELATIME, none),
+        "norelatime" => (none, MsFlags::MS_RELATIME),
+        "strictatime" => (MsFlags::MS_STRICTATIME, none),
+        "nostrictatime" => (none, MsFlags::MS_STRICTATIME),
+        "acl" => (posix_acl, none),
+        "noacl" => (none, posix_acl),
+        "iversion" => (i_version, none),
+        "noiversion" => (none, i_version),
+        "lazytime" => (lazytime, none),
+        "nolazytime" => (none, lazytime),
+        "silent" => (MsFlags::MS_SILENT, none),
+        "loud" => (none, MsFlags::MS_SILENT),
+        "nosymfollow" => (nosymfollow, none),
+        "symfollow" => (none, nosymfollow),
+        "remount" => (MsFlags::MS_REMOUNT, none),
+        "bind" => (MsFlags::MS_BIND, none),
+        "rbind" => (MsFlags::MS_BIND | MsFlags::MS_REC, none),
+        _ => return None,
+    })
+}
+
+/// The recursive forms: (attributes set, attributes cleared) for mount_setattr. An
+/// atime mode replaces the whole atime field, as the kernel requires.
+pub(crate) fn recursive_option(opt: &str) -> Option<(u64, u64)> {
+    let atime = libc::MOUNT_ATTR__ATIME;
+    Some(match opt {
+        "rro" => (libc::MOUNT_ATTR_RDONLY, 0),
+        "rrw" => (0, libc::MOUNT_ATTR_RDONLY),
+        "rnosuid" => (libc::MOUNT_ATTR_NOSUID, 0),
+        "rsuid" => (0, libc::MOUNT_ATTR_NOSUID),
+        "rnodev" => (libc::MOUNT_ATTR_NODEV, 0),
+        "rdev" => (0, libc::MOUNT_ATTR_NODEV),
+        "rnoexec" => (libc::MOUNT_ATTR_NOEXEC, 0),
+        "rexec" => (0, libc::MOUNT_ATTR_NOEXEC),
+        "rnodiratime" => (libc::MOUNT_ATTR_NODIRATIME, 0),
+        "rdiratime" => (0, libc::MOUNT_ATTR_NODIRATIME),
+        "rnoatime" => (libc::MOUNT_ATTR_NOATIME, atime),
+        "rstrictatime" | "rnorelatime" => (libc::MOUNT_ATTR_STRICTATIME, atime),
+        // Back to the kernel's default atime mode.
+        "rrelatime" | "ratime" | "rnostrictatime" => (libc::MOUNT_ATTR_RELATIME, atime),
+        "rnosymfollow" => (libc::MOUNT_ATTR_NOSYMFOLLOW, 0),
+        "rsymfollow" => (0, libc::MOUNT_ATTR_NOSYMFOLLOW),
+        _ => return None,
+    })
+}
+
+/// Every mount option nestor accepts by name (the features document lists these).
+pub const KNOWN_OPTIONS: &[&str] = &[
+    "defaults",
+    "async",
+    "ro",
+    "rdonly",
+    "rw",
+    "nosuid",
+    "suid",
+    "nodev",
+    "dev",
+    "noexec",
+    "exec",
+    "sync",
+    "dirsync",
+    "mand",
+    "nomand",
+    "noatime",
+    "atime",
+    "nodiratime",
+    "diratime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nostrictatime",
+    "acl",
+    "noacl",
+    "iversion",
+    "noiversion",
+    "lazytime",
+    "nolazytime",
+    "silent",
+    "loud",
+    "nosymfollow",
+    "remount",
+    "bind",
+    "rbind",
+    "private",
+    "rprivate",
+    "shared",
+    "rshared",
+    "slave",
+    "rslave",
+    "unbindable",
+    "runbindable",
+    "rro",
+    "rrw",
+    "rnosuid",
+    "rsuid",
+    "rnodev",
+    "rdev",
+    "rnoexec",
+    "rexec",
+    "rnodiratime",
+    "rdiratime",
+    "rnoatime",
+    "ratime",
+    "rstrictatime",
+    "rnostrictatime",
+    "rrelatime",
+    "rnorelatime",
+    "rnosymfollow",
+    "rsymfollow",
+    "symfollow",
+    "tmpcopyup",
+];
+
+fn propagation_option(opt: &str) -> Option<MsFlags> {
+    Some(match opt {
+        "private" => MsFlags::MS_PRIVATE,
+        "rprivate" => MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+        "shared" => MsFlags::MS_SHARED,
+        "rshared" => MsFlags::MS_SHARED | MsFlags::MS_REC,
+        "slave" => MsFlags::MS_SLAVE,
+        "rslave" => MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        "unbindable" => MsFlags::MS_UNBINDABLE,
+        "runbindable" => MsFlags::MS_UNBINDABLE | MsFlags::MS_REC,
+        _ => return None,
+    })
+}
+
+/// Parse a mount's options. `bind` says whether the mount is a bind mount by its
+/// type: a bind mount takes no filesystem data, so an option nestor does not know is
+/// an error naming it there; for other types it is the filesystem's (`mode=755`,
+/// `size=64k`, `newinstance`) and goes to the kernel as data, which refuses what the
+/// filesystem does not know ([`bad_data_option`] names which).
+fn parse_options(opts: &[String], bind_type: bool) -> std::result::Result<MountOpts, String> {
     let mut o = MountOpts {
         flags: MsFlags::empty(),
         clear: MsFlags::empty(),
         propagation: MsFlags::empty(),
         data: Vec::new(),
-        bind: false,
+        bind: bind_type,
+        rec_set: 0,
+        rec_clr: 0,
+        copy_up: false,
     };
     for opt in opts {
-        let (set, clear, prop) = match opt.as_str() {
-            "defaults" | "async" | "tmpcopyup" | "nomand" | "noacl" => {
-                (MsFlags::empty(), MsFlags::empty(), MsFlags::empty())
-            }
-            "ro" | "rdonly" => (MsFlags::MS_RDONLY, MsFlags::empty(), MsFlags::empty()),
-            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY, MsFlags::empty()),
-            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty(), MsFlags::empty()),
-            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID, MsFlags::empty()),
-            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty(), MsFlags::empty()),
-            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV, MsFlags::empty()),
-            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty(), MsFlags::empty()),
-            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC, MsFlags::empty()),
-            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty(), MsFlags::empty()),
-            "dirsync" => (MsFlags::MS_DIRSYNC, MsFlags::empty(), MsFlags::empty()),
-            "mand" => (MsFlags::MS_MANDLOCK, MsFlags::empty(), MsFlags::empty()),
-            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty(), MsFlags::empty()),
-            "atime" => (MsFlags::empty(), MsFlags::MS_NOATIME, MsFlags::empty()),
-            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty(), MsFlags::empty()),
-            "diratime" => (MsFlags::empty(), MsFlags::MS_NODIRATIME, MsFlags::empty()),
-            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty(), MsFlags::empty()),
-            "norelatime" => (MsFlags::empty(), MsFlags::MS_RELATIME, MsFlags::empty()),
-            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty(), MsFlags::empty()),
-            "bind" => {
+        if let Some((set, clear)) = flag_option(opt) {
+            o.flags |= set;
+            o.flags &= !clear;
+            o.clear |= clear;
+            o.clear &= !set;
+            if set.contains(MsFlags::MS_BIND) {
                 o.bind = true;
-                (MsFlags::MS_BIND, MsFlags::empty(), MsFlags::empty())
             }
-            "rbind" => {
-                o.bind = true;
-                (
-                    MsFlags::MS_BIND | MsFlags::MS_REC,
-                    MsFlags::empty(),
-                    MsFlags::empty(),
-                )
+        } else if let Some(p) = propagation_option(opt) {
+            o.propagation |= p;
+        } else if let Some((set, clr)) = recursive_option(opt) {
+            o.rec_set = (o.rec_set & !clr & !set) | set;
+            o.rec_clr = (o.rec_clr & !set) | clr;
+            if clr & libc::MOUNT_ATTR__ATIME != 0 {
+                o.rec_set = (o.rec_set & !libc::MOUNT_ATTR__ATIME) | set;
             }
-            "private" => (MsFlags::empty(), MsFlags::empty(), MsFlags::MS_PRIVATE),
-            "rprivate" => (
-                MsFlags::empty(),
-                MsFlags::empty(),
-                MsFlags::MS_PRIVATE | MsFlags::MS_REC,
-            ),
-            "shared" => (MsFlags::empty(), MsFlags::empty(), MsFlags::MS_SHARED),
-            "rshared" => (
-                MsFlags::empty(),
-                MsFlags::empty(),
-                MsFlags::MS_SHARED | MsFlags::MS_REC,
-            ),
-            "slave" => (MsFlags::empty(), MsFlags::empty(), MsFlags::MS_SLAVE),
-            "rslave" => (
-                MsFlags::empty(),
-                MsFlags::empty(),
-                MsFlags::MS_SLAVE | MsFlags::MS_REC,
-            ),
-            "unbindable" => (MsFlags::empty(), MsFlags::empty(), MsFlags::MS_UNBINDABLE),
-            "runbindable" => (
-                MsFlags::empty(),
-                MsFlags::empty(),
-                MsFlags::MS_UNBINDABLE | MsFlags::MS_REC,
-            ),
-            other => {
-                o.data.push(other.to_string());
-                (MsFlags::empty(), MsFlags::empty(), MsFlags::empty())
-            }
-        };
-        o.flags |= set;
-        o.flags &= !clear;
-        o.clear |= clear;
-        o.propagation |= prop;
+        } else if opt == "tmpcopyup" {
+            o.copy_up = true;
+        } else if opt == "idmap" || opt == "ridmap" {
+            return Err(format!(
+                "mount option '{opt}' (an id-mapped mount) is not supported by nestor"
+            ));
+        } else {
+            o.data.push(opt.clone());
+        }
     }
-    o
+    if o.bind {
+        if let Some(d) = o.data.first() {
+            return Err(format!(
+                "unknown mount option '{d}' (a bind mount takes no filesystem options)"
+            ));
+        }
+        if o.copy_up {
+            return Err("mount option 'tmpcopyup' is for tmpfs mounts, not bind mounts".into());
+        }
+    }
+    Ok(o)
+}
+
+/// After mount(2) refused `data` with EINVAL: the first option the filesystem `typ`
+/// does not take, found by offering each to a new filesystem context (fsopen/fsconfig).
+fn bad_data_option(typ: &str, data: &[String]) -> Option<String> {
+    let t = std::ffi::CString::new(typ).ok()?;
+    // SAFETY: fsopen with a NUL-terminated name; returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_fsopen, t.as_ptr(), libc::FSOPEN_CLOEXEC) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fsopen returned a new descriptor that we own.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    for opt in data {
+        let (k, v) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt.as_str(), None),
+        };
+        let (Ok(k), Ok(value)) = (
+            std::ffi::CString::new(k),
+            std::ffi::CString::new(v.unwrap_or("")),
+        ) else {
+            return Some(opt.clone());
+        };
+        let (cmd, val) = match v {
+            Some(_) => (libc::FSCONFIG_SET_STRING, value.as_ptr()),
+            None => (libc::FSCONFIG_SET_FLAG, std::ptr::null()),
+        };
+        // SAFETY: fsconfig on our fs context with NUL-terminated key and value (or null).
+        let r =
+            unsafe { libc::syscall(libc::SYS_fsconfig, fd.as_raw_fd(), cmd, k.as_ptr(), val, 0) };
+        if r < 0 && Errno::last() == Errno::EINVAL {
+            return Some(opt.clone());
+        }
+    }
+    None
+}
+
+/// Apply the recursive attributes to the mount at `target` and every mount below it.
+fn set_recursive_attrs(target: &str, set: u64, clr: u64) -> nix::Result<()> {
+    let attr = libc::mount_attr {
+        attr_set: set,
+        attr_clr: clr,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let t = std::ffi::CString::new(target).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: mount_setattr reads `attr` (of the size given) and the NUL-terminated path.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::AT_RECURSIVE,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if r < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(())
+    }
 }
 
 /// Flags the kernel locks on a mount seen from a user namespace: a remount must keep them.
@@ -161,8 +358,9 @@ fn remount_bind(target: &str, flags: MsFlags) -> nix::Result<()> {
 fn do_mount(ctx: &RootfsContext<'_>, rootfd: RawFd, m: &Mount) -> Result<()> {
     let dest = m.destination();
     let typ = m.typ().as_deref().unwrap_or("");
-    let opts = parse_options(m.options().as_deref().unwrap_or(&[]));
-    let bind = opts.bind || typ == "bind";
+    let opts = parse_options(m.options().as_deref().unwrap_or(&[]), typ == "bind")
+        .map_err(|e| Error::Invalid(format!("mount on {}: {e}", dest.display())))?;
+    let bind = opts.bind;
     let source: Option<PathBuf> = m.source().as_ref().map(|s| {
         if bind && s.is_relative() {
             ctx.bundle.join(s)
@@ -276,6 +474,18 @@ fn do_mount(ctx: &RootfsContext<'_>, rootfd: RawFd, m: &Mount) -> Result<()> {
                 )
                 .ctx(|| format!("mount devpts on {}", dest.display()))?;
             }
+            (Err(Errno::EINVAL), _) if !opts.data.is_empty() => {
+                return Err(Error::Invalid(match bad_data_option(typ, &opts.data) {
+                    Some(o) => format!(
+                        "mount {typ} on {}: unknown mount option '{o}' (neither nestor nor {typ} knows it)",
+                        dest.display()
+                    ),
+                    None => format!(
+                        "mount {typ} on {} with options '{data}': invalid argument",
+                        dest.display()
+                    ),
+                }))
+            }
             (Err(e), _) => {
                 return Err(Error::Sys {
                     context: format!("mount {typ} on {}", dest.display()),
@@ -283,11 +493,156 @@ fn do_mount(ctx: &RootfsContext<'_>, rootfd: RawFd, m: &Mount) -> Result<()> {
                 })
             }
         }
+        if opts.copy_up {
+            if typ != "tmpfs" {
+                return Err(Error::Invalid(format!(
+                    "mount on {}: 'tmpcopyup' is for tmpfs mounts, not {typ}",
+                    dest.display()
+                )));
+            }
+            let (_fd, fresh) = reopen(rootfd, dest)?;
+            copy_up(target_fd.as_raw_fd(), &fresh)
+                .ctx(|| format!("tmpcopyup into {}", dest.display()))?;
+        }
     }
     if !opts.propagation.is_empty() {
         let (_fd, target) = reopen(rootfd, dest)?;
         mount::<str, str, str, str>(None, target.as_str(), None, opts.propagation, None)
             .ctx(|| format!("set propagation of {}", dest.display()))?;
+    }
+    if opts.rec_set != 0 || opts.rec_clr != 0 {
+        let (_fd, target) = reopen(rootfd, dest)?;
+        set_recursive_attrs(&target, opts.rec_set, opts.rec_clr).ctx(|| {
+            format!(
+                "set recursive mount attributes of {} (mount_setattr)",
+                dest.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// `tmpcopyup`: copy the directory `lower` (an O_PATH descriptor of the destination
+/// taken before the tmpfs covered it) into the fresh tmpfs at `upper`: files, dirs and
+/// symlinks with their modes and owners. Runs in the container's mount namespace,
+/// before pivot_root; both sides are inside the rootfs.
+fn copy_up(lower: RawFd, upper: &str) -> std::io::Result<()> {
+    let from = nix::fcntl::open(
+        fd_path(lower).as_str(),
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    // SAFETY: open returned a new descriptor we own.
+    let from = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(from) };
+    let to = nix::fcntl::open(
+        upper,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    // SAFETY: as above.
+    let to = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(to) };
+    let st = nix::sys::stat::fstat(from.as_raw_fd())?;
+    nix::sys::stat::fchmod(
+        to.as_raw_fd(),
+        Mode::from_bits_truncate(st.st_mode & 0o7777),
+    )?;
+    nix::unistd::fchown(
+        to.as_raw_fd(),
+        Some(st.st_uid.into()),
+        Some(st.st_gid.into()),
+    )?;
+    copy_dir(&from, &to, 0)
+}
+
+fn copy_dir(
+    from: &std::os::fd::OwnedFd,
+    to: &std::os::fd::OwnedFd,
+    depth: u32,
+) -> std::io::Result<()> {
+    use nix::fcntl::AtFlags;
+    use nix::sys::stat::{fchmodat, fstatat, FchmodatFlags};
+    if depth > 64 {
+        return Err(std::io::Error::other("directories nested too deep"));
+    }
+    let dup = nix::unistd::dup(from.as_raw_fd())?;
+    let mut dir = nix::dir::Dir::from_fd(dup)?;
+    for ent in dir.iter() {
+        let ent = ent?;
+        let name = ent.file_name();
+        if name.to_bytes() == b"." || name.to_bytes() == b".." {
+            continue;
+        }
+        let st = fstatat(Some(from.as_raw_fd()), name, AtFlags::AT_SYMLINK_NOFOLLOW)?;
+        let mode = Mode::from_bits_truncate(st.st_mode & 0o7777);
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => {
+                nix::sys::stat::mkdirat(
+                    Some(to.as_raw_fd()),
+                    name,
+                    Mode::from_bits_truncate(0o700),
+                )?;
+                let open = |fd: RawFd| -> std::io::Result<std::os::fd::OwnedFd> {
+                    let f = nix::fcntl::openat(
+                        Some(fd),
+                        name,
+                        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                        Mode::empty(),
+                    )?;
+                    // SAFETY: openat returned a new descriptor we own.
+                    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(f) })
+                };
+                let (f, t) = (open(from.as_raw_fd())?, open(to.as_raw_fd())?);
+                copy_dir(&f, &t, depth + 1)?;
+            }
+            libc::S_IFREG => {
+                let f = nix::fcntl::openat(
+                    Some(from.as_raw_fd()),
+                    name,
+                    OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )?;
+                // SAFETY: openat returned a new descriptor we own.
+                let mut f = std::fs::File::from(unsafe {
+                    <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(f)
+                });
+                let t = nix::fcntl::openat(
+                    Some(to.as_raw_fd()),
+                    name,
+                    OFlag::O_WRONLY
+                        | OFlag::O_CREAT
+                        | OFlag::O_EXCL
+                        | OFlag::O_NOFOLLOW
+                        | OFlag::O_CLOEXEC,
+                    Mode::from_bits_truncate(0o600),
+                )?;
+                // SAFETY: as above.
+                let mut t = std::fs::File::from(unsafe {
+                    <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(t)
+                });
+                std::io::copy(&mut f, &mut t)?;
+            }
+            libc::S_IFLNK => {
+                let target = nix::fcntl::readlinkat(Some(from.as_raw_fd()), name)?;
+                nix::unistd::symlinkat(target.as_os_str(), Some(to.as_raw_fd()), name)?;
+            }
+            // Device nodes, fifos and sockets are not copied (runc copies only these three).
+            _ => continue,
+        }
+        nix::unistd::fchownat(
+            Some(to.as_raw_fd()),
+            name,
+            Some(st.st_uid.into()),
+            Some(st.st_gid.into()),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            fchmodat(
+                Some(to.as_raw_fd()),
+                name,
+                mode,
+                FchmodatFlags::NoFollowSymlink,
+            )?;
+        }
     }
     Ok(())
 }
@@ -555,7 +910,9 @@ fn readonly_path(p: &Path) -> Result<()> {
 
 /// Build the container's filesystem view and pivot into it. Runs in the container's
 /// new mount namespace, before the process spec (user, capabilities) is applied.
-pub fn setup(ctx: &RootfsContext<'_>) -> Result<()> {
+/// `before_pivot` runs once the mounts are made, before pivot_root (the create-time
+/// hooks).
+pub fn setup(ctx: &RootfsContext<'_>, before_pivot: &mut dyn FnMut() -> Result<()>) -> Result<()> {
     let linux = ctx.spec.linux().as_ref();
     let prop = match linux.and_then(|l| l.rootfs_propagation().as_deref()) {
         Some("shared") | Some("rshared") => MsFlags::MS_SHARED,
@@ -610,6 +967,7 @@ pub fn setup(ctx: &RootfsContext<'_>) -> Result<()> {
             dev_symlinks(rootfd)?;
         }
     }
+    before_pivot()?;
     pivot(rootfd)?;
     drop(root);
     if let Some(l) = linux {
@@ -642,20 +1000,57 @@ mod tests {
 
     #[test]
     fn options_parse() {
-        let o = parse_options(&[
-            "rbind".into(),
-            "ro".into(),
-            "nosuid".into(),
-            "mode=755".into(),
-            "rprivate".into(),
-        ]);
+        let o = parse_options(
+            &[
+                "rbind".into(),
+                "ro".into(),
+                "nosuid".into(),
+                "rprivate".into(),
+                "rro".into(),
+                "rnoatime".into(),
+            ],
+            false,
+        )
+        .unwrap();
         assert!(o.bind);
         assert!(o.flags.contains(
             MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID
         ));
-        assert_eq!(o.data, vec!["mode=755".to_string()]);
         assert_eq!(o.propagation, MsFlags::MS_PRIVATE | MsFlags::MS_REC);
-        let o = parse_options(&["ro".into(), "rw".into()]);
+        assert_eq!(
+            o.rec_set,
+            libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOATIME
+        );
+        assert_eq!(o.rec_clr, libc::MOUNT_ATTR__ATIME);
+        // The last atime mode wins; rrw undoes rro.
+        let o = parse_options(
+            &[
+                "rro".into(),
+                "rnoatime".into(),
+                "rstrictatime".into(),
+                "rrw".into(),
+            ],
+            true,
+        )
+        .unwrap();
+        assert_eq!(o.rec_set, libc::MOUNT_ATTR_STRICTATIME);
+        assert_eq!(o.rec_clr, libc::MOUNT_ATTR__ATIME | libc::MOUNT_ATTR_RDONLY);
+        let o = parse_options(&["ro".into(), "rw".into()], false).unwrap();
         assert!(!o.flags.contains(MsFlags::MS_RDONLY));
+        // Filesystem data passes for fresh mounts, never for binds.
+        let o = parse_options(&["mode=755".into(), "nosuid".into()], false).unwrap();
+        assert_eq!(o.data, vec!["mode=755".to_string()]);
+        let e = parse_options(&["rbind".into(), "rr0".into()], false).unwrap_err();
+        assert!(e.contains("'rr0'"), "{e}");
+        assert!(parse_options(&["ro".into(), "bogus".into()], true).is_err());
+        assert!(parse_options(&["idmap".into()], true)
+            .unwrap_err()
+            .contains("idmap"));
+        for k in KNOWN_OPTIONS {
+            assert!(
+                parse_options(&["bind".into(), k.to_string()], false).is_ok() || *k == "tmpcopyup",
+                "{k}"
+            );
+        }
     }
 }

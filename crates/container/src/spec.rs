@@ -109,6 +109,7 @@ pub fn validate(path: &Path, spec: &Spec) -> Result<()> {
             ));
         }
     }
+    crate::hooks::validate(spec).map_err(|m| spec_err(path, m))?;
     for m in spec.mounts().iter().flatten() {
         if !m.destination().is_absolute() {
             return Err(spec_err(

@@ -69,6 +69,9 @@ pub struct State {
     /// its image, name and log path here).
     #[serde(default)]
     pub labels: HashMap<String, String>,
+    /// The spec's hooks, for the ones later verbs run (poststart, poststop).
+    #[serde(default)]
+    pub hooks: Option<oci_spec::runtime::Hooks>,
 }
 
 /// The OCI `state` output.

@@ -70,6 +70,7 @@ fn dispatch(cli: &Cli) -> Result<i32> {
             }
         }
         Cmd::Delete { force, id } => rt.delete(id, *force)?,
+        Cmd::Features => oci::features()?,
         Cmd::Pause { id } => rt.pause(id)?,
         Cmd::Resume { id } => rt.resume(id)?,
         Cmd::List { format, quiet } => oci::list(&rt, *format, *quiet)?,

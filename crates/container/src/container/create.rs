@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use super::{write_pid_file, Runtime};
 use crate::cgroups::{self, Cgroup};
 use crate::error::{Context, Result};
+use crate::hooks::{self, Kind};
 use crate::process::{self, Event, InitConfig};
 use crate::rootfs::CgroupMount;
 use crate::state::{now_ns, proc_start, State};
@@ -47,6 +48,7 @@ impl Runtime {
         let bundle = crate::spec::load(&o.bundle)?;
         step("spec loaded");
         let dir = self.root.reserve(&o.id)?;
+        let annotations = bundle.spec.annotations().clone().unwrap_or_default();
         let mut cgroup: Option<Cgroup> = None;
         let res = (|| -> Result<State> {
             let fifo = if wait_for_start {
@@ -86,6 +88,8 @@ impl Runtime {
                 preserve_fds: o.preserve_fds,
                 seccomp: seccomp.as_ref(),
                 dmz: std::os::fd::AsRawFd::as_raw_fd(&dmz),
+                id: &o.id,
+                annotations: &annotations,
             };
             let cgref = cgroup.as_ref();
             let pid = process::spawn(&cfg, &mut |ev| match ev {
@@ -93,6 +97,19 @@ impl Runtime {
                     Some(c) => c.add_pid(p).map_err(Into::into),
                     None => Ok(()),
                 },
+                Event::Hooks(p) => {
+                    let state = hooks::state_json(&o.id, "creating", p, &bundle.dir, &annotations);
+                    hooks::run_all(
+                        Kind::Prestart,
+                        &hooks::of(&bundle.spec, Kind::Prestart),
+                        &state,
+                    )?;
+                    hooks::run_all(
+                        Kind::CreateRuntime,
+                        &hooks::of(&bundle.spec, Kind::CreateRuntime),
+                        &state,
+                    )
+                }
             })?;
             step("process ready");
             let st = State {
@@ -101,7 +118,7 @@ impl Runtime {
                 pid_start: proc_start(pid).map(|s| s.0).unwrap_or(0),
                 bundle: bundle.dir.clone(),
                 rootfs: bundle.rootfs.clone(),
-                annotations: bundle.spec.annotations().clone().unwrap_or_default(),
+                annotations: annotations.clone(),
                 created_ns: now_ns(),
                 cgroup: cgroup.as_ref().and_then(|c| serde_json::to_value(c).ok()),
                 new_pid_ns: crate::process::ns_plan(&bundle.spec)?
@@ -110,14 +127,34 @@ impl Runtime {
                 started: !wait_for_start,
                 paused: false,
                 labels: o.labels.clone(),
+                hooks: bundle.spec.hooks().clone(),
             };
             self.root.save(&st)?;
             if let Some(p) = &o.pid_file {
                 write_pid_file(p, pid)?;
             }
             step("state saved");
+            if !wait_for_start {
+                // `run`: the program is exec'd; poststart failures are only warnings.
+                let state = hooks::state_json(&o.id, "running", pid, &bundle.dir, &annotations);
+                hooks::run_warn(
+                    Kind::Poststart,
+                    &hooks::of(&bundle.spec, Kind::Poststart),
+                    &state,
+                );
+            }
             Ok(st)
         })();
+        if let Err(crate::Error::Hook(_)) = &res {
+            // A failed create-time hook stops the container and goes on to delete,
+            // whose poststop hooks run (runtime spec, lifecycle step 12).
+            let state = hooks::state_json(&o.id, "stopped", 0, &bundle.dir, &annotations);
+            hooks::run_warn(
+                Kind::Poststop,
+                &hooks::of(&bundle.spec, Kind::Poststop),
+                &state,
+            );
+        }
         if res.is_err() {
             if let Some(c) = &cgroup {
                 let _ = c.destroy();

@@ -7,6 +7,7 @@ use nix::sys::signal::Signal;
 
 use super::Runtime;
 use crate::error::{Error, Result};
+use crate::hooks::{self, Kind};
 use crate::state::Status;
 
 impl Runtime {
@@ -38,6 +39,11 @@ impl Runtime {
         }
         if let Some(c) = &cg {
             c.destroy()?;
+        }
+        // The container is gone: poststop hooks, whose failures are only warnings.
+        if let Some(h) = st.hooks.as_ref().and_then(|h| h.poststop().clone()) {
+            let state = hooks::state_json(id, "stopped", 0, &st.bundle, &st.annotations);
+            hooks::run_warn(Kind::Poststop, &h, &state);
         }
         self.root.remove(id)
     }

@@ -45,6 +45,7 @@ impl Runtime {
                     Some(c) => c.add_pid(p).map_err(Into::into),
                     None => Ok(()),
                 },
+                Event::Hooks(_) => Ok(()),
             },
         )?;
         if let Some(p) = &o.pid_file {

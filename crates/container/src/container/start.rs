@@ -8,6 +8,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::Runtime;
 use crate::error::{Context, Error, Result};
+use crate::hooks::{self, Kind};
 use crate::state::Status;
 
 impl Runtime {
@@ -28,27 +29,40 @@ impl Runtime {
         .ctx(|| format!("open {}", fifo.display()))?;
         // SAFETY: fresh descriptor from open.
         let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        let mut got = false;
-        for _ in 0..600 {
+        // The process writes "0" (it execs now) or "E" and why it will not (a
+        // startContainer hook failed), then closes its end: read to the end. Before it
+        // opens its end, reads give EOF; a dead process never writes.
+        let mut got = Vec::new();
+        let mut opened = false;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if !opened && std::time::Instant::now() > deadline {
+                break;
+            }
             let mut pfd = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
             let n = poll(&mut pfd, PollTimeout::from(100u16)).unwrap_or(0);
             if n > 0 {
-                let mut b = [0u8; 1];
-                if matches!(
-                    nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&fd), &mut b),
-                    Ok(1)
-                ) {
-                    got = true;
-                    break;
+                let mut b = [0u8; 4096];
+                match nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&fd), &mut b) {
+                    Ok(0) if opened => break,
+                    Ok(0) if !st.init_alive() => break,
+                    Ok(0) => std::thread::sleep(Duration::from_millis(1)),
+                    Ok(k) => {
+                        opened = true;
+                        got.extend_from_slice(&b[..k]);
+                    }
+                    Err(nix::Error::EAGAIN) | Err(nix::Error::EINTR) => {}
+                    Err(_) => break,
                 }
-            }
-            if !st.init_alive() {
+            } else if !st.init_alive() {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(1));
         }
         let _ = std::fs::remove_file(&fifo);
-        if !got {
+        if let Some(why) = got.strip_prefix(b"E") {
+            return Err(Error::Hook(String::from_utf8_lossy(why).into_owned()));
+        }
+        if got.first() != Some(&b'0') {
             return Err(Error::BadStatus {
                 id: id.to_string(),
                 status: st.status().to_string(),
@@ -56,6 +70,12 @@ impl Runtime {
             });
         }
         st.started = true;
-        self.root.save(&st)
+        self.root.save(&st)?;
+        if let Some(h) = st.hooks.as_ref().and_then(|h| h.poststart().clone()) {
+            // The spec: a poststart failure is a warning (runc fails `start`).
+            let state = hooks::state_json(id, "running", st.pid, &st.bundle, &st.annotations);
+            hooks::run_warn(Kind::Poststart, &h, &state);
+        }
+        Ok(())
     }
 }

@@ -5,7 +5,7 @@
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nix::sched::CloneFlags;
 use oci_spec::runtime::Process;
@@ -16,8 +16,6 @@ use super::sync::{Channel, Msg};
 use super::{InitConfig, NsPlan};
 use crate::error::{Context, Error, Result};
 use crate::rootfs::{self, RootfsContext};
-
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Stage 2: runs as the container's PID 1 (or first process) and never returns on success.
 pub(super) fn stage2(
@@ -63,14 +61,46 @@ pub(super) fn stage2(
         }
         None => None,
     };
+    use crate::hooks::{self, Kind};
+    let start_hooks = hooks::of(cfg.spec, Kind::StartContainer);
+    let create_hooks = hooks::of(cfg.spec, Kind::CreateContainer);
+    let sync_hooks = !start_hooks.is_empty()
+        || !create_hooks.is_empty()
+        || !hooks::of(cfg.spec, Kind::Prestart).is_empty()
+        || !hooks::of(cfg.spec, Kind::CreateRuntime).is_empty();
+    // The host pid, from the runtime, for the state the hooks read.
+    let mut host_pid = 0;
+    let state = |status: &str, pid: i32| {
+        hooks::state_json(cfg.id, status, pid, cfg.bundle, cfg.annotations)
+    };
+    // Mounts made, root not yet pivoted: the runtime runs prestart and createRuntime
+    // (in its namespaces), then this process runs createContainer (in the container's).
+    let mut before_pivot = || -> Result<()> {
+        if !sync_hooks {
+            return Ok(());
+        }
+        ch.send(&Msg::Hooks)?;
+        match ch.recv()? {
+            Some(Msg::HooksDone(pid)) => host_pid = pid,
+            _ => return Err(Error::Init("runtime did not run the create hooks".into())),
+        }
+        hooks::run_all(
+            Kind::CreateContainer,
+            &create_hooks,
+            &state("creating", host_pid),
+        )
+    };
     if plan.new.contains(CloneFlags::CLONE_NEWNS) {
-        rootfs::setup(&RootfsContext {
-            spec: cfg.spec,
-            rootfs: cfg.rootfs,
-            bundle: cfg.bundle,
-            userns,
-            cgroup: cfg.cgroup_mount.clone(),
-        })?;
+        rootfs::setup(
+            &RootfsContext {
+                spec: cfg.spec,
+                rootfs: cfg.rootfs,
+                bundle: cfg.bundle,
+                userns,
+                cgroup: cfg.cgroup_mount.clone(),
+            },
+            &mut before_pivot,
+        )?;
     } else {
         return Err(Error::Invalid(
             "the spec must ask for a new mount namespace".into(),
@@ -97,6 +127,7 @@ pub(super) fn stage2(
         console.as_ref().map(|c| c.as_raw_fd()),
         cfg.preserve_fds,
         fifo,
+        (!start_hooks.is_empty()).then(|| (start_hooks.as_slice(), state("created", host_pid))),
     )
 }
 
@@ -283,34 +314,8 @@ fn set_caps(process: &Process) -> Result<()> {
     Ok(())
 }
 
-/// Find the program to exec, as execvp would, with the container's PATH.
-fn resolve_exe(arg0: &str, env: &[String]) -> Result<PathBuf> {
-    if arg0.contains('/') {
-        let p = PathBuf::from(arg0);
-        return match std::fs::metadata(&p) {
-            Ok(m) if m.is_file() => Ok(p),
-            Ok(_) => Err(Error::Invalid(format!(
-                "exec {arg0}: is not a regular file"
-            ))),
-            Err(e) => Err(Error::Invalid(format!("exec {arg0}: {e}"))),
-        };
-    }
-    let path = env
-        .iter()
-        .find_map(|e| e.strip_prefix("PATH="))
-        .unwrap_or(DEFAULT_PATH);
-    for dir in path.split(':').filter(|d| !d.is_empty()) {
-        let cand = Path::new(dir).join(arg0);
-        if nix::unistd::access(&cand, nix::unistd::AccessFlags::X_OK).is_ok() && cand.is_file() {
-            return Ok(cand);
-        }
-    }
-    Err(Error::Invalid(format!(
-        "executable '{arg0}' not found in $PATH ({path})"
-    )))
-}
-
 /// Apply the process spec and exec. Never returns on success.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn finalize(
     dmz: RawFd,
     seccomp: Option<&CompiledSeccomp>,
@@ -319,6 +324,7 @@ pub(crate) fn finalize(
     console: Option<RawFd>,
     preserve_fds: u32,
     fifo: Option<OwnedFd>,
+    start_hooks: Option<(&[oci_spec::runtime::Hook], Vec<u8>)>,
 ) -> Result<()> {
     if let Some(sock) = console {
         setup_terminal(sock)?;
@@ -365,7 +371,9 @@ pub(crate) fn finalize(
     }
     switch_user(process, bounding.as_ref())?;
     set_caps(process)?;
-    let exe = resolve_exe(arg0, &env)?;
+    // Found, executable, and its interpreters present: or fail now, with the reason,
+    // rather than in the dmz after `create` said the container was made.
+    let exe = super::exe::resolve(arg0, &env)?;
     crate::sys::cloexec_from(3 + preserve_fds)?;
     if let (Some(f), true) = (seccomp, nnp) {
         f.install()?;
@@ -383,6 +391,12 @@ pub(crate) fn finalize(
         .collect::<std::result::Result<_, _>>()
         .map_err(|_| Error::Invalid("process.env has a NUL byte".into()))?;
     ch.send(&Msg::Ready)?;
+    // startContainer hooks run here, in the container, as `start` (or `run`) asks for
+    // the program: after the fifo opens, before the program is exec'd.
+    let run_start_hooks = || match &start_hooks {
+        Some((h, state)) => crate::hooks::run_all(crate::hooks::Kind::StartContainer, h, state),
+        None => Ok(()),
+    };
     if let Some(f) = fifo {
         // Block until `start` opens the fifo for reading.
         let path = crate::sys::fd_path(f.as_raw_fd());
@@ -392,11 +406,21 @@ pub(crate) fn finalize(
             nix::sys::stat::Mode::empty(),
         )
         .ctx(|| "open exec fifo")?;
-        // SAFETY: w was just returned by a successful open and is closed only on the next
-        // line, so it stays valid while borrowed.
-        let _ = nix::unistd::write(unsafe { std::os::fd::BorrowedFd::borrow_raw(w) }, b"0");
+        // SAFETY: w was just returned by a successful open and is closed below, so it
+        // stays valid while borrowed.
+        let wfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(w) };
+        // `start` reads to the end: "0" (go) or "E" and why the process will not run.
+        let res = run_start_hooks();
+        let msg = match &res {
+            Ok(()) => b"0".to_vec(),
+            Err(e) => format!("E{e}").into_bytes(),
+        };
+        let _ = nix::unistd::write(wfd, &msg);
         let _ = nix::unistd::close(w);
         drop(f);
+        res?;
+    } else {
+        run_start_hooks()?;
     }
     // Through the dmz: at exec time /proc/self/exe is never the runtime binary.
     let mut dargs = Vec::with_capacity(cargs.len() + 1);

@@ -5,6 +5,7 @@
 //! builds the rootfs, applies the process spec ([`init`]) and execs. The runtime and
 //! its children talk over a SOCK_SEQPACKET pair with typed messages ([`sync`]).
 
+mod exe;
 pub mod init;
 pub(crate) mod sync;
 
@@ -35,6 +36,9 @@ pub struct InitConfig<'a> {
     pub seccomp: Option<&'a crate::seccomp::CompiledSeccomp>,
     /// The sealed dmz the process execs its program through ([`crate::sys::dmz_fd`]).
     pub dmz: std::os::fd::RawFd,
+    /// The container's id and annotations, for the state its hooks read.
+    pub id: &'a str,
+    pub annotations: &'a std::collections::HashMap<String, String>,
 }
 
 /// Something the runtime must do while the container is being made.
@@ -42,6 +46,10 @@ pub enum Event {
     /// The container's process exists (host pid): put it in its cgroup now, before it
     /// unshares its cgroup namespace or runs anything.
     Pid(i32),
+    /// The container's mounts are made (before pivot_root): run the prestart and
+    /// createRuntime hooks, in the runtime's namespaces, for the container with this
+    /// host pid.
+    Hooks(i32),
 }
 
 pub(crate) fn ns_flag(t: LinuxNamespaceType) -> CloneFlags {
@@ -144,7 +152,10 @@ fn fork_child<F: FnOnce() -> Result<()>>(ch: &Channel, flags: libc::c_int, f: F)
         let code = match f() {
             Ok(()) => 0,
             Err(e) => {
-                let _ = ch.send(&Msg::Error(e.to_string()));
+                let _ = ch.send(&match e {
+                    Error::Hook(m) => Msg::HookFailed(m),
+                    e => Msg::Error(e.to_string()),
+                });
                 1
             }
         };
@@ -216,8 +227,13 @@ pub fn spawn(cfg: &InitConfig<'_>, on_event: &mut dyn FnMut(Event) -> Result<()>
                     on_event(Event::Pid(init_pid))?;
                     parent.send(&Msg::Go)?;
                 }
+                Some(Msg::Hooks) if init_pid > 0 => {
+                    on_event(Event::Hooks(init_pid))?;
+                    parent.send(&Msg::HooksDone(init_pid))?;
+                }
                 Some(Msg::Ready) => return Ok(init_pid),
                 Some(Msg::Error(m)) => return Err(Error::Init(m)),
+                Some(Msg::HookFailed(m)) => return Err(Error::Hook(m)),
                 None => return Err(Error::Init("container process exited during set-up".into())),
                 Some(_) => return Err(unexpected()),
             }
@@ -258,6 +274,7 @@ fn unexpected() -> Error {
 fn exec_happened(parent: &Channel) -> Result<()> {
     match parent.recv()? {
         Some(Msg::Error(m)) => Err(Error::Init(m)),
+        Some(Msg::HookFailed(m)) => Err(Error::Hook(m)),
         _ => Ok(()),
     }
 }
@@ -287,11 +304,18 @@ fn spawn_direct(
         }
         on_event(Event::Pid(pid))?;
         parent.send(&Msg::Go)?;
-        match parent.recv()? {
-            Some(Msg::Ready) => {}
-            Some(Msg::Error(m)) => return Err(Error::Init(m)),
-            None => return Err(Error::Init("container process exited during set-up".into())),
-            Some(_) => return Err(unexpected()),
+        loop {
+            match parent.recv()? {
+                Some(Msg::Ready) => break,
+                Some(Msg::Hooks) => {
+                    on_event(Event::Hooks(pid))?;
+                    parent.send(&Msg::HooksDone(pid))?;
+                }
+                Some(Msg::Error(m)) => return Err(Error::Init(m)),
+                Some(Msg::HookFailed(m)) => return Err(Error::Hook(m)),
+                None => return Err(Error::Init("container process exited during set-up".into())),
+                Some(_) => return Err(unexpected()),
+            }
         }
         if cfg.fifo.is_none() {
             exec_happened(&parent)?;
@@ -395,6 +419,7 @@ pub fn exec_in(
                 console.as_ref().map(|c| c.as_raw_fd()),
                 preserve_fds,
                 None,
+                None,
             )
         })?;
         child.send(&Msg::Pid(p))?;
@@ -412,6 +437,7 @@ pub fn exec_in(
                 }
                 Some(Msg::Ready) => {}
                 Some(Msg::Error(m)) => return Err(Error::Init(m)),
+                Some(Msg::HookFailed(m)) => return Err(Error::Hook(m)),
                 None if exec_pid > 0 => return Ok(exec_pid),
                 _ => return Err(Error::Init("exec process exited during set-up".into())),
             }

@@ -10,6 +10,9 @@
 //! | [`Msg::UserMapped`] | `u` | runtime -> child: the id maps are written |
 //! | [`Msg::Pid`] | `P` + decimal pid | child -> runtime: the container's process (host pid) exists, put it in its cgroup |
 //! | [`Msg::Go`] | `g` | runtime -> child: go on (the cgroup holds the process) |
+//! | [`Msg::Hooks`] | `H` | child -> runtime: mounts made, before pivot_root: run the prestart and createRuntime hooks |
+//! | [`Msg::HooksDone`] | `h` + decimal pid | runtime -> child: they ran; the container's host pid, for the hooks' state |
+//! | [`Msg::HookFailed`] | `F` + UTF-8 message | child -> runtime: a createContainer or startContainer hook failed |
 //! | [`Msg::Ready`] | `R` | child -> runtime: set up, about to wait on the exec fifo or exec |
 //! | [`Msg::Error`] | `E` + UTF-8 message | child -> runtime: set-up failed; the runtime reports the message verbatim |
 //!
@@ -36,10 +39,16 @@ pub(crate) enum Msg {
     Pid(i32),
     /// The runtime released the process (it is in its cgroup).
     Go,
+    /// Mounts are made: the runtime runs its create-time hooks now.
+    Hooks,
+    /// The runtime's hooks ran; the container process's host pid.
+    HooksDone(i32),
     /// The process is set up and about to exec (or to wait on the exec fifo).
     Ready,
     /// Set-up failed with this message.
     Error(String),
+    /// A hook the container's process runs failed (the message names it).
+    HookFailed(String),
 }
 
 impl Msg {
@@ -51,12 +60,10 @@ impl Msg {
             Msg::Pid(pid) => format!("P{pid}").into_bytes(),
             Msg::Go => b"g".to_vec(),
             Msg::Ready => b"R".to_vec(),
-            Msg::Error(m) => {
-                let mut v = Vec::with_capacity(1 + m.len());
-                v.push(b'E');
-                v.extend_from_slice(m.as_bytes());
-                v
-            }
+            Msg::Hooks => b"H".to_vec(),
+            Msg::HooksDone(pid) => format!("h{pid}").into_bytes(),
+            Msg::Error(m) => [b"E", m.as_bytes()].concat(),
+            Msg::HookFailed(m) => [b"F", m.as_bytes()].concat(),
         }
     }
 
@@ -75,6 +82,13 @@ impl Msg {
             b'u' => bare(Msg::UserMapped),
             b'g' => bare(Msg::Go),
             b'R' => bare(Msg::Ready),
+            b'H' => bare(Msg::Hooks),
+            b'h' => std::str::from_utf8(rest)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .filter(|&pid: &i32| pid > 0)
+                .map(Msg::HooksDone)
+                .ok_or_else(bad),
             b'P' => std::str::from_utf8(rest)
                 .ok()
                 .and_then(|s| s.parse().ok())
@@ -82,6 +96,7 @@ impl Msg {
                 .map(Msg::Pid)
                 .ok_or_else(bad),
             b'E' => Ok(Msg::Error(String::from_utf8_lossy(rest).into_owned())),
+            b'F' => Ok(Msg::HookFailed(String::from_utf8_lossy(rest).into_owned())),
             _ => Err(bad()),
         }
     }
@@ -148,11 +163,17 @@ mod tests {
             (Msg::Pid(4242), b"P4242"),
             (Msg::Go, b"g"),
             (Msg::Ready, b"R"),
+            (Msg::Hooks, b"H"),
+            (Msg::HooksDone(17), b"h17"),
             (
                 Msg::Error("mount /proc: EPERM".into()),
                 b"Emount /proc: EPERM",
             ),
             (Msg::Error(String::new()), b"E"),
+            (
+                Msg::HookFailed("startContainer hook #0".into()),
+                b"FstartContainer hook #0",
+            ),
         ];
         for (msg, wire) in cases {
             assert_eq!(msg.encode(), wire, "{msg:?}");

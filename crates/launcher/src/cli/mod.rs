@@ -1,5 +1,5 @@
 //! The command line, as clap structs only: no behaviour here. The OCI runtime verbs
-//! (create, start, state, kill, delete, exec --process, pause, resume, list, spec, run
+//! (create, start, state, kill, delete, exec --process, pause, resume, list, spec, features, run
 //! --bundle) follow runc's and crun's shapes so podman can drive nestor; the others
 //! follow Docker's.
 
@@ -53,6 +53,8 @@ pub enum Cmd {
         force: bool,
         id: String,
     },
+    /// OCI: the runtime-spec features document (what this runtime honours), as JSON.
+    Features,
     /// Freeze every process of a container.
     Pause { id: String },
     /// Thaw a paused container.

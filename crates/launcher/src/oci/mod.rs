@@ -231,6 +231,13 @@ pub fn exec_process(rt: &Runtime, a: &ExecArgs, process: Process) -> Result<i32>
     Ok(wait_exit(pid)?)
 }
 
+/// OCI `features`: the runtime-spec features document.
+pub fn features() -> Result<()> {
+    let doc = nestor_container::features::document();
+    println!("{}", serde_json::to_string_pretty(&doc)?);
+    Ok(())
+}
+
 /// OCI `spec`: a default config.json (runc's defaults, with busybox's `sh`).
 pub fn spec(bundle: &Path, rootless: bool) -> Result<()> {
     let path = bundle.join("config.json");
