@@ -36,17 +36,28 @@ pub fn open_in_root(root: RawFd, rel: &Path, flags: OFlag) -> nix::Result<OwnedF
     } else {
         rel
     };
-    let c = CString::new(rel.as_os_str().as_encoded_bytes()).map_err(|_| Errno::EINVAL)?;
+    openat2(root, rel, flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+}
+
+/// Open `path` (relative to the working directory, or absolute) without ever following a magic link
+/// such as `/proc/self/exe`.
+pub fn open_no_magiclinks(path: &Path, flags: OFlag) -> nix::Result<OwnedFd> {
+    openat2(libc::AT_FDCWD, path, flags, RESOLVE_NO_MAGICLINKS)
+}
+
+/// openat2(2) with `resolve` flags; the descriptor is always close-on-exec.
+fn openat2(dirfd: RawFd, path: &Path, flags: OFlag, resolve: u64) -> nix::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Errno::EINVAL)?;
     let how = OpenHow {
         flags: (flags | OFlag::O_CLOEXEC).bits() as u64,
         mode: 0,
-        resolve: RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS,
+        resolve,
     };
     // SAFETY: `how` and `c` outlive the call; the kernel reads exactly size_of::<OpenHow>() bytes.
     let r = unsafe {
         libc::syscall(
             libc::SYS_openat2,
-            root,
+            dirfd,
             c.as_ptr(),
             &how as *const OpenHow,
             std::mem::size_of::<OpenHow>(),

@@ -8,7 +8,7 @@
 //! the dmz with nothing said.
 
 use std::ffi::OsStr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -92,35 +92,7 @@ fn access_x(p: &Path) -> nix::Result<()> {
 /// Open without following magic links (`/proc/self/exe`): at exec time such a link
 /// points at the dmz, not at what it points to now, so it is not inspected.
 fn open_plain(p: &Path, flags: OFlag) -> nix::Result<OwnedFd> {
-    #[repr(C)]
-    struct OpenHow {
-        flags: u64,
-        mode: u64,
-        resolve: u64,
-    }
-    const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
-    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| Errno::EINVAL)?;
-    let how = OpenHow {
-        flags: (flags | OFlag::O_CLOEXEC).bits() as u64,
-        mode: 0,
-        resolve: RESOLVE_NO_MAGICLINKS,
-    };
-    // SAFETY: `how` and `c` outlive the call; the kernel reads size_of::<OpenHow>() bytes.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
-        )
-    };
-    if r < 0 {
-        Err(Errno::last())
-    } else {
-        // SAFETY: the kernel returned a new descriptor we now own.
-        Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
-    }
+    crate::sys::open_no_magiclinks(p, flags)
 }
 
 /// `what` is "" for the program itself, or "interpreter " / "bad ELF interpreter "
