@@ -198,6 +198,15 @@ impl State {
         matches!(proc_start(self.pid), Some((start, zombie)) if start == self.pid_start && !zombie)
     }
 
+    /// Wait up to `within` for the init process to be gone; true if it is.
+    pub fn wait_gone(&self, within: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        while self.init_alive() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        !self.init_alive()
+    }
+
     /// The live status, computed from the process and the recorded flags.
     pub fn status(&self) -> Status {
         if !self.init_alive() {

@@ -1,7 +1,7 @@
 //! `delete`: remove a stopped container (or, with force, kill it first): its
 //! processes, its cgroup and its state directory.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
@@ -32,10 +32,7 @@ impl Runtime {
                 let _ = c.kill_all(Signal::SIGKILL);
             }
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(st.pid), Signal::SIGKILL);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while st.init_alive() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(2));
-            }
+            st.wait_gone(Duration::from_secs(10));
         }
         if let Some(c) = &cg {
             c.destroy()?;

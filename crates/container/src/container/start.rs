@@ -60,6 +60,13 @@ impl Runtime {
         }
         let _ = std::fs::remove_file(&fifo);
         if let Some(why) = got.strip_prefix(b"E") {
+            // The process exits after it says why; `start` returns once it has, so the
+            // state reads "stopped" as the spec asks, never a stale "created".
+            if !st.wait_gone(Duration::from_secs(5)) {
+                let pid = nix::unistd::Pid::from_raw(st.pid);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                st.wait_gone(Duration::from_secs(5));
+            }
             return Err(Error::Hook(String::from_utf8_lossy(why).into_owned()));
         }
         if got.first() != Some(&b'0') {
