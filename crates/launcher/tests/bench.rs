@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
@@ -139,17 +139,6 @@ fn errors(doc: &Value) -> Vec<String> {
     let mut errs = Vec::new();
     validate(&s, &s, doc, "$", &mut errs);
     errs
-}
-
-fn sample_image() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../images/build-busybox-image.sh");
-    let o = Command::new("bash")
-        .arg(script)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "sample image build failed");
-    PathBuf::from(stdout(&o).lines().last().unwrap().trim())
 }
 
 const MODES: [&str; 6] = [

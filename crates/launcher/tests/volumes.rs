@@ -6,81 +6,8 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 
 use common::*;
-
-struct Env {
-    data: tempfile::TempDir,
-    state: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Env {
-        let img = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../images/build-busybox-image.sh");
-        let o = Command::new("bash")
-            .arg(img)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "sample image build failed");
-        let layout = PathBuf::from(stdout(&o).lines().last().unwrap().trim());
-        let e = Env {
-            data: tempfile::tempdir().unwrap(),
-            state: tempfile::tempdir().unwrap(),
-        };
-        let o = e.run(&["image", "import", layout.to_str().unwrap()]);
-        assert!(o.status.success(), "import: {}", stderr(&o));
-        e
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(nestor())
-            .env("NESTOR_ROOT", self.data.path())
-            .env("NESTOR_STATE", self.state.path())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
-        stdout(&o)
-    }
-
-    /// Fails with exactly one line on stderr holding `want`.
-    fn fails(&self, args: &[&str], want: &str) {
-        let o = self.run(args);
-        assert!(!o.status.success(), "{args:?} succeeded");
-        let err = stderr(&o);
-        assert!(err.contains(want), "{args:?}: wanted '{want}' in: {err}");
-        assert_eq!(
-            err.trim().lines().count(),
-            1,
-            "{args:?}: not one line: {err}"
-        );
-    }
-
-    fn volume_dir(&self, name: &str) -> PathBuf {
-        self.data.path().join("volumes").join(name)
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        for id in stdout(&self.run(&["ps", "-a", "-q"])).lines() {
-            let _ = self.run(&["rm", "-f", id]);
-        }
-        let _ = self.run(&["gc"]);
-    }
-}
-
-fn mode_of(p: &Path) -> u32 {
-    std::fs::metadata(p).unwrap().mode() & 0o7777
-}
 
 #[test]
 fn named_volumes_and_host_directories_are_bind_mounts() {

@@ -9,6 +9,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde_json::Value;
 
+pub mod env;
+#[allow(unused_imports)]
+pub use env::*;
+
 pub fn nestor() -> &'static str {
     env!("CARGO_BIN_EXE_nestor")
 }
@@ -177,4 +181,10 @@ pub fn cgroup_exists(id: &str) -> bool {
         }
     }
     found
+}
+
+/// The permission bits of `p`.
+pub fn mode_of(p: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().mode() & 0o7777
 }
