@@ -33,7 +33,7 @@ images/build-initramfs.sh >/dev/null
 images/build-initramfs.sh --agent "$agent_static" --nestor "$nestor_static" --test-rootfs >/dev/null
 images/build-initramfs.sh --agent "$agent_static" --nestor "$nestor_static" >/dev/null
 
-echo "test: cargo test --workspace" >&2
+echo "test: cargo test --workspace (tests/stress.rs included, at CI sizes)" >&2
 cargo test --workspace --release 2>&1
 
 echo "test: fuzz smoke run (8 s per target over the committed seeds)" >&2

@@ -93,6 +93,16 @@ pub struct Root {
     pub path: PathBuf,
 }
 
+/// The record of a state directory's creator, until the state is saved.
+const CREATOR: &str = "creator.json";
+
+#[derive(Serialize, Deserialize)]
+struct Creator {
+    pid: i32,
+    start: u64,
+    cgroup: String,
+}
+
 impl Root {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Root { path: path.into() }
@@ -102,14 +112,32 @@ impl Root {
         self.path.join(id)
     }
 
-    /// Reserve the directory for a new container; fails if the id is taken.
-    pub fn reserve(&self, id: &str) -> Result<PathBuf> {
+    /// Reserve the directory for a new container; fails if the id is taken. Until the
+    /// state is saved, the directory names its creator (pid and start time) and the
+    /// cgroup it is about to make, so that a creator killed half-way can be told from one
+    /// still at work and its leftovers found ([`Root::orphan`]).
+    pub fn reserve(&self, id: &str, cgroup: &str) -> Result<PathBuf> {
         crate::spec::check_id(id)?;
         std::fs::create_dir_all(&self.path)
             .ctx(|| format!("create state root {}", self.path.display()))?;
         let dir = self.dir(id);
         match std::fs::create_dir(&dir) {
-            Ok(()) => Ok(dir),
+            Ok(()) => {
+                let me = std::process::id() as i32;
+                let start = proc_start(me).map(|s| s.0).unwrap_or(0);
+                let c = Creator {
+                    pid: me,
+                    start,
+                    cgroup: cgroup.to_string(),
+                };
+                let bytes = serde_json::to_vec(&c)
+                    .map_err(|e| Error::Invalid(format!("serialise creator: {e}")))?;
+                let tmp = dir.join(".creator.tmp");
+                std::fs::write(&tmp, bytes).ctx(|| format!("write {}", tmp.display()))?;
+                std::fs::rename(&tmp, dir.join(CREATOR))
+                    .ctx(|| format!("rename into {}", dir.display()))?;
+                Ok(dir)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 Err(Error::Exists(id.to_string()))
             }
@@ -142,6 +170,34 @@ impl Root {
         std::fs::write(&tmp, bytes).ctx(|| format!("write {}", tmp.display()))?;
         std::fs::rename(&tmp, dir.join("state.json"))
             .ctx(|| format!("rename into {}", dir.display()))
+    }
+
+    /// A state directory whose creator died before it saved the state: the cgroup it
+    /// was making (to be destroyed with it). None while the creator lives, once the
+    /// state is saved, or for a directory without a creator record younger than a
+    /// minute (its creator is between mkdir and the record).
+    pub fn orphan(&self, id: &str) -> Option<String> {
+        let dir = self.dir(id);
+        if dir.join("state.json").exists() {
+            return None;
+        }
+        match std::fs::read(dir.join(CREATOR))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Creator>(&b).ok())
+        {
+            Some(c) => {
+                let alive = matches!(proc_start(c.pid), Some((s, z)) if s == c.start && !z);
+                (!alive).then_some(c.cgroup)
+            }
+            None => {
+                let age = std::fs::metadata(&dir)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok());
+                age.is_some_and(|a| a > std::time::Duration::from_secs(60))
+                    .then(|| format!("nestor/{id}"))
+            }
+        }
     }
 
     /// Remove the container's state directory (idempotent).

@@ -199,7 +199,7 @@ impl Networks {
             ports: ports.clone(),
         };
         self.save(&a)?;
-        let r = self.bring_up(&mut a, req, &nets, &ports);
+        let r = self.bring_up(&mut a, req, &nets, &ports, &_l);
         if let Err(e) = r {
             drop(_l);
             let _ = self.detach(&req.container_id);
@@ -216,6 +216,7 @@ impl Networks {
         req: &AttachRequest,
         nets: &[crate::Network],
         ports: &[PortMapping],
+        lock: &nix::fcntl::Flock<std::fs::File>,
     ) -> Result<()> {
         crate::netns::create(&a.netns)?;
         for (i, net) in nets.iter().enumerate() {
@@ -244,6 +245,7 @@ impl Networks {
                 container_id: &a.container_id,
                 netns: &a.netns,
                 ifname: &ifname,
+                hold: Some(std::os::fd::AsRawFd::as_raw_fd(&**lock)),
             };
             let result = cni::add_list(&list, &runtime, &t)?;
             let (address, gateway, mac) = read_result(&result, &ifname);
@@ -273,6 +275,7 @@ impl Networks {
                 container_id: &a.container_id,
                 netns: &a.netns,
                 ifname: &i.ifname,
+                hold: None,
             };
             cni::check_list(&i.conflist, &i.runtime, &i.result, &t)?;
         }
@@ -294,6 +297,7 @@ impl Networks {
                 container_id: &a.container_id,
                 netns: &a.netns,
                 ifname: &i.ifname,
+                hold: Some(std::os::fd::AsRawFd::as_raw_fd(&*_l)),
             };
             if let Err(e) = cni::del_list(&i.conflist, &i.runtime, &i.result, &t) {
                 first.get_or_insert(e);

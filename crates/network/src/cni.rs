@@ -31,6 +31,10 @@ pub struct Target<'a> {
     pub container_id: &'a str,
     pub netns: &'a Path,
     pub ifname: &'a str,
+    /// The network lock's descriptor, which the plugin inherits: if nestor is killed
+    /// while a plugin runs, the lock stays held until the plugin (and what it started,
+    /// iptables) has finished, so that `gc`'s DEL cannot run before a late ADD.
+    pub hold: Option<std::os::fd::RawFd>,
 }
 
 /// Runs one plugin. `conf` is the plugin's full configuration (with `name`,
@@ -61,7 +65,22 @@ fn exec_with_path(
             t.cni_path
         ))
     })?;
-    let mut child = Command::new(&bin)
+    let mut cmd = Command::new(&bin);
+    if let Some(fd) = t.hold {
+        // SAFETY: the closure only calls fcntl, which is async-signal-safe, on a
+        // descriptor the parent keeps open until the child has exited.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                nix::fcntl::fcntl(
+                    fd,
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                )
+                .map(drop)
+                .map_err(std::io::Error::from)
+            });
+        }
+    }
+    let mut child = cmd
         .env_clear()
         .env("PATH", path)
         .env("CNI_COMMAND", command)

@@ -47,7 +47,12 @@ impl Runtime {
         };
         let bundle = crate::spec::load(&o.bundle)?;
         step("spec loaded");
-        let dir = self.root.reserve(&o.id)?;
+        let linux = bundle.spec.linux().as_ref();
+        let rel = linux
+            .and_then(|l| l.cgroups_path().as_ref())
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|| format!("nestor/{}", o.id));
+        let dir = self.root.reserve(&o.id, &rel)?;
         let annotations = bundle.spec.annotations().clone().unwrap_or_default();
         let mut cgroup: Option<Cgroup> = None;
         let res = (|| -> Result<State> {
@@ -59,11 +64,6 @@ impl Runtime {
             } else {
                 None
             };
-            let linux = bundle.spec.linux().as_ref();
-            let rel = linux
-                .and_then(|l| l.cgroups_path().as_ref())
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_else(|| format!("nestor/{}", o.id));
             let resources = linux
                 .and_then(|l| l.resources().clone())
                 .map(|r| with_default_devices(r, linux));

@@ -45,6 +45,22 @@ impl Runtime {
             .collect())
     }
 
+    /// Removes the state directories, and destroys the cgroups, of creates whose
+    /// process was killed before the state was saved; their ids.
+    pub fn remove_orphans(&self) -> Result<Vec<String>> {
+        let mut gone = Vec::new();
+        for id in self.root.list()? {
+            if let Some(rel) = self.root.orphan(&id) {
+                if let Ok(cg) = Cgroup::open(&rel) {
+                    let _ = cg.destroy();
+                }
+                self.root.remove(&id)?;
+                gone.push(id);
+            }
+        }
+        Ok(gone)
+    }
+
     /// Resource usage of the container's cgroup (None when it has none).
     pub fn stats(&self, id: &str) -> Result<Option<crate::cgroups::CgroupStats>> {
         let st = self.root.load(id)?;

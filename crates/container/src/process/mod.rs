@@ -127,7 +127,16 @@ fn write_id_map(pid: i32, file: &str, maps: &[LinuxIdMapping]) -> Result<()> {
 /// Fork a process that never returns into the caller's code: it runs `f` and exits,
 /// reporting an error on `ch` first. `flags` are extra clone flags (namespaces,
 /// CLONE_PARENT).
-fn fork_child<F: FnOnce() -> Result<()>>(ch: &Channel, flags: libc::c_int, f: F) -> Result<i32> {
+/// `runtime_end`, the runtime's end of the channel, is closed in the child first, so
+/// that the child reads the end of the channel if the runtime dies (killed mid-way)
+/// instead of waiting forever on a socket it holds both ends of. Children of the
+/// child pass None: the descriptor is closed in them already.
+fn fork_child<F: FnOnce() -> Result<()>>(
+    ch: &Channel,
+    runtime_end: Option<&Channel>,
+    flags: libc::c_int,
+    f: F,
+) -> Result<i32> {
     // SAFETY: a raw clone without CLONE_VM behaves like fork; the runtime is
     // single-threaded, so the child may allocate and run Rust code.
     let r = unsafe {
@@ -145,6 +154,9 @@ fn fork_child<F: FnOnce() -> Result<()>>(ch: &Channel, flags: libc::c_int, f: F)
     }
     let pid = r as i32;
     if pid == 0 {
+        if let Some(r) = runtime_end {
+            let _ = nix::unistd::close(r.raw_fd());
+        }
         // Other processes in the container must not reach this one's /proc/PID/exe
         // (the runtime binary) before it execs.
         // SAFETY: prctl with integer arguments.
@@ -189,7 +201,7 @@ pub fn spawn(cfg: &InitConfig<'_>, on_event: &mut dyn FnMut(Event) -> Result<()>
             cfg, &plan, parent, child, new_user, on_event, &uid_maps, &gid_maps,
         );
     }
-    let stage1 = fork_child(&child, 0, || {
+    let stage1 = fork_child(&child, Some(&parent), 0, || {
         for (flag, fd) in &plan.join {
             nix::sched::setns(fd, *flag).ctx(|| format!("join namespace {flag:?}"))?;
         }
@@ -205,7 +217,7 @@ pub fn spawn(cfg: &InitConfig<'_>, on_event: &mut dyn FnMut(Event) -> Result<()>
         }
         let rest = plan.new & !(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWCGROUP);
         nix::sched::unshare(rest).ctx(|| format!("unshare {rest:?}"))?;
-        let init = fork_child(&child, libc::CLONE_PARENT, || {
+        let init = fork_child(&child, None, libc::CLONE_PARENT, || {
             init::stage2(cfg, &child, &plan, userns, false)
         })?;
         child.send(&Msg::Pid(init))?;
@@ -293,7 +305,7 @@ fn spawn_direct(
     gid_maps: &[LinuxIdMapping],
 ) -> Result<i32> {
     let flags = (plan.new & !CloneFlags::CLONE_NEWCGROUP).bits();
-    let pid = fork_child(&child, flags, || {
+    let pid = fork_child(&child, Some(&parent), flags, || {
         init::stage2(cfg, &child, plan, new_user, new_user)
     })?;
     drop(child);
@@ -401,14 +413,14 @@ pub fn exec_in(
         None => None,
     };
     let (parent, child) = Channel::pair()?;
-    let stage1 = fork_child(&child, 0, || {
+    let stage1 = fork_child(&child, Some(&parent), 0, || {
         for (flag, fd) in &join {
             nix::sched::setns(fd, *flag).ctx(|| format!("join container namespace {flag:?}"))?;
         }
         if userns {
             become_root()?;
         }
-        let p = fork_child(&child, libc::CLONE_PARENT, || {
+        let p = fork_child(&child, None, libc::CLONE_PARENT, || {
             child.wait_go("the process")?;
             nix::unistd::setsid().ctx(|| "setsid")?;
             init::finalize(

@@ -121,6 +121,11 @@ impl Channel {
         Ok((Channel { fd: a }, Channel { fd: b }))
     }
 
+    /// The descriptor (for closing the other end in a child).
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+
     /// Sends one message.
     pub(crate) fn send(&self, msg: &Msg) -> Result<()> {
         nix::unistd::write(&self.fd, &msg.encode()).ctx(|| "send on sync channel")?;

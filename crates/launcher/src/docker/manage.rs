@@ -428,6 +428,8 @@ pub fn gc(rt: &Runtime) -> Result<()> {
             }
         }
     }
+    // Creates killed before they saved their state: the directory and the cgroup.
+    n += rt.remove_orphans()?.len();
     // Runtime state whose process is gone, in the default root.
     for st in rt.list()? {
         if !st.init_alive() {

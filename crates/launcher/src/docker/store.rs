@@ -120,6 +120,7 @@ pub fn create_dir(id: &str, userns: bool) -> Result<PathBuf> {
         .mode(0o700)
         .create(&d)
         .with_context(|| format!("create {}", d.display()))?;
+    crate::sys::stamp_creator(&d).with_context(|| format!("stamp {}", d.display()))?;
     if userns {
         nix::unistd::chown(&d, None, Some(crate::docker::spec::USERNS_BASE.into()))
             .with_context(|| format!("give {} the user namespace's group", d.display()))?;
@@ -333,7 +334,7 @@ pub fn lock() -> Result<nix::fcntl::Flock<std::fs::File>> {
         .with_context(|| format!("lock {}", p.display()))
 }
 
-/// Container directories without a record (`meta.json`), past the set-up grace: what a
+/// Container directories without a record (`meta.json`) whose creator is gone: what a
 /// nestor killed while writing its first record left.
 pub fn orphan_dirs() -> Vec<PathBuf> {
     std::fs::read_dir(containers_dir())
@@ -342,7 +343,7 @@ pub fn orphan_dirs() -> Vec<PathBuf> {
         .flatten()
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .filter(|e| !e.path().join("meta.json").exists())
-        .filter(|e| crate::sys::settled(&e.path()))
+        .filter(|e| crate::sys::abandoned(&e.path()))
         .map(|e| e.path())
         .collect()
 }

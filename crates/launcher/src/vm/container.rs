@@ -881,8 +881,9 @@ pub fn gc(images: &nestor_image::ImageStore) -> Result<usize> {
     }
     if let Ok(rd) = std::fs::read_dir(sandbox::sandboxes_dir()) {
         for e in rd.flatten() {
-            // A sandbox being booted is not recorded yet for a moment: leave young ones.
-            let old = crate::sys::settled(&e.path());
+            // A sandbox being booted is not recorded yet for a moment: leave those
+            // whose creator lives.
+            let old = crate::sys::abandoned(&e.path());
             if old && !live.contains(&e.path()) && std::fs::remove_dir_all(e.path()).is_ok() {
                 n += 1;
             }

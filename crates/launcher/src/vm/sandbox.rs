@@ -308,6 +308,7 @@ impl Sandbox {
         }
         let dir = sandboxes_dir().join(id);
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        crate::sys::stamp_creator(&dir).with_context(|| format!("stamp {}", dir.display()))?;
         let vsock = dir.join("v.sock");
         let console = dir.join("console.log");
         let cmdline = boot_cmdline(&o.hostname);
@@ -422,6 +423,7 @@ impl Sandbox {
         }
         let dir = sandboxes_dir().join(id);
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        crate::sys::stamp_creator(&dir).with_context(|| format!("stamp {}", dir.display()))?;
         let rt = nestor_container::container::Runtime::new(
             std::env::var_os("NESTOR_STATE")
                 .map(PathBuf::from)
