@@ -7,7 +7,9 @@
 # writes the boot marker, prints its uptime and does `reboot -f` (reboot=k: i8042 reset
 # for nestor-vmm and Firecracker; reboot=t with -no-reboot for QEMU). Prints the medians
 # over N rounds (default 3; the order rotates each round) of launch -> first console
-# output, -> init line, -> exit, the guest's uptime at init and peak RSS; then
+# output, -> init line, -> exit, the guest's uptime at init, peak RSS and stop (the init
+# line, written just before `reboot -f`, -> the process gone: the guest's power-off path
+# plus the VMM's teardown); then
 # nestor-vmm's own --boot-timings (medians).
 # Progress goes to stderr. Runs in the KVM test host unless this host has hardware KVM
 # (tests/testhost/kvm-exec). --baseline adds another nestor-vmm build (say, before a
@@ -90,10 +92,12 @@ launch() {
     if [[ ! -e $d/tinit ]]; then
         echo "  $name: init not reached (status $(cat "$d/rc" 2>/dev/null)): $(tail -n 2 "$d/err" | tr '\n' ' ')" >&2
     fi
-    local row
-    row="$(ms tout) $(ms tinit) $(((t1 - t0) / 1000000)) $(cat "$d/uptime" 2>/dev/null || echo -) $(tail -n1 "$d/rss")"
+    local row stop=-
+    # Stop: the init line (written just before `reboot -f`) -> the VMM process gone.
+    [[ -e $d/tinit ]] && stop=$(((t1 - $(cat "$d/tinit")) / 1000000))
+    row="$(ms tout) $(ms tinit) $(((t1 - t0) / 1000000)) $(cat "$d/uptime" 2>/dev/null || echo -) $(tail -n1 "$d/rss") $stop"
     echo "$row" >>"$work/$name.rows"
-    echo "  $name: output/init/exit ms, uptime s, RSS KiB: $row; first line: $(cat "$d/first" 2>/dev/null)" >&2
+    echo "  $name: output/init/exit ms, uptime s, RSS KiB, stop ms: $row; first line: $(cat "$d/first" 2>/dev/null)" >&2
     grep -o 'first_kvm_run .*' "$d/err" >>"$work/$name.timings" 2>/dev/null || true
 }
 
@@ -137,11 +141,11 @@ median() { # column
     awk -v c="$1" '$c != "-" { print $c }' | sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 echo "medians of $rounds rounds, 1 vCPU, 128 MiB, $(basename "$kernel")$label"
-printf '%-13s %9s %9s %9s %10s %9s\n' "" "->output" "->init" "->exit" "uptime@init" "peak RSS"
+printf '%-13s %9s %9s %9s %10s %9s %9s\n' "" "->output" "->init" "->exit" "uptime@init" "peak RSS" "stop"
 for p in "${peers[@]}"; do
     r=$work/$p.rows
-    printf '%-13s %6s ms %6s ms %6s ms %9s s %6s KiB\n' "$p" "$(median 1 <"$r")" "$(median 2 <"$r")" \
-        "$(median 3 <"$r")" "$(median 4 <"$r")" "$(median 5 <"$r")"
+    printf '%-13s %6s ms %6s ms %6s ms %9s s %6s KiB %6s ms\n' "$p" "$(median 1 <"$r")" "$(median 2 <"$r")" \
+        "$(median 3 <"$r")" "$(median 4 <"$r")" "$(median 5 <"$r")" "$(median 6 <"$r")"
 done
 if [[ -s $work/nestor-vmm.timings ]]; then
     t=$work/nestor-vmm.timings
