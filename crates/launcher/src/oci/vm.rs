@@ -45,8 +45,28 @@ fn dir(root: &Path, id: &str) -> PathBuf {
     root.join(".vm").join(id)
 }
 
+/// The lock that orders writes of a state with its deletion: the shim recording an
+/// exit, `start` and podman's `delete` right after a quick exit run at the same time.
+fn lock(root: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let p = root.join(".vm").join(".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .with_context(|| format!("open {}", p.display()))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .with_context(|| format!("lock {}", p.display()))
+}
+
+/// Writes the state, unless the container was deleted meanwhile (an error).
 fn save(root: &Path, st: &VmState) -> Result<()> {
+    let _l = lock(root)?;
     let d = dir(root, &st.id);
+    if !d.is_dir() {
+        bail!("container {} was deleted", st.id);
+    }
     let tmp = d.join(".state.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(st)?)
         .with_context(|| format!("write {}", tmp.display()))?;
@@ -514,13 +534,20 @@ pub fn start(root: &Path, id: &str) -> Result<()> {
         Response::Error { message, .. } => bail!("start {id}: {message}"),
         other => bail!("start {id}: unexpected answer {other:?}"),
     }
-    // The shim may already have recorded a quick exit.
-    if let Ok(cur) = load(root, id) {
-        st = cur;
+    // The shim may already have recorded a quick exit, and the caller (podman, seeing
+    // it) deleted the container: it started, which is what `start` says.
+    match load(root, id) {
+        Ok(cur) => st = cur,
+        Err(_) if !dir(root, id).exists() => return Ok(()),
+        Err(e) => return Err(e),
     }
     if st.status == Status::Created {
         st.status = Status::Running;
-        save(root, &st)?;
+        if let Err(e) = save(root, &st) {
+            if dir(root, id).exists() {
+                return Err(e);
+            }
+        }
     }
     Ok(())
 }
@@ -583,6 +610,7 @@ pub fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
         }
     }
     let _ = std::fs::remove_dir_all(&st.sandbox);
+    let _l = lock(root)?;
     std::fs::remove_dir_all(dir(root, id)).with_context(|| format!("delete {id}"))?;
     Ok(())
 }
