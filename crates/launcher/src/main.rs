@@ -96,8 +96,24 @@ fn dispatch(cli: &Cli) -> Result<i32> {
         Cmd::Stop { time, containers } => manage::stop(containers, *time)?,
         Cmd::Rm { force, containers } => manage::rm(containers, *force)?,
         Cmd::Inspect { name } => manage::inspect(name)?,
-        Cmd::Images { quiet, json } => manage::images(*quiet, *json)?,
-        Cmd::Image(ImageCmd::Ls { quiet, json }) => manage::images(*quiet, *json)?,
+        Cmd::Images {
+            quiet,
+            json,
+            digests,
+        } => manage::images(*quiet, *json, *digests)?,
+        Cmd::Image(ImageCmd::Ls {
+            quiet,
+            json,
+            digests,
+        }) => manage::images(*quiet, *json, *digests)?,
+        Cmd::Tag { source, target } => manage::tag(source, target)?,
+        Cmd::Push {
+            source,
+            destination,
+            quiet,
+            json,
+            registry: opts,
+        } => docker::registry::push(source, destination.as_deref(), *quiet, *json, opts)?,
         Cmd::Image(ImageCmd::Import { path, name }) => manage::image_import(path, name.as_deref())?,
         Cmd::Image(ImageCmd::Rm { images }) => manage::image_rm(images)?,
         Cmd::Pull {

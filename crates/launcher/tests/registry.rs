@@ -343,6 +343,27 @@ impl Podman {
             .unwrap()
     }
 
+    /// `podman run --rm IMAGE sh -c SCRIPT` on the image podman pulled and unpacked. The
+    /// OCI runtime is nestor (crun refuses this host's hybrid cgroups), with limits
+    /// under this host's hard ones and no network.
+    fn run_container(&self, image: &str, script: &str) -> Output {
+        self.run(&[
+            "--runtime",
+            nestor(),
+            "run",
+            "--rm",
+            "--ulimit",
+            "nofile=20000:20000",
+            "--ulimit",
+            "nproc=32768:32768",
+            "--network=none",
+            image,
+            "sh",
+            "-c",
+            script,
+        ])
+    }
+
     /// Loads an OCI layout and pushes it as `dest`; returns the image id.
     fn push_layout(&self, layout: &Path, dest: &str) -> String {
         let tar = self.dir.path().join(format!("{}.tar", unique("img")));
@@ -738,4 +759,166 @@ fn pull_on_a_full_disk() {
     one_error_line(&o, "No space left on device");
     assert!(n.images().is_empty());
     assert!(n.downloads().is_empty(), "{:?}", n.downloads());
+}
+
+/// The manifest digest in `nestor push`'s `TAG: digest: sha256:… size: N` line.
+fn pushed_digest(o: &Output) -> String {
+    assert!(o.status.success(), "push: {}", stderr(o));
+    let out = stdout(o);
+    let d = out
+        .split_whitespace()
+        .skip_while(|w| *w != "digest:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no digest in push output: {out}"));
+    assert!(d.starts_with("sha256:") && d.len() == 71, "{out}");
+    d.to_string()
+}
+
+/// What the sample prints when its two layers were applied right (the whiteout hid
+/// /etc/motd, the opaque dir hid the old file).
+const SAMPLE_CHECK: &str = "test ! -e /etc/motd && ls /var/cache/sample && cat /etc/nestor-sample";
+
+fn assert_sample_output(o: &Output, who: &str) {
+    assert!(o.status.success(), "{who} run: {}", stderr(o));
+    assert!(
+        stdout(o).starts_with("new\nnestor busybox sample"),
+        "{who}: {}",
+        stdout(o)
+    );
+}
+
+/// nestor tags and pushes the imported two-layer sample (whiteout, opaque dir) with the
+/// manifest it came with; podman pulls it by the same digest and runs it, pushes it on
+/// (recompressed), and a second nestor pulls and runs that. A second push sends no layer;
+/// a pulled image is pushed on with its pulled manifest digest.
+#[test]
+fn push_to_podman_and_back() {
+    need!("docker-registry", "podman");
+    let store = tempfile::tempdir().unwrap();
+    let reg = Registry::start(store.path());
+    let layout = sample_layout();
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let layout_digest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let n = Nestor::new(&[&reg.addr()]);
+    let o = n.run(&["image", "import", layout.to_str().unwrap()]);
+    assert!(o.status.success(), "import: {}", stderr(&o));
+
+    let dest = format!("{}/pushed/bb:v1", reg.addr());
+    let o = n.run(&["tag", "busybox", &dest]);
+    assert!(o.status.success(), "tag: {}", stderr(&o));
+    let names = &n.images()[0]["names"];
+    assert!(names.as_array().unwrap().contains(&json!(dest)), "{names}");
+    let digest = pushed_digest(&n.run(&["push", "--tls-verify=false", &dest]));
+    assert_eq!(digest, layout_digest, "the image's own manifest is pushed");
+    // `images --digests` shows it.
+    let o = n.run(&["images", "--digests"]);
+    assert!(o.status.success());
+    assert!(
+        stdout(&o)
+            .lines()
+            .any(|l| l.contains("pushed/bb") && l.contains(&digest)),
+        "{}",
+        stdout(&o)
+    );
+
+    let podman = Podman::new();
+    let o = podman.run(&["pull", "-q", "--tls-verify=false", &dest]);
+    assert!(o.status.success(), "podman pull: {}", stderr(&o));
+    let o = podman.run(&["image", "inspect", "--format", "{{.Digest}}", &dest]);
+    assert_eq!(stdout(&o).trim(), digest, "{}", stderr(&o));
+    let o = podman.run_container(&dest, SAMPLE_CHECK);
+    assert_sample_output(&o, "podman");
+
+    let via = format!("{}/viapodman/bb:v2", reg.addr());
+    let o = podman.run(&["push", "-q", "--tls-verify=false", &dest, &via]);
+    assert!(o.status.success(), "podman push: {}", stderr(&o));
+    let n2 = Nestor::new(&[&reg.addr()]);
+    let p = n2.pull_json(&via);
+    assert_eq!(p["layers_downloaded"], json!(2), "{p}");
+    let o = n2.run(&["run", "--rm", &via, "sh", "-c", SAMPLE_CHECK]);
+    assert_sample_output(&o, "nestor after podman");
+
+    // The pulled image goes on with the manifest it was pulled by.
+    let on = format!("{}/again/bb:v3", reg.addr());
+    let o = n2.run(&["push", "--tls-verify=false", &via, &on]);
+    assert_eq!(pushed_digest(&o), p["digest"].as_str().unwrap());
+
+    // A second push finds every blob there and sends none.
+    let o = n.run(&["push", "--json", "--tls-verify=false", &dest]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["layers_pushed"], json!(0), "{v}");
+    assert_eq!(v["layers_existing"], json!(2), "{v}");
+    assert_eq!(v["digest"], json!(digest), "{v}");
+
+    one_error_line(
+        &n.run(&["push", "--tls-verify=false", "nosuch:tag"]),
+        "not found",
+    );
+    one_error_line(
+        &n.run(&["push", "--tls-verify=false", &dest, "127.0.0.1:1/x:y"]),
+        "cannot connect",
+    );
+    one_error_line(
+        &n.run(&[
+            "push",
+            "--tls-verify=false",
+            &dest,
+            &format!("{}/x@{digest}", reg.addr()),
+        ]),
+        "not a digest",
+    );
+    one_error_line(&n.run(&["tag", "nosuch", "a:b"]), "not found");
+}
+
+/// A docker-archive (podman save) carries no manifest: nestor makes one from the kept
+/// (uncompressed) layer blobs, the same bytes each time, and podman pulls and runs it.
+#[test]
+fn push_a_docker_archive_import() {
+    need!("docker-registry", "podman");
+    let store = tempfile::tempdir().unwrap();
+    let reg = Registry::start(store.path());
+    let podman = Podman::new();
+    let src = format!("{}/src/bb:v1", reg.addr());
+    let id = podman.push_layout(&sample_layout(), &src);
+    let archive = podman.dir.path().join("docker.tar");
+    let o = podman.run(&[
+        "save",
+        "--format",
+        "docker-archive",
+        "-o",
+        archive.to_str().unwrap(),
+        &id,
+    ]);
+    assert!(o.status.success(), "podman save: {}", stderr(&o));
+    let n = Nestor::new(&[&reg.addr()]);
+    let o = n.run(&[
+        "image",
+        "import",
+        "--name",
+        "fromarchive:v1",
+        archive.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "import: {}", stderr(&o));
+
+    let dest = format!("{}/fromarchive/bb:v1", reg.addr());
+    let d1 = pushed_digest(&n.run(&["push", "--tls-verify=false", "fromarchive:v1", &dest]));
+    let d2 = pushed_digest(&n.run(&[
+        "push",
+        "--tls-verify=false",
+        "fromarchive:v1",
+        &format!("{}/fromarchive/bb:v2", reg.addr()),
+    ]));
+    assert_eq!(d1, d2, "the made manifest is deterministic");
+    let p2 = Podman::new();
+    let o = p2.run(&["pull", "-q", "--tls-verify=false", &dest]);
+    assert!(o.status.success(), "podman pull: {}", stderr(&o));
+    let o = p2.run(&["image", "inspect", "--format", "{{.Digest}}", &dest]);
+    assert_eq!(stdout(&o).trim(), d1);
+    let o = p2.run_container(&dest, SAMPLE_CHECK);
+    assert_sample_output(&o, "podman");
 }

@@ -1,6 +1,6 @@
 //! nestor-registry: the client side of the OCI Distribution protocol. Owns resolving
 //! names against registries ([`config`], [`name`]), and pulling an image from a registry
-//! into the image store ([`pull`]): manifest (an index resolved to one platform),
+//! into the image store ([`pull`]) and pushing one from it ([`push`]): manifest (an index resolved to one platform),
 //! config, layers downloaded concurrently with a digest check before anything is
 //! committed, and the hand-over to `nestor_image`'s import.
 //!
@@ -12,12 +12,14 @@
 pub mod config;
 pub mod name;
 pub mod pull;
+pub mod push;
 
 use std::path::PathBuf;
 
 pub use config::RegistriesConf;
 pub use name::ImageRef;
 pub use pull::{pull, PullOptions, Pulled};
+pub use push::{push, PushOptions, Pushed};
 
 /// Everything a registry operation can fail with; each message is one line naming the
 /// reference, the registry or the blob.

@@ -110,9 +110,18 @@ pub(crate) fn client_for(
     conf: &RegistriesConf,
     tls_verify: Option<bool>,
 ) -> Client {
+    Client::new(client_config(registry, conf, tls_verify))
+}
+
+/// The client configuration [`client_for`] uses.
+pub(crate) fn client_config(
+    registry: &str,
+    conf: &RegistriesConf,
+    tls_verify: Option<bool>,
+) -> ClientConfig {
     let plain = tls_verify == Some(false) || (tls_verify.is_none() && conf.insecure(registry));
     install_crypto();
-    Client::new(ClientConfig {
+    ClientConfig {
         protocol: if plain {
             ClientProtocol::HttpsExcept(vec![registry.to_string()])
         } else {
@@ -122,7 +131,7 @@ pub(crate) fn client_for(
         read_timeout: Some(Duration::from_secs(60)),
         max_concurrent_download: CONCURRENT_LAYERS,
         ..Default::default()
-    })
+    }
 }
 
 /// rustls needs a process-wide crypto provider: ring.
@@ -472,18 +481,18 @@ async fn download(
 }
 
 /// Per-layer progress bars (bytes and rate), drawn only on a terminal.
-struct Bars {
+pub(crate) struct Bars {
     multi: Option<MultiProgress>,
 }
 
 impl Bars {
-    fn new(want: bool) -> Self {
+    pub(crate) fn new(want: bool) -> Self {
         let multi = (want && std::io::stderr().is_terminal())
             .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
         Bars { multi }
     }
 
-    fn add(&self, digest: &str, size: u64) -> ProgressBar {
+    pub(crate) fn add(&self, digest: &str, size: u64) -> ProgressBar {
         let Some(m) = &self.multi else {
             return ProgressBar::hidden();
         };
@@ -497,7 +506,7 @@ impl Bars {
         bar
     }
 
-    fn done(&self) {
+    pub(crate) fn done(&self) {
         if let Some(m) = &self.multi {
             let _ = m.clear();
         }

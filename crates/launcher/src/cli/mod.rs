@@ -116,6 +116,28 @@ pub enum Cmd {
         quiet: bool,
         #[arg(long)]
         json: bool,
+        /// Show the manifest digest of each image (what a registry serves it by).
+        #[arg(long)]
+        digests: bool,
+    },
+    /// Give an image another name: `nestor tag SOURCE TARGET` (TARGET moves to SOURCE's
+    /// image if another image had it).
+    Tag { source: String, target: String },
+    /// Push an image from the store to a registry: `nestor push IMAGE [DESTINATION]`
+    /// (IMAGE's own name when no destination is given). Layers the registry already
+    /// has are not sent; the manifest digest is printed as `TAG: digest: … size: …`.
+    Push {
+        source: String,
+        destination: Option<String>,
+        /// No progress on stderr.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Print what was pushed as JSON (reference, digest, layers pushed and already
+        /// there).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        registry: crate::docker::registry::RegistryOpts,
     },
     /// Manage images.
     #[command(subcommand)]
@@ -601,6 +623,9 @@ pub enum ImageCmd {
         quiet: bool,
         #[arg(long)]
         json: bool,
+        /// Show the manifest digest of each image.
+        #[arg(long)]
+        digests: bool,
     },
     /// Remove images.
     Rm {

@@ -262,7 +262,13 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
     Ok(d)
 }
 
-pub fn images(quiet: bool, json: bool) -> Result<()> {
+/// `nestor tag SOURCE TARGET`.
+pub fn tag(source: &str, target: &str) -> Result<()> {
+    store::image_store()?.tag(source, target)?;
+    Ok(())
+}
+
+pub fn images(quiet: bool, json: bool, digests: bool) -> Result<()> {
     let list = store::image_store()?.list()?;
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
@@ -274,9 +280,20 @@ pub fn images(quiet: bool, json: bool) -> Result<()> {
         }
         return Ok(());
     }
+    let digest_col = |d: Option<&str>| {
+        if digests {
+            format!("{:<71}  ", d.unwrap_or("<none>"))
+        } else {
+            String::new()
+        }
+    };
     println!(
-        "{:<32}  {:<10}  {:<12}  {:<8}  SIZE",
-        "REPOSITORY", "TAG", "IMAGE ID", "LAYERS"
+        "{:<32}  {:<10}  {}{:<12}  {:<8}  SIZE",
+        "REPOSITORY",
+        "TAG",
+        digest_col(Some("DIGEST")),
+        "IMAGE ID",
+        "LAYERS"
     );
     for i in &list {
         let names = if i.names.is_empty() {
@@ -287,9 +304,10 @@ pub fn images(quiet: bool, json: bool) -> Result<()> {
         for n in names {
             let (repo, tag) = n.rsplit_once(':').unwrap_or((&n, "<none>"));
             println!(
-                "{:<32}  {:<10}  {:<12}  {:<8}  {}",
+                "{:<32}  {:<10}  {}{:<12}  {:<8}  {}",
                 repo,
                 tag,
+                digest_col(i.digest.as_deref()),
                 i.short_id(),
                 i.layers,
                 nestor_image::human_size(i.size)
