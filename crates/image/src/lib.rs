@@ -118,6 +118,7 @@ mod extract;
 mod limits;
 mod pull;
 mod reference;
+mod save;
 mod source;
 mod store;
 

@@ -773,11 +773,12 @@ impl ImageStore {
                 self.write_record(r)?;
             }
         }
-        let mut all_names = records
-            .iter()
-            .find(|r| r.id == id)
-            .map(|r| r.names.clone())
-            .unwrap_or_default();
+        let existing = records.iter().find(|r| r.id == id);
+        let mut all_names = existing.map(|r| r.names.clone()).unwrap_or_default();
+        // An archive without a manifest (docker-archive) does not take away the
+        // digest the image came with.
+        let manifest_digest =
+            manifest_digest.or_else(|| existing.and_then(|r| r.manifest_digest.clone()));
         for nm in names {
             if !all_names.contains(&nm) {
                 all_names.push(nm);

@@ -107,6 +107,12 @@ fn dispatch(cli: &Cli) -> Result<i32> {
             digests,
         }) => manage::images(*quiet, *json, *digests)?,
         Cmd::Tag { source, target } => manage::tag(source, target)?,
+        Cmd::Save {
+            output,
+            format,
+            images,
+        } => manage::save(output, *format, images)?,
+        Cmd::Load { input, quiet } => manage::load(input, *quiet)?,
         Cmd::Push {
             source,
             destination,

@@ -922,3 +922,140 @@ fn push_a_docker_archive_import() {
     let o = p2.run_container(&dest, SAMPLE_CHECK);
     assert_sample_output(&o, "podman");
 }
+
+/// The store's image ids, layer directories and leftovers in `tmp/`.
+fn store_state(n: &Nestor) -> (Vec<Value>, usize, usize) {
+    let ids = n.images().iter().map(|i| i["id"].clone()).collect();
+    let tmp = std::fs::read_dir(n.root.join("images/tmp"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    (ids, n.layer_count(), tmp)
+}
+
+/// `save` in both formats and `load` back into another store (same id, runs); podman
+/// loads nestor's docker-archive and nestor loads podman's archives (both formats);
+/// bad archives are refused in one line and leave the store as it was.
+#[test]
+fn save_and_load_round_trips() {
+    need!("podman");
+    let layout = sample_layout();
+    let n = Nestor::new(&[]);
+    let o = n.run(&["image", "import", layout.to_str().unwrap()]);
+    assert!(o.status.success(), "import: {}", stderr(&o));
+    let id = n.images()[0]["id"].clone();
+    let dir = n.dir.path().to_path_buf();
+    for format in ["oci-archive", "docker-archive"] {
+        let out = dir.join(format!("{format}.tar"));
+        let o = n.run(&[
+            "save",
+            "-o",
+            out.to_str().unwrap(),
+            "--format",
+            format,
+            "busybox",
+        ]);
+        assert!(o.status.success(), "save {format}: {}", stderr(&o));
+        let n2 = Nestor::new(&[]);
+        let o = n2.run(&["load", "-i", out.to_str().unwrap()]);
+        assert!(o.status.success(), "load {format}: {}", stderr(&o));
+        assert_eq!(stdout(&o).trim(), "Loaded image: localhost/busybox:latest");
+        assert_eq!(n2.images()[0]["id"], id, "{format}");
+        let o = n2.run(&["run", "--rm", "busybox", "sh", "-c", SAMPLE_CHECK]);
+        assert_sample_output(&o, &format!("nestor after {format}"));
+        // The same image saves to the same bytes.
+        let again = dir.join(format!("{format}-again.tar"));
+        let o = n.run(&[
+            "save",
+            "-o",
+            again.to_str().unwrap(),
+            "--format",
+            format,
+            "busybox",
+        ]);
+        assert!(o.status.success());
+        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap());
+    }
+
+    // podman loads nestor's docker-archive (same image id) and runs it.
+    let podman = Podman::new();
+    let archive = dir.join("docker-archive.tar");
+    let o = podman.run(&["load", "-q", "-i", archive.to_str().unwrap()]);
+    assert!(o.status.success(), "podman load: {}", stderr(&o));
+    let o = podman.run(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{.Id}}",
+        "localhost/busybox:latest",
+    ]);
+    assert_eq!(json!(stdout(&o).trim()), id, "{}", stderr(&o));
+    let o = podman.run_container("localhost/busybox:latest", SAMPLE_CHECK);
+    assert_sample_output(&o, "podman after nestor save");
+
+    // nestor loads podman's archives.
+    let o = podman.run(&["tag", "localhost/busybox:latest", "localhost/frompodman:v1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for format in ["docker-archive", "oci-archive"] {
+        let out = dir.join(format!("podman-{format}.tar"));
+        let o = podman.run(&[
+            "save",
+            "--format",
+            format,
+            "-o",
+            out.to_str().unwrap(),
+            "localhost/frompodman:v1",
+        ]);
+        assert!(o.status.success(), "podman save {format}: {}", stderr(&o));
+        let n3 = Nestor::new(&[]);
+        let o = n3.run(&["load", "-i", out.to_str().unwrap()]);
+        assert!(o.status.success(), "load podman's {format}: {}", stderr(&o));
+        assert!(stdout(&o).contains("frompodman"), "{}", stdout(&o));
+        let o = n3.run(&["run", "--rm", "frompodman:v1", "sh", "-c", SAMPLE_CHECK]);
+        assert_sample_output(&o, &format!("nestor after podman's {format}"));
+    }
+
+    // Bad archives: garbage, truncated, a corrupted layer. One line each, and the store
+    // (one image, its layers) is as it was, with nothing left in tmp/.
+    let before = store_state(&n);
+    let good = std::fs::read(dir.join("oci-archive.tar")).unwrap();
+    let garbage = dir.join("garbage.tar");
+    std::fs::write(&garbage, b"this is not an archive at all").unwrap();
+    let truncated = dir.join("truncated.tar");
+    std::fs::write(&truncated, &good[..good.len() / 2]).unwrap();
+    let corrupt = dir.join("corrupt.tar");
+    let mut bad = good.clone();
+    // The biggest blob (the base layer) sits in the middle of the archive.
+    let mid = bad.len() / 2;
+    for b in &mut bad[mid..mid + 64] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&corrupt, &bad).unwrap();
+    let n4 = Nestor::new(&[]);
+    let short = dir.join("short.tar");
+    std::fs::write(&short, &good[..1000]).unwrap();
+    // A store that has the layers does not read them again (it knows them by diff_id),
+    // so the archives whose layer is cut or corrupted are refused by the empty store only.
+    for (f, stores) in [
+        (&garbage, vec![&n, &n4]),
+        (&short, vec![&n, &n4]),
+        (&truncated, vec![&n4]),
+        (&corrupt, vec![&n4]),
+    ] {
+        for who in stores {
+            let o = who.run(&["load", "-i", f.to_str().unwrap()]);
+            one_error_line(&o, "");
+        }
+        assert_eq!(store_state(&n), before, "{}", f.display());
+        let (ids, layers, tmp) = store_state(&n4);
+        assert_eq!((ids.len(), layers, tmp), (0, 0, 0), "{}", f.display());
+    }
+    one_error_line(
+        &n.run(&["save", "-o", dir.join("x.tar").to_str().unwrap(), "nosuch"]),
+        "not found",
+    );
+    one_error_line(
+        &n.run(&["save", "-o", "/nonexistent-dir/x.tar", "busybox"]),
+        "cannot create",
+    );
+    assert!(!dir.join("x.tar").exists());
+}

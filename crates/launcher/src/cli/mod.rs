@@ -120,6 +120,25 @@ pub enum Cmd {
         #[arg(long)]
         digests: bool,
     },
+    /// Write images to one archive: `nestor save -o FILE [--format docker-archive|oci-archive] IMAGE…`.
+    Save {
+        /// The archive to write (replaced only once it is complete).
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value = "docker-archive")]
+        format: SaveFormat,
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Load the images of an archive (docker-archive, oci-archive; plain, gzip or zstd).
+    Load {
+        /// The archive to read.
+        #[arg(short, long)]
+        input: PathBuf,
+        /// No progress on stderr.
+        #[arg(short, long)]
+        quiet: bool,
+    },
     /// Give an image another name: `nestor tag SOURCE TARGET` (TARGET moves to SOURCE's
     /// image if another image had it).
     Tag { source: String, target: String },
@@ -459,6 +478,13 @@ pub struct ContainerOpts {
     /// plain HTTP.
     #[arg(long = "tls-verify", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub tls_verify: Option<bool>,
+}
+
+/// The archive formats `save` writes.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveFormat {
+    DockerArchive,
+    OciArchive,
 }
 
 /// When `run` pulls its image.

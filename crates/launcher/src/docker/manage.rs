@@ -268,6 +268,43 @@ pub fn tag(source: &str, target: &str) -> Result<()> {
     Ok(())
 }
 
+/// `nestor save -o FILE [--format F] IMAGE…`.
+pub fn save(
+    out: &std::path::Path,
+    format: crate::cli::SaveFormat,
+    images: &[String],
+) -> Result<()> {
+    let format = match format {
+        crate::cli::SaveFormat::DockerArchive => nestor_image::ArchiveFormat::DockerArchive,
+        crate::cli::SaveFormat::OciArchive => nestor_image::ArchiveFormat::OciArchive,
+    };
+    let refs: Vec<&str> = images.iter().map(String::as_str).collect();
+    store::image_store()?.save(&refs, format, out)?;
+    Ok(())
+}
+
+/// `nestor load -i FILE`: `Loaded image: NAME` (or the id of an unnamed image) per
+/// image on stdout, as podman prints; progress on a terminal.
+pub fn load(input: &std::path::Path, quiet: bool) -> Result<()> {
+    use std::io::IsTerminal;
+    let store = store::image_store()?;
+    let show = !quiet && std::io::stderr().is_terminal();
+    let mut progress = |line: &str| {
+        if show {
+            eprintln!("{line}")
+        }
+    };
+    for s in store.import(input, None, &mut progress)? {
+        if s.names.is_empty() {
+            println!("Loaded image: {}", s.id);
+        }
+        for n in &s.names {
+            println!("Loaded image: {n}");
+        }
+    }
+    Ok(())
+}
+
 pub fn images(quiet: bool, json: bool, digests: bool) -> Result<()> {
     let list = store::image_store()?.list()?;
     if json {
