@@ -107,6 +107,20 @@ fn dispatch(cli: &Cli) -> Result<i32> {
             digests,
         }) => manage::images(*quiet, *json, *digests)?,
         Cmd::Tag { source, target } => manage::tag(source, target)?,
+        Cmd::Login {
+            registry,
+            username,
+            password,
+            password_stdin,
+            registry_opts,
+        } => docker::registry::login(
+            registry,
+            username.as_deref(),
+            password.as_deref(),
+            *password_stdin,
+            registry_opts,
+        )?,
+        Cmd::Logout { registry } => docker::registry::logout(registry)?,
         Cmd::Save {
             output,
             format,

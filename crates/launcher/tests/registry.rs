@@ -46,6 +46,12 @@ struct Registry {
 
 impl Registry {
     fn start(storage: &Path) -> Registry {
+        Registry::start_with(storage, "")
+    }
+
+    /// With `extra` appended to the configuration's `http:` section's level (auth, TLS):
+    /// ready when the port accepts connections.
+    fn start_with(storage: &Path, extra: &str) -> Registry {
         for _ in 0..10 {
             let port = TcpListener::bind("127.0.0.1:0")
                 .unwrap()
@@ -56,7 +62,7 @@ impl Registry {
             std::fs::write(
                 &conf,
                 format!(
-                    "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                    "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}",
                     storage.join("data").display()
                 ),
             )
@@ -77,7 +83,8 @@ impl Registry {
                 if let Ok(Some(_)) = r.child.try_wait() {
                     break; // port taken meanwhile: try another
                 }
-                if http_get(port, "/v2/").starts_with("HTTP/1.0 200")
+                if (!extra.is_empty() && TcpStream::connect(("127.0.0.1", port)).is_ok())
+                    || http_get(port, "/v2/").starts_with("HTTP/1.0 200")
                     || http_get(port, "/v2/").starts_with("HTTP/1.1 200")
                 {
                     return r;
@@ -1058,4 +1065,168 @@ fn save_and_load_round_trips() {
         "cannot create",
     );
     assert!(!dir.join("x.tar").exists());
+}
+
+fn sh(script: &str) {
+    let o = Command::new("sh").args(["-ec", script]).output().unwrap();
+    assert!(o.status.success(), "{script}: {}", stderr(&o));
+}
+
+/// A registry behind TLS (a CA the test makes, trusted through a certs.d directory)
+/// and htpasswd auth: no trust gives one certificate line; no login, one access line;
+/// a wrong password, one login line and nothing stored; the right one is stored 0600
+/// and push and pull use it; logout takes it away; Docker's config.json is read too.
+/// The password shows in no output, at trace level either.
+#[test]
+fn login_tls_and_htpasswd() {
+    need!("docker-registry", "htpasswd", "openssl");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let user = "nestoruser";
+    let password = format!("pw-{}", unique("secret"));
+    sh(&format!(
+        "cd {d}
+        openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=nestor-test-ca 2>/dev/null
+        openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1 2>/dev/null
+        printf 'subjectAltName=IP:127.0.0.1\\nextendedKeyUsage=serverAuth\\nbasicConstraints=CA:FALSE\\n' > ext
+        openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile ext 2>/dev/null
+        htpasswd -Bbn {user} '{password}' > htpasswd",
+        d = d.display()
+    ));
+    let extra = format!(
+        "  tls:\n    certificate: {d}/server.crt\n    key: {d}/server.key\nauth:\n  htpasswd:\n    realm: nestor-test\n    path: {d}/htpasswd\n",
+        d = d.display()
+    );
+    let reg = Registry::start_with(d, &extra);
+    let certs = d.join("certs.d");
+    std::fs::create_dir_all(certs.join(reg.addr())).unwrap();
+    let auth = d.join("auth/auth.json");
+    let n = Nestor::new(&["docker.io"]);
+    let n2 = Nestor::new(&["docker.io"]);
+    let mut seen = String::new();
+    let mut run = |who: &Nestor, args: &[&str], stdin: Option<&str>| -> Output {
+        let mut c = who.cmd(args);
+        c.env("REGISTRY_AUTH_FILE", &auth)
+            .env("NESTOR_CERTS_D", &certs)
+            .env("DOCKER_CONFIG", d.join("docker"))
+            .env("RUST_LOG", "trace")
+            .env("NESTOR_LOG", "trace");
+        let o = match stdin {
+            Some(s) => {
+                c.stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                let mut ch = c.spawn().unwrap();
+                ch.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+                ch.wait_with_output().unwrap()
+            }
+            None => c.output().unwrap(),
+        };
+        seen.push_str(&stdout(&o));
+        seen.push_str(&stderr(&o));
+        o
+    };
+    // One line on stderr once the trace lines are left out.
+    let one_line = |o: &Output, what: &str| {
+        assert!(!o.status.success(), "should have failed: {}", stdout(o));
+        let e = stderr(o);
+        let lines: Vec<&str> = e.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(lines.len(), 1, "{e}");
+        assert!(lines[0].contains(what), "{what}: {}", lines[0]);
+    };
+
+    let o = run(
+        &n,
+        &["image", "import", sample_layout().to_str().unwrap()],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dest = format!("{}/secure/bb:v1", reg.addr());
+    assert!(run(&n, &["tag", "busybox", &dest], None).status.success());
+
+    // Not trusted yet.
+    let pw_line = format!("{password}\n");
+    let o = run(
+        &n,
+        &["login", "-u", user, "--password-stdin", &reg.addr()],
+        Some(&pw_line),
+    );
+    one_line(&o, "certificate");
+    std::fs::copy(d.join("ca.crt"), certs.join(reg.addr()).join("ca.crt")).unwrap();
+    // Trusted, not logged in.
+    one_line(&run(&n, &["push", &dest], None), "access denied");
+    // A wrong password.
+    let o = run(
+        &n,
+        &["login", "-u", user, "--password-stdin", &reg.addr()],
+        Some("wrong-password\n"),
+    );
+    one_line(&o, "login failed");
+    assert!(!auth.exists(), "nothing stored after a failed login");
+    // The right one.
+    let o = run(
+        &n,
+        &["login", "-u", user, "--password-stdin", &reg.addr()],
+        Some(&pw_line),
+    );
+    assert!(o.status.success(), "login: {}", stderr(&o));
+    assert!(stdout(&o).contains("Login Succeeded"));
+    assert_eq!(mode_of(&auth) & 0o777, 0o600);
+    let stored = std::fs::read_to_string(&auth).unwrap();
+    assert!(stored.contains(&reg.addr()) && !stored.contains(&password));
+    let digest = pushed_digest(&run(&n, &["push", &dest], None));
+    let o = run(&n2, &["pull", &dest], None);
+    assert!(o.status.success(), "pull: {}", stderr(&o));
+    let o = run(&n2, &["run", "--rm", &dest, "sh", "-c", SAMPLE_CHECK], None);
+    assert_sample_output(&o, "nestor after an authenticated pull");
+    let o = run(&n2, &["images", "--digests"], None);
+    assert!(stdout(&o).contains(&digest), "{}", stdout(&o));
+
+    // logout: gone, and pulls are refused again; a second logout is an error.
+    let o = run(&n, &["logout", &reg.addr()], None);
+    assert!(o.status.success(), "logout: {}", stderr(&o));
+    assert!(!std::fs::read_to_string(&auth)
+        .unwrap()
+        .contains(&reg.addr()));
+    one_line(
+        &run(&n2, &["pull", "--quiet", &dest], None),
+        "access denied",
+    );
+    one_line(&run(&n, &["logout", &reg.addr()], None), "not logged in");
+
+    // Docker's config.json is read when the auth file has nothing.
+    std::fs::create_dir_all(d.join("docker")).unwrap();
+    let o = Command::new("sh")
+        .args([
+            "-c",
+            &format!("printf '%s' '{user}:{password}' | base64 -w0"),
+        ])
+        .output()
+        .unwrap();
+    let b64 = stdout(&o);
+    std::fs::write(
+        d.join("docker/config.json"),
+        json!({"auths": {reg.addr(): {"auth": b64}}}).to_string(),
+    )
+    .unwrap();
+    let n3 = Nestor::new(&["docker.io"]);
+    let o = run(&n3, &["pull", &dest], None);
+    assert!(
+        o.status.success(),
+        "pull with docker's config: {}",
+        stderr(&o)
+    );
+
+    assert!(
+        seen.contains("DEBUG") || seen.contains("TRACE"),
+        "logs were on"
+    );
+    assert!(
+        !seen.contains(&password),
+        "the password leaked into some output"
+    );
+    assert!(
+        !seen.contains(&b64),
+        "the credentials leaked (base64) into some output"
+    );
 }

@@ -9,6 +9,7 @@
 //! runs its own single-threaded runtime and returns when it is done, so the container
 //! paths of the launcher never see it.
 
+pub mod auth;
 pub mod config;
 pub mod name;
 pub mod pull;
@@ -40,6 +41,10 @@ pub enum RegistryError {
     /// The registry refused the credentials (or asked for some).
     #[error("{registry}: access denied (log in with 'nestor login {registry}', or check the credentials)")]
     Unauthorized { registry: String },
+
+    /// `login` with credentials the registry refuses.
+    #[error("{registry}: login failed: the registry refused this user name and password")]
+    LoginFailed { registry: String },
 
     /// The registry could not be reached or the connection broke.
     #[error("{registry}: {reason}")]

@@ -88,8 +88,9 @@ pub fn pull(store: &ImageStore, input: &str, opts: &PullOptions) -> Result<Pulle
         })?;
     let mut last = None;
     for (i, r) in cands.iter().enumerate() {
-        let client = client_for(&r.registry, &conf, opts.tls_verify);
-        match rt.block_on(pull_one(store, &client, r, &platform, opts)) {
+        let client = client_for(&r.registry, &conf, opts.tls_verify)?;
+        let auth = crate::auth::registry_auth(&r.registry)?;
+        match rt.block_on(pull_one(store, &client, &auth, r, &platform, opts)) {
             Err(e @ RegistryError::NotFound { .. }) if i + 1 < cands.len() => {
                 tracing::debug!(%r, "not on this registry: {e}");
                 last = Some(e);
@@ -109,8 +110,8 @@ pub(crate) fn client_for(
     registry: &str,
     conf: &RegistriesConf,
     tls_verify: Option<bool>,
-) -> Client {
-    Client::new(client_config(registry, conf, tls_verify))
+) -> Result<Client, RegistryError> {
+    Ok(Client::new(client_config(registry, conf, tls_verify)?))
 }
 
 /// The client configuration [`client_for`] uses.
@@ -118,10 +119,10 @@ pub(crate) fn client_config(
     registry: &str,
     conf: &RegistriesConf,
     tls_verify: Option<bool>,
-) -> ClientConfig {
+) -> Result<ClientConfig, RegistryError> {
     let plain = tls_verify == Some(false) || (tls_verify.is_none() && conf.insecure(registry));
     install_crypto();
-    ClientConfig {
+    Ok(ClientConfig {
         protocol: if plain {
             ClientProtocol::HttpsExcept(vec![registry.to_string()])
         } else {
@@ -130,8 +131,9 @@ pub(crate) fn client_config(
         connect_timeout: Some(Duration::from_secs(15)),
         read_timeout: Some(Duration::from_secs(60)),
         max_concurrent_download: CONCURRENT_LAYERS,
+        extra_root_certificates: crate::auth::registry_cas(registry)?,
         ..Default::default()
-    }
+    })
 }
 
 /// rustls needs a process-wide crypto provider: ring.
@@ -214,11 +216,12 @@ fn sha256_digest(bytes: &[u8]) -> String {
 
 async fn fetch_manifest(
     client: &Client,
+    auth: &RegistryAuth,
     r: &ImageRef,
     oref: &oci_client::Reference,
 ) -> Result<Manifest, RegistryError> {
     let (bytes, digest) = client
-        .pull_manifest_raw(oref, &RegistryAuth::Anonymous, &ACCEPT)
+        .pull_manifest_raw(oref, auth, &ACCEPT)
         .await
         .map_err(|e| map_oci(e, r))?;
     let actual = sha256_digest(&bytes);
@@ -264,12 +267,13 @@ async fn fetch_manifest(
 async fn pull_one(
     store: &ImageStore,
     client: &Client,
+    auth: &RegistryAuth,
     r: &ImageRef,
     platform: &Platform,
     opts: &PullOptions,
 ) -> Result<Pulled, RegistryError> {
     let oref = r.to_oci();
-    let mut m = fetch_manifest(client, r, &oref).await?;
+    let mut m = fetch_manifest(client, auth, r, &oref).await?;
     if m.media_type == OCI_INDEX || m.media_type == DOCKER_LIST {
         let entries = m.json["manifests"].as_array().cloned().unwrap_or_default();
         let pick = entries
@@ -282,7 +286,7 @@ async fn pull_one(
             })?
             .to_string();
         let child = oref.clone_with_digest(pick);
-        m = fetch_manifest(client, r, &child).await?;
+        m = fetch_manifest(client, auth, r, &child).await?;
         if m.media_type == OCI_INDEX || m.media_type == DOCKER_LIST {
             return Err(RegistryError::Unsupported {
                 reference: r.to_string(),
@@ -592,6 +596,12 @@ pub(crate) fn map_oci(e: OciDistributionError, r: &ImageRef) -> RegistryError {
             reference: r.to_string(),
             reason: format!("manifest schema version {v}"),
         },
+        OciDistributionError::RequestError(e)
+            if e.status()
+                .is_some_and(|s| s.as_u16() == 401 || s.as_u16() == 403) =>
+        {
+            RegistryError::Unauthorized { registry }
+        }
         OciDistributionError::RequestError(e) => RegistryError::Network {
             registry,
             reason: {

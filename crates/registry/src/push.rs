@@ -81,7 +81,8 @@ pub fn push(
         });
     }
     let image = store.export(source)?;
-    let mut cfg = client_config(&r.registry, &conf, opts.tls_verify);
+    let mut cfg = client_config(&r.registry, &conf, opts.tls_verify)?;
+    let auth = crate::auth::registry_auth(&r.registry)?;
     cfg.use_monolithic_push = true;
     cfg.read_timeout = Some(Duration::from_secs(300));
     let client = Client::new(cfg);
@@ -92,18 +93,19 @@ pub fn push(
             context: "cannot start the network runtime".into(),
             source: e,
         })?;
-    rt.block_on(push_image(&client, &r, &image, opts))
+    rt.block_on(push_image(&client, &auth, &r, &image, opts))
 }
 
 async fn push_image(
     client: &Client,
+    auth: &RegistryAuth,
     r: &ImageRef,
     image: &nestor_image::Exported,
     opts: &PushOptions,
 ) -> Result<Pushed, RegistryError> {
     let oref = r.to_oci();
     client
-        .auth(&oref, &RegistryAuth::Anonymous, RegistryOperation::Push)
+        .auth(&oref, auth, RegistryOperation::Push)
         .await
         .map_err(|e| map_oci(e, r))?;
     let bars = Bars::new(opts.progress);

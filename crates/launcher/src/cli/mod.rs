@@ -139,6 +139,24 @@ pub enum Cmd {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Log in to a registry: the credentials are checked, then stored in podman's auth
+    /// file ($REGISTRY_AUTH_FILE, else $XDG_RUNTIME_DIR/containers/auth.json).
+    Login {
+        registry: String,
+        #[arg(short, long)]
+        username: Option<String>,
+        /// The password (visible to other users in the process list: prefer
+        /// --password-stdin).
+        #[arg(short, long)]
+        password: Option<String>,
+        /// Read the password from stdin (its first line).
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        registry_opts: crate::docker::registry::RegistryOpts,
+    },
+    /// Remove a registry's credentials from the auth file.
+    Logout { registry: String },
     /// Give an image another name: `nestor tag SOURCE TARGET` (TARGET moves to SOURCE's
     /// image if another image had it).
     Tag { source: String, target: String },

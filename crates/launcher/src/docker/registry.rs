@@ -1,5 +1,5 @@
 //! The registry verbs: `pull` (and the pull that `run`/`create` do for a missing
-//! image) and `push`. The protocol lives in `nestor_registry`; this module turns flags into its
+//! image), `push`, `login` and `logout`. The protocol lives in `nestor_registry`; this module turns flags into its
 //! options and its results into output.
 
 use std::io::IsTerminal;
@@ -99,6 +99,52 @@ pub fn push(
         p.digest,
         p.size
     );
+    Ok(())
+}
+
+/// `nestor login [-u USER] [-p PASS | --password-stdin] REGISTRY`: prints
+/// `Login Succeeded!` as podman does.
+pub fn login(
+    registry: &str,
+    user: Option<&str>,
+    password: Option<&str>,
+    password_stdin: bool,
+    opts: &RegistryOpts,
+) -> Result<()> {
+    let Some(user) = user else {
+        anyhow::bail!("give the user name with -u USER");
+    };
+    let password = match (password, password_stdin) {
+        (Some(_), true) => anyhow::bail!("--password and --password-stdin are exclusive"),
+        (Some(p), false) => p.to_string(),
+        (None, true) => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .map_err(|e| anyhow::anyhow!("cannot read the password from stdin: {e}"))?;
+            line.trim_end_matches(['\n', '\r']).to_string()
+        }
+        (None, false) => anyhow::bail!("give the password with --password-stdin"),
+    };
+    if password.is_empty() {
+        anyhow::bail!("the password is empty");
+    }
+    let file = nestor_registry::auth::login(registry, user, &password, opts.tls_verify)?;
+    tracing::info!(registry, file = %file.display(), "credentials stored");
+    println!("Login Succeeded!");
+    Ok(())
+}
+
+/// `nestor logout REGISTRY`.
+pub fn logout(registry: &str) -> Result<()> {
+    let r = nestor_registry::auth::normalize_registry(registry)?;
+    if !nestor_registry::auth::remove(&r)? {
+        anyhow::bail!(
+            "not logged in to {r} (no entry in {})",
+            nestor_registry::auth::auth_file().display()
+        );
+    }
+    println!("Removed login credentials for {r}");
     Ok(())
 }
 
