@@ -76,6 +76,18 @@ impl<R: Read> HashingReader<R> {
     }
 }
 
+impl<R: Read> HashingReader<R> {
+    /// As [`HashingReader::finish`], giving the inner reader back too.
+    pub(crate) fn finish_into(mut self) -> io::Result<(String, u64, R)> {
+        io::copy(&mut self, &mut io::sink())?;
+        Ok((
+            format!("sha256:{}", hex::encode(self.hasher.finalize())),
+            self.count,
+            self.inner,
+        ))
+    }
+}
+
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;

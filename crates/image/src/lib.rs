@@ -44,13 +44,17 @@
 //!                                whiteouts as char 0:0 devices and opaque directories
 //!                                marked trusted.overlay.opaque=y
 //!   layers/<diff_id hex>/layer.json   diff_id, blob digest, bytes, entry count
+//!   layers/<diff_id hex>/blob    the layer's blob as it was imported (compressed or
+//!                                not), for push and save
 //!   tmp/                         staging: layers being extracted, files being written,
 //!                                decompressed archives, layers being deleted
 //!   downloads/                   registry pulls: blobs being downloaded, and verified
 //!                                blobs a failed pull left for the next (see `PullStaging`)
 //! ```
 //!
-//! Layer blobs themselves are not kept once extracted (images cannot be exported again).
+//! Layer blobs are kept as they were imported (`blob`), so an image leaves the store
+//! (push, save) with the digests it came with; see [`ImageStore::export`]. This costs
+//! the compressed size of each layer again on disk.
 //!
 //! # Integrity and concurrency
 //!
@@ -109,14 +113,17 @@
 
 mod digest;
 mod error;
+mod export;
 mod extract;
 mod limits;
 mod pull;
 mod reference;
+mod save;
 mod source;
 mod store;
 
 pub use error::ImageError;
+pub use export::{ExportLayer, Exported, DOCKER_MANIFEST, OCI_MANIFEST};
 
 /// Entry points for the coverage-guided fuzzers (`fuzz/`); not a stable interface.
 #[doc(hidden)]

@@ -57,6 +57,9 @@ pub struct ImageSummary {
     pub created: Option<String>,
     /// Number of layers.
     pub layers: usize,
+    /// The digest of the manifest the image came with (`sha256:…`), if it came with one.
+    #[serde(default)]
+    pub digest: Option<String>,
 }
 
 impl ImageSummary {
@@ -186,20 +189,20 @@ pub struct GcReport {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Record {
-    id: String,
-    names: Vec<String>,
-    manifest_digest: Option<String>,
+pub(crate) struct Record {
+    pub(crate) id: String,
+    pub(crate) names: Vec<String>,
+    pub(crate) manifest_digest: Option<String>,
     /// diff_id hex digests, lowest layer first.
-    layers: Vec<String>,
+    pub(crate) layers: Vec<String>,
     size: u64,
     created: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct LayerInfo {
-    diff_id: String,
-    blob_digest: Option<String>,
+pub(crate) struct LayerInfo {
+    pub(crate) diff_id: String,
+    pub(crate) blob_digest: Option<String>,
     size: u64,
     entries: u64,
 }
@@ -256,6 +259,23 @@ pub fn human_size(bytes: u64) -> String {
         format!("{bytes} B")
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// The file in `layers/<diff_id>/` that keeps the layer's blob as it was imported.
+pub(crate) const LAYER_BLOB: &str = "blob";
+
+/// Copies every byte read through it to `out`.
+struct TeeReader<R> {
+    inner: R,
+    out: io::BufWriter<File>,
+}
+
+impl<R: Read> Read for TeeReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.out.write_all(&buf[..n])?;
+        Ok(n)
     }
 }
 
@@ -351,13 +371,13 @@ impl ImageStore {
         &self.root
     }
 
-    fn layers_dir(&self) -> PathBuf {
+    pub(crate) fn layers_dir(&self) -> PathBuf {
         self.root.join("layers")
     }
     fn images_dir(&self) -> PathBuf {
         self.root.join("images")
     }
-    fn blobs_dir(&self) -> PathBuf {
+    pub(crate) fn blobs_dir(&self) -> PathBuf {
         self.root.join("blobs").join("sha256")
     }
     fn tmp_dir(&self) -> PathBuf {
@@ -369,7 +389,7 @@ impl ImageStore {
         self.layers_dir().join(diff_hex).join("diff")
     }
 
-    fn lock(&self) -> Result<Flock<File>, ImageError> {
+    pub(crate) fn lock(&self) -> Result<Flock<File>, ImageError> {
         let p = self.root.join("lock");
         let f = OpenOptions::new()
             .create(true)
@@ -408,7 +428,7 @@ impl ImageStore {
         res.ctx(|| format!("cannot write {}", dest.display()))
     }
 
-    fn records(&self) -> Result<Vec<Record>, ImageError> {
+    pub(crate) fn records(&self) -> Result<Vec<Record>, ImageError> {
         let dir = self.images_dir();
         let mut out = Vec::new();
         for e in fs::read_dir(&dir).ctx(|| format!("cannot read {}", dir.display()))? {
@@ -439,7 +459,7 @@ impl ImageStore {
         Ok(out)
     }
 
-    fn write_record(&self, r: &Record) -> Result<(), ImageError> {
+    pub(crate) fn write_record(&self, r: &Record) -> Result<(), ImageError> {
         let bytes =
             serde_json::to_vec_pretty(r).map_err(|e| ImageError::invalid("image record", e))?;
         self.write_atomic(&self.images_dir().join(format!("{}.json", r.id)), &bytes)
@@ -452,6 +472,7 @@ impl ImageStore {
             size: r.size,
             created: r.created.clone(),
             layers: r.layers.len(),
+            digest: r.manifest_digest.clone(),
         }
     }
 
@@ -462,7 +483,7 @@ impl ImageStore {
 
     /// Resolves a name (`busybox`, `localhost/busybox:latest`), a full id (with or without
     /// `sha256:`) or a unique id prefix. Returns the record and whether it matched by name.
-    fn resolve(records: &[Record], query: &str) -> Result<(usize, bool), ImageError> {
+    pub(crate) fn resolve(records: &[Record], query: &str) -> Result<(usize, bool), ImageError> {
         let q = query.trim();
         let ambiguous = |idx: &[usize]| ImageError::Ambiguous {
             query: q.to_string(),
@@ -752,11 +773,12 @@ impl ImageStore {
                 self.write_record(r)?;
             }
         }
-        let mut all_names = records
-            .iter()
-            .find(|r| r.id == id)
-            .map(|r| r.names.clone())
-            .unwrap_or_default();
+        let existing = records.iter().find(|r| r.id == id);
+        let mut all_names = existing.map(|r| r.names.clone()).unwrap_or_default();
+        // An archive without a manifest (docker-archive) does not take away the
+        // digest the image came with.
+        let manifest_digest =
+            manifest_digest.or_else(|| existing.and_then(|r| r.manifest_digest.clone()));
         for nm in names {
             if !all_names.contains(&nm) {
                 all_names.push(nm);
@@ -836,6 +858,15 @@ impl ImageStore {
 
         let what = l.digest.clone().unwrap_or_else(|| l.path.clone());
         let (reader, len) = src.open_file(&l.path, &what)?;
+        // The blob as it came is kept beside the extracted layer (written while it is
+        // read and hashed), so push and save send the very bytes its digest names.
+        let blob_path = stage.path.join(LAYER_BLOB);
+        let blob_file =
+            File::create(&blob_path).ctx(|| format!("cannot create {}", blob_path.display()))?;
+        let reader = TeeReader {
+            inner: reader,
+            out: io::BufWriter::with_capacity(1 << 20, blob_file),
+        };
         if let (Some(expected), Some(d)) = (l.size, &l.digest) {
             if expected != len {
                 return Err(ImageError::SizeMismatch {
@@ -876,7 +907,13 @@ impl ImageStore {
         if meter.tripped() {
             return Err(dec_budget.exceeded(&budgets.subject, "its decompressed tar stream"));
         }
-        let (blob_digest, _) = comp.finish().ctx(|| format!("cannot read layer {what}"))?;
+        let (blob_digest, _, tee) = comp
+            .finish_into()
+            .ctx(|| format!("cannot read layer {what}"))?;
+        tee.out
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .ctx(|| format!("cannot write {}", blob_path.display()))?;
         if let Some(d) = &l.digest {
             if &blob_digest != d {
                 return Err(ImageError::DigestMismatch {

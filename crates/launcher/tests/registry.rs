@@ -46,6 +46,12 @@ struct Registry {
 
 impl Registry {
     fn start(storage: &Path) -> Registry {
+        Registry::start_with(storage, "")
+    }
+
+    /// With `extra` appended to the configuration's `http:` section's level (auth, TLS):
+    /// ready when the port accepts connections.
+    fn start_with(storage: &Path, extra: &str) -> Registry {
         for _ in 0..10 {
             let port = TcpListener::bind("127.0.0.1:0")
                 .unwrap()
@@ -56,7 +62,7 @@ impl Registry {
             std::fs::write(
                 &conf,
                 format!(
-                    "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                    "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}",
                     storage.join("data").display()
                 ),
             )
@@ -77,7 +83,8 @@ impl Registry {
                 if let Ok(Some(_)) = r.child.try_wait() {
                     break; // port taken meanwhile: try another
                 }
-                if http_get(port, "/v2/").starts_with("HTTP/1.0 200")
+                if (!extra.is_empty() && TcpStream::connect(("127.0.0.1", port)).is_ok())
+                    || http_get(port, "/v2/").starts_with("HTTP/1.0 200")
                     || http_get(port, "/v2/").starts_with("HTTP/1.1 200")
                 {
                     return r;
@@ -341,6 +348,27 @@ impl Podman {
             .stdin(Stdio::null())
             .output()
             .unwrap()
+    }
+
+    /// `podman run --rm IMAGE sh -c SCRIPT` on the image podman pulled and unpacked. The
+    /// OCI runtime is nestor (crun refuses this host's hybrid cgroups), with limits
+    /// under this host's hard ones and no network.
+    fn run_container(&self, image: &str, script: &str) -> Output {
+        self.run(&[
+            "--runtime",
+            nestor(),
+            "run",
+            "--rm",
+            "--ulimit",
+            "nofile=20000:20000",
+            "--ulimit",
+            "nproc=32768:32768",
+            "--network=none",
+            image,
+            "sh",
+            "-c",
+            script,
+        ])
     }
 
     /// Loads an OCI layout and pushes it as `dest`; returns the image id.
@@ -738,4 +766,467 @@ fn pull_on_a_full_disk() {
     one_error_line(&o, "No space left on device");
     assert!(n.images().is_empty());
     assert!(n.downloads().is_empty(), "{:?}", n.downloads());
+}
+
+/// The manifest digest in `nestor push`'s `TAG: digest: sha256:… size: N` line.
+fn pushed_digest(o: &Output) -> String {
+    assert!(o.status.success(), "push: {}", stderr(o));
+    let out = stdout(o);
+    let d = out
+        .split_whitespace()
+        .skip_while(|w| *w != "digest:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no digest in push output: {out}"));
+    assert!(d.starts_with("sha256:") && d.len() == 71, "{out}");
+    d.to_string()
+}
+
+/// What the sample prints when its two layers were applied right (the whiteout hid
+/// /etc/motd, the opaque dir hid the old file).
+const SAMPLE_CHECK: &str = "test ! -e /etc/motd && ls /var/cache/sample && cat /etc/nestor-sample";
+
+fn assert_sample_output(o: &Output, who: &str) {
+    assert!(o.status.success(), "{who} run: {}", stderr(o));
+    assert!(
+        stdout(o).starts_with("new\nnestor busybox sample"),
+        "{who}: {}",
+        stdout(o)
+    );
+}
+
+/// nestor tags and pushes the imported two-layer sample (whiteout, opaque dir) with the
+/// manifest it came with; podman pulls it by the same digest and runs it, pushes it on
+/// (recompressed), and a second nestor pulls and runs that. A second push sends no layer;
+/// a pulled image is pushed on with its pulled manifest digest.
+#[test]
+fn push_to_podman_and_back() {
+    need!("docker-registry", "podman");
+    let store = tempfile::tempdir().unwrap();
+    let reg = Registry::start(store.path());
+    let layout = sample_layout();
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let layout_digest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let n = Nestor::new(&[&reg.addr()]);
+    let o = n.run(&["image", "import", layout.to_str().unwrap()]);
+    assert!(o.status.success(), "import: {}", stderr(&o));
+
+    let dest = format!("{}/pushed/bb:v1", reg.addr());
+    let o = n.run(&["tag", "busybox", &dest]);
+    assert!(o.status.success(), "tag: {}", stderr(&o));
+    let names = &n.images()[0]["names"];
+    assert!(names.as_array().unwrap().contains(&json!(dest)), "{names}");
+    let digest = pushed_digest(&n.run(&["push", "--tls-verify=false", &dest]));
+    assert_eq!(digest, layout_digest, "the image's own manifest is pushed");
+    // `images --digests` shows it.
+    let o = n.run(&["images", "--digests"]);
+    assert!(o.status.success());
+    assert!(
+        stdout(&o)
+            .lines()
+            .any(|l| l.contains("pushed/bb") && l.contains(&digest)),
+        "{}",
+        stdout(&o)
+    );
+
+    let podman = Podman::new();
+    let o = podman.run(&["pull", "-q", "--tls-verify=false", &dest]);
+    assert!(o.status.success(), "podman pull: {}", stderr(&o));
+    let o = podman.run(&["image", "inspect", "--format", "{{.Digest}}", &dest]);
+    assert_eq!(stdout(&o).trim(), digest, "{}", stderr(&o));
+    let o = podman.run_container(&dest, SAMPLE_CHECK);
+    assert_sample_output(&o, "podman");
+
+    let via = format!("{}/viapodman/bb:v2", reg.addr());
+    let o = podman.run(&["push", "-q", "--tls-verify=false", &dest, &via]);
+    assert!(o.status.success(), "podman push: {}", stderr(&o));
+    let n2 = Nestor::new(&[&reg.addr()]);
+    let p = n2.pull_json(&via);
+    assert_eq!(p["layers_downloaded"], json!(2), "{p}");
+    let o = n2.run(&["run", "--rm", &via, "sh", "-c", SAMPLE_CHECK]);
+    assert_sample_output(&o, "nestor after podman");
+
+    // The pulled image goes on with the manifest it was pulled by.
+    let on = format!("{}/again/bb:v3", reg.addr());
+    let o = n2.run(&["push", "--tls-verify=false", &via, &on]);
+    assert_eq!(pushed_digest(&o), p["digest"].as_str().unwrap());
+
+    // A second push finds every blob there and sends none.
+    let o = n.run(&["push", "--json", "--tls-verify=false", &dest]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["layers_pushed"], json!(0), "{v}");
+    assert_eq!(v["layers_existing"], json!(2), "{v}");
+    assert_eq!(v["digest"], json!(digest), "{v}");
+
+    one_error_line(
+        &n.run(&["push", "--tls-verify=false", "nosuch:tag"]),
+        "not found",
+    );
+    one_error_line(
+        &n.run(&["push", "--tls-verify=false", &dest, "127.0.0.1:1/x:y"]),
+        "cannot connect",
+    );
+    one_error_line(
+        &n.run(&[
+            "push",
+            "--tls-verify=false",
+            &dest,
+            &format!("{}/x@{digest}", reg.addr()),
+        ]),
+        "not a digest",
+    );
+    one_error_line(&n.run(&["tag", "nosuch", "a:b"]), "not found");
+}
+
+/// A docker-archive (podman save) carries no manifest: nestor makes one from the kept
+/// (uncompressed) layer blobs, the same bytes each time, and podman pulls and runs it.
+#[test]
+fn push_a_docker_archive_import() {
+    need!("docker-registry", "podman");
+    let store = tempfile::tempdir().unwrap();
+    let reg = Registry::start(store.path());
+    let podman = Podman::new();
+    let src = format!("{}/src/bb:v1", reg.addr());
+    let id = podman.push_layout(&sample_layout(), &src);
+    let archive = podman.dir.path().join("docker.tar");
+    let o = podman.run(&[
+        "save",
+        "--format",
+        "docker-archive",
+        "-o",
+        archive.to_str().unwrap(),
+        &id,
+    ]);
+    assert!(o.status.success(), "podman save: {}", stderr(&o));
+    let n = Nestor::new(&[&reg.addr()]);
+    let o = n.run(&[
+        "image",
+        "import",
+        "--name",
+        "fromarchive:v1",
+        archive.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "import: {}", stderr(&o));
+
+    let dest = format!("{}/fromarchive/bb:v1", reg.addr());
+    let d1 = pushed_digest(&n.run(&["push", "--tls-verify=false", "fromarchive:v1", &dest]));
+    let d2 = pushed_digest(&n.run(&[
+        "push",
+        "--tls-verify=false",
+        "fromarchive:v1",
+        &format!("{}/fromarchive/bb:v2", reg.addr()),
+    ]));
+    assert_eq!(d1, d2, "the made manifest is deterministic");
+    let p2 = Podman::new();
+    let o = p2.run(&["pull", "-q", "--tls-verify=false", &dest]);
+    assert!(o.status.success(), "podman pull: {}", stderr(&o));
+    let o = p2.run(&["image", "inspect", "--format", "{{.Digest}}", &dest]);
+    assert_eq!(stdout(&o).trim(), d1);
+    let o = p2.run_container(&dest, SAMPLE_CHECK);
+    assert_sample_output(&o, "podman");
+}
+
+/// The store's image ids, layer directories and leftovers in `tmp/`.
+fn store_state(n: &Nestor) -> (Vec<Value>, usize, usize) {
+    let ids = n.images().iter().map(|i| i["id"].clone()).collect();
+    let tmp = std::fs::read_dir(n.root.join("images/tmp"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    (ids, n.layer_count(), tmp)
+}
+
+/// `save` in both formats and `load` back into another store (same id, runs); podman
+/// loads nestor's docker-archive and nestor loads podman's archives (both formats);
+/// bad archives are refused in one line and leave the store as it was.
+#[test]
+fn save_and_load_round_trips() {
+    need!("podman");
+    let layout = sample_layout();
+    let n = Nestor::new(&[]);
+    let o = n.run(&["image", "import", layout.to_str().unwrap()]);
+    assert!(o.status.success(), "import: {}", stderr(&o));
+    let id = n.images()[0]["id"].clone();
+    let dir = n.dir.path().to_path_buf();
+    for format in ["oci-archive", "docker-archive"] {
+        let out = dir.join(format!("{format}.tar"));
+        let o = n.run(&[
+            "save",
+            "-o",
+            out.to_str().unwrap(),
+            "--format",
+            format,
+            "busybox",
+        ]);
+        assert!(o.status.success(), "save {format}: {}", stderr(&o));
+        let n2 = Nestor::new(&[]);
+        let o = n2.run(&["load", "-i", out.to_str().unwrap()]);
+        assert!(o.status.success(), "load {format}: {}", stderr(&o));
+        assert_eq!(stdout(&o).trim(), "Loaded image: localhost/busybox:latest");
+        assert_eq!(n2.images()[0]["id"], id, "{format}");
+        let o = n2.run(&["run", "--rm", "busybox", "sh", "-c", SAMPLE_CHECK]);
+        assert_sample_output(&o, &format!("nestor after {format}"));
+        // The same image saves to the same bytes.
+        let again = dir.join(format!("{format}-again.tar"));
+        let o = n.run(&[
+            "save",
+            "-o",
+            again.to_str().unwrap(),
+            "--format",
+            format,
+            "busybox",
+        ]);
+        assert!(o.status.success());
+        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap());
+    }
+
+    // podman loads nestor's docker-archive (same image id) and runs it.
+    let podman = Podman::new();
+    let archive = dir.join("docker-archive.tar");
+    let o = podman.run(&["load", "-q", "-i", archive.to_str().unwrap()]);
+    assert!(o.status.success(), "podman load: {}", stderr(&o));
+    let o = podman.run(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{.Id}}",
+        "localhost/busybox:latest",
+    ]);
+    assert_eq!(json!(stdout(&o).trim()), id, "{}", stderr(&o));
+    let o = podman.run_container("localhost/busybox:latest", SAMPLE_CHECK);
+    assert_sample_output(&o, "podman after nestor save");
+
+    // nestor loads podman's archives.
+    let o = podman.run(&["tag", "localhost/busybox:latest", "localhost/frompodman:v1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for format in ["docker-archive", "oci-archive"] {
+        let out = dir.join(format!("podman-{format}.tar"));
+        let o = podman.run(&[
+            "save",
+            "--format",
+            format,
+            "-o",
+            out.to_str().unwrap(),
+            "localhost/frompodman:v1",
+        ]);
+        assert!(o.status.success(), "podman save {format}: {}", stderr(&o));
+        let n3 = Nestor::new(&[]);
+        let o = n3.run(&["load", "-i", out.to_str().unwrap()]);
+        assert!(o.status.success(), "load podman's {format}: {}", stderr(&o));
+        assert!(stdout(&o).contains("frompodman"), "{}", stdout(&o));
+        let o = n3.run(&["run", "--rm", "frompodman:v1", "sh", "-c", SAMPLE_CHECK]);
+        assert_sample_output(&o, &format!("nestor after podman's {format}"));
+    }
+
+    // Bad archives: garbage, truncated, a corrupted layer. One line each, and the store
+    // (one image, its layers) is as it was, with nothing left in tmp/.
+    let before = store_state(&n);
+    let good = std::fs::read(dir.join("oci-archive.tar")).unwrap();
+    let garbage = dir.join("garbage.tar");
+    std::fs::write(&garbage, b"this is not an archive at all").unwrap();
+    let truncated = dir.join("truncated.tar");
+    std::fs::write(&truncated, &good[..good.len() / 2]).unwrap();
+    let corrupt = dir.join("corrupt.tar");
+    let mut bad = good.clone();
+    // The biggest blob (the base layer) sits in the middle of the archive.
+    let mid = bad.len() / 2;
+    for b in &mut bad[mid..mid + 64] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&corrupt, &bad).unwrap();
+    let n4 = Nestor::new(&[]);
+    let short = dir.join("short.tar");
+    std::fs::write(&short, &good[..1000]).unwrap();
+    // A store that has the layers does not read them again (it knows them by diff_id),
+    // so the archives whose layer is cut or corrupted are refused by the empty store only.
+    for (f, stores) in [
+        (&garbage, vec![&n, &n4]),
+        (&short, vec![&n, &n4]),
+        (&truncated, vec![&n4]),
+        (&corrupt, vec![&n4]),
+    ] {
+        for who in stores {
+            let o = who.run(&["load", "-i", f.to_str().unwrap()]);
+            one_error_line(&o, "");
+        }
+        assert_eq!(store_state(&n), before, "{}", f.display());
+        let (ids, layers, tmp) = store_state(&n4);
+        assert_eq!((ids.len(), layers, tmp), (0, 0, 0), "{}", f.display());
+    }
+    one_error_line(
+        &n.run(&["save", "-o", dir.join("x.tar").to_str().unwrap(), "nosuch"]),
+        "not found",
+    );
+    one_error_line(
+        &n.run(&["save", "-o", "/nonexistent-dir/x.tar", "busybox"]),
+        "cannot create",
+    );
+    assert!(!dir.join("x.tar").exists());
+}
+
+fn sh(script: &str) {
+    let o = Command::new("sh").args(["-ec", script]).output().unwrap();
+    assert!(o.status.success(), "{script}: {}", stderr(&o));
+}
+
+/// A registry behind TLS (a CA the test makes, trusted through a certs.d directory)
+/// and htpasswd auth: no trust gives one certificate line; no login, one access line;
+/// a wrong password, one login line and nothing stored; the right one is stored 0600
+/// and push and pull use it; logout takes it away; Docker's config.json is read too.
+/// The password shows in no output, at trace level either.
+#[test]
+fn login_tls_and_htpasswd() {
+    need!("docker-registry", "htpasswd", "openssl");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let user = "nestoruser";
+    let password = format!("pw-{}", unique("secret"));
+    sh(&format!(
+        "cd {d}
+        openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=nestor-test-ca 2>/dev/null
+        openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1 2>/dev/null
+        printf 'subjectAltName=IP:127.0.0.1\\nextendedKeyUsage=serverAuth\\nbasicConstraints=CA:FALSE\\n' > ext
+        openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile ext 2>/dev/null
+        htpasswd -Bbn {user} '{password}' > htpasswd",
+        d = d.display()
+    ));
+    let extra = format!(
+        "  tls:\n    certificate: {d}/server.crt\n    key: {d}/server.key\nauth:\n  htpasswd:\n    realm: nestor-test\n    path: {d}/htpasswd\n",
+        d = d.display()
+    );
+    let reg = Registry::start_with(d, &extra);
+    let certs = d.join("certs.d");
+    std::fs::create_dir_all(certs.join(reg.addr())).unwrap();
+    let auth = d.join("auth/auth.json");
+    let n = Nestor::new(&["docker.io"]);
+    let n2 = Nestor::new(&["docker.io"]);
+    let mut seen = String::new();
+    let mut run = |who: &Nestor, args: &[&str], stdin: Option<&str>| -> Output {
+        let mut c = who.cmd(args);
+        c.env("REGISTRY_AUTH_FILE", &auth)
+            .env("NESTOR_CERTS_D", &certs)
+            .env("DOCKER_CONFIG", d.join("docker"))
+            .env("RUST_LOG", "trace")
+            .env("NESTOR_LOG", "trace");
+        let o = match stdin {
+            Some(s) => {
+                c.stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                let mut ch = c.spawn().unwrap();
+                ch.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+                ch.wait_with_output().unwrap()
+            }
+            None => c.output().unwrap(),
+        };
+        seen.push_str(&stdout(&o));
+        seen.push_str(&stderr(&o));
+        o
+    };
+    // One line on stderr once the trace lines are left out.
+    let one_line = |o: &Output, what: &str| {
+        assert!(!o.status.success(), "should have failed: {}", stdout(o));
+        let e = stderr(o);
+        let lines: Vec<&str> = e.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(lines.len(), 1, "{e}");
+        assert!(lines[0].contains(what), "{what}: {}", lines[0]);
+    };
+
+    let o = run(
+        &n,
+        &["image", "import", sample_layout().to_str().unwrap()],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dest = format!("{}/secure/bb:v1", reg.addr());
+    assert!(run(&n, &["tag", "busybox", &dest], None).status.success());
+
+    // Not trusted yet.
+    let pw_line = format!("{password}\n");
+    let o = run(
+        &n,
+        &["login", "-u", user, "--password-stdin", &reg.addr()],
+        Some(&pw_line),
+    );
+    one_line(&o, "certificate");
+    std::fs::copy(d.join("ca.crt"), certs.join(reg.addr()).join("ca.crt")).unwrap();
+    // Trusted, not logged in.
+    one_line(&run(&n, &["push", &dest], None), "access denied");
+    // A wrong password.
+    let o = run(
+        &n,
+        &["login", "-u", user, "--password-stdin", &reg.addr()],
+        Some("wrong-password\n"),
+    );
+    one_line(&o, "login failed");
+    assert!(!auth.exists(), "nothing stored after a failed login");
+    // The right one.
+    let o = run(
+        &n,
+        &["login", "-u", user, "--password-stdin", &reg.addr()],
+        Some(&pw_line),
+    );
+    assert!(o.status.success(), "login: {}", stderr(&o));
+    assert!(stdout(&o).contains("Login Succeeded"));
+    assert_eq!(mode_of(&auth) & 0o777, 0o600);
+    let stored = std::fs::read_to_string(&auth).unwrap();
+    assert!(stored.contains(&reg.addr()) && !stored.contains(&password));
+    let digest = pushed_digest(&run(&n, &["push", &dest], None));
+    let o = run(&n2, &["pull", &dest], None);
+    assert!(o.status.success(), "pull: {}", stderr(&o));
+    let o = run(&n2, &["run", "--rm", &dest, "sh", "-c", SAMPLE_CHECK], None);
+    assert_sample_output(&o, "nestor after an authenticated pull");
+    let o = run(&n2, &["images", "--digests"], None);
+    assert!(stdout(&o).contains(&digest), "{}", stdout(&o));
+
+    // logout: gone, and pulls are refused again; a second logout is an error.
+    let o = run(&n, &["logout", &reg.addr()], None);
+    assert!(o.status.success(), "logout: {}", stderr(&o));
+    assert!(!std::fs::read_to_string(&auth)
+        .unwrap()
+        .contains(&reg.addr()));
+    one_line(
+        &run(&n2, &["pull", "--quiet", &dest], None),
+        "access denied",
+    );
+    one_line(&run(&n, &["logout", &reg.addr()], None), "not logged in");
+
+    // Docker's config.json is read when the auth file has nothing.
+    std::fs::create_dir_all(d.join("docker")).unwrap();
+    let o = Command::new("sh")
+        .args([
+            "-c",
+            &format!("printf '%s' '{user}:{password}' | base64 -w0"),
+        ])
+        .output()
+        .unwrap();
+    let b64 = stdout(&o);
+    std::fs::write(
+        d.join("docker/config.json"),
+        json!({"auths": {reg.addr(): {"auth": b64}}}).to_string(),
+    )
+    .unwrap();
+    let n3 = Nestor::new(&["docker.io"]);
+    let o = run(&n3, &["pull", &dest], None);
+    assert!(
+        o.status.success(),
+        "pull with docker's config: {}",
+        stderr(&o)
+    );
+
+    assert!(
+        seen.contains("DEBUG") || seen.contains("TRACE"),
+        "logs were on"
+    );
+    assert!(
+        !seen.contains(&password),
+        "the password leaked into some output"
+    );
+    assert!(
+        !seen.contains(&b64),
+        "the credentials leaked (base64) into some output"
+    );
 }

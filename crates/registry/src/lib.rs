@@ -1,6 +1,6 @@
 //! nestor-registry: the client side of the OCI Distribution protocol. Owns resolving
 //! names against registries ([`config`], [`name`]), and pulling an image from a registry
-//! into the image store ([`pull`]): manifest (an index resolved to one platform),
+//! into the image store ([`pull`]) and pushing one from it ([`push`]): manifest (an index resolved to one platform),
 //! config, layers downloaded concurrently with a digest check before anything is
 //! committed, and the hand-over to `nestor_image`'s import.
 //!
@@ -9,15 +9,18 @@
 //! runs its own single-threaded runtime and returns when it is done, so the container
 //! paths of the launcher never see it.
 
+pub mod auth;
 pub mod config;
 pub mod name;
 pub mod pull;
+pub mod push;
 
 use std::path::PathBuf;
 
 pub use config::RegistriesConf;
 pub use name::ImageRef;
 pub use pull::{pull, PullOptions, Pulled};
+pub use push::{push, PushOptions, Pushed};
 
 /// Everything a registry operation can fail with; each message is one line naming the
 /// reference, the registry or the blob.
@@ -38,6 +41,10 @@ pub enum RegistryError {
     /// The registry refused the credentials (or asked for some).
     #[error("{registry}: access denied (log in with 'nestor login {registry}', or check the credentials)")]
     Unauthorized { registry: String },
+
+    /// `login` with credentials the registry refuses.
+    #[error("{registry}: login failed: the registry refused this user name and password")]
+    LoginFailed { registry: String },
 
     /// The registry could not be reached or the connection broke.
     #[error("{registry}: {reason}")]

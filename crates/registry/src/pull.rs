@@ -88,8 +88,9 @@ pub fn pull(store: &ImageStore, input: &str, opts: &PullOptions) -> Result<Pulle
         })?;
     let mut last = None;
     for (i, r) in cands.iter().enumerate() {
-        let client = client_for(&r.registry, &conf, opts.tls_verify);
-        match rt.block_on(pull_one(store, &client, r, &platform, opts)) {
+        let client = client_for(&r.registry, &conf, opts.tls_verify)?;
+        let auth = crate::auth::registry_auth(&r.registry)?;
+        match rt.block_on(pull_one(store, &client, &auth, r, &platform, opts)) {
             Err(e @ RegistryError::NotFound { .. }) if i + 1 < cands.len() => {
                 tracing::debug!(%r, "not on this registry: {e}");
                 last = Some(e);
@@ -109,10 +110,19 @@ pub(crate) fn client_for(
     registry: &str,
     conf: &RegistriesConf,
     tls_verify: Option<bool>,
-) -> Client {
+) -> Result<Client, RegistryError> {
+    Ok(Client::new(client_config(registry, conf, tls_verify)?))
+}
+
+/// The client configuration [`client_for`] uses.
+pub(crate) fn client_config(
+    registry: &str,
+    conf: &RegistriesConf,
+    tls_verify: Option<bool>,
+) -> Result<ClientConfig, RegistryError> {
     let plain = tls_verify == Some(false) || (tls_verify.is_none() && conf.insecure(registry));
     install_crypto();
-    Client::new(ClientConfig {
+    Ok(ClientConfig {
         protocol: if plain {
             ClientProtocol::HttpsExcept(vec![registry.to_string()])
         } else {
@@ -121,6 +131,7 @@ pub(crate) fn client_for(
         connect_timeout: Some(Duration::from_secs(15)),
         read_timeout: Some(Duration::from_secs(60)),
         max_concurrent_download: CONCURRENT_LAYERS,
+        extra_root_certificates: crate::auth::registry_cas(registry)?,
         ..Default::default()
     })
 }
@@ -205,11 +216,12 @@ fn sha256_digest(bytes: &[u8]) -> String {
 
 async fn fetch_manifest(
     client: &Client,
+    auth: &RegistryAuth,
     r: &ImageRef,
     oref: &oci_client::Reference,
 ) -> Result<Manifest, RegistryError> {
     let (bytes, digest) = client
-        .pull_manifest_raw(oref, &RegistryAuth::Anonymous, &ACCEPT)
+        .pull_manifest_raw(oref, auth, &ACCEPT)
         .await
         .map_err(|e| map_oci(e, r))?;
     let actual = sha256_digest(&bytes);
@@ -255,12 +267,13 @@ async fn fetch_manifest(
 async fn pull_one(
     store: &ImageStore,
     client: &Client,
+    auth: &RegistryAuth,
     r: &ImageRef,
     platform: &Platform,
     opts: &PullOptions,
 ) -> Result<Pulled, RegistryError> {
     let oref = r.to_oci();
-    let mut m = fetch_manifest(client, r, &oref).await?;
+    let mut m = fetch_manifest(client, auth, r, &oref).await?;
     if m.media_type == OCI_INDEX || m.media_type == DOCKER_LIST {
         let entries = m.json["manifests"].as_array().cloned().unwrap_or_default();
         let pick = entries
@@ -273,7 +286,7 @@ async fn pull_one(
             })?
             .to_string();
         let child = oref.clone_with_digest(pick);
-        m = fetch_manifest(client, r, &child).await?;
+        m = fetch_manifest(client, auth, r, &child).await?;
         if m.media_type == OCI_INDEX || m.media_type == DOCKER_LIST {
             return Err(RegistryError::Unsupported {
                 reference: r.to_string(),
@@ -472,18 +485,18 @@ async fn download(
 }
 
 /// Per-layer progress bars (bytes and rate), drawn only on a terminal.
-struct Bars {
+pub(crate) struct Bars {
     multi: Option<MultiProgress>,
 }
 
 impl Bars {
-    fn new(want: bool) -> Self {
+    pub(crate) fn new(want: bool) -> Self {
         let multi = (want && std::io::stderr().is_terminal())
             .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
         Bars { multi }
     }
 
-    fn add(&self, digest: &str, size: u64) -> ProgressBar {
+    pub(crate) fn add(&self, digest: &str, size: u64) -> ProgressBar {
         let Some(m) = &self.multi else {
             return ProgressBar::hidden();
         };
@@ -497,7 +510,7 @@ impl Bars {
         bar
     }
 
-    fn done(&self) {
+    pub(crate) fn done(&self) {
         if let Some(m) = &self.multi {
             let _ = m.clear();
         }
@@ -583,6 +596,12 @@ pub(crate) fn map_oci(e: OciDistributionError, r: &ImageRef) -> RegistryError {
             reference: r.to_string(),
             reason: format!("manifest schema version {v}"),
         },
+        OciDistributionError::RequestError(e)
+            if e.status()
+                .is_some_and(|s| s.as_u16() == 401 || s.as_u16() == 403) =>
+        {
+            RegistryError::Unauthorized { registry }
+        }
         OciDistributionError::RequestError(e) => RegistryError::Network {
             registry,
             reason: {

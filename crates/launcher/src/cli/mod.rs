@@ -116,6 +116,65 @@ pub enum Cmd {
         quiet: bool,
         #[arg(long)]
         json: bool,
+        /// Show the manifest digest of each image (what a registry serves it by).
+        #[arg(long)]
+        digests: bool,
+    },
+    /// Write images to one archive: `nestor save -o FILE [--format docker-archive|oci-archive] IMAGE…`.
+    Save {
+        /// The archive to write (replaced only once it is complete).
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value = "docker-archive")]
+        format: SaveFormat,
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Load the images of an archive (docker-archive, oci-archive; plain, gzip or zstd).
+    Load {
+        /// The archive to read.
+        #[arg(short, long)]
+        input: PathBuf,
+        /// No progress on stderr.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Log in to a registry: the credentials are checked, then stored in podman's auth
+    /// file ($REGISTRY_AUTH_FILE, else $XDG_RUNTIME_DIR/containers/auth.json).
+    Login {
+        registry: String,
+        #[arg(short, long)]
+        username: Option<String>,
+        /// The password (visible to other users in the process list: prefer
+        /// --password-stdin).
+        #[arg(short, long)]
+        password: Option<String>,
+        /// Read the password from stdin (its first line).
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        registry_opts: crate::docker::registry::RegistryOpts,
+    },
+    /// Remove a registry's credentials from the auth file.
+    Logout { registry: String },
+    /// Give an image another name: `nestor tag SOURCE TARGET` (TARGET moves to SOURCE's
+    /// image if another image had it).
+    Tag { source: String, target: String },
+    /// Push an image from the store to a registry: `nestor push IMAGE [DESTINATION]`
+    /// (IMAGE's own name when no destination is given). Layers the registry already
+    /// has are not sent; the manifest digest is printed as `TAG: digest: … size: …`.
+    Push {
+        source: String,
+        destination: Option<String>,
+        /// No progress on stderr.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Print what was pushed as JSON (reference, digest, layers pushed and already
+        /// there).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        registry: crate::docker::registry::RegistryOpts,
     },
     /// Manage images.
     #[command(subcommand)]
@@ -439,6 +498,13 @@ pub struct ContainerOpts {
     pub tls_verify: Option<bool>,
 }
 
+/// The archive formats `save` writes.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveFormat {
+    DockerArchive,
+    OciArchive,
+}
+
 /// When `run` pulls its image.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PullPolicy {
@@ -601,6 +667,9 @@ pub enum ImageCmd {
         quiet: bool,
         #[arg(long)]
         json: bool,
+        /// Show the manifest digest of each image.
+        #[arg(long)]
+        digests: bool,
     },
     /// Remove images.
     Rm {

@@ -262,7 +262,50 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
     Ok(d)
 }
 
-pub fn images(quiet: bool, json: bool) -> Result<()> {
+/// `nestor tag SOURCE TARGET`.
+pub fn tag(source: &str, target: &str) -> Result<()> {
+    store::image_store()?.tag(source, target)?;
+    Ok(())
+}
+
+/// `nestor save -o FILE [--format F] IMAGE…`.
+pub fn save(
+    out: &std::path::Path,
+    format: crate::cli::SaveFormat,
+    images: &[String],
+) -> Result<()> {
+    let format = match format {
+        crate::cli::SaveFormat::DockerArchive => nestor_image::ArchiveFormat::DockerArchive,
+        crate::cli::SaveFormat::OciArchive => nestor_image::ArchiveFormat::OciArchive,
+    };
+    let refs: Vec<&str> = images.iter().map(String::as_str).collect();
+    store::image_store()?.save(&refs, format, out)?;
+    Ok(())
+}
+
+/// `nestor load -i FILE`: `Loaded image: NAME` (or the id of an unnamed image) per
+/// image on stdout, as podman prints; progress on a terminal.
+pub fn load(input: &std::path::Path, quiet: bool) -> Result<()> {
+    use std::io::IsTerminal;
+    let store = store::image_store()?;
+    let show = !quiet && std::io::stderr().is_terminal();
+    let mut progress = |line: &str| {
+        if show {
+            eprintln!("{line}")
+        }
+    };
+    for s in store.import(input, None, &mut progress)? {
+        if s.names.is_empty() {
+            println!("Loaded image: {}", s.id);
+        }
+        for n in &s.names {
+            println!("Loaded image: {n}");
+        }
+    }
+    Ok(())
+}
+
+pub fn images(quiet: bool, json: bool, digests: bool) -> Result<()> {
     let list = store::image_store()?.list()?;
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
@@ -274,9 +317,20 @@ pub fn images(quiet: bool, json: bool) -> Result<()> {
         }
         return Ok(());
     }
+    let digest_col = |d: Option<&str>| {
+        if digests {
+            format!("{:<71}  ", d.unwrap_or("<none>"))
+        } else {
+            String::new()
+        }
+    };
     println!(
-        "{:<32}  {:<10}  {:<12}  {:<8}  SIZE",
-        "REPOSITORY", "TAG", "IMAGE ID", "LAYERS"
+        "{:<32}  {:<10}  {}{:<12}  {:<8}  SIZE",
+        "REPOSITORY",
+        "TAG",
+        digest_col(Some("DIGEST")),
+        "IMAGE ID",
+        "LAYERS"
     );
     for i in &list {
         let names = if i.names.is_empty() {
@@ -287,9 +341,10 @@ pub fn images(quiet: bool, json: bool) -> Result<()> {
         for n in names {
             let (repo, tag) = n.rsplit_once(':').unwrap_or((&n, "<none>"));
             println!(
-                "{:<32}  {:<10}  {:<12}  {:<8}  {}",
+                "{:<32}  {:<10}  {}{:<12}  {:<8}  {}",
                 repo,
                 tag,
+                digest_col(i.digest.as_deref()),
                 i.short_id(),
                 i.layers,
                 nestor_image::human_size(i.size)

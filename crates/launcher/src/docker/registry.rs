@@ -1,5 +1,5 @@
 //! The registry verbs: `pull` (and the pull that `run`/`create` do for a missing
-//! image). The protocol lives in `nestor_registry`; this module turns flags into its
+//! image), `push`, `login` and `logout`. The protocol lives in `nestor_registry`; this module turns flags into its
 //! options and its results into output.
 
 use std::io::IsTerminal;
@@ -41,6 +41,110 @@ pub fn pull(
     } else {
         println!("{}", p.image.id);
     }
+    Ok(())
+}
+
+/// `nestor push SOURCE [DEST]`: per-layer progress on a terminal; on stdout Docker's
+/// `TAG: digest: sha256:… size: N` line (or `--json`).
+pub fn push(
+    source: &str,
+    dest: Option<&str>,
+    quiet: bool,
+    json: bool,
+    opts: &RegistryOpts,
+) -> Result<()> {
+    let images = store::image_store()?;
+    let tty = std::io::stderr().is_terminal();
+    let p = nestor_registry::push(
+        &images,
+        source,
+        dest,
+        &nestor_registry::PushOptions {
+            tls_verify: opts.tls_verify,
+            progress: !quiet && !json && tty,
+        },
+    )?;
+    tracing::info!(
+        reference = %p.reference,
+        digest = %p.digest,
+        pushed = p.layers_pushed,
+        bytes = p.bytes_pushed,
+        existing = p.layers_existing,
+        "pushed"
+    );
+    if json {
+        let v = serde_json::json!({
+            "reference": p.reference.to_string(),
+            "digest": p.digest,
+            "size": p.size,
+            "layers_pushed": p.layers_pushed,
+            "bytes_pushed": p.bytes_pushed,
+            "layers_existing": p.layers_existing,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if !quiet && tty {
+        eprintln!(
+            "pushed {}: {} layers uploaded ({}), {} already there",
+            p.reference,
+            p.layers_pushed,
+            nestor_image::human_size(p.bytes_pushed),
+            p.layers_existing
+        );
+    }
+    println!(
+        "{}: digest: {} size: {}",
+        p.reference.tag.as_deref().unwrap_or("latest"),
+        p.digest,
+        p.size
+    );
+    Ok(())
+}
+
+/// `nestor login [-u USER] [-p PASS | --password-stdin] REGISTRY`: prints
+/// `Login Succeeded!` as podman does.
+pub fn login(
+    registry: &str,
+    user: Option<&str>,
+    password: Option<&str>,
+    password_stdin: bool,
+    opts: &RegistryOpts,
+) -> Result<()> {
+    let Some(user) = user else {
+        anyhow::bail!("give the user name with -u USER");
+    };
+    let password = match (password, password_stdin) {
+        (Some(_), true) => anyhow::bail!("--password and --password-stdin are exclusive"),
+        (Some(p), false) => p.to_string(),
+        (None, true) => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .map_err(|e| anyhow::anyhow!("cannot read the password from stdin: {e}"))?;
+            line.trim_end_matches(['\n', '\r']).to_string()
+        }
+        (None, false) => anyhow::bail!("give the password with --password-stdin"),
+    };
+    if password.is_empty() {
+        anyhow::bail!("the password is empty");
+    }
+    let file = nestor_registry::auth::login(registry, user, &password, opts.tls_verify)?;
+    tracing::info!(registry, file = %file.display(), "credentials stored");
+    println!("Login Succeeded!");
+    Ok(())
+}
+
+/// `nestor logout REGISTRY`.
+pub fn logout(registry: &str) -> Result<()> {
+    let r = nestor_registry::auth::normalize_registry(registry)?;
+    if !nestor_registry::auth::remove(&r)? {
+        anyhow::bail!(
+            "not logged in to {r} (no entry in {})",
+            nestor_registry::auth::auth_file().display()
+        );
+    }
+    println!("Removed login credentials for {r}");
     Ok(())
 }
 
