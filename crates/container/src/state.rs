@@ -72,6 +72,9 @@ pub struct State {
     /// The spec's hooks, for the ones later verbs run (poststart, poststop).
     #[serde(default)]
     pub hooks: Option<oci_spec::runtime::Hooks>,
+    /// The cgroup resources in force: the spec's, with every `update` merged in.
+    #[serde(default)]
+    pub resources: Option<oci_spec::runtime::LinuxResources>,
 }
 
 /// The OCI `state` output.

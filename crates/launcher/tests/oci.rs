@@ -1028,3 +1028,185 @@ fn features_lists_what_nestor_honours() {
         assert!(hooks.iter().any(|x| x == h.as_str().unwrap()));
     }
 }
+
+/// `run -d` with stdio to files (the container keeps them): success and stderr.
+fn run_detached(bin: &str, root: &std::path::Path, b: &Bundle, id: &str) -> (bool, String) {
+    let errf = b.dir.path().join(format!("{id}.run.err"));
+    let ok = Command::new(bin)
+        .arg("--root")
+        .arg(root)
+        .args(["run", "-d", "--bundle", b.dir.path().to_str().unwrap(), id])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&errf).unwrap())
+        .status()
+        .unwrap()
+        .success();
+    (ok, std::fs::read_to_string(&errf).unwrap_or_default())
+}
+
+/// `bin --root ROOT ARGS…` with stdin closed.
+fn rt_cmd(bin: &str, root: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(bin)
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// A runc container on `b` in its own root, deleted on drop; None (with the reason
+/// printed) when runc is missing or cannot run the bundle here.
+struct RuncCtr {
+    root: tempfile::TempDir,
+    id: String,
+}
+
+impl RuncCtr {
+    fn start(b: &Bundle) -> Option<RuncCtr> {
+        if Command::new("runc").arg("--version").output().is_err() {
+            eprintln!("SKIP runc comparison: runc is not installed");
+            return None;
+        }
+        let c = RuncCtr {
+            root: tempfile::tempdir().unwrap(),
+            id: format!("{}-runc", b.id),
+        };
+        let (ok, err) = run_detached("runc", c.root.path(), b, &c.id);
+        if !ok {
+            eprintln!("SKIP runc comparison: runc cannot run this bundle here: {err}");
+            return None;
+        }
+        Some(c)
+    }
+
+    fn cmd(&self, args: &[&str]) -> Output {
+        let mut a = args.to_vec();
+        a.push(&self.id);
+        rt_cmd("runc", self.root.path(), &a)
+    }
+
+    fn pid(&self) -> i32 {
+        let st: serde_json::Value = serde_json::from_slice(&self.cmd(&["state"]).stdout).unwrap();
+        st["pid"].as_i64().unwrap() as i32
+    }
+}
+
+impl Drop for RuncCtr {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["delete", "--force"]);
+    }
+}
+
+/// The content of control file `file` of the cgroup of `pid` in the hierarchy of
+/// `controller` (v1, or the v2 tree).
+fn cgroup_file(pid: i32, controller: &str, file: &str) -> Option<String> {
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    for line in cg.lines() {
+        let mut f = line.splitn(3, ':');
+        let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+        let dir = if ctrls.split(',').any(|c| c == controller) {
+            format!("/sys/fs/cgroup/{ctrls}{path}")
+        } else if ctrls.is_empty()
+            && std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+        {
+            format!("/sys/fs/cgroup{path}")
+        } else {
+            continue;
+        };
+        if let Ok(s) = std::fs::read_to_string(format!("{dir}/{file}")) {
+            return Some(s.trim().to_string());
+        }
+    }
+    None
+}
+
+fn pid_of(b: &Bundle) -> i32 {
+    b.state_json().unwrap()["pid"].as_i64().unwrap() as i32
+}
+
+#[test]
+fn ps_lists_the_containers_processes_as_runc_does() {
+    let b = Bundle::new("ps", &["sh", "-c", "sleep 1000 & sleep 1001"]);
+    let (ok, err) = run_detached(nestor(), b.state.path(), &b, &b.id);
+    assert!(ok, "run -d: {err}");
+    let init = pid_of(&b);
+    // Both sleeps are up once the second has exec'd (sh execs the last command).
+    let mut pids: Vec<i32> = Vec::new();
+    for _ in 0..200 {
+        let o = b.cmd(&["ps", "--format", "json", &b.id]).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        pids = serde_json::from_slice(&o.stdout).unwrap();
+        let comms: Vec<String> = pids
+            .iter()
+            .map(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default())
+            .collect();
+        if pids.len() == 2 && comms.iter().all(|c| c.trim() == "sleep") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    assert!(pids.contains(&init), "init {init} not in {pids:?}");
+    // Table: the host's `ps -ef` header and the container's lines only.
+    let o = b.cmd(&["ps", &b.id]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].split_whitespace().any(|f| f == "PID"), "{out}");
+    let cmds = |lines: &[&str]| {
+        let mut v: Vec<String> = lines[1..]
+            .iter()
+            .map(|l| l.split_whitespace().skip(7).collect::<Vec<_>>().join(" "))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(cmds(&lines), ["sleep 1000", "sleep 1001"], "{out}");
+    // ps arguments after the id go to the host's ps.
+    let o = b.cmd(&["ps", &b.id, "-o", "pid,comm"]).output().unwrap();
+    let custom = stdout(&o);
+    assert_eq!(
+        custom
+            .lines()
+            .next()
+            .map(str::split_whitespace)
+            .map(|f| f.collect::<Vec<_>>()),
+        Some(vec!["PID", "COMMAND"]),
+        "{custom}"
+    );
+    assert_eq!(custom.lines().count(), 3, "{custom}");
+    // Without an id, `ps` is still Docker's list of containers.
+    let o = b.cmd(&["ps"]).output().unwrap();
+    assert!(stdout(&o).starts_with("CONTAINER ID"), "{}", stdout(&o));
+    // Bad input: one line naming it.
+    for (args, what) in [
+        (vec!["ps", "no-such-ctr"], "no-such-ctr"),
+        (vec!["ps", &b.id, "-o", "comm"], "PID"),
+        (vec!["ps", &b.id, "--bogus-ps-flag"], "ps"),
+    ] {
+        let o = b.cmd(&args).output().unwrap();
+        assert!(!o.status.success(), "{args:?}");
+        let e = stderr(&o);
+        assert!(
+            e.starts_with("error: ") && e.contains(what),
+            "{args:?}: {e}"
+        );
+    }
+    // runc on the same bundle lists the same commands.
+    let Some(r) = RuncCtr::start(&b) else { return };
+    let mut theirs = String::new();
+    for _ in 0..200 {
+        theirs = stdout(&r.cmd(&["ps"]));
+        if theirs.contains("sleep 1001") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let tl: Vec<&str> = theirs.lines().collect();
+    assert_eq!(tl[0], lines[0], "header");
+    assert_eq!(cmds(&tl), cmds(&lines), "runc:\n{theirs}");
+    let tj: Vec<i32> = serde_json::from_slice(&r.cmd(&["ps", "--format", "json"]).stdout).unwrap();
+    assert_eq!(tj.len(), pids.len(), "{tj:?}");
+}

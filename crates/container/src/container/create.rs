@@ -128,6 +128,7 @@ impl Runtime {
                 paused: false,
                 labels: o.labels.clone(),
                 hooks: bundle.spec.hooks().clone(),
+                resources: resources.clone(),
             };
             self.root.save(&st)?;
             if let Some(p) = &o.pid_file {
