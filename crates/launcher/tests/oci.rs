@@ -1210,3 +1210,298 @@ fn ps_lists_the_containers_processes_as_runc_does() {
     let tj: Vec<i32> = serde_json::from_slice(&r.cmd(&["ps", "--format", "json"]).stdout).unwrap();
     assert_eq!(tj.len(), pids.len(), "{tj:?}");
 }
+
+#[test]
+fn update_changes_the_cgroup_and_the_pids_limit_bites() {
+    let b = Bundle::new("update", &["sleep", "1000"]);
+    let (ok, err) = run_detached(nestor(), b.state.path(), &b, &b.id);
+    assert!(ok, "run -d: {err}");
+    let pid = pid_of(&b);
+    let flags = [
+        "--memory",
+        "64m",
+        "--memory-reservation",
+        "32m",
+        "--memory-swap",
+        "128m",
+        "--cpu-share",
+        "512",
+        "--cpu-period",
+        "100000",
+        "--cpu-quota",
+        "50000",
+        "--cpuset-cpus",
+        "0",
+        "--cpuset-mems",
+        "0",
+        "--pids-limit",
+        "20",
+    ];
+    let mut args = vec!["update"];
+    args.extend(flags);
+    let o = b.oci(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let files = [
+        ("memory", "memory.limit_in_bytes", "67108864"),
+        ("memory", "memory.soft_limit_in_bytes", "33554432"),
+        ("memory", "memory.memsw.limit_in_bytes", "134217728"),
+        ("cpu", "cpu.shares", "512"),
+        ("cpu", "cpu.cfs_period_us", "100000"),
+        ("cpu", "cpu.cfs_quota_us", "50000"),
+        ("cpuset", "cpuset.cpus", "0"),
+        ("cpuset", "cpuset.mems", "0"),
+        ("pids", "pids.max", "20"),
+    ];
+    if cgroup_file(pid, "memory", "memory.limit_in_bytes").is_none() {
+        eprintln!("SKIP cgroup file checks: this host has no cgroup v1 memory hierarchy");
+        return;
+    }
+    for (ctrl, file, want) in files {
+        if file.contains("memsw") && cgroup_file(pid, ctrl, file).is_none() {
+            eprintln!("SKIP {file}: no swap accounting on this host");
+            continue;
+        }
+        assert_eq!(
+            cgroup_file(pid, ctrl, file).as_deref(),
+            Some(want),
+            "{file}"
+        );
+    }
+    // Kept in the state: a later update of one field leaves the others.
+    let st: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(b.state.path().join(&b.id).join("state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        st["resources"]["memory"]["limit"],
+        64 << 20,
+        "{}",
+        st["resources"]
+    );
+    assert_eq!(st["resources"]["cpu"]["shares"], 512);
+    // The limit bites: with pids.max 3 (sleep, the exec'd sh, one child) the fifth
+    // background sleep cannot be forked; raised again, it can.
+    let forks = [
+        "sh",
+        "-c",
+        "for i in 1 2 3 4 5; do sleep 2 & done; wait; echo forked",
+    ];
+    let fork = |limit: &str| {
+        let o = b.oci(&["update", "--pids-limit", limit]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(cgroup_file(pid, "pids", "pids.max").as_deref(), Some(limit));
+        exec_with(nestor(), b.state.path(), &b.id, &[], &forks)
+    };
+    let o = fork("3");
+    let e = stderr(&o);
+    assert!(
+        e.contains("fork") || e.contains("Resource temporarily unavailable"),
+        "pids.max 3 did not stop a fork: {} / {e}",
+        stdout(&o)
+    );
+    let o = fork("20");
+    assert_eq!(stdout(&o), "forked\n", "{}", stderr(&o));
+    // -r with a resources document (stdin), as runc reads it.
+    let mut c = b.cmd(&["update", "-r", "-", &b.id]);
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(br#"{"pids":{"limit":9},"cpu":{"shares":256}}"#)
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(cgroup_file(pid, "pids", "pids.max").as_deref(), Some("9"));
+    assert_eq!(
+        cgroup_file(pid, "cpu", "cpu.shares").as_deref(),
+        Some("256")
+    );
+    assert_eq!(
+        cgroup_file(pid, "cpu", "cpu.cfs_quota_us").as_deref(),
+        Some("50000")
+    );
+    // Refused with one line naming the flag or field; nothing changes.
+    for (args, what) in [
+        (vec!["update", "--kernel-memory", "1m"], "--kernel-memory"),
+        (vec!["update", "--memory", "12q"], "--memory"),
+        (vec!["update", "--cpu-quota", "x"], "--cpu-quota"),
+        (vec!["update", "--blkio-weight", "5"], "--blkio-weight"),
+        (vec!["update", "--l3-cache-schema", "L3:0=f"], "Intel RDT"),
+        (
+            vec!["update", "--memory", "64m", "--memory-swap", "32m"],
+            "memory.swap",
+        ),
+    ] {
+        let o = b.oci(&args);
+        let e = stderr(&o);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(
+            e.starts_with("error: ") && e.contains(what) && e.lines().count() == 1,
+            "{args:?}: {e}"
+        );
+    }
+    assert_eq!(cgroup_file(pid, "pids", "pids.max").as_deref(), Some("9"));
+    assert_eq!(
+        cgroup_file(pid, "memory", "memory.limit_in_bytes").as_deref(),
+        Some("67108864")
+    );
+    let none = rt_cmd(
+        nestor(),
+        b.state.path(),
+        &["update", "--pids-limit", "5", "no-such-ctr"],
+    );
+    assert!(stderr(&none).starts_with("error: "), "{}", stderr(&none));
+    // runc, given the same flags on the same bundle, writes the same values.
+    let Some(r) = RuncCtr::start(&b) else { return };
+    let mut args = vec!["update"];
+    args.extend(flags);
+    let o = r.cmd(&args);
+    assert!(o.status.success(), "runc update: {}", stderr(&o));
+    let rpid = r.pid();
+    for (ctrl, file, want) in files {
+        let theirs = cgroup_file(rpid, ctrl, file);
+        if theirs.is_none() && file.contains("memsw") {
+            continue;
+        }
+        assert_eq!(theirs.as_deref(), Some(want), "runc's {file}");
+    }
+}
+
+#[test]
+fn events_print_runcs_stats_json_and_oom() {
+    let b = Bundle::new("events", &["sleep", "1000"]);
+    b.edit(|c| {
+        c["linux"]["resources"]["memory"] = json!({"limit": 32 << 20, "swap": 32 << 20});
+    });
+    let (ok, err) = run_detached(nestor(), b.state.path(), &b, &b.id);
+    assert!(ok, "run -d: {err}");
+    let o = b.oci(&["events", "--stats"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let ev: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(ev["type"], "stats");
+    assert_eq!(ev["id"], b.id.as_str());
+    let d = &ev["data"];
+    assert_eq!(d["pids"]["current"], 1, "{d}");
+    assert_eq!(d["memory"]["usage"]["limit"], 32 << 20, "{d}");
+    assert!(d["memory"]["usage"]["usage"].as_u64().unwrap() > 0, "{d}");
+    assert!(d["cpu"]["usage"]["total"].as_u64().unwrap() > 0, "{d}");
+    assert!(
+        d["memory"]["raw"]
+            .as_object()
+            .is_some_and(|m| !m.is_empty()),
+        "{d}"
+    );
+    // The stream: a stats event per interval, an oom event when the OOM killer
+    // strikes (dd's 64 MiB buffer in a 32 MiB cgroup without swap), and the end when
+    // the container stops.
+    let mut ev = b
+        .cmd(&["events", "--interval", "300ms", &b.id])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(ev.stdout.take().unwrap()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |what: &str| -> serde_json::Value {
+        let l = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no {what} event within 20 s"));
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{l}: {e}"))
+    };
+    assert_eq!(next("first stats")["type"], "stats");
+    assert_eq!(next("second stats")["type"], "stats");
+    let dd = exec_with(
+        nestor(),
+        b.state.path(),
+        &b.id,
+        &[],
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+    );
+    assert_eq!(
+        dd.status.code(),
+        Some(137),
+        "dd was not OOM-killed: {}",
+        stderr(&dd)
+    );
+    let mut saw_oom = false;
+    for _ in 0..20 {
+        let e = next("oom");
+        assert_eq!(e["id"], b.id.as_str());
+        if e["type"] == "oom" {
+            saw_oom = true;
+            break;
+        }
+    }
+    assert!(saw_oom, "no oom event");
+    assert!(b.cmd(&["kill", &b.id, "KILL"]).status().unwrap().success());
+    let code = (0..200).find_map(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        ev.try_wait().unwrap()
+    });
+    if code.is_none() {
+        let _ = ev.kill();
+    }
+    let _ = ev.wait();
+    reader.join().unwrap();
+    assert_eq!(
+        code.and_then(|c| c.code()),
+        Some(0),
+        "events did not end with the container"
+    );
+    let o = b.oci(&["events", "--stats"]);
+    assert!(
+        !o.status.success() && stderr(&o).starts_with("error: "),
+        "{}",
+        stderr(&o)
+    );
+    let o = b.oci(&["events", "--interval", "fast"]);
+    assert!(
+        stderr(&o).starts_with("error: ") && stderr(&o).contains("--interval"),
+        "{}",
+        stderr(&o)
+    );
+    // runc's stats event: the same type, and our data's groups and memory entry fields
+    // under the same names (runc omits zero fields, so only its keys are checked).
+    let b2 = Bundle::new("events-runc", &["sleep", "1000"]);
+    let Some(r) = RuncCtr::start(&b2) else { return };
+    let theirs: serde_json::Value =
+        serde_json::from_slice(&r.cmd(&["events", "--stats"]).stdout).unwrap();
+    assert_eq!(theirs["type"], "stats");
+    for k in d.as_object().unwrap().keys() {
+        assert!(
+            theirs["data"].get(k).is_some(),
+            "runc has no data.{k}: {theirs}"
+        );
+    }
+    for k in theirs["data"]["memory"]["usage"]
+        .as_object()
+        .unwrap()
+        .keys()
+    {
+        assert!(
+            d["memory"]["usage"].get(k).is_some(),
+            "we have no memory.usage.{k}"
+        );
+    }
+    assert!(
+        theirs["data"]["cpu"]["usage"]["total"].as_u64().is_some(),
+        "{theirs}"
+    );
+}
