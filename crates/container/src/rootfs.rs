@@ -858,6 +858,43 @@ fn dev_symlinks(rootfd: RawFd) -> Result<()> {
     Ok(())
 }
 
+/// Makes the mount that holds `rootfs` private when it is shared (runc does the
+/// same): the rootfs bind would otherwise join its peer group, and pivot_root refuses
+/// a shared parent.
+fn make_parent_mount_private(rootfs: &Path) -> Result<()> {
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").ctx(|| "read /proc/self/mountinfo")?;
+    // Field 5 is the mount point (octal escapes for spaces); optional fields follow
+    // field 6 up to " - ".
+    let unescape = |s: &str| {
+        s.replace("\\040", " ")
+            .replace("\\011", "\t")
+            .replace("\\012", "\n")
+            .replace("\\134", "\\")
+    };
+    let mut best: Option<(PathBuf, bool)> = None;
+    for line in info.lines() {
+        let (head, _) = line.split_once(" - ").unwrap_or((line, ""));
+        let f: Vec<&str> = head.split(' ').collect();
+        if f.len() < 6 {
+            continue;
+        }
+        let mp = PathBuf::from(unescape(f[4]));
+        if rootfs.starts_with(&mp)
+            && best
+                .as_ref()
+                .is_none_or(|(b, _)| mp.as_os_str().len() >= b.as_os_str().len())
+        {
+            best = Some((mp, f[6..].iter().any(|o| o.starts_with("shared:"))));
+        }
+    }
+    if let Some((mp, true)) = best {
+        mount::<str, Path, str, str>(None, &mp, None, MsFlags::MS_PRIVATE, None)
+            .ctx(|| format!("make {} private", mp.display()))?;
+    }
+    Ok(())
+}
+
 fn pivot(rootfd: RawFd) -> Result<()> {
     nix::unistd::fchdir(rootfd).ctx(|| "chdir to rootfs")?;
     nix::unistd::pivot_root(".", ".").ctx(|| "pivot_root")?;
@@ -914,14 +951,24 @@ fn readonly_path(p: &Path) -> Result<()> {
 /// hooks).
 pub fn setup(ctx: &RootfsContext<'_>, before_pivot: &mut dyn FnMut() -> Result<()>) -> Result<()> {
     let linux = ctx.spec.linux().as_ref();
-    let prop = match linux.and_then(|l| l.rootfs_propagation().as_deref()) {
-        Some("shared") | Some("rshared") => MsFlags::MS_SHARED,
-        Some("private") | Some("rprivate") => MsFlags::MS_PRIVATE,
-        Some("unbindable") | Some("runbindable") => MsFlags::MS_UNBINDABLE,
-        _ => MsFlags::MS_SLAVE,
-    };
-    mount::<str, str, str, str>(None, "/", None, MsFlags::MS_REC | prop, None)
-        .ctx(|| "set / propagation")?;
+    // runc's order: the asked propagation (default rslave) on the whole tree, the
+    // mount holding the rootfs made private (so the rootfs bind joins no host peer
+    // group, and pivot_root accepts it), the bind, the mounts, pivot_root, then the
+    // asked propagation again on the new "/" (unless private: already so).
+    let asked = linux
+        .and_then(|l| l.rootfs_propagation().as_deref())
+        .map(|p| {
+            propagation_option(p).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "linux.rootfsPropagation {p:?} is not a propagation"
+                ))
+            })
+        })
+        .transpose()?;
+    let prop = asked.unwrap_or(MsFlags::MS_SLAVE | MsFlags::MS_REC);
+    mount::<str, str, str, str>(None, "/", None, prop, None)
+        .ctx(|| "set / propagation (linux.rootfsPropagation)")?;
+    make_parent_mount_private(ctx.rootfs)?;
     let rootfs = ctx.rootfs.to_string_lossy();
     mount::<str, str, str, str>(
         Some(&rootfs),
@@ -970,6 +1017,10 @@ pub fn setup(ctx: &RootfsContext<'_>, before_pivot: &mut dyn FnMut() -> Result<(
     before_pivot()?;
     pivot(rootfd)?;
     drop(root);
+    if let Some(f) = asked.filter(|f| !f.contains(MsFlags::MS_PRIVATE)) {
+        mount::<str, str, str, str>(None, "/", None, f, None)
+            .ctx(|| "set the new root's propagation (linux.rootfsPropagation)")?;
+    }
     if let Some(l) = linux {
         for (k, v) in l.sysctl().iter().flatten() {
             let p = format!("/proc/sys/{}", k.replace('.', "/"));

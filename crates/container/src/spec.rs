@@ -24,8 +24,104 @@ fn spec_err(path: &Path, msg: impl Into<String>) -> Error {
 
 /// Parse a spec from JSON bytes, naming the file in errors.
 pub fn parse(path: &Path, bytes: &[u8]) -> Result<Spec> {
-    serde_json::from_slice::<Spec>(bytes)
+    // Fields the spec types nestor parses with lack (or type as the spec does not):
+    // refused by name rather than dropped unseen or failed on obscurely.
+    let raw: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| spec_err(path, format!("not valid JSON: {e}")))?;
+    for (field, why) in UNSUPPORTED_LINUX_FIELDS {
+        if raw["linux"].get(field).is_some_and(|v| !v.is_null()) {
+            return Err(spec_err(path, format!("linux.{field}: {why}")));
+        }
+    }
+    let mut raw = raw;
+    if let Some(p) = raw.get_mut("process") {
+        process_shim(p);
+    }
+    serde_json::from_value::<Spec>(raw)
         .map_err(|e| spec_err(path, format!("not a valid OCI runtime spec: {e}")))
+}
+
+/// Parse a process spec (`exec --process FILE`), naming the file in errors.
+pub fn parse_process(path: &Path, bytes: &[u8]) -> Result<oci_spec::runtime::Process> {
+    let mut raw: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        Error::Invalid(format!(
+            "process spec {}: not valid JSON: {e}",
+            path.display()
+        ))
+    })?;
+    process_shim(&mut raw);
+    serde_json::from_value(raw).map_err(|e| {
+        Error::Invalid(format!(
+            "process spec {} is not a valid OCI process: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// oci-spec 0.7 reads `execCPUAffinity` as `execCpuAffinity` with
+/// `cpu_affinity_initial`/`cpu_affinity_final` keys: the spec's spelling (`initial`,
+/// `final`) is moved to those names before the typed parse.
+fn process_shim(p: &mut serde_json::Value) {
+    let Some(obj) = p.as_object_mut() else { return };
+    let Some(mut a) = obj.remove("execCPUAffinity") else {
+        return;
+    };
+    if let Some(m) = a.as_object_mut() {
+        for (from, to) in [
+            ("initial", "cpu_affinity_initial"),
+            ("final", "cpu_affinity_final"),
+        ] {
+            if let Some(v) = m.remove(from) {
+                m.insert(to.to_string(), v);
+            }
+        }
+    }
+    obj.insert("execCpuAffinity".to_string(), a);
+}
+
+/// `linux` fields nestor refuses, and why.
+const UNSUPPORTED_LINUX_FIELDS: [(&str, &str); 3] = [
+    ("timeOffsets", "time namespaces are not supported by nestor"),
+    (
+        "memoryPolicy",
+        "NUMA memory policies are not supported by nestor",
+    ),
+    (
+        "netDevices",
+        "moving host network devices into the container is not supported by nestor",
+    ),
+];
+
+/// rootfsPropagation values, as runc reads them.
+pub const ROOTFS_PROPAGATIONS: [&str; 8] = [
+    "shared",
+    "rshared",
+    "slave",
+    "rslave",
+    "private",
+    "rprivate",
+    "unbindable",
+    "runbindable",
+];
+
+/// `ociVersion` must be a semantic version of the 1.x runtime spec
+/// (`1.0.2`, `1.1.0-rc.1`, `1.2.0+dev`).
+fn check_oci_version(v: &str) -> std::result::Result<(), String> {
+    let core = v.split(['-', '+']).next().unwrap_or("");
+    let parts: Vec<&str> = core.split('.').collect();
+    let numeric = parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    if !numeric {
+        return Err(format!("ociVersion {v:?} is not a version like 1.0.2"));
+    }
+    if parts[0] != "1" {
+        return Err(format!(
+            "ociVersion {v:?}: nestor implements runtime spec 1.x"
+        ));
+    }
+    Ok(())
 }
 
 /// Load `DIR/config.json` and check it.
@@ -80,7 +176,39 @@ pub fn validate(path: &Path, spec: &Spec) -> Result<()> {
             format!("process.cwd {} is not absolute", process.cwd().display()),
         ));
     }
+    check_oci_version(spec.version()).map_err(|m| spec_err(path, m))?;
+    crate::process::attrs::check(spec).map_err(|m| spec_err(path, m))?;
     if let Some(linux) = spec.linux() {
+        if let Some(p) = linux.rootfs_propagation() {
+            if !ROOTFS_PROPAGATIONS.contains(&p.as_str()) {
+                return Err(spec_err(
+                    path,
+                    format!(
+                        "linux.rootfsPropagation {p:?}: not one of {}",
+                        ROOTFS_PROPAGATIONS.join(", ")
+                    ),
+                ));
+            }
+        }
+        if linux
+            .namespaces()
+            .iter()
+            .flatten()
+            .any(|n| n.typ() == LinuxNamespaceType::Time)
+        {
+            return Err(spec_err(
+                path,
+                "linux.namespaces: the time namespace is not supported by nestor",
+            ));
+        }
+        if linux.intel_rdt().is_some() {
+            let why = if std::path::Path::new("/sys/fs/resctrl/schemata").exists() {
+                "Intel RDT is not supported by nestor"
+            } else {
+                "this host has no Intel RDT (no resctrl filesystem at /sys/fs/resctrl)"
+            };
+            return Err(spec_err(path, format!("linux.intelRdt: {why}")));
+        }
         let mut seen = Vec::new();
         for ns in linux.namespaces().iter().flatten() {
             if seen.contains(&ns.typ()) {

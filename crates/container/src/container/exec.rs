@@ -29,6 +29,7 @@ impl Runtime {
         if o.process.args().as_ref().is_none_or(|a| a.is_empty()) {
             return Err(Error::Invalid("exec: no command given".into()));
         }
+        process::attrs::check_process(&o.process).map_err(Error::Invalid)?;
         let cg = Self::cgroup_of(&st);
         let pid = process::exec_in(
             st.pid,

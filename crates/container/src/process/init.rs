@@ -119,6 +119,7 @@ pub(super) fn stage2(
             }
         }
     }
+    super::attrs::apply_personality(cfg.spec)?;
     finalize(
         cfg.dmz,
         cfg.seccomp,
@@ -128,6 +129,7 @@ pub(super) fn stage2(
         cfg.preserve_fds,
         fifo,
         (!start_hooks.is_empty()).then(|| (start_hooks.as_slice(), state("created", host_pid))),
+        false,
     )
 }
 
@@ -325,6 +327,7 @@ pub(crate) fn finalize(
     preserve_fds: u32,
     fifo: Option<OwnedFd>,
     start_hooks: Option<(&[oci_spec::runtime::Hook], Vec<u8>)>,
+    exec: bool,
 ) -> Result<()> {
     if let Some(sock) = console {
         setup_terminal(sock)?;
@@ -334,6 +337,7 @@ pub(crate) fn finalize(
         std::fs::write("/proc/self/oom_score_adj", adj.to_string())
             .ctx(|| "write oom_score_adj")?;
     }
+    super::attrs::apply(process, exec)?;
     apply_rlimits(process)?;
     // The process starts with the signal state a fresh exec gives: nothing blocked,
     // SIGPIPE not ignored (Rust ignores it in the runtime; an ignored signal would stay

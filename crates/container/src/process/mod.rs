@@ -5,6 +5,7 @@
 //! builds the rootfs, applies the process spec ([`init`]) and execs. The runtime and
 //! its children talk over a SOCK_SEQPACKET pair with typed messages ([`sync`]).
 
+pub mod attrs;
 mod exe;
 pub mod init;
 pub(crate) mod sync;
@@ -432,6 +433,7 @@ pub fn exec_in(
                 preserve_fds,
                 None,
                 None,
+                true,
             )
         })?;
         child.send(&Msg::Pid(p))?;

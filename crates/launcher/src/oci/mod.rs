@@ -122,9 +122,7 @@ pub fn exec(rt: &Runtime, a: &ExecArgs) -> Result<i32> {
         Some(path) => {
             let bytes = std::fs::read(path)
                 .with_context(|| format!("read process spec {}", path.display()))?;
-            serde_json::from_slice(&bytes).with_context(|| {
-                format!("process spec {} is not a valid OCI process", path.display())
-            })?
+            nestor_container::spec::parse_process(path, &bytes)?
         }
         None => {
             if a.cmd.is_empty() {
