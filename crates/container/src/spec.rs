@@ -37,6 +37,9 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Spec> {
     if let Some(p) = raw.get_mut("process") {
         process_shim(p);
     }
+    if let Some(t) = raw.get_mut("linux").and_then(|l| l.get_mut("timeOffsets")) {
+        time_offsets_shim(t).map_err(|m| spec_err(path, format!("linux.timeOffsets: {m}")))?;
+    }
     serde_json::from_value::<Spec>(raw)
         .map_err(|e| spec_err(path, format!("not a valid OCI runtime spec: {e}")))
 }
@@ -56,6 +59,36 @@ pub fn parse_process(path: &Path, bytes: &[u8]) -> Result<oci_spec::runtime::Pro
             path.display()
         ))
     })
+}
+
+/// oci-spec 0.7 types `linux.timeOffsets` as clock -> string where the spec has clock
+/// -> `{"secs": i64, "nanosecs": u32}`: each offset is checked and turned into the
+/// `SECS NANOSECS` text `/proc/self/timens_offsets` takes.
+fn time_offsets_shim(t: &mut serde_json::Value) -> std::result::Result<(), String> {
+    let Some(m) = t.as_object_mut() else {
+        if t.is_null() {
+            return Ok(());
+        }
+        return Err("must be an object of clocks".into());
+    };
+    for (clock, v) in m.iter_mut() {
+        if clock != "monotonic" && clock != "boottime" {
+            return Err(format!(
+                "clock {clock:?}: only monotonic and boottime can be offset"
+            ));
+        }
+        let secs = v.get("secs").map_or(Some(0), |s| s.as_i64());
+        let nanos = v.get("nanosecs").map_or(Some(0), |n| n.as_u64());
+        match (secs, nanos) {
+            (Some(s), Some(n)) if n < 1_000_000_000 => *v = format!("{s} {n}").into(),
+            _ => {
+                return Err(format!(
+                    "{clock}: want {{\"secs\": integer, \"nanosecs\": 0 to 999999999}}, got {v}"
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// oci-spec 0.7 reads `execCPUAffinity` as `execCpuAffinity` with
@@ -80,8 +113,7 @@ fn process_shim(p: &mut serde_json::Value) {
 }
 
 /// `linux` fields nestor refuses, and why.
-const UNSUPPORTED_LINUX_FIELDS: [(&str, &str); 3] = [
-    ("timeOffsets", "time namespaces are not supported by nestor"),
+const UNSUPPORTED_LINUX_FIELDS: [(&str, &str); 2] = [
     (
         "memoryPolicy",
         "NUMA memory policies are not supported by nestor",
@@ -190,15 +222,15 @@ pub fn validate(path: &Path, spec: &Spec) -> Result<()> {
                 ));
             }
         }
-        if linux
+        let new_time = linux
             .namespaces()
             .iter()
             .flatten()
-            .any(|n| n.typ() == LinuxNamespaceType::Time)
-        {
+            .any(|n| n.typ() == LinuxNamespaceType::Time && n.path().is_none());
+        if linux.time_offsets().as_ref().is_some_and(|t| !t.is_empty()) && !new_time {
             return Err(spec_err(
                 path,
-                "linux.namespaces: the time namespace is not supported by nestor",
+                "linux.timeOffsets needs a new time namespace (a linux.namespaces entry of type time without a path)",
             ));
         }
         if linux.intel_rdt().is_some() {

@@ -1633,17 +1633,30 @@ fn spec_fields_nestor_cannot_apply_are_refused_by_name() {
             Box::new(|c| {
                 c["linux"]["timeOffsets"] = json!({"monotonic": {"secs": 10, "nanosecs": 0}})
             }),
-            "linux.timeOffsets",
+            "linux.timeOffsets needs a new time namespace",
         ),
         (
-            "timens",
+            "timeclock",
             Box::new(|c| {
                 c["linux"]["namespaces"]
                     .as_array_mut()
                     .unwrap()
-                    .push(json!({"type": "time"}))
+                    .push(json!({"type": "time"}));
+                c["linux"]["timeOffsets"] = json!({"realtime": {"secs": 10}});
             }),
-            "time namespace",
+            "linux.timeOffsets: clock \"realtime\"",
+        ),
+        (
+            "timenanos",
+            Box::new(|c| {
+                c["linux"]["namespaces"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"type": "time"}));
+                c["linux"]["timeOffsets"] =
+                    json!({"boottime": {"secs": 1, "nanosecs": 2000000000u64}});
+            }),
+            "linux.timeOffsets: boottime",
         ),
         (
             "rdt",
@@ -1754,4 +1767,57 @@ fn rootfs_propagation_is_applied_in_runcs_order() {
         );
         assert_eq!(stdout(&r), ours, "{p}: runc");
     }
+}
+
+#[test]
+fn time_namespace_takes_the_specs_offsets_for_init_and_exec() {
+    // /proc/uptime is CLOCK_BOOTTIME: 10 days ahead inside.
+    let offset = 864_000.0;
+    let b = Bundle::new("timens", &["sh", "-c", "cat /proc/uptime; sleep 1000"]);
+    b.edit(|c| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "time"}));
+        c["linux"]["timeOffsets"] =
+            json!({"boottime": {"secs": 864000, "nanosecs": 0}, "monotonic": {"secs": 5}});
+    });
+    let uptime = |s: &str| -> f64 { s.split_whitespace().next().unwrap().parse().unwrap() };
+    let host_before = uptime(&std::fs::read_to_string("/proc/uptime").unwrap());
+    let (ok, err) = run_detached(nestor(), b.state.path(), &b, &b.id);
+    assert!(ok, "run -d: {err}");
+    let pid = pid_of(&b);
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{pid}/ns/time")).unwrap(),
+        std::fs::read_link("/proc/self/ns/time").unwrap(),
+        "the container shares the host's time namespace"
+    );
+    let o = exec_with(
+        nestor(),
+        b.state.path(),
+        &b.id,
+        &[],
+        &[
+            "sh",
+            "-c",
+            "cat /proc/uptime; cat /proc/self/timens_offsets",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let host_after = uptime(&std::fs::read_to_string("/proc/uptime").unwrap());
+    let inside = uptime(&out);
+    assert!(
+        inside >= host_before + offset && inside <= host_after + offset,
+        "exec's uptime {inside} not host's ({host_before}..{host_after}) + {offset}: {out}"
+    );
+    let offsets: Vec<Vec<&str>> = out
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert!(offsets.contains(&vec!["boottime", "864000", "0"]), "{out}");
+    assert!(offsets.contains(&vec!["monotonic", "5", "0"]), "{out}");
+    // runc 1.1.5 has no time namespace ("namespace time does not exist"): nothing to
+    // compare with.
 }

@@ -197,7 +197,12 @@ pub fn spawn(cfg: &InitConfig<'_>, on_event: &mut dyn FnMut(Event) -> Result<()>
             .iter()
             .any(|(f, _)| *f == CloneFlags::CLONE_NEWUSER);
 
-    if plan.join.is_empty() {
+    let new_time = plan
+        .new
+        .contains(CloneFlags::from_bits_retain(libc::CLONE_NEWTIME));
+    // A time namespace is made by unshare (clone(2) has no room for its flag) in a
+    // stage-1 process, so only the container's processes enter it.
+    if plan.join.is_empty() && !new_time {
         return spawn_direct(
             cfg, &plan, parent, child, new_user, on_event, &uid_maps, &gid_maps,
         );
@@ -216,8 +221,15 @@ pub fn spawn(cfg: &InitConfig<'_>, on_event: &mut dyn FnMut(Event) -> Result<()>
         if userns {
             become_root()?;
         }
-        let rest = plan.new & !(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWCGROUP);
+        // `difference`, not `& !`: the complement would drop CLONE_NEWTIME, a bit nix does
+        // not name.
+        let rest = plan
+            .new
+            .difference(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWCGROUP);
         nix::sched::unshare(rest).ctx(|| format!("unshare {rest:?}"))?;
+        if new_time {
+            write_time_offsets(cfg.spec)?;
+        }
         let init = fork_child(&child, None, libc::CLONE_PARENT, || {
             init::stage2(cfg, &child, &plan, userns, false)
         })?;
@@ -275,6 +287,39 @@ pub fn spawn(cfg: &InitConfig<'_>, on_event: &mut dyn FnMut(Event) -> Result<()>
             Err(e)
         }
     }
+}
+
+/// Writes `linux.timeOffsets` (already `SECS NANOS` text, see `spec`) for the time
+/// namespace this process just unshared: its children enter it with these offsets.
+fn write_time_offsets(spec: &Spec) -> Result<()> {
+    let Some(offsets) = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.time_offsets().as_ref())
+    else {
+        return Ok(());
+    };
+    let mut text = String::new();
+    for (clock, v) in offsets {
+        text.push_str(&format!("{clock} {v}\n"));
+    }
+    if text.is_empty() {
+        return Ok(());
+    }
+    // A non-dumpable process's /proc files belong to the host's root, which a process
+    // that is root only in a new user namespace cannot write: dumpable for this one
+    // write (no other process is in that user namespace yet).
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
+    let res = std::fs::write("/proc/self/timens_offsets", &text);
+    // SAFETY: as above.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    res.ctx(|| {
+        format!(
+            "write linux.timeOffsets {:?} to /proc/self/timens_offsets",
+            text.trim()
+        )
+    })
 }
 
 /// A message the runtime does not expect at this point of the set-up.
@@ -379,6 +424,7 @@ pub fn exec_in(
         ("net", CloneFlags::CLONE_NEWNET),
         ("pid", CloneFlags::CLONE_NEWPID),
         ("cgroup", CloneFlags::CLONE_NEWCGROUP),
+        ("time", CloneFlags::from_bits_retain(libc::CLONE_NEWTIME)),
         ("mnt", CloneFlags::CLONE_NEWNS),
     ];
     let mut join = Vec::new();
