@@ -858,6 +858,112 @@ fn dev_symlinks(rootfd: RawFd) -> Result<()> {
     Ok(())
 }
 
+/// The spec's mounts, then (unless /dev is a bind) the default and the spec's device
+/// nodes and the /dev symlinks, under the rootfs open at `rootfd`.
+fn populate(ctx: &RootfsContext<'_>, rootfd: RawFd) -> Result<()> {
+    let linux = ctx.spec.linux().as_ref();
+    let mut dev_is_bound = false;
+    for m in ctx.spec.mounts().iter().flatten() {
+        do_mount(ctx, rootfd, m)?;
+        if m.destination() == Path::new("/dev") && m.typ().as_deref() == Some("bind") {
+            dev_is_bound = true;
+        }
+    }
+    if !dev_is_bound {
+        let spec_devs: Vec<&LinuxDevice> = linux
+            .and_then(|l| l.devices().as_ref())
+            .into_iter()
+            .flatten()
+            .collect();
+        for (path, major, minor) in DEFAULT_DEVICES {
+            if spec_devs.iter().any(|d| d.path() == Path::new(path)) {
+                continue;
+            }
+            let node = Node {
+                path: Path::new(path),
+                kind: SFlag::S_IFCHR,
+                major,
+                minor,
+                mode: 0o666,
+                owner: None,
+            };
+            create_device(rootfd, &node, ctx.userns)?;
+        }
+        for d in spec_devs {
+            spec_device(rootfd, d, ctx.userns)?;
+        }
+        if open_in_root(rootfd, Path::new("dev"), OFlag::O_PATH).is_ok() {
+            dev_symlinks(rootfd)?;
+        }
+    }
+    Ok(())
+}
+
+/// A container without a mount namespace of its own (runc allows it): the spec's
+/// mounts are made under the rootfs in the host's mount namespace (no propagation of
+/// the host's is changed; [`undo_host_mounts`] removes them at delete, where runc
+/// leaves them), then the process chroots into the rootfs. Masked and read-only
+/// paths, a read-only root and rootfsPropagation need a mount namespace: refused by
+/// `spec::validate`.
+pub fn setup_in_host_ns(
+    ctx: &RootfsContext<'_>,
+    before_chroot: &mut dyn FnMut() -> Result<()>,
+) -> Result<()> {
+    let root = open_dir(ctx.rootfs)?;
+    populate(ctx, root.as_raw_fd())?;
+    before_chroot()?;
+    nix::unistd::fchdir(root.as_raw_fd()).ctx(|| "chdir to rootfs")?;
+    nix::unistd::chroot(".").ctx(|| "chroot to rootfs")?;
+    nix::unistd::chdir("/").ctx(|| "chdir /")?;
+    for (k, v) in ctx
+        .spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.sysctl().as_ref())
+        .into_iter()
+        .flatten()
+    {
+        let p = format!("/proc/sys/{}", k.replace('.', "/"));
+        std::fs::write(&p, v).ctx(|| format!("set sysctl {k}={v}"))?;
+    }
+    Ok(())
+}
+
+/// Detaches every mount strictly below `rootfs` in this mount namespace, deepest
+/// first: what [`setup_in_host_ns`] made. The rootfs itself (perhaps the caller's
+/// own mount) is left.
+pub fn undo_host_mounts(rootfs: &Path) -> Result<()> {
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").ctx(|| "read /proc/self/mountinfo")?;
+    let unescape = |s: &str| {
+        s.replace("\\040", " ")
+            .replace("\\011", "\t")
+            .replace("\\012", "\n")
+            .replace("\\134", "\\")
+    };
+    let mut below: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|mp| PathBuf::from(unescape(mp)))
+        .filter(|mp| mp != rootfs && mp.starts_with(rootfs))
+        .collect();
+    // Later mounts may cover earlier ones: undo in reverse order of mounting.
+    below.reverse();
+    let mut first_err = None;
+    for mp in below {
+        match umount2(&mp, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
+            Err(e) => {
+                first_err.get_or_insert(Error::Sys {
+                    context: format!("unmount {}", mp.display()),
+                    source: e,
+                });
+            }
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
 /// Makes the mount that holds `rootfs` private when it is shared (runc does the
 /// same): the rootfs bind would otherwise join its peer group, and pivot_root refuses
 /// a shared parent.
@@ -980,40 +1086,7 @@ pub fn setup(ctx: &RootfsContext<'_>, before_pivot: &mut dyn FnMut() -> Result<(
     .ctx(|| format!("bind rootfs {rootfs}"))?;
     let root = open_dir(ctx.rootfs)?;
     let rootfd = root.as_raw_fd();
-    let mut dev_is_bound = false;
-    for m in ctx.spec.mounts().iter().flatten() {
-        do_mount(ctx, rootfd, m)?;
-        if m.destination() == Path::new("/dev") && m.typ().as_deref() == Some("bind") {
-            dev_is_bound = true;
-        }
-    }
-    if !dev_is_bound {
-        let spec_devs: Vec<&LinuxDevice> = linux
-            .and_then(|l| l.devices().as_ref())
-            .into_iter()
-            .flatten()
-            .collect();
-        for (path, major, minor) in DEFAULT_DEVICES {
-            if spec_devs.iter().any(|d| d.path() == Path::new(path)) {
-                continue;
-            }
-            let node = Node {
-                path: Path::new(path),
-                kind: SFlag::S_IFCHR,
-                major,
-                minor,
-                mode: 0o666,
-                owner: None,
-            };
-            create_device(rootfd, &node, ctx.userns)?;
-        }
-        for d in spec_devs {
-            spec_device(rootfd, d, ctx.userns)?;
-        }
-        if open_in_root(rootfd, Path::new("dev"), OFlag::O_PATH).is_ok() {
-            dev_symlinks(rootfd)?;
-        }
-    }
+    populate(ctx, rootfd)?;
     before_pivot()?;
     pivot(rootfd)?;
     drop(root);

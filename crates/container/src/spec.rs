@@ -222,6 +222,39 @@ pub fn validate(path: &Path, spec: &Spec) -> Result<()> {
                 ));
             }
         }
+        if !has_mount_ns(spec) {
+            // runc's rule: these need a mount namespace of the container's own.
+            let needs = [
+                (
+                    "linux.maskedPaths",
+                    linux.masked_paths().as_ref().is_some_and(|p| !p.is_empty()),
+                ),
+                (
+                    "linux.readonlyPaths",
+                    linux
+                        .readonly_paths()
+                        .as_ref()
+                        .is_some_and(|p| !p.is_empty()),
+                ),
+                (
+                    "linux.rootfsPropagation",
+                    linux.rootfs_propagation().is_some(),
+                ),
+                (
+                    "root.readonly",
+                    spec.root()
+                        .as_ref()
+                        .and_then(|r| r.readonly())
+                        .unwrap_or(false),
+                ),
+            ];
+            if let Some((field, _)) = needs.iter().find(|(_, set)| *set) {
+                return Err(spec_err(
+                    path,
+                    format!("{field} needs a mount namespace of the container's own (linux.namespaces has no mount entry)"),
+                ));
+            }
+        }
         let new_time = linux
             .namespaces()
             .iter()
@@ -282,6 +315,14 @@ pub fn validate(path: &Path, spec: &Spec) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether the spec asks for a mount namespace (new or joined).
+pub fn has_mount_ns(spec: &Spec) -> bool {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|ns| ns.iter().any(|n| n.typ() == LinuxNamespaceType::Mount))
 }
 
 /// Container ids become path components and cgroup names: keep them tame.

@@ -1821,3 +1821,91 @@ fn time_namespace_takes_the_specs_offsets_for_init_and_exec() {
     // runc 1.1.5 has no time namespace ("namespace time does not exist"): nothing to
     // compare with.
 }
+
+/// Mount points strictly below `dir` in this mount namespace.
+fn mounts_below(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|mp| std::path::Path::new(mp).starts_with(dir) && std::path::Path::new(mp) != dir)
+        .collect()
+}
+
+#[test]
+fn a_spec_without_a_mount_namespace_runs_in_the_hosts() {
+    let probe = "ls /; readlink /proc/self/ns/mnt; cat /marker";
+    let b = Bundle::new("nomntns", &["sh", "-c", probe]);
+    std::fs::write(b.rootfs().join("marker"), "in the rootfs\n").unwrap();
+    b.edit(|c| {
+        let ns = c["linux"]["namespaces"].as_array_mut().unwrap();
+        ns.retain(|n| n["type"] != "mount");
+        c["linux"].as_object_mut().unwrap().remove("maskedPaths");
+        c["linux"].as_object_mut().unwrap().remove("readonlyPaths");
+        c["root"]["readonly"] = json!(false);
+    });
+    let host_mnt = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    let o = b.run();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("marker") && !out.contains("work"),
+        "not the rootfs: {out}"
+    );
+    assert!(
+        out.contains(host_mnt.to_str().unwrap()),
+        "not the host's mount namespace: {out}"
+    );
+    assert!(out.ends_with("in the rootfs\n"), "{out}");
+    // Its mounts (proc, dev, …) were made under the rootfs in the host's namespace and
+    // are gone with the container.
+    assert_eq!(mounts_below(&b.rootfs()), Vec::<String>::new());
+    // exec takes the container's root too.
+    let d = Bundle::new("nomntns-exec", &["sleep", "1000"]);
+    std::fs::write(d.rootfs().join("marker"), "exec sees it\n").unwrap();
+    d.edit(|c| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|n| n["type"] != "mount");
+        c["linux"].as_object_mut().unwrap().remove("maskedPaths");
+        c["linux"].as_object_mut().unwrap().remove("readonlyPaths");
+        c["root"]["readonly"] = json!(false);
+    });
+    let (ok, err) = run_detached(nestor(), d.state.path(), &d, &d.id);
+    assert!(ok, "run -d: {err}");
+    assert!(
+        !mounts_below(&d.rootfs()).is_empty(),
+        "no mounts under the rootfs while it runs"
+    );
+    let e = exec_with(nestor(), d.state.path(), &d.id, &[], &["cat", "/marker"]);
+    assert_eq!(stdout(&e), "exec sees it\n", "{}", stderr(&e));
+    assert!(d.oci(&["delete", "--force"]).status.success());
+    assert_eq!(
+        mounts_below(&d.rootfs()),
+        Vec::<String>::new(),
+        "delete left mounts"
+    );
+    // What needs a mount namespace is refused by name, as runc refuses it.
+    let r = Bundle::new("nomntns-masked", &["true"]);
+    r.edit(|c| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|n| n["type"] != "mount")
+    });
+    let o = r.run();
+    let err = stderr(&o);
+    assert!(
+        !o.status.success() && err.starts_with("error: ") && err.contains("linux.maskedPaths"),
+        "{err}"
+    );
+    // runc: the same root and namespace (it leaves its mounts behind: removed here).
+    if let Some(theirs) = runc_run(&b) {
+        let rootfs = b.rootfs();
+        for mp in mounts_below(&rootfs).iter().rev() {
+            let _ = nix::mount::umount2(mp.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+        assert_eq!(stdout(&theirs), out, "runc: {}", stderr(&theirs));
+    }
+}

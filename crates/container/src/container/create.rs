@@ -55,6 +55,7 @@ impl Runtime {
         let dir = self.root.reserve(&o.id, &rel)?;
         let annotations = bundle.spec.annotations().clone().unwrap_or_default();
         let mut cgroup: Option<Cgroup> = None;
+        let host_mounts = !crate::spec::has_mount_ns(&bundle.spec);
         let res = (|| -> Result<State> {
             let fifo = if wait_for_start {
                 let p = self.root.fifo_path(&o.id);
@@ -129,6 +130,7 @@ impl Runtime {
                 labels: o.labels.clone(),
                 hooks: bundle.spec.hooks().clone(),
                 resources: resources.clone(),
+                host_mounts,
             };
             self.root.save(&st)?;
             if let Some(p) = &o.pid_file {
@@ -159,6 +161,9 @@ impl Runtime {
         if res.is_err() {
             if let Some(c) = &cgroup {
                 let _ = c.destroy();
+            }
+            if host_mounts {
+                let _ = crate::rootfs::undo_host_mounts(&bundle.rootfs);
             }
             let _ = std::fs::remove_dir_all(&dir);
         }

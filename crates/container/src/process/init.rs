@@ -101,10 +101,22 @@ pub(super) fn stage2(
             },
             &mut before_pivot,
         )?;
-    } else {
+    } else if plan.join.iter().any(|(f, _)| *f == CloneFlags::CLONE_NEWNS) {
         return Err(Error::Invalid(
-            "the spec must ask for a new mount namespace".into(),
+            "joining a mount namespace by path is not supported: ask for a new one, or none".into(),
         ));
+    } else {
+        // No mount namespace: the host's, as runc allows.
+        rootfs::setup_in_host_ns(
+            &RootfsContext {
+                spec: cfg.spec,
+                rootfs: cfg.rootfs,
+                bundle: cfg.bundle,
+                userns,
+                cgroup: cfg.cgroup_mount.clone(),
+            },
+            &mut before_pivot,
+        )?;
     }
     if plan.new.contains(CloneFlags::CLONE_NEWUTS) {
         if let Some(h) = cfg.spec.hostname() {

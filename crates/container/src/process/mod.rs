@@ -429,12 +429,30 @@ pub fn exec_in(
     ];
     let mut join = Vec::new();
     let mut userns = false;
+    // A container in the runtime's mount namespace (none of its own) has its root
+    // by chroot: the exec'd process takes the same root.
+    let mut chroot_to: Option<OwnedFd> = None;
     for (name, flag) in order {
         let theirs = std::fs::metadata(format!("/proc/{pid}/ns/{name}"));
         let ours = std::fs::metadata(format!("/proc/self/ns/{name}"));
         use std::os::unix::fs::MetadataExt;
         match (theirs, ours) {
-            (Ok(t), Ok(o)) if t.ino() == o.ino() && t.dev() == o.dev() => continue,
+            (Ok(t), Ok(o)) if t.ino() == o.ino() && t.dev() == o.dev() => {
+                if flag == CloneFlags::CLONE_NEWNS {
+                    let p = format!("/proc/{pid}/root");
+                    let fd = nix::fcntl::open(
+                        p.as_str(),
+                        nix::fcntl::OFlag::O_RDONLY
+                            | nix::fcntl::OFlag::O_DIRECTORY
+                            | nix::fcntl::OFlag::O_CLOEXEC,
+                        nix::sys::stat::Mode::empty(),
+                    )
+                    .ctx(|| format!("open {p}"))?;
+                    // SAFETY: open just returned fd and nothing else owns it.
+                    chroot_to = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+                continue;
+            }
             (Ok(_), _) => {
                 let p = format!("/proc/{pid}/ns/{name}");
                 let fd = nix::fcntl::open(
@@ -466,6 +484,10 @@ pub fn exec_in(
         }
         if userns {
             become_root()?;
+        }
+        if let Some(root) = &chroot_to {
+            nix::unistd::fchdir(root.as_raw_fd()).ctx(|| "chdir to the container's root")?;
+            nix::unistd::chroot(".").ctx(|| "chroot to the container's root")?;
         }
         let p = fork_child(&child, None, libc::CLONE_PARENT, || {
             child.wait_go("the process")?;
