@@ -1004,11 +1004,16 @@ fn features_lists_what_nestor_honours() {
         .iter()
         .any(|c| c == "CAP_SYS_ADMIN"));
     let sc = linux.seccomp().clone().unwrap();
-    assert!(!sc
+    assert!(sc
         .actions()
         .clone()
         .unwrap()
         .contains(&oci_spec::runtime::LinuxSeccompAction::ScmpActNotify));
+    assert!(linux
+        .namespaces()
+        .clone()
+        .unwrap()
+        .contains(&oci_spec::runtime::LinuxNamespaceType::Time));
     // What runc lists, nestor lists too (but the id-mapped mounts it refuses).
     let Ok(r) = Command::new("runc").arg("features").output() else {
         eprintln!("SKIP runc comparison: runc is not installed");
@@ -1693,14 +1698,6 @@ fn spec_fields_nestor_cannot_apply_are_refused_by_name() {
             Box::new(|c| c["process"]["scheduler"] = json!({"policy": "SCHED_ISO"})),
             "SCHED_ISO",
         ),
-        (
-            "notify",
-            Box::new(|c| {
-                c["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW", "listenerPath": "/run/nestor-test-agent.sock",
-                    "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]})
-            }),
-            "SCMP_ACT_NOTIFY",
-        ),
     ];
     for (tag, edit, what) in cases {
         let b = Bundle::new(tag, &["true"]);
@@ -1908,4 +1905,140 @@ fn a_spec_without_a_mount_namespace_runs_in_the_hosts() {
         }
         assert_eq!(stdout(&theirs), out, "runc: {}", stderr(&theirs));
     }
+}
+
+/// A seccomp agent on `path`: takes one container's listener and state, answers every
+/// notified syscall with EXDEV, and returns the state document it was sent.
+fn seccomp_agent(path: std::path::PathBuf) -> std::thread::JoinHandle<serde_json::Value> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        // Bounded: a runtime that never connects ends the agent, not the test run.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let conn = loop {
+            match listener.accept() {
+                Ok((c, _)) => break c,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(_) => return serde_json::Value::Null,
+            }
+        };
+        conn.set_nonblocking(false).unwrap();
+        let mut buf = vec![0u8; 65536];
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let msg = nix::sys::socket::recvmsg::<()>(
+            conn.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .unwrap();
+        let mut fd = None;
+        for c in msg.cmsgs().unwrap() {
+            if let nix::sys::socket::ControlMessageOwned::ScmRights(f) = c {
+                // SAFETY: SCM_RIGHTS gave this process the descriptor.
+                fd = Some(unsafe { OwnedFd::from_raw_fd(f[0]) });
+            }
+        }
+        let n = msg.bytes;
+        let doc: serde_json::Value = serde_json::from_slice(&buf[..n]).unwrap();
+        let fd = fd.expect("no listener came with the state");
+        // struct seccomp_notif (80 bytes) and seccomp_notif_resp (24 bytes).
+        const RECV: libc::c_ulong = 0xC050_2100;
+        const SEND: libc::c_ulong = 0xC018_2101;
+        loop {
+            let mut req = [0u64; 10];
+            // SAFETY: req is a zeroed buffer of struct seccomp_notif's size.
+            if unsafe { libc::ioctl(fd.as_raw_fd(), RECV, req.as_mut_ptr()) } != 0 {
+                break; // the container is gone
+            }
+            let mut resp = [0u64; 3];
+            resp[0] = req[0]; // id
+            resp[2] = (-libc::EXDEV) as u32 as u64; // error (low half), flags 0
+                                                    // SAFETY: resp is a struct seccomp_notif_resp for the request just read.
+            unsafe { libc::ioctl(fd.as_raw_fd(), SEND, resp.as_mut_ptr()) };
+        }
+        doc
+    })
+}
+
+#[test]
+fn seccomp_notify_sends_the_listener_to_the_agent() {
+    let probe = "mkdir /tmp/x; echo mkdir=$?; touch /tmp/y; echo touch=$?";
+    let b = Bundle::new("notify", &["sh", "-c", probe]);
+    let sock = b.dir.path().join("agent.sock");
+    b.edit(|c| {
+        c["root"]["readonly"] = json!(false);
+        c["linux"]["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "listenerPath": sock,
+            "listenerMetadata": "nestor-test",
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_NOTIFY"}]
+        });
+    });
+    let agent = seccomp_agent(sock.clone());
+    let o = b.run();
+    let doc = agent.join().unwrap();
+    let ours = stdout(&o);
+    assert_eq!(ours, "mkdir=1\ntouch=0\n", "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cross-device"),
+        "the agent's EXDEV: {}",
+        stderr(&o)
+    );
+    assert_eq!(doc["fds"], json!(["seccompFd"]), "{doc}");
+    assert_eq!(doc["metadata"], "nestor-test", "{doc}");
+    assert_eq!(doc["state"]["id"], b.id.as_str(), "{doc}");
+    assert!(doc["pid"].as_i64().unwrap() > 0, "{doc}");
+    // Refused: NOTIFY without a listenerPath, as the default action, or on a syscall
+    // the hand-over needs.
+    for (tag, sc, what) in [
+        (
+            "nolistener",
+            json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]}),
+            "listenerPath",
+        ),
+        (
+            "default",
+            json!({"defaultAction": "SCMP_ACT_NOTIFY", "listenerPath": "/nonexistent"}),
+            "defaultAction",
+        ),
+        (
+            "write",
+            json!({"defaultAction": "SCMP_ACT_ALLOW", "listenerPath": "/nonexistent", "syscalls": [{"names": ["write"], "action": "SCMP_ACT_NOTIFY"}]}),
+            "write",
+        ),
+        (
+            "noagent",
+            json!({"defaultAction": "SCMP_ACT_ALLOW", "listenerPath": "/nonexistent/agent.sock", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]}),
+            "listenerPath /nonexistent/agent.sock",
+        ),
+    ] {
+        let r = Bundle::new(tag, &["true"]);
+        r.edit(|c| c["linux"]["seccomp"] = sc.clone());
+        let o = r.run();
+        let e = stderr(&o);
+        assert!(
+            !o.status.success()
+                && e.starts_with("error: ")
+                && e.contains(what)
+                && e.lines().count() == 1,
+            "{tag}: {e}"
+        );
+        assert!(
+            r.state_json().is_none() && !cgroup_exists(&r.id),
+            "{tag}: left behind"
+        );
+    }
+    // runc, with the same agent, gives the same results.
+    let _ = std::fs::remove_file(&sock);
+    let agent = seccomp_agent(sock.clone());
+    let Some(theirs) = runc_run(&b) else { return };
+    let rdoc = agent.join().unwrap();
+    assert_eq!(stdout(&theirs), ours, "runc: {}", stderr(&theirs));
+    assert_eq!(rdoc["fds"], doc["fds"]);
+    assert_eq!(rdoc["metadata"], doc["metadata"]);
 }

@@ -98,6 +98,21 @@ impl Runtime {
                     Some(c) => c.add_pid(p).map_err(Into::into),
                     None => Ok(()),
                 },
+                Event::SeccompListener(p, fd) => {
+                    let sc = linux.and_then(|l| l.seccomp().as_ref());
+                    let path = sc.and_then(|s| s.listener_path().as_ref()).ok_or_else(|| {
+                        crate::Error::Invalid("linux.seccomp.listenerPath is not set".into())
+                    })?;
+                    let state = hooks::state_json(&o.id, "creating", p, &bundle.dir, &annotations);
+                    crate::seccomp::send_to_agent(
+                        path,
+                        std::os::fd::AsRawFd::as_raw_fd(&fd),
+                        p,
+                        sc.and_then(|s| s.listener_metadata().as_deref()),
+                        &state,
+                    )
+                    .map_err(Into::into)
+                }
                 Event::Hooks(p) => {
                     let state = hooks::state_json(&o.id, "creating", p, &bundle.dir, &annotations);
                     hooks::run_all(

@@ -47,6 +47,31 @@ impl Runtime {
                     None => Ok(()),
                 },
                 Event::Hooks(_) => Ok(()),
+                Event::SeccompListener(p, fd) => {
+                    let sc = bundle
+                        .spec
+                        .linux()
+                        .as_ref()
+                        .and_then(|l| l.seccomp().as_ref());
+                    let path = sc.and_then(|s| s.listener_path().as_ref()).ok_or_else(|| {
+                        Error::Invalid("linux.seccomp.listenerPath is not set".into())
+                    })?;
+                    let state = crate::hooks::state_json(
+                        &st.id,
+                        "running",
+                        st.pid,
+                        &st.bundle,
+                        &st.annotations,
+                    );
+                    crate::seccomp::send_to_agent(
+                        path,
+                        std::os::fd::AsRawFd::as_raw_fd(&fd),
+                        p,
+                        sc.and_then(|s| s.listener_metadata().as_deref()),
+                        &state,
+                    )
+                    .map_err(Into::into)
+                }
             },
         )?;
         if let Some(p) = &o.pid_file {

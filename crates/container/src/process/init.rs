@@ -383,7 +383,7 @@ pub(crate) fn finalize(
     // Without no_new_privs the filter needs CAP_SYS_ADMIN: install it before dropping
     // capabilities; with it, as late as possible.
     if let (Some(f), false) = (seccomp, nnp) {
-        f.install()?;
+        install_seccomp(f, ch)?;
     }
     switch_user(process, bounding.as_ref())?;
     set_caps(process)?;
@@ -392,7 +392,7 @@ pub(crate) fn finalize(
     let exe = super::exe::resolve(arg0, &env)?;
     crate::sys::cloexec_from(3 + preserve_fds)?;
     if let (Some(f), true) = (seccomp, nnp) {
-        f.install()?;
+        install_seccomp(f, ch)?;
     }
     let cexe = CString::new(exe.as_os_str().as_encoded_bytes())
         .map_err(|_| Error::Invalid("executable path has a NUL byte".into()))?;
@@ -449,6 +449,24 @@ pub(crate) fn finalize(
         context: format!("exec {}", exe.display()),
         source: e,
     })
+}
+
+/// Installs the filter; a notifying one's listener goes to the runtime (for the seccomp
+/// agent) and this process waits until the agent has it.
+fn install_seccomp(f: &CompiledSeccomp, ch: &Channel) -> Result<()> {
+    if let Some(listener) = f.install()? {
+        ch.send_with_fd(&Msg::Seccomp, listener.as_raw_fd())?;
+        drop(listener);
+        match ch.recv()? {
+            Some(Msg::SeccompDone) => {}
+            _ => {
+                return Err(Error::Init(
+                    "runtime did not pass the seccomp listener to the agent".into(),
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Unblocks every signal and gives SIGPIPE its default action back.

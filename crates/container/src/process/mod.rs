@@ -51,6 +51,9 @@ pub enum Event {
     /// createRuntime hooks, in the runtime's namespaces, for the container with this
     /// host pid.
     Hooks(i32),
+    /// The container's process (host pid) installed a notifying seccomp filter: pass
+    /// its listener to the seccomp agent at `linux.seccomp.listenerPath`.
+    SeccompListener(i32, OwnedFd),
 }
 
 pub(crate) fn ns_flag(t: LinuxNamespaceType) -> CloneFlags {
@@ -256,6 +259,9 @@ pub fn spawn(cfg: &InitConfig<'_>, on_event: &mut dyn FnMut(Event) -> Result<()>
                     on_event(Event::Hooks(init_pid))?;
                     parent.send(&Msg::HooksDone(init_pid))?;
                 }
+                Some(Msg::Seccomp) if init_pid > 0 => {
+                    seccomp_listener(&parent, init_pid, on_event)?;
+                }
                 Some(Msg::Ready) => return Ok(init_pid),
                 Some(Msg::Error(m)) => return Err(Error::Init(m)),
                 Some(Msg::HookFailed(m)) => return Err(Error::Hook(m)),
@@ -322,6 +328,20 @@ fn write_time_offsets(spec: &Spec) -> Result<()> {
     })
 }
 
+/// Hands the listener that came with [`Msg::Seccomp`] to the caller, then releases the
+/// process.
+fn seccomp_listener(
+    parent: &Channel,
+    pid: i32,
+    on_event: &mut dyn FnMut(Event) -> Result<()>,
+) -> Result<()> {
+    let fd = parent
+        .take_fd()
+        .ok_or_else(|| Error::Init("seccomp listener missing from its message".into()))?;
+    on_event(Event::SeccompListener(pid, fd))?;
+    parent.send(&Msg::SeccompDone)
+}
+
 /// A message the runtime does not expect at this point of the set-up.
 fn unexpected() -> Error {
     Error::Init("unexpected message from container process".into())
@@ -369,6 +389,7 @@ fn spawn_direct(
                     on_event(Event::Hooks(pid))?;
                     parent.send(&Msg::HooksDone(pid))?;
                 }
+                Some(Msg::Seccomp) => seccomp_listener(&parent, pid, on_event)?,
                 Some(Msg::Error(m)) => return Err(Error::Init(m)),
                 Some(Msg::HookFailed(m)) => return Err(Error::Hook(m)),
                 None => return Err(Error::Init("container process exited during set-up".into())),
@@ -518,6 +539,9 @@ pub fn exec_in(
                     parent.send(&Msg::Go)?;
                 }
                 Some(Msg::Ready) => {}
+                Some(Msg::Seccomp) if exec_pid > 0 => {
+                    seccomp_listener(&parent, exec_pid, on_event)?;
+                }
                 Some(Msg::Error(m)) => return Err(Error::Init(m)),
                 Some(Msg::HookFailed(m)) => return Err(Error::Hook(m)),
                 None if exec_pid > 0 => return Ok(exec_pid),
