@@ -54,8 +54,12 @@
 //! `SCMP_ACT_KILL` and `SCMP_ACT_KILL_THREAD` kill the thread, `SCMP_ACT_KILL_PROCESS` the
 //! process; `SCMP_ACT_ERRNO` and `SCMP_ACT_TRACE` take `errnoRet` (default EPERM, at most
 //! 4095), and `errnoRet` on any other action is an error, as the runtime spec demands.
-//! `SCMP_ACT_NOTIFY` (a seccomp agent over `listenerPath`) is refused with
-//! [`SeccompError::UnsupportedAction`]. The flags `SECCOMP_FILTER_FLAG_LOG`, `_SPEC_ALLOW`
+//! `SCMP_ACT_NOTIFY` returns `SECCOMP_RET_USER_NOTIF`: the filter is then installed with
+//! `SECCOMP_FILTER_FLAG_NEW_LISTENER`, [`CompiledSeccomp::install`] returns the listener,
+//! and [`send_to_agent`] hands it to the agent at `listenerPath` with the container process
+//! state. It is refused ([`SeccompError::UnsupportedAction`]) as the default action,
+//! without a `listenerPath`, and on `write`, `read`, `sendmsg`, `recvmsg` and `close` (the
+//! hand-over makes them before the agent has the listener). The flags `SECCOMP_FILTER_FLAG_LOG`, `_SPEC_ALLOW`
 //! and `_TSYNC` are passed to `seccomp(2)`.
 //!
 //! # Installing

@@ -1,7 +1,7 @@
 //! The command line, as clap structs only: no behaviour here. The OCI runtime verbs
-//! (create, start, state, kill, delete, exec --process, pause, resume, list, spec, features, run
-//! --bundle) follow runc's and crun's shapes so podman can drive nestor; the others
-//! follow Docker's.
+//! (create, start, state, kill, delete, exec, pause, resume, list, spec, features, run
+//! --bundle, ps ID, update, events) follow runc's and crun's shapes so podman can drive
+//! nestor; the others follow Docker's.
 
 use std::path::PathBuf;
 
