@@ -33,6 +33,17 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Spec> {
             return Err(spec_err(path, format!("linux.{field}: {why}")));
         }
     }
+    let devs = net_devices(&raw).map_err(|m| spec_err(path, m))?;
+    let new_net = raw["linux"]["namespaces"].as_array().is_some_and(|ns| {
+        ns.iter()
+            .any(|n| n["type"] == "network" && n.get("path").is_none_or(|p| p.is_null()))
+    });
+    if !devs.is_empty() && !new_net {
+        return Err(spec_err(
+            path,
+            "linux.netDevices needs a new network namespace (a linux.namespaces entry of type network without a path)",
+        ));
+    }
     let mut raw = raw;
     if let Some(p) = raw.get_mut("process") {
         process_shim(p);
@@ -113,16 +124,65 @@ fn process_shim(p: &mut serde_json::Value) {
 }
 
 /// `linux` fields nestor refuses, and why.
-const UNSUPPORTED_LINUX_FIELDS: [(&str, &str); 2] = [
-    (
-        "memoryPolicy",
-        "NUMA memory policies are not supported by nestor",
-    ),
-    (
-        "netDevices",
-        "moving host network devices into the container is not supported by nestor",
-    ),
-];
+const UNSUPPORTED_LINUX_FIELDS: [(&str, &str); 1] = [(
+    "memoryPolicy",
+    "NUMA memory policies are not supported by nestor",
+)];
+
+/// `linux.netDevices` (oci-spec 0.7 has no type for it) as `(host name, name in the
+/// container)` pairs, checked: names the kernel takes, devices the host has, no name
+/// used twice in the container.
+pub fn net_devices(raw: &serde_json::Value) -> std::result::Result<Vec<(String, String)>, String> {
+    let Some(v) = raw.get("linux").and_then(|l| l.get("netDevices")) else {
+        return Ok(Vec::new());
+    };
+    if v.is_null() {
+        return Ok(Vec::new());
+    }
+    let m = v
+        .as_object()
+        .ok_or("linux.netDevices must be an object of host device names")?;
+    let ok_name = |n: &str| {
+        !n.is_empty()
+            && n.len() < 16
+            && n != "."
+            && n != ".."
+            && !n
+                .bytes()
+                .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace())
+    };
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (host, dev) in m {
+        let name = match dev.get("name") {
+            None | Some(serde_json::Value::Null) => host.clone(),
+            Some(serde_json::Value::String(n)) => n.clone(),
+            Some(other) => {
+                return Err(format!(
+                    "linux.netDevices.{host}.name {other} is not a string"
+                ))
+            }
+        };
+        for n in [host, &name] {
+            if !ok_name(n) {
+                return Err(format!(
+                    "linux.netDevices: {n:?} is not a network device name"
+                ));
+            }
+        }
+        if !Path::new("/sys/class/net").join(host).exists() {
+            return Err(format!(
+                "linux.netDevices: this host has no network device {host}"
+            ));
+        }
+        if out.iter().any(|(_, n)| *n == name) {
+            return Err(format!(
+                "linux.netDevices: {name} is named twice in the container"
+            ));
+        }
+        out.push((host.clone(), name));
+    }
+    Ok(out)
+}
 
 /// rootfsPropagation values, as runc reads them.
 pub const ROOTFS_PROPAGATIONS: [&str; 8] = [

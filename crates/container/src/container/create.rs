@@ -47,6 +47,17 @@ impl Runtime {
         };
         let bundle = crate::spec::load(&o.bundle)?;
         step("spec loaded");
+        let net_devices = {
+            let cfg = bundle.dir.join("config.json");
+            let raw: serde_json::Value = std::fs::read(&cfg)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            crate::spec::net_devices(&raw).map_err(|m| crate::Error::Spec {
+                path: cfg.clone(),
+                msg: m,
+            })?
+        };
         let linux = bundle.spec.linux().as_ref();
         let rel = linux
             .and_then(|l| l.cgroups_path().as_ref())
@@ -94,10 +105,12 @@ impl Runtime {
             };
             let cgref = cgroup.as_ref();
             let pid = process::spawn(&cfg, &mut |ev| match ev {
-                Event::Pid(p) => match cgref {
-                    Some(c) => c.add_pid(p).map_err(Into::into),
-                    None => Ok(()),
-                },
+                Event::Pid(p) => {
+                    if let Some(c) = cgref {
+                        c.add_pid(p)?;
+                    }
+                    move_net_devices(&net_devices, p)
+                }
                 Event::SeccompListener(p, fd) => {
                     let sc = linux.and_then(|l| l.seccomp().as_ref());
                     let path = sc.and_then(|s| s.listener_path().as_ref()).ok_or_else(|| {
@@ -184,6 +197,37 @@ impl Runtime {
         }
         res
     }
+}
+
+/// Moves `linux.netDevices` into the network namespace of process `pid` (with `ip`, as
+/// the network crate configures links), renamed as the spec says. A virtual device dies
+/// with that namespace; a physical one goes back to the host's (the kernel's rule).
+fn move_net_devices(devs: &[(String, String)], pid: i32) -> Result<()> {
+    for (host, name) in devs {
+        let out = std::process::Command::new("ip")
+            .args([
+                "link",
+                "set",
+                "dev",
+                host,
+                "netns",
+                &pid.to_string(),
+                "name",
+                name,
+            ])
+            .output()
+            .map_err(|e| crate::Error::Io {
+                context: format!("run ip to move linux.netDevices {host}"),
+                source: e,
+            })?;
+        if !out.status.success() {
+            return Err(crate::Error::Invalid(format!(
+                "linux.netDevices: move {host} into the container as {name}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Device access every container gets on top of its spec's rules, as runc and crun
