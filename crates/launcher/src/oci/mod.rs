@@ -460,35 +460,6 @@ pub fn ram_in_bytes(s: &str) -> Result<i64> {
     Ok(v as i64)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_read_as_runc_reads_them() {
-        assert_eq!(ram_in_bytes("1024").unwrap(), 1024);
-        assert_eq!(ram_in_bytes("100m").unwrap(), 100 << 20);
-        assert_eq!(ram_in_bytes("1.5G").unwrap(), 3 << 29);
-        assert_eq!(ram_in_bytes("2KiB").unwrap(), 2048);
-        assert_eq!(ram_in_bytes("3kb").unwrap(), 3072);
-        for bad in ["", "m", "10x", "-5", "1e9"] {
-            assert!(ram_in_bytes(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn durations_read_as_go_reads_them() {
-        use std::time::Duration;
-        assert_eq!(go_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(go_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(go_duration("1m30s").unwrap(), Duration::from_secs(90));
-        assert_eq!(go_duration("0").unwrap(), Duration::ZERO);
-        for bad in ["", "5", "5x", "-1s", "s"] {
-            assert!(go_duration(bad).is_err(), "{bad}");
-        }
-    }
-}
-
 /// OCI `events ID`: one JSON object a line, runc's shape: `{"type":"stats","id":…,
 /// "data":{…}}` every `interval` (once and exit with `--stats`), and `{"type":"oom",
 /// "id":…}` when the OOM killer strikes in the container's cgroup (its kill count
@@ -577,4 +548,33 @@ pub fn go_duration(s: &str) -> Result<std::time::Duration> {
         rest = &rest[u..];
     }
     std::time::Duration::try_from_secs_f64(secs).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_as_runc_reads_them() {
+        assert_eq!(ram_in_bytes("1024").unwrap(), 1024);
+        assert_eq!(ram_in_bytes("100m").unwrap(), 100 << 20);
+        assert_eq!(ram_in_bytes("1.5G").unwrap(), 3 << 29);
+        assert_eq!(ram_in_bytes("2KiB").unwrap(), 2048);
+        assert_eq!(ram_in_bytes("3kb").unwrap(), 3072);
+        for bad in ["", "m", "10x", "-5", "1e9"] {
+            assert!(ram_in_bytes(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations_read_as_go_reads_them() {
+        use std::time::Duration;
+        assert_eq!(go_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(go_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(go_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(go_duration("0").unwrap(), Duration::ZERO);
+        for bad in ["", "5", "5x", "-1s", "s"] {
+            assert!(go_duration(bad).is_err(), "{bad}");
+        }
+    }
 }
