@@ -13,6 +13,116 @@ pub struct Bundle {
     pub dir: PathBuf,
     pub spec: Spec,
     pub rootfs: PathBuf,
+    /// `linux.memoryPolicy` (no type in oci-spec 0.7: read from the JSON).
+    pub memory_policy: Option<MemoryPolicy>,
+}
+
+/// `linux.memoryPolicy`, checked, as set_mempolicy(2) takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryPolicy {
+    /// MPOL_* mode with its MPOL_F_* flags or'ed in.
+    pub mode: i32,
+    /// Node numbers.
+    pub nodes: Vec<usize>,
+}
+
+/// Largest node number accepted in `linux.memoryPolicy.nodes` (MAX_NUMNODES on x86_64
+/// kernels built with NODES_SHIFT 10).
+const MAX_NODE: usize = 1023;
+
+/// `linux.memoryPolicy` from the spec's JSON: mode (`MPOL_DEFAULT`, `MPOL_PREFERRED`,
+/// `MPOL_BIND`, `MPOL_INTERLEAVE`, `MPOL_LOCAL`, `MPOL_PREFERRED_MANY`,
+/// `MPOL_WEIGHTED_INTERLEAVE`), `nodes` (`0-3,7`; none for DEFAULT and LOCAL, required
+/// by the others but PREFERRED) and `flags` (`MPOL_F_STATIC_NODES`,
+/// `MPOL_F_RELATIVE_NODES`, `MPOL_F_NUMA_BALANCING`).
+pub fn memory_policy(raw: &serde_json::Value) -> std::result::Result<Option<MemoryPolicy>, String> {
+    let Some(v) = raw.get("linux").and_then(|l| l.get("memoryPolicy")) else {
+        return Ok(None);
+    };
+    if v.is_null() {
+        return Ok(None);
+    }
+    let mode_name = v["mode"]
+        .as_str()
+        .ok_or("linux.memoryPolicy.mode is required (MPOL_BIND, MPOL_INTERLEAVE, …)")?;
+    let mode = match mode_name {
+        "MPOL_DEFAULT" => 0,
+        "MPOL_PREFERRED" => 1,
+        "MPOL_BIND" => 2,
+        "MPOL_INTERLEAVE" => 3,
+        "MPOL_LOCAL" => 4,
+        "MPOL_PREFERRED_MANY" => 5,
+        "MPOL_WEIGHTED_INTERLEAVE" => 6,
+        other => {
+            return Err(format!(
+                "linux.memoryPolicy.mode {other:?} is not an MPOL_ mode"
+            ))
+        }
+    };
+    let nodes_text = match &v["nodes"] {
+        serde_json::Value::Null => "",
+        serde_json::Value::String(s) => s.as_str(),
+        other => {
+            return Err(format!(
+                "linux.memoryPolicy.nodes {other} is not a string like 0-3,7"
+            ))
+        }
+    };
+    let mut nodes = Vec::new();
+    for part in nodes_text
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        let n = |x: &str| {
+            x.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n <= MAX_NODE)
+                .ok_or_else(|| {
+                    format!("linux.memoryPolicy.nodes {nodes_text:?} is not a node list like 0-3,7")
+                })
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (n(a)?, n(b)?);
+                if a > b {
+                    return Err(format!(
+                        "linux.memoryPolicy.nodes {nodes_text:?}: range {part} is backwards"
+                    ));
+                }
+                nodes.extend(a..=b);
+            }
+            None => nodes.push(n(part)?),
+        }
+    }
+    match (mode_name, nodes.is_empty()) {
+        ("MPOL_DEFAULT" | "MPOL_LOCAL", false) => {
+            return Err(format!("linux.memoryPolicy: {mode_name} takes no nodes"))
+        }
+        (
+            "MPOL_BIND" | "MPOL_INTERLEAVE" | "MPOL_PREFERRED_MANY" | "MPOL_WEIGHTED_INTERLEAVE",
+            true,
+        ) => return Err(format!("linux.memoryPolicy: {mode_name} needs nodes")),
+        _ => {}
+    }
+    let mut flags = 0;
+    for f in v["flags"].as_array().into_iter().flatten() {
+        flags |= match f.as_str() {
+            Some("MPOL_F_STATIC_NODES") => 1 << 15,
+            Some("MPOL_F_RELATIVE_NODES") => 1 << 14,
+            Some("MPOL_F_NUMA_BALANCING") => 1 << 13,
+            _ => {
+                return Err(format!(
+                    "linux.memoryPolicy.flags: {f} is not an MPOL_F_ flag"
+                ))
+            }
+        };
+    }
+    Ok(Some(MemoryPolicy {
+        mode: mode | flags,
+        nodes,
+    }))
 }
 
 fn spec_err(path: &Path, msg: impl Into<String>) -> Error {
@@ -28,11 +138,7 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Spec> {
     // refused by name rather than dropped unseen or failed on obscurely.
     let raw: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| spec_err(path, format!("not valid JSON: {e}")))?;
-    for (field, why) in UNSUPPORTED_LINUX_FIELDS {
-        if raw["linux"].get(field).is_some_and(|v| !v.is_null()) {
-            return Err(spec_err(path, format!("linux.{field}: {why}")));
-        }
-    }
+    memory_policy(&raw).map_err(|m| spec_err(path, m))?;
     let devs = net_devices(&raw).map_err(|m| spec_err(path, m))?;
     let new_net = raw["linux"]["namespaces"].as_array().is_some_and(|ns| {
         ns.iter()
@@ -124,10 +230,6 @@ fn process_shim(p: &mut serde_json::Value) {
 }
 
 /// `linux` fields nestor refuses, and why.
-const UNSUPPORTED_LINUX_FIELDS: [(&str, &str); 1] = [(
-    "memoryPolicy",
-    "NUMA memory policies are not supported by nestor",
-)];
 
 /// `linux.netDevices` (oci-spec 0.7 has no type for it) as `(host name, name in the
 /// container)` pairs, checked: names the kernel takes, devices the host has, no name
@@ -248,7 +350,14 @@ pub fn load(dir: &Path) -> Result<Bundle> {
         }
     }
     validate(&path, &spec)?;
-    Ok(Bundle { dir, spec, rootfs })
+    let raw: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let memory_policy = memory_policy(&raw).map_err(|m| spec_err(&path, m))?;
+    Ok(Bundle {
+        dir,
+        spec,
+        rootfs,
+        memory_policy,
+    })
 }
 
 /// Checks that do not touch the filesystem: process present, namespaces sane,

@@ -1672,9 +1672,19 @@ fn spec_fields_nestor_cannot_apply_are_refused_by_name() {
             "linux.intelRdt",
         ),
         (
+            "mempolmode",
+            Box::new(|c| c["linux"]["memoryPolicy"] = json!({"mode": "MPOL_NOPE"})),
+            "linux.memoryPolicy.mode",
+        ),
+        (
+            "mempolnodes",
+            Box::new(|c| c["linux"]["memoryPolicy"] = json!({"mode": "MPOL_BIND"})),
+            "MPOL_BIND needs nodes",
+        ),
+        (
             "mempol",
-            Box::new(|c| c["linux"]["memoryPolicy"] = json!({"mode": "MPOL_BIND", "nodes": "0"})),
-            "linux.memoryPolicy",
+            Box::new(|c| c["linux"]["memoryPolicy"] = json!({"mode": "MPOL_LOCAL", "nodes": "0"})),
+            "linux.memoryPolicy: MPOL_LOCAL takes no nodes",
         ),
         (
             "prop",
@@ -2098,4 +2108,57 @@ fn net_devices_move_into_the_container_renamed() {
         "{e}"
     );
     // runc 1.1.5 ignores linux.netDevices: nothing to compare with.
+}
+
+#[test]
+fn memory_policy_applies_to_init_and_exec() {
+    if !std::path::Path::new("/proc/self/numa_maps").exists() {
+        eprintln!("SKIP memoryPolicy: this kernel has no NUMA (no /proc/self/numa_maps)");
+        return;
+    }
+    let b = Bundle::new(
+        "mempolicy",
+        &[
+            "sh",
+            "-c",
+            "grep -c interleave:0 /proc/self/numa_maps; sleep 1000",
+        ],
+    );
+    b.edit(|c| c["linux"]["memoryPolicy"] = json!({"mode": "MPOL_INTERLEAVE", "nodes": "0"}));
+    let (ok, err) = run_detached(nestor(), b.state.path(), &b, &b.id);
+    assert!(ok, "run -d: {err}");
+    // numa_maps shows the task's policy for mappings without one of their own.
+    let pid = pid_of(&b);
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/numa_maps")).unwrap();
+    assert!(maps.contains("interleave:0"), "init: {maps}");
+    let e = exec_with(
+        nestor(),
+        b.state.path(),
+        &b.id,
+        &[],
+        &["cat", "/proc/self/numa_maps"],
+    );
+    assert!(
+        stdout(&e).contains("interleave:0"),
+        "exec: {} {}",
+        stdout(&e),
+        stderr(&e)
+    );
+    // A node this host lacks: set_mempolicy refuses, and so does create.
+    let nodes = std::fs::read_to_string("/sys/devices/system/node/possible").unwrap_or_default();
+    if nodes.trim() == "0" {
+        let r = Bundle::new("mempolicy-bad", &["true"]);
+        r.edit(|c| c["linux"]["memoryPolicy"] = json!({"mode": "MPOL_BIND", "nodes": "5"}));
+        let o = r.run();
+        let e = stderr(&o);
+        assert!(
+            !o.status.success() && e.starts_with("error: ") && e.contains("linux.memoryPolicy"),
+            "{e}"
+        );
+        assert!(
+            r.state_json().is_none() && !cgroup_exists(&r.id),
+            "left behind"
+        );
+    }
+    // runc 1.1.5 ignores linux.memoryPolicy: nothing to compare with.
 }

@@ -102,6 +102,7 @@ impl Runtime {
                 dmz: std::os::fd::AsRawFd::as_raw_fd(&dmz),
                 id: &o.id,
                 annotations: &annotations,
+                memory_policy: bundle.memory_policy.as_ref(),
             };
             let cgref = cgroup.as_ref();
             let pid = process::spawn(&cfg, &mut |ev| match ev {

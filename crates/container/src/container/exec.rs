@@ -41,6 +41,7 @@ impl Runtime {
                 None
             },
             o.preserve_fds,
+            bundle.memory_policy.as_ref(),
             &mut |ev| match ev {
                 Event::Pid(p) => match &cg {
                     Some(c) => c.add_pid(p).map_err(Into::into),

@@ -1,7 +1,8 @@
 //! Owns the process attributes the spec sets with one system call each, in the
 //! container's process before it execs: `process.ioPriority` (ioprio_set),
 //! `process.scheduler` (sched_setattr), `process.execCPUAffinity` (sched_setaffinity,
-//! exec only, as the spec says) and `linux.personality` (personality, init only).
+//! exec only, as the spec says), `linux.personality` (personality, init only) and
+//! `linux.memoryPolicy` (set_mempolicy, every process).
 //! [`check`] refuses, before anything is made, what these cannot apply.
 
 use oci_spec::runtime::{
@@ -210,6 +211,33 @@ pub(crate) fn apply(p: &Process, exec: bool) -> Result<()> {
                     .ctx(|| format!("set process.execCPUAffinity {list}"))?;
             }
         }
+    }
+    Ok(())
+}
+
+/// Sets `linux.memoryPolicy` for this process (inherited by what it execs and forks).
+pub(crate) fn apply_memory_policy(p: Option<&crate::spec::MemoryPolicy>) -> Result<()> {
+    let Some(p) = p else { return Ok(()) };
+    let bits = std::mem::size_of::<libc::c_ulong>() * 8;
+    let words = p.nodes.iter().max().map_or(1, |&m| m / bits + 1);
+    let mut mask: Vec<libc::c_ulong> = vec![0; words];
+    for &n in &p.nodes {
+        mask[n / bits] |= 1 << (n % bits);
+    }
+    let (ptr, maxnode) = if p.nodes.is_empty() {
+        (std::ptr::null(), 0)
+    } else {
+        (mask.as_ptr(), (words * bits + 1) as libc::c_ulong)
+    };
+    // SAFETY: `mask` holds `maxnode - 1` bits and outlives the call, which only reads it.
+    let r = unsafe { libc::syscall(libc::SYS_set_mempolicy, p.mode, ptr, maxnode) };
+    if r != 0 {
+        return Err(nix::Error::last()).ctx(|| {
+            format!(
+                "set linux.memoryPolicy (mode {:#x}, nodes {:?}): does this host have those NUMA nodes?",
+                p.mode, p.nodes
+            )
+        });
     }
     Ok(())
 }

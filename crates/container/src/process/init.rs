@@ -132,6 +132,7 @@ pub(super) fn stage2(
         }
     }
     super::attrs::apply_personality(cfg.spec)?;
+    super::attrs::apply_memory_policy(cfg.memory_policy)?;
     finalize(
         cfg.dmz,
         cfg.seccomp,

@@ -40,6 +40,8 @@ pub struct InitConfig<'a> {
     /// The container's id and annotations, for the state its hooks read.
     pub id: &'a str,
     pub annotations: &'a std::collections::HashMap<String, String>,
+    /// `linux.memoryPolicy`, for the container's processes.
+    pub memory_policy: Option<&'a crate::spec::MemoryPolicy>,
 }
 
 /// Something the runtime must do while the container is being made.
@@ -436,6 +438,7 @@ pub fn exec_in(
     process: &Process,
     console_socket: Option<&Path>,
     preserve_fds: u32,
+    memory_policy: Option<&crate::spec::MemoryPolicy>,
     on_event: &mut dyn FnMut(Event) -> Result<()>,
 ) -> Result<i32> {
     let order = [
@@ -513,6 +516,7 @@ pub fn exec_in(
         let p = fork_child(&child, None, libc::CLONE_PARENT, || {
             child.wait_go("the process")?;
             nix::unistd::setsid().ctx(|| "setsid")?;
+            attrs::apply_memory_policy(memory_policy)?;
             init::finalize(
                 dmz.as_raw_fd(),
                 seccomp.as_ref(),
