@@ -1139,7 +1139,7 @@ fn ps_lists_the_containers_processes_as_runc_does() {
     let init = pid_of(&b);
     // Both sleeps are up once the second has exec'd (sh execs the last command).
     let mut pids: Vec<i32> = Vec::new();
-    for _ in 0..200 {
+    for _ in 0..500 {
         let o = b.cmd(&["ps", "--format", "json", &b.id]).output().unwrap();
         assert!(o.status.success(), "{}", stderr(&o));
         pids = serde_json::from_slice(&o.stdout).unwrap();
