@@ -229,8 +229,6 @@ fn process_shim(p: &mut serde_json::Value) {
     obj.insert("execCpuAffinity".to_string(), a);
 }
 
-/// `linux` fields nestor refuses, and why.
-
 /// `linux.netDevices` (oci-spec 0.7 has no type for it) as `(host name, name in the
 /// container)` pairs, checked: names the kernel takes, devices the host has, no name
 /// used twice in the container.
