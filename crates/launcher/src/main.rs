@@ -104,7 +104,13 @@ fn dispatch(cli: &Cli) -> Result<i32> {
         Cmd::Ps {
             all, quiet, json, ..
         } => manage::ps(*all, *quiet, *json)?,
+        Cmd::Update(a) if oci_vm::exists(&cli.root, &a.id) => {
+            anyhow::bail!("update: a VM container's limits are its VM's; nestor cannot change them")
+        }
         Cmd::Update(a) => oci::update(&rt, a)?,
+        Cmd::Events { id, .. } if oci_vm::exists(&cli.root, id) => {
+            anyhow::bail!("events: a VM container's cgroup is in its guest; nestor cannot read it")
+        }
         Cmd::Events {
             stats,
             interval,

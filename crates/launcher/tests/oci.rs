@@ -2171,3 +2171,25 @@ fn memory_policy_applies_to_init_and_exec() {
     }
     // runc 1.1.5 ignores linux.memoryPolicy: nothing to compare with.
 }
+
+#[test]
+fn ps_update_and_events_refuse_vm_containers_by_name() {
+    // A VM-mode container is known by its state under <root>/.vm/<id>/.
+    let root = tempfile::tempdir().unwrap();
+    let id = unique("vmctr");
+    let dir = root.path().join(".vm").join(&id);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("state.json"), "{}").unwrap();
+    for args in [
+        vec!["ps", id.as_str()],
+        vec!["update", "--pids-limit", "5", id.as_str()],
+        vec!["events", "--stats", id.as_str()],
+    ] {
+        let o = rt_cmd(nestor(), root.path(), &args);
+        let e = stderr(&o);
+        assert!(
+            !o.status.success() && e.starts_with("error: ") && e.contains("VM container"),
+            "{args:?}: {e}"
+        );
+    }
+}
