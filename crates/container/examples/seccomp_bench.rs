@@ -100,7 +100,7 @@ fn main() -> Result<()> {
             unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
             let start = Instant::now();
             match compiled.install() {
-                Ok(()) => start.elapsed().as_nanos() as u64,
+                Ok(_) => start.elapsed().as_nanos() as u64,
                 Err(_) => u64::MAX,
             }
         })?;

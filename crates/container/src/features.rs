@@ -33,7 +33,6 @@ pub fn document() -> oci_spec::runtime::Features {
     use LinuxSeccompAction::*;
     let seccomp = SeccompBuilder::default()
         .enabled(true)
-        // SCMP_ACT_NOTIFY is refused (no seccomp agent support yet).
         .actions(vec![
             ScmpActAllow,
             ScmpActErrno,
@@ -41,6 +40,7 @@ pub fn document() -> oci_spec::runtime::Features {
             ScmpActKillProcess,
             ScmpActKillThread,
             ScmpActLog,
+            ScmpActNotify,
             ScmpActTrace,
             ScmpActTrap,
         ])

@@ -858,6 +858,149 @@ fn dev_symlinks(rootfd: RawFd) -> Result<()> {
     Ok(())
 }
 
+/// The spec's mounts, then (unless /dev is a bind) the default and the spec's device
+/// nodes and the /dev symlinks, under the rootfs open at `rootfd`.
+fn populate(ctx: &RootfsContext<'_>, rootfd: RawFd) -> Result<()> {
+    let linux = ctx.spec.linux().as_ref();
+    let mut dev_is_bound = false;
+    for m in ctx.spec.mounts().iter().flatten() {
+        do_mount(ctx, rootfd, m)?;
+        if m.destination() == Path::new("/dev") && m.typ().as_deref() == Some("bind") {
+            dev_is_bound = true;
+        }
+    }
+    if !dev_is_bound {
+        let spec_devs: Vec<&LinuxDevice> = linux
+            .and_then(|l| l.devices().as_ref())
+            .into_iter()
+            .flatten()
+            .collect();
+        for (path, major, minor) in DEFAULT_DEVICES {
+            if spec_devs.iter().any(|d| d.path() == Path::new(path)) {
+                continue;
+            }
+            let node = Node {
+                path: Path::new(path),
+                kind: SFlag::S_IFCHR,
+                major,
+                minor,
+                mode: 0o666,
+                owner: None,
+            };
+            create_device(rootfd, &node, ctx.userns)?;
+        }
+        for d in spec_devs {
+            spec_device(rootfd, d, ctx.userns)?;
+        }
+        if open_in_root(rootfd, Path::new("dev"), OFlag::O_PATH).is_ok() {
+            dev_symlinks(rootfd)?;
+        }
+    }
+    Ok(())
+}
+
+/// A container without a mount namespace of its own (runc allows it): the spec's
+/// mounts are made under the rootfs in the host's mount namespace (no propagation of
+/// the host's is changed; [`undo_host_mounts`] removes them at delete, where runc
+/// leaves them), then the process chroots into the rootfs. Masked and read-only
+/// paths, a read-only root and rootfsPropagation need a mount namespace: refused by
+/// `spec::validate`.
+pub fn setup_in_host_ns(
+    ctx: &RootfsContext<'_>,
+    before_chroot: &mut dyn FnMut() -> Result<()>,
+) -> Result<()> {
+    let root = open_dir(ctx.rootfs)?;
+    populate(ctx, root.as_raw_fd())?;
+    before_chroot()?;
+    nix::unistd::fchdir(root.as_raw_fd()).ctx(|| "chdir to rootfs")?;
+    nix::unistd::chroot(".").ctx(|| "chroot to rootfs")?;
+    nix::unistd::chdir("/").ctx(|| "chdir /")?;
+    for (k, v) in ctx
+        .spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.sysctl().as_ref())
+        .into_iter()
+        .flatten()
+    {
+        let p = format!("/proc/sys/{}", k.replace('.', "/"));
+        std::fs::write(&p, v).ctx(|| format!("set sysctl {k}={v}"))?;
+    }
+    Ok(())
+}
+
+/// Detaches every mount strictly below `rootfs` in this mount namespace, deepest
+/// first: what [`setup_in_host_ns`] made. The rootfs itself (perhaps the caller's
+/// own mount) is left.
+pub fn undo_host_mounts(rootfs: &Path) -> Result<()> {
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").ctx(|| "read /proc/self/mountinfo")?;
+    let unescape = |s: &str| {
+        s.replace("\\040", " ")
+            .replace("\\011", "\t")
+            .replace("\\012", "\n")
+            .replace("\\134", "\\")
+    };
+    let mut below: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|mp| PathBuf::from(unescape(mp)))
+        .filter(|mp| mp != rootfs && mp.starts_with(rootfs))
+        .collect();
+    // Later mounts may cover earlier ones: undo in reverse order of mounting.
+    below.reverse();
+    let mut first_err = None;
+    for mp in below {
+        match umount2(&mp, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
+            Err(e) => {
+                first_err.get_or_insert(Error::Sys {
+                    context: format!("unmount {}", mp.display()),
+                    source: e,
+                });
+            }
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+/// Makes the mount that holds `rootfs` private when it is shared (runc does the
+/// same): the rootfs bind would otherwise join its peer group, and pivot_root refuses
+/// a shared parent.
+fn make_parent_mount_private(rootfs: &Path) -> Result<()> {
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").ctx(|| "read /proc/self/mountinfo")?;
+    // Field 5 is the mount point (octal escapes for spaces); optional fields follow
+    // field 6 up to " - ".
+    let unescape = |s: &str| {
+        s.replace("\\040", " ")
+            .replace("\\011", "\t")
+            .replace("\\012", "\n")
+            .replace("\\134", "\\")
+    };
+    let mut best: Option<(PathBuf, bool)> = None;
+    for line in info.lines() {
+        let (head, _) = line.split_once(" - ").unwrap_or((line, ""));
+        let f: Vec<&str> = head.split(' ').collect();
+        if f.len() < 6 {
+            continue;
+        }
+        let mp = PathBuf::from(unescape(f[4]));
+        if rootfs.starts_with(&mp)
+            && best
+                .as_ref()
+                .is_none_or(|(b, _)| mp.as_os_str().len() >= b.as_os_str().len())
+        {
+            best = Some((mp, f[6..].iter().any(|o| o.starts_with("shared:"))));
+        }
+    }
+    if let Some((mp, true)) = best {
+        mount::<str, Path, str, str>(None, &mp, None, MsFlags::MS_PRIVATE, None)
+            .ctx(|| format!("make {} private", mp.display()))?;
+    }
+    Ok(())
+}
+
 fn pivot(rootfd: RawFd) -> Result<()> {
     nix::unistd::fchdir(rootfd).ctx(|| "chdir to rootfs")?;
     nix::unistd::pivot_root(".", ".").ctx(|| "pivot_root")?;
@@ -914,14 +1057,24 @@ fn readonly_path(p: &Path) -> Result<()> {
 /// hooks).
 pub fn setup(ctx: &RootfsContext<'_>, before_pivot: &mut dyn FnMut() -> Result<()>) -> Result<()> {
     let linux = ctx.spec.linux().as_ref();
-    let prop = match linux.and_then(|l| l.rootfs_propagation().as_deref()) {
-        Some("shared") | Some("rshared") => MsFlags::MS_SHARED,
-        Some("private") | Some("rprivate") => MsFlags::MS_PRIVATE,
-        Some("unbindable") | Some("runbindable") => MsFlags::MS_UNBINDABLE,
-        _ => MsFlags::MS_SLAVE,
-    };
-    mount::<str, str, str, str>(None, "/", None, MsFlags::MS_REC | prop, None)
-        .ctx(|| "set / propagation")?;
+    // runc's order: the asked propagation (default rslave) on the whole tree, the
+    // mount holding the rootfs made private (so the rootfs bind joins no host peer
+    // group, and pivot_root accepts it), the bind, the mounts, pivot_root, then the
+    // asked propagation again on the new "/" (unless private: already so).
+    let asked = linux
+        .and_then(|l| l.rootfs_propagation().as_deref())
+        .map(|p| {
+            propagation_option(p).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "linux.rootfsPropagation {p:?} is not a propagation"
+                ))
+            })
+        })
+        .transpose()?;
+    let prop = asked.unwrap_or(MsFlags::MS_SLAVE | MsFlags::MS_REC);
+    mount::<str, str, str, str>(None, "/", None, prop, None)
+        .ctx(|| "set / propagation (linux.rootfsPropagation)")?;
+    make_parent_mount_private(ctx.rootfs)?;
     let rootfs = ctx.rootfs.to_string_lossy();
     mount::<str, str, str, str>(
         Some(&rootfs),
@@ -933,43 +1086,14 @@ pub fn setup(ctx: &RootfsContext<'_>, before_pivot: &mut dyn FnMut() -> Result<(
     .ctx(|| format!("bind rootfs {rootfs}"))?;
     let root = open_dir(ctx.rootfs)?;
     let rootfd = root.as_raw_fd();
-    let mut dev_is_bound = false;
-    for m in ctx.spec.mounts().iter().flatten() {
-        do_mount(ctx, rootfd, m)?;
-        if m.destination() == Path::new("/dev") && m.typ().as_deref() == Some("bind") {
-            dev_is_bound = true;
-        }
-    }
-    if !dev_is_bound {
-        let spec_devs: Vec<&LinuxDevice> = linux
-            .and_then(|l| l.devices().as_ref())
-            .into_iter()
-            .flatten()
-            .collect();
-        for (path, major, minor) in DEFAULT_DEVICES {
-            if spec_devs.iter().any(|d| d.path() == Path::new(path)) {
-                continue;
-            }
-            let node = Node {
-                path: Path::new(path),
-                kind: SFlag::S_IFCHR,
-                major,
-                minor,
-                mode: 0o666,
-                owner: None,
-            };
-            create_device(rootfd, &node, ctx.userns)?;
-        }
-        for d in spec_devs {
-            spec_device(rootfd, d, ctx.userns)?;
-        }
-        if open_in_root(rootfd, Path::new("dev"), OFlag::O_PATH).is_ok() {
-            dev_symlinks(rootfd)?;
-        }
-    }
+    populate(ctx, rootfd)?;
     before_pivot()?;
     pivot(rootfd)?;
     drop(root);
+    if let Some(f) = asked.filter(|f| !f.contains(MsFlags::MS_PRIVATE)) {
+        mount::<str, str, str, str>(None, "/", None, f, None)
+            .ctx(|| "set the new root's propagation (linux.rootfsPropagation)")?;
+    }
     if let Some(l) = linux {
         for (k, v) in l.sysctl().iter().flatten() {
             let p = format!("/proc/sys/{}", k.replace('.', "/"));

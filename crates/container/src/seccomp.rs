@@ -54,8 +54,12 @@
 //! `SCMP_ACT_KILL` and `SCMP_ACT_KILL_THREAD` kill the thread, `SCMP_ACT_KILL_PROCESS` the
 //! process; `SCMP_ACT_ERRNO` and `SCMP_ACT_TRACE` take `errnoRet` (default EPERM, at most
 //! 4095), and `errnoRet` on any other action is an error, as the runtime spec demands.
-//! `SCMP_ACT_NOTIFY` (a seccomp agent over `listenerPath`) is refused with
-//! [`SeccompError::UnsupportedAction`]. The flags `SECCOMP_FILTER_FLAG_LOG`, `_SPEC_ALLOW`
+//! `SCMP_ACT_NOTIFY` returns `SECCOMP_RET_USER_NOTIF`: the filter is then installed with
+//! `SECCOMP_FILTER_FLAG_NEW_LISTENER`, [`CompiledSeccomp::install`] returns the listener,
+//! and [`send_to_agent`] hands it to the agent at `listenerPath` with the container process
+//! state. It is refused ([`SeccompError::UnsupportedAction`]) as the default action,
+//! without a `listenerPath`, and on `write`, `read`, `sendmsg`, `recvmsg` and `close` (the
+//! hand-over makes them before the agent has the listener). The flags `SECCOMP_FILTER_FLAG_LOG`, `_SPEC_ALLOW`
 //! and `_TSYNC` are passed to `seccomp(2)`.
 //!
 //! # Installing
@@ -115,9 +119,7 @@ pub enum SeccompError {
         source: serde_json::Error,
     },
     /// An action nestor does not implement (`SCMP_ACT_NOTIFY`).
-    #[error(
-        "seccomp {rule}: action {action} is not supported by nestor (no seccomp agent support)"
-    )]
+    #[error("seccomp {rule}: {action} is not supported")]
     UnsupportedAction {
         /// The offending rule.
         rule: String,
@@ -173,6 +175,8 @@ pub struct CompiledSeccomp {
     program: Vec<libc::sock_filter>,
     /// SECCOMP_FILTER_FLAG_* bits.
     flags: libc::c_ulong,
+    /// The program notifies a seccomp agent: install() returns the listener.
+    notify: bool,
 }
 
 impl fmt::Debug for CompiledSeccomp {
@@ -188,7 +192,7 @@ impl CompiledSeccomp {
     /// Installs the filter on the calling thread. Needs `no_new_privs` or `CAP_SYS_ADMIN`
     /// (see the module doc); makes exactly one `seccomp(2)` call and allocates nothing, so it
     /// is safe between `fork` and `exec`.
-    pub fn install(&self) -> Result<(), SeccompError> {
+    pub fn install(&self) -> Result<Option<std::os::fd::OwnedFd>, SeccompError> {
         let fprog = libc::sock_fprog {
             // compile() guarantees len <= BPF_MAXINSNS, which fits in u16.
             len: self.program.len() as libc::c_ushort,
@@ -205,7 +209,13 @@ impl CompiledSeccomp {
             )
         };
         match rc {
-            0 => Ok(()),
+            fd if fd > 0 && self.notify => {
+                // SAFETY: with NEW_LISTENER the call returned a new descriptor we own.
+                Ok(Some(unsafe {
+                    <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32)
+                }))
+            }
+            0 => Ok(None),
             // TSYNC: rc is the id of a thread that could not be synchronized.
             tid if tid > 0 => Err(SeccompError::Install(io::Error::other(
                 "another thread could not be synchronized (TSYNC)",
@@ -225,6 +235,57 @@ impl CompiledSeccomp {
     pub fn instruction_count(&self) -> usize {
         self.program.len()
     }
+}
+
+/// Hands a notifying filter's listener to the seccomp agent listening on
+/// `listener_path` (a Unix stream socket), as the runtime spec says and runc does: one
+/// message holding the container process state (`ociVersion`, `fds: ["seccompFd"]`,
+/// `pid`, `metadata` from `listenerMetadata`, `state`: the container's state) with the
+/// listener attached (SCM_RIGHTS).
+pub fn send_to_agent(
+    listener_path: &std::path::Path,
+    listener: std::os::fd::RawFd,
+    pid: i32,
+    metadata: Option<&str>,
+    state: &[u8],
+) -> Result<(), SeccompError> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let state: serde_json::Value =
+        serde_json::from_slice(state).map_err(|source| SeccompError::Parse {
+            rule: "container state".into(),
+            source,
+        })?;
+    let mut doc = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "fds": ["seccompFd"],
+        "pid": pid,
+        "state": state,
+    });
+    if let Some(m) = metadata {
+        doc["metadata"] = m.into();
+    }
+    let bytes = doc.to_string().into_bytes();
+    let agent = |e: io::Error| {
+        SeccompError::Install(io::Error::new(
+            e.kind(),
+            format!(
+                "seccomp agent at listenerPath {}: {e}",
+                listener_path.display()
+            ),
+        ))
+    };
+    let sock = std::os::unix::net::UnixStream::connect(listener_path).map_err(agent)?;
+    let fds = [listener];
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[io::IoSlice::new(&bytes)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| agent(io::Error::from(e)))?;
+    Ok(())
 }
 
 /// Parses the JSON of an OCI `linux.seccomp` object; on failure the error names the rule
@@ -277,7 +338,18 @@ enum Action {
     Trace(u32),
     Log,
     Allow,
+    /// SCMP_ACT_NOTIFY: the syscall waits for the seccomp agent's answer.
+    Notify,
 }
+
+/// SECCOMP_RET_USER_NOTIF.
+const SECCOMP_RET_USER_NOTIF: u32 = 0x7fc0_0000;
+/// SECCOMP_FILTER_FLAG_NEW_LISTENER: seccomp(2) returns the notification descriptor.
+const SECCOMP_FILTER_FLAG_NEW_LISTENER: libc::c_ulong = 1 << 3;
+/// Syscalls the container's process makes between installing the filter and handing the
+/// listener to the runtime: notifying on them would wait for an agent that has no
+/// descriptor yet.
+const NOTIFY_FORBIDDEN: [&str; 5] = ["write", "read", "sendmsg", "recvmsg", "close"];
 
 impl Action {
     fn from_spec(
@@ -312,22 +384,21 @@ impl Action {
             LinuxSeccompAction::ScmpActTrace => Self::Trace(data),
             LinuxSeccompAction::ScmpActLog => Self::Log,
             LinuxSeccompAction::ScmpActAllow => Self::Allow,
-            LinuxSeccompAction::ScmpActNotify => {
-                return Err(SeccompError::UnsupportedAction {
-                    rule: rule(),
-                    action: action.to_string(),
-                })
-            }
+            LinuxSeccompAction::ScmpActNotify => Self::Notify,
         })
     }
 
     /// The value the BPF program returns for this action.
     fn ret(self) -> u32 {
-        u32::from(self.to_seccompiler())
+        match self {
+            Self::Notify => SECCOMP_RET_USER_NOTIF,
+            other => u32::from(other.to_seccompiler()),
+        }
     }
 
     fn to_seccompiler(self) -> SeccompAction {
         match self {
+            Self::Notify => unreachable!("SCMP_ACT_NOTIFY has no seccompiler action"),
             Self::KillProcess => SeccompAction::KillProcess,
             Self::KillThread => SeccompAction::KillThread,
             Self::Trap => SeccompAction::Trap,
@@ -349,6 +420,7 @@ impl fmt::Display for Action {
             Self::Trace(t) => write!(f, "SCMP_ACT_TRACE({t})"),
             Self::Log => f.write_str("SCMP_ACT_LOG"),
             Self::Allow => f.write_str("SCMP_ACT_ALLOW"),
+            Self::Notify => f.write_str("SCMP_ACT_NOTIFY"),
         }
     }
 }
@@ -377,7 +449,16 @@ pub fn compile(spec: &LinuxSeccomp) -> Result<CompiledSeccomp, SeccompError> {
     let default = Action::from_spec(spec.default_action(), spec.default_errno_ret(), &|| {
         "defaultAction".to_string()
     })?;
+    if default == Action::Notify {
+        return Err(SeccompError::UnsupportedAction {
+            rule: "defaultAction".into(),
+            action:
+                "SCMP_ACT_NOTIFY (as the default action every syscall would wait for the agent)"
+                    .into(),
+        });
+    }
     check_architectures(spec.architectures().as_deref().unwrap_or(&[]));
+    let mut notify = false;
     let flags = spec
         .flags()
         .as_deref()
@@ -408,6 +489,19 @@ pub fn compile(spec: &LinuxSeccomp) -> Result<CompiledSeccomp, SeccompError> {
         if action == default {
             tracing::debug!(rule = %label(), "seccomp rule has the default action; ignored");
             continue;
+        }
+        if action == Action::Notify {
+            if let Some(n) = syscall
+                .names()
+                .iter()
+                .find(|n| NOTIFY_FORBIDDEN.contains(&n.as_str()))
+            {
+                return Err(SeccompError::UnsupportedAction {
+                    rule: label(),
+                    action: format!("SCMP_ACT_NOTIFY on {n} (the runtime needs {n} to hand the listener to the agent)"),
+                });
+            }
+            notify = true;
         }
         for name in syscall.names() {
             let Ok(sysno) = Sysno::from_str(name) else {
@@ -464,7 +558,23 @@ pub fn compile(spec: &LinuxSeccomp) -> Result<CompiledSeccomp, SeccompError> {
             ),
         });
     }
-    Ok(CompiledSeccomp { program, flags })
+    if notify && spec.listener_path().is_none() {
+        return Err(SeccompError::UnsupportedAction {
+            rule: "listenerPath".into(),
+            action: "SCMP_ACT_NOTIFY without a listenerPath (no agent to send the listener to)"
+                .into(),
+        });
+    }
+    let flags = if notify {
+        flags | SECCOMP_FILTER_FLAG_NEW_LISTENER
+    } else {
+        flags
+    };
+    Ok(CompiledSeccomp {
+        program,
+        flags,
+        notify,
+    })
 }
 
 /// Lays out the program: architecture check, binary search over intervals of syscall

@@ -72,6 +72,13 @@ pub struct State {
     /// The spec's hooks, for the ones later verbs run (poststart, poststop).
     #[serde(default)]
     pub hooks: Option<oci_spec::runtime::Hooks>,
+    /// The container has no mount namespace of its own: its mounts are under the
+    /// rootfs in the runtime's namespace, and `delete` unmounts them.
+    #[serde(default)]
+    pub host_mounts: bool,
+    /// The cgroup resources in force: the spec's, with every `update` merged in.
+    #[serde(default)]
+    pub resources: Option<oci_spec::runtime::LinuxResources>,
 }
 
 /// The OCI `state` output.

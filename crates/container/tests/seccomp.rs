@@ -554,7 +554,7 @@ fn install_needs_no_new_privs_or_cap_sys_admin() {
             }
             match filter.install() {
                 // SAFETY: getppid(2) takes no arguments.
-                Ok(()) => outcome(unsafe { libc::syscall(libc::SYS_getppid) }),
+                Ok(_) => outcome(unsafe { libc::syscall(libc::SYS_getppid) }),
                 Err(SeccompError::NotPermitted) => 42,
                 Err(_) => INSTALL_FAILED,
             }
@@ -666,7 +666,16 @@ fn malformed_profiles_name_the_rule() {
             {"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]}"#,
     );
     assert!(
-        msg.contains("syscalls[0] (mkdir)") && msg.contains("SCMP_ACT_NOTIFY"),
+        msg.contains("listenerPath") && msg.contains("SCMP_ACT_NOTIFY"),
+        "{msg}"
+    );
+
+    let msg = compile_err(
+        r#"{"defaultAction": "SCMP_ACT_ALLOW", "listenerPath": "/a.sock", "syscalls": [
+            {"names": ["sendmsg"], "action": "SCMP_ACT_NOTIFY"}]}"#,
+    );
+    assert!(
+        msg.contains("syscalls[0] (sendmsg)") && msg.contains("SCMP_ACT_NOTIFY on sendmsg"),
         "{msg}"
     );
 

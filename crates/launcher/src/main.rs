@@ -91,7 +91,31 @@ fn dispatch(cli: &Cli) -> Result<i32> {
                 run::run(&rt, a)
             }
         }
-        Cmd::Ps { all, quiet, json } => manage::ps(*all, *quiet, *json)?,
+        // An ID makes `ps` the OCI runtime's (the container's processes, in --root);
+        // without one it is Docker's list of containers.
+        Cmd::Ps { format, oci, .. } if !oci.is_empty() || format.is_some() => {
+            if oci_vm::exists(&cli.root, oci.first().map_or("", String::as_str)) {
+                anyhow::bail!(
+                    "ps: a VM container's processes run in its guest; nestor cannot list them"
+                );
+            }
+            oci::ps(&rt, *format, oci)?
+        }
+        Cmd::Ps {
+            all, quiet, json, ..
+        } => manage::ps(*all, *quiet, *json)?,
+        Cmd::Update(a) if oci_vm::exists(&cli.root, &a.id) => {
+            anyhow::bail!("update: a VM container's limits are its VM's; nestor cannot change them")
+        }
+        Cmd::Update(a) => oci::update(&rt, a)?,
+        Cmd::Events { id, .. } if oci_vm::exists(&cli.root, id) => {
+            anyhow::bail!("events: a VM container's cgroup is in its guest; nestor cannot read it")
+        }
+        Cmd::Events {
+            stats,
+            interval,
+            id,
+        } => oci::events(&rt, id, *stats, interval)?,
         Cmd::Logs { follow, container } => manage::logs(container, *follow)?,
         Cmd::Stop { time, containers } => manage::stop(containers, *time)?,
         Cmd::Rm { force, containers } => manage::rm(containers, *force)?,

@@ -21,6 +21,7 @@
 //! kill_all(sig)                   cgroup.kill when the kernel has it (SIGKILL), else
 //!                                 freeze, signal every pid, thaw, until empty
 //! stats()                         memory current/peak/limit, oom kills, cpu ns, pids
+//! event_stats()                   the document of OCI `events` (runc's shape; events.rs)
 //! destroy()                       kill_all(SIGKILL) + rmdir everywhere; idempotent
 //! paths()                         host directories, per hierarchy
 //! list_children(rel_parent)       for `nestor gc`
@@ -41,6 +42,7 @@
 //! a warning. Swap limits are skipped with a warning when the kernel has no swap
 //! accounting (`memory.memsw.*` / `memory.swap.max` missing).
 
+mod events;
 mod files;
 mod layout;
 mod v1;
@@ -55,6 +57,7 @@ use nix::unistd::Pid;
 use oci_spec::runtime::LinuxResources;
 use serde::{Deserialize, Serialize};
 
+pub use events::EventStats;
 pub use layout::{layout, Layout, V1Hierarchy};
 pub use v2::shares_to_weight;
 
@@ -446,6 +449,11 @@ impl Cgroup {
             Layout::V1 { .. } => v1::stats(&|c| self.v1_dir(c)),
             Layout::V2 { root } => v2::stats(&root.join(&self.path)),
         }
+    }
+
+    /// The statistics document of OCI `events` (see [`EventStats`]).
+    pub fn event_stats(&self) -> Result<EventStats, CgroupError> {
+        events::collect(&self.layout, &self.path)
     }
 
     /// Kills every process left, then removes the cgroup (and any child cgroups) from

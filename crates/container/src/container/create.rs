@@ -47,6 +47,17 @@ impl Runtime {
         };
         let bundle = crate::spec::load(&o.bundle)?;
         step("spec loaded");
+        let net_devices = {
+            let cfg = bundle.dir.join("config.json");
+            let raw: serde_json::Value = std::fs::read(&cfg)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            crate::spec::net_devices(&raw).map_err(|m| crate::Error::Spec {
+                path: cfg.clone(),
+                msg: m,
+            })?
+        };
         let linux = bundle.spec.linux().as_ref();
         let rel = linux
             .and_then(|l| l.cgroups_path().as_ref())
@@ -55,6 +66,7 @@ impl Runtime {
         let dir = self.root.reserve(&o.id, &rel)?;
         let annotations = bundle.spec.annotations().clone().unwrap_or_default();
         let mut cgroup: Option<Cgroup> = None;
+        let host_mounts = !crate::spec::has_mount_ns(&bundle.spec);
         let res = (|| -> Result<State> {
             let fifo = if wait_for_start {
                 let p = self.root.fifo_path(&o.id);
@@ -90,13 +102,31 @@ impl Runtime {
                 dmz: std::os::fd::AsRawFd::as_raw_fd(&dmz),
                 id: &o.id,
                 annotations: &annotations,
+                memory_policy: bundle.memory_policy.as_ref(),
             };
             let cgref = cgroup.as_ref();
             let pid = process::spawn(&cfg, &mut |ev| match ev {
-                Event::Pid(p) => match cgref {
-                    Some(c) => c.add_pid(p).map_err(Into::into),
-                    None => Ok(()),
-                },
+                Event::Pid(p) => {
+                    if let Some(c) = cgref {
+                        c.add_pid(p)?;
+                    }
+                    move_net_devices(&net_devices, p)
+                }
+                Event::SeccompListener(p, fd) => {
+                    let sc = linux.and_then(|l| l.seccomp().as_ref());
+                    let path = sc.and_then(|s| s.listener_path().as_ref()).ok_or_else(|| {
+                        crate::Error::Invalid("linux.seccomp.listenerPath is not set".into())
+                    })?;
+                    let state = hooks::state_json(&o.id, "creating", p, &bundle.dir, &annotations);
+                    crate::seccomp::send_to_agent(
+                        path,
+                        std::os::fd::AsRawFd::as_raw_fd(&fd),
+                        p,
+                        sc.and_then(|s| s.listener_metadata().as_deref()),
+                        &state,
+                    )
+                    .map_err(Into::into)
+                }
                 Event::Hooks(p) => {
                     let state = hooks::state_json(&o.id, "creating", p, &bundle.dir, &annotations);
                     hooks::run_all(
@@ -128,6 +158,8 @@ impl Runtime {
                 paused: false,
                 labels: o.labels.clone(),
                 hooks: bundle.spec.hooks().clone(),
+                resources: resources.clone(),
+                host_mounts,
             };
             self.root.save(&st)?;
             if let Some(p) = &o.pid_file {
@@ -159,10 +191,44 @@ impl Runtime {
             if let Some(c) = &cgroup {
                 let _ = c.destroy();
             }
+            if host_mounts {
+                let _ = crate::rootfs::undo_host_mounts(&bundle.rootfs);
+            }
             let _ = std::fs::remove_dir_all(&dir);
         }
         res
     }
+}
+
+/// Moves `linux.netDevices` into the network namespace of process `pid` (with `ip`, as
+/// the network crate configures links), renamed as the spec says. A virtual device dies
+/// with that namespace; a physical one goes back to the host's (the kernel's rule).
+fn move_net_devices(devs: &[(String, String)], pid: i32) -> Result<()> {
+    for (host, name) in devs {
+        let out = std::process::Command::new("ip")
+            .args([
+                "link",
+                "set",
+                "dev",
+                host,
+                "netns",
+                &pid.to_string(),
+                "name",
+                name,
+            ])
+            .output()
+            .map_err(|e| crate::Error::Io {
+                context: format!("run ip to move linux.netDevices {host}"),
+                source: e,
+            })?;
+        if !out.status.success() {
+            return Err(crate::Error::Invalid(format!(
+                "linux.netDevices: move {host} into the container as {name}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Device access every container gets on top of its spec's rules, as runc and crun

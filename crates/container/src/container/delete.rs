@@ -37,6 +37,9 @@ impl Runtime {
         if let Some(c) = &cg {
             c.destroy()?;
         }
+        if st.host_mounts {
+            crate::rootfs::undo_host_mounts(&st.rootfs)?;
+        }
         // The container is gone: poststop hooks, whose failures are only warnings.
         if let Some(h) = st.hooks.as_ref().and_then(|h| h.poststop().clone()) {
             let state = hooks::state_json(id, "stopped", 0, &st.bundle, &st.annotations);

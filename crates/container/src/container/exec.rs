@@ -29,6 +29,7 @@ impl Runtime {
         if o.process.args().as_ref().is_none_or(|a| a.is_empty()) {
             return Err(Error::Invalid("exec: no command given".into()));
         }
+        process::attrs::check_process(&o.process).map_err(Error::Invalid)?;
         let cg = Self::cgroup_of(&st);
         let pid = process::exec_in(
             st.pid,
@@ -40,12 +41,38 @@ impl Runtime {
                 None
             },
             o.preserve_fds,
+            bundle.memory_policy.as_ref(),
             &mut |ev| match ev {
                 Event::Pid(p) => match &cg {
                     Some(c) => c.add_pid(p).map_err(Into::into),
                     None => Ok(()),
                 },
                 Event::Hooks(_) => Ok(()),
+                Event::SeccompListener(p, fd) => {
+                    let sc = bundle
+                        .spec
+                        .linux()
+                        .as_ref()
+                        .and_then(|l| l.seccomp().as_ref());
+                    let path = sc.and_then(|s| s.listener_path().as_ref()).ok_or_else(|| {
+                        Error::Invalid("linux.seccomp.listenerPath is not set".into())
+                    })?;
+                    let state = crate::hooks::state_json(
+                        &st.id,
+                        "running",
+                        st.pid,
+                        &st.bundle,
+                        &st.annotations,
+                    );
+                    crate::seccomp::send_to_agent(
+                        path,
+                        std::os::fd::AsRawFd::as_raw_fd(&fd),
+                        p,
+                        sc.and_then(|s| s.listener_metadata().as_deref()),
+                        &state,
+                    )
+                    .map_err(Into::into)
+                }
             },
         )?;
         if let Some(p) = &o.pid_file {

@@ -1,5 +1,5 @@
 //! The container lifecycle as the OCI runtime command line exposes it: one file per
-//! verb (create, start, kill, delete, exec, pause), sharing [`Runtime`], which owns the
+//! verb (create, start, kill, delete, exec, pause, update), sharing [`Runtime`], which owns the
 //! state root.
 
 mod create;
@@ -8,6 +8,7 @@ mod exec;
 mod kill;
 mod pause;
 mod start;
+mod update;
 
 pub use create::CreateOpts;
 pub use exec::ExecOpts;
@@ -66,6 +67,16 @@ impl Runtime {
         let st = self.root.load(id)?;
         match Self::cgroup_of(&st) {
             Some(c) => Ok(Some(c.stats()?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The statistics document of OCI `events` for the container's cgroup (None when it
+    /// has none).
+    pub fn event_stats(&self, id: &str) -> Result<Option<crate::cgroups::EventStats>> {
+        let st = self.root.load(id)?;
+        match Self::cgroup_of(&st) {
+            Some(c) => Ok(Some(c.event_stats()?)),
             None => Ok(None),
         }
     }

@@ -101,10 +101,22 @@ pub(super) fn stage2(
             },
             &mut before_pivot,
         )?;
-    } else {
+    } else if plan.join.iter().any(|(f, _)| *f == CloneFlags::CLONE_NEWNS) {
         return Err(Error::Invalid(
-            "the spec must ask for a new mount namespace".into(),
+            "joining a mount namespace by path is not supported: ask for a new one, or none".into(),
         ));
+    } else {
+        // No mount namespace: the host's, as runc allows.
+        rootfs::setup_in_host_ns(
+            &RootfsContext {
+                spec: cfg.spec,
+                rootfs: cfg.rootfs,
+                bundle: cfg.bundle,
+                userns,
+                cgroup: cfg.cgroup_mount.clone(),
+            },
+            &mut before_pivot,
+        )?;
     }
     if plan.new.contains(CloneFlags::CLONE_NEWUTS) {
         if let Some(h) = cfg.spec.hostname() {
@@ -119,6 +131,8 @@ pub(super) fn stage2(
             }
         }
     }
+    super::attrs::apply_personality(cfg.spec)?;
+    super::attrs::apply_memory_policy(cfg.memory_policy)?;
     finalize(
         cfg.dmz,
         cfg.seccomp,
@@ -128,6 +142,7 @@ pub(super) fn stage2(
         cfg.preserve_fds,
         fifo,
         (!start_hooks.is_empty()).then(|| (start_hooks.as_slice(), state("created", host_pid))),
+        false,
     )
 }
 
@@ -325,6 +340,7 @@ pub(crate) fn finalize(
     preserve_fds: u32,
     fifo: Option<OwnedFd>,
     start_hooks: Option<(&[oci_spec::runtime::Hook], Vec<u8>)>,
+    exec: bool,
 ) -> Result<()> {
     if let Some(sock) = console {
         setup_terminal(sock)?;
@@ -334,6 +350,7 @@ pub(crate) fn finalize(
         std::fs::write("/proc/self/oom_score_adj", adj.to_string())
             .ctx(|| "write oom_score_adj")?;
     }
+    super::attrs::apply(process, exec)?;
     apply_rlimits(process)?;
     // The process starts with the signal state a fresh exec gives: nothing blocked,
     // SIGPIPE not ignored (Rust ignores it in the runtime; an ignored signal would stay
@@ -367,7 +384,7 @@ pub(crate) fn finalize(
     // Without no_new_privs the filter needs CAP_SYS_ADMIN: install it before dropping
     // capabilities; with it, as late as possible.
     if let (Some(f), false) = (seccomp, nnp) {
-        f.install()?;
+        install_seccomp(f, ch)?;
     }
     switch_user(process, bounding.as_ref())?;
     set_caps(process)?;
@@ -376,7 +393,7 @@ pub(crate) fn finalize(
     let exe = super::exe::resolve(arg0, &env)?;
     crate::sys::cloexec_from(3 + preserve_fds)?;
     if let (Some(f), true) = (seccomp, nnp) {
-        f.install()?;
+        install_seccomp(f, ch)?;
     }
     let cexe = CString::new(exe.as_os_str().as_encoded_bytes())
         .map_err(|_| Error::Invalid("executable path has a NUL byte".into()))?;
@@ -433,6 +450,24 @@ pub(crate) fn finalize(
         context: format!("exec {}", exe.display()),
         source: e,
     })
+}
+
+/// Installs the filter; a notifying one's listener goes to the runtime (for the seccomp
+/// agent) and this process waits until the agent has it.
+fn install_seccomp(f: &CompiledSeccomp, ch: &Channel) -> Result<()> {
+    if let Some(listener) = f.install()? {
+        ch.send_with_fd(&Msg::Seccomp, listener.as_raw_fd())?;
+        drop(listener);
+        match ch.recv()? {
+            Some(Msg::SeccompDone) => {}
+            _ => {
+                return Err(Error::Init(
+                    "runtime did not pass the seccomp listener to the agent".into(),
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Unblocks every signal and gives SIGPIPE its default action back.

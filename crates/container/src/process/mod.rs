@@ -5,6 +5,7 @@
 //! builds the rootfs, applies the process spec ([`init`]) and execs. The runtime and
 //! its children talk over a SOCK_SEQPACKET pair with typed messages ([`sync`]).
 
+pub mod attrs;
 mod exe;
 pub mod init;
 pub(crate) mod sync;
@@ -39,6 +40,8 @@ pub struct InitConfig<'a> {
     /// The container's id and annotations, for the state its hooks read.
     pub id: &'a str,
     pub annotations: &'a std::collections::HashMap<String, String>,
+    /// `linux.memoryPolicy`, for the container's processes.
+    pub memory_policy: Option<&'a crate::spec::MemoryPolicy>,
 }
 
 /// Something the runtime must do while the container is being made.
@@ -50,6 +53,9 @@ pub enum Event {
     /// createRuntime hooks, in the runtime's namespaces, for the container with this
     /// host pid.
     Hooks(i32),
+    /// The container's process (host pid) installed a notifying seccomp filter: pass
+    /// its listener to the seccomp agent at `linux.seccomp.listenerPath`.
+    SeccompListener(i32, OwnedFd),
 }
 
 pub(crate) fn ns_flag(t: LinuxNamespaceType) -> CloneFlags {
@@ -196,7 +202,12 @@ pub fn spawn(cfg: &InitConfig<'_>, on_event: &mut dyn FnMut(Event) -> Result<()>
             .iter()
             .any(|(f, _)| *f == CloneFlags::CLONE_NEWUSER);
 
-    if plan.join.is_empty() {
+    let new_time = plan
+        .new
+        .contains(CloneFlags::from_bits_retain(libc::CLONE_NEWTIME));
+    // A time namespace is made by unshare (clone(2) has no room for its flag) in a
+    // stage-1 process, so only the container's processes enter it.
+    if plan.join.is_empty() && !new_time {
         return spawn_direct(
             cfg, &plan, parent, child, new_user, on_event, &uid_maps, &gid_maps,
         );
@@ -215,8 +226,15 @@ pub fn spawn(cfg: &InitConfig<'_>, on_event: &mut dyn FnMut(Event) -> Result<()>
         if userns {
             become_root()?;
         }
-        let rest = plan.new & !(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWCGROUP);
+        // `difference`, not `& !`: the complement would drop CLONE_NEWTIME, a bit nix does
+        // not name.
+        let rest = plan
+            .new
+            .difference(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWCGROUP);
         nix::sched::unshare(rest).ctx(|| format!("unshare {rest:?}"))?;
+        if new_time {
+            write_time_offsets(cfg.spec)?;
+        }
         let init = fork_child(&child, None, libc::CLONE_PARENT, || {
             init::stage2(cfg, &child, &plan, userns, false)
         })?;
@@ -242,6 +260,9 @@ pub fn spawn(cfg: &InitConfig<'_>, on_event: &mut dyn FnMut(Event) -> Result<()>
                 Some(Msg::Hooks) if init_pid > 0 => {
                     on_event(Event::Hooks(init_pid))?;
                     parent.send(&Msg::HooksDone(init_pid))?;
+                }
+                Some(Msg::Seccomp) if init_pid > 0 => {
+                    seccomp_listener(&parent, init_pid, on_event)?;
                 }
                 Some(Msg::Ready) => return Ok(init_pid),
                 Some(Msg::Error(m)) => return Err(Error::Init(m)),
@@ -274,6 +295,53 @@ pub fn spawn(cfg: &InitConfig<'_>, on_event: &mut dyn FnMut(Event) -> Result<()>
             Err(e)
         }
     }
+}
+
+/// Writes `linux.timeOffsets` (already `SECS NANOS` text, see `spec`) for the time
+/// namespace this process just unshared: its children enter it with these offsets.
+fn write_time_offsets(spec: &Spec) -> Result<()> {
+    let Some(offsets) = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.time_offsets().as_ref())
+    else {
+        return Ok(());
+    };
+    let mut text = String::new();
+    for (clock, v) in offsets {
+        text.push_str(&format!("{clock} {v}\n"));
+    }
+    if text.is_empty() {
+        return Ok(());
+    }
+    // A non-dumpable process's /proc files belong to the host's root, which a process
+    // that is root only in a new user namespace cannot write: dumpable for this one
+    // write (no other process is in that user namespace yet).
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
+    let res = std::fs::write("/proc/self/timens_offsets", &text);
+    // SAFETY: as above.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    res.ctx(|| {
+        format!(
+            "write linux.timeOffsets {:?} to /proc/self/timens_offsets",
+            text.trim()
+        )
+    })
+}
+
+/// Hands the listener that came with [`Msg::Seccomp`] to the caller, then releases the
+/// process.
+fn seccomp_listener(
+    parent: &Channel,
+    pid: i32,
+    on_event: &mut dyn FnMut(Event) -> Result<()>,
+) -> Result<()> {
+    let fd = parent
+        .take_fd()
+        .ok_or_else(|| Error::Init("seccomp listener missing from its message".into()))?;
+    on_event(Event::SeccompListener(pid, fd))?;
+    parent.send(&Msg::SeccompDone)
 }
 
 /// A message the runtime does not expect at this point of the set-up.
@@ -323,6 +391,7 @@ fn spawn_direct(
                     on_event(Event::Hooks(pid))?;
                     parent.send(&Msg::HooksDone(pid))?;
                 }
+                Some(Msg::Seccomp) => seccomp_listener(&parent, pid, on_event)?,
                 Some(Msg::Error(m)) => return Err(Error::Init(m)),
                 Some(Msg::HookFailed(m)) => return Err(Error::Hook(m)),
                 None => return Err(Error::Init("container process exited during set-up".into())),
@@ -369,6 +438,7 @@ pub fn exec_in(
     process: &Process,
     console_socket: Option<&Path>,
     preserve_fds: u32,
+    memory_policy: Option<&crate::spec::MemoryPolicy>,
     on_event: &mut dyn FnMut(Event) -> Result<()>,
 ) -> Result<i32> {
     let order = [
@@ -378,16 +448,35 @@ pub fn exec_in(
         ("net", CloneFlags::CLONE_NEWNET),
         ("pid", CloneFlags::CLONE_NEWPID),
         ("cgroup", CloneFlags::CLONE_NEWCGROUP),
+        ("time", CloneFlags::from_bits_retain(libc::CLONE_NEWTIME)),
         ("mnt", CloneFlags::CLONE_NEWNS),
     ];
     let mut join = Vec::new();
     let mut userns = false;
+    // A container in the runtime's mount namespace (none of its own) has its root
+    // by chroot: the exec'd process takes the same root.
+    let mut chroot_to: Option<OwnedFd> = None;
     for (name, flag) in order {
         let theirs = std::fs::metadata(format!("/proc/{pid}/ns/{name}"));
         let ours = std::fs::metadata(format!("/proc/self/ns/{name}"));
         use std::os::unix::fs::MetadataExt;
         match (theirs, ours) {
-            (Ok(t), Ok(o)) if t.ino() == o.ino() && t.dev() == o.dev() => continue,
+            (Ok(t), Ok(o)) if t.ino() == o.ino() && t.dev() == o.dev() => {
+                if flag == CloneFlags::CLONE_NEWNS {
+                    let p = format!("/proc/{pid}/root");
+                    let fd = nix::fcntl::open(
+                        p.as_str(),
+                        nix::fcntl::OFlag::O_RDONLY
+                            | nix::fcntl::OFlag::O_DIRECTORY
+                            | nix::fcntl::OFlag::O_CLOEXEC,
+                        nix::sys::stat::Mode::empty(),
+                    )
+                    .ctx(|| format!("open {p}"))?;
+                    // SAFETY: open just returned fd and nothing else owns it.
+                    chroot_to = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+                continue;
+            }
             (Ok(_), _) => {
                 let p = format!("/proc/{pid}/ns/{name}");
                 let fd = nix::fcntl::open(
@@ -420,9 +509,14 @@ pub fn exec_in(
         if userns {
             become_root()?;
         }
+        if let Some(root) = &chroot_to {
+            nix::unistd::fchdir(root.as_raw_fd()).ctx(|| "chdir to the container's root")?;
+            nix::unistd::chroot(".").ctx(|| "chroot to the container's root")?;
+        }
         let p = fork_child(&child, None, libc::CLONE_PARENT, || {
             child.wait_go("the process")?;
             nix::unistd::setsid().ctx(|| "setsid")?;
+            attrs::apply_memory_policy(memory_policy)?;
             init::finalize(
                 dmz.as_raw_fd(),
                 seccomp.as_ref(),
@@ -432,6 +526,7 @@ pub fn exec_in(
                 preserve_fds,
                 None,
                 None,
+                true,
             )
         })?;
         child.send(&Msg::Pid(p))?;
@@ -448,6 +543,9 @@ pub fn exec_in(
                     parent.send(&Msg::Go)?;
                 }
                 Some(Msg::Ready) => {}
+                Some(Msg::Seccomp) if exec_pid > 0 => {
+                    seccomp_listener(&parent, exec_pid, on_event)?;
+                }
                 Some(Msg::Error(m)) => return Err(Error::Init(m)),
                 Some(Msg::HookFailed(m)) => return Err(Error::Hook(m)),
                 None if exec_pid > 0 => return Ok(exec_pid),

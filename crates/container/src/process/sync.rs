@@ -49,6 +49,11 @@ pub(crate) enum Msg {
     Error(String),
     /// A hook the container's process runs failed (the message names it).
     HookFailed(String),
+    /// The seccomp filter is installed; its notification listener comes with this
+    /// message (SCM_RIGHTS) for the runtime to pass to the seccomp agent.
+    Seccomp,
+    /// The runtime gave the listener to the agent.
+    SeccompDone,
 }
 
 impl Msg {
@@ -64,6 +69,8 @@ impl Msg {
             Msg::HooksDone(pid) => format!("h{pid}").into_bytes(),
             Msg::Error(m) => [b"E", m.as_bytes()].concat(),
             Msg::HookFailed(m) => [b"F", m.as_bytes()].concat(),
+            Msg::Seccomp => b"S".to_vec(),
+            Msg::SeccompDone => b"s".to_vec(),
         }
     }
 
@@ -83,6 +90,8 @@ impl Msg {
             b'g' => bare(Msg::Go),
             b'R' => bare(Msg::Ready),
             b'H' => bare(Msg::Hooks),
+            b'S' => bare(Msg::Seccomp),
+            b's' => bare(Msg::SeccompDone),
             b'h' => std::str::from_utf8(rest)
                 .ok()
                 .and_then(|s| s.parse().ok())
@@ -105,6 +114,8 @@ impl Msg {
 /// One end of the sync channel.
 pub(crate) struct Channel {
     fd: OwnedFd,
+    /// A descriptor that came with the last message received (SCM_RIGHTS).
+    fd_in: std::cell::RefCell<Option<OwnedFd>>,
 }
 
 impl Channel {
@@ -118,7 +129,16 @@ impl Channel {
             SockFlag::SOCK_CLOEXEC,
         )
         .ctx(|| "socketpair")?;
-        Ok((Channel { fd: a }, Channel { fd: b }))
+        Ok((
+            Channel {
+                fd: a,
+                fd_in: Default::default(),
+            },
+            Channel {
+                fd: b,
+                fd_in: Default::default(),
+            },
+        ))
     }
 
     /// The descriptor (for closing the other end in a child).
@@ -132,17 +152,65 @@ impl Channel {
         Ok(())
     }
 
+    /// Sends one message with a descriptor (SCM_RIGHTS).
+    pub(crate) fn send_with_fd(&self, msg: &Msg, fd: std::os::fd::RawFd) -> Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let bytes = msg.encode();
+        let iov = [std::io::IoSlice::new(&bytes)];
+        let fds = [fd];
+        sendmsg::<()>(
+            self.fd.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .ctx(|| "send a descriptor on sync channel")?;
+        Ok(())
+    }
+
+    /// The descriptor that came with the last message received, if any.
+    pub(crate) fn take_fd(&self) -> Option<OwnedFd> {
+        self.fd_in.borrow_mut().take()
+    }
+
     /// Receives one message; `None` when the other end closed the channel (it exited or
-    /// exec'd).
+    /// exec'd). A descriptor sent with it is kept for [`Channel::take_fd`].
     pub(crate) fn recv(&self) -> Result<Option<Msg>> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+        use std::os::fd::FromRawFd;
         let mut buf = vec![0u8; MAX_MSG];
         loop {
-            match nix::unistd::read(self.fd.as_raw_fd(), &mut buf) {
-                Ok(0) => return Ok(None),
-                Ok(n) => return Msg::decode(&buf[..n]).map(Some),
+            let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let (n, fds) = match recvmsg::<()>(
+                self.fd.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Ok(m) => {
+                    let mut fds = Vec::new();
+                    if let Ok(cmsgs) = m.cmsgs() {
+                        for c in cmsgs {
+                            if let ControlMessageOwned::ScmRights(f) = c {
+                                fds.extend(f);
+                            }
+                        }
+                    }
+                    (m.bytes, fds)
+                }
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(e).ctx(|| "receive on sync channel"),
+            };
+            for fd in fds {
+                // SAFETY: SCM_RIGHTS gave this process a new descriptor.
+                *self.fd_in.borrow_mut() = Some(unsafe { OwnedFd::from_raw_fd(fd) });
             }
+            if n == 0 {
+                return Ok(None);
+            }
+            return Msg::decode(&buf[..n]).map(Some);
         }
     }
 
@@ -170,6 +238,8 @@ mod tests {
             (Msg::Ready, b"R"),
             (Msg::Hooks, b"H"),
             (Msg::HooksDone(17), b"h17"),
+            (Msg::Seccomp, b"S"),
+            (Msg::SeccompDone, b"s"),
             (
                 Msg::Error("mount /proc: EPERM".into()),
                 b"Emount /proc: EPERM",

@@ -1,7 +1,7 @@
 //! The command line, as clap structs only: no behaviour here. The OCI runtime verbs
-//! (create, start, state, kill, delete, exec --process, pause, resume, list, spec, features, run
-//! --bundle) follow runc's and crun's shapes so podman can drive nestor; the others
-//! follow Docker's.
+//! (create, start, state, kill, delete, exec, pause, resume, list, spec, features, run
+//! --bundle, ps ID, update, events) follow runc's and crun's shapes so podman can drive
+//! nestor; the others follow Docker's.
 
 use std::path::PathBuf;
 
@@ -78,7 +78,8 @@ pub enum Cmd {
     Exec(ExecArgs),
     /// Run a container: OCI style with --bundle, Docker style with an image.
     Run(RunArgs),
-    /// List containers made with `nestor run`.
+    /// List containers made with `nestor run`; with an ID, OCI `ps ID [PS-ARGS…]`: the
+    /// processes in that container's cgroup (in --root), as runc lists them.
     Ps {
         /// Show exited containers too.
         #[arg(short, long)]
@@ -87,6 +88,31 @@ pub enum Cmd {
         quiet: bool,
         #[arg(long)]
         json: bool,
+        /// OCI ps: `table` (the host's `ps` output, default `-ef`, filtered to the
+        /// container's pids) or `json` (the pids).
+        #[arg(short, long, value_enum)]
+        format: Option<ListFormat>,
+        /// OCI ps: the container id, then arguments for the host's `ps`.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ID [PS-ARGS]"
+        )]
+        oci: Vec<String>,
+    },
+    /// OCI: change the cgroup limits of a created, running or paused container (runc's
+    /// flags; kept in its state).
+    Update(UpdateArgs),
+    /// OCI: the container's resource usage as JSON events (`stats` every --interval, or
+    /// once with --stats; `oom` when the OOM killer strikes in its cgroup).
+    Events {
+        /// Print one stats event and exit.
+        #[arg(long)]
+        stats: bool,
+        /// Time between stats events (`5s`, `500ms`, `1m`).
+        #[arg(long, default_value = "5s")]
+        interval: String,
+        id: String,
     },
     /// Print the output of a detached container.
     Logs {
@@ -403,6 +429,64 @@ pub struct ExecArgs {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// OCI `update`: runc's flags, or the whole `linux.resources` document with
+/// `-r FILE` (`-` for stdin), in which case the other flags are ignored as runc does.
+#[derive(Args, Debug, Clone)]
+pub struct UpdateArgs {
+    /// A `linux.resources` JSON document to apply (`-` reads stdin).
+    #[arg(short, long, value_name = "FILE")]
+    pub resources: Option<PathBuf>,
+    /// Block I/O weight, 10 to 1000.
+    #[arg(long)]
+    pub blkio_weight: Option<u16>,
+    /// CPU CFS period, microseconds.
+    #[arg(long)]
+    pub cpu_period: Option<String>,
+    /// CPU CFS quota, microseconds (-1: none).
+    #[arg(long, allow_hyphen_values = true)]
+    pub cpu_quota: Option<String>,
+    /// CPU shares (relative weight).
+    #[arg(long = "cpu-share", alias = "cpu-shares")]
+    pub cpu_share: Option<String>,
+    /// Realtime period, microseconds.
+    #[arg(long)]
+    pub cpu_rt_period: Option<String>,
+    /// Realtime runtime, microseconds.
+    #[arg(long, allow_hyphen_values = true)]
+    pub cpu_rt_runtime: Option<String>,
+    /// CPUs the container may run on (`0-1`, `0,2`).
+    #[arg(long)]
+    pub cpuset_cpus: Option<String>,
+    /// Memory nodes the container may use.
+    #[arg(long)]
+    pub cpuset_mems: Option<String>,
+    /// Refused: kernel memory limits are gone from the kernel.
+    #[arg(long)]
+    pub kernel_memory: Option<String>,
+    /// Refused, as --kernel-memory.
+    #[arg(long)]
+    pub kernel_memory_tcp: Option<String>,
+    /// Memory limit (`100m`, `1g`, bytes; -1: none).
+    #[arg(long, allow_hyphen_values = true)]
+    pub memory: Option<String>,
+    /// Memory soft limit.
+    #[arg(long, allow_hyphen_values = true)]
+    pub memory_reservation: Option<String>,
+    /// Memory plus swap limit (-1: none).
+    #[arg(long, allow_hyphen_values = true)]
+    pub memory_swap: Option<String>,
+    /// Maximum number of tasks (-1: none; 0 leaves it as it is, as runc does).
+    #[arg(long, allow_hyphen_values = true)]
+    pub pids_limit: Option<i64>,
+    /// Refused: Intel RDT is not supported.
+    #[arg(long)]
+    pub l3_cache_schema: Option<String>,
+    /// Refused: Intel RDT is not supported.
+    #[arg(long)]
+    pub mem_bw_schema: Option<String>,
+    pub id: String,
 }
 
 /// `list --format`.
