@@ -1,6 +1,6 @@
 //! The container lifecycle as the OCI runtime command line exposes it: one file per
-//! verb (create, start, kill, delete, exec, pause), sharing [`Runtime`], which owns the
-//! state root.
+//! verb (create, start, kill, delete, exec, pause, update), sharing [`Runtime`], which
+//! owns the state root.
 
 mod create;
 mod delete;
@@ -8,6 +8,7 @@ mod exec;
 mod kill;
 mod pause;
 mod start;
+mod update;
 
 pub use create::CreateOpts;
 pub use exec::ExecOpts;
