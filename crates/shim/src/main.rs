@@ -12,6 +12,7 @@
 
 mod exits;
 mod oom;
+mod options;
 mod runtime;
 mod service;
 mod stdio;

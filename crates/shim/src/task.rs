@@ -99,6 +99,8 @@ struct Container {
     init: Process,
     execs: HashMap<String, Process>,
     paused: bool,
+    /// Set when the init's Start succeeded.
+    started: bool,
     rootfs_mounted: bool,
     /// The cgroup's OOM kills that TaskOOM events have covered (see `oom_notice`).
     oom_seen: u64,
@@ -116,6 +118,18 @@ impl Container {
         self.execs
             .get(exec_id)
             .ok_or_else(|| Error::NotFoundError(format!("exec {exec_id} of {}", self.id)))
+    }
+
+    /// An error for what VM mode does not offer (the container's cgroup is in the
+    /// guest, out of the host's reach).
+    fn native_only(&self, what: &str) -> Result<(), Error> {
+        if self.nestor.vm {
+            return Err(Error::Unimplemented(format!(
+                "{what} of {}: not in VM mode (its cgroup is inside the microVM)",
+                self.id
+            )));
+        }
+        Ok(())
     }
 
     fn process_mut(&mut self, exec_id: &str) -> Result<&mut Process, Error> {
@@ -358,20 +372,6 @@ fn spec_terminal(bundle: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// The runtime options containerd attached (runc's Options type: BinaryName, Root).
-fn runtime_options(
-    any: &MessageField<containerd_shim::protos::protobuf::well_known_types::any::Any>,
-) -> (String, String) {
-    use containerd_shim::protos::protobuf::Message;
-    let Some(any) = any.as_ref() else {
-        return Default::default();
-    };
-    match containerd_shim::api::Options::parse_from_bytes(&any.value) {
-        Ok(o) => (o.binary_name, o.root),
-        Err(_) => Default::default(),
-    }
-}
-
 #[async_trait]
 impl containerd_shim::Task for TaskService {
     async fn create(
@@ -380,10 +380,10 @@ impl containerd_shim::Task for TaskService {
         req: CreateTaskRequest,
     ) -> TtrpcResult<CreateTaskResponse> {
         let bundle = PathBuf::from(&req.bundle);
-        let (binary, root) = runtime_options(&req.options);
-        // Kept for `delete` after a crash: the shim's cleanup reads them back.
-        let _ = std::fs::write(bundle.join("nestor-options"), format!("{binary}\n{root}\n"));
-        let nestor = Nestor::new(&binary, &root, &self.namespace, &bundle);
+        let settings = crate::options::settings(req.options.as_ref(), &bundle)
+            .map_err(|e| Error::InvalidArgument(format!("{e:#}")))?;
+        crate::options::save(&bundle, &settings);
+        let nestor = Nestor::new(&settings, &self.namespace, &bundle);
         let mut rootfs_mounted = false;
         if !req.rootfs.is_empty() {
             let target = bundle.join("rootfs");
@@ -437,6 +437,7 @@ impl containerd_shim::Task for TaskService {
                 init,
                 execs: HashMap::new(),
                 paused: false,
+                started: false,
                 rootfs_mounted,
                 oom_seen: 0,
                 oom_done: false,
@@ -475,6 +476,7 @@ impl containerd_shim::Task for TaskService {
             .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
         if req.exec_id.is_empty() {
             c.nestor.start(&req.id).await.map_err(other)?;
+            c.started = true;
             let pid = c.init.pid;
             drop(map);
             self.send(TaskStart {
@@ -597,12 +599,7 @@ impl containerd_shim::Task for TaskService {
             Some(_) => Status::STOPPED,
             None if p.pid == 0 => Status::CREATED,
             None if req.exec_id.is_empty() && c.paused => Status::PAUSED,
-            None if req.exec_id.is_empty() => {
-                match nestor_container::state::Root::new(&c.nestor.root).load(&c.id) {
-                    Ok(st) if !st.started => Status::CREATED,
-                    _ => Status::RUNNING,
-                }
-            }
+            None if req.exec_id.is_empty() && !c.started => Status::CREATED,
             None => Status::RUNNING,
         };
         Ok(StateResponse {
@@ -737,6 +734,7 @@ impl containerd_shim::Task for TaskService {
         let c = map
             .get(&req.id)
             .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
+        c.native_only("pids")?;
         let pids = c
             .nestor
             .cgroup(&c.id)
@@ -759,6 +757,7 @@ impl containerd_shim::Task for TaskService {
         let c = map
             .get_mut(&req.id)
             .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
+        c.native_only("pause")?;
         c.nestor.pause(&c.id).await.map_err(other)?;
         c.paused = true;
         drop(map);
@@ -774,6 +773,7 @@ impl containerd_shim::Task for TaskService {
         let c = map
             .get_mut(&req.id)
             .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
+        c.native_only("resume")?;
         c.nestor.resume(&c.id).await.map_err(other)?;
         c.paused = false;
         drop(map);
@@ -833,6 +833,7 @@ impl containerd_shim::Task for TaskService {
             let c = map
                 .get(&req.id)
                 .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
+            c.native_only("update")?;
             c.nestor.root.clone()
         };
         let id = req.id.clone();
@@ -853,6 +854,7 @@ impl containerd_shim::Task for TaskService {
         let c = map
             .get(&req.id)
             .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
+        c.native_only("stats")?;
         let st = c
             .nestor
             .cgroup(&c.id)

@@ -1110,3 +1110,80 @@ fn cri_plugin_lists_the_nestor_runtime_handler() {
         "{start}"
     );
 }
+
+#[test]
+fn runtime_config_file_and_mode_annotation() {
+    need_containerd!();
+    let _ = nestor_bin();
+    let c = Containerd::start();
+    // The CRI plugin's generic runtime options (what `ctr --runtime-config-path`
+    // sends too): ConfigPath names the shim's TOML file.
+    let root = c.dir.path().join("nestor-root");
+    let conf = c.dir.path().join("nestor-shim.toml");
+    std::fs::write(
+        &conf,
+        format!("mode = \"native\"\nroot = \"{}\"\n", root.display()),
+    )
+    .unwrap();
+    let id = unique("conf");
+    c.ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        conf.to_str().unwrap(),
+        &c.image,
+        &id,
+        "sleep",
+        "1000",
+    ]);
+    let state = root.join(&c.ns).join(&id).join("state.json");
+    assert!(state.is_file(), "no {}", state.display());
+    assert!(!c.nestor_root().join(&id).exists());
+    c.ok(&["task", "kill", "-s", "KILL", &id]);
+    c.wait_status(&id, "STOPPED");
+    c.ok(&["task", "rm", &id]);
+    c.ok(&["c", "rm", &id]);
+    assert!(!state.exists());
+
+    // A bad mode, by annotation or in the file: one error naming it, nothing left.
+    let id = unique("badmode");
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        "nestor.io/mode=vmm",
+        &c.image,
+        &id,
+        "true",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("nestor.io/mode") && err.contains("vmm"),
+        "{err}"
+    );
+    std::fs::write(&conf, "mode = \"vmm\"\n").unwrap();
+    let id2 = unique("badconf");
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        conf.to_str().unwrap(),
+        &c.image,
+        &id2,
+        "true",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("nestor-shim.toml"), "{err}");
+    for i in [&id, &id2] {
+        let _ = c.ctr(&["c", "rm", i]);
+        assert_eq!(c.leftovers(i, 0), Vec::<String>::new());
+    }
+}
