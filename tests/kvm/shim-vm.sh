@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# containerd's shim in VM mode: containerd 1.6 (Debian's, from the host's root) started
+# by this test with a config, root, state and socket of its own, and
+# containerd-shim-nestor-v2 selecting VM mode per container by the OCI annotation
+# nestor.io/mode=vm (the shim drives `nestor --vm-runtime`: one microVM per container).
+# Checks: `ctr run --rm` output, stderr and exit code, from inside a guest kernel;
+# `ctr run -d`, `task exec` (output, exit code), `task kill`, `task rm`, `c rm`, after
+# which no VMM, VM state or bundle mount is left. Two nested VM launches.
+# Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all pass.
+set -euo pipefail
+limit=420
+source "$(dirname "${BASH_SOURCE[0]}")/lib/prelude.sh"
+shim=$tdir/release/containerd-shim-nestor-v2
+[[ -x $shim ]] || die2 "no $shim (cargo build --release -p nestor-shim)"
+command -v containerd >/dev/null && command -v ctr >/dev/null ||
+    die2 "containerd and ctr are not installed (scripts/setup.sh installs them)"
+source "$here/lib/vm-env.sh"
+cp "$shim" "$bin/"
+
+# A containerd of the test's own, the shim and nestor on its PATH (side by side).
+c=$work/ctrd
+mkdir -p "$c"
+cat >"$c/config.toml" <<EOF
+version = 2
+root = "$c/root"
+state = "$c/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$c/containerd.sock"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$c/opt"
+EOF
+PATH=$bin:$PATH containerd --config "$c/config.toml" >"$c/containerd.log" 2>&1 &
+cpid=$!
+ns=nestor-shim-vm-$$
+cx() { timeout --kill-after=5 240 ctr -a "$c/containerd.sock" -n "$ns" "$@"; }
+stop_containerd() {
+    local t
+    for t in $(cx task ls -q); do
+        cx task kill -s KILL "$t"
+        sleep 1
+        cx task rm -f "$t"
+    done
+    kill "$cpid"
+    wait "$cpid"
+}
+on_exit stop_containerd
+for _ in $(seq 200); do cx version >/dev/null 2>&1 && break; sleep 0.1; done
+cx version >/dev/null || { cat "$c/containerd.log" >&2; die2 "containerd did not start"; }
+tar -C "$img" -cf "$work/busybox.tar" .
+cx image import "$work/busybox.tar" >/dev/null
+image=$(cx image ls -q | head -n1)
+vm=(--runtime io.containerd.nestor.v2 --annotation nestor.io/mode=vm)
+
+# 1. ctr run --rm: output, stderr and exit code, from the guest.
+t0=$(date +%s%N)
+set +e
+out=$(cx run --rm "${vm[@]}" "$image" vm-rm sh -c 'echo out; echo err >&2; uname -r; exit 7' 2>"$work/err")
+rc=$?
+set -e
+t1=$(date +%s%N)
+expect "ctr run --rm exit code" 7 "$rc"
+expect "stdout" out "$(head -n1 <<<"$out")"
+guest=$(sed -n 2p <<<"$out")
+[[ -n $guest && $guest != "$(uname -r)" ]] && pass "in the guest kernel ($guest, host $(uname -r))" ||
+    bad "uname -r under the shim's VM mode: '$guest' (host $(uname -r)); log: $(tail -n5 "$c/containerd.log")"
+grep -qx err "$work/err" && pass "stderr" || bad "stderr: $(cat "$work/err")"
+echo "ctr run --rm in a microVM: $(((t1 - t0) / 1000000)) ms$label"
+[[ -z $(cx task ls -q) && -z $(cx c ls -q) ]] && pass "run --rm left no task or container" ||
+    bad "left: $(cx task ls) $(cx c ls)"
+
+# 2. run -d, task exec, kill, rm.
+cx run -d "${vm[@]}" "$image" vm-d sleep 1000 >/dev/null
+st=$(cx task ls | awk '$1 == "vm-d" {print $3}')
+expect "run -d: task status" RUNNING "$st"
+set +e
+out=$(cx task exec --exec-id e1 vm-d sh -c 'echo from-exec; uname -r; exit 5')
+rc=$?
+set -e
+expect "task exec exit code" 5 "$rc"
+expect "task exec output" "from-exec $guest" "$(tr '\n' ' ' <<<"$out" | sed 's/ $//')"
+cx task kill -s KILL vm-d
+for _ in $(seq 300); do
+    [[ $(cx task ls | awk '$1 == "vm-d" {print $3}') == STOPPED ]] && break
+    sleep 0.1
+done
+expect "task kill: status" STOPPED "$(cx task ls | awk '$1 == "vm-d" {print $3}')"
+set +e
+rmout=$(cx task rm vm-d 2>&1)
+rc=$?
+set -e
+expect "task rm" 0 "$rc"
+grep -q 137 <<<"$rmout" && pass "task rm reports the SIGKILL exit (137)" || bad "task rm said: $rmout"
+cx c rm vm-d
+sleep 1
+left=
+pgrep -f "nestor-vmm.*vm-d" >/dev/null && left+=" a nestor-vmm"
+[[ -e /run/containerd/nestor/$ns/.vm/vm-d ]] && left+=" VM state"
+grep -q "/vm-d/rootfs " /proc/self/mountinfo && left+=" the rootfs mount"
+[[ -z $left ]] && pass "nothing left after task rm and c rm" || bad "left behind:$left"
+if ((fail)); then
+    echo "--- containerd log (tail)" >&2
+    tail -n 40 "$c/containerd.log" >&2
+fi
+finish
