@@ -1078,6 +1078,11 @@ const CRI_CONFIG: &str = r#"
       runtime_type = "io.containerd.runc.v2"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.nestor]
       runtime_type = "io.containerd.nestor.v2"
+      pod_annotations = ["nestor.io/mode"]
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.nestor-vm]
+      runtime_type = "io.containerd.nestor.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.nestor-vm.options]
+        ConfigPath = "/etc/nestor/shim-vm.toml"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "@DIR@/cni"
@@ -1107,6 +1112,15 @@ fn cri_plugin_lists_the_nestor_runtime_handler() {
         .unwrap_or_else(|| panic!("the CRI plugin did not start:\n{log}"));
     assert!(
         start.contains("nestor:{Type:io.containerd.nestor.v2"),
+        "{start}"
+    );
+    assert!(start.contains("PodAnnotations:[nestor.io/mode]"), "{start}");
+    assert!(
+        start.contains("nestor-vm:{Type:io.containerd.nestor.v2"),
+        "{start}"
+    );
+    assert!(
+        start.contains("ConfigPath:/etc/nestor/shim-vm.toml"),
         "{start}"
     );
 }
