@@ -4,8 +4,9 @@
 # containerd-shim-nestor-v2 selecting VM mode per container by the OCI annotation
 # nestor.io/mode=vm (the shim drives `nestor --vm-runtime`: one microVM per container).
 # Checks: `ctr run --rm` output, stderr and exit code, from inside a guest kernel;
-# `ctr run -d`, `task exec` (output, exit code), `task kill`, `task rm`, `c rm`, after
-# which no VMM, VM state or bundle mount is left. Two nested VM launches.
+# `ctr run -d`, `task exec` (output, exit code; `task kill --exec-id` reaching the
+# process in the guest), `task kill`, `task rm`, `c rm`, after which no VMM, VM state
+# or bundle mount is left. Two nested VM launches; about 130 s with the boot.
 # Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all pass.
 set -euo pipefail
 limit=420
@@ -79,6 +80,16 @@ rc=$?
 set -e
 expect "task exec exit code" 5 "$rc"
 expect "task exec output" "from-exec $guest" "$(tr '\n' ' ' <<<"$out" | sed 's/ $//')"
+# A signal to an exec (`task kill --exec-id`) reaches the process in the guest.
+cx task exec --exec-id e2 vm-d sh -c 'trap "exit 42" TERM; echo ready; while :; do sleep 0.1; done' >"$work/e2" 2>&1 &
+epid=$!
+for _ in $(seq 600); do grep -q ready "$work/e2" 2>/dev/null && break; sleep 0.1; done
+cx task kill --exec-id e2 -s TERM vm-d
+set +e
+wait $epid
+rc=$?
+set -e
+expect "task kill --exec-id: SIGTERM trapped in the guest" 42 "$rc"
 cx task kill -s KILL vm-d
 for _ in $(seq 300); do
     [[ $(cx task ls | awk '$1 == "vm-d" {print $3}') == STOPPED ]] && break
