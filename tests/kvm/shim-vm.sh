@@ -6,67 +6,28 @@
 # Checks: `ctr run --rm` output, stderr and exit code, from inside a guest kernel;
 # `ctr run -d`, `task exec` (output, exit code; `task kill --exec-id` reaching the
 # process in the guest), `task kill`, `task rm`, `c rm`, after which no VMM, VM state
-# or bundle mount is left. Two nested VM launches; about 130 s with the boot.
+# or bundle mount is left. Then native mode on the test host's cgroup v2: TaskOOM while
+# the task runs. Two nested VM launches; about 130 s with the boot.
 # Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all pass.
 set -euo pipefail
 limit=420
 source "$(dirname "${BASH_SOURCE[0]}")/lib/prelude.sh"
-shim=$tdir/release/containerd-shim-nestor-v2
-[[ -x $shim ]] || die2 "no $shim (cargo build --release -p nestor-shim)"
-command -v containerd >/dev/null && command -v ctr >/dev/null ||
-    die2 "containerd and ctr are not installed (scripts/setup.sh installs them)"
+[[ -x $tdir/release/containerd-shim-nestor-v2 ]] || die2 "no containerd-shim-nestor-v2 (cargo build --release -p nestor-shim)"
 source "$here/lib/vm-env.sh"
-cp "$shim" "$bin/"
-
-# A containerd of the test's own, the shim and nestor on its PATH (side by side).
-c=$work/ctrd
-mkdir -p "$c"
-cat >"$c/config.toml" <<EOF
-version = 2
-root = "$c/root"
-state = "$c/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$c/containerd.sock"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$c/opt"
-EOF
-PATH=$bin:$PATH containerd --config "$c/config.toml" >"$c/containerd.log" 2>&1 &
-cpid=$!
-ns=nestor-shim-vm-$$
-cx() { timeout --kill-after=5 240 ctr -a "$c/containerd.sock" -n "$ns" "$@"; }
-stop_containerd() {
-    local t
-    for t in $(cx task ls -q); do
-        cx task kill -s KILL "$t"
-        sleep 1
-        cx task rm -f "$t"
-    done
-    kill "$cpid"
-    wait "$cpid"
-}
-on_exit stop_containerd
-for _ in $(seq 200); do cx version >/dev/null 2>&1 && break; sleep 0.1; done
-cx version >/dev/null || { cat "$c/containerd.log" >&2; die2 "containerd did not start"; }
-tar -C "$img" -cf "$work/busybox.tar" .
-cx image import "$work/busybox.tar" >/dev/null
-image=$(cx image ls -q | head -n1)
+source "$here/lib/containerd-env.sh"
 vm=(--runtime io.containerd.nestor.v2 --annotation nestor.io/mode=vm)
 
 # 1. ctr run --rm: output, stderr and exit code, from the guest.
-t0=$(date +%s%N)
 set +e
 out=$(cx run --rm "${vm[@]}" "$image" vm-rm sh -c 'echo out; echo err >&2; uname -r; exit 7' 2>"$work/err")
 rc=$?
 set -e
-t1=$(date +%s%N)
 expect "ctr run --rm exit code" 7 "$rc"
 expect "stdout" out "$(head -n1 <<<"$out")"
 guest=$(sed -n 2p <<<"$out")
 [[ -n $guest && $guest != "$(uname -r)" ]] && pass "in the guest kernel ($guest, host $(uname -r))" ||
-    bad "uname -r under the shim's VM mode: '$guest' (host $(uname -r)); log: $(tail -n5 "$c/containerd.log")"
+    bad "uname -r under the shim's VM mode: '$guest' (host $(uname -r)); log: $(tail -n5 "$ctrd/containerd.log")"
 grep -qx err "$work/err" && pass "stderr" || bad "stderr: $(cat "$work/err")"
-echo "ctr run --rm in a microVM: $(((t1 - t0) / 1000000)) ms$label"
 [[ -z $(cx task ls -q) && -z $(cx c ls -q) ]] && pass "run --rm left no task or container" ||
     bad "left: $(cx task ls) $(cx c ls)"
 
@@ -109,8 +70,37 @@ pgrep -f "nestor-vmm.*vm-d" >/dev/null && left+=" a nestor-vmm"
 [[ -e /run/containerd/nestor/$ns/.vm/vm-d ]] && left+=" VM state"
 grep -q "/vm-d/rootfs " /proc/self/mountinfo && left+=" the rootfs mount"
 [[ -z $left ]] && pass "nothing left after task rm and c rm" || bad "left behind:$left"
+# 3. Native mode on cgroup v2 (the test host mounts no v1): TaskOOM while the task
+#    runs, from memory.events (the host-side tests cover v1's eventfd).
+cx events >"$work/events" 2>&1 &
+evpid=$!
+for _ in $(seq 100); do
+    cx namespaces label "$ns" probe=$RANDOM
+    grep -q /namespaces/update "$work/events" && break
+    sleep 0.2
+done
+cx run -d --memory-limit 33554432 --runtime io.containerd.nestor.v2 "$image" nat-oom \
+    sh -c 'tail /dev/zero; exec sleep 1000'
+for _ in $(seq 300); do
+    grep "nat-oom" "$work/events" | grep -q /tasks/oom && break
+    sleep 0.2
+done
+grep "nat-oom" "$work/events" | grep -q /tasks/oom && pass "cgroup v2: TaskOOM while the task runs" ||
+    bad "cgroup v2: no /tasks/oom: $(cat "$work/events")"
+expect "cgroup v2: the init lived on" RUNNING "$(cx task ls | awk '$1 == "nat-oom" {print $3}')"
+grep "nat-oom" "$work/events" | grep -q /tasks/exit && bad "an exit was reported: $(cat "$work/events")"
+cx task kill -s KILL nat-oom
+for _ in $(seq 100); do
+    [[ $(cx task ls | awk '$1 == "nat-oom" {print $3}') == STOPPED ]] && break
+    sleep 0.1
+done
+cx task rm nat-oom >/dev/null
+cx c rm nat-oom
+kill "$evpid" 2>/dev/null || true
+expect "cgroup v2: one OOM event" 1 "$(grep nat-oom "$work/events" | grep -c /tasks/oom)"
+
 if ((fail)); then
     echo "--- containerd log (tail)" >&2
-    tail -n 40 "$c/containerd.log" >&2
+    tail -n 40 "$ctrd/containerd.log" >&2
 fi
 finish
