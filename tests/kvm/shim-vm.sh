@@ -5,9 +5,10 @@
 # nestor.io/mode=vm (the shim drives `nestor --vm-runtime`: one microVM per container).
 # Checks: `ctr run --rm` output, stderr and exit code, from inside a guest kernel;
 # `ctr run -d`, `task exec` (output, exit code; `task kill --exec-id` reaching the
-# process in the guest), `task kill`, `task rm`, `c rm`, after which no VMM, VM state
-# or bundle mount is left. Then native mode on the test host's cgroup v2: TaskOOM while
-# the task runs. Two nested VM launches; about 130 s with the boot.
+# process in the guest), `task pause`/`ps` refused by name, `task kill`, `task rm`,
+# `c rm`, after which no VMM, VM state or bundle mount is left. Then native mode on the
+# test host's cgroup v2: TaskOOM while the task runs. Two nested VM launches; about
+# 100-130 s with the boot.
 # Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all pass.
 set -euo pipefail
 limit=420
@@ -51,6 +52,16 @@ wait $epid
 rc=$?
 set -e
 expect "task kill --exec-id: SIGTERM trapped in the guest" 42 "$rc"
+# What VM mode does not offer fails by name, and the task runs on.
+for verb in pause ps; do
+    set +e
+    out=$(cx task "$verb" vm-d 2>&1)
+    rc=$?
+    set -e
+    [[ $rc != 0 && $out == *"not in VM mode"* ]] && pass "task $verb: refused, naming VM mode" ||
+        bad "task $verb in VM mode: status $rc, '$out'"
+done
+expect "still running" RUNNING "$(cx task ls | awk '$1 == "vm-d" {print $3}')"
 cx task kill -s KILL vm-d
 for _ in $(seq 300); do
     [[ $(cx task ls | awk '$1 == "vm-d" {print $3}') == STOPPED ]] && break
