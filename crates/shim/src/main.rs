@@ -7,9 +7,12 @@
 //! reparented to it once the `nestor` command that made them exits, and it reaps them
 //! (`exits`), moves their stdio between pipes or a pty and containerd's FIFOs (`stdio`),
 //! drives the `nestor` binary's OCI verbs (`runtime`) and answers the task API and
-//! publishes the task events (`task`). `service` is the shim's own lifecycle.
+//! publishes the task events (`task`), watching the cgroup for OOMs (`oom`). `service`
+//! is the shim's own lifecycle.
 
 mod exits;
+mod oom;
+mod options;
 mod runtime;
 mod service;
 mod stdio;

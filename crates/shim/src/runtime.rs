@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 
 use crate::exits;
+use crate::options::{Mode, Settings};
 
 /// State roots live under this directory, one per containerd namespace (as runc's
 /// shim keeps `/run/containerd/runc/<namespace>`).
@@ -23,6 +24,10 @@ pub struct Nestor {
     pub root: PathBuf,
     /// `--log` file of every verb (in the bundle).
     pub log: PathBuf,
+    /// VM mode: every verb gets `--vm-runtime` (the launcher's VM-mode OCI verbs: the
+    /// container in a microVM of its own, owned by a host process whose pid is the
+    /// pid file's and whose exit status is the container's).
+    pub vm: bool,
 }
 
 /// The three descriptors a verb's process gets (and passes on to the container's
@@ -34,10 +39,11 @@ pub struct ChildStdio {
 }
 
 impl Nestor {
-    /// `nestor` for a bundle: `binary` (the runtime options' BinaryName) or the `nestor`
-    /// beside this shim, else `nestor` on PATH; `root` (the options' Root) or
-    /// [`DEFAULT_ROOT`]`/<namespace>`.
-    pub fn new(binary: &str, root: &str, namespace: &str, bundle: &Path) -> Nestor {
+    /// `nestor` for a bundle: `binary` (the settings' binary) or the `nestor` beside
+    /// this shim, else `nestor` on PATH; `root` (the settings' root) or
+    /// [`DEFAULT_ROOT`]`/<namespace>`; the settings' mode.
+    pub fn new(settings: &Settings, namespace: &str, bundle: &Path) -> Nestor {
+        let (binary, root) = (settings.binary.as_str(), settings.root.as_str());
         let bin = if !binary.is_empty() {
             PathBuf::from(binary)
         } else {
@@ -56,6 +62,7 @@ impl Nestor {
             bin,
             root,
             log: bundle.join("nestor-log.json"),
+            vm: settings.mode == Mode::Vm,
         }
     }
 
@@ -64,6 +71,9 @@ impl Nestor {
         exits::init().await;
         let _ = std::fs::remove_file(&self.log);
         let mut cmd = Command::new(&self.bin);
+        if self.vm {
+            cmd.arg("--vm-runtime");
+        }
         cmd.arg("--root")
             .arg(&self.root)
             .arg("--log")

@@ -26,16 +26,6 @@ pub struct Service {
     namespace: String,
 }
 
-/// The runtime options a crashed shim's container was created with (see `create`).
-fn saved_options(bundle: &std::path::Path) -> (String, String) {
-    let s = std::fs::read_to_string(bundle.join("nestor-options")).unwrap_or_default();
-    let mut lines = s.lines();
-    (
-        lines.next().unwrap_or("").to_string(),
-        lines.next().unwrap_or("").to_string(),
-    )
-}
-
 #[async_trait]
 impl Shim for Service {
     type T = TaskService;
@@ -57,8 +47,9 @@ impl Shim for Service {
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
         let bundle = std::env::current_dir().map_err(|e| Error::Other(e.to_string()))?;
-        let (binary, root) = saved_options(&bundle);
-        let nestor = Nestor::new(&binary, &root, &self.namespace, &bundle);
+        // The settings the crashed shim's container was created with.
+        let settings = crate::options::saved(&bundle);
+        let nestor = Nestor::new(&settings, &self.namespace, &bundle);
         if let Err(e) = nestor.delete(&self.id, true).await {
             warn!("delete {} after its shim died: {e:#}", self.id);
         }

@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, watch, Mutex};
 use tracing::{debug, warn};
 
 use crate::exits;
+use crate::oom::OomWatch;
 use crate::runtime::{read_pid, Nestor};
 use crate::stdio::{self, ConsoleSocket, Copies, Paths};
 
@@ -40,6 +41,17 @@ const DRAIN: Duration = Duration::from_secs(2);
 const CONSOLE_DIR: &str = "/run/containerd/nestor";
 /// How long nestor may take to send a terminal's master.
 const CONSOLE_WAIT: Duration = Duration::from_secs(10);
+
+/// What made the shim look at a container's OOM kills.
+#[derive(Clone, Copy, Debug)]
+enum OomNotice {
+    /// cgroup v1's eventfd: an OOM has begun in the cgroup.
+    Begun,
+    /// cgroup v2's memory.events changed: report new `oom_kill`s.
+    Counted,
+    /// The init exited: report kills not reported yet, then stop watching.
+    Exit,
+}
 
 /// Events on their way to containerd: topic and message.
 pub type EventTx = mpsc::UnboundedSender<(String, Box<dyn MessageDyn>)>;
@@ -87,7 +99,15 @@ struct Container {
     init: Process,
     execs: HashMap<String, Process>,
     paused: bool,
+    /// Set when the init's Start succeeded.
+    started: bool,
     rootfs_mounted: bool,
+    /// The cgroup's OOM kills that TaskOOM events have covered (see `oom_notice`).
+    oom_seen: u64,
+    /// Set once the init has exited: later OOM notices are moot.
+    oom_done: bool,
+    /// The task watching the cgroup's OOM notices (see `oom`).
+    oom_watch: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Container {
@@ -98,6 +118,18 @@ impl Container {
         self.execs
             .get(exec_id)
             .ok_or_else(|| Error::NotFoundError(format!("exec {exec_id} of {}", self.id)))
+    }
+
+    /// An error for what VM mode does not offer (the container's cgroup is in the
+    /// guest, out of the host's reach).
+    fn native_only(&self, what: &str) -> Result<(), Error> {
+        if self.nestor.vm {
+            return Err(Error::Unimplemented(format!(
+                "{what} of {}: not in VM mode (its cgroup is inside the microVM)",
+                self.id
+            )));
+        }
+        Ok(())
     }
 
     fn process_mut(&mut self, exec_id: &str) -> Result<&mut Process, Error> {
@@ -167,12 +199,8 @@ impl TaskService {
             let code = exit.await.unwrap_or(255);
             debug!("{cid}/{eid}: pid {pid} exited with {code}");
             if eid.is_empty() {
-                if this.oom_killed(&cid).await {
-                    this.send(TaskOOM {
-                        container_id: cid.clone(),
-                        ..Default::default()
-                    });
-                }
+                // An OOM kill the watcher has not reported yet goes before the exit.
+                this.oom_notice(&cid, OomNotice::Exit).await;
                 // The init is gone: in a shared pid namespace its children live on;
                 // take them down too, as runc's shim does.
                 this.kill_rest(&cid).await;
@@ -194,17 +222,74 @@ impl TaskService {
         });
     }
 
-    /// Whether the OOM killer killed anything in the container's cgroup (read when its
-    /// init has exited, before the cgroup goes).
-    async fn oom_killed(&self, id: &str) -> bool {
-        let map = self.containers.lock().await;
-        let Some(c) = map.get(id) else { return false };
-        c.nestor
+    /// Publish TaskOOM for what the cgroup's OOM killer did that no event has covered
+    /// yet. The cgroup's `oom_kill` count is the truth; `Container::oom_seen` is the
+    /// part of it already reported, so a kill is reported once whichever of the
+    /// watcher and the init's exit sees it first.
+    async fn oom_notice(&self, id: &str, notice: OomNotice) {
+        let mut map = self.containers.lock().await;
+        let Some(c) = map.get_mut(id) else { return };
+        if c.oom_done {
+            return;
+        }
+        let kills = c
+            .nestor
             .cgroup(id)
             .ok()
             .and_then(|cg| cg.stats().ok())
             .and_then(|st| st.oom_kills)
-            .is_some_and(|n| n > 0)
+            .unwrap_or(0);
+        let report = match notice {
+            // v1 signals as the OOM begins, maybe before its kill is counted: the
+            // notice itself is the event, and stands for the kill to come.
+            OomNotice::Begun => {
+                c.oom_seen = kills.max(c.oom_seen + 1);
+                true
+            }
+            OomNotice::Counted | OomNotice::Exit => {
+                let new = kills > c.oom_seen;
+                c.oom_seen = c.oom_seen.max(kills);
+                new
+            }
+        };
+        if matches!(notice, OomNotice::Exit) {
+            c.oom_done = true;
+            if let Some(w) = c.oom_watch.take() {
+                w.abort();
+            }
+        }
+        drop(map);
+        if report {
+            debug!("{id}: OOM ({kills} kills in its cgroup)");
+            self.send(TaskOOM {
+                container_id: id.to_string(),
+                ..Default::default()
+            });
+        }
+    }
+
+    /// Watch the container's memory cgroup for OOMs while it runs.
+    fn watch_oom(&self, id: &str, nestor: &Nestor) -> Option<tokio::task::JoinHandle<()>> {
+        let cg = nestor.cgroup(id).ok()?;
+        let mut watch = match OomWatch::new(&cg) {
+            Ok(Some(w)) => w,
+            Ok(None) => return None,
+            Err(e) => {
+                warn!("{id}: no OOM events while it runs: {e:#}");
+                return None;
+            }
+        };
+        let notice = if watch.counts_kills() {
+            OomNotice::Counted
+        } else {
+            OomNotice::Begun
+        };
+        let (this, id) = (self.clone(), id.to_string());
+        Some(tokio::spawn(async move {
+            while watch.next().await.is_some() {
+                this.oom_notice(&id, notice).await;
+            }
+        }))
     }
 
     /// SIGKILL whatever is left in the container's cgroup after its init exited.
@@ -287,20 +372,6 @@ fn spec_terminal(bundle: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// The runtime options containerd attached (runc's Options type: BinaryName, Root).
-fn runtime_options(
-    any: &MessageField<containerd_shim::protos::protobuf::well_known_types::any::Any>,
-) -> (String, String) {
-    use containerd_shim::protos::protobuf::Message;
-    let Some(any) = any.as_ref() else {
-        return Default::default();
-    };
-    match containerd_shim::api::Options::parse_from_bytes(&any.value) {
-        Ok(o) => (o.binary_name, o.root),
-        Err(_) => Default::default(),
-    }
-}
-
 #[async_trait]
 impl containerd_shim::Task for TaskService {
     async fn create(
@@ -309,10 +380,10 @@ impl containerd_shim::Task for TaskService {
         req: CreateTaskRequest,
     ) -> TtrpcResult<CreateTaskResponse> {
         let bundle = PathBuf::from(&req.bundle);
-        let (binary, root) = runtime_options(&req.options);
-        // Kept for `delete` after a crash: the shim's cleanup reads them back.
-        let _ = std::fs::write(bundle.join("nestor-options"), format!("{binary}\n{root}\n"));
-        let nestor = Nestor::new(&binary, &root, &self.namespace, &bundle);
+        let settings = crate::options::settings(req.options.as_ref(), &bundle)
+            .map_err(|e| Error::InvalidArgument(format!("{e:#}")))?;
+        crate::options::save(&bundle, &settings);
+        let nestor = Nestor::new(&settings, &self.namespace, &bundle);
         let mut rootfs_mounted = false;
         if !req.rootfs.is_empty() {
             let target = bundle.join("rootfs");
@@ -362,13 +433,21 @@ impl containerd_shim::Task for TaskService {
             Container {
                 id: req.id.clone(),
                 bundle: bundle.clone(),
-                nestor,
+                nestor: nestor.clone(),
                 init,
                 execs: HashMap::new(),
                 paused: false,
+                started: false,
                 rootfs_mounted,
+                oom_seen: 0,
+                oom_done: false,
+                oom_watch: None,
             },
         );
+        let watch = self.watch_oom(&req.id, &nestor);
+        if let Some(c) = self.containers.lock().await.get_mut(&req.id) {
+            c.oom_watch = watch;
+        }
         self.send(TaskCreate {
             container_id: req.id.clone(),
             bundle: req.bundle.clone(),
@@ -397,6 +476,7 @@ impl containerd_shim::Task for TaskService {
             .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
         if req.exec_id.is_empty() {
             c.nestor.start(&req.id).await.map_err(other)?;
+            c.started = true;
             let pid = c.init.pid;
             drop(map);
             self.send(TaskStart {
@@ -519,12 +599,7 @@ impl containerd_shim::Task for TaskService {
             Some(_) => Status::STOPPED,
             None if p.pid == 0 => Status::CREATED,
             None if req.exec_id.is_empty() && c.paused => Status::PAUSED,
-            None if req.exec_id.is_empty() => {
-                match nestor_container::state::Root::new(&c.nestor.root).load(&c.id) {
-                    Ok(st) if !st.started => Status::CREATED,
-                    _ => Status::RUNNING,
-                }
-            }
+            None if req.exec_id.is_empty() && !c.started => Status::CREATED,
             None => Status::RUNNING,
         };
         Ok(StateResponse {
@@ -634,7 +709,9 @@ impl containerd_shim::Task for TaskService {
         }
         let at = ex.map(|e| e.at).unwrap_or_else(SystemTime::now);
         let code = ex.map(|e| e.code).unwrap_or(137);
-        map.remove(&req.id);
+        if let Some(w) = map.remove(&req.id).and_then(|c| c.oom_watch) {
+            w.abort();
+        }
         drop(map);
         self.send(TaskDelete {
             container_id: req.id.clone(),
@@ -657,6 +734,7 @@ impl containerd_shim::Task for TaskService {
         let c = map
             .get(&req.id)
             .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
+        c.native_only("pids")?;
         let pids = c
             .nestor
             .cgroup(&c.id)
@@ -679,6 +757,7 @@ impl containerd_shim::Task for TaskService {
         let c = map
             .get_mut(&req.id)
             .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
+        c.native_only("pause")?;
         c.nestor.pause(&c.id).await.map_err(other)?;
         c.paused = true;
         drop(map);
@@ -694,6 +773,7 @@ impl containerd_shim::Task for TaskService {
         let c = map
             .get_mut(&req.id)
             .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
+        c.native_only("resume")?;
         c.nestor.resume(&c.id).await.map_err(other)?;
         c.paused = false;
         drop(map);
@@ -734,12 +814,38 @@ impl containerd_shim::Task for TaskService {
         Ok(Empty::new())
     }
 
+    /// New resources for the container's cgroup. containerd sends the OCI
+    /// LinuxResources as JSON in an Any (typeurl's encoding of a non-protobuf type).
     async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
-        Err(Error::Unimplemented(format!(
-            "update of {}: nestor's shim does not change resources yet",
-            req.id
-        ))
-        .into())
+        let any = req
+            .resources
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument(format!("update of {}: no resources", req.id)))?;
+        let resources: oci_spec::runtime::LinuxResources = serde_json::from_slice(&any.value)
+            .map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "update of {}: resources ({}): {e}",
+                    req.id, any.type_url
+                ))
+            })?;
+        let root = {
+            let map = self.containers.lock().await;
+            let c = map
+                .get(&req.id)
+                .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
+            c.native_only("update")?;
+            c.nestor.root.clone()
+        };
+        let id = req.id.clone();
+        tokio::task::spawn_blocking(move || {
+            nestor_container::container::Runtime::new(root)
+                .update(&id, &resources)
+                .map(drop)
+        })
+        .await
+        .map_err(|e| Error::Other(e.to_string()))?
+        .map_err(|e| Error::Other(format!("update of {}: {e}", req.id)))?;
+        Ok(Empty::new())
     }
 
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
@@ -750,6 +856,7 @@ impl containerd_shim::Task for TaskService {
         let c = map
             .get(&req.id)
             .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
+        c.native_only("stats")?;
         let st = c
             .nestor
             .cgroup(&c.id)

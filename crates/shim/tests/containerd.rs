@@ -570,50 +570,118 @@ fn detached_task_exec_ps_pause_metrics_kill_delete() {
     c.wait_shim_gone(&id);
 }
 
+/// `ctr events` on a test's containerd, its lines collected by a thread.
+struct Events {
+    child: Child,
+    rx: std::sync::mpsc::Receiver<String>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    lines: Vec<String>,
+}
+
+impl Events {
+    /// Subscribe, and return once the subscription is known to be live (a namespace
+    /// update made meanwhile shows up).
+    fn subscribe(c: &Containerd) -> Events {
+        // Not under `timeout`: killing this child must kill ctr itself.
+        let mut child = Command::new("ctr")
+            .arg("-a")
+            .arg(c.dir.path().join("containerd.sock"))
+            .args(["-n", &c.ns, "events"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let mut ev = Events {
+            child,
+            rx,
+            reader: Some(reader),
+            lines: Vec::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            c.ok(&["namespaces", "label", &c.ns, "probe=1"]);
+            let t = Instant::now() + Duration::from_millis(600);
+            if ev.until(t, |l| l.contains("/namespaces/update")) {
+                return ev;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ctr events saw nothing: {:?}",
+                ev.lines
+            );
+        }
+    }
+
+    /// Collect lines until one matches `want` (true) or `deadline` passes (false).
+    fn until(&mut self, deadline: Instant, want: impl Fn(&str) -> bool) -> bool {
+        if self.lines.iter().any(|l| want(l)) {
+            return true;
+        }
+        while Instant::now() < deadline {
+            if let Ok(l) = self.rx.recv_timeout(Duration::from_millis(100)) {
+                let hit = want(&l);
+                self.lines.push(l);
+                if hit {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Wait up to 20 s for a line about container `id` with `topic`.
+    fn wait_for(&mut self, id: &str, topic: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        assert!(
+            self.until(deadline, |l| l.contains(id) && l.contains(topic)),
+            "no {topic} for {id}: {:#?}",
+            self.lines
+        );
+    }
+
+    /// The topics seen for container `id`, in order.
+    fn topics(&self, id: &str) -> Vec<String> {
+        self.lines
+            .iter()
+            .filter(|l| l.contains(id))
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .find(|w| w.starts_with("/tasks/") || w.starts_with("/containers/"))
+                    .map(str::to_string)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
 #[test]
 fn oom_killed_task_reports_the_oom_event() {
     need_containerd!();
     let _ = nestor_bin();
     let c = Containerd::start();
     let id = unique("oom");
-    // Not under `timeout`: killing this child must kill ctr itself.
-    let mut events = Command::new("ctr")
-        .arg("-a")
-        .arg(c.dir.path().join("containerd.sock"))
-        .args(["-n", &c.ns, "events"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stdout = events.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    // Subscribed once a namespace update shows up.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut lines = Vec::new();
-    'sub: loop {
-        c.ok(&["namespaces", "label", &c.ns, "probe=1"]);
-        while let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
-            let seen = l.contains("/namespaces/update");
-            lines.push(l);
-            if seen {
-                break 'sub;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ctr events saw nothing: {lines:?}"
-        );
-    }
+    let mut events = Events::subscribe(&c);
     // `tail` keeps an endless line in memory: 32 MiB are soon used up.
     let out = c.ctr(&[
         "run",
@@ -629,31 +697,202 @@ fn oom_killed_task_reports_the_oom_event() {
     ]);
     assert_eq!(code(&out), 137, "{}", String::from_utf8_lossy(&out.stderr));
     // Events up to the task's delete (published before `ctr run --rm` returns).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !lines
-        .iter()
-        .any(|l| l.contains(&id) && l.contains("/tasks/delete"))
-    {
-        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
-            lines.push(l);
-        }
-        assert!(Instant::now() < deadline, "no /tasks/delete: {lines:?}");
-    }
-    let _ = events.kill();
-    let _ = events.wait();
-    let _ = reader.join();
-    let text = lines.join("\n");
-    let mine: Vec<&String> = lines.iter().filter(|l| l.contains(&id)).collect();
-    let oom = mine.iter().position(|l| l.contains("/tasks/oom"));
-    let exit = mine.iter().position(|l| l.contains("/tasks/exit"));
-    assert!(oom.is_some() && exit.is_some(), "{text}");
-    assert!(oom < exit, "TaskOOM comes before TaskExit: {text}");
+    events.wait_for(&id, "/tasks/delete");
+    let topics = events.topics(&id);
+    let oom = topics.iter().position(|t| t == "/tasks/oom");
+    let exit = topics.iter().position(|t| t == "/tasks/exit");
+    assert!(oom.is_some() && exit.is_some(), "{topics:?}");
+    assert!(oom < exit, "TaskOOM comes before TaskExit: {topics:?}");
+    // Reported once, by whichever of the watcher and the exit saw it first.
+    assert_eq!(
+        topics.iter().filter(|t| *t == "/tasks/oom").count(),
+        1,
+        "{topics:?}"
+    );
     for topic in ["/tasks/create", "/tasks/start", "/tasks/delete"] {
         assert!(
-            mine.iter().any(|l| l.contains(topic)),
-            "no {topic} in {text}"
+            topics.iter().any(|t| t == topic),
+            "no {topic} in {topics:?}"
         );
     }
+}
+
+#[test]
+fn oom_event_while_the_task_runs() {
+    need_containerd!();
+    let _ = nestor_bin();
+    let c = Containerd::start();
+    let id = unique("oomlive");
+    let mut events = Events::subscribe(&c);
+    // The OOM killer takes `tail` (by far the largest); the shell, the task's init,
+    // lives on and sleeps.
+    c.ok(&[
+        "run",
+        "-d",
+        "--memory-limit",
+        "33554432",
+        "--runtime",
+        RUNTIME,
+        &c.image,
+        &id,
+        "sh",
+        "-c",
+        "tail /dev/zero; exec sleep 1000",
+    ]);
+    events.wait_for(&id, "/tasks/oom");
+    assert_eq!(
+        c.task(&id).map(|t| t.1).as_deref(),
+        Some("RUNNING"),
+        "{:?}",
+        events.topics(&id)
+    );
+    let topics = events.topics(&id);
+    assert!(
+        !topics.iter().any(|t| t == "/tasks/exit"),
+        "the OOM was reported at an exit, not while running: {topics:?}"
+    );
+    // The cgroup counted the kill the event stands for.
+    let (pid, _) = c.task(&id).unwrap();
+    let oom = cgroup_file(pid, "memory", "memory.oom_control", "memory.events");
+    let text = std::fs::read_to_string(&oom).unwrap();
+    assert!(text.lines().any(|l| l == "oom_kill 1"), "{text}");
+    c.ok(&["task", "kill", "-s", "KILL", &id]);
+    c.wait_status(&id, "STOPPED");
+    c.ok(&["task", "rm", &id]);
+    events.wait_for(&id, "/tasks/delete");
+    let topics = events.topics(&id);
+    assert_eq!(
+        topics.iter().filter(|t| *t == "/tasks/oom").count(),
+        1,
+        "one OOM, one event: {topics:?}"
+    );
+    c.ok(&["c", "rm", &id]);
+}
+
+/// The file `v1_file` of `pid`'s cgroup in the v1 hierarchy of `controller`, or
+/// `v2_file` in its cgroup2 directory on a v2-only host.
+fn cgroup_file(pid: i32, controller: &str, v1_file: &str, v2_file: &str) -> PathBuf {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    for l in text.lines() {
+        let mut f = l.splitn(3, ':');
+        let (_, ctrls, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
+        if ctrls.split(',').any(|c| c == controller) {
+            let mount = std::fs::read_dir("/sys/fs/cgroup")
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| {
+                    p.file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .split(',')
+                        .any(|c| c == controller)
+                })
+                .unwrap();
+            return mount.join(path.trim_start_matches('/')).join(v1_file);
+        }
+    }
+    let path = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup2 line");
+    Path::new("/sys/fs/cgroup")
+        .join(path.trim_start_matches('/'))
+        .join(v2_file)
+}
+
+/// Task.Update straight to the shim's ttrpc socket (ctr 1.6 has no `task update`):
+/// containerd sends the OCI LinuxResources as JSON in an Any.
+fn shim_update(
+    c: &Containerd,
+    id: &str,
+    resources: &[u8],
+) -> Result<(), containerd_shim::protos::ttrpc::Error> {
+    use containerd_shim::protos::api::UpdateTaskRequest;
+    use containerd_shim::protos::protobuf::well_known_types::any::Any;
+    let bundle = c
+        .dir
+        .path()
+        .join("state/io.containerd.runtime.v2.task")
+        .join(&c.ns)
+        .join(id);
+    let address = std::fs::read_to_string(bundle.join("address")).unwrap();
+    let client = containerd_shim::protos::shim_sync::Client::connect(address.trim()).unwrap();
+    let task = containerd_shim::protos::shim_sync::TaskClient::new(client);
+    let req = UpdateTaskRequest {
+        id: id.to_string(),
+        resources: Some(Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+            value: resources.to_vec(),
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    let ctx = containerd_shim::protos::ttrpc::context::with_timeout(10_000_000_000);
+    task.update(ctx, &req).map(drop)
+}
+
+#[test]
+fn update_changes_the_cgroup_limits() {
+    need_containerd!();
+    let _ = nestor_bin();
+    let c = Containerd::start();
+    let id = unique("up");
+    c.ok(&[
+        "run",
+        "-d",
+        "--memory-limit",
+        "67108864",
+        "--runtime",
+        RUNTIME,
+        &c.image,
+        &id,
+        "sleep",
+        "1000",
+    ]);
+    let (pid, _) = c.task(&id).unwrap();
+    let mem = cgroup_file(pid, "memory", "memory.limit_in_bytes", "memory.max");
+    let pids = cgroup_file(pid, "pids", "pids.max", "pids.max");
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap().trim().to_string();
+    assert_eq!(read(&mem), "67108864");
+    assert_eq!(read(&pids), "max");
+
+    shim_update(
+        &c,
+        &id,
+        br#"{"memory":{"limit":100663296},"pids":{"limit":77}}"#,
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "update: {e:?}
+{}",
+            c.log()
+        )
+    });
+    assert_eq!(read(&mem), "100663296");
+    assert_eq!(read(&pids), "77");
+    // Fields not sent keep their values.
+    shim_update(&c, &id, br#"{"pids":{"limit":55}}"#).unwrap();
+    assert_eq!(read(&mem), "100663296");
+    assert_eq!(read(&pids), "55");
+
+    // Bad input: one error naming what is wrong; the limits are untouched.
+    let e = shim_update(&c, &id, b"{not json").unwrap_err();
+    assert!(format!("{e:?}").contains("resources"), "{e:?}");
+    let e = shim_update(&c, &id, br#"{"memory":{"swappiness":500}}"#).unwrap_err();
+    assert!(format!("{e:?}").contains("swappiness"), "{e:?}");
+    assert_eq!(read(&mem), "100663296");
+    assert_eq!(c.task(&id).unwrap().1, "RUNNING");
+
+    c.ok(&["task", "kill", "-s", "KILL", &id]);
+    c.wait_status(&id, "STOPPED");
+    // A stopped task's cgroup cannot be updated.
+    let e = shim_update(&c, &id, br#"{"pids":{"limit":9}}"#).unwrap_err();
+    assert!(format!("{e:?}").contains("stopped"), "{e:?}");
+    c.ok(&["task", "rm", &id]);
+    c.ok(&["c", "rm", &id]);
+    assert_eq!(c.leftovers(&id, pid), Vec::<String>::new());
 }
 
 #[test]
@@ -839,6 +1078,11 @@ const CRI_CONFIG: &str = r#"
       runtime_type = "io.containerd.runc.v2"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.nestor]
       runtime_type = "io.containerd.nestor.v2"
+      pod_annotations = ["nestor.io/mode"]
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.nestor-vm]
+      runtime_type = "io.containerd.nestor.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.nestor-vm.options]
+        ConfigPath = "/etc/nestor/shim-vm.toml"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "@DIR@/cni"
@@ -870,4 +1114,90 @@ fn cri_plugin_lists_the_nestor_runtime_handler() {
         start.contains("nestor:{Type:io.containerd.nestor.v2"),
         "{start}"
     );
+    assert!(start.contains("PodAnnotations:[nestor.io/mode]"), "{start}");
+    assert!(
+        start.contains("nestor-vm:{Type:io.containerd.nestor.v2"),
+        "{start}"
+    );
+    assert!(
+        start.contains("ConfigPath:/etc/nestor/shim-vm.toml"),
+        "{start}"
+    );
+}
+
+#[test]
+fn runtime_config_file_and_mode_annotation() {
+    need_containerd!();
+    let _ = nestor_bin();
+    let c = Containerd::start();
+    // The CRI plugin's generic runtime options (what `ctr --runtime-config-path`
+    // sends too): ConfigPath names the shim's TOML file.
+    let root = c.dir.path().join("nestor-root");
+    let conf = c.dir.path().join("nestor-shim.toml");
+    std::fs::write(
+        &conf,
+        format!("mode = \"native\"\nroot = \"{}\"\n", root.display()),
+    )
+    .unwrap();
+    let id = unique("conf");
+    c.ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        conf.to_str().unwrap(),
+        &c.image,
+        &id,
+        "sleep",
+        "1000",
+    ]);
+    let state = root.join(&c.ns).join(&id).join("state.json");
+    assert!(state.is_file(), "no {}", state.display());
+    assert!(!c.nestor_root().join(&id).exists());
+    c.ok(&["task", "kill", "-s", "KILL", &id]);
+    c.wait_status(&id, "STOPPED");
+    c.ok(&["task", "rm", &id]);
+    c.ok(&["c", "rm", &id]);
+    assert!(!state.exists());
+
+    // A bad mode, by annotation or in the file: one error naming it, nothing left.
+    let id = unique("badmode");
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        "nestor.io/mode=vmm",
+        &c.image,
+        &id,
+        "true",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("nestor.io/mode") && err.contains("vmm"),
+        "{err}"
+    );
+    std::fs::write(&conf, "mode = \"vmm\"\n").unwrap();
+    let id2 = unique("badconf");
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        conf.to_str().unwrap(),
+        &c.image,
+        &id2,
+        "true",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("nestor-shim.toml"), "{err}");
+    for i in [&id, &id2] {
+        let _ = c.ctr(&["c", "rm", i]);
+        assert_eq!(c.leftovers(i, 0), Vec::<String>::new());
+    }
 }

@@ -1,6 +1,6 @@
 //! The container lifecycle as the OCI runtime command line exposes it: one file per
-//! verb (create, start, kill, delete, exec, pause, update), sharing [`Runtime`], which owns the
-//! state root.
+//! verb (create, start, kill, delete, exec, pause, update), sharing [`Runtime`], which
+//! owns the state root.
 
 mod create;
 mod delete;

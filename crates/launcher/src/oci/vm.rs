@@ -504,7 +504,7 @@ fn shim(s: Shim, ready: &mut crate::sys::helper::Ready) -> Result<i32> {
     crate::vm::sandbox::stdio_to_null()?;
     let (_guard, pipe) = crate::sys::signals::forward_to_pipe().context("signal pipe")?;
     if let Ok(s) = sb.connect(proto::DEFAULT_PORT, deadline) {
-        crate::vm::sandbox::forward_signals(pipe, Agent::new(s)?, gid.clone());
+        crate::vm::sandbox::forward_signals(pipe, Agent::new(s)?, gid.clone(), None);
     }
     let code = match agent.call(Request::Wait {
         container: gid,
@@ -731,6 +731,11 @@ fn exec_in_vm(
         Response::Error { message, .. } => bail!("exec in the VM: {message}"),
         other => bail!("exec in the VM: unexpected answer {other:?}"),
     }
+    // This process stands for the exec on the host (the pid file's pid): signals sent
+    // to it (a containerd shim's or conmon's kill of the exec) go to the process in
+    // the guest.
+    let (_signals, pipe) = crate::sys::signals::forward_to_pipe().context("signal pipe")?;
+    sandbox::forward_signals(pipe, agent_of(st)?, gid.clone(), Some(exec_id.clone()));
     if let Some(w) = ready {
         w.ok("")?;
         crate::vm::sandbox::stdio_to_null()?;

@@ -584,7 +584,7 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
         other => bail!("the container did not start in the VM: unexpected answer {other:?}"),
     }
     timings.container_started_ms = Some(sb.elapsed_ms());
-    forward_signals(pipe, Agent::new(c.signals)?, guest_id.clone());
+    forward_signals(pipe, Agent::new(c.signals)?, guest_id.clone(), None);
     meta.status = Status::Running;
     store::save(meta)?;
     Ok(Running {

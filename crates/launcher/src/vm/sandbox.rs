@@ -916,15 +916,16 @@ pub fn expect_ok(what: &str, r: Response) -> Result<()> {
 }
 
 /// Forwards the signals nestor receives (from the pipe `signals` fills) to the
-/// container as agent requests, on a connection of its own.
-pub fn forward_signals(pipe: OwnedFd, mut agent: Agent, container: String) {
+/// container's init, or to its process `exec`, as agent requests, on a connection of
+/// its own.
+pub fn forward_signals(pipe: OwnedFd, mut agent: Agent, container: String, exec: Option<String>) {
     std::thread::spawn(move || {
         let mut f = std::fs::File::from(pipe);
         let mut b = [0u8; 1];
         while matches!(f.read(&mut b), Ok(1)) {
             let _ = agent.call(Request::Signal {
                 container: container.clone(),
-                exec: None,
+                exec: exec.clone(),
                 signal: i32::from(b[0]),
             });
         }
