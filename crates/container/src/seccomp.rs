@@ -225,6 +225,12 @@ impl CompiledSeccomp {
     pub fn instruction_count(&self) -> usize {
         self.program.len()
     }
+
+    /// The classic BPF program itself (for tools and the fuzzer that compares it with
+    /// libseccomp's).
+    pub fn program(&self) -> &[libc::sock_filter] {
+        &self.program
+    }
 }
 
 /// Parses the JSON of an OCI `linux.seccomp` object; on failure the error names the rule
