@@ -3,7 +3,8 @@
 #
 # Runs nestor's coverage-guided fuzzers (cargo fuzz, libFuzzer, nightly Rust; the fuzz/
 # crate, built with AddressSanitizer, overflow checks and debug assertions) for SECONDS
-# each (default 300): virtio_mmio, layer_extract, agent_frames, oci_config, or the
+# each (default 300): virtio_mmio, layer_extract, agent_frames, oci_config,
+# seccomp_libseccomp (nestor's seccomp compiler against libseccomp), or the
 # TARGETs named. Each run starts from the committed seeds (fuzz/seeds/TARGET) and the
 # corpus kept outside the repo ($NESTOR_FUZZ_CORPUS, default ~/.cache/nestor/fuzz-corpus),
 # which grows from run to run. --smoke: a throw-away corpus (the seeds only), for the
@@ -22,7 +23,7 @@ if [[ ${1:-} =~ ^[0-9]+$ ]]; then
   shift
 fi
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(virtio_mmio layer_extract agent_frames oci_config)
+[[ ${#targets[@]} -gt 0 ]] || targets=(virtio_mmio layer_extract agent_frames oci_config seccomp_libseccomp)
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
   echo "fuzz: skipped: no nightly toolchain (scripts/setup.sh installs it)" >&2
@@ -42,6 +43,8 @@ for t in "${targets[@]}"; do
   cargo +nightly fuzz build "$t" 2>&1 | tail -n 1 >&2
 done
 
+# Leaks inside libseccomp (the seccomp_libseccomp target's reference) are not reported.
+export LSAN_OPTIONS="suppressions=$PWD/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 store=${NESTOR_FUZZ_CORPUS:-$HOME/.cache/nestor/fuzz-corpus}

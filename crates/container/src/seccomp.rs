@@ -235,6 +235,12 @@ impl CompiledSeccomp {
     pub fn instruction_count(&self) -> usize {
         self.program.len()
     }
+
+    /// The classic BPF program itself (for tools and the fuzzer that compares it with
+    /// libseccomp's).
+    pub fn program(&self) -> &[libc::sock_filter] {
+        &self.program
+    }
 }
 
 /// Hands a notifying filter's listener to the seccomp agent listening on

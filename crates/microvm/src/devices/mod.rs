@@ -5,6 +5,7 @@ pub mod boot_marker;
 pub mod bus;
 pub mod i8042;
 pub mod pci_absent;
+pub mod rate_limiter;
 pub mod serial;
 pub mod virtio;
 
