@@ -695,3 +695,75 @@ fn a_new_process_restores_a_diff_taken_through_the_api() {
         .unwrap();
     assert_one_error(&o, "is not a nestor-vmm snapshot");
 }
+
+/// Figures for `benches/vmm-snapshot-bench.sh` (not a test: run with `--ignored`):
+/// a 256 MiB guest with 128 MiB of data, a full snapshot, a diff after the guest
+/// counted for a while, and a full snapshot again of the same state, taken in turn.
+#[test]
+#[ignore = "a benchmark: benches/vmm-snapshot-bench.sh"]
+fn diff_vs_full_figures() {
+    if !have_kvm() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_file(dir.path(), "vmlinux", &elf(&code64(b"", COUNT)));
+    let mut cfg = VmConfig::new(kernel);
+    cfg.mem_mib = 256;
+    cfg.track_dirty_pages = true;
+    let mut vmm = Vmm::build(&cfg, Instant::now(), Some(Box::new(std::io::sink()))).unwrap();
+    vmm.start().unwrap();
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 + 1).collect();
+    for mib in 64..192u64 {
+        vmm.memory()
+            .write_slice(&data, GuestAddress(mib << 20))
+            .unwrap();
+    }
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
+    let mut parent = dir.path().join("base");
+    let t = Instant::now();
+    let w = vmm.snapshot(&parent).unwrap();
+    println!("full-base ms={:.1} written={}", ms(t), w.memory_written);
+    for i in 0..rounds {
+        vmm.resume();
+        std::thread::sleep(Duration::from_millis(100));
+        let d = dir.path().join(format!("diff{i}"));
+        let t = Instant::now();
+        let w = vmm.snapshot_diff(&d, Some(&parent)).unwrap();
+        let diff_ms = ms(t);
+        let f = dir.path().join(format!("full{i}"));
+        let t = Instant::now();
+        let wf = vmm.snapshot(&f).unwrap();
+        let full_ms = ms(t);
+        println!(
+            "round {i} diff ms={diff_ms:.1} written={} full ms={full_ms:.1} written={}",
+            w.memory_written, wf.memory_written
+        );
+        // The next diff's parent is the full snapshot just taken.
+        parent = f;
+    }
+    // Restoring a diff on a full snapshot (the memory is mapped lazily; the diff's
+    // pages are read at once).
+    let chain = dir.path().join("chain");
+    vmm.resume();
+    std::thread::sleep(Duration::from_millis(100));
+    vmm.snapshot_diff(&chain, None).unwrap();
+    assert_eq!(vmm.shutdown(), GuestExit::Stopped);
+    drop(vmm);
+    let t = Instant::now();
+    let l = snapshot::read(&chain).unwrap();
+    let vmm = Vmm::restore(
+        &l.state.config,
+        &l,
+        Instant::now(),
+        Some(Box::new(std::io::sink())),
+        false,
+    )
+    .unwrap();
+    println!("restore-diff-on-full ms={:.1}", ms(t));
+    drop(vmm);
+}
