@@ -1,6 +1,7 @@
 //! The control socket (`--api PATH`): a Unix stream socket taking one JSON request per
 //! line — `{"action": "pause" | "resume" | "shutdown" | "metrics"}`, or
-//! `{"action": "snapshot-create", "dir": DIR, "resume": BOOL}` — and answering one
+//! `{"action": "snapshot-create", "dir": DIR, "resume": BOOL, "diff": BOOL,
+//! "parent": DIR}` — and answering one
 //! JSON line each. It is served from the VMM's main thread, which also waits for the
 //! guest to end the VM; the socket file is removed when the VMM exits.
 
@@ -32,7 +33,7 @@ pub enum ApiError {
 }
 
 /// One request line: `{"action": …}` and, for `snapshot-create`, its `dir` and
-/// optional `resume`; nothing else.
+/// optional `resume`, `diff` and `parent`; nothing else.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Envelope {
@@ -41,6 +42,10 @@ struct Envelope {
     dir: Option<PathBuf>,
     #[serde(default)]
     resume: Option<bool>,
+    #[serde(default)]
+    diff: Option<bool>,
+    #[serde(default)]
+    parent: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize, PartialEq, Eq)]
@@ -67,9 +72,17 @@ pub enum RequestError {
 /// Parses a request line.
 pub fn parse_request(line: &str) -> Result<Request, RequestError> {
     let e = serde_json::from_str::<Envelope>(line)?;
-    if e.action != Action::SnapshotCreate && (e.dir.is_some() || e.resume.is_some()) {
+    if e.action != Action::SnapshotCreate
+        && (e.dir.is_some() || e.resume.is_some() || e.diff.is_some() || e.parent.is_some())
+    {
         return Err(RequestError::Fields(
-            "\"dir\" and \"resume\" belong to snapshot-create",
+            "\"dir\", \"resume\", \"diff\" and \"parent\" belong to snapshot-create",
+        ));
+    }
+    let diff = e.diff.unwrap_or(false);
+    if e.parent.is_some() && !diff {
+        return Err(RequestError::Fields(
+            "\"parent\" belongs to a diff snapshot (\"diff\": true)",
         ));
     }
     Ok(match e.action {
@@ -82,6 +95,8 @@ pub fn parse_request(line: &str) -> Result<Request, RequestError> {
                 .dir
                 .ok_or(RequestError::Fields("snapshot-create needs \"dir\""))?,
             resume: e.resume.unwrap_or(true),
+            diff,
+            parent: e.parent,
         },
     })
 }
@@ -104,6 +119,11 @@ pub enum Request {
         dir: PathBuf,
         /// Resume the vCPUs after.
         resume: bool,
+        /// Only the pages written since the last snapshot this VMM took (or was
+        /// restored from), which becomes the diff's parent.
+        diff: bool,
+        /// The parent the caller expects (refused if it is not that last snapshot).
+        parent: Option<PathBuf>,
     },
 }
 
@@ -255,10 +275,19 @@ fn answer(vmm: &mut Vmm, line: &str) -> (serde_json::Value, bool) {
             serde_json::json!({"ok": true, "metrics": metrics(vmm)}),
             false,
         ),
-        Request::SnapshotCreate { dir, resume } => {
+        Request::SnapshotCreate {
+            dir,
+            resume,
+            diff,
+            parent,
+        } => {
             let was_paused = vmm.is_paused();
             let t = std::time::Instant::now();
-            let r = vmm.snapshot(&dir);
+            let r = if diff {
+                vmm.snapshot_diff(&dir, parent.as_deref())
+            } else {
+                vmm.snapshot(&dir)
+            };
             let ms = t.elapsed().as_millis() as u64;
             if resume && !was_paused {
                 vmm.resume();
@@ -268,7 +297,7 @@ fn answer(vmm: &mut Vmm, line: &str) -> (serde_json::Value, bool) {
                     serde_json::json!({"ok": true, "snapshot": {
                         "dir": dir, "ms": ms, "memory_bytes": w.memory_bytes,
                         "memory_written": w.memory_written, "state_bytes": w.state_bytes,
-                        "paused": vmm.is_paused()}}),
+                        "parent": w.parent, "paused": vmm.is_paused()}}),
                     false,
                 ),
                 Err(e) => (
@@ -370,14 +399,28 @@ mod tests {
             parse_request(r#"{"action":"snapshot-create","dir":"/s"}"#).unwrap(),
             Request::SnapshotCreate {
                 dir: "/s".into(),
-                resume: true
+                resume: true,
+                diff: false,
+                parent: None,
+            }
+        );
+        assert_eq!(
+            parse_request(r#"{"action":"snapshot-create","dir":"/d","diff":true,"parent":"/s"}"#)
+                .unwrap(),
+            Request::SnapshotCreate {
+                dir: "/d".into(),
+                resume: true,
+                diff: true,
+                parent: Some("/s".into()),
             }
         );
         assert_eq!(
             parse_request(r#"{"action":"snapshot-create","dir":"/s","resume":false}"#).unwrap(),
             Request::SnapshotCreate {
                 dir: "/s".into(),
-                resume: false
+                resume: false,
+                diff: false,
+                parent: None,
             }
         );
         for bad in [
@@ -388,6 +431,8 @@ mod tests {
             r#"{"action":"pause","dir":"/s"}"#,
             r#"{"action":"snapshot-create"}"#,
             r#"{"action":"snapshot-create","dir":"/s","resume":"no"}"#,
+            r#"{"action":"snapshot-create","dir":"/s","parent":"/p"}"#,
+            r#"{"action":"pause","diff":true}"#,
         ] {
             assert!(parse_request(bad).is_err(), "{bad}");
         }

@@ -7,12 +7,13 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::IoEventAddress;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::boot_params::{self, BootError, ZeroPage};
@@ -138,6 +139,19 @@ pub struct Vmm {
     ended: Option<(GuestExit, Instant)>,
     vcpus: u8,
     cfg: VmConfig,
+    /// The snapshot guest memory last matched (the last one taken, or the one the VM
+    /// was restored from), while the dirty log counts from it: a diff's parent.
+    last_snapshot: Mutex<Option<SnapshotRef>>,
+    /// The working directory at start (a diff names its parent by absolute path; the
+    /// main thread's filter does not allow getcwd later).
+    cwd: PathBuf,
+}
+
+/// A snapshot by absolute path and state checksum.
+#[derive(Clone, Debug)]
+struct SnapshotRef {
+    dir: PathBuf,
+    state_sha256: String,
 }
 
 /// Boot milestones as times since VMM start (None: not reached).
@@ -263,7 +277,7 @@ impl Vmm {
             memory::create_shared_guest_memory(&ram)?
         };
         let vm = Vm::new()?;
-        vm.register_memory(&mem)?;
+        vm.register_memory(&mem, cfg.track_dirty_pages)?;
         vm.setup_irqchip()?;
 
         let kernel_info = boot_params::load_kernel(&mem, &mut kernel)?;
@@ -360,8 +374,9 @@ impl Vmm {
             .map(|r| (r.guest_addr, r.size, r.file_offset))
             .collect();
         let mem = memory::map_private_file(&ranges, &snap.memory)?;
+        snap.apply_layers(&mem).map_err(VmmError::Snapshot)?;
         let vm = Vm::new()?;
-        vm.register_memory(&mem)?;
+        vm.register_memory(&mem, cfg.track_dirty_pages)?;
         vm.setup_irqchip()?;
         vm.restore_state(&st.vm)?;
         let mut vmm = Self::assemble(cfg, start, console, vm, mem, devices, Some(&st.serial))?;
@@ -383,6 +398,16 @@ impl Vmm {
         }
         for t in &vmm.transports {
             t.lock().unwrap_or_else(|p| p.into_inner()).raise_pending();
+        }
+        if cfg.track_dirty_pages {
+            // Memory is the snapshot's now: the next diff is taken against it.
+            for r in vmm.mem.iter() {
+                std::ops::Deref::deref(r).bitmap().reset();
+            }
+            *vmm.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(SnapshotRef {
+                dir: vmm.cwd.join(&snap.dir),
+                state_sha256: snap.state_sha256.clone(),
+            });
         }
         if !resume {
             vmm.ctx.control.pause();
@@ -506,14 +531,85 @@ impl Vmm {
             ended: None,
             vcpus: cfg.vcpus,
             cfg: cfg.clone(),
+            last_snapshot: Mutex::new(None),
+            cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
         })
     }
 
     /// Takes a snapshot into the new directory `dir` (module [`snapshot`]): pauses the
     /// vCPUs (they stay paused: the caller resumes them), holds every virtio transport
     /// so no device touches guest memory meanwhile, has each vCPU thread save its
-    /// state, reads the in-kernel devices, and writes state and memory.
+    /// state, reads the in-kernel devices, and writes state and memory. With
+    /// `track_dirty_pages`, the dirty log restarts from this snapshot.
     pub fn snapshot(&self, dir: &Path) -> Result<snapshot::Written, SnapshotError> {
+        self.take_snapshot(dir, None)
+    }
+
+    /// Takes a diff snapshot into the new directory `dir`: as [`Vmm::snapshot`], but
+    /// only the pages written since the last snapshot this VMM took or was restored
+    /// from (its parent; `parent`, when given, must name that one). Needs
+    /// `track_dirty_pages`.
+    pub fn snapshot_diff(
+        &self,
+        dir: &Path,
+        parent: Option<&Path>,
+    ) -> Result<snapshot::Written, SnapshotError> {
+        if !self.cfg.track_dirty_pages {
+            return Err(SnapshotError::Unsupported(
+                "a diff snapshot needs the dirty log (start with --track-dirty-pages)".into(),
+            ));
+        }
+        let last = self
+            .last_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                SnapshotError::Save(
+                    "no snapshot to diff against: take a full one first (the dirty log \
+                     counts from the last snapshot this VM took or was restored from)"
+                        .into(),
+                )
+            })?;
+        if let Some(p) = parent {
+            if self.cwd.join(p) != last.dir {
+                return Err(SnapshotError::Save(format!(
+                    "parent {} is not the last snapshot of this VM ({})",
+                    p.display(),
+                    last.dir.display()
+                )));
+            }
+        }
+        self.take_snapshot(dir, Some(last))
+    }
+
+    /// The pages written since the dirty log was last read, per region: KVM's log of
+    /// the guest's writes or-ed with the VMM's own (both cleared as they are read).
+    fn take_dirty_pages(&self) -> Result<snapshot::DirtyPages, SnapshotError> {
+        self.mem
+            .iter()
+            .enumerate()
+            .map(|(slot, r)| {
+                let mut bits = self
+                    .vm
+                    .dirty_log(slot as u32, r.len() as usize)
+                    .map_err(|e| SnapshotError::Save(e.to_string()))?;
+                for (w, v) in bits
+                    .iter_mut()
+                    .zip(std::ops::Deref::deref(r).bitmap().get_and_reset())
+                {
+                    *w |= v;
+                }
+                Ok(bits)
+            })
+            .collect()
+    }
+
+    fn take_snapshot(
+        &self,
+        dir: &Path,
+        parent: Option<SnapshotRef>,
+    ) -> Result<snapshot::Written, SnapshotError> {
         if !self.cfg.fs.is_empty() {
             return Err(SnapshotError::Unsupported(
                 "it has virtio-fs devices (their state is in the file server)".into(),
@@ -551,8 +647,32 @@ impl Vmm {
             vcpus,
             serial,
             devices: held.iter().map(|t| t.save()).collect(),
+            diff: parent.map(|p| snapshot::DiffInfo {
+                parent: p.dir,
+                parent_state_sha256: p.state_sha256,
+                pages: Vec::new(),
+            }),
         };
-        let r = snapshot::write(dir, &mut state, &self.mem);
+        let r = if self.cfg.track_dirty_pages {
+            // Read (and clear) the log whether or not this is a diff: the next diff
+            // counts from this snapshot. If anything fails, no diff can follow until
+            // a full snapshot succeeds (the pages read here are gone from the log).
+            let mut last = self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner());
+            *last = None;
+            let r = self.take_dirty_pages().and_then(|d| {
+                let diff = state.diff.is_some().then_some(&d);
+                snapshot::write(dir, &mut state, &self.mem, diff)
+            });
+            if let Ok(w) = &r {
+                *last = Some(SnapshotRef {
+                    dir: self.cwd.join(dir),
+                    state_sha256: w.state_sha256.clone(),
+                });
+            }
+            r
+        } else {
+            snapshot::write(dir, &mut state, &self.mem, None)
+        };
         drop(held);
         r
     }

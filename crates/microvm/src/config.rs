@@ -186,6 +186,12 @@ pub struct VmConfig {
     /// (0: no limit).
     #[serde(default = "default_log_limit")]
     pub log_limit: u64,
+    /// Have KVM log the pages the guest writes (KVM_MEM_LOG_DIRTY_PAGES), so
+    /// snapshots after the first can be diffs (`"diff": true`). Off by default: the
+    /// log costs a write-protection fault on the first write to each page after every
+    /// snapshot.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 impl VmConfig {
@@ -205,6 +211,7 @@ impl VmConfig {
             console: default_console(),
             api: None,
             log_limit: default_log_limit(),
+            track_dirty_pages: false,
         }
     }
 
@@ -255,6 +262,13 @@ impl VmConfig {
                 self.log_limit,
                 crate::logcap::MIN_LOG_LIMIT
             )));
+        }
+        if self.track_dirty_pages && !self.fs.is_empty() {
+            return Err(ConfigError::Invalid(
+                "--track-dirty-pages cannot be used with --fs (the file server writes guest \
+                 memory where the log cannot see it)"
+                    .into(),
+            ));
         }
         for f in &self.fs {
             if f.tag.is_empty() || f.tag.len() > crate::devices::virtio::fs::TAG_LEN {
@@ -333,6 +347,11 @@ pub struct Cli {
     /// console byte, the boot marker and the exit.
     #[arg(long)]
     pub boot_timings: bool,
+    /// Log the pages the guest writes, so later snapshots can be diffs
+    /// (`{"action":"snapshot-create","dir":…,"diff":true}`); with --restore, turns
+    /// the log on for the restored VM.
+    #[arg(long)]
+    pub track_dirty_pages: bool,
     /// Send one request to the running nestor-vmm whose API socket is --api, print its
     /// answer and exit (0 if it says ok, else 1), e.g. '{"action":"pause"}'.
     #[arg(long, value_name = "JSON", requires = "api", conflicts_with_all = ["config", "kernel", "restore"])]
@@ -425,6 +444,7 @@ impl Cli {
         if let Some(l) = self.log_limit {
             cfg.log_limit = l;
         }
+        cfg.track_dirty_pages |= self.track_dirty_pages;
         cfg.validate().map_err(|e| e.to_string())?;
         Ok(cfg)
     }
@@ -476,6 +496,7 @@ impl Cli {
         if let Some(l) = self.log_limit {
             cfg.log_limit = l;
         }
+        cfg.track_dirty_pages |= self.track_dirty_pages;
         cfg.validate()?;
         Ok(cfg)
     }

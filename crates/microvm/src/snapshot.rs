@@ -9,10 +9,21 @@
 //! - `snapshot.json`: [`Manifest`], written last: the format name, the format
 //!   [`VERSION`], the SHA-256 of `state.json` and the size of `memory`.
 //!
+//! A **diff** snapshot (format version [`VERSION_DIFF`]) has the same three files; its
+//! state is whole (vCPUs, devices), but its memory file holds only the pages written
+//! since its parent was taken (KVM's dirty log of the guest's writes, or-ed with the
+//! bitmap of the VMM's own writes), every one of them written, zero or not: the list
+//! of those pages is [`DiffInfo::pages`]. Its parent (a full snapshot or another diff)
+//! is named by path and by the SHA-256 of its state, so a parent replaced since is
+//! refused. Restoring maps the chain's full snapshot and copies each diff's pages over
+//! it, oldest first.
+//!
 //! Reading checks, before anything is built: the manifest's format and version, the
-//! checksum, that the state parses, and the memory file's size. A directory without a
-//! manifest (a snapshot cut short) is not a snapshot. The memory file has no checksum:
-//! checking one would read every page, which the lazy mapping exists to avoid.
+//! checksum, that the state parses, and the memory file's size; for a diff, the same
+//! for each parent, that it is the one recorded, and that every snapshot of the chain
+//! has the same memory layout. A directory without a manifest (a snapshot cut short)
+//! is not a snapshot. The memory file has no checksum: checking one would read every
+//! page, which the lazy mapping exists to avoid.
 
 use std::fs::File;
 use std::io::Write;
@@ -32,8 +43,13 @@ use crate::vstate::vm::VmState;
 
 /// The manifest's `format`.
 pub const FORMAT: &str = "nestor-vmm-snapshot";
-/// The format version this nestor-vmm writes and reads.
+/// The format version of a full snapshot (the one this nestor-vmm writes for it).
 pub const VERSION: u32 = 1;
+/// The format version of a diff snapshot (full snapshots keep [`VERSION`], so an
+/// older nestor-vmm still reads them; it refuses a diff by its version).
+pub const VERSION_DIFF: u32 = 2;
+/// Longest chain of diffs on one full snapshot that is read.
+pub const MAX_CHAIN: usize = 64;
 /// The manifest file.
 pub const MANIFEST: &str = "snapshot.json";
 /// The state file.
@@ -60,7 +76,7 @@ pub enum SnapshotError {
     #[error("{0} is not a nestor-vmm snapshot (no valid {MANIFEST})")]
     NotASnapshot(PathBuf),
     /// Another format version.
-    #[error("snapshot {path} has format version {found}; this nestor-vmm reads version {VERSION}")]
+    #[error("snapshot {path} has format version {found}; this nestor-vmm reads versions {VERSION} and {VERSION_DIFF}")]
     Version {
         /// The directory.
         path: PathBuf,
@@ -119,6 +135,19 @@ pub struct MemoryRange {
     pub file_offset: u64,
 }
 
+/// What makes a snapshot a diff: its parent and the pages it holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffInfo {
+    /// The parent snapshot's directory (absolute).
+    pub parent: PathBuf,
+    /// The SHA-256 of the parent's `state.json` (its manifest's `state_sha256`).
+    pub parent_state_sha256: String,
+    /// The pages of the memory file this diff holds: runs of `[first page, count]`,
+    /// in 4 KiB pages of the memory file, ascending and apart.
+    pub pages: Vec<[u64; 2]>,
+}
+
 /// `state.json`: everything but guest memory.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -135,6 +164,9 @@ pub struct VmSnapshot {
     pub serial: SerialSnapshot,
     /// Each virtio-mmio transport, in slot order.
     pub devices: Vec<TransportSnapshot>,
+    /// Present in a diff snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff: Option<DiffInfo>,
 }
 
 /// What [`write`] made.
@@ -142,11 +174,19 @@ pub struct VmSnapshot {
 pub struct Written {
     /// Size of the memory file.
     pub memory_bytes: u64,
-    /// Bytes of it actually written (non-zero pages).
+    /// Bytes of it actually written (non-zero pages; a diff's dirty pages).
     pub memory_written: u64,
     /// Size of `state.json`.
     pub state_bytes: u64,
+    /// The SHA-256 of `state.json` (a diff taken later names its parent by it).
+    pub state_sha256: String,
+    /// A diff's parent.
+    pub parent: Option<PathBuf>,
 }
+
+/// Pages written since a point, per guest memory region in order: one bit per 4 KiB
+/// page, 64 pages a word (KVM's dirty-log layout).
+pub type DirtyPages = Vec<Vec<u64>>;
 
 fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
     move |source| SnapshotError::Io {
@@ -217,16 +257,93 @@ fn write_memory(
     Ok((ranges, written))
 }
 
+/// Runs of `[first page, count]` of the memory file.
+type PageRuns = Vec<[u64; 2]>;
+
+/// Writes the pages set in `dirty` (zero or not) into `file`, whose length is set first
+/// so the rest are holes; returns the ranges, the runs of pages written (file pages)
+/// and the bytes written.
+fn write_dirty_memory(
+    mem: &GuestMemory,
+    dirty: &DirtyPages,
+    file: &File,
+    path: &Path,
+) -> Result<(Vec<MemoryRange>, PageRuns, u64), SnapshotError> {
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    file.set_len(total).map_err(io(path, "cannot size"))?;
+    if dirty.len() != mem.num_regions() {
+        return Err(SnapshotError::Save(format!(
+            "dirty log of {} regions for {} memory regions",
+            dirty.len(),
+            mem.num_regions()
+        )));
+    }
+    let mut ranges = Vec::new();
+    let mut runs: Vec<[u64; 2]> = Vec::new();
+    let mut offset = 0u64;
+    let mut written = 0u64;
+    for (r, bits) in mem.iter().zip(dirty) {
+        let len = r.len() as usize;
+        let pages = len / PAGE;
+        let host = mem
+            .get_host_address(r.start_addr())
+            .map_err(|e| SnapshotError::Save(format!("guest memory: {e}")))?;
+        // SAFETY: as in `write_memory`: this region's mapping, alive as long as `mem`,
+        // with the vCPUs paused and the devices locked.
+        let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
+        let set = |p: usize| bits.get(p / 64).is_some_and(|w| w & (1 << (p % 64)) != 0);
+        let mut p = 0;
+        while p < pages {
+            if !set(p) {
+                p += 1;
+                continue;
+            }
+            let start = p;
+            while p < pages && set(p) {
+                p += 1;
+            }
+            file.write_all_at(
+                &bytes[start * PAGE..p * PAGE],
+                offset + (start * PAGE) as u64,
+            )
+            .map_err(io(path, "cannot write"))?;
+            written += ((p - start) * PAGE) as u64;
+            let first = offset / PAGE as u64 + start as u64;
+            let count = (p - start) as u64;
+            // Runs that meet across two regions are one run of the file.
+            match runs.last_mut() {
+                Some(last) if last[0] + last[1] == first => last[1] += count,
+                _ => runs.push([first, count]),
+            }
+        }
+        ranges.push(MemoryRange {
+            guest_addr: r.start_addr().0,
+            size: r.len(),
+            file_offset: offset,
+        });
+        offset += r.len();
+    }
+    Ok((ranges, runs, written))
+}
+
 /// Writes a snapshot into the new directory `dir` (its parent must exist; `dir` must
-/// not). `state.memory` is filled in here. The manifest goes last, so a snapshot cut
-/// short is never taken for a whole one.
+/// not). `state.memory` (and a diff's `state.diff.pages`) is filled in here. With
+/// `dirty`, a diff: `state.diff` must name its parent, and only the pages set in
+/// `dirty` are written. The manifest goes last, so a snapshot cut short is never
+/// taken for a whole one.
 pub fn write(
     dir: &Path,
     state: &mut VmSnapshot,
     mem: &GuestMemory,
+    dirty: Option<&DirtyPages>,
 ) -> Result<Written, SnapshotError> {
+    if dirty.is_some() != state.diff.is_some() {
+        return Err(SnapshotError::Save(
+            "a diff needs both its parent and its dirty pages".into(),
+        ));
+    }
     std::fs::create_dir(dir).map_err(io(dir, "cannot create the directory"))?;
-    let r = write_into(dir, state, mem);
+    let r = write_into(dir, state, mem, dirty);
     if r.is_err() {
         // The directory is ours (just created): nothing half-written stays behind.
         for f in [MANIFEST, STATE, MEMORY] {
@@ -241,10 +358,18 @@ fn write_into(
     dir: &Path,
     state: &mut VmSnapshot,
     mem: &GuestMemory,
+    dirty: Option<&DirtyPages>,
 ) -> Result<Written, SnapshotError> {
     let mem_path = dir.join(MEMORY);
     let mem_file = create_file(&mem_path)?;
-    let (ranges, memory_written) = write_memory(mem, &mem_file, &mem_path)?;
+    let (ranges, memory_written) = match (dirty, state.diff.as_mut()) {
+        (Some(d), Some(info)) => {
+            let (ranges, runs, n) = write_dirty_memory(mem, d, &mem_file, &mem_path)?;
+            info.pages = runs;
+            (ranges, n)
+        }
+        _ => write_memory(mem, &mem_file, &mem_path)?,
+    };
     mem_file.sync_all().map_err(io(&mem_path, "cannot sync"))?;
     state.memory = ranges;
     let memory_bytes = ranges_len(&state.memory);
@@ -257,10 +382,15 @@ fn write_into(
         .map_err(io(&state_path, "cannot write"))?;
     f.sync_all().map_err(io(&state_path, "cannot sync"))?;
 
+    let state_sha256 = hex(&Sha256::digest(&body));
     let manifest = Manifest {
         format: FORMAT.into(),
-        version: VERSION,
-        state_sha256: hex(&Sha256::digest(&body)),
+        version: if state.diff.is_some() {
+            VERSION_DIFF
+        } else {
+            VERSION
+        },
+        state_sha256: state_sha256.clone(),
         memory_bytes,
     };
     let man_path = dir.join(MANIFEST);
@@ -273,6 +403,8 @@ fn write_into(
         memory_bytes,
         memory_written,
         state_bytes: body.len() as u64,
+        state_sha256,
+        parent: state.diff.as_ref().map(|d| d.parent.clone()),
     })
 }
 
@@ -280,18 +412,172 @@ fn ranges_len(r: &[MemoryRange]) -> u64 {
     r.iter().map(|r| r.size).sum()
 }
 
-/// A snapshot read and checked: its state and its open memory file.
+/// One diff of a chain: its memory file and the pages it holds.
+pub struct Layer {
+    /// The diff's directory.
+    pub dir: PathBuf,
+    /// Its memory file.
+    pub memory: File,
+    /// Its runs of pages (`[first page, count]` of the memory file).
+    pub pages: Vec<[u64; 2]>,
+}
+
+/// A snapshot read and checked: its state and its open memory file; for a diff, the
+/// chain's full snapshot's memory file and the diffs to copy over it.
 pub struct Loaded {
     /// The directory.
     pub dir: PathBuf,
     /// The state.
     pub state: VmSnapshot,
-    /// The memory file (to be mapped).
+    /// The SHA-256 of `state.json`.
+    pub state_sha256: String,
+    /// The memory file (to be mapped): the full snapshot's, for a diff.
     pub memory: File,
+    /// For a diff: every diff from the full snapshot's child to this one, in order.
+    pub layers: Vec<Layer>,
 }
 
-/// Reads and checks the snapshot in `dir` (module doc: what is checked).
+impl Loaded {
+    /// Copies each diff's pages into `mem` (mapped from [`Loaded::memory`]), oldest
+    /// first. Reads the files; nothing else.
+    pub fn apply_layers(&self, mem: &GuestMemory) -> Result<(), SnapshotError> {
+        for layer in &self.layers {
+            let path = layer.dir.join(MEMORY);
+            for &[first, count] in &layer.pages {
+                for page in first..first + count {
+                    let off = page * PAGE as u64;
+                    let r = self
+                        .state
+                        .memory
+                        .iter()
+                        .find(|r| (r.file_offset..r.file_offset + r.size).contains(&off))
+                        .ok_or_else(|| SnapshotError::Corrupt {
+                            path: layer.dir.clone(),
+                            what: format!("page {page} is outside guest memory"),
+                        })?;
+                    let ga = vm_memory::GuestAddress(r.guest_addr + (off - r.file_offset));
+                    let host = mem
+                        .get_host_address(ga)
+                        .map_err(|e| SnapshotError::Corrupt {
+                            path: layer.dir.clone(),
+                            what: format!("page {page}: {e}"),
+                        })?;
+                    // SAFETY: `host` is the start of one page inside a region of `mem`
+                    // (regions are page multiples), which is mapped and not yet seen
+                    // by any vCPU or device.
+                    let buf = unsafe { std::slice::from_raw_parts_mut(host, PAGE) };
+                    layer
+                        .memory
+                        .read_exact_at(buf, off)
+                        .map_err(io(&path, "cannot read"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads and checks the snapshot in `dir` and, for a diff, its chain of parents
+/// (module doc: what is checked).
 pub fn read(dir: &Path) -> Result<Loaded, SnapshotError> {
+    let top = read_one(dir)?;
+    let mut layers = Vec::new();
+    let mut cur = top.diff_layer()?;
+    let mut base = None;
+    while let Some((layer, info)) = cur.take() {
+        layers.push(layer);
+        if layers.len() > MAX_CHAIN {
+            return Err(SnapshotError::Corrupt {
+                path: dir.into(),
+                what: format!("its chain of diffs is longer than {MAX_CHAIN}"),
+            });
+        }
+        let parent = read_one(&info.parent)?;
+        if parent.state_sha256 != info.parent_state_sha256 {
+            return Err(SnapshotError::Corrupt {
+                path: layers.last().map(|l| l.dir.clone()).unwrap_or_default(),
+                what: format!(
+                    "its parent {} is not the snapshot it was taken from (another state)",
+                    info.parent.display()
+                ),
+            });
+        }
+        if parent.state.memory != top.state.memory {
+            return Err(SnapshotError::Corrupt {
+                path: info.parent.clone(),
+                what: "its memory layout differs from its diff's".into(),
+            });
+        }
+        match parent.diff_layer()? {
+            Some(next) => cur = Some(next),
+            None => base = Some(parent.memory),
+        }
+    }
+    layers.reverse();
+    let memory = match base {
+        Some(m) => m,
+        None => top.memory,
+    };
+    Ok(Loaded {
+        dir: top.dir,
+        state: top.state,
+        state_sha256: top.state_sha256,
+        memory,
+        layers,
+    })
+}
+
+/// One snapshot directory read and checked on its own.
+struct One {
+    dir: PathBuf,
+    state: VmSnapshot,
+    state_sha256: String,
+    memory: File,
+}
+
+impl One {
+    /// For a diff: its layer (memory file and pages, checked against its size) and
+    /// its parent.
+    fn diff_layer(&self) -> Result<Option<(Layer, DiffInfo)>, SnapshotError> {
+        let Some(info) = &self.state.diff else {
+            return Ok(None);
+        };
+        let pages = ranges_len(&self.state.memory) / PAGE as u64;
+        let mut end = 0;
+        for &[first, count] in &info.pages {
+            if count == 0 || first < end || first.checked_add(count).is_none_or(|e| e > pages) {
+                return Err(SnapshotError::Corrupt {
+                    path: self.dir.clone(),
+                    what: format!("its page run [{first}, {count}] is malformed"),
+                });
+            }
+            end = first + count;
+        }
+        if !info.parent.is_absolute() {
+            return Err(SnapshotError::Corrupt {
+                path: self.dir.clone(),
+                what: format!(
+                    "its parent {} is not an absolute path",
+                    info.parent.display()
+                ),
+            });
+        }
+        let memory = self
+            .memory
+            .try_clone()
+            .map_err(io(&self.dir, "cannot duplicate the memory file"))?;
+        Ok(Some((
+            Layer {
+                dir: self.dir.clone(),
+                memory,
+                pages: info.pages.clone(),
+            },
+            info.clone(),
+        )))
+    }
+}
+
+fn read_one(dir: &Path) -> Result<One, SnapshotError> {
     let corrupt = |what: String| SnapshotError::Corrupt {
         path: dir.into(),
         what,
@@ -314,10 +600,12 @@ pub fn read(dir: &Path) -> Result<Loaded, SnapshotError> {
                     .ok()
                     .and_then(|v| v.get("version")?.as_u64())
                 {
-                    Some(v) if v != u64::from(VERSION) => SnapshotError::Version {
-                        path: dir.into(),
-                        found: v as u32,
-                    },
+                    Some(v) if v != u64::from(VERSION) && v != u64::from(VERSION_DIFF) => {
+                        SnapshotError::Version {
+                            path: dir.into(),
+                            found: v as u32,
+                        }
+                    }
                     _ => corrupt(format!("{MANIFEST} is malformed")),
                 },
             );
@@ -326,7 +614,7 @@ pub fn read(dir: &Path) -> Result<Loaded, SnapshotError> {
     if manifest.format != FORMAT {
         return Err(SnapshotError::NotASnapshot(dir.into()));
     }
-    if manifest.version != VERSION {
+    if manifest.version != VERSION && manifest.version != VERSION_DIFF {
         return Err(SnapshotError::Version {
             path: dir.into(),
             found: manifest.version,
@@ -339,6 +627,13 @@ pub fn read(dir: &Path) -> Result<Loaded, SnapshotError> {
     }
     let state: VmSnapshot =
         serde_json::from_slice(&body).map_err(|e| corrupt(format!("{STATE}: {e}")))?;
+    if state.diff.is_some() != (manifest.version == VERSION_DIFF) {
+        return Err(corrupt(format!(
+            "format version {} with{} diff information",
+            manifest.version,
+            if state.diff.is_some() { "" } else { "out" }
+        )));
+    }
     let mem_path = dir.join(MEMORY);
     let memory = File::open(&mem_path).map_err(io(&mem_path, "cannot open"))?;
     let len = memory
@@ -371,9 +666,10 @@ pub fn read(dir: &Path) -> Result<Loaded, SnapshotError> {
             state.config.vcpus
         )));
     }
-    Ok(Loaded {
+    Ok(One {
         dir: dir.into(),
         state,
+        state_sha256: manifest.state_sha256,
         memory,
     })
 }
@@ -434,9 +730,9 @@ mod tests {
         .unwrap();
         let e = read(dir.path()).err().unwrap();
         assert!(e.to_string().contains("format version 9"), "{e}");
-        std::fs::write(dir.path().join(MANIFEST), r#"{"version":2,"other":true}"#).unwrap();
+        std::fs::write(dir.path().join(MANIFEST), r#"{"version":3,"other":true}"#).unwrap();
         let e = read(dir.path()).err().unwrap();
-        assert!(matches!(e, SnapshotError::Version { found: 2, .. }), "{e}");
+        assert!(matches!(e, SnapshotError::Version { found: 3, .. }), "{e}");
         std::fs::write(
             dir.path().join(MANIFEST),
             r#"{"format":"nestor-vmm-snapshot","version":1,"state_sha256":"00","memory_bytes":0}"#,

@@ -345,11 +345,11 @@ fn a_new_process_restores_the_snapshot_and_bad_snapshots_are_refused() {
     // Another version.
     let other = copy("other-version");
     let man = std::fs::read_to_string(other.join(snapshot::MANIFEST)).unwrap();
-    let man = man.replace("\"version\": 1", "\"version\": 2");
+    let man = man.replace("\"version\": 1", "\"version\": 3");
     std::fs::write(other.join(snapshot::MANIFEST), man).unwrap();
     assert_one_error(
         &restore(&other, &[]),
-        "has format version 2; this nestor-vmm reads version 1",
+        "has format version 3; this nestor-vmm reads versions 1 and 2",
     );
 
     // A memory file of the wrong size.
@@ -420,4 +420,350 @@ fn restore_maps_memory_lazily() {
         w.memory_written / 1024,
         restored.as_millis()
     );
+}
+
+/// SHA-256 of all guest RAM.
+fn memory_sha256(vmm: &Vmm) -> String {
+    use sha2::{Digest, Sha256};
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let mem = vmm.memory();
+    let mut h = Sha256::new();
+    for r in mem.iter() {
+        let mut buf = vec![0u8; r.len() as usize];
+        mem.read_slice(&mut buf, r.start_addr()).unwrap();
+        h.update(&buf);
+    }
+    format!("{:x}", h.finalize())
+}
+
+const MARK_ADDR: u64 = 0x300_0000;
+const ZEROED_ADDR: u64 = 0x310_0000;
+
+#[test]
+fn diff_snapshots_hold_the_written_pages_and_restore_as_a_chain() {
+    if !have_kvm() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_file(dir.path(), "vmlinux", &elf(&code64(b"", COUNT)));
+    let mut cfg = VmConfig::new(kernel);
+    cfg.mem_mib = 64;
+    // Without the dirty log there is no diff.
+    let vmm = Vmm::build(&cfg, Instant::now(), Some(Box::new(std::io::sink()))).unwrap();
+    let e = vmm
+        .snapshot_diff(&dir.path().join("no"), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--track-dirty-pages"), "{e}");
+    drop(vmm);
+
+    cfg.track_dirty_pages = true;
+    let mut vmm = Vmm::build(&cfg, Instant::now(), Some(Box::new(std::io::sink()))).unwrap();
+    vmm.start().unwrap();
+    wait_for("the guest counts", || counter(&vmm) > 1000);
+    let e = vmm
+        .snapshot_diff(&dir.path().join("no"), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("take a full one first"), "{e}");
+    assert!(!dir.path().join("no").exists());
+    // A page the VMM writes before the full snapshot and zeroes after it: the diff
+    // must carry the zero page (a hole would mean "unchanged").
+    vmm.memory()
+        .write_slice(&[0xa5; 4096], GuestAddress(ZEROED_ADDR))
+        .unwrap();
+    let s1 = dir.path().join("s1");
+    let full = vmm.snapshot(&s1).unwrap();
+    assert!(full.parent.is_none());
+    // The VMM's own writes (what device emulation does through vm-memory) go into the
+    // next diff with the guest's.
+    vmm.memory()
+        .write_slice(&[0x5a; 8192], GuestAddress(MARK_ADDR))
+        .unwrap();
+    vmm.memory()
+        .write_slice(&[0; 4096], GuestAddress(ZEROED_ADDR))
+        .unwrap();
+    let c1 = counter(&vmm);
+    vmm.resume();
+    wait_for("the guest counts on", || counter(&vmm) > c1 + 1000);
+    let s2 = dir.path().join("s2");
+    let d2 = vmm.snapshot_diff(&s2, None).unwrap();
+    assert_eq!(d2.parent.as_deref(), Some(s1.as_path()));
+    assert_eq!(d2.memory_bytes, 64 << 20);
+    // The counter's page, the two marked pages, the zeroed one (and little else:
+    // the guest writes nothing but its counter).
+    assert!(
+        (4 * 4096..=16 * 4096).contains(&d2.memory_written),
+        "diff wrote {} bytes: {:?}",
+        d2.memory_written,
+        snapshot::read(&s2).unwrap().state.diff.unwrap().pages
+    );
+    assert!(
+        d2.memory_written < full.memory_written,
+        "{d2:?} vs {full:?}"
+    );
+    let l2 = snapshot::read(&s2).unwrap();
+    let info = l2.state.diff.as_ref().unwrap();
+    assert_eq!(info.parent, s1);
+    let has = |page: u64| info.pages.iter().any(|[f, n]| (*f..f + n).contains(&page));
+    for a in [COUNTER_ADDR, MARK_ADDR, MARK_ADDR + 4096, ZEROED_ADDR] {
+        assert!(
+            has(a / 4096),
+            "page {a:#x} not in the diff: {:?}",
+            info.pages
+        );
+    }
+    assert!(!has(0x500_0000 / 4096), "an untouched page is in the diff");
+    let man: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s2.join(snapshot::MANIFEST)).unwrap()).unwrap();
+    assert_eq!(man["version"], snapshot::VERSION_DIFF);
+
+    // A second diff, naming its parent; a wrong parent is refused.
+    vmm.resume();
+    wait_for("the guest counts on", || counter(&vmm) > c1 + 3000);
+    let e = vmm
+        .snapshot_diff(&dir.path().join("s3"), Some(&s1))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is not the last snapshot"), "{e}");
+    let s3 = dir.path().join("s3");
+    let d3 = vmm.snapshot_diff(&s3, Some(&s2)).unwrap();
+    assert_eq!(d3.parent.as_deref(), Some(s2.as_path()));
+    let c3 = counter(&vmm);
+    let sum3 = memory_sha256(&vmm);
+    assert_eq!(vmm.shutdown(), GuestExit::Stopped);
+    drop(vmm);
+
+    // Restoring the last diff: the full snapshot with both diffs over it is the
+    // paused VM's memory exactly, and the guest counts on from there.
+    let loaded = snapshot::read(&s3).unwrap();
+    assert_eq!(loaded.layers.len(), 2);
+    let mut vmm = Vmm::restore(
+        &loaded.state.config,
+        &loaded,
+        Instant::now(),
+        Some(Box::new(std::io::sink())),
+        false,
+    )
+    .unwrap();
+    assert_eq!(memory_sha256(&vmm), sum3, "restored memory differs");
+    assert_eq!(counter(&vmm), c3);
+    assert_eq!(
+        vmm.memory()
+            .read_obj::<u8>(GuestAddress(MARK_ADDR + 4095))
+            .unwrap(),
+        0x5a
+    );
+    assert_eq!(
+        vmm.memory()
+            .read_obj::<u8>(GuestAddress(ZEROED_ADDR))
+            .unwrap(),
+        0
+    );
+    vmm.start().unwrap();
+    vmm.resume();
+    wait_for("the restored guest counts on", || counter(&vmm) > c3 + 1000);
+    // The restored VM diffs against the snapshot it came from.
+    let s4 = dir.path().join("s4");
+    let d4 = vmm.snapshot_diff(&s4, Some(&s3)).unwrap();
+    assert_eq!(d4.parent.as_deref(), Some(s3.as_path()));
+    let sum4 = memory_sha256(&vmm);
+    let other = dir.path().join("other");
+    vmm.snapshot(&other).unwrap();
+    assert_eq!(vmm.shutdown(), GuestExit::Stopped);
+    drop(vmm);
+    let l4 = snapshot::read(&s4).unwrap();
+    assert_eq!(l4.layers.len(), 3);
+    let vmm = Vmm::restore(
+        &l4.state.config,
+        &l4,
+        Instant::now(),
+        Some(Box::new(std::io::sink())),
+        false,
+    )
+    .unwrap();
+    assert_eq!(memory_sha256(&vmm), sum4, "restored memory differs");
+    drop(vmm);
+
+    // A parent replaced by another snapshot is refused, as is a missing one.
+    std::fs::rename(&s1, dir.path().join("s1.old")).unwrap();
+    let e = snapshot::read(&s3).err().unwrap().to_string();
+    assert!(e.contains("not a nestor-vmm snapshot"), "{e}");
+    std::fs::rename(&other, &s1).unwrap();
+    let e = snapshot::read(&s3).err().unwrap().to_string();
+    assert!(e.contains("is not the snapshot it was taken from"), "{e}");
+    std::fs::rename(&s1, &other).unwrap();
+    std::fs::rename(dir.path().join("s1.old"), &s1).unwrap();
+    snapshot::read(&s3).unwrap();
+    // A page run outside guest memory is refused before anything is built (the state
+    // re-signed, so only the run is wrong).
+    use sha2::{Digest, Sha256};
+    let mut st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s2.join(snapshot::STATE)).unwrap()).unwrap();
+    st["diff"]["pages"] = serde_json::json!([[1u64 << 40, 1]]);
+    let body = serde_json::to_vec(&st).unwrap();
+    std::fs::write(s2.join(snapshot::STATE), &body).unwrap();
+    let mut man: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s2.join(snapshot::MANIFEST)).unwrap()).unwrap();
+    man["state_sha256"] = format!("{:x}", Sha256::digest(&body)).into();
+    std::fs::write(s2.join(snapshot::MANIFEST), man.to_string()).unwrap();
+    let e = snapshot::read(&s2).err().unwrap().to_string();
+    assert!(e.contains("page run") && e.contains("malformed"), "{e}");
+}
+
+#[test]
+fn a_new_process_restores_a_diff_taken_through_the_api() {
+    if !have_kvm() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_file(dir.path(), "vmlinux", &elf(&code64(b"", COUNT)));
+    let api = dir.path().join("api");
+    let p = Proc::spawn(
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--mem",
+            "64",
+            "--track-dirty-pages",
+        ],
+        &api,
+    );
+    let s1 = dir.path().join("s1");
+    let s2 = dir.path().join("s2");
+    std::thread::sleep(Duration::from_millis(200));
+    let r = p.snapshot(&s1, true);
+    assert_eq!(r["ok"], true, "{r}");
+    std::thread::sleep(Duration::from_millis(200));
+    let r = p.call(&format!(
+        r#"{{"action":"snapshot-create","dir":"{}","diff":true,"parent":"{}","resume":false}}"#,
+        s2.display(),
+        s1.display()
+    ));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["snapshot"]["parent"], s1.to_str().unwrap());
+    assert!(
+        r["snapshot"]["memory_written"].as_u64().unwrap() < 1 << 20,
+        "{r}"
+    );
+    let (m1, _) = saved_count(&s1);
+    let o = p.stop();
+    assert!(o.status.success());
+
+    let api2 = dir.path().join("api2");
+    let q = Proc::spawn(&["--restore", s2.to_str().unwrap(), "--resume"], &api2);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = q.snapshot(&dir.path().join("s3"), false);
+    assert_eq!(r["ok"], true, "{r}");
+    let (m3, _) = saved_count(&dir.path().join("s3"));
+    assert!(
+        m3 > m1,
+        "the restored guest did not count on: {m3} after {m1}"
+    );
+    // The restored VM keeps its dirty log; its last snapshot is now s3.
+    let r = q.call(&format!(
+        r#"{{"action":"snapshot-create","dir":"{}","diff":true,"parent":"{}"}}"#,
+        dir.path().join("s4").display(),
+        s2.display()
+    ));
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("is not the last snapshot"),
+        "{r}"
+    );
+    let r = q.call(&format!(
+        r#"{{"action":"snapshot-create","dir":"{}","diff":true}}"#,
+        dir.path().join("s4").display()
+    ));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(
+        r["snapshot"]["parent"],
+        dir.path().join("s3").to_str().unwrap()
+    );
+    q.stop();
+
+    // A diff whose parent is gone cannot be restored: one line.
+    std::fs::remove_file(s1.join(snapshot::MANIFEST)).unwrap();
+    let o = vmm_bin()
+        .args(["--restore", s2.to_str().unwrap(), "--console", "none"])
+        .output()
+        .unwrap();
+    assert_one_error(&o, "is not a nestor-vmm snapshot");
+}
+
+/// Figures for `benches/vmm-snapshot-bench.sh` (not a test: run with `--ignored`):
+/// a 256 MiB guest with 128 MiB of data, a full snapshot, a diff after the guest
+/// counted for a while, and a full snapshot again of the same state, taken in turn.
+#[test]
+#[ignore = "a benchmark: benches/vmm-snapshot-bench.sh"]
+fn diff_vs_full_figures() {
+    if !have_kvm() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_file(dir.path(), "vmlinux", &elf(&code64(b"", COUNT)));
+    let mut cfg = VmConfig::new(kernel);
+    cfg.mem_mib = 256;
+    cfg.track_dirty_pages = true;
+    let mut vmm = Vmm::build(&cfg, Instant::now(), Some(Box::new(std::io::sink()))).unwrap();
+    vmm.start().unwrap();
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 + 1).collect();
+    for mib in 64..192u64 {
+        vmm.memory()
+            .write_slice(&data, GuestAddress(mib << 20))
+            .unwrap();
+    }
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
+    let mut parent = dir.path().join("base");
+    let t = Instant::now();
+    let w = vmm.snapshot(&parent).unwrap();
+    println!("full-base ms={:.1} written={}", ms(t), w.memory_written);
+    for i in 0..rounds {
+        vmm.resume();
+        std::thread::sleep(Duration::from_millis(100));
+        let d = dir.path().join(format!("diff{i}"));
+        let t = Instant::now();
+        let w = vmm.snapshot_diff(&d, Some(&parent)).unwrap();
+        let diff_ms = ms(t);
+        let f = dir.path().join(format!("full{i}"));
+        let t = Instant::now();
+        let wf = vmm.snapshot(&f).unwrap();
+        let full_ms = ms(t);
+        println!(
+            "round {i} diff ms={diff_ms:.1} written={} full ms={full_ms:.1} written={}",
+            w.memory_written, wf.memory_written
+        );
+        // The next diff's parent is the full snapshot just taken.
+        parent = f;
+    }
+    // Restoring a diff on a full snapshot (the memory is mapped lazily; the diff's
+    // pages are read at once).
+    let chain = dir.path().join("chain");
+    vmm.resume();
+    std::thread::sleep(Duration::from_millis(100));
+    vmm.snapshot_diff(&chain, None).unwrap();
+    assert_eq!(vmm.shutdown(), GuestExit::Stopped);
+    drop(vmm);
+    let t = Instant::now();
+    let l = snapshot::read(&chain).unwrap();
+    let vmm = Vmm::restore(
+        &l.state.config,
+        &l,
+        Instant::now(),
+        Some(Box::new(std::io::sink())),
+        false,
+    )
+    .unwrap();
+    println!("restore-diff-on-full ms={:.1}", ms(t));
+    drop(vmm);
 }

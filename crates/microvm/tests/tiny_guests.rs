@@ -56,7 +56,7 @@ fn real_mode_guest_exits_reach_the_buses() {
     ];
     mem.write_slice(code, GuestAddress(0x1000)).unwrap();
     let vm = Vm::new().unwrap();
-    vm.register_memory(&mem).unwrap();
+    vm.register_memory(&mem, false).unwrap();
     let vcpu = Vcpu::new(&vm, 0).unwrap();
     let mut sregs = vcpu.fd.get_sregs().unwrap();
     sregs.cs.base = 0;
@@ -121,7 +121,7 @@ fn mmio_reads_and_writes_reach_the_mmio_bus() {
     ];
     mem.write_slice(code, GuestAddress(0x1000)).unwrap();
     let vm = Vm::new().unwrap();
-    vm.register_memory(&mem).unwrap();
+    vm.register_memory(&mem, false).unwrap();
     let vcpu = Vcpu::new(&vm, 0).unwrap();
     let mut sregs = vcpu.fd.get_sregs().unwrap();
     sregs.cs.base = 0;

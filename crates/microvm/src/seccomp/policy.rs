@@ -11,9 +11,9 @@ use super::SeccompError;
 /// `ioctl` request numbers the filters allow.
 mod ioctls {
     use kvm_bindings::{
-        kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state,
-        kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
-        kvm_xsave, KVMIO,
+        kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_fpu, kvm_irqchip,
+        kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs,
+        kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
     };
     use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
 
@@ -41,9 +41,14 @@ mod ioctls {
         (get::<kvm_xsave>(0xa4), "KVM_GET_XSAVE"),
         (get::<kvm_xcrs>(0xa6), "KVM_GET_XCRS"),
     ];
-    /// What the main thread reads of the VM for a snapshot.
-    pub const VM_SAVE: [(u64, &str); 3] = [
+    /// What the main thread reads of the VM for a snapshot (the dirty log: the
+    /// pages a diff snapshot writes).
+    pub const VM_SAVE: [(u64, &str); 4] = [
         (get_set::<kvm_irqchip>(0x62), "KVM_GET_IRQCHIP"),
+        (
+            ioctl_expr(_IOC_WRITE, KVMIO, 0x42, size::<kvm_dirty_log>()),
+            "KVM_GET_DIRTY_LOG",
+        ),
         (get::<kvm_clock_data>(0x7c), "KVM_GET_CLOCK"),
         (get::<kvm_pit_state2>(0x9f), "KVM_GET_PIT2"),
     ];

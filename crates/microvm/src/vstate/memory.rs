@@ -6,11 +6,15 @@
 //! `MAP_PRIVATE`, so a page is read from the file only when the guest touches it and
 //! the guest's writes never reach the file.
 
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
-/// The guest memory type used throughout the VMM.
-pub type GuestMemory = GuestMemoryMmap<()>;
+/// The guest memory type used throughout the VMM. Each region carries a bitmap of the
+/// pages the VMM itself wrote (device emulation: used rings, receive buffers, block
+/// reads), one bit per page, set by every write through `vm-memory`; a diff snapshot
+/// adds these pages to KVM's dirty log of the guest's own writes.
+pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
 
 /// Errors while creating guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +83,7 @@ pub fn map_private_file(
         let fd = file
             .try_clone()
             .map_err(|source| MemoryError::Memfd { size, source })?;
-        let mapping = MmapRegionBuilder::new(len)
+        let mapping = MmapRegionBuilder::new_with_bitmap(len, bitmap(len))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_file_offset(FileOffset::new(fd, offset))
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
@@ -92,6 +96,12 @@ pub fn map_private_file(
     GuestMemory::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))
 }
 
+/// A bitmap of the VMM's writes covering `len` bytes, one bit per 4 KiB page (the
+/// builder's own default is an empty bitmap, which records nothing).
+fn bitmap(len: usize) -> AtomicBitmap {
+    AtomicBitmap::new(len, std::num::NonZeroUsize::new(4096).expect("non-zero"))
+}
+
 fn create(ranges: &[(u64, u64)], shared: bool) -> Result<GuestMemory, MemoryError> {
     let mut regions = Vec::with_capacity(ranges.len());
     for &(start, size) in ranges {
@@ -99,8 +109,8 @@ fn create(ranges: &[(u64, u64)], shared: bool) -> Result<GuestMemory, MemoryErro
             return Err(MemoryError::BadSize(size));
         }
         let len = usize::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
-        let builder =
-            MmapRegionBuilder::new(len).with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
+        let builder = MmapRegionBuilder::new_with_bitmap(len, bitmap(len))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
         let builder = if shared {
             builder
                 .with_file_offset(FileOffset::new(memfd(size)?, 0))
@@ -135,6 +145,19 @@ mod tests {
         );
         // The hole between the ranges is not memory.
         assert!(mem.read_obj::<u8>(GuestAddress(2 << 20)).is_err());
+    }
+
+    #[test]
+    fn the_vmm_s_writes_are_recorded_per_page() {
+        use std::ops::Deref;
+        let mem = create_guest_memory(&[(0, 1 << 20)]).unwrap();
+        mem.write_slice(&[1; 4097], GuestAddress(0x3fff)).unwrap();
+        let r = mem.iter().next().unwrap();
+        let words = r.deref().bitmap().get_and_reset();
+        assert_eq!(words.len(), 256 / 64);
+        // Pages 3 and 4 (0x3fff..0x5000).
+        assert_eq!(words[0], 0b11 << 3);
+        assert!(r.deref().bitmap().get_and_reset().iter().all(|w| *w == 0));
     }
 
     #[test]

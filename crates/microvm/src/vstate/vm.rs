@@ -79,8 +79,9 @@ impl Vm {
         &self.fd
     }
 
-    /// Registers every region of `mem` as a KVM memory slot (slot i = region i).
-    pub fn register_memory(&self, mem: &GuestMemory) -> Result<(), VmError> {
+    /// Registers every region of `mem` as a KVM memory slot (slot i = region i), with
+    /// KVM's log of the pages the guest writes when `log_dirty`.
+    pub fn register_memory(&self, mem: &GuestMemory, log_dirty: bool) -> Result<(), VmError> {
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())
@@ -90,7 +91,11 @@ impl Vm {
                 })?;
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags: if log_dirty {
+                    kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host as u64,
@@ -102,6 +107,15 @@ impl Vm {
                 .map_err(ioctl("SET_USER_MEMORY_REGION"))?;
         }
         Ok(())
+    }
+
+    /// KVM's log of the pages the guest wrote in memory slot `slot` (`len` bytes) since
+    /// the slot was registered or last read: one bit per 4 KiB page, 64 pages a word;
+    /// reading clears it. Only for slots registered with `log_dirty`.
+    pub fn dirty_log(&self, slot: u32, len: usize) -> Result<Vec<u64>, VmError> {
+        self.fd
+            .get_dirty_log(slot, len)
+            .map_err(ioctl("GET_DIRTY_LOG"))
     }
 
     /// Creates the in-kernel PIC + IO-APIC + LAPICs and the PIT, and places KVM's TSS.
