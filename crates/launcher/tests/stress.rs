@@ -395,6 +395,10 @@ fn kill_at_random_moments(
         } else {
             killed += 1;
         }
+        // What dies with nestor (PDEATHSIG: the VMM, a pod monitor not yet ready) gets
+        // the signal as nestor exits but ends a moment later; a `gc` in that moment
+        // rightly leaves what a live process still owns.
+        std::thread::sleep(Duration::from_millis(200));
         let g = e.run(&["gc"]);
         assert!(g.status.success(), "{what}: gc: {}", stderr(&g));
         tidy();

@@ -884,11 +884,23 @@ pub fn gc(images: &nestor_image::ImageStore) -> Result<usize> {
             // A sandbox being booted is not recorded yet for a moment: leave those
             // whose creator lives.
             let old = crate::sys::abandoned(&e.path());
-            if old && !live.contains(&e.path()) && std::fs::remove_dir_all(e.path()).is_ok() {
+            if old && !live.contains(&e.path()) && remove_settling(&e.path()) {
                 n += 1;
             }
         }
     }
     n += crate::vm::disk::gc(images)?;
     Ok(n)
+}
+
+/// Removes a sandbox directory whose owner is gone. A VMM or file server killed with its
+/// owner a moment ago may still be closing files in it: a few tries.
+fn remove_settling(dir: &Path) -> bool {
+    for _ in 0..5 {
+        if std::fs::remove_dir_all(dir).is_ok() || !dir.exists() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
 }

@@ -162,7 +162,11 @@ pub fn create(name: &str, mem_mib: u32, vcpus: u8, net: &crate::cli::NetOpts) ->
         }
         let _ = std::fs::remove_dir_all(pods_dir().join(format!("{name}.net")));
     };
+    // Until it is ready, the monitor dies with this process: a `pod create` killed
+    // half-way makes no pod (as a killed `run` makes no container).
+    let parent = std::process::id();
     let forked = crate::sys::helper::fork("pod monitor", |ready| {
+        crate::vm::sandbox::die_with(parent).context("tie the pod monitor to nestor")?;
         let r = monitor(name, ids, disks, &assets, mem_mib, vcpus, vnet, ready);
         if r.is_err() {
             let _ = std::fs::remove_file(record(name));
@@ -230,6 +234,9 @@ fn monitor(
         created_ns: now_ns(),
         networked,
     })?;
+    // The pod exists now: it outlives the nestor that made it.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
     ready.ok("")?;
     // Until the guest powers off (pod rm) or the VMM dies.
     while sb.running() {

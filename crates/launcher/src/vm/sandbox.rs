@@ -21,6 +21,22 @@ use nestor_agent_protocol::{self as proto, Envelope, Reply, Request, Response, S
 /// are limited to 108 bytes).
 /// One directory per data root (`$NESTOR_ROOT`), so `gc` of one never touches
 /// another's VMs.
+/// In a forked child before exec: die with the nestor process `parent` (SIGKILL when it
+/// dies), and fail at once if it died before the request took effect (the child was
+/// reparented), which would otherwise leave a VMM or file server nobody owns.
+pub(crate) fn die_with(parent: u32) -> std::io::Result<()> {
+    // SAFETY: prctl with integer arguments and getppid are async-signal-safe.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::getppid() as u32 != parent {
+            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+        }
+    }
+    Ok(())
+}
+
 pub fn sandboxes_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("NESTOR_VM_RUN") {
         return PathBuf::from(p);
@@ -154,14 +170,10 @@ fn start_file_servers(dir: &Path, shares: &[Share]) -> Result<Vec<(Child, PathBu
         if sh.read_only {
             c.arg("--readonly");
         }
-        // SAFETY: prctl is async-signal-safe.
+        let parent = std::process::id();
+        // SAFETY: prctl and getppid are async-signal-safe.
         unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut c, || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+            std::os::unix::process::CommandExt::pre_exec(&mut c, move || die_with(parent));
         }
         let child = c
             .spawn()
@@ -363,13 +375,12 @@ impl Sandbox {
         };
         // The VM dies with the nestor process that owns it (kill -9 included), and runs
         // in its network namespace when it has one.
-        // SAFETY: prctl and setns are async-signal-safe; the namespace file outlives
-        // the spawn.
+        let parent = std::process::id();
+        // SAFETY: prctl, getppid and setns are async-signal-safe; the namespace file
+        // outlives the spawn.
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut c, move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                die_with(parent)?;
                 if let Some(f) = &netns {
                     use std::os::fd::AsRawFd;
                     if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
