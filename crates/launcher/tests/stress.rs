@@ -387,7 +387,7 @@ fn kill_at_random_moments(
     assert!(o.status.success(), "{what}: {}", stderr(&o));
     let usual = t.elapsed();
     tidy();
-    let (mut killed, mut finished) = (0, 0);
+    let (mut killed, mut finished, mut second_gc) = (0, 0, 0);
     for i in 0..moments {
         let at = Duration::from_micros(rng.below(usual.as_micros() as u64 + 1));
         if kill_after(make(i), at) {
@@ -402,7 +402,19 @@ fn kill_at_random_moments(
         let g = e.run(&["gc"]);
         assert!(g.status.success(), "{what}: gc: {}", stderr(&g));
         tidy();
-        let left = leftovers(e, s, &before);
+        let mut left = leftovers(e, s, &before);
+        if !left.is_empty() {
+            // A helper that dies with nestor can still hold its sandbox while the first
+            // gc runs, under load; `gc` leaves what a live process owns. A second gc,
+            // a moment later, must leave nothing (counted and printed).
+            second_gc += 1;
+            eprintln!("stress: {what}: moment {i}: a second gc for: {left:?}");
+            std::thread::sleep(Duration::from_secs(1));
+            let g = e.run(&["gc"]);
+            assert!(g.status.success(), "{what}: gc: {}", stderr(&g));
+            tidy();
+            left = leftovers(e, s, &before);
+        }
         assert!(
             left.is_empty(),
             "{what}: killed after {at:?} (moment {i}), then gc: left behind:\n  {}",
@@ -410,7 +422,7 @@ fn kill_at_random_moments(
         );
     }
     eprintln!(
-        "stress: {what}: usual {:.0} ms; {moments} moments: {killed} killed mid-way, {finished} had finished; nothing left",
+        "stress: {what}: usual {:.0} ms; {moments} moments: {killed} killed mid-way, {finished} had finished; nothing left ({second_gc} needed a second gc)",
         usual.as_secs_f64() * 1000.0
     );
     (killed, finished)
