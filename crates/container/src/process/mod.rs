@@ -491,6 +491,13 @@ pub fn exec_in(
                     userns = true;
                 }
             }
+            // This kernel has no such namespace at all (a guest kernel without time
+            // namespaces): nothing to join.
+            (Err(_), Err(_))
+                if !std::path::Path::new(&format!("/proc/self/ns/{name}")).exists() =>
+            {
+                continue
+            }
             (Err(e), _) => return Err(e).ctx(|| format!("container process {pid} is gone")),
         }
     }
