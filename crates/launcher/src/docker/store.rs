@@ -323,15 +323,7 @@ pub fn new_id() -> Result<String> {
 /// image is never removed under a container being created from it.
 pub fn lock() -> Result<nix::fcntl::Flock<std::fs::File>> {
     let p = data_root().join("containers.lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&p)
-        .with_context(|| format!("open {}", p.display()))?;
-    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| e)
-        .with_context(|| format!("lock {}", p.display()))
+    crate::sys::lock_file(&p)
 }
 
 /// Container directories without a record (`meta.json`) whose creator is gone: what a

@@ -49,15 +49,7 @@ fn dir(root: &Path, id: &str) -> PathBuf {
 /// exit, `start` and podman's `delete` right after a quick exit run at the same time.
 fn lock(root: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
     let p = root.join(".vm").join(".lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&p)
-        .with_context(|| format!("open {}", p.display()))?;
-    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| e)
-        .with_context(|| format!("lock {}", p.display()))
+    crate::sys::lock_file(&p)
 }
 
 /// Writes the state, unless the container was deleted meanwhile (an error).

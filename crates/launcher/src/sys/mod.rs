@@ -52,3 +52,17 @@ pub fn settled(path: &std::path::Path) -> bool {
         .and_then(|t| t.elapsed().ok())
         .is_some_and(|age| age > SETUP_GRACE)
 }
+
+/// An exclusive lock on file `p` (made if missing), held while the guard lives.
+pub fn lock_file(p: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use anyhow::Context;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(p)
+        .with_context(|| format!("open {}", p.display()))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .with_context(|| format!("lock {}", p.display()))
+}
