@@ -427,7 +427,7 @@ pub fn gc(rt: &Runtime) -> Result<()> {
     // Directories a nestor killed before its first record left.
     for d in store::orphan_dirs() {
         let _ = nix::mount::umount2(&d.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
-        if std::fs::remove_dir_all(&d).is_ok() {
+        if crate::sys::stamped::remove(&d).is_ok() {
             n += 1;
         }
     }

@@ -94,7 +94,7 @@ impl Placement<'_> {
             }
             Placement::Vm { meta, vm } => {
                 if vm.pod.is_none() {
-                    let _ = std::fs::remove_dir_all(&vm.sandbox);
+                    let _ = crate::sys::stamped::remove(&vm.sandbox);
                 }
                 store::networks()?.detach(&meta.id)?;
             }

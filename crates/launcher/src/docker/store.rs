@@ -114,13 +114,8 @@ fn container_dir_mode(dir: &Path) {
 /// Creates the directory of container `id`, closed to every other user (see the module
 /// doc); `userns` opens it to the group of a `--userns` container's root.
 pub fn create_dir(id: &str, userns: bool) -> Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
     let d = dir(id);
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&d)
-        .with_context(|| format!("create {}", d.display()))?;
-    crate::sys::stamp_creator(&d).with_context(|| format!("stamp {}", d.display()))?;
+    crate::sys::stamped::create(&d, 0o700).with_context(|| format!("create {}", d.display()))?;
     if userns {
         nix::unistd::chown(&d, None, Some(crate::docker::spec::USERNS_BASE.into()))
             .with_context(|| format!("give {} the user namespace's group", d.display()))?;
@@ -285,6 +280,8 @@ pub fn all() -> Vec<Meta> {
         .into_iter()
         .flatten()
         .flatten()
+        // Dot names are directories being made or removed (`sys::stamped`).
+        .filter(|e| !e.file_name().as_encoded_bytes().starts_with(b"."))
         .filter_map(|e| load(&e.file_name().to_string_lossy()).ok())
         .collect();
     v.sort_by_key(|m| std::cmp::Reverse(m.created_ns));
@@ -335,7 +332,7 @@ pub fn orphan_dirs() -> Vec<PathBuf> {
         .flatten()
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .filter(|e| !e.path().join("meta.json").exists())
-        .filter(|e| crate::sys::abandoned(&e.path()))
+        .filter(|e| crate::sys::stamped::abandoned(&e.path()))
         .map(|e| e.path())
         .collect()
 }
@@ -405,9 +402,5 @@ pub fn unmount_rootfs(id: &str) {
 pub fn remove_dir(id: &str) -> Result<()> {
     unmount_rootfs(id);
     let d = dir(id);
-    match std::fs::remove_dir_all(&d) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("remove {}", d.display())),
-    }
+    crate::sys::stamped::remove(&d).with_context(|| format!("remove {}", d.display()))
 }

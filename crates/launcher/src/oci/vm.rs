@@ -601,7 +601,7 @@ pub fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    let _ = std::fs::remove_dir_all(&st.sandbox);
+    let _ = crate::sys::stamped::remove(&st.sandbox);
     let _l = lock(root)?;
     std::fs::remove_dir_all(dir(root, id)).with_context(|| format!("delete {id}"))?;
     Ok(())

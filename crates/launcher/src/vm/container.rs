@@ -883,7 +883,7 @@ pub fn gc(images: &nestor_image::ImageStore) -> Result<usize> {
         for e in rd.flatten() {
             // A sandbox being booted is not recorded yet for a moment: leave those
             // whose creator lives.
-            let old = crate::sys::abandoned(&e.path());
+            let old = crate::sys::stamped::abandoned(&e.path());
             if old && !live.contains(&e.path()) && remove_settling(&e.path()) {
                 n += 1;
             }
@@ -897,7 +897,7 @@ pub fn gc(images: &nestor_image::ImageStore) -> Result<usize> {
 /// owner a moment ago may still be closing files in it: a few tries.
 fn remove_settling(dir: &Path) -> bool {
     for _ in 0..5 {
-        if std::fs::remove_dir_all(dir).is_ok() || !dir.exists() {
+        if crate::sys::stamped::remove(dir).is_ok() || !dir.exists() {
             return true;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));

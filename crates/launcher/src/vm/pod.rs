@@ -326,7 +326,7 @@ pub fn rm(names: &[String], force: bool) -> Result<()> {
                     );
                 }
             }
-            let _ = std::fs::remove_dir_all(&p.sandbox);
+            let _ = crate::sys::stamped::remove(&p.sandbox);
             let _ = std::fs::remove_file(record(name));
             if let Ok(n) = store::networks() {
                 let _ = n.detach(&net_id(name));
@@ -354,7 +354,7 @@ pub fn gc() -> (Vec<PathBuf>, usize) {
         if p.alive() {
             live.push(p.sandbox);
         } else {
-            let _ = std::fs::remove_dir_all(&p.sandbox);
+            let _ = crate::sys::stamped::remove(&p.sandbox);
             let _ = std::fs::remove_file(record(&p.name));
             if let Ok(nets) = store::networks() {
                 let _ = nets.detach(&net_id(&p.name));

@@ -37,6 +37,31 @@ pub(crate) fn die_with(parent: u32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Makes sandbox `id`'s directory, stamped with this process (`sys::stamped`); one that
+/// a killed nestor left under the same name is replaced.
+fn make_dir(id: &str) -> Result<PathBuf> {
+    let base = sandboxes_dir();
+    std::fs::create_dir_all(&base).with_context(|| format!("create {}", base.display()))?;
+    let dir = base.join(id);
+    let mut r = crate::sys::stamped::create(&dir, 0o755);
+    if matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists)
+        && crate::sys::stamped::abandoned(&dir)
+    {
+        let _ = crate::sys::stamped::remove(&dir);
+        r = crate::sys::stamped::create(&dir, 0o755);
+    }
+    match r {
+        Ok(()) => Ok(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            bail!(
+                "sandbox {id} is in use by a live nestor ({})",
+                dir.display()
+            )
+        }
+        Err(e) => Err(e).with_context(|| format!("create {}", dir.display())),
+    }
+}
+
 pub fn sandboxes_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("NESTOR_VM_RUN") {
         return PathBuf::from(p);
@@ -318,16 +343,14 @@ impl Sandbox {
         if let Some(j) = &o.jail {
             return Self::boot_jailed(id, assets, o, j);
         }
-        let dir = sandboxes_dir().join(id);
-        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        crate::sys::stamp_creator(&dir).with_context(|| format!("stamp {}", dir.display()))?;
+        let dir = make_dir(id)?;
         let vsock = dir.join("v.sock");
         let console = dir.join("console.log");
         let cmdline = boot_cmdline(&o.hostname);
         let servers = match start_file_servers(&dir, &o.shares) {
             Ok(s) => s,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
+                let _ = crate::sys::stamped::remove(&dir);
                 return Err(e);
             }
         };
@@ -399,7 +422,7 @@ impl Sandbox {
                     let _ = f.kill();
                     let _ = f.wait();
                 }
-                let _ = std::fs::remove_dir_all(&dir);
+                let _ = crate::sys::stamped::remove(&dir);
                 return Err(e).with_context(|| format!("start {}", assets.vmm.display()));
             }
         };
@@ -432,9 +455,7 @@ impl Sandbox {
         if !o.shares.is_empty() {
             bail!("-v with a host directory or named volume is not supported with --jail yet");
         }
-        let dir = sandboxes_dir().join(id);
-        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        crate::sys::stamp_creator(&dir).with_context(|| format!("stamp {}", dir.display()))?;
+        let dir = make_dir(id)?;
         let rt = nestor_container::container::Runtime::new(
             std::env::var_os("NESTOR_STATE")
                 .map(PathBuf::from)
@@ -459,7 +480,7 @@ impl Sandbox {
             match crate::jail::vmm::spawn_jailed_vmm(&rt, &spec, j, Some(format!("vm-{id}"))) {
                 Ok(v) => v,
                 Err(e) => {
-                    let _ = std::fs::remove_dir_all(&dir);
+                    let _ = crate::sys::stamped::remove(&dir);
                     return Err(e);
                 }
             };
@@ -741,7 +762,7 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         if self.owned {
             self.kill();
-            let _ = std::fs::remove_dir_all(&self.dir);
+            let _ = crate::sys::stamped::remove(&self.dir);
         }
     }
 }
