@@ -166,3 +166,198 @@ fn userns_containers_own_what_they_make_in_volumes() {
     let f = std::fs::metadata(host.path().join("f")).unwrap();
     assert_eq!((f.uid(), f.gid()), (base, base));
 }
+
+/// The virtiofsd instances serving sockets under `dir` (a pod's sandbox), by command
+/// line (its sandbox makes two processes of each).
+fn file_servers_in(dir: &std::path::Path) -> usize {
+    let needle = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("virtiofsd") && c.contains(&needle))
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+}
+
+/// `pod create -v`: the pod's VM shares a named volume and a host directory over
+/// virtio-fs (one virtiofsd each, gone with the pod); each container of the pod mounts
+/// them, `run --pod -v` mounts a shared source elsewhere (read-only if the pod shares
+/// it so) and refuses one the pod does not share; a volume a pod shares cannot be
+/// removed. The VM is the stand-in (its guest mounts nothing): what is checked is what
+/// the host gives the guest, the container specs included. Real guests mounting a pod's
+/// shares: tests/kvm/run-vm-fs.sh.
+#[test]
+fn pods_share_directories_with_their_containers() {
+    if !std::path::Path::new("/root/.cache/nestor/virtiofsd-1.14.0/bin/virtiofsd").is_file()
+        && std::env::var_os("NESTOR_VIRTIOFSD").is_none()
+    {
+        eprintln!("SKIP: virtiofsd is not installed (scripts/setup.sh installs it)");
+        return;
+    }
+    let e = Env::new();
+    let s = StandIn::new();
+    let run = |args: &[&str]| run_standin(&e, &s, &[], args);
+    let fails = |args: &[&str], want: &str| {
+        let mut c = e.cmd(args);
+        c.envs(s.vars()).stdin(std::process::Stdio::null());
+        let o = c.output().unwrap();
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let err = stderr(&o);
+        assert!(err.contains(want), "{args:?}: wanted '{want}' in: {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{args:?}: not one line: {err}"
+        );
+    };
+    let pod = unique("pv");
+    let vol = unique("pvol");
+    let host = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let hostdir = host.path().display().to_string();
+
+    // Bad input first: a file is not a directory; one destination twice.
+    let file = host.path().join("f.img");
+    std::fs::write(&file, b"x").unwrap();
+    fails(
+        &[
+            "pod",
+            "create",
+            &pod,
+            "--network",
+            "none",
+            "-v",
+            &format!("{}:/x", file.display()),
+        ],
+        "a pod shares directories",
+    );
+    fails(
+        &[
+            "pod",
+            "create",
+            &pod,
+            "--network",
+            "none",
+            "-v",
+            &format!("{vol}:/x"),
+            "-v",
+            &format!("{hostdir}:/x"),
+        ],
+        "/x is mounted twice",
+    );
+    assert!(
+        s.sandboxes_left().is_empty(),
+        "a refused pod left its sandbox"
+    );
+
+    run(&[
+        "pod",
+        "create",
+        &pod,
+        "--network",
+        "none",
+        "-v",
+        &format!("{vol}:/data"),
+        "-v",
+        &format!("{hostdir}:/src:ro"),
+    ]);
+    let ls: serde_json::Value = serde_json::from_str(&run(&["pod", "ls", "--json"])).unwrap();
+    let p = &ls.as_array().unwrap()[0];
+    let shares = p["shares"].as_array().unwrap();
+    assert_eq!(shares.len(), 2, "{p}");
+    assert_eq!(shares[0]["volume"], vol.as_str());
+    assert_eq!(shares[1]["read_only"], true);
+    let sandbox = std::path::PathBuf::from(p["sandbox"].as_str().unwrap());
+    assert_eq!(
+        file_servers_in(&sandbox),
+        2,
+        "one virtiofsd per shared directory"
+    );
+
+    // A volume the pod shares stays.
+    let o = e.run(&["volume", "rm", &vol]);
+    assert!(!o.status.success(), "volume rm of a pod's volume succeeded");
+    assert!(
+        stderr(&o).contains(&format!("in use by pod {pod}")),
+        "{}",
+        stderr(&o)
+    );
+
+    // A source the pod does not share cannot reach its VM.
+    fails(
+        &[
+            "run",
+            "--pod",
+            &pod,
+            "-v",
+            &format!("{}:/o", other.path().display()),
+            "busybox",
+            "true",
+        ],
+        "does not share",
+    );
+    // One it shares, elsewhere: the container's spec mounts the pod's tags.
+    let name = unique("pvc");
+    run(&[
+        "run",
+        "--pod",
+        &pod,
+        "--name",
+        &name,
+        "-v",
+        &format!("{hostdir}:/again"),
+        "busybox",
+        "true",
+    ]);
+    let ps = e.ps_json();
+    let id = ps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name.as_str())
+        .map(|c| c["id"].as_str().unwrap().to_string())
+        .unwrap_or_else(|| panic!("{name} not in ps: {ps}"));
+    let spec: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            e.data
+                .path()
+                .join("containers")
+                .join(&id)
+                .join("guest-config.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mounts = spec["mounts"].as_array().unwrap();
+    let m = |dst: &str| {
+        mounts
+            .iter()
+            .find(|m| m["destination"] == dst)
+            .unwrap_or_else(|| panic!("no mount at {dst}: {mounts:?}"))
+            .clone()
+    };
+    for (dst, tag, ro) in [
+        ("/data", "nestor-fs0", false),
+        ("/src", "nestor-fs1", true),
+        ("/again", "nestor-fs1", true),
+    ] {
+        let mt = m(dst);
+        assert_eq!(mt["type"], "virtiofs", "{mt}");
+        assert_eq!(mt["source"], tag, "{mt}");
+        let opts: Vec<&str> = mt["options"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_str().unwrap())
+            .collect();
+        assert_eq!(opts.contains(&"ro"), ro, "{dst}: {opts:?}");
+    }
+
+    // The pod goes, with its file servers; then the volume can go.
+    run(&["pod", "rm", "-f", &pod]);
+    assert_eq!(file_servers_in(&sandbox), 0, "virtiofsd outlived its pod");
+    assert_eq!(e.ok(&["volume", "rm", &vol]).trim(), vol);
+    assert!(s.sandboxes_left().is_empty(), "sandboxes left");
+}

@@ -328,6 +328,14 @@ pub enum PodCmd {
         /// The pod's network (its containers share it, as a Kubernetes pod's do).
         #[command(flatten)]
         net: NetOpts,
+        /// A host directory or named volume shared into the pod's VM over virtio-fs and
+        /// mounted in each of its containers (SRC:DST[:ro], as podman's pod create -v);
+        /// `run --pod -v SRC:DST` mounts such a source elsewhere.
+        #[arg(short = 'v', long = "volume")]
+        volume: Vec<String>,
+        /// virtiofsd's cache mode for the pod's shared directories.
+        #[arg(long = "vm-fs-cache", value_enum, default_value_t = FsCache::Auto)]
+        fs_cache: FsCache,
     },
     /// List pods.
     Ls {

@@ -213,12 +213,15 @@ fn info(name: &str, all: &[store::Meta]) -> Result<Info> {
     })
 }
 
-/// Containers whose records mount `name` (only the running ones when `running`).
+/// Containers whose records mount `name` (only the running ones when `running`), then
+/// the running pods whose VMs share it (as `pod NAME`).
 fn users(name: &str, all: &[store::Meta], running: bool) -> Vec<String> {
+    let pods = crate::vm::pod::using_volume(name);
     all.iter()
         .filter(|m| m.volumes.iter().any(|v| v == name))
         .filter(|m| !running || m.running() || m.vm.as_ref().is_some_and(|v| v.vmm_alive()))
         .map(|m| m.name.clone())
+        .chain(pods.into_iter().map(|p| format!("pod {p}")))
         .collect()
 }
 
@@ -230,11 +233,14 @@ fn remove(name: &str, all: &[store::Meta]) -> Result<()> {
         bail!("no such volume: {name}");
     }
     let busy = users(name, all, true);
-    if !busy.is_empty() {
+    if busy.iter().any(|u| !u.starts_with("pod ")) {
         bail!(
             "volume {name} is in use by running container {}",
             busy.join(", ")
         );
+    }
+    if !busy.is_empty() {
+        bail!("volume {name} is in use by {}", busy.join(", "));
     }
     // Renamed first: a volume is either whole under its name or gone.
     let gone = volumes_dir().join(format!(".rm-{name}-{}", std::process::id()));

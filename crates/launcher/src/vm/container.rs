@@ -283,15 +283,41 @@ fn join_pod(
     name: &str,
     meta: &mut Meta,
     image: &nestor_image::Image,
-    vols: &Volumes,
+    vols: &mut Volumes,
     guest_id: &str,
 ) -> Result<(Sandbox, String, bool)> {
-    if !vols.disks.is_empty() || !vols.shares.is_empty() {
-        bail!("-v with --pod is not supported: a pod's disks are fixed when it boots");
+    if !vols.disks.is_empty() {
+        bail!(
+            "-v with a filesystem image and --pod is not supported: a pod's disks are fixed when it boots"
+        );
     }
     let pod = crate::vm::pod::load(name)?;
     if !pod.alive() {
         bail!("pod {name} is not running (remove it with `nestor pod rm {name}`)");
+    }
+    // A directory the pod shares is mounted from its tag; no other can reach a VM that
+    // booted already.
+    for v in &mut vols.shares {
+        let Some(s) = pod.shares.iter().find(|s| s.dir == v.dir) else {
+            bail!(
+                "pod {name} does not share {}: a pod's directories are fixed when it boots \
+                 (give them to `nestor pod create -v`)",
+                v.dir.display()
+            );
+        };
+        v.tag = s.tag.clone();
+        v.read_only |= s.read_only;
+    }
+    // The pod's own volumes, in each of its containers (a -v at the same place wins).
+    for s in &pod.shares {
+        if !vols.shares.iter().any(|v| v.dest == s.dest) {
+            vols.shares.push(ShareVolume {
+                dir: s.dir.clone(),
+                dest: s.dest.clone(),
+                read_only: s.read_only,
+                tag: s.tag.clone(),
+            });
+        }
     }
     let device = pod.device_of(&image.id)?;
     meta.vm = Some(VmMeta {
@@ -521,13 +547,13 @@ fn wire_stdio(
 
 /// Boots the VM and starts the container in it, with stdio wired to nestor's own.
 fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> Result<Running> {
-    let vols = guest_volumes(a)?;
+    let mut vols = guest_volumes(a)?;
     let guest_id = meta.id[..12].to_string();
     let start = Instant::now();
     let (mut sb, device, network, networked) = match &a.vm.pod {
         // A networked pod's guest is configured already: the container shares it.
         Some(name) => {
-            let (sb, d, shared) = join_pod(name, meta, image, &vols, &guest_id)?;
+            let (sb, d, shared) = join_pod(name, meta, image, &mut vols, &guest_id)?;
             (sb, d, None, shared)
         }
         None => {

@@ -35,6 +35,80 @@ pub struct Pod {
     /// The pod is on a network (its containers share the guest's).
     #[serde(default)]
     pub networked: bool,
+    /// Directories shared into the VM over virtio-fs (`pod create -v`).
+    #[serde(default)]
+    pub shares: Vec<PodShare>,
+}
+
+/// A directory a pod's VM shares (`pod create -v SRC:DST[:ro]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PodShare {
+    /// The host directory (a named volume's `_data`).
+    pub dir: PathBuf,
+    /// The named volume, when the source was one.
+    pub volume: Option<String>,
+    /// Where each of the pod's containers sees it.
+    pub dest: String,
+    /// Shared read-only: no container of the pod can write it.
+    pub read_only: bool,
+    /// The virtio-fs mount tag in the guest.
+    pub tag: String,
+}
+
+/// What `pod create` asks of the pod's VM besides its name and network.
+pub struct Shape<'a> {
+    pub mem_mib: u32,
+    pub vcpus: u8,
+    /// `-v SRC:DST[:ro]`, as given.
+    pub volumes: &'a [String],
+    pub fs_cache: crate::cli::FsCache,
+}
+
+/// The pod's shares from `pod create -v`: named volumes are made if missing (Docker's
+/// way), host sources must be directories.
+fn pod_shares(volumes: &[String]) -> Result<Vec<PodShare>> {
+    use crate::docker::volume::{self, Source, VolumeArg};
+    let mut shares: Vec<PodShare> = Vec::new();
+    for spec in volumes {
+        let arg = VolumeArg::parse(spec)?;
+        let (dir, name) = match &arg.source {
+            Source::Host(p) => (p.clone(), None),
+            Source::Named(n) => {
+                let _l = store::lock()?;
+                volume::ensure(n)?;
+                (volume::data(n), Some(n.clone()))
+            }
+        };
+        if !dir.is_dir() {
+            bail!(
+                "volume '{spec}': a pod shares directories (over virtio-fs); {} is not one",
+                dir.display()
+            );
+        }
+        if shares.iter().any(|s| s.dest == arg.dst) {
+            bail!("volume '{spec}': {} is mounted twice", arg.dst);
+        }
+        if shares.iter().any(|s| s.dir == dir) {
+            bail!("volume '{spec}': {} is shared twice", dir.display());
+        }
+        shares.push(PodShare {
+            tag: format!("nestor-fs{}", shares.len()),
+            dir,
+            volume: name,
+            dest: arg.dst,
+            read_only: arg.ro,
+        });
+    }
+    Ok(shares)
+}
+
+/// Alive pods that share named volume `name`.
+pub fn using_volume(name: &str) -> Vec<String> {
+    all()
+        .into_iter()
+        .filter(|p| p.alive() && p.shares.iter().any(|s| s.volume.as_deref() == Some(name)))
+        .map(|p| p.name)
+        .collect()
 }
 
 /// The id the pod's network attachment goes by.
@@ -107,7 +181,8 @@ pub fn all() -> Vec<Pod> {
 }
 
 /// `nestor pod create NAME`.
-pub fn create(name: &str, mem_mib: u32, vcpus: u8, net: &crate::cli::NetOpts) -> Result<()> {
+pub fn create(name: &str, shape: &Shape, net: &crate::cli::NetOpts) -> Result<()> {
+    let (mem_mib, vcpus) = (shape.mem_mib, shape.vcpus);
     use crate::cli::NetworkMode;
     // As podman's pods: on the default network unless --network says otherwise.
     let names = match net.mode(NetworkMode::bridge()) {
@@ -130,6 +205,7 @@ pub fn create(name: &str, mem_mib: u32, vcpus: u8, net: &crate::cli::NetOpts) ->
         }
         let _ = std::fs::remove_file(record(name));
     }
+    let shares = pod_shares(shape.volumes)?;
     let images = store::image_store()?;
     let mut list = images.list()?;
     if list.is_empty() {
@@ -167,7 +243,15 @@ pub fn create(name: &str, mem_mib: u32, vcpus: u8, net: &crate::cli::NetOpts) ->
     let parent = std::process::id();
     let forked = crate::sys::helper::fork("pod monitor", |ready| {
         crate::vm::sandbox::die_with(parent).context("tie the pod monitor to nestor")?;
-        let r = monitor(name, ids, disks, &assets, mem_mib, vcpus, vnet, ready);
+        let vm = PodVm {
+            images: ids,
+            disks,
+            mem_mib,
+            vcpus,
+            shares,
+            fs_cache: shape.fs_cache,
+        };
+        let r = monitor(name, vm, &assets, vnet, ready);
         if r.is_err() {
             let _ = std::fs::remove_file(record(name));
         }
@@ -182,21 +266,35 @@ pub fn create(name: &str, mem_mib: u32, vcpus: u8, net: &crate::cli::NetOpts) ->
     Ok(())
 }
 
-/// The pod's monitor: owns the VMM (which dies with it), records the pod, and lives
-/// until the VM powers off.
-#[allow(clippy::too_many_arguments)]
-fn monitor(
-    name: &str,
+/// What the pod's VM boots with.
+struct PodVm {
     images: Vec<String>,
     disks: Vec<(PathBuf, bool)>,
-    assets: &Assets,
     mem_mib: u32,
     vcpus: u8,
+    shares: Vec<PodShare>,
+    fs_cache: crate::cli::FsCache,
+}
+
+/// The pod's monitor: owns the VMM (which dies with it), records the pod, and lives
+/// until the VM powers off.
+fn monitor(
+    name: &str,
+    vm: PodVm,
+    assets: &Assets,
     vnet: Option<crate::vm::container::VmNet>,
     ready: &mut crate::sys::helper::Ready,
 ) -> Result<()> {
     nix::unistd::setsid().context("setsid")?;
     crate::vm::sandbox::stdio_to_null()?;
+    let PodVm {
+        images,
+        disks,
+        mem_mib,
+        vcpus,
+        shares,
+        fs_cache,
+    } = vm;
     let mut sb = Sandbox::boot(
         &format!("pod-{name}"),
         assets,
@@ -204,7 +302,15 @@ fn monitor(
             mem_mib,
             vcpus,
             disks,
-            shares: Vec::new(),
+            shares: shares
+                .iter()
+                .map(|s| sandbox::Share {
+                    dir: s.dir.clone(),
+                    tag: s.tag.clone(),
+                    read_only: s.read_only,
+                    cache: fs_cache,
+                })
+                .collect(),
             hostname: name.to_string(),
             net: vnet.as_ref().map(|n| n.tap.clone()),
             netns: vnet.as_ref().map(|n| n.netns.clone()),
@@ -233,6 +339,7 @@ fn monitor(
         vcpus,
         created_ns: now_ns(),
         networked,
+        shares,
     })?;
     // The pod exists now: it outlives the nestor that made it.
     // SAFETY: prctl with integer arguments.
