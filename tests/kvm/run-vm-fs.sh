@@ -7,7 +7,9 @@
 #     open file; exec (mmap) of a binary on the share; modes and owners set in the guest
 #     as the host sees them, and a file made by a non-root container user;
 #  2. `:ro`: a write in the guest gets EROFS and the host file is untouched;
-#  3. kill -9 of nestor mid-run, then gc: no virtiofsd, no socket, no sandbox left;
+#  3. kill -9 of nestor mid-run, then gc: no virtiofsd, no socket, no sandbox left; and
+#     kill -9 of the file server mid-run: the container's reads fail (EIO) instead of
+#     hanging, the VM runs on, and nestor names the dead file server;
 #  4. podman --runtime nestor-vm -v DIR: the directory reaches the guest over virtio-fs;
 #  5. a pod (`pod create -v`): its containers share its volume and directory, one
 #     container's write is the next one's read, `run --pod -v` mounts a shared source
@@ -109,6 +111,29 @@ socks=$(find /run/nestor-vm -name 'fs-*.sock' 2>/dev/null || true)
 [[ -z $left && -z $socks && -z $(n ps -a -q) ]] &&
     pass "kill -9 then gc: no virtiofsd, socket or container left" ||
     bad "kill -9 then gc left: $left $socks $(n ps -a)"
+
+# 3b. The file server dies mid-run: EIO in the guest, not a hang; nestor says why.
+rm -f "$host/up2"
+"$bin/nestor" run --vm --rm -v "$host:/h" busybox sh -c \
+    'echo up >/h/up2; while cat /h/h >/dev/null; do sleep 0.2; done; echo read-failed; ls /h >/dev/null 2>&1 || echo ls-failed' \
+    >"$work/die.out" 2>"$work/die.err" &
+npid=$!
+for _ in $(seq 1200); do [[ -e $host/up2 ]] && break; sleep 0.1; done
+[[ -e $host/up2 ]] || bad "the file-server run never started: $(cat "$work/die.err")"
+pkill -9 -f "virtiofsd.*--shared-dir[= ]$host( |$)" || bad "no virtiofsd to kill for $host"
+for _ in $(seq 120); do kill -0 $npid 2>/dev/null || break; sleep 1; done
+if kill -0 $npid 2>/dev/null; then
+    bad "a dead file server hung the container for 120 s"
+    kill -9 $npid
+fi
+wait $npid 2>/dev/null || true
+expect "virtiofsd killed mid-run: the guest's reads and listing fail (EIO), no hang" \
+    "read-failed ls-failed" "$(tr '\n' ' ' <<<"$(cat "$work/die.out")" | sed 's/ $//')"
+grep -q "file server of $host died" "$work/die.err" && pass "nestor names the dead file server" ||
+    bad "no word of the dead file server: $(cat "$work/die.err")"
+grep -q "Input/output error" "$work/die.err" "$work/die.out" && pass "the container saw EIO" ||
+    bad "no EIO seen: $(cat "$work/die.out" "$work/die.err")"
+[[ -z $(n ps -a -q) ]] || bad "the run left $(n ps -a)"
 
 # 4. podman through nestor-vm: its -v DIR reaches the guest over virtio-fs.
 if command -v podman >/dev/null; then

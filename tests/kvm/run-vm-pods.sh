@@ -101,6 +101,14 @@ PY
             sleep 0.5
         done
         expect "podman --runtime nestor-vm -p: the port answers" pwebhost "$out"
+        # podman's /etc/hosts and /etc/resolv.conf reach the container in the guest.
+        get() { printf 'GET /%s HTTP/1.0\r\n\r\n' "$1" | busybox nc -w 5 127.0.0.1 "$port" 2>/dev/null; }
+        hosts=$(get hosts)
+        [[ $hosts == *pwebhost* ]] && pass "podman's /etc/hosts in the guest (names pwebhost)" ||
+            bad "podman's /etc/hosts in the guest: $hosts"
+        resolv=$(get resolv.conf)
+        [[ $resolv == *nameserver* ]] && pass "podman's /etc/resolv.conf in the guest" ||
+            bad "podman's /etc/resolv.conf in the guest: $resolv"
     else
         bad "podman run -p in VM mode: $(tail -n 5 "$work/pm.err")"
     fi

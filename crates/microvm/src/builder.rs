@@ -505,7 +505,7 @@ impl Vmm {
             mmio.insert(addr, layout::VIRTIO_MMIO_SIZE, transport.clone())?;
             transports.push(transport);
         }
-        let events = EventLoop::start(queue_events).map_err(VmmError::EventFd)?;
+        let events = EventLoop::start(queue_events, &transports).map_err(VmmError::EventFd)?;
         vcpu::install_kick_handler()?;
         let control = Arc::new(VcpuControl::default());
         // The list is a system ioctl: read now, before any seccomp filter.

@@ -566,11 +566,14 @@ mod transport {
         );
         let t = Arc::new(Mutex::new(t));
         let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-        let events = EventLoop::start(vec![QueueEvent {
-            evt: kick.try_clone().unwrap(),
-            transport: t.clone(),
-            queue: 0,
-        }])
+        let events = EventLoop::start(
+            vec![QueueEvent {
+                evt: kick.try_clone().unwrap(),
+                transport: t.clone(),
+                queue: 0,
+            }],
+            &[],
+        )
         .unwrap();
         vq.add_desc_chains(&[d(DATA, 16, WRITE, 0)], 0).unwrap();
         kick.write(1).unwrap();

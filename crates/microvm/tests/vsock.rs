@@ -749,6 +749,7 @@ fn transport_and_event_thread_serve_host_connections() {
                 queue: i as u32,
             })
             .collect(),
+        &[],
     )
     .unwrap();
     wr(&t, 0x70, 1);
@@ -1145,6 +1146,7 @@ fn restored_transport_resets_the_guest_transport_and_rings_continue() {
                     queue: i as u32,
                 })
                 .collect(),
+            &[],
         )
         .unwrap();
         (t, irq, kicks, events)

@@ -646,6 +646,11 @@ fn wait_and_stop(r: &mut Running) -> Result<i32> {
         }
     };
     r.timings.container_exited_ms = Some(r.sb.elapsed_ms());
+    for d in r.sb.dead_file_servers() {
+        eprintln!(
+            "warning: the file server of {d} died while the container ran: its reads and writes there failed (EIO)"
+        );
+    }
     // Output streams end when the container's side closes them (within a deadline).
     crate::sys::pump::join_within(std::mem::take(&mut r.outputs), sandbox::boot_timeout());
     if r.in_pod {

@@ -262,7 +262,8 @@ pub struct Timeline {
 pub struct Sandbox {
     child: Option<Child>,
     /// The virtiofsd of each shared directory (killed with the VM).
-    file_servers: Vec<Child>,
+    /// virtiofsd processes, with the directory each serves.
+    file_servers: Vec<(Child, PathBuf)>,
     /// The jailed VMM, when the sandbox runs in a jail (then `child` is None).
     jailed: Option<crate::jail::vmm::JailedVm>,
     /// False for a VM another process owns (a pod's): never shut down or removed here.
@@ -359,7 +360,11 @@ impl Sandbox {
             c.arg("--fs")
                 .arg(format!("{},tag={}", sock.display(), sh.tag));
         }
-        let file_servers: Vec<Child> = servers.into_iter().map(|(c, _)| c).collect();
+        let file_servers: Vec<(Child, PathBuf)> = servers
+            .into_iter()
+            .zip(&o.shares)
+            .map(|((c, _), sh)| (c, sh.dir.clone()))
+            .collect();
         c.arg("--kernel")
             .arg(&assets.kernel)
             .arg("--initrd")
@@ -418,7 +423,7 @@ impl Sandbox {
         let child = match c.spawn() {
             Ok(ch) => ch,
             Err(e) => {
-                for mut f in file_servers {
+                for (mut f, _) in file_servers {
                     let _ = f.kill();
                     let _ = f.wait();
                 }
@@ -738,6 +743,18 @@ impl Sandbox {
         self.shutdown(None, grace)
     }
 
+    /// The directories whose file server died while the VM ran (killed, or exited with
+    /// an error: one that ends because the VMM went exits 0), each with how it ended.
+    pub fn dead_file_servers(&mut self) -> Vec<String> {
+        self.file_servers
+            .iter_mut()
+            .filter_map(|(c, dir)| match c.try_wait() {
+                Ok(Some(st)) if !st.success() => Some(format!("{} ({st})", dir.display())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Kills and reaps the VMM (no-op once it is gone).
     pub fn kill(&mut self) {
         if let Some(j) = self.jailed.as_mut() {
@@ -749,7 +766,7 @@ impl Sandbox {
                 let _ = c.wait();
             }
         }
-        for c in &mut self.file_servers {
+        for (c, _) in &mut self.file_servers {
             if c.try_wait().ok().flatten().is_none() {
                 let _ = c.kill();
                 let _ = c.wait();

@@ -37,9 +37,13 @@ fn lock(t: &Mutex<MmioTransport>) -> std::sync::MutexGuard<'_, MmioTransport> {
 }
 
 impl EventLoop {
-    /// Starts the thread watching `queues`; every distinct transport among them gets a
-    /// [`Registrar`] for its device's own fds.
-    pub fn start(queues: Vec<QueueEvent>) -> std::io::Result<Self> {
+    /// Starts the thread watching `queues`; every transport among them and in `others`
+    /// (devices whose queues KVM signals to a back end directly, which still watch fds
+    /// of their own) gets a [`Registrar`] for its device's own fds.
+    pub fn start(
+        queues: Vec<QueueEvent>,
+        others: &[Arc<Mutex<MmioTransport>>],
+    ) -> std::io::Result<Self> {
         let epoll = Arc::new(Epoll::new()?);
         let stop = EventFd::new(EFD_NONBLOCK)?;
         epoll.ctl(
@@ -54,12 +58,14 @@ impl EventLoop {
                 q.evt.as_raw_fd(),
                 EpollEvent::new(EventSet::IN, i as u64),
             )?;
-            if !transports.iter().any(|t| Arc::ptr_eq(t, &q.transport)) {
+        }
+        for t in queues.iter().map(|q| &q.transport).chain(others) {
+            if !transports.iter().any(|x| Arc::ptr_eq(x, t)) {
                 let dev = u16::try_from(transports.len()).map_err(|_| {
                     std::io::Error::new(std::io::ErrorKind::InvalidInput, "too many devices")
                 })?;
-                lock(&q.transport).attach(Registrar::new(epoll.clone(), dev));
-                transports.push(q.transport.clone());
+                lock(t).attach(Registrar::new(epoll.clone(), dev));
+                transports.push(t.clone());
             }
         }
         let stop_rx = stop.try_clone()?;

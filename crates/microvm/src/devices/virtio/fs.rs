@@ -11,15 +11,25 @@
 //! and interrupts the guest itself. The transport then reads its interrupt status as
 //! "used buffer" at all times, since it never sees those completions (the guest driver
 //! checks the status before it looks at its queues; a spurious look finds nothing).
+//!
+//! A back end that dies mid-run (its socket hangs up) must not leave the guest waiting
+//! forever on requests nobody serves: this side then takes the queues over, answers
+//! every request still pending and every later one with EIO (a FUSE reply header with
+//! only the error), and watches the kick eventfds itself. The guest sees I/O errors on
+//! that mount; the rest of the VM runs on.
 
+use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestMemoryBackend as _};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend as _};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::vstate::memory::GuestMemory;
 
 use super::{DeviceContext, Registrar, VirtioDevice, VIRTIO_F_VERSION_1};
 
@@ -34,6 +44,16 @@ const PROTOCOL_FEATURES: u64 = 1 << 30;
 /// Virtio bits we pass through from the back end: VERSION_1, INDIRECT_DESC (28),
 /// EVENT_IDX (29). The back end owns the rings, so these are between it and the guest.
 const PASSED_FEATURES: u64 = VIRTIO_F_VERSION_1 | (1 << 28) | (1 << 29);
+/// VIRTIO_RING_F_EVENT_IDX.
+const EVENT_IDX: u64 = 1 << 29;
+/// Registrar token of the back end's socket; queue `i`'s kick (after a takeover) is
+/// `KICK + i`.
+const BACKEND: u32 = 0;
+const KICK: u32 = 1;
+/// A FUSE request header's size (`fuse_in_header`) and a reply header's
+/// (`fuse_out_header`: len, error, unique).
+const IN_HEADER: usize = 40;
+const OUT_HEADER: u32 = 16;
 
 /// Errors while connecting to the back end.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +85,8 @@ pub struct Fs {
     /// The transport's interrupt eventfd (an irqfd), once given.
     call: Option<EventFd>,
     started: bool,
+    /// The back end hung up: this side answers every request with EIO.
+    dead: bool,
 }
 
 fn io(e: vhost::Error) -> std::io::Error {
@@ -105,7 +127,43 @@ impl Fs {
             kicks: (0..NUM_QUEUES).map(|_| fd()).collect::<Result<_, _>>()?,
             call: None,
             started: false,
+            dead: false,
         })
+    }
+
+    /// The back end is gone: the pending requests of every queue are answered with EIO
+    /// and the kicks come here from now on. Returns whether buffers were used.
+    fn take_over(&mut self, ctx: &mut DeviceContext) -> bool {
+        self.dead = true;
+        let _ = ctx.fds.remove(self.frontend.as_raw_fd());
+        tracing::error!(
+            "virtio-fs {}: the file server hung up; the guest's requests on this mount fail with EIO from now on",
+            String::from_utf8_lossy(&self.tag).trim_end_matches('\0')
+        );
+        let mut used = false;
+        for i in 0..ctx.queues.len() {
+            let Some(q) = ctx.queues.get_mut(i) else {
+                continue;
+            };
+            if !q.ready() {
+                continue;
+            }
+            // What the back end completed is in the used ring; the rest is pending (a
+            // back end completing out of order may leave a gap, answered here too).
+            let Ok(done) = q.used_idx(ctx.mem, std::sync::atomic::Ordering::Acquire) else {
+                continue;
+            };
+            q.set_next_avail(done.0);
+            q.set_next_used(done.0);
+            q.set_event_idx(self.acked & EVENT_IDX != 0);
+            if let Some(k) = self.kicks.get(i) {
+                if let Err(e) = ctx.fds.add(k.as_raw_fd(), EventSet::IN, KICK + i as u32) {
+                    tracing::warn!("virtio-fs queue {i}: watch its kicks: {e}");
+                }
+            }
+            used |= fail_pending(q, ctx.mem, i);
+        }
+        used
     }
 
     fn start(&mut self, ctx: &mut DeviceContext) -> Result<(), vhost::Error> {
@@ -196,9 +254,42 @@ impl VirtioDevice for Fs {
             ));
         }
         self.started = true;
-        self.start(ctx).map_err(io)
+        self.start(ctx).map_err(io)?;
+        // Its hang-up is how a dying file server shows (see the module doc).
+        ctx.fds.add(
+            self.frontend.as_raw_fd(),
+            EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR,
+            BACKEND,
+        )
     }
-    fn queue_notify(&mut self, queue: usize, _ctx: &mut DeviceContext) -> bool {
+    fn handle_event(&mut self, token: u32, events: EventSet, ctx: &mut DeviceContext) -> bool {
+        match token {
+            BACKEND if !self.dead => {
+                if events.intersects(EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR) {
+                    return self.take_over(ctx);
+                }
+                false
+            }
+            t if self.dead && t >= KICK => {
+                let i = (t - KICK) as usize;
+                if let Some(k) = self.kicks.get(i) {
+                    let _ = k.read();
+                }
+                match ctx.queues.get_mut(i) {
+                    Some(q) if q.ready() => fail_pending(q, ctx.mem, i),
+                    _ => false,
+                }
+            }
+            _ => false,
+        }
+    }
+    fn queue_notify(&mut self, queue: usize, ctx: &mut DeviceContext) -> bool {
+        if self.dead {
+            return match ctx.queues.get_mut(queue) {
+                Some(q) => fail_pending(q, ctx.mem, queue),
+                None => false,
+            };
+        }
         // Only a notify register write KVM did not catch lands here: pass it on.
         if let Some(k) = self.kicks.get(queue) {
             if let Err(e) = k.write(1) {
@@ -207,11 +298,18 @@ impl VirtioDevice for Fs {
         }
         false
     }
-    fn reset(&mut self, _fds: &Registrar) {
+    fn reset(&mut self, fds: &Registrar) {
         if !self.started {
             return;
         }
         self.started = false;
+        let _ = fds.remove(self.frontend.as_raw_fd());
+        if self.dead {
+            for k in &self.kicks {
+                let _ = fds.remove(k.as_raw_fd());
+            }
+            return;
+        }
         for i in 0..NUM_QUEUES {
             // GET_VRING_BASE stops the back end's ring.
             if let Err(e) = self.frontend.get_vring_base(i) {
@@ -219,4 +317,58 @@ impl VirtioDevice for Fs {
             }
         }
     }
+}
+
+/// Answers every available request of queue `q` with EIO; returns whether any was.
+fn fail_pending(q: &mut virtio_queue::Queue, mem: &GuestMemory, index: usize) -> bool {
+    let mut used = false;
+    loop {
+        for _ in 0..usize::from(q.size().max(1)) * 2 {
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let len = eio_reply(chain, mem);
+            if let Err(e) = q.add_used(mem, head, len) {
+                tracing::warn!("virtio-fs queue {index}: cannot add used element: {e}");
+                return used;
+            }
+            used = true;
+        }
+        // With EVENT_IDX the guest kicks again only past the index asked for here.
+        match q.enable_notification(mem) {
+            Ok(true) => continue,
+            _ => return used,
+        }
+    }
+}
+
+/// Writes a FUSE reply carrying only EIO for the request in `chain` (its `unique` read
+/// from the request header); the used length (0 for a request that wants no reply, such
+/// as FORGET, or a malformed one).
+fn eio_reply(chain: virtio_queue::DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> u32 {
+    let mut unique = None;
+    for d in chain {
+        if !d.is_write_only() {
+            if unique.is_none() && d.len() as usize >= IN_HEADER {
+                unique = d
+                    .addr()
+                    .checked_add(8)
+                    .and_then(|a| mem.read_obj::<u64>(a).ok());
+            }
+            continue;
+        }
+        let (Some(u), true) = (unique, d.len() >= OUT_HEADER) else {
+            return 0;
+        };
+        let mut h = [0u8; OUT_HEADER as usize];
+        h[..4].copy_from_slice(&OUT_HEADER.to_le_bytes());
+        h[4..8].copy_from_slice(&(-libc::EIO).to_le_bytes());
+        h[8..].copy_from_slice(&u.to_le_bytes());
+        return match mem.write_slice(&h, d.addr()) {
+            Ok(()) => OUT_HEADER,
+            Err(_) => 0,
+        };
+    }
+    0
 }
