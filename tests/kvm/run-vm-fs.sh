@@ -50,12 +50,12 @@ rm /h/moved
 cat <&3
 ls /h/open /h/moved 2>/dev/null | wc -l
 grep -c " virtiofs " /proc/mounts
-cp /bin/busybox /h/bb
-/h/bb echo mapped
+cp /bin/busybox /h/busybox
+/h/busybox echo mapped
 echo p >/h/perm
 chmod 640 /h/perm
 chown 1234:5678 /h/perm
-rm /h/bb
+rm /h/busybox
 '
 t0=$(date +%s)
 out=$(n run --vm --rm -v "$vol:/v" -v "$host:/h" busybox sh -c "$script" 2>"$work/err1") ||

@@ -646,9 +646,10 @@ fn wait_and_stop(r: &mut Running) -> Result<i32> {
         }
     };
     r.timings.container_exited_ms = Some(r.sb.elapsed_ms());
-    for d in r.sb.dead_file_servers() {
+    for (dir, how) in r.sb.dead_file_servers() {
         eprintln!(
-            "warning: the file server of {d} died while the container ran: its reads and writes there failed (EIO)"
+            "warning: the file server of {} died while the container ran ({how}): its reads and writes there failed (EIO)",
+            dir.display()
         );
     }
     // Output streams end when the container's side closes them (within a deadline).

@@ -745,11 +745,11 @@ impl Sandbox {
 
     /// The directories whose file server died while the VM ran (killed, or exited with
     /// an error: one that ends because the VMM went exits 0), each with how it ended.
-    pub fn dead_file_servers(&mut self) -> Vec<String> {
+    pub fn dead_file_servers(&mut self) -> Vec<(PathBuf, std::process::ExitStatus)> {
         self.file_servers
             .iter_mut()
             .filter_map(|(c, dir)| match c.try_wait() {
-                Ok(Some(st)) if !st.success() => Some(format!("{} ({st})", dir.display())),
+                Ok(Some(st)) if !st.success() => Some((dir.clone(), st)),
                 _ => None,
             })
             .collect()

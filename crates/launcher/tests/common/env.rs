@@ -95,6 +95,17 @@ impl Drop for Env {
         for id in stdout(&ids).lines() {
             let _ = self.run(&["rm", "-f", id]);
         }
+        // A pod a failed test left: its monitor takes the VMM and file servers along.
+        let pods = self.run(&["pod", "ls", "--json"]);
+        if let Ok(serde_json::Value::Array(pods)) = serde_json::from_slice(&pods.stdout) {
+            for p in pods {
+                if let Some(pid) = p["monitor_pid"].as_i64().filter(|p| *p > 0) {
+                    // SAFETY: kill with a pid the pod record names and a constant signal.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
         let _ = self.run(&["gc"]);
         let _ = self.run(&["network", "prune"]);
         for m in self.mounts_under_root() {
