@@ -204,6 +204,7 @@ fn monitor(
             mem_mib,
             vcpus,
             disks,
+            disk_opts: Vec::new(),
             shares: Vec::new(),
             hostname: name.to_string(),
             net: vnet.as_ref().map(|n| n.tap.clone()),
