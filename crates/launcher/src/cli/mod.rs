@@ -77,7 +77,7 @@ pub enum Cmd {
     /// Run a process in a running container (OCI with --process; Docker-style otherwise).
     Exec(ExecArgs),
     /// Run a container: OCI style with --bundle, Docker style with an image.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List containers made with `nestor run`; with an ID, OCI `ps ID [PS-ARGS…]`: the
     /// processes in that container's cgroup (in --root), as runc lists them.
     Ps {

@@ -957,7 +957,7 @@ mod tests {
         v.extend_from_slice(flags);
         v.push("busybox");
         match crate::cli::Cli::try_parse_from(v).unwrap().cmd {
-            crate::cli::Cmd::Run(r) => r,
+            crate::cli::Cmd::Run(r) => *r,
             _ => panic!("not run"),
         }
     }
