@@ -266,6 +266,14 @@ impl VirtioDevice for Block {
             _ => false,
         }
     }
+    fn restored(&mut self, ctx: &mut DeviceContext) -> bool {
+        // A snapshot taken while a request was deferred left it in the ring, and the
+        // guest will not notify again: serve it now.
+        match ctx.queues.get_mut(0) {
+            Some(q) if q.ready() => self.serve(q, ctx.mem),
+            _ => false,
+        }
+    }
     fn reset(&mut self, fds: &Registrar) {
         self.throttle.reset();
         if self.timer_watched {

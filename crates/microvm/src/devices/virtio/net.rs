@@ -448,6 +448,13 @@ impl VirtioDevice for Net {
             },
         }
     }
+    fn restored(&mut self, ctx: &mut DeviceContext) -> bool {
+        // TX chains a snapshot caught deferred are still in the ring: send them now.
+        match ctx.queues.get_mut(TXQ) {
+            Some(q) if q.ready() => self.tx(ctx.mem, q),
+            _ => false,
+        }
+    }
     fn reset(&mut self, fds: &Registrar) {
         self.watch(fds, false);
         self.rx_held = None;
