@@ -168,6 +168,7 @@ impl Rig {
         if let Ok(n) = Net::open(&NetConfig {
             tap: tap_name(),
             mac: [6, 0, 0, 0, 0, 1],
+            rate_limit: Default::default(),
         }) {
             devices.push(Box::new(n));
         }

@@ -158,6 +158,81 @@ fn limits_are_enforced_and_reported() {
     assert_eq!(stdout(&o).trim(), "50000", "{}", stderr(&o));
 }
 
+/// A loop device over a file in `dir`, detached on drop.
+struct Loop(String);
+
+impl Loop {
+    fn new(dir: &Path) -> Option<Loop> {
+        let f = dir.join("loop.img");
+        std::fs::File::create(&f).ok()?.set_len(16 << 20).ok()?;
+        let o = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&f)
+            .output()
+            .ok()?;
+        o.status
+            .success()
+            .then(|| Loop(String::from_utf8_lossy(&o.stdout).trim().to_string()))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// `--device-read-bps` and co. go into the container's cgroup (blkio throttle files
+/// on v1, io.max on v2) for the device's numbers.
+#[test]
+fn device_io_limits_reach_the_cgroup_and_hold() {
+    use std::os::unix::fs::MetadataExt;
+    let e = Env::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(dev) = Loop::new(tmp.path()) else {
+        eprintln!("skipped: losetup cannot make a loop device here");
+        return;
+    };
+    let rdev = std::fs::metadata(&dev.0).unwrap().rdev();
+    let numbers = format!("{}:{}", libc::major(rdev), libc::minor(rdev));
+    let read_bps = format!("{}:1mb", dev.0);
+    let write_bps = format!("{}:512k", dev.0);
+    let read_iops = format!("{}:300", dev.0);
+    let write_iops = format!("{}:200", dev.0);
+    let script = "cd /sys/fs/cgroup; if [ -d blkio ]; then cd blkio; \
+        for f in read_bps write_bps read_iops write_iops; do cat blkio.throttle.${f}_device; done; \
+        else cat io.max; fi";
+    let o = e.run(&[
+        "run",
+        "--rm",
+        "--device-read-bps",
+        &read_bps,
+        "--device-write-bps",
+        &write_bps,
+        "--device-read-iops",
+        &read_iops,
+        "--device-write-iops",
+        &write_iops,
+        "busybox",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let v1 = [
+        format!("{numbers} 1048576"),
+        format!("{numbers} 524288"),
+        format!("{numbers} 300"),
+        format!("{numbers} 200"),
+    ];
+    let v2 = format!("{numbers} rbps=1048576 wbps=524288 riops=300 wiops=200");
+    assert!(
+        out.lines().map(str::trim).eq(v1.iter().map(String::as_str)) || out.contains(&v2),
+        "cgroup files hold: {out}"
+    );
+}
+
 #[test]
 fn detached_exec_logs_stop_rm() {
     let e = Env::new();
@@ -287,6 +362,54 @@ fn cli_errors_are_one_clear_line() {
             "unexpected argument '--no-such-flag'",
         ),
         (vec!["image", "import", "/nonexistent/path"], "nonexistent"),
+        (
+            vec![
+                "run",
+                "--rm",
+                "--device-read-bps",
+                "/dev/null:1mb",
+                "busybox",
+                "true",
+            ],
+            "/dev/null is not a block device",
+        ),
+        (
+            vec![
+                "run",
+                "--rm",
+                "--device-write-bps",
+                "/dev/null:fast",
+                "busybox",
+                "true",
+            ],
+            "invalid size 'fast'",
+        ),
+        (
+            vec![
+                "run",
+                "--rm",
+                "--device-read-iops",
+                "/dev/nope:10",
+                "busybox",
+                "true",
+            ],
+            "/dev/nope: No such file",
+        ),
+        (
+            vec![
+                "run",
+                "--rm",
+                "--device-write-iops",
+                "/dev/null:0",
+                "busybox",
+                "true",
+            ],
+            "whole number of operations above 0",
+        ),
+        (
+            vec!["run", "--rm", "--device-read-bps", "1mb", "busybox", "true"],
+            "use DEVICE:RATE",
+        ),
     ] {
         let o = e.run(&args);
         assert!(!o.status.success(), "{args:?} succeeded");

@@ -1,7 +1,9 @@
 //! The control socket (`--api PATH`): a Unix stream socket taking one JSON request per
 //! line — `{"action": "pause" | "resume" | "shutdown" | "metrics"}`, or
 //! `{"action": "snapshot-create", "dir": DIR, "resume": BOOL, "diff": BOOL,
-//! "parent": DIR}` — and answering one
+//! "parent": DIR}`, or `{"action": "rate-limit", "device": "disk0" | "net0",
+//! "bandwidth": {"size": N, "refill_time_ms": MS, "one_time_burst": N}, "ops": {…}}`
+//! (an absent bucket is unlimited) — and answering one
 //! JSON line each. It is served from the VMM's main thread, which also waits for the
 //! guest to end the VM; the socket file is removed when the VMM exits.
 
@@ -14,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::builder::Vmm;
+use crate::devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 use crate::exit::GuestExit;
 
 /// Errors setting up the socket.
@@ -46,6 +49,12 @@ struct Envelope {
     diff: Option<bool>,
     #[serde(default)]
     parent: Option<PathBuf>,
+    #[serde(default)]
+    device: Option<String>,
+    #[serde(default)]
+    bandwidth: Option<TokenBucketConfig>,
+    #[serde(default)]
+    ops: Option<TokenBucketConfig>,
 }
 
 #[derive(Debug, Deserialize, PartialEq, Eq)]
@@ -56,6 +65,7 @@ enum Action {
     Shutdown,
     Metrics,
     SnapshotCreate,
+    RateLimit,
 }
 
 /// A request line that is not a request.
@@ -79,6 +89,13 @@ pub fn parse_request(line: &str) -> Result<Request, RequestError> {
             "\"dir\", \"resume\", \"diff\" and \"parent\" belong to snapshot-create",
         ));
     }
+    if e.action != Action::RateLimit
+        && (e.device.is_some() || e.bandwidth.is_some() || e.ops.is_some())
+    {
+        return Err(RequestError::Fields(
+            "\"device\", \"bandwidth\" and \"ops\" belong to rate-limit",
+        ));
+    }
     let diff = e.diff.unwrap_or(false);
     if e.parent.is_some() && !diff {
         return Err(RequestError::Fields(
@@ -97,6 +114,15 @@ pub fn parse_request(line: &str) -> Result<Request, RequestError> {
             resume: e.resume.unwrap_or(true),
             diff,
             parent: e.parent,
+        },
+        Action::RateLimit => Request::RateLimit {
+            device: e
+                .device
+                .ok_or(RequestError::Fields("rate-limit needs \"device\""))?,
+            limits: RateLimiterConfig {
+                bandwidth: e.bandwidth,
+                ops: e.ops,
+            },
         },
     })
 }
@@ -124,6 +150,13 @@ pub enum Request {
         diff: bool,
         /// The parent the caller expects (refused if it is not that last snapshot).
         parent: Option<PathBuf>,
+    },
+    /// Replace a device's rate limits (fresh, full buckets).
+    RateLimit {
+        /// `disk0`, `disk1`, … or `net0`.
+        device: String,
+        /// The new limits; an absent bucket is unlimited.
+        limits: RateLimiterConfig,
     },
 }
 
@@ -275,6 +308,13 @@ fn answer(vmm: &mut Vmm, line: &str) -> (serde_json::Value, bool) {
             serde_json::json!({"ok": true, "metrics": metrics(vmm)}),
             false,
         ),
+        Request::RateLimit { device, limits } => match vmm.set_rate_limit(&device, &limits) {
+            Ok(()) => (
+                serde_json::json!({"ok": true, "device": device, "rate_limit": limits}),
+                false,
+            ),
+            Err(e) => (serde_json::json!({"ok": false, "error": e}), false),
+        },
         Request::SnapshotCreate {
             dir,
             resume,
@@ -423,7 +463,27 @@ mod tests {
                 parent: None,
             }
         );
+        assert_eq!(
+            parse_request(
+                r#"{"action":"rate-limit","device":"disk0","ops":{"size":10,"refill_time_ms":1000}}"#
+            )
+            .unwrap(),
+            Request::RateLimit {
+                device: "disk0".into(),
+                limits: RateLimiterConfig {
+                    bandwidth: None,
+                    ops: Some(TokenBucketConfig {
+                        size: 10,
+                        one_time_burst: 0,
+                        refill_time_ms: 1000
+                    }),
+                },
+            }
+        );
         for bad in [
+            r#"{"action":"rate-limit"}"#,
+            r#"{"action":"pause","device":"disk0"}"#,
+            r#"{"action":"rate-limit","device":"disk0","ops":{"size":1}}"#,
             r#"{"action":"explode"}"#,
             "{}",
             "pause",

@@ -209,11 +209,9 @@ fn open_devices(cfg: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, VmmError> 
     };
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
-        devices.push(Box::new(Block::open(
-            &d.path,
-            d.read_only,
-            &format!("nestor-disk{i}"),
-        )?));
+        let mut b = Block::open(&d.path, d.read_only, &format!("nestor-disk{i}"))?;
+        b.set_rate_limit(&d.rate_limit).map_err(VmmError::Device)?;
+        devices.push(Box::new(b));
     }
     devices.push(Box::new(Rng));
     for f in &cfg.fs {
@@ -534,6 +532,47 @@ impl Vmm {
             last_snapshot: Mutex::new(None),
             cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
         })
+    }
+
+    /// Changes the rate limits of `device` (`disk0`, `disk1`, … or `net0`) while the
+    /// VM runs; the VM's config (what a snapshot saves) follows.
+    pub fn set_rate_limit(
+        &mut self,
+        device: &str,
+        limits: &crate::devices::rate_limiter::RateLimiterConfig,
+    ) -> Result<(), String> {
+        limits.validate().map_err(|e| e.to_string())?;
+        let disks = self.cfg.disks.len();
+        let index = match (device.strip_prefix("disk"), device) {
+            (Some(n), _) => n
+                .parse::<usize>()
+                .ok()
+                .filter(|i| *i < disks && (n == "0" || !n.starts_with('0'))),
+            (None, "net0") if self.cfg.net.is_some() => Some(self.transports.len() - 1),
+            _ => None,
+        };
+        let Some(index) = index else {
+            let mut known: Vec<String> = (0..disks).map(|i| format!("disk{i}")).collect();
+            if self.cfg.net.is_some() {
+                known.push("net0".into());
+            }
+            return Err(format!(
+                "no device '{device}' (this VM has: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ));
+        };
+        self.transports[index]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_rate_limit(limits)?;
+        if index < disks {
+            self.cfg.disks[index].rate_limit = *limits;
+        }
+        Ok(())
     }
 
     /// Takes a snapshot into the new directory `dir` (module [`snapshot`]): pauses the

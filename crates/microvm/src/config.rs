@@ -7,6 +7,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::x86_64::mptable::MAX_VCPUS;
+use crate::devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 use crate::devices::virtio::net::NetConfig;
 
 /// Errors in the configuration.
@@ -76,23 +77,41 @@ pub struct DiskConfig {
     /// Refuse guest writes.
     #[serde(default)]
     pub read_only: bool,
+    /// Rate limits (bytes of data, requests); none by default.
+    #[serde(default, skip_serializing_if = "RateLimiterConfig::is_unlimited")]
+    pub rate_limit: RateLimiterConfig,
 }
 
 impl std::str::FromStr for DiskConfig {
     type Err = String;
+    /// `PATH[,ro|rw][,bw=SIZE/MS][,ops=SIZE/MS]`, options in any order.
     fn from_str(s: &str) -> Result<Self, String> {
-        let (path, ro) = match s.rsplit_once(',') {
-            Some((p, "ro")) => (p, true),
-            Some((p, "rw")) => (p, false),
-            Some((_, opt)) => return Err(format!("unknown disk option '{opt}' (ro or rw)")),
-            None => (s, false),
-        };
+        let mut path = s;
+        let mut read_only = false;
+        let mut rate_limit = RateLimiterConfig::default();
+        while let Some((p, opt)) = path.rsplit_once(',') {
+            let bucket =
+                |v: &str| TokenBucketConfig::parse(v).map_err(|e| format!("--disk {s}: {e}"));
+            match opt.split_once('=') {
+                None if opt == "ro" => read_only = true,
+                None if opt == "rw" => read_only = false,
+                Some(("bw", v)) => rate_limit.bandwidth = Some(bucket(v)?),
+                Some(("ops", v)) => rate_limit.ops = Some(bucket(v)?),
+                _ => {
+                    return Err(format!(
+                        "unknown disk option '{opt}' (ro, rw, bw=SIZE/MS, ops=SIZE/MS)"
+                    ))
+                }
+            }
+            path = p;
+        }
         if path.is_empty() {
             return Err("disk path is empty".into());
         }
         Ok(DiskConfig {
             path: PathBuf::from(path),
-            read_only: ro,
+            read_only,
+            rate_limit,
         })
     }
 }
@@ -270,6 +289,11 @@ impl VmConfig {
                     .into(),
             ));
         }
+        for d in &self.disks {
+            d.rate_limit
+                .validate()
+                .map_err(|e| ConfigError::Invalid(format!("disk {}: {e}", d.path.display())))?;
+        }
         for f in &self.fs {
             if f.tag.is_empty() || f.tag.len() > crate::devices::virtio::fs::TAG_LEN {
                 return Err(ConfigError::Invalid(format!(
@@ -317,8 +341,10 @@ pub struct Cli {
     /// Number of vCPUs [default: 1].
     #[arg(long, value_name = "N")]
     pub vcpus: Option<u8>,
-    /// virtio-blk disk, PATH[,ro] (repeatable).
-    #[arg(long, value_name = "PATH[,ro]")]
+    /// virtio-blk disk, PATH[,ro][,bw=SIZE/MS][,ops=SIZE/MS] (repeatable); bw and ops
+    /// are token buckets: SIZE bytes (requests) refilled every MS ms (or `s`), with an
+    /// optional one-time burst `+N`.
+    #[arg(long, value_name = "PATH[,ro][,bw=..][,ops=..]")]
     pub disk: Vec<DiskConfig>,
     /// virtio-fs device: the vhost-user socket of a file server (virtiofsd) and the
     /// guest's mount tag (repeatable).
@@ -330,8 +356,9 @@ pub struct Cli {
     /// The guest's vsock CID [default: 3].
     #[arg(long, value_name = "CID")]
     pub vsock_cid: Option<u64>,
-    /// Tap device for virtio-net, TAP[,mac=XX:XX:XX:XX:XX:XX].
-    #[arg(long, value_name = "TAP[,mac=MAC]")]
+    /// Tap device for virtio-net, TAP[,mac=XX:XX:XX:XX:XX:XX][,bw=SIZE/MS][,ops=SIZE/MS]
+    /// (limits of each direction, bytes and frames, as for --disk).
+    #[arg(long, value_name = "TAP[,mac=MAC][,bw=..][,ops=..]")]
     pub net: Option<String>,
     /// Console: stdio, none or a file path [default: stdio].
     #[arg(long, value_name = "stdio|PATH|none")]
@@ -568,11 +595,55 @@ mod tests {
             c.disks[0],
             DiskConfig {
                 path: "/d".into(),
-                read_only: true
+                read_only: true,
+                rate_limit: RateLimiterConfig::default(),
             }
         );
         assert!(!c.disks[1].read_only);
         assert_eq!(c.console, Console::None);
+    }
+
+    #[test]
+    fn disk_and_net_rate_limits_from_flags() {
+        let c = cli(&[
+            "--kernel",
+            "/k",
+            "--disk",
+            "/a,ro,bw=1048576/s,ops=100/1000+50",
+            "--net",
+            "tap0,bw=65536/100",
+        ])
+        .unwrap();
+        let d = &c.disks[0];
+        assert_eq!((d.path.to_str(), d.read_only), (Some("/a"), true));
+        let bw = d.rate_limit.bandwidth.unwrap();
+        assert_eq!((bw.size, bw.refill_time_ms), (1048576, 1000));
+        let ops = d.rate_limit.ops.unwrap();
+        assert_eq!(
+            (ops.size, ops.refill_time_ms, ops.one_time_burst),
+            (100, 1000, 50)
+        );
+        let n: NetConfig = c.net.as_deref().unwrap().parse().unwrap();
+        assert_eq!(n.rate_limit.bandwidth.unwrap().size, 65536);
+        assert!(n.rate_limit.ops.is_none());
+        for (flag, val, want) in [
+            ("--disk", "/d,bw=fast", "expected SIZE/REFILL_MS"),
+            ("--disk", "/d,ops=0/1000", "greater than 0"),
+            ("--disk", "/d,iops=1/s", "unknown disk option 'iops=1/s'"),
+        ] {
+            let e = cli(&["--kernel", "/k", flag, val]).unwrap_err();
+            assert!(e.contains(want), "{val}: {e}");
+        }
+        let e = "tap0,bw=1".parse::<NetConfig>().unwrap_err().to_string();
+        assert!(e.contains("expected SIZE/REFILL_MS"), "{e}");
+        // A JSON config carries the same limits, checked the same way.
+        let json = r#"{"kernel":"/k","disks":[{"path":"/d","rate_limit":{"ops":{"size":0,"refill_time_ms":1}}}]}"#;
+        let c: VmConfig = serde_json::from_str(json).unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("greater than 0"));
     }
 
     #[test]

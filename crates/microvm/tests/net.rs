@@ -597,3 +597,47 @@ fn random_net_traffic_never_breaks_the_device() {
         }
     }
 }
+
+/// TX past the limiter's budget stays in the ring (not dropped, not used) until the
+/// limiter's timerfd fires on the device's epoll; lifting the limit at run time wakes it.
+#[test]
+fn tx_frames_past_the_limit_wait_for_the_limiters_timer() {
+    use nestor_microvm::devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+    let Some(tap) = Tap::new() else {
+        eprintln!("skipped: cannot create a tap (ip tuntap add)");
+        return;
+    };
+    let mem = create_guest_memory(&[(0, MEM)]).unwrap();
+    let mut g = Guest::new(&mem, &tap);
+    g.dev
+        .set_rate_limit(&RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(TokenBucketConfig {
+                size: 2,
+                one_time_burst: 0,
+                refill_time_ms: 100_000,
+            }),
+        })
+        .unwrap();
+    let frame = [0xffu8; 60];
+    for _ in 0..4 {
+        g.send(&frame);
+    }
+    assert_eq!(g.used(1), 2, "two frames fit the bucket, the rest wait");
+    g.pump(100);
+    g.notify(1);
+    assert_eq!(g.used(1), 2, "a frame got past the limiter");
+    g.dev.set_rate_limit(&RateLimiterConfig::default()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.used(1) < 4 && Instant::now() < deadline {
+        g.pump(100);
+    }
+    assert_eq!(
+        g.used(1),
+        4,
+        "lifting the limit did not send the deferred frames"
+    );
+    let [_, tx] = g.dev.rate_counters();
+    assert_eq!(tx.1, 4);
+    assert!(tx.2 >= 1, "no frame was counted as throttled: {tx:?}");
+}

@@ -133,6 +133,14 @@ fn bad_input_gives_one_error_line_and_status_1() {
         "cannot open disk",
     );
     assert_one_error(&vmm(&["--kernel", good, "--vcpus", "0"]), "--vcpus 0");
+    assert_one_error(
+        &vmm(&["--kernel", good, "--disk", "/d,bw=fast"]),
+        "rate limit 'fast'",
+    );
+    assert_one_error(
+        &vmm(&["--kernel", good, "--net", "tap0,ops=0/s"]),
+        "greater than 0",
+    );
     assert_one_error(&vmm(&["--kernel", good, "--mem", "x"]), "invalid value");
     assert_one_error(&vmm(&["--kernel", good, "--bogus"]), "--bogus");
     let bad_json = write_file(dir.path(), "bad.json", b"{\"kernel\": 3}");
@@ -183,6 +191,8 @@ fn api_socket_pauses_resumes_reports_and_shuts_down() {
     let dir = tempfile::tempdir().unwrap();
     let k = write_file(dir.path(), "k", &elf(&code64(b"up\n", SPIN)));
     let sock = dir.path().join("api.sock");
+    let disk = write_file(dir.path(), "disk.img", &[0u8; 4096]);
+    let disk_flag = format!("{},ops=100/s", disk.display());
     let mut child = Command::new(env!("CARGO_BIN_EXE_nestor-vmm"))
         .args([
             "--kernel",
@@ -191,6 +201,8 @@ fn api_socket_pauses_resumes_reports_and_shuts_down() {
             "2",
             "--console",
             "none",
+            "--disk",
+            &disk_flag,
         ])
         .arg("--api")
         .arg(&sock)
@@ -228,6 +240,24 @@ fn api_socket_pauses_resumes_reports_and_shuts_down() {
     let bad = ask(r#"{"action":"explode"}"#);
     assert_eq!(bad["ok"], false);
     assert!(bad["error"].as_str().unwrap().contains("bad request"));
+    // Rate limits change at run time; a device the VM lacks or a zero bucket is refused.
+    let rl = ask(
+        r#"{"action":"rate-limit","device":"disk0","bandwidth":{"size":1048576,"refill_time_ms":1000}}"#,
+    );
+    assert_eq!(rl["ok"], true, "{rl}");
+    assert_eq!(rl["rate_limit"]["bandwidth"]["size"], 1048576);
+    let rl = ask(r#"{"action":"rate-limit","device":"disk7"}"#);
+    assert_eq!(rl["ok"], false);
+    assert!(
+        rl["error"].as_str().unwrap().contains("this VM has: disk0"),
+        "{rl}"
+    );
+    let rl = ask(r#"{"action":"rate-limit","device":"disk0","ops":{"size":0,"refill_time_ms":1}}"#);
+    assert_eq!(rl["ok"], false);
+    assert!(
+        rl["error"].as_str().unwrap().contains("greater than 0"),
+        "{rl}"
+    );
     assert_eq!(ask(r#"{"action":"shutdown"}"#)["ok"], true);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));

@@ -77,7 +77,7 @@ pub enum Cmd {
     /// Run a process in a running container (OCI with --process; Docker-style otherwise).
     Exec(ExecArgs),
     /// Run a container: OCI style with --bundle, Docker style with an image.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List containers made with `nestor run`; with an ID, OCI `ps ID [PS-ARGS…]`: the
     /// processes in that container's cgroup (in --root), as runc lists them.
     Ps {
@@ -570,6 +570,22 @@ pub struct ContainerOpts {
     /// Maximum number of processes.
     #[arg(long)]
     pub pids_limit: Option<i64>,
+    /// Limit reads from a block device, DEVICE:RATE (bytes per second, with k, m or g)
+    /// (repeatable). With --vm: limits the guest's image disk (DEVICE must be the
+    /// guest's /dev/vda).
+    #[arg(long, value_name = "DEVICE:RATE")]
+    pub device_read_bps: Vec<String>,
+    /// Limit writes to a block device, DEVICE:RATE (bytes per second) (repeatable).
+    #[arg(long, value_name = "DEVICE:RATE")]
+    pub device_write_bps: Vec<String>,
+    /// Limit reads from a block device, DEVICE:RATE (operations per second)
+    /// (repeatable).
+    #[arg(long, value_name = "DEVICE:RATE")]
+    pub device_read_iops: Vec<String>,
+    /// Limit writes to a block device, DEVICE:RATE (operations per second)
+    /// (repeatable).
+    #[arg(long, value_name = "DEVICE:RATE")]
+    pub device_write_iops: Vec<String>,
     /// USER[:GROUP] (names or ids) to run as.
     #[arg(short, long)]
     pub user: Option<String>,

@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use oci_spec::runtime::{
-    Arch, Capabilities, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxIdMappingBuilder,
-    LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType,
-    LinuxPidsBuilder, LinuxResources, LinuxResourcesBuilder, LinuxSeccomp, LinuxSeccompAction,
-    LinuxSeccompBuilder, LinuxSyscallBuilder, Mount, MountBuilder, PosixRlimitBuilder,
-    PosixRlimitType, RootBuilder, Spec, UserBuilder,
+    Arch, Capabilities, LinuxBlockIoBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
+    LinuxIdMappingBuilder, LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceBuilder,
+    LinuxNamespaceType, LinuxPidsBuilder, LinuxResources, LinuxResourcesBuilder, LinuxSeccomp,
+    LinuxSeccompAction, LinuxSeccompBuilder, LinuxSyscallBuilder, LinuxThrottleDevice,
+    LinuxThrottleDeviceBuilder, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType,
+    RootBuilder, Spec, UserBuilder,
 };
 use serde_json::json;
 
@@ -248,7 +249,125 @@ fn resources(a: &RunArgs) -> Result<LinuxResources> {
     if let Some(pl) = a.ctr.pids_limit {
         res = res.pids(LinuxPidsBuilder::default().limit(pl).build()?);
     }
+    let throttles = DeviceThrottles::from_args(a)?;
+    if !throttles.is_empty() {
+        let list = |v: &[DeviceThrottle]| -> Result<Vec<LinuxThrottleDevice>> {
+            v.iter()
+                .map(|t| {
+                    Ok(LinuxThrottleDeviceBuilder::default()
+                        .major(t.major)
+                        .minor(t.minor)
+                        .rate(t.rate)
+                        .build()?)
+                })
+                .collect()
+        };
+        res = res.block_io(
+            LinuxBlockIoBuilder::default()
+                .throttle_read_bps_device(list(&throttles.read_bps)?)
+                .throttle_write_bps_device(list(&throttles.write_bps)?)
+                .throttle_read_iops_device(list(&throttles.read_iops)?)
+                .throttle_write_iops_device(list(&throttles.write_iops)?)
+                .build()?,
+        );
+    }
     Ok(res.build()?)
+}
+
+/// One `--device-*-bps`/`--device-*-iops` value: the device (path and numbers) and its
+/// rate (bytes or operations per second).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceThrottle {
+    /// The device as given.
+    pub path: String,
+    /// Block device major number (0 when the device is not looked up: VM mode).
+    pub major: i64,
+    /// Block device minor number.
+    pub minor: i64,
+    /// Bytes or operations per second, above 0.
+    pub rate: u64,
+}
+
+/// Every `--device-*` throttle of a `run`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceThrottles {
+    /// --device-read-bps.
+    pub read_bps: Vec<DeviceThrottle>,
+    /// --device-write-bps.
+    pub write_bps: Vec<DeviceThrottle>,
+    /// --device-read-iops.
+    pub read_iops: Vec<DeviceThrottle>,
+    /// --device-write-iops.
+    pub write_iops: Vec<DeviceThrottle>,
+}
+
+impl DeviceThrottles {
+    /// Parses the four flags, looking each device up on the host (it must be a block
+    /// device).
+    pub fn from_args(a: &RunArgs) -> Result<Self> {
+        Self::parse(a, true)
+    }
+
+    /// Parses the four flags; `lookup`: stat each device for its numbers.
+    pub fn parse(a: &RunArgs, lookup: bool) -> Result<Self> {
+        let c = &a.ctr;
+        let each = |flag: &str, vals: &[String], bytes: bool| -> Result<Vec<DeviceThrottle>> {
+            vals.iter()
+                .map(|v| parse_throttle(flag, v, bytes, lookup))
+                .collect()
+        };
+        Ok(DeviceThrottles {
+            read_bps: each("--device-read-bps", &c.device_read_bps, true)?,
+            write_bps: each("--device-write-bps", &c.device_write_bps, true)?,
+            read_iops: each("--device-read-iops", &c.device_read_iops, false)?,
+            write_iops: each("--device-write-iops", &c.device_write_iops, false)?,
+        })
+    }
+
+    /// True when no flag was given.
+    pub fn is_empty(&self) -> bool {
+        self.read_bps.is_empty()
+            && self.write_bps.is_empty()
+            && self.read_iops.is_empty()
+            && self.write_iops.is_empty()
+    }
+}
+
+/// `DEVICE:RATE`, as Docker takes it: RATE is a size (`1mb`) for the bps forms, a
+/// whole number for the iops forms.
+fn parse_throttle(flag: &str, v: &str, bytes: bool, lookup: bool) -> Result<DeviceThrottle> {
+    let Some((path, rate)) = v.rsplit_once(':') else {
+        bail!("{flag} '{v}': use DEVICE:RATE (e.g. /dev/sda:1mb)");
+    };
+    if !path.starts_with('/') {
+        bail!("{flag} '{v}': the device must be an absolute path");
+    }
+    let rate = if bytes {
+        parse_bytes(rate).map_err(|e| anyhow::anyhow!("{flag} '{v}': {e}"))? as u64
+    } else {
+        match rate.parse::<u64>() {
+            Ok(n) if n > 0 => n,
+            _ => bail!("{flag} '{v}': the rate must be a whole number of operations above 0"),
+        }
+    };
+    let (major, minor) = if lookup {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let m =
+            std::fs::metadata(path).map_err(|e| anyhow::anyhow!("{flag} '{v}': {path}: {e}"))?;
+        if !m.file_type().is_block_device() {
+            bail!("{flag} '{v}': {path} is not a block device");
+        }
+        let rdev = m.rdev();
+        (i64::from(libc::major(rdev)), i64::from(libc::minor(rdev)))
+    } else {
+        (0, 0)
+    };
+    Ok(DeviceThrottle {
+        path: path.to_string(),
+        major,
+        minor,
+        rate,
+    })
 }
 
 /// Syscalls the built-in seccomp profile refuses with EPERM: loading kernel code,

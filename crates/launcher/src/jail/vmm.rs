@@ -22,6 +22,9 @@ pub struct VmmSpec {
     /// (path, read_only): read-only ones are bound read-only, the others writable
     /// (they must be writable by the jail's uid).
     pub disks: Vec<(PathBuf, bool)>,
+    /// More `--disk` options per disk, index-aligned with `disks` (e.g. the rate
+    /// limits `bw=…,ops=…`); missing or empty: none.
+    pub disk_opts: Vec<String>,
     /// Give the guest a virtio-vsock device; its host Unix socket is
     /// [`JailedVm::vsock`].
     pub vsock: bool,
@@ -156,10 +159,12 @@ pub fn spawn_jailed_vmm(
             inside: inside.clone(),
             writable: !ro,
         });
-        args.extend([
-            "--disk".into(),
-            if *ro { format!("{inside},ro") } else { inside },
-        ]);
+        let mut arg = if *ro { format!("{inside},ro") } else { inside };
+        if let Some(o) = spec.disk_opts.get(n).filter(|o| !o.is_empty()) {
+            arg.push(',');
+            arg.push_str(o);
+        }
+        args.extend(["--disk".into(), arg]);
     }
     if spec.vsock {
         args.extend(["--vsock".into(), "/run/nestor/vsock.sock".into()]);

@@ -430,6 +430,7 @@ fn shim(s: Shim, ready: &mut crate::sys::helper::Ready) -> Result<i32> {
             mem_mib,
             vcpus,
             disks: vec![(disk.to_path_buf(), true)],
+            disk_opts: Vec::new(),
             shares,
             hostname,
             net: net.as_ref().map(|n| n.tap.clone()),

@@ -133,6 +133,11 @@ fn guest_spec(
 ) -> Result<oci_spec::runtime::Spec> {
     let mut native = a.clone();
     native.ctr.volume.clear();
+    // Block I/O limits are the VMM's (on the image disk), not the guest's cgroup.
+    native.ctr.device_read_bps.clear();
+    native.ctr.device_write_bps.clear();
+    native.ctr.device_read_iops.clear();
+    native.ctr.device_write_iops.clear();
     let mut s = crate::docker::spec::build_spec(
         &native,
         image,
@@ -276,6 +281,38 @@ struct Running {
     outputs: Vec<std::thread::JoinHandle<()>>,
     timings: Timings,
     start: Instant,
+}
+
+/// `--device-read-bps` and co. in VM mode: nestor-vmm's `--disk` options limiting the
+/// image disk (the guest's /dev/vda, the only device they may name). The VMM has one
+/// limiter per disk for reads and writes together (as Firecracker's), so the lower of
+/// the read and write rates applies to both; iops become its ops bucket.
+pub fn vm_disk_limit(a: &RunArgs) -> Result<Option<String>> {
+    let t = crate::docker::spec::DeviceThrottles::parse(a, false)?;
+    let lowest = |lists: [&Vec<crate::docker::spec::DeviceThrottle>; 2]| -> Result<Option<u64>> {
+        let mut r: Option<u64> = None;
+        for d in lists.into_iter().flatten() {
+            if d.path != proto::disk_device(0) {
+                bail!(
+                    "with --vm, --device-read-bps and co. limit the image disk only: name it {} (not {})",
+                    proto::disk_device(0),
+                    d.path
+                );
+            }
+            r = Some(r.map_or(d.rate, |x| x.min(d.rate)));
+        }
+        Ok(r)
+    };
+    let bw = lowest([&t.read_bps, &t.write_bps])?;
+    let ops = lowest([&t.read_iops, &t.write_iops])?;
+    let mut opts = Vec::new();
+    if let Some(b) = bw {
+        opts.push(format!("bw={b}/1000"));
+    }
+    if let Some(o) = ops {
+        opts.push(format!("ops={o}/1000"));
+    }
+    Ok((!opts.is_empty()).then(|| opts.join(",")))
 }
 
 /// The container's place in a running pod's VM; records it in `meta`.
@@ -428,6 +465,7 @@ fn boot_own(
     let root_disk = crate::vm::disk::image_disk(image)?;
     let mut disks = vec![(root_disk, true)];
     disks.extend(vols.disks.iter().map(|v| (v.file.clone(), v.read_only)));
+    let disk_opts = vm_disk_limit(a)?.into_iter().collect();
     let shares = vols
         .shares
         .iter()
@@ -456,6 +494,7 @@ fn boot_own(
             mem_mib,
             vcpus,
             disks,
+            disk_opts,
             shares,
             hostname,
             net: vnet.as_ref().map(|n| n.tap.clone()),
@@ -553,6 +592,9 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
     let (mut sb, device, network, networked) = match &a.vm.pod {
         // A networked pod's guest is configured already: the container shares it.
         Some(name) => {
+            if vm_disk_limit(a)?.is_some() {
+                bail!("--device-read-bps and co. with --pod are not supported: a pod's disks are fixed when it boots");
+            }
             let (sb, d, shared) = join_pod(name, meta, image, &mut vols, &guest_id)?;
             (sb, d, None, shared)
         }
@@ -935,4 +977,45 @@ fn remove_settling(dir: &Path) -> bool {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn run_args(flags: &[&str]) -> RunArgs {
+        let mut v = vec!["nestor", "run"];
+        v.extend_from_slice(flags);
+        v.push("busybox");
+        match crate::cli::Cli::try_parse_from(v).unwrap().cmd {
+            crate::cli::Cmd::Run(r) => *r,
+            _ => panic!("not run"),
+        }
+    }
+
+    #[test]
+    fn vm_mode_device_limits_become_the_image_disks_limiter() {
+        assert_eq!(vm_disk_limit(&run_args(&[])).unwrap(), None);
+        let a = run_args(&[
+            "--device-read-bps",
+            "/dev/vda:2m",
+            "--device-write-bps",
+            "/dev/vda:1m",
+            "--device-write-iops",
+            "/dev/vda:50",
+        ]);
+        assert_eq!(
+            vm_disk_limit(&a).unwrap().as_deref(),
+            Some("bw=1048576/1000,ops=50/1000")
+        );
+        let e = vm_disk_limit(&run_args(&["--device-read-bps", "/dev/sda:1m"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("name it /dev/vda (not /dev/sda)"), "{e}");
+        let e = vm_disk_limit(&run_args(&["--device-read-iops", "/dev/vda:x"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("whole number"), "{e}");
+    }
 }

@@ -88,6 +88,7 @@ pub fn vm_run(rt: &Runtime, a: &VmRunArgs) -> Result<i32> {
             .iter()
             .map(|(d, ro)| (PathBuf::from(d), *ro))
             .collect(),
+        disk_opts: Vec::new(),
         vsock: a.vsock.is_some(),
         mem_mib: a.mem,
         vcpus: a.vcpus,

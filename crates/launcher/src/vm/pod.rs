@@ -302,6 +302,7 @@ fn monitor(
             mem_mib,
             vcpus,
             disks,
+            disk_opts: Vec::new(),
             shares: shares
                 .iter()
                 .map(|s| sandbox::Share {

@@ -123,6 +123,9 @@ pub struct BootOpts {
     pub vcpus: u8,
     /// Disks in order (`/dev/vda`, `/dev/vdb`, …) and whether each is read-only.
     pub disks: Vec<(PathBuf, bool)>,
+    /// More nestor-vmm `--disk` options per disk, index-aligned with `disks` (the rate
+    /// limits `bw=…,ops=…` of `run --device-read-bps` and co.).
+    pub disk_opts: Vec<String>,
     /// Host directories shared over virtio-fs (one virtiofsd each).
     pub shares: Vec<Share>,
     pub hostname: String,
@@ -379,10 +382,14 @@ impl Sandbox {
             .arg(&vsock)
             .arg("--console")
             .arg(&console);
-        for (d, ro) in &o.disks {
+        for (i, (d, ro)) in o.disks.iter().enumerate() {
             let mut s = d.as_os_str().to_owned();
             if *ro {
                 s.push(",ro");
+            }
+            if let Some(opts) = o.disk_opts.get(i).filter(|x| !x.is_empty()) {
+                s.push(",");
+                s.push(opts);
             }
             c.arg("--disk").arg(s);
         }
@@ -472,6 +479,7 @@ impl Sandbox {
             initrd: Some(assets.initrd.clone()),
             cmdline: Some(boot_cmdline(&o.hostname)),
             disks: o.disks.clone(),
+            disk_opts: o.disk_opts.clone(),
             vsock: true,
             mem_mib: Some(u64::from(o.mem_mib)),
             vcpus: Some(u32::from(o.vcpus)),

@@ -9,7 +9,11 @@
 //! tokens are spent first and never refill. A request larger than `size` is let through
 //! when the bucket is full and leaves it in debt, so one big request is not starved and
 //! the average rate still holds.
+//!
+//! [`Throttle`] is what a device holds: a limiter and the timerfd that wakes the device
+//! (on the virtio event thread's epoll) when a deferred request's tokens have refilled.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -40,6 +44,7 @@ pub enum RateLimitError {
 
 impl TokenBucketConfig {
     /// Parses `SIZE/REFILL_MS[+BURST]` (the `--disk`/`--net` option value).
+    /// `REFILL_MS` may be `s` (1000): `1048576/s` is 1 MiB per second.
     pub fn parse(text: &str) -> Result<Self, RateLimitError> {
         let syntax = || RateLimitError::Syntax(text.to_string());
         let (size, rest) = text.split_once('/').ok_or_else(syntax)?;
@@ -47,10 +52,14 @@ impl TokenBucketConfig {
             Some((r, b)) => (r, b.parse().map_err(|_| syntax())?),
             None => (rest, 0),
         };
+        let refill_time_ms = match refill {
+            "s" => 1000,
+            r => r.parse().map_err(|_| syntax())?,
+        };
         let cfg = TokenBucketConfig {
             size: size.parse().map_err(|_| syntax())?,
             one_time_burst: burst,
-            refill_time_ms: refill.parse().map_err(|_| syntax())?,
+            refill_time_ms,
         };
         cfg.check(text)?;
         Ok(cfg)
@@ -77,6 +86,11 @@ pub struct RateLimiterConfig {
 }
 
 impl RateLimiterConfig {
+    /// True when neither bucket is set.
+    pub fn is_unlimited(&self) -> bool {
+        self.bandwidth.is_none() && self.ops.is_none()
+    }
+
     /// Checks both buckets (a JSON config or API update is checked as a flag is).
     pub fn validate(&self) -> Result<(), RateLimitError> {
         for b in [self.bandwidth, self.ops].into_iter().flatten() {
@@ -232,6 +246,127 @@ impl RateLimiter {
     }
 }
 
+/// A device queue's limiter and its wake-up timer. A request that does not fit is left
+/// in its queue (deferred, never dropped) and the timer is armed for when it will fit;
+/// until it fires, [`Throttle::admit`] refuses everything, so requests keep their order.
+#[derive(Debug)]
+pub struct Throttle {
+    limiter: RateLimiter,
+    timer: OwnedFd,
+    blocked: bool,
+}
+
+impl Throttle {
+    /// A throttle with `cfg` and a disarmed, non-blocking timerfd.
+    pub fn new(cfg: &RateLimiterConfig) -> std::io::Result<Self> {
+        // SAFETY: timerfd_create takes no pointers; the result is checked.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Throttle {
+            limiter: RateLimiter::new(cfg, Instant::now()),
+            // SAFETY: fd is a fresh descriptor nothing else owns.
+            timer: unsafe { OwnedFd::from_raw_fd(fd) },
+            blocked: false,
+        })
+    }
+
+    /// The timer's fd (to watch for readability).
+    pub fn timer_fd(&self) -> std::os::fd::RawFd {
+        self.timer.as_raw_fd()
+    }
+
+    fn arm(&self, after: Duration) {
+        // A zero it_value would disarm the timer.
+        let after = after.max(Duration::from_nanos(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs().min(i64::MAX as u64) as libc::time_t,
+                tv_nsec: libc::c_long::from(after.subsec_nanos() as i32),
+            },
+        };
+        // SAFETY: spec is a valid itimerspec; the old value is not asked for.
+        let rc = unsafe {
+            libc::timerfd_settime(self.timer.as_raw_fd(), 0, &spec, std::ptr::null_mut())
+        };
+        if rc < 0 {
+            tracing::warn!(
+                "rate limiter: cannot arm its timer: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+
+    /// Lets an operation of `bytes` through now, or refuses it (the caller leaves the
+    /// request where it is) and arms the timer for when it will fit.
+    pub fn admit(&mut self, bytes: u64) -> bool {
+        if self.blocked {
+            return false;
+        }
+        match self.limiter.consume(bytes, Instant::now()) {
+            Ok(()) => true,
+            Err(wait) => {
+                self.blocked = true;
+                self.arm(wait);
+                false
+            }
+        }
+    }
+
+    /// True while a deferred request waits for the timer.
+    pub fn is_blocked(&self) -> bool {
+        self.blocked
+    }
+
+    /// The timer fired: drains it; the device retries its deferred requests.
+    pub fn timer_fired(&mut self) {
+        let mut b = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into `b`; EAGAIN (nothing expired) is fine.
+        let _ = unsafe { libc::read(self.timer.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
+        self.blocked = false;
+    }
+
+    /// New limits (full buckets); a deferred request is retried at once.
+    pub fn update(&mut self, cfg: &RateLimiterConfig) {
+        self.limiter.update(cfg, Instant::now());
+        if self.blocked {
+            self.arm(Duration::ZERO);
+        }
+    }
+
+    /// Forgets a deferred request (the device was reset) and disarms the timer.
+    pub fn reset(&mut self) {
+        self.blocked = false;
+        let zero = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+        };
+        // SAFETY: as in `arm`; a zero it_value disarms.
+        unsafe { libc::timerfd_settime(self.timer.as_raw_fd(), 0, &zero, std::ptr::null_mut()) };
+    }
+
+    /// The limiter (configuration and counters).
+    pub fn limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,7 +389,11 @@ mod tests {
             TokenBucketConfig::parse("1000/100+50").unwrap(),
             cfg(1000, 100, 50)
         );
-        for bad in ["", "1000", "x/100", "1000/", "1000/100+", "-1/10"] {
+        assert_eq!(
+            TokenBucketConfig::parse("4096/s").unwrap(),
+            cfg(4096, 1000, 0)
+        );
+        for bad in ["", "1000", "x/100", "1000/", "1000/100+", "-1/10", "1/m"] {
             assert!(
                 matches!(
                     TokenBucketConfig::parse(bad),
@@ -384,5 +523,40 @@ mod tests {
         assert!(l.consume(0, t0).is_err());
         assert_eq!(l.passed_ops, 1001);
         assert_eq!(l.config().ops, Some(cfg(1, 1000, 0)));
+    }
+
+    #[test]
+    fn throttle_defers_then_its_timer_fires() {
+        let mut t = Throttle::new(&RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(cfg(2, 100, 0)),
+        })
+        .unwrap();
+        assert!(t.admit(0) && t.admit(0));
+        assert!(!t.admit(0));
+        assert!(t.is_blocked());
+        // Blocked: nothing passes before the timer, however long one waits.
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(!t.admit(0));
+        let mut p = libc::pollfd {
+            fd: t.timer_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, 2000) };
+        assert_eq!(n, 1, "the timer never fired");
+        t.timer_fired();
+        assert!(!t.is_blocked());
+        assert!(t.admit(0));
+        assert_eq!(t.limiter().passed_ops, 3);
+        // An update while blocked re-arms the timer at once.
+        assert!(!t.admit(0));
+        t.update(&RateLimiterConfig::default());
+        // SAFETY: as above.
+        let n = unsafe { libc::poll(&mut p, 1, 2000) };
+        assert_eq!(n, 1);
+        t.timer_fired();
+        assert!(t.admit(1 << 30));
     }
 }

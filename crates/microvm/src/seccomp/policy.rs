@@ -167,6 +167,7 @@ fn device_io() -> Vec<Rule> {
         libc::SYS_recvmsg,
         libc::SYS_sendmsg,
         libc::SYS_shutdown,
+        libc::SYS_timerfd_settime,
     ]
     .map(any)
     .into_iter()
@@ -205,6 +206,8 @@ fn main_rules() -> Vec<Rule> {
             libc::SYS_getrandom,
             libc::SYS_shutdown,
             libc::SYS_rt_sigtimedwait,
+            // rate-limit: re-arms a throttled device's timer.
+            libc::SYS_timerfd_settime,
         ]
         .map(any),
     );

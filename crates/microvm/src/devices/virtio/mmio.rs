@@ -307,6 +307,14 @@ impl MmioTransport {
         );
     }
 
+    /// Changes the device's rate limits (the API's `rate-limit`).
+    pub fn set_rate_limit(
+        &mut self,
+        cfg: &crate::devices::rate_limiter::RateLimiterConfig,
+    ) -> Result<(), String> {
+        self.dev.set_rate_limit(cfg)
+    }
+
     /// Gives the device its way to register host fds (the event loop calls this).
     pub fn attach(&mut self, fds: Registrar) {
         self.fds = fds;

@@ -172,6 +172,14 @@ pub trait VirtioDevice: Send {
     }
     /// The driver reset the device: drop host-side state and deregister fds.
     fn reset(&mut self, _fds: &Registrar) {}
+    /// Sets the device's rate limits (at build time, or at run time through the API).
+    /// `Err` says why not (the device has no limiter, or the values are bad).
+    fn set_rate_limit(
+        &mut self,
+        _cfg: &crate::devices::rate_limiter::RateLimiterConfig,
+    ) -> Result<(), String> {
+        Err("this device has no rate limiter".into())
+    }
 }
 
 /// Pops and processes every available chain of `queue`; returns whether any was used.

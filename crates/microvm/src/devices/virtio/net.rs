@@ -5,6 +5,11 @@
 //! and writes it to the tap with a zeroed header; RX reads a frame from the tap into the
 //! next available write-only chain. With no RX buffer the tap is taken off the event
 //! loop until the guest notifies the RX queue: no busy loop and no host-side queue.
+//!
+//! Optional rate limits (`bw=`, `ops=`: bytes and frames) apply to each direction
+//! separately, through one [`Throttle`] per queue. A TX chain that does not fit stays
+//! in the ring; an RX frame that does not fit is held (one frame, with the tap off the
+//! event loop) until the limiter's timer fires.
 
 use std::ffi::CString;
 use std::io::{Read, Write};
@@ -15,6 +20,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::chain::Buffers;
 use super::{DeviceContext, Registrar, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::rate_limiter::{RateLimiterConfig, Throttle, TokenBucketConfig};
 use crate::vstate::memory::GuestMemory;
 
 /// virtio device id of a network card.
@@ -30,6 +36,8 @@ pub const MAX_DESCS: usize = 64;
 const RXQ: usize = 0;
 const TXQ: usize = 1;
 const TAP: u32 = 0;
+const RX_TIMER: u32 = 1;
+const TX_TIMER: u32 = 2;
 
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
@@ -61,13 +69,15 @@ pub enum NetError {
     },
 }
 
-/// `--net TAP[,mac=XX:XX:XX:XX:XX:XX]`.
+/// `--net TAP[,mac=XX:XX:XX:XX:XX:XX][,bw=SIZE/MS][,ops=SIZE/MS]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
     /// Tap interface name.
     pub tap: String,
     /// The guest's MAC address.
     pub mac: [u8; 6],
+    /// Limits of each direction (RX and TX have a limiter each).
+    pub rate_limit: RateLimiterConfig,
 }
 
 /// A locally administered unicast MAC derived from the tap name (FNV-1a), so guests on
@@ -112,8 +122,17 @@ impl std::str::FromStr for NetConfig {
             ));
         }
         let mut mac = default_mac(tap);
+        let mut rate_limit = RateLimiterConfig::default();
         for opt in parts {
             match opt.split_once('=') {
+                Some(("bw", v)) => {
+                    rate_limit.bandwidth =
+                        Some(TokenBucketConfig::parse(v).map_err(|e| err(&e.to_string()))?)
+                }
+                Some(("ops", v)) => {
+                    rate_limit.ops =
+                        Some(TokenBucketConfig::parse(v).map_err(|e| err(&e.to_string()))?)
+                }
                 Some(("mac", m)) => {
                     mac =
                         parse_mac(m).ok_or_else(|| err("mac must look like 06:00:ac:10:00:02"))?;
@@ -121,12 +140,17 @@ impl std::str::FromStr for NetConfig {
                         return Err(err("mac must be a unicast address"));
                     }
                 }
-                _ => return Err(err(&format!("unknown option '{opt}' (mac=...)"))),
+                _ => {
+                    return Err(err(&format!(
+                        "unknown option '{opt}' (mac=, bw=SIZE/MS, ops=SIZE/MS)"
+                    )))
+                }
             }
         }
         Ok(NetConfig {
             tap: tap.into(),
             mac,
+            rate_limit,
         })
     }
 }
@@ -188,16 +212,41 @@ pub struct Net {
     cfg: NetConfig,
     watching: bool,
     buf: Vec<u8>,
+    rx_buf: Vec<u8>,
+    /// Length of a frame read from the tap into `rx_buf` and held by the RX limiter.
+    rx_held: Option<usize>,
+    rx_limit: Throttle,
+    tx_limit: Throttle,
+    timers_watched: bool,
 }
 
 impl Net {
     /// Opens the tap named in `cfg`.
     pub fn open(cfg: &NetConfig) -> Result<Self, NetError> {
+        let timer = |source| NetError::Tap {
+            name: cfg.tap.clone(),
+            what: "rate limiter timer",
+            source,
+        };
         Ok(Net {
             tap: std::fs::File::from(open_tap(&cfg.tap)?),
             cfg: cfg.clone(),
             watching: false,
             buf: vec![0u8; MAX_FRAME],
+            rx_buf: vec![0u8; MAX_FRAME],
+            rx_held: None,
+            rx_limit: Throttle::new(&cfg.rate_limit).map_err(timer)?,
+            tx_limit: Throttle::new(&cfg.rate_limit).map_err(timer)?,
+            timers_watched: false,
+        })
+    }
+
+    /// The limiters' counters, RX then TX: (bytes, frames let through, times a frame
+    /// waited).
+    pub fn rate_counters(&self) -> [(u64, u64, u64); 2] {
+        [&self.rx_limit, &self.tx_limit].map(|t| {
+            let l = t.limiter();
+            (l.passed_bytes, l.passed_ops, l.throttled)
         })
     }
 
@@ -221,10 +270,16 @@ impl Net {
         }
     }
 
-    /// Moves frames from the tap into RX buffers until either runs out.
+    /// Moves frames from the tap into RX buffers until either runs out, or the RX
+    /// limiter holds a frame.
     fn rx(&mut self, mem: &GuestMemory, rxq: &mut Queue, fds: &Registrar) -> bool {
         let mut used = false;
         if !rxq.ready() {
+            return false;
+        }
+        if self.rx_limit.is_blocked() {
+            // The held frame waits for the timer; the tap stays off meanwhile.
+            self.watch(fds, false);
             return false;
         }
         for _ in 0..usize::from(rxq.size().max(1)) * 2 {
@@ -245,11 +300,22 @@ impl Net {
                     continue;
                 }
             };
-            match self.tap.read(&mut self.buf) {
+            let frame = match self.rx_held.take() {
+                Some(n) => Ok(n),
+                None => self.tap.read(&mut self.rx_buf),
+            };
+            match frame {
                 Ok(n) if n >= NET_HDR_LEN && n as u64 <= bufs.len() => {
+                    if !self.rx_limit.admit((n - NET_HDR_LEN) as u64) {
+                        // Held until the limiter's timer fires; the buffer goes back.
+                        self.rx_held = Some(n);
+                        rxq.go_to_previous_position();
+                        self.watch(fds, false);
+                        return used;
+                    }
                     // No mergeable buffers: one buffer per frame.
-                    self.buf[10..12].copy_from_slice(&1u16.to_le_bytes());
-                    let len = match bufs.write_at(mem, 0, &self.buf[..n]) {
+                    self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+                    let len = match bufs.write_at(mem, 0, &self.rx_buf[..n]) {
                         Ok(()) => n as u32,
                         Err(_) => 0,
                     };
@@ -292,6 +358,11 @@ impl Net {
             match Buffers::gather(chain, mem, false, MAX_DESCS) {
                 Ok(b) if (NET_HDR_LEN as u64..=MAX_FRAME as u64).contains(&b.len()) => {
                     let n = b.len() as usize;
+                    if !self.tx_limit.admit((n - NET_HDR_LEN) as u64) {
+                        // Deferred: back in the ring until the limiter's timer fires.
+                        txq.go_to_previous_position();
+                        break;
+                    }
                     if b.read_at(mem, 0, &mut self.buf[..n]).is_ok() {
                         // No offloads were offered: the frame goes out as it is.
                         self.buf[..NET_HDR_LEN].fill(0);
@@ -334,6 +405,11 @@ impl VirtioDevice for Net {
     fn activate(&mut self, ctx: &mut DeviceContext) -> std::io::Result<()> {
         ctx.fds.add(self.tap.as_raw_fd(), EventSet::IN, TAP)?;
         self.watching = true;
+        ctx.fds
+            .add(self.rx_limit.timer_fd(), EventSet::IN, RX_TIMER)?;
+        ctx.fds
+            .add(self.tx_limit.timer_fd(), EventSet::IN, TX_TIMER)?;
+        self.timers_watched = true;
         Ok(())
     }
     fn queue_notify(&mut self, queue: usize, ctx: &mut DeviceContext) -> bool {
@@ -350,13 +426,51 @@ impl VirtioDevice for Net {
             _ => false,
         }
     }
-    fn handle_event(&mut self, _token: u32, _events: EventSet, ctx: &mut DeviceContext) -> bool {
-        match ctx.queues.get_mut(RXQ) {
-            Some(q) => self.rx(ctx.mem, q, ctx.fds),
-            None => false,
+    fn handle_event(&mut self, token: u32, _events: EventSet, ctx: &mut DeviceContext) -> bool {
+        match token {
+            TX_TIMER => {
+                self.tx_limit.timer_fired();
+                match ctx.queues.get_mut(TXQ) {
+                    Some(q) if q.ready() => self.tx(ctx.mem, q),
+                    _ => false,
+                }
+            }
+            RX_TIMER => {
+                self.rx_limit.timer_fired();
+                match ctx.queues.get_mut(RXQ) {
+                    Some(q) => self.rx(ctx.mem, q, ctx.fds),
+                    None => false,
+                }
+            }
+            _ => match ctx.queues.get_mut(RXQ) {
+                Some(q) => self.rx(ctx.mem, q, ctx.fds),
+                None => false,
+            },
+        }
+    }
+    fn restored(&mut self, ctx: &mut DeviceContext) -> bool {
+        // TX chains a snapshot caught deferred are still in the ring: send them now.
+        match ctx.queues.get_mut(TXQ) {
+            Some(q) if q.ready() => self.tx(ctx.mem, q),
+            _ => false,
         }
     }
     fn reset(&mut self, fds: &Registrar) {
         self.watch(fds, false);
+        self.rx_held = None;
+        self.rx_limit.reset();
+        self.tx_limit.reset();
+        if self.timers_watched {
+            let _ = fds.remove(self.rx_limit.timer_fd());
+            let _ = fds.remove(self.tx_limit.timer_fd());
+            self.timers_watched = false;
+        }
+    }
+    fn set_rate_limit(&mut self, cfg: &RateLimiterConfig) -> Result<(), String> {
+        cfg.validate().map_err(|e| e.to_string())?;
+        self.rx_limit.update(cfg);
+        self.tx_limit.update(cfg);
+        self.cfg.rate_limit = *cfg;
+        Ok(())
     }
 }
