@@ -292,6 +292,9 @@ impl Extractor<'_> {
             _ => (0, self.root.try_clone()),
         };
         let mut cur = cur.map_err(|e| self.io_err(entry, "dup of a directory", e))?;
+        if start == comps.len() && start > 0 {
+            return Ok(cur);
+        }
         for (i, c) in comps.iter().enumerate().skip(start) {
             let name = cstr(c).map_err(|e| self.io_err(entry, "bad name", e))?;
             match open_dir_at(cur.as_raw_fd(), &name) {
@@ -641,20 +644,31 @@ impl Extractor<'_> {
                 self.dirs.push((comps.clone(), meta));
             }
             T::Regular | T::Continuous | T::GNUSparse => {
-                self.clear(pfd, &cname, &disp)?;
-                // SAFETY: openat(2) creating a new file (O_EXCL, O_NOFOLLOW); result checked.
-                let fd = owned(unsafe {
-                    libc::openat(
-                        pfd,
-                        cname.as_ptr(),
-                        libc::O_WRONLY
-                            | libc::O_CREAT
-                            | libc::O_EXCL
-                            | libc::O_NOFOLLOW
-                            | libc::O_CLOEXEC,
-                        0o600 as libc::c_uint,
-                    )
-                })
+                let create = || {
+                    // SAFETY: openat(2) creating a new file (O_EXCL, O_NOFOLLOW); result
+                    // checked.
+                    owned(unsafe {
+                        libc::openat(
+                            pfd,
+                            cname.as_ptr(),
+                            libc::O_WRONLY
+                                | libc::O_CREAT
+                                | libc::O_EXCL
+                                | libc::O_NOFOLLOW
+                                | libc::O_CLOEXEC,
+                            0o600 as libc::c_uint,
+                        )
+                    })
+                };
+                // Most names are new: create first, clear what is there only when it
+                // exists (O_EXCL never opens or follows an existing entry).
+                let fd = match create() {
+                    Err(err) if errno(&err) == libc::EEXIST => {
+                        self.clear(pfd, &cname, &disp)?;
+                        create()
+                    }
+                    other => other,
+                }
                 .map_err(|err| self.io_err(&disp, "cannot create file", err))?;
                 let mut f = File::from(fd);
                 let size = e.size();
