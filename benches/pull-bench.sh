@@ -8,6 +8,7 @@
 # A benchmark run by hand, not a test:
 #   benches/pull-bench.sh [ROUNDS]    (default 5; root, docker-registry, podman, hyperfine,
 #                                      python3, the release build)
+# NESTOR_BASELINE=PATH times that nestor binary too, in the same run (A/B of a change).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 rounds=${1:-5}
@@ -85,14 +86,23 @@ driver=overlay
 podman --root "$work/pod" --runroot "$work/pod-run" --storage-driver overlay info >/dev/null 2>&1 || driver=vfs
 log "podman storage driver: $driver; $rounds rounds each"
 pod="podman --root $work/pod --runroot $work/pod-run --storage-driver $driver"
+base=()
+if [ -n "${NESTOR_BASELINE:-}" ]; then
+    base=(--prepare "rm -rf $work/nroot"
+        "NESTOR_ROOT=$work/nroot NESTOR_STATE=$work/nstate $NESTOR_BASELINE pull -q --tls-verify=false $ref")
+fi
 hyperfine --runs "$rounds" --warmup 1 --export-json "$work/result.json" \
     --prepare "rm -rf $work/nroot" \
     "NESTOR_ROOT=$work/nroot NESTOR_STATE=$work/nstate $bin pull -q --tls-verify=false $ref" \
     --prepare "$pod rmi -a -f >/dev/null 2>&1; true" \
-    "$pod pull -q --tls-verify=false $ref" >&2
+    "$pod pull -q --tls-verify=false $ref" "${base[@]}" >&2
 python3 - "$work/result.json" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))["results"]
 n, p = r[0]["median"], r[1]["median"]
-print(f"nestor pull {n:.3f} s, podman pull {p:.3f} s (medians); ratio nestor/podman {n / p:.2f}")
+print(f"nestor pull {n:.3f} s, podman pull {p:.3f} s (medians); ratio nestor/podman {n / p:.2f}", end="")
+if len(r) > 2:
+    b = r[2]["median"]
+    print(f"; baseline {b:.3f} s, ratio {b / p:.2f}", end="")
+print()
 EOF

@@ -31,6 +31,7 @@
 //! `trusted.overlay.opaque=y` on its directory; other `.wh..wh.*` (aufs metadata) are
 //! skipped.
 
+use std::cell::RefCell;
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -107,6 +108,7 @@ pub(crate) fn extract_layer<R: Read>(
         root_meta: None,
         stats: ExtractStats::default(),
         budgets,
+        last_dir: RefCell::new(None),
     };
     // The tar reader keeps pax records, GNU long names and sparse maps in memory: while
     // it reads the headers of the next entry, it may read at most MAX_HEADERS.
@@ -149,6 +151,12 @@ struct Extractor<'a> {
     root_meta: Option<Meta>,
     stats: ExtractStats,
     budgets: &'a LayerBudgets,
+    /// The directory the last walk reached, and its path: tar entries come grouped by
+    /// directory, so the next walk starts there when its path lies below, instead of
+    /// opening every component from the root again. Only this extraction changes the
+    /// tree, and the only thing it removes is an entry [`Extractor::clear`] replaces,
+    /// which drops this first; so the descriptor is what a fresh walk would reach.
+    last_dir: RefCell<Option<(Vec<Vec<u8>>, OwnedFd)>>,
 }
 
 fn owned(fd: RawFd) -> io::Result<OwnedFd> {
@@ -279,11 +287,15 @@ impl Extractor<'_> {
         entry: &str,
         role: &str,
     ) -> Result<OwnedFd, ImageError> {
-        let mut cur = self
-            .root
-            .try_clone()
-            .map_err(|e| self.io_err(entry, "dup of layer root", e))?;
-        for (i, c) in comps.iter().enumerate() {
+        let (start, cur) = match &*self.last_dir.borrow() {
+            Some((p, fd)) if comps.starts_with(p) => (p.len(), fd.try_clone()),
+            _ => (0, self.root.try_clone()),
+        };
+        let mut cur = cur.map_err(|e| self.io_err(entry, "dup of a directory", e))?;
+        if start == comps.len() && start > 0 {
+            return Ok(cur);
+        }
+        for (i, c) in comps.iter().enumerate().skip(start) {
             let name = cstr(c).map_err(|e| self.io_err(entry, "bad name", e))?;
             match open_dir_at(cur.as_raw_fd(), &name) {
                 Ok(fd) => cur = fd,
@@ -320,6 +332,10 @@ impl Extractor<'_> {
                 Err(e) => return Err(self.io_err(entry, "cannot open parent directory", e)),
             }
         }
+        let keep = cur
+            .try_clone()
+            .map_err(|e| self.io_err(entry, "dup of a directory", e))?;
+        *self.last_dir.borrow_mut() = Some((comps.to_vec(), keep));
         Ok(cur)
     }
 
@@ -329,6 +345,8 @@ impl Extractor<'_> {
         match file_type_at(dir, name).map_err(|e| self.io_err(entry, "stat", e))? {
             None => Ok(()),
             Some(t) => {
+                // The removed entry may be a directory the last walk reached.
+                self.last_dir.borrow_mut().take();
                 let flags = if t == libc::S_IFDIR {
                     libc::AT_REMOVEDIR
                 } else {
@@ -626,20 +644,31 @@ impl Extractor<'_> {
                 self.dirs.push((comps.clone(), meta));
             }
             T::Regular | T::Continuous | T::GNUSparse => {
-                self.clear(pfd, &cname, &disp)?;
-                // SAFETY: openat(2) creating a new file (O_EXCL, O_NOFOLLOW); result checked.
-                let fd = owned(unsafe {
-                    libc::openat(
-                        pfd,
-                        cname.as_ptr(),
-                        libc::O_WRONLY
-                            | libc::O_CREAT
-                            | libc::O_EXCL
-                            | libc::O_NOFOLLOW
-                            | libc::O_CLOEXEC,
-                        0o600 as libc::c_uint,
-                    )
-                })
+                let create = || {
+                    // SAFETY: openat(2) creating a new file (O_EXCL, O_NOFOLLOW); result
+                    // checked.
+                    owned(unsafe {
+                        libc::openat(
+                            pfd,
+                            cname.as_ptr(),
+                            libc::O_WRONLY
+                                | libc::O_CREAT
+                                | libc::O_EXCL
+                                | libc::O_NOFOLLOW
+                                | libc::O_CLOEXEC,
+                            0o600 as libc::c_uint,
+                        )
+                    })
+                };
+                // Most names are new: create first, clear what is there only when it
+                // exists (O_EXCL never opens or follows an existing entry).
+                let fd = match create() {
+                    Err(err) if errno(&err) == libc::EEXIST => {
+                        self.clear(pfd, &cname, &disp)?;
+                        create()
+                    }
+                    other => other,
+                }
                 .map_err(|err| self.io_err(&disp, "cannot create file", err))?;
                 let mut f = File::from(fd);
                 let size = e.size();

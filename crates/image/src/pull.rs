@@ -8,7 +8,10 @@
 //!                            (kept when a pull fails, so the next pull reuses it)
 //!   pull-<pid>-…/            one running pull: `lock` (flock held while it runs),
 //!                            `oci-layout`, `index.json`, `blobs/sha256/<hex>` and
-//!                            `*.part` files being downloaded
+//!                            `*.part` files being downloaded;
+//!                            `layers/<diff_hex>/` layers extracted while later
+//!                            blobs still download (moved into the store's
+//!                            `layers/` by the import)
 //! ```
 //!
 //! A pull's directory goes when its [`PullStaging`] is dropped; `gc` removes the cache
@@ -17,13 +20,14 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::digest::sha256_hex;
 use crate::error::IoContext;
-use crate::store::{remove_any, unique};
-use crate::{ImageError, ImageStore, ImageSummary};
+use crate::store::{extract_blob_into, remove_any, unique};
+use crate::{ImageError, ImageStore, ImageSummary, ImportLimits};
 
 /// One pull's staging directory: an OCI layout filled blob by blob, then imported.
 #[derive(Debug)]
@@ -31,6 +35,9 @@ pub struct PullStaging {
     store: ImageStore,
     dir: PathBuf,
     _lock: Flock<File>,
+    /// What the layers extracted ahead spent of the import's budgets (decompressed
+    /// bytes, extracted bytes, entries).
+    spent: Mutex<(u64, u64, u64)>,
 }
 
 impl ImageStore {
@@ -66,6 +73,7 @@ impl ImageStore {
             store: self.clone(),
             dir,
             _lock: lock,
+            spent: Mutex::new((0, 0, 0)),
         })
     }
 
@@ -151,6 +159,59 @@ impl PullStaging {
         }
     }
 
+    /// Extracts the committed layer blob `digest` (diff_id `diff_id`) into this pull's
+    /// `layers/` now, while other blobs still download, so the import only moves it
+    /// into the store. Every digest is checked as the import would, under the same
+    /// budgets. A layer the store has is left alone. On failure nothing of the layer is
+    /// left; the import then extracts it itself (and says what is wrong with it).
+    pub fn extract_ahead(&self, digest: &str, diff_id: &str) -> Result<(), ImageError> {
+        let diff_hex = sha256_hex(diff_id, "diff_id")?;
+        if self.store.has_layer(diff_id) {
+            return Ok(());
+        }
+        let layers = self.dir.join("layers");
+        match fs::create_dir(&layers) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(ImageError::io(
+                    format!("cannot create {}", layers.display()),
+                    e,
+                ))
+            }
+        }
+        let dest = layers.join(diff_hex);
+        if dest.exists() {
+            return Ok(());
+        }
+        let stage = layers.join(unique(&format!("tmp-{}", &diff_hex[..12])));
+        let limits = match self.store.limits {
+            Some(l) => l,
+            None => ImportLimits::from_env()?,
+        };
+        let used = *self.spent.lock().unwrap_or_else(|e| e.into_inner());
+        let res = extract_blob_into(&self.dir, digest, diff_hex, &stage, limits, used).and_then(
+            |(_, spent)| {
+                fs::rename(&stage, &dest)
+                    .ctx(|| format!("cannot move layer into {}", dest.display()))?;
+                Ok(spent)
+            },
+        );
+        match res {
+            Ok(s) => {
+                let mut t = self.spent.lock().unwrap_or_else(|e| e.into_inner());
+                t.0 += s.0;
+                t.1 += s.1;
+                t.2 += s.2;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = remove_any(&stage);
+                Err(e)
+            }
+        }
+    }
+
     /// Writes a small blob (a manifest or config) the caller has verified.
     pub fn write_blob(&self, digest: &str, bytes: &[u8]) -> Result<(), ImageError> {
         let dest = self.blob_path(digest)?;
@@ -182,7 +243,10 @@ impl PullStaging {
             br#"{"imageLayoutVersion":"1.0.0"}"#,
         )?;
         write_file(&self.dir.join("index.json"), index.to_string().as_bytes())?;
-        let mut out = self.store.import(&self.dir, name, progress)?;
+        let prepared = Some(self.dir.join("layers"));
+        let mut out = self
+            .store
+            .import_prepared(&self.dir, name, progress, prepared)?;
         let blobs = self.dir.join("blobs").join("sha256");
         if let Ok(entries) = fs::read_dir(&blobs) {
             for e in entries.flatten() {

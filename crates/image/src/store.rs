@@ -29,7 +29,7 @@ use crate::{ImageError, ImportLimits};
 pub struct ImageStore {
     root: PathBuf,
     /// Budgets for `import`; `None`: [`ImportLimits::from_env`] at each import.
-    limits: Option<ImportLimits>,
+    pub(crate) limits: Option<ImportLimits>,
 }
 
 /// What one `import` has used of its budgets, and the layers it added.
@@ -41,6 +41,9 @@ struct ImportRun {
     entries: u64,
     /// diff_id hexes of layers this import moved into `layers/`.
     created: Vec<String>,
+    /// A directory of layers a pull extracted ahead (`<diff_hex>/` with `diff/`,
+    /// `blob` and `layer.json`), moved into `layers/` instead of extracting again.
+    prepared: Option<PathBuf>,
 }
 
 /// One line of `nestor images`.
@@ -597,6 +600,17 @@ impl ImageStore {
         name: Option<&str>,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Vec<ImageSummary>, ImageError> {
+        self.import_prepared(path, name, progress, None)
+    }
+
+    /// [`ImageStore::import`], taking layers a pull extracted ahead from `prepared`.
+    pub(crate) fn import_prepared(
+        &self,
+        path: &Path,
+        name: Option<&str>,
+        progress: &mut dyn FnMut(&str),
+        prepared: Option<PathBuf>,
+    ) -> Result<Vec<ImageSummary>, ImageError> {
         let override_name = name.map(reference::normalize_name).transpose()?;
         let limits = match self.limits {
             Some(l) => l,
@@ -608,6 +622,7 @@ impl ImageStore {
             extracted: 0,
             entries: 0,
             created: Vec::new(),
+            prepared,
         };
         let _lock = self.lock()?;
         let res = self.import_locked(path, override_name, progress, &mut run);
@@ -732,7 +747,10 @@ impl ImageStore {
                     info
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    let info = self.extract_one(src, l, &diff_hex, run)?;
+                    let info = match self.adopt_prepared(&diff_hex, run)? {
+                        Some(info) => info,
+                        None => self.extract_one(src, l, &diff_hex, run)?,
+                    };
                     progress(&format!(
                         "layer {}/{n} {} {} extracted",
                         i + 1,
@@ -815,43 +833,113 @@ impl ImageStore {
         diff_hex: &str,
         run: &mut ImportRun,
     ) -> Result<LayerInfo, ImageError> {
-        let diff_id = format!("sha256:{diff_hex}");
-        let layer_name = short(&diff_id);
-        let lim = run.limits;
-        let bytes = (ENV_MAX_LAYER_BYTES, ENV_MAX_BYTES);
-        let dec_budget = Budget::new(
-            lim.max_layer_bytes,
-            lim.max_bytes,
-            run.decompressed,
-            true,
-            bytes,
-        );
-        let budgets = LayerBudgets {
-            subject: format!("layer {diff_id}"),
-            bytes: Budget::new(
-                lim.max_layer_bytes,
-                lim.max_bytes,
-                run.extracted,
-                true,
-                bytes,
-            ),
-            entries: Budget::new(
-                lim.max_layer_entries,
-                lim.max_entries,
-                run.entries,
-                false,
-                (ENV_MAX_LAYER_ENTRIES, ENV_MAX_ENTRIES),
-            ),
-        };
-        let meter = Meter::new(dec_budget.limit);
         let stage = Staging {
             path: self
                 .tmp_dir()
                 .join(unique(&format!("layer-{}", &diff_hex[..12]))),
             armed: true,
         };
-        let diff_dir = stage.path.join("diff");
-        fs::create_dir(&stage.path).ctx(|| format!("cannot create {}", stage.path.display()))?;
+        let counts = (run.decompressed, run.extracted, run.entries);
+        let (info, used) = extract_layer_into(src, l, diff_hex, &stage.path, run.limits, counts)?;
+        let dest = self.layers_dir().join(diff_hex);
+        fs::rename(&stage.path, &dest)
+            .ctx(|| format!("cannot move layer into {}", dest.display()))?;
+        let mut stage = stage;
+        stage.armed = false;
+        run.created.push(diff_hex.to_string());
+        run.decompressed += used.0;
+        run.extracted += used.1;
+        run.entries += used.2;
+        Ok(info)
+    }
+
+    /// Moves a layer a pull extracted ahead into `layers/`, counting it against the
+    /// import's budgets. `Ok(None)`: there is no such prepared layer.
+    fn adopt_prepared(
+        &self,
+        diff_hex: &str,
+        run: &mut ImportRun,
+    ) -> Result<Option<LayerInfo>, ImageError> {
+        let Some(dir) = &run.prepared else {
+            return Ok(None);
+        };
+        let src = dir.join(diff_hex);
+        let info: LayerInfo = match fs::read(src.join("layer.json")) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| ImageError::Damaged {
+                path: src.join("layer.json"),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(ImageError::io(
+                    format!("cannot read {}", src.join("layer.json").display()),
+                    e,
+                ))
+            }
+        };
+        let lim = run.limits;
+        let subject = format!("layer {}", info.diff_id);
+        let bytes = Budget::new(
+            lim.max_layer_bytes,
+            lim.max_bytes,
+            run.extracted,
+            true,
+            (ENV_MAX_LAYER_BYTES, ENV_MAX_BYTES),
+        );
+        if info.size > bytes.limit {
+            return Err(bytes.exceeded(&subject, "its extracted content"));
+        }
+        let entries = Budget::new(
+            lim.max_layer_entries,
+            lim.max_entries,
+            run.entries,
+            false,
+            (ENV_MAX_LAYER_ENTRIES, ENV_MAX_ENTRIES),
+        );
+        if info.entries > entries.limit {
+            return Err(entries.exceeded(&subject, "its entries"));
+        }
+        let dest = self.layers_dir().join(diff_hex);
+        fs::rename(&src, &dest).ctx(|| format!("cannot move layer into {}", dest.display()))?;
+        run.created.push(diff_hex.to_string());
+        run.extracted += info.size;
+        run.entries += info.entries;
+        Ok(Some(info))
+    }
+}
+
+/// Extracts layer `l` of `src` (diff_id `sha256:<diff_hex>`) into `stage_dir` (created
+/// here; the caller removes it on failure): `diff/`, the blob as it came, and
+/// `layer.json`, every digest checked. `used` is what the import spent of its budgets
+/// before this layer; returns the layer's info and what it spent (decompressed bytes,
+/// extracted bytes, entries seen).
+fn extract_layer_into(
+    src: &Source,
+    l: &LayerSrc,
+    diff_hex: &str,
+    stage_dir: &Path,
+    lim: ImportLimits,
+    used: (u64, u64, u64),
+) -> Result<(LayerInfo, (u64, u64, u64)), ImageError> {
+    {
+        let diff_id = format!("sha256:{diff_hex}");
+        let layer_name = short(&diff_id);
+        let bytes = (ENV_MAX_LAYER_BYTES, ENV_MAX_BYTES);
+        let dec_budget = Budget::new(lim.max_layer_bytes, lim.max_bytes, used.0, true, bytes);
+        let budgets = LayerBudgets {
+            subject: format!("layer {diff_id}"),
+            bytes: Budget::new(lim.max_layer_bytes, lim.max_bytes, used.1, true, bytes),
+            entries: Budget::new(
+                lim.max_layer_entries,
+                lim.max_entries,
+                used.2,
+                false,
+                (ENV_MAX_LAYER_ENTRIES, ENV_MAX_ENTRIES),
+            ),
+        };
+        let meter = Meter::new(dec_budget.limit);
+        let diff_dir = stage_dir.join("diff");
+        fs::create_dir(stage_dir).ctx(|| format!("cannot create {}", stage_dir.display()))?;
         fs::create_dir(&diff_dir).ctx(|| format!("cannot create {}", diff_dir.display()))?;
         fs::set_permissions(&diff_dir, fs::Permissions::from_mode(0o755))
             .ctx(|| format!("cannot chmod {}", diff_dir.display()))?;
@@ -860,7 +948,7 @@ impl ImageStore {
         let (reader, len) = src.open_file(&l.path, &what)?;
         // The blob as it came is kept beside the extracted layer (written while it is
         // read and hashed), so push and save send the very bytes its digest names.
-        let blob_path = stage.path.join(LAYER_BLOB);
+        let blob_path = stage_dir.join(LAYER_BLOB);
         let blob_file =
             File::create(&blob_path).ctx(|| format!("cannot create {}", blob_path.display()))?;
         let reader = TeeReader {
@@ -949,20 +1037,13 @@ impl ImageStore {
         };
         let info_bytes =
             serde_json::to_vec_pretty(&info).map_err(|e| ImageError::invalid("layer info", e))?;
-        fs::write(stage.path.join("layer.json"), info_bytes)
-            .ctx(|| format!("cannot write layer info in {}", stage.path.display()))?;
-        let dest = self.layers_dir().join(diff_hex);
-        fs::rename(&stage.path, &dest)
-            .ctx(|| format!("cannot move layer into {}", dest.display()))?;
-        let mut stage = stage;
-        stage.armed = false;
-        run.created.push(diff_hex.to_string());
-        run.decompressed += meter.count();
-        run.extracted += stats.bytes;
-        run.entries += stats.seen;
-        Ok(info)
+        fs::write(stage_dir.join("layer.json"), info_bytes)
+            .ctx(|| format!("cannot write layer info in {}", stage_dir.display()))?;
+        Ok((info, (meter.count(), stats.bytes, stats.seen)))
     }
+}
 
+impl ImageStore {
     /// Removes a name from an image, or the image itself when it is referenced by id or
     /// this was its only name; then deletes layers and blobs no remaining image uses.
     pub fn remove(&self, name_or_id_prefix: &str) -> Result<Removed, ImageError> {
@@ -1233,4 +1314,24 @@ fn docker_candidates(src: &Source) -> Result<Vec<Candidate>, ImageError> {
         });
     }
     Ok(out)
+}
+
+/// For a pull: extracts the layer blob `blob_digest` of the OCI layout at `layout`
+/// (diff_id `sha256:<diff_hex>`) into `stage_dir`, as an import would.
+pub(crate) fn extract_blob_into(
+    layout: &Path,
+    blob_digest: &str,
+    diff_hex: &str,
+    stage_dir: &Path,
+    lim: ImportLimits,
+    used: (u64, u64, u64),
+) -> Result<(LayerInfo, (u64, u64, u64)), ImageError> {
+    let hex = sha256_hex(blob_digest, "blob digest")?;
+    let src = Source::Dir(layout.to_path_buf());
+    let l = LayerSrc {
+        path: format!("blobs/sha256/{hex}"),
+        digest: Some(blob_digest.to_string()),
+        size: None,
+    };
+    extract_layer_into(&src, &l, diff_hex, stage_dir, lim, used)
 }

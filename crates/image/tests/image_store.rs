@@ -887,6 +887,22 @@ fn refuses_write_through_relative_symlink_and_dir_over_symlink() {
     expect_refused(&area, tar, "etc/sub", "symlink 'etc'");
 }
 
+/// The extractor starts a walk from the directory the last one reached: a directory it
+/// reached (here through an opaque marker, which leaves it empty) and that an entry
+/// then replaces with a symlink must not be written into through the old descriptor,
+/// nor through the new symlink.
+#[test]
+fn refuses_write_through_a_symlink_that_replaced_a_walked_directory() {
+    let area = Area::new();
+    let tar = RawTar::new()
+        .dir("a")
+        .file("a/.wh..wh..opq", b"")
+        .symlink("a", area.sentinel().to_str().unwrap())
+        .file("a/pwned", b"pwn")
+        .finish();
+    expect_refused(&area, tar, "a/pwned", "goes through the symlink 'a'");
+}
+
 #[test]
 fn replaces_symlink_with_file_instead_of_writing_through_it() {
     let area = Area::new();

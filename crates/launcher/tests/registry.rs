@@ -1230,3 +1230,521 @@ fn login_tls_and_htpasswd() {
         "the credentials leaked (base64) into some output"
     );
 }
+
+/// A token server for docker-registry's `auth: token:` (the Docker registry token
+/// protocol), run by the test on 127.0.0.1: `GET /token?service=…&scope=…` answers with
+/// a JWT (RS256, signed with `openssl dgst` by a key whose self-signed certificate is
+/// the registry's `rootcertbundle` and rides in the token's `x5c`). A request with the
+/// right basic credentials gets every action it asks for; a wrong password gets 401;
+/// an anonymous one gets `pull` on `public/*` only. Every token it issued is kept, so
+/// the test can look for them in nestor's output.
+struct TokenServer {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    issued: Arc<std::sync::Mutex<Vec<String>>>,
+    anonymous: Arc<AtomicU64>,
+    authenticated: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const TOKEN_ISSUER: &str = "nestor-test-issuer";
+const TOKEN_SERVICE: &str = "nestor-test-registry";
+
+fn b64url(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+fn url_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let h = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("00");
+                out.push(u8::from_str_radix(h, 16).unwrap_or(b'?'));
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl TokenServer {
+    fn start(dir: &Path, user: &str, password: &str) -> TokenServer {
+        use base64::Engine;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let der = std::fs::read(dir.join("token.der")).unwrap();
+        let x5c = base64::engine::general_purpose::STANDARD.encode(der);
+        let key = dir.join("token.key");
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let issued = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let anonymous = Arc::new(AtomicU64::new(0));
+        let authenticated = Arc::new(AtomicU64::new(0));
+        let (st, iss, an, au) = (
+            stop.clone(),
+            issued.clone(),
+            anonymous.clone(),
+            authenticated.clone(),
+        );
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut s) = conn else { continue };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let req = String::from_utf8_lossy(&req).into_owned();
+                let target = req.split_whitespace().nth(1).unwrap_or("").to_string();
+                let auth = req.lines().find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("authorization")
+                        .then(|| v.trim().to_string())
+                });
+                let query = target.split_once('?').map(|x| x.1).unwrap_or("");
+                let mut service = String::new();
+                let mut scopes = Vec::new();
+                for kv in query.split('&') {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    match k {
+                        "service" => service = url_decode(v),
+                        "scope" => scopes.push(url_decode(v)),
+                        _ => {}
+                    }
+                }
+                let anon = auth.is_none();
+                let reply = |s: &mut TcpStream, status: &str, body: &str| {
+                    let _ = s.write_all(
+                        format!(
+                            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    );
+                };
+                if !anon && auth.as_deref() != Some(expected.as_str()) {
+                    reply(
+                        &mut s,
+                        "401 Unauthorized",
+                        r#"{"details":"wrong credentials"}"#,
+                    );
+                    continue;
+                }
+                if anon {
+                    an.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    au.fetch_add(1, Ordering::SeqCst);
+                }
+                // scope: repository:NAME:ACTION[,ACTION]
+                let mut access = Vec::new();
+                for sc in &scopes {
+                    let mut parts = sc.splitn(3, ':');
+                    let (Some(t), Some(name), Some(actions)) =
+                        (parts.next(), parts.next(), parts.next())
+                    else {
+                        continue;
+                    };
+                    let actions: Vec<&str> = actions
+                        .split(',')
+                        .filter(|a| !anon || (*a == "pull" && name.starts_with("public/")))
+                        .collect();
+                    access.push(json!({"type": t, "name": name, "actions": actions}));
+                }
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs();
+                let header = json!({"alg": "RS256", "typ": "JWT", "x5c": [x5c]});
+                let claims = json!({
+                    "iss": TOKEN_ISSUER,
+                    "sub": if anon { "" } else { "nestoruser" },
+                    "aud": service,
+                    "exp": now + 300,
+                    "nbf": now - 30,
+                    "iat": now - 30,
+                    "jti": unique("jti"),
+                    "access": access,
+                });
+                let signing_input = format!(
+                    "{}.{}",
+                    b64url(header.to_string().as_bytes()),
+                    b64url(claims.to_string().as_bytes())
+                );
+                let mut child = Command::new("openssl")
+                    .args(["dgst", "-sha256", "-sign"])
+                    .arg(&key)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(signing_input.as_bytes())
+                    .unwrap();
+                let sig = child.wait_with_output().unwrap().stdout;
+                let token = format!("{signing_input}.{}", b64url(&sig));
+                iss.lock().unwrap().push(token.clone());
+                reply(
+                    &mut s,
+                    "200 OK",
+                    &json!({"token": token, "access_token": token, "expires_in": 300}).to_string(),
+                );
+            }
+        });
+        TokenServer {
+            port,
+            stop,
+            issued,
+            anonymous,
+            authenticated,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// docker-registry with `auth: token:` and the test's token server: an anonymous pull
+/// of a public repository goes through the anonymous token flow; an anonymous push, and
+/// an anonymous pull of a private one, are one access line; a wrong password is one
+/// login line and stores nothing; with the right one, nestor pushes (bearer tokens for
+/// pull,push) and another store pulls and runs the image. No token the server issued,
+/// and not the password, shows in any output at trace level.
+#[test]
+fn bearer_token_auth() {
+    need!("docker-registry", "openssl");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let user = "nestoruser";
+    let password = format!("pw-{}", unique("token"));
+    sh(&format!(
+        "cd {d}
+        openssl req -x509 -newkey rsa:2048 -nodes -keyout token.key -out token.crt -days 2 -subj /CN=nestor-token-issuer 2>/dev/null
+        openssl x509 -in token.crt -outform DER -out token.der",
+        d = d.display()
+    ));
+    let ts = TokenServer::start(d, user, &password);
+    let extra = format!(
+        "auth:\n  token:\n    realm: http://127.0.0.1:{}/token\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}/token.crt\n",
+        ts.port,
+        d.display()
+    );
+    let reg = Registry::start_with(d, &extra);
+    let auth = d.join("auth/auth.json");
+    let no_auth = d.join("auth/none.json");
+    let n = Nestor::new(&["docker.io"]);
+    let n2 = Nestor::new(&["docker.io"]);
+    let mut seen = String::new();
+    let mut run = |who: &Nestor, args: &[&str], stdin: Option<&str>, file: &Path| -> Output {
+        let mut c = who.cmd(args);
+        c.env("REGISTRY_AUTH_FILE", file)
+            .env("DOCKER_CONFIG", d.join("docker"))
+            .env("RUST_LOG", "trace")
+            .env("NESTOR_LOG", "trace");
+        let o = match stdin {
+            Some(s) => {
+                c.stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                let mut ch = c.spawn().unwrap();
+                ch.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+                ch.wait_with_output().unwrap()
+            }
+            None => c.output().unwrap(),
+        };
+        seen.push_str(&stdout(&o));
+        seen.push_str(&stderr(&o));
+        o
+    };
+    let one_line = |o: &Output, what: &str| {
+        assert!(!o.status.success(), "should have failed: {}", stdout(o));
+        let e = stderr(o);
+        let lines: Vec<&str> = e.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(lines.len(), 1, "{e}");
+        assert!(lines[0].contains(what), "{what}: {}", lines[0]);
+    };
+    let tls = "--tls-verify=false";
+    let o = run(
+        &n,
+        &["image", "import", sample_layout().to_str().unwrap()],
+        None,
+        &auth,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let public = format!("{}/public/bb:v1", reg.addr());
+    let private = format!("{}/private/bb:v1", reg.addr());
+    for dest in [&public, &private] {
+        assert!(run(&n, &["tag", "busybox", dest], None, &auth)
+            .status
+            .success());
+    }
+
+    // Anonymous: the registry asks for a token, the server gives one without push.
+    one_line(
+        &run(&n, &["push", tls, &public], None, &auth),
+        "access denied",
+    );
+    assert!(
+        ts.anonymous.load(Ordering::SeqCst) > 0,
+        "anonymous token flow used"
+    );
+    // A wrong password: one line, nothing stored.
+    let o = run(
+        &n,
+        &["login", tls, "-u", user, "--password-stdin", &reg.addr()],
+        Some("wrong-password\n"),
+        &auth,
+    );
+    one_line(&o, "login failed");
+    assert!(!auth.exists(), "nothing stored after a failed login");
+    let o = run(
+        &n,
+        &["login", tls, "-u", user, "--password-stdin", &reg.addr()],
+        Some(&format!("{password}\n")),
+        &auth,
+    );
+    assert!(o.status.success(), "login: {}", stderr(&o));
+    assert!(ts.authenticated.load(Ordering::SeqCst) > 0);
+    let dpub = pushed_digest(&run(&n, &["push", tls, &public], None, &auth));
+    let dpriv = pushed_digest(&run(&n, &["push", tls, &private], None, &auth));
+    assert_eq!(dpub, dpriv, "same image, same manifest");
+
+    // Another store, no credentials: public pulls, private is refused.
+    let o = run(&n2, &["pull", tls, &public], None, &no_auth);
+    assert!(o.status.success(), "anonymous pull: {}", stderr(&o));
+    one_line(
+        &run(&n2, &["pull", "--quiet", tls, &private], None, &no_auth),
+        "access denied",
+    );
+    // Wrong stored credentials: the token server refuses them, one line.
+    let wrong = d.join("auth/wrong.json");
+    let b64 = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:not-{password}"))
+    };
+    std::fs::write(
+        &wrong,
+        json!({"auths": {reg.addr(): {"auth": b64}}}).to_string(),
+    )
+    .unwrap();
+    one_line(
+        &run(&n2, &["pull", "--quiet", tls, &private], None, &wrong),
+        "access denied",
+    );
+    // With them, private pulls and runs.
+    let o = run(&n2, &["pull", tls, &private], None, &auth);
+    assert!(o.status.success(), "pull with a token: {}", stderr(&o));
+    let o = run(
+        &n2,
+        &[
+            "run",
+            "--rm",
+            "--pull",
+            "never",
+            &private,
+            "sh",
+            "-c",
+            SAMPLE_CHECK,
+        ],
+        None,
+        &auth,
+    );
+    assert_sample_output(&o, "nestor after a pull with a bearer token");
+    let o = run(&n2, &["images", "--digests"], None, &auth);
+    assert!(stdout(&o).contains(&dpriv), "{}", stdout(&o));
+
+    let issued = ts.issued.lock().unwrap().clone();
+    assert!(!issued.is_empty());
+    assert!(
+        seen.contains("DEBUG") || seen.contains("TRACE"),
+        "logs were on"
+    );
+    assert!(
+        !seen.contains(&password),
+        "the password leaked into some output"
+    );
+    for t in &issued {
+        // The signature part alone is unique to the token.
+        let sig = t.rsplit('.').next().unwrap();
+        assert!(
+            !seen.contains(sig),
+            "a bearer token leaked into some output"
+        );
+    }
+}
+
+/// `login` on a terminal (a pty the test holds, nestor's controlling terminal) asks
+/// for the user name and the password, the password with echo off: what was typed is
+/// stored, and the password shows nowhere on the terminal. Off a terminal, a missing
+/// user name or password is one error line.
+#[test]
+fn login_prompts_on_a_terminal() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    need!("docker-registry");
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start(dir.path());
+    let n = Nestor::new(&["docker.io"]);
+    let auth = dir.path().join("auth.json");
+    let user = "promptuser";
+    let password = format!("pw-{}", unique("typed"));
+
+    // Off a terminal: one line each, nothing stored.
+    let o = n
+        .cmd(&["login", "--tls-verify=false", &reg.addr()])
+        .env("REGISTRY_AUTH_FILE", &auth)
+        .output()
+        .unwrap();
+    one_error_line(&o, "-u USER");
+    let o = n
+        .cmd(&["login", "--tls-verify=false", "-u", user, &reg.addr()])
+        .env("REGISTRY_AUTH_FILE", &auth)
+        .output()
+        .unwrap();
+    one_error_line(&o, "--password-stdin");
+    assert!(!auth.exists());
+
+    // On a terminal.
+    let pty = nix::pty::openpty(None, None).unwrap();
+    for fd in [pty.master.as_raw_fd(), pty.slave.as_raw_fd()] {
+        // Other tests fork meanwhile: their children must not keep the pty.
+        nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .unwrap();
+    }
+    let master = std::fs::File::from(pty.master);
+    let slave = pty.slave;
+    let mut c = n.cmd(&["login", "--tls-verify=false", &reg.addr()]);
+    c.env("REGISTRY_AUTH_FILE", &auth)
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave));
+    // SAFETY: between fork and exec only async-signal-safe calls: setsid and the ioctl
+    // that makes the pty (fd 0) the controlling terminal.
+    unsafe {
+        c.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = c.spawn().unwrap();
+    drop(c);
+    let screen = Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let screen = screen.clone();
+        let mut m = master.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1024];
+            while let Ok(k) = m.read(&mut buf) {
+                if k == 0 {
+                    break;
+                }
+                screen
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..k]));
+            }
+        })
+    };
+    let wait_for = |what: &dyn Fn(&str) -> bool, label: &str| {
+        let t0 = Instant::now();
+        while !what(&screen.lock().unwrap()) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "no {label} on the terminal: {:?}",
+                screen.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut m = master.try_clone().unwrap();
+    wait_for(&|s| s.contains("Username:"), "user name prompt");
+    m.write_all(format!("{user}\n").as_bytes()).unwrap();
+    wait_for(&|s| s.contains("Password:"), "password prompt");
+    // Type only once echo is off, as a person would after the prompt.
+    let t0 = Instant::now();
+    loop {
+        let t = nix::sys::termios::tcgetattr(&master).unwrap();
+        if !t.local_flags.contains(nix::sys::termios::LocalFlags::ECHO) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "echo never went off"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    m.write_all(format!("{password}\n").as_bytes()).unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("login hung: {:?}", screen.lock().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The reader ends when the last holder of the slave (nestor) is gone; it is not
+    // waited for beyond the line nestor prints last.
+    let t0 = Instant::now();
+    while !reader.is_finished()
+        && !screen.lock().unwrap().contains("Login Succeeded")
+        && t0.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let screen = screen.lock().unwrap().clone();
+    assert!(status.success(), "login on a terminal: {screen}");
+    assert!(screen.contains("Login Succeeded"), "{screen}");
+    assert!(screen.contains(user), "the user name is echoed: {screen}");
+    assert!(
+        !screen.contains(&password),
+        "the password was echoed: {screen}"
+    );
+    let stored = std::fs::read_to_string(&auth).unwrap();
+    let want = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    };
+    assert!(stored.contains(&want), "what was typed is stored: {stored}");
+}

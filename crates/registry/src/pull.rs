@@ -9,8 +9,11 @@
 //!    when its size and digest are right (a verified blob also stays in the store's
 //!    download cache until the image is imported, so a pull that fails later, say
 //!    because the registry died, leaves it for the next pull);
-//! 4. the store imports the staged layout, which checks every digest again while it
-//!    extracts, and names the image `REGISTRY/REPOSITORY:TAG`.
+//! 4. each verified layer is extracted on a blocking thread into the pull's staging
+//!    while later layers still download (every digest checked again as it extracts);
+//! 5. the store imports the staged layout, moving the extracted layers into place
+//!    (extracting any that could not be), and names the image
+//!    `REGISTRY/REPOSITORY:TAG`.
 //!
 //! Any failure drops the staging directory; nothing reaches the store's layers or
 //! records unless it was verified. A short name is tried on each search registry in
@@ -18,6 +21,7 @@
 
 use std::fs::File;
 use std::io::{IsTerminal, Write};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt};
@@ -346,25 +350,55 @@ async fn pull_one(
         }
     }
 
-    let staging = store.begin_pull()?;
+    let staging = Arc::new(store.begin_pull()?);
     staging.write_blob(&m.digest, &m.bytes)?;
     staging.write_blob(&config_desc.digest, &config)?;
     let mut todo = Vec::new();
     let mut reused = 0;
+    let mut extracting = Vec::new();
     for (l, diff_id) in layers.iter().zip(&diff_ids) {
-        if store.has_layer(diff_id) || staging.take_cached(&l.digest)? {
+        if store.has_layer(diff_id) {
             reused += 1;
+        } else if staging.take_cached(&l.digest)? {
+            reused += 1;
+            extracting.push(extract_ahead(&staging, &l.digest, diff_id));
         } else {
-            todo.push(l.clone());
+            todo.push((l.clone(), diff_id.to_string()));
         }
     }
     let bars = Bars::new(opts.progress);
-    let downloaded: Vec<u64> = futures_util::stream::iter(todo.iter())
-        .map(|l| download(client, &oref, r, l, &staging, &bars))
-        .buffer_unordered(CONCURRENT_LAYERS)
-        .try_collect()
-        .await?;
+    // Each layer is extracted (on a blocking thread) as soon as its blob is verified,
+    // while the others still download.
+    let downloaded: Vec<(u64, tokio::task::JoinHandle<()>)> =
+        futures_util::stream::iter(todo.iter())
+            .map(|(l, diff_id)| {
+                let staging = &staging;
+                let bars = &bars;
+                let oref = &oref;
+                async move {
+                    let n = download(client, oref, r, l, staging, bars).await?;
+                    Ok::<_, RegistryError>((n, extract_ahead(staging, &l.digest, diff_id)))
+                }
+            })
+            .buffer_unordered(CONCURRENT_LAYERS)
+            .try_collect()
+            .await?;
     bars.done();
+    let layers_downloaded = downloaded.len();
+    let mut bytes_downloaded = 0;
+    for (n, h) in downloaded {
+        bytes_downloaded += n;
+        extracting.push(h);
+    }
+    for h in extracting {
+        // A layer that failed to extract ahead is extracted by the import, which says
+        // what is wrong with it.
+        let _ = h.await;
+    }
+    let staging = Arc::try_unwrap(staging).map_err(|_| RegistryError::Registry {
+        registry: r.registry.clone(),
+        reason: "internal error: the pull's staging is still in use".into(),
+    })?;
     let name = r.store_name();
     let mut log = |line: &str| tracing::debug!("{line}");
     let size = m.bytes.len() as u64;
@@ -373,9 +407,25 @@ async fn pull_one(
         reference: r.clone(),
         digest: m.digest,
         image,
-        layers_downloaded: downloaded.len(),
-        bytes_downloaded: downloaded.iter().sum(),
+        layers_downloaded,
+        bytes_downloaded,
         layers_reused: reused,
+    })
+}
+
+/// Starts extracting a verified layer blob on a blocking thread (see
+/// [`PullStaging::extract_ahead`]); a failure is logged and left to the import.
+fn extract_ahead(
+    staging: &Arc<PullStaging>,
+    digest: &str,
+    diff_id: &str,
+) -> tokio::task::JoinHandle<()> {
+    let staging = Arc::clone(staging);
+    let (digest, diff_id) = (digest.to_string(), diff_id.to_string());
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = staging.extract_ahead(&digest, &diff_id) {
+            tracing::debug!(layer = %digest, "extracting ahead failed (the import retries): {e}");
+        }
     })
 }
 

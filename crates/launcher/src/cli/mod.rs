@@ -166,9 +166,11 @@ pub enum Cmd {
         quiet: bool,
     },
     /// Log in to a registry: the credentials are checked, then stored in podman's auth
-    /// file ($REGISTRY_AUTH_FILE, else $XDG_RUNTIME_DIR/containers/auth.json).
+    /// file ($REGISTRY_AUTH_FILE, else $XDG_RUNTIME_DIR/containers/auth.json). On a
+    /// terminal, a user name or password not given is asked for.
     Login {
         registry: String,
+        /// The user name (asked for on a terminal when not given).
         #[arg(short, long)]
         username: Option<String>,
         /// The password (visible to other users in the process list: prefer

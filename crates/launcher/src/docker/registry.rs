@@ -103,7 +103,9 @@ pub fn push(
 }
 
 /// `nestor login [-u USER] [-p PASS | --password-stdin] REGISTRY`: prints
-/// `Login Succeeded!` as podman does.
+/// `Login Succeeded!` when the registry accepts the credentials, which are then stored.
+/// On a terminal, a missing user name and password are asked for (the password is not
+/// echoed), as Docker and podman do; off a terminal they must be given.
 pub fn login(
     registry: &str,
     user: Option<&str>,
@@ -111,8 +113,20 @@ pub fn login(
     password_stdin: bool,
     opts: &RegistryOpts,
 ) -> Result<()> {
-    let Some(user) = user else {
-        anyhow::bail!("give the user name with -u USER");
+    let tty = std::io::stdin().is_terminal();
+    let user = match user {
+        Some(u) => u.to_string(),
+        None if tty && !password_stdin => {
+            eprint!("Username: ");
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .map_err(|e| anyhow::anyhow!("cannot read the user name: {e}"))?;
+            line.trim().to_string()
+        }
+        None => {
+            anyhow::bail!("give the user name with -u USER (stdin is not a terminal to ask on)")
+        }
     };
     let password = match (password, password_stdin) {
         (Some(_), true) => anyhow::bail!("--password and --password-stdin are exclusive"),
@@ -124,12 +138,16 @@ pub fn login(
                 .map_err(|e| anyhow::anyhow!("cannot read the password from stdin: {e}"))?;
             line.trim_end_matches(['\n', '\r']).to_string()
         }
-        (None, false) => anyhow::bail!("give the password with --password-stdin"),
+        (None, false) if tty => rpassword::prompt_password("Password: ")
+            .map_err(|e| anyhow::anyhow!("cannot read the password from the terminal: {e}"))?,
+        (None, false) => anyhow::bail!(
+            "give the password with --password-stdin (stdin is not a terminal to ask on)"
+        ),
     };
     if password.is_empty() {
         anyhow::bail!("the password is empty");
     }
-    let file = nestor_registry::auth::login(registry, user, &password, opts.tls_verify)?;
+    let file = nestor_registry::auth::login(registry, &user, &password, opts.tls_verify)?;
     tracing::info!(registry, file = %file.display(), "credentials stored");
     println!("Login Succeeded!");
     Ok(())
