@@ -352,6 +352,58 @@ fn sequential_runs_leave_nothing_and_do_not_grow() {
     );
 }
 
+/// What each sandbox left holds: its entries, and its maker's stamp with whether that
+/// process lives (and what it is).
+fn sandbox_report(s: &StandIn) -> String {
+    let mut out = String::new();
+    for n in s.sandboxes_left() {
+        let d = s.sandboxes_dir().join(&n);
+        let entries: Vec<String> = std::fs::read_dir(&d)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let stamp = std::fs::read_to_string(d.join(".creator")).unwrap_or_default();
+        let pid = stamp.split_whitespace().next().unwrap_or("0");
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .unwrap_or_default();
+        let holders: Vec<String> = processes_holding(&d);
+        out.push_str(&format!(
+            "  {}: entries {entries:?}; stamp '{}'; its process: '{}' '{}'; processes with files there: {holders:?}\n",
+            n.to_string_lossy(),
+            stamp.trim(),
+            stat.trim(),
+            cmd.trim()
+        ));
+    }
+    out
+}
+
+/// Processes with a file descriptor, cwd or root under `dir`.
+fn processes_holding(dir: &Path) -> Vec<String> {
+    let mut v = Vec::new();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = p.file_name().to_string_lossy().into_owned();
+        if name.parse::<u32>().is_err() {
+            continue;
+        }
+        let under = |l: std::io::Result<std::path::PathBuf>| l.is_ok_and(|t| t.starts_with(dir));
+        let fds = std::fs::read_dir(p.path().join("fd"))
+            .map(|r| r.flatten().any(|f| under(std::fs::read_link(f.path()))))
+            .unwrap_or(false);
+        if fds || under(std::fs::read_link(p.path().join("cwd"))) {
+            let cmd = std::fs::read(p.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .unwrap_or_default();
+            v.push(format!("{name} {}", cmd.trim()));
+        }
+    }
+    v
+}
+
 /// Spawns `args`, kills it with SIGKILL after `after` (if it is still running), and
 /// says whether it had finished by then.
 fn kill_after(mut c: std::process::Command, after: Duration) -> bool {
@@ -415,10 +467,25 @@ fn kill_at_random_moments(
             tidy();
             left = leftovers(e, s, &before);
         }
+        if !left.is_empty() {
+            // Still there: say what holds it, then give what is dying under load a last
+            // chance (a process that dies with nestor can take seconds on a loaded CI
+            // host); nothing may be left after that.
+            eprintln!(
+                "stress: {what}: moment {i}: after a second gc: {left:?}\n{}",
+                s.map(sandbox_report).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_secs(4));
+            let g = e.run(&["gc"]);
+            assert!(g.status.success(), "{what}: gc: {}", stderr(&g));
+            tidy();
+            left = leftovers(e, s, &before);
+        }
         assert!(
             left.is_empty(),
-            "{what}: killed after {at:?} (moment {i}), then gc: left behind:\n  {}",
-            left.join("\n  ")
+            "{what}: killed after {at:?} (moment {i}), then gc: left behind:\n  {}\n{}",
+            left.join("\n  "),
+            s.map(sandbox_report).unwrap_or_default()
         );
     }
     eprintln!(

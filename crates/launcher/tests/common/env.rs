@@ -165,6 +165,11 @@ impl StandIn {
         ]
     }
 
+    /// The sandboxes directory the stand-in's VMs use (`NESTOR_VM_RUN`).
+    pub fn sandboxes_dir(&self) -> PathBuf {
+        self.dir.path().join("sandboxes")
+    }
+
     pub fn sandboxes_left(&self) -> Vec<std::ffi::OsString> {
         std::fs::read_dir(self.dir.path().join("sandboxes"))
             .unwrap()
