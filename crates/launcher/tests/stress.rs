@@ -404,6 +404,16 @@ fn processes_holding(dir: &Path) -> Vec<String> {
     v
 }
 
+/// `nestor gc` as the user who ran the command would: with the stand-in's variables
+/// when there is one, so it looks where that command's VMs live (`NESTOR_VM_RUN`).
+fn gc(e: &Env, s: Option<&StandIn>) -> std::process::Output {
+    let mut c = e.cmd(&["gc"]);
+    if let Some(s) = s {
+        c.envs(s.vars());
+    }
+    c.stdin(Stdio::null()).output().unwrap()
+}
+
 /// Spawns `args`, kills it with SIGKILL after `after` (if it is still running), and
 /// says whether it had finished by then.
 fn kill_after(mut c: std::process::Command, after: Duration) -> bool {
@@ -451,7 +461,7 @@ fn kill_at_random_moments(
         // the signal as nestor exits but ends a moment later; a `gc` in that moment
         // rightly leaves what a live process still owns.
         std::thread::sleep(Duration::from_millis(200));
-        let g = e.run(&["gc"]);
+        let g = gc(e, s);
         assert!(g.status.success(), "{what}: gc: {}", stderr(&g));
         tidy();
         let mut left = leftovers(e, s, &before);
@@ -462,21 +472,7 @@ fn kill_at_random_moments(
             second_gc += 1;
             eprintln!("stress: {what}: moment {i}: a second gc for: {left:?}");
             std::thread::sleep(Duration::from_secs(1));
-            let g = e.run(&["gc"]);
-            assert!(g.status.success(), "{what}: gc: {}", stderr(&g));
-            tidy();
-            left = leftovers(e, s, &before);
-        }
-        if !left.is_empty() {
-            // Still there: say what holds it, then give what is dying under load a last
-            // chance (a process that dies with nestor can take seconds on a loaded CI
-            // host); nothing may be left after that.
-            eprintln!(
-                "stress: {what}: moment {i}: after a second gc: {left:?}\n{}",
-                s.map(sandbox_report).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_secs(4));
-            let g = e.run(&["gc"]);
+            let g = gc(e, s);
             assert!(g.status.success(), "{what}: gc: {}", stderr(&g));
             tidy();
             left = leftovers(e, s, &before);
