@@ -23,6 +23,25 @@ for i in $(seq 1 "$count"); do
     if ((i % wave == 0)); then wait || true; fi
 done
 wait || true
+# Under the TCG test host's emulated nested SVM a Linux guest can die in its first
+# second (a triple fault at 0.03-0.9 s of guest time, nothing on the console). With two
+# test-host vCPUs that was 1 boot in 6-20 when guests booted side by side; with one
+# (the test host's default since) none in 64. Should it still happen, a start that
+# failed that way is tried once more (at most 3 of them) and said so: what this test
+# is about is 20 VMs at once, not the emulator. On hardware KVM nothing is retried.
+retried=0
+if [[ ${NESTOR_TESTHOST:-} == inside ]]; then
+    for i in $(seq 1 "$count"); do
+        [[ -s $work/start$i.out ]] && continue
+        grep -qE "before its agent answered|agent closed the connection|did not (report ready|answer)" "$work/start$i.err" || continue
+        ((retried < 3)) || break
+        retried=$((retried + 1))
+        echo "sv$i: retried once (the test host's guest died while booting: $(grep -m1 -E 'triple fault|error:' "$work/start$i.err"))"
+        n rm -f "sv$i" >/dev/null 2>&1 || true
+        n run --vm -d --vm-mem 96 --network none --name "sv$i" busybox sleep 900 \
+            >"$work/start$i.out" 2>"$work/start$i.err" || true
+    done
+fi
 t1=$(date +%s.%N)
 started=0
 for i in $(seq 1 "$count"); do
@@ -53,6 +72,6 @@ sand=$(find "$NESTOR_VM_RUN" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l || true
 expect "no sandbox left" 0 "$sand"
 state=$(find "$NESTOR_STATE" -mindepth 1 -maxdepth 1 -not -name '.*' 2>/dev/null | wc -l || true)
 expect "no runtime state left" 0 "$state"
-python3 -c "import sys; a=[float(x) for x in sys.argv[1:]]; print(f'figures: {int(a[4])} microVMs started in {a[1]-a[0]:.1f} s, removed in {a[3]-a[2]:.1f} s')" \
-    "$t0" "$t1" "$t2" "$t3" "$count"
+python3 -c "import sys; a=[float(x) for x in sys.argv[1:]]; print(f'figures: {int(a[4])} microVMs started in {a[1]-a[0]:.1f} s ({int(a[5])} retried), removed in {a[3]-a[2]:.1f} s')" \
+    "$t0" "$t1" "$t2" "$t3" "$count" "$retried"
 finish

@@ -30,7 +30,10 @@ head -c $size /dev/urandom >"$work/slow.img"
 # The guest's part: results go to the console as "rl: ..." lines.
 guest=$(cat <<'G'
 r() { echo "rl: $*"; }
-cs() { tr -d . </proc/uptime | cut -d' ' -f1; }
+# Centiseconds of uptime. Not "tr -d ." of /proc/uptime: "0.95" becomes 095, which
+# the shell's arithmetic reads as a bad octal number (CI saw this in a guest that
+# reached init within its first second).
+cs() { read -r u _ </proc/uptime; echo $(( ${u%.*} * 100 + 1${u#*.} - 100 )); }
 for d in vda vdb; do
   a=$(cs); n=$(dd if=/dev/$d bs=65536 2>/dev/null | wc -c); rc=$?; b=$(cs)
   r "$d rc=$rc bytes=$n ms=$(( (b - a) * 10 ))"

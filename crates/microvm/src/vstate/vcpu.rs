@@ -369,7 +369,10 @@ pub fn run_loop(mut vcpu: Vcpu, ctx: VcpuContext) {
                 None
             }
             Ok(VcpuExit::Hlt) => Some(GuestExit::Halted),
-            Ok(VcpuExit::Shutdown) => Some(GuestExit::TripleFault),
+            Ok(VcpuExit::Shutdown) => {
+                log_triple_fault(vcpu.id, &vcpu.fd);
+                Some(GuestExit::TripleFault)
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => GuestExit::Poweroff,
                 KVM_SYSTEM_EVENT_RESET => GuestExit::Reboot,
@@ -516,4 +519,17 @@ pub fn pause_all(control: &VcpuControl, handles: &[JoinHandle<()>], timeout: Dur
         std::thread::sleep(Duration::from_micros(500));
     }
     true
+}
+
+/// Says where a vCPU was when the guest triple-faulted: a panicking guest with
+/// `reboot=t` ends this way on purpose, but a fault in early boot (no panic on the
+/// console) is only told apart from it by where it happened.
+fn log_triple_fault(id: u8, fd: &VcpuFd) {
+    match (fd.get_regs(), fd.get_sregs()) {
+        (Ok(r), Ok(s)) => tracing::warn!(
+            "vCPU {id}: triple fault at rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
+            r.rip, r.rsp, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+        ),
+        _ => tracing::warn!("vCPU {id}: triple fault (registers unreadable)"),
+    }
 }
