@@ -526,6 +526,11 @@ pub fn pause_all(control: &VcpuControl, handles: &[JoinHandle<()>], timeout: Dur
 /// console) is only told apart from it by where it happened.
 fn log_triple_fault(id: u8, fd: &VcpuFd) {
     match (fd.get_regs(), fd.get_sregs()) {
+        // KVM on AMD resets the vCPU on a shutdown intercept (the VMCB is undefined
+        // after one): the registers then read as at power-on and say nothing.
+        (Ok(r), Ok(_)) if r.rip == 0xfff0 && r.rsp == 0 => tracing::warn!(
+            "vCPU {id}: triple fault (KVM reset the vCPU, as it does on AMD: where it happened is lost)"
+        ),
         (Ok(r), Ok(s)) => tracing::warn!(
             "vCPU {id}: triple fault at rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
             r.rip, r.rsp, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
