@@ -36,7 +36,9 @@
 //! or `Run` (create + start in one step, the fast path); `Exec` adds a process to a
 //! running container; `Signal` sends a signal; `Wait` returns the exit code (128+N for a
 //! signal N); `Delete` removes the container's runtime state; `Stats` reports guest and
-//! container figures; `Network` configures the guest's interfaces and writes the
+//! container figures; `Control` pauses, resumes, lists the processes of, updates the
+//! limits of or reads the cgroup figures of a container (the OCI verbs `pause`, `resume`,
+//! `ps`, `update` and `events` of a VM container, done by the guest's runtime); `Network` configures the guest's interfaces and writes the
 //! network's files (before `Run`, when the container has a network); `Shutdown` powers
 //! the VM off (or reboots it) after replying.
 
@@ -188,6 +190,13 @@ pub enum Request {
         #[serde(default)]
         container: Option<String>,
     },
+    /// The OCI runtime's control verbs on a created, running or paused container's
+    /// cgroup in the guest, done by the guest's copy of nestor's runtime (so a VM
+    /// container behaves as a native one does under the same verbs).
+    Control {
+        container: String,
+        action: ControlAction,
+    },
     /// Configure the guest's network as the host's CNI networks gave it: each
     /// interface (found by its MAC) gets its address, MTU and, for the first, the
     /// default route; `files` (`hosts`, `resolv.conf`, `hostname`: name -> content) are
@@ -203,6 +212,32 @@ pub enum Request {
         #[serde(default)]
         reboot: bool,
     },
+}
+
+/// What [`Request::Control`] does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ControlAction {
+    /// Freeze the container's cgroup ([`Response::Ok`]).
+    Pause,
+    /// Thaw it ([`Response::Ok`]).
+    Resume,
+    /// Its processes ([`Response::Processes`]), as the guest's pid namespace numbers them.
+    Processes,
+    /// Apply a partial OCI `linux.resources` document, as `runc update` does
+    /// ([`Response::Ok`]).
+    Update { resources: serde_json::Value },
+    /// The cgroup's figures ([`Response::Cgroup`]).
+    Cgroup,
+}
+
+/// One process of [`Response::Processes`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestProcess {
+    pub pid: i32,
+    /// Its command line, arguments joined by spaces (empty for a kernel thread or one
+    /// that has exited meanwhile).
+    pub cmd: String,
 }
 
 /// Where the agent writes the network's files (`hosts`, `resolv.conf`, `hostname`).
@@ -288,6 +323,17 @@ pub enum Response {
         guest: GuestStats,
         #[serde(default)]
         container: Option<ContainerStats>,
+    },
+    /// The container's processes ([`ControlAction::Processes`]).
+    Processes {
+        processes: Vec<GuestProcess>,
+    },
+    /// The container's cgroup figures ([`ControlAction::Cgroup`]): `stats` as nestor's
+    /// runtime reports them (memory, CPU, pids, OOM kills) and `events`, the document
+    /// of OCI `events --stats` (runc's shape).
+    Cgroup {
+        stats: serde_json::Value,
+        events: serde_json::Value,
     },
     Error {
         kind: ErrorKind,
@@ -431,6 +477,16 @@ mod tests {
                 files: [("hosts".to_string(), "127.0.0.1 localhost\n".to_string())]
                     .into_iter()
                     .collect(),
+            },
+            Request::Control {
+                container: "c1".into(),
+                action: ControlAction::Update {
+                    resources: serde_json::json!({"memory": {"limit": 67108864}}),
+                },
+            },
+            Request::Control {
+                container: "c1".into(),
+                action: ControlAction::Pause,
             },
             Request::Shutdown { reboot: true },
         ];

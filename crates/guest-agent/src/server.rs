@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use nestor_agent_protocol::{
-    self as proto, encode, valid_id, Envelope, ErrorKind, Reply, Request, Response, Stream,
-    MAX_FRAME,
+    self as proto, encode, valid_id, ControlAction, Envelope, ErrorKind, GuestProcess, Reply,
+    Request, Response, Stream, MAX_FRAME,
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
@@ -214,7 +214,8 @@ fn ids_to_check(req: &Request) -> Vec<&str> {
         } => vec![container, exec],
         Request::Stats {
             container: Some(container),
-        } => vec![container],
+        }
+        | Request::Control { container, .. } => vec![container],
         Request::Ping
         | Request::Attach { .. }
         | Request::Stats { container: None }
@@ -729,6 +730,7 @@ impl Server {
             Request::Wait { container, exec } => self.wait(w, &container, exec.as_deref()),
             Request::Delete { container } => self.delete(w, container),
             Request::Stats { container } => self.stats(container.as_deref()),
+            Request::Control { container, action } => self.control(&container, action),
             Request::Network { ifaces, files } => match crate::net::apply(&ifaces, &files) {
                 Ok(()) => Ok(Some(Response::Ok)),
                 Err(e) => Err(refuse(ErrorKind::BadRequest, format!("network: {e}"))),
@@ -881,6 +883,58 @@ impl Server {
             },
         );
         Ok(None)
+    }
+
+    /// `Control`: the runtime's pause, resume, ps, update and cgroup figures, done in the
+    /// agent with the runtime's own code (cgroup files only: quick, so done in line).
+    fn control(&mut self, id: &str, action: ControlAction) -> Outcome {
+        let c = find(&mut self.containers, id)?;
+        if matches!(c.phase, Phase::Creating | Phase::Starting | Phase::Deleting) {
+            return Err(refuse(
+                ErrorKind::State,
+                format!("container {id} is busy ({:?})", c.phase),
+            ));
+        }
+        let rt = nestor_container::container::Runtime::new(self.runtime.root.clone());
+        fn failed(e: impl std::fmt::Display) -> Refused {
+            refuse(ErrorKind::Runtime, e.to_string())
+        }
+        let json = |e: serde_json::Error| refuse(ErrorKind::Internal, e.to_string());
+        Ok(Some(match action {
+            ControlAction::Pause => rt.pause(id).map(|()| Response::Ok).map_err(failed)?,
+            ControlAction::Resume => rt.resume(id).map(|()| Response::Ok).map_err(failed)?,
+            ControlAction::Update { resources } => {
+                let delta: oci_spec::runtime::LinuxResources = serde_json::from_value(resources)
+                    .map_err(|e| {
+                        refuse(
+                            ErrorKind::BadRequest,
+                            format!("update: not a linux.resources document: {e}"),
+                        )
+                    })?;
+                rt.update(id, &delta).map_err(failed)?;
+                Response::Ok
+            }
+            ControlAction::Processes => Response::Processes {
+                processes: rt
+                    .processes(id)
+                    .map_err(failed)?
+                    .into_iter()
+                    .map(|pid| GuestProcess {
+                        pid,
+                        cmd: stats::cmdline(pid),
+                    })
+                    .collect(),
+            },
+            ControlAction::Cgroup => {
+                let missing = || refuse(ErrorKind::State, format!("container {id} has no cgroup"));
+                let st = rt.stats(id).map_err(failed)?.ok_or_else(missing)?;
+                let ev = rt.event_stats(id).map_err(failed)?.ok_or_else(missing)?;
+                Response::Cgroup {
+                    stats: serde_json::to_value(st).map_err(json)?,
+                    events: serde_json::to_value(ev).map_err(json)?,
+                }
+            }
+        }))
     }
 
     /// `Stats`: guest-wide figures, and the container's cgroup figures when one is named.

@@ -78,6 +78,19 @@ pub fn container(pid: i32) -> Option<ContainerStats> {
     })
 }
 
+/// A process's command line, arguments joined by spaces ("" when unreadable).
+pub fn cmdline(pid: i32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|c| *c == 0)
+                .filter(|a| !a.is_empty())
+                .map(String::from_utf8_lossy)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,6 +101,13 @@ mod tests {
         assert_eq!(meminfo_kib(t, "MemTotal"), 1000);
         assert_eq!(meminfo_kib(t, "MemAvailable"), 700);
         assert_eq!(meminfo_kib(t, "Nope"), 0);
+    }
+
+    #[test]
+    fn own_command_line_is_read() {
+        let me = cmdline(std::process::id() as i32);
+        assert!(!me.is_empty() && !me.contains('\0'), "{me:?}");
+        assert_eq!(cmdline(-1), "");
     }
 
     #[test]

@@ -11,7 +11,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nestor_agent_protocol::{
-    encode, read_frame, Bundle, Envelope, ErrorKind, Reply, Request, Response, Stream, MAX_FRAME,
+    encode, read_frame, Bundle, ControlAction, Envelope, ErrorKind, Reply, Request, Response,
+    Stream, MAX_FRAME,
 };
 use serde_json::Value;
 
@@ -488,6 +489,104 @@ fn exec_and_signal() {
         ),
         "{r:?}"
     );
+    delete(&a, &id);
+}
+
+/// `Control`: the OCI verbs a VM container gets through its agent (ps, pause, resume,
+/// update, cgroup figures), done by the runtime's own code on a real cgroup.
+#[test]
+fn control_lists_pauses_updates_and_reads_the_cgroup() {
+    let a = Agent::start();
+    let id = unique("ctl");
+    let b = TestBundle::new(&["sh", "-c", "sleep 30 & while true; do sleep 0.05; done"]);
+    let r = a.call(Request::Run {
+        container: id.clone(),
+        bundle: b.path(),
+    });
+    assert!(matches!(r, Response::Started { .. }), "{r:?}");
+    let ctl = |action| {
+        a.call(Request::Control {
+            container: id.clone(),
+            action,
+        })
+    };
+    // The container may still be starting.
+    let t0 = Instant::now();
+    let procs = loop {
+        match ctl(ControlAction::Processes) {
+            Response::Processes { processes } if processes.len() >= 2 => break processes,
+            r => assert!(t0.elapsed() < Duration::from_secs(10), "ps: {r:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        procs.iter().any(|p| p.cmd == "sleep 30"),
+        "the container's processes: {procs:?}"
+    );
+    for p in &procs {
+        assert!(Path::new(&format!("/proc/{}", p.pid)).exists(), "{p:?}");
+    }
+
+    assert_eq!(ctl(ControlAction::Pause), Response::Ok);
+    // Frozen: the freezer holds every process (a second pause is a state error).
+    let again = ctl(ControlAction::Pause);
+    assert!(
+        matches!(&again, Response::Error { kind: ErrorKind::Runtime, message } if message.contains("paused")),
+        "{again:?}"
+    );
+    assert_eq!(ctl(ControlAction::Resume), Response::Ok);
+
+    let limit = 96u64 << 20;
+    let r = ctl(ControlAction::Update {
+        resources: serde_json::json!({"memory": {"limit": limit}, "pids": {"limit": 50}}),
+    });
+    assert_eq!(r, Response::Ok);
+    match ctl(ControlAction::Cgroup) {
+        Response::Cgroup { stats, events } => {
+            assert_eq!(stats["memory_limit"], limit, "{stats}");
+            assert_eq!(stats["pids_limit"], 50, "{stats}");
+            assert!(stats["pids_current"].as_u64() >= Some(2), "{stats}");
+            assert_eq!(events["memory"]["usage"]["limit"], limit, "{events}");
+            assert!(
+                events["memory"]["usage"]["usage"].as_u64() > Some(0),
+                "{events}"
+            );
+        }
+        other => panic!("cgroup: {other:?}"),
+    }
+    // A document that is not linux.resources, and an unknown container, are refused.
+    let r = ctl(ControlAction::Update {
+        resources: serde_json::json!({"memory": {"limit": "lots"}}),
+    });
+    assert!(
+        matches!(&r, Response::Error { kind: ErrorKind::BadRequest, message } if message.contains("linux.resources")),
+        "{r:?}"
+    );
+    let r = a.call(Request::Control {
+        container: unique("none"),
+        action: ControlAction::Pause,
+    });
+    assert!(
+        matches!(
+            r,
+            Response::Error {
+                kind: ErrorKind::NotFound,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    let r = a.call(Request::Signal {
+        container: id.clone(),
+        exec: None,
+        signal: 9,
+    });
+    assert_eq!(r, Response::Ok);
+    let r = a.call(Request::Wait {
+        container: id.clone(),
+        exec: None,
+    });
+    assert_eq!(r, Response::Exited { code: 137 });
     delete(&a, &id);
 }
 

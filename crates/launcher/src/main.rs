@@ -35,6 +35,8 @@ fn dispatch_vm(cli: &Cli) -> Option<Result<i32>> {
         Cmd::State { id } if oci_vm::exists(root, id) => oci_vm::state(root, id),
         Cmd::Kill(a) if oci_vm::exists(root, &a.id) => oci_vm::kill(root, a),
         Cmd::Delete { force, id } if oci_vm::exists(root, id) => oci_vm::delete(root, id, *force),
+        Cmd::Pause { id } if oci_vm::exists(root, id) => oci_vm::pause(root, id, false),
+        Cmd::Resume { id } if oci_vm::exists(root, id) => oci_vm::pause(root, id, true),
         Cmd::List { format, quiet } => oci::print_list(&oci_vm::list(root), *format, *quiet),
         Cmd::Run(a) if a.oci.bundle.is_some() => Err(anyhow::anyhow!(
             "run --bundle in VM mode is not supported: use create and start"
@@ -94,23 +96,23 @@ fn dispatch(cli: &Cli) -> Result<i32> {
         // An ID makes `ps` the OCI runtime's (the container's processes, in --root);
         // without one it is Docker's list of containers.
         Cmd::Ps { format, oci, .. } if !oci.is_empty() || format.is_some() => {
-            if oci_vm::exists(&cli.root, oci.first().map_or("", String::as_str)) {
-                anyhow::bail!(
-                    "ps: a VM container's processes run in its guest; nestor cannot list them"
-                );
+            match oci.split_first() {
+                Some((id, args)) if oci_vm::exists(&cli.root, id) => {
+                    oci_vm::ps(&cli.root, id, *format == Some(cli::ListFormat::Json), args)?
+                }
+                _ => oci::ps(&rt, *format, oci)?,
             }
-            oci::ps(&rt, *format, oci)?
         }
         Cmd::Ps {
             all, quiet, json, ..
         } => manage::ps(*all, *quiet, *json)?,
-        Cmd::Update(a) if oci_vm::exists(&cli.root, &a.id) => {
-            anyhow::bail!("update: a VM container's limits are its VM's; nestor cannot change them")
-        }
+        Cmd::Update(a) if oci_vm::exists(&cli.root, &a.id) => oci_vm::update(&cli.root, a)?,
         Cmd::Update(a) => oci::update(&rt, a)?,
-        Cmd::Events { id, .. } if oci_vm::exists(&cli.root, id) => {
-            anyhow::bail!("events: a VM container's cgroup is in its guest; nestor cannot read it")
-        }
+        Cmd::Events {
+            stats,
+            interval,
+            id,
+        } if oci_vm::exists(&cli.root, id) => oci_vm::events(&cli.root, id, *stats, interval)?,
         Cmd::Events {
             stats,
             interval,

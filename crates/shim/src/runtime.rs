@@ -235,6 +235,62 @@ impl Nestor {
             .map(drop)
     }
 
+    /// VM mode: the container's processes, as its guest numbers them (`ps --format
+    /// json`; the cgroup is in the guest).
+    pub async fn vm_pids(&self, id: &str) -> Result<Vec<i32>> {
+        let out = self
+            .run(
+                vec!["ps".into(), "--format".into(), "json".into(), id.into()],
+                None,
+            )
+            .await?;
+        serde_json::from_str(out.trim()).with_context(|| format!("ps of {id} printed {out:?}"))
+    }
+
+    /// VM mode: the container's cgroup figures, from `events --stats` (runc's document).
+    pub async fn vm_stats(&self, id: &str) -> Result<nestor_container::cgroups::CgroupStats> {
+        let out = self
+            .run(vec!["events".into(), "--stats".into(), id.into()], None)
+            .await?;
+        let v: serde_json::Value = serde_json::from_str(out.trim())
+            .with_context(|| format!("events --stats of {id} printed {out:?}"))?;
+        let d = &v["data"];
+        Ok(nestor_container::cgroups::CgroupStats {
+            memory_current: d["memory"]["usage"]["usage"].as_u64(),
+            memory_peak: d["memory"]["usage"]["max"].as_u64(),
+            memory_limit: d["memory"]["usage"]["limit"].as_u64(),
+            oom_kills: None,
+            cpu_usage_ns: d["cpu"]["usage"]["total"].as_u64(),
+            pids_current: d["pids"]["current"].as_u64(),
+            pids_limit: d["pids"]["limit"].as_u64().filter(|l| *l > 0),
+        })
+    }
+
+    /// VM mode: new limits for the container's cgroup in the guest (`update
+    /// --resources`, the document written beside the verbs' log).
+    pub async fn vm_update(
+        &self,
+        id: &str,
+        resources: &oci_spec::runtime::LinuxResources,
+    ) -> Result<()> {
+        let doc = self.log.with_file_name("nestor-update.json");
+        std::fs::write(&doc, serde_json::to_vec(resources)?)
+            .with_context(|| format!("write {}", doc.display()))?;
+        let r = self
+            .run(
+                vec![
+                    "update".into(),
+                    "--resources".into(),
+                    doc.clone().into(),
+                    id.into(),
+                ],
+                None,
+            )
+            .await;
+        let _ = std::fs::remove_file(&doc);
+        r.map(drop)
+    }
+
     /// The container's cgroup, from nestor's state file (for Pids, Stats and Update).
     pub fn cgroup(&self, id: &str) -> Result<nestor_container::cgroups::Cgroup> {
         let st = nestor_container::state::Root::new(&self.root)

@@ -120,18 +120,6 @@ impl Container {
             .ok_or_else(|| Error::NotFoundError(format!("exec {exec_id} of {}", self.id)))
     }
 
-    /// An error for what VM mode does not offer (the container's cgroup is in the
-    /// guest, out of the host's reach).
-    fn native_only(&self, what: &str) -> Result<(), Error> {
-        if self.nestor.vm {
-            return Err(Error::Unimplemented(format!(
-                "{what} of {}: not in VM mode (its cgroup is inside the microVM)",
-                self.id
-            )));
-        }
-        Ok(())
-    }
-
     fn process_mut(&mut self, exec_id: &str) -> Result<&mut Process, Error> {
         if exec_id.is_empty() {
             return Ok(&mut self.init);
@@ -734,12 +722,12 @@ impl containerd_shim::Task for TaskService {
         let c = map
             .get(&req.id)
             .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
-        c.native_only("pids")?;
-        let pids = c
-            .nestor
-            .cgroup(&c.id)
-            .and_then(|cg| Ok(cg.pids()?))
-            .map_err(other)?;
+        let pids = if c.nestor.vm {
+            c.nestor.vm_pids(&c.id).await
+        } else {
+            c.nestor.cgroup(&c.id).and_then(|cg| Ok(cg.pids()?))
+        }
+        .map_err(other)?;
         Ok(PidsResponse {
             processes: pids
                 .into_iter()
@@ -757,7 +745,6 @@ impl containerd_shim::Task for TaskService {
         let c = map
             .get_mut(&req.id)
             .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
-        c.native_only("pause")?;
         c.nestor.pause(&c.id).await.map_err(other)?;
         c.paused = true;
         drop(map);
@@ -773,7 +760,6 @@ impl containerd_shim::Task for TaskService {
         let c = map
             .get_mut(&req.id)
             .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
-        c.native_only("resume")?;
         c.nestor.resume(&c.id).await.map_err(other)?;
         c.paused = false;
         drop(map);
@@ -828,14 +814,21 @@ impl containerd_shim::Task for TaskService {
                     req.id, any.type_url
                 ))
             })?;
-        let root = {
+        let nestor = {
             let map = self.containers.lock().await;
             let c = map
                 .get(&req.id)
                 .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
-            c.native_only("update")?;
-            c.nestor.root.clone()
+            c.nestor.clone()
         };
+        if nestor.vm {
+            nestor
+                .vm_update(&req.id, &resources)
+                .await
+                .map_err(|e| Error::Other(format!("update of {}: {e:#}", req.id)))?;
+            return Ok(Empty::new());
+        }
+        let root = nestor.root.clone();
         let id = req.id.clone();
         tokio::task::spawn_blocking(move || {
             nestor_container::container::Runtime::new(root)
@@ -856,12 +849,12 @@ impl containerd_shim::Task for TaskService {
         let c = map
             .get(&req.id)
             .ok_or_else(|| Error::NotFoundError(format!("container {}", req.id)))?;
-        c.native_only("stats")?;
-        let st = c
-            .nestor
-            .cgroup(&c.id)
-            .and_then(|cg| Ok(cg.stats()?))
-            .map_err(other)?;
+        let st = if c.nestor.vm {
+            c.nestor.vm_stats(&c.id).await
+        } else {
+            c.nestor.cgroup(&c.id).and_then(|cg| Ok(cg.stats()?))
+        }
+        .map_err(other)?;
         let m = Metrics {
             pids: MessageField::some(PidsStat {
                 current: st.pids_current.unwrap_or(0),

@@ -300,7 +300,14 @@ pub fn ps(rt: &Runtime, format: Option<ListFormat>, args: &[String]) -> Result<(
 /// OCI `update`: the resources from `-r` or from runc's flags, applied to the cgroup
 /// and kept in the state.
 pub fn update(rt: &Runtime, a: &UpdateArgs) -> Result<()> {
-    let delta = match &a.resources {
+    rt.update(&a.id, &update_delta(a)?)?;
+    Ok(())
+}
+
+/// What `update` changes: the `--resources` document (a file, or `-` for stdin), else
+/// runc's flags.
+pub fn update_delta(a: &UpdateArgs) -> Result<LinuxResources> {
+    Ok(match &a.resources {
         Some(p) => {
             let bytes = if p.as_os_str() == "-" {
                 let mut b = Vec::new();
@@ -318,9 +325,7 @@ pub fn update(rt: &Runtime, a: &UpdateArgs) -> Result<()> {
             })?
         }
         None => resources_from_flags(a)?,
-    };
-    rt.update(&a.id, &delta)?;
-    Ok(())
+    })
 }
 
 /// runc's update flags as a partial `linux.resources`.
@@ -466,36 +471,58 @@ pub fn ram_in_bytes(s: &str) -> Result<i64> {
 /// rises; checked every 100 ms at most). Ends when the container stops.
 pub fn events(rt: &Runtime, id: &str, once: bool, interval: &str) -> Result<()> {
     use nestor_container::state::Status;
+    let st = rt.state(id)?;
+    if st.status() == Status::Stopped {
+        bail!("container {id} is not running");
+    }
+    events_of(
+        id,
+        once,
+        interval,
+        &EventSource {
+            running: &|| matches!(rt.state(id), Ok(st) if st.status() != Status::Stopped),
+            stats: &|| {
+                let data = rt
+                    .event_stats(id)?
+                    .with_context(|| format!("container {id} has no cgroup"))?;
+                Ok(serde_json::to_value(data)?)
+            },
+            ooms: &|| rt.stats(id).ok().flatten().and_then(|s| s.oom_kills),
+        },
+    )
+}
+
+/// Where `events` reads a container, native or in a VM: whether it still runs, the
+/// `data` of its stats event, and its cgroup's OOM kill count.
+pub struct EventSource<'a> {
+    pub running: &'a dyn Fn() -> bool,
+    pub stats: &'a dyn Fn() -> Result<serde_json::Value>,
+    pub ooms: &'a dyn Fn() -> Option<u64>,
+}
+
+/// The `events` stream of a running container (see [`events`]).
+pub fn events_of(id: &str, once: bool, interval: &str, src: &EventSource<'_>) -> Result<()> {
     use std::io::Write;
     let every = go_duration(interval).with_context(|| format!("--interval {interval}"))?;
     if every.is_zero() {
         bail!("--interval {interval}: must be above zero");
     }
-    let st = rt.state(id)?;
-    if st.status() == Status::Stopped {
-        bail!("container {id} is not running");
-    }
     let stats_event = || -> Result<String> {
-        let data = rt
-            .event_stats(id)?
-            .with_context(|| format!("container {id} has no cgroup"))?;
-        Ok(serde_json::json!({"type": "stats", "id": id, "data": data}).to_string())
+        Ok(serde_json::json!({"type": "stats", "id": id, "data": (src.stats)()?}).to_string())
     };
     let mut out = std::io::stdout().lock();
     if once {
         writeln!(out, "{}", stats_event()?)?;
         return Ok(());
     }
-    let ooms = || rt.stats(id).ok().flatten().and_then(|s| s.oom_kills);
-    let mut seen_ooms = ooms().unwrap_or(0);
+    let mut seen_ooms = (src.ooms)().unwrap_or(0);
     let tick = every.min(std::time::Duration::from_millis(100));
     let mut next = std::time::Instant::now();
     loop {
-        match rt.state(id) {
-            Ok(st) if st.status() != Status::Stopped => {}
-            _ => return Ok(()),
+        if !(src.running)() {
+            return Ok(());
         }
-        if let Some(n) = ooms() {
+        if let Some(n) = (src.ooms)() {
             if n > seen_ooms {
                 writeln!(out, "{}", serde_json::json!({"type": "oom", "id": id}))?;
                 out.flush()?;

@@ -582,6 +582,144 @@ pub fn kill(root: &Path, a: &KillArgs) -> Result<()> {
     sandbox::expect_ok(&format!("kill {}", a.id), r)
 }
 
+/// A control action on a live VM container's cgroup in the guest (see
+/// [`Request::Control`]), on `agent` or a fresh connection; an error reply is an error.
+fn control(
+    st: &VmState,
+    agent: Option<&mut Agent>,
+    action: proto::ControlAction,
+) -> Result<Response> {
+    let verb = match &action {
+        proto::ControlAction::Pause => "pause",
+        proto::ControlAction::Resume => "resume",
+        proto::ControlAction::Processes => "ps",
+        proto::ControlAction::Update { .. } => "update",
+        proto::ControlAction::Cgroup => "stats",
+    };
+    if status(st) == Status::Stopped {
+        bail!("container {} is not running", st.id);
+    }
+    let req = Request::Control {
+        container: guest_id(&st.id),
+        action,
+    };
+    let r = match agent {
+        Some(a) => a.call(req)?,
+        None => agent_of(st)?.call(req)?,
+    };
+    match r {
+        Response::Error { message, .. } => bail!("{verb} {}: {message}", st.id),
+        r => Ok(r),
+    }
+}
+
+/// OCI `pause` (`resume` when `thaw`) in VM mode: the container's cgroup in the guest
+/// is frozen (thawed); the VM itself runs on, as a native container's host does.
+pub fn pause(root: &Path, id: &str, thaw: bool) -> Result<()> {
+    let st = load(root, id)?;
+    let (verb, want, next) = if thaw {
+        ("resume", Status::Paused, Status::Running)
+    } else {
+        ("pause", Status::Running, Status::Paused)
+    };
+    if status(&st) != want {
+        bail!("container {id} is {}, not {want}", status(&st));
+    }
+    let action = if thaw {
+        proto::ControlAction::Resume
+    } else {
+        proto::ControlAction::Pause
+    };
+    sandbox::expect_ok(&format!("{verb} {id}"), control(&st, None, action)?)?;
+    let mut cur = load(root, id)?;
+    if cur.status == want {
+        cur.status = next;
+        save(root, &cur)?;
+    }
+    Ok(())
+}
+
+/// OCI `ps ID` in VM mode: the container's processes as the guest numbers them
+/// (`--format json`: runc's array of pids; else a PID and CMD table). The host's `ps`
+/// cannot see into the guest, so `ps` options are refused.
+pub fn ps(root: &Path, id: &str, json: bool, ps_args: &[String]) -> Result<()> {
+    if !ps_args.is_empty() {
+        bail!(
+            "ps {}: a VM container's processes are in its guest, where the host's ps cannot look; use ps ID or ps --format json ID",
+            ps_args.join(" ")
+        );
+    }
+    let st = load(root, id)?;
+    let Response::Processes { processes } = control(&st, None, proto::ControlAction::Processes)?
+    else {
+        bail!("ps {id}: the agent answered something else");
+    };
+    if json {
+        let pids: Vec<i32> = processes.iter().map(|p| p.pid).collect();
+        println!("{}", serde_json::to_string(&pids)?);
+    } else {
+        println!("{:>7} CMD", "PID");
+        for p in processes {
+            println!("{:>7} {}", p.pid, p.cmd);
+        }
+    }
+    Ok(())
+}
+
+/// OCI `update` in VM mode: the same partial `linux.resources` a native container
+/// takes, applied to the container's cgroup in the guest (the VM's own size stays).
+pub fn update(root: &Path, a: &crate::cli::UpdateArgs) -> Result<()> {
+    let delta = super::update_delta(a)?;
+    let st = load(root, &a.id)?;
+    let r = control(
+        &st,
+        None,
+        proto::ControlAction::Update {
+            resources: serde_json::to_value(delta)?,
+        },
+    )?;
+    sandbox::expect_ok(&format!("update {}", a.id), r)
+}
+
+/// The cgroup figures of a live VM container: nestor's stats and the `events --stats`
+/// document.
+fn cgroup(
+    st: &VmState,
+    agent: Option<&mut Agent>,
+) -> Result<(serde_json::Value, serde_json::Value)> {
+    match control(st, agent, proto::ControlAction::Cgroup)? {
+        Response::Cgroup { stats, events } => Ok((stats, events)),
+        other => bail!("stats of {}: unexpected answer {other:?}", st.id),
+    }
+}
+
+/// OCI `events` in VM mode: the native stream, read from the guest over one agent
+/// connection.
+pub fn events(root: &Path, id: &str, once: bool, interval: &str) -> Result<()> {
+    let st = load(root, id)?;
+    if status(&st) == Status::Stopped {
+        bail!("container {id} is not running");
+    }
+    let agent = std::cell::RefCell::new(agent_of(&st)?);
+    let running = || load(root, id).is_ok_and(|cur| status(&cur) != Status::Stopped);
+    let stats = || Ok(cgroup(&st, Some(&mut agent.borrow_mut()))?.1);
+    let ooms = || {
+        cgroup(&st, Some(&mut agent.borrow_mut()))
+            .ok()
+            .and_then(|(s, _)| s["oom_kills"].as_u64())
+    };
+    super::events_of(
+        id,
+        once,
+        interval,
+        &super::EventSource {
+            running: &running,
+            stats: &stats,
+            ooms: &ooms,
+        },
+    )
+}
+
 /// OCI `delete` in VM mode.
 pub fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
     let st = load(root, id)?;
