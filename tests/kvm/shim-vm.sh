@@ -8,7 +8,7 @@
 # process in the guest), `task ps`, `pause`/`resume` (the container stands still),
 # `metrics`, OCI `update`/`events --stats`/`ps` on the VM container, `task kill`, `task rm`,
 # `c rm`, after which no VMM, VM state or bundle mount is left. Then native mode on the
-# test host's cgroup v2: TaskOOM while the task runs. Two nested VM launches; about
+# test host's cgroup v2, and VM mode: TaskOOM while the task runs. Three nested VM launches; about
 # 100-130 s with the boot.
 # Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all pass.
 set -euo pipefail
@@ -126,8 +126,27 @@ for _ in $(seq 100); do
 done
 cx task rm nat-oom >/dev/null
 cx c rm nat-oom
-kill "$evpid" 2>/dev/null || true
 expect "cgroup v2: one OOM event" 1 "$(grep nat-oom "$work/events" | grep -c /tasks/oom)"
+# 4. VM mode: TaskOOM while the task runs, from the guest's cgroup (the shim follows
+#    the VM-mode `events` stream).
+cx run -d --memory-limit 33554432 "${vm[@]}" "$image" vm-oom \
+    sh -c 'tail /dev/zero; exec sleep 1000'
+for _ in $(seq 600); do
+    grep "vm-oom" "$work/events" | grep -q /tasks/oom && break
+    sleep 0.2
+done
+grep "vm-oom" "$work/events" | grep -q /tasks/oom && pass "VM mode: TaskOOM while the task runs" ||
+    bad "VM mode: no /tasks/oom: $(grep vm-oom "$work/events")"
+expect "VM mode: the init lived on" RUNNING "$(cx task ls | awk '$1 == "vm-oom" {print $3}')"
+cx task kill -s KILL vm-oom
+for _ in $(seq 300); do
+    [[ $(cx task ls | awk '$1 == "vm-oom" {print $3}') == STOPPED ]] && break
+    sleep 0.1
+done
+cx task rm vm-oom >/dev/null
+cx c rm vm-oom
+expect "VM mode: one OOM event" 1 "$(grep vm-oom "$work/events" | grep -c /tasks/oom)"
+kill "$evpid" 2>/dev/null || true
 
 if ((fail)); then
     echo "--- containerd log (tail)" >&2

@@ -291,6 +291,43 @@ impl Nestor {
         r.map(drop)
     }
 
+    /// VM mode: the container's `events --interval 1s` stream (OOM kills in the guest's
+    /// cgroup come as `{"type":"oom"}` lines within 500 ms), one line per message on
+    /// the receiver; it ends when the container stops. Dropping the returned guard
+    /// ends the child (the shim's reaper reaps it).
+    pub async fn vm_events(
+        &self,
+        id: &str,
+    ) -> Result<(EndOnDrop, tokio::sync::mpsc::Receiver<String>)> {
+        exits::init().await;
+        let mut child = Command::new(&self.bin)
+            .arg("--vm-runtime")
+            .arg("--root")
+            .arg(&self.root)
+            .args(["events", "--interval", "1s", id])
+            .env("NESTOR_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("run {} events", self.bin.display()))?;
+        let guard = EndOnDrop(child.id() as i32);
+        let out = child.stdout.take().context("events: no stdout")?;
+        // Never waited on here: the reaper takes it.
+        drop(child);
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.blocking_send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok((guard, rx))
+    }
+
     /// The container's cgroup, from nestor's state file (for Pids, Stats and Update).
     pub fn cgroup(&self, id: &str) -> Result<nestor_container::cgroups::Cgroup> {
         let st = nestor_container::state::Root::new(&self.root)
@@ -300,6 +337,18 @@ impl Nestor {
             .cgroup
             .with_context(|| format!("container {id} has no cgroup"))?;
         Ok(serde_json::from_value(v)?)
+    }
+}
+
+/// A child process that is sent SIGKILL when this is dropped.
+pub struct EndOnDrop(i32);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 

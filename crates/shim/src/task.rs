@@ -258,6 +258,9 @@ impl TaskService {
 
     /// Watch the container's memory cgroup for OOMs while it runs.
     fn watch_oom(&self, id: &str, nestor: &Nestor) -> Option<tokio::task::JoinHandle<()>> {
+        if nestor.vm {
+            return Some(self.watch_vm_oom(id, nestor));
+        }
         let cg = nestor.cgroup(id).ok()?;
         let mut watch = match OomWatch::new(&cg) {
             Ok(Some(w)) => w,
@@ -278,6 +281,42 @@ impl TaskService {
                 this.oom_notice(&id, notice).await;
             }
         }))
+    }
+
+    /// VM mode: the OOM killer acts in the guest, where the VM-mode `events` stream
+    /// (the agent's view of the container's cgroup) reports each kill once; each is
+    /// a TaskOOM unless the init's exit has been published.
+    fn watch_vm_oom(&self, id: &str, nestor: &Nestor) -> tokio::task::JoinHandle<()> {
+        let (this, id, nestor) = (self.clone(), id.to_string(), nestor.clone());
+        tokio::spawn(async move {
+            let (_child, mut lines) = match nestor.vm_events(&id).await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!("{id}: no OOM events while it runs: {e:#}");
+                    return;
+                }
+            };
+            while let Some(line) = lines.recv().await {
+                let oom = serde_json::from_str::<serde_json::Value>(&line)
+                    .is_ok_and(|v| v["type"] == "oom");
+                if !oom {
+                    continue;
+                }
+                {
+                    let mut map = this.containers.lock().await;
+                    let Some(c) = map.get_mut(&id) else { return };
+                    if c.oom_done {
+                        return;
+                    }
+                    c.oom_seen += 1;
+                }
+                debug!("{id}: OOM in the guest");
+                this.send(TaskOOM {
+                    container_id: id.clone(),
+                    ..Default::default()
+                });
+            }
+        })
     }
 
     /// SIGKILL whatever is left in the container's cgroup after its init exited.

@@ -488,6 +488,7 @@ pub fn events(rt: &Runtime, id: &str, once: bool, interval: &str) -> Result<()> 
                 Ok(serde_json::to_value(data)?)
             },
             ooms: &|| rt.stats(id).ok().flatten().and_then(|s| s.oom_kills),
+            tick: std::time::Duration::from_millis(100),
         },
     )
 }
@@ -498,6 +499,8 @@ pub struct EventSource<'a> {
     pub running: &'a dyn Fn() -> bool,
     pub stats: &'a dyn Fn() -> Result<serde_json::Value>,
     pub ooms: &'a dyn Fn() -> Option<u64>,
+    /// How often the OOM count and `running` are looked at (at most the interval).
+    pub tick: std::time::Duration,
 }
 
 /// The `events` stream of a running container (see [`events`]).
@@ -516,7 +519,7 @@ pub fn events_of(id: &str, once: bool, interval: &str, src: &EventSource<'_>) ->
         return Ok(());
     }
     let mut seen_ooms = (src.ooms)().unwrap_or(0);
-    let tick = every.min(std::time::Duration::from_millis(100));
+    let tick = every.min(src.tick);
     let mut next = std::time::Instant::now();
     loop {
         if !(src.running)() {

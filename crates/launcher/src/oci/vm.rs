@@ -694,7 +694,7 @@ fn cgroup(
 }
 
 /// OCI `events` in VM mode: the native stream, read from the guest over one agent
-/// connection.
+/// connection (OOM kills looked for every 500 ms, a request each).
 pub fn events(root: &Path, id: &str, once: bool, interval: &str) -> Result<()> {
     let st = load(root, id)?;
     if status(&st) == Status::Stopped {
@@ -716,6 +716,8 @@ pub fn events(root: &Path, id: &str, once: bool, interval: &str) -> Result<()> {
             running: &running,
             stats: &stats,
             ooms: &ooms,
+            // Each look is a request to the guest.
+            tick: Duration::from_millis(500),
         },
     )
 }
