@@ -2,7 +2,9 @@
 //! that says how the guest ended (see `--help`). SIGTERM, SIGINT and SIGHUP stop the VM
 //! cleanly (status 0, as an API shutdown), so sockets are removed on the way out.
 //! `--restore DIR [--resume]` builds the VM of a snapshot instead of booting one; the
-//! snapshot is read and checked whole before anything is created.
+//! snapshot is read and checked whole before anything is created. `--migrate-from ADDR`
+//! receives a live migration: the whole stream is read and checked, then the VM is
+//! built, run, and the source told (module `migration`).
 
 use std::process::ExitCode;
 use std::sync::Arc;
