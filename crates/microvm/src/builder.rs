@@ -918,12 +918,15 @@ impl Vmm {
     ) -> Result<(), crate::migration::MigrationError> {
         use crate::migration::{self as mig, kind, MigrationError};
         let conn = mig::Conn::connect(to, opts.timeout)?;
-        let mut w = mig::Writer::new(conn);
-        let refused = |w: &mut mig::Writer<mig::Conn>, e: MigrationError| {
+        // Small frames (a dirty page or two) go out in few writes.
+        let mut w = mig::Writer::new(std::io::BufWriter::with_capacity(1 << 20, conn));
+        type Out = std::io::BufWriter<mig::Conn>;
+        let refused = |w: &mut mig::Writer<Out>, e: MigrationError| {
             // A destination that refused says why in a NACK before it closes.
             if let MigrationError::Io { .. } = e {
-                let _ = w.inner().set_timeout(Duration::from_secs(2));
-                let mut r = mig::Reader::new(w.inner());
+                let conn = w.inner().get_mut();
+                let _ = conn.set_timeout(Duration::from_secs(2));
+                let mut r = mig::Reader::new(conn);
                 if let Err(n @ MigrationError::Refused(_)) = mig::read_answer(&mut r) {
                     return n;
                 }
@@ -1015,9 +1018,14 @@ impl Vmm {
             .collect();
         let r = w.json(kind::STATE, &state).and_then(|()| w.end(was_paused));
         r.map_err(|e| refused(&mut w, e))?;
+        let r = w.inner().flush().map_err(|e| MigrationError::Io {
+            what: "sending the stream's end".into(),
+            source: e,
+        });
+        r.map_err(|e| refused(&mut w, e))?;
         report.bytes = w.bytes;
         report.memory_bytes = w.page_bytes;
-        let mut rd = mig::Reader::new(w.inner());
+        let mut rd = mig::Reader::new(w.inner().get_mut());
         mig::read_answer(&mut rd)?;
         drop(held);
         report.downtime_ms = paused_at.elapsed().as_millis() as u64;

@@ -28,7 +28,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::VmConfig;
 use crate::snapshot::{DirtyPages, VmSnapshot};
@@ -151,7 +151,9 @@ impl Conn {
         let c = match addr {
             Addr::Unix(p) => Conn::Unix(UnixStream::connect(p).map_err(io(what()))?),
             Addr::Tcp(a) => {
-                let s = TcpStream::connect_timeout(a, timeout).map_err(io(what()))?;
+                // A blocking connect: socket(2) and connect(2), what the main
+                // thread's seccomp filter allows.
+                let s = TcpStream::connect(a).map_err(io(what()))?;
                 let _ = s.set_nodelay(true);
                 Conn::Tcp(s)
             }
@@ -436,23 +438,28 @@ impl<R: Read> Reader<R> {
 }
 
 /// Sends guest memory as `PAGES` frames: with `dirty`, the pages set in it (zero or
-/// not), else every page that is not all zero. Reads go through `vm-memory` (volatile
-/// copies), so the guest may run meanwhile: a page it changes after being read is in
-/// the next round's dirty log.
+/// not), else every page that is not all zero. Frames are written straight from the
+/// guest's mapping. The guest may run meanwhile (pre-copy): a page it changes after
+/// being sent is in the next round's dirty log, and a torn copy of it is replaced then.
 pub fn send_memory<W: Write>(
     w: &mut Writer<W>,
     mem: &GuestMemory,
     dirty: Option<&DirtyPages>,
 ) -> Result<(), MigrationError> {
-    let mut buf = vec![0u8; MAX_FRAME_PAGES * PAGE];
     let zero = [0u8; PAGE];
     for (i, r) in mem.iter().enumerate() {
         let base = r.start_addr().0;
-        let pages = (r.len() as usize) / PAGE;
-        let read = |p: usize, n: usize, buf: &mut [u8]| {
-            mem.read_slice(&mut buf[..n * PAGE], GuestAddress(base + (p * PAGE) as u64))
-                .map_err(|e| MigrationError::Vm(format!("reading guest memory: {e}")))
-        };
+        let len = r.len() as usize;
+        let pages = len / PAGE;
+        let host = mem
+            .get_host_address(r.start_addr())
+            .map_err(|e| MigrationError::Vm(format!("guest memory: {e}")))?;
+        // SAFETY: `host..host+len` is this region's mapping, alive as long as `mem`.
+        // The guest may write it meanwhile (pre-copy's running rounds); the bytes are
+        // only compared and handed to write(2), and a page changed meanwhile is sent
+        // again from the dirty log with the vCPUs paused, as the snapshot code reads it.
+        let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
+        let page = |p: usize| &bytes[p * PAGE..(p + 1) * PAGE];
         match dirty {
             Some(d) => {
                 let bits = d.get(i).ok_or_else(|| {
@@ -469,29 +476,21 @@ pub fn send_memory<W: Write>(
                     while p < pages && p - start < MAX_FRAME_PAGES && set(p) {
                         p += 1;
                     }
-                    read(start, p - start, &mut buf)?;
-                    w.pages(base + (start * PAGE) as u64, &buf[..(p - start) * PAGE])?;
+                    w.pages(base + (start * PAGE) as u64, &bytes[start * PAGE..p * PAGE])?;
                 }
             }
             None => {
                 let mut p = 0;
                 while p < pages {
-                    let n = MAX_FRAME_PAGES.min(pages - p);
-                    read(p, n, &mut buf)?;
-                    // Runs of non-zero pages of this chunk, one frame each.
-                    let mut q = 0;
-                    while q < n {
-                        if buf[q * PAGE..(q + 1) * PAGE] == zero {
-                            q += 1;
-                            continue;
-                        }
-                        let s = q;
-                        while q < n && buf[q * PAGE..(q + 1) * PAGE] != zero {
-                            q += 1;
-                        }
-                        w.pages(base + ((p + s) * PAGE) as u64, &buf[s * PAGE..q * PAGE])?;
+                    if page(p) == zero {
+                        p += 1;
+                        continue;
                     }
-                    p += n;
+                    let start = p;
+                    while p < pages && p - start < MAX_FRAME_PAGES && page(p) != zero {
+                        p += 1;
+                    }
+                    w.pages(base + (start * PAGE) as u64, &bytes[start * PAGE..p * PAGE])?;
                 }
             }
         }
@@ -582,8 +581,15 @@ pub fn receive<R: Read>(
                         data.len()
                     )));
                 }
-                mem.write_slice(data, GuestAddress(addr))
+                let host = mem
+                    .get_host_address(GuestAddress(addr))
                     .map_err(|e| MigrationError::Corrupt(format!("pages at {addr:#x}: {e}")))?;
+                // SAFETY: `addr..addr+len` lies inside one RAM range (checked above),
+                // which is one region of `mem`, mapped and seen by no vCPU or device
+                // yet; `data` is a separate buffer.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(data.as_ptr(), host, data.len());
+                }
                 r.page_bytes += data.len() as u64;
             }
             kind::STATE => {
@@ -826,6 +832,7 @@ mod tests {
 
     #[test]
     fn memory_goes_out_as_non_zero_pages_or_as_the_dirty_ones() {
+        use vm_memory::Bytes;
         let mem = memory::create_guest_memory(&[(0, 1 << 20)]).unwrap();
         mem.write_obj(0x55u8, GuestAddress(0x5000)).unwrap();
         mem.write_obj(0x66u8, GuestAddress(0x6000)).unwrap();
