@@ -154,12 +154,20 @@ bpid=$!
 pids+=("$bpid")
 for _ in $(seq 100); do [[ -S $work/b.mig ]] && break; sleep 0.1; done
 sc=$("$vmm" --api "$work/a.sock" --call "{\"action\":\"migrate\",\"to\":\"unix:$work/b.mig\",\"strategy\":\"stop-copy\"}" 2>&1) || true
-[[ $sc == *'"ok":true'* && $sc == *'"migration":'* ]] && pass "stop-copy migration" || bad "stop-copy: $sc"
-set +e
-wait "$apid"
-arc=$?
-set -e
-((arc == 0)) && pass "the stop-copy source exited 0" || bad "the stop-copy source: status $arc"
+dump() {
+    echo "--- consoles and nestor-vmm output" >&2
+    tail -n 20 "$work"/console* "$work"/vmm*.log >&2 || true
+}
+[[ $sc == *'"ok":true'* && $sc == *'"migration":'* ]] && pass "stop-copy migration" ||
+    { bad "stop-copy: $sc"; dump; finish; }
+arc=running
+if [[ $sc == *'"ok":true'* ]]; then
+    set +e
+    wait "$apid"
+    arc=$?
+    set -e
+fi
+[[ $arc == 0 ]] && pass "the stop-copy source exited 0" || bad "the stop-copy source: status $arc"
 out=$("$client" client --hybrid "$work/v2.sock" --timeout 90 ping --vmm-pid "$bpid" 2>&1) || true
 expect "agent answers after stop-copy" '{"type":"pong","version":1,"pid1":true}' "$out"
 check "$work/v2.sock" s2 "stop-copy"
@@ -173,12 +181,16 @@ pids+=("$cpid")
 hex=$(printf '%04X' "$port")
 for _ in $(seq 100); do grep -q ":$hex 00000000:0000 0A" /proc/net/tcp && break; sleep 0.1; done
 pc=$("$vmm" --api "$work/b.sock" --call "{\"action\":\"migrate\",\"to\":\"tcp:127.0.0.1:$port\",\"strategy\":\"pre-copy\",\"downtime_ms\":300}" 2>&1) || true
-[[ $pc == *'"ok":true'* && $pc == *'"migration":'* ]] && pass "pre-copy migration (TCP)" || bad "pre-copy: $pc"
-set +e
-wait "$bpid"
-brc=$?
-set -e
-((brc == 0)) && pass "the pre-copy source exited 0" || bad "the pre-copy source: status $brc"
+[[ $pc == *'"ok":true'* && $pc == *'"migration":'* ]] && pass "pre-copy migration (TCP)" ||
+    { bad "pre-copy: $pc"; echo "vmm-migrate: stop-copy: $sc"; dump; finish; }
+brc=running
+if [[ $pc == *'"ok":true'* ]]; then
+    set +e
+    wait "$bpid"
+    brc=$?
+    set -e
+fi
+[[ $brc == 0 ]] && pass "the pre-copy source exited 0" || bad "the pre-copy source: status $brc"
 out=$("$client" client --hybrid "$work/v3.sock" --timeout 90 ping --vmm-pid "$cpid" 2>&1) || true
 expect "agent answers after pre-copy" '{"type":"pong","version":1,"pid1":true}' "$out"
 check "$work/v3.sock" s3 "pre-copy"
@@ -189,10 +201,7 @@ wait "$cpid"
 crc=$?
 set -e
 ((crc == 0)) && pass "the last VMM exited 0 after the agent's shutdown" || bad "last VMM status $crc"
-if ((fail)); then
-    echo "--- consoles and nestor-vmm output" >&2
-    tail -n 20 "$work"/console* "$work"/vmm*.log >&2 || true
-fi
+((fail)) && dump
 fig() {
     echo "downtime $(field "$1" downtime_ms) ms, total $(field "$1" total_ms) ms, $(($(field "$1" bytes) / 1024)) KiB sent ($(($(field "$1" last_round_bytes) / 1024)) KiB paused), $(field "$1" rounds) rounds, first round $(field "$1" bandwidth_mib_s) MiB/s"
 }

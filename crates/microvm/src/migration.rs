@@ -438,15 +438,17 @@ impl<R: Read> Reader<R> {
 }
 
 /// Sends guest memory as `PAGES` frames: with `dirty`, the pages set in it (zero or
-/// not), else every page that is not all zero. Frames are written straight from the
-/// guest's mapping. The guest may run meanwhile (pre-copy): a page it changes after
-/// being sent is in the next round's dirty log, and a torn copy of it is replaced then.
+/// not), else every page that is not all zero. Each run is copied out of the guest's
+/// mapping once, then checksummed and sent from the copy: the guest may run meanwhile
+/// (pre-copy), and a page it changes after the copy is in the next round's dirty log
+/// (a torn copy of it is replaced then).
 pub fn send_memory<W: Write>(
     w: &mut Writer<W>,
     mem: &GuestMemory,
     dirty: Option<&DirtyPages>,
 ) -> Result<(), MigrationError> {
     let zero = [0u8; PAGE];
+    let mut buf = vec![0u8; MAX_FRAME_PAGES * PAGE];
     for (i, r) in mem.iter().enumerate() {
         let base = r.start_addr().0;
         let len = r.len() as usize;
@@ -456,10 +458,16 @@ pub fn send_memory<W: Write>(
             .map_err(|e| MigrationError::Vm(format!("guest memory: {e}")))?;
         // SAFETY: `host..host+len` is this region's mapping, alive as long as `mem`.
         // The guest may write it meanwhile (pre-copy's running rounds); the bytes are
-        // only compared and handed to write(2), and a page changed meanwhile is sent
-        // again from the dirty log with the vCPUs paused, as the snapshot code reads it.
+        // only compared and copied out as plain bytes (any value is valid), and a page
+        // changed meanwhile is sent again from the dirty log, the last time with the
+        // vCPUs paused, as the snapshot code reads memory.
         let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
         let page = |p: usize| &bytes[p * PAGE..(p + 1) * PAGE];
+        let mut send = |w: &mut Writer<W>, start: usize, end: usize| {
+            let out = &mut buf[..(end - start) * PAGE];
+            out.copy_from_slice(&bytes[start * PAGE..end * PAGE]);
+            w.pages(base + (start * PAGE) as u64, out)
+        };
         match dirty {
             Some(d) => {
                 let bits = d.get(i).ok_or_else(|| {
@@ -476,7 +484,7 @@ pub fn send_memory<W: Write>(
                     while p < pages && p - start < MAX_FRAME_PAGES && set(p) {
                         p += 1;
                     }
-                    w.pages(base + (start * PAGE) as u64, &bytes[start * PAGE..p * PAGE])?;
+                    send(w, start, p)?;
                 }
             }
             None => {
@@ -490,7 +498,7 @@ pub fn send_memory<W: Write>(
                     while p < pages && p - start < MAX_FRAME_PAGES && page(p) != zero {
                         p += 1;
                     }
-                    w.pages(base + (start * PAGE) as u64, &bytes[start * PAGE..p * PAGE])?;
+                    send(w, start, p)?;
                 }
             }
         }
