@@ -203,7 +203,7 @@ set -e
 ((crc == 0)) && pass "the last VMM exited 0 after the agent's shutdown" || bad "last VMM status $crc"
 ((fail)) && dump
 fig() {
-    echo "downtime $(field "$1" downtime_ms) ms, total $(field "$1" total_ms) ms, $(($(field "$1" bytes) / 1024)) KiB sent ($(($(field "$1" last_round_bytes) / 1024)) KiB paused), $(field "$1" rounds) rounds, first round $(field "$1" bandwidth_mib_s) MiB/s"
+    echo "downtime $(field "$1" downtime_ms) ms, total $(field "$1" total_ms) ms, $(($(field "$1" bytes) / 1024)) KiB sent ($(($(field "$1" last_round_bytes) / 1024)) KiB paused), $(field "$1" rounds) rounds, first round at $(field "$1" bandwidth_mib_s) MiB/s"
 }
 [[ $sc == *'"ok":true'* ]] && echo "vmm-migrate: stop-copy (Unix socket): $(fig "$sc")$label"
 [[ $pc == *'"ok":true'* ]] && echo "vmm-migrate: pre-copy (TCP, downtime target 300 ms): $(fig "$pc")$label"

@@ -177,7 +177,7 @@ pub struct MigrateReport {
     pub memory_bytes: u64,
     /// Guest memory bytes sent while paused.
     pub last_round_bytes: u64,
-    /// Rate of the first round (pre-copy), MiB/s.
+    /// Rate of the first round (pre-copy; stop-copy: of its only one), MiB/s.
     pub bandwidth_mib_s: f64,
 }
 
@@ -989,6 +989,7 @@ impl Vmm {
             .save_state(live, &held)
             .map_err(|e| MigrationError::Vm(e.to_string()))?;
         let before = w.page_bytes;
+        let send_start = Instant::now();
         let sent = match pending.as_mut() {
             Some(p) => {
                 let d = self
@@ -1002,6 +1003,11 @@ impl Vmm {
         sent.map_err(|e| refused(&mut w, e))?;
         report.rounds += 1;
         report.last_round_bytes = w.page_bytes - before;
+        if opts.strategy == Strategy::StopCopy {
+            let secs = send_start.elapsed().as_secs_f64().max(1e-3);
+            let rate = report.last_round_bytes as f64 / secs / f64::from(1 << 20);
+            report.bandwidth_mib_s = (rate * 10.0).round() / 10.0;
+        }
         let mut offset = 0;
         state.memory = self
             .mem
