@@ -839,6 +839,42 @@ mod tests {
     }
 
     #[test]
+    fn memory_written_while_it_is_sent_still_makes_good_frames() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        use vm_memory::Bytes;
+        let mem = memory::create_guest_memory(&[(0, 4 << 20)]).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (mem, stop) = (mem.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 1u64;
+                while !stop.load(Ordering::Relaxed) {
+                    // Every page, over and over, as a guest dirtying memory would.
+                    for p in 0..(4 << 20) / PAGE as u64 {
+                        mem.write_obj(i, GuestAddress(p * PAGE as u64 + (i % 512) * 8))
+                            .unwrap();
+                    }
+                    i += 1;
+                }
+            })
+        };
+        let dirty: DirtyPages = vec![vec![u64::MAX; (4 << 20) / PAGE / 64]];
+        for _ in 0..20 {
+            let mut out = Vec::new();
+            let mut w = Writer::new(&mut out);
+            send_memory(&mut w, &mem, Some(&dirty)).unwrap();
+            let frames = w.frames;
+            let mut r = Reader::new(&out[..]);
+            for _ in 0..frames {
+                r.frame().expect("a frame sent while its pages changed");
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+    }
+
+    #[test]
     fn memory_goes_out_as_non_zero_pages_or_as_the_dirty_ones() {
         use vm_memory::Bytes;
         let mem = memory::create_guest_memory(&[(0, 1 << 20)]).unwrap();
