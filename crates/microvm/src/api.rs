@@ -3,7 +3,10 @@
 //! `{"action": "snapshot-create", "dir": DIR, "resume": BOOL, "diff": BOOL,
 //! "parent": DIR}`, or `{"action": "rate-limit", "device": "disk0" | "net0",
 //! "bandwidth": {"size": N, "refill_time_ms": MS, "one_time_burst": N}, "ops": {…}}`
-//! (an absent bucket is unlimited) — and answering one
+//! (an absent bucket is unlimited), or `{"action": "migrate", "to": "unix:PATH" |
+//! "tcp:IP:PORT", "strategy": "stop-copy" | "pre-copy", "downtime_ms": N,
+//! "max_rounds": N}` (defaults: stop-copy, 300 ms, 10 rounds; the VMM exits 0 once the
+//! destination runs the VM) — and answering one
 //! JSON line each. It is served from the VMM's main thread, which also waits for the
 //! guest to end the VM; the socket file is removed when the VMM exits.
 
@@ -15,9 +18,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::builder::Vmm;
+use crate::builder::{MigrateOptions, Strategy, Vmm};
 use crate::devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 use crate::exit::GuestExit;
+use crate::migration::Addr;
 
 /// Errors setting up the socket.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +59,14 @@ struct Envelope {
     bandwidth: Option<TokenBucketConfig>,
     #[serde(default)]
     ops: Option<TokenBucketConfig>,
+    #[serde(default)]
+    to: Option<String>,
+    #[serde(default)]
+    strategy: Option<Strategy>,
+    #[serde(default)]
+    downtime_ms: Option<u64>,
+    #[serde(default)]
+    max_rounds: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, PartialEq, Eq)]
@@ -66,6 +78,7 @@ enum Action {
     Metrics,
     SnapshotCreate,
     RateLimit,
+    Migrate,
 }
 
 /// A request line that is not a request.
@@ -77,6 +90,9 @@ pub enum RequestError {
     /// A field that does not belong to the action, or one missing.
     #[error("{0}")]
     Fields(&'static str),
+    /// A migration address that is not one.
+    #[error("{0}")]
+    Addr(String),
 }
 
 /// Parses a request line.
@@ -94,6 +110,16 @@ pub fn parse_request(line: &str) -> Result<Request, RequestError> {
     {
         return Err(RequestError::Fields(
             "\"device\", \"bandwidth\" and \"ops\" belong to rate-limit",
+        ));
+    }
+    if e.action != Action::Migrate
+        && (e.to.is_some()
+            || e.strategy.is_some()
+            || e.downtime_ms.is_some()
+            || e.max_rounds.is_some())
+    {
+        return Err(RequestError::Fields(
+            "\"to\", \"strategy\", \"downtime_ms\" and \"max_rounds\" belong to migrate",
         ));
     }
     let diff = e.diff.unwrap_or(false);
@@ -115,6 +141,26 @@ pub fn parse_request(line: &str) -> Result<Request, RequestError> {
             diff,
             parent: e.parent,
         },
+        Action::Migrate => {
+            let to = e.to.ok_or(RequestError::Fields("migrate needs \"to\""))?;
+            let to = to.parse::<Addr>().map_err(RequestError::Addr)?;
+            let mut opts = MigrateOptions {
+                strategy: e.strategy.unwrap_or_default(),
+                ..MigrateOptions::default()
+            };
+            if let Some(ms) = e.downtime_ms {
+                opts.downtime = std::time::Duration::from_millis(ms);
+            }
+            if let Some(n) = e.max_rounds {
+                if n < 2 {
+                    return Err(RequestError::Fields(
+                        "\"max_rounds\" is at least 2 (one running round, the paused one)",
+                    ));
+                }
+                opts.max_rounds = n;
+            }
+            Request::Migrate { to, opts }
+        }
         Action::RateLimit => Request::RateLimit {
             device: e
                 .device
@@ -150,6 +196,14 @@ pub enum Request {
         diff: bool,
         /// The parent the caller expects (refused if it is not that last snapshot).
         parent: Option<PathBuf>,
+    },
+    /// Live-migrate the VM to a destination nestor-vmm (`--migrate-from`); on success
+    /// this VMM exits 0.
+    Migrate {
+        /// Where the destination listens.
+        to: Addr,
+        /// Strategy, downtime target, round cap.
+        opts: MigrateOptions,
     },
     /// Replace a device's rate limits (fresh, full buckets).
     RateLimit {
@@ -308,6 +362,21 @@ fn answer(vmm: &mut Vmm, line: &str) -> (serde_json::Value, bool) {
             serde_json::json!({"ok": true, "metrics": metrics(vmm)}),
             false,
         ),
+        Request::Migrate { to, opts } => match vmm.migrate(&to, &opts) {
+            Ok(report) => {
+                eprintln!(
+                    "nestor-vmm: migrated to {to} ({:?}, {} rounds, {} ms paused): this VMM exits",
+                    report.strategy, report.rounds, report.downtime_ms
+                );
+                vmm.request_exit(GuestExit::Stopped);
+                (serde_json::json!({"ok": true, "migration": report}), true)
+            }
+            Err(e) => {
+                let line = format!("migration to {to} failed: {e}; the VM runs on here");
+                eprintln!("nestor-vmm: {line}");
+                (serde_json::json!({"ok": false, "error": line}), false)
+            }
+        },
         Request::RateLimit { device, limits } => match vmm.set_rate_limit(&device, &limits) {
             Ok(()) => (
                 serde_json::json!({"ok": true, "device": device, "rate_limit": limits}),
@@ -480,7 +549,30 @@ mod tests {
                 },
             }
         );
+        assert_eq!(
+            parse_request(r#"{"action":"migrate","to":"unix:/m.sock"}"#).unwrap(),
+            Request::Migrate {
+                to: Addr::Unix("/m.sock".into()),
+                opts: MigrateOptions::default(),
+            }
+        );
+        let Request::Migrate { to, opts } = parse_request(
+            r#"{"action":"migrate","to":"tcp:10.0.0.2:7000","strategy":"pre-copy","downtime_ms":50,"max_rounds":4}"#,
+        )
+        .unwrap() else {
+            panic!("not a migrate request");
+        };
+        assert_eq!(to, Addr::Tcp("10.0.0.2:7000".parse().unwrap()));
+        assert_eq!(
+            (opts.strategy, opts.downtime.as_millis(), opts.max_rounds),
+            (Strategy::PreCopy, 50, 4)
+        );
         for bad in [
+            r#"{"action":"migrate"}"#,
+            r#"{"action":"migrate","to":"/m.sock"}"#,
+            r#"{"action":"migrate","to":"unix:/m","strategy":"post-copy"}"#,
+            r#"{"action":"migrate","to":"unix:/m","max_rounds":1}"#,
+            r#"{"action":"pause","to":"unix:/m"}"#,
             r#"{"action":"rate-limit"}"#,
             r#"{"action":"pause","device":"disk0"}"#,
             r#"{"action":"rate-limit","device":"disk0","ops":{"size":1}}"#,

@@ -121,6 +121,66 @@ impl From<BusError> for VmmError {
 /// without ACPI).
 pub const HALT_CHECK_MS: i32 = 50;
 
+/// How a live migration moves memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Pause, send everything, resume there.
+    #[default]
+    StopCopy,
+    /// Send memory while the guest runs, then the pages it dirtied, in rounds, until
+    /// the rest fits the downtime target; then pause and send the rest.
+    PreCopy,
+}
+
+/// Options of [`Vmm::migrate`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MigrateOptions {
+    /// How memory moves.
+    pub strategy: Strategy,
+    /// Pre-copy stops its rounds once what is left would take this long to send at
+    /// the measured rate.
+    pub downtime: Duration,
+    /// Most rounds of pre-copy, the last (paused) one included.
+    pub max_rounds: u32,
+    /// A read or write that makes no progress for this long fails the migration.
+    pub timeout: Duration,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            strategy: Strategy::StopCopy,
+            downtime: Duration::from_millis(300),
+            max_rounds: 10,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a migration did (the API's answer to `migrate`).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct MigrateReport {
+    /// The destination.
+    pub to: String,
+    /// The strategy.
+    pub strategy: Strategy,
+    /// Rounds of memory, the paused one included.
+    pub rounds: u32,
+    /// From the pause to the destination's answer that its VM runs.
+    pub downtime_ms: u64,
+    /// The whole migration.
+    pub total_ms: u64,
+    /// Bytes on the wire.
+    pub bytes: u64,
+    /// Guest memory bytes sent (pages sent twice count twice).
+    pub memory_bytes: u64,
+    /// Guest memory bytes sent while paused.
+    pub last_round_bytes: u64,
+    /// Rate of the first round (pre-copy; stop-copy: of its only one), MiB/s.
+    pub bandwidth_mib_s: f64,
+}
+
 /// A built (and possibly running) microVM.
 pub struct Vmm {
     // Field order is drop order: threads are joined explicitly, then the VM fd closes,
@@ -373,6 +433,87 @@ impl Vmm {
             .collect();
         let mem = memory::map_private_file(&ranges, &snap.memory)?;
         snap.apply_layers(&mem).map_err(VmmError::Snapshot)?;
+        let last = cfg.track_dirty_pages.then(|| SnapshotRef {
+            dir: std::env::current_dir()
+                .unwrap_or_else(|_| PathBuf::from("/"))
+                .join(&snap.dir),
+            state_sha256: snap.state_sha256.clone(),
+        });
+        Self::restore_parts(
+            cfg, st, mem, devices, &snap.dir, last, start, console, resume,
+        )
+    }
+
+    /// Builds the VM of a migration stream received whole
+    /// ([`crate::migration::receive`]): as [`Vmm::restore`], with the memory that came
+    /// in the stream. Starts paused when `paused`.
+    pub fn restore_migrated(
+        received: crate::migration::Received,
+        start: Instant,
+        console: Option<ConsoleOut>,
+    ) -> Result<Self, VmmError> {
+        let cfg = &received.config;
+        cfg.validate()?;
+        if !cfg.fs.is_empty() {
+            return Err(VmmError::Snapshot(SnapshotError::Unsupported(
+                "virtio-fs devices (their state is in the file server)".into(),
+            )));
+        }
+        let devices = open_devices(cfg)?;
+        Self::restore_parts(
+            cfg,
+            &received.state,
+            received.memory,
+            devices,
+            Path::new("the migration stream"),
+            None,
+            start,
+            console,
+            !received.paused,
+        )
+    }
+
+    /// The common part of a restore: `mem` holds the guest's memory, `devices` are
+    /// opened; `origin` names the source in errors; `last` becomes the parent of the
+    /// next diff snapshot.
+    #[allow(clippy::too_many_arguments)]
+    fn restore_parts(
+        cfg: &VmConfig,
+        st: &snapshot::VmSnapshot,
+        mem: GuestMemory,
+        devices: Vec<Box<dyn VirtioDevice>>,
+        origin: &Path,
+        last: Option<SnapshotRef>,
+        start: Instant,
+        console: Option<ConsoleOut>,
+        resume: bool,
+    ) -> Result<Self, VmmError> {
+        let corrupt = |what: String| {
+            VmmError::Snapshot(SnapshotError::Corrupt {
+                path: origin.into(),
+                what,
+            })
+        };
+        let have: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        let saved: Vec<(u64, u64)> = st.memory.iter().map(|r| (r.guest_addr, r.size)).collect();
+        if have != saved || st.vcpus.len() != usize::from(cfg.vcpus) {
+            return Err(corrupt(
+                "its memory ranges or vCPU count differ from the VM's".into(),
+            ));
+        }
+        let types = |v: &mut dyn Iterator<Item = u32>| {
+            v.map(|t| t.to_string()).collect::<Vec<_>>().join(",")
+        };
+        let have = types(&mut devices.iter().map(|d| d.device_type()));
+        let want = types(&mut st.devices.iter().map(|d| d.device_type));
+        if have != want {
+            return Err(VmmError::Snapshot(SnapshotError::Mismatch {
+                path: origin.into(),
+                what: format!(
+                    "its virtio devices are of types [{want}], the configuration's [{have}]"
+                ),
+            }));
+        }
         let vm = Vm::new()?;
         vm.register_memory(&mem, cfg.track_dirty_pages)?;
         vm.setup_irqchip()?;
@@ -382,12 +523,7 @@ impl Vmm {
             t.lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .restore(s)
-                .map_err(|e| {
-                    VmmError::Snapshot(SnapshotError::Corrupt {
-                        path: snap.dir.clone(),
-                        what: e,
-                    })
-                })?;
+                .map_err(corrupt)?;
         }
         for s in &st.vcpus {
             let v = Vcpu::new(&vmm.vm, s.id)?;
@@ -398,14 +534,12 @@ impl Vmm {
             t.lock().unwrap_or_else(|p| p.into_inner()).raise_pending();
         }
         if cfg.track_dirty_pages {
-            // Memory is the snapshot's now: the next diff is taken against it.
+            // Memory is the snapshot's now: the next diff is taken against it (a
+            // migrated VM has no snapshot: a full one comes first).
             for r in vmm.mem.iter() {
                 std::ops::Deref::deref(r).bitmap().reset();
             }
-            *vmm.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(SnapshotRef {
-                dir: vmm.cwd.join(&snap.dir),
-                state_sha256: snap.state_sha256.clone(),
-            });
+            *vmm.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = last;
         }
         if !resume {
             vmm.ctx.control.pause();
@@ -644,6 +778,34 @@ impl Vmm {
             .collect()
     }
 
+    /// The state of a VM whose `live` vCPUs are paused and whose transports are
+    /// `held`: everything but guest memory (`memory` is left empty).
+    fn save_state(
+        &self,
+        live: usize,
+        held: &[std::sync::MutexGuard<'_, MmioTransport>],
+    ) -> Result<snapshot::VmSnapshot, SnapshotError> {
+        let vcpus = self
+            .ctx
+            .control
+            .save_all(live, Duration::from_secs(5))
+            .map_err(|e| SnapshotError::Save(e.to_string()))?;
+        let vm = self
+            .vm
+            .save_state()
+            .map_err(|e| SnapshotError::Save(e.to_string()))?;
+        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
+        Ok(snapshot::VmSnapshot {
+            config: self.cfg.clone(),
+            memory: Vec::new(),
+            vm,
+            vcpus,
+            serial,
+            devices: held.iter().map(|t| t.save()).collect(),
+            diff: None,
+        })
+    }
+
     fn take_snapshot(
         &self,
         dir: &Path,
@@ -669,29 +831,12 @@ impl Vmm {
             .iter()
             .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()))
             .collect();
-        let vcpus = self
-            .ctx
-            .control
-            .save_all(live, Duration::from_secs(5))
-            .map_err(|e| SnapshotError::Save(e.to_string()))?;
-        let vm = self
-            .vm
-            .save_state()
-            .map_err(|e| SnapshotError::Save(e.to_string()))?;
-        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
-        let mut state = snapshot::VmSnapshot {
-            config: self.cfg.clone(),
-            memory: Vec::new(),
-            vm,
-            vcpus,
-            serial,
-            devices: held.iter().map(|t| t.save()).collect(),
-            diff: parent.map(|p| snapshot::DiffInfo {
-                parent: p.dir,
-                parent_state_sha256: p.state_sha256,
-                pages: Vec::new(),
-            }),
-        };
+        let mut state = self.save_state(live, &held)?;
+        state.diff = parent.map(|p| snapshot::DiffInfo {
+            parent: p.dir,
+            parent_state_sha256: p.state_sha256,
+            pages: Vec::new(),
+        });
         let r = if self.cfg.track_dirty_pages {
             // Read (and clear) the log whether or not this is a diff: the next diff
             // counts from this snapshot. If anything fails, no diff can follow until
@@ -714,6 +859,184 @@ impl Vmm {
         };
         drop(held);
         r
+    }
+
+    /// Live-migrates the VM to the destination nestor-vmm listening at `to` (module
+    /// [`crate::migration`]). On `Ok` the destination runs the VM and this one is
+    /// paused for good (the caller ends it); on any error this VM runs on as before
+    /// (resumed, unless it was paused before).
+    pub fn migrate(
+        &self,
+        to: &crate::migration::Addr,
+        opts: &MigrateOptions,
+    ) -> Result<MigrateReport, crate::migration::MigrationError> {
+        use crate::migration::MigrationError;
+        if !self.cfg.fs.is_empty() {
+            return Err(MigrationError::Unsupported(
+                "cannot migrate this VM: it has virtio-fs devices (their state is in the file server)".into(),
+            ));
+        }
+        if opts.strategy == Strategy::PreCopy && !self.cfg.track_dirty_pages {
+            return Err(MigrationError::Unsupported(
+                "pre-copy needs the dirty log (start nestor-vmm with --track-dirty-pages)".into(),
+            ));
+        }
+        let live = self.handles.iter().filter(|h| !h.is_finished()).count();
+        if !self.pending.is_empty() || live != usize::from(self.vcpus) {
+            return Err(MigrationError::Vm(format!(
+                "{live} of {} vCPUs are running",
+                self.vcpus
+            )));
+        }
+        let was_paused = self.is_paused();
+        let t0 = Instant::now();
+        let mut report = MigrateReport {
+            to: to.to_string(),
+            strategy: opts.strategy,
+            ..MigrateReport::default()
+        };
+        let r = self.migrate_inner(to, opts, live, t0, &mut report);
+        if r.is_err() {
+            if opts.strategy == Strategy::PreCopy {
+                // The dirty log was read: no diff snapshot until a full one.
+                *self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+            if !was_paused {
+                self.resume();
+            }
+        }
+        r.map(|()| report)
+    }
+
+    fn migrate_inner(
+        &self,
+        to: &crate::migration::Addr,
+        opts: &MigrateOptions,
+        live: usize,
+        t0: Instant,
+        report: &mut MigrateReport,
+    ) -> Result<(), crate::migration::MigrationError> {
+        use crate::migration::{self as mig, kind, MigrationError};
+        let conn = mig::Conn::connect(to, opts.timeout)?;
+        // Small frames (a dirty page or two) go out in few writes.
+        let mut w = mig::Writer::new(std::io::BufWriter::with_capacity(1 << 20, conn));
+        type Out = std::io::BufWriter<mig::Conn>;
+        let refused = |w: &mut mig::Writer<Out>, e: MigrationError| {
+            // A destination that refused says why in a NACK before it closes.
+            if let MigrationError::Io { .. } = e {
+                let conn = w.inner().get_mut();
+                let _ = conn.set_timeout(Duration::from_secs(2));
+                let mut r = mig::Reader::new(conn);
+                if let Err(n @ MigrationError::Refused(_)) = mig::read_answer(&mut r) {
+                    return n;
+                }
+            }
+            e
+        };
+        let was_paused = self.is_paused();
+        let ranges: Vec<(u64, u64)> = self
+            .mem
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect();
+        let begin = mig::Begin {
+            config: self.cfg.clone(),
+            memory: ranges,
+        };
+        let r = w.header().and_then(|()| w.json(kind::BEGIN, &begin));
+        r.map_err(|e| refused(&mut w, e))?;
+        let mut pending: Option<snapshot::DirtyPages> = None;
+        if opts.strategy == Strategy::PreCopy {
+            // The log counts from here; round 0 is every non-zero page, the guest
+            // running.
+            *self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            self.take_dirty_pages()
+                .map_err(|e| MigrationError::Vm(e.to_string()))?;
+            let mut round_start = Instant::now();
+            let mut before = w.bytes;
+            mig::send_memory(&mut w, &self.mem, None).map_err(|e| refused(&mut w, e))?;
+            report.rounds = 1;
+            loop {
+                let secs = round_start.elapsed().as_secs_f64().max(1e-3);
+                let rate = (w.bytes - before) as f64 / secs;
+                report.bandwidth_mib_s = (rate / f64::from(1 << 20) * 10.0).round() / 10.0;
+                let d = self
+                    .take_dirty_pages()
+                    .map_err(|e| MigrationError::Vm(e.to_string()))?;
+                let bytes = mig::count_pages(&d) * 4096;
+                let fits = bytes as f64 <= rate * opts.downtime.as_secs_f64();
+                if fits || report.rounds >= opts.max_rounds {
+                    pending = Some(d);
+                    break;
+                }
+                round_start = Instant::now();
+                before = w.bytes;
+                mig::send_memory(&mut w, &self.mem, Some(&d)).map_err(|e| refused(&mut w, e))?;
+                report.rounds += 1;
+            }
+        }
+        // The last round: paused, devices held.
+        let paused_at = Instant::now();
+        if !self.pause() {
+            return Err(MigrationError::Vm("the vCPUs did not pause".into()));
+        }
+        let held: Vec<_> = self
+            .transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        let mut state = self
+            .save_state(live, &held)
+            .map_err(|e| MigrationError::Vm(e.to_string()))?;
+        let before = w.page_bytes;
+        let send_start = Instant::now();
+        let sent = match pending.as_mut() {
+            Some(p) => {
+                let d = self
+                    .take_dirty_pages()
+                    .map_err(|e| MigrationError::Vm(e.to_string()))?;
+                mig::merge(p, &d);
+                mig::send_memory(&mut w, &self.mem, Some(p))
+            }
+            None => mig::send_memory(&mut w, &self.mem, None),
+        };
+        sent.map_err(|e| refused(&mut w, e))?;
+        report.rounds += 1;
+        report.last_round_bytes = w.page_bytes - before;
+        if opts.strategy == Strategy::StopCopy {
+            let secs = send_start.elapsed().as_secs_f64().max(1e-3);
+            let rate = report.last_round_bytes as f64 / secs / f64::from(1 << 20);
+            report.bandwidth_mib_s = (rate * 10.0).round() / 10.0;
+        }
+        let mut offset = 0;
+        state.memory = self
+            .mem
+            .iter()
+            .map(|r| {
+                let m = snapshot::MemoryRange {
+                    guest_addr: r.start_addr().0,
+                    size: r.len(),
+                    file_offset: offset,
+                };
+                offset += r.len();
+                m
+            })
+            .collect();
+        let r = w.json(kind::STATE, &state).and_then(|()| w.end(was_paused));
+        r.map_err(|e| refused(&mut w, e))?;
+        let r = w.inner().flush().map_err(|e| MigrationError::Io {
+            what: "sending the stream's end".into(),
+            source: e,
+        });
+        r.map_err(|e| refused(&mut w, e))?;
+        report.bytes = w.bytes;
+        report.memory_bytes = w.page_bytes;
+        let mut rd = mig::Reader::new(w.inner().get_mut());
+        mig::read_answer(&mut rd)?;
+        drop(held);
+        report.downtime_ms = paused_at.elapsed().as_millis() as u64;
+        report.total_ms = t0.elapsed().as_millis() as u64;
+        Ok(())
     }
 
     /// Starts one thread per vCPU.

@@ -387,6 +387,12 @@ pub struct Cli {
     /// instead of booting a kernel; other flags may change host-side settings only.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "kernel", "initrd", "cmdline"])]
     pub restore: Option<PathBuf>,
+    /// Receive a live migration instead of booting: listen on unix:PATH or
+    /// tcp:IP:PORT for one source (the API's `migrate`), check and take in the whole
+    /// stream, then build the VM and run it; other flags may change host-side
+    /// settings only, as with --restore.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["config", "kernel", "initrd", "cmdline", "restore", "call"])]
+    pub migrate_from: Option<String>,
     /// With --restore: run the vCPUs at once (otherwise they wait for the API's
     /// resume).
     #[arg(long, requires = "restore")]

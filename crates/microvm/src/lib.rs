@@ -13,10 +13,11 @@ pub mod config;
 pub mod devices;
 pub mod exit;
 pub mod logcap;
+pub mod migration;
 pub mod seccomp;
 pub mod snapshot;
 pub mod vstate;
 
-pub use builder::{Vmm, VmmError};
+pub use builder::{MigrateOptions, MigrateReport, Strategy, Vmm, VmmError};
 pub use config::VmConfig;
 pub use exit::GuestExit;

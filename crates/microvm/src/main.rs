@@ -2,7 +2,9 @@
 //! that says how the guest ended (see `--help`). SIGTERM, SIGINT and SIGHUP stop the VM
 //! cleanly (status 0, as an API shutdown), so sockets are removed on the way out.
 //! `--restore DIR [--resume]` builds the VM of a snapshot instead of booting one; the
-//! snapshot is read and checked whole before anything is created.
+//! snapshot is read and checked whole before anything is created. `--migrate-from ADDR`
+//! receives a live migration: the whole stream is read and checked, then the VM is
+//! built, run, and the source told (module `migration`).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -75,6 +77,9 @@ fn run(start: Instant) -> anyhow::Result<i32> {
             .is_ok_and(|v| v["ok"] == serde_json::Value::Bool(true));
         return Ok(if ok { 0 } else { 1 });
     }
+    if let Some(addr) = cli.migrate_from.clone() {
+        return migrate_from(cli, &addr, start);
+    }
     let filters = cli.seccomp.clone();
     let boot_timings = cli.boot_timings;
     let resume = cli.resume;
@@ -146,6 +151,89 @@ fn run(start: Instant) -> anyhow::Result<i32> {
             "nestor-vmm: stats: {}",
             serde_json::to_string(&stats).unwrap_or_default()
         );
+    }
+    if let GuestExit::InternalError(e) = &reason {
+        eprintln!("nestor-vmm: guest stopped: KVM internal error: {e}");
+    }
+    Ok(reason.status())
+}
+
+/// `--migrate-from ADDR`: takes in one whole migration stream, builds its VM, runs it
+/// and answers the source; any failure before the VM runs is answered with one line
+/// (a NACK) and ends this process with status 1, nothing built.
+fn migrate_from(cli: Cli, addr: &str, start: Instant) -> anyhow::Result<i32> {
+    use nestor_microvm::migration::{self, kind, Addr, Listener, MigrationError, Reader, Writer};
+    let addr: Addr = addr.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let filters = cli.seccomp.clone();
+    let boot_timings = cli.boot_timings;
+    let listener = Listener::bind(&addr)?;
+    let conn = listener.accept()?;
+    drop(listener);
+    // Silence from the source for this long ends the migration.
+    conn.set_timeout(std::time::Duration::from_secs(60))?;
+    let mut reader = Reader::new(conn);
+    let nack = |r: &mut Reader<migration::Conn>, e: &dyn std::fmt::Display| {
+        let line = e.to_string();
+        let _ = Writer::new(r.inner()).frame(kind::NACK, &[line.as_bytes()]);
+    };
+    let received = match migration::receive(&mut reader, |saved| cli.into_restore_config(saved)) {
+        Ok(r) => r,
+        Err(e) => {
+            nack(&mut reader, &e);
+            return Err(e.into());
+        }
+    };
+    let cfg = received.config.clone();
+    let built = (|| -> anyhow::Result<(Option<ApiServer>, Vmm, libc::sigset_t)> {
+        nestor_microvm::logcap::cap_stderr(cfg.log_limit)?;
+        seccomp::setup(&filters)?;
+        let signals = block_stop_signals();
+        let api = match &cfg.api {
+            Some(p) => Some(ApiServer::bind(p)?),
+            None => None,
+        };
+        let vmm = Vmm::restore_migrated(received, start, None)?;
+        Ok((api, vmm, signals))
+    })();
+    let (api, mut vmm, signals) = match built {
+        Ok(b) => b,
+        Err(e) => {
+            nack(&mut reader, &format!("{e:#}"));
+            return Err(e);
+        }
+    };
+    stop_on_signals(signals, vmm.exit_signal())?;
+    let started = vmm.start();
+    let threads = if started.is_ok() {
+        usize::from(cfg.vcpus) + 2
+    } else {
+        0
+    };
+    seccomp::install_main(threads);
+    if let Err(e) = started {
+        nack(&mut reader, &e);
+        return Err(e.into());
+    }
+    // The VM runs: the source may go. If it cannot be told, it runs on there, so this
+    // one stops.
+    if let Err(e) = Writer::new(reader.inner()).frame(kind::ACK, &[]) {
+        vmm.request_exit(GuestExit::Stopped);
+        vmm.shutdown();
+        let e = match e {
+            MigrationError::Io { source, .. } => source.to_string(),
+            e => e.to_string(),
+        };
+        anyhow::bail!("migration: the source did not take the answer ({e}); the VM stopped here");
+    }
+    drop(reader);
+    let reason = match &api {
+        Some(server) => api::serve(server, &mut vmm),
+        None => vmm.wait(None).unwrap_or(GuestExit::Stopped),
+    };
+    let ended = vmm.uptime();
+    vmm.shutdown();
+    if boot_timings {
+        eprintln!("nestor-vmm: migrated VM ran until {} ms", ended.as_millis());
     }
     if let GuestExit::InternalError(e) = &reason {
         eprintln!("nestor-vmm: guest stopped: KVM internal error: {e}");

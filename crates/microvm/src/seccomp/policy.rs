@@ -244,6 +244,19 @@ fn main_rules() -> Vec<Rule> {
     for (req, name) in ioctls::VM_SAVE {
         v.push(when(libc::SYS_ioctl, vec![eq32(1, req, name)], name));
     }
+    // migrate: a connection to the destination (Unix or TCP), with time-outs.
+    for (family, name) in [
+        (libc::AF_UNIX, "AF_UNIX"),
+        (libc::AF_INET, "AF_INET"),
+        (libc::AF_INET6, "AF_INET6"),
+    ] {
+        v.push(when(
+            libc::SYS_socket,
+            vec![eq32(0, family as u64, name)],
+            "migrate: the connection to the destination",
+        ));
+    }
+    v.extend([libc::SYS_connect, libc::SYS_setsockopt].map(any));
     v.push(when(
         libc::SYS_tgkill,
         vec![eq32(

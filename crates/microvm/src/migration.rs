@@ -1,0 +1,895 @@
+//! Live migration: the stream between two nestor-vmm processes, its addresses, and the
+//! receiving end (the sending end is [`crate::Vmm::migrate`]).
+//!
+//! The stream is a header — [`MAGIC`] and the format [`VERSION`] (u32, little endian) —
+//! then frames `[kind: u8][length: u32 LE][payload][crc32: u32 LE]`, the CRC-32 taken
+//! over kind, length and payload:
+//!
+//! - `BEGIN` (first): [`Begin`] as JSON — the source's `VmConfig` and its guest RAM
+//!   ranges; the destination checks the configuration against its flags and maps
+//!   (anonymous, zero) memory before any page arrives.
+//! - `PAGES`: a guest physical address (u64 LE) and whole 4 KiB pages from it, at most
+//!   [`MAX_FRAME_PAGES`]; a page sent again replaces the earlier copy (pre-copy rounds).
+//! - `STATE`: the VM's state as JSON (`snapshot::VmSnapshot`, the snapshot format's
+//!   own types), sent once, with the vCPUs paused.
+//! - `END`: [`End`] as JSON — how many frames and page bytes were sent (so a stream
+//!   that lost a frame is refused) and whether the VM was paused.
+//!
+//! The destination answers one frame: `ACK` once its VM runs (or is built paused, when
+//! the source's was), or `NACK` with one line saying why it refused. The source exits
+//! only after an `ACK`; anything else leaves it running.
+
+use std::fmt;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::config::VmConfig;
+use crate::snapshot::{DirtyPages, VmSnapshot};
+use crate::vstate::memory::{self, GuestMemory};
+
+/// The first bytes of a stream.
+pub const MAGIC: &[u8; 8] = b"NESTORMG";
+/// The stream format version this nestor-vmm writes and reads.
+pub const VERSION: u32 = 1;
+/// Most pages in one `PAGES` frame.
+pub const MAX_FRAME_PAGES: usize = 64;
+/// Largest frame payload accepted (a `STATE` frame is the largest: tens of KiB).
+pub const MAX_PAYLOAD: usize = 16 << 20;
+
+const PAGE: usize = 4096;
+
+/// Frame kinds.
+pub mod kind {
+    /// [`super::Begin`].
+    pub const BEGIN: u8 = 1;
+    /// Guest pages.
+    pub const PAGES: u8 = 2;
+    /// The VM's state.
+    pub const STATE: u8 = 3;
+    /// [`super::End`].
+    pub const END: u8 = 4;
+    /// The destination's VM runs.
+    pub const ACK: u8 = 5;
+    /// The destination refused (payload: one line).
+    pub const NACK: u8 = 6;
+}
+
+/// Errors of a migration, either end.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The connection failed (cut, refused, timed out).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The peer does not speak this protocol.
+    #[error("not a nestor-vmm migration stream (bad magic)")]
+    Magic,
+    /// Another format version.
+    #[error("migration stream has format version {0}; this nestor-vmm speaks version {VERSION}")]
+    Version(u32),
+    /// A frame that fails its checksum, an unknown or misplaced frame, bad contents.
+    #[error("migration stream is corrupt: {0}")]
+    Corrupt(String),
+    /// The destination said no.
+    #[error("the destination refused: {0}")]
+    Refused(String),
+    /// This VM cannot be migrated (as asked).
+    #[error("{0}")]
+    Unsupported(String),
+    /// Saving or restoring the VM failed.
+    #[error("{0}")]
+    Vm(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrationError {
+    let what = what.into();
+    move |source| MigrationError::Io { what, source }
+}
+
+/// Where a destination listens: `unix:PATH` or `tcp:IP:PORT` (a numeric address).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Addr {
+    /// A Unix stream socket.
+    Unix(PathBuf),
+    /// A TCP address.
+    Tcp(SocketAddr),
+}
+
+impl FromStr for Addr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err("migration address 'unix:' has no path".into());
+            }
+            return Ok(Addr::Unix(p.into()));
+        }
+        if let Some(a) = s.strip_prefix("tcp:") {
+            return a.parse().map(Addr::Tcp).map_err(|_| {
+                format!("migration address '{s}': want tcp:IP:PORT with a numeric IP")
+            });
+        }
+        Err(format!(
+            "migration address '{s}': want unix:PATH or tcp:IP:PORT"
+        ))
+    }
+}
+
+impl fmt::Display for Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Addr::Unix(p) => write!(f, "unix:{}", p.display()),
+            Addr::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// A connected stream, either kind.
+#[derive(Debug)]
+pub enum Conn {
+    /// Unix.
+    Unix(UnixStream),
+    /// TCP.
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    /// Connects to `addr`; reads and writes time out after `timeout` without progress.
+    pub fn connect(addr: &Addr, timeout: Duration) -> Result<Conn, MigrationError> {
+        let what = || format!("cannot connect to {addr}");
+        let c = match addr {
+            Addr::Unix(p) => Conn::Unix(UnixStream::connect(p).map_err(io(what()))?),
+            Addr::Tcp(a) => {
+                // A blocking connect: socket(2) and connect(2), what the main
+                // thread's seccomp filter allows.
+                let s = TcpStream::connect(a).map_err(io(what()))?;
+                let _ = s.set_nodelay(true);
+                Conn::Tcp(s)
+            }
+        };
+        c.set_timeout(timeout)?;
+        Ok(c)
+    }
+
+    /// Sets the read and write time-outs.
+    pub fn set_timeout(&self, t: Duration) -> Result<(), MigrationError> {
+        let r = match self {
+            Conn::Unix(s) => s
+                .set_read_timeout(Some(t))
+                .and_then(|_| s.set_write_timeout(Some(t))),
+            Conn::Tcp(s) => s
+                .set_read_timeout(Some(t))
+                .and_then(|_| s.set_write_timeout(Some(t))),
+        };
+        r.map_err(io("cannot set the connection's time-outs"))
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(b),
+            Conn::Tcp(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(b),
+            Conn::Tcp(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A destination's listening socket; a Unix socket's file is removed when dropped.
+pub enum Listener {
+    /// Unix, and its path.
+    Unix(UnixListener, PathBuf),
+    /// TCP.
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// Binds `addr` (a Unix path must not exist yet).
+    pub fn bind(addr: &Addr) -> Result<Listener, MigrationError> {
+        let what = || format!("cannot listen on {addr}");
+        Ok(match addr {
+            Addr::Unix(p) => {
+                if p.symlink_metadata().is_ok() {
+                    return Err(MigrationError::Unsupported(format!(
+                        "cannot listen on {addr}: the path exists already"
+                    )));
+                }
+                Listener::Unix(UnixListener::bind(p).map_err(io(what()))?, p.clone())
+            }
+            Addr::Tcp(a) => Listener::Tcp(TcpListener::bind(a).map_err(io(what()))?),
+        })
+    }
+
+    /// Waits for the source.
+    pub fn accept(&self) -> Result<Conn, MigrationError> {
+        let what = "cannot accept the source's connection";
+        Ok(match self {
+            Listener::Unix(l, _) => Conn::Unix(l.accept().map_err(io(what))?.0),
+            Listener::Tcp(l) => Conn::Tcp(l.accept().map_err(io(what))?.0),
+        })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// The `BEGIN` frame.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Begin {
+    /// The source's configuration.
+    pub config: VmConfig,
+    /// Guest RAM as `(guest address, size)` ranges.
+    pub memory: Vec<(u64, u64)>,
+}
+
+/// The `END` frame.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct End {
+    /// Frames sent before this one (BEGIN, PAGES, STATE).
+    pub frames: u64,
+    /// Page bytes sent.
+    pub page_bytes: u64,
+    /// The source's VM was paused: the destination's stays paused.
+    pub paused: bool,
+}
+
+/// Writes frames, counting them.
+pub struct Writer<W: Write> {
+    w: W,
+    /// Frames written (not counting the header).
+    pub frames: u64,
+    /// Bytes written, header and framing included.
+    pub bytes: u64,
+    /// Page bytes written.
+    pub page_bytes: u64,
+}
+
+impl<W: Write> Writer<W> {
+    /// A writer on `w` (nothing written yet).
+    pub fn new(w: W) -> Self {
+        Writer {
+            w,
+            frames: 0,
+            bytes: 0,
+            page_bytes: 0,
+        }
+    }
+
+    /// The magic and the version.
+    pub fn header(&mut self) -> Result<(), MigrationError> {
+        let mut h = MAGIC.to_vec();
+        h.extend_from_slice(&VERSION.to_le_bytes());
+        self.w
+            .write_all(&h)
+            .map_err(io("sending the stream header"))?;
+        self.bytes += h.len() as u64;
+        Ok(())
+    }
+
+    /// One frame of `kind` whose payload is `parts` one after the other.
+    pub fn frame(&mut self, kind: u8, parts: &[&[u8]]) -> Result<(), MigrationError> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > MAX_PAYLOAD {
+            return Err(MigrationError::Vm(format!(
+                "a frame of {len} bytes is larger than the stream allows"
+            )));
+        }
+        let mut head = [0u8; 5];
+        head[0] = kind;
+        head[1..].copy_from_slice(&(len as u32).to_le_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&head);
+        for p in parts {
+            crc.update(p);
+        }
+        let what = || format!("sending a frame of kind {kind}");
+        self.w.write_all(&head).map_err(io(what()))?;
+        for p in parts {
+            self.w.write_all(p).map_err(io(what()))?;
+        }
+        self.w
+            .write_all(&crc.finalize().to_le_bytes())
+            .map_err(io(what()))?;
+        self.frames += 1;
+        self.bytes += (len + 9) as u64;
+        Ok(())
+    }
+
+    /// A frame of JSON.
+    pub fn json<T: Serialize>(&mut self, kind: u8, v: &T) -> Result<(), MigrationError> {
+        let body = serde_json::to_vec(v)
+            .map_err(|e| MigrationError::Vm(format!("cannot encode frame {kind}: {e}")))?;
+        self.frame(kind, &[&body])
+    }
+
+    /// A `PAGES` frame: `data` (whole pages) from guest address `addr`.
+    pub fn pages(&mut self, addr: u64, data: &[u8]) -> Result<(), MigrationError> {
+        self.frame(kind::PAGES, &[&addr.to_le_bytes(), data])?;
+        self.page_bytes += data.len() as u64;
+        Ok(())
+    }
+
+    /// The `END` frame.
+    pub fn end(&mut self, paused: bool) -> Result<(), MigrationError> {
+        let end = End {
+            frames: self.frames,
+            page_bytes: self.page_bytes,
+            paused,
+        };
+        self.json(kind::END, &end)
+    }
+
+    /// The stream underneath.
+    pub fn inner(&mut self) -> &mut W {
+        &mut self.w
+    }
+}
+
+/// Reads frames, checking each.
+pub struct Reader<R: Read> {
+    r: R,
+    /// Frames read (not counting the header).
+    pub frames: u64,
+    /// Page bytes read.
+    pub page_bytes: u64,
+}
+
+impl<R: Read> Reader<R> {
+    /// A reader on `r`.
+    pub fn new(r: R) -> Self {
+        Reader {
+            r,
+            frames: 0,
+            page_bytes: 0,
+        }
+    }
+
+    fn exact(&mut self, b: &mut [u8], what: &str) -> Result<(), MigrationError> {
+        self.r.read_exact(b).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                MigrationError::Corrupt(format!("the stream ended in {what}"))
+            } else {
+                io(format!("reading {what}"))(e)
+            }
+        })
+    }
+
+    /// Reads and checks the magic and the version.
+    pub fn header(&mut self) -> Result<(), MigrationError> {
+        let mut h = [0u8; 12];
+        self.exact(&mut h, "the stream header")?;
+        if &h[..8] != MAGIC {
+            return Err(MigrationError::Magic);
+        }
+        let v = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+        if v != VERSION {
+            return Err(MigrationError::Version(v));
+        }
+        Ok(())
+    }
+
+    /// Reads one frame: its kind and payload, checked against its CRC.
+    pub fn frame(&mut self) -> Result<(u8, Vec<u8>), MigrationError> {
+        let mut head = [0u8; 5];
+        self.exact(&mut head, "a frame header")?;
+        let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        if !(kind::BEGIN..=kind::NACK).contains(&head[0]) {
+            return Err(MigrationError::Corrupt(format!(
+                "unknown frame kind {}",
+                head[0]
+            )));
+        }
+        if len > MAX_PAYLOAD {
+            return Err(MigrationError::Corrupt(format!(
+                "a frame of {len} bytes (at most {MAX_PAYLOAD})"
+            )));
+        }
+        let mut payload = vec![0u8; len];
+        self.exact(&mut payload, "a frame")?;
+        let mut c = [0u8; 4];
+        self.exact(&mut c, "a frame checksum")?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&head);
+        crc.update(&payload);
+        if crc.finalize() != u32::from_le_bytes(c) {
+            return Err(MigrationError::Corrupt(format!(
+                "frame {} (kind {}) does not match its checksum",
+                self.frames + 1,
+                head[0]
+            )));
+        }
+        self.frames += 1;
+        Ok((head[0], payload))
+    }
+
+    /// The stream underneath.
+    pub fn inner(&mut self) -> &mut R {
+        &mut self.r
+    }
+}
+
+/// Sends guest memory as `PAGES` frames: with `dirty`, the pages set in it (zero or
+/// not), else every page that is not all zero. Each run is copied out of the guest's
+/// mapping once, then checksummed and sent from the copy: the guest may run meanwhile
+/// (pre-copy), and a page it changes after the copy is in the next round's dirty log
+/// (a torn copy of it is replaced then).
+pub fn send_memory<W: Write>(
+    w: &mut Writer<W>,
+    mem: &GuestMemory,
+    dirty: Option<&DirtyPages>,
+) -> Result<(), MigrationError> {
+    let zero = [0u8; PAGE];
+    let mut buf = vec![0u8; MAX_FRAME_PAGES * PAGE];
+    for (i, r) in mem.iter().enumerate() {
+        let base = r.start_addr().0;
+        let len = r.len() as usize;
+        let pages = len / PAGE;
+        let host = mem
+            .get_host_address(r.start_addr())
+            .map_err(|e| MigrationError::Vm(format!("guest memory: {e}")))?;
+        // SAFETY: `host..host+len` is this region's mapping, alive as long as `mem`.
+        // The guest may write it meanwhile (pre-copy's running rounds); the bytes are
+        // only compared and copied out as plain bytes (any value is valid), and a page
+        // changed meanwhile is sent again from the dirty log, the last time with the
+        // vCPUs paused, as the snapshot code reads memory.
+        let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
+        let page = |p: usize| &bytes[p * PAGE..(p + 1) * PAGE];
+        let mut send = |w: &mut Writer<W>, start: usize, end: usize| {
+            let out = &mut buf[..(end - start) * PAGE];
+            out.copy_from_slice(&bytes[start * PAGE..end * PAGE]);
+            w.pages(base + (start * PAGE) as u64, out)
+        };
+        match dirty {
+            Some(d) => {
+                let bits = d.get(i).ok_or_else(|| {
+                    MigrationError::Vm("dirty log of fewer regions than memory".into())
+                })?;
+                let set = |p: usize| bits.get(p / 64).is_some_and(|w| w & (1 << (p % 64)) != 0);
+                let mut p = 0;
+                while p < pages {
+                    if !set(p) {
+                        p += 1;
+                        continue;
+                    }
+                    let start = p;
+                    while p < pages && p - start < MAX_FRAME_PAGES && set(p) {
+                        p += 1;
+                    }
+                    send(w, start, p)?;
+                }
+            }
+            None => {
+                let mut p = 0;
+                while p < pages {
+                    if page(p) == zero {
+                        p += 1;
+                        continue;
+                    }
+                    let start = p;
+                    while p < pages && p - start < MAX_FRAME_PAGES && page(p) != zero {
+                        p += 1;
+                    }
+                    send(w, start, p)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Pages set in a dirty log.
+pub fn count_pages(d: &DirtyPages) -> u64 {
+    d.iter().flatten().map(|w| u64::from(w.count_ones())).sum()
+}
+
+/// Or-s `more` into `acc`.
+pub fn merge(acc: &mut DirtyPages, more: &DirtyPages) {
+    for (a, m) in acc.iter_mut().zip(more) {
+        for (x, y) in a.iter_mut().zip(m) {
+            *x |= *y;
+        }
+    }
+}
+
+/// What a destination received: everything to build the VM from.
+pub struct Received {
+    /// The configuration to build with (the source's, with the destination's
+    /// host-side flags).
+    pub config: VmConfig,
+    /// The VM's state (its `memory` ranges as a snapshot's).
+    pub state: VmSnapshot,
+    /// Guest memory, filled.
+    pub memory: GuestMemory,
+    /// The source's VM was paused.
+    pub paused: bool,
+}
+
+/// Reads a whole stream (header to `END`) and checks it; `config` turns the source's
+/// configuration into the one to build (or says why it cannot). Nothing but guest
+/// memory (private, anonymous) is created.
+pub fn receive<R: Read>(
+    r: &mut Reader<R>,
+    config: impl FnOnce(&VmConfig) -> Result<VmConfig, String>,
+) -> Result<Received, MigrationError> {
+    r.header()?;
+    let (k, body) = r.frame()?;
+    if k != kind::BEGIN {
+        return Err(MigrationError::Corrupt(format!(
+            "the first frame is of kind {k}, not BEGIN"
+        )));
+    }
+    let begin: Begin = serde_json::from_slice(&body)
+        .map_err(|e| MigrationError::Corrupt(format!("BEGIN: {e}")))?;
+    let cfg = config(&begin.config).map_err(|e| {
+        MigrationError::Unsupported(format!("the VM does not match the configuration: {e}"))
+    })?;
+    let ram = crate::arch::x86_64::layout::ram_ranges(cfg.mem_mib << 20);
+    if begin.memory != ram {
+        return Err(MigrationError::Corrupt(format!(
+            "BEGIN: memory ranges {:?} do not fit {} MiB",
+            begin.memory, cfg.mem_mib
+        )));
+    }
+    let mem = memory::create_guest_memory(&ram)
+        .map_err(|e| MigrationError::Vm(format!("guest memory: {e}")))?;
+    let mut state: Option<VmSnapshot> = None;
+    loop {
+        let (k, body) = r.frame()?;
+        match k {
+            kind::PAGES => {
+                if state.is_some() {
+                    return Err(MigrationError::Corrupt("pages after the state".into()));
+                }
+                if body.len() < 8 + PAGE || (body.len() - 8) % PAGE != 0 {
+                    return Err(MigrationError::Corrupt(format!(
+                        "a PAGES frame of {} bytes",
+                        body.len()
+                    )));
+                }
+                let mut a = [0u8; 8];
+                a.copy_from_slice(&body[..8]);
+                let addr = u64::from_le_bytes(a);
+                let data = &body[8..];
+                let inside = addr % PAGE as u64 == 0
+                    && ram.iter().any(|&(g, s)| {
+                        addr >= g && addr.saturating_add(data.len() as u64) <= g + s
+                    });
+                if !inside {
+                    return Err(MigrationError::Corrupt(format!(
+                        "pages at {addr:#x} (+{} bytes) are outside guest memory",
+                        data.len()
+                    )));
+                }
+                let host = mem
+                    .get_host_address(GuestAddress(addr))
+                    .map_err(|e| MigrationError::Corrupt(format!("pages at {addr:#x}: {e}")))?;
+                // SAFETY: `addr..addr+len` lies inside one RAM range (checked above),
+                // which is one region of `mem`, mapped and seen by no vCPU or device
+                // yet; `data` is a separate buffer.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(data.as_ptr(), host, data.len());
+                }
+                r.page_bytes += data.len() as u64;
+            }
+            kind::STATE => {
+                if state.is_some() {
+                    return Err(MigrationError::Corrupt("a second STATE frame".into()));
+                }
+                let s: VmSnapshot = serde_json::from_slice(&body)
+                    .map_err(|e| MigrationError::Corrupt(format!("STATE: {e}")))?;
+                state = Some(s);
+            }
+            kind::END => {
+                let frames = r.frames - 1;
+                let end: End = serde_json::from_slice(&body)
+                    .map_err(|e| MigrationError::Corrupt(format!("END: {e}")))?;
+                if end.frames != frames || end.page_bytes != r.page_bytes {
+                    return Err(MigrationError::Corrupt(format!(
+                        "the source sent {} frames and {} page bytes, {} and {} arrived",
+                        end.frames, end.page_bytes, frames, r.page_bytes
+                    )));
+                }
+                let state =
+                    state.ok_or_else(|| MigrationError::Corrupt("no STATE frame".into()))?;
+                if state.vcpus.len() != usize::from(cfg.vcpus) {
+                    return Err(MigrationError::Corrupt(format!(
+                        "{} vCPU states for {} vCPUs",
+                        state.vcpus.len(),
+                        cfg.vcpus
+                    )));
+                }
+                // The bitmap of the VMM's own writes starts clean on this side.
+                for r in mem.iter() {
+                    std::ops::Deref::deref(r).bitmap().reset();
+                }
+                return Ok(Received {
+                    config: cfg,
+                    state,
+                    memory: mem,
+                    paused: end.paused,
+                });
+            }
+            k => {
+                return Err(MigrationError::Corrupt(format!(
+                    "a frame of kind {k} inside the stream"
+                )))
+            }
+        }
+    }
+}
+
+/// Reads the destination's answer: `Ok` for `ACK`.
+pub fn read_answer<R: Read>(r: &mut Reader<R>) -> Result<(), MigrationError> {
+    match r.frame()? {
+        (kind::ACK, _) => Ok(()),
+        (kind::NACK, why) => Err(MigrationError::Refused(
+            String::from_utf8_lossy(&why)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string(),
+        )),
+        (k, _) => Err(MigrationError::Corrupt(format!(
+            "the destination answered with a frame of kind {k}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(mut f: impl FnMut(&mut Writer<&mut Vec<u8>>)) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut w = Writer::new(&mut out);
+        f(&mut w);
+        out
+    }
+
+    fn cfg() -> VmConfig {
+        VmConfig {
+            mem_mib: 2,
+            ..VmConfig::new("/k")
+        }
+    }
+
+    /// A whole, valid stream of a 2 MiB VM whose page at 0x3000 holds 0xab bytes.
+    fn valid() -> Vec<u8> {
+        let ram = crate::arch::x86_64::layout::ram_ranges(2 << 20);
+        stream(|w| {
+            w.header().unwrap();
+            w.json(
+                kind::BEGIN,
+                &Begin {
+                    config: cfg(),
+                    memory: ram.clone(),
+                },
+            )
+            .unwrap();
+            w.pages(0x3000, &[0xab; PAGE]).unwrap();
+            w.frame(kind::STATE, &[b"not parsed here"]).unwrap();
+            w.end(false).unwrap();
+        })
+    }
+
+    fn recv(bytes: &[u8]) -> Result<Received, MigrationError> {
+        let mut r = Reader::new(bytes);
+        receive(&mut r, |c| Ok(c.clone()))
+    }
+
+    #[test]
+    fn addresses_parse() {
+        assert_eq!(
+            "unix:/run/m.sock".parse::<Addr>().unwrap(),
+            Addr::Unix("/run/m.sock".into())
+        );
+        assert_eq!(
+            "tcp:127.0.0.1:4000".parse::<Addr>().unwrap(),
+            Addr::Tcp("127.0.0.1:4000".parse().unwrap())
+        );
+        for bad in [
+            "unix:",
+            "tcp:localhost:1",
+            "tcp:1.2.3.4",
+            "/x",
+            "udp:1.2.3.4:5",
+        ] {
+            assert!(bad.parse::<Addr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn frames_round_trip_and_every_flipped_byte_is_refused() {
+        let s = stream(|w| {
+            w.header().unwrap();
+            w.pages(0x1000, &[7; PAGE]).unwrap();
+            w.end(true).unwrap();
+        });
+        let mut r = Reader::new(&s[..]);
+        r.header().unwrap();
+        let (k, p) = r.frame().unwrap();
+        assert_eq!((k, p.len(), p[8]), (kind::PAGES, 8 + PAGE, 7));
+        let (k, p) = r.frame().unwrap();
+        assert_eq!(k, kind::END);
+        let end: End = serde_json::from_slice(&p).unwrap();
+        assert_eq!(
+            end,
+            End {
+                frames: 1,
+                page_bytes: PAGE as u64,
+                paused: true
+            }
+        );
+        // Any single corrupted byte after the header is caught (checksum, kind or
+        // length), never read as good.
+        for i in 12..s.len() {
+            let mut bad = s.clone();
+            bad[i] ^= 0x10;
+            let mut r = Reader::new(&bad[..]);
+            r.header().unwrap();
+            let got = r.frame().and_then(|_| r.frame());
+            assert!(got.is_err(), "byte {i} flipped was accepted");
+        }
+    }
+
+    #[test]
+    fn wrong_magic_version_and_truncation_are_refused() {
+        let good = valid();
+        // The state frame is not a VmSnapshot: refused at its frame, after the pages.
+        let e = recv(&good).err().unwrap();
+        assert!(e.to_string().contains("STATE"), "{e}");
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert!(matches!(recv(&bad), Err(MigrationError::Magic)));
+        let mut bad = good.clone();
+        bad[8..12].copy_from_slice(&7u32.to_le_bytes());
+        let e = recv(&bad).err().unwrap();
+        assert!(e.to_string().contains("format version 7"), "{e}");
+        for cut in [0, 5, 12, 20, 300, 2000] {
+            let e = recv(&good[..cut]).err().unwrap();
+            assert!(e.to_string().contains("ended"), "cut at {cut}: {e}");
+        }
+        // Garbage where a frame should be.
+        let mut bad = good[..12].to_vec();
+        bad.extend_from_slice(&[0xff; 64]);
+        let e = recv(&bad).err().unwrap();
+        assert!(e.to_string().contains("unknown frame kind"), "{e}");
+    }
+
+    #[test]
+    fn pages_outside_memory_and_lost_frames_are_refused() {
+        let ram = crate::arch::x86_64::layout::ram_ranges(2 << 20);
+        let begin = Begin {
+            config: cfg(),
+            memory: ram.clone(),
+        };
+        let s = stream(|w| {
+            w.header().unwrap();
+            w.json(kind::BEGIN, &begin).unwrap();
+            w.pages(2 << 20, &[1; PAGE]).unwrap();
+        });
+        let e = recv(&s).err().unwrap();
+        assert!(e.to_string().contains("outside guest memory"), "{e}");
+        // An END that counts a frame more than arrived.
+        let s = stream(|w| {
+            w.header().unwrap();
+            w.json(kind::BEGIN, &begin).unwrap();
+            w.json(
+                kind::END,
+                &End {
+                    frames: 3,
+                    page_bytes: 0,
+                    paused: false,
+                },
+            )
+            .unwrap();
+        });
+        let e = recv(&s).err().unwrap();
+        assert!(e.to_string().contains("arrived"), "{e}");
+        // A configuration the destination refuses is refused before any page.
+        let v = valid();
+        let mut r = Reader::new(&v[..]);
+        let e = receive(&mut r, |_| Err("--mem 4 MiB, the VM has 2 MiB".into()))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("--mem 4 MiB"), "{e}");
+        assert_eq!(r.frames, 1);
+    }
+
+    #[test]
+    fn answers_are_read() {
+        let ack = stream(|w| w.frame(kind::ACK, &[]).unwrap());
+        assert!(read_answer(&mut Reader::new(&ack[..])).is_ok());
+        let nack = stream(|w| w.frame(kind::NACK, &[b"no room\nmore"]).unwrap());
+        let e = read_answer(&mut Reader::new(&nack[..])).err().unwrap();
+        assert_eq!(e.to_string(), "the destination refused: no room");
+        let e = read_answer(&mut Reader::new(&b""[..])).err().unwrap();
+        assert!(e.to_string().contains("ended"), "{e}");
+        let other = stream(|w| w.frame(kind::BEGIN, &[b"{}"]).unwrap());
+        assert!(read_answer(&mut Reader::new(&other[..])).is_err());
+    }
+
+    #[test]
+    fn memory_written_while_it_is_sent_still_makes_good_frames() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        use vm_memory::Bytes;
+        let mem = memory::create_guest_memory(&[(0, 4 << 20)]).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (mem, stop) = (mem.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 1u64;
+                while !stop.load(Ordering::Relaxed) {
+                    // Every page, over and over, as a guest dirtying memory would.
+                    for p in 0..(4 << 20) / PAGE as u64 {
+                        mem.write_obj(i, GuestAddress(p * PAGE as u64 + (i % 512) * 8))
+                            .unwrap();
+                    }
+                    i += 1;
+                }
+            })
+        };
+        let dirty: DirtyPages = vec![vec![u64::MAX; (4 << 20) / PAGE / 64]];
+        for _ in 0..20 {
+            let mut out = Vec::new();
+            let mut w = Writer::new(&mut out);
+            send_memory(&mut w, &mem, Some(&dirty)).unwrap();
+            let frames = w.frames;
+            let mut r = Reader::new(&out[..]);
+            for _ in 0..frames {
+                r.frame().expect("a frame sent while its pages changed");
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn memory_goes_out_as_non_zero_pages_or_as_the_dirty_ones() {
+        use vm_memory::Bytes;
+        let mem = memory::create_guest_memory(&[(0, 1 << 20)]).unwrap();
+        mem.write_obj(0x55u8, GuestAddress(0x5000)).unwrap();
+        mem.write_obj(0x66u8, GuestAddress(0x6000)).unwrap();
+        let mut out = Vec::new();
+        let mut w = Writer::new(&mut out);
+        send_memory(&mut w, &mem, None).unwrap();
+        assert_eq!((w.frames, w.page_bytes), (1, 2 * PAGE as u64));
+        let mut dirty: DirtyPages = vec![vec![0; 4]];
+        dirty[0][0] = 1 << 1 | 1 << 6;
+        let mut out = Vec::new();
+        let mut w = Writer::new(&mut out);
+        send_memory(&mut w, &mem, Some(&dirty)).unwrap();
+        assert_eq!((w.frames, w.page_bytes), (2, 2 * PAGE as u64));
+        assert_eq!(count_pages(&dirty), 2);
+    }
+}
