@@ -35,8 +35,6 @@ fn dispatch_vm(cli: &Cli) -> Option<Result<i32>> {
         Cmd::State { id } if oci_vm::exists(root, id) => oci_vm::state(root, id),
         Cmd::Kill(a) if oci_vm::exists(root, &a.id) => oci_vm::kill(root, a),
         Cmd::Delete { force, id } if oci_vm::exists(root, id) => oci_vm::delete(root, id, *force),
-        Cmd::Pause { id } if oci_vm::exists(root, id) => oci_vm::pause(root, id, false),
-        Cmd::Resume { id } if oci_vm::exists(root, id) => oci_vm::pause(root, id, true),
         Cmd::List { format, quiet } => oci::print_list(&oci_vm::list(root), *format, *quiet),
         Cmd::Run(a) if a.oci.bundle.is_some() => Err(anyhow::anyhow!(
             "run --bundle in VM mode is not supported: use create and start"
@@ -73,6 +71,10 @@ fn dispatch(cli: &Cli) -> Result<i32> {
         }
         Cmd::Delete { force, id } => rt.delete(id, *force)?,
         Cmd::Features => oci::features()?,
+        // A VM container (by its state in --root) is paused in its guest, whichever
+        // binary name was used, as ps, update and events below.
+        Cmd::Pause { id } if oci_vm::exists(&cli.root, id) => oci_vm::pause(&cli.root, id, false)?,
+        Cmd::Resume { id } if oci_vm::exists(&cli.root, id) => oci_vm::pause(&cli.root, id, true)?,
         Cmd::Pause { id } => rt.pause(id)?,
         Cmd::Resume { id } => rt.resume(id)?,
         Cmd::List { format, quiet } => oci::list(&rt, *format, *quiet)?,

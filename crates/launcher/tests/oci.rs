@@ -2173,23 +2173,49 @@ fn memory_policy_applies_to_init_and_exec() {
 }
 
 #[test]
-fn ps_update_and_events_refuse_vm_containers_by_name() {
-    // A VM-mode container is known by its state under <root>/.vm/<id>/.
+fn vm_containers_control_verbs_need_a_running_vm() {
+    // A VM-mode container is known by its state under <root>/.vm/<id>/; this one's
+    // shim is gone, so the container is stopped: each verb says so in one line (the
+    // verbs themselves run in the KVM test host: tests/kvm/shim-vm.sh).
     let root = tempfile::tempdir().unwrap();
     let id = unique("vmctr");
     let dir = root.path().join(".vm").join(&id);
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("state.json"), "{}").unwrap();
+    let state = json!({
+        "id": id, "bundle": "/nonexistent", "shim_pid": i32::MAX - 1, "shim_start": 1,
+        "sandbox": "/nonexistent", "status": "running", "exit_code": null, "created_ns": 0,
+    });
+    std::fs::write(dir.join("state.json"), state.to_string()).unwrap();
     for args in [
         vec!["ps", id.as_str()],
+        vec!["ps", "--format", "json", id.as_str()],
         vec!["update", "--pids-limit", "5", id.as_str()],
         vec!["events", "--stats", id.as_str()],
+        vec!["pause", id.as_str()],
+        vec!["resume", id.as_str()],
     ] {
         let o = rt_cmd(nestor(), root.path(), &args);
         let e = stderr(&o);
         assert!(
-            !o.status.success() && e.starts_with("error: ") && e.contains("VM container"),
+            !o.status.success()
+                && e.starts_with("error: ")
+                && (e.contains("not running") || e.contains("is stopped")),
             "{args:?}: {e}"
         );
     }
+    // ps options are for the host's ps, which cannot look into a guest.
+    let o = rt_cmd(nestor(), root.path(), &["ps", id.as_str(), "-ef"]);
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.starts_with("error: ") && e.contains("guest"),
+        "{e}"
+    );
+    // A corrupt state file is named.
+    std::fs::write(dir.join("state.json"), "{}").unwrap();
+    let o = rt_cmd(nestor(), root.path(), &["pause", id.as_str()]);
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.starts_with("error: ") && e.contains("corrupt state file"),
+        "{e}"
+    );
 }

@@ -471,6 +471,7 @@ pub fn ram_in_bytes(s: &str) -> Result<i64> {
 /// rises; checked every 100 ms at most). Ends when the container stops.
 pub fn events(rt: &Runtime, id: &str, once: bool, interval: &str) -> Result<()> {
     use nestor_container::state::Status;
+    let every = events_interval(interval)?;
     let st = rt.state(id)?;
     if st.status() == Status::Stopped {
         bail!("container {id} is not running");
@@ -478,7 +479,7 @@ pub fn events(rt: &Runtime, id: &str, once: bool, interval: &str) -> Result<()> 
     events_of(
         id,
         once,
-        interval,
+        every,
         &EventSource {
             running: &|| matches!(rt.state(id), Ok(st) if st.status() != Status::Stopped),
             stats: &|| {
@@ -503,13 +504,24 @@ pub struct EventSource<'a> {
     pub tick: std::time::Duration,
 }
 
-/// The `events` stream of a running container (see [`events`]).
-pub fn events_of(id: &str, once: bool, interval: &str, src: &EventSource<'_>) -> Result<()> {
-    use std::io::Write;
+/// `events --interval`, checked before anything else.
+pub fn events_interval(interval: &str) -> Result<std::time::Duration> {
     let every = go_duration(interval).with_context(|| format!("--interval {interval}"))?;
     if every.is_zero() {
         bail!("--interval {interval}: must be above zero");
     }
+    Ok(every)
+}
+
+/// The `events` stream of a running container (see [`events`]), a stats event every
+/// `every`.
+pub fn events_of(
+    id: &str,
+    once: bool,
+    every: std::time::Duration,
+    src: &EventSource<'_>,
+) -> Result<()> {
+    use std::io::Write;
     let stats_event = || -> Result<String> {
         Ok(serde_json::json!({"type": "stats", "id": id, "data": (src.stats)()?}).to_string())
     };

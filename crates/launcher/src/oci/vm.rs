@@ -696,6 +696,7 @@ fn cgroup(
 /// OCI `events` in VM mode: the native stream, read from the guest over one agent
 /// connection (OOM kills looked for every 500 ms, a request each).
 pub fn events(root: &Path, id: &str, once: bool, interval: &str) -> Result<()> {
+    let every = super::events_interval(interval)?;
     let st = load(root, id)?;
     if status(&st) == Status::Stopped {
         bail!("container {id} is not running");
@@ -711,7 +712,7 @@ pub fn events(root: &Path, id: &str, once: bool, interval: &str) -> Result<()> {
     super::events_of(
         id,
         once,
-        interval,
+        every,
         &super::EventSource {
             running: &running,
             stats: &stats,
