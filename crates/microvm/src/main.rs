@@ -52,6 +52,20 @@ fn stop_on_signals(set: libc::sigset_t, exit: Arc<ExitSignal>) -> std::io::Resul
         .map(drop)
 }
 
+/// Starts the vCPUs, then installs the main thread's filter: it goes in after the vCPU
+/// threads exist, and once they, the virtio event thread and the signal thread have
+/// theirs too, it opens the vCPUs' gate.
+fn start_filtered(vmm: &mut Vmm, vcpus: u8) -> Result<(), nestor_microvm::builder::VmmError> {
+    let started = vmm.start();
+    let threads = if started.is_ok() {
+        usize::from(vcpus) + 2
+    } else {
+        0
+    };
+    seccomp::install_main(threads);
+    started
+}
+
 fn run(start: Instant) -> anyhow::Result<i32> {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -110,17 +124,7 @@ fn run(start: Instant) -> anyhow::Result<i32> {
     // The memory file stays mapped; its descriptor is not needed any more.
     drop(restore);
     stop_on_signals(signals, vmm.exit_signal())?;
-    let started = vmm.start();
-    // The main thread's filter goes in after the vCPU threads exist; once they, the
-    // virtio event thread and the signal thread have theirs too, it opens the vCPUs'
-    // gate.
-    let threads = if started.is_ok() {
-        usize::from(cfg.vcpus) + 2
-    } else {
-        0
-    };
-    seccomp::install_main(threads);
-    started?;
+    start_filtered(&mut vmm, cfg.vcpus)?;
     let reason = match &api {
         Some(server) => api::serve(server, &mut vmm),
         None => vmm.wait(None).unwrap_or(GuestExit::Stopped),
@@ -203,14 +207,7 @@ fn migrate_from(cli: Cli, addr: &str, start: Instant) -> anyhow::Result<i32> {
         }
     };
     stop_on_signals(signals, vmm.exit_signal())?;
-    let started = vmm.start();
-    let threads = if started.is_ok() {
-        usize::from(cfg.vcpus) + 2
-    } else {
-        0
-    };
-    seccomp::install_main(threads);
-    if let Err(e) = started {
+    if let Err(e) = start_filtered(&mut vmm, cfg.vcpus) {
         nack(&mut reader, &e);
         return Err(e.into());
     }
