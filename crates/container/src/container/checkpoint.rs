@@ -145,8 +145,7 @@ impl Runtime {
             &spec_path,
             &std::fs::read(&spec_path).ctx(|| format!("read {}", spec_path.display()))?,
         )?;
-        if spec.process().as_ref().and_then(|p| p.terminal()) == Some(true) && !o.criu.shell_job
-        {
+        if spec.process().as_ref().and_then(|p| p.terminal()) == Some(true) && !o.criu.shell_job {
             return Err(Error::Invalid(format!(
                 "checkpoint {}: the container has a terminal; nestor cannot restore one yet",
                 o.id
@@ -262,9 +261,8 @@ impl Runtime {
         let fds: Vec<String> = {
             let f = images.join(DESCRIPTORS);
             let bytes = std::fs::read(&f).ctx(|| format!("read {}", f.display()))?;
-            serde_json::from_slice(&bytes).map_err(|e| {
-                Error::Invalid(format!("restore {}: {}: {e}", o.id, f.display()))
-            })?
+            serde_json::from_slice(&bytes)
+                .map_err(|e| Error::Invalid(format!("restore {}: {}: {e}", o.id, f.display())))?
         };
         let bundle = crate::spec::load(&o.bundle)?;
         let linux = bundle.spec.linux().as_ref();
@@ -282,7 +280,9 @@ impl Runtime {
             let procs: Vec<CString> = cg
                 .paths()
                 .iter()
-                .filter_map(|(_, d)| CString::new(d.join("cgroup.procs").as_os_str().as_encoded_bytes()).ok())
+                .filter_map(|(_, d)| {
+                    CString::new(d.join("cgroup.procs").as_os_str().as_encoded_bytes()).ok()
+                })
                 .collect();
             cgroup = Some(cg);
             let cg = cgroup.as_ref().expect("just set");
@@ -421,10 +421,7 @@ impl Runtime {
 fn outside_files(pid: i32) -> Vec<(u32, String)> {
     use std::os::unix::fs::MetadataExt;
     let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
-    let ids: Vec<&str> = mounts
-        .lines()
-        .filter_map(|l| l.split(' ').next())
-        .collect();
+    let ids: Vec<&str> = mounts.lines().filter_map(|l| l.split(' ').next()).collect();
     let mut out = Vec::new();
     for fd in 0..3u32 {
         let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap_or_default();
@@ -512,8 +509,7 @@ fn external_mounts(
         let dest = clean_dest(m.destination());
         let typ = m.typ().as_deref().unwrap_or("");
         let bind = typ == "bind"
-            || m
-                .options()
+            || m.options()
                 .iter()
                 .flatten()
                 .any(|o| o == "bind" || o == "rbind");
@@ -593,7 +589,10 @@ fn make_mount_points(spec: &oci_spec::runtime::Spec, rootfs: &Path) -> Result<()
         .collect();
     for m in &mounts {
         let bind = m.typ().as_deref() == Some("bind")
-            || m.options().iter().flatten().any(|o| o == "bind" || o == "rbind");
+            || m.options()
+                .iter()
+                .flatten()
+                .any(|o| o == "bind" || o == "rbind");
         let dest = clean_dest(m.destination());
         if !bind || tmpfs.iter().any(|t| dest.starts_with(&format!("{t}/"))) {
             continue;
@@ -613,7 +612,11 @@ fn make_mount_points(spec: &oci_spec::runtime::Spec, rootfs: &Path) -> Result<()
             .is_some_and(|md| !md.is_dir());
         // No symlink in the way inside the rootfs: refuse rather than follow it out.
         let mut cur = rootfs.to_path_buf();
-        for c in Path::new(rel).parent().into_iter().flat_map(|p| p.components()) {
+        for c in Path::new(rel)
+            .parent()
+            .into_iter()
+            .flat_map(|p| p.components())
+        {
             cur.push(c);
             if std::fs::symlink_metadata(&cur).is_ok_and(|m| m.file_type().is_symlink()) {
                 return Err(Error::Invalid(format!(
@@ -642,7 +645,11 @@ struct Join<'a> {
 
 /// Runs `criu ARGS`; an error is CRIU's first `Error` line from `log` (else its
 /// stderr), with the log's path.
-fn run_criu(args: &[String], join: Option<Join<'_>>, log: &Path) -> std::result::Result<(), String> {
+fn run_criu(
+    args: &[String],
+    join: Option<Join<'_>>,
+    log: &Path,
+) -> std::result::Result<(), String> {
     let mut cmd = Command::new("criu");
     cmd.args(args);
     // A restore hands CRIU's own stdio to the restored processes: it must be this

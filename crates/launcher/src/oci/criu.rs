@@ -5,9 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use nestor_container::container::{
-    wait_exit, CheckpointOpts, CriuFlags, RestoreOpts, Runtime,
-};
+use nestor_container::container::{wait_exit, CheckpointOpts, CriuFlags, RestoreOpts, Runtime};
 
 use crate::cli::{CheckpointArgs, CriuArgs, RestoreArgs};
 
