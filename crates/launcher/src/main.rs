@@ -120,6 +120,14 @@ fn dispatch(cli: &Cli) -> Result<i32> {
             interval,
             id,
         } => oci::events(&rt, id, *stats, interval)?,
+        Cmd::Checkpoint(a) if oci_vm::exists(&cli.root, &a.id) => {
+            anyhow::bail!(
+                "checkpoint: {} is a VM container; CRIU checkpoints native containers only",
+                a.id
+            )
+        }
+        Cmd::Checkpoint(a) => oci::criu::checkpoint(&rt, a)?,
+        Cmd::Restore(a) => return oci::criu::restore(&rt, a),
         Cmd::Logs { follow, container } => manage::logs(container, *follow)?,
         Cmd::Stop { time, containers } => manage::stop(containers, *time)?,
         Cmd::Rm { force, containers } => manage::rm(containers, *force)?,

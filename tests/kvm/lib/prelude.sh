@@ -40,6 +40,12 @@
 #                              so far (nothing is built inside: no cargo or kernel build
 #                              under TCG), time limit $limit + 120 s; exits with its status
 #   need_kvm                   status 2 unless /dev/kvm exists
+# Where something other than KVM works (no nested KVM needed):
+#   rerun_in_testhost_unless CMD...   unless inside the test host, --direct, or CMD
+#                              succeeds here (e.g. `criu check`): re-runs this script in
+#                              the test host (tests/testhost/run, always TCG) with
+#                              --direct, the original arguments and the paths looked up
+#                              so far, time limit $limit + 120 s; exits with its status
 # The work dir:
 #   make_work                  $work: a fresh directory under $TMPDIR (or /tmp), removed
 #                              on exit after every on_exit command
@@ -147,6 +153,19 @@ rerun_where_kvm_is() {
     done
     set +e
     "$repo/tests/testhost/kvm-exec" --timeout $((limit + 120)) -- "$0" --direct \
+        "${prelude_args[@]}" "${paths[@]}" --timeout "$limit"
+    exit $?
+}
+
+rerun_in_testhost_unless() {
+    [[ ${NESTOR_TESTHOST:-} == inside || $direct == 1 ]] && return 0
+    "$@" >/dev/null 2>&1 && return 0
+    local paths=() v
+    for v in kernel initrd vmm nestor agent; do
+        [[ -n ${!v} ]] && paths+=("--$v" "${!v}")
+    done
+    set +e
+    "$repo/tests/testhost/run" --timeout $((limit + 120)) -- "$0" --direct \
         "${prelude_args[@]}" "${paths[@]}" --timeout "$limit"
     exit $?
 }

@@ -1,7 +1,8 @@
 //! The container lifecycle as the OCI runtime command line exposes it: one file per
-//! verb (create, start, kill, delete, exec, pause, update), sharing [`Runtime`], which
+//! verb (create, start, kill, delete, exec, pause, update, checkpoint/restore), sharing [`Runtime`], which
 //! owns the state root.
 
+mod checkpoint;
 mod create;
 mod delete;
 mod exec;
@@ -10,6 +11,7 @@ mod pause;
 mod start;
 mod update;
 
+pub use checkpoint::{CheckpointOpts, CriuFlags, RestoreOpts, DESCRIPTORS};
 pub use create::CreateOpts;
 pub use exec::ExecOpts;
 pub use kill::parse_signal;

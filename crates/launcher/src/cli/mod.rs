@@ -1,6 +1,6 @@
 //! The command line, as clap structs only: no behaviour here. The OCI runtime verbs
 //! (create, start, state, kill, delete, exec, pause, resume, list, spec, features, run
-//! --bundle, ps ID, update, events) follow runc's and crun's shapes so podman can drive
+//! --bundle, ps ID, update, events, checkpoint, restore) follow runc's and crun's shapes so podman can drive
 //! nestor; the others follow Docker's.
 
 use std::path::PathBuf;
@@ -114,6 +114,12 @@ pub enum Cmd {
         interval: String,
         id: String,
     },
+    /// OCI: save a running container with CRIU (runc's flags); without
+    /// --leave-running or --pre-dump the container is then gone.
+    Checkpoint(CheckpointArgs),
+    /// OCI: a new container from a bundle, its processes CRIU's restore of a
+    /// checkpoint (runc's flags); waits for it and exits with its code unless --detach.
+    Restore(RestoreArgs),
     /// Print the output of a detached container.
     Logs {
         #[arg(short, long)]
@@ -439,6 +445,98 @@ pub struct ExecArgs {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// The CRIU switches `checkpoint` and `restore` share (runc's).
+#[derive(Args, Debug, Clone)]
+pub struct CriuArgs {
+    /// Directory of the CRIU images (default: ./checkpoint).
+    #[arg(long)]
+    pub image_path: Option<PathBuf>,
+    /// Directory for CRIU's log and work files (default: the image directory).
+    #[arg(long)]
+    pub work_path: Option<PathBuf>,
+    /// Allow open TCP connections.
+    #[arg(long)]
+    pub tcp_established: bool,
+    /// Allow external unix sockets.
+    #[arg(long)]
+    pub ext_unix_sk: bool,
+    /// Allow shell jobs.
+    #[arg(long)]
+    pub shell_job: bool,
+    /// Handle file locks.
+    #[arg(long)]
+    pub file_locks: bool,
+    /// Deduplicate memory images as they are written or read.
+    #[arg(long)]
+    pub auto_dedup: bool,
+    /// CRIU's cgroup mode: soft (default), full, strict or ignore.
+    #[arg(long)]
+    pub manage_cgroups_mode: Option<String>,
+    /// Namespaces to create empty rather than restore (runc: only `network`).
+    #[arg(long)]
+    pub empty_ns: Vec<String>,
+    /// Lazy page restore (userfaultfd): not supported by nestor.
+    #[arg(long)]
+    pub lazy_pages: bool,
+}
+
+/// OCI `checkpoint ID` (runc's flags).
+#[derive(Args, Debug, Clone)]
+pub struct CheckpointArgs {
+    #[command(flatten)]
+    pub criu: CriuArgs,
+    /// Images of a previous --pre-dump, relative to --image-path.
+    #[arg(long)]
+    pub parent_path: Option<PathBuf>,
+    /// Keep the container running after the checkpoint.
+    #[arg(long)]
+    pub leave_running: bool,
+    /// Save memory only and keep running (for a later dump with --parent-path).
+    #[arg(long)]
+    pub pre_dump: bool,
+    /// Skip TCP connections in flight.
+    #[arg(long)]
+    pub tcp_skip_in_flight: bool,
+    /// Link unlinked files back when possible.
+    #[arg(long)]
+    pub link_remap: bool,
+    /// A page server ADDRESS:PORT: not supported by nestor.
+    #[arg(long)]
+    pub page_server: Option<String>,
+    /// FD CRIU writes to when lazy pages are ready: not supported by nestor.
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    pub status_fd: i32,
+    pub id: String,
+}
+
+/// OCI `restore ID` (runc's flags).
+#[derive(Args, Debug, Clone)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub criu: CriuArgs,
+    #[arg(short, long, default_value = ".")]
+    pub bundle: PathBuf,
+    /// Return once the container is restored instead of waiting for it.
+    #[arg(short, long)]
+    pub detach: bool,
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Socket for a terminal's master: not supported by restore yet.
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    /// LSM profile TYPE:NAME for the restored processes.
+    #[arg(long)]
+    pub lsm_profile: Option<String>,
+    /// LSM mount context for the restored mounts.
+    #[arg(long)]
+    pub lsm_mount_context: Option<String>,
+    #[arg(long, hide = true)]
+    pub no_subreaper: bool,
+    #[arg(long, hide = true)]
+    pub no_pivot: bool,
+    pub id: String,
 }
 
 /// OCI `update`: runc's flags, or the whole `linux.resources` document with

@@ -1,6 +1,7 @@
 //! The OCI runtime verbs: thin glue from the parsed command line to
 //! `nestor_container::container::Runtime`.
 
+pub mod criu;
 pub mod vm;
 
 use std::path::Path;
