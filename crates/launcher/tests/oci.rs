@@ -1775,7 +1775,7 @@ fn rootfs_propagation_is_applied_in_runcs_order() {
 #[test]
 fn time_namespace_takes_the_specs_offsets_for_init_and_exec() {
     // /proc/uptime is CLOCK_BOOTTIME: 10 days ahead inside.
-    let offset = 864_000.0;
+    let offset: i64 = 864_000;
     let b = Bundle::new("timens", &["sh", "-c", "cat /proc/uptime; sleep 1000"]);
     b.edit(|c| {
         c["linux"]["namespaces"]
@@ -1785,7 +1785,17 @@ fn time_namespace_takes_the_specs_offsets_for_init_and_exec() {
         c["linux"]["timeOffsets"] =
             json!({"boottime": {"secs": 864000, "nanosecs": 0}, "monotonic": {"secs": 5}});
     });
-    let uptime = |s: &str| -> f64 { s.split_whitespace().next().unwrap().parse().unwrap() };
+    // Centiseconds, as /proc/uptime prints them: in f64, 67466.18 + 864000 can come out
+    // a hair below the 931466.18 the container reads.
+    let uptime = |s: &str| -> i64 {
+        let (secs, cs) = s
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .split_once('.')
+            .unwrap();
+        secs.parse::<i64>().unwrap() * 100 + cs.parse::<i64>().unwrap()
+    };
     let host_before = uptime(&std::fs::read_to_string("/proc/uptime").unwrap());
     let (ok, err) = run_detached(nestor(), b.state.path(), &b, &b.id);
     assert!(ok, "run -d: {err}");
@@ -1811,8 +1821,8 @@ fn time_namespace_takes_the_specs_offsets_for_init_and_exec() {
     let host_after = uptime(&std::fs::read_to_string("/proc/uptime").unwrap());
     let inside = uptime(&out);
     assert!(
-        inside >= host_before + offset && inside <= host_after + offset,
-        "exec's uptime {inside} not host's ({host_before}..{host_after}) + {offset}: {out}"
+        inside >= host_before + offset * 100 && inside <= host_after + offset * 100,
+        "exec's uptime {inside} cs not host's ({host_before}..{host_after} cs) + {offset} s: {out}"
     );
     let offsets: Vec<Vec<&str>> = out
         .lines()
