@@ -267,13 +267,16 @@ impl Nestor {
     }
 
     /// VM mode: new limits for the container's cgroup in the guest (`update
-    /// --resources`, the document written beside the verbs' log).
+    /// --resources`, the document written beside the verbs' log under a name of its
+    /// own, so two Updates at once do not write one file).
     pub async fn vm_update(
         &self,
         id: &str,
         resources: &oci_spec::runtime::LinuxResources,
     ) -> Result<()> {
-        let doc = self.log.with_file_name("nestor-update.json");
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let doc = self.log.with_file_name(format!("nestor-update-{n}.json"));
         std::fs::write(&doc, serde_json::to_vec(resources)?)
             .with_context(|| format!("write {}", doc.display()))?;
         let r = self
