@@ -364,7 +364,7 @@ fn answer(vmm: &mut Vmm, line: &str) -> (serde_json::Value, bool) {
         ),
         Request::Migrate { to, opts } => match vmm.migrate(&to, &opts) {
             Ok(report) => {
-                eprintln!(
+                crate::eprintln_capped!(
                     "nestor-vmm: migrated to {to} ({:?}, {} rounds, {} ms paused): this VMM exits",
                     report.strategy, report.rounds, report.downtime_ms
                 );
@@ -373,7 +373,7 @@ fn answer(vmm: &mut Vmm, line: &str) -> (serde_json::Value, bool) {
             }
             Err(e) => {
                 let line = format!("migration to {to} failed: {e}; the VM runs on here");
-                eprintln!("nestor-vmm: {line}");
+                crate::eprintln_capped!("nestor-vmm: {line}");
                 (serde_json::json!({"ok": false, "error": line}), false)
             }
         },

@@ -142,6 +142,16 @@ pub fn eprint_line(line: &str) {
     let _ = w.write_all(format!("{line}\n").as_bytes());
 }
 
+/// `eprintln!` through the cap: the VMM's own lines share stderr's offset with the
+/// capped tracing writer, so a line written around the cap could land in the middle of
+/// a compaction (between its truncation and its rewind), leaving a hole of NULs.
+#[macro_export]
+macro_rules! eprintln_capped {
+    ($($arg:tt)*) => {
+        $crate::logcap::eprint_line(&format!($($arg)*))
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,7 +43,7 @@ fn stop_on_signals(set: libc::sigset_t, exit: Arc<ExitSignal>) -> std::io::Resul
                 let mut sig = 0;
                 // SAFETY: sigwait with a valid set and out-parameter.
                 if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                    eprintln!("nestor-vmm: signal {sig}: stopping the VM");
+                    nestor_microvm::eprintln_capped!("nestor-vmm: signal {sig}: stopping the VM");
                     exit.set(GuestExit::Stopped);
                     return;
                 }
@@ -137,7 +137,7 @@ fn run(start: Instant) -> anyhow::Result<i32> {
         let ms = |d: Option<std::time::Duration>| {
             d.map_or_else(|| "-".to_string(), |d| d.as_millis().to_string())
         };
-        eprintln!(
+        nestor_microvm::eprintln_capped!(
             "nestor-vmm: boot timings (ms since VMM start): first_kvm_run {} first_output {} init {} exit {}",
             ms(timings.first_run),
             ms(timings.first_output),
@@ -151,13 +151,13 @@ fn run(start: Instant) -> anyhow::Result<i32> {
         vmm.uptime().as_millis()
     );
     if std::env::var_os("NESTOR_VMM_STATS").is_some() {
-        eprintln!(
+        nestor_microvm::eprintln_capped!(
             "nestor-vmm: stats: {}",
             serde_json::to_string(&stats).unwrap_or_default()
         );
     }
     if let GuestExit::InternalError(e) = &reason {
-        eprintln!("nestor-vmm: guest stopped: KVM internal error: {e}");
+        nestor_microvm::eprintln_capped!("nestor-vmm: guest stopped: KVM internal error: {e}");
     }
     Ok(reason.status())
 }
@@ -230,10 +230,10 @@ fn migrate_from(cli: Cli, addr: &str, start: Instant) -> anyhow::Result<i32> {
     let ended = vmm.uptime();
     vmm.shutdown();
     if boot_timings {
-        eprintln!("nestor-vmm: migrated VM ran until {} ms", ended.as_millis());
+        nestor_microvm::eprintln_capped!("nestor-vmm: migrated VM ran until {} ms", ended.as_millis());
     }
     if let GuestExit::InternalError(e) = &reason {
-        eprintln!("nestor-vmm: guest stopped: KVM internal error: {e}");
+        nestor_microvm::eprintln_capped!("nestor-vmm: guest stopped: KVM internal error: {e}");
     }
     Ok(reason.status())
 }
@@ -250,7 +250,7 @@ fn main() -> ExitCode {
     match run(start) {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
-            eprintln!("nestor-vmm: error: {e:#}");
+            nestor_microvm::eprintln_capped!("nestor-vmm: error: {e:#}");
             ExitCode::from(1)
         }
     }

@@ -141,7 +141,7 @@ pub fn setup(args: &SeccompArgs) -> Result<(), SeccompError> {
 }
 
 fn die(e: SeccompError) -> ! {
-    eprintln!("nestor-vmm: error: {e}");
+    crate::eprintln_capped!("nestor-vmm: error: {e}");
     // SAFETY: ends the process at once; nothing else is needed.
     unsafe { libc::_exit(1) }
 }
