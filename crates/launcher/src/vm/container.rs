@@ -629,7 +629,10 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
     timings.attached_ms = Some(sb.elapsed_ms());
     let mut agent = c.agent;
     if let Some(n) = network {
-        let r = agent.call(n)?;
+        let r = match agent.call(n) {
+            Ok(r) => r,
+            Err(e) => return Err(sb.failure(&format!("configuring the guest's network: {e:#}"))),
+        };
         sandbox::expect_ok("configuring the guest's network", r)?;
     }
     let outputs = wire_stdio(a, c.stdin, c.stdout, c.stderr)?;
@@ -643,7 +646,15 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
             device,
             fstype: crate::vm::disk::FSTYPE.into(),
         },
-    })?;
+    });
+    // A broken connection is a dead agent or guest: say which, with the console's tail.
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = sb.shutdown(None, Duration::from_secs(2));
+            return Err(sb.failure(&format!("starting the container in the VM: {e:#}")));
+        }
+    };
     match r {
         Response::Started { .. } => {}
         Response::Error { message, .. } => {
