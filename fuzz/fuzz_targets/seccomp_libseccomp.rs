@@ -319,9 +319,18 @@ fn libseccomp_program_bounded(
             };
             libc::_exit(code);
         }
+        // libFuzzer's timer (SIGALRM every second or so) interrupts waitpid: an EINTR
+        // left `status` at 0, read as a clean exit, and an empty program was compared
+        // (a run under load "ran off its end").
         let mut status = 0;
-        libc::waitpid(pid, &mut status, 0);
-        if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        let reaped = loop {
+            let r = libc::waitpid(pid, &mut status, 0);
+            if r == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            break r;
+        };
+        if reaped != pid || !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
             return None;
         }
         file.rewind().unwrap();

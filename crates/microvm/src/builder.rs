@@ -876,11 +876,6 @@ impl Vmm {
                 "cannot migrate this VM: it has virtio-fs devices (their state is in the file server)".into(),
             ));
         }
-        if opts.strategy == Strategy::PreCopy && !self.cfg.track_dirty_pages {
-            return Err(MigrationError::Unsupported(
-                "pre-copy needs the dirty log (start nestor-vmm with --track-dirty-pages)".into(),
-            ));
-        }
         let live = self.handles.iter().filter(|h| !h.is_finished()).count();
         if !self.pending.is_empty() || live != usize::from(self.vcpus) {
             return Err(MigrationError::Vm(format!(
@@ -895,17 +890,42 @@ impl Vmm {
             strategy: opts.strategy,
             ..MigrateReport::default()
         };
+        // Pre-copy reads KVM's log of the guest's writes: switched on here if the VM
+        // did not start with it, and off again if the migration fails.
+        let switched_on = opts.strategy == Strategy::PreCopy && !self.cfg.track_dirty_pages;
+        if switched_on {
+            self.set_dirty_logging(true)
+                .map_err(|e| MigrationError::Vm(format!("switching the dirty log on: {e}")))?;
+        }
         let r = self.migrate_inner(to, opts, live, t0, &mut report);
         if r.is_err() {
             if opts.strategy == Strategy::PreCopy {
                 // The dirty log was read: no diff snapshot until a full one.
                 *self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = None;
             }
+            if switched_on {
+                if let Err(e) = self.set_dirty_logging(false) {
+                    tracing::warn!("switching the dirty log off again: {e}");
+                }
+            }
             if !was_paused {
                 self.resume();
             }
         }
         r.map(|()| report)
+    }
+
+    /// Switches KVM's log of the guest's writes on or off for every memory slot while
+    /// the VM runs (the slots keep their addresses and sizes; only their flags change).
+    /// Switched on, the log and the VMM's own write bitmap start empty.
+    fn set_dirty_logging(&self, on: bool) -> Result<(), crate::vstate::vm::VmError> {
+        self.vm.register_memory(&self.mem, on)?;
+        if on {
+            for r in self.mem.iter() {
+                std::ops::Deref::deref(r).bitmap().reset();
+            }
+        }
+        Ok(())
     }
 
     fn migrate_inner(

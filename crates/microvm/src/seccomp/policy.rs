@@ -13,7 +13,7 @@ mod ioctls {
     use kvm_bindings::{
         kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_fpu, kvm_irqchip,
         kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs,
-        kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
+        kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
     };
     use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
 
@@ -42,8 +42,18 @@ mod ioctls {
         (get::<kvm_xcrs>(0xa6), "KVM_GET_XCRS"),
     ];
     /// What the main thread reads of the VM for a snapshot (the dirty log: the
-    /// pages a diff snapshot writes).
-    pub const VM_SAVE: [(u64, &str); 4] = [
+    /// pages a diff snapshot writes), and the memory slots' flags it changes to switch
+    /// the dirty log on for a pre-copy migration (the same slots, addresses and sizes).
+    pub const VM_SAVE: [(u64, &str); 5] = [
+        (
+            ioctl_expr(
+                _IOC_WRITE,
+                KVMIO,
+                0x46,
+                size::<kvm_userspace_memory_region>(),
+            ),
+            "KVM_SET_USER_MEMORY_REGION",
+        ),
         (get_set::<kvm_irqchip>(0x62), "KVM_GET_IRQCHIP"),
         (
             ioctl_expr(_IOC_WRITE, KVMIO, 0x42, size::<kvm_dirty_log>()),
