@@ -170,8 +170,26 @@ fn migrate_from(cli: Cli, addr: &str, start: Instant) -> anyhow::Result<i32> {
     let addr: Addr = addr.parse().map_err(|e: String| anyhow::anyhow!(e))?;
     let filters = cli.seccomp.clone();
     let boot_timings = cli.boot_timings;
+    // A stop signal while no source has come ends the wait (the socket's file removed).
+    let signals = block_stop_signals();
     let listener = Listener::bind(&addr)?;
-    let conn = listener.accept()?;
+    let stop = || {
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: sigtimedwait on a valid set with a zero timeout (a poll).
+        let sig = unsafe { libc::sigtimedwait(&signals, std::ptr::null_mut(), &zero) };
+        if sig > 0 {
+            nestor_microvm::eprintln_capped!(
+                "nestor-vmm: signal {sig}: stopped waiting for the migration source"
+            );
+        }
+        sig > 0
+    };
+    let Some(conn) = listener.accept_unless(stop)? else {
+        return Ok(GuestExit::Stopped.status());
+    };
     drop(listener);
     // Silence from the source for this long ends the migration.
     conn.set_timeout(std::time::Duration::from_secs(60))?;

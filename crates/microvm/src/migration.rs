@@ -222,6 +222,40 @@ impl Listener {
         })
     }
 
+    /// Waits for the source, asking `stop` every 100 ms whether to give up (a stop
+    /// signal): `None` then, and the Unix socket's file goes with the listener.
+    pub fn accept_unless(
+        &self,
+        mut stop: impl FnMut() -> bool,
+    ) -> Result<Option<Conn>, MigrationError> {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Listener::Unix(l, _) => l.as_raw_fd(),
+            Listener::Tcp(l) => l.as_raw_fd(),
+        };
+        loop {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll on one valid pollfd.
+            let r = unsafe { libc::poll(&mut p, 1, 100) };
+            if r > 0 {
+                return self.accept().map(Some);
+            }
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(io("cannot wait for the source's connection")(e));
+                }
+            }
+            if stop() {
+                return Ok(None);
+            }
+        }
+    }
+
     /// Waits for the source.
     pub fn accept(&self) -> Result<Conn, MigrationError> {
         let what = "cannot accept the source's connection";

@@ -299,3 +299,20 @@ fn bad_streams_are_refused_with_one_line_and_nothing_built() {
     one_error_line(&feed(&good), "BEGIN");
     one_error_line(&feed(&good[..7]), "ended");
 }
+
+#[test]
+fn a_waiting_destination_stops_on_sigterm_and_removes_its_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, sock) = destination(dir.path(), "w", &[]);
+    let pid = p.child.as_ref().unwrap().id() as i32;
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let o = p.wait();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("stopped waiting for the migration source"),
+        "{err}"
+    );
+    assert!(!sock.exists(), "the migration socket is left behind");
+}
