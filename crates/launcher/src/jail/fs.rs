@@ -85,7 +85,9 @@ fn userns_fd(base: u32, count: u32) -> Result<OwnedFd> {
             Ok(())
         });
     }
-    let mut child = c.spawn().context("start a process for the idmap's user namespace")?;
+    let mut child = c
+        .spawn()
+        .context("start a process for the idmap's user namespace")?;
     let pid = child.id();
     let r = (|| -> Result<OwnedFd> {
         let map = format!("0 {base} {count}\n");

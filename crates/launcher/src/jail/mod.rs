@@ -15,11 +15,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use nestor_container::container::{wait_exit, CreateOpts, Runtime};
 use oci_spec::runtime::{
-    Capabilities, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDeviceCgroup,
-    LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxIdMappingBuilder, LinuxMemoryBuilder,
-    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResources,
-    LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType,
-    ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
+    Capabilities, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
+    LinuxDeviceCgroup, LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxIdMappingBuilder,
+    LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder,
+    LinuxResources, LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder,
+    PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
 };
 
 /// Where jail roots live (tmpfs on most hosts).
@@ -308,11 +308,7 @@ fn jail_mounts(c: &JailConfig, dir: &Path, root: &Path, name: &str) -> Result<Ve
                 .destination("/proc")
                 .typ("proc")
                 .source("proc")
-                .options(
-                    ["nosuid", "nodev", "noexec"]
-                        .map(String::from)
-                        .to_vec(),
-                )
+                .options(["nosuid", "nodev", "noexec"].map(String::from).to_vec())
                 .build()?,
         );
     }

@@ -792,14 +792,12 @@ impl Sandbox {
             .collect();
         for (f, dir) in &mut self.jailed_fs {
             match f.jail.try_wait() {
-                Some(code) if code > 128 => dead.push((
-                    dir.clone(),
-                    std::process::ExitStatus::from_raw(code - 128),
-                )),
-                Some(code) if code != 0 => dead.push((
-                    dir.clone(),
-                    std::process::ExitStatus::from_raw(code << 8),
-                )),
+                Some(code) if code > 128 => {
+                    dead.push((dir.clone(), std::process::ExitStatus::from_raw(code - 128)))
+                }
+                Some(code) if code != 0 => {
+                    dead.push((dir.clone(), std::process::ExitStatus::from_raw(code << 8)))
+                }
                 _ => {}
             }
         }
