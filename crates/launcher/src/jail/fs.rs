@@ -34,9 +34,11 @@ pub const FS_IDS_BASE: u32 = 0x9000_0000;
 pub const FS_IDS: u32 = 65_536;
 
 /// Where the idmapped mount of jail `id`'s directory waits on the host until the
-/// jail has bound it (then it is detached here).
+/// jail has bound it (then it is detached here): `.idmap/<id>/m`. The directory
+/// `.idmap/<id>` is made fresh for it, so its age says how long ago a start began
+/// (the mount point's own age is the user's directory's).
 fn staging(id: &str) -> PathBuf {
-    jail::jails_dir().join(".idmap").join(id)
+    jail::jails_dir().join(".idmap").join(id).join("m")
 }
 
 /// Detaches and removes jail `id`'s staging mount point, if any (never recursing into
@@ -46,6 +48,9 @@ pub fn unstage(id: &str) {
     if p.exists() {
         while nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH).is_ok() {}
         let _ = std::fs::remove_dir(&p);
+    }
+    if let Some(d) = p.parent() {
+        let _ = std::fs::remove_dir(d);
     }
 }
 
@@ -211,10 +216,15 @@ pub fn spawn_jailed_virtiofsd(
     let base = FS_IDS_BASE + (uid - JAIL_UIDS.start) * FS_IDS;
     let stage = staging(id);
     let r = (|| -> Result<JailedFs> {
-        std::fs::create_dir_all(&stage).with_context(|| format!("create {}", stage.display()))?;
+        let idmaps = jail::jails_dir().join(".idmap");
+        std::fs::create_dir_all(&idmaps).with_context(|| format!("create {}", idmaps.display()))?;
+        std::fs::set_permissions(&idmaps, std::fs::Permissions::from_mode(0o711))?;
+        unstage(id); // a start of the same jail cut short
         if let Some(p) = stage.parent() {
+            std::fs::create_dir(p).with_context(|| format!("create {}", p.display()))?;
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o711))?;
         }
+        std::fs::create_dir(&stage).with_context(|| format!("create {}", stage.display()))?;
         let userns = userns_fd(base, FS_IDS)?;
         idmapped_mount(&dir, &userns, ro, &stage)?;
         let mut args: Vec<String> = [
