@@ -8,9 +8,10 @@
 #     run no virtiofsd, jail or staging mount is left;
 #  2. read-write, while the container waits: the guest's files on the host with their
 #     content and the owners an unjailed run gives (root's files root's, a guest user's
-#     its uid's, a chown in the guest the same uid:gid on the host); the virtiofsd runs as a non-root uid, in
-#     another mount and user namespace than the host; then kill -9 of nestor and
-#     `nestor gc`: no virtiofsd, socket, jail or staging mount is left.
+#     its uid's, a chown in the guest the same uid:gid on the host); a binary on the
+#     share runs (exec, mmap); the virtiofsd runs as a non-root uid, in another mount
+#     and user namespace than the host; then kill -9 of nestor and `nestor gc`: no
+#     virtiofsd, socket, jail or staging mount is left.
 # And a named volume (its data root is a tmpfs here): served the same way where the
 # kernel can idmap tmpfs (Linux 6.3+), else refused with one line naming why, before
 # any VM boots.
@@ -67,6 +68,9 @@ chown 1234:5678 /h/dir/perm
 mkdir -m 777 /h/u
 echo "u:x:4321:4321::/:/bin/sh" >>/etc/passwd
 su u -c "echo u >/h/u/byuser"
+cp /bin/busybox /h/busybox
+/h/busybox echo mapped >/h/mapped
+rm /h/busybox
 echo up >/h/up
 sleep 300
 '
@@ -80,6 +84,7 @@ if [[ -e $host/up ]]; then
         "$(stat -c '%u:%g' "$host/new" "$host/dir" 2>&1 | tr '\n' ' ' | sed 's/ $//')"
     expect "mode and owner set in the guest, seen on the host" "640 1234:5678" \
         "$(stat -c '%a %u:%g' "$host/dir/perm" 2>&1)"
+    expect "exec (mmap) of a binary on the share" mapped "$(cat "$host/mapped" 2>&1)"
     expect "a file made by guest user 4321 is the host's uid 4321" "4321:4321" "$(stat -c '%u:%g' "$host/u/byuser" 2>&1)"
     fpid=$(pgrep -f '^/virtiofsd' | head -n1 || true)
     if [[ -n $fpid ]]; then
