@@ -483,6 +483,8 @@ pub fn gc(rt: &Runtime) -> Result<()> {
             }
         }
     }
+    // Idmapped mounts of file servers whose start was cut short.
+    n += crate::jail::fs::sweep();
     // Creates killed before they saved their state: the directory and the cgroup.
     n += rt.remove_orphans()?.len();
     // Runtime state whose process is gone, in the default root.

@@ -3,9 +3,12 @@
 //! the files it is given; mount, pid, ipc, uts, net, cgroup and user namespaces, with
 //! root in the jail mapped to one unprivileged host uid; no capabilities,
 //! no_new_privs, rlimits and cgroup limits. The program (the VMM) installs its own
-//! seccomp filters before it runs guest code.
+//! seccomp filters before it runs guest code. A file server's jail ([`fs`]) differs in
+//! three things only: its user namespace maps a block of 65536 ids, it keeps the
+//! capabilities a file server needs (in that namespace), and it has a /proc.
 
 pub mod cmd;
+pub mod fs;
 pub mod vmm;
 
 use std::os::unix::fs::PermissionsExt;
@@ -14,11 +17,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use nestor_container::container::{wait_exit, CreateOpts, Runtime};
 use oci_spec::runtime::{
-    Capabilities, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDeviceCgroup,
-    LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxIdMappingBuilder, LinuxMemoryBuilder,
-    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResources,
-    LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType,
-    ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
+    Capabilities, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
+    LinuxDeviceCgroup, LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxIdMappingBuilder,
+    LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder,
+    LinuxResources, LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder,
+    PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
 };
 
 /// Where jail roots live (tmpfs on most hosts).
@@ -86,6 +89,13 @@ pub struct JailFile {
     pub writable: bool,
 }
 
+/// A host directory the program gets, at `inside` (absolute, in the jail).
+pub struct JailDir {
+    pub host: PathBuf,
+    pub inside: String,
+    pub read_only: bool,
+}
+
 pub struct JailConfig {
     pub id: String,
     /// The program on the host; it appears in the jail as /<file name>.
@@ -94,6 +104,15 @@ pub struct JailConfig {
     pub files: Vec<JailFile>,
     pub uid: u32,
     pub gid: u32,
+    /// How many ids the user namespace maps from 0 (jail ids 0..N = host `uid`..`uid`+N
+    /// and `gid`..`gid`+N); 1 for every jail but a file server's.
+    pub id_count: u32,
+    /// Capabilities the program keeps (in its user namespace only); none by default.
+    pub caps: Vec<Capability>,
+    /// Host directories bound into the jail.
+    pub dirs: Vec<JailDir>,
+    /// Mount a proc of the jail's pid namespace at /proc.
+    pub proc: bool,
     pub kvm: bool,
     /// A tap device (created here, owned by the jail's uid, moved into the jail's
     /// network namespace before the program starts) and /dev/net/tun; None: no network.
@@ -245,9 +264,19 @@ fn file_mount(c: &JailConfig, dir: &Path, f: &JailFile) -> Result<Mount> {
 /// Everything bound into the jail: the program (and the host's libraries when it is
 /// dynamically linked), its files, and the shared directory.
 fn jail_mounts(c: &JailConfig, dir: &Path, root: &Path, name: &str) -> Result<Vec<Mount>> {
+    let mut binary = c.binary.clone();
+    if closed_dir(&c.binary, c.uid, c.gid).is_some() {
+        // The jail's uid cannot reach the program (e.g. under a 0700 home): a copy.
+        let files = dir.join("files");
+        std::fs::create_dir_all(&files)?;
+        binary = files.join(name);
+        std::fs::copy(&c.binary, &binary)
+            .with_context(|| format!("copy {} into the jail", c.binary.display()))?;
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o555))?;
+    }
     let mut mounts = vec![bind(
         &format!("/{name}"),
-        &c.binary,
+        &binary,
         &["bind", "ro", "nosuid", "nodev"],
     )?];
     if is_dynamic(&c.binary)? {
@@ -264,6 +293,26 @@ fn jail_mounts(c: &JailConfig, dir: &Path, root: &Path, name: &str) -> Result<Ve
     }
     for f in &c.files {
         mounts.push(file_mount(c, dir, f)?);
+    }
+    for d in &c.dirs {
+        if !d.inside.starts_with('/') || d.inside.contains("..") {
+            bail!("jail path {} must be absolute and plain", d.inside);
+        }
+        let mut opts = vec!["bind", "nosuid", "nodev", "noexec"];
+        if d.read_only {
+            opts.push("ro");
+        }
+        mounts.push(bind(&d.inside, &d.host, &opts)?);
+    }
+    if c.proc {
+        mounts.push(
+            MountBuilder::default()
+                .destination("/proc")
+                .typ("proc")
+                .source("proc")
+                .options(["nosuid", "nodev", "noexec"].map(String::from).to_vec())
+                .build()?,
+        );
     }
     if c.share_dir {
         let share = dir.join("share");
@@ -285,7 +334,7 @@ fn make_mount_points(c: &JailConfig, root: &Path, mounts: &[Mount]) -> Result<()
         let dst = m.destination().strip_prefix("/").unwrap_or(m.destination());
         let src = m.source().clone().unwrap_or_default();
         let p = root.join(dst);
-        if src.is_dir() {
+        if src.is_dir() || m.typ().as_deref() == Some("proc") {
             std::fs::create_dir_all(&p)?;
         } else {
             if let Some(parent) = p.parent() {
@@ -361,6 +410,7 @@ fn jail_spec(c: &JailConfig, root: &Path, name: &str, mounts: Vec<Mount>) -> Res
         rlimits.push(rlimit(PosixRlimitType::RlimitFsize, f)?);
     }
     let none = Capabilities::new();
+    let kept: Capabilities = c.caps.iter().copied().collect();
     let process = ProcessBuilder::default()
         .terminal(false)
         .user(UserBuilder::default().uid(0u32).gid(0u32).build()?)
@@ -369,9 +419,9 @@ fn jail_spec(c: &JailConfig, root: &Path, name: &str, mounts: Vec<Mount>) -> Res
         .cwd("/")
         .capabilities(
             LinuxCapabilitiesBuilder::default()
-                .bounding(none.clone())
-                .effective(none.clone())
-                .permitted(none.clone())
+                .bounding(kept.clone())
+                .effective(kept.clone())
+                .permitted(kept)
                 .inheritable(none.clone())
                 .ambient(none)
                 .build()?,
@@ -390,7 +440,7 @@ fn jail_spec(c: &JailConfig, root: &Path, name: &str, mounts: Vec<Mount>) -> Res
         LinuxIdMappingBuilder::default()
             .container_id(0u32)
             .host_id(host)
-            .size(1u32)
+            .size(c.id_count.max(1))
             .build()
     };
     let linux = LinuxBuilder::default()
@@ -509,6 +559,7 @@ fn netns_path(tap: &str) -> PathBuf {
 /// Remove a jail's directory, its network namespace file and its tap (if still on the
 /// host); the tap inside the namespace dies with it once the jail's process is gone.
 pub fn remove(id: &str) {
+    fs::unstage(id);
     let _ = std::fs::remove_dir_all(jails_dir().join(id));
     free_uid(id);
     let tap = tap_name(id);

@@ -9,7 +9,7 @@ use nestor_container::container::Runtime;
 
 use crate::cli::{JailNetwork, JailOpts};
 use crate::jail::cmd::{jail_config, new_jail_id};
-use crate::jail::{self, JailFile};
+use crate::jail::{self, JailDir, JailFile};
 
 /// The VMM to run in a jail, with host paths.
 #[derive(Debug, Clone, Default)]
@@ -37,6 +37,10 @@ pub struct VmmSpec {
     /// `tap0`; `--net`'s value (`tap0,mac=…`) in `net`.
     pub netns: Option<PathBuf>,
     pub net: Option<String>,
+    /// virtio-fs devices: (host directory holding the file server's socket
+    /// [`crate::jail::fs::SOCKET`], tag); each directory is bound read-only at
+    /// /run/fsN in the jail.
+    pub fs: Vec<(PathBuf, String)>,
     /// More nestor-vmm arguments, passed as they are (e.g. `--seccomp-filter` of a file
     /// given in `files`).
     pub extra_args: Vec<String>,
@@ -90,7 +94,8 @@ pub const VMM_OVERHEAD_CPUS: f64 = 1.0;
 /// at /vm/diskN (writable only when not read-only), and with `spec.vsock` a writable
 /// /run/nestor shared with the host; cgroup limits from `opts`; no capabilities,
 /// no_new_privs, rlimits NOFILE (`opts.nofile`), FSIZE (`opts.fsize`, default the
-/// largest writable disk, at least 1 MiB) and NPROC (vCPUs + 16). nestor-vmm then
+/// largest writable disk, or guest memory when it is shared with file servers, at
+/// least 1 MiB) and NPROC (vCPUs + 16). nestor-vmm then
 /// installs its per-thread seccomp filters. `id` names the jail (default generated).
 ///
 /// Refused before anything is made: a memory limit below guest memory +
@@ -185,13 +190,33 @@ pub fn spawn_jailed_vmm(
     if let Some(c) = &spec.console {
         args.extend(["--console".into(), c.clone()]);
     }
+    let mut dirs = Vec::new();
+    for (n, (host, tag)) in spec.fs.iter().enumerate() {
+        let inside = format!("/run/fs{n}");
+        args.extend([
+            "--fs".into(),
+            format!("{inside}/{},tag={tag}", crate::jail::fs::SOCKET),
+        ]);
+        dirs.push(JailDir {
+            host: host.clone(),
+            inside,
+            read_only: true,
+        });
+    }
     args.extend(spec.extra_args.iter().cloned());
     let mut c = jail_config(id.clone(), opts, spec.vmm.clone(), args, files)?;
+    c.dirs = dirs;
     c.kvm = true;
     c.join_netns = spec.netns.clone().map(|ns| (ns, "eth0".to_string()));
     c.share_dir = spec.vsock;
     c.nproc = vcpus + 16;
-    c.fsize = Some(opts.fsize.unwrap_or(largest_rw.max(1 << 20)));
+    // With virtio-fs, guest memory is a memfd shared with the file servers, sized by
+    // ftruncate: RLIMIT_FSIZE must admit it.
+    let shared_mem = if spec.fs.is_empty() { 0 } else { mem_mib << 20 };
+    c.fsize = Some(
+        opts.fsize
+            .unwrap_or(largest_rw.max(shared_mem).max(1 << 20)),
+    );
     let j = jail::spawn(rt, &c)?;
     let vsock = spec.vsock.then(|| j.dir.join("share/vsock.sock"));
     Ok(JailedVm { jail: j, vsock })

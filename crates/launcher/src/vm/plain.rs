@@ -95,6 +95,7 @@ pub fn vm_run(rt: &Runtime, a: &VmRunArgs) -> Result<i32> {
         console: a.console.clone(),
         netns: None,
         net: None,
+        fs: Vec::new(),
         extra_args: Vec::new(),
     };
     let vm = spawn_jailed_vmm(rt, &spec, &a.jail_opts, None)?;

@@ -269,6 +269,9 @@ pub struct Sandbox {
     file_servers: Vec<(Child, PathBuf)>,
     /// The jailed VMM, when the sandbox runs in a jail (then `child` is None).
     jailed: Option<crate::jail::vmm::JailedVm>,
+    /// With a jailed VMM: the jailed virtiofsd of each shared directory, with the
+    /// directory it serves (removed with the VM).
+    jailed_fs: Vec<(crate::jail::fs::JailedFs, PathBuf)>,
     /// False for a VM another process owns (a pod's): never shut down or removed here.
     owned: bool,
     dir: PathBuf,
@@ -442,6 +445,7 @@ impl Sandbox {
             child: Some(child),
             file_servers,
             jailed: None,
+            jailed_fs: Vec::new(),
             owned: true,
             dir,
             vsock,
@@ -457,22 +461,38 @@ impl Sandbox {
 
     /// The VMM in a jail of its own (`crate::jail::vmm::spawn_jailed_vmm`): its console is
     /// not kept (a jailed VMM writes nowhere outside its jail), its vsock socket is the
-    /// jail's.
+    /// jail's. Each shared directory gets a virtiofsd in a jail of its own
+    /// (`crate::jail::fs`), whose socket directory is bound into the VMM's jail.
     fn boot_jailed(
         id: &str,
         assets: &Assets,
         o: &BootOpts,
         j: &crate::cli::JailOpts,
     ) -> Result<Sandbox> {
-        if !o.shares.is_empty() {
-            bail!("-v with a host directory or named volume is not supported with --jail yet");
-        }
         let dir = make_dir(id)?;
         let rt = nestor_container::container::Runtime::new(
             std::env::var_os("NESTOR_STATE")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| nestor_container::state::DEFAULT_ROOT.into()),
         );
+        let mut jailed_fs = Vec::new();
+        for (i, sh) in o.shares.iter().enumerate() {
+            match crate::jail::fs::spawn_jailed_virtiofsd(
+                &rt,
+                &format!("vm-{id}-fs{i}"),
+                &sh.dir,
+                sh.read_only,
+                sh.cache.as_str(),
+                j.jail_gid,
+            ) {
+                Ok(f) => jailed_fs.push((f, sh.dir.clone())),
+                Err(e) => {
+                    drop(jailed_fs);
+                    let _ = crate::sys::stamped::remove(&dir);
+                    return Err(e);
+                }
+            }
+        }
         let spec = crate::jail::vmm::VmmSpec {
             vmm: assets.vmm.clone(),
             kernel: assets.kernel.clone(),
@@ -484,6 +504,11 @@ impl Sandbox {
             mem_mib: Some(u64::from(o.mem_mib)),
             vcpus: Some(u32::from(o.vcpus)),
             console: Some("none".into()),
+            fs: jailed_fs
+                .iter()
+                .zip(&o.shares)
+                .map(|((f, _), sh)| (f.sock_dir.clone(), sh.tag.clone()))
+                .collect(),
             extra_args: Vec::new(),
             netns: o.netns.clone(),
             net: o.net.clone(),
@@ -493,6 +518,7 @@ impl Sandbox {
             match crate::jail::vmm::spawn_jailed_vmm(&rt, &spec, j, Some(format!("vm-{id}"))) {
                 Ok(v) => v,
                 Err(e) => {
+                    drop(jailed_fs);
                     let _ = crate::sys::stamped::remove(&dir);
                     return Err(e);
                 }
@@ -518,6 +544,7 @@ impl Sandbox {
             child: None,
             file_servers: Vec::new(),
             jailed: Some(jailed),
+            jailed_fs,
             owned: true,
             ready,
             console: dir.join("console.log"),
@@ -537,6 +564,7 @@ impl Sandbox {
             child: None,
             file_servers: Vec::new(),
             jailed: None,
+            jailed_fs: Vec::new(),
             owned: false,
             ready: None,
             vsock: dir.join("v.sock"),
@@ -754,19 +782,35 @@ impl Sandbox {
     /// The directories whose file server died while the VM ran (killed, or exited with
     /// an error: one that ends because the VMM went exits 0), each with how it ended.
     pub fn dead_file_servers(&mut self) -> Vec<(PathBuf, std::process::ExitStatus)> {
-        self.file_servers
+        let mut dead: Vec<_> = self
+            .file_servers
             .iter_mut()
             .filter_map(|(c, dir)| match c.try_wait() {
                 Ok(Some(st)) if !st.success() => Some((dir.clone(), st)),
                 _ => None,
             })
-            .collect()
+            .collect();
+        for (f, dir) in &mut self.jailed_fs {
+            match f.jail.try_wait() {
+                Some(code) if code > 128 => {
+                    dead.push((dir.clone(), std::process::ExitStatus::from_raw(code - 128)))
+                }
+                Some(code) if code != 0 => {
+                    dead.push((dir.clone(), std::process::ExitStatus::from_raw(code << 8)))
+                }
+                _ => {}
+            }
+        }
+        dead
     }
 
     /// Kills and reaps the VMM (no-op once it is gone).
     pub fn kill(&mut self) {
         if let Some(j) = self.jailed.as_mut() {
             j.cleanup();
+        }
+        for (f, _) in &mut self.jailed_fs {
+            f.jail.cleanup();
         }
         if let Some(c) = self.child.as_mut() {
             if c.try_wait().ok().flatten().is_none() {

@@ -12,7 +12,10 @@
 //!   request as an agent whose container runs nothing: `Run`/`Create`/`Start`/`Exec`
 //!   started (pid 1), `Wait` exited 0 (for a main process once it was started: the OCI
 //!   verbs wait between `create` and `start`), `Attach` ok with the stream closed at
-//!   once, everything else ok; it exits after answering `Shutdown`.
+//!   once, everything else ok; it exits after answering `Shutdown`;
+//! - `--fs SOCKET,tag=…` (any number): connects to the file server's vhost-user socket
+//!   as nestor-vmm does and holds the connection (no message is sent), so a socket the
+//!   VMM cannot reach (from inside its jail) fails here as it would there.
 //!
 //! Everything else on the command line (kernel, initramfs, disks, memory) is ignored.
 
@@ -53,6 +56,14 @@ fn run(args: &[String]) -> Result<()> {
         Some(n) => Some(open_tap(n.split(',').next().unwrap_or(n))?),
         None => None,
     };
+    let mut _fs = Vec::new();
+    for (i, a) in args.iter().enumerate() {
+        if a == "--fs" {
+            let v = args.get(i + 1).context("--fs needs a value")?;
+            let sock = v.split(',').next().unwrap_or(v);
+            _fs.push(UnixStream::connect(sock).with_context(|| format!("connect {sock}"))?);
+        }
+    }
     let vsock = value(args, "--vsock").context("--vsock is required")?;
     let listener = UnixListener::bind(vsock).with_context(|| format!("bind {vsock}"))?;
     report_ready(vsock);
