@@ -4,12 +4,13 @@
 # shim-vm.sh), the shim in sandbox mode by the OCI annotation nestor.io/mode=sandbox,
 # and the CRI plugin's annotations io.kubernetes.cri.container-type and
 # io.kubernetes.cri.sandbox-id given with `ctr run --annotation`: a sandbox (pause)
-# container, then two containers of it. Checks: the three share one guest (one boot id,
-# one nestor-vmm, one shim process for the pod); a container's output, stderr and exit
-# code; exec (output, exit code), ps, pause/resume and metrics on a container in the
-# pod's VM; a container of a sandbox that does not exist is refused with one clear
-# line; after everything is deleted no VMM, VM state, share mount or sandbox is left
-# and `nestor gc` finds nothing. One nested VM launch.
+# container, then two containers of it running at once. Checks: the three share one
+# guest (one boot id, one nestor-vmm, one shim process for the pod, one network
+# namespace); a container's output, stderr and exit code; exec (output, exit code), ps,
+# pause/resume, metrics and OCI update on a container in the pod's VM; a container of a
+# sandbox that does not exist is refused with one clear line; after everything is
+# deleted no VMM, VM state, share mount or shim is left and `nestor gc` finds nothing.
+# One nested VM launch; about 75 s with the test host's boot.
 # Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all pass.
 set -euo pipefail
 limit=300
@@ -33,8 +34,12 @@ boot_sb=$(cx task exec --exec-id b0 "$sid" cat /proc/sys/kernel/random/boot_id)
 [[ $boot_sb =~ ^[0-9a-f-]{36}$ ]] && pass "sandbox: guest boot id $boot_sb" || bad "sandbox boot id: '$boot_sb'"
 echo "sandbox up in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s$label"
 
-# 2. A container of the pod: output, stderr, exit code, from the pod's guest.
+# 2. Two containers of the pod at once: a long-lived one, then one whose output,
+#    stderr and exit code come back, both in the sandbox's guest.
 ctr_=(--annotation io.kubernetes.cri.container-type=container)
+c1=pod-c1-$$
+cx run -d "${pod[@]}" "${ctr_[@]}" "$image" "$c1" sh -c 'echo hi >/tmp/mine; sleep 1000 & while :; do cut -d" " -f1 /proc/uptime >>/tmp/t; sleep 0.1; done'
+expect "pod container -d: task status" RUNNING "$(status_of "$c1")"
 t0=$(date +%s.%N)
 set +e
 out=$(cx run --rm "${pod[@]}" "${ctr_[@]}" "$image" pod-c2-$$ \
@@ -48,14 +53,15 @@ expect "pod container: stdout" out "$(sed -n 2p <<<"$out")"
 grep -qx err "$work/err" && pass "pod container: stderr" || bad "stderr: $(cat "$work/err")"
 [[ ! -e $state/pod-c2-$$ && ! -e $state/$sid/pod/pod-c2-$$ ]] && pass "run --rm left no state or share mount" ||
     bad "left: $(ls "$state" "$state/$sid/pod")"
-
-# 3. A long-lived container of the pod: exec, ps, pause/resume, metrics, kill.
-c1=pod-c1-$$
-cx run -d "${pod[@]}" "${ctr_[@]}" "$image" "$c1" sh -c 'echo hi >/tmp/mine; sleep 1000 & while :; do cut -d" " -f1 /proc/uptime >>/tmp/t; sleep 0.1; done'
-expect "pod container -d: task status" RUNNING "$(status_of "$c1")"
 expect "one nestor-vmm for the pod" $((vmm0 + 1)) "$(vmms)"
 nshim=$({ pgrep -f "containerd-shim-nestor-v2 -namespace $ns " || true; } | wc -l)
 expect "one shim process for the pod (grouped by the sandbox id)" 1 "$nshim"
+net_sb=$(cx task exec --exec-id n0 "$sid" readlink /proc/self/ns/net)
+net_c1=$(cx task exec --exec-id n1 "$c1" readlink /proc/self/ns/net)
+[[ $net_sb == net:\[* && $net_sb == "$net_c1" ]] && pass "the pod's containers share the guest's network namespace ($net_sb)" ||
+    bad "network namespaces: sandbox '$net_sb', container '$net_c1'"
+
+# 3. The long-lived container: exec, ps, pause/resume, metrics, update, kill.
 set +e
 out=$(cx task exec --exec-id e1 "$c1" sh -c 'cat /proc/sys/kernel/random/boot_id; cat /tmp/mine; exit 5')
 rc=$?
@@ -82,6 +88,11 @@ awk -v g="$gap" 'BEGIN {exit !(g >= 2)}' && pass "paused 3 s: the container stoo
 metrics=$(cx task metrics "$c1" 2>&1)
 grep -Eq 'pids.current +[2-9]' <<<"$metrics" && pass "task metrics: from the container's cgroup in the guest" ||
     bad "task metrics: $metrics"
+ocivm=("$bin/nestor" --vm-runtime --root "/run/containerd/nestor/$ns")
+"${ocivm[@]}" update --pids-limit 40 "$c1"
+ev=$("${ocivm[@]}" events --stats "$c1")
+lim=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["data"]["pids"]["limit"])' "$ev")
+expect "OCI update then events --stats: the pids limit in the guest" 40 "$lim"
 
 # 4. A container of a sandbox that does not exist: one clear line.
 set +e
