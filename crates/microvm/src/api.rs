@@ -362,23 +362,21 @@ fn answer(vmm: &mut Vmm, line: &str) -> (serde_json::Value, bool) {
             serde_json::json!({"ok": true, "metrics": metrics(vmm)}),
             false,
         ),
-        Request::Migrate { to, opts } => {
-            match vmm.migrate(&to, &opts) {
-                Ok(report) => {
-                    crate::eprintln_capped!(
+        Request::Migrate { to, opts } => match vmm.migrate(&to, &opts) {
+            Ok(report) => {
+                crate::eprintln_capped!(
                     "nestor-vmm: migrated to {to} ({:?}, {} rounds, {} ms paused): this VMM exits",
                     report.strategy, report.rounds, report.downtime_ms
                 );
-                    vmm.request_exit(GuestExit::Stopped);
-                    (serde_json::json!({"ok": true, "migration": report}), true)
-                }
-                Err(e) => {
-                    let line = format!("migration to {to} failed: {e}; the VM runs on here");
-                    crate::eprintln_capped!("nestor-vmm: {line}");
-                    (serde_json::json!({"ok": false, "error": line}), false)
-                }
+                vmm.request_exit(GuestExit::Stopped);
+                (serde_json::json!({"ok": true, "migration": report}), true)
             }
-        }
+            Err(e) => {
+                let line = format!("migration to {to} failed: {e}; the VM runs on here");
+                crate::eprintln_capped!("nestor-vmm: {line}");
+                (serde_json::json!({"ok": false, "error": line}), false)
+            }
+        },
         Request::RateLimit { device, limits } => match vmm.set_rate_limit(&device, &limits) {
             Ok(()) => (
                 serde_json::json!({"ok": true, "device": device, "rate_limit": limits}),

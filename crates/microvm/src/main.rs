@@ -230,10 +230,7 @@ fn migrate_from(cli: Cli, addr: &str, start: Instant) -> anyhow::Result<i32> {
     let ended = vmm.uptime();
     vmm.shutdown();
     if boot_timings {
-        nestor_microvm::eprintln_capped!(
-            "nestor-vmm: migrated VM ran until {} ms",
-            ended.as_millis()
-        );
+        nestor_microvm::eprintln_capped!("nestor-vmm: migrated VM ran until {} ms", ended.as_millis());
     }
     if let GuestExit::InternalError(e) = &reason {
         nestor_microvm::eprintln_capped!("nestor-vmm: guest stopped: KVM internal error: {e}");

@@ -135,11 +135,7 @@ fn serial_and_trace_floods_stay_under_the_log_limit() {
     // The VMM's own lines go through the cap too: one written around it could land
     // between a compaction's truncation and its rewind and leave a hole of NULs (a CI
     // run's failure: the signal line after 4 KB of NULs, "guest ended" before them).
-    assert!(
-        !err.contains(&0),
-        "a hole of NULs in vmm.err: {}",
-        tail(&err)
-    );
+    assert!(!err.contains(&0), "a hole of NULs in vmm.err: {}", tail(&err));
     // The VMM's last words come after the flood, where failure reports look.
     let last = e.lines().last().unwrap_or_default();
     assert!(last.contains("guest ended"), "{}", tail(&err));

@@ -111,10 +111,7 @@ impl BusDevice for BootMarker {
             let d = self.start.elapsed();
             *t = Some(d);
             if self.announce {
-                crate::eprintln_capped!(
-                    "nestor-vmm: guest init reached after {} ms",
-                    d.as_millis()
-                );
+                crate::eprintln_capped!("nestor-vmm: guest init reached after {} ms", d.as_millis());
             }
         }
     }
