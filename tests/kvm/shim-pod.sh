@@ -7,10 +7,12 @@
 # container, then two containers of it running at once. Checks: the three share one
 # guest (one boot id, one nestor-vmm, one shim process for the pod, one network
 # namespace); a container's output, stderr and exit code; exec (output, exit code), ps,
-# pause/resume, metrics and OCI update on a container in the pod's VM; a container of a
-# sandbox that does not exist is refused with one clear line; after everything is
-# deleted no VMM, VM state, share mount or shim is left and `nestor gc` finds nothing.
-# One nested VM launch; about 75 s with the test host's boot.
+# pause/resume, metrics and OCI update on a container in the pod's VM, whose writes land
+# in its containerd snapshot; a container still running when the sandbox is killed stops
+# with the VM; a container of a sandbox that does not exist is refused with one clear
+# line; after everything is deleted no VMM, VM state, share mount or shim is left and
+# `nestor gc` finds nothing.
+# One nested VM launch; 75-105 s with the test host's boot.
 # Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all pass.
 set -euo pipefail
 limit=300
@@ -68,6 +70,10 @@ rc=$?
 set -e
 expect "task exec: exit code" 5 "$rc"
 expect "task exec: same guest, own rootfs" "$boot_sb hi" "$(tr '\n' ' ' <<<"$out" | sed 's/ $//')"
+# The rootfs is containerd's snapshot itself (shared over virtio-fs, as runc's is
+# written): what the container wrote is in its bundle's rootfs on the host.
+mine=$(cat "$ctrd/state/io.containerd.runtime.v2.task/$ns/$c1/rootfs/tmp/mine" 2>&1 || true)
+expect "the container's writes are in its snapshot on the host" hi "$mine"
 set +e
 cx task exec --exec-id e2 "$sid" cat /tmp/mine >/dev/null 2>&1
 rc=$?
@@ -112,8 +118,16 @@ expect "the sandbox runs on" RUNNING "$(status_of "$sid")"
 rmout=$(cx task rm "$c1" 2>&1)
 grep -q 137 <<<"$rmout" && pass "task rm reports the SIGKILL exit (137)" || bad "task rm said: $rmout"
 cx c rm "$c1"
+# A container still running when the sandbox goes: it stops with the pod's VM.
+c3=pod-c3-$$
+cx run -d "${pod[@]}" "${ctr_[@]}" "$image" "$c3" sleep 1000
+expect "a third container: task status" RUNNING "$(status_of "$c3")"
 cx task kill -s KILL "$sid"
 for _ in $(seq 300); do [[ $(status_of "$sid") == STOPPED ]] && break; sleep 0.1; done
+for _ in $(seq 300); do [[ $(status_of "$c3") == STOPPED ]] && break; sleep 0.1; done
+expect "the pod's container stops with the sandbox's VM" STOPPED "$(status_of "$c3")"
+cx task rm "$c3" >/dev/null
+cx c rm "$c3"
 cx task rm "$sid" >/dev/null
 cx c rm "$sid"
 sleep 1
