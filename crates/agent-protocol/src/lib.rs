@@ -106,6 +106,36 @@ pub enum Bundle {
         device: String,
         fstype: String,
     },
+    /// An OCI runtime spec and a root filesystem in a host directory the VM shares over
+    /// virtio-fs: `path` (relative, no `..`) under the share of mount tag `tag`. The agent
+    /// mounts the share once (every container of a pod's VM shares it) and gives the
+    /// container that directory itself as its root, writable, as runc gives a bundle's
+    /// rootfs: how a container joins a VM booted before its rootfs existed.
+    Share {
+        spec: serde_json::Value,
+        tag: String,
+        path: String,
+    },
+}
+
+/// Whether `tag` can name a virtio-fs share in a [`Bundle::Share`]: 1 to 36 of
+/// `[A-Za-z0-9_-]` (the device's tag field holds 36 bytes).
+pub fn valid_share_tag(tag: &str) -> bool {
+    !tag.is_empty()
+        && tag.len() <= 36
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Whether `path` is a relative path of plain components (no `.`, `..` or empty ones),
+/// as a [`Bundle::Share`]'s `path` must be.
+pub fn valid_share_path(path: &str) -> bool {
+    !path.is_empty()
+        && path.len() <= 1024
+        && path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != ".." && !c.contains('\0'))
 }
 
 /// Filesystem types a [`Bundle::Disk`] may carry.
@@ -570,6 +600,25 @@ mod tests {
             "é",
         ] {
             assert!(!valid_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn share_bundles_name_a_tag_and_a_plain_relative_path() {
+        let b = Bundle::Share {
+            spec: serde_json::json!({"ociVersion": "1.0.2"}),
+            tag: "nestor-pod".into(),
+            path: "c1".into(),
+        };
+        let j = serde_json::to_string(&b).unwrap();
+        assert_eq!(serde_json::from_str::<Bundle>(&j).unwrap(), b);
+        assert!(valid_share_tag("nestor-pod"));
+        assert!(!valid_share_tag(""));
+        assert!(!valid_share_tag("a/b"));
+        assert!(!valid_share_tag(&"x".repeat(37)));
+        assert!(valid_share_path("c1") && valid_share_path("a/b"));
+        for bad in ["", "/c1", "../c1", "a/../b", "a//b", "a/.", "c1/"] {
+            assert!(!valid_share_path(bad), "{bad}");
         }
     }
 

@@ -97,6 +97,22 @@ impl Runtime {
                 }
                 self.write_bundle(container, spec, Path::new(rootfs))
             }
+            Bundle::Share { spec, tag, path } => {
+                if !nestor_agent_protocol::valid_share_tag(tag) {
+                    bail!("share tag '{tag}' is not a virtio-fs tag");
+                }
+                if !nestor_agent_protocol::valid_share_path(path) {
+                    bail!("share path '{path}' is not a plain relative path");
+                }
+                let share = self.mount_share(tag)?;
+                let rootfs = share.join(path);
+                // The host made the directory before asking; a symlink there is not it.
+                match fs::symlink_metadata(&rootfs) {
+                    Ok(m) if m.is_dir() => {}
+                    _ => bail!("rootfs {path} is not a directory in share {tag}"),
+                }
+                self.write_bundle(container, spec, &rootfs)
+            }
             Bundle::Disk {
                 spec,
                 device,
@@ -146,6 +162,25 @@ impl Runtime {
         let bytes = serde_json::to_vec_pretty(&spec).context("serialise spec")?;
         fs::write(dir.join("config.json"), bytes)
             .with_context(|| format!("write {}/config.json", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// Mounts the virtio-fs share `tag` (once: every container of a pod's VM shares it)
+    /// under the agent's work directory; returns where.
+    fn mount_share(&self, tag: &str) -> Result<PathBuf> {
+        use nix::mount::{mount, MsFlags};
+        let dir = self.work.join("shares").join(tag);
+        fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        if !is_mount_point(&dir) {
+            mount(
+                Some(tag),
+                &dir,
+                Some("virtiofs"),
+                MsFlags::MS_NODEV,
+                None::<&str>,
+            )
+            .with_context(|| format!("mount the virtio-fs share {tag}"))?;
+        }
         Ok(dir)
     }
 

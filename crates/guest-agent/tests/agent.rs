@@ -629,6 +629,25 @@ fn bad_requests_get_clear_errors() {
         })),
         ErrorKind::BadRequest
     );
+    // A pod VM's share bundle: the tag and path are checked before anything is mounted.
+    for (tag, path) in [
+        ("bad/tag", "c1"),
+        ("nestor-pod", "../etc"),
+        ("nestor-pod", "/c1"),
+    ] {
+        assert_eq!(
+            kind(a.call(Request::Run {
+                container: unique("share"),
+                bundle: Bundle::Share {
+                    spec: serde_json::json!({}),
+                    tag: tag.into(),
+                    path: path.into(),
+                },
+            })),
+            ErrorKind::BadRequest,
+            "{tag} {path}"
+        );
+    }
     assert_eq!(
         kind(a.call(Request::Signal {
             container: "nope".into(),

@@ -30,7 +30,7 @@ use vm::pod;
 fn dispatch_vm(cli: &Cli) -> Option<Result<i32>> {
     let root = &cli.root;
     let r = match &cli.cmd {
-        Cmd::Create(a) => oci_vm::create(root, a),
+        Cmd::Create(a) => oci_vm::create(root, a, cli.vm_pod),
         Cmd::Start { id } if oci_vm::exists(root, id) => oci_vm::start(root, id),
         Cmd::State { id } if oci_vm::exists(root, id) => oci_vm::state(root, id),
         Cmd::Kill(a) if oci_vm::exists(root, &a.id) => oci_vm::kill(root, a),

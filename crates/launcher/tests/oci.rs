@@ -2305,3 +2305,51 @@ fn checkpoint_where_criu_cannot_work_is_one_error_and_the_container_runs_on() {
     assert!(!b.state.path().join(&id2).exists());
     assert!(!cgroup_exists(&id2));
 }
+
+#[test]
+fn pod_vm_containers_need_a_running_sandbox() {
+    // `--vm-runtime --vm-pod create` (the containerd shim's sandbox mode) of a CRI
+    // `container`: its sandbox must be a running pod sandbox under the same root. Each
+    // refusal is one line naming what is wrong, before any VM is booted, and leaves no
+    // state behind.
+    let b = Bundle::new("podvm", &["true"]);
+    let dir = b.config().parent().unwrap().to_path_buf();
+    let create = |b: &Bundle| {
+        b.cmd(&["--vm-runtime", "--vm-pod", "create", "--bundle"])
+            .arg(&dir)
+            .arg(&b.id)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let cases = [
+        (
+            json!({"io.kubernetes.cri.container-type": "container",
+                   "io.kubernetes.cri.sandbox-id": "no-such-sandbox-podvm"}),
+            "sandbox no-such-sandbox-podvm (io.kubernetes.cri.sandbox-id) is not a running pod sandbox",
+        ),
+        (
+            json!({"io.kubernetes.cri.container-type": "container"}),
+            "annotation io.kubernetes.cri.sandbox-id is missing",
+        ),
+        (
+            json!({"io.kubernetes.cri.container-type": "pause"}),
+            "io.kubernetes.cri.container-type=\"pause\" is not \"sandbox\" or \"container\"",
+        ),
+    ];
+    for (ann, want) in cases {
+        b.edit(|c| c["annotations"] = ann.clone());
+        let o = create(&b);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{ann}: {err}");
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{ann}: {err}");
+        assert!(
+            lines[0].starts_with("error: ") && lines[0].contains(want) && lines[0].contains(&b.id),
+            "{ann}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        let st = b.cmd(&["--vm-runtime", "state", &b.id]).output().unwrap();
+        assert!(!st.status.success(), "{ann}: state left behind");
+    }
+}

@@ -12,7 +12,8 @@
 //! The config file (every key optional; an unknown key is an error):
 //!
 //! ```toml
-//! mode = "vm"                     # "native" (default) or "vm": one microVM per container
+//! mode = "vm"                     # "native" (default), "vm": one microVM per container,
+//!                                 # or "sandbox": one microVM per pod (CRI sandbox)
 //! binary = "/usr/local/bin/nestor"
 //! root = "/run/containerd/nestor"
 //! ```
@@ -26,6 +27,9 @@ use serde::Deserialize;
 
 /// The OCI annotation that picks the mode of one container.
 pub const MODE_ANNOTATION: &str = "nestor.io/mode";
+/// The CRI plugin's annotation naming a container's sandbox (its pod): the containers
+/// of one sandbox share a shim, and in sandbox mode a microVM.
+pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
 
 /// Where a container runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -36,6 +40,9 @@ pub enum Mode {
     Native,
     /// Its own microVM (`nestor --vm-runtime`: the launcher's VM-mode OCI verbs).
     Vm,
+    /// Its pod's microVM (`nestor --vm-runtime --vm-pod`): the CRI sandbox container
+    /// boots it, the sandbox's other containers join it, as Kata's containers do.
+    Sandbox,
 }
 
 impl Mode {
@@ -43,7 +50,8 @@ impl Mode {
         match s {
             "native" => Ok(Mode::Native),
             "vm" => Ok(Mode::Vm),
-            other => bail!("mode {other:?} is not \"native\" or \"vm\""),
+            "sandbox" => Ok(Mode::Sandbox),
+            other => bail!("mode {other:?} is not \"native\", \"vm\" or \"sandbox\""),
         }
     }
 
@@ -51,7 +59,13 @@ impl Mode {
         match self {
             Mode::Native => "native",
             Mode::Vm => "vm",
+            Mode::Sandbox => "sandbox",
         }
+    }
+
+    /// Whether the container is in a microVM (its own or its pod's).
+    pub fn in_vm(self) -> bool {
+        matches!(self, Mode::Vm | Mode::Sandbox)
     }
 }
 
@@ -223,12 +237,23 @@ mod tests {
         let e = format!("{:#}", settings(Some(&gone), d.path()).unwrap_err());
         assert!(e.contains("/nonexistent.toml"), "{e}");
 
+        // Sandbox mode, by annotation or by the config file.
+        std::fs::write(
+            bundle.join("config.json"),
+            r#"{"annotations":{"nestor.io/mode":"sandbox"}}"#,
+        )
+        .unwrap();
+        assert_eq!(settings(None, bundle).unwrap().mode, Mode::Sandbox);
+        std::fs::remove_file(bundle.join("config.json")).unwrap();
+        std::fs::write(&conf, "mode = \"sandbox\"\n").unwrap();
+        assert_eq!(settings(Some(&opts), bundle).unwrap().mode, Mode::Sandbox);
+
         save(
             bundle,
             &Settings {
                 binary: "b".into(),
                 root: String::new(),
-                mode: Mode::Vm,
+                mode: Mode::Sandbox,
             },
         );
         assert_eq!(
@@ -236,7 +261,7 @@ mod tests {
             Settings {
                 binary: "b".into(),
                 root: String::new(),
-                mode: Mode::Vm
+                mode: Mode::Sandbox
             }
         );
     }

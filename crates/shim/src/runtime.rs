@@ -28,6 +28,8 @@ pub struct Nestor {
     /// container in a microVM of its own, owned by a host process whose pid is the
     /// pid file's and whose exit status is the container's).
     pub vm: bool,
+    /// Sandbox mode: VM mode with `--vm-pod` (one microVM per CRI sandbox).
+    pub pod: bool,
 }
 
 /// The three descriptors a verb's process gets (and passes on to the container's
@@ -62,7 +64,8 @@ impl Nestor {
             bin,
             root,
             log: bundle.join("nestor-log.json"),
-            vm: settings.mode == Mode::Vm,
+            vm: settings.mode.in_vm(),
+            pod: settings.mode == Mode::Sandbox,
         }
     }
 
@@ -73,6 +76,9 @@ impl Nestor {
         let mut cmd = Command::new(&self.bin);
         if self.vm {
             cmd.arg("--vm-runtime");
+        }
+        if self.pod {
+            cmd.arg("--vm-pod");
         }
         cmd.arg("--root")
             .arg(&self.root)

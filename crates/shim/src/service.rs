@@ -39,7 +39,12 @@ impl Shim for Service {
     }
 
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
-        let grouping = opts.id.clone();
+        // As runc's and Kata's shims: the containers of one CRI sandbox share a shim
+        // (containerd's `start` of each finds the one socket of the group).
+        let grouping = std::env::current_dir()
+            .ok()
+            .and_then(|b| sandbox_of(&b))
+            .unwrap_or_else(|| opts.id.clone());
         let address = spawn(opts, &grouping, Vec::new()).await?;
         write_str_to_file("address", &address).await?;
         Ok(address)
@@ -59,10 +64,14 @@ impl Shim for Service {
                 warn!("unmount {}: {e}", rootfs.display());
             }
         }
-        // The dead daemon's ttrpc socket (it removes it itself when it exits cleanly).
+        // The dead daemon's ttrpc socket (it removes it itself when it exits cleanly),
+        // unless a daemon still serves on it: a pod's shim, shared by its containers,
+        // outlives each of them (containerd runs this clean-up after every one).
         if let Ok(address) = std::fs::read_to_string(bundle.join("address")) {
             let path = address.trim().trim_start_matches("unix://");
-            if std::path::Path::new(path).starts_with("/run/containerd/s/") {
+            if std::path::Path::new(path).starts_with("/run/containerd/s/")
+                && std::os::unix::net::UnixStream::connect(path).is_err()
+            {
                 let _ = std::fs::remove_file(path);
             }
         }
@@ -95,4 +104,20 @@ impl Shim for Service {
         });
         TaskService::new(&self.namespace, tx, self.exit.clone())
     }
+}
+
+/// The CRI sandbox a bundle's container belongs to (`io.kubernetes.cri.sandbox-id` in
+/// its config.json), if it has a valid one.
+fn sandbox_of(bundle: &std::path::Path) -> Option<String> {
+    let b = std::fs::read(bundle.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&b).ok()?;
+    v["annotations"][crate::options::SANDBOX_ID_ANNOTATION]
+        .as_str()
+        .filter(|s| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
+        })
+        .map(str::to_string)
 }

@@ -954,6 +954,54 @@ fn tty_session() {
 }
 
 #[test]
+fn a_pods_containers_share_one_shim() {
+    // As runc's shim: containers with one io.kubernetes.cri.sandbox-id annotation (the
+    // CRI plugin's) are served by one shim process, which outlives each container
+    // (containerd's clean-up after each must not take the pod's socket) and exits with
+    // the last one.
+    need_containerd!();
+    let c = Containerd::start();
+    let sb = unique("grp-sb");
+    let ann = format!("io.kubernetes.cri.sandbox-id={sb}");
+    let run = |id: &str, typ: &str, args: &[&str]| {
+        let typ = format!("io.kubernetes.cri.container-type={typ}");
+        let mut a = vec!["run", "--runtime", RUNTIME, "--annotation", &typ];
+        a.extend(["--annotation", &ann]);
+        a.extend(args);
+        a.extend([c.image.as_str(), id]);
+        a.extend(["sh", "-c", "echo in-$0; exec sleep 1000"]);
+        c.ctr(&a)
+    };
+    assert!(run(&sb, "sandbox", &["-d"]).status.success());
+    let app = unique("grp-app");
+    assert!(run(&app, "container", &["-d"]).status.success());
+    c.wait_status(&app, "RUNNING");
+    let shim = c.shim_pid(&sb).expect("the pod's shim runs");
+    assert_eq!(
+        c.shim_pid(&app),
+        None,
+        "the pod's container got a shim of its own"
+    );
+    c.ok(&["task", "kill", "-s", "KILL", &app]);
+    c.wait_status(&app, "STOPPED");
+    c.ok(&["task", "rm", &app]);
+    c.ok(&["c", "rm", &app]);
+    // The pod's shim serves on: a third container reaches it.
+    let app2 = unique("grp-app2");
+    assert!(run(&app2, "container", &["-d"]).status.success());
+    c.wait_status(&app2, "RUNNING");
+    assert_eq!(c.shim_pid(&sb), Some(shim), "the pod's shim changed");
+    assert_eq!(c.shim_pid(&app2), None);
+    for id in [&app2, &sb] {
+        c.ok(&["task", "kill", "-s", "KILL", id]);
+        c.wait_status(id, "STOPPED");
+        c.ok(&["task", "rm", id]);
+        c.ok(&["c", "rm", id]);
+    }
+    c.wait_shim_gone(&sb);
+}
+
+#[test]
 fn killed_shim_leaves_nothing() {
     need_containerd!();
     let nestor = nestor_bin();

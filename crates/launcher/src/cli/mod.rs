@@ -30,6 +30,11 @@ pub struct Cli {
     /// selected by invoking nestor as `nestor-vm`).
     #[arg(long, global = true)]
     pub vm_runtime: bool,
+    /// With --vm-runtime, `create` makes pod VMs: one microVM per CRI sandbox, which the
+    /// sandbox container boots and the sandbox's containers join (by the CRI plugin's
+    /// annotations io.kubernetes.cri.container-type and io.kubernetes.cri.sandbox-id).
+    #[arg(long, global = true, hide = true)]
+    pub vm_pod: bool,
     /// Accepted for compatibility; nestor manages cgroupfs directly.
     #[arg(long, global = true, hide = true)]
     pub systemd_cgroup: bool,

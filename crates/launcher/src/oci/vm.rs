@@ -10,6 +10,17 @@
 //! a container's init. `start`, `kill` talk to the agent directly; `state` reads the
 //! shim's state file; `delete` kills the shim, whose VM dies with it.
 //!
+//! Pod VMs (`nestor --vm-runtime --vm-pod create`, the containerd shim's sandbox
+//! mode): one microVM per CRI sandbox, as Kata's. The CRI plugin marks each container
+//! with [`CONTAINER_TYPE`] and [`SANDBOX_ID`]. The sandbox (pause) container boots the
+//! VM as above, which also shares its `pod/` directory over virtio-fs (tag
+//! [`POD_TAG`]; the directory is a shared mount, so what is mounted under it later
+//! reaches virtiofsd). A `container` of that sandbox boots nothing: its rootfs is
+//! bind-mounted at `pod/<id>` and the agent creates it from there ([`Bundle::Share`])
+//! in the sandbox's VM, in the guest's network namespace (all of a pod's containers
+//! share one, as a pod's do); its own shim holds its stdio and exit as before, and
+//! deletes it in the guest when it exits. The VM goes with the sandbox container.
+//!
 //! State: `<root>/.vm/<id>/state.json` (the native runtime ignores that directory).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -39,6 +50,32 @@ struct VmState {
     created_ns: u128,
     #[serde(default)]
     annotations: serde_json::Map<String, serde_json::Value>,
+    /// A pod's container: the sandbox whose VM it runs in (not its own VM).
+    #[serde(default)]
+    pod: Option<String>,
+    /// A pod's sandbox: the host directory its VM shares as [`POD_TAG`].
+    #[serde(default)]
+    pod_share: Option<PathBuf>,
+    /// The guest has the caller's network (its files in `NET_FILES_DIR`).
+    #[serde(default)]
+    networked: bool,
+}
+
+/// The CRI plugin's annotation: `sandbox` (the pod's pause container) or `container`.
+pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// The CRI plugin's annotation: the id of the container's sandbox.
+pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// The virtio-fs tag of a pod VM's share of its containers' root filesystems.
+const POD_TAG: &str = "nestor-pod";
+
+/// What a container is to a pod VM.
+enum Role {
+    /// Its own VM (VM mode).
+    Own,
+    /// The sandbox: boots the pod's VM.
+    Sandbox,
+    /// Joins the VM of the running sandbox container (its state).
+    Join(Box<VmState>),
 }
 
 fn dir(root: &Path, id: &str) -> PathBuf {
@@ -100,8 +137,53 @@ fn guest_id(id: &str) -> String {
     id.chars().take(64).collect()
 }
 
-/// OCI `create` in VM mode.
-pub fn create(root: &Path, a: &CreateArgs) -> Result<()> {
+/// The role the CRI annotations give a container in pod mode (`pod`), else `Own`.
+fn role(root: &Path, id: &str, spec: &Spec, pod: bool) -> Result<Role> {
+    if !pod {
+        return Ok(Role::Own);
+    }
+    let ann = spec.annotations().clone().unwrap_or_default();
+    match ann.get(CONTAINER_TYPE).map(String::as_str) {
+        None | Some("sandbox") => Ok(Role::Sandbox),
+        Some("container") => {
+            let Some(sid) = ann.get(SANDBOX_ID).filter(|s| !s.is_empty()) else {
+                bail!("container {id}: annotation {SANDBOX_ID} is missing: it names the sandbox whose VM the container joins");
+            };
+            match load(root, sid) {
+                Ok(st) if st.pod_share.is_some() && status(&st) != Status::Stopped => {
+                    Ok(Role::Join(Box::new(st)))
+                }
+                _ => bail!("container {id}: sandbox {sid} ({SANDBOX_ID}) is not a running pod sandbox: create and start its sandbox container first"),
+            }
+        }
+        Some(other) => bail!(
+            "container {id}: annotation {CONTAINER_TYPE}={other:?} is not \"sandbox\" or \"container\""
+        ),
+    }
+}
+
+/// Unmounts `dir` and what is below it (detached), so removing it cannot reach into a
+/// container's root filesystem; an error if it is still a mount point after that.
+fn detach_mount(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    match nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+        Err(e) => return Err(e).with_context(|| format!("unmount {}", dir.display())),
+    }
+    if let (Ok(a), Some(Ok(b))) = (
+        std::fs::symlink_metadata(dir),
+        dir.parent().map(std::fs::symlink_metadata),
+    ) {
+        if a.dev() != b.dev() {
+            bail!("{} is still a mount point", dir.display());
+        }
+    }
+    Ok(())
+}
+
+/// OCI `create` in VM mode; with `pod`, a pod VM's sandbox or one of its containers
+/// (see the module docs).
+pub fn create(root: &Path, a: &CreateArgs, pod: bool) -> Result<()> {
     nestor_container::spec::check_id(&a.id)?;
     if !proto::valid_id(&a.id) {
         bail!(
@@ -141,11 +223,74 @@ pub fn create(root: &Path, a: &CreateArgs) -> Result<()> {
     if terminal && a.console_socket.is_none() {
         bail!("process.terminal is true but no --console-socket was given");
     }
-    let net = caller_net(&spec)?;
-    let (spec, shares) = guest_spec(spec, net.is_some());
+    let role = role(root, &a.id, &spec, pod)?;
+    let net = match role {
+        Role::Join(_) => None,
+        _ => caller_net(&spec)?,
+    };
+    let (spec, shares) = match &role {
+        Role::Own => guest_spec(spec, net.is_some(), net.is_none(), true),
+        Role::Sandbox => guest_spec(spec, net.is_some(), false, true),
+        Role::Join(sb) => guest_spec(spec, sb.networked, false, false),
+    };
     let d = dir(root, &a.id);
     std::fs::create_dir_all(&d).with_context(|| format!("create {}", d.display()))?;
+    let mut joined_at = None;
     let r = (|| -> Result<i32> {
+        if let Role::Join(sb) = &role {
+            // The rootfs, where the pod's VM sees it: pod/<id> of the sandbox's share.
+            let share = sb.pod_share.clone().context("no pod share")?;
+            let at = share.join(&a.id);
+            std::fs::create_dir(&at).with_context(|| format!("create {}", at.display()))?;
+            joined_at = Some(at.clone());
+            nix::mount::mount(
+                Some(&rootfs),
+                &at,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .with_context(|| format!("bind {} into the pod's share", rootfs.display()))?;
+            return spawn_shim(Shim {
+                root,
+                a,
+                bundle: &bundle,
+                spec,
+                disk: &at,
+                assets: None,
+                terminal,
+                net: None,
+                shares: Vec::new(),
+                join: Some(sb.as_ref()),
+                pod_share: None,
+            });
+        }
+        let mut shares = shares;
+        let mut pod_share = None;
+        if let Role::Sandbox = role {
+            // A mount of its own, shared: the bind mounts of the containers that join
+            // later propagate to virtiofsd's (slave) copy of it.
+            let share = d.join("pod");
+            std::fs::create_dir(&share).with_context(|| format!("create {}", share.display()))?;
+            let flags = nix::mount::MsFlags::MS_BIND;
+            nix::mount::mount(Some(&share), &share, None::<&str>, flags, None::<&str>)
+                .with_context(|| format!("bind {}", share.display()))?;
+            nix::mount::mount(
+                None::<&str>,
+                &share,
+                None::<&str>,
+                nix::mount::MsFlags::MS_SHARED,
+                None::<&str>,
+            )
+            .with_context(|| format!("make {} a shared mount", share.display()))?;
+            shares.push(sandbox::Share {
+                dir: share.clone(),
+                tag: POD_TAG.into(),
+                read_only: false,
+                cache: crate::cli::FsCache::Auto,
+            });
+            pod_share = Some(share);
+        }
         let disk = d.join("rootfs.erofs");
         crate::vm::disk::snapshot_dir(&rootfs, &disk)?;
         let assets = Assets::find(None, None)?;
@@ -158,10 +303,12 @@ pub fn create(root: &Path, a: &CreateArgs) -> Result<()> {
             bundle: &bundle,
             spec,
             disk: &disk,
-            assets: &assets,
+            assets: Some(&assets),
             terminal,
             net,
             shares,
+            join: None,
+            pod_share,
         })
     })();
     match r {
@@ -173,7 +320,14 @@ pub fn create(root: &Path, a: &CreateArgs) -> Result<()> {
             Ok(())
         }
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&d);
+            if let Some(at) = joined_at {
+                if detach_mount(&at).is_ok() {
+                    let _ = std::fs::remove_dir(&at);
+                }
+            }
+            if detach_mount(&d.join("pod")).is_ok() {
+                let _ = std::fs::remove_dir_all(&d);
+            }
             Err(e)
         }
     }
@@ -263,13 +417,20 @@ fn caller_net(spec: &Spec) -> Result<Option<CallerNet>> {
 /// /dev cannot reach the guest: they are left out, with a warning naming them, except
 /// that with the caller's network the network's files come from the agent's copies. A
 /// network namespace path of the host means nothing in the guest: the container shares
-/// the guest's network when it has one, else gets a new namespace.
-fn guest_spec(mut spec: Spec, networked: bool) -> (Spec, Vec<sandbox::Share>) {
+/// the guest's network, or gets a new namespace with `new_netns`. Without `can_share`
+/// (a container joining a booted pod VM, which gets no new devices) directory bind
+/// mounts are left out too, with the warning.
+fn guest_spec(
+    mut spec: Spec,
+    networked: bool,
+    new_netns: bool,
+    can_share: bool,
+) -> (Spec, Vec<sandbox::Share>) {
     let mut shares = Vec::new();
     if let Some(mut linux) = spec.linux().clone() {
         let mut ns = linux.namespaces().clone().unwrap_or_default();
         ns.retain(|n| n.typ() != oci_spec::runtime::LinuxNamespaceType::Network);
-        if !networked {
+        if new_netns {
             if let Ok(n) = oci_spec::runtime::LinuxNamespaceBuilder::default()
                 .typ(oci_spec::runtime::LinuxNamespaceType::Network)
                 .build()
@@ -300,7 +461,7 @@ fn guest_spec(mut spec: Spec, networked: bool) -> (Spec, Vec<sandbox::Share>) {
                 continue;
             }
             let src = x.source().clone().unwrap_or_default();
-            if src.is_dir() && !dest.starts_with("/dev") {
+            if can_share && src.is_dir() && !dest.starts_with("/dev") {
                 let tag = format!("nestor-fs{}", shares.len());
                 let ro = opts.iter().any(|o| o == "ro");
                 let mut o = vec!["nosuid".to_string(), "nodev".to_string()];
@@ -354,12 +515,18 @@ struct Shim<'a> {
     a: &'a CreateArgs,
     bundle: &'a Path,
     spec: Spec,
+    /// The rootfs snapshot; for a pod's container, its rootfs in the pod's share.
     disk: &'a Path,
-    assets: &'a Assets,
+    /// The guest's kernel and initramfs (none for a pod's container: no boot).
+    assets: Option<&'a Assets>,
     terminal: bool,
     net: Option<CallerNet>,
     /// Host directories bind-mounted by the caller, shared over virtio-fs.
     shares: Vec<sandbox::Share>,
+    /// A pod's container: the state of the sandbox whose VM it joins.
+    join: Option<&'a VmState>,
+    /// A pod's sandbox: its share of the containers' root filesystems.
+    pod_share: Option<PathBuf>,
 }
 
 /// Forks the shim; returns its pid once the container is created in the VM.
@@ -410,6 +577,8 @@ fn shim(s: Shim, ready: &mut crate::sys::helper::Ready) -> Result<i32> {
         terminal,
         net,
         shares,
+        join,
+        pod_share,
     } = s;
     let id = a.id.clone();
     let gid = guest_id(&id);
@@ -423,21 +592,26 @@ fn shim(s: Shim, ready: &mut crate::sys::helper::Ready) -> Result<i32> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
     let hostname = spec.hostname().clone().unwrap_or_else(|| "nestor".into());
-    let mut sb = Sandbox::boot(
-        &id[..12.min(id.len())],
-        assets,
-        &BootOpts {
-            mem_mib,
-            vcpus,
-            disks: vec![(disk.to_path_buf(), true)],
-            disk_opts: Vec::new(),
-            shares,
-            hostname,
-            net: net.as_ref().map(|n| n.tap.clone()),
-            netns: net.as_ref().map(|n| n.netns.clone()),
-            jail: None,
-        },
-    )?;
+    let networked = net.is_some() || join.is_some_and(|j| j.networked);
+    let mut sb = match (join, assets) {
+        (Some(j), _) => Sandbox::join(j.sandbox.clone()),
+        (None, None) => bail!("no guest kernel and initramfs"),
+        (None, Some(assets)) => Sandbox::boot(
+            &id[..12.min(id.len())],
+            assets,
+            &BootOpts {
+                mem_mib,
+                vcpus,
+                disks: vec![(disk.to_path_buf(), true)],
+                disk_opts: Vec::new(),
+                shares,
+                hostname,
+                net: net.as_ref().map(|n| n.tap.clone()),
+                netns: net.as_ref().map(|n| n.netns.clone()),
+                jail: None,
+            },
+        )?,
+    };
     let deadline = Instant::now() + sandbox::boot_timeout();
     let mut agent = sb.agent(deadline)?;
     if let Some(n) = net {
@@ -464,13 +638,21 @@ fn shim(s: Shim, ready: &mut crate::sys::helper::Ready) -> Result<i32> {
         let _ = std::io::copy(&mut src, &mut input);
         let _ = input.shutdown(std::net::Shutdown::Write);
     });
-    match agent.call(Request::Create {
-        container: gid.clone(),
-        bundle: Bundle::Disk {
+    let bundle_of = match join {
+        Some(_) => Bundle::Share {
+            spec: serde_json::to_value(&spec)?,
+            tag: POD_TAG.into(),
+            path: id.clone(),
+        },
+        None => Bundle::Disk {
             spec: serde_json::to_value(&spec)?,
             device: proto::disk_device(0),
             fstype: crate::vm::disk::FSTYPE.into(),
         },
+    };
+    match agent.call(Request::Create {
+        container: gid.clone(),
+        bundle: bundle_of,
     })? {
         Response::Started { .. } => {}
         Response::Error { message, .. } => bail!("create in the VM: {message}"),
@@ -490,8 +672,16 @@ fn shim(s: Shim, ready: &mut crate::sys::helper::Ready) -> Result<i32> {
             .into_iter()
             .map(|(k, v)| (k, serde_json::Value::String(v)))
             .collect(),
+        pod: join.map(|j| j.id.clone()),
+        pod_share,
+        networked,
     };
     save(root, &st)?;
+    if join.is_some() {
+        // The pod's agent answered within the boot deadline; Wait takes as long as
+        // the container runs: a connection without that deadline.
+        agent = Agent::new(sb.connect(proto::DEFAULT_PORT, deadline)?)?;
+    }
     // The caller may exit now; stdio stays with us. Detach from its session's signals.
     ready.ok("")?;
     crate::vm::sandbox::stdio_to_null()?;
@@ -507,7 +697,21 @@ fn shim(s: Shim, ready: &mut crate::sys::helper::Ready) -> Result<i32> {
         _ => 137,
     };
     crate::sys::pump::join_within(outputs, sandbox::boot_timeout());
-    sb.shutdown(Some(&mut agent), Duration::from_secs(10));
+    match join {
+        // The pod's VM lives on: only this container leaves it.
+        Some(_) => {
+            let _ = agent.call(Request::Delete {
+                container: guest_id(&id),
+            });
+            let at = disk;
+            if detach_mount(at).is_ok() {
+                let _ = std::fs::remove_dir(at);
+            }
+        }
+        None => {
+            sb.shutdown(Some(&mut agent), Duration::from_secs(10));
+        }
+    }
     st.status = Status::Stopped;
     st.exit_code = Some(code);
     let _ = save(root, &st);
@@ -743,8 +947,32 @@ pub fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    let _ = crate::sys::stamped::remove(&st.sandbox);
+    match &st.pod {
+        // A pod's container: out of the pod's VM (if its shim could not do it) and
+        // its rootfs out of the pod's share; the VM is the sandbox's.
+        Some(sid) => {
+            if let Ok(mut a) = agent_of(&st) {
+                let _ = a.call(Request::Delete {
+                    container: guest_id(id),
+                });
+            }
+            if let Ok(sb) = load(root, sid) {
+                if let Some(at) = sb.pod_share.map(|p| p.join(id)) {
+                    if at.exists() {
+                        detach_mount(&at)?;
+                        let _ = std::fs::remove_dir(&at);
+                    }
+                }
+            }
+        }
+        None => {
+            let _ = crate::sys::stamped::remove(&st.sandbox);
+        }
+    }
     let _l = lock(root)?;
+    // The pod's share holds its containers' root filesystems: unmounted (with them)
+    // before anything is removed.
+    detach_mount(&dir(root, id).join("pod"))?;
     std::fs::remove_dir_all(dir(root, id)).with_context(|| format!("delete {id}"))?;
     Ok(())
 }
