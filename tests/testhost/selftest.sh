@@ -175,7 +175,7 @@ check "batch retries a test whose boot died, once" \
     test "$(grep -c "^--- RETRY sh -c 'echo c >/proc/sysrq-trigger; sleep 600'" "$st/batch")" = 1
 check "batch reports the per-test timeout" grep -q '^--- FAIL sleep 1000 (timed out after 15 s' "$st/batch"
 check "batch reports the test that panicked the test host" \
-    grep -q "^FAILED: sh -c 'echo c >/proc/sysrq-trigger; sleep 600' (did not finish: the test host's kernel panicked (twice))" "$st/batch"
+    grep -q "^FAILED: sh -c 'echo c >/proc/sysrq-trigger; sleep 600' (did not finish: the test host's kernel panicked (again))" "$st/batch"
 check "no leftovers after batch" no_leftovers
 
 # --retry-failed: a test that fails once (a flag file on a share says which run it is)
@@ -195,6 +195,20 @@ check "batch --retry-failed reports the test that passed on its retry" \
 check "batch --retry-failed retries a failed test once" \
     test "$(grep -c "^--- RETRY sh -c 'exit 3' (failed: status 3" "$st/batch2")" = 1
 check "no leftovers after batch --retry-failed" no_leftovers
+
+# --retries 2: a test failing its first two runs passes on its third.
+mkdir -p "$st/flaky3"
+cat >"$st/list3" <<EOF
+sh -c 'n=\$(cat $st/flaky3/n 2>/dev/null || echo 0); echo \$((n + 1)) >$st/flaky3/n; test \$n -ge 2'
+EOF
+NESTOR_TESTHOST=always "$here/batch" --retry-failed --retries 2 --batch-size 1 --per-test-timeout 15 \
+    --share "$st/flaky3" "$st/list3" >"$st/batch3" 2>"$st/batch3.err"
+rc=$?
+check "batch --retries 2: a test failing twice passes on its third run" \
+    bash -c '[[ $0 == 0 && $(tail -n1 "$1") == "1 passed, 0 failed" ]]' "$rc" "$st/batch3"
+check "batch --retries 2 reports both retries" \
+    test "$(grep -c '^--- RETRY .*retry [12] of 2)' "$st/batch3")" = 2
+check "no leftovers after batch --retries" no_leftovers
 
 # --- a Linux guest on the test host's /dev/kvm ---------------------------------------
 capture --timeout 600 "$here/nested-guest.sh" --timeout 300
