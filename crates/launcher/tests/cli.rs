@@ -1255,6 +1255,18 @@ fn vm_mode_network_cycles_leave_nothing() {
     assert!(s.sandboxes_left().is_empty(), "sandboxes left");
 }
 
+/// A directory for the tests' jails (`NESTOR_JAILS`): 0755, as a jail's uid must reach
+/// its root.
+fn jails_dir() -> tempfile::TempDir {
+    let jails = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        jails.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    jails
+}
+
 /// `run --vm --jail` on the default network with a published port, 100 times (half
 /// `--rm`, half `-d` then `rm -f`): the jailed stand-in VMM opens the tap the jail was
 /// given in the container's namespace as nestor-vmm does. Nothing is left: no address,
@@ -1267,13 +1279,7 @@ fn jailed_vm_network_cycles_leave_nothing() {
     }
     let e = Env::new();
     let s = StandIn::new();
-    let jails = tempfile::tempdir().unwrap();
-    // The jail's uid must reach its root.
-    std::fs::set_permissions(
-        jails.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let jails = jails_dir();
     let extra = [("NESTOR_JAILS", jails.path().display().to_string())];
     let run = |args: &[&str]| run_standin(&e, &s, &extra, args);
     let mut ids = Vec::new();
@@ -1341,12 +1347,7 @@ fn jailed_vm_network_cycles_leave_nothing() {
 fn jailed_vm_file_servers_start_jailed_and_leave_nothing() {
     let e = Env::new();
     let s = StandIn::new();
-    let jails = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        jails.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let jails = jails_dir();
     let shared = tempfile::tempdir().unwrap();
     std::fs::write(shared.path().join("f"), b"x").unwrap();
     let extra = [("NESTOR_JAILS", jails.path().display().to_string())];

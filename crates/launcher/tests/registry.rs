@@ -321,6 +321,8 @@ impl Drop for Nestor {
             let _ = self.run(&["rm", "-f", id]);
         }
         let _ = self.run(&["gc"]);
+        // The default network a `run` made: its bridge and subnet claim.
+        let _ = self.run(&["network", "prune"]);
     }
 }
 

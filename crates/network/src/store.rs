@@ -101,6 +101,44 @@ fn claims() -> Vec<(Ipv4Net, String)> {
         .collect()
 }
 
+/// The bridge of network `name` in the data root whose key (hash of its absolute path)
+/// is `key`.
+fn bridge_for(key: &str, default_root: bool, name: &str) -> String {
+    match (name, default_root) {
+        (DEFAULT, true) => "nestor0".into(),
+        (DEFAULT, false) => format!("nst{key}0"),
+        _ => format!("nst{}", &crate::short_hash(&format!("{key}/{name}"))),
+    }
+}
+
+/// Drops the claims whose data root is gone (its `networks/` directory went with it: a
+/// deleted test root, `rm -rf` of a `NESTOR_ROOT`), and deletes the bridge each such
+/// network made, so that neither holds a subnet for ever. Call under the host lock.
+fn reclaim_stale_claims() {
+    for (net, owner) in claims() {
+        let Some((dir, name)) = owner.rsplit_once(' ') else {
+            continue;
+        };
+        let dir = Path::new(dir);
+        // A relative owner cannot be judged from here; a live root keeps its claims.
+        if !dir.is_absolute() || dir.exists() {
+            continue;
+        }
+        let Some(root) = dir.parent() else {
+            continue;
+        };
+        let root = root.to_string_lossy();
+        let bridge = bridge_for(&crate::short_hash(&root), root == DEFAULT_ROOT, name);
+        if Path::new("/sys/class/net").join(&bridge).exists() {
+            tracing::debug!(%bridge, %net, "removing the bridge of a deleted data root");
+            let _ = Command::new("ip")
+                .args(["link", "del", "dev", &bridge])
+                .output();
+        }
+        let _ = std::fs::remove_file(claim_file(&net));
+    }
+}
+
 impl Networks {
     /// The networks of data root `data_root` (its `networks/` directory is made).
     pub fn open(data_root: &Path) -> Result<Networks> {
@@ -135,17 +173,14 @@ impl Networks {
     }
 
     fn bridge_name(&self, name: &str) -> String {
-        match (name, self.default_root) {
-            (DEFAULT, true) => "nestor0".into(),
-            (DEFAULT, false) => format!("nst{}0", self.key),
-            _ => format!("nst{}", &crate::short_hash(&format!("{}/{name}", self.key))),
-        }
+        bridge_for(&self.key, self.default_root, name)
     }
 
     /// Claims `want`, or the first free /24 of 10.89.0.0-10.99.255.0, for `name`;
     /// refused when `want` overlaps a host route or another claim (both named).
     fn claim_subnet(&self, name: &str, want: Option<Ipv4Net>) -> Result<Ipv4Net> {
         let _host = crate::lock(&crate::run_dir().join(".lock"))?;
+        reclaim_stale_claims();
         let routes = host_routes();
         let taken = claims();
         let me = self.owner(name);

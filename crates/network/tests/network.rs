@@ -311,3 +311,43 @@ fn bad_requests_are_one_clear_line_and_leave_nothing() {
     }
     assert!(!r.nets.netns_path(&req.container_id).exists());
 }
+
+#[test]
+fn a_deleted_data_roots_claim_and_bridge_are_reclaimed() {
+    let Some(r) = Root::new() else { return };
+    // A root deleted without `network rm`: its claim and its bridge stay behind.
+    let gone = tempfile::tempdir().unwrap();
+    let old = Networks::open(gone.path())
+        .unwrap()
+        .create(&unique("gone"), None, false)
+        .unwrap();
+    ip(&["link", "add", "name", &old.bridge, "type", "bridge"]);
+    let run = std::env::var_os("NESTOR_NET_RUN").unwrap_or_else(|| "/run/nestor-net".into());
+    let claim = PathBuf::from(run).join("subnets").join(format!(
+        "{}_{}",
+        old.subnet.network(),
+        old.subnet.prefix_len()
+    ));
+    assert!(
+        std::fs::read_to_string(&claim).is_ok_and(|o| o.contains(&old.name)),
+        "{} not claimed",
+        old.subnet
+    );
+    drop(gone);
+    // The next claim, from any root, drops both.
+    let n = r.nets.create(&unique("next"), None, false).unwrap();
+    // (The subnet is free again: the new network may have taken it.)
+    let owner = std::fs::read_to_string(&claim).unwrap_or_default();
+    assert!(
+        !owner.contains(&old.name),
+        "the deleted root's claim of {} is left: {owner}",
+        old.subnet
+    );
+    let bridge = Path::new("/sys/class/net").join(&old.bridge);
+    let left = bridge.exists();
+    if left {
+        ip(&["link", "del", "dev", &old.bridge]);
+    }
+    assert!(!left, "the deleted root's bridge {} is left", old.bridge);
+    assert_ne!(n.bridge, old.bridge);
+}
