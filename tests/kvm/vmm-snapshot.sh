@@ -67,7 +67,7 @@ out=$("$vmm" --api "$work/a.sock" --call "{\"action\":\"snapshot-create\",\"dir\
     bad "snapshot-create: $out"
 t_snap=$(ms "$t1")
 [[ $out == '{"ok":true,"snapshot":'* ]] && pass "snapshot-create" || bad "snapshot-create: $out"
-mem_written=$(grep -o '"memory_written":[0-9]*' <<<"$out" | cut -d: -f2)
+mem_written=$(grep -o '"memory_written":[0-9]*' <<<"$out" | cut -d: -f2 || true)
 out=$("$vmm" --api "$work/a.sock" --call '{"action":"shutdown"}') || bad "shutdown: $out"
 set +e
 wait "$vpid"
@@ -90,7 +90,7 @@ after=$uptime
 awk -v a="$after" -v b="$before" 'BEGIN { exit !(a + 0 >= b + 0 && b + 0 > 0) }' &&
     pass "guest uptime went on: $before s before, $after s after" ||
     bad "guest uptime: $before s before the snapshot, $after s after the restore"
-rss=$("$vmm" --api "$work/b.sock" --call '{"action":"metrics"}' | grep -o '"guest_resident_kib":[0-9]*' | cut -d: -f2)
+rss=$("$vmm" --api "$work/b.sock" --call '{"action":"metrics"}' | grep -o '"guest_resident_kib":[0-9]*' | cut -d: -f2 || true)
 expect "shutdown" '{"type":"ok"}' "$("$client" client --hybrid "$work/v2.sock" --timeout 30 call '{"type":"shutdown"}' 2>&1)"
 set +e
 wait "$vpid"
