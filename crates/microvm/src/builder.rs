@@ -894,8 +894,13 @@ impl Vmm {
         // did not start with it, and off again if the migration fails.
         let switched_on = opts.strategy == Strategy::PreCopy && !self.cfg.track_dirty_pages;
         if switched_on {
-            self.set_dirty_logging(true)
-                .map_err(|e| MigrationError::Vm(format!("switching the dirty log on: {e}")))?;
+            if let Err(e) = self.set_dirty_logging(true) {
+                // Some slots may log already: all back to how the VM started.
+                let _ = self.set_dirty_logging(false);
+                return Err(MigrationError::Vm(format!(
+                    "switching the dirty log on: {e}"
+                )));
+            }
         }
         let r = self.migrate_inner(to, opts, live, t0, &mut report);
         if r.is_err() {

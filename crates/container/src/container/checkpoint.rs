@@ -284,8 +284,7 @@ impl Runtime {
                     CString::new(d.join("cgroup.procs").as_os_str().as_encoded_bytes()).ok()
                 })
                 .collect();
-            cgroup = Some(cg);
-            let cg = cgroup.as_ref().expect("just set");
+            let cg = &*cgroup.insert(cg);
             make_mount_points(&bundle.spec, &bundle.rootfs)?;
             std::fs::create_dir(&criu_root).ctx(|| format!("mkdir {}", criu_root.display()))?;
             nix::mount::mount::<Path, Path, str, str>(
