@@ -3,17 +3,18 @@
 # registry, same run, each from an empty store every time. The registry is Debian's
 # docker-registry on 127.0.0.1 (plain HTTP); the image is the busybox sample plus four
 # gzip layers made from this host's files (/usr/lib/python3.11, /usr/share/perl,
-# /usr/lib/x86_64-linux-gnu/perl, /usr/share/doc/p*), pushed by podman. hyperfine runs
-# the rounds; the result is the ratio of medians (nestor / podman; below 1 is faster).
+# /usr/lib/x86_64-linux-gnu/perl, /usr/share/doc/p*), pushed by podman. The rounds
+# interleave the pullers; the result is the median of the rounds' ratios (nestor /
+# podman; below 1 is faster) with its 95% interval.
 # A benchmark run by hand, not a test:
-#   benches/pull-bench.sh [ROUNDS]    (default 5; root, docker-registry, podman, hyperfine,
-#                                      python3, the release build)
+#   benches/pull-bench.sh [ROUNDS]    (default 5, plus one warm-up round; root,
+#                                      docker-registry, podman, python3, the release build)
 # NESTOR_BASELINE=PATH times that nestor binary too, in the same run (A/B of a change).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 rounds=${1:-5}
 bin=${NESTOR_BIN_DIR:-$repo/target/release}/nestor
-for t in docker-registry podman hyperfine python3; do
+for t in docker-registry podman python3; do
     command -v "$t" >/dev/null || { echo "pull-bench: $t is not installed (scripts/setup.sh)" >&2; exit 2; }
 done
 work=$(mktemp -d)
@@ -84,25 +85,64 @@ log "image pushed: $ref"
 # podman's own storage as podman is usually set up (overlay), in a root of its own.
 driver=overlay
 podman --root "$work/pod" --runroot "$work/pod-run" --storage-driver overlay info >/dev/null 2>&1 || driver=vfs
-log "podman storage driver: $driver; $rounds rounds each"
+log "podman storage driver: $driver; $rounds rounds, interleaved"
 pod="podman --root $work/pod --runroot $work/pod-run --storage-driver $driver"
-base=()
+# Rounds interleave the pullers (the order rotates every round), so a load that drifts on
+# a shared machine falls on all of them alike; each round's ratio is nestor / podman from
+# the same round. Every puller starts from an empty store each time (not timed).
+names=(nestor podman)
+cmds=("env NESTOR_ROOT=$work/nroot NESTOR_STATE=$work/nstate $bin pull -q --tls-verify=false $ref"
+    "$pod pull -q --tls-verify=false $ref")
+preps=("rm -rf $work/nroot" "$pod rmi -a -f >/dev/null 2>&1; true")
 if [ -n "${NESTOR_BASELINE:-}" ]; then
-    base=(--prepare "rm -rf $work/nroot"
-        "NESTOR_ROOT=$work/nroot NESTOR_STATE=$work/nstate $NESTOR_BASELINE pull -q --tls-verify=false $ref")
+    names+=(baseline)
+    cmds+=("env NESTOR_ROOT=$work/nroot NESTOR_STATE=$work/nstate $NESTOR_BASELINE pull -q --tls-verify=false $ref")
+    preps+=("rm -rf $work/nroot")
 fi
-hyperfine --runs "$rounds" --warmup 1 --export-json "$work/result.json" \
-    --prepare "rm -rf $work/nroot" \
-    "NESTOR_ROOT=$work/nroot NESTOR_STATE=$work/nstate $bin pull -q --tls-verify=false $ref" \
-    --prepare "$pod rmi -a -f >/dev/null 2>&1; true" \
-    "$pod pull -q --tls-verify=false $ref" "${base[@]}" >&2
-python3 - "$work/result.json" <<'EOF'
-import json, sys
-r = json.load(open(sys.argv[1]))["results"]
-n, p = r[0]["median"], r[1]["median"]
-print(f"nestor pull {n:.3f} s, podman pull {p:.3f} s (medians); ratio nestor/podman {n / p:.2f}", end="")
-if len(r) > 2:
-    b = r[2]["median"]
-    print(f"; baseline {b:.3f} s, ratio {b / p:.2f}", end="")
-print()
+k=${#names[@]}
+: >"$work/times"
+for ((round = 0; round <= rounds; round++)); do
+    for ((j = 0; j < k; j++)); do
+        i=$(((j + round) % k))
+        bash -c "${preps[i]}"
+        sync
+        t0=$(date +%s%N)
+        bash -c "${cmds[i]}" >/dev/null || { log "${names[i]} pull failed"; exit 1; }
+        t1=$(date +%s%N)
+        # Round 0 warms the registry's and the page cache's side up: not counted.
+        ((round == 0)) || echo "$round ${names[i]} $(((t1 - t0) / 1000))" >>"$work/times"
+    done
+    ((round == 0)) || log "round $round of $rounds: $(awk -v r="$round" '$1 == r {printf "%s %.2f s  ", $2, $3 / 1e6}' "$work/times")"
+done
+python3 - "$work/times" <<'EOF'
+import math, statistics, sys
+t = {}
+for line in open(sys.argv[1]):
+    r, name, us = line.split()
+    t.setdefault(name, {})[int(r)] = int(us) / 1e6
+rounds = sorted(t["nestor"])
+def interval(a, b):
+    # Student's t on the per-round log ratios (as nestor bench does): the ratio's 95% interval.
+    logs = [math.log(t[a][r] / t[b][r]) for r in rounds]
+    n = len(logs)
+    ratio = statistics.median(math.exp(x) for x in logs)
+    if n < 2:
+        return ratio, None
+    tq = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23,
+          11: 2.20, 12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13, 16: 2.12, 17: 2.11, 18: 2.10, 19: 2.09}.get(n - 1, 2.0)
+    m, sd = statistics.mean(logs), statistics.stdev(logs)
+    h = tq * sd / math.sqrt(n)
+    return ratio, (math.exp(m - h), math.exp(m + h))
+med = {k: statistics.median(v.values()) for k, v in t.items()}
+ratio, ci = interval("nestor", "podman")
+out = f"nestor pull {med['nestor']:.3f} s, podman pull {med['podman']:.3f} s (medians of {len(rounds)} interleaved rounds); nestor/podman {ratio:.2f} (median of the rounds' ratios)"
+if ci:
+    verdict = "no measurable difference" if ci[0] <= 1 <= ci[1] else ("faster" if ci[1] < 1 else "slower")
+    out += f", 95% interval {ci[0]:.2f}-{ci[1]:.2f}: {verdict}"
+if "baseline" in t:
+    b, bci = interval("baseline", "podman")
+    out += f"; baseline {med['baseline']:.3f} s, baseline/podman {b:.2f}"
+    if bci:
+        out += f" ({bci[0]:.2f}-{bci[1]:.2f})"
+print(out)
 EOF

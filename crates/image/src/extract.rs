@@ -38,6 +38,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::rc::Rc;
 
 use crate::limits::{Budget, Meter};
 use crate::ImageError;
@@ -101,14 +102,22 @@ pub(crate) fn extract_layer<R: Read>(
     };
     let root_fd =
         owned(fd).map_err(|e| ImageError::io(format!("cannot open {}", root.display()), e))?;
+    let root_fd_meta = File::from(
+        root_fd
+            .try_clone()
+            .map_err(|e| ImageError::io(format!("cannot open {}", root.display()), e))?,
+    )
+    .metadata()
+    .ok();
     let mut x = Extractor {
-        root: root_fd,
+        root: Rc::new(root_fd),
         layer,
         dirs: Vec::new(),
         root_meta: None,
         stats: ExtractStats::default(),
         budgets,
         last_dir: RefCell::new(None),
+        fresh: FreshFile::probe(&root_fd_meta),
     };
     // The tar reader keeps pax records, GNU long names and sparse maps in memory: while
     // it reads the headers of the next entry, it may read at most MAX_HEADERS.
@@ -145,7 +154,7 @@ pub(crate) fn extract_layer<R: Read>(
 }
 
 struct Extractor<'a> {
-    root: OwnedFd,
+    root: Rc<OwnedFd>,
     layer: &'a str,
     dirs: Vec<(Vec<Vec<u8>>, Meta)>,
     root_meta: Option<Meta>,
@@ -156,7 +165,56 @@ struct Extractor<'a> {
     /// opening every component from the root again. Only this extraction changes the
     /// tree, and the only thing it removes is an entry [`Extractor::clear`] replaces,
     /// which drops this first; so the descriptor is what a fresh walk would reach.
-    last_dir: RefCell<Option<(Vec<Vec<u8>>, OwnedFd)>>,
+    /// Shared, not duplicated: a walk that starts there costs no `dup` and `close`.
+    last_dir: RefCell<Option<(Vec<Vec<u8>>, Rc<OwnedFd>)>>,
+    /// What a regular file this extraction creates is born with, where that is known.
+    fresh: FreshFile,
+}
+
+/// The owner and mode a regular file gets when this extraction creates it, so that the
+/// `fchown` and `fchmod` that would set what it already has are skipped: two of the
+/// five syscalls per file of a pull's extraction.
+#[derive(Debug, Clone, Copy)]
+struct FreshFile {
+    /// The creating process's effective uid and gid, when no directory of the layer
+    /// can hand its group down: the layer root is not setgid, and every directory
+    /// below it is made here, 0700, and gets its own mode only when the layer ends.
+    owner: Option<(u32, u32)>,
+    /// The process's umask (`/proc/self/status`), when known.
+    umask: Option<u32>,
+}
+
+impl FreshFile {
+    fn probe(root: &Option<std::fs::Metadata>) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let owner = root
+            .as_ref()
+            .filter(|m| m.mode() & libc::S_ISGID == 0)
+            // SAFETY: geteuid(2) and getegid(2) cannot fail.
+            .map(|_| unsafe { (libc::geteuid(), libc::getegid()) });
+        let umask = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                let v = s.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+                u32::from_str_radix(v.trim(), 8).ok()
+            });
+        FreshFile { owner, umask }
+    }
+
+    /// The mode to create a file with: the entry's permission bits without group or
+    /// other write (nobody else may hold a writable descriptor of a file being filled).
+    fn create_mode(meta: &Meta) -> u32 {
+        meta.mode & 0o755
+    }
+
+    /// Whether the new file already has the entry's owner, and its mode.
+    fn has(&self, meta: &Meta) -> (bool, bool) {
+        let owner = self.owner == Some((meta.uid, meta.gid));
+        let mode = self
+            .umask
+            .is_some_and(|u| meta.mode & 0o7777 == Self::create_mode(meta) & !u);
+        (owner, mode)
+    }
 }
 
 fn owned(fd: RawFd) -> io::Result<OwnedFd> {
@@ -286,19 +344,18 @@ impl Extractor<'_> {
         create: bool,
         entry: &str,
         role: &str,
-    ) -> Result<OwnedFd, ImageError> {
-        let (start, cur) = match &*self.last_dir.borrow() {
-            Some((p, fd)) if comps.starts_with(p) => (p.len(), fd.try_clone()),
-            _ => (0, self.root.try_clone()),
+    ) -> Result<Rc<OwnedFd>, ImageError> {
+        let (start, mut cur) = match &*self.last_dir.borrow() {
+            Some((p, fd)) if comps.starts_with(p) => (p.len(), Rc::clone(fd)),
+            _ => (0, Rc::clone(&self.root)),
         };
-        let mut cur = cur.map_err(|e| self.io_err(entry, "dup of a directory", e))?;
         if start == comps.len() && start > 0 {
             return Ok(cur);
         }
         for (i, c) in comps.iter().enumerate().skip(start) {
             let name = cstr(c).map_err(|e| self.io_err(entry, "bad name", e))?;
             match open_dir_at(cur.as_raw_fd(), &name) {
-                Ok(fd) => cur = fd,
+                Ok(fd) => cur = Rc::new(fd),
                 Err(e) if errno(&e) == libc::ENOENT && create => {
                     // SAFETY: mkdirat(2) with a valid dirfd and name.
                     let r = cvt(unsafe { libc::mkdirat(cur.as_raw_fd(), name.as_ptr(), 0o755) });
@@ -307,8 +364,10 @@ impl Extractor<'_> {
                             return Err(self.io_err(entry, "cannot create parent directory", e));
                         }
                     }
-                    cur = open_dir_at(cur.as_raw_fd(), &name)
-                        .map_err(|e| self.io_err(entry, "cannot open parent directory", e))?;
+                    cur = Rc::new(
+                        open_dir_at(cur.as_raw_fd(), &name)
+                            .map_err(|e| self.io_err(entry, "cannot open parent directory", e))?,
+                    );
                 }
                 Err(e) if errno(&e) == libc::ENOENT => {
                     return Err(self.unsafe_entry(
@@ -332,10 +391,7 @@ impl Extractor<'_> {
                 Err(e) => return Err(self.io_err(entry, "cannot open parent directory", e)),
             }
         }
-        let keep = cur
-            .try_clone()
-            .map_err(|e| self.io_err(entry, "dup of a directory", e))?;
-        *self.last_dir.borrow_mut() = Some((comps.to_vec(), keep));
+        *self.last_dir.borrow_mut() = Some((comps.to_vec(), Rc::clone(&cur)));
         Ok(cur)
     }
 
@@ -436,14 +492,30 @@ impl Extractor<'_> {
     }
 
     fn apply_fd(&self, fd: RawFd, meta: &Meta, entry: &str) -> Result<(), ImageError> {
+        self.apply_fd_as(fd, meta, (false, false), entry)
+    }
+
+    /// [`Extractor::apply_fd`], skipping the owner and the mode where `(owner, mode)`
+    /// says the node already has them.
+    fn apply_fd_as(
+        &self,
+        fd: RawFd,
+        meta: &Meta,
+        (has_owner, has_mode): (bool, bool),
+        entry: &str,
+    ) -> Result<(), ImageError> {
         // Order matters: chown clears setuid bits and file capabilities, so chmod and the
         // xattrs come after it, and the mtime last.
-        // SAFETY: plain syscalls on a valid fd.
-        cvt(unsafe { libc::fchown(fd, meta.uid, meta.gid) })
-            .map_err(|e| self.io_err(entry, "chown", e))?;
-        // SAFETY: fchmod(2) on the caller's fd, open for the whole call.
-        cvt(unsafe { libc::fchmod(fd, meta.mode as libc::mode_t) })
-            .map_err(|e| self.io_err(entry, "chmod", e))?;
+        if !has_owner {
+            // SAFETY: plain syscalls on a valid fd.
+            cvt(unsafe { libc::fchown(fd, meta.uid, meta.gid) })
+                .map_err(|e| self.io_err(entry, "chown", e))?;
+        }
+        if !has_mode {
+            // SAFETY: fchmod(2) on the caller's fd, open for the whole call.
+            cvt(unsafe { libc::fchmod(fd, meta.mode as libc::mode_t) })
+                .map_err(|e| self.io_err(entry, "chmod", e))?;
+        }
         for (k, v) in &meta.xattrs {
             set_xattr(fd, k, v).map_err(|e| self.io_err(entry, "set xattr", e))?;
         }
@@ -656,7 +728,7 @@ impl Extractor<'_> {
                                 | libc::O_EXCL
                                 | libc::O_NOFOLLOW
                                 | libc::O_CLOEXEC,
-                            0o600 as libc::c_uint,
+                            FreshFile::create_mode(&meta) as libc::c_uint,
                         )
                     })
                 };
@@ -673,7 +745,7 @@ impl Extractor<'_> {
                 let mut f = File::from(fd);
                 let size = e.size();
                 self.write_content(e, &mut f, size, kind == T::GNUSparse, &disp)?;
-                self.apply_fd(f.as_raw_fd(), &meta, &disp)?;
+                self.apply_fd_as(f.as_raw_fd(), &meta, self.fresh.has(&meta), &disp)?;
             }
             T::Symlink => {
                 let target = e

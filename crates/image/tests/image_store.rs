@@ -1002,6 +1002,50 @@ fn keeps_setuid_bits_and_owners() {
     assert_eq!((f.uid(), f.gid(), f.mode() & 0o777), (65534, 65534, 0o600));
 }
 
+/// Files are created with their final permission bits where the umask allows, and
+/// the chown/chmod that would set what a new file already has are skipped: every mode
+/// (group and other write, setuid, setgid, sticky, none at all), a group that differs
+/// from the extractor's, and the mtime must still come out as the entry says.
+#[test]
+fn fresh_files_get_every_mode_owner_and_mtime() {
+    let area = Area::new();
+    let mut t = RawTar::new();
+    let modes = [
+        0o644, 0o755, 0o600, 0o400, 0o000, 0o666, 0o777, 0o620, 0o2755, 0o1755, 0o4711,
+    ];
+    for m in modes {
+        t.add(
+            format!("f{m:o}").as_bytes(),
+            tar::EntryType::Regular,
+            b"",
+            b"x",
+            m,
+        );
+    }
+    let mut h = tar::Header::new_gnu();
+    h.set_path("grp").unwrap();
+    h.set_size(1);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(50);
+    h.set_mtime(1_600_000_000);
+    h.set_cksum();
+    t.0.append(&h, &b"y"[..]).unwrap();
+    let s = area.import_tar(t.finish()).unwrap().remove(0);
+    let layer = &area.store().get(&s.id).unwrap().layers[0];
+    for m in modes {
+        let md = fs::metadata(layer.join(format!("f{m:o}"))).unwrap();
+        assert_eq!(md.mode() & 0o7777, m, "mode of f{m:o}");
+        assert_eq!((md.uid(), md.gid()), (0, 0), "owner of f{m:o}");
+        assert_eq!(md.mtime(), 1_700_000_000, "mtime of f{m:o}");
+    }
+    let g = fs::metadata(layer.join("grp")).unwrap();
+    assert_eq!(
+        (g.uid(), g.gid(), g.mode() & 0o7777, g.mtime()),
+        (0, 50, 0o644, 1_600_000_000)
+    );
+}
+
 #[test]
 fn garbage_layer_is_a_clear_error() {
     let area = Area::new();
