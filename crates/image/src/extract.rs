@@ -153,6 +153,9 @@ pub(crate) fn extract_layer<R: Read>(
     Ok(x.stats)
 }
 
+/// A directory descriptor the walks share.
+type SharedDir = Rc<OwnedFd>;
+
 struct Extractor<'a> {
     root: Rc<OwnedFd>,
     layer: &'a str,
@@ -166,7 +169,7 @@ struct Extractor<'a> {
     /// tree, and the only thing it removes is an entry [`Extractor::clear`] replaces,
     /// which drops this first; so the descriptor is what a fresh walk would reach.
     /// Shared, not duplicated: a walk that starts there costs no `dup` and `close`.
-    last_dir: RefCell<Option<(Vec<Vec<u8>>, Rc<OwnedFd>)>>,
+    last_dir: RefCell<Option<(Vec<Vec<u8>>, SharedDir)>>,
     /// What a regular file this extraction creates is born with, where that is known.
     fresh: FreshFile,
 }
