@@ -102,13 +102,9 @@ pub(crate) fn extract_layer<R: Read>(
     };
     let root_fd =
         owned(fd).map_err(|e| ImageError::io(format!("cannot open {}", root.display()), e))?;
-    let root_fd_meta = File::from(
-        root_fd
-            .try_clone()
-            .map_err(|e| ImageError::io(format!("cannot open {}", root.display()), e))?,
-    )
-    .metadata()
-    .ok();
+    let root_mode = nix::sys::stat::fstat(root_fd.as_raw_fd())
+        .ok()
+        .map(|st| st.st_mode);
     let mut x = Extractor {
         root: Rc::new(root_fd),
         layer,
@@ -117,7 +113,7 @@ pub(crate) fn extract_layer<R: Read>(
         stats: ExtractStats::default(),
         budgets,
         last_dir: RefCell::new(None),
-        fresh: FreshFile::probe(&root_fd_meta),
+        fresh: FreshFile::probe(root_mode),
     };
     // The tar reader keeps pax records, GNU long names and sparse maps in memory: while
     // it reads the headers of the next entry, it may read at most MAX_HEADERS.
@@ -181,18 +177,18 @@ struct Extractor<'a> {
 struct FreshFile {
     /// The creating process's effective uid and gid, when no directory of the layer
     /// can hand its group down: the layer root is not setgid, and every directory
-    /// below it is made here, 0700, and gets its own mode only when the layer ends.
+    /// below it is made here (0755 for a missing parent, 0700 for a directory entry)
+    /// and gets its own mode only when the layer ends.
     owner: Option<(u32, u32)>,
     /// The process's umask (`/proc/self/status`), when known.
     umask: Option<u32>,
 }
 
 impl FreshFile {
-    fn probe(root: &Option<std::fs::Metadata>) -> Self {
-        use std::os::unix::fs::MetadataExt;
-        let owner = root
-            .as_ref()
-            .filter(|m| m.mode() & libc::S_ISGID == 0)
+    /// `root_mode`: the layer root's `st_mode`, when it could be read.
+    fn probe(root_mode: Option<libc::mode_t>) -> Self {
+        let owner = root_mode
+            .filter(|m| m & libc::S_ISGID == 0)
             // SAFETY: geteuid(2) and getegid(2) cannot fail.
             .map(|_| unsafe { (libc::geteuid(), libc::getegid()) });
         let umask = std::fs::read_to_string("/proc/self/status")
