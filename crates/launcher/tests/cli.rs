@@ -1338,11 +1338,173 @@ fn jailed_vm_network_cycles_leave_nothing() {
     }
 }
 
+/// `run --vm` jails nestor-vmm by default (`inspect` names the jail) and `--no-jail`
+/// opts out; `--jail` with `--no-jail` is refused. A writable disk file the jail's uid
+/// cannot write runs the VMM unjailed with one warning, which also reaches the caller of
+/// `run -d`; with `--jail` it fails in one line. Nothing is left.
+#[test]
+fn vm_runs_are_jailed_by_default_and_fall_back_in_one_warning() {
+    let e = Env::new();
+    let s = StandIn::new();
+    let jails = jails_dir();
+    let extra = [("NESTOR_JAILS", jails.path().display().to_string())];
+    let nestor = |args: &[&str]| {
+        let mut c = e.cmd(args);
+        c.envs(s.vars()).envs(extra.iter().map(|(k, v)| (k, v)));
+        c.stdin(Stdio::null()).output().unwrap()
+    };
+    let jail_of = |name: &str| {
+        let o = nestor(&["inspect", name]);
+        assert!(o.status.success(), "inspect {name}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["Jail"].clone()
+    };
+    let o = nestor(&[
+        "run",
+        "--vm",
+        "-d",
+        "--network",
+        "none",
+        "--name",
+        "jd-default",
+        "busybox",
+        "true",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "", "a jailed run warned");
+    let j = jail_of("jd-default");
+    assert!(
+        j.as_str().is_some_and(|x| x.starts_with("vm-")),
+        "not jailed: {j}"
+    );
+    let o = nestor(&[
+        "run",
+        "--vm",
+        "-d",
+        "--no-jail",
+        "--network",
+        "none",
+        "--name",
+        "jd-off",
+        "busybox",
+        "true",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(jail_of("jd-off").is_null(), "--no-jail ran jailed");
+    let o = nestor(&[
+        "run",
+        "--vm",
+        "--jail",
+        "--no-jail",
+        "--rm",
+        "busybox",
+        "true",
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("cannot be used with"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A disk file only root may write (in a directory the jail can reach).
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        d.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let disk = d.path().join("disk.ext4");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let mk = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert!(mk.status.success(), "mkfs.ext4: {}", stderr(&mk));
+    std::fs::set_permissions(&disk, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let vol = format!("{}:/d", disk.display());
+    let o = nestor(&[
+        "run",
+        "--vm",
+        "--rm",
+        "--network",
+        "none",
+        "-v",
+        &vol,
+        "busybox",
+        "true",
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.starts_with("warning: nestor-vmm runs unjailed")
+            && err.contains("not readable and writable by a jail's own uid"),
+        "{err}"
+    );
+    let o = nestor(&[
+        "run",
+        "--vm",
+        "-d",
+        "--network",
+        "none",
+        "--name",
+        "jd-disk",
+        "-v",
+        &vol,
+        "busybox",
+        "true",
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.starts_with("warning: nestor-vmm runs unjailed"),
+        "run -d's caller did not get the warning: {err}"
+    );
+    assert!(jail_of("jd-disk").is_null(), "the fallback ran jailed");
+    let o = nestor(&[
+        "run",
+        "--vm",
+        "--jail",
+        "--rm",
+        "--network",
+        "none",
+        "-v",
+        &vol,
+        "busybox",
+        "true",
+    ]);
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.starts_with("error: --jail: ")
+            && err.contains("not readable and writable by a jail's own uid"),
+        "{err}"
+    );
+
+    for n in ["jd-default", "jd-off", "jd-disk"] {
+        let o = nestor(&["rm", "-f", n]);
+        assert!(o.status.success(), "rm {n}: {}", stderr(&o));
+    }
+    assert!(s.sandboxes_left().is_empty(), "sandboxes left");
+    let left: Vec<_> = std::fs::read_dir(jails.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != ".uids")
+        .collect();
+    assert!(left.is_empty(), "jails left: {left:?}");
+}
+
 /// `run --vm --jail -v DIR:/h` with the real virtiofsd: it starts in a jail of its own
 /// and the jailed stand-in VMM connects to its socket from inside its own jail (as
 /// nestor-vmm does); after the run (read-write and `:ro`) no jail, staging mount, uid,
 /// runtime state or virtiofsd is left. A directory on a file system that cannot be
-/// idmapped (sysfs) is refused in one line, leaving nothing.
+/// idmapped (sysfs) is refused in one line with `--jail`, and without it gets an
+/// unjailed file server with one warning; either way nothing is left.
 #[test]
 fn jailed_vm_file_servers_start_jailed_and_leave_nothing() {
     let e = Env::new();
@@ -1396,6 +1558,23 @@ fn jailed_vm_file_servers_start_jailed_and_leave_nothing() {
         err.starts_with("error: ") && err.contains("does not support idmapped mounts"),
         "{err}"
     );
+    // Without --jail, that directory gets an unjailed file server for the jailed VMM
+    // (which connects to it from inside its jail), with one warning.
+    let o = nestor_run(&[
+        "run",
+        "--vm",
+        "--rm",
+        "--network",
+        "none",
+        "-v",
+        "/sys/kernel:/k",
+        "busybox",
+        "true",
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(err.contains("file server runs unjailed"), "{err}");
     let left: Vec<_> = std::fs::read_dir(jails.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())

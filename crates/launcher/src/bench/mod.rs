@@ -654,8 +654,10 @@ fn prepare_env(a: &BenchArgs, modes: &[Mode], inside: bool) -> Result<Env> {
     };
     let timeout = Duration::from_secs(a.timeout.unwrap_or(60));
     let vm_timeout = Duration::from_secs(a.timeout.unwrap_or(if inside { 300 } else { 60 }));
+    let no_jail = modes::has_flag(&me, &["run"], "--no-jail");
     let mut env = Env {
         rootfs: tmp.join("rootfs"),
+        no_jail,
         me,
         busybox,
         workload_bin,

@@ -178,6 +178,19 @@ pub struct Env {
     pub tap: std::result::Result<Tap, String>,
     pub timeout: Duration,
     pub vm_timeout: Duration,
+    /// `nestor run` takes `--no-jail` (it jails `--vm` by default; an older build given
+    /// as the binary to measure may not).
+    pub no_jail: bool,
+}
+
+/// The jail flag of a `nestor run --vm` unit: `--jail` in the jailed mode, `--no-jail` in
+/// the other where the build has it (jailing is its default).
+pub fn jail_flag(jail: bool, has_no_jail: bool) -> &'static [&'static str] {
+    match (jail, has_no_jail) {
+        (true, _) => &["--jail"],
+        (false, true) => &["--no-jail"],
+        (false, false) => &[],
+    }
 }
 
 pub fn which(bin: &str) -> Option<PathBuf> {
@@ -511,9 +524,7 @@ impl Env {
                 c.arg("run");
                 if let Kind::VmContainer { jail } = r.kind {
                     c.arg("--vm");
-                    if jail {
-                        c.arg("--jail");
-                    }
+                    c.args(jail_flag(jail, self.no_jail));
                 }
                 c.args(["--rm", "--name", id]);
                 if matches!(r.kind, Kind::Image | Kind::VmContainer { .. }) {

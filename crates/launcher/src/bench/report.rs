@@ -124,6 +124,7 @@ pub fn markdown(r: &Report) -> String {
     }
     modes(&mut o, r, &mut why);
     efficiency(&mut o, r, &mut why);
+    jail_cost(&mut o, r);
     workloads(&mut o, r);
     services(&mut o, r, &mut why);
     disk_files(&mut o, r);
@@ -264,6 +265,37 @@ fn efficiency(o: &mut String, r: &Report, why: &mut Reasons) {
         Status::Skipped => "**skipped**".into(),
     });
     skipped_columns(o, cols, why);
+}
+
+/// What the jail adds to a start (`run --vm` jails nestor-vmm by default): each jailed
+/// mode's start median against its unjailed twin's, both measured in this run.
+fn jail_cost(o: &mut String, r: &Report) {
+    let start = |mode: &str| {
+        r.start_stop
+            .iter()
+            .find(|c| c.mode == mode && c.status == Status::Measured && is_main(r, c))
+            .and_then(|c| c.start.as_ref().map(|s| s.median))
+    };
+    let mut parts = Vec::new();
+    for (jailed, plain) in [("jailed-vm", "vm"), ("jailed-vm-container", "vm-container")] {
+        if let (Some(j), Some(p)) = (start(jailed), start(plain)) {
+            parts.push(format!(
+                "{jailed} {} against {plain} {} ({}{}, {:.2}x)",
+                ms(j),
+                ms(p),
+                if j >= p { "+" } else { "-" },
+                ms((j - p).abs()),
+                j / p
+            ));
+        }
+    }
+    if !parts.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nThe jail's start cost (start medians; `run --vm` jails nestor-vmm unless `--no-jail`): {}.",
+            parts.join("; ")
+        );
+    }
 }
 
 /// The "units per host" cell: the density sweep's figure, in the mode's own column only.

@@ -104,9 +104,7 @@ fn run_command(env: &Env, r: &Runner, id: &str, port: u16) -> Command {
     c.args(["run", "--rm", "--name", id]);
     if let Kind::VmContainer { jail } = r.kind {
         c.arg("--vm");
-        if jail {
-            c.arg("--jail");
-        }
+        c.args(modes::jail_flag(jail, env.no_jail));
     }
     c.arg("--network")
         .arg("bridge")

@@ -849,13 +849,18 @@ impl FsCache {
     }
 }
 
-/// Scenario 2 around scenario 1: the microVM's monitor jailed.
+/// Scenario 2 around scenario 1: the microVM's monitor jailed, by default.
 #[derive(Args, Debug, Clone, Default)]
 pub struct JailRunOpts {
-    /// With --vm: run the microVM's monitor in a jail too (scenario 2 around scenario 1:
-    /// its own namespaces, cgroup, unprivileged uid, no capabilities, seccomp).
-    #[arg(id = "jail", long = "jail")]
-    pub enabled: bool,
+    /// With --vm: require the jail the microVM's monitor runs in by default (its own
+    /// namespaces, cgroup, unprivileged uid, no capabilities, seccomp). Without this
+    /// flag, a run the jail cannot serve (a disk file the jail's uid cannot write, a
+    /// pod) runs the monitor unjailed with one warning; with it, such a run fails.
+    #[arg(id = "jail", long = "jail", conflicts_with = "no_jail")]
+    pub strict: bool,
+    /// With --vm: run the microVM's monitor unjailed, as root in the host's namespaces.
+    #[arg(id = "no_jail", long = "no-jail")]
+    pub off: bool,
     /// Host uid that root in the VMM's jail maps to (--jail; default: a uid of its own,
     /// from 200000-204095).
     #[arg(id = "jail_uid", long = "jail-uid")]

@@ -199,7 +199,7 @@ pub fn inspect(name: &str) -> Result<()> {
             "Id": m.id, "Name": m.name, "Image": m.image, "ImageId": m.image_id,
             "Command": m.command, "Created": rfc3339(m.created_ns), "Status": m.status_line(),
             "ExitCode": m.exit_code, "OOMKilled": m.oom_killed, "AutoRemove": m.auto_remove,
-            "Bundle": store::dir(&m.id), "VM": null,
+            "Bundle": store::dir(&m.id), "VM": null, "Jail": m.jail,
         });
         if let (Some(o), serde_json::Value::Object(extra)) =
             (v.as_object_mut(), m.placement().inspect())

@@ -37,7 +37,7 @@ pub trait Mode {
 pub fn run(rt: &Runtime, a: &RunArgs) -> Result<i32> {
     if a.vm.enabled || a.vm.pod.is_some() {
         drive(&mut crate::vm::container::VmMode::default(), a)
-    } else if a.jail.enabled {
+    } else if a.jail.strict {
         bail!("--jail jails a microVM's monitor: use it with --vm")
     } else {
         drive(&mut crate::docker::native::Native::new(rt.clone()), a)
@@ -188,9 +188,15 @@ fn detach(
                 .open(store::dir(&meta.id).join("log"))
                 .context("open log")?;
             stdin_null()?;
+            // Warnings of the start still reach the caller's terminal (`sys::notice`).
+            if let Ok(term) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
+                crate::sys::notice::hold(term);
+            }
             nix::unistd::dup2(log.as_raw_fd(), 1).context("redirect stdout")?;
             nix::unistd::dup2(log.as_raw_fd(), 2).context("redirect stderr")?;
-            if let Err(e) = mode.start(&quiet, &mut meta, image) {
+            let started = mode.start(&quiet, &mut meta, image);
+            crate::sys::notice::release();
+            if let Err(e) = started {
                 mode.abort(&meta);
                 return Err(e);
             }

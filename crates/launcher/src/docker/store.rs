@@ -196,6 +196,10 @@ pub struct Meta {
     /// Its published ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<nestor_network::PortMapping>,
+    /// With `--vm`: the jail its nestor-vmm runs or ran in (None: unjailed, by
+    /// `--no-jail` or a fallback; kept after the VM is gone, as `inspect`'s `Jail`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<String>,
     /// The named volumes it mounts (`volume rm` refuses them while it runs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<String>,
@@ -386,6 +390,7 @@ pub fn new_meta(
         state_root: state_root.to_path_buf(),
         networks: Vec::new(),
         ports: Vec::new(),
+        jail: None,
         volumes: Vec::new(),
         vm: None,
         pod: None,

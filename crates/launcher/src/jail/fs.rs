@@ -157,10 +157,7 @@ fn idmapped_mount(dir: &Path, userns: &OwnedFd, ro: bool, at: &Path) -> Result<(
     if r != 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EINVAL) {
-            bail!(
-                "the file system of {} does not support idmapped mounts, which -v DIR with --jail needs (ext4, xfs, btrfs since Linux 5.12-5.15, tmpfs since 6.3): use a directory on one that does, or run without --jail",
-                dir.display()
-            );
+            return Err(NoIdmap(dir.to_path_buf()).into());
         }
         return Err(e).with_context(|| format!("idmap the mount of {}", dir.display()));
     }
@@ -192,6 +189,23 @@ pub struct JailedFs {
 
 /// The file name of the socket in [`JailedFs::sock_dir`].
 pub const SOCKET: &str = "fs.sock";
+
+/// `dir`'s file system cannot be idmapped, so its file server cannot be jailed: the
+/// sandbox falls back to an unjailed one unless the jail was required (`--jail`).
+#[derive(Debug)]
+pub struct NoIdmap(pub PathBuf);
+
+impl std::fmt::Display for NoIdmap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the file system of {} does not support idmapped mounts, which -v DIR with --jail needs (ext4, xfs, btrfs since Linux 5.12-5.15, tmpfs since 6.3): use a directory on one that does, or run without --jail",
+            self.0.display()
+        )
+    }
+}
+
+impl std::error::Error for NoIdmap {}
 
 /// Starts virtiofsd for `dir` in jail `id` (see the module doc): `--sandbox none`
 /// inside the jail (the jail is its sandbox), `--cache cache`, `--readonly` with `ro`

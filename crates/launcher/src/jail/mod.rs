@@ -211,6 +211,40 @@ fn make_root(c: &JailConfig) -> Result<(PathBuf, PathBuf)> {
     Ok((dir, root))
 }
 
+/// Whether a jail whose root is host `uid`:`gid` can read and write file `path`: every
+/// directory on the way open to it, the file readable and writable by it. `uid` None:
+/// a jail's own uid, not known yet (one no file is owned by).
+pub fn check_writable(path: &Path, uid: Option<u32>, gid: u32) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let who = match uid {
+        Some(u) => format!("the jail's uid {u}:{gid}"),
+        None => format!("a jail's own uid (group {gid})"),
+    };
+    let u = uid.unwrap_or(u32::MAX);
+    let md = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+    if let Some(closed) = closed_dir(path, u, gid).filter(|c| c.is_dir()) {
+        bail!(
+            "{} is not reachable by {who} ({} is closed to it): move the file or open the directory",
+            path.display(),
+            closed.display()
+        );
+    }
+    let (r, w) = if md.uid() == u {
+        (0o400, 0o200)
+    } else if md.gid() == gid {
+        (0o040, 0o020)
+    } else {
+        (0o004, 0o002)
+    };
+    if md.mode() & r == 0 || md.mode() & w == 0 {
+        bail!(
+            "{} is not readable and writable by {who} (chown it, or attach it read-only)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// One of the jail's files as a bind mount: read-only unless asked; copied into the
 /// jail's directory when the jail's uid cannot reach it (as Firecracker's jailer does).
 fn file_mount(c: &JailConfig, dir: &Path, f: &JailFile) -> Result<Mount> {
@@ -222,16 +256,10 @@ fn file_mount(c: &JailConfig, dir: &Path, f: &JailFile) -> Result<Mount> {
         bail!("{} is not a regular file", f.host.display());
     }
     let mut source = f.host.clone();
-    if let Some(closed) = closed_dir(&f.host, c.uid, c.gid) {
-        if f.writable {
-            bail!(
-                "{} is not reachable by the jail's uid {}:{} ({} is closed to it): move the file or open the directory",
-                f.host.display(),
-                c.uid,
-                c.gid,
-                closed.display()
-            );
-        }
+    if f.writable {
+        check_writable(&f.host, Some(c.uid), c.gid)?;
+    }
+    if closed_dir(&f.host, c.uid, c.gid).is_some() {
         let files = dir.join("files");
         std::fs::create_dir_all(&files)?;
         let copy = files.join(f.inside.trim_start_matches('/').replace('/', "_"));
@@ -239,20 +267,6 @@ fn file_mount(c: &JailConfig, dir: &Path, f: &JailFile) -> Result<Mount> {
             .with_context(|| format!("copy {} into the jail", f.host.display()))?;
         std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o444))?;
         source = copy;
-    }
-    if f.writable {
-        use std::os::unix::fs::MetadataExt;
-        let other_w = md.mode() & 0o002 != 0;
-        let owner_w = md.uid() == c.uid && md.mode() & 0o200 != 0;
-        let group_w = md.gid() == c.gid && md.mode() & 0o020 != 0;
-        if !(other_w || owner_w || group_w) {
-            bail!(
-                "{} is not writable by the jail's uid {}:{} (chown it, or attach it read-only)",
-                f.host.display(),
-                c.uid,
-                c.gid
-            );
-        }
     }
     let mut opts = vec!["bind", "nosuid", "nodev", "noexec"];
     if !f.writable {

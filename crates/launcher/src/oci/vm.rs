@@ -609,6 +609,7 @@ fn shim(s: Shim, ready: &mut crate::sys::helper::Ready) -> Result<i32> {
                 net: net.as_ref().map(|n| n.tap.clone()),
                 netns: net.as_ref().map(|n| n.netns.clone()),
                 jail: None,
+                jail_fallback: false,
             },
         )?,
     };

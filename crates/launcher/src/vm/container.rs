@@ -189,11 +189,39 @@ fn guest_spec(
     Ok(s)
 }
 
-/// `--jail`: the VMM's jail, limited to the guest's memory plus the VMM's overhead and
-/// to the guest's vCPUs plus one CPU for the VMM's own threads (see
+/// Whether the run's VMM is jailed: by default (and with `--jail`) unless `--no-jail`.
+/// Without `--jail`, a run the jail cannot serve runs the VMM unjailed, with one warning
+/// for the caller: a pod's container (the pod's VM is not jailed), a writable disk file
+/// (`-v FILE:/dst`) the jail's uid cannot reach or write. With `--jail` those fail.
+fn jailed(a: &RunArgs, vols: &Volumes) -> Result<bool> {
+    if a.jail.off {
+        return Ok(false);
+    }
+    if a.vm.pod.is_some() {
+        // `check` refused `--jail` with `--pod`.
+        return Ok(false);
+    }
+    // The uid is the jail's own (allocated when it is made) unless given: only the
+    // group and the other bits can grant access to a file the jail did not make.
+    for d in vols.disks.iter().filter(|d| !d.read_only) {
+        if let Err(e) = crate::jail::check_writable(&d.file, a.jail.uid, a.jail.gid) {
+            if a.jail.strict {
+                return Err(e.context("--jail"));
+            }
+            crate::sys::notice::warn(&format!(
+                "nestor-vmm runs unjailed: {e:#} (--no-jail says so and silences this; --jail makes it an error)"
+            ));
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// The VMM's jail, limited to the guest's memory plus the VMM's overhead and to the
+/// guest's vCPUs plus one CPU for the VMM's own threads (see
 /// [`crate::jail::vmm::VMM_OVERHEAD_CPUS`]).
-fn jail_opts(a: &RunArgs, mem_mib: u32, vcpus: u8) -> Option<crate::cli::JailOpts> {
-    a.jail.enabled.then(|| crate::cli::JailOpts {
+fn jail_opts(a: &RunArgs, mem_mib: u32, vcpus: u8) -> crate::cli::JailOpts {
+    crate::cli::JailOpts {
         jail_uid: a.jail.uid,
         jail_gid: a.jail.gid,
         memory: Some(format!(
@@ -205,7 +233,7 @@ fn jail_opts(a: &RunArgs, mem_mib: u32, vcpus: u8) -> Option<crate::cli::JailOpt
         nofile: 2048,
         fsize: None,
         network: crate::cli::JailNetwork::None,
-    })
+    }
 }
 
 /// Guest memory for the run's flags.
@@ -393,13 +421,18 @@ fn vm_net_mode(a: &RunArgs) -> crate::cli::NetworkMode {
 
 /// Puts the VM container on its network (the default one unless `--network` says
 /// otherwise); records it in `meta`.
-fn vm_network(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> Result<Option<VmNet>> {
+fn vm_network(
+    a: &RunArgs,
+    meta: &mut Meta,
+    image: &nestor_image::Image,
+    jailed: bool,
+) -> Result<Option<VmNet>> {
     let crate::cli::NetworkMode::Networks(names) = vm_net_mode(a) else {
         // `check` refused the other modes.
         return Ok(None);
     };
     let req = crate::docker::native::attach_request(a, meta, image, &names)?;
-    let (net, ports) = vm_net_from(&req, a.jail.enabled)?;
+    let (net, ports) = vm_net_from(&req, jailed)?;
     meta.networks = names;
     meta.ports = ports;
     store::save(meta)?;
@@ -486,7 +519,8 @@ fn boot_own(
         .hostname
         .clone()
         .unwrap_or_else(|| meta.id[..12].to_string());
-    let vnet = vm_network(a, meta, image)?;
+    let jailed = jailed(a, vols)?;
+    let vnet = vm_network(a, meta, image, jailed)?;
     let sb = Sandbox::boot(
         guest_id,
         &assets,
@@ -499,7 +533,8 @@ fn boot_own(
             hostname,
             net: vnet.as_ref().map(|n| n.tap.clone()),
             netns: vnet.as_ref().map(|n| n.netns.clone()),
-            jail: jail_opts(a, mem_mib, vcpus),
+            jail: jailed.then(|| jail_opts(a, mem_mib, vcpus)),
+            jail_fallback: !a.jail.strict,
         },
     )?;
     let pid = sb.vmm_pid().unwrap_or(0) as i32;
@@ -514,6 +549,7 @@ fn boot_own(
         guest_id: guest_id.to_string(),
         pod: None,
     });
+    meta.jail = sb.jail_id().map(str::to_string);
     Ok((sb, proto::disk_device(0), vnet.map(|n| n.request)))
 }
 
@@ -739,7 +775,7 @@ pub struct VmMode {
 
 impl Mode for VmMode {
     fn check(&self, a: &RunArgs) -> Result<()> {
-        if a.jail.enabled && a.vm.pod.is_some() {
+        if a.jail.strict && a.vm.pod.is_some() {
             bail!("--jail with --pod is not supported: jail the pod's VM instead (not built yet)");
         }
         if a.vm.pod.is_some() && (a.vm.mem.is_some() || a.vm.cpus.is_some()) {

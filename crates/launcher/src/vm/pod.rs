@@ -316,6 +316,7 @@ fn monitor(
             net: vnet.as_ref().map(|n| n.tap.clone()),
             netns: vnet.as_ref().map(|n| n.netns.clone()),
             jail: None,
+            jail_fallback: false,
         },
     )?;
     let deadline = Instant::now() + sandbox::boot_timeout();

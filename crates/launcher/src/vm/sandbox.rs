@@ -135,6 +135,9 @@ pub struct BootOpts {
     pub netns: Option<PathBuf>,
     /// Run the VMM jailed (scenario 2 around scenario 1): these limits, its own uid.
     pub jail: Option<crate::cli::JailOpts>,
+    /// With `jail`: a shared directory whose file system cannot be idmapped gets an
+    /// unjailed file server (with a warning) instead of failing the boot.
+    pub jail_fallback: bool,
 }
 
 /// A host directory the guest mounts as `virtiofs` by `tag`.
@@ -170,13 +173,24 @@ pub const VIRTIOFSD_VERSION: &str = "1.14.0";
 /// socket exists. They die with this process (PDEATHSIG) and on their own once the VMM,
 /// their only client, disconnects.
 fn start_file_servers(dir: &Path, shares: &[Share]) -> Result<Vec<(Child, PathBuf)>> {
+    start_file_servers_at(dir, shares, 0, |i| dir.join(format!("fs-{i}.sock")))
+}
+
+/// [`start_file_servers`] for shares numbered from `first`, the `i`-th server's socket
+/// at `sock_of(i)`.
+fn start_file_servers_at(
+    dir: &Path,
+    shares: &[Share],
+    first: usize,
+    sock_of: impl Fn(usize) -> PathBuf,
+) -> Result<Vec<(Child, PathBuf)>> {
     let mut out: Vec<(Child, PathBuf)> = Vec::new();
     if shares.is_empty() {
         return Ok(out);
     }
     let bin = virtiofsd()?;
-    for (i, sh) in shares.iter().enumerate() {
-        let sock = dir.join(format!("fs-{i}.sock"));
+    for (i, sh) in (first..).zip(shares) {
+        let sock = sock_of(i);
         let _ = std::fs::remove_file(&sock);
         let mut c = Command::new(&bin);
         c.arg("--shared-dir")
@@ -237,6 +251,40 @@ fn start_file_servers(dir: &Path, shares: &[Share]) -> Result<Vec<(Child, PathBu
         }
     }
     Ok(out)
+}
+
+/// An unjailed virtiofsd for share `i` of a jailed VMM (whose file system cannot be
+/// idmapped, so the server cannot be jailed): its socket is
+/// `dir/fs-i/`[`crate::jail::fs::SOCKET`], the directory the VMM's jail binds, handed to
+/// the jail's group `gid` (mode 0660; the directory 0710). Returns the server and the
+/// socket's directory.
+fn start_file_server_for_jail(
+    dir: &Path,
+    i: usize,
+    sh: &Share,
+    gid: u32,
+) -> Result<(Child, PathBuf)> {
+    use std::os::unix::fs::PermissionsExt;
+    let sock_dir = dir.join(format!("fs-{i}"));
+    std::fs::create_dir(&sock_dir).with_context(|| format!("create {}", sock_dir.display()))?;
+    let sock = sock_dir.join(crate::jail::fs::SOCKET);
+    let mut servers = start_file_servers_at(dir, std::slice::from_ref(sh), i, |_| sock.clone())?;
+    let (mut child, _) = servers.pop().context("no file server")?;
+    let handed = (|| -> Result<()> {
+        for (p, mode) in [(&sock_dir, 0o710), (&sock, 0o660)] {
+            std::os::unix::fs::chown(p, None, Some(gid))
+                .with_context(|| format!("chown {}", p.display()))?;
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("chmod {}", p.display()))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = handed {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    Ok((child, sock_dir))
 }
 
 /// How often `wait_ready` pings the agent in case its ready report was missed.
@@ -476,8 +524,11 @@ impl Sandbox {
                 .unwrap_or_else(|| nestor_container::state::DEFAULT_ROOT.into()),
         );
         let mut jailed_fs = Vec::new();
+        // Each share's socket directory, bound into the VMM's jail.
+        let mut fs_dirs = Vec::new();
+        let mut file_servers = Vec::new();
         for (i, sh) in o.shares.iter().enumerate() {
-            match crate::jail::fs::spawn_jailed_virtiofsd(
+            let r = match crate::jail::fs::spawn_jailed_virtiofsd(
                 &rt,
                 &format!("vm-{id}-fs{i}"),
                 &sh.dir,
@@ -485,12 +536,31 @@ impl Sandbox {
                 sh.cache.as_str(),
                 j.jail_gid,
             ) {
-                Ok(f) => jailed_fs.push((f, sh.dir.clone())),
-                Err(e) => {
-                    drop(jailed_fs);
-                    let _ = crate::sys::stamped::remove(&dir);
-                    return Err(e);
+                Ok(f) => {
+                    fs_dirs.push(f.sock_dir.clone());
+                    jailed_fs.push((f, sh.dir.clone()));
+                    Ok(())
                 }
+                Err(e) if o.jail_fallback && e.is::<crate::jail::fs::NoIdmap>() => {
+                    crate::sys::notice::warn(&format!(
+                        "{}'s file server runs unjailed: {e:#}",
+                        sh.dir.display()
+                    ));
+                    start_file_server_for_jail(&dir, i, sh, j.jail_gid).map(|(c, d)| {
+                        fs_dirs.push(d);
+                        file_servers.push((c, sh.dir.clone()));
+                    })
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                drop(jailed_fs);
+                for (mut c, _) in file_servers {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                let _ = crate::sys::stamped::remove(&dir);
+                return Err(e);
             }
         }
         let spec = crate::jail::vmm::VmmSpec {
@@ -504,10 +574,10 @@ impl Sandbox {
             mem_mib: Some(u64::from(o.mem_mib)),
             vcpus: Some(u32::from(o.vcpus)),
             console: Some("none".into()),
-            fs: jailed_fs
-                .iter()
+            fs: fs_dirs
+                .into_iter()
                 .zip(&o.shares)
-                .map(|((f, _), sh)| (f.sock_dir.clone(), sh.tag.clone()))
+                .map(|(d, sh)| (d, sh.tag.clone()))
                 .collect(),
             extra_args: Vec::new(),
             netns: o.netns.clone(),
@@ -519,6 +589,10 @@ impl Sandbox {
                 Ok(v) => v,
                 Err(e) => {
                     drop(jailed_fs);
+                    for (mut c, _) in file_servers {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                    }
                     let _ = crate::sys::stamped::remove(&dir);
                     return Err(e);
                 }
@@ -542,7 +616,7 @@ impl Sandbox {
         };
         Ok(Sandbox {
             child: None,
-            file_servers: Vec::new(),
+            file_servers,
             jailed: Some(jailed),
             jailed_fs,
             owned: true,
@@ -584,6 +658,11 @@ impl Sandbox {
     }
 
     /// The sandbox's files (socket, console log, VMM stderr).
+    /// The jail nestor-vmm runs in, if it is jailed.
+    pub fn jail_id(&self) -> Option<&str> {
+        self.jailed.as_ref().map(|j| j.jail.id.as_str())
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
