@@ -14,7 +14,8 @@
 #     virtiofsd, socket, jail or staging mount is left.
 # And a named volume (its data root is a tmpfs here): served the same way where the
 # kernel can idmap tmpfs (Linux 6.3+), else refused with one line naming why, before
-# any VM boots.
+# any VM boots; 3. without --jail (jailed by default), the same volume is served by an
+# unjailed virtiofsd to the jailed VMM, with one warning, where it cannot be idmapped.
 # The shared directory is on an ext4 loop file: the test host's Linux 6.1 idmaps
 # ext4 but not tmpfs.
 # Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all pass.
@@ -126,5 +127,29 @@ else
         bad "--jail -v NAME: exit $rc: $out"
 fi
 nothing_left "--jail -v NAME"
+jailed_rc=$rc
+
+# 3. The same volume without --jail (run --vm is jailed by default): where the jail
+# cannot idmap it, the VMM stays jailed and the volume gets an unjailed virtiofsd, with
+# one warning line.
+set +e
+out=$(n run --vm --rm -v "$vol:/v" busybox sh -c 'echo by-default >/v/g; cat /v/g' 2>"$work/def.err")
+rc=$?
+set -e
+expect "run --vm -v NAME (jailed by default): the guest's write" by-default "$out"
+expect "run --vm -v NAME (jailed by default): exit code" 0 "$rc"
+expect "run --vm -v NAME (jailed by default): the write on the host" by-default \
+    "$(cat "$NESTOR_ROOT/volumes/$vol/_data/g" 2>&1)"
+if [[ $jailed_rc != 0 ]]; then
+    [[ $(wc -l <"$work/def.err") == 1 ]] && grep -q "^warning: .*file server runs unjailed" "$work/def.err" &&
+        pass "run --vm -v NAME on a tmpfs this kernel cannot idmap: one warning ($(cat "$work/def.err"))" ||
+        bad "run --vm -v NAME fallback: stderr $(cat "$work/def.err")"
+else
+    [[ ! -s $work/def.err ]] && pass "run --vm -v NAME jailed by default: no warning" ||
+        bad "run --vm -v NAME: stderr $(cat "$work/def.err")"
+fi
+left=$(pgrep -af 'virtiofsd' || true)
+[[ -z $left ]] && pass "run --vm -v NAME: no virtiofsd left" || bad "virtiofsd left: $left"
+nothing_left "run --vm -v NAME"
 n volume rm "$vol" >/dev/null
 finish

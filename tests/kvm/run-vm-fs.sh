@@ -15,8 +15,8 @@
 #     container's write is the next one's read, `run --pod -v` mounts a shared source
 #     elsewhere, and the pod's file servers go with it.
 # Sizes: 128 MiB and 1,500 files by default (CI's; virtio-fs makes about 25 files/s in
-# the TCG test host); NESTOR_FS_TEST_FULL=1 makes them 1 GiB and 10,000 files (about
-# 15 min there), and NESTOR_FS_TEST_MIB / NESTOR_FS_TEST_FILES set either.
+# the TCG test host); NESTOR_FS_TEST_FULL=1 makes them 1 GiB and 10,000 files (4 min 40 s
+# there when last run), and NESTOR_FS_TEST_MIB / NESTOR_FS_TEST_FILES set either.
 # Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all pass.
 set -euo pipefail
 full=${NESTOR_FS_TEST_FULL:-0}

@@ -438,7 +438,7 @@ fn guest_poweroff_ends_the_jail_cleanly_and_unreachable_inputs_are_handled() {
     let o = w.run(&k, &["--disk", disk.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        stderr(&o).contains("not writable by the jail's uid"),
+        stderr(&o).contains("not readable and writable by the jail's uid"),
         "{}",
         stderr(&o)
     );

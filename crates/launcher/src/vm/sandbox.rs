@@ -601,6 +601,10 @@ impl Sandbox {
             .vsock
             .clone()
             .context("the jailed VMM has no vsock socket")?;
+        // Where `Sandbox::join` (exec, logs, stop of a `-d` container) looks for it.
+        if let Err(e) = std::os::unix::fs::symlink(&vsock, dir.join("v.sock")) {
+            tracing::warn!("cannot link the jailed VMM's vsock socket into its sandbox: {e}");
+        }
         // Made after the jail (its directory is the jail's): a guest that reports ready
         // before it exists is found by the probes in `wait_ready`.
         let owner = vsock.parent().and_then(|d| {
