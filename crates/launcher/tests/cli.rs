@@ -1275,6 +1275,15 @@ fn jails_dir() -> tempfile::TempDir {
     jails
 }
 
+/// The jails in `dir` (its dot-directories hold uids and staging mounts).
+fn jails_left(dir: &Path) -> Vec<std::ffi::OsString> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| !n.to_string_lossy().starts_with('.'))
+        .collect()
+}
+
 /// `run --vm --jail` on the default network with a published port, 100 times (half
 /// `--rm`, half `-d` then `rm -f`): the jailed stand-in VMM opens the tap the jail was
 /// given in the container's namespace as nestor-vmm does. Nothing is left: no address,
@@ -1322,11 +1331,7 @@ fn jailed_vm_network_cycles_leave_nothing() {
     assert_no_rule_names(&ids);
     assert_eq!(run(&["ps", "-aq"]), "", "containers left");
     assert!(s.sandboxes_left().is_empty(), "sandboxes left");
-    let left: Vec<_> = std::fs::read_dir(jails.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .filter(|n| n != ".uids")
-        .collect();
+    let left = jails_left(jails.path());
     assert!(left.is_empty(), "jails left: {left:?}");
     let uids: Vec<_> = std::fs::read_dir(jails.path().join(".uids"))
         .into_iter()
@@ -1434,17 +1439,11 @@ fn vm_runs_are_jailed_by_default_and_fall_back_in_one_warning() {
     assert!(mk.status.success(), "mkfs.ext4: {}", stderr(&mk));
     std::fs::set_permissions(&disk, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let vol = format!("{}:/d", disk.display());
-    let o = nestor(&[
-        "run",
-        "--vm",
-        "--rm",
-        "--network",
-        "none",
-        "-v",
-        &vol,
-        "busybox",
-        "true",
-    ]);
+    let with_disk = |flags: &[&str]| {
+        let tail = ["--network", "none", "-v", &vol, "busybox", "true"];
+        nestor(&[&["run", "--vm"], flags, &tail[..]].concat())
+    };
+    let o = with_disk(&["--rm"]);
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
@@ -1453,19 +1452,7 @@ fn vm_runs_are_jailed_by_default_and_fall_back_in_one_warning() {
             && err.contains("not readable and writable by a jail's own uid"),
         "{err}"
     );
-    let o = nestor(&[
-        "run",
-        "--vm",
-        "-d",
-        "--network",
-        "none",
-        "--name",
-        "jd-disk",
-        "-v",
-        &vol,
-        "busybox",
-        "true",
-    ]);
+    let o = with_disk(&["-d", "--name", "jd-disk"]);
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     assert!(
@@ -1473,18 +1460,7 @@ fn vm_runs_are_jailed_by_default_and_fall_back_in_one_warning() {
         "run -d's caller did not get the warning: {err}"
     );
     assert!(jail_of("jd-disk").is_null(), "the fallback ran jailed");
-    let o = nestor(&[
-        "run",
-        "--vm",
-        "--jail",
-        "--rm",
-        "--network",
-        "none",
-        "-v",
-        &vol,
-        "busybox",
-        "true",
-    ]);
+    let o = with_disk(&["--jail", "--rm"]);
     let err = stderr(&o);
     assert!(!o.status.success());
     assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
@@ -1499,11 +1475,7 @@ fn vm_runs_are_jailed_by_default_and_fall_back_in_one_warning() {
         assert!(o.status.success(), "rm {n}: {}", stderr(&o));
     }
     assert!(s.sandboxes_left().is_empty(), "sandboxes left");
-    let left: Vec<_> = std::fs::read_dir(jails.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .filter(|n| n != ".uids")
-        .collect();
+    let left = jails_left(jails.path());
     assert!(left.is_empty(), "jails left: {left:?}");
 }
 
@@ -1547,18 +1519,21 @@ fn jailed_vm_file_servers_start_jailed_and_leave_nothing() {
         }
         assert!(o.status.success(), "-v {v}: {}", stderr(&o));
     }
-    let o = nestor_run(&[
-        "run",
-        "--vm",
-        "--jail",
-        "--rm",
-        "--network",
-        "none",
-        "-v",
-        "/sys/kernel:/k",
-        "busybox",
-        "true",
-    ]);
+    // sysfs: one line with --jail; without it, an unjailed file server for the jailed
+    // VMM (which connects to it from inside its jail), with one warning.
+    let sysfs = |flags: &[&str]| {
+        let tail = [
+            "--rm",
+            "--network",
+            "none",
+            "-v",
+            "/sys/kernel:/k",
+            "busybox",
+            "true",
+        ];
+        nestor_run(&[&["run", "--vm"], flags, &tail[..]].concat())
+    };
+    let o = sysfs(&["--jail"]);
     let err = stderr(&o);
     assert!(!o.status.success());
     assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
@@ -1566,28 +1541,12 @@ fn jailed_vm_file_servers_start_jailed_and_leave_nothing() {
         err.starts_with("error: ") && err.contains("does not support idmapped mounts"),
         "{err}"
     );
-    // Without --jail, that directory gets an unjailed file server for the jailed VMM
-    // (which connects to it from inside its jail), with one warning.
-    let o = nestor_run(&[
-        "run",
-        "--vm",
-        "--rm",
-        "--network",
-        "none",
-        "-v",
-        "/sys/kernel:/k",
-        "busybox",
-        "true",
-    ]);
+    let o = sysfs(&[]);
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
     assert!(err.contains("file server runs unjailed"), "{err}");
-    let left: Vec<_> = std::fs::read_dir(jails.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .filter(|n| n != ".uids" && n != ".idmap")
-        .collect();
+    let left = jails_left(jails.path());
     assert!(left.is_empty(), "jails left: {left:?}");
     for d in [".uids", ".idmap"] {
         let taken: Vec<_> = std::fs::read_dir(jails.path().join(d))

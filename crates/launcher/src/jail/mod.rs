@@ -386,7 +386,14 @@ fn jail_resources(c: &JailConfig) -> Result<LinuxResources> {
     if c.tap.is_some() || c.join_netns.is_some() {
         devices.push(dev(10, 200)?);
     }
-    let mut res = LinuxResourcesBuilder::default().devices(devices);
+    let mut res = LinuxResourcesBuilder::default();
+    // On cgroup v2 an allow-list needs an eBPF program nestor does not load (asking
+    // for one only warns): there the jail's devices are the nodes in its /dev, and it
+    // cannot make more (no CAP_MKNOD outside its user namespace).
+    let v2_only = nestor_container::cgroups::layout().is_ok_and(|l| l.is_v2_only());
+    if !v2_only {
+        res = res.devices(devices);
+    }
     if let Some(m) = c.memory {
         res = res.memory(LinuxMemoryBuilder::default().limit(m).swap(m).build()?);
     }

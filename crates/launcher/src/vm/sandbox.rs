@@ -253,6 +253,43 @@ fn start_file_servers_at(
     Ok(out)
 }
 
+/// Runs `f` with this process's stderr on `file`, so a program started meanwhile (the
+/// jailed VMM, which inherits its stderr from the jail's start) writes there, as an
+/// unjailed VMM writes `vmm.err`. Another thread's message in that window lands there too.
+fn with_stderr<T>(file: &std::fs::File, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: dup and dup2 on descriptors this process owns; the saved copy is put back
+    // and closed before returning.
+    let saved = unsafe { libc::dup(2) };
+    if saved < 0 || unsafe { libc::dup2(file.as_raw_fd(), 2) } < 0 {
+        if saved >= 0 {
+            unsafe { libc::close(saved) };
+        }
+        return f();
+    }
+    let r = f();
+    unsafe {
+        libc::dup2(saved, 2);
+        libc::close(saved);
+    }
+    r
+}
+
+/// Undoes a jailed boot that failed: its jailed and unjailed file servers and the
+/// sandbox directory.
+fn undo_jailed_boot(
+    dir: &Path,
+    jailed_fs: Vec<(crate::jail::fs::JailedFs, PathBuf)>,
+    file_servers: Vec<(Child, PathBuf)>,
+) {
+    drop(jailed_fs);
+    for (mut c, _) in file_servers {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let _ = crate::sys::stamped::remove(dir);
+}
+
 /// An unjailed virtiofsd for share `i` of a jailed VMM (whose file system cannot be
 /// idmapped, so the server cannot be jailed): its socket is
 /// `dir/fs-i/`[`crate::jail::fs::SOCKET`], the directory the VMM's jail binds, handed to
@@ -554,12 +591,7 @@ impl Sandbox {
                 Err(e) => Err(e),
             };
             if let Err(e) = r {
-                drop(jailed_fs);
-                for (mut c, _) in file_servers {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                }
-                let _ = crate::sys::stamped::remove(&dir);
+                undo_jailed_boot(&dir, jailed_fs, file_servers);
                 return Err(e);
             }
         }
@@ -584,19 +616,19 @@ impl Sandbox {
             net: o.net.clone(),
         };
         let start = Instant::now();
-        let jailed =
-            match crate::jail::vmm::spawn_jailed_vmm(&rt, &spec, j, Some(format!("vm-{id}"))) {
-                Ok(v) => v,
-                Err(e) => {
-                    drop(jailed_fs);
-                    for (mut c, _) in file_servers {
-                        let _ = c.kill();
-                        let _ = c.wait();
-                    }
-                    let _ = crate::sys::stamped::remove(&dir);
-                    return Err(e);
-                }
-            };
+        let vmm_err = std::fs::File::create(dir.join("vmm.err")).context("create vmm.err");
+        let spawned = vmm_err.and_then(|f| {
+            with_stderr(&f, || {
+                crate::jail::vmm::spawn_jailed_vmm(&rt, &spec, j, Some(format!("vm-{id}")))
+            })
+        });
+        let jailed = match spawned {
+            Ok(v) => v,
+            Err(e) => {
+                undo_jailed_boot(&dir, jailed_fs, file_servers);
+                return Err(e);
+            }
+        };
         let vsock = jailed
             .vsock
             .clone()
