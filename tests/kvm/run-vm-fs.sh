@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Host directories and named volumes in a microVM over virtio-fs (`nestor run --vm -v
 # DIR:/dst` and `-v NAME:/dst`: one virtiofsd per directory, nestor-vmm's vhost-user-fs
-# device, the guest mounts -t virtiofs by tag). Five VM boots:
+# device, the guest mounts -t virtiofs by tag), with an unjailed VMM and file servers
+# (`--no-jail`: run-vm-fs-jail.sh covers the jailed ones, run --vm's default). Five VM boots:
 #  1. native -> VM -> host round trip through a named volume; a file written in the guest
 #     whose sha256 matches on the host; many small files; rename and unlink of an
 #     open file; exec (mmap) of a binary on the share; modes and owners set in the guest
@@ -58,7 +59,7 @@ chown 1234:5678 /h/perm
 rm /h/busybox
 '
 t0=$(date +%s)
-out=$(n run --vm --rm -v "$vol:/v" -v "$host:/h" busybox sh -c "$script" 2>"$work/err1") ||
+out=$(n run --vm --no-jail --rm -v "$vol:/v" -v "$host:/h" busybox sh -c "$script" 2>"$work/err1") ||
     bad "VM run 1: $(cat "$work/err1")"
 secs=$(($(date +%s) - t0))
 mapfile -t o <<<"$out"
@@ -82,7 +83,7 @@ expect "exec (mmap) of a binary on the share" mapped "${o[7]:-}"
 expect "mode and owner set in the guest, seen on the host" "640 1234:5678" "$(stat -c '%a %u:%g' "$host/perm" 2>&1)"
 rm -rf "$host/many" "$host/big"
 mkdir -m 777 "$host/u"
-n run --vm --rm --user 4321:4321 -v "$host:/h" busybox sh -c 'echo u >/h/u/byuser' >/dev/null 2>"$work/err1b" ||
+n run --vm --no-jail --rm --user 4321:4321 -v "$host:/h" busybox sh -c 'echo u >/h/u/byuser' >/dev/null 2>"$work/err1b" ||
     bad "VM run as --user 4321: $(cat "$work/err1b")"
 expect "a file made by container user 4321 is the host's uid 4321" "4321:4321" "$(stat -c '%u:%g' "$host/u/byuser" 2>&1)"
 pgrep -f "virtiofsd.*$host" >/dev/null && bad "virtiofsd outlived the VM" ||
@@ -90,7 +91,7 @@ pgrep -f "virtiofsd.*$host" >/dev/null && bad "virtiofsd outlived the VM" ||
 
 # 2. Read-only.
 set +e
-out=$(n run --vm --rm -v "$host:/h:ro" busybox sh -c 'cat /h/h; echo changed >/h/h' 2>&1)
+out=$(n run --vm --no-jail --rm -v "$host:/h:ro" busybox sh -c 'cat /h/h; echo changed >/h/h' 2>&1)
 rc=$?
 set -e
 [[ $rc != 0 && $out == *"Read-only file system"* && $out == host-file* ]] &&
@@ -98,7 +99,7 @@ set -e
 expect ":ro: host file untouched" host-file "$(cat "$host/h")"
 
 # 3. kill -9 of nestor mid-run, then gc.
-"$bin/nestor" run --vm --rm -v "$host:/h" busybox sh -c 'echo up >/h/up; sleep 300' >/dev/null 2>&1 &
+"$bin/nestor" run --vm --no-jail --rm -v "$host:/h" busybox sh -c 'echo up >/h/up; sleep 300' >/dev/null 2>&1 &
 npid=$!
 for _ in $(seq 1200); do [[ -e $host/up ]] && break; sleep 0.1; done
 [[ -e $host/up ]] || bad "the killed run never started"
@@ -114,7 +115,7 @@ socks=$(find /run/nestor-vm -name 'fs-*.sock' 2>/dev/null || true)
 
 # 3b. The file server dies mid-run: EIO in the guest, not a hang; nestor says why.
 rm -f "$host/up2"
-"$bin/nestor" run --vm --rm -v "$host:/h" busybox sh -c \
+"$bin/nestor" run --vm --no-jail --rm -v "$host:/h" busybox sh -c \
     'echo up >/h/up2; while cat /h/h >/dev/null; do sleep 0.2; done; echo read-failed; ls /h >/dev/null 2>&1 || echo ls-failed' \
     >"$work/die.out" 2>"$work/die.err" &
 npid=$!

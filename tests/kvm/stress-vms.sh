@@ -54,7 +54,12 @@ done
 expect "$count microVMs started" "$count" "$started"
 running=$(n ps --json | python3 -c 'import json,sys; print(sum(1 for c in json.load(sys.stdin) if c["status"] == "running"))')
 expect "all $count running" "$count" "$running"
-vmms=$(pgrep -fc "nestor-vmm.*$NESTOR_ROOT" || true)
+# Each container's VMM (jailed by default: its command line holds only jail paths) by
+# the pid `inspect` records.
+vmms=$(for c in $(n ps -q); do
+    pid=$(n inspect "$c" | python3 -c 'import json,sys; print((json.load(sys.stdin).get("VM") or {}).get("VmmPid") or 0)')
+    [[ $pid != 0 && -d /proc/$pid ]] && echo "$pid"
+done | sort -u | wc -l)
 expect "one VMM each" "$count" "$vmms"
 ids=$(for i in $(seq 1 "$count"); do n exec "sv$i" cat /proc/sys/kernel/random/boot_id || echo none; done | sort -u | grep -vc none || true)
 expect "each in a VM of its own (distinct boot ids)" "$count" "$ids"
@@ -66,7 +71,12 @@ t3=$(date +%s.%N)
 sleep 1
 left=$(n ps -aq | wc -l)
 expect "no container left" 0 "$left"
-vmms=$(pgrep -fc "nestor-vmm.*$NESTOR_ROOT" || true)
+# Each container's VMM (jailed by default: its command line holds only jail paths) by
+# the pid `inspect` records.
+vmms=$(for c in $(n ps -q); do
+    pid=$(n inspect "$c" | python3 -c 'import json,sys; print((json.load(sys.stdin).get("VM") or {}).get("VmmPid") or 0)')
+    [[ $pid != 0 && -d /proc/$pid ]] && echo "$pid"
+done | sort -u | wc -l)
 expect "no VMM left" 0 "$vmms"
 sand=$(find "$NESTOR_VM_RUN" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l || true)
 expect "no sandbox left" 0 "$sand"

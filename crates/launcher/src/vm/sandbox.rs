@@ -257,21 +257,15 @@ fn start_file_servers_at(
 /// jailed VMM, which inherits its stderr from the jail's start) writes there, as an
 /// unjailed VMM writes `vmm.err`. Another thread's message in that window lands there too.
 fn with_stderr<T>(file: &std::fs::File, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: dup and dup2 on descriptors this process owns; the saved copy is put back
-    // and closed before returning.
-    let saved = unsafe { libc::dup(2) };
-    if saved < 0 || unsafe { libc::dup2(file.as_raw_fd(), 2) } < 0 {
-        if saved >= 0 {
-            unsafe { libc::close(saved) };
-        }
+    use std::os::fd::{AsFd, AsRawFd};
+    let Ok(saved) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return f();
+    };
+    if nix::unistd::dup2(file.as_raw_fd(), 2).is_err() {
         return f();
     }
     let r = f();
-    unsafe {
-        libc::dup2(saved, 2);
-        libc::close(saved);
-    }
+    let _ = nix::unistd::dup2(saved.as_raw_fd(), 2);
     r
 }
 
