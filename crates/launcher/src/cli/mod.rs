@@ -854,18 +854,19 @@ impl FsCache {
 pub struct JailRunOpts {
     /// With --vm: require the jail the microVM's monitor runs in by default (its own
     /// namespaces, cgroup, unprivileged uid, no capabilities, seccomp). Without this
-    /// flag, a run the jail cannot serve (a disk file the jail's uid cannot write, a
-    /// pod) runs the monitor unjailed with one warning; with it, such a run fails.
+    /// flag, a run the jail cannot serve (a disk file the jail's uid cannot write) runs
+    /// the monitor unjailed with one warning; with it, such a run fails. A pod's VM is
+    /// not jailed (`--jail --pod` is refused).
     #[arg(id = "jail", long = "jail", conflicts_with = "no_jail")]
     pub strict: bool,
     /// With --vm: run the microVM's monitor unjailed, as root in the host's namespaces.
     #[arg(id = "no_jail", long = "no-jail")]
     pub off: bool,
-    /// Host uid that root in the VMM's jail maps to (--jail; default: a uid of its own,
-    /// from 200000-204095).
+    /// Host uid that root in the VMM's jail maps to (default: a uid of its own, from
+    /// 200000-204095).
     #[arg(id = "jail_uid", long = "jail-uid")]
     pub uid: Option<u32>,
-    /// Host gid that root in the VMM's jail maps to (--jail).
+    /// Host gid that root in the VMM's jail maps to.
     #[arg(id = "jail_gid", long = "jail-gid", default_value_t = crate::docker::store::JAIL_ID_DEFAULT)]
     pub gid: u32,
 }

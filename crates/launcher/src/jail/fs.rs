@@ -199,7 +199,7 @@ impl std::fmt::Display for NoIdmap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "the file system of {} does not support idmapped mounts, which -v DIR with --jail needs (ext4, xfs, btrfs since Linux 5.12-5.15, tmpfs since 6.3): use a directory on one that does, or run without --jail",
+            "the file system of {} does not support idmapped mounts, which -v DIR with --jail needs (ext4, xfs, btrfs since Linux 5.12-5.15, tmpfs since 6.3): use a directory on one that does, or give --no-jail",
             self.0.display()
         )
     }

@@ -190,15 +190,11 @@ fn guest_spec(
 }
 
 /// Whether the run's VMM is jailed: by default (and with `--jail`) unless `--no-jail`.
-/// Without `--jail`, a run the jail cannot serve runs the VMM unjailed, with one warning
-/// for the caller: a pod's container (the pod's VM is not jailed), a writable disk file
-/// (`-v FILE:/dst`) the jail's uid cannot reach or write. With `--jail` those fail.
+/// Without `--jail`, a writable disk file (`-v FILE:/dst`) the jail's uid cannot reach
+/// or write runs the VMM unjailed, with one warning for the caller; with `--jail` it
+/// fails. (A pod's container boots no VM of its own: the pod's is not jailed.)
 fn jailed(a: &RunArgs, vols: &Volumes) -> Result<bool> {
     if a.jail.off {
-        return Ok(false);
-    }
-    if a.vm.pod.is_some() {
-        // `check` refused `--jail` with `--pod`.
         return Ok(false);
     }
     // The uid is the jail's own (allocated when it is made) unless given: only the

@@ -687,12 +687,12 @@ impl Sandbox {
         }
     }
 
-    /// The sandbox's files (socket, console log, VMM stderr).
     /// The jail nestor-vmm runs in, if it is jailed.
     pub fn jail_id(&self) -> Option<&str> {
         self.jailed.as_ref().map(|j| j.jail.id.as_str())
     }
 
+    /// The sandbox's files (socket, console log, VMM stderr).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
