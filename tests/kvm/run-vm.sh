@@ -104,6 +104,12 @@ expect "stop: exit code, VM gone" "3 None" "$st"
 n rm vmd >/dev/null
 [[ -z $(n ps -a -q) ]] && pass "rm" || bad "rm left $(n ps -a)"
 
+# No VMM process (jailed ones have no host path on their command line) and no jail left.
+jails=${NESTOR_JAILS:-/run/nestor-jail}
+nothing_left() {
+    ! pgrep -x nestor-vmm >/dev/null && [[ -z $(ls "$jails" 2>/dev/null) ]]
+}
+
 # 11. A dead agent and a guest kernel panic: a clear error, in bounded time, nothing left.
 for c in "nestor.no-such-setting=1|agent exits: the guest powered off|the guest powered off" \
          "rdinit=/bin/false|guest kernel panic (init exits)|the guest rebooted"; do
@@ -114,26 +120,31 @@ for c in "nestor.no-such-setting=1|agent exits: the guest powered off|the guest 
     rc=$?
     set -e
     secs=$(($(date +%s) - t0))
-    if [[ $rc == 1 ]] && grep -q "$want" "$work/dead" && [[ -z $(n ps -a -q) ]] &&
-        ! pgrep -f "nestor-vmm.*$NESTOR_ROOT" >/dev/null; then
+    if [[ $rc == 1 ]] && grep -q "$want" "$work/dead" && [[ -z $(n ps -a -q) ]] && nothing_left; then
         pass "$what: clear error after ${secs}s, nothing left"
     else
         bad "$what: rc $rc after ${secs}s: $(cat "$work/dead")"
     fi
 done
 
-# 12. kill -9 of nestor mid-run, then gc: no VMM, sandbox, container left.
+# 12. kill -9 of nestor mid-run: its (jailed) VMM dies with it; gc leaves no VMM, jail,
+# sandbox or running container.
 "$bin/nestor" run --vm --name k9 busybox sh -c 'echo up; sleep 600' >"$work/k9" 2>&1 &
 npid=$!
 for _ in $(seq 600); do grep -q up "$work/k9" 2>/dev/null && break; sleep 0.1; done
+vpid=$(n inspect k9 | python3 -c 'import json,sys; print(json.load(sys.stdin)["VM"]["VmmPid"])')
 kill -9 $npid
 wait $npid 2>/dev/null || true
+alive() { [[ -d /proc/$1 && $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) != Z ]]; }
+for _ in $(seq 50); do alive "$vpid" || break; sleep 0.1; done
+! alive "$vpid" && pass "kill -9: the VMM died with nestor" ||
+    bad "kill -9: VMM $vpid outlived nestor: $(tr '\0' ' ' </proc/"$vpid"/cmdline)"
 n gc >/dev/null
 sleep 0.5
-if ! pgrep -f "nestor-vmm.*$NESTOR_ROOT" >/dev/null && [[ $(n ps -a --json) != *'"running"'* ]]; then
-    pass "kill -9 then gc: no VMM left"
+if nothing_left && [[ $(n ps -a --json) != *'"running"'* ]]; then
+    pass "kill -9 then gc: nothing left"
 else
-    bad "kill -9 then gc: $(pgrep -af nestor-vmm) $(n ps -a)"
+    bad "kill -9 then gc: $(pgrep -af nestor-vmm) $(ls "$jails") $(n ps -a)"
 fi
 n rm -f k9 >/dev/null 2>&1 || true
 finish

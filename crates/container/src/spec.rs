@@ -470,6 +470,7 @@ pub fn validate(path: &Path, spec: &Spec) -> Result<()> {
         }
     }
     crate::hooks::validate(spec).map_err(|m| spec_err(path, m))?;
+    parent_death_signal(spec).map_err(|m| spec_err(path, m))?;
     for m in spec.mounts().iter().flatten() {
         if !m.destination().is_absolute() {
             return Err(spec_err(
@@ -482,6 +483,26 @@ pub fn validate(path: &Path, spec: &Spec) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The annotation that asks for the container's process to get a signal when the
+/// runtime process that made it dies (`prctl(PR_SET_PDEATHSIG)`, set just before exec):
+/// a signal name such as `SIGKILL`. nestor's jails use it, so a jailed VMM dies with the
+/// nestor that owns it. Not part of the OCI spec.
+pub const PARENT_DEATH_SIGNAL: &str = "org.nestor.parent-death-signal";
+
+/// The spec's [`PARENT_DEATH_SIGNAL`], if any; a value that names no signal is an error.
+pub fn parent_death_signal(spec: &Spec) -> std::result::Result<Option<i32>, String> {
+    let Some(v) = spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(PARENT_DEATH_SIGNAL))
+    else {
+        return Ok(None);
+    };
+    v.parse::<nix::sys::signal::Signal>()
+        .map(|s| Some(s as i32))
+        .map_err(|_| format!("annotation {PARENT_DEATH_SIGNAL}: '{v}' is not a signal name (SIGKILL, SIGTERM, ...)"))
 }
 
 /// Whether the spec asks for a mount namespace (new or joined).
@@ -507,5 +528,26 @@ pub fn check_id(id: &str) -> Result<()> {
         Err(Error::Invalid(format!(
             "invalid container id '{id}': use 1-128 characters from [A-Za-z0-9_.-]"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parent_death_signal_annotation_names_a_signal() {
+        let with = |v: Option<&str>| {
+            let mut s = Spec::default();
+            s.set_annotations(v.map(|v| [(PARENT_DEATH_SIGNAL.to_string(), v.to_string())].into()));
+            parent_death_signal(&s)
+        };
+        assert_eq!(with(None), Ok(None));
+        assert_eq!(with(Some("SIGKILL")), Ok(Some(libc::SIGKILL)));
+        let e = with(Some("KILL-ME")).unwrap_err();
+        assert!(
+            e.contains(PARENT_DEATH_SIGNAL) && e.contains("'KILL-ME'"),
+            "{e}"
+        );
     }
 }

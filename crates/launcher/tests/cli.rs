@@ -536,6 +536,12 @@ fn podman_runs_containers_through_nestor() {
 #[test]
 fn vm_mode_errors_are_clear_and_leave_nothing_behind() {
     let e = Env::new();
+    let jails = jails_dir();
+    let run = |args: &[&str]| {
+        let mut c = e.cmd(args);
+        c.env("NESTOR_JAILS", jails.path());
+        c.stdin(Stdio::null()).output().unwrap()
+    };
     let scratch = tempfile::tempdir().unwrap();
     let junk = scratch.path().join("junk");
     std::fs::write(&junk, vec![0x5au8; 8192]).unwrap();
@@ -591,7 +597,7 @@ fn vm_mode_errors_are_clear_and_leave_nothing_behind() {
         ),
     ];
     for (args, want) in cases {
-        let o = e.run(&args);
+        let o = run(&args);
         assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
         assert!(
             stderr(&o).contains(want),
@@ -620,7 +626,7 @@ fn vm_mode_errors_are_clear_and_leave_nothing_behind() {
         "not an erofs image"
     );
     let before = std::fs::metadata(&disks[0]).unwrap().modified().unwrap();
-    let o = e.run(&[
+    let o = run(&[
         "run",
         "--vm",
         "--rm",
@@ -640,7 +646,9 @@ fn vm_mode_errors_are_clear_and_leave_nothing_behind() {
         std::fs::metadata(&disks[0]).unwrap().modified().unwrap(),
         before
     );
-    // No VMM of this data root is left running.
+    // No jail, and no unjailed VMM of this data root, is left.
+    let left = jails_left(jails.path());
+    assert!(left.is_empty(), "jails left: {left:?}");
     let root = e.data.path().to_string_lossy().into_owned();
     for p in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(cmd) = std::fs::read(p.path().join("cmdline")) {
@@ -1477,6 +1485,90 @@ fn vm_runs_are_jailed_by_default_and_fall_back_in_one_warning() {
     assert!(s.sandboxes_left().is_empty(), "sandboxes left");
     let left = jails_left(jails.path());
     assert!(left.is_empty(), "jails left: {left:?}");
+}
+
+/// A jailed VMM dies with the nestor that owns it (`kill -9` of a foreground
+/// `run --vm`), as an unjailed one does, and holds none of that nestor's stdio (stdin and
+/// stdout are /dev/null, stderr the sandbox's `vmm.err`); `gc` then leaves no jail,
+/// sandbox or running container.
+#[test]
+fn a_jailed_vmm_dies_with_its_nestor_and_holds_none_of_its_stdio() {
+    let e = Env::new();
+    let s = StandIn::new();
+    let jails = jails_dir();
+    let mut extra = vec![("NESTOR_JAILS", jails.path().display().to_string())];
+    extra.extend(s.vars());
+    let mut run = e.cmd(&[
+        "run",
+        "--vm",
+        "--network",
+        "none",
+        "--name",
+        "jk",
+        "busybox",
+        "sleep",
+        "600",
+    ]);
+    run.envs(extra.iter().map(|(k, v)| (k, v)))
+        .env("NESTOR_VM_CMDLINE", "nestor.standin=hold")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut owner = run.spawn().unwrap();
+    let inspect = || {
+        let mut c = e.cmd(&["inspect", "jk"]);
+        c.envs(extra.iter().map(|(k, v)| (k, v)));
+        let o = c.stdin(Stdio::null()).output().unwrap();
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let pid = loop {
+        let v = inspect();
+        if let (Some(p), Some(true)) = (v["VM"]["VmmPid"].as_u64(), v["VM"]["Running"].as_bool()) {
+            assert!(v["Jail"].is_string(), "not jailed: {v}");
+            break p;
+        }
+        assert!(Instant::now() < deadline, "the VM never ran: {v}");
+        assert!(owner.try_wait().unwrap().is_none(), "nestor ended early");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let fd = |n: u32| std::fs::read_link(format!("/proc/{pid}/fd/{n}")).unwrap();
+    assert_eq!(fd(0), Path::new("/dev/null"), "the VMM's stdin");
+    assert_eq!(fd(1), Path::new("/dev/null"), "the VMM's stdout");
+    assert!(fd(2).ends_with("vmm.err"), "the VMM's stderr: {:?}", fd(2));
+    owner.kill().unwrap();
+    owner.wait().unwrap();
+    // Gone, or a zombie its new parent has not reaped yet.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let gone = loop {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = st.rsplit(") ").next().and_then(|r| r.chars().next());
+        if st.is_empty() || state == Some('Z') {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut gc = e.cmd(&["gc"]);
+    let o = gc
+        .envs(extra.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "gc: {}", stderr(&o));
+    assert!(gone, "the jailed VMM {pid} outlived its nestor");
+    assert!(s.sandboxes_left().is_empty(), "sandboxes left");
+    let left = jails_left(jails.path());
+    assert!(left.is_empty(), "jails left: {left:?}");
+    let v = inspect();
+    let status = v["Status"].as_str().unwrap_or_default();
+    assert!(
+        !status.is_empty() && !status.starts_with("Up"),
+        "after gc: {v}"
+    );
+    assert_ne!(v["VM"]["Running"], serde_json::json!(true), "after gc: {v}");
 }
 
 /// `run --vm --jail -v DIR:/h` with the real virtiofsd: it starts in a jail of its own

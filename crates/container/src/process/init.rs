@@ -143,6 +143,7 @@ pub(super) fn stage2(
         fifo,
         (!start_hooks.is_empty()).then(|| (start_hooks.as_slice(), state("created", host_pid))),
         false,
+        crate::spec::parent_death_signal(cfg.spec).map_err(Error::Invalid)?,
     )
 }
 
@@ -341,6 +342,7 @@ pub(crate) fn finalize(
     fifo: Option<OwnedFd>,
     start_hooks: Option<(&[oci_spec::runtime::Hook], Vec<u8>)>,
     exec: bool,
+    parent_death: Option<i32>,
 ) -> Result<()> {
     if let Some(sock) = console {
         setup_terminal(sock)?;
@@ -388,6 +390,15 @@ pub(crate) fn finalize(
     }
     switch_user(process, bounding.as_ref())?;
     set_caps(process)?;
+    if let Some(sig) = parent_death {
+        // After the last change of credentials, which would clear it; it survives exec.
+        // A runtime that died before this is caught by the Ready message below, which
+        // then has no reader.
+        // SAFETY: prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong) } != 0 {
+            return Err(nix::Error::last()).ctx(|| "set the parent-death signal");
+        }
+    }
     // Found, executable, and its interpreters present: or fail now, with the reason,
     // rather than in the dmz after `create` said the container was made.
     let exe = super::exe::resolve(arg0, &env)?;

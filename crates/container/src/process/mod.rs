@@ -534,6 +534,7 @@ pub fn exec_in(
                 None,
                 None,
                 true,
+                None,
             )
         })?;
         child.send(&Msg::Pid(p))?;

@@ -47,6 +47,7 @@ pub(crate) fn jail_config(
         fsize: o.fsize,
         nproc: 4096,
         share_dir: false,
+        die_with_parent: false,
     })
 }
 

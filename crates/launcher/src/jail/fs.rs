@@ -300,6 +300,7 @@ pub fn spawn_jailed_virtiofsd(
             fsize: None,
             nproc: 256,
             share_dir: true,
+            die_with_parent: true,
         };
         let mut j = jail::spawn(rt, &c)?;
         // The jail holds its own clone of the mount now: the host's goes.

@@ -130,6 +130,9 @@ pub struct JailConfig {
     pub nproc: u64,
     /// A directory shared with the host, writable by the jail (sockets), at /run/nestor.
     pub share_dir: bool,
+    /// The program gets SIGKILL when the nestor process that made the jail dies (as an
+    /// unjailed VMM or file server does), so a `kill -9` of nestor leaves it no orphan.
+    pub die_with_parent: bool,
 }
 
 /// Is `path` a dynamically linked ELF (has a PT_INTERP segment)?
@@ -245,8 +248,38 @@ pub fn check_writable(path: &Path, uid: Option<u32>, gid: u32) -> Result<()> {
     Ok(())
 }
 
+/// The largest file a jail takes a copy of when its uid cannot reach the original (a
+/// kernel or an initramfs is far smaller): copies go to the jails' directory, a tmpfs
+/// under /run, at every start.
+pub const COPY_LIMIT: u64 = 256 << 20;
+
+/// Whether a jail whose root is host `uid`:`gid` can have read-only file `path`: its uid
+/// reaches and reads it, or it is small enough to copy in ([`COPY_LIMIT`]). `uid` None:
+/// a jail's own uid, not known yet.
+pub fn check_readable(path: &Path, uid: Option<u32>, gid: u32) -> Result<()> {
+    let md = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+    let Some(closed) = closed_dir(path, uid.unwrap_or(u32::MAX), gid) else {
+        return Ok(());
+    };
+    if md.len() > COPY_LIMIT {
+        let who = match uid {
+            Some(u) => format!("the jail's uid {u}:{gid}"),
+            None => format!("a jail's own uid (group {gid})"),
+        };
+        bail!(
+            "{} is not readable by {who} ({} is closed to it) and is too big to copy into the jail ({} MiB, the limit is {} MiB): open it to group {gid}",
+            path.display(),
+            closed.display(),
+            md.len() >> 20,
+            COPY_LIMIT >> 20
+        );
+    }
+    Ok(())
+}
+
 /// One of the jail's files as a bind mount: read-only unless asked; copied into the
-/// jail's directory when the jail's uid cannot reach it (as Firecracker's jailer does).
+/// jail's directory when the jail's uid cannot reach it (as Firecracker's jailer does),
+/// up to [`COPY_LIMIT`].
 fn file_mount(c: &JailConfig, dir: &Path, f: &JailFile) -> Result<Mount> {
     if !f.inside.starts_with('/') || f.inside.contains("..") {
         bail!("jail path {} must be absolute and plain", f.inside);
@@ -258,6 +291,8 @@ fn file_mount(c: &JailConfig, dir: &Path, f: &JailFile) -> Result<Mount> {
     let mut source = f.host.clone();
     if f.writable {
         check_writable(&f.host, Some(c.uid), c.gid)?;
+    } else {
+        check_readable(&f.host, Some(c.uid), c.gid)?;
     }
     if closed_dir(&f.host, c.uid, c.gid).is_some() {
         let files = dir.join("files");
@@ -480,8 +515,16 @@ fn jail_spec(c: &JailConfig, root: &Path, name: &str, mounts: Vec<Mount>) -> Res
         .masked_paths(Vec::<String>::new())
         .readonly_paths(Vec::<String>::new())
         .build()?;
+    let mut annotations = std::collections::HashMap::new();
+    if c.die_with_parent {
+        annotations.insert(
+            nestor_container::spec::PARENT_DEATH_SIGNAL.to_string(),
+            "SIGKILL".to_string(),
+        );
+    }
     Ok(SpecBuilder::default()
         .version("1.0.2")
+        .annotations(annotations)
         .root(RootBuilder::default().path(root).readonly(true).build()?)
         .hostname("jail")
         .process(process)
@@ -771,6 +814,29 @@ mod tests {
         assert_eq!(t, "nj456789abcdef");
         assert!(t.len() < 16);
         assert_eq!(tap_name("t-x-1"), "nj tx1".replace(' ', ""));
+    }
+
+    #[test]
+    fn a_file_the_jail_cannot_reach_is_copied_only_up_to_the_limit() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let small = d.path().join("small");
+        let big = d.path().join("big");
+        std::fs::write(&small, b"x").unwrap();
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(COPY_LIMIT + 1)
+            .unwrap();
+        assert!(check_readable(&small, Some(123_456), 123_456).is_ok());
+        let e = format!("{:#}", check_readable(&big, None, 123_456).unwrap_err());
+        assert!(
+            e.contains("is closed to it") && e.contains("too big to copy into the jail"),
+            "{e}"
+        );
+        // Reachable, it is bound, whatever its size.
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&big, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(check_readable(&big, Some(123_456), 123_456).is_ok());
     }
 
     #[test]

@@ -209,6 +209,7 @@ pub fn spawn_jailed_vmm(
     c.kvm = true;
     c.join_netns = spec.netns.clone().map(|ns| (ns, "eth0".to_string()));
     c.share_dir = spec.vsock;
+    c.die_with_parent = true;
     c.nproc = vcpus + 16;
     // With virtio-fs, guest memory is a memfd shared with the file servers, sized by
     // ftruncate: RLIMIT_FSIZE must admit it.

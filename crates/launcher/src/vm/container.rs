@@ -190,17 +190,24 @@ fn guest_spec(
 }
 
 /// Whether the run's VMM is jailed: by default (and with `--jail`) unless `--no-jail`.
-/// Without `--jail`, a writable disk file (`-v FILE:/dst`) the jail's uid cannot reach
-/// or write runs the VMM unjailed, with one warning for the caller; with `--jail` it
-/// fails. (A pod's container boots no VM of its own: the pod's is not jailed.)
-fn jailed(a: &RunArgs, vols: &Volumes) -> Result<bool> {
+/// Without `--jail`, a disk the jail cannot have runs the VMM unjailed, with one warning
+/// for the caller; with `--jail` it fails. A jail cannot have a writable disk file
+/// (`-v FILE:/dst`) its uid cannot reach or write, nor a read-only one (the image's
+/// included) it cannot reach that is too big to copy in (`jail::check_readable`). (A
+/// pod's container boots no VM of its own: the pod's is not jailed.)
+fn jailed(a: &RunArgs, disks: &[(PathBuf, bool)]) -> Result<bool> {
     if a.jail.off {
         return Ok(false);
     }
     // The uid is the jail's own (allocated when it is made) unless given: only the
     // group and the other bits can grant access to a file the jail did not make.
-    for d in vols.disks.iter().filter(|d| !d.read_only) {
-        if let Err(e) = crate::jail::check_writable(&d.file, a.jail.uid, a.jail.gid) {
+    for (file, ro) in disks {
+        let r = if *ro {
+            crate::jail::check_readable(file, a.jail.uid, a.jail.gid)
+        } else {
+            crate::jail::check_writable(file, a.jail.uid, a.jail.gid)
+        };
+        if let Err(e) = r {
             if a.jail.strict {
                 return Err(e.context("--jail"));
             }
@@ -515,7 +522,7 @@ fn boot_own(
         .hostname
         .clone()
         .unwrap_or_else(|| meta.id[..12].to_string());
-    let jailed = jailed(a, vols)?;
+    let jailed = jailed(a, &disks)?;
     let vnet = vm_network(a, meta, image, jailed)?;
     let sb = Sandbox::boot(
         guest_id,

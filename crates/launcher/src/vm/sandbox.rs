@@ -253,19 +253,41 @@ fn start_file_servers_at(
     Ok(out)
 }
 
-/// Runs `f` with this process's stderr on `file`, so a program started meanwhile (the
-/// jailed VMM, which inherits its stderr from the jail's start) writes there, as an
-/// unjailed VMM writes `vmm.err`. Another thread's message in that window lands there too.
-fn with_stderr<T>(file: &std::fs::File, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    use std::os::fd::{AsFd, AsRawFd};
-    let Ok(saved) = std::io::stderr().as_fd().try_clone_to_owned() else {
+/// Runs `f` with this process's stderr on `file` and its stdin and stdout on /dev/null,
+/// so a program started meanwhile (the jailed VMM, which inherits its stdio from the
+/// jail's start) writes there, as an unjailed VMM writes `vmm.err`, and holds none of
+/// the caller's terminal or pipes. Another thread's message in that window lands there
+/// too (the container's stdio is wired only after the boot).
+fn with_stdio<T>(file: &std::fs::File, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+    let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    else {
         return f();
     };
-    if nix::unistd::dup2(file.as_raw_fd(), 2).is_err() {
-        return f();
+    let saved: Vec<(i32, OwnedFd)> = [
+        std::io::stdin().as_fd().try_clone_to_owned(),
+        std::io::stdout().as_fd().try_clone_to_owned(),
+        std::io::stderr().as_fd().try_clone_to_owned(),
+    ]
+    .into_iter()
+    .zip(0..)
+    .filter_map(|(o, fd)| o.ok().map(|o| (fd, o)))
+    .collect();
+    for (fd, _) in &saved {
+        let src = if *fd == 2 {
+            file.as_raw_fd()
+        } else {
+            null.as_raw_fd()
+        };
+        let _ = nix::unistd::dup2(src, *fd);
     }
     let r = f();
-    let _ = nix::unistd::dup2(saved.as_raw_fd(), 2);
+    for (fd, o) in &saved {
+        let _ = nix::unistd::dup2(o.as_raw_fd(), *fd);
+    }
     r
 }
 
@@ -612,7 +634,7 @@ impl Sandbox {
         let start = Instant::now();
         let vmm_err = std::fs::File::create(dir.join("vmm.err")).context("create vmm.err");
         let spawned = vmm_err.and_then(|f| {
-            with_stderr(&f, || {
+            with_stdio(&f, || {
                 crate::jail::vmm::spawn_jailed_vmm(&rt, &spec, j, Some(format!("vm-{id}")))
             })
         });

@@ -15,7 +15,9 @@
 //!   once, everything else ok; it exits after answering `Shutdown`;
 //! - `--fs SOCKET,tag=…` (any number): connects to the file server's vhost-user socket
 //!   as nestor-vmm does and holds the connection (no message is sent), so a socket the
-//!   VMM cannot reach (from inside its jail) fails here as it would there.
+//!   VMM cannot reach (from inside its jail) fails here as it would there;
+//! - `--cmdline` with `nestor.standin=hold` (from `NESTOR_VM_CMDLINE`): a main process's
+//!   `Wait` is never answered, so the container runs until the VM is stopped or killed.
 //!
 //! Everything else on the command line (kernel, initramfs, disks, memory) is ignored.
 
@@ -64,6 +66,8 @@ fn run(args: &[String]) -> Result<()> {
             _fs.push(UnixStream::connect(sock).with_context(|| format!("connect {sock}"))?);
         }
     }
+    let hold =
+        value(args, "--cmdline").is_some_and(|c| c.split(' ').any(|w| w == "nestor.standin=hold"));
     let vsock = value(args, "--vsock").context("--vsock is required")?;
     let listener = UnixListener::bind(vsock).with_context(|| format!("bind {vsock}"))?;
     report_ready(vsock);
@@ -72,7 +76,7 @@ fn run(args: &[String]) -> Result<()> {
         let conn = conn.context("accept")?;
         let started = started.clone();
         std::thread::spawn(move || {
-            let _ = serve(conn, &started);
+            let _ = serve(conn, &started, hold);
         });
     }
     Ok(())
@@ -161,8 +165,9 @@ impl Started {
     }
 }
 
-/// One host connection: the hybrid handshake, then requests until the host closes it.
-fn serve(mut conn: UnixStream, started: &Started) -> Result<()> {
+/// One host connection: the hybrid handshake, then requests until the host closes it
+/// (a main process's `Wait` forever when `hold`).
+fn serve(mut conn: UnixStream, started: &Started, hold: bool) -> Result<()> {
     let mut line = Vec::new();
     let mut b = [0u8; 1];
     while line.last() != Some(&b'\n') {
@@ -179,6 +184,11 @@ fn serve(mut conn: UnixStream, started: &Started) -> Result<()> {
         } = &env.request
         {
             started.wait(container);
+            if hold {
+                loop {
+                    std::thread::park();
+                }
+            }
         }
         let response = match env.request {
             Request::Ping => pong(env.id).response,
