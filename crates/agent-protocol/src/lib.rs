@@ -30,6 +30,10 @@
 //!   The host therefore opens (up to) three stdio connections, then sends the request
 //!   that starts the process on a control connection. EOF on stdout/stderr means the
 //!   process (and everything that inherited the stream) closed it.
+//!   A `durable` output stream goes through a pipe the agent relays instead, so the
+//!   process outlives the connection: [`Request::Reattach`] on a new connection resumes
+//!   it at the byte the host got to, with nothing lost or repeated. While no connection
+//!   is attached the agent stops reading the pipe, and the process blocks when it fills.
 //!
 //! # Lifecycle
 //! `Create` (the OCI runtime's `create`: the container waits for `Start`) then `Start`,
@@ -53,6 +57,9 @@ pub const DEFAULT_PORT: u32 = 1024;
 /// and [`Response::Pong`], so the host waits on a listener instead of polling the guest.
 /// Behind a hybrid-vsock VMM the host listens on `<vsock socket>_1023`.
 pub const READY_PORT: u32 = 1023;
+/// How many of a durable stream's last bytes the agent keeps for a [`Request::Reattach`]:
+/// more than the vsock and socket buffers can hold in flight when a connection breaks.
+pub const REPLAY_BYTES: usize = 1 << 20;
 /// Largest accepted frame payload, in bytes.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Protocol version reported by [`Response::Pong`]; bumped on incompatible changes.
@@ -177,6 +184,26 @@ pub enum Request {
         #[serde(default)]
         exec: Option<String>,
         stream: Stream,
+        /// An output stream that outlives this connection: the process writes to a pipe
+        /// the agent relays here, and a later [`Request::Reattach`] picks the stream up
+        /// where the host's copy ends (after a vsock transport reset, for example). Not
+        /// for stdin.
+        #[serde(default)]
+        durable: bool,
+    },
+    /// Make this connection the new end of a durable output stream (attached with
+    /// `durable`) of a process that has started: the agent sends the stream's bytes from
+    /// `offset` on, `offset` being how many bytes of the stream the host has received
+    /// over every earlier connection. The agent keeps the last [`REPLAY_BYTES`] it sent;
+    /// an offset further back, or past what was sent, is refused ([`ErrorKind::State`]).
+    /// The connection ends (EOF) when the process's side of the stream is closed, as an
+    /// attached one does.
+    Reattach {
+        container: String,
+        #[serde(default)]
+        exec: Option<String>,
+        stream: Stream,
+        offset: u64,
     },
     /// OCI create: the container's process is set up and waits for `Start`.
     Create { container: String, bundle: Bundle },
@@ -472,6 +499,13 @@ mod tests {
                 container: "c1".into(),
                 exec: Some("e1".into()),
                 stream: Stream::Stdout,
+                durable: true,
+            },
+            Request::Reattach {
+                container: "c1".into(),
+                exec: None,
+                stream: Stream::Stderr,
+                offset: 1 << 40,
             },
             Request::Create {
                 container: "c1".into(),

@@ -181,6 +181,7 @@ pub fn main(args: &[String]) -> Result<()> {
                     container: container.clone(),
                     exec: None,
                     stream,
+                    durable: false,
                 })?;
                 if r != Response::Ok {
                     bail!("attach {stream:?}: {}", serde_json::to_string(&r)?);

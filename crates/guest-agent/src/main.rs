@@ -8,6 +8,7 @@ mod client;
 mod dial;
 mod init;
 mod net;
+mod relay;
 mod runtime;
 mod server;
 mod settings;

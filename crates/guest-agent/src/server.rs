@@ -2,7 +2,8 @@
 //! decodes frames, dispatches requests, reaps children (SIGCHLD through a signalfd) and
 //! answers deferred requests (wait, and create/start/delete, which finish when the
 //! runtime process exits). One thread, non-blocking sockets, `poll(2)`: a slow or
-//! hostile host connection can only hurt itself.
+//! hostile host connection can only hurt itself. (A durable output stream has a relay
+//! thread of its own: [`crate::relay`].)
 //!
 //! Limits (each answered with an error, never a panic): frames over
 //! [`MAX_FRAME`](nestor_agent_protocol::MAX_FRAME) (reply, then close), at most
@@ -167,7 +168,10 @@ pub struct Server {
     pids: HashMap<i32, (String, Option<String>)>,
     orphan_exits: HashMap<i32, i32>,
     orphan_order: VecDeque<i32>,
-    attached: HashMap<AttachKey, OwnedFd>,
+    /// Attached streams waiting for their process, and whether each is durable.
+    attached: HashMap<AttachKey, (OwnedFd, bool)>,
+    /// The durable streams of processes that started, until their container is deleted.
+    relays: HashMap<AttachKey, std::sync::Arc<crate::relay::Relay>>,
     /// Run and Exec requests answered when the runtime has written the pid file.
     starting: HashMap<(String, Option<String>), Waiter>,
     shutdown: Option<ShutdownState>,
@@ -218,6 +222,7 @@ fn ids_to_check(req: &Request) -> Vec<&str> {
         | Request::Control { container, .. } => vec![container],
         Request::Ping
         | Request::Attach { .. }
+        | Request::Reattach { .. }
         | Request::Stats { container: None }
         | Request::Network { .. }
         | Request::Shutdown { .. } => Vec::new(),
@@ -293,6 +298,7 @@ impl Server {
             orphan_exits: HashMap::new(),
             orphan_order: VecDeque::new(),
             attached: HashMap::new(),
+            relays: HashMap::new(),
             starting: HashMap::new(),
             shutdown: None,
         })
@@ -536,8 +542,18 @@ impl Server {
                 container,
                 exec,
                 stream,
+                durable,
             } => {
-                self.attach(conn, env.id, first, container, exec, stream);
+                self.attach(conn, env.id, first, (container, exec, stream), durable);
+                return;
+            }
+            Request::Reattach {
+                container,
+                exec,
+                stream,
+                offset,
+            } => {
+                self.reattach(conn, env.id, first, (container, exec, stream), offset);
                 return;
             }
             other => self.dispatch(w, other),
@@ -605,57 +621,23 @@ impl Server {
         }
     }
 
-    fn attach(
-        &mut self,
-        conn: ConnId,
-        id: u64,
-        first: bool,
-        container: String,
-        exec: Option<String>,
-        stream: Stream,
-    ) {
-        let err = if !first {
-            Some(Response::error(
-                ErrorKind::BadRequest,
-                "attach must be the first request on a connection",
-            ))
-        } else if !valid_id(&container) || exec.as_deref().is_some_and(|e| !valid_id(e)) {
-            Some(Response::error(
-                ErrorKind::BadRequest,
-                "invalid container or exec id",
-            ))
-        } else if self.attached.len() >= MAX_ATTACHED {
-            Some(Response::error(
-                ErrorKind::Limit,
-                format!("{MAX_ATTACHED} streams already wait for their process"),
-            ))
-        } else if self
-            .attached
-            .contains_key(&(container.clone(), exec.clone(), stream))
-        {
-            Some(Response::error(
-                ErrorKind::Exists,
-                format!("{stream:?} of {container} is already attached"),
-            ))
-        } else {
-            None
-        };
-        if let Some(e) = err {
-            self.send(conn, id, e);
-            if let Some(c) = self.conns.get_mut(&conn) {
-                c.close_after_flush = true;
-            }
-            return;
+    /// Refuses a stdio request on `conn` with `e` (the connection closes after it).
+    fn refuse_stdio(&mut self, conn: ConnId, id: u64, e: Response) {
+        self.send(conn, id, e);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.close_after_flush = true;
         }
-        let Some(c) = self.conns.remove(&conn) else {
-            return;
-        };
-        let Ok(frame) = encode(&Reply {
+    }
+
+    /// Takes `conn` off the event loop and answers its stdio request with `Ok`: the
+    /// socket, which carries raw bytes from now on.
+    fn hand_over(&mut self, conn: ConnId, id: u64) -> Option<OwnedFd> {
+        let c = self.conns.remove(&conn)?;
+        let frame = encode(&Reply {
             id,
             response: Response::Ok,
-        }) else {
-            return;
-        };
+        })
+        .ok()?;
         // The reply is the first thing written on a fresh socket: it fits its buffer.
         // SAFETY: writing from a live buffer.
         let r = unsafe {
@@ -667,16 +649,114 @@ impl Server {
             )
         };
         if r != frame.len() as isize {
-            tracing::warn!("attach reply not written; dropping the stream");
-            return;
+            tracing::warn!("stdio reply not written; dropping the stream");
+            return None;
         }
-        self.attached.insert((container, exec, stream), c.fd);
+        Some(c.fd)
     }
 
+    /// The error reply for a stdio request that is not the connection's first or names
+    /// an invalid id.
+    fn bad_stdio(first: bool, key: &AttachKey, what: &str) -> Option<Response> {
+        if !first {
+            Some(Response::error(
+                ErrorKind::BadRequest,
+                format!("{what} must be the first request on a connection"),
+            ))
+        } else if !valid_id(&key.0) || key.1.as_deref().is_some_and(|e| !valid_id(e)) {
+            Some(Response::error(
+                ErrorKind::BadRequest,
+                "invalid container or exec id",
+            ))
+        } else {
+            None
+        }
+    }
+
+    fn attach(&mut self, conn: ConnId, id: u64, first: bool, key: AttachKey, durable: bool) {
+        let (container, _, stream) = &key;
+        let err = if let Some(e) = Self::bad_stdio(first, &key, "attach") {
+            Some(e)
+        } else if durable && *stream == Stream::Stdin {
+            Some(Response::error(
+                ErrorKind::BadRequest,
+                "stdin cannot be durable: only output streams are relayed",
+            ))
+        } else if self.attached.len() >= MAX_ATTACHED {
+            Some(Response::error(
+                ErrorKind::Limit,
+                format!("{MAX_ATTACHED} streams already wait for their process"),
+            ))
+        } else if self.attached.contains_key(&key) {
+            Some(Response::error(
+                ErrorKind::Exists,
+                format!("{stream:?} of {container} is already attached"),
+            ))
+        } else {
+            None
+        };
+        if let Some(e) = err {
+            return self.refuse_stdio(conn, id, e);
+        }
+        if let Some(fd) = self.hand_over(conn, id) {
+            self.attached.insert(key, (fd, durable));
+        }
+    }
+
+    /// A new connection for a durable stream of a started process (see
+    /// [`Request::Reattach`]).
+    fn reattach(&mut self, conn: ConnId, id: u64, first: bool, key: AttachKey, offset: u64) {
+        let relay = match Self::bad_stdio(first, &key, "reattach") {
+            Some(e) => Err(e),
+            None => match self.relays.get(&key) {
+                None => Err(Response::error(
+                    ErrorKind::NotFound,
+                    format!(
+                        "no durable {:?} of {}{} was started",
+                        key.2,
+                        key.0,
+                        key.1
+                            .as_deref()
+                            .map(|e| format!(" exec {e}"))
+                            .unwrap_or_default()
+                    ),
+                )),
+                Some(r) => r
+                    .check(offset)
+                    .map(|()| r.clone())
+                    .map_err(|m| Response::error(ErrorKind::State, m)),
+            },
+        };
+        match relay {
+            Err(e) => self.refuse_stdio(conn, id, e),
+            Ok(relay) => {
+                if let Some(fd) = self.hand_over(conn, id) {
+                    relay.reattach(fd, offset);
+                }
+            }
+        }
+    }
+
+    /// The process's streams: the attached sockets, or for a durable one the write end
+    /// of its relay's pipe (a relay that cannot start leaves the socket itself).
     fn take_stdio(&mut self, container: &str, exec: Option<&str>) -> Stdio3 {
         let mut take = |s| {
-            self.attached
-                .remove(&(container.to_string(), exec.map(str::to_string), s))
+            let key = (container.to_string(), exec.map(str::to_string), s);
+            let (fd, durable) = self.attached.remove(&key)?;
+            if !durable {
+                return Some(fd);
+            }
+            let copy = fd.try_clone();
+            match crate::relay::Relay::start(fd) {
+                Ok((relay, pipe)) => {
+                    self.relays.insert(key, relay);
+                    Some(pipe)
+                }
+                Err(e) => {
+                    tracing::warn!("{s:?} of {container}: no relay ({e:#}); not durable");
+                    copy.ok()
+                }
+            }
         };
         Stdio3 {
             stdin: take(Stream::Stdin),
@@ -687,6 +767,7 @@ impl Server {
 
     fn drop_stdio(&mut self, container: &str) {
         self.attached.retain(|(c, _, _), _| c != container);
+        self.relays.retain(|(c, _, _), _| c != container);
     }
 
     /// Handles a request; `None` means the reply comes later. The ids a request names
@@ -700,9 +781,10 @@ impl Server {
                 version: proto::VERSION,
                 pid1: self.pid1,
             })),
-            Request::Attach { .. } => {
-                Err(refuse(ErrorKind::BadRequest, "attach is handled elsewhere"))
-            }
+            Request::Attach { .. } | Request::Reattach { .. } => Err(refuse(
+                ErrorKind::BadRequest,
+                "attach and reattach are handled elsewhere",
+            )),
             Request::Create { container, bundle } => self.create(w, container, bundle, false),
             Request::Run { container, bundle } => self.create(w, container, bundle, true),
             Request::Start { container } => self.start(w, container),

@@ -130,6 +130,7 @@ impl Agent {
                 container: container.into(),
                 exec: exec.map(Into::into),
                 stream,
+                durable: false,
             },
         );
         assert_eq!(r, Response::Ok);
@@ -232,6 +233,17 @@ impl TestBundle {
     }
 }
 
+/// The kind of an error reply (which must carry a message).
+fn kind(r: Response) -> ErrorKind {
+    match r {
+        Response::Error { kind, message } => {
+            assert!(!message.is_empty());
+            kind
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
 fn delete(agent: &Agent, id: &str) {
     let r = agent.call(Request::Delete {
         container: id.into(),
@@ -294,6 +306,101 @@ fn run_streams_stdio_over_sockets_and_returns_exit_code() {
         ),
         "{r:?}"
     );
+}
+
+/// A durable stdout outlives its connection: the host drops it mid-stream, the process
+/// blocks instead of dying of SIGPIPE, and a `Reattach` at the byte count the host got
+/// resumes the stream with nothing lost or repeated. Offsets the agent cannot serve, an
+/// unknown stream and a durable stdin are refused in one line.
+#[test]
+fn durable_output_survives_a_lost_connection_and_resumes_at_the_hosts_offset() {
+    let a = Agent::start();
+    let id = unique("durable");
+    let lines = 150_000;
+    let script = format!("i=0; while [ $i -lt {lines} ]; do echo line$i; i=$((i+1)); done");
+    let want: String = (0..lines).map(|i| format!("line{i}\n")).collect();
+    let b = TestBundle::new(&["sh", "-c", &script]);
+    let attach = |stream, durable| {
+        let mut s = a.connect();
+        let r = call_on(
+            &mut s,
+            Request::Attach {
+                container: id.clone(),
+                exec: None,
+                stream,
+                durable,
+            },
+        );
+        (r, s)
+    };
+    let (r, _) = attach(Stream::Stdin, true);
+    assert_eq!(kind(r), ErrorKind::BadRequest);
+    let (r, mut first) = attach(Stream::Stdout, true);
+    assert_eq!(r, Response::Ok);
+    let reattach = |offset| {
+        let mut s = a.connect();
+        let r = call_on(
+            &mut s,
+            Request::Reattach {
+                container: id.clone(),
+                exec: None,
+                stream: Stream::Stdout,
+                offset,
+            },
+        );
+        (r, s)
+    };
+    let (r, _) = reattach(0);
+    assert_eq!(kind(r), ErrorKind::NotFound, "reattach before the process");
+    let r = a.call(Request::Run {
+        container: id.clone(),
+        bundle: b.path(),
+    });
+    assert!(matches!(r, Response::Started { .. }), "{r:?}");
+    // Part of the stream, then the connection is gone.
+    let mut got = vec![0u8; 100_000];
+    first.read_exact(&mut got).unwrap();
+    drop(first);
+    std::thread::sleep(Duration::from_millis(300));
+    let (r, _) = reattach(u64::MAX);
+    assert_eq!(kind(r), ErrorKind::State, "an offset past the stream");
+    let (r, second) = reattach(got.len() as u64);
+    assert_eq!(r, Response::Ok);
+    let mut rest = Vec::new();
+    let mut second = second;
+    second.read_to_end(&mut rest).unwrap();
+    got.extend(rest);
+    assert!(
+        got == want.as_bytes(),
+        "{} bytes back, want {}; first difference at {:?}",
+        got.len(),
+        want.len(),
+        got.iter().zip(want.as_bytes()).position(|(x, y)| x != y)
+    );
+    let r = a.call(Request::Wait {
+        container: id.clone(),
+        exec: None,
+    });
+    assert_eq!(
+        r,
+        Response::Exited { code: 0 },
+        "the process did not outlive its connection"
+    );
+    // After the end: the whole stream is no longer kept; the end itself is served.
+    let (r, _) = reattach(0);
+    assert_eq!(
+        kind(r),
+        ErrorKind::State,
+        "an offset older than what is kept"
+    );
+    let (r, mut end) = reattach(want.len() as u64);
+    assert_eq!(r, Response::Ok);
+    let mut tail = Vec::new();
+    end.read_to_end(&mut tail).unwrap();
+    assert!(tail.is_empty(), "{} bytes after the end", tail.len());
+    delete(&a, &id);
+    let (r, _) = reattach(want.len() as u64);
+    assert_eq!(kind(r), ErrorKind::NotFound, "reattach after delete");
 }
 
 #[test]
@@ -596,13 +703,6 @@ fn control_lists_pauses_updates_and_reads_the_cgroup() {
 #[test]
 fn bad_requests_get_clear_errors() {
     let a = Agent::start();
-    let kind = |r: Response| match r {
-        Response::Error { kind, message } => {
-            assert!(!message.is_empty());
-            kind
-        }
-        other => panic!("expected an error, got {other:?}"),
-    };
     assert_eq!(
         kind(a.call(Request::Start {
             container: "nope".into()
@@ -681,6 +781,7 @@ fn bad_requests_get_clear_errors() {
             container: id.clone(),
             exec: None,
             stream: Stream::Stdout,
+            durable: false,
         },
     );
     assert_eq!(kind(r), ErrorKind::Exists);
@@ -696,6 +797,7 @@ fn bad_requests_get_clear_errors() {
             container: unique("late"),
             exec: None,
             stream: Stream::Stdin,
+            durable: false,
         },
     );
     assert_eq!(kind(r), ErrorKind::BadRequest);

@@ -1025,6 +1025,7 @@ pub fn attach_on(
         container: container.into(),
         exec: exec.map(str::to_string),
         stream,
+        durable: false,
     })? {
         Response::Ok => {}
         Response::Error { message, .. } => bail!("attach {stream:?}: {message}"),
