@@ -118,10 +118,14 @@ run_peer() {
             -nodefaults -no-user-config -display none -no-reboot -serial stdio \
             -kernel "$kernel" -initrd "$initrd" -append "$cmdline reboot=t" ;;
     firecracker)
+        # Firecracker's own log goes to a file, so the console's first line is the
+        # guest's, as for the others.
+        : >"$work/fc.log"
         cat >"$work/fc.json" <<JSON
 {"boot-source": {"kernel_image_path": "$kernel", "initrd_path": "$initrd",
                  "boot_args": "$cmdline reboot=k"},
- "drives": [], "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}}
+ "drives": [], "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+ "logger": {"log_path": "$work/fc.log", "level": "Warning"}}
 JSON
         launch firecracker "$fc" --no-api --config-file "$work/fc.json" ;;
     esac

@@ -196,8 +196,8 @@ pub enum Request {
     /// `offset` on, `offset` being how many bytes of the stream the host has received
     /// over every earlier connection. The agent keeps the last [`REPLAY_BYTES`] it sent;
     /// an offset further back, or past what was sent, is refused ([`ErrorKind::State`]).
-    /// The connection ends (EOF) when the process's side of the stream is closed, as an
-    /// attached one does.
+    /// The reply is [`Response::Resumed`]. The connection ends (EOF) when the process's
+    /// side of the stream is closed, as an attached one does, or when it breaks.
     Reattach {
         container: String,
         #[serde(default)]
@@ -371,6 +371,13 @@ pub enum Response {
     /// Create, Run or Exec succeeded; `pid` is the process in the guest's pid namespace.
     Started {
         pid: i32,
+    },
+    /// A [`Request::Reattach`] was taken: the stream had carried `total` bytes then, and
+    /// `ended` says the process's side was closed (once the host has `total` bytes,
+    /// there is no more).
+    Resumed {
+        total: u64,
+        ended: bool,
     },
     /// Exit code: the process's own, or 128 + signal number.
     Exited {

@@ -145,8 +145,9 @@ impl Relay {
         }
     }
 
-    /// Whether a reattach at `offset` can be served: the bytes from there on are kept.
-    pub fn check(&self, offset: u64) -> std::result::Result<(), String> {
+    /// Whether a reattach at `offset` can be served (the bytes from there on are kept):
+    /// then the bytes carried so far, and whether the process's side is closed.
+    pub fn check(&self, offset: u64) -> std::result::Result<(u64, bool), String> {
         let st = self.lock();
         match st.total.checked_sub(offset) {
             None => Err(format!(
@@ -157,7 +158,7 @@ impl Relay {
                 "offset {offset} is {back} bytes back; only the last {} are kept",
                 st.ring.len()
             )),
-            Some(_) => Ok(()),
+            Some(_) => Ok((st.total, st.eof)),
         }
     }
 

@@ -629,15 +629,11 @@ impl Server {
         }
     }
 
-    /// Takes `conn` off the event loop and answers its stdio request with `Ok`: the
-    /// socket, which carries raw bytes from now on.
-    fn hand_over(&mut self, conn: ConnId, id: u64) -> Option<OwnedFd> {
+    /// Takes `conn` off the event loop and answers its stdio request with `response`:
+    /// the socket, which carries raw bytes from now on.
+    fn hand_over(&mut self, conn: ConnId, id: u64, response: Response) -> Option<OwnedFd> {
         let c = self.conns.remove(&conn)?;
-        let frame = encode(&Reply {
-            id,
-            response: Response::Ok,
-        })
-        .ok()?;
+        let frame = encode(&Reply { id, response }).ok()?;
         // The reply is the first thing written on a fresh socket: it fits its buffer.
         // SAFETY: writing from a live buffer.
         let r = unsafe {
@@ -698,7 +694,7 @@ impl Server {
         if let Some(e) = err {
             return self.refuse_stdio(conn, id, e);
         }
-        if let Some(fd) = self.hand_over(conn, id) {
+        if let Some(fd) = self.hand_over(conn, id, Response::Ok) {
             self.attached.insert(key, (fd, durable));
         }
     }
@@ -723,14 +719,14 @@ impl Server {
                 )),
                 Some(r) => r
                     .check(offset)
-                    .map(|()| r.clone())
+                    .map(|(total, ended)| (r.clone(), Response::Resumed { total, ended }))
                     .map_err(|m| Response::error(ErrorKind::State, m)),
             },
         };
         match relay {
             Err(e) => self.refuse_stdio(conn, id, e),
-            Ok(relay) => {
-                if let Some(fd) = self.hand_over(conn, id) {
+            Ok((relay, reply)) => {
+                if let Some(fd) = self.hand_over(conn, id, reply) {
                     relay.reattach(fd, offset);
                 }
             }

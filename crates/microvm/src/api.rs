@@ -6,7 +6,9 @@
 //! (an absent bucket is unlimited), or `{"action": "migrate", "to": "unix:PATH" |
 //! "tcp:IP:PORT", "strategy": "stop-copy" | "pre-copy", "downtime_ms": N,
 //! "max_rounds": N}` (defaults: stop-copy, 300 ms, 10 rounds; the VMM exits 0 once the
-//! destination runs the VM) — and answering one
+//! destination runs the VM), or `{"action": "vsock-reset"}` (every vsock connection
+//! ends and the guest gets the transport-reset event, as after a restore: a guest's
+//! reconnect path, tried on a running VM) — and answering one
 //! JSON line each. It is served from the VMM's main thread, which also waits for the
 //! guest to end the VM; the socket file is removed when the VMM exits.
 
@@ -79,6 +81,7 @@ enum Action {
     SnapshotCreate,
     RateLimit,
     Migrate,
+    VsockReset,
 }
 
 /// A request line that is not a request.
@@ -133,6 +136,7 @@ pub fn parse_request(line: &str) -> Result<Request, RequestError> {
         Action::Resume => Request::Resume,
         Action::Shutdown => Request::Shutdown,
         Action::Metrics => Request::Metrics,
+        Action::VsockReset => Request::VsockReset,
         Action::SnapshotCreate => Request::SnapshotCreate {
             dir: e
                 .dir
@@ -205,6 +209,8 @@ pub enum Request {
         /// Strategy, downtime target, round cap.
         opts: MigrateOptions,
     },
+    /// End every vsock connection and send the guest the transport-reset event.
+    VsockReset,
     /// Replace a device's rate limits (fresh, full buckets).
     RateLimit {
         /// `disk0`, `disk1`, … or `net0`.
@@ -362,6 +368,10 @@ fn answer(vmm: &mut Vmm, line: &str) -> (serde_json::Value, bool) {
             serde_json::json!({"ok": true, "metrics": metrics(vmm)}),
             false,
         ),
+        Request::VsockReset => match vmm.vsock_reset() {
+            Ok(()) => (serde_json::json!({"ok": true}), false),
+            Err(e) => (serde_json::json!({"ok": false, "error": e}), false),
+        },
         Request::Migrate { to, opts } => {
             match vmm.migrate(&to, &opts) {
                 Ok(report) => {
@@ -506,6 +516,11 @@ mod tests {
             parse_request(r#"{"action":"metrics"}"#).unwrap(),
             Request::Metrics
         );
+        assert_eq!(
+            parse_request(r#"{"action":"vsock-reset"}"#).unwrap(),
+            Request::VsockReset
+        );
+        assert!(parse_request(r#"{"action":"vsock-reset","dir":"/s"}"#).is_err());
         assert_eq!(
             parse_request(r#"{"action":"snapshot-create","dir":"/s"}"#).unwrap(),
             Request::SnapshotCreate {

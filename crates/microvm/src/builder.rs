@@ -709,6 +709,23 @@ impl Vmm {
         Ok(())
     }
 
+    /// Ends every vsock connection as a restore does, on the running VM (the API's
+    /// `vsock-reset`): the device drops its host connections and sends the guest the
+    /// transport-reset event.
+    pub fn vsock_reset(&mut self) -> Result<(), String> {
+        if self.cfg.vsock.is_none() {
+            return Err("this VM has no vsock device".into());
+        }
+        // Slot order: the disks, the RNG, the file systems, then vsock.
+        let index = self.cfg.disks.len() + 1 + self.cfg.fs.len();
+        self.transports
+            .get(index)
+            .ok_or("no vsock transport")?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reset_connections()
+    }
+
     /// Takes a snapshot into the new directory `dir` (module [`snapshot`]): pauses the
     /// vCPUs (they stay paused: the caller resumes them), holds every virtio transport
     /// so no device touches guest memory meanwhile, has each vCPU thread save its

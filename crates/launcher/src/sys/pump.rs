@@ -25,6 +25,67 @@ pub fn pump<R: Read + Send + 'static, W: Write + Send + 'static>(
     })
 }
 
+/// How long [`pump_resumable`] tries to get a stream back without a byte of progress.
+pub const RESUME_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Copies a durable stream (the agent's relayed output, which outlives a connection)
+/// into `to` until the stream's end. When a connection ends, `reattach(offset)` asks for
+/// a new one from the byte count copied so far; it answers the connection, the bytes
+/// the stream had carried then and whether it had ended. The copy is over when the
+/// stream ended and every byte of it was copied, or when no connection brings a byte
+/// for [`RESUME_PATIENCE`] (the VM is gone).
+pub fn pump_resumable<W, F>(
+    first: std::os::unix::net::UnixStream,
+    mut to: W,
+    mut reattach: F,
+) -> std::thread::JoinHandle<()>
+where
+    W: Write + Send + 'static,
+    F: FnMut(u64) -> anyhow::Result<(std::os::unix::net::UnixStream, u64, bool)> + Send + 'static,
+{
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 16384];
+        let mut offset = 0u64;
+        let mut from = Some(first);
+        // Since when the stream is lost: a connection ended, and no byte came since.
+        let mut lost: Option<std::time::Instant> = None;
+        loop {
+            if let Some(mut s) = from.take() {
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            offset += n as u64;
+                            lost = None;
+                            if to.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                            let _ = to.flush();
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        // A read time-out is not an end: the stream is idle.
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                        Err(_) => break,
+                    }
+                }
+            }
+            if lost.get_or_insert_with(std::time::Instant::now).elapsed() > RESUME_PATIENCE {
+                tracing::warn!("a stream of the container was lost at byte {offset}");
+                return;
+            }
+            match reattach(offset) {
+                Ok((_, total, true)) if total == offset => return,
+                Ok((s, _, _)) => from = Some(s),
+                Err(e) => {
+                    tracing::debug!("reattach at byte {offset}: {e:#}");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            }
+        }
+    })
+}
+
 /// Joins the pumps `handles` until `limit` has passed, then lets the rest go (they end
 /// with the process). Output still flowing after a container's exit gets this long; a
 /// guest that keeps a stream open forever cannot hold nestor.

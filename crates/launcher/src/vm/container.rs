@@ -571,7 +571,16 @@ struct Conns {
 fn connect_all(vsock: &Path, probed: Option<Agent>, a: &RunArgs, guest_id: &str) -> Result<Conns> {
     std::thread::scope(|s| {
         let open = || sandbox::hybrid_connect(vsock, proto::DEFAULT_PORT);
-        let attach = |stream| s.spawn(move || sandbox::attach_at(vsock, guest_id, None, stream));
+        // A detached container's output outlives its connections (a vsock reset).
+        let durable = a.ctr.detach && !a.ctr.tty;
+        let attach = |stream| {
+            s.spawn(move || match (durable, stream) {
+                (true, Stream::Stdout | Stream::Stderr) => {
+                    sandbox::attach_durable_at(vsock, guest_id, stream)
+                }
+                _ => sandbox::attach_at(vsock, guest_id, None, stream),
+            })
+        };
         let stdin = a.ctr.interactive.then(|| attach(Stream::Stdin));
         let stdout = attach(Stream::Stdout);
         let stderr = (!a.ctr.tty).then(|| attach(Stream::Stderr));
@@ -598,6 +607,8 @@ fn connect_all(vsock: &Path, probed: Option<Agent>, a: &RunArgs, guest_id: &str)
 /// threads that carry its output.
 fn wire_stdio(
     a: &RunArgs,
+    vsock: &Path,
+    guest_id: &str,
     stdin: Option<UnixStreamAlias>,
     stdout: UnixStreamAlias,
     stderr: Option<UnixStreamAlias>,
@@ -610,10 +621,23 @@ fn wire_stdio(
         )]);
     }
     let stderr = stderr.context("no stderr stream")?;
-    let outputs = vec![
-        pump(stdout, std::io::stdout()),
-        pump(stderr, std::io::stderr()),
-    ];
+    let outputs = if a.ctr.detach {
+        // Durable streams (see `connect_all`): picked up again where they broke.
+        let resume = |stream| {
+            let vsock = vsock.to_path_buf();
+            let guest_id = guest_id.to_string();
+            move |offset| sandbox::reattach_at(&vsock, &guest_id, stream, offset)
+        };
+        vec![
+            crate::sys::pump::pump_resumable(stdout, std::io::stdout(), resume(Stream::Stdout)),
+            crate::sys::pump::pump_resumable(stderr, std::io::stderr(), resume(Stream::Stderr)),
+        ]
+    } else {
+        vec![
+            pump(stdout, std::io::stdout()),
+            pump(stderr, std::io::stderr()),
+        ]
+    };
     if let Some(mut s) = stdin {
         std::thread::spawn(move || {
             let _ = std::io::copy(&mut std::io::stdin().lock(), &mut s);
@@ -666,7 +690,7 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
         Err(e) => return Err(sb.failure(&format!("connecting to the guest agent: {e:#}"))),
     };
     timings.attached_ms = Some(sb.elapsed_ms());
-    let mut agent = c.agent;
+    let mut agent = c.agent.reconnects_to(&vsock);
     if let Some(n) = network {
         let r = match agent.call(n) {
             Ok(r) => r,
@@ -674,7 +698,7 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
         };
         sandbox::expect_ok("configuring the guest's network", r)?;
     }
-    let outputs = wire_stdio(a, c.stdin, c.stdout, c.stderr)?;
+    let outputs = wire_stdio(a, &vsock, &guest_id, c.stdin, c.stdout, c.stderr)?;
     // From here on, signals to nestor are queued for the container (a signal sent
     // as soon as the container's first output appears must not kill nestor).
     let (signals, pipe) = crate::sys::signals::forward_to_pipe().context("signal pipe")?;
@@ -702,7 +726,12 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
         other => bail!("the container did not start in the VM: unexpected answer {other:?}"),
     }
     timings.container_started_ms = Some(sb.elapsed_ms());
-    forward_signals(pipe, Agent::new(c.signals)?, guest_id.clone(), None);
+    forward_signals(
+        pipe,
+        Agent::new(c.signals)?.reconnects_to(&vsock),
+        guest_id.clone(),
+        None,
+    );
     meta.status = Status::Running;
     store::save(meta)?;
     Ok(Running {
@@ -721,10 +750,21 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
 
 /// Waits for the container, then powers the VM off; returns the exit code.
 fn wait_and_stop(r: &mut Running) -> Result<i32> {
-    let waited = r.agent.call(Request::Wait {
+    let wait = Request::Wait {
         container: r.guest_id.clone(),
         exec: None,
-    });
+    };
+    let mut waited = r.agent.call(wait.clone());
+    // A connection that breaks while the VMM runs on (a vsock transport reset) is made
+    // again, and the wait asked again (answered at once if the process has exited).
+    let deadline = Instant::now() + crate::sys::pump::RESUME_PATIENCE;
+    while waited.is_err() && Instant::now() < deadline {
+        let sb = &mut r.sb;
+        if r.agent.reconnect(deadline, || sb.running()).is_err() {
+            break;
+        }
+        waited = r.agent.call(wait.clone());
+    }
     r.signals.take();
     let code = match waited {
         Ok(Response::Exited { code }) => code,

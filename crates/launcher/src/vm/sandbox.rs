@@ -445,6 +445,10 @@ impl Drop for ReadyListener {
     }
 }
 
+/// The VMM's API socket (nestor-vmm `--api`) in a sandbox's directory (a link to the
+/// jail's for a jailed VMM).
+pub const API_SOCKET: &str = "api.sock";
+
 impl Sandbox {
     /// Spawns nestor-vmm for `id` (its files go to [`sandboxes_dir`]/`id`).
     pub fn boot(id: &str, assets: &Assets, o: &BootOpts) -> Result<Sandbox> {
@@ -484,6 +488,8 @@ impl Sandbox {
             .arg(o.vcpus.to_string())
             .arg("--vsock")
             .arg(&vsock)
+            .arg("--api")
+            .arg(dir.join(API_SOCKET))
             .arg("--console")
             .arg(&console);
         for (i, (d, ro)) in o.disks.iter().enumerate() {
@@ -627,7 +633,7 @@ impl Sandbox {
                 .zip(&o.shares)
                 .map(|(d, sh)| (d, sh.tag.clone()))
                 .collect(),
-            extra_args: Vec::new(),
+            extra_args: vec!["--api".into(), format!("/run/nestor/{API_SOCKET}")],
             netns: o.netns.clone(),
             net: o.net.clone(),
         };
@@ -649,9 +655,16 @@ impl Sandbox {
             .vsock
             .clone()
             .context("the jailed VMM has no vsock socket")?;
-        // Where `Sandbox::join` (exec, logs, stop of a `-d` container) looks for it.
+        // Where `Sandbox::join` (exec, logs, stop of a `-d` container) looks for it, and
+        // the VMM's API socket beside it.
         if let Err(e) = std::os::unix::fs::symlink(&vsock, dir.join("v.sock")) {
             tracing::warn!("cannot link the jailed VMM's vsock socket into its sandbox: {e}");
+        }
+        if let Some(share) = vsock.parent() {
+            if let Err(e) = std::os::unix::fs::symlink(share.join(API_SOCKET), dir.join(API_SOCKET))
+            {
+                tracing::warn!("cannot link the jailed VMM's API socket into its sandbox: {e}");
+            }
         }
         // Made after the jail (its directory is the jail's): a guest that reports ready
         // before it exists is found by the probes in `wait_ready`.
@@ -1020,12 +1033,56 @@ pub fn attach_on(
     exec: Option<&str>,
     stream: Stream,
 ) -> Result<UnixStream> {
+    attach_as(s, container, exec, stream, false)
+}
+
+/// A durable output `stream` of a container's main process (it outlives the
+/// connection; [`reattach_at`] resumes it) on a fresh connection to the agent at `sock`.
+pub fn attach_durable_at(sock: &Path, container: &str, stream: Stream) -> Result<UnixStream> {
+    attach_as(
+        hybrid_connect(sock, proto::DEFAULT_PORT)?,
+        container,
+        None,
+        stream,
+        true,
+    )
+}
+
+/// A new connection for a durable output `stream` of a container's main process, from
+/// byte `offset` on: the connection, and whether the stream has ended at the byte count
+/// the agent gave (the agent's [`Response::Resumed`]).
+pub fn reattach_at(
+    sock: &Path,
+    container: &str,
+    stream: Stream,
+    offset: u64,
+) -> Result<(UnixStream, u64, bool)> {
+    let mut a = Agent::new(hybrid_connect(sock, proto::DEFAULT_PORT)?)?;
+    match a.call(Request::Reattach {
+        container: container.into(),
+        exec: None,
+        stream,
+        offset,
+    })? {
+        Response::Resumed { total, ended } => Ok((a.into_stream(), total, ended)),
+        Response::Error { message, .. } => bail!("reattach {stream:?}: {message}"),
+        other => bail!("reattach {stream:?}: unexpected answer {other:?}"),
+    }
+}
+
+fn attach_as(
+    s: UnixStream,
+    container: &str,
+    exec: Option<&str>,
+    stream: Stream,
+    durable: bool,
+) -> Result<UnixStream> {
     let mut a = Agent::new(s)?;
     match a.call(Request::Attach {
         container: container.into(),
         exec: exec.map(str::to_string),
         stream,
-        durable: false,
+        durable,
     })? {
         Response::Ok => {}
         Response::Error { message, .. } => bail!("attach {stream:?}: {message}"),
@@ -1070,6 +1127,8 @@ pub struct Agent {
     next_id: u64,
     /// How long one request may take: [`boot_timeout`] unless [`Agent::until`] says less.
     limit: Duration,
+    /// The VMM's vsock socket, for [`Agent::reconnect`].
+    vsock: Option<PathBuf>,
 }
 
 impl Agent {
@@ -1078,7 +1137,37 @@ impl Agent {
             stream,
             next_id: 1,
             limit: boot_timeout(),
+            vsock: None,
         })
+    }
+
+    /// Remembers the VMM's vsock socket the connection came from, so that
+    /// [`Agent::reconnect`] can make a new one.
+    pub fn reconnects_to(mut self, vsock: &Path) -> Agent {
+        self.vsock = Some(vsock.to_path_buf());
+        self
+    }
+
+    /// A new connection in place of this one (which a vsock transport reset, after a
+    /// restore or a migration, ends while the VM runs on): tried every 100 ms until
+    /// `deadline` while `alive()` says the VMM runs.
+    pub fn reconnect(&mut self, deadline: Instant, mut alive: impl FnMut() -> bool) -> Result<()> {
+        let vsock = self
+            .vsock
+            .clone()
+            .context("the connection's socket is not known")?;
+        loop {
+            match hybrid_connect(&vsock, proto::DEFAULT_PORT) {
+                Ok(s) => {
+                    self.stream = s;
+                    return Ok(());
+                }
+                Err(e) if !alive() || Instant::now() >= deadline => {
+                    return Err(e.context("reconnect to the guest agent"))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
     }
 
     /// Requests on this connection end by `deadline` at the latest.
@@ -1091,7 +1180,11 @@ impl Agent {
     }
 
     /// A second connection for another thread (e.g. signal forwarding).
+    /// The connection itself (a stdio stream now), without the request deadlines: an
+    /// idle stream is not a broken one.
     pub fn into_stream(self) -> UnixStream {
+        let _ = self.stream.set_read_timeout(None);
+        let _ = self.stream.set_write_timeout(None);
         self.stream
     }
 
@@ -1156,11 +1249,19 @@ pub fn forward_signals(pipe: OwnedFd, mut agent: Agent, container: String, exec:
         let mut f = std::fs::File::from(pipe);
         let mut b = [0u8; 1];
         while matches!(f.read(&mut b), Ok(1)) {
-            let _ = agent.call(Request::Signal {
+            let signal = Request::Signal {
                 container: container.clone(),
                 exec: exec.clone(),
                 signal: i32::from(b[0]),
-            });
+            };
+            // Sent again on a new connection when the old one broke (a vsock reset).
+            if agent.call(signal.clone()).is_err()
+                && agent
+                    .reconnect(Instant::now() + Duration::from_secs(2), || true)
+                    .is_ok()
+            {
+                let _ = agent.call(signal);
+            }
         }
     });
 }

@@ -218,6 +218,9 @@ fn main_rules() -> Vec<Rule> {
             libc::SYS_rt_sigtimedwait,
             // rate-limit: re-arms a throttled device's timer.
             libc::SYS_timerfd_settime,
+            // vsock-reset: the device's connections and listener leave and rejoin the
+            // event loop.
+            libc::SYS_epoll_ctl,
         ]
         .map(any),
     );

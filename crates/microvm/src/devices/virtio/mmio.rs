@@ -315,6 +315,30 @@ impl MmioTransport {
         self.dev.set_rate_limit(cfg)
     }
 
+    /// Drops the device's host-side state and activates it again, then runs its
+    /// restore hook (vsock: the guest's transport-reset event), as a restore would, on a
+    /// running VM.
+    pub fn reset_connections(&mut self) -> Result<(), String> {
+        if !self.active {
+            return Err("the device is not active (the guest has not set it up)".into());
+        }
+        self.dev.reset(&self.fds);
+        let mut ctx = DeviceContext {
+            mem: &self.mem,
+            queues: &mut self.queues,
+            fds: &self.fds,
+        };
+        if let Err(e) = self.dev.activate(&mut ctx) {
+            self.active = false;
+            return Err(format!("cannot activate the device again: {e}"));
+        }
+        if !self.dev.restored(&mut ctx) {
+            return Err("the guest gave the device no event buffer".into());
+        }
+        self.signal();
+        Ok(())
+    }
+
     /// Gives the device its way to register host fds (the event loop calls this).
     pub fn attach(&mut self, fds: Registrar) {
         self.fds = fds;
