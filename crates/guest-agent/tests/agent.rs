@@ -320,36 +320,31 @@ fn durable_output_survives_a_lost_connection_and_resumes_at_the_hosts_offset() {
     let script = format!("i=0; while [ $i -lt {lines} ]; do echo line$i; i=$((i+1)); done");
     let want: String = (0..lines).map(|i| format!("line{i}\n")).collect();
     let b = TestBundle::new(&["sh", "-c", &script]);
-    let attach = |stream, durable| {
+    // A stdio request on a connection of its own: the reply, and the connection.
+    let open = |request| {
         let mut s = a.connect();
-        let r = call_on(
-            &mut s,
-            Request::Attach {
-                container: id.clone(),
-                exec: None,
-                stream,
-                durable,
-            },
-        );
-        (r, s)
+        (call_on(&mut s, request), s)
+    };
+    let attach = |stream, durable| {
+        open(Request::Attach {
+            container: id.clone(),
+            exec: None,
+            stream,
+            durable,
+        })
+    };
+    let reattach = |offset| {
+        open(Request::Reattach {
+            container: id.clone(),
+            exec: None,
+            stream: Stream::Stdout,
+            offset,
+        })
     };
     let (r, _) = attach(Stream::Stdin, true);
     assert_eq!(kind(r), ErrorKind::BadRequest);
     let (r, mut first) = attach(Stream::Stdout, true);
     assert_eq!(r, Response::Ok);
-    let reattach = |offset| {
-        let mut s = a.connect();
-        let r = call_on(
-            &mut s,
-            Request::Reattach {
-                container: id.clone(),
-                exec: None,
-                stream: Stream::Stdout,
-                offset,
-            },
-        );
-        (r, s)
-    };
     let (r, _) = reattach(0);
     assert_eq!(kind(r), ErrorKind::NotFound, "reattach before the process");
     let r = a.call(Request::Run {
