@@ -80,6 +80,9 @@ launch() {
         /usr/bin/time -f %M -o "$d/rss" timeout --kill-after=5 120 "$@" </dev/null 2>"$d/err"
         echo $? >"$d/rc"
     } | while IFS= read -r line; do
+        # Firecracker logs its own start on stdout before it reads the logger config:
+        # not the guest's output.
+        [[ $line == *'[anonymous-instance:'* ]] && continue
         [[ -e $d/tout ]] || { now >"$d/tout"; printf '%s' "${line:0:60}" | tr -d '\r' >"$d/first"; }
         if [[ $line == *"$marker uptime"* && ! -e $d/tinit ]]; then
             now >"$d/tinit"
