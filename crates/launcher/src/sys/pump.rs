@@ -31,9 +31,10 @@ pub const RESUME_PATIENCE: std::time::Duration = std::time::Duration::from_secs(
 /// Copies a durable stream (the agent's relayed output, which outlives a connection)
 /// into `to` until the stream's end. When a connection ends, `reattach(offset)` asks for
 /// a new one from the byte count copied so far; it answers the connection, the bytes
-/// the stream had carried then and whether it had ended. The copy is over when the
-/// stream ended and every byte of it was copied, or when no connection brings a byte
-/// for [`RESUME_PATIENCE`] (the VM is gone).
+/// the stream had carried then and whether it had ended, or `None` when the agent
+/// refuses for good. The copy is over when the stream ended and every byte of it was
+/// copied, when the agent refuses, or when no connection brings a byte for
+/// [`RESUME_PATIENCE`] (the VM is gone).
 pub fn pump_resumable<W, F>(
     first: std::os::unix::net::UnixStream,
     mut to: W,
@@ -41,7 +42,9 @@ pub fn pump_resumable<W, F>(
 ) -> std::thread::JoinHandle<()>
 where
     W: Write + Send + 'static,
-    F: FnMut(u64) -> anyhow::Result<(std::os::unix::net::UnixStream, u64, bool)> + Send + 'static,
+    F: FnMut(u64) -> anyhow::Result<Option<(std::os::unix::net::UnixStream, u64, bool)>>
+        + Send
+        + 'static,
 {
     std::thread::spawn(move || {
         let mut buf = [0u8; 16384];
@@ -75,8 +78,9 @@ where
                 return;
             }
             match reattach(offset) {
-                Ok((_, total, true)) if total == offset => return,
-                Ok((s, _, _)) => from = Some(s),
+                Ok(None) => return,
+                Ok(Some((_, total, true))) if total == offset => return,
+                Ok(Some((s, _, _))) => from = Some(s),
                 Err(e) => {
                     tracing::debug!("reattach at byte {offset}: {e:#}");
                     std::thread::sleep(std::time::Duration::from_millis(100));

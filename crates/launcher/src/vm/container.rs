@@ -608,6 +608,7 @@ fn connect_all(vsock: &Path, probed: Option<Agent>, a: &RunArgs, guest_id: &str)
 fn wire_stdio(
     a: &RunArgs,
     vsock: &Path,
+    vmm: Option<u32>,
     guest_id: &str,
     stdin: Option<UnixStreamAlias>,
     stdout: UnixStreamAlias,
@@ -622,11 +623,23 @@ fn wire_stdio(
     }
     let stderr = stderr.context("no stderr stream")?;
     let outputs = if a.ctr.detach {
-        // Durable streams (see `connect_all`): picked up again where they broke.
+        // Durable streams (see `connect_all`): picked up again where they broke, while
+        // the VMM runs (one this process owns: a pod's is not watched here).
+        let vmm = vmm.and_then(|p| {
+            let pid = p as i32;
+            nestor_container::state::proc_start(pid).map(|(start, _)| (pid, start))
+        });
         let resume = |stream| {
             let vsock = vsock.to_path_buf();
             let guest_id = guest_id.to_string();
-            move |offset| sandbox::reattach_at(&vsock, &guest_id, stream, offset)
+            move |offset| {
+                match sandbox::reattach_at(&vsock, &guest_id, stream, offset) {
+                Err(_) if vmm.is_some_and(|(pid, start)| {
+                    !matches!(nestor_container::state::proc_start(pid), Some((s, false)) if s == start)
+                }) => Ok(None),
+                other => other,
+            }
+            }
         };
         vec![
             crate::sys::pump::pump_resumable(stdout, std::io::stdout(), resume(Stream::Stdout)),
@@ -698,7 +711,15 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
         };
         sandbox::expect_ok("configuring the guest's network", r)?;
     }
-    let outputs = wire_stdio(a, &vsock, &guest_id, c.stdin, c.stdout, c.stderr)?;
+    let outputs = wire_stdio(
+        a,
+        &vsock,
+        sb.vmm_pid(),
+        &guest_id,
+        c.stdin,
+        c.stdout,
+        c.stderr,
+    )?;
     // From here on, signals to nestor are queued for the container (a signal sent
     // as soon as the container's first output appears must not kill nestor).
     let (signals, pipe) = crate::sys::signals::forward_to_pipe().context("signal pipe")?;

@@ -1049,14 +1049,16 @@ pub fn attach_durable_at(sock: &Path, container: &str, stream: Stream) -> Result
 }
 
 /// A new connection for a durable output `stream` of a container's main process, from
-/// byte `offset` on: the connection, and whether the stream has ended at the byte count
-/// the agent gave (the agent's [`Response::Resumed`]).
+/// byte `offset` on: the connection, the bytes the stream had carried and whether it has
+/// ended (the agent's [`Response::Resumed`]); `None` when the agent refuses (the
+/// container is gone, or the bytes from `offset` are no longer kept), for good. `Err`
+/// is a connection that could not be made, which may work later.
 pub fn reattach_at(
     sock: &Path,
     container: &str,
     stream: Stream,
     offset: u64,
-) -> Result<(UnixStream, u64, bool)> {
+) -> Result<Option<(UnixStream, u64, bool)>> {
     let mut a = Agent::new(hybrid_connect(sock, proto::DEFAULT_PORT)?)?;
     match a.call(Request::Reattach {
         container: container.into(),
@@ -1064,9 +1066,15 @@ pub fn reattach_at(
         stream,
         offset,
     })? {
-        Response::Resumed { total, ended } => Ok((a.into_stream(), total, ended)),
-        Response::Error { message, .. } => bail!("reattach {stream:?}: {message}"),
-        other => bail!("reattach {stream:?}: unexpected answer {other:?}"),
+        Response::Resumed { total, ended } => Ok(Some((a.into_stream(), total, ended))),
+        Response::Error { message, .. } => {
+            tracing::warn!("the container's {stream:?} cannot be picked up again: {message}");
+            Ok(None)
+        }
+        other => {
+            tracing::warn!("reattach {stream:?}: unexpected answer {other:?}");
+            Ok(None)
+        }
     }
 }
 

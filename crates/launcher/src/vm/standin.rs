@@ -12,7 +12,8 @@
 //!   request as an agent whose container runs nothing: `Run`/`Create`/`Start`/`Exec`
 //!   started (pid 1), `Wait` exited 0 (for a main process once it was started: the OCI
 //!   verbs wait between `create` and `start`), `Attach` ok with the stream closed at
-//!   once, everything else ok; it exits after answering `Shutdown`;
+//!   once, `Reattach` an empty stream that has ended, everything else ok; it exits
+//!   after answering `Shutdown`;
 //! - `--fs SOCKET,tag=…` (any number): connects to the file server's vhost-user socket
 //!   as nestor-vmm does and holds the connection (no message is sent), so a socket the
 //!   VMM cannot reach (from inside its jail) fails here as it would there;
@@ -197,6 +198,11 @@ fn serve(mut conn: UnixStream, started: &Started, hold: bool) -> Result<()> {
             | Request::Start { .. }
             | Request::Exec { .. } => Response::Started { pid: 1 },
             Request::Wait { .. } => Response::Exited { code: 0 },
+            // Its processes write nothing: a stream picked up again has ended, empty.
+            Request::Reattach { .. } => Response::Resumed {
+                total: 0,
+                ended: true,
+            },
             _ => Response::Ok,
         };
         proto::write_frame(
@@ -212,7 +218,7 @@ fn serve(mut conn: UnixStream, started: &Started, hold: bool) -> Result<()> {
                 started.add(&container)
             }
             // A stdio stream: nothing written, closed at once.
-            Request::Attach { .. } => return Ok(()),
+            Request::Attach { .. } | Request::Reattach { .. } => return Ok(()),
             Request::Shutdown { .. } => {
                 drop(conn);
                 std::process::exit(0);
