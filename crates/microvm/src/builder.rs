@@ -713,14 +713,12 @@ impl Vmm {
     /// `vsock-reset`): the device drops its host connections and sends the guest the
     /// transport-reset event.
     pub fn vsock_reset(&mut self) -> Result<(), String> {
-        if self.cfg.vsock.is_none() {
-            return Err("this VM has no vsock device".into());
-        }
-        // Slot order: the disks, the RNG, the file systems, then vsock.
-        let index = self.cfg.disks.len() + 1 + self.cfg.fs.len();
-        self.transports
-            .get(index)
-            .ok_or("no vsock transport")?
+        let vsock = self.transports.iter().find(|t| {
+            t.lock().unwrap_or_else(|p| p.into_inner()).device_type()
+                == crate::devices::virtio::vsock::TYPE_VSOCK
+        });
+        vsock
+            .ok_or("this VM has no vsock device")?
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .reset_connections()

@@ -229,15 +229,21 @@ pub struct VmMeta {
     pub pod: Option<String>,
 }
 
+/// Whether process `pid` runs and is the one that started at `start` (not a zombie,
+/// not a later process with a reused pid).
+pub fn alive(pid: i32, start: u64) -> bool {
+    matches!(proc_start(pid), Some((s, false)) if s == start)
+}
+
 impl VmMeta {
     pub fn vmm_alive(&self) -> bool {
-        matches!(proc_start(self.vmm_pid), Some((s, false)) if s == self.vmm_start)
+        alive(self.vmm_pid, self.vmm_start)
     }
 }
 
 impl Meta {
     pub fn owner_alive(&self) -> bool {
-        matches!(proc_start(self.owner_pid), Some((s, false)) if s == self.owner_start)
+        alive(self.owner_pid, self.owner_start)
     }
 
     /// Docker-like status column.

@@ -66,25 +66,25 @@ where
                             let _ = to.flush();
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        // A read time-out is not an end: the stream is idle.
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
                         Err(_) => break,
                     }
                 }
             }
+            // No byte since the last attempt: wait a little before the next (a guest
+            // that answers with streams that end at once cannot make this spin).
+            let stalled = lost.is_some();
             if lost.get_or_insert_with(std::time::Instant::now).elapsed() > RESUME_PATIENCE {
                 tracing::warn!("a stream of the container was lost at byte {offset}");
                 return;
+            }
+            if stalled {
+                std::thread::sleep(std::time::Duration::from_millis(100));
             }
             match reattach(offset) {
                 Ok(None) => return,
                 Ok(Some((_, total, true))) if total == offset => return,
                 Ok(Some((s, _, _))) => from = Some(s),
-                Err(e) => {
-                    tracing::debug!("reattach at byte {offset}: {e:#}");
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                }
+                Err(e) => tracing::debug!("reattach at byte {offset}: {e:#}"),
             }
         }
     })

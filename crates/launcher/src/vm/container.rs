@@ -629,16 +629,13 @@ fn wire_stdio(
             let pid = p as i32;
             nestor_container::state::proc_start(pid).map(|(start, _)| (pid, start))
         });
+        let gone = move || vmm.is_some_and(|(pid, start)| !crate::docker::store::alive(pid, start));
         let resume = |stream| {
             let vsock = vsock.to_path_buf();
             let guest_id = guest_id.to_string();
-            move |offset| {
-                match sandbox::reattach_at(&vsock, &guest_id, stream, offset) {
-                Err(_) if vmm.is_some_and(|(pid, start)| {
-                    !matches!(nestor_container::state::proc_start(pid), Some((s, false)) if s == start)
-                }) => Ok(None),
+            move |offset| match sandbox::reattach_at(&vsock, &guest_id, stream, offset) {
+                Err(_) if gone() => Ok(None),
                 other => other,
-            }
             }
         };
         vec![

@@ -1187,7 +1187,6 @@ impl Agent {
         self
     }
 
-    /// A second connection for another thread (e.g. signal forwarding).
     /// The connection itself (a stdio stream now), without the request deadlines: an
     /// idle stream is not a broken one.
     pub fn into_stream(self) -> UnixStream {
