@@ -120,6 +120,43 @@ fn dispatch(cli: &Cli) -> Result<i32> {
             interval,
             id,
         } => oci::events(&rt, id, *stats, interval)?,
+        Cmd::Checkpoint(a) if a.dir.is_some() => {
+            let dir = a.dir.as_deref().unwrap_or(std::path::Path::new("."));
+            vm::checkpoint::checkpoint(&a.id, dir, a.leave_running)?
+        }
+        Cmd::Checkpoint(a)
+            if docker::store::resolve(&a.id).is_ok_and(|m| m.vm.is_some())
+                && rt.state(&a.id).is_err() =>
+        {
+            anyhow::bail!(
+                "checkpoint of VM container {}: give a directory (nestor checkpoint {} DIR)",
+                a.id,
+                a.id
+            )
+        }
+        // An OCI id has no '/': a path is a VM container's checkpoint directory.
+        Cmd::Restore(a)
+            if a.id.contains('/') || vm::checkpoint::is_checkpoint(std::path::Path::new(&a.id)) =>
+        {
+            return vm::checkpoint::restore(std::path::Path::new(&a.id), a.name.as_deref())
+        }
+        Cmd::Restore(a) if a.name.is_some() => {
+            anyhow::bail!(
+                "restore --name: {} is not a checkpoint directory of a VM container",
+                a.id
+            )
+        }
+        Cmd::Migrate(a) => {
+            return match (&a.listen, &a.container, &a.to) {
+                (Some(l), ..) => vm::migrate::migrate_in(l, a.name.as_deref()),
+                (None, Some(c), Some(to)) => {
+                    vm::migrate::migrate_out(c, to, &a.strategy, a.downtime_ms).map(|()| 0)
+                }
+                _ => Err(anyhow::anyhow!(
+                    "migrate: give NAME --to ADDR, or --listen ADDR"
+                )),
+            }
+        }
         Cmd::Checkpoint(a) if oci_vm::exists(&cli.root, &a.id) => {
             anyhow::bail!(
                 "checkpoint: {} is a VM container; CRIU checkpoints native containers only",

@@ -27,6 +27,12 @@ fn run_in(netns: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Gives interface `ifname` in `netns` the MAC address `mac` (a restored guest keeps
+/// the MAC it had, so the interface it is joined to takes it again).
+pub fn set_mac(netns: &Path, ifname: &str, mac: &str) -> Result<()> {
+    run_in(netns, &["ip", "link", "set", "dev", ifname, "address", mac])
+}
+
 /// Makes `tap` in `netns` (owned by `owner`, uid and gid, when an unprivileged VMM
 /// opens it) and redirects `ifname` <-> `tap`.
 pub fn plumb(netns: &Path, ifname: &str, tap: &str, owner: Option<(u32, u32)>) -> Result<()> {

@@ -122,6 +122,9 @@ pub enum Cmd {
     /// OCI: save a running container with CRIU (runc's flags); without
     /// --leave-running or --pre-dump the container is then gone.
     Checkpoint(CheckpointArgs),
+    /// Move a running `run --vm -d` container to another nestor (its microVM migrates
+    /// live), or with --listen take one in.
+    Migrate(MigrateArgs),
     /// OCI: a new container from a bundle, its processes CRIU's restore of a
     /// checkpoint (runc's flags); waits for it and exits with its code unless --detach.
     Restore(RestoreArgs),
@@ -513,7 +516,35 @@ pub struct CheckpointArgs {
     /// FD CRIU writes to when lazy pages are ready: not supported by nestor.
     #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
     pub status_fd: i32,
+    /// The container: an OCI id in --root, or a `nestor run --vm -d` container's name
+    /// or id (then DIR is required).
     pub id: String,
+    /// A VM container's checkpoint directory (new or empty): the whole microVM is
+    /// snapshotted into it (`nestor restore DIR` runs it again).
+    pub dir: Option<PathBuf>,
+}
+
+/// `nestor migrate NAME --to ADDR` / `nestor migrate --listen ADDR`.
+#[derive(Args, Debug, Clone)]
+pub struct MigrateArgs {
+    /// The container to move (with --to).
+    #[arg(required_unless_present = "listen")]
+    pub container: Option<String>,
+    /// Where it goes: unix:PATH or tcp:IP:PORT, where a `nestor migrate --listen` waits.
+    #[arg(long, required_unless_present = "listen", conflicts_with = "listen")]
+    pub to: Option<String>,
+    /// pre-copy (copy memory while the VM runs, then the rest paused) or stop-copy.
+    #[arg(long, default_value = "pre-copy")]
+    pub strategy: String,
+    /// pre-copy's target for the paused part, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_ms: u64,
+    /// Take one container in on unix:PATH or tcp:IP:PORT; prints its id once it runs.
+    #[arg(long, conflicts_with = "container")]
+    pub listen: Option<String>,
+    /// With --listen: run it under this name (its own by default).
+    #[arg(long, requires = "listen")]
+    pub name: Option<String>,
 }
 
 /// OCI `restore ID` (runc's flags).
@@ -541,6 +572,12 @@ pub struct RestoreArgs {
     pub no_subreaper: bool,
     #[arg(long, hide = true)]
     pub no_pivot: bool,
+    /// With a VM container's checkpoint directory: restore a copy under this name
+    /// (with an id of its own).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The container's OCI id, or a VM container's checkpoint directory (made by
+    /// `nestor checkpoint NAME DIR`).
     pub id: String,
 }
 

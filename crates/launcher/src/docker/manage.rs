@@ -200,6 +200,7 @@ pub fn inspect(name: &str) -> Result<()> {
             "Command": m.command, "Created": rfc3339(m.created_ns), "Status": m.status_line(),
             "ExitCode": m.exit_code, "OOMKilled": m.oom_killed, "AutoRemove": m.auto_remove,
             "Bundle": store::dir(&m.id), "VM": null, "Jail": m.jail,
+            "Checkpoint": m.checkpoint,
         });
         if let (Some(o), serde_json::Value::Object(extra)) =
             (v.as_object_mut(), m.placement().inspect())

@@ -58,7 +58,13 @@ impl Placement<'_> {
             Placement::Native { meta, rt } => {
                 let _ = rt.kill(&meta.id, Signal::SIGKILL, true);
             }
-            Placement::Vm { vm, .. } => crate::vm::container::kill_vmm(vm),
+            Placement::Vm { meta, vm } => {
+                use crate::vm::container::{kill_vmm, mark_stop, StopMark};
+                if vm.pod.is_none() {
+                    let _ = mark_stop(&meta.id, &StopMark::Kill);
+                }
+                kill_vmm(vm)
+            }
         }
     }
 

@@ -169,11 +169,34 @@ fn stdin_null() -> Result<()> {
 fn detach(
     mode: &mut impl Mode,
     a: &RunArgs,
-    mut meta: Meta,
+    meta: Meta,
     image: &nestor_image::Image,
 ) -> Result<i32> {
     let mut quiet = a.clone();
     quiet.ctr.interactive = false;
+    let id = monitor(
+        mode,
+        meta,
+        |mode, meta| mode.start(&quiet, meta, image),
+        |meta| {
+            let _ = store::remove_dir(&meta.id);
+        },
+    )?;
+    println!("{id}");
+    Ok(0)
+}
+
+/// Forks the monitor of a detached container (`run -d`, `restore`): in a session of
+/// its own, its stdio the container's log (warnings of the start still reach the
+/// caller's terminal); `start` starts the container of the saved record `meta`, then the
+/// monitor waits for it and records its exit. Returns the container's id once it
+/// started; `failed` undoes the record when it did not (or its wait failed).
+pub(crate) fn monitor<M: Mode>(
+    mode: &mut M,
+    mut meta: Meta,
+    start: impl FnOnce(&mut M, &mut Meta) -> Result<()>,
+    failed: impl FnOnce(&Meta),
+) -> Result<String> {
     let (_, id) = crate::sys::helper::fork("container monitor", |ready| {
         let res = (|| -> Result<i32> {
             nix::unistd::setsid().context("setsid")?;
@@ -194,7 +217,7 @@ fn detach(
             }
             nix::unistd::dup2(log.as_raw_fd(), 1).context("redirect stdout")?;
             nix::unistd::dup2(log.as_raw_fd(), 2).context("redirect stderr")?;
-            let started = mode.start(&quiet, &mut meta, image);
+            let started = start(mode, &mut meta);
             crate::sys::notice::release();
             if let Err(e) = started {
                 mode.abort(&meta);
@@ -206,10 +229,9 @@ fn detach(
             Ok(0)
         })();
         if res.is_err() {
-            let _ = store::remove_dir(&meta.id);
+            failed(&meta);
         }
         res
     })?;
-    println!("{id}");
-    Ok(0)
+    Ok(id)
 }

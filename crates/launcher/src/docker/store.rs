@@ -12,7 +12,8 @@
 //! that group once a `--userns` container owns its data), `images/`, `pods/` and
 //! `networks/` are 0700, and the VM
 //! assets (`vm/`, `vm-disks/`) are 0710 with the default jail group, so a jailed VMM
-//! binds them without a copy. [`data_root`] puts these modes right once per process,
+//! binds them without a copy, as is `vm-state/` (each `vm-state/<id>/`, where a jailed
+//! VMM writes its snapshots, 0770 with its jail's group). [`data_root`] puts these modes right once per process,
 //! so a store made by an older nestor is fixed at its next start.
 
 use std::path::{Path, PathBuf};
@@ -78,6 +79,7 @@ fn secure_layout(root: &Path) {
         "networks",
         "volumes",
         "vm-disks",
+        "vm-state",
         "containers",
     ] {
         let _ = std::fs::create_dir(root.join(d));
@@ -88,7 +90,7 @@ fn secure_layout(root: &Path) {
     // Traverse only, as containers/: each volume's own directory is closed (0700), or
     // open to the group of the `--userns` root that owns its data (0710).
     fix_mode(&root.join("volumes"), 0o711, None);
-    for d in ["vm", "vm-disks"] {
+    for d in ["vm", "vm-disks", "vm-state"] {
         fix_mode(&root.join(d), 0o710, Some(JAIL_ID_DEFAULT));
     }
     let containers = root.join("containers");
@@ -210,6 +212,10 @@ pub struct Meta {
     /// removes it with the pod, as podman's does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// The checkpoint that stopped it (`nestor checkpoint` without --leave-running),
+    /// until it is restored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<PathBuf>,
 }
 
 /// The microVM of a `run --vm` container.
@@ -252,6 +258,7 @@ impl Meta {
             Status::Running if self.owner_alive() => "Up".into(),
             Status::Running => "Orphaned (run nestor gc)".into(),
             Status::Created => "Created".into(),
+            _ if self.checkpoint.is_some() => "Exited (checkpointed)".into(),
             _ => format!(
                 "Exited ({}){}",
                 self.exit_code.unwrap_or(-1),
@@ -400,6 +407,7 @@ pub fn new_meta(
         volumes: Vec::new(),
         vm: None,
         pod: None,
+        checkpoint: None,
     }
 }
 

@@ -551,7 +551,7 @@ pub fn prepare(c: &JailConfig) -> Result<PathBuf> {
 
 /// The first directory on the path to `path` that `uid`:`gid` cannot search (None:
 /// the file is reachable).
-fn closed_dir(path: &Path, uid: u32, gid: u32) -> Option<PathBuf> {
+pub(crate) fn closed_dir(path: &Path, uid: u32, gid: u32) -> Option<PathBuf> {
     use std::os::unix::fs::MetadataExt;
     let abs = std::fs::canonicalize(path).ok()?;
     let mut dir = abs.parent();

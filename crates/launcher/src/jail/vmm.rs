@@ -44,6 +44,15 @@ pub struct VmmSpec {
     /// More nestor-vmm arguments, passed as they are (e.g. `--seccomp-filter` of a file
     /// given in `files`).
     pub extra_args: Vec<String>,
+    /// Instead of booting `kernel`: restore a snapshot directory (bound read-only at
+    /// /vm/snapshot; its files must be readable by the jail's group), or take a
+    /// migration in on the shared directory's
+    /// [`MIGRATION_SOCKET`](crate::vm::sandbox::MIGRATION_SOCKET) (needs `vsock`).
+    pub source: Option<crate::vm::sandbox::VmSource>,
+    /// A host directory bound writable at
+    /// [`JAIL_STATE_DIR`](crate::vm::sandbox::JAIL_STATE_DIR), where the VMM's
+    /// snapshots go.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// A jailed nestor-vmm, as seen from the host.
@@ -129,24 +138,47 @@ pub fn spawn_jailed_vmm(
         None | Some("stdio") | Some("none") => {}
         Some(other) => bail!("--console {other}: a jailed VMM writes its console to stdio or none"),
     }
-    let mut files = vec![JailFile {
-        host: spec.kernel.clone(),
-        inside: "/vm/kernel".into(),
-        writable: false,
-    }];
-    if let Some(i) = &spec.initrd {
+    let mut files = Vec::new();
+    let mut args: Vec<String> = Vec::new();
+    let mut dirs = Vec::new();
+    use crate::vm::sandbox::{VmSource, MIGRATION_SOCKET};
+    if let Some(VmSource::Snapshot(snap)) = &spec.source {
+        dirs.push(JailDir {
+            host: snap.clone(),
+            inside: "/vm/snapshot".into(),
+            read_only: true,
+        });
+        args.extend(["--restore".into(), "/vm/snapshot".into(), "--resume".into()]);
+    } else if let Some(VmSource::Migration) = &spec.source {
+        args.extend([
+            "--migrate-from".into(),
+            format!("unix:/run/nestor/{MIGRATION_SOCKET}"),
+        ]);
+    } else {
         files.push(JailFile {
-            host: i.clone(),
-            inside: "/vm/initrd".into(),
+            host: spec.kernel.clone(),
+            inside: "/vm/kernel".into(),
             writable: false,
         });
+        args.extend(["--kernel".into(), "/vm/kernel".into()]);
+        if let Some(i) = &spec.initrd {
+            files.push(JailFile {
+                host: i.clone(),
+                inside: "/vm/initrd".into(),
+                writable: false,
+            });
+            args.extend(["--initrd".into(), "/vm/initrd".into()]);
+        }
+        if let Some(c) = &spec.cmdline {
+            args.extend(["--cmdline".into(), c.clone()]);
+        }
     }
-    let mut args = vec!["--kernel".to_string(), "/vm/kernel".into()];
-    if spec.initrd.is_some() {
-        args.extend(["--initrd".into(), "/vm/initrd".into()]);
-    }
-    if let Some(c) = &spec.cmdline {
-        args.extend(["--cmdline".into(), c.clone()]);
+    if let Some(d) = &spec.state_dir {
+        dirs.push(JailDir {
+            host: d.clone(),
+            inside: crate::vm::sandbox::JAIL_STATE_DIR.into(),
+            read_only: false,
+        });
     }
     args.extend(["--mem".into(), mem_mib.to_string()]);
     args.extend(["--vcpus".into(), vcpus.to_string()]);
@@ -190,7 +222,6 @@ pub fn spawn_jailed_vmm(
     if let Some(c) = &spec.console {
         args.extend(["--console".into(), c.clone()]);
     }
-    let mut dirs = Vec::new();
     for (n, (host, tag)) in spec.fs.iter().enumerate() {
         let inside = format!("/run/fs{n}");
         args.extend([
@@ -212,8 +243,13 @@ pub fn spawn_jailed_vmm(
     c.die_with_parent = true;
     c.nproc = vcpus + 16;
     // With virtio-fs, guest memory is a memfd shared with the file servers, sized by
-    // ftruncate: RLIMIT_FSIZE must admit it.
-    let shared_mem = if spec.fs.is_empty() { 0 } else { mem_mib << 20 };
+    // ftruncate; a snapshot's memory file is as large as guest memory: RLIMIT_FSIZE
+    // must admit either.
+    let shared_mem = if spec.fs.is_empty() && spec.state_dir.is_none() {
+        0
+    } else {
+        mem_mib << 20
+    };
     c.fsize = Some(
         opts.fsize
             .unwrap_or(largest_rw.max(shared_mem).max(1 << 20)),

@@ -610,6 +610,8 @@ fn shim(s: Shim, ready: &mut crate::sys::helper::Ready) -> Result<i32> {
                 netns: net.as_ref().map(|n| n.netns.clone()),
                 jail: None,
                 jail_fallback: false,
+                source: None,
+                state_dir: None,
             },
         )?,
     };

@@ -28,16 +28,36 @@ pub fn pump<R: Read + Send + 'static, W: Write + Send + 'static>(
 /// How long [`pump_resumable`] tries to get a stream back without a byte of progress.
 pub const RESUME_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Where a durable stream's pump records how many bytes it copied: a slot of 8 bytes
+/// (little-endian) in a file shared by a container's pumps, rewritten after each copy.
+/// A checkpoint reads it to know where the copy stands (`vm::checkpoint`).
+#[derive(Clone)]
+pub struct Counter {
+    pub file: std::sync::Arc<std::fs::File>,
+    pub slot: u64,
+}
+
+impl Counter {
+    fn record(&self, offset: u64) {
+        use std::os::unix::fs::FileExt;
+        let _ = self.file.write_all_at(&offset.to_le_bytes(), self.slot * 8);
+    }
+}
+
 /// Copies a durable stream (the agent's relayed output, which outlives a connection)
-/// into `to` until the stream's end. When a connection ends, `reattach(offset)` asks for
-/// a new one from the byte count copied so far; it answers the connection, the bytes
-/// the stream had carried then and whether it had ended, or `None` when the agent
-/// refuses for good. The copy is over when the stream ended and every byte of it was
-/// copied, when the agent refuses, or when no connection brings a byte for
-/// [`RESUME_PATIENCE`] (the VM is gone).
+/// into `to` until the stream's end, starting at byte `start` of the stream (what an
+/// earlier copy took; 0 for a new one). When a connection ends (or with `first` None,
+/// at once), `reattach(offset)` asks for a new one from the byte count copied so far;
+/// it answers the connection, the bytes the stream had carried then and whether it had
+/// ended, or `None` when the agent refuses for good. The copy is over when the stream
+/// ended and every byte of it was copied, when the agent refuses, or when no
+/// connection brings a byte for [`RESUME_PATIENCE`] (the VM is gone). `counter`, when
+/// given, records the byte count after each write.
 pub fn pump_resumable<W, F>(
-    first: std::os::unix::net::UnixStream,
+    first: Option<std::os::unix::net::UnixStream>,
+    start: u64,
     mut to: W,
+    counter: Option<Counter>,
     mut reattach: F,
 ) -> std::thread::JoinHandle<()>
 where
@@ -48,8 +68,11 @@ where
 {
     std::thread::spawn(move || {
         let mut buf = [0u8; 16384];
-        let mut offset = 0u64;
-        let mut from = Some(first);
+        let mut offset = start;
+        let mut from = first;
+        if let Some(c) = &counter {
+            c.record(offset);
+        }
         // Since when the stream is lost: a connection ended, and no byte came since.
         let mut lost: Option<std::time::Instant> = None;
         loop {
@@ -64,6 +87,9 @@ where
                                 return;
                             }
                             let _ = to.flush();
+                            if let Some(c) = &counter {
+                                c.record(offset);
+                            }
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                         Err(_) => break,

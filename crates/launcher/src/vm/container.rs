@@ -223,10 +223,10 @@ fn jailed(a: &RunArgs, disks: &[(PathBuf, bool)]) -> Result<bool> {
 /// The VMM's jail, limited to the guest's memory plus the VMM's overhead and to the
 /// guest's vCPUs plus one CPU for the VMM's own threads (see
 /// [`crate::jail::vmm::VMM_OVERHEAD_CPUS`]).
-fn jail_opts(a: &RunArgs, mem_mib: u32, vcpus: u8) -> crate::cli::JailOpts {
+fn jail_opts(jail: VmJail, mem_mib: u32, vcpus: u8) -> crate::cli::JailOpts {
     crate::cli::JailOpts {
-        jail_uid: a.jail.uid,
-        jail_gid: a.jail.gid,
+        jail_uid: jail.uid,
+        jail_gid: jail.gid,
         memory: Some(format!(
             "{}m",
             u64::from(mem_mib) + crate::jail::vmm::VMM_OVERHEAD_MIB
@@ -312,6 +312,145 @@ struct Running {
     outputs: Vec<std::thread::JoinHandle<()>>,
     timings: Timings,
     start: Instant,
+}
+
+/// How a VM of a container's own was made, as a checkpoint needs it to make the VM
+/// again (`vm-boot.json` in the container's directory).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct VmBoot {
+    /// Disks in guest order: the image's first (made again from the image on restore),
+    /// then volume disks, each with whether it is read-only.
+    pub disks: Vec<(PathBuf, bool)>,
+    pub disk_opts: Vec<String>,
+    /// Directories shared over virtio-fs (a snapshot cannot carry their file servers).
+    pub shares: usize,
+    /// Its network, as a restore attaches it again.
+    pub net: Option<NetSaved>,
+    /// Whether a volume is writable (the guest must sync before its VM goes).
+    pub writable_disks: bool,
+    /// The VMM's jail, when it is jailed.
+    pub jail: Option<VmJail>,
+    /// With a jail: the host directory the jail sees at
+    /// [`sandbox::JAIL_STATE_DIR`] (snapshots are written there).
+    pub state_dir: Option<PathBuf>,
+}
+
+/// A VM container's place on its network: a restored guest keeps its address and MAC
+/// (they are in its memory), so the host side is attached again with the same ones.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct NetSaved {
+    pub networks: Vec<String>,
+    pub ip: std::net::Ipv4Addr,
+    pub mac: String,
+    /// The published ports, host ports as they were chosen.
+    pub ports: Vec<nestor_network::PortMapping>,
+    pub dns: Vec<std::net::Ipv4Addr>,
+    pub add_hosts: Vec<(String, std::net::Ipv4Addr)>,
+    pub hostname: String,
+}
+
+impl NetSaved {
+    fn of(
+        req: &nestor_network::AttachRequest,
+        net: &VmNet,
+        ports: &[nestor_network::PortMapping],
+    ) -> Option<NetSaved> {
+        let Request::Network { ifaces, .. } = &net.request else {
+            return None;
+        };
+        let i = ifaces.first()?;
+        let ip = i.address.split('/').next()?.parse().ok()?;
+        Some(NetSaved {
+            networks: req.networks.clone(),
+            ip,
+            mac: i.mac.clone(),
+            ports: ports.to_vec(),
+            dns: req.dns.clone(),
+            add_hosts: req.add_hosts.clone(),
+            hostname: req.hostname.clone(),
+        })
+    }
+
+    /// Attaches container `meta` again as it was (address, MAC, ports); records it.
+    fn attach(&self, meta: &mut Meta, jailed: bool) -> Result<VmNet> {
+        let req = nestor_network::AttachRequest {
+            container_id: meta.id.clone(),
+            name: meta.name.clone(),
+            hostname: self.hostname.clone(),
+            networks: self.networks.clone(),
+            ports: self.ports.clone(),
+            ip: Some(self.ip),
+            dns: self.dns.clone(),
+            add_hosts: self.add_hosts.clone(),
+            files_dir: store::dir(&meta.id),
+        };
+        let (net, ports) = vm_net_from(&req, jailed, Some(&self.mac))?;
+        meta.networks = self.networks.clone();
+        meta.ports = ports;
+        store::save(meta)?;
+        Ok(net)
+    }
+}
+
+/// The uid and group a VMM's jail maps its root to (`--jail-uid`, `--jail-gid`).
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub(crate) struct VmJail {
+    pub uid: Option<u32>,
+    pub gid: u32,
+}
+
+/// The file of a container's [`VmBoot`].
+pub(crate) fn boot_file(id: &str) -> PathBuf {
+    store::dir(id).join("vm-boot.json")
+}
+
+/// Where the VMM of container `id` writes its snapshots when jailed.
+fn state_dir(id: &str) -> PathBuf {
+    store::data_root().join("vm-state").join(id)
+}
+
+/// Removes container `id`'s [`state_dir`] (what a checkpoint left there is moved out).
+fn remove_state_dir(id: &str) {
+    let d = state_dir(id);
+    if d.exists() {
+        if let Err(e) = std::fs::remove_dir_all(&d) {
+            tracing::warn!("cannot remove {}: {e}", d.display());
+        }
+    }
+}
+
+/// The directory a jailed VMM's snapshots go to (under the data root, which a jail's
+/// uid may cross), made writable by the jails' group.
+fn make_state_dir(id: &str, gid: u32) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let d = state_dir(id);
+    match std::fs::create_dir(&d) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("create {}", d.display())),
+    }
+    nix::unistd::chown(&d, None, Some(gid.into()))
+        .with_context(|| format!("give {} the jail's group", d.display()))?;
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o770))
+        .with_context(|| format!("chmod {}", d.display()))?;
+    Ok(d)
+}
+
+/// Records the VM `sb` runs for the container in `meta` (and its jail).
+fn record_vm(meta: &mut Meta, sb: &Sandbox, mem_mib: u32, vcpus: u8, guest_id: &str) {
+    let pid = sb.vmm_pid().unwrap_or(0) as i32;
+    meta.vm = Some(VmMeta {
+        vmm_pid: pid,
+        vmm_start: nestor_container::state::proc_start(pid)
+            .map(|s| s.0)
+            .unwrap_or(0),
+        sandbox: sb.dir().to_path_buf(),
+        mem_mib,
+        vcpus,
+        guest_id: guest_id.to_string(),
+        pod: None,
+    });
+    meta.jail = sb.jail_id().map(str::to_string);
 }
 
 /// `--device-read-bps` and co. in VM mode: nestor-vmm's `--disk` options limiting the
@@ -429,35 +568,41 @@ fn vm_network(
     meta: &mut Meta,
     image: &nestor_image::Image,
     jailed: bool,
-) -> Result<Option<VmNet>> {
+) -> Result<Option<(VmNet, Option<NetSaved>)>> {
     let crate::cli::NetworkMode::Networks(names) = vm_net_mode(a) else {
         // `check` refused the other modes.
         return Ok(None);
     };
     let req = crate::docker::native::attach_request(a, meta, image, &names)?;
-    let (net, ports) = vm_net_from(&req, jailed)?;
+    let (net, ports) = vm_net_from(&req, jailed, None)?;
+    let saved = NetSaved::of(&req, &net, &ports);
     meta.networks = names;
     meta.ports = ports;
     store::save(meta)?;
-    Ok(Some(net))
+    Ok(Some((net, saved)))
 }
 
 /// A VM's network from `req`: attached (undone by `detach` of the request's id on
 /// every path, including a failure here), the tap plumbed, the agent's request built;
 /// with the published ports as chosen.
-/// A jailed VMM's tap is made by the jail, owned by its uid.
+/// A jailed VMM's tap is made by the jail, owned by its uid. `mac`: the interface
+/// takes this MAC (a restored guest's) instead of the one CNI gave.
 pub(crate) fn vm_net_from(
     req: &nestor_network::AttachRequest,
     jailed: bool,
+    mac: Option<&str>,
 ) -> Result<(VmNet, Vec<nestor_network::PortMapping>)> {
     let nets = store::networks()?;
     let at = nets.attach(req)?;
     let r = (|| {
         let i = at.ifaces.first().context("the network gave no interface")?;
-        let (mac, address) = match (&i.mac, i.address) {
-            (Some(m), Some(a)) => (m.clone(), a),
+        let (mac, address) = match (mac.or(i.mac.as_deref()), i.address) {
+            (Some(m), Some(a)) => (m.to_string(), a),
             _ => bail!("network {}: CNI gave no address or MAC", i.network),
         };
+        if i.mac.as_deref() != Some(&mac) {
+            nestor_network::tap::set_mac(&at.netns, "eth0", &mac)?;
+        }
         if !jailed {
             nestor_network::tap::plumb(&at.netns, "eth0", "tap0", None)?;
         }
@@ -501,7 +646,7 @@ fn boot_own(
     let root_disk = crate::vm::disk::image_disk(image)?;
     let mut disks = vec![(root_disk, true)];
     disks.extend(vols.disks.iter().map(|v| (v.file.clone(), v.read_only)));
-    let disk_opts = vm_disk_limit(a)?.into_iter().collect();
+    let disk_opts: Vec<String> = vm_disk_limit(a)?.into_iter().collect();
     let shares = vols
         .shares
         .iter()
@@ -523,6 +668,24 @@ fn boot_own(
         .clone()
         .unwrap_or_else(|| meta.id[..12].to_string());
     let jailed = jailed(a, &disks)?;
+    let jail = VmJail {
+        uid: a.jail.uid,
+        gid: a.jail.gid,
+    };
+    let state_dir = match jailed {
+        true => Some(make_state_dir(&meta.id, jail.gid)?),
+        false => None,
+    };
+    let boot = VmBoot {
+        disks: disks.clone(),
+        disk_opts: disk_opts.clone(),
+        shares: vols.shares.len(),
+        net: None,
+        writable_disks: vols.disks.iter().any(|v| !v.read_only)
+            || vols.shares.iter().any(|v| !v.read_only),
+        jail: jailed.then_some(jail),
+        state_dir: state_dir.clone(),
+    };
     let vnet = vm_network(a, meta, image, jailed)?;
     let sb = Sandbox::boot(
         guest_id,
@@ -534,26 +697,23 @@ fn boot_own(
             disk_opts,
             shares,
             hostname,
-            net: vnet.as_ref().map(|n| n.tap.clone()),
-            netns: vnet.as_ref().map(|n| n.netns.clone()),
-            jail: jailed.then(|| jail_opts(a, mem_mib, vcpus)),
+            net: vnet.as_ref().map(|n| n.0.tap.clone()),
+            netns: vnet.as_ref().map(|n| n.0.netns.clone()),
+            jail: jailed.then(|| jail_opts(jail, mem_mib, vcpus)),
             jail_fallback: !a.jail.strict,
+            source: None,
+            state_dir,
         },
     )?;
-    let pid = sb.vmm_pid().unwrap_or(0) as i32;
-    meta.vm = Some(VmMeta {
-        vmm_pid: pid,
-        vmm_start: nestor_container::state::proc_start(pid)
-            .map(|s| s.0)
-            .unwrap_or(0),
-        sandbox: sb.dir().to_path_buf(),
-        mem_mib,
-        vcpus,
-        guest_id: guest_id.to_string(),
-        pod: None,
-    });
-    meta.jail = sb.jail_id().map(str::to_string);
-    Ok((sb, proto::disk_device(0), vnet.map(|n| n.request)))
+    record_vm(meta, &sb, mem_mib, vcpus, guest_id);
+    let (request, net) = match vnet {
+        Some((n, saved)) => (Some(n.request), saved),
+        None => (None, None),
+    };
+    let boot = VmBoot { net, ..boot };
+    std::fs::write(boot_file(&meta.id), serde_json::to_vec_pretty(&boot)?)
+        .context("write vm-boot.json")?;
+    Ok((sb, proto::disk_device(0), request))
 }
 
 /// The connections a run needs: control, stdio (as asked), signals.
@@ -607,12 +767,15 @@ fn connect_all(vsock: &Path, probed: Option<Agent>, a: &RunArgs, guest_id: &str)
 /// threads that carry its output.
 fn wire_stdio(
     a: &RunArgs,
+    record: &Path,
     vsock: &Path,
     vmm: Option<u32>,
     guest_id: &str,
-    stdin: Option<UnixStreamAlias>,
-    stdout: UnixStreamAlias,
-    stderr: Option<UnixStreamAlias>,
+    (stdin, stdout, stderr): (
+        Option<UnixStreamAlias>,
+        UnixStreamAlias,
+        Option<UnixStreamAlias>,
+    ),
 ) -> Result<Vec<std::thread::JoinHandle<()>>> {
     if a.ctr.tty {
         return Ok(vec![crate::sys::tty::proxy_split(
@@ -623,25 +786,13 @@ fn wire_stdio(
     }
     let stderr = stderr.context("no stderr stream")?;
     let outputs = if a.ctr.detach {
-        // Durable streams (see `connect_all`): picked up again where they broke, while
-        // the VMM runs (one this process owns: a pod's is not watched here).
-        let vmm = vmm.and_then(|p| {
-            let pid = p as i32;
-            nestor_container::state::proc_start(pid).map(|(start, _)| (pid, start))
-        });
-        let gone = move || vmm.is_some_and(|(pid, start)| !crate::docker::store::alive(pid, start));
-        let resume = |stream| {
-            let vsock = vsock.to_path_buf();
-            let guest_id = guest_id.to_string();
-            move |offset| match sandbox::reattach_at(&vsock, &guest_id, stream, offset) {
-                Err(_) if gone() => Ok(None),
-                other => other,
-            }
-        };
-        vec![
-            crate::sys::pump::pump_resumable(stdout, std::io::stdout(), resume(Stream::Stdout)),
-            crate::sys::pump::pump_resumable(stderr, std::io::stderr(), resume(Stream::Stderr)),
-        ]
+        durable_pumps(
+            record,
+            vsock,
+            vmm,
+            guest_id,
+            [(Some(stdout), 0), (Some(stderr), 0)],
+        )?
     } else {
         vec![
             pump(stdout, std::io::stdout()),
@@ -655,6 +806,82 @@ fn wire_stdio(
         });
     }
     Ok(outputs)
+}
+
+/// The file where a detached VM container's output pumps record how far each stream
+/// (stdout, then stderr) was copied into its log ([`crate::sys::pump::Counter`]).
+pub(crate) fn streams_file(id: &str) -> PathBuf {
+    store::dir(id).join("streams")
+}
+
+/// Reads [`streams_file`]: the bytes of stdout and stderr copied into the log so far.
+pub(crate) fn read_streams(id: &str) -> [u64; 2] {
+    let b = std::fs::read(streams_file(id)).unwrap_or_default();
+    let at = |i: usize| {
+        b.get(i * 8..i * 8 + 8)
+            .and_then(|s| s.try_into().ok())
+            .map_or(0, u64::from_le_bytes)
+    };
+    [at(0), at(1)]
+}
+
+/// The pumps of a detached container's durable output streams (see `connect_all`),
+/// stdout and stderr into nestor's own (the log), each from its connection (None:
+/// reattached at once) and byte offset, picked up again where they broke while the
+/// VMM runs (one this process owns: a pod's is not watched here); each records its
+/// count in the record's [`streams_file`].
+fn durable_pumps(
+    record: &Path,
+    vsock: &Path,
+    vmm: Option<u32>,
+    guest_id: &str,
+    from: [(Option<UnixStreamAlias>, u64); 2],
+) -> Result<Vec<std::thread::JoinHandle<()>>> {
+    let vmm = vmm.and_then(|p| {
+        let pid = p as i32;
+        nestor_container::state::proc_start(pid).map(|(start, _)| (pid, start))
+    });
+    let gone = move || vmm.is_some_and(|(pid, start)| !crate::docker::store::alive(pid, start));
+    let resume = |stream| {
+        let vsock = vsock.to_path_buf();
+        let guest_id = guest_id.to_string();
+        move |offset| match sandbox::reattach_at(&vsock, &guest_id, stream, offset) {
+            Err(_) if gone() => Ok(None),
+            other => other,
+        }
+    };
+    let path = record.join("streams");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
+    let file = std::sync::Arc::new(file);
+    let counter = |slot| {
+        Some(crate::sys::pump::Counter {
+            file: file.clone(),
+            slot,
+        })
+    };
+    let [(out, out_at), (err, err_at)] = from;
+    Ok(vec![
+        crate::sys::pump::pump_resumable(
+            out,
+            out_at,
+            std::io::stdout(),
+            counter(0),
+            resume(Stream::Stdout),
+        ),
+        crate::sys::pump::pump_resumable(
+            err,
+            err_at,
+            std::io::stderr(),
+            counter(1),
+            resume(Stream::Stderr),
+        ),
+    ])
 }
 
 /// Boots the VM and starts the container in it, with stdio wired to nestor's own.
@@ -710,12 +937,11 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
     }
     let outputs = wire_stdio(
         a,
+        &store::dir(&meta.id),
         &vsock,
         sb.vmm_pid(),
         &guest_id,
-        c.stdin,
-        c.stdout,
-        c.stderr,
+        (c.stdin, c.stdout, c.stderr),
     )?;
     // From here on, signals to nestor are queued for the container (a signal sent
     // as soon as the container's first output appears must not kill nestor).
@@ -825,6 +1051,135 @@ fn wait_and_stop(r: &mut Running) -> Result<i32> {
     Ok(code)
 }
 
+/// What a restore starts from: a checkpoint's VM snapshot and how its VM was made.
+pub(crate) struct Restoring {
+    /// The VM snapshot directory (None: the VM comes in by live migration).
+    pub snapshot: Option<PathBuf>,
+    pub boot: VmBoot,
+    /// Disks in guest order (the image's made on this host).
+    pub disks: Vec<(PathBuf, bool)>,
+    pub mem_mib: u32,
+    pub vcpus: u8,
+    /// The container's id in the guest's agent.
+    pub guest_id: String,
+    /// Where the output streams stood in the log (stdout, stderr).
+    pub streams: [u64; 2],
+}
+
+/// Takes a VM in (`receive`) once it is built from a migration: returns where the
+/// output streams stood in the log.
+pub(crate) type Receive<'a> = &'a mut dyn FnMut(&mut Sandbox, &Meta) -> Result<[u64; 2]>;
+
+/// Builds the VM of a checkpoint, or of a live migration (`receive` takes it in), and
+/// takes the container in it over as `run -d` does: its output appended to the log from
+/// where the log stood, signals forwarded, its exit waited for. Records the VM in
+/// `meta` (running).
+fn resume_running(meta: &mut Meta, r: &Restoring, receive: Option<Receive>) -> Result<Running> {
+    let assets = Assets::find(None, None)?;
+    let jail = r.boot.jail;
+    let state_dir = jail.map(|j| make_state_dir(&meta.id, j.gid)).transpose()?;
+    // A jailed VMM binds the snapshot: one its uid cannot reach is staged first.
+    let (source, staged) = match (&r.snapshot, jail, &state_dir) {
+        (None, ..) => (sandbox::VmSource::Migration, None),
+        (Some(s), Some(j), Some(d)) => {
+            let (at, staged) = crate::vm::checkpoint::reachable_snapshot(s, d, j.gid)?;
+            let staged = staged.then(|| at.clone());
+            (sandbox::VmSource::Snapshot(at), staged)
+        }
+        (Some(s), ..) => (sandbox::VmSource::Snapshot(s.clone()), None),
+    };
+    let vnet = match &r.boot.net {
+        Some(n) => Some(n.attach(meta, jail.is_some())?),
+        None => None,
+    };
+    let start = Instant::now();
+    // A sandbox (and jail) name of its own: the VM it came from may still hold the
+    // container's (a copy beside it, or a migration between data roots of one host).
+    let mut sb = Sandbox::boot(
+        &store::new_id()?[..12],
+        &assets,
+        &BootOpts {
+            mem_mib: r.mem_mib,
+            vcpus: r.vcpus,
+            disks: r.disks.clone(),
+            disk_opts: r.boot.disk_opts.clone(),
+            shares: Vec::new(),
+            hostname: String::new(),
+            net: vnet.as_ref().map(|n| n.tap.clone()),
+            netns: vnet.as_ref().map(|n| n.netns.clone()),
+            jail: jail.map(|j| jail_opts(j, r.mem_mib, r.vcpus)),
+            jail_fallback: false,
+            source: Some(source),
+            state_dir: state_dir.clone(),
+        },
+    )?;
+    record_vm(meta, &sb, r.mem_mib, r.vcpus, &r.guest_id);
+    let boot = VmBoot {
+        disks: r.disks.clone(),
+        state_dir,
+        ..r.boot.clone()
+    };
+    std::fs::write(boot_file(&meta.id), serde_json::to_vec_pretty(&boot)?)
+        .context("write vm-boot.json")?;
+    store::save(meta)?;
+    let streams = match receive {
+        Some(f) => f(&mut sb, meta)?,
+        None => r.streams,
+    };
+    let deadline = Instant::now() + sandbox::boot_timeout();
+    let agent = match sb.agent(deadline) {
+        Ok(a) => a,
+        // nestor-vmm refused the snapshot (corrupt, another version, another shape)
+        // before building anything: its one line says why.
+        Err(_) if !sb.running() => {
+            let why = crate::sys::guest_text::tail(&sb.dir().join("vmm.err"), 1);
+            return Err(match why.last() {
+                Some(line) => anyhow::anyhow!("restore: {line}"),
+                None => sb.failure("the restored VM ended at once"),
+            });
+        }
+        Err(e) => return Err(sb.failure(&format!("the restored guest's agent: {e:#}"))),
+    };
+    // The VMM has read the state and mapped the memory: the staged copy can go.
+    if let Some(copy) = staged {
+        let _ = std::fs::remove_dir_all(copy);
+    }
+    let vsock = sb.vsock().to_path_buf();
+    // Connections made while the guest still handles vsock's transport reset can be
+    // refused: retried until the deadline.
+    let signals_conn = sb.connect(proto::DEFAULT_PORT, deadline)?;
+    let record = store::dir(&meta.id);
+    let [out, err] = streams;
+    let outputs = durable_pumps(
+        &record,
+        &vsock,
+        sb.vmm_pid(),
+        &r.guest_id,
+        [(None, out), (None, err)],
+    )?;
+    let (signals, pipe) = crate::sys::signals::forward_to_pipe().context("signal pipe")?;
+    forward_signals(
+        pipe,
+        Agent::new(signals_conn)?.reconnects_to(&vsock),
+        r.guest_id.clone(),
+        None,
+    );
+    meta.status = Status::Running;
+    meta.checkpoint = None;
+    store::save(meta)?;
+    Ok(Running {
+        sb,
+        in_pod: false,
+        writable_disks: r.boot.writable_disks,
+        signals: Some(signals),
+        agent: agent.reconnects_to(&vsock),
+        guest_id: r.guest_id.clone(),
+        outputs,
+        timings: Timings::default(),
+        start,
+    })
+}
+
 /// The VM mode of `nestor run` (`--vm`, `--pod`) for the driver in
 /// [`crate::docker::run`].
 #[derive(Default)]
@@ -832,6 +1187,21 @@ pub struct VmMode {
     running: Option<Running>,
     /// Timings of a finished run, printed by [`Mode::done`] with NESTOR_VM_TIMINGS.
     timings: Option<(Timings, Instant)>,
+}
+
+impl VmMode {
+    /// Starts a container from a checkpoint (`nestor restore`) or a live migration
+    /// (`nestor migrate --listen`, with `receive`) instead of an image; [`Mode::wait`]
+    /// then waits for it.
+    pub(crate) fn resume(
+        &mut self,
+        meta: &mut Meta,
+        r: &Restoring,
+        receive: Option<Receive>,
+    ) -> Result<()> {
+        self.running = Some(resume_running(meta, r, receive)?);
+        Ok(())
+    }
 }
 
 impl Mode for VmMode {
@@ -887,13 +1257,25 @@ impl Mode for VmMode {
         self.timings = Some((r.timings.clone(), r.start));
         drop(r);
         detach_networks(meta);
-        code
+        remove_state_dir(&meta.id);
+        // A VM ended on purpose is not a failed one: the container was saved by a
+        // checkpoint, or killed (`stop` after its time-out, `kill`).
+        match (code, take_stop_mark(&meta.id)) {
+            (Err(_), Some(StopMark::Checkpoint(dir))) => {
+                meta.checkpoint = Some(dir);
+                Ok(0)
+            }
+            (Err(_), Some(StopMark::Kill)) => Ok(128 + libc::SIGKILL),
+            (Err(_), Some(StopMark::Moved)) => Ok(0),
+            (code, _) => code,
+        }
     }
 
     fn abort(&mut self, meta: &Meta) {
         // Dropping the sandbox ends a VM of the container's own.
         self.running.take();
         detach_networks(meta);
+        remove_state_dir(&meta.id);
     }
 
     fn done(&mut self) {
@@ -933,6 +1315,46 @@ pub fn signal(m: &Meta, vm: &VmMeta, sig: i32) -> Result<()> {
         signal: sig,
     })?;
     sandbox::expect_ok(&format!("signal container {}", m.name), r)
+}
+
+/// Why a VM container's VM was ended from outside its monitor (a file in its directory
+/// the monitor takes when the VM is gone, so it records a stop, not a failure).
+pub(crate) enum StopMark {
+    /// `stop` (after its time-out) or `kill`: the container exits 137.
+    Kill,
+    /// `checkpoint` saved it into this directory.
+    Checkpoint(PathBuf),
+    /// `migrate` moved its VM away (the record goes once the other side has it).
+    Moved,
+}
+
+const STOP_MARK: &str = "stopped-by";
+
+/// Leaves `why` for container `id`'s monitor; call before ending the VM.
+pub(crate) fn mark_stop(id: &str, why: &StopMark) -> Result<()> {
+    let text = match why {
+        StopMark::Kill => "kill".to_string(),
+        StopMark::Moved => "moved".to_string(),
+        StopMark::Checkpoint(d) => format!("checkpoint:{}", d.display()),
+    };
+    std::fs::write(store::dir(id).join(STOP_MARK), text).context("write the stop mark")
+}
+
+/// Takes the mark [`mark_stop`] left for container `id`, if any.
+fn take_stop_mark(id: &str) -> Option<StopMark> {
+    let p = store::dir(id).join(STOP_MARK);
+    let text = std::fs::read_to_string(&p).ok()?;
+    let _ = std::fs::remove_file(&p);
+    match text.strip_prefix("checkpoint:") {
+        Some(d) => Some(StopMark::Checkpoint(PathBuf::from(d))),
+        None if text == "moved" => Some(StopMark::Moved),
+        None => Some(StopMark::Kill),
+    }
+}
+
+/// Takes back a mark left for a VM that was not ended after all (a failed migration).
+pub(crate) fn clear_stop_mark(id: &str) {
+    let _ = std::fs::remove_file(store::dir(id).join(STOP_MARK));
 }
 
 /// Ends a VM container at once: kills its VMM (the container dies with its VM), or in
@@ -1067,6 +1489,20 @@ pub fn gc(images: &nestor_image::ImageStore) -> Result<usize> {
             // whose creator lives.
             let old = crate::sys::stamped::abandoned(&e.path());
             if old && !live.contains(&e.path()) && remove_settling(&e.path()) {
+                n += 1;
+            }
+        }
+    }
+    // The state directories of containers whose VM is gone.
+    let owned: std::collections::BTreeSet<String> = store::all()
+        .into_iter()
+        .filter(|m| m.owner_alive())
+        .map(|m| m.id)
+        .collect();
+    if let Ok(rd) = std::fs::read_dir(store::data_root().join("vm-state")) {
+        for e in rd.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            if !owned.contains(&id) && std::fs::remove_dir_all(e.path()).is_ok() {
                 n += 1;
             }
         }

@@ -97,6 +97,8 @@ pub fn vm_run(rt: &Runtime, a: &VmRunArgs) -> Result<i32> {
         net: None,
         fs: Vec::new(),
         extra_args: Vec::new(),
+        source: None,
+        state_dir: None,
     };
     let vm = spawn_jailed_vmm(rt, &spec, &a.jail_opts, None)?;
     // The user's vsock path points at the socket in the jail's shared directory.

@@ -228,7 +228,7 @@ pub fn create(name: &str, shape: &Shape, net: &crate::cli::NetOpts) -> Result<()
             req.hostname = name.to_string();
             req.files_dir = pods_dir().join(format!("{name}.net"));
             std::fs::create_dir_all(&req.files_dir).context("create the pod's network files")?;
-            Some(crate::vm::container::vm_net_from(&req, false)?.0)
+            Some(crate::vm::container::vm_net_from(&req, false, None)?.0)
         }
         None => None,
     };
@@ -317,6 +317,8 @@ fn monitor(
             netns: vnet.as_ref().map(|n| n.netns.clone()),
             jail: None,
             jail_fallback: false,
+            source: None,
+            state_dir: None,
         },
     )?;
     let deadline = Instant::now() + sandbox::boot_timeout();

@@ -138,7 +138,31 @@ pub struct BootOpts {
     /// With `jail`: a shared directory whose file system cannot be idmapped gets an
     /// unjailed file server (with a warning) instead of failing the boot.
     pub jail_fallback: bool,
+    /// Build the VM of a snapshot or a migration stream instead of booting the kernel:
+    /// the guest and its agent run on from where they were.
+    pub source: Option<VmSource>,
+    /// With `jail`: a host directory (writable by the jail's group) bound writable at
+    /// [`JAIL_STATE_DIR`] in the jail, where the VMM writes its snapshots (a jail's own
+    /// directories are on tmpfs, charged to its memory limit).
+    pub state_dir: Option<PathBuf>,
 }
+
+/// Where a VM's state comes from instead of a kernel boot.
+#[derive(Debug, Clone)]
+pub enum VmSource {
+    /// A snapshot directory (nestor-vmm `--restore DIR --resume`).
+    Snapshot(PathBuf),
+    /// A live migration: nestor-vmm `--migrate-from unix:SOCKET` takes the stream in
+    /// on [`MIGRATION_SOCKET`] in its sandbox (a jailed one: in its jail's shared
+    /// directory; [`Sandbox::migration_socket`] says where).
+    Migration,
+}
+
+/// The socket a VM built from a migration listens on for the stream.
+pub const MIGRATION_SOCKET: &str = "migrate-in.sock";
+
+/// Where a jailed VMM sees [`BootOpts::state_dir`].
+pub const JAIL_STATE_DIR: &str = "/run/state";
 
 /// A host directory the guest mounts as `virtiofs` by `tag`.
 #[derive(Debug, Clone)]
@@ -458,7 +482,6 @@ impl Sandbox {
         let dir = make_dir(id)?;
         let vsock = dir.join("v.sock");
         let console = dir.join("console.log");
-        let cmdline = boot_cmdline(&o.hostname);
         let servers = match start_file_servers(&dir, &o.shares) {
             Ok(s) => s,
             Err(e) => {
@@ -476,13 +499,20 @@ impl Sandbox {
             .zip(&o.shares)
             .map(|((c, _), sh)| (c, sh.dir.clone()))
             .collect();
-        c.arg("--kernel")
-            .arg(&assets.kernel)
-            .arg("--initrd")
-            .arg(&assets.initrd)
-            .arg("--cmdline")
-            .arg(&cmdline)
-            .arg("--mem")
+        match &o.source {
+            Some(VmSource::Snapshot(snap)) => c.arg("--restore").arg(snap).arg("--resume"),
+            Some(VmSource::Migration) => c
+                .arg("--migrate-from")
+                .arg(format!("unix:{}", dir.join(MIGRATION_SOCKET).display())),
+            None => c
+                .arg("--kernel")
+                .arg(&assets.kernel)
+                .arg("--initrd")
+                .arg(&assets.initrd)
+                .arg("--cmdline")
+                .arg(boot_cmdline(&o.hostname)),
+        };
+        c.arg("--mem")
             .arg(o.mem_mib.to_string())
             .arg("--vcpus")
             .arg(o.vcpus.to_string())
@@ -535,7 +565,11 @@ impl Sandbox {
                 Ok(())
             });
         }
-        let ready = ReadyListener::bind(&vsock, None)?;
+        // A restored guest's agent serves already: it reports ready only once, at boot.
+        let ready = match o.source {
+            None => Some(ReadyListener::bind(&vsock, None)?),
+            Some(_) => None,
+        };
         let start = Instant::now();
         let child = match c.spawn() {
             Ok(ch) => ch,
@@ -557,7 +591,7 @@ impl Sandbox {
             dir,
             vsock,
             console,
-            ready: Some(ready),
+            ready,
             timeline: Timeline {
                 vmm_spawned_ms: ms(start.elapsed()),
                 agent_ready_ms: None,
@@ -636,6 +670,8 @@ impl Sandbox {
             extra_args: vec!["--api".into(), format!("/run/nestor/{API_SOCKET}")],
             netns: o.netns.clone(),
             net: o.net.clone(),
+            source: o.source.clone(),
+            state_dir: o.state_dir.clone(),
         };
         let start = Instant::now();
         let vmm_err = std::fs::File::create(dir.join("vmm.err")).context("create vmm.err");
@@ -673,6 +709,7 @@ impl Sandbox {
             std::fs::metadata(d).ok().map(|m| (m.uid(), m.gid()))
         });
         let ready = match ReadyListener::bind(&vsock, owner) {
+            _ if o.source.is_some() => None,
             Ok(r) => Some(r),
             Err(e) => {
                 tracing::warn!("no ready listener for the jailed VM: {e:#}");
@@ -719,6 +756,18 @@ impl Sandbox {
         match &self.jailed {
             Some(j) => Some(j.jail.pid as u32),
             None => self.child.as_ref().map(Child::id),
+        }
+    }
+
+    /// The host path of the socket a VM built from a migration takes its stream on.
+    pub fn migration_socket(&self) -> PathBuf {
+        match &self.jailed {
+            Some(_) => self
+                .vsock
+                .parent()
+                .unwrap_or(&self.dir)
+                .join(MIGRATION_SOCKET),
+            None => self.dir.join(MIGRATION_SOCKET),
         }
     }
 

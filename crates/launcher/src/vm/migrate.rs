@@ -1,0 +1,525 @@
+//! `nestor migrate NAME --to ADDR` and `nestor migrate --listen ADDR`: a running
+//! `run --vm -d` container moves to another nestor (another data root or host) by live
+//! migration of its microVM (nestor-vmm's `migrate` on the source's API, `--migrate-from`
+//! on the destination), so its processes, memory and open files keep running there.
+//! This module owns the exchange between the two nestors and the commit point:
+//!
+//! - **control connection** (frames of a u32 LE length and JSON): the source's `hello`
+//!   (the container's record, how its VM was made, its spec in the guest); the
+//!   destination's answer once it has checked what it needs (the image, volume disks,
+//!   the name) and made the record; after the VM moved, the source's `trailer` (how far
+//!   each output stream stood in the log, then the log's bytes) or `abort`; the
+//!   destination's `done` with the container's id here.
+//! - **VM connection**: the migration stream, relayed as it is between each nestor-vmm
+//!   and a Unix socket of its nestor (a jailed VMM reaches nothing else).
+//!
+//! The source VMM exits only after the destination's VMM runs (nestor-vmm's commit
+//! point); any failure before leaves the container running on the source, and the
+//! destination removes what it made.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::docker::store::{self, Meta};
+use crate::vm::checkpoint::{movable, vmm_call};
+use crate::vm::container::{self, Restoring, StopMark, VmBoot, VmMode};
+use crate::vm::sandbox::{self, Sandbox};
+
+const FORMAT: &str = "nestor-migrate";
+const VERSION: u32 = 1;
+/// The largest control frame (a trailer's log travels after its frame).
+const MAX_FRAME: u32 = 16 << 20;
+/// The largest log a trailer carries.
+const MAX_LOG: u64 = 1 << 30;
+/// How long either side waits for the other between steps.
+const PATIENCE: Duration = Duration::from_secs(120);
+/// The socket a source VMM sends its migration stream to, in its sandbox (or jail).
+const OUT_SOCKET: &str = "migrate-out.sock";
+
+/// `unix:PATH` or `tcp:IP:PORT` (numeric).
+enum Addr {
+    Unix(PathBuf),
+    Tcp(std::net::SocketAddr),
+}
+
+impl Addr {
+    fn parse(s: &str) -> Result<Addr> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                bail!("{s}: give a socket path after unix:");
+            }
+            return Ok(Addr::Unix(p.into()));
+        }
+        if let Some(a) = s.strip_prefix("tcp:") {
+            return Ok(Addr::Tcp(a.parse().with_context(|| {
+                format!("{s}: give tcp:IP:PORT with a numeric address")
+            })?));
+        }
+        bail!("{s}: give unix:PATH or tcp:IP:PORT")
+    }
+
+    fn connect(&self) -> Result<Conn> {
+        Ok(match self {
+            Addr::Unix(p) => Conn::Unix(
+                UnixStream::connect(p).with_context(|| format!("connect to {}", p.display()))?,
+            ),
+            Addr::Tcp(a) => Conn::Tcp(
+                TcpStream::connect_timeout(a, Duration::from_secs(10))
+                    .with_context(|| format!("connect to {a}"))?,
+            ),
+        })
+    }
+}
+
+/// A connection of either kind.
+enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    fn try_clone(&self) -> std::io::Result<Conn> {
+        Ok(match self {
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown_write(&self) {
+        let _ = match self {
+            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+        };
+    }
+
+    fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_read_timeout(t),
+            Conn::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(b),
+            Conn::Tcp(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(b),
+            Conn::Tcp(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A listening socket of either kind (a Unix one's file goes with it).
+enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    fn bind(a: &Addr) -> Result<Listener> {
+        Ok(match a {
+            Addr::Unix(p) => Listener::Unix(
+                UnixListener::bind(p).with_context(|| format!("listen on {}", p.display()))?,
+                p.clone(),
+            ),
+            Addr::Tcp(t) => {
+                Listener::Tcp(TcpListener::bind(t).with_context(|| format!("listen on {t}"))?)
+            }
+        })
+    }
+
+    /// The next connection, within `wait`.
+    fn accept(&self, wait: Duration) -> Result<Conn> {
+        use std::os::fd::AsFd;
+        let fd = match self {
+            Listener::Unix(l, _) => l.as_fd(),
+            Listener::Tcp(l) => l.as_fd(),
+        };
+        let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+        let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
+        if !matches!(nix::poll::poll(&mut fds, ms), Ok(n) if n > 0) {
+            bail!("no connection came within {} s", wait.as_secs());
+        }
+        Ok(match self {
+            Listener::Unix(l, _) => Conn::Unix(l.accept()?.0),
+            Listener::Tcp(l) => Conn::Tcp(l.accept()?.0),
+        })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn send(c: &mut Conn, v: &Value) -> Result<()> {
+    let b = serde_json::to_vec(v)?;
+    c.write_all(&(b.len() as u32).to_le_bytes())?;
+    c.write_all(&b)?;
+    Ok(())
+}
+
+fn recv(c: &mut Conn) -> Result<Value> {
+    let mut len = [0u8; 4];
+    c.read_exact(&mut len)
+        .context("the other nestor closed the connection")?;
+    let len = u32::from_le_bytes(len);
+    if len > MAX_FRAME {
+        bail!("the other nestor sent a frame of {len} bytes (at most {MAX_FRAME})");
+    }
+    let mut b = vec![0u8; len as usize];
+    c.read_exact(&mut b)
+        .context("the other nestor closed the connection")?;
+    serde_json::from_slice(&b).context("the other nestor sent a malformed frame")
+}
+
+/// An answer frame: Ok, or the other side's one line.
+fn expect_ok(v: &Value) -> Result<()> {
+    if v["ok"] == Value::Bool(true) {
+        return Ok(());
+    }
+    bail!(
+        "{}",
+        v["error"].as_str().unwrap_or("the other nestor refused")
+    )
+}
+
+/// Copies bytes both ways between `a` and `b` until each side has ended its half.
+fn relay(a: Conn, b: Conn) -> Result<u64> {
+    let (mut a2, mut b2) = (a.try_clone()?, b.try_clone()?);
+    let back = std::thread::spawn(move || {
+        let n = std::io::copy(&mut b2, &mut a2).unwrap_or(0);
+        a2.shutdown_write();
+        n
+    });
+    let (mut a, mut b) = (a, b);
+    let n = std::io::copy(&mut a, &mut b).unwrap_or(0);
+    b.shutdown_write();
+    let _ = back.join();
+    Ok(n)
+}
+
+/// `nestor migrate NAME --to ADDR`: moves the container; prints where it went.
+pub fn migrate_out(name: &str, to: &str, strategy: &str, downtime_ms: u64) -> Result<()> {
+    if !matches!(strategy, "stop-copy" | "pre-copy") {
+        bail!("--strategy {strategy}: give stop-copy or pre-copy");
+    }
+    let addr = Addr::parse(to)?;
+    let (m, vm, boot) = movable(name)?;
+    if boot.net.is_some() {
+        bail!(
+            "container {} is on a network: moving a networked VM container is not built yet (nestor checkpoint and restore it)",
+            m.name
+        );
+    }
+    let mut ctl = addr.connect()?;
+    ctl.set_timeout(Some(PATIENCE))?;
+    let guest_config: Value = std::fs::read(store::dir(&m.id).join("guest-config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null);
+    send(
+        &mut ctl,
+        &json!({"format": FORMAT, "version": VERSION, "meta": m, "boot": boot,
+                "guest_config": guest_config}),
+    )?;
+    expect_ok(&recv(&mut ctl)?).context("the destination refused the container")?;
+    // Where the VMM sends its stream: a socket of ours it can reach (in its jail's
+    // shared directory when jailed: the API socket's link points there).
+    let api = vm.sandbox.join(sandbox::API_SOCKET);
+    let (host_sock, vmm_sock, owner) = match std::fs::read_link(&api) {
+        Ok(target) => {
+            use std::os::unix::fs::MetadataExt;
+            let share = target
+                .parent()
+                .context("the jail's API socket")?
+                .to_path_buf();
+            let md = std::fs::metadata(&share)?;
+            (
+                share.join(OUT_SOCKET),
+                format!("/run/nestor/{OUT_SOCKET}"),
+                Some((md.uid(), md.gid())),
+            )
+        }
+        Err(_) => {
+            let p = vm.sandbox.join(OUT_SOCKET);
+            let s = p.display().to_string();
+            (p, s, None)
+        }
+    };
+    let _ = std::fs::remove_file(&host_sock);
+    let out = Listener::bind(&Addr::Unix(host_sock.clone()))?;
+    if let Some((uid, gid)) = owner {
+        nix::unistd::chown(&host_sock, Some(uid.into()), Some(gid.into()))
+            .with_context(|| format!("chown {}", host_sock.display()))?;
+    }
+    let data = addr.connect()?;
+    // From here the VMM may exit (the commit): its monitor must know why.
+    container::mark_stop(&m.id, &StopMark::Moved)?;
+    let req = json!({"action": "migrate", "to": format!("unix:{vmm_sock}"),
+                     "strategy": strategy, "downtime_ms": downtime_ms});
+    let t = Instant::now();
+    let call = std::thread::spawn(move || vmm_call(&api, &req));
+    // The VMM connects at once, or fails before it does (its answer then says why).
+    let relayed = match out.accept(Duration::from_secs(30)) {
+        Ok(vmm) => relay(vmm, data),
+        Err(e) => Err(e),
+    };
+    let answer = call
+        .join()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the API thread panicked")));
+    drop(out);
+    let stats = match answer {
+        Ok(v) => v["migration"].clone(),
+        Err(e) => {
+            container::clear_stop_mark(&m.id);
+            let why = match relayed {
+                Err(r) => format!("{e:#} ({r:#})"),
+                Ok(_) => format!("{e:#}"),
+            };
+            let _ = send(&mut ctl, &json!({"abort": why}));
+            bail!("migration of {} failed: {why}; it runs on here", m.name);
+        }
+    };
+    // Committed: the VM runs there. The monitor here records the end; then the log
+    // and how far it stands go over, and the record here goes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while m.owner_alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let streams = container::read_streams(&m.id);
+    let log = store::dir(&m.id).join("log");
+    let log_len = std::fs::metadata(&log)
+        .map(|md| md.len())
+        .unwrap_or(0)
+        .min(MAX_LOG);
+    send(&mut ctl, &json!({"streams": streams, "log": log_len}))?;
+    if log_len > 0 {
+        let f = std::fs::File::open(&log).context("open the container's log")?;
+        std::io::copy(&mut f.take(log_len), &mut ctl).context("send the container's log")?;
+    }
+    let done = recv(&mut ctl)?;
+    expect_ok(&done).context("the container moved, but the destination did not take it over")?;
+    let _ = store::remove_dir(&m.id);
+    println!(
+        "{} moved to {to}: {} ms paused, {} ms in all, {} MiB sent in {} rounds",
+        m.name,
+        stats["downtime_ms"],
+        t.elapsed().as_millis(),
+        stats["bytes"].as_u64().unwrap_or(0) >> 20,
+        stats["rounds"]
+    );
+    Ok(())
+}
+
+/// `nestor migrate --listen ADDR [--name N]`: takes one container in; prints its id
+/// here once it runs.
+pub fn migrate_in(listen: &str, name: Option<&str>) -> Result<i32> {
+    let listener = Listener::bind(&Addr::parse(listen)?)?;
+    let mut ctl = listener.accept(Duration::from_secs(24 * 3600))?;
+    ctl.set_timeout(Some(PATIENCE))?;
+    let hello = recv(&mut ctl)?;
+    let (meta, restoring) = match take_in(&hello, name) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = send(&mut ctl, &json!({"ok": false, "error": format!("{e:#}")}));
+            return Err(e);
+        }
+    };
+    send(&mut ctl, &json!({"ok": true}))?;
+    // The monitor takes the VM and the trailer in; this process answers the source
+    // once the container runs here (or not).
+    let mut answer = ctl.try_clone()?;
+    let mut ctl = Some(ctl);
+    let mut receive = |sb: &mut Sandbox, meta: &Meta| -> Result<[u64; 2]> {
+        let mut ctl = ctl.take().context("the control connection is gone")?;
+        receive_vm(&listener, &mut ctl, sb, meta)
+    };
+    let started = crate::docker::run::monitor(
+        &mut VmMode::default(),
+        meta,
+        |mode, meta| mode.resume(meta, &restoring, Some(&mut receive)),
+        |m| {
+            let _ = store::remove_dir(&m.id);
+        },
+    );
+    match started {
+        Ok(id) => {
+            let _ = send(&mut answer, &json!({"ok": true, "id": id}));
+            println!("{id}");
+            Ok(0)
+        }
+        Err(e) => {
+            let _ = send(
+                &mut answer,
+                &json!({"ok": false, "error": format!("{e:#}")}),
+            );
+            Err(e)
+        }
+    }
+}
+
+/// Checks a `hello` and makes the container's record here.
+fn take_in(hello: &Value, name: Option<&str>) -> Result<(Meta, Restoring)> {
+    if hello["format"] != FORMAT {
+        bail!("the other side is not a nestor moving a container");
+    }
+    if hello["version"] != VERSION {
+        bail!(
+            "the source speaks migration version {}; this nestor speaks {VERSION}",
+            hello["version"]
+        );
+    }
+    let meta: Meta =
+        serde_json::from_value(hello["meta"].clone()).context("the container's record")?;
+    let boot: VmBoot = serde_json::from_value(hello["boot"].clone()).context("its VM's record")?;
+    let vm = meta
+        .vm
+        .clone()
+        .context("the container's record has no VM")?;
+    let disks = crate::vm::checkpoint::disks_here(&meta, &boot)?;
+    let meta = crate::vm::checkpoint::new_record(&meta, name, |record| {
+        if !hello["guest_config"].is_null() {
+            std::fs::write(
+                record.join("guest-config.json"),
+                serde_json::to_vec_pretty(&hello["guest_config"])?,
+            )?;
+        }
+        Ok(())
+    })?;
+    Ok((
+        meta,
+        Restoring {
+            snapshot: None,
+            boot,
+            disks,
+            mem_mib: vm.mem_mib,
+            vcpus: vm.vcpus,
+            guest_id: vm.guest_id,
+            streams: [0, 0],
+        },
+    ))
+}
+
+/// In the monitor: relays the migration stream into the new VMM, then takes the
+/// trailer (the log so far, and where its streams stood).
+fn receive_vm(
+    listener: &Listener,
+    ctl: &mut Conn,
+    sb: &mut Sandbox,
+    meta: &Meta,
+) -> Result<[u64; 2]> {
+    let data = listener.accept(PATIENCE)?;
+    let sock = sb.migration_socket();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let vmm = loop {
+        match UnixStream::connect(&sock) {
+            Ok(s) => break Conn::Unix(s),
+            Err(_) if sb.running() && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => return Err(sb.failure(&format!("the destination VMM did not listen ({e})"))),
+        }
+    };
+    relay(data, vmm)?;
+    let trailer = recv(ctl)?;
+    if let Some(why) = trailer["abort"].as_str() {
+        bail!("the source gave up: {why}");
+    }
+    if !sb.running() {
+        return Err(sb.failure("the migrated VM ended"));
+    }
+    let streams: [u64; 2] =
+        serde_json::from_value(trailer["streams"].clone()).context("the trailer's streams")?;
+    let log_len = trailer["log"].as_u64().unwrap_or(0);
+    if log_len > MAX_LOG {
+        bail!("the source sent a log of {log_len} bytes (at most {MAX_LOG})");
+    }
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(store::dir(&meta.id).join("log"))
+        .context("open the container's log")?;
+    let copied = std::io::copy(&mut (&mut *ctl).take(log_len), &mut log)?;
+    if copied != log_len {
+        bail!("the source's log ended after {copied} of {log_len} bytes");
+    }
+    Ok(streams)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_and_bad_ones_say_what_to_give() {
+        assert!(
+            matches!(Addr::parse("unix:/tmp/m.sock"), Ok(Addr::Unix(p)) if p == std::path::Path::new("/tmp/m.sock"))
+        );
+        assert!(matches!(Addr::parse("tcp:127.0.0.1:7000"), Ok(Addr::Tcp(a)) if a.port() == 7000));
+        let err = |s: &str| format!("{:#}", Addr::parse(s).err().unwrap());
+        assert!(err("unix:").contains("give a socket path"));
+        assert!(err("tcp:localhost:7000").contains("numeric address"));
+        assert!(err("host:7000").contains("give unix:PATH or tcp:IP:PORT"));
+    }
+
+    #[test]
+    fn frames_round_trip_and_a_huge_or_cut_one_is_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut a, mut b) = (Conn::Unix(a), Conn::Unix(b));
+        send(&mut a, &json!({"ok": true, "n": 1})).unwrap();
+        assert_eq!(recv(&mut b).unwrap(), json!({"ok": true, "n": 1}));
+        a.write_all(&(MAX_FRAME + 1).to_le_bytes()).unwrap();
+        assert!(format!("{:#}", recv(&mut b).unwrap_err()).contains("at most"));
+        a.write_all(&10u32.to_le_bytes()).unwrap();
+        a.write_all(b"{\"ok\"").unwrap();
+        a.shutdown_write();
+        assert!(format!("{:#}", recv(&mut b).unwrap_err()).contains("closed the connection"));
+    }
+
+    #[test]
+    fn a_refusal_carries_the_other_sides_line() {
+        assert!(expect_ok(&json!({"ok": true})).is_ok());
+        let e = expect_ok(&json!({"ok": false, "error": "the image is missing"})).unwrap_err();
+        assert_eq!(format!("{e:#}"), "the image is missing");
+        assert!(expect_ok(&json!({})).is_err());
+    }
+
+    #[test]
+    fn a_hello_of_another_kind_or_version_is_refused() {
+        let e = take_in(&json!({"format": "x"}), None).err().unwrap();
+        assert!(format!("{e:#}").contains("not a nestor moving a container"));
+        let e = take_in(&json!({"format": FORMAT, "version": 2}), None)
+            .err()
+            .unwrap();
+        assert!(format!("{e:#}").contains("speaks migration version 2"));
+        let e = take_in(
+            &json!({"format": FORMAT, "version": VERSION, "meta": 5}),
+            None,
+        )
+        .err()
+        .unwrap();
+        assert!(format!("{e:#}").contains("the container's record"));
+    }
+}

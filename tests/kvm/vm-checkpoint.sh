@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# `nestor checkpoint NAME DIR`, `nestor restore DIR` and `nestor migrate` of `run --vm -d`
+# containers (the whole microVM snapshotted or migrated live): a container counting in its shell's memory, printing each
+# count and writing it to a file of its writable layer, is checkpointed and stopped,
+# then restored into its own record; checkpointed with --leave-running and restored as a
+# copy beside it; jailed (the default) and unjailed. After each restore its output goes
+# on from where the log stood, none lost or repeated; its PID and files are the same;
+# exec, logs, stop and rm work. Bad input (a directory that is not a checkpoint, a
+# corrupt one, a non-empty target, a restore over a running container) gets one line,
+# leaves the container running and no record behind. Live migration to a second data
+# root (pre-copy over a Unix socket, jailed; stop-copy over TCP): PID, files and output
+# go on there; a move to nobody, or to a nestor without the image, leaves it running.
+# Ends with no VMM and no jail left.
+# Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all pass.
+set -euo pipefail
+limit=600
+source "$(dirname "${BASH_SOURCE[0]}")/lib/prelude.sh"
+source "$here/lib/vm-env.sh"
+
+counter='echo $$ >/tmp/pid; i=0; while true; do i=$((i+1)); echo $i; echo $i >/tmp/count; sleep 0.1; done'
+# The container's output lines (nestor's own notices left out).
+lines() { n logs "$1" 2>/dev/null | grep -v '^nestor:' || true; }
+count() { lines "$1" | wc -l; }
+# Waits until container $1 has printed at least $2 lines.
+wait_lines() {
+    for _ in $(seq 600); do (($(count "$1") >= $2)) && return 0; sleep 0.1; done
+    return 1
+}
+# The log is exactly 1..N for some N >= $2: nothing lost, nothing repeated.
+consecutive() {
+    local got
+    got=$(lines "$1")
+    [[ -n $got && $got == "$(seq 1 "$(wc -l <<<"$got")")" ]] && (($(wc -l <<<"$got") >= $2))
+}
+ms() { date +%s%3N; }
+status() { n inspect "$1" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["Status"])' 2>/dev/null || true; }
+
+for variant in jailed unjailed; do
+    flags=()
+    [[ $variant == unjailed ]] && flags=(--no-jail)
+    c=ck-$variant
+    n run --vm -d --vm-mem 128 --network none "${flags[@]}" --name "$c" busybox sh -c "$counter" >/dev/null
+    wait_lines "$c" 10 || bad "$variant: the counter did not start: $(lines "$c" | tail -n3)"
+    pid=$(n exec "$c" cat /tmp/pid)
+
+    # Checkpoint and stop: the record says so, the VM is gone, the output stops.
+    t0=$(ms)
+    out=$(n checkpoint "$c" "$work/$c.1" 2>&1) || bad "$variant: checkpoint: $out"
+    t1=$(ms)
+    expect "$variant: checkpoint stops the container" "Exited (checkpointed)" "$(status "$c")"
+    before=$(count "$c")
+    sleep 1
+    expect "$variant: no output while checkpointed" "$before" "$(count "$c")"
+    [[ -s $work/$c.1/vm/memory && -s $work/$c.1/checkpoint.json ]] &&
+        pass "$variant: the checkpoint holds the VM's memory and the manifest" ||
+        bad "$variant: checkpoint dir: $(ls -R "$work/$c.1")"
+
+    # Restore into its own record: it counts on from where it stopped.
+    t2=$(ms)
+    out=$(n restore "$work/$c.1" 2>&1) || bad "$variant: restore: $out"
+    t3=$(ms)
+    echo "$variant: checkpoint $((t1 - t0)) ms, restore $((t3 - t2)) ms (128 MiB guest)$label"
+    wait_lines "$c" $((before + 10)) || bad "$variant: no output after the restore"
+    consecutive "$c" $((before + 10)) && pass "$variant: output goes on after the restore, none lost or repeated" ||
+        bad "$variant: output across the restore: $(lines "$c" | tr '\n' ' ' | tail -c 300)"
+    expect "$variant: same PID after the restore" "$pid" "$(n exec "$c" cat /tmp/pid 2>&1)"
+    file=$(n exec "$c" cat /tmp/count 2>&1)
+    ((file > before)) 2>/dev/null && pass "$variant: its file counts on ($file > $before)" ||
+        bad "$variant: /tmp/count is '$file', $before before"
+    expect "$variant: running again" Up "$(status "$c")"
+
+    # Checkpoint that leaves it running, then a copy of it beside it.
+    out=$(n checkpoint --leave-running "$c" "$work/$c.2" 2>&1) || bad "$variant: checkpoint --leave-running: $out"
+    at=$(count "$c")
+    wait_lines "$c" $((at + 5)) && pass "$variant: --leave-running: it runs on" ||
+        bad "$variant: --leave-running: output stopped"
+    out=$(n restore --name "$c-copy" "$work/$c.2" 2>&1) || bad "$variant: restore --name: $out"
+    wait_lines "$c-copy" $((at + 10)) || bad "$variant: the copy prints nothing new"
+    consecutive "$c-copy" $((at + 10)) && pass "$variant: the copy's log is the original's up to the checkpoint, then its own count" ||
+        bad "$variant: the copy's output: $(lines "$c-copy" | tr '\n' ' ' | tail -c 300)"
+    expect "$variant: the copy has the same PID" "$pid" "$(n exec "$c-copy" cat /tmp/pid 2>&1)"
+    consecutive "$c" $((at + 5)) && pass "$variant: the original counts on beside its copy" ||
+        bad "$variant: the original's output: $(lines "$c" | tr '\n' ' ' | tail -c 300)"
+
+    # The counting shell is PID 1 in its container and ignores SIGTERM: stop kills it.
+    for x in "$c" "$c-copy"; do
+        n stop -t 1 "$x" >/dev/null || bad "$variant: stop $x"
+        expect "$variant: stop of $x records exit 137" "Exited (137)" "$(status "$x")"
+        n rm "$x" >/dev/null || bad "$variant: rm $x"
+    done
+done
+
+# On a network with a published port: the restored guest keeps its address and MAC,
+# and the host side is attached again as it was; it serves on the same port.
+if [[ -x /usr/lib/cni/bridge ]]; then
+    get='for i in $(seq 1 40); do r=$(printf "GET /hostname HTTP/1.0\r\n\r\n" | nc -w 3 $HOST $PORT 2>/dev/null | tail -n 1); [ -n "$r" ] && { echo "$r"; exit 0; }; sleep 0.5; done; exit 1'
+    fetch_host() { HOST=$1 PORT=$2 busybox sh -c "$get"; }
+    port=$((20000 + RANDOM % 20000))
+    n run --vm -d --vm-mem 128 -p "127.0.0.1:$port:80" --name ck-net --hostname cknethost \
+        busybox httpd -f -p 80 -h /etc >/dev/null
+    expect "net: served before the checkpoint" cknethost "$(fetch_host 127.0.0.1 "$port" || true)"
+    out=$(n checkpoint ck-net "$work/ck-net.1" 2>&1) || bad "net: checkpoint: $out"
+    out=$(n restore "$work/ck-net.1" 2>&1) || bad "net: restore: $out"
+    expect "net: the restored container serves on its published port" cknethost "$(fetch_host 127.0.0.1 "$port" || true)"
+    expect "net: port" "80/tcp -> 127.0.0.1:$port" "$(n port ck-net 2>&1)"
+    n rm -f ck-net >/dev/null
+else
+    echo "skip: the network case: containernetworking-plugins is not installed"
+fi
+
+# Bad input: one line each; the container runs on and no record is left.
+n run --vm -d --vm-mem 128 --network none --name ck-bad busybox sh -c "$counter" >/dev/null
+wait_lines ck-bad 5 || bad "ck-bad did not start"
+mkdir "$work/full" && touch "$work/full/x"
+one_line() { # NAME EXPECTED-SUBSTRING CMD...
+    local name=$1 want=$2 out rc
+    shift 2
+    set +e
+    out=$("$@" 2>&1)
+    rc=$?
+    set -e
+    if [[ $rc != 0 && $(wc -l <<<"$out") == 1 && $out == *"$want"* ]]; then
+        pass "$name: $out"
+    else
+        bad "$name: exit $rc, $out"
+    fi
+}
+one_line "checkpoint into a non-empty directory" "is not empty" n checkpoint ck-bad "$work/full"
+one_line "restore of a directory that is no checkpoint" "is not a checkpoint" n restore "$work/full"
+n checkpoint --leave-running ck-bad "$work/ck-bad.1" >/dev/null
+one_line "restore over the running container" "is running" n restore "$work/ck-bad.1"
+cp -r "$work/ck-bad.1" "$work/ck-bad.2"
+printf 'x' | dd of="$work/ck-bad.2/vm/state.json" bs=1 seek=40 conv=notrunc status=none
+one_line "restore of a corrupt snapshot" "corrupt" n restore --name ck-corrupt "$work/ck-bad.2"
+sed -i 's/"version": 1/"version": 9/' "$work/ck-bad.2/checkpoint.json"
+one_line "restore of another version" "version 9" n restore --name ck-corrupt "$work/ck-bad.2"
+[[ -z $(status ck-corrupt) ]] && pass "a failed restore leaves no record" || bad "ck-corrupt: $(status ck-corrupt)"
+expect "the container runs on after the bad input" Up "$(status ck-bad)"
+n rm -f ck-bad >/dev/null
+
+# Live migration to another nestor (a second data root stands for a second host): the
+# container goes on there with its PID, files and output; its record here goes.
+# Jailed with pre-copy over a Unix socket, unjailed with stop-copy over TCP.
+B=$work/root-b
+nb() { NESTOR_ROOT=$B timeout --kill-after=5 240 "$bin/nestor" "$@"; }
+on_exit 'NESTOR_ROOT='"$B"' "$bin/nestor" gc'
+on_exit 'for id in $(NESTOR_ROOT='"$B"' "$bin/nestor" ps -a -q 2>/dev/null); do NESTOR_ROOT='"$B"' "$bin/nestor" rm -f "$id"; done'
+nb image import "$img" >/dev/null
+statusb() { nb inspect "$1" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["Status"])' 2>/dev/null || true; }
+countb() { nb logs "$1" 2>/dev/null | grep -vc '^nestor:' || true; }
+for how in "pre-copy unix:$work/mig.sock" "stop-copy tcp:127.0.0.1:$((20000 + RANDOM % 20000))"; do
+    read -r strategy addr <<<"$how"
+    flags=()
+    [[ $strategy == stop-copy ]] && flags=(--no-jail)
+    n run --vm -d --vm-mem 128 --network none "${flags[@]}" --name mv busybox sh -c "$counter" >/dev/null
+    wait_lines mv 10 || bad "$strategy: the counter did not start"
+    pid=$(n exec mv cat /tmp/pid)
+    nb migrate --listen "$addr" >"$work/listen.out" 2>&1 &
+    lpid=$!
+    for _ in $(seq 100); do
+        [[ $addr != unix:* || -S ${addr#unix:} ]] && n migrate mv --to "$addr" --strategy "$strategy" >"$work/mig.out" 2>&1 && break
+        sleep 0.1
+    done
+    set +e
+    wait $lpid
+    lrc=$?
+    set -e
+    [[ $lrc == 0 ]] && pass "$strategy: the destination took the container in ($(tail -n1 "$work/listen.out" | head -c 12))" ||
+        bad "$strategy: migrate --listen: exit $lrc, $(cat "$work/listen.out") / source: $(cat "$work/mig.out")"
+    echo "$strategy: $(cat "$work/mig.out")$label"
+    expect "$strategy: its record on the source is gone" "" "$(status mv)"
+    expect "$strategy: it runs on the destination" Up "$(statusb mv)"
+    at=$(countb mv)
+    for _ in $(seq 300); do (($(countb mv) >= at + 10)) && break; sleep 0.1; done
+    got=$(nb logs mv 2>/dev/null | grep -v '^nestor:' || true)
+    [[ -n $got && $got == "$(seq 1 "$(wc -l <<<"$got")")" ]] && (($(wc -l <<<"$got") >= at + 10)) &&
+        pass "$strategy: its output goes on there, none lost or repeated ($(wc -l <<<"$got") lines)" ||
+        bad "$strategy: output after the move: $(tr '\n' ' ' <<<"$got" | tail -c 300)"
+    expect "$strategy: same PID there" "$pid" "$(nb exec mv cat /tmp/pid 2>&1)"
+    nb rm -f mv >/dev/null
+done
+
+# A move that cannot happen leaves the container running here, with one line.
+n run --vm -d --vm-mem 128 --network none --name stay busybox sh -c "$counter" >/dev/null
+wait_lines stay 5 || bad "stay did not start"
+one_line "migrate to where nobody listens" "connect to" n migrate stay --to "unix:$work/nobody.sock"
+C=$work/root-c # no image there
+NESTOR_ROOT=$C timeout 60 "$bin/nestor" migrate --listen "unix:$work/mig-c.sock" >"$work/listen-c.out" 2>&1 &
+lpid=$!
+for _ in $(seq 100); do [[ -S $work/mig-c.sock ]] && break; sleep 0.1; done
+one_line "migrate to a nestor without the image" "not in this store" n migrate stay --to "unix:$work/mig-c.sock"
+wait $lpid 2>/dev/null || true
+at=$(count stay)
+wait_lines stay $((at + 5)) && pass "the container runs on after the failed moves" || bad "stay stopped"
+n rm -f stay >/dev/null
+
+jails=${NESTOR_JAILS:-/run/nestor-jail}
+for _ in $(seq 50); do ! pgrep -x nestor-vmm >/dev/null && break; sleep 0.1; done
+! pgrep -x nestor-vmm >/dev/null && [[ -z $(ls "$jails" 2>/dev/null) ]] &&
+    pass "no VMM and no jail left" || bad "left: $(pgrep -a nestor-vmm) $(ls "$jails" 2>/dev/null)"
+finish
