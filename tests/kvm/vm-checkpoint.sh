@@ -140,7 +140,8 @@ n rm -f ck-bad >/dev/null
 
 # Live migration to another nestor (a second data root stands for a second host): the
 # container goes on there with its PID, files and output; its record here goes.
-# Jailed with pre-copy over a Unix socket, unjailed with stop-copy over TCP.
+# Jailed with pre-copy over a Unix socket, unjailed with stop-copy over TCP and with
+# post-copy (its destination VMM takes the guest's pages in as they are touched).
 B=$work/root-b
 nb() { NESTOR_ROOT=$B timeout --kill-after=5 240 "$bin/nestor" "$@"; }
 on_exit 'NESTOR_ROOT='"$B"' "$bin/nestor" gc'
@@ -148,10 +149,11 @@ on_exit 'for id in $(NESTOR_ROOT='"$B"' "$bin/nestor" ps -a -q 2>/dev/null); do 
 nb image import "$img" >/dev/null
 statusb() { nb inspect "$1" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["Status"])' 2>/dev/null || true; }
 countb() { nb logs "$1" 2>/dev/null | grep -vc '^nestor:' || true; }
-for how in "pre-copy unix:$work/mig.sock" "stop-copy tcp:127.0.0.1:$((20000 + RANDOM % 20000))"; do
+for how in "pre-copy unix:$work/mig.sock" "stop-copy tcp:127.0.0.1:$((20000 + RANDOM % 20000))" \
+    "post-copy unix:$work/mig-post.sock"; do
     read -r strategy addr <<<"$how"
     flags=()
-    [[ $strategy == stop-copy ]] && flags=(--no-jail)
+    [[ $strategy != pre-copy ]] && flags=(--no-jail)
     n run --vm -d --vm-mem 128 --network none "${flags[@]}" --name mv busybox sh -c "$counter" >/dev/null
     wait_lines mv 10 || bad "$strategy: the counter did not start"
     pid=$(n exec mv cat /tmp/pid)

@@ -12,15 +12,16 @@
 #   2. a destination killed mid-stream (stopped first so the source blocks on it,
 #      then SIGKILL): the source's API answers one line and runs on;
 #   3. stop-copy to a new process (Unix socket); 4. pre-copy to a third one (TCP);
+#   5. post-copy to a fourth (Unix socket: it runs at once, its guest faulting pages in);
 # after each migration the agent answers on the new VMM's vsock socket, the counter
 # went on from where it was, the data's MD5 in the guest is the one it had at the
 # start, no copy ever differed, guest uptime went on, and the old VMM exited 0. Prints
-# downtime, total time, bytes sent and rounds per strategy. Five VMM launches.
+# downtime, total time, bytes sent and rounds per strategy. Six VMM launches.
 #
 # Runs in the KVM test host unless this host has hardware KVM.
 # Exit status 0 when every check passes, 1 when one fails, 2 on bad usage/missing parts.
 set -euo pipefail
-limit=170
+limit=230
 source "$(dirname "${BASH_SOURCE[0]}")/lib/prelude.sh"
 find_vmm
 find_kernel
@@ -195,16 +196,39 @@ out=$("$client" client --hybrid "$work/v3.sock" --timeout 90 ping --vmm-pid "$cp
 expect "agent answers after pre-copy" '{"type":"pong","version":1,"pid1":true}' "$out"
 check "$work/v3.sock" s3 "pre-copy"
 
-expect "shutdown" '{"type":"ok"}' "$("$client" client --hybrid "$work/v3.sock" --timeout 30 call '{"type":"shutdown"}' 2>&1)"
+# 6. post-copy to D: the state alone, D runs at once and its guest (still copying
+# 8 MiB a turn) faults its pages in while the rest follow.
+"$vmm" --migrate-from "unix:$work/p.mig" --vsock "$work/v4.sock" --api "$work/p.sock" \
+    --console "$work/console4" </dev/null >"$work/vmm4.log" 2>&1 &
+dpid=$!
+pids+=("$dpid")
+for _ in $(seq 100); do [[ -S $work/p.mig ]] && break; sleep 0.1; done
+oc=$("$vmm" --api "$work/c.sock" --call "{\"action\":\"migrate\",\"to\":\"unix:$work/p.mig\",\"strategy\":\"post-copy\"}" 2>&1) || true
+[[ $oc == *'"ok":true'* && $oc == *'"migration":'* ]] && pass "post-copy migration" ||
+    { bad "post-copy: $oc"; dump; finish; }
+crc=running
+if [[ $oc == *'"ok":true'* ]]; then
+    set +e
+    wait "$cpid"
+    crc=$?
+    set -e
+fi
+[[ $crc == 0 ]] && pass "the post-copy source exited 0" || bad "the post-copy source: status $crc"
+out=$("$client" client --hybrid "$work/v4.sock" --timeout 90 ping --vmm-pid "$dpid" 2>&1) || true
+expect "agent answers after post-copy" '{"type":"pong","version":1,"pid1":true}' "$out"
+check "$work/v4.sock" s4 "post-copy"
+
+expect "shutdown" '{"type":"ok"}' "$("$client" client --hybrid "$work/v4.sock" --timeout 30 call '{"type":"shutdown"}' 2>&1)"
 set +e
-wait "$cpid"
-crc=$?
+wait "$dpid"
+drc=$?
 set -e
-((crc == 0)) && pass "the last VMM exited 0 after the agent's shutdown" || bad "last VMM status $crc"
+((drc == 0)) && pass "the last VMM exited 0 after the agent's shutdown" || bad "last VMM status $drc"
 ((fail)) && dump
 fig() {
     echo "downtime $(field "$1" downtime_ms) ms, total $(field "$1" total_ms) ms, $(($(field "$1" bytes) / 1024)) KiB sent ($(($(field "$1" last_round_bytes) / 1024)) KiB paused), $(field "$1" rounds) rounds, first round at $(field "$1" bandwidth_mib_s) MiB/s"
 }
 [[ $sc == *'"ok":true'* ]] && echo "vmm-migrate: stop-copy (Unix socket): $(fig "$sc")$label"
 [[ $pc == *'"ok":true'* ]] && echo "vmm-migrate: pre-copy (TCP, downtime target 300 ms): $(fig "$pc")$label"
+[[ $oc == *'"ok":true'* ]] && echo "vmm-migrate: post-copy (Unix socket): $(fig "$oc")$label"
 finish

@@ -4,7 +4,7 @@
 //! "parent": DIR}`, or `{"action": "rate-limit", "device": "disk0" | "net0",
 //! "bandwidth": {"size": N, "refill_time_ms": MS, "one_time_burst": N}, "ops": {…}}`
 //! (an absent bucket is unlimited), or `{"action": "migrate", "to": "unix:PATH" |
-//! "tcp:IP:PORT", "strategy": "stop-copy" | "pre-copy", "downtime_ms": N,
+//! "tcp:IP:PORT", "strategy": "stop-copy" | "pre-copy" | "post-copy", "downtime_ms": N,
 //! "max_rounds": N}` (defaults: stop-copy, 300 ms, 10 rounds; the VMM exits 0 once the
 //! destination runs the VM), or `{"action": "vsock-reset"}` (every vsock connection
 //! ends and the guest gets the transport-reset event, as after a restore: a guest's
@@ -382,6 +382,13 @@ fn answer(vmm: &mut Vmm, line: &str) -> (serde_json::Value, bool) {
                     vmm.request_exit(GuestExit::Stopped);
                     (serde_json::json!({"ok": true, "migration": report}), true)
                 }
+                Err(e @ crate::migration::MigrationError::PostCopyLost(_)) => {
+                    // The guest ran on there: nothing to resume here.
+                    let line = format!("migration to {to}: {e}; this VMM exits");
+                    crate::eprintln_capped!("nestor-vmm: {line}");
+                    vmm.request_exit(GuestExit::InternalError(line.clone()));
+                    (serde_json::json!({"ok": false, "error": line}), true)
+                }
                 Err(e) => {
                     let line = format!("migration to {to} failed: {e}; the VM runs on here");
                     crate::eprintln_capped!("nestor-vmm: {line}");
@@ -587,7 +594,6 @@ mod tests {
         for bad in [
             r#"{"action":"migrate"}"#,
             r#"{"action":"migrate","to":"/m.sock"}"#,
-            r#"{"action":"migrate","to":"unix:/m","strategy":"post-copy"}"#,
             r#"{"action":"migrate","to":"unix:/m","max_rounds":1}"#,
             r#"{"action":"pause","to":"unix:/m"}"#,
             r#"{"action":"rate-limit"}"#,

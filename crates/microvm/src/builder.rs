@@ -131,6 +131,10 @@ pub enum Strategy {
     /// Send memory while the guest runs, then the pages it dirtied, in rounds, until
     /// the rest fits the downtime target; then pause and send the rest.
     PreCopy,
+    /// Pause, send the state alone: the destination runs at once and its guest
+    /// faults the pages in (userfaultfd) while the rest follow. Past its answer the VM
+    /// exists only there: a connection lost then loses it.
+    PostCopy,
 }
 
 /// Options of [`Vmm::migrate`].
@@ -918,7 +922,8 @@ impl Vmm {
             }
         }
         let r = self.migrate_inner(to, opts, live, t0, &mut report);
-        if r.is_err() {
+        let lost = matches!(r, Err(MigrationError::PostCopyLost(_)));
+        if r.is_err() && !lost {
             if opts.strategy == Strategy::PreCopy {
                 // The dirty log was read: no diff snapshot until a full one.
                 *self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -1030,7 +1035,9 @@ impl Vmm {
             .map_err(|e| MigrationError::Vm(e.to_string()))?;
         let before = w.page_bytes;
         let send_start = Instant::now();
+        let post = opts.strategy == Strategy::PostCopy;
         let sent = match pending.as_mut() {
+            _ if post => Ok(()),
             Some(p) => {
                 let d = self
                     .take_dirty_pages()
@@ -1062,7 +1069,9 @@ impl Vmm {
                 m
             })
             .collect();
-        let r = w.json(kind::STATE, &state).and_then(|()| w.end(was_paused));
+        let r = w
+            .json(kind::STATE, &state)
+            .and_then(|()| w.end(was_paused, post));
         r.map_err(|e| refused(&mut w, e))?;
         let r = w.inner().flush().map_err(|e| MigrationError::Io {
             what: "sending the stream's end".into(),
@@ -1071,10 +1080,19 @@ impl Vmm {
         r.map_err(|e| refused(&mut w, e))?;
         report.bytes = w.bytes;
         report.memory_bytes = w.page_bytes;
-        let mut rd = mig::Reader::new(w.inner().get_mut());
-        mig::read_answer(&mut rd)?;
+        if post {
+            // The pages follow at once (the destination may fault on some while it
+            // builds the VM), those it asks for first; its ACK says it runs.
+            let running = mig::serve_pages(&mut w, &self.mem);
+            report.bytes = w.bytes;
+            report.memory_bytes = w.page_bytes;
+            report.downtime_ms = (running? - paused_at).as_millis() as u64;
+        } else {
+            let mut rd = mig::Reader::new(w.inner().get_mut());
+            mig::read_answer(&mut rd)?;
+            report.downtime_ms = paused_at.elapsed().as_millis() as u64;
+        }
         drop(held);
-        report.downtime_ms = paused_at.elapsed().as_millis() as u64;
         report.total_ms = t0.elapsed().as_millis() as u64;
         Ok(())
     }

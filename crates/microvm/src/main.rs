@@ -55,10 +55,16 @@ fn stop_on_signals(set: libc::sigset_t, exit: Arc<ExitSignal>) -> std::io::Resul
 /// Starts the vCPUs, then installs the main thread's filter: it goes in after the vCPU
 /// threads exist, and once they, the virtio event thread and the signal thread have
 /// theirs too, it opens the vCPUs' gate.
-fn start_filtered(vmm: &mut Vmm, vcpus: u8) -> Result<(), nestor_microvm::builder::VmmError> {
+/// Starts the vCPUs and installs the main thread's filter once every VMM thread has
+/// its own: the vCPUs, the virtio event thread, the signal thread and `extra` more.
+fn start_filtered(
+    vmm: &mut Vmm,
+    vcpus: u8,
+    extra: usize,
+) -> Result<(), nestor_microvm::builder::VmmError> {
     let started = vmm.start();
     let threads = if started.is_ok() {
-        usize::from(vcpus) + 2
+        usize::from(vcpus) + 2 + extra
     } else {
         0
     };
@@ -124,7 +130,7 @@ fn run(start: Instant) -> anyhow::Result<i32> {
     // The memory file stays mapped; its descriptor is not needed any more.
     drop(restore);
     stop_on_signals(signals, vmm.exit_signal())?;
-    start_filtered(&mut vmm, cfg.vcpus)?;
+    start_filtered(&mut vmm, cfg.vcpus, 0)?;
     let reason = match &api {
         Some(server) => api::serve(server, &mut vmm),
         None => vmm.wait(None).unwrap_or(GuestExit::Stopped),
@@ -193,22 +199,55 @@ fn migrate_from(cli: Cli, addr: &str, start: Instant) -> anyhow::Result<i32> {
     drop(listener);
     // Silence from the source for this long ends the migration.
     conn.set_timeout(std::time::Duration::from_secs(60))?;
+    // Answers go out on a handle of their own: in post-copy the page thread writes too.
+    let out = std::sync::Arc::new(std::sync::Mutex::new(conn.try_clone()?));
     let mut reader = Reader::new(conn);
-    let nack = |r: &mut Reader<migration::Conn>, e: &dyn std::fmt::Display| {
+    let nack = |e: &dyn std::fmt::Display| {
         let line = e.to_string();
-        let _ = Writer::new(r.inner()).frame(kind::NACK, &[line.as_bytes()]);
+        let mut c = out.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = Writer::new(&mut *c).frame(kind::NACK, &[line.as_bytes()]);
     };
     let received = match migration::receive(&mut reader, |saved| cli.into_restore_config(saved)) {
         Ok(r) => r,
         Err(e) => {
-            nack(&mut reader, &e);
+            nack(&e);
             return Err(e.into());
         }
     };
     let cfg = received.config.clone();
+    // Post-copy: guest memory fills as it is touched, from here on.
+    let mut postcopy = match received.postcopy {
+        true => match migration::PostCopy::register(&received.memory) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                nack(&e);
+                return Err(e.into());
+            }
+        },
+        false => None,
+    };
+    let page_thread = postcopy.is_some();
     let built = (|| -> anyhow::Result<(Option<ApiServer>, Vmm, libc::sigset_t)> {
         nestor_microvm::logcap::cap_stderr(cfg.log_limit)?;
         seccomp::setup(&filters)?;
+        if let Some(pc) = postcopy.take() {
+            // Before anything is built: restoring the devices may touch guest pages.
+            let mut rd = Reader::new(reader.inner().try_clone()?);
+            let out = out.clone();
+            std::thread::Builder::new()
+                .name("pages".into())
+                .spawn(move || {
+                    seccomp::enter(seccomp::ThreadKind::Pages);
+                    if let Err(e) = pc.pull(&mut rd, &out) {
+                        // The guest is missing memory it will touch: it cannot go on.
+                        nestor_microvm::eprintln_capped!(
+                            "nestor-vmm: post-copy: {e}; the guest's memory is incomplete, this VMM exits"
+                        );
+                        // SAFETY: ends the process at once.
+                        unsafe { libc::_exit(1) }
+                    }
+                })?;
+        }
         let signals = block_stop_signals();
         let api = match &cfg.api {
             Some(p) => Some(ApiServer::bind(p)?),
@@ -220,18 +259,22 @@ fn migrate_from(cli: Cli, addr: &str, start: Instant) -> anyhow::Result<i32> {
     let (api, mut vmm, signals) = match built {
         Ok(b) => b,
         Err(e) => {
-            nack(&mut reader, &format!("{e:#}"));
+            nack(&format!("{e:#}"));
             return Err(e);
         }
     };
     stop_on_signals(signals, vmm.exit_signal())?;
-    if let Err(e) = start_filtered(&mut vmm, cfg.vcpus) {
-        nack(&mut reader, &e);
+    if let Err(e) = start_filtered(&mut vmm, cfg.vcpus, usize::from(page_thread)) {
+        nack(&e);
         return Err(e.into());
     }
     // The VM runs: the source may go. If it cannot be told, it runs on there, so this
     // one stops.
-    if let Err(e) = Writer::new(reader.inner()).frame(kind::ACK, &[]) {
+    let acked = {
+        let mut c = out.lock().unwrap_or_else(|p| p.into_inner());
+        Writer::new(&mut *c).frame(kind::ACK, &[])
+    };
+    if let Err(e) = acked {
         vmm.request_exit(GuestExit::Stopped);
         vmm.shutdown();
         let e = match e {
@@ -240,7 +283,10 @@ fn migrate_from(cli: Cli, addr: &str, start: Instant) -> anyhow::Result<i32> {
         };
         anyhow::bail!("migration: the source did not take the answer ({e}); the VM stopped here");
     }
+    // The connection closes here (the source's relay sees its end), or once the
+    // post-copy page thread is done with its own handles.
     drop(reader);
+    drop(out);
     let reason = match &api {
         Some(server) => api::serve(server, &mut vmm),
         None => vmm.wait(None).unwrap_or(GuestExit::Stopped),

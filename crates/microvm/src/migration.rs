@@ -59,6 +59,11 @@ pub mod kind {
     pub const ACK: u8 = 5;
     /// The destination refused (payload: one line).
     pub const NACK: u8 = 6;
+    /// Post-copy, destination to source: send these pages first (a guest address,
+    /// u64 LE, and a page count, u32 LE).
+    pub const REQ: u8 = 7;
+    /// Post-copy, source to destination: [`super::Done`], every page is sent.
+    pub const DONE: u8 = 8;
 }
 
 /// Errors of a migration, either end.
@@ -90,6 +95,9 @@ pub enum MigrationError {
     /// Saving or restoring the VM failed.
     #[error("{0}")]
     Vm(String),
+    /// Post-copy failed after the destination took the VM over: the guest is lost.
+    #[error("post-copy failed after the destination took the VM over (the guest is lost): {0}")]
+    PostCopyLost(String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrationError {
@@ -160,6 +168,22 @@ impl Conn {
         };
         c.set_timeout(timeout)?;
         Ok(c)
+    }
+
+    /// A second handle on the same connection (one thread reads, another writes).
+    pub fn try_clone(&self) -> std::io::Result<Conn> {
+        Ok(match self {
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+        })
+    }
+
+    /// Ends this side's writing (the peer reads the end of the stream).
+    pub fn shutdown_write(&self) {
+        let _ = match self {
+            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+        };
     }
 
     /// Sets the read and write time-outs.
@@ -294,6 +318,20 @@ pub struct End {
     pub page_bytes: u64,
     /// The source's VM was paused: the destination's stays paused.
     pub paused: bool,
+    /// Post-copy: the pages follow after the destination's `ACK`, its guest faulting
+    /// them in, until [`kind::DONE`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub postcopy: bool,
+}
+
+/// The `DONE` frame of post-copy: what the page phase sent (after `END`).
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Done {
+    /// `PAGES` frames sent after `END`.
+    pub frames: u64,
+    /// Page bytes in them.
+    pub page_bytes: u64,
 }
 
 /// Writes frames, counting them.
@@ -372,12 +410,13 @@ impl<W: Write> Writer<W> {
         Ok(())
     }
 
-    /// The `END` frame.
-    pub fn end(&mut self, paused: bool) -> Result<(), MigrationError> {
+    /// The `END` frame (`postcopy`: the pages follow the answer).
+    pub fn end(&mut self, paused: bool, postcopy: bool) -> Result<(), MigrationError> {
         let end = End {
             frames: self.frames,
             page_bytes: self.page_bytes,
             paused,
+            postcopy,
         };
         self.json(kind::END, &end)
     }
@@ -436,7 +475,7 @@ impl<R: Read> Reader<R> {
         let mut head = [0u8; 5];
         self.exact(&mut head, "a frame header")?;
         let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        if !(kind::BEGIN..=kind::NACK).contains(&head[0]) {
+        if !(kind::BEGIN..=kind::DONE).contains(&head[0]) {
             return Err(MigrationError::Corrupt(format!(
                 "unknown frame kind {}",
                 head[0]
@@ -565,6 +604,8 @@ pub struct Received {
     pub memory: GuestMemory,
     /// The source's VM was paused.
     pub paused: bool,
+    /// Post-copy: the pages still to come ([`start_postcopy`]).
+    pub postcopy: bool,
 }
 
 /// Reads a whole stream (header to `END`) and checks it; `config` turns the source's
@@ -670,6 +711,7 @@ pub fn receive<R: Read>(
                     state,
                     memory: mem,
                     paused: end.paused,
+                    postcopy: end.postcopy,
                 });
             }
             k => {
@@ -695,6 +737,390 @@ pub fn read_answer<R: Read>(r: &mut Reader<R>) -> Result<(), MigrationError> {
         (k, _) => Err(MigrationError::Corrupt(format!(
             "the destination answered with a frame of kind {k}"
         ))),
+    }
+}
+
+impl std::os::fd::AsRawFd for Conn {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Conn::Unix(s) => s.as_raw_fd(),
+            Conn::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+/// Waits up to `ms` for `fds` to be readable; which are (all false on a time-out).
+fn readable(fds: &[std::os::fd::RawFd], ms: i32) -> Result<Vec<bool>, MigrationError> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: poll on valid pollfds, for the duration of the call.
+    let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, ms) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            return Ok(vec![false; fds.len()]);
+        }
+        return Err(io("waiting for the peer")(e));
+    }
+    Ok(p.iter().map(|x| x.revents != 0).collect())
+}
+
+/// A guest address and page count from a `REQ` frame, checked against `ram`.
+fn requested(body: &[u8], ram: &[(u64, u64)]) -> Result<(u64, usize), MigrationError> {
+    if body.len() != 12 {
+        return Err(MigrationError::Corrupt(format!(
+            "a REQ frame of {} bytes",
+            body.len()
+        )));
+    }
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&body[..8]);
+    let mut c = [0u8; 4];
+    c.copy_from_slice(&body[8..]);
+    let (addr, count) = (u64::from_le_bytes(a), u32::from_le_bytes(c) as usize);
+    let len = (count * PAGE) as u64;
+    let inside = addr % PAGE as u64 == 0
+        && count > 0
+        && count <= MAX_FRAME_PAGES
+        && ram
+            .iter()
+            .any(|&(g, s)| addr >= g && addr.saturating_add(len) <= g + s);
+    if !inside {
+        return Err(MigrationError::Corrupt(format!(
+            "a request for {count} pages at {addr:#x}, outside guest memory"
+        )));
+    }
+    Ok((addr, count))
+}
+
+/// What the destination said during post-copy's page phase.
+#[derive(Default)]
+struct Heard {
+    /// Its VM runs (`ACK`): from here the guest exists only there.
+    running: Option<std::time::Instant>,
+    /// It has every page (`DONE`).
+    all_in: bool,
+}
+
+impl Heard {
+    /// Takes one frame from the destination; a page request is returned.
+    fn take(&mut self, k: u8, body: &[u8]) -> Result<Option<Vec<u8>>, MigrationError> {
+        match k {
+            kind::REQ => return Ok(Some(body.to_vec())),
+            kind::ACK if self.running.is_none() => self.running = Some(std::time::Instant::now()),
+            kind::DONE if self.running.is_some() || !self.all_in => self.all_in = true,
+            kind::NACK if self.running.is_none() => {
+                return Err(MigrationError::Refused(
+                    String::from_utf8_lossy(body)
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_string(),
+                ))
+            }
+            k => {
+                return Err(MigrationError::Corrupt(format!(
+                    "the destination sent a frame of kind {k} during post-copy"
+                )))
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Post-copy's page phase on the source, right after `END`: every page that is not
+/// all zero goes out in address order, pages the destination asks for (`REQ`: its
+/// guest, or its VMM restoring devices, faulted on them) first, between frames; then
+/// `DONE`. Returns when the destination has said both that its VM runs (`ACK`) and
+/// that it has every page (`DONE`), with the instant of the first. A failure after
+/// that `ACK` is [`MigrationError::PostCopyLost`]: the guest ran on there. `mem` does
+/// not change meanwhile (the VM here is paused, its devices held).
+pub fn serve_pages(
+    w: &mut Writer<std::io::BufWriter<Conn>>,
+    mem: &GuestMemory,
+) -> Result<std::time::Instant, MigrationError> {
+    let mut heard = Heard::default();
+    let r = serve_pages_inner(w, mem, &mut heard);
+    match (r, heard.running) {
+        (Ok(()), Some(at)) => Ok(at),
+        (Ok(()), None) => Err(MigrationError::Corrupt(
+            "no answer from the destination".into(),
+        )),
+        (Err(e), Some(_)) => Err(MigrationError::PostCopyLost(e.to_string())),
+        (Err(e), None) => Err(e),
+    }
+}
+
+fn serve_pages_inner(
+    w: &mut Writer<std::io::BufWriter<Conn>>,
+    mem: &GuestMemory,
+    heard: &mut Heard,
+) -> Result<(), MigrationError> {
+    use std::os::fd::AsRawFd;
+    let (frames0, bytes0) = (w.frames, w.page_bytes);
+    let regions: Vec<(u64, &[u8])> = mem
+        .iter()
+        .map(|r| {
+            let host = mem
+                .get_host_address(r.start_addr())
+                .map_err(|e| MigrationError::Vm(format!("guest memory: {e}")))?;
+            // SAFETY: the region's mapping, alive as long as `mem`; the VM is paused
+            // and its devices held, so nothing writes it.
+            let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), r.len() as usize) };
+            Ok((r.start_addr().0, bytes))
+        })
+        .collect::<Result<_, MigrationError>>()?;
+    let ram: Vec<(u64, u64)> = regions.iter().map(|(g, b)| (*g, b.len() as u64)).collect();
+    let mut sent: Vec<Vec<bool>> = regions
+        .iter()
+        .map(|(_, b)| vec![false; b.len() / PAGE])
+        .collect();
+    let zero = [0u8; PAGE];
+    // Sends the unsent pages of `first..end` in region `i` (all of them when asked
+    // for, the non-zero ones otherwise), in runs.
+    let send = |w: &mut Writer<std::io::BufWriter<Conn>>,
+                sent: &mut [Vec<bool>],
+                i: usize,
+                first: usize,
+                end: usize,
+                asked: bool|
+     -> Result<(), MigrationError> {
+        let (base, bytes) = regions[i];
+        let wanted = |p: usize, sent: &[Vec<bool>]| {
+            !sent[i][p] && (asked || bytes[p * PAGE..(p + 1) * PAGE] != zero)
+        };
+        let mut p = first;
+        while p < end {
+            if !wanted(p, sent) {
+                p += 1;
+                continue;
+            }
+            let start = p;
+            while p < end && p - start < MAX_FRAME_PAGES && wanted(p, sent) {
+                sent[i][p] = true;
+                p += 1;
+            }
+            w.pages(base + (start * PAGE) as u64, &bytes[start * PAGE..p * PAGE])?;
+        }
+        Ok(())
+    };
+    // Reads what the destination sent (waiting up to `ms` for the first frame) and
+    // serves its requests.
+    let listen = |w: &mut Writer<std::io::BufWriter<Conn>>,
+                  sent: &mut [Vec<bool>],
+                  heard: &mut Heard,
+                  ms: i32|
+     -> Result<(), MigrationError> {
+        let fd = w.inner().get_ref().as_raw_fd();
+        let mut wait = ms;
+        while readable(&[fd], wait)?[0] {
+            wait = 0;
+            let (k, body) = Reader::new(w.inner().get_mut()).frame()?;
+            if let Some(req) = heard.take(k, &body)? {
+                let (addr, count) = requested(&req, &ram)?;
+                let j = ram
+                    .iter()
+                    .position(|&(g, s)| addr >= g && addr < g + s)
+                    .unwrap_or(0);
+                let first = ((addr - ram[j].0) / PAGE as u64) as usize;
+                send(w, sent, j, first, first + count, true)?;
+                w.inner().flush().map_err(io("sending requested pages"))?;
+            }
+        }
+        Ok(())
+    };
+    let sizes: Vec<usize> = regions.iter().map(|(_, b)| b.len() / PAGE).collect();
+    for (i, pages) in sizes.into_iter().enumerate() {
+        let mut p = 0;
+        while p < pages {
+            w.inner().flush().map_err(io("sending pages"))?;
+            listen(w, &mut sent, heard, 0)?;
+            let end = (p + MAX_FRAME_PAGES).min(pages);
+            send(w, &mut sent, i, p, end, false)?;
+            p = end;
+        }
+    }
+    let done = Done {
+        frames: w.frames - frames0,
+        page_bytes: w.page_bytes - bytes0,
+    };
+    w.json(kind::DONE, &done)?;
+    w.inner().flush().map_err(io("sending the last pages"))?;
+    // Requests that crossed DONE are of pages sent already or all zero (which the
+    // destination fills itself once it has DONE): answered all the same.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while heard.running.is_none() || !heard.all_in {
+        if std::time::Instant::now() > deadline {
+            return Err(MigrationError::Corrupt(
+                "the destination did not confirm within 60 s".into(),
+            ));
+        }
+        listen(w, &mut sent, heard, 1000)?;
+    }
+    Ok(())
+}
+
+/// Post-copy on the destination: guest memory registered with userfaultfd (missing
+/// pages), before any vCPU or device can touch it.
+pub struct PostCopy {
+    uffd: userfaultfd::Uffd,
+    /// (guest address, host address, length) of each region.
+    regions: Vec<(u64, usize, usize)>,
+}
+
+impl PostCopy {
+    /// Registers `mem`: from here a touch of a page not yet in it waits for
+    /// [`PostCopy::pull`]. Faults from the kernel (KVM reading guest memory for a vCPU)
+    /// count too, which takes CAP_SYS_PTRACE (root) unless the host allows
+    /// unprivileged userfaultfd.
+    pub fn register(mem: &GuestMemory) -> Result<PostCopy, MigrationError> {
+        let uffd = userfaultfd::UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .create()
+            .map_err(|e| {
+                MigrationError::Unsupported(format!(
+                    "post-copy needs userfaultfd for kernel faults (root, or vm.unprivileged_userfaultfd=1): {e}"
+                ))
+            })?;
+        let mut regions = Vec::new();
+        for r in mem.iter() {
+            let host = mem
+                .get_host_address(r.start_addr())
+                .map_err(|e| MigrationError::Vm(format!("guest memory: {e}")))?;
+            uffd.register(host.cast(), r.len() as usize)
+                .map_err(|e| MigrationError::Vm(format!("userfaultfd register: {e}")))?;
+            regions.push((r.start_addr().0, host as usize, r.len() as usize));
+        }
+        Ok(PostCopy { uffd, regions })
+    }
+
+    /// The page loop (its own thread): asks the source for each page the guest or
+    /// the VMM faults on (`REQ`), places the pages that come (`UFFDIO_COPY`, which
+    /// wakes whoever waits), and at `DONE` checks the counts, lets the memory go (the
+    /// pages never sent were all zero) and answers `DONE` on `out`. An error leaves the
+    /// guest without its memory: the caller ends the VMM.
+    pub fn pull(
+        self,
+        r: &mut Reader<Conn>,
+        out: &std::sync::Mutex<Conn>,
+    ) -> Result<u64, MigrationError> {
+        use std::os::fd::AsRawFd;
+        let ram: Vec<(u64, u64)> = self
+            .regions
+            .iter()
+            .map(|&(g, _, l)| (g, l as u64))
+            .collect();
+        let mut asked = std::collections::HashSet::new();
+        let send = |kind: u8, parts: &[&[u8]]| {
+            let mut c = out.lock().unwrap_or_else(|p| p.into_inner());
+            Writer::new(&mut *c).frame(kind, parts)
+        };
+        let (frames0, mut page_bytes) = (r.frames, 0u64);
+        loop {
+            let ready = readable(&[self.uffd.as_raw_fd(), r.inner().as_raw_fd()], 1000)?;
+            if ready[0] {
+                while let Some(ev) = self
+                    .uffd
+                    .read_event()
+                    .map_err(|e| MigrationError::Vm(format!("userfaultfd read: {e}")))?
+                {
+                    let userfaultfd::Event::Pagefault { addr, .. } = ev else {
+                        continue;
+                    };
+                    let host = addr as usize & !(PAGE - 1);
+                    let Some(&(g, h, _)) = self
+                        .regions
+                        .iter()
+                        .find(|&&(_, h, l)| host >= h && host < h + l)
+                    else {
+                        continue;
+                    };
+                    let gpa = g + (host - h) as u64;
+                    if asked.insert(gpa) {
+                        send(kind::REQ, &[&gpa.to_le_bytes(), &1u32.to_le_bytes()])?;
+                    }
+                }
+            }
+            if !ready[1] {
+                continue;
+            }
+            let (k, body) = r.frame()?;
+            match k {
+                kind::PAGES => {
+                    if body.len() < 8 + PAGE || (body.len() - 8) % PAGE != 0 {
+                        return Err(MigrationError::Corrupt(format!(
+                            "a PAGES frame of {} bytes",
+                            body.len()
+                        )));
+                    }
+                    let (addr, count) = {
+                        let mut req = body[..8].to_vec();
+                        req.extend_from_slice(&(((body.len() - 8) / PAGE) as u32).to_le_bytes());
+                        requested(&req, &ram)?
+                    };
+                    let (g, h, _) = *self
+                        .regions
+                        .iter()
+                        .find(|&&(g, _, l)| addr >= g && addr < g + l as u64)
+                        .ok_or_else(|| MigrationError::Corrupt("pages outside memory".into()))?;
+                    for p in 0..count {
+                        let dst = h + (addr - g) as usize + p * PAGE;
+                        let src = &body[8 + p * PAGE..8 + (p + 1) * PAGE];
+                        // SAFETY: `dst` is a page of a registered region (checked
+                        // above); `src` is a page of this frame. UFFDIO_COPY fills a
+                        // missing page atomically and wakes its waiters.
+                        match unsafe {
+                            self.uffd
+                                .copy(src.as_ptr().cast(), dst as *mut _, PAGE, true)
+                        } {
+                            Ok(_) => {}
+                            // Already there (asked for and pushed both).
+                            Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {}
+                            Err(e) => {
+                                return Err(MigrationError::Vm(format!(
+                                    "placing the page at {:#x}: {e}",
+                                    addr + (p * PAGE) as u64
+                                )))
+                            }
+                        }
+                    }
+                    page_bytes += (count * PAGE) as u64;
+                }
+                kind::DONE => {
+                    let done: Done = serde_json::from_slice(&body)
+                        .map_err(|e| MigrationError::Corrupt(format!("DONE: {e}")))?;
+                    let frames = r.frames - frames0 - 1;
+                    if done.frames != frames || done.page_bytes != page_bytes {
+                        return Err(MigrationError::Corrupt(format!(
+                            "the source sent {} frames and {} page bytes after END, {} and {} arrived",
+                            done.frames, done.page_bytes, frames, page_bytes
+                        )));
+                    }
+                    // The pages never sent are all zero: unregistered, a fault on one
+                    // gets a zero page (a waiter is woken to fault again).
+                    for &(_, h, l) in &self.regions {
+                        self.uffd.unregister(h as *mut _, l).map_err(|e| {
+                            MigrationError::Vm(format!("userfaultfd unregister: {e}"))
+                        })?;
+                    }
+                    send(kind::DONE, &[])?;
+                    return Ok(page_bytes);
+                }
+                k => {
+                    return Err(MigrationError::Corrupt(format!(
+                        "a frame of kind {k} while pages were coming"
+                    )))
+                }
+            }
+        }
     }
 }
 
@@ -731,7 +1157,7 @@ mod tests {
             .unwrap();
             w.pages(0x3000, &[0xab; PAGE]).unwrap();
             w.frame(kind::STATE, &[b"not parsed here"]).unwrap();
-            w.end(false).unwrap();
+            w.end(false, false).unwrap();
         })
     }
 
@@ -766,7 +1192,7 @@ mod tests {
         let s = stream(|w| {
             w.header().unwrap();
             w.pages(0x1000, &[7; PAGE]).unwrap();
-            w.end(true).unwrap();
+            w.end(true, false).unwrap();
         });
         let mut r = Reader::new(&s[..]);
         r.header().unwrap();
@@ -780,7 +1206,8 @@ mod tests {
             End {
                 frames: 1,
                 page_bytes: PAGE as u64,
-                paused: true
+                paused: true,
+                postcopy: false,
             }
         );
         // Any single corrupted byte after the header is caught (checksum, kind or
@@ -843,6 +1270,7 @@ mod tests {
                     frames: 3,
                     page_bytes: 0,
                     paused: false,
+                    postcopy: false,
                 },
             )
             .unwrap();
@@ -925,5 +1353,63 @@ mod tests {
         send_memory(&mut w, &mem, Some(&dirty)).unwrap();
         assert_eq!((w.frames, w.page_bytes), (2, 2 * PAGE as u64));
         assert_eq!(count_pages(&dirty), 2);
+    }
+
+    #[test]
+    fn post_copy_requests_outside_memory_or_misshapen_are_refused() {
+        let ram = [(0u64, 1u64 << 20)];
+        let req = |addr: u64, count: u32| {
+            let mut b = addr.to_le_bytes().to_vec();
+            b.extend_from_slice(&count.to_le_bytes());
+            b
+        };
+        assert_eq!(requested(&req(0x3000, 2), &ram).unwrap(), (0x3000, 2));
+        for (bad, why) in [
+            (req(0x3001, 1), "outside"),
+            (req(0xff000, 2), "outside"),
+            (req(0, 0), "outside"),
+            (req(0, 65), "outside"),
+            (vec![0u8; 11], "a REQ frame of 11 bytes"),
+        ] {
+            let e = requested(&bad, &ram).unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+        }
+    }
+
+    #[test]
+    fn post_copy_answers_are_taken_in_order_and_a_late_refusal_is_not() {
+        let mut h = Heard::default();
+        assert_eq!(h.take(kind::REQ, b"x").unwrap(), Some(b"x".to_vec()));
+        assert!(h.take(kind::DONE, b"").unwrap().is_none());
+        assert!(h.take(kind::ACK, b"").unwrap().is_none());
+        assert!(h.running.is_some() && h.all_in);
+        // A refusal after the VM ran there is not a refusal: the stream is broken.
+        let e = h.take(kind::NACK, b"no").unwrap_err().to_string();
+        assert!(e.contains("during post-copy"), "{e}");
+        let mut h = Heard::default();
+        let e = h.take(kind::NACK, b"no memory\nmore").unwrap_err();
+        assert!(
+            matches!(e, MigrationError::Refused(ref l) if l == "no memory"),
+            "{e}"
+        );
+        let e = Heard::default()
+            .take(kind::PAGES, b"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kind 2"), "{e}");
+    }
+
+    #[test]
+    fn a_stream_without_post_copy_ends_as_version_1_readers_know_it() {
+        let end = End {
+            frames: 1,
+            page_bytes: 0,
+            paused: false,
+            postcopy: false,
+        };
+        let text = serde_json::to_string(&end).unwrap();
+        assert!(!text.contains("postcopy"), "{text}");
+        let back: End = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, end);
     }
 }

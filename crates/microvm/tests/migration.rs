@@ -1,6 +1,6 @@
 //! Live migration between nestor-vmm processes with tiny guests on this machine's
 //! /dev/kvm: a guest counting in memory and in a register is migrated stop-copy, then
-//! pre-copy, to new processes and counts on there; a destination that refuses, one
+//! pre-copy, then post-copy (and stop-copy on), to new processes and counts on there; a destination that refuses, one
 //! that hangs up mid-stream and one that answers garbage leave the source running;
 //! bad streams (wrong magic, version, checksum) are refused by the destination with
 //! one line, nothing built.
@@ -199,6 +199,39 @@ fn a_counting_guest_migrates_stop_copy_then_pre_copy_and_counts_on() {
     let c2 = c.count(&d.join("s2"));
     assert!(c2 > c1, "C counts on from B's count: {c1} then {c2}");
     eprintln!("pre-copy (tiny guest, this machine): {m}");
+
+    // post-copy to F, then back to C's place in G: the state goes first, F runs at
+    // once and its guest faults its pages in (userfaultfd) while the rest follow.
+    let (f, fsock) = destination(d, "f", &[]);
+    let r = migrate(&c, &fsock, "post-copy");
+    if r["ok"] != true {
+        let o = f.wait();
+        panic!(
+            "{r}; the destination: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let m = &r["migration"];
+    assert!(m["memory_bytes"].as_u64().unwrap() >= 4096, "{r}");
+    let o = c.wait();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    wait_for("F's API socket", || f.api.exists());
+    assert!(f.running());
+    let c3 = f.count(&d.join("post-f"));
+    assert!(c3 > c2, "F counts on from C's count: {c2} then {c3}");
+    eprintln!("post-copy (tiny guest, this machine): {m}");
+    let (c, csock) = destination(d, "g", &[]);
+    let r = migrate(&f, &csock, "stop-copy");
+    assert_eq!(r["ok"], true, "{r}");
+    drop(f);
+    wait_for("G's API socket", || c.api.exists());
+    let c2 = c.count(&d.join("post-g"));
+    assert!(c2 > c3, "G counts on from F's count: {c3} then {c2}");
 
     // A destination that refuses (another memory size): says why, C runs on.
     let (e, esock) = destination(d, "e", &["--mem", "128"]);

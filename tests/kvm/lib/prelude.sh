@@ -15,7 +15,7 @@
 #   --timeout SECS                                   -> $limit
 #   --direct             already re-run where KVM is (see rerun_where_kvm_is)
 #   -h, --help           the test's leading comment block
-# It sets: $here (tests/kvm), $repo, $cache ($NESTOR_CACHE or ~/.cache/nestor), $tdir
+# It sets: $here (tests/kvm, or benches/ for a benchmark sourcing it), $repo, $cache ($NESTOR_CACHE or ~/.cache/nestor), $tdir
 # (cargo's target dir), $test (the script's name without .sh), $label (" (inside TCG test
 # host; ...)" inside the test host, else empty: append it to every printed timing),
 # $fail=0.
@@ -58,7 +58,12 @@
 #   die2 MSG                   usage or missing parts: message on stderr, exit 2
 
 here=$(cd "$(dirname "${BASH_SOURCE[1]}")" && pwd -P)
-repo=$(cd "$here/../.." && pwd -P)
+# A test in tests/kvm, or a benchmark in benches/ that runs the same way.
+if [[ -f $here/../Cargo.toml ]]; then
+    repo=$(cd "$here/.." && pwd -P)
+else
+    repo=$(cd "$here/../.." && pwd -P)
+fi
 cache=${NESTOR_CACHE:-$HOME/.cache/nestor}
 tdir=${CARGO_TARGET_DIR:-$repo/target}
 test=$(basename "${BASH_SOURCE[1]}" .sh)

@@ -533,7 +533,9 @@ pub struct MigrateArgs {
     /// Where it goes: unix:PATH or tcp:IP:PORT, where a `nestor migrate --listen` waits.
     #[arg(long, required_unless_present = "listen", conflicts_with = "listen")]
     pub to: Option<String>,
-    /// pre-copy (copy memory while the VM runs, then the rest paused) or stop-copy.
+    /// pre-copy (copy memory while the VM runs, then the rest paused), stop-copy, or
+    /// post-copy (the state first, the VM runs there at once and faults its memory in;
+    /// needs an unjailed destination VMM).
     #[arg(long, default_value = "pre-copy")]
     pub strategy: String,
     /// pre-copy's target for the paused part, in milliseconds.

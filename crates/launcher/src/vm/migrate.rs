@@ -18,12 +18,11 @@
 //! destination removes what it made.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nestor_microvm::migration::{Addr, Conn, Listener};
 use serde_json::{json, Value};
 
 use crate::docker::store::{self, Meta};
@@ -42,134 +41,16 @@ const PATIENCE: Duration = Duration::from_secs(120);
 /// The socket a source VMM sends its migration stream to, in its sandbox (or jail).
 const OUT_SOCKET: &str = "migrate-out.sock";
 
-/// `unix:PATH` or `tcp:IP:PORT` (numeric).
-enum Addr {
-    Unix(PathBuf),
-    Tcp(std::net::SocketAddr),
+fn parse(s: &str) -> Result<Addr> {
+    s.parse().map_err(|e: String| anyhow::anyhow!(e))
 }
 
-impl Addr {
-    fn parse(s: &str) -> Result<Addr> {
-        if let Some(p) = s.strip_prefix("unix:") {
-            if p.is_empty() {
-                bail!("{s}: give a socket path after unix:");
-            }
-            return Ok(Addr::Unix(p.into()));
-        }
-        if let Some(a) = s.strip_prefix("tcp:") {
-            return Ok(Addr::Tcp(a.parse().with_context(|| {
-                format!("{s}: give tcp:IP:PORT with a numeric address")
-            })?));
-        }
-        bail!("{s}: give unix:PATH or tcp:IP:PORT")
-    }
-
-    fn connect(&self) -> Result<Conn> {
-        Ok(match self {
-            Addr::Unix(p) => Conn::Unix(
-                UnixStream::connect(p).with_context(|| format!("connect to {}", p.display()))?,
-            ),
-            Addr::Tcp(a) => Conn::Tcp(
-                TcpStream::connect_timeout(a, Duration::from_secs(10))
-                    .with_context(|| format!("connect to {a}"))?,
-            ),
-        })
-    }
-}
-
-/// A connection of either kind.
-enum Conn {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-impl Conn {
-    fn try_clone(&self) -> std::io::Result<Conn> {
-        Ok(match self {
-            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
-            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
-        })
-    }
-
-    fn shutdown_write(&self) {
-        let _ = match self {
-            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Write),
-            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
-        };
-    }
-
-    fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        match self {
-            Conn::Unix(s) => s.set_read_timeout(t),
-            Conn::Tcp(s) => s.set_read_timeout(t),
-        }
-    }
-}
-
-impl Read for Conn {
-    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Conn::Unix(s) => s.read(b),
-            Conn::Tcp(s) => s.read(b),
-        }
-    }
-}
-
-impl Write for Conn {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Conn::Unix(s) => s.write(b),
-            Conn::Tcp(s) => s.write(b),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// A listening socket of either kind (a Unix one's file goes with it).
-enum Listener {
-    Unix(UnixListener, PathBuf),
-    Tcp(TcpListener),
-}
-
-impl Listener {
-    fn bind(a: &Addr) -> Result<Listener> {
-        Ok(match a {
-            Addr::Unix(p) => Listener::Unix(
-                UnixListener::bind(p).with_context(|| format!("listen on {}", p.display()))?,
-                p.clone(),
-            ),
-            Addr::Tcp(t) => {
-                Listener::Tcp(TcpListener::bind(t).with_context(|| format!("listen on {t}"))?)
-            }
-        })
-    }
-
-    /// The next connection, within `wait`.
-    fn accept(&self, wait: Duration) -> Result<Conn> {
-        use std::os::fd::AsFd;
-        let fd = match self {
-            Listener::Unix(l, _) => l.as_fd(),
-            Listener::Tcp(l) => l.as_fd(),
-        };
-        let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
-        let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
-        if !matches!(nix::poll::poll(&mut fds, ms), Ok(n) if n > 0) {
-            bail!("no connection came within {} s", wait.as_secs());
-        }
-        Ok(match self {
-            Listener::Unix(l, _) => Conn::Unix(l.accept()?.0),
-            Listener::Tcp(l) => Conn::Tcp(l.accept()?.0),
-        })
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        if let Listener::Unix(_, p) = self {
-            let _ = std::fs::remove_file(p);
-        }
+/// The next connection on `l`, within `wait`.
+fn accept(l: &Listener, wait: Duration) -> Result<Conn> {
+    let deadline = Instant::now() + wait;
+    match l.accept_unless(|| Instant::now() > deadline)? {
+        Some(c) => Ok(c),
+        None => bail!("no connection came within {} s", wait.as_secs()),
     }
 }
 
@@ -182,8 +63,13 @@ fn send(c: &mut Conn, v: &Value) -> Result<()> {
 
 fn recv(c: &mut Conn) -> Result<Value> {
     let mut len = [0u8; 4];
-    c.read_exact(&mut len)
-        .context("the other nestor closed the connection")?;
+    c.read_exact(&mut len).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => anyhow::anyhow!(
+            "the other nestor did not answer within {} s",
+            PATIENCE.as_secs()
+        ),
+        _ => anyhow::anyhow!("the other nestor closed the connection ({e})"),
+    })?;
     let len = u32::from_le_bytes(len);
     if len > MAX_FRAME {
         bail!("the other nestor sent a frame of {len} bytes (at most {MAX_FRAME})");
@@ -222,10 +108,10 @@ fn relay(a: Conn, b: Conn) -> Result<u64> {
 
 /// `nestor migrate NAME --to ADDR`: moves the container; prints where it went.
 pub fn migrate_out(name: &str, to: &str, strategy: &str, downtime_ms: u64) -> Result<()> {
-    if !matches!(strategy, "stop-copy" | "pre-copy") {
-        bail!("--strategy {strategy}: give stop-copy or pre-copy");
+    if !matches!(strategy, "stop-copy" | "pre-copy" | "post-copy") {
+        bail!("--strategy {strategy}: give pre-copy, stop-copy or post-copy");
     }
-    let addr = Addr::parse(to)?;
+    let addr = parse(to)?;
     let (m, vm, boot) = movable(name)?;
     if boot.net.is_some() {
         bail!(
@@ -233,8 +119,7 @@ pub fn migrate_out(name: &str, to: &str, strategy: &str, downtime_ms: u64) -> Re
             m.name
         );
     }
-    let mut ctl = addr.connect()?;
-    ctl.set_timeout(Some(PATIENCE))?;
+    let mut ctl = Conn::connect(&addr, PATIENCE)?;
     let guest_config: Value = std::fs::read(store::dir(&m.id).join("guest-config.json"))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
@@ -274,7 +159,7 @@ pub fn migrate_out(name: &str, to: &str, strategy: &str, downtime_ms: u64) -> Re
         nix::unistd::chown(&host_sock, Some(uid.into()), Some(gid.into()))
             .with_context(|| format!("chown {}", host_sock.display()))?;
     }
-    let data = addr.connect()?;
+    let data = Conn::connect(&addr, PATIENCE)?;
     // From here the VMM may exit (the commit): its monitor must know why.
     container::mark_stop(&m.id, &StopMark::Moved)?;
     let req = json!({"action": "migrate", "to": format!("unix:{vmm_sock}"),
@@ -282,7 +167,7 @@ pub fn migrate_out(name: &str, to: &str, strategy: &str, downtime_ms: u64) -> Re
     let t = Instant::now();
     let call = std::thread::spawn(move || vmm_call(&api, &req));
     // The VMM connects at once, or fails before it does (its answer then says why).
-    let relayed = match out.accept(Duration::from_secs(30)) {
+    let relayed = match accept(&out, Duration::from_secs(30)) {
         Ok(vmm) => relay(vmm, data),
         Err(e) => Err(e),
     };
@@ -336,9 +221,9 @@ pub fn migrate_out(name: &str, to: &str, strategy: &str, downtime_ms: u64) -> Re
 /// `nestor migrate --listen ADDR [--name N]`: takes one container in; prints its id
 /// here once it runs.
 pub fn migrate_in(listen: &str, name: Option<&str>) -> Result<i32> {
-    let listener = Listener::bind(&Addr::parse(listen)?)?;
-    let mut ctl = listener.accept(Duration::from_secs(24 * 3600))?;
-    ctl.set_timeout(Some(PATIENCE))?;
+    let listener = Listener::bind(&parse(listen)?)?;
+    let mut ctl = accept(&listener, Duration::from_secs(24 * 3600))?;
+    ctl.set_timeout(PATIENCE)?;
     let hello = recv(&mut ctl)?;
     let (meta, restoring) = match take_in(&hello, name) {
         Ok(t) => t,
@@ -430,7 +315,7 @@ fn receive_vm(
     sb: &mut Sandbox,
     meta: &Meta,
 ) -> Result<[u64; 2]> {
-    let data = listener.accept(PATIENCE)?;
+    let data = accept(listener, PATIENCE)?;
     let sock = sb.migration_socket();
     let deadline = Instant::now() + Duration::from_secs(30);
     let vmm = loop {
@@ -475,13 +360,13 @@ mod tests {
     #[test]
     fn addresses_parse_and_bad_ones_say_what_to_give() {
         assert!(
-            matches!(Addr::parse("unix:/tmp/m.sock"), Ok(Addr::Unix(p)) if p == std::path::Path::new("/tmp/m.sock"))
+            matches!(parse("unix:/tmp/m.sock"), Ok(Addr::Unix(p)) if p == std::path::Path::new("/tmp/m.sock"))
         );
-        assert!(matches!(Addr::parse("tcp:127.0.0.1:7000"), Ok(Addr::Tcp(a)) if a.port() == 7000));
-        let err = |s: &str| format!("{:#}", Addr::parse(s).err().unwrap());
-        assert!(err("unix:").contains("give a socket path"));
-        assert!(err("tcp:localhost:7000").contains("numeric address"));
-        assert!(err("host:7000").contains("give unix:PATH or tcp:IP:PORT"));
+        assert!(matches!(parse("tcp:127.0.0.1:7000"), Ok(Addr::Tcp(a)) if a.port() == 7000));
+        let err = |s: &str| format!("{:#}", parse(s).err().unwrap());
+        assert!(err("unix:").contains("has no path"));
+        assert!(err("tcp:localhost:7000").contains("numeric IP"));
+        assert!(err("host:7000").contains("want unix:PATH or tcp:IP:PORT"));
     }
 
     #[test]

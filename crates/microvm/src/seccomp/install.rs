@@ -155,7 +155,7 @@ pub fn enter(kind: ThreadKind) {
     };
     report::set_thread(kind);
     let prog = match kind {
-        ThreadKind::Main | ThreadKind::Signals => &f.main,
+        ThreadKind::Main | ThreadKind::Signals | ThreadKind::Pages => &f.main,
         ThreadKind::Vcpu(_) => &f.vcpu,
         ThreadKind::Virtio => &f.virtio,
     };

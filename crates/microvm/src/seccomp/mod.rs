@@ -108,12 +108,15 @@ pub enum ThreadKind {
     /// A control thread of the main thread's (e.g. one waiting for stop signals with
     /// sigwait): the main filter, reported under its own name.
     Signals,
+    /// A post-copy destination's page thread (guest pages in as the guest faults):
+    /// the main filter, reported under its own name.
+    Pages,
 }
 
 impl ThreadKind {
     fn key(self) -> &'static str {
         match self {
-            ThreadKind::Main | ThreadKind::Signals => "main",
+            ThreadKind::Main | ThreadKind::Signals | ThreadKind::Pages => "main",
             ThreadKind::Vcpu(_) => "vcpu",
             ThreadKind::Virtio => "virtio",
         }

@@ -62,6 +62,15 @@ mod ioctls {
         (get::<kvm_clock_data>(0x7c), "KVM_GET_CLOCK"),
         (get::<kvm_pit_state2>(0x9f), "KVM_GET_PIT2"),
     ];
+    /// What a post-copy destination's page thread does with its userfaultfd (the
+    /// main filter's): place arrived pages, and let the memory go when all are in.
+    pub const UFFD: [(u64, &str); 2] = [
+        (
+            ioctl_expr(_IOC_READ | _IOC_WRITE, 0xAA, 0x03, 40),
+            "UFFDIO_COPY",
+        ),
+        (ioctl_expr(_IOC_READ, 0xAA, 0x01, 16), "UFFDIO_UNREGISTER"),
+    ];
     const TUN: u32 = b'T' as u32;
     pub const TUNSETOFFLOAD: u64 = ioctl_expr(_IOC_WRITE, TUN, 208, 4);
     pub const TUNSETVNETHDRSZ: u64 = ioctl_expr(_IOC_WRITE, TUN, 216, 4);
@@ -254,7 +263,7 @@ fn main_rules() -> Vec<Rule> {
         ]
         .map(any),
     );
-    for (req, name) in ioctls::VM_SAVE {
+    for (req, name) in ioctls::VM_SAVE.into_iter().chain(ioctls::UFFD) {
         v.push(when(libc::SYS_ioctl, vec![eq32(1, req, name)], name));
     }
     // migrate: a connection to the destination (Unix or TCP), with time-outs.

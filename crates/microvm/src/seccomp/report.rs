@@ -22,6 +22,7 @@ pub(super) fn set_thread(kind: ThreadKind) {
         ThreadKind::Vcpu(i) => (1, i),
         ThreadKind::Virtio => (2, 0),
         ThreadKind::Signals => (3, 0),
+        ThreadKind::Pages => (4, 0),
     };
     THREAD.with(|t| t.set((code, index)));
 }
@@ -61,6 +62,7 @@ fn report(buf: &mut [u8], thread: (u8, u8), nr: i64) -> usize {
         }
         2 => put(buf, &mut len, b"virtio-events"),
         3 => put(buf, &mut len, b"signals"),
+        4 => put(buf, &mut len, b"pages"),
         _ => put(buf, &mut len, b"main"),
     }
     put(buf, &mut len, b" made forbidden syscall ");
