@@ -6,10 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# libclang-dev: bindgen, which the userfaultfd crate (post-copy migration) runs at build.
 PKGS=(podman crun runc busybox-static containernetworking-plugins iptables qemu-system-x86 hyperfine linux-source-6.1
       erofs-utils fio iperf3 iproute2 flex bison bc libelf-dev libssl-dev cpio kmod
       uidmap libseccomp-dev libcap-ng-dev pkg-config e2fsprogs xz-utils python3 strace procps binutils
-      redis-server redis-tools docker-registry apache2-utils openssl containerd criu)
+      redis-server redis-tools docker-registry apache2-utils openssl containerd criu
+      libclang-dev)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -437,21 +437,11 @@ fn answer(vmm: &mut Vmm, line: &str) -> (serde_json::Value, bool) {
     }
 }
 
+/// Which of `fds` are readable within `timeout_ms`; None when none is (or poll failed).
 fn poll(fds: &[RawFd], timeout_ms: i32) -> Option<Vec<bool>> {
-    let mut p: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    // SAFETY: `p` is a valid array of pollfds for the duration of the call.
-    let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
-    if n <= 0 {
-        return None;
-    }
-    Some(p.iter().map(|x| x.revents != 0).collect())
+    crate::migration::readable(fds, timeout_ms)
+        .ok()
+        .filter(|r| r.iter().any(|x| *x))
 }
 
 /// Serves requests until the guest ends the VM (or a `shutdown` request); returns the

@@ -750,7 +750,7 @@ impl std::os::fd::AsRawFd for Conn {
 }
 
 /// Waits up to `ms` for `fds` to be readable; which are (all false on a time-out).
-fn readable(fds: &[std::os::fd::RawFd], ms: i32) -> Result<Vec<bool>, MigrationError> {
+pub(crate) fn readable(fds: &[std::os::fd::RawFd], ms: i32) -> Result<Vec<bool>, MigrationError> {
     let mut p: Vec<libc::pollfd> = fds
         .iter()
         .map(|&fd| libc::pollfd {

@@ -41,6 +41,11 @@ const PATIENCE: Duration = Duration::from_secs(120);
 /// The socket a source VMM sends its migration stream to, in its sandbox (or jail).
 const OUT_SOCKET: &str = "migrate-out.sock";
 
+/// A migration error as the one line it prints (its source is in that line already).
+fn one_line(e: nestor_microvm::migration::MigrationError) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
+}
+
 fn parse(s: &str) -> Result<Addr> {
     s.parse().map_err(|e: String| anyhow::anyhow!(e))
 }
@@ -48,7 +53,10 @@ fn parse(s: &str) -> Result<Addr> {
 /// The next connection on `l`, within `wait`.
 fn accept(l: &Listener, wait: Duration) -> Result<Conn> {
     let deadline = Instant::now() + wait;
-    match l.accept_unless(|| Instant::now() > deadline)? {
+    match l
+        .accept_unless(|| Instant::now() > deadline)
+        .map_err(one_line)?
+    {
         Some(c) => Ok(c),
         None => bail!("no connection came within {} s", wait.as_secs()),
     }
@@ -119,7 +127,7 @@ pub fn migrate_out(name: &str, to: &str, strategy: &str, downtime_ms: u64) -> Re
             m.name
         );
     }
-    let mut ctl = Conn::connect(&addr, PATIENCE)?;
+    let mut ctl = Conn::connect(&addr, PATIENCE).map_err(one_line)?;
     let guest_config: Value = std::fs::read(store::dir(&m.id).join("guest-config.json"))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
@@ -154,12 +162,12 @@ pub fn migrate_out(name: &str, to: &str, strategy: &str, downtime_ms: u64) -> Re
         }
     };
     let _ = std::fs::remove_file(&host_sock);
-    let out = Listener::bind(&Addr::Unix(host_sock.clone()))?;
+    let out = Listener::bind(&Addr::Unix(host_sock.clone())).map_err(one_line)?;
     if let Some((uid, gid)) = owner {
         nix::unistd::chown(&host_sock, Some(uid.into()), Some(gid.into()))
             .with_context(|| format!("chown {}", host_sock.display()))?;
     }
-    let data = Conn::connect(&addr, PATIENCE)?;
+    let data = Conn::connect(&addr, PATIENCE).map_err(one_line)?;
     // From here the VMM may exit (the commit): its monitor must know why.
     container::mark_stop(&m.id, &StopMark::Moved)?;
     let req = json!({"action": "migrate", "to": format!("unix:{vmm_sock}"),
@@ -221,7 +229,7 @@ pub fn migrate_out(name: &str, to: &str, strategy: &str, downtime_ms: u64) -> Re
 /// `nestor migrate --listen ADDR [--name N]`: takes one container in; prints its id
 /// here once it runs.
 pub fn migrate_in(listen: &str, name: Option<&str>) -> Result<i32> {
-    let listener = Listener::bind(&parse(listen)?)?;
+    let listener = Listener::bind(&parse(listen)?).map_err(one_line)?;
     let mut ctl = accept(&listener, Duration::from_secs(24 * 3600))?;
     ctl.set_timeout(PATIENCE)?;
     let hello = recv(&mut ctl)?;
