@@ -919,7 +919,8 @@ fn serve_pages_inner(
      -> Result<(), MigrationError> {
         let fd = w.inner().get_ref().as_raw_fd();
         let mut wait = ms;
-        while readable(&[fd], wait)?[0] {
+        // Once both answers are in, the destination may close: nothing more is read.
+        while !(heard.running.is_some() && heard.all_in) && readable(&[fd], wait)?[0] {
             wait = 0;
             let (k, body) = Reader::new(w.inner().get_mut()).frame()?;
             if let Some(req) = heard.take(k, &body)? {

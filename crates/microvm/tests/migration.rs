@@ -205,7 +205,11 @@ fn a_counting_guest_migrates_stop_copy_then_pre_copy_and_counts_on() {
     let (f, fsock) = destination(d, "f", &[]);
     let r = migrate(&c, &fsock, "post-copy");
     if r["ok"] != true {
-        let o = f.wait();
+        // F runs on (its guest lost memory or not): ended first, then its lines read.
+        let mut f = f;
+        let mut child = f.child.take().unwrap();
+        let _ = child.kill();
+        let o = child.wait_with_output().unwrap();
         panic!(
             "{r}; the destination: {}",
             String::from_utf8_lossy(&o.stderr)
