@@ -28,7 +28,13 @@ pub const MANIFEST: &str = "checkpoint.json";
 const FORMAT: &str = "nestor-vm-checkpoint";
 const VERSION: u32 = 1;
 /// The files a checkpoint writes into its directory (removed again on failure).
-const PARTS: [&str; 4] = ["vm", "log", "guest-config.json", MANIFEST];
+const PARTS: [&str; 5] = [
+    "vm",
+    "log",
+    "guest-config.json",
+    MANIFEST,
+    ".checkpoint.json.tmp",
+];
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Manifest {
@@ -320,8 +326,13 @@ fn take(
         };
     }
     if leave_running {
-        vmm_call(&api, &json!({"action": "resume"}))
-            .context("the checkpoint is saved, but the VM did not resume")?;
+        // The checkpoint is whole: it stays whatever the resume does.
+        if let Err(e) = vmm_call(&api, &json!({"action": "resume"})) {
+            crate::sys::notice::warn(&format!(
+                "the checkpoint of {} is saved, but its VM did not resume ({e:#}): it stays paused",
+                m.name
+            ));
+        }
     } else {
         container::mark_stop(&m.id, &container::StopMark::Checkpoint(dir.to_path_buf()))
             .context("mark the container checkpointed")?;

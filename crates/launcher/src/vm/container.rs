@@ -1266,7 +1266,12 @@ impl Mode for VmMode {
                 Ok(0)
             }
             (Err(_), Some(StopMark::Kill)) => Ok(128 + libc::SIGKILL),
-            (Err(_), Some(StopMark::Moved)) => Ok(0),
+            // The record (its log and output counts) must outlive the monitor: the
+            // migrating nestor sends them on, then removes it.
+            (Err(_), Some(StopMark::Moved)) => {
+                meta.auto_remove = false;
+                Ok(0)
+            }
             (code, _) => code,
         }
     }

@@ -240,7 +240,10 @@ pub fn migrate_in(listen: &str, name: Option<&str>) -> Result<i32> {
             return Err(e);
         }
     };
-    send(&mut ctl, &json!({"ok": true}))?;
+    if let Err(e) = send(&mut ctl, &json!({"ok": true})) {
+        let _ = store::remove_dir(&meta.id);
+        return Err(e);
+    }
     // The monitor takes the VM and the trailer in; this process answers the source
     // once the container runs here (or not).
     let mut answer = ctl.try_clone()?;
