@@ -10,7 +10,7 @@
 # leaves the container running and no record behind. Live migration to a second data
 # root (pre-copy over a Unix socket, jailed; stop-copy over TCP): PID, files and output
 # go on there; a move to nobody, or to a nestor without the image, leaves it running.
-# Ends with no VMM and no jail left.
+# Ends with no VMM and no jail left. Networked containers: vm-move-net.sh.
 # Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all pass.
 set -euo pipefail
 limit=600
@@ -89,24 +89,6 @@ for variant in jailed unjailed; do
         n rm "$x" >/dev/null || bad "$variant: rm $x"
     done
 done
-
-# On a network with a published port: the restored guest keeps its address and MAC,
-# and the host side is attached again as it was; it serves on the same port.
-if [[ -x /usr/lib/cni/bridge ]]; then
-    get='for i in $(seq 1 40); do r=$(printf "GET /hostname HTTP/1.0\r\n\r\n" | nc -w 3 $HOST $PORT 2>/dev/null | tail -n 1); [ -n "$r" ] && { echo "$r"; exit 0; }; sleep 0.5; done; exit 1'
-    fetch_host() { HOST=$1 PORT=$2 busybox sh -c "$get"; }
-    port=$((20000 + RANDOM % 20000))
-    n run --vm -d --vm-mem 128 -p "127.0.0.1:$port:80" --name ck-net --hostname cknethost \
-        busybox httpd -f -p 80 -h /etc >/dev/null
-    expect "net: served before the checkpoint" cknethost "$(fetch_host 127.0.0.1 "$port" || true)"
-    out=$(n checkpoint ck-net "$work/ck-net.1" 2>&1) || bad "net: checkpoint: $out"
-    out=$(n restore "$work/ck-net.1" 2>&1) || bad "net: restore: $out"
-    expect "net: the restored container serves on its published port" cknethost "$(fetch_host 127.0.0.1 "$port" || true)"
-    expect "net: port" "80/tcp -> 127.0.0.1:$port" "$(n port ck-net 2>&1)"
-    n rm -f ck-net >/dev/null
-else
-    echo "skip: the network case: containernetworking-plugins is not installed"
-fi
 
 # Bad input: one line each; the container runs on and no record is left.
 n run --vm -d --vm-mem 128 --network none --name ck-bad busybox sh -c "$counter" >/dev/null

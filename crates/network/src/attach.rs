@@ -51,6 +51,12 @@ pub struct Iface {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Attachment {
     pub container_id: String,
+    /// The container id CNI ADD ran with, when it differs from `container_id`: a
+    /// microVM moved within this host took its place over (see
+    /// [`Networks::hand_over`]); DEL and CHECK must name the id the plugins keyed
+    /// their state (addresses, chains) by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni_id: Option<String>,
     pub name: String,
     pub hostname: String,
     pub netns: PathBuf,
@@ -61,6 +67,11 @@ pub struct Attachment {
 }
 
 impl Attachment {
+    /// The id the CNI plugins know this attachment by.
+    pub fn cni_id(&self) -> &str {
+        self.cni_id.as_deref().unwrap_or(&self.container_id)
+    }
+
     /// The container's address on `network`.
     pub fn address_on(&self, network: &str) -> Option<Ipv4Addr> {
         self.ifaces
@@ -190,6 +201,7 @@ impl Networks {
         let ports = self.check_ports(req)?;
         let mut a = Attachment {
             container_id: req.container_id.clone(),
+            cni_id: None,
             name: req.name.clone(),
             hostname: req.hostname.clone(),
             netns: self.netns_path(&req.container_id),
@@ -272,7 +284,7 @@ impl Networks {
         for i in &a.ifaces {
             let t = Target {
                 cni_path: &self.cni_path,
-                container_id: &a.container_id,
+                container_id: a.cni_id(),
                 netns: &a.netns,
                 ifname: &i.ifname,
                 hold: None,
@@ -287,14 +299,18 @@ impl Networks {
     pub fn detach(&self, id: &str) -> Result<()> {
         let _l = self.lock()?;
         let Some(a) = self.attachment(id) else {
-            let _ = crate::netns::remove(&self.netns_path(id));
+            // Unless a container this one handed its place over to lives in it.
+            let ns = self.netns_path(id);
+            if !self.attachments().iter().any(|a| a.netns == ns) {
+                let _ = crate::netns::remove(&ns);
+            }
             return Ok(());
         };
         let mut first = None;
         for i in a.ifaces.iter().rev() {
             let t = Target {
                 cni_path: &self.cni_path,
-                container_id: &a.container_id,
+                container_id: a.cni_id(),
                 netns: &a.netns,
                 ifname: &i.ifname,
                 hold: Some(std::os::fd::AsRawFd::as_raw_fd(&*_l)),
@@ -315,6 +331,49 @@ impl Networks {
         let nets: Vec<String> = a.ifaces.iter().map(|i| i.network.clone()).collect();
         self.refresh_hosts(&nets);
         first.map_or(Ok(()), Err)
+    }
+
+    /// Gives container `from`'s place on its networks (namespace, addresses, ports,
+    /// CNI state) to container `to`, named `name`, whose `hosts`, `resolv.conf` and
+    /// `hostname` live in `files_dir` (copied from `from`'s where missing): a microVM
+    /// that moved within this host keeps its address, and connections to it live on.
+    /// Nothing is run against the plugins; DEL later names `from`'s CNI id.
+    pub fn hand_over(
+        &self,
+        from: &str,
+        to: &str,
+        name: &str,
+        files_dir: PathBuf,
+    ) -> Result<Attachment> {
+        let _l = self.lock()?;
+        let old = self
+            .attachment(from)
+            .ok_or_else(|| Error::Invalid(format!("container {from} is on no network here")))?;
+        if self.attachment(to).is_some() {
+            return Err(Error::Invalid(format!(
+                "container {to} is on a network already"
+            )));
+        }
+        std::fs::create_dir_all(&files_dir).ctx(|| format!("create {}", files_dir.display()))?;
+        for f in ["hosts", "resolv.conf", "hostname"] {
+            let dst = files_dir.join(f);
+            if !dst.exists() {
+                let _ = std::fs::copy(old.files_dir.join(f), &dst);
+            }
+        }
+        let a = Attachment {
+            container_id: to.to_string(),
+            cni_id: Some(old.cni_id().to_string()),
+            name: name.to_string(),
+            files_dir,
+            ..old
+        };
+        self.save(&a)?;
+        let _ = std::fs::remove_file(self.record(from));
+        drop(_l);
+        let nets: Vec<String> = a.ifaces.iter().map(|i| i.network.clone()).collect();
+        self.refresh_hosts(&nets);
+        Ok(a)
     }
 
     /// The container's `/etc/hosts`: its addresses with its name and hostname, its

@@ -140,6 +140,11 @@ fn reclaim_stale_claims() {
 }
 
 impl Networks {
+    /// What names this data root's networks on this host (a hash of the root).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     /// The networks of data root `data_root` (its `networks/` directory is made).
     pub fn open(data_root: &Path) -> Result<Networks> {
         let dir = data_root.join("networks");

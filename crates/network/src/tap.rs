@@ -4,6 +4,11 @@
 //! interface keeps its address: every frame is redirected at ingress, before the
 //! namespace's own stack could see it, and CNI's bridge plugin finds the masquerade rules
 //! it must remove at DEL by the addresses on the link.
+//!
+//! A microVM moving within this host gets a second tap in the same namespace, joined
+//! one way until the move commits; [`switch`] then turns the interface's frames to it
+//! and the first tap goes ([`remove`]): the address, MAC, ports and CNI state never
+//! change hands, so connections to the guest live on.
 
 use std::path::Path;
 use std::process::Command;
@@ -33,8 +38,43 @@ pub fn set_mac(netns: &Path, ifname: &str, mac: &str) -> Result<()> {
     run_in(netns, &["ip", "link", "set", "dev", ifname, "address", mac])
 }
 
+/// The one filter on an interface's ingress that sends its frames on (a fixed
+/// priority and handle, so [`switch`] can replace it in one step).
+const FILTER: [&str; 4] = ["prio", "49152", "handle", "800::800"];
+
+/// Whether `dev` in `netns` has an ingress qdisc (its frames go to a tap already).
+fn has_ingress(netns: &Path, dev: &str) -> Result<bool> {
+    let o = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["tc", "qdisc", "show", "dev", dev, "ingress"])
+        .output()
+        .ctx(|| "run nsenter (util-linux)".into())?;
+    if !o.status.success() {
+        return Err(Error::Invalid(format!(
+            "tc qdisc show dev {dev} in the VM's network namespace: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).contains("ingress"))
+}
+
+/// Redirects every frame arriving on `from` to `to`'s egress.
+fn redirect(netns: &Path, verb: &str, from: &str, to: &str) -> Result<()> {
+    let mut args = vec![
+        "tc", "filter", verb, "dev", from, "parent", "ffff:", "protocol", "all",
+    ];
+    args.extend(FILTER);
+    args.extend([
+        "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
+    ]);
+    run_in(netns, &args)
+}
+
 /// Makes `tap` in `netns` (owned by `owner`, uid and gid, when an unprivileged VMM
-/// opens it) and redirects `ifname` <-> `tap`.
+/// opens it) and redirects `ifname` <-> `tap`. When `ifname`'s frames go to another
+/// tap already (a VMM a live migration comes from), only `tap` -> `ifname` is made:
+/// the new VMM's guest is paused until the move commits, and [`switch`] then turns
+/// `ifname`'s frames to it.
 pub fn plumb(netns: &Path, ifname: &str, tap: &str, owner: Option<(u32, u32)>) -> Result<()> {
     let mut add = vec!["ip", "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"];
     let (u, g);
@@ -42,17 +82,37 @@ pub fn plumb(netns: &Path, ifname: &str, tap: &str, owner: Option<(u32, u32)>) -
         (u, g) = (uid.to_string(), gid.to_string());
         add.extend(["user", u.as_str(), "group", g.as_str()]);
     }
+    let standby = has_ingress(netns, ifname)?;
     run_in(netns, &add)?;
     run_in(netns, &["ip", "link", "set", tap, "up"])?;
-    for (from, to) in [(ifname, tap), (tap, ifname)] {
+    let mut ways = vec![(tap, ifname)];
+    if !standby {
+        ways.push((ifname, tap));
+    }
+    for (from, to) in ways {
         run_in(netns, &["tc", "qdisc", "add", "dev", from, "ingress"])?;
-        run_in(
-            netns,
-            &[
-                "tc", "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32",
-                "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
-            ],
-        )?;
+        redirect(netns, "add", from, to)?;
     }
     Ok(())
+}
+
+/// Turns the frames arriving on `ifname` to `tap` in one step (the filter is
+/// replaced, never missing: a frame the namespace's own stack saw would be answered
+/// with a reset).
+pub fn switch(netns: &Path, ifname: &str, tap: &str) -> Result<()> {
+    redirect(netns, "replace", ifname, tap)
+}
+
+/// Removes `tap` from `netns` (a VMM that moved away no longer needs it); a missing
+/// one is not an error.
+pub fn remove(netns: &Path, tap: &str) -> Result<()> {
+    match run_in(netns, &["ip", "link", "del", "dev", tap]) {
+        Err(Error::Invalid(m)) if m.contains("Cannot find device") => Ok(()),
+        r => r,
+    }
+}
+
+/// The tap `--net` names in `net` (`TAP[,mac=…]`).
+pub fn tap_of(net: &str) -> &str {
+    net.split(',').next().unwrap_or(net)
 }

@@ -351,3 +351,95 @@ fn a_deleted_data_roots_claim_and_bridge_are_reclaimed() {
     assert!(!left, "the deleted root's bridge {} is left", old.bridge);
     assert_ne!(n.bridge, old.bridge);
 }
+
+/// What `eth0`'s ingress filter in `ns` redirects to, per `tc`.
+fn redirect_of(ns: &Path, dev: &str) -> String {
+    let o = Command::new("nsenter")
+        .arg(format!("--net={}", ns.display()))
+        .args(["tc", "filter", "show", "dev", dev, "parent", "ffff:"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let targets: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split("Redirect to device ").nth(1))
+        .filter_map(|t| t.split(')').next())
+        .collect();
+    targets.join(",")
+}
+
+fn link_exists(ns: &Path, dev: &str) -> bool {
+    Command::new("nsenter")
+        .arg(format!("--net={}", ns.display()))
+        .args(["ip", "link", "show", "dev", dev])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+#[test]
+fn a_microvm_moving_within_the_host_takes_the_place_over() {
+    let Some(r) = Root::new() else { return };
+    let mut req = r.req("mover", &["nestor"]);
+    req.ports = vec![PortMapping::parse("127.0.0.1::8080").unwrap()];
+    let a = r.nets.attach(&req).unwrap();
+    let addr = a.address_on("nestor").unwrap();
+    use nestor_network::tap;
+    // The first VMM's tap; the second one joins one way while the first still gets
+    // every frame.
+    tap::plumb(&a.netns, "eth0", "tap0", None).unwrap();
+    assert_eq!(redirect_of(&a.netns, "eth0"), "tap0");
+    tap::plumb(&a.netns, "eth0", "tap1", None).unwrap();
+    assert_eq!(redirect_of(&a.netns, "eth0"), "tap0");
+    assert_eq!(redirect_of(&a.netns, "tap1"), "eth0");
+    // The commit: frames turn to the new tap, the old one goes.
+    tap::switch(&a.netns, "eth0", "tap1").unwrap();
+    assert_eq!(redirect_of(&a.netns, "eth0"), "tap1");
+    tap::remove(&a.netns, "tap0").unwrap();
+    assert!(!link_exists(&a.netns, "tap0"));
+    tap::remove(&a.netns, "tap0").unwrap();
+
+    // The record changes hands; the namespace, address, port and CNI state do not.
+    let to = unique("c");
+    let files = r.dir.path().join("files").join(&to);
+    let b = r
+        .nets
+        .hand_over(&req.container_id, &to, "moved", files.clone())
+        .unwrap();
+    assert!(r.nets.attachment(&req.container_id).is_none());
+    assert_eq!(b.netns, a.netns);
+    assert_eq!(b.cni_id(), req.container_id);
+    assert_eq!(b.address_on("nestor"), Some(addr));
+    assert_eq!(b.ports, a.ports);
+    assert!(
+        files.join("hosts").exists(),
+        "the hosts file was not carried over"
+    );
+    // A second hand-over onto a taken id is refused; the old id is gone.
+    let e = r
+        .nets
+        .hand_over(&req.container_id, "x", "x", files.clone())
+        .unwrap_err();
+    assert!(e.to_string().contains("on no network"), "{e}");
+    // The old id's leftovers (a monitor cleaning up) cannot take the namespace along.
+    r.nets.detach(&req.container_id).unwrap();
+    assert!(
+        a.netns.exists(),
+        "detach of the old id removed the moved one's namespace"
+    );
+    r.nets.check(&to).unwrap();
+    // DEL under the new id undoes everything ADD made under the old one.
+    r.nets.detach(&to).unwrap();
+    assert!(!a.netns.exists());
+    let ipam = r.dir.path().join("networks/ipam/nestor");
+    assert!(
+        ipam_files(&ipam).is_empty(),
+        "addresses left: {:?}",
+        ipam_files(&ipam)
+    );
+    assert!(
+        !iptables_mentions(&req.container_id),
+        "an iptables rule is left"
+    );
+}

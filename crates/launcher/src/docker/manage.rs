@@ -193,6 +193,28 @@ pub fn rm(names: &[String], force: bool) -> Result<()> {
     Ok(())
 }
 
+/// Docker's `NetworkSettings` of container `id`: its address on each network (the
+/// first one's also at the top), MAC and gateway; null when it is on none.
+fn network_settings(id: &str) -> serde_json::Value {
+    let Some(a) = store::networks().ok().and_then(|n| n.attachment(id)) else {
+        return serde_json::Value::Null;
+    };
+    let per: serde_json::Map<String, serde_json::Value> = a
+        .ifaces
+        .iter()
+        .map(|i| {
+            let v = serde_json::json!({
+                "IPAddress": i.address.map(|x| x.addr().to_string()),
+                "IPPrefixLen": i.address.map(|x| x.prefix_len()),
+                "Gateway": i.gateway, "MacAddress": i.mac,
+            });
+            (i.network.clone(), v)
+        })
+        .collect();
+    let first = a.ifaces.first().and_then(|i| i.address).map(|x| x.addr());
+    serde_json::json!({"IPAddress": first, "Networks": per})
+}
+
 pub fn inspect(name: &str) -> Result<()> {
     if let Ok(m) = store::resolve(name) {
         let mut v = serde_json::json!({
@@ -200,7 +222,7 @@ pub fn inspect(name: &str) -> Result<()> {
             "Command": m.command, "Created": rfc3339(m.created_ns), "Status": m.status_line(),
             "ExitCode": m.exit_code, "OOMKilled": m.oom_killed, "AutoRemove": m.auto_remove,
             "Bundle": store::dir(&m.id), "VM": null, "Jail": m.jail,
-            "Checkpoint": m.checkpoint,
+            "Checkpoint": m.checkpoint, "NetworkSettings": network_settings(&m.id),
         });
         if let (Some(o), serde_json::Value::Object(extra)) =
             (v.as_object_mut(), m.placement().inspect())

@@ -117,10 +117,10 @@ pub struct JailConfig {
     /// A tap device (created here, owned by the jail's uid, moved into the jail's
     /// network namespace before the program starts) and /dev/net/tun; None: no network.
     pub tap: Option<String>,
-    /// Join this network namespace instead (a container's, on its CNI network): a tap
-    /// `tap0` owned by the jail's uid is made in it, joined to the interface named here
-    /// (`/dev/net/tun` is in the jail).
-    pub join_netns: Option<(PathBuf, String)>,
+    /// Join this network namespace instead (a container's, on its CNI network): the
+    /// tap named third, owned by the jail's uid, is made in it and joined to the
+    /// interface named second (`/dev/net/tun` is in the jail).
+    pub join_netns: Option<(PathBuf, String, String)>,
     pub memory: Option<i64>,
     pub cpus: Option<f64>,
     pub pids_limit: Option<i64>,
@@ -489,7 +489,7 @@ fn jail_spec(c: &JailConfig, root: &Path, name: &str, mounts: Vec<Mount>) -> Res
     let mut net = LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network);
     if let Some(t) = &c.tap {
         net = net.path(netns_path(t));
-    } else if let Some((ns, _)) = &c.join_netns {
+    } else if let Some((ns, ..)) = &c.join_netns {
         net = net.path(ns.clone());
     }
     let map = |host: u32| {
@@ -709,8 +709,8 @@ pub fn spawn(rt: &Runtime, c: &JailConfig) -> Result<Jailed> {
             ip(&["link", "set", "dev", tap, "netns", tap])?;
             ip(&["-n", tap, "link", "set", "dev", tap, "up"])?;
         }
-        if let Some((ns, ifname)) = &c.join_netns {
-            nestor_network::tap::plumb(ns, ifname, "tap0", Some((c.uid, c.gid)))?;
+        if let Some((ns, ifname, tap)) = &c.join_netns {
+            nestor_network::tap::plumb(ns, ifname, tap, Some((c.uid, c.gid)))?;
         }
         Ok(rt.create_and_start(&opts)?.pid)
     })();

@@ -33,8 +33,8 @@ pub struct VmmSpec {
     pub vcpus: Option<u32>,
     /// stdio (default) or none: a console file would have to be inside the jail.
     pub console: Option<String>,
-    /// Run in this network namespace (a container's on its CNI network) with its tap
-    /// `tap0`; `--net`'s value (`tap0,mac=…`) in `net`.
+    /// Run in this network namespace (a container's on its CNI network) with the tap
+    /// `--net`'s value names (`net`: `tap0,mac=…`), made there by the jail.
     pub netns: Option<PathBuf>,
     pub net: Option<String>,
     /// virtio-fs devices: (host directory holding the file server's socket
@@ -238,7 +238,14 @@ pub fn spawn_jailed_vmm(
     let mut c = jail_config(id.clone(), opts, spec.vmm.clone(), args, files)?;
     c.dirs = dirs;
     c.kvm = true;
-    c.join_netns = spec.netns.clone().map(|ns| (ns, "eth0".to_string()));
+    let tap = spec
+        .net
+        .as_deref()
+        .map_or("tap0", nestor_network::tap::tap_of);
+    c.join_netns = spec
+        .netns
+        .clone()
+        .map(|ns| (ns, "eth0".to_string(), tap.to_string()));
     c.share_dir = spec.vsock;
     c.die_with_parent = true;
     c.nproc = vcpus + 16;

@@ -409,6 +409,7 @@ pub fn restore(dir: &Path, name: Option<&str>) -> Result<i32> {
         vcpus: vm.vcpus,
         guest_id: vm.guest_id,
         streams: man.streams,
+        adopt: None,
     };
     let id = crate::docker::run::monitor(
         &mut VmMode::default(),

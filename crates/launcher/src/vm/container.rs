@@ -347,6 +347,9 @@ pub(crate) struct NetSaved {
     pub dns: Vec<std::net::Ipv4Addr>,
     pub add_hosts: Vec<(String, std::net::Ipv4Addr)>,
     pub hostname: String,
+    /// The tap its VMM uses in the namespace (None: `tap0`, as before moves existed).
+    #[serde(default)]
+    pub tap: Option<String>,
 }
 
 impl NetSaved {
@@ -368,7 +371,36 @@ impl NetSaved {
             dns: req.dns.clone(),
             add_hosts: req.add_hosts.clone(),
             hostname: req.hostname.clone(),
+            tap: Some(nestor_network::tap::tap_of(&net.tap).to_string()),
         })
+    }
+
+    fn tap(&self) -> &str {
+        self.tap.as_deref().unwrap_or("tap0")
+    }
+
+    /// Takes the place of container `from` on its network (this host's live move):
+    /// a second tap in its namespace, joined one way until the move commits
+    /// ([`take_over_net`] switches to it then; dropping the guard before removes it).
+    fn adopt(&self, meta: &mut Meta, from: &str, jailed: bool) -> Result<(VmNet, Standby)> {
+        let nets = store::networks()?;
+        let at = nets
+            .attachment(from)
+            .with_context(|| format!("container {from} is on no network here"))?;
+        let tap = if self.tap() == "tap0" { "tap1" } else { "tap0" };
+        let standby = Standby {
+            netns: at.netns.clone(),
+            tap: tap.to_string(),
+            armed: true,
+        };
+        if !jailed {
+            nestor_network::tap::plumb(&at.netns, "eth0", tap, None)?;
+        }
+        let net = vm_net_of(&at, &self.mac, tap)?;
+        meta.networks = self.networks.clone();
+        meta.ports = at.ports.clone();
+        store::save(meta)?;
+        Ok((net, standby))
     }
 
     /// Attaches container `meta` again as it was (address, MAC, ports); records it.
@@ -389,6 +421,42 @@ impl NetSaved {
         meta.ports = ports;
         store::save(meta)?;
         Ok(net)
+    }
+}
+
+/// The tap a VM moving within this host waits on (see [`NetSaved::adopt`]); removed
+/// when dropped armed (the move failed before its commit).
+pub(crate) struct Standby {
+    netns: PathBuf,
+    tap: String,
+    armed: bool,
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = nestor_network::tap::remove(&self.netns, &self.tap);
+        }
+    }
+}
+
+/// Once a VM that moved within this host runs here: the interface's frames go to its
+/// tap, the tap of the VMM it came from goes, and the network place (address, ports,
+/// CNI state) is recorded as container `meta`'s. A failure is a warning: the
+/// container runs on.
+fn take_over_net(meta: &Meta, from: &str, old_tap: &str, standby: &mut Standby) {
+    let r = (|| -> Result<()> {
+        nestor_network::tap::switch(&standby.netns, "eth0", &standby.tap)?;
+        standby.armed = false;
+        nestor_network::tap::remove(&standby.netns, old_tap)?;
+        store::networks()?.hand_over(from, &meta.id, &meta.name, store::dir(&meta.id))?;
+        Ok(())
+    })();
+    if let Err(e) = r {
+        eprintln!(
+            "warning: container {}: its network after the move: {e:#}",
+            meta.name
+        );
     }
 }
 
@@ -595,35 +663,15 @@ pub(crate) fn vm_net_from(
     let nets = store::networks()?;
     let at = nets.attach(req)?;
     let r = (|| {
-        let i = at.ifaces.first().context("the network gave no interface")?;
-        let (mac, address) = match (mac.or(i.mac.as_deref()), i.address) {
-            (Some(m), Some(a)) => (m.to_string(), a),
-            _ => bail!("network {}: CNI gave no address or MAC", i.network),
-        };
-        if i.mac.as_deref() != Some(&mac) {
-            nestor_network::tap::set_mac(&at.netns, "eth0", &mac)?;
+        let cni_mac = at.ifaces.first().and_then(|i| i.mac.as_deref());
+        let mac = mac.or(cni_mac).unwrap_or_default();
+        if !mac.is_empty() && cni_mac != Some(mac) {
+            nestor_network::tap::set_mac(&at.netns, "eth0", mac)?;
         }
         if !jailed {
             nestor_network::tap::plumb(&at.netns, "eth0", "tap0", None)?;
         }
-        let mut files = std::collections::BTreeMap::new();
-        for f in ["hosts", "resolv.conf", "hostname"] {
-            let text = std::fs::read_to_string(req.files_dir.join(f)).unwrap_or_default();
-            files.insert(f.to_string(), text);
-        }
-        Ok(VmNet {
-            netns: at.netns.clone(),
-            tap: format!("tap0,mac={mac}"),
-            request: Request::Network {
-                ifaces: vec![proto::NetIface {
-                    mac,
-                    address: address.to_string(),
-                    gateway: i.gateway.map(|g| g.to_string()),
-                    mtu: None,
-                }],
-                files,
-            },
-        })
+        vm_net_of(&at, mac, "tap0")
     })();
     match r {
         Ok(n) => Ok((n, at.ports)),
@@ -632,6 +680,34 @@ pub(crate) fn vm_net_from(
             Err(e)
         }
     }
+}
+
+/// The VM's side of attachment `at`: its tap `tap` with `mac`, and what its agent is
+/// told (the first interface's address and gateway, the files written for it).
+fn vm_net_of(at: &nestor_network::Attachment, mac: &str, tap: &str) -> Result<VmNet> {
+    let i = at.ifaces.first().context("the network gave no interface")?;
+    let address = match (mac.is_empty(), i.address) {
+        (false, Some(a)) => a,
+        _ => bail!("network {}: CNI gave no address or MAC", i.network),
+    };
+    let mut files = std::collections::BTreeMap::new();
+    for f in ["hosts", "resolv.conf", "hostname"] {
+        let text = std::fs::read_to_string(at.files_dir.join(f)).unwrap_or_default();
+        files.insert(f.to_string(), text);
+    }
+    Ok(VmNet {
+        netns: at.netns.clone(),
+        tap: format!("{tap},mac={mac}"),
+        request: Request::Network {
+            ifaces: vec![proto::NetIface {
+                mac: mac.to_string(),
+                address: address.to_string(),
+                gateway: i.gateway.map(|g| g.to_string()),
+                mtu: None,
+            }],
+            files,
+        },
+    })
 }
 
 /// Boots a VM of the container's own (image disk + volume disks); records it in `meta`.
@@ -1064,11 +1140,16 @@ pub(crate) struct Restoring {
     pub guest_id: String,
     /// Where the output streams stood in the log (stdout, stderr).
     pub streams: [u64; 2],
+    /// A live move within this host: the container (of this data root) whose place on
+    /// the network this one takes over once the move commits.
+    pub adopt: Option<String>,
 }
 
-/// Takes a VM in (`receive`) once it is built from a migration: returns where the
-/// output streams stood in the log.
-pub(crate) type Receive<'a> = &'a mut dyn FnMut(&mut Sandbox, &Meta) -> Result<[u64; 2]>;
+/// Takes a VM in (`receive`) once it is built from a migration, calling the third
+/// argument as soon as the VM runs here (the move committed): returns where the output
+/// streams stood in the log.
+pub(crate) type Receive<'a> =
+    &'a mut dyn FnMut(&mut Sandbox, &Meta, &mut dyn FnMut()) -> Result<[u64; 2]>;
 
 /// Builds the VM of a checkpoint, or of a live migration (`receive` takes it in), and
 /// takes the container in it over as `run -d` does: its output appended to the log from
@@ -1088,9 +1169,13 @@ fn resume_running(meta: &mut Meta, r: &Restoring, receive: Option<Receive>) -> R
         }
         (Some(s), ..) => (sandbox::VmSource::Snapshot(s.clone()), None),
     };
-    let vnet = match &r.boot.net {
-        Some(n) => Some(n.attach(meta, jail.is_some())?),
-        None => None,
+    let (vnet, mut standby) = match (&r.boot.net, &r.adopt) {
+        (Some(n), Some(from)) => {
+            let (v, s) = n.adopt(meta, from, jail.is_some())?;
+            (Some(v), Some(s))
+        }
+        (Some(n), None) => (Some(n.attach(meta, jail.is_some())?), None),
+        (None, _) => (None, None),
     };
     let start = Instant::now();
     // A sandbox (and jail) name of its own: the VM it came from may still hold the
@@ -1114,18 +1199,34 @@ fn resume_running(meta: &mut Meta, r: &Restoring, receive: Option<Receive>) -> R
         },
     )?;
     record_vm(meta, &sb, r.mem_mib, r.vcpus, &r.guest_id);
+    let net = r.boot.net.clone().map(|n| NetSaved {
+        tap: vnet
+            .as_ref()
+            .map(|v| nestor_network::tap::tap_of(&v.tap).to_string()),
+        ..n
+    });
     let boot = VmBoot {
         disks: r.disks.clone(),
         state_dir,
+        net,
         ..r.boot.clone()
     };
     std::fs::write(boot_file(&meta.id), serde_json::to_vec_pretty(&boot)?)
         .context("write vm-boot.json")?;
     store::save(meta)?;
     let streams = match receive {
-        Some(f) => f(&mut sb, meta)?,
+        Some(f) => {
+            let m = meta.clone();
+            let mut committed = || {
+                if let (Some(from), Some(n), Some(s)) = (&r.adopt, &r.boot.net, standby.as_mut()) {
+                    take_over_net(&m, from, n.tap(), s);
+                }
+            };
+            f(&mut sb, meta, &mut committed)?
+        }
         None => r.streams,
     };
+    drop(standby);
     let deadline = Instant::now() + sandbox::boot_timeout();
     let agent = match sb.agent(deadline) {
         Ok(a) => a,
@@ -1256,11 +1357,17 @@ impl Mode for VmMode {
         let code = wait_and_stop(&mut r);
         self.timings = Some((r.timings.clone(), r.start));
         drop(r);
-        detach_networks(meta);
+        let mark = take_stop_mark(&meta.id);
+        // A VM that moved away took its network place along (within this host), or
+        // had none; its record (with the place, if the move failed after its commit)
+        // is removed by the migrating nestor.
+        if code.is_ok() || !matches!(mark, Some(StopMark::Moved)) {
+            detach_networks(meta);
+        }
         remove_state_dir(&meta.id);
         // A VM ended on purpose is not a failed one: the container was saved by a
         // checkpoint, or killed (`stop` after its time-out, `kill`).
-        match (code, take_stop_mark(&meta.id)) {
+        match (code, mark) {
             (Err(_), Some(StopMark::Checkpoint(dir))) => {
                 meta.checkpoint = Some(dir);
                 Ok(0)

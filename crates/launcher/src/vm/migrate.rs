@@ -114,6 +114,15 @@ fn relay(a: Conn, b: Conn) -> Result<u64> {
     Ok(n)
 }
 
+/// Where a container lives: this host's boot and this data root's networks. A
+/// networked container keeps its address only where both are the same (its network
+/// namespace, bridge and CNI state stay; its VM changes taps).
+fn place() -> Result<Value> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .context("read this host's boot id")?;
+    Ok(json!({"boot_id": boot.trim(), "networks": store::networks()?.key()}))
+}
+
 /// `nestor migrate NAME --to ADDR`: moves the container; prints where it went.
 pub fn migrate_out(name: &str, to: &str, strategy: &str, downtime_ms: u64) -> Result<()> {
     if !matches!(strategy, "stop-copy" | "pre-copy" | "post-copy") {
@@ -121,12 +130,6 @@ pub fn migrate_out(name: &str, to: &str, strategy: &str, downtime_ms: u64) -> Re
     }
     let addr = parse(to)?;
     let (m, vm, boot) = movable(name)?;
-    if boot.net.is_some() {
-        bail!(
-            "container {} is on a network: moving a networked VM container is not built yet (nestor checkpoint and restore it)",
-            m.name
-        );
-    }
     let mut ctl = Conn::connect(&addr, PATIENCE).map_err(one_line)?;
     let guest_config: Value = std::fs::read(store::dir(&m.id).join("guest-config.json"))
         .ok()
@@ -135,7 +138,7 @@ pub fn migrate_out(name: &str, to: &str, strategy: &str, downtime_ms: u64) -> Re
     send(
         &mut ctl,
         &json!({"format": FORMAT, "version": VERSION, "meta": m, "boot": boot,
-                "guest_config": guest_config}),
+                "guest_config": guest_config, "place": place()?}),
     )?;
     expect_ok(&recv(&mut ctl)?).context("the destination refused the container")?;
     // Where the VMM sends its stream: a socket of ours it can reach (in its jail's
@@ -248,9 +251,9 @@ pub fn migrate_in(listen: &str, name: Option<&str>) -> Result<i32> {
     // once the container runs here (or not).
     let mut answer = ctl.try_clone()?;
     let mut ctl = Some(ctl);
-    let mut receive = |sb: &mut Sandbox, meta: &Meta| -> Result<[u64; 2]> {
+    let mut receive = |sb: &mut Sandbox, meta: &Meta, committed: &mut dyn FnMut()| {
         let mut ctl = ctl.take().context("the control connection is gone")?;
-        receive_vm(&listener, &mut ctl, sb, meta)
+        receive_vm(&listener, &mut ctl, sb, meta, committed)
     };
     let started = crate::docker::run::monitor(
         &mut VmMode::default(),
@@ -295,6 +298,23 @@ fn take_in(hello: &Value, name: Option<&str>) -> Result<(Meta, Restoring)> {
         .clone()
         .context("the container's record has no VM")?;
     let disks = crate::vm::checkpoint::disks_here(&meta, &boot)?;
+    // A networked container moves within this host and data root only: its place on
+    // the network (namespace, address, ports) is handed over at the commit.
+    let adopt = match &boot.net {
+        Some(n) => {
+            let here = place()?;
+            let attached = store::networks()?.attachment(&meta.id).is_some();
+            if hello["place"] != here || !attached {
+                bail!(
+                    "container {} is on network {}: it moves only within one host and data root, where it keeps its address (checkpoint and restore it elsewhere)",
+                    meta.name,
+                    n.networks.join(",")
+                );
+            }
+            Some(meta.id.clone())
+        }
+        None => None,
+    };
     let meta = crate::vm::checkpoint::new_record(&meta, name, |record| {
         if !hello["guest_config"].is_null() {
             std::fs::write(
@@ -314,6 +334,7 @@ fn take_in(hello: &Value, name: Option<&str>) -> Result<(Meta, Restoring)> {
             vcpus: vm.vcpus,
             guest_id: vm.guest_id,
             streams: [0, 0],
+            adopt,
         },
     ))
 }
@@ -325,6 +346,7 @@ fn receive_vm(
     ctl: &mut Conn,
     sb: &mut Sandbox,
     meta: &Meta,
+    committed: &mut dyn FnMut(),
 ) -> Result<[u64; 2]> {
     let data = accept(listener, PATIENCE)?;
     let sock = sb.migration_socket();
@@ -339,6 +361,11 @@ fn receive_vm(
         }
     };
     relay(data, vmm)?;
+    // The destination VMM closes its stream once its VM runs: the move committed (or
+    // the VMM failed, which its state says).
+    if sb.running() {
+        committed();
+    }
     let trailer = recv(ctl)?;
     if let Some(why) = trailer["abort"].as_str() {
         bail!("the source gave up: {why}");
