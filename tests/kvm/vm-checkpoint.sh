@@ -8,7 +8,7 @@
 # exec, logs, stop and rm work. Bad input (a directory that is not a checkpoint, a
 # corrupt one, a non-empty target, a restore over a running container) gets one line,
 # leaves the container running and no record behind. Live migration to a second data
-# root (pre-copy over a Unix socket, jailed; stop-copy over TCP): PID, files and output
+# root (pre-copy over a Unix socket and post-copy, jailed; stop-copy over TCP): PID, files and output
 # go on there; a move to nobody, or to a nestor without the image, leaves it running.
 # Ends with no VMM and no jail left. Networked containers: vm-move-net.sh.
 # Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all pass.
@@ -122,8 +122,9 @@ n rm -f ck-bad >/dev/null
 
 # Live migration to another nestor (a second data root stands for a second host): the
 # container goes on there with its PID, files and output; its record here goes.
-# Jailed with pre-copy over a Unix socket, unjailed with stop-copy over TCP and with
-# post-copy (its destination VMM takes the guest's pages in as they are touched).
+# Jailed with pre-copy over a Unix socket, unjailed with stop-copy over TCP, and jailed
+# with post-copy (its destination VMM takes the guest's pages in as they are touched,
+# through the jail's /dev/userfaultfd).
 B=$work/root-b
 nb() { NESTOR_ROOT=$B timeout --kill-after=5 240 "$bin/nestor" "$@"; }
 on_exit 'NESTOR_ROOT='"$B"' "$bin/nestor" gc'
@@ -135,7 +136,7 @@ for how in "pre-copy unix:$work/mig.sock" "stop-copy tcp:127.0.0.1:$((20000 + RA
     "post-copy unix:$work/mig-post.sock"; do
     read -r strategy addr <<<"$how"
     flags=()
-    [[ $strategy != pre-copy ]] && flags=(--no-jail)
+    [[ $strategy == stop-copy ]] && flags=(--no-jail)
     n run --vm -d --vm-mem 128 --network none "${flags[@]}" --name mv busybox sh -c "$counter" >/dev/null
     wait_lines mv 10 || bad "$strategy: the counter did not start"
     pid=$(n exec mv cat /tmp/pid)

@@ -222,7 +222,8 @@ pub fn inspect(name: &str) -> Result<()> {
             "Command": m.command, "Created": rfc3339(m.created_ns), "Status": m.status_line(),
             "ExitCode": m.exit_code, "OOMKilled": m.oom_killed, "AutoRemove": m.auto_remove,
             "Bundle": store::dir(&m.id), "VM": null, "Jail": m.jail,
-            "Checkpoint": m.checkpoint, "NetworkSettings": network_settings(&m.id),
+            "Checkpoint": m.checkpoint, "MovedTo": m.moved_to,
+            "NetworkSettings": network_settings(&m.id),
         });
         if let (Some(o), serde_json::Value::Object(extra)) =
             (v.as_object_mut(), m.placement().inspect())

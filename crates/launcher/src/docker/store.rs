@@ -216,6 +216,10 @@ pub struct Meta {
     /// until it is restored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<PathBuf>,
+    /// Where `nestor migrate` moved it (its VM runs there); the record goes once the
+    /// other side has taken the container over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<String>,
 }
 
 /// The microVM of a `run --vm` container.
@@ -259,6 +263,7 @@ impl Meta {
             Status::Running => "Orphaned (run nestor gc)".into(),
             Status::Created => "Created".into(),
             _ if self.checkpoint.is_some() => "Exited (checkpointed)".into(),
+            _ if self.moved_to.is_some() => "Exited (moved)".into(),
             _ => format!(
                 "Exited ({}){}",
                 self.exit_code.unwrap_or(-1),
@@ -408,6 +413,7 @@ pub fn new_meta(
         vm: None,
         pod: None,
         checkpoint: None,
+        moved_to: None,
     }
 }
 

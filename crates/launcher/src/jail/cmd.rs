@@ -40,6 +40,7 @@ pub(crate) fn jail_config(
         dirs: Vec::new(),
         proc: false,
         kvm: false,
+        userfaultfd: false,
         memory,
         cpus: o.cpus,
         pids_limit: o.pids_limit,

@@ -287,6 +287,7 @@ pub fn spawn_jailed_virtiofsd(
             }],
             proc: true,
             kvm: false,
+            userfaultfd: false,
             tap: None,
             join_netns: None,
             memory: None,

@@ -114,6 +114,11 @@ pub struct JailConfig {
     /// Mount a proc of the jail's pid namespace at /proc.
     pub proc: bool,
     pub kvm: bool,
+    /// `/dev/userfaultfd` (the host's node, when it has one): a VMM taking a post-copy
+    /// migration in registers guest memory with it for kernel faults too, which the
+    /// `userfaultfd` syscall allows only a privileged process. nestor-vmm opens it
+    /// before its seccomp filters, which then refuse a new one (`USERFAULTFD_IOC_NEW`).
+    pub userfaultfd: bool,
     /// A tap device (created here, owned by the jail's uid, moved into the jail's
     /// network namespace before the program starts) and /dev/net/tun; None: no network.
     pub tap: Option<String>,
@@ -186,6 +191,17 @@ fn bind(dest: &str, source: &Path, opts: &[&str]) -> Result<Mount> {
         .build()?)
 }
 
+/// The host's `/dev/userfaultfd` (major, minor: a misc device, its minor chosen at
+/// boot), if it has one (Linux 6.1 and later).
+fn userfaultfd_dev() -> Option<(u64, u64)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let md = std::fs::metadata("/dev/userfaultfd").ok()?;
+    md.file_type().is_char_device().then(|| {
+        let rdev = md.rdev();
+        (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev))
+    })
+}
+
 /// The jail's directory and its root with the device nodes the program needs.
 fn make_root(c: &JailConfig) -> Result<(PathBuf, PathBuf)> {
     if c.uid == 0 || c.gid == 0 {
@@ -209,6 +225,9 @@ fn make_root(c: &JailConfig) -> Result<(PathBuf, PathBuf)> {
     }
     if c.tap.is_some() || c.join_netns.is_some() {
         mknod(&root.join("dev/net/tun"), 10, 200, 0o600, owner)?;
+    }
+    if let Some((major, minor)) = c.userfaultfd.then(userfaultfd_dev).flatten() {
+        mknod(&root.join("dev/userfaultfd"), major, minor, 0o600, owner)?;
     }
     mknod(&root.join("dev/urandom"), 1, 9, 0o666, None)?;
     Ok((dir, root))
@@ -420,6 +439,9 @@ fn jail_resources(c: &JailConfig) -> Result<LinuxResources> {
     ];
     if c.tap.is_some() || c.join_netns.is_some() {
         devices.push(dev(10, 200)?);
+    }
+    if let Some((major, minor)) = c.userfaultfd.then(userfaultfd_dev).flatten() {
+        devices.push(dev(major as i64, minor as i64)?);
     }
     let mut res = LinuxResourcesBuilder::default();
     // On cgroup v2 an allow-list needs an eBPF program nestor does not load (asking

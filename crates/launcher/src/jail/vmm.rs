@@ -238,6 +238,8 @@ pub fn spawn_jailed_vmm(
     let mut c = jail_config(id.clone(), opts, spec.vmm.clone(), args, files)?;
     c.dirs = dirs;
     c.kvm = true;
+    // A migration's destination may be sent post-copy (the stream says so only later).
+    c.userfaultfd = matches!(spec.source, Some(crate::vm::sandbox::VmSource::Migration));
     let tap = spec
         .net
         .as_deref()

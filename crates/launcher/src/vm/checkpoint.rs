@@ -512,6 +512,7 @@ pub(crate) fn new_record(
     meta.vm = None;
     meta.jail = None;
     meta.checkpoint = None;
+    meta.moved_to = None;
     meta.networks.clear();
     meta.ports.clear();
     store::create_dir(&meta.id, false)?;

@@ -1267,6 +1267,7 @@ fn resume_running(meta: &mut Meta, r: &Restoring, receive: Option<Receive>) -> R
     );
     meta.status = Status::Running;
     meta.checkpoint = None;
+    meta.moved_to = None;
     store::save(meta)?;
     Ok(Running {
         sb,
@@ -1361,7 +1362,7 @@ impl Mode for VmMode {
         // A VM that moved away took its network place along (within this host), or
         // had none; its record (with the place, if the move failed after its commit)
         // is removed by the migrating nestor.
-        if code.is_ok() || !matches!(mark, Some(StopMark::Moved)) {
+        if code.is_ok() || !matches!(mark, Some(StopMark::Moved(_))) {
             detach_networks(meta);
         }
         remove_state_dir(&meta.id);
@@ -1375,7 +1376,8 @@ impl Mode for VmMode {
             (Err(_), Some(StopMark::Kill)) => Ok(128 + libc::SIGKILL),
             // The record (its log and output counts) must outlive the monitor: the
             // migrating nestor sends them on, then removes it.
-            (Err(_), Some(StopMark::Moved)) => {
+            (Err(_), Some(StopMark::Moved(to))) => {
+                meta.moved_to = Some(to);
                 meta.auto_remove = false;
                 Ok(0)
             }
@@ -1431,25 +1433,44 @@ pub fn signal(m: &Meta, vm: &VmMeta, sig: i32) -> Result<()> {
 
 /// Why a VM container's VM was ended from outside its monitor (a file in its directory
 /// the monitor takes when the VM is gone, so it records a stop, not a failure).
+#[derive(Debug, PartialEq)]
 pub(crate) enum StopMark {
     /// `stop` (after its time-out) or `kill`: the container exits 137.
     Kill,
     /// `checkpoint` saved it into this directory.
     Checkpoint(PathBuf),
-    /// `migrate` moved its VM away (the record goes once the other side has it).
-    Moved,
+    /// `migrate` moved its VM away, to this address (the record goes once the other
+    /// side has it).
+    Moved(String),
 }
 
 const STOP_MARK: &str = "stopped-by";
 
+impl StopMark {
+    /// The mark as its file holds it.
+    fn text(&self) -> String {
+        match self {
+            StopMark::Kill => "kill".to_string(),
+            StopMark::Moved(to) => format!("moved:{to}"),
+            StopMark::Checkpoint(d) => format!("checkpoint:{}", d.display()),
+        }
+    }
+
+    /// A mark's file read back (anything else is a kill, as `stop` and `kill` leave).
+    fn parse(text: &str) -> StopMark {
+        if let Some(to) = text.strip_prefix("moved:") {
+            return StopMark::Moved(to.to_string());
+        }
+        match text.strip_prefix("checkpoint:") {
+            Some(d) => StopMark::Checkpoint(PathBuf::from(d)),
+            None => StopMark::Kill,
+        }
+    }
+}
+
 /// Leaves `why` for container `id`'s monitor; call before ending the VM.
 pub(crate) fn mark_stop(id: &str, why: &StopMark) -> Result<()> {
-    let text = match why {
-        StopMark::Kill => "kill".to_string(),
-        StopMark::Moved => "moved".to_string(),
-        StopMark::Checkpoint(d) => format!("checkpoint:{}", d.display()),
-    };
-    std::fs::write(store::dir(id).join(STOP_MARK), text).context("write the stop mark")
+    std::fs::write(store::dir(id).join(STOP_MARK), why.text()).context("write the stop mark")
 }
 
 /// Takes the mark [`mark_stop`] left for container `id`, if any.
@@ -1457,11 +1478,7 @@ fn take_stop_mark(id: &str) -> Option<StopMark> {
     let p = store::dir(id).join(STOP_MARK);
     let text = std::fs::read_to_string(&p).ok()?;
     let _ = std::fs::remove_file(&p);
-    match text.strip_prefix("checkpoint:") {
-        Some(d) => Some(StopMark::Checkpoint(PathBuf::from(d))),
-        None if text == "moved" => Some(StopMark::Moved),
-        None => Some(StopMark::Kill),
-    }
+    Some(StopMark::parse(&text))
 }
 
 /// Takes back a mark left for a VM that was not ended after all (a failed migration).
@@ -1648,6 +1665,20 @@ mod tests {
             crate::cli::Cmd::Run(r) => *r,
             _ => panic!("not run"),
         }
+    }
+
+    #[test]
+    fn stop_marks_read_back_as_written() {
+        for m in [
+            StopMark::Kill,
+            StopMark::Moved("tcp:10.0.0.2:7000".into()),
+            StopMark::Moved("unix:/run/a:b.sock".into()),
+            StopMark::Checkpoint("/var/ck/one".into()),
+        ] {
+            assert_eq!(StopMark::parse(&m.text()), m);
+        }
+        // An older nestor's bare "moved", or anything unknown, is not a move elsewhere.
+        assert_eq!(StopMark::parse("garbage"), StopMark::Kill);
     }
 
     #[test]

@@ -172,7 +172,7 @@ pub fn migrate_out(name: &str, to: &str, strategy: &str, downtime_ms: u64) -> Re
     }
     let data = Conn::connect(&addr, PATIENCE).map_err(one_line)?;
     // From here the VMM may exit (the commit): its monitor must know why.
-    container::mark_stop(&m.id, &StopMark::Moved)?;
+    container::mark_stop(&m.id, &StopMark::Moved(to.to_string()))?;
     let req = json!({"action": "migrate", "to": format!("unix:{vmm_sock}"),
                      "strategy": strategy, "downtime_ms": downtime_ms});
     let t = Instant::now();
