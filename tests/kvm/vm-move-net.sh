@@ -3,10 +3,11 @@
 # `nestor migrate` within one host and data root. A container on the default network
 # with a published port (an echo server) is checkpointed and restored: it keeps its
 # address and serves on the same port. Then it moves live twice (jailed, pre-copy then
-# stop-copy back): one TCP connection opened before the moves carries a line after each,
+# stop-copy back, the migrating nestor sent SIGTERM mid-way: it finishes the move): one
+# TCP connection opened before the moves carries a line after each,
 # the published port answers new connections, the address and port are the same, its
 # namespace holds one tap, and its old record is gone. An unjailed one moves with
-# post-copy, its connection alive too. A networked container cannot move to another
+# post-copy (and SIGINT mid-way), its connection alive too. A networked container cannot move to another
 # data root (one line; it serves on). Ends with no VMM, jail, attachment or namespace
 # left. Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all
 # pass.
@@ -44,14 +45,23 @@ fresh() {
 }
 # The taps in the namespace of the container first attached as id $1.
 taps() { nsenter --net="$(ls -d /run/nestor-net/*/netns/"$1")" ip -o link 2>/dev/null | grep -o 'tap[0-9]*' | sort | tr '\n' ' '; }
-# Moves container $1 to a listener in this data root as $2 with strategy $3.
+# Moves container $1 to a listener in this data root as $2 with strategy $3; with $4,
+# sends the migrating nestor that signal once the move is under way (it must finish).
 move() {
-    local sock=$work/mv-$2.sock lpid lrc
+    local sock=$work/mv-$2.sock lpid lrc mpid src
+    src=$(field "$1" 'v["Id"]')
     n migrate --listen "unix:$sock" --name "$2" >"$work/listen.out" 2>&1 &
     lpid=$!
     for _ in $(seq 100); do [[ -S $sock ]] && break; sleep 0.1; done
-    n migrate "$1" --to "unix:$sock" --strategy "$3" >"$work/mig.out" 2>&1 || true
+    "$bin/nestor" migrate "$1" --to "unix:$sock" --strategy "$3" >"$work/mig.out" 2>&1 &
+    mpid=$!
+    if [[ -n ${4:-} ]]; then
+        for _ in $(seq 300); do [[ -e $NESTOR_ROOT/containers/$src/stopped-by ]] && break; sleep 0.02; done
+        kill -s "$4" "$mpid" 2>/dev/null && echo "sent SIG$4 to the migrating nestor"
+    fi
     set +e
+    wait "$mpid"
+    expect "$3: the migrating nestor ends well${4:+ after SIG$4}" 0 "$?"
     wait $lpid
     lrc=$?
     set -e
@@ -81,7 +91,7 @@ expect "pre-copy: the source's record is gone" "" "$(status net1)"
 expect "pre-copy: same address" "$addr" "$(ip_of net2)"
 expect "pre-copy: one tap in its namespace" "tap1 " "$(taps "$id")"
 expect "pre-copy: a new connection" three "$(fresh "$port" three)"
-move net2 net3 stop-copy
+move net2 net3 stop-copy TERM
 expect "stop-copy: the connection lives on" after-two "$(talk "$c" after-two)"
 expect "stop-copy: the port" "7000/tcp -> 127.0.0.1:$port" "$(n port net3 2>&1)"
 expect "stop-copy: same address" "$addr" "$(ip_of net3)"
@@ -113,7 +123,7 @@ uid=$(field unj1 'v["Id"]')
 expect "unjailed: it answers" five "$(fresh "$uport" five)"
 exec {c}<>"/dev/tcp/127.0.0.1/$uport"
 expect "unjailed: a connection before the move" before "$(talk "$c" before)"
-move unj1 unj2 post-copy
+move unj1 unj2 post-copy INT
 expect "post-copy: the connection lives on" after "$(talk "$c" after)"
 expect "post-copy: one tap in its namespace" "tap1 " "$(taps "$uid")"
 exec {c}>&-

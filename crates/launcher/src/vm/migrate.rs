@@ -171,6 +171,18 @@ pub fn migrate_out(name: &str, to: &str, strategy: &str, downtime_ms: u64) -> Re
             .with_context(|| format!("chown {}", host_sock.display()))?;
     }
     let data = Conn::connect(&addr, PATIENCE).map_err(one_line)?;
+    // A move ends as a whole: once committed, a source nestor gone before its trailer
+    // makes the destination end the VM. Ctrl-C, SIGTERM and a hang-up wait (blocked
+    // in every thread from here; time limits bound the move); kill -9 cannot.
+    let mut held = nix::sys::signal::SigSet::empty();
+    for sig in [
+        nix::sys::signal::SIGINT,
+        nix::sys::signal::SIGTERM,
+        nix::sys::signal::SIGHUP,
+    ] {
+        held.add(sig);
+    }
+    held.thread_block().context("block SIGINT, SIGTERM and SIGHUP")?;
     // From here the VMM may exit (the commit): its monitor must know why.
     container::mark_stop(&m.id, &StopMark::Moved(to.to_string()))?;
     let req = json!({"action": "migrate", "to": format!("unix:{vmm_sock}"),
