@@ -263,6 +263,9 @@ struct Timings {
     agent_ready_ms: Option<f64>,
     /// Control, stdio and signal connections made.
     attached_ms: Option<f64>,
+    /// A restored or migrated VM: its VMM's first KVM_RUN, from the VMM's own start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vmm_first_run_ms: Option<f64>,
     container_started_ms: Option<f64>,
     container_exited_ms: Option<f64>,
     vm_gone_ms: Option<f64>,
@@ -1178,6 +1181,10 @@ fn resume_running(meta: &mut Meta, r: &Restoring, receive: Option<Receive>) -> R
         (None, _) => (None, None),
     };
     let start = Instant::now();
+    let mut timings = Timings {
+        before_vmm_ms: std::env::var_os("NESTOR_VM_TIMINGS").and_then(|_| before_vmm_ms(start)),
+        ..Timings::default()
+    };
     // A sandbox (and jail) name of its own: the VM it came from may still hold the
     // container's (a copy beside it, or a migration between data roots of one host).
     let mut sb = Sandbox::boot(
@@ -1241,6 +1248,7 @@ fn resume_running(meta: &mut Meta, r: &Restoring, receive: Option<Receive>) -> R
         }
         Err(e) => return Err(sb.failure(&format!("the restored guest's agent: {e:#}"))),
     };
+    timings.agent_ready_ms = Some(sb.elapsed_ms());
     // The VMM has read the state and mapped the memory: the staged copy can go.
     if let Some(copy) = staged {
         let _ = std::fs::remove_dir_all(copy);
@@ -1265,6 +1273,20 @@ fn resume_running(meta: &mut Meta, r: &Restoring, receive: Option<Receive>) -> R
         r.guest_id.clone(),
         None,
     );
+    timings.attached_ms = Some(sb.elapsed_ms());
+    // Printed at once (a restored container may run for long): into its log.
+    if std::env::var_os("NESTOR_VM_TIMINGS").is_some() {
+        let metrics = crate::vm::checkpoint::vmm_call(
+            &sb.dir().join(sandbox::API_SOCKET),
+            &serde_json::json!({"action": "metrics"}),
+        );
+        timings.vmm_first_run_ms = metrics
+            .ok()
+            .and_then(|v| v["metrics"]["first_run_ms"].as_f64());
+        if let Ok(line) = serde_json::to_string(&timings) {
+            eprintln!("nestor-vm-resume-timings: {line}");
+        }
+    }
     meta.status = Status::Running;
     meta.checkpoint = None;
     meta.moved_to = None;
@@ -1277,7 +1299,7 @@ fn resume_running(meta: &mut Meta, r: &Restoring, receive: Option<Receive>) -> R
         agent: agent.reconnects_to(&vsock),
         guest_id: r.guest_id.clone(),
         outputs,
-        timings: Timings::default(),
+        timings,
         start,
     })
 }

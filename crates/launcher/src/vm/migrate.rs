@@ -182,7 +182,8 @@ pub fn migrate_out(name: &str, to: &str, strategy: &str, downtime_ms: u64) -> Re
     ] {
         held.add(sig);
     }
-    held.thread_block().context("block SIGINT, SIGTERM and SIGHUP")?;
+    held.thread_block()
+        .context("block SIGINT, SIGTERM and SIGHUP")?;
     // From here the VMM may exit (the commit): its monitor must know why.
     container::mark_stop(&m.id, &StopMark::Moved(to.to_string()))?;
     let req = json!({"action": "migrate", "to": format!("unix:{vmm_sock}"),
