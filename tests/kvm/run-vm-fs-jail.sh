@@ -99,6 +99,12 @@ if [[ -e $host/up ]]; then
         root=$(ls "/proc/$fpid/root" 2>/dev/null | tr '\n' ' ')
         [[ -n $root && $root != *etc* && $root != *home* && $root == *shared* ]] &&
             pass "the jailed virtiofsd's root holds only the jail ($root)" || bad "virtiofsd root: '$root'"
+        # Its cgroup (v2 in the test host) bounds its memory (page cache included) and CPU.
+        cg=/sys/fs/cgroup$(sed -n 's/^0:://p' "/proc/$fpid/cgroup")
+        expect "the jailed virtiofsd's cgroup: memory.max 256 MiB" 268435456 "$(cat "$cg/memory.max" 2>&1)"
+        quota=$(cat "$cg/cpu.max" 2>&1)
+        [[ $quota =~ ^[0-9]+\ [0-9]+$ ]] && pass "the jailed virtiofsd's cgroup: a CPU quota ($quota)" ||
+            bad "the jailed virtiofsd's cpu.max: '$quota'"
     else
         bad "no virtiofsd process while the jailed VM runs"
     fi

@@ -7,7 +7,8 @@
 # TCP connection opened before the moves carries a line after each,
 # the published port answers new connections, the address and port are the same, its
 # namespace holds one tap, and its old record is gone. An unjailed one moves with
-# post-copy (and SIGINT mid-way), its connection alive too. A networked container cannot move to another
+# post-copy (and SIGTERM mid-way), its connection alive too. A move whose destination
+# VMM is killed mid-way leaves it serving where it was, on its own tap, connection alive. A networked container cannot move to another
 # data root (one line; it serves on). Ends with no VMM, jail, attachment or namespace
 # left. Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all
 # pass.
@@ -57,7 +58,11 @@ move() {
     mpid=$!
     if [[ -n ${4:-} ]]; then
         for _ in $(seq 300); do [[ -e $NESTOR_ROOT/containers/$src/stopped-by ]] && break; sleep 0.02; done
-        kill -s "$4" "$mpid" 2>/dev/null && echo "sent SIG$4 to the migrating nestor"
+        # Under way: SIGHUP, SIGINT and SIGTERM are blocked (mask 0x4003), then one comes.
+        blk=$(awk '/^SigBlk:/ {print $2}' "/proc/$mpid/status" 2>/dev/null || true)
+        (((0x${blk:-0} & 0x4003) == 0x4003)) && pass "$3: the migrating nestor holds SIGHUP, SIGINT and SIGTERM" ||
+            bad "$3: the migrating nestor's blocked signals: '$blk'"
+        kill -s "$4" "$mpid" && pass "$3: SIG$4 sent mid-move" || bad "$3: SIG$4 found no migrating nestor"
     fi
     set +e
     wait "$mpid"
@@ -114,7 +119,37 @@ wait $lpid 2>/dev/null || true
 [[ $rc != 0 && $(wc -l <<<"$out") == 1 && $out == *"only within one host and data root"* ]] &&
     pass "a move to another data root is refused: $out" || bad "move to another root: exit $rc, $out"
 expect "after the refused move it answers" four "$(fresh "$port" four)"
-n rm -f net3 >/dev/null
+# A move whose destination VMM dies mid-way: the source runs on, with its network.
+exec {c}<>"/dev/tcp/127.0.0.1/$port"
+expect "a connection before the failed move" again "$(talk "$c" again)"
+before=$(pgrep -x nestor-vmm | sort)
+n migrate --listen "unix:$work/fail.sock" --name net4 >"$work/listen-f.out" 2>&1 &
+lpid=$!
+for _ in $(seq 100); do [[ -S $work/fail.sock ]] && break; sleep 0.1; done
+"$bin/nestor" migrate net3 --to "unix:$work/fail.sock" --strategy stop-copy >"$work/mig-f.out" 2>&1 &
+mpid=$!
+# The destination's VMM: the one nestor-vmm that was not there before.
+dpid=
+for _ in $(seq 500); do
+    dpid=$(comm -13 <(echo "$before") <(pgrep -x nestor-vmm | sort) | head -n1)
+    [[ -n $dpid ]] && break
+    sleep 0.01
+done
+[[ -n $dpid ]] && kill -9 "$dpid" || bad "no destination VMM to kill"
+set +e
+wait "$mpid"
+mrc=$?
+wait "$lpid"
+set -e
+[[ $mrc != 0 && $(cat "$work/mig-f.out") == *"it runs on here"* ]] &&
+    pass "a move whose destination VMM dies fails: $(tail -n1 "$work/mig-f.out")" ||
+    bad "failed move: exit $mrc, $(cat "$work/mig-f.out") / $(cat "$work/listen-f.out")"
+expect "after the failed move: the connection lives on" still "$(talk "$c" still)"
+expect "after the failed move: it runs here" Up "$(status net3)"
+expect "after the failed move: the destination's record is gone" "" "$(status net4)"
+expect "after the failed move: only its own tap" "tap0 " "$(taps "$id")"
+exec {c}>&-
+n rm -f net3 >/dev/null || bad "rm -f net3"
 
 # Unjailed (nestor makes the taps), post-copy.
 uport=$((20000 + RANDOM % 20000))
@@ -123,7 +158,7 @@ uid=$(field unj1 'v["Id"]')
 expect "unjailed: it answers" five "$(fresh "$uport" five)"
 exec {c}<>"/dev/tcp/127.0.0.1/$uport"
 expect "unjailed: a connection before the move" before "$(talk "$c" before)"
-move unj1 unj2 post-copy INT
+move unj1 unj2 post-copy TERM
 expect "post-copy: the connection lives on" after "$(talk "$c" after)"
 expect "post-copy: one tap in its namespace" "tap1 " "$(taps "$uid")"
 exec {c}>&-

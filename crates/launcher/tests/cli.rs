@@ -1524,7 +1524,12 @@ fn a_jailed_vmm_dies_with_its_nestor_and_holds_none_of_its_stdio() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let pid = loop {
         let v = inspect();
-        if let (Some(p), Some(true)) = (v["VM"]["VmmPid"].as_u64(), v["VM"]["Running"].as_bool()) {
+        // Its container started (a record still `Created` at the kill is gc's to
+        // remove, and the checks after it need one).
+        let up = v["Status"].as_str().is_some_and(|s| s.starts_with("Up"));
+        if let (Some(p), Some(true), true) =
+            (v["VM"]["VmmPid"].as_u64(), v["VM"]["Running"].as_bool(), up)
+        {
             assert!(v["Jail"].is_string(), "not jailed: {v}");
             break p;
         }

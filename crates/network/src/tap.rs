@@ -42,22 +42,6 @@ pub fn set_mac(netns: &Path, ifname: &str, mac: &str) -> Result<()> {
 /// priority and handle, so [`switch`] can replace it in one step).
 const FILTER: [&str; 4] = ["prio", "49152", "handle", "800::800"];
 
-/// Whether `dev` in `netns` has an ingress qdisc (its frames go to a tap already).
-fn has_ingress(netns: &Path, dev: &str) -> Result<bool> {
-    let o = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(["tc", "qdisc", "show", "dev", dev, "ingress"])
-        .output()
-        .ctx(|| "run nsenter (util-linux)".into())?;
-    if !o.status.success() {
-        return Err(Error::Invalid(format!(
-            "tc qdisc show dev {dev} in the VM's network namespace: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).contains("ingress"))
-}
-
 /// Redirects every frame arriving on `from` to `to`'s egress.
 fn redirect(netns: &Path, verb: &str, from: &str, to: &str) -> Result<()> {
     let mut args = vec![
@@ -71,18 +55,23 @@ fn redirect(netns: &Path, verb: &str, from: &str, to: &str) -> Result<()> {
 }
 
 /// Makes `tap` in `netns` (owned by `owner`, uid and gid, when an unprivileged VMM
-/// opens it) and redirects `ifname` <-> `tap`. When `ifname`'s frames go to another
-/// tap already (a VMM a live migration comes from), only `tap` -> `ifname` is made:
+/// opens it) and redirects `ifname` <-> `tap`. `standby`: `ifname`'s frames go to
+/// another tap (a VMM a live migration comes from), so only `tap` -> `ifname` is made:
 /// the new VMM's guest is paused until the move commits, and [`switch`] then turns
 /// `ifname`'s frames to it.
-pub fn plumb(netns: &Path, ifname: &str, tap: &str, owner: Option<(u32, u32)>) -> Result<()> {
+pub fn plumb(
+    netns: &Path,
+    ifname: &str,
+    tap: &str,
+    owner: Option<(u32, u32)>,
+    standby: bool,
+) -> Result<()> {
     let mut add = vec!["ip", "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"];
     let (u, g);
     if let Some((uid, gid)) = owner {
         (u, g) = (uid.to_string(), gid.to_string());
         add.extend(["user", u.as_str(), "group", g.as_str()]);
     }
-    let standby = has_ingress(netns, ifname)?;
     run_in(netns, &add)?;
     run_in(netns, &["ip", "link", "set", tap, "up"])?;
     let mut ways = vec![(tap, ifname)];

@@ -388,9 +388,9 @@ fn a_microvm_moving_within_the_host_takes_the_place_over() {
     use nestor_network::tap;
     // The first VMM's tap; the second one joins one way while the first still gets
     // every frame.
-    tap::plumb(&a.netns, "eth0", "tap0", None).unwrap();
+    tap::plumb(&a.netns, "eth0", "tap0", None, false).unwrap();
     assert_eq!(redirect_of(&a.netns, "eth0"), "tap0");
-    tap::plumb(&a.netns, "eth0", "tap1", None).unwrap();
+    tap::plumb(&a.netns, "eth0", "tap1", None, true).unwrap();
     assert_eq!(redirect_of(&a.netns, "eth0"), "tap0");
     assert_eq!(redirect_of(&a.netns, "tap1"), "eth0");
     // The commit: frames turn to the new tap, the old one goes.
@@ -416,12 +416,17 @@ fn a_microvm_moving_within_the_host_takes_the_place_over() {
         files.join("hosts").exists(),
         "the hosts file was not carried over"
     );
-    // A second hand-over onto a taken id is refused; the old id is gone.
+    // The old id has nothing left to hand over; an id on a network takes no other.
     let e = r
         .nets
         .hand_over(&req.container_id, "x", "x", files.clone())
         .unwrap_err();
     assert!(e.to_string().contains("on no network"), "{e}");
+    let e = r
+        .nets
+        .hand_over(&to, &to, "moved", files.clone())
+        .unwrap_err();
+    assert!(e.to_string().contains("on a network already"), "{e}");
     // The old id's leftovers (a monitor cleaning up) cannot take the namespace along.
     r.nets.detach(&req.container_id).unwrap();
     assert!(

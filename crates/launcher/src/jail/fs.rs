@@ -190,6 +190,11 @@ pub struct JailedFs {
 /// The file name of the socket in [`JailedFs::sock_dir`].
 pub const SOCKET: &str = "fs.sock";
 
+/// A jailed file server's memory limit (its cgroup's, swap included): virtiofsd itself
+/// needs a few MiB; the page cache of what it reads and writes is charged here too,
+/// and reclaimed at the limit instead of growing with the guest's I/O.
+pub const FS_MEMORY_MIB: i64 = 256;
+
 /// `dir`'s file system cannot be idmapped, so its file server cannot be jailed: the
 /// sandbox falls back to an unjailed one unless the jail was required (`--jail`).
 #[derive(Debug)]
@@ -211,8 +216,9 @@ impl std::error::Error for NoIdmap {}
 /// inside the jail (the jail is its sandbox), `--cache cache`, `--readonly` with `ro`
 /// (and the mount is read-only too), no file handles (opening them needs a capability
 /// of the host's namespace). Its socket is handed to group `client_gid` (the VMM
-/// jail's gid), mode 0660. Waits until the socket exists (10 s); on every failure the
-/// jail is gone when this returns.
+/// jail's gid), mode 0660. Its cgroup holds it to [`FS_MEMORY_MIB`] and `cpus` CPUs
+/// (it works for the guest's vCPUs; a guest cannot make it take the host). Waits until
+/// the socket exists (10 s); on every failure the jail is gone when this returns.
 pub fn spawn_jailed_virtiofsd(
     rt: &Runtime,
     id: &str,
@@ -220,6 +226,7 @@ pub fn spawn_jailed_virtiofsd(
     ro: bool,
     cache: &str,
     client_gid: u32,
+    cpus: f64,
 ) -> Result<JailedFs> {
     let bin = crate::vm::sandbox::virtiofsd()?;
     let dir = std::fs::canonicalize(dir).with_context(|| format!("{}", dir.display()))?;
@@ -290,8 +297,8 @@ pub fn spawn_jailed_virtiofsd(
             userfaultfd: false,
             tap: None,
             join_netns: None,
-            memory: None,
-            cpus: None,
+            memory: Some(FS_MEMORY_MIB << 20),
+            cpus: Some(cpus),
             pids_limit: Some(256),
             // One O_PATH descriptor per inode the guest holds: as many as nestor may
             // have (the jail cannot raise its hard limit).

@@ -149,7 +149,7 @@ pub fn spawn_jailed_vmm(
             read_only: true,
         });
         args.extend(["--restore".into(), "/vm/snapshot".into(), "--resume".into()]);
-    } else if let Some(VmSource::Migration) = &spec.source {
+    } else if let Some(VmSource::Migration { .. }) = &spec.source {
         args.extend([
             "--migrate-from".into(),
             format!("unix:/run/nestor/{MIGRATION_SOCKET}"),
@@ -238,16 +238,19 @@ pub fn spawn_jailed_vmm(
     let mut c = jail_config(id.clone(), opts, spec.vmm.clone(), args, files)?;
     c.dirs = dirs;
     c.kvm = true;
-    // A migration's destination may be sent post-copy (the stream says so only later).
-    c.userfaultfd = matches!(spec.source, Some(crate::vm::sandbox::VmSource::Migration));
+    // A post-copy destination registers guest memory with userfaultfd.
+    c.userfaultfd = matches!(spec.source, Some(VmSource::Migration { postcopy: true }));
     let tap = spec
         .net
         .as_deref()
         .map_or("tap0", nestor_network::tap::tap_of);
+    // A migration's destination with a network takes the place of the VM it comes
+    // from (within one host): its tap waits one way until the move commits.
+    let standby = matches!(spec.source, Some(VmSource::Migration { .. }));
     c.join_netns = spec
         .netns
         .clone()
-        .map(|ns| (ns, "eth0".to_string(), tap.to_string()));
+        .map(|ns| (ns, "eth0".to_string(), tap.to_string(), standby));
     c.share_dir = spec.vsock;
     c.die_with_parent = true;
     c.nproc = vcpus + 16;

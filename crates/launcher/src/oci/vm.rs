@@ -295,7 +295,7 @@ pub fn create(root: &Path, a: &CreateArgs, pod: bool) -> Result<()> {
         crate::vm::disk::snapshot_dir(&rootfs, &disk)?;
         let assets = Assets::find(None, None)?;
         if let Some(n) = &net {
-            nestor_network::tap::plumb(&n.netns, &n.ifname, "tap0", None)?;
+            nestor_network::tap::plumb(&n.netns, &n.ifname, "tap0", None, false)?;
         }
         spawn_shim(Shim {
             root,

@@ -410,6 +410,7 @@ pub fn restore(dir: &Path, name: Option<&str>) -> Result<i32> {
         guest_id: vm.guest_id,
         streams: man.streams,
         adopt: None,
+        postcopy: false,
     };
     let id = crate::docker::run::monitor(
         &mut VmMode::default(),

@@ -11,6 +11,7 @@
 use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -383,8 +384,8 @@ impl NetSaved {
     }
 
     /// Takes the place of container `from` on its network (this host's live move):
-    /// a second tap in its namespace, joined one way until the move commits
-    /// ([`take_over_net`] switches to it then; dropping the guard before removes it).
+    /// a second tap in its namespace, joined one way until the move commits (see
+    /// [`Standby`]).
     fn adopt(&self, meta: &mut Meta, from: &str, jailed: bool) -> Result<(VmNet, Standby)> {
         let nets = store::networks()?;
         let at = nets
@@ -394,10 +395,12 @@ impl NetSaved {
         let standby = Standby {
             netns: at.netns.clone(),
             tap: tap.to_string(),
-            armed: true,
+            old_tap: self.tap().to_string(),
+            switched: AtomicBool::new(false),
+            taken: AtomicBool::new(false),
         };
         if !jailed {
-            nestor_network::tap::plumb(&at.netns, "eth0", tap, None)?;
+            nestor_network::tap::plumb(&at.netns, "eth0", tap, None, true)?;
         }
         let net = vm_net_of(&at, &self.mac, tap)?;
         meta.networks = self.networks.clone();
@@ -427,39 +430,63 @@ impl NetSaved {
     }
 }
 
-/// The tap a VM moving within this host waits on (see [`NetSaved::adopt`]); removed
-/// when dropped armed (the move failed before its commit).
+/// The tap a VM moving within this host waits on (see [`NetSaved::adopt`]), beside the
+/// tap of the VM it comes from. When the destination VMM acknowledges the stream (its
+/// VM runs), [`Standby::switch`] turns the interface's frames to the new tap; when the
+/// source confirms the move, [`Standby::take_over`] makes the place this container's.
+/// Dropped before that (the move failed), it turns the frames back and removes the
+/// new tap, so the VM that stays where it was keeps its network.
 pub(crate) struct Standby {
     netns: PathBuf,
     tap: String,
-    armed: bool,
+    old_tap: String,
+    switched: AtomicBool,
+    taken: AtomicBool,
 }
 
-impl Drop for Standby {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = nestor_network::tap::remove(&self.netns, &self.tap);
+impl Standby {
+    /// The destination VMM runs the VM: the interface's frames go to its tap (called
+    /// from the relay's thread, as the acknowledgement passes).
+    pub(crate) fn switch(&self) {
+        match nestor_network::tap::switch(&self.netns, "eth0", &self.tap) {
+            Ok(()) => self.switched.store(true, Ordering::SeqCst),
+            Err(e) => eprintln!("warning: the moved VM's network: {e:#}"),
+        }
+    }
+
+    /// The source confirmed the move: the frames go here (again, in one step), the
+    /// network place (address, ports, CNI state) is recorded as container `meta`'s,
+    /// and the tap of the VM that left goes. A failure is a warning: the container
+    /// runs on.
+    pub(crate) fn take_over(&self, meta: &Meta, from: &str) {
+        if !self.switched.load(Ordering::SeqCst) {
+            self.switch();
+        }
+        self.taken.store(true, Ordering::SeqCst);
+        let nets = store::networks();
+        if let Err(e) =
+            nets.and_then(|n| Ok(n.hand_over(from, &meta.id, &meta.name, store::dir(&meta.id))?))
+        {
+            eprintln!(
+                "warning: container {}: its network record after the move: {e:#}",
+                meta.name
+            );
+        }
+        if let Err(e) = nestor_network::tap::remove(&self.netns, &self.old_tap) {
+            eprintln!("warning: the tap of the VM that moved away: {e:#}");
         }
     }
 }
 
-/// Once a VM that moved within this host runs here: the interface's frames go to its
-/// tap, the tap of the VMM it came from goes, and the network place (address, ports,
-/// CNI state) is recorded as container `meta`'s. A failure is a warning: the
-/// container runs on.
-fn take_over_net(meta: &Meta, from: &str, old_tap: &str, standby: &mut Standby) {
-    let r = (|| -> Result<()> {
-        nestor_network::tap::switch(&standby.netns, "eth0", &standby.tap)?;
-        standby.armed = false;
-        nestor_network::tap::remove(&standby.netns, old_tap)?;
-        store::networks()?.hand_over(from, &meta.id, &meta.name, store::dir(&meta.id))?;
-        Ok(())
-    })();
-    if let Err(e) = r {
-        eprintln!(
-            "warning: container {}: its network after the move: {e:#}",
-            meta.name
-        );
+impl Drop for Standby {
+    fn drop(&mut self) {
+        if self.taken.load(Ordering::SeqCst) {
+            return;
+        }
+        if self.switched.load(Ordering::SeqCst) {
+            let _ = nestor_network::tap::switch(&self.netns, "eth0", &self.old_tap);
+        }
+        let _ = nestor_network::tap::remove(&self.netns, &self.tap);
     }
 }
 
@@ -672,7 +699,7 @@ pub(crate) fn vm_net_from(
             nestor_network::tap::set_mac(&at.netns, "eth0", mac)?;
         }
         if !jailed {
-            nestor_network::tap::plumb(&at.netns, "eth0", "tap0", None)?;
+            nestor_network::tap::plumb(&at.netns, "eth0", "tap0", None, false)?;
         }
         vm_net_of(&at, mac, "tap0")
     })();
@@ -1146,13 +1173,21 @@ pub(crate) struct Restoring {
     /// A live move within this host: the container (of this data root) whose place on
     /// the network this one takes over once the move commits.
     pub adopt: Option<String>,
+    /// A live move sent post-copy.
+    pub postcopy: bool,
 }
 
-/// Takes a VM in (`receive`) once it is built from a migration, calling the third
-/// argument as soon as the VM runs here (the move committed): returns where the output
-/// streams stood in the log.
-pub(crate) type Receive<'a> =
-    &'a mut dyn FnMut(&mut Sandbox, &Meta, &mut dyn FnMut()) -> Result<[u64; 2]>;
+/// Takes a VM in (`receive`) once it is built from a migration: returns where the
+/// output streams stood in the log. It calls [`Moving::acked`] as the destination
+/// VMM's acknowledgement passes (its VM runs), and [`Moving::confirmed`] once the
+/// source said the move is done.
+pub(crate) type Receive<'a> = &'a mut dyn FnMut(&mut Sandbox, &Meta, &Moving) -> Result<[u64; 2]>;
+
+/// What the destination does at a live move's two steps (see [`Receive`]).
+pub(crate) struct Moving<'a> {
+    pub acked: &'a (dyn Fn() + Sync),
+    pub confirmed: &'a dyn Fn(),
+}
 
 /// Builds the VM of a checkpoint, or of a live migration (`receive` takes it in), and
 /// takes the container in it over as `run -d` does: its output appended to the log from
@@ -1164,7 +1199,12 @@ fn resume_running(meta: &mut Meta, r: &Restoring, receive: Option<Receive>) -> R
     let state_dir = jail.map(|j| make_state_dir(&meta.id, j.gid)).transpose()?;
     // A jailed VMM binds the snapshot: one its uid cannot reach is staged first.
     let (source, staged) = match (&r.snapshot, jail, &state_dir) {
-        (None, ..) => (sandbox::VmSource::Migration, None),
+        (None, ..) => (
+            sandbox::VmSource::Migration {
+                postcopy: r.postcopy,
+            },
+            None,
+        ),
         (Some(s), Some(j), Some(d)) => {
             let (at, staged) = crate::vm::checkpoint::reachable_snapshot(s, d, j.gid)?;
             let staged = staged.then(|| at.clone());
@@ -1172,7 +1212,7 @@ fn resume_running(meta: &mut Meta, r: &Restoring, receive: Option<Receive>) -> R
         }
         (Some(s), ..) => (sandbox::VmSource::Snapshot(s.clone()), None),
     };
-    let (vnet, mut standby) = match (&r.boot.net, &r.adopt) {
+    let (vnet, standby) = match (&r.boot.net, &r.adopt) {
         (Some(n), Some(from)) => {
             let (v, s) = n.adopt(meta, from, jail.is_some())?;
             (Some(v), Some(s))
@@ -1224,12 +1264,24 @@ fn resume_running(meta: &mut Meta, r: &Restoring, receive: Option<Receive>) -> R
     let streams = match receive {
         Some(f) => {
             let m = meta.clone();
-            let mut committed = || {
-                if let (Some(from), Some(n), Some(s)) = (&r.adopt, &r.boot.net, standby.as_mut()) {
-                    take_over_net(&m, from, n.tap(), s);
+            let acked = || {
+                if let Some(s) = &standby {
+                    s.switch();
                 }
             };
-            f(&mut sb, meta, &mut committed)?
+            let confirmed = || {
+                if let (Some(from), Some(s)) = (&r.adopt, &standby) {
+                    s.take_over(&m, from);
+                }
+            };
+            f(
+                &mut sb,
+                meta,
+                &Moving {
+                    acked: &acked,
+                    confirmed: &confirmed,
+                },
+            )?
         }
         None => r.streams,
     };
@@ -1382,8 +1434,8 @@ impl Mode for VmMode {
         drop(r);
         let mark = take_stop_mark(&meta.id);
         // A VM that moved away took its network place along (within this host), or
-        // had none; its record (with the place, if the move failed after its commit)
-        // is removed by the migrating nestor.
+        // had none; the migrating nestor removes its record once the destination
+        // confirms (it stays, `Exited (moved)`, when that never comes).
         if code.is_ok() || !matches!(mark, Some(StopMark::Moved(_))) {
             detach_networks(meta);
         }
@@ -1469,19 +1521,22 @@ pub(crate) enum StopMark {
 const STOP_MARK: &str = "stopped-by";
 
 impl StopMark {
-    /// The mark as its file holds it.
+    /// The mark as its file holds it. A move's is the bare word a monitor started by
+    /// an older nestor knows (monitors are forks: they keep the code they started
+    /// with); its address goes beside it ([`MOVED_TO`]).
     fn text(&self) -> String {
         match self {
             StopMark::Kill => "kill".to_string(),
-            StopMark::Moved(to) => format!("moved:{to}"),
+            StopMark::Moved(_) => "moved".to_string(),
             StopMark::Checkpoint(d) => format!("checkpoint:{}", d.display()),
         }
     }
 
-    /// A mark's file read back (anything else is a kill, as `stop` and `kill` leave).
-    fn parse(text: &str) -> StopMark {
-        if let Some(to) = text.strip_prefix("moved:") {
-            return StopMark::Moved(to.to_string());
+    /// A mark's file read back, with the address a move left beside it (anything
+    /// else is a kill, as `stop` and `kill` leave).
+    fn parse(text: &str, moved_to: Option<String>) -> StopMark {
+        if text == "moved" {
+            return StopMark::Moved(moved_to.unwrap_or_default());
         }
         match text.strip_prefix("checkpoint:") {
             Some(d) => StopMark::Checkpoint(PathBuf::from(d)),
@@ -1490,22 +1545,32 @@ impl StopMark {
     }
 }
 
+/// Where a move's address waits beside its stop mark.
+const MOVED_TO: &str = "moved-to";
+
 /// Leaves `why` for container `id`'s monitor; call before ending the VM.
 pub(crate) fn mark_stop(id: &str, why: &StopMark) -> Result<()> {
-    std::fs::write(store::dir(id).join(STOP_MARK), why.text()).context("write the stop mark")
+    let dir = store::dir(id);
+    if let StopMark::Moved(to) = why {
+        std::fs::write(dir.join(MOVED_TO), to).context("write the move's address")?;
+    }
+    std::fs::write(dir.join(STOP_MARK), why.text()).context("write the stop mark")
 }
 
 /// Takes the mark [`mark_stop`] left for container `id`, if any.
 fn take_stop_mark(id: &str) -> Option<StopMark> {
-    let p = store::dir(id).join(STOP_MARK);
-    let text = std::fs::read_to_string(&p).ok()?;
-    let _ = std::fs::remove_file(&p);
-    Some(StopMark::parse(&text))
+    let dir = store::dir(id);
+    let text = std::fs::read_to_string(dir.join(STOP_MARK)).ok()?;
+    let moved_to = std::fs::read_to_string(dir.join(MOVED_TO)).ok();
+    let _ = std::fs::remove_file(dir.join(STOP_MARK));
+    let _ = std::fs::remove_file(dir.join(MOVED_TO));
+    Some(StopMark::parse(&text, moved_to))
 }
 
 /// Takes back a mark left for a VM that was not ended after all (a failed migration).
 pub(crate) fn clear_stop_mark(id: &str) {
     let _ = std::fs::remove_file(store::dir(id).join(STOP_MARK));
+    let _ = std::fs::remove_file(store::dir(id).join(MOVED_TO));
 }
 
 /// Ends a VM container at once: kills its VMM (the container dies with its VM), or in
@@ -1691,16 +1756,28 @@ mod tests {
 
     #[test]
     fn stop_marks_read_back_as_written() {
-        for m in [
-            StopMark::Kill,
-            StopMark::Moved("tcp:10.0.0.2:7000".into()),
-            StopMark::Moved("unix:/run/a:b.sock".into()),
-            StopMark::Checkpoint("/var/ck/one".into()),
+        for (m, beside) in [
+            (StopMark::Kill, None),
+            (
+                StopMark::Moved("tcp:10.0.0.2:7000".into()),
+                Some("tcp:10.0.0.2:7000"),
+            ),
+            (
+                StopMark::Moved("unix:/run/a:b.sock".into()),
+                Some("unix:/run/a:b.sock"),
+            ),
+            (StopMark::Checkpoint("/var/ck/one".into()), None),
         ] {
-            assert_eq!(StopMark::parse(&m.text()), m);
+            assert_eq!(StopMark::parse(&m.text(), beside.map(String::from)), m);
         }
-        // An older nestor's bare "moved", or anything unknown, is not a move elsewhere.
-        assert_eq!(StopMark::parse("garbage"), StopMark::Kill);
+        // A move's mark is the word an older monitor reads as a move.
+        assert_eq!(StopMark::Moved("x".into()).text(), "moved");
+        // One an older nestor left has no address; anything unknown is a kill.
+        assert_eq!(
+            StopMark::parse("moved", None),
+            StopMark::Moved(String::new())
+        );
+        assert_eq!(StopMark::parse("garbage", None), StopMark::Kill);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 
 use crate::docker::store::{self, Meta};
 use crate::vm::checkpoint::{movable, vmm_call};
-use crate::vm::container::{self, Restoring, StopMark, VmBoot, VmMode};
+use crate::vm::container::{self, Moving, Restoring, StopMark, VmBoot, VmMode};
 use crate::vm::sandbox::{self, Sandbox};
 
 const FORMAT: &str = "nestor-migrate";
@@ -99,19 +99,59 @@ fn expect_ok(v: &Value) -> Result<()> {
     )
 }
 
-/// Copies bytes both ways between `a` and `b` until each side has ended its half.
-fn relay(a: Conn, b: Conn) -> Result<u64> {
+/// Reads into `buf` until it is full or the stream ends; how much it read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> usize {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    got
+}
+
+/// Copies the destination VMM's answers (frames: kind, u32 LE length, payload, CRC)
+/// from `from` to `to` as they are, calling `on_ack` once an ACK has gone on (the
+/// destination's VM runs). What does not look like an answer goes on unparsed.
+fn copy_answers(from: &mut Conn, to: &mut Conn, on_ack: &(dyn Fn() + Sync)) {
+    /// No answer is longer (a NACK's line, a page request).
+    const MAX_ANSWER: u64 = 1 << 20;
+    loop {
+        let mut head = [0u8; 5];
+        let got = read_full(from, &mut head);
+        if got == 0 || to.write_all(&head[..got]).is_err() || got < head.len() {
+            return;
+        }
+        let len = u64::from(u32::from_le_bytes([head[1], head[2], head[3], head[4]]));
+        if len > MAX_ANSWER {
+            let _ = std::io::copy(from, to);
+            return;
+        }
+        let body = std::io::copy(&mut from.take(len + 4), to).unwrap_or(0);
+        if body < len + 4 {
+            return;
+        }
+        if head[0] == nestor_microvm::migration::kind::ACK {
+            on_ack();
+        }
+    }
+}
+
+/// Relays a migration stream: `a`'s bytes to `b`, and `b`'s answers back to `a`
+/// ([`copy_answers`], with `on_ack`), until each side has ended its half.
+fn relay(a: Conn, b: Conn, on_ack: &(dyn Fn() + Sync)) -> Result<u64> {
     let (mut a2, mut b2) = (a.try_clone()?, b.try_clone()?);
-    let back = std::thread::spawn(move || {
-        let n = std::io::copy(&mut b2, &mut a2).unwrap_or(0);
-        a2.shutdown_write();
-        n
-    });
-    let (mut a, mut b) = (a, b);
-    let n = std::io::copy(&mut a, &mut b).unwrap_or(0);
-    b.shutdown_write();
-    let _ = back.join();
-    Ok(n)
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            copy_answers(&mut b2, &mut a2, on_ack);
+            a2.shutdown_write();
+        });
+        let (mut a, mut b) = (a, b);
+        let n = std::io::copy(&mut a, &mut b).unwrap_or(0);
+        b.shutdown_write();
+        Ok(n)
+    })
 }
 
 /// Where a container lives: this host's boot and this data root's networks. A
@@ -138,7 +178,7 @@ pub fn migrate_out(name: &str, to: &str, strategy: &str, downtime_ms: u64) -> Re
     send(
         &mut ctl,
         &json!({"format": FORMAT, "version": VERSION, "meta": m, "boot": boot,
-                "guest_config": guest_config, "place": place()?}),
+                "guest_config": guest_config, "place": place()?, "strategy": strategy}),
     )?;
     expect_ok(&recv(&mut ctl)?).context("the destination refused the container")?;
     // Where the VMM sends its stream: a socket of ours it can reach (in its jail's
@@ -192,7 +232,7 @@ pub fn migrate_out(name: &str, to: &str, strategy: &str, downtime_ms: u64) -> Re
     let call = std::thread::spawn(move || vmm_call(&api, &req));
     // The VMM connects at once, or fails before it does (its answer then says why).
     let relayed = match accept(&out, Duration::from_secs(30)) {
-        Ok(vmm) => relay(vmm, data),
+        Ok(vmm) => relay(vmm, data, &|| {}),
         Err(e) => Err(e),
     };
     let answer = call
@@ -208,7 +248,14 @@ pub fn migrate_out(name: &str, to: &str, strategy: &str, downtime_ms: u64) -> Re
                 Ok(_) => format!("{e:#}"),
             };
             let _ = send(&mut ctl, &json!({"abort": why}));
-            bail!("migration of {} failed: {why}; it runs on here", m.name);
+            held_signals_note(&held);
+            // nestor-vmm's own line may say so already.
+            let here = if why.contains("runs on here") {
+                ""
+            } else {
+                "; it runs on here"
+            };
+            bail!("migration of {} failed: {why}{here}", m.name);
         }
     };
     // Committed: the VM runs there. The monitor here records the end; then the log
@@ -231,7 +278,9 @@ pub fn migrate_out(name: &str, to: &str, strategy: &str, downtime_ms: u64) -> Re
     let done = recv(&mut ctl)?;
     expect_ok(&done).context("the container moved, but the destination did not take it over")?;
     let _ = store::remove_dir(&m.id);
-    println!(
+    // A terminal that hung up must not turn a finished move into a failure.
+    let _ = writeln!(
+        std::io::stdout(),
         "{} moved to {to}: {} ms paused, {} ms in all, {} MiB sent in {} rounds",
         m.name,
         stats["downtime_ms"],
@@ -239,7 +288,34 @@ pub fn migrate_out(name: &str, to: &str, strategy: &str, downtime_ms: u64) -> Re
         stats["bytes"].as_u64().unwrap_or(0) >> 20,
         stats["rounds"]
     );
+    held_signals_note(&held);
     Ok(())
+}
+
+/// Says which of the `held` signals came while a move went on (they end nothing now:
+/// the move is over; they are dropped with the process).
+fn held_signals_note(held: &nix::sys::signal::SigSet) {
+    // SAFETY: sigpending fills the set it is given; the set is initialised first.
+    let pending = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        if libc::sigpending(&mut set) != 0 {
+            return;
+        }
+        set
+    };
+    let came: Vec<String> = held
+        .iter()
+        // SAFETY: a valid set and signal number.
+        .filter(|s| unsafe { libc::sigismember(&pending, *s as libc::c_int) } == 1)
+        .map(|s| s.as_str().to_string())
+        .collect();
+    if !came.is_empty() {
+        eprintln!(
+            "nestor: {} came during the move; it was held until the move had ended",
+            came.join(", ")
+        );
+    }
 }
 
 /// `nestor migrate --listen ADDR [--name N]`: takes one container in; prints its id
@@ -264,9 +340,9 @@ pub fn migrate_in(listen: &str, name: Option<&str>) -> Result<i32> {
     // once the container runs here (or not).
     let mut answer = ctl.try_clone()?;
     let mut ctl = Some(ctl);
-    let mut receive = |sb: &mut Sandbox, meta: &Meta, committed: &mut dyn FnMut()| {
+    let mut receive = |sb: &mut Sandbox, meta: &Meta, moving: &Moving| {
         let mut ctl = ctl.take().context("the control connection is gone")?;
-        receive_vm(&listener, &mut ctl, sb, meta, committed)
+        receive_vm(&listener, &mut ctl, sb, meta, moving)
     };
     let started = crate::docker::run::monitor(
         &mut VmMode::default(),
@@ -348,6 +424,7 @@ fn take_in(hello: &Value, name: Option<&str>) -> Result<(Meta, Restoring)> {
             guest_id: vm.guest_id,
             streams: [0, 0],
             adopt,
+            postcopy: hello["strategy"] == "post-copy",
         },
     ))
 }
@@ -359,7 +436,7 @@ fn receive_vm(
     ctl: &mut Conn,
     sb: &mut Sandbox,
     meta: &Meta,
-    committed: &mut dyn FnMut(),
+    moving: &Moving,
 ) -> Result<[u64; 2]> {
     let data = accept(listener, PATIENCE)?;
     let sock = sb.migration_socket();
@@ -373,12 +450,8 @@ fn receive_vm(
             Err(e) => return Err(sb.failure(&format!("the destination VMM did not listen ({e})"))),
         }
     };
-    relay(data, vmm)?;
-    // The destination VMM closes its stream once its VM runs: the move committed (or
-    // the VMM failed, which its state says).
-    if sb.running() {
-        committed();
-    }
+    // Its ACK (the VM runs here) passing on to the source is the commit point.
+    relay(data, vmm, moving.acked)?;
     let trailer = recv(ctl)?;
     if let Some(why) = trailer["abort"].as_str() {
         bail!("the source gave up: {why}");
@@ -386,6 +459,8 @@ fn receive_vm(
     if !sb.running() {
         return Err(sb.failure("the migrated VM ended"));
     }
+    // The source has let its VM go: the container lives here.
+    (moving.confirmed)();
     let streams: [u64; 2] =
         serde_json::from_value(trailer["streams"].clone()).context("the trailer's streams")?;
     let log_len = trailer["log"].as_u64().unwrap_or(0);

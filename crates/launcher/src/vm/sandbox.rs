@@ -154,8 +154,9 @@ pub enum VmSource {
     Snapshot(PathBuf),
     /// A live migration: nestor-vmm `--migrate-from unix:SOCKET` takes the stream in
     /// on [`MIGRATION_SOCKET`] in its sandbox (a jailed one: in its jail's shared
-    /// directory; [`Sandbox::migration_socket`] says where).
-    Migration,
+    /// directory; [`Sandbox::migration_socket`] says where). `postcopy`: the source
+    /// sends it post-copy (a jailed VMM then gets `/dev/userfaultfd`).
+    Migration { postcopy: bool },
 }
 
 /// The socket a VM built from a migration listens on for the stream.
@@ -501,7 +502,7 @@ impl Sandbox {
             .collect();
         match &o.source {
             Some(VmSource::Snapshot(snap)) => c.arg("--restore").arg(snap).arg("--resume"),
-            Some(VmSource::Migration) => c
+            Some(VmSource::Migration { .. }) => c
                 .arg("--migrate-from")
                 .arg(format!("unix:{}", dir.join(MIGRATION_SOCKET).display())),
             None => c
@@ -628,6 +629,7 @@ impl Sandbox {
                 sh.read_only,
                 sh.cache.as_str(),
                 j.jail_gid,
+                f64::from(o.vcpus.max(1)),
             ) {
                 Ok(f) => {
                     fs_dirs.push(f.sock_dir.clone());
