@@ -1545,25 +1545,46 @@ impl StopMark {
     }
 }
 
-/// Where a move's address waits beside its stop mark.
+/// Where a move's address waits beside its stop mark, with the migrating nestor's pid
+/// and start time on a second line.
 const MOVED_TO: &str = "moved-to";
 
 /// Leaves `why` for container `id`'s monitor; call before ending the VM.
 pub(crate) fn mark_stop(id: &str, why: &StopMark) -> Result<()> {
     let dir = store::dir(id);
     if let StopMark::Moved(to) = why {
-        std::fs::write(dir.join(MOVED_TO), to).context("write the move's address")?;
+        let me = std::process::id() as i32;
+        let start = nestor_container::state::proc_start(me).map_or(0, |s| s.0);
+        std::fs::write(dir.join(MOVED_TO), format!("{to}\n{me} {start}\n"))
+            .context("write the move's address")?;
     }
     std::fs::write(dir.join(STOP_MARK), why.text()).context("write the stop mark")
 }
 
-/// Takes the mark [`mark_stop`] left for container `id`, if any.
+/// The address of a move whose migrating nestor still runs (it waits for the VM's end
+/// once the move committed); None for one killed before its commit, whose mark the
+/// VM outlived.
+fn live_move(text: &str) -> Option<String> {
+    let mut lines = text.lines();
+    let to = lines.next()?.to_string();
+    let mut who = lines.next()?.split_whitespace().map(str::parse::<u64>);
+    match (who.next(), who.next()) {
+        (Some(Ok(pid)), Some(Ok(start))) if store::alive(pid as i32, start) => Some(to),
+        _ => None,
+    }
+}
+
+/// Takes the mark [`mark_stop`] left for container `id`, if any (a move's only while
+/// its migrating nestor runs).
 fn take_stop_mark(id: &str) -> Option<StopMark> {
     let dir = store::dir(id);
     let text = std::fs::read_to_string(dir.join(STOP_MARK)).ok()?;
     let moved_to = std::fs::read_to_string(dir.join(MOVED_TO)).ok();
     let _ = std::fs::remove_file(dir.join(STOP_MARK));
     let _ = std::fs::remove_file(dir.join(MOVED_TO));
+    if text == "moved" {
+        return moved_to.as_deref().and_then(live_move).map(StopMark::Moved);
+    }
     Some(StopMark::parse(&text, moved_to))
 }
 
@@ -1778,6 +1799,17 @@ mod tests {
             StopMark::Moved(String::new())
         );
         assert_eq!(StopMark::parse("garbage", None), StopMark::Kill);
+        // A move's mark counts while its migrating nestor runs, not after it died.
+        let me = std::process::id() as i32;
+        let start = nestor_container::state::proc_start(me).unwrap().0;
+        let ours = format!("unix:/m.sock\n{me} {start}\n");
+        assert_eq!(live_move(&ours).as_deref(), Some("unix:/m.sock"));
+        assert_eq!(
+            live_move(&format!("unix:/m.sock\n{me} {}\n", start + 1)),
+            None
+        );
+        assert_eq!(live_move("unix:/m.sock\n"), None);
+        assert_eq!(live_move("unix:/m.sock\nx y\n"), None);
     }
 
     #[test]
