@@ -18,6 +18,6 @@ pub mod seccomp;
 pub mod snapshot;
 pub mod vstate;
 
-pub use builder::{MigrateOptions, MigrateReport, Strategy, Vmm, VmmError};
+pub use builder::{MigrateOptions, MigrateReport, PausedParts, Strategy, Vmm, VmmError};
 pub use config::VmConfig;
 pub use exit::GuestExit;

@@ -207,17 +207,45 @@ fn migrate_from(cli: Cli, addr: &str, start: Instant) -> anyhow::Result<i32> {
         let mut c = out.lock().unwrap_or_else(|p| p.into_inner());
         let _ = Writer::new(&mut *c).frame(kind::NACK, &[line.as_bytes()]);
     };
-    let received = match migration::receive(&mut reader, |saved| cli.into_restore_config(saved)) {
+    let incoming =
+        match migration::receive_begin(&mut reader, |saved| cli.into_restore_config(saved)) {
+            Ok(i) => i,
+            Err(e) => {
+                nack(&e);
+                return Err(e.into());
+            }
+        };
+    let cfg = incoming.config.clone();
+    // The VM is built while the pages still come (the source's guest runs meanwhile in
+    // pre-copy): after END only its state is restored.
+    let prepared = (|| -> anyhow::Result<_> {
+        nestor_microvm::logcap::cap_stderr(cfg.log_limit)?;
+        seccomp::setup(&filters)?;
+        Ok(Vmm::prepare_migrated(
+            &cfg,
+            incoming.memory.clone(),
+            start,
+            None,
+        )?)
+    })();
+    let target = match prepared {
+        Ok(t) => t,
+        Err(e) => {
+            nack(&format!("{e:#}"));
+            return Err(e);
+        }
+    };
+    let rest = match migration::receive_rest(&mut reader, &incoming) {
         Ok(r) => r,
         Err(e) => {
             nack(&e);
             return Err(e.into());
         }
     };
-    let cfg = received.config.clone();
+    let mut laps = migration::Laps::new();
     // Post-copy: guest memory fills as it is touched, from here on.
-    let mut postcopy = match received.postcopy {
-        true => match migration::PostCopy::register(&received.memory) {
+    let mut postcopy = match rest.postcopy {
+        true => match migration::PostCopy::register(&incoming.memory) {
             Ok(p) => Some(p),
             Err(e) => {
                 nack(&e);
@@ -226,12 +254,11 @@ fn migrate_from(cli: Cli, addr: &str, start: Instant) -> anyhow::Result<i32> {
         },
         false => None,
     };
+    drop(incoming);
     let page_thread = postcopy.is_some();
     let built = (|| -> anyhow::Result<(Option<ApiServer>, Vmm, libc::sigset_t)> {
-        nestor_microvm::logcap::cap_stderr(cfg.log_limit)?;
-        seccomp::setup(&filters)?;
         if let Some(pc) = postcopy.take() {
-            // Before anything is built: restoring the devices may touch guest pages.
+            // Before any state is restored: restoring the devices may touch guest pages.
             let mut rd = Reader::new(reader.inner().try_clone()?);
             let out = out.clone();
             std::thread::Builder::new()
@@ -253,7 +280,9 @@ fn migrate_from(cli: Cli, addr: &str, start: Instant) -> anyhow::Result<i32> {
             Some(p) => Some(ApiServer::bind(p)?),
             None => None,
         };
-        let vmm = Vmm::restore_migrated(received, start, None)?;
+        laps.lap("set-up");
+        let vmm = target.finish(&rest.state, rest.paused)?;
+        laps.lap("state");
         Ok((api, vmm, signals))
     })();
     let (api, mut vmm, signals) = match built {
@@ -268,6 +297,7 @@ fn migrate_from(cli: Cli, addr: &str, start: Instant) -> anyhow::Result<i32> {
         nack(&e);
         return Err(e.into());
     }
+    laps.lap("start");
     // The VM runs: the source may go. If it cannot be told, it runs on there, so this
     // one stops.
     let acked = {
@@ -283,6 +313,8 @@ fn migrate_from(cli: Cli, addr: &str, start: Instant) -> anyhow::Result<i32> {
         };
         anyhow::bail!("migration: the source did not take the answer ({e}); the VM stopped here");
     }
+    laps.lap("ack");
+    tracing::info!("migration: from END to ACK {}", laps.line());
     // The connection closes here (the source's relay sees its end), or once the
     // post-copy page thread is done with its own handles.
     drop(reader);

@@ -579,6 +579,47 @@ pub fn send_memory<W: Write>(
     Ok(())
 }
 
+/// Named laps of a step (where a migration's time goes), for a timing line.
+pub struct Laps {
+    last: std::time::Instant,
+    parts: Vec<(&'static str, f64)>,
+}
+
+impl Laps {
+    /// Laps from now.
+    pub fn new() -> Self {
+        Laps {
+            last: std::time::Instant::now(),
+            parts: Vec::new(),
+        }
+    }
+
+    /// Ends the lap `name` now.
+    pub fn lap(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        let ms = now.saturating_duration_since(self.last).as_secs_f64() * 1e3;
+        self.parts.push((name, ms));
+        self.last = now;
+    }
+
+    /// `name 1.2 ms, …` (the sum first).
+    pub fn line(&self) -> String {
+        let total: f64 = self.parts.iter().map(|p| p.1).sum();
+        let parts: Vec<String> = self
+            .parts
+            .iter()
+            .map(|(n, ms)| format!("{n} {ms:.1}"))
+            .collect();
+        format!("{total:.1} ms ({} ms)", parts.join(", "))
+    }
+}
+
+impl Default for Laps {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Pages set in a dirty log.
 pub fn count_pages(d: &DirtyPages) -> u64 {
     d.iter().flatten().map(|w| u64::from(w.count_ones())).sum()
@@ -593,6 +634,27 @@ pub fn merge(acc: &mut DirtyPages, more: &DirtyPages) {
     }
 }
 
+/// What a destination has once `BEGIN` checked out: enough to build the VM's shell
+/// (memory, devices, vCPUs) while the pages still come.
+pub struct Incoming {
+    /// The configuration to build with (the source's, with the destination's
+    /// host-side flags).
+    pub config: VmConfig,
+    /// Guest memory (private, anonymous), filled as `PAGES` frames come.
+    pub memory: GuestMemory,
+    ram: Vec<(u64, u64)>,
+}
+
+/// The rest of a stream after `BEGIN`: what the VM is restored from.
+pub struct Rest {
+    /// The VM's state (its `memory` ranges as a snapshot's).
+    pub state: VmSnapshot,
+    /// The source's VM was paused.
+    pub paused: bool,
+    /// Post-copy: the pages still come after the answer.
+    pub postcopy: bool,
+}
+
 /// What a destination received: everything to build the VM from.
 pub struct Received {
     /// The configuration to build with (the source's, with the destination's
@@ -604,17 +666,34 @@ pub struct Received {
     pub memory: GuestMemory,
     /// The source's VM was paused.
     pub paused: bool,
-    /// Post-copy: the pages still to come ([`start_postcopy`]).
+    /// Post-copy: the pages still to come ([`PostCopy`]).
     pub postcopy: bool,
 }
 
-/// Reads a whole stream (header to `END`) and checks it; `config` turns the source's
-/// configuration into the one to build (or says why it cannot). Nothing but guest
-/// memory (private, anonymous) is created.
+/// Reads a whole stream (header to `END`) and checks it: [`receive_begin`], then
+/// [`receive_rest`].
 pub fn receive<R: Read>(
     r: &mut Reader<R>,
     config: impl FnOnce(&VmConfig) -> Result<VmConfig, String>,
 ) -> Result<Received, MigrationError> {
+    let inc = receive_begin(r, config)?;
+    let rest = receive_rest(r, &inc)?;
+    Ok(Received {
+        config: inc.config,
+        state: rest.state,
+        memory: inc.memory,
+        paused: rest.paused,
+        postcopy: rest.postcopy,
+    })
+}
+
+/// Reads the header and `BEGIN` and checks them; `config` turns the source's
+/// configuration into the one to build (or says why it cannot). Nothing but guest
+/// memory (private, anonymous, still zero) is created.
+pub fn receive_begin<R: Read>(
+    r: &mut Reader<R>,
+    config: impl FnOnce(&VmConfig) -> Result<VmConfig, String>,
+) -> Result<Incoming, MigrationError> {
     r.header()?;
     let (k, body) = r.frame()?;
     if k != kind::BEGIN {
@@ -634,8 +713,19 @@ pub fn receive<R: Read>(
             begin.memory, cfg.mem_mib
         )));
     }
-    let mem = memory::create_guest_memory(&ram)
+    let memory = memory::create_guest_memory(&ram)
         .map_err(|e| MigrationError::Vm(format!("guest memory: {e}")))?;
+    Ok(Incoming {
+        config: cfg,
+        memory,
+        ram,
+    })
+}
+
+/// Reads the rest of a stream after [`receive_begin`] (pages into `inc`'s memory, the
+/// state, `END`) and checks it. No vCPU may run on that memory meanwhile.
+pub fn receive_rest<R: Read>(r: &mut Reader<R>, inc: &Incoming) -> Result<Rest, MigrationError> {
+    let (cfg, mem, ram) = (&inc.config, &inc.memory, &inc.ram);
     let mut state: Option<VmSnapshot> = None;
     loop {
         let (k, body) = r.frame()?;
@@ -668,8 +758,9 @@ pub fn receive<R: Read>(
                     .get_host_address(GuestAddress(addr))
                     .map_err(|e| MigrationError::Corrupt(format!("pages at {addr:#x}: {e}")))?;
                 // SAFETY: `addr..addr+len` lies inside one RAM range (checked above),
-                // which is one region of `mem`, mapped and seen by no vCPU or device
-                // yet; `data` is a separate buffer.
+                // which is one region of `mem`, mapped; no vCPU runs on it and no
+                // device is active yet (the VM's shell may be built around it, its
+                // state comes after these pages); `data` is a separate buffer.
                 unsafe {
                     std::ptr::copy_nonoverlapping(data.as_ptr(), host, data.len());
                 }
@@ -706,10 +797,8 @@ pub fn receive<R: Read>(
                 for r in mem.iter() {
                     std::ops::Deref::deref(r).bitmap().reset();
                 }
-                return Ok(Received {
-                    config: cfg,
+                return Ok(Rest {
                     state,
-                    memory: mem,
                     paused: end.paused,
                     postcopy: end.postcopy,
                 });
