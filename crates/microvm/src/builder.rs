@@ -251,6 +251,11 @@ impl MigrationTarget {
         tracing::info!("migration: state restored in {}", laps.line());
         Ok(vmm)
     }
+
+    /// The one-shot ending signal of the VM to be (see [`Vmm::exit_signal`]).
+    pub fn exit_signal(&self) -> Arc<ExitSignal> {
+        self.0.exit_signal()
+    }
 }
 
 /// A snapshot by absolute path and state checksum.

@@ -221,12 +221,11 @@ fn migrate_from(cli: Cli, addr: &str, start: Instant) -> anyhow::Result<i32> {
     let prepared = (|| -> anyhow::Result<_> {
         nestor_microvm::logcap::cap_stderr(cfg.log_limit)?;
         seccomp::setup(&filters)?;
-        Ok(Vmm::prepare_migrated(
-            &cfg,
-            incoming.memory.clone(),
-            start,
-            None,
-        )?)
+        let target = Vmm::prepare_migrated(&cfg, incoming.memory.clone(), start, None)?;
+        // A stop signal from here on (blocked since the start) stops the VM once it
+        // runs, as one that came before.
+        stop_on_signals(block_stop_signals(), target.exit_signal())?;
+        Ok(target)
     })();
     let target = match prepared {
         Ok(t) => t,
@@ -256,7 +255,7 @@ fn migrate_from(cli: Cli, addr: &str, start: Instant) -> anyhow::Result<i32> {
     };
     drop(incoming);
     let page_thread = postcopy.is_some();
-    let built = (|| -> anyhow::Result<(Option<ApiServer>, Vmm, libc::sigset_t)> {
+    let built = (|| -> anyhow::Result<(Option<ApiServer>, Vmm)> {
         if let Some(pc) = postcopy.take() {
             // Before any state is restored: restoring the devices may touch guest pages.
             let mut rd = Reader::new(reader.inner().try_clone()?);
@@ -275,7 +274,6 @@ fn migrate_from(cli: Cli, addr: &str, start: Instant) -> anyhow::Result<i32> {
                     }
                 })?;
         }
-        let signals = block_stop_signals();
         let api = match &cfg.api {
             Some(p) => Some(ApiServer::bind(p)?),
             None => None,
@@ -283,16 +281,15 @@ fn migrate_from(cli: Cli, addr: &str, start: Instant) -> anyhow::Result<i32> {
         laps.lap("set-up");
         let vmm = target.finish(&rest.state, rest.paused)?;
         laps.lap("state");
-        Ok((api, vmm, signals))
+        Ok((api, vmm))
     })();
-    let (api, mut vmm, signals) = match built {
+    let (api, mut vmm) = match built {
         Ok(b) => b,
         Err(e) => {
             nack(&format!("{e:#}"));
             return Err(e);
         }
     };
-    stop_on_signals(signals, vmm.exit_signal())?;
     if let Err(e) = start_filtered(&mut vmm, cfg.vcpus, usize::from(page_thread)) {
         nack(&e);
         return Err(e.into());
@@ -301,8 +298,16 @@ fn migrate_from(cli: Cli, addr: &str, start: Instant) -> anyhow::Result<i32> {
     // The VM runs: the source may go. If it cannot be told, it runs on there, so this
     // one stops.
     let acked = {
+        // One write: the source waits for it.
+        let mut ack = Vec::new();
+        let framed = Writer::new(&mut ack).frame(kind::ACK, &[]);
         let mut c = out.lock().unwrap_or_else(|p| p.into_inner());
-        Writer::new(&mut *c).frame(kind::ACK, &[])
+        framed.and_then(|()| {
+            std::io::Write::write_all(&mut *c, &ack).map_err(|source| MigrationError::Io {
+                what: "sending the answer".into(),
+                source,
+            })
+        })
     };
     if let Err(e) = acked {
         vmm.request_exit(GuestExit::Stopped);

@@ -770,8 +770,14 @@ pub fn receive_rest<R: Read>(r: &mut Reader<R>, inc: &Incoming) -> Result<Rest, 
                 if state.is_some() {
                     return Err(MigrationError::Corrupt("a second STATE frame".into()));
                 }
+                let t = std::time::Instant::now();
                 let s: VmSnapshot = serde_json::from_slice(&body)
                     .map_err(|e| MigrationError::Corrupt(format!("STATE: {e}")))?;
+                tracing::info!(
+                    "migration: STATE of {} bytes decoded in {:.1} ms",
+                    body.len(),
+                    t.elapsed().as_secs_f64() * 1e3
+                );
                 state = Some(s);
             }
             kind::END => {
