@@ -1070,8 +1070,10 @@ impl Vmm {
     ) -> Result<(), crate::migration::MigrationError> {
         use crate::migration::{self as mig, kind, MigrationError};
         let conn = mig::Conn::connect(to, opts.timeout)?;
-        // Small frames (a dirty page or two) go out in few writes.
-        let mut w = mig::Writer::new(std::io::BufWriter::with_capacity(1 << 20, conn));
+        // Small frames (a dirty page or two) go out in few writes; runs of 16 pages or
+        // more go from their buffer (or the paused guest's memory) to the socket
+        // without a copy into this one.
+        let mut w = mig::Writer::new(std::io::BufWriter::with_capacity(64 << 10, conn));
         type Out = std::io::BufWriter<mig::Conn>;
         let refused = |w: &mut mig::Writer<Out>, e: MigrationError| {
             // A destination that refused says why in a NACK before it closes.
@@ -1106,7 +1108,7 @@ impl Vmm {
                 .map_err(|e| MigrationError::Vm(e.to_string()))?;
             let mut round_start = Instant::now();
             let mut before = w.bytes;
-            mig::send_memory(&mut w, &self.mem, None).map_err(|e| refused(&mut w, e))?;
+            mig::send_memory(&mut w, &self.mem, None, false).map_err(|e| refused(&mut w, e))?;
             report.rounds = 1;
             loop {
                 let secs = round_start.elapsed().as_secs_f64().max(1e-3);
@@ -1123,7 +1125,8 @@ impl Vmm {
                 }
                 round_start = Instant::now();
                 before = w.bytes;
-                mig::send_memory(&mut w, &self.mem, Some(&d)).map_err(|e| refused(&mut w, e))?;
+                mig::send_memory(&mut w, &self.mem, Some(&d), false)
+                    .map_err(|e| refused(&mut w, e))?;
                 report.rounds += 1;
             }
         }
@@ -1155,9 +1158,9 @@ impl Vmm {
                     .map_err(|e| MigrationError::Vm(e.to_string()))?;
                 mig::merge(p, &d);
                 laps.lap("log");
-                mig::send_memory(&mut w, &self.mem, Some(p))
+                mig::send_memory(&mut w, &self.mem, Some(p), true)
             }
-            None => mig::send_memory(&mut w, &self.mem, None),
+            None => mig::send_memory(&mut w, &self.mem, None, true),
         };
         laps.lap("pages");
         sent.map_err(|e| refused(&mut w, e))?;

@@ -7,9 +7,12 @@
 //!
 //! - `BEGIN` (first): [`Begin`] as JSON — the source's `VmConfig` and its guest RAM
 //!   ranges; the destination checks the configuration against its flags and maps
-//!   (anonymous, zero) memory before any page arrives.
+//!   (anonymous, zero) memory before any page arrives ([`receive_begin`]), then builds
+//!   the VM around it while the pages come (nothing of it runs or touches that memory
+//!   before `END`).
 //! - `PAGES`: a guest physical address (u64 LE) and whole 4 KiB pages from it, at most
 //!   [`MAX_FRAME_PAGES`]; a page sent again replaces the earlier copy (pre-copy rounds).
+//!   The destination reads them straight into guest memory ([`receive_rest`]).
 //! - `STATE`: the VM's state as JSON (`snapshot::VmSnapshot`, the snapshot format's
 //!   own types), sent once, with the vCPUs paused.
 //! - `END`: [`End`] as JSON — how many frames and page bytes were sent (so a stream
@@ -472,6 +475,13 @@ impl<R: Read> Reader<R> {
 
     /// Reads one frame: its kind and payload, checked against its CRC.
     pub fn frame(&mut self) -> Result<(u8, Vec<u8>), MigrationError> {
+        let (head, len) = self.head()?;
+        self.body(head, len)
+    }
+
+    /// Reads a frame's header: the header and the payload's length (checked against
+    /// [`MAX_PAYLOAD`]); the kind must be known.
+    fn head(&mut self) -> Result<([u8; 5], usize), MigrationError> {
         let mut head = [0u8; 5];
         self.exact(&mut head, "a frame header")?;
         let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
@@ -486,13 +496,28 @@ impl<R: Read> Reader<R> {
                 "a frame of {len} bytes (at most {MAX_PAYLOAD})"
             )));
         }
+        Ok((head, len))
+    }
+
+    /// Reads the payload of the frame whose header was `head` into a buffer, and its
+    /// checksum.
+    fn body(&mut self, head: [u8; 5], len: usize) -> Result<(u8, Vec<u8>), MigrationError> {
         let mut payload = vec![0u8; len];
         self.exact(&mut payload, "a frame")?;
+        self.check(head, &[&payload])?;
+        Ok((head[0], payload))
+    }
+
+    /// Reads a frame's checksum and checks it against its header and payload `parts`
+    /// (read already); counts the frame.
+    fn check(&mut self, head: [u8; 5], parts: &[&[u8]]) -> Result<(), MigrationError> {
         let mut c = [0u8; 4];
         self.exact(&mut c, "a frame checksum")?;
         let mut crc = crc32fast::Hasher::new();
         crc.update(&head);
-        crc.update(&payload);
+        for p in parts {
+            crc.update(p);
+        }
         if crc.finalize() != u32::from_le_bytes(c) {
             return Err(MigrationError::Corrupt(format!(
                 "frame {} (kind {}) does not match its checksum",
@@ -501,7 +526,7 @@ impl<R: Read> Reader<R> {
             )));
         }
         self.frames += 1;
-        Ok((head[0], payload))
+        Ok(())
     }
 
     /// The stream underneath.
@@ -511,14 +536,17 @@ impl<R: Read> Reader<R> {
 }
 
 /// Sends guest memory as `PAGES` frames: with `dirty`, the pages set in it (zero or
-/// not), else every page that is not all zero. Each run is copied out of the guest's
-/// mapping once, then checksummed and sent from the copy: the guest may run meanwhile
-/// (pre-copy), and a page it changes after the copy is in the next round's dirty log
-/// (a torn copy of it is replaced then).
+/// not), else every page that is not all zero. While the guest may run (`paused`
+/// false: pre-copy's running rounds) each run is copied out of the guest's mapping
+/// once, then checksummed and sent from the copy, and a page it changes after the
+/// copy is in the next round's dirty log (a torn copy of it is replaced then). With
+/// `paused` (the vCPUs parked and every device held by the caller, so nothing writes
+/// guest memory) pages are checksummed and sent straight from the mapping.
 pub fn send_memory<W: Write>(
     w: &mut Writer<W>,
     mem: &GuestMemory,
     dirty: Option<&DirtyPages>,
+    paused: bool,
 ) -> Result<(), MigrationError> {
     let zero = [0u8; PAGE];
     let mut buf = vec![0u8; MAX_FRAME_PAGES * PAGE];
@@ -537,8 +565,12 @@ pub fn send_memory<W: Write>(
         let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
         let page = |p: usize| &bytes[p * PAGE..(p + 1) * PAGE];
         let mut send = |w: &mut Writer<W>, start: usize, end: usize| {
+            let run = &bytes[start * PAGE..end * PAGE];
+            if paused {
+                return w.pages(base + (start * PAGE) as u64, run);
+            }
             let out = &mut buf[..(end - start) * PAGE];
-            out.copy_from_slice(&bytes[start * PAGE..end * PAGE]);
+            out.copy_from_slice(run);
             w.pages(base + (start * PAGE) as u64, out)
         };
         match dirty {
@@ -550,7 +582,11 @@ pub fn send_memory<W: Write>(
                 let mut p = 0;
                 while p < pages {
                     if !set(p) {
-                        p += 1;
+                        // A clean word of the log is 64 clean pages.
+                        p = match bits.get(p / 64) {
+                            Some(0) => (p / 64 + 1) * 64,
+                            _ => p + 1,
+                        };
                         continue;
                     }
                     let start = p;
@@ -728,44 +764,46 @@ pub fn receive_rest<R: Read>(r: &mut Reader<R>, inc: &Incoming) -> Result<Rest, 
     let (cfg, mem, ram) = (&inc.config, &inc.memory, &inc.ram);
     let mut state: Option<VmSnapshot> = None;
     loop {
-        let (k, body) = r.frame()?;
-        match k {
-            kind::PAGES => {
-                if state.is_some() {
-                    return Err(MigrationError::Corrupt("pages after the state".into()));
-                }
-                if body.len() < 8 + PAGE || (body.len() - 8) % PAGE != 0 {
-                    return Err(MigrationError::Corrupt(format!(
-                        "a PAGES frame of {} bytes",
-                        body.len()
-                    )));
-                }
-                let mut a = [0u8; 8];
-                a.copy_from_slice(&body[..8]);
-                let addr = u64::from_le_bytes(a);
-                let data = &body[8..];
-                let inside = addr % PAGE as u64 == 0
-                    && ram.iter().any(|&(g, s)| {
-                        addr >= g && addr.saturating_add(data.len() as u64) <= g + s
-                    });
-                if !inside {
-                    return Err(MigrationError::Corrupt(format!(
-                        "pages at {addr:#x} (+{} bytes) are outside guest memory",
-                        data.len()
-                    )));
-                }
-                let host = mem
-                    .get_host_address(GuestAddress(addr))
-                    .map_err(|e| MigrationError::Corrupt(format!("pages at {addr:#x}: {e}")))?;
-                // SAFETY: `addr..addr+len` lies inside one RAM range (checked above),
-                // which is one region of `mem`, mapped; no vCPU runs on it and no
-                // device is active yet (the VM's shell may be built around it, its
-                // state comes after these pages); `data` is a separate buffer.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(data.as_ptr(), host, data.len());
-                }
-                r.page_bytes += data.len() as u64;
+        let (head, len) = r.head()?;
+        if head[0] == kind::PAGES {
+            if state.is_some() {
+                return Err(MigrationError::Corrupt("pages after the state".into()));
             }
+            if len < 8 + PAGE || (len - 8) % PAGE != 0 {
+                return Err(MigrationError::Corrupt(format!(
+                    "a PAGES frame of {len} bytes"
+                )));
+            }
+            let mut a = [0u8; 8];
+            r.exact(&mut a, "a frame")?;
+            let addr = u64::from_le_bytes(a);
+            let n = len - 8;
+            let inside = addr % PAGE as u64 == 0
+                && ram
+                    .iter()
+                    .any(|&(g, s)| addr >= g && addr.saturating_add(n as u64) <= g + s);
+            if !inside {
+                return Err(MigrationError::Corrupt(format!(
+                    "pages at {addr:#x} (+{n} bytes) are outside guest memory"
+                )));
+            }
+            let host = mem
+                .get_host_address(GuestAddress(addr))
+                .map_err(|e| MigrationError::Corrupt(format!("pages at {addr:#x}: {e}")))?;
+            // SAFETY: `addr..addr+n` lies inside one RAM range (checked above), which
+            // is one region of `mem`, mapped for as long as `inc` lives; no vCPU runs
+            // on it and no device is active yet (the VM's shell may be built around
+            // it; its state comes after these pages), so nothing else reads or writes
+            // these bytes meanwhile. The pages are read in place; a frame that then
+            // fails its checksum fails the whole migration and the memory is dropped.
+            let data = unsafe { std::slice::from_raw_parts_mut(host, n) };
+            r.exact(data, "a frame")?;
+            r.check(head, &[&a, data])?;
+            r.page_bytes += n as u64;
+            continue;
+        }
+        let (k, body) = r.body(head, len)?;
+        match k {
             kind::STATE => {
                 if state.is_some() {
                     return Err(MigrationError::Corrupt("a second STATE frame".into()));
@@ -1284,6 +1322,30 @@ mod tests {
     }
 
     #[test]
+    fn pages_read_in_place_are_still_checked() {
+        let s = valid();
+        let mut r = Reader::new(&s[..]);
+        r.header().unwrap();
+        r.frame().unwrap();
+        let at = s.len() - r.inner().len();
+        // Good up to the STATE frame, which this stream does not make parseable.
+        let e = recv(&s).err().unwrap().to_string();
+        assert!(e.contains("STATE"), "{e}");
+        for i in at..at + 5 + 8 + PAGE + 4 {
+            let mut bad = s.clone();
+            bad[i] ^= 0x10;
+            let e = recv(&bad)
+                .err()
+                .expect("a flipped byte was accepted")
+                .to_string();
+            assert!(
+                !e.contains("STATE"),
+                "byte {i} flipped got as far as STATE: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn frames_round_trip_and_every_flipped_byte_is_refused() {
         let s = stream(|w| {
             w.header().unwrap();
@@ -1421,7 +1483,7 @@ mod tests {
         for _ in 0..20 {
             let mut out = Vec::new();
             let mut w = Writer::new(&mut out);
-            send_memory(&mut w, &mem, Some(&dirty)).unwrap();
+            send_memory(&mut w, &mem, Some(&dirty), false).unwrap();
             let frames = w.frames;
             let mut r = Reader::new(&out[..]);
             for _ in 0..frames {
@@ -1440,13 +1502,13 @@ mod tests {
         mem.write_obj(0x66u8, GuestAddress(0x6000)).unwrap();
         let mut out = Vec::new();
         let mut w = Writer::new(&mut out);
-        send_memory(&mut w, &mem, None).unwrap();
+        send_memory(&mut w, &mem, None, true).unwrap();
         assert_eq!((w.frames, w.page_bytes), (1, 2 * PAGE as u64));
         let mut dirty: DirtyPages = vec![vec![0; 4]];
         dirty[0][0] = 1 << 1 | 1 << 6;
         let mut out = Vec::new();
         let mut w = Writer::new(&mut out);
-        send_memory(&mut w, &mem, Some(&dirty)).unwrap();
+        send_memory(&mut w, &mem, Some(&dirty), false).unwrap();
         assert_eq!((w.frames, w.page_bytes), (2, 2 * PAGE as u64));
         assert_eq!(count_pages(&dirty), 2);
     }
