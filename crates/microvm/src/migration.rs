@@ -13,8 +13,9 @@
 //! - `PAGES`: a guest physical address (u64 LE) and whole 4 KiB pages from it, at most
 //!   [`MAX_FRAME_PAGES`]; a page sent again replaces the earlier copy (pre-copy rounds).
 //!   The destination reads them straight into guest memory ([`receive_rest`]).
-//! - `STATE`: the VM's state as JSON (`snapshot::VmSnapshot`, the snapshot format's
-//!   own types), sent once, with the vCPUs paused.
+//! - `STATE`: the VM's state (`snapshot::VmSnapshot`, the snapshot format's own
+//!   types), sent once, with the vCPUs paused: in [`crate::wire`]'s binary form (the
+//!   vCPUs' KVM structures as bytes, the rest JSON); a version 1 stream's is JSON.
 //! - `END`: [`End`] as JSON — how many frames and page bytes were sent (so a stream
 //!   that lost a frame is refused) and whether the VM was paused.
 //!
@@ -39,8 +40,11 @@ use crate::vstate::memory::{self, GuestMemory};
 
 /// The first bytes of a stream.
 pub const MAGIC: &[u8; 8] = b"NESTORMG";
-/// The stream format version this nestor-vmm writes and reads.
-pub const VERSION: u32 = 1;
+/// The stream format version this nestor-vmm writes. Version 2's `STATE` is
+/// [`crate::wire`]'s binary form; version 1's (still read) is the snapshot JSON.
+pub const VERSION: u32 = 2;
+/// The oldest stream format version this nestor-vmm reads.
+pub const OLDEST_VERSION: u32 = 1;
 /// Most pages in one `PAGES` frame.
 pub const MAX_FRAME_PAGES: usize = 64;
 /// Largest frame payload accepted (a `STATE` frame is the largest: tens of KiB).
@@ -84,7 +88,7 @@ pub enum MigrationError {
     #[error("not a nestor-vmm migration stream (bad magic)")]
     Magic,
     /// Another format version.
-    #[error("migration stream has format version {0}; this nestor-vmm speaks version {VERSION}")]
+    #[error("migration stream has format version {0}; this nestor-vmm reads versions {OLDEST_VERSION} to {VERSION}")]
     Version(u32),
     /// A frame that fails its checksum, an unknown or misplaced frame, bad contents.
     #[error("migration stream is corrupt: {0}")]
@@ -433,6 +437,8 @@ impl<W: Write> Writer<W> {
 /// Reads frames, checking each.
 pub struct Reader<R: Read> {
     r: R,
+    /// The stream's format version (from its header; [`VERSION`] until read).
+    pub version: u32,
     /// Frames read (not counting the header).
     pub frames: u64,
     /// Page bytes read.
@@ -444,6 +450,7 @@ impl<R: Read> Reader<R> {
     pub fn new(r: R) -> Self {
         Reader {
             r,
+            version: VERSION,
             frames: 0,
             page_bytes: 0,
         }
@@ -467,9 +474,10 @@ impl<R: Read> Reader<R> {
             return Err(MigrationError::Magic);
         }
         let v = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-        if v != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&v) {
             return Err(MigrationError::Version(v));
         }
+        self.version = v;
         Ok(())
     }
 
@@ -809,8 +817,12 @@ pub fn receive_rest<R: Read>(r: &mut Reader<R>, inc: &Incoming) -> Result<Rest, 
                     return Err(MigrationError::Corrupt("a second STATE frame".into()));
                 }
                 let t = std::time::Instant::now();
-                let s: VmSnapshot = serde_json::from_slice(&body)
-                    .map_err(|e| MigrationError::Corrupt(format!("STATE: {e}")))?;
+                let s: VmSnapshot = match r.version {
+                    1 => serde_json::from_slice(&body)
+                        .map_err(|e| MigrationError::Corrupt(format!("STATE: {e}")))?,
+                    _ => crate::wire::decode(&body)
+                        .map_err(|e| MigrationError::Corrupt(format!("STATE: {e}")))?,
+                };
                 tracing::info!(
                     "migration: STATE of {} bytes decoded in {:.1} ms",
                     body.len(),
