@@ -1,7 +1,8 @@
 //! The migration stream's binary form of a VM's state (the `STATE` frame of format
 //! version 2): the vCPUs' KVM structures as their raw bytes, everything else as the
-//! snapshot format's JSON. Decoding JSON arrays of numbers was most of a migration's
-//! paused time under TCG; the raw bytes are a third of the size and copied, not parsed.
+//! snapshot format's JSON. In JSON each of those bytes is a number to print and parse
+//! (82 KB for 2 vCPUs); here they are copied (45 KB in all), which the paused part of
+//! a migration pays for on both ends and on every relay between them.
 //!
 //! Layout: `[json length: u32 LE][VmSnapshot JSON, its vcpus empty][vCPU count: u32
 //! LE]`, then per vCPU: its id (u8), CPUID (list), MP state, registers, special
