@@ -27,7 +27,7 @@ use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::boot_marker::{BootMarker, BootTime, FirstByte, Stamp};
 use crate::devices::i8042::I8042;
 use crate::devices::pci_absent::PciAbsent;
-use crate::devices::serial::{ConsoleOut, SerialDevice, SerialSnapshot};
+use crate::devices::serial::{ConsoleOut, SerialDevice};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::event_loop::{EventLoop, QueueEvent};
 use crate::devices::virtio::fs::Fs;
@@ -183,6 +183,26 @@ pub struct MigrateReport {
     pub last_round_bytes: u64,
     /// Rate of the first round (pre-copy; stop-copy: of its only one), MiB/s.
     pub bandwidth_mib_s: f64,
+    /// Where the paused time went.
+    pub paused_parts: PausedParts,
+}
+
+/// The parts of a migration's paused time, in milliseconds (0.1 ms steps).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct PausedParts {
+    /// Pausing the vCPUs.
+    pub pause_ms: f64,
+    /// Saving the vCPUs' and the devices' state.
+    pub save_ms: f64,
+    /// Reading the last dirty log, sending the last pages, the state and `END`.
+    pub send_ms: f64,
+    /// Waiting for the destination's answer (its build, its vCPUs started, the ACK).
+    pub answer_ms: f64,
+}
+
+/// Milliseconds from `a` to `b`, rounded to 0.1.
+fn ms_between(a: Instant, b: Instant) -> f64 {
+    (b.saturating_duration_since(a).as_secs_f64() * 1e4).round() / 10.0
 }
 
 /// A built (and possibly running) microVM.
@@ -209,6 +229,33 @@ pub struct Vmm {
     /// The working directory at start (a diff names its parent by absolute path; the
     /// main thread's filter does not allow getcwd later).
     cwd: PathBuf,
+}
+
+/// A migration destination's VM built while the stream still comes
+/// ([`Vmm::prepare_migrated`]): memory registered, devices opened and wired, vCPUs
+/// created; no state restored, nothing runs (dropped, it is torn down).
+pub struct MigrationTarget(Vmm);
+
+impl MigrationTarget {
+    /// Restores the state that ended the stream (checked against the VM first); the
+    /// VM is then ready to start, its vCPUs paused when `paused`.
+    pub fn finish(self, state: &snapshot::VmSnapshot, paused: bool) -> Result<Vmm, VmmError> {
+        let mut laps = crate::migration::Laps::new();
+        let vmm = self.0.apply_state(
+            state,
+            Path::new("the migration stream"),
+            None,
+            !paused,
+            &mut laps,
+        )?;
+        tracing::info!("migration: state restored in {}", laps.line());
+        Ok(vmm)
+    }
+
+    /// The one-shot ending signal of the VM to be (see [`Vmm::exit_signal`]).
+    pub fn exit_signal(&self) -> Arc<ExitSignal> {
+        self.0.exit_signal()
+    }
 }
 
 /// A snapshot by absolute path and state checksum.
@@ -369,7 +416,7 @@ impl Vmm {
             },
         )?;
 
-        let mut vmm = Self::assemble(cfg, start, console, vm, mem, devices, None)?;
+        let mut vmm = Self::assemble(cfg, start, console, vm, mem, devices)?;
         for id in 0..cfg.vcpus {
             let v = Vcpu::new(&vmm.vm, id)?;
             v.configure_cpu(&vmm.vm, cfg.vcpus)?;
@@ -444,37 +491,81 @@ impl Vmm {
             state_sha256: snap.state_sha256.clone(),
         });
         Self::restore_parts(
-            cfg, st, mem, devices, &snap.dir, last, start, console, resume,
+            cfg,
+            st,
+            mem,
+            devices,
+            &snap.dir,
+            last,
+            start,
+            console,
+            resume,
+            &mut crate::migration::Laps::new(),
         )
     }
 
-    /// Builds the VM of a migration stream received whole
-    /// ([`crate::migration::receive`]): as [`Vmm::restore`], with the memory that came
-    /// in the stream. Starts paused when `paused`.
-    pub fn restore_migrated(
-        received: crate::migration::Received,
+    /// Builds the VM a migration stream will fill ([`crate::migration::receive_begin`]
+    /// gave `cfg` and `mem`), while its pages still come: devices opened and wired, the
+    /// VM's memory registered, its irqchip and vCPUs created; no state restored,
+    /// nothing runs. [`MigrationTarget::finish`] restores the stream's state into it.
+    pub fn prepare_migrated(
+        cfg: &VmConfig,
+        mem: GuestMemory,
         start: Instant,
         console: Option<ConsoleOut>,
-    ) -> Result<Self, VmmError> {
-        let cfg = &received.config;
+    ) -> Result<MigrationTarget, VmmError> {
         cfg.validate()?;
         if !cfg.fs.is_empty() {
             return Err(VmmError::Snapshot(SnapshotError::Unsupported(
                 "virtio-fs devices (their state is in the file server)".into(),
             )));
         }
+        let mut laps = crate::migration::Laps::new();
         let devices = open_devices(cfg)?;
-        Self::restore_parts(
-            cfg,
-            &received.state,
-            received.memory,
-            devices,
-            Path::new("the migration stream"),
-            None,
-            start,
-            console,
-            !received.paused,
-        )
+        laps.lap("devices opened");
+        let vmm = Self::shell(cfg, mem, devices, start, console, &mut laps)?;
+        laps.lap("shell");
+        if let Err(e) = vmm.warm_up() {
+            tracing::debug!("migration: warming up: {e}");
+        }
+        laps.lap("warm-up");
+        tracing::info!("migration: VM shell built in {}", laps.line());
+        Ok(MigrationTarget(vmm))
+    }
+
+    /// Runs the code that restores a migrated state once on the shell's own (initial)
+    /// state: its vCPUs' and the VM's state saved, encoded and decoded as the stream
+    /// carries it, and set back. The state that comes later overwrites all of it; what
+    /// moves out of the pause is first use (code and heap page faults; under TCG, the
+    /// translation of that code too: decoding the state took 15-20 ms there).
+    fn warm_up(&self) -> Result<(), String> {
+        let list = self.ctx.control.msr_list();
+        let vcpus = self
+            .pending
+            .iter()
+            .map(|v| vcpu_state::save(&v.fd, v.id, list))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let st = snapshot::VmSnapshot {
+            config: self.cfg.clone(),
+            memory: Vec::new(),
+            vm: self.vm.save_state().map_err(|e| e.to_string())?,
+            vcpus,
+            serial: self.serial.lock().unwrap_or_else(|p| p.into_inner()).save(),
+            devices: self
+                .transports
+                .iter()
+                .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).save())
+                .collect(),
+            diff: None,
+        };
+        let back = crate::wire::encode(&st)
+            .and_then(|b| crate::wire::decode(&b))
+            .map_err(|e| e.to_string())?;
+        for (v, s) in self.pending.iter().zip(&back.vcpus) {
+            vcpu_state::restore(&v.fd, s).map_err(|e| e.to_string())?;
+        }
+        self.vm.restore_state(&back.vm).map_err(|e| e.to_string())
     }
 
     /// The common part of a restore: `mem` holds the guest's memory, `devices` are
@@ -491,6 +582,47 @@ impl Vmm {
         start: Instant,
         console: Option<ConsoleOut>,
         resume: bool,
+        laps: &mut crate::migration::Laps,
+    ) -> Result<Self, VmmError> {
+        let vmm = Self::shell(cfg, mem, devices, start, console, laps)?;
+        vmm.apply_state(st, origin, last, resume, laps)
+    }
+
+    /// A VM around `mem` and `devices` with its vCPUs created, to restore a state into
+    /// ([`Vmm::apply_state`]): nothing in it touches guest memory.
+    fn shell(
+        cfg: &VmConfig,
+        mem: GuestMemory,
+        devices: Vec<Box<dyn VirtioDevice>>,
+        start: Instant,
+        console: Option<ConsoleOut>,
+        laps: &mut crate::migration::Laps,
+    ) -> Result<Self, VmmError> {
+        let vm = Vm::new()?;
+        laps.lap("vm");
+        vm.register_memory(&mem, cfg.track_dirty_pages)?;
+        laps.lap("memory");
+        vm.setup_irqchip()?;
+        laps.lap("irqchip");
+        let mut vmm = Self::assemble(cfg, start, console, vm, mem, devices)?;
+        laps.lap("devices");
+        for id in 0..cfg.vcpus {
+            let v = Vcpu::new(&vmm.vm, id)?;
+            vmm.pending.push(v);
+        }
+        laps.lap("vcpus");
+        Ok(vmm)
+    }
+
+    /// Restores a saved state into a [`Vmm::shell`] (checked against it first); the
+    /// vCPUs start paused unless `resume`.
+    fn apply_state(
+        self,
+        st: &snapshot::VmSnapshot,
+        origin: &Path,
+        last: Option<SnapshotRef>,
+        resume: bool,
+        laps: &mut crate::migration::Laps,
     ) -> Result<Self, VmmError> {
         let corrupt = |what: String| {
             VmmError::Snapshot(SnapshotError::Corrupt {
@@ -498,17 +630,29 @@ impl Vmm {
                 what,
             })
         };
-        let have: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        let have: Vec<(u64, u64)> = self
+            .mem
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect();
         let saved: Vec<(u64, u64)> = st.memory.iter().map(|r| (r.guest_addr, r.size)).collect();
-        if have != saved || st.vcpus.len() != usize::from(cfg.vcpus) {
+        let mut ids: Vec<u8> = st.vcpus.iter().map(|v| v.id).collect();
+        ids.sort_unstable();
+        let want_ids: Vec<u8> = self.pending.iter().map(|v| v.id).collect();
+        if have != saved || ids != want_ids {
             return Err(corrupt(
-                "its memory ranges or vCPU count differ from the VM's".into(),
+                "its memory ranges or vCPUs differ from the VM's".into(),
             ));
         }
         let types = |v: &mut dyn Iterator<Item = u32>| {
             v.map(|t| t.to_string()).collect::<Vec<_>>().join(",")
         };
-        let have = types(&mut devices.iter().map(|d| d.device_type()));
+        let have = types(
+            &mut self
+                .transports
+                .iter()
+                .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).device_type()),
+        );
         let want = types(&mut st.devices.iter().map(|d| d.device_type));
         if have != want {
             return Err(VmmError::Snapshot(SnapshotError::Mismatch {
@@ -518,42 +662,49 @@ impl Vmm {
                 ),
             }));
         }
-        let vm = Vm::new()?;
-        vm.register_memory(&mem, cfg.track_dirty_pages)?;
-        vm.setup_irqchip()?;
-        vm.restore_state(&st.vm)?;
-        let mut vmm = Self::assemble(cfg, start, console, vm, mem, devices, Some(&st.serial))?;
-        for (t, s) in vmm.transports.iter().zip(&st.devices) {
+        self.vm.restore_state(&st.vm)?;
+        laps.lap("vm state");
+        self.serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore(&st.serial)
+            .map_err(VmmError::Device)?;
+        for (t, s) in self.transports.iter().zip(&st.devices) {
             t.lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .restore(s)
                 .map_err(corrupt)?;
         }
+        laps.lap("device state");
         for s in &st.vcpus {
-            let v = Vcpu::new(&vmm.vm, s.id)?;
+            let v = self
+                .pending
+                .iter()
+                .find(|v| v.id == s.id)
+                .ok_or_else(|| corrupt(format!("no vCPU {}", s.id)))?;
             vcpu_state::restore(&v.fd, s)?;
-            vmm.pending.push(v);
         }
-        for t in &vmm.transports {
+        laps.lap("vcpu state");
+        for t in &self.transports {
             t.lock().unwrap_or_else(|p| p.into_inner()).raise_pending();
         }
-        if cfg.track_dirty_pages {
+        if self.cfg.track_dirty_pages {
             // Memory is the snapshot's now: the next diff is taken against it (a
             // migrated VM has no snapshot: a full one comes first).
-            for r in vmm.mem.iter() {
+            for r in self.mem.iter() {
                 std::ops::Deref::deref(r).bitmap().reset();
             }
-            *vmm.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = last;
+            *self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = last;
         }
         if !resume {
-            vmm.ctx.control.pause();
+            self.ctx.control.pause();
         }
-        Ok(vmm)
+        Ok(self)
     }
 
     /// Wires the legacy devices, the virtio transports and the event thread around a
     /// VM whose memory is mapped and registered and whose irqchip exists; the vCPUs
-    /// are the caller's to add. `serial` is a saved UART state to start from.
+    /// are the caller's to add.
     fn assemble(
         cfg: &VmConfig,
         start: Instant,
@@ -561,7 +712,6 @@ impl Vmm {
         vm: Vm,
         mem: GuestMemory,
         devices: Vec<Box<dyn VirtioDevice>>,
-        serial: Option<&SerialSnapshot>,
     ) -> Result<Self, VmmError> {
         let exit = Arc::new(ExitSignal::new().map_err(VmmError::EventFd)?);
         let mut pio = Bus::new();
@@ -575,10 +725,7 @@ impl Vmm {
         vm.fd()
             .register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(|e| VmmError::Device(format!("serial irqfd: {e}")))?;
-        let serial = Arc::new(Mutex::new(match serial {
-            Some(s) => SerialDevice::from_snapshot(serial_irq, out, s).map_err(VmmError::Device)?,
-            None => SerialDevice::new(serial_irq, out),
-        }));
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, out)));
         pio.insert(u64::from(SERIAL_PORT), 8, serial.clone())?;
         let kbd_irq = EventFd::new(0).map_err(VmmError::EventFd)?;
         vm.fd()
@@ -963,8 +1110,10 @@ impl Vmm {
     ) -> Result<(), crate::migration::MigrationError> {
         use crate::migration::{self as mig, kind, MigrationError};
         let conn = mig::Conn::connect(to, opts.timeout)?;
-        // Small frames (a dirty page or two) go out in few writes.
-        let mut w = mig::Writer::new(std::io::BufWriter::with_capacity(1 << 20, conn));
+        // Small frames (a dirty page or two) go out in few writes; runs of 16 pages or
+        // more go from their buffer (or the paused guest's memory) to the socket
+        // without a copy into this one.
+        let mut w = mig::Writer::new(std::io::BufWriter::with_capacity(64 << 10, conn));
         type Out = std::io::BufWriter<mig::Conn>;
         let refused = |w: &mut mig::Writer<Out>, e: MigrationError| {
             // A destination that refused says why in a NACK before it closes.
@@ -999,7 +1148,7 @@ impl Vmm {
                 .map_err(|e| MigrationError::Vm(e.to_string()))?;
             let mut round_start = Instant::now();
             let mut before = w.bytes;
-            mig::send_memory(&mut w, &self.mem, None).map_err(|e| refused(&mut w, e))?;
+            mig::send_memory(&mut w, &self.mem, None, false).map_err(|e| refused(&mut w, e))?;
             report.rounds = 1;
             loop {
                 let secs = round_start.elapsed().as_secs_f64().max(1e-3);
@@ -1016,7 +1165,8 @@ impl Vmm {
                 }
                 round_start = Instant::now();
                 before = w.bytes;
-                mig::send_memory(&mut w, &self.mem, Some(&d)).map_err(|e| refused(&mut w, e))?;
+                mig::send_memory(&mut w, &self.mem, Some(&d), false)
+                    .map_err(|e| refused(&mut w, e))?;
                 report.rounds += 1;
             }
         }
@@ -1025,6 +1175,7 @@ impl Vmm {
         if !self.pause() {
             return Err(MigrationError::Vm("the vCPUs did not pause".into()));
         }
+        let parked_at = Instant::now();
         let held: Vec<_> = self
             .transports
             .iter()
@@ -1035,7 +1186,10 @@ impl Vmm {
             .map_err(|e| MigrationError::Vm(e.to_string()))?;
         let before = w.page_bytes;
         let send_start = Instant::now();
+        report.paused_parts.pause_ms = ms_between(paused_at, parked_at);
+        report.paused_parts.save_ms = ms_between(parked_at, send_start);
         let post = opts.strategy == Strategy::PostCopy;
+        let mut laps = mig::Laps::new();
         let sent = match pending.as_mut() {
             _ if post => Ok(()),
             Some(p) => {
@@ -1043,10 +1197,12 @@ impl Vmm {
                     .take_dirty_pages()
                     .map_err(|e| MigrationError::Vm(e.to_string()))?;
                 mig::merge(p, &d);
-                mig::send_memory(&mut w, &self.mem, Some(p))
+                laps.lap("log");
+                mig::send_memory(&mut w, &self.mem, Some(p), true)
             }
-            None => mig::send_memory(&mut w, &self.mem, None),
+            None => mig::send_memory(&mut w, &self.mem, None, true),
         };
+        laps.lap("pages");
         sent.map_err(|e| refused(&mut w, e))?;
         report.rounds += 1;
         report.last_round_bytes = w.page_bytes - before;
@@ -1069,15 +1225,21 @@ impl Vmm {
                 m
             })
             .collect();
+        let encoded = crate::wire::encode(&state).map_err(|e| MigrationError::Vm(e.to_string()))?;
         let r = w
-            .json(kind::STATE, &state)
+            .frame(kind::STATE, &[&encoded])
             .and_then(|()| w.end(was_paused, post));
         r.map_err(|e| refused(&mut w, e))?;
+        laps.lap("state");
         let r = w.inner().flush().map_err(|e| MigrationError::Io {
             what: "sending the stream's end".into(),
             source: e,
         });
         r.map_err(|e| refused(&mut w, e))?;
+        laps.lap("flush");
+        tracing::info!("migration: the last round sent in {}", laps.line());
+        let sent_at = Instant::now();
+        report.paused_parts.send_ms = ms_between(send_start, sent_at);
         report.bytes = w.bytes;
         report.memory_bytes = w.page_bytes;
         if post {
@@ -1086,12 +1248,21 @@ impl Vmm {
             let running = mig::serve_pages(&mut w, &self.mem);
             report.bytes = w.bytes;
             report.memory_bytes = w.page_bytes;
-            report.downtime_ms = (running? - paused_at).as_millis() as u64;
+            let running = running?;
+            report.paused_parts.answer_ms = ms_between(sent_at, running);
+            report.downtime_ms = (running - paused_at).as_millis() as u64;
         } else {
             let mut rd = mig::Reader::new(w.inner().get_mut());
             mig::read_answer(&mut rd)?;
-            report.downtime_ms = paused_at.elapsed().as_millis() as u64;
+            let acked = Instant::now();
+            report.paused_parts.answer_ms = ms_between(sent_at, acked);
+            report.downtime_ms = (acked - paused_at).as_millis() as u64;
         }
+        tracing::info!(
+            "migration: paused {} ms: {:?}",
+            report.downtime_ms,
+            report.paused_parts
+        );
         drop(held);
         report.total_ms = t0.elapsed().as_millis() as u64;
         Ok(())

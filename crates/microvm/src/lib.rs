@@ -17,7 +17,8 @@ pub mod migration;
 pub mod seccomp;
 pub mod snapshot;
 pub mod vstate;
+pub mod wire;
 
-pub use builder::{MigrateOptions, MigrateReport, Strategy, Vmm, VmmError};
+pub use builder::{MigrateOptions, MigrateReport, PausedParts, Strategy, Vmm, VmmError};
 pub use config::VmConfig;
 pub use exit::GuestExit;

@@ -207,17 +207,44 @@ fn migrate_from(cli: Cli, addr: &str, start: Instant) -> anyhow::Result<i32> {
         let mut c = out.lock().unwrap_or_else(|p| p.into_inner());
         let _ = Writer::new(&mut *c).frame(kind::NACK, &[line.as_bytes()]);
     };
-    let received = match migration::receive(&mut reader, |saved| cli.into_restore_config(saved)) {
+    let incoming =
+        match migration::receive_begin(&mut reader, |saved| cli.into_restore_config(saved)) {
+            Ok(i) => i,
+            Err(e) => {
+                nack(&e);
+                return Err(e.into());
+            }
+        };
+    let cfg = incoming.config.clone();
+    // The VM is built while the pages still come (the source's guest runs meanwhile in
+    // pre-copy): after END only its state is restored.
+    let prepared = (|| -> anyhow::Result<_> {
+        nestor_microvm::logcap::cap_stderr(cfg.log_limit)?;
+        seccomp::setup(&filters)?;
+        let target = Vmm::prepare_migrated(&cfg, incoming.memory.clone(), start, None)?;
+        // A stop signal from here on (blocked since the start) stops the VM once it
+        // runs, as one that came before.
+        stop_on_signals(block_stop_signals(), target.exit_signal())?;
+        Ok(target)
+    })();
+    let target = match prepared {
+        Ok(t) => t,
+        Err(e) => {
+            nack(&format!("{e:#}"));
+            return Err(e);
+        }
+    };
+    let rest = match migration::receive_rest(&mut reader, &incoming) {
         Ok(r) => r,
         Err(e) => {
             nack(&e);
             return Err(e.into());
         }
     };
-    let cfg = received.config.clone();
+    let mut laps = migration::Laps::new();
     // Post-copy: guest memory fills as it is touched, from here on.
-    let mut postcopy = match received.postcopy {
-        true => match migration::PostCopy::register(&received.memory) {
+    let mut postcopy = match rest.postcopy {
+        true => match migration::PostCopy::register(&incoming.memory) {
             Ok(p) => Some(p),
             Err(e) => {
                 nack(&e);
@@ -226,12 +253,11 @@ fn migrate_from(cli: Cli, addr: &str, start: Instant) -> anyhow::Result<i32> {
         },
         false => None,
     };
+    drop(incoming);
     let page_thread = postcopy.is_some();
-    let built = (|| -> anyhow::Result<(Option<ApiServer>, Vmm, libc::sigset_t)> {
-        nestor_microvm::logcap::cap_stderr(cfg.log_limit)?;
-        seccomp::setup(&filters)?;
+    let built = (|| -> anyhow::Result<(Option<ApiServer>, Vmm)> {
         if let Some(pc) = postcopy.take() {
-            // Before anything is built: restoring the devices may touch guest pages.
+            // Before any state is restored: restoring the devices may touch guest pages.
             let mut rd = Reader::new(reader.inner().try_clone()?);
             let out = out.clone();
             std::thread::Builder::new()
@@ -248,31 +274,40 @@ fn migrate_from(cli: Cli, addr: &str, start: Instant) -> anyhow::Result<i32> {
                     }
                 })?;
         }
-        let signals = block_stop_signals();
         let api = match &cfg.api {
             Some(p) => Some(ApiServer::bind(p)?),
             None => None,
         };
-        let vmm = Vmm::restore_migrated(received, start, None)?;
-        Ok((api, vmm, signals))
+        laps.lap("set-up");
+        let vmm = target.finish(&rest.state, rest.paused)?;
+        laps.lap("state");
+        Ok((api, vmm))
     })();
-    let (api, mut vmm, signals) = match built {
+    let (api, mut vmm) = match built {
         Ok(b) => b,
         Err(e) => {
             nack(&format!("{e:#}"));
             return Err(e);
         }
     };
-    stop_on_signals(signals, vmm.exit_signal())?;
     if let Err(e) = start_filtered(&mut vmm, cfg.vcpus, usize::from(page_thread)) {
         nack(&e);
         return Err(e.into());
     }
+    laps.lap("start");
     // The VM runs: the source may go. If it cannot be told, it runs on there, so this
     // one stops.
     let acked = {
+        // One write: the source waits for it.
+        let mut ack = Vec::new();
+        let framed = Writer::new(&mut ack).frame(kind::ACK, &[]);
         let mut c = out.lock().unwrap_or_else(|p| p.into_inner());
-        Writer::new(&mut *c).frame(kind::ACK, &[])
+        framed.and_then(|()| {
+            std::io::Write::write_all(&mut *c, &ack).map_err(|source| MigrationError::Io {
+                what: "sending the answer".into(),
+                source,
+            })
+        })
     };
     if let Err(e) = acked {
         vmm.request_exit(GuestExit::Stopped);
@@ -283,6 +318,8 @@ fn migrate_from(cli: Cli, addr: &str, start: Instant) -> anyhow::Result<i32> {
         };
         anyhow::bail!("migration: the source did not take the answer ({e}); the VM stopped here");
     }
+    laps.lap("ack");
+    tracing::info!("migration: from END to ACK {}", laps.line());
     // The connection closes here (the source's relay sees its end), or once the
     // post-copy page thread is done with its own handles.
     drop(reader);

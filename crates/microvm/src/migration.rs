@@ -7,11 +7,15 @@
 //!
 //! - `BEGIN` (first): [`Begin`] as JSON — the source's `VmConfig` and its guest RAM
 //!   ranges; the destination checks the configuration against its flags and maps
-//!   (anonymous, zero) memory before any page arrives.
+//!   (anonymous, zero) memory before any page arrives ([`receive_begin`]), then builds
+//!   the VM around it while the pages come (nothing of it runs or touches that memory
+//!   before `END`).
 //! - `PAGES`: a guest physical address (u64 LE) and whole 4 KiB pages from it, at most
 //!   [`MAX_FRAME_PAGES`]; a page sent again replaces the earlier copy (pre-copy rounds).
-//! - `STATE`: the VM's state as JSON (`snapshot::VmSnapshot`, the snapshot format's
-//!   own types), sent once, with the vCPUs paused.
+//!   The destination reads them straight into guest memory ([`receive_rest`]).
+//! - `STATE`: the VM's state (`snapshot::VmSnapshot`, the snapshot format's own
+//!   types), sent once, with the vCPUs paused: in [`crate::wire`]'s binary form (the
+//!   vCPUs' KVM structures as bytes, the rest JSON); a version 1 stream's is JSON.
 //! - `END`: [`End`] as JSON — how many frames and page bytes were sent (so a stream
 //!   that lost a frame is refused) and whether the VM was paused.
 //!
@@ -36,8 +40,11 @@ use crate::vstate::memory::{self, GuestMemory};
 
 /// The first bytes of a stream.
 pub const MAGIC: &[u8; 8] = b"NESTORMG";
-/// The stream format version this nestor-vmm writes and reads.
-pub const VERSION: u32 = 1;
+/// The stream format version this nestor-vmm writes. Version 2's `STATE` is
+/// [`crate::wire`]'s binary form; version 1's (still read) is the snapshot JSON.
+pub const VERSION: u32 = 2;
+/// The oldest stream format version this nestor-vmm reads.
+pub const OLDEST_VERSION: u32 = 1;
 /// Most pages in one `PAGES` frame.
 pub const MAX_FRAME_PAGES: usize = 64;
 /// Largest frame payload accepted (a `STATE` frame is the largest: tens of KiB).
@@ -81,7 +88,7 @@ pub enum MigrationError {
     #[error("not a nestor-vmm migration stream (bad magic)")]
     Magic,
     /// Another format version.
-    #[error("migration stream has format version {0}; this nestor-vmm speaks version {VERSION}")]
+    #[error("migration stream has format version {0}; this nestor-vmm reads versions {OLDEST_VERSION} to {VERSION}")]
     Version(u32),
     /// A frame that fails its checksum, an unknown or misplaced frame, bad contents.
     #[error("migration stream is corrupt: {0}")]
@@ -430,6 +437,8 @@ impl<W: Write> Writer<W> {
 /// Reads frames, checking each.
 pub struct Reader<R: Read> {
     r: R,
+    /// The stream's format version (from its header; [`VERSION`] until read).
+    pub version: u32,
     /// Frames read (not counting the header).
     pub frames: u64,
     /// Page bytes read.
@@ -441,6 +450,7 @@ impl<R: Read> Reader<R> {
     pub fn new(r: R) -> Self {
         Reader {
             r,
+            version: VERSION,
             frames: 0,
             page_bytes: 0,
         }
@@ -464,14 +474,22 @@ impl<R: Read> Reader<R> {
             return Err(MigrationError::Magic);
         }
         let v = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-        if v != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&v) {
             return Err(MigrationError::Version(v));
         }
+        self.version = v;
         Ok(())
     }
 
     /// Reads one frame: its kind and payload, checked against its CRC.
     pub fn frame(&mut self) -> Result<(u8, Vec<u8>), MigrationError> {
+        let (head, len) = self.head()?;
+        self.body(head, len)
+    }
+
+    /// Reads a frame's header: the header and the payload's length (checked against
+    /// [`MAX_PAYLOAD`]); the kind must be known.
+    fn head(&mut self) -> Result<([u8; 5], usize), MigrationError> {
         let mut head = [0u8; 5];
         self.exact(&mut head, "a frame header")?;
         let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
@@ -486,13 +504,28 @@ impl<R: Read> Reader<R> {
                 "a frame of {len} bytes (at most {MAX_PAYLOAD})"
             )));
         }
+        Ok((head, len))
+    }
+
+    /// Reads the payload of the frame whose header was `head` into a buffer, and its
+    /// checksum.
+    fn body(&mut self, head: [u8; 5], len: usize) -> Result<(u8, Vec<u8>), MigrationError> {
         let mut payload = vec![0u8; len];
         self.exact(&mut payload, "a frame")?;
+        self.check(head, &[&payload])?;
+        Ok((head[0], payload))
+    }
+
+    /// Reads a frame's checksum and checks it against its header and payload `parts`
+    /// (read already); counts the frame.
+    fn check(&mut self, head: [u8; 5], parts: &[&[u8]]) -> Result<(), MigrationError> {
         let mut c = [0u8; 4];
         self.exact(&mut c, "a frame checksum")?;
         let mut crc = crc32fast::Hasher::new();
         crc.update(&head);
-        crc.update(&payload);
+        for p in parts {
+            crc.update(p);
+        }
         if crc.finalize() != u32::from_le_bytes(c) {
             return Err(MigrationError::Corrupt(format!(
                 "frame {} (kind {}) does not match its checksum",
@@ -501,7 +534,7 @@ impl<R: Read> Reader<R> {
             )));
         }
         self.frames += 1;
-        Ok((head[0], payload))
+        Ok(())
     }
 
     /// The stream underneath.
@@ -511,14 +544,17 @@ impl<R: Read> Reader<R> {
 }
 
 /// Sends guest memory as `PAGES` frames: with `dirty`, the pages set in it (zero or
-/// not), else every page that is not all zero. Each run is copied out of the guest's
-/// mapping once, then checksummed and sent from the copy: the guest may run meanwhile
-/// (pre-copy), and a page it changes after the copy is in the next round's dirty log
-/// (a torn copy of it is replaced then).
+/// not), else every page that is not all zero. While the guest may run (`paused`
+/// false: pre-copy's running rounds) each run is copied out of the guest's mapping
+/// once, then checksummed and sent from the copy, and a page it changes after the
+/// copy is in the next round's dirty log (a torn copy of it is replaced then). With
+/// `paused` (the vCPUs parked and every device held by the caller, so nothing writes
+/// guest memory) pages are checksummed and sent straight from the mapping.
 pub fn send_memory<W: Write>(
     w: &mut Writer<W>,
     mem: &GuestMemory,
     dirty: Option<&DirtyPages>,
+    paused: bool,
 ) -> Result<(), MigrationError> {
     let zero = [0u8; PAGE];
     let mut buf = vec![0u8; MAX_FRAME_PAGES * PAGE];
@@ -537,8 +573,12 @@ pub fn send_memory<W: Write>(
         let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
         let page = |p: usize| &bytes[p * PAGE..(p + 1) * PAGE];
         let mut send = |w: &mut Writer<W>, start: usize, end: usize| {
+            let run = &bytes[start * PAGE..end * PAGE];
+            if paused {
+                return w.pages(base + (start * PAGE) as u64, run);
+            }
             let out = &mut buf[..(end - start) * PAGE];
-            out.copy_from_slice(&bytes[start * PAGE..end * PAGE]);
+            out.copy_from_slice(run);
             w.pages(base + (start * PAGE) as u64, out)
         };
         match dirty {
@@ -550,7 +590,11 @@ pub fn send_memory<W: Write>(
                 let mut p = 0;
                 while p < pages {
                     if !set(p) {
-                        p += 1;
+                        // A clean word of the log is 64 clean pages.
+                        p = match bits.get(p / 64) {
+                            Some(0) => (p / 64 + 1) * 64,
+                            _ => p + 1,
+                        };
                         continue;
                     }
                     let start = p;
@@ -579,6 +623,47 @@ pub fn send_memory<W: Write>(
     Ok(())
 }
 
+/// Named laps of a step (where a migration's time goes), for a timing line.
+pub struct Laps {
+    last: std::time::Instant,
+    parts: Vec<(&'static str, f64)>,
+}
+
+impl Laps {
+    /// Laps from now.
+    pub fn new() -> Self {
+        Laps {
+            last: std::time::Instant::now(),
+            parts: Vec::new(),
+        }
+    }
+
+    /// Ends the lap `name` now.
+    pub fn lap(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        let ms = now.saturating_duration_since(self.last).as_secs_f64() * 1e3;
+        self.parts.push((name, ms));
+        self.last = now;
+    }
+
+    /// `name 1.2 ms, …` (the sum first).
+    pub fn line(&self) -> String {
+        let total: f64 = self.parts.iter().map(|p| p.1).sum();
+        let parts: Vec<String> = self
+            .parts
+            .iter()
+            .map(|(n, ms)| format!("{n} {ms:.1}"))
+            .collect();
+        format!("{total:.1} ms ({} ms)", parts.join(", "))
+    }
+}
+
+impl Default for Laps {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Pages set in a dirty log.
 pub fn count_pages(d: &DirtyPages) -> u64 {
     d.iter().flatten().map(|w| u64::from(w.count_ones())).sum()
@@ -593,6 +678,27 @@ pub fn merge(acc: &mut DirtyPages, more: &DirtyPages) {
     }
 }
 
+/// What a destination has once `BEGIN` checked out: enough to build the VM's shell
+/// (memory, devices, vCPUs) while the pages still come.
+pub struct Incoming {
+    /// The configuration to build with (the source's, with the destination's
+    /// host-side flags).
+    pub config: VmConfig,
+    /// Guest memory (private, anonymous), filled as `PAGES` frames come.
+    pub memory: GuestMemory,
+    ram: Vec<(u64, u64)>,
+}
+
+/// The rest of a stream after `BEGIN`: what the VM is restored from.
+pub struct Rest {
+    /// The VM's state (its `memory` ranges as a snapshot's).
+    pub state: VmSnapshot,
+    /// The source's VM was paused.
+    pub paused: bool,
+    /// Post-copy: the pages still come after the answer.
+    pub postcopy: bool,
+}
+
 /// What a destination received: everything to build the VM from.
 pub struct Received {
     /// The configuration to build with (the source's, with the destination's
@@ -604,17 +710,34 @@ pub struct Received {
     pub memory: GuestMemory,
     /// The source's VM was paused.
     pub paused: bool,
-    /// Post-copy: the pages still to come ([`start_postcopy`]).
+    /// Post-copy: the pages still to come ([`PostCopy`]).
     pub postcopy: bool,
 }
 
-/// Reads a whole stream (header to `END`) and checks it; `config` turns the source's
-/// configuration into the one to build (or says why it cannot). Nothing but guest
-/// memory (private, anonymous) is created.
+/// Reads a whole stream (header to `END`) and checks it: [`receive_begin`], then
+/// [`receive_rest`].
 pub fn receive<R: Read>(
     r: &mut Reader<R>,
     config: impl FnOnce(&VmConfig) -> Result<VmConfig, String>,
 ) -> Result<Received, MigrationError> {
+    let inc = receive_begin(r, config)?;
+    let rest = receive_rest(r, &inc)?;
+    Ok(Received {
+        config: inc.config,
+        state: rest.state,
+        memory: inc.memory,
+        paused: rest.paused,
+        postcopy: rest.postcopy,
+    })
+}
+
+/// Reads the header and `BEGIN` and checks them; `config` turns the source's
+/// configuration into the one to build (or says why it cannot). Nothing but guest
+/// memory (private, anonymous, still zero) is created.
+pub fn receive_begin<R: Read>(
+    r: &mut Reader<R>,
+    config: impl FnOnce(&VmConfig) -> Result<VmConfig, String>,
+) -> Result<Incoming, MigrationError> {
     r.header()?;
     let (k, body) = r.frame()?;
     if k != kind::BEGIN {
@@ -634,53 +757,77 @@ pub fn receive<R: Read>(
             begin.memory, cfg.mem_mib
         )));
     }
-    let mem = memory::create_guest_memory(&ram)
+    let memory = memory::create_guest_memory(&ram)
         .map_err(|e| MigrationError::Vm(format!("guest memory: {e}")))?;
+    Ok(Incoming {
+        config: cfg,
+        memory,
+        ram,
+    })
+}
+
+/// Reads the rest of a stream after [`receive_begin`] (pages into `inc`'s memory, the
+/// state, `END`) and checks it. No vCPU may run on that memory meanwhile.
+pub fn receive_rest<R: Read>(r: &mut Reader<R>, inc: &Incoming) -> Result<Rest, MigrationError> {
+    let (cfg, mem, ram) = (&inc.config, &inc.memory, &inc.ram);
     let mut state: Option<VmSnapshot> = None;
     loop {
-        let (k, body) = r.frame()?;
-        match k {
-            kind::PAGES => {
-                if state.is_some() {
-                    return Err(MigrationError::Corrupt("pages after the state".into()));
-                }
-                if body.len() < 8 + PAGE || (body.len() - 8) % PAGE != 0 {
-                    return Err(MigrationError::Corrupt(format!(
-                        "a PAGES frame of {} bytes",
-                        body.len()
-                    )));
-                }
-                let mut a = [0u8; 8];
-                a.copy_from_slice(&body[..8]);
-                let addr = u64::from_le_bytes(a);
-                let data = &body[8..];
-                let inside = addr % PAGE as u64 == 0
-                    && ram.iter().any(|&(g, s)| {
-                        addr >= g && addr.saturating_add(data.len() as u64) <= g + s
-                    });
-                if !inside {
-                    return Err(MigrationError::Corrupt(format!(
-                        "pages at {addr:#x} (+{} bytes) are outside guest memory",
-                        data.len()
-                    )));
-                }
-                let host = mem
-                    .get_host_address(GuestAddress(addr))
-                    .map_err(|e| MigrationError::Corrupt(format!("pages at {addr:#x}: {e}")))?;
-                // SAFETY: `addr..addr+len` lies inside one RAM range (checked above),
-                // which is one region of `mem`, mapped and seen by no vCPU or device
-                // yet; `data` is a separate buffer.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(data.as_ptr(), host, data.len());
-                }
-                r.page_bytes += data.len() as u64;
+        let (head, len) = r.head()?;
+        if head[0] == kind::PAGES {
+            if state.is_some() {
+                return Err(MigrationError::Corrupt("pages after the state".into()));
             }
+            if len < 8 + PAGE || (len - 8) % PAGE != 0 {
+                return Err(MigrationError::Corrupt(format!(
+                    "a PAGES frame of {len} bytes"
+                )));
+            }
+            let mut a = [0u8; 8];
+            r.exact(&mut a, "a frame")?;
+            let addr = u64::from_le_bytes(a);
+            let n = len - 8;
+            let inside = addr % PAGE as u64 == 0
+                && ram
+                    .iter()
+                    .any(|&(g, s)| addr >= g && addr.saturating_add(n as u64) <= g + s);
+            if !inside {
+                return Err(MigrationError::Corrupt(format!(
+                    "pages at {addr:#x} (+{n} bytes) are outside guest memory"
+                )));
+            }
+            let host = mem
+                .get_host_address(GuestAddress(addr))
+                .map_err(|e| MigrationError::Corrupt(format!("pages at {addr:#x}: {e}")))?;
+            // SAFETY: `addr..addr+n` lies inside one RAM range (checked above), which
+            // is one region of `mem`, mapped for as long as `inc` lives; no vCPU runs
+            // on it and no device is active yet (the VM's shell may be built around
+            // it; its state comes after these pages), so nothing else reads or writes
+            // these bytes meanwhile. The pages are read in place; a frame that then
+            // fails its checksum fails the whole migration and the memory is dropped.
+            let data = unsafe { std::slice::from_raw_parts_mut(host, n) };
+            r.exact(data, "a frame")?;
+            r.check(head, &[&a, data])?;
+            r.page_bytes += n as u64;
+            continue;
+        }
+        let (k, body) = r.body(head, len)?;
+        match k {
             kind::STATE => {
                 if state.is_some() {
                     return Err(MigrationError::Corrupt("a second STATE frame".into()));
                 }
-                let s: VmSnapshot = serde_json::from_slice(&body)
-                    .map_err(|e| MigrationError::Corrupt(format!("STATE: {e}")))?;
+                let t = std::time::Instant::now();
+                let s: VmSnapshot = match r.version {
+                    1 => serde_json::from_slice(&body)
+                        .map_err(|e| MigrationError::Corrupt(format!("STATE: {e}")))?,
+                    _ => crate::wire::decode(&body)
+                        .map_err(|e| MigrationError::Corrupt(format!("STATE: {e}")))?,
+                };
+                tracing::info!(
+                    "migration: STATE of {} bytes decoded in {:.1} ms",
+                    body.len(),
+                    t.elapsed().as_secs_f64() * 1e3
+                );
                 state = Some(s);
             }
             kind::END => {
@@ -706,10 +853,8 @@ pub fn receive<R: Read>(
                 for r in mem.iter() {
                     std::ops::Deref::deref(r).bitmap().reset();
                 }
-                return Ok(Received {
-                    config: cfg,
+                return Ok(Rest {
                     state,
-                    memory: mem,
                     paused: end.paused,
                     postcopy: end.postcopy,
                 });
@@ -1189,6 +1334,30 @@ mod tests {
     }
 
     #[test]
+    fn pages_read_in_place_are_still_checked() {
+        let s = valid();
+        let mut r = Reader::new(&s[..]);
+        r.header().unwrap();
+        r.frame().unwrap();
+        let at = s.len() - r.inner().len();
+        // Good up to the STATE frame, which this stream does not make parseable.
+        let e = recv(&s).err().unwrap().to_string();
+        assert!(e.contains("STATE"), "{e}");
+        for i in at..at + 5 + 8 + PAGE + 4 {
+            let mut bad = s.clone();
+            bad[i] ^= 0x10;
+            let e = recv(&bad)
+                .err()
+                .expect("a flipped byte was accepted")
+                .to_string();
+            assert!(
+                !e.contains("STATE"),
+                "byte {i} flipped got as far as STATE: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn frames_round_trip_and_every_flipped_byte_is_refused() {
         let s = stream(|w| {
             w.header().unwrap();
@@ -1326,7 +1495,7 @@ mod tests {
         for _ in 0..20 {
             let mut out = Vec::new();
             let mut w = Writer::new(&mut out);
-            send_memory(&mut w, &mem, Some(&dirty)).unwrap();
+            send_memory(&mut w, &mem, Some(&dirty), false).unwrap();
             let frames = w.frames;
             let mut r = Reader::new(&out[..]);
             for _ in 0..frames {
@@ -1345,13 +1514,13 @@ mod tests {
         mem.write_obj(0x66u8, GuestAddress(0x6000)).unwrap();
         let mut out = Vec::new();
         let mut w = Writer::new(&mut out);
-        send_memory(&mut w, &mem, None).unwrap();
+        send_memory(&mut w, &mem, None, true).unwrap();
         assert_eq!((w.frames, w.page_bytes), (1, 2 * PAGE as u64));
         let mut dirty: DirtyPages = vec![vec![0; 4]];
         dirty[0][0] = 1 << 1 | 1 << 6;
         let mut out = Vec::new();
         let mut w = Writer::new(&mut out);
-        send_memory(&mut w, &mem, Some(&dirty)).unwrap();
+        send_memory(&mut w, &mem, Some(&dirty), false).unwrap();
         assert_eq!((w.frames, w.page_bytes), (2, 2 * PAGE as u64));
         assert_eq!(count_pages(&dirty), 2);
     }

@@ -1,7 +1,8 @@
 //! Live migration between nestor-vmm processes with tiny guests on this machine's
 //! /dev/kvm: a guest counting in memory and in a register is migrated stop-copy, then
 //! pre-copy, then post-copy (and stop-copy on), to new processes and counts on there; a destination that refuses, one
-//! that hangs up mid-stream and one that answers garbage leave the source running;
+//! that hangs up mid-stream, a real one whose stream is cut after it began building
+//! (it ends with one line) and one that answers garbage leave the source running;
 //! bad streams (wrong magic, version, checksum) are refused by the destination with
 //! one line, nothing built.
 
@@ -15,8 +16,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use nestor_microvm::migration::{kind, Writer, MAGIC, VERSION};
+use nestor_microvm::migration::{kind, read_answer, Begin, Reader, Writer, MAGIC, VERSION};
 use nestor_microvm::snapshot;
+use nestor_microvm::wire;
 
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
@@ -160,6 +162,56 @@ fn a_counting_guest_migrates_stop_copy_then_pre_copy_and_counts_on() {
     let c0 = a.count(&d.join("s0"));
     assert!(c0 > 0);
 
+    // The binary STATE (format version 2) carries a real VM's state whole.
+    let loaded = snapshot::read(&d.join("s0")).unwrap();
+    let st = &loaded.state;
+    let back = wire::decode(&wire::encode(st).unwrap()).unwrap();
+    assert_eq!(
+        serde_json::to_string(&back).unwrap(),
+        serde_json::to_string(st).unwrap()
+    );
+    // A version 1 stream (STATE as JSON, as earlier nestor-vmm wrote it) still comes
+    // in: made here from that snapshot, fed to a destination that runs it on.
+    let (v1, v1sock) = destination(d, "v1", &[]);
+    let mut stream = MAGIC.to_vec();
+    stream.extend_from_slice(&1u32.to_le_bytes());
+    let mut w = Writer::new(&mut stream);
+    let ram: Vec<(u64, u64)> = st.memory.iter().map(|r| (r.guest_addr, r.size)).collect();
+    w.json(
+        kind::BEGIN,
+        &Begin {
+            config: st.config.clone(),
+            memory: ram,
+        },
+    )
+    .unwrap();
+    for r in &st.memory {
+        let mut page = vec![0u8; 4096];
+        for off in (0..r.size).step_by(4096) {
+            loaded
+                .memory
+                .read_exact_at(&mut page, r.file_offset + off)
+                .unwrap();
+            if page.iter().any(|&b| b != 0) {
+                w.pages(r.guest_addr + off, &page).unwrap();
+            }
+        }
+    }
+    w.json(kind::STATE, st).unwrap();
+    w.end(false, false).unwrap();
+    let mut s = UnixStream::connect(&v1sock).unwrap();
+    s.write_all(&stream).unwrap();
+    read_answer(&mut Reader::new(&mut s)).unwrap();
+    wait_for("the version 1 destination's API socket", || v1.api.exists());
+    assert!(v1.running());
+    // It starts from s0's count exactly, and counts on (in step: `count` checks).
+    let mut n = 0;
+    wait_for("the version 1 stream's VM to count on", || {
+        n += 1;
+        v1.count(&d.join(format!("v1s{n}"))) > c0
+    });
+    drop(v1);
+
     // stop-copy to B.
     let (b, bsock) = destination(d, "b", &[]);
     let r = migrate(&a, &bsock, "stop-copy");
@@ -263,6 +315,28 @@ fn a_counting_guest_migrates_stop_copy_then_pre_copy_and_counts_on() {
     assert!(r["error"].as_str().unwrap().contains("runs on here"), "{r}");
     assert!(c.running());
 
+    // A real destination whose stream is cut after BEGIN (a relay passes 16 KiB and
+    // hangs up both ways): it had built its VM around the incoming memory; it ends
+    // with one line and binds nothing, and C runs on.
+    let (h, hsock) = destination(d, "h", &[]);
+    let relay = d.join("relay.mig");
+    let l = UnixListener::bind(&relay).unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut to = UnixStream::connect(&hsock).unwrap();
+        let mut b = vec![0u8; 16 << 10];
+        s.read_exact(&mut b).unwrap();
+        to.write_all(&b).unwrap();
+    });
+    let r = migrate(&c, &relay, "pre-copy");
+    t.join().unwrap();
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("runs on here"), "{r}");
+    let api = h.api.clone();
+    one_error_line(&h.wait(), "ended");
+    assert!(!api.exists(), "the cut destination bound its API socket");
+    assert!(c.running());
+
     // A destination that answers garbage: C runs on.
     let junk = d.join("junk.mig");
     let l = UnixListener::bind(&junk).unwrap();
@@ -324,7 +398,7 @@ fn bad_streams_are_refused_with_one_line_and_nothing_built() {
     one_error_line(&feed(b"GET / HTTP/1.1\r\n\r\n"), "bad magic");
     let mut v = MAGIC.to_vec();
     v.extend_from_slice(&(VERSION + 1).to_le_bytes());
-    one_error_line(&feed(&v), "format version 2");
+    one_error_line(&feed(&v), &format!("format version {}", VERSION + 1));
     let mut good = Vec::new();
     let mut w = Writer::new(&mut good);
     w.header().unwrap();

@@ -84,6 +84,33 @@ impl SerialDevice {
             .map_err(|e| format!("serial state: {e:?}"))
     }
 
+    /// Takes the registers and input FIFO of a snapshot (refused, leaving the UART as
+    /// it was, if its FIFO overflows); its interrupt and output stay.
+    pub fn restore(&mut self, s: &SerialSnapshot) -> Result<(), String> {
+        let irq = || {
+            self.serial
+                .interrupt_evt()
+                .0
+                .try_clone()
+                .map_err(|e| format!("serial interrupt: {e}"))
+        };
+        let (irq, spare) = (irq()?, irq()?);
+        if s.input.len() > self.serial.fifo_capacity() + self.serial.state().in_buffer.len() {
+            return Err(format!(
+                "serial state: {} input bytes do not fit its FIFO",
+                s.input.len()
+            ));
+        }
+        let old = std::mem::replace(
+            &mut self.serial,
+            Serial::new(EventFdTrigger(spare), Box::new(std::io::sink())),
+        );
+        let out = old.into_writer();
+        let restored = SerialDevice::from_snapshot(irq, out, s)?;
+        *self = restored;
+        Ok(())
+    }
+
     /// The registers and input FIFO for a snapshot.
     pub fn save(&self) -> SerialSnapshot {
         let s = self.serial.state();

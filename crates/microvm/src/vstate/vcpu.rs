@@ -231,6 +231,11 @@ impl VcpuControl {
         let _ = self.msr_list.set(list);
     }
 
+    /// The MSRs a vCPU's saved state holds (empty until [`VcpuControl::set_msr_list`]).
+    pub fn msr_list(&self) -> &[u32] {
+        self.msr_list.get().map_or(&[][..], |l| &l[..])
+    }
+
     /// Has every one of the `live` parked vCPU threads save its state; returns the states
     /// by vCPU index. The vCPUs must be paused (see [`pause_all`]).
     pub fn save_all(
