@@ -150,7 +150,7 @@ fn dispatch(cli: &Cli) -> Result<i32> {
             return match (&a.listen, &a.container, &a.to) {
                 (Some(l), ..) => vm::migrate::migrate_in(l, a.name.as_deref()),
                 (None, Some(c), Some(to)) => {
-                    vm::migrate::migrate_out(c, to, &a.strategy, a.downtime_ms).map(|()| 0)
+                    vm::migrate::migrate_out(c, to, &a.strategy, a.downtime_ms, a.json).map(|()| 0)
                 }
                 _ => Err(anyhow::anyhow!(
                     "migrate: give NAME --to ADDR, or --listen ADDR"

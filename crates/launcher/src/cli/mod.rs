@@ -547,6 +547,10 @@ pub struct MigrateArgs {
     /// With --listen: run it under this name (its own by default).
     #[arg(long, requires = "listen")]
     pub name: Option<String>,
+    /// With --to: print the move's figures as one JSON object (container, to, strategy,
+    /// paused_ms, total_ms, bytes, rounds) instead of the sentence.
+    #[arg(long, conflicts_with = "listen")]
+    pub json: bool,
 }
 
 /// OCI `restore ID` (runc's flags).

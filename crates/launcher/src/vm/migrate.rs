@@ -164,7 +164,13 @@ fn place() -> Result<Value> {
 }
 
 /// `nestor migrate NAME --to ADDR`: moves the container; prints where it went.
-pub fn migrate_out(name: &str, to: &str, strategy: &str, downtime_ms: u64) -> Result<()> {
+pub fn migrate_out(
+    name: &str,
+    to: &str,
+    strategy: &str,
+    downtime_ms: u64,
+    json: bool,
+) -> Result<()> {
     if !matches!(strategy, "stop-copy" | "pre-copy" | "post-copy") {
         bail!("--strategy {strategy}: give pre-copy, stop-copy or post-copy");
     }
@@ -281,12 +287,8 @@ pub fn migrate_out(name: &str, to: &str, strategy: &str, downtime_ms: u64) -> Re
     // A terminal that hung up must not turn a finished move into a failure.
     let _ = writeln!(
         std::io::stdout(),
-        "{} moved to {to}: {} ms paused, {} ms in all, {} MiB sent in {} rounds",
-        m.name,
-        stats["downtime_ms"],
-        t.elapsed().as_millis(),
-        stats["bytes"].as_u64().unwrap_or(0) >> 20,
-        stats["rounds"]
+        "{}",
+        moved(&m.name, to, strategy, &stats, t.elapsed().as_millis(), json)
     );
     held_signals_note(&held);
     Ok(())
@@ -316,6 +318,31 @@ fn held_signals_note(held: &nix::sys::signal::SigSet) {
             came.join(", ")
         );
     }
+}
+
+/// What `migrate --to` prints once the container runs there: a sentence, or with
+/// `--json` one object (the VMM's paused time, bytes and rounds; the verb's total).
+fn moved(
+    name: &str,
+    to: &str,
+    strategy: &str,
+    stats: &Value,
+    total_ms: u128,
+    json: bool,
+) -> String {
+    let bytes = stats["bytes"].as_u64().unwrap_or(0);
+    if json {
+        return json!({"container": name, "to": to, "strategy": strategy,
+                      "paused_ms": stats["downtime_ms"], "total_ms": total_ms as u64,
+                      "bytes": bytes, "rounds": stats["rounds"]})
+        .to_string();
+    }
+    format!(
+        "{name} moved to {to}: {} ms paused, {total_ms} ms in all, {} MiB sent in {} rounds",
+        stats["downtime_ms"],
+        bytes >> 20,
+        stats["rounds"]
+    )
 }
 
 /// `nestor migrate --listen ADDR [--name N]`: takes one container in; prints its id
@@ -482,6 +509,22 @@ fn receive_vm(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn moved_prints_a_sentence_or_one_json_object() {
+        let stats = json!({"downtime_ms": 129, "bytes": 75u64 << 20, "rounds": 3, "total_ms": 900});
+        assert_eq!(
+            moved("c", "unix:/s", "pre-copy", &stats, 1234, false),
+            "c moved to unix:/s: 129 ms paused, 1234 ms in all, 75 MiB sent in 3 rounds"
+        );
+        let v: Value =
+            serde_json::from_str(&moved("c", "unix:/s", "pre-copy", &stats, 1234, true)).unwrap();
+        assert_eq!(
+            v,
+            json!({"container": "c", "to": "unix:/s", "strategy": "pre-copy", "paused_ms": 129,
+                   "total_ms": 1234, "bytes": 75u64 << 20, "rounds": 3})
+        );
+    }
 
     #[test]
     fn addresses_parse_and_bad_ones_say_what_to_give() {
