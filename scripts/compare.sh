@@ -11,8 +11,9 @@
 #
 #   scripts/compare.sh [nestor bench args...]     e.g. --modes process,container,vm
 # Step 2 boots the test host once per mode (a boot that dies is retried once, then that
-# mode alone is reported as failed) and merges the per-mode reports (`nestor bench
-# --merge`); each bench rewrites its JSON after every mode, so a cut run keeps its rows.
+# mode alone is reported as failed), and once more for each VM-container mode's
+# state-transfer section (one round), and merges the reports (`nestor bench --merge`);
+# each bench rewrites its JSON after every mode, so a cut run keeps its rows.
 # Env: NESTOR_COMPARE_OUT (default <repo>/target/compare), NESTOR_COMPARE_TESTHOST=0 to
 # skip step 2, NESTOR_COMPARE_TESTHOST_ARGS (default "--runs 3 --density-max 3"),
 # NESTOR_COMPARE_TESTHOST_TIMEOUT (seconds per boot, default 900).
@@ -89,15 +90,39 @@ else
         if ((skip)); then skip=0; continue; fi
         case $x in --modes) skip=1 ;; --modes=*) ;; *) rest+=("$x") ;; esac
     done
+    # The state-transfer section boots a VM 13 times a round: for the VM-container modes
+    # it gets a test-host boot of its own (job MODE:state-transfer), unless --sections
+    # was given (then every boot runs those sections).
+    user_sections=0
+    for x in "${rest[@]}"; do case $x in --sections | --sections=*) user_sections=1 ;; esac; done
+    jobs=()
+    for m in ${modes//,/ }; do
+        case $m in
+        vm-container | jailed-vm-container) ((user_sections)) && jobs+=("$m") || jobs+=("$m" "$m:state-transfer") ;;
+        *) jobs+=("$m") ;;
+        esac
+    done
     parts=() failed=()
     # The test host sees this machine's files read-only apart from the checkout and the
     # shares: the reports must land in a shared directory.
     share=()
     [[ $out == "$repo"/* ]] || share=(--share "$out")
-    for m in ${modes//,/ }; do
+    for job in "${jobs[@]}"; do
+        m=${job%%:*}
+        sections=() th=("${th_args[@]}")
+        if [[ $job == *:state-transfer ]]; then
+            # One round (--quick's): --runs would set the rounds, 13 VM launches each.
+            sections=(--sections state-transfer) th=()
+            for ((i = 0; i < ${#th_args[@]}; i++)); do
+                case ${th_args[i]} in --runs) i=$((i + 1)) ;; --runs=*) ;; *) th+=("${th_args[i]}") ;; esac
+            done
+        elif ((!user_sections)) && [[ " ${jobs[*]} " == *" $m:state-transfer "* ]]; then
+            sections=(--sections start-stop,unit-size,density,workloads,services)
+        fi
+        m=${job/:/-}
         ok=0
         for attempt in 1 2; do
-            log "test host: mode $m (boot $attempt of at most 2)"
+            log "test host: $job (boot $attempt of at most 2)"
             rm -f "$out/testhost-$m.json"
             status=0
             NESTOR_BIN_DIR="$BIN" tests/testhost/run --timeout "${NESTOR_COMPARE_TESTHOST_TIMEOUT:-900}" "${share[@]}" -- \
@@ -106,8 +131,8 @@ else
                 'nestor=$1 busybox=$2 redis=$3; shift 3
                  "$nestor" image import "$busybox" >/dev/null && "$nestor" image import "$redis" >/dev/null &&
                  exec "$nestor" bench "$@"' \
-                - "$BIN/nestor" "$busybox_img" "$redis_img" --quick "${args[@]}" "${th_args[@]}" \
-                --json "$out/testhost-$m.json" "${rest[@]}" --modes "$m" \
+                - "$BIN/nestor" "$busybox_img" "$redis_img" --quick "${args[@]}" "${th[@]}" \
+                --json "$out/testhost-$m.json" "${rest[@]}" "${sections[@]}" --modes "${job%%:*}" \
                 >"$out/testhost-$m.md" || status=$?
             if ((status == 0)); then
                 ok=1
@@ -125,7 +150,7 @@ else
             parts+=("$out/testhost-$m.json")
         else
             failed+=("$m")
-            failed_report "$out/host.json" "$m" "the test-host boot failed twice (last status $status: 123 = its kernel panicked, 124 = time-out, 125 = harness)" \
+            failed_report "$out/host.json" "${job%%:*}" "the test-host boot failed twice (last status $status: 123 = its kernel panicked, 124 = time-out, 125 = harness)" \
                 >"$out/testhost-$m.json"
         fi
     done

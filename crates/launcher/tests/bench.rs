@@ -584,3 +584,49 @@ fn testhost_report_with_measured_vm_modes_validates() {
         assert_eq!(r["status"], "measured", "{r}");
     }
 }
+
+/// A state-transfer run in the test host (`--quick --runs 2 --modes vm-container
+/// --sections state-transfer`, kept as test data) validates, every row measured, CRIU
+/// included, and renders through `--merge` with its goals.
+#[test]
+fn testhost_state_transfer_report_validates_and_renders() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bench-testhost-xfer.json");
+    let doc: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    let errs = errors(&doc);
+    assert!(errs.is_empty(), "schema errors: {errs:#?}");
+    let x = &doc["state_transfer"][0];
+    assert_eq!(x["mode"], "vm-container");
+    assert_eq!(x["status"], "measured");
+    for row in x["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(x["migrations"].as_array().unwrap())
+    {
+        assert_eq!(row["status"], "measured", "{row}");
+    }
+    assert_eq!(x["criu"]["status"], "measured");
+    let out = Command::new(nestor())
+        .args(["bench", "--merge"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let md = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "## State transfer: vm-container",
+        "| 1 GiB |",
+        "| post-copy | dirtying |",
+        "CRIU on a native busybox container",
+        "goal <= 1.0x: **met**",
+        "goal <= 100 ms: ",
+    ] {
+        assert!(md.contains(want), "{want:?} missing in\n{md}");
+    }
+    // Sections the run did not ask for print no empty tables.
+    assert!(!md.contains("## Density"), "{md}");
+}

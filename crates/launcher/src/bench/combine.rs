@@ -60,6 +60,7 @@ pub fn merge(parts: &[(String, Report)]) -> Result<Report> {
     out.density.clear();
     out.workloads.clear();
     out.services.clear();
+    out.state_transfer.clear();
     let mut notes: Vec<String> = Vec::new();
     for (_, r) in parts {
         out.header.kvm.guest_boot |= r.header.kvm.guest_boot;
@@ -73,6 +74,7 @@ pub fn merge(parts: &[(String, Report)]) -> Result<Report> {
         }
     }
     let mut from: Vec<(String, Vec<String>)> = Vec::new();
+    let mut xfer_from: Vec<String> = Vec::new();
     for m in &order {
         let (name, r) = &parts[source[m]];
         match from.iter_mut().find(|(n, _)| n == name) {
@@ -91,6 +93,28 @@ pub fn merge(parts: &[(String, Report)]) -> Result<Report> {
             .extend(r.workloads.iter().filter(|x| &x.mode == m).cloned());
         out.services
             .extend(r.services.iter().filter(|x| &x.mode == m).cloned());
+        // State transfer may come from a test-host boot of its own (its VM launches
+        // would crowd the mode's boot): from the first report that measured it.
+        let xfer = |r: &Report, measured: bool| {
+            r.state_transfer
+                .iter()
+                .find(|x| &x.mode == m && (!measured || x.status == Status::Measured))
+                .cloned()
+        };
+        let picked = parts
+            .iter()
+            .find_map(|(n, r)| xfer(r, true).map(|x| (n, x)))
+            .or_else(|| {
+                parts
+                    .iter()
+                    .find_map(|(n, r)| xfer(r, false).map(|x| (n, x)))
+            });
+        if let Some((n, x)) = picked {
+            if n != name {
+                xfer_from.push(format!("state transfer of {m} from {n}"));
+            }
+            out.state_transfer.push(x);
+        }
     }
     if parts.len() > 1 {
         notes.push(format!(
@@ -98,6 +122,7 @@ pub fn merge(parts: &[(String, Report)]) -> Result<Report> {
             parts.len(),
             from.iter()
                 .map(|(n, ms)| format!("{} from {n}", ms.join(", ")))
+                .chain(xfer_from)
                 .collect::<Vec<_>>()
                 .join("; ")
         ));
@@ -203,6 +228,34 @@ fn rows(r: &Report) -> Vec<(String, &'static str, String, f64, bool)> {
                 true,
             ));
         }
+    }
+    for x in &r.state_transfer {
+        let mut add = |what: String, s: &Option<Summary>| {
+            if let Some(s) = s {
+                v.push((what, "state transfer", "ms".into(), s.median, false));
+            }
+        };
+        for s in &x.snapshots {
+            add(
+                format!("{}: checkpoint {} MiB", x.mode, s.mem_mib),
+                &s.checkpoint_ms,
+            );
+            add(
+                format!("{}: restore {} MiB", x.mode, s.mem_mib),
+                &s.restore_ms,
+            );
+        }
+        for m in &x.migrations {
+            add(
+                format!("{}: {} {} paused", x.mode, m.strategy, m.guest),
+                &m.paused_ms,
+            );
+        }
+        add(
+            format!("{}: CRIU checkpoint", x.mode),
+            &x.criu.checkpoint_ms,
+        );
+        add(format!("{}: CRIU restore", x.mode), &x.criu.restore_ms);
     }
     v
 }
@@ -324,6 +377,7 @@ mod tests {
         x.density.retain(|e| keep(&e.mode));
         x.workloads.retain(|e| keep(&e.mode));
         x.services.retain(|e| keep(&e.mode));
+        x.state_transfer.retain(|e| keep(&e.mode));
         x
     }
 
@@ -342,6 +396,40 @@ mod tests {
             .notes
             .iter()
             .any(|n| n.contains("merged from 2 runs")));
+    }
+
+    #[test]
+    fn state_transfer_comes_from_the_boot_that_measured_it() {
+        let r = stored();
+        let main = split(&r, &["vm-container"]);
+        assert!(main.state_transfer.is_empty());
+        let mut own = main.clone();
+        own.start_stop.clear();
+        own.state_transfer.push(StateTransfer {
+            mode: "vm-container".into(),
+            status: Status::Measured,
+            reason: None,
+            jailed: false,
+            rounds: 1,
+            goal_mem_mib: 256,
+            snapshots: vec![],
+            migrations: vec![],
+            criu: CriuRow {
+                status: Status::Skipped,
+                reason: Some("no criu".into()),
+                checkpoint_ms: None,
+                restore_ms: None,
+                image_bytes: None,
+            },
+        });
+        let m = merge(&[("main".into(), main.clone()), ("xfer".into(), own)]).unwrap();
+        assert_eq!(m.start_stop.len(), main.start_stop.len());
+        assert_eq!(m.state_transfer.len(), 1);
+        assert!(m
+            .header
+            .notes
+            .iter()
+            .any(|n| n.contains("state transfer of vm-container from xfer")));
     }
 
     #[test]

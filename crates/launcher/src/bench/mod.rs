@@ -1,8 +1,9 @@
 //! `nestor bench`: the same units and workloads as a native process, a native
 //! container, a plain microVM, scenario 1 (container in a VM), scenario 2 (jailed VMM)
 //! and both at once, measured in one run with peers (crun, runc, QEMU microvm) where
-//! installed. Owns the order of the steps and the progress lines; `modes` knows how
-//! to launch each unit, `unit` times it, `workload` is what runs inside, `report` and
+//! installed. Owns the order of the steps, which sections run (`--sections`) and the
+//! progress lines; `modes` knows how to launch each unit, `unit` times it, `workload` is
+//! what runs inside, `service` and `transfer` measure their own sections, `report` and
 //! `svg` render the `model`, and `combine` merges and compares stored reports.
 
 pub mod combine;
@@ -12,6 +13,7 @@ pub mod modes;
 pub mod report;
 pub mod service;
 pub mod svg;
+pub mod transfer;
 pub mod unit;
 pub mod workload;
 
@@ -26,6 +28,68 @@ use model::*;
 use modes::{Env, Kind, Mode, Program, Runner, VmAssets};
 use unit::Unit;
 
+/// The parts of a run `--sections` picks (all by default).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Section {
+    StartStop,
+    UnitSize,
+    Density,
+    Workloads,
+    Services,
+    StateTransfer,
+}
+
+impl Section {
+    pub const ALL: [Section; 6] = [
+        Section::StartStop,
+        Section::UnitSize,
+        Section::Density,
+        Section::Workloads,
+        Section::Services,
+        Section::StateTransfer,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Section::StartStop => "start-stop",
+            Section::UnitSize => "unit-size",
+            Section::Density => "density",
+            Section::Workloads => "workloads",
+            Section::Services => "services",
+            Section::StateTransfer => "state-transfer",
+        }
+    }
+
+    /// "all" or a comma-separated list of section names, in the order given, once each.
+    pub fn parse_list(list: &[String]) -> Result<Vec<Section>> {
+        let mut out = Vec::new();
+        for item in list.iter().flat_map(|s| s.split(',')).map(str::trim) {
+            let add: Vec<Section> = match item {
+                "" => continue,
+                "all" => Section::ALL.to_vec(),
+                _ => vec![Section::ALL
+                    .into_iter()
+                    .find(|s| s.name() == item)
+                    .with_context(|| {
+                        format!(
+                            "unknown section '{item}' (sections: all, {})",
+                            Section::ALL.map(|s| s.name()).join(", ")
+                        )
+                    })?],
+            };
+            for s in add {
+                if !out.contains(&s) {
+                    out.push(s);
+                }
+            }
+        }
+        if out.is_empty() {
+            anyhow::bail!("--sections names no section");
+        }
+        Ok(out)
+    }
+}
+
 /// The numbers a run uses, from the flags and --quick.
 struct Plan {
     runs: usize,
@@ -36,6 +100,15 @@ struct Plan {
     disk_mib: usize,
     budget_mib: u64,
     density_max: usize,
+    sections: Vec<Section>,
+    /// Rounds of the state-transfer section.
+    xfer_rounds: usize,
+}
+
+impl Plan {
+    fn has(&self, s: Section) -> bool {
+        self.sections.contains(&s)
+    }
 }
 
 fn progress(msg: &str) {
@@ -798,6 +871,7 @@ fn fill_ratios(sets: &mut [WorkloadSet]) {
 
 pub fn run(a: &BenchArgs) -> Result<()> {
     let modes = Mode::parse_list(&a.modes)?;
+    let sections = Section::parse_list(&a.sections)?;
     let q = a.quick;
     let plan = Plan {
         runs: a.runs.unwrap_or(if q { 5 } else { 20 }).max(1),
@@ -807,6 +881,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         disk_mib: if q { 32 } else { 256 },
         budget_mib: a.density_budget.unwrap_or(if q { 256 } else { 2048 }),
         density_max: a.density_max.unwrap_or(if q { 8 } else { 100 }).max(1),
+        sections,
+        xfer_rounds: transfer::rounds(a.runs, q),
     };
     let h = host::detect();
     progress(&format!(
@@ -823,7 +899,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     ));
     // Before any thread exists: the mount namespace is per process from here on.
     let ns_tmp = std::env::temp_dir().join(format!("nestor-bench-ns-{}", std::process::id()));
-    if modes.contains(&Mode::Container) {
+    let native_containers = plan.sections.iter().any(|s| {
+        matches!(
+            s,
+            Section::StartStop | Section::UnitSize | Section::Density | Section::Workloads
+        )
+    });
+    if modes.contains(&Mode::Container) && native_containers {
         std::fs::create_dir_all(&ns_tmp)?;
         private_mount_ns(&ns_tmp)?;
     }
@@ -919,17 +1001,39 @@ fn measure(
             plan.runs, plan.secs, plan.density_max, plan.budget_mib
         ));
     }
+    if plan.sections.len() < Section::ALL.len() {
+        notes.push(format!(
+            "--sections: only {}",
+            plan.sections
+                .iter()
+                .map(|s| s.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if plan.has(Section::StateTransfer) && modes.iter().any(|&m| transfer::applies(m)) {
+        let n = transfer::sizes(env.vm_mem).len();
+        notes.push(format!(
+            "state transfer: {} round(s) (--runs, at most 5; 1 with --quick), {} VM launches a round per mode",
+            plan.xfer_rounds,
+            transfer::launches_per_round(n)
+        ));
+    }
     if h.inside_testhost {
         notes.push("inside the KVM test host (QEMU TCG with nested SVM): every timing is a TCG timing; compare only within this run".into());
     }
-    if !env.workload_static {
+    if !env.workload_static && plan.has(Section::Workloads) {
         notes.push(format!(
             "no static nestor found: the workloads run from {} (dynamic; containers get the host's /lib, /lib64, /usr/lib read-only); images/build-agent.sh builds the static one VMs need",
             env.workload_bin.display()
         ));
     }
-    notes.push(format!("workload ratios: value / the native process's, from a native run made right before each of the mode's ({} pairs per mode, so load drift on a shared machine is not read as overhead): the median, and the 95% interval in brackets; ≈ marks no measurable difference (the interval holds 1.0); rtt: > 1 is slower, the others: < 1 is slower", plan.pairs));
-    notes.push("start = launch -> the unit's program printed its marker; stop = marker -> launcher exited (teardown); one warm-up run first. Memory = PSS summed over the unit's host processes (kernel memory such as page tables of the namespaces is not counted).".into());
+    if plan.has(Section::Workloads) {
+        notes.push(format!("workload ratios: value / the native process's, from a native run made right before each of the mode's ({} pairs per mode, so load drift on a shared machine is not read as overhead): the median, and the 95% interval in brackets; ≈ marks no measurable difference (the interval holds 1.0); rtt: > 1 is slower, the others: < 1 is slower", plan.pairs));
+    }
+    if plan.has(Section::StartStop) || plan.has(Section::UnitSize) {
+        notes.push("start = launch -> the unit's program printed its marker; stop = marker -> launcher exited (teardown); one warm-up run first. Memory = PSS summed over the unit's host processes (kernel memory such as page tables of the namespaces is not counted).".into());
+    }
 
     let vm_detail = match &env.vm {
         Ok(_) => "nestor-vmm booted the guest kernel to its init".to_string(),
@@ -964,6 +1068,7 @@ fn measure(
         density: Vec::new(),
         workloads: Vec::new(),
         services: Vec::new(),
+        state_transfer: Vec::new(),
         partial: true,
     };
     for &m in modes {
@@ -974,6 +1079,7 @@ fn measure(
             density: dens,
             workloads: wls,
             services,
+            state_transfer: xfer,
             ..
         } = &mut report;
         let rs = modes::runners(m, env);
@@ -988,24 +1094,32 @@ fn measure(
                 .map(|w| format!(" — skipped: {w}"))
                 .unwrap_or_default()
         ));
-        for r in &rs {
-            ss.push(start_stop(env, r, plan.runs));
+        if plan.has(Section::StartStop) {
+            for r in &rs {
+                ss.push(start_stop(env, r, plan.runs));
+            }
         }
-        for r in &rs {
-            sizes.push(unit_size(env, r));
+        if plan.has(Section::UnitSize) {
+            for r in &rs {
+                sizes.push(unit_size(env, r));
+            }
         }
-        if let Some(r) = &main {
-            let mut r = r.clone();
+        // A main runner that could not even start once is skipped below too.
+        let main = main.map(|mut r| {
             if r.skip.is_none() {
-                // A main runner that could not even start once is skipped below too.
                 if let Some(s) = ss.iter().find(|s| s.mode == m.name() && s.runner == r.name) {
                     if s.status == Status::Skipped {
                         r.skip = s.reason.clone();
                     }
                 }
             }
-            dens.push(density(env, &r, plan));
-            let mut set = workloads(env, &r, plan, true);
+            r
+        });
+        if let Some(r) = main.as_ref().filter(|_| plan.has(Section::Density)) {
+            dens.push(density(env, r, plan));
+        }
+        if let Some(r) = main.as_ref().filter(|_| plan.has(Section::Workloads)) {
+            let mut set = workloads(env, r, plan, true);
             if m != Mode::Process && set.results.iter().any(|x| x.value.is_some()) {
                 // A native run right before each of the mode's, so that load drift on a
                 // shared machine does not pass for overhead: ratios pair with it, and
@@ -1021,7 +1135,7 @@ fn measure(
                     ));
                     natives.push(workloads(env, &native, plan, false));
                     if i > 0 {
-                        runs.push(workloads(env, &r, plan, false));
+                        runs.push(workloads(env, r, plan, false));
                     } else {
                         runs.push(set.clone());
                     }
@@ -1030,12 +1144,21 @@ fn measure(
             }
             wls.push(set);
         }
-        if service::has_services(m) {
+        if service::has_services(m) && plan.has(Section::Services) {
             services.push(service::measure(env, m, plan));
+        }
+        if transfer::applies(m) && plan.has(Section::StateTransfer) {
+            xfer.push(transfer::measure(env, m, plan.xfer_rounds));
         }
         let measured = ss
             .iter()
-            .any(|s| s.mode == m.name() && s.status == Status::Measured);
+            .any(|s| s.mode == m.name() && s.status == Status::Measured)
+            || services
+                .iter()
+                .any(|s| s.mode == m.name() && s.status == Status::Measured)
+            || xfer
+                .iter()
+                .any(|s| s.mode == m.name() && s.status == Status::Measured);
         mode_entries.push(ModeEntry {
             mode: m.name().into(),
             status: if measured {
@@ -1050,6 +1173,12 @@ fn measure(
                     .find(|s| s.mode == m.name())
                     .and_then(|s| s.reason.clone())
                     .or(main_skip)
+                    .or_else(|| {
+                        xfer.iter()
+                            .find(|s| s.mode == m.name())
+                            .and_then(|s| s.reason.clone())
+                    })
+                    .or_else(|| Some("no section of this mode was asked for".into()))
             },
             description: m.description().into(),
         });
@@ -1075,4 +1204,26 @@ fn finished(r: &Report) -> Report {
         }
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_parse_all_lists_and_refuse_unknown_in_one_line() {
+        let all = Section::parse_list(&["all".into()]).unwrap();
+        assert_eq!(all, Section::ALL.to_vec());
+        let two =
+            Section::parse_list(&["state-transfer,start-stop".into(), "state-transfer".into()])
+                .unwrap();
+        assert_eq!(two, vec![Section::StateTransfer, Section::StartStop]);
+        let e = format!("{:#}", Section::parse_list(&["densty".into()]).unwrap_err());
+        assert!(
+            e.starts_with("unknown section 'densty' (sections: all, start-stop"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'));
+        assert!(Section::parse_list(&[",".into()]).is_err());
+    }
 }

@@ -26,6 +26,10 @@ pub struct Report {
     /// Servers reached from the host over their published ports (older reports have none).
     #[serde(default)]
     pub services: Vec<ServiceSet>,
+    /// Checkpoint, restore and live migration of VM containers, with CRIU on a native
+    /// container beside them (older reports have none).
+    #[serde(default)]
+    pub state_transfer: Vec<StateTransfer>,
     /// Written while the run goes on (after each mode), so a run cut short keeps what it
     /// measured; false once the run finished.
     #[serde(default)]
@@ -48,6 +52,68 @@ pub struct ServiceSet {
     /// redis-benchmark against redis-server in the mode: one row per test (SET, GET).
     pub redis: Vec<RedisResult>,
     pub redis_reason: Option<String>,
+}
+
+/// The state-transfer section of one VM-container mode: snapshot create and restore
+/// against guest memory size, live migration per strategy and guest, and CRIU on a
+/// native container for comparison. Every time in ms, every size in bytes.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct StateTransfer {
+    pub mode: String,
+    pub status: Status,
+    pub reason: Option<String>,
+    /// Whether the VMMs ran jailed (`--jail`) or not (`--no-jail`).
+    pub jailed: bool,
+    /// Rounds measured (each row's samples are one per round).
+    pub rounds: usize,
+    /// The guest memory the goals are set at and the migrations run with, MiB.
+    pub goal_mem_mib: u64,
+    pub snapshots: Vec<SnapshotRow>,
+    pub migrations: Vec<MigrationRow>,
+    pub criu: CriuRow,
+}
+
+/// `run --vm -d` (cold start: until the container runs), `checkpoint` (the VM's snapshot
+/// with the container's record; the VM stopped) and `restore` (until it runs again) of
+/// an idle container with `mem_mib` of guest memory.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct SnapshotRow {
+    pub mem_mib: u64,
+    pub status: Status,
+    pub reason: Option<String>,
+    pub cold_start_ms: Option<Summary>,
+    pub checkpoint_ms: Option<Summary>,
+    pub restore_ms: Option<Summary>,
+    /// The snapshot's allocated size on disk (memory files are sparse).
+    pub snapshot_bytes: Option<Summary>,
+}
+
+/// `nestor migrate` between two data roots of this host, one strategy, one guest.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct MigrationRow {
+    /// pre-copy, stop-copy or post-copy.
+    pub strategy: String,
+    /// idle, or dirtying (rewriting 16 MiB in a loop).
+    pub guest: String,
+    pub status: Status,
+    pub reason: Option<String>,
+    /// The guest paused: from the pause to the destination's answer that it runs.
+    pub paused_ms: Option<Summary>,
+    /// The `migrate` verb's whole move, as its caller waits for it.
+    pub total_ms: Option<Summary>,
+    pub sent_bytes: Option<Summary>,
+    pub rounds: Option<Summary>,
+}
+
+/// CRIU checkpoint (stop) and restore (`--detach`) of a native busybox container through
+/// the OCI verbs, for comparison.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct CriuRow {
+    pub status: Status,
+    pub reason: Option<String>,
+    pub checkpoint_ms: Option<Summary>,
+    pub restore_ms: Option<Summary>,
+    pub image_bytes: Option<Summary>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]

@@ -1,7 +1,8 @@
 //! The Markdown report `nestor bench` prints: a header (host, kernel, KVM, date, test
 //! host), the efficiency table measured (unit size, units per host, start time,
 //! stop time; a column per mode and runner), the workload tables against the native
-//! process, and the density sweep. Skipped rows stay in every table, with their reason.
+//! process, services, state transfer (with its goals met or not) and the density sweep.
+//! Skipped rows stay in every table, with their reason.
 
 use std::fmt::Write;
 
@@ -127,6 +128,7 @@ pub fn markdown(r: &Report) -> String {
     jail_cost(&mut o, r);
     workloads(&mut o, r);
     services(&mut o, r, &mut why);
+    state_transfer(&mut o, r, &mut why);
     disk_files(&mut o, r);
     fio_reference(&mut o, r, &mut why);
     skipped_workloads(&mut o, r, &mut why);
@@ -202,6 +204,9 @@ fn modes(o: &mut String, r: &Report, why: &mut Reasons) {
 /// the skipped columns with their reasons.
 fn efficiency(o: &mut String, r: &Report, why: &mut Reasons) {
     let cols = &r.start_stop;
+    if cols.is_empty() && r.unit_size.is_empty() {
+        return; // not among --sections
+    }
     let _ = writeln!(o, "\n## Efficiency (measured here)\n");
     let mut head = "| property |".to_string();
     let mut sep = "|---|".to_string();
@@ -352,6 +357,9 @@ fn list_by_reason(o: &mut String, title: &str, items: Vec<(String, String)>, why
 /// The workload table: a row per built-in workload, a column per mode, each value with
 /// its ratio to the native run made just before.
 fn workloads(o: &mut String, r: &Report) {
+    if r.workloads.is_empty() {
+        return; // not among --sections
+    }
     // Workloads: a row per workload, a column per mode.
     let _ = writeln!(
         o,
@@ -500,6 +508,266 @@ fn services(o: &mut String, r: &Report, why: &mut Reasons) {
     }
 }
 
+/// A median with its range, "-" for none.
+fn med_range(s: &Option<Summary>, f: fn(f64) -> String) -> String {
+    match s {
+        Some(s) if s.n > 1 && f(s.min) != f(s.max) => {
+            format!("{} [{}–{}]", f(s.median), f(s.min), f(s.max))
+        }
+        Some(s) => f(s.median),
+        None => "-".into(),
+    }
+}
+
+fn mib(b: f64) -> String {
+    bytes(b.max(0.0) as u64)
+}
+
+/// Guest memory in MiB as people say it.
+fn mem(mib: u64) -> String {
+    if mib >= 1024 && mib.is_multiple_of(1024) {
+        format!("{} GiB", mib / 1024)
+    } else {
+        format!("{mib} MiB")
+    }
+}
+
+/// A goal's verdict.
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "**met**"
+    } else {
+        "**not met**"
+    }
+}
+
+/// The state-transfer figures a section's goals are set in: checkpoint and restore
+/// against the cold start of the same guest, and pre-copy's paused time of an idle one.
+pub struct XferGoals {
+    pub checkpoint_vs_cold: Option<f64>,
+    pub restore_vs_cold: Option<f64>,
+    pub precopy_idle_paused_ms: Option<f64>,
+}
+
+pub fn xfer_goals(x: &StateTransfer) -> XferGoals {
+    let at = x
+        .snapshots
+        .iter()
+        .find(|s| s.mem_mib == x.goal_mem_mib && s.status == Status::Measured);
+    let med = |s: &Option<Summary>| s.as_ref().map(|s| s.median);
+    let vs = |f: fn(&SnapshotRow) -> &Option<Summary>| {
+        let s = at?;
+        match (med(f(s)), med(&s.cold_start_ms)) {
+            (Some(v), Some(c)) if c > 0.0 => Some(v / c),
+            _ => None,
+        }
+    };
+    XferGoals {
+        checkpoint_vs_cold: vs(|s| &s.checkpoint_ms),
+        restore_vs_cold: vs(|s| &s.restore_ms),
+        precopy_idle_paused_ms: x
+            .migrations
+            .iter()
+            .find(|m| m.strategy == "pre-copy" && m.guest == "idle")
+            .and_then(|m| med(&m.paused_ms)),
+    }
+}
+
+/// Checkpoint, restore and migration of VM containers, CRIU beside them; the goals
+/// with their verdicts, and the anchors the goals were set from.
+fn state_transfer(o: &mut String, r: &Report, why: &mut Reasons) {
+    for x in &r.state_transfer {
+        let _ = writeln!(
+            o,
+            "\n## State transfer: {} ({}; {} round{}; median [min–max])\n",
+            x.mode,
+            if x.jailed {
+                "`run --vm -d --jail`"
+            } else {
+                "`run --vm -d --no-jail`"
+            },
+            x.rounds,
+            if x.rounds == 1 { "" } else { "s" }
+        );
+        // Skipped whole (no KVM guest, no image): one line, not a table of skips.
+        let whole = x.status == Status::Skipped && x.reason.is_some();
+        if whole {
+            let _ = writeln!(
+                o,
+                "VM rows **skipped**: {}",
+                why.say(x.reason.as_deref().unwrap_or_default())
+            );
+        } else {
+            vm_rows(o, x, why);
+        }
+        criu_row(o, &x.criu, why);
+        if !whole {
+            goals(o, x);
+        }
+        let _ = writeln!(
+            o,
+            "\nAnchors (other VMMs, other machines; {}): Firecracker's CI baselines, 180 ms for a full snapshot of 2 vCPUs and 256 MiB and 70 ms for a diff snapshot; Cloud Hypervisor's default downtime limit, 300 ms.",
+            if r.header.inside_testhost {
+                "these figures are TCG timings and do not compare with them"
+            } else {
+                "for scale only"
+            }
+        );
+    }
+}
+
+/// The snapshot table (per guest memory size) and the migration table, then the
+/// reasons of rounds that failed in rows other rounds measured.
+fn vm_rows(o: &mut String, x: &StateTransfer, why: &mut Reasons) {
+    let _ = writeln!(
+        o,
+        "| guest memory | cold start (run -d until it runs) | checkpoint (snapshot; the VM stops) | vs cold start | snapshot on disk | restore (until it runs) | vs cold start |\n|---|---|---|---|---|---|---|"
+    );
+    for s in &x.snapshots {
+        if s.status == Status::Skipped {
+            let _ = writeln!(
+                o,
+                "| {} | skipped: {} | | | | | |",
+                mem(s.mem_mib),
+                why.say(s.reason.as_deref().unwrap_or_default())
+            );
+            continue;
+        }
+        let cold = s.cold_start_ms.as_ref().map(|c| c.median);
+        let vs = |v: &Option<Summary>| match (v, cold) {
+            (Some(v), Some(c)) if c > 0.0 => format!("{:.2}x", v.median / c),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            mem(s.mem_mib),
+            med_range(&s.cold_start_ms, ms),
+            med_range(&s.checkpoint_ms, ms),
+            vs(&s.checkpoint_ms),
+            med_range(&s.snapshot_bytes, mib),
+            med_range(&s.restore_ms, ms),
+            vs(&s.restore_ms),
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\nLive migration of a {} guest to a second data root (`nestor migrate`; paused: from the pause to the destination running it):\n\n| strategy | guest | paused | vs stop-copy | total | sent | rounds |\n|---|---|---|---|---|---|---|",
+        mem(x.goal_mem_mib)
+    );
+    for m in &x.migrations {
+        if m.status == Status::Skipped {
+            let _ = writeln!(
+                o,
+                "| {} | {} | skipped: {} | | | | |",
+                m.strategy,
+                m.guest,
+                why.say(m.reason.as_deref().unwrap_or_default())
+            );
+            continue;
+        }
+        let stop = x
+            .migrations
+            .iter()
+            .find(|s| s.strategy == "stop-copy" && s.guest == m.guest)
+            .and_then(|s| s.paused_ms.as_ref().map(|p| p.median));
+        let vs = match (m.paused_ms.as_ref(), stop) {
+            (Some(p), Some(s)) if s > 0.0 && m.strategy != "stop-copy" => {
+                format!("{:.2}x", p.median / s)
+            }
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {vs} | {} | {} | {} |",
+            m.strategy,
+            m.guest,
+            med_range(&m.paused_ms, ms),
+            med_range(&m.total_ms, ms),
+            med_range(&m.sent_bytes, mib),
+            med_range(&m.rounds, |v| format!("{v:.0}")),
+        );
+    }
+    let failed = x
+        .snapshots
+        .iter()
+        .filter(|s| s.status == Status::Measured)
+        .map(|s| (mem(s.mem_mib), &s.reason))
+        .chain(
+            x.migrations
+                .iter()
+                .filter(|m| m.status == Status::Measured)
+                .map(|m| (format!("{} {}", m.strategy, m.guest), &m.reason)),
+        );
+    for (what, reason) in failed {
+        if let Some(e) = reason {
+            let _ = writeln!(o, "- {what}: a round failed: {}", why.say(e));
+        }
+    }
+}
+
+/// CRIU's row: figures, or why it was skipped (never counted as a pass).
+fn criu_row(o: &mut String, c: &CriuRow, why: &mut Reasons) {
+    match c.status {
+        Status::Measured => {
+            let _ = writeln!(
+                o,
+                "\nCRIU on a native busybox container (OCI `checkpoint`, `restore --detach`): checkpoint {}, restore {}, images {}.",
+                med_range(&c.checkpoint_ms, ms),
+                med_range(&c.restore_ms, ms),
+                med_range(&c.image_bytes, mib)
+            );
+            if let Some(e) = &c.reason {
+                let _ = writeln!(o, "- CRIU: a round failed: {}", why.say(e));
+            }
+        }
+        Status::Skipped => {
+            let _ = writeln!(
+                o,
+                "\nCRIU on a native container: **skipped** (not counted): {}",
+                why.say(c.reason.as_deref().unwrap_or_default())
+            );
+        }
+    }
+}
+
+/// The goals, met or not, from this run's figures.
+fn goals(o: &mut String, x: &StateTransfer) {
+    let g = xfer_goals(x);
+    let mut goals = Vec::new();
+    if let Some(q) = g.checkpoint_vs_cold {
+        goals.push(format!(
+            "checkpoint of a {} guest {q:.2}x its cold start (goal <= 1.0x: {})",
+            mem(x.goal_mem_mib),
+            verdict(q <= 1.0)
+        ));
+    }
+    if let Some(q) = g.restore_vs_cold {
+        goals.push(format!(
+            "restore to running {q:.2}x (goal <= 0.1x: {})",
+            verdict(q <= 0.1)
+        ));
+    }
+    if let Some(p) = g.precopy_idle_paused_ms {
+        goals.push(format!(
+            "pre-copy paused an idle guest {} (goal <= 100 ms: {})",
+            ms(p),
+            verdict(p <= 100.0)
+        ));
+    }
+    if !goals.is_empty() {
+        let at = if x.goal_mem_mib == 256 {
+            String::new()
+        } else {
+            format!(
+                " (set for a 256 MiB guest; measured at {})",
+                mem(x.goal_mem_mib)
+            )
+        };
+        let _ = writeln!(o, "\nGoals, in this run{at}: {}.", goals.join("; "));
+    }
+}
+
 /// Where each mode's disk workload wrote, and whether with O_DIRECT.
 fn disk_files(o: &mut String, r: &Report) {
     let direct: Vec<String> = r
@@ -602,6 +870,9 @@ fn skipped_workloads(o: &mut String, r: &Report, why: &mut Reasons) {
 
 /// The density sweep: units started one by one until the memory budget.
 fn density(o: &mut String, r: &Report, why: &mut Reasons) {
+    if r.density.is_empty() {
+        return; // not among --sections
+    }
     let _ = writeln!(
         o,
         "\n## Density (units started one by one until the memory budget)\n\n| mode | budget | units started | PSS of all units | start time: first → last | status |\n|---|---|---|---|---|---|"
@@ -655,6 +926,98 @@ mod tests {
             "qemu-microvm 7.2.19"
         );
         assert_eq!(short_version("x", ""), "x");
+    }
+
+    fn sum(v: &[f64]) -> Option<Summary> {
+        Summary::of(v)
+    }
+
+    fn xfer() -> StateTransfer {
+        let snap = |mib, cold: f64, ck: f64, rs: f64| SnapshotRow {
+            mem_mib: mib,
+            status: Status::Measured,
+            reason: None,
+            cold_start_ms: sum(&[cold]),
+            checkpoint_ms: sum(&[ck]),
+            restore_ms: sum(&[rs]),
+            snapshot_bytes: sum(&[51.0 * 1048576.0]),
+        };
+        let mv = |s: &str, g: &str, p: f64| MigrationRow {
+            strategy: s.into(),
+            guest: g.into(),
+            status: Status::Measured,
+            reason: None,
+            paused_ms: sum(&[p, p + 10.0]),
+            total_ms: sum(&[3000.0]),
+            sent_bytes: sum(&[75.0 * 1048576.0]),
+            rounds: sum(&[3.0]),
+        };
+        StateTransfer {
+            mode: "vm-container".into(),
+            status: Status::Measured,
+            reason: None,
+            jailed: false,
+            rounds: 2,
+            goal_mem_mib: 256,
+            snapshots: vec![
+                snap(128, 2000.0, 900.0, 500.0),
+                snap(256, 2500.0, 1184.0, 681.0),
+                SnapshotRow {
+                    status: Status::Skipped,
+                    reason: Some("round 1: out of memory".into()),
+                    ..snap(1024, 0.0, 0.0, 0.0)
+                },
+            ],
+            migrations: vec![
+                mv("pre-copy", "idle", 90.0),
+                mv("stop-copy", "idle", 1385.0),
+                MigrationRow {
+                    status: Status::Skipped,
+                    reason: Some("round 1: no /dev/userfaultfd in the jail".into()),
+                    ..mv("post-copy", "idle", 0.0)
+                },
+            ],
+            criu: CriuRow {
+                status: Status::Skipped,
+                reason: Some("criu check fails on this kernel (6.18)".into()),
+                checkpoint_ms: None,
+                restore_ms: None,
+                image_bytes: None,
+            },
+        }
+    }
+
+    #[test]
+    fn state_transfer_renders_ratios_goals_and_skips() {
+        let mut r: Report = serde_json::from_str(
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/data/bench-testhost.json"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        // A report from before the section loads with none, and renders none.
+        assert!(r.state_transfer.is_empty());
+        assert!(!markdown(&r).contains("## State transfer"));
+        r.state_transfer.push(xfer());
+        let md = markdown(&r);
+        for want in [
+            "## State transfer: vm-container (`run --vm -d --no-jail`; 2 rounds",
+            "| 256 MiB | 2.50 s | 1.18 s | 0.47x | 51.0 MiB | 681.0 ms | 0.27x |",
+            "| 1 GiB | skipped: round 1: out of memory [",
+            "| pre-copy | idle | 95.0 ms [90.0 ms–100.0 ms] | 0.07x | 3.00 s | 75.0 MiB | 3 |",
+            "| post-copy | idle | skipped: round 1: no /dev/userfaultfd in the jail [",
+            "CRIU on a native container: **skipped** (not counted): criu check fails",
+            "checkpoint of a 256 MiB guest 0.47x its cold start (goal <= 1.0x: **met**)",
+            "restore to running 0.27x (goal <= 0.1x: **not met**)",
+            "pre-copy paused an idle guest 95.0 ms (goal <= 100 ms: **met**)",
+            "TCG timings and do not compare",
+        ] {
+            assert!(md.contains(want), "{want:?} missing in\n{md}");
+        }
+        let g = xfer_goals(&xfer());
+        assert!((g.restore_vs_cold.unwrap() - 681.0 / 2500.0).abs() < 1e-9);
     }
 
     /// The test host's report (a real one, kept as test data) rendered section by

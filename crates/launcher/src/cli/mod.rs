@@ -982,7 +982,13 @@ pub struct BenchArgs {
     /// Most units the density sweep starts per mode [default: 100; 8 with --quick].
     #[arg(long)]
     pub density_max: Option<usize>,
-    /// Guest memory of VM units, MiB.
+    /// Sections to measure: all, or a comma-separated list of start-stop, unit-size,
+    /// density, workloads, services, state-transfer (each VM boot counts: the test
+    /// host's kernel tires after about 30 nested launches in one boot).
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    pub sections: Vec<String>,
+    /// Guest memory of VM units, MiB (state transfer: the size its goals and
+    /// migrations use).
     #[arg(long, default_value_t = 256)]
     pub vm_mem: u64,
     /// Time limit per unit launch, seconds [default: 60; 300 inside the KVM test host].
