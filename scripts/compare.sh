@@ -77,7 +77,9 @@ else
     # Inside, the store lives on the test host's tmpfs: its root is an overlay, on
     # which a container's overlay cannot be mounted. The sample images go in first;
     # `run --vm` boots the kernel and agent initramfs setup.sh installed.
-    vm_dir=${NESTOR_ROOT:-/var/lib/nestor}/vm
+    # The installed kernel and initramfs are refreshed first (cached builds): an agent
+    # older than this nestor would refuse its requests.
+    vm_dir=$(scripts/vm-assets.sh)
     busybox_img=$(images/build-busybox-image.sh 2>/dev/null | tail -n 1)
     redis_img=$(images/build-redis-image.sh 2>/dev/null | tail -n 1)
     # One test-host boot per mode: the test host's kernel can die after a few dozen

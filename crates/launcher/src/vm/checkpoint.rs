@@ -90,6 +90,28 @@ fn settled_streams(id: &str) -> [u64; 2] {
     last
 }
 
+/// Copies bytes `start..end` of `src` to the same place in `dst`, through a buffer.
+fn copy_range(
+    src: &std::fs::File,
+    dst: &std::fs::File,
+    start: u64,
+    end: u64,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = start;
+    while at < end {
+        let want = ((end - at) as usize).min(buf.len());
+        let n = src.read_at(&mut buf[..want], at)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        dst.write_all_at(&buf[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 /// Copies file `from` to `to`, holes kept as holes (a snapshot's memory file is sparse).
 fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
     use std::os::fd::AsRawFd;
@@ -119,10 +141,29 @@ fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
                     0,
                 )
             };
-            if n <= 0 {
-                return Err(std::io::Error::last_os_error())
+            if n > 0 {
+                continue;
+            }
+            let e = std::io::Error::last_os_error();
+            // Across file systems (Linux 5.19 and later refuse that), or where the file
+            // system has no copy_file_range: the bytes through this process.
+            if n == 0
+                || !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+                )
+            {
+                let e = if n == 0 {
+                    std::io::Error::from(std::io::ErrorKind::UnexpectedEof)
+                } else {
+                    e
+                };
+                return Err(e)
                     .with_context(|| format!("copy {} to {}", from.display(), to.display()));
             }
+            copy_range(&src, &dst, off_in as u64, end as u64)
+                .with_context(|| format!("copy {} to {}", from.display(), to.display()))?;
+            off_in = end;
         }
         pos = end;
     }
@@ -548,16 +589,29 @@ mod tests {
         f.write_all_at(b"end", (64 << 20) - 3).unwrap();
         drop(f);
         let to = d.join("copy");
-        copy_sparse(&from, &to).unwrap();
-        assert_eq!(std::fs::read(&from).unwrap(), std::fs::read(&to).unwrap());
-        let md = std::fs::metadata(&to).unwrap();
-        assert_eq!(md.len(), 64 << 20);
-        // Three written pages (and file system rounding), not 64 MiB.
-        assert!(
-            md.blocks() * 512 < 4 << 20,
-            "{} bytes allocated",
-            md.blocks() * 512
-        );
+        // Within its file system, and to another one where there is one (/dev/shm is
+        // a tmpfs; copy_file_range refuses to cross file systems since Linux 5.19).
+        let other =
+            Path::new("/dev/shm").join(format!("nestor-ckpt-sparse-{}", std::process::id()));
+        let crosses = std::fs::metadata("/dev/shm")
+            .is_ok_and(|m| m.dev() != std::fs::metadata(&d).unwrap().dev());
+        if !crosses {
+            eprintln!("SKIP the cross-file-system copy: /dev/shm is not another file system here");
+        }
+        for to in std::iter::once(d.join("copy")).chain(crosses.then(|| other.clone())) {
+            copy_sparse(&from, &to).unwrap();
+            assert_eq!(std::fs::read(&from).unwrap(), std::fs::read(&to).unwrap());
+            let md = std::fs::metadata(&to).unwrap();
+            assert_eq!(md.len(), 64 << 20);
+            // Three written pages (and file system rounding), not 64 MiB.
+            assert!(
+                md.blocks() * 512 < 4 << 20,
+                "{}: {} bytes allocated",
+                to.display(),
+                md.blocks() * 512
+            );
+        }
+        let _ = std::fs::remove_file(&other);
         let _ = std::fs::remove_dir_all(&d);
     }
 
