@@ -588,7 +588,6 @@ mod tests {
         f.write_all_at(b"middle", 32 << 20).unwrap();
         f.write_all_at(b"end", (64 << 20) - 3).unwrap();
         drop(f);
-        let to = d.join("copy");
         // Within its file system, and to another one where there is one (/dev/shm is
         // a tmpfs; copy_file_range refuses to cross file systems since Linux 5.19).
         let other =
