@@ -612,6 +612,85 @@ fn pull_push_by_podman_and_run() {
     assert!(n.downloads().is_empty(), "{:?}", n.downloads());
 }
 
+/// The digest and size of the manifest the registry holds under `repo:tag`.
+fn manifest_of(reg: &Registry, repo: &str, tag: &str) -> (String, usize) {
+    let resp = http(
+        reg.port,
+        "GET",
+        &format!("/v2/{repo}/manifests/{tag}"),
+        &["Accept: application/vnd.oci.image.manifest.v1+json"],
+        b"",
+    );
+    let body = http_body(&resp).expect("a manifest body");
+    (sha(body.as_bytes()), body.len())
+}
+
+/// A multi-platform index whose first entry is another platform's image: `pull` takes
+/// linux/amd64 from it by default and the other with `--platform`; a platform the
+/// index lacks, or a malformed one, is refused in one line.
+#[test]
+fn pull_picks_the_platform_from_an_index() {
+    need!("docker-registry", "podman");
+    let store = tempfile::tempdir().unwrap();
+    let reg = Registry::start(store.path());
+    let podman = Podman::new();
+    let work = tempfile::tempdir().unwrap();
+    let amd64_id = podman.push_layout(&sample_layout(), &format!("{}/multi:amd64", reg.addr()));
+    let other = layout_with_big_layer(work.path(), 4096);
+    let arm64_id = podman.push_layout(&other, &format!("{}/multi:arm64", reg.addr()));
+    assert_ne!(amd64_id, arm64_id);
+    let (amd64, amd64_len) = manifest_of(&reg, "multi", "amd64");
+    let (arm64, arm64_len) = manifest_of(&reg, "multi", "arm64");
+    let entry = |digest: &str, size: usize, arch: &str| {
+        json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest,
+            "size": size,
+            "platform": {"os": "linux", "architecture": arch},
+        })
+    };
+    let index = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [entry(&arm64, arm64_len, "arm64"), entry(&amd64, amd64_len, "amd64")],
+    });
+    let put = http(
+        reg.port,
+        "PUT",
+        "/v2/multi/manifests/latest",
+        &["Content-Type: application/vnd.oci.image.index.v1+json"],
+        &serde_json::to_vec(&index).unwrap(),
+    );
+    assert!(
+        put.starts_with("HTTP/1.0 201") || put.starts_with("HTTP/1.1 201"),
+        "{put}"
+    );
+    let n = Nestor::new(&[&reg.addr()]);
+    let p = n.pull_json("multi");
+    assert_eq!(p["id"], json!(amd64_id), "the default platform: {p}");
+    let o = n.run(&[
+        "run",
+        "--rm",
+        "--pull=never",
+        "multi",
+        "cat",
+        "/etc/nestor-sample",
+    ]);
+    assert!(o.status.success(), "run: {}", stderr(&o));
+    let o = n.run(&["pull", "--json", "--platform", "linux/arm64", "multi"]);
+    assert!(o.status.success(), "pull --platform: {}", stderr(&o));
+    let p: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(p["id"], json!(arm64_id), "--platform linux/arm64: {p}");
+    one_error_line(
+        &n.run(&["pull", "--platform", "linux/s390x", "multi"]),
+        "linux/s390x",
+    );
+    one_error_line(
+        &n.run(&["pull", "--platform", "linux", "multi"]),
+        "platform",
+    );
+}
+
 /// A layer corrupted on the registry's disk is refused with one line; the store gets
 /// nothing.
 #[test]
