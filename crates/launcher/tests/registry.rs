@@ -1524,6 +1524,30 @@ fn login_tls_and_htpasswd() {
         stderr(&o)
     );
 
+    // logout takes Docker's entry away too (nestor would go on using it), and with
+    // Docker's file there, login writes both files.
+    let o = run(&n3, &["logout", &reg.addr()], None);
+    assert!(
+        o.status.success(),
+        "logout of Docker's entry: {}",
+        stderr(&o)
+    );
+    let docker = std::fs::read_to_string(d.join("docker/config.json")).unwrap();
+    assert!(!docker.contains(&reg.addr()), "{docker}");
+    one_line(&run(&n3, &["pull", &dest], None), "access denied");
+    let o = run(
+        &n3,
+        &["login", "-u", user, "--password-stdin", &reg.addr()],
+        Some(&pw_line),
+    );
+    assert!(o.status.success(), "login: {}", stderr(&o));
+    for f in [auth.clone(), d.join("docker/config.json")] {
+        let text = std::fs::read_to_string(&f).unwrap();
+        assert!(text.contains(&reg.addr()), "{}: {text}", f.display());
+        assert_eq!(mode_of(&f) & 0o777, 0o600, "{}", f.display());
+    }
+    assert!(run(&n3, &["pull", &dest], None).status.success());
+
     assert!(
         seen.contains("DEBUG") || seen.contains("TRACE"),
         "logs were on"

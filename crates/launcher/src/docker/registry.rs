@@ -149,8 +149,10 @@ pub fn login(
     if password.is_empty() {
         anyhow::bail!("the password is empty");
     }
-    let file = nestor_registry::auth::login(registry, &user, &password, opts.tls_verify)?;
-    tracing::info!(registry, file = %file.display(), "credentials stored");
+    let files = nestor_registry::auth::login(registry, &user, &password, opts.tls_verify)?;
+    for file in &files {
+        tracing::info!(registry, file = %file.display(), "credentials stored");
+    }
     println!("Login Succeeded!");
     Ok(())
 }
@@ -160,7 +162,7 @@ pub fn logout(registry: &str) -> Result<()> {
     let r = nestor_registry::auth::normalize_registry(registry)?;
     if !nestor_registry::auth::remove(&r)? {
         anyhow::bail!(
-            "not logged in to {r} (no entry in {})",
+            "not logged in to {r} (no entry in {} or Docker's config.json)",
             nestor_registry::auth::auth_file().display()
         );
     }
