@@ -10,7 +10,9 @@
 # leaves the container running and no record behind. Live migration to a second data
 # root (pre-copy over a Unix socket and post-copy, jailed; stop-copy over TCP): PID, files and output
 # go on there; a move to nobody, or to a nestor without the image, leaves it running.
-# Ends with no VMM and no jail left. Networked containers: vm-move-net.sh.
+# A networked container restored under another name: its guest's /etc/hosts names it
+# so, its hostname stays. Ends with no VMM and no jail left. Networked moves:
+# vm-move-net.sh.
 # Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all pass.
 set -euo pipefail
 limit=600
@@ -90,8 +92,13 @@ for variant in jailed unjailed; do
     done
 done
 
-# Bad input: one line each; the container runs on and no record is left.
-n run --vm -d --vm-mem 128 --network none --name ck-bad busybox sh -c "$counter" >/dev/null
+# Bad input: one line each; the container runs on and no record is left. It is on the
+# default network where the CNI plugins are: then, after the bad input, it is
+# checkpointed, stopped and restored under another name, and its guest's /etc/hosts
+# names it by that name while its hostname stays.
+netflags=(--network none)
+[[ -x /usr/lib/cni/bridge ]] && netflags=()
+n run --vm -d --vm-mem 128 "${netflags[@]}" --name ck-bad busybox sh -c "$counter" >/dev/null
 wait_lines ck-bad 5 || bad "ck-bad did not start"
 mkdir "$work/full" && touch "$work/full/x"
 one_line() { # NAME EXPECTED-SUBSTRING CMD...
@@ -118,6 +125,26 @@ sed -i 's/"version": 1/"version": 9/' "$work/ck-bad.2/checkpoint.json"
 one_line "restore of another version" "version 9" n restore --name ck-corrupt "$work/ck-bad.2"
 [[ -z $(status ck-corrupt) ]] && pass "a failed restore leaves no record" || bad "ck-corrupt: $(status ck-corrupt)"
 expect "the container runs on after the bad input" Up "$(status ck-bad)"
+# own_line CONTAINER: the words of its /etc/hosts line for its own address.
+own_line() {
+    local ip
+    ip=$(n inspect "$1" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["NetworkSettings"]["IPAddress"])' 2>/dev/null)
+    n exec "$1" cat /etc/hosts 2>/dev/null | awk -v ip="$ip" '$1 == ip { $1 = ""; print }'
+}
+if ((${#netflags[@]} == 0)); then
+    short=$(n inspect ck-bad | python3 -c 'import json,sys; print(json.load(sys.stdin)["Id"][:12])')
+    expect "networked: its hostname is its short id" "$short" "$(n exec ck-bad hostname 2>&1)"
+    expect "networked: /etc/hosts names it" " $short ck-bad" "$(own_line ck-bad)"
+    out=$(n checkpoint ck-bad "$work/ck-net" 2>&1) || bad "networked: checkpoint: $out"
+    out=$(n restore --name ck-renamed "$work/ck-net" 2>&1) || bad "networked: restore --name: $out"
+    [[ $out == *warning* ]] && bad "networked: restore --name: $out"
+    expect "networked, restored as ck-renamed: /etc/hosts names it so" " $short ck-renamed" "$(own_line ck-renamed)"
+    expect "networked, restored as ck-renamed: its hostname stays" "$short" "$(n exec ck-renamed hostname 2>&1)"
+    expect "networked, restored as ck-renamed: /etc/hostname stays" "$short" "$(n exec ck-renamed cat /etc/hostname 2>&1)"
+    n rm -f ck-renamed >/dev/null
+else
+    echo "skip: the renamed networked restore (containernetworking-plugins is not installed)"
+fi
 n rm -f ck-bad >/dev/null
 
 # Live migration to another nestor (a second data root stands for a second host): the
