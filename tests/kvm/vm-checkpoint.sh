@@ -92,13 +92,8 @@ for variant in jailed unjailed; do
     done
 done
 
-# Bad input: one line each; the container runs on and no record is left. It is on the
-# default network where the CNI plugins are: then, after the bad input, it is
-# checkpointed, stopped and restored under another name, and its guest's /etc/hosts
-# names it by that name while its hostname stays.
-netflags=(--network none)
-[[ -x /usr/lib/cni/bridge ]] && netflags=()
-n run --vm -d --vm-mem 128 "${netflags[@]}" --name ck-bad busybox sh -c "$counter" >/dev/null
+# Bad input: one line each; the container runs on and no record is left.
+n run --vm -d --vm-mem 128 --network none --name ck-bad busybox sh -c "$counter" >/dev/null
 wait_lines ck-bad 5 || bad "ck-bad did not start"
 mkdir "$work/full" && touch "$work/full/x"
 one_line() { # NAME EXPECTED-SUBSTRING CMD...
@@ -125,27 +120,34 @@ sed -i 's/"version": 1/"version": 9/' "$work/ck-bad.2/checkpoint.json"
 one_line "restore of another version" "version 9" n restore --name ck-corrupt "$work/ck-bad.2"
 [[ -z $(status ck-corrupt) ]] && pass "a failed restore leaves no record" || bad "ck-corrupt: $(status ck-corrupt)"
 expect "the container runs on after the bad input" Up "$(status ck-bad)"
-# own_line CONTAINER: the words of its /etc/hosts line for its own address.
+n rm -f ck-bad >/dev/null
+
+# A networked container (the default network; jailed) checkpointed, stopped and restored
+# under another name: its guest's /etc/hosts names it so, its hostname stays.
+# own_line CONTAINER: the names on its /etc/hosts line for its own address.
 own_line() {
     local ip
     ip=$(n inspect "$1" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["NetworkSettings"]["IPAddress"])' 2>/dev/null)
     n exec "$1" cat /etc/hosts 2>/dev/null | awk -v ip="$ip" '$1 == ip { $1 = ""; print }'
 }
-if ((${#netflags[@]} == 0)); then
-    short=$(n inspect ck-bad | python3 -c 'import json,sys; print(json.load(sys.stdin)["Id"][:12])')
-    expect "networked: its hostname is its short id" "$short" "$(n exec ck-bad hostname 2>&1)"
-    expect "networked: /etc/hosts names it" " $short ck-bad" "$(own_line ck-bad)"
-    out=$(n checkpoint ck-bad "$work/ck-net" 2>&1) || bad "networked: checkpoint: $out"
-    out=$(n restore --name ck-renamed "$work/ck-net" 2>&1) || bad "networked: restore --name: $out"
+# The last lines of every VMM's log (after a failure).
+vmm_logs() { find /run -name vmm.err 2>/dev/null | while read -r f; do echo "== $f: $(tail -n 3 "$f" | tr '\n' ' ')"; done; }
+if [[ -x /usr/lib/cni/bridge ]]; then
+    n run --vm -d --vm-mem 128 --name ck-net busybox sh -c "$counter" >/dev/null
+    wait_lines ck-net 5 || bad "ck-net did not start"
+    short=$(n inspect ck-net | python3 -c 'import json,sys; print(json.load(sys.stdin)["Id"][:12])')
+    expect "networked: its hostname is its short id" "$short" "$(n exec ck-net hostname 2>&1)"
+    expect "networked: /etc/hosts names it" " $short ck-net" "$(own_line ck-net)"
+    out=$(n checkpoint ck-net "$work/ck-net" 2>&1) || bad "networked: checkpoint: $out $(vmm_logs)"
+    out=$(n restore --name ck-renamed "$work/ck-net" 2>&1) || bad "networked: restore --name: $out $(vmm_logs)"
     [[ $out == *warning* ]] && bad "networked: restore --name: $out"
     expect "networked, restored as ck-renamed: /etc/hosts names it so" " $short ck-renamed" "$(own_line ck-renamed)"
     expect "networked, restored as ck-renamed: its hostname stays" "$short" "$(n exec ck-renamed hostname 2>&1)"
     expect "networked, restored as ck-renamed: /etc/hostname stays" "$short" "$(n exec ck-renamed cat /etc/hostname 2>&1)"
-    n rm -f ck-renamed >/dev/null
+    n rm -f ck-net ck-renamed >/dev/null
 else
     echo "skip: the renamed networked restore (containernetworking-plugins is not installed)"
 fi
-n rm -f ck-bad >/dev/null
 
 # Live migration to another nestor (a second data root stands for a second host): the
 # container goes on there with its PID, files and output; its record here goes.
