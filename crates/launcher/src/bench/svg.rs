@@ -1,8 +1,10 @@
-//! `nestor bench --svg DIR`: three plots drawn with plotters' SVG backend — start time
+//! `nestor bench --svg DIR`: up to four plots drawn with plotters' SVG backend — start time
 //! per mode and runner (median bars, p10–p90 whiskers, log scale), workload performance
 //! against the native process (grouped bars per workload, a bar per mode, 95% interval
-//! whiskers, log scale, higher is better), and the density sweep
-//! (memory and start time as units are added). Skipped rows are named on the plots.
+//! whiskers, log scale, higher is better), the density sweep (memory and start time as
+//! units are added), and the shared directory (fs section: grouped bars per workload, a
+//! bar per way to the directory, relative to the host process, log scale). Skipped rows
+//! are named on the plots.
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +17,7 @@ use super::report::column_label;
 pub const START_TITLE: &str = "nestor bench: start time per mode";
 pub const OVERHEAD_TITLE: &str = "nestor bench: workload overhead vs native process";
 pub const DENSITY_TITLE: &str = "nestor bench: density sweep";
+pub const FS_TITLE: &str = "nestor bench: shared directory vs host process";
 
 const COLORS: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
@@ -31,10 +34,11 @@ fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow::anyhow!("plot: {e}")
 }
 
-/// Writes start-time.svg, overhead.svg and density.svg into `dir`; their paths.
+/// Writes start-time.svg, overhead.svg and density.svg into `dir`, and fs.svg when the
+/// report has the fs section; their paths.
 pub fn write_all(r: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    let files = vec![
+    let mut files = vec![
         dir.join("start-time.svg"),
         dir.join("overhead.svg"),
         dir.join("density.svg"),
@@ -42,6 +46,11 @@ pub fn write_all(r: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
     start_time(r, &files[0])?;
     overhead(r, &files[1])?;
     density(r, &files[2])?;
+    if !r.fs.is_empty() {
+        let f = dir.join("fs.svg");
+        fs(r, &f)?;
+        files.push(f);
+    }
     Ok(files)
 }
 
@@ -160,6 +169,10 @@ fn tick(v: f64) -> String {
     format!("{s}x")
 }
 
+/// One bar series of a grouped-bar plot: its legend label and, per group, the value
+/// (performance relative to the baseline, higher is better) and its interval, if any.
+type Series = (String, Vec<Option<(f64, Option<[f64; 2]>)>>);
+
 /// Grouped bars: a group per workload, a bar per mode (the native process is the line
 /// at 1x), each with its 95% interval as a whisker; log scale, higher is better.
 fn overhead(r: &Report, path: &Path) -> Result<()> {
@@ -171,34 +184,118 @@ fn overhead(r: &Report, path: &Path) -> Result<()> {
             }
         }
     }
-    let sets: Vec<&WorkloadSet> = r.workloads.iter().filter(|s| s.mode != "process").collect();
-    let n = names.len().max(1);
-    let k = sets.len().max(1);
-    let mut lo = 0.5f64;
-    let mut hi = 2.0f64;
-    for x in sets.iter().flat_map(|s| s.results.iter()) {
-        if let Some((q, iv)) = performance(x) {
-            let [a, b] = iv.unwrap_or([q, q]);
-            lo = lo.min(a.min(q));
-            hi = hi.max(b.max(q));
-        }
+    let series: Vec<Series> = r
+        .workloads
+        .iter()
+        .filter(|s| s.mode != "process")
+        .map(|s| {
+            let vals: Vec<_> = names
+                .iter()
+                .map(|w| {
+                    s.results
+                        .iter()
+                        .find(|x| x.tool == "built-in" && &x.workload == w)
+                        .and_then(performance)
+                })
+                .collect();
+            let label = if vals.iter().any(Option::is_some) {
+                s.mode.clone()
+            } else {
+                format!("{} (skipped)", s.mode)
+            };
+            (label, vals)
+        })
+        .collect();
+    grouped_bars(
+        path,
+        OVERHEAD_TITLE,
+        &format!("{}; higher is better (rtt inverted)", subtitle(r)),
+        &names,
+        &series,
+        "native process = 1x",
+        "performance relative to the native process",
+        Some("whiskers: 95% interval"),
+    )
+}
+
+/// The fs section: a group per workload, a bar per way to the directory (the host
+/// process is the line at 1x); log scale, higher is better.
+fn fs(r: &Report, path: &Path) -> Result<()> {
+    let names: Vec<String> = super::fs::WORKLOADS
+        .iter()
+        .map(|(w, _)| w.to_string())
+        .collect();
+    let series: Vec<Series> =
+        r.fs.iter()
+            .flat_map(|s| s.rows.iter())
+            .filter(|row| row.path != "host")
+            .map(|row| {
+                let vals: Vec<_> = names
+                    .iter()
+                    .map(|w| {
+                        row.results
+                            .iter()
+                            .find(|x| &x.workload == w)
+                            .and_then(|x| x.ratio_vs_host)
+                            .filter(|q| *q > 0.0)
+                            .map(|q| (q, None))
+                    })
+                    .collect();
+                let label = if vals.iter().any(Option::is_some) {
+                    row.path.clone()
+                } else {
+                    format!("{} (skipped)", row.path)
+                };
+                (label, vals)
+            })
+            .collect();
+    grouped_bars(
+        path,
+        FS_TITLE,
+        &format!("{}; higher is better", subtitle(r)),
+        &names,
+        &series,
+        "host process = 1x",
+        "relative to a host process on the same directory",
+        None,
+    )
+}
+
+/// The lowest and highest whole decades holding 1 and every value and interval.
+fn decades<'a>(vals: impl Iterator<Item = &'a (f64, Option<[f64; 2]>)>) -> (f64, f64) {
+    let (mut lo, mut hi) = (0.5f64, 2.0f64);
+    for (q, iv) in vals {
+        let [a, b] = iv.unwrap_or([*q, *q]);
+        lo = lo.min(a.min(*q));
+        hi = hi.max(b.max(*q));
     }
-    // Whole decades, so that the ticks are round numbers.
-    let (lo, hi) = (
-        10f64.powf(lo.log10().floor()),
-        10f64.powf(hi.log10().ceil()),
-    );
+    // A hair beyond the decades, so that their own ticks are drawn and labelled.
+    (
+        10f64.powf(lo.log10().floor()) * 0.999,
+        10f64.powf(hi.log10().ceil()) * 1.001,
+    )
+}
+
+/// A grouped-bar plot on a log axis of whole decades, the baseline a line at 1x, the
+/// legend beside the plot (never over its bars).
+#[allow(clippy::too_many_arguments)]
+fn grouped_bars(
+    path: &Path,
+    title: &str,
+    sub: &str,
+    names: &[String],
+    series: &[Series],
+    baseline: &str,
+    y_desc: &str,
+    footnote: Option<&str>,
+) -> Result<()> {
+    let n = names.len().max(1);
+    let k = series.len().max(1);
+    let (lo, hi) = decades(series.iter().flat_map(|s| s.1.iter().flatten()));
     let root = SVGBackend::new(path, (1000, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let root = root
-        .titled(OVERHEAD_TITLE, ("sans-serif", 22))
-        .map_err(err)?;
-    let root = root
-        .titled(
-            &format!("{}; higher is better (rtt inverted)", subtitle(r)),
-            ("sans-serif", 13),
-        )
-        .map_err(err)?;
+    let root = root.titled(title, ("sans-serif", 22)).map_err(err)?;
+    let root = root.titled(sub, ("sans-serif", 13)).map_err(err)?;
     let (plot, legend) = root.split_horizontally(770);
     let mut chart = ChartBuilder::on(&plot)
         .margin(10)
@@ -219,7 +316,7 @@ fn overhead(r: &Report, path: &Path) -> Result<()> {
             }
         })
         .y_label_formatter(&|v| tick(*v))
-        .y_desc("performance relative to the native process")
+        .y_desc(y_desc)
         .draw()
         .map_err(err)?;
     chart
@@ -229,43 +326,29 @@ fn overhead(r: &Report, path: &Path) -> Result<()> {
         ))
         .map_err(err)?;
     let width = 0.8 / k as f64;
-    let mut legend_rows = vec![("native process = 1x".to_string(), BLACK)];
-    for (j, s) in sets.iter().enumerate() {
+    let mut legend_rows = vec![(baseline.to_string(), BLACK)];
+    for (j, (label, vals)) in series.iter().enumerate() {
         let color = COLORS[j % COLORS.len()];
-        let mut any = false;
-        for (i, w) in names.iter().enumerate() {
-            let Some((q, iv)) = s
-                .results
-                .iter()
-                .find(|x| x.tool == "built-in" && &x.workload == w)
-                .and_then(performance)
-            else {
-                continue;
-            };
-            any = true;
+        for (i, v) in vals.iter().enumerate() {
+            let Some((q, iv)) = v else { continue };
             let x0 = i as f64 - 0.4 + width * j as f64;
             let (x1, xm) = (x0 + width * 0.9, x0 + width * 0.45);
             chart
-                .draw_series([Rectangle::new([(x0, lo), (x1, q)], color.filled())])
+                .draw_series([Rectangle::new([(x0, lo), (x1, *q)], color.filled())])
                 .map_err(err)?;
             if let Some([a, b]) = iv {
                 let whisker = BLACK.stroke_width(1);
                 let cap = width * 0.2;
                 chart
                     .draw_series([
-                        PathElement::new(vec![(xm, a), (xm, b)], whisker),
-                        PathElement::new(vec![(xm - cap, a), (xm + cap, a)], whisker),
-                        PathElement::new(vec![(xm - cap, b), (xm + cap, b)], whisker),
+                        PathElement::new(vec![(xm, *a), (xm, *b)], whisker),
+                        PathElement::new(vec![(xm - cap, *a), (xm + cap, *a)], whisker),
+                        PathElement::new(vec![(xm - cap, *b), (xm + cap, *b)], whisker),
                     ])
                     .map_err(err)?;
             }
         }
-        let label = if any {
-            s.mode.clone()
-        } else {
-            format!("{} (skipped)", s.mode)
-        };
-        legend_rows.push((label, color));
+        legend_rows.push((label.clone(), color));
     }
     // The legend beside the plot, never over its bars.
     for (i, (label, color)) in legend_rows.iter().enumerate() {
@@ -277,13 +360,15 @@ fn overhead(r: &Report, path: &Path) -> Result<()> {
             .draw(&Text::new(label.clone(), (25, y), ("sans-serif", 13)))
             .map_err(err)?;
     }
-    legend
-        .draw(&Text::new(
-            "whiskers: 95% interval",
-            (5, 60 + 22 * legend_rows.len() as i32),
-            ("sans-serif", 12),
-        ))
-        .map_err(err)?;
+    if let Some(f) = footnote {
+        legend
+            .draw(&Text::new(
+                f.to_string(),
+                (5, 60 + 22 * legend_rows.len() as i32),
+                ("sans-serif", 12),
+            ))
+            .map_err(err)?;
+    }
     root.present().map_err(err)?;
     Ok(())
 }
