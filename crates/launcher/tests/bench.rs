@@ -606,9 +606,12 @@ fn testhost_state_transfer_report_validates_and_renders() {
         assert_eq!(row["status"], "measured", "{row}");
     }
     assert_eq!(x["criu"]["status"], "measured");
+    let svg = tempfile::tempdir().unwrap();
     let out = Command::new(nestor())
         .args(["bench", "--merge"])
         .arg(&p)
+        .arg("--svg")
+        .arg(svg.path())
         .output()
         .unwrap();
     assert!(
@@ -629,6 +632,25 @@ fn testhost_state_transfer_report_validates_and_renders() {
     }
     // Sections the run did not ask for print no empty tables.
     assert!(!md.contains("## Density"), "{md}");
+    // Its plot: one bar group per guest size and per guest, with their labels; no fs
+    // plot for a report without that section.
+    let text = std::fs::read_to_string(svg.path().join("state-transfer.svg")).unwrap();
+    let x = roxmltree::Document::parse(&text).unwrap();
+    let texts: Vec<&str> = x
+        .descendants()
+        .filter(|n| n.has_tag_name("text"))
+        .filter_map(|n| n.text())
+        .map(str::trim)
+        .collect();
+    for want in [
+        "nestor bench: state transfer",
+        "vm-container 256 MiB",
+        "vm-container dirtying",
+        "post-copy (paused)",
+    ] {
+        assert!(texts.contains(&want), "{want:?} not in {texts:?}");
+    }
+    assert!(!svg.path().join("fs.svg").exists());
 }
 
 /// `nestor bench --sections fs --quick`: the host process and the native bind mount are
@@ -720,6 +742,16 @@ fn fs_section_measures_host_and_bind_and_skips_vm_rows_with_a_reason() {
                 x["host_value"].as_f64().unwrap(),
             );
             assert!(v > 0.0 && h > 0.0, "{x}");
+            // The host value lies between the host runs before and after the row.
+            let hs: Vec<f64> = x["host_values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            assert_eq!(hs.len(), 2, "{x}");
+            let (lo, hi) = (hs[0].min(hs[1]), hs[0].max(hs[1]));
+            assert!(lo * (1.0 - 1e-9) <= h && h <= hi * (1.0 + 1e-9), "{x}");
             let q = x["ratio_vs_host"].as_f64().unwrap();
             assert!((q - v / h).abs() <= 1e-9 * q.max(1.0), "{x}");
         }
@@ -787,4 +819,75 @@ fn fs_section_measures_host_and_bind_and_skips_vm_rows_with_a_reason() {
         .filter(|e| e.path().join("state.json").exists())
         .collect();
     assert!(left.is_empty(), "containers left: {left:?}");
+}
+
+/// An fs run in the test host (`benches/fs-bench.sh`: `--sections fs --modes
+/// process,container,vm-container`, full sizes, kept as test data) validates with every
+/// row measured, renders its table and goal through `--merge`, and plots.
+#[test]
+fn testhost_fs_report_validates_and_renders() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bench-testhost-fs.json");
+    let doc: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    let errs = errors(&doc);
+    assert!(errs.is_empty(), "schema errors: {errs:#?}");
+    let paths: Vec<&str> = doc["fs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["rows"].as_array().unwrap())
+        .inspect(|r| assert_eq!(r["status"], "measured", "{r}"))
+        .map(|r| r["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "host",
+            "native-bind",
+            "virtio-fs-auto",
+            "virtio-fs-always",
+            "virtio-blk"
+        ]
+    );
+    let svg = tempfile::tempdir().unwrap();
+    let out = Command::new(nestor())
+        .args(["bench", "--merge"])
+        .arg(&p)
+        .arg("--svg")
+        .arg(svg.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let md = stdout(&out);
+    let auto = doc["fs"][2]["rows"][0]["results"][1].clone();
+    assert_eq!(auto["workload"], "disk-seq-read");
+    let q = auto["ratio_vs_host"].as_f64().unwrap();
+    let verdict = format!(
+        "(goal >= 0.5x: {})",
+        if q >= 0.5 { "**met**" } else { "**not met**" }
+    );
+    for want in [
+        "## Shared directory",
+        "| virtio-fs-auto | vm-container |",
+        "| virtio-blk | vm-container |",
+        verdict.as_str(),
+    ] {
+        assert!(md.contains(want), "{want:?} missing in\n{md}");
+    }
+    let text = std::fs::read_to_string(svg.path().join("fs.svg")).unwrap();
+    let x = roxmltree::Document::parse(&text).unwrap();
+    let texts: Vec<&str> = x
+        .descendants()
+        .filter(|n| n.has_tag_name("text"))
+        .filter_map(|n| n.text())
+        .map(str::trim)
+        .collect();
+    for want in [
+        "host process = 1x",
+        "virtio-fs-always",
+        "fs-meta",
+        "1x",
+        "0.01x",
+    ] {
+        assert!(texts.contains(&want), "{want:?} not in {texts:?}");
+    }
 }

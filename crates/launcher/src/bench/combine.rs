@@ -138,10 +138,10 @@ pub fn merge(parts: &[(String, Report)]) -> Result<Report> {
 
 /// The row `get` finds in the first report where it was measured, else in the first
 /// that has it; with that report's name.
-fn first_measured<'a, T>(
-    parts: &'a [(String, Report)],
+fn first_measured<T>(
+    parts: &[(String, Report)],
     get: impl Fn(&Report) -> Option<(T, Status)>,
-) -> Option<(&'a String, T)> {
+) -> Option<(&String, T)> {
     let mut fallback = None;
     for (n, r) in parts {
         if let Some((x, st)) = get(r) {

@@ -56,6 +56,9 @@ pub const PATHS: [(&str, &str); 5] = [
     ),
 ];
 
+/// The workload program's name on the directory (and in the virtio-blk image).
+const BIN: &str = "nestor-workload";
+
 /// The modes with fs rows.
 pub fn applies(m: Mode) -> bool {
     !paths(m).is_empty()
@@ -118,6 +121,7 @@ fn skipped_results(why: &str) -> Vec<FsResult> {
             unit: (*u).into(),
             value: None,
             host_value: None,
+            host_values: vec![],
             ratio_vs_host: None,
             direct: None,
             status: Status::Skipped,
@@ -184,9 +188,16 @@ pub fn measure(
         }
     };
     set.dir = format!("{} (tmpfs)", fs.dir.display());
+    // The workload program on the directory itself: every row runs the same file from
+    // the same file system (the test host's own files are 9p, which keeps no cache).
+    let bin = env.static_nestor.as_deref().unwrap_or(&env.workload_bin);
+    if let Err(e) = std::fs::copy(bin, fs.dir.join(BIN)) {
+        fail_all(&mut set, format!("copy {}: {e}", bin.display()));
+        return set;
+    }
     for (path, desc) in paths(m) {
         progress(&format!(
-            "{} / fs: {path}: a host process on the directory, then {desc}",
+            "{} / fs: {path}: {desc}, between two host-process runs on the directory",
             m.name()
         ));
         let row = match row(env, &r, &fs.dir, path, desc, disk_mib, secs) {
@@ -258,7 +269,7 @@ fn host_run(
     let mut out = Vec::new();
     let mut cmd = String::new();
     for a in [disk, meta] {
-        let mut c = Command::new(&env.workload_bin);
+        let mut c = Command::new(dir.join(BIN));
         c.args(&a);
         if !cmd.is_empty() {
             cmd.push_str("; ");
@@ -269,7 +280,9 @@ fn host_run(
     Ok((out, cmd))
 }
 
-/// One row: the host process's run on the directory, then the row's own.
+/// One row: a host process's run on the directory, the row's own, and another host run;
+/// each figure's host value is the geometric mean of the two host runs around it (so
+/// that load drift on a shared machine is not read as the row's cost).
 fn row(
     env: &Env,
     r: &Runner,
@@ -279,16 +292,26 @@ fn row(
     disk_mib: usize,
     secs: f64,
 ) -> Result<FsRow> {
-    let (host, host_cmd) = host_run(env, dir, disk_mib, secs).context("the host process's run")?;
+    let (before, host_cmd) =
+        host_run(env, dir, disk_mib, secs).context("the host process's run")?;
     let (mine, command) = if path == "host" {
         host_run(env, dir, disk_mib, secs)?
     } else {
         unit_run(env, r, dir, path, disk_mib, secs)?
     };
+    // A failed run after is no reason to drop the row: the run before stands alone.
+    let after = host_run(env, dir, disk_mib, secs)
+        .map(|x| x.0)
+        .unwrap_or_default();
     let pick = |v: &[serde_json::Value], w: &str| v.iter().find(|x| x["workload"] == w).cloned();
     let mut results = Vec::new();
     for (w, unit) in WORKLOADS {
-        let h = pick(&host, w).and_then(|x| x["value"].as_f64());
+        let hs: Vec<f64> = [&before, &after]
+            .iter()
+            .filter_map(|v| pick(v, w).and_then(|x| x["value"].as_f64()))
+            .filter(|v| *v > 0.0)
+            .collect();
+        let h = geo_mean(&hs);
         let x = pick(&mine, w);
         let value = x.as_ref().and_then(|x| x["value"].as_f64());
         let why = match (&x, value) {
@@ -306,6 +329,7 @@ fn row(
             unit: unit.into(),
             value,
             host_value: h,
+            host_values: hs,
             ratio_vs_host: match (value, h) {
                 (Some(v), Some(h)) if h > 0.0 => Some(v / h),
                 _ => None,
@@ -352,17 +376,16 @@ fn unit_run(
     disk_mib: usize,
     secs: f64,
 ) -> Result<(Vec<serde_json::Value>, String)> {
-    let bin = env.static_nestor.as_deref().context(
+    env.static_nestor.as_deref().context(
         "no static nestor for the unit (images/build-agent.sh builds it; or --workload-bin)",
     )?;
     let id = unit_id("fs");
     let src = if path == "virtio-blk" {
+        // make_volume puts the static nestor in the image under the same name.
         let img = dir.join(format!("{id}.ext4"));
         env.make_volume(&img, disk_mib)?;
         img
     } else {
-        std::fs::copy(bin, dir.join("nestor-workload"))
-            .with_context(|| format!("copy {}", bin.display()))?;
         dir.to_path_buf()
     };
     let mut c = Command::new(&env.me);
@@ -376,7 +399,7 @@ fn unit_run(
     }
     let sh = args("/w", disk_mib, secs)
         .iter()
-        .map(|a| format!("/w/nestor-workload {}", a.join(" ")))
+        .map(|a| format!("/w/{BIN} {}", a.join(" ")))
         .collect::<Vec<_>>()
         .join("; ");
     c.arg("-v")
@@ -394,10 +417,13 @@ fn unit_run(
     }
     if path == "virtio-blk" {
         let _ = std::fs::remove_file(&src);
-    } else {
-        let _ = std::fs::remove_file(dir.join("nestor-workload"));
     }
     Ok((res?, cmd))
+}
+
+/// The geometric mean of positive values; None for none.
+fn geo_mean(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| (v.iter().map(|x| x.ln()).sum::<f64>() / v.len() as f64).exp())
 }
 
 #[cfg(test)]
@@ -413,6 +439,13 @@ mod tests {
         assert_eq!(all, PATHS.map(|p| p.0).to_vec());
         assert!(applies(Mode::Process) && applies(Mode::VmContainer));
         assert!(!applies(Mode::Vm) && !applies(Mode::JailedVm));
+    }
+
+    #[test]
+    fn host_value_is_the_geometric_mean_of_the_runs_around_a_row() {
+        assert!((geo_mean(&[100.0, 400.0]).unwrap() - 200.0).abs() < 1e-9);
+        assert!((geo_mean(&[50.0]).unwrap() - 50.0).abs() < 1e-9);
+        assert_eq!(geo_mean(&[]), None);
     }
 
     #[test]

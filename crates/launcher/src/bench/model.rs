@@ -156,8 +156,11 @@ pub struct FsResult {
     pub workload: String,
     pub unit: String,
     pub value: Option<f64>,
-    /// The host process's figure from its run just before this row's.
+    /// The host process's figure: the geometric mean of its runs just before and just
+    /// after this row's.
     pub host_value: Option<f64>,
+    /// Those host runs' figures (before, after).
+    pub host_values: Vec<f64>,
     /// value / host_value (higher is better for every fs workload).
     pub ratio_vs_host: Option<f64>,
     /// Whether the disk workload opened its file with O_DIRECT (else buffered, with

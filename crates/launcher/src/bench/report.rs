@@ -514,6 +514,15 @@ fn services(o: &mut String, r: &Report, why: &mut Reasons) {
 /// host process's speed or better.
 pub const FS_GOAL_SEQ_READ: f64 = 0.5;
 
+/// Host runs around an fs row further apart than this make its ratio loose (`~`).
+pub const HOST_RUNS_APART: f64 = 2.0;
+
+fn host_runs_disagree(v: &[f64]) -> bool {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(0.0, f64::max);
+    lo > 0.0 && hi / lo > HOST_RUNS_APART
+}
+
 /// The fs rows: a row per way to the directory (modes in the run's order), a column per
 /// workload, each figure with its ratio to the host process's run just before it; the
 /// goal, met or not.
@@ -523,7 +532,7 @@ fn fs(o: &mut String, r: &Report, why: &mut Reasons) {
     }
     let _ = writeln!(
         o,
-        "\n## Shared directory (one tmpfs directory through each way to it; value, and ratio to a host process on the same directory run just before; higher is better)\n"
+        "\n## Shared directory (one tmpfs directory through each way to it; value, and ratio to a host process on the same directory: the geometric mean of its runs just before and after the row; higher is better)\n"
     );
     let mut head = "| way | mode |".to_string();
     let mut sep = "|---|---|".to_string();
@@ -550,9 +559,14 @@ fn fs(o: &mut String, r: &Report, why: &mut Reasons) {
                 let c = match x {
                     Some(x) => match (x.value, x.ratio_vs_host) {
                         (Some(v), Some(q)) => format!(
-                            "{} ({}x){}",
+                            "{} ({}x{}){}",
                             num(v),
                             ratio(q),
+                            if host_runs_disagree(&x.host_values) {
+                                " ~"
+                            } else {
+                                ""
+                            },
                             if x.direct == Some(false) { " b" } else { "" }
                         ),
                         (Some(v), None) => num(v),
@@ -588,7 +602,7 @@ fn fs(o: &mut String, r: &Report, why: &mut Reasons) {
     }
     let _ = writeln!(
         o,
-        "- `b`: buffered (the file system refused O_DIRECT; fdatasync, and the cache dropped before reads); others O_DIRECT"
+        "- `b`: buffered (the file system refused O_DIRECT; fdatasync, and the cache dropped before reads); others O_DIRECT. `~`: the host runs before and after the row differ by more than {HOST_RUNS_APART}x (the machine's load changed; both are in the JSON's `host_values`), so that ratio is loose"
     );
     let seq_read = |path: &str| {
         r.fs.iter()
