@@ -141,15 +141,18 @@ fn skipped_row(path: &str, desc: &str, why: &str) -> FsRow {
     }
 }
 
-/// The fs rows of mode `m`: skipped with the reason where its runner cannot run here.
-/// `save` is called after each row with the set so far (the caller rewrites the JSON).
+/// The fs rows of mode `m` (`sizes`: MiB sequential, seconds per timed pattern):
+/// skipped with the reason where its runner cannot run here, or where the bench has no
+/// private mount namespace for the tmpfs (`no_ns` says why). `save` is called after each
+/// row with the set so far (the caller rewrites the JSON).
 pub fn measure(
     env: &Env,
     m: Mode,
-    disk_mib: usize,
-    secs: f64,
+    sizes: (usize, f64),
+    no_ns: Option<&str>,
     save: &mut dyn FnMut(&FsSet),
 ) -> FsSet {
+    let (disk_mib, secs) = sizes;
     let mut set = FsSet {
         mode: m.name().into(),
         status: Status::Skipped,
@@ -168,7 +171,8 @@ pub fn measure(
     let skip = match &r {
         None => Some(format!("no runner for {} in this mode", m.name())),
         Some(r) => r.skip.clone(),
-    };
+    }
+    .or_else(|| no_ns.map(|e| format!("no private mount namespace for the tmpfs: {e}")));
     let fail_all = |set: &mut FsSet, why: String| {
         set.rows = paths(m)
             .iter()

@@ -107,6 +107,8 @@ struct Plan {
     sections: Vec<Section>,
     /// Rounds of the state-transfer section.
     xfer_rounds: usize,
+    /// Why the fs section has no private mount namespace for its tmpfs (None: it has).
+    fs_no_ns: Option<String>,
 }
 
 impl Plan {
@@ -879,7 +881,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let modes = Mode::parse_list(&a.modes)?;
     let sections = Section::parse_list(&a.sections)?;
     let q = a.quick;
-    let plan = Plan {
+    let mut plan = Plan {
         runs: a.runs.unwrap_or(if q { 5 } else { 20 }).max(1),
         pairs: a.pairs.unwrap_or(if q { 3 } else { 5 }).max(1),
         secs: a.workload_secs.unwrap_or(if q { 0.5 } else { 2.0 }),
@@ -889,6 +891,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         density_max: a.density_max.unwrap_or(if q { 8 } else { 100 }).max(1),
         sections,
         xfer_rounds: transfer::rounds(a.runs, q),
+        fs_no_ns: None,
     };
     let h = host::detect();
     progress(&format!(
@@ -915,7 +918,12 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let fs_tmpfs = plan.has(Section::Fs) && modes.iter().any(|&m| fs::applies(m));
     if hide_unified || fs_tmpfs {
         std::fs::create_dir_all(&ns_tmp)?;
-        private_mount_ns(&ns_tmp, hide_unified)?;
+        match private_mount_ns(&ns_tmp, hide_unified) {
+            Ok(()) => {}
+            // Only the fs section needed it: its rows say why, the rest runs.
+            Err(e) if !hide_unified => plan.fs_no_ns = Some(format!("{e:#}")),
+            Err(e) => return Err(e),
+        }
     }
     let env = prepare_env(a, &modes, h.inside_testhost);
     let env = match env {
@@ -1170,7 +1178,13 @@ fn measure(
                 r.modes.push(mode_entry(&r, m, main_skip.clone()));
                 save(&finished(&r));
             };
-            let set = fs::measure(env, m, disk_mib, secs, &mut so_far);
+            let set = fs::measure(
+                env,
+                m,
+                (disk_mib, secs),
+                plan.fs_no_ns.as_deref(),
+                &mut so_far,
+            );
             report.fs.push(set);
         }
         if transfer::applies(m) && plan.has(Section::StateTransfer) {
