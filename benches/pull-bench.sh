@@ -5,7 +5,12 @@
 # gzip layers made from this host's files (/usr/lib/python3.11, /usr/share/perl,
 # /usr/lib/x86_64-linux-gnu/perl, /usr/share/doc/p*), pushed by podman. The rounds
 # interleave the pullers; the result is the median of the rounds' ratios (nestor /
-# podman; below 1 is faster) with its 95% interval.
+# podman; below 1 is faster) with its 95% interval. Both pullers' stores live on a fresh
+# journaled ext4 (Debian's default) loop-mounted for the run: this host's root is an
+# ext4 without a journal, whose inode allocator skips every inode freed in the last
+# minutes (ext4's `recently_deleted`, checked only without a journal), so emptying a
+# store right before a round made the next round's file creations scan past the last
+# round's freed inodes, slower round after round (nestor 0.7 s to 2.1 s over 8 rounds).
 # A benchmark run by hand, not a test:
 #   benches/pull-bench.sh [ROUNDS]    (default 5, plus one warm-up round; root,
 #                                      docker-registry, podman, python3, the release build)
@@ -22,6 +27,7 @@ reg_pid=
 cleanup() {
     [ -n "$reg_pid" ] && kill "$reg_pid" 2>/dev/null
     podman --root "$work/pod-src" --runroot "$work/pod-src-run" --storage-driver vfs rmi -a -f >/dev/null 2>&1 || true
+    mountpoint -q "$work/st" 2>/dev/null && { umount "$work/st" 2>/dev/null || umount -l "$work/st"; }
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -82,22 +88,28 @@ ref=127.0.0.1:$port/bench/pullbench:latest
 "${pod_src[@]}" push -q --tls-verify=false localhost/pullbench:latest "$ref"
 log "image pushed: $ref"
 
+# The stores' file system: fresh, journaled, the same for both pullers.
+truncate -s 8G "$work/stores.img"
+mkfs.ext4 -q -F "$work/stores.img"
+mkdir "$work/st"
+mount -o loop "$work/stores.img" "$work/st"
+st=$work/st
 # podman's own storage as podman is usually set up (overlay), in a root of its own.
 driver=overlay
-podman --root "$work/pod" --runroot "$work/pod-run" --storage-driver overlay info >/dev/null 2>&1 || driver=vfs
+podman --root "$st/pod" --runroot "$work/pod-run" --storage-driver overlay info >/dev/null 2>&1 || driver=vfs
 log "podman storage driver: $driver; $rounds rounds, interleaved"
-pod="podman --root $work/pod --runroot $work/pod-run --storage-driver $driver"
+pod="podman --root $st/pod --runroot $work/pod-run --storage-driver $driver"
 # Rounds interleave the pullers (the order rotates every round), so a load that drifts on
 # a shared machine falls on all of them alike; each round's ratio is nestor / podman from
 # the same round. Every puller starts from an empty store each time (not timed).
 names=(nestor podman)
-cmds=("env NESTOR_ROOT=$work/nroot NESTOR_STATE=$work/nstate $bin pull -q --tls-verify=false $ref"
+cmds=("env NESTOR_ROOT=$st/nroot NESTOR_STATE=$work/nstate $bin pull -q --tls-verify=false $ref"
     "$pod pull -q --tls-verify=false $ref")
-preps=("rm -rf $work/nroot" "$pod rmi -a -f >/dev/null 2>&1; true")
+preps=("rm -rf $st/nroot" "$pod rmi -a -f >/dev/null 2>&1; true")
 if [ -n "${NESTOR_BASELINE:-}" ]; then
     names+=(baseline)
-    cmds+=("env NESTOR_ROOT=$work/nroot NESTOR_STATE=$work/nstate $NESTOR_BASELINE pull -q --tls-verify=false $ref")
-    preps+=("rm -rf $work/nroot")
+    cmds+=("env NESTOR_ROOT=$st/nroot NESTOR_STATE=$work/nstate $NESTOR_BASELINE pull -q --tls-verify=false $ref")
+    preps+=("rm -rf $st/nroot")
 fi
 k=${#names[@]}
 : >"$work/times"

@@ -95,16 +95,17 @@ else
         if ((skip)); then skip=0; continue; fi
         case $x in --modes) skip=1 ;; --modes=*) ;; *) rest+=("$x") ;; esac
     done
-    # The state-transfer section boots a VM 13 times a round: for the VM-container modes
-    # it gets a test-host boot of its own (job MODE:state-transfer), which runs the fs
-    # section too (3 VM launches, first), unless --sections was given (then every boot
-    # runs those sections).
+    # The state-transfer section boots a VM 13 times a round (6 in the plain-microVM
+    # mode): for those modes it gets a test-host boot of its own (job
+    # MODE:state-transfer), which runs the fs section too (3 VM launches, first, in the
+    # vm-container mode; the others have no fs rows), unless --sections was given (then
+    # every boot runs those sections).
     user_sections=0
     for x in "${rest[@]}"; do case $x in --sections | --sections=*) user_sections=1 ;; esac; done
     jobs=()
     for m in ${modes//,/ }; do
         case $m in
-        vm-container | jailed-vm-container) ((user_sections)) && jobs+=("$m") || jobs+=("$m" "$m:state-transfer") ;;
+        vm | vm-container | jailed-vm-container) ((user_sections)) && jobs+=("$m") || jobs+=("$m" "$m:state-transfer") ;;
         *) jobs+=("$m") ;;
         esac
     done

@@ -1030,9 +1030,10 @@ fn measure(
     if plan.has(Section::StateTransfer) && modes.iter().any(|&m| transfer::applies(m)) {
         let n = transfer::sizes(env.vm_mem).len();
         notes.push(format!(
-            "state transfer: {} round(s) (--runs, at most 5; 1 with --quick), {} VM launches a round per mode",
+            "state transfer: {} round(s) (--runs, at most 5; 1 with --quick), {} VM launches a round per VM-container mode, {} in the plain-microVM mode",
             plan.xfer_rounds,
-            transfer::launches_per_round(n)
+            transfer::launches_per_round(n),
+            transfer::vmm_launches_per_round(n)
         ));
     }
     if plan.has(Section::Fs) && modes.iter().any(|&m| fs::applies(m)) {

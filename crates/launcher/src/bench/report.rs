@@ -693,11 +693,14 @@ pub fn xfer_goals(x: &StateTransfer) -> XferGoals {
 /// with their verdicts, and the anchors the goals were set from.
 fn state_transfer(o: &mut String, r: &Report, why: &mut Reasons) {
     for x in &r.state_transfer {
+        let vmm = x.mode == "vm";
         let _ = writeln!(
             o,
             "\n## State transfer: {} ({}; {} round{}; median [min–max])\n",
             x.mode,
-            if x.jailed {
+            if vmm {
+                "nestor-vmm: `snapshot-create` on its API, `--restore DIR --resume`"
+            } else if x.jailed {
                 "`run --vm -d --jail`"
             } else {
                 "`run --vm -d --no-jail`"
@@ -716,7 +719,9 @@ fn state_transfer(o: &mut String, r: &Report, why: &mut Reasons) {
         } else {
             vm_rows(o, x, why);
         }
-        criu_row(o, &x.criu, why);
+        if !vmm {
+            criu_row(o, &x.criu, why);
+        }
         if !whole {
             goals(o, x);
         }
@@ -735,10 +740,12 @@ fn state_transfer(o: &mut String, r: &Report, why: &mut Reasons) {
 /// The snapshot table (per guest memory size) and the migration table, then the
 /// reasons of rounds that failed in rows other rounds measured.
 fn vm_rows(o: &mut String, x: &StateTransfer, why: &mut Reasons) {
-    let _ = writeln!(
-        o,
-        "| guest memory | cold start (run -d until it runs) | checkpoint (snapshot; the VM stops) | vs cold start | snapshot on disk | restore (until it runs) | vs cold start |\n|---|---|---|---|---|---|---|"
-    );
+    let head = if x.mode == "vm" {
+        "| guest memory | fresh boot (launch to the guest's init) | snapshot-create (paused) | vs boot | snapshot on disk | restore (launch to the vCPUs running) | vs boot |"
+    } else {
+        "| guest memory | cold start (run -d until it runs) | checkpoint (snapshot; the VM stops) | vs cold start | snapshot on disk | restore (until it runs) | vs cold start |"
+    };
+    let _ = writeln!(o, "{head}\n|---|---|---|---|---|---|---|");
     for s in &x.snapshots {
         if s.status == Status::Skipped {
             let _ = writeln!(
@@ -765,6 +772,10 @@ fn vm_rows(o: &mut String, x: &StateTransfer, why: &mut Reasons) {
             med_range(&s.restore_ms, ms),
             vs(&s.restore_ms),
         );
+    }
+    if x.migrations.is_empty() {
+        failed_rounds(o, x, why);
+        return;
     }
     let _ = writeln!(
         o,
@@ -804,6 +815,11 @@ fn vm_rows(o: &mut String, x: &StateTransfer, why: &mut Reasons) {
             med_range(&m.rounds, |v| format!("{v:.0}")),
         );
     }
+    failed_rounds(o, x, why);
+}
+
+/// The reasons of rounds that failed in rows other rounds measured.
+fn failed_rounds(o: &mut String, x: &StateTransfer, why: &mut Reasons) {
     let failed = x
         .snapshots
         .iter()

@@ -5,9 +5,12 @@
 //! an idle container; at `--vm-mem`, live `migrate` to a second data root (this host's
 //! stand-in for another host) and back, pre-copy, stop-copy and post-copy, of that idle
 //! container and of one rewriting 16 MiB in a loop; and CRIU's checkpoint and restore
-//! of a native busybox container (the OCI verbs) beside them. Owns the
+//! of a native busybox container (the OCI verbs) beside them. In the plain-microVM mode
+//! the same rows measure nestor-vmm itself: a fresh boot of the guest to its init,
+//! `snapshot-create` on its API, and `nestor-vmm --restore DIR --resume` until its API
+//! answers that the vCPUs run (the issue's "restore to a running guest"). Owns the
 //! `state_transfer` rows of the report, the second data root, and the clean-up of every
-//! container, checkpoint and root it made, on every path.
+//! container, VMM, checkpoint and root it made, on every path.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -32,9 +35,15 @@ pub fn launches_per_round(sizes: usize) -> usize {
     2 * sizes + 2 * STRATEGIES.len() + 1
 }
 
-/// The modes with a state-transfer section: a container in a microVM of its own.
+/// The modes with a state-transfer section: a container in a microVM of its own, and the
+/// plain microVM (nestor-vmm's own snapshot and restore).
 pub fn applies(m: Mode) -> bool {
-    matches!(m, Mode::VmContainer | Mode::JailedVmContainer)
+    matches!(m, Mode::Vm | Mode::VmContainer | Mode::JailedVmContainer)
+}
+
+/// VMM launches per round in the plain-microVM mode: per size a fresh boot and a restore.
+pub fn vmm_launches_per_round(sizes: usize) -> usize {
+    2 * sizes
 }
 
 /// Rounds: `--runs` where given (at most 5: each round boots the VM 13 times, and the
@@ -58,6 +67,9 @@ pub fn sizes(goal: u64) -> Vec<u64> {
 
 /// The section for mode `m`: skipped with the reason where it cannot run.
 pub fn measure(env: &Env, m: Mode, rounds: usize) -> StateTransfer {
+    if m == Mode::Vm {
+        return measure_vmm(env, rounds);
+    }
     let jail = matches!(m, Mode::JailedVmContainer);
     let goal = env.vm_mem;
     let mut st = StateTransfer {
@@ -121,6 +133,184 @@ pub fn measure(env: &Env, m: Mode, rounds: usize) -> StateTransfer {
     ));
     st.criu = criu(env, rounds);
     st
+}
+
+/// The plain microVM's rows: nestor-vmm's own snapshot and restore per size, no moves
+/// (the container modes measure those through `nestor migrate`) and no CRIU row.
+fn measure_vmm(env: &Env, rounds: usize) -> StateTransfer {
+    let goal = env.vm_mem;
+    let mut st = StateTransfer {
+        mode: Mode::Vm.name().into(),
+        status: Status::Skipped,
+        reason: None,
+        jailed: false,
+        rounds,
+        goal_mem_mib: goal,
+        snapshots: vec![],
+        migrations: vec![],
+        criu: CriuRow {
+            status: Status::Skipped,
+            reason: Some("measured in the VM-container modes".into()),
+            checkpoint_ms: None,
+            restore_ms: None,
+            image_bytes: None,
+        },
+    };
+    let runner = modes::runners(Mode::Vm, env)
+        .into_iter()
+        .find(|r| matches!(r.kind, Kind::Vm { jail: false }));
+    let skip = match &runner {
+        None => Some("no nestor-vmm runner in this mode".to_string()),
+        Some(r) => r.skip.clone(),
+    };
+    let mut t = Tally::default();
+    match (skip, env.vm.as_ref()) {
+        (Some(why), _) => st.reason = Some(why),
+        (None, Err(e)) => st.reason = Some(e.clone()),
+        (None, Ok(a)) => {
+            for i in 1..=rounds {
+                for mib in sizes(goal) {
+                    progress(&format!(
+                        "vm: state transfer, round {i}/{rounds}: {mib} MiB guest: boot, snapshot-create, restore"
+                    ));
+                    let row = format!("snap/{mib}");
+                    match vmm_snapshot_round(env, a, mib) {
+                        Ok(f) => {
+                            t.add(&format!("{row}/cold"), f.boot_ms);
+                            t.add(&format!("{row}/checkpoint"), f.snapshot_ms);
+                            t.add(&format!("{row}/disk"), f.disk as f64);
+                            t.add(&format!("{row}/restore"), f.restore_ms);
+                        }
+                        Err(e) => t.fail(&row, i, &e),
+                    }
+                }
+            }
+        }
+    }
+    let why = st.reason.clone();
+    st.snapshots = sizes(goal)
+        .into_iter()
+        .map(|mib| t.snapshot_row(mib, why.as_deref()))
+        .collect();
+    if st.snapshots.iter().any(|x| x.status == Status::Measured) {
+        st.status = Status::Measured;
+    } else if st.reason.is_none() {
+        st.reason = st.snapshots.iter().find_map(|x| x.reason.clone());
+    }
+    st
+}
+
+/// One size's figures at the VMM level.
+struct VmmSnap {
+    boot_ms: f64,
+    snapshot_ms: f64,
+    disk: u64,
+    restore_ms: f64,
+}
+
+/// A nestor-vmm the bench started (its process group), killed and waited for on drop.
+struct VmmUnit(super::unit::Unit);
+
+impl Drop for VmmUnit {
+    fn drop(&mut self) {
+        self.0.kill(libc::SIGKILL);
+        let _ = self.0.wait_exit(Duration::from_secs(10));
+    }
+}
+
+/// Boots the guest with nestor-vmm to its init (the marker), snapshots it paused through
+/// the API, ends that VMM, then restores the snapshot in a new one with `--resume` and
+/// times it until its API answers with the first KVM_RUN done. Everything it made goes.
+fn vmm_snapshot_round(env: &Env, a: &modes::VmAssets, mib: u64) -> Result<VmmSnap> {
+    let dir = env.tmp.join(unit_id("vmm-snap"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let res = vmm_snapshot_in(env, a, mib, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    res
+}
+
+fn vmm_snapshot_in(env: &Env, a: &modes::VmAssets, mib: u64, dir: &Path) -> Result<VmmSnap> {
+    let marker = unit_id("nestor-bench-init");
+    let (api1, api2, snap) = (
+        dir.join("boot.sock"),
+        dir.join("restore.sock"),
+        dir.join("snap"),
+    );
+    let mut c = Command::new(&a.vmm);
+    c.arg("--kernel")
+        .arg(&a.kernel)
+        .arg("--initrd")
+        .arg(&a.initrd)
+        .arg("--cmdline")
+        .arg(modes::vm_cmdline(
+            &format!("echo {marker}; while true; do sleep 1; done"),
+            false,
+        ))
+        .args(["--mem", &mib.to_string(), "--vcpus", "1", "--api"])
+        .arg(&api1);
+    let mut boot = VmmUnit(super::unit::Unit::spawn(&mut c, "nestor-vmm")?);
+    boot.0.wait_marker(&marker, env.vm_timeout)?;
+    let boot_ms = boot
+        .0
+        .started
+        .map(|t| (t - boot.0.t0).as_secs_f64() * 1000.0)
+        .context("nestor-vmm: no time for its marker")?;
+    let req = serde_json::json!({"action": "snapshot-create", "dir": snap, "resume": false});
+    let t0 = Instant::now();
+    let answer = api_call(&api1, &req.to_string())?;
+    let snapshot_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    api_ok(&answer, "snapshot-create")?;
+    drop(boot);
+    let disk = allocated(&snap);
+    let mut c = Command::new(&a.vmm);
+    c.arg("--restore")
+        .arg(&snap)
+        .arg("--resume")
+        .arg("--api")
+        .arg(&api2);
+    let restored = VmmUnit(super::unit::Unit::spawn(&mut c, "nestor-vmm --restore")?);
+    // The API is served once the vCPUs were started: its first answer that has the
+    // first KVM_RUN is the guest running again.
+    let deadline = restored.0.t0 + env.vm_timeout;
+    let restore_ms = loop {
+        if let Ok(answer) = api_call(&api2, r#"{"action":"metrics"}"#) {
+            let v: serde_json::Value = serde_json::from_str(&answer).unwrap_or_default();
+            if v["metrics"]["first_run_ms"].is_u64() {
+                break restored.0.t0.elapsed().as_secs_f64() * 1000.0;
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "nestor-vmm --restore: not running within {:?}: {}",
+                env.vm_timeout,
+                restored.0.diagnostics()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    drop(restored);
+    Ok(VmmSnap {
+        boot_ms,
+        snapshot_ms,
+        disk,
+        restore_ms,
+    })
+}
+
+/// One request on a nestor-vmm API socket; its answer line.
+fn api_call(sock: &Path, req: &str) -> Result<String> {
+    nestor_microvm::api::call(sock, req).with_context(|| format!("API socket {}", sock.display()))
+}
+
+/// An API answer with `"ok": true`, or its error as one line.
+fn api_ok(answer: &str, what: &str) -> Result<()> {
+    let v: serde_json::Value = serde_json::from_str(answer)
+        .with_context(|| format!("{what}: the API answered {answer:?}"))?;
+    if v["ok"] == serde_json::Value::Bool(true) {
+        Ok(())
+    } else {
+        bail!("{what}: {}", v["error"].as_str().unwrap_or(answer))
+    }
 }
 
 /// Samples as they come, and the first error of each row.
