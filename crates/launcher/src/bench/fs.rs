@@ -5,9 +5,9 @@
 //! volume (vm-container) — each running the project's own `nestor workload disk`
 //! (sequential 1 MiB write and read, 4 KiB random read and write: fio's patterns) and
 //! `nestor workload meta` (create, stat, rename, unlink of many small files). Every row
-//! is paired with a host process's run on the same directory made right before it, so
-//! each figure has its ratio to the host within the same run (and a test-host boot that
-//! measures one mode still gets ratios). The directory lives on a tmpfs the bench mounts
+//! runs between two host-process runs on the same directory, so each figure has its
+//! ratio to the host (their geometric mean) within the same run, and a test-host boot
+//! that measures one mode still gets ratios. The directory lives on a tmpfs the bench mounts
 //! in its private mount namespace (the KVM test host's root is 9p + overlay, which
 //! neither O_DIRECT nor an idmapped mount takes), so the figures compare the transports,
 //! not a disk. Owns the `fs` rows of the report, the tmpfs and its clean-up.

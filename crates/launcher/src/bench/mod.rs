@@ -1038,7 +1038,7 @@ fn measure(
     }
     if plan.has(Section::Fs) && modes.iter().any(|&m| fs::applies(m)) {
         notes.push(format!(
-            "fs: one directory on a tmpfs the bench mounts (so the figures compare the ways to it, not a disk; the KVM test host's root is 9p + overlay), read and written through each mode's way to it by `nestor workload disk` ({} MiB sequential in 1 MiB blocks, 4 KiB random for {} s; fio's patterns, the project's own program in every unit) and `workload meta` (create, stat, rename, unlink of small files for {} s); each row's ratio is to a host process's run on the same directory made right before it",
+            "fs: one directory on a tmpfs the bench mounts (so the figures compare the ways to it, not a disk; the KVM test host's root is 9p + overlay), read and written through each mode's way to it by `nestor workload disk` ({} MiB sequential in 1 MiB blocks, 4 KiB random for {} s; fio's patterns, the project's own program in every unit) and `workload meta` (create, stat, rename, unlink of small files for {} s); each row's ratio is to a host process on the same directory: the geometric mean of its runs just before and just after the row",
             plan.disk_mib, plan.secs, plan.secs
         ));
     }

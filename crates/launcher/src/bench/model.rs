@@ -122,8 +122,8 @@ pub struct CriuRow {
 }
 
 /// The fs section of one mode: its ways to a directory on a tmpfs the bench made, each
-/// running the disk and metadata workloads, with a host process's run on the same
-/// directory made right before each row.
+/// running the disk and metadata workloads between two host-process runs on the same
+/// directory.
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct FsSet {
     pub mode: String,

@@ -524,7 +524,7 @@ fn host_runs_disagree(v: &[f64]) -> bool {
 }
 
 /// The fs rows: a row per way to the directory (modes in the run's order), a column per
-/// workload, each figure with its ratio to the host process's run just before it; the
+/// workload, each figure with its ratio to the host process's runs around it; the
 /// goal, met or not.
 fn fs(o: &mut String, r: &Report, why: &mut Reasons) {
     if r.fs.is_empty() {
