@@ -12,7 +12,10 @@
 #   scripts/compare.sh [nestor bench args...]     e.g. --modes process,container,vm
 # Step 2 boots the test host once per mode (a boot that dies is retried once, then that
 # mode alone is reported as failed), and once more for each VM-container mode's
-# state-transfer section (one round), and merges the reports (`nestor bench --merge`);
+# state-transfer section (one round) and, in the same boot, its fs section (the shared
+# directory over virtio-fs and virtio-blk: 3 VM launches, before the state transfer's);
+# the process and container boots run their fs rows with their other sections. It
+# merges the reports (`nestor bench --merge`);
 # each bench rewrites its JSON after every mode, so a cut run keeps its rows.
 # Env: NESTOR_COMPARE_OUT (default <repo>/target/compare), NESTOR_COMPARE_TESTHOST=0 to
 # skip step 2, NESTOR_COMPARE_TESTHOST_ARGS (default "--runs 3 --density-max 3"),
@@ -41,7 +44,7 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 r["modes"] = [{"mode": sys.argv[2], "status": "skipped", "reason": sys.argv[3],
                "description": "no result: see the reason"}]
-for k in ("start_stop", "unit_size", "density", "workloads", "services"):
+for k in ("start_stop", "unit_size", "density", "workloads", "services", "fs"):
     r[k] = []
 r["header"]["notes"] = []
 print(json.dumps(r))
@@ -94,8 +97,9 @@ else
     done
     # The state-transfer section boots a VM 13 times a round (6 in the plain-microVM
     # mode): for those modes it gets a test-host boot of its own (job
-    # MODE:state-transfer), unless --sections was given (then every boot runs those
-    # sections).
+    # MODE:state-transfer), which runs the fs section too (3 VM launches, first, in the
+    # vm-container mode; the others have no fs rows), unless --sections was given (then
+    # every boot runs those sections).
     user_sections=0
     for x in "${rest[@]}"; do case $x in --sections | --sections=*) user_sections=1 ;; esac; done
     jobs=()
@@ -115,7 +119,8 @@ else
         sections=() th=("${th_args[@]}")
         if [[ $job == *:state-transfer ]]; then
             # One round (--quick's): --runs would set the rounds, 13 VM launches each.
-            sections=(--sections state-transfer) th=()
+            # The fs rows (virtio-fs, virtio-blk) first, in the same boot.
+            sections=(--sections fs,state-transfer) th=()
             for ((i = 0; i < ${#th_args[@]}; i++)); do
                 case ${th_args[i]} in --runs) i=$((i + 1)) ;; --runs=*) ;; *) th+=("${th_args[i]}") ;; esac
             done

@@ -606,9 +606,12 @@ fn testhost_state_transfer_report_validates_and_renders() {
         assert_eq!(row["status"], "measured", "{row}");
     }
     assert_eq!(x["criu"]["status"], "measured");
+    let svg = tempfile::tempdir().unwrap();
     let out = Command::new(nestor())
         .args(["bench", "--merge"])
         .arg(&p)
+        .arg("--svg")
+        .arg(svg.path())
         .output()
         .unwrap();
     assert!(
@@ -629,4 +632,262 @@ fn testhost_state_transfer_report_validates_and_renders() {
     }
     // Sections the run did not ask for print no empty tables.
     assert!(!md.contains("## Density"), "{md}");
+    // Its plot: one bar group per guest size and per guest, with their labels; no fs
+    // plot for a report without that section.
+    let text = std::fs::read_to_string(svg.path().join("state-transfer.svg")).unwrap();
+    let x = roxmltree::Document::parse(&text).unwrap();
+    let texts: Vec<&str> = x
+        .descendants()
+        .filter(|n| n.has_tag_name("text"))
+        .filter_map(|n| n.text())
+        .map(str::trim)
+        .collect();
+    for want in [
+        "nestor bench: state transfer",
+        "vm-container 256 MiB",
+        "vm-container dirtying",
+        "post-copy (paused)",
+    ] {
+        assert!(texts.contains(&want), "{want:?} not in {texts:?}");
+    }
+    assert!(!svg.path().join("fs.svg").exists());
+}
+
+/// `nestor bench --sections fs --quick`: the host process and the native bind mount are
+/// measured on this machine, every figure with its ratio to a host process's run on the
+/// same directory; the microVM rows (virtio-fs, virtio-blk) are measured where KVM here
+/// boots a guest and otherwise skipped with the reason, said once, never counted as
+/// measured. The JSON validates, the plot parses, and the tmpfs directory is gone.
+#[test]
+fn fs_section_measures_host_and_bind_and_skips_vm_rows_with_a_reason() {
+    let data = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let cmd = |args: &[&str]| {
+        let mut c = Command::new(nestor());
+        c.env("NESTOR_ROOT", data.path())
+            .env("NESTOR_STATE", state.path())
+            .args(args);
+        c
+    };
+    let o = cmd(&["image", "import", sample_image().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "import: {}", stderr(&o));
+    let json = out.path().join("fs.json");
+    let svg = out.path().join("svg");
+    let o = cmd(&[
+        "bench",
+        "--quick",
+        "--sections",
+        "fs",
+        "--modes",
+        "process,container,vm-container",
+        "--json",
+        json.to_str().unwrap(),
+        "--svg",
+        svg.to_str().unwrap(),
+    ])
+    .stdin(Stdio::null())
+    .output()
+    .unwrap();
+    let (md, err) = (stdout(&o), stderr(&o));
+    assert!(o.status.success(), "bench failed: {err}\n{md}");
+    let doc: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let errs = errors(&doc);
+    assert!(errs.is_empty(), "schema errors: {errs:#?}");
+    assert_eq!(doc["partial"], false);
+    // Only the fs section ran.
+    for section in ["start_stop", "workloads", "state_transfer"] {
+        assert!(doc[section].as_array().unwrap().is_empty(), "{section}");
+    }
+    let sets = doc["fs"].as_array().unwrap();
+    let modes: Vec<&str> = sets.iter().map(|s| s["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["process", "container", "vm-container"]);
+    let row = |mode: &str, path: &str| {
+        sets.iter()
+            .find(|s| s["mode"] == mode)
+            .and_then(|s| {
+                s["rows"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|r| r["path"] == path)
+            })
+            .cloned()
+            .unwrap_or_else(|| panic!("no fs row {mode}/{path}"))
+    };
+    for (mode, path) in [("process", "host"), ("container", "native-bind")] {
+        let r = row(mode, path);
+        assert_eq!(r["status"], "measured", "{r}");
+        let results = r["results"].as_array().unwrap();
+        let names: Vec<&str> = results
+            .iter()
+            .map(|x| x["workload"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "disk-seq-write",
+                "disk-seq-read",
+                "disk-rand-read",
+                "disk-rand-write",
+                "fs-meta"
+            ]
+        );
+        for x in results {
+            assert_eq!(x["status"], "measured", "{mode} {path}: {x}");
+            let (v, h) = (
+                x["value"].as_f64().unwrap(),
+                x["host_value"].as_f64().unwrap(),
+            );
+            assert!(v > 0.0 && h > 0.0, "{x}");
+            // The host value lies between the host runs before and after the row.
+            let hs: Vec<f64> = x["host_values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            assert_eq!(hs.len(), 2, "{x}");
+            let (lo, hi) = (hs[0].min(hs[1]), hs[0].max(hs[1]));
+            assert!(lo * (1.0 - 1e-9) <= h && h <= hi * (1.0 + 1e-9), "{x}");
+            let q = x["ratio_vs_host"].as_f64().unwrap();
+            assert!((q - v / h).abs() <= 1e-9 * q.max(1.0), "{x}");
+        }
+        assert!(
+            md.contains(&format!("| {path} | {mode} |")),
+            "{path} not in the Markdown:\n{md}"
+        );
+    }
+    let vm_rows: Vec<Value> = ["virtio-fs-auto", "virtio-fs-always", "virtio-blk"]
+        .iter()
+        .map(|p| row("vm-container", p))
+        .collect();
+    if doc["header"]["kvm"]["guest_boot"] == false {
+        let why = doc["header"]["kvm"]["guest_boot_detail"].as_str().unwrap();
+        assert!(!why.is_empty());
+        for r in &vm_rows {
+            assert_eq!(r["status"], "skipped", "{r}");
+            assert_eq!(r["reason"], why, "{r}");
+            for x in r["results"].as_array().unwrap() {
+                assert_eq!(x["status"], "skipped", "{x}");
+                assert!(x["value"].is_null() && x["ratio_vs_host"].is_null(), "{x}");
+            }
+        }
+        let set = &sets[2];
+        assert_eq!(set["status"], "skipped", "{set}");
+        let entry = doc["modes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["mode"] == "vm-container")
+            .unwrap();
+        assert_eq!(entry["status"], "skipped", "{entry}");
+        // The reason once in the report (numbered, then referred to) and once in the
+        // progress lines.
+        assert_eq!(md.matches(why).count(), 1, "{md}");
+        assert_eq!(err.matches(why).count(), 1, "{err}");
+        assert!(
+            md.contains("| virtio-blk | vm-container | skipped: see ["),
+            "{md}"
+        );
+        assert!(!md.contains("Goal, in this run: virtio-fs"), "{md}");
+    } else {
+        for r in &vm_rows {
+            assert!(r["status"] == "measured" || has_reason(r), "{r}");
+        }
+    }
+    // The plot: fs.svg with its title, parseable as XML.
+    let text = std::fs::read_to_string(svg.join("fs.svg")).unwrap();
+    let x = roxmltree::Document::parse(&text).unwrap();
+    assert!(
+        x.descendants().filter(|n| n.has_tag_name("text")).any(|n| n
+            .text()
+            .is_some_and(|t| t.trim() == "nestor bench: shared directory vs host process")),
+        "fs.svg has no title"
+    );
+    // The directory (on the bench's tmpfs, in its temp dir) and every container are gone.
+    for s in sets.iter().filter(|s| s["status"] == "measured") {
+        let dir = s["dir"].as_str().unwrap().trim_end_matches(" (tmpfs)");
+        assert!(dir.contains("nestor-bench-"), "{dir}");
+        assert!(!Path::new(dir).exists(), "{dir} left behind");
+    }
+    let left: Vec<_> = std::fs::read_dir(state.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("state.json").exists())
+        .collect();
+    assert!(left.is_empty(), "containers left: {left:?}");
+}
+
+/// An fs run in the test host (`benches/fs-bench.sh`: `--sections fs --modes
+/// process,container,vm-container`, full sizes, kept as test data) validates with every
+/// row measured, renders its table and goal through `--merge`, and plots.
+#[test]
+fn testhost_fs_report_validates_and_renders() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bench-testhost-fs.json");
+    let doc: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    let errs = errors(&doc);
+    assert!(errs.is_empty(), "schema errors: {errs:#?}");
+    let paths: Vec<&str> = doc["fs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["rows"].as_array().unwrap())
+        .inspect(|r| assert_eq!(r["status"], "measured", "{r}"))
+        .map(|r| r["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "host",
+            "native-bind",
+            "virtio-fs-auto",
+            "virtio-fs-always",
+            "virtio-blk"
+        ]
+    );
+    let svg = tempfile::tempdir().unwrap();
+    let out = Command::new(nestor())
+        .args(["bench", "--merge"])
+        .arg(&p)
+        .arg("--svg")
+        .arg(svg.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let md = stdout(&out);
+    let auto = doc["fs"][2]["rows"][0]["results"][1].clone();
+    assert_eq!(auto["workload"], "disk-seq-read");
+    let q = auto["ratio_vs_host"].as_f64().unwrap();
+    let verdict = format!(
+        "(goal >= 0.5x: {})",
+        if q >= 0.5 { "**met**" } else { "**not met**" }
+    );
+    for want in [
+        "## Shared directory",
+        "| virtio-fs-auto | vm-container |",
+        "| virtio-blk | vm-container |",
+        verdict.as_str(),
+    ] {
+        assert!(md.contains(want), "{want:?} missing in\n{md}");
+    }
+    let text = std::fs::read_to_string(svg.path().join("fs.svg")).unwrap();
+    let x = roxmltree::Document::parse(&text).unwrap();
+    let texts: Vec<&str> = x
+        .descendants()
+        .filter(|n| n.has_tag_name("text"))
+        .filter_map(|n| n.text())
+        .map(str::trim)
+        .collect();
+    for want in [
+        "host process = 1x",
+        "virtio-fs-always",
+        "fs-meta",
+        "1x",
+        "0.01x",
+    ] {
+        assert!(texts.contains(&want), "{want:?} not in {texts:?}");
+    }
 }

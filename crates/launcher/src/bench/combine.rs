@@ -61,6 +61,7 @@ pub fn merge(parts: &[(String, Report)]) -> Result<Report> {
     out.workloads.clear();
     out.services.clear();
     out.state_transfer.clear();
+    out.fs.clear();
     let mut notes: Vec<String> = Vec::new();
     for (_, r) in parts {
         out.header.kvm.guest_boot |= r.header.kvm.guest_boot;
@@ -93,27 +94,31 @@ pub fn merge(parts: &[(String, Report)]) -> Result<Report> {
             .extend(r.workloads.iter().filter(|x| &x.mode == m).cloned());
         out.services
             .extend(r.services.iter().filter(|x| &x.mode == m).cloned());
-        // State transfer may come from a test-host boot of its own (its VM launches
-        // would crowd the mode's boot): from the first report that measured it.
-        let xfer = |r: &Report, measured: bool| {
+        // State transfer and fs may come from a test-host boot of their own (their VM
+        // launches would crowd the mode's boot): from the first report that measured
+        // them.
+        let picked = first_measured(parts, |r| {
             r.state_transfer
                 .iter()
-                .find(|x| &x.mode == m && (!measured || x.status == Status::Measured))
-                .cloned()
-        };
-        let picked = parts
-            .iter()
-            .find_map(|(n, r)| xfer(r, true).map(|x| (n, x)))
-            .or_else(|| {
-                parts
-                    .iter()
-                    .find_map(|(n, r)| xfer(r, false).map(|x| (n, x)))
-            });
+                .find(|x| &x.mode == m)
+                .map(|x| (x.clone(), x.status))
+        });
         if let Some((n, x)) = picked {
             if n != name {
                 xfer_from.push(format!("state transfer of {m} from {n}"));
             }
             out.state_transfer.push(x);
+        }
+        let picked = first_measured(parts, |r| {
+            r.fs.iter()
+                .find(|x| &x.mode == m)
+                .map(|x| (x.clone(), x.status))
+        });
+        if let Some((n, x)) = picked {
+            if n != name {
+                xfer_from.push(format!("fs of {m} from {n}"));
+            }
+            out.fs.push(x);
         }
     }
     if parts.len() > 1 {
@@ -129,6 +134,24 @@ pub fn merge(parts: &[(String, Report)]) -> Result<Report> {
     }
     out.header.notes = notes;
     Ok(out)
+}
+
+/// The row `get` finds in the first report where it was measured, else in the first
+/// that has it; with that report's name.
+fn first_measured<T>(
+    parts: &[(String, Report)],
+    get: impl Fn(&Report) -> Option<(T, Status)>,
+) -> Option<(&String, T)> {
+    let mut fallback = None;
+    for (n, r) in parts {
+        if let Some((x, st)) = get(r) {
+            if st == Status::Measured {
+                return Some((n, x));
+            }
+            fallback.get_or_insert((n, x));
+        }
+    }
+    fallback
 }
 
 /// A row both reports have: what, its unit, the old and new values, and whether higher
@@ -197,6 +220,21 @@ fn rows(r: &Report) -> Vec<(String, &'static str, String, f64, bool)> {
                     val,
                     x.higher_is_better,
                 ));
+            }
+        }
+    }
+    for s in &r.fs {
+        for row in &s.rows {
+            for x in &row.results {
+                if let Some(val) = x.value {
+                    v.push((
+                        format!("{}: {} {}", s.mode, row.path, x.workload),
+                        "fs",
+                        x.unit.clone(),
+                        val,
+                        true,
+                    ));
+                }
             }
         }
     }

@@ -3,10 +3,11 @@
 //! and both at once, measured in one run with peers (crun, runc, QEMU microvm) where
 //! installed. Owns the order of the steps, which sections run (`--sections`) and the
 //! progress lines; `modes` knows how to launch each unit, `unit` times it, `workload` is
-//! what runs inside, `service` and `transfer` measure their own sections, `report` and
-//! `svg` render the `model`, and `combine` merges and compares stored reports.
+//! what runs inside, `service`, `transfer` and `fs` measure their own sections, `report`
+//! and `svg` render the `model`, and `combine` merges and compares stored reports.
 
 pub mod combine;
+pub mod fs;
 pub mod host;
 pub mod model;
 pub mod modes;
@@ -37,16 +38,18 @@ pub enum Section {
     Workloads,
     Services,
     StateTransfer,
+    Fs,
 }
 
 impl Section {
-    pub const ALL: [Section; 6] = [
+    pub const ALL: [Section; 7] = [
         Section::StartStop,
         Section::UnitSize,
         Section::Density,
         Section::Workloads,
         Section::Services,
         Section::StateTransfer,
+        Section::Fs,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,6 +60,7 @@ impl Section {
             Section::Workloads => "workloads",
             Section::Services => "services",
             Section::StateTransfer => "state-transfer",
+            Section::Fs => "fs",
         }
     }
 
@@ -103,6 +107,8 @@ struct Plan {
     sections: Vec<Section>,
     /// Rounds of the state-transfer section.
     xfer_rounds: usize,
+    /// Why the fs section has no private mount namespace for its tmpfs (None: it has).
+    fs_no_ns: Option<String>,
 }
 
 impl Plan {
@@ -126,16 +132,18 @@ fn unit_id(tag: &str) -> String {
     )
 }
 
-/// crun refuses this host's hybrid cgroup layout unless the unified mount looks empty:
-/// in a private mount namespace (the whole bench, so every runtime runs under the same
-/// conditions) hide its controller list. Called before any thread exists.
-fn private_mount_ns(tmp: &Path) -> Result<()> {
+/// A private mount namespace for the whole bench (the fs section's tmpfs lives in it, and
+/// goes with the bench however it ends). crun refuses this host's hybrid cgroup layout
+/// unless the unified mount looks empty: with `hide_unified`, hide its controller list
+/// there, so every runtime runs under the same conditions. Called before any thread
+/// exists.
+fn private_mount_ns(tmp: &Path, hide_unified: bool) -> Result<()> {
     use nix::mount::{mount, MsFlags};
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context("unshare mount namespace")?;
     mount::<str, str, str, str>(None, "/", None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)
         .context("make / private")?;
     let ctl = Path::new("/sys/fs/cgroup/unified/cgroup.controllers");
-    if ctl.exists() {
+    if hide_unified && ctl.exists() {
         let empty = tmp.join("empty");
         std::fs::write(&empty, "")?;
         mount::<Path, Path, str, str>(Some(&empty), ctl, None, MsFlags::MS_BIND, None)
@@ -873,7 +881,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let modes = Mode::parse_list(&a.modes)?;
     let sections = Section::parse_list(&a.sections)?;
     let q = a.quick;
-    let plan = Plan {
+    let mut plan = Plan {
         runs: a.runs.unwrap_or(if q { 5 } else { 20 }).max(1),
         pairs: a.pairs.unwrap_or(if q { 3 } else { 5 }).max(1),
         secs: a.workload_secs.unwrap_or(if q { 0.5 } else { 2.0 }),
@@ -883,6 +891,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         density_max: a.density_max.unwrap_or(if q { 8 } else { 100 }).max(1),
         sections,
         xfer_rounds: transfer::rounds(a.runs, q),
+        fs_no_ns: None,
     };
     let h = host::detect();
     progress(&format!(
@@ -905,9 +914,16 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             Section::StartStop | Section::UnitSize | Section::Density | Section::Workloads
         )
     });
-    if modes.contains(&Mode::Container) && native_containers {
+    let hide_unified = modes.contains(&Mode::Container) && native_containers;
+    let fs_tmpfs = plan.has(Section::Fs) && modes.iter().any(|&m| fs::applies(m));
+    if hide_unified || fs_tmpfs {
         std::fs::create_dir_all(&ns_tmp)?;
-        private_mount_ns(&ns_tmp)?;
+        match private_mount_ns(&ns_tmp, hide_unified) {
+            Ok(()) => {}
+            // Only the fs section needed it: its rows say why, the rest runs.
+            Err(e) if !hide_unified => plan.fs_no_ns = Some(format!("{e:#}")),
+            Err(e) => return Err(e),
+        }
     }
     let env = prepare_env(a, &modes, h.inside_testhost);
     let env = match env {
@@ -1020,6 +1036,12 @@ fn measure(
             transfer::vmm_launches_per_round(n)
         ));
     }
+    if plan.has(Section::Fs) && modes.iter().any(|&m| fs::applies(m)) {
+        notes.push(format!(
+            "fs: one directory on a tmpfs the bench mounts (so the figures compare the ways to it, not a disk; the KVM test host's root is 9p + overlay), read and written through each mode's way to it by `nestor workload disk` ({} MiB sequential in 1 MiB blocks, 4 KiB random for {} s; fio's patterns, the project's own program in every unit) and `workload meta` (create, stat, rename, unlink of small files for {} s); each row's ratio is to a host process on the same directory: the geometric mean of its runs just before and just after the row",
+            plan.disk_mib, plan.secs, plan.secs
+        ));
+    }
     if h.inside_testhost {
         notes.push("inside the KVM test host (QEMU TCG with nested SVM): every timing is a TCG timing; compare only within this run".into());
     }
@@ -1070,17 +1092,16 @@ fn measure(
         workloads: Vec::new(),
         services: Vec::new(),
         state_transfer: Vec::new(),
+        fs: Vec::new(),
         partial: true,
     };
     for &m in modes {
         let Report {
-            modes: mode_entries,
             start_stop: ss,
             unit_size: sizes,
             density: dens,
             workloads: wls,
             services,
-            state_transfer: xfer,
             ..
         } = &mut report;
         let rs = modes::runners(m, env);
@@ -1148,45 +1169,84 @@ fn measure(
         if service::has_services(m) && plan.has(Section::Services) {
             services.push(service::measure(env, m, plan));
         }
-        if transfer::applies(m) && plan.has(Section::StateTransfer) {
-            xfer.push(transfer::measure(env, m, plan.xfer_rounds));
+        // The fs section before state transfer: its few VM launches come first in a
+        // test-host boot that holds both, and its rows are saved as each is measured.
+        if fs::applies(m) && plan.has(Section::Fs) {
+            let (disk_mib, secs) = (plan.disk_mib, plan.secs);
+            let mut so_far = |set: &model::FsSet| {
+                let mut r = report.clone();
+                r.fs.push(set.clone());
+                r.modes.push(mode_entry(&r, m, main_skip.clone()));
+                save(&finished(&r));
+            };
+            let set = fs::measure(
+                env,
+                m,
+                (disk_mib, secs),
+                plan.fs_no_ns.as_deref(),
+                &mut so_far,
+            );
+            report.fs.push(set);
         }
-        let measured = ss
-            .iter()
-            .any(|s| s.mode == m.name() && s.status == Status::Measured)
-            || services
-                .iter()
-                .any(|s| s.mode == m.name() && s.status == Status::Measured)
-            || xfer
-                .iter()
-                .any(|s| s.mode == m.name() && s.status == Status::Measured);
-        mode_entries.push(ModeEntry {
-            mode: m.name().into(),
-            status: if measured {
-                Status::Measured
-            } else {
-                Status::Skipped
-            },
-            reason: if measured {
-                None
-            } else {
-                ss.iter()
-                    .find(|s| s.mode == m.name())
-                    .and_then(|s| s.reason.clone())
-                    .or(main_skip)
-                    .or_else(|| {
-                        xfer.iter()
-                            .find(|s| s.mode == m.name())
-                            .and_then(|s| s.reason.clone())
-                    })
-                    .or_else(|| Some("no section of this mode was asked for".into()))
-            },
-            description: m.description().into(),
-        });
+        if transfer::applies(m) && plan.has(Section::StateTransfer) {
+            report
+                .state_transfer
+                .push(transfer::measure(env, m, plan.xfer_rounds));
+        }
+        let entry = mode_entry(&report, m, main_skip);
+        report.modes.push(entry);
         save(&finished(&report));
     }
     report.partial = false;
     Ok(finished(&report))
+}
+
+/// Mode `m`'s entry: measured if any of its rows is, else skipped with the first reason
+/// its rows give.
+fn mode_entry(r: &Report, m: Mode, main_skip: Option<String>) -> ModeEntry {
+    let me = |mode: &String| mode == m.name();
+    let measured = r
+        .start_stop
+        .iter()
+        .any(|s| me(&s.mode) && s.status == Status::Measured)
+        || r.services
+            .iter()
+            .any(|s| me(&s.mode) && s.status == Status::Measured)
+        || r.state_transfer
+            .iter()
+            .any(|s| me(&s.mode) && s.status == Status::Measured)
+        || r.fs
+            .iter()
+            .any(|s| me(&s.mode) && s.status == Status::Measured);
+    let reason = || {
+        r.start_stop
+            .iter()
+            .find(|s| me(&s.mode))
+            .and_then(|s| s.reason.clone())
+            .or(main_skip)
+            .or_else(|| {
+                r.state_transfer
+                    .iter()
+                    .find(|s| me(&s.mode))
+                    .and_then(|s| s.reason.clone())
+            })
+            .or_else(|| {
+                r.fs.iter()
+                    .find(|s| me(&s.mode))
+                    .and_then(|s| s.reason.clone())
+            })
+            .or_else(|| Some("no section of this mode was asked for".into()))
+    };
+    ModeEntry {
+        mode: m.name().into(),
+        status: if measured {
+            Status::Measured
+        } else {
+            Status::Skipped
+        },
+        reason: if measured { None } else { reason() },
+        description: m.description().into(),
+    }
 }
 
 /// The report with what is derived from all its rows: workload ratios where no paired

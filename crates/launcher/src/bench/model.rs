@@ -30,6 +30,11 @@ pub struct Report {
     /// container beside them (older reports have none).
     #[serde(default)]
     pub state_transfer: Vec<StateTransfer>,
+    /// One shared directory read and written through each mode's path to it (host
+    /// process, bind mount, virtio-fs, virtio-blk), against a host process on the same
+    /// directory (older reports have none).
+    #[serde(default)]
+    pub fs: Vec<FsSet>,
     /// Written while the run goes on (after each mode), so a run cut short keeps what it
     /// measured; false once the run finished.
     #[serde(default)]
@@ -114,6 +119,55 @@ pub struct CriuRow {
     pub checkpoint_ms: Option<Summary>,
     pub restore_ms: Option<Summary>,
     pub image_bytes: Option<Summary>,
+}
+
+/// The fs section of one mode: its ways to a directory on a tmpfs the bench made, each
+/// running the disk and metadata workloads between two host-process runs on the same
+/// directory.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct FsSet {
+    pub mode: String,
+    pub status: Status,
+    pub reason: Option<String>,
+    /// The shared directory (on the bench's tmpfs) and the sizes used.
+    pub dir: String,
+    pub disk_mib: usize,
+    pub secs: f64,
+    pub rows: Vec<FsRow>,
+}
+
+/// One way to the directory: host, native-bind, virtio-fs-auto, virtio-fs-always,
+/// virtio-blk.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct FsRow {
+    pub path: String,
+    pub description: String,
+    pub status: Status,
+    pub reason: Option<String>,
+    /// The unit's command line, as run.
+    pub command: String,
+    pub results: Vec<FsResult>,
+}
+
+/// One workload figure of a row and the host process's on the same directory.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct FsResult {
+    /// disk-seq-write, disk-seq-read, disk-rand-read, disk-rand-write, fs-meta
+    pub workload: String,
+    pub unit: String,
+    pub value: Option<f64>,
+    /// The host process's figure: the geometric mean of its runs just before and just
+    /// after this row's.
+    pub host_value: Option<f64>,
+    /// Those host runs' figures (before, after).
+    pub host_values: Vec<f64>,
+    /// value / host_value (higher is better for every fs workload).
+    pub ratio_vs_host: Option<f64>,
+    /// Whether the disk workload opened its file with O_DIRECT (else buffered, with
+    /// fdatasync and the cache dropped before reads); None for metadata.
+    pub direct: Option<bool>,
+    pub status: Status,
+    pub reason: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]

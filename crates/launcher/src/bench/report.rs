@@ -1,7 +1,8 @@
 //! The Markdown report `nestor bench` prints: a header (host, kernel, KVM, date, test
 //! host), the efficiency table measured (unit size, units per host, start time,
 //! stop time; a column per mode and runner), the workload tables against the native
-//! process, services, state transfer (with its goals met or not) and the density sweep.
+//! process, services, state transfer (with its goals met or not), the shared directory
+//! (fs: each way to it against a host process, with its goal) and the density sweep.
 //! Skipped rows stay in every table, with their reason.
 
 use std::fmt::Write;
@@ -129,6 +130,7 @@ pub fn markdown(r: &Report) -> String {
     workloads(&mut o, r);
     services(&mut o, r, &mut why);
     state_transfer(&mut o, r, &mut why);
+    fs(&mut o, r, &mut why);
     disk_files(&mut o, r);
     fio_reference(&mut o, r, &mut why);
     skipped_workloads(&mut o, r, &mut why);
@@ -504,6 +506,120 @@ fn services(o: &mut String, r: &Report, why: &mut Reasons) {
             c / base_rps("GET").unwrap_or(f64::NAN),
             v / base_rps("GET").unwrap_or(f64::NAN),
             v / c
+        );
+    }
+}
+
+/// The fs section's goal: virtio-fs (cache auto, the default) sequential reads at half a
+/// host process's speed or better.
+pub const FS_GOAL_SEQ_READ: f64 = 0.5;
+
+/// Host runs around an fs row further apart than this make its ratio loose (`~`).
+pub const HOST_RUNS_APART: f64 = 2.0;
+
+fn host_runs_disagree(v: &[f64]) -> bool {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(0.0, f64::max);
+    lo > 0.0 && hi / lo > HOST_RUNS_APART
+}
+
+/// The fs rows: a row per way to the directory (modes in the run's order), a column per
+/// workload, each figure with its ratio to the host process's runs around it; the
+/// goal, met or not.
+fn fs(o: &mut String, r: &Report, why: &mut Reasons) {
+    if r.fs.is_empty() {
+        return; // not among --sections
+    }
+    let _ = writeln!(
+        o,
+        "\n## Shared directory (one tmpfs directory through each way to it; value, and ratio to a host process on the same directory: the geometric mean of its runs just before and after the row; higher is better)\n"
+    );
+    let mut head = "| way | mode |".to_string();
+    let mut sep = "|---|---|".to_string();
+    for (w, unit) in super::fs::WORKLOADS {
+        let _ = write!(head, " {w} {unit} |");
+        sep.push_str("---|");
+    }
+    let _ = writeln!(o, "{head}\n{sep}");
+    for s in &r.fs {
+        for row in &s.rows {
+            let mut line = format!("| {} | {} |", row.path, s.mode);
+            if row.status == Status::Skipped {
+                let _ = write!(
+                    line,
+                    " skipped: {} |",
+                    why.say(row.reason.as_deref().unwrap_or_default())
+                );
+                line.push_str(&" |".repeat(super::fs::WORKLOADS.len() - 1));
+                let _ = writeln!(o, "{line}");
+                continue;
+            }
+            for (w, _) in super::fs::WORKLOADS {
+                let x = row.results.iter().find(|x| x.workload == w);
+                let c = match x {
+                    Some(x) => match (x.value, x.ratio_vs_host) {
+                        (Some(v), Some(q)) => format!(
+                            "{} ({}x{}){}",
+                            num(v),
+                            ratio(q),
+                            if host_runs_disagree(&x.host_values) {
+                                " ~"
+                            } else {
+                                ""
+                            },
+                            if x.direct == Some(false) { " b" } else { "" }
+                        ),
+                        (Some(v), None) => num(v),
+                        _ => "skipped".into(),
+                    },
+                    None => "-".into(),
+                };
+                let _ = write!(line, " {c} |");
+            }
+            let _ = writeln!(o, "{line}");
+        }
+    }
+    let _ = writeln!(o);
+    for s in &r.fs {
+        if !s.dir.is_empty() {
+            let _ = writeln!(
+                o,
+                "- {}: directory {}, {} MiB sequential, {} s per timed pattern",
+                s.mode, s.dir, s.disk_mib, s.secs
+            );
+        }
+        for row in s.rows.iter().filter(|r| r.status == Status::Measured) {
+            let _ = writeln!(o, "- {} {}: {}", s.mode, row.path, cell(&row.description));
+            for x in row.results.iter().filter(|x| x.status == Status::Skipped) {
+                let _ = writeln!(
+                    o,
+                    "  - {}: skipped: {}",
+                    x.workload,
+                    why.say(x.reason.as_deref().unwrap_or_default())
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        o,
+        "- `b`: buffered (the file system refused O_DIRECT; fdatasync, and the cache dropped before reads); others O_DIRECT. `~`: the host runs before and after the row differ by more than {HOST_RUNS_APART}x (the machine's load changed; both are in the JSON's `host_values`), so that ratio is loose"
+    );
+    let seq_read = |path: &str| {
+        r.fs.iter()
+            .flat_map(|s| s.rows.iter())
+            .find(|row| row.path == path && row.status == Status::Measured)
+            .and_then(|row| row.results.iter().find(|x| x.workload == "disk-seq-read"))
+            .and_then(|x| x.ratio_vs_host)
+    };
+    if let Some(q) = seq_read("virtio-fs-auto") {
+        let always = seq_read("virtio-fs-always")
+            .map(|a| format!("; with cache always {}x", ratio(a)))
+            .unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "\nGoal, in this run: virtio-fs (cache auto) sequential read {}x the host process (goal >= {FS_GOAL_SEQ_READ}x: {}){always}.",
+            ratio(q),
+            verdict(q >= FS_GOAL_SEQ_READ)
         );
     }
 }

@@ -987,8 +987,9 @@ pub struct BenchArgs {
     #[arg(long)]
     pub density_max: Option<usize>,
     /// Sections to measure: all, or a comma-separated list of start-stop, unit-size,
-    /// density, workloads, services, state-transfer (each VM boot counts: the test
-    /// host's kernel tires after about 30 nested launches in one boot).
+    /// density, workloads, services, state-transfer, fs (a shared directory through a
+    /// host process, a bind mount, virtio-fs and virtio-blk; each VM boot counts: the
+    /// test host's kernel tires after about 30 nested launches in one boot).
     #[arg(long, value_delimiter = ',', default_value = "all")]
     pub sections: Vec<String>,
     /// Guest memory of VM units, MiB (state transfer: the size its goals and
