@@ -493,16 +493,7 @@ impl Vmm {
             state_sha256: snap.state_sha256.clone(),
         });
         Self::restore_parts(
-            cfg,
-            st,
-            mem,
-            devices,
-            &snap.dir,
-            last,
-            start,
-            console,
-            resume,
-            &mut laps,
+            cfg, st, mem, devices, &snap.dir, last, start, console, resume, &mut laps,
         )
         .inspect(|_| tracing::info!("restore: VM built in {}", laps.line()))
     }
