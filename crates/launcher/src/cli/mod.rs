@@ -1215,4 +1215,40 @@ mod tests {
         assert_eq!(r.args, ["busybox", "ls", "-l", "--x"]);
         assert!(r.ctr.rm);
     }
+
+    fn create(args: &[&str]) -> CreateCmd {
+        let c = Cli::try_parse_from(["nestor", "create"].iter().chain(args)).unwrap();
+        let Cmd::Create(a) = c.cmd else {
+            panic!("not create")
+        };
+        *a
+    }
+
+    #[test]
+    fn create_is_ocis_with_a_bundle_and_dockers_with_an_image() {
+        // conmon's call.
+        let a = create(&[
+            "--bundle",
+            "/b",
+            "--pid-file",
+            "/p",
+            "--no-new-keyring",
+            "--console-socket",
+            "/s",
+            "ctr1",
+        ]);
+        let o = a.oci().expect("OCI create");
+        assert_eq!((o.bundle.to_str(), o.id.as_str()), (Some("/b"), "ctr1"));
+        assert_eq!(
+            o.console_socket.as_deref(),
+            Some(std::path::Path::new("/s"))
+        );
+        assert!(create(&["--pid-file", "/p", "ctr1"]).oci().is_some());
+        // No config.json in the crate's directory: an image and its command.
+        assert!(!std::path::Path::new("config.json").exists());
+        let a = create(&["--name", "n", "-e", "A=1", "busybox", "echo", "-n", "hi"]);
+        assert!(a.oci().is_none());
+        assert_eq!(a.run.args, ["busybox", "echo", "-n", "hi"]);
+        assert!(create(&["busybox"]).oci().is_none());
+    }
 }
