@@ -10,7 +10,9 @@
 # leaves the container running and no record behind. Live migration to a second data
 # root (pre-copy over a Unix socket and post-copy, jailed; stop-copy over TCP): PID, files and output
 # go on there; a move to nobody, or to a nestor without the image, leaves it running.
-# Ends with no VMM and no jail left. Networked containers: vm-move-net.sh.
+# A networked container restored under another name: its guest's /etc/hosts names it
+# so, its hostname stays. Ends with no VMM and no jail left. Networked moves:
+# vm-move-net.sh.
 # Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all pass.
 set -euo pipefail
 limit=600
@@ -119,6 +121,33 @@ one_line "restore of another version" "version 9" n restore --name ck-corrupt "$
 [[ -z $(status ck-corrupt) ]] && pass "a failed restore leaves no record" || bad "ck-corrupt: $(status ck-corrupt)"
 expect "the container runs on after the bad input" Up "$(status ck-bad)"
 n rm -f ck-bad >/dev/null
+
+# A networked container (the default network; jailed) checkpointed, stopped and restored
+# under another name: its guest's /etc/hosts names it so, its hostname stays.
+# own_line CONTAINER: the names on its /etc/hosts line for its own address.
+own_line() {
+    local ip
+    ip=$(n inspect "$1" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["NetworkSettings"]["IPAddress"])' 2>/dev/null)
+    n exec "$1" cat /etc/hosts 2>/dev/null | awk -v ip="$ip" '$1 == ip { $1 = ""; print }'
+}
+# The last lines of every VMM's log (after a failure).
+vmm_logs() { find /run -name vmm.err 2>/dev/null | while read -r f; do echo "== $f: $(tail -n 3 "$f" | tr '\n' ' ')"; done; }
+if [[ -x /usr/lib/cni/bridge ]]; then
+    n run --vm -d --vm-mem 128 --name ck-net busybox sh -c "$counter" >/dev/null
+    wait_lines ck-net 5 || bad "ck-net did not start"
+    short=$(n inspect ck-net | python3 -c 'import json,sys; print(json.load(sys.stdin)["Id"][:12])')
+    expect "networked: its hostname is its short id" "$short" "$(n exec ck-net hostname 2>&1)"
+    expect "networked: /etc/hosts names it" " $short ck-net" "$(own_line ck-net)"
+    out=$(n checkpoint ck-net "$work/ck-net" 2>&1) || bad "networked: checkpoint: $out $(vmm_logs)"
+    out=$(n restore --name ck-renamed "$work/ck-net" 2>&1) || bad "networked: restore --name: $out $(vmm_logs)"
+    [[ $out == *warning* ]] && bad "networked: restore --name: $out"
+    expect "networked, restored as ck-renamed: /etc/hosts names it so" " $short ck-renamed" "$(own_line ck-renamed)"
+    expect "networked, restored as ck-renamed: its hostname stays" "$short" "$(n exec ck-renamed hostname 2>&1)"
+    expect "networked, restored as ck-renamed: /etc/hostname stays" "$short" "$(n exec ck-renamed cat /etc/hostname 2>&1)"
+    n rm -f ck-net ck-renamed >/dev/null
+else
+    echo "skip: the renamed networked restore (containernetworking-plugins is not installed)"
+fi
 
 # Live migration to another nestor (a second data root stands for a second host): the
 # container goes on there with its PID, files and output; its record here goes.

@@ -6,7 +6,8 @@
 # stop-copy back, the migrating nestor sent SIGTERM mid-way: it finishes the move): one
 # TCP connection opened before the moves carries a line after each,
 # the published port answers new connections, the address and port are the same, its
-# namespace holds one tap, and its old record is gone. An unjailed one moves with
+# namespace holds one tap, its old record is gone, and its /etc/hosts names it by its
+# new name (its hostname unchanged). An unjailed one moves with
 # post-copy (and SIGTERM mid-way), its connection alive too. A move whose destination
 # VMM is killed mid-way leaves it serving where it was, on its own tap, connection alive. A networked container cannot move to another
 # data root (one line; it serves on). Ends with no VMM, jail, attachment or namespace
@@ -24,6 +25,8 @@ fi
 status() { n inspect "$1" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["Status"])' 2>/dev/null || true; }
 field() { n inspect "$1" 2>/dev/null | python3 -c "import json,sys; v=json.load(sys.stdin); print($2)" 2>/dev/null || true; }
 ip_of() { field "$1" 'v["NetworkSettings"]["IPAddress"]'; }
+# The names on container $1's /etc/hosts line for its own address.
+own_line() { n exec "$1" cat /etc/hosts 2>/dev/null | awk -v ip="$(ip_of "$1")" '$1 == ip { $1 = ""; print }'; }
 # Sends line $2 on connection fd $1 and prints the echo (empty after 30 s).
 talk() {
     local got=""
@@ -96,11 +99,13 @@ expect "pre-copy: the source's record is gone" "" "$(status net1)"
 expect "pre-copy: same address" "$addr" "$(ip_of net2)"
 expect "pre-copy: one tap in its namespace" "tap1 " "$(taps "$id")"
 expect "pre-copy: a new connection" three "$(fresh "$port" three)"
+expect "pre-copy: /etc/hosts names it net2, its hostname stays" " ${id:0:12} net2" "$(own_line net2)"
 move net2 net3 stop-copy TERM
 expect "stop-copy: the connection lives on" after-two "$(talk "$c" after-two)"
 expect "stop-copy: the port" "7000/tcp -> 127.0.0.1:$port" "$(n port net3 2>&1)"
 expect "stop-copy: same address" "$addr" "$(ip_of net3)"
 expect "stop-copy: one tap in its namespace" "tap0 " "$(taps "$id")"
+expect "stop-copy: /etc/hosts names it net3" " ${id:0:12} net3" "$(own_line net3)"
 exec {c}>&-
 
 # Another data root cannot take a networked container: one line, it serves on.

@@ -257,7 +257,9 @@ pub enum Request {
     /// Configure the guest's network as the host's CNI networks gave it: each
     /// interface (found by its MAC) gets its address, MTU and, for the first, the
     /// default route; `files` (`hosts`, `resolv.conf`, `hostname`: name -> content) are
-    /// written to [`NET_FILES_DIR`] for containers to bind. Sent before `Run`.
+    /// written to [`NET_FILES_DIR`] for containers to bind (in place: a bind mount sees
+    /// the new text). Sent before `Run`; and to a restored or moved guest with no
+    /// interface and only `hosts`, which names the container by its name now.
     Network {
         ifaces: Vec<NetIface>,
         #[serde(default)]

@@ -425,6 +425,11 @@ fn do_mount(ctx: &RootfsContext<'_>, rootfd: RawFd, m: &Mount) -> Result<()> {
             data_opt,
         );
         match (r, typ) {
+            (Ok(()), "virtiofs") => {
+                if let Ok((fd, _)) = reopen(rootfd, dest) {
+                    virtiofs_read_ahead(fd.as_raw_fd());
+                }
+            }
             (Ok(()), _) => {}
             // In a user namespace the kernel refuses some fresh mounts: fall back to binds.
             (Err(Errno::EPERM), "sysfs") => {
@@ -709,6 +714,41 @@ fn mount_cgroup(
         }
     }
     Ok(())
+}
+
+/// The read-ahead a virtio-fs mount gets, in KiB, unless `NESTOR_VIRTIOFS_READ_AHEAD_KB`
+/// says otherwise (a tuning knob; the guest agent passes its environment on). Linux
+/// gives a FUSE mount 128 KiB, so a sequential read goes to the file server in 128 KiB
+/// requests; in a microVM every request is a round trip through VM exits, and fewer,
+/// larger ones (a FUSE request carries up to 1 MiB) read several times faster.
+pub const VIRTIOFS_READ_AHEAD_KB: u32 = 1024;
+
+/// Raises the read-ahead of the FUSE mount whose root `fd` is open (its bdi is named
+/// after the superblock's device, `/sys/class/bdi/MAJOR:MINOR`) to
+/// [`VIRTIOFS_READ_AHEAD_KB`]. Best effort: read-ahead is a hint, so a sysfs that is
+/// missing or read-only (a user namespace) leaves the kernel's default.
+pub fn virtiofs_read_ahead(fd: RawFd) {
+    let kb = std::env::var("NESTOR_VIRTIOFS_READ_AHEAD_KB")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(VIRTIOFS_READ_AHEAD_KB);
+    let Ok(st) = nix::sys::stat::fstat(fd) else {
+        return;
+    };
+    #[allow(clippy::unnecessary_cast)]
+    let bdi = bdi_read_ahead(st.st_dev as u64);
+    if let Err(e) = std::fs::write(&bdi, kb.to_string()) {
+        tracing::debug!("virtio-fs read-ahead: {bdi}: {e}");
+    }
+}
+
+/// The read-ahead file of the bdi of a FUSE superblock on device `dev`.
+fn bdi_read_ahead(dev: u64) -> String {
+    format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    )
 }
 
 /// A fresh descriptor for `rel` after something was mounted on it: the old one still
@@ -1121,6 +1161,23 @@ pub fn setup(ctx: &RootfsContext<'_>, before_pivot: &mut dyn FnMut() -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn virtiofs_bdi_is_named_by_major_and_minor() {
+        assert_eq!(
+            bdi_read_ahead(makedev(0, 45)),
+            "/sys/class/bdi/0:45/read_ahead_kb"
+        );
+        // Anonymous devices run past minor 255, where the minor spills into high bits.
+        assert_eq!(
+            bdi_read_ahead(makedev(0, 300)),
+            "/sys/class/bdi/0:300/read_ahead_kb"
+        );
+        assert_eq!(
+            bdi_read_ahead(makedev(259, 70000)),
+            "/sys/class/bdi/259:70000/read_ahead_kb"
+        );
+    }
 
     #[test]
     fn options_parse() {

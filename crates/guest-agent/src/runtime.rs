@@ -180,6 +180,9 @@ impl Runtime {
                 None::<&str>,
             )
             .with_context(|| format!("mount the virtio-fs share {tag}"))?;
+            if let Ok(d) = fs::File::open(&dir) {
+                nestor_container::rootfs::virtiofs_read_ahead(d.as_raw_fd());
+            }
         }
         Ok(dir)
     }

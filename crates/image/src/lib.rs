@@ -109,7 +109,7 @@
 //! The rules in short (the private `extract` module has them in full): no `..`, leading
 //! `/` stripped, no symlink ever followed, hard links only to entries of the same layer,
 //! no device nodes except the 0:0 whiteout form. Layers may be plain tar, gzip or zstd
-//! (single frame); outer archives may be plain, gzip or zstd compressed.
+//! (any number of frames, skippable ones passed over, as zstd:chunked has them); outer archives may be plain, gzip or zstd compressed.
 
 mod digest;
 mod error;
@@ -121,6 +121,7 @@ mod reference;
 mod save;
 mod source;
 mod store;
+mod zstd;
 
 pub use error::ImageError;
 pub use export::{ExportLayer, Exported, DOCKER_MANIFEST, OCI_MANIFEST};

@@ -249,7 +249,7 @@ fn append_layer_tar<W: Write>(
     f.rewind()
         .ctx(|| format!("cannot read {}", blob.display()))?;
     let gzip = magic[..n].starts_with(&[0x1f, 0x8b]);
-    let zstd = magic[..n].starts_with(&[0x28, 0xb5, 0x2f, 0xfd]);
+    let zstd = crate::zstd::is_zstd(&magic[..n]);
     if !gzip && !zstd {
         return append_file(tar, path, blob, out);
     }
@@ -258,14 +258,7 @@ fn append_layer_tar<W: Write>(
         let mut dec: Box<dyn Read> = if gzip {
             Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(f)))
         } else {
-            Box::new(
-                ruzstd::decoding::StreamingDecoder::new(BufReader::new(f)).map_err(|e| {
-                    ImageError::BadLayer {
-                        layer: blob.display().to_string(),
-                        reason: format!("bad zstd data: {e}"),
-                    }
-                })?,
-            )
+            Box::new(crate::zstd::Frames::new(BufReader::new(f)))
         };
         let mut w = File::create(&tmp).ctx(|| format!("cannot create {}", tmp.display()))?;
         io::copy(&mut dec, &mut w).ctx(|| format!("cannot decompress {}", blob.display()))?;

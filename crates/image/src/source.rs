@@ -86,13 +86,12 @@ impl Source {
                 staging,
                 limits,
             )?,
-            [0x28, 0xb5, 0x2f, 0xfd] => {
-                let dec = ruzstd::decoding::StreamingDecoder::new(BufReader::new(reopen(path)?))
-                    .map_err(|e| {
-                        ImageError::UnknownFormat(format!("{}: bad zstd data: {e}", path.display()))
-                    })?;
-                decompress_to(dec, path, staging, limits)?
-            }
+            m if crate::zstd::is_zstd(m) => decompress_to(
+                crate::zstd::Frames::new(BufReader::new(reopen(path)?)),
+                path,
+                staging,
+                limits,
+            )?,
             _ => path.to_path_buf(),
         };
         let items = index_tar(&tar_path, path, limits)?;

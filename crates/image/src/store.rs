@@ -973,13 +973,8 @@ fn extract_layer_into(
                 .to_vec();
             let dec: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
                 Box::new(flate2::read::MultiGzDecoder::new(buf))
-            } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-                Box::new(ruzstd::decoding::StreamingDecoder::new(buf).map_err(|e| {
-                    ImageError::BadLayer {
-                        layer: layer_name.clone(),
-                        reason: format!("bad zstd data: {e}"),
-                    }
-                })?)
+            } else if crate::zstd::is_zstd(&magic) {
+                Box::new(crate::zstd::Frames::new(buf))
             } else {
                 Box::new(buf)
             };

@@ -375,6 +375,16 @@ impl Podman {
 
     /// Loads an OCI layout and pushes it as `dest`; returns the image id.
     fn push_layout(&self, layout: &Path, dest: &str) -> String {
+        let loaded = self.load_layout(layout);
+        let o = self.run(&["push", "-q", "--tls-verify=false", &loaded, dest]);
+        assert!(o.status.success(), "podman push: {}", stderr(&o));
+        let o = self.run(&["image", "inspect", "--format", "{{.Id}}", &loaded]);
+        assert!(o.status.success(), "podman inspect: {}", stderr(&o));
+        stdout(&o).trim().to_string()
+    }
+
+    /// Loads an OCI layout; returns the name podman gave it.
+    fn load_layout(&self, layout: &Path) -> String {
         let tar = self.dir.path().join(format!("{}.tar", unique("img")));
         let o = Command::new("tar")
             .arg("-C")
@@ -387,19 +397,14 @@ impl Podman {
         assert!(o.status.success(), "tar: {}", stderr(&o));
         let o = self.run(&["load", "-q", "-i", tar.to_str().unwrap()]);
         assert!(o.status.success(), "podman load: {}", stderr(&o));
-        let loaded = stdout(&o)
+        stdout(&o)
             .lines()
             .last()
             .unwrap()
             .trim()
             .trim_start_matches("Loaded image: ")
             .trim_start_matches("Loaded image(s): ")
-            .to_string();
-        let o = self.run(&["push", "-q", "--tls-verify=false", &loaded, dest]);
-        assert!(o.status.success(), "podman push: {}", stderr(&o));
-        let o = self.run(&["image", "inspect", "--format", "{{.Id}}", &loaded]);
-        assert!(o.status.success(), "podman inspect: {}", stderr(&o));
-        stdout(&o).trim().to_string()
+            .to_string()
     }
 }
 
@@ -778,13 +783,17 @@ fn create_pulls_a_missing_image_and_start_runs_it() {
     assert!(ps_record(&n, &name).is_none());
 }
 
-/// The digest and size of the manifest the registry holds under `repo:tag`.
-fn manifest_of(reg: &Registry, repo: &str, tag: &str) -> (String, usize) {
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+/// The digest and size of the manifest (of media type `mt`) the registry holds under
+/// `repo:tag`.
+fn manifest_of(reg: &Registry, repo: &str, tag: &str, mt: &str) -> (String, usize) {
     let resp = http(
         reg.port,
         "GET",
         &format!("/v2/{repo}/manifests/{tag}"),
-        &["Accept: application/vnd.oci.image.manifest.v1+json"],
+        &[&format!("Accept: {mt}")],
         b"",
     );
     let body = http_body(&resp).expect("a manifest body");
@@ -805,32 +814,62 @@ fn pull_picks_the_platform_from_an_index() {
     let other = layout_with_big_layer(work.path(), 4096);
     let arm64_id = podman.push_layout(&other, &format!("{}/multi:arm64", reg.addr()));
     assert_ne!(amd64_id, arm64_id);
-    let (amd64, amd64_len) = manifest_of(&reg, "multi", "amd64");
-    let (arm64, arm64_len) = manifest_of(&reg, "multi", "arm64");
-    let entry = |digest: &str, size: usize, arch: &str| {
-        json!({
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": digest,
-            "size": size,
-            "platform": {"os": "linux", "architecture": arch},
-        })
-    };
-    let index = json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [entry(&arm64, arm64_len, "arm64"), entry(&amd64, amd64_len, "amd64")],
-    });
-    let put = http(
-        reg.port,
-        "PUT",
-        "/v2/multi/manifests/latest",
-        &["Content-Type: application/vnd.oci.image.index.v1+json"],
-        &serde_json::to_vec(&index).unwrap(),
-    );
-    assert!(
-        put.starts_with("HTTP/1.0 201") || put.starts_with("HTTP/1.1 201"),
-        "{put}"
-    );
+    // The same two images again as Docker's schema 2 manifests (what Docker Hub serves).
+    for (id, tag) in [(&amd64_id, "amd64-v2"), (&arm64_id, "arm64-v2")] {
+        let dest = format!("{}/multi:{tag}", reg.addr());
+        let o = podman.run(&[
+            "push",
+            "-q",
+            "--tls-verify=false",
+            "--format",
+            "v2s2",
+            id,
+            &dest,
+        ]);
+        assert!(o.status.success(), "podman push v2s2: {}", stderr(&o));
+    }
+    // An OCI index under `latest`, a Docker manifest list under `list`; in both the
+    // first entry is the other platform's.
+    for (tag, list_type, entry_type, suffix) in [
+        (
+            "latest",
+            "application/vnd.oci.image.index.v1+json",
+            OCI_MANIFEST,
+            "",
+        ),
+        (
+            "list",
+            "application/vnd.docker.distribution.manifest.list.v2+json",
+            DOCKER_MANIFEST,
+            "-v2",
+        ),
+    ] {
+        let entry = |arch: &str| {
+            let (digest, size) = manifest_of(&reg, "multi", &format!("{arch}{suffix}"), entry_type);
+            json!({
+                "mediaType": entry_type,
+                "digest": digest,
+                "size": size,
+                "platform": {"os": "linux", "architecture": arch},
+            })
+        };
+        let index = json!({
+            "schemaVersion": 2,
+            "mediaType": list_type,
+            "manifests": [entry("arm64"), entry("amd64")],
+        });
+        let put = http(
+            reg.port,
+            "PUT",
+            &format!("/v2/multi/manifests/{tag}"),
+            &[&format!("Content-Type: {list_type}")],
+            &serde_json::to_vec(&index).unwrap(),
+        );
+        assert!(
+            put.starts_with("HTTP/1.0 201") || put.starts_with("HTTP/1.1 201"),
+            "{put}"
+        );
+    }
     let n = Nestor::new(&[&reg.addr()]);
     let p = n.pull_json("multi");
     assert_eq!(p["id"], json!(amd64_id), "the default platform: {p}");
@@ -855,6 +894,179 @@ fn pull_picks_the_platform_from_an_index() {
         &n.run(&["pull", "--platform", "linux", "multi"]),
         "platform",
     );
+
+    // Docker's list and manifests, into a store of their own.
+    let d = Nestor::new(&[&reg.addr()]);
+    let p = d.pull_json("multi:list");
+    assert_eq!(p["id"], json!(amd64_id), "from a Docker manifest list: {p}");
+    let o = d.run(&[
+        "run",
+        "--rm",
+        "--pull=never",
+        "multi:list",
+        "cat",
+        "/etc/nestor-sample",
+    ]);
+    assert!(
+        o.status.success(),
+        "run of a Docker schema 2 image: {}",
+        stderr(&o)
+    );
+    let o = d.run(&["pull", "--json", "--platform", "linux/arm64", "multi:list"]);
+    assert!(
+        o.status.success(),
+        "pull --platform of a list: {}",
+        stderr(&o)
+    );
+    let p: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(p["id"], json!(arm64_id), "{p}");
+}
+
+/// Uploads `bytes` as a blob of `repo` (monolithic: POST, then PUT with the digest).
+fn upload_blob(reg: &Registry, repo: &str, bytes: &[u8]) -> String {
+    let digest = sha(bytes);
+    let resp = http(
+        reg.port,
+        "POST",
+        &format!("/v2/{repo}/blobs/uploads/"),
+        &[],
+        b"",
+    );
+    let location = resp
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Location: ")
+                .or_else(|| l.strip_prefix("location: "))
+        })
+        .unwrap_or_else(|| panic!("no upload location: {resp}"))
+        .trim()
+        .to_string();
+    let path = location
+        .split_once("://")
+        .map(|(_, rest)| &rest[rest.find('/').unwrap()..])
+        .unwrap_or(&location);
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let resp = http(
+        reg.port,
+        "PUT",
+        &format!("{path}{sep}digest={digest}"),
+        &["Content-Type: application/octet-stream"],
+        bytes,
+    );
+    assert!(
+        resp.starts_with("HTTP/1.0 201") || resp.starts_with("HTTP/1.1 201"),
+        "blob upload: {resp}"
+    );
+    digest
+}
+
+/// zstd layers as registries serve them: podman pushes the sample with
+/// `--compression-format zstd`, and an image gets a third layer of several zstd frames
+/// with a skippable frame between them (zstd:chunked layers are built so), uploaded as
+/// is; nestor pulls and runs both.
+#[test]
+fn pull_zstd_layers() {
+    need!("docker-registry", "podman");
+    let store = tempfile::tempdir().unwrap();
+    let reg = Registry::start(store.path());
+    let podman = Podman::new();
+    // Loaded only: a gzip push to this registry first would be reused by the next push.
+    let loaded = podman.load_layout(&sample_layout());
+    let o = podman.run(&[
+        "push",
+        "-q",
+        "--tls-verify=false",
+        "--compression-format",
+        "zstd",
+        &loaded,
+        &format!("{}/zst/bb:zstd", reg.addr()),
+    ]);
+    assert!(o.status.success(), "podman push zstd: {}", stderr(&o));
+    let m: Value = serde_json::from_str(
+        http_body(&http(
+            reg.port,
+            "GET",
+            "/v2/zst/bb/manifests/zstd",
+            &["Accept: application/vnd.oci.image.manifest.v1+json"],
+            b"",
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["mediaType"] == json!("application/vnd.oci.image.layer.v1.tar+zstd")),
+        "podman pushed zstd layers: {m}"
+    );
+    let n = Nestor::new(&[&reg.addr()]);
+    let o = n.run(&["run", "--rm", "zst/bb:zstd", "sh", "-c", SAMPLE_CHECK]);
+    assert_sample_output(&o, "nestor on podman's zstd layers");
+
+    // A layer of two frames with a skippable one between: a.txt from the first, b.txt
+    // from the second.
+    let content = store.path().join("frames");
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::write(content.join("a.txt"), "first frame\n").unwrap();
+    std::fs::write(content.join("b.txt"), "second frame\n").unwrap();
+    let tar = Command::new("tar")
+        .args(["--owner=0", "--group=0", "-C"])
+        .arg(&content)
+        .args(["-cf", "-", "a.txt", "b.txt"])
+        .output()
+        .unwrap();
+    assert!(tar.status.success());
+    let plain = tar.stdout;
+    let cut = 512 * 3; // inside b.txt's header block: any cut works for a stream
+    let fast = ruzstd::encoding::CompressionLevel::Fastest;
+    let mut layer = ruzstd::encoding::compress_to_vec(&plain[..cut], fast);
+    layer.extend_from_slice(&[0x5e, 0x2a, 0x4d, 0x18, 4, 0, 0, 0, b't', b'o', b'c', b'!']);
+    layer.extend_from_slice(&ruzstd::encoding::compress_to_vec(&plain[cut..], fast));
+    let layer_digest = upload_blob(&reg, "zst/bb", &layer);
+    let mut config: Value = serde_json::from_str(
+        http_body(&http(
+            reg.port,
+            "GET",
+            &format!(
+                "/v2/zst/bb/blobs/{}",
+                m["config"]["digest"].as_str().unwrap()
+            ),
+            &[],
+            b"",
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    config["rootfs"]["diff_ids"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!(sha(&plain)));
+    let cbytes = serde_json::to_vec(&config).unwrap();
+    let cdigest = upload_blob(&reg, "zst/bb", &cbytes);
+    let mut m2 = m.clone();
+    m2["config"]["digest"] = json!(cdigest);
+    m2["config"]["size"] = json!(cbytes.len());
+    m2["layers"].as_array_mut().unwrap().push(json!({
+        "mediaType": "application/vnd.oci.image.layer.v1.tar+zstd",
+        "digest": layer_digest,
+        "size": layer.len(),
+    }));
+    let put = http(
+        reg.port,
+        "PUT",
+        "/v2/zst/bb/manifests/frames",
+        &["Content-Type: application/vnd.oci.image.manifest.v1+json"],
+        &serde_json::to_vec(&m2).unwrap(),
+    );
+    assert!(
+        put.starts_with("HTTP/1.0 201") || put.starts_with("HTTP/1.1 201"),
+        "{put}"
+    );
+    let o = n.run(&["run", "--rm", "zst/bb:frames", "cat", "/a.txt", "/b.txt"]);
+    assert!(o.status.success(), "run: {}", stderr(&o));
+    assert_eq!(stdout(&o), "first frame\nsecond frame\n");
 }
 
 /// A layer corrupted on the registry's disk is refused with one line; the store gets
@@ -1399,6 +1611,12 @@ fn login_tls_and_htpasswd() {
         Some(&pw_line),
     );
     one_line(&o, "certificate");
+    // --tls-verify=false speaks TLS without checking the certificate (as podman's
+    // does): the registry itself answers, and wants a login.
+    one_line(
+        &run(&n, &["push", "--tls-verify=false", &dest], None),
+        "access denied",
+    );
     std::fs::copy(d.join("ca.crt"), certs.join(reg.addr()).join("ca.crt")).unwrap();
     // Trusted, not logged in.
     one_line(&run(&n, &["push", &dest], None), "access denied");
@@ -1411,9 +1629,17 @@ fn login_tls_and_htpasswd() {
     one_line(&o, "login failed");
     assert!(!auth.exists(), "nothing stored after a failed login");
     // The right one.
+    // --debug, as a user would turn the logs on, besides NESTOR_LOG=trace.
     let o = run(
         &n,
-        &["login", "-u", user, "--password-stdin", &reg.addr()],
+        &[
+            "--debug",
+            "login",
+            "-u",
+            user,
+            "--password-stdin",
+            &reg.addr(),
+        ],
         Some(&pw_line),
     );
     assert!(o.status.success(), "login: {}", stderr(&o));
@@ -1463,6 +1689,30 @@ fn login_tls_and_htpasswd() {
         "pull with docker's config: {}",
         stderr(&o)
     );
+
+    // logout takes Docker's entry away too (nestor would go on using it), and with
+    // Docker's file there, login writes both files.
+    let o = run(&n3, &["logout", &reg.addr()], None);
+    assert!(
+        o.status.success(),
+        "logout of Docker's entry: {}",
+        stderr(&o)
+    );
+    let docker = std::fs::read_to_string(d.join("docker/config.json")).unwrap();
+    assert!(!docker.contains(&reg.addr()), "{docker}");
+    one_line(&run(&n3, &["pull", &dest], None), "access denied");
+    let o = run(
+        &n3,
+        &["login", "-u", user, "--password-stdin", &reg.addr()],
+        Some(&pw_line),
+    );
+    assert!(o.status.success(), "login: {}", stderr(&o));
+    for f in [auth.clone(), d.join("docker/config.json")] {
+        let text = std::fs::read_to_string(&f).unwrap();
+        assert!(text.contains(&reg.addr()), "{}: {text}", f.display());
+        assert_eq!(mode_of(&f) & 0o777, 0o600, "{}", f.display());
+    }
+    assert!(run(&n3, &["pull", &dest], None).status.success());
 
     assert!(
         seen.contains("DEBUG") || seen.contains("TRACE"),
@@ -1994,4 +2244,87 @@ fn login_prompts_on_a_terminal() {
         base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
     };
     assert!(stored.contains(&want), "what was typed is stored: {stored}");
+}
+
+/// Runs `cmd` with stderr (and stdout, when `stdout_too`; else a pipe) on a fresh pty;
+/// what the terminal showed, once it exits (at most 60 s).
+fn on_pty(mut c: Command, stdout_too: bool) -> (std::process::ExitStatus, String) {
+    use std::os::fd::AsRawFd;
+    let pty = nix::pty::openpty(None, None).unwrap();
+    for fd in [pty.master.as_raw_fd(), pty.slave.as_raw_fd()] {
+        // Other tests fork meanwhile: their children must not keep the pty.
+        nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .unwrap();
+    }
+    let mut master = std::fs::File::from(pty.master);
+    let slave = pty.slave;
+    c.stderr(Stdio::from(slave.try_clone().unwrap()));
+    if stdout_too {
+        c.stdout(Stdio::from(slave));
+    } else {
+        c.stdout(Stdio::piped());
+        drop(slave);
+    }
+    let mut child = c.spawn().unwrap();
+    drop(c);
+    let reader = std::thread::spawn(move || {
+        let mut screen = Vec::new();
+        let mut buf = [0u8; 4096];
+        // EIO once the last holder of the slave is gone.
+        while let Ok(k @ 1..) = master.read(&mut buf) {
+            screen.extend_from_slice(&buf[..k]);
+        }
+        String::from_utf8_lossy(&screen).into_owned()
+    });
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no exit within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, reader.join().unwrap())
+}
+
+/// On a terminal a pull draws a bar per layer (its digest, bytes and rate) on stderr;
+/// with stdout not a terminal it draws none.
+#[test]
+fn pull_shows_progress_only_on_a_terminal() {
+    need!("docker-registry", "podman");
+    let store = tempfile::tempdir().unwrap();
+    let reg = Registry::start(store.path());
+    let podman = Podman::new();
+    let work = tempfile::tempdir().unwrap();
+    let layout = layout_with_big_layer(work.path(), 16 << 20);
+    let dest = format!("{}/progress/big:v1", reg.addr());
+    podman.push_layout(&layout, &dest);
+    let (_, big) = reg.largest_blob();
+    let short = &big["sha256:".len().."sha256:".len() + 12];
+
+    let n = Nestor::new(&[&reg.addr()]);
+    let (status, screen) = on_pty(n.cmd(&["pull", "--tls-verify=false", &dest]), true);
+    assert!(status.success(), "pull on a terminal: {screen}");
+    assert!(
+        screen.contains(short),
+        "no bar for layer {short}: {screen:?}"
+    );
+    assert!(screen.contains("/s"), "no rate: {screen:?}");
+    assert!(screen.contains("pulled "), "no summary: {screen:?}");
+
+    let quiet = Nestor::new(&[&reg.addr()]);
+    let (status, screen) = on_pty(quiet.cmd(&["pull", "--tls-verify=false", &dest]), false);
+    assert!(status.success(), "pull piped: {screen}");
+    assert!(
+        !screen.contains(short) && !screen.contains("/s"),
+        "bars with stdout not a terminal: {screen:?}"
+    );
+    assert_eq!(quiet.images().len(), 1, "the piped pull stored the image");
 }

@@ -482,8 +482,10 @@ impl Vmm {
             .iter()
             .map(|r| (r.guest_addr, r.size, r.file_offset))
             .collect();
+        let mut laps = crate::migration::Laps::new();
         let mem = memory::map_private_file(&ranges, &snap.memory)?;
         snap.apply_layers(&mem).map_err(VmmError::Snapshot)?;
+        laps.lap("map");
         let last = cfg.track_dirty_pages.then(|| SnapshotRef {
             dir: std::env::current_dir()
                 .unwrap_or_else(|_| PathBuf::from("/"))
@@ -500,8 +502,9 @@ impl Vmm {
             start,
             console,
             resume,
-            &mut crate::migration::Laps::new(),
+            &mut laps,
         )
+        .inspect(|_| tracing::info!("restore: VM built in {}", laps.line()))
     }
 
     /// Builds the VM a migration stream will fill ([`crate::migration::receive_begin`]

@@ -103,9 +103,12 @@ fn run(start: Instant) -> anyhow::Result<i32> {
     let filters = cli.seccomp.clone();
     let boot_timings = cli.boot_timings;
     let resume = cli.resume;
+    let mut steps = Vec::new();
+    let mut step = |name: &'static str| steps.push((name, start.elapsed().as_millis()));
     let (cfg, restore) = match cli.restore.clone() {
         Some(dir) => {
             let loaded = snapshot::read(&dir)?;
+            step("read");
             let cfg = cli
                 .into_restore_config(&loaded.state.config)
                 .map_err(|what| snapshot::SnapshotError::Mismatch { path: dir, what })?;
@@ -117,6 +120,7 @@ fn run(start: Instant) -> anyhow::Result<i32> {
     nestor_microvm::logcap::cap_stderr(cfg.log_limit)?;
     // Filters are compiled before anything is built; each thread installs its own.
     seccomp::setup(&filters)?;
+    step("seccomp");
     let signals = block_stop_signals();
     // The socket is bound before the VM exists, so a bad path costs nothing.
     let api = match &cfg.api {
@@ -127,10 +131,20 @@ fn run(start: Instant) -> anyhow::Result<i32> {
         Some(snap) => Vmm::restore(&cfg, snap, start, None, resume)?,
         None => Vmm::build(&cfg, start, None)?,
     };
+    step("built");
     // The memory file stays mapped; its descriptor is not needed any more.
+    let restore_run = restore.is_some();
     drop(restore);
     stop_on_signals(signals, vmm.exit_signal())?;
     start_filtered(&mut vmm, cfg.vcpus, 0)?;
+    step("started");
+    if boot_timings && restore_run {
+        let line: Vec<String> = steps.iter().map(|(n, ms)| format!("{n} {ms}")).collect();
+        nestor_microvm::eprintln_capped!(
+            "nestor-vmm: restore timings (ms since VMM start): {}",
+            line.join(" ")
+        );
+    }
     let reason = match &api {
         Some(server) => api::serve(server, &mut vmm),
         None => vmm.wait(None).unwrap_or(GuestExit::Stopped),

@@ -313,6 +313,40 @@ mod transport {
         assert_eq!(rd(&mut t, 0x44), 0);
     }
 
+    /// A device with rings of its own size (virtio-fs's 1024) offers that size as
+    /// QueueNumMax and takes a ring of it; the others keep 256.
+    #[test]
+    fn queue_num_max_is_the_devices() {
+        struct BigRing(Rng);
+        impl VirtioDevice for BigRing {
+            fn device_type(&self) -> u32 {
+                self.0.device_type()
+            }
+            fn num_queues(&self) -> usize {
+                self.0.num_queues()
+            }
+            fn queue_max_size(&self) -> u16 {
+                1024
+            }
+            fn features(&self) -> u64 {
+                self.0.features()
+            }
+            fn read_config(&self, offset: u64, data: &mut [u8]) {
+                self.0.read_config(offset, data)
+            }
+        }
+        let mem = create_guest_memory(&[(0, MEM)]).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut t = MmioTransport::new(Box::new(Rng), mem.clone(), irq.try_clone().unwrap());
+        wr(&mut t, 0x30, 0);
+        assert_eq!(rd(&mut t, 0x34), 256);
+        let mut big = MmioTransport::new(Box::new(BigRing(Rng)), mem, irq);
+        wr(&mut big, 0x30, 0);
+        assert_eq!(rd(&mut big, 0x34), 1024);
+        let saved = big.save();
+        assert_eq!(saved.queues[0].max_size, 1024);
+    }
+
     /// A transport's saved state in a fresh transport: the queue carries on at its
     /// saved ring positions; a state whose rings lie outside guest memory is refused
     /// and leaves the fresh transport untouched.

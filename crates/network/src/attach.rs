@@ -335,7 +335,8 @@ impl Networks {
 
     /// Gives container `from`'s place on its networks (namespace, addresses, ports,
     /// CNI state) to container `to`, named `name`, whose `hosts`, `resolv.conf` and
-    /// `hostname` live in `files_dir` (copied from `from`'s where missing): a microVM
+    /// `hostname` live in `files_dir` (copied from `from`'s where missing; `hosts`
+    /// written again, naming `name`): a microVM
     /// that moved within this host keeps its address, and connections to it live on.
     /// Nothing is run against the plugins; DEL later names `from`'s CNI id.
     pub fn hand_over(
@@ -371,6 +372,9 @@ impl Networks {
         self.save(&a)?;
         let _ = std::fs::remove_file(self.record(from));
         drop(_l);
+        // Its own line names it by its new name (the copied file had the old one).
+        let all = self.attachments();
+        files::write_in_place(&a.files_dir.join("hosts"), &self.hosts_of(&a, &all))?;
         let nets: Vec<String> = a.ifaces.iter().map(|i| i.network.clone()).collect();
         self.refresh_hosts(&nets);
         Ok(a)

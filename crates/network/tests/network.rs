@@ -416,6 +416,17 @@ fn a_microvm_moving_within_the_host_takes_the_place_over() {
         files.join("hosts").exists(),
         "the hosts file was not carried over"
     );
+    // Its own line names it by its new name, with the hostname it had.
+    let hosts = std::fs::read_to_string(files.join("hosts")).unwrap();
+    let own: Vec<&str> = hosts
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(addr.to_string().as_str()))
+        .unwrap_or_else(|| panic!("no line for {addr}: {hosts}"))
+        .split_whitespace()
+        .collect();
+    assert!(own.contains(&"moved"), "{hosts}");
+    assert!(own.contains(&req.hostname.as_str()), "{hosts}");
+    assert!(!own.contains(&"mover"), "{hosts}");
     // The old id has nothing left to hand over; an id on a network takes no other.
     let e = r
         .nets

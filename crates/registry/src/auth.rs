@@ -1,8 +1,11 @@
 //! Credentials and trust for registries, shared with podman and Docker. Owns the auth
 //! file (podman's `$XDG_RUNTIME_DIR/containers/auth.json`, `$REGISTRY_AUTH_FILE` when
-//! set; read-only fallback `~/.docker/config.json`, or `$DOCKER_CONFIG/config.json`):
-//! `{"auths": {"HOST[:PORT]": {"auth": base64("user:password")}}}`, written 0600 under
-//! a temporary name and renamed, other entries kept; and the per-registry CA
+//! set) and Docker's (`~/.docker/config.json`, or `$DOCKER_CONFIG/config.json`), both
+//! `{"auths": {"HOST[:PORT]": {"auth": base64("user:password")}}}`: read in that order;
+//! `login` writes podman's, and Docker's too when that file exists and leaves
+//! credentials to no helper (`credsStore`, `credHelpers`); `logout` removes the entry
+//! from both. Files are written 0600 under a temporary name and renamed, other entries
+//! and keys kept; and the per-registry CA
 //! certificates of containers' `certs.d` (`/etc/containers/certs.d/HOST[:PORT]/*.crt`,
 //! or `$NESTOR_CERTS_D/HOST[:PORT]/*.crt`), added to the platform's roots.
 //!
@@ -142,36 +145,57 @@ fn write_auth_file(p: &Path, v: &Value) -> Result<(), RegistryError> {
     res.map_err(io_err)
 }
 
-/// Stores `user`/`password` for `registry` in the auth file; returns its path.
-pub fn store(registry: &str, user: &str, password: &str) -> Result<PathBuf, RegistryError> {
-    let p = auth_file();
-    let mut v = read_json(&p)?.unwrap_or_else(|| json!({}));
-    if !v.is_object() {
-        v = json!({});
-    }
-    if !v["auths"].is_object() {
-        v["auths"] = json!({});
-    }
+/// Stores `user`/`password` for `registry` in the auth file, and in Docker's config
+/// file when it exists and no credential helper holds `registry`'s credentials there;
+/// returns the files written.
+pub fn store(registry: &str, user: &str, password: &str) -> Result<Vec<PathBuf>, RegistryError> {
     let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-    v["auths"][registry] = json!({ "auth": token });
-    write_auth_file(&p, &v)?;
-    Ok(p)
-}
-
-/// Removes `registry`'s entry from the auth file. Returns whether there was one.
-pub fn remove(registry: &str) -> Result<bool, RegistryError> {
-    let p = auth_file();
-    let Some(mut v) = read_json(&p)? else {
-        return Ok(false);
+    let put = |v: &mut Value| {
+        if !v["auths"].is_object() {
+            v["auths"] = json!({});
+        }
+        v["auths"][registry] = json!({ "auth": token });
     };
-    let mut found = false;
-    if let Some(auths) = v["auths"].as_object_mut() {
-        for k in keys(registry) {
-            found |= auths.remove(&k).is_some();
+    let p = auth_file();
+    let mut v = read_json(&p)?
+        .filter(Value::is_object)
+        .unwrap_or_else(|| json!({}));
+    put(&mut v);
+    write_auth_file(&p, &v)?;
+    let mut written = vec![p];
+    if let Some(d) = docker_config().filter(|d| !written.contains(d)) {
+        if let Some(mut v) = read_json(&d)?.filter(Value::is_object) {
+            let helper = v["credsStore"].is_string() || v["credHelpers"][registry].is_string();
+            if helper {
+                tracing::debug!(file = %d.display(), "Docker's credential helper holds them: left alone");
+            } else {
+                put(&mut v);
+                write_auth_file(&d, &v)?;
+                written.push(d);
+            }
         }
     }
-    if found {
-        write_auth_file(&p, &v)?;
+    Ok(written)
+}
+
+/// Removes `registry`'s entries from the auth file and from Docker's config file.
+/// Returns whether there was one.
+pub fn remove(registry: &str) -> Result<bool, RegistryError> {
+    let mut found = false;
+    for p in [Some(auth_file()), docker_config()].into_iter().flatten() {
+        let Some(mut v) = read_json(&p)? else {
+            continue;
+        };
+        let mut here = false;
+        if let Some(auths) = v["auths"].as_object_mut() {
+            for k in keys(registry) {
+                here |= auths.remove(&k).is_some();
+            }
+        }
+        if here {
+            write_auth_file(&p, &v)?;
+        }
+        found |= here;
     }
     Ok(found)
 }
@@ -246,7 +270,7 @@ pub fn login(
     user: &str,
     password: &str,
     tls_verify: Option<bool>,
-) -> Result<PathBuf, RegistryError> {
+) -> Result<Vec<PathBuf>, RegistryError> {
     let registry = normalize_registry(registry)?;
     if user.is_empty() || user.contains(':') {
         return Err(RegistryError::BadReference {

@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod config;
 pub mod name;
+mod probe;
 pub mod pull;
 pub mod push;
 

@@ -108,8 +108,9 @@ pub fn pull(store: &ImageStore, input: &str, opts: &PullOptions) -> Result<Pulle
     }))
 }
 
-/// A client for `registry`: plain HTTP when it is marked insecure or TLS verification
-/// is off.
+/// A client for `registry`. One marked insecure, or reached with `--tls-verify=false`,
+/// is spoken to as containers/image does: over HTTPS without checking its certificate
+/// when it answers a TLS handshake, else over plain HTTP.
 pub(crate) fn client_for(
     registry: &str,
     conf: &RegistriesConf,
@@ -124,14 +125,16 @@ pub(crate) fn client_config(
     conf: &RegistriesConf,
     tls_verify: Option<bool>,
 ) -> Result<ClientConfig, RegistryError> {
-    let plain = tls_verify == Some(false) || (tls_verify.is_none() && conf.insecure(registry));
+    let insecure = tls_verify == Some(false) || (tls_verify.is_none() && conf.insecure(registry));
     install_crypto();
+    let tls = !insecure || crate::probe::speaks_tls(registry);
     Ok(ClientConfig {
-        protocol: if plain {
-            ClientProtocol::HttpsExcept(vec![registry.to_string()])
-        } else {
+        protocol: if tls {
             ClientProtocol::Https
+        } else {
+            ClientProtocol::HttpsExcept(vec![registry.to_string()])
         },
+        accept_invalid_certificates: insecure && tls,
         connect_timeout: Some(Duration::from_secs(15)),
         read_timeout: Some(Duration::from_secs(60)),
         max_concurrent_download: CONCURRENT_LAYERS,
@@ -534,14 +537,15 @@ async fn download(
     Ok(n)
 }
 
-/// Per-layer progress bars (bytes and rate), drawn only on a terminal.
+/// Per-layer progress bars (bytes and rate), drawn on stderr only while stdout and
+/// stderr are terminals.
 pub(crate) struct Bars {
     multi: Option<MultiProgress>,
 }
 
 impl Bars {
     pub(crate) fn new(want: bool) -> Self {
-        let multi = (want && std::io::stderr().is_terminal())
+        let multi = (want && std::io::stderr().is_terminal() && std::io::stdout().is_terminal())
             .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
         Bars { multi }
     }

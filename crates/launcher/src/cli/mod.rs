@@ -789,8 +789,12 @@ pub struct ContainerOpts {
     /// default), every time (always), or never.
     #[arg(long, value_enum, value_name = "WHEN")]
     pub pull: Option<PullPolicy>,
-    /// Verify the registry's TLS certificate when pulling; `--tls-verify=false` speaks
-    /// plain HTTP.
+    /// `OS/ARCH[/VARIANT]` to pick from a multi-platform image when it is pulled
+    /// (default: linux and this machine's architecture).
+    #[arg(long, value_name = "PLATFORM")]
+    pub platform: Option<String>,
+    /// Verify the registry's TLS certificate when pulling; `--tls-verify=false` takes
+    /// TLS without checking the certificate, or plain HTTP where the registry has no TLS.
     #[arg(long = "tls-verify", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub tls_verify: Option<bool>,
 }

@@ -54,7 +54,9 @@ pub fn push(
     opts: &RegistryOpts,
 ) -> Result<()> {
     let images = store::image_store()?;
-    let tty = std::io::stderr().is_terminal();
+    // Progress and summaries go to stderr, and only while stdout is a terminal too:
+    // `pull … > file` or a pipe is quiet, as podman's is.
+    let tty = std::io::stderr().is_terminal() && std::io::stdout().is_terminal();
     let p = nestor_registry::push(
         &images,
         source,
@@ -147,8 +149,10 @@ pub fn login(
     if password.is_empty() {
         anyhow::bail!("the password is empty");
     }
-    let file = nestor_registry::auth::login(registry, &user, &password, opts.tls_verify)?;
-    tracing::info!(registry, file = %file.display(), "credentials stored");
+    let files = nestor_registry::auth::login(registry, &user, &password, opts.tls_verify)?;
+    for file in &files {
+        tracing::info!(registry, file = %file.display(), "credentials stored");
+    }
     println!("Login Succeeded!");
     Ok(())
 }
@@ -158,7 +162,7 @@ pub fn logout(registry: &str) -> Result<()> {
     let r = nestor_registry::auth::normalize_registry(registry)?;
     if !nestor_registry::auth::remove(&r)? {
         anyhow::bail!(
-            "not logged in to {r} (no entry in {})",
+            "not logged in to {r} (no entry in {} or Docker's config.json)",
             nestor_registry::auth::auth_file().display()
         );
     }
@@ -166,8 +170,8 @@ pub fn logout(registry: &str) -> Result<()> {
     Ok(())
 }
 
-/// Pulls `reference` into the store; a summary line on stderr unless `quiet` or stderr
-/// is not a terminal.
+/// Pulls `reference` into the store; per-layer progress and a summary line on stderr
+/// unless `quiet` or stdout or stderr is not a terminal.
 pub fn pull_image(
     reference: &str,
     platform: Option<&str>,
@@ -175,7 +179,7 @@ pub fn pull_image(
     opts: &RegistryOpts,
 ) -> Result<nestor_registry::Pulled> {
     let images = store::image_store()?;
-    let tty = std::io::stderr().is_terminal();
+    let tty = std::io::stderr().is_terminal() && std::io::stdout().is_terminal();
     let p = nestor_registry::pull(
         &images,
         reference,
@@ -228,7 +232,7 @@ pub fn image_for_run(
             Err(e) => return Err(e.into()),
         }
     }
-    let p = match pull_image(reference, None, false, &opts) {
+    let p = match pull_image(reference, ctr.platform.as_deref(), false, &opts) {
         Ok(p) => p,
         Err(e) if policy == PullPolicy::Missing => {
             anyhow::bail!("image '{reference}' not found locally, and pulling it failed: {e:#}")

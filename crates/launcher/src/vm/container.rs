@@ -1287,7 +1287,7 @@ fn resume_running(meta: &mut Meta, r: &Restoring, receive: Option<Receive>) -> R
     };
     drop(standby);
     let deadline = Instant::now() + sandbox::boot_timeout();
-    let agent = match sb.agent(deadline) {
+    let mut agent = match sb.agent(deadline) {
         Ok(a) => a,
         // nestor-vmm refused the snapshot (corrupt, another version, another shape)
         // before building anything: its one line says why.
@@ -1301,6 +1301,9 @@ fn resume_running(meta: &mut Meta, r: &Restoring, receive: Option<Receive>) -> R
         Err(e) => return Err(sb.failure(&format!("the restored guest's agent: {e:#}"))),
     };
     timings.agent_ready_ms = Some(sb.elapsed_ms());
+    if r.boot.net.is_some() {
+        guest_hosts_again(&mut agent, meta);
+    }
     // The VMM has read the state and mapped the memory: the staged copy can go.
     if let Some(copy) = staged {
         let _ = std::fs::remove_dir_all(copy);
@@ -1354,6 +1357,36 @@ fn resume_running(meta: &mut Meta, r: &Restoring, receive: Option<Receive>) -> R
         timings,
         start,
     })
+}
+
+/// A restored or moved guest's `/etc/hosts` (the agent's copy, which its containers
+/// bind) is the one its first boot wrote, naming the container as it was named then;
+/// under another name (`restore --name`, `migrate --listen --name`) it gets the host's
+/// file of its record again: its addresses with its hostname and its name now, its
+/// `--add-host` entries and its peers. Its hostname stays (the kernel's, and
+/// `/etc/hostname`): the user's `--hostname`, or the short id the container was first
+/// given, as a renamed Docker container or a checkpoint restored under a new name by
+/// podman keeps its hostname. Sent as a `Network` request without interfaces (the
+/// agent writes the files it is given, nothing else), so a guest whose agent predates
+/// this takes it too. A failure is a warning: the container runs on.
+fn guest_hosts_again(agent: &mut Agent, meta: &Meta) {
+    let path = store::dir(&meta.id).join("hosts");
+    let r = std::fs::read_to_string(&path)
+        .with_context(|| format!("read {}", path.display()))
+        .and_then(|hosts| {
+            let files = std::collections::BTreeMap::from([("hosts".to_string(), hosts)]);
+            agent.call(Request::Network {
+                ifaces: Vec::new(),
+                files,
+            })
+        })
+        .and_then(|r| sandbox::expect_ok("the guest's /etc/hosts", r));
+    if let Err(e) = r {
+        eprintln!(
+            "warning: container {}: its /etc/hosts still names it as before: {e:#}",
+            meta.name
+        );
+    }
 }
 
 /// The VM mode of `nestor run` (`--vm`, `--pod`) for the driver in

@@ -18,6 +18,7 @@ pub struct Filters {
     main: BpfProgram,
     vcpu: BpfProgram,
     virtio: BpfProgram,
+    pages: BpfProgram,
 }
 
 /// Adds `write` to fd 2 and `exit_group` to every allow-list that lacks them, so the
@@ -49,7 +50,7 @@ fn add_report_syscalls(filter: &mut Value) {
     }
 }
 
-/// Compiles a filter set (JSON) into the three programs; `path` names its file.
+/// Compiles a filter set (JSON) into the four programs; `path` names its file.
 pub fn compile(mut set: Value, path: Option<PathBuf>) -> Result<Filters, SeccompError> {
     let bad = |msg: String| SeccompError::Invalid {
         path: path.clone(),
@@ -61,7 +62,7 @@ pub fn compile(mut set: Value, path: Option<PathBuf>) -> Result<Filters, Seccomp
     for k in obj.keys() {
         if !THREAD_KINDS.contains(&k.as_str()) {
             return Err(bad(format!(
-                "unknown thread kind '{k}' (expected main, vcpu, virtio)"
+                "unknown thread kind '{k}' (expected main, vcpu, virtio, pages)"
             )));
         }
     }
@@ -84,6 +85,7 @@ pub fn compile(mut set: Value, path: Option<PathBuf>) -> Result<Filters, Seccomp
         main: take("main")?,
         vcpu: take("vcpu")?,
         virtio: take("virtio")?,
+        pages: take("pages")?,
     })
 }
 
@@ -155,9 +157,10 @@ pub fn enter(kind: ThreadKind) {
     };
     report::set_thread(kind);
     let prog = match kind {
-        ThreadKind::Main | ThreadKind::Signals | ThreadKind::Pages => &f.main,
+        ThreadKind::Main | ThreadKind::Signals => &f.main,
         ThreadKind::Vcpu(_) => &f.vcpu,
         ThreadKind::Virtio => &f.virtio,
+        ThreadKind::Pages => &f.pages,
     };
     if let Err(e) = seccompiler::apply_filter(prog) {
         die(SeccompError::Install {
@@ -241,6 +244,7 @@ mod tests {
         assert!(!has_run("main") && !has_run("virtio"));
         let f = compile(set, None).unwrap();
         assert!(!f.main.is_empty() && !f.vcpu.is_empty() && !f.virtio.is_empty());
+        assert!(!f.pages.is_empty());
     }
 
     #[test]

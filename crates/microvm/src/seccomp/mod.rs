@@ -1,11 +1,13 @@
 //! Per-thread seccomp filters of `nestor-vmm` (seccompiler): one allow-list per thread
 //! kind — `main` (set-up, API socket, waiting), `vcpu` (KVM_RUN and the device exits it
-//! dispatches) and `virtio` (the queue event thread, including what the vsock and net
-//! backends need) — with argument checks where they are practical (KVM ioctl numbers,
-//! no executable mappings, AF_UNIX sockets only, the kick signal only). A syscall outside
-//! the filter raises SIGSYS (`SECCOMP_RET_TRAP`); the handler writes one line naming the
-//! thread and the syscall with async-signal-safe calls only and exits with
-//! [`EXIT_SECCOMP`], so the call never runs.
+//! dispatches), `virtio` (the queue event thread, including what the vsock and net
+//! backends need) and `pages` (a post-copy destination's page thread, the only one
+//! allowed userfaultfd ioctls) — with argument checks where they are practical (KVM
+//! ioctl numbers, no executable mappings, AF_UNIX sockets only, the kick signal only,
+//! `madvise` with `MADV_DONTNEED` only). A syscall outside the filter raises SIGSYS
+//! (`SECCOMP_RET_TRAP`); the handler writes one line naming the thread and the
+//! syscall with async-signal-safe calls only and exits with [`EXIT_SECCOMP`], so the
+//! call never runs.
 //!
 //! Order: [`setup`] (main thread, before the VM is built: compiles the filters, installs
 //! the SIGSYS handler, closes the vCPU gate); every thread calls [`enter`] first thing
@@ -15,8 +17,9 @@
 //! filtered.
 //!
 //! Filters are kept in seccompiler's JSON format: `--seccomp-print` prints the built-in
-//! set, `--seccomp-filter FILE` replaces it (keys `main`, `vcpu`, `virtio`). Every
-//! allow-list also gets `write` to fd 2 and `exit_group`, which the SIGSYS report needs.
+//! set, `--seccomp-filter FILE` replaces it (keys `main`, `vcpu`, `virtio`, `pages`).
+//! Every allow-list also gets `write` to fd 2 and `exit_group`, which the SIGSYS report
+//! needs.
 //!
 //! The parts: `policy` (the built-in filters, as data), `names` (the syscall-name
 //! table), `install` (compiling, installing, the vCPU gate) and `report` (the SIGSYS
@@ -37,7 +40,7 @@ pub use policy::default_filters;
 pub const EXIT_SECCOMP: i32 = 5;
 
 /// The thread kinds, each with its own filter.
-pub const THREAD_KINDS: [&str; 3] = ["main", "vcpu", "virtio"];
+pub const THREAD_KINDS: [&str; 4] = ["main", "vcpu", "virtio", "pages"];
 
 /// Errors while preparing or installing filters.
 #[derive(Debug, thiserror::Error)]
@@ -87,8 +90,8 @@ pub struct SeccompArgs {
     /// Per-thread seccomp filters: default, or none (debugging only).
     #[arg(long, value_enum, value_name = "default|none", default_value_t = SeccompMode::Default)]
     pub seccomp: SeccompMode,
-    /// Filter set in seccompiler's JSON format (keys main, vcpu, virtio) replacing the
-    /// built-in one.
+    /// Filter set in seccompiler's JSON format (keys main, vcpu, virtio, pages)
+    /// replacing the built-in one.
     #[arg(long, value_name = "FILE")]
     pub seccomp_filter: Option<PathBuf>,
     /// Print the built-in filter set as seccompiler JSON and exit.
@@ -108,17 +111,20 @@ pub enum ThreadKind {
     /// A control thread of the main thread's (e.g. one waiting for stop signals with
     /// sigwait): the main filter, reported under its own name.
     Signals,
-    /// A post-copy destination's page thread (guest pages in as the guest faults):
-    /// the main filter, reported under its own name.
+    /// A post-copy destination's page thread (guest pages in as the guest faults): a
+    /// filter of its own, the only one with userfaultfd ioctls (placing pages and
+    /// unregistering; the main thread creates and registers the userfaultfd before its
+    /// own filter is in).
     Pages,
 }
 
 impl ThreadKind {
     fn key(self) -> &'static str {
         match self {
-            ThreadKind::Main | ThreadKind::Signals | ThreadKind::Pages => "main",
+            ThreadKind::Main | ThreadKind::Signals => "main",
             ThreadKind::Vcpu(_) => "vcpu",
             ThreadKind::Virtio => "virtio",
+            ThreadKind::Pages => "pages",
         }
     }
 }

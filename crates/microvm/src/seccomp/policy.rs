@@ -1,7 +1,17 @@
 //! The built-in filters, as data: one allow-list per thread kind (`main`, `vcpu`,
-//! `virtio`) of syscalls with optional argument conditions, turned into seccompiler's
-//! JSON format by [`default_filters`] (what `--seccomp-print` prints). Nothing here
-//! compiles or installs anything.
+//! `virtio`, `pages`) of syscalls with optional argument conditions, turned into
+//! seccompiler's JSON format by [`default_filters`] (what `--seccomp-print` prints).
+//! Nothing here compiles or installs anything.
+//!
+//! userfaultfd (post-copy migration) is confined to the `pages` filter, which only a
+//! post-copy destination's page thread installs: it places pages (`UFFDIO_COPY`) and
+//! unregisters guest memory at the end (`UFFDIO_UNREGISTER`), nothing else. The
+//! userfaultfd itself is created and registered (`userfaultfd(2)` or
+//! `/dev/userfaultfd`, `UFFDIO_API`, `UFFDIO_REGISTER`) by the main thread before its
+//! filter goes in, so no filter allows those; the other filters allow no userfaultfd
+//! ioctl at all. `madvise` is allowed with `MADV_DONTNEED` only: glibc's, when a thread
+//! ends (its stack given back) and when a thread's malloc arena shrinks; nestor-vmm and
+//! its crates call it nowhere.
 
 use serde_json::{json, Value};
 
@@ -62,14 +72,18 @@ mod ioctls {
         (get::<kvm_clock_data>(0x7c), "KVM_GET_CLOCK"),
         (get::<kvm_pit_state2>(0x9f), "KVM_GET_PIT2"),
     ];
+    /// userfaultfd's ioctl type (`UFFDIO`).
+    pub const UFFDIO: u32 = 0xAA;
+    /// `UFFDIO_COPY` (`struct uffdio_copy`, 40 bytes): fill a missing page and wake its
+    /// waiters.
+    pub const UFFDIO_COPY: u64 = ioctl_expr(_IOC_READ | _IOC_WRITE, UFFDIO, 0x03, 40);
+    /// `UFFDIO_UNREGISTER` (`struct uffdio_range`, 16 bytes).
+    pub const UFFDIO_UNREGISTER: u64 = ioctl_expr(_IOC_READ, UFFDIO, 0x01, 16);
     /// What a post-copy destination's page thread does with its userfaultfd (the
-    /// main filter's): place arrived pages, and let the memory go when all are in.
-    pub const UFFD: [(u64, &str); 2] = [
-        (
-            ioctl_expr(_IOC_READ | _IOC_WRITE, 0xAA, 0x03, 40),
-            "UFFDIO_COPY",
-        ),
-        (ioctl_expr(_IOC_READ, 0xAA, 0x01, 16), "UFFDIO_UNREGISTER"),
+    /// `pages` filter's): place arrived pages, and let the memory go when all are in.
+    pub const UFFD_PAGES: [(u64, &str); 2] = [
+        (UFFDIO_COPY, "UFFDIO_COPY"),
+        (UFFDIO_UNREGISTER, "UFFDIO_UNREGISTER"),
     ];
     const TUN: u32 = b'T' as u32;
     pub const TUNSETOFFLOAD: u64 = ioctl_expr(_IOC_WRITE, TUN, 208, 4);
@@ -123,7 +137,6 @@ fn common() -> Vec<Rule> {
             libc::SYS_close,
             libc::SYS_futex,
             libc::SYS_munmap,
-            libc::SYS_madvise,
             libc::SYS_mremap,
             libc::SYS_brk,
             libc::SYS_rt_sigprocmask,
@@ -157,6 +170,14 @@ fn common() -> Vec<Rule> {
             "descriptor flags",
         ));
     }
+    // glibc gives a thread's stack back when the thread ends, and trims a thread's
+    // malloc arena, with MADV_DONTNEED; no other advice (no MADV_REMOVE, MADV_FREE,
+    // MADV_HWPOISON, MADV_MERGEABLE, …).
+    v.push(when(
+        libc::SYS_madvise,
+        vec![eq32(2, libc::MADV_DONTNEED as u64, "MADV_DONTNEED")],
+        "glibc: a thread's stack at its end, a thread's malloc arena trimmed",
+    ));
     // abort() after a panic: raise SIGABRT on itself.
     v.push(when(
         libc::SYS_tgkill,
@@ -263,7 +284,7 @@ fn main_rules() -> Vec<Rule> {
         ]
         .map(any),
     );
-    for (req, name) in ioctls::VM_SAVE.into_iter().chain(ioctls::UFFD) {
+    for (req, name) in ioctls::VM_SAVE {
         v.push(when(libc::SYS_ioctl, vec![eq32(1, req, name)], name));
     }
     // migrate: a connection to the destination (Unix or TCP), with time-outs.
@@ -331,6 +352,30 @@ fn virtio_rules() -> Vec<Rule> {
     v
 }
 
+/// A post-copy destination's page thread (`migration::PostCopy::pull`): it waits on
+/// the userfaultfd and the migration connection (poll), reads fault events and frames,
+/// asks for pages and answers `DONE` on the connection, places pages and at the end
+/// unregisters guest memory. Its connection is the main thread's, duplicated before
+/// the thread starts; it opens, creates or connects nothing.
+fn pages_rules() -> Vec<Rule> {
+    let mut v = common();
+    v.extend(
+        [
+            libc::SYS_poll,
+            libc::SYS_ppoll,
+            libc::SYS_recvfrom,
+            libc::SYS_sendto,
+            // std's HashSet seeds its hasher once per thread.
+            libc::SYS_getrandom,
+        ]
+        .map(any),
+    );
+    for (req, name) in ioctls::UFFD_PAGES {
+        v.push(when(libc::SYS_ioctl, vec![eq32(1, req, name)], name));
+    }
+    v
+}
+
 fn to_json(rules: Vec<Rule>) -> Result<Value, SeccompError> {
     let mut filter = Vec::with_capacity(rules.len());
     for r in rules {
@@ -353,5 +398,170 @@ pub fn default_filters() -> Result<Value, SeccompError> {
         "main": to_json(main_rules())?,
         "vcpu": to_json(vcpu_rules())?,
         "virtio": to_json(virtio_rules())?,
+        "pages": to_json(pages_rules())?,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a filter answers instead of trapping, in these tests: an errno no real
+    /// call returns.
+    const DENIED: i32 = 1234;
+    const UFFDIO_API: u64 = 0xc018_aa3f;
+    const UFFDIO_REGISTER: u64 = 0xc020_aa00;
+    const UFFDIO_WAKE: u64 = 0x8010_aa02;
+    const UFFDIO_ZEROPAGE: u64 = 0xc020_aa04;
+
+    /// The ioctl rules of filter `kind` (request numbers).
+    fn ioctls_of(set: &Value, kind: &str) -> Vec<u64> {
+        set[kind]["filter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["syscall"] == "ioctl")
+            .map(|r| r["args"][0]["val"].as_u64().unwrap())
+            .collect()
+    }
+
+    fn has(set: &Value, kind: &str, syscall: &str) -> bool {
+        set[kind]["filter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["syscall"] == syscall)
+    }
+
+    /// Runs `call` (a raw syscall) on a new thread under the built-in filter of `kind`,
+    /// compiled to fail what it does not allow with [`DENIED`] rather than trap:
+    /// the call's return value and errno.
+    fn under(kind: &str, call: impl FnOnce() -> libc::c_long + Send + 'static) -> (i64, i32) {
+        let mut f = default_filters().unwrap()[kind].take();
+        f["mismatch_action"] = json!({ "errno": DENIED });
+        let mut one = serde_json::Map::new();
+        one.insert(kind.to_string(), f);
+        let arch = seccompiler::TargetArch::try_from(std::env::consts::ARCH).unwrap();
+        let text = serde_json::to_vec(&Value::Object(one)).unwrap();
+        let prog = seccompiler::compile_from_json(text.as_slice(), arch)
+            .unwrap()
+            .remove(kind)
+            .unwrap();
+        std::thread::spawn(move || {
+            seccompiler::apply_filter(&prog).unwrap();
+            let r = call();
+            let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            (r, if r < 0 { e } else { 0 })
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// `ioctl(-1, req, 0)`: EBADF where the filter allows `req`, [`DENIED`] where not.
+    fn ioctl_under(kind: &str, req: u64) -> i32 {
+        // SAFETY: an ioctl on no descriptor: it fails, in the filter or with EBADF.
+        under(kind, move || unsafe {
+            libc::syscall(libc::SYS_ioctl, -1, req, 0)
+        })
+        .1
+    }
+
+    #[test]
+    fn userfaultfd_request_numbers_are_the_kernels() {
+        assert_eq!(ioctls::UFFDIO_COPY, 0xc028_aa03);
+        assert_eq!(ioctls::UFFDIO_UNREGISTER, 0x8010_aa01);
+    }
+
+    #[test]
+    fn only_the_page_filter_has_userfaultfd_ioctls() {
+        let set = default_filters().unwrap();
+        let uffd = |req: u64| (req >> 8) & 0xff == u64::from(ioctls::UFFDIO);
+        // A VM that is no post-copy destination runs no page thread: its threads'
+        // filters allow no userfaultfd ioctl and no new userfaultfd.
+        for kind in ["main", "vcpu", "virtio"] {
+            let found: Vec<u64> = ioctls_of(&set, kind)
+                .into_iter()
+                .filter(|&r| uffd(r))
+                .collect();
+            assert!(found.is_empty(), "{kind}: {found:#x?}");
+            assert!(!has(&set, kind, "userfaultfd"), "{kind}");
+        }
+        // The page thread: placing pages and unregistering, nothing else, and no KVM,
+        // tap or other ioctl.
+        let mut pages = ioctls_of(&set, "pages");
+        pages.sort();
+        assert_eq!(pages, [ioctls::UFFDIO_UNREGISTER, ioctls::UFFDIO_COPY]);
+        for syscall in [
+            "userfaultfd",
+            "openat",
+            "socket",
+            "connect",
+            "accept4",
+            "bind",
+        ] {
+            assert!(!has(&set, "pages", syscall), "pages allows {syscall}");
+        }
+    }
+
+    #[test]
+    fn a_vcpu_thread_cannot_place_pages_and_the_page_thread_can_only_place_and_unregister() {
+        assert_eq!(ioctl_under("vcpu", ioctls::UFFDIO_COPY), DENIED);
+        assert_eq!(ioctl_under("virtio", ioctls::UFFDIO_COPY), DENIED);
+        assert_eq!(ioctl_under("main", ioctls::UFFDIO_COPY), DENIED);
+        assert_eq!(ioctl_under("main", ioctls::UFFDIO_UNREGISTER), DENIED);
+        assert_eq!(ioctl_under("pages", ioctls::UFFDIO_COPY), libc::EBADF);
+        assert_eq!(ioctl_under("pages", ioctls::UFFDIO_UNREGISTER), libc::EBADF);
+        for req in [
+            UFFDIO_API,
+            UFFDIO_REGISTER,
+            UFFDIO_WAKE,
+            UFFDIO_ZEROPAGE,
+            ioctls::KVM_RUN,
+        ] {
+            assert_eq!(ioctl_under("pages", req), DENIED, "{req:#x}");
+        }
+        // The vCPU filter still lets KVM_RUN through (so the denials above are the
+        // filter's, not a broken test set-up).
+        assert_eq!(ioctl_under("vcpu", ioctls::KVM_RUN), libc::EBADF);
+        for kind in ["main", "vcpu", "virtio", "pages"] {
+            let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+            // SAFETY: a raw userfaultfd call; a descriptor it might return is closed.
+            let (fd, e) = under(kind, move || unsafe {
+                libc::syscall(libc::SYS_userfaultfd, flags)
+            });
+            if fd >= 0 {
+                // SAFETY: the descriptor just returned, owned by nothing else.
+                unsafe { libc::close(fd as i32) };
+            }
+            assert_eq!(e, DENIED, "{kind}: userfaultfd gave {fd}");
+        }
+    }
+
+    #[test]
+    fn madvise_is_allowed_with_dontneed_only() {
+        let set = default_filters().unwrap();
+        for kind in super::super::THREAD_KINDS {
+            let rules: Vec<&Value> = set[kind]["filter"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| r["syscall"] == "madvise")
+                .collect();
+            assert_eq!(rules.len(), 1, "{kind}");
+            assert_eq!(rules[0]["args"][0]["index"], 2, "{kind}");
+            assert_eq!(rules[0]["args"][0]["val"], libc::MADV_DONTNEED, "{kind}");
+            // An unaligned address: an allowed call fails with EINVAL and touches nothing.
+            let advise = |advice: i32| {
+                // SAFETY: madvise of no memory (length 0, unaligned): it only fails.
+                under(kind, move || unsafe {
+                    libc::syscall(libc::SYS_madvise, 1usize, 0usize, advice)
+                })
+                .1
+            };
+            assert_eq!(advise(libc::MADV_DONTNEED), libc::EINVAL, "{kind}");
+            for advice in [libc::MADV_REMOVE, libc::MADV_FREE, libc::MADV_MERGEABLE] {
+                assert_eq!(advise(advice), DENIED, "{kind}: advice {advice}");
+            }
+        }
+    }
 }

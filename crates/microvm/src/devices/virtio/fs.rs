@@ -39,6 +39,11 @@ pub const TYPE_FS: u32 = 26;
 pub const TAG_LEN: usize = 36;
 /// hiprio + one request queue.
 const NUM_QUEUES: usize = 2;
+/// The ring size offered. Linux caps a virtio-fs request at the request ring's size
+/// less 4 pages (FUSE `max_pages`, at most 256): with 256 entries a 1 MiB read or write
+/// (virtiofsd's largest) goes as two requests, 252 pages and 4. 1024 lets it go whole,
+/// and indirect descriptors keep each request to one ring entry.
+const QUEUE_SIZE: u16 = 1024;
 /// VHOST_USER_F_PROTOCOL_FEATURES: a vhost-user bit, never offered to the guest.
 const PROTOCOL_FEATURES: u64 = 1 << 30;
 /// Virtio bits we pass through from the back end: VERSION_1, INDIRECT_DESC (28),
@@ -220,6 +225,9 @@ impl VirtioDevice for Fs {
     }
     fn num_queues(&self) -> usize {
         NUM_QUEUES
+    }
+    fn queue_max_size(&self) -> u16 {
+        QUEUE_SIZE
     }
     fn features(&self) -> u64 {
         self.offered

@@ -17,7 +17,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{DeviceContext, Registrar, VirtioDevice, QUEUE_MAX_SIZE, VIRTIO_F_VERSION_1};
+use super::{DeviceContext, Registrar, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::BusDevice;
 use crate::vstate::memory::GuestMemory;
 
@@ -121,7 +121,7 @@ impl MmioTransport {
     pub fn new(mut dev: Box<dyn VirtioDevice>, mem: GuestMemory, irq: EventFd) -> Self {
         let direct_irq = dev.direct_irq(&irq);
         let queues = (0..dev.num_queues())
-            .filter_map(|_| Queue::new(QUEUE_MAX_SIZE).ok())
+            .filter_map(|_| Queue::new(dev.queue_max_size()).ok())
             .collect();
         MmioTransport {
             dev,
@@ -239,7 +239,9 @@ impl MmioTransport {
             };
             let queue =
                 Queue::try_from(state).map_err(|e| format!("device type {kind} queue {i}: {e}"))?;
-            if queue.max_size() != QUEUE_MAX_SIZE || (queue.ready() && !queue.is_valid(&self.mem)) {
+            if queue.max_size() != self.dev.queue_max_size()
+                || (queue.ready() && !queue.is_valid(&self.mem))
+            {
                 return Err(format!("device type {kind} queue {i}: invalid saved queue"));
             }
             queues.push(queue);

@@ -23,7 +23,8 @@ use crate::vstate::memory::GuestMemory;
 
 /// VIRTIO_F_VERSION_1: the modern (non-legacy) interface.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// Largest queue any of our devices offers.
+/// The queue size a device offers unless it says otherwise
+/// ([`VirtioDevice::queue_max_size`]).
 pub const QUEUE_MAX_SIZE: u16 = 256;
 
 /// epoll data of device-owned fds: this bit, the device index in bits 32..48 and the
@@ -114,6 +115,11 @@ pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
     /// Number of virtqueues.
     fn num_queues(&self) -> usize;
+    /// The largest ring each queue offers the driver (QueueNumMax); the driver sizes its
+    /// rings by it.
+    fn queue_max_size(&self) -> u16 {
+        QUEUE_MAX_SIZE
+    }
     /// Feature bits offered to the driver.
     fn features(&self) -> u64;
     /// An eventfd KVM should signal directly when the guest notifies `queue` (an
