@@ -4,6 +4,7 @@
 # piped in; -t; the container sees the guest kernel, not the host's; the memory limit is
 # enforced inside the guest; the host's processes and files are invisible; volumes as
 # disk images; a signal reaches the container; -d with ps, exec (-t, --user), logs, stop, rm;
+# create --vm then start (Created, then its output in logs);
 # -d output across vsock resets; random
 # and malformed bytes at the agent's vsock port never stop it serving; a dead agent and a
 # guest kernel panic fail with a clear error within a bounded time and leave nothing
@@ -89,6 +90,21 @@ out=$(n exec --user nobody vmd sh -c 'echo $(id -u):$(id -g)')
 expect "exec --user nobody (from the image's /etc/passwd)" 65534:65534 "$out"
 sleep 0.5
 grep -q started "$NESTOR_ROOT/containers/$id/log" && pass "logs" || bad "log: $(cat "$NESTOR_ROOT/containers/$id/log")"
+
+# 9b. create --vm, then start: recorded Created with no VM, booted by start detached as
+# run -d would (the output in logs is the guest kernel's), removed without -f.
+cid=$(n create --vm --name vmc busybox sh -c 'echo created-then-started; uname -r')
+st=$(n inspect vmc | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["Status"], d["VM"])')
+expect "create --vm: Created, no VM" "Created None" "$st"
+expect "start of the created VM container" vmc "$(n start vmc)"
+for _ in $(seq 600); do
+    [[ $(n inspect vmc | python3 -c 'import json,sys; print(json.load(sys.stdin)["Status"])') == Exited* ]] && break
+    sleep 0.2
+done
+out=$(n logs vmc | grep -v '^nestor:' | tr '\n' ' ' | sed 's/ $//')
+expect "create --vm + start: logs from the guest" "created-then-started $guest" "$out"
+n rm vmc >/dev/null && [[ $(n ps -a -q) != *"${cid:0:12}"* ]] && pass "rm of the started VM container" ||
+    bad "rm vmc: $(n ps -a)"
 
 # 10. Fuzz: random and malformed bytes at the agent's port never stop it serving.
 sock=$(n inspect vmd | python3 -c 'import json,sys; print(json.load(sys.stdin)["VM"]["Sandbox"])')/v.sock

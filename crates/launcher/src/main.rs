@@ -30,7 +30,14 @@ use vm::pod;
 fn dispatch_vm(cli: &Cli) -> Option<Result<i32>> {
     let root = &cli.root;
     let r = match &cli.cmd {
-        Cmd::Create(a) => oci_vm::create(root, a, cli.vm_pod),
+        Cmd::Create(a) => match a.oci() {
+            Some(o) => oci_create_args(a).and_then(|()| oci_vm::create(root, &o, cli.vm_pod)),
+            None => {
+                let mut r = a.run.clone();
+                r.vm.enabled = true;
+                return Some(docker::create::create(&Runtime::new(cli.root.clone()), &r));
+            }
+        },
         Cmd::Start { id } if oci_vm::exists(root, id) => oci_vm::start(root, id),
         Cmd::State { id } if oci_vm::exists(root, id) => oci_vm::state(root, id),
         Cmd::Kill(a) if oci_vm::exists(root, &a.id) => oci_vm::kill(root, a),
@@ -52,6 +59,17 @@ fn dispatch_vm(cli: &Cli) -> Option<Result<i32>> {
     Some(r.map(|()| 0))
 }
 
+/// The OCI `create` takes exactly one argument, the container's id.
+fn oci_create_args(a: &cli::CreateCmd) -> Result<()> {
+    if a.run.args.len() != 1 {
+        anyhow::bail!(
+            "create --bundle takes exactly one container id, got {:?}",
+            a.run.args
+        );
+    }
+    Ok(())
+}
+
 fn dispatch(cli: &Cli) -> Result<i32> {
     if cli.vm_runtime {
         if let Some(r) = dispatch_vm(cli) {
@@ -60,7 +78,21 @@ fn dispatch(cli: &Cli) -> Result<i32> {
     }
     let rt = Runtime::new(cli.root.clone());
     match &cli.cmd {
-        Cmd::Create(a) => oci::create(&rt, a)?,
+        Cmd::Create(a) => match a.oci() {
+            Some(o) => {
+                oci_create_args(a)?;
+                oci::create(&rt, &o)?
+            }
+            None => return docker::create::create(&rt, &a.run),
+        },
+        // A container `nestor create IMAGE` made (name, id or id prefix) takes Docker's
+        // start, unless the id is an OCI container's in --root that is not that record's
+        // own runtime container; anything else is the OCI runtime's start.
+        Cmd::Start { id }
+            if docker::store::resolve(id).is_ok_and(|m| m.id == *id || rt.state(id).is_err()) =>
+        {
+            return docker::create::start(id)
+        }
         Cmd::Start { id } => rt.start(id)?,
         Cmd::State { id } => oci::state(&rt, id)?,
         Cmd::Kill(a) => {

@@ -180,6 +180,51 @@ fn lifecycle_create_start_exec_kill_delete() {
     assert!(!cgroup_exists(&b.id));
 }
 
+/// runc's `create ID` takes the working directory as the bundle: with a config.json
+/// there and no image options, `create` is the OCI verb (not Docker's `create IMAGE`),
+/// and the OCI `start` starts what it made.
+#[test]
+fn create_without_bundle_takes_the_working_directory() {
+    let b = Bundle::new("cwdbundle", &["sleep", "1000"]);
+    let errf = b.dir.path().join("create.err");
+    let ok = b
+        .cmd(&["create", &b.id])
+        .current_dir(b.dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&errf).unwrap())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "create: {}", std::fs::read_to_string(&errf).unwrap());
+    let st = b.state_json().unwrap();
+    assert_eq!(st["status"], "created");
+    assert_eq!(st["bundle"], json!(b.dir.path()), "{st}");
+    let o = b.oci(&["start"]);
+    assert!(o.status.success(), "start: {}", stderr(&o));
+    assert_eq!(b.state_json().unwrap()["status"], "running");
+    // The OCI create takes one id: an image and a command are Docker's, not a bundle's.
+    let o = b
+        .cmd(&[
+            "create",
+            "--bundle",
+            b.dir.path().to_str().unwrap(),
+            "x",
+            "y",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).starts_with("error: create --bundle takes exactly one container id"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(b.oci(&["delete", "--force"]).status.success());
+    assert!(b.state_json().is_none());
+    assert!(!cgroup_exists(&b.id));
+}
+
 #[test]
 fn bad_inputs_give_clear_errors_and_leave_nothing() {
     // Malformed config.json.

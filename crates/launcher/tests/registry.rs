@@ -617,6 +617,172 @@ fn pull_push_by_podman_and_run() {
     assert!(n.downloads().is_empty(), "{:?}", n.downloads());
 }
 
+/// The record of container `name` as `ps -a --json` shows it.
+fn ps_record(n: &Nestor, name: &str) -> Option<Value> {
+    let o = n.run(&["ps", "-a", "--json"]);
+    assert!(o.status.success(), "ps: {}", stderr(&o));
+    serde_json::from_slice::<Vec<Value>>(&o.stdout)
+        .unwrap()
+        .into_iter()
+        .find(|m| m["name"] == json!(name))
+}
+
+/// Waits (up to 20 s) until container `name` has exited; its record then.
+fn wait_exited(n: &Nestor, name: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = ps_record(n, name).expect("the record");
+        if m["status"] == json!("exited") || Instant::now() > deadline {
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Docker's `create`: the image is pulled when missing (`--pull=never` refuses in one
+/// line and records nothing), the container is recorded `Created` with nothing running,
+/// `start` runs it detached with the options given to `create` (its output in `logs`),
+/// and again after its exit; a running one is not started twice, a name is not taken
+/// twice, a created one is removed without -f and survives `gc`.
+#[test]
+fn create_pulls_a_missing_image_and_start_runs_it() {
+    need!("docker-registry", "podman");
+    let store = tempfile::tempdir().unwrap();
+    let reg = Registry::start(store.path());
+    let podman = Podman::new();
+    let id = podman.push_layout(
+        &sample_layout(),
+        &format!("{}/tools/created:v1", reg.addr()),
+    );
+    let n = Nestor::new(&[&reg.addr()]);
+    let name = unique("created");
+
+    let o = n.run(&[
+        "create",
+        "--pull=never",
+        "--name",
+        &name,
+        "tools/created:v1",
+        "true",
+    ]);
+    one_error_line(&o, "not found");
+    assert!(
+        ps_record(&n, &name).is_none(),
+        "--pull=never recorded a container"
+    );
+    assert!(n.images().is_empty(), "{:?}", n.images());
+
+    // The variable is taken from create's environment, not start's.
+    let o = n
+        .cmd(&[
+            "create",
+            "--name",
+            &name,
+            "--network",
+            "none",
+            "-e",
+            "FROM_CREATE",
+            "tools/created:v1",
+            "sh",
+            "-c",
+            "echo out-of-created $FROM_CREATE $(cut -d, -f1 /etc/nestor-sample)",
+        ])
+        .env("FROM_CREATE", "yes")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "create: {}", stderr(&o));
+    let cid = stdout(&o).trim().to_string();
+    assert!(
+        cid.len() == 64 && cid.bytes().all(|b| b.is_ascii_hexdigit()),
+        "create printed {cid:?}"
+    );
+    let images = n.images();
+    assert_eq!(images.len(), 1, "{images:?}");
+    assert_eq!(images[0]["id"], json!(id), "{images:?}");
+    let m = ps_record(&n, &name).expect("the created record");
+    assert_eq!(m["status"], json!("created"), "{m}");
+    assert_eq!(m["id"], json!(cid));
+    let o = n.run(&["ps", "-a"]);
+    let line = stdout(&o)
+        .lines()
+        .find(|l| l.ends_with(&name))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(line.contains("Created"), "ps -a: {}", stdout(&o));
+    // Nothing runs: not in `ps`, and the log is empty.
+    assert!(!stdout(&n.run(&["ps"])).contains(&name));
+    let o = n.run(&["logs", &name]);
+    assert!(o.status.success(), "logs: {}", stderr(&o));
+    assert_eq!(stdout(&o), "");
+    let o = n.run(&["inspect", &name]);
+    assert!(o.status.success(), "inspect: {}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["Status"], json!("Created"), "{v}");
+    // `gc` leaves a created container be, though the nestor that made it is gone.
+    assert!(n.run(&["gc"]).status.success());
+    assert_eq!(ps_record(&n, &name).unwrap()["status"], json!("created"));
+    one_error_line(
+        &n.run(&["create", "--name", &name, "tools/created:v1", "true"]),
+        "already in use",
+    );
+
+    let o = n
+        .cmd(&["start", &name])
+        .env_remove("FROM_CREATE")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "start: {}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), name);
+    let m = wait_exited(&n, &name);
+    assert_eq!(m["status"], json!("exited"), "{m}");
+    assert_eq!(m["exit_code"], json!(0), "{m}");
+    let o = n.run(&["logs", &cid[..12]]);
+    assert!(o.status.success(), "logs: {}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "out-of-created yes nestor busybox sample image\n"
+    );
+    // Started again after its exit, as Docker's `start`: the log grows.
+    let o = n.run(&["start", &cid]);
+    assert!(o.status.success(), "start again: {}", stderr(&o));
+    assert_eq!(wait_exited(&n, &name)["exit_code"], json!(0));
+    assert_eq!(
+        stdout(&n.run(&["logs", &name])),
+        "out-of-created yes nestor busybox sample image\n".repeat(2)
+    );
+
+    // A running container is not started twice, and is removed only with -f.
+    let long = unique("created-long");
+    let o = n.run(&[
+        "create",
+        "--name",
+        &long,
+        "--network",
+        "none",
+        "tools/created:v1",
+        "sleep",
+        "60",
+    ]);
+    assert!(o.status.success(), "create: {}", stderr(&o));
+    let o = n.run(&["start", &long]);
+    assert!(o.status.success(), "start: {}", stderr(&o));
+    assert!(stdout(&n.run(&["ps"])).contains(&long));
+    one_error_line(&n.run(&["start", &long]), "already running");
+    one_error_line(&n.run(&["start", "t-no-such-container"]), "");
+    let o = n.run(&["rm", "-f", &long]);
+    assert!(o.status.success(), "rm -f: {}", stderr(&o));
+
+    // A created container goes without -f; a removed one's name is free again.
+    let o = n.run(&["rm", &name]);
+    assert!(o.status.success(), "rm: {}", stderr(&o));
+    assert!(ps_record(&n, &name).is_none());
+    let o = n.run(&["create", "--name", &name, "tools/created:v1", "true"]);
+    assert!(o.status.success(), "create again: {}", stderr(&o));
+    let o = n.run(&["rm", &name]);
+    assert!(o.status.success(), "rm a created one: {}", stderr(&o));
+    assert!(ps_record(&n, &name).is_none());
+}
+
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 

@@ -1,7 +1,8 @@
 //! The command line, as clap structs only: no behaviour here. The OCI runtime verbs
 //! (create, start, state, kill, delete, exec, pause, resume, list, spec, features, run
 //! --bundle, ps ID, update, events, checkpoint, restore) follow runc's and crun's shapes so podman can drive
-//! nestor; the others follow Docker's.
+//! nestor; the others follow Docker's. `run`'s option groups are serde types too: a
+//! container `nestor create` made keeps them in its record for `start`.
 
 use std::path::PathBuf;
 
@@ -44,9 +45,12 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
-    /// OCI: create a container from a bundle; its process waits for `start`.
-    Create(CreateArgs),
-    /// OCI: start a created container.
+    /// Create a container without starting it: Docker style with an image (`create
+    /// [OPTIONS] IMAGE [CMD…]`, run's options), OCI style with --bundle (`create --bundle
+    /// DIR ID`; its process waits for `start`).
+    Create(Box<CreateCmd>),
+    /// Start a created container: one `nestor create IMAGE` made (by name or id, detached
+    /// as `run -d`), or an OCI container in --root.
     Start { id: String },
     /// OCI: print a container's state as JSON.
     State { id: String },
@@ -368,20 +372,54 @@ pub enum PodCmd {
     },
 }
 
-#[derive(Args, Debug)]
-pub struct CreateArgs {
-    #[arg(short, long, default_value = ".")]
-    pub bundle: PathBuf,
-    #[arg(long)]
-    pub console_socket: Option<PathBuf>,
-    #[arg(long)]
-    pub pid_file: Option<PathBuf>,
-    #[arg(long, default_value_t = 0)]
-    pub preserve_fds: u32,
+/// `nestor create`, both forms: run's options (Docker style: IMAGE [CMD…]) and the OCI
+/// runtime's (`--bundle`, `--console-socket`, `--pid-file`, `--preserve-fds`,
+/// `--no-pivot`, `--no-new-keyring`; ID). [`CreateCmd::oci`] tells them apart.
+#[derive(Args, Debug, Clone)]
+pub struct CreateCmd {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Accepted for runc's callers; nestor always pivots and keyrings are left alone.
     #[arg(long, hide = true)]
     pub no_pivot: bool,
     #[arg(long, hide = true)]
     pub no_new_keyring: bool,
+}
+
+impl CreateCmd {
+    /// The OCI runtime's `create`, when this is one: with `--bundle` or a flag only the
+    /// OCI form has, or, as runc defaults the bundle to the working directory, one
+    /// argument and a `config.json` here. Anything else is Docker's `create IMAGE`.
+    pub fn oci(&self) -> Option<CreateArgs> {
+        let o = &self.run.oci;
+        let oci_flags = o.bundle.is_some()
+            || o.console_socket.is_some()
+            || o.pid_file.is_some()
+            || o.preserve_fds > 0
+            || self.no_pivot
+            || self.no_new_keyring;
+        let bundle_here = self.run.args.len() == 1 && std::path::Path::new("config.json").is_file();
+        if !oci_flags && !bundle_here {
+            return None;
+        }
+        Some(CreateArgs {
+            bundle: o.bundle.clone().unwrap_or_else(|| ".".into()),
+            console_socket: o.console_socket.clone(),
+            pid_file: o.pid_file.clone(),
+            preserve_fds: o.preserve_fds,
+            // More than one argument is refused by the caller.
+            id: self.run.args.first().cloned().unwrap_or_default(),
+        })
+    }
+}
+
+/// The OCI runtime's `create` (see [`CreateCmd::oci`]).
+#[derive(Debug, Clone)]
+pub struct CreateArgs {
+    pub bundle: PathBuf,
+    pub console_socket: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
+    pub preserve_fds: u32,
     pub id: String,
 }
 
@@ -654,7 +692,8 @@ pub enum ListFormat {
 
 /// `nestor run`: Docker-style (IMAGE [CMD…]) or, with `--bundle`, the OCI runtime's
 /// `run ID`. Its options come in groups, one per concern.
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RunArgs {
     #[command(flatten)]
     pub oci: OciRunOpts,
@@ -673,7 +712,8 @@ pub struct RunArgs {
 }
 
 /// The OCI runtime's `run` (with `--bundle`).
-#[derive(Args, Debug, Clone, Default)]
+#[derive(Args, Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct OciRunOpts {
     /// OCI: run the bundle in this directory (and take ID as the first argument).
     #[arg(short, long)]
@@ -687,7 +727,8 @@ pub struct OciRunOpts {
 }
 
 /// The container itself, as Docker's and podman's `run` take it.
-#[derive(Args, Debug, Clone, Default)]
+#[derive(Args, Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ContainerOpts {
     #[arg(short, long)]
     pub detach: bool,
@@ -766,7 +807,17 @@ pub enum SaveFormat {
 }
 
 /// When `run` pulls its image.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(
+    clap::ValueEnum,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub enum PullPolicy {
     #[default]
     Missing,
@@ -775,7 +826,8 @@ pub enum PullPolicy {
 }
 
 /// The container's network, as Docker's `run` takes it.
-#[derive(Args, Debug, Clone, Default)]
+#[derive(Args, Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct NetOpts {
     /// bridge (the default network), none (loopback only), host, container:NAME (join
     /// another container's), or the name of a network (`nestor network create`).
@@ -845,7 +897,8 @@ impl NetOpts {
 }
 
 /// Scenario 1: the container in a microVM (its own, or a pod's).
-#[derive(Args, Debug, Clone, Default)]
+#[derive(Args, Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct VmOpts {
     /// Run the container inside a fresh KVM microVM (scenario 1).
     #[arg(id = "vm", long = "vm")]
@@ -872,7 +925,17 @@ pub struct VmOpts {
 }
 
 /// virtiofsd's `--cache`: how long the guest may trust what it read from the host.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(
+    clap::ValueEnum,
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub enum FsCache {
     /// Close-to-open: the guest revalidates on open (host changes seen at next open).
     #[default]
@@ -897,7 +960,8 @@ impl FsCache {
 }
 
 /// Scenario 2 around scenario 1: the microVM's monitor jailed, by default.
-#[derive(Args, Debug, Clone, Default)]
+#[derive(Args, Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct JailRunOpts {
     /// With --vm: require the jail the microVM's monitor runs in by default (its own
     /// namespaces, cgroup, unprivileged uid, no capabilities, seccomp). Without this
@@ -1155,5 +1219,41 @@ mod tests {
         };
         assert_eq!(r.args, ["busybox", "ls", "-l", "--x"]);
         assert!(r.ctr.rm);
+    }
+
+    fn create(args: &[&str]) -> CreateCmd {
+        let c = Cli::try_parse_from(["nestor", "create"].iter().chain(args)).unwrap();
+        let Cmd::Create(a) = c.cmd else {
+            panic!("not create")
+        };
+        *a
+    }
+
+    #[test]
+    fn create_is_ocis_with_a_bundle_and_dockers_with_an_image() {
+        // conmon's call.
+        let a = create(&[
+            "--bundle",
+            "/b",
+            "--pid-file",
+            "/p",
+            "--no-new-keyring",
+            "--console-socket",
+            "/s",
+            "ctr1",
+        ]);
+        let o = a.oci().expect("OCI create");
+        assert_eq!((o.bundle.to_str(), o.id.as_str()), (Some("/b"), "ctr1"));
+        assert_eq!(
+            o.console_socket.as_deref(),
+            Some(std::path::Path::new("/s"))
+        );
+        assert!(create(&["--pid-file", "/p", "ctr1"]).oci().is_some());
+        // No config.json in the crate's directory: an image and its command.
+        assert!(!std::path::Path::new("config.json").exists());
+        let a = create(&["--name", "n", "-e", "A=1", "busybox", "echo", "-n", "hi"]);
+        assert!(a.oci().is_none());
+        assert_eq!(a.run.args, ["busybox", "echo", "-n", "hi"]);
+        assert!(create(&["busybox"]).oci().is_none());
     }
 }

@@ -392,10 +392,9 @@ pub fn image_rm(names: &[String]) -> Result<()> {
     for n in names {
         let _lock = store::lock()?;
         let img = store.get(n)?;
-        if let Some(m) = store::all()
-            .iter()
-            .find(|m| m.image_id == img.id && m.status != Status::Exited && m.owner_alive())
-        {
+        if let Some(m) = store::all().iter().find(|m| {
+            m.image_id == img.id && (m.parked() || (m.status != Status::Exited && m.owner_alive()))
+        }) {
             bail!(
                 "image {n} is in use by container {} ({})",
                 m.name,
@@ -423,6 +422,12 @@ pub fn gc(rt: &Runtime) -> Result<()> {
                 let _ = at.remove();
             }
             m.vm = None;
+            if m.parked() {
+                // `nestor create`'s container waits for `start` (what a start killed
+                // half-way made is gone now).
+                store::save(&m)?;
+                continue;
+            }
             if m.auto_remove || m.status == Status::Created {
                 store::remove_dir(&m.id)?;
             } else {

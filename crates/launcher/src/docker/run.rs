@@ -56,35 +56,7 @@ fn drive(mode: &mut impl Mode, a: &RunArgs) -> Result<i32> {
     if cmd.is_empty() {
         bail!("no command given and image '{image_ref}' has no Entrypoint or Cmd");
     }
-    let id = store::new_id()?;
-    let meta = {
-        // The name is checked and taken under the store's lock: one container per name.
-        let _lock = store::lock()?;
-        let name = match &a.ctr.name {
-            Some(n) => {
-                store::check_name(n)?;
-                n.clone()
-            }
-            None => format!("nestor_{}", &id[..8]),
-        };
-        let volumes = named_volumes(a)?;
-        store::create_dir(&id, a.ctr.userns)?;
-        let mut meta = store::new_meta(
-            &id,
-            name,
-            &image,
-            image_ref,
-            cmd,
-            a.ctr.rm,
-            &mode.state_root(),
-        );
-        meta.volumes = volumes;
-        if let Err(e) = store::save(&meta) {
-            let _ = store::remove_dir(&id);
-            return Err(e);
-        }
-        meta
-    };
+    let meta = record(mode, a, &image, image_ref, cmd, |_| {})?;
     if a.ctr.detach {
         return detach(mode, a, meta, &image);
     }
@@ -97,9 +69,50 @@ fn drive(mode: &mut impl Mode, a: &RunArgs) -> Result<i32> {
     code
 }
 
+/// Makes the record of a new container (`Created`, its directory made): its id, and its
+/// name checked and taken under the store's lock; `fill` adds to the record before it
+/// is first saved.
+pub(crate) fn record(
+    mode: &impl Mode,
+    a: &RunArgs,
+    image: &nestor_image::Image,
+    image_ref: &str,
+    cmd: Vec<String>,
+    fill: impl FnOnce(&mut Meta),
+) -> Result<Meta> {
+    let id = store::new_id()?;
+    // The name is checked and taken under the store's lock: one container per name.
+    let _lock = store::lock()?;
+    let name = match &a.ctr.name {
+        Some(n) => {
+            store::check_name(n)?;
+            n.clone()
+        }
+        None => format!("nestor_{}", &id[..8]),
+    };
+    let volumes = named_volumes(a)?;
+    store::create_dir(&id, a.ctr.userns)?;
+    let mut meta = store::new_meta(
+        &id,
+        name,
+        image,
+        image_ref,
+        cmd,
+        a.ctr.rm,
+        &mode.state_root(),
+    );
+    meta.volumes = volumes;
+    fill(&mut meta);
+    if let Err(e) = store::save(&meta) {
+        let _ = store::remove_dir(&id);
+        return Err(e);
+    }
+    Ok(meta)
+}
+
 /// The named volumes of `-v`, made if missing (Docker's way; call under the store's lock);
 /// a `--userns` container gets the empty ones root still owns (see `volume`).
-fn named_volumes(a: &RunArgs) -> Result<Vec<String>> {
+pub(crate) fn named_volumes(a: &RunArgs) -> Result<Vec<String>> {
     use crate::docker::volume::{self, VolumeArg};
     let mut names = Vec::new();
     for v in &a.ctr.volume {
@@ -141,7 +154,7 @@ fn start_wait_finish(
 }
 
 /// Records the container's exit (or removes the record with `--rm`).
-fn finish(meta: &mut Meta, code: i32) -> Result<()> {
+pub(crate) fn finish(meta: &mut Meta, code: i32) -> Result<()> {
     meta.status = Status::Exited;
     meta.exit_code = Some(code);
     meta.vm = None;

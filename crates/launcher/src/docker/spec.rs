@@ -226,7 +226,7 @@ fn volume_mount(v: &str) -> Result<Mount> {
 }
 
 /// `--memory`, `--cpus`, `--pids-limit` as cgroup resources.
-fn resources(a: &RunArgs) -> Result<LinuxResources> {
+pub(crate) fn resources(a: &RunArgs) -> Result<LinuxResources> {
     let mut res = LinuxResourcesBuilder::default();
     if let Some(m) = &a.ctr.memory {
         let b = parse_bytes(m)?;

@@ -220,6 +220,19 @@ pub struct Meta {
     /// other side has taken the container over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moved_to: Option<String>,
+    /// The options `nestor create` was given (the image resolved, `-e K` and relative
+    /// paths made absolute): what `nestor start` runs the container with. Only such a
+    /// record stays `Created` with its owner gone (`gc` keeps it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<Box<crate::cli::RunArgs>>,
+}
+
+impl Meta {
+    /// Made by `nestor create` and not started (or its start failed): it waits for
+    /// `nestor start`, whoever made it.
+    pub fn parked(&self) -> bool {
+        self.status == Status::Created && self.run.is_some()
+    }
 }
 
 /// The microVM of a `run --vm` container.
@@ -414,6 +427,7 @@ pub fn new_meta(
         pod: None,
         checkpoint: None,
         moved_to: None,
+        run: None,
     }
 }
 

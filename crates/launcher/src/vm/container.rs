@@ -651,7 +651,7 @@ pub(crate) struct VmNet {
 
 /// The network mode of a VM container: `bridge` by default, as natively; a pod's
 /// container has none of its own (it shares the pod's).
-fn vm_net_mode(a: &RunArgs) -> crate::cli::NetworkMode {
+pub(crate) fn vm_net_mode(a: &RunArgs) -> crate::cli::NetworkMode {
     a.net.mode(if a.vm.pod.is_some() {
         crate::cli::NetworkMode::None
     } else {
