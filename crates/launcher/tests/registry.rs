@@ -870,56 +870,41 @@ fn pull_picks_the_platform_from_an_index() {
             "{put}"
         );
     }
-    let n = Nestor::new(&[&reg.addr()]);
-    let p = n.pull_json("multi");
-    assert_eq!(p["id"], json!(amd64_id), "the default platform: {p}");
-    let o = n.run(&[
-        "run",
-        "--rm",
-        "--pull=never",
-        "multi",
-        "cat",
-        "/etc/nestor-sample",
-    ]);
-    assert!(o.status.success(), "run: {}", stderr(&o));
-    let o = n.run(&["pull", "--json", "--platform", "linux/arm64", "multi"]);
-    assert!(o.status.success(), "pull --platform: {}", stderr(&o));
-    let p: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(p["id"], json!(arm64_id), "--platform linux/arm64: {p}");
+    // The OCI index and the Docker list, each into a store of its own.
+    for image in ["multi", "multi:list"] {
+        let n = Nestor::new(&[&reg.addr()]);
+        let p = n.pull_json(image);
+        assert_eq!(
+            p["id"],
+            json!(amd64_id),
+            "{image}, the default platform: {p}"
+        );
+        let o = n.run(&[
+            "run",
+            "--rm",
+            "--pull=never",
+            image,
+            "cat",
+            "/etc/nestor-sample",
+        ]);
+        assert!(o.status.success(), "run {image}: {}", stderr(&o));
+        let o = n.run(&["pull", "--json", "--platform", "linux/arm64", image]);
+        assert!(
+            o.status.success(),
+            "pull --platform {image}: {}",
+            stderr(&o)
+        );
+        let p: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(p["id"], json!(arm64_id), "{image}, linux/arm64: {p}");
+        one_error_line(
+            &n.run(&["pull", "--platform", "linux/s390x", image]),
+            "linux/s390x",
+        );
+    }
     one_error_line(
-        &n.run(&["pull", "--platform", "linux/s390x", "multi"]),
-        "linux/s390x",
-    );
-    one_error_line(
-        &n.run(&["pull", "--platform", "linux", "multi"]),
+        &Nestor::new(&[&reg.addr()]).run(&["pull", "--platform", "linux", "multi"]),
         "platform",
     );
-
-    // Docker's list and manifests, into a store of their own.
-    let d = Nestor::new(&[&reg.addr()]);
-    let p = d.pull_json("multi:list");
-    assert_eq!(p["id"], json!(amd64_id), "from a Docker manifest list: {p}");
-    let o = d.run(&[
-        "run",
-        "--rm",
-        "--pull=never",
-        "multi:list",
-        "cat",
-        "/etc/nestor-sample",
-    ]);
-    assert!(
-        o.status.success(),
-        "run of a Docker schema 2 image: {}",
-        stderr(&o)
-    );
-    let o = d.run(&["pull", "--json", "--platform", "linux/arm64", "multi:list"]);
-    assert!(
-        o.status.success(),
-        "pull --platform of a list: {}",
-        stderr(&o)
-    );
-    let p: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(p["id"], json!(arm64_id), "{p}");
 }
 
 /// Uploads `bytes` as a blob of `repo` (monolithic: POST, then PUT with the digest).

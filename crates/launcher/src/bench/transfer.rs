@@ -72,23 +72,7 @@ pub fn measure(env: &Env, m: Mode, rounds: usize) -> StateTransfer {
     }
     let jail = matches!(m, Mode::JailedVmContainer);
     let goal = env.vm_mem;
-    let mut st = StateTransfer {
-        mode: m.name().into(),
-        status: Status::Skipped,
-        reason: None,
-        jailed: jail,
-        rounds,
-        goal_mem_mib: goal,
-        snapshots: vec![],
-        migrations: vec![],
-        criu: CriuRow {
-            status: Status::Skipped,
-            reason: None,
-            checkpoint_ms: None,
-            restore_ms: None,
-            image_bytes: None,
-        },
-    };
+    let mut st = unmeasured(m, jail, rounds, goal);
     let r = modes::runners(m, env)
         .into_iter()
         .find(|r| matches!(r.kind, Kind::VmContainer { .. }));
@@ -135,27 +119,33 @@ pub fn measure(env: &Env, m: Mode, rounds: usize) -> StateTransfer {
     st
 }
 
-/// The plain microVM's rows: nestor-vmm's own snapshot and restore per size, no moves
-/// (the container modes measure those through `nestor migrate`) and no CRIU row.
-fn measure_vmm(env: &Env, rounds: usize) -> StateTransfer {
-    let goal = env.vm_mem;
-    let mut st = StateTransfer {
-        mode: Mode::Vm.name().into(),
+/// A section for mode `m` with nothing measured yet.
+fn unmeasured(m: Mode, jailed: bool, rounds: usize, goal: u64) -> StateTransfer {
+    StateTransfer {
+        mode: m.name().into(),
         status: Status::Skipped,
         reason: None,
-        jailed: false,
+        jailed,
         rounds,
         goal_mem_mib: goal,
         snapshots: vec![],
         migrations: vec![],
         criu: CriuRow {
             status: Status::Skipped,
-            reason: Some("measured in the VM-container modes".into()),
+            reason: None,
             checkpoint_ms: None,
             restore_ms: None,
             image_bytes: None,
         },
-    };
+    }
+}
+
+/// The plain microVM's rows: nestor-vmm's own snapshot and restore per size, no moves
+/// (the container modes measure those through `nestor migrate`) and no CRIU row.
+fn measure_vmm(env: &Env, rounds: usize) -> StateTransfer {
+    let goal = env.vm_mem;
+    let mut st = unmeasured(Mode::Vm, false, rounds, goal);
+    st.criu.reason = Some("measured in the VM-container modes".into());
     let runner = modes::runners(Mode::Vm, env)
         .into_iter()
         .find(|r| matches!(r.kind, Kind::Vm { jail: false }));

@@ -173,12 +173,21 @@ fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// Moves the flat directory `from` to `to` (renamed, or copied across file systems).
+///
+/// Files in memory (tmpfs, ramfs) are copied, never renamed: their pages stay charged to
+/// the memory cgroup that wrote them, the jailed VMM's, wherever they are renamed to, and
+/// cannot be reclaimed without swap, so each checkpoint that leaves the VM running used
+/// to shrink what its jail's memory limit leaves the VMM, until a later snapshot had the
+/// VMM OOM-killed mid-way (and the container lost). The copy is charged to this process.
 fn move_dir(from: &Path, to: &Path) -> Result<()> {
-    match std::fs::rename(from, to) {
-        Ok(()) => return Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
-        Err(e) => {
-            return Err(e).with_context(|| format!("move {} to {}", from.display(), to.display()))
+    if !in_memory(from) {
+        match std::fs::rename(from, to) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("move {} to {}", from.display(), to.display()))
+            }
         }
     }
     std::fs::create_dir(to).with_context(|| format!("create {}", to.display()))?;
@@ -187,6 +196,15 @@ fn move_dir(from: &Path, to: &Path) -> Result<()> {
         copy_sparse(&e.path(), &to.join(e.file_name()))?;
     }
     std::fs::remove_dir_all(from).with_context(|| format!("remove {}", from.display()))
+}
+
+/// Whether `p` is on a file system held in memory (tmpfs, ramfs).
+fn in_memory(p: &Path) -> bool {
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    nix::sys::statfs::statfs(p).is_ok_and(|s| {
+        let t = s.filesystem_type();
+        t == nix::sys::statfs::TMPFS_MAGIC || t.0 as i64 == RAMFS_MAGIC
+    })
 }
 
 /// Gives a snapshot directory to root and the jails' group `gid` (read-only for it), so
