@@ -203,7 +203,7 @@ fn in_memory(p: &Path) -> bool {
     const RAMFS_MAGIC: i64 = 0x8584_58f6;
     nix::sys::statfs::statfs(p).is_ok_and(|s| {
         let t = s.filesystem_type();
-        t == nix::sys::statfs::TMPFS_MAGIC || t.0 as i64 == RAMFS_MAGIC
+        t == nix::sys::statfs::TMPFS_MAGIC || t.0 == RAMFS_MAGIC
     })
 }
 
