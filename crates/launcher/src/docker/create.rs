@@ -39,13 +39,7 @@ fn create_in(mode: &impl Mode, a: &RunArgs) -> Result<i32> {
     mode.check(a)?;
     let stored = settled(a)?;
     check_options(&stored, a.vm.enabled || a.vm.pod.is_some())?;
-    let (image_ref, args) = a.args.split_first().context("no image given")?;
-    let images = store::image_store()?;
-    let image = super::registry::image_for_run(&images, image_ref, &a.ctr)?;
-    let cmd = image.command(args);
-    if cmd.is_empty() {
-        bail!("no command given and image '{image_ref}' has no Entrypoint or Cmd");
-    }
+    let (image, image_ref, cmd) = run::image_and_command(a)?;
     let meta = run::record(mode, &stored, &image, image_ref, cmd, |m| {
         m.run = Some(Box::new(stored.clone()));
     })?;

@@ -49,13 +49,7 @@ fn drive(mode: &mut impl Mode, a: &RunArgs) -> Result<i32> {
     if a.ctr.detach && a.ctr.tty {
         bail!("-t with -d is not supported yet: use `nestor exec -it` into a detached container");
     }
-    let (image_ref, args) = a.args.split_first().context("no image given")?;
-    let images = store::image_store()?;
-    let image = super::registry::image_for_run(&images, image_ref, &a.ctr)?;
-    let cmd = image.command(args);
-    if cmd.is_empty() {
-        bail!("no command given and image '{image_ref}' has no Entrypoint or Cmd");
-    }
+    let (image, image_ref, cmd) = image_and_command(a)?;
     let meta = record(mode, a, &image, image_ref, cmd, |_| {})?;
     if a.ctr.detach {
         return detach(mode, a, meta, &image);
@@ -247,4 +241,17 @@ pub(crate) fn monitor<M: Mode>(
         res
     })?;
     Ok(id)
+}
+
+/// The image a Docker-style `run` or `create` names (pulled as `--pull` says), the name
+/// it was given by, and the command: the arguments after it, else the image's own.
+pub(crate) fn image_and_command(a: &RunArgs) -> Result<(nestor_image::Image, &str, Vec<String>)> {
+    let (image_ref, args) = a.args.split_first().context("no image given")?;
+    let images = store::image_store()?;
+    let image = super::registry::image_for_run(&images, image_ref, &a.ctr)?;
+    let cmd = image.command(args);
+    if cmd.is_empty() {
+        bail!("no command given and image '{image_ref}' has no Entrypoint or Cmd");
+    }
+    Ok((image, image_ref, cmd))
 }
