@@ -5,7 +5,7 @@
 # directory on a tmpfs the bench mounts, read and written by a host process, a native
 # container (bind mount), a container in a microVM over virtio-fs (cache auto and
 # always) and, for reference, an ext4 image on the same tmpfs as a virtio-blk volume;
-# each row against a host process's run on the same directory made just before it. The
+# each row between two host-process runs on the same directory, its ratio to their mean. The
 # workloads are nestor's own `workload disk` and `workload meta` (see ARCHITECTURE.md,
 # "nestor bench"). Any other argument goes to `nestor bench`:
 #   fs-bench.sh [--quick] [--workload-secs S] [--json FILE] [--svg DIR]
