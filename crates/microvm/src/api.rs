@@ -1,5 +1,7 @@
 //! The control socket (`--api PATH`): a Unix stream socket taking one JSON request per
-//! line — `{"action": "pause" | "resume" | "shutdown" | "metrics"}`, or
+//! line — `{"action": "pause" | "resume" | "shutdown" | "metrics" | "describe"}`
+//! (`describe`: whether the VM runs or is paused, and its start timings, read without
+//! the per-page walk `metrics` makes to count resident guest memory), or
 //! `{"action": "snapshot-create", "dir": DIR, "resume": BOOL, "diff": BOOL,
 //! "parent": DIR}`, or `{"action": "rate-limit", "device": "disk0" | "net0",
 //! "bandwidth": {"size": N, "refill_time_ms": MS, "one_time_burst": N}, "ops": {…}}`
@@ -78,6 +80,7 @@ enum Action {
     Resume,
     Shutdown,
     Metrics,
+    Describe,
     SnapshotCreate,
     RateLimit,
     Migrate,
@@ -136,6 +139,7 @@ pub fn parse_request(line: &str) -> Result<Request, RequestError> {
         Action::Resume => Request::Resume,
         Action::Shutdown => Request::Shutdown,
         Action::Metrics => Request::Metrics,
+        Action::Describe => Request::Describe,
         Action::VsockReset => Request::VsockReset,
         Action::SnapshotCreate => Request::SnapshotCreate {
             dir: e
@@ -188,6 +192,8 @@ pub enum Request {
     Shutdown,
     /// Report [`Metrics`].
     Metrics,
+    /// Report the VM's [`Instance`] state: cheap at any memory size.
+    Describe,
     /// Take a snapshot into the new directory `dir` (the VM is paused meanwhile, and
     /// resumed after unless `resume` is false or it was paused before).
     SnapshotCreate {
@@ -243,6 +249,32 @@ pub struct Metrics {
     pub guest_resident_kib: u64,
     /// rss_kib - guest_resident_kib: the VMM's own memory.
     pub overhead_kib: u64,
+}
+
+/// What `describe` reports: a few fields, none of them costly to read.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct Instance {
+    /// `running` or `paused`.
+    pub state: String,
+    /// VMM start to the first KVM_RUN.
+    pub first_run_ms: Option<u64>,
+    /// VMM start to the guest's boot marker.
+    pub boot_ms: Option<u64>,
+    /// Time since VMM start.
+    pub uptime_ms: u64,
+}
+
+/// The VM's [`Instance`] state.
+pub fn describe(vmm: &Vmm) -> Instance {
+    Instance {
+        state: if vmm.is_paused() { "paused" } else { "running" }.into(),
+        first_run_ms: vmm
+            .boot_timings()
+            .first_run
+            .map(|d| d.as_millis() as u64),
+        boot_ms: vmm.boot_time().map(|d| d.as_millis() as u64),
+        uptime_ms: vmm.uptime().as_millis() as u64,
+    }
 }
 
 fn status_kib(field: &str) -> u64 {
@@ -366,6 +398,10 @@ fn answer(vmm: &mut Vmm, line: &str) -> (serde_json::Value, bool) {
         }
         Request::Metrics => (
             serde_json::json!({"ok": true, "metrics": metrics(vmm)}),
+            false,
+        ),
+        Request::Describe => (
+            serde_json::json!({"ok": true, "instance": describe(vmm)}),
             false,
         ),
         Request::VsockReset => match vmm.vsock_reset() {
@@ -513,6 +549,11 @@ mod tests {
             parse_request(r#"{"action":"metrics"}"#).unwrap(),
             Request::Metrics
         );
+        assert_eq!(
+            parse_request(r#"{"action":"describe"}"#).unwrap(),
+            Request::Describe
+        );
+        assert!(parse_request(r#"{"action":"describe","dir":"/s"}"#).is_err());
         assert_eq!(
             parse_request(r#"{"action":"vsock-reset"}"#).unwrap(),
             Request::VsockReset

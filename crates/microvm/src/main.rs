@@ -72,7 +72,7 @@ fn start_filtered(
     started
 }
 
-fn run(start: Instant) -> anyhow::Result<i32> {
+fn run(start: Instant, logging: u128) -> anyhow::Result<i32> {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) if !e.use_stderr() => {
@@ -103,8 +103,9 @@ fn run(start: Instant) -> anyhow::Result<i32> {
     let filters = cli.seccomp.clone();
     let boot_timings = cli.boot_timings;
     let resume = cli.resume;
-    let mut steps = Vec::new();
+    let mut steps = vec![("logging", logging)];
     let mut step = |name: &'static str| steps.push((name, start.elapsed().as_millis()));
+    step("flags");
     let (cfg, restore) = match cli.restore.clone() {
         Some(dir) => {
             let loaded = snapshot::read(&dir)?;
@@ -365,7 +366,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    match run(start) {
+    match run(start, start.elapsed().as_millis()) {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             nestor_microvm::eprintln_capped!("nestor-vmm: error: {e:#}");

@@ -91,6 +91,14 @@ pub struct SnapshotRow {
     pub restore_ms: Option<Summary>,
     /// The snapshot's allocated size on disk (memory files are sparse).
     pub snapshot_bytes: Option<Summary>,
+    /// nestor-vmm's rows only: the fresh boot and the restore again, each VMM process
+    /// started without address randomization (`personality(ADDR_NO_RANDOMIZE)`). Under
+    /// TCG, code is translated again wherever randomization put it, at every start;
+    /// hardware has no such cost, so this pair shows the VMM's own restore path.
+    #[serde(default)]
+    pub fixed_cold_start_ms: Option<Summary>,
+    #[serde(default)]
+    pub fixed_restore_ms: Option<Summary>,
 }
 
 /// `nestor migrate` between two data roots of this host, one strategy, one guest.

@@ -161,17 +161,25 @@ fn measure_vmm(env: &Env, rounds: usize) -> StateTransfer {
             for i in 1..=rounds {
                 for mib in sizes(goal) {
                     progress(&format!(
-                        "vm: state transfer, round {i}/{rounds}: {mib} MiB guest: boot, snapshot-create, restore"
+                        "vm: state transfer, round {i}/{rounds}: {mib} MiB guest: boot, snapshot-create, restore (twice: the second time with the VMM at fixed addresses)"
                     ));
                     let row = format!("snap/{mib}");
-                    match vmm_snapshot_round(env, a, mib) {
-                        Ok(f) => {
-                            t.add(&format!("{row}/cold"), f.boot_ms);
-                            t.add(&format!("{row}/checkpoint"), f.snapshot_ms);
-                            t.add(&format!("{row}/disk"), f.disk as f64);
-                            t.add(&format!("{row}/restore"), f.restore_ms);
+                    // As started normally, then with both VMMs at fixed addresses; the
+                    // order turns with the round.
+                    for fixed in [i % 2 == 0, i % 2 == 1] {
+                        match (vmm_snapshot_round(env, a, mib, fixed), fixed) {
+                            (Ok(f), false) => {
+                                t.add(&format!("{row}/cold"), f.boot_ms);
+                                t.add(&format!("{row}/checkpoint"), f.snapshot_ms);
+                                t.add(&format!("{row}/disk"), f.disk as f64);
+                                t.add(&format!("{row}/restore"), f.restore_ms);
+                            }
+                            (Ok(f), true) => {
+                                t.add(&format!("{row}/fixed-cold"), f.boot_ms);
+                                t.add(&format!("{row}/fixed-restore"), f.restore_ms);
+                            }
+                            (Err(e), _) => t.fail(&row, i, &e),
                         }
-                        Err(e) => t.fail(&row, i, &e),
                     }
                 }
             }
@@ -211,15 +219,40 @@ impl Drop for VmmUnit {
 /// Boots the guest with nestor-vmm to its init (the marker), snapshots it paused through
 /// the API, ends that VMM, then restores the snapshot in a new one with `--resume` and
 /// times it until its API answers with the first KVM_RUN done. Everything it made goes.
-fn vmm_snapshot_round(env: &Env, a: &modes::VmAssets, mib: u64) -> Result<VmmSnap> {
+/// `fixed`: both VMM processes start without address randomization.
+fn vmm_snapshot_round(env: &Env, a: &modes::VmAssets, mib: u64, fixed: bool) -> Result<VmmSnap> {
     let dir = env.tmp.join(unit_id("vmm-snap"));
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let res = vmm_snapshot_in(env, a, mib, &dir);
+    let res = vmm_snapshot_in(env, a, mib, &dir, fixed);
     let _ = std::fs::remove_dir_all(&dir);
     res
 }
 
-fn vmm_snapshot_in(env: &Env, a: &modes::VmAssets, mib: u64, dir: &Path) -> Result<VmmSnap> {
+/// Starts the command's process without address randomization (its code and
+/// libraries where they were last time), or as usual.
+fn fixed_addresses(c: &mut Command, fixed: bool) -> &mut Command {
+    if fixed {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: personality(2) is a plain syscall, safe between fork and exec.
+        unsafe {
+            c.pre_exec(|| {
+                if libc::personality(libc::ADDR_NO_RANDOMIZE as libc::c_ulong) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    c
+}
+
+fn vmm_snapshot_in(
+    env: &Env,
+    a: &modes::VmAssets,
+    mib: u64,
+    dir: &Path,
+    fixed: bool,
+) -> Result<VmmSnap> {
     let marker = unit_id("nestor-bench-init");
     let (api1, api2, snap) = (
         dir.join("boot.sock"),
@@ -238,7 +271,10 @@ fn vmm_snapshot_in(env: &Env, a: &modes::VmAssets, mib: u64, dir: &Path) -> Resu
         ))
         .args(["--mem", &mib.to_string(), "--vcpus", "1", "--api"])
         .arg(&api1);
-    let mut boot = VmmUnit(super::unit::Unit::spawn(&mut c, "nestor-vmm")?);
+    let mut boot = VmmUnit(super::unit::Unit::spawn(
+        fixed_addresses(&mut c, fixed),
+        "nestor-vmm",
+    )?);
     boot.0.wait_marker(&marker, env.vm_timeout)?;
     let boot_ms = boot
         .0
@@ -258,14 +294,19 @@ fn vmm_snapshot_in(env: &Env, a: &modes::VmAssets, mib: u64, dir: &Path) -> Resu
         .arg("--resume")
         .arg("--api")
         .arg(&api2);
-    let restored = VmmUnit(super::unit::Unit::spawn(&mut c, "nestor-vmm --restore")?);
+    let restored = VmmUnit(super::unit::Unit::spawn(
+        fixed_addresses(&mut c, fixed),
+        "nestor-vmm --restore",
+    )?);
     // The API is served once the vCPUs were started: its first answer that has the
     // first KVM_RUN is the guest running again.
     let deadline = restored.0.t0 + env.vm_timeout;
     let restore_ms = loop {
-        if let Ok(answer) = api_call(&api2, r#"{"action":"metrics"}"#) {
+        // `describe`, not `metrics`: the latter walks every guest page (mincore) to
+        // count resident memory, which costs the VMM time that grows with its size.
+        if let Ok(answer) = api_call(&api2, r#"{"action":"describe"}"#) {
             let v: serde_json::Value = serde_json::from_str(&answer).unwrap_or_default();
-            if v["metrics"]["first_run_ms"].is_u64() {
+            if v["instance"]["first_run_ms"].is_u64() {
                 break restored.0.t0.elapsed().as_secs_f64() * 1000.0;
             }
         }
@@ -358,6 +399,8 @@ impl Tally {
             checkpoint_ms: self.summary(&k("checkpoint")),
             restore_ms: self.summary(&k("restore")),
             snapshot_bytes: self.summary(&k("disk")),
+            fixed_cold_start_ms: self.summary(&k("fixed-cold")),
+            fixed_restore_ms: self.summary(&k("fixed-restore")),
         }
     }
 

@@ -1333,11 +1333,11 @@ fn resume_running(meta: &mut Meta, r: &Restoring, receive: Option<Receive>) -> R
     if std::env::var_os("NESTOR_VM_TIMINGS").is_some() {
         let metrics = crate::vm::checkpoint::vmm_call(
             &sb.dir().join(sandbox::API_SOCKET),
-            &serde_json::json!({"action": "metrics"}),
+            &serde_json::json!({"action": "describe"}),
         );
         timings.vmm_first_run_ms = metrics
             .ok()
-            .and_then(|v| v["metrics"]["first_run_ms"].as_f64());
+            .and_then(|v| v["instance"]["first_run_ms"].as_f64());
         if let Ok(line) = serde_json::to_string(&timings) {
             eprintln!("nestor-vm-resume-timings: {line}");
         }

@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::sync::{Condvar, Mutex, OnceLock};
 
 use seccompiler::{BpfProgram, TargetArch};
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use super::policy::{default_filters, eq32};
+use super::policy::{add_report_syscalls, default_filters};
 use super::{report, SeccompArgs, SeccompError, SeccompMode, ThreadKind, THREAD_KINDS};
 
 /// Compiled programs, one per thread kind.
@@ -19,35 +19,6 @@ pub struct Filters {
     vcpu: BpfProgram,
     virtio: BpfProgram,
     pages: BpfProgram,
-}
-
-/// Adds `write` to fd 2 and `exit_group` to every allow-list that lacks them, so the
-/// SIGSYS report can always be written.
-fn add_report_syscalls(filter: &mut Value) {
-    if filter["match_action"] != "allow" {
-        return;
-    }
-    let Some(rules) = filter["filter"].as_array_mut() else {
-        return;
-    };
-    let rules_of = |rules: &Vec<Value>, name: &str| -> Vec<Value> {
-        rules
-            .iter()
-            .filter(|r| r["syscall"] == name)
-            .cloned()
-            .collect()
-    };
-    // An unconditional rule covers everything; conditional ones get one more
-    // alternative; none at all gets the narrow one.
-    let writes = rules_of(rules, "write");
-    if writes.is_empty() || writes.iter().all(|r| r.get("args").is_some()) {
-        rules.push(json!({"syscall": "write", "args": [eq32(0, 2, "stderr")],
-                          "comment": "the SIGSYS report"}));
-    }
-    let exits = rules_of(rules, "exit_group");
-    if exits.is_empty() || exits.iter().all(|r| r.get("args").is_some()) {
-        rules.push(json!({"syscall": "exit_group", "comment": "the SIGSYS report"}));
-    }
 }
 
 /// Compiles a filter set (JSON) into the four programs; `path` names its file.
@@ -86,6 +57,58 @@ pub fn compile(mut set: Value, path: Option<PathBuf>) -> Result<Filters, Seccomp
         vcpu: take("vcpu")?,
         virtio: take("virtio")?,
         pages: take("pages")?,
+    })
+}
+
+/// The built-in filters as build.rs compiled them (see its doc for the layout); empty
+/// when it could not (another target architecture).
+static BUILT_IN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp-filters.bin"));
+
+/// The built-in filters compiled at build time: `None` when there are none, or when
+/// they were made for another kick signal than this process's (the policy allows
+/// `tgkill` with it only), so the caller compiles them afresh instead.
+pub fn built_in() -> Option<Filters> {
+    built_in_from(BUILT_IN, crate::vstate::vcpu::kick_signal())
+}
+
+fn built_in_from(bin: &[u8], kick: i32) -> Option<Filters> {
+    fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+        Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    }
+    let rest = bin.strip_prefix(b"NSBPF1")?;
+    if u32_at(rest, 0)? != kick as u32 {
+        return None;
+    }
+    let mut at = 4;
+    let mut progs = Vec::with_capacity(THREAD_KINDS.len());
+    for _ in THREAD_KINDS {
+        let n = u32_at(rest, at)? as usize;
+        at += 4;
+        let body = rest.get(at..at.checked_add(n.checked_mul(8)?)?)?;
+        at += body.len();
+        let prog: BpfProgram = body
+            .chunks_exact(8)
+            .map(|c| seccompiler::sock_filter {
+                code: u16::from_le_bytes([c[0], c[1]]),
+                jt: c[2],
+                jf: c[3],
+                k: u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
+            })
+            .collect();
+        if prog.is_empty() {
+            return None;
+        }
+        progs.push(prog);
+    }
+    if at != rest.len() {
+        return None;
+    }
+    let mut it = progs.into_iter();
+    Some(Filters {
+        main: it.next()?,
+        vcpu: it.next()?,
+        virtio: it.next()?,
+        pages: it.next()?,
     })
 }
 
@@ -133,7 +156,10 @@ fn gate() -> std::sync::MutexGuard<'static, Gate> {
 pub fn setup(args: &SeccompArgs) -> Result<(), SeccompError> {
     let filters = match (&args.seccomp_filter, args.seccomp) {
         (Some(p), _) => from_file(p)?,
-        (None, SeccompMode::Default) => compile(default_filters()?, None)?,
+        (None, SeccompMode::Default) => match built_in() {
+            Some(f) => f,
+            None => compile(default_filters()?, None)?,
+        },
         (None, SeccompMode::None) => return Ok(()),
     };
     report::install_handler()?;
@@ -224,6 +250,7 @@ pub fn active() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn built_in_filters_compile_and_name_their_syscalls() {
@@ -245,6 +272,24 @@ mod tests {
         let f = compile(set, None).unwrap();
         assert!(!f.main.is_empty() && !f.vcpu.is_empty() && !f.virtio.is_empty());
         assert!(!f.pages.is_empty());
+    }
+
+    #[test]
+    fn the_filters_compiled_at_build_time_are_the_policy_compiled_now() {
+        let built = built_in().expect("build.rs compiled the built-in filters");
+        let now = compile(default_filters().unwrap(), None).unwrap();
+        assert!(built.main == now.main, "main");
+        assert!(built.vcpu == now.vcpu, "vcpu");
+        assert!(built.virtio == now.virtio, "virtio");
+        assert!(built.pages == now.pages, "pages");
+        // Another kick signal, a cut or padded file: none of it is used.
+        let kick = crate::vstate::vcpu::kick_signal();
+        assert!(built_in_from(BUILT_IN, kick + 1).is_none());
+        assert!(built_in_from(&BUILT_IN[..BUILT_IN.len() - 1], kick).is_none());
+        let mut longer = BUILT_IN.to_vec();
+        longer.push(0);
+        assert!(built_in_from(&longer, kick).is_none());
+        assert!(built_in_from(b"", kick).is_none());
     }
 
     #[test]

@@ -392,6 +392,35 @@ fn to_json(rules: Vec<Rule>) -> Result<Value, SeccompError> {
     Ok(json!({"mismatch_action": "trap", "match_action": "allow", "filter": filter}))
 }
 
+/// Adds `write` to fd 2 and `exit_group` to every allow-list that lacks them, so the
+/// SIGSYS report can always be written.
+pub(crate) fn add_report_syscalls(filter: &mut Value) {
+    if filter["match_action"] != "allow" {
+        return;
+    }
+    let Some(rules) = filter["filter"].as_array_mut() else {
+        return;
+    };
+    let rules_of = |rules: &Vec<Value>, name: &str| -> Vec<Value> {
+        rules
+            .iter()
+            .filter(|r| r["syscall"] == name)
+            .cloned()
+            .collect()
+    };
+    // An unconditional rule covers everything; conditional ones get one more
+    // alternative; none at all gets the narrow one.
+    let writes = rules_of(rules, "write");
+    if writes.is_empty() || writes.iter().all(|r| r.get("args").is_some()) {
+        rules.push(json!({"syscall": "write", "args": [eq32(0, 2, "stderr")],
+                          "comment": "the SIGSYS report"}));
+    }
+    let exits = rules_of(rules, "exit_group");
+    if exits.is_empty() || exits.iter().all(|r| r.get("args").is_some()) {
+        rules.push(json!({"syscall": "exit_group", "comment": "the SIGSYS report"}));
+    }
+}
+
 /// The built-in filter set, in seccompiler's JSON format.
 pub fn default_filters() -> Result<Value, SeccompError> {
     Ok(json!({
