@@ -760,10 +760,15 @@ fn fs_section_measures_host_and_bind_and_skips_vm_rows_with_a_reason() {
             "{path} not in the Markdown:\n{md}"
         );
     }
-    let vm_rows: Vec<Value> = ["virtio-fs-auto", "virtio-fs-always", "virtio-blk"]
-        .iter()
-        .map(|p| row("vm-container", p))
-        .collect();
+    let vm_rows: Vec<Value> = [
+        "virtio-fs-auto",
+        "virtio-fs-always",
+        "virtio-fs-never",
+        "virtio-blk",
+    ]
+    .iter()
+    .map(|p| row("vm-container", p))
+    .collect();
     if doc["header"]["kvm"]["guest_boot"] == false {
         let why = doc["header"]["kvm"]["guest_boot_detail"].as_str().unwrap();
         assert!(!why.is_empty());

@@ -268,10 +268,7 @@ pub struct Instance {
 pub fn describe(vmm: &Vmm) -> Instance {
     Instance {
         state: if vmm.is_paused() { "paused" } else { "running" }.into(),
-        first_run_ms: vmm
-            .boot_timings()
-            .first_run
-            .map(|d| d.as_millis() as u64),
+        first_run_ms: vmm.boot_timings().first_run.map(|d| d.as_millis() as u64),
         boot_ms: vmm.boot_time().map(|d| d.as_millis() as u64),
         uptime_ms: vmm.uptime().as_millis() as u64,
     }

@@ -1,8 +1,9 @@
 //! The fs section: one shared directory read and written through each mode's way to it
 //! — a host process (process), a bind mount into a native container (container), a
 //! virtio-fs share of a container in a microVM with the file server's `--cache auto`
-//! (the default) and `always`, and an ext4 image on the same file system as a virtio-blk
-//! volume (vm-container) — each running the project's own `nestor workload disk`
+//! (the default), `always` and `never` (direct I/O: one copy, no guest page cache), and
+//! an ext4 image on the same file system as a virtio-blk volume (vm-container; the VM
+//! rows with guest memory enough to cache the workload's file) — each running the project's own `nestor workload disk`
 //! (sequential 1 MiB write and read, 4 KiB random read and write: fio's patterns) and
 //! `nestor workload meta` (create, stat, rename, unlink of many small files). Every row
 //! runs between two host-process runs on the same directory, so each figure has its
@@ -33,7 +34,7 @@ pub const WORKLOADS: [(&str, &str); 5] = [
 ];
 
 /// The ways to the directory, in the report's order: (path, description).
-pub const PATHS: [(&str, &str); 5] = [
+pub const PATHS: [(&str, &str); 6] = [
     (
         "host",
         "host process (a second run: its ratio is the noise between two host runs)",
@@ -49,6 +50,10 @@ pub const PATHS: [(&str, &str); 5] = [
     (
         "virtio-fs-always",
         "microVM container, virtio-fs, cache always (`--vm-fs-cache always`)",
+    ),
+    (
+        "virtio-fs-never",
+        "microVM container, virtio-fs, cache never (`--vm-fs-cache never`: direct I/O, no guest page cache, one copy)",
     ),
     (
         "virtio-blk",
@@ -397,6 +402,9 @@ fn unit_run(
     if let Kind::VmContainer { jail } = r.kind {
         c.arg("--vm");
         c.args(modes::jail_flag(jail, env.no_jail));
+        // Room for the workload's file in the guest's page cache besides the guest's
+        // own needs, as the host process has it in the test host's.
+        c.args(["--vm-mem", &vm_mem(env.vm_mem, disk_mib).to_string()]);
         if let Some(cache) = path.strip_prefix("virtio-fs-") {
             c.args(["--vm-fs-cache", cache]);
         }
@@ -425,6 +433,12 @@ fn unit_run(
     Ok((res?, cmd))
 }
 
+/// The guest memory of the VM rows, MiB: `--vm-mem`, or enough to hold the workload's
+/// file twice over (the page cache and the reader's buffers) if that is more.
+fn vm_mem(configured: u64, disk_mib: usize) -> u64 {
+    configured.max(2 * disk_mib as u64 + 256)
+}
+
 /// The geometric mean of positive values; None for none.
 fn geo_mean(v: &[f64]) -> Option<f64> {
     (!v.is_empty()).then(|| (v.iter().map(|x| x.ln()).sum::<f64>() / v.len() as f64).exp())
@@ -443,6 +457,13 @@ mod tests {
         assert_eq!(all, PATHS.map(|p| p.0).to_vec());
         assert!(applies(Mode::Process) && applies(Mode::VmContainer));
         assert!(!applies(Mode::Vm) && !applies(Mode::JailedVm));
+    }
+
+    #[test]
+    fn vm_rows_get_room_for_the_file() {
+        assert_eq!(vm_mem(256, 256), 768);
+        assert_eq!(vm_mem(2048, 256), 2048);
+        assert_eq!(vm_mem(256, 0), 256);
     }
 
     #[test]

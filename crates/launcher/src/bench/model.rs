@@ -145,7 +145,7 @@ pub struct FsSet {
 }
 
 /// One way to the directory: host, native-bind, virtio-fs-auto, virtio-fs-always,
-/// virtio-blk.
+/// virtio-fs-never, virtio-blk.
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct FsRow {
     pub path: String,

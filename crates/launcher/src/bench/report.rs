@@ -612,9 +612,10 @@ fn fs(o: &mut String, r: &Report, why: &mut Reasons) {
             .and_then(|x| x.ratio_vs_host)
     };
     if let Some(q) = seq_read("virtio-fs-auto") {
-        let always = seq_read("virtio-fs-always")
-            .map(|a| format!("; with cache always {}x", ratio(a)))
-            .unwrap_or_default();
+        let always = [("always", "virtio-fs-always"), ("never", "virtio-fs-never")]
+            .iter()
+            .filter_map(|(c, p)| seq_read(p).map(|a| format!("; with cache {c} {}x", ratio(a))))
+            .collect::<String>();
         let _ = writeln!(
             o,
             "\nGoal, in this run: virtio-fs (cache auto) sequential read {}x the host process (goal >= {FS_GOAL_SEQ_READ}x: {}){always}.",
