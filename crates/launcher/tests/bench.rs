@@ -324,6 +324,19 @@ fn quick_bench_of_every_mode_reports_validates_and_plots() {
             })
             .unwrap_or_else(|| panic!("no {w} result for {mode}"))
     };
+    // The native process and the native container wrote the same file, in the bench's
+    // temp dir (bind-mounted into the container at the same path), and the report says so.
+    let (p, c) = (
+        wl("process", "disk-seq-write"),
+        wl("container", "disk-seq-write"),
+    );
+    let path = p["detail"]["path"].as_str().unwrap();
+    assert_eq!(Some(path), c["detail"]["path"].as_str(), "{p}\n{c}");
+    assert!(path.contains("/nestor-bench-"), "{path}");
+    assert!(
+        md.contains("write the same file on the same file system"),
+        "{md}"
+    );
     for w in [
         "cpu",
         "mem",
@@ -397,7 +410,7 @@ fn quick_bench_of_every_mode_reports_validates_and_plots() {
         "veth left behind"
     );
 
-    // The plots: three SVG files with their titles, parseable as XML.
+    // The plots: four SVG files with their titles, parseable as XML, listed in the report.
     for (file, title) in [
         ("start-time.svg", "nestor bench: start time per mode"),
         (
@@ -405,6 +418,10 @@ fn quick_bench_of_every_mode_reports_validates_and_plots() {
             "nestor bench: workload overhead vs native process",
         ),
         ("density.svg", "nestor bench: density sweep"),
+        (
+            "efficiency.svg",
+            "nestor bench: efficiency vs native process",
+        ),
     ] {
         let text = std::fs::read_to_string(svg.join(file)).unwrap();
         let x =
@@ -416,6 +433,7 @@ fn quick_bench_of_every_mode_reports_validates_and_plots() {
                 .any(|n| n.text().is_some_and(|t| t.trim() == title)),
             "{file} has no title '{title}'"
         );
+        assert!(md.contains(&format!("- `{file}`: ")), "{file} not listed");
     }
 }
 
@@ -489,6 +507,58 @@ fn merge_takes_each_mode_from_a_run_that_measured_it_and_compare_pairs_rows() {
         "{}",
         stderr(&o)
     );
+}
+
+/// The stored test-host run through `--merge --svg`: every plot of its sections is
+/// written, efficiency.svg among them with every mode of the efficiency table, and the
+/// report lists each file.
+#[test]
+fn stored_run_plots_the_efficiency_table_and_lists_every_plot() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bench-testhost.json");
+    let svg = tempfile::tempdir().unwrap();
+    let o = Command::new(nestor())
+        .args(["bench", "--merge"])
+        .arg(&p)
+        .arg("--svg")
+        .arg(svg.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let md = stdout(&o);
+    assert!(md.contains("\n## Plots ("), "{md}");
+    for file in [
+        "start-time.svg",
+        "overhead.svg",
+        "density.svg",
+        "efficiency.svg",
+    ] {
+        assert!(svg.path().join(file).is_file(), "{file} not written");
+        assert!(
+            md.contains(&format!("- `{file}`: ")),
+            "{file} not listed in\n{md}"
+        );
+    }
+    let text = std::fs::read_to_string(svg.path().join("efficiency.svg")).unwrap();
+    let x = roxmltree::Document::parse(&text).unwrap();
+    let texts: Vec<&str> = x
+        .descendants()
+        .filter(|n| n.has_tag_name("text"))
+        .filter_map(|n| n.text())
+        .map(str::trim)
+        .collect();
+    assert!(texts.contains(&"nestor bench: efficiency vs native process"));
+    for mode in [
+        "container",
+        "vm",
+        "vm-container",
+        "jailed-vm",
+        "jailed-vm-container",
+    ] {
+        assert!(
+            texts.iter().any(|t| t.starts_with(&format!("{mode}: "))),
+            "{mode} not in {texts:?}"
+        );
+    }
 }
 
 /// The bench's pid, from a bundle path in the JSON (it names its temp dir after it).

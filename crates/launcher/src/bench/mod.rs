@@ -541,6 +541,15 @@ fn launch_workload(
     res
 }
 
+/// The host's side of a unit's disk workload: the one file of the native process and
+/// native containers (`Env::native_disk`), or a VM's disk image of its own.
+fn host_disk(env: &Env, r: &Runner) -> PathBuf {
+    match r.kind {
+        Kind::Process | Kind::Oci(_) => env.native_disk(),
+        _ => env.tmp.join(format!("disk-{}", r.mode.name())),
+    }
+}
+
 fn workloads(env: &Env, r: &Runner, plan: &Plan, with_fio: bool) -> WorkloadSet {
     let mut set = WorkloadSet {
         mode: r.mode.name().into(),
@@ -562,11 +571,24 @@ fn workloads(env: &Env, r: &Runner, plan: &Plan, with_fio: bool) -> WorkloadSet 
         "--disk-mib".into(),
         plan.disk_mib.to_string(),
     ];
-    let host_disk = env.tmp.join(format!("disk-{}", r.mode.name()));
+    // The native process and native containers write the same file in the same
+    // directory (bind-mounted at its own path into OCI units); VMs a disk of their own.
+    let host_disk = host_disk(env, r);
     // Where the unit sees its disk, and what the host passes in.
     let (unit_disk, pass_disk): (PathBuf, Option<PathBuf>) = match r.kind {
-        Kind::Process => (host_disk.clone(), None),
-        Kind::Oci(_) => (PathBuf::from(format!("/tmp/{}", unit_id("disk"))), None),
+        Kind::Process | Kind::Oci(_) => {
+            if let Err(e) = std::fs::create_dir_all(env.disk_dir()) {
+                let why = format!("disk directory {}: {e}", env.disk_dir().display());
+                set.status = Status::Skipped;
+                set.reason = Some(why.clone());
+                set.results = WORKLOADS
+                    .iter()
+                    .map(|w| skipped_result(w.0, &why))
+                    .collect();
+                return set;
+            }
+            (host_disk.clone(), None)
+        }
         Kind::Vm { .. } | Kind::Qemu(_) => {
             let ok = std::fs::File::create(&host_disk)
                 .and_then(|f| f.set_len((plan.disk_mib as u64 + 1) << 20));
@@ -955,13 +977,19 @@ pub fn run(a: &BenchArgs) -> Result<()> {
 
 /// The Markdown on stdout, and the JSON and plots where asked.
 fn output(report: &Report, json: Option<&Path>, svg: Option<&Path>) -> Result<()> {
-    print!("{}", report::markdown(report));
+    let mut md = report::markdown(report);
+    // The plots first, so that the report lists them; an error after the Markdown.
+    let plots = svg.map(|d| svg::write_all(report, d));
+    if let Some(Ok(files)) = &plots {
+        md.push_str(&report::plots(files));
+    }
+    print!("{md}");
     if let Some(p) = json {
         write_json(p, report)?;
         progress(&format!("JSON: {}", p.display()));
     }
-    if let Some(d) = svg {
-        for f in svg::write_all(report, d)? {
+    if let Some(files) = plots {
+        for f in files? {
             progress(&format!("SVG: {}", f.display()));
         }
     }
@@ -1270,6 +1298,80 @@ fn finished(r: &Report) -> Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The native process and a native container's bundle write the disk workload's
+    /// file at one path: the container gets its directory bind-mounted, writable, at
+    /// that same path; a VM has a disk of its own.
+    #[test]
+    fn process_and_container_disk_workloads_share_one_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let env = Env {
+            me: "/nonexistent/nestor".into(),
+            tmp: tmp.path().to_path_buf(),
+            busybox: "/bin/busybox".into(),
+            workload_bin: "/nonexistent/nestor".into(),
+            workload_static: true,
+            static_nestor: None,
+            rootfs: tmp.path().join("rootfs"),
+            image: "busybox".into(),
+            image_err: None,
+            vm: Err("test".into()),
+            vm_mem: 128,
+            net: Err("test".into()),
+            tap: Err("test".into()),
+            timeout: Duration::from_secs(1),
+            vm_timeout: Duration::from_secs(1),
+            no_jail: true,
+        };
+        let runner = |mode, kind| Runner {
+            mode,
+            name: "x".into(),
+            version: String::new(),
+            kind,
+            skip: None,
+            main: true,
+        };
+        let process = runner(Mode::Process, Kind::Process);
+        let container = runner(Mode::Container, Kind::Oci("/bin/true".into()));
+        let vm = runner(Mode::Vm, Kind::Vm { jail: false });
+        let file = host_disk(&env, &process);
+        assert_eq!(file, host_disk(&env, &container));
+        assert!(file.starts_with(tmp.path()), "{}", file.display());
+        assert_ne!(host_disk(&env, &vm), file);
+
+        let args = vec![
+            "disk".to_string(),
+            "--disk".into(),
+            file.display().to_string(),
+        ];
+        env.command(&container, &Program::Workload(&args), "c1", None, false)
+            .unwrap();
+        let spec: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(tmp.path().join("bundles/c1/config.json")).unwrap(),
+        )
+        .unwrap();
+        let dir = file.parent().unwrap().to_str().unwrap();
+        let m = spec["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == dir)
+            .unwrap_or_else(|| panic!("no mount at {dir}: {}", spec["mounts"]));
+        assert_eq!(m["source"], dir);
+        assert_eq!(m["type"], "bind");
+        let opts: Vec<&str> = m["options"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|o| o.as_str())
+            .collect();
+        assert!(opts.contains(&"rw") && !opts.contains(&"ro"), "{opts:?}");
+        assert!(Path::new(dir).is_dir());
+        assert_eq!(
+            spec["process"]["args"].as_array().unwrap().last().unwrap(),
+            file.to_str().unwrap()
+        );
+    }
 
     #[test]
     fn sections_parse_all_lists_and_refuse_unknown_in_one_line() {

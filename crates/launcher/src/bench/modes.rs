@@ -1,8 +1,9 @@
 //! The six modes and their runners (nestor and, where installed, a peer): which are
 //! available here and why not, the exact command that launches a unit of each, how a
 //! sleeping unit is stopped, and the assets they share (a busybox rootfs for OCI
-//! bundles, a veth pair for container networking, the guest kernel, a bench initramfs
-//! with busybox and the static nestor, the KVM boot probe).
+//! bundles, the disk workload's directory the native process and OCI units share at one
+//! path, a veth pair for container networking, the guest kernel, a bench initramfs with
+//! busybox and the static nestor, the KVM boot probe).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -452,6 +453,19 @@ impl Env {
         }
     }
 
+    /// The directory the native process and native container disk workloads write in:
+    /// in the bench's temp dir, bind-mounted into OCI units at this same path, so both
+    /// write the same file on the same file system.
+    pub fn disk_dir(&self) -> PathBuf {
+        self.tmp.join("disk")
+    }
+
+    /// The disk workload's file of the native process and native container: one path,
+    /// one file system (`disk_dir`).
+    pub fn native_disk(&self) -> PathBuf {
+        self.disk_dir().join("workload-disk")
+    }
+
     pub fn oci_root(&self, runner: &str) -> PathBuf {
         self.tmp.join(format!("state-{runner}"))
     }
@@ -643,6 +657,18 @@ impl Env {
                     }
                 }
             }
+            // The disk workload's directory, writable, at the path the native process
+            // uses (`native_disk`).
+            let disk = self.disk_dir();
+            std::fs::create_dir_all(&disk).with_context(|| format!("create {}", disk.display()))?;
+            mounts.push(
+                MountBuilder::default()
+                    .destination(&disk)
+                    .typ("bind")
+                    .source(&disk)
+                    .options(vec!["rbind".to_string(), "rw".to_string()])
+                    .build()?,
+            );
             spec.set_mounts(Some(mounts));
         }
         std::fs::write(
@@ -678,8 +704,8 @@ impl Env {
         Ok(())
     }
 
-    /// A busybox root filesystem every OCI bundle shares (read by all, written only
-    /// under /tmp by the disk workload).
+    /// A busybox root filesystem every OCI bundle shares (read by all; the disk workload
+    /// writes in `disk_dir`, bind-mounted).
     pub fn make_rootfs(&self) -> Result<()> {
         let r = &self.rootfs;
         for d in [

@@ -2,8 +2,9 @@
 //! host), the efficiency table measured (unit size, units per host, start time,
 //! stop time; a column per mode and runner), the workload tables against the native
 //! process, services, state transfer (with its goals met or not), the shared directory
-//! (fs: each way to it against a host process, with its goal) and the density sweep.
-//! Skipped rows stay in every table, with their reason.
+//! (fs: each way to it against a host process, with its goal) and the density sweep;
+//! with `--svg`, the list of plots written. Skipped rows stay in every table, with their
+//! reason.
 
 use std::fmt::Write;
 
@@ -135,6 +136,21 @@ pub fn markdown(r: &Report) -> String {
     fio_reference(&mut o, r, &mut why);
     skipped_workloads(&mut o, r, &mut why);
     density(&mut o, r, &mut why);
+    o
+}
+
+/// The plots `--svg DIR` wrote: a line per file with what it shows.
+pub fn plots(files: &[std::path::PathBuf]) -> String {
+    let mut o = String::new();
+    if files.is_empty() {
+        return o;
+    }
+    let dir = files[0].parent().map(|d| d.display().to_string());
+    let _ = writeln!(o, "\n## Plots ({})\n", dir.unwrap_or_default());
+    for f in files {
+        let name = f.file_name().unwrap_or_default().to_string_lossy();
+        let _ = writeln!(o, "- `{name}`: {}", super::svg::caption(&name));
+    }
     o
 }
 
@@ -933,7 +949,8 @@ fn goals(o: &mut String, x: &StateTransfer) {
     }
 }
 
-/// Where each mode's disk workload wrote, and whether with O_DIRECT.
+/// Where each mode's disk workload wrote, and whether with O_DIRECT; whether the native
+/// process and container shared one file, and that the VM modes have disks of their own.
 fn disk_files(o: &mut String, r: &Report) {
     let direct: Vec<String> = r
         .workloads
@@ -959,6 +976,47 @@ fn disk_files(o: &mut String, r: &Report) {
         .collect();
     if !direct.is_empty() {
         let _ = writeln!(o, "\nDisk workload files: {}.", direct.join("; "));
+    }
+    let path = |mode: &str| {
+        r.workloads
+            .iter()
+            .filter(|s| s.mode == mode)
+            .flat_map(|s| s.results.iter())
+            .find(|x| {
+                x.tool == "built-in"
+                    && x.workload == "disk-seq-write"
+                    && x.status == Status::Measured
+            })
+            .and_then(|x| x.detail["path"].as_str())
+    };
+    match (path("process"), path("container")) {
+        (Some(p), Some(c)) if p == c => {
+            let _ = writeln!(
+                o,
+                "The native process and the native container write the same file on the same file system (a directory of the bench's temp dir, bind-mounted into the container at its own path), so their disk ratios compare the ways to it, not two places."
+            );
+        }
+        (Some(_), Some(_)) => {
+            let _ = writeln!(
+                o,
+                "**The native process and the native container wrote to different places** (a run made before they shared one file): their disk ratios may compare two file systems, not the ways to one."
+            );
+        }
+        _ => {}
+    }
+    let vms: Vec<&str> = r
+        .workloads
+        .iter()
+        .filter(|s| !matches!(s.mode.as_str(), "process" | "container"))
+        .filter(|s| path(&s.mode).is_some())
+        .map(|s| s.mode.as_str())
+        .collect();
+    if !vms.is_empty() {
+        let _ = writeln!(
+            o,
+            "The VM modes ({}) write a disk of their own, not that file: a raw image file in the bench's temp dir as the guest's /dev/vda (plain microVMs) or an ext4 volume image there mounted at /bench (containers in a VM); their disk figures include virtio-blk and the guest's file system.",
+            vms.join(", ")
+        );
     }
 }
 
@@ -1068,7 +1126,7 @@ fn density(o: &mut String, r: &Report, why: &mut Reasons) {
     }
 }
 
-fn is_main(r: &Report, c: &StartStop) -> bool {
+pub fn is_main(r: &Report, c: &StartStop) -> bool {
     // The mode's own runner is the first row of its mode.
     r.start_stop
         .iter()
@@ -1205,6 +1263,43 @@ mod tests {
         }
         let g = xfer_goals(&x);
         assert!((g.fixed_restore_vs_cold.unwrap() - 0.075).abs() < 1e-9);
+    }
+
+    /// Whether the native process and the native container wrote the same disk file is
+    /// said from their paths; the VM modes' own disks are named.
+    #[test]
+    fn disk_files_say_whether_process_and_container_shared_one_file() {
+        let p = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/bench-testhost.json"
+        );
+        let mut r: Report = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        // The stored run is from before: the container wrote under its rootfs.
+        let md = markdown(&r);
+        assert!(md.contains("wrote to different places"), "{md}");
+        assert!(!md.contains("write the same file"), "{md}");
+        assert!(
+            md.contains("The VM modes (vm, vm-container, jailed-vm) write a disk of their own"),
+            "{md}"
+        );
+        for s in r.workloads.iter_mut() {
+            if s.mode == "process" || s.mode == "container" {
+                for x in s.results.iter_mut() {
+                    if let Some(d) = x.detail.as_object_mut() {
+                        d.insert(
+                            "path".into(),
+                            "/tmp/nestor-bench-1-2/disk/workload-disk".into(),
+                        );
+                    }
+                }
+            }
+        }
+        let md = markdown(&r);
+        assert!(
+            md.contains("write the same file on the same file system"),
+            "{md}"
+        );
+        assert!(!md.contains("different places"), "{md}");
     }
 
     /// The test host's report (a real one, kept as test data) rendered section by

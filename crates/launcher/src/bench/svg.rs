@@ -1,11 +1,14 @@
-//! `nestor bench --svg DIR`: up to five plots drawn with plotters' SVG backend — start time
+//! `nestor bench --svg DIR`: up to six plots drawn with plotters' SVG backend — start time
 //! per mode and runner (median bars, p10–p90 whiskers, log scale), workload performance
 //! against the native process (grouped bars per workload, a bar per mode, 95% interval
 //! whiskers, log scale, higher is better), the density sweep (memory and start time as
-//! units are added), and the shared directory (fs section: grouped bars per workload, a
-//! bar per way to the directory, relative to the host process, log scale) and the state
-//! transfer (snapshot and migration times per mode, log scale). Skipped rows are named
-//! on the plots.
+//! units are added), the efficiency table as one chart (a bar group per mode and runner,
+//! a bar per property against the native process, higher is better, log scale), and the
+//! shared directory (fs section: grouped bars per workload, a bar per way to the
+//! directory, relative to the host process, log scale) and the state transfer (snapshot
+//! and migration times per mode, log scale). Log axes span at least two whole decades and
+//! label only those ("10 ms", "1 s", "0.1x"); every legend has an area of its own beside
+//! the data. Skipped rows are named on the plots.
 
 use std::path::{Path, PathBuf};
 
@@ -13,13 +16,14 @@ use anyhow::{Context, Result};
 use plotters::prelude::*;
 
 use super::model::*;
-use super::report::column_label;
+use super::report::{column_label, is_main};
 
 pub const START_TITLE: &str = "nestor bench: start time per mode";
 pub const OVERHEAD_TITLE: &str = "nestor bench: workload overhead vs native process";
 pub const DENSITY_TITLE: &str = "nestor bench: density sweep";
 pub const FS_TITLE: &str = "nestor bench: shared directory vs host process";
 pub const TRANSFER_TITLE: &str = "nestor bench: state transfer";
+pub const EFFICIENCY_TITLE: &str = "nestor bench: efficiency vs native process";
 
 const COLORS: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
@@ -36,8 +40,9 @@ fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow::anyhow!("plot: {e}")
 }
 
-/// Writes start-time.svg, overhead.svg and density.svg into `dir`, and fs.svg and
-/// state-transfer.svg when the report has those sections; their paths.
+/// Writes start-time.svg, overhead.svg and density.svg into `dir`, efficiency.svg when
+/// the report has start/stop or unit-size rows, and fs.svg and state-transfer.svg when
+/// it has those sections; their paths.
 pub fn write_all(r: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let mut files = vec![
@@ -48,6 +53,11 @@ pub fn write_all(r: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
     start_time(r, &files[0])?;
     overhead(r, &files[1])?;
     density(r, &files[2])?;
+    if !r.start_stop.is_empty() || !r.unit_size.is_empty() {
+        let f = dir.join("efficiency.svg");
+        efficiency(r, &f)?;
+        files.push(f);
+    }
     if !r.fs.is_empty() {
         let f = dir.join("fs.svg");
         fs(r, &f)?;
@@ -59,6 +69,23 @@ pub fn write_all(r: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
         files.push(f);
     }
     Ok(files)
+}
+
+/// What the plot in file `name` (as `write_all` names it) shows, for the report's list.
+pub fn caption(name: &str) -> &'static str {
+    match name {
+        "start-time.svg" => "start time per mode and runner (median, p10-p90, log scale)",
+        "overhead.svg" => {
+            "workload performance against the native process (a bar per mode, 95% interval)"
+        }
+        "density.svg" => "density sweep: memory and start time as units are added",
+        "efficiency.svg" => {
+            "the efficiency table as one chart: each mode's start, stop, memory, disk and units per host against the native process, higher is better"
+        }
+        "fs.svg" => "shared directory: each way to it against a host process",
+        "state-transfer.svg" => "state transfer: snapshot times and migration paused times",
+        _ => "",
+    }
 }
 
 fn subtitle(r: &Report) -> String {
@@ -87,18 +114,21 @@ fn start_time(r: &Report, path: &Path) -> Result<()> {
             Status::Skipped => format!("{} (skipped)", column_label(c)),
         })
         .collect();
-    let vals: Vec<f64> = rows
+    let vals: Vec<(f64, Option<[f64; 2]>)> = rows
         .iter()
         .filter_map(|c| c.start.as_ref())
-        .flat_map(|s| [s.p10, s.p90, s.median])
-        .filter(|v| *v > 0.0)
+        .filter(|s| s.median > 0.0)
+        .map(|s| {
+            (
+                s.median,
+                Some([s.p10.max(s.median / 1e3), s.p90.max(s.median)]),
+            )
+        })
         .collect();
-    let lo = vals.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = vals.iter().copied().fold(0.0, f64::max);
     let (lo, hi) = if vals.is_empty() {
-        (0.1, 10.0)
+        decades([(1.0, None)].iter(), false)
     } else {
-        (lo / 2.0, hi * 2.0)
+        decades(vals.iter(), false)
     };
     let height = 140 + 34 * n as u32;
     let root = SVGBackend::new(path, (1000, height)).into_drawing_area();
@@ -118,7 +148,8 @@ fn start_time(r: &Report, path: &Path) -> Result<()> {
             SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
             _ => String::new(),
         })
-        .x_desc("launch -> unit's program running, ms (median, p10-p90; log scale)")
+        .x_label_formatter(&|v| log_label(*v, ms_tick))
+        .x_desc("launch -> unit's program running (median, p10-p90; log scale)")
         .draw()
         .map_err(err)?;
     for (i, c) in rows.iter().enumerate() {
@@ -296,11 +327,27 @@ fn decades<'a>(
     if !(lo > 0.0 && hi >= lo && hi.is_finite()) {
         (lo, hi) = (0.5, 2.0); // nothing measured
     }
+    // At least two decades: over a lone one plotters puts a key point at every tenth,
+    // whose labels run together (and its top twice).
+    let (a, b) = (lo.log10().floor(), hi.log10().ceil());
+    let b = b.max(a + 2.0);
     // A hair beyond the decades, so that their own ticks are drawn and labelled.
-    (
-        10f64.powf(lo.log10().floor()) * 0.999,
-        10f64.powf(hi.log10().ceil()) * 1.001,
-    )
+    (10f64.powf(a) * 0.999, 10f64.powf(b) * 1.001)
+}
+
+/// A log axis's label for the key point `v`: whole decades only, "" for the other key
+/// points (which keep their grid line). With `decades`' range of at least two decades
+/// plotters puts no key point between decades; `""` keeps it so if it ever does.
+fn log_label(v: f64, fmt: fn(f64) -> String) -> String {
+    if v <= 0.0 || !v.is_finite() {
+        return String::new();
+    }
+    let l = v.log10();
+    if (l - l.round()).abs() < 1e-9 {
+        fmt(10f64.powf(l.round()))
+    } else {
+        String::new()
+    }
 }
 
 /// A grouped-bar plot on a log axis of whole decades: a group per name, a bar per
@@ -360,7 +407,7 @@ fn draw_bars(
                 String::new()
             }
         })
-        .y_label_formatter(&|v| (bars.ticks)(*v))
+        .y_label_formatter(&|v| log_label(*v, bars.ticks))
         .y_desc(bars.y_desc)
         .draw()
         .map_err(err)?;
@@ -398,7 +445,17 @@ fn draw_bars(
         }
         legend_rows.push((label.clone(), color));
     }
-    for (i, (label, color)) in legend_rows.iter().enumerate() {
+    draw_legend(&legend, &legend_rows, bars.footnote)
+}
+
+/// A legend in an area of its own (beside the plot, never over its data): a swatch and
+/// a label per row, then the footnote, if any.
+fn draw_legend(
+    legend: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+    rows: &[(String, RGBColor)],
+    footnote: Option<&str>,
+) -> Result<()> {
+    for (i, (label, color)) in rows.iter().enumerate() {
         let y = 60 + 22 * i as i32;
         legend
             .draw(&Rectangle::new([(5, y), (19, y + 12)], color.filled()))
@@ -407,11 +464,11 @@ fn draw_bars(
             .draw(&Text::new(label.clone(), (25, y), ("sans-serif", 13)))
             .map_err(err)?;
     }
-    if let Some(f) = bars.footnote {
+    if let Some(f) = footnote {
         legend
             .draw(&Text::new(
                 f.to_string(),
-                (5, 60 + 22 * legend_rows.len() as i32),
+                (5, 60 + 22 * rows.len() as i32),
                 ("sans-serif", 12),
             ))
             .map_err(err)?;
@@ -428,6 +485,170 @@ fn ms_tick(v: f64) -> String {
     };
     let s = tick(x);
     format!("{} {unit}", s.trim_end_matches('x'))
+}
+
+/// The efficiency table's properties as bars, each against the native process's and
+/// turned so that higher is better: the process's figure over the unit's (start, stop,
+/// idle memory, disk), or the unit's over the process's (units per host).
+pub const EFFICIENCY_ROWS: [&str; 5] = [
+    "start time",
+    "stop time",
+    "memory (idle PSS)",
+    "unit size on disk",
+    "units per host",
+];
+
+/// The efficiency table as one chart: a group of bars per mode and runner (the table's
+/// columns but the native process, the line at 1x), a bar per property
+/// (`EFFICIENCY_ROWS`), p10–p90 whiskers on the times; log scale, higher is better.
+fn efficiency(r: &Report, path: &Path) -> Result<()> {
+    let process = r.start_stop.iter().find(|c| c.mode == "process");
+    let size_of = |c: &StartStop| {
+        r.unit_size
+            .iter()
+            .find(|s| s.mode == c.mode && s.runner == c.runner && s.status == Status::Measured)
+    };
+    let units = |c: &StartStop| {
+        r.density
+            .iter()
+            .filter(|_| is_main(r, c))
+            .find(|d| d.mode == c.mode && d.status == Status::Measured)
+            .and_then(|d| {
+                if d.budget_reached {
+                    Some(d.fit as f64)
+                } else {
+                    d.estimated_units_in_budget
+                }
+            })
+            .filter(|u| *u > 0.0)
+    };
+    // Native over the unit's median, the whisker from the unit's p90 and p10.
+    let time = |base: Option<&Summary>, s: Option<&Summary>| {
+        let (b, s) = (base?.median, s?);
+        (b > 0.0 && s.median > 0.0).then(|| {
+            let iv = (s.p10 > 0.0 && s.p90 > 0.0).then_some([b / s.p90, b / s.p10]);
+            (b / s.median, iv)
+        })
+    };
+    let ratio = |num: Option<f64>, den: Option<f64>| match (num, den) {
+        (Some(n), Some(d)) if n > 0.0 && d > 0.0 => Some((n / d, None)),
+        _ => None,
+    };
+    let cols: Vec<&StartStop> = r
+        .start_stop
+        .iter()
+        .filter(|c| c.mode != "process")
+        .collect();
+    let names: Vec<String> = cols
+        .iter()
+        .map(|c| match c.status {
+            Status::Measured => column_label(c),
+            Status::Skipped => format!("{} (skipped)", column_label(c)),
+        })
+        .collect();
+    let mut series: Vec<Series> = EFFICIENCY_ROWS
+        .iter()
+        .map(|l| (l.to_string(), Vec::new()))
+        .collect();
+    for c in &cols {
+        let measured = c.status == Status::Measured;
+        let p = process.filter(|_| measured);
+        let vals = [
+            time(p.and_then(|p| p.start.as_ref()), c.start.as_ref()),
+            time(p.and_then(|p| p.stop.as_ref()), c.stop.as_ref()),
+            ratio(
+                p.and_then(|p| size_of(p)?.idle_pss_kib).map(|k| k as f64),
+                size_of(c).and_then(|s| s.idle_pss_kib).map(|k| k as f64),
+            ),
+            ratio(
+                p.and_then(size_of).map(|s| s.disk_bytes as f64),
+                size_of(c).map(|s| s.disk_bytes as f64),
+            ),
+            ratio(units(c), p.and_then(units)),
+        ];
+        for (s, v) in series.iter_mut().zip(vals) {
+            s.1.push(v.filter(|_| measured));
+        }
+    }
+    let n = names.len().max(1);
+    let k = series.len();
+    let (lo, hi) = decades(series.iter().flat_map(|s| s.1.iter().flatten()), true);
+    let height = 160 + 12 * (k as u32 + 1) * n as u32;
+    let root = SVGBackend::new(path, (1100, height.max(360))).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let root = root
+        .titled(EFFICIENCY_TITLE, ("sans-serif", 22))
+        .map_err(err)?;
+    let root = root
+        .titled(
+            &format!("{}; higher is better", subtitle(r)),
+            ("sans-serif", 13),
+        )
+        .map_err(err)?;
+    let (w, _) = root.dim_in_pixel();
+    let (plot, legend) = root.split_horizontally(w - 240);
+    // A group per column, the first at the top: group i is centred on y = n - 1 - i.
+    let mut chart = ChartBuilder::on(&plot)
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(290)
+        .build_cartesian_2d((lo..hi).log_scale(), -0.5f64..(n as f64 - 0.5))
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .y_labels(n + 1)
+        .y_label_formatter(&|y| {
+            let j = y.round();
+            if (y - j).abs() < 1e-6 && j >= 0.0 && (j as usize) < n {
+                names.get(n - 1 - j as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .x_label_formatter(&|v| log_label(*v, tick))
+        .x_desc("relative to the native process (log scale)")
+        .draw()
+        .map_err(err)?;
+    chart
+        .draw_series(LineSeries::new(
+            [(1.0, -0.5), (1.0, n as f64 - 0.5)],
+            BLACK.stroke_width(1),
+        ))
+        .map_err(err)?;
+    let height = 0.8 / k as f64;
+    for (j, (_, vals)) in series.iter().enumerate() {
+        let color = COLORS[j % COLORS.len()];
+        for (i, v) in vals.iter().enumerate() {
+            let Some((q, iv)) = v else { continue };
+            let y0 = (n - 1 - i) as f64 + 0.4 - height * (j + 1) as f64;
+            let (y1, ym) = (y0 + height * 0.9, y0 + height * 0.45);
+            chart
+                .draw_series([Rectangle::new([(lo, y0), (*q, y1)], color.filled())])
+                .map_err(err)?;
+            if let Some([a, b]) = iv {
+                let whisker = BLACK.stroke_width(1);
+                let cap = height * 0.2;
+                chart
+                    .draw_series([
+                        PathElement::new(vec![(*a, ym), (*b, ym)], whisker),
+                        PathElement::new(vec![(*a, ym - cap), (*a, ym + cap)], whisker),
+                        PathElement::new(vec![(*b, ym - cap), (*b, ym + cap)], whisker),
+                    ])
+                    .map_err(err)?;
+            }
+        }
+    }
+    let mut rows = vec![("native process = 1x".to_string(), BLACK)];
+    rows.extend(
+        series
+            .iter()
+            .enumerate()
+            .map(|(j, s)| (s.0.clone(), COLORS[j % COLORS.len()])),
+    );
+    draw_legend(&legend, &rows, Some("whiskers: the unit's p10-p90 (times)"))?;
+    root.present().map_err(err)?;
+    Ok(())
 }
 
 /// The state-transfer section: per mode and guest size, the cold start, checkpoint and
@@ -536,12 +757,14 @@ fn density(r: &Report, path: &Path) -> Result<()> {
         .filter(|v| v.is_finite())
         .fold(1.0, f64::max)
         * 1.1;
-    let root = SVGBackend::new(path, (1100, 520)).into_drawing_area();
+    let root = SVGBackend::new(path, (1120, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let root = root
         .titled(DENSITY_TITLE, ("sans-serif", 22))
         .map_err(err)?;
-    let (left, right) = root.split_horizontally(550);
+    // The legend in a column of its own at the right, off both panels' data.
+    let (plots, legend) = root.split_horizontally(880);
+    let (left, right) = plots.split_horizontally(440);
     let panels: [(&DrawingArea<SVGBackend, _>, &str, f64, bool); 2] = [
         (&left, "PSS of all units, MiB", max_mib, true),
         (&right, "start time of the n-th unit, ms", max_ms, false),
@@ -577,29 +800,27 @@ fn density(r: &Report, path: &Path) -> Result<()> {
                 })
                 .filter(|p| p.1.is_finite())
                 .collect();
-            let label = match d.status {
-                Status::Skipped => format!("{} (skipped)", d.mode),
-                Status::Measured => d.mode.clone(),
-            };
             chart
                 .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-                .map_err(err)?
-                .label(label)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+                .map_err(err)?;
             chart
                 .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
                 .map_err(err)?;
         }
-        if mem {
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .position(SeriesLabelPosition::UpperLeft)
-                .draw()
-                .map_err(err)?;
-        }
     }
+    let rows: Vec<(String, RGBColor)> = r
+        .density
+        .iter()
+        .enumerate()
+        .map(|(j, d)| {
+            let label = match d.status {
+                Status::Skipped => format!("{} (skipped)", d.mode),
+                Status::Measured => d.mode.clone(),
+            };
+            (label, COLORS[j % COLORS.len()])
+        })
+        .collect();
+    draw_legend(&legend, &rows, None)?;
     root.present().map_err(err)?;
     Ok(())
 }
@@ -616,5 +837,168 @@ mod tests {
         assert_eq!(tick(0.01), "0.01x");
         assert_eq!(tick(0.5), "0.5x");
         assert_eq!(tick(2.5), "2.5x");
+    }
+
+    #[test]
+    fn log_labels_are_whole_decades_over_two_or_more() {
+        assert_eq!(log_label(10.0, ms_tick), "10 ms");
+        assert_eq!(log_label(1000.0, ms_tick), "1 s");
+        assert_eq!(log_label(9.999999999999, ms_tick), "10 ms");
+        assert_eq!(log_label(20.0, ms_tick), "");
+        assert_eq!(log_label(0.01, tick), "0.01x");
+        assert_eq!(log_label(0.5, tick), "");
+        let one = [(20.0, Some([12.0, 40.0]))];
+        let (lo, hi) = decades(one.iter(), false);
+        assert!(
+            lo < 10.0 && lo > 9.9 && hi > 1000.0 && hi < 1002.0,
+            "{lo} {hi}"
+        );
+    }
+
+    /// The stored test-host run (every section but state transfer and fs measured).
+    fn stored() -> Report {
+        serde_json::from_str(include_str!("../../tests/data/bench-testhost.json")).unwrap()
+    }
+
+    /// Each `<text>` of an SVG file: its x, y and trimmed content.
+    fn texts(path: &Path) -> Vec<(f64, f64, String)> {
+        let text = std::fs::read_to_string(path).unwrap();
+        let doc = roxmltree::Document::parse(&text).unwrap();
+        doc.descendants()
+            .filter(|n| n.has_tag_name("text"))
+            .map(|n| {
+                let num = |a| n.attribute(a).unwrap_or("0").parse::<f64>().unwrap();
+                (
+                    num("x"),
+                    num("y"),
+                    n.text().unwrap_or("").trim().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// The start-time axis: "10 ms"-style labels of whole decades, apart from each
+    /// other, none twice; no bare numbers such as plotters' "10.0".
+    #[test]
+    fn start_time_axis_has_clean_separate_labels() {
+        let mut narrow = stored();
+        for c in narrow.start_stop.iter_mut() {
+            if let Some(s) = c.start.as_mut() {
+                (s.median, s.p10, s.p90) = (25.0, 12.0, 40.0);
+            }
+        }
+        for (r, min_labels) in [(stored(), 4), (narrow, 3)] {
+            let dir = tempfile::tempdir().unwrap();
+            let f = dir.path().join("start-time.svg");
+            start_time(&r, &f).unwrap();
+            let all = texts(&f);
+            assert!(
+                !all.iter().any(|t| t.2.parse::<f64>().is_ok()),
+                "a bare number among {all:?}"
+            );
+            let mut ticks: Vec<(f64, f64)> = all
+                .iter()
+                .filter_map(|(x, _, t)| {
+                    let (v, unit) = t.split_once(' ')?;
+                    let v: f64 = v.parse().ok()?;
+                    let scale = match unit {
+                        "ms" => 1.0,
+                        "s" => 1000.0,
+                        _ => return None,
+                    };
+                    Some((*x, v * scale))
+                })
+                .collect();
+            assert!(ticks.len() >= min_labels, "{ticks:?}");
+            ticks.sort_by(|a, b| a.0.total_cmp(&b.0));
+            for w in ticks.windows(2) {
+                assert!(w[1].0 - w[0].0 >= 50.0, "labels too close: {ticks:?}");
+            }
+            for (_, v) in &ticks {
+                let l = v.log10();
+                assert!((l - l.round()).abs() < 1e-9, "{v} is not a whole decade");
+            }
+        }
+    }
+
+    /// The density legend names every mode, right of all the data and grid of both
+    /// panels.
+    #[test]
+    fn density_legend_is_beside_the_plots() {
+        let r = stored();
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("density.svg");
+        density(&r, &f).unwrap();
+        let text = std::fs::read_to_string(&f).unwrap();
+        let doc = roxmltree::Document::parse(&text).unwrap();
+        let mut right = 0f64;
+        for n in doc.descendants() {
+            let xs: Vec<f64> = match n.tag_name().name() {
+                "line" => ["x1", "x2"]
+                    .iter()
+                    .filter_map(|a| n.attribute(*a)?.parse().ok())
+                    .collect(),
+                "circle" => {
+                    let c: f64 = n.attribute("cx").unwrap().parse().unwrap();
+                    let rad: f64 = n.attribute("r").unwrap().parse().unwrap();
+                    vec![c + rad]
+                }
+                "polyline" => n
+                    .attribute("points")
+                    .unwrap()
+                    .split_whitespace()
+                    .filter_map(|p| p.split(',').next()?.parse().ok())
+                    .collect(),
+                _ => continue,
+            };
+            right = xs.into_iter().fold(right, f64::max);
+        }
+        assert!(right > 500.0, "no plot found ({right})");
+        let all = texts(&f);
+        for d in &r.density {
+            let label = match d.status {
+                Status::Measured => d.mode.clone(),
+                Status::Skipped => format!("{} (skipped)", d.mode),
+            };
+            let (x, _, _) = all
+                .iter()
+                .find(|t| t.2 == label)
+                .unwrap_or_else(|| panic!("no legend row {label:?} in {all:?}"));
+            assert!(
+                *x > right,
+                "legend row {label:?} at x {x}, the plots reach {right}"
+            );
+        }
+    }
+
+    /// efficiency.svg is written with the others and has a group per column of the
+    /// efficiency table but the native process's, and a legend row per property.
+    #[test]
+    fn efficiency_chart_has_every_mode_and_property() {
+        let r = stored();
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_all(&r, dir.path()).unwrap();
+        let f = dir.path().join("efficiency.svg");
+        assert!(files.contains(&f), "{files:?}");
+        let all: Vec<String> = texts(&f).into_iter().map(|t| t.2).collect();
+        assert!(all.contains(&EFFICIENCY_TITLE.to_string()));
+        for c in r.start_stop.iter().filter(|c| c.mode != "process") {
+            let label = match c.status {
+                Status::Measured => column_label(c),
+                Status::Skipped => format!("{} (skipped)", column_label(c)),
+            };
+            assert!(all.contains(&label), "{label:?} not in {all:?}");
+        }
+        for m in r.modes.iter().filter(|m| m.mode != "process") {
+            assert!(
+                all.iter().any(|t| t.starts_with(&format!("{}: ", m.mode))),
+                "mode {} not in {all:?}",
+                m.mode
+            );
+        }
+        for p in EFFICIENCY_ROWS {
+            assert!(all.contains(&p.to_string()), "{p:?} not in {all:?}");
+        }
+        assert!(all.contains(&"1x".to_string()), "{all:?}");
     }
 }
