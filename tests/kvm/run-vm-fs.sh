@@ -8,7 +8,8 @@
 #     open file; exec (mmap) of a binary on the share; modes and owners set in the guest
 #     as the host sees them, and a file made by a non-root container user;
 #  2. `:ro`: a write in the guest gets EROFS and the host file is untouched;
-#  3. kill -9 of nestor mid-run, then gc: no virtiofsd, no socket, no sandbox left; and
+#  3. `volume rm` of a volume a running VM container mounts is refused in one line; kill
+#     -9 of nestor mid-run, then gc: no virtiofsd, no socket, no sandbox left; and
 #     kill -9 of the file server mid-run: the container's reads fail (EIO) instead of
 #     hanging, the VM runs on, and nestor names the dead file server;
 #  4. podman --runtime nestor-vm -v DIR: the directory reaches the guest over virtio-fs;
@@ -98,11 +99,18 @@ set -e
     pass ":ro: the guest reads, a write gets EROFS" || bad ":ro: exit $rc, output $out"
 expect ":ro: host file untouched" host-file "$(cat "$host/h")"
 
-# 3. kill -9 of nestor mid-run, then gc.
-"$bin/nestor" run --vm --no-jail --rm -v "$host:/h" busybox sh -c 'echo up >/h/up; sleep 300' >/dev/null 2>&1 &
+# 3. kill -9 of nestor mid-run, then gc. While it runs, its volume cannot be removed.
+"$bin/nestor" run --vm --no-jail --rm -v "$vol:/v" -v "$host:/h" busybox sh -c 'echo up >/h/up; sleep 300' >/dev/null 2>&1 &
 npid=$!
 for _ in $(seq 1200); do [[ -e $host/up ]] && break; sleep 0.1; done
 [[ -e $host/up ]] || bad "the killed run never started"
+set +e
+out=$(n volume rm "$vol" 2>&1)
+rc=$?
+set -e
+[[ $rc != 0 && $(wc -l <<<"$out") == 1 && $out == *"in use"* && -d $NESTOR_ROOT/volumes/$vol/_data ]] &&
+    pass "volume rm of a volume a running VM container mounts: refused in one line, kept" ||
+    bad "volume rm of a volume in use: exit $rc, output $out"
 kill -9 $npid
 wait $npid 2>/dev/null || true
 n gc >/dev/null
