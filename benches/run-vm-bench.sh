@@ -8,9 +8,10 @@
 # same work as the plain microVM plus the container). Last, one untimed run prints the
 # guest runtime's own steps (its log on the guest console, `nestor.agent.log`).
 #   run-vm-bench.sh [--runs N] [--alt BINDIR INITRD] [prelude options: --nestor ...]
-# --alt adds a second `run --vm` row, interleaved with the others: nestor and nestor-vmm
-# from BINDIR booting INITRD (to compare two builds in one run; give paths under the
-# checkout or $NESTOR_CACHE, the directories the test host shares).
+# --alt adds a row for another build, interleaved with the others: `run --vm --no-jail
+# --network none` (the row with the least noise) with nestor and nestor-vmm from BINDIR
+# booting INITRD (give paths under the checkout or $NESTOR_CACHE, the directories the
+# test host shares).
 # Runs in the KVM test host unless this host has hardware KVM. A benchmark, not a test:
 # not part of scripts/test.sh (the TCG test host has stalled during its run of nested
 # launches; run it by hand).
@@ -60,7 +61,7 @@ for i in $(seq "$runs"); do
     if [[ -n $alt_bin ]]; then
         s=$(date +%s%N)
         NESTOR_VM_TIMINGS=1 NESTOR_VM_INITRD=$alt_initrd timeout --kill-after=5 240 \
-            "$alt_bin/nestor" run --vm --rm busybox true 2>>"$alt_breakdown" || true
+            "$alt_bin/nestor" run --vm --no-jail --network none --rm busybox true 2>>"$alt_breakdown" || true
         t_alt+=("$(ms_since "$s")")
     fi
     s=$(date +%s%N)
@@ -100,7 +101,7 @@ echo "  nestor run --vm --no-jail --network none --rm busybox true: $mb ms ($(ra
 probe "$bin" "$NESTOR_VM_INITRD"
 if [[ -n $alt_bin ]]; then
     ma=$(median "${t_alt[@]}")
-    echo "  --alt build's run --vm --rm busybox true:                $ma ms ($(ratio "$ma" "$mv") of the plain microVM; +$((ma - mv)) ms)  (all: ${t_alt[*]})"
+    echo "  --alt build's run --vm --no-jail --network none --rm busybox true: $ma ms ($(ratio "$ma" "$mv") of the plain microVM; +$((ma - mv)) ms)  (all: ${t_alt[*]})"
     [[ -s $alt_breakdown ]] && breakdown "$alt_breakdown"
     probe "$alt_bin" "$alt_initrd"
 fi
