@@ -63,7 +63,10 @@ fn init_logging(filter: &str) {
 }
 
 fn serve(s: &Settings, pid1: bool) -> Result<server::Exit> {
-    let rt = runtime::Runtime::new(s.runtime.clone(), s.runtime_root.clone(), s.work.clone())?;
+    let mut rt = runtime::Runtime::new(s.runtime.clone(), s.runtime_root.clone(), s.work.clone())?;
+    if s.log.contains("nestor_container") {
+        rt.trace = Some(s.log.clone());
+    }
     let transport = transport::open(&s.listen)?;
     let mut srv = server::Server::new(transport, rt, pid1, s.reboot)?;
     tracing::info!("serving on {}", srv.describe());

@@ -31,13 +31,23 @@ pub struct Runtime {
     pub bin: PathBuf,
     pub root: PathBuf,
     pub work: PathBuf,
+    /// A tracing filter for the log of a runtime the agent forks (`run`), written to its
+    /// stderr, the container's, as `nestor run` with NESTOR_LOG prints it (its step
+    /// timings: `nestor.agent.log=warn,nestor_container=debug`); None: errors only, to
+    /// the runtime log the agent quotes.
+    pub trace: Option<String>,
 }
 
 impl Runtime {
     pub fn new(bin: PathBuf, root: PathBuf, work: PathBuf) -> Result<Runtime> {
         fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
         fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
-        Ok(Runtime { bin, root, work })
+        Ok(Runtime {
+            bin,
+            root,
+            work,
+            trace: None,
+        })
     }
 
     pub fn pid_file(&self, container: &str, exec: Option<&str>) -> PathBuf {
@@ -279,11 +289,16 @@ impl Runtime {
             labels: Default::default(),
         };
         let root = self.root.clone();
-        fork_run(stdio, &self.log_file(container), move || {
-            let rt = nestor_container::container::Runtime::new(root);
-            let st = rt.create_and_start(&opts)?;
-            Ok(nestor_container::container::wait_exit(st.pid)?)
-        })
+        fork_run(
+            stdio,
+            &self.log_file(container),
+            self.trace.as_deref(),
+            move || {
+                let rt = nestor_container::container::Runtime::new(root);
+                let st = rt.create_and_start(&opts)?;
+                Ok(nestor_container::container::wait_exit(st.pid)?)
+            },
+        )
     }
 
     /// With `terminal`, the runtime `c` sends the pty master to a console socket named
@@ -418,7 +433,12 @@ impl Runtime {
 /// after writing its error to `log` and to its stderr (as `nestor` would). Returns the
 /// child's pid. fork copies the calling thread only: the child uses nothing another
 /// thread of the agent could hold locked.
-fn fork_run(stdio: Stdio3, log: &Path, f: impl FnOnce() -> anyhow::Result<i32>) -> Result<i32> {
+fn fork_run(
+    stdio: Stdio3,
+    log: &Path,
+    trace: Option<&str>,
+    f: impl FnOnce() -> anyhow::Result<i32>,
+) -> Result<i32> {
     let fds = [stdio.stdin, stdio.stdout, stdio.stderr];
     for fd in fds.iter().flatten() {
         set_blocking(fd)?;
@@ -451,12 +471,26 @@ fn fork_run(stdio: Stdio3, log: &Path, f: impl FnOnce() -> anyhow::Result<i32>) 
                 // SAFETY: SIG_DFL installs no handler.
                 unsafe { signal(nix::sys::signal::Signal::SIGPIPE, SigHandler::SigDfl) }?;
                 // The runtime's warnings are not the container's output: errors only,
-                // to the log file the agent quotes, and to stderr below.
-                let quiet = tracing_subscriber::fmt()
-                    .with_env_filter(tracing_subscriber::EnvFilter::new("error"))
-                    .with_writer(std::io::sink)
-                    .finish();
-                tracing::subscriber::with_default(quiet, f)
+                // to the log file the agent quotes, and to stderr below; with `trace`,
+                // its log to stderr (asked for, for a look at its steps).
+                match trace {
+                    Some(filter) => {
+                        let sub = tracing_subscriber::fmt()
+                            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                            .with_writer(std::io::stderr)
+                            .with_ansi(false)
+                            .without_time()
+                            .finish();
+                        tracing::subscriber::with_default(sub, f)
+                    }
+                    None => {
+                        let quiet = tracing_subscriber::fmt()
+                            .with_env_filter(tracing_subscriber::EnvFilter::new("error"))
+                            .with_writer(std::io::sink)
+                            .finish();
+                        tracing::subscriber::with_default(quiet, f)
+                    }
+                }
             })();
             let code = match code {
                 Ok(c) => c,

@@ -4,7 +4,9 @@
 //! Kernel command line words (all optional):
 //! - `nestor.agent.port=N`      vsock port to listen on (default 1024)
 //! - `nestor.agent.runtime=P`   the OCI runtime binary (default /bin/nestor)
-//! - `nestor.agent.log=F`       tracing filter for the agent's console log (default warn)
+//! - `nestor.agent.log=F`       tracing filter for the agent's console log (default warn);
+//!   one that names `nestor_container` also logs the runtime the agent forks for `Run`
+//!   with it, to the container's stderr (e.g. `warn,nestor_container=debug`: its steps)
 //! - `nestor.hostname=H`        the guest's hostname (default "nestor")
 //! - `nestor.reboot=1`          end the VM with a reboot instead of a power-off
 //! - `nestor.cmd=B64`           run this shell command (base64 of `sh -c` text) instead of

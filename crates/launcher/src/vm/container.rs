@@ -257,8 +257,13 @@ fn guest_mem(a: &RunArgs) -> Result<u32> {
 /// prints them as one JSON line on stderr; `nestor bench` reads it).
 #[derive(Debug, Default, Clone, serde::Serialize)]
 struct Timings {
-    /// nestor's own time before the VMM's spawn, from its exec (10 ms resolution).
+    /// nestor's own time from its exec to setting out to boot the VM (10 ms resolution).
     before_vmm_ms: Option<f64>,
+    /// Then, before the VMM's spawn: attaching the VM's network (CNI ADD, the tap
+    /// plumbed); None without a network. Not counted in the times below, which start
+    /// at the spawn.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    network_ms: Option<f64>,
     vmm_spawned_ms: f64,
     guest_init_ms: Option<f64>,
     agent_ready_ms: Option<f64>,
@@ -274,7 +279,11 @@ struct Timings {
     done_ms: Option<f64>,
 }
 
-/// How long this process ran before `spawned` (the instant before the VMM's spawn),
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// How long this process ran before `spawned` (the instant it set out to boot the VM),
 /// from the kernel's record of its start.
 fn before_vmm_ms(spawned: Instant) -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
@@ -315,7 +324,6 @@ struct Running {
     guest_id: String,
     outputs: Vec<std::thread::JoinHandle<()>>,
     timings: Timings,
-    start: Instant,
 }
 
 /// How a VM of a container's own was made, as a checkpoint needs it to make the VM
@@ -747,7 +755,7 @@ fn boot_own(
     image: &nestor_image::Image,
     vols: &Volumes,
     guest_id: &str,
-) -> Result<(Sandbox, String, Option<Request>)> {
+) -> Result<(Sandbox, String, Option<Request>, Option<f64>)> {
     let assets = Assets::find(a.vm.kernel.as_deref(), a.vm.initrd.as_deref())?;
     let root_disk = crate::vm::disk::image_disk(image)?;
     let mut disks = vec![(root_disk, true)];
@@ -792,7 +800,9 @@ fn boot_own(
         jail: jailed.then_some(jail),
         state_dir: state_dir.clone(),
     };
+    let t_net = Instant::now();
     let vnet = vm_network(a, meta, image, jailed)?;
+    let network_ms = vnet.as_ref().map(|_| ms_since(t_net));
     let sb = Sandbox::boot(
         guest_id,
         &assets,
@@ -819,7 +829,7 @@ fn boot_own(
     let boot = VmBoot { net, ..boot };
     std::fs::write(boot_file(&meta.id), serde_json::to_vec_pretty(&boot)?)
         .context("write vm-boot.json")?;
-    Ok((sb, proto::disk_device(0), request))
+    Ok((sb, proto::disk_device(0), request, network_ms))
 }
 
 /// The connections a run needs: control, stdio (as asked), signals.
@@ -995,19 +1005,19 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
     let mut vols = guest_volumes(a)?;
     let guest_id = meta.id[..12].to_string();
     let start = Instant::now();
-    let (mut sb, device, network, networked) = match &a.vm.pod {
+    let (mut sb, device, network, networked, network_ms) = match &a.vm.pod {
         // A networked pod's guest is configured already: the container shares it.
         Some(name) => {
             if vm_disk_limit(a)?.is_some() {
                 bail!("--device-read-bps and co. with --pod are not supported: a pod's disks are fixed when it boots");
             }
             let (sb, d, shared) = join_pod(name, meta, image, &mut vols, &guest_id)?;
-            (sb, d, None, shared)
+            (sb, d, None, shared, None)
         }
         None => {
-            let (sb, d, n) = boot_own(a, meta, image, &vols, &guest_id)?;
+            let (sb, d, n, net_ms) = boot_own(a, meta, image, &vols, &guest_id)?;
             let has = n.is_some();
-            (sb, d, n, has)
+            (sb, d, n, has, net_ms)
         }
     };
     // The container's spec is made while the guest boots.
@@ -1025,6 +1035,7 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
         vmm_spawned_ms: sb.timeline.vmm_spawned_ms,
         agent_ready_ms: sb.timeline.agent_ready_ms,
         before_vmm_ms: std::env::var_os("NESTOR_VM_TIMINGS").and_then(|_| before_vmm_ms(start)),
+        network_ms,
         ..Timings::default()
     };
     let vsock = sb.vsock().to_path_buf();
@@ -1094,7 +1105,6 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
         guest_id,
         outputs,
         timings,
-        start,
     })
 }
 
@@ -1149,7 +1159,7 @@ fn wait_and_stop(r: &mut Running) -> Result<i32> {
     } else {
         r.sb.terminate(Duration::from_secs(5))
     };
-    r.timings.vm_gone_ms = Some(r.start.elapsed().as_secs_f64() * 1000.0);
+    r.timings.vm_gone_ms = Some(r.sb.elapsed_ms());
     r.timings.guest_init_ms = guest_init_ms(&r.sb);
     if vmm.is_none() {
         tracing::warn!("the VM did not power off within 10 s; nestor-vmm was killed");
@@ -1355,7 +1365,6 @@ fn resume_running(meta: &mut Meta, r: &Restoring, receive: Option<Receive>) -> R
         guest_id: r.guest_id.clone(),
         outputs,
         timings,
-        start,
     })
 }
 
@@ -1463,7 +1472,7 @@ impl Mode for VmMode {
             .take()
             .context("the VM container was not started")?;
         let code = wait_and_stop(&mut r);
-        self.timings = Some((r.timings.clone(), r.start));
+        self.timings = Some((r.timings.clone(), r.sb.spawned_at()));
         drop(r);
         let mark = take_stop_mark(&meta.id);
         // A VM that moved away took its network place along (within this host), or

@@ -783,6 +783,11 @@ impl Sandbox {
         &self.dir
     }
 
+    /// When the VMM was spawned.
+    pub fn spawned_at(&self) -> Instant {
+        self.start
+    }
+
     /// Milliseconds since the VMM was spawned.
     pub fn elapsed_ms(&self) -> f64 {
         ms(self.start.elapsed())
