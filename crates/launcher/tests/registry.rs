@@ -307,6 +307,13 @@ impl Nestor {
             .unwrap_or_default()
     }
 
+    /// Verified blobs kept in the download cache for a later pull.
+    fn cached_blobs(&self) -> usize {
+        std::fs::read_dir(self.root.join("images/downloads/blobs/sha256"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
     fn layer_count(&self) -> usize {
         std::fs::read_dir(self.root.join("images/layers"))
             .map(|d| d.count())
@@ -1109,11 +1116,18 @@ fn registry_dying_mid_pull_then_pull_again() {
     one_error_line(&o, &format!("127.0.0.1:{}", relay.port));
     assert!(n.images().is_empty());
     assert!(n.downloads().is_empty(), "{:?}", n.downloads());
+    // What the first pull verified before the registry died: in the download cache, or
+    // extracted. Which layers got through depends on how the parallel downloads shared
+    // the relay's 6 MiB, so a loaded machine may verify none.
+    let verified = n.cached_blobs() + n.layer_count();
     reg.kill();
 
     let reg2 = Registry::start(store.path());
     let p = n.pull_json(&format!("{}/big:v1", reg2.addr()));
-    assert!(p["layers_reused"].as_u64().unwrap() >= 1, "{p}");
+    assert!(
+        p["layers_reused"].as_u64().unwrap() >= (verified as u64).min(1),
+        "{p} after {verified} verified"
+    );
     assert_eq!(
         p["layers_reused"].as_u64().unwrap() + p["layers_downloaded"].as_u64().unwrap(),
         3,
