@@ -154,6 +154,17 @@ fn has_reason(x: &Value) -> bool {
     x["reason"].as_str().is_some_and(|r| !r.trim().is_empty())
 }
 
+/// `nestor bench --merge REPORT --svg DIR`: the report rendered, with its plots in DIR.
+fn merge_with_plots(report: &Path, dir: &Path) -> std::process::Output {
+    Command::new(nestor())
+        .args(["bench", "--merge"])
+        .arg(report)
+        .arg("--svg")
+        .arg(dir)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn quick_bench_of_every_mode_reports_validates_and_plots() {
     let data = tempfile::tempdir().unwrap();
@@ -516,13 +527,7 @@ fn merge_takes_each_mode_from_a_run_that_measured_it_and_compare_pairs_rows() {
 fn stored_run_plots_the_efficiency_table_and_lists_every_plot() {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bench-testhost.json");
     let svg = tempfile::tempdir().unwrap();
-    let o = Command::new(nestor())
-        .args(["bench", "--merge"])
-        .arg(&p)
-        .arg("--svg")
-        .arg(svg.path())
-        .output()
-        .unwrap();
+    let o = merge_with_plots(&p, svg.path());
     assert!(o.status.success(), "{}", stderr(&o));
     let md = stdout(&o);
     assert!(md.contains("\n## Plots ("), "{md}");
@@ -677,13 +682,7 @@ fn testhost_state_transfer_report_validates_and_renders() {
     }
     assert_eq!(x["criu"]["status"], "measured");
     let svg = tempfile::tempdir().unwrap();
-    let out = Command::new(nestor())
-        .args(["bench", "--merge"])
-        .arg(&p)
-        .arg("--svg")
-        .arg(svg.path())
-        .output()
-        .unwrap();
+    let out = merge_with_plots(&p, svg.path());
     assert!(
         out.status.success(),
         "{}",
@@ -924,13 +923,7 @@ fn testhost_fs_report_validates_and_renders() {
         ]
     );
     let svg = tempfile::tempdir().unwrap();
-    let out = Command::new(nestor())
-        .args(["bench", "--merge"])
-        .arg(&p)
-        .arg("--svg")
-        .arg(svg.path())
-        .output()
-        .unwrap();
+    let out = merge_with_plots(&p, svg.path());
     assert!(out.status.success(), "{}", stderr(&out));
     let md = stdout(&out);
     let auto = doc["fs"][2]["rows"][0]["results"][1].clone();

@@ -550,6 +550,17 @@ fn host_disk(env: &Env, r: &Runner) -> PathBuf {
     }
 }
 
+/// `set` skipped whole: every workload skipped with `why`.
+fn skipped_set(mut set: WorkloadSet, why: String) -> WorkloadSet {
+    set.status = Status::Skipped;
+    set.results = WORKLOADS
+        .iter()
+        .map(|w| skipped_result(w.0, &why))
+        .collect();
+    set.reason = Some(why);
+    set
+}
+
 fn workloads(env: &Env, r: &Runner, plan: &Plan, with_fio: bool) -> WorkloadSet {
     let mut set = WorkloadSet {
         mode: r.mode.name().into(),
@@ -558,10 +569,7 @@ fn workloads(env: &Env, r: &Runner, plan: &Plan, with_fio: bool) -> WorkloadSet 
         results: vec![],
     };
     if let Some(why) = &r.skip {
-        set.status = Status::Skipped;
-        set.reason = Some(why.clone());
-        set.results = WORKLOADS.iter().map(|w| skipped_result(w.0, why)).collect();
-        return set;
+        return skipped_set(set, why.clone());
     }
     let mut common = vec![
         "--secs".to_string(),
@@ -579,13 +587,7 @@ fn workloads(env: &Env, r: &Runner, plan: &Plan, with_fio: bool) -> WorkloadSet 
         Kind::Process | Kind::Oci(_) => {
             if let Err(e) = std::fs::create_dir_all(env.disk_dir()) {
                 let why = format!("disk directory {}: {e}", env.disk_dir().display());
-                set.status = Status::Skipped;
-                set.reason = Some(why.clone());
-                set.results = WORKLOADS
-                    .iter()
-                    .map(|w| skipped_result(w.0, &why))
-                    .collect();
-                return set;
+                return skipped_set(set, why);
             }
             (host_disk.clone(), None)
         }
@@ -593,13 +595,7 @@ fn workloads(env: &Env, r: &Runner, plan: &Plan, with_fio: bool) -> WorkloadSet 
             let ok = std::fs::File::create(&host_disk)
                 .and_then(|f| f.set_len((plan.disk_mib as u64 + 1) << 20));
             if let Err(e) = ok {
-                set.status = Status::Skipped;
-                set.reason = Some(format!("disk image {}: {e}", host_disk.display()));
-                set.results = WORKLOADS
-                    .iter()
-                    .map(|w| skipped_result(w.0, &format!("disk image: {e}")))
-                    .collect();
-                return set;
+                return skipped_set(set, format!("disk image {}: {e}", host_disk.display()));
             }
             if matches!(r.kind, Kind::Vm { jail: true }) {
                 // Writable by the jail's unprivileged uid, as `vm run --jail` requires.
@@ -615,14 +611,7 @@ fn workloads(env: &Env, r: &Runner, plan: &Plan, with_fio: bool) -> WorkloadSet 
             // nestor, with room for the disk workload's file.
             let img = env.tmp.join(format!("vol-{}.ext4", r.mode.name()));
             if let Err(e) = env.make_volume(&img, plan.disk_mib) {
-                let why = format!("workload volume: {e:#}");
-                set.status = Status::Skipped;
-                set.reason = Some(why.clone());
-                set.results = WORKLOADS
-                    .iter()
-                    .map(|w| skipped_result(w.0, &why))
-                    .collect();
-                return set;
+                return skipped_set(set, format!("workload volume: {e:#}"));
             }
             if matches!(r.kind, Kind::VmContainer { jail: true }) {
                 // The jailed VMM opens the volume as the jail's unprivileged ids: each

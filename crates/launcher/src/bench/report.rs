@@ -779,34 +779,25 @@ fn vm_rows(o: &mut String, x: &StateTransfer, why: &mut Reasons) {
             );
             continue;
         }
-        let cold = s.cold_start_ms.as_ref().map(|c| c.median);
-        let vs = |v: &Option<Summary>| match (v, cold) {
-            (Some(v), Some(c)) if c > 0.0 => format!("{:.2}x", v.median / c),
-            _ => "-".into(),
-        };
         let _ = writeln!(
             o,
             "| {} | {} | {} | {} | {} | {} | {} |",
             mem(s.mem_mib),
             med_range(&s.cold_start_ms, ms),
             med_range(&s.checkpoint_ms, ms),
-            vs(&s.checkpoint_ms),
+            vs_cold(&s.checkpoint_ms, &s.cold_start_ms),
             med_range(&s.snapshot_bytes, mib),
             med_range(&s.restore_ms, ms),
-            vs(&s.restore_ms),
+            vs_cold(&s.restore_ms, &s.cold_start_ms),
         );
         if s.fixed_restore_ms.is_some() {
-            let cold = s.fixed_cold_start_ms.as_ref().map(|c| c.median);
-            let vs = match (&s.fixed_restore_ms, cold) {
-                (Some(v), Some(c)) if c > 0.0 => format!("{:.2}x", v.median / c),
-                _ => "-".into(),
-            };
             let _ = writeln!(
                 o,
-                "| {}, VMM at fixed addresses | {} | | | | {} | {vs} |",
+                "| {}, VMM at fixed addresses | {} | | | | {} | {} |",
                 mem(s.mem_mib),
                 med_range(&s.fixed_cold_start_ms, ms),
                 med_range(&s.fixed_restore_ms, ms),
+                vs_cold(&s.fixed_restore_ms, &s.fixed_cold_start_ms),
             );
         }
     }
@@ -859,6 +850,14 @@ fn vm_rows(o: &mut String, x: &StateTransfer, why: &mut Reasons) {
         );
     }
     failed_rounds(o, x, why);
+}
+
+/// `v`'s median against `cold`'s, as "0.12x"; "-" where either is missing.
+fn vs_cold(v: &Option<Summary>, cold: &Option<Summary>) -> String {
+    match (v, cold) {
+        (Some(v), Some(c)) if c.median > 0.0 => format!("{:.2}x", v.median / c.median),
+        _ => "-".into(),
+    }
 }
 
 /// The reasons of rounds that failed in rows other rounds measured.
