@@ -3,8 +3,8 @@
 //! virtio-fs share of a container in a microVM with the file server's `--cache auto`
 //! (the default), `always` and `never` (direct I/O: one copy, no guest page cache), and
 //! an ext4 image on the same file system as a virtio-blk volume (vm-container; the VM
-//! rows with guest memory enough to cache the workload's file) — each running the project's own `nestor workload disk`
-//! (sequential 1 MiB write and read, 4 KiB random read and write: fio's patterns) and
+//! rows with guest memory enough to cache the workload's file) — each running the
+//! project's own `nestor workload disk` (sequential 1 MiB write and read, 4 KiB random read and write: fio's patterns) and
 //! `nestor workload meta` (create, stat, rename, unlink of many small files). Every row
 //! runs between two host-process runs on the same directory, so each figure has its
 //! ratio to the host (their geometric mean) within the same run, and a test-host boot

@@ -1,7 +1,8 @@
-//! Compiling a filter set (JSON) into one BPF program per thread kind and installing
-//! them: [`setup`] on the main thread before the VM is built, [`enter`] first thing in
-//! every thread, [`install_main`] once the vCPU threads are spawned, with the gate that
-//! keeps vCPUs out of KVM_RUN until every thread is filtered.
+//! Compiling a filter set (JSON) into one BPF program per thread kind (the built-in set
+//! comes compiled by build.rs: [`built_in`]) and installing them: [`setup`] on the main
+//! thread before the VM is built, [`enter`] first thing in every thread,
+//! [`install_main`] once the vCPU threads are spawned, with the gate that keeps vCPUs
+//! out of KVM_RUN until every thread is filtered.
 
 use std::io::Read;
 use std::path::PathBuf;

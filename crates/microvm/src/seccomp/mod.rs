@@ -9,8 +9,9 @@
 //! syscall with async-signal-safe calls only and exits with [`EXIT_SECCOMP`], so the
 //! call never runs.
 //!
-//! Order: [`setup`] (main thread, before the VM is built: compiles the filters, installs
-//! the SIGSYS handler, closes the vCPU gate); every thread calls [`enter`] first thing
+//! Order: [`setup`] (main thread, before the VM is built: takes the built-in filters as
+//! build.rs compiled them, or compiles a file's; installs the SIGSYS handler, closes
+//! the vCPU gate); every thread calls [`enter`] first thing
 //! (vCPU threads then wait at the gate, so no guest code runs before all filters are in
 //! place); [`install_main`] (main thread, after the vCPU threads are spawned) installs the
 //! main filter and opens the gate. Without [`setup`] (library use, tests) nothing is
