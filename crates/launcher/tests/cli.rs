@@ -1261,6 +1261,22 @@ fn vm_mode_network_cycles_leave_nothing() {
         ]);
         run(&["pod", "rm", "-f", &pod]);
     }
+    // The network attaches while the VM boots: its failure then (a host port held)
+    // is one clear error, and the VM, namespace and attachment go.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = format!("127.0.0.1:{}:80", held.local_addr().unwrap().port());
+    let mut c = e.cmd(&[
+        "run", "--vm", "--rm", "--name", "vheld", "-p", &port, "busybox", "true",
+    ]);
+    let o = c.envs(s.vars()).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("is already in use on the host"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    drop(held);
     assert_default_network_is_empty(&e);
     ids.push("pod-pn0".to_string());
     assert_no_netns(&e, &ids);

@@ -174,6 +174,51 @@ impl Networks {
     /// Puts a container on its networks (see the module doc); on failure nothing is
     /// left.
     pub fn attach(&self, req: &AttachRequest) -> Result<Attachment> {
+        self.attach_in(req, false)
+    }
+
+    /// Makes the network namespace of container `id` ahead of its attachment (a
+    /// microVM's VMM starts in it while CNI attaches: [`Networks::attach_made`]).
+    /// [`Networks::detach`] of `id` removes it, whether the attachment came or not.
+    pub fn make_netns(&self, id: &str) -> Result<PathBuf> {
+        // Under the lock: a detach removes this root's namespace directory when empty.
+        let _l = self.lock()?;
+        let p = self.netns_path(id);
+        crate::netns::create(&p)?;
+        Ok(p)
+    }
+
+    /// [`Networks::attach`] into the namespace [`Networks::make_netns`] made.
+    pub fn attach_made(&self, req: &AttachRequest) -> Result<Attachment> {
+        self.attach_in(req, true)
+    }
+
+    /// Gives container `id`'s first interface the MAC `mac`, in its namespace and in its
+    /// record (CNI's result too, which CHECK compares): a microVM's guest has the MAC
+    /// its VMM was started with, or had before it was restored.
+    pub fn set_mac(&self, id: &str, mac: &str) -> Result<()> {
+        let _l = self.lock()?;
+        let mut a = self
+            .attachment(id)
+            .ok_or_else(|| Error::Invalid(format!("container {id} is on no network")))?;
+        let netns = a.netns.clone();
+        let i = a
+            .ifaces
+            .first_mut()
+            .ok_or_else(|| Error::Invalid(format!("container {id} has no interface")))?;
+        crate::tap::set_mac(&netns, &i.ifname, mac)?;
+        i.mac = Some(mac.to_string());
+        if let Some(list) = i.result["interfaces"].as_array_mut() {
+            for r in list.iter_mut().filter(|r| {
+                r["name"].as_str() == Some(i.ifname.as_str()) && r.get("sandbox").is_some()
+            }) {
+                r["mac"] = Value::String(mac.to_string());
+            }
+        }
+        self.save(&a)
+    }
+
+    fn attach_in(&self, req: &AttachRequest, netns_made: bool) -> Result<Attachment> {
         if req.networks.is_empty() {
             return Err(Error::Invalid("no network to attach to".into()));
         }
@@ -211,7 +256,7 @@ impl Networks {
             ports: ports.clone(),
         };
         self.save(&a)?;
-        let r = self.bring_up(&mut a, req, &nets, &ports, &_l);
+        let r = self.bring_up(&mut a, req, &nets, &ports, netns_made, &_l);
         if let Err(e) = r {
             drop(_l);
             let _ = self.detach(&req.container_id);
@@ -228,9 +273,12 @@ impl Networks {
         req: &AttachRequest,
         nets: &[crate::Network],
         ports: &[PortMapping],
+        netns_made: bool,
         lock: &nix::fcntl::Flock<std::fs::File>,
     ) -> Result<()> {
-        crate::netns::create(&a.netns)?;
+        if !netns_made {
+            crate::netns::create(&a.netns)?;
+        }
         for (i, net) in nets.iter().enumerate() {
             let (_, list) = self.read(&net.name)?;
             let ifname = format!("eth{i}");

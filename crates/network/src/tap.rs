@@ -9,6 +9,9 @@
 //! one way until the move commits; [`switch`] then turns the interface's frames to it
 //! and the first tap goes ([`remove`]): the address, MAC, ports and CNI state never
 //! change hands, so connections to the guest live on.
+//!
+//! A microVM that boots while CNI attaches its namespace gets its tap first, alone
+//! ([`Join::Later`]); [`join`] redirects once CNI has made the interface.
 
 use std::path::Path;
 use std::process::Command;
@@ -54,17 +57,27 @@ fn redirect(netns: &Path, verb: &str, from: &str, to: &str) -> Result<()> {
     run_in(netns, &args)
 }
 
+/// How [`plumb`] joins a new tap to the namespace's interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Join {
+    /// Both ways: the interface is the tap's.
+    Both,
+    /// tap -> interface only: the interface's frames go to another tap (a VMM a live
+    /// migration comes from) until [`switch`] turns them to this one.
+    Standby,
+    /// Not yet: the interface does not exist yet (CNI adds it while the VM boots);
+    /// [`join`] joins them once it does.
+    Later,
+}
+
 /// Makes `tap` in `netns` (owned by `owner`, uid and gid, when an unprivileged VMM
-/// opens it) and redirects `ifname` <-> `tap`. `standby`: `ifname`'s frames go to
-/// another tap (a VMM a live migration comes from), so only `tap` -> `ifname` is made:
-/// the new VMM's guest is paused until the move commits, and [`switch`] then turns
-/// `ifname`'s frames to it.
+/// opens it) and joins it to `ifname` as `how` says.
 pub fn plumb(
     netns: &Path,
     ifname: &str,
     tap: &str,
     owner: Option<(u32, u32)>,
-    standby: bool,
+    how: Join,
 ) -> Result<()> {
     let mut add = vec!["ip", "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"];
     let (u, g);
@@ -74,15 +87,24 @@ pub fn plumb(
     }
     run_in(netns, &add)?;
     run_in(netns, &["ip", "link", "set", tap, "up"])?;
-    let mut ways = vec![(tap, ifname)];
-    if !standby {
-        ways.push((ifname, tap));
+    match how {
+        Join::Both => join(netns, ifname, tap),
+        Join::Standby => redirect_ingress(netns, tap, ifname),
+        Join::Later => Ok(()),
     }
-    for (from, to) in ways {
-        run_in(netns, &["tc", "qdisc", "add", "dev", from, "ingress"])?;
-        redirect(netns, "add", from, to)?;
-    }
-    Ok(())
+}
+
+/// Redirects `ifname` <-> `tap` (a tap [`plumb`] made with [`Join::Later`], once CNI
+/// has made the interface).
+pub fn join(netns: &Path, ifname: &str, tap: &str) -> Result<()> {
+    redirect_ingress(netns, tap, ifname)?;
+    redirect_ingress(netns, ifname, tap)
+}
+
+/// Every frame arriving on `from` leaves through `to`.
+fn redirect_ingress(netns: &Path, from: &str, to: &str) -> Result<()> {
+    run_in(netns, &["tc", "qdisc", "add", "dev", from, "ingress"])?;
+    redirect(netns, "add", from, to)
 }
 
 /// Turns the frames arriving on `ifname` to `tap` in one step (the filter is

@@ -388,9 +388,9 @@ fn a_microvm_moving_within_the_host_takes_the_place_over() {
     use nestor_network::tap;
     // The first VMM's tap; the second one joins one way while the first still gets
     // every frame.
-    tap::plumb(&a.netns, "eth0", "tap0", None, false).unwrap();
+    tap::plumb(&a.netns, "eth0", "tap0", None, tap::Join::Both).unwrap();
     assert_eq!(redirect_of(&a.netns, "eth0"), "tap0");
-    tap::plumb(&a.netns, "eth0", "tap1", None, true).unwrap();
+    tap::plumb(&a.netns, "eth0", "tap1", None, tap::Join::Standby).unwrap();
     assert_eq!(redirect_of(&a.netns, "eth0"), "tap0");
     assert_eq!(redirect_of(&a.netns, "tap1"), "eth0");
     // The commit: frames turn to the new tap, the old one goes.

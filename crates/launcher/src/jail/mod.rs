@@ -124,9 +124,8 @@ pub struct JailConfig {
     pub tap: Option<String>,
     /// Join this network namespace instead (a container's, on its CNI network): the
     /// tap named third, owned by the jail's uid, is made in it and joined to the
-    /// interface named second (`/dev/net/tun` is in the jail); one way only when the
-    /// fourth is true (see `nestor_network::tap::plumb`).
-    pub join_netns: Option<(PathBuf, String, String, bool)>,
+    /// interface named second (`/dev/net/tun` is in the jail) as the fourth says.
+    pub join_netns: Option<(PathBuf, String, String, nestor_network::tap::Join)>,
     pub memory: Option<i64>,
     pub cpus: Option<f64>,
     pub pids_limit: Option<i64>,
@@ -732,8 +731,8 @@ pub fn spawn(rt: &Runtime, c: &JailConfig) -> Result<Jailed> {
             ip(&["link", "set", "dev", tap, "netns", tap])?;
             ip(&["-n", tap, "link", "set", "dev", tap, "up"])?;
         }
-        if let Some((ns, ifname, tap, standby)) = &c.join_netns {
-            nestor_network::tap::plumb(ns, ifname, tap, Some((c.uid, c.gid)), *standby)?;
+        if let Some((ns, ifname, tap, how)) = &c.join_netns {
+            nestor_network::tap::plumb(ns, ifname, tap, Some((c.uid, c.gid)), *how)?;
         }
         Ok(rt.create_and_start(&opts)?.pid)
     })();

@@ -10,6 +10,7 @@ use nestor_container::container::Runtime;
 use crate::cli::{JailNetwork, JailOpts};
 use crate::jail::cmd::{jail_config, new_jail_id};
 use crate::jail::{self, JailDir, JailFile};
+use nestor_network::tap::Join;
 
 /// The VMM to run in a jail, with host paths.
 #[derive(Debug, Clone, Default)]
@@ -37,6 +38,9 @@ pub struct VmmSpec {
     /// `--net`'s value names (`net`: `tap0,mac=…`), made there by the jail.
     pub netns: Option<PathBuf>,
     pub net: Option<String>,
+    /// The namespace's interface comes later (CNI attaches while the VM boots): the
+    /// tap is made alone, and joined by the caller (`nestor_network::tap::join`).
+    pub net_later: bool,
     /// virtio-fs devices: (host directory holding the file server's socket
     /// [`crate::jail::fs::SOCKET`], tag); each directory is bound read-only at
     /// /run/fsN in the jail.
@@ -246,11 +250,17 @@ pub fn spawn_jailed_vmm(
         .map_or("tap0", nestor_network::tap::tap_of);
     // A migration's destination with a network takes the place of the VM it comes
     // from (within one host): its tap waits one way until the move commits.
-    let standby = matches!(spec.source, Some(VmSource::Migration { .. }));
+    let how = if matches!(spec.source, Some(VmSource::Migration { .. })) {
+        Join::Standby
+    } else if spec.net_later {
+        Join::Later
+    } else {
+        Join::Both
+    };
     c.join_netns = spec
         .netns
         .clone()
-        .map(|ns| (ns, "eth0".to_string(), tap.to_string(), standby));
+        .map(|ns| (ns, "eth0".to_string(), tap.to_string(), how));
     c.share_dir = spec.vsock;
     c.die_with_parent = true;
     c.nproc = vcpus + 16;

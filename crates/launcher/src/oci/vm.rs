@@ -295,7 +295,13 @@ pub fn create(root: &Path, a: &CreateArgs, pod: bool) -> Result<()> {
         crate::vm::disk::snapshot_dir(&rootfs, &disk)?;
         let assets = Assets::find(None, None)?;
         if let Some(n) = &net {
-            nestor_network::tap::plumb(&n.netns, &n.ifname, "tap0", None, false)?;
+            nestor_network::tap::plumb(
+                &n.netns,
+                &n.ifname,
+                "tap0",
+                None,
+                nestor_network::tap::Join::Both,
+            )?;
         }
         spawn_shim(Shim {
             root,
@@ -608,6 +614,7 @@ fn shim(s: Shim, ready: &mut crate::sys::helper::Ready) -> Result<i32> {
                 hostname,
                 net: net.as_ref().map(|n| n.tap.clone()),
                 netns: net.as_ref().map(|n| n.netns.clone()),
+                net_later: false,
                 jail: None,
                 jail_fallback: false,
                 source: None,
@@ -773,20 +780,41 @@ fn oci_state(st: &VmState) -> serde_json::Value {
 }
 
 /// OCI `kill` in VM mode.
+///
+/// A container whose process has exited while its shim still stops the VM is, to the
+/// caller, a process not yet reaped: podman sees the shim's pid alive. A signal to it
+/// succeeds and does nothing, as `kill` of a zombie does; only once the shim is gone is
+/// the container "not running".
 pub fn kill(root: &Path, a: &KillArgs) -> Result<()> {
     let st = load(root, &a.id)?;
+    if exited_shim_alive(&st) {
+        return Ok(());
+    }
     if status(&st) == Status::Stopped {
         bail!("container {} is not running", a.id);
     }
     let sig = nestor_container::container::parse_signal(
         a.sig.as_deref().or(a.signal.as_deref()).unwrap_or("TERM"),
     )?;
-    let r = agent_of(&st)?.call(Request::Signal {
-        container: guest_id(&a.id),
-        exec: None,
-        signal: sig as i32,
-    })?;
-    sandbox::expect_ok(&format!("kill {}", a.id), r)
+    let sent = agent_of(&st)
+        .and_then(|mut agent| {
+            agent.call(Request::Signal {
+                container: guest_id(&a.id),
+                exec: None,
+                signal: sig as i32,
+            })
+        })
+        .and_then(|r| sandbox::expect_ok(&format!("kill {}", a.id), r));
+    match sent {
+        // It exited while the signal was on its way.
+        Err(_) if load(root, &a.id).is_ok_and(|cur| exited_shim_alive(&cur)) => Ok(()),
+        r => r,
+    }
+}
+
+/// The shim recorded the container's exit and is still stopping its VM.
+fn exited_shim_alive(st: &VmState) -> bool {
+    st.status == Status::Stopped && shim_alive(st)
 }
 
 /// A control action on a live VM container's cgroup in the guest (see
@@ -1115,4 +1143,57 @@ fn exec_in_vm(
     };
     crate::sys::pump::join_within(outputs, sandbox::boot_timeout());
     Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A recorded container whose shim is `pid` (its start time read now).
+    fn record(root: &Path, id: &str, pid: i32, status: Status) {
+        std::fs::create_dir_all(dir(root, id)).unwrap();
+        let st = VmState {
+            id: id.into(),
+            bundle: root.into(),
+            shim_pid: pid,
+            shim_start: proc_start(pid).map(|s| s.0).unwrap_or(0),
+            sandbox: root.join("no-sandbox"),
+            status,
+            exit_code: Some(0),
+            created_ns: now_ns(),
+            annotations: Default::default(),
+            pod: None,
+            pod_share: None,
+            networked: false,
+        };
+        save(root, &st).unwrap();
+    }
+
+    fn kill_args(id: &str) -> KillArgs {
+        KillArgs {
+            id: id.into(),
+            sig: Some("KILL".into()),
+            all: false,
+            signal: None,
+        }
+    }
+
+    #[test]
+    fn kill_of_an_exited_container_whose_shim_runs_on_is_a_no_op_and_after_it_an_error() {
+        let root = tempfile::tempdir().unwrap();
+        // The shim (this process) still stops the VM: the signal succeeds, as to a zombie.
+        record(root.path(), "a", std::process::id() as i32, Status::Stopped);
+        kill(root.path(), &kill_args("a")).unwrap();
+        // The shim is gone: not running.
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let pid = gone.id() as i32;
+        gone.wait().unwrap();
+        record(root.path(), "b", pid, Status::Stopped);
+        let e = kill(root.path(), &kill_args("b")).unwrap_err();
+        assert_eq!(e.to_string(), "container b is not running");
+        // A running one whose VM cannot be reached: the error says so.
+        record(root.path(), "c", std::process::id() as i32, Status::Running);
+        let e = format!("{:#}", kill(root.path(), &kill_args("c")).unwrap_err());
+        assert!(e.contains("connect to the VM of container c"), "{e}");
+    }
 }

@@ -1,6 +1,7 @@
 //! Forked helper processes — the `-d` monitors, the VM-mode shims, a pod's monitor —
 //! that tell the nestor which forked them, over a pipe, when they are ready (or why they
-//! failed), and then live on alone.
+//! failed), and then live on alone; and forked tasks ([`task`]: a VM's network attached
+//! while its VMM starts) that nestor waits for later.
 
 use std::io::{Read, Write};
 
@@ -66,5 +67,106 @@ pub fn fork(what: &str, body: impl FnOnce(&mut Ready) -> Result<i32>) -> Result<
             };
             std::process::exit(code);
         }
+    }
+}
+
+/// A forked task's parent end ([`task`]).
+pub struct Task {
+    what: String,
+    run: TaskRun,
+}
+
+enum TaskRun {
+    Forked {
+        pid: nix::unistd::Pid,
+        out: std::fs::File,
+    },
+    /// Run in place: nestor had another thread, so it could not fork safely.
+    Done(Result<()>),
+}
+
+/// Forks a task (`what` names it in errors) that runs `body` while nestor goes on, and
+/// dies with nestor; [`Task::wait`] collects its outcome. A process rather than a thread:
+/// nestor may fork (a jail's init) meanwhile, which a second thread would make unsafe.
+/// If nestor has a thread already, `body` runs here and now instead.
+pub fn task(what: &str, body: impl FnOnce() -> Result<()>) -> Result<Task> {
+    let what = what.to_string();
+    if threads() != Some(1) {
+        return Ok(Task {
+            what,
+            run: TaskRun::Done(body()),
+        });
+    }
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+    // SAFETY: this process has one thread (checked above).
+    match unsafe { nix::unistd::fork() }.with_context(|| format!("fork the {what}"))? {
+        nix::unistd::ForkResult::Parent { child } => Ok(Task {
+            what,
+            run: TaskRun::Forked {
+                pid: child,
+                out: std::fs::File::from(r),
+            },
+        }),
+        nix::unistd::ForkResult::Child => {
+            drop(r);
+            // SAFETY: prctl with constant arguments.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+            let mut w = std::fs::File::from(w);
+            let code = match body() {
+                Ok(()) => 0,
+                Err(e) => {
+                    let _ = w.write_all(format!("{e:#}").as_bytes());
+                    1
+                }
+            };
+            // SAFETY: the task's end: nothing of the parent's (buffers, exit handlers)
+            // runs twice.
+            unsafe { libc::_exit(code) }
+        }
+    }
+}
+
+/// This process's thread count (`/proc/self/status`).
+fn threads() -> Option<usize> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+impl Task {
+    /// Waits for the task: its error, if it failed.
+    pub fn wait(self) -> Result<()> {
+        let (pid, mut out) = match self.run {
+            TaskRun::Done(r) => return r,
+            TaskRun::Forked { pid, out } => (pid, out),
+        };
+        let mut msg = String::new();
+        let _ = out.read_to_string(&mut msg);
+        let st = nix::sys::wait::waitpid(pid, None)
+            .with_context(|| format!("wait for the {}", self.what))?;
+        match st {
+            nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(()),
+            _ if !msg.is_empty() => bail!("{msg}"),
+            st => bail!("the {} ended: {st:?}", self.what),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_reports_its_outcome_and_runs_in_place_beside_a_thread() {
+        // The test harness runs tests on threads: the body runs in place.
+        let here = std::process::id();
+        let t = task("probe", || {
+            assert_eq!(std::process::id(), here);
+            bail!("no luck")
+        })
+        .unwrap();
+        assert_eq!(t.wait().unwrap_err().to_string(), "no luck");
+        assert!(task("probe", || Ok(())).unwrap().wait().is_ok());
     }
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nestor_agent_protocol::{self as proto, Bundle, Request, Response, Stream};
+use nestor_network::tap::Join;
 use serde_json::Value;
 
 use crate::cli::RunArgs;
@@ -259,11 +260,13 @@ fn guest_mem(a: &RunArgs) -> Result<u32> {
 struct Timings {
     /// nestor's own time from its exec to setting out to boot the VM (10 ms resolution).
     before_vmm_ms: Option<f64>,
-    /// Then, before the VMM's spawn: attaching the VM's network (CNI ADD, the tap
-    /// plumbed); None without a network. Not counted in the times below, which start
-    /// at the spawn.
+    /// Attaching the VM's network (CNI ADD, the MAC set, the tap joined), on a thread
+    /// of its own while the VM boots; None without a network.
     #[serde(skip_serializing_if = "Option::is_none")]
     network_ms: Option<f64>,
+    /// How long the run then waited for it, once the guest's agent answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    network_wait_ms: Option<f64>,
     vmm_spawned_ms: f64,
     guest_init_ms: Option<f64>,
     agent_ready_ms: Option<f64>,
@@ -408,7 +411,7 @@ impl NetSaved {
             taken: AtomicBool::new(false),
         };
         if !jailed {
-            nestor_network::tap::plumb(&at.netns, "eth0", tap, None, true)?;
+            nestor_network::tap::plumb(&at.netns, "eth0", tap, None, Join::Standby)?;
         }
         let net = vm_net_of(&at, &self.mac, tap)?;
         meta.networks = self.networks.clone();
@@ -667,25 +670,116 @@ pub(crate) fn vm_net_mode(a: &RunArgs) -> crate::cli::NetworkMode {
     })
 }
 
+/// A VM container's network attaching while its VM boots ([`vm_network_started`]).
+/// Dropped before [`PendingNet::wait`], it waits for the attachment and undoes it.
+struct PendingNet {
+    id: String,
+    req: nestor_network::AttachRequest,
+    mac: String,
+    /// The VMM's `--net` (`tap0,mac=…`) and the namespace it starts in.
+    tap: String,
+    netns: PathBuf,
+    attaching: Option<(crate::sys::helper::Task, Instant)>,
+    /// Waited for: the attachment is the container's (or was undone).
+    settled: bool,
+}
+
+impl PendingNet {
+    /// The VM's side of the attachment, once CNI has made it and the tap is joined to
+    /// it; the ports as chosen and how long the attachment took.
+    fn wait(mut self) -> Result<(VmNet, Vec<nestor_network::PortMapping>, f64)> {
+        let (task, t) = self
+            .attaching
+            .take()
+            .context("the network was waited for already")?;
+        let r = task.wait().and_then(|()| {
+            let at = store::networks()?
+                .attachment(&self.id)
+                .context("the attachment's record is missing")?;
+            Ok((vm_net_of(&at, &self.mac, "tap0")?, at.ports, ms_since(t)))
+        });
+        if r.is_err() {
+            detach_id(&self.id);
+        }
+        self.settled = true;
+        r
+    }
+}
+
+impl Drop for PendingNet {
+    fn drop(&mut self) {
+        if let Some((task, _)) = self.attaching.take() {
+            let _ = task.wait();
+        }
+        if !self.settled {
+            detach_id(&self.id);
+        }
+    }
+}
+
+/// Takes container `id` off its networks (and its namespace made ahead, if only that).
+fn detach_id(id: &str) {
+    if let Err(e) = store::networks().and_then(|n| Ok(n.detach(id)?)) {
+        tracing::warn!("container {id}: {e:#}");
+    }
+}
+
+/// A MAC for a VM container's guest before CNI has made its interface (which then
+/// takes it): locally administered unicast, from the container's random id.
+fn guest_mac(id: &str) -> String {
+    let b: Vec<&str> = (0..5)
+        .map(|i| id.get(2 * i..2 * i + 2).unwrap_or("00"))
+        .collect();
+    format!("02:{}", b.join(":"))
+}
+
 /// Puts the VM container on its network (the default one unless `--network` says
-/// otherwise); records it in `meta`.
-fn vm_network(
+/// otherwise) while its VM boots: the namespace and the tap (with a MAC chosen here)
+/// are made now, for the VMM to start in; CNI attaches in a forked task, then the
+/// interface takes the guest's MAC and is joined to the tap. The networks are recorded
+/// in `meta` now, so that every failure path detaches them.
+fn vm_network_started(
     a: &RunArgs,
     meta: &mut Meta,
     image: &nestor_image::Image,
     jailed: bool,
-) -> Result<Option<(VmNet, Option<NetSaved>)>> {
+) -> Result<Option<PendingNet>> {
     let crate::cli::NetworkMode::Networks(names) = vm_net_mode(a) else {
         // `check` refused the other modes.
         return Ok(None);
     };
     let req = crate::docker::native::attach_request(a, meta, image, &names)?;
-    let (net, ports) = vm_net_from(&req, jailed, None)?;
-    let saved = NetSaved::of(&req, &net, &ports);
+    let nets = store::networks()?;
+    // A network that does not exist is refused before the VM boots.
+    for n in &names {
+        nets.get(n)?;
+    }
     meta.networks = names;
-    meta.ports = ports;
     store::save(meta)?;
-    Ok(Some((net, saved)))
+    let netns = nets.make_netns(&meta.id)?;
+    let mac = guest_mac(&meta.id);
+    let mut pending = PendingNet {
+        id: meta.id.clone(),
+        req: req.clone(),
+        mac: mac.clone(),
+        tap: format!("tap0,mac={mac}"),
+        netns: netns.clone(),
+        attaching: None,
+        settled: false,
+    };
+    // A jailed VMM's tap is made by the jail, owned by its uid. (Dropped on an error,
+    // `pending` removes the namespace.)
+    if !jailed {
+        nestor_network::tap::plumb(&netns, "eth0", "tap0", None, Join::Later)?;
+    }
+    let task = crate::sys::helper::task("network attachment", move || {
+        let nets = store::networks()?;
+        let at = nets.attach_made(&req)?;
+        nets.set_mac(&req.container_id, &mac)?;
+        Ok(nestor_network::tap::join(&at.netns, "eth0", "tap0")?)
+    })?;
+    pending.attaching = Some((task, Instant::now()));
+    Ok(Some(pending))
 }
 
 /// A VM's network from `req`: attached (undone by `detach` of the request's id on
@@ -704,10 +798,10 @@ pub(crate) fn vm_net_from(
         let cni_mac = at.ifaces.first().and_then(|i| i.mac.as_deref());
         let mac = mac.or(cni_mac).unwrap_or_default();
         if !mac.is_empty() && cni_mac != Some(mac) {
-            nestor_network::tap::set_mac(&at.netns, "eth0", mac)?;
+            nets.set_mac(&req.container_id, mac)?;
         }
         if !jailed {
-            nestor_network::tap::plumb(&at.netns, "eth0", "tap0", None, false)?;
+            nestor_network::tap::plumb(&at.netns, "eth0", "tap0", None, Join::Both)?;
         }
         vm_net_of(&at, mac, "tap0")
     })();
@@ -755,7 +849,7 @@ fn boot_own(
     image: &nestor_image::Image,
     vols: &Volumes,
     guest_id: &str,
-) -> Result<(Sandbox, String, Option<Request>, Option<f64>)> {
+) -> Result<(Sandbox, String, Option<PendingNet>, VmBoot)> {
     let assets = Assets::find(a.vm.kernel.as_deref(), a.vm.initrd.as_deref())?;
     let root_disk = crate::vm::disk::image_disk(image)?;
     let mut disks = vec![(root_disk, true)];
@@ -800,9 +894,7 @@ fn boot_own(
         jail: jailed.then_some(jail),
         state_dir: state_dir.clone(),
     };
-    let t_net = Instant::now();
-    let vnet = vm_network(a, meta, image, jailed)?;
-    let network_ms = vnet.as_ref().map(|_| ms_since(t_net));
+    let pending = vm_network_started(a, meta, image, jailed)?;
     let sb = Sandbox::boot(
         guest_id,
         &assets,
@@ -813,8 +905,9 @@ fn boot_own(
             disk_opts,
             shares,
             hostname,
-            net: vnet.as_ref().map(|n| n.0.tap.clone()),
-            netns: vnet.as_ref().map(|n| n.0.netns.clone()),
+            net: pending.as_ref().map(|n| n.tap.clone()),
+            netns: pending.as_ref().map(|n| n.netns.clone()),
+            net_later: pending.is_some(),
             jail: jailed.then(|| jail_opts(jail, mem_mib, vcpus)),
             jail_fallback: !a.jail.strict,
             source: None,
@@ -822,14 +915,7 @@ fn boot_own(
         },
     )?;
     record_vm(meta, &sb, mem_mib, vcpus, guest_id);
-    let (request, net) = match vnet {
-        Some((n, saved)) => (Some(n.request), saved),
-        None => (None, None),
-    };
-    let boot = VmBoot { net, ..boot };
-    std::fs::write(boot_file(&meta.id), serde_json::to_vec_pretty(&boot)?)
-        .context("write vm-boot.json")?;
-    Ok((sb, proto::disk_device(0), request, network_ms))
+    Ok((sb, proto::disk_device(0), pending, boot))
 }
 
 /// The connections a run needs: control, stdio (as asked), signals.
@@ -1005,19 +1091,19 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
     let mut vols = guest_volumes(a)?;
     let guest_id = meta.id[..12].to_string();
     let start = Instant::now();
-    let (mut sb, device, network, networked, network_ms) = match &a.vm.pod {
+    let (mut sb, device, pending, boot, networked) = match &a.vm.pod {
         // A networked pod's guest is configured already: the container shares it.
         Some(name) => {
             if vm_disk_limit(a)?.is_some() {
                 bail!("--device-read-bps and co. with --pod are not supported: a pod's disks are fixed when it boots");
             }
             let (sb, d, shared) = join_pod(name, meta, image, &mut vols, &guest_id)?;
-            (sb, d, None, shared, None)
+            (sb, d, None, None, shared)
         }
         None => {
-            let (sb, d, n, net_ms) = boot_own(a, meta, image, &vols, &guest_id)?;
-            let has = n.is_some();
-            (sb, d, n, has, net_ms)
+            let (sb, d, pending, boot) = boot_own(a, meta, image, &vols, &guest_id)?;
+            let has = pending.is_some();
+            (sb, d, pending, Some(boot), has)
         }
     };
     // The container's spec is made while the guest boots.
@@ -1035,7 +1121,6 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
         vmm_spawned_ms: sb.timeline.vmm_spawned_ms,
         agent_ready_ms: sb.timeline.agent_ready_ms,
         before_vmm_ms: std::env::var_os("NESTOR_VM_TIMINGS").and_then(|_| before_vmm_ms(start)),
-        network_ms,
         ..Timings::default()
     };
     let vsock = sb.vsock().to_path_buf();
@@ -1045,12 +1130,26 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
     };
     timings.attached_ms = Some(sb.elapsed_ms());
     let mut agent = c.agent.reconnects_to(&vsock);
-    if let Some(n) = network {
-        let r = match agent.call(n) {
+    let mut saved = None;
+    if let Some(p) = pending {
+        let t = Instant::now();
+        let req = p.req.clone();
+        let (net, ports, took) = p.wait().context("attaching the VM's network")?;
+        timings.network_ms = Some(took);
+        timings.network_wait_ms = Some(ms_since(t));
+        saved = NetSaved::of(&req, &net, &ports);
+        meta.ports = ports;
+        store::save(meta)?;
+        let r = match agent.call(net.request) {
             Ok(r) => r,
             Err(e) => return Err(sb.failure(&format!("configuring the guest's network: {e:#}"))),
         };
         sandbox::expect_ok("configuring the guest's network", r)?;
+    }
+    if let Some(boot) = boot {
+        let boot = VmBoot { net: saved, ..boot };
+        std::fs::write(boot_file(&meta.id), serde_json::to_vec_pretty(&boot)?)
+            .context("write vm-boot.json")?;
     }
     let outputs = wire_stdio(
         a,
@@ -1249,6 +1348,7 @@ fn resume_running(meta: &mut Meta, r: &Restoring, receive: Option<Receive>) -> R
             hostname: String::new(),
             net: vnet.as_ref().map(|n| n.tap.clone()),
             netns: vnet.as_ref().map(|n| n.netns.clone()),
+            net_later: false,
             jail: jail.map(|j| jail_opts(j, r.mem_mib, r.vcpus)),
             jail_fallback: false,
             source: Some(source),

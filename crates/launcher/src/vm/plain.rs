@@ -95,6 +95,7 @@ pub fn vm_run(rt: &Runtime, a: &VmRunArgs) -> Result<i32> {
         console: a.console.clone(),
         netns: None,
         net: None,
+        net_later: false,
         fs: Vec::new(),
         extra_args: Vec::new(),
         source: None,

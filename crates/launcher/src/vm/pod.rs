@@ -315,6 +315,7 @@ fn monitor(
             hostname: name.to_string(),
             net: vnet.as_ref().map(|n| n.tap.clone()),
             netns: vnet.as_ref().map(|n| n.netns.clone()),
+            net_later: false,
             jail: None,
             jail_fallback: false,
             source: None,

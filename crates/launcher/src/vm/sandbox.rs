@@ -133,6 +133,9 @@ pub struct BootOpts {
     pub net: Option<String>,
     /// The network namespace the VMM runs in (where its tap is).
     pub netns: Option<PathBuf>,
+    /// The namespace's interface comes later (CNI attaches while the VM boots): a
+    /// jailed VMM's tap is made alone (the caller joins it).
+    pub net_later: bool,
     /// Run the VMM jailed (scenario 2 around scenario 1): these limits, its own uid.
     pub jail: Option<crate::cli::JailOpts>,
     /// With `jail`: a shared directory whose file system cannot be idmapped gets an
@@ -672,6 +675,7 @@ impl Sandbox {
             extra_args: vec!["--api".into(), format!("/run/nestor/{API_SOCKET}")],
             netns: o.netns.clone(),
             net: o.net.clone(),
+            net_later: o.net_later,
             source: o.source.clone(),
             state_dir: o.state_dir.clone(),
         };
