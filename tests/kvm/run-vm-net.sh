@@ -32,7 +32,7 @@ expect "port" "80/tcp -> 127.0.0.1:$port" "$(n port vweb)"
 # The VMM starts while CNI attaches: the guest's MAC, chosen first, is the one the
 # interface took and the one inspect reports.
 mac_in=$(n exec vweb cat /sys/class/net/eth0/address 2>&1 || true)
-mac_rec=$(n inspect vweb | python3 -c 'import json,sys; print(*[n["MacAddress"] for n in json.load(sys.stdin)[0]["NetworkSettings"]["Networks"].values()])' 2>&1 || true)
+mac_rec=$(n inspect vweb | python3 -c 'import json,sys; print(*[n["MacAddress"] for n in json.load(sys.stdin)["NetworkSettings"]["Networks"].values()])' 2>&1 || true)
 expect "guest MAC is the recorded one" "$mac_rec" "$mac_in"
 [[ $mac_in =~ ^02(:[0-9a-f]{2}){5}$ ]] || bad "guest MAC '$mac_in' is not the locally administered one nestor chose"
 

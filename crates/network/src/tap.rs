@@ -101,6 +101,33 @@ pub fn join(netns: &Path, ifname: &str, tap: &str) -> Result<()> {
     redirect_ingress(netns, ifname, tap)
 }
 
+/// Waits until `tap` exists in `netns` (a jail makes it while it starts), looking every
+/// 10 ms from a thread that entered the namespace; an error at `deadline`.
+pub fn wait_for(netns: &Path, tap: &str, deadline: std::time::Instant) -> Result<()> {
+    let ns = std::fs::File::open(netns).ctx(|| format!("open {}", netns.display()))?;
+    let name = std::ffi::CString::new(tap)
+        .map_err(|_| Error::Invalid(format!("tap name {tap:?} holds a NUL")))?;
+    std::thread::spawn(move || -> Result<()> {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .ctx(|| "enter the VM's network namespace".into())?;
+        loop {
+            // SAFETY: a NUL-terminated name; the call only reads it.
+            if unsafe { libc::if_nametoindex(name.as_ptr()) } != 0 {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Invalid(format!(
+                    "the VMM's tap {} did not appear in its network namespace",
+                    name.to_string_lossy()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    })
+    .join()
+    .unwrap_or_else(|_| Err(Error::Invalid("the tap-watching thread panicked".into())))
+}
+
 /// Every frame arriving on `from` leaves through `to`.
 fn redirect_ingress(netns: &Path, from: &str, to: &str) -> Result<()> {
     run_in(netns, &["tc", "qdisc", "add", "dev", from, "ingress"])?;

@@ -81,20 +81,22 @@ enum TaskRun {
         pid: nix::unistd::Pid,
         out: std::fs::File,
     },
-    /// Run in place: nestor had another thread, so it could not fork safely.
-    Done(Result<()>),
+    /// Run in place by [`Task::wait`]: nestor had another thread, so it could not fork
+    /// safely.
+    Deferred(Box<dyn FnOnce() -> Result<()>>),
 }
 
 /// Forks a task (`what` names it in errors) that runs `body` while nestor goes on, and
 /// dies with nestor; [`Task::wait`] collects its outcome. A process rather than a thread:
 /// nestor may fork (a jail's init) meanwhile, which a second thread would make unsafe.
-/// If nestor has a thread already, `body` runs here and now instead.
-pub fn task(what: &str, body: impl FnOnce() -> Result<()>) -> Result<Task> {
+/// If nestor has a thread already, `body` runs in [`Task::wait`] instead, after what
+/// nestor did meanwhile.
+pub fn task(what: &str, body: impl FnOnce() -> Result<()> + 'static) -> Result<Task> {
     let what = what.to_string();
     if threads() != Some(1) {
         return Ok(Task {
             what,
-            run: TaskRun::Done(body()),
+            run: TaskRun::Deferred(Box::new(body)),
         });
     }
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
@@ -135,10 +137,18 @@ fn threads() -> Option<usize> {
 }
 
 impl Task {
+    /// Stops the task where it is (SIGKILL) and reaps it; a deferred one never runs.
+    pub fn kill(self) {
+        if let TaskRun::Forked { pid, .. } = self.run {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+        }
+    }
+
     /// Waits for the task: its error, if it failed.
     pub fn wait(self) -> Result<()> {
         let (pid, mut out) = match self.run {
-            TaskRun::Done(r) => return r,
+            TaskRun::Deferred(body) => return body(),
             TaskRun::Forked { pid, out } => (pid, out),
         };
         let mut msg = String::new();
@@ -158,15 +168,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_task_reports_its_outcome_and_runs_in_place_beside_a_thread() {
-        // The test harness runs tests on threads: the body runs in place.
+    fn a_task_beside_a_thread_runs_in_place_when_waited_for() {
+        // The test harness runs tests on threads: the body runs in place, in wait.
         let here = std::process::id();
-        let t = task("probe", || {
+        let ran = std::rc::Rc::new(std::cell::Cell::new(false));
+        let r = ran.clone();
+        let t = task("probe", move || {
             assert_eq!(std::process::id(), here);
+            r.set(true);
             bail!("no luck")
         })
         .unwrap();
+        assert!(!ran.get(), "ran before wait");
         assert_eq!(t.wait().unwrap_err().to_string(), "no luck");
-        assert!(task("probe", || Ok(())).unwrap().wait().is_ok());
+        assert!(ran.get());
+        let r = ran.clone();
+        ran.set(false);
+        task("probe", move || {
+            r.set(true);
+            Ok(())
+        })
+        .unwrap()
+        .kill();
+        assert!(!ran.get(), "a killed deferred task ran");
     }
 }

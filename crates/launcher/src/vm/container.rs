@@ -708,8 +708,10 @@ impl PendingNet {
 
 impl Drop for PendingNet {
     fn drop(&mut self) {
+        // The VM did not start (or the run failed before it was configured): the
+        // attachment stops where it is, and what it made is undone.
         if let Some((task, _)) = self.attaching.take() {
-            let _ = task.wait();
+            task.kill();
         }
         if !self.settled {
             detach_id(&self.id);
@@ -772,10 +774,13 @@ fn vm_network_started(
     if !jailed {
         nestor_network::tap::plumb(&netns, "eth0", "tap0", None, Join::Later)?;
     }
+    let deadline = Instant::now() + sandbox::boot_timeout();
     let task = crate::sys::helper::task("network attachment", move || {
         let nets = store::networks()?;
         let at = nets.attach_made(&req)?;
         nets.set_mac(&req.container_id, &mac)?;
+        // A jail makes its VMM's tap as it starts, maybe after CNI is done.
+        nestor_network::tap::wait_for(&at.netns, "tap0", deadline)?;
         Ok(nestor_network::tap::join(&at.netns, "eth0", "tap0")?)
     })?;
     pending.attaching = Some((task, Instant::now()));
