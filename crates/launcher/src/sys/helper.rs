@@ -83,15 +83,15 @@ enum TaskRun {
     },
     /// Run in place by [`Task::wait`]: nestor had another thread, so it could not fork
     /// safely.
-    Deferred(Box<dyn FnOnce() -> Result<()>>),
+    Deferred(Box<dyn FnOnce() -> Result<String>>),
 }
 
 /// Forks a task (`what` names it in errors) that runs `body` while nestor goes on, and
-/// dies with nestor; [`Task::wait`] collects its outcome. A process rather than a thread:
+/// dies with nestor; [`Task::wait`] collects its outcome (the text `body` returned). A process rather than a thread:
 /// nestor may fork (a jail's init) meanwhile, which a second thread would make unsafe.
 /// If nestor has a thread already, `body` runs in [`Task::wait`] instead, after what
 /// nestor did meanwhile.
-pub fn task(what: &str, body: impl FnOnce() -> Result<()> + 'static) -> Result<Task> {
+pub fn task(what: &str, body: impl FnOnce() -> Result<String> + 'static) -> Result<Task> {
     let what = what.to_string();
     if threads() != Some(1) {
         return Ok(Task {
@@ -114,13 +114,11 @@ pub fn task(what: &str, body: impl FnOnce() -> Result<()> + 'static) -> Result<T
             // SAFETY: prctl with constant arguments.
             unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
             let mut w = std::fs::File::from(w);
-            let code = match body() {
-                Ok(()) => 0,
-                Err(e) => {
-                    let _ = w.write_all(format!("{e:#}").as_bytes());
-                    1
-                }
+            let (code, text) = match body() {
+                Ok(out) => (0, out),
+                Err(e) => (1, format!("{e:#}")),
             };
+            let _ = w.write_all(text.as_bytes());
             // SAFETY: the task's end: nothing of the parent's (buffers, exit handlers)
             // runs twice.
             unsafe { libc::_exit(code) }
@@ -145,8 +143,8 @@ impl Task {
         }
     }
 
-    /// Waits for the task: its error, if it failed.
-    pub fn wait(self) -> Result<()> {
+    /// Waits for the task: the text it returned, or its error.
+    pub fn wait(self) -> Result<String> {
         let (pid, mut out) = match self.run {
             TaskRun::Deferred(body) => return body(),
             TaskRun::Forked { pid, out } => (pid, out),
@@ -156,7 +154,7 @@ impl Task {
         let st = nix::sys::wait::waitpid(pid, None)
             .with_context(|| format!("wait for the {}", self.what))?;
         match st {
-            nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(()),
+            nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(msg),
             _ if !msg.is_empty() => bail!("{msg}"),
             st => bail!("the {} ended: {st:?}", self.what),
         }
@@ -182,11 +180,13 @@ mod tests {
         assert!(!ran.get(), "ran before wait");
         assert_eq!(t.wait().unwrap_err().to_string(), "no luck");
         assert!(ran.get());
+        let t = task("probe", || Ok("42.0".into())).unwrap();
+        assert_eq!(t.wait().unwrap(), "42.0");
         let r = ran.clone();
         ran.set(false);
         task("probe", move || {
             r.set(true);
-            Ok(())
+            Ok(String::new())
         })
         .unwrap()
         .kill();

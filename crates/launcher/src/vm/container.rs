@@ -260,8 +260,8 @@ fn guest_mem(a: &RunArgs) -> Result<u32> {
 struct Timings {
     /// nestor's own time from its exec to setting out to boot the VM (10 ms resolution).
     before_vmm_ms: Option<f64>,
-    /// Attaching the VM's network (CNI ADD, the MAC set, the tap joined), on a thread
-    /// of its own while the VM boots; None without a network.
+    /// Attaching the VM's network (CNI ADD, the MAC set, the tap joined), in a forked
+    /// task while the VM boots; None without a network.
     #[serde(skip_serializing_if = "Option::is_none")]
     network_ms: Option<f64>,
     /// How long the run then waited for it, once the guest's agent answered.
@@ -671,7 +671,7 @@ pub(crate) fn vm_net_mode(a: &RunArgs) -> crate::cli::NetworkMode {
 }
 
 /// A VM container's network attaching while its VM boots ([`vm_network_started`]).
-/// Dropped before [`PendingNet::wait`], it waits for the attachment and undoes it.
+/// Dropped before [`PendingNet::wait`], it stops the attachment and undoes it.
 struct PendingNet {
     id: String,
     req: nestor_network::AttachRequest,
@@ -679,7 +679,7 @@ struct PendingNet {
     /// The VMM's `--net` (`tap0,mac=…`) and the namespace it starts in.
     tap: String,
     netns: PathBuf,
-    attaching: Option<(crate::sys::helper::Task, Instant)>,
+    attaching: Option<crate::sys::helper::Task>,
     /// Waited for: the attachment is the container's (or was undone).
     settled: bool,
 }
@@ -688,15 +688,16 @@ impl PendingNet {
     /// The VM's side of the attachment, once CNI has made it and the tap is joined to
     /// it; the ports as chosen and how long the attachment took.
     fn wait(mut self) -> Result<(VmNet, Vec<nestor_network::PortMapping>, f64)> {
-        let (task, t) = self
+        let task = self
             .attaching
             .take()
             .context("the network was waited for already")?;
-        let r = task.wait().and_then(|()| {
+        let r = task.wait().and_then(|took| {
             let at = store::networks()?
                 .attachment(&self.id)
                 .context("the attachment's record is missing")?;
-            Ok((vm_net_of(&at, &self.mac, "tap0")?, at.ports, ms_since(t)))
+            let took = took.parse().unwrap_or(f64::NAN);
+            Ok((vm_net_of(&at, &self.mac, "tap0")?, at.ports, took))
         });
         if r.is_err() {
             detach_id(&self.id);
@@ -710,7 +711,7 @@ impl Drop for PendingNet {
     fn drop(&mut self) {
         // The VM did not start (or the run failed before it was configured): the
         // attachment stops where it is, and what it made is undone.
-        if let Some((task, _)) = self.attaching.take() {
+        if let Some(task) = self.attaching.take() {
             task.kill();
         }
         if !self.settled {
@@ -776,14 +777,17 @@ fn vm_network_started(
     }
     let deadline = Instant::now() + sandbox::boot_timeout();
     let task = crate::sys::helper::task("network attachment", move || {
+        let t = Instant::now();
         let nets = store::networks()?;
         let at = nets.attach_made(&req)?;
         nets.set_mac(&req.container_id, &mac)?;
         // A jail makes its VMM's tap as it starts, maybe after CNI is done.
         nestor_network::tap::wait_for(&at.netns, "tap0", deadline)?;
-        Ok(nestor_network::tap::join(&at.netns, "eth0", "tap0")?)
+        nestor_network::tap::join(&at.netns, "eth0", "tap0")?;
+        // Its own time (a deferred task's includes the wait for the tap).
+        Ok(ms_since(t).to_string())
     })?;
-    pending.attaching = Some((task, Instant::now()));
+    pending.attaching = Some(task);
     Ok(Some(pending))
 }
 
