@@ -177,15 +177,30 @@ impl Networks {
         self.attach_in(req, false)
     }
 
-    /// Makes the network namespace of container `id` ahead of its attachment (a
-    /// microVM's VMM starts in it while CNI attaches: [`Networks::attach_made`]).
-    /// [`Networks::detach`] of `id` removes it, whether the attachment came or not.
-    pub fn make_netns(&self, id: &str) -> Result<PathBuf> {
+    /// Makes the network namespace of `req`'s container ahead of its attachment (a
+    /// microVM's VMM starts in it while CNI attaches: [`Networks::attach_made`]), with a
+    /// record of no interface first, so that [`Networks::detach`] (and a `gc` after a
+    /// killed nestor) removes it whether the attachment came or not.
+    pub fn make_netns(&self, req: &AttachRequest) -> Result<PathBuf> {
         // Under the lock: a detach removes this root's namespace directory when empty.
         let _l = self.lock()?;
-        let p = self.netns_path(id);
-        crate::netns::create(&p)?;
-        Ok(p)
+        let a = Attachment {
+            container_id: req.container_id.clone(),
+            cni_id: None,
+            name: req.name.clone(),
+            hostname: req.hostname.clone(),
+            netns: self.netns_path(&req.container_id),
+            files_dir: req.files_dir.clone(),
+            add_hosts: req.add_hosts.clone(),
+            ifaces: Vec::new(),
+            ports: Vec::new(),
+        };
+        self.save(&a)?;
+        if let Err(e) = crate::netns::create(&a.netns) {
+            let _ = std::fs::remove_file(self.record(&a.container_id));
+            return Err(e);
+        }
+        Ok(a.netns)
     }
 
     /// [`Networks::attach`] into the namespace [`Networks::make_netns`] made.

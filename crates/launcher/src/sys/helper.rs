@@ -100,6 +100,7 @@ pub fn task(what: &str, body: impl FnOnce() -> Result<String> + 'static) -> Resu
         });
     }
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+    let parent = nix::unistd::getpid();
     // SAFETY: this process has one thread (checked above).
     match unsafe { nix::unistd::fork() }.with_context(|| format!("fork the {what}"))? {
         nix::unistd::ForkResult::Parent { child } => Ok(Task {
@@ -111,8 +112,14 @@ pub fn task(what: &str, body: impl FnOnce() -> Result<String> + 'static) -> Resu
         }),
         nix::unistd::ForkResult::Child => {
             drop(r);
-            // SAFETY: prctl with constant arguments.
-            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+            // SAFETY: prctl with constant arguments; _exit ends this process at once.
+            unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                // nestor died before the line above: no signal will come.
+                if nix::unistd::getppid() != parent {
+                    libc::_exit(1);
+                }
+            }
             let mut w = std::fs::File::from(w);
             let (code, text) = match body() {
                 Ok(out) => (0, out),

@@ -759,7 +759,7 @@ fn vm_network_started(
     }
     meta.networks = names;
     store::save(meta)?;
-    let netns = nets.make_netns(&meta.id)?;
+    let netns = nets.make_netns(&req)?;
     let mac = guest_mac(&meta.id);
     let mut pending = PendingNet {
         id: meta.id.clone(),
