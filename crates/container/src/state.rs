@@ -122,37 +122,50 @@ impl Root {
     /// Reserve the directory for a new container; fails if the id is taken. Until the
     /// state is saved, the directory names its creator (pid and start time) and the
     /// cgroup it is about to make, so that a creator killed half-way can be told from one
-    /// still at work and its leftovers found ([`Root::orphan`]).
+    /// still at work and its leftovers found ([`Root::orphan`]). The directory is made
+    /// with that record under a name of its own (`.reserving.<id>.<pid>`, which an
+    /// orphan sweep finds too) and renamed into place, so it never exists without it.
     pub fn reserve(&self, id: &str, cgroup: &str) -> Result<PathBuf> {
         crate::spec::check_id(id)?;
         std::fs::create_dir_all(&self.path)
             .ctx(|| format!("create state root {}", self.path.display()))?;
         let dir = self.dir(id);
-        match std::fs::create_dir(&dir) {
-            Ok(()) => {
-                let me = std::process::id() as i32;
-                let start = proc_start(me).map(|s| s.0).unwrap_or(0);
-                let c = Creator {
-                    pid: me,
-                    start,
-                    cgroup: cgroup.to_string(),
-                };
-                let bytes = serde_json::to_vec(&c)
-                    .map_err(|e| Error::Invalid(format!("serialise creator: {e}")))?;
-                let tmp = dir.join(".creator.tmp");
-                std::fs::write(&tmp, bytes).ctx(|| format!("write {}", tmp.display()))?;
-                std::fs::rename(&tmp, dir.join(CREATOR))
-                    .ctx(|| format!("rename into {}", dir.display()))?;
-                Ok(dir)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                Err(Error::Exists(id.to_string()))
-            }
-            Err(e) => Err(Error::Io {
-                context: format!("create state directory {}", dir.display()),
-                source: e,
-            }),
+        let me = std::process::id() as i32;
+        let start = proc_start(me).map(|s| s.0).unwrap_or(0);
+        let c = Creator {
+            pid: me,
+            start,
+            cgroup: cgroup.to_string(),
+        };
+        let bytes = serde_json::to_vec(&c)
+            .map_err(|e| Error::Invalid(format!("serialise creator: {e}")))?;
+        let tmp = self.path.join(format!(".reserving.{id}.{me}"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir(&tmp).ctx(|| format!("create {}", tmp.display()))?;
+        let r = std::fs::write(tmp.join(CREATOR), bytes)
+            .ctx(|| format!("write {}", tmp.display()))
+            .and_then(|()| {
+                match nix::fcntl::renameat2(
+                    None,
+                    &tmp,
+                    None,
+                    &dir,
+                    nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+                ) {
+                    Ok(()) => Ok(dir.clone()),
+                    Err(nix::errno::Errno::EEXIST) | Err(nix::errno::Errno::ENOTEMPTY) => {
+                        Err(Error::Exists(id.to_string()))
+                    }
+                    Err(e) => Err(Error::Io {
+                        context: format!("create state directory {}", dir.display()),
+                        source: e.into(),
+                    }),
+                }
+            });
+        if r.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
         }
+        r
     }
 
     pub fn load(&self, id: &str) -> Result<State> {
@@ -330,6 +343,40 @@ pub fn rfc3339(ns: u128) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reserved_directory_has_its_creator_from_the_start_and_a_dead_ones_is_an_orphan() {
+        let d = tempfile::tempdir().unwrap();
+        let root = Root::new(d.path());
+        let dir = root.reserve("c1", "nestor/c1").unwrap();
+        assert!(dir.join(CREATOR).is_file());
+        assert_eq!(root.orphan("c1"), None, "its creator (this process) lives");
+        assert!(matches!(
+            root.reserve("c1", "nestor/c1"),
+            Err(Error::Exists(_))
+        ));
+        // Nothing of the reservations is left beside it.
+        let names: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["c1"]);
+        // A creator killed before its rename: its reservation, found by id, is an orphan.
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let pid = gone.id() as i32;
+        gone.wait().unwrap();
+        let tmp = d.path().join(format!(".reserving.c2.{pid}"));
+        std::fs::create_dir(&tmp).unwrap();
+        let c = Creator {
+            pid,
+            start: 1,
+            cgroup: "nestor/c2".into(),
+        };
+        std::fs::write(tmp.join(CREATOR), serde_json::to_vec(&c).unwrap()).unwrap();
+        let id = format!(".reserving.c2.{pid}");
+        assert!(root.list().unwrap().contains(&id));
+        assert_eq!(root.orphan(&id).as_deref(), Some("nestor/c2"));
+    }
 
     #[test]
     fn rfc3339_known_dates() {
