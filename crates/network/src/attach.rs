@@ -177,14 +177,9 @@ impl Networks {
         self.attach_in(req, false)
     }
 
-    /// Makes the network namespace of `req`'s container ahead of its attachment (a
-    /// microVM's VMM starts in it while CNI attaches: [`Networks::attach_made`]), with a
-    /// record of no interface first, so that [`Networks::detach`] (and a `gc` after a
-    /// killed nestor) removes it whether the attachment came or not.
-    pub fn make_netns(&self, req: &AttachRequest) -> Result<PathBuf> {
-        // Under the lock: a detach removes this root's namespace directory when empty.
-        let _l = self.lock()?;
-        let a = Attachment {
+    /// The record of `req`'s container before CNI ADD: no interface yet.
+    fn record_of(&self, req: &AttachRequest, ports: Vec<PortMapping>) -> Attachment {
+        Attachment {
             container_id: req.container_id.clone(),
             cni_id: None,
             name: req.name.clone(),
@@ -193,8 +188,18 @@ impl Networks {
             files_dir: req.files_dir.clone(),
             add_hosts: req.add_hosts.clone(),
             ifaces: Vec::new(),
-            ports: Vec::new(),
-        };
+            ports,
+        }
+    }
+
+    /// Makes the network namespace of `req`'s container ahead of its attachment (a
+    /// microVM's VMM starts in it while CNI attaches: [`Networks::attach_made`]), with a
+    /// record of no interface first, so that [`Networks::detach`] (and a `gc` after a
+    /// killed nestor) removes it whether the attachment came or not.
+    pub fn make_netns(&self, req: &AttachRequest) -> Result<PathBuf> {
+        // Under the lock: a detach removes this root's namespace directory when empty.
+        let _l = self.lock()?;
+        let a = self.record_of(req, Vec::new());
         self.save(&a)?;
         if let Err(e) = crate::netns::create(&a.netns) {
             let _ = std::fs::remove_file(self.record(&a.container_id));
@@ -259,17 +264,7 @@ impl Networks {
             }
         }
         let ports = self.check_ports(req)?;
-        let mut a = Attachment {
-            container_id: req.container_id.clone(),
-            cni_id: None,
-            name: req.name.clone(),
-            hostname: req.hostname.clone(),
-            netns: self.netns_path(&req.container_id),
-            files_dir: req.files_dir.clone(),
-            add_hosts: req.add_hosts.clone(),
-            ifaces: Vec::new(),
-            ports: ports.clone(),
-        };
+        let mut a = self.record_of(req, ports.clone());
         self.save(&a)?;
         let r = self.bring_up(&mut a, req, &nets, &ports, netns_made, &_l);
         if let Err(e) = r {
