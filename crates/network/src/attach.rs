@@ -291,6 +291,9 @@ impl Networks {
         }
         for (i, net) in nets.iter().enumerate() {
             let (_, list) = self.read(&net.name)?;
+            if Networks::has_network_rules(&list) {
+                crate::firewall::ensure(net)?;
+            }
             let ifname = format!("eth{i}");
             let runtime = if i == 0 {
                 let ip = req.ip.map(|ip| format!("{ip}/{}", net.subnet.prefix_len()));

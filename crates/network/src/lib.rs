@@ -9,9 +9,11 @@
 //! (`rm`, `gc` after `kill -9`).
 //!
 //! - **Networks** (`store`) live in `$NESTOR_ROOT/networks/NAME.conflist`: a `bridge`
-//!   (gateway, masquerade unless internal, hairpin) with `host-local` addresses (its
-//!   state under the same directory), `portmap` for published ports and `firewall`
-//!   (both left out of an internal network). The default network `nestor` is made on
+//!   (gateway, hairpin) with `host-local` addresses (its state under the same
+//!   directory) and `portmap` for published ports (left out of an internal network).
+//!   Masquerade and forwarding are the network's own rules (`firewall`: one chain per
+//!   table for the subnet, made once per boot), not per container: CNI's `ipMasq` and
+//!   `firewall` plugin cost 27 `iptables` runs per container. The default network `nestor` is made on
 //!   first use, on bridge `nestor0` for the default data root (another root gets a
 //!   bridge named from a hash of it, so parallel test roots never share one). A subnet
 //!   is chosen from 10.89.0.0-10.99.255.0 (/24s) so that it overlaps no route of the
@@ -42,6 +44,7 @@
 pub mod attach;
 pub mod cni;
 pub mod files;
+pub mod firewall;
 pub mod netns;
 pub mod ports;
 pub mod store;

@@ -15,6 +15,8 @@ use crate::{Ctx, Error, Result};
 
 /// The network `--network bridge` (and the default) means.
 pub const DEFAULT: &str = "nestor";
+/// nestor's own part of a configuration list (plugins never see it).
+const NESTOR_KEY: &str = "nestor";
 /// The data root whose default network's bridge is `nestor0`.
 const DEFAULT_ROOT: &str = "/var/lib/nestor";
 
@@ -129,6 +131,13 @@ fn reclaim_stale_claims() {
         };
         let root = root.to_string_lossy();
         let bridge = bridge_for(&crate::short_hash(&root), root == DEFAULT_ROOT, name);
+        crate::firewall::remove(&Network {
+            name: name.to_string(),
+            bridge: bridge.clone(),
+            subnet: net,
+            gateway: net.network(),
+            internal: false,
+        });
         if Path::new("/sys/class/net").join(&bridge).exists() {
             tracing::debug!(%bridge, %net, "removing the bridge of a deleted data root");
             let _ = Command::new("ip")
@@ -238,11 +247,13 @@ impl Networks {
         if !net.internal {
             ipam["routes"] = json!([{"dst": "0.0.0.0/0"}]);
         }
+        // No per-container masquerade or firewall plugin: the network's own rules
+        // (`firewall`) do both for the whole subnet.
         let mut plugins = vec![json!({
             "type": "bridge",
             "bridge": net.bridge,
             "isGateway": !net.internal,
-            "ipMasq": !net.internal,
+            "ipMasq": false,
             "hairpinMode": true,
             "capabilities": {"ips": true},
             "ipam": ipam,
@@ -251,9 +262,13 @@ impl Networks {
             plugins.push(
                 json!({"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}),
             );
-            plugins.push(json!({"type": "firewall", "backend": "iptables"}));
         }
-        json!({"cniVersion": "1.0.0", "name": net.name, "plugins": plugins})
+        json!({
+            "cniVersion": "1.0.0",
+            "name": net.name,
+            "plugins": plugins,
+            NESTOR_KEY: {"internal": net.internal, "firewall": "network"},
+        })
     }
 
     fn from_conflist(v: &Value) -> Option<Network> {
@@ -264,8 +279,17 @@ impl Networks {
             bridge: br["bridge"].as_str()?.to_string(),
             subnet: range["subnet"].as_str()?.parse().ok()?,
             gateway: range["gateway"].as_str()?.parse().ok()?,
-            internal: br["ipMasq"].as_bool() == Some(false),
+            // Lists written before the network's own rules say it by `ipMasq`.
+            internal: v[NESTOR_KEY]["internal"]
+                .as_bool()
+                .unwrap_or(br["ipMasq"].as_bool() == Some(false)),
         })
+    }
+
+    /// Whether the list's network masquerades and forwards by its own rules
+    /// (`firewall`), not per container (lists of an older nestor).
+    pub(crate) fn has_network_rules(list: &Value) -> bool {
+        list[NESTOR_KEY]["firewall"] == "network"
     }
 
     /// The configuration list of network `name` (the default one made if missing).
@@ -360,8 +384,8 @@ impl Networks {
         v
     }
 
-    /// `network rm NAME`: refused while a container is attached; the bridge, the
-    /// subnet claim and the addresses' state go with it.
+    /// `network rm NAME`: refused while a container is attached; the bridge, its
+    /// firewall rules, the subnet claim and the addresses' state go with it.
     pub fn remove(&self, name: &str) -> Result<()> {
         let _l = self.lock()?;
         let (net, _) = self.read(name)?;
@@ -377,6 +401,7 @@ impl Networks {
                 users.join(", ")
             )));
         }
+        crate::firewall::remove(&net);
         if Path::new("/sys/class/net").join(&net.bridge).exists() {
             let _ = Command::new("ip")
                 .args(["link", "del", "dev", &net.bridge])

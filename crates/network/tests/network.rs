@@ -209,6 +209,73 @@ fn iptables_mentions(id: &str) -> bool {
     String::from_utf8_lossy(&o.stdout).contains(&format!("id: \\\"{id}\\\""))
 }
 
+/// The lines of `iptables-save` (every table) that name `chain`, and those among them
+/// that jump to it from a built-in chain.
+fn rules_naming(chain: &str) -> (Vec<String>, usize) {
+    let o = Command::new("iptables-save").output().unwrap();
+    let lines: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .any(|w| w == chain || w == format!(":{chain}"))
+        })
+        .map(str::to_string)
+        .collect();
+    let jumps = lines
+        .iter()
+        .filter(|l| l.starts_with("-A POSTROUTING") || l.starts_with("-A FORWARD"))
+        .count();
+    (lines, jumps)
+}
+
+#[test]
+fn a_networks_own_rules_are_made_once_no_container_adds_any_and_rm_takes_them() {
+    let Some(r) = Root::new() else { return };
+    let name = unique("fw");
+    let net = r.nets.create(&name, None, false).unwrap();
+    let chain = nestor_network::firewall::chain(&net.bridge);
+    assert_eq!(rules_naming(&chain).1, 0, "rules before any container");
+    let mut ids = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..3 {
+        let req = r.req(&format!("w{i}"), &[&name]);
+        let a = r.nets.attach(&req).unwrap();
+        addrs.push(a.address_on(&name).unwrap().to_string());
+        ids.push(req.container_id);
+    }
+    let (lines, jumps) = rules_naming(&chain);
+    // One jump from POSTROUTING (nat), one from FORWARD (filter), however many attach.
+    assert_eq!(jumps, 2, "{lines:#?}");
+    let text = lines.join("\n");
+    assert!(text.contains("-j MASQUERADE"), "{text}");
+    assert!(text.contains(&format!("-s {} ", net.subnet)), "{text}");
+    // No rule anywhere names a container: none was made per container.
+    let all = String::from_utf8_lossy(&Command::new("iptables-save").output().unwrap().stdout)
+        .into_owned();
+    for (id, addr) in ids.iter().zip(&addrs) {
+        assert!(!iptables_mentions(id), "a rule names {id}");
+        assert!(!all.contains(&format!("{addr}/32")), "a rule names {addr}");
+    }
+    for id in &ids {
+        r.nets.detach(id).unwrap();
+    }
+    // The network's rules stay with the network...
+    assert_eq!(rules_naming(&chain).1, 2);
+    // ...and go with it.
+    r.nets.remove(&name).unwrap();
+    let (left, _) = rules_naming(&chain);
+    assert!(left.is_empty(), "left after network rm: {left:#?}");
+
+    // An internal network gets none.
+    let inner = unique("in");
+    let net = r.nets.create(&inner, None, true).unwrap();
+    let req = r.req("i0", &[&inner]);
+    r.nets.attach(&req).unwrap();
+    let (lines, _) = rules_naming(&nestor_network::firewall::chain(&net.bridge));
+    assert!(lines.is_empty(), "internal network has rules: {lines:#?}");
+    r.nets.detach(&req.container_id).unwrap();
+}
+
 fn veths_on(bridge: &str) -> usize {
     let o = Command::new("ip")
         .args(["-o", "link", "show", "master", bridge])
@@ -313,7 +380,7 @@ fn bad_requests_are_one_clear_line_and_leave_nothing() {
 }
 
 #[test]
-fn a_deleted_data_roots_claim_and_bridge_are_reclaimed() {
+fn a_deleted_data_roots_claim_bridge_and_rules_are_reclaimed() {
     let Some(r) = Root::new() else { return };
     // A root deleted without `network rm`: its claim and its bridge stay behind.
     let gone = tempfile::tempdir().unwrap();
@@ -333,8 +400,12 @@ fn a_deleted_data_roots_claim_and_bridge_are_reclaimed() {
         "{} not claimed",
         old.subnet
     );
+    // Its rules, as an attachment there would have made them.
+    nestor_network::firewall::ensure(&old).unwrap();
+    let chain = nestor_network::firewall::chain(&old.bridge);
+    assert_eq!(rules_naming(&chain).1, 2);
     drop(gone);
-    // The next claim, from any root, drops both.
+    // The next claim, from any root, drops all three.
     let n = r.nets.create(&unique("next"), None, false).unwrap();
     // (The subnet is free again: the new network may have taken it.)
     let owner = std::fs::read_to_string(&claim).unwrap_or_default();
@@ -349,6 +420,11 @@ fn a_deleted_data_roots_claim_and_bridge_are_reclaimed() {
         ip(&["link", "del", "dev", &old.bridge]);
     }
     assert!(!left, "the deleted root's bridge {} is left", old.bridge);
+    let (rules, _) = rules_naming(&chain);
+    assert!(
+        rules.is_empty(),
+        "the deleted root's rules are left: {rules:#?}"
+    );
     assert_ne!(n.bridge, old.bridge);
 }
 
