@@ -249,6 +249,10 @@ pub struct Metrics {
     pub guest_resident_kib: u64,
     /// rss_kib - guest_resident_kib: the VMM's own memory.
     pub overhead_kib: u64,
+    /// Guest memory the balloon gave back to the host so far (free page reports; a
+    /// page reported twice counts twice).
+    #[serde(default)]
+    pub balloon_given_back_kib: u64,
 }
 
 /// What `describe` reports: a few fields, none of them costly to read.
@@ -322,6 +326,7 @@ pub fn metrics(vmm: &Vmm) -> Metrics {
         peak_rss_kib: status_kib("VmHWM:"),
         guest_resident_kib: guest,
         overhead_kib: rss.saturating_sub(guest),
+        balloon_given_back_kib: crate::devices::virtio::balloon::given_back() / 1024,
     }
 }
 

@@ -28,6 +28,7 @@ use crate::devices::boot_marker::{BootMarker, BootTime, FirstByte, Stamp};
 use crate::devices::i8042::I8042;
 use crate::devices::pci_absent::PciAbsent;
 use crate::devices::serial::{ConsoleOut, SerialDevice};
+use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::event_loop::{EventLoop, QueueEvent};
 use crate::devices::virtio::fs::Fs;
@@ -312,7 +313,7 @@ fn open_console(c: &Console, limit: u64) -> Result<ConsoleOut, VmmError> {
 }
 
 /// The virtio devices of `cfg`, opened, in slot order: disks first (/dev/vda,
-/// /dev/vdb, …), then the RNG, virtio-fs, vsock and net.
+/// /dev/vdb, …), then the RNG, virtio-fs, vsock, net and the balloon.
 fn open_devices(cfg: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, VmmError> {
     let net = match &cfg.net {
         Some(n) => Some(Net::open(&n.parse::<NetConfig>()?)?),
@@ -333,6 +334,9 @@ fn open_devices(cfg: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, VmmError> 
     }
     if let Some(n) = net {
         devices.push(Box::new(n));
+    }
+    if cfg.balloon {
+        devices.push(Box::new(Balloon));
     }
     let slots = (layout::IRQ_MAX - layout::VIRTIO_IRQ_START + 1) as usize;
     if devices.len() > slots {
@@ -1034,6 +1038,22 @@ impl Vmm {
         if !self.cfg.fs.is_empty() {
             return Err(MigrationError::Unsupported(
                 "cannot migrate this VM: it has virtio-fs devices (their state is in the file server)".into(),
+            ));
+        }
+        if self.cfg.balloon && opts.strategy == Strategy::PostCopy {
+            // The destination's balloon would drop pages its page thread has placed,
+            // which userfaultfd then asks for again, and no source answers.
+            return Err(MigrationError::Unsupported(
+                "cannot migrate this VM post-copy: it has a balloon (use pre-copy or stop-copy)"
+                    .into(),
+            ));
+        }
+        if self.cfg.balloon && opts.strategy == Strategy::PostCopy {
+            // The destination's balloon would drop pages its page thread has placed,
+            // which userfaultfd then asks for again, and no source answers.
+            return Err(MigrationError::Unsupported(
+                "cannot migrate this VM post-copy: it has a balloon (use pre-copy or stop-copy)"
+                    .into(),
             ));
         }
         let live = self.handles.iter().filter(|h| !h.is_finished()).count();

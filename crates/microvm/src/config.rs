@@ -211,6 +211,10 @@ pub struct VmConfig {
     /// snapshot.
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// A virtio-balloon with free page reporting: the guest's free memory goes back to
+    /// the host (the device in the last slot).
+    #[serde(default)]
+    pub balloon: bool,
 }
 
 impl VmConfig {
@@ -231,6 +235,7 @@ impl VmConfig {
             api: None,
             log_limit: default_log_limit(),
             track_dirty_pages: false,
+            balloon: false,
         }
     }
 
@@ -379,6 +384,11 @@ pub struct Cli {
     /// the log on for the restored VM.
     #[arg(long)]
     pub track_dirty_pages: bool,
+    /// A virtio-balloon with free page reporting: the guest gives the host back the
+    /// memory it frees (blocks of 2 MiB and up), so an idle guest holds about what it
+    /// uses. The guest kernel needs CONFIG_VIRTIO_BALLOON.
+    #[arg(long)]
+    pub balloon: bool,
     /// Send one request to the running nestor-vmm whose API socket is --api, print its
     /// answer and exit (0 if it says ok, else 1), e.g. '{"action":"pause"}'.
     #[arg(long, value_name = "JSON", requires = "api", conflicts_with_all = ["config", "kernel", "restore"])]
@@ -478,6 +488,9 @@ impl Cli {
             cfg.log_limit = l;
         }
         cfg.track_dirty_pages |= self.track_dirty_pages;
+        if self.balloon && !saved.balloon {
+            return Err("--balloon given, the snapshot has no balloon".into());
+        }
         cfg.validate().map_err(|e| e.to_string())?;
         Ok(cfg)
     }
@@ -530,6 +543,7 @@ impl Cli {
             cfg.log_limit = l;
         }
         cfg.track_dirty_pages |= self.track_dirty_pages;
+        cfg.balloon |= self.balloon;
         cfg.validate()?;
         Ok(cfg)
     }

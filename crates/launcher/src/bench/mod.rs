@@ -374,7 +374,14 @@ fn unit_size(env: &Env, r: &Runner) -> UnitSize {
     s
 }
 
+/// How long the density sweep's units sit idle before their memory is read again: a
+/// guest reports freed memory to a balloon 2 s after it frees it (Linux's
+/// `page_reporting` delay), then in batches.
+const SETTLE: Duration = Duration::from_secs(SETTLE_SECS);
+pub(crate) const SETTLE_SECS: u64 = 5;
+
 fn density(env: &Env, r: &Runner, plan: &Plan) -> Density {
+    let balloon = env.balloon.load(std::sync::atomic::Ordering::Relaxed);
     let mut d = Density {
         mode: r.mode.name().into(),
         status: Status::Measured,
@@ -385,6 +392,8 @@ fn density(env: &Env, r: &Runner, plan: &Plan) -> Density {
         budget_reached: false,
         estimated_units_in_budget: None,
         points: vec![],
+        balloon,
+        settled_pss_kib: None,
     };
     if let Some(why) = &r.skip {
         d.status = Status::Skipped;
@@ -396,9 +405,10 @@ fn density(env: &Env, r: &Runner, plan: &Plan) -> Density {
     let mut err = None;
     while units.len() < plan.density_max {
         eprint!(
-            "\rbench: {} / {}: density, unit {}   ",
+            "\rbench: {} / {}: density{}, unit {}   ",
             r.mode.name(),
             r.name,
+            if balloon { " with a balloon" } else { "" },
             units.len() + 1
         );
         let id = unit_id("dens");
@@ -431,6 +441,25 @@ fn density(env: &Env, r: &Runner, plan: &Plan) -> Density {
         }
     }
     eprintln!();
+    if !units.is_empty() {
+        // What the units hold once idle (VMs have given back what they freed, where a
+        // balloon takes it).
+        progress(&format!(
+            "{} / {}: density, {} units idle for {} s",
+            r.mode.name(),
+            r.name,
+            units.len(),
+            SETTLE.as_secs()
+        ));
+        std::thread::sleep(SETTLE);
+        d.settled_pss_kib = Some(
+            units
+                .iter()
+                .flat_map(|(_, u)| u.memory())
+                .map(|m| m.pss_kib)
+                .sum(),
+        );
+    }
     progress(&format!(
         "{} / {}: density, stopping {} units",
         r.mode.name(),
@@ -764,6 +793,7 @@ fn prepare_env(a: &BenchArgs, modes: &[Mode], inside: bool) -> Result<Env> {
         timeout,
         vm_timeout,
         tmp,
+        balloon: Default::default(),
     };
     if modes.contains(&Mode::Container) {
         env.make_rootfs()?;
@@ -1156,6 +1186,15 @@ fn measure(
         });
         if let Some(r) = main.as_ref().filter(|_| plan.has(Section::Density)) {
             dens.push(density(env, r, plan));
+            // nestor's VM units again, each with a balloon that gives the host back
+            // what the guest frees.
+            if matches!(r.kind, Kind::Vm { .. } | Kind::VmContainer { .. }) {
+                env.balloon
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                dens.push(density(env, r, plan));
+                env.balloon
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         if let Some(r) = main.as_ref().filter(|_| plan.has(Section::Workloads)) {
             let mut set = workloads(env, r, plan, true);
@@ -1311,6 +1350,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             vm_timeout: Duration::from_secs(1),
             no_jail: true,
+            balloon: Default::default(),
         };
         let runner = |mode, kind| Runner {
             mode,

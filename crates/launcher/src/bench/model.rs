@@ -334,6 +334,22 @@ pub struct Density {
     /// fit, or budget / PSS per unit when the sweep stopped at max_units first.
     pub estimated_units_in_budget: Option<f64>,
     pub points: Vec<DensityPoint>,
+    /// The units had a balloon with free page reporting (nestor's VM modes, the
+    /// sweep's second pass).
+    #[serde(default)]
+    pub balloon: bool,
+    /// PSS of all units after they sat idle a few seconds once the sweep stopped.
+    #[serde(default)]
+    pub settled_pss_kib: Option<u64>,
+}
+
+impl Density {
+    /// Idle units that fit in 1 GiB, by the settled PSS per unit.
+    pub fn units_per_gib(&self) -> Option<f64> {
+        let n = self.points.last()?.count as f64;
+        let per = self.settled_pss_kib? as f64 / n;
+        (per > 0.0).then(|| 1024.0 * 1024.0 / per)
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]

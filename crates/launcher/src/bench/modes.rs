@@ -182,6 +182,9 @@ pub struct Env {
     /// `nestor run` takes `--no-jail` (it jails `--vm` by default; an older build given
     /// as the binary to measure may not).
     pub no_jail: bool,
+    /// VM units get a balloon with free page reporting (`--balloon`, `--vm-balloon`):
+    /// the density sweep's second pass.
+    pub balloon: std::sync::atomic::AtomicBool,
 }
 
 /// The jail flag of a `nestor run --vm` unit: `--jail` in the jailed mode, `--no-jail` in
@@ -539,6 +542,9 @@ impl Env {
                 if let Kind::VmContainer { jail } = r.kind {
                     c.arg("--vm");
                     c.args(jail_flag(jail, self.no_jail));
+                    if self.balloon.load(std::sync::atomic::Ordering::Relaxed) {
+                        c.arg("--vm-balloon");
+                    }
                 }
                 c.args(["--rm", "--name", id]);
                 if matches!(r.kind, Kind::Image | Kind::VmContainer { .. }) {
@@ -582,6 +588,9 @@ impl Env {
                     .args(["--vcpus", "1"]);
                 if let Some(d) = disk {
                     c.arg("--disk").arg(d);
+                }
+                if self.balloon.load(std::sync::atomic::Ordering::Relaxed) {
+                    c.arg("--balloon");
                 }
                 c
             }

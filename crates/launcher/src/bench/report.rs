@@ -326,7 +326,7 @@ fn units_per_host(r: &Report, c: &StartStop) -> String {
     let main = r
         .density
         .iter()
-        .find(|d| d.mode == c.mode)
+        .find(|d| d.mode == c.mode && !d.balloon)
         .filter(|_| is_main(r, c));
     match main {
         Some(d) if d.status == Status::Measured => {
@@ -1097,7 +1097,8 @@ fn density(o: &mut String, r: &Report, why: &mut Reasons) {
     }
     let _ = writeln!(
         o,
-        "\n## Density (units started one by one until the memory budget)\n\n| mode | budget | units started | PSS of all units | start time: first → last | status |\n|---|---|---|---|---|---|"
+        "\n## Density (units started one by one until the memory budget)\n\n| mode | budget | units started | PSS of all units: started → idle {} s | idle units per GiB | start time: first → last | status |\n|---|---|---|---|---|---|---|",
+        crate::bench::SETTLE_SECS
     );
     for d in &r.density {
         let first = d.points.first();
@@ -1110,11 +1111,18 @@ fn density(o: &mut String, r: &Report, why: &mut Reasons) {
         };
         let _ = writeln!(
             o,
-            "| {} | {} MiB | {} | {} | {} | {} |",
+            "| {}{} | {} MiB | {} | {}{} | {} | {} | {} |",
             d.mode,
+            if d.balloon { ", balloon" } else { "" },
             d.budget_mib,
             d.points.len(),
             last.map(|p| kib(p.total_pss_kib as i64))
+                .unwrap_or("-".into()),
+            d.settled_pss_kib
+                .map(|k| format!(" → {}", kib(k as i64)))
+                .unwrap_or_default(),
+            d.units_per_gib()
+                .map(|u| format!("{u:.1}"))
                 .unwrap_or("-".into()),
             match (first, last) {
                 (Some(f), Some(l)) => format!("{} → {}", ms(f.start_ms), ms(l.start_ms)),
@@ -1122,6 +1130,24 @@ fn density(o: &mut String, r: &Report, why: &mut Reasons) {
             },
             st
         );
+    }
+    for with in r.density.iter().filter(|d| d.balloon) {
+        let without = r.density.iter().find(|d| d.mode == with.mode && !d.balloon);
+        if let (Some(a), Some(b)) = (
+            with.units_per_gib(),
+            without.and_then(Density::units_per_gib),
+        ) {
+            let x = a / b;
+            let _ = writeln!(
+                o,
+                "\n{}: with the balloon {:.1} idle units per GiB, without {:.1}: **{:.2}x** (goal >= 2x: {})",
+                with.mode,
+                a,
+                b,
+                x,
+                if x >= 2.0 { "met" } else { "not met" }
+            );
+        }
     }
 }
 
@@ -1301,6 +1327,31 @@ mod tests {
         assert!(!md.contains("different places"), "{md}");
     }
 
+    /// A balloon's density row beside the same mode's without: its own row, the
+    /// idle units per GiB of each, and their ratio against the goal.
+    #[test]
+    fn balloon_density_is_compared_with_the_same_mode_without() {
+        let p = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/bench-testhost.json"
+        );
+        let mut r: Report = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        let mut without = r.density.iter().find(|d| d.mode == "vm").unwrap().clone();
+        let n = without.points.last().unwrap().count as u64;
+        without.settled_pss_kib = Some(n * 100 * 1024);
+        let mut with = without.clone();
+        with.balloon = true;
+        with.settled_pss_kib = Some(n * 40 * 1024);
+        r.density = vec![without, with];
+        let md = markdown(&r);
+        assert!(md.contains("| vm, balloon | 256 MiB | 3 |"), "{md}");
+        assert!(md.contains(" → 300.0 MiB | 10.2 |"), "{md}");
+        assert!(
+            md.contains("vm: with the balloon 25.6 idle units per GiB, without 10.2: **2.50x** (goal >= 2x: met)"),
+            "{md}"
+        );
+    }
+
     /// The test host's report (a real one, kept as test data) rendered section by
     /// section: every section once, in order, with rows the data implies.
     #[test]
@@ -1327,7 +1378,7 @@ mod tests {
             "\nSkipped workloads:\n",
             "- jailed-vm-container (all workloads): ",
             "\n## Density",
-            "| vm | 256 MiB | 3 | 153.7 MiB | 4.21 s → 4.34 s | stopped at 3 units (--density-max) |",
+            "| vm | 256 MiB | 3 | 153.7 MiB | - | 4.21 s → 4.34 s | stopped at 3 units (--density-max) |",
         ] {
             let found = md[at..].find(heading);
             assert!(found.is_some(), "{heading:?} missing after byte {at} of\n{md}");

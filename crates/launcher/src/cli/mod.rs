@@ -922,6 +922,10 @@ pub struct VmOpts {
     /// virtiofsd's cache mode for `-v DIR` and `-v NAME` shared into the microVM.
     #[arg(id = "vm_fs_cache", long = "vm-fs-cache", value_enum, default_value_t = FsCache::Auto)]
     pub fs_cache: FsCache,
+    /// A balloon with free page reporting in the microVM (--vm): the memory the guest
+    /// frees goes back to the host, so an idle VM holds about what it uses.
+    #[arg(id = "vm_balloon", long = "vm-balloon")]
+    pub balloon: bool,
 }
 
 /// virtiofsd's `--cache`: how long the guest may trust what it read from the host.
@@ -1190,6 +1194,10 @@ pub struct VmRunArgs {
     /// The VMM binary (default: nestor-vmm next to nestor, or $NESTOR_VMM).
     #[arg(long)]
     pub vmm: Option<PathBuf>,
+    /// A balloon with free page reporting (nestor-vmm --balloon): the memory the
+    /// guest frees goes back to the host.
+    #[arg(long)]
+    pub balloon: bool,
     /// Run the VMM in a jail (scenario 2).
     #[arg(long)]
     pub jail: bool,

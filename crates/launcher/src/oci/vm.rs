@@ -617,6 +617,7 @@ fn shim(s: Shim, ready: &mut crate::sys::helper::Ready) -> Result<i32> {
                 net_later: false,
                 jail: None,
                 jail_fallback: false,
+                balloon: false,
                 source: None,
                 state_dir: None,
             },

@@ -921,6 +921,7 @@ fn boot_own(
             jail_fallback: !a.jail.strict,
             source: None,
             state_dir,
+            balloon: a.vm.balloon,
         },
     )?;
     record_vm(meta, &sb, mem_mib, vcpus, guest_id);
@@ -1362,6 +1363,7 @@ fn resume_running(meta: &mut Meta, r: &Restoring, receive: Option<Receive>) -> R
             jail_fallback: false,
             source: Some(source),
             state_dir: state_dir.clone(),
+            balloon: false,
         },
     )?;
     record_vm(meta, &sb, r.mem_mib, r.vcpus, &r.guest_id);

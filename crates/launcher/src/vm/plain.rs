@@ -46,6 +46,9 @@ fn vmm_args(
     if let Some(c) = &a.console {
         v.extend(["--console".into(), c.clone()]);
     }
+    if a.balloon {
+        v.push("--balloon".into());
+    }
     v
 }
 
@@ -97,7 +100,11 @@ pub fn vm_run(rt: &Runtime, a: &VmRunArgs) -> Result<i32> {
         net: None,
         net_later: false,
         fs: Vec::new(),
-        extra_args: Vec::new(),
+        extra_args: a
+            .balloon
+            .then(|| "--balloon".to_string())
+            .into_iter()
+            .collect(),
         source: None,
         state_dir: None,
     };

@@ -318,6 +318,7 @@ fn monitor(
             net_later: false,
             jail: None,
             jail_fallback: false,
+            balloon: false,
             source: None,
             state_dir: None,
         },

@@ -148,6 +148,9 @@ pub struct BootOpts {
     /// [`JAIL_STATE_DIR`] in the jail, where the VMM writes its snapshots (a jail's own
     /// directories are on tmpfs, charged to its memory limit).
     pub state_dir: Option<PathBuf>,
+    /// A balloon with free page reporting (nestor-vmm `--balloon`) in a booted VM (a
+    /// restored or migrated one has what its snapshot has).
+    pub balloon: bool,
 }
 
 /// Where a VM's state comes from instead of a kernel boot.
@@ -540,6 +543,9 @@ impl Sandbox {
         if let Some(t) = &o.net {
             c.arg("--net").arg(t);
         }
+        if o.balloon && o.source.is_none() {
+            c.arg("--balloon");
+        }
         c.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(
@@ -672,7 +678,14 @@ impl Sandbox {
                 .zip(&o.shares)
                 .map(|(d, sh)| (d, sh.tag.clone()))
                 .collect(),
-            extra_args: vec!["--api".into(), format!("/run/nestor/{API_SOCKET}")],
+            extra_args: [
+                vec!["--api".into(), format!("/run/nestor/{API_SOCKET}")],
+                (o.balloon && o.source.is_none())
+                    .then(|| "--balloon".to_string())
+                    .into_iter()
+                    .collect(),
+            ]
+            .concat(),
             netns: o.netns.clone(),
             net: o.net.clone(),
             net_later: o.net_later,

@@ -9,9 +9,10 @@
 //! userfaultfd itself is created and registered (`userfaultfd(2)` or
 //! `/dev/userfaultfd`, `UFFDIO_API`, `UFFDIO_REGISTER`) by the main thread before its
 //! filter goes in, so no filter allows those; the other filters allow no userfaultfd
-//! ioctl at all. `madvise` is allowed with `MADV_DONTNEED` only: glibc's, when a thread
-//! ends (its stack given back) and when a thread's malloc arena shrinks; nestor-vmm and
-//! its crates call it nowhere.
+//! ioctl at all. `madvise` is allowed with `MADV_DONTNEED`: glibc's, when a thread
+//! ends (its stack given back) and when a thread's malloc arena shrinks, and the
+//! balloon's for private guest memory; the threads that run device back-ends (`vcpu`,
+//! `virtio`) may also use `MADV_REMOVE`, the balloon's for shared guest memory.
 
 use serde_json::{json, Value};
 
@@ -225,6 +226,13 @@ fn device_io() -> Vec<Rule> {
             )
         }),
     )
+    // The balloon gives shared (memfd) guest memory back with MADV_REMOVE (private
+    // memory with MADV_DONTNEED, which every thread may use).
+    .chain([when(
+        libc::SYS_madvise,
+        vec![eq32(2, libc::MADV_REMOVE as u64, "MADV_REMOVE")],
+        "balloon: reported pages of shared guest memory",
+    )])
     .collect()
 }
 
@@ -567,7 +575,7 @@ mod tests {
     }
 
     #[test]
-    fn madvise_is_allowed_with_dontneed_only() {
+    fn madvise_is_allowed_with_dontneed_only_and_remove_for_the_balloon() {
         let set = default_filters().unwrap();
         for kind in super::super::THREAD_KINDS {
             let rules: Vec<&Value> = set[kind]["filter"]
@@ -576,9 +584,14 @@ mod tests {
                 .iter()
                 .filter(|r| r["syscall"] == "madvise")
                 .collect();
-            assert_eq!(rules.len(), 1, "{kind}");
+            // The threads that run device back-ends may also remove shared pages.
+            let devices = matches!(kind, "vcpu" | "virtio");
+            assert_eq!(rules.len(), 1 + usize::from(devices), "{kind}");
             assert_eq!(rules[0]["args"][0]["index"], 2, "{kind}");
             assert_eq!(rules[0]["args"][0]["val"], libc::MADV_DONTNEED, "{kind}");
+            if devices {
+                assert_eq!(rules[1]["args"][0]["val"], libc::MADV_REMOVE, "{kind}");
+            }
             // An unaligned address: an allowed call fails with EINVAL and touches nothing.
             let advise = |advice: i32| {
                 // SAFETY: madvise of no memory (length 0, unaligned): it only fails.
@@ -588,7 +601,12 @@ mod tests {
                 .1
             };
             assert_eq!(advise(libc::MADV_DONTNEED), libc::EINVAL, "{kind}");
-            for advice in [libc::MADV_REMOVE, libc::MADV_FREE, libc::MADV_MERGEABLE] {
+            if devices {
+                assert_eq!(advise(libc::MADV_REMOVE), libc::EINVAL, "{kind}");
+            } else {
+                assert_eq!(advise(libc::MADV_REMOVE), DENIED, "{kind}");
+            }
+            for advice in [libc::MADV_FREE, libc::MADV_MERGEABLE] {
                 assert_eq!(advise(advice), DENIED, "{kind}: advice {advice}");
             }
         }

@@ -1,8 +1,10 @@
 //! virtio devices on the virtio-mmio transport: the device trait, the transport
 //! (`mmio`), the event thread serving queue notifications and device-owned host fds
 //! (`event_loop`), descriptor-chain gathering shared by the devices (`chain`), and the
-//! devices (`block`, `rng`, `vsock`, `net`, and `fs`, a vhost-user front end).
+//! devices (`block`, `rng`, `vsock`, `net`, `fs`, a vhost-user front end, and
+//! `balloon`, free page reporting).
 
+pub mod balloon;
 pub mod block;
 pub mod chain;
 pub mod event_loop;
