@@ -15,7 +15,10 @@
 #     and sends a line over TCP to a host listener;
 #   - the guest's MAC is the one given with --net TAP,mac=...;
 #   - nestor-vmm reports the guest's boot marker and exits 0 on the guest's power-off,
-#     leaving no vsock socket behind.
+#     leaving no vsock socket behind;
+#   - the balloon (--balloon): two more VMs at once, with and without it, each filling
+#     and freeing 96 MiB; with it, the freed memory is given back to the host (the
+#     API's metrics), and memory used again afterwards holds what the guest writes.
 # The tap is created here and deleted on every path.
 #
 # Runs in the KVM test host unless this host has hardware KVM. Without --kernel it uses
@@ -23,7 +26,7 @@
 # (images/build-agent.sh). The launch runs under `timeout 120`.
 # Exit status 0 when every check passes, 1 when one fails, 2 on bad usage/missing parts.
 set -euo pipefail
-limit=240
+limit=300
 source "$(dirname "${BASH_SOURCE[0]}")/lib/prelude.sh"
 find_vmm
 find_kernel
@@ -191,4 +194,55 @@ if ((fail)); then
     echo "--- nestor-vmm stderr" >&2; tail -n 20 "$work/err" >&2
     echo "--- host side" >&2; cat "$work/host.out" >&2
 fi
+
+# The balloon (--balloon, free page reporting), against the same guest without one,
+# both at once: the guest fills 96 MiB of its tmpfs, deletes it and idles; the host
+# then reads how much guest memory is resident (the API's metrics). With the balloon
+# the freed memory must have gone back to the host; then the guest writes 96 MiB
+# again and reads it back intact (given-back pages fault in again as fresh ones).
+bguest=$(cat <<'G'
+r() { echo "vd: $*"; }
+dd if=/dev/zero of=/tmp/f bs=1M count=96 2>/dev/null; sync; rm /tmp/f
+r "filled and freed"
+sleep 10
+dd if=/dev/urandom of=/tmp/blk bs=1M count=1 2>/dev/null
+for i in $(seq 96); do cat /tmp/blk; done >/tmp/g
+a=$(md5sum </tmp/g | cut -d' ' -f1); b=$(for i in $(seq 96); do cat /tmp/blk; done | md5sum | cut -d' ' -f1)
+[ "$a" = "$b" ] && r "reuse ok $a" || r "reuse differs $a $b"
+G
+)
+bcmd="console=ttyS0 quiet panic=-1 nestor.cmd=$(printf '%s' "$bguest" | base64 -w0)"
+for b in on off; do
+    flag=(); [[ $b == on ]] && flag=(--balloon)
+    timeout --kill-after=5 150 "$vmm" --kernel "$kernel" --initrd "$initrd" --mem 256 \
+        --api "$work/api-$b" --cmdline "$bcmd" "${flag[@]}" \
+        </dev/null >"$work/console-$b" 2>"$work/err-$b" &
+    echo $! >"$work/pid-$b"
+done
+# Metrics of each once its guest has freed the memory and idled 6 s (the guest reports
+# 2 s after it frees).
+for b in on off; do
+    for _ in $(seq 1200); do
+        grep -q "vd: filled and freed" "$work/console-$b" 2>/dev/null && break
+        kill -0 "$(cat "$work/pid-$b")" 2>/dev/null || break
+        sleep 0.1
+    done
+done
+sleep 6
+for b in on off; do
+    "$vmm" --api "$work/api-$b" --call '{"action":"metrics"}' >"$work/metrics-$b" 2>&1 || true
+done
+for b in on off; do wait "$(cat "$work/pid-$b")" 2>/dev/null; echo $? >"$work/rc-$b"; done
+metric() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d.get("metrics", d).get(sys.argv[2], -1))' "$work/metrics-$1" "$2" 2>/dev/null || echo -1; }
+on_res=$(metric on guest_resident_kib) off_res=$(metric off guest_resident_kib)
+given=$(metric on balloon_given_back_kib)
+label="resident guest memory after freeing 96 MiB: $((on_res / 1024)) MiB with the balloon, $((off_res / 1024)) MiB without; given back $((given / 1024)) MiB"
+((on_res > 0 && off_res > 0 && given >= 98304 && on_res + 65536 < off_res)) &&
+    pass "balloon: $label" || bad "balloon: $label ($(cat "$work/metrics-on"))"
+for b in on off; do
+    rcb=$(cat "$work/rc-$b")
+    reuse=$(tr -d '\r' <"$work/console-$b" | grep -o "vd: reuse.*" | head -n1)
+    [[ $rcb == 0 && $reuse == "vd: reuse ok "* ]] && pass "balloon $b: the guest wrote 96 MiB again and read it back intact, exit 0" ||
+        { bad "balloon $b: exit $rcb, '$reuse'"; tail -n 20 "$work/console-$b" "$work/err-$b" >&2; }
+done
 finish
