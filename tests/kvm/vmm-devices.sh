@@ -18,7 +18,8 @@
 #     leaving no vsock socket behind;
 #   - the balloon (--balloon): two more VMs at once, with and without it, each filling
 #     and freeing 96 MiB; with it, the freed memory is given back to the host (the
-#     API's metrics), and memory used again afterwards holds what the guest writes.
+#     API's metrics), and memory used again afterwards holds what the guest writes;
+#     both offer their memory to KSM (--mem-merge), which shares their identical pages.
 # The tap is created here and deleted on every path.
 #
 # Runs in the KVM test host unless this host has hardware KVM. Without --kernel it uses
@@ -212,8 +213,18 @@ a=$(md5sum </tmp/g | cut -d' ' -f1); b=$(for i in $(seq 96); do cat /tmp/blk; do
 G
 )
 bcmd="console=ttyS0 quiet panic=-1 nestor.cmd=$(printf '%s' "$bguest" | base64 -w0)"
+# Both offer their memory to KSM (--mem-merge), running meanwhile with a quick scan
+# (the settings found are put back): identical pages of the two guests (the same
+# kernel and initramfs) must end up shared.
+ksm=/sys/kernel/mm/ksm
+if [[ -w $ksm/run ]]; then
+    for f in run pages_to_scan sleep_millisecs; do
+        on_exit "echo $(cat $ksm/$f) >$ksm/$f"
+    done
+    echo 4000 >$ksm/pages_to_scan; echo 20 >$ksm/sleep_millisecs; echo 1 >$ksm/run
+fi
 for b in on off; do
-    flag=(); [[ $b == on ]] && flag=(--balloon)
+    flag=(--mem-merge); [[ $b == on ]] && flag+=(--balloon)
     timeout --kill-after=5 150 "$vmm" --kernel "$kernel" --initrd "$initrd" --mem 256 \
         --api "$work/api-$b" --cmdline "$bcmd" "${flag[@]}" \
         </dev/null >"$work/console-$b" 2>"$work/err-$b" &
@@ -232,6 +243,7 @@ sleep 6
 for b in on off; do
     "$vmm" --api "$work/api-$b" --call '{"action":"metrics"}' >"$work/metrics-$b" 2>&1 || true
 done
+sharing=$(cat $ksm/pages_sharing 2>/dev/null || echo 0)
 for b in on off; do wait "$(cat "$work/pid-$b")" 2>/dev/null; echo $? >"$work/rc-$b"; done
 metric() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d.get("metrics", d).get(sys.argv[2], -1))' "$work/metrics-$1" "$2" 2>/dev/null || echo -1; }
 on_res=$(metric on guest_resident_kib) off_res=$(metric off guest_resident_kib)
@@ -239,6 +251,12 @@ given=$(metric on balloon_given_back_kib)
 label="resident guest memory after freeing 96 MiB: $((on_res / 1024)) MiB with the balloon, $((off_res / 1024)) MiB without; given back $((given / 1024)) MiB"
 ((on_res > 0 && off_res > 0 && given >= 98304 && on_res + 65536 < off_res)) &&
     pass "balloon: $label" || bad "balloon: $label ($(cat "$work/metrics-on"))"
+if [[ -w $ksm/run ]]; then
+    ((sharing > 1024)) && pass "KSM (--mem-merge): $((sharing * 4 / 1024)) MiB of the two guests' pages shared" ||
+        bad "KSM (--mem-merge): pages_sharing $sharing after both guests idled"
+else
+    echo "SKIP KSM (--mem-merge): $ksm/run is not writable here (a kernel without KSM)"
+fi
 for b in on off; do
     rcb=$(cat "$work/rc-$b")
     reuse=$(tr -d '\r' <"$work/console-$b" | grep -o "vd: reuse.*" | head -n1)

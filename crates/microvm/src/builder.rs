@@ -391,6 +391,9 @@ impl Vmm {
         };
         let vm = Vm::new()?;
         vm.register_memory(&mem, cfg.track_dirty_pages)?;
+        if cfg.mem_merge {
+            memory::advise_mergeable(&mem);
+        }
         vm.setup_irqchip()?;
 
         let kernel_info = boot_params::load_kernel(&mem, &mut kernel)?;
@@ -599,6 +602,9 @@ impl Vmm {
         let vm = Vm::new()?;
         laps.lap("vm");
         vm.register_memory(&mem, cfg.track_dirty_pages)?;
+        if cfg.mem_merge {
+            memory::advise_mergeable(&mem);
+        }
         laps.lap("memory");
         vm.setup_irqchip()?;
         laps.lap("irqchip");

@@ -215,6 +215,11 @@ pub struct VmConfig {
     /// the host (the device in the last slot).
     #[serde(default)]
     pub balloon: bool,
+    /// Guest RAM is offered to the host's KSM (`MADV_MERGEABLE`), which shares pages
+    /// identical across VMs. Off by default: merged pages let one guest time another's
+    /// writes (a side channel across the VM boundary).
+    #[serde(default)]
+    pub mem_merge: bool,
 }
 
 impl VmConfig {
@@ -236,6 +241,7 @@ impl VmConfig {
             log_limit: default_log_limit(),
             track_dirty_pages: false,
             balloon: false,
+            mem_merge: false,
         }
     }
 
@@ -389,6 +395,12 @@ pub struct Cli {
     /// uses. The guest kernel needs CONFIG_VIRTIO_BALLOON.
     #[arg(long)]
     pub balloon: bool,
+    /// Offer guest RAM to the host's KSM (MADV_MERGEABLE; merging happens when
+    /// /sys/kernel/mm/ksm/run is 1): pages identical across VMs (the same kernel and
+    /// initramfs) are kept once. Lets one guest time another's writes to merged pages:
+    /// for guests that trust each other.
+    #[arg(long)]
+    pub mem_merge: bool,
     /// Send one request to the running nestor-vmm whose API socket is --api, print its
     /// answer and exit (0 if it says ok, else 1), e.g. '{"action":"pause"}'.
     #[arg(long, value_name = "JSON", requires = "api", conflicts_with_all = ["config", "kernel", "restore"])]
@@ -491,6 +503,8 @@ impl Cli {
         if self.balloon && !saved.balloon {
             return Err("--balloon given, the snapshot has no balloon".into());
         }
+        // Host-side: a restored VM may be merged or not.
+        cfg.mem_merge |= self.mem_merge;
         cfg.validate().map_err(|e| e.to_string())?;
         Ok(cfg)
     }
@@ -544,6 +558,7 @@ impl Cli {
         }
         cfg.track_dirty_pages |= self.track_dirty_pages;
         cfg.balloon |= self.balloon;
+        cfg.mem_merge |= self.mem_merge;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -380,8 +380,64 @@ fn unit_size(env: &Env, r: &Runner) -> UnitSize {
 const SETTLE: Duration = Duration::from_secs(SETTLE_SECS);
 pub(crate) const SETTLE_SECS: u64 = 5;
 
+/// The host's KSM (`/sys/kernel/mm/ksm`) running for a density pass: `run` 1 and a
+/// quicker scan while it lives; the settings it found are written back on drop.
+struct Ksm {
+    saved: Vec<(&'static str, String)>,
+}
+
+const KSM: &str = "/sys/kernel/mm/ksm";
+
+impl Ksm {
+    fn start() -> std::result::Result<Ksm, String> {
+        let mut saved = Vec::new();
+        for f in ["run", "pages_to_scan", "sleep_millisecs"] {
+            let v = std::fs::read_to_string(format!("{KSM}/{f}"))
+                .map_err(|e| format!("{KSM}/{f}: {e} (a kernel without KSM)"))?;
+            saved.push((f, v.trim().to_string()));
+        }
+        let ksm = Ksm { saved };
+        for (f, v) in [
+            ("pages_to_scan", "4000"),
+            ("sleep_millisecs", "20"),
+            ("run", "1"),
+        ] {
+            std::fs::write(format!("{KSM}/{f}"), v)
+                .map_err(|e| format!("write {v} to {KSM}/{f}: {e}"))?;
+        }
+        Ok(ksm)
+    }
+
+    fn full_scans() -> u64 {
+        std::fs::read_to_string(format!("{KSM}/full_scans"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Waits until ksmd has gone over all mergeable memory twice more (a page is merged
+    /// on the second scan that finds it unchanged), at most `limit`.
+    fn settle(limit: Duration) {
+        let want = Ksm::full_scans() + 2;
+        let t0 = std::time::Instant::now();
+        while Ksm::full_scans() < want && t0.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Ksm {
+    fn drop(&mut self) {
+        // run last, so a scan does not restart with the quick settings.
+        for (f, v) in self.saved.iter().rev() {
+            let _ = std::fs::write(format!("{KSM}/{f}"), v);
+        }
+    }
+}
+
 fn density(env: &Env, r: &Runner, plan: &Plan) -> Density {
     let balloon = env.balloon.load(std::sync::atomic::Ordering::Relaxed);
+    let merge = env.merge.load(std::sync::atomic::Ordering::Relaxed);
     let mut d = Density {
         mode: r.mode.name().into(),
         status: Status::Measured,
@@ -393,6 +449,7 @@ fn density(env: &Env, r: &Runner, plan: &Plan) -> Density {
         estimated_units_in_budget: None,
         points: vec![],
         balloon,
+        mem_merge: merge,
         settled_pss_kib: None,
     };
     if let Some(why) = &r.skip {
@@ -408,7 +465,11 @@ fn density(env: &Env, r: &Runner, plan: &Plan) -> Density {
             "\rbench: {} / {}: density{}, unit {}   ",
             r.mode.name(),
             r.name,
-            if balloon { " with a balloon" } else { "" },
+            match (balloon, merge) {
+                (_, true) => " with a balloon and KSM",
+                (true, _) => " with a balloon",
+                _ => "",
+            },
             units.len() + 1
         );
         let id = unit_id("dens");
@@ -452,6 +513,10 @@ fn density(env: &Env, r: &Runner, plan: &Plan) -> Density {
             SETTLE.as_secs()
         ));
         std::thread::sleep(SETTLE);
+        if merge {
+            progress("density: waiting for KSM to scan all memory twice (at most 120 s)");
+            Ksm::settle(Duration::from_secs(120));
+        }
         d.settled_pss_kib = Some(
             units
                 .iter()
@@ -794,6 +859,7 @@ fn prepare_env(a: &BenchArgs, modes: &[Mode], inside: bool) -> Result<Env> {
         vm_timeout,
         tmp,
         balloon: Default::default(),
+        merge: Default::default(),
     };
     if modes.contains(&Mode::Container) {
         env.make_rootfs()?;
@@ -1189,11 +1255,21 @@ fn measure(
             // nestor's VM units again, each with a balloon that gives the host back
             // what the guest frees.
             if matches!(r.kind, Kind::Vm { .. } | Kind::VmContainer { .. }) {
-                env.balloon
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                use std::sync::atomic::Ordering::Relaxed;
+                env.balloon.store(true, Relaxed);
                 dens.push(density(env, r, plan));
-                env.balloon
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                // And a third time with the memory offered to KSM, running for the
+                // pass (the host's settings put back after it).
+                match Ksm::start() {
+                    Ok(ksm) => {
+                        env.merge.store(true, Relaxed);
+                        dens.push(density(env, r, plan));
+                        env.merge.store(false, Relaxed);
+                        drop(ksm);
+                    }
+                    Err(why) => progress(&format!("density with KSM skipped: {why}")),
+                }
+                env.balloon.store(false, Relaxed);
             }
         }
         if let Some(r) = main.as_ref().filter(|_| plan.has(Section::Workloads)) {
@@ -1351,6 +1427,7 @@ mod tests {
             vm_timeout: Duration::from_secs(1),
             no_jail: true,
             balloon: Default::default(),
+            merge: Default::default(),
         };
         let runner = |mode, kind| Runner {
             mode,

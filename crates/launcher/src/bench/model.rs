@@ -338,6 +338,10 @@ pub struct Density {
     /// sweep's second pass).
     #[serde(default)]
     pub balloon: bool,
+    /// The units offered their memory to the host's KSM, running for the pass (the
+    /// sweep's third pass).
+    #[serde(default)]
+    pub mem_merge: bool,
     /// PSS of all units after they sat idle a few seconds once the sweep stopped.
     #[serde(default)]
     pub settled_pss_kib: Option<u64>,

@@ -185,6 +185,9 @@ pub struct Env {
     /// VM units get a balloon with free page reporting (`--balloon`, `--vm-balloon`):
     /// the density sweep's second pass.
     pub balloon: std::sync::atomic::AtomicBool,
+    /// VM units offer their memory to KSM (`--mem-merge`, `--vm-mem-merge`): the
+    /// density sweep's third pass, with KSM running.
+    pub merge: std::sync::atomic::AtomicBool,
 }
 
 /// The jail flag of a `nestor run --vm` unit: `--jail` in the jailed mode, `--no-jail` in
@@ -545,6 +548,9 @@ impl Env {
                     if self.balloon.load(std::sync::atomic::Ordering::Relaxed) {
                         c.arg("--vm-balloon");
                     }
+                    if self.merge.load(std::sync::atomic::Ordering::Relaxed) {
+                        c.arg("--vm-mem-merge");
+                    }
                 }
                 c.args(["--rm", "--name", id]);
                 if matches!(r.kind, Kind::Image | Kind::VmContainer { .. }) {
@@ -591,6 +597,9 @@ impl Env {
                 }
                 if self.balloon.load(std::sync::atomic::Ordering::Relaxed) {
                     c.arg("--balloon");
+                }
+                if self.merge.load(std::sync::atomic::Ordering::Relaxed) {
+                    c.arg("--mem-merge");
                 }
                 c
             }

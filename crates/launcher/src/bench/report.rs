@@ -326,7 +326,7 @@ fn units_per_host(r: &Report, c: &StartStop) -> String {
     let main = r
         .density
         .iter()
-        .find(|d| d.mode == c.mode && !d.balloon)
+        .find(|d| d.mode == c.mode && !d.balloon && !d.mem_merge)
         .filter(|_| is_main(r, c));
     match main {
         Some(d) if d.status == Status::Measured => {
@@ -1113,7 +1113,11 @@ fn density(o: &mut String, r: &Report, why: &mut Reasons) {
             o,
             "| {}{} | {} MiB | {} | {}{} | {} | {} | {} |",
             d.mode,
-            if d.balloon { ", balloon" } else { "" },
+            match (d.balloon, d.mem_merge) {
+                (_, true) => ", balloon + KSM",
+                (true, _) => ", balloon",
+                _ => "",
+            },
             d.budget_mib,
             d.points.len(),
             last.map(|p| kib(p.total_pss_kib as i64))
@@ -1131,8 +1135,11 @@ fn density(o: &mut String, r: &Report, why: &mut Reasons) {
             st
         );
     }
-    for with in r.density.iter().filter(|d| d.balloon) {
-        let without = r.density.iter().find(|d| d.mode == with.mode && !d.balloon);
+    for with in r.density.iter().filter(|d| d.balloon || d.mem_merge) {
+        let without = r
+            .density
+            .iter()
+            .find(|d| d.mode == with.mode && !d.balloon && !d.mem_merge);
         if let (Some(a), Some(b)) = (
             with.units_per_gib(),
             without.and_then(Density::units_per_gib),
@@ -1140,8 +1147,9 @@ fn density(o: &mut String, r: &Report, why: &mut Reasons) {
             let x = a / b;
             let _ = writeln!(
                 o,
-                "\n{}: with the balloon {:.1} idle units per GiB, without {:.1}: **{:.2}x** (goal >= 2x: {})",
+                "\n{}: with the balloon{} {:.1} idle units per GiB, without {:.1}: **{:.2}x** (goal >= 2x: {})",
                 with.mode,
+                if with.mem_merge { " and KSM" } else { "" },
                 a,
                 b,
                 x,
@@ -1342,8 +1350,16 @@ mod tests {
         let mut with = without.clone();
         with.balloon = true;
         with.settled_pss_kib = Some(n * 40 * 1024);
-        r.density = vec![without, with];
+        let mut merged = with.clone();
+        merged.mem_merge = true;
+        merged.settled_pss_kib = Some(n * 20 * 1024);
+        r.density = vec![without, with, merged];
         let md = markdown(&r);
+        assert!(md.contains("| vm, balloon + KSM | 256 MiB | 3 |"), "{md}");
+        assert!(
+            md.contains("vm: with the balloon and KSM 51.2 idle units per GiB, without 10.2: **5.00x** (goal >= 2x: met)"),
+            "{md}"
+        );
         assert!(md.contains("| vm, balloon | 256 MiB | 3 |"), "{md}");
         assert!(md.contains(" → 300.0 MiB | 10.2 |"), "{md}");
         assert!(

@@ -926,6 +926,11 @@ pub struct VmOpts {
     /// frees goes back to the host, so an idle VM holds about what it uses.
     #[arg(id = "vm_balloon", long = "vm-balloon")]
     pub balloon: bool,
+    /// Offer the microVM's memory to the host's KSM (--vm): pages identical across VMs
+    /// are kept once when /sys/kernel/mm/ksm/run is 1. One guest can then time
+    /// another's writes: for containers that trust each other.
+    #[arg(id = "vm_mem_merge", long = "vm-mem-merge")]
+    pub mem_merge: bool,
 }
 
 /// virtiofsd's `--cache`: how long the guest may trust what it read from the host.
@@ -1198,6 +1203,9 @@ pub struct VmRunArgs {
     /// guest frees goes back to the host.
     #[arg(long)]
     pub balloon: bool,
+    /// Offer guest memory to the host's KSM (nestor-vmm --mem-merge).
+    #[arg(long)]
+    pub mem_merge: bool,
     /// Run the VMM in a jail (scenario 2).
     #[arg(long)]
     pub jail: bool,

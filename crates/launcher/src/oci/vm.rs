@@ -618,6 +618,7 @@ fn shim(s: Shim, ready: &mut crate::sys::helper::Ready) -> Result<i32> {
                 jail: None,
                 jail_fallback: false,
                 balloon: false,
+                mem_merge: false,
                 source: None,
                 state_dir: None,
             },

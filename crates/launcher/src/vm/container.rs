@@ -922,6 +922,7 @@ fn boot_own(
             source: None,
             state_dir,
             balloon: a.vm.balloon,
+            mem_merge: a.vm.mem_merge,
         },
     )?;
     record_vm(meta, &sb, mem_mib, vcpus, guest_id);
@@ -1364,6 +1365,7 @@ fn resume_running(meta: &mut Meta, r: &Restoring, receive: Option<Receive>) -> R
             source: Some(source),
             state_dir: state_dir.clone(),
             balloon: false,
+            mem_merge: false,
         },
     )?;
     record_vm(meta, &sb, r.mem_mib, r.vcpus, &r.guest_id);

@@ -49,6 +49,9 @@ fn vmm_args(
     if a.balloon {
         v.push("--balloon".into());
     }
+    if a.mem_merge {
+        v.push("--mem-merge".into());
+    }
     v
 }
 
@@ -100,10 +103,10 @@ pub fn vm_run(rt: &Runtime, a: &VmRunArgs) -> Result<i32> {
         net: None,
         net_later: false,
         fs: Vec::new(),
-        extra_args: a
-            .balloon
-            .then(|| "--balloon".to_string())
-            .into_iter()
+        extra_args: [(a.balloon, "--balloon"), (a.mem_merge, "--mem-merge")]
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, f)| f.to_string())
             .collect(),
         source: None,
         state_dir: None,

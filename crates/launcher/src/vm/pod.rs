@@ -319,6 +319,7 @@ fn monitor(
             jail: None,
             jail_fallback: false,
             balloon: false,
+            mem_merge: false,
             source: None,
             state_dir: None,
         },

@@ -151,6 +151,22 @@ pub struct BootOpts {
     /// A balloon with free page reporting (nestor-vmm `--balloon`) in a booted VM (a
     /// restored or migrated one has what its snapshot has).
     pub balloon: bool,
+    /// Guest RAM offered to the host's KSM (nestor-vmm `--mem-merge`).
+    pub mem_merge: bool,
+}
+
+impl BootOpts {
+    /// nestor-vmm's flags for the balloon and merging.
+    fn memory_flags(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.balloon && self.source.is_none() {
+            v.push("--balloon".to_string());
+        }
+        if self.mem_merge {
+            v.push("--mem-merge".to_string());
+        }
+        v
+    }
 }
 
 /// Where a VM's state comes from instead of a kernel boot.
@@ -543,9 +559,7 @@ impl Sandbox {
         if let Some(t) = &o.net {
             c.arg("--net").arg(t);
         }
-        if o.balloon && o.source.is_none() {
-            c.arg("--balloon");
-        }
+        c.args(o.memory_flags());
         c.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(
@@ -680,10 +694,7 @@ impl Sandbox {
                 .collect(),
             extra_args: [
                 vec!["--api".into(), format!("/run/nestor/{API_SOCKET}")],
-                (o.balloon && o.source.is_none())
-                    .then(|| "--balloon".to_string())
-                    .into_iter()
-                    .collect(),
+                o.memory_flags(),
             ]
             .concat(),
             netns: o.netns.clone(),

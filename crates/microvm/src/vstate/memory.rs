@@ -102,6 +102,26 @@ fn bitmap(len: usize) -> AtomicBitmap {
     AtomicBitmap::new(len, std::num::NonZeroUsize::new(4096).expect("non-zero"))
 }
 
+/// Marks guest RAM mergeable (`MADV_MERGEABLE`): the host's KSM (`ksmd`, when
+/// `/sys/kernel/mm/ksm/run` is 1) may then share its pages with identical ones of other
+/// VMs (the same kernel, the same initramfs), copy-on-write. Shared (memfd) memory is
+/// not merged by KSM; the advice leaves it as it is. Best effort: advice only.
+pub fn advise_mergeable(mem: &GuestMemory) {
+    use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
+    for r in mem.iter() {
+        if let Ok(host) = mem.get_host_address(r.start_addr()) {
+            // SAFETY: the region's own mapping, its whole length; advice only.
+            let rc = unsafe { libc::madvise(host.cast(), r.len() as usize, libc::MADV_MERGEABLE) };
+            if rc != 0 {
+                tracing::warn!(
+                    "guest memory not mergeable: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
 fn create(ranges: &[(u64, u64)], shared: bool) -> Result<GuestMemory, MemoryError> {
     let mut regions = Vec::with_capacity(ranges.len());
     for &(start, size) in ranges {
