@@ -202,7 +202,7 @@ fn rows(r: &Report) -> Vec<(String, &'static str, String, f64, bool)> {
     for d in &r.density {
         if let Some(e) = d.estimated_units_in_budget {
             v.push((
-                format!("{}: units in {} MiB", d.mode, d.budget_mib),
+                format!("{}: units in {} MiB", d.label(), d.budget_mib),
                 "density",
                 "units".into(),
                 e,

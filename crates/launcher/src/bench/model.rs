@@ -348,6 +348,20 @@ pub struct Density {
 }
 
 impl Density {
+    /// The row's name: the mode, and the pass (`, balloon`, `, balloon + KSM`).
+    pub fn label(&self) -> String {
+        match (self.balloon, self.mem_merge) {
+            (_, true) => format!("{}, balloon + KSM", self.mode),
+            (true, _) => format!("{}, balloon", self.mode),
+            _ => self.mode.clone(),
+        }
+    }
+
+    /// The first pass: the mode's units as they are by default.
+    pub fn is_plain(&self) -> bool {
+        !self.balloon && !self.mem_merge
+    }
+
     /// Idle units that fit in 1 GiB, by the settled PSS per unit.
     pub fn units_per_gib(&self) -> Option<f64> {
         let n = self.points.last()?.count as f64;

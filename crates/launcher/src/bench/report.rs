@@ -326,7 +326,7 @@ fn units_per_host(r: &Report, c: &StartStop) -> String {
     let main = r
         .density
         .iter()
-        .find(|d| d.mode == c.mode && !d.balloon && !d.mem_merge)
+        .find(|d| d.mode == c.mode && d.is_plain())
         .filter(|_| is_main(r, c));
     match main {
         Some(d) if d.status == Status::Measured => {
@@ -1111,13 +1111,8 @@ fn density(o: &mut String, r: &Report, why: &mut Reasons) {
         };
         let _ = writeln!(
             o,
-            "| {}{} | {} MiB | {} | {}{} | {} | {} | {} |",
-            d.mode,
-            match (d.balloon, d.mem_merge) {
-                (_, true) => ", balloon + KSM",
-                (true, _) => ", balloon",
-                _ => "",
-            },
+            "| {} | {} MiB | {} | {}{} | {} | {} | {} |",
+            d.label(),
             d.budget_mib,
             d.points.len(),
             last.map(|p| kib(p.total_pss_kib as i64))
@@ -1135,11 +1130,11 @@ fn density(o: &mut String, r: &Report, why: &mut Reasons) {
             st
         );
     }
-    for with in r.density.iter().filter(|d| d.balloon || d.mem_merge) {
+    for with in r.density.iter().filter(|d| !d.is_plain()) {
         let without = r
             .density
             .iter()
-            .find(|d| d.mode == with.mode && !d.balloon && !d.mem_merge);
+            .find(|d| d.mode == with.mode && d.is_plain());
         if let (Some(a), Some(b)) = (
             with.units_per_gib(),
             without.and_then(Density::units_per_gib),

@@ -512,7 +512,7 @@ fn efficiency(r: &Report, path: &Path) -> Result<()> {
         r.density
             .iter()
             .filter(|_| is_main(r, c))
-            .find(|d| d.mode == c.mode && d.status == Status::Measured)
+            .find(|d| d.mode == c.mode && d.is_plain() && d.status == Status::Measured)
             .and_then(|d| {
                 if d.budget_reached {
                     Some(d.fit as f64)
@@ -814,8 +814,8 @@ fn density(r: &Report, path: &Path) -> Result<()> {
         .enumerate()
         .map(|(j, d)| {
             let label = match d.status {
-                Status::Skipped => format!("{} (skipped)", d.mode),
-                Status::Measured => d.mode.clone(),
+                Status::Skipped => format!("{} (skipped)", d.label()),
+                Status::Measured => d.label(),
             };
             (label, COLORS[j % COLORS.len()])
         })
