@@ -29,6 +29,9 @@ const INFLATE: usize = 0;
 const REPORTING: usize = 2;
 /// The balloon's page size (PFNs of the inflate queue count these).
 const PAGE: u64 = 4096;
+/// Most page frame numbers read from one inflate buffer (Linux's
+/// `VIRTIO_BALLOON_ARRAY_PFNS_MAX`).
+const MAX_PFNS: u64 = 256;
 
 /// Bytes the balloon has given back to the host (one VM per nestor-vmm process).
 static GIVEN_BACK: AtomicU64 = AtomicU64::new(0);
@@ -46,7 +49,7 @@ pub struct Balloon;
 /// Gives the host pages behind guest range `addr..addr+len` back; false when the range
 /// is not page-aligned or not inside one region of guest memory.
 fn discard(mem: &GuestMemory, addr: u64, len: u64) -> bool {
-    if len == 0 || addr % PAGE != 0 || len % PAGE != 0 {
+    if len == 0 || !addr.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
         return false;
     }
     let Some(region) = mem.find_region(GuestAddress(addr)) else {
@@ -102,9 +105,10 @@ impl VirtioDevice for Balloon {
                         bad += 1;
                     }
                 }
-                // Little-endian u32 page frame numbers.
+                // Little-endian u32 page frame numbers; Linux sends at most 256 a
+                // buffer, and more are not read (a guest cannot keep the thread busy).
                 INFLATE if !d.is_write_only() => {
-                    for i in 0..u64::from(d.len()) / 4 {
+                    for i in 0..(u64::from(d.len()) / 4).min(MAX_PFNS) {
                         let Some(at) = d.addr().checked_add(i * 4) else {
                             bad += 1;
                             break;
@@ -140,10 +144,8 @@ mod tests {
         let host = mem.get_host_address(GuestAddress(addr)).unwrap();
         let mut v = vec![0u8; len / 4096];
         // SAFETY: inside the region's mapping; one byte per page.
-        assert_eq!(
-            unsafe { libc::mincore(host.cast(), len, v.as_mut_ptr()) },
-            0
-        );
+        let rc = unsafe { libc::mincore(host.cast(), len, v.as_mut_ptr()) };
+        assert_eq!(rc, 0);
         v.iter().filter(|b| **b & 1 == 1).count()
     }
 
