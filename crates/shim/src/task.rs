@@ -106,6 +106,8 @@ struct Container {
     oom_seen: u64,
     /// Set once the init has exited: later OOM notices are moot.
     oom_done: bool,
+    /// When the last v1 "OOM begun" notice was reported (see `oom_notice`).
+    oom_begun_at: Option<std::time::Instant>,
     /// The task watching the cgroup's OOM notices (see `oom`).
     oom_watch: Option<tokio::task::JoinHandle<()>>,
 }
@@ -229,10 +231,24 @@ impl TaskService {
             .unwrap_or(0);
         let report = match notice {
             // v1 signals as the OOM begins, maybe before its kill is counted: the
-            // notice itself is the event, and stands for the kill to come.
+            // notice itself is the event, and stands for the kill to come. It may
+            // signal again while that victim dies (the charge that failed is retried):
+            // a notice while a reported kill is still uncounted, or one that comes
+            // within a second of the last one and finds no kill beyond those reported,
+            // is that same OOM. (A second OOM so close is reported when its kill is
+            // counted, at the latest at the init's exit.)
             OomNotice::Begun => {
-                c.oom_seen = kills.max(c.oom_seen + 1);
-                true
+                let recent = c
+                    .oom_begun_at
+                    .is_some_and(|t| t.elapsed() < Duration::from_secs(1));
+                let same = kills < c.oom_seen || (kills == c.oom_seen && recent);
+                if same {
+                    false
+                } else {
+                    c.oom_seen = kills.max(c.oom_seen + 1);
+                    c.oom_begun_at = Some(std::time::Instant::now());
+                    true
+                }
             }
             OomNotice::Counted | OomNotice::Exit => {
                 let new = kills > c.oom_seen;
@@ -468,6 +484,7 @@ impl containerd_shim::Task for TaskService {
                 rootfs_mounted,
                 oom_seen: 0,
                 oom_done: false,
+                oom_begun_at: None,
                 oom_watch: None,
             },
         );
