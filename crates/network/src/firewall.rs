@@ -87,8 +87,12 @@ pub fn ensure(net: &Network) -> Result<()> {
     let want = net.subnet.to_string();
     match std::fs::read_to_string(&m) {
         Ok(s) if s.trim() == want => return Ok(()),
-        // Made for another subnet of the same name: those go first.
-        Ok(_) => remove(net),
+        // Made for another subnet of the same name: those go first (the old jump
+        // names the old subnet).
+        Ok(s) => remove(&Network {
+            subnet: s.trim().parse().unwrap_or(net.subnet),
+            ..net.clone()
+        }),
         Err(_) => {}
     }
     let fail = |what: String| Error::Invalid(format!("network {}: {what}", net.name));
