@@ -490,12 +490,18 @@ pub fn serve(server: &ApiServer, vmm: &mut Vmm) -> GuestExit {
         if let Some(e) = vmm.exit_reason() {
             return e;
         }
-        let mut fds = vec![vmm.exit_eventfd().as_raw_fd(), server.listener.as_raw_fd()];
+        let mut fds = vec![
+            vmm.exit_eventfd().as_raw_fd(),
+            server.listener.as_raw_fd(),
+            vmm.halt_wake_fd(),
+        ];
         if let Some((c, _)) = &client {
             fds.push(c.as_raw_fd());
         }
-        let Some(ready) = poll(&fds, crate::builder::HALT_CHECK_MS) else {
-            vmm.check_halted();
+        let ready = poll(&fds, vmm.halt_sleep_ms());
+        vmm.halt_woke();
+        vmm.check_halted();
+        let Some(ready) = ready else {
             continue;
         };
         if ready[1] {
@@ -505,7 +511,7 @@ pub fn serve(server: &ApiServer, vmm: &mut Vmm) -> GuestExit {
                 continue;
             }
         }
-        if ready.get(2) == Some(&true) {
+        if ready.get(3) == Some(&true) {
             let Some((c, buf)) = client.as_mut() else {
                 continue;
             };

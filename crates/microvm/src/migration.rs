@@ -27,7 +27,7 @@ use std::fmt;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -236,6 +236,25 @@ pub enum Listener {
     Tcp(TcpListener),
 }
 
+/// A Unix listener at `path` whose file appears only once it listens: bound under a
+/// name of its own beside it, then renamed into place (bind(2) makes the file before
+/// listen(2), and a source that connects in between is refused), linked into place
+/// (which, unlike a rename, never replaces a file that came meanwhile). A path too
+/// long for the extra name is bound directly.
+fn bind_listening(path: &Path) -> std::io::Result<UnixListener> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    if tmp.as_os_str().len() >= 108 {
+        return UnixListener::bind(path);
+    }
+    let _ = std::fs::remove_file(&tmp);
+    let l = UnixListener::bind(&tmp)?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    linked.map(|()| l)
+}
+
 impl Listener {
     /// Binds `addr` (a Unix path must not exist yet).
     pub fn bind(addr: &Addr) -> Result<Listener, MigrationError> {
@@ -247,7 +266,7 @@ impl Listener {
                         "cannot listen on {addr}: the path exists already"
                     )));
                 }
-                Listener::Unix(UnixListener::bind(p).map_err(io(what()))?, p.clone())
+                Listener::Unix(bind_listening(p).map_err(io(what()))?, p.clone())
             }
             Addr::Tcp(a) => Listener::Tcp(TcpListener::bind(a).map_err(io(what()))?),
         })

@@ -14,7 +14,7 @@ use nestor_microvm::devices::serial::SerialDevice;
 use nestor_microvm::devices::{Bus, BusDevice};
 use nestor_microvm::exit::ExitSignal;
 use nestor_microvm::vstate::memory::create_guest_memory;
-use nestor_microvm::vstate::vcpu::{run_loop, Vcpu, VcpuContext, VcpuControl};
+use nestor_microvm::vstate::vcpu::{run_loop, IoWatch, Vcpu, VcpuContext, VcpuControl};
 use nestor_microvm::vstate::vm::Vm;
 use nestor_microvm::{GuestExit, VmConfig, Vmm};
 use vm_memory::{Bytes, GuestAddress};
@@ -84,6 +84,9 @@ fn real_mode_guest_exits_reach_the_buses() {
     pio.insert(0x500, 2, rec.clone()).unwrap();
     let exit = Arc::new(ExitSignal::new().unwrap());
     let first_run = Stamp::new(Instant::now());
+    // Armed: the first port exit wakes the waiter, once; every one is counted.
+    let io = Arc::new(IoWatch::new().unwrap());
+    io.arm();
     run_loop(
         vcpu,
         VcpuContext {
@@ -92,10 +95,13 @@ fn real_mode_guest_exits_reach_the_buses() {
             exit: exit.clone(),
             control: Arc::new(VcpuControl::default()),
             first_run: first_run.clone(),
+            io: io.clone(),
         },
     );
     assert_eq!(exit.get(), Some(GuestExit::Halted));
     assert!(first_run.get().is_some());
+    assert_eq!(io.count(), 4, "one serial write, two port writes, one read");
+    assert_eq!(io.eventfd().read().unwrap(), 1, "one wake-up per arming");
     assert_eq!(out.contents(), b"A");
     let r = rec.lock().unwrap();
     assert_eq!(r.writes, vec![(0, vec![0x99]), (1, vec![0x42])]);
@@ -138,6 +144,7 @@ fn mmio_reads_and_writes_reach_the_mmio_bus() {
     let mut mmio = Bus::new();
     mmio.insert(0x10000, 0x100, rec.clone()).unwrap();
     let exit = Arc::new(ExitSignal::new().unwrap());
+    let io = Arc::new(IoWatch::new().unwrap());
     run_loop(
         vcpu,
         VcpuContext {
@@ -146,9 +153,12 @@ fn mmio_reads_and_writes_reach_the_mmio_bus() {
             exit: exit.clone(),
             control: Arc::new(VcpuControl::default()),
             first_run: Stamp::new(Instant::now()),
+            io: io.clone(),
         },
     );
     assert_eq!(exit.get(), Some(GuestExit::Halted));
+    assert_eq!(io.count(), 3, "MMIO exits are counted too");
+    assert!(io.eventfd().read().is_err(), "no wake-up unarmed");
     let r = rec.lock().unwrap();
     assert_eq!(r.reads, vec![(8, 2)]);
     assert_eq!(r.writes, vec![(4, vec![0x5a]), (0x10, vec![0x42, 0x42])]);

@@ -4,13 +4,14 @@
 //! vCPU thread also saves its own state when asked ([`VcpuControl::save_all`]), so a
 //! vCPU fd is only ever used by its own thread.
 
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::{cpuid, msr, regs};
 use crate::devices::boot_marker::Stamp;
@@ -310,6 +311,57 @@ pub struct VcpuContext {
     pub control: Arc<VcpuControl>,
     /// Marked when a vCPU first enters KVM_RUN.
     pub first_run: Stamp,
+    /// Counts the port and MMIO exits (see [`IoWatch`]).
+    pub io: Arc<IoWatch>,
+}
+
+/// The vCPUs' sign of life for the thread that waits for the VM: a count of the port
+/// and MMIO exits they handled in user space, and an eventfd a vCPU writes on the
+/// first such exit after the waiter armed it (so a waiter in a long sleep wakes at the
+/// guest's next I/O, and one write per arming at most).
+pub struct IoWatch {
+    count: AtomicU64,
+    armed: AtomicBool,
+    evt: EventFd,
+}
+
+impl IoWatch {
+    /// A fresh watch, unarmed.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(IoWatch {
+            count: AtomicU64::new(0),
+            armed: AtomicBool::new(false),
+            evt: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Port and MMIO exits so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Asks for a wake-up at the next I/O exit.
+    pub fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Takes a wake-up back (and drains the eventfd).
+    pub fn disarm(&self) {
+        self.armed.store(false, Ordering::SeqCst);
+        let _ = self.evt.read();
+    }
+
+    /// The eventfd that becomes readable at an armed wake-up.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+
+    fn note(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        if self.armed.swap(false, Ordering::SeqCst) {
+            let _ = self.evt.write(1);
+        }
+    }
 }
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
@@ -416,6 +468,9 @@ pub fn run_loop(mut vcpu: Vcpu, ctx: VcpuContext) {
                 vcpu.id
             ))),
         };
+        if io {
+            ctx.io.note();
+        }
         if io && end.is_none() && ctx.control.is_paused() {
             complete_io(&mut vcpu);
         }
