@@ -43,5 +43,6 @@ echo "test: KVM test host self-test" >&2
 tests/testhost/selftest.sh
 echo "test: KVM tests (in the KVM test host unless this host has hardware KVM)" >&2
 # A test that fails gets two more runs in fresh boots, each reported (tests/testhost/README.md:
-# the nested guests of the TCG test host die now and then).
-tests/testhost/batch --retry-failed --retries 2 --batch-size 1 --per-test-timeout 420 tests/kvm
+# the nested guests of the TCG test host die now and then). Two test hosts at once where
+# there are two cores: each has one vCPU.
+tests/testhost/batch --jobs "$(($(nproc) < 2 ? 1 : 2))" --retry-failed --retries 2 --batch-size 1 --per-test-timeout 420 tests/kvm

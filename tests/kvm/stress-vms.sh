@@ -10,7 +10,15 @@ limit=900
 source "$(dirname "${BASH_SOURCE[0]}")/lib/prelude.sh"
 source "$here/lib/vm-env.sh"
 
-count=${NESTOR_STRESS_VMS:-20}
+# 20 where KVM is hardware. In the TCG test host, 12: every guest there boots on one
+# emulated CPU, and with 20 the test host stalled in some boots before all had started
+# (no console output, no panic: 3 of 4 boots in CI and here on 2026-12-06).
+if [[ ${NESTOR_TESTHOST:-} == inside ]]; then
+    count=${NESTOR_STRESS_VMS:-12}
+    echo "stress-vms: $count microVMs in the TCG test host (20 on hardware KVM; NESTOR_STRESS_VMS sets it)"
+else
+    count=${NESTOR_STRESS_VMS:-20}
+fi
 export NESTOR_VM_RUN=$work/vmrun
 t0=$(date +%s.%N)
 # Booted in waves of $wave at once: 20 Linux guests booting together under the test
@@ -20,9 +28,11 @@ export NESTOR_VM_TIMEOUT=300
 for i in $(seq 1 "$count"); do
     n run --vm -d --vm-mem 96 --network none --name "sv$i" busybox sleep 900 \
         >"$work/start$i.out" 2>"$work/start$i.err" &
-    if ((i % wave == 0)); then wait || true; fi
+    if ((i % wave == 0 || i == count)); then
+        wait || true
+        echo "stress-vms: $i started or failed after $(python3 -c "import sys,time; print(f'{time.time()-float(sys.argv[1]):.0f}')" "$t0") s"
+    fi
 done
-wait || true
 # Under the TCG test host's emulated nested SVM a Linux guest can die in its first
 # second (a triple fault at 0.03-0.9 s of guest time, nothing on the console). With two
 # test-host vCPUs that was 1 boot in 6-20 when guests booted side by side; with one

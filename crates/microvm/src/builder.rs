@@ -133,10 +133,10 @@ const HALT_CHECK_MAX_MS: u64 = 1000;
 /// its guest (6 idle microVMs in the TCG test host: 47 against 8 ticks each over
 /// 20 s). A guest that powers off does port or MMIO I/O just before it halts (the
 /// kernel's "Power down" on the console, its devices' reset), so the checks follow the
-/// guest's I/O: 50 ms after a check that saw new I/O, then at 50, 100, 200, 400 and
-/// 800 ms gaps, then once a second; a waiter in a gap over 50 ms sleeps until the
-/// guest's next I/O exit wakes it ([`vcpu::IoWatch`]), and checks 50 ms later. A halt
-/// that follows I/O ends the VM as promptly as before, a silent one within a second.
+/// guest's I/O: 50 ms after a check that saw new I/O, then at 100, 200, 400 and 800 ms
+/// gaps, then once a second; a waiter in a gap over 50 ms sleeps until the guest's
+/// next I/O exit wakes it ([`vcpu::IoWatch`]), and checks 5 ms later. A halt that
+/// follows I/O ends the VM as promptly as before, a silent one within a second.
 #[derive(Debug)]
 struct HaltWatch {
     /// The vCPUs' I/O-exit count at the last check.
@@ -150,6 +150,7 @@ struct HaltWatch {
 impl HaltWatch {
     const FIRST: Duration = Duration::from_millis(HALT_CHECK_MS as u64);
     const MAX: Duration = Duration::from_millis(HALT_CHECK_MAX_MS);
+    const AFTER_WAKE: Duration = Duration::from_millis(5);
 
     fn new(now: Instant) -> Self {
         HaltWatch {
@@ -175,9 +176,10 @@ impl HaltWatch {
         true
     }
 
-    /// The guest did I/O while the waiter slept: check 50 ms from `now` at the latest.
+    /// The guest did I/O while the waiter slept: check soon (a guest that powers off
+    /// halts right after its last console line).
     fn io_seen(&mut self, now: Instant) {
-        self.next_at = self.next_at.min(now + Self::FIRST);
+        self.next_at = self.next_at.min(now + Self::AFTER_WAKE);
     }
 
     /// How long the waiter may sleep from `now`.
@@ -1592,10 +1594,10 @@ mod tests {
             at += gap;
         }
         assert_eq!(gaps, [100, 200, 400, 800, 1000, 1000, 1000, 1000]);
-        // The guest's I/O in a long sleep: a check 50 ms later, then gaps of 50 again.
+        // The guest's I/O in a long sleep: a check 5 ms later, then gaps of 50 again.
         w.io_seen(ms(at - 900));
-        assert_eq!(w.sleep(ms(at - 900)), Duration::from_millis(50));
-        assert!(w.check(8, ms(at - 850)));
-        assert_eq!(w.sleep(ms(at - 850)), Duration::from_millis(50));
+        assert_eq!(w.sleep(ms(at - 900)), Duration::from_millis(5));
+        assert!(w.check(8, ms(at - 895)));
+        assert_eq!(w.sleep(ms(at - 895)), Duration::from_millis(50));
     }
 }
