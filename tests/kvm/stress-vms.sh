@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# Load: 20 microVMs at once. 20 `run --vm -d` containers are started (in waves); each
-# must run in a VM of its own (20 distinct guest boot ids through exec), and after 20
-# `rm -f` at once no VMM, sandbox, container or runtime state is left. Prints the time
-# to start and to remove them all. Runs in the KVM test host unless this host has
-# hardware KVM (20 nested launches: this test gets a test-host boot of its own). Exit 0
-# when all pass.
+# Load: 20 microVMs at once (12 in the TCG test host). That many `run --vm -d`
+# containers are started (in waves, a line each); each must run in a VM of its own
+# (distinct guest boot ids through exec), and after as many `rm -f` at once no VMM,
+# sandbox, container or runtime state is left. Prints the time to start and to remove
+# them all. Runs in the KVM test host unless this host has hardware KVM (this test gets
+# a test-host boot of its own). Exit 0 when all pass.
 set -euo pipefail
 limit=900
 source "$(dirname "${BASH_SOURCE[0]}")/lib/prelude.sh"
 source "$here/lib/vm-env.sh"
 
-# 20 where KVM is hardware. In the TCG test host, 12: every guest there boots on one
-# emulated CPU, and with 20 the test host stalled in some boots before all had started
-# (no console output, no panic: 3 of 4 boots in CI and here on 2026-12-06).
+# 20 where KVM is hardware. In the TCG test host, 12: every guest there boots and
+# runs on one emulated CPU. With 20, CI's run of 2026-12-06 ran past the 420 s limit in
+# all 3 boots (the first before the starts had ended, with no console output and no
+# panic; the others in the execs), and one boot here stalled the same way.
 if [[ ${NESTOR_TESTHOST:-} == inside ]]; then
     count=${NESTOR_STRESS_VMS:-12}
     echo "stress-vms: $count microVMs in the TCG test host (20 on hardware KVM; NESTOR_STRESS_VMS sets it)"
