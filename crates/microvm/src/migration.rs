@@ -236,11 +236,11 @@ pub enum Listener {
     Tcp(TcpListener),
 }
 
-/// A Unix listener at `path` whose file appears only once it listens: bound under a
-/// name of its own beside it, then renamed into place (bind(2) makes the file before
-/// listen(2), and a source that connects in between is refused), linked into place
-/// (which, unlike a rename, never replaces a file that came meanwhile). A path too
-/// long for the extra name is bound directly.
+/// A Unix listener at `path` whose file appears only once it listens (bind(2) makes
+/// the file before listen(2), and a source that connects in between is refused): bound
+/// under a name of its own beside it, then hard-linked into place, which, unlike a
+/// rename, never replaces a file that came meanwhile. A path too long for the extra
+/// name is bound directly.
 fn bind_listening(path: &Path) -> std::io::Result<UnixListener> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".{}.tmp", std::process::id()));

@@ -358,7 +358,8 @@ impl IoWatch {
 
     fn note(&self) {
         self.count.fetch_add(1, Ordering::SeqCst);
-        if self.armed.swap(false, Ordering::SeqCst) {
+        // A load first: most exits find it unarmed and write nothing more.
+        if self.armed.load(Ordering::SeqCst) && self.armed.swap(false, Ordering::SeqCst) {
             let _ = self.evt.write(1);
         }
     }
