@@ -14,12 +14,17 @@
 # mode alone is reported as failed), and once more for each VM-container mode's
 # state-transfer section (one round) and, in the same boot, its fs section (the shared
 # directory over virtio-fs and virtio-blk: 3 VM launches, before the state transfer's);
-# the process and container boots run their fs rows with their other sections. It
-# merges the reports (`nestor bench --merge`);
+# the process and container boots run their fs rows with their other sections. Up to
+# two boots run at once where there are two cores (a test host has one vCPU), longest
+# first, their progress lines prefixed with the job. It merges the reports
+# (`nestor bench --merge`);
 # each bench rewrites its JSON after every mode, so a cut run keeps its rows.
 # Env: NESTOR_COMPARE_OUT (default <repo>/target/compare), NESTOR_COMPARE_TESTHOST=0 to
 # skip step 2, NESTOR_COMPARE_TESTHOST_ARGS (default "--runs 3 --density-max 3"),
-# NESTOR_COMPARE_TESTHOST_TIMEOUT (seconds per boot, default 900).
+# NESTOR_COMPARE_TESTHOST_TIMEOUT (seconds per boot, default 900), NESTOR_COMPARE_JOBS
+# (test-host boots at once; default 2 with two cores or more, else 1),
+# NESTOR_COMPARE_STALL (seconds a boot may print nothing before it is ended as frozen
+# and retried; default 420: the longest quiet stretch of a sound boot was about 2 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -109,14 +114,16 @@ else
         *) jobs+=("$m") ;;
         esac
     done
-    parts=() failed=()
     # The test host sees this machine's files read-only apart from the checkout and the
     # shares: the reports must land in a shared directory.
     share=()
     [[ $out == "$repo"/* ]] || share=(--share "$out")
-    for job in "${jobs[@]}"; do
-        m=${job%%:*}
+    # One job: its test-host boot, retried once. Its status goes to $out/.job-NAME.rc
+    # (0: its rows are in testhost-NAME.json; else the last boot's status).
+    run_job() {
+        local job=$1 m sections th ok=0 attempt status=0 i
         sections=() th=("${th_args[@]}")
+        m=${job%%:*}
         if [[ $job == *:state-transfer ]]; then
             # One round (--quick's): --runs would set the rounds, 13 VM launches each.
             # The fs rows (virtio-fs, virtio-blk) first, in the same boot.
@@ -128,11 +135,14 @@ else
             sections=(--sections start-stop,unit-size,density,workloads,services)
         fi
         m=${job/:/-}
-        ok=0
         for attempt in 1 2; do
             log "test host: $job (boot $attempt of at most 2)"
             rm -f "$out/testhost-$m.json"
             status=0
+            # The boot's progress (stderr) is copied to a log whose growth is its
+            # heartbeat: a test host that froze (it happens after many nested launches,
+            # without a panic) is ended after $stall s without a byte, not at the limit.
+            : >"$out/.progress-$m"
             NESTOR_BIN_DIR="$BIN" tests/testhost/run --timeout "${NESTOR_COMPARE_TESTHOST_TIMEOUT:-900}" "${share[@]}" -- \
                 env NESTOR_ROOT=/run/nestor-compare NESTOR_STATE=/run/nestor-compare-state \
                 NESTOR_VM_KERNEL="$vm_dir/vmlinux" NESTOR_VM_INITRD="$vm_dir/initramfs.cpio.gz" bash -c \
@@ -141,7 +151,25 @@ else
                  exec "$nestor" bench "$@"' \
                 - "$BIN/nestor" "$busybox_img" "$redis_img" --quick "${args[@]}" "${th[@]}" \
                 --json "$out/testhost-$m.json" "${rest[@]}" "${sections[@]}" --modes "${job%%:*}" \
-                >"$out/testhost-$m.md" || status=$?
+                >"$out/testhost-$m.md" 2> >(tee -a "$out/.progress-$m" >&2) &
+            local rpid=$! size=-1 now_size quiet=0
+            while kill -0 "$rpid" 2>/dev/null; do
+                sleep 5
+                now_size=$(stat -c %s "$out/.progress-$m" 2>/dev/null || echo 0)
+                if [[ $now_size == "$size" ]]; then
+                    quiet=$((quiet + 5))
+                    if ((quiet >= stall)); then
+                        log "test host: $job: no progress for $quiet s: ending the boot (NESTOR_COMPARE_STALL)"
+                        kill -TERM "$rpid" 2>/dev/null
+                        break
+                    fi
+                else
+                    size=$now_size quiet=0
+                fi
+            done
+            wait "$rpid" || status=$?
+            rm -f "$out/.progress-$m"
+            ((quiet >= stall)) && status=124
             if ((status == 0)); then
                 ok=1
                 break
@@ -152,16 +180,63 @@ else
                 ok=1
                 break
             fi
-            log "test host: mode $m failed (status $status: 123 panic, 124 time-out)"
+            log "test host: mode $m failed (status $status: 123 panic, 124 time-out or no progress)"
         done
         if ((ok)); then
+            echo 0 >"$out/.job-$m.rc"
+        else
+            echo "$status" >"$out/.job-$m.rc"
+            failed_report "$out/host.json" "${job%%:*}" "the test-host boot failed twice (last status $status: 123 = its kernel panicked, 124 = time-out or no progress, 125 = harness)" \
+                >"$out/testhost-$m.json"
+        fi
+    }
+    # Boots at once: a test host has one vCPU, so one per core (at most 2: the
+    # measurements of two boots side by side were checked against one at a time; see
+    # the README). Each takes the next job, longest first; its lines are prefixed.
+    stall=${NESTOR_COMPARE_STALL:-420}
+    [[ $stall =~ ^[1-9][0-9]*$ ]] || { log "NESTOR_COMPARE_STALL must be seconds >= 1, got '$stall'"; exit 2; }
+    par=${NESTOR_COMPARE_JOBS:-$(($(nproc) >= 2 ? 2 : 1))}
+    [[ $par =~ ^[1-9][0-9]*$ ]] || { log "NESTOR_COMPARE_JOBS must be a count >= 1, got '$par'"; exit 2; }
+    order=()
+    for want in vm-container:state-transfer vm-container jailed-vm-container vm:state-transfer jailed-vm \
+        jailed-vm-container:state-transfer vm container process; do
+        [[ " ${jobs[*]} " == *" $want "* ]] && order+=("$want")
+    done
+    for job in "${jobs[@]}"; do [[ " ${order[*]} " == *" $job "* ]] || order+=("$job"); done
+    rm -f "$out"/.job-*.rc
+    if ((par > 1 && ${#order[@]} > 1)); then
+        log "test host: ${#order[@]} boots, up to $par at once (NESTOR_COMPARE_JOBS)"
+        echo 0 >"$out/.next"
+        worker() {
+            local id
+            while :; do
+                id=$(flock "$out/.next" bash -c 'i=$(<"$1"); echo $((i + 1)) >"$1"; echo "$i"' _ "$out/.next")
+                ((id < ${#order[@]})) || return 0
+                run_job "${order[id]}" 2>&1 | sed -u "s/^/[${order[id]}] /" >&2
+            done
+        }
+        pids=()
+        trap 'kill "${pids[@]}" 2>/dev/null; pkill -TERM -f -- "--json $out/testhost-" 2>/dev/null; exit 130' INT TERM
+        for ((w = 0; w < par; w++)); do
+            worker &
+            pids+=($!)
+        done
+        wait "${pids[@]}"
+        trap - INT TERM
+        rm -f "$out/.next"
+    else
+        for job in "${order[@]}"; do run_job "$job"; done
+    fi
+    parts=() failed=()
+    for job in "${jobs[@]}"; do
+        m=${job/:/-}
+        if [[ $(cat "$out/.job-$m.rc" 2>/dev/null) == 0 ]]; then
             parts+=("$out/testhost-$m.json")
         else
             failed+=("$m")
-            failed_report "$out/host.json" "${job%%:*}" "the test-host boot failed twice (last status $status: 123 = its kernel panicked, 124 = time-out, 125 = harness)" \
-                >"$out/testhost-$m.json"
         fi
     done
+    rm -f "$out"/.job-*.rc
     for m in "${failed[@]}"; do parts+=("$out/testhost-$m.json"); done
     if ((${#parts[@]})) && "$BIN/nestor" bench --merge "${parts[@]}" --json "$out/testhost.json" \
         --svg "$out/testhost-svg" >"$out/testhost.md"; then

@@ -32,4 +32,15 @@ else
     code=0
 fi
 echo "nestor-init: exit $code"
-if [ "$reboot" = 1 ]; then reboot -f; else poweroff -f; fi
+# Synced, the VMM is asked first (nestor-vmm ends the VM at that port write, without
+# the kernel's shutdown path): the i8042 reset line (0xfe to port 0x64), or S5|SLP_EN
+# (0x3400) to the ACPI PM1a control port 0x604. Where nothing answers, the kernel's own
+# reboot or power-off follows.
+sync
+if [ "$reboot" = 1 ]; then
+    printf '\376' | dd of=/dev/port bs=1 seek=100 count=1 2>/dev/null
+    reboot -f
+else
+    printf '\000\064' | dd of=/dev/port bs=1 seek=1540 count=2 2>/dev/null
+    poweroff -f
+fi

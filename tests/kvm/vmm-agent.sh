@@ -10,7 +10,8 @@
 # `nestor-agent client`): ping;
 # attach stdout and stderr; run a busybox container; read its output from the vsock
 # streams; wait for its exit code; stats; delete; shutdown, after which nestor-vmm must
-# exit 0 by itself and leave no socket behind. Prints the phase times (launch -> agent
+# exit 0 by itself, ended by the agent's S5 write to the PM1a control port (not by the
+# kernel's halt), and leave no socket behind. Prints the phase times (launch -> agent
 # answers -> container exited -> VM gone), labelled when inside the TCG test host.
 #
 # Runs in the KVM test host unless this host has hardware KVM.
@@ -33,7 +34,7 @@ on_exit '[[ -n $vpid ]] && kill "$vpid" && wait "$vpid"'
 sock=$work/v.sock
 
 t0=$(date +%s%N)
-timeout --kill-after=5 "$limit" "$vmm" --kernel "$kernel" --initrd "$initrd" --mem 512 --vcpus 2 \
+NESTOR_LOG=info timeout --kill-after=5 "$limit" "$vmm" --kernel "$kernel" --initrd "$initrd" --mem 512 --vcpus 2 \
     --vsock "$sock" --console "$work/console" --cmdline "console=ttyS0 panic=-1 quiet" \
     </dev/null >"$work/vmm.log" 2>&1 &
 vpid=$!
@@ -78,6 +79,9 @@ set -e
 vpid=
 t1=$(date +%s%N)
 ((vrc == 0)) && pass "nestor-vmm exited 0 by itself after the shutdown request" || bad "nestor-vmm status $vrc (124: time limit)"
+# The agent powers off through the VMM's ACPI PM1a control port, not the kernel's halt.
+grep -q 'guest ended: poweroff' "$work/vmm.log" && pass "the agent ended the VM at the PM1a control port (S5)" ||
+    bad "the VM did not end by S5: $(grep -o 'guest ended: [a-z ]*' "$work/vmm.log" || echo 'no ending logged')"
 [[ ! -e $sock ]] && pass "no vsock socket left behind" || bad "vsock socket left behind"
 if ((fail)); then
     echo "--- console and nestor-vmm output" >&2

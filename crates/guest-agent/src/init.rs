@@ -20,24 +20,55 @@ pub const MARKER_INIT: u8 = 123;
 /// Written when the agent listens for the host.
 pub const MARKER_READY: u8 = 124;
 
-/// Writes a boot marker byte to [`MARKER_PORT`]. Only call as PID 1 of a guest: on a
-/// real machine the port belongs to the floppy controller.
-pub fn boot_marker(value: u8) {
+/// nestor-vmm's ACPI PM1a control register (the FADT names it; this kernel has no ACPI).
+const PM1A_CNT_PORT: u16 = 0x604;
+/// SLP_TYP = S5 (the value the VMM's DSDT gives) with SLP_EN: power off.
+const PM1A_S5_SLP_EN: u16 = (5 << 10) | (1 << 13);
+/// The i8042 command port; [`I8042_RESET`] pulses the reset line (Firecracker's and
+/// nestor-vmm's reboot).
+const I8042_COMMAND_PORT: u16 = 0x64;
+const I8042_RESET: u8 = 0xfe;
+
+/// Writes `value` to I/O port `port` (a byte, or a 16-bit word), after `ioperm`. Only
+/// call as PID 1 of a guest: on a real machine these ports belong to real devices.
+/// Returns whether the write was made.
+fn port_write(port: u16, value: u16, word: bool) -> bool {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: ioperm grants this process access to one port; the asm writes one byte to
-    // it and touches no memory.
+    // SAFETY: ioperm grants this process access to the port(s); the asm writes to them
+    // and touches no memory.
     unsafe {
-        if libc::ioperm(MARKER_PORT as libc::c_ulong, 1, 1) == 0 {
+        let len = if word { 2 } else { 1 };
+        if libc::ioperm(port as libc::c_ulong, len, 1) != 0 {
+            return false;
+        }
+        if word {
+            std::arch::asm!(
+                "out dx, ax",
+                in("dx") port,
+                in("ax") value,
+                options(nomem, nostack, preserves_flags)
+            );
+        } else {
             std::arch::asm!(
                 "out dx, al",
-                in("dx") MARKER_PORT,
-                in("al") value,
+                in("dx") port,
+                in("al") value as u8,
                 options(nomem, nostack, preserves_flags)
             );
         }
+        true
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = value;
+    {
+        let _ = (port, value, word);
+        false
+    }
+}
+
+/// Writes a boot marker byte to [`MARKER_PORT`]. Only call as PID 1 of a guest: on a
+/// real machine the port belongs to the floppy controller.
+pub fn boot_marker(value: u8) {
+    port_write(MARKER_PORT, value.into(), false);
 }
 
 struct Mnt {
@@ -217,12 +248,27 @@ pub fn setup(hostname: &str) -> Result<()> {
 
 /// Ends the VM: kills every other process, syncs, and powers off or reboots. Never
 /// returns; if the reboot call itself fails, it halts the CPU in a sleep loop.
+///
+/// After the sync, the agent asks the VMM itself first: S5 on the PM1a control port
+/// (power-off) or the i8042 reset line (reboot). nestor-vmm ends the VM at that exit,
+/// without the kernel's own shutdown path (device shutdown, then every vCPU halted,
+/// which the VMM has to notice). The guest's file systems are synced either way, and
+/// a VM has no other hardware to put to rest. Where nothing answers the port (QEMU
+/// without ACPI), the write is ignored and `reboot(2)` follows as before.
 pub fn end_vm(reboot: bool) -> ! {
-    // SAFETY: signalling every process but ourselves, syncing and rebooting are the
-    // documented way for init to end the system.
+    // SAFETY: signalling every process but ourselves and syncing are the documented
+    // way for init to end the system.
     unsafe {
         libc::kill(-1, libc::SIGKILL);
         libc::sync();
+    }
+    if reboot {
+        port_write(I8042_COMMAND_PORT, I8042_RESET.into(), false);
+    } else {
+        port_write(PM1A_CNT_PORT, PM1A_S5_SLP_EN, true);
+    }
+    // SAFETY: rebooting is how init ends the system where the VMM did not.
+    unsafe {
         libc::reboot(if reboot {
             libc::RB_AUTOBOOT
         } else {

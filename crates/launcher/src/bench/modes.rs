@@ -324,7 +324,16 @@ for w in $(cat /proc/cmdline); do
 done
 sh -c "$cmd"
 echo "nestor-bench-init: exit $?"
-if [ "$reboot" = 1 ]; then reboot -f; else poweroff -f; fi
+# Synced, the VMM is asked first, as nestor's own inits do (images/initramfs/init.sh):
+# the i8042 reset line, or S5 to the ACPI PM1a control port; else the kernel's path.
+sync
+if [ "$reboot" = 1 ]; then
+    printf '\376' | dd of=/dev/port bs=1 seek=100 count=1 2>/dev/null
+    reboot -f
+else
+    printf '\000\064' | dd of=/dev/port bs=1 seek=1540 count=2 2>/dev/null
+    poweroff -f
+fi
 "#;
 
 /// A newc cpio with busybox, the static nestor (if any) and the bench init.

@@ -78,6 +78,7 @@ pub(super) fn measure(env: &Env, m: Mode, plan: &Plan) -> ServiceSet {
         }
         Err(e) => set.reason = Some(format!("{e:#}")),
     }
+    progress(&format!("{} / {}: services: Redis", m.name(), r.name));
     match redis(env, &r, plan) {
         Ok(v) => {
             set.status = Status::Measured;
