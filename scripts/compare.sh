@@ -24,7 +24,7 @@
 # NESTOR_COMPARE_TESTHOST_TIMEOUT (seconds per boot, default 900), NESTOR_COMPARE_JOBS
 # (test-host boots at once; default 2 with two cores or more, else 1),
 # NESTOR_COMPARE_STALL (seconds a boot may print nothing before it is ended as frozen
-# and retried; default 420: the longest quiet stretch of a sound boot was about 2 min).
+# and retried; default 240: the longest quiet stretch of a sound boot was 106-122 s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -103,14 +103,17 @@ else
     # The state-transfer section boots a VM 13 times a round (6 in the plain-microVM
     # mode): for those modes it gets a test-host boot of its own (job
     # MODE:state-transfer), which runs the fs section too (3 VM launches, first, in the
-    # vm-container mode; the others have no fs rows), unless --sections was given (then
-    # every boot runs those sections).
+    # vm-container mode; the others have no fs rows). A VM container's services (a
+    # networked VM serving TCP, then Redis) get one too (MODE:services): that is where
+    # test hosts froze (no panic, no progress), and a retry then redoes only them.
+    # Unless --sections was given (then every boot runs those sections).
     user_sections=0
     for x in "${rest[@]}"; do case $x in --sections | --sections=*) user_sections=1 ;; esac; done
     jobs=()
     for m in ${modes//,/ }; do
         case $m in
-        vm | vm-container | jailed-vm-container) ((user_sections)) && jobs+=("$m") || jobs+=("$m" "$m:state-transfer") ;;
+        vm) ((user_sections)) && jobs+=("$m") || jobs+=("$m" "$m:state-transfer") ;;
+        vm-container | jailed-vm-container) ((user_sections)) && jobs+=("$m") || jobs+=("$m" "$m:services" "$m:state-transfer") ;;
         *) jobs+=("$m") ;;
         esac
     done
@@ -131,6 +134,10 @@ else
             for ((i = 0; i < ${#th_args[@]}; i++)); do
                 case ${th_args[i]} in --runs) i=$((i + 1)) ;; --runs=*) ;; *) th+=("${th_args[i]}") ;; esac
             done
+        elif [[ $job == *:services ]]; then
+            sections=(--sections services)
+        elif ((!user_sections)) && [[ " ${jobs[*]} " == *" $m:services "* ]]; then
+            sections=(--sections start-stop,unit-size,density,workloads)
         elif ((!user_sections)) && [[ " ${jobs[*]} " == *" $m:state-transfer "* ]]; then
             sections=(--sections start-stop,unit-size,density,workloads,services)
         fi
@@ -193,13 +200,14 @@ else
     # Boots at once: a test host has one vCPU, so one per core (at most 2: the
     # measurements of two boots side by side were checked against one at a time; see
     # the README). Each takes the next job, longest first; its lines are prefixed.
-    stall=${NESTOR_COMPARE_STALL:-420}
+    stall=${NESTOR_COMPARE_STALL:-240}
     [[ $stall =~ ^[1-9][0-9]*$ ]] || { log "NESTOR_COMPARE_STALL must be seconds >= 1, got '$stall'"; exit 2; }
     par=${NESTOR_COMPARE_JOBS:-$(($(nproc) >= 2 ? 2 : 1))}
     [[ $par =~ ^[1-9][0-9]*$ ]] || { log "NESTOR_COMPARE_JOBS must be a count >= 1, got '$par'"; exit 2; }
     order=()
-    for want in vm-container:state-transfer vm-container jailed-vm-container vm:state-transfer jailed-vm \
-        jailed-vm-container:state-transfer vm container process; do
+    for want in vm-container:state-transfer vm-container jailed-vm-container vm-container:services \
+        jailed-vm-container:services jailed-vm-container:state-transfer vm jailed-vm container process \
+        vm:state-transfer; do
         [[ " ${jobs[*]} " == *" $want "* ]] && order+=("$want")
     done
     for job in "${jobs[@]}"; do [[ " ${order[*]} " == *" $job "* ]] || order+=("$job"); done

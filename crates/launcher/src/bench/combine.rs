@@ -92,11 +92,21 @@ pub fn merge(parts: &[(String, Report)]) -> Result<Report> {
             .extend(r.density.iter().filter(|x| &x.mode == m).cloned());
         out.workloads
             .extend(r.workloads.iter().filter(|x| &x.mode == m).cloned());
-        out.services
-            .extend(r.services.iter().filter(|x| &x.mode == m).cloned());
-        // State transfer and fs may come from a test-host boot of their own (their VM
-        // launches would crowd the mode's boot): from the first report that measured
-        // them.
+        // Services, state transfer and fs may come from a test-host boot of their own
+        // (their VM launches would crowd the mode's boot): from the first report that
+        // measured them.
+        let picked = first_measured(parts, |r| {
+            r.services
+                .iter()
+                .find(|x| &x.mode == m)
+                .map(|x| (x.clone(), x.status))
+        });
+        if let Some((n, x)) = picked {
+            if n != name {
+                xfer_from.push(format!("services of {m} from {n}"));
+            }
+            out.services.push(x);
+        }
         let picked = first_measured(parts, |r| {
             r.state_transfer
                 .iter()
@@ -468,6 +478,35 @@ mod tests {
             .notes
             .iter()
             .any(|n| n.contains("state transfer of vm-container from xfer")));
+    }
+
+    #[test]
+    fn services_come_from_the_boot_that_measured_them() {
+        let r = stored();
+        let main = split(&r, &["vm-container"]);
+        assert!(main.services.is_empty());
+        let mut own = main.clone();
+        own.start_stop.clear();
+        own.services.push(ServiceSet {
+            mode: "vm-container".into(),
+            runner: "nestor".into(),
+            status: Status::Measured,
+            reason: None,
+            path: "published 127.0.0.1:40000 -> 5201/tcp".into(),
+            tcp_mbps: Some(14.0),
+            rtt_us: None,
+            redis: vec![],
+            redis_reason: Some("no redis-benchmark".into()),
+        });
+        let m = merge(&[("main".into(), main.clone()), ("svc".into(), own)]).unwrap();
+        assert_eq!(m.start_stop.len(), main.start_stop.len());
+        assert_eq!(m.services.len(), 1);
+        assert_eq!(m.services[0].tcp_mbps, Some(14.0));
+        assert!(m
+            .header
+            .notes
+            .iter()
+            .any(|n| n.contains("services of vm-container from svc")));
     }
 
     #[test]
