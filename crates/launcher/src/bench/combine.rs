@@ -95,39 +95,21 @@ pub fn merge(parts: &[(String, Report)]) -> Result<Report> {
         // Services, state transfer and fs may come from a test-host boot of their own
         // (their VM launches would crowd the mode's boot): from the first report that
         // measured them.
-        let picked = first_measured(parts, |r| {
-            r.services
-                .iter()
-                .find(|x| &x.mode == m)
-                .map(|x| (x.clone(), x.status))
-        });
-        if let Some((n, x)) = picked {
+        let mut note = |what: &str, n: &String| {
             if n != name {
-                xfer_from.push(format!("services of {m} from {n}"));
+                xfer_from.push(format!("{what} of {m} from {n}"));
             }
+        };
+        if let Some((n, x)) = take(parts, m, |r| &r.services) {
+            note("services", n);
             out.services.push(x);
         }
-        let picked = first_measured(parts, |r| {
-            r.state_transfer
-                .iter()
-                .find(|x| &x.mode == m)
-                .map(|x| (x.clone(), x.status))
-        });
-        if let Some((n, x)) = picked {
-            if n != name {
-                xfer_from.push(format!("state transfer of {m} from {n}"));
-            }
+        if let Some((n, x)) = take(parts, m, |r| &r.state_transfer) {
+            note("state transfer", n);
             out.state_transfer.push(x);
         }
-        let picked = first_measured(parts, |r| {
-            r.fs.iter()
-                .find(|x| &x.mode == m)
-                .map(|x| (x.clone(), x.status))
-        });
-        if let Some((n, x)) = picked {
-            if n != name {
-                xfer_from.push(format!("fs of {m} from {n}"));
-            }
+        if let Some((n, x)) = take(parts, m, |r| &r.fs) {
+            note("fs", n);
             out.fs.push(x);
         }
     }
@@ -162,6 +144,41 @@ fn first_measured<T>(
         }
     }
     fallback
+}
+
+/// A section's row of one mode, measured or not.
+trait ModeRow: Clone {
+    fn mode(&self) -> &str;
+    fn status(&self) -> Status;
+}
+
+macro_rules! mode_row {
+    ($($t:ty),*) => {$(
+        impl ModeRow for $t {
+            fn mode(&self) -> &str {
+                &self.mode
+            }
+            fn status(&self) -> Status {
+                self.status
+            }
+        }
+    )*};
+}
+mode_row!(ServiceSet, StateTransfer, FsSet);
+
+/// The row of mode `m` in the first report that measured it (else the first that
+/// has it), with that report's name.
+fn take<'a, T: ModeRow>(
+    parts: &'a [(String, Report)],
+    m: &str,
+    rows: impl Fn(&Report) -> &Vec<T>,
+) -> Option<(&'a String, T)> {
+    first_measured(parts, |r| {
+        rows(r)
+            .iter()
+            .find(|x| x.mode() == m)
+            .map(|x| (x.clone(), x.status()))
+    })
 }
 
 /// A row both reports have: what, its unit, the old and new values, and whether higher
