@@ -14,7 +14,8 @@
 # mode alone is reported as failed), and once more for each VM-container mode's
 # state-transfer section (one round) and, in the same boot, its fs section (the shared
 # directory over virtio-fs and virtio-blk: 3 VM launches, before the state transfer's);
-# the process and container boots run their fs rows with their other sections. Up to
+# the process and container boots run their fs rows with their other sections; each
+# VM-container mode's services get a boot of their own too. Up to
 # two boots run at once where there are two cores (a test host has one vCPU), longest
 # first, their progress lines prefixed with the job. It merges the reports
 # (`nestor bench --merge`);
@@ -42,15 +43,23 @@ modes_of() {
     [[ $m == all ]] && m=process,container,vm,vm-container,jailed-vm,jailed-vm-container
     echo "$m"
 }
-# A report of one mode that gave no result: REPORT (for its header) MODE REASON.
+# A report of one mode that gave no result: REPORT (for its header) MODE REASON [JOB].
+# A services job's report carries a skipped services row with the reason, so the merged
+# report says why that mode has none.
 failed_report() {
     python3 - "$@" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-r["modes"] = [{"mode": sys.argv[2], "status": "skipped", "reason": sys.argv[3],
+mode, reason = sys.argv[2], sys.argv[3]
+job = sys.argv[4] if len(sys.argv) > 4 else mode
+r["modes"] = [{"mode": mode, "status": "skipped", "reason": reason,
                "description": "no result: see the reason"}]
 for k in ("start_stop", "unit_size", "density", "workloads", "services", "fs"):
     r[k] = []
+if job.endswith(":services"):
+    r["services"] = [{"mode": mode, "runner": "", "status": "skipped", "reason": reason,
+                      "path": "", "tcp_mbps": None, "rtt_us": None, "redis": [],
+                      "redis_reason": reason}]
 r["header"]["notes"] = []
 print(json.dumps(r))
 PY
@@ -193,7 +202,7 @@ else
             echo 0 >"$out/.job-$m.rc"
         else
             echo "$status" >"$out/.job-$m.rc"
-            failed_report "$out/host.json" "${job%%:*}" "the test-host boot failed twice (last status $status: 123 = its kernel panicked, 124 = time-out or no progress, 125 = harness)" \
+            failed_report "$out/host.json" "${job%%:*}" "the test-host boot failed twice (last status $status: 123 = its kernel panicked, 124 = time-out or no progress, 125 = harness)" "$job" \
                 >"$out/testhost-$m.json"
         fi
     }
