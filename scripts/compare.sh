@@ -156,8 +156,9 @@ else
             rm -f "$out/testhost-$m.json"
             status=0
             # The boot's progress (stderr) is copied to a log whose growth is its
-            # heartbeat: a test host that froze (it happens after many nested launches,
-            # without a panic) is ended after $stall s without a byte, not at the limit.
+            # heartbeat: a test host that froze (it happens, without a panic: see
+            # tests/testhost/README.md) is ended after $stall s without a byte, not at
+            # the limit.
             : >"$out/.progress-$m"
             NESTOR_BIN_DIR="$BIN" tests/testhost/run --timeout "${NESTOR_COMPARE_TESTHOST_TIMEOUT:-900}" "${share[@]}" -- \
                 env NESTOR_ROOT=/run/nestor-compare NESTOR_STATE=/run/nestor-compare-state \
@@ -206,9 +207,9 @@ else
                 >"$out/testhost-$m.json"
         fi
     }
-    # Boots at once: a test host has one vCPU, so one per core (at most 2: the
-    # measurements of two boots side by side were checked against one at a time; see
-    # the README). Each takes the next job, longest first; its lines are prefixed.
+    # Boots at once: a test host has one vCPU, so by default one per core, at most 2
+    # (the measurements of two boots side by side were checked against one at a time;
+    # see the README). Each takes the next job, longest first; its lines are prefixed.
     stall=${NESTOR_COMPARE_STALL:-240}
     [[ $stall =~ ^[1-9][0-9]*$ ]] || { log "NESTOR_COMPARE_STALL must be seconds >= 1, got '$stall'"; exit 2; }
     par=${NESTOR_COMPARE_JOBS:-$(($(nproc) >= 2 ? 2 : 1))}
@@ -221,6 +222,13 @@ else
     done
     for job in "${jobs[@]}"; do [[ " ${order[*]} " == *" $job "* ]] || order+=("$job"); done
     rm -f "$out"/.job-*.rc
+    # A boot runs in the background (for the watchdog), where SIGINT is ignored: on an
+    # interrupt, end every boot (tests/testhost/run stops its QEMU on TERM).
+    pids=()
+    # (`|| true`: under set -e a failing command would end the trap early.)
+    trap 'kill "${pids[@]}" 2>/dev/null || true
+          pkill -TERM -f -- "--json $out/testhost-" 2>/dev/null || true
+          rm -f "$out"/.progress-* "$out"/.job-*.rc "$out/.next"; exit 130' INT TERM
     if ((par > 1 && ${#order[@]} > 1)); then
         log "test host: ${#order[@]} boots, up to $par at once (NESTOR_COMPARE_JOBS)"
         echo 0 >"$out/.next"
@@ -232,18 +240,16 @@ else
                 run_job "${order[id]}" 2>&1 | sed -u "s/^/[${order[id]}] /" >&2
             done
         }
-        pids=()
-        trap 'kill "${pids[@]}" 2>/dev/null; pkill -TERM -f -- "--json $out/testhost-" 2>/dev/null; exit 130' INT TERM
         for ((w = 0; w < par; w++)); do
             worker &
             pids+=($!)
         done
         wait "${pids[@]}"
-        trap - INT TERM
         rm -f "$out/.next"
     else
         for job in "${order[@]}"; do run_job "$job"; done
     fi
+    trap - INT TERM
     parts=() failed=()
     for job in "${jobs[@]}"; do
         m=${job/:/-}

@@ -29,17 +29,17 @@ const PM1A_S5_SLP_EN: u16 = (5 << 10) | (1 << 13);
 const I8042_COMMAND_PORT: u16 = 0x64;
 const I8042_RESET: u8 = 0xfe;
 
-/// Writes `value` to I/O port `port` (a byte, or a 16-bit word), after `ioperm`. Only
-/// call as PID 1 of a guest: on a real machine these ports belong to real devices.
-/// Returns whether the write was made.
-fn port_write(port: u16, value: u16, word: bool) -> bool {
+/// Writes `value` to I/O port `port` (a byte, or a 16-bit word), after `ioperm`; where
+/// `ioperm` is refused, nothing. Only call as PID 1 of a guest: on a real machine these
+/// ports belong to real devices.
+fn port_write(port: u16, value: u16, word: bool) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: ioperm grants this process access to the port(s); the asm writes to them
     // and touches no memory.
     unsafe {
         let len = if word { 2 } else { 1 };
         if libc::ioperm(port as libc::c_ulong, len, 1) != 0 {
-            return false;
+            return;
         }
         if word {
             std::arch::asm!(
@@ -56,13 +56,9 @@ fn port_write(port: u16, value: u16, word: bool) -> bool {
                 options(nomem, nostack, preserves_flags)
             );
         }
-        true
     }
     #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (port, value, word);
-        false
-    }
+    let _ = (port, value, word);
 }
 
 /// Writes a boot marker byte to [`MARKER_PORT`]. Only call as PID 1 of a guest: on a
