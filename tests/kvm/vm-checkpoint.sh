@@ -1,41 +1,22 @@
 #!/usr/bin/env bash
-# `nestor checkpoint NAME DIR`, `nestor restore DIR` and `nestor migrate` of `run --vm -d`
-# containers (the whole microVM snapshotted or migrated live): a container counting in its shell's memory, printing each
+# `nestor checkpoint NAME DIR` and `nestor restore DIR` of `run --vm -d` containers (the
+# whole microVM snapshotted): a container counting in its shell's memory, printing each
 # count and writing it to a file of its writable layer, is checkpointed and stopped,
 # then restored into its own record; checkpointed with --leave-running and restored as a
 # copy beside it; jailed (the default) and unjailed. After each restore its output goes
 # on from where the log stood, none lost or repeated; its PID and files are the same;
 # exec, logs, stop and rm work. Bad input (a directory that is not a checkpoint, a
 # corrupt one, a non-empty target, a restore over a running container) gets one line,
-# leaves the container running and no record behind. Live migration to a second data
-# root (pre-copy over a Unix socket and post-copy, jailed; stop-copy over TCP): PID, files and output
-# go on there; a move to nobody, or to a nestor without the image, leaves it running.
-# A networked container restored under another name: its guest's /etc/hosts names it
-# so, its hostname stays. Ends with no VMM and no jail left. Networked moves:
-# vm-move-net.sh.
+# leaves the container running and no record behind. A networked container restored
+# under another name: its guest's /etc/hosts names it so, its hostname stays. Ends with
+# no VMM and no jail left. Live migration to another data root: vm-migrate.sh;
+# networked moves: vm-move-net.sh.
 # Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all pass.
 set -euo pipefail
 limit=600
 source "$(dirname "${BASH_SOURCE[0]}")/lib/prelude.sh"
 source "$here/lib/vm-env.sh"
-
-counter='echo $$ >/tmp/pid; i=0; while true; do i=$((i+1)); echo $i; echo $i >/tmp/count; sleep 0.1; done'
-# The container's output lines (nestor's own notices left out).
-lines() { n logs "$1" 2>/dev/null | grep -v '^nestor:' || true; }
-count() { lines "$1" | wc -l; }
-# Waits until container $1 has printed at least $2 lines.
-wait_lines() {
-    for _ in $(seq 600); do (($(count "$1") >= $2)) && return 0; sleep 0.1; done
-    return 1
-}
-# The log is exactly 1..N for some N >= $2: nothing lost, nothing repeated.
-consecutive() {
-    local got
-    got=$(lines "$1")
-    [[ -n $got && $got == "$(seq 1 "$(wc -l <<<"$got")")" ]] && (($(wc -l <<<"$got") >= $2))
-}
-ms() { date +%s%3N; }
-status() { n inspect "$1" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["Status"])' 2>/dev/null || true; }
+source "$here/lib/counter.sh"
 
 for variant in jailed unjailed; do
     flags=()
@@ -102,19 +83,6 @@ done
 n run --vm -d --vm-mem 128 --network none --name ck-bad busybox sh -c "$counter" >/dev/null
 wait_lines ck-bad 5 || bad "ck-bad did not start"
 mkdir "$work/full" && touch "$work/full/x"
-one_line() { # NAME EXPECTED-SUBSTRING CMD...
-    local name=$1 want=$2 out rc
-    shift 2
-    set +e
-    out=$("$@" 2>&1)
-    rc=$?
-    set -e
-    if [[ $rc != 0 && $(wc -l <<<"$out") == 1 && $out == *"$want"* ]]; then
-        pass "$name: $out"
-    else
-        bad "$name: exit $rc, $out"
-    fi
-}
 one_line "checkpoint into a non-empty directory" "is not empty" n checkpoint ck-bad "$work/full"
 one_line "restore of a directory that is no checkpoint" "is not a checkpoint" n restore "$work/full"
 n checkpoint --leave-running ck-bad "$work/ck-bad.1" >/dev/null
@@ -155,67 +123,5 @@ else
     echo "skip: the renamed networked restore (containernetworking-plugins is not installed)"
 fi
 
-# Live migration to another nestor (a second data root stands for a second host): the
-# container goes on there with its PID, files and output; its record here goes.
-# Jailed with pre-copy over a Unix socket, unjailed with stop-copy over TCP, and jailed
-# with post-copy (its destination VMM takes the guest's pages in as they are touched,
-# through the jail's /dev/userfaultfd).
-B=$work/root-b
-nb() { NESTOR_ROOT=$B timeout --kill-after=5 240 "$bin/nestor" "$@"; }
-on_exit 'NESTOR_ROOT='"$B"' "$bin/nestor" gc'
-on_exit 'for id in $(NESTOR_ROOT='"$B"' "$bin/nestor" ps -a -q 2>/dev/null); do NESTOR_ROOT='"$B"' "$bin/nestor" rm -f "$id"; done'
-nb image import "$img" >/dev/null
-statusb() { nb inspect "$1" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["Status"])' 2>/dev/null || true; }
-countb() { nb logs "$1" 2>/dev/null | grep -vc '^nestor:' || true; }
-for how in "pre-copy unix:$work/mig.sock" "stop-copy tcp:127.0.0.1:$((20000 + RANDOM % 20000))" \
-    "post-copy unix:$work/mig-post.sock"; do
-    read -r strategy addr <<<"$how"
-    flags=()
-    [[ $strategy == stop-copy ]] && flags=(--no-jail)
-    n run --vm -d --vm-mem 128 --network none "${flags[@]}" --name mv busybox sh -c "$counter" >/dev/null
-    wait_lines mv 10 || bad "$strategy: the counter did not start"
-    pid=$(n exec mv cat /tmp/pid)
-    nb migrate --listen "$addr" >"$work/listen.out" 2>&1 &
-    lpid=$!
-    for _ in $(seq 100); do
-        [[ $addr != unix:* || -S ${addr#unix:} ]] && n migrate mv --to "$addr" --strategy "$strategy" >"$work/mig.out" 2>&1 && break
-        sleep 0.1
-    done
-    set +e
-    wait $lpid
-    lrc=$?
-    set -e
-    [[ $lrc == 0 ]] && pass "$strategy: the destination took the container in ($(tail -n1 "$work/listen.out" | head -c 12))" ||
-        bad "$strategy: migrate --listen: exit $lrc, $(cat "$work/listen.out") / source: $(cat "$work/mig.out")"
-    echo "$strategy: $(cat "$work/mig.out")$label"
-    expect "$strategy: its record on the source is gone" "" "$(status mv)"
-    expect "$strategy: it runs on the destination" Up "$(statusb mv)"
-    at=$(countb mv)
-    for _ in $(seq 300); do (($(countb mv) >= at + 10)) && break; sleep 0.1; done
-    got=$(nb logs mv 2>/dev/null | grep -v '^nestor:' || true)
-    [[ -n $got && $got == "$(seq 1 "$(wc -l <<<"$got")")" ]] && (($(wc -l <<<"$got") >= at + 10)) &&
-        pass "$strategy: its output goes on there, none lost or repeated ($(wc -l <<<"$got") lines)" ||
-        bad "$strategy: output after the move: $(tr '\n' ' ' <<<"$got" | tail -c 300)"
-    expect "$strategy: same PID there" "$pid" "$(nb exec mv cat /tmp/pid 2>&1)"
-    nb rm -f mv >/dev/null
-done
-
-# A move that cannot happen leaves the container running here, with one line.
-n run --vm -d --vm-mem 128 --network none --name stay busybox sh -c "$counter" >/dev/null
-wait_lines stay 5 || bad "stay did not start"
-one_line "migrate to where nobody listens" "connect to" n migrate stay --to "unix:$work/nobody.sock"
-C=$work/root-c # no image there
-NESTOR_ROOT=$C timeout 60 "$bin/nestor" migrate --listen "unix:$work/mig-c.sock" >"$work/listen-c.out" 2>&1 &
-lpid=$!
-for _ in $(seq 100); do [[ -S $work/mig-c.sock ]] && break; sleep 0.1; done
-one_line "migrate to a nestor without the image" "not in this store" n migrate stay --to "unix:$work/mig-c.sock"
-wait $lpid 2>/dev/null || true
-at=$(count stay)
-wait_lines stay $((at + 5)) && pass "the container runs on after the failed moves" || bad "stay stopped"
-n rm -f stay >/dev/null
-
-jails=${NESTOR_JAILS:-/run/nestor-jail}
-for _ in $(seq 50); do ! pgrep -x nestor-vmm >/dev/null && break; sleep 0.1; done
-! pgrep -x nestor-vmm >/dev/null && [[ -z $(ls "$jails" 2>/dev/null) ]] &&
-    pass "no VMM and no jail left" || bad "left: $(pgrep -a nestor-vmm) $(ls "$jails" 2>/dev/null)"
+no_vmm_left
 finish

@@ -61,6 +61,29 @@ fn port_write(port: u16, value: u16, word: bool) {
     let _ = (port, value, word);
 }
 
+/// Writes `bytes` to the I/O ports from `port` on, for ending the VM: through
+/// `/dev/port` (the kernel's `outb`, a byte at a time), or where that is not there yet
+/// (a fatal error before the mounts), with [`port_write`].
+///
+/// Not `ioperm` first: in a VM restored from a snapshot, the task register comes back
+/// marked busy (KVM reports it so), and a CPU emulator that checks the TSS type before
+/// the I/O bitmap (QEMU's TCG, under the KVM test host) then faults a user-space `out`,
+/// which as PID 1 panics the guest. The kernel's own port writes take no such check.
+fn end_port_write(port: u16, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/port")
+        .and_then(|f| f.write_all_at(bytes, port.into()));
+    if written.is_err() {
+        match *bytes {
+            [b] => port_write(port, b.into(), false),
+            [lo, hi] => port_write(port, u16::from_le_bytes([lo, hi]), true),
+            _ => {}
+        }
+    }
+}
+
 /// Writes a boot marker byte to [`MARKER_PORT`]. Only call as PID 1 of a guest: on a
 /// real machine the port belongs to the floppy controller.
 pub fn boot_marker(value: u8) {
@@ -259,9 +282,9 @@ pub fn end_vm(reboot: bool) -> ! {
         libc::sync();
     }
     if reboot {
-        port_write(I8042_COMMAND_PORT, I8042_RESET.into(), false);
+        end_port_write(I8042_COMMAND_PORT, &[I8042_RESET]);
     } else {
-        port_write(PM1A_CNT_PORT, PM1A_S5_SLP_EN, true);
+        end_port_write(PM1A_CNT_PORT, &PM1A_S5_SLP_EN.to_le_bytes());
     }
     // SAFETY: rebooting is how init ends the system where the VMM did not.
     unsafe {
