@@ -12,12 +12,13 @@
 #   scripts/compare.sh [nestor bench args...]     e.g. --modes process,container,vm
 # Step 2 boots the test host once per mode (a boot that dies is retried once, then that
 # mode alone is reported as failed), and once more for each VM-container mode's
-# state-transfer section (one round) and, in the same boot, its fs section (the shared
-# directory over virtio-fs and virtio-blk: 3 VM launches, before the state transfer's);
-# the process and container boots run their fs rows with their other sections; each
-# VM-container mode's services get a boot of their own too. Up to
-# two boots run at once where there are two cores (a test host has one vCPU), longest
-# first, their progress lines prefixed with the job. It merges the reports
+# state-transfer section (one round); vm-container's fs section (the shared directory
+# over virtio-fs and virtio-blk: 4 VM launches) gets one with two vCPUs (a VM's file
+# server runs beside its vCPU, as on any host with more than one core); the process and
+# container boots run their fs rows with their other sections; each VM-container
+# mode's services get a boot of their own too. Up to two boots run at once where there
+# are two cores (a test host has one vCPU unless told), longest first, their progress
+# lines prefixed with the job. It merges the reports
 # (`nestor bench --merge`);
 # each bench rewrites its JSON after every mode, so a cut run keeps its rows.
 # Env: NESTOR_COMPARE_OUT (default <repo>/target/compare), NESTOR_COMPARE_TESTHOST=0 to
@@ -111,8 +112,10 @@ else
     done
     # The state-transfer section boots a VM 13 times a round (6 in the plain-microVM
     # mode): for those modes it gets a test-host boot of its own (job
-    # MODE:state-transfer), which runs the fs section too (3 VM launches, first, in the
-    # vm-container mode; the others have no fs rows). A VM container's services (a
+    # MODE:state-transfer). vm-container's fs section (4 VM launches; the other VM modes
+    # have no fs rows) gets one too (vm-container:fs), with two vCPUs: with one, the
+    # guest's copy and its file server's take turns on it, which caps a read through
+    # virtio-fs near half the host's, whatever the path costs. A VM container's services (a
     # networked VM serving TCP, then Redis) get one too (MODE:services): that is where
     # test hosts froze (no panic, no progress), and a retry then redoes only them.
     # Unless --sections was given (then every boot runs those sections).
@@ -122,7 +125,8 @@ else
     for m in ${modes//,/ }; do
         case $m in
         vm) ((user_sections)) && jobs+=("$m") || jobs+=("$m" "$m:state-transfer") ;;
-        vm-container | jailed-vm-container) ((user_sections)) && jobs+=("$m") || jobs+=("$m" "$m:services" "$m:state-transfer") ;;
+        vm-container) ((user_sections)) && jobs+=("$m") || jobs+=("$m" "$m:services" "$m:state-transfer" "$m:fs") ;;
+        jailed-vm-container) ((user_sections)) && jobs+=("$m") || jobs+=("$m" "$m:services" "$m:state-transfer") ;;
         *) jobs+=("$m") ;;
         esac
     done
@@ -133,16 +137,17 @@ else
     # One job: its test-host boot, retried once. Its status goes to $out/.job-NAME.rc
     # (0: its rows are in testhost-NAME.json; else the last boot's status).
     run_job() {
-        local job=$1 m sections th ok=0 attempt status=0 i
+        local job=$1 m sections th ok=0 attempt status=0 i smp=()
         sections=() th=("${th_args[@]}")
         m=${job%%:*}
         if [[ $job == *:state-transfer ]]; then
             # One round (--quick's): --runs would set the rounds, 13 VM launches each.
-            # The fs rows (virtio-fs, virtio-blk) first, in the same boot.
-            sections=(--sections fs,state-transfer) th=()
+            sections=(--sections state-transfer) th=()
             for ((i = 0; i < ${#th_args[@]}; i++)); do
                 case ${th_args[i]} in --runs) i=$((i + 1)) ;; --runs=*) ;; *) th+=("${th_args[i]}") ;; esac
             done
+        elif [[ $job == *:fs ]]; then
+            sections=(--sections fs) smp=(--smp 2)
         elif [[ $job == *:services ]]; then
             sections=(--sections services)
         elif ((!user_sections)) && [[ " ${jobs[*]} " == *" $m:services "* ]]; then
@@ -160,7 +165,7 @@ else
             # tests/testhost/README.md) is ended after $stall s without a byte, not at
             # the limit.
             : >"$out/.progress-$m"
-            NESTOR_BIN_DIR="$BIN" tests/testhost/run --timeout "${NESTOR_COMPARE_TESTHOST_TIMEOUT:-900}" "${share[@]}" -- \
+            NESTOR_BIN_DIR="$BIN" tests/testhost/run --timeout "${NESTOR_COMPARE_TESTHOST_TIMEOUT:-900}" "${smp[@]}" "${share[@]}" -- \
                 env NESTOR_ROOT=/run/nestor-compare NESTOR_STATE=/run/nestor-compare-state \
                 NESTOR_VM_KERNEL="$vm_dir/vmlinux" NESTOR_VM_INITRD="$vm_dir/initramfs.cpio.gz" bash -c \
                 'nestor=$1 busybox=$2 redis=$3; shift 3
@@ -210,6 +215,7 @@ else
     # Boots at once: a test host has one vCPU, so by default one per core, at most 2
     # (the measurements of two boots side by side were checked against one at a time;
     # see the README). Each takes the next job, longest first; its lines are prefixed.
+    # vm-container:fs comes last: its two vCPUs then likely have both cores.
     stall=${NESTOR_COMPARE_STALL:-240}
     [[ $stall =~ ^[1-9][0-9]*$ ]] || { log "NESTOR_COMPARE_STALL must be seconds >= 1, got '$stall'"; exit 2; }
     par=${NESTOR_COMPARE_JOBS:-$(($(nproc) >= 2 ? 2 : 1))}
@@ -217,7 +223,7 @@ else
     order=()
     for want in vm-container:state-transfer vm-container jailed-vm-container vm-container:services \
         jailed-vm-container:services jailed-vm-container:state-transfer vm jailed-vm container process \
-        vm:state-transfer; do
+        vm:state-transfer vm-container:fs; do
         [[ " ${jobs[*]} " == *" $want "* ]] && order+=("$want")
     done
     for job in "${jobs[@]}"; do [[ " ${order[*]} " == *" $job "* ]] || order+=("$job"); done
