@@ -10,7 +10,7 @@
 # "nestor bench"). Any other argument goes to `nestor bench`:
 #   fs-bench.sh [--quick] [--workload-secs S] [--json FILE] [--svg DIR]
 # In the test host only the checkout and $NESTOR_CACHE are writable from outside: give
-# --json and --svg paths under the checkout. A benchmark, not a test (3 VM boots).
+# --json and --svg paths under the checkout. A benchmark, not a test (4 VM boots).
 set -euo pipefail
 # Two test-host vCPUs (where the bench runs in the test host): a VM's file server runs
 # beside its vCPU, as on any host with more than one core; with one vCPU the guest's
