@@ -11,14 +11,13 @@ use async_trait::async_trait;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::asynchronous::util::write_str_to_file;
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
-use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::ttrpc::context::with_duration;
 use containerd_shim::{Config, DeleteResponse, Error, Flags, StartOpts};
 use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::runtime::{read_pid, Nestor};
-use crate::task::TaskService;
+use crate::task::{Outgoing, TaskService};
 
 pub struct Service {
     exit: Arc<ExitSignal>,
@@ -90,15 +89,22 @@ impl Shim for Service {
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
         crate::exits::init().await;
-        let (tx, mut rx) = mpsc::unbounded_channel::<(String, Box<dyn MessageDyn>)>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
         let ns = self.namespace.clone();
         tokio::spawn(async move {
-            while let Some((topic, event)) = rx.recv().await {
-                if let Err(e) = publisher
-                    .publish(with_duration(Duration::from_secs(5)), &topic, &ns, event)
-                    .await
-                {
-                    warn!("publish {topic}: {e}");
+            while let Some(out) = rx.recv().await {
+                match out {
+                    Outgoing::Event(topic, event) => {
+                        if let Err(e) = publisher
+                            .publish(with_duration(Duration::from_secs(5)), &topic, &ns, event)
+                            .await
+                        {
+                            warn!("publish {topic}: {e}");
+                        }
+                    }
+                    Outgoing::Flush(done) => {
+                        let _ = done.send(());
+                    }
                 }
             }
         });

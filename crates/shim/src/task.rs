@@ -53,8 +53,19 @@ enum OomNotice {
     Exit,
 }
 
-/// Events on their way to containerd: topic and message.
-pub type EventTx = mpsc::UnboundedSender<(String, Box<dyn MessageDyn>)>;
+/// What goes down the queue to containerd's publisher.
+pub enum Outgoing {
+    /// An event: topic and message.
+    Event(String, Box<dyn MessageDyn>),
+    /// Answered once everything queued before it has been published (or given up on).
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Events on their way to containerd, in order.
+pub type EventTx = mpsc::UnboundedSender<Outgoing>;
+
+/// How long Shutdown waits for queued events to reach containerd.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
 
 /// How a process ended.
 #[derive(Clone, Copy, Debug)]
@@ -167,7 +178,11 @@ impl TaskService {
 
     fn send<E: Event + MessageDyn>(&self, e: E) {
         let topic = e.topic();
-        if self.events.send((topic.clone(), Box::new(e))).is_err() {
+        if self
+            .events
+            .send(Outgoing::Event(topic.clone(), Box::new(e)))
+            .is_err()
+        {
             warn!("event {topic} dropped: the publisher is gone");
         }
     }
@@ -959,6 +974,14 @@ impl containerd_shim::Task for TaskService {
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
         if self.containers.lock().await.is_empty() {
+            // `ctr run --rm` shuts the shim down right after Delete: TaskDelete (and
+            // any event before it) must reach containerd before the process exits.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if self.events.send(Outgoing::Flush(tx)).is_ok()
+                && tokio::time::timeout(FLUSH_WAIT, rx).await.is_err()
+            {
+                warn!("events not all published within {FLUSH_WAIT:?} of shutdown");
+            }
             self.exit.signal();
         }
         Ok(Empty::new())
