@@ -262,7 +262,7 @@ fn launch(
     u.wait_exit(limit)?;
     let v = workload::parse_lines(u.lines.iter().map(String::as_str));
     if v.is_empty() {
-        bail!("no results (exit {}): {}", u.status_text(), u.diagnostics());
+        bail!("no results ({}): {}", u.status_text(), u.diagnostics());
     }
     Ok(v)
 }

@@ -627,7 +627,7 @@ fn launch_workload(
         u.wait_exit(timeout_for(env, r))?;
         let v = workload::parse_lines(u.lines.iter().map(String::as_str));
         if v.is_empty() {
-            anyhow::bail!("no results (exit {}): {}", u.status_text(), u.diagnostics());
+            anyhow::bail!("no results ({}): {}", u.status_text(), u.diagnostics());
         }
         Ok(v)
     })();
