@@ -720,8 +720,9 @@ fn mount_cgroup(
 /// says otherwise (a tuning knob; the guest agent passes its environment on). Linux
 /// gives a FUSE mount 128 KiB, so a sequential read goes to the file server in 128 KiB
 /// requests; in a microVM every request is a round trip through VM exits, and fewer,
-/// larger ones (a FUSE request carries up to 1 MiB) read several times faster.
-pub const VIRTIOFS_READ_AHEAD_KB: u32 = 1024;
+/// larger ones (a FUSE request carries up to 1 MiB) read several times faster; a 4 MiB
+/// window keeps several of them in flight (1.2-1.33x over 1 MiB in the test host).
+pub const VIRTIOFS_READ_AHEAD_KB: u32 = 4096;
 
 /// Raises the read-ahead of the FUSE mount whose root `fd` is open (its bdi is named
 /// after the superblock's device, `/sys/class/bdi/MAJOR:MINOR`) to
