@@ -44,6 +44,15 @@ if [ ! -x "$vfs_root/bin/virtiofsd" ]; then
   echo "setup: installing virtiofsd $VIRTIOFSD_VERSION (cargo install --locked; a few minutes)" >&2
   cargo install --quiet --locked virtiofsd --version "$VIRTIOFSD_VERSION" --root "$vfs_root" >&2
 fi
+# Huge pages for shared memory on request (Debian's default is never): nestor-vmm asks
+# for them for the memfd guest RAM of a VM with a virtio-fs share, and gets them only
+# with this (advise affects no mapping that does not ask). Not kept across a reboot:
+# a run of this script sets it again.
+thp=/sys/kernel/mm/transparent_hugepage/shmem_enabled
+if [ -w "$thp" ] && grep -q '\[never\]' "$thp"; then
+  echo "setup: $thp: never -> advise (huge pages for virtio-fs VMs' shared guest RAM)" >&2
+  echo advise >"$thp" 2>/dev/null || echo "setup: could not set $thp (left as it is)" >&2
+fi
 [ -n "${NESTOR_SETUP_NO_BUILD:-}" ] && exit 0
 
 echo "setup: building nestor (release)" >&2

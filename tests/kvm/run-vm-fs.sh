@@ -104,6 +104,19 @@ expect ":ro: host file untouched" host-file "$(cat "$host/h")"
 npid=$!
 for _ in $(seq 1200); do [[ -e $host/up ]] && break; sleep 0.1; done
 [[ -e $host/up ]] || bad "the killed run never started"
+# Its guest RAM (memfd, as the VM has shares) is on huge pages where the host gives
+# shared memory huge pages on request (the test host and scripts/setup.sh set advise).
+thp=/sys/kernel/mm/transparent_hugepage/shmem_enabled
+vmm_pid=$(pgrep -P "$npid" -x nestor-vmm | head -n1 || true)
+if ! grep -qE '\[(advise|always|within_size|force)\]' "$thp" 2>/dev/null; then
+    echo "skip huge pages for shared guest RAM: $thp is $(cat "$thp" 2>/dev/null || echo absent)"
+elif [[ -z $vmm_pid ]]; then
+    bad "huge pages: no nestor-vmm child of nestor ($npid)"
+else
+    pmd=$(awk '/^ShmemPmdMapped:/ {print $2}' "/proc/$vmm_pid/smaps_rollup" 2>/dev/null || true)
+    ((${pmd:-0} > 0)) && pass "shared guest RAM on huge pages (ShmemPmdMapped $pmd kB)" ||
+        bad "shared guest RAM has no huge pages (ShmemPmdMapped '${pmd:-}' kB, $thp: $(cat "$thp"))"
+fi
 set +e
 out=$(n volume rm "$vol" 2>&1)
 rc=$?
