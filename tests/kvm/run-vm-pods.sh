@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Scenario 1, shared VMs, both nestings at once and the OCI command line: pods (two
-# containers in one VM, exec into a pod container, pod rm refusing then forcing);
+# containers in one VM and one network namespace, exec into a pod container, pod rm
+# refusing then forcing);
 # `run --vm --jail` (exit code, the guest kernel, and the jailed VMM seen from the host:
 # unprivileged uid, no capabilities, seccomp, a jail root; nothing left after rm -f);
 # podman through `nestor-vm` (run with exit code and the guest kernel, -d, exec, stop, rm).
@@ -20,6 +21,10 @@ b3=$(n run --vm --rm busybox cat /proc/sys/kernel/random/boot_id || true)
 n run --pod p1 -d --name inpod busybox sleep 600 >/dev/null
 out=$(n exec inpod cat /proc/sys/kernel/random/boot_id || true)
 expect "exec into a pod container" "$b1" "$out"
+ns_in=$(n exec inpod readlink /proc/self/ns/net || true)
+ns_run=$(n run --pod p1 --rm busybox readlink /proc/self/ns/net || true)
+[[ $ns_in == net:* && $ns_in == "$ns_run" ]] && pass "pod: its containers share one network namespace" ||
+    bad "pod containers' network namespaces: '$ns_in' and '$ns_run'"
 n pod rm p1 >/dev/null 2>&1 && bad "pod rm with a running container succeeded" || pass "pod rm refuses while containers run"
 n pod rm -f p1 >/dev/null
 sleep 1

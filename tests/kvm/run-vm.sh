@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Scenario 1 end to end: `nestor run --vm` on the busybox sample image, with nestor-vmm,
 # the project's guest kernel and the agent initramfs. Checks: output and exit code; stdin
-# piped in; -t; the container sees the guest kernel, not the host's; the memory limit is
-# enforced inside the guest; the host's processes and files are invisible; volumes as
-# disk images; a signal reaches the container; -d with ps, exec (-t, --user), logs, stop, rm;
-# create --vm then start (Created, then its output in logs);
-# -d output across vsock resets; random
+# piped in; -t; the container sees the guest kernel, not the host's, and with --network
+# none loopback only, up; the memory limit is enforced inside the guest; the host's
+# processes and files are invisible; volumes as disk images; a signal reaches the
+# container; -d with ps, exec (-t, --user), logs, stop, rm; create --vm then start
+# (Created, then its output in logs); -d output across vsock resets; random
 # and malformed bytes at the agent's vsock port never stop it serving; a dead agent and a
 # guest kernel panic fail with a clear error within a bounded time and leave nothing
 # behind; kill -9 of nestor then gc leaves nothing.
@@ -33,10 +33,16 @@ expect "stdin" 2 "$(tr -d ' ' <<<"$out")"
 out=$(n run --vm -t --rm busybox sh -c 'test -t 0 && test -t 1 && echo tty-yes' | tr -d '\r')
 expect "-t" tty-yes "$out"
 
-# 4. The guest kernel, not the host's.
-guest=$(n run --vm --rm busybox uname -r)
+# 4. The guest kernel, not the host's. Without a network the container has loopback
+# only, up (it shares the guest's namespace, which has nothing else).
+out=$(n run --vm --rm --network none busybox sh -c 'uname -r; echo $(ls /sys/class/net); cat /sys/class/net/lo/flags')
+guest=$(sed -n 1p <<<"$out")
 [[ -n $guest && $guest != "$(uname -r)" ]] && pass "guest kernel ($guest, host $(uname -r))" ||
     bad "uname -r in the VM is '$guest', host '$(uname -r)'"
+expect "--network none: the interfaces" lo "$(sed -n 2p <<<"$out")"
+flags=$(sed -n 3p <<<"$out")
+[[ $flags =~ ^0x[0-9a-f]+$ ]] && ((flags & 1)) && pass "--network none: lo is up" ||
+    bad "--network none: lo flags '$flags'"
 
 # 5. Memory limit inside the guest: the cgroup says so, and going past it is an OOM kill.
 out=$(n run --vm --rm --memory 32m busybox cat /sys/fs/cgroup/memory.max)

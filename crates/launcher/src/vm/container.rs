@@ -146,16 +146,16 @@ fn guest_spec(
         cmd,
         &lookup_root(image),
         id,
-        &if networked {
-            // The VM is the boundary: the container shares the guest's network, whose
-            // interface holds the address CNI gave, and binds the files the agent wrote.
-            crate::docker::spec::SpecNet {
-                host: true,
-                netns: None,
-                files: Some(proto::NET_FILES_DIR.into()),
-            }
-        } else {
-            crate::docker::spec::SpecNet::default()
+        // The VM is the boundary: the container shares the guest's network namespace.
+        // Networked, its interface holds the address CNI gave, and the container binds
+        // the files the agent wrote. Without a network the guest has loopback only (up
+        // since its init), which is what a namespace of the container's own would hold:
+        // sharing it costs no namespace to make and tear down in the guest, and gives a
+        // pod's containers one `localhost`, as a pod's containers share one natively.
+        &crate::docker::spec::SpecNet {
+            host: true,
+            netns: None,
+            files: networked.then(|| proto::NET_FILES_DIR.into()),
         },
     )?;
     let mut mounts = s.mounts().clone().unwrap_or_default();
