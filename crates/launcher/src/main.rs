@@ -321,9 +321,13 @@ fn main() -> ExitCode {
     }
     let level = if cli.debug { "debug" } else { "warn" };
     let filter = std::env::var("NESTOR_LOG").unwrap_or_else(|_| level.to_string());
+    // A log line that cannot be written (`2>&1 | head -1`: the reader went away) is
+    // dropped: tracing-subscriber would report it with `eprintln!`, which panics on a
+    // closed stderr, ending a run half done (its container left behind).
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        .log_internal_errors(false)
         .without_time()
         .init();
     match dispatch(&cli) {
@@ -331,7 +335,7 @@ fn main() -> ExitCode {
         Err(e) => {
             let msg = format!("{e:#}");
             log_error(&cli, &msg);
-            eprintln!("error: {msg}");
+            let _ = writeln!(std::io::stderr(), "error: {msg}");
             ExitCode::from(1)
         }
     }

@@ -11,6 +11,30 @@ use std::time::{Duration, Instant};
 use common::*;
 
 #[test]
+fn a_run_whose_stderr_reader_goes_away_still_finishes_and_cleans_up() {
+    // `nestor run ... 2>&1 | head -1` with a debug log: its reader is gone before the
+    // first line. tracing-subscriber reported the failed write with `eprintln!`, which
+    // panics on a closed stderr: nestor aborted mid-create and left the container.
+    let e = Env::new();
+    let mut child = e
+        .cmd(&["run", "--rm", "--network", "none", "busybox", "true"])
+        .env("NESTOR_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert_eq!(
+        e.ps_json().as_array().unwrap().len(),
+        0,
+        "the run left its container"
+    );
+}
+
+#[test]
 fn run_image_passes_output_and_exit_code_and_cleans_up() {
     let e = Env::new();
     let o = e.run(&[

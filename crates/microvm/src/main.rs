@@ -361,6 +361,7 @@ fn main() -> ExitCode {
     let start = Instant::now();
     tracing_subscriber::fmt()
         .with_writer(|| nestor_microvm::logcap::StderrWriter)
+        .log_internal_errors(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("NESTOR_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
