@@ -11,8 +11,9 @@ limit=780
 source "$(dirname "${BASH_SOURCE[0]}")/lib/prelude.sh"
 source "$here/lib/vm-env.sh"
 
-# Pods: containers share one VM; pod rm powers it off.
-n pod create p1 >/dev/null
+# Pods: containers share one VM (and, on no network, its loopback-only namespace: the
+# network case is run-vm-net.sh's); pod rm powers it off.
+n pod create p1 --network none >/dev/null
 b1=$(n run --pod p1 --rm busybox cat /proc/sys/kernel/random/boot_id || true)
 b2=$(n run --pod p1 --rm busybox cat /proc/sys/kernel/random/boot_id || true)
 b3=$(n run --vm --rm busybox cat /proc/sys/kernel/random/boot_id || true)

@@ -505,6 +505,21 @@ pub fn parent_death_signal(spec: &Spec) -> std::result::Result<Option<i32>, Stri
         .map_err(|_| format!("annotation {PARENT_DEATH_SIGNAL}: '{v}' is not a signal name (SIGKILL, SIGTERM, ...)"))
 }
 
+/// The annotation that asks for the loopback interface of a network namespace the
+/// runtime makes to be brought up (value `up`), as Docker and podman have it in a
+/// container on no network; without it a new namespace's loopback stays down, as runc
+/// and crun leave it. nestor's own `run --network none` sets it. Not part of the OCI
+/// spec.
+pub const LOOPBACK: &str = "org.nestor.loopback";
+
+/// Whether the spec's [`LOOPBACK`] asks for the loopback up.
+pub fn wants_loopback_up(spec: &Spec) -> bool {
+    spec.annotations()
+        .as_ref()
+        .and_then(|a| a.get(LOOPBACK))
+        .is_some_and(|v| v == "up")
+}
+
 /// Whether the spec asks for a mount namespace (new or joined).
 pub fn has_mount_ns(spec: &Spec) -> bool {
     spec.linux()

@@ -121,6 +121,34 @@ pub fn mkdir_all_in_root(root: RawFd, rel: &Path, file: bool) -> Result<OwnedFd>
         .ctx(|| format!("open {} in container root", rel.display()))
 }
 
+/// Brings up the loopback interface of the calling thread's network namespace (the
+/// `SIOCSIFFLAGS` ioctl: no tool needed). Needs `CAP_NET_ADMIN` over that namespace.
+pub fn loopback_up() -> Result<()> {
+    // SAFETY: socket(2) returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(nix::Error::last()).ctx(|| "a socket for the loopback's flags");
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(b"lo") {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: a live descriptor and ifreq naming "lo"; SIOCGIFFLAGS fills its flags.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(nix::Error::last()).ctx(|| "read the loopback's flags");
+    }
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: as above; SIOCSIFFLAGS only reads the ifreq.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(nix::Error::last()).ctx(|| "bring the loopback up");
+    }
+    Ok(())
+}
+
 /// The magic-link path of a descriptor, for syscalls that take paths (mount).
 pub fn fd_path(fd: RawFd) -> String {
     format!("/proc/self/fd/{fd}")

@@ -225,39 +225,11 @@ pub fn enable_controllers(root: &Path) -> Result<Vec<String>> {
     Ok(on)
 }
 
-/// Brings the loopback interface up.
-pub fn loopback_up() -> Result<()> {
-    // SAFETY: plain socket/ioctl calls on a zero-initialised ifreq that names "lo"; the
-    // fd is closed before returning.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error()).context("socket for ioctl on lo");
-        }
-        let mut req: libc::ifreq = std::mem::zeroed();
-        for (i, b) in b"lo".iter().enumerate() {
-            req.ifr_name[i] = *b as libc::c_char;
-        }
-        let r = if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
-            Err(std::io::Error::last_os_error()).context("SIOCGIFFLAGS lo")
-        } else {
-            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            if libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) < 0 {
-                Err(std::io::Error::last_os_error()).context("SIOCSIFFLAGS lo up")
-            } else {
-                Ok(())
-            }
-        };
-        libc::close(fd);
-        r
-    }
-}
-
 /// Everything PID 1 sets up before serving.
 pub fn setup(hostname: &str) -> Result<()> {
     mount_all()?;
     nix::unistd::sethostname(hostname).with_context(|| format!("set hostname {hostname}"))?;
-    if let Err(e) = loopback_up() {
+    if let Err(e) = nestor_container::sys::loopback_up() {
         tracing::warn!("loopback: {e:#}");
     }
     let on = enable_controllers(Path::new("/sys/fs/cgroup"))?;

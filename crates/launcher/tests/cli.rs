@@ -11,6 +11,28 @@ use std::time::{Duration, Instant};
 use common::*;
 
 #[test]
+fn a_container_on_no_network_has_its_loopback_up() {
+    // As Docker's and podman's: `localhost` works in a container with --network none.
+    let e = Env::new();
+    let o = e.run(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "busybox",
+        "sh",
+        "-c",
+        "echo $(ls /sys/class/net) $(cat /sys/class/net/lo/flags)",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let (ifaces, flags) = out.trim().rsplit_once(' ').unwrap_or(("", ""));
+    assert_eq!(ifaces, "lo", "{out}");
+    let flags = u32::from_str_radix(flags.trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(flags & 1, 1, "lo is down: {out}");
+}
+
+#[test]
 fn a_run_whose_stderr_reader_goes_away_still_finishes_and_cleans_up() {
     // `nestor run ... 2>&1 | head -1` with a debug log: its reader is gone before the
     // first line. tracing-subscriber reported the failed write with `eprintln!`, which

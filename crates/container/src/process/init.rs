@@ -131,6 +131,9 @@ pub(super) fn stage2(
             }
         }
     }
+    if plan.new.contains(CloneFlags::CLONE_NEWNET) && crate::spec::wants_loopback_up(cfg.spec) {
+        crate::sys::loopback_up()?;
+    }
     super::attrs::apply_personality(cfg.spec)?;
     super::attrs::apply_memory_policy(cfg.memory_policy)?;
     finalize(

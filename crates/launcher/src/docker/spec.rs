@@ -571,8 +571,14 @@ pub fn build_spec(
     ns.retain(|n| n.typ() != LinuxNamespaceType::Network);
     if !net.host {
         let mut b = LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network);
-        if let Some(p) = &net.netns {
-            b = b.path(p.clone());
+        match &net.netns {
+            Some(p) => b = b.path(p.clone()),
+            // A namespace of its own on no network: loopback only, up, as Docker's.
+            None => {
+                let mut ann = s.annotations().clone().unwrap_or_default();
+                ann.insert(nestor_container::spec::LOOPBACK.into(), "up".into());
+                s.set_annotations(Some(ann));
+            }
         }
         ns.push(b.build()?);
     }
