@@ -1,6 +1,7 @@
 //! Small system-call helpers the rest of the crate shares: path resolution that cannot
 //! leave a root (openat2 RESOLVE_IN_ROOT), directory creation inside a root, closing
-//! inherited file descriptors, passing descriptors (SCM_RIGHTS) and the dmz.
+//! inherited file descriptors, passing descriptors (SCM_RIGHTS), the dmz, and bringing a
+//! network namespace's loopback up (also the guest agent's, for the guest's own).
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
