@@ -274,7 +274,7 @@ bench() { # NAME CMD...
 }
 median() { sort -n | awk '{a[NR]=$1} END{if(NR) print a[int((NR+1)/2)]; else print "n/a"}'; }
 # The kernel and initramfs in a directory the jail's uid can enter (bound as they are)
-# and where the cache keeps them (under /root: copied into the jail at each start).
+# and where the cache keeps them (under /root: copied once for all jails, then bound).
 cp "$kernel" "$work/vmlinux"
 chmod 644 "$work/vmlinux" "$initrd"
 bench b-plain "$vmm" --kernel "$work/vmlinux" --initrd "$initrd" --mem 256 --disk "$work/rw.img" --cmdline "$cmdline"
@@ -284,7 +284,7 @@ copy_note=""
 if [[ -n $(d=$(dirname "$kernel"); while [[ $d != / ]]; do [[ $(stat -c %a "$d") == *0 ]] && echo "$d"; d=$(dirname "$d"); done) ]]; then
     bench b-jailed-copy "$nestor" vm run --jail --jail-uid "$juid" --jail-gid "$juid" --memory 512m --vmm "$vmm" \
         --kernel "$kernel" --initrd "$initrd" --mem 256 --disk "$work/rw.img" --cmdline "$cmdline"
-    copy_note=" (jailed-copy: the kernel sits behind a directory closed to the jail's uid, so it is copied into the jail at each start: $(du -k "$kernel" | cut -f1) KiB)"
+    copy_note=" (jailed-copy: the kernel sits behind a directory closed to the jail's uid, so jails bind a copy made once: $(du -k "$kernel" | cut -f1) KiB)"
 fi
 echo "--- jail overhead: same kernel, initramfs, 1 vCPU, 256 MiB, $runs runs each, medians$label"
 for n in b-plain b-jailed b-jailed-copy; do

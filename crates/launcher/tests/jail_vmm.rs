@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -188,9 +188,11 @@ impl World {
 
     /// Nothing of any jail is left: directory, runtime state, cgroup.
     fn assert_clean(&self, id: Option<&str>) {
+        // The copies jails share are kept on purpose (`.files`).
         let left: Vec<_> = std::fs::read_dir(self.jails.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
+            .filter(|n| n != ".files")
             .collect();
         assert!(left.is_empty(), "jail directories left: {left:?}");
         let o = self.cmd(&["list", "-q"]).output().unwrap();
@@ -407,15 +409,42 @@ fn guest_poweroff_ends_the_jail_cleanly_and_unreachable_inputs_are_handled() {
         return;
     }
     let w = World::new();
-    // A kernel behind a directory the jail's uid cannot enter is copied into the jail.
+    // A kernel behind a directory the jail's uid cannot enter is copied for the jail,
+    // once: a second start binds the same copy; a new version of the kernel gets a
+    // copy of its own, which replaces the old one.
     let closed = w.work.path().join("closed");
     std::fs::create_dir(&closed).unwrap();
     std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
     let k = closed.join("k");
     std::fs::write(&k, guest(b"jailed hello\n", POWEROFF)).unwrap();
+    let copies = || -> Vec<(PathBuf, u64)> {
+        let mut v: Vec<_> = std::fs::read_dir(w.jails.path().join(".files"))
+            .map(|rd| {
+                rd.map(|e| {
+                    let e = e.unwrap();
+                    (e.path(), e.metadata().unwrap().ino())
+                })
+                .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
     let o = w.run(&k, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(o.stdout, b"jailed hello\n");
+    w.assert_clean(None);
+    let first = copies();
+    assert_eq!(first.len(), 1, "one copy of the kernel: {first:?}");
+    let o = w.run(&k, &[]);
+    assert_eq!(o.stdout, b"jailed hello\n", "{}", stderr(&o));
+    assert_eq!(copies(), first, "the second start copied again");
+    std::fs::write(&k, guest(b"jailed again\n", POWEROFF)).unwrap();
+    let o = w.run(&k, &[]);
+    assert_eq!(o.stdout, b"jailed again\n", "{}", stderr(&o));
+    let second = copies();
+    assert_eq!(second.len(), 1, "the old copy stays: {second:?}");
+    assert_ne!(second, first);
     w.assert_clean(None);
     // A writable disk there cannot be copied: a clear error, nothing left.
     let disk = closed.join("disk.img");

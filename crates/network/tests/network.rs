@@ -475,6 +475,13 @@ fn a_microvm_moving_within_the_host_takes_the_place_over() {
     tap::remove(&a.netns, "tap0").unwrap();
     assert!(!link_exists(&a.netns, "tap0"));
     tap::remove(&a.netns, "tap0").unwrap();
+    // A step that fails says which command, and why.
+    let e = tap::set_mac(&a.netns, "nosuch0", "02:00:00:00:00:01").unwrap_err();
+    let e = e.to_string();
+    assert!(
+        e.contains("ip link set dev nosuch0 address") && e.contains("Cannot find device"),
+        "{e}"
+    );
 
     // The record changes hands; the namespace, address, port and CNI state do not.
     let to = unique("c");

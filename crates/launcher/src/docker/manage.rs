@@ -502,7 +502,7 @@ pub fn gc(rt: &Runtime) -> Result<()> {
         for e in rd.flatten() {
             let id = e.file_name().to_string_lossy().into_owned();
             if id.starts_with('.') {
-                continue; // the jails' own records (uids)
+                continue; // the jails' own records (uids, shared copies)
             }
             // A jail being set up has no state yet for a moment: leave young ones.
             let old = crate::sys::settled(&e.path());
@@ -514,6 +514,8 @@ pub fn gc(rt: &Runtime) -> Result<()> {
     }
     // Idmapped mounts of file servers whose start was cut short.
     n += crate::jail::fs::sweep();
+    // Copies for jails cut short while being written.
+    n += crate::jail::sweep_copies();
     // Creates killed before they saved their state: the directory and the cgroup.
     n += rt.remove_orphans()?.len();
     // Runtime state whose process is gone, in the default root.
