@@ -5,8 +5,11 @@
 # medians, with the breakdown of each VM run (NESTOR_VM_TIMINGS; times from the VMM's
 # spawn, the network's attachment before it). `run --vm` is timed with its defaults (a
 # jail, the default network), with --no-jail, and with --no-jail --network none (the
-# same work as the plain microVM plus the container). Last, one untimed run prints the
-# guest runtime's own steps (its log on the guest console, `nestor.agent.log`).
+# same work as the plain microVM plus the container). Warm starts (`--vm-warm`: the VM
+# restored from its shape's template, made by one untimed run first) are timed with the
+# defaults and with --no-jail --network none, each against its cold row. Last, one
+# untimed run prints the guest runtime's own steps (its log on the guest console,
+# `nestor.agent.log`).
 #   run-vm-bench.sh [--runs N] [--alt BINDIR INITRD] [prelude options: --nestor ...]
 # --alt adds a row for another build, interleaved with the others: `run --vm --no-jail
 # --network none` (the row with the least noise) with nestor and nestor-vmm from BINDIR
@@ -37,7 +40,12 @@ fi
 # Benchmark: plain microVM vs run --vm (vs the --alt build's) vs native, interleaved,
 # medians.
 cmd_b64=$(printf 'true' | base64 -w0)
-declare -a t_vm t_run t_nojail t_bare t_alt t_native
+declare -a t_vm t_run t_nojail t_bare t_alt t_native t_warm t_warm_bare
+warm_breakdown=$work/warm-breakdown warm_bare_breakdown=$work/warm-bare-breakdown
+# The templates of the two warm shapes, made before anything is timed.
+n run --vm --vm-warm --rm busybox true >/dev/null 2>&1 || echo "bench: the warm template (defaults) was not made" >&2
+n run --vm --vm-warm --no-jail --network none --rm busybox true >/dev/null 2>&1 ||
+    echo "bench: the warm template (--network none) was not made" >&2
 breakdown=$work/breakdown alt_breakdown=$work/alt-breakdown
 nojail_breakdown=$work/nojail-breakdown bare_breakdown=$work/bare-breakdown
 ms_since() { echo $((($(date +%s%N) - $1) / 1000000)); }
@@ -58,6 +66,12 @@ for i in $(seq "$runs"); do
     s=$(date +%s%N)
     NESTOR_VM_TIMINGS=1 n run --vm --no-jail --network none --rm busybox true 2>>"$bare_breakdown" || true
     t_bare+=("$(ms_since "$s")")
+    s=$(date +%s%N)
+    NESTOR_VM_TIMINGS=1 n run --vm --vm-warm --rm busybox true 2>>"$warm_breakdown" || true
+    t_warm+=("$(ms_since "$s")")
+    s=$(date +%s%N)
+    NESTOR_VM_TIMINGS=1 n run --vm --vm-warm --no-jail --network none --rm busybox true 2>>"$warm_bare_breakdown" || true
+    t_warm_bare+=("$(ms_since "$s")")
     if [[ -n $alt_bin ]]; then
         s=$(date +%s%N)
         NESTOR_VM_TIMINGS=1 NESTOR_VM_INITRD=$alt_initrd timeout --kill-after=5 240 \
@@ -98,6 +112,11 @@ echo "  nestor run --vm --no-jail --rm busybox true:             $mj ms ($(ratio
 [[ -s $nojail_breakdown ]] && breakdown "$nojail_breakdown"
 echo "  nestor run --vm --no-jail --network none --rm busybox true: $mb ms ($(ratio "$mb" "$mv") of the plain microVM; +$((mb - mv)) ms)  (all: ${t_bare[*]})"
 [[ -s $bare_breakdown ]] && breakdown "$bare_breakdown"
+mw=$(median "${t_warm[@]}") mwb=$(median "${t_warm_bare[@]}")
+echo "  nestor run --vm --vm-warm --rm busybox true:             $mw ms ($(ratio "$mw" "$mr") of the cold start with the defaults, $(ratio "$mw" "$mv") of the plain microVM)  (all: ${t_warm[*]})"
+[[ -s $warm_breakdown ]] && breakdown "$warm_breakdown"
+echo "  nestor run --vm --vm-warm --no-jail --network none --rm busybox true: $mwb ms ($(ratio "$mwb" "$mb") of its cold start, $(ratio "$mwb" "$mv") of the plain microVM)  (all: ${t_warm_bare[*]})"
+[[ -s $warm_bare_breakdown ]] && breakdown "$warm_bare_breakdown"
 probe "$bin" "$NESTOR_VM_INITRD"
 if [[ -n $alt_bin ]]; then
     ma=$(median "${t_alt[@]}")

@@ -265,6 +265,21 @@ pub enum Request {
         #[serde(default)]
         files: std::collections::BTreeMap<String, String>,
     },
+    /// Make a guest restored from a template snapshot (one booted idle agent VM, many
+    /// clones: `run --vm --vm-warm`) its own before anything runs in it: `entropy`
+    /// (hex, 32 to 512 bytes from the host's generator) is added to the kernel's pool
+    /// and its random generator reseeded at once, so no two clones share a stream; the
+    /// wall clock is set to `unix_ns` (the snapshot's clock would lag by the template's
+    /// age); the hostname becomes `hostname`; the interface whose MAC is `mac.from`
+    /// (the template's) takes `mac.to`, so clones on one bridge differ. Sent before
+    /// `Network`, which finds interfaces by their MAC.
+    Refresh {
+        entropy: String,
+        unix_ns: u64,
+        hostname: String,
+        #[serde(default)]
+        mac: Option<MacChange>,
+    },
     /// Reply, then power the VM off (or reboot it when `reboot` is true or the kernel
     /// command line says `nestor.reboot=1`).
     Shutdown {
@@ -301,6 +316,14 @@ pub struct GuestProcess {
 
 /// Where the agent writes the network's files (`hosts`, `resolv.conf`, `hostname`).
 pub const NET_FILES_DIR: &str = "/run/nestor-net";
+
+/// A new MAC for the guest interface that has MAC `from` ([`Request::Refresh`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MacChange {
+    pub from: String,
+    pub to: String,
+}
 
 /// One guest interface of [`Request::Network`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

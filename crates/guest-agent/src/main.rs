@@ -6,6 +6,7 @@
 
 mod client;
 mod dial;
+mod fresh;
 mod init;
 mod net;
 mod relay;

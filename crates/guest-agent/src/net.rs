@@ -117,18 +117,57 @@ fn configure(fd: &OwnedFd, i: &NetIface, first: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// Applies `Request::Network`; one line saying what failed.
-pub fn apply(
-    ifaces: &[NetIface],
-    files: &std::collections::BTreeMap<String, String>,
-) -> Result<(), String> {
+/// A socket for the interface ioctls.
+fn ioctl_socket() -> Result<OwnedFd, String> {
     // SAFETY: a plain socket call; the result is checked before it is owned.
     let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if raw < 0 {
         return Err(format!("socket: {}", std::io::Error::last_os_error()));
     }
     // SAFETY: `raw` is a new descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Parses "02:ab:…" into six bytes.
+fn mac_bytes(mac: &str) -> Result<[u8; 6], String> {
+    let mut b = [0u8; 6];
+    let mut parts = mac.split(':');
+    for x in b.iter_mut() {
+        *x = parts
+            .next()
+            .and_then(|p| u8::from_str_radix(p, 16).ok())
+            .ok_or_else(|| format!("bad MAC {mac}"))?;
+    }
+    if parts.next().is_some() {
+        return Err(format!("bad MAC {mac}"));
+    }
+    Ok(b)
+}
+
+/// Gives the interface whose MAC is `from` the MAC `to` (a clone of a template VM
+/// takes a MAC of its own); one line saying what failed.
+pub fn change_mac(from: &str, to: &str) -> Result<(), String> {
+    let new = mac_bytes(to)?;
+    let name = iface_by_mac(from)?;
+    let fd = ioctl_socket()?;
+    let mut r = ifreq(&name)?;
+    // SAFETY: writing the hardware-address member of the union, which SIOCSIFHWADDR
+    // reads.
+    unsafe {
+        r.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+        for (d, s) in r.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(new) {
+            *d = s as libc::c_char;
+        }
+    }
+    ioctl(&fd, libc::SIOCSIFHWADDR, &mut r, &format!("MAC of {name}"))
+}
+
+/// Applies `Request::Network`; one line saying what failed.
+pub fn apply(
+    ifaces: &[NetIface],
+    files: &std::collections::BTreeMap<String, String>,
+) -> Result<(), String> {
+    let fd = ioctl_socket()?;
     up(&fd, "lo")?;
     for (n, i) in ifaces.iter().enumerate() {
         configure(&fd, i, n == 0)?;

@@ -225,6 +225,7 @@ fn ids_to_check(req: &Request) -> Vec<&str> {
         | Request::Reattach { .. }
         | Request::Stats { container: None }
         | Request::Network { .. }
+        | Request::Refresh { .. }
         | Request::Shutdown { .. } => Vec::new(),
     }
 }
@@ -812,6 +813,15 @@ impl Server {
             Request::Network { ifaces, files } => match crate::net::apply(&ifaces, &files) {
                 Ok(()) => Ok(Some(Response::Ok)),
                 Err(e) => Err(refuse(ErrorKind::BadRequest, format!("network: {e}"))),
+            },
+            Request::Refresh {
+                entropy,
+                unix_ns,
+                hostname,
+                mac,
+            } => match crate::fresh::apply(&entropy, unix_ns, &hostname, mac.as_ref()) {
+                Ok(()) => Ok(Some(Response::Ok)),
+                Err(e) => Err(refuse(ErrorKind::BadRequest, format!("refresh: {e}"))),
             },
             Request::Shutdown { reboot } => {
                 self.shutdown = Some(ShutdownState {

@@ -931,6 +931,13 @@ pub struct VmOpts {
     /// another's writes: for containers that trust each other.
     #[arg(id = "vm_mem_merge", long = "vm-mem-merge")]
     pub mem_merge: bool,
+    /// Start the microVM from a snapshot of a booted, idle one of the same shape (made
+    /// by the first such run) instead of booting it; each clone gets fresh entropy,
+    /// the host's time and its own hostname and MAC. Clones share their unchanged
+    /// pages: for containers that trust each other. Not with volumes, a pod,
+    /// --vm-balloon or --vm-mem-merge (those boot).
+    #[arg(id = "vm_warm", long = "vm-warm")]
+    pub warm: bool,
 }
 
 /// virtiofsd's `--cache`: how long the guest may trust what it read from the host.

@@ -851,14 +851,34 @@ fn vm_net_of(at: &nestor_network::Attachment, mac: &str, tap: &str) -> Result<Vm
     })
 }
 
-/// Boots a VM of the container's own (image disk + volume disks); records it in `meta`.
+/// A VM started warm ([`crate::vm::template`]): what its first request makes its own.
+struct Warm {
+    template: crate::vm::template::Template,
+    hostname: String,
+    /// The template's snapshot staged for a jail (hard links), removed once the VMM
+    /// has read it.
+    staged: Option<PathBuf>,
+}
+
+/// A VM of the container's own, as [`boot_own`] started it.
+struct OwnVm {
+    sb: Sandbox,
+    /// The guest device of the image disk.
+    device: String,
+    pending: Option<PendingNet>,
+    boot: VmBoot,
+    warm: Option<Warm>,
+}
+
+/// Boots a VM of the container's own (image disk + volume disks), or restores it from
+/// its shape's template with `--vm-warm`; records it in `meta`.
 fn boot_own(
     a: &RunArgs,
     meta: &mut Meta,
     image: &nestor_image::Image,
     vols: &Volumes,
     guest_id: &str,
-) -> Result<(Sandbox, String, Option<PendingNet>, VmBoot)> {
+) -> Result<OwnVm> {
     let assets = Assets::find(a.vm.kernel.as_deref(), a.vm.initrd.as_deref())?;
     let root_disk = crate::vm::disk::image_disk(image)?;
     let mut disks = vec![(root_disk, true)];
@@ -903,7 +923,52 @@ fn boot_own(
         jail: jailed.then_some(jail),
         state_dir: state_dir.clone(),
     };
+    let volumes = !vols.disks.is_empty() || !vols.shares.is_empty();
+    let warm = match (a.vm.warm, crate::vm::template::unsupported(a, volumes)) {
+        (false, _) => None,
+        (true, Some(why)) => {
+            crate::sys::notice::warn(&format!("--vm-warm: the VM boots: {why}"));
+            None
+        }
+        (true, None) => {
+            let networked = matches!(vm_net_mode(a), crate::cli::NetworkMode::Networks(_));
+            let template = crate::vm::template::ensure(&crate::vm::template::Shape {
+                assets: &assets,
+                disk: &disks[0].0,
+                mem_mib,
+                vcpus,
+                net: networked,
+            })?;
+            // A jailed VMM binds the snapshot: one its uid cannot reach is staged.
+            let staged = match (&state_dir, jailed) {
+                (Some(d), true) => {
+                    let (at, staged) =
+                        crate::vm::checkpoint::reachable_snapshot(&template.snapshot, d, jail.gid)?;
+                    staged.then_some(at)
+                }
+                _ => None,
+            };
+            Some(Warm {
+                template,
+                hostname: hostname.clone(),
+                staged,
+            })
+        }
+    };
     let pending = vm_network_started(a, meta, image, jailed)?;
+    let source = warm.as_ref().map(|w| {
+        sandbox::VmSource::Snapshot(
+            w.staged
+                .clone()
+                .unwrap_or_else(|| w.template.snapshot.clone()),
+        )
+    });
+    // A clone keeps the template's MAC on its device (the guest's interface takes the
+    // container's at once).
+    let net = pending.as_ref().map(|n| match &warm {
+        Some(_) => nestor_network::tap::tap_of(&n.tap).to_string(),
+        None => n.tap.clone(),
+    });
     let sb = Sandbox::boot(
         guest_id,
         &assets,
@@ -914,19 +979,41 @@ fn boot_own(
             disk_opts,
             shares,
             hostname,
-            net: pending.as_ref().map(|n| n.tap.clone()),
+            net,
             netns: pending.as_ref().map(|n| n.netns.clone()),
             net_later: pending.is_some(),
             jail: jailed.then(|| jail_opts(jail, mem_mib, vcpus)),
             jail_fallback: !a.jail.strict,
-            source: None,
+            source,
             state_dir,
             balloon: a.vm.balloon,
             mem_merge: a.vm.mem_merge,
         },
     )?;
     record_vm(meta, &sb, mem_mib, vcpus, guest_id);
-    Ok((sb, proto::disk_device(0), pending, boot))
+    Ok(OwnVm {
+        sb,
+        device: proto::disk_device(0),
+        pending,
+        boot,
+        warm,
+    })
+}
+
+/// Makes a clone of a template its own before anything runs in it (see
+/// [`crate::vm::template`]): fresh entropy, the host's time, its hostname, and the
+/// container's MAC for its interface when it has one.
+fn refresh_clone(agent: &mut Agent, warm: &Warm, mac: Option<&str>) -> Result<()> {
+    let r = agent.call(Request::Refresh {
+        entropy: crate::vm::template::entropy()?,
+        unix_ns: crate::vm::template::now_ns()?,
+        hostname: warm.hostname.clone(),
+        mac: mac.map(|m| proto::MacChange {
+            from: crate::vm::template::TEMPLATE_MAC.into(),
+            to: m.into(),
+        }),
+    })?;
+    sandbox::expect_ok("making the warm-started guest its own", r)
 }
 
 /// The connections a run needs: control, stdio (as asked), signals.
@@ -1102,19 +1189,19 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
     let mut vols = guest_volumes(a)?;
     let guest_id = meta.id[..12].to_string();
     let start = Instant::now();
-    let (mut sb, device, pending, boot, networked) = match &a.vm.pod {
+    let (mut sb, device, pending, boot, networked, warm) = match &a.vm.pod {
         // A networked pod's guest is configured already: the container shares it.
         Some(name) => {
             if vm_disk_limit(a)?.is_some() {
                 bail!("--device-read-bps and co. with --pod are not supported: a pod's disks are fixed when it boots");
             }
             let (sb, d, shared) = join_pod(name, meta, image, &mut vols, &guest_id)?;
-            (sb, d, None, None, shared)
+            (sb, d, None, None, shared, None)
         }
         None => {
-            let (sb, d, pending, boot) = boot_own(a, meta, image, &vols, &guest_id)?;
-            let has = pending.is_some();
-            (sb, d, pending, Some(boot), has)
+            let v = boot_own(a, meta, image, &vols, &guest_id)?;
+            let has = v.pending.is_some();
+            (v.sb, v.device, v.pending, Some(v.boot), has, v.warm)
         }
     };
     // The container's spec is made while the guest boots.
@@ -1127,7 +1214,26 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
     .context("write guest-config.json")?;
     store::save(meta)?;
     let deadline = Instant::now() + sandbox::boot_timeout();
-    let probed = sb.wait_ready(deadline)?;
+    let probed = match sb.wait_ready(deadline) {
+        Ok(p) => p,
+        // nestor-vmm refused the template (damaged) before building anything: it goes,
+        // and the next warm run makes it again.
+        Err(_) if warm.is_some() && !sb.running() => {
+            let why = crate::sys::guest_text::tail(&sb.dir().join("vmm.err"), 1);
+            if let Some(w) = &warm {
+                crate::vm::template::discard(&w.template);
+            }
+            bail!(
+                "--vm-warm: the template did not restore ({}); it is removed, and the next warm run makes it again",
+                why.last().map_or("the VMM ended at once", |l| l.as_str())
+            );
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(staged) = warm.as_ref().and_then(|w| w.staged.as_ref()) {
+        // The VMM has read the state and mapped the memory.
+        let _ = std::fs::remove_dir_all(staged);
+    }
     let mut timings = Timings {
         vmm_spawned_ms: sb.timeline.vmm_spawned_ms,
         agent_ready_ms: sb.timeline.agent_ready_ms,
@@ -1141,6 +1247,12 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
     };
     timings.attached_ms = Some(sb.elapsed_ms());
     let mut agent = c.agent.reconnects_to(&vsock);
+    if let Some(w) = &warm {
+        let mac = pending.as_ref().map(|p| p.mac.clone());
+        if let Err(e) = refresh_clone(&mut agent, w, mac.as_deref()) {
+            return Err(sb.failure(&format!("{e:#}")));
+        }
+    }
     let mut saved = None;
     if let Some(p) = pending {
         let t = Instant::now();
@@ -1357,7 +1469,11 @@ fn resume_running(meta: &mut Meta, r: &Restoring, receive: Option<Receive>) -> R
             disk_opts: r.boot.disk_opts.clone(),
             shares: Vec::new(),
             hostname: String::new(),
-            net: vnet.as_ref().map(|n| n.tap.clone()),
+            // The restored device keeps the MAC it had (a warm-started guest's device
+            // has its template's, its interface the container's).
+            net: vnet
+                .as_ref()
+                .map(|n| nestor_network::tap::tap_of(&n.tap).to_string()),
             netns: vnet.as_ref().map(|n| n.netns.clone()),
             net_later: false,
             jail: jail.map(|j| jail_opts(j, r.mem_mib, r.vcpus)),
@@ -1900,6 +2016,7 @@ pub fn gc(images: &nestor_image::ImageStore) -> Result<usize> {
         }
     }
     n += crate::vm::disk::gc(images)?;
+    n += crate::vm::template::gc();
     Ok(n)
 }
 
