@@ -10,7 +10,8 @@
 //!
 //! - **Networks** (`store`) live in `$NESTOR_ROOT/networks/NAME.conflist`: a `bridge`
 //!   (gateway, hairpin) with `host-local` addresses (its state under the same
-//!   directory) and `portmap` for published ports (left out of an internal network).
+//!   directory) and `portmap` for published ports (left out of an internal network, and
+//!   not run for a container that publishes none).
 //!   Masquerade and forwarding are the network's own rules (`firewall`: one chain per
 //!   table for the subnet, made once per boot), not per container: CNI's `ipMasq` and
 //!   `firewall` plugin cost 27 `iptables` runs per container. The default network `nestor` is made on
