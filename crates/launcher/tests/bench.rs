@@ -660,6 +660,55 @@ fn testhost_report_with_measured_vm_modes_validates() {
     }
 }
 
+/// A warm-start row (`run --vm --vm-warm`, runner "nestor --vm-warm") beside the
+/// mode's cold row validates and renders: its own efficiency column, and the line
+/// giving its start against the cold one's, as a ratio.
+#[test]
+fn a_warm_start_row_renders_against_its_cold_start() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bench-testhost.json");
+    let mut doc: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    let rows = doc["start_stop"].as_array_mut().unwrap();
+    let cold = rows
+        .iter()
+        .find(|x| x["mode"] == "vm-container" && x["runner"] == "nestor")
+        .cloned()
+        .unwrap();
+    let cold_ms = cold["start"]["median"].as_f64().unwrap();
+    let mut warm = cold.clone();
+    warm["runner"] = "nestor --vm-warm".into();
+    for s in warm["samples"].as_array_mut().unwrap() {
+        s["start_ms"] = (s["start_ms"].as_f64().unwrap() / 4.0).into();
+    }
+    for k in ["median", "p10", "p90", "min", "max", "mean"] {
+        if let Some(v) = warm["start"][k].as_f64() {
+            warm["start"][k] = (v / 4.0).into();
+        }
+    }
+    let at = rows.iter().position(|x| x == &cold).unwrap() + 1;
+    rows.insert(at, warm);
+    let errs = errors(&doc);
+    assert!(errs.is_empty(), "schema errors: {errs:#?}");
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("r.json");
+    std::fs::write(&f, serde_json::to_vec(&doc).unwrap()).unwrap();
+    let out = merge_with_plots(&f, dir.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let md = String::from_utf8_lossy(&out.stdout);
+    assert!(md.contains("vm-container: nestor --vm-warm"), "{md}");
+    let line = md
+        .lines()
+        .find(|l| l.starts_with("Warm starts"))
+        .unwrap_or_else(|| panic!("no warm-start line in\n{md}"));
+    assert!(
+        line.contains("vm-container ") && line.contains("(0.25x)"),
+        "{line} (cold {cold_ms})"
+    );
+}
+
 /// A state-transfer run in the test host (`--quick --runs 2 --modes vm-container
 /// --sections state-transfer`, kept as test data) validates, every row measured, CRIU
 /// included, and renders through `--merge` with its goals.

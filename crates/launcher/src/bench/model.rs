@@ -268,6 +268,10 @@ impl Summary {
     }
 }
 
+/// The suffix of the runner name of a start-stop row measured with `--vm-warm`
+/// (e.g. "nestor --vm-warm"): the mode's `run --vm` units restored from a template.
+pub const WARM: &str = "--vm-warm";
+
 /// One runner of one mode (nestor, or a peer such as crun or QEMU).
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct StartStop {

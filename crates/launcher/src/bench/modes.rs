@@ -188,6 +188,9 @@ pub struct Env {
     /// VM units offer their memory to KSM (`--mem-merge`, `--vm-mem-merge`): the
     /// density sweep's third pass, with KSM running.
     pub merge: std::sync::atomic::AtomicBool,
+    /// `nestor run --vm` units start warm (`--vm-warm`, restored from their shape's
+    /// template): the start-stop section's extra row of each VM-container mode.
+    pub warm: std::sync::atomic::AtomicBool,
 }
 
 /// The jail flag of a `nestor run --vm` unit: `--jail` in the jailed mode, `--no-jail` in
@@ -559,6 +562,9 @@ impl Env {
                     }
                     if self.merge.load(std::sync::atomic::Ordering::Relaxed) {
                         c.arg("--vm-mem-merge");
+                    }
+                    if self.warm.load(std::sync::atomic::Ordering::Relaxed) {
+                        c.arg("--vm-warm");
                     }
                 }
                 c.args(["--rm", "--name", id]);

@@ -128,6 +128,7 @@ pub fn markdown(r: &Report) -> String {
     modes(&mut o, r, &mut why);
     efficiency(&mut o, r, &mut why);
     jail_cost(&mut o, r);
+    warm_cost(&mut o, r);
     workloads(&mut o, r);
     services(&mut o, r, &mut why);
     state_transfer(&mut o, r, &mut why);
@@ -316,6 +317,39 @@ fn jail_cost(o: &mut String, r: &Report) {
         let _ = writeln!(
             o,
             "\nThe jail's start cost (start medians; `run --vm` jails nestor-vmm unless `--no-jail`): {}.",
+            parts.join("; ")
+        );
+    }
+}
+
+/// What a warm start saves: each VM-container mode's `--vm-warm` start median against
+/// its cold one, both measured in this run.
+fn warm_cost(o: &mut String, r: &Report) {
+    let mut parts = Vec::new();
+    for w in r
+        .start_stop
+        .iter()
+        .filter(|c| c.runner.ends_with(WARM) && c.status == Status::Measured)
+    {
+        let cold = r
+            .start_stop
+            .iter()
+            .find(|c| c.mode == w.mode && c.status == Status::Measured && is_main(r, c))
+            .and_then(|c| c.start.as_ref().map(|s| s.median));
+        if let (Some(c), Some(t)) = (cold, w.start.as_ref().map(|s| s.median)) {
+            parts.push(format!(
+                "{} {} against {} cold ({:.2}x)",
+                w.mode,
+                ms(t),
+                ms(c),
+                t / c
+            ));
+        }
+    }
+    if !parts.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nWarm starts (`run --vm --vm-warm`: the VM restored from a snapshot of a booted idle one of its shape, made by an uncounted first run; start medians): {}.",
             parts.join("; ")
         );
     }
