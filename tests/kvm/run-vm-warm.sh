@@ -4,8 +4,9 @@
 # first warm run makes the template, later ones reuse it; each clone is its own: fresh
 # random bytes, the host's time, a MAC of its own on the network (two clones reach each
 # other), jailed by default; a warm clone is checkpointed and restored like any VM
-# container; a damaged template is refused in one line and made again; volumes fall
-# back to a boot with a warning; gc removes the template of an image that is gone.
+# container; a damaged template is refused in one line and made again; two first runs
+# of a shape at once make one template; volumes fall back to a boot with a warning; gc
+# removes the template of an image that is gone.
 # Runs in the KVM test host unless this host has hardware KVM. Exit 0 when all pass.
 set -euo pipefail
 limit=720
@@ -101,7 +102,20 @@ set -e
 out=$(n run --vm --vm-warm --no-jail --network none --rm busybox echo again 2>"$work/again")
 expect "the next warm run makes it again and runs" again "$out"
 
-# 5. Volumes: the VM boots, with a warning saying why.
+# 5. Two first runs of a new shape at once: one template is made, both run.
+before=$(count_templates)
+n run --vm --vm-warm --no-jail --network none --vm-mem 192 --rm busybox echo one >"$work/c1" 2>"$work/c1.err" &
+p1=$!
+n run --vm --vm-warm --no-jail --network none --vm-mem 192 --rm busybox echo two >"$work/c2" 2>"$work/c2.err" &
+p2=$!
+r1=0 r2=0
+wait $p1 || r1=$?
+wait $p2 || r2=$?
+expect "two concurrent first runs of a shape" "0 0 one two" "$r1 $r2 $(cat "$work/c1") $(cat "$work/c2")"
+expect "they made one template" "$((before + 1)) 1" \
+    "$(count_templates) $(cat "$work/c1.err" "$work/c2.err" | grep -c "making the warm-start template")"
+
+# 6. Volumes: the VM boots, with a warning saying why.
 mkdir -p "$work/share"
 echo shared >"$work/share/f"
 out=$(n run --vm --vm-warm --no-jail --network none --rm -v "$work/share:/s" busybox cat /s/f 2>"$work/vol.err")
@@ -109,7 +123,7 @@ expect "warm with a volume runs (booted)" shared "$out"
 grep -q -- "--vm-warm: the VM boots: volumes" "$work/vol.err" && pass "warm with a volume says it boots" ||
     bad "no warning for a volume: $(cat "$work/vol.err")"
 
-# 6. Nothing of a run is left; gc keeps the templates while their image is there, and
+# 7. Nothing of a run is left; gc keeps the templates while their image is there, and
 # removes them once it is gone.
 [[ -z $(n ps -a -q) ]] && ! pgrep -x nestor-vmm >/dev/null && pass "no container or VMM left" ||
     bad "left: $(n ps -a) $(pgrep -a nestor-vmm)"
