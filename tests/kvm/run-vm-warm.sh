@@ -82,6 +82,10 @@ if [[ -x /usr/lib/cni/bridge ]]; then
     fi
     n rm -f wa wb >/dev/null 2>&1 || true
     expect "templates: no network, network" 2 "$(count_templates)"
+    # The networked one was made by a jailed VMM: its files are root's now, read-only
+    # to others.
+    tpl=$(grep -l '"net": true' "$templates"/*/template.json | head -n 1)
+    expect "a jailed VMM's template is root's, 0644" "root 644" "$(stat -c '%U %a' "${tpl%/template.json}/vm/memory" 2>&1)"
 else
     echo "skip: networked clones (containernetworking-plugins is not installed)"
 fi

@@ -179,7 +179,7 @@ fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
 /// cannot be reclaimed without swap, so each checkpoint that leaves the VM running used
 /// to shrink what its jail's memory limit leaves the VMM, until a later snapshot had the
 /// VMM OOM-killed mid-way (and the container lost). The copy is charged to this process.
-fn move_dir(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn move_dir(from: &Path, to: &Path) -> Result<()> {
     if !in_memory(from) {
         match std::fs::rename(from, to) {
             Ok(()) => return Ok(()),

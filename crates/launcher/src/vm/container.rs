@@ -938,6 +938,7 @@ fn boot_own(
                 mem_mib,
                 vcpus,
                 net: networked,
+                jail: jailed.then(|| (jail_opts(jail, mem_mib, vcpus), jail.gid)),
             })?;
             // A jailed VMM binds the snapshot: one its uid cannot reach is staged.
             let staged = match (&state_dir, jailed) {

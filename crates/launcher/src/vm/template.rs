@@ -2,8 +2,9 @@
 //! restored from a template, a snapshot of a booted, idle agent VM of the same shape
 //! (kernel, initramfs, VMM, image disk, memory, vCPUs, with or without a network
 //! device), made once by the first warm run of that shape and kept under
-//! `$NESTOR_ROOT/vm-templates/<key>/`. Every clone maps the template's memory file
-//! privately, so their unchanged pages are one copy in the page cache.
+//! `$NESTOR_ROOT/vm-templates/<key>/`, its VMM jailed as the run's would be. Every clone
+//! maps the template's memory file privately, so their unchanged pages are one copy in
+//! the page cache.
 //!
 //! A clone starts with the template's memory: its random generator state, wall clock,
 //! hostname and MAC. Before anything runs in it, the host makes it its own
@@ -56,6 +57,9 @@ pub(crate) struct Shape<'a> {
     pub vcpus: u8,
     /// Whether the guest has a network interface.
     pub net: bool,
+    /// The jail the run's VMM gets, and its group: the template's VMM is jailed as the
+    /// run's would be (it boots the image's disk, which the guest kernel reads).
+    pub jail: Option<(crate::cli::JailOpts, u32)>,
 }
 
 /// A template ready to restore.
@@ -176,22 +180,26 @@ fn make(shape: &Shape, root: &Path, key: &str) -> Result<()> {
     r.context("making the warm-start template")
 }
 
-/// The template's VM: booted unjailed (it runs nothing but the idle agent) with a tap
-/// of its own in a namespace of its own (removed with it), snapshotted once its agent
-/// serves. Returns how long the boot took.
+/// The template's VM: booted as the run's would be (jailed or not) with a tap of its
+/// own in a namespace of its own (removed with it), snapshotted once its agent serves.
+/// Returns how long the boot took.
 fn boot_and_snapshot(shape: &Shape, tmp: &Path) -> Result<f64> {
     if !shape.net {
         return boot_and_snapshot_in(shape, tmp, None);
     }
     let netns = tmp.join("netns");
     nestor_network::netns::create(&netns)?;
-    let r = nestor_network::tap::plumb(
-        &netns,
-        "eth0",
-        "tap0",
-        None,
-        nestor_network::tap::Join::Later,
-    )
+    // A jailed VMM's tap is made by its jail, owned by the jail's uid.
+    let r = match shape.jail {
+        Some(_) => Ok(()),
+        None => nestor_network::tap::plumb(
+            &netns,
+            "eth0",
+            "tap0",
+            None,
+            nestor_network::tap::Join::Later,
+        ),
+    }
     .map_err(anyhow::Error::from)
     .and_then(|()| boot_and_snapshot_in(shape, tmp, Some(&netns)));
     let _ = nestor_network::netns::remove(&netns);
@@ -200,6 +208,26 @@ fn boot_and_snapshot(shape: &Shape, tmp: &Path) -> Result<f64> {
 
 fn boot_and_snapshot_in(shape: &Shape, tmp: &Path, netns: Option<&Path>) -> Result<f64> {
     let id = format!("tpl{}", &store::new_id()?[..12]);
+    // A jailed VMM writes its snapshot where its jail sees the state directory (one of
+    // the jail's group, beside the template being made); it is moved in place after.
+    let state = match &shape.jail {
+        Some((_, gid)) => {
+            use std::os::unix::fs::PermissionsExt;
+            let d = tmp.join("state");
+            std::fs::create_dir(&d).with_context(|| format!("create {}", d.display()))?;
+            nix::unistd::chown(&d, None, Some((*gid).into()))?;
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o770))?;
+            Some(d)
+        }
+        None => None,
+    };
+    let (asked, written) = match &state {
+        Some(d) => (
+            Path::new(sandbox::JAIL_STATE_DIR).join(SNAPSHOT),
+            d.join(SNAPSHOT),
+        ),
+        None => (tmp.join(SNAPSHOT), tmp.join(SNAPSHOT)),
+    };
     let mut sb = Sandbox::boot(
         &id,
         shape.assets,
@@ -212,11 +240,12 @@ fn boot_and_snapshot_in(shape: &Shape, tmp: &Path, netns: Option<&Path>) -> Resu
             hostname: "nestor".into(),
             net: shape.net.then(|| format!("tap0,mac={TEMPLATE_MAC}")),
             netns: netns.map(Path::to_path_buf),
-            net_later: false,
-            jail: None,
+            // Nothing is joined to the tap: the namespace has no other interface.
+            net_later: netns.is_some(),
+            jail: shape.jail.as_ref().map(|(j, _)| j.clone()),
             jail_fallback: false,
             source: None,
-            state_dir: None,
+            state_dir: state.clone(),
             balloon: false,
             mem_merge: false,
         },
@@ -232,9 +261,12 @@ fn boot_and_snapshot_in(shape: &Shape, tmp: &Path, netns: Option<&Path>) -> Resu
         std::thread::sleep(Duration::from_millis(50));
         crate::vm::checkpoint::vmm_call(
             &sb.dir().join(sandbox::API_SOCKET),
-            &json!({"action": "snapshot-create", "dir": tmp.join(SNAPSHOT), "resume": false}),
+            &json!({"action": "snapshot-create", "dir": asked, "resume": false}),
         )
         .context("snapshot of the template's VM")?;
+        if written != tmp.join(SNAPSHOT) {
+            crate::vm::checkpoint::move_dir(&written, &tmp.join(SNAPSHOT))?;
+        }
         Ok(boot_ms)
     })();
     let r = match r {
@@ -242,20 +274,28 @@ fn boot_and_snapshot_in(shape: &Shape, tmp: &Path, netns: Option<&Path>) -> Resu
         Err(e) => Err(sb.failure(&format!("{e:#}"))),
     };
     sb.kill();
+    if let Some(d) = state {
+        let _ = std::fs::remove_dir_all(d);
+    }
     r
 }
 
-/// Opens a template's snapshot to every jail's uid (read-only): it holds the memory of
-/// an idle agent only, as readable as the kernel and initramfs it was booted from.
+/// Opens a template's snapshot to every jail's uid, read-only, and makes it root's (a
+/// jailed VMM wrote it as its jail's uid, which a later jail may get): it holds the
+/// memory of an idle agent only, as readable as the kernel and initramfs it was booted
+/// from.
 fn open_to_all(dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
+    let give = |p: &Path, mode: u32| -> Result<()> {
+        nix::unistd::chown(p, Some(0.into()), Some(0.into()))
+            .with_context(|| format!("chown {}", p.display()))?;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("chmod {}", p.display()))
+    };
     for e in std::fs::read_dir(dir)? {
-        let p = e?.path();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))
-            .with_context(|| format!("chmod {}", p.display()))?;
+        give(&e?.path(), 0o644)?;
     }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
-        .with_context(|| format!("chmod {}", dir.display()))
+    give(dir, 0o755)
 }
 
 /// Removes templates made from a file that changed or is gone (a rebuilt kernel, a
