@@ -210,6 +210,12 @@ fn in_memory(p: &Path) -> bool {
 /// Gives a snapshot directory to root and the jails' group `gid` (read-only for it), so
 /// the jailed VMM of a restore, whatever its uid, reads it.
 fn open_to_jails(dir: &Path, gid: u32) -> Result<()> {
+    give_snapshot(dir, gid, 0o640, 0o750)
+}
+
+/// Makes snapshot directory `dir` and every file in it root's, of group `gid`, files
+/// with mode `file_mode` and the directory with `dir_mode`.
+pub(crate) fn give_snapshot(dir: &Path, gid: u32, file_mode: u32, dir_mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let give = |p: &Path, mode: u32| -> Result<()> {
         nix::unistd::chown(p, Some(0.into()), Some(gid.into()))
@@ -218,9 +224,9 @@ fn open_to_jails(dir: &Path, gid: u32) -> Result<()> {
             .with_context(|| format!("chmod {}", p.display()))
     };
     for e in std::fs::read_dir(dir)? {
-        give(&e?.path(), 0o640)?;
+        give(&e?.path(), file_mode)?;
     }
-    give(dir, 0o750)
+    give(dir, dir_mode)
 }
 
 /// The snapshot directory a jailed VMM of group `gid` can bind: `snapshot` itself when

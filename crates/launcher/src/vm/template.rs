@@ -285,17 +285,7 @@ fn boot_and_snapshot_in(shape: &Shape, tmp: &Path, netns: Option<&Path>) -> Resu
 /// memory of an idle agent only, as readable as the kernel and initramfs it was booted
 /// from.
 fn open_to_all(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let give = |p: &Path, mode: u32| -> Result<()> {
-        nix::unistd::chown(p, Some(0.into()), Some(0.into()))
-            .with_context(|| format!("chown {}", p.display()))?;
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
-            .with_context(|| format!("chmod {}", p.display()))
-    };
-    for e in std::fs::read_dir(dir)? {
-        give(&e?.path(), 0o644)?;
-    }
-    give(dir, 0o755)
+    crate::vm::checkpoint::give_snapshot(dir, 0, 0o644, 0o755)
 }
 
 /// Removes templates made from a file that changed or is gone (a rebuilt kernel, a
