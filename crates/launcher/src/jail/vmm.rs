@@ -103,7 +103,7 @@ pub const VMM_OVERHEAD_CPUS: f64 = 1.0;
 /// ipc, uts, net and cgroup namespaces, a root holding only the VMM binary (plus the
 /// host's libraries when it is dynamically linked), /dev/kvm, /dev/urandom,
 /// /dev/net/tun with `--network tap`, the kernel and initramfs read-only at /vm/kernel
-/// and /vm/initrd (copied into the jail when the jail's uid cannot reach them), disks
+/// and /vm/initrd (a copy shared by all jails when their uid cannot reach them), disks
 /// at /vm/diskN (writable only when not read-only), and with `spec.vsock` a writable
 /// /run/nestor shared with the host; cgroup limits from `opts`; no capabilities,
 /// no_new_privs, rlimits NOFILE (`opts.nofile`), FSIZE (`opts.fsize`, default the
