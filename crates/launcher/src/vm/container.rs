@@ -1217,17 +1217,18 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
     let deadline = Instant::now() + sandbox::boot_timeout();
     let probed = match sb.wait_ready(deadline) {
         Ok(p) => p,
-        // nestor-vmm refused the template (damaged) before building anything: it goes,
-        // and the next warm run makes it again.
-        Err(_) if warm.is_some() && !sb.running() => {
+        // nestor-vmm refused the template's snapshot (damaged) before building anything:
+        // it goes, and the next warm run makes it again. A VMM that died of something
+        // else (killed, out of memory) leaves the template be.
+        Err(e) if warm.is_some() && !sb.running() => {
             let why = crate::sys::guest_text::tail(&sb.dir().join("vmm.err"), 1);
-            if let Some(w) = &warm {
-                crate::vm::template::discard(&w.template);
+            match (why.last(), &warm) {
+                (Some(line), Some(w)) if line.contains("snapshot") => {
+                    crate::vm::template::discard(&w.template);
+                    bail!("--vm-warm: the template did not restore ({line}); it is removed, and the next warm run makes it again");
+                }
+                _ => return Err(e),
             }
-            bail!(
-                "--vm-warm: the template did not restore ({}); it is removed, and the next warm run makes it again",
-                why.last().map_or("the VMM ended at once", |l| l.as_str())
-            );
         }
         Err(e) => return Err(e),
     };

@@ -319,6 +319,10 @@ pub fn gc() -> usize {
                 None => crate::sys::settled(&e.path()),
             }
         };
+        // A half-made one whose maker was killed may still hold its namespace mounted.
+        if stale {
+            let _ = nestor_network::netns::remove(&e.path().join("netns"));
+        }
         if stale && std::fs::remove_dir_all(e.path()).is_ok() {
             n += 1;
         }
