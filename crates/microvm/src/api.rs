@@ -249,6 +249,9 @@ pub struct Metrics {
     pub guest_resident_kib: u64,
     /// rss_kib - guest_resident_kib: the VMM's own memory.
     pub overhead_kib: u64,
+    /// Guest RAM the host backs with 2 MiB pages now (the host's THP policy decides).
+    #[serde(default)]
+    pub guest_huge_kib: u64,
     /// Guest memory the balloon gave back to the host so far (free page reports; a
     /// page reported twice counts twice).
     #[serde(default)]
@@ -310,6 +313,44 @@ pub fn guest_resident_kib(vmm: &Vmm) -> u64 {
     pages * 4
 }
 
+/// KiB of guest RAM backed by huge pages now: `AnonHugePages` and `ShmemPmdMapped` of
+/// the mappings inside guest regions, from /proc/self/smaps.
+pub fn guest_huge_kib(vmm: &Vmm) -> u64 {
+    let mem = vmm.memory();
+    let regions: Vec<(usize, usize)> = mem
+        .iter()
+        .filter_map(|r| {
+            let host = mem.get_host_address(r.start_addr()).ok()? as usize;
+            Some((host, host + r.len() as usize))
+        })
+        .collect();
+    std::fs::read_to_string("/proc/self/smaps").map_or(0, |s| huge_kib_in(&s, &regions))
+}
+
+/// Sums the huge-page fields of the smaps entries that start inside one of `regions`
+/// (`[start, end)` host addresses).
+fn huge_kib_in(smaps: &str, regions: &[(usize, usize)]) -> u64 {
+    let mut inside = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        if let Some((a, _)) = first.split_once('-') {
+            if let Ok(start) = usize::from_str_radix(a, 16) {
+                inside = regions.iter().any(|&(s, e)| s <= start && start < e);
+                continue;
+            }
+        }
+        if inside && matches!(first, "AnonHugePages:" | "ShmemPmdMapped:") {
+            total += words
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    total
+}
+
 /// Current metrics of `vmm`.
 pub fn metrics(vmm: &Vmm) -> Metrics {
     let rss = status_kib("VmRSS:");
@@ -326,6 +367,7 @@ pub fn metrics(vmm: &Vmm) -> Metrics {
         peak_rss_kib: status_kib("VmHWM:"),
         guest_resident_kib: guest,
         overhead_kib: rss.saturating_sub(guest),
+        guest_huge_kib: guest_huge_kib(vmm),
         balloon_given_back_kib: crate::devices::virtio::balloon::given_back() / 1024,
     }
 }
@@ -546,6 +588,30 @@ pub fn serve(server: &ApiServer, vmm: &mut Vmm) -> GuestExit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_pages_are_counted_only_inside_guest_regions() {
+        let smaps = "\
+7f0000000000-7f0000400000 rw-p 00000000 00:00 0
+Size:               4096 kB
+AnonHugePages:      2048 kB
+7f0000400000-7f0000600000 rw-p 00000000 00:00 0
+AnonHugePages:      2048 kB
+7f0000600000-7f0000800000 rw-s 00000000 00:01 7  /memfd:nestor-guest-ram (deleted)
+ShmemPmdMapped:     2048 kB
+FilePmdMapped:         0 kB
+";
+        let guest = [
+            (0x7f00_0000_0000, 0x7f00_0040_0000),
+            (0x7f00_0060_0000, 0x7f00_0080_0000),
+        ];
+        assert_eq!(huge_kib_in(smaps, &guest), 4096);
+        assert_eq!(huge_kib_in(smaps, &[]), 0);
+        assert_eq!(
+            huge_kib_in("garbage\n- -\nAnonHugePages: x kB\n", &guest),
+            0
+        );
+    }
 
     #[test]
     fn requests_parse_and_garbage_does_not() {
