@@ -10,7 +10,10 @@
 # output, -> init line, -> exit, the guest's uptime at init, peak RSS and stop (the init
 # line, written just before `reboot -f`, -> the process gone: the guest's power-off path
 # plus the VMM's teardown); then
-# nestor-vmm's own --boot-timings (medians).
+# nestor-vmm's own --boot-timings (medians), and nestor-vmm's medians as ratios of each
+# peer's. With --firecracker, Firecracker runs twice per round: with the same command
+# line as the others, and with the i8042 options of its own default command line added
+# (`firecracker-i8042`; its i8042 model answers only what they leave the driver to ask).
 # Progress goes to stderr. Runs in the KVM test host unless this host has hardware KVM
 # (tests/testhost/kvm-exec). --baseline adds another nestor-vmm build (say, before a
 # change) as a peer. A benchmark, not a test.
@@ -107,7 +110,7 @@ launch() {
 peers=(nestor-vmm)
 [[ -n $base ]] && peers+=(baseline)
 peers+=(qemu-microvm)
-[[ -n $fc ]] && peers+=(firecracker)
+[[ -n $fc ]] && peers+=(firecracker firecracker-i8042)
 run_peer() {
     case $1 in
     nestor-vmm)
@@ -120,17 +123,21 @@ run_peer() {
         launch qemu-microvm qemu-system-x86_64 -M microvm,rtc=off -enable-kvm -cpu host -m 128 -smp 1 \
             -nodefaults -no-user-config -display none -no-reboot -serial stdio \
             -kernel "$kernel" -initrd "$initrd" -append "$cmdline reboot=t" ;;
-    firecracker)
+    firecracker | firecracker-i8042)
         # Firecracker's own log goes to a file, so the console's first line is the
-        # guest's, as for the others.
+        # guest's, as for the others. firecracker-i8042 adds the i8042 options of
+        # Firecracker's default command line (its i8042 model answers only what they
+        # leave the driver to ask).
+        local args="$cmdline reboot=k"
+        [[ $1 == firecracker-i8042 ]] && args+=" i8042.noaux i8042.nomux i8042.dumbkbd"
         : >"$work/fc.log"
         cat >"$work/fc.json" <<JSON
 {"boot-source": {"kernel_image_path": "$kernel", "initrd_path": "$initrd",
-                 "boot_args": "$cmdline reboot=k"},
+                 "boot_args": "$args"},
  "drives": [], "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
  "logger": {"log_path": "$work/fc.log", "level": "Warning"}}
 JSON
-        launch firecracker "$fc" --no-api --config-file "$work/fc.json" ;;
+        launch "$1" "$fc" --no-api --config-file "$work/fc.json" ;;
     esac
 }
 
@@ -148,10 +155,10 @@ median() { # column
     awk -v c="$1" '$c != "-" { print $c }' | sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 echo "medians of $rounds rounds, 1 vCPU, 128 MiB, $(basename "$kernel")$label"
-printf '%-13s %9s %9s %9s %10s %9s %9s\n' "" "->output" "->init" "->exit" "uptime@init" "peak RSS" "stop"
+printf '%-17s %9s %9s %9s %10s %9s %9s\n' "" "->output" "->init" "->exit" "uptime@init" "peak RSS" "stop"
 for p in "${peers[@]}"; do
     r=$work/$p.rows
-    printf '%-13s %6s ms %6s ms %6s ms %9s s %6s KiB %6s ms\n' "$p" "$(median 1 <"$r")" "$(median 2 <"$r")" \
+    printf '%-17s %6s ms %6s ms %6s ms %9s s %6s KiB %6s ms\n' "$p" "$(median 1 <"$r")" "$(median 2 <"$r")" \
         "$(median 3 <"$r")" "$(median 4 <"$r")" "$(median 5 <"$r")" "$(median 6 <"$r")"
 done
 if [[ -s $work/nestor-vmm.timings ]]; then
@@ -159,3 +166,13 @@ if [[ -s $work/nestor-vmm.timings ]]; then
     echo "nestor-vmm --boot-timings (ms since VMM start, medians): first_kvm_run $(median 2 <"$t")" \
         "first_output $(median 4 <"$t") init $(median 6 <"$t") exit $(median 8 <"$t")"
 fi
+# nestor-vmm's medians as ratios of each peer's (below 1: nestor-vmm is faster).
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2fx", a / b }'; }
+for p in "${peers[@]}"; do
+    [[ $p == nestor-vmm ]] && continue
+    r=$work/$p.rows n=$work/nestor-vmm.rows
+    echo "nestor-vmm / $p: output $(ratio "$(median 1 <"$n")" "$(median 1 <"$r")")," \
+        "init $(ratio "$(median 2 <"$n")" "$(median 2 <"$r")"), exit $(ratio "$(median 3 <"$n")" "$(median 3 <"$r")")," \
+        "uptime at init $(ratio "$(median 4 <"$n")" "$(median 4 <"$r")"), peak RSS $(ratio "$(median 5 <"$n")" "$(median 5 <"$r")")," \
+        "stop $(ratio "$(median 6 <"$n")" "$(median 6 <"$r")")"
+done

@@ -30,6 +30,7 @@ need_kvm
 
 make_work
 marker="vmm-boot-init-$$-$RANDOM"
+custom_initrd=$initrd
 if [[ -z $initrd ]]; then
     mkdir -p "$work/root/bin" "$work/root/proc" "$work/root/dev" "$work/root/sys"
     cp /bin/busybox "$work/root/bin/busybox"
@@ -46,6 +47,7 @@ printf '\173' | /bin/busybox dd of=/dev/port bs=1 seek=1008 count=1 2>/dev/null
 # lost when the guest powers off right after (tty output may still be queued then).
 say() { echo "<2>\$*" >/dev/kmsg; }
 [ -c /dev/port ] && say "devport: yes" || say "devport: no"
+say "cmdline: \$(/bin/busybox cat /proc/cmdline)"
 if [ -b /dev/vda ]; then
     say "vda: \$(/bin/busybox dd if=/dev/vda bs=8 count=1 2>/dev/null)"
     printf GUESTWROTE | /bin/busybox dd of=/dev/vda bs=512 seek=1 conv=notrunc 2>/dev/null
@@ -146,6 +148,21 @@ launch nestor-reboot "$vmm" --kernel "$kernel" --initrd "$initrd" --mem 256 --cm
 check nestor-reboot 2 1
 NESTOR_VMM_STATS=1 launch nestor "$vmm" --kernel "$kernel" --initrd "$initrd" --mem 256 --cmdline "$cmdline"
 check nestor 0 1
+# The machine has no PCI bus and says so on the command line it gives the guest.
+if [[ -z $custom_initrd ]]; then
+    grep -q "cmdline: .* pci=off" "$work/nestor.console" && pass "the guest's command line has pci=off" ||
+        bad "no pci=off on the guest's command line: $(grep -o 'cmdline: .*' "$work/nestor.console" | tr -d '\r')"
+fi
+# Guest RAM starts on a 2 MiB boundary, so where the host's THP policy backs anonymous
+# memory with huge pages unasked (`always`, as in the test host) the guest's RAM gets them.
+huge=$(grep -o '"guest_huge_kib":[0-9]*' "$work/nestor.err" | cut -d: -f2 || true)
+if ! grep -q '\[always\]' /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null; then
+    echo "skip huge-page check: this host's THP policy is not 'always' ($(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null || echo no THP))"
+elif [[ ${huge:-0} -gt 0 ]]; then
+    pass "guest RAM on huge pages: ${huge} KiB at exit"
+else
+    bad "guest RAM on huge pages: '${huge}' KiB at exit (stats: $(grep -o 'stats: .*' "$work/nestor.err"))"
+fi
 
 report() { # NAME
     local name=$1

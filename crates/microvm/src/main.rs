@@ -158,12 +158,14 @@ fn run(start: Instant, logging: u128) -> anyhow::Result<i32> {
         let ms = |d: Option<std::time::Duration>| {
             d.map_or_else(|| "-".to_string(), |d| d.as_millis().to_string())
         };
+        let line: Vec<String> = steps.iter().map(|(n, ms)| format!("{n} {ms}")).collect();
         nestor_microvm::eprintln_capped!(
-            "nestor-vmm: boot timings (ms since VMM start): first_kvm_run {} first_output {} init {} exit {}",
+            "nestor-vmm: boot timings (ms since VMM start): first_kvm_run {} first_output {} init {} exit {}; steps: {}",
             ms(timings.first_run),
             ms(timings.first_output),
             ms(timings.init),
-            ended.as_millis()
+            ended.as_millis(),
+            line.join(" ")
         );
     }
     tracing::info!(
