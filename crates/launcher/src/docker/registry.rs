@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use super::store;
 
-/// `--tls-verify` and `--platform`, shared by the verbs that talk to a registry.
+// `--tls-verify` and `--platform`, shared by the verbs that talk to a registry.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct RegistryOpts {
     /// Verify the registry's TLS certificate; `--tls-verify=false` speaks plain HTTP
