@@ -313,8 +313,8 @@ pub fn guest_resident_kib(vmm: &Vmm) -> u64 {
     pages * 4
 }
 
-/// KiB of guest RAM backed by huge pages now: `AnonHugePages` and `ShmemPmdMapped` of
-/// the mappings inside guest regions, from /proc/self/smaps.
+/// KiB of guest RAM backed by huge pages now: `AnonHugePages`, `ShmemPmdMapped` and
+/// `FilePmdMapped` of the mappings inside guest regions, from /proc/self/smaps.
 pub fn guest_huge_kib(vmm: &Vmm) -> u64 {
     let mem = vmm.memory();
     let regions: Vec<(usize, usize)> = mem
@@ -327,21 +327,28 @@ pub fn guest_huge_kib(vmm: &Vmm) -> u64 {
     std::fs::read_to_string("/proc/self/smaps").map_or(0, |s| huge_kib_in(&s, &regions))
 }
 
-/// Sums the huge-page fields of the smaps entries that start inside one of `regions`
-/// (`[start, end)` host addresses).
+/// Sums the huge-page fields of the smaps entries that lie within one of `regions`
+/// (`[start, end)` host addresses); an entry reaching outside (guest RAM merged with a
+/// neighbouring mapping) is not counted.
 fn huge_kib_in(smaps: &str, regions: &[(usize, usize)]) -> u64 {
     let mut inside = false;
     let mut total = 0;
     for line in smaps.lines() {
         let mut words = line.split_whitespace();
         let first = words.next().unwrap_or_default();
-        if let Some((a, _)) = first.split_once('-') {
-            if let Ok(start) = usize::from_str_radix(a, 16) {
-                inside = regions.iter().any(|&(s, e)| s <= start && start < e);
+        if let Some((a, b)) = first.split_once('-') {
+            let hex = |h| usize::from_str_radix(h, 16);
+            if let (Ok(start), Ok(end)) = (hex(a), hex(b)) {
+                inside = regions.iter().any(|&(s, e)| s <= start && end <= e);
                 continue;
             }
         }
-        if inside && matches!(first, "AnonHugePages:" | "ShmemPmdMapped:") {
+        if inside
+            && matches!(
+                first,
+                "AnonHugePages:" | "ShmemPmdMapped:" | "FilePmdMapped:"
+            )
+        {
             total += words
                 .next()
                 .and_then(|v| v.parse::<u64>().ok())
@@ -606,6 +613,11 @@ FilePmdMapped:         0 kB
             (0x7f00_0060_0000, 0x7f00_0080_0000),
         ];
         assert_eq!(huge_kib_in(smaps, &guest), 4096);
+        // An entry that starts inside a region but reaches past its end is not all guest.
+        assert_eq!(
+            huge_kib_in(smaps, &[(0x7f00_0000_0000, 0x7f00_0020_0000)]),
+            0
+        );
         assert_eq!(huge_kib_in(smaps, &[]), 0);
         assert_eq!(
             huge_kib_in("garbage\n- -\nAnonHugePages: x kB\n", &guest),

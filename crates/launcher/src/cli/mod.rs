@@ -1262,10 +1262,32 @@ mod tests {
                 walk(s, &p, seen);
             }
         }
+        // The verbs' help lines before their deferred parts are built: their variants'
+        // doc comments, which building must leave as they are.
         let mut cmd = Cli::command();
+        let before: Vec<(String, String)> = cmd
+            .get_subcommands()
+            .map(|s| {
+                (
+                    format!("nestor {}", s.get_name()),
+                    s.get_about().map(|a| a.to_string()).unwrap_or_default(),
+                )
+            })
+            .collect();
         cmd.build();
         let mut seen = Vec::new();
         walk(&cmd, "nestor", &mut seen);
+        for (path, about) in before.iter().filter(|(p, _)| p != "nestor help") {
+            let now = seen
+                .iter()
+                .find(|(p, _)| p == path)
+                .map(|(_, a)| a.as_str());
+            assert_eq!(
+                now,
+                Some(about.as_str()),
+                "{path}'s help line changed when built"
+            );
+        }
         let about = |path: &str| seen.iter().find(|(p, _)| p == path).map(|(_, a)| a.clone());
         let run = about("nestor run").unwrap();
         assert!(run.starts_with("Run a container"), "{run}");

@@ -37,8 +37,16 @@ pub const HUGE: usize = 2 << 20;
 #[derive(Debug)]
 pub struct RamBitmap {
     dirty: AtomicBitmap,
-    /// `(address, length)` of the mapping this unmaps when dropped.
-    mapping: Option<(usize, usize)>,
+    /// The mapping, unmapped when this is dropped.
+    _mapping: Mapping,
+}
+
+/// A mapping `map_aligned` made: its only owner, which unmaps it when dropped (not
+/// `Clone`, so it cannot be unmapped twice).
+#[derive(Debug)]
+struct Mapping {
+    addr: usize,
+    len: usize,
 }
 
 impl std::ops::Deref for RamBitmap {
@@ -48,14 +56,12 @@ impl std::ops::Deref for RamBitmap {
     }
 }
 
-impl Drop for RamBitmap {
+impl Drop for Mapping {
     fn drop(&mut self) {
-        if let Some((addr, len)) = self.mapping.take() {
-            // SAFETY: the mapping `map_aligned` made for this region alone; the region
-            // that used it is being dropped (it owns this bitmap), and every copy of the
-            // guest memory shares that one region.
-            unsafe { libc::munmap(addr as *mut libc::c_void, len) };
-        }
+        // SAFETY: the mapping `map_aligned` made for one region alone; the region that
+        // used it is being dropped (it owns the bitmap that owns this), and every copy
+        // of the guest memory shares that one region.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
     }
 }
 
@@ -173,7 +179,7 @@ fn region(
     })?;
     let bitmap = RamBitmap {
         dirty: bitmap(len),
-        mapping: Some((addr, len)),
+        _mapping: Mapping { addr, len },
     };
     let builder = MmapRegionBuilder::new_with_bitmap(len, bitmap)
         .with_mmap_prot(prot)
@@ -232,6 +238,9 @@ fn map_aligned(
         }
     };
     if got == libc::MAP_FAILED {
+        // (A kernel before 6.12 may have unmapped part of the reservation already; the
+        // whole span is ours either way, nothing else maps into it in between unless
+        // another thread maps at the exact hole at this moment.)
         let e = std::io::Error::last_os_error();
         unmap(base, base + span);
         return Err(e);

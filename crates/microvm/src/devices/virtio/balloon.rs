@@ -62,7 +62,12 @@ fn discard(mem: &GuestMemory, addr: u64, len: u64) -> bool {
     let Ok(host) = mem.get_host_address(GuestAddress(addr)) else {
         return false;
     };
-    let advice = if region.file_offset().is_some() {
+    // Shared memory (a memfd a vhost-user back end maps too) frees its pages only by
+    // punching them out of the file. A private mapping, anonymous or of a snapshot's
+    // memory file, drops its own copies with DONTNEED (a snapshot's page then reads
+    // as the file has it again; the guest gave its content up). MADV_REMOVE on a
+    // private mapping fails (EACCES), so a restored VM once gave nothing back.
+    let advice = if region.flags() & libc::MAP_SHARED != 0 {
         libc::MADV_REMOVE
     } else {
         libc::MADV_DONTNEED
@@ -170,5 +175,26 @@ mod tests {
             assert!(!discard(&mem, 0, 0));
             assert!(!discard(&mem, u64::MAX - 4095, 4096));
         }
+    }
+
+    #[test]
+    fn a_restored_vm_gives_back_its_own_copies() {
+        // A snapshot's memory file, mapped privately as a restore maps it.
+        let file = tempfile::tempfile().unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &[0x55; 4 << 20], 0).unwrap();
+        let mem = crate::vstate::memory::map_private_file(&[(0, 4 << 20, 0)], &file).unwrap();
+        let at = 2u64 << 20;
+        mem.write_slice(&vec![7u8; 2 << 20], GuestAddress(at))
+            .unwrap();
+        assert!(
+            discard(&mem, at, 2 << 20),
+            "the private copies were not dropped"
+        );
+        // The guest's writes are gone (the page is the file's again), and never
+        // reached the file.
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(at + 4096)).unwrap(), 0x55);
+        let mut b = [0u8; 1];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut b, at + 4096).unwrap();
+        assert_eq!(b, [0x55]);
     }
 }
