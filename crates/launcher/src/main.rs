@@ -2,6 +2,17 @@
 //! verb to its module; errors become one line on stderr (and a JSON line in `--log`
 //! for podman's conmon) and a non-zero exit code.
 
+/// `eprintln!` that drops a line it cannot write instead of panicking. When stderr is a
+/// pipe whose reader went away (`nestor … 2>&1 | head -1`), `eprintln!` panics and
+/// nestor aborts half done (an import with nothing imported, a run with its container
+/// left behind); with this the command goes on and ends as it would have.
+macro_rules! eprintln_lossy {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod bench;
 mod cli;
 mod docker;

@@ -10,6 +10,33 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// A stderr whose reader went away (`nestor … 2>&1 | head -1`) does not abort a command
+/// half done: the import's progress lines are dropped, and the image is imported.
+#[test]
+fn an_import_ends_when_its_stderr_reader_is_gone() {
+    let e = Env {
+        data: tempfile::tempdir().unwrap(),
+        state: tempfile::tempdir().unwrap(),
+    };
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = e
+        .cmd(&["image", "import", sample_image().to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stderr(writer)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "import with a gone stderr reader: {:?}",
+        o.status
+    );
+    assert!(
+        e.ok(&["images"]).contains("busybox"),
+        "the image is not in the store"
+    );
+}
+
 #[test]
 fn a_container_on_no_network_has_its_loopback_up() {
     // As Docker's and podman's: `localhost` works in a container with --network none.

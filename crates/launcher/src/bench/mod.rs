@@ -118,7 +118,7 @@ impl Plan {
 }
 
 fn progress(msg: &str) {
-    eprintln!("bench: {msg}");
+    eprintln_lossy!("bench: {msg}");
 }
 
 static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -223,12 +223,12 @@ fn start_stop(env: &Env, r: &Runner, runs: usize) -> StartStop {
             Ok(s) if i > 0 => samples.push(s),
             Ok(_) => {}
             Err(e) => {
-                eprintln!();
+                eprintln_lossy!();
                 return skipped_start_stop(r, format!("{e:#}"), cmd_text);
             }
         }
     }
-    eprintln!();
+    eprintln_lossy!();
     let col = |f: fn(&Sample) -> f64| samples.iter().map(f).collect::<Vec<_>>();
     StartStop {
         mode: r.mode.name().into(),
@@ -501,7 +501,7 @@ fn density(env: &Env, r: &Runner, plan: &Plan) -> Density {
             }
         }
     }
-    eprintln!();
+    eprintln_lossy!();
     if !units.is_empty() {
         // What the units hold once idle (VMs have given back what they freed, where a
         // balloon takes it).

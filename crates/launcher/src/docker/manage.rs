@@ -183,7 +183,7 @@ pub fn rm(names: &[String], force: bool) -> Result<()> {
             Ok(())
         })();
         if let Err(e) = r {
-            eprintln!("error: {e:#}");
+            eprintln_lossy!("error: {e:#}");
             failed = true;
         }
     }
@@ -315,7 +315,7 @@ pub fn load(input: &std::path::Path, quiet: bool) -> Result<()> {
     let show = !quiet && std::io::stderr().is_terminal();
     let mut progress = |line: &str| {
         if show {
-            eprintln!("{line}")
+            eprintln_lossy!("{line}")
         }
     };
     for s in store.import(input, None, &mut progress)? {
@@ -380,7 +380,7 @@ pub fn images(quiet: bool, json: bool, digests: bool) -> Result<()> {
 
 pub fn image_import(path: &std::path::Path, name: Option<&str>) -> Result<()> {
     let store = store::image_store()?;
-    let mut progress = |line: &str| eprintln!("{line}");
+    let mut progress = |line: &str| eprintln_lossy!("{line}");
     for s in store.import(path, name, &mut progress)? {
         println!("{}", s.id);
     }
@@ -448,7 +448,7 @@ pub fn gc(rt: &Runtime) -> Result<()> {
         };
         if !live {
             if let Err(e) = nets.detach(&a.container_id) {
-                eprintln!("error: {e}");
+                eprintln_lossy!("error: {e}");
             }
             n += 1;
         }

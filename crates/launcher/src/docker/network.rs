@@ -72,7 +72,7 @@ pub fn run(cmd: &NetworkCmd) -> Result<()> {
                 match nets.remove(name) {
                     Ok(()) => println!("{name}"),
                     Err(e) => {
-                        eprintln!("error: {e}");
+                        eprintln_lossy!("error: {e}");
                         failed = true;
                     }
                 }

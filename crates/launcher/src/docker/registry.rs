@@ -87,7 +87,7 @@ pub fn push(
         return Ok(());
     }
     if !quiet && tty {
-        eprintln!(
+        eprintln_lossy!(
             "pushed {}: {} layers uploaded ({}), {} already there",
             p.reference,
             p.layers_pushed,
@@ -198,7 +198,7 @@ pub fn pull_image(
         "pulled"
     );
     if !quiet && tty {
-        eprintln!(
+        eprintln_lossy!(
             "pulled {} ({}): {} layers downloaded ({}), {} reused",
             p.reference,
             p.digest,

@@ -153,7 +153,7 @@ pub(crate) fn finish(meta: &mut Meta, code: i32) -> Result<()> {
     meta.exit_code = Some(code);
     meta.vm = None;
     if meta.oom_killed {
-        eprintln!(
+        eprintln_lossy!(
             "nestor: container {} was OOM-killed (memory limit reached)",
             meta.name
         );

@@ -303,7 +303,7 @@ pub fn run(cmd: &VolumeCmd) -> Result<()> {
             // One line per volume that stays; the last one is the command's error.
             if let Some(last) = failed.pop() {
                 for e in failed {
-                    eprintln!("error: {e:#}");
+                    eprintln_lossy!("error: {e:#}");
                 }
                 return Err(last);
             }

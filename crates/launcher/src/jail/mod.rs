@@ -864,7 +864,7 @@ impl Jailed {
         self.cleanup();
         let code = code?;
         if oom {
-            eprintln!(
+            eprintln_lossy!(
                 "nestor: the jail's memory limit was reached: {} was OOM-killed (for a VMM, raise --memory above the guest's memory plus the VMM's overhead)",
                 self.program
             );

@@ -461,7 +461,7 @@ impl Standby {
     pub(crate) fn switch(&self) {
         match nestor_network::tap::switch(&self.netns, "eth0", &self.tap) {
             Ok(()) => self.switched.store(true, Ordering::SeqCst),
-            Err(e) => eprintln!("warning: the moved VM's network: {e:#}"),
+            Err(e) => eprintln_lossy!("warning: the moved VM's network: {e:#}"),
         }
     }
 
@@ -478,13 +478,13 @@ impl Standby {
         if let Err(e) =
             nets.and_then(|n| Ok(n.hand_over(from, &meta.id, &meta.name, store::dir(&meta.id))?))
         {
-            eprintln!(
+            eprintln_lossy!(
                 "warning: container {}: its network record after the move: {e:#}",
                 meta.name
             );
         }
         if let Err(e) = nestor_network::tap::remove(&self.netns, &self.old_tap) {
-            eprintln!("warning: the tap of the VM that moved away: {e:#}");
+            eprintln_lossy!("warning: the tap of the VM that moved away: {e:#}");
         }
     }
 }
@@ -1363,7 +1363,7 @@ fn wait_and_stop(r: &mut Running) -> Result<i32> {
     };
     r.timings.container_exited_ms = Some(r.sb.elapsed_ms());
     for (dir, how) in r.sb.dead_file_servers() {
-        eprintln!(
+        eprintln_lossy!(
             "warning: the file server of {} died while the container ran ({how}): its reads and writes there failed (EIO)",
             dir.display()
         );
@@ -1580,7 +1580,7 @@ fn resume_running(meta: &mut Meta, r: &Restoring, receive: Option<Receive>) -> R
             .ok()
             .and_then(|v| v["instance"]["first_run_ms"].as_f64());
         if let Ok(line) = serde_json::to_string(&timings) {
-            eprintln!("nestor-vm-resume-timings: {line}");
+            eprintln_lossy!("nestor-vm-resume-timings: {line}");
         }
     }
     meta.status = Status::Running;
@@ -1622,7 +1622,7 @@ fn guest_hosts_again(agent: &mut Agent, meta: &Meta) {
         })
         .and_then(|r| sandbox::expect_ok("the guest's /etc/hosts", r));
     if let Err(e) = r {
-        eprintln!(
+        eprintln_lossy!(
             "warning: container {}: its /etc/hosts still names it as before: {e:#}",
             meta.name
         );
@@ -1745,7 +1745,7 @@ impl Mode for VmMode {
         {
             t.done_ms = Some(start.elapsed().as_secs_f64() * 1000.0);
             if let Ok(line) = serde_json::to_string(&t) {
-                eprintln!("nestor-vm-timings: {line}");
+                eprintln_lossy!("nestor-vm-timings: {line}");
             }
         }
     }

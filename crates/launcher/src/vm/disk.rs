@@ -72,7 +72,7 @@ fn build(image: &nestor_image::Image, disk: &Path) -> Result<()> {
         bail!("image {} has no layers", &image.id[..12]);
     }
     let mkfs = mkfs_erofs()?;
-    eprintln!(
+    eprintln_lossy!(
         "nestor: building the VM disk of image {} (once per image)",
         &image.id[..12]
     );

@@ -313,7 +313,7 @@ fn held_signals_note(held: &nix::sys::signal::SigSet) {
         .map(|s| s.as_str().to_string())
         .collect();
     if !came.is_empty() {
-        eprintln!(
+        eprintln_lossy!(
             "nestor: {} came during the move; it was held until the move had ended",
             came.join(", ")
         );

@@ -449,7 +449,7 @@ pub fn rm(names: &[String], force: bool) -> Result<()> {
             Ok(())
         })();
         if let Err(e) = r {
-            eprintln!("error: {e:#}");
+            eprintln_lossy!("error: {e:#}");
             failed = true;
         }
     }

@@ -41,7 +41,7 @@ pub fn main(args: &[String]) -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{NAME}: {e:#}");
+            eprintln_lossy!("{NAME}: {e:#}");
             ExitCode::FAILURE
         }
     }

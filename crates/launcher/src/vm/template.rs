@@ -150,7 +150,7 @@ pub(crate) fn discard(t: &Template) {
 /// Boots the template's VM until its agent serves, snapshots it, and puts the
 /// snapshot in place as `root/key`; nothing is left on failure.
 fn make(shape: &Shape, root: &Path, key: &str) -> Result<()> {
-    eprintln!("nestor: making the warm-start template of this VM shape (once per shape)");
+    eprintln_lossy!("nestor: making the warm-start template of this VM shape (once per shape)");
     let tmp = root.join(format!(".new-{key}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).with_context(|| format!("create {}", tmp.display()))?;
