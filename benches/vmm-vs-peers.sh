@@ -104,7 +104,8 @@ launch() {
     row="$(ms tout) $(ms tinit) $(((t1 - t0) / 1000000)) $(cat "$d/uptime" 2>/dev/null || echo -) $(tail -n1 "$d/rss") $stop"
     echo "$row" >>"$work/$name.rows"
     echo "  $name: output/init/exit ms, uptime s, RSS KiB, stop ms: $row; first line: $(cat "$d/first" 2>/dev/null)" >&2
-    grep -o 'first_kvm_run .*' "$d/err" >>"$work/$name.timings" 2>/dev/null || true
+    # The milestones only (the VMM's own steps follow a `;`).
+    grep -o 'first_kvm_run [^;]*' "$d/err" >>"$work/$name.timings" 2>/dev/null || true
 }
 
 peers=(nestor-vmm)

@@ -161,7 +161,10 @@ fi
 # such entries (debugfs pages_2m of the VM) while a guest holds still for 3 s. With the
 # mapping on any 4 KiB boundary it stayed 0.
 dbg=/sys/kernel/debug
-mountpoint -q "$dbg" || mount -t debugfs none "$dbg" 2>/dev/null || true
+mounted_dbg=0
+if ! mountpoint -q "$dbg" && mount -t debugfs none "$dbg" 2>/dev/null; then
+    mounted_dbg=1 # unmounted below: the host is left as it was
+fi
 if ! grep -q '\[always\]' /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null; then
     echo "skip huge-page check: this host's THP policy is not 'always' ($(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null || echo no THP))"
 elif [[ ! -d $dbg/kvm ]]; then
@@ -192,6 +195,7 @@ else
         bad "KVM mapped no guest RAM with 2 MiB entries (pages_2m 0; host huge pages ${huge:-?} KiB at exit)"
     fi
 fi
+((mounted_dbg)) && umount "$dbg" 2>/dev/null || true
 
 report() { # NAME
     local name=$1
