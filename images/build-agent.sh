@@ -6,6 +6,9 @@
 # Both land in $CARGO_TARGET_DIR (default <repo>/target)/x86_64-unknown-linux-gnu/release/.
 # Cargo makes a second run fast. Progress on stderr; stdout's last two lines are
 # the absolute paths of nestor and, LAST, nestor-agent.
+#   --workspace   every binary of the workspace (scripts/setup.sh: the host's binaries
+#                 are these static ones too, so one build serves the host and the guest)
+#   --quiet       cargo without its per-crate lines
 set -euo pipefail
 
 log() { echo "build-agent: $*" >&2; }
@@ -14,10 +17,18 @@ die() { log "error: $*"; exit 1; }
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 target=x86_64-unknown-linux-gnu
 tdir=${CARGO_TARGET_DIR:-$repo/target}
+what=(-p nestor-guest-agent --bin nestor-agent -p nestor --bin nestor) said="nestor-agent, nestor" quiet=()
+for a in "$@"; do
+    case $a in
+    --workspace) what=(--workspace) said="the workspace" ;;
+    --quiet) quiet=(--quiet) ;;
+    *) die "unknown argument '$a' (--workspace, --quiet)" ;;
+    esac
+done
 command -v cargo >/dev/null || die "cargo is not installed"
-log "cargo build --release --target $target (crt-static): nestor-agent, nestor"
-(cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target "$target" \
-    -p nestor-guest-agent --bin nestor-agent -p nestor --bin nestor >&2)
+log "cargo build --release --target $target (crt-static): $said"
+(cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build "${quiet[@]}" --release --target "$target" \
+    "${what[@]}" >&2)
 out="$(cd "$tdir" && pwd)/$target/release"
 for b in nestor nestor-agent; do
     [[ -x $out/$b ]] || die "$out/$b was not built"

@@ -69,8 +69,9 @@ PY
 BIN=$(scripts/setup.sh | tail -n 1)
 log "guest kernel (guest-kernel/build.sh; cached after the first build)"
 kernel=$(guest-kernel/build.sh | tail -n 1) || { log "no guest kernel: VM modes will be skipped"; kernel=; }
-log "static nestor for the workloads (images/build-agent.sh)"
-static=$(images/build-agent.sh | tail -n 2 | head -n 1) || { log "no static nestor: VM workloads will be skipped"; static=; }
+# setup.sh's build is static (images/build-agent.sh --workspace): its nestor is the one
+# the workloads and the guests run.
+static=$BIN/nestor
 
 out=${NESTOR_COMPARE_OUT:-$repo/target/compare}
 mkdir -p "$out"

@@ -1,10 +1,27 @@
 #!/usr/bin/env bash
 # Install what nestor needs on a Debian 12 host (only what is missing), build it,
-# build the sample image and import it. Idempotent; a second run is fast.
-#   scripts/setup.sh            install + build (release) + sample image
-#   NESTOR_SETUP_NO_BUILD=1     only install packages
+# build the sample images and import them. Idempotent; a second run is fast.
+#   scripts/setup.sh            install + build + sample images + the guest kernel and
+#                               agent initramfs; the LAST line of stdout is the directory
+#                               of the binaries
+#   scripts/setup.sh --tests    only install, with what the tests alone need (the nightly
+#                               toolchain and cargo-fuzz); builds nothing
+#   NESTOR_SETUP_NO_BUILD=1     only install (without the tests' tools unless --tests)
+# One cargo build serves the host and the guest: the whole workspace, release,
+# statically linked (images/build-agent.sh --workspace), so the guest's nestor and
+# agent are built once with the host's binaries, not a second time. The guest kernel
+# (guest-kernel/build.sh, C only) builds beside it at a lower priority: it fills the
+# cores cargo leaves idle (build scripts, the links) instead of coming after it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+tests=0
+case ${1:-} in
+  --tests) tests=1 ;;
+  "") ;;
+  *) echo "setup: unknown argument '$1' (--tests, or none)" >&2; exit 2 ;;
+esac
+t0=$(date +%s)
+step() { echo "setup: [$(($(date +%s) - t0)) s] $*" >&2; }
 
 # libclang-dev: bindgen, which the userfaultfd crate (post-copy migration) runs at build.
 PKGS=(podman crun runc busybox-static containernetworking-plugins iptables qemu-system-x86 hyperfine linux-source-6.1
@@ -26,22 +43,33 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo is not installed: install the Rust toolchain (rustup) first" >&2
   exit 1
 fi
-# The fuzzers (scripts/fuzz.sh): a nightly toolchain and cargo-fuzz, both cached in
-# ~/.rustup and ~/.cargo.
-if command -v rustup >/dev/null 2>&1 && ! rustup toolchain list | grep -q '^nightly'; then
-  echo "setup: installing the nightly Rust toolchain (for cargo fuzz)" >&2
-  rustup toolchain install nightly --profile minimal >&2
+# The fuzzers (scripts/fuzz.sh, run by the tests): a nightly toolchain and cargo-fuzz,
+# both cached in ~/.rustup and ~/.cargo.
+if ((tests)); then
+  if command -v rustup >/dev/null 2>&1 && ! rustup toolchain list | grep -q '^nightly'; then
+    step "installing the nightly Rust toolchain (for cargo fuzz)"
+    rustup toolchain install nightly --profile minimal >&2
+  fi
+  if ! command -v cargo-fuzz >/dev/null 2>&1; then
+    step "installing cargo-fuzz"
+    cargo install cargo-fuzz --locked --quiet >&2
+  fi
 fi
-if ! command -v cargo-fuzz >/dev/null 2>&1; then
-  echo "setup: installing cargo-fuzz" >&2
-  cargo install cargo-fuzz --locked --quiet >&2
+# The guest kernel, beside the Rust builds below (it needs only the packages above).
+kpid=
+if ((!tests)) && [ -z "${NESTOR_SETUP_NO_BUILD:-}" ]; then
+  step "building the guest kernel in the background (cached; the first build takes minutes)"
+  # A session of its own, so that a failure or an interrupt here ends its make too.
+  setsid nice -n 10 guest-kernel/build.sh >/dev/null &
+  kpid=$!
+  trap '[ -n "$kpid" ] && kill -TERM -- "-$kpid" 2>/dev/null; true' EXIT
 fi
 # virtiofsd (the file server of -v DIR with --vm), pinned, from crates.io, under the
 # cache root (the KVM test host shares it at the same path).
 VIRTIOFSD_VERSION=1.14.0
 vfs_root="${NESTOR_CACHE:-${HOME:-/root}/.cache/nestor}/virtiofsd-$VIRTIOFSD_VERSION"
 if [ ! -x "$vfs_root/bin/virtiofsd" ]; then
-  echo "setup: installing virtiofsd $VIRTIOFSD_VERSION (cargo install --locked; a few minutes)" >&2
+  step "installing virtiofsd $VIRTIOFSD_VERSION (cargo install --locked; a minute or more)"
   cargo install --quiet --locked virtiofsd --version "$VIRTIOFSD_VERSION" --root "$vfs_root" >&2
 fi
 # Huge pages for shared memory on request (Debian's default is never): nestor-vmm asks
@@ -53,22 +81,29 @@ if [ -w "$thp" ] && grep -q '\[never\]' "$thp"; then
   echo "setup: $thp: never -> advise (huge pages for virtio-fs VMs' shared guest RAM)" >&2
   echo advise >"$thp" 2>/dev/null || echo "setup: could not set $thp (left as it is)" >&2
 fi
-[ -n "${NESTOR_SETUP_NO_BUILD:-}" ] && exit 0
+if ((tests)) || [ -n "${NESTOR_SETUP_NO_BUILD:-}" ]; then
+  exit 0
+fi
 
-echo "setup: building nestor (release)" >&2
-cargo build --release --workspace --quiet >&2
-BIN="$(cd "${CARGO_TARGET_DIR:-$PWD/target}" && pwd)/release"
-echo "setup: building the busybox sample image" >&2
+step "building nestor: the workspace, release, static (images/build-agent.sh --workspace)"
+nestor_static=$(images/build-agent.sh --workspace --quiet | tail -n 2 | head -n 1)
+BIN=$(dirname "$nestor_static")
+step "building the busybox sample image"
 img=$(images/build-busybox-image.sh | tail -n 1)
 if ! "$BIN/nestor" images -q | grep -q .; then
   "$BIN/nestor" image import "$img" >/dev/null
 fi
-echo "setup: building the redis sample image" >&2
+step "building the redis sample image"
 img=$(images/build-redis-image.sh | tail -n 1)
 if ! "$BIN/nestor" images | grep -q '^localhost/redis '; then
   "$BIN/nestor" image import "$img" >/dev/null
 fi
-echo "setup: building the guest kernel and agent initramfs for --vm (cached; the first build takes minutes)" >&2
+step "waiting for the guest kernel"
+status=0
+wait "$kpid" || status=$?
+kpid=
+((status == 0)) || { step "the guest kernel build failed (exit $status; its lines above)"; exit 1; }
+step "the agent initramfs for --vm, and installing both (scripts/vm-assets.sh)"
 scripts/vm-assets.sh >/dev/null
-echo "setup: done; binaries in $BIN" >&2
+step "done; binaries in $BIN"
 echo "$BIN"

@@ -6,7 +6,7 @@
 # host unless this host has hardware KVM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NESTOR_SETUP_NO_BUILD=1 scripts/setup.sh
+scripts/setup.sh --tests
 if [ "$(id -u)" != 0 ]; then
   echo "test: the tests need root (namespaces, cgroups, mounts)" >&2
   exit 1

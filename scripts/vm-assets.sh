@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds what `nestor run --vm` boots (all cached): the static guest binaries
-# (images/build-agent.sh), the guest kernel (guest-kernel/build.sh) and the agent
+# (images/build-agent.sh --workspace: the build scripts/setup.sh makes, whose host
+# binaries are these; building only the guest's two could resolve other features of
+# shared crates and compile them again), the guest kernel (guest-kernel/build.sh) and the agent
 # initramfs (images/build-initramfs.sh --agent --nestor), and installs the kernel and
 # initramfs where nestor looks for them: $NESTOR_ROOT/vm/{vmlinux,initramfs.cpio.gz}
 # (NESTOR_ROOT defaults to /var/lib/nestor). A file is only replaced when it changed.
@@ -9,7 +11,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 log() { echo "vm-assets: $*" >&2; }
 
-bins=$("$repo/images/build-agent.sh")
+bins=$("$repo/images/build-agent.sh" --workspace --quiet)
 nestor_static=$(tail -n2 <<<"$bins" | head -n1)
 agent_static=$(tail -n1 <<<"$bins")
 kernel=$("$repo/guest-kernel/build.sh" | tail -n1)
