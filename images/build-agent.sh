@@ -6,8 +6,10 @@
 # Both land in $CARGO_TARGET_DIR (default <repo>/target)/x86_64-unknown-linux-gnu/release/.
 # Cargo makes a second run fast. Progress on stderr; stdout's last two lines are
 # the absolute paths of nestor and, LAST, nestor-agent.
-#   --workspace   every binary of the workspace (scripts/setup.sh: the host's binaries
-#                 are these static ones too, so one build serves the host and the guest)
+#   --host        nestor-vmm too: every binary `nestor run [--vm]`, `podman --runtime`
+#                 and `nestor bench` use (scripts/setup.sh: the host's binaries are these
+#                 static ones, so one build serves the host and the guest)
+#   --workspace   every binary of the workspace (the containerd shim too)
 #   --quiet       cargo without its per-crate lines
 set -euo pipefail
 
@@ -20,9 +22,10 @@ tdir=${CARGO_TARGET_DIR:-$repo/target}
 what=(-p nestor-guest-agent --bin nestor-agent -p nestor --bin nestor) said="nestor-agent, nestor" quiet=()
 for a in "$@"; do
     case $a in
+    --host) what+=(-p nestor-microvm --bin nestor-vmm) said="nestor-agent, nestor, nestor-vmm" ;;
     --workspace) what=(--workspace) said="the workspace" ;;
     --quiet) quiet=(--quiet) ;;
-    *) die "unknown argument '$a' (--workspace, --quiet)" ;;
+    *) die "unknown argument '$a' (--host, --workspace, --quiet)" ;;
     esac
 done
 command -v cargo >/dev/null || die "cargo is not installed"

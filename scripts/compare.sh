@@ -69,7 +69,7 @@ PY
 BIN=$(scripts/setup.sh | tail -n 1)
 log "guest kernel (guest-kernel/build.sh; cached after the first build)"
 kernel=$(guest-kernel/build.sh | tail -n 1) || { log "no guest kernel: VM modes will be skipped"; kernel=; }
-# setup.sh's build is static (images/build-agent.sh --workspace): its nestor is the one
+# setup.sh's build is static (images/build-agent.sh --host): its nestor is the one
 # the workloads and the guests run.
 static=$BIN/nestor
 

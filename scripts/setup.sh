@@ -7,9 +7,11 @@
 #   scripts/setup.sh --tests    only install, with what the tests alone need (the nightly
 #                               toolchain and cargo-fuzz); builds nothing
 #   NESTOR_SETUP_NO_BUILD=1     only install (without the tests' tools unless --tests)
-# One cargo build serves the host and the guest: the whole workspace, release,
-# statically linked (images/build-agent.sh --workspace), so the guest's nestor and
-# agent are built once with the host's binaries, not a second time. The guest kernel
+# One cargo build serves the host and the guest: nestor, nestor-vmm and nestor-agent,
+# release, statically linked (images/build-agent.sh --host), so the guest's nestor and
+# agent are built once with the host's binaries, not a second time. The containerd
+# shim is not among them (103 crates of its own; `cargo build --release --workspace`
+# builds it, docs/kubernetes.md). The guest kernel
 # (guest-kernel/build.sh, C only) builds beside it at a lower priority: it fills the
 # cores cargo leaves idle (build scripts, the links) instead of coming after it.
 set -euo pipefail
@@ -85,8 +87,8 @@ if ((tests)) || [ -n "${NESTOR_SETUP_NO_BUILD:-}" ]; then
   exit 0
 fi
 
-step "building nestor: the workspace, release, static (images/build-agent.sh --workspace)"
-nestor_static=$(images/build-agent.sh --workspace --quiet | tail -n 2 | head -n 1)
+step "building nestor, nestor-vmm, nestor-agent: release, static (images/build-agent.sh --host)"
+nestor_static=$(images/build-agent.sh --host --quiet | tail -n 2 | head -n 1)
 BIN=$(dirname "$nestor_static")
 step "building the busybox sample image"
 img=$(images/build-busybox-image.sh | tail -n 1)

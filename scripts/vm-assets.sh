@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds what `nestor run --vm` boots (all cached): the static guest binaries
-# (images/build-agent.sh --workspace: the build scripts/setup.sh makes, whose host
+# (images/build-agent.sh --host: the build scripts/setup.sh makes, whose host
 # binaries are these; building only the guest's two could resolve other features of
 # shared crates and compile them again), the guest kernel (guest-kernel/build.sh) and the agent
 # initramfs (images/build-initramfs.sh --agent --nestor), and installs the kernel and
@@ -11,7 +11,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 log() { echo "vm-assets: $*" >&2; }
 
-bins=$("$repo/images/build-agent.sh" --workspace --quiet)
+bins=$("$repo/images/build-agent.sh" --host --quiet)
 nestor_static=$(tail -n2 <<<"$bins" | head -n1)
 agent_static=$(tail -n1 <<<"$bins")
 kernel=$("$repo/guest-kernel/build.sh" | tail -n1)

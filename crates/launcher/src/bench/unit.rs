@@ -179,27 +179,12 @@ impl Unit {
         }
     }
 
-    /// The last lines of stderr and stdout, for error messages.
+    /// The last lines of stderr and stdout, for error messages ([`diagnose`]).
     pub fn diagnostics(&self) -> String {
         // Give the reader a moment to catch up with a launcher that just exited.
         std::thread::sleep(Duration::from_millis(50));
         let err = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
-        let tail = |s: Vec<&str>| {
-            let v: Vec<String> = s
-                .iter()
-                .map(|l| strip_ansi(l.trim()))
-                .filter(|l| !l.is_empty() && !l.starts_with("WARN "))
-                .collect();
-            v[v.len().saturating_sub(3)..].join(" | ")
-        };
-        let e = tail(err.lines().collect());
-        let o = tail(self.lines.iter().map(String::as_str).collect());
-        match (e.is_empty(), o.is_empty()) {
-            (true, true) => "no output".into(),
-            (false, true) => format!("stderr: {e}"),
-            (true, false) => format!("stdout: {o}"),
-            (false, false) => format!("stderr: {e}; stdout: {o}"),
-        }
+        diagnose(&err, &self.lines)
     }
 
     /// Signals the launcher's process group and every descendant (a runtime may put
@@ -257,6 +242,36 @@ impl Drop for Unit {
 }
 
 /// Text without terminal escape sequences (colored log lines).
+/// A unit's last three lines of stderr and of stdout; stderr's first `error:` line
+/// leads when the tail lacks it (a VM's failure report puts the VMM's and the
+/// console's last lines after it, which would otherwise be all the tail shows).
+fn diagnose(err: &str, out: &[String]) -> String {
+    let tail = |s: Vec<&str>| {
+        let v: Vec<String> = s
+            .iter()
+            .map(|l| strip_ansi(l.trim()))
+            .filter(|l| !l.is_empty() && !l.starts_with("WARN "))
+            .collect();
+        v[v.len().saturating_sub(3)..].join(" | ")
+    };
+    let e = tail(err.lines().collect());
+    let e = match err
+        .lines()
+        .map(|l| strip_ansi(l.trim()))
+        .find(|l| l.starts_with("error:"))
+    {
+        Some(line) if !e.contains(&line) => format!("{line} | … | {e}"),
+        _ => e,
+    };
+    let o = tail(out.iter().map(String::as_str).collect());
+    match (e.is_empty(), o.is_empty()) {
+        (true, true) => "no output".into(),
+        (false, true) => format!("stderr: {e}"),
+        (true, false) => format!("stdout: {o}"),
+        (false, false) => format!("stderr: {e}; stdout: {o}"),
+    }
+}
+
 pub fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut it = s.chars().peekable();
@@ -336,6 +351,22 @@ fn proc_mem(pid: u32) -> Option<ProcMem> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_vm_units_error_line_leads_its_diagnostics() {
+        let err = "error: the VM ended before its agent answered: the guest rebooted\nnestor-vmm:\n  guest init reached after 940 ms\nguest console:\n  PCI: Fatal: No config space access function found\n";
+        assert_eq!(
+            diagnose(err, &[]),
+            "stderr: error: the VM ended before its agent answered: the guest rebooted | … | \
+             guest init reached after 940 ms | guest console: | PCI: Fatal: No config space access function found"
+        );
+        // An error line already in the tail is not repeated.
+        assert_eq!(
+            diagnose("WARN x\nerror: no such image\n", &["out".to_string()]),
+            "stderr: error: no such image; stdout: out"
+        );
+        assert_eq!(diagnose("", &[]), "no output");
+    }
 
     #[test]
     fn times_a_process_and_sees_its_tree() {
