@@ -26,11 +26,11 @@ targets=("$@")
 [[ ${#targets[@]} -gt 0 ]] || targets=(virtio_mmio layer_extract agent_frames oci_config seccomp_libseccomp)
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
-  echo "fuzz: skipped: no nightly toolchain (scripts/setup.sh installs it)" >&2
+  echo "fuzz: skipped: no nightly toolchain (scripts/setup.sh --tests installs it)" >&2
   exit 0
 fi
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
-  echo "fuzz: skipped: cargo-fuzz is not installed (scripts/setup.sh installs it)" >&2
+  echo "fuzz: skipped: cargo-fuzz is not installed (scripts/setup.sh --tests installs it)" >&2
   exit 0
 fi
 # The fuzz build is cached outside the checkout, as the guest kernel is (cargo rebuilds
