@@ -9,7 +9,6 @@
 #   --host        nestor-vmm too: every binary `nestor run [--vm]`, `podman --runtime`
 #                 and `nestor bench` use (scripts/setup.sh: the host's binaries are these
 #                 static ones, so one build serves the host and the guest)
-#   --workspace   every binary of the workspace (the containerd shim too)
 #   --quiet       cargo without its per-crate lines
 set -euo pipefail
 
@@ -20,6 +19,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 target=x86_64-unknown-linux-gnu
 tdir=${CARGO_TARGET_DIR:-$repo/target}
 what=(-p nestor-guest-agent --bin nestor-agent -p nestor --bin nestor) said="nestor-agent, nestor" quiet=()
+bins=(nestor nestor-agent)
 # --host builds without cross-crate (thin) LTO: on 2 cores it cost 109 of the build's 346
 # CPU seconds (176 s against 124 s of wall time), made the binaries 5% larger, and changed
 # nothing measurable (Dec 7: `nestor run --rm busybox true` medians 0.99x and 1.01x,
@@ -27,10 +27,10 @@ what=(-p nestor-guest-agent --bin nestor-agent -p nestor --bin nestor) said="nes
 lto=
 for a in "$@"; do
     case $a in
-    --host) what+=(-p nestor-microvm --bin nestor-vmm) said="nestor-agent, nestor, nestor-vmm (no cross-crate LTO)" lto=off ;;
-    --workspace) what=(--workspace) said="the workspace" ;;
+    --host) what+=(-p nestor-microvm --bin nestor-vmm) bins+=(nestor-vmm) lto=off
+        said="nestor-agent, nestor, nestor-vmm (no cross-crate LTO)" ;;
     --quiet) quiet=(--quiet) ;;
-    *) die "unknown argument '$a' (--host, --workspace, --quiet)" ;;
+    *) die "unknown argument '$a' (--host, --quiet)" ;;
     esac
 done
 command -v cargo >/dev/null || die "cargo is not installed"
@@ -39,12 +39,12 @@ log "cargo build --release --target $target (crt-static): $said"
     cargo build "${quiet[@]}" --release --target "$target" \
     "${what[@]}" >&2)
 out="$(cd "$tdir" && pwd)/$target/release"
-for b in nestor nestor-agent; do
+for b in "${bins[@]}"; do
     [[ -x $out/$b ]] || die "$out/$b was not built"
     if LC_ALL=C readelf -d "$out/$b" 2>/dev/null | grep -q NEEDED; then
         die "$out/$b is dynamically linked"
     fi
 done
-log "static: $out/nestor, $out/nestor-agent"
+log "static, in $out: ${bins[*]}"
 echo "$out/nestor"
 echo "$out/nestor-agent"

@@ -241,7 +241,6 @@ impl Drop for Unit {
     }
 }
 
-/// Text without terminal escape sequences (colored log lines).
 /// A unit's last three lines of stderr and of stdout; stderr's first `error:` line
 /// leads when the tail lacks it (a VM's failure report puts the VMM's and the
 /// console's last lines after it, which would otherwise be all the tail shows).
@@ -272,6 +271,7 @@ fn diagnose(err: &str, out: &[String]) -> String {
     }
 }
 
+/// Text without terminal escape sequences (colored log lines).
 pub fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut it = s.chars().peekable();
