@@ -639,15 +639,15 @@ fn timed_with(
     }
 }
 
-/// The line of a verb's stderr that says what went wrong: its `error:` line (a VM's
-/// console tail may follow it), else the last line.
+/// What a verb's stderr says went wrong: its `error:` line first, then its last lines (a
+/// VM's console tail follows that line: where the guest stopped), as the start-stop
+/// rows report a failed unit.
 fn error_line(stderr: &str) -> String {
-    let lines = || stderr.lines().map(str::trim).filter(|l| !l.is_empty());
-    lines()
-        .find(|l| l.starts_with("error:"))
-        .or_else(|| lines().next_back())
-        .unwrap_or("(nothing on stderr)")
-        .to_string()
+    let d = super::unit::diagnose(stderr, &[]);
+    match d.strip_prefix("stderr: ") {
+        Some(e) => e.to_string(),
+        None => "(nothing on stderr)".to_string(),
+    }
 }
 
 /// What one `migrate --json` reported.
@@ -1001,9 +1001,9 @@ mod tests {
         let e = "error: connecting to the guest agent: bad request\nnestor-vmm:\n  guest init reached\nguest console:\n  PCI: Fatal\n";
         assert_eq!(
             error_line(e),
-            "error: connecting to the guest agent: bad request"
+            "error: connecting to the guest agent: bad request | … | guest init reached | guest console: | PCI: Fatal"
         );
-        assert_eq!(error_line("warn\n last words \n\n"), "last words");
+        assert_eq!(error_line("warn\n last words \n\n"), "warn | last words");
         assert_eq!(error_line(""), "(nothing on stderr)");
     }
 

@@ -244,7 +244,7 @@ impl Drop for Unit {
 /// A unit's last three lines of stderr and of stdout; stderr's first `error:` line
 /// leads when the tail lacks it (a VM's failure report puts the VMM's and the
 /// console's last lines after it, which would otherwise be all the tail shows).
-fn diagnose(err: &str, out: &[String]) -> String {
+pub(super) fn diagnose(err: &str, out: &[String]) -> String {
     let tail = |s: Vec<&str>| {
         let v: Vec<String> = s
             .iter()
