@@ -11,17 +11,16 @@
 #
 #   scripts/compare.sh [nestor bench args...]     e.g. --modes process,container,vm
 # Step 2 boots the test host once per mode (a boot that dies, or whose modes all come out
-# skipped, is retried once; a mode whose boot died twice alone is reported as failed), and once more for each VM-container mode's
-# state-transfer section (one round); vm-container's fs section (the shared directory
-# over virtio-fs and virtio-blk: 4 VM launches) gets one with two vCPUs (a VM's file
-# server runs beside its vCPU, as on any host with more than one core); process and
-# container share one boot (their disk workloads then write one file), which runs
-# their fs rows with their other sections; each VM-container
-# mode's services get a boot of their own too. Up to two boots run at once where there
-# are two cores (a test host has one vCPU unless told), longest first, their progress
-# lines prefixed with the job. It merges the reports
-# (`nestor bench --merge`);
-# each bench rewrites its JSON after every mode, so a cut run keeps its rows.
+# skipped, is retried once; a mode whose boot died twice alone is reported as failed),
+# and once more for each VM-container mode's state-transfer section (one round);
+# vm-container's fs section (the shared directory over virtio-fs and virtio-blk: 4 VM
+# launches) gets one with two vCPUs (a VM's file server runs beside its vCPU, as on any
+# host with more than one core); process and container share one boot (their disk
+# workloads then write one file), which runs their fs rows with their other sections;
+# each VM-container mode's services get a boot of their own too. Up to two boots run at
+# once where there are two cores (a test host has one vCPU unless told), longest first,
+# their progress lines prefixed with the job. It merges the reports (`nestor bench
+# --merge`); each bench rewrites its JSON after every mode, so a cut run keeps its rows.
 # Env: NESTOR_COMPARE_OUT (default <repo>/target/compare), NESTOR_COMPARE_TESTHOST=0 to
 # skip step 2, NESTOR_COMPARE_TESTHOST_ARGS (default "--runs 3 --density-max 3"),
 # NESTOR_COMPARE_TESTHOST_TIMEOUT (seconds per boot, default 900), NESTOR_COMPARE_JOBS
