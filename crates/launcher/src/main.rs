@@ -13,6 +13,24 @@ macro_rules! eprintln_lossy {
     }};
 }
 
+/// `println!` that drops what stdout cannot take instead of panicking, for the same
+/// reason: `nestor images | head -1` or `nestor ps | grep -q x` must not end in a panic
+/// (and a verb that prints as it works, half done).
+macro_rules! println_lossy {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `print!` as [`println_lossy`], without the newline.
+macro_rules! print_lossy {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 mod bench;
 mod cli;
 mod docker;

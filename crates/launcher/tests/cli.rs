@@ -37,6 +37,34 @@ fn an_import_ends_when_its_stderr_reader_is_gone() {
     );
 }
 
+/// A stdout whose reader went away (`nestor images | head -1`) does not end a listing in
+/// a panic: what stdout cannot take is dropped, and the command ends as it would have.
+#[test]
+fn a_listing_ends_cleanly_when_its_stdout_reader_is_gone() {
+    let e = Env {
+        data: tempfile::tempdir().unwrap(),
+        state: tempfile::tempdir().unwrap(),
+    };
+    e.ok(&["image", "import", sample_image().to_str().unwrap()]);
+    for args in [&["images"][..], &["images", "-q"], &["ps", "-a"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let o = e
+            .cmd(args)
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success() && !stderr(&o).contains("panicked"),
+            "nestor {args:?} with a gone stdout reader: {:?}: {}",
+            o.status,
+            stderr(&o)
+        );
+    }
+}
+
 #[test]
 fn a_container_on_no_network_has_its_loopback_up() {
     // As Docker's and podman's: `localhost` works in a container with --network none.

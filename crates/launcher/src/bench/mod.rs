@@ -1069,7 +1069,7 @@ fn output(report: &Report, json: Option<&Path>, svg: Option<&Path>) -> Result<()
     if let Some(Ok(files)) = &plots {
         md.push_str(&report::plots(files));
     }
-    print!("{md}");
+    print_lossy!("{md}");
     if let Some(p) = json {
         write_json(p, report)?;
         progress(&format!("JSON: {}", p.display()));
@@ -1112,7 +1112,7 @@ pub fn merge(paths: &[PathBuf], json: Option<&Path>, svg: Option<&Path>) -> Resu
 /// `nestor bench --compare OLD.json NEW.json`: what changed, as ratios.
 pub fn compare(old: &Path, new: &Path) -> Result<()> {
     let (o, n) = (combine::load(old)?, combine::load(new)?);
-    print!("{}", combine::compare(&o, &n, 0.05));
+    print_lossy!("{}", combine::compare(&o, &n, 0.05));
     Ok(())
 }
 

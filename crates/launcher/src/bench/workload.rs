@@ -20,7 +20,7 @@ use crate::cli::WorkloadArgs;
 pub const TAG: &str = "NESTOR-WORKLOAD ";
 
 fn emit(v: serde_json::Value) {
-    println!("{TAG}{v}");
+    println_lossy!("{TAG}{v}");
     let _ = std::io::stdout().flush();
 }
 
@@ -380,7 +380,7 @@ pub const SERVING: &str = "nestor-bench-serving";
 /// `serve`: the [`NetServer`] on every address of the unit at `port`, until killed.
 fn serve_forever(port: u16) -> Result<()> {
     let _srv = NetServer::start(&format!("0.0.0.0:{port}"))?;
-    println!("{SERVING}");
+    println_lossy!("{SERVING}");
     let _ = std::io::stdout().flush();
     loop {
         std::thread::sleep(Duration::from_secs(3600));

@@ -48,7 +48,7 @@ fn create_in(mode: &impl Mode, a: &RunArgs) -> Result<i32> {
         let _ = store::remove_dir(&meta.id);
         return Err(e).context("create the container's log");
     }
-    println!("{}", meta.id);
+    println_lossy!("{}", meta.id);
     Ok(0)
 }
 
@@ -198,7 +198,7 @@ pub fn start(name: &str) -> Result<i32> {
         let _ = store::save(&orig);
     }
     res?;
-    println!("{}", meta.name);
+    println_lossy!("{}", meta.name);
     Ok(0)
 }
 

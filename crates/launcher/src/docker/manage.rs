@@ -28,18 +28,23 @@ pub fn ps(all: bool, quiet: bool, json: bool) -> Result<()> {
         .filter(|m| all || m.status == Status::Running)
         .collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        println_lossy!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());
     }
     if quiet {
         for m in &list {
-            println!("{}", &m.id[..12]);
+            println_lossy!("{}", &m.id[..12]);
         }
         return Ok(());
     }
-    println!(
+    println_lossy!(
         "{:<12}  {:<24}  {:<20}  {:<16}  {:<24}  {:<24}  NAMES",
-        "CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS"
+        "CONTAINER ID",
+        "IMAGE",
+        "COMMAND",
+        "CREATED",
+        "STATUS",
+        "PORTS"
     );
     for m in &list {
         let mut cmd = m.command.join(" ");
@@ -55,7 +60,7 @@ pub fn ps(all: bool, quiet: bool, json: bool) -> Result<()> {
                 format!("{ip}:{}->{}/{}", p.host_port, p.container_port, p.proto)
             })
             .collect();
-        println!(
+        println_lossy!(
             "{:<12}  {:<24}  {:<20}  {:<16}  {:<24}  {:<24}  {}",
             &m.id[..12],
             m.image,
@@ -128,7 +133,7 @@ pub fn stop(names: &[String], secs: u64) -> Result<()> {
     for n in names {
         let m = store::resolve(n)?;
         if m.status != Status::Running {
-            println!("{}", m.name);
+            println_lossy!("{}", m.name);
             continue;
         }
         let _ = m.placement().signal(Signal::SIGTERM);
@@ -136,7 +141,7 @@ pub fn stop(names: &[String], secs: u64) -> Result<()> {
             m.placement().kill();
             wait_stopped(&m, Duration::from_secs(10));
         }
-        println!("{}", m.name);
+        println_lossy!("{}", m.name);
     }
     Ok(())
 }
@@ -151,7 +156,7 @@ pub fn kill(name: &str, sig: Option<&str>) -> Result<bool> {
         bail!("container {} is not running", m.name);
     }
     m.placement().signal(parse_signal(sig.unwrap_or("KILL"))?)?;
-    println!("{}", m.name);
+    println_lossy!("{}", m.name);
     Ok(true)
 }
 
@@ -179,7 +184,7 @@ pub fn rm(names: &[String], force: bool) -> Result<()> {
         let r = (|| -> Result<()> {
             let m = store::resolve(n)?;
             remove(&m, force)?;
-            println!("{}", m.name);
+            println_lossy!("{}", m.name);
             Ok(())
         })();
         if let Err(e) = r {
@@ -230,7 +235,7 @@ pub fn inspect(name: &str) -> Result<()> {
         {
             o.extend(extra);
         }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println_lossy!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     let img = store::image_store()?
@@ -240,7 +245,7 @@ pub fn inspect(name: &str) -> Result<()> {
         "Id": img.id, "RepoTags": img.names, "Created": img.created, "Size": img.size,
         "Layers": img.layers, "Config": img.config, "ManifestDigest": img.manifest_digest,
     });
-    println!("{}", serde_json::to_string_pretty(&v)?);
+    println_lossy!("{}", serde_json::to_string_pretty(&v)?);
     Ok(())
 }
 
@@ -320,10 +325,10 @@ pub fn load(input: &std::path::Path, quiet: bool) -> Result<()> {
     };
     for s in store.import(input, None, &mut progress)? {
         if s.names.is_empty() {
-            println!("Loaded image: {}", s.id);
+            println_lossy!("Loaded image: {}", s.id);
         }
         for n in &s.names {
-            println!("Loaded image: {n}");
+            println_lossy!("Loaded image: {n}");
         }
     }
     Ok(())
@@ -332,12 +337,12 @@ pub fn load(input: &std::path::Path, quiet: bool) -> Result<()> {
 pub fn images(quiet: bool, json: bool, digests: bool) -> Result<()> {
     let list = store::image_store()?.list()?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        println_lossy!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());
     }
     if quiet {
         for i in &list {
-            println!("{}", i.short_id());
+            println_lossy!("{}", i.short_id());
         }
         return Ok(());
     }
@@ -348,7 +353,7 @@ pub fn images(quiet: bool, json: bool, digests: bool) -> Result<()> {
             String::new()
         }
     };
-    println!(
+    println_lossy!(
         "{:<32}  {:<10}  {}{:<12}  {:<8}  SIZE",
         "REPOSITORY",
         "TAG",
@@ -364,7 +369,7 @@ pub fn images(quiet: bool, json: bool, digests: bool) -> Result<()> {
         };
         for n in names {
             let (repo, tag) = n.rsplit_once(':').unwrap_or((&n, "<none>"));
-            println!(
+            println_lossy!(
                 "{:<32}  {:<10}  {}{:<12}  {:<8}  {}",
                 repo,
                 tag,
@@ -382,7 +387,7 @@ pub fn image_import(path: &std::path::Path, name: Option<&str>) -> Result<()> {
     let store = store::image_store()?;
     let mut progress = |line: &str| eprintln_lossy!("{line}");
     for s in store.import(path, name, &mut progress)? {
-        println!("{}", s.id);
+        println_lossy!("{}", s.id);
     }
     Ok(())
 }
@@ -402,8 +407,8 @@ pub fn image_rm(names: &[String]) -> Result<()> {
             );
         }
         match store.remove(n)? {
-            nestor_image::Removed::Untagged(t) => println!("Untagged: {t}"),
-            nestor_image::Removed::Deleted { id, .. } => println!("Deleted: {id}"),
+            nestor_image::Removed::Untagged(t) => println_lossy!("Untagged: {t}"),
+            nestor_image::Removed::Deleted { id, .. } => println_lossy!("Deleted: {id}"),
         }
     }
     Ok(())
@@ -547,7 +552,7 @@ pub fn gc(rt: &Runtime) -> Result<()> {
     let images = store::image_store()?;
     n += crate::vm::container::gc(&images)?;
     let report = images.gc()?;
-    println!(
+    println_lossy!(
         "gc: {n} container leftovers removed; {} unused layers, {} blobs, {} staging entries removed",
         report.layers_removed, report.blobs_removed, report.staging_removed
     );

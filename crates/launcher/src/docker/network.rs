@@ -15,19 +15,22 @@ pub fn run(cmd: &NetworkCmd) -> Result<()> {
             name,
         } => {
             let n = nets.create(name, *subnet, *internal)?;
-            println!("{}", n.name);
+            println_lossy!("{}", n.name);
         }
         NetworkCmd::Ls { quiet, json } => {
             // The default network is shown once it exists (it is made on first use).
             let list = nets.list();
             if *json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                println_lossy!("{}", serde_json::to_string_pretty(&list)?);
             } else if *quiet {
-                list.iter().for_each(|n| println!("{}", n.name));
+                list.iter().for_each(|n| println_lossy!("{}", n.name));
             } else {
-                println!(
+                println_lossy!(
                     "{:<24} {:<16} {:<18} {:<9} CONTAINERS",
-                    "NAME", "BRIDGE", "SUBNET", "INTERNAL"
+                    "NAME",
+                    "BRIDGE",
+                    "SUBNET",
+                    "INTERNAL"
                 );
                 let all = nets.attachments();
                 for n in &list {
@@ -35,7 +38,7 @@ pub fn run(cmd: &NetworkCmd) -> Result<()> {
                         .iter()
                         .filter(|a| a.ifaces.iter().any(|i| i.network == n.name))
                         .count();
-                    println!(
+                    println_lossy!(
                         "{:<24} {:<16} {:<18} {:<9} {users}",
                         n.name,
                         n.bridge,
@@ -64,13 +67,13 @@ pub fn run(cmd: &NetworkCmd) -> Result<()> {
                     "Containers": containers,
                 }));
             }
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            println_lossy!("{}", serde_json::to_string_pretty(&out)?);
         }
         NetworkCmd::Rm { names } => {
             let mut failed = false;
             for name in names {
                 match nets.remove(name) {
-                    Ok(()) => println!("{name}"),
+                    Ok(()) => println_lossy!("{name}"),
                     Err(e) => {
                         eprintln_lossy!("error: {e}");
                         failed = true;
@@ -91,7 +94,7 @@ pub fn run(cmd: &NetworkCmd) -> Result<()> {
             };
             nets.check(&id)
                 .map_err(|e| anyhow::anyhow!("{container}: {e}"))?;
-            println!("{container}: ok");
+            println_lossy!("{container}: ok");
         }
         NetworkCmd::Prune => {
             let all = nets.attachments();
@@ -101,7 +104,7 @@ pub fn run(cmd: &NetworkCmd) -> Result<()> {
                     .any(|a| a.ifaces.iter().any(|i| i.network == n.name));
                 if !used {
                     nets.remove(&n.name)?;
-                    println!("{}", n.name);
+                    println_lossy!("{}", n.name);
                 }
             }
         }
@@ -113,7 +116,7 @@ pub fn run(cmd: &NetworkCmd) -> Result<()> {
 pub fn port(name: &str) -> Result<()> {
     let m = store::resolve(name)?;
     for p in &m.ports {
-        println!("{p}");
+        println_lossy!("{p}");
     }
     Ok(())
 }

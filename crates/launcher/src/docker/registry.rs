@@ -37,9 +37,9 @@ pub fn pull(
             "bytes_downloaded": p.bytes_downloaded,
             "layers_reused": p.layers_reused,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println_lossy!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("{}", p.image.id);
+        println_lossy!("{}", p.image.id);
     }
     Ok(())
 }
@@ -83,7 +83,7 @@ pub fn push(
             "bytes_pushed": p.bytes_pushed,
             "layers_existing": p.layers_existing,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println_lossy!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     if !quiet && tty {
@@ -95,7 +95,7 @@ pub fn push(
             p.layers_existing
         );
     }
-    println!(
+    println_lossy!(
         "{}: digest: {} size: {}",
         p.reference.tag.as_deref().unwrap_or("latest"),
         p.digest,
@@ -153,7 +153,7 @@ pub fn login(
     for file in &files {
         tracing::info!(registry, file = %file.display(), "credentials stored");
     }
-    println!("Login Succeeded!");
+    println_lossy!("Login Succeeded!");
     Ok(())
 }
 
@@ -166,7 +166,7 @@ pub fn logout(registry: &str) -> Result<()> {
             nestor_registry::auth::auth_file().display()
         );
     }
-    println!("Removed login credentials for {r}");
+    println_lossy!("Removed login credentials for {r}");
     Ok(())
 }
 

@@ -189,7 +189,7 @@ fn detach(
             let _ = store::remove_dir(&meta.id);
         },
     )?;
-    println!("{id}");
+    println_lossy!("{id}");
     Ok(0)
 }
 

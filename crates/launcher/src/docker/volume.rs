@@ -261,19 +261,19 @@ pub fn run(cmd: &VolumeCmd) -> Result<()> {
                 bail!("volume {name} already exists");
             }
             ensure(name)?;
-            println!("{name}");
+            println_lossy!("{name}");
         }
         VolumeCmd::Ls { quiet, json } => {
             let all = store::all();
             let list: Vec<Info> = names().iter().filter_map(|n| info(n, &all).ok()).collect();
             if *json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                println_lossy!("{}", serde_json::to_string_pretty(&list)?);
             } else if *quiet {
-                list.iter().for_each(|v| println!("{}", v.name));
+                list.iter().for_each(|v| println_lossy!("{}", v.name));
             } else {
-                println!("{:<32} {:<22} USED BY", "NAME", "CREATED");
+                println_lossy!("{:<32} {:<22} USED BY", "NAME", "CREATED");
                 for v in &list {
-                    println!(
+                    println_lossy!(
                         "{:<32} {:<22} {}",
                         v.name,
                         v.created_at.split('.').next().unwrap_or(""),
@@ -288,7 +288,7 @@ pub fn run(cmd: &VolumeCmd) -> Result<()> {
                 .iter()
                 .map(|n| info(n, &all))
                 .collect::<Result<Vec<_>>>()?;
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            println_lossy!("{}", serde_json::to_string_pretty(&out)?);
         }
         VolumeCmd::Rm { names } => {
             let _lock = store::lock()?;
@@ -296,7 +296,7 @@ pub fn run(cmd: &VolumeCmd) -> Result<()> {
             let mut failed = Vec::new();
             for name in names {
                 match remove(name, &all) {
-                    Ok(()) => println!("{name}"),
+                    Ok(()) => println_lossy!("{name}"),
                     Err(e) => failed.push(e),
                 }
             }
@@ -314,7 +314,7 @@ pub fn run(cmd: &VolumeCmd) -> Result<()> {
             for name in names() {
                 if users(&name, &all, false).is_empty() {
                     remove(&name, &all)?;
-                    println!("{name}");
+                    println_lossy!("{name}");
                 }
             }
         }

@@ -56,7 +56,7 @@ pub fn run(rt: &Runtime, a: &RunArgs) -> Result<i32> {
 
 pub fn state(rt: &Runtime, id: &str) -> Result<()> {
     let st = rt.state(id)?;
-    println!("{}", serde_json::to_string_pretty(&st.oci())?);
+    println_lossy!("{}", serde_json::to_string_pretty(&st.oci())?);
     Ok(())
 }
 
@@ -83,19 +83,22 @@ pub fn print_list(states: &[serde_json::Value], format: ListFormat, quiet: bool)
     };
     if quiet {
         for st in states {
-            println!("{}", field(st, "id"));
+            println_lossy!("{}", field(st, "id"));
         }
         return Ok(());
     }
     match format {
-        ListFormat::Json => println!("{}", serde_json::to_string(states)?),
+        ListFormat::Json => println_lossy!("{}", serde_json::to_string(states)?),
         ListFormat::Table => {
-            println!(
+            println_lossy!(
                 "{:<24} {:<8} {:<10} {:<40} CREATED",
-                "ID", "PID", "STATUS", "BUNDLE"
+                "ID",
+                "PID",
+                "STATUS",
+                "BUNDLE"
             );
             for st in states {
-                println!(
+                println_lossy!(
                     "{:<24} {:<8} {:<10} {:<40} {}",
                     field(st, "id"),
                     field(st, "pid"),
@@ -233,7 +236,7 @@ pub fn exec_process(rt: &Runtime, a: &ExecArgs, process: Process) -> Result<i32>
 /// OCI `features`: the runtime-spec features document.
 pub fn features() -> Result<()> {
     let doc = nestor_container::features::document();
-    println!("{}", serde_json::to_string_pretty(&doc)?);
+    println_lossy!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(())
 }
 
@@ -258,7 +261,7 @@ pub fn ps(rt: &Runtime, format: Option<ListFormat>, args: &[String]) -> Result<(
     };
     let pids = rt.processes(id)?;
     if format == Some(ListFormat::Json) {
-        println!("{}", serde_json::to_string(&pids)?);
+        println_lossy!("{}", serde_json::to_string(&pids)?);
         return Ok(());
     }
     let default = ["-ef".to_string()];
@@ -284,7 +287,7 @@ pub fn ps(rt: &Runtime, format: Option<ListFormat>, args: &[String]) -> Result<(
     let Some(col) = header.split_whitespace().position(|f| f == "PID") else {
         bail!("ps {}: its output has no PID column", ps_args.join(" "));
     };
-    println!("{header}");
+    println_lossy!("{header}");
     for line in lines.filter(|l| !l.is_empty()) {
         let pid: i32 = line
             .split_whitespace()
@@ -292,7 +295,7 @@ pub fn ps(rt: &Runtime, format: Option<ListFormat>, args: &[String]) -> Result<(
             .and_then(|f| f.parse().ok())
             .with_context(|| format!("ps output line without a pid: {line}"))?;
         if pids.binary_search(&pid).is_ok() {
-            println!("{line}");
+            println_lossy!("{line}");
         }
     }
     Ok(())

@@ -764,7 +764,7 @@ pub fn start(root: &Path, id: &str) -> Result<()> {
 /// OCI `state` in VM mode.
 pub fn state(root: &Path, id: &str) -> Result<()> {
     let st = load(root, id)?;
-    println!("{}", serde_json::to_string_pretty(&oci_state(&st))?);
+    println_lossy!("{}", serde_json::to_string_pretty(&oci_state(&st))?);
     Ok(())
 }
 
@@ -893,11 +893,11 @@ pub fn ps(root: &Path, id: &str, json: bool, ps_args: &[String]) -> Result<()> {
     };
     if json {
         let pids: Vec<i32> = processes.iter().map(|p| p.pid).collect();
-        println!("{}", serde_json::to_string(&pids)?);
+        println_lossy!("{}", serde_json::to_string(&pids)?);
     } else {
-        println!("{:>7} CMD", "PID");
+        println_lossy!("{:>7} CMD", "PID");
         for p in processes {
-            println!("{:>7} {}", p.pid, p.cmd);
+            println_lossy!("{:>7} {}", p.pid, p.cmd);
         }
     }
     Ok(())

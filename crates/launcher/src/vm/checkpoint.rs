@@ -416,7 +416,7 @@ fn take(
         t.elapsed().as_millis(),
         paused_at.as_millis()
     );
-    println!("{}", m.name);
+    println_lossy!("{}", m.name);
     Ok(())
 }
 
@@ -491,7 +491,7 @@ pub fn restore(dir: &Path, name: Option<&str>) -> Result<i32> {
             }
         },
     )?;
-    println!("{id}");
+    println_lossy!("{id}");
     Ok(0)
 }
 

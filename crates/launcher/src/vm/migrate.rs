@@ -382,7 +382,7 @@ pub fn migrate_in(listen: &str, name: Option<&str>) -> Result<i32> {
     match started {
         Ok(id) => {
             let _ = send(&mut answer, &json!({"ok": true, "id": id}));
-            println!("{id}");
+            println_lossy!("{id}");
             Ok(0)
         }
         Err(e) => {

@@ -262,7 +262,7 @@ pub fn create(name: &str, shape: &Shape, net: &crate::cli::NetOpts) -> Result<()
         detach();
         return Err(e);
     }
-    println!("{name}");
+    println_lossy!("{name}");
     Ok(())
 }
 
@@ -364,13 +364,17 @@ fn monitor(
 pub fn ls(json: bool) -> Result<()> {
     let pods = all();
     if json {
-        println!("{}", serde_json::to_string_pretty(&pods)?);
+        println_lossy!("{}", serde_json::to_string_pretty(&pods)?);
         return Ok(());
     }
     let containers = store::all();
-    println!(
+    println_lossy!(
         "{:<20} {:<8} {:>10} {:>5} {:>10}  CREATED",
-        "NAME", "STATUS", "MEMORY", "CPUS", "CONTAINERS"
+        "NAME",
+        "STATUS",
+        "MEMORY",
+        "CPUS",
+        "CONTAINERS"
     );
     for p in pods {
         let n = containers
@@ -380,7 +384,7 @@ pub fn ls(json: bool) -> Result<()> {
                     && m.vm.as_ref().and_then(|v| v.pod.as_deref()) == Some(&p.name)
             })
             .count();
-        println!(
+        println_lossy!(
             "{:<20} {:<8} {:>7} MiB {:>5} {:>10}  {}",
             p.name,
             if p.alive() { "Up" } else { "Dead" },
@@ -445,7 +449,7 @@ pub fn rm(names: &[String], force: bool) -> Result<()> {
             if let Ok(n) = store::networks() {
                 let _ = n.detach(&net_id(name));
             }
-            println!("{name}");
+            println_lossy!("{name}");
             Ok(())
         })();
         if let Err(e) = r {
