@@ -646,7 +646,13 @@ fn error_line(stderr: &str) -> String {
     let d = super::unit::diagnose(stderr, &[]);
     match d.strip_prefix("stderr: ") {
         Some(e) => e.to_string(),
-        None => "(nothing on stderr)".to_string(),
+        // Only warning lines, which the tail leaves out: the last of them.
+        None => stderr
+            .lines()
+            .map(str::trim)
+            .rfind(|l| !l.is_empty())
+            .unwrap_or("(nothing on stderr)")
+            .to_string(),
     }
 }
 
@@ -1005,6 +1011,7 @@ mod tests {
         );
         assert_eq!(error_line("warn\n last words \n\n"), "warn | last words");
         assert_eq!(error_line(""), "(nothing on stderr)");
+        assert_eq!(error_line("WARN a\nWARN b: the last\n"), "WARN b: the last");
     }
 
     #[test]
