@@ -454,6 +454,70 @@ fn link_exists(ns: &Path, dev: &str) -> bool {
         .success()
 }
 
+/// `ip -d link show DEV` in `ns`.
+fn link_details(ns: &Path, dev: &str) -> String {
+    let o = Command::new("nsenter")
+        .arg(format!("--net={}", ns.display()))
+        .args(["ip", "-d", "link", "show", "dev", dev])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn a_vm_tap_is_made_and_its_interface_takes_a_mac_without_tools() {
+    let Some(r) = Root::new() else { return };
+    let req = r.req("tapper", &["nestor"]);
+    let a = r.nets.attach(&req).unwrap();
+    use nestor_network::tap;
+    // A jailed VMM's tap: persistent, a virtio net header, owned by the jail's ids, up.
+    tap::plumb(
+        &a.netns,
+        "eth0",
+        "tap0",
+        Some((4321, 8765)),
+        tap::Join::Later,
+    )
+    .unwrap();
+    let d = link_details(&a.netns, "tap0");
+    for want in [
+        "tun type tap",
+        "vnet_hdr on",
+        "persist on",
+        "user 4321",
+        "group 8765",
+    ] {
+        assert!(d.contains(want), "no {want:?} in: {d}");
+    }
+    assert!(
+        d.contains(",UP") || d.contains("<UP"),
+        "tap0 is not up: {d}"
+    );
+    // No second tap of one name: the first stays as it was.
+    let e = tap::plumb(&a.netns, "eth0", "tap0", None, tap::Join::Later).unwrap_err();
+    assert!(e.to_string().contains("tap tap0: create"), "{e}");
+    assert!(link_details(&a.netns, "tap0").contains("user 4321"));
+    // Joined later, once the interface is there.
+    tap::join(&a.netns, "eth0", "tap0").unwrap();
+    assert_eq!(redirect_of(&a.netns, "eth0"), "tap0");
+    assert_eq!(redirect_of(&a.netns, "tap0"), "eth0");
+    // The interface takes the guest's MAC; a malformed one is refused as such.
+    tap::set_mac(&a.netns, "eth0", "02:12:34:56:78:9a").unwrap();
+    assert!(link_details(&a.netns, "eth0").contains("link/ether 02:12:34:56:78:9a"));
+    for bad in [
+        "02:12:34:56:78",
+        "02:12:34:56:78:9a:bc",
+        "zz:12:34:56:78:9a",
+        "0212:34:56:78:9a",
+    ] {
+        let e = tap::set_mac(&a.netns, "eth0", bad).unwrap_err();
+        assert!(e.to_string().contains("is not a MAC address"), "{bad}: {e}");
+    }
+    let e = tap::plumb(&a.netns, "eth0", "tap/x", None, tap::Join::Later).unwrap_err();
+    assert!(e.to_string().contains("is not an interface name"), "{e}");
+    r.nets.detach(&req.container_id).unwrap();
+}
+
 #[test]
 fn a_microvm_moving_within_the_host_takes_the_place_over() {
     let Some(r) = Root::new() else { return };
@@ -479,7 +543,7 @@ fn a_microvm_moving_within_the_host_takes_the_place_over() {
     let e = tap::set_mac(&a.netns, "nosuch0", "02:00:00:00:00:01").unwrap_err();
     let e = e.to_string();
     assert!(
-        e.contains("ip link set dev nosuch0 address") && e.contains("Cannot find device"),
+        e.contains("set the MAC of nosuch0") && e.contains("No such device"),
         "{e}"
     );
 

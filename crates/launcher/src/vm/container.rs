@@ -327,6 +327,11 @@ struct Running {
     guest_id: String,
     outputs: Vec<std::thread::JoinHandle<()>>,
     timings: Timings,
+    /// The container's id when it is on networks of its own: once it has exited, they
+    /// are left while its VM stops ([`wait_and_stop`]).
+    leave_networks: Option<String>,
+    /// They were left.
+    left_networks: bool,
 }
 
 /// How a VM of a container's own was made, as a checkpoint needs it to make the VM
@@ -1329,10 +1334,13 @@ fn boot_and_start(a: &RunArgs, meta: &mut Meta, image: &nestor_image::Image) -> 
         guest_id,
         outputs,
         timings,
+        leave_networks: (a.vm.pod.is_none() && !meta.networks.is_empty()).then(|| meta.id.clone()),
+        left_networks: false,
     })
 }
 
-/// Waits for the container, then powers the VM off; returns the exit code.
+/// Waits for the container, then powers the VM off (and leaves its networks meanwhile:
+/// CNI DEL no longer waits for the VM to be gone); returns the exit code.
 fn wait_and_stop(r: &mut Running) -> Result<i32> {
     let wait = Request::Wait {
         container: r.guest_id.clone(),
@@ -1378,12 +1386,21 @@ fn wait_and_stop(r: &mut Running) -> Result<i32> {
     }
     // Nothing in the VM outlives the container: with only read-only disks there is
     // nothing to flush, so the host stops the VMM; otherwise the guest powers off.
-    let vmm = if r.writable_disks {
-        r.sb.shutdown(Some(&mut r.agent), Duration::from_secs(10))
-    } else {
-        r.sb.terminate(Duration::from_secs(5))
-    };
-    r.timings.vm_gone_ms = Some(r.sb.elapsed_ms());
+    let leave = r.leave_networks.take();
+    let vmm = std::thread::scope(|s| {
+        // The guest no longer needs its network: its tap stays until its VMM has gone.
+        let leaving = leave.map(|id| s.spawn(move || detach_id(&id)));
+        let vmm = if r.writable_disks {
+            r.sb.shutdown(Some(&mut r.agent), Duration::from_secs(10))
+        } else {
+            r.sb.terminate(Duration::from_secs(5))
+        };
+        r.timings.vm_gone_ms = Some(r.sb.elapsed_ms());
+        if let Some(h) = leaving {
+            r.left_networks = h.join().is_ok();
+        }
+        vmm
+    });
     r.timings.guest_init_ms = guest_init_ms(&r.sb);
     if vmm.is_none() {
         tracing::warn!("the VM did not power off within 10 s; nestor-vmm was killed");
@@ -1596,6 +1613,8 @@ fn resume_running(meta: &mut Meta, r: &Restoring, receive: Option<Receive>) -> R
         guest_id: r.guest_id.clone(),
         outputs,
         timings,
+        leave_networks: (!meta.networks.is_empty()).then(|| meta.id.clone()),
+        left_networks: false,
     })
 }
 
@@ -1704,12 +1723,13 @@ impl Mode for VmMode {
             .context("the VM container was not started")?;
         let code = wait_and_stop(&mut r);
         self.timings = Some((r.timings.clone(), r.sb.spawned_at()));
+        let left = r.left_networks;
         drop(r);
         let mark = take_stop_mark(&meta.id);
         // A VM that moved away took its network place along (within this host), or
         // had none; the migrating nestor removes its record once the destination
         // confirms (it stays, `Exited (moved)`, when that never comes).
-        if code.is_ok() || !matches!(mark, Some(StopMark::Moved(_))) {
+        if !left && (code.is_ok() || !matches!(mark, Some(StopMark::Moved(_)))) {
             detach_networks(meta);
         }
         remove_state_dir(&meta.id);
