@@ -140,25 +140,31 @@ pub struct JailConfig {
     pub die_with_parent: bool,
 }
 
-/// Is `path` a dynamically linked ELF (has a PT_INTERP segment)?
+/// Is `path` a dynamically linked ELF (has a PT_INTERP segment)? Reads the ELF header
+/// and the program headers only (reading the whole 4.5 MiB VMM took 40-80 ms of each
+/// jailed start in the TCG test host).
 fn is_dynamic(path: &Path) -> Result<bool> {
-    let b = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
-    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 {
-        bail!("{} is not a 64-bit ELF executable", path.display());
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let not_elf = || anyhow::anyhow!("{} is not a 64-bit ELF executable", path.display());
+    let mut h = [0u8; 64];
+    f.read_exact_at(&mut h, 0).map_err(|_| not_elf())?;
+    if &h[..4] != b"\x7fELF" || h[4] != 2 {
+        return Err(not_elf());
     }
-    let u16at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
-    let u64at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8])) as usize;
-    let (phoff, phentsize, phnum) = (u64at(32), u16at(54), u16at(56));
-    for i in 0..phnum {
-        let o = phoff + i * phentsize;
-        if o + 4 > b.len() {
-            bail!("{}: truncated program headers", path.display());
-        }
-        if u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]) == 3 {
-            return Ok(true);
-        }
+    let u16at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(h[32..40].try_into().unwrap_or([0; 8]));
+    let (phentsize, phnum) = (u16at(&h, 54), u16at(&h, 56));
+    // An ELF64 program header is 56 bytes: at most 3.5 MiB for 65535 of them.
+    if phnum > 0 && phentsize != 56 {
+        bail!("{}: malformed program headers", path.display());
     }
-    Ok(false)
+    let mut ph = vec![0u8; phentsize * phnum];
+    f.read_exact_at(&mut ph, phoff)
+        .map_err(|_| anyhow::anyhow!("{}: truncated program headers", path.display()))?;
+    Ok(ph
+        .chunks_exact(56)
+        .any(|e| u32::from_le_bytes([e[0], e[1], e[2], e[3]]) == 3))
 }
 
 fn mknod(path: &Path, major: u64, minor: u64, mode: u32, owner: Option<(u32, u32)>) -> Result<()> {
@@ -913,6 +919,39 @@ mod tests {
         assert_eq!(t, "nj456789abcdef");
         assert!(t.len() < 16);
         assert_eq!(tap_name("t-x-1"), "nj tx1".replace(' ', ""));
+    }
+
+    #[test]
+    fn a_dynamic_program_is_told_from_a_static_one_by_its_headers() {
+        // This test binary is dynamically linked (cargo test builds without crt-static).
+        let me = std::env::current_exe().unwrap();
+        assert!(is_dynamic(&me).unwrap());
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        // Its program headers without the PT_INTERP entry: a static program's.
+        let mut b = std::fs::read(&me).unwrap();
+        let phoff = u64::from_le_bytes(b[32..40].try_into().unwrap()) as usize;
+        let phnum = u16::from_le_bytes([b[56], b[57]]) as usize;
+        for e in b[phoff..phoff + 56 * phnum].chunks_exact_mut(56) {
+            if e[..4] == 3u32.to_le_bytes() {
+                e[..4].copy_from_slice(&1u32.to_le_bytes());
+            }
+        }
+        std::fs::write(&f, &b).unwrap();
+        assert!(!is_dynamic(&f).unwrap());
+        std::fs::write(&f, b"#!/bin/sh\n").unwrap();
+        let e = is_dynamic(&f).unwrap_err().to_string();
+        assert!(e.contains("is not a 64-bit ELF executable"), "{e}");
+        // A header naming program headers past the end of the file.
+        let mut h = std::fs::read(&me).unwrap()[..64].to_vec();
+        h[32..40].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        std::fs::write(&f, &h).unwrap();
+        let e = is_dynamic(&f).unwrap_err().to_string();
+        assert!(e.contains("truncated program headers"), "{e}");
+        h[54] = 57;
+        std::fs::write(&f, &h).unwrap();
+        let e = is_dynamic(&f).unwrap_err().to_string();
+        assert!(e.contains("malformed program headers"), "{e}");
     }
 
     #[test]
