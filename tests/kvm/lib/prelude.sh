@@ -22,9 +22,10 @@
 #
 # Lookup (each fills its variable unless an argument already did; missing parts are a
 # usage error, status 2, naming how to build them):
-#   find_vmm [--static-first]  $vmm: target/{release,debug}/nestor-vmm (the static
-#                              x86_64-unknown-linux-gnu build first when asked)
-#   find_nestor                $nestor: target/{release,debug}/nestor
+#   find_vmm [--static-first]  $vmm: target/{release,debug}/nestor-vmm, then the static
+#                              x86_64-unknown-linux-gnu build (scripts/setup.sh's; first
+#                              when asked)
+#   find_nestor                $nestor: target/{release,debug}/nestor, then the static one
 #   find_kernel                $kernel: guest-kernel/build.sh's vmlinux (cached by hash)
 #   find_static_bins           $nestor_static, $agent (static, for the guest): the ones
 #                              scripts/test.sh built, else images/build-agent.sh
@@ -102,19 +103,23 @@ while (($#)); do
 done
 unset used
 
+# The static build (what scripts/setup.sh makes) is the last place looked, after
+# cargo's own (what scripts/test.sh makes), unless asked for first.
 find_vmm() {
-    [[ -n $vmm ]] || for c in ${1:+"$tdir/x86_64-unknown-linux-gnu/release/nestor-vmm"} \
-        "$tdir/release/nestor-vmm" "$tdir/debug/nestor-vmm"; do
+    local static=$tdir/x86_64-unknown-linux-gnu/release/nestor-vmm
+    [[ -n $vmm ]] || for c in ${1:+"$static"} \
+        "$tdir/release/nestor-vmm" "$tdir/debug/nestor-vmm" "$static"; do
         [[ -x $c ]] && { vmm=$c; break; }
     done
-    [[ -x $vmm ]] || die2 "no nestor-vmm (cargo build --release -p nestor-microvm, or --vmm)"
+    [[ -x $vmm ]] || die2 "no nestor-vmm (scripts/setup.sh, cargo build --release -p nestor-microvm, or --vmm)"
 }
 
 find_nestor() {
-    [[ -n $nestor ]] || for c in "$tdir/release/nestor" "$tdir/debug/nestor"; do
+    [[ -n $nestor ]] || for c in "$tdir/release/nestor" "$tdir/debug/nestor" \
+        "$tdir/x86_64-unknown-linux-gnu/release/nestor"; do
         [[ -x $c ]] && { nestor=$c; break; }
     done
-    [[ -x $nestor ]] || die2 "no nestor (cargo build --release -p nestor, or --nestor)"
+    [[ -x $nestor ]] || die2 "no nestor (scripts/setup.sh, cargo build --release -p nestor, or --nestor)"
 }
 
 find_kernel() {
