@@ -145,24 +145,45 @@ fn ioctl_socket() -> Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
-/// Makes the persistent tap `name` in the calling thread's namespace (with a virtio
-/// net header, as nestor-vmm opens it), owned by `owner` when given, and brings it up.
-/// A tap of that name already there is an error. Nothing is left on a failure: the
-/// tap is made persistent last, and until then goes with its descriptor.
-fn make_tap_here(name: &str, owner: Option<(u32, u32)>) -> Result<()> {
+/// Attaches a descriptor to tap `name` in the calling thread's namespace as nestor-vmm's
+/// virtio-net does (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`); `create`: the tap must not
+/// exist yet (`IFF_TUN_EXCL`), and is made, gone again with the descriptor unless made
+/// persistent.
+fn attach(name: &str, create: bool) -> Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let what = |step: &str| format!("tap {name}: {step}");
     let tun = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_CLOEXEC)
         .open("/dev/net/tun")
-        .ctx(|| what("open /dev/net/tun"))?;
+        .ctx(|| format!("tap {name}: open /dev/net/tun"))?;
     let mut req = ifreq(name)?;
+    let excl = if create { libc::IFF_TUN_EXCL } else { 0 };
     req.ifr_ifru.ifru_flags =
-        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_TUN_EXCL)
-            as libc::c_short;
-    ioctl_ptr(&tun, libc::TUNSETIFF, &mut req, &what("create (TUNSETIFF)"))?;
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | excl) as libc::c_short;
+    let step = if create { "create" } else { "open" };
+    ioctl_ptr(
+        &tun,
+        libc::TUNSETIFF,
+        &mut req,
+        &format!("tap {name}: {step} (TUNSETIFF)"),
+    )?;
+    Ok(tun)
+}
+
+/// Opens tap `name` in the calling thread's namespace as nestor-vmm does (a tap its
+/// uid may not use fails here as it would there).
+pub fn open(name: &str) -> Result<std::os::fd::OwnedFd> {
+    Ok(attach(name, false)?.into())
+}
+
+/// Makes the persistent tap `name` in the calling thread's namespace (with a virtio
+/// net header, as nestor-vmm opens it), owned by `owner` when given, and brings it up.
+/// A tap of that name already there is an error. Nothing is left on a failure: the
+/// tap is made persistent last, and until then goes with its descriptor.
+fn make_tap_here(name: &str, owner: Option<(u32, u32)>) -> Result<()> {
+    let what = |step: &str| format!("tap {name}: {step}");
+    let tun = attach(name, true)?;
     if let Some((uid, gid)) = owner {
         ioctl_val(&tun, libc::TUNSETOWNER, uid.into(), &what("set its owner"))?;
         ioctl_val(&tun, libc::TUNSETGROUP, gid.into(), &what("set its group"))?;

@@ -24,13 +24,12 @@
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::ExitCode;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use nestor_agent_protocol::{self as proto, Envelope, Reply, Request, Response};
 
 /// The name nestor answers to as the stand-in (`argv[0]`'s file name).
@@ -56,7 +55,7 @@ fn value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
 
 fn run(args: &[String]) -> Result<()> {
     let _tap = match value(args, "--net") {
-        Some(n) => Some(open_tap(n.split(',').next().unwrap_or(n))?),
+        Some(n) => Some(nestor_network::tap::open(nestor_network::tap::tap_of(n))?),
         None => None,
     };
     let mut _fs = Vec::new();
@@ -81,44 +80,6 @@ fn run(args: &[String]) -> Result<()> {
         });
     }
     Ok(())
-}
-
-#[repr(C)]
-struct IfReq {
-    name: [libc::c_char; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
-/// Opens tap `name` as nestor-vmm does.
-fn open_tap(name: &str) -> Result<OwnedFd> {
-    const IFF_TAP: libc::c_short = 0x0002;
-    const IFF_NO_PI: libc::c_short = 0x1000;
-    const IFF_VNET_HDR: libc::c_short = 0x4000;
-    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-        bail!("bad tap name '{name}'");
-    }
-    let tun = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .context("open /dev/net/tun")?;
-    let fd = OwnedFd::from(tun);
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-        _pad: [0; 22],
-    };
-    for (d, s) in req.name.iter_mut().zip(name.bytes()) {
-        *d = s as libc::c_char;
-    }
-    // SAFETY: TUNSETIFF reads and writes one ifreq, which `req` is (40 bytes), on a
-    // descriptor this function owns.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("open tap {name}"));
-    }
-    Ok(fd)
 }
 
 /// Connects to `<vsock>_READY_PORT` and sends the agent's ready report (retried while
