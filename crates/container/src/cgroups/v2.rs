@@ -56,9 +56,11 @@ pub(crate) fn wanted_controllers(r: Option<&LinuxResources>) -> Vec<&'static str
 }
 
 /// Enables `wanted` (those the root offers) in `cgroup.subtree_control` of the root
-/// and of every ancestor of `root/rel`, skipping files that already list them. A
-/// controller the kernel refuses (e.g. an ancestor holding processes) is logged and
-/// left out; writing its files later fails with a clear error.
+/// and of every ancestor of `root/rel`, skipping files that already list them, then
+/// checks that `root/rel` (made by the caller) lists them in its `cgroup.controllers`.
+/// A refusal the kernel may lift (EBUSY while a process passes through an ancestor)
+/// is retried for up to [`ENABLE_RETRY`]; a controller still refused is logged with
+/// its error and left out, and writing its files later fails with a clear error.
 pub(crate) fn enable_controllers(
     root: &Path,
     rel: &str,
@@ -73,30 +75,81 @@ pub(crate) fn enable_controllers(
     if want.is_empty() {
         return Ok(());
     }
-    let mut dir = root.to_path_buf();
-    let mut comps = rel.split('/').peekable();
+    let leaf = root.join(rel);
+    let deadline = Instant::now() + ENABLE_RETRY;
     loop {
-        let enabled = read(&dir, "cgroup.subtree_control")?;
-        let missing: Vec<&str> = want
-            .iter()
-            .copied()
-            .filter(|w| !enabled.split_whitespace().any(|e| e == *w))
-            .collect();
-        if !missing.is_empty() {
-            let all: Vec<String> = missing.iter().map(|c| format!("+{c}")).collect();
-            if write(&dir, "cgroup.subtree_control", &all.join(" ")).is_err() {
-                for c in &missing {
-                    if let Err(e) = write(&dir, "cgroup.subtree_control", &format!("+{c}")) {
-                        tracing::debug!("cgroups: controller {c} not enabled: {e}");
-                    }
-                }
+        let mut refused = Vec::new();
+        let mut dir = root.to_path_buf();
+        let mut comps = rel.split('/').peekable();
+        loop {
+            enable_in(&dir, &want, &mut refused)?;
+            match comps.next() {
+                Some(c) if comps.peek().is_some() => dir.push(c),
+                _ => break,
             }
         }
-        match comps.next() {
-            Some(c) if comps.peek().is_some() => dir.push(c),
-            _ => return Ok(()),
+        // What the leaf got: a concurrent writer may have changed an ancestor
+        // between the reads above and the leaf's making.
+        let got = read_opt(&leaf, "cgroup.controllers")?.unwrap_or_default();
+        let lacking: Vec<&str> = want
+            .iter()
+            .copied()
+            .filter(|w| !got.split_whitespace().any(|g| g == *w))
+            .collect();
+        if lacking.is_empty() {
+            return Ok(());
+        }
+        let transient = refused
+            .iter()
+            .all(|(_, e)| e.raw_os_error() == Some(libc::EBUSY));
+        if !transient || Instant::now() >= deadline {
+            for (c, e) in &refused {
+                tracing::warn!("cgroups: controller {c} not enabled for {rel}: {e}");
+            }
+            if refused.is_empty() {
+                tracing::warn!(
+                    "cgroups: {rel} lacks controllers {} though its parents enable them",
+                    lacking.join(" ")
+                );
+            }
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// How long [`enable_controllers`] retries a controller the kernel refuses with EBUSY.
+const ENABLE_RETRY: Duration = Duration::from_millis(200);
+
+/// Adds to `dir/cgroup.subtree_control` those of `want` it lacks: all in one write,
+/// then one by one if that is refused, pushing each refused controller and its error
+/// to `refused`.
+fn enable_in(
+    dir: &Path,
+    want: &[&str],
+    refused: &mut Vec<(String, std::io::Error)>,
+) -> Result<(), CgroupError> {
+    let enabled = read(dir, "cgroup.subtree_control")?;
+    let missing: Vec<&str> = want
+        .iter()
+        .copied()
+        .filter(|w| !enabled.split_whitespace().any(|e| e == *w))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let all: Vec<String> = missing.iter().map(|c| format!("+{c}")).collect();
+    if write(dir, "cgroup.subtree_control", &all.join(" ")).is_ok() {
+        return Ok(());
+    }
+    for c in missing {
+        match write(dir, "cgroup.subtree_control", &format!("+{c}")) {
+            Ok(()) => {}
+            Err(CgroupError::Write { source, .. }) => refused.push((c.to_string(), source)),
+            Err(e) => return Err(e),
         }
     }
+    Ok(())
 }
 
 /// Writes the set fields of `r` into the cgroup directory `dir`.
@@ -359,6 +412,8 @@ mod tests {
             for f in LEAF_FILES {
                 fs::write(d.join(f), "").unwrap();
             }
+            // What the kernel shows once the parent enables them.
+            fs::write(d.join("cgroup.controllers"), controllers).unwrap();
         }
         fs::write(d.join("cpu.max"), "max 100000").unwrap();
         let cg = Cgroup::create_in(&Layout::v2_at(root.path()), rel, None).unwrap();
@@ -410,6 +465,22 @@ mod tests {
         );
         // Not in the leaf: the container's processes live there.
         assert_eq!(get(&cg, "cgroup.subtree_control"), "");
+    }
+
+    #[test]
+    fn a_leaf_left_without_a_controller_is_retried_then_logged_not_hung() {
+        let (root, _cg) = fake_root("cpu memory", "nestor/c2");
+        // As if a concurrent writer had taken memory away after the leaf was made:
+        // the parents list it, the leaf does not get it.
+        fs::write(root.path().join("nestor/c2/cgroup.controllers"), "cpu").unwrap();
+        let t = Instant::now();
+        enable_controllers(root.path(), "nestor/c2", &["cpu", "memory"]).unwrap();
+        assert!(t.elapsed() >= ENABLE_RETRY, "gave up before retrying");
+        assert!(
+            t.elapsed() < ENABLE_RETRY * 20,
+            "retried for {:?}",
+            t.elapsed()
+        );
     }
 
     #[test]
