@@ -298,6 +298,8 @@ pub struct Vmm {
     cwd: PathBuf,
     /// When [`Vmm::check_halted`] kicks.
     halt_watch: Mutex<HaltWatch>,
+    /// [`Vmm::build`]'s steps, ms since VMM start, for `--boot-timings`.
+    build_steps: Vec<(&'static str, u128)>,
 }
 
 /// A migration destination's VM built while the stream still comes
@@ -438,6 +440,8 @@ impl Vmm {
         start: Instant,
         console: Option<ConsoleOut>,
     ) -> Result<Self, VmmError> {
+        let mut steps = Vec::new();
+        let mut lap = |name: &'static str| steps.push((name, start.elapsed().as_millis()));
         cfg.validate()?;
         // Every input is opened before anything is created.
         let devices = open_devices(cfg)?;
@@ -463,6 +467,7 @@ impl Vmm {
             full_cmdline.push_str(&format!(" virtio_mmio.device=4K@{addr:#x}:{irq}"));
         }
         let cmdline = boot_params::build_cmdline(&full_cmdline)?;
+        lap("opened");
 
         let ram = layout::ram_ranges(cfg.mem_mib << 20);
         // A vhost-user back end maps guest RAM itself: then it is shared memfd memory.
@@ -472,14 +477,17 @@ impl Vmm {
             memory::create_shared_guest_memory(&ram)?
         };
         let vm = Vm::new()?;
+        lap("memory");
         vm.register_memory(&mem, cfg.track_dirty_pages)?;
         if cfg.mem_merge {
             memory::advise_mergeable(&mem);
         }
         vm.setup_irqchip()?;
+        lap("vm");
 
         let kernel_info = boot_params::load_kernel(&mem, &mut kernel)?;
         drop(kernel);
+        lap("kernel");
         let initrd = match initrd {
             Some((mut f, size)) => Some(boot_params::load_initrd(
                 &mem,
@@ -489,6 +497,7 @@ impl Vmm {
             )?),
             None => None,
         };
+        lap("initrd");
         let cmdline_len = boot_params::write_cmdline(&mem, &cmdline)?;
         regs::write_boot_tables(&mem)?;
         regs::write_reset_stub(&mem)?;
@@ -505,13 +514,17 @@ impl Vmm {
             },
         )?;
 
+        lap("tables");
         let mut vmm = Self::assemble(cfg, start, console, vm, mem, devices)?;
+        lap("devices");
         for id in 0..cfg.vcpus {
             let v = Vcpu::new(&vmm.vm, id)?;
             v.configure_cpu(&vmm.vm, cfg.vcpus)?;
             v.configure_boot_regs(kernel_info.entry)?;
             vmm.pending.push(v);
         }
+        lap("vcpus");
+        vmm.build_steps = steps;
         Ok(vmm)
     }
 
@@ -904,6 +917,7 @@ impl Vmm {
             last_snapshot: Mutex::new(None),
             cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
             halt_watch: Mutex::new(HaltWatch::new(Instant::now())),
+            build_steps: Vec::new(),
         })
     }
 
@@ -1526,6 +1540,12 @@ impl Vmm {
             first_output: self.first_output.get(),
             init: self.boot_time.get(),
         }
+    }
+
+    /// The steps of [`Vmm::build`] (ms since VMM start), for `--boot-timings`; empty
+    /// for a VM built another way.
+    pub fn build_steps(&self) -> &[(&'static str, u128)] {
+        &self.build_steps
     }
 
     /// Time since the VMM started.

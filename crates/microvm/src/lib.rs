@@ -4,10 +4,12 @@
 //! and vCPU objects (`vstate`), the x86_64 boot set-up (`arch::x86_64`), the legacy
 //! devices on the port-I/O bus (`devices`), and the assembly of all of these from a
 //! [`config::VmConfig`] into a running machine (`builder`), and snapshots of it
-//! (`snapshot`: the format; the builder takes and restores them).
+//! (`snapshot`: the format; the builder takes and restores them). `args` reads the
+//! command line into `config::Cli` quickly.
 
 pub mod api;
 pub mod arch;
+pub mod args;
 pub mod builder;
 pub mod config;
 pub mod devices;

@@ -10,7 +10,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use clap::Parser;
 use nestor_microvm::api::{self, ApiServer};
 use nestor_microvm::config::Cli;
 use nestor_microvm::exit::ExitSignal;
@@ -73,7 +72,7 @@ fn start_filtered(
 }
 
 fn run(start: Instant, logging: u128) -> anyhow::Result<i32> {
-    let cli = match Cli::try_parse() {
+    let cli = match nestor_microvm::args::parse() {
         Ok(c) => c,
         Err(e) if !e.use_stderr() => {
             e.print()?;
@@ -152,6 +151,9 @@ fn run(start: Instant, logging: u128) -> anyhow::Result<i32> {
     };
     let stats = api::metrics(&vmm);
     let timings = vmm.boot_timings();
+    // The build's own steps fall between "seccomp" and "built".
+    steps.extend_from_slice(vmm.build_steps());
+    steps.sort_by_key(|(_, ms)| *ms);
     let ended = vmm.uptime();
     let end = vmm.shutdown();
     if boot_timings {
