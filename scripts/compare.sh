@@ -187,7 +187,7 @@ else
             : >"$out/.progress-$m"
             NESTOR_BIN_DIR="$BIN" tests/testhost/run --timeout "${NESTOR_COMPARE_TESTHOST_TIMEOUT:-900}" "${smp[@]}" "${share[@]}" -- \
                 env NESTOR_ROOT=/run/nestor-compare NESTOR_STATE=/run/nestor-compare-state \
-                NESTOR_VM_KERNEL="$vm_dir/vmlinux" NESTOR_VM_INITRD="$vm_dir/initramfs.cpio.gz" bash -c \
+                NESTOR_VM_KERNEL="$vm_dir/vmlinux" NESTOR_VM_INITRD="$vm_dir/initramfs.cpio.lz4" bash -c \
                 'nestor=$1 busybox=$2 redis=$3; shift 3
                  "$nestor" image import "$busybox" >/dev/null && "$nestor" image import "$redis" >/dev/null &&
                  exec "$nestor" bench "$@"' \

@@ -4,7 +4,7 @@
 # binaries are these; building only the guest's two could resolve other features of
 # shared crates and compile them again), the guest kernel (guest-kernel/build.sh) and the agent
 # initramfs (images/build-initramfs.sh --agent --nestor), and installs the kernel and
-# initramfs where nestor looks for them: $NESTOR_ROOT/vm/{vmlinux,initramfs.cpio.gz}
+# initramfs where nestor looks for them: $NESTOR_ROOT/vm/{vmlinux,initramfs.cpio.lz4}
 # (NESTOR_ROOT defaults to /var/lib/nestor). A file is only replaced when it changed.
 # Progress on stderr; the LAST line of stdout is the directory.
 set -euo pipefail
@@ -27,5 +27,10 @@ install_if_changed() { # SRC NAME
     fi
 }
 install_if_changed "$kernel" vmlinux
-install_if_changed "$initrd" initramfs.cpio.gz
+install_if_changed "$initrd" initramfs.cpio.lz4
+# Before the initramfs was lz4, nestor installed a gzip one under another name.
+if [[ -e $dest/initramfs.cpio.gz ]]; then
+    rm -f "$dest/initramfs.cpio.gz"
+    log "removed $dest/initramfs.cpio.gz (replaced by initramfs.cpio.lz4)"
+fi
 echo "$dest"

@@ -171,7 +171,7 @@ mod tests {
     const SAMPLES: &[(&str, Option<&str>)] = &[
         ("config", Some("/etc/vm.json")),
         ("kernel", Some("/k/vmlinux")),
-        ("initrd", Some("/k/initramfs.cpio.gz")),
+        ("initrd", Some("/k/initramfs.cpio.lz4")),
         ("cmdline", Some("console=ttyS0 quiet panic=-1")),
         ("mem", Some("256")),
         ("vcpus", Some("2")),
@@ -237,7 +237,7 @@ mod tests {
                 "--kernel",
                 "/var/lib/nestor/vm/vmlinux",
                 "--initrd",
-                "/var/lib/nestor/vm/initramfs.cpio.gz",
+                "/var/lib/nestor/vm/initramfs.cpio.lz4",
                 "--mem",
                 "512",
                 "--vcpus",

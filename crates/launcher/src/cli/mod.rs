@@ -922,7 +922,7 @@ pub struct VmOpts {
     #[arg(id = "vm_kernel", long = "vm-kernel", value_name = "PATH")]
     pub kernel: Option<PathBuf>,
     /// Agent initramfs for --vm (default: $NESTOR_VM_INITRD or
-    /// $NESTOR_ROOT/vm/initramfs.cpio.gz).
+    /// $NESTOR_ROOT/vm/initramfs.cpio.lz4).
     #[arg(id = "vm_initrd", long = "vm-initrd", value_name = "PATH")]
     pub initrd: Option<PathBuf>,
     /// Run the container in this pod's microVM (`nestor pod create`); implies --vm.

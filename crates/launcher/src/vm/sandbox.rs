@@ -109,7 +109,7 @@ impl Assets {
             initrd: pick(
                 initrd,
                 "NESTOR_VM_INITRD",
-                "initramfs.cpio.gz",
+                "initramfs.cpio.lz4",
                 "agent initramfs",
             )?,
         })
