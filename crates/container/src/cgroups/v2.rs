@@ -70,7 +70,7 @@ pub(crate) fn enable_controllers(
     let want: Vec<&str> = wanted
         .iter()
         .copied()
-        .filter(|w| available.split_whitespace().any(|a| a == *w))
+        .filter(|w| listed(&available, w))
         .collect();
     if want.is_empty() {
         return Ok(());
@@ -91,11 +91,7 @@ pub(crate) fn enable_controllers(
         // What the leaf got: a concurrent writer may have changed an ancestor
         // between the reads above and the leaf's making.
         let got = read_opt(&leaf, "cgroup.controllers")?.unwrap_or_default();
-        let lacking: Vec<&str> = want
-            .iter()
-            .copied()
-            .filter(|w| !got.split_whitespace().any(|g| g == *w))
-            .collect();
+        let lacking = unlisted(&want, &got);
         if lacking.is_empty() {
             return Ok(());
         }
@@ -118,6 +114,17 @@ pub(crate) fn enable_controllers(
     }
 }
 
+/// Whether the controller `c` is in `list` (a `cgroup.controllers` or
+/// `cgroup.subtree_control` line).
+fn listed(list: &str, c: &str) -> bool {
+    list.split_whitespace().any(|l| l == c)
+}
+
+/// Those of `want` that `list` does not name.
+fn unlisted<'a>(want: &[&'a str], list: &str) -> Vec<&'a str> {
+    want.iter().copied().filter(|w| !listed(list, w)).collect()
+}
+
 /// How long [`enable_controllers`] retries a controller the kernel refuses with EBUSY.
 const ENABLE_RETRY: Duration = Duration::from_millis(200);
 
@@ -129,12 +136,7 @@ fn enable_in(
     want: &[&str],
     refused: &mut Vec<(String, std::io::Error)>,
 ) -> Result<(), CgroupError> {
-    let enabled = read(dir, "cgroup.subtree_control")?;
-    let missing: Vec<&str> = want
-        .iter()
-        .copied()
-        .filter(|w| !enabled.split_whitespace().any(|e| e == *w))
-        .collect();
+    let missing = unlisted(want, &read(dir, "cgroup.subtree_control")?);
     if missing.is_empty() {
         return Ok(());
     }
