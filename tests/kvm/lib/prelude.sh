@@ -28,7 +28,7 @@
 #   find_nestor                $nestor: target/{release,debug}/nestor, then the static one
 #   find_kernel                $kernel: guest-kernel/build.sh's vmlinux (cached by hash)
 #   find_static_bins           $nestor_static, $agent (static, for the guest): the ones
-#                              scripts/test.sh built, else images/build-agent.sh
+#                              scripts/test.sh built, else images/build-agent.sh --host
 #   find_agent_initrd [--test-rootfs]   $initrd: the agent initramfs of those binaries
 #   find_client                $client: a nestor-agent to run on the host for its test
 #                              tools (`client`: the agent protocol; `vsock-cat`): $agent,
@@ -133,7 +133,7 @@ find_static_bins() {
         nestor_static=$static/nestor
         [[ -n $agent ]] || agent=$static/nestor-agent
     else
-        bins=$("$repo/images/build-agent.sh")
+        bins=$("$repo/images/build-agent.sh" --host --quiet)
         nestor_static=$(tail -n2 <<<"$bins" | head -n1)
         [[ -n $agent ]] || agent=$(tail -n1 <<<"$bins")
     fi
