@@ -2,7 +2,7 @@
 # Scenario 1 end to end: `nestor run --vm` on the busybox sample image, with nestor-vmm,
 # the project's guest kernel and the agent initramfs. Checks: output and exit code; stdin
 # piped in; -t; the container sees the guest kernel, not the host's, and with --network
-# none loopback only, up; the memory limit is enforced inside the guest; the host's
+# none loopback only, up; it runs under its seccomp filter; the memory limit is enforced inside the guest; the host's
 # processes and files are invisible; volumes as disk images; a signal reaches the
 # container; -d with ps, exec (-t, --user), logs, stop, rm; create --vm then start
 # (Created, then its output in logs); -d output across vsock resets; random
@@ -34,8 +34,9 @@ out=$(n run --vm -t --rm busybox sh -c 'test -t 0 && test -t 1 && echo tty-yes' 
 expect "-t" tty-yes "$out"
 
 # 4. The guest kernel, not the host's. Without a network the container has loopback
-# only, up (it shares the guest's namespace, which has nothing else).
-out=$(n run --vm --rm --network none busybox sh -c 'uname -r; echo $(ls /sys/class/net); cat /sys/class/net/lo/flags')
+# only, up (it shares the guest's namespace, which has nothing else). The container runs
+# under its seccomp filter (compiled by the host, sent with Run).
+out=$(n run --vm --rm --network none busybox sh -c 'uname -r; echo $(ls /sys/class/net); cat /sys/class/net/lo/flags; grep ^Seccomp: /proc/self/status')
 guest=$(sed -n 1p <<<"$out")
 [[ -n $guest && $guest != "$(uname -r)" ]] && pass "guest kernel ($guest, host $(uname -r))" ||
     bad "uname -r in the VM is '$guest', host '$(uname -r)'"
@@ -43,6 +44,7 @@ expect "--network none: the interfaces" lo "$(sed -n 2p <<<"$out")"
 flags=$(sed -n 3p <<<"$out")
 [[ $flags =~ ^0x[0-9a-f]+$ ]] && ((flags & 1)) && pass "--network none: lo is up" ||
     bad "--network none: lo flags '$flags'"
+expect "the container's seccomp filter (mode 2)" "Seccomp: 2" "$(sed -n 4p <<<"$out" | tr -s '\t ' ' ')"
 
 # 5. Memory limit inside the guest: the cgroup says so, and going past it is an OOM kill.
 out=$(n run --vm --rm --memory 32m busybox cat /sys/fs/cgroup/memory.max)

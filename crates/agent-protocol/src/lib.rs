@@ -125,6 +125,18 @@ pub enum Bundle {
     },
 }
 
+/// A compiled seccomp filter (nestor-container's `CompiledSeccomp`, in its `to_bytes`
+/// form): classic BPF, 8 bytes per instruction, base64 (standard alphabet, padded).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeccompFilter {
+    pub program: String,
+    /// `SECCOMP_FILTER_FLAG_*` bits.
+    pub flags: u64,
+    /// The filter notifies a seccomp agent (the spec names its `listenerPath`).
+    pub notify: bool,
+}
+
 /// Whether `tag` can name a virtio-fs share in a [`Bundle::Share`]: 1 to 36 of
 /// `[A-Za-z0-9_-]` (the device's tag field holds 36 bytes).
 pub fn valid_share_tag(tag: &str) -> bool {
@@ -210,7 +222,14 @@ pub enum Request {
     /// OCI start of a created container.
     Start { container: String },
     /// Create and start in one step.
-    Run { container: String, bundle: Bundle },
+    Run {
+        container: String,
+        bundle: Bundle,
+        /// The spec's `linux.seccomp`, compiled by the host while the guest booted: the
+        /// guest's runtime installs it instead of compiling the profile itself.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seccomp: Option<SeccompFilter>,
+    },
     /// Run another process in a running container.
     Exec {
         container: String,
@@ -549,6 +568,16 @@ mod tests {
                     spec: serde_json::json!({"ociVersion": "1.0.2"}),
                     rootfs: "/r".into(),
                 },
+                seccomp: None,
+            },
+            Request::Run {
+                container: "c1".into(),
+                bundle: Bundle::Path("/b".into()),
+                seccomp: Some(SeccompFilter {
+                    program: "AAAAAAAAAAA=".into(),
+                    flags: 2,
+                    notify: false,
+                }),
             },
             Request::Create {
                 container: "c2".into(),

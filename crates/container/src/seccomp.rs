@@ -162,6 +162,9 @@ pub enum SeccompError {
         /// seccompiler's or this module's description.
         detail: String,
     },
+    /// A filter compiled elsewhere ([`CompiledSeccomp::from_parts`]) that cannot be one.
+    #[error("seccomp: the compiled filter given is not usable: {0}")]
+    Compiled(String),
     /// The kernel refused the filter with `EACCES`.
     #[error("seccomp: installing the filter was refused (EACCES): the process needs no_new_privs set or CAP_SYS_ADMIN")]
     NotPermitted,
@@ -243,7 +246,90 @@ impl CompiledSeccomp {
     pub fn program(&self) -> &[libc::sock_filter] {
         &self.program
     }
+
+    /// The program as bytes, [`INSN_BYTES`] per instruction (code, jt, jf, k;
+    /// little-endian), with [`CompiledSeccomp::flags`] and
+    /// [`CompiledSeccomp::notifies`] what [`CompiledSeccomp::from_parts`] takes back: nestor's
+    /// host compiles a VM container's filter while the guest boots, and the guest's
+    /// runtime installs it without compiling it again.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(self.program.len() * INSN_BYTES);
+        for i in &self.program {
+            b.extend_from_slice(&i.code.to_le_bytes());
+            b.push(i.jt);
+            b.push(i.jf);
+            b.extend_from_slice(&i.k.to_le_bytes());
+        }
+        b
+    }
+
+    /// The `seccomp(2)` flags (`SECCOMP_FILTER_FLAG_*`).
+    pub fn flags(&self) -> libc::c_ulong {
+        self.flags
+    }
+
+    /// Whether the filter notifies a seccomp agent (its install returns a listener).
+    pub fn notifies(&self) -> bool {
+        self.notify
+    }
+
+    /// A filter compiled elsewhere, from [`CompiledSeccomp::to_bytes`],
+    /// [`CompiledSeccomp::flags`] and [`CompiledSeccomp::notifies`]. Checks the size (1 to
+    /// `BPF_MAXINSNS` whole instructions) and the flags (the ones [`compile`] sets, with
+    /// the listener flag exactly when it notifies); the kernel checks the program itself
+    /// when it is installed.
+    pub fn from_parts(
+        bytes: &[u8],
+        flags: libc::c_ulong,
+        notify: bool,
+    ) -> Result<Self, SeccompError> {
+        if bytes.is_empty() || !bytes.len().is_multiple_of(INSN_BYTES) {
+            return Err(SeccompError::Compiled(format!(
+                "{} bytes is not a whole number of {INSN_BYTES}-byte instructions",
+                bytes.len()
+            )));
+        }
+        let n = bytes.len() / INSN_BYTES;
+        if n > BPF_MAXINSNS {
+            return Err(SeccompError::Compiled(format!(
+                "{n} instructions, the kernel accepts at most {BPF_MAXINSNS}"
+            )));
+        }
+        let known = libc::SECCOMP_FILTER_FLAG_LOG
+            | libc::SECCOMP_FILTER_FLAG_TSYNC
+            | libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW
+            | SECCOMP_FILTER_FLAG_NEW_LISTENER;
+        if flags & !known != 0 {
+            return Err(SeccompError::Compiled(format!(
+                "unknown flags {:#x}",
+                flags & !known
+            )));
+        }
+        let listener = flags & SECCOMP_FILTER_FLAG_NEW_LISTENER != 0;
+        if listener != notify {
+            return Err(SeccompError::Compiled(
+                "the listener flag and the notify mark disagree".into(),
+            ));
+        }
+        let program = bytes
+            .chunks_exact(INSN_BYTES)
+            .map(|c| libc::sock_filter {
+                code: u16::from_le_bytes([c[0], c[1]]),
+                jt: c[2],
+                jf: c[3],
+                k: u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
+            })
+            .collect();
+        Ok(CompiledSeccomp {
+            program,
+            flags,
+            notify,
+        })
+    }
 }
+
+/// Bytes of one instruction in [`CompiledSeccomp::to_bytes`]' form.
+pub const INSN_BYTES: usize = 8;
 
 /// Hands a notifying filter's listener to the seccomp agent listening on
 /// `listener_path` (a Unix stream socket), as the runtime spec says and runc does: one
@@ -966,5 +1052,46 @@ mod tests {
         assert_eq!(c.instruction_count(), 9);
         assert_eq!(native(&c, 0, [0; 6]), ALLOW);
         assert_eq!(native(&c, X32_SYSCALL_BIT, [0; 6]), KILL_PROCESS);
+    }
+
+    #[test]
+    fn a_filter_goes_to_bytes_and_back_and_bad_parts_are_refused() {
+        let c = profile(
+            r#"{"defaultAction":"SCMP_ACT_ERRNO","flags":["SECCOMP_FILTER_FLAG_LOG"],
+                "listenerPath":"/run/agent.sock","syscalls":[
+                {"names":["getpid"],"action":"SCMP_ACT_ALLOW"},
+                {"names":["mkdir"],"action":"SCMP_ACT_NOTIFY"}]}"#,
+        );
+        let bytes = c.to_bytes();
+        assert_eq!(bytes.len(), c.instruction_count() * INSN_BYTES);
+        let back = CompiledSeccomp::from_parts(&bytes, c.flags(), c.notifies()).expect("parts");
+        assert!(back.notifies());
+        assert_eq!(back.flags(), c.flags());
+        let same = |a: &[libc::sock_filter], b: &[libc::sock_filter]| {
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b)
+                    .all(|(x, y)| (x.code, x.jt, x.jf, x.k) == (y.code, y.jt, y.jf, y.k))
+        };
+        assert!(same(back.program(), c.program()));
+        let getpid = Sysno::getpid.id() as u32;
+        assert_eq!(native(&back, getpid, [0; 6]), ALLOW);
+
+        let plain = profile(r#"{"defaultAction":"SCMP_ACT_ALLOW"}"#);
+        let pb = plain.to_bytes();
+        let refused =
+            |b: &[u8], flags: libc::c_ulong, notify: bool| match CompiledSeccomp::from_parts(
+                b, flags, notify,
+            ) {
+                Err(SeccompError::Compiled(m)) => m,
+                other => panic!("accepted or wrong error: {other:?}"),
+            };
+        assert!(refused(&[], 0, false).contains("0 bytes"));
+        assert!(refused(&pb[..pb.len() - 1], 0, false).contains("whole number"));
+        let huge = vec![0u8; (BPF_MAXINSNS + 1) * INSN_BYTES];
+        assert!(refused(&huge, 0, false).contains("at most"));
+        assert!(refused(&pb, 1 << 20, false).contains("unknown flags"));
+        assert!(refused(&pb, 0, true).contains("disagree"));
+        assert!(refused(&pb, SECCOMP_FILTER_FLAG_NEW_LISTENER, false).contains("disagree"));
     }
 }

@@ -192,6 +192,7 @@ pub fn main(args: &[String]) -> Result<()> {
             print_json(&ctl.call(Request::Run {
                 container: container.clone(),
                 bundle: Bundle::Spec { spec, rootfs },
+                seccomp: None,
             })?)?;
             let started = since_t0();
             for d in drains {

@@ -16,6 +16,7 @@ use std::process::{Child, Command};
 
 use anyhow::{bail, Context, Result};
 use nestor_agent_protocol::Bundle;
+use nestor_container::seccomp::CompiledSeccomp;
 
 use crate::stdio::{set_blocking, to_stdio, Stdio3};
 
@@ -271,7 +272,14 @@ impl Runtime {
     /// code at once: its state and cgroup stay for the host's `Delete` (`nestor delete
     /// --force`), which a VM that ends with its container never needs. Returns the
     /// forked process's pid.
-    pub fn run(&self, container: &str, bundle: &Path, stdio: Stdio3) -> Result<i32> {
+    /// `seccomp`: the spec's filter as the host compiled it (see [`seccomp_filter`]).
+    pub fn run(
+        &self,
+        container: &str,
+        bundle: &Path,
+        stdio: Stdio3,
+        seccomp: Option<CompiledSeccomp>,
+    ) -> Result<i32> {
         self.clear(container, None);
         let (stdio, console_socket) = if wants_terminal(bundle) {
             let (sock, listener) = self.console_socket(container)?;
@@ -287,6 +295,7 @@ impl Runtime {
             pid_file: Some(self.pid_file(container, None)),
             preserve_fds: 0,
             labels: Default::default(),
+            seccomp,
         };
         let root = self.root.clone();
         fork_run(
@@ -426,6 +435,16 @@ impl Runtime {
             }
         }
     }
+}
+
+/// A seccomp filter the host compiled for a `Run` request, checked (size, flags; the
+/// kernel checks the program when the container installs it).
+pub fn seccomp_filter(f: &nestor_agent_protocol::SeccompFilter) -> Result<CompiledSeccomp> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(&f.program)
+        .context("the compiled seccomp filter is not base64")?;
+    Ok(CompiledSeccomp::from_parts(&bytes, f.flags, f.notify)?)
 }
 
 /// Runs `f` in a forked copy of the agent with `stdio` as fds 0-2 and no other fd,

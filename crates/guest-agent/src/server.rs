@@ -782,8 +782,12 @@ impl Server {
                 ErrorKind::BadRequest,
                 "attach and reattach are handled elsewhere",
             )),
-            Request::Create { container, bundle } => self.create(w, container, bundle, false),
-            Request::Run { container, bundle } => self.create(w, container, bundle, true),
+            Request::Create { container, bundle } => self.create(w, container, bundle, false, None),
+            Request::Run {
+                container,
+                bundle,
+                seccomp,
+            } => self.create(w, container, bundle, true, seccomp),
             Request::Start { container } => self.start(w, container),
             Request::Exec {
                 container,
@@ -1042,7 +1046,15 @@ impl Server {
     /// `Create` and `Run`: writes the bundle and starts the runtime with the streams
     /// attached for the container. `Create` is answered when `nestor create` exits,
     /// `Run` once the runtime has written the container's pid.
-    fn create(&mut self, w: Waiter, id: String, bundle: proto::Bundle, run: bool) -> Outcome {
+    /// `Create`, or with `run` `Run` (whose `seccomp` filter the host compiled).
+    fn create(
+        &mut self,
+        w: Waiter,
+        id: String,
+        bundle: proto::Bundle,
+        run: bool,
+        seccomp: Option<proto::SeccompFilter>,
+    ) -> Outcome {
         use ErrorKind::*;
         if self.containers.contains_key(&id) {
             return Err(refuse(Exists, format!("container {id} already exists")));
@@ -1050,13 +1062,18 @@ impl Server {
         if self.containers.len() >= MAX_CONTAINERS {
             return Err(refuse(Limit, format!("{MAX_CONTAINERS} containers exist")));
         }
+        let seccomp = seccomp
+            .as_ref()
+            .map(crate::runtime::seccomp_filter)
+            .transpose()
+            .map_err(|e| refuse(BadRequest, format!("{e:#}")))?;
         let dir = self
             .runtime
             .prepare_bundle(&id, &bundle)
             .map_err(|e| refuse(BadRequest, format!("{e:#}")))?;
         let stdio = self.take_stdio(&id, None);
         let spawned = if run {
-            self.runtime.run(&id, &dir, stdio)
+            self.runtime.run(&id, &dir, stdio, seccomp)
         } else {
             self.runtime.create(&id, &dir, stdio).map(|c| c.id() as i32)
         };

@@ -274,6 +274,7 @@ fn run_streams_stdio_over_sockets_and_returns_exit_code() {
     let r = a.call(Request::Run {
         container: id.clone(),
         bundle: b.path(),
+        seccomp: None,
     });
     assert!(matches!(r, Response::Started { pid } if pid > 0), "{r:?}");
     stdin.write_all(b"hello\n").unwrap();
@@ -306,6 +307,68 @@ fn run_streams_stdio_over_sockets_and_returns_exit_code() {
         ),
         "{r:?}"
     );
+}
+
+/// `Run` with a filter the host compiled installs that filter, not one compiled from the
+/// spec again: the spec allows `mkdir`, the filter given refuses it (EPERM), and the
+/// container sees the refusal (without a filter given, its mkdir works). A filter that is not one is refused before anything runs.
+#[test]
+fn run_installs_the_seccomp_filter_the_host_compiled() {
+    use base64::Engine;
+    let a = Agent::start();
+    // /dev/shm: a tmpfs of the container's own (its root is read-only).
+    let b = TestBundle::new(&["sh", "-c", "mkdir /dev/shm/d && echo made || echo refused"]);
+    let mut v = b.spec();
+    v["linux"]["seccomp"] = serde_json::json!({"defaultAction": "SCMP_ACT_ALLOW"});
+    std::fs::write(b.config(), serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let refusing: oci_spec::runtime::LinuxSeccomp = serde_json::from_value(serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    }))
+    .unwrap();
+    let c = nestor_container::seccomp::compile(&refusing).unwrap();
+    let filter = |program: String| nestor_agent_protocol::SeccompFilter {
+        program,
+        flags: c.flags(),
+        notify: c.notifies(),
+    };
+    let b64 = base64::engine::general_purpose::STANDARD.encode(c.to_bytes());
+    for (program, why) in [
+        ("not base64!".to_string(), "not base64"),
+        (
+            base64::engine::general_purpose::STANDARD.encode([0u8; 7]),
+            "whole number",
+        ),
+    ] {
+        match a.call(Request::Run {
+            container: unique("badfilter"),
+            bundle: b.path(),
+            seccomp: Some(filter(program)),
+        }) {
+            Response::Error { kind, message } => {
+                assert_eq!(kind, ErrorKind::BadRequest, "{message}");
+                assert!(message.contains(why), "{message}");
+            }
+            other => panic!("a bad filter was taken: {other:?}"),
+        }
+    }
+    for (given, want) in [(None, "made"), (Some(b64), "refused")] {
+        let id = unique("filter");
+        let out = a.attach(&id, None, Stream::Stdout);
+        let r = a.call(Request::Run {
+            container: id.clone(),
+            bundle: b.path(),
+            seccomp: given.map(filter),
+        });
+        assert!(matches!(r, Response::Started { .. }), "{r:?}");
+        assert_eq!(read_all(out).trim(), want);
+        let r = a.call(Request::Wait {
+            container: id.clone(),
+            exec: None,
+        });
+        assert_eq!(r, Response::Exited { code: 0 });
+        delete(&a, &id);
+    }
 }
 
 /// A durable stdout outlives its connection: the host drops it mid-stream, the process
@@ -350,6 +413,7 @@ fn durable_output_survives_a_lost_connection_and_resumes_at_the_hosts_offset() {
     let r = a.call(Request::Run {
         container: id.clone(),
         bundle: b.path(),
+        seccomp: None,
     });
     assert!(matches!(r, Response::Started { .. }), "{r:?}");
     // Part of the stream, then the connection is gone.
@@ -504,6 +568,7 @@ fn exec_and_signal() {
     let r = a.call(Request::Run {
         container: id.clone(),
         bundle: b.path(),
+        seccomp: None,
     });
     assert!(matches!(r, Response::Started { .. }), "{r:?}");
 
@@ -613,6 +678,7 @@ fn control_lists_pauses_updates_and_reads_the_cgroup() {
     let r = a.call(Request::Run {
         container: id.clone(),
         bundle: b.path(),
+        seccomp: None,
     });
     assert!(matches!(r, Response::Started { .. }), "{r:?}");
     let ctl = |action| {
@@ -723,6 +789,7 @@ fn bad_requests_get_clear_errors() {
         kind(a.call(Request::Run {
             container: unique("missing"),
             bundle: Bundle::Path("/nonexistent/bundle".into()),
+            seccomp: None,
         })),
         ErrorKind::BadRequest
     );
@@ -733,6 +800,7 @@ fn bad_requests_get_clear_errors() {
                 spec: Value::from(3),
                 rootfs: "/".into()
             },
+            seccomp: None,
         })),
         ErrorKind::BadRequest
     );
@@ -750,6 +818,7 @@ fn bad_requests_get_clear_errors() {
                     tag: tag.into(),
                     path: path.into(),
                 },
+                seccomp: None,
             })),
             ErrorKind::BadRequest,
             "{tag} {path}"
@@ -956,6 +1025,7 @@ fn run_in_a_forked_agent_holds_no_other_fd_and_resets_sigpipe() {
     let r = a.call(Request::Run {
         container: long.clone(),
         bundle: b_long.path(),
+        seccomp: None,
     });
     assert!(matches!(r, Response::Started { .. }), "{r:?}");
     let b_short = TestBundle::new(&[
@@ -966,6 +1036,7 @@ fn run_in_a_forked_agent_holds_no_other_fd_and_resets_sigpipe() {
     let r = a.call(Request::Run {
         container: short.clone(),
         bundle: b_short.path(),
+        seccomp: None,
     });
     assert!(matches!(r, Response::Started { .. }), "{r:?}");
     // EOF comes when `short` exits, not when `long` does (IO_TIMEOUT is well below 30 s).

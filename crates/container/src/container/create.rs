@@ -22,6 +22,10 @@ pub struct CreateOpts {
     pub preserve_fds: u32,
     /// Kept in the state for higher layers (the nestor CLI).
     pub labels: HashMap<String, String>,
+    /// The spec's `linux.seccomp` already compiled (by nestor's host, while a VM's guest
+    /// boots): installed as it is instead of compiling the profile again. Only with a spec
+    /// that has a seccomp profile.
+    pub seccomp: Option<crate::seccomp::CompiledSeccomp>,
 }
 
 impl Runtime {
@@ -87,8 +91,23 @@ impl Runtime {
             };
             cgroup = Some(cg);
             step("cgroup made");
-            let seccomp = process::compile_seccomp(&bundle.spec)?;
-            step("seccomp compiled");
+            let seccomp = match &o.seccomp {
+                Some(given) => {
+                    if linux.and_then(|l| l.seccomp().as_ref()).is_none() {
+                        return Err(crate::Error::Invalid(
+                            "a compiled seccomp filter was given for a spec without linux.seccomp"
+                                .into(),
+                        ));
+                    }
+                    step("seccomp given compiled");
+                    Some(given.clone())
+                }
+                None => {
+                    let c = process::compile_seccomp(&bundle.spec)?;
+                    step("seccomp compiled");
+                    c
+                }
+            };
             let dmz = crate::sys::dmz_fd()?;
             let cfg = InitConfig {
                 spec: &bundle.spec,

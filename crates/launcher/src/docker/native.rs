@@ -236,6 +236,7 @@ impl Mode for Native {
             console_socket: console.as_ref().map(|c| c.path.clone()),
             pid_file: None,
             preserve_fds: 0,
+            seccomp: None,
             labels: [("nestor.name".to_string(), meta.name.clone())]
                 .into_iter()
                 .collect(),

@@ -795,6 +795,7 @@ pub fn spawn(rt: &Runtime, c: &JailConfig) -> Result<Jailed> {
         console_socket: None,
         pid_file: None,
         preserve_fds: 0,
+        seccomp: None,
         labels: [
             ("nestor.jail".to_string(), dir.display().to_string()),
             ("nestor.owner".to_string(), owner),

@@ -19,6 +19,7 @@ pub fn create(rt: &Runtime, a: &CreateArgs) -> Result<()> {
         console_socket: a.console_socket.clone(),
         pid_file: a.pid_file.clone(),
         preserve_fds: a.preserve_fds,
+        seccomp: None,
         labels: Default::default(),
     })?;
     Ok(())
@@ -40,6 +41,7 @@ pub fn run(rt: &Runtime, a: &RunArgs) -> Result<i32> {
         console_socket: a.oci.console_socket.clone(),
         pid_file: a.oci.pid_file.clone(),
         preserve_fds: a.oci.preserve_fds,
+        seccomp: None,
         labels: Default::default(),
     };
     if a.ctr.detach {
