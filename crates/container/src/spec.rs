@@ -15,6 +15,8 @@ pub struct Bundle {
     pub rootfs: PathBuf,
     /// `linux.memoryPolicy` (no type in oci-spec 0.7: read from the JSON).
     pub memory_policy: Option<MemoryPolicy>,
+    /// `linux.netDevices` as [`net_devices`] reads it.
+    pub net_devices: Vec<(String, String)>,
 }
 
 /// `linux.memoryPolicy`, checked, as set_mempolicy(2) takes it.
@@ -134,11 +136,22 @@ fn spec_err(path: &Path, msg: impl Into<String>) -> Error {
 
 /// Parse a spec from JSON bytes, naming the file in errors.
 pub fn parse(path: &Path, bytes: &[u8]) -> Result<Spec> {
+    parse_full(path, bytes).map(|(spec, _)| spec)
+}
+
+/// What a spec holds beyond oci-spec's types, read in the same pass as the spec.
+struct Extras {
+    memory_policy: Option<MemoryPolicy>,
+    net_devices: Vec<(String, String)>,
+}
+
+/// [`parse`], with the fields oci-spec has no type for: the JSON is read once.
+fn parse_full(path: &Path, bytes: &[u8]) -> Result<(Spec, Extras)> {
     // Fields the spec types nestor parses with lack (or type as the spec does not):
     // refused by name rather than dropped unseen or failed on obscurely.
     let raw: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| spec_err(path, format!("not valid JSON: {e}")))?;
-    memory_policy(&raw).map_err(|m| spec_err(path, m))?;
+    let policy = memory_policy(&raw).map_err(|m| spec_err(path, m))?;
     let devs = net_devices(&raw).map_err(|m| spec_err(path, m))?;
     let new_net = raw["linux"]["namespaces"].as_array().is_some_and(|ns| {
         ns.iter()
@@ -157,8 +170,15 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Spec> {
     if let Some(t) = raw.get_mut("linux").and_then(|l| l.get_mut("timeOffsets")) {
         time_offsets_shim(t).map_err(|m| spec_err(path, format!("linux.timeOffsets: {m}")))?;
     }
-    serde_json::from_value::<Spec>(raw)
-        .map_err(|e| spec_err(path, format!("not a valid OCI runtime spec: {e}")))
+    let spec = serde_json::from_value::<Spec>(raw)
+        .map_err(|e| spec_err(path, format!("not a valid OCI runtime spec: {e}")))?;
+    Ok((
+        spec,
+        Extras {
+            memory_policy: policy,
+            net_devices: devs,
+        },
+    ))
 }
 
 /// Parse a process spec (`exec --process FILE`), naming the file in errors.
@@ -322,7 +342,7 @@ pub fn load(dir: &Path) -> Result<Bundle> {
         .map_err(|e| Error::Invalid(format!("bundle directory {}: {e}", dir.display())))?;
     let path = dir.join("config.json");
     let bytes = std::fs::read(&path).map_err(|e| spec_err(&path, format!("cannot read: {e}")))?;
-    let spec = parse(&path, &bytes)?;
+    let (spec, extras) = parse_full(&path, &bytes)?;
     let root = spec
         .root()
         .as_ref()
@@ -348,13 +368,12 @@ pub fn load(dir: &Path) -> Result<Bundle> {
         }
     }
     validate(&path, &spec)?;
-    let raw: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-    let memory_policy = memory_policy(&raw).map_err(|m| spec_err(&path, m))?;
     Ok(Bundle {
         dir,
         spec,
         rootfs,
-        memory_policy,
+        memory_policy: extras.memory_policy,
+        net_devices: extras.net_devices,
     })
 }
 

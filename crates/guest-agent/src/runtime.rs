@@ -170,7 +170,7 @@ impl Runtime {
         );
         let dir = self.work.join("bundles").join(container);
         fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        let bytes = serde_json::to_vec_pretty(&spec).context("serialise spec")?;
+        let bytes = serde_json::to_vec(&spec).context("serialise spec")?;
         fs::write(dir.join("config.json"), bytes)
             .with_context(|| format!("write {}/config.json", dir.display()))?;
         Ok(dir)

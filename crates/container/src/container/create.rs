@@ -51,17 +51,7 @@ impl Runtime {
         };
         let bundle = crate::spec::load(&o.bundle)?;
         step("spec loaded");
-        let net_devices = {
-            let cfg = bundle.dir.join("config.json");
-            let raw: serde_json::Value = std::fs::read(&cfg)
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .unwrap_or_default();
-            crate::spec::net_devices(&raw).map_err(|m| crate::Error::Spec {
-                path: cfg.clone(),
-                msg: m,
-            })?
-        };
+        let net_devices = &bundle.net_devices;
         let linux = bundle.spec.linux().as_ref();
         let rel = linux
             .and_then(|l| l.cgroups_path().as_ref())
@@ -129,7 +119,7 @@ impl Runtime {
                     if let Some(c) = cgref {
                         c.add_pid(p)?;
                     }
-                    move_net_devices(&net_devices, p)
+                    move_net_devices(net_devices, p)
                 }
                 Event::SeccompListener(p, fd) => {
                     let sc = linux.and_then(|l| l.seccomp().as_ref());
