@@ -58,13 +58,10 @@ if ((tests)); then
   fi
 fi
 # The guest kernel, beside the Rust builds below (it needs only the packages above).
-kpid=
+source scripts/lib/kernel-bg.sh
 if ((!tests)) && [ -z "${NESTOR_SETUP_NO_BUILD:-}" ]; then
   step "building the guest kernel in the background (cached; the first build takes minutes)"
-  # A session of its own, so that a failure or an interrupt here ends its make too.
-  setsid nice -n 10 guest-kernel/build.sh >/dev/null &
-  kpid=$!
-  trap '[ -n "$kpid" ] && kill -TERM -- "-$kpid" 2>/dev/null; true' EXIT
+  kernel_bg_start
 fi
 # virtiofsd (the file server of -v DIR with --vm), pinned, from crates.io, under the
 # cache root (the KVM test host shares it at the same path).
@@ -101,10 +98,7 @@ if ! "$BIN/nestor" images | grep -q '^localhost/redis '; then
   "$BIN/nestor" image import "$img" >/dev/null
 fi
 step "waiting for the guest kernel"
-status=0
-wait "$kpid" || status=$?
-kpid=
-((status == 0)) || { step "the guest kernel build failed (exit $status; its lines above)"; exit 1; }
+kernel_bg_wait step
 step "the agent initramfs for --vm, and installing both (scripts/vm-assets.sh)"
 scripts/vm-assets.sh >/dev/null
 step "done; binaries in $BIN"

@@ -16,16 +16,12 @@ fi
 # Podman and the containers it runs need these on this kind of machine.
 ulimit -n 20000 2>/dev/null || true
 
-# The guest kernel (C only; minutes from a clean cache) builds beside the Rust builds below
-# at a lower priority, as in scripts/setup.sh: it fills the cores cargo leaves idle (build
-# scripts, links, the last crates of a chain) instead of coming after them. Only the
-# initramfs and the KVM tests need it; it is waited for before the cargo tests run, so
-# that none of them runs beside a kernel build.
+# The guest kernel builds beside the Rust builds below (scripts/lib/kernel-bg.sh). Only
+# the initramfs and the KVM tests need it; it is waited for before the cargo tests run,
+# so that none of them runs beside a kernel build.
 phase "building the guest kernel in the background (cached)"
-# A session of its own, so that a failure or an interrupt here ends its make too.
-setsid nice -n 10 guest-kernel/build.sh >/dev/null &
-kpid=$!
-trap '[ -n "$kpid" ] && kill -TERM -- "-$kpid" 2>/dev/null; true' EXIT
+source scripts/lib/kernel-bg.sh
+kernel_bg_start
 
 # Guard rails first: they fail fast. clippy runs in the release profile, the one of the
 # cargo builds and tests below: its check build compiles no crate the release build could reuse
@@ -46,10 +42,7 @@ agent_static=$(tail -n1 <<<"$bins")
 phase "building the cargo tests"
 cargo test --workspace --release --no-run --quiet 2>&1 | tail -n 20 >&2
 phase "waiting for the guest kernel"
-status=0
-wait "$kpid" || status=$?
-kpid=
-((status == 0)) || { phase "the guest kernel build failed (exit $status; its lines above)"; exit 1; }
+kernel_bg_wait phase
 phase "building the initramfs images (cached)"
 images/build-initramfs.sh >/dev/null
 images/build-initramfs.sh --agent "$agent_static" --nestor "$nestor_static" --test-rootfs >/dev/null
