@@ -2,8 +2,8 @@
 # Scenario 1 end to end: `nestor run --vm` on the busybox sample image, with nestor-vmm,
 # the project's guest kernel and the agent initramfs. Checks: output and exit code; stdin
 # piped in; -t; the container sees the guest kernel, not the host's, and with --network
-# none loopback only, up; it runs under its seccomp filter; the memory limit is enforced inside the guest; the host's
-# processes and files are invisible; volumes as disk images; a signal reaches the
+# none loopback only, up; it runs under its seccomp filter; the memory limit is enforced
+# inside the guest; the host's processes and files are invisible; volumes as disk images; a signal reaches the
 # container; -d with ps, exec (-t, --user), logs, stop, rm; create --vm then start
 # (Created, then its output in logs); -d output across vsock resets; random
 # and malformed bytes at the agent's vsock port never stop it serving; a dead agent and a

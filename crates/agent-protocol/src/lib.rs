@@ -130,6 +130,7 @@ pub enum Bundle {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SeccompFilter {
+    /// The program's instructions, base64.
     pub program: String,
     /// `SECCOMP_FILTER_FLAG_*` bits.
     pub flags: u64,

@@ -1045,8 +1045,8 @@ impl Server {
 
     /// `Create` and `Run`: writes the bundle and starts the runtime with the streams
     /// attached for the container. `Create` is answered when `nestor create` exits,
-    /// `Run` once the runtime has written the container's pid.
-    /// `Create`, or with `run` `Run` (whose `seccomp` filter the host compiled).
+    /// `Run` once the runtime has written the container's pid. `seccomp`: `Run`'s filter
+    /// as the host compiled it, checked before anything is written.
     fn create(
         &mut self,
         w: Waiter,

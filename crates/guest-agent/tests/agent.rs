@@ -311,7 +311,9 @@ fn run_streams_stdio_over_sockets_and_returns_exit_code() {
 
 /// `Run` with a filter the host compiled installs that filter, not one compiled from the
 /// spec again: the spec allows `mkdir`, the filter given refuses it (EPERM), and the
-/// container sees the refusal (without a filter given, its mkdir works). A filter that is not one is refused before anything runs.
+/// container sees the refusal (without a filter given, its mkdir works). A filter that
+/// is not one is refused before anything runs, and one given for a spec without a
+/// seccomp profile fails the run in one line.
 #[test]
 fn run_installs_the_seccomp_filter_the_host_compiled() {
     use base64::Engine;
@@ -368,6 +370,21 @@ fn run_installs_the_seccomp_filter_the_host_compiled() {
         });
         assert_eq!(r, Response::Exited { code: 0 });
         delete(&a, &id);
+    }
+    let bare = TestBundle::new(&["true"]);
+    let id = unique("noprofile");
+    match a.call(Request::Run {
+        container: id.clone(),
+        bundle: bare.path(),
+        seccomp: Some(filter(
+            base64::engine::general_purpose::STANDARD.encode(c.to_bytes()),
+        )),
+    }) {
+        Response::Error { kind, message } => {
+            assert_eq!(kind, ErrorKind::Runtime, "{message}");
+            assert!(message.contains("without linux.seccomp"), "{message}");
+        }
+        other => panic!("a filter for a spec without a profile was taken: {other:?}"),
     }
 }
 
